@@ -1,0 +1,38 @@
+// The schemas of the compiled ops, declared once. Kernels register implementations for them per
+// dispatch key: csrc/cpu/*.cpp for CPU, csrc/cuda/*_binding.cpp for CUDA. The Python front ops
+// (fused_attn/ops.py) call these through the `cpu` and `cuda` backends; the argument lists are
+// the launcher signatures documented in fused_attn/backends/base.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fused_attn_C, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float dropout_p, "
+      "float scale, int seed, int offset) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
+      "bool causal, float dropout_p, float scale, int seed, int offset, bool mask_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def(
+      "layer_norm_residual_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+      "float dropout_p, bool rms, bool residual_in_fp32, int seed, int offset) "
+      "-> (Tensor out, Tensor summed, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_residual_bwd(Tensor dout, Tensor? dsummed, Tensor summed, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor rstd, float eps, float dropout_p, bool rms, int seed, int offset, ScalarType x_dtype) "
+      "-> (Tensor dsum, Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
+      "float dropout_p, int seed, int offset) -> (Tensor out, Tensor pre)");
+  m.def(
+      "feed_forward_bwd(Tensor dout, Tensor x, Tensor w1, Tensor w2, Tensor pre, str activation, "
+      "float dropout_p, int seed, int offset, bool has_b1, bool has_b2) "
+      "-> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2)");
+}
+
+// `import fused_attn._C` loads this library, which runs the registrations above; the module
+// itself is empty (no pybind11 needed, which keeps the build fast).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,21 @@
+"""fused_attn: fused Transformer kernels for PyTorch.
+
+    import fused_attn
+    out = fused_attn.functional.attention(q, k, v, causal=True)
+    fused_attn.available_backends()
+"""
+from __future__ import annotations
+
+from . import _extension, functional, reference
+from .backends import BackendUnavailableError, available_backends, use_backend
+from .functional import attention, feed_forward, layer_norm_residual
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "reference", "attention", "layer_norm_residual", "feed_forward", "available_backends",
+           "use_backend", "BackendUnavailableError", "extension_error", "__version__"]
+
+
+def extension_error() -> str | None:
+    """Why ``fused_attn._C`` is not loaded, or None when it is."""
+    return _extension.ERROR

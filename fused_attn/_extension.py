@@ -1,0 +1,33 @@
+"""Loads the compiled extension ``fused_attn._C`` if it was built, remembering why not otherwise."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_C = None
+ERROR: str | None = None
+
+if os.environ.get("FUSED_ATTN_DISABLE_EXTENSION", "") not in ("", "0"):
+    ERROR = "fused_attn._C is disabled by FUSED_ATTN_DISABLE_EXTENSION"
+else:
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("fused_attn._C") is None:
+            ERROR = ("fused_attn._C was not built (installed with FUSED_ATTN_NO_EXTENSION=1, or its build failed: "
+                     "reinstall with `pip install --no-build-isolation -e .` and read the build log)")
+        else:
+            from . import _C  # noqa: F401  (registers the fused_attn_C::* ops)
+    except Exception as exc:  # built against another torch, missing symbols, ...
+        ERROR = f"fused_attn._C failed to load: {type(exc).__name__}: {exc}"
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the extension registered ``fused_attn_C::op`` with a kernel for ``dispatch_key``."""
+    if _C is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn_C::{op}", dispatch_key)
+    except RuntimeError:  # no such op
+        return False

@@ -1,0 +1,87 @@
+"""The counter-based dropout RNG shared by every backend.
+
+Dropout masks in fused_attn are a pure function of ``(seed, offset, row, col)``: no state is
+carried between calls, so the backward pass regenerates exactly the mask the forward pass used,
+and every backend (reference, cpu, triton, cuda) produces the *same* mask bit for bit. That lets
+the tests hold a fused kernel's dropout output to the reference exactly, not only statistically.
+
+The hash is built from ``mix32`` (Chris Wellons' "lowbias32" integer finaliser, a bijection of
+uint32 with good avalanche), using only 32-bit xor, shifts and wrapping multiplies, which every
+backend has natively:
+
+    mix32(x)   = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+    r          = offset + row                                   (64-bit; split into r_lo, r_hi)
+    row_key    = mix32(mix32(r_lo ^ seed_lo) ^ r_hi ^ mix32(seed_hi))
+    bits       = mix32(mix32(row_key ^ col) + row_key)         (+ wraps mod 2**32)
+    keep       = bits >= threshold,   threshold = min(floor(p * 2**32), 2**32 - 1)
+
+and kept elements are scaled by ``1 / (1 - p)``. The logical rows of each op:
+
+- attention: element ``(b, h, i, j)`` of the ``(B, Hq, Lq, Lk)`` probabilities has
+  ``row = (b * Hq + h) * Lq + i`` and ``col = j``;
+- layer_norm_residual: element ``(n, c)`` of the flattened ``(N, d)`` input;
+- feed_forward: element ``(t, c)`` of the flattened ``(T, d_ff)`` activation.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+MIX_MUL1 = 0x7FEB352D
+MIX_MUL2 = 0x846CA68B
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold below which an element is dropped."""
+    return min(int(p * 4294967296.0), MASK32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # int64 tensors holding uint32 values; products wrap mod 2**64, whose low 32 bits are the
+    # uint32 product, so masking after each multiply gives exact uint32 arithmetic.
+    x = x ^ (x >> 16)
+    x = (x * MIX_MUL1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MIX_MUL2) & MASK32
+    return x ^ (x >> 16)
+
+
+def mix32_int(x: int) -> int:
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * MIX_MUL1) & MASK32
+    x ^= x >> 15
+    x = (x * MIX_MUL2) & MASK32
+    return x ^ (x >> 16)
+
+
+def row_keys(seed: int, offset: int, rows: torch.Tensor) -> torch.Tensor:
+    """uint32 key of each logical row (``rows`` is an int64 tensor of row indices)."""
+    seed &= (1 << 64) - 1
+    seed_lo, seed_hi = seed & MASK32, (seed >> 32) & MASK32
+    r = rows.to(torch.int64) + offset
+    r_lo, r_hi = r & MASK32, (r >> 32) & MASK32
+    return _mix32(_mix32(r_lo ^ seed_lo) ^ r_hi ^ mix32_int(seed_hi))
+
+
+def random_bits(seed: int, offset: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """uint32 random bits (as int64) for every (row, col) pair, broadcasting rows against cols."""
+    key = row_keys(seed, offset, rows)
+    return _mix32((_mix32(key ^ cols.to(torch.int64)) + key) & MASK32)
+
+
+def keep_mask(seed: int, offset: int, p: float, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
+    """Boolean keep-mask of shape (n_rows, n_cols) for logical rows 0..n_rows-1."""
+    rows = torch.arange(n_rows, device=device, dtype=torch.int64).unsqueeze(1)
+    cols = torch.arange(n_cols, device=device, dtype=torch.int64).unsqueeze(0)
+    return random_bits(seed, offset, rows, cols) >= dropout_threshold(p)
+
+
+def apply_dropout(t: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+    """Dropout of a tensor whose last dim is ``col`` and whose flattened leading dims are ``row``."""
+    if p == 0.0:
+        return t
+    n_cols = t.shape[-1]
+    n_rows = t.numel() // max(n_cols, 1)
+    keep = keep_mask(seed, offset, p, n_rows, n_cols, device=t.device).reshape(t.shape)
+    return t * keep.to(t.dtype) * (1.0 / (1.0 - p))

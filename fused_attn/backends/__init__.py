@@ -1,0 +1,107 @@
+"""Backends and the dispatch between them (xformers-style: each backend says why it refuses).
+
+``auto`` tries, in order, on CUDA tensors: triton -> cuda -> reference; on CPU tensors:
+cpu -> reference. A call's ``backend=`` wins over ``use_backend(...)``, which wins over the
+``FUSED_ATTN_BACKEND`` environment variable. Forcing a backend that cannot take a call raises a
+``BackendUnavailableError`` listing its reasons; ``auto`` falling back to ``reference`` warns
+once per reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+from .base import OPS, Backend, Call
+from .cpu import CpuBackend
+from .cuda import CudaBackend
+from .reference import ReferenceBackend
+from .triton import TritonBackend
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())}
+BACKEND_NAMES = tuple(BACKENDS) + ("auto",)
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+_selected: list[str] = []  # the use_backend() stack
+_warned: set[str] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot take the call (the message lists why)."""
+
+
+def check_backend_name(name, argname="backend"):
+    if name is None:
+        return
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"{argname} must be one of {', '.join(BACKEND_NAMES)} (or None), got {name!r}")
+
+
+def requested_backend(explicit: str | None) -> str:
+    if explicit is not None:
+        return explicit
+    if _selected:
+        return _selected[-1]
+    env = os.environ.get("FUSED_ATTN_BACKEND", "") or "auto"
+    check_backend_name(env, "FUSED_ATTN_BACKEND")
+    return env
+
+
+def resolve(call: Call, backend: str | None = None) -> str:
+    """The name of the backend that will run ``call``."""
+    name = requested_backend(backend)
+    if name != "auto":
+        reasons = BACKENDS[name].call_reasons(call)
+        if reasons:
+            raise BackendUnavailableError(f"backend {name!r} cannot run {call.describe()}: " + "; ".join(reasons))
+        return name
+    order = AUTO_ORDER.get(call.device.type, ("reference",))
+    refused = {}
+    for candidate in order:
+        reasons = BACKENDS[candidate].call_reasons(call)
+        if not reasons:
+            if candidate == "reference" and len(order) > 1:
+                _warn_fallback(call, refused)
+            return candidate
+        refused[candidate] = reasons
+    raise BackendUnavailableError(f"no backend can run {call.describe()}: " +
+                                  " | ".join(f"{n}: {'; '.join(r)}" for n, r in refused.items()))
+
+
+def _warn_fallback(call: Call, refused: dict[str, list[str]]):
+    why = " | ".join(f"{n}: {'; '.join(r)}" for n, r in refused.items())
+    key = f"{call.op}|{why}"
+    if key in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(key)
+    warnings.warn(f"fused_attn: {call.describe()} falls back to the reference backend ({why})", stacklevel=4)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed calls on backend ``name`` ('auto' restores automatic choice)."""
+    check_backend_name(name)
+    _selected.append(name)
+    try:
+        yield
+    finally:
+        _selected.pop()
+
+
+def available_backends() -> dict[str, dict]:
+    """Each backend: whether it can run on this machine, the devices it runs on and why not."""
+    report = {}
+    for name, backend in BACKENDS.items():
+        reasons = backend.unavailable_reasons()
+        report[name] = {"available": not reasons, "devices": tuple(backend.devices), "reasons": reasons}
+    return report
+
+
+def get_backend(name: str) -> Backend:
+    return BACKENDS[name]
+
+
+__all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "Call", "OPS", "BackendUnavailableError", "resolve",
+           "use_backend", "available_backends", "get_backend", "check_backend_name"]

@@ -1,0 +1,86 @@
+"""What every backend declares, and the description of a call it is asked to take.
+
+A backend is an object with a ``name``, an ``unavailable_reasons()`` (why it cannot run on this
+machine at all) and a ``call_reasons(call)`` (why it cannot take this particular call), and one
+launcher per op half, each with the argument list of the op schema:
+
+    attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset) -> (out, lse)
+    attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, seed, offset,
+                  mask_grad) -> (dq, dk, dv, dmask)
+    layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32,
+                            seed, offset) -> (out, summed, mean, rstd)
+    layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms,
+                            seed, offset, x_dtype) -> (dsum, dx, dweight, dbias)
+    feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset) -> (out, pre)
+    feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset, has_b1, has_b2)
+        -> (dx, dw1, db1, dw2, db2)
+
+The contract each launcher keeps (see docs in fused_attn/ops.py for the full statement):
+
+- attention: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; attn_mask is
+  None or a 4-D (B, Hq, Lq, Lk) *view* (stride 0 along broadcast dims, never materialised), bool
+  (True = attend) or q's dtype (additive). ``out`` is (B, Hq, Lq, Dv) with the memory layout of a
+  contiguous (B, Lq, Hq, Dv) tensor (``new_attention_out``); ``lse`` is float32 (B, Hq, Lq), +inf
+  on rows with no key left (so exp(s - lse) = 0 there and such rows give zeros). ``dmask`` is the
+  (B, Hq, Lq, Lk) gradient of the additive mask when ``mask_grad``, else an empty tensor.
+- layer_norm_residual: x (N, d), residual None or (N, d), weight/bias None or (d,). ``summed``
+  is dropout(x) + residual in float32 if ``residual_in_fp32`` else x's dtype; ``mean`` (empty for
+  rms) and ``rstd`` are float32 (N,). Backward returns ``dsum`` (the gradient of the sum, in
+  summed's dtype, which is also the residual's gradient) and ``dx`` (x's gradient in ``x_dtype``)
+  only when dropout is on; without dropout ``dx`` is empty and the caller uses ``dsum`` for both.
+  dweight/dbias are empty when weight/bias are None.
+- feed_forward: x (T, d), w1 (F1, d) with F1 = d_ff or 2*d_ff (gated), w2 (d, d_ff). ``pre`` is
+  x @ w1^T + b1, saved for backward; the activation is recomputed from it there. db1/db2 are
+  empty when absent.
+- Empty sizes (0 rows, 0 keys, ...) return correctly shaped results (zeros where defined).
+- Outputs never alias inputs; inputs are never written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+OPS = ("attention", "layer_norm_residual", "feed_forward")
+
+
+@dataclass(frozen=True)
+class Call:
+    """The facts about one functional call that decide which backend can take it."""
+
+    op: str
+    device: torch.device
+    dtype: torch.dtype
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.op} on {self.device.type} {str(self.dtype).replace('torch.', '')}" + (f" ({opts})" if opts else "")
+
+
+class Backend:
+    """Base class: subclasses set the class attributes and implement the launchers."""
+
+    name: str = ""
+    #: device types this backend runs on
+    devices: tuple[str, ...] = ()
+    #: dtypes accepted, per op (missing op = op not implemented by this backend)
+    dtypes: dict[str, tuple[torch.dtype, ...]] = {}
+
+    def unavailable_reasons(self) -> list[str]:
+        """Why this backend cannot run at all on this machine (empty list = it can)."""
+        return []
+
+    def call_reasons(self, call: Call) -> list[str]:
+        """Why this backend cannot take ``call`` (empty list = it can)."""
+        reasons = list(self.unavailable_reasons())
+        if call.device.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)} tensors, got {call.device.type}")
+        supported = self.dtypes.get(call.op)
+        if supported is None:
+            reasons.append(f"does not implement {call.op}")
+        elif call.dtype not in supported:
+            names = ", ".join(str(d).replace("torch.", "") for d in supported)
+            reasons.append(f"{call.op} supports dtypes {names}, got {str(call.dtype).replace('torch.', '')}")
+        return reasons

@@ -1,0 +1,52 @@
+"""The ``cpu`` backend: C++ kernels in csrc/cpu, registered as ``fused_attn_C::*`` ops."""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from .base import Backend, Call
+
+_ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OP_HALVES = {"attention": "attention_fwd", "layer_norm_residual": "layer_norm_residual_fwd",
+              "feed_forward": "feed_forward_fwd"}
+
+
+class CompiledBackend(Backend):
+    """Shared by ``cpu`` and ``cuda``: both launch the ``fused_attn_C`` ops; the dispatcher picks
+    the kernel by the tensors' device."""
+
+    dispatch_key = ""
+
+    def unavailable_reasons(self):
+        return [] if _extension._C is not None else [_extension.ERROR or "fused_attn._C is not loaded"]
+
+    def call_reasons(self, call: Call):
+        reasons = super().call_reasons(call)
+        if not reasons and not _extension.has_kernel(_OP_HALVES[call.op], self.dispatch_key):
+            reasons.append(f"fused_attn._C was built without a {self.dispatch_key} kernel for {call.op}")
+        return reasons
+
+    def attention_fwd(self, *args):
+        return torch.ops.fused_attn_C.attention_fwd(*args)
+
+    def attention_bwd(self, *args):
+        return torch.ops.fused_attn_C.attention_bwd(*args)
+
+    def layer_norm_residual_fwd(self, *args):
+        return torch.ops.fused_attn_C.layer_norm_residual_fwd(*args)
+
+    def layer_norm_residual_bwd(self, *args):
+        return torch.ops.fused_attn_C.layer_norm_residual_bwd(*args)
+
+    def feed_forward_fwd(self, *args):
+        return torch.ops.fused_attn_C.feed_forward_fwd(*args)
+
+    def feed_forward_bwd(self, *args):
+        return torch.ops.fused_attn_C.feed_forward_bwd(*args)
+
+
+class CpuBackend(CompiledBackend):
+    name = "cpu"
+    devices = ("cpu",)
+    dispatch_key = "CPU"
+    dtypes = {"attention": _ALL, "layer_norm_residual": _ALL, "feed_forward": _ALL}

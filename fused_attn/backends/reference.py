@@ -1,0 +1,96 @@
+"""The ``reference`` backend: the plain-PyTorch oracle behind the op interface.
+
+Runs anywhere torch runs. Forward calls the functions in ``fused_attn.reference``; backward
+recomputes the forward under autograd and differentiates it (it stores nothing extra, as a fused
+backend would not). It is the fallback of ``auto`` and the baseline of the benchmarks.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+from .base import Backend, Call
+from ..ops_common import empty, new_attention_out
+
+
+def _rng(dropout_p, seed, offset):
+    return (seed, offset) if dropout_p > 0.0 else None
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    devices = ("cpu", "cuda")
+    _all = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    dtypes = {"attention": _all, "layer_norm_residual": _all, "feed_forward": _all}
+
+    # ---- attention -------------------------------------------------------------------------
+    def attention_fwd(self, q, k, v, attn_mask, causal, dropout_p, scale, seed, offset):
+        o = ref.attention(q, k, v, attn_mask, causal, dropout_p, scale, _rng(dropout_p, seed, offset))
+        out = new_attention_out(q, v.shape[-1])
+        out.copy_(o)
+        lse = ref.attention_lse(q.float(), k.float(), attn_mask if attn_mask is None or attn_mask.dtype == torch.bool
+                                else attn_mask.float(), causal, scale)
+        return out, lse.contiguous()
+
+    def attention_bwd(self, dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad):
+        # torch.func.vjp rather than torch.autograd: op implementations run below the autograd key.
+        rng = _rng(dropout_p, seed, offset)
+        if mask_grad:
+            fn = lambda q_, k_, v_, m_: ref.attention(q_, k_, v_, m_, causal, dropout_p, scale, rng)
+            _, vjp = torch.func.vjp(fn, q, k, v, attn_mask)
+            dq, dk, dv, dmask = vjp(dout)
+            dmask = dmask.contiguous()
+        else:
+            fn = lambda q_, k_, v_: ref.attention(q_, k_, v_, attn_mask, causal, dropout_p, scale, rng)
+            _, vjp = torch.func.vjp(fn, q, k, v)
+            dq, dk, dv = vjp(dout)
+            dmask = empty(q)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
+
+    # ---- residual-add + norm ----------------------------------------------------------------
+    def layer_norm_residual_fwd(self, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset):
+        out, summed = ref.layer_norm_residual(x, residual, weight, bias, eps, dropout_p, prenorm=True, rms=rms,
+                                              residual_in_fp32=residual_in_fp32, rng=_rng(dropout_p, seed, offset))
+        s = summed.float()
+        rstd_src = s.pow(2).mean(-1) if rms else s.var(-1, unbiased=False)
+        rstd = torch.rsqrt(rstd_src + eps)
+        mean = empty(x, torch.float32) if rms else s.mean(-1)
+        if summed is x or summed is residual:  # no dropout and no residual: never alias an input
+            summed = summed.clone()
+        return out, summed, mean, rstd
+
+    def layer_norm_residual_bwd(self, dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, seed, offset, x_dtype):
+        def norm(s, w, b):
+            return ref.layer_norm_residual(s, None, w, b, eps, rms=rms).to(dout.dtype)
+        _, vjp = torch.func.vjp(norm, summed, weight, bias)
+        dsum, dweight, dbias = vjp(dout)
+        if dsummed is not None:
+            dsum = dsum + dsummed
+        dsum = dsum.to(summed.dtype).contiguous()
+        dx = empty(summed, x_dtype)
+        if dropout_p > 0.0:
+            dx = ref._rng.apply_dropout(dsum.to(x_dtype), dropout_p, seed, offset).contiguous()
+        dweight = dweight if weight is not None else empty(summed)
+        dbias = dbias if bias is not None else empty(summed)
+        return dsum, dx, dweight, dbias
+
+    # ---- feed-forward -----------------------------------------------------------------------
+    def feed_forward_fwd(self, x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
+        pre = torch.nn.functional.linear(x, w1, b1)
+        h = ref.activation_fn(pre, activation)
+        if dropout_p > 0.0:
+            h = ref._rng.apply_dropout(h, dropout_p, seed, offset)
+        return torch.nn.functional.linear(h, w2, b2), pre
+
+    def feed_forward_bwd(self, dout, x, w1, w2, pre, activation, dropout_p, seed, offset, has_b1, has_b2):
+        def act(p):
+            h = ref.activation_fn(p, activation)
+            return ref._rng.apply_dropout(h, dropout_p, seed, offset) if dropout_p > 0.0 else h
+        h, vjp = torch.func.vjp(act, pre)
+        (dpre,) = vjp(dout @ w2)
+        dw2 = dout.t() @ h
+        db2 = dout.float().sum(0).to(dout.dtype) if has_b2 else empty(x)
+        dw1 = dpre.t() @ x
+        db1 = dpre.float().sum(0).to(dpre.dtype) if has_b1 else empty(x)
+        dx = dpre @ w1
+        return dx.contiguous(), dw1.contiguous(), db1, dw2.contiguous(), db2

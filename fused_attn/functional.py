@@ -1,0 +1,244 @@
+"""The functional API: the contract every backend implements.
+
+Inputs are validated here, once; a wrong rank, shape, dtype mix, device mix or option raises
+``ValueError`` / ``TypeError`` naming the argument, the value and what was expected. Then the
+backend is resolved (see ``fused_attn.backends``) and the autograd Function runs the registered
+ops. Inputs are never modified.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import Call, check_backend_name, resolve
+from .ops import AttentionFunction, FeedForwardFunction, LayerNormResidualFunction
+from .reference import ACTIVATIONS, GATED_ACTIVATIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------------------------
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_tensor(name: str, t, ndim=None, min_ndim=None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {_dtype_name(t.dtype)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def _check_same(ref_name: str, ref: Tensor, others: dict) -> None:
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must be on one device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {_dtype_name(t.dtype)} but {ref_name} has {_dtype_name(ref.dtype)}; "
+                            f"inputs must share one dtype")
+
+
+def _check_prob(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return p
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
+    """[seed, offset] for the counter-based dropout RNG, drawn from torch's (or the given) CPU generator."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None, causal: bool = False,
+              dropout_p: float = 0.0, scale: Optional[float] = None, backend: Optional[str] = None,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+    """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
+
+    Args:
+        q: (B, Hq, Lq, D) queries.  k: (B, Hkv, Lk, D) keys.  v: (B, Hkv, Lk, Dv) values.
+            ``Hq`` must be a multiple of ``Hkv`` (grouped-query attention: query head h reads
+            kv head ``h // (Hq // Hkv)``). Any strides.
+        attn_mask: bool (True = attend) or additive float mask of q's dtype, broadcastable to
+            (B, Hq, Lq, Lk); it is read through strides, never expanded in memory. An additive
+            mask that requires grad gets its gradient.
+        causal: query i attends keys j <= i (top-left aligned, as scaled_dot_product_attention);
+            combines with ``attn_mask``.
+        dropout_p: dropout on the attention probabilities (counter-based, reproducible from the
+            seed drawn from ``generator`` or torch's default CPU generator).
+        scale: logits scale, default ``1/sqrt(D)``.
+        backend: "auto", "triton", "cuda", "cpu" or "reference"; None uses ``use_backend`` /
+            ``FUSED_ATTN_BACKEND`` / auto.
+
+    Returns (B, Hq, Lq, Dv). Same meaning as ``torch.nn.functional.scaled_dot_product_attention``
+    except that a row whose keys are all masked returns zeros (and zero gradients), never NaN.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=4)
+    _check_same("q", q, {"k": k, "v": v})
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != D:
+        raise ValueError(f"q and k must have the same head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
+                         f"(k.shape[1] = {Hkv})")
+    _check_bool("causal", causal)
+    dropout_p = _check_prob("dropout_p", dropout_p)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    scale = float(scale)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise TypeError(f"attn_mask must be bool (True = attend) or additive with q's dtype "
+                            f"{_dtype_name(q.dtype)}, got {_dtype_name(attn_mask.dtype)}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        target = (B, Hq, Lq, Lk)
+        if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
+                             f"(B, Hq, Lq, Lk) = {target}")
+    check_backend_name(backend)
+    call = Call("attention", q.device, q.dtype, {
+        "head_dim": D, "head_dim_v": Dv, "causal": causal, "dropout": dropout_p > 0.0, "gqa": Hq != Hkv,
+        "mask": None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
+        "mask_grad": attn_mask is not None and attn_mask.requires_grad})
+    name = resolve(call, backend)
+    return AttentionFunction.apply(q, k, v, attn_mask, causal, dropout_p, scale, _draw_rng(dropout_p, generator), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# residual-add + norm
+# ---------------------------------------------------------------------------------------------
+
+def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, eps: float = 1e-5, *, dropout_p: float = 0.0,
+                        prenorm: bool = False, rms: bool = False, residual_in_fp32: bool = False,
+                        backend: Optional[str] = None, generator: Optional[torch.Generator] = None):
+    """``norm(dropout(x) + residual)`` over the last dimension (LayerNorm, or RMSNorm with ``rms``).
+
+    Args:
+        x: (..., d) the branch output.  residual: (..., d) or None (plain norm of dropout(x)).
+        weight, bias: (d,) or None.  eps: > 0.
+        prenorm: also return the sum ``dropout(x) + residual`` (the residual stream of a pre-LN
+            stack), as ``(normed, summed)``.
+        residual_in_fp32: keep the sum in float32 (``residual`` may then be float32 while x is
+            half precision); the normalised output keeps x's dtype.
+    """
+    _check_tensor("x", x, min_ndim=1)
+    d = x.shape[-1]
+    if residual is not None:
+        _check_tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+        if residual.dtype != x.dtype and not (residual_in_fp32 and residual.dtype == torch.float32):
+            raise TypeError(f"residual has dtype {_dtype_name(residual.dtype)} but x has {_dtype_name(x.dtype)}; "
+                            f"they must match (or residual may be float32 with residual_in_fp32=True)")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _check_tensor(name, p, ndim=1)
+            if p.shape[0] != d:
+                raise ValueError(f"{name} must have shape ({d},) to match x's last dimension, got {tuple(p.shape)}")
+    _check_same("x", x, {"weight": weight, "bias": bias})
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    dropout_p = _check_prob("dropout_p", dropout_p)
+    for name, flag in (("prenorm", prenorm), ("rms", rms), ("residual_in_fp32", residual_in_fp32)):
+        _check_bool(name, flag)
+    check_backend_name(backend)
+    call = Call("layer_norm_residual", x.device, x.dtype, {
+        "hidden": d, "rms": rms, "dropout": dropout_p > 0.0, "residual_in_fp32": residual_in_fp32})
+    name = resolve(call, backend)
+    out, summed = LayerNormResidualFunction.apply(x, residual, weight, bias, float(eps), dropout_p, rms,
+                                                  residual_in_fp32, _draw_rng(dropout_p, generator), name)
+    return (out, summed) if prenorm else out
+
+
+# ---------------------------------------------------------------------------------------------
+# feed-forward
+# ---------------------------------------------------------------------------------------------
+
+def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], *,
+                 activation: str = "relu", dropout_p: float = 0.0, backend: Optional[str] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """``Linear(w1, b1) -> activation -> dropout -> Linear(w2, b2)`` with nn.Linear weight layout.
+
+    Args:
+        x: (..., d).  w1: (d_ff, d), or (2*d_ff, d) for swiglu/geglu holding the gate rows first,
+            then the up rows.  b1: (w1.shape[0],) or None.  w2: (d_out, d_ff).  b2: (d_out,) or None.
+        activation: relu, gelu (exact), gelu_tanh, silu, swiglu (silu(gate) * up), geglu
+            (gelu(gate) * up).
+    """
+    _check_tensor("x", x, min_ndim=1)
+    _check_tensor("w1", w1, ndim=2)
+    _check_tensor("w2", w2, ndim=2)
+    if b1 is not None:
+        _check_tensor("b1", b1, ndim=1)
+    if b2 is not None:
+        _check_tensor("b2", b2, ndim=1)
+    _check_same("x", x, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    d = x.shape[-1]
+    if w1.shape[1] != d:
+        raise ValueError(f"w1 must have shape (d_ff, {d}) to match x's last dimension, got {tuple(w1.shape)}")
+    gated = activation in GATED_ACTIVATIONS
+    if gated and w1.shape[0] % 2 != 0:
+        raise ValueError(f"for {activation}, w1 must stack (gate; up) rows: an even first dimension, got {tuple(w1.shape)}")
+    d_ff = w1.shape[0] // 2 if gated else w1.shape[0]
+    if w2.shape[1] != d_ff:
+        raise ValueError(f"w2 must have shape (d_out, {d_ff}) to take the activation of width {d_ff}, got {tuple(w2.shape)}")
+    if b1 is not None and b1.shape[0] != w1.shape[0]:
+        raise ValueError(f"b1 must have shape ({w1.shape[0]},), got {tuple(b1.shape)}")
+    if b2 is not None and b2.shape[0] != w2.shape[0]:
+        raise ValueError(f"b2 must have shape ({w2.shape[0]},), got {tuple(b2.shape)}")
+    dropout_p = _check_prob("dropout_p", dropout_p)
+    check_backend_name(backend)
+    call = Call("feed_forward", x.device, x.dtype, {"activation": activation, "dropout": dropout_p > 0.0})
+    name = resolve(call, backend)
+    return FeedForwardFunction.apply(x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
+
+
+__all__ = ["attention", "layer_norm_residual", "feed_forward"]

@@ -1,0 +1,230 @@
+"""The registered torch ops and the autograd Functions over them.
+
+Each op half is a ``torch.library.custom_op`` in the ``fused_attn`` namespace whose last
+argument names the backend that runs it (resolved before the call, never "auto"); its fake
+implementation gives torch.compile the output shapes, dtypes and strides, so compiled graphs
+trace through without breaks. The autograd Functions never launch kernels themselves: forward
+calls the ``*_fwd`` op and saves the minimum, backward calls the ``*_bwd`` op.
+
+Dropout takes ``rng``, an int64 CPU tensor ``[seed, offset]`` (a tensor, not two ints, so that
+drawing it stays inside a compiled graph); see ``fused_attn._rng`` for the mask it defines.
+
+Output layouts (fake and real implementations agree on them):
+- attention_fwd: out (B, Hq, Lq, Dv) stored as contiguous (B, Lq, Hq, Dv); lse float32 (B, Hq, Lq).
+- attention_bwd: dq, dk, dv contiguous, shaped as q, k, v; dmask contiguous (B, Hq, Lq, Lk) or (0,).
+- layer_norm_residual_fwd: out, summed contiguous (N, d); mean, rstd float32 (N,) (mean (0,) for rms).
+- layer_norm_residual_bwd: dsum (N, d) in summed's dtype; dx (N, d) in x_dtype or (0,); dweight,
+  dbias (d,) or (0,).
+- feed_forward_fwd: out (T, d_out), pre (T, F1) contiguous.  feed_forward_bwd: contiguous grads.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+from .ops_common import empty, new_attention_out
+
+
+def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
+    if rng is None:
+        return 0, 0
+    seed, offset = rng.tolist()
+    return int(seed), int(offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], causal: bool, dropout_p: float,
+                  scale: float, rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, attn_mask, causal, dropout_p, scale, rng, backend):
+    return new_attention_out(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_attn::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  attn_mask: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
+                  rng: Optional[Tensor], mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale,
+                                              seed, offset, mask_grad)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, rng, mask_grad, backend):
+    dmask = attn_mask.new_empty(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+class AttentionFunction(torch.autograd.Function):
+    """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, causal, dropout_p, scale, rng, backend):
+        mask4 = None
+        if attn_mask is not None:  # a stride-0 view, never materialised
+            mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = torch.ops.fused_attn.attention_fwd(q, k, v, mask4, causal, dropout_p, scale, rng, backend)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng)
+        ctx.options = (causal, dropout_p, scale, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
+        causal, dropout_p, scale, backend = ctx.options
+        mask4 = None
+        if attn_mask is not None:
+            mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        mask_grad = bool(ctx.needs_input_grad[3])
+        dq, dk, dv, dmask = torch.ops.fused_attn.attention_bwd(dout, q, k, v, out, lse, mask4, causal, dropout_p,
+                                                               scale, rng, mask_grad, backend)
+        dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
+        return dq, dk, dv, dmask, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# residual-add + LayerNorm / RMSNorm
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fused_attn::layer_norm_residual_fwd", mutates_args=())
+def layer_norm_residual_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                            eps: float, dropout_p: float, rms: bool, residual_in_fp32: bool,
+                            rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms,
+                                                        residual_in_fp32, seed, offset)
+
+
+@layer_norm_residual_fwd.register_fake
+def _layer_norm_residual_fwd_fake(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend):
+    n = x.shape[0]
+    summed_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    mean = x.new_empty((0,) if rms else (n,), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=summed_dtype), mean, x.new_empty((n,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_attn::layer_norm_residual_bwd", mutates_args=())
+def layer_norm_residual_bwd(dout: Tensor, dsummed: Optional[Tensor], summed: Tensor, weight: Optional[Tensor],
+                            bias: Optional[Tensor], mean: Tensor, rstd: Tensor, eps: float, dropout_p: float,
+                            rms: bool, rng: Optional[Tensor], x_dtype: torch.dtype,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps,
+                                                        dropout_p, rms, seed, offset, x_dtype)
+
+
+@layer_norm_residual_bwd.register_fake
+def _layer_norm_residual_bwd_fake(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, rng,
+                                  x_dtype, backend):
+    dx = summed.new_empty(summed.shape, dtype=x_dtype) if dropout_p > 0.0 else empty(summed, x_dtype)
+    dweight = weight.new_empty(weight.shape) if weight is not None else empty(summed)
+    dbias = bias.new_empty(bias.shape) if bias is not None else empty(summed)
+    return summed.new_empty(summed.shape), dx, dweight, dbias
+
+
+class LayerNormResidualFunction(torch.autograd.Function):
+    """(norm(dropout(x) + residual), dropout(x) + residual) over the last dim.
+
+    Without dropout the gradients of x and residual are the same tensor: the backward op writes
+    it once (``dsum``) and it is returned for both, never copied.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend):
+        shape, d = x.shape, x.shape[-1]
+        x2 = _rows(x, d)
+        r2 = None if residual is None else _rows(residual, d)
+        out, summed, mean, rstd = torch.ops.fused_attn.layer_norm_residual_fwd(
+            x2, r2, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend)
+        ctx.save_for_backward(summed, weight, bias, mean, rstd, rng)
+        ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, shape)
+        ctx.set_materialize_grads(False)
+        return out.view(shape), summed.view(shape)
+
+    @staticmethod
+    def backward(ctx, dout, dsummed):
+        summed, weight, bias, mean, rstd, rng = ctx.saved_tensors
+        eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
+        d = shape[-1]
+        dout = torch.zeros(summed.shape, dtype=x_dtype, device=summed.device) if dout is None else _rows(dout, d)
+        dsummed = None if dsummed is None else _rows(dsummed, d)
+        dsum, dx, dweight, dbias = torch.ops.fused_attn.layer_norm_residual_bwd(
+            dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, rng, x_dtype, backend)
+        if dropout_p == 0.0:
+            dx = dsum if dsum.dtype == x_dtype else dsum.to(x_dtype)
+        dres = None
+        if residual_dtype is not None:
+            dres = (dsum if dsum.dtype == residual_dtype else dsum.to(residual_dtype)).view(shape)
+        return (dx.view(shape), dres, dweight if weight is not None else None, dbias if bias is not None else None,
+                None, None, None, None, None, None)
+
+
+def _rows(t: Tensor, d: int) -> Tensor:
+    """(..., d) -> (N, d) with unit stride along d (a view whenever the layout allows)."""
+    t2 = t.reshape(-1, d)
+    return t2 if t2.stride(-1) == 1 or d <= 1 else t2.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# feed-forward
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fused_attn::feed_forward_fwd", mutates_args=())
+def feed_forward_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str,
+                     dropout_p: float, rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset)
+
+
+@feed_forward_fwd.register_fake
+def _feed_forward_fwd_fake(x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
+    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
+
+
+@torch.library.custom_op("fused_attn::feed_forward_bwd", mutates_args=())
+def feed_forward_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, activation: str, dropout_p: float,
+                     rng: Optional[Tensor], has_b1: bool, has_b2: bool,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset,
+                                                 has_b1, has_b2)
+
+
+@feed_forward_bwd.register_fake
+def _feed_forward_bwd_fake(dout, x, w1, w2, pre, activation, dropout_p, rng, has_b1, has_b2, backend):
+    db1 = x.new_empty((w1.shape[0],)) if has_b1 else empty(x)
+    db2 = x.new_empty((w2.shape[0],)) if has_b2 else empty(x)
+    return x.new_empty(x.shape), w1.new_empty(w1.shape), db1, w2.new_empty(w2.shape), db2
+
+
+class FeedForwardFunction(torch.autograd.Function):
+    """Linear -> activation -> dropout -> Linear; saves x, the weights and the pre-activation only."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
+        shape, d = x.shape, x.shape[-1]
+        x2 = _rows(x, d).contiguous()
+        out, pre = torch.ops.fused_attn.feed_forward_fwd(x2, w1, b1, w2, b2, activation, dropout_p, rng, backend)
+        ctx.save_for_backward(x2, w1, w2, pre, rng)
+        ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, shape)
+        return out.view(*shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, w1, w2, pre, rng = ctx.saved_tensors
+        activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
+        dout2 = dout.reshape(-1, w2.shape[0]).contiguous()
+        dx, dw1, db1, dw2, db2 = torch.ops.fused_attn.feed_forward_bwd(dout2, x2, w1, w2, pre, activation, dropout_p,
+                                                                       rng, has_b1, has_b2, backend)
+        return (dx.view(shape), dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None, None, None, None)

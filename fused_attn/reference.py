@@ -1,0 +1,288 @@
+"""The reference: plain-PyTorch versions of every op and module, written for clarity.
+
+This file is the numerical oracle. Every backend is tested against these functions run in
+float64, and every fused module against these modules. Nothing here is optimised; each line is
+the textbook formula. It is also the ``reference`` backend (``fused_attn.backends.reference``),
+which is how the functional API works on any machine.
+
+The modules are the classic post-LN Transformer encoder:
+
+    Y = LayerNorm(X + Dropout(MultiHeadAttention(X)))
+    Z = LayerNorm(Y + Dropout(FFN(Y))),     FFN = Linear(d, 4d) -> ReLU -> Dropout -> Linear(4d, d)
+
+with options (pre-LN, RMSNorm, gated activations, grouped-query heads, causal) that the fused
+modules in ``fused_attn.modules`` take too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _rng
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+NORMS = ("layernorm", "rmsnorm")
+
+
+# --------------------------------------------------------------------------------------------
+# Functions (the oracle of fused_attn.functional)
+# --------------------------------------------------------------------------------------------
+
+def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, rng=None):
+    """softmax(q k^T * scale + mask) v, with the conventions of ``fused_attn.functional.attention``.
+
+    q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, Dv), Hq % Hkv == 0.
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk).
+    causal: query i attends keys j <= i (top-left aligned, as scaled_dot_product_attention).
+    A row with no key left to attend gives zeros (and zero gradients), not NaN.
+    Dropout on the probabilities uses the shared counter RNG when ``rng = (seed, offset)`` is
+    given, else torch's ``F.dropout``.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if Hq != Hkv:  # grouped-query: query head h reads kv head h // (Hq // Hkv)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    if causal:
+        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    # Rows where every key is masked: softmax would be 0/0. Give them zero probability instead,
+    # replacing their scores by 0 first so that no NaN reaches the backward pass either.
+    dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    scores = scores.masked_fill(dead, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
+    if dropout_p > 0.0:
+        if rng is None:
+            probs = F.dropout(probs, dropout_p)
+        else:
+            probs = _rng.apply_dropout(probs, dropout_p, int(rng[0]), int(rng[1]))
+    return torch.matmul(probs, v)
+
+
+def attention_lse(q, k, attn_mask=None, causal=False, scale=None):
+    """The per-row log-sum-exp of the scaled, masked scores; +inf for rows with no key left."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if causal:
+        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
+                        prenorm=False, rms=False, residual_in_fp32=False, rng=None):
+    """norm(dropout(x) + residual) over the last dim; with prenorm, also returns the sum.
+
+    The sum is kept in float32 when ``residual_in_fp32``; the normalised output has x's dtype.
+    """
+    if dropout_p > 0.0:
+        x_dropped = F.dropout(x, dropout_p) if rng is None else _rng.apply_dropout(x, dropout_p, int(rng[0]), int(rng[1]))
+    else:
+        x_dropped = x
+    if residual_in_fp32:
+        summed = x_dropped.float() + (residual.float() if residual is not None else 0.0)
+    else:
+        summed = x_dropped + residual if residual is not None else x_dropped
+    if rms:
+        normed = summed * torch.rsqrt(summed.pow(2).mean(dim=-1, keepdim=True) + eps)
+        if weight is not None:
+            normed = normed * weight
+        if bias is not None:
+            normed = normed + bias
+    else:
+        normed = F.layer_norm(summed, summed.shape[-1:], weight, bias, eps)
+    normed = normed.to(x.dtype)
+    return (normed, summed) if prenorm else normed
+
+
+def activation_fn(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """The FFN activation; gated ones split ``pre`` into (gate, up) halves: act(gate) * up."""
+    if activation in GATED_ACTIVATIONS:
+        gate, up = pre.chunk(2, dim=-1)
+        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+    if activation == "relu":
+        return F.relu(pre)
+    if activation == "gelu":
+        return F.gelu(pre)
+    if activation == "gelu_tanh":
+        return F.gelu(pre, approximate="tanh")
+    if activation == "silu":
+        return F.silu(pre)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def feed_forward(x, w1, b1=None, w2=None, b2=None, activation="relu", dropout_p=0.0, rng=None):
+    """Linear(w1, b1) -> activation -> dropout -> Linear(w2, b2), nn.Linear weight layout.
+
+    For swiglu/geglu, w1 is (2*d_ff, d): the gate rows first, then the up rows.
+    """
+    h = activation_fn(F.linear(x, w1, b1), activation)
+    if dropout_p > 0.0:
+        h = F.dropout(h, dropout_p) if rng is None else _rng.apply_dropout(h, dropout_p, int(rng[0]), int(rng[1]))
+    return F.linear(h, w2, b2)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules (the oracle of fused_attn.modules)
+# --------------------------------------------------------------------------------------------
+
+def merge_masks(attn_mask, key_padding_mask, dtype):
+    """One mask from ``attn_mask`` (bool keep-mask or additive) and ``key_padding_mask``
+    ((B, Lk), True = padding, as in torch.nn.MultiheadAttention), broadcastable to (B, H, Lq, Lk)."""
+    if key_padding_mask is None:
+        return attn_mask
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}")
+    keep = ~key_padding_mask[:, None, None, :]
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention on batch-first (B, L, d_model) tensors.
+
+    Heads are split from the projections, attend by scaled dot product and are concatenated
+    before the output projection. ``num_kv_heads`` < ``num_heads`` gives grouped-query attention.
+    """
+
+    def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
+                 device=None, dtype=None):
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.dropout, self.causal = dropout, causal
+        kv_dim = num_kv_heads * self.head_dim
+        factory = dict(device=device, dtype=dtype)
+        self.query_linear = nn.Linear(d_model, d_model, bias=bias, **factory)
+        self.key_linear = nn.Linear(d_model, kv_dim, bias=bias, **factory)
+        self.value_linear = nn.Linear(d_model, kv_dim, bias=bias, **factory)
+        self.out_linear = nn.Linear(d_model, d_model, bias=bias, **factory)
+
+    def split_heads(self, x, heads):
+        B, L, _ = x.shape
+        return x.view(B, L, heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+        key = query if key is None else key
+        value = key if value is None else value
+        B, Lq, _ = query.shape
+        q = self.split_heads(self.query_linear(query), self.num_heads)
+        k = self.split_heads(self.key_linear(key), self.num_kv_heads)
+        v = self.split_heads(self.value_linear(value), self.num_kv_heads)
+        mask = merge_masks(attn_mask, key_padding_mask, q.dtype)
+        causal = self.causal if is_causal is None else is_causal
+        p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p)
+        return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
+
+
+class LayerNormResidual(nn.Module):
+    """norm(dropout(x) + residual): LayerNorm or RMSNorm with the residual add in front."""
+
+    def __init__(self, d_model, eps=1e-5, norm="layernorm", bias=True, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.d_model, self.eps, self.norm, self.dropout = d_model, eps, norm, dropout
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype)) if bias else None
+
+    def forward(self, x, residual=None, prenorm=False):
+        p = self.dropout if self.training else 0.0
+        return layer_norm_residual(x, residual, self.weight, self.bias, self.eps, dropout_p=p,
+                                   prenorm=prenorm, rms=self.norm == "rmsnorm")
+
+
+class FeedForward(nn.Module):
+    """Linear(d, d_ff) -> activation -> dropout -> Linear(d_ff, d); gated activations double linear1."""
+
+    def __init__(self, d_model, d_ff=None, activation="relu", dropout=0.0, bias=True, device=None, dtype=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        self.d_model, self.d_ff, self.activation, self.dropout = d_model, d_ff, activation, dropout
+        factory = dict(device=device, dtype=dtype)
+        width = 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
+        self.linear1 = nn.Linear(d_model, width, bias=bias, **factory)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias, **factory)
+
+    def forward(self, x):
+        p = self.dropout if self.training else 0.0
+        return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                            activation=self.activation, dropout_p=p)
+
+
+class TransformerLayer(nn.Module):
+    """One encoder layer; post-LN by default, pre-LN with ``norm_first=True``.
+
+    post-LN:  y = norm1(dropout(mha(x)) + x);           z = norm2(dropout(ffn(y)) + y)
+    pre-LN:   y = x + dropout(mha(norm1(x)));           z = y + dropout(ffn(norm2(y)))
+    """
+
+    def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
+                 norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.norm_first = norm_first
+        self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
+                                                       num_kv_heads=num_kv_heads, causal=causal, **factory)
+        self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
+        self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
+        self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
+
+    def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+        attend = lambda h: self.multi_head_attention(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                                     is_causal=is_causal)
+        if self.norm_first:
+            # The residual stream x passes the norms untouched: norm(0 + x), then x + dropout(branch)
+            # (norm2 adds the attention branch to the stream and normalises the sum in one step).
+            h = self.norm1(x)
+            normed, x = self.norm2(attend(h), x, prenorm=True)
+            p = self.norm2.dropout if self.training else 0.0
+            return x + F.dropout(self.ffn(normed), p)
+        y = self.norm1(attend(x), x)
+        return self.norm2(self.ffn(y), y)
+
+
+class Transformer(nn.Module):
+    """A stack of ``num_layers`` TransformerLayers (``layers``, a ModuleList)."""
+
+    def __init__(self, d_model, num_heads, num_layers, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(d_model, num_heads, **layer_kwargs) for _ in range(num_layers))
+
+    def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+        for layer in self.layers:
+            x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
+        return x

@@ -1,0 +1,133 @@
+"""The numerical oracle, one helper for every test.
+
+For each output and gradient: ``err = max|fused - ref64|`` and ``err_lp = max|ref_lowp - ref64|``,
+where ``ref64`` is the reference computed in float64 and ``ref_lowp`` the reference computed in
+the input dtype. The fused result passes when ``err <= k * err_lp + floor`` (k = 2 for outputs,
+k = 5 for gradients, as flash-attention's tests do) and has no NaN/inf where the reference has
+none. ``floor`` absorbs the case err_lp == 0 (e.g. float64 inputs); it scales with the size of
+the reference values.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+K_FORWARD = 2.0
+K_GRAD = 5.0
+#: absolute floor per dtype, multiplied by max(1, max|ref64|)
+FLOORS = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@dataclass
+class OracleResult:
+    name: str
+    err: float
+    err_lp: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.bound
+
+    def __str__(self):
+        return f"{self.name}: err {self.err:.3g} vs bound {self.bound:.3g} (k*err_lowp with err_lowp {self.err_lp:.3g})"
+
+
+def _as_tensor(x):
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
+def compare(name: str, actual: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, *, k: float = K_FORWARD,
+            floor: Optional[float] = None) -> OracleResult:
+    """Compare one tensor under the oracle; raises AssertionError with the numbers when it fails."""
+    actual, ref64, ref_lowp = _as_tensor(actual), _as_tensor(ref64), _as_tensor(ref_lowp)
+    if actual.shape != ref64.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(ref64.shape)}")
+    a, r, lp = actual.detach().double().cpu(), ref64.detach().double().cpu(), ref_lowp.detach().double().cpu()
+    bad_actual, bad_ref = ~torch.isfinite(a), ~torch.isfinite(r)
+    if bool((bad_actual & ~bad_ref).any()):
+        n = int((bad_actual & ~bad_ref).sum())
+        raise AssertionError(f"{name}: {n} NaN/inf value(s) where the float64 reference is finite")
+    # Where the reference itself is non-finite, the fused result must be non-finite of the same kind.
+    if bool(bad_ref.any()):
+        same = (torch.isnan(a) == torch.isnan(r)) & ((a == r) | torch.isnan(r) | ~bad_ref)
+        if not bool(same[bad_ref].all()):
+            raise AssertionError(f"{name}: non-finite values differ from the reference's")
+    finite = ~bad_ref
+    err = float((a - r)[finite].abs().max()) if bool(finite.any()) else 0.0
+    err_lp = float((lp - r)[finite & torch.isfinite(lp)].abs().max()) if bool((finite & torch.isfinite(lp)).any()) else 0.0
+    if floor is None:
+        scale = float(r[finite].abs().max()) if bool(finite.any()) else 0.0
+        floor = FLOORS.get(actual.dtype, 1e-6) * max(1.0, scale)
+    result = OracleResult(name, err, err_lp, k * err_lp + floor)
+    if not result.ok:
+        raise AssertionError(str(result))
+    return result
+
+
+def _prepare(x, dtype=None):
+    """A fresh leaf copy of a floating tensor (in ``dtype`` if given); other values pass as they are."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().to(dtype or x.dtype, copy=True).requires_grad_(x.requires_grad)
+    return x
+
+
+def check_against_reference(fused: Callable, reference: Callable, inputs: Sequence, *, grad_out_seed: int = 0,
+                            names: Optional[Sequence[str]] = None, k_forward: float = K_FORWARD,
+                            k_grad: float = K_GRAD, floor: Optional[float] = None) -> list[OracleResult]:
+    """Run ``fused(*inputs)`` and ``reference(*inputs)`` (the latter in float64 and in the input
+    dtype) and hold the outputs and the gradients of every input that requires grad to the oracle.
+
+    ``inputs`` may mix tensors and other values; floating tensors are cast for the reference runs,
+    bool/int tensors pass as they are. Outputs may be a tensor or a tuple of tensors.
+    """
+    results = []
+    runs = {}
+    for label, dtype in (("fused", None), ("ref64", torch.float64), ("reflp", None)):
+        args = [_prepare(x, dtype) for x in inputs]
+        fn = fused if label == "fused" else reference
+        outs = fn(*args)
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        runs[label] = (args, outs)
+    fused_args, fused_outs = runs["fused"]
+    names = list(names) if names is not None else [f"input{i}" for i in range(len(inputs))]
+    for i, (f, r64, rlp) in enumerate(zip(fused_outs, runs["ref64"][1], runs["reflp"][1])):
+        results.append(compare(f"output{i}", f, r64, rlp, k=k_forward, floor=floor))
+    grad_idx = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not grad_idx:
+        return results
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in fused_outs]
+    for label in ("fused", "ref64", "reflp"):
+        args, outs = runs[label]
+        diff = [(o, g.to(o.dtype).to(o.device)) for o, g in zip(outs, grads_out) if o.requires_grad]
+        torch.autograd.backward([o for o, _ in diff], [g for _, g in diff])
+    for i in grad_idx:
+        g = runs["fused"][0][i].grad
+        g64 = runs["ref64"][0][i].grad
+        glp = runs["reflp"][0][i].grad
+        if g is None or g64 is None:
+            raise AssertionError(f"grad of {names[i]}: fused {'None' if g is None else 'present'}, reference "
+                                 f"{'None' if g64 is None else 'present'}")
+        results.append(compare(f"grad of {names[i]}", g, g64, glp, k=k_grad, floor=floor))
+    return results
+
+
+def make_inputs(*shapes, dtype=torch.float32, device="cpu", seed=0, requires_grad=True, scale=1.0):
+    """Random normal tensors (deterministic from ``seed``) for tests and benchmarks."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+            .requires_grad_(requires_grad) for s in shapes]
+
+
+def reconstruct_dropout_mask(seed: int, offset: int, p: float, n_rows: int, n_cols: int) -> torch.Tensor:
+    """The keep-mask every backend uses for (seed, offset) (see fused_attn._rng)."""
+    from . import _rng
+    return _rng.keep_mask(seed, offset, p, n_rows, n_cols)
+
+
+__all__ = ["compare", "check_against_reference", "make_inputs", "reconstruct_dropout_mask", "OracleResult",
+           "K_FORWARD", "K_GRAD", "FLOORS"]

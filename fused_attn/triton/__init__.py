@@ -1,0 +1,1 @@
+"""Triton kernels, one family per module: attention, layer_norm, feed_forward."""

@@ -1,0 +1,51 @@
+"""The oracle helper itself: it passes the reference and catches planted errors."""
+import pytest
+import torch
+
+from fused_attn import reference as R
+from fused_attn.testing import check_against_reference, compare, make_inputs
+
+
+def test_reference_passes_its_own_oracle():
+    q, k, v = make_inputs((2, 3, 17, 8), (2, 3, 17, 8), (2, 3, 17, 8), dtype=torch.float16)
+    check_against_reference(R.attention, R.attention, [q, k, v], names="qkv")
+
+
+def test_planted_output_error_is_caught():
+    q, k, v = make_inputs((1, 2, 9, 8), (1, 2, 9, 8), (1, 2, 9, 8), dtype=torch.float32)
+
+    def wrong(q, k, v):
+        out = R.attention(q, k, v)
+        return out + 1e-3 * (out.detach().abs() > 0.5)
+
+    with pytest.raises(AssertionError, match="output0"):
+        check_against_reference(wrong, R.attention, [q, k, v])
+
+
+def test_planted_gradient_error_is_caught():
+    q, k, v = make_inputs((1, 2, 9, 8), (1, 2, 9, 8), (1, 2, 9, 8), dtype=torch.float32)
+
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+
+    with pytest.raises(AssertionError, match="grad of k"):
+        check_against_reference(lambda q, k, v: R.attention(q, WrongGrad.apply(k), v), R.attention, [q, k, v],
+                                names="qkv")
+
+
+def test_nan_where_reference_is_finite_is_caught():
+    ref = torch.ones(4, dtype=torch.float64)
+    bad = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    with pytest.raises(AssertionError, match="NaN"):
+        compare("x", bad, ref, ref.float())
+
+
+def test_shape_mismatch_is_caught():
+    with pytest.raises(AssertionError, match="shape"):
+        compare("x", torch.ones(3), torch.ones(4, dtype=torch.float64), torch.ones(4))

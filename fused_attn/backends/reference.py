@@ -60,10 +60,18 @@ class ReferenceBackend(Backend):
         return out, summed, mean, rstd
 
     def layer_norm_residual_bwd(self, dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, seed, offset, x_dtype):
-        def norm(s, w, b):
+        # vjp differentiates tensors only: close over an absent (None) weight or bias.
+        present = [t for t in (weight, bias) if t is not None]
+
+        def norm(s, *wb):
+            it = iter(wb)
+            w = next(it) if weight is not None else None
+            b = next(it) if bias is not None else None
             return ref.layer_norm_residual(s, None, w, b, eps, rms=rms).to(dout.dtype)
-        _, vjp = torch.func.vjp(norm, summed, weight, bias)
-        dsum, dweight, dbias = vjp(dout)
+        _, vjp = torch.func.vjp(norm, summed, *present)
+        dsum, *dwb = vjp(dout)
+        dweight = dwb.pop(0) if weight is not None else None
+        dbias = dwb.pop(0) if bias is not None else None
         if dsummed is not None:
             dsum = dsum + dsummed
         dsum = dsum.to(summed.dtype).contiguous()

@@ -411,7 +411,7 @@ CONVERTERS: list[Converter] = [_convert_reference, _convert_sequential_ffn, _con
 def _apply(module: nn.Module, conv: Conversion) -> None:
     if not issubclass(conv.cls, type(module)):
         raise TypeError(f"{conv.cls.__name__} is not a subclass of {type(module).__name__}")
-    module.__dict__[RESTORE_ATTR] = (type(module), tuple(conv.attrs))
+    module.__dict__[RESTORE_ATTR] = (type(module), tuple(conv.attrs), tuple(conv.consumed))
     module.__dict__.update(conv.attrs)
     module.__class__ = conv.cls
 
@@ -446,8 +446,10 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
 
 
 def _walk(module: nn.Module, path: str, opts: SwapOptions, report: SwapReport) -> None:
-    consumed = ()
-    if RESTORE_ATTR not in module.__dict__:
+    if RESTORE_ATTR in module.__dict__:  # swapped before: skip it and what it runs itself
+        consumed = module.__dict__[RESTORE_ATTR][2]
+    else:
+        consumed = ()
         for converter in CONVERTERS:
             result = converter(module, opts)
             if result is None:
@@ -473,7 +475,7 @@ def restore_modules(model: nn.Module) -> SwapReport:
         info = module.__dict__.pop(RESTORE_ATTR, None)
         if info is None:
             continue
-        cls, added = info
+        cls, added, _ = info
         for name in added:
             module.__dict__.pop(name, None)
         report.replaced.append((path, type(module).__name__, cls.__name__, "restored"))

@@ -129,14 +129,27 @@ def dropout_p(drop: nn.Module) -> float:
 # fused torch.nn classes (each a subclass of the class it replaces; forward only)
 # ---------------------------------------------------------------------------------------------
 
+def _norm_repr(norm) -> str:
+    opts = {"hidden": norm.normalized_shape[0], "rms": isinstance(norm, nn.RMSNorm), "dropout": False,
+            "residual_in_fp32": False}
+    backend = fused_modules.backend_in_use(norm.fused_attn_backend, "layer_norm_residual", norm.weight, opts)
+    return f"backend={backend}"
+
+
 class FusedLayerNorm(nn.LayerNorm):
     def forward(self, x):
         return fused_norm(self, x, backend=self.fused_attn_backend)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {_norm_repr(self)}"
 
 
 class FusedRMSNorm(nn.RMSNorm):
     def forward(self, x):
         return fused_norm(self, x, backend=self.fused_attn_backend)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {_norm_repr(self)}"
 
 
 class FusedSequentialFFN(nn.Sequential):
@@ -183,6 +196,14 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, backend=self.fused_attn_backend)
         out = F.linear(out.transpose(1, 2).reshape(B, Lq, E), self.out_proj.weight, self.out_proj.bias)
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def extra_repr(self) -> str:
+        opts = {"head_dim": self.head_dim, "head_dim_v": self.head_dim, "causal": False, "dropout": self.dropout > 0,
+                "gqa": False, "mask": None, "mask_grad": False}
+        weight = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
+        backend = fused_modules.backend_in_use(self.fused_attn_backend, "attention", weight, opts)
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, " \
+               f"backend={backend}"
 
     def _in_projection(self, query, key, value, same_qkv, same_kv):
         """torch's in-projection: one matmul for Q, K, V of one tensor, one for K, V of one memory."""

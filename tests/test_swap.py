@@ -263,3 +263,21 @@ def test_report_text_and_bad_backend():
     assert "1 replaced, 0 left" in text and "MultiheadAttention -> FusedMultiheadAttention" in text
     with pytest.raises(ValueError, match="backend"):
         fused_attn.swap_modules(nn.Linear(2, 2), backend="fastest")
+
+
+def test_swapped_modules_show_their_backend_and_train_with_dropout():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.3, batch_first=True), 1,
+                                norm=nn.LayerNorm(D), enable_nested_tensor=False)
+    fused_attn.swap_modules(enc, backend="reference")
+    text = repr(enc)
+    assert "embed_dim=32, num_heads=4, batch_first=True, backend=reference" in text
+    assert "FusedLayerNorm((32,), eps=1e-05, elementwise_affine=True, bias=True, backend=reference)" in text
+    x = torch.randn(B, L, D, requires_grad=True)
+    enc.train()
+    a, b = enc(x), enc(x)
+    assert not torch.allclose(a, b)  # dropout is on in training
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
+    enc.eval()
+    torch.testing.assert_close(enc(x), enc(x))

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,25 +100,21 @@ def _free_port():
 CASES = ["ddp:fused", "fsdp2:fused", "ddp:swapped_torch", "fsdp2:swapped_torch"]
 
 
-@pytest.fixture(scope="module")
-def distributed_results(tmp_path_factory):
-    """One subprocess, one pair of ranks, every case (starting processes is the slow part)."""
-    result = tmp_path_factory.mktemp("dist") / "result.txt"
+def test_distributed_steps_equal_single_process(tmp_path):
+    """One subprocess, one pair of ranks, every case (starting the processes is the slow part)."""
+    result = tmp_path / "result.txt"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                FUSED_ATTN_TEST_PORT=str(_free_port()))
     proc = subprocess.run([sys.executable, __file__, str(result), *CASES], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(line.split(" ", 1) for line in result.read_text().splitlines())
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_distributed_step_equals_single_process(case, distributed_results):
-    mode = case.split(":")[0]
-    worst, changed, count = distributed_results[case].split()
-    assert int(count) > 10
-    assert float(changed) > 1e-3, "training did not change the parameters"
-    assert float(worst) < 2e-5, f"{mode}: parameters differ from the single-process step by {worst}"
+    results = dict(line.split(" ", 1) for line in result.read_text().splitlines())
+    assert sorted(results) == sorted(CASES)
+    for case in CASES:
+        worst, changed, count = results[case].split()
+        assert int(count) > 10, case
+        assert float(changed) > 1e-3, f"{case}: training did not change the parameters"
+        assert float(worst) < 2e-5, f"{case}: parameters differ from the single-process step by {worst}"
 
 
 if __name__ == "__main__":

@@ -199,3 +199,21 @@ def test_unsupported_activation_and_edited_code_are_left():
     paths = [path for path, *_ in report.replaced]
     assert "bert.encoder.layer.0.attention.output" not in paths
     assert "bert.encoder.layer.1.attention.output" in paths
+
+
+def test_swapped_bert_compiles_fullgraph():
+    model = _build("bert", num_hidden_layers=1)
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model)
+    ids, mask = _batch("bert")
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = _logits(compiled, ids, mask)
+        torch.testing.assert_close(out, _logits(ref, ids, mask), atol=1e-5, rtol=1e-4)
+        out.sum().backward()
+        _logits(ref, ids, mask).sum().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    finally:
+        torch._dynamo.reset()

@@ -218,7 +218,8 @@ def convert(module: nn.Module, opts):
     children = dict(module.named_children())
 
     # BERT family: dense -> dropout -> LayerNorm(x + input)
-    if _same_code(cls, "forward", bert.BertSelfOutput.forward) and type(children.get("LayerNorm")) is nn.LayerNorm:
+    if (_same_code(cls, "forward", bert.BertSelfOutput.forward) and type(children.get("LayerNorm")) is nn.LayerNorm
+            and type(children.get("dropout")) is nn.Dropout):
         if not opts.norm:
             return "norm=False"
         return Conversion(fused_subclass(cls, FusedDenseDropoutNorm), backend, consumed=("LayerNorm",),
@@ -235,7 +236,7 @@ def convert(module: nn.Module, opts):
         act = activation_name(inter.intermediate_act_fn)
         if act is None:
             return f"activation {type(inter.intermediate_act_fn).__name__} has no fused form"
-        fuse_norm = opts.norm and type(out.LayerNorm) is nn.LayerNorm
+        fuse_norm = opts.norm and type(out.LayerNorm) is nn.LayerNorm and type(out.dropout) is nn.Dropout
         return Conversion(fused_subclass(cls, FusedBertFeedForward),
                           {**backend, "fused_attn_activation": act, "fused_attn_norm": fuse_norm},
                           consumed=("intermediate", "output"),

@@ -59,7 +59,15 @@ def resolve(call: Call, backend: str | None = None) -> str:
     return _resolve_constant(call.op, call.device.type, call.dtype, options, backend)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does (mark ``fn`` so Dynamo calls it at
+    trace time and bakes in the result), without importing torch._dynamo at import time, which
+    costs seconds. tests/test_compile.py checks that dispatch still traces with fullgraph=True."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve_constant(op, device_type, dtype, options, backend):
     return _resolve(Call(op, torch.device(device_type), dtype, dict(options)), backend)
 

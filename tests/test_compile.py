@@ -38,11 +38,6 @@ def _assert_same(compiled, eager, atol=1e-5):
         torch.testing.assert_close(compiled[2][name], eager[2][name], atol=atol, rtol=1e-4, msg=name)
 
 
-def _graph_count(fn, *args, **kwargs):
-    explanation = torch._dynamo.explain(fn)(*args, **kwargs)
-    return explanation.graph_count, explanation.graph_break_count
-
-
 def test_fused_transformer_compiles_fullgraph():
     torch.manual_seed(0)
     model = M.Transformer(D, H, 2, norm_first=True, num_kv_heads=2, activation="swiglu")
@@ -51,9 +46,8 @@ def test_fused_transformer_compiles_fullgraph():
     padding[1, -2:] = True
     eager = _run(model, x, key_padding_mask=padding, is_causal=True)
     compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    # fullgraph=True raises on any graph break: one graph for the whole stack, dispatch included
     _assert_same(_run(compiled_model, x, key_padding_mask=padding, is_causal=True), eager)
-    torch._dynamo.reset()
-    assert _graph_count(model, x, key_padding_mask=padding, is_causal=True) == (1, 0)
 
 
 def test_swapped_torch_encoder_compiles_fullgraph():

@@ -451,7 +451,7 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
                                  FeedForwardCase(2048, 1024, 2736, "swiglu")],
                 "layer": [LayerCase(4, 512, 512, 8, 2048)]}[op]
     # full, GPU: FlashAttention's chart shapes (16k tokens per batch, hidden 2048) and LLM-like sizes
-    return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal) for D in (64, 128)
+    return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal) for D in (128, 64)
                           for causal in (False, True) for L in (512, 1024, 2048, 4096, 8192, 16384)],
             "layer_norm": [LayerNormCase(16384, d) for d in (1024, 2048, 4096, 8192)] + [LayerNormCase(16384, 4096, rms=True)],
             "feed_forward": [FeedForwardCase(8192, d, 4 * d) for d in (1024, 2048, 4096)]
@@ -813,7 +813,8 @@ def _measure_errors(case, dtype, impls, rows, opts):
     runnable = [i for i in impls if i.skip is None]
     if not runnable:
         return
-    names = {i.name for i in runnable}
+    # torch.compile would compile again for the check's shape: check it only where the shape is the same
+    names = {i.name for i in runnable if not (i.name == "compile" and check != case)}
     try:
         check_impls = {i.name: i for i in check.impls(device, dtype, [(n, None) for n in names if n in BACKENDS],
                                                       opts.baselines, opts.seed) if i.name in names}
@@ -1101,6 +1102,9 @@ def plot_attention(rows, out_dir) -> list[str]:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                             linewidth=2.2 if impl in BACKENDS else 1.2, label=impl)
             ax.set_xscale("log", base=2)
+            lengths = sorted({r["params"]["L"] for r in mine})
+            ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths])
+            ax.minorticks_off()
             ax.set_xlabel("sequence length")
             ax.set_ylabel("TFLOP/s")
             ax.set_title(f"{dtype}, head dim {D}, {'causal' if causal else 'not causal'}")
@@ -1109,7 +1113,8 @@ def plot_attention(rows, out_dir) -> list[str]:
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         device_name = mine[0].get("device_name", "")
-        fig.suptitle(f"attention {'forward' if pass_ == 'fwd' else 'forward + backward'}  {device_name}")
+        fig.suptitle(f"attention {'forward' if pass_ == 'fwd' else 'forward + backward'}: {device_name}, "
+                     f"torch {torch.__version__}, {datetime.date.today().isoformat()}")
         fig.tight_layout()
         path = os.path.join(out_dir, fname)
         fig.savefig(path, dpi=110)
@@ -1202,7 +1207,12 @@ def main(argv=None) -> int:
     op_deadline = None
     progress = _progress(len(plan))
     current_op = None
-    for op, case, dtype in plan:
+    interrupted = _stop_on_sigterm()
+    for index, (op, case, dtype) in enumerate(plan):
+        if interrupted():
+            not_run.extend(f"{o} {c.label()} {_dt(d)}: interrupted (SIGTERM)" for o, c, d in plan[index:])
+            print("fused_attn.bench: SIGTERM: stopping, writing what was measured", file=sys.stderr, flush=True)
+            break
         now = time.monotonic()
         if op != current_op:
             if current_op is not None:
@@ -1219,6 +1229,10 @@ def main(argv=None) -> int:
         progress.update(f"{op} {case.label()} {_dt(dtype)}")
         try:
             new_rows = run_case(case, dtype, opts, ceilings)
+        except _Interrupted:
+            not_run.extend(f"{o} {c.label()} {_dt(d)}: interrupted (SIGTERM)" for o, c, d in plan[index:])
+            print("fused_attn.bench: SIGTERM: stopping, writing what was measured", file=sys.stderr, flush=True)
+            break
         except Exception as exc:  # noqa: BLE001 - building a case failed: record it, go on
             new_rows = [_row(case, dtype, Impl("(case)", "fused"), PASSES[0], status="error", reason=_short(exc),
                              traceback=traceback.format_exc(limit=8))]
@@ -1228,6 +1242,7 @@ def main(argv=None) -> int:
         rows.extend(new_rows)
         add_speedups(rows)
         write_json(json_path, payload)
+        write_csv(csv_path, rows, machine)
     progress.close()
     if current_op is not None:
         print(format_table(rows, current_op), flush=True)
@@ -1248,7 +1263,7 @@ def main(argv=None) -> int:
             print(f"\n{r['op']} {r['shape']} {r['impl']}: {r['traceback']}", file=sys.stderr)
     print(f"\nwrote {', '.join(written)} in {payload['elapsed_s']:.0f} s", flush=True)
     if not_run:
-        print(f"not run (time limit): {len(not_run)} case(s)")
+        print(f"not run: {len(not_run)} case(s) ({not_run[0].split(': ')[-1]})")
     print()
     print(format_summary(payload["summary"], ceilings, machine))
     if failures:
@@ -1257,6 +1272,28 @@ def main(argv=None) -> int:
                           for r in failures[:8]))
         return 1
     return 0
+
+
+class _Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop measuring, write the outputs."""
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM interrupt the sweep (so what was measured is still written); returns a
+    function saying whether it came."""
+    import signal
+    state = {"stop": False}
+
+    def handler(signum, frame):
+        if not state["stop"]:
+            state["stop"] = True
+            raise _Interrupted()
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        pass
+    return lambda: state["stop"]
 
 
 def _raise_recompile_limit():

@@ -93,8 +93,13 @@ def _compiled(name: str, fn: Callable) -> Callable:
     """torch.compile of a reference function, made once per process so shapes share it (torch's
     automatic dynamic shapes recompile once when a second shape comes, not per shape)."""
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn)
+        _COMPILED[name] = _torch_compile(fn)
     return _COMPILED[name]
+
+
+def _torch_compile(fn):
+    _configure_compile()
+    return torch.compile(fn)
 
 
 def _ref_attention(q, k, v, causal):
@@ -411,7 +416,7 @@ class LayerCase(Case):
             out.append(Impl("sdpa", "baseline", lambda x: functional_layer_forward(ref, x, _sdpa, ref_ln, R.feed_forward),
                             params=ref_params))
         if "compile" in baselines:
-            out.append(Impl("compile", "baseline", torch.compile(ref), params=ref_params))
+            out.append(Impl("compile", "baseline", _torch_compile(ref), params=ref_params))
         return out
 
 
@@ -1186,8 +1191,6 @@ def main(argv=None) -> int:
     opts = Options(device=device, dtypes=dtypes, ops=ops, passes=passes, backends=backends, baselines=baselines,
                    shapes=shapes, budget_s=budget, min_reps=10 if gpu else 3, max_reps=1000 if gpu else 200,
                    memory=not args.no_memory, seed=args.seed)
-    if "compile" in baselines:
-        _raise_recompile_limit()
     os.makedirs(args.out, exist_ok=True)
     started = time.monotonic()
     machine = machine_info(device)
@@ -1296,14 +1299,19 @@ def _stop_on_sigterm():
     return lambda: state["stop"]
 
 
-def _raise_recompile_limit():
-    """Shapes and flags each make torch.compile guard anew; let the compiled baselines recompile."""
+def _configure_compile():
+    """Settings for the torch.compile baselines: shapes and flags each make compile guard anew,
+    so let them recompile; and turn off donated buffers, which forbid ``retain_graph=True`` --
+    the backward pass is timed by differentiating one retained graph again and again."""
     try:
         from torch._dynamo import config
         for attr in ("cache_size_limit", "recompile_limit"):
             if hasattr(config, attr):
                 setattr(config, attr, max(64, getattr(config, attr)))
-    except Exception:  # noqa: BLE001 - only a limit; compile still works without it
+        from torch._functorch import config as functorch_config
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
+    except Exception:  # noqa: BLE001 - compile still works without these
         pass
 
 

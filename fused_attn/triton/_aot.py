@@ -1,0 +1,100 @@
+"""Ahead-of-time compilation of Triton kernels for a GPU this machine does not have.
+
+GPU readiness is checked without a GPU: each configuration a launcher may pick is compiled for
+``GPUTarget("cuda", arch, 32)``; the result must fit the chip's shared memory, spill nothing to
+local memory (no ``LDL``/``STL`` in the SASS) and, on sm_90, use the Hopper tensor-core
+instruction (``HGMMA``) in its main loop. The SASS is printed by the ``cuobjdump`` that ships in
+Triton's wheel.
+
+AOT compilation fails when ``TRITON_INTERPRET=1`` is set (interpreted functions have no
+cache key), and the interpreter must be on for the CPU tests, so tests call ``run_isolated``,
+which runs a snippet in a fresh Python without it and returns the JSON it prints last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+#: usable shared memory per block (opt-in maximum), bytes
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+
+@dataclass
+class AotResult:
+    kernel: str
+    arch: int
+    num_warps: int
+    num_stages: int
+    shared: int  # bytes of shared memory the kernel needs
+    registers: int  # per thread
+    spills: int  # LDL/STL instructions in the SASS
+    hgmma: int  # HGMMA instructions in the SASS
+    vector_loads: int  # ld.global.v4 / v8 in the PTX (16-byte loads)
+    constexprs: dict
+
+    def problems(self, require_hgmma: bool = False) -> list[str]:
+        """What is wrong with this compiled kernel (empty = ready for the GPU)."""
+        out = []
+        if self.shared > SHARED_LIMIT[self.arch]:
+            out.append(f"needs {self.shared} B of shared memory, sm_{self.arch} has {SHARED_LIMIT[self.arch]}")
+        if self.spills:
+            out.append(f"{self.spills} local-memory spill instructions (LDL/STL)")
+        if require_hgmma and self.arch >= 90 and not self.hgmma:
+            out.append("no HGMMA (wgmma) instruction on sm_90")
+        return out
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
+                num_stages: int = 3) -> AotResult:
+    """Compile ``fn`` (a @triton.jit function) for sm_``arch`` and inspect the result.
+
+    ``signature`` maps every runtime argument to its Triton type ("*fp16", "i32", "fp32", ...);
+    ``constexprs`` gives the tl.constexpr values (they are added to the signature as "constexpr").
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    return AotResult(
+        kernel=fn.__name__, arch=arch, num_warps=num_warps, num_stages=num_stages,
+        shared=int(compiled.metadata.shared), registers=int(regs.group(1)) if regs else -1,
+        spills=len(re.findall(r"\b(?:LDL|STL)\b", sass)), hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+        vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[48]\b", ptx)),
+        constexprs={k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in constexprs.items()},
+    )
+
+
+def run_isolated(code: str, timeout: float = 600) -> object:
+    """Run ``code`` in a fresh interpreter without TRITON_INTERPRET; return the JSON of its last line."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

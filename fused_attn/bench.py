@@ -30,6 +30,7 @@ import csv
 import dataclasses
 import datetime
 import gc
+import inspect
 import json
 import math
 import os
@@ -397,7 +398,10 @@ class LayerCase(Case):
         out = []
         for name, skip in backends:
             if fused_cls is not None:
-                module = fused_cls(self.d, self.H, d_ff=self.d_ff, causal=self.causal, device=device, dtype=dtype)
+                # the backend by the module's own argument where it has one, and by use_backend around it
+                chosen = {"backend": name} if "backend" in inspect.signature(fused_cls).parameters else {}
+                module = fused_cls(self.d, self.H, d_ff=self.d_ff, causal=self.causal, device=device, dtype=dtype,
+                                   **chosen)
                 module.load_state_dict(ref.state_dict())
                 named = dict(module.named_parameters())
                 params = [named[n] for n, _ in ref.named_parameters()]
@@ -1215,6 +1219,10 @@ def main(argv=None) -> int:
     not_run: list[str] = []
     payload = {"machine": machine, "ceilings": ceilings, "config": vars(args) | {"shapes": shapes,
                "baselines": baselines, "budget_s": budget}, "rows": rows, "not_run": not_run, "summary": []}
+    if "layer" in ops:
+        payload["config"]["fused_layer"] = ("fused_attn.TransformerLayer" if fused_layer_class() is not None else
+                                            "the reference TransformerLayer on the fused functional ops")
+        print(f"layer: fused rows run {payload['config']['fused_layer']}", flush=True)
     json_path, csv_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.csv")
     op_deadline = None
     progress = _progress(len(plan))

@@ -13,7 +13,7 @@ Each benchmark's group is ``op-pass-shape-dtype`` and its name the implementatio
 
 Environment: FUSED_ATTN_BENCH_SHAPES = tiny | quick (default) | full (the shape sets of
 ``python -m fused_attn.bench``); FUSED_ATTN_BENCH_DTYPES = comma list (default float32 on CPU,
-bfloat16 on CUDA); FUSED_ATTN_BENCH_DEVICE = cpu | cuda.
+bfloat16 on CUDA); FUSED_ATTN_BENCH_DEVICE = cpu | cuda; FUSED_ATTN_BENCH_THREADS = torch CPU threads.
 
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group --benchmark-save=base
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group --benchmark-compare=0001
@@ -33,6 +33,8 @@ DTYPES = [getattr(torch, d.strip()) for d in
           os.environ.get("FUSED_ATTN_BENCH_DTYPES", "bfloat16" if DEVICE.type == "cuda" else "float32").split(",")
           if d.strip()]
 SEED = 0
+if os.environ.get("FUSED_ATTN_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FUSED_ATTN_BENCH_THREADS"]))
 
 
 def pytest_collect_file(file_path, parent):

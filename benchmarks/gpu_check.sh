@@ -90,7 +90,7 @@ BENCH_S=$(( LEFT < 300 ? LEFT : 300 ))
 if [ "$BENCH_S" -lt 60 ]; then BENCH_S=60; fi
 # the sweep stops starting new cases after --max-minutes (its time shared between the ops), and
 # writes what it has on SIGTERM; the hard limit leaves it 25 s more for the last case and the files
-step bench $(( BENCH_S + 25 )) "$PY" -m fused_attn.bench --out "$OUT" --budget 0.1 \
+step bench $(( BENCH_S + 25 )) "$PY" -m fused_attn.bench --out "$OUT" --budget 0.05 \
     --max-minutes "$(awk "BEGIN {print ($BENCH_S - 20) / 60}")" ${BENCH_ARGS:-}
 
 # ---- 4. summary ------------------------------------------------------------------------------------

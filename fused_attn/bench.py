@@ -81,9 +81,9 @@ class Impl:
 
 
 def _randn(shape, gen, device, dtype, scale=1.0, shift=0.0):
-    """Normal random values drawn in float64 on the CPU (so every dtype gets the same numbers),
-    then cast; they require grad."""
-    t = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
+    """Normal random values drawn on the CPU from ``gen`` (the same numbers on any device), then
+    cast; they require grad."""
+    t = torch.randn(shape, generator=gen) * scale + shift
     return t.to(device=device, dtype=dtype).requires_grad_(True)
 
 
@@ -383,8 +383,8 @@ class LayerCase(Case):
                 + 16 * self.B * self.L * self.d_ff * max(4, _itemsize(dtype)))
 
     def reference_layer(self, device, dtype, seed):
-        torch.manual_seed(seed)
-        layer = R.TransformerLayer(self.d, self.H, d_ff=self.d_ff, causal=self.causal, dtype=torch.float64)
+        torch.manual_seed(seed)  # the reference's own initialisation, the same for every dtype
+        layer = R.TransformerLayer(self.d, self.H, d_ff=self.d_ff, causal=self.causal)
         return layer.to(device=device, dtype=dtype)
 
     def make_inputs(self, device, dtype, seed):
@@ -813,6 +813,14 @@ def _measure_memory(impls, sets, douts, rows, opts):
         print(f"fused_attn.bench: CPU memory profiling failed ({_short(exc)}); peak memory n/a", file=sys.stderr)
 
 
+def _reference64(eager: Impl):
+    """The eager reference in float64: the same function, or a float64 copy of the same module."""
+    if isinstance(eager.fn, torch.nn.Module):
+        module = copy.deepcopy(eager.fn).double()
+        return module, [p for _, p in module.named_parameters()]
+    return eager.fn, []
+
+
 def _measure_errors(case, dtype, impls, rows, opts):
     """Max |impl - float64 reference| of the output and of every gradient, on ``case.check_case()``
     (the same inner sizes with fewer rows), and the project's oracle (testing.compare): error
@@ -830,12 +838,14 @@ def _measure_errors(case, dtype, impls, rows, opts):
         check_impls = {i.name: i for i in check.impls(device, dtype, [(n, None) for n in names if n in BACKENDS],
                                                       sorted(set(opts.baselines) | {"eager"}), opts.seed)
                        if i.name in names}
-        ref64 = next(i for i in check.impls(device, torch.float64, [], ["eager"], opts.seed) if i.name == "eager")
-        inputs64 = check.make_inputs(device, torch.float64, opts.seed)
-        out64 = ref64.fn(*inputs64)
+        # the float64 reference runs on exactly the low-precision inputs (and weights), upcast, as
+        # testing.check_against_reference does: the error is the computation's, not the inputs' rounding
+        ref_fn, ref_params = _reference64(check_impls["eager"])
+        inputs64 = [t.detach().double().requires_grad_(True) for t in check.make_inputs(device, dtype, opts.seed)]
+        out64 = ref_fn(*inputs64)
         gen = torch.Generator().manual_seed(opts.seed + 2000)
-        dout64 = torch.randn(out64.shape, generator=gen, dtype=torch.float64).to(device)
-        grads64 = _grads(out64, inputs64 + ref64.params, dout64)
+        dout = torch.randn(out64.shape, generator=gen).to(device=device, dtype=dtype)
+        grads64 = _grads(out64, inputs64 + ref_params, dout.double())
     except Exception as exc:  # noqa: BLE001
         for row in rows.values():
             row["oracle_detail"] = f"error check failed: {_short(exc)}"
@@ -846,7 +856,7 @@ def _measure_errors(case, dtype, impls, rows, opts):
             with impl.context():
                 inputs = check.make_inputs(device, dtype, opts.seed)
                 out = impl.fn(*inputs)
-                grads = _grads(out, inputs + impl.params, dout64.to(out.dtype))
+                grads = _grads(out, inputs + impl.params, dout.to(out.dtype))
             results[name] = (out.detach(), [g for g in grads])
         except Exception as exc:  # noqa: BLE001
             for pass_ in opts.passes:

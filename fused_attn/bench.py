@@ -1252,42 +1252,39 @@ def main(argv=None) -> int:
     op_deadline = None
     progress = _progress(len(plan))
     current_op = None
-    interrupted = _stop_on_sigterm()
-    for index, (op, case, dtype) in enumerate(plan):
-        if interrupted():
-            not_run.extend(f"{o} {c.label()} {_dt(d)}: interrupted (SIGTERM)" for o, c, d in plan[index:])
-            print("fused_attn.bench: SIGTERM: stopping, writing what was measured", file=sys.stderr, flush=True)
-            break
-        now = time.monotonic()
-        if op != current_op:
-            if current_op is not None:
-                progress.write(format_table(rows, current_op))
-            current_op = op
-            if args.max_minutes is not None:
-                left = args.max_minutes * 60 - (now - started)
-                weights = [OP_TIME_WEIGHTS[o] for o in ops[ops.index(op):]]
-                op_deadline = now + max(0.0, left) * weights[0] / sum(weights)
-        if op_deadline is not None and now > op_deadline:
-            not_run.append(f"{op} {case.label()} {_dt(dtype)}: time limit (--max-minutes)")
-            progress.update(f"{op} {case.label()} (skipped: time limit)")
-            continue
-        progress.update(f"{op} {case.label()} {_dt(dtype)}")
+    with _stop_on_sigterm():
+        index = 0
         try:
-            new_rows = run_case(case, dtype, opts, ceilings)
+            for index, (op, case, dtype) in enumerate(plan):
+                now = time.monotonic()
+                if op != current_op:
+                    if current_op is not None:
+                        progress.write(format_table(rows, current_op))
+                    current_op = op
+                    if args.max_minutes is not None:
+                        left = args.max_minutes * 60 - (now - started)
+                        weights = [OP_TIME_WEIGHTS[o] for o in ops[ops.index(op):]]
+                        op_deadline = now + max(0.0, left) * weights[0] / sum(weights)
+                if op_deadline is not None and now > op_deadline:
+                    not_run.append(f"{op} {case.label()} {_dt(dtype)}: time limit (--max-minutes)")
+                    progress.update(f"{op} {case.label()} (skipped: time limit)")
+                    continue
+                progress.update(f"{op} {case.label()} {_dt(dtype)}")
+                try:
+                    new_rows = run_case(case, dtype, opts, ceilings)
+                except Exception as exc:  # noqa: BLE001 - building a case failed: record it, go on
+                    new_rows = [_row(case, dtype, Impl("(case)", "fused"), PASSES[0], status="error", reason=_short(exc),
+                                     traceback=traceback.format_exc(limit=8))]
+                    _free(device)
+                for r in new_rows:
+                    r["device_name"] = machine["device_name"]
+                rows.extend(new_rows)
+                add_speedups(rows)
+                write_json(json_path, payload)
+                write_csv(csv_path, rows, machine)
         except _Interrupted:
             not_run.extend(f"{o} {c.label()} {_dt(d)}: interrupted (SIGTERM)" for o, c, d in plan[index:])
             print("fused_attn.bench: SIGTERM: stopping, writing what was measured", file=sys.stderr, flush=True)
-            break
-        except Exception as exc:  # noqa: BLE001 - building a case failed: record it, go on
-            new_rows = [_row(case, dtype, Impl("(case)", "fused"), PASSES[0], status="error", reason=_short(exc),
-                             traceback=traceback.format_exc(limit=8))]
-            _free(device)
-        for r in new_rows:
-            r["device_name"] = machine["device_name"]
-        rows.extend(new_rows)
-        add_speedups(rows)
-        write_json(json_path, payload)
-        write_csv(csv_path, rows, machine)
     progress.close()
     if current_op is not None:
         print(format_table(rows, current_op), flush=True)
@@ -1323,9 +1320,10 @@ class _Interrupted(BaseException):
     """SIGTERM (e.g. from `timeout`): stop measuring, write the outputs."""
 
 
+@contextlib.contextmanager
 def _stop_on_sigterm():
-    """Make SIGTERM interrupt the sweep (so what was measured is still written); returns a
-    function saying whether it came."""
+    """Within: the first SIGTERM raises _Interrupted (so what was measured is still written); the
+    previous handler is restored on the way out."""
     import signal
     state = {"stop": False}
 
@@ -1335,10 +1333,14 @@ def _stop_on_sigterm():
             raise _Interrupted()
 
     try:
-        signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave SIGTERM alone
-        pass
-    return lambda: state["stop"]
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _configure_compile():

@@ -116,3 +116,14 @@ def test_a_failing_backend_fails_the_run(tmp_path, monkeypatch, capsys, fault):
     else:
         assert all(r["status"] == "ok" and r["oracle"] == "FAIL" for r in ref)
     assert "failed" in capsys.readouterr().out
+
+
+def test_gpu_check_script_parses_and_names_its_outputs():
+    import os
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_check.sh")
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", script], check=True)
+    text = open(script).read()
+    for needed in ("pip install --no-build-isolation --no-deps", "-m gpu", "fused_attn.bench", "summary.json"):
+        assert needed in text

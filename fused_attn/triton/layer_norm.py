@@ -54,9 +54,9 @@ _MAX_BWD_BLOCK = 8192
 # Chunk width for rows longer than that.
 _FWD_CHUNK = 8192
 _BWD_CHUNK = 4096
-# Elements one program covers at least when several short rows share it.
+# Elements one program covers when several short rows share it; narrowest block.
 _TILE_ELEMS = 4096
-_MAX_ROWS_PER_PROGRAM = 128
+_MIN_BLOCK = 64
 # Hidden sizes above this are refused (nothing breaks beyond it, but it is untested).
 MAX_HIDDEN = 1 << 20
 
@@ -210,24 +210,24 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
             s = tl.load(SUMMED + rows64[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DOUT + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            # outside the row dy == 0, so xhat's value there never matters (no tl.where needed)
             if RMS:
                 xhat = s * rstd[:, None]
             else:
-                mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-                xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
-            g = dy * w[None, :] if HAS_W else dy
-            c1 = tl.sum(g * xhat, axis=1) / n_cols
-            ds = g - xhat * c1[:, None]
-            if not RMS:
-                c2 = tl.sum(g, axis=1) / n_cols
-                ds -= c2[:, None]
-            ds = tl.where(mask, ds * rstd[:, None], 0.0)
-            _ln_bwd_store(DSUM, DX, DSUMMED, ds, rows64, cols, mask, stride_dsummed, stride_ds, stride_dx,
-                          drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset, HAS_DSUMMED, DROPOUT, X_DTYPE)
+                xhat = (s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
+            # accumulate dw/db first so that dy dies early (register pressure at 8192-wide rows)
             if HAS_W:
                 dw_acc += dy * xhat
             if HAS_B:
                 db_acc += dy
+            g = dy * w[None, :] if HAS_W else dy
+            c1 = tl.sum(g * xhat, axis=1) / n_cols
+            ds = g - xhat * c1[:, None]
+            if not RMS:
+                ds -= (tl.sum(g, axis=1) / n_cols)[:, None]
+            _ln_bwd_store(DSUM, DX, DSUMMED, ds * rstd[:, None], rows64, cols, mask, stride_dsummed, stride_ds,
+                          stride_dx, drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset, HAS_DSUMMED,
+                          DROPOUT, X_DTYPE)
         if HAS_W:
             tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
         if HAS_B:
@@ -251,8 +251,8 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
                 dy = tl.load(DOUT + rows64[:, None] * stride_dout + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 if RMS:
                     xhat = s * rstd[:, None]
-                else:
-                    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+                else:  # outside the row dy == 0: xhat's value there does not matter
+                    xhat = (s - mean[:, None]) * rstd[:, None]
                 if HAS_W:
                     g = dy * tl.load(W + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 else:
@@ -281,21 +281,18 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
                 if RMS:
                     xhat = s * rstd[:, None]
                 else:
-                    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-                    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
-                g = dy * w[None, :] if HAS_W else dy
-                c1 = tl.load(ROW_C1 + rows, mask=row_ok, other=0.0)
-                ds = g - xhat * c1[:, None]
-                if not RMS:
-                    ds -= tl.load(ROW_C2 + rows, mask=row_ok, other=0.0)[:, None]
-                ds = tl.where(mask, ds * rstd[:, None], 0.0)
-                _ln_bwd_store(DSUM, DX, DSUMMED, ds, rows64, c, mask, stride_dsummed, stride_ds, stride_dx,
-                              drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset, HAS_DSUMMED, DROPOUT,
-                              X_DTYPE)
+                    xhat = (s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
                 if HAS_W:
                     dw_acc += dy * xhat
                 if HAS_B:
                     db_acc += dy
+                g = dy * w[None, :] if HAS_W else dy
+                ds = g - xhat * tl.load(ROW_C1 + rows, mask=row_ok, other=0.0)[:, None]
+                if not RMS:
+                    ds -= tl.load(ROW_C2 + rows, mask=row_ok, other=0.0)[:, None]
+                _ln_bwd_store(DSUM, DX, DSUMMED, ds * rstd[:, None], rows64, c, mask, stride_dsummed, stride_ds,
+                              stride_dx, drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset, HAS_DSUMMED,
+                              DROPOUT, X_DTYPE)
             if HAS_W:
                 tl.store(DW_PART + pid.to(tl.int64) * n_cols + c, tl.sum(dw_acc, axis=0), mask=col_ok)
             if HAS_B:
@@ -321,37 +318,38 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _num_warps(tile_elems: int, elem_bytes: int) -> int:
-    # two 16-byte vectors per thread of the widest tile tensor: enough bytes in flight per thread
-    # for a memory-bound kernel, few enough registers; 1 to 16 warps.
-    return max(1, min(16, tile_elems * elem_bytes // 1024))
+def kernel_config(d: int, backward: bool = False) -> dict:
+    """Launch parameters for rows of ``d`` elements.
 
+    - d <= 4096: tiles of 4096 elements, ROWS rows of BLOCK_D = max(64, next_pow2(d)) columns
+      (so a program moves 8-16 KB per tensor even for short rows), 8 warps;
+    - d up to _MAX_FWD_BLOCK / _MAX_BWD_BLOCK: one whole row per program, 16 warps;
+    - longer rows: one row per program in chunks of _FWD_CHUNK / _BWD_CHUNK (SINGLE False).
 
-def kernel_config(d: int, elem_bytes: int, backward: bool = False) -> dict:
-    """Launch parameters for rows of ``d`` elements of ``elem_bytes`` bytes (the widest dtype
-    read or written per element): ROWS rows of BLOCK_D columns per program when a row fits in
-    registers (SINGLE), else one row per program in chunks of BLOCK_D."""
+    The configurations do not depend on the dtype (the kernels compute in float32 whatever they
+    load), which keeps the set small enough that the AOT test compiles every one of them.
+    """
     max_block, chunk = (_MAX_BWD_BLOCK, _BWD_CHUNK) if backward else (_MAX_FWD_BLOCK, _FWD_CHUNK)
+    if d <= _TILE_ELEMS:
+        block = max(_MIN_BLOCK, _next_pow2(d))
+        return {"ROWS": _TILE_ELEMS // block, "BLOCK_D": block, "SINGLE": True, "num_warps": 8}
     if d <= max_block:
-        block = _next_pow2(d)
-        rows = max(1, min(_MAX_ROWS_PER_PROGRAM, _TILE_ELEMS // block))
-        single = True
-    else:
-        block, rows, single = chunk, 1, False
-    return {"ROWS": rows, "BLOCK_D": block, "SINGLE": single, "num_warps": _num_warps(rows * block, elem_bytes)}
+        return {"ROWS": 1, "BLOCK_D": _next_pow2(d), "SINGLE": True, "num_warps": 16}
+    return {"ROWS": 1, "BLOCK_D": chunk, "SINGLE": False, "num_warps": 16 if chunk > 4096 else 8}
 
 
 def possible_configs() -> list[dict]:
-    """Every (ROWS, BLOCK_D, SINGLE, num_warps) the launchers may pick, forward and backward, for
-    the element sizes they see (2 and 4 bytes): the AOT test compiles each one."""
-    seen = {}
+    """Every configuration the launchers may pick (forward and backward): the AOT test compiles
+    each one."""
+    configs = []
     for backward in (False, True):
-        for elem_bytes in (2, 4):
-            for d in [1 << k for k in range(0, 16)] + [(1 << 16) + 1]:
-                cfg = kernel_config(d, elem_bytes, backward)
-                seen[(backward, elem_bytes, tuple(sorted(cfg.items())))] = dict(cfg, backward=backward,
-                                                                                elem_bytes=elem_bytes)
-    return list(seen.values())
+        seen = []
+        for d in [1 << k for k in range(0, 17)] + [(1 << 16) + 1]:
+            cfg = kernel_config(d, backward)
+            if cfg not in seen:
+                seen.append(cfg)
+        configs += [dict(cfg, backward=backward) for cfg in seen]
+    return configs
 
 
 def _bwd_programs(n_rows: int, rows: int, num_warps: int, device: torch.device) -> tuple[int, int]:
@@ -401,8 +399,7 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
     residual = None if residual is None else _unit_cols(residual)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    elem_bytes = max(x.element_size(), summed.element_size())
-    cfg = kernel_config(d, elem_bytes)
+    cfg = kernel_config(d)
     grid = (triton.cdiv(n, cfg["ROWS"]),)
     _ln_fwd_kernel[grid](
         x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
@@ -436,8 +433,7 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     dsummed = None if dsummed is None else _unit_cols(dsummed)
     summed = _unit_cols(summed)
     weight = None if weight is None else weight.contiguous()
-    elem_bytes = max(summed.element_size(), dout.element_size())
-    cfg = kernel_config(d, elem_bytes, backward=True)
+    cfg = kernel_config(d, backward=True)
     programs, rows_per_program = _bwd_programs(n, cfg["ROWS"], cfg["num_warps"], device)
     f32 = dict(dtype=torch.float32, device=device)
     dw_part = torch.empty((programs, d) if has_w else (0,), **f32)

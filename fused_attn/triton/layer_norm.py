@@ -57,6 +57,7 @@ _BWD_CHUNK = 4096
 # Elements one program covers when several short rows share it; narrowest block.
 _TILE_ELEMS = 4096
 _MIN_BLOCK = 64
+_INTERPRETER_TILE_ELEMS = 32768
 # Hidden sizes above this are refused (nothing breaks beyond it, but it is untested).
 MAX_HIDDEN = 1 << 20
 
@@ -318,24 +319,30 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def kernel_config(d: int, backward: bool = False) -> dict:
+def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dict:
     """Launch parameters for rows of ``d`` elements.
 
-    - d <= 4096: tiles of 4096 elements, ROWS rows of BLOCK_D = max(64, next_pow2(d)) columns
-      (so a program moves 8-16 KB per tensor even for short rows), 8 warps;
-    - d up to _MAX_FWD_BLOCK / _MAX_BWD_BLOCK: one whole row per program, 16 warps;
-    - longer rows: one row per program in chunks of _FWD_CHUNK / _BWD_CHUNK (SINGLE False).
+    - rows that fit the register budget (``_MAX_FWD_BLOCK`` / ``_MAX_BWD_BLOCK``) are held whole:
+      BLOCK_D = max(64, next_pow2(d)) columns, and ROWS = tile_elems // BLOCK_D rows per program
+      (at least 1) so that a program moves 8-16 KB per tensor even for short rows; 8 warps up to
+      4096 columns, 16 above;
+    - longer rows: one row per program in chunks of ``_FWD_CHUNK`` / ``_BWD_CHUNK`` (SINGLE False).
 
     The configurations do not depend on the dtype (the kernels compute in float32 whatever they
     load), which keeps the set small enough that the AOT test compiles every one of them.
+    ``tile_elems`` defaults to ``_TILE_ELEMS``; the interpreter uses bigger tiles (fewer programs:
+    its cost is per operation, not per element).
     """
     max_block, chunk = (_MAX_BWD_BLOCK, _BWD_CHUNK) if backward else (_MAX_FWD_BLOCK, _FWD_CHUNK)
-    if d <= _TILE_ELEMS:
-        block = max(_MIN_BLOCK, _next_pow2(d))
-        return {"ROWS": _TILE_ELEMS // block, "BLOCK_D": block, "SINGLE": True, "num_warps": 8}
-    if d <= max_block:
-        return {"ROWS": 1, "BLOCK_D": _next_pow2(d), "SINGLE": True, "num_warps": 16}
-    return {"ROWS": 1, "BLOCK_D": chunk, "SINGLE": False, "num_warps": 16 if chunk > 4096 else 8}
+    if d > max_block:
+        return {"ROWS": 1, "BLOCK_D": chunk, "SINGLE": False, "num_warps": 16 if chunk > 4096 else 8}
+    block = max(_MIN_BLOCK, _next_pow2(d))
+    rows = max(1, (tile_elems or _TILE_ELEMS) // block)
+    return {"ROWS": rows, "BLOCK_D": block, "SINGLE": True, "num_warps": 8 if block <= 4096 else 16}
+
+
+def _tile_elems(device: torch.device) -> int:
+    return _TILE_ELEMS if device.type == "cuda" else _INTERPRETER_TILE_ELEMS
 
 
 def possible_configs() -> list[dict]:
@@ -399,7 +406,7 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
     residual = None if residual is None else _unit_cols(residual)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    cfg = kernel_config(d)
+    cfg = kernel_config(d, tile_elems=_tile_elems(device))
     grid = (triton.cdiv(n, cfg["ROWS"]),)
     _ln_fwd_kernel[grid](
         x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
@@ -433,7 +440,7 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     dsummed = None if dsummed is None else _unit_cols(dsummed)
     summed = _unit_cols(summed)
     weight = None if weight is None else weight.contiguous()
-    cfg = kernel_config(d, backward=True)
+    cfg = kernel_config(d, backward=True, tile_elems=_tile_elems(device))
     programs, rows_per_program = _bwd_programs(n, cfg["ROWS"], cfg["num_warps"], device)
     f32 = dict(dtype=torch.float32, device=device)
     dw_part = torch.empty((programs, d) if has_w else (0,), **f32)

@@ -50,9 +50,10 @@ def bwd(arch, cfg):
                        divisible_by_16=div)
 
 def partials(arch):
-    return aot_compile(L._sum_partials_kernel, dict(PART="*fp32", OUT="*" + DTYPES[arch][0], n_parts="i32",
-                       n_cols="i32"), dict(BLOCK_C=L._SUM_BLOCK), arch=arch, num_warps=4, num_stages=1,
-                       divisible_by_16=("PART", "OUT", "n_cols"))
+    out = "*" + DTYPES[arch][0]
+    return aot_compile(L._sum_partials_kernel, dict(PART="*fp32", OUT0=out, OUT1=out, n_parts="i32", n_cols="i32"),
+                       dict(BLOCK_P=L._SUM_BLOCK_P, BLOCK_C=L._SUM_BLOCK_C), arch=arch, num_warps=4, num_stages=1,
+                       divisible_by_16=("PART", "OUT0", "OUT1", "n_cols"))
 
 results = []
 for arch in (90, 80):

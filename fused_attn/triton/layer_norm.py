@@ -301,14 +301,25 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
 
 
 @triton.jit
-def _sum_partials_kernel(PART, OUT, n_parts, n_cols, BLOCK_C: tl.constexpr):
-    """OUT[c] = sum over p of PART[p, c], in the fixed order p = 0, 1, ... (deterministic)."""
+def _sum_partials_kernel(PART, OUT0, OUT1, n_parts, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUTk[c] = sum over p of PART[k, p, c] (k = 0, 1: dweight and/or dbias) in a fixed order.
+
+    Program (i, k) owns BLOCK_C columns of output k and walks the partial rows BLOCK_P at a time,
+    so the result is the same bit for bit on every run (no atomics). Narrow column blocks spread
+    the (programs, d) buffer over many SMs even for small d."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p in range(0, n_parts):
-        acc += tl.load(PART + p * n_cols + cols, mask=col_ok, other=0.0)
-    tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=col_ok)
+    part = PART + tl.program_id(1).to(tl.int64) * n_parts * n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for first in range(0, n_parts, BLOCK_P):
+        p = first + tl.arange(0, BLOCK_P)
+        mask = (p < n_parts)[:, None] & col_ok[None, :]
+        acc += tl.load(part + p[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if tl.program_id(1) == 0:
+        tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +441,13 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     dsum = torch.empty((n, d), dtype=summed.dtype, device=device)
     dx = torch.empty((n, d) if dropout_p > 0.0 else (0,), dtype=x_dtype, device=device)
     has_w, has_b = weight is not None, bias is not None
-    dweight = torch.empty((d,) if has_w else (0,), dtype=weight.dtype if has_w else summed.dtype, device=device)
-    dbias = torch.empty((d,) if has_b else (0,), dtype=bias.dtype if has_b else summed.dtype, device=device)
-    if n == 0 or d == 0:
-        dweight.zero_()
-        dbias.zero_()
+    # placeholders when absent (two tensors: outputs of an op may not alias each other)
+    dweight, dbias = (torch.empty((0,), dtype=summed.dtype, device=device) for _ in range(2))
+    if n == 0 or d == 0:  # no rows: the parameter gradients are zero
+        if has_w:
+            dweight = torch.zeros((d,), dtype=weight.dtype, device=device)
+        if has_b:
+            dbias = torch.zeros((d,), dtype=bias.dtype, device=device)
         return dsum, dx, dweight, dbias
     dout = _unit_cols(dout)
     dsummed = None if dsummed is None else _unit_cols(dsummed)
@@ -443,8 +456,11 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     cfg = kernel_config(d, backward=True, tile_elems=_tile_elems(device))
     programs, rows_per_program = _bwd_programs(n, cfg["ROWS"], cfg["num_warps"], device)
     f32 = dict(dtype=torch.float32, device=device)
-    dw_part = torch.empty((programs, d) if has_w else (0,), **f32)
-    db_part = torch.empty((programs, d) if has_b else (0,), **f32)
+    # partial sums of dweight and/or dbias, one (programs, d) slab each, stacked
+    n_sums = int(has_w) + int(has_b)
+    parts = torch.empty((n_sums, programs, d) if n_sums else (0,), **f32)
+    dw_part = parts[0] if has_w else parts
+    db_part = parts[int(has_w)] if has_b else parts
     # per-row sums for long rows (pass 1 -> pass 2 of the chunked path)
     row_c1 = torch.empty((0,) if cfg["SINGLE"] else (n,), **f32)
     row_c2 = torch.empty((0,) if cfg["SINGLE"] else (n,), **f32)
@@ -458,14 +474,19 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
         ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
         HAS_W=has_w, HAS_B=has_b, HAS_DSUMMED=dsummed is not None, RMS=bool(rms), DROPOUT=dropout_p > 0.0,
         X_DTYPE=_TL_DTYPES[x_dtype], num_warps=cfg["num_warps"])
-    for part, result in ((dw_part, dweight), (db_part, dbias)):
-        if result.numel():
-            _sum_partials_kernel[(triton.cdiv(d, _SUM_BLOCK),)](part, result, programs, d, BLOCK_C=_SUM_BLOCK,
-                                                                 num_warps=4)
+    if n_sums:
+        # one launch reduces both (program_id(1) picks dweight or dbias)
+        if has_w:
+            dweight = torch.empty((d,), dtype=weight.dtype, device=device)
+        if has_b:
+            dbias = torch.empty((d,), dtype=bias.dtype, device=device)
+        sums = [t for t, present in ((dweight, has_w), (dbias, has_b)) if present]
+        _sum_partials_kernel[(triton.cdiv(d, _SUM_BLOCK_C), n_sums)](
+            parts, sums[0], sums[-1], programs, d, BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=4)
     return dsum, dx, dweight, dbias
 
 
-_SUM_BLOCK = 1024
+_SUM_BLOCK_P, _SUM_BLOCK_C = 64, 64
 
 
 def unsupported_reasons(call) -> list[str]:

@@ -306,3 +306,11 @@ def test_dropout_offsets_rows_from_offset():
     s0 = L.layer_norm_residual_fwd(x, None, None, None, 1e-5, 0.5, True, False, 123, 0)[1]
     s1 = L.layer_norm_residual_fwd(x[1:], None, None, None, 1e-5, 0.5, True, False, 123, 1)[1]
     assert torch.equal(s0[1:] != 0, s1 != 0)
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (2**40 + 5, 2**32 - 3), (2**62 - 1, 2**62 - 7), (7, 2**31 - 2)])
+def test_dropout_mask_is_the_shared_hash(seed, offset):
+    # includes offsets whose rows carry across the 32-bit boundary and seeds with high bits set
+    x = torch.rand(6, 40) + 0.5
+    summed = L.layer_norm_residual_fwd(x, None, None, None, 1e-5, 0.25, False, False, seed, offset)[1]
+    assert torch.equal(summed != 0, reconstruct_dropout_mask(seed, offset, 0.25, 6, 40))

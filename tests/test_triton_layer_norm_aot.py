@@ -26,8 +26,8 @@ def fwd(arch, cfg):
     xt, st, _ = DTYPES[arch]
     sig = dict(X="*" + xt, RES="*" + st, W="*" + xt, B="*" + xt, OUT="*" + xt, SUMMED="*" + st,
                MEAN="*fp32", RSTD="*fp32", n_rows="i32", n_cols="i32", stride_x="i32", stride_res="i32",
-               stride_out="i32", stride_s="i32", eps="fp32", drop_threshold="u32", drop_scale="fp32",
-               seed_lo="u32", seed_hi_mix="u32", rng_offset="i64")
+               stride_out="i32", stride_s="i32", eps="fp32", drop_threshold="i64", drop_scale="fp32",
+               seed_lo="i64", seed_hi_mix="i64", offset_lo="i64", offset_hi="i64")
     const = dict(ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"], HAS_RES=True, HAS_W=True,
                  HAS_B=True, RMS=False, DROPOUT=True)
     div = ("X", "RES", "W", "B", "OUT", "SUMMED", "MEAN", "RSTD", "n_cols", "stride_x", "stride_res",
@@ -40,8 +40,8 @@ def bwd(arch, cfg):
     sig = dict(DOUT="*" + xt, DSUMMED="*" + st, SUMMED="*" + st, W="*" + xt, MEAN="*fp32", RSTD="*fp32",
                DSUM="*" + st, DX="*" + xt, DW_PART="*fp32", DB_PART="*fp32", ROW_C1="*fp32", ROW_C2="*fp32",
                n_rows="i32", n_cols="i32", rows_per_program="i32", stride_dout="i32", stride_dsummed="i32",
-               stride_s="i32", stride_ds="i32", stride_dx="i32", drop_threshold="u32", drop_scale="fp32",
-               seed_lo="u32", seed_hi_mix="u32", rng_offset="i64")
+               stride_s="i32", stride_ds="i32", stride_dx="i32", drop_threshold="i64", drop_scale="fp32",
+               seed_lo="i64", seed_hi_mix="i64", offset_lo="i64", offset_hi="i64")
     const = dict(ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"], HAS_W=True, HAS_B=True,
                  HAS_DSUMMED=True, RMS=False, DROPOUT=True, X_DTYPE=x_tl)
     div = ("DOUT", "DSUMMED", "SUMMED", "W", "MEAN", "RSTD", "DSUM", "DX", "DW_PART", "DB_PART", "ROW_C1",

@@ -66,15 +66,31 @@ MAX_HIDDEN = 1 << 20
 # kernels
 # ---------------------------------------------------------------------------------------------
 
+# The dropout constants change on every call (a fresh seed and offset). Triton types an int
+# argument by its value (i32 below 2**31, u32 below 2**32, else i64) and specialises it on
+# divisibility by 16, so raw values would compile a new variant of the kernel every few calls.
+# The launcher therefore passes each 32-bit word tagged with bit 32 (always i64) and the kernels
+# opt these arguments out of specialisation; the hash reads the low 32 bits.
+_RNG_ARGS = ["drop_threshold", "seed_lo", "seed_hi_mix", "offset_lo", "offset_hi"]
+_RNG_TAG = 1 << 32
+
+
+@triton.jit
+def _logical_rows(offset_lo, offset_hi, rows64):
+    """offset + row as int64 from the two tagged 32-bit words of the offset."""
+    offset = ((offset_hi - 4294967296) << 32) + (offset_lo - 4294967296)
+    return offset + rows64
+
+
 @triton.jit
 def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_res, stride_s,
-                          drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset,
+                          drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
                           HAS_RES: tl.constexpr, DROPOUT: tl.constexpr):
     """s = dropout(x) + residual for a [ROWS, BLOCK_D] tile; stores it to SUMMED and returns it
     in float32 exactly as stored (rounded to summed's dtype), as the reference sees it."""
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        key = dropout_row_key(seed_lo, seed_hi_mix, rng_offset.to(tl.int64) + rows64)
+        key = dropout_row_key(seed_lo, seed_hi_mix, _logical_rows(offset_lo, offset_hi, rows64))
         keep = dropout_keep(key[:, None], cols[None, :], drop_threshold)
         # round the scaled value to x's dtype first, as dropout(x) in x's dtype does
         x = tl.where(keep, (x * drop_scale).to(X.dtype.element_ty).to(tl.float32), 0.0)
@@ -85,10 +101,10 @@ def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_r
     return s.to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RNG_ARGS)
 def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                    n_rows, n_cols, stride_x, stride_res, stride_out, stride_s, eps,
-                   drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset,
+                   drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    RMS: tl.constexpr, DROPOUT: tl.constexpr):
@@ -101,7 +117,7 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
     if SINGLE:
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         s = _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_res, stride_s,
-                                  drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset, HAS_RES, DROPOUT)
+                                  drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT)
         if RMS:
             centred = s
         else:
@@ -126,7 +142,7 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
             c = start + cols
             mask = row_ok[:, None] & (c[None, :] < n_cols)
             s = _dropout_residual_sum(X, RES, SUMMED, rows64, c, mask, stride_x, stride_res, stride_s,
-                                      drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset, HAS_RES, DROPOUT)
+                                      drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT)
             if RMS:
                 m2 += tl.sum(s * s, axis=1)
             else:
@@ -164,7 +180,7 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
 
 @triton.jit
 def _ln_bwd_store(DSUM, DX, DSUMMED, ds, rows64, c, mask, stride_dsummed, stride_ds, stride_dx,
-                  drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset,
+                  drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
                   HAS_DSUMMED: tl.constexpr, DROPOUT: tl.constexpr, X_DTYPE: tl.constexpr):
     """Add the pre-LN gradient, store dsum (summed's dtype) and, with dropout, dx (x's dtype)."""
     if HAS_DSUMMED:
@@ -172,17 +188,17 @@ def _ln_bwd_store(DSUM, DX, DSUMMED, ds, rows64, c, mask, stride_dsummed, stride
     ds = ds.to(DSUM.dtype.element_ty)
     tl.store(DSUM + rows64[:, None] * stride_ds + c[None, :], ds, mask=mask)
     if DROPOUT:
-        key = dropout_row_key(seed_lo, seed_hi_mix, rng_offset.to(tl.int64) + rows64)
+        key = dropout_row_key(seed_lo, seed_hi_mix, _logical_rows(offset_lo, offset_hi, rows64))
         keep = dropout_keep(key[:, None], c[None, :], drop_threshold)
         # as dropout(dsum.to(x dtype)): round to x's dtype, then scale
         dx = tl.where(keep, ds.to(X_DTYPE).to(tl.float32) * drop_scale, 0.0)
         tl.store(DX + rows64[:, None] * stride_dx + c[None, :], dx.to(X_DTYPE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RNG_ARGS)
 def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_PART, ROW_C1, ROW_C2,
                    n_rows, n_cols, rows_per_program, stride_dout, stride_dsummed, stride_s, stride_ds, stride_dx,
-                   drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset,
+                   drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUMMED: tl.constexpr,
                    RMS: tl.constexpr, DROPOUT: tl.constexpr, X_DTYPE: tl.constexpr):
@@ -227,7 +243,7 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
             if not RMS:
                 ds -= (tl.sum(g, axis=1) / n_cols)[:, None]
             _ln_bwd_store(DSUM, DX, DSUMMED, ds * rstd[:, None], rows64, cols, mask, stride_dsummed, stride_ds,
-                          stride_dx, drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset, HAS_DSUMMED,
+                          stride_dx, drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_DSUMMED,
                           DROPOUT, X_DTYPE)
         if HAS_W:
             tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
@@ -292,7 +308,7 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
                 if not RMS:
                     ds -= tl.load(ROW_C2 + rows, mask=row_ok, other=0.0)[:, None]
                 _ln_bwd_store(DSUM, DX, DSUMMED, ds * rstd[:, None], rows64, c, mask, stride_dsummed, stride_ds,
-                              stride_dx, drop_threshold, drop_scale, seed_lo, seed_hi_mix, rng_offset, HAS_DSUMMED,
+                              stride_dx, drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_DSUMMED,
                               DROPOUT, X_DTYPE)
             if HAS_W:
                 tl.store(DW_PART + pid.to(tl.int64) * n_cols + c, tl.sum(dw_acc, axis=0), mask=col_ok)
@@ -384,10 +400,15 @@ def _bwd_programs(n_rows: int, rows: int, num_warps: int, device: torch.device) 
 
 
 def _dropout_launch_args(dropout_p: float, seed: int, offset: int) -> tuple:
+    """(drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi): the 32-bit words
+    tagged with bit 32 so that Triton always types them int64 (see _RNG_ARGS)."""
     if dropout_p <= 0.0:
-        return 0, 1.0, 0, 0, 0
+        return _RNG_TAG, 1.0, _RNG_TAG, _RNG_TAG, _RNG_TAG, _RNG_TAG
     seed_lo, seed_hi_mix, threshold = dropout_args(dropout_p, seed)
-    return threshold, 1.0 / (1.0 - dropout_p), seed_lo, seed_hi_mix, int(offset)
+    offset = int(offset) & ((1 << 63) - 1)
+    words = (threshold, seed_lo, seed_hi_mix, offset & 0xFFFFFFFF, offset >> 32)
+    tagged = [w | _RNG_TAG for w in words]
+    return tagged[0], 1.0 / (1.0 - dropout_p), *tagged[1:]
 
 
 def _unit_cols(t: torch.Tensor) -> torch.Tensor:

@@ -252,6 +252,22 @@ def test_configs_cover_the_hidden_range():
                                                        for c in L.possible_configs() if c["backward"] == backward]
 
 
+@pytest.mark.parametrize("rms,dropout_p", [(False, 0.1), (True, 0.0)], ids=["ln-dropout", "rms"])
+def test_ops_match_their_fake_implementations(rms, dropout_p):
+    # torch.library.opcheck: schema, fake (meta) shapes/dtypes/strides vs the Triton launchers,
+    # autograd registration and AOT dispatch, for both op halves
+    x, w, b = torch.randn(5, 48).half(), torch.randn(48).half(), torch.randn(48).half()
+    r = torch.randn(5, 48)
+    rng = torch.tensor([123, 2**40 + 9]) if dropout_p else None
+    args = (x, r, w, b, 1e-5, dropout_p, rms, True, rng, "triton")
+    torch.library.opcheck(torch.ops.fused_attn.layer_norm_residual_fwd.default, args)
+    _, summed, mean, rstd = torch.ops.fused_attn.layer_norm_residual_fwd(*args)
+    for dsummed, weight, bias in ((torch.randn(5, 48), w, b), (None, None, None)):
+        bargs = (torch.randn(5, 48).half(), dsummed, summed, weight, bias, mean, rstd, 1e-5, dropout_p, rms, rng,
+                 F16, "triton")
+        torch.library.opcheck(torch.ops.fused_attn.layer_norm_residual_bwd.default, bargs)
+
+
 # ---- dropout ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,rms", [(F32, False), (F16, True)], ids=["f32-ln", "f16-rms"])

@@ -226,7 +226,7 @@ struct BwdSmem {
 // ---- forward ---------------------------------------------------------------------------------------
 // grid (B * Hq, ceil(Lq / BM)), kThreads threads.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionFwdArgs a, const Dims d) {
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionFwdArgs a, const Dims d) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   FwdSmem<T> sm;
   sm.carve(smem_raw, d);
@@ -402,7 +402,7 @@ __device__ __forceinline__ void store_acc(T* dst, const float* acc, int ld, int 
 
 // dK, dV for one key block of one (batch, kv head): grid (B * Hkv, ceil(Lk / BN)).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionBwdArgs a, const Dims d) {
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionBwdArgs a, const Dims d) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const AttentionFwdArgs& f = a.fwd;
   BwdSmem<T> sm;
@@ -437,7 +437,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 
 // dQ (and dmask) for one query block of one (batch, head): grid (B * Hq, ceil(Lq / BM)).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionBwdArgs a, const Dims d) {
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionBwdArgs a, const Dims d) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const AttentionFwdArgs& f = a.fwd;
   BwdSmem<T> sm;

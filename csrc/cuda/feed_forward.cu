@@ -1,7 +1,7 @@
 // Feed-forward epilogues: the elementwise work between the two GEMMs (which the binding runs
-// through torch's matmul, i.e. cuBLAS), one pass each.
+// through torch's matmul, i.e. cuBLAS, with b1 and b2 added in the GEMM epilogue), one pass each.
 //
-// Forward:  pre += b1;  h = dropout(act(pre))           (gated: act(gate + b1g) * (up + b1u))
+// Forward:  h = dropout(act(pre))                       (gated: act(gate) * up)
 // Backward: h = dropout(act(pre)) recomputed (for dW2 = dout^T h), and
 //           dpre = act'(pre) * dropout(dh)              (gated: dgate = dh' * up * act'(gate),
 //                                                                dup = dh' * act(gate))
@@ -52,28 +52,16 @@ template <typename T, Activation A>
 __global__ void __launch_bounds__(kThreads) ffn_act_fwd_kernel(const FfnActFwdArgs a) {
   const int64_t total = a.tokens * a.d_ff;
   const int64_t width = kGated<A> ? 2 * a.d_ff : a.d_ff;  // row length of pre
-  T* pre = static_cast<T*>(a.pre);
-  const T* b1 = static_cast<const T*>(a.b1);
+  const T* pre = static_cast<const T*>(a.pre);
   T* h = static_cast<T*>(a.h);
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = idx / a.d_ff, c = idx - t * a.d_ff;
+    const int64_t at = t * width + c;
     float value, slope;
-    T* gate_ptr = pre + t * width + c;
-    float gate = to_float<T>(*gate_ptr);
-    if (b1) {
-      gate = round_to<T>(gate + to_float<T>(b1[c]));
-      *gate_ptr = from_float<T>(gate);
-    }
-    activation<A>(gate, value, slope);
+    activation<A>(to_float<T>(pre[at]), value, slope);
     if constexpr (kGated<A>) {
-      T* up_ptr = gate_ptr + a.d_ff;
-      float up = to_float<T>(*up_ptr);
-      if (b1) {
-        up = round_to<T>(up + to_float<T>(b1[a.d_ff + c]));
-        *up_ptr = from_float<T>(up);
-      }
-      value = round_to<T>(value) * up;  // the reference rounds act(gate) before the product
+      value = round_to<T>(value) * to_float<T>(pre[at + a.d_ff]);  // the reference rounds act(gate) first
     }
     if (a.dropout.enabled) value *= dropout_factor(a.dropout, dropout_row_key(a.dropout, t), c);
     h[idx] = from_float<T>(value);

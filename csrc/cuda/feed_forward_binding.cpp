@@ -1,6 +1,6 @@
 // CUDA implementations of fused_attn_C::feed_forward_fwd / _bwd: the GEMMs through torch's matmul
-// (cuBLAS), the bias + activation + dropout epilogue and its backward through the fused
-// elementwise kernels of feed_forward.cu.
+// (cuBLAS, the biases in its epilogue), the activation + dropout and its backward through the
+// fused elementwise kernels of feed_forward.cu (one pass each).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cuda(const at::Tensor& x, co
     check_dtype(*b1_in, x.scalar_type(), op, "b1");
     TORCH_CHECK(b1_in->size(0) == w1.size(0), "fused_attn_C::", op, " (cuda): b1 must have shape (", w1.size(0),
                 ",), got ", b1_in->sizes());
-    b1 = b1_in->contiguous();
+    b1 = *b1_in;
   }
   if (b2_in.has_value() && b2_in->defined()) {
     check_tensor(*b2_in, x, 1, op, "b2");
@@ -79,10 +79,10 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cuda(const at::Tensor& x, co
   a.tokens = tokens;
   a.d_ff = d_ff;
   a.dropout = dropout_args(dropout_p, seed, offset, op);
-  at::Tensor pre = at::mm(x, w1.t()).contiguous();  // a fresh (T, F1) tensor; the kernel adds b1 in place
+  // The bias rides in cuBLAS's epilogue (one rounding, as nn.Linear): pre is saved for the backward.
+  at::Tensor pre = (b1.defined() ? at::addmm(b1, x, w1.t()) : at::mm(x, w1.t())).contiguous();
   at::Tensor h = at::empty({tokens, d_ff}, x.options());
   a.pre = pre.data_ptr();
-  a.b1 = b1.defined() ? b1.data_ptr() : nullptr;
   a.h = h.data_ptr();
   check_status(ffn_act_fwd(a, c10::cuda::getCurrentCUDAStream().stream()), op);
   at::Tensor out = b2.defined() ? at::addmm(b2, h, w2.t()) : at::mm(h, w2.t());

@@ -107,17 +107,17 @@ const char* layer_norm_fwd(const LayerNormFwdArgs& args, cudaStream_t stream);
 int64_t layer_norm_bwd_partial_rows(int64_t rows);
 const char* layer_norm_bwd(const LayerNormBwdArgs& args, cudaStream_t stream);
 
-// feed-forward epilogues around the GEMMs (which the binding runs through torch / cuBLAS).
+// feed-forward: the elementwise passes between the GEMMs (which the binding runs through torch / cuBLAS).
 enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kSwiglu = 4, kGeglu = 5 };
 
-// pre = pre_nobias + b1 (in place), h = dropout(act(pre)). pre is contiguous (T, F1), h (T, d_ff)
-// with F1 = d_ff, or 2 * d_ff for the gated activations (gate columns first, then up).
+// h = dropout(act(pre)). pre is contiguous (T, F1) (x @ w1^T + b1, from one cuBLAS call with the
+// bias in its epilogue), h (T, d_ff), with F1 = d_ff, or 2 * d_ff for the gated activations (gate
+// columns first, then up).
 struct FfnActFwdArgs {
   DType dtype;
   Activation activation;
   int64_t tokens, d_ff;
-  void* pre;            // in: x @ w1^T, out: + b1
-  const void* b1;       // (F1,) or null
+  const void* pre;
   void* h;
   DropoutArgs dropout;  // logical element (token, c) of the (T, d_ff) activation
 };

@@ -6,7 +6,8 @@ the shared counter hash, so the fused and reference runs drop exactly the same e
 draw [seed, offset] from a generator seeded the same way). Also: bad inputs to the raw ops raise
 RuntimeError, the backward is deterministic, empty sizes work.
 
-All tests are marked ``gpu``: they collect everywhere and are skipped without CUDA.
+The oracle tests are marked ``gpu``: they collect everywhere and are skipped without CUDA. The
+backend's declared limits are checked everywhere.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fused_attn import functional as F
 from fused_attn import reference as R
 from fused_attn.testing import check_against_reference, make_inputs
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 DTYPE_IDS = ["fp16", "bf16", "fp32"]
@@ -28,8 +29,10 @@ DEV = "cuda"
 
 
 @pytest.fixture(autouse=True)
-def _require_cuda_backend():
+def _require_cuda_backend(request):
     """On a GPU machine a missing cuda backend is a failure (the extension must be built with CUDA)."""
+    if "gpu" not in request.keywords:
+        return
     report = fused_attn.available_backends()["cuda"]
     assert report["available"], f"the cuda backend is unavailable: {report['reasons']}"
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32 exact
@@ -116,6 +119,7 @@ def _attention_case(name, dtype):
     return (q, k, v, mask), view, opts
 
 
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(ATTN_CASES))
 def test_attention_matches_reference(name, dtype):
@@ -134,6 +138,7 @@ def test_attention_matches_reference(name, dtype):
     check_against_reference(fused, ref, inputs, names=["q", "k", "v", "attn_mask"][: len(inputs)])
 
 
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_attention_lse_and_layout(dtype):
     """The raw op: out stored as a contiguous (B, Lq, Hq, Dv), lse float32 and +inf on dead rows."""
@@ -152,6 +157,7 @@ def test_attention_lse_and_layout(dtype):
     assert (out[:, :, 5] == 0).all()
 
 
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_attention_empty_sizes(dtype):
     for Lq, Lk in ((0, 17), (17, 0), (0, 0)):
@@ -164,6 +170,7 @@ def test_attention_empty_sizes(dtype):
             assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_attention_backward_is_deterministic(dtype):
     q, k, v = make_inputs((2, 4, 129, 64), (2, 2, 129, 64), (2, 2, 129, 64), dtype=dtype, device=DEV)
@@ -177,6 +184,7 @@ def test_attention_backward_is_deterministic(dtype):
         assert torch.equal(a, b)
 
 
+@gpu
 def test_attention_raw_op_rejects_bad_input():
     q, k, v = make_inputs((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), dtype=torch.float16, device=DEV,
                           requires_grad=False)
@@ -251,6 +259,7 @@ def _norm_check(shape, opts, dtype):
     check_against_reference(fused, ref, inputs, names=["x", "residual", "weight", "bias"])
 
 
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(NORM_CASES))
 def test_layer_norm_residual_matches_reference(name, dtype):
@@ -258,6 +267,7 @@ def test_layer_norm_residual_matches_reference(name, dtype):
     _norm_check(shape, opts, dtype)
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", list(FP32_RESIDUAL_CASES))
 def test_layer_norm_residual_in_fp32_matches_reference(name, dtype):
@@ -265,6 +275,7 @@ def test_layer_norm_residual_in_fp32_matches_reference(name, dtype):
     _norm_check(shape, opts, dtype)
 
 
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_layer_norm_strided_rows_and_empty(dtype):
     # rows with a stride larger than the width (a column slice), and zero rows
@@ -280,6 +291,7 @@ def test_layer_norm_strided_rows_and_empty(dtype):
     assert e.grad.shape == (0, 64)
 
 
+@gpu
 def test_layer_norm_backward_is_deterministic():
     x, r = make_inputs((4096, 512), (4096, 512), dtype=torch.float16, device=DEV)
     w = torch.randn(512, device=DEV, dtype=torch.float16, requires_grad=True)
@@ -294,6 +306,7 @@ def test_layer_norm_backward_is_deterministic():
         assert torch.equal(a, c)
 
 
+@gpu
 def test_layer_norm_raw_op_rejects_bad_input():
     x = torch.randn(4, 16, device=DEV, dtype=torch.float16)
     op = torch.ops.fused_attn_C.layer_norm_residual_fwd
@@ -316,6 +329,7 @@ def test_layer_norm_raw_op_rejects_bad_input():
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
 
 
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("variant", ["bias", "no_bias", "dropout"])
@@ -341,6 +355,7 @@ def test_feed_forward_matches_reference(activation, variant, dtype):
     check_against_reference(fused, ref, [x, w1, b1, w2, b2], names=["x", "w1", "b1", "w2", "b2"])
 
 
+@gpu
 def test_feed_forward_empty_tokens():
     x, w1, w2 = make_inputs((0, 32), (64, 32), (32, 64), dtype=torch.float16, device=DEV)
     out = F.feed_forward(x, w1, None, w2, None, activation="gelu", backend="cuda")
@@ -349,6 +364,7 @@ def test_feed_forward_empty_tokens():
     assert (w1.grad == 0).all() and (w2.grad == 0).all()
 
 
+@gpu
 def test_feed_forward_raw_op_rejects_bad_input():
     x, w1, w2 = (torch.randn(s, device=DEV, dtype=torch.float16) for s in ((4, 32), (64, 32), (32, 64)))
     op = torch.ops.fused_attn_C.feed_forward_fwd
@@ -360,3 +376,21 @@ def test_feed_forward_raw_op_rejects_bad_input():
         op(x, w1[:63], None, w2, None, "swiglu", 0.0, 0, 0)
     with pytest.raises(RuntimeError, match="b1"):
         op(x, w1, torch.zeros(3, device=DEV, dtype=torch.float16), w2, None, "relu", 0.0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend's declared limits (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+def test_cuda_backend_declares_its_kernel_limits():
+    from fused_attn.backends import BACKENDS, Call
+    cuda = BACKENDS["cuda"]
+    dev = torch.device("cuda")
+    big_head = cuda.call_reasons(Call("attention", dev, torch.float16, {"head_dim": 64, "head_dim_v": 320}))
+    assert any("head_dim_v 320 > 256" in r for r in big_head)
+    ok_head = cuda.call_reasons(Call("attention", dev, torch.float16, {"head_dim": 256, "head_dim_v": 256}))
+    assert not any("head_dim" in r for r in ok_head)
+    wide = cuda.call_reasons(Call("layer_norm_residual", dev, torch.bfloat16, {"hidden": 65536}))
+    assert any("hidden size 65536" in r for r in wide)
+    assert not any("hidden" in r for r in cuda.call_reasons(Call("layer_norm_residual", dev, torch.bfloat16,
+                                                                 {"hidden": 4096})))

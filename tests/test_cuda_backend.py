@@ -379,6 +379,56 @@ def test_feed_forward_raw_op_rejects_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
+# compute-sanitizer on small cases (memory errors; shared-memory races and barrier misuse)
+# ---------------------------------------------------------------------------------------------
+
+_SANITIZED_SCRIPT = """
+import torch
+from fused_attn import functional as F
+dev, g = "cuda", torch.Generator().manual_seed(0)
+for dtype in (torch.float16, torch.float32):
+    q = torch.randn(1, 2, 19, 40, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, 1, 23, 40, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, 1, 23, 24, device=dev, dtype=dtype, requires_grad=True)
+    m = torch.randn(1, 1, 19, 23, device=dev, dtype=dtype, requires_grad=True)
+    F.attention(q, k, v, attn_mask=m, causal=True, dropout_p=0.1, backend="cuda", generator=g).sum().backward()
+    if TOOL == "memcheck":
+        x = torch.randn(5, 59, device=dev, dtype=dtype, requires_grad=True)
+        r = torch.randn(5, 59, device=dev, dtype=dtype, requires_grad=True)
+        w = torch.randn(59, device=dev, dtype=dtype, requires_grad=True)
+        F.layer_norm_residual(x, r, w, w, dropout_p=0.1, backend="cuda", generator=g).sum().backward()
+        x8 = torch.randn(5, 64, device=dev, dtype=dtype, requires_grad=True)
+        F.layer_norm_residual(x8, x8, None, None, rms=True, backend="cuda").sum().backward()
+        w1 = torch.randn(2 * 24, 16, device=dev, dtype=dtype, requires_grad=True)
+        w2 = torch.randn(8, 24, device=dev, dtype=dtype, requires_grad=True)
+        xf = torch.randn(7, 16, device=dev, dtype=dtype, requires_grad=True)
+        F.feed_forward(xf, w1, None, w2, None, activation="swiglu", dropout_p=0.1, backend="cuda",
+                       generator=g).sum().backward()
+torch.cuda.synchronize()
+print("sanitized run finished")
+"""
+
+
+@gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_compute_sanitizer_small_cases(tool, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not installed on this machine")
+    script = tmp_path / "sanitized.py"
+    script.write_text(f"TOOL = {tool!r}\n" + _SANITIZED_SCRIPT)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # so memcheck sees each allocation's bounds
+    proc = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "sanitized run finished" in log, f"compute-sanitizer {tool}:\n{log[-8000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
 # the backend's declared limits (no GPU needed)
 # ---------------------------------------------------------------------------------------------
 

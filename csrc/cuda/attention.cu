@@ -463,6 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 }
 
 // ---- host side ------------------------------------------------------------------------------------------
+#ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels above on CPU threads
 const char* check_sizes(const AttentionFwdArgs& a) {
   if (a.batch < 0 || a.heads_q < 0 || a.heads_kv <= 0 || a.len_q < 0 || a.len_k < 0 || a.head_dim < 0 ||
       a.head_dim_v < 0)
@@ -546,8 +547,10 @@ const char* attention_bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) 
   return last_launch_error();
 }
 
+#endif  // FUSED_ATTN_CPU_EMULATION
 }  // namespace
 
+#ifndef FUSED_ATTN_CPU_EMULATION
 const char* attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   if (const char* err = check_sizes(args)) return err;
   if (args.batch * args.heads_q == 0 || args.len_q == 0) return nullptr;  // nothing to write
@@ -566,5 +569,7 @@ const char* attention_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
     return attention_bwd_typed<T>(args, stream);
   });
 }
+
+#endif  // FUSED_ATTN_CPU_EMULATION
 
 }  // namespace fused_attn_cuda

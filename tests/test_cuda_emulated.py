@@ -1,12 +1,14 @@
-"""The CUDA attention kernels (csrc/cuda/attention.cu), float32 path, run on CPU threads.
+"""The CUDA kernels (csrc/cuda/*.cu), float32 path, run on CPU threads.
 
 There is no GPU on the development machines, so tests/cuda_emu provides a small emulation of the
 CUDA features the kernels use (threads, __syncthreads, warp shuffles, shared memory) and compiles
-attention.cu against it with the host compiler. Every CUDA thread becomes a std::thread; the
-float32 instantiation (plain-FMA tile products) runs for real, so the tiling, the online softmax,
-masks, causal limits, grouped-query heads, dropout, strides and the three backward kernels are
-checked against the float64 reference with the oracle. The float16/bfloat16 WMMA products are not
-emulated; they run in tests/test_cuda_backend.py on a GPU.
+the kernels against it with the host compiler. Every CUDA thread becomes a std::thread; the
+float32 instantiations run for real: for attention (plain-FMA tile products) the tiling, the
+online softmax, masks, causal limits, grouped-query heads, dropout, strides and the three
+backward kernels; for the norms the row reductions, 16-byte and scalar paths, dropout and the
+two-stage weight-gradient reduction; for the FFN the activation epilogues. Each is held to the
+float64 reference with the oracle. The float16/bfloat16 instantiations (WMMA products, 16-bit
+conversions) are not emulated; they run in tests/test_cuda_backend.py on a GPU.
 """
 from __future__ import annotations
 
@@ -30,18 +32,28 @@ ROOT = Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "cuda_emu"
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build(tmp_path_factory, source: str) -> ctypes.CDLL:
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("no host C++ compiler to build the CPU emulation of the CUDA kernels")
-    lib = tmp_path_factory.mktemp("cuda_emu") / "emu_attention.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra", "-Werror",
-           "-Wno-unknown-pragmas", "-DFUSED_ATTN_CPU_EMULATION", f"-I{EMU_DIR}", str(EMU_DIR / "emu_attention.cpp"),
+    lib = tmp_path_factory.mktemp("cuda_emu") / (Path(source).stem + ".so")
+    # -fno-strict-aliasing: the kernels' 16-byte vector accesses reinterpret arrays, fine on a GPU.
+    cmd = [cxx, "-std=c++20", "-O1", "-fno-strict-aliasing", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra",
+           "-Werror", "-Wno-unknown-pragmas", "-DFUSED_ATTN_CPU_EMULATION", f"-I{EMU_DIR}", str(EMU_DIR / source),
            "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"building the emulated kernels failed:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"building the emulated kernels ({source}) failed:\n{proc.stderr[-6000:]}"
     return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build(tmp_path_factory, "emu_attention.cpp")
+
+
+@pytest.fixture(scope="module")
+def emu_nf(tmp_path_factory):
+    return _build(tmp_path_factory, "emu_norm_ffn.cpp")
 
 
 def _i64(values):
@@ -152,3 +164,118 @@ def test_emulated_attention_without_keys(emu):
     dout = torch.randn(1, 2, 5, 8)
     out, lse, dq, dk, dv, _ = emulated_attention(emu, q, k, v, None, False, 0.5, 0.0, 0, 0, dout, (16, 16))
     assert (out == 0).all() and torch.isinf(lse).all() and (lse > 0).all() and (dq == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# residual-add + LayerNorm / RMSNorm
+# ---------------------------------------------------------------------------------------------
+
+def _f(x):
+    return ctypes.c_float(x)
+
+
+# name: (rows, hidden, options)
+NORM_CASES = {
+    "layernorm_vec": (5, 64, {"residual": True, "vec": True}),
+    "layernorm_scalar_odd": (4, 59, {"residual": True}),
+    "layernorm_dropout_strided": (6, 48, {"residual": True, "dropout_p": 0.2, "vec": True, "strided": True}),
+    "layernorm_no_affine": (3, 40, {"weight": False, "bias": False, "vec": True}),
+    "rmsnorm_vec_dsummed": (5, 96, {"rms": True, "residual": True, "vec": True, "bias": False, "dsummed": True}),
+    "rmsnorm_wide_dropout": (3, 1300, {"rms": True, "residual": True, "dropout_p": 0.1}),
+}
+
+
+@pytest.mark.parametrize("name", list(NORM_CASES))
+def test_emulated_layer_norm_matches_reference(emu_nf, name):
+    rows, d, opts = NORM_CASES[name]
+    gen = torch.Generator().manual_seed(len(name))
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).float()
+    x = randn(rows, d + 8)[:, 4:4 + d] if opts.get("strided") else randn(rows, d)
+    r = randn(rows, d) if opts.get("residual") else None
+    w = 1.0 + 0.3 * randn(d) if opts.get("weight", True) else None
+    b = 0.2 * randn(d) if opts.get("bias", True) else None
+    rms, p, seed, offset, eps, vec = opts.get("rms", False), opts.get("dropout_p", 0.0), 77, 5, 1e-5, opts.get("vec", False)
+    drop = _dropout_args(p, seed, offset)
+    out, summed = torch.empty(rows, d), torch.empty(rows, d)
+    mean, rstd = torch.empty(rows), torch.empty(rows)
+    assert emu_nf.emu_layer_norm_fwd(_ptr(x), ctypes.c_int64(x.stride(0)), _ptr(r), ctypes.c_int64(d), _ptr(w), _ptr(b),
+                                     ctypes.c_int64(rows), ctypes.c_int64(d), _f(eps), ctypes.c_int(int(rms)), drop,
+                                     _ptr(out), _ptr(summed), _ptr(None if rms else mean), _ptr(rstd),
+                                     ctypes.c_int(int(vec))) == 0
+    dout, dsummed = randn(rows, d), (randn(rows, d) if opts.get("dsummed") else None)
+    parts = 2  # fewer partial blocks than rows: each block walks several rows
+    dsum, dx = torch.empty(rows, d), torch.empty(rows, d)
+    dw, db, partials = torch.empty(d), torch.empty(d), torch.empty(parts, 2, d)
+    assert emu_nf.emu_layer_norm_bwd(_ptr(dout), ctypes.c_int64(d), _ptr(dsummed), ctypes.c_int64(d), _ptr(summed),
+                                     _ptr(w), ctypes.c_int(int(b is not None)), _ptr(None if rms else mean), _ptr(rstd),
+                                     ctypes.c_int64(rows), ctypes.c_int64(d), ctypes.c_int(int(rms)), drop, _ptr(dsum),
+                                     _ptr(dx if p > 0 else None), _ptr(dw if w is not None else None),
+                                     _ptr(db if b is not None else None), _ptr(partials), ctypes.c_int64(parts),
+                                     ctypes.c_int(int(vec))) == 0
+
+    def run(dtype):
+        c = lambda t: None if t is None else t.to(dtype).requires_grad_(True)
+        x_, r_, w_, b_ = c(x), c(r), c(w), c(b)
+        o, s = R.layer_norm_residual(x_, r_, w_, b_, eps, p, prenorm=True, rms=rms,
+                                     rng=(seed, offset) if p > 0 else None)
+        s_ = s.float() if dtype == torch.float32 else s
+        rstd_ref = torch.rsqrt((s_.pow(2).mean(-1) if rms else s_.var(-1, unbiased=False)) + eps)
+        grads_out = [dout.to(dtype)] + ([dsummed.to(dtype)] if dsummed is not None else [])
+        outs = [o] + ([s] if dsummed is not None else [])
+        leaves = [t for t in (x_, r_, w_, b_) if t is not None]
+        g = torch.autograd.grad(outs, leaves, grads_out)
+        return [o.detach(), s.detach(), rstd_ref.detach(), s_.mean(-1).detach()] + list(g)
+
+    ref64, ref32 = run(torch.float64), run(torch.float32)
+    got = [out, summed, rstd, mean]
+    names = ["out", "summed", "rstd", "mean"]
+    # gradients, in the order of the leaves: x, residual, weight, bias
+    got.append(dx if p > 0 else dsum); names.append("dx")
+    if r is not None:
+        got.append(dsum); names.append("dresidual")
+    if w is not None:
+        got.append(dw); names.append("dweight")
+    if b is not None:
+        got.append(db); names.append("dbias")
+    for i, (name, value) in enumerate(zip(names, got)):
+        if name == "mean" and rms:
+            continue
+        compare(name, value, ref64[i], ref32[i], k=2.0 if i < 4 else 5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# feed-forward activation epilogues
+# ---------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_emulated_ffn_activation_matches_reference(emu_nf, activation, dropout_p):
+    tokens, d_ff = 7, 45
+    gated = activation in ("swiglu", "geglu")
+    gen = torch.Generator().manual_seed(3)
+    pre = (2.0 * torch.randn(tokens, 2 * d_ff if gated else d_ff, generator=gen, dtype=torch.float64)).float()
+    dh = torch.randn(tokens, d_ff, generator=gen, dtype=torch.float64).float()
+    seed, offset = 31337, 12
+    drop = _dropout_args(dropout_p, seed, offset)
+    act_id = ctypes.c_int(ACTIVATIONS.index(activation))
+    h, h2, dpre = torch.empty(tokens, d_ff), torch.empty(tokens, d_ff), torch.empty_like(pre)
+    blocks = ctypes.c_int(1)  # one block: the grid-stride loop covers the rest
+    assert emu_nf.emu_ffn_fwd(_ptr(pre), _ptr(h), ctypes.c_int64(tokens), ctypes.c_int64(d_ff), act_id, drop, blocks) == 0
+    assert emu_nf.emu_ffn_bwd(_ptr(pre), _ptr(dh), _ptr(dpre), _ptr(h2), ctypes.c_int64(tokens), ctypes.c_int64(d_ff),
+                              act_id, drop, blocks) == 0
+
+    def run(dtype):
+        p_ = pre.to(dtype).requires_grad_(True)
+        out = R.activation_fn(p_, activation)
+        if dropout_p > 0:
+            out = _rng.apply_dropout(out, dropout_p, seed, offset)
+        (g,) = torch.autograd.grad(out, p_, dh.to(dtype))
+        return out.detach(), g
+
+    (h64, g64), (h32, g32) = run(torch.float64), run(torch.float32)
+    compare("h", h, h64, h32)
+    compare("h (backward's recomputation)", h2, h64, h32)
+    compare("dpre", dpre, g64, g32, k=5.0)

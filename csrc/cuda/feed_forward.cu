@@ -96,10 +96,12 @@ __global__ void __launch_bounds__(kThreads) ffn_act_bwd_kernel(const FfnActBwdAr
   }
 }
 
+#ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels on CPU threads
 unsigned grid_for(int64_t total) {
   const int64_t blocks = ceil_div(total, kThreads), cap = int64_t(multiprocessor_count()) * 32;
   return static_cast<unsigned>(blocks < cap ? blocks : cap);
 }
+#endif  // FUSED_ATTN_CPU_EMULATION
 
 // Calls fn(std::integral_constant<Activation, A>{}) for the run-time activation.
 template <typename Fn>
@@ -117,6 +119,7 @@ const char* dispatch_activation(Activation act, Fn&& fn) {
 
 }  // namespace
 
+#ifndef FUSED_ATTN_CPU_EMULATION
 const char* ffn_act_fwd(const FfnActFwdArgs& a, cudaStream_t stream) {
   if (a.tokens < 0 || a.d_ff < 0) return "feed_forward: negative size";
   if (a.tokens * a.d_ff == 0) return nullptr;
@@ -140,5 +143,7 @@ const char* ffn_act_bwd(const FfnActBwdArgs& a, cudaStream_t stream) {
     });
   });
 }
+
+#endif  // FUSED_ATTN_CPU_EMULATION
 
 }  // namespace fused_attn_cuda

@@ -180,7 +180,7 @@ __global__ void layer_norm_bwd_kernel(const LayerNormBwdArgs a) {
     const uint32_t key = a.dropout.enabled ? dropout_row_key(a.dropout, row) : 0u;
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {  // second read: from L1/L2
       const int c0 = ch * N;
-      float s[N], dy[N], w[N], ds[N];
+      float s[N], dy[N], w[N], ds[N] = {};
       load_n<S, N>(summed + c0, s);
       load_n<T, N>(dout + c0, dy);
       if (weight) load_n<T, N>(weight + c0, w);
@@ -230,6 +230,7 @@ int threads_for(int64_t chunks) {
   return static_cast<int>(t > kMaxThreads ? kMaxThreads : t);
 }
 
+#ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels above on CPU threads
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, typename R, typename S>
@@ -274,8 +275,10 @@ const char* bwd_typed(const LayerNormBwdArgs& a, cudaStream_t stream) {
   return nullptr;
 }
 
+#endif  // FUSED_ATTN_CPU_EMULATION
 }  // namespace
 
+#ifndef FUSED_ATTN_CPU_EMULATION
 int64_t layer_norm_bwd_partial_rows(int64_t rows) {
   const int64_t blocks = 2 * static_cast<int64_t>(multiprocessor_count());
   return rows < blocks ? rows : blocks;
@@ -307,5 +310,7 @@ const char* layer_norm_bwd(const LayerNormBwdArgs& a, cudaStream_t stream) {
     return bwd_typed<T, float>(a, stream);
   });
 }
+
+#endif  // FUSED_ATTN_CPU_EMULATION
 
 }  // namespace fused_attn_cuda

@@ -78,6 +78,18 @@ def _load_2d(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.co
 
 
 @triton.jit
+def _cols_ok(D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Which of the HEAD_DIM (padded) columns exist: a constant all-true mask when D == HEAD_DIM,
+    which the compiler folds away (loads inside the loops are written with masks, not through
+    helper calls, because each device-function call costs milliseconds in the interpreter)."""
+    if D == HEAD_DIM:
+        ok = tl.full([HEAD_DIM], True, tl.int1)
+    else:
+        ok = tl.arange(0, HEAD_DIM) < D
+    return ok
+
+
+@triton.jit
 def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, qk_scale, MASK_KIND: tl.constexpr, CHECK_KEYS: tl.constexpr,
             CHECK_CAUSAL: tl.constexpr):
     """Scaled, masked scores in base-2 units (-inf where masked) of the raw q.k tile ``qk``.
@@ -113,10 +125,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, l
     """Online-softmax over the key blocks starting in [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
+    d_ok = _cols_ok(D, HEAD_DIM)
+    dv_ok = _cols_ok(DV, HEAD_DIM_V)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n < Lk,
-                     offs_d < D, CHECK_KEYS, D != HEAD_DIM)
+        if CHECK_KEYS:
+            key_ok = offs_n < Lk
+        else:
+            key_ok = tl.full([BLOCK_N], True, tl.int1)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
         s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
@@ -130,8 +148,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, l
         acc = acc * alpha[:, None]
         if DROPOUT:  # the normaliser uses all probabilities, the output only the kept ones
             p = tl.where(dropout_keep(drop_keys[:, None], offs_n[None, :], drop_threshold), p, 0.0)
-        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n < Lk,
-                     offs_dv < DV, CHECK_KEYS, DV != HEAD_DIM_V)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -204,9 +222,9 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
                                DROPOUT, True, CAUSAL, DOT_PRECISION)
 
     has_keys = l_i > 0.0
-    inv_l = tl.where(has_keys, keep_scale / l_i, 0.0)
-    out = acc * inv_l[:, None]
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, float("inf"))
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc * tl.where(has_keys, keep_scale / l_safe, 0.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
     tl.store(Lse + bh * Lq + offs_m, lse, mask=offs_m < Lq)
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     if DV == HEAD_DIM_V:
@@ -254,18 +272,20 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
     """
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
+    d_ok = _cols_ok(D, HEAD_DIM)
+    dv_ok = _cols_ok(DV, HEAD_DIM_V)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m < Lq, offs_d < D,
-                     True, D != HEAD_DIM)
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m < Lq)[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn
         sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, False,
                      CHECK_CAUSAL)
         pT = tl.math.exp2(sT - lse[None, :])
-        do = _load_2d(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd, offs_m < Lq,
-                      offs_dv < DV, True, DV != HEAD_DIM_V)
+        do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                     mask=(offs_m < Lq)[:, None] & dv_ok[None, :], other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
@@ -358,12 +378,18 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_
     """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
+    d_ok = _cols_ok(D, HEAD_DIM)
+    dv_ok = _cols_ok(DV, HEAD_DIM_V)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n < Lk,
-                     offs_d < D, CHECK_KEYS, D != HEAD_DIM)
-        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n < Lk,
-                     offs_dv < DV, CHECK_KEYS, DV != HEAD_DIM_V)
+        if CHECK_KEYS:
+            key_ok = offs_n < Lk
+        else:
+            key_ok = tl.full([BLOCK_N], True, tl.int1)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
         s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
@@ -447,9 +473,10 @@ OUTER_BLOCKS = (64, 128)
 INNER_BLOCKS = (32, 64, 128)
 STAGES = (2, 3, 4)
 WARPS = (4, 8)
-#: the single configuration used under the interpreter (autotuning there is slow and pointless);
-#: outer != inner so that the diagonal logic is exercised with unequal blocks.
-INTERPRETER_CONFIG = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (32, 16)}
+#: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
+#: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
+#: orders, so that the causal-diagonal logic is exercised with unequal blocks.
+INTERPRETER_CONFIG = {"fwd": (64, 32), "dq": (32, 64), "dkdv": (64, 32)}
 DELTA_BLOCK_M = 64
 #: usable shared memory per block by compute capability major version (bytes)
 SHARED_BYTES = {9: 227 * 1024, 8: 163 * 1024}

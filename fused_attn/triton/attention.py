@@ -541,14 +541,14 @@ _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 _tuned = {}
 
 
-def _launch(kernel: str, grid_rows, bh: int, *args, **constexprs):
-    """Launch ``kernel`` over ``bh`` heads x blocks of ``grid_rows`` outer rows: autotuned on a GPU,
+def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: dict):
+    """Launch ``kernel`` over ``heads`` x blocks of ``grid_rows`` outer rows: autotuned on a GPU,
     with INTERPRETER_CONFIG under the interpreter."""
     outer_name, inner_name = OUTER_INNER[kernel]
     if _interpreting():
         outer, inner = INTERPRETER_CONFIG[kernel]
-        _KERNELS[kernel][(triton.cdiv(grid_rows, outer) * bh,)](*args, **constexprs, **{outer_name: outer,
-                                                                                       inner_name: inner})
+        _KERNELS[kernel][(triton.cdiv(grid_rows, outer) * heads,)](*args, **constexprs,
+                                                                   **{outer_name: outer, inner_name: inner})
         return
     fn = _tuned.get(kernel)
     if fn is None:
@@ -556,7 +556,7 @@ def _launch(kernel: str, grid_rows, bh: int, *args, **constexprs):
         fn = _tuned[kernel] = triton.autotune(all_configs(kernel), key=keys,
                                               prune_configs_by={"early_config_prune": _make_prune(kernel)})(
             _KERNELS[kernel])
-    fn[lambda meta: (triton.cdiv(grid_rows, meta[outer_name]) * bh,)](*args, **constexprs)
+    fn[lambda meta: (triton.cdiv(grid_rows, meta[outer_name]) * heads,)](*args, **constexprs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,9 +603,36 @@ def _common_constexprs(q, v, causal, mask_kind, dropout_p):
                 DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse):
+    """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT tests)."""
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
+    keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
+    args = (q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
+    return Lq, B * Hq, args, _common_constexprs(q, v, causal, mask_kind, dropout_p)
+
+
+def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad,
+                    dq, dk, dv, dmask):
+    """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels."""
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
+    keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
+    common = _common_constexprs(q, v, causal, mask_kind, dropout_p)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
+    tail = (Lq, Lk, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
+    dkdv = (q, k, v, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq, *strides, Hq, Hkv, Hq // Hkv, *tail)
+    dq_args = (q, k, v, mask, dout, lse, delta, dq, *strides, Hq, Hq // Hkv, *tail)
+    return {"dkdv": (Lk, B * Hkv, dkdv, dict(common, MASK_GRAD=bool(mask_grad))),
+            "dq": (Lq, B * Hq, dq_args, common)}
+
+
 def attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset):
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Lk = k.shape[2]
     out = new_attention_out(q, v.shape[3])
     lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     if B * Hq * Lq == 0:
@@ -614,17 +641,13 @@ def attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset):
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
-    keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
-    _launch("fwd", Lq, B * Hq, q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            *out.stride(), Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, keep_scale, *drop, _len_key(Lq), _len_key(Lk),
-            **_common_constexprs(q, v, causal, mask_kind, dropout_p))
+    _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse))
     return out, lse
 
 
 def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad):
     B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Lk, Dv = k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
@@ -636,18 +659,11 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, 
         for t in (dq, dk, dv, dmask):
             t.zero_()
         return dq, dk, dv, dmask
-    mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
-    keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
-    common = _common_constexprs(q, v, causal, mask_kind, dropout_p)
-
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(Lq, DELTA_BLOCK_M) * B * Hq,)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=common["HEAD_DIM_V"],
-        BLOCK_M=DELTA_BLOCK_M)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
-    _launch("dkdv", Lk, B * Hkv, q, k, v, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq, *strides,
-            Hq, Hkv, Hq // Hkv, Lq, Lk, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk),
-            MASK_GRAD=bool(mask_grad), **common)
-    _launch("dq", Lq, B * Hq, q, k, v, mask, dout, lse, delta, dq, *strides,
-            Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk), **common)
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M)
+    launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset,
+                               mask_grad, dq, dk, dv, dmask)
+    _launch("dkdv", *launches["dkdv"])
+    _launch("dq", *launches["dq"])
     return dq, dk, dv, dmask

@@ -61,7 +61,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
         scores = scores.masked_fill(~keep, float("-inf"))
     # Rows where every key is masked: softmax would be 0/0. Give them zero probability instead,
     # replacing their scores by 0 first so that no NaN reaches the backward pass either.
-    dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)  # also true when Lk == 0
     scores = scores.masked_fill(dead, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     if dropout_p > 0.0:

@@ -129,5 +129,13 @@ def reconstruct_dropout_mask(seed: int, offset: int, p: float, n_rows: int, n_co
     return _rng.keep_mask(seed, offset, p, n_rows, n_cols)
 
 
-__all__ = ["compare", "check_against_reference", "make_inputs", "reconstruct_dropout_mask", "OracleResult",
+__all__ = ["compare", "check_against_reference", "make_inputs", "reconstruct_dropout_mask", "OracleResult", "runnable_backends",
            "K_FORWARD", "K_GRAD", "FLOORS"]
+
+
+def runnable_backends(op: str, device="cpu", dtype=torch.float32, **options) -> list[str]:
+    """The backends that can take ``op`` on this machine for ``device``/``dtype`` (tests parametrise on it)."""
+    from .backends import BACKENDS, Call
+
+    call = Call(op, torch.device(device), dtype, options)
+    return [name for name, backend in BACKENDS.items() if not backend.call_reasons(call)]

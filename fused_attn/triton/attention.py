@@ -119,7 +119,7 @@ def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, qk_scale, MASK_KIND: tl.constexpr, CH
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, lo, hi,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale,
                drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """Online-softmax over the key blocks starting in [lo, hi)."""
@@ -127,6 +127,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, l
     offs_dv = tl.arange(0, HEAD_DIM_V)
     d_ok = _cols_ok(D, HEAD_DIM)
     dv_ok = _cols_ok(DV, HEAD_DIM_V)
+    # attn_mask addresses: a 64-bit scalar base per block plus loop-invariant int32 tile offsets
+    # (64-bit pointer tiles would cost two registers per element).
+    mask_offs = tl.arange(0, BLOCK_M)[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if CHECK_KEYS:
@@ -136,7 +139,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, l
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        mask_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
+        mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
         s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
                     CHECK_CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -197,7 +200,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
                  offs_m < Lq, offs_d < D, True, D != HEAD_DIM)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    mask_base = Mask + b * stride_mb + h * stride_mh + start_m.to(tl.int64) * stride_mm
     drop_keys = offs_m.to(tl.uint32)  # placeholder when DROPOUT is off
     if DROPOUT:
         drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
@@ -214,11 +217,11 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
         n_end = tl.minimum(Lk, start_m + BLOCK_M)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, 0, n_full,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
-                               qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                               qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND,
                                DROPOUT, False, False, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, n_full, n_end,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
-                               qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND,
+                               qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND,
                                DROPOUT, True, CAUSAL, DOT_PRECISION)
 
     has_keys = l_i > 0.0
@@ -263,7 +266,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
                 stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
                 seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
                 D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                 CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi).
 
@@ -274,13 +277,16 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
     offs_dv = tl.arange(0, HEAD_DIM_V)
     d_ok = _cols_ok(D, HEAD_DIM)
     dv_ok = _cols_ok(DV, HEAD_DIM_V)
+    # mask/dmask addresses: 64-bit scalar bases (already at this key block) + int32 tile offsets
+    mask_offs = tl.arange(0, BLOCK_M)[None, :] * stride_mm + tl.arange(0, BLOCK_N)[:, None] * stride_mn
+    dmask_offs = tl.arange(0, BLOCK_M)[None, :] * Lk + tl.arange(0, BLOCK_N)[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m < Lq)[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        mask_ptrs = mask_base + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn
+        mask_ptrs = mask_base + tl.cast(start_m, tl.int64) * stride_mm + mask_offs
         sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, False,
                      CHECK_CAUSAL)
         pT = tl.math.exp2(sT - lse[None, :])
@@ -298,7 +304,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
         delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
         dsT = pT * (dpT - delta[None, :])
         if MASK_GRAD:
-            dmask_ptrs = dmask_base + offs_m[None, :].to(tl.int64) * Lk + offs_n[:, None]
+            dmask_ptrs = dmask_base + tl.cast(start_m, tl.int64) * Lk + dmask_offs
             tl.store(dmask_ptrs, dsT.to(dmask_base.dtype.element_ty), mask=(offs_m[None, :] < Lq) & (offs_n[:, None] < Lk))
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -347,18 +353,18 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
         bh = b * Hq + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = dOut + b * stride_gb + h * stride_gh
-        mask_base = Mask + b * stride_mb + h * stride_mh
-        dmask_base = dMask + bh * Lq * Lk
+        mask_base = Mask + b * stride_mb + h * stride_mh + start_n.to(tl.int64) * stride_mn
+        dmask_base = dMask + bh * Lq * Lk + start_n
         if CAUSAL:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_base,
                                  dmask_base, offs_n, m_lo, tl.minimum(m_diag, Lq), stride_qm, stride_qd, stride_gm,
                                  stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
-                                 offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                                 offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
                                  MASK_KIND, MASK_GRAD, DROPOUT, True, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_base,
                              dmask_base, offs_n, m_diag, Lq, stride_qm, stride_qd, stride_gm,
                              stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
-                             offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                             offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
                              MASK_KIND, MASK_GRAD, DROPOUT, False, DOT_PRECISION)
 
     dk = dk * scale
@@ -373,13 +379,14 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, lo, hi,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
               drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr,
               CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     d_ok = _cols_ok(D, HEAD_DIM)
     dv_ok = _cols_ok(DV, HEAD_DIM_V)
+    mask_offs = tl.arange(0, BLOCK_M)[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if CHECK_KEYS:
@@ -391,7 +398,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        mask_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
+        mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
         s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
                     CHECK_CAUSAL)
         p = tl.math.exp2(s - lse[:, None])
@@ -439,7 +446,7 @@ def _attn_bwd_dq(Q, K, V, Mask, dOut, Lse, Delta, dQ,
     delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    mask_base = Mask + b * stride_mb + h * stride_mh + start_m.to(tl.int64) * stride_mm
     drop_keys = offs_m.to(tl.uint32)
     if DROPOUT:
         drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
@@ -451,11 +458,11 @@ def _attn_bwd_dq(Q, K, V, Mask, dOut, Lse, Delta, dQ,
         n_end = tl.minimum(Lk, start_m + BLOCK_M)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, 0, n_full,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
-                   drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, DROPOUT, False, False,
+                   drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False, False,
                    DOT_PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, n_full, n_end,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
-                   drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL,
+                   drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL,
                    DOT_PRECISION)
     dq = dq * scale
     dq_ptrs = dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]

@@ -290,3 +290,19 @@ def test_other_block_shapes(blocks, device, monkeypatch):
     monkeypatch.setattr(triton_attention, "INTERPRETER_CONFIG", {k: blocks for k in ("fwd", "dq", "dkdv")})
     mask = (torch.randn(1, 2, 45, 70, generator=torch.Generator().manual_seed(10)) * 3).to(device)
     _check((1, 2, 1, 45, 70, 16, 16), f32, device, causal=True, mask=mask.requires_grad_(True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,causal", [((2, 8, 2, 1000, 1000, 64, 64), True), ((1, 4, 4, 333, 1030, 128, 128), False),
+                                          ((1, 2, 1, 257, 129, 256, 256), True), ((2, 4, 4, 1, 700, 96, 96), False)],
+                         ids=str)
+def test_gpu_compiled_kernels(shape, causal, dtype):
+    """The compiled (autotuned) kernels on a real GPU, half precision, against the oracle."""
+    _check(shape, dtype, "cuda", causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_mask_grad_and_dropout():
+    mask = torch.randn(1, 1, 300, 500, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    _check((2, 4, 2, 300, 500, 64, 64), torch.bfloat16, "cuda", causal=True, mask=mask, dropout_p=0.1, rng=3)

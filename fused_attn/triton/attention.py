@@ -476,48 +476,75 @@ def _attn_bwd_dq(Q, K, V, Mask, dOut, Lse, Delta, dQ,
 # keys for _attn_bwd_dkdv) and an "inner" block (the rows streamed through the loop).
 # OUTER_INNER names the constexprs of each kernel in that order.
 OUTER_INNER = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M")}
-OUTER_BLOCKS = (64, 128)
-INNER_BLOCKS = (32, 64, 128)
-STAGES = (2, 3, 4)
-WARPS = (4, 8)
+#: The configurations the autotuner may try, per kernel and padded head dim (<= 64, 128, 256), as
+#: (outer, inner, num_warps, num_stages). Drawn from BLOCK_M in {64, 128}, BLOCK_N in {32, 64, 128},
+#: stages 2-4, warps 4/8 (4 warps = one Hopper warpgroup for a 64-row outer block, 8 for 128 rows),
+#: keeping those that the AOT sweep (tests/test_triton_attention_aot.py) compiled without spills on
+#: sm_90: the fp32 accumulators of the outer block (dK and dV together in _attn_bwd_dkdv) plus the
+#: score tiles must fit 255 registers per thread, which rules out large inner tiles at D = 128 and
+#: 128-row outer blocks at D = 256.
+CONFIGS = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+        256: [(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2), (64, 32, 4, 3)],
+    },
+    "dkdv": {
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 3)],
+        128: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2)],
+    },
+}
 #: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
 #: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
 #: orders, so that the causal-diagonal logic is exercised with unequal blocks.
 INTERPRETER_CONFIG = {"fwd": (64, 32), "dq": (32, 64), "dkdv": (64, 32)}
 DELTA_BLOCK_M = 64
-#: usable shared memory per block by compute capability major version (bytes)
-SHARED_BYTES = {9: 227 * 1024, 8: 163 * 1024}
+#: usable shared memory per block by compute capability (opt-in maximum, bytes)
+SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024}
+
+
+def _head_bucket(head_dim: int, head_dim_v: int) -> int:
+    hd = max(head_dim, head_dim_v)
+    return 64 if hd <= 64 else (128 if hd <= 128 else 256)
+
+
+def _config(kernel: str, outer: int, inner: int, warps: int, stages: int):
+    outer_name, inner_name = OUTER_INNER[kernel]
+    return triton.Config({outer_name: outer, inner_name: inner}, num_warps=warps, num_stages=stages)
 
 
 def all_configs(kernel: str) -> list:
     """Every configuration the autotuner of ``kernel`` ("fwd", "dq", "dkdv") starts from."""
-    outer, inner = OUTER_INNER[kernel]
-    return [triton.Config({outer: o, inner: i}, num_stages=s, num_warps=w)
-            for o in OUTER_BLOCKS for i in INNER_BLOCKS for s in STAGES for w in WARPS]
+    seen = sorted({c for per_dim in CONFIGS[kernel].values() for c in per_dim})
+    return [_config(kernel, *c) for c in seen]
 
 
-def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90) -> bool:
+def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int, head_dim_v: int,
+                 elem_bytes: int, mask_bytes: int = 0) -> int:
+    """Shared memory the compiled kernel uses (matches the AOT-compiled sizes): the pipelined
+    inner tiles (K and V, or Q and dO) of every stage, the outer tiles staged for the tensor cores,
+    and the pipelined attn_mask tiles."""
+    outer_tiles = head_dim if kernel == "fwd" else head_dim + head_dim_v
+    return (stages * inner * (head_dim + head_dim_v) * elem_bytes + outer * outer_tiles * elem_bytes
+            + (stages - 1) * outer * inner * mask_bytes)
+
+
+def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90,
+              mask_bytes: int = 0) -> bool:
     """Whether the autotuner may try ``cfg`` for this head-dim pair (padded powers of two), element
-    size and compute capability (80, 90, ...). Rules found by the AOT sweep (tests/test_triton_attention_aot.py):
-    they keep shared memory within the chip, registers without spills, and drop tiles too small
-    for 8 warps."""
+    size, compute capability (80, 90, ...) and mask element size (0 = no mask)."""
     outer_name, inner_name = OUTER_INNER[kernel]
-    outer, inner = cfg.kwargs[outer_name], cfg.kwargs[inner_name]
-    stages, warps = cfg.num_stages, cfg.num_warps
-    hd = max(head_dim, head_dim_v)
-    if warps == 8 and outer * inner < 64 * 64:
-        return False  # too little work per warp
-    # Pipelined shared memory: the streamed tiles (k and v, or q and dO) of every stage.
-    streamed = stages * inner * (head_dim + head_dim_v) * elem_bytes
-    if streamed > SHARED_BYTES.get(arch // 10, SHARED_BYTES[8]):
+    key = (cfg.kwargs[outer_name], cfg.kwargs[inner_name], cfg.num_warps, cfg.num_stages)
+    if key not in CONFIGS[kernel][_head_bucket(head_dim, head_dim_v)]:
         return False
-    # Registers: the fp32 accumulators of the outer block, per thread.
-    acc_words = outer * (head_dim + head_dim_v if kernel == "dkdv" else (head_dim_v if kernel == "fwd" else head_dim))
-    if acc_words // (32 * warps) > 128:
-        return False
-    if hd >= 256 and (inner > 64 or stages > 2):
-        return False
-    return True
+    limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
+    return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
 
 
 def _pow2(n: int) -> int:
@@ -534,12 +561,16 @@ def _make_prune(kernel: str):
         args = dict(named_args, **kwargs)
         elem = args["Q"].element_size()
         major, minor = torch.cuda.get_device_capability(args["Q"].device)
-        keep = [c for c in configs
-                if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, major * 10 + minor)]
+        mask_bytes = args["Mask"].element_size() if args["MASK_KIND"] else 0
+        keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem,
+                                                major * 10 + minor, mask_bytes)]
+        if not keep:  # e.g. float32 at D = 256 on a small-shared-memory chip: the smallest tiles
+            outer_name, inner_name = OUTER_INNER[kernel]
+            keep = [min(configs, key=lambda c: (c.kwargs[outer_name] * c.kwargs[inner_name] * c.num_stages))]
         outer_name = OUTER_INNER[kernel][0]
         outer_len = args["LK_KEY"] if kernel == "dkdv" else args["LQ_KEY"]
-        small = [c for c in keep if c.kwargs[outer_name] <= max(outer_len, OUTER_BLOCKS[0])]
-        return small or keep or [min(configs, key=lambda c: (c.kwargs[outer_name], c.num_stages, c.num_warps))]
+        small = [c for c in keep if c.kwargs[outer_name] <= max(outer_len, 64)]  # short sequences: 64-row blocks
+        return small or keep
     return prune
 
 

@@ -25,8 +25,9 @@ bitwise reproducible. The gradient of an additive mask is dS itself; ``_attn_bwd
 
 Masks: ``causal`` is top-left (query i sees keys j <= i). ``attn_mask`` arrives as a 4-D
 (B, Hq, Lq, Lk) view with stride 0 along broadcast dims; it is read through its strides, never
-expanded. Loops are split so that only the blocks that cross the causal diagonal or the end of the
-keys pay for the index masking (``CHECK_*`` constexpr flags on one shared inner loop).
+expanded. In forward and dQ the key loop is split so that only the blocks that cross the causal
+diagonal or the end of the keys pay for the index masking (``CHECK_*`` constexpr flags on one
+shared inner loop); dK/dV masks every query block (one loop instance keeps registers in budget).
 
 Dropout uses the counter-based hash of ``fused_attn._rng`` (``fused_attn.triton._rng``): element
 (b, h, i, j) has row ``(b*Hq + h)*Lq + i`` and column ``j``, so forward and backward regenerate the
@@ -341,13 +342,10 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], tl.float32)
 
-    # Query blocks: with causal, those before m_lo see none of these keys, [m_lo, m_diag) cross
-    # the diagonal (masked), [m_diag, Lq) see all of them.
+    # With causal, the query blocks before m_lo see none of these keys.
     m_lo = 0
-    m_diag = 0
     if CAUSAL:
         m_lo = (start_n // BLOCK_M) * BLOCK_M
-        m_diag = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
     for g in range(0, GROUP):  # the query heads that read this kv head, in order: deterministic
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -355,17 +353,13 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
         do_base = dOut + b * stride_gb + h * stride_gh
         mask_base = Mask + b * stride_mb + h * stride_mh + start_n.to(tl.int64) * stride_mn
         dmask_base = dMask + bh * Lq * Lk + start_n
-        if CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_base,
-                                 dmask_base, offs_n, m_lo, tl.minimum(m_diag, Lq), stride_qm, stride_qd, stride_gm,
-                                 stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
-                                 offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                                 MASK_KIND, MASK_GRAD, DROPOUT, True, DOT_PRECISION)
+        # One loop for all query blocks (the causal mask applied to each): two loop instances (masked
+        # diagonal blocks, then unmasked ones) keep both loops' invariants live and spill at D = 128.
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_base,
-                             dmask_base, offs_n, m_diag, Lq, stride_qm, stride_qd, stride_gm,
+                             dmask_base, offs_n, m_lo, Lq, stride_qm, stride_qd, stride_gm,
                              stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
                              offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                             MASK_KIND, MASK_GRAD, DROPOUT, False, DOT_PRECISION)
+                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION)
 
     dk = dk * scale
     # dK, dV are contiguous (B, Hkv, Lk, D / DV).
@@ -496,7 +490,7 @@ CONFIGS = {
     },
     "dkdv": {
         64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 3)],
-        128: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+        128: [(128, 32, 8, 2), (128, 32, 8, 3)],
         256: [(64, 32, 4, 2)],
     },
 }

@@ -222,12 +222,13 @@ def test_config_filter_is_conservative():
 # the exhaustive sweep, by hand
 # ---------------------------------------------------------------------------------------------
 
-def sweep_cases(archs=(90, 80), dtypes=("bfloat16",), head_dims=(64, 128, 256), features=("causal",)):
+def sweep_cases(archs=(90, 80), dtypes=("bfloat16",), head_dims=(64, 128, 256), features=("causal",),
+                kernels=KERNELS):
     cases = []
     for arch in archs:
         for dtype in dtypes:
             for hd in head_dims:
-                for kernel in KERNELS:
+                for kernel in kernels:
                     for outer, inner, warps, stages in candidate_configs(kernel, arch, dtype, hd, hd):
                         for feat in features:
                             cases.append((kernel, arch, dtype, hd, hd, outer, inner, warps, stages, feat))
@@ -242,12 +243,14 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", action="append")
     parser.add_argument("--head-dim", type=int, action="append")
     parser.add_argument("--features", action="append")
+    parser.add_argument("--kernel", action="append", choices=KERNELS)
     parser.add_argument("--out", default="aot_sweep.json")
     parser.add_argument("--list", action="store_true", help="only list the cases")
     a = parser.parse_args()
     sys.path.insert(0, os.path.dirname(HERE))
     cases = sweep_cases(tuple(a.arch or (90, 80)), tuple(a.dtype or ("bfloat16",)),
-                        tuple(a.head_dim or (64, 128, 256)), tuple(a.features or ("causal",)))
+                        tuple(a.head_dim or (64, 128, 256)), tuple(a.features or ("causal",)),
+                        tuple(a.kernel or KERNELS))
     print(f"{len(cases)} cases", file=sys.stderr)
     if a.list:
         for c in cases:

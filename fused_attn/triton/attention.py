@@ -471,12 +471,12 @@ def _attn_bwd_dq(Q, K, V, Mask, dOut, Lse, Delta, dQ,
 # OUTER_INNER names the constexprs of each kernel in that order.
 OUTER_INNER = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M")}
 #: The configurations the autotuner may try, per kernel and padded head dim (<= 64, 128, 256), as
-#: (outer, inner, num_warps, num_stages). Drawn from BLOCK_M in {64, 128}, BLOCK_N in {32, 64, 128},
-#: stages 2-4, warps 4/8 (mostly 4 warps = one Hopper warpgroup for a 64-row outer block, 8 for 128),
-#: keeping those that the AOT sweep (tests/test_triton_attention_aot.py) compiled without spills on
-#: sm_90: the fp32 accumulators of the outer block (dK and dV together in _attn_bwd_dkdv) plus the
-#: score tiles must fit 255 registers per thread, which rules out large inner tiles at D = 128 and
-#: 128-row outer blocks at D = 256.
+#: (outer, inner, num_warps, num_stages), for sm_90 and newer. Drawn from BLOCK_M in {64, 128},
+#: BLOCK_N in {32, 64, 128}, stages 2-4, warps 4/8, keeping those that the AOT sweep
+#: (tests/test_triton_attention_aot.py) compiled without local-memory spills: the fp32 accumulators
+#: of the outer block (dK and dV together in _attn_bwd_dkdv) plus the score tiles must fit 255
+#: registers per thread, which rules out large inner tiles at D = 128 and 128-row outer blocks at
+#: D = 256. The exception is dK/dV at D = 256 (see below).
 CONFIGS = {
     "fwd": {
         64: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
@@ -495,6 +495,24 @@ CONFIGS = {
         # halve that but still spill some (see the AOT sweep): splitting dK and dV over two
         # programs would be the fix for D > 128.
         256: [(64, 32, 8, 2)],
+    },
+}
+#: The same for sm_8x (mma.sync instead of wgmma: different register layouts, less shared memory).
+CONFIGS_SM80 = {
+    "fwd": {
+        64: CONFIGS["fwd"][64],
+        128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2)],
+    },
+    "dq": {
+        64: CONFIGS["dq"][64],
+        128: [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)],
+        128: [(64, 32, 8, 2), (64, 32, 4, 2)],
+        256: [(64, 32, 8, 2)],  # spills a little, as on sm_90
     },
 }
 #: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
@@ -518,7 +536,7 @@ def _config(kernel: str, outer: int, inner: int, warps: int, stages: int):
 
 def all_configs(kernel: str) -> list:
     """Every configuration the autotuner of ``kernel`` ("fwd", "dq", "dkdv") starts from."""
-    seen = sorted({c for per_dim in CONFIGS[kernel].values() for c in per_dim})
+    seen = sorted({c for table in (CONFIGS, CONFIGS_SM80) for per_dim in table[kernel].values() for c in per_dim})
     return [_config(kernel, *c) for c in seen]
 
 
@@ -538,7 +556,8 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
     size, compute capability (80, 90, ...) and mask element size (0 = no mask)."""
     outer_name, inner_name = OUTER_INNER[kernel]
     key = (cfg.kwargs[outer_name], cfg.kwargs[inner_name], cfg.num_warps, cfg.num_stages)
-    if key not in CONFIGS[kernel][_head_bucket(head_dim, head_dim_v)]:
+    table = CONFIGS if arch >= 90 else CONFIGS_SM80
+    if key not in table[kernel][_head_bucket(head_dim, head_dim_v)]:
         return False
     limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit

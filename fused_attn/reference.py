@@ -111,7 +111,11 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
         if bias is not None:
             normed = normed + bias
     else:
-        normed = F.layer_norm(summed, summed.shape[-1:], weight, bias, eps)
+        # weight/bias in the sum's dtype: with residual_in_fp32 the sum is float32 while the
+        # parameters may be half precision (CPU layer_norm refuses that mix)
+        w = weight.to(summed.dtype) if weight is not None else None
+        b = bias.to(summed.dtype) if bias is not None else None
+        normed = F.layer_norm(summed, summed.shape[-1:], w, b, eps)
     normed = normed.to(x.dtype)
     return (normed, summed) if prenorm else normed
 

@@ -59,13 +59,14 @@ def _tool(name: str) -> str:
 
 
 def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
-                num_stages: int = 3, divisible_by_16=()) -> AotResult:
+                num_stages: int = 3, divisible_by_16: tuple = ()) -> AotResult:
     """Compile ``fn`` (a @triton.jit function) for sm_``arch`` and inspect the result.
 
     ``signature`` maps every runtime argument to its Triton type ("*fp16", "i32", "fp32", ...);
     ``constexprs`` gives the tl.constexpr values (they are added to the signature as "constexpr").
-    ``divisible_by_16`` names the pointer/integer arguments the JIT would mark 16-divisible (aligned
-    pointers, strides that are multiples of 16), so that the compiled code matches a real launch.
+    ``divisible_by_16`` names the arguments to compile as a launch would see them when they are
+    16-byte aligned pointers / integers divisible by 16 (Triton's specialisation, which is what
+    lets it emit 16-byte vector loads).
     """
     import triton
     from triton.backends.compiler import GPUTarget

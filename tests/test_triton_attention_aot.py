@@ -266,3 +266,13 @@ if __name__ == "__main__":
               f"hgmma={r.get('hgmma')}: {status}", flush=True)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def test_heavy_features_keep_a_config():
+    """Skipping HEAVY_SPILLS never leaves a (kernel, head dim) without configurations."""
+    from fused_attn.triton import attention as A
+
+    for kernel in KERNELS:
+        for hd in (64, 128, 256):
+            kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, hd, hd, 2, 90, 2, heavy=True)]
+            assert kept, (kernel, hd)

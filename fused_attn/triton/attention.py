@@ -515,6 +515,16 @@ CONFIGS_SM80 = {
         256: [(64, 32, 8, 2)],  # spills a little, as on sm_90
     },
 }
+#: Configurations that compile cleanly for the plain and causal kernels but spill on sm_90 once an
+#: attn_mask, its gradient and dropout add their tiles (the AOT sweep's "all" feature set): the
+#: autotuner skips them when any of those is on, unless nothing else is left.
+HEAVY_SPILLS = {
+    ("fwd", 128, (128, 128, 8, 2)),
+    ("dq", 128, (64, 64, 4, 2)),
+    ("dkdv", 64, (64, 64, 4, 3)),
+    ("dkdv", 64, (128, 64, 8, 3)),
+    ("dkdv", 128, (128, 32, 8, 3)),  # 59 spill instructions; (128, 32, 8, 2) keeps 9
+}
 #: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
 #: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
 #: orders, so that the causal-diagonal logic is exercised with unequal blocks.
@@ -551,13 +561,17 @@ def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int
 
 
 def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90,
-              mask_bytes: int = 0) -> bool:
+              mask_bytes: int = 0, heavy: bool = False) -> bool:
     """Whether the autotuner may try ``cfg`` for this head-dim pair (padded powers of two), element
-    size, compute capability (80, 90, ...) and mask element size (0 = no mask)."""
+    size, compute capability (80, 90, ...) and mask element size (0 = no mask); ``heavy`` (a mask,
+    its gradient or dropout is on) also skips HEAVY_SPILLS."""
     outer_name, inner_name = OUTER_INNER[kernel]
     key = (cfg.kwargs[outer_name], cfg.kwargs[inner_name], cfg.num_warps, cfg.num_stages)
     table = CONFIGS if arch >= 90 else CONFIGS_SM80
-    if key not in table[kernel][_head_bucket(head_dim, head_dim_v)]:
+    bucket = _head_bucket(head_dim, head_dim_v)
+    if key not in table[kernel][bucket]:
+        return False
+    if heavy and (kernel, bucket, key) in HEAVY_SPILLS:
         return False
     limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
@@ -578,8 +592,13 @@ def _make_prune(kernel: str):
         elem = args["Q"].element_size()
         major, minor = torch.cuda.get_device_capability(args["Q"].device)
         mask_bytes = args["Mask"].element_size() if args["MASK_KIND"] else 0
-        keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem,
-                                                major * 10 + minor, mask_bytes)]
+        arch = major * 10 + minor
+        heavy = bool(args["MASK_KIND"] or args["DROPOUT"] or args.get("MASK_GRAD", False))
+        keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
+                                                mask_bytes, heavy)]
+        if not keep:
+            keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
+                                                    mask_bytes)]
         if not keep:  # e.g. float32 at D = 256 on a small-shared-memory chip: the smallest tiles
             outer_name, inner_name = OUTER_INNER[kernel]
             keep = [min(configs, key=lambda c: (c.kwargs[outer_name] * c.kwargs[inner_name] * c.num_stages))]

@@ -276,3 +276,33 @@ def test_heavy_features_keep_a_config():
         for hd in (64, 128, 256):
             kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, hd, hd, 2, 90, 2, heavy=True)]
             assert kept, (kernel, hd)
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
+def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
+    """The autotuner's early prune (it only runs on a GPU) picks from the per-arch lists, honours
+    short sequences and heavy features, and never returns nothing."""
+    import torch
+
+    from fused_attn.triton import attention as A
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    arch = capability[0] * 10 + capability[1]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for kernel in KERNELS:
+        prune = A._make_prune(kernel)
+        outer_name, inner_name = A.OUTER_INNER[kernel]
+        for hd in (64, 128, 256):
+            for heavy in (False, True):
+                for length in (1, 4096):
+                    args = dict(Q=q, Mask=q, HEAD_DIM=hd, HEAD_DIM_V=hd, MASK_KIND=2 if heavy else 0,
+                                DROPOUT=heavy, MASK_GRAD=heavy, LQ_KEY=length, LK_KEY=length)
+                    kept = prune(A.all_configs(kernel), args)
+                    assert kept, (kernel, hd, heavy, length)
+                    table = A.CONFIGS if arch >= 90 else A.CONFIGS_SM80
+                    has_small = any(cfg[0] == 64 for cfg in table[kernel][hd])
+                    for c in kept:
+                        key = (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages)
+                        assert key in table[kernel][hd]
+                        if length == 1 and has_small:  # one-row sequences: 64-row blocks when listed
+                            assert key[0] == 64

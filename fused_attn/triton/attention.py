@@ -1,0 +1,743 @@
+"""Fused scaled-dot-product attention in Triton: forward and backward (FlashAttention-2).
+
+Forward (``_attn_fwd``), one program per (batch*head, block of BLOCK_M queries): the query block
+stays in registers while blocks of BLOCK_N keys stream past. For each key block it forms the
+scores ``s = q k^T * scale (+ additive mask)`` in base-2 units (``s * log2 e``, so that ``exp2``
+can be used), and keeps the online softmax state per query row: the running maximum ``m``, the
+running sum ``l = sum exp2(s - m)`` and the unnormalised output ``acc = sum exp2(s - m) v``; when
+the maximum grows by ``d``, ``l`` and ``acc`` are rescaled by ``exp2(-d)``. At the end
+``out = acc / l`` and the natural log-sum-exp ``lse = (m + log2 l) * ln 2`` is saved. A row whose
+keys are all masked keeps ``m = -inf`` and ``l = 0``: it stores zeros and ``lse = +inf``, so that
+backward's ``exp(s - lse)`` is 0 there too. The Lq x Lk matrix is never stored.
+
+Backward recomputes the probabilities ``p = exp(s - lse)`` tile by tile. With ``dO`` the output
+gradient and ``Z`` the dropout keep-mask scaled by 1/(1-p_drop):
+
+    dV = (P*Z)^T dO         dP = (dO V^T) * Z         dS = P * (dP - delta)
+    dQ = scale * dS K       dK = scale * dS^T Q        delta = rowsum(dO * O)
+
+(``delta = rowsum(P * dP)`` equals ``rowsum(dO * O)`` even with dropout, so a small preprocessing
+kernel computes it from the saved output.) ``_attn_bwd_dkdv`` runs one program per (batch*kv head,
+block of keys) and loops over the query heads of its group (grouped-query attention) and over query
+blocks; ``_attn_bwd_dq`` runs one program per (batch*head, query block) and loops over key blocks.
+Each gradient element is thus written by exactly one program, without atomics, so the results are
+bitwise reproducible. The gradient of an additive mask is dS itself; ``_attn_bwd_dkdv`` writes it.
+
+Masks: ``causal`` is top-left (query i sees keys j <= i). ``attn_mask`` arrives as a 4-D
+(B, Hq, Lq, Lk) view with stride 0 along broadcast dims; it is read through its strides, never
+expanded. In forward and dQ the key loop is split so that only the blocks that cross the causal
+diagonal or the end of the keys pay for the index masking (``CHECK_*`` constexpr flags on one
+shared inner loop); dK/dV masks every query block (one loop instance keeps registers in budget).
+
+Dropout uses the counter-based hash of ``fused_attn._rng`` (``fused_attn.triton._rng``): element
+(b, h, i, j) has row ``(b*Hq + h)*Lq + i`` and column ``j``, so forward and backward regenerate the
+same mask, and it equals the reference's bit for bit.
+
+Head dims up to 256 of any value: the tiles are padded to a power of two (>= 16) with masked loads.
+float32 inputs use IEEE-precision dots (no TF32), half-precision inputs accumulate in float32.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.base import Call
+from ..ops_common import empty, new_attention_out
+from ._rng import dropout_args, dropout_keep, dropout_row_key
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_2d(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, masking only the dimensions that may run past the tensor (zeros there)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _cols_ok(D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Which of the HEAD_DIM (padded) columns exist: a constant all-true mask when D == HEAD_DIM,
+    which the compiler folds away (loads inside the loops are written with masks, not through
+    helper calls, because each device-function call costs milliseconds in the interpreter)."""
+    if D == HEAD_DIM:
+        ok = tl.full([HEAD_DIM], True, tl.int1)
+    else:
+        ok = tl.arange(0, HEAD_DIM) < D
+    return ok
+
+
+@triton.jit
+def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, qk_scale, MASK_KIND: tl.constexpr, CHECK_KEYS: tl.constexpr,
+            CHECK_CAUSAL: tl.constexpr):
+    """Scaled, masked scores in base-2 units (-inf where masked) of the raw q.k tile ``qk``.
+
+    ``qi``/``kj`` are the query/key indices broadcast to the tile's orientation ((M,1)/(1,N) in
+    forward and dQ, (1,M)/(N,1) in dK/dV), ``mask_ptrs`` the attn_mask addresses of the tile.
+    MASK_KIND: 0 none, 1 boolean (nonzero = attend), 2 additive.
+    """
+    s = qk * qk_scale
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    elif MASK_KIND == 2:
+        bias = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    if CHECK_KEYS:
+        if CHECK_CAUSAL:
+            s = tl.where((kj < Lk) & (kj <= qi), s, float("-inf"))
+        else:
+            s = tl.where(kj < Lk, s, float("-inf"))
+    elif CHECK_CAUSAL:
+        s = tl.where(kj <= qi, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, lo, hi,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale,
+               drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+               DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Online-softmax over the key blocks starting in [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    d_ok = _cols_ok(D, HEAD_DIM)
+    dv_ok = _cols_ok(DV, HEAD_DIM_V)
+    # attn_mask addresses: a 64-bit scalar base per block plus loop-invariant int32 tile offsets
+    # (64-bit pointer tiles would cost two registers per element).
+    mask_offs = tl.arange(0, BLOCK_M)[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if CHECK_KEYS:
+            key_ok = offs_n < Lk
+        else:
+            key_ok = tl.full([BLOCK_N], True, tl.int1)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
+        s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
+                    CHECK_CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every key so far masked has m_new = -inf; subtract 0 instead (exp2(-inf) = 0).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:  # the normaliser uses all probabilities, the output only the kept ones
+            p = tl.where(dropout_keep(drop_keys[:, None], offs_n[None, :], drop_threshold), p, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m):
+    """The dropout hash key of query rows ``offs_m`` of head ``bh``: row = offset + bh*Lq + i."""
+    offset = (offset_hi.to(tl.uint32).to(tl.int64) << 32) | offset_lo.to(tl.uint32).to(tl.int64)
+    return dropout_row_key(seed_lo, seed_hi_mix, offset + bh * Lq + offs_m)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
+def _attn_fwd(Q, K, V, Mask, Out, Lse,
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_mb, stride_mh, stride_mm, stride_mn,
+              stride_ob, stride_oh, stride_om, stride_od,
+              Hq, GROUP, Lq, Lk, qk_scale, keep_scale,
+              seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
+              LQ_KEY, LK_KEY,  # rounded lengths: autotuning keys only
+              D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    pid_m = pid % num_m
+    if CAUSAL:  # the last query blocks see the most keys: start them first
+        pid_m = num_m - 1 - pid_m
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+
+    q = _load_2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                 offs_m < Lq, offs_d < D, True, D != HEAD_DIM)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh + start_m.to(tl.int64) * stride_mm
+    drop_keys = offs_m.to(tl.uint32)  # placeholder when DROPOUT is off
+    if DROPOUT:
+        drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+    # Key blocks [0, n_full) need no index masks (inside Lk and entirely below the diagonal);
+    # [n_full, n_end) do.
+    n_full = (Lk // BLOCK_N) * BLOCK_N
+    n_end = Lk
+    if CAUSAL:
+        n_full = tl.minimum(n_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+        n_end = tl.minimum(Lk, start_m + BLOCK_M)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, 0, n_full,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
+                               qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND,
+                               DROPOUT, False, False, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, n_full, n_end,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
+                               qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND,
+                               DROPOUT, True, CAUSAL, DOT_PRECISION)
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc * tl.where(has_keys, keep_scale / l_safe, 0.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    tl.store(Lse + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    if DV == HEAD_DIM_V:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+    else:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_dv < DV)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_bwd_delta(Out, dOut, Delta,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    stride_gb, stride_gh, stride_gm, stride_gd,
+                    Hq, Lq, DV: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32."""
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    o = _load_2d(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                 offs_m < Lq, offs_dv < DV, True, DV != HEAD_DIM_V)
+    do = _load_2d(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                  offs_m < Lq, offs_dv < DV, True, DV != HEAD_DIM_V)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n, lo, hi,
+                stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
+                seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
+                D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+                CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi).
+
+    Tiles are transposed ((keys, queries)) so that dK, dV accumulate with plain dots. Queries
+    past Lq need no score mask: their lse loads as +inf, so their probabilities are 0.
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    d_ok = _cols_ok(D, HEAD_DIM)
+    dv_ok = _cols_ok(DV, HEAD_DIM_V)
+    # mask/dmask addresses: 64-bit scalar bases (already at this key block) + int32 tile offsets
+    mask_offs = tl.arange(0, BLOCK_M)[None, :] * stride_mm + tl.arange(0, BLOCK_N)[:, None] * stride_mn
+    dmask_offs = tl.arange(0, BLOCK_M)[None, :] * Lk + tl.arange(0, BLOCK_N)[:, None]
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m < Lq)[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        mask_ptrs = mask_base + tl.cast(start_m, tl.int64) * stride_mm + mask_offs
+        sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, False,
+                     CHECK_CAUSAL)
+        pT = tl.math.exp2(sT - lse[None, :])
+        do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                     mask=(offs_m < Lq)[:, None] & dv_ok[None, :], other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
+            keepT = dropout_keep(keys[None, :], offs_n[:, None], drop_threshold)
+            pT_kept = tl.where(keepT, pT * keep_scale, 0.0)
+            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
+        else:
+            pT_kept = pT
+        dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        if MASK_GRAD:
+            dmask_ptrs = dmask_base + tl.cast(start_m, tl.int64) * Lk + dmask_offs
+            tl.store(dmask_ptrs, dsT.to(dmask_base.dtype.element_ty), mask=(offs_m[None, :] < Lq) & (offs_n[:, None] < Lk))
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
+def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
+                   stride_gb, stride_gh, stride_gm, stride_gd,
+                   Hq, Hkv, GROUP, Lq, Lk, qk_scale, scale, keep_scale,
+                   seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
+                   LQ_KEY, LK_KEY,
+                   D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk))."""
+    num_n = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    bhk = (pid // num_n).to(tl.int64)
+    pid_n = pid % num_n
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    k = _load_2d(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                 offs_n < Lk, offs_d < D, True, D != HEAD_DIM)
+    v = _load_2d(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                 offs_n < Lk, offs_dv < DV, True, DV != HEAD_DIM_V)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], tl.float32)
+
+    # With causal, the query blocks before m_lo see none of these keys.
+    m_lo = 0
+    if CAUSAL:
+        m_lo = (start_n // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):  # the query heads that read this kv head, in order: deterministic
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = dOut + b * stride_gb + h * stride_gh
+        mask_base = Mask + b * stride_mb + h * stride_mh + start_n.to(tl.int64) * stride_mn
+        dmask_base = dMask + bh * Lq * Lk + start_n
+        # One loop for all query blocks (the causal mask applied to each): two loop instances (masked
+        # diagonal blocks, then unmasked ones) keep both loops' invariants live and spill at D = 128.
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_base,
+                             dmask_base, offs_n, m_lo, Lq, stride_qm, stride_qd, stride_gm,
+                             stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
+                             offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION)
+
+    dk = dk * scale
+    # dK, dV are contiguous (B, Hkv, Lk, D / DV).
+    dk_ptrs = dK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+    dv_ptrs = dV + bhk * Lk * DV + offs_n[:, None] * DV + offs_dv[None, :]
+    tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :])
+    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, lo, hi,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
+              drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr,
+              CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    d_ok = _cols_ok(D, HEAD_DIM)
+    dv_ok = _cols_ok(DV, HEAD_DIM_V)
+    mask_offs = tl.arange(0, BLOCK_M)[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if CHECK_KEYS:
+            key_ok = offs_n < Lk
+        else:
+            key_ok = tl.full([BLOCK_N], True, tl.int1)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
+        s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
+                    CHECK_CAUSAL)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(drop_keys[:, None], offs_n[None, :], drop_threshold)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
+def _attn_bwd_dq(Q, K, V, Mask, dOut, Lse, Delta, dQ,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_mb, stride_mh, stride_mm, stride_mn,
+                 stride_gb, stride_gh, stride_gm, stride_gd,
+                 Hq, GROUP, Lq, Lk, qk_scale, scale, keep_scale,
+                 seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
+                 LQ_KEY, LK_KEY,
+                 D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ (contiguous, Q's shape)."""
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    pid_m = pid % num_m
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    q = _load_2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                 offs_m < Lq, offs_d < D, True, D != HEAD_DIM)
+    do = _load_2d(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                  offs_m < Lq, offs_dv < DV, True, DV != HEAD_DIM_V)
+    lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh + start_m.to(tl.int64) * stride_mm
+    drop_keys = offs_m.to(tl.uint32)
+    if DROPOUT:
+        drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_full = (Lk // BLOCK_N) * BLOCK_N
+    n_end = Lk
+    if CAUSAL:
+        n_full = tl.minimum(n_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+        n_end = tl.minimum(Lk, start_m + BLOCK_M)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, 0, n_full,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
+                   drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False, False,
+                   DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, n_full, n_end,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
+                   drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL,
+                   DOT_PRECISION)
+    dq = dq * scale
+    dq_ptrs = dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations
+# ---------------------------------------------------------------------------------------------
+# Each kernel has an "outer" block (the rows a program owns: queries for _attn_fwd/_attn_bwd_dq,
+# keys for _attn_bwd_dkdv) and an "inner" block (the rows streamed through the loop).
+# OUTER_INNER names the constexprs of each kernel in that order.
+OUTER_INNER = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M")}
+#: The configurations the autotuner may try, per kernel and padded head dim (<= 64, 128, 256), as
+#: (outer, inner, num_warps, num_stages), for sm_90 and newer. Drawn from BLOCK_M in {64, 128},
+#: BLOCK_N in {32, 64, 128}, stages 2-4, warps 4/8, keeping those that the AOT sweep
+#: (tests/test_triton_attention_aot.py) compiled without local-memory spills: the fp32 accumulators
+#: of the outer block (dK and dV together in _attn_bwd_dkdv) plus the score tiles must fit 255
+#: registers per thread, which rules out large inner tiles at D = 128 and 128-row outer blocks at
+#: D = 256. The exception is dK/dV at D = 256 (see below).
+CONFIGS = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2), (64, 32, 4, 3)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2), (64, 32, 4, 3)],
+    },
+    "dkdv": {
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 3)],
+        128: [(128, 32, 8, 2), (128, 32, 8, 3)],
+        # dK and dV of 64 keys x 256 dims are 256 fp32 registers per thread with 4 warps; 8 warps
+        # halve that but still spill some (see the AOT sweep): splitting dK and dV over two
+        # programs would be the fix for D > 128.
+        256: [(64, 32, 8, 2)],
+    },
+}
+#: The same for sm_8x (mma.sync instead of wgmma: different register layouts, less shared memory).
+CONFIGS_SM80 = {
+    "fwd": {
+        64: CONFIGS["fwd"][64],
+        128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2)],
+    },
+    "dq": {
+        64: CONFIGS["dq"][64],
+        128: [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)],
+        128: [(64, 32, 8, 2), (64, 32, 4, 2)],
+        256: [(64, 32, 8, 2)],  # spills a little, as on sm_90
+    },
+}
+#: Configurations that compile cleanly for the plain and causal kernels but spill on sm_90 once an
+#: attn_mask, its gradient and dropout add their tiles (the AOT sweep's "all" feature set): the
+#: autotuner skips them when any of those is on, unless nothing else is left.
+HEAVY_SPILLS = {
+    ("fwd", 128, (128, 128, 8, 2)),
+    ("dq", 128, (64, 64, 4, 2)),
+    ("dq", 256, (64, 32, 4, 3)),
+    ("dkdv", 64, (64, 64, 4, 3)),
+    ("dkdv", 64, (128, 64, 8, 3)),
+    ("dkdv", 128, (128, 32, 8, 3)),  # 59 spill instructions; (128, 32, 8, 2) keeps 9
+}
+#: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
+#: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
+#: orders, so that the causal-diagonal logic is exercised with unequal blocks.
+INTERPRETER_CONFIG = {"fwd": (64, 32), "dq": (32, 64), "dkdv": (64, 32)}
+DELTA_BLOCK_M = 64
+#: usable shared memory per block by compute capability (opt-in maximum, bytes)
+SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024}
+
+
+def _head_bucket(head_dim: int, head_dim_v: int) -> int:
+    hd = max(head_dim, head_dim_v)
+    return 64 if hd <= 64 else (128 if hd <= 128 else 256)
+
+
+def _config(kernel: str, outer: int, inner: int, warps: int, stages: int):
+    outer_name, inner_name = OUTER_INNER[kernel]
+    return triton.Config({outer_name: outer, inner_name: inner}, num_warps=warps, num_stages=stages)
+
+
+def all_configs(kernel: str) -> list:
+    """Every configuration the autotuner of ``kernel`` ("fwd", "dq", "dkdv") starts from."""
+    seen = sorted({c for table in (CONFIGS, CONFIGS_SM80) for per_dim in table[kernel].values() for c in per_dim})
+    return [_config(kernel, *c) for c in seen]
+
+
+def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int, head_dim_v: int,
+                 elem_bytes: int, mask_bytes: int = 0) -> int:
+    """Shared memory the compiled kernel uses (matches the AOT-compiled sizes): the pipelined
+    inner tiles (K and V, or Q and dO) of every stage, the outer tiles staged for the tensor cores,
+    and the pipelined attn_mask tiles."""
+    outer_tiles = head_dim if kernel == "fwd" else head_dim + head_dim_v
+    return (stages * inner * (head_dim + head_dim_v) * elem_bytes + outer * outer_tiles * elem_bytes
+            + (stages - 1) * outer * inner * mask_bytes)
+
+
+def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90,
+              mask_bytes: int = 0, heavy: bool = False) -> bool:
+    """Whether the autotuner may try ``cfg`` for this head-dim pair (padded powers of two), element
+    size, compute capability (80, 90, ...) and mask element size (0 = no mask); ``heavy`` (a mask,
+    its gradient or dropout is on) also skips HEAVY_SPILLS."""
+    outer_name, inner_name = OUTER_INNER[kernel]
+    key = (cfg.kwargs[outer_name], cfg.kwargs[inner_name], cfg.num_warps, cfg.num_stages)
+    table = CONFIGS if arch >= 90 else CONFIGS_SM80
+    bucket = _head_bucket(head_dim, head_dim_v)
+    if key not in table[kernel][bucket]:
+        return False
+    if heavy and (kernel, bucket, key) in HEAVY_SPILLS:
+        return False
+    limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
+    return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _len_key(n: int) -> int:
+    """Sequence lengths round up to powers of two for the autotuning key."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _make_prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        args = dict(named_args, **kwargs)
+        elem = args["Q"].element_size()
+        major, minor = torch.cuda.get_device_capability(args["Q"].device)
+        mask_bytes = args["Mask"].element_size() if args["MASK_KIND"] else 0
+        arch = major * 10 + minor
+        heavy = bool(args["MASK_KIND"] or args["DROPOUT"] or args.get("MASK_GRAD", False))
+        keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
+                                                mask_bytes, heavy)]
+        if not keep:
+            keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
+                                                    mask_bytes)]
+        if not keep:  # e.g. float32 at D = 256 on a small-shared-memory chip: the smallest tiles
+            outer_name, inner_name = OUTER_INNER[kernel]
+            keep = [min(configs, key=lambda c: (c.kwargs[outer_name] * c.kwargs[inner_name] * c.num_stages))]
+        outer_name = OUTER_INNER[kernel][0]
+        outer_len = args["LK_KEY"] if kernel == "dkdv" else args["LQ_KEY"]
+        small = [c for c in keep if c.kwargs[outer_name] <= max(outer_len, 64)]  # short sequences: 64-row blocks
+        return small or keep
+    return prune
+
+
+_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "D", "DV", "CAUSAL", "MASK_KIND", "DROPOUT"]
+_KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
+_tuned = {}
+
+
+def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: dict):
+    """Launch ``kernel`` over ``heads`` x blocks of ``grid_rows`` outer rows: autotuned on a GPU,
+    with INTERPRETER_CONFIG under the interpreter."""
+    outer_name, inner_name = OUTER_INNER[kernel]
+    if _interpreting():
+        outer, inner = INTERPRETER_CONFIG[kernel]
+        _KERNELS[kernel][(triton.cdiv(grid_rows, outer) * heads,)](*args, **constexprs,
+                                                                   **{outer_name: outer, inner_name: inner})
+        return
+    fn = _tuned.get(kernel)
+    if fn is None:
+        keys = _AUTOTUNE_KEYS + (["MASK_GRAD"] if kernel == "dkdv" else [])
+        fn = _tuned[kernel] = triton.autotune(all_configs(kernel), key=keys,
+                                              prune_configs_by={"early_config_prune": _make_prune(kernel)})(
+            _KERNELS[kernel])
+    fn[lambda meta: (triton.cdiv(grid_rows, meta[outer_name]) * heads,)](*args, **constexprs)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (the contract of fused_attn.backends.base)
+# ---------------------------------------------------------------------------------------------
+
+def unsupported_reasons(call: Call) -> list[str]:
+    reasons = []
+    for name in ("head_dim", "head_dim_v"):
+        value = call.options.get(name)
+        if value is not None and value > MAX_HEAD_DIM:
+            reasons.append(f"{name} {value} > {MAX_HEAD_DIM} (the Triton kernels keep a head in registers)")
+    return reasons
+
+
+def _i32(x: int) -> int:
+    """A value in [0, 2**32) as the int32 with the same bits (so Triton always types it i32)."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= (1 << 31) else x
+
+
+def _dropout_scalars(dropout_p: float, seed: int, offset: int):
+    """(keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, threshold), the last five as int32 bits."""
+    if dropout_p == 0.0:
+        return 1.0, 0, 0, 0, 0, 0
+    seed_lo, seed_hi_mix, threshold = dropout_args(dropout_p, seed)
+    offset &= (1 << 64) - 1
+    return (1.0 / (1.0 - dropout_p), _i32(seed_lo), _i32(seed_hi_mix), _i32(offset), _i32(offset >> 32),
+            _i32(threshold))
+
+
+def _mask_args(attn_mask, dummy):
+    """(pointer tensor, strides, MASK_KIND) of the (B, Hq, Lq, Lk) mask view."""
+    if attn_mask is None:
+        return dummy, (0, 0, 0, 0), 0
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.view(torch.uint8), attn_mask.stride(), 1
+    return attn_mask, attn_mask.stride(), 2
+
+
+def _common_constexprs(q, v, causal, mask_kind, dropout_p):
+    D, Dv = q.shape[3], v.shape[3]
+    return dict(D=D, DV=Dv, HEAD_DIM=_pow2(D), HEAD_DIM_V=_pow2(Dv), CAUSAL=bool(causal), MASK_KIND=mask_kind,
+                DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse):
+    """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT tests)."""
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
+    keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
+    args = (q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
+    return Lq, B * Hq, args, _common_constexprs(q, v, causal, mask_kind, dropout_p)
+
+
+def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad,
+                    dq, dk, dv, dmask):
+    """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels."""
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
+    keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
+    common = _common_constexprs(q, v, causal, mask_kind, dropout_p)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
+    tail = (Lq, Lk, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
+    dkdv = (q, k, v, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq, *strides, Hq, Hkv, Hq // Hkv, *tail)
+    dq_args = (q, k, v, mask, dout, lse, delta, dq, *strides, Hq, Hq // Hkv, *tail)
+    return {"dkdv": (Lk, B * Hkv, dkdv, dict(common, MASK_GRAD=bool(mask_grad))),
+            "dq": (Lq, B * Hq, dq_args, common)}
+
+
+def attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset):
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = new_attention_out(q, v.shape[3])
+    lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+    if B * Hq * Lq == 0:
+        return out, lse
+    if Lk == 0:  # no key at all: every row is "fully masked"
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse))
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad):
+    B, Hq, Lq, D = q.shape
+    Lk, Dv = k.shape[2], v.shape[3]
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dmask = empty(q)
+    if mask_grad:
+        # With causal, the dK/dV loop skips query blocks entirely above the diagonal: start from zeros.
+        dmask = (torch.zeros if causal else torch.empty)((B, Hq, Lq, Lk), device=q.device, dtype=attn_mask.dtype)
+    if B * Hq * Lq == 0 or Lk == 0:  # nothing flows: all gradients are zero
+        for t in (dq, dk, dv, dmask):
+            t.zero_()
+        return dq, dk, dv, dmask
+    delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta[(triton.cdiv(Lq, DELTA_BLOCK_M) * B * Hq,)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M)
+    launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset,
+                               mask_grad, dq, dk, dv, dmask)
+    _launch("dkdv", *launches["dkdv"])
+    _launch("dq", *launches["dq"])
+    return dq, dk, dv, dmask

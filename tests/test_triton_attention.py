@@ -1,0 +1,308 @@
+"""The Triton attention kernels (fused_attn/triton/attention.py) against the float64 oracle.
+
+Without a GPU these run under TRITON_INTERPRET=1 (set by conftest.py) in float32 and float16;
+sizes are kept small because the interpreter is slow. The interpreter uses one fixed block
+configuration (INTERPRETER_CONFIG, outer 32 / inner 16), so lengths like 17, 97, 129 cross several
+blocks with ragged ends and the causal diagonal crosses blocks of unequal sizes.
+"""
+import math
+
+import pytest
+import torch
+
+from fused_attn import functional as F
+from fused_attn import reference as R
+from fused_attn.backends import BackendUnavailableError
+from fused_attn.testing import check_against_reference, make_inputs, reconstruct_dropout_mask
+
+pytest.importorskip("triton")
+from fused_attn.triton import attention as triton_attention  # noqa: E402  (after TRITON_INTERPRET is set)
+
+f32, f16 = torch.float32, torch.float16
+
+
+def _check(shape, dtype, device, *, causal=False, mask=None, scale=None, dropout_p=0.0, rng=None, grad=True,
+           q_scale=1.0, seed=0, floor=None):
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv), dtype=dtype, device=device, seed=seed,
+                          requires_grad=grad)
+    if q_scale != 1.0:
+        q = (q.detach() * q_scale).requires_grad_(grad)
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
+    names = ["q", "k", "v", "attn_mask"][:len(inputs)]
+
+    def fused(q, k, v, m=None):
+        gen = None if rng is None else torch.Generator().manual_seed(rng)
+        return F.attention(q, k, v, attn_mask=m, causal=causal, scale=scale, dropout_p=dropout_p, backend="triton",
+                           generator=gen)
+
+    def ref(q, k, v, m=None):
+        pair = None
+        if dropout_p > 0.0:
+            pair = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64,
+                                       generator=torch.Generator().manual_seed(rng)).tolist())
+        return R.attention(q, k, v, m, causal, dropout_p, scale, pair)
+
+    return check_against_reference(fused, ref, inputs, names=names, floor=floor)
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv): the seqlens 1, 17, 97, 128, 129, cross-attention pairs, head dims
+# 16, 40, 59, 64, 128, grouped-query heads and Dv != D.
+SHAPES = [
+    (1, 1, 1, 1, 1, 16, 16),
+    (2, 2, 2, 17, 17, 40, 40),
+    (1, 2, 1, 97, 97, 59, 59),
+    (1, 1, 1, 128, 128, 64, 64),
+    (1, 1, 1, 129, 129, 16, 16),
+    (1, 2, 2, 1, 147, 64, 64),
+    (1, 1, 1, 239, 1, 40, 40),
+    (1, 4, 2, 63, 65, 32, 48),
+    (1, 3, 1, 33, 20, 128, 128),
+    (2, 4, 1, 18, 31, 24, 8),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Lq{}Lk{}D{}Dv{}".format(*s))
+def test_shapes_float32(shape, causal, device):
+    floor = None
+    if shape[4] == 1:
+        # One key: its probability is exactly 1 and dK is exactly 0. The float32 reference gets 0
+        # by exact cancellation; the kernel's dS = p * (dO.v - rowsum(dO*O)) keeps a rounding
+        # residue (two summation orders), summed over Lq rows. Absolute floor for that case.
+        floor = 2e-5
+    _check(shape, f32, device, causal=causal, floor=floor)
+
+
+@pytest.mark.parametrize("shape,causal", [
+    ((1, 2, 2, 17, 17, 40, 40), False),
+    ((1, 1, 1, 97, 97, 64, 64), True),
+    ((1, 2, 1, 63, 65, 59, 59), True),
+    ((1, 1, 1, 1, 147, 16, 16), False),
+    ((1, 1, 1, 129, 40, 128, 128), True),
+], ids=lambda x: str(x))
+def test_shapes_float16(shape, causal, device):
+    _check(shape, f16, device, causal=causal)
+
+
+def test_large_logits_float16_do_not_overflow(device):
+    # q.k reaches ~ 16 * 8 * 8 / sqrt(16) = 256 > log(65504): exp in half precision would overflow.
+    _check((1, 1, 1, 33, 47, 16, 16), f16, device, q_scale=8.0, causal=True)
+
+
+def test_custom_scale(device):
+    _check((1, 2, 1, 20, 36, 40, 40), f32, device, scale=0.37)
+
+
+MASK_SHAPES = {  # broadcastable to (B=2, Hq=2, Lq=19, Lk=37)
+    "LqLk": (19, 37),
+    "key_padding": (2, 1, 1, 37),
+    "per_head": (1, 2, 19, 37),
+    "full": (2, 2, 19, 37),
+    "row": (2, 1, 19, 1),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask_shape", list(MASK_SHAPES), ids=str)
+def test_bool_mask(mask_shape, causal, device):
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(MASK_SHAPES[mask_shape], generator=gen) > 0.3
+    _check((2, 2, 1, 19, 37, 24, 24), f32, device, causal=causal, mask=mask.to(device))
+
+
+@pytest.mark.parametrize("dtype", [f32, f16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask_shape", ["LqLk", "key_padding", "full"], ids=str)
+def test_additive_mask_with_grad(mask_shape, causal, dtype, device):
+    gen = torch.Generator().manual_seed(2)
+    mask = (torch.randn(MASK_SHAPES[mask_shape], generator=gen) * 2).to(device=device, dtype=dtype)
+    mask.requires_grad_(True)
+    results = _check((2, 2, 2, 19, 37, 16, 16), dtype, device, causal=causal, mask=mask)
+    assert any(r.name == "grad of attn_mask" for r in results)
+
+
+def test_additive_mask_without_grad_gqa(device):
+    mask = torch.randn(1, 1, 45, 30, generator=torch.Generator().manual_seed(3)).to(device)
+    _check((1, 4, 2, 45, 30, 40, 40), f32, device, mask=mask)
+
+
+def test_fully_masked_rows_give_zeros(device):
+    B, H, Lq, Lk, D = 1, 2, 21, 18, 16
+    keep = torch.rand(B, H, Lq, Lk, generator=torch.Generator().manual_seed(4)) > 0.4
+    keep[:, :, 3] = False  # rows 3 and 20 of every head see no key
+    keep[0, 1, 20] = False
+    keep = keep.to(device)
+    _check((B, H, H, Lq, Lk, D, D), f32, device, mask=keep)
+    q, k, v = make_inputs((B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), device=device)
+    out = F.attention(q, k, v, attn_mask=keep, backend="triton")
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    assert (out[:, :, 3] == 0).all() and (out[0, 1, 20] == 0).all()
+    assert (q.grad[:, :, 3] == 0).all() and (q.grad[0, 1, 20] == 0).all()
+
+
+def test_additive_minus_inf_rows_and_lse(device):
+    B, H, Lq, Lk, D = 1, 1, 9, 13, 16
+    bias = torch.randn(B, H, Lq, Lk, generator=torch.Generator().manual_seed(5))
+    bias[0, 0, 2] = float("-inf")
+    bias[0, 0, 5, :7] = float("-inf")
+    q, k, v = make_inputs((B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), device=device, requires_grad=False)
+    bias = bias.to(device)
+    scale = 1 / math.sqrt(D)
+    out, lse = triton_attention.attention_fwd(q, k, v, bias, False, 0.0, scale, 0, 0)
+    ref_lse = R.attention_lse(q.double(), k.double(), bias.double(), False, scale)
+    assert torch.isinf(lse[0, 0, 2]) and lse[0, 0, 2] > 0
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    assert (out[0, 0, 2] == 0).all()
+    _check((B, H, H, Lq, Lk, D, D), f32, device, mask=bias.requires_grad_(True))
+
+
+def test_output_layout_and_lse(device):
+    q, k, v = make_inputs((2, 3, 11, 16), (2, 3, 14, 16), (2, 3, 14, 8), device=device, requires_grad=False)
+    out, lse = triton_attention.attention_fwd(q, k, v, None, True, 0.0, 0.25, 0, 0)
+    assert out.shape == (2, 3, 11, 8) and out.transpose(1, 2).is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 11)
+    torch.testing.assert_close(lse.double(), R.attention_lse(q.double(), k.double(), None, True, 0.25),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_inputs(device):
+    B, H, L, D = 2, 3, 23, 32
+    gen = torch.Generator().manual_seed(6)
+    # q in the (B, L, H, D) layout of a projection, k with a non-unit last stride, v a slice.
+    q = torch.randn(B, L, H, D, generator=gen).to(device).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, H, L, 2 * D, generator=gen).to(device)[..., ::2].requires_grad_(True)
+    v = torch.randn(B, H, L + 5, D, generator=gen).to(device)[:, :, 3:L + 3].requires_grad_(True)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+
+    check_against_reference(lambda q, k, v: F.attention(q, k, v, causal=True, backend="triton"),
+                            lambda q, k, v: R.attention(q, k, v, causal=True), [q, k, v])
+    # The oracle's copies keep only dense layouts (q's); run the launcher on the views themselves too.
+    out, _ = triton_attention.attention_fwd(q.detach(), k.detach(), v.detach(), None, True, 0.0, D ** -0.5, 0, 0)
+    torch.testing.assert_close(out, R.attention(q.detach(), k.detach(), v.detach(), causal=True), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_strided_gradients_through_launcher(device):
+    """attention_bwd on non-contiguous q/k/v/dout views equals the contiguous run bitwise."""
+    B, H, L, D = 1, 2, 19, 16
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(B, L, H, D, generator=gen).to(device).transpose(1, 2)
+    k = torch.randn(B, H, L, 2 * D, generator=gen).to(device)[..., ::2]
+    v = torch.randn(B, H, L, D, generator=gen).to(device)
+    dout = torch.randn(B, L, H, D, generator=gen).to(device).transpose(1, 2)
+    args = (None, True, 0.0, 0.25, 0, 0)
+    out, lse = triton_attention.attention_fwd(q, k, v, *args)
+    grads = triton_attention.attention_bwd(dout, q, k, v, out, lse, *args, False)
+    c = [t.contiguous() for t in (q, k, v, dout)]
+    out_c, lse_c = triton_attention.attention_fwd(c[0], c[1], c[2], *args)
+    grads_c = triton_attention.attention_bwd(c[3], c[0], c[1], c[2], out_c, lse_c, *args, False)
+    for g, gc in zip(grads[:3], grads_c[:3]):
+        assert g.is_contiguous() and torch.equal(g, gc)
+
+
+@pytest.mark.parametrize("dtype", [f32, f16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_matches_reference(causal, dtype, device):
+    _check((1, 4, 2, 37, 29, 16, 24), dtype, device, causal=causal, dropout_p=0.3, rng=11)
+
+
+def test_dropout_with_mask_grad(device):
+    mask = torch.randn(1, 1, 21, 33, generator=torch.Generator().manual_seed(8)).to(device).requires_grad_(True)
+    _check((2, 2, 1, 21, 33, 16, 16), f32, device, mask=mask, dropout_p=0.2, rng=12)
+
+
+def test_dropout_mask_is_the_hash_and_same_in_backward(device):
+    """With V = identity the output is the dropped, rescaled probability matrix itself, and dV with
+    dO = identity is its transpose: both must show exactly the reconstructed keep-mask."""
+    B, H, L, p = 2, 2, 48, 0.4
+    q, k = make_inputs((B, H, L, 16), (B, H, L, 16), device=device, requires_grad=False, seed=9)
+    v = torch.eye(L, device=device).expand(B, H, L, L).contiguous().requires_grad_(True)
+    gen = torch.Generator().manual_seed(21)
+    seed, offset = torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=torch.Generator().manual_seed(21)).tolist()
+    out = F.attention(q, k, v, dropout_p=p, backend="triton", generator=gen)
+    keep = reconstruct_dropout_mask(seed, offset, p, B * H * L, L).reshape(B, H, L, L).to(device)
+    assert torch.equal(out.detach() != 0, keep)
+    kept = keep.float().mean().item()
+    assert abs(kept - (1 - p)) < 4 * math.sqrt(p * (1 - p) / keep.numel())
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+    torch.testing.assert_close(out.detach(), probs * keep / (1 - p), rtol=1e-5, atol=1e-6)
+    out.backward(torch.eye(L, device=device).expand(B, H, L, L))
+    assert torch.equal(v.grad.transpose(-1, -2) != 0, keep)
+
+
+def test_dropout_reproducible_and_seed_dependent(device):
+    q, k, v = make_inputs((1, 2, 30, 16), (1, 2, 30, 16), (1, 2, 30, 16), device=device, requires_grad=False)
+    run = lambda s: F.attention(q, k, v, dropout_p=0.5, backend="triton", generator=torch.Generator().manual_seed(s))
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_backward_bitwise_reproducible(device):
+    q, k, v = make_inputs((1, 4, 40, 16), (1, 2, 40, 16), (1, 2, 40, 16), device=device, requires_grad=False)
+    out, lse = triton_attention.attention_fwd(q, k, v, None, True, 0.0, 0.25, 0, 0)
+    dout = torch.randn_like(out)
+    a = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, True, 0.0, 0.25, 0, 0, False)
+    b = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, True, 0.0, 0.25, 0, 0, False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("sizes", [(0, 2, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)], ids=["B0", "Lq0", "Lk0"])
+def test_empty_sizes(sizes, device):
+    B, H, Lq, Lk = sizes
+    q, k, v = make_inputs((B, H, Lq, 16), (B, H, Lk, 16), (B, H, Lk, 8), device=device)
+    mask = torch.zeros(1, 1, Lq, Lk, device=device, requires_grad=True)
+    out = F.attention(q, k, v, attn_mask=mask, backend="triton")
+    assert out.shape == (B, H, Lq, 8)
+    assert (out == 0).all()
+    out.sum().backward()
+    for t in (q, k, v, mask):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+def test_inputs_not_modified_outputs_fresh(device):
+    q, k, v = make_inputs((1, 2, 17, 16), (1, 2, 17, 16), (1, 2, 17, 16), device=device, requires_grad=False)
+    copies = [t.clone() for t in (q, k, v)]
+    out, lse = triton_attention.attention_fwd(q, k, v, None, False, 0.0, 0.25, 0, 0)
+    dout = torch.randn_like(out)
+    grads = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, False, 0.0, 0.25, 0, 0, False)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))
+    ptrs = {t.data_ptr() for t in (q, k, v, dout)}
+    assert not any(t.data_ptr() in ptrs for t in (out, lse) + grads[:3])
+
+
+def test_head_dim_over_256_is_refused_with_reason(device):
+    q, k, v = make_inputs((1, 1, 4, 264), (1, 1, 4, 264), (1, 1, 4, 16), device=device)
+    with pytest.raises(BackendUnavailableError, match="head_dim 264 > 256"):
+        F.attention(q, k, v, backend="triton")
+
+
+def test_head_dim_256_and_value_dim_1(device):
+    _check((1, 1, 1, 9, 18, 256, 200), f32, device, causal=True)
+    _check((1, 1, 1, 9, 18, 16, 1), f32, device)
+
+
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16), (64, 64)], ids=str)
+def test_other_block_shapes(blocks, device, monkeypatch):
+    """The GPU autotuner picks other (outer, inner) blocks than the interpreter default: the same
+    kernels with inner > outer, inner < outer and equal blocks, on causal + mask + ragged lengths."""
+    monkeypatch.setattr(triton_attention, "INTERPRETER_CONFIG", {k: blocks for k in ("fwd", "dq", "dkdv")})
+    mask = (torch.randn(1, 2, 45, 70, generator=torch.Generator().manual_seed(10)) * 3).to(device)
+    _check((1, 2, 1, 45, 70, 16, 16), f32, device, causal=True, mask=mask.requires_grad_(True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,causal", [((2, 8, 2, 1000, 1000, 64, 64), True), ((1, 4, 4, 333, 1030, 128, 128), False),
+                                          ((1, 2, 1, 257, 129, 256, 256), True), ((2, 4, 4, 1, 700, 96, 96), False)],
+                         ids=str)
+def test_gpu_compiled_kernels(shape, causal, dtype):
+    """The compiled (autotuned) kernels on a real GPU, half precision, against the oracle."""
+    _check(shape, dtype, "cuda", causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_mask_grad_and_dropout():
+    mask = torch.randn(1, 1, 300, 500, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    _check((2, 4, 2, 300, 500, 64, 64), torch.bfloat16, "cuda", causal=True, mask=mask, dropout_p=0.1, rng=3)

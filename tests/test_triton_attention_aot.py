@@ -1,0 +1,308 @@
+"""Ahead-of-time compilation of the Triton attention kernels for sm_90 and sm_80 (no GPU needed).
+
+Every configuration the autotuner may try (``all_configs`` filtered by ``config_ok``) must compile,
+fit the chip's shared memory, spill nothing to local memory (no LDL/STL in the SASS) and, on
+sm_90 in half precision, run its main loop on ``HGMMA`` (wgmma). Compilation needs
+TRITON_INTERPRET unset, so the work runs in a subprocess (``fused_attn.triton._aot.run_isolated``).
+
+The arguments compiled are exactly those the launchers pass (``fwd_launch_args`` /
+``bwd_launch_args`` on CPU tensors of a typical contiguous layout), specialised the way the JIT
+specialises them (16-divisible pointers and strides, unit strides as constants).
+
+Each compile takes 10-60 s on two shared cores, so each test run checks a representative subset;
+the sweep over every configuration is run by hand with
+``python tests/test_triton_attention_aot.py [--arch 90] [--dtype float16] [--features all] [--out r.json]``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = ("fwd", "dkdv", "dq")
+#: feature sets: the plain fast path and the heaviest one (every option on at once)
+FEATURES = {
+    "plain": dict(causal=False, mask=None, dropout=False, mask_grad=False),
+    "causal": dict(causal=True, mask=None, dropout=False, mask_grad=False),
+    "all": dict(causal=True, mask="additive", dropout=True, mask_grad=True),
+    "dropout": dict(causal=False, mask=None, dropout=True, mask_grad=False),
+    "mask_grad": dict(causal=False, mask="additive", dropout=False, mask_grad=True),
+    "bool_mask": dict(causal=False, mask="bool", dropout=False, mask_grad=False),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the compile driver (runs in the subprocess, without TRITON_INTERPRET)
+# ---------------------------------------------------------------------------------------------
+
+def _launch(kernel, dtype_name, head_dim, head_dim_v, features):
+    """(fn, args, constexprs) of one kernel as the launcher would call it on a GPU."""
+    import torch
+
+    from fused_attn.triton import attention as A
+
+    dtype = getattr(torch, dtype_name)
+    B, Hq, Hkv, L = 2, 8, 4, 1024
+    q = torch.empty(B, Hq, L, head_dim, dtype=dtype)
+    k = torch.empty(B, Hkv, L, head_dim, dtype=dtype)
+    v = torch.empty(B, Hkv, L, head_dim_v, dtype=dtype)
+    mask = None
+    if features["mask"] == "additive":
+        mask = torch.empty(1, 1, L, L, dtype=dtype).expand(B, Hq, L, L)
+    elif features["mask"] == "bool":
+        mask = torch.empty(B, 1, 1, L, dtype=torch.bool).expand(B, Hq, L, L)
+    p = 0.1 if features["dropout"] else 0.0
+    lse = torch.empty(B, Hq, L, dtype=torch.float32)
+    if kernel == "fwd":
+        out = A.new_attention_out(q, head_dim_v)
+        _, _, args, constexprs = A.fwd_launch_args(q, k, v, mask, features["causal"], p, 0.125, 123, 456, out, lse)
+    else:
+        dout = A.new_attention_out(q, head_dim_v)
+        dmask = torch.empty(B, Hq, L, L, dtype=dtype) if features["mask_grad"] else torch.empty(0, dtype=dtype)
+        launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), mask, features["causal"], p, 0.125,
+                                     123, 456, features["mask_grad"], torch.empty_like(q), torch.empty_like(k),
+                                     torch.empty_like(v), dmask)
+        _, _, args, constexprs = launches[kernel]
+    return A._KERNELS[kernel], args, constexprs
+
+
+def _specialise(fn, args):
+    """Signature, constants and 16-divisible argument names, as the JIT derives them."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    signature, constants, divisible = {}, {}, []
+    for name, arg in zip(fn.arg_names, args):
+        specialise = name not in fn.do_not_specialize
+        ty, spec = native_specialize_impl(BaseBackend, arg, False, specialise, specialise)
+        if ty == "constexpr":
+            constants[name] = spec
+        else:
+            signature[name] = ty
+            if spec == "D":
+                divisible.append(name)
+    return signature, constants, divisible
+
+
+def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, num_warps, num_stages, features):
+    """Compile one configuration; returns the AotResult as a dict plus its problems."""
+    from fused_attn.triton import _aot
+    from fused_attn.triton import attention as A
+
+    fn, args, constexprs = _launch(kernel, dtype_name, head_dim, head_dim_v, FEATURES[features])
+    signature, constants, divisible = _specialise(fn, args)
+    outer_name, inner_name = A.OUTER_INNER[kernel]
+    constants.update(constexprs, **{outer_name: outer, inner_name: inner})
+    res = _aot.aot_compile(fn, signature, constants, arch=arch, num_warps=num_warps, num_stages=num_stages,
+                           divisible_by_16=divisible)
+    half = dtype_name in ("float16", "bfloat16")
+    out = res.to_dict()
+    out.update(kernel=kernel, dtype=dtype_name, head_dim=head_dim, head_dim_v=head_dim_v, outer=outer, inner=inner,
+               features=features, problems=res.problems(require_hgmma=half))
+    return out
+
+
+def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v):
+    """The (outer, inner, warps, stages) the autotuner may try for this case: all_configs filtered
+    by config_ok (what ``_make_prune`` does on the GPU)."""
+    import torch
+
+    from fused_attn.triton import attention as A
+
+    elem = torch.empty(0, dtype=getattr(torch, dtype_name)).element_size()
+    outer_name, inner_name = A.OUTER_INNER[kernel]
+    return [(c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages) for c in A.all_configs(kernel)
+            if A.config_ok(kernel, c, A._pow2(head_dim), A._pow2(head_dim_v), elem, arch)]
+
+
+def compile_many(cases):
+    """Compile each case (a tuple of compile_one's arguments); a failure is recorded, not raised."""
+    results = []
+    for case in cases:
+        try:
+            results.append(compile_one(*case))
+        except Exception as exc:  # noqa: BLE001 - reported per configuration
+            keys = ("kernel", "arch", "dtype", "head_dim", "head_dim_v", "outer", "inner", "num_warps", "num_stages",
+                    "features")
+            results.append(dict(zip(keys, case), problems=[f"compile error: {type(exc).__name__}: {str(exc)[:300]}"]))
+    return results
+
+
+def _run(cases, timeout=1500):
+    from fused_attn.triton._aot import run_isolated
+
+    code = (f"import sys, json; sys.path.insert(0, {HERE!r}); sys.path.insert(0, {os.path.dirname(HERE)!r})\n"
+            "import test_triton_attention_aot as m\n"
+            f"print(json.dumps(m.compile_many({[tuple(c) for c in cases]!r})))")
+    return run_isolated(code, timeout=timeout)
+
+
+def _describe(r):
+    return (f"{r['kernel']} sm_{r['arch']} {r['dtype']} D={r['head_dim']}/{r['head_dim_v']} "
+            f"outer={r['outer']} inner={r['inner']} w={r['num_warps']} s={r['num_stages']} {r['features']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# tests: a representative subset per run
+# ---------------------------------------------------------------------------------------------
+
+# The largest tiles the autotuner keeps per head dim carry the most shared memory and registers;
+# each case is (kernel, arch, dtype, D, Dv, outer, inner, warps, stages, features).
+SUBSET = [
+    ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "plain"),
+    ("dkdv", 90, "bfloat16", 128, 128, 128, 32, 8, 2, "causal"),
+    ("dq", 90, "float16", 64, 64, 128, 64, 8, 3, "causal"),
+    ("fwd", 80, "float16", 64, 64, 128, 128, 8, 3, "plain"),
+    ("dkdv", 80, "bfloat16", 128, 128, 64, 32, 8, 2, "plain"),
+]
+
+
+@pytest.fixture(scope="module")
+def subset_results():
+    return _run(SUBSET)
+
+
+def test_subset_cases_are_configs_the_autotuner_keeps():
+    pytest.importorskip("torch")
+    from fused_attn.triton import attention as A
+
+    for kernel, arch, dtype, d, dv, outer, inner, warps, stages, _ in SUBSET:
+        import torch
+
+        elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        outer_name, inner_name = A.OUTER_INNER[kernel]
+        cfg = next(c for c in A.all_configs(kernel) if (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps,
+                                                         c.num_stages) == (outer, inner, warps, stages))
+        assert A.config_ok(kernel, cfg, A._pow2(d), A._pow2(dv), elem, arch)
+
+
+@pytest.mark.parametrize("index", range(len(SUBSET)), ids=lambda i: "-".join(map(str, SUBSET[i])))
+def test_aot_subset(subset_results, index):
+    from fused_attn.triton import attention as A
+
+    r = subset_results[index]
+    assert not r["problems"], f"{_describe(r)}: {r['problems']}"
+    if r["arch"] == 90 and r["dtype"] in ("float16", "bfloat16"):
+        assert r["hgmma"] > 0
+    assert 0 < r["registers"] <= 255
+    # the autotuner's shared-memory estimate (used to prune configs) covers what the compiler allocates
+    predicted = A.shared_bytes(r["kernel"], r["outer"], r["inner"], r["num_stages"], r["head_dim"],
+                               r["head_dim_v"], 2)
+    assert 0 < r["shared"] <= predicted + 1024, (r["shared"], predicted)
+
+
+def test_config_filter_is_conservative():
+    """config_ok keeps at least one config for every half-precision dtype, head dim up to 256,
+    kernel and arch, and none whose estimated shared memory exceeds the chip's. (float32 at large
+    head dims may keep none: the autotuner's prune then falls back to the smallest tiles.)"""
+    import torch
+
+    from fused_attn.triton import attention as A
+
+    for kernel in KERNELS:
+        for arch in (80, 90):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                elem = torch.empty(0, dtype=dtype).element_size()
+                for hd in (16, 32, 64, 128, 256):
+                    kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, hd, hd, elem, arch)]
+                    assert kept or dtype == torch.float32, (kernel, arch, dtype, hd)
+                    outer_name, inner_name = A.OUTER_INNER[kernel]
+                    for c in kept:
+                        need = A.shared_bytes(kernel, c.kwargs[outer_name], c.kwargs[inner_name], c.num_stages,
+                                              hd, hd, elem)
+                        assert need <= A.SHARED_BYTES[arch], (kernel, arch, dtype, hd, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# the exhaustive sweep, by hand
+# ---------------------------------------------------------------------------------------------
+
+def sweep_cases(archs=(90, 80), dtypes=("bfloat16",), head_dims=(64, 128, 256), features=("causal",),
+                kernels=KERNELS):
+    cases = []
+    for arch in archs:
+        for dtype in dtypes:
+            for hd in head_dims:
+                for kernel in kernels:
+                    for outer, inner, warps, stages in candidate_configs(kernel, arch, dtype, hd, hd):
+                        for feat in features:
+                            cases.append((kernel, arch, dtype, hd, hd, outer, inner, warps, stages, feat))
+    return cases
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append")
+    parser.add_argument("--dtype", action="append")
+    parser.add_argument("--head-dim", type=int, action="append")
+    parser.add_argument("--features", action="append")
+    parser.add_argument("--kernel", action="append", choices=KERNELS)
+    parser.add_argument("--out", default="aot_sweep.json")
+    parser.add_argument("--list", action="store_true", help="only list the cases")
+    a = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(HERE))
+    cases = sweep_cases(tuple(a.arch or (90, 80)), tuple(a.dtype or ("bfloat16",)),
+                        tuple(a.head_dim or (64, 128, 256)), tuple(a.features or ("causal",)),
+                        tuple(a.kernel or KERNELS))
+    print(f"{len(cases)} cases", file=sys.stderr)
+    if a.list:
+        for c in cases:
+            print(c)
+        sys.exit(0)
+    os.environ.pop("TRITON_INTERPRET", None)
+    results = []
+    for i, case in enumerate(cases):
+        r = compile_many([case])[0]
+        results.append(r)
+        status = "ok" if not r["problems"] else "; ".join(r["problems"])
+        print(f"[{i + 1}/{len(cases)}] {_describe(r)} shared={r.get('shared')} regs={r.get('registers')} "
+              f"hgmma={r.get('hgmma')}: {status}", flush=True)
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def test_heavy_features_keep_a_config():
+    """Skipping HEAVY_SPILLS never leaves a (kernel, head dim) without configurations."""
+    from fused_attn.triton import attention as A
+
+    for kernel in KERNELS:
+        for hd in (64, 128, 256):
+            kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, hd, hd, 2, 90, 2, heavy=True)]
+            assert kept, (kernel, hd)
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
+def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
+    """The autotuner's early prune (it only runs on a GPU) picks from the per-arch lists, honours
+    short sequences and heavy features, and never returns nothing."""
+    import torch
+
+    from fused_attn.triton import attention as A
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    arch = capability[0] * 10 + capability[1]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for kernel in KERNELS:
+        prune = A._make_prune(kernel)
+        outer_name, inner_name = A.OUTER_INNER[kernel]
+        for hd in (64, 128, 256):
+            for heavy in (False, True):
+                for length in (1, 4096):
+                    args = dict(Q=q, Mask=q, HEAD_DIM=hd, HEAD_DIM_V=hd, MASK_KIND=2 if heavy else 0,
+                                DROPOUT=heavy, MASK_GRAD=heavy, LQ_KEY=length, LK_KEY=length)
+                    kept = prune(A.all_configs(kernel), args)
+                    assert kept, (kernel, hd, heavy, length)
+                    table = A.CONFIGS if arch >= 90 else A.CONFIGS_SM80
+                    has_small = any(cfg[0] == 64 for cfg in table[kernel][hd])
+                    for c in kept:
+                        key = (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages)
+                        assert key in table[kernel][hd]
+                        if length == 1 and has_small:  # one-row sequences: 64-row blocks when listed
+                            assert key[0] == 64

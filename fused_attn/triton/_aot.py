@@ -59,11 +59,14 @@ def _tool(name: str) -> str:
 
 
 def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
-                num_stages: int = 3) -> AotResult:
+                num_stages: int = 3, divisible_by_16: tuple = ()) -> AotResult:
     """Compile ``fn`` (a @triton.jit function) for sm_``arch`` and inspect the result.
 
     ``signature`` maps every runtime argument to its Triton type ("*fp16", "i32", "fp32", ...);
     ``constexprs`` gives the tl.constexpr values (they are added to the signature as "constexpr").
+    ``divisible_by_16`` names the pointer/int arguments to mark 16-divisible, as the runtime's
+    specialisation does for aligned tensors and sizes (without it, loads are not vectorised and
+    cp.async pipelining is skipped, so the compiled kernel is not the one a GPU would run).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -72,7 +75,8 @@ def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int = 90, num_wa
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]

@@ -111,7 +111,7 @@ def _ffn_gemm(
     a_ptr, b_ptr, bias_ptr, pre_ptr, out_ptr, h_ptr, colsum_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, up_offset_b,
-    stride_pre_m, stride_out_m, stride_h_m, stride_colsum_m,
+    stride_pre_m, stride_out_m, stride_h_m, stride_colsum_m, up_col, col0,
     seed_lo, seed_hi_mix, offset, threshold, drop_scale,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -121,10 +121,13 @@ def _ffn_gemm(
 
     Pointer roles per epilogue (unused ones are dummies):
       EPI_BIAS:    out = C + bias                                         (M, N)
-      EPI_ACT_FWD: out = pre = C + bias  (gated: [gate | up], width 2N);   h = dropout(act(pre))  (M, N)
-      EPI_ACT_BWD: C = dh; pre_ptr = saved pre; out = dpre (width 2N if gated); h = recomputed
+      EPI_ACT_FWD: out = pre = C + bias  (gated: [gate | up]);   h = dropout(act(pre))  (M, N)
+      EPI_ACT_BWD: C = dh; pre_ptr = saved pre; out = dpre (gated: [d gate | d up]); h = recomputed
                    dropout(act(pre)); colsum[pid_m, :] = column sums of dpre (float32) when HAS_BIAS
-    For GATED, a second accumulator reads the B columns ``up_offset_b`` elements further on.
+    For GATED, a second accumulator reads the B columns ``up_offset_b`` elements further on, and
+    the up half of bias / pre / dpre / colsum lies ``up_col`` columns after the gate half.
+    The pointers may address a column block of wider matrices (the backward runs d_ff in chunks):
+    ``col0`` is the block's first column in the (T, d_ff) activation, for the dropout hash.
     """
     # -- grouped tile order: GROUP_M row-blocks sweep the column-blocks together (L2 reuse) --
     pid = tl.program_id(0)
@@ -170,7 +173,7 @@ def _ffn_gemm(
     if DROPOUT:
         # element (t, c) of the (T, d_ff) activation: logical row t, column c (fused_attn._rng)
         row_key = dropout_row_key(seed_lo, seed_hi_mix, offs_m.to(tl.int64) + offset)
-        keep = dropout_keep(row_key[:, None], offs_n[None, :], threshold)
+        keep = dropout_keep(row_key[:, None], (col0 + offs_n)[None, :], threshold)
 
     if EPILOGUE == 0:
         if HAS_BIAS:
@@ -186,9 +189,9 @@ def _ffn_gemm(
         h, _unused = _activation(pre_gate.to(tl.float32), ACT, False)
         if GATED:
             if HAS_BIAS:
-                acc_up += tl.load(bias_ptr + N + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+                acc_up += tl.load(bias_ptr + up_col + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
             pre_up = acc_up.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptrs + N, pre_up, mask=tile_mask)
+            tl.store(out_ptrs + up_col, pre_up, mask=tile_mask)
             h = h * pre_up.to(tl.float32)
         if DROPOUT:
             h = tl.where(keep, h * drop_scale, 0.0)
@@ -202,11 +205,11 @@ def _ffn_gemm(
         gate = tl.load(pre_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
         a_gate, da_gate = _activation(gate, ACT, True)
         if GATED:
-            up = tl.load(pre_ptrs + N, mask=tile_mask, other=0.0).to(tl.float32)
+            up = tl.load(pre_ptrs + up_col, mask=tile_mask, other=0.0).to(tl.float32)
             d_gate = dh * up * da_gate
             d_up = dh * a_gate
             h = a_gate * up
-            tl.store(out_ptrs + N, d_up.to(out_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(out_ptrs + up_col, d_up.to(out_ptr.dtype.element_ty), mask=tile_mask)
         else:
             d_gate = dh * da_gate
             h = a_gate
@@ -218,7 +221,7 @@ def _ffn_gemm(
             colsum_ptrs = colsum_ptr + pid_m * stride_colsum_m + offs_n
             tl.store(colsum_ptrs, tl.sum(tl.where(tile_mask, d_gate, 0.0), axis=0), mask=n_in)
             if GATED:
-                tl.store(colsum_ptrs + N, tl.sum(tl.where(tile_mask, d_up, 0.0), axis=0), mask=n_in)
+                tl.store(colsum_ptrs + up_col, tl.sum(tl.where(tile_mask, d_up, 0.0), axis=0), mask=n_in)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,19 +237,16 @@ def _config(bm, bn, bk, stages, warps, group_m=8):
 HOPPER_CONFIGS = [
     _config(128, 256, 64, 3, 8),
     _config(128, 128, 64, 4, 8),
-    _config(128, 128, 64, 3, 4),
     _config(64, 128, 64, 4, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(128, 128, 32, 3, 4),  # float32 (4-byte) inputs
+    _config(128, 128, 32, 3, 8),  # float32 (4-byte) inputs
     _config(64, 64, 32, 4, 4),    # small problems
 ]
 #: Ampere (sm_80, 163 KiB shared memory per block): mma.sync tiles, BLOCK_K 32.
 AMPERE_CONFIGS = [
     _config(128, 256, 32, 3, 8),
-    _config(256, 128, 32, 3, 8),
     _config(128, 128, 32, 4, 4),
+    _config(128, 128, 32, 3, 8),
     _config(64, 128, 32, 4, 4),
-    _config(128, 64, 32, 4, 4),
     _config(64, 64, 32, 4, 4),
 ]
 #: The interpreter (CPU) runs one small config: it is slow per element, not per tile.
@@ -309,7 +309,7 @@ def _dropout_args(dropout_p: float, seed: int, offset: int):
 
 
 def _launch(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None, pre=None, out, h=None,
-            colsum=None, up_offset_b=0, dropout=(0.0, 0, 0)):
+            colsum=None, up_offset_b=0, up_col=0, col0=0, dropout=(0.0, 0, 0)):
     """Launch one ``_ffn_gemm``: ``a`` is (M, K); ``b_km`` is a (K, N) view (any strides)."""
     if M == 0 or N == 0:
         return
@@ -322,7 +322,7 @@ def _launch(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None,
             M, N, K,
             a.stride(0), a.stride(1), b_km.stride(0), b_km.stride(1), up_offset_b,
             pre.stride(0) if pre is not None else 0, out.stride(0), h.stride(0) if h is not None else 0,
-            colsum.stride(0) if colsum is not None else 0,
+            colsum.stride(0) if colsum is not None else 0, up_col, col0,
             seed_lo, seed_hi, off, threshold, scale)
     flags = dict(EPILOGUE=epilogue, ACT=act, GATED=gated, HAS_BIAS=bias is not None or colsum is not None,
                  DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
@@ -351,7 +351,7 @@ def feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
     h = torch.empty((T, d_ff), device=x.device, dtype=x.dtype)
     # GEMM 1: A = x (T, d), B[k, n] = w1[n, k]; up rows start d_ff rows further down w1.
     _launch(x, w1.t(), T, d_ff, d, epilogue=EPI_ACT_FWD, act=act, gated=gated, bias=b1, out=pre, h=h,
-            up_offset_b=d_ff * w1.stride(0), dropout=(dropout_p, seed, offset))
+            up_offset_b=d_ff * w1.stride(0), up_col=d_ff, dropout=(dropout_p, seed, offset))
     out = torch.empty((T, d_out), device=x.device, dtype=x.dtype)
     if d_ff == 0:  # empty reduction: the kernel would still run, but make the intent explicit
         out.copy_(b2.expand(T, d_out) if b2 is not None else torch.zeros_like(out))
@@ -361,17 +361,40 @@ def feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
     return out, pre
 
 
+#: the backward recomputes h in column chunks of at least this many columns (a multiple of
+#: every BLOCK_N, so chunk borders are tile borders) ...
+BWD_CHUNK_MIN_COLS = 1024
+#: ... and in at most this many chunks: h then needs 1/4 of a (T, d_ff) buffer. Chunk widths are
+#: multiples of BWD_CHUNK_ALIGN (the largest BLOCK_N; keeps chunk pointers 16-byte aligned).
+BWD_CHUNKS = 4
+BWD_CHUNK_ALIGN = 256
+
+
+def _bwd_chunks(d_ff: int) -> list[tuple[int, int]]:
+    if d_ff < 2 * BWD_CHUNK_MIN_COLS:
+        return [(0, d_ff)] if d_ff else []
+    width = max(BWD_CHUNK_MIN_COLS, triton.cdiv(triton.cdiv(d_ff, BWD_CHUNKS), BWD_CHUNK_ALIGN) * BWD_CHUNK_ALIGN)
+    return [(c0, min(c0 + width, d_ff)) for c0 in range(0, d_ff, width)]
+
+
 def feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset, has_b1, has_b2):
     """(dx, dw1, db1, dw2, db2).
 
     One fused GEMM ``dh = dout @ w2`` whose epilogue produces dpre (activation derivative and
-    dropout applied in registers), the recomputed ``h`` and db1's partial column sums. ``h`` is
-    recomputed *in that epilogue* rather than in a separate elementwise kernel (which would read
-    pre a second time) or in the dw2 GEMM's prologue (which would redo the transcendental
-    activation once per output tile of d_model -- dozens of times per element -- and keep the
-    operand from going straight to shared memory / wgmma): the epilogue already holds pre and
-    act(pre) in registers, so h costs one extra store and no extra reads. The price is a
-    transient (T, d_ff) buffer during backward. The three plain products then run on torch.matmul.
+    dropout applied in registers), the recomputed ``h`` and db1's partial column sums.
+
+    Where h is recomputed: *in that epilogue*, which already holds pre and act(pre) in registers,
+    so h costs one store and no extra reads. The alternatives are worse: a separate elementwise
+    kernel reads pre a second time; recomputing in the dw2 GEMM's prologue redoes the
+    transcendental activation once per d_model tile (dozens of times per element) and keeps the
+    operand from flowing straight from global to shared memory into wgmma.
+
+    Memory: a whole (T, d_ff) h would sit beside pre and dpre. So for wide layers the backward
+    walks d_ff in up to ``BWD_CHUNKS`` column chunks: the fused GEMM for chunk c writes dpre[:, c]
+    and h for that chunk into one reused buffer, and ``dw2[:, c] = dout^T @ h_c`` (cuBLAS, written
+    straight into its column block of dw2) consumes it before the next chunk. Peak extra memory is
+    one chunk of h. The plain products ``dw1 = dpre^T x`` and ``dx = dpre w1`` then run once on
+    torch.matmul over the full dpre.
     """
     act, gated = ACTIVATION_CODES[activation]
     T, d = x.shape
@@ -380,15 +403,22 @@ def feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset, 
     d_out = w2.shape[0]
     pre = pre.contiguous()
     dpre = torch.empty((T, F1), device=x.device, dtype=x.dtype)
-    h = torch.empty((T, d_ff), device=x.device, dtype=x.dtype)
+    dw2 = torch.empty((d_out, d_ff), device=x.device, dtype=x.dtype)
     colsum = None
     if has_b1:
         colsum = torch.zeros((_colsum_rows(T), F1), device=x.device, dtype=torch.float32)
-    # dh = dout @ w2: A = dout (T, d_out), B[k, n] = w2[k, n].
-    _launch(dout, w2, T, d_ff, d_out, epilogue=EPI_ACT_BWD, act=act, gated=gated, pre=pre, out=dpre, h=h,
-            colsum=colsum, dropout=(dropout_p, seed, offset))
-    dw2 = torch.mm(dout.t(), h)
-    del h
+    chunks = _bwd_chunks(d_ff)
+    h_buffer = torch.empty((T, max((c1 - c0 for c0, c1 in chunks), default=0)), device=x.device, dtype=x.dtype)
+    for c0, c1 in chunks:
+        h = h_buffer[:, : c1 - c0]
+        # dh[:, c0:c1] = dout @ w2[:, c0:c1]: A = dout (T, d_out), B[k, n] = w2[k, c0 + n].
+        _launch(dout, w2[:, c0:c1], T, c1 - c0, d_out, epilogue=EPI_ACT_BWD, act=act, gated=gated,
+                pre=pre[:, c0:], out=dpre[:, c0:], h=h, colsum=None if colsum is None else colsum[:, c0:],
+                up_col=d_ff, col0=c0, dropout=(dropout_p, seed, offset))
+        torch.mm(dout.t(), h, out=dw2[:, c0:c1])
+    del h_buffer
+    if d_ff == 0:
+        dw2.zero_()
     dw1 = torch.mm(dpre.t(), x)
     dx = torch.mm(dpre, w1)
     db1 = colsum.sum(0).to(x.dtype) if has_b1 else empty(x)

@@ -191,3 +191,12 @@ def test_backward_in_column_chunks(activation, dropout_p, device, monkeypatch):
                               generator=torch.Generator().manual_seed(3))
 
     check_against_reference(_fused(activation, dropout_p, seed=3), reference, [x, w1, b1, w2, b2], names=NAMES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_bfloat16_and_wide_layer_on_gpu(activation, device):
+    """Compiled kernels (autotuned configs, tensor cores), bfloat16, and a d_ff wide enough for
+    the chunked backward (2560 columns -> 3 chunks of at most 1024)."""
+    x, w1, b1, w2, b2 = _ffn_inputs(1000, 256, 2560, activation, torch.bfloat16, device)
+    check_against_reference(_fused(activation), _reference(activation), [x, w1, b1, w2, b2], names=NAMES)

@@ -66,6 +66,14 @@ def _interpreting() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _dropout_factor(rows, cols, seed_lo, seed_hi_mix, offset, threshold, drop_scale):
+    """1/(1-p) where element (row, col) of the (T, d_ff) activation is kept, else 0 (fused_attn._rng)."""
+    row_key = dropout_row_key(seed_lo, seed_hi_mix, rows.to(tl.int64) + offset)
+    keep = dropout_keep(row_key[:, None], cols[None, :], threshold)
+    return tl.where(keep, drop_scale, 0.0)
+
+
+@triton.jit
 def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
@@ -165,15 +173,14 @@ def _ffn_gemm(
         b_ptrs += BLOCK_K * stride_bk
 
     # -- epilogue ---------------------------------------------------------------------------
+    # (ordered so that few full tiles are live at once: the accumulators already hold up to
+    # half of a thread's registers)
     m_in = offs_m < M
     n_in = offs_n < N
     tile_mask = m_in[:, None] & n_in[None, :]
     rows64 = offs_m.to(tl.int64)[:, None]
     out_ptrs = out_ptr + rows64 * stride_out_m + offs_n[None, :]
-    if DROPOUT:
-        # element (t, c) of the (T, d_ff) activation: logical row t, column c (fused_attn._rng)
-        row_key = dropout_row_key(seed_lo, seed_hi_mix, offs_m.to(tl.int64) + offset)
-        keep = dropout_keep(row_key[:, None], (col0 + offs_n)[None, :], threshold)
+    h_ptrs = h_ptr + rows64 * stride_h_m + offs_n[None, :]
 
     if EPILOGUE == 0:
         if HAS_BIAS:
@@ -194,34 +201,35 @@ def _ffn_gemm(
             tl.store(out_ptrs + up_col, pre_up, mask=tile_mask)
             h = h * pre_up.to(tl.float32)
         if DROPOUT:
-            h = tl.where(keep, h * drop_scale, 0.0)
-        tl.store(h_ptr + rows64 * stride_h_m + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=tile_mask)
+            h *= _dropout_factor(offs_m, col0 + offs_n, seed_lo, seed_hi_mix, offset, threshold, drop_scale)
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
 
     else:
+        pre_ptrs = pre_ptr + rows64 * stride_pre_m + offs_n[None, :]
+        a_gate, da_gate = _activation(tl.load(pre_ptrs, mask=tile_mask, other=0.0).to(tl.float32), ACT, True)
         dh = acc
         if DROPOUT:
-            dh = tl.where(keep, dh * drop_scale, 0.0)
-        pre_ptrs = pre_ptr + rows64 * stride_pre_m + offs_n[None, :]
-        gate = tl.load(pre_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
-        a_gate, da_gate = _activation(gate, ACT, True)
+            factor = _dropout_factor(offs_m, col0 + offs_n, seed_lo, seed_hi_mix, offset, threshold, drop_scale)
+            dh = dh * factor
         if GATED:
             up = tl.load(pre_ptrs + up_col, mask=tile_mask, other=0.0).to(tl.float32)
-            d_gate = dh * up * da_gate
             d_up = dh * a_gate
-            h = a_gate * up
             tl.store(out_ptrs + up_col, d_up.to(out_ptr.dtype.element_ty), mask=tile_mask)
+            if HAS_BIAS:
+                tl.store(colsum_ptr + pid_m * stride_colsum_m + up_col + offs_n,
+                         tl.sum(tl.where(tile_mask, d_up, 0.0), axis=0), mask=n_in)
+            d_gate = dh * up * da_gate
+            h = a_gate * up
         else:
             d_gate = dh * da_gate
             h = a_gate
         tl.store(out_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=tile_mask)
-        if DROPOUT:
-            h = tl.where(keep, h * drop_scale, 0.0)
-        tl.store(h_ptr + rows64 * stride_h_m + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=tile_mask)
         if HAS_BIAS:
-            colsum_ptrs = colsum_ptr + pid_m * stride_colsum_m + offs_n
-            tl.store(colsum_ptrs, tl.sum(tl.where(tile_mask, d_gate, 0.0), axis=0), mask=n_in)
-            if GATED:
-                tl.store(colsum_ptrs + up_col, tl.sum(tl.where(tile_mask, d_up, 0.0), axis=0), mask=n_in)
+            tl.store(colsum_ptr + pid_m * stride_colsum_m + offs_n,
+                     tl.sum(tl.where(tile_mask, d_gate, 0.0), axis=0), mask=n_in)
+        if DROPOUT:
+            h = h * factor
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,17 +243,20 @@ def _config(bm, bn, bk, stages, warps, group_m=8):
 
 #: Hopper (sm_90, 227 KiB shared memory per block): large tiles feed wgmma; BLOCK_K 64 for 16-bit.
 HOPPER_CONFIGS = [
-    _config(128, 256, 64, 3, 8),
+    _config(128, 256, 64, 3, 8),  # bias-only epilogue (the second forward GEMM)
     _config(128, 128, 64, 4, 8),
+    _config(128, 64, 64, 4, 8),   # gated forward: two 128x64 accumulators
     _config(64, 128, 64, 4, 4),
     _config(128, 128, 32, 3, 8),  # float32 (4-byte) inputs
+    _config(128, 64, 32, 3, 8),
     _config(64, 64, 32, 4, 4),    # small problems
 ]
 #: Ampere (sm_80, 163 KiB shared memory per block): mma.sync tiles, BLOCK_K 32.
 AMPERE_CONFIGS = [
-    _config(128, 256, 32, 3, 8),
-    _config(128, 128, 32, 4, 4),
+    _config(128, 256, 32, 3, 8),  # bias-only epilogue
+    _config(128, 128, 32, 4, 4),  # bias-only epilogue
     _config(128, 128, 32, 3, 8),
+    _config(128, 64, 32, 4, 8),   # gated forward
     _config(64, 128, 32, 4, 4),
     _config(64, 64, 32, 4, 4),
 ]
@@ -254,6 +265,15 @@ INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 _MIN_BLOCK_M = 64  # smallest BLOCK_M of any config: sizes the db1 partial-sum buffer
+#: float32 accumulator registers per thread each epilogue can afford out of 255 without spilling
+#: (measured by AOT compilation, tests/test_triton_feed_forward_aot.py). float32 inputs (FMA
+#: dots, operands in registers) keep BLOCK_K at 32.
+ACC_REGISTER_BUDGET = {EPI_BIAS: 128, EPI_ACT_FWD: 64}
+#: The backward epilogue holds dh, the pre (and up) tiles, act, act' and the dropout factor at
+#: once and sits at the edge of the register file: only these configs compiled without a single
+#: spill (64x64 on 4 warps and 128x64x32 on sm_90 spilled a few), so it is not autotuned.
+#: (major, element bytes) -> (index in the arch's list)
+BWD_CONFIG = {(90, 2): 2, (90, 4): 6, (80, 2): 3, (80, 4): 3}
 
 
 def shared_memory_estimate(config: triton.Config, elem_bytes: int, gated: bool) -> int:
@@ -269,22 +289,24 @@ def accumulator_registers(config: triton.Config, gated: bool) -> int:
     return (2 if gated else 1) * kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * config.num_warps)
 
 
-def configs_for(capability_major: int, elem_bytes: int, gated: bool) -> list[triton.Config]:
-    """The configs worth timing on this architecture for this dtype / gating: they fit shared
-    memory and keep the accumulators at <= 128 of the 255 registers a thread has (the epilogue
-    needs room for pre, the activation and its derivative)."""
+def configs_for(capability_major: int, elem_bytes: int, epilogue: int, gated: bool) -> list[triton.Config]:
+    """The configs worth timing on this architecture for this dtype and epilogue: they fit
+    shared memory and the epilogue's accumulator register budget."""
     major = 90 if capability_major >= 9 else 80
     candidates = HOPPER_CONFIGS if major == 90 else AMPERE_CONFIGS
-    fitting = [c for c in candidates if shared_memory_estimate(c, elem_bytes, gated) <= SMEM_LIMIT[major]
-               and accumulator_registers(c, gated) <= 128]
+    if epilogue == EPI_ACT_BWD:
+        return [candidates[BWD_CONFIG[(major, 4 if elem_bytes == 4 else 2)]]]
+    two_b = gated and epilogue == EPI_ACT_FWD  # the gated forward loads two B tiles
+    fitting = [c for c in candidates if shared_memory_estimate(c, elem_bytes, two_b) <= SMEM_LIMIT[major]
+               and accumulator_registers(c, two_b) <= ACC_REGISTER_BUDGET[epilogue]
+               and not (elem_bytes == 4 and c.kwargs["BLOCK_K"] > 32)]
     return fitting or [candidates[-1]]
 
 
 def _prune(configs, named_args, **kwargs):
     major = torch.cuda.get_device_capability()[0]
     elem_bytes = named_args["a_ptr"].element_size()
-    gated = bool(kwargs.get("GATED", False)) and kwargs.get("EPILOGUE") == EPI_ACT_FWD
-    keep = {id(c) for c in configs_for(major, elem_bytes, gated)}
+    keep = {id(c) for c in configs_for(major, elem_bytes, kwargs["EPILOGUE"], bool(kwargs["GATED"]))}
     return [c for c in configs if id(c) in keep]
 
 

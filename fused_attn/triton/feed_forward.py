@@ -304,8 +304,9 @@ def configs_for(capability_major: int, elem_bytes: int, epilogue: int, gated: bo
 
 
 def _prune(configs, named_args, **kwargs):
-    major = torch.cuda.get_device_capability()[0]
-    elem_bytes = named_args["a_ptr"].element_size()
+    a = named_args["a_ptr"]
+    major = torch.cuda.get_device_capability(a.device)[0]
+    elem_bytes = a.element_size()
     keep = {id(c) for c in configs_for(major, elem_bytes, kwargs["EPILOGUE"], bool(kwargs["GATED"]))}
     return [c for c in configs if id(c) in keep]
 
@@ -375,7 +376,7 @@ def feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
     _launch(x, w1.t(), T, d_ff, d, epilogue=EPI_ACT_FWD, act=act, gated=gated, bias=b1, out=pre, h=h,
             up_offset_b=d_ff * w1.stride(0), up_col=d_ff, dropout=(dropout_p, seed, offset))
     out = torch.empty((T, d_out), device=x.device, dtype=x.dtype)
-    if d_ff == 0:  # empty reduction: the kernel would still run, but make the intent explicit
+    if d_ff == 0:  # nothing to reduce over: out is b2 (or zeros)
         out.copy_(b2.expand(T, d_out) if b2 is not None else torch.zeros_like(out))
     else:
         # GEMM 2: A = h (T, d_ff), B[k, n] = w2[n, k].

@@ -176,15 +176,17 @@ def test_saved_for_backward_is_smaller_than_unfused(activation, dropout_p, devic
         assert fused <= baseline - act_bytes, (fused, baseline)
 
 
-@pytest.mark.parametrize("activation,dropout_p", [("gelu", 0.0), ("swiglu", 0.25)])
-def test_backward_in_column_chunks(activation, dropout_p, device, monkeypatch):
-    """Wide layers run the backward over d_ff in column chunks (h is recomputed one chunk at a
-    time); shrink the chunk width so a small layer takes that path: 100 = 32 + 32 + 32 + 4."""
+@pytest.mark.parametrize("activation,dropout_p,dtype", [("gelu", 0.0, torch.float32), ("swiglu", 0.25, torch.float32),
+                                                        ("geglu", 0.0, torch.float16)])
+def test_backward_in_column_chunks(activation, dropout_p, dtype, device, monkeypatch):
+    """Wide layers run the backward over d_ff in column chunks (dpre and h one chunk at a time,
+    dx accumulated over chunks); shrink the chunk width so a small layer takes that path:
+    100 = 32 + 32 + 32 + 4."""
     from fused_attn.triton import feed_forward as ff
     monkeypatch.setattr(ff, "BWD_CHUNK_MIN_COLS", 32)
     monkeypatch.setattr(ff, "BWD_CHUNK_ALIGN", 32)
     assert ff._bwd_chunks(100) == [(0, 32), (32, 64), (64, 96), (96, 100)]
-    x, w1, b1, w2, b2 = _ffn_inputs(17, 24, 100, activation, torch.float32, device)
+    x, w1, b1, w2, b2 = _ffn_inputs(17, 24, 100, activation, dtype, device)
 
     def reference(x, w1, b1, w2, b2):
         return F.feed_forward(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p, backend="reference",

@@ -133,7 +133,8 @@ def _ffn_gemm(
       EPI_ACT_BWD: C = dh; pre_ptr = saved pre; out = dpre (gated: [d gate | d up]); h = recomputed
                    dropout(act(pre)); colsum[pid_m, :] = column sums of dpre (float32) when HAS_BIAS
     For GATED, a second accumulator reads the B columns ``up_offset_b`` elements further on, and
-    the up half of bias / pre / dpre / colsum lies ``up_col`` columns after the gate half.
+    the up half of bias / pre / colsum lies ``up_col`` columns after the gate half, and that of
+    out (pre, or a chunk of dpre: the backward writes dpre chunk-wise) N columns after it.
     The pointers may address a column block of wider matrices (the backward runs d_ff in chunks):
     ``col0`` is the block's first column in the (T, d_ff) activation, for the dropout hash.
     """
@@ -173,63 +174,71 @@ def _ffn_gemm(
         b_ptrs += BLOCK_K * stride_bk
 
     # -- epilogue ---------------------------------------------------------------------------
-    # (ordered so that few full tiles are live at once: the accumulators already hold up to
-    # half of a thread's registers)
+    # The backward one sits at the edge of the register file (up to five live tiles beside the
+    # accumulator), so pointers are formed at their use from a per-tile base pointer (int64
+    # scalar) plus int32 in-tile offsets, and each result is stored as soon as it exists.
     m_in = offs_m < M
     n_in = offs_n < N
     tile_mask = m_in[:, None] & n_in[None, :]
-    rows64 = offs_m.to(tl.int64)[:, None]
-    out_ptrs = out_ptr + rows64 * stride_out_m + offs_n[None, :]
-    h_ptrs = h_ptr + rows64 * stride_h_m + offs_n[None, :]
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    local_m = tl.arange(0, BLOCK_M)[:, None]
+    out_base = out_ptr + row0 * stride_out_m
+    h_base = h_ptr + row0 * stride_h_m
 
     if EPILOGUE == 0:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(out_base + local_m * stride_out_m + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=tile_mask)
 
     elif EPILOGUE == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
         pre_gate = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptrs, pre_gate, mask=tile_mask)
+        tl.store(out_base + local_m * stride_out_m + offs_n[None, :], pre_gate, mask=tile_mask)
         # activation of the *stored* (rounded) pre, exactly what backward recomputes from
         h, _unused = _activation(pre_gate.to(tl.float32), ACT, False)
         if GATED:
             if HAS_BIAS:
                 acc_up += tl.load(bias_ptr + up_col + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
             pre_up = acc_up.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptrs + up_col, pre_up, mask=tile_mask)
+            tl.store(out_base + local_m * stride_out_m + (N + offs_n)[None, :], pre_up, mask=tile_mask)
             h = h * pre_up.to(tl.float32)
         if DROPOUT:
             h *= _dropout_factor(offs_m, col0 + offs_n, seed_lo, seed_hi_mix, offset, threshold, drop_scale)
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(h_base + local_m * stride_h_m + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=tile_mask)
 
     else:
-        pre_ptrs = pre_ptr + rows64 * stride_pre_m + offs_n[None, :]
-        a_gate, da_gate = _activation(tl.load(pre_ptrs, mask=tile_mask, other=0.0).to(tl.float32), ACT, True)
+        pre_base = pre_ptr + row0 * stride_pre_m
+        gate = tl.load(pre_base + local_m * stride_pre_m + offs_n[None, :], mask=tile_mask, other=0.0)
+        a_gate, da_gate = _activation(gate.to(tl.float32), ACT, True)
         dh = acc
         if DROPOUT:
             factor = _dropout_factor(offs_m, col0 + offs_n, seed_lo, seed_hi_mix, offset, threshold, drop_scale)
             dh = dh * factor
+            a_drop = a_gate * factor  # h before the up factor, dropout applied
+        else:
+            a_drop = a_gate
         if GATED:
-            up = tl.load(pre_ptrs + up_col, mask=tile_mask, other=0.0).to(tl.float32)
             d_up = dh * a_gate
-            tl.store(out_ptrs + up_col, d_up.to(out_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(out_base + local_m * stride_out_m + (N + offs_n)[None, :], d_up.to(out_ptr.dtype.element_ty),
+                     mask=tile_mask)
             if HAS_BIAS:
                 tl.store(colsum_ptr + pid_m * stride_colsum_m + up_col + offs_n,
                          tl.sum(tl.where(tile_mask, d_up, 0.0), axis=0), mask=n_in)
+            up = tl.load(pre_base + local_m * stride_pre_m + (up_col + offs_n)[None, :], mask=tile_mask,
+                         other=0.0).to(tl.float32)
+            h = a_drop * up
             d_gate = dh * up * da_gate
-            h = a_gate * up
         else:
+            h = a_drop
             d_gate = dh * da_gate
-            h = a_gate
-        tl.store(out_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(h_base + local_m * stride_h_m + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(out_base + local_m * stride_out_m + offs_n[None, :], d_gate.to(out_ptr.dtype.element_ty),
+                 mask=tile_mask)
         if HAS_BIAS:
             tl.store(colsum_ptr + pid_m * stride_colsum_m + offs_n,
                      tl.sum(tl.where(tile_mask, d_gate, 0.0), axis=0), mask=n_in)
-        if DROPOUT:
-            h = h * factor
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,11 +393,11 @@ def feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
     return out, pre
 
 
-#: the backward recomputes h in column chunks of at least this many columns (a multiple of
-#: every BLOCK_N, so chunk borders are tile borders) ...
+#: the backward walks d_ff in column chunks of at least this many columns ...
 BWD_CHUNK_MIN_COLS = 1024
-#: ... and in at most this many chunks: h then needs 1/4 of a (T, d_ff) buffer. Chunk widths are
-#: multiples of BWD_CHUNK_ALIGN (the largest BLOCK_N; keeps chunk pointers 16-byte aligned).
+#: ... and in at most this many chunks, so its (T, d_ff)-sized temporaries (dpre, h) shrink to a
+#: quarter. Chunk widths are multiples of BWD_CHUNK_ALIGN (the largest BLOCK_N: chunk borders are
+#: tile borders and chunk pointers stay 16-byte aligned).
 BWD_CHUNKS = 4
 BWD_CHUNK_ALIGN = 256
 
@@ -412,38 +421,44 @@ def feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset, 
     transcendental activation once per d_model tile (dozens of times per element) and keeps the
     operand from flowing straight from global to shared memory into wgmma.
 
-    Memory: a whole (T, d_ff) h would sit beside pre and dpre. So for wide layers the backward
-    walks d_ff in up to ``BWD_CHUNKS`` column chunks: the fused GEMM for chunk c writes dpre[:, c]
-    and h for that chunk into one reused buffer, and ``dw2[:, c] = dout^T @ h_c`` (cuBLAS, written
-    straight into its column block of dw2) consumes it before the next chunk. Peak extra memory is
-    one chunk of h. The plain products ``dw1 = dpre^T x`` and ``dx = dpre w1`` then run once on
-    torch.matmul over the full dpre.
+    Memory: whole (T, d_ff) dpre and h would sit beside pre. So for wide layers the backward walks
+    d_ff in up to ``BWD_CHUNKS`` column chunks c, reusing one dpre and one h buffer of chunk width:
+    the fused GEMM writes dpre_c (gate and up halves for gated) and h_c, then the plain products
+    consume them on torch.matmul (cuBLAS), each writing straight into its block of the result:
+    ``dw2[:, c] = dout^T h_c``, ``dw1[c rows] = dpre_c^T x`` and ``dx += dpre_c w1[c rows]``
+    (addmm into dx; with 16-bit dtypes dx is thus rounded once per chunk, at most 4 times).
     """
     act, gated = ACTIVATION_CODES[activation]
     T, d = x.shape
     F1 = w1.shape[0]
     d_ff = F1 // 2 if gated else F1
     d_out = w2.shape[0]
+    halves = 2 if gated else 1
     pre = pre.contiguous()
-    dpre = torch.empty((T, F1), device=x.device, dtype=x.dtype)
-    dw2 = torch.empty((d_out, d_ff), device=x.device, dtype=x.dtype)
+    dx = torch.zeros((T, d), device=x.device, dtype=x.dtype)
+    dw1 = torch.zeros((F1, d), device=x.device, dtype=x.dtype)
+    dw2 = torch.zeros((d_out, d_ff), device=x.device, dtype=x.dtype)
     colsum = None
     if has_b1:
         colsum = torch.zeros((_colsum_rows(T), F1), device=x.device, dtype=torch.float32)
     chunks = _bwd_chunks(d_ff)
-    h_buffer = torch.empty((T, max((c1 - c0 for c0, c1 in chunks), default=0)), device=x.device, dtype=x.dtype)
-    for c0, c1 in chunks:
-        h = h_buffer[:, : c1 - c0]
-        # dh[:, c0:c1] = dout @ w2[:, c0:c1]: A = dout (T, d_out), B[k, n] = w2[k, c0 + n].
-        _launch(dout, w2[:, c0:c1], T, c1 - c0, d_out, epilogue=EPI_ACT_BWD, act=act, gated=gated,
-                pre=pre[:, c0:], out=dpre[:, c0:], h=h, colsum=None if colsum is None else colsum[:, c0:],
+    width = max((c1 - c0 for c0, c1 in chunks), default=0)
+    dpre_buffer = torch.empty((T, halves * width), device=x.device, dtype=x.dtype)
+    h_buffer = torch.empty((T, width), device=x.device, dtype=x.dtype)
+    for i, (c0, c1) in enumerate(chunks):
+        w = c1 - c0
+        dpre_c, h_c = dpre_buffer[:, : halves * w], h_buffer[:, :w]  # dpre_c = [d gate | d up]
+        # dh[:, c] = dout @ w2[:, c]: A = dout (T, d_out), B[k, n] = w2[k, c0 + n].
+        _launch(dout, w2[:, c0:c1], T, w, d_out, epilogue=EPI_ACT_BWD, act=act, gated=gated,
+                pre=pre[:, c0:], out=dpre_c, h=h_c, colsum=None if colsum is None else colsum[:, c0:],
                 up_col=d_ff, col0=c0, dropout=(dropout_p, seed, offset))
-        torch.mm(dout.t(), h, out=dw2[:, c0:c1])
-    del h_buffer
-    if d_ff == 0:
-        dw2.zero_()
-    dw1 = torch.mm(dpre.t(), x)
-    dx = torch.mm(dpre, w1)
+        torch.mm(dout.t(), h_c, out=dw2[:, c0:c1])
+        for half in range(halves):
+            d_half = dpre_c[:, half * w:(half + 1) * w]
+            r0 = half * d_ff + c0  # this half's rows of w1
+            torch.mm(d_half.t(), x, out=dw1[r0:r0 + w])
+            dx.addmm_(d_half, w1[r0:r0 + w])
+    del dpre_buffer, h_buffer
     db1 = colsum.sum(0).to(x.dtype) if has_b1 else empty(x)
     db2 = dout.sum(0, dtype=torch.float32).to(x.dtype) if has_b2 else empty(x)
     return dx, dw1, db1, dw2, db2

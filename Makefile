@@ -14,7 +14,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q ninja pybind11
+	$(PY) -m pip install -q ninja pybind11 numpy
 	FUSED_ATTN_REQUIRE_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e '.[test,bench,hf]'
 	touch $@
 

@@ -1,3 +1,6 @@
+"""``python -m fused_attn`` runs the benchmark sweep (the same as ``python -m fused_attn.bench``)."""
+import sys
+
 from .bench import main
 
-main()
+sys.exit(main())

@@ -1,43 +1,1394 @@
-"""python -m fused_attn.bench: times every available backend of each op against the reference
-and prints the max error against the float64 reference (placeholder until the full sweep lands)."""
+"""python -m fused_attn.bench: how fast and how exact each op and the whole layer are, on this device.
+
+The sweep first measures the device's ceilings (a large matmul in each dtype -> TFLOP/s, a large
+copy -> GB/s), then, for every op (attention, residual-add + norm, feed-forward) and for the whole
+TransformerLayer, for each shape, dtype and pass (forward, backward, forward + backward), times
+every fused backend that can take the call and the baselines (the eager reference,
+``scaled_dot_product_attention`` -- each of its backends on a GPU --, ``torch.compile`` of the
+reference), and reports: median time, TFLOP/s or GB/s, the fraction of the measured ceiling, the
+speedup over each baseline measured in the same run, the max error against the float64 reference
+(and whether it meets the project's oracle), and the peak memory. Results go to DIR/bench.json
+and DIR/bench.csv (with the machine's description) and to throughput-vs-sequence-length plots
+DIR/attention_fwd.png and DIR/attention_fwd_bwd.png.
+
+Work counted (explicitly, never measured): attention forward 4*B*H*Lq*Lk*D FLOPs (half when
+causal), backward 2.5x that; feed-forward 2*T*d_in*d_out per GEMM, backward twice the forward;
+the layer adds its four projections; residual-add + norm counts the bytes it must move (forward:
+read x and the residual, write the output; backward: read dout and the saved sum, write the
+gradient).
+
+Timing: on CUDA, events around each call after warm-up, median of many calls; on CPU,
+time.perf_counter around each call, median. Inputs are rotated through several sets, enough to
+exceed the last-level cache, so repeated calls do not run from a warm cache.
+
+Errors: on a smaller case with the same inner sizes (one batch element, at most two heads; at
+most 4096 rows), the output and every gradient against the reference run in float64 on the same
+(upcast) inputs; "oracle ok" means error <= k * (error of the eager reference in the same dtype)
++ floor, k = 2 for outputs and 5 for gradients (fused_attn.testing.compare). Peak memory: on CUDA
+torch.cuda.max_memory_allocated above what was allocated before the call; on CPU the largest sum
+of the bytes torch's allocator handed out and not yet freed during the call, from torch.profiler
+(profile_memory=True; tracemalloc does not see torch).
+
+Exit status 1 when a fused backend raised or missed the oracle. SIGTERM (e.g. `timeout`) stops
+the sweep and still writes what was measured.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import datetime
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
 import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as TF
 
-from . import functional as F
+from . import functional as FA
 from . import reference as R
-from .backends import BACKENDS, Call
+from .backends import BACKENDS, BackendUnavailableError, Call, use_backend
+from .backends.triton import interpreter_enabled
+from .testing import K_FORWARD, K_GRAD, compare
+
+OPS = ("attention", "layer_norm", "feed_forward", "layer")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+SHAPE_SETS = ("tiny", "quick", "full")
+BASELINES = ("eager", "sdpa", "compile")
+SDPA_GPU_BACKENDS = ("flash", "efficient", "cudnn", "math")
+#: share of a --max-minutes budget each op gets (unused time passes on to the next op)
+OP_TIME_WEIGHTS = {"attention": 4.0, "layer_norm": 1.0, "feed_forward": 2.0, "layer": 2.0}
 
 
-def _time(fn, reps=5):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+# =============================================================================================
+# The cases: one class per op. Each knows its label, the work it does per pass, the smaller case
+# its errors are checked on, the calls its fused path makes, and how to build its inputs and its
+# implementations (fused backends and baselines).
+# =============================================================================================
+
+@dataclass
+class Impl:
+    """One way to run a case: ``fn(*inputs)`` returns the output; gradients are taken with respect
+    to the inputs and ``params``; ``context`` is entered around a whole measurement."""
+
+    name: str
+    kind: str  # "fused" or "baseline"
+    fn: Optional[Callable] = None
+    params: list = field(default_factory=list)
+    context: Callable[[], Any] = contextlib.nullcontext
+    skip: Optional[str] = None  # why it does not run on this case
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 8, 256, 64) for _ in range(3))
-    ref64 = R.attention(q.double(), k.double(), v.double())
-    call = Call("attention", q.device, q.dtype, {})
-    for name, backend in BACKENDS.items():
-        if backend.call_reasons(call):
+def _randn(shape, gen, device, dtype, scale=1.0, shift=0.0):
+    """Normal random values drawn on the CPU from ``gen`` (the same numbers on any device), then
+    cast; they require grad."""
+    t = torch.randn(shape, generator=gen) * scale + shift
+    return t.to(device=device, dtype=dtype).requires_grad_(True)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(name: str, fn: Callable) -> Callable:
+    """torch.compile of a reference function, made once per process so shapes share it (torch's
+    automatic dynamic shapes recompile once when a second shape comes, not per shape)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = _torch_compile(fn)
+    return _COMPILED[name]
+
+
+def _torch_compile(fn):
+    _configure_compile()
+    return torch.compile(fn)
+
+
+def _ref_attention(q, k, v, causal):
+    return R.attention(q, k, v, causal=causal)
+
+
+def _ref_layer_norm(x, residual, weight, bias, rms):
+    return R.layer_norm_residual(x, residual, weight, bias, 1e-5, rms=rms)
+
+
+def _ref_feed_forward(x, w1, b1, w2, b2, activation):
+    return R.feed_forward(x, w1, b1, w2, b2, activation=activation)
+
+
+def _sdpa(q, k, v, causal):
+    return TF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _sdpa_context(which: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[which]
+    return lambda: sdpa_kernel([backend])
+
+
+class Case:
+    op = ""
+    unit = "TFLOP/s"  # or "GB/s"
+    has_sdpa = False
+
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def work(self, pass_: str, dtype: torch.dtype) -> float:
+        """FLOPs (unit TFLOP/s) or bytes (unit GB/s) of one call of ``pass_``."""
+        raise NotImplementedError
+
+    def check_case(self) -> "Case":
+        """The (smaller) case whose errors stand for this one's: same inner sizes, fewer rows."""
+        return self
+
+    def calls(self, device, dtype) -> list[Call]:
+        """The functional calls the fused path makes (a backend runs the case if it takes them all)."""
+        raise NotImplementedError
+
+    def eager_bytes(self, dtype) -> int:
+        """A rough upper bound of the memory the eager reference needs for forward + backward."""
+        return 0
+
+    def make_inputs(self, device, dtype, seed) -> list:
+        raise NotImplementedError
+
+    def impls(self, device, dtype, backends, baselines, seed) -> list[Impl]:
+        raise NotImplementedError
+
+
+def _fused_impl(name, fn, skip=None, **kw):
+    return Impl(name, "fused", fn, skip=skip, **kw)
+
+
+@dataclass(frozen=True)
+class AttentionCase(Case):
+    B: int
+    H: int
+    L: int
+    D: int
+    causal: bool = False
+    op = "attention"
+    has_sdpa = True
+
+    def label(self):
+        return f"B{self.B} H{self.H} L{self.L} D{self.D}" + (" causal" if self.causal else "")
+
+    def fwd_flops(self):
+        flops = 4 * self.B * self.H * self.L * self.L * self.D
+        return flops / 2 if self.causal else flops
+
+    def work(self, pass_, dtype):
+        return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * self.fwd_flops()
+
+    def check_case(self):
+        # one batch element and at most two heads (one at long sequences: the float64 reference
+        # holds several (H, L, L) float64 tensors)
+        return dataclasses.replace(self, B=1, H=1 if self.L >= 8192 else min(self.H, 2))
+
+    def calls(self, device, dtype):
+        return [Call("attention", torch.device(device), dtype, {
+            "head_dim": self.D, "head_dim_v": self.D, "causal": self.causal, "dropout": False, "gqa": False,
+            "mask": None, "mask_grad": False})]
+
+    def eager_bytes(self, dtype):
+        # scores, scaled scores, masked scores, probabilities, their gradients: ~8 (B, H, L, L) tensors
+        return 8 * self.B * self.H * self.L * self.L * max(4, _itemsize(dtype))
+
+    def make_inputs(self, device, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [_randn((self.B, self.H, self.L, self.D), gen, device, dtype) for _ in range(3)]
+
+    def impls(self, device, dtype, backends, baselines, seed):
+        causal = self.causal
+        out = [_fused_impl(name, lambda q, k, v, name=name: FA.attention(q, k, v, causal=causal, backend=name),
+                           skip=skip) for name, skip in backends]
+        if "eager" in baselines:
+            out.append(Impl("eager", "baseline", lambda q, k, v: _ref_attention(q, k, v, causal)))
+        if "sdpa" in baselines:
+            if torch.device(device).type == "cuda":
+                for which in SDPA_GPU_BACKENDS:
+                    out.append(Impl(f"sdpa-{which}", "baseline", lambda q, k, v: _sdpa(q, k, v, causal),
+                                    context=_sdpa_context(which)))
+            else:
+                out.append(Impl("sdpa", "baseline", lambda q, k, v: _sdpa(q, k, v, causal)))
+        if "compile" in baselines:
+            compiled = _compiled("attention", _ref_attention)
+            out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal)))
+        return out
+
+
+@dataclass(frozen=True)
+class LayerNormCase(Case):
+    N: int
+    d: int
+    rms: bool = False
+    op = "layer_norm"
+    unit = "GB/s"
+
+    def label(self):
+        return f"N{self.N} d{self.d}" + (" rms" if self.rms else "")
+
+    def work(self, pass_, dtype):
+        es = _itemsize(dtype)
+        rows = self.N * self.d * es
+        # forward: read x and residual, write out; backward: read dout and the saved sum, write the
+        # gradient (x's and the residual's are the same tensor); both read the weights, the
+        # backward writes their gradients and reads mean/rstd (float32 per row).
+        fwd = 3 * rows + 2 * self.d * es
+        bwd = 3 * rows + 4 * self.d * es + 8 * self.N
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+
+    def check_case(self):
+        return dataclasses.replace(self, N=min(self.N, 4096))
+
+    def calls(self, device, dtype):
+        return [Call("layer_norm_residual", torch.device(device), dtype, {
+            "hidden": self.d, "rms": self.rms, "dropout": False, "residual_in_fp32": False})]
+
+    def eager_bytes(self, dtype):
+        return 12 * self.N * self.d * max(4, _itemsize(dtype))
+
+    def make_inputs(self, device, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [_randn((self.N, self.d), gen, device, dtype), _randn((self.N, self.d), gen, device, dtype),
+                _randn((self.d,), gen, device, dtype, 0.1, 1.0), _randn((self.d,), gen, device, dtype, 0.1)]
+
+    def impls(self, device, dtype, backends, baselines, seed):
+        rms = self.rms
+        out = [_fused_impl(name, lambda x, r, w, b, name=name: FA.layer_norm_residual(x, r, w, b, 1e-5, rms=rms,
+                                                                                        backend=name), skip=skip)
+               for name, skip in backends]
+        if "eager" in baselines:
+            out.append(Impl("eager", "baseline", lambda x, r, w, b: _ref_layer_norm(x, r, w, b, rms)))
+        if "compile" in baselines:
+            compiled = _compiled("layer_norm", _ref_layer_norm)
+            out.append(Impl("compile", "baseline", lambda x, r, w, b: compiled(x, r, w, b, rms)))
+        return out
+
+
+@dataclass(frozen=True)
+class FeedForwardCase(Case):
+    T: int
+    d: int
+    d_ff: int
+    activation: str = "relu"
+    op = "feed_forward"
+
+    def label(self):
+        return f"T{self.T} d{self.d} ff{self.d_ff} {self.activation}"
+
+    def width1(self):
+        return 2 * self.d_ff if self.activation in R.GATED_ACTIVATIONS else self.d_ff
+
+    def fwd_flops(self):
+        return 2 * self.T * self.d * self.width1() + 2 * self.T * self.d_ff * self.d
+
+    def work(self, pass_, dtype):
+        # backward: for each GEMM one product for the input gradient and one for the weight's
+        return {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[pass_] * self.fwd_flops()
+
+    def check_case(self):
+        return dataclasses.replace(self, T=min(self.T, 1024))
+
+    def calls(self, device, dtype):
+        return [Call("feed_forward", torch.device(device), dtype, {"activation": self.activation, "dropout": False})]
+
+    def eager_bytes(self, dtype):
+        return 8 * self.T * self.width1() * max(4, _itemsize(dtype))
+
+    def make_inputs(self, device, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+        w = self.width1()
+        return [_randn((self.T, self.d), gen, device, dtype),
+                _randn((w, self.d), gen, device, dtype, self.d ** -0.5), _randn((w,), gen, device, dtype, 0.1),
+                _randn((self.d, self.d_ff), gen, device, dtype, self.d_ff ** -0.5),
+                _randn((self.d,), gen, device, dtype, 0.1)]
+
+    def impls(self, device, dtype, backends, baselines, seed):
+        act = self.activation
+        out = [_fused_impl(name, lambda x, w1, b1, w2, b2, name=name:
+                           FA.feed_forward(x, w1, b1, w2, b2, activation=act, backend=name), skip=skip)
+               for name, skip in backends]
+        if "eager" in baselines:
+            out.append(Impl("eager", "baseline", lambda x, w1, b1, w2, b2: _ref_feed_forward(x, w1, b1, w2, b2, act)))
+        if "compile" in baselines:
+            compiled = _compiled("feed_forward", _ref_feed_forward)
+            out.append(Impl("compile", "baseline", lambda x, w1, b1, w2, b2: compiled(x, w1, b1, w2, b2, act)))
+        return out
+
+
+def fused_layer_class():
+    """``fused_attn.TransformerLayer`` (the fused modules) when it exists, else None."""
+    import fused_attn
+    cls = getattr(fused_attn, "TransformerLayer", None)
+    return cls if cls is not None and cls is not R.TransformerLayer else None
+
+
+def functional_layer_forward(layer: R.TransformerLayer, x, attention, layer_norm, feed_forward):
+    """The post-LN reference layer written with the given op functions (same parameters):
+    y = norm1(mha(x) + x); z = norm2(ffn(y) + y). Used for the layer with SDPA, and for the fused
+    layer when ``fused_attn.TransformerLayer`` does not exist yet."""
+    mha = layer.multi_head_attention
+    B, L, d = x.shape
+    q = mha.split_heads(mha.query_linear(x), mha.num_heads)
+    k = mha.split_heads(mha.key_linear(x), mha.num_kv_heads)
+    v = mha.split_heads(mha.value_linear(x), mha.num_kv_heads)
+    a = mha.out_linear(attention(q, k, v, mha.causal).transpose(1, 2).reshape(B, L, d))
+    rms = layer.norm1.norm == "rmsnorm"
+    y = layer_norm(a, x, layer.norm1.weight, layer.norm1.bias, layer.norm1.eps, rms)
+    f = feed_forward(y, layer.ffn.linear1.weight, layer.ffn.linear1.bias, layer.ffn.linear2.weight,
+                     layer.ffn.linear2.bias, layer.ffn.activation)
+    return layer_norm(f, y, layer.norm2.weight, layer.norm2.bias, layer.norm2.eps, rms)
+
+
+@dataclass(frozen=True)
+class LayerCase(Case):
+    B: int
+    L: int
+    d: int
+    H: int
+    d_ff: int
+    causal: bool = False
+    op = "layer"
+    has_sdpa = True
+
+    def label(self):
+        return f"B{self.B} L{self.L} d{self.d} H{self.H} ff{self.d_ff}" + (" causal" if self.causal else "")
+
+    def flops(self):
+        T = self.B * self.L
+        gemm = 2 * T * self.d * self.d * 4 + 2 * T * self.d * self.d_ff * 2
+        attn = 4 * self.B * self.L * self.L * self.d / (2 if self.causal else 1)
+        return gemm, attn
+
+    def work(self, pass_, dtype):
+        gemm, attn = self.flops()
+        return {"fwd": gemm + attn, "bwd": 2 * gemm + 2.5 * attn, "fwd+bwd": 3 * gemm + 3.5 * attn}[pass_]
+
+    def check_case(self):
+        return dataclasses.replace(self, B=1)
+
+    def calls(self, device, dtype):
+        device = torch.device(device)
+        return (AttentionCase(self.B, self.H, self.L, self.d // self.H, self.causal).calls(device, dtype)
+                + LayerNormCase(self.B * self.L, self.d).calls(device, dtype)
+                + FeedForwardCase(self.B * self.L, self.d, self.d_ff).calls(device, dtype))
+
+    def eager_bytes(self, dtype):
+        return (AttentionCase(self.B, self.H, self.L, self.d // self.H).eager_bytes(dtype)
+                + 16 * self.B * self.L * self.d_ff * max(4, _itemsize(dtype)))
+
+    def reference_layer(self, device, dtype, seed):
+        torch.manual_seed(seed)  # the reference's own initialisation, the same for every dtype
+        layer = R.TransformerLayer(self.d, self.H, d_ff=self.d_ff, causal=self.causal)
+        return layer.to(device=device, dtype=dtype)
+
+    def make_inputs(self, device, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [_randn((self.B, self.L, self.d), gen, device, dtype)]
+
+    def impls(self, device, dtype, backends, baselines, seed):
+        ref = self.reference_layer(device, dtype, seed)
+        ref_params = [p for _, p in ref.named_parameters()]
+        fused_cls = fused_layer_class()
+        out = []
+        for name, skip in backends:
+            if fused_cls is not None:
+                # the backend by the module's own argument where it has one, and by use_backend around it
+                chosen = {"backend": name} if "backend" in inspect.signature(fused_cls).parameters else {}
+                module = fused_cls(self.d, self.H, d_ff=self.d_ff, causal=self.causal, device=device, dtype=dtype,
+                                   **chosen)
+                module.load_state_dict(ref.state_dict())
+                named = dict(module.named_parameters())
+                params = [named[n] for n, _ in ref.named_parameters()]
+                out.append(_fused_impl(name, module, skip=skip, params=params,
+                                       context=lambda name=name: use_backend(name)))
+            else:
+                fa = lambda q, k, v, causal, name=name: FA.attention(q, k, v, causal=causal, backend=name)
+                ln = lambda x, r, w, b, eps, rms, name=name: FA.layer_norm_residual(x, r, w, b, eps, rms=rms,
+                                                                                     backend=name)
+                ff = lambda x, w1, b1, w2, b2, act, name=name: FA.feed_forward(x, w1, b1, w2, b2, activation=act,
+                                                                               backend=name)
+                out.append(_fused_impl(name, lambda x, fa=fa, ln=ln, ff=ff: functional_layer_forward(ref, x, fa, ln, ff),
+                                       skip=skip, params=ref_params))
+        ref_ln = lambda x, r, w, b, eps, rms: R.layer_norm_residual(x, r, w, b, eps, rms=rms)
+        if "eager" in baselines:
+            out.append(Impl("eager", "baseline", ref, params=ref_params))
+        if "sdpa" in baselines:
+            out.append(Impl("sdpa", "baseline", lambda x: functional_layer_forward(ref, x, _sdpa, ref_ln, R.feed_forward),
+                            params=ref_params))
+        if "compile" in baselines:
+            out.append(Impl("compile", "baseline", _torch_compile(ref), params=ref_params))
+        return out
+
+
+def _itemsize(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# the shape sets
+# ---------------------------------------------------------------------------------------------
+
+def shape_set(op: str, which: str, device_type: str) -> list[Case]:
+    """The cases of ``op`` for a sweep size (tiny: a smoke test; quick: < 2 min on 2 CPU cores;
+    full: the real sweep, sized per device type)."""
+    gpu = device_type == "cuda"
+    if which == "tiny":
+        return {"attention": [AttentionCase(1, 2, 16, 16), AttentionCase(1, 2, 32, 16, causal=True)],
+                "layer_norm": [LayerNormCase(64, 32)],
+                "feed_forward": [FeedForwardCase(16, 32, 64)],
+                "layer": [LayerCase(1, 16, 32, 2, 64)]}[op]
+    if which == "quick" and not gpu:
+        return {"attention": [AttentionCase(1, 4, L, 64, causal) for causal in (False, True) for L in (128, 256, 512)],
+                "layer_norm": [LayerNormCase(2048, 512), LayerNormCase(2048, 1024), LayerNormCase(2048, 1024, rms=True)],
+                "feed_forward": [FeedForwardCase(256, 256, 1024), FeedForwardCase(256, 256, 688, "swiglu")],
+                "layer": [LayerCase(2, 128, 256, 4, 1024)]}[op]
+    if which == "quick":  # on a GPU: a few points of each
+        return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal)
+                              for D in (128,) for causal in (False, True) for L in (1024, 4096)],
+                "layer_norm": [LayerNormCase(16384, 4096)],
+                "feed_forward": [FeedForwardCase(8192, 2048, 8192)],
+                "layer": [LayerCase(4, 1024, 1024, 16, 4096)]}[op]
+    if not gpu:  # full, CPU
+        return {"attention": [AttentionCase(2, 8, L, 64, causal) for causal in (False, True)
+                              for L in (256, 512, 1024, 2048)],
+                "layer_norm": [LayerNormCase(8192, d) for d in (512, 1024, 4096)] + [LayerNormCase(8192, 1024, rms=True)],
+                "feed_forward": [FeedForwardCase(2048, 512, 2048), FeedForwardCase(2048, 1024, 4096),
+                                 FeedForwardCase(2048, 1024, 2736, "swiglu")],
+                "layer": [LayerCase(4, 512, 512, 8, 2048)]}[op]
+    # full, GPU: FlashAttention's chart shapes (16k tokens per batch, hidden 2048) and LLM-like sizes
+    return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal) for D in (128, 64)
+                          for causal in (False, True) for L in (512, 1024, 2048, 4096, 8192, 16384)],
+            "layer_norm": [LayerNormCase(16384, d) for d in (1024, 2048, 4096, 8192)] + [LayerNormCase(16384, 4096, rms=True)],
+            "feed_forward": [FeedForwardCase(8192, d, 4 * d) for d in (1024, 2048, 4096)]
+            + [FeedForwardCase(8192, 4096, 11008, "swiglu")],
+            "layer": [LayerCase(8, 1024, 1024, 16, 4096), LayerCase(2, 4096, 2048, 16, 8192)]}[op]
+
+
+# =============================================================================================
+# timing, memory and errors
+# =============================================================================================
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(call: Callable[[int], Any], n_sets: int, device: torch.device, budget_s: float,
+               min_reps: int, max_reps: int) -> list[float]:
+    """Seconds per call of ``call(i)`` (i cycles through the input sets), after warm-up.
+
+    Warm-up runs at least two calls (the first may compile) and until a quarter of the budget
+    is spent; the number of timed calls then fits the budget, within [min_reps, max_reps]. On
+    CUDA each call sits between two events (no host synchronisation between calls); on CPU it is
+    timed with time.perf_counter.
+    """
+    cuda = device.type == "cuda"
+    i = 0
+    start = time.perf_counter()
+    while True:
+        call(i % n_sets)
+        i += 1
+        if i >= 2:
+            _sync(device)
+            if time.perf_counter() - start > budget_s / 4 or i >= 50:
+                break
+    t0 = time.perf_counter()
+    call(i % n_sets)
+    _sync(device)
+    estimate = max(time.perf_counter() - t0, 1e-7)
+    i += 1
+    reps = int(min(max(budget_s / estimate, min_reps), max_reps))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+            for r, (begin, end) in enumerate(events):
+                begin.record()
+                call((i + r) % n_sets)
+                end.record()
+            _sync(device)
+            return [begin.elapsed_time(end) / 1e3 for begin, end in events]
+        times = []
+        for r in range(reps):
+            t0 = time.perf_counter()
+            call((i + r) % n_sets)
+            times.append(time.perf_counter() - t0)
+        return times
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+class CpuMemoryProbe:
+    """Peak CPU memory of several labelled regions, in one torch.profiler session.
+
+    tracemalloc does not see torch's allocations; the profiler (profile_memory=True) records
+    every allocation and free of torch's CPU allocator. The peak of a region is the largest sum
+    of the bytes allocated and not yet freed since the region began (memory held before the
+    region is not counted)."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self.profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.labels: list[str] = []
+
+    def __enter__(self):
+        self.profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.profile.__exit__(*exc)
+
+    def region(self, label):
+        self.labels.append(label)
+        return torch.profiler.record_function(label)
+
+    def peaks(self) -> dict[str, int]:
+        events = list(self.profile.profiler.kineto_results.events())
+        spans = {e.name(): (e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name() in self.labels}
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        result = {}
+        for label, (begin, end) in spans.items():
+            live = peak = 0
+            for t, nbytes in memory:
+                if begin <= t <= end:
+                    live += nbytes
+                    peak = max(peak, live)
+            result[label] = peak
+        return result
+
+
+def _grads(out, inputs, dout, retain=False):
+    return torch.autograd.grad(out, inputs, dout, retain_graph=retain, allow_unused=True)
+
+
+def _max_abs(a, b):
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+
+
+# =============================================================================================
+# the sweep
+# =============================================================================================
+
+@dataclass
+class Options:
+    device: torch.device
+    dtypes: list
+    ops: list
+    passes: list
+    backends: Optional[list]  # None: every backend that takes the call
+    baselines: list
+    shapes: str
+    budget_s: float
+    min_reps: int
+    max_reps: int
+    memory: bool
+    seed: int
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache the input rotation must exceed."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+    for index in range(4, -1, -1):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
             continue
-        t = _time(lambda: F.attention(q, k, v, backend=name))
-        err = (F.attention(q, k, v, backend=name).double() - ref64).abs().max().item()
-        print(f"attention fwd  {name:10s} {t * 1e3:8.2f} ms  max err {err:.2e}")
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        return int(text.rstrip("KMG")) * mult
+    return 32 << 20
+
+
+def memory_limit(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(0.6 * torch.cuda.get_device_properties(device).total_memory)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def backend_choices(case: Case, device, dtype, requested: Optional[list] = None) -> list[tuple[str, Optional[str]]]:
+    """(name, why it cannot run or None) for each fused backend considered on this case.
+
+    A backend runs the case when it takes every call the case makes (``call_reasons`` empty);
+    new backends in ``fused_attn.backends.BACKENDS`` show up here by themselves. With
+    ``requested`` None (every backend): the ones that refuse are left out silently,
+    ``reference`` is left out where another fused backend runs the case (the eager baseline is
+    the same math), and the Triton *interpreter* is never timed (its timings mean nothing).
+    Backends named in ``requested`` are all listed, with their reasons when they refuse."""
+    device = torch.device(device)
+    calls = case.calls(device, dtype)
+    chosen, refused = [], []
+    for name, backend in BACKENDS.items():
+        if requested is not None and name not in requested:
+            continue
+        reasons = [r for call in calls for r in backend.call_reasons(call)]
+        if name == "triton" and device.type == "cpu" and interpreter_enabled():
+            reasons.append("the Triton interpreter (TRITON_INTERPRET=1) is not timed")
+        (refused if reasons else chosen).append((name, "; ".join(dict.fromkeys(reasons)) or None))
+    if requested is None:
+        if len(chosen) > 1:
+            chosen = [(n, r) for n, r in chosen if n != "reference"]
+        return chosen
+    return chosen + refused
+
+
+def make_sets(case: Case, device, dtype, seed: int) -> list[list]:
+    """Input sets for rotation: enough of them that together they exceed the last-level cache
+    twice (at most 8, and at most 2 GiB), so repeated calls do not run from a warm cache."""
+    device = torch.device(device)
+    first = case.make_inputs(device, dtype, seed)
+    set_bytes = max(1, sum(t.numel() * t.element_size() for t in first))
+    n_sets = max(1, min(8, math.ceil(2 * cache_bytes(device) / set_bytes), (2 << 30) // set_bytes))
+    return [first] + [case.make_inputs(device, dtype, seed + 1 + i) for i in range(n_sets - 1)]
+
+
+def make_douts(out, n_sets: int, seed: int) -> list:
+    """One random output gradient per input set (never ones: real gradients are not constant)."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    return [torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
+            for _ in range(n_sets)]
+
+
+def single_impl(case: Case, device, dtype, name: str, seed: int = 0) -> Optional[Impl]:
+    """The implementation ``name`` (a fused backend or a baseline) of ``case``; None when ``name``
+    is no implementation of this op here. Its ``skip`` says why it cannot run."""
+    if name in BACKENDS:
+        impls = case.impls(device, dtype, backend_choices(case, device, dtype, [name]), [], seed)
+    else:
+        base = "sdpa" if name.startswith("sdpa") else name
+        impls = case.impls(device, dtype, [], [base], seed) if base in BASELINES else []
+    return next((i for i in impls if i.name == name), None)
+
+
+def baseline_names(op: str, device_type: str) -> list[str]:
+    """The baselines of ``op`` on a device type, by name."""
+    names = ["eager"]
+    if op in ("attention", "layer"):
+        names += [f"sdpa-{w}" for w in SDPA_GPU_BACKENDS] if device_type == "cuda" and op == "attention" else ["sdpa"]
+    return names + ["compile"]
+
+
+def _row(case, dtype, impl, pass_, **kw):
+    row = {"op": case.op, "pass": pass_, "shape": case.label(), "params": case.params(), "dtype": _dt(dtype),
+           "impl": impl.name, "kind": impl.kind, "status": "ok", "reason": "", "median_ms": None, "min_ms": None,
+           "reps": 0, "n_sets": 0, "work": case.work(pass_, dtype), "unit": case.unit, "throughput": None,
+           "ceiling": None, "ceiling_frac": None, "speedup": {}, "err_out": None, "err_grad": None,
+           "oracle": "", "oracle_detail": "", "peak_mem_mib": None}
+    row.update(kw)
+    return row
+
+
+def _dt(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """A baseline that cannot take a call (an SDPA kernel that refuses a shape or dtype)."""
+    text = str(exc)
+    return isinstance(exc, (BackendUnavailableError, NotImplementedError)) or "No available kernel" in text \
+        or "not supported" in text.lower()
+
+
+def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
+    """Time every implementation of ``case`` in every pass; then its memory and its errors."""
+    device = opts.device
+    impls = case.impls(device, dtype, backend_choices(case, device, dtype, opts.backends), opts.baselines, opts.seed)
+    rows: dict[tuple[str, str], dict] = {}
+    too_big = case.eager_bytes(dtype) > memory_limit(device)
+    for impl in impls:
+        if impl.skip is None and too_big and (impl.kind == "baseline" and impl.name in ("eager", "compile", "sdpa-math")
+                                              or impl.name == "reference"):
+            impl.skip = f"would need ~{case.eager_bytes(dtype) / 2**30:.0f} GiB (materialises the score matrix)"
+    sets = make_sets(case, device, dtype, opts.seed)
+    n_sets = len(sets)
+    douts: list = []
+
+    ceiling = ceilings.get("matmul_tflops", {}).get(_dt(dtype)) if case.unit == "TFLOP/s" else ceilings.get("copy_gbs")
+    for impl in impls:
+        for pass_ in opts.passes:
+            rows[impl.name, pass_] = _row(case, dtype, impl, pass_, n_sets=n_sets, ceiling=ceiling)
+        if impl.skip is not None:
+            for pass_ in opts.passes:
+                rows[impl.name, pass_].update(status="skipped", reason=impl.skip)
+            continue
+        try:
+            with impl.context():
+                out0 = impl.fn(*sets[0])
+                if not douts:
+                    douts.extend(make_douts(out0, n_sets, opts.seed))
+                dts = douts
+                del out0
+                for pass_ in opts.passes:
+                    call = _make_call(impl, sets, dts, pass_)
+                    times = time_calls(call, n_sets, device, opts.budget_s, opts.min_reps, opts.max_reps)
+                    del call
+                    median = statistics.median(times)
+                    work = case.work(pass_, dtype)
+                    scale = 1e12 if case.unit == "TFLOP/s" else 1e9
+                    throughput = work / median / scale
+                    rows[impl.name, pass_].update(median_ms=median * 1e3, min_ms=min(times) * 1e3, reps=len(times),
+                                                  throughput=throughput,
+                                                  ceiling_frac=throughput / ceiling if ceiling else None)
+        except Exception as exc:  # noqa: BLE001 - a failing implementation must not stop the sweep
+            status = "skipped" if impl.kind == "baseline" and _is_refusal(exc) else \
+                "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
+            for pass_ in opts.passes:
+                if rows[impl.name, pass_]["median_ms"] is None:
+                    rows[impl.name, pass_].update(status=status, reason=_short(exc))
+            if status == "error":
+                rows[impl.name, opts.passes[0]]["traceback"] = traceback.format_exc(limit=6)
+            impl.skip = _short(exc)
+            _free(device)
+    if opts.memory:
+        _measure_memory(impls, sets, douts, rows, opts)
+    del sets
+    _free(device)
+    _measure_errors(case, dtype, impls, rows, opts)
+    return list(rows.values())
+
+
+def _make_call(impl: Impl, sets, douts, pass_) -> Callable[[int], Any]:
+    fn, params = impl.fn, impl.params
+    if pass_ == "fwd":
+        return lambda i: fn(*sets[i])
+    if pass_ == "fwd+bwd":
+        return lambda i: _grads(fn(*sets[i]), list(sets[i]) + params, douts[i])
+    # backward alone: one retained graph per input set, differentiated again and again
+    outs = [fn(*s) for s in sets]
+    return lambda i: _grads(outs[i], list(sets[i]) + params, douts[i], retain=True)
+
+
+def _measure_memory(impls, sets, douts, rows, opts):
+    device = opts.device
+    jobs = [(impl, pass_) for impl in impls if impl.skip is None for pass_ in opts.passes]
+    if not jobs or not douts:
+        return
+    if device.type == "cuda":
+        for impl, pass_ in jobs:
+            try:
+                with impl.context():
+                    call = _make_call(impl, sets, douts, pass_)
+                    _sync(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                    call(0)
+                    _sync(device)
+                    rows[impl.name, pass_]["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                    del call
+            except Exception:  # noqa: BLE001 - memory is reported n/a then
+                _free(device)
+        return
+    try:
+        with CpuMemoryProbe() as probe:
+            for impl, pass_ in jobs:
+                with impl.context():
+                    call = _make_call(impl, sets, douts, pass_)
+                    with probe.region(f"{impl.name}|{pass_}"):
+                        call(0)
+                    del call
+        for label, peak in probe.peaks().items():
+            name, pass_ = label.split("|")
+            rows[name, pass_]["peak_mem_mib"] = peak / 2**20
+    except Exception as exc:  # noqa: BLE001 - the profiler is optional; memory is then n/a
+        print(f"fused_attn.bench: CPU memory profiling failed ({_short(exc)}); peak memory n/a", file=sys.stderr)
+
+
+def _reference64(eager: Impl):
+    """The eager reference in float64: the same function, or a float64 copy of the same module."""
+    if isinstance(eager.fn, torch.nn.Module):
+        module = copy.deepcopy(eager.fn).double()
+        return module, [p for _, p in module.named_parameters()]
+    return eager.fn, []
+
+
+def _measure_errors(case, dtype, impls, rows, opts):
+    """Max |impl - float64 reference| of the output and of every gradient, on ``case.check_case()``
+    (the same inner sizes with fewer rows), and the project's oracle (testing.compare): error
+    <= k * error of the eager reference in ``dtype`` + floor, k = 2 for outputs and 5 for
+    gradients."""
+    device = opts.device
+    check = case.check_case()
+    runnable = [i for i in impls if i.skip is None]
+    if not runnable:
+        return
+    # torch.compile would compile again for the check's shape: check it only where the shape is the
+    # same. The eager reference in the low precision is always run: the oracle's yardstick.
+    names = {i.name for i in runnable if not (i.name == "compile" and check != case)} | {"eager"}
+    try:
+        check_impls = {i.name: i for i in check.impls(device, dtype, [(n, None) for n in names if n in BACKENDS],
+                                                      sorted(set(opts.baselines) | {"eager"}), opts.seed)
+                       if i.name in names}
+        # the float64 reference runs on exactly the low-precision inputs (and weights), upcast, as
+        # testing.check_against_reference does: the error is the computation's, not the inputs' rounding
+        ref_fn, ref_params = _reference64(check_impls["eager"])
+        inputs64 = [t.detach().double().requires_grad_(True) for t in check.make_inputs(device, dtype, opts.seed)]
+        out64 = ref_fn(*inputs64)
+        gen = torch.Generator().manual_seed(opts.seed + 2000)
+        dout = torch.randn(out64.shape, generator=gen).to(device=device, dtype=dtype)
+        grads64 = _grads(out64, inputs64 + ref_params, dout.double())
+    except Exception as exc:  # noqa: BLE001
+        for row in rows.values():
+            row["oracle_detail"] = f"error check failed: {_short(exc)}"
+        return
+    results = {}
+    for name, impl in check_impls.items():
+        try:
+            with impl.context():
+                inputs = check.make_inputs(device, dtype, opts.seed)
+                out = impl.fn(*inputs)
+                grads = _grads(out, inputs + impl.params, dout.to(out.dtype))
+            results[name] = (out.detach(), [g for g in grads])
+        except Exception as exc:  # noqa: BLE001
+            for pass_ in opts.passes:
+                rows[name, pass_]["oracle_detail"] = f"error check failed: {_short(exc)}"
+    low = results.get("eager")
+    for name, (out, grads) in results.items():
+        if (name, opts.passes[0]) not in rows:
+            continue
+        err_out = _max_abs(out, out64)
+        pairs = [(g, g64) for g, g64 in zip(grads, grads64) if g is not None and g64 is not None]
+        err_grad = max((_max_abs(g, g64) for g, g64 in pairs), default=0.0)
+        verdict, detail = "", ""
+        if low is not None and BACKENDS.get(name) is not None:
+            try:
+                compare("output", out, out64, low[0], k=K_FORWARD)
+                for j, (g, g64, glow) in enumerate(zip(grads, grads64, low[1])):
+                    if g is not None and g64 is not None and glow is not None:
+                        compare(f"grad of input {j}", g, g64, glow, k=K_GRAD)
+                verdict = "ok"
+            except AssertionError as exc:
+                verdict, detail = "FAIL", str(exc)
+        for pass_ in opts.passes:
+            rows[name, pass_].update(err_out=err_out, err_grad=err_grad, oracle=verdict, oracle_detail=detail)
+        if verdict == "FAIL":
+            rows[name, opts.passes[0]]["status_note"] = detail
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def add_speedups(rows: list[dict]):
+    """speedup[b] = time of baseline b / time of the row, for the baselines of the same case."""
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["kind"] == "baseline" and r["median_ms"]:
+            groups.setdefault((r["op"], r["pass"], r["shape"], r["dtype"]), {})[r["impl"]] = r["median_ms"]
+    for r in rows:
+        base = groups.get((r["op"], r["pass"], r["shape"], r["dtype"]), {})
+        r["speedup"] = {b: t / r["median_ms"] for b, t in base.items()} if r["median_ms"] else {}
+
+
+# =============================================================================================
+# ceilings and the machine
+# =============================================================================================
+
+def measure_ceilings(device: torch.device, dtypes, shapes: str, budget_s: float) -> dict:
+    """The device's measured ceilings: TFLOP/s of a large square matmul per dtype (random
+    operands, rotated), GB/s of a large device copy (bytes read + bytes written)."""
+    cuda = device.type == "cuda"
+    result = {"matmul_tflops": {}, "matmul_n": {}, "copy_gbs": None, "copy_bytes": None}
+    for dtype in dtypes:
+        n = (8192 if _itemsize(dtype) <= 2 else 4096) if cuda else \
+            {"tiny": 256, "quick": 1024, "full": 2048}[shapes] // (1 if dtype in (torch.float32, torch.float64) else 2)
+        gen = torch.Generator().manual_seed(0)
+        mats = [torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(4)]
+        try:
+            times = time_calls(lambda i: mats[2 * (i % 2)] @ mats[2 * (i % 2) + 1], 2, device, budget_s, 3, 100)
+            result["matmul_tflops"][_dt(dtype)] = 2 * n**3 / statistics.median(times) / 1e12
+            result["matmul_n"][_dt(dtype)] = n
+        except Exception as exc:  # noqa: BLE001
+            print(f"fused_attn.bench: matmul ceiling for {_dt(dtype)} failed: {_short(exc)}", file=sys.stderr)
+        del mats
+    numel = (1 << 29) if cuda else {"tiny": 1 << 20, "quick": 1 << 25, "full": 1 << 26}[shapes]
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    times = time_calls(lambda i: dst.copy_(src), 1, device, budget_s, 3, 100)
+    result["copy_bytes"] = 2 * numel * 4
+    result["copy_gbs"] = 2 * numel * 4 / statistics.median(times) / 1e9
+    del src, dst
+    _free(device)
+    return result
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        info["triton"] = None
+    from . import __version__, available_backends, extension_error
+    info["fused_attn"] = __version__
+    info["extension_error"] = extension_error()
+    info["backends"] = {n: ("available" if b["available"] else "; ".join(b["reasons"]))
+                        for n, b in available_backends().items()}
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001
+        info["git_commit"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
+                    gpu_sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    gpu_l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    info["device_name"] = info.get("gpu") or info["cpu"]
+    return info
+
+
+# =============================================================================================
+# output: table, JSON, CSV, plots
+# =============================================================================================
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict], op: str) -> str:
+    """One op's rows: shape, dtype, pass, impl, time, throughput, % of ceiling, speedups, error,
+    memory (the best SDPA backend stands for SDPA on GPUs; the JSON/CSV have each)."""
+    rows = [r for r in rows if r["op"] == op]
+    if not rows:
+        return ""
+    unit = rows[0]["unit"]
+    has_sdpa = any(r["impl"].startswith("sdpa") for r in rows)
+    head = ["shape", "dtype", "pass", "impl", "ms", unit, "%ceil", "x eager"] + (["x sdpa"] if has_sdpa else []) + \
+        ["x compile", "err", "oracle", "MiB", "note"]
+    lines = []
+    for r in rows:
+        sp = r["speedup"]
+        sdpa = [v for k, v in sp.items() if k.startswith("sdpa")]
+        err = r["err_out"] if r["pass"] == "fwd" else r["err_grad"]
+        note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:60]
+        cells = [r["shape"], r["dtype"], r["pass"], r["impl"], _fmt(r["median_ms"], ".3f"),
+                 _fmt(r["throughput"], ".3g"),
+                 _fmt(None if r["ceiling_frac"] is None else 100 * r["ceiling_frac"], ".0f"),
+                 _fmt(sp.get("eager"), ".2f")] + ([_fmt(min(sdpa) if sdpa else None, ".2f")] if has_sdpa else []) + \
+            [_fmt(sp.get("compile"), ".2f"), _fmt(err, ".1e"), r["oracle"],
+             _fmt(r["peak_mem_mib"], ".3g"), note]
+        lines.append(cells)
+    return _render(head, lines, title=f"== {op} ==")
+
+
+def _render(head, lines, title=None):
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
+    out = [title] if title else []
+    out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+    out.append("  ".join("-" * w for w in widths))
+    out.extend("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in lines)
+    return "\n".join(out)
+
+
+def _geomean(values):
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per op, pass, dtype and implementation: shapes run, geometric-mean speedup over the eager
+    reference and over the fastest baseline of each shape, median fraction of the ceiling,
+    the largest error and the oracle failures."""
+    keys = []
+    for r in rows:
+        key = (r["op"], r["pass"], r["dtype"], r["impl"])
+        if key not in keys:
+            keys.append(key)
+    summary = []
+    for op, pass_, dtype, impl in keys:
+        mine = [r for r in rows if (r["op"], r["pass"], r["dtype"], r["impl"]) == (op, pass_, dtype, impl)]
+        ok = [r for r in mine if r["status"] == "ok"]
+        vs_best = []
+        for r in ok:
+            others = [v for k, v in r["speedup"].items() if k != impl]
+            if others:
+                vs_best.append(min(others))
+        errs = [r["err_out"] if pass_ == "fwd" else r["err_grad"] for r in ok]
+        errs = [e for e in errs if e is not None]
+        fracs = [r["ceiling_frac"] for r in ok if r["ceiling_frac"] is not None]
+        summary.append({"op": op, "pass": pass_, "dtype": dtype, "impl": impl, "kind": mine[0]["kind"],
+                        "shapes": len(mine), "ok": len(ok),
+                        "speedup_vs_eager": _geomean([r["speedup"].get("eager") for r in ok]) if impl != "eager" else None,
+                        "speedup_vs_best_baseline": _geomean(vs_best),
+                        "ceiling_frac": statistics.median(fracs) if fracs else None,
+                        "max_err": max(errs) if errs else None,
+                        "oracle_fails": sum(r["oracle"] == "FAIL" for r in mine),
+                        "errors": sum(r["status"] in ("error", "oom") for r in mine)})
+    return summary
+
+
+def format_summary(summary: list[dict], ceilings: dict, machine: dict) -> str:
+    head = ["op", "pass", "dtype", "impl", "ran", "x eager", "x best baseline", "%ceil", "max err", "oracle", "errors"]
+    lines = []
+    for s in summary:
+        if s["kind"] != "fused" and s["impl"] != "eager":
+            continue  # the summary shows the fused backends (and the eager line for its error)
+        lines.append([s["op"], s["pass"], s["dtype"], s["impl"], f"{s['ok']}/{s['shapes']}",
+                      _fmt(s["speedup_vs_eager"], ".2f"), _fmt(s["speedup_vs_best_baseline"], ".2f"),
+                      _fmt(None if s["ceiling_frac"] is None else 100 * s["ceiling_frac"], ".0f"),
+                      _fmt(s["max_err"], ".1e"),
+                      "" if s["kind"] != "fused" else ("ok" if not s["oracle_fails"] else f"{s['oracle_fails']} FAIL"),
+                      str(s["errors"] or "")])
+    mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.get("matmul_tflops", {}).items())
+    title = (f"== summary: {machine['device_name']} | torch {machine['torch']} | triton {machine.get('triton')} | "
+             f"{machine['date']} ==\nceilings: matmul {mm}; copy {_fmt(ceilings.get('copy_gbs'), '.3g')} GB/s\n"
+             "x eager / x best baseline: geometric mean over shapes of the speedup over the eager reference / over "
+             "the fastest baseline of each shape; %ceil: median fraction of the measured ceiling")
+    if not lines:
+        return title + "\n(no fused backend ran)"
+    return _render(head, lines, title=title)
+
+
+CSV_FIELDS = ["op", "pass", "shape", "dtype", "impl", "kind", "status", "median_ms", "min_ms", "reps", "n_sets",
+              "work", "unit", "throughput", "ceiling", "ceiling_frac"]
+CSV_TAIL = ["err_out", "err_grad", "oracle", "peak_mem_mib", "reason", "device_name", "torch", "triton", "date"]
+
+
+def write_csv(path, rows, machine):
+    baselines = sorted({b for r in rows for b in r["speedup"]})
+    fields = CSV_FIELDS + [f"speedup_vs_{b}" for b in baselines] + CSV_TAIL
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            flat = dict(r)
+            flat.update({f"speedup_vs_{b}": v for b, v in r["speedup"].items()})
+            flat.update({k: machine.get(k) for k in ("device_name", "torch", "triton", "date")})
+            writer.writerow(flat)
+
+
+def write_json(path, payload):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def plot_attention(rows, out_dir) -> list[str]:
+    """Throughput vs sequence length, one line per implementation, one panel per
+    (dtype, head dim, causal); one PNG for the forward and one for forward + backward."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for pass_, fname in (("fwd", "attention_fwd.png"), ("fwd+bwd", "attention_fwd_bwd.png")):
+        mine = [r for r in rows if r["op"] == "attention" and r["pass"] == pass_ and r["status"] == "ok"]
+        if not mine:
+            continue
+        panels = sorted({(r["dtype"], r["params"]["D"], r["params"]["causal"]) for r in mine})
+        cols = min(2, len(panels))
+        nrows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.2 * nrows), squeeze=False)
+        impls = sorted({r["impl"] for r in mine}, key=lambda n: (n not in BACKENDS, n))
+        for ax, (dtype, D, causal) in zip(axes.flat, panels):
+            for impl in impls:
+                pts = sorted((r["params"]["L"], r["throughput"]) for r in mine
+                             if r["impl"] == impl and (r["dtype"], r["params"]["D"], r["params"]["causal"]) == (dtype, D, causal))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            linewidth=2.2 if impl in BACKENDS else 1.2, label=impl)
+            ax.set_xscale("log", base=2)
+            lengths = sorted({r["params"]["L"] for r in mine})
+            ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths])
+            ax.minorticks_off()
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("TFLOP/s")
+            ax.set_title(f"{dtype}, head dim {D}, {'causal' if causal else 'not causal'}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        device_name = mine[0].get("device_name", "")
+        fig.suptitle(f"attention {'forward' if pass_ == 'fwd' else 'forward + backward'}: {device_name}, "
+                     f"torch {torch.__version__}, {datetime.date.today().isoformat()}")
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# =============================================================================================
+# main
+# =============================================================================================
+
+def _split(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv=None):
+    intro, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="python -m fused_attn.bench", description=intro, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="quick sweep: few shapes, short timing budget, no torch.compile (< 2 min on 2 CPU cores)")
+    p.add_argument("--shapes", choices=SHAPE_SETS, default=None,
+                   help="shape set (default: quick with --quick, else full; tiny is a smoke test)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
+    p.add_argument("--dtype", default=None, help="comma list (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--backend", default="all",
+                   help="comma list of fused backends to time (default all: every backend that takes the call; "
+                        "'reference' only where nothing else does); 'none' for baselines only")
+    p.add_argument("--baselines", default=None,
+                   help="comma list of eager, sdpa, compile (default: all; compile is left out with --quick)")
+    p.add_argument("--passes", default=",".join(PASSES), help="comma list of fwd, bwd, fwd+bwd")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default="bench_out", help="output folder (default bench_out)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop starting new cases after this long (each op gets a share); the outputs are still written")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a busy machine")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    shapes = args.shapes or ("quick" if args.quick else "full")
+    dtype_names = _split(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    bad = [d for d in dtype_names if d not in ("float16", "bfloat16", "float32", "float64")]
+    if bad:
+        raise SystemExit(f"--dtype: unknown {', '.join(bad)} (choose from float16, bfloat16, float32, float64)")
+    dtypes = [getattr(torch, d) for d in dtype_names]
+    ops = _split(args.ops)
+    passes = _split(args.passes)
+    for name, values, allowed in (("--ops", ops, OPS), ("--passes", passes, PASSES)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise SystemExit(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
+    backends = None if args.backend == "all" else ([] if args.backend == "none" else _split(args.backend))
+    unknown = [b for b in backends or [] if b not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"--backend: unknown {', '.join(unknown)} (choose from {', '.join(BACKENDS)}, all, none)")
+    if args.baselines is None:
+        baselines = [b for b in BASELINES if not (b == "compile" and (args.quick or shapes == "tiny"))]
+    else:
+        baselines = [] if args.baselines == "none" else _split(args.baselines)
+        bad = [b for b in baselines if b not in BASELINES]
+        if bad:
+            raise SystemExit(f"--baselines: unknown {', '.join(bad)} (choose from {', '.join(BASELINES)}, none)")
+    quickish = args.quick or shapes in ("tiny", "quick")
+    gpu = device.type == "cuda"
+    budget = args.budget if args.budget is not None else (0.1 if gpu else 0.2 if quickish else 0.6)
+    opts = Options(device=device, dtypes=dtypes, ops=ops, passes=passes, backends=backends, baselines=baselines,
+                   shapes=shapes, budget_s=budget, min_reps=10 if gpu else 3, max_reps=1000 if gpu else 200,
+                   memory=not args.no_memory, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    started = time.monotonic()
+    machine = machine_info(device)
+    print(f"fused_attn.bench on {machine['device_name']} ({device}), torch {machine['torch']}, "
+          f"triton {machine['triton']}; shapes {shapes}, dtypes {', '.join(map(_dt, dtypes))}, "
+          f"baselines {', '.join(baselines) or 'none'}", flush=True)
+    ceilings = measure_ceilings(device, dtypes, shapes, min(budget * 2, 1.0))
+    mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings["matmul_tflops"].items())
+    print(f"ceilings: matmul {mm}; copy {ceilings['copy_gbs']:.3g} GB/s", flush=True)
+
+    plan = [(op, case, dtype) for op in ops for case in shape_set(op, shapes, device.type) for dtype in dtypes]
+    rows: list[dict] = []
+    not_run: list[str] = []
+    payload = {"machine": machine, "ceilings": ceilings, "config": vars(args) | {"shapes": shapes,
+               "baselines": baselines, "budget_s": budget}, "rows": rows, "not_run": not_run, "summary": []}
+    if "layer" in ops:
+        payload["config"]["fused_layer"] = ("fused_attn.TransformerLayer" if fused_layer_class() is not None else
+                                            "the reference TransformerLayer on the fused functional ops")
+        print(f"layer: fused rows run {payload['config']['fused_layer']}", flush=True)
+    json_path, csv_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.csv")
+    op_deadline = None
+    progress = _progress(len(plan))
+    current_op = None
+    with _stop_on_sigterm():
+        index = 0
+        try:
+            for index, (op, case, dtype) in enumerate(plan):
+                now = time.monotonic()
+                if op != current_op:
+                    if current_op is not None:
+                        progress.write(format_table(rows, current_op))
+                    current_op = op
+                    if args.max_minutes is not None:
+                        left = args.max_minutes * 60 - (now - started)
+                        weights = [OP_TIME_WEIGHTS[o] for o in ops[ops.index(op):]]
+                        op_deadline = now + max(0.0, left) * weights[0] / sum(weights)
+                if op_deadline is not None and now > op_deadline:
+                    not_run.append(f"{op} {case.label()} {_dt(dtype)}: time limit (--max-minutes)")
+                    progress.update(f"{op} {case.label()} (skipped: time limit)")
+                    continue
+                progress.update(f"{op} {case.label()} {_dt(dtype)}")
+                try:
+                    new_rows = run_case(case, dtype, opts, ceilings)
+                except Exception as exc:  # noqa: BLE001 - building a case failed: record it, go on
+                    new_rows = [_row(case, dtype, Impl("(case)", "fused"), PASSES[0], status="error", reason=_short(exc),
+                                     traceback=traceback.format_exc(limit=8))]
+                    _free(device)
+                for r in new_rows:
+                    r["device_name"] = machine["device_name"]
+                rows.extend(new_rows)
+                add_speedups(rows)
+                write_json(json_path, payload)
+                write_csv(csv_path, rows, machine)
+        except _Interrupted:
+            not_run.extend(f"{o} {c.label()} {_dt(d)}: interrupted (SIGTERM)" for o, c, d in plan[index:])
+            print("fused_attn.bench: SIGTERM: stopping, writing what was measured", file=sys.stderr, flush=True)
+    progress.close()
+    if current_op is not None:
+        print(format_table(rows, current_op), flush=True)
+    add_speedups(rows)
+    payload["summary"] = summarize(rows)
+    payload["elapsed_s"] = round(time.monotonic() - started, 1)
+    write_json(json_path, payload)
+    write_csv(csv_path, rows, machine)
+    written = [json_path, csv_path]
+    if not args.no_plots:
+        try:
+            written += plot_attention(rows, args.out)
+        except Exception as exc:  # noqa: BLE001
+            print(f"fused_attn.bench: plotting failed: {_short(exc)}", file=sys.stderr)
+    failures = [r for r in rows if r["kind"] == "fused" and (r["status"] in ("error", "oom") or r["oracle"] == "FAIL")]
+    for r in failures:
+        if r.get("traceback"):
+            print(f"\n{r['op']} {r['shape']} {r['impl']}: {r['traceback']}", file=sys.stderr)
+    print(f"\nwrote {', '.join(written)} in {payload['elapsed_s']:.0f} s", flush=True)
+    if not_run:
+        print(f"not run: {len(not_run)} case(s) ({not_run[0].split(': ')[-1]})")
+    print()
+    print(format_summary(payload["summary"], ceilings, machine))
+    if failures:
+        print(f"\n{len(failures)} fused row(s) failed (error or oracle FAIL): "
+              + "; ".join(f"{r['op']} {r['shape']} {r['pass']} {r['impl']}: {r['status']} {r['reason'] or r['oracle']}"
+                          for r in failures[:8]))
+        return 1
+    return 0
+
+
+class _Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop measuring, write the outputs."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """Within: the first SIGTERM raises _Interrupted (so what was measured is still written); the
+    previous handler is restored on the way out."""
+    import signal
+    state = {"stop": False}
+
+    def handler(signum, frame):
+        if not state["stop"]:
+            state["stop"] = True
+            raise _Interrupted()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _configure_compile():
+    """Settings for the torch.compile baselines: shapes and flags each make compile guard anew,
+    so let them recompile; and turn off donated buffers, which forbid ``retain_graph=True`` --
+    the backward pass is timed by differentiating one retained graph again and again."""
+    try:
+        from torch._dynamo import config
+        for attr in ("cache_size_limit", "recompile_limit"):
+            if hasattr(config, attr):
+                setattr(config, attr, max(64, getattr(config, attr)))
+        from torch._functorch import config as functorch_config
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
+    except Exception:  # noqa: BLE001 - compile still works without these
+        pass
+
+
+class _progress:
+    """A tqdm bar on a terminal; plain lines on stderr otherwise (logs)."""
+
+    def __init__(self, total):
+        self.total, self.count, self.bar = total, 0, None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="case", dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, text):
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_description_str(text[:60])
+            self.bar.update(1)
+        else:
+            print(f"[{self.count}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def write(self, text):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -42,6 +42,10 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
 @torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], causal: bool, dropout_p: float,
                   scale: float, rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute: every backend gives the same empties
+        out = new_attention_out(q, v.shape[-1])
+        out.zero_()
+        return out, torch.full(q.shape[:3], float("inf"), device=q.device, dtype=torch.float32)
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset)
 
@@ -55,6 +59,10 @@ def _attention_fwd_fake(q, k, v, attn_mask, causal, dropout_p, scale, rng, backe
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   attn_mask: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
                   rng: Optional[Tensor], mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        dmask = attn_mask.new_zeros(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
+            k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format), dmask
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale,
                                               seed, offset, mask_grad)

@@ -61,7 +61,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
         scores = scores.masked_fill(~keep, float("-inf"))
     # Rows where every key is masked: softmax would be 0/0. Give them zero probability instead,
     # replacing their scores by 0 first so that no NaN reaches the backward pass either.
-    dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)  # also true when Lk == 0
     scores = scores.masked_fill(dead, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     if dropout_p > 0.0:
@@ -111,7 +111,11 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
         if bias is not None:
             normed = normed + bias
     else:
-        normed = F.layer_norm(summed, summed.shape[-1:], weight, bias, eps)
+        # weight/bias in the sum's dtype: with residual_in_fp32 the sum is float32 while the
+        # parameters may be half precision (CPU layer_norm refuses that mix)
+        w = weight.to(summed.dtype) if weight is not None else None
+        b = bias.to(summed.dtype) if bias is not None else None
+        normed = F.layer_norm(summed, summed.shape[-1:], w, b, eps)
     normed = normed.to(x.dtype)
     return (normed, summed) if prenorm else normed
 

@@ -116,6 +116,55 @@ def check_against_reference(fused: Callable, reference: Callable, inputs: Sequen
     return results
 
 
+def check_module_against_reference(fused: torch.nn.Module, reference: torch.nn.Module, inputs: Sequence, *,
+                                   run: Optional[Callable] = None, grad_out_seed: int = 0,
+                                   k_forward: float = K_FORWARD, k_grad: float = K_GRAD,
+                                   floor: Optional[float] = None) -> list[OracleResult]:
+    """The oracle for whole modules: ``fused`` against ``reference`` run in float64 (a deep copy
+    cast with ``.double()``) and as given (the low-precision reference), on the same ``inputs``.
+
+    Compares the outputs, the gradient of every parameter (matched by name: both modules must have
+    the same parameter names) and of every input that requires grad. ``run(module, *inputs)``
+    returns a tensor or a tuple of tensors (default: ``module(*inputs)``); use it to pick the
+    logits out of a model's output object or to pass keyword arguments.
+    """
+    import copy
+
+    run = run or (lambda module, *args: module(*args))
+    ref64 = copy.deepcopy(reference).double()
+    fused_names = [n for n, _ in fused.named_parameters()]
+    ref_names = [n for n, _ in reference.named_parameters()]
+    if sorted(fused_names) != sorted(ref_names):
+        raise AssertionError(f"parameter names differ: fused only {sorted(set(fused_names) - set(ref_names))}, "
+                             f"reference only {sorted(set(ref_names) - set(fused_names))}")
+    runs = {}
+    for label, module, dtype in (("fused", fused, None), ("ref64", ref64, torch.float64), ("reflp", reference, None)):
+        module.zero_grad(set_to_none=True)
+        args = [_prepare(x, dtype) for x in inputs]
+        outs = run(module, *args)
+        runs[label] = (module, args, tuple(outs) if isinstance(outs, (tuple, list)) else (outs,))
+    results = [compare(f"output{i}", f, r64, rlp, k=k_forward, floor=floor)
+               for i, (f, r64, rlp) in enumerate(zip(runs["fused"][2], runs["ref64"][2], runs["reflp"][2]))]
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in runs["fused"][2]]
+    for label, (module, args, outs) in runs.items():
+        diff = [(o, g.to(o.dtype).to(o.device)) for o, g in zip(outs, grads_out) if o.requires_grad]
+        torch.autograd.backward([o for o, _ in diff], [g for _, g in diff])
+    params = {label: dict(module.named_parameters()) for label, (module, _, _) in runs.items()}
+    for name in fused_names:
+        g, g64, glp = (params[label][name].grad for label in ("fused", "ref64", "reflp"))
+        if (g is None) != (g64 is None):
+            raise AssertionError(f"grad of {name}: fused {'None' if g is None else 'present'}, reference "
+                                 f"{'None' if g64 is None else 'present'}")
+        if g is not None:
+            results.append(compare(f"grad of {name}", g, g64, glp, k=k_grad, floor=floor))
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            results.append(compare(f"grad of input{i}", runs["fused"][1][i].grad, runs["ref64"][1][i].grad,
+                                   runs["reflp"][1][i].grad, k=k_grad, floor=floor))
+    return results
+
+
 def make_inputs(*shapes, dtype=torch.float32, device="cpu", seed=0, requires_grad=True, scale=1.0):
     """Random normal tensors (deterministic from ``seed``) for tests and benchmarks."""
     gen = torch.Generator().manual_seed(seed)
@@ -129,5 +178,13 @@ def reconstruct_dropout_mask(seed: int, offset: int, p: float, n_rows: int, n_co
     return _rng.keep_mask(seed, offset, p, n_rows, n_cols)
 
 
-__all__ = ["compare", "check_against_reference", "make_inputs", "reconstruct_dropout_mask", "OracleResult",
+__all__ = ["compare", "check_against_reference", "check_module_against_reference", "make_inputs", "reconstruct_dropout_mask", "OracleResult", "runnable_backends",
            "K_FORWARD", "K_GRAD", "FLOORS"]
+
+
+def runnable_backends(op: str, device="cpu", dtype=torch.float32, **options) -> list[str]:
+    """The backends that can take ``op`` on this machine for ``device``/``dtype`` (tests parametrise on it)."""
+    from .backends import BACKENDS, Call
+
+    call = Call(op, torch.device(device), dtype, options)
+    return [name for name, backend in BACKENDS.items() if not backend.call_reasons(call)]

@@ -50,7 +50,29 @@ def requested_backend(explicit: str | None) -> str:
 
 
 def resolve(call: Call, backend: str | None = None) -> str:
-    """The name of the backend that will run ``call``."""
+    """The name of the backend that will run ``call``.
+
+    Under torch.compile the choice is made once, at trace time, and baked into the graph (the
+    inputs' device and dtype are guarded by the compiler anyway), so dispatch never breaks a graph.
+    """
+    options = tuple(sorted(call.options.items()))
+    return _resolve_constant(call.op, call.device.type, call.dtype, options, backend)
+
+
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does (mark ``fn`` so Dynamo calls it at
+    trace time and bakes in the result), without importing torch._dynamo at import time, which
+    costs seconds. tests/test_compile.py checks that dispatch still traces with fullgraph=True."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def _resolve_constant(op, device_type, dtype, options, backend):
+    return _resolve(Call(op, torch.device(device_type), dtype, dict(options)), backend)
+
+
+def _resolve(call: Call, backend: str | None) -> str:
     name = requested_backend(backend)
     if name != "auto":
         reasons = BACKENDS[name].call_reasons(call)
@@ -73,10 +95,10 @@ def resolve(call: Call, backend: str | None = None) -> str:
 def _warn_fallback(call: Call, refused: dict[str, list[str]]):
     why = " | ".join(f"{n}: {'; '.join(r)}" for n, r in refused.items())
     key = f"{call.op}|{why}"
-    if key in _warned or torch.compiler.is_compiling():
+    if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(f"fused_attn: {call.describe()} falls back to the reference backend ({why})", stacklevel=4)
+    warnings.warn(f"fused_attn: {call.describe()} falls back to the reference backend ({why})", stacklevel=5)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
 - feed_forward: x (T, d), w1 (F1, d) with F1 = d_ff or 2*d_ff (gated), w2 (d, d_ff). ``pre`` is
   x @ w1^T + b1, saved for backward; the activation is recomputed from it there. db1/db2 are
   empty when absent.
-- Empty sizes (0 rows, 0 keys, ...) return correctly shaped results (zeros where defined).
+- Empty sizes: the attention ops never reach a backend with an empty q/k/v (ops.py answers those
+  itself); layer_norm_residual and feed_forward launchers must handle 0 rows (no launch).
 - Outputs never alias inputs; inputs are never written.
 """
 from __future__ import annotations

@@ -14,6 +14,21 @@ class CudaBackend(CompiledBackend):
     dispatch_key = "CUDA"
     dtypes = {"attention": _GPU, "layer_norm_residual": _GPU, "feed_forward": _GPU}
 
+    #: limits of the kernels in csrc/cuda (the ops raise beyond them; auto moves on to the next backend)
+    max_head_dim = 256
+    max_hidden = 16384  # layer_norm_residual keeps a row (forward) / 2 rows of partials (backward) in shared memory
+
+    def call_reasons(self, call):
+        reasons = super().call_reasons(call)
+        opts = call.options
+        if call.op == "attention":
+            for key in ("head_dim", "head_dim_v"):
+                if opts.get(key, 0) > self.max_head_dim:
+                    reasons.append(f"{key} {opts[key]} > {self.max_head_dim}")
+        elif call.op == "layer_norm_residual" and opts.get("hidden", 0) > self.max_hidden:
+            reasons.append(f"hidden size {opts['hidden']} > {self.max_hidden}")
+        return reasons
+
     def unavailable_reasons(self):
         reasons = super().unavailable_reasons()
         if not torch.cuda.is_available():

@@ -52,7 +52,7 @@ class ReferenceBackend(Backend):
         out, summed = ref.layer_norm_residual(x, residual, weight, bias, eps, dropout_p, prenorm=True, rms=rms,
                                               residual_in_fp32=residual_in_fp32, rng=_rng(dropout_p, seed, offset))
         s = summed.float()
-        rstd_src = s.pow(2).mean(-1) if rms else s.var(-1, unbiased=False)
+        rstd_src = s.pow(2).mean(-1) if rms else (s - s.mean(-1, keepdim=True)).pow(2).mean(-1)
         rstd = torch.rsqrt(rstd_src + eps)
         mean = empty(x, torch.float32) if rms else s.mean(-1)
         if summed is x or summed is residual:  # no dropout and no residual: never alias an input
@@ -60,18 +60,23 @@ class ReferenceBackend(Backend):
         return out, summed, mean, rstd
 
     def layer_norm_residual_bwd(self, dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, seed, offset, x_dtype):
-        def norm(s, w, b):
+        params = [p for p in (weight, bias) if p is not None]
+
+        def norm(s, *ps):
+            w = ps[0] if weight is not None else None
+            b = ps[-1] if bias is not None else None
             return ref.layer_norm_residual(s, None, w, b, eps, rms=rms).to(dout.dtype)
-        _, vjp = torch.func.vjp(norm, summed, weight, bias)
-        dsum, dweight, dbias = vjp(dout)
+
+        _, vjp = torch.func.vjp(norm, summed, *params)
+        dsum, *dparams = vjp(dout)
+        dweight = dparams[0] if weight is not None else empty(summed)
+        dbias = dparams[-1] if bias is not None else empty(summed)
         if dsummed is not None:
             dsum = dsum + dsummed
         dsum = dsum.to(summed.dtype).contiguous()
         dx = empty(summed, x_dtype)
         if dropout_p > 0.0:
             dx = ref._rng.apply_dropout(dsum.to(x_dtype), dropout_p, seed, offset).contiguous()
-        dweight = dweight if weight is not None else empty(summed)
-        dbias = dbias if bias is not None else empty(summed)
         return dsum, dx, dweight, dbias
 
     # ---- feed-forward -----------------------------------------------------------------------

@@ -64,9 +64,9 @@ def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int = 90, num_wa
 
     ``signature`` maps every runtime argument to its Triton type ("*fp16", "i32", "fp32", ...);
     ``constexprs`` gives the tl.constexpr values (they are added to the signature as "constexpr").
-    ``divisible_by_16`` names the pointer/int arguments to mark 16-divisible, as the runtime's
-    specialisation does for aligned tensors and sizes (without it, loads are not vectorised and
-    cp.async pipelining is skipped, so the compiled kernel is not the one a GPU would run).
+    ``divisible_by_16`` names the arguments to compile as a launch would see them when they are
+    16-byte aligned pointers / integers divisible by 16 (Triton's specialisation, which is what
+    lets it emit 16-byte vector loads).
     """
     import triton
     from triton.backends.compiler import GPUTarget

@@ -1,0 +1,575 @@
+// Attention forward and backward: tiled online softmax (FlashAttention-2's schedule), with the
+// tile products on tensor cores (WMMA fragments, float32 accumulation) for float16/bfloat16 and
+// on plain FMA for float32.
+//
+// Every tile lives in shared memory: the input tiles in the input dtype, the score tiles and the
+// output/gradient accumulators in float32. Each product is one `block_gemm` call (four warps,
+// each owning 16x16 output tiles); the softmax and the gradient elementwise steps read and write
+// the float tiles between the products. Head dims are padded with zeros to a multiple of 16 in
+// shared memory, sequence edges with zero rows whose scores are masked to -inf.
+//
+// Forward (per query block of BM rows, per (batch, head)):
+//   for each key block:  S = Q K^T;  s = S * scale + mask (-inf where masked/causal/out of range)
+//                        m' = max(m, rowmax s);  p = exp(s - m');  l = l * exp(m - m') + rowsum p
+//                        O = O * exp(m - m') + dropout(p) V
+//   out = O / l (0 where l = 0), lse = m + log l (+inf where l = 0).
+// Backward, with delta_i = sum_c dO_ic O_ic, P = exp(s - lse), Z the dropout factors:
+//   dV = (P Z)^T dO,  dP = (dO V^T) Z,  dS = P (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q,
+//   dmask = dS (the additive mask's gradient).
+// dK/dV are computed per key block (looping over the query blocks and, for grouped-query
+// attention, over the query heads that share the kv head), dQ and dmask per query block (looping
+// over the key blocks): every output element has one writer, so no atomics and the result is
+// deterministic, at the cost of computing S and dP twice.
+#include <mma.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace fused_attn_cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T> constexpr bool kIsFloat = std::is_same<T, float>::value;
+// Row padding of shared tiles: 8 elements (16 bytes) keeps WMMA's 32-byte alignment and spreads
+// 16-bit rows across banks; float tiles used by the FMA path take an odd pad (no bank conflicts).
+template <typename T> constexpr int kPadT = kIsFloat<T> ? 1 : 8;
+template <typename T> constexpr int kPadF = kIsFloat<T> ? 1 : 4;
+
+// ---- block-wide tile product -------------------------------------------------------------------
+// C[M][N] (float, row-major, ldc) = (accumulate ? C : 0) + A[M][K] * B[K][N], where A is stored
+// row-major [M][K] (A_ROW) or as its transpose [K][M], and B row-major [K][N] (B_ROW) or as its
+// transpose [N][K]. M, N, K are multiples of 16. All threads of the block call it; the caller
+// puts the barriers around it.
+template <typename T, bool A_ROW, bool B_ROW>
+__device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N,
+                                           int K, bool accumulate) {
+  if constexpr (kIsFloat<T>) {
+    for (int idx = threadIdx.x; idx < M * N; idx += kThreads) {
+      const int m = idx / N, n = idx - m * N;
+      float acc = accumulate ? C[m * ldc + n] : 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const float a = A_ROW ? A[m * lda + k] : A[k * lda + m];
+        const float b = B_ROW ? B[k * ldb + n] : B[n * ldb + k];
+        acc = fmaf(a, b, acc);
+      }
+      C[m * ldc + n] = acc;
+    }
+  } else {
+    using namespace nvcuda;
+    using ALayout = typename std::conditional<A_ROW, wmma::row_major, wmma::col_major>::type;
+    using BLayout = typename std::conditional<B_ROW, wmma::row_major, wmma::col_major>::type;
+    const int warp = threadIdx.x >> 5;
+    const int tiles_n = N / 16, tiles = (M / 16) * tiles_n;
+    for (int t = warp; t < tiles; t += kWarps) {
+      const int tm = (t / tiles_n) * 16, tn = (t % tiles_n) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      if (accumulate) {
+        wmma::load_matrix_sync(acc, C + tm * ldc + tn, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc, 0.0f);
+      }
+      for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b;
+        wmma::load_matrix_sync(a, A_ROW ? A + tm * lda + k : A + k * lda + tm, lda);
+        wmma::load_matrix_sync(b, B_ROW ? B + k * ldb + tn : B + tn * ldb + k, ldb);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(C + tm * ldc + tn, acc, ldc, wmma::mem_row_major);
+    }
+  }
+}
+
+// ---- tile loads ----------------------------------------------------------------------------------
+// dst[r][c] = src[r * row_stride + c * col_stride] for r < rows_valid, c < cols_valid, else 0, for
+// r < rows, c < cols (cols a multiple of 16). 16-byte loads when the source rows allow them.
+template <typename T>
+__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t row_stride, int64_t col_stride,
+                                          int rows, int rows_valid, int cols, int cols_valid) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = col_stride == 1 && row_stride % kVec == 0 && cols_valid % kVec == 0 &&
+                   (reinterpret_cast<uintptr_t>(src) % 16) == 0;
+  if (vec) {
+    const int chunks = cols / kVec;
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += kThreads) {
+      const int r = idx / chunks, c = (idx - r * chunks) * kVec;
+      union { uint4 raw; T elems[kVec]; } chunk;
+      if (r < rows_valid && c < cols_valid) {
+        chunk.raw = *reinterpret_cast<const uint4*>(src + r * row_stride + c);
+      } else {
+        chunk.raw = make_uint4(0u, 0u, 0u, 0u);
+      }
+      if (ld % kVec == 0) {
+        *reinterpret_cast<uint4*>(dst + r * ld + c) = chunk.raw;
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) dst[r * ld + c + e] = chunk.elems[e];
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
+      const int r = idx / cols, c = idx - r * cols;
+      dst[r * ld + c] = (r < rows_valid && c < cols_valid) ? src[r * row_stride + c * col_stride]
+                                                           : from_float<T>(0.0f);
+    }
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
+
+// exp: the fast hardware approximation for the 16-bit types, the accurate one for float32.
+template <typename T> __device__ __forceinline__ float exp_(float x) { return kIsFloat<T> ? expf(x) : __expf(x); }
+
+__device__ __forceinline__ void fill(float* dst, int n, float value) {
+  for (int i = threadIdx.x; i < n; i += kThreads) dst[i] = value;
+}
+
+// ---- the scaled, masked score of one element ------------------------------------------------------
+// s = raw * scale + additive mask, or -inf where the key is out of range, causally hidden or masked.
+template <typename T>
+__device__ __forceinline__ float masked_score(const AttentionFwdArgs& a, float raw, int64_t b, int64_t h, int64_t i,
+                                              int64_t j) {
+  if (i >= a.len_q || j >= a.len_k || (a.causal && j > i)) return -INFINITY;
+  float s = raw * a.scale;
+  if (a.mask_kind != MaskKind::kNone) {
+    const int64_t off = b * a.mask_stride[0] + h * a.mask_stride[1] + i * a.mask_stride[2] + j * a.mask_stride[3];
+    if (a.mask_kind == MaskKind::kBool) {
+      if (static_cast<const uint8_t*>(a.mask)[off] == 0) return -INFINITY;
+    } else {
+      s += to_float<T>(static_cast<const T*>(a.mask)[off]);
+    }
+  }
+  return s;
+}
+
+// ---- shared-memory plans --------------------------------------------------------------------------
+// Tile sizes picked at launch time: the largest of these that fits the device's shared memory.
+struct Blocks { int m, n; };
+constexpr Blocks kBlockChoices[] = {{64, 64}, {64, 32}, {32, 32}, {16, 16}};
+
+// Carves shared memory into aligned buffers; with base == nullptr it only measures.
+struct Carver {
+  unsigned char* base;
+  size_t used = 0;
+  template <typename U> __host__ __device__ U* take(size_t count) {
+    used = (used + 127) / 128 * 128;  // 128-byte alignment (WMMA needs 32)
+    U* p = base ? reinterpret_cast<U*>(base + used) : nullptr;
+    used += count * sizeof(U);
+    return p;
+  }
+};
+
+struct Dims {
+  int bm, bn, dp, dvp;  // block sizes and padded head dims
+};
+
+template <typename T>
+struct FwdSmem {
+  T *q, *k, *v, *p;
+  float *s, *o, *row_m, *row_l, *row_alpha;
+  int ldq, ldv, lds, ldp, ldo;
+  __host__ __device__ size_t carve(unsigned char* base, const Dims& d) {
+    Carver c{base};
+    ldq = d.dp + kPadT<T>; ldv = d.dvp + kPadT<T>; lds = d.bn + kPadF<T>; ldp = d.bn + kPadT<T>;
+    ldo = d.dvp + kPadF<T>;
+    q = c.take<T>(size_t(d.bm) * ldq);
+    k = c.take<T>(size_t(d.bn) * ldq);
+    v = c.take<T>(size_t(d.bn) * ldv);
+    p = c.take<T>(size_t(d.bm) * ldp);
+    s = c.take<float>(size_t(d.bm) * lds);
+    o = c.take<float>(size_t(d.bm) * ldo);
+    row_m = c.take<float>(d.bm);
+    row_l = c.take<float>(d.bm);
+    row_alpha = c.take<float>(d.bm);
+    return c.used;
+  }
+};
+
+// Shared by both backward kernels: q/do tiles (BM rows), k/v tiles (BN rows), the score and dP
+// tiles, the P and dS tiles, and accumulators: dK/dV ([BN] rows) or dQ ([BM] rows).
+template <typename T>
+struct BwdSmem {
+  T *q, *dout, *k, *v, *p, *ds;
+  float *s, *dp, *acc_a, *acc_b, *row_lse, *row_delta;
+  int ldq, ldv, lds, ldp, lda_, ldb_;
+  __host__ __device__ size_t carve(unsigned char* base, const Dims& d, bool dkdv) {
+    Carver c{base};
+    ldq = d.dp + kPadT<T>; ldv = d.dvp + kPadT<T>; lds = d.bn + kPadF<T>; ldp = d.bn + kPadT<T>;
+    q = c.take<T>(size_t(d.bm) * ldq);
+    dout = c.take<T>(size_t(d.bm) * ldv);
+    k = c.take<T>(size_t(d.bn) * ldq);
+    v = c.take<T>(size_t(d.bn) * ldv);
+    p = c.take<T>(size_t(d.bm) * ldp);
+    ds = c.take<T>(size_t(d.bm) * ldp);
+    s = c.take<float>(size_t(d.bm) * lds);
+    dp = c.take<float>(size_t(d.bm) * lds);
+    if (dkdv) {  // acc_a = dK [BN][Dp], acc_b = dV [BN][Dvp]
+      lda_ = d.dp + kPadF<T>; ldb_ = d.dvp + kPadF<T>;
+      acc_a = c.take<float>(size_t(d.bn) * lda_);
+      acc_b = c.take<float>(size_t(d.bn) * ldb_);
+    } else {     // acc_a = dQ [BM][Dp]
+      lda_ = d.dp + kPadF<T>; ldb_ = 0;
+      acc_a = c.take<float>(size_t(d.bm) * lda_);
+      acc_b = nullptr;
+    }
+    row_lse = c.take<float>(d.bm);
+    row_delta = c.take<float>(d.bm);
+    return c.used;
+  }
+};
+
+// ---- forward ---------------------------------------------------------------------------------------
+// grid (B * Hq, ceil(Lq / BM)), kThreads threads.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionFwdArgs a, const Dims d) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  FwdSmem<T> sm;
+  sm.carve(smem_raw, d);
+  const int64_t bh = blockIdx.x, b = bh / a.heads_q, h = bh % a.heads_q;
+  const int64_t hkv = h / (a.heads_q / a.heads_kv);
+  const int64_t m0 = int64_t(blockIdx.y) * d.bm;
+  const int rows_q = static_cast<int>(imin(d.bm, a.len_q - m0));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
+  const T* k = static_cast<const T*>(a.k) + b * a.k_stride[0] + hkv * a.k_stride[1];
+  const T* v = static_cast<const T*>(a.v) + b * a.v_stride[0] + hkv * a.v_stride[1];
+  const int D = static_cast<int>(a.head_dim), Dv = static_cast<int>(a.head_dim_v);
+
+  load_tile<T>(sm.q, sm.ldq, q, a.q_stride[2], a.q_stride[3], d.bm, rows_q, d.dp, D);
+  fill(sm.o, d.bm * sm.ldo, 0.0f);
+  for (int r = threadIdx.x; r < d.bm; r += kThreads) {
+    sm.row_m[r] = -INFINITY;
+    sm.row_l[r] = 0.0f;
+  }
+  const int64_t n_end = a.causal ? imin(a.len_k, m0 + d.bm) : a.len_k;
+  const int64_t row_base = (b * a.heads_q + h) * a.len_q;  // dropout row of query 0 of this head
+
+  for (int64_t n0 = 0; n0 < n_end; n0 += d.bn) {
+    const int rows_k = static_cast<int>(imin(d.bn, a.len_k - n0));
+    __syncthreads();  // the previous iteration is done with the k, v and p tiles
+    load_tile<T>(sm.k, sm.ldq, k + n0 * a.k_stride[2], a.k_stride[2], a.k_stride[3], d.bn, rows_k, d.dp, D);
+    load_tile<T>(sm.v, sm.ldv, v + n0 * a.v_stride[2], a.v_stride[2], a.v_stride[3], d.bn, rows_k, d.dvp, Dv);
+    __syncthreads();
+    block_gemm<T, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, d.bm, d.bn, d.dp, false);
+    __syncthreads();
+    // Online softmax, one warp per row.
+    for (int r = warp; r < d.bm; r += kWarps) {
+      const int64_t i = m0 + r;
+      float* srow = sm.s + r * sm.lds;
+      float row_max = -INFINITY;
+      for (int c = lane; c < d.bn; c += 32) {
+        const float s = masked_score<T>(a, srow[c], b, h, i, n0 + c);
+        srow[c] = s;
+        row_max = fmaxf(row_max, s);
+      }
+      row_max = warp_max(row_max);
+      const float m_old = sm.row_m[r];
+      const float m_new = fmaxf(m_old, row_max);
+      const bool dead = m_new == -INFINITY;  // nothing to attend so far
+      const uint32_t key = a.dropout.enabled ? dropout_row_key(a.dropout, row_base + i) : 0u;
+      float row_sum = 0.0f;
+      for (int c = lane; c < d.bn; c += 32) {
+        const float p = dead ? 0.0f : exp_<T>(srow[c] - m_new);
+        row_sum += p;
+        const float z = a.dropout.enabled ? dropout_factor(a.dropout, key, n0 + c) : 1.0f;
+        sm.p[r * sm.ldp + c] = from_float<T>(p * z);
+      }
+      row_sum = warp_sum(row_sum);
+      if (lane == 0) {
+        const float alpha = dead ? 1.0f : exp_<T>(m_old - m_new);
+        sm.row_alpha[r] = alpha;
+        sm.row_m[r] = m_new;
+        sm.row_l[r] = sm.row_l[r] * alpha + row_sum;
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < d.bm * d.dvp; idx += kThreads) {
+      const int r = idx / d.dvp, c = idx - r * d.dvp;
+      sm.o[r * sm.ldo + c] *= sm.row_alpha[r];
+    }
+    __syncthreads();
+    block_gemm<T, true, true>(sm.o, sm.ldo, sm.p, sm.ldp, sm.v, sm.ldv, d.bm, d.dvp, d.bn, true);
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(a.out) + b * a.out_stride[0] + h * a.out_stride[1] + m0 * a.out_stride[2];
+  for (int idx = threadIdx.x; idx < rows_q * Dv; idx += kThreads) {
+    const int r = idx / Dv, c = idx - r * Dv;
+    const float l = sm.row_l[r];
+    out[r * a.out_stride[2] + c * a.out_stride[3]] = from_float<T>(l > 0.0f ? sm.o[r * sm.ldo + c] / l : 0.0f);
+  }
+  for (int r = threadIdx.x; r < rows_q; r += kThreads) {
+    const float l = sm.row_l[r];
+    a.lse[row_base + m0 + r] = l > 0.0f ? sm.row_m[r] + logf(l) : INFINITY;
+  }
+}
+
+// ---- backward ----------------------------------------------------------------------------------------
+// delta[row] = sum_c dout[row, c] * out[row, c], one warp per (b, h, i) row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const AttentionBwdArgs a) {
+  const AttentionFwdArgs& f = a.fwd;
+  const int64_t rows = f.batch * f.heads_q * f.len_q;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int64_t i = row % f.len_q, bh = row / f.len_q, h = bh % f.heads_q, b = bh / f.heads_q;
+  const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[1] + i * a.dout_stride[2];
+  const T* out = static_cast<const T*>(f.out) + b * f.out_stride[0] + h * f.out_stride[1] + i * f.out_stride[2];
+  float acc = 0.0f;
+  for (int64_t c = threadIdx.x & 31; c < f.head_dim_v; c += 32) {
+    acc += to_float<T>(dout[c * a.dout_stride[3]]) * to_float<T>(out[c * f.out_stride[3]]);
+  }
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) a.delta[row] = acc;
+}
+
+// The shared middle of both backward kernels, for one (query block, key block) pair whose q, dout,
+// k, v tiles and row_lse/row_delta are loaded: S = Q K^T, dP = dO V^T, then
+//   P = exp(s - lse) (0 where masked), p tile = P Z, ds tile = P (dP Z - delta),
+// and dS into dmask when requested. Ends with a barrier.
+// The dK/dV kernel wants the P Z tile; the dQ kernel writes dmask (each element has one writer).
+template <typename T, bool kDkDv>
+__device__ __forceinline__ void bwd_scores(const AttentionBwdArgs& a, BwdSmem<T>& sm, const Dims& d, int64_t b,
+                                           int64_t h, int64_t m0, int64_t n0) {
+  const AttentionFwdArgs& f = a.fwd;
+  block_gemm<T, true, false>(sm.s, sm.lds, sm.q, sm.ldq, sm.k, sm.ldq, d.bm, d.bn, d.dp, false);
+  block_gemm<T, true, false>(sm.dp, sm.lds, sm.dout, sm.ldv, sm.v, sm.ldv, d.bm, d.bn, d.dvp, false);
+  __syncthreads();
+  const int64_t row_base = (b * f.heads_q + h) * f.len_q;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = warp; r < d.bm; r += kWarps) {  // one warp per row: one row key per warp
+    const int64_t i = m0 + r;
+    const uint32_t key = f.dropout.enabled ? dropout_row_key(f.dropout, row_base + i) : 0u;
+    const float lse = sm.row_lse[r], delta = sm.row_delta[r];
+    for (int c = lane; c < d.bn; c += 32) {
+      const int64_t j = n0 + c;
+      const float s = masked_score<T>(f, sm.s[r * sm.lds + c], b, h, i, j);
+      const float p = s == -INFINITY ? 0.0f : exp_<T>(s - lse);  // lse = +inf on dead rows gives 0
+      const float z = f.dropout.enabled ? dropout_factor(f.dropout, key, j) : 1.0f;
+      const float ds = p * (sm.dp[r * sm.lds + c] * z - delta);
+      if (kDkDv) sm.p[r * sm.ldp + c] = from_float<T>(p * z);
+      sm.ds[r * sm.ldp + c] = from_float<T>(ds);
+      if (!kDkDv && a.dmask != nullptr && i < f.len_q && j < f.len_k) {
+        static_cast<T*>(a.dmask)[(row_base + i) * f.len_k + j] = from_float<T>(ds);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ void load_query_side(const AttentionBwdArgs& a, BwdSmem<T>& sm, const Dims& d, int64_t b,
+                                                int64_t h, int64_t m0) {
+  const AttentionFwdArgs& f = a.fwd;
+  const int rows_q = static_cast<int>(imin(d.bm, f.len_q - m0));
+  const T* q = static_cast<const T*>(f.q) + b * f.q_stride[0] + h * f.q_stride[1] + m0 * f.q_stride[2];
+  const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[1] + m0 * a.dout_stride[2];
+  load_tile<T>(sm.q, sm.ldq, q, f.q_stride[2], f.q_stride[3], d.bm, rows_q, d.dp, static_cast<int>(f.head_dim));
+  load_tile<T>(sm.dout, sm.ldv, dout, a.dout_stride[2], a.dout_stride[3], d.bm, rows_q, d.dvp,
+               static_cast<int>(f.head_dim_v));
+  const int64_t row_base = (b * f.heads_q + h) * f.len_q + m0;
+  for (int r = threadIdx.x; r < d.bm; r += kThreads) {
+    sm.row_lse[r] = r < rows_q ? f.lse[row_base + r] : INFINITY;  // rows past Lq: P = 0
+    sm.row_delta[r] = r < rows_q ? a.delta[row_base + r] : 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_key_side(const AttentionBwdArgs& a, BwdSmem<T>& sm, const Dims& d, int64_t b,
+                                              int64_t hkv, int64_t n0) {
+  const AttentionFwdArgs& f = a.fwd;
+  const int rows_k = static_cast<int>(imin(d.bn, f.len_k - n0));
+  const T* k = static_cast<const T*>(f.k) + b * f.k_stride[0] + hkv * f.k_stride[1] + n0 * f.k_stride[2];
+  const T* v = static_cast<const T*>(f.v) + b * f.v_stride[0] + hkv * f.v_stride[1] + n0 * f.v_stride[2];
+  load_tile<T>(sm.k, sm.ldq, k, f.k_stride[2], f.k_stride[3], d.bn, rows_k, d.dp, static_cast<int>(f.head_dim));
+  load_tile<T>(sm.v, sm.ldv, v, f.v_stride[2], f.v_stride[3], d.bn, rows_k, d.dvp, static_cast<int>(f.head_dim_v));
+}
+
+// Stores rows [0, rows) x cols [0, cols) of a float accumulator, times `mul`, to a contiguous T
+// matrix with `cols` columns.
+template <typename T>
+__device__ __forceinline__ void store_acc(T* dst, const float* acc, int ld, int rows, int cols, float mul) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
+    const int r = idx / cols, c = idx - r * cols;
+    dst[int64_t(r) * cols + c] = from_float<T>(acc[r * ld + c] * mul);
+  }
+}
+
+// dK, dV for one key block of one (batch, kv head): grid (B * Hkv, ceil(Lk / BN)).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionBwdArgs a, const Dims d) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const AttentionFwdArgs& f = a.fwd;
+  BwdSmem<T> sm;
+  sm.carve(smem_raw, d, true);
+  const int64_t bhkv = blockIdx.x, b = bhkv / f.heads_kv, hkv = bhkv % f.heads_kv;
+  const int64_t group = f.heads_q / f.heads_kv;
+  const int64_t n0 = int64_t(blockIdx.y) * d.bn;
+  load_key_side<T>(a, sm, d, b, hkv, n0);
+  fill(sm.acc_a, d.bn * sm.lda_, 0.0f);
+  fill(sm.acc_b, d.bn * sm.ldb_, 0.0f);
+  // Causal: query i sees key j only when i >= j, so query blocks ending before n0 contribute nothing.
+  const int64_t m_start = f.causal ? (n0 / d.bm) * d.bm : 0;
+  for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
+    for (int64_t m0 = m_start; m0 < f.len_q; m0 += d.bm) {
+      __syncthreads();  // the previous step is done with the q, dout, p and ds tiles
+      load_query_side<T>(a, sm, d, b, h, m0);
+      __syncthreads();
+      bwd_scores<T, true>(a, sm, d, b, h, m0, n0);
+      // dV += (P Z)^T dO, dK += dS^T Q   (the accumulators are [BN] rows: A is stored transposed)
+      block_gemm<T, false, true>(sm.acc_b, sm.ldb_, sm.p, sm.ldp, sm.dout, sm.ldv, d.bn, d.dvp, d.bm, true);
+      block_gemm<T, false, true>(sm.acc_a, sm.lda_, sm.ds, sm.ldp, sm.q, sm.ldq, d.bn, d.dp, d.bm, true);
+    }
+  }
+  __syncthreads();
+  const int rows_k = static_cast<int>(imin(d.bn, f.len_k - n0));
+  const int64_t first = (b * f.heads_kv + hkv) * f.len_k + n0;  // dk, dv are contiguous (B, Hkv, Lk, .)
+  store_acc<T>(static_cast<T*>(a.dk) + first * f.head_dim, sm.acc_a, sm.lda_, rows_k,
+               static_cast<int>(f.head_dim), f.scale);
+  store_acc<T>(static_cast<T*>(a.dv) + first * f.head_dim_v, sm.acc_b, sm.ldb_, rows_k,
+               static_cast<int>(f.head_dim_v), 1.0f);
+}
+
+// dQ (and dmask) for one query block of one (batch, head): grid (B * Hq, ceil(Lq / BM)).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionBwdArgs a, const Dims d) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const AttentionFwdArgs& f = a.fwd;
+  BwdSmem<T> sm;
+  sm.carve(smem_raw, d, false);
+  const int64_t bh = blockIdx.x, b = bh / f.heads_q, h = bh % f.heads_q;
+  const int64_t hkv = h / (f.heads_q / f.heads_kv);
+  const int64_t m0 = int64_t(blockIdx.y) * d.bm;
+  load_query_side<T>(a, sm, d, b, h, m0);
+  fill(sm.acc_a, d.bm * sm.lda_, 0.0f);
+  const int64_t n_end = f.causal ? imin(f.len_k, m0 + d.bm) : f.len_k;
+  for (int64_t n0 = 0; n0 < n_end; n0 += d.bn) {
+    __syncthreads();  // the previous step is done with the k, v and ds tiles
+    load_key_side<T>(a, sm, d, b, hkv, n0);
+    __syncthreads();
+    bwd_scores<T, false>(a, sm, d, b, h, m0, n0);
+    block_gemm<T, true, true>(sm.acc_a, sm.lda_, sm.ds, sm.ldp, sm.k, sm.ldq, d.bm, d.dp, d.bn, true);  // dQ += dS K
+  }
+  __syncthreads();
+  const int rows_q = static_cast<int>(imin(d.bm, f.len_q - m0));
+  const int64_t first = (b * f.heads_q + h) * f.len_q + m0;  // dq is contiguous (B, Hq, Lq, D)
+  store_acc<T>(static_cast<T*>(a.dq) + first * f.head_dim, sm.acc_a, sm.lda_, rows_q, static_cast<int>(f.head_dim),
+               f.scale);
+}
+
+// ---- host side ------------------------------------------------------------------------------------------
+#ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels above on CPU threads
+const char* check_sizes(const AttentionFwdArgs& a) {
+  if (a.batch < 0 || a.heads_q < 0 || a.heads_kv <= 0 || a.len_q < 0 || a.len_k < 0 || a.head_dim < 0 ||
+      a.head_dim_v < 0)
+    return "attention: negative size or zero kv heads";
+  if (a.heads_q % a.heads_kv != 0) return "attention: heads_q must be a multiple of heads_kv";
+  if (a.head_dim > kMaxHeadDim || a.head_dim_v > kMaxHeadDim)
+    return "attention: the cuda backend supports head dims up to 256";
+  if (a.batch * a.heads_q > 0x7fffffffLL) return "attention: batch * heads too large for the grid";
+  return nullptr;
+}
+
+// The largest tile choice whose shared memory fits the device; 0 bytes when none does.
+template <typename Plan>
+Dims pick_dims(const AttentionFwdArgs& a, Plan&& bytes_for, size_t* bytes) {
+  const int limit = max_shared_memory_per_block();
+  Dims d{};
+  d.dp = static_cast<int>(round_up(a.head_dim, 16));
+  d.dvp = static_cast<int>(round_up(a.head_dim_v, 16));
+  for (const Blocks& choice : kBlockChoices) {
+    d.bm = choice.m;
+    d.bn = choice.n;
+    *bytes = bytes_for(d);
+    if (*bytes <= static_cast<size_t>(limit)) return d;
+  }
+  *bytes = 0;
+  return d;
+}
+
+template <typename Kernel>
+const char* launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const AttentionFwdArgs& a,
+                   const Dims& d) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+      cudaSuccess)
+    return last_launch_error();
+  kernel<<<grid, kThreads, smem, stream>>>(a, d);
+  return last_launch_error();
+}
+
+template <typename T>
+const char* attention_fwd_typed(const AttentionFwdArgs& a, cudaStream_t stream) {
+  size_t smem = 0;
+  const Dims d = pick_dims(a, [](const Dims& dd) { FwdSmem<T> s; return s.carve(nullptr, dd); }, &smem);
+  if (smem == 0) return "attention: head dims too large for this device's shared memory";
+  const int64_t q_blocks = ceil_div(a.len_q, d.bm);
+  if (q_blocks > 65535) return "attention: len_q too large for the grid";
+  const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>(q_blocks));
+  return launch(attention_fwd_kernel<T>, grid, smem, stream, a, d);
+}
+
+template <typename T>
+const char* attention_bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) {
+  const AttentionFwdArgs& f = a.fwd;
+  const int64_t rows = f.batch * f.heads_q * f.len_q;
+  attention_bwd_delta_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(a);
+  if (const char* err = last_launch_error()) return err;
+
+  size_t smem_kv = 0, smem_q = 0;
+  // One tile choice for both kernels (the dK/dV one needs more memory).
+  const Dims d = pick_dims(f, [](const Dims& dd) { BwdSmem<T> s; return s.carve(nullptr, dd, true); }, &smem_kv);
+  if (smem_kv == 0) return "attention: head dims too large for this device's shared memory";
+  {
+    BwdSmem<T> s;
+    smem_q = s.carve(nullptr, d, false);
+  }
+  const int64_t q_blocks = ceil_div(f.len_q, d.bm), k_blocks = ceil_div(f.len_k, d.bn);
+  if (q_blocks > 65535 || k_blocks > 65535) return "attention: sequence too long for the grid";
+  if (k_blocks > 0 && f.batch * f.heads_kv > 0) {
+    const dim3 grid(static_cast<unsigned>(f.batch * f.heads_kv), static_cast<unsigned>(k_blocks));
+    const AttentionBwdArgs& args = a;
+    if (cudaFuncSetAttribute(attention_bwd_dkdv_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem_kv)) != cudaSuccess)
+      return last_launch_error();
+    attention_bwd_dkdv_kernel<T><<<grid, kThreads, smem_kv, stream>>>(args, d);
+    if (const char* err = last_launch_error()) return err;
+  }
+  const dim3 grid(static_cast<unsigned>(f.batch * f.heads_q), static_cast<unsigned>(q_blocks));
+  if (cudaFuncSetAttribute(attention_bwd_dq_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem_q)) != cudaSuccess)
+    return last_launch_error();
+  attention_bwd_dq_kernel<T><<<grid, kThreads, smem_q, stream>>>(a, d);
+  return last_launch_error();
+}
+
+#endif  // FUSED_ATTN_CPU_EMULATION
+}  // namespace
+
+#ifndef FUSED_ATTN_CPU_EMULATION
+const char* attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
+  if (const char* err = check_sizes(args)) return err;
+  if (args.batch * args.heads_q == 0 || args.len_q == 0) return nullptr;  // nothing to write
+  return dispatch_dtype(args.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    return attention_fwd_typed<T>(args, stream);
+  });
+}
+
+const char* attention_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
+  if (const char* err = check_sizes(args.fwd)) return err;
+  // Empty q side: dq is empty and dk/dv are zeros (the binding allocates them zeroed).
+  if (args.fwd.batch * args.fwd.heads_q == 0 || args.fwd.len_q == 0) return nullptr;
+  return dispatch_dtype(args.fwd.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    return attention_bwd_typed<T>(args, stream);
+  });
+}
+
+#endif  // FUSED_ATTN_CPU_EMULATION
+
+}  // namespace fused_attn_cuda

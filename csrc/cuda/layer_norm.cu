@@ -1,0 +1,316 @@
+// Residual-add + LayerNorm / RMSNorm, forward and backward.
+//
+// Forward, one block per row: read x (and the residual) once with 16-byte loads where the rows
+// allow, form summed = dropout(x) + residual, write it and keep its float value in shared
+// memory, then reduce: mean (LayerNorm) and the variance around it in a second pass over the
+// shared copy (two passes are exact where E[x^2] - E[x]^2 cancels), or the mean square (RMSNorm);
+// finally write (summed - mean) * rstd * weight + bias.
+//
+// Backward, with xhat = (s - mean) * rstd (RMSNorm: s * rstd) and g = dout * weight:
+//   ds   = rstd * (g - mean(g) - xhat * mean(g * xhat))      (RMSNorm: without the mean(g) term)
+//   dsum = ds + dsummed,   dx = dropout(dsum) (only when dropout is on)
+//   dweight = sum over rows of dout * xhat,   dbias = sum over rows of dout.
+// A fixed grid of blocks walks the rows; each block accumulates its rows' dweight/dbias in shared
+// memory (each thread owns fixed columns) and writes one partial row; a second kernel sums the
+// partials in a fixed order. No atomics: the result is deterministic.
+#include <cmath>
+#include <cstdint>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace fused_attn_cuda {
+namespace {
+
+constexpr int kMaxThreads = 512;
+
+// N consecutive elements of a row as floats; one or two 16-byte loads when N * sizeof(U) allows.
+template <typename U, int N>
+__device__ __forceinline__ void load_n(const U* p, float (&v)[N]) {
+  if constexpr (N > 1 && (N * sizeof(U)) % 16 == 0) {
+    constexpr int kPer = 16 / sizeof(U);
+#pragma unroll
+    for (int l = 0; l < N / kPer; ++l) {
+      union { uint4 raw; U e[kPer]; } chunk;
+      chunk.raw = reinterpret_cast<const uint4*>(p)[l];
+#pragma unroll
+      for (int t = 0; t < kPer; ++t) v[l * kPer + t] = to_float<U>(chunk.e[t]);
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < N; ++t) v[t] = to_float<U>(p[t]);
+  }
+}
+
+template <typename U, int N>
+__device__ __forceinline__ void store_n(U* p, const float (&v)[N]) {
+  if constexpr (N > 1 && (N * sizeof(U)) % 16 == 0) {
+    constexpr int kPer = 16 / sizeof(U);
+#pragma unroll
+    for (int l = 0; l < N / kPer; ++l) {
+      union { uint4 raw; U e[kPer]; } chunk;
+#pragma unroll
+      for (int t = 0; t < kPer; ++t) chunk.e[t] = from_float<U>(v[l * kPer + t]);
+      reinterpret_cast<uint4*>(p)[l] = chunk.raw;
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < N; ++t) p[t] = from_float<U>(v[t]);
+  }
+}
+
+// T: x/weight/bias/out, R: residual, S: summed. N: elements per thread step (16 bytes of T when
+// the rows are aligned, else 1). Dynamic shared memory: hidden floats (the row) + 32 (scratch).
+template <typename T, typename R, typename S, int N>
+__global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
+  extern __shared__ float smem_f[];
+  float* row_cache = smem_f;
+  float* scratch = smem_f + a.hidden;
+  const int64_t row = blockIdx.x;
+  const int chunks = static_cast<int>(a.hidden / N);
+  const T* x = static_cast<const T*>(a.x) + row * a.x_row_stride;
+  const R* res = a.residual ? static_cast<const R*>(a.residual) + row * a.residual_row_stride : nullptr;
+  S* summed = static_cast<S*>(a.summed) + row * a.hidden;
+  const uint32_t key = a.dropout.enabled ? dropout_row_key(a.dropout, row) : 0u;
+
+  float sum = 0.0f, sum_sq = 0.0f;
+  for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
+    const int c0 = ch * N;
+    float v[N];
+    load_n<T, N>(x + c0, v);
+    if (a.dropout.enabled) {  // the reference drops in x's dtype: round(x * factor)
+#pragma unroll
+      for (int t = 0; t < N; ++t) v[t] = round_to<T>(v[t] * dropout_factor(a.dropout, key, c0 + t));
+    }
+    if (res) {
+      float r[N];
+      load_n<R, N>(res + c0, r);
+#pragma unroll
+      for (int t = 0; t < N; ++t) v[t] = round_to<S>(v[t] + r[t]);  // the sum as stored in summed's dtype
+    }
+    store_n<S, N>(summed + c0, v);
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      row_cache[c0 + t] = v[t];
+      sum += v[t];
+      sum_sq += v[t] * v[t];
+    }
+  }
+  const float inv_d = 1.0f / static_cast<float>(a.hidden);
+  float mean = 0.0f, var;
+  if (a.rms) {
+    var = block_sum(sum_sq, scratch) * inv_d;  // the mean square
+  } else {
+    mean = block_sum(sum, scratch) * inv_d;
+    float centred = 0.0f;
+    for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
+#pragma unroll
+      for (int t = 0; t < N; ++t) {
+        const float dv = row_cache[ch * N + t] - mean;
+        centred += dv * dv;
+      }
+    }
+    var = block_sum(centred, scratch) * inv_d;
+  }
+  const float rstd = rsqrtf(var + a.eps);
+  if (threadIdx.x == 0) {
+    a.rstd[row] = rstd;
+    if (a.mean) a.mean[row] = mean;
+  }
+  const T* weight = static_cast<const T*>(a.weight);
+  const T* bias = static_cast<const T*>(a.bias);
+  T* out = static_cast<T*>(a.out) + row * a.hidden;
+  for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
+    const int c0 = ch * N;
+    float y[N], w[N], b[N];
+    if (weight) load_n<T, N>(weight + c0, w);
+    if (bias) load_n<T, N>(bias + c0, b);
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      y[t] = (row_cache[c0 + t] - mean) * rstd;
+      if (weight) y[t] *= w[t];
+      if (bias) y[t] += b[t];
+    }
+    store_n<T, N>(out + c0, y);
+  }
+}
+
+// T: dout/weight/dx (x's dtype), S: summed/dsummed/dsum. Dynamic shared memory: 2 * hidden floats
+// (this block's dweight and dbias partials) + 32 (scratch).
+template <typename T, typename S, int N>
+__global__ void layer_norm_bwd_kernel(const LayerNormBwdArgs a) {
+  extern __shared__ float smem_f[];
+  float* dw_part = smem_f;
+  float* db_part = smem_f + a.hidden;
+  float* scratch = smem_f + 2 * a.hidden;
+  const int chunks = static_cast<int>(a.hidden / N);
+  const T* weight = static_cast<const T*>(a.weight);
+  for (int c = threadIdx.x * N; c < a.hidden; c += blockDim.x * N) {  // the columns this thread owns
+#pragma unroll
+    for (int t = 0; t < N; ++t) dw_part[c + t] = db_part[c + t] = 0.0f;
+  }
+  const float inv_d = 1.0f / static_cast<float>(a.hidden);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const float mean = a.rms ? 0.0f : a.mean[row];
+    const float rstd = a.rstd[row];
+    const S* summed = static_cast<const S*>(a.summed) + row * a.hidden;
+    const T* dout = static_cast<const T*>(a.dout) + row * a.dout_row_stride;
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
+      const int c0 = ch * N;
+      float s[N], dy[N], w[N];
+      load_n<S, N>(summed + c0, s);
+      load_n<T, N>(dout + c0, dy);
+      if (weight) load_n<T, N>(weight + c0, w);
+#pragma unroll
+      for (int t = 0; t < N; ++t) {
+        const float xhat = (s[t] - mean) * rstd;
+        const float g = weight ? dy[t] * w[t] : dy[t];
+        sum_g += g;
+        sum_gx += g * xhat;
+        dw_part[c0 + t] += dy[t] * xhat;
+        db_part[c0 + t] += dy[t];
+      }
+    }
+    const float mean_g = a.rms ? 0.0f : block_sum(sum_g, scratch) * inv_d;
+    const float mean_gx = block_sum(sum_gx, scratch) * inv_d;
+    const S* dsummed = a.dsummed ? static_cast<const S*>(a.dsummed) + row * a.dsummed_row_stride : nullptr;
+    S* dsum = static_cast<S*>(a.dsum) + row * a.hidden;
+    T* dx = a.dx ? static_cast<T*>(a.dx) + row * a.hidden : nullptr;
+    const uint32_t key = a.dropout.enabled ? dropout_row_key(a.dropout, row) : 0u;
+    for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {  // second read: from L1/L2
+      const int c0 = ch * N;
+      float s[N], dy[N], w[N], ds[N] = {};
+      load_n<S, N>(summed + c0, s);
+      load_n<T, N>(dout + c0, dy);
+      if (weight) load_n<T, N>(weight + c0, w);
+      if (dsummed) load_n<S, N>(dsummed + c0, ds);
+#pragma unroll
+      for (int t = 0; t < N; ++t) {
+        const float xhat = (s[t] - mean) * rstd;
+        const float g = weight ? dy[t] * w[t] : dy[t];
+        const float grad = rstd * (g - mean_g - xhat * mean_gx);
+        ds[t] = dsummed ? grad + ds[t] : grad;
+      }
+      store_n<S, N>(dsum + c0, ds);
+      if (dx) {  // dx = dropout(dsum) in x's dtype, as the reference: round(round(dsum) * factor)
+        float v[N];
+#pragma unroll
+        for (int t = 0; t < N; ++t) {
+          v[t] = round_to<T>(round_to<S>(ds[t])) * dropout_factor(a.dropout, key, c0 + t);
+        }
+        store_n<T, N>(dx + c0, v);
+      }
+    }
+  }
+  __syncthreads();
+  float* out_w = a.partials + int64_t(blockIdx.x) * 2 * a.hidden;
+  for (int c = threadIdx.x; c < a.hidden; c += blockDim.x) {
+    out_w[c] = dw_part[c];
+    out_w[a.hidden + c] = db_part[c];
+  }
+}
+
+// dweight[c] = sum_p partials[p][0][c], dbias[c] = sum_p partials[p][1][c], in a fixed order.
+template <typename T>
+__global__ void layer_norm_bwd_reduce_kernel(const LayerNormBwdArgs a, int64_t parts) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= a.hidden) return;
+  float dw = 0.0f, db = 0.0f;
+  for (int64_t p = 0; p < parts; ++p) {
+    dw += a.partials[p * 2 * a.hidden + c];
+    db += a.partials[p * 2 * a.hidden + a.hidden + c];
+  }
+  if (a.dweight) static_cast<T*>(a.dweight)[c] = from_float<T>(dw);
+  if (a.dbias) static_cast<T*>(a.dbias)[c] = from_float<T>(db);
+}
+
+int threads_for(int64_t chunks) {
+  int64_t t = round_up(chunks < 1 ? 1 : chunks, 32);
+  return static_cast<int>(t > kMaxThreads ? kMaxThreads : t);
+}
+
+#ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels above on CPU threads
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, typename R, typename S>
+const char* fwd_typed(const LayerNormFwdArgs& a, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = a.hidden % kVec == 0 && a.x_row_stride % kVec == 0 && a.residual_row_stride % kVec == 0 &&
+                   aligned16(a.x) && aligned16(a.residual) && aligned16(a.weight) && aligned16(a.bias) &&
+                   aligned16(a.out) && aligned16(a.summed);
+  const size_t smem = (a.hidden + 32) * sizeof(float);
+  if (smem > static_cast<size_t>(max_shared_memory_per_block()))
+    return "layer_norm_residual: hidden size too large for this device's shared memory";
+  auto kernel = vec ? layer_norm_fwd_kernel<T, R, S, kVec> : layer_norm_fwd_kernel<T, R, S, 1>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+      cudaSuccess)
+    return last_launch_error();
+  kernel<<<static_cast<unsigned>(a.rows), threads_for(a.hidden / (vec ? kVec : 1)), smem, stream>>>(a);
+  return last_launch_error();
+}
+
+template <typename T, typename S>
+const char* bwd_typed(const LayerNormBwdArgs& a, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = a.hidden % kVec == 0 && a.dout_row_stride % kVec == 0 && a.dsummed_row_stride % kVec == 0 &&
+                   aligned16(a.dout) && aligned16(a.dsummed) && aligned16(a.summed) && aligned16(a.weight) &&
+                   aligned16(a.dsum) && aligned16(a.dx);
+  const int64_t parts = layer_norm_bwd_partial_rows(a.rows);
+  if (parts > 0) {
+    const size_t smem = (2 * a.hidden + 32) * sizeof(float);
+    if (smem > static_cast<size_t>(max_shared_memory_per_block()))
+      return "layer_norm_residual: hidden size too large for this device's shared memory";
+    auto kernel = vec ? layer_norm_bwd_kernel<T, S, kVec> : layer_norm_bwd_kernel<T, S, 1>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+        cudaSuccess)
+      return last_launch_error();
+    kernel<<<static_cast<unsigned>(parts), threads_for(a.hidden / (vec ? kVec : 1)), smem, stream>>>(a);
+    if (const char* err = last_launch_error()) return err;
+  }
+  if (a.dweight || a.dbias) {
+    layer_norm_bwd_reduce_kernel<T><<<static_cast<unsigned>(ceil_div(a.hidden, 256)), 256, 0, stream>>>(a, parts);
+    return last_launch_error();
+  }
+  return nullptr;
+}
+
+#endif  // FUSED_ATTN_CPU_EMULATION
+}  // namespace
+
+#ifndef FUSED_ATTN_CPU_EMULATION
+int64_t layer_norm_bwd_partial_rows(int64_t rows) {
+  const int64_t blocks = 2 * static_cast<int64_t>(multiprocessor_count());
+  return rows < blocks ? rows : blocks;
+}
+
+const char* layer_norm_fwd(const LayerNormFwdArgs& a, cudaStream_t stream) {
+  if (a.rows < 0 || a.hidden < 0) return "layer_norm_residual: negative size";
+  if (a.rows > 0x7fffffffLL) return "layer_norm_residual: too many rows for the grid";
+  if (a.hidden > 0x7fffffffLL) return "layer_norm_residual: hidden size too large";
+  if (a.rows == 0 || a.hidden == 0) return nullptr;
+  const bool fp32_sum = a.summed_dtype == DType::kFloat32;
+  const bool fp32_res = a.residual_dtype == DType::kFloat32;
+  return dispatch_dtype(a.dtype, [&](auto zero) -> const char* {
+    using T = decltype(zero);
+    if (std::is_same<T, float>::value || (!fp32_sum && !fp32_res)) return fwd_typed<T, T, T>(a, stream);
+    if (!fp32_sum) return "layer_norm_residual: a float32 residual needs a float32 sum";
+    return fp32_res ? fwd_typed<T, float, float>(a, stream) : fwd_typed<T, T, float>(a, stream);
+  });
+}
+
+const char* layer_norm_bwd(const LayerNormBwdArgs& a, cudaStream_t stream) {
+  if (a.rows < 0 || a.hidden < 0) return "layer_norm_residual: negative size";
+  if (a.hidden > 0x7fffffffLL) return "layer_norm_residual: hidden size too large";
+  if (a.hidden == 0) return nullptr;
+  if (a.x_dtype != a.dtype) return "layer_norm_residual: dout must have x's dtype";
+  return dispatch_dtype(a.dtype, [&](auto zero) -> const char* {
+    using T = decltype(zero);
+    if (std::is_same<T, float>::value || a.summed_dtype != DType::kFloat32) return bwd_typed<T, T>(a, stream);
+    return bwd_typed<T, float>(a, stream);
+  });
+}
+
+#endif  // FUSED_ATTN_CPU_EMULATION
+
+}  // namespace fused_attn_cuda

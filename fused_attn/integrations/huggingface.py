@@ -1,0 +1,270 @@
+"""Hugging Face ``transformers`` integration (optional: nothing here imports transformers at load).
+
+Attention: ``register()`` adds ``"fused_attn"`` to transformers' ``AttentionInterface`` (and the
+matching mask function to ``AttentionMaskInterface``, so models build the same boolean keep-masks
+as for "sdpa"), after which
+
+    model = AutoModel.from_config(config, attn_implementation="fused_attn")
+    model.set_attn_implementation("fused_attn")
+
+route every attention layer of the model through ``fused_attn.functional.attention``: grouped-query
+heads without repeating K/V, the model's scaling, its dropout in training, padding and causal
+masks as transformers passes them.
+
+Norms and MLPs: ``fused_attn.swap_modules(model)`` also sets the attention implementation and fuses,
+where the module's code is exactly the known one (its source is compared with the BERT / GPT-2 /
+Llama original, so "copied from" classes of other models qualify and edited ones do not):
+- BERT family: ``*SelfOutput``/``*Output`` (dense -> dropout -> LayerNorm(x + input)) -> dense, then
+  one residual-add + LayerNorm; ``*Layer.feed_forward_chunk`` (intermediate dense -> act -> output
+  dense -> dropout -> LayerNorm(+ input)) -> one fused FFN and one residual-add + LayerNorm;
+- GPT-2: ``GPT2MLP`` (Conv1D weights are stored (in, out): passed transposed) -> fused FFN;
+- Llama family: ``LlamaRMSNorm`` -> fused RMSNorm; ``LlamaMLP`` (down(act(gate(x)) * up(x))) ->
+  fused SwiGLU/GeGLU with ``w1 = cat([gate, up])``.
+The residual adds inside GPT-2's and Llama's decoder-layer forwards are left in Python.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..functional import attention, feed_forward, layer_norm_residual
+
+NAME = "fused_attn"
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                            scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers' attention-function signature: q (B, Hq, L, D), k/v (B, Hkv, S, D); returns
+    (output (B, L, Hq, Dv), None). Mirrors ``sdpa_attention_forward``'s conventions."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("fused_attn attention does not support softcap")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError("fused_attn attention does not support position_bias")
+    q_len = query.shape[2]
+    # As sdpa: the module says whether it is a decoder attention; causal only without an explicit mask.
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and key.shape[2] > q_len:  # prefill into an empty static cache: the rest is padding
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[2]]
+        if mask.dtype != torch.bool and mask.dtype != query.dtype:
+            mask = mask.to(query.dtype)
+    out = attention(query, key, value, attn_mask=mask, causal=is_causal, dropout_p=float(dropout), scale=scaling,
+                    backend=getattr(module, "fused_attn_backend", None))
+    return out.transpose(1, 2), None  # (B, L, H, D): contiguous, the op stores its output that way
+
+
+def register() -> None:
+    """Register ``"fused_attn"`` with transformers' attention and attention-mask interfaces."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, fused_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean keep-masks (None when causal suffices)
+
+
+def swap_attention_implementation(model, opts, report) -> None:
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        return
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous == NAME:
+        return
+    register()
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, ImportError) as exc:
+        report.left.append(("", type(model).__name__, f"attention implementation not switched: {exc}"))
+        return
+    model.__dict__["_fused_attn_previous_attn"] = previous
+    if opts.backend is not None:
+        for module in model.modules():
+            module.__dict__["fused_attn_backend"] = opts.backend
+    report.replaced.append(("", type(model).__name__, type(model).__name__,
+                            f"attn_implementation {previous!r} -> {NAME!r}"))
+
+
+def restore_attention_implementation(model, report) -> None:
+    previous = model.__dict__.pop("_fused_attn_previous_attn", None)
+    if previous is None:
+        return
+    model.set_attn_implementation(previous)
+    for module in model.modules():
+        module.__dict__.pop("fused_attn_backend", None)
+    report.replaced.append(("", type(model).__name__, type(model).__name__, f"attn_implementation {NAME!r} -> "
+                                                                           f"{previous!r}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# norms and MLPs
+# ---------------------------------------------------------------------------------------------
+
+def activation_name(act) -> Optional[str]:
+    """The fused activation equal to a transformers activation module, or None."""
+    from ..swap import activation_name as torch_activation_name
+
+    name = type(act).__name__
+    if name == "GELUActivation":
+        return "gelu"  # F.gelu, or its erf formula in Python
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+        return "gelu_tanh"  # the same tanh formula (NewGELU spells it out in Python)
+    if name == "SiLUActivation":
+        return "silu"
+    return torch_activation_name(act)
+
+
+def _same_code(cls, method: str, known) -> bool:
+    """Whether ``cls.method`` is, line for line, the known transformers implementation."""
+    try:
+        return inspect.getsource(getattr(cls, method)) == inspect.getsource(known)
+    except (OSError, TypeError, AttributeError):
+        return False
+
+
+def _known():
+    from transformers.models.bert import modeling_bert as bert
+    from transformers.models.gpt2 import modeling_gpt2 as gpt2
+    from transformers.models.llama import modeling_llama as llama
+    return bert, gpt2, llama
+
+
+def _dropout_p(drop) -> float:
+    return drop.p if drop.training else 0.0
+
+
+def _layer_norm(norm, x, residual, p, backend):
+    return layer_norm_residual(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=p, backend=backend)
+
+
+class FusedDenseDropoutNorm:
+    """BERT's *SelfOutput / *Output: LayerNorm(dropout(dense(h)) + input) -> one fused add + norm."""
+
+    def forward(self, hidden_states, input_tensor):
+        return _layer_norm(self.LayerNorm, self.dense(hidden_states), input_tensor, _dropout_p(self.dropout),
+                           self.fused_attn_backend)
+
+
+class FusedBertFeedForward:
+    """BERT's *Layer.feed_forward_chunk: the FFN as one fused op, then one fused add + norm."""
+
+    def feed_forward_chunk(self, attention_output):
+        inter, out = self.intermediate, self.output
+        h = feed_forward(attention_output, inter.dense.weight, inter.dense.bias, out.dense.weight, out.dense.bias,
+                         activation=self.fused_attn_activation, backend=self.fused_attn_backend)
+        if self.fused_attn_norm:
+            return _layer_norm(out.LayerNorm, h, attention_output, _dropout_p(out.dropout), self.fused_attn_backend)
+        return out.LayerNorm(out.dropout(h) + attention_output)
+
+
+class FusedGPT2MLP:
+    """GPT-2's MLP; Conv1D stores weights as (in, out), nn.Linear's transpose."""
+
+    def forward(self, hidden_states):
+        w1 = self.c_fc.weight.t().contiguous()
+        w2 = self.c_proj.weight.t().contiguous()
+        h = feed_forward(hidden_states, w1, self.c_fc.bias, w2, self.c_proj.bias,
+                         activation=self.fused_attn_activation, backend=self.fused_attn_backend)
+        return self.dropout(h)
+
+
+class FusedLlamaMLP:
+    """Llama's gated MLP: w1 = cat([gate, up]) rows, activation swiglu (silu) or geglu (gelu)."""
+
+    def forward(self, x):
+        w1 = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        b1 = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
+        return feed_forward(x, w1, b1, self.down_proj.weight, self.down_proj.bias,
+                            activation=self.fused_attn_activation, backend=self.fused_attn_backend)
+
+
+class FusedLlamaRMSNorm:
+    def forward(self, hidden_states):
+        return layer_norm_residual(hidden_states, None, self.weight, None, self.variance_epsilon, rms=True,
+                                   backend=self.fused_attn_backend)
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def fused_subclass(cls: type, mixin: type) -> type:
+    """``Fused<cls>``: the mixin's methods over ``cls`` (cached, and reachable by name from this
+    module so that swapped models pickle)."""
+    key = (cls, mixin)
+    if key not in _SUBCLASSES:
+        name = f"Fused{cls.__name__}"
+        sub = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+        setattr(sys.modules[__name__], name, sub)
+        _SUBCLASSES[key] = sub
+    return _SUBCLASSES[key]
+
+
+def convert(module: nn.Module, opts):
+    """swap_modules' converter for transformers modules (see ``fused_attn.swap``)."""
+    from ..swap import Conversion
+
+    cls = type(module)
+    bert, gpt2, llama = _known()
+    backend = {"fused_attn_backend": opts.backend}
+    children = dict(module.named_children())
+
+    # BERT family: dense -> dropout -> LayerNorm(x + input)
+    if (_same_code(cls, "forward", bert.BertSelfOutput.forward) and type(children.get("LayerNorm")) is nn.LayerNorm
+            and type(children.get("dropout")) is nn.Dropout):
+        if not opts.norm:
+            return "norm=False"
+        return Conversion(fused_subclass(cls, FusedDenseDropoutNorm), backend, consumed=("LayerNorm",),
+                          note="residual-add + LayerNorm")
+
+    # BERT family: intermediate -> output, as one FFN
+    if _same_code(cls, "feed_forward_chunk", bert.BertLayer.feed_forward_chunk):
+        inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
+        if not (_same_code(type(inter), "forward", bert.BertIntermediate.forward)
+                and _same_code(type(out), "forward", bert.BertOutput.forward)):
+            return "intermediate/output are not BERT's"
+        if not opts.ffn:
+            return "ffn=False"
+        act = activation_name(inter.intermediate_act_fn)
+        if act is None:
+            return f"activation {type(inter.intermediate_act_fn).__name__} has no fused form"
+        fuse_norm = opts.norm and type(out.LayerNorm) is nn.LayerNorm and type(out.dropout) is nn.Dropout
+        return Conversion(fused_subclass(cls, FusedBertFeedForward),
+                          {**backend, "fused_attn_activation": act, "fused_attn_norm": fuse_norm},
+                          consumed=("intermediate", "output"),
+                          note=f"FFN {act}" + (" + residual-add + LayerNorm" if fuse_norm else ""))
+
+    if _same_code(cls, "forward", gpt2.GPT2MLP.forward):
+        if not opts.ffn:
+            return "ffn=False"
+        act = activation_name(module.act)
+        if act is None:
+            return f"activation {type(module.act).__name__} has no fused form"
+        return Conversion(fused_subclass(cls, FusedGPT2MLP), {**backend, "fused_attn_activation": act},
+                          consumed=("c_fc", "c_proj"), note=f"FFN {act}, Conv1D weights transposed")
+
+    if _same_code(cls, "forward", llama.LlamaMLP.forward):
+        if not opts.ffn:
+            return "ffn=False"
+        gated = {"silu": "swiglu", "gelu": "geglu"}.get(activation_name(module.act_fn))
+        if gated is None:
+            return f"gated activation {type(module.act_fn).__name__} has no fused form"
+        return Conversion(fused_subclass(cls, FusedLlamaMLP), {**backend, "fused_attn_activation": gated},
+                          consumed=("gate_proj", "up_proj", "down_proj"), note=f"FFN {gated}")
+
+    if _same_code(cls, "forward", llama.LlamaRMSNorm.forward):
+        if not opts.norm:
+            return "norm=False"
+        return Conversion(fused_subclass(cls, FusedLlamaRMSNorm), backend, note="RMSNorm")
+    return None
+
+
+__all__ = ["register", "fused_attention_forward", "convert", "NAME"]

@@ -1,0 +1,189 @@
+"""The fused nn.Modules: drop-in replacements for the modules in ``fused_attn.reference``.
+
+Each fused module subclasses its reference counterpart, so the constructor arguments and
+defaults, the parameter names and shapes and the initialisation (the same ``nn.Linear``s created
+in the same order, hence the same random numbers drawn) are the reference's by construction; a
+``state_dict`` saved from one loads into the other with ``strict=True``. Only ``forward``
+differs: it calls ``fused_attn.functional`` (validation, backend choice, the registered ops)
+instead of the plain-PyTorch formulas. Every module takes one extra argument, ``backend``
+(None = ``use_backend`` / ``FUSED_ATTN_BACKEND`` / auto), and its ``extra_repr`` shows the
+backend a call with its parameters' device and dtype would run on.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .backends import AUTO_ORDER, BACKENDS, Call, check_backend_name, requested_backend
+from .functional import attention, feed_forward, layer_norm_residual
+
+
+def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], options: dict) -> str:
+    """What ``extra_repr`` shows: the requested backend and, for auto, the one it resolves to for
+    a call on ``param``'s device and dtype (no warning, no error: this is a description)."""
+    name = requested_backend(requested)
+    if param is None or param.device.type == "meta":
+        return name
+    call = Call(op, param.device, param.dtype, options)
+    if name != "auto":
+        reasons = BACKENDS[name].call_reasons(call)
+        return name if not reasons else f"{name} (cannot run: {'; '.join(reasons)})"
+    for candidate in AUTO_ORDER.get(param.device.type, ("reference",)):
+        if not BACKENDS[candidate].call_reasons(call):
+            return f"auto -> {candidate}"
+    return "auto -> none available"
+
+
+class MultiHeadAttention(reference.MultiHeadAttention):
+    """Multi-head attention on batch-first (B, L, d_model) tensors, on the fused attention op.
+
+    Self-attention (``key`` and ``value`` omitted, or the very same tensor as ``query``) projects
+    Q, K and V with one matmul over the concatenated weights; ``key is value`` (cross-attention on
+    a memory) projects K and V with one. The heads go to the attention op as strided views of the
+    projection (no copies), and the op's output is laid out as (B, L, H, D), so merging the heads
+    back is a free view.
+    """
+
+    def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
+                 device=None, dtype=None, backend=None):
+        super().__init__(d_model, num_heads, dropout=dropout, bias=bias, num_kv_heads=num_kv_heads, causal=causal,
+                         device=device, dtype=dtype)
+        check_backend_name(backend)
+        self.backend = backend
+
+    def _project(self, x: Tensor, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+        """One matmul for several projections of the same input: cat the weights (a copy of the
+        weights only, small next to the activations), then split the result into views."""
+        if len(linears) == 1:
+            return (linears[0](x),)
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
+
+    def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+        key = query if key is None else key
+        value = key if value is None else value
+        if query is key and key is value:
+            q, k, v = self._project(query, (self.query_linear, self.key_linear, self.value_linear))
+        elif key is value:
+            (q,) = self._project(query, (self.query_linear,))
+            k, v = self._project(key, (self.key_linear, self.value_linear))
+        else:
+            q, k, v = self.query_linear(query), self.key_linear(key), self.value_linear(value)
+        B, Lq, _ = query.shape
+        # (B, L, H*D) -> (B, H, L, D): a strided view, the op reads any strides.
+        q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        mask = reference.merge_masks(attn_mask, key_padding_mask, q.dtype)
+        causal = self.causal if is_causal is None else bool(is_causal)
+        p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, backend=self.backend)
+        # out is (B, H, Lq, D) stored as (B, Lq, H, D): this reshape is a view.
+        return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
+
+    def extra_repr(self) -> str:
+        opts = {"head_dim": self.head_dim, "head_dim_v": self.head_dim, "causal": self.causal,
+                "dropout": self.dropout > 0.0, "gqa": self.num_kv_heads != self.num_heads, "mask": None,
+                "mask_grad": False}
+        backend = backend_in_use(self.backend, "attention", self.query_linear.weight, opts)
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"dropout={self.dropout}, causal={self.causal}, backend={backend}")
+
+
+class LayerNormResidual(reference.LayerNormResidual):
+    """norm(dropout(x) + residual) in one fused op (LayerNorm or RMSNorm); with ``prenorm=True``
+    it also returns the sum, the residual stream of a pre-LN stack."""
+
+    def __init__(self, d_model, eps=1e-5, norm="layernorm", bias=True, dropout=0.0, device=None, dtype=None,
+                 backend=None):
+        super().__init__(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, device=device, dtype=dtype)
+        check_backend_name(backend)
+        self.backend = backend
+
+    def forward(self, x, residual=None, prenorm=False):
+        p = self.dropout if self.training else 0.0
+        return layer_norm_residual(x, residual, self.weight, self.bias, self.eps, dropout_p=p, prenorm=prenorm,
+                                   rms=self.norm == "rmsnorm", backend=self.backend)
+
+    def extra_repr(self) -> str:
+        opts = {"hidden": self.d_model, "rms": self.norm == "rmsnorm", "dropout": self.dropout > 0.0,
+                "residual_in_fp32": False}
+        backend = backend_in_use(self.backend, "layer_norm_residual", self.weight, opts)
+        return f"{self.d_model}, norm={self.norm}, eps={self.eps}, dropout={self.dropout}, backend={backend}"
+
+
+class FeedForward(reference.FeedForward):
+    """Linear -> activation -> dropout -> Linear as one fused op (gated activations included)."""
+
+    def __init__(self, d_model, d_ff=None, activation="relu", dropout=0.0, bias=True, device=None, dtype=None,
+                 backend=None):
+        super().__init__(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, device=device, dtype=dtype)
+        check_backend_name(backend)
+        self.backend = backend
+
+    def forward(self, x):
+        p = self.dropout if self.training else 0.0
+        return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                            activation=self.activation, dropout_p=p, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        opts = {"activation": self.activation, "dropout": self.dropout > 0.0}
+        backend = backend_in_use(self.backend, "feed_forward", self.linear1.weight, opts)
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation}, dropout={self.dropout}, "
+                f"backend={backend}")
+
+
+class TransformerLayer(reference.TransformerLayer):
+    """One encoder layer built from the fused modules; post-LN by default, pre-LN with ``norm_first``.
+
+    post-LN:  y = norm1(dropout(mha(x)) + x);      z = norm2(dropout(ffn(y)) + y)
+    pre-LN:   y = x + dropout(mha(norm1(x)));      z = y + dropout(ffn(norm2(y)))
+
+    Each residual add goes into the fused norm that follows it (never ``norm(x + y)`` in Python):
+    in pre-LN, norm2 takes the attention branch and the stream and returns both the normalised
+    sum and the sum itself (``prenorm=True``). Only the last add of a pre-LN layer, which no norm
+    follows, is a plain add.
+    """
+
+    def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
+                 norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
+                 device=None, dtype=None, backend=None):
+        nn.Module.__init__(self)  # the children are the fused ones, created in the reference's order
+        check_backend_name(backend)
+        factory = dict(device=device, dtype=dtype, backend=backend)
+        self.norm_first = norm_first
+        self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
+                                                       num_kv_heads=num_kv_heads, causal=causal, **factory)
+        self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
+        self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
+        self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
+
+    def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+        attended = lambda h: self.multi_head_attention(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                                       is_causal=is_causal)
+        if self.norm_first:
+            normed, x = self.norm2(attended(self.norm1(x)), x, prenorm=True)
+            p = self.norm2.dropout if self.training else 0.0
+            return x + F.dropout(self.ffn(normed), p)
+        y = self.norm1(attended(x), x)
+        return self.norm2(self.ffn(y), y)
+
+
+class Transformer(reference.Transformer):
+    """A stack of ``num_layers`` fused TransformerLayers (``layers``, a ModuleList)."""
+
+    def __init__(self, d_model, num_heads, num_layers, backend=None, **layer_kwargs):
+        nn.Module.__init__(self)
+        check_backend_name(backend)
+        self.layers = nn.ModuleList(TransformerLayer(d_model, num_heads, backend=backend, **layer_kwargs)
+                                    for _ in range(num_layers))
+
+
+__all__ = ["MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer",
+           "backend_in_use"]

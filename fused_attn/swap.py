@@ -1,0 +1,512 @@
+"""Swapping the fused ops into existing models, in place, and undoing it.
+
+    report = fused_attn.swap_modules(model)      # attention, norms and FFNs, where exact
+    print(report)                                # what was replaced, what was left and why
+    fused_attn.restore_modules(model)            # back to the original classes
+
+How: each module that can be fused exactly gets its class changed to a fused subclass of its own
+class (``module.__class__ = FusedX``) that overrides ``forward`` only. Nothing is copied or
+re-created: the module object, its Parameters and buffers, their names, hooks, ``training`` flag
+and every other attribute stay what they were, so a ``state_dict`` round-trips, optimisers keep
+their state and tied weights stay tied. Restoring sets the class back. A module that is a target
+but cannot be fused exactly (an unsupported activation, norm shape, bias_k, ...) is left as it
+is and listed in the report with the reason; a fused forward that meets a call it cannot run
+exactly (``need_weights=True``, unbatched input) calls the original forward.
+
+Targets (one converter per family, tried in order):
+- ``fused_attn.reference``: MultiHeadAttention, LayerNormResidual, FeedForward -> ``fused_attn.modules``;
+- ``nn.Sequential(Linear, ReLU|GELU|SiLU, [Dropout], Linear)`` (the seed's FFN) -> one fused feed_forward;
+- ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``,
+  ``nn.TransformerEncoder``, ``nn.LayerNorm``, ``nn.RMSNorm``;
+- Hugging Face models (BERT family, GPT-2, Llama family): see ``fused_attn.integrations.huggingface``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import modules as fused_modules
+from . import reference
+from .backends import check_backend_name
+from .functional import attention, feed_forward, layer_norm_residual
+
+#: instance attribute holding (original class, names of the attributes the swap added)
+RESTORE_ATTR = "_fused_attn_restore"
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SwapReport:
+    """What ``swap_modules`` did: ``replaced`` rows (path, original class, fused class, note) and
+    ``left`` rows (path, class, reason). Paths are ``named_modules`` names ("" is the root)."""
+
+    replaced: list[tuple[str, str, str, str]] = field(default_factory=list)
+    left: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fused_attn.swap_modules: {len(self.replaced)} replaced, {len(self.left)} left"]
+        for path, old, new, note in self.replaced:
+            lines.append(f"  replaced {path or '<root>'}: {old} -> {new}" + (f" ({note})" if note else ""))
+        for path, cls, why in self.left:
+            lines.append(f"  left     {path or '<root>'}: {cls}: {why}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SwapOptions:
+    attention: bool = True
+    norm: bool = True
+    ffn: bool = True
+    backend: Optional[str] = None
+
+
+@dataclass
+class Conversion:
+    """A converter's answer for a module it can fuse exactly."""
+
+    cls: type                                   # the fused subclass of type(module)
+    attrs: dict = field(default_factory=dict)   # instance attributes its forward reads
+    consumed: tuple = ()                        # children its forward runs itself (not visited)
+    note: str = ""                              # shown in the report
+
+
+#: converter(module, options) -> Conversion (fuse it), str (a target left as it is, and why) or None
+Converter = Callable[[nn.Module, SwapOptions], Union[Conversion, str, None]]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by the converters
+# ---------------------------------------------------------------------------------------------
+
+def activation_name(act) -> Optional[str]:
+    """The fused activation equal to ``act`` (a function or module), or None."""
+    if act is F.relu or act is torch.relu or type(act) is nn.ReLU:
+        return "relu"
+    if act is F.gelu or (type(act) is nn.GELU and act.approximate == "none"):
+        return "gelu"
+    if type(act) is nn.GELU and act.approximate == "tanh":
+        return "gelu_tanh"
+    if act is F.silu or type(act) is nn.SiLU:
+        return "silu"
+    return None
+
+
+def norm_reason(norm) -> Optional[str]:
+    """Why ``norm`` cannot run as the fused norm (None when it can)."""
+    if type(norm) not in (nn.LayerNorm, nn.RMSNorm, FusedLayerNorm, FusedRMSNorm):
+        return f"norm is {type(norm).__name__}, not LayerNorm/RMSNorm"
+    if len(norm.normalized_shape) != 1:
+        return f"normalized_shape {tuple(norm.normalized_shape)} spans several dims"
+    return None
+
+
+def norm_eps(norm, x: Tensor) -> float:
+    if isinstance(norm, nn.RMSNorm) and norm.eps is None:
+        return torch.finfo(x.dtype).eps  # nn.RMSNorm's default
+    return norm.eps
+
+
+def fused_norm(norm, x: Tensor, residual: Optional[Tensor] = None, *, dropout_p: float = 0.0,
+               prenorm: bool = False, backend: Optional[str] = None):
+    """norm(dropout(x) + residual) with the parameters of an nn.LayerNorm / nn.RMSNorm."""
+    return layer_norm_residual(x, residual, norm.weight, getattr(norm, "bias", None), norm_eps(norm, x),
+                               dropout_p=dropout_p, prenorm=prenorm, rms=isinstance(norm, nn.RMSNorm), backend=backend)
+
+
+def dropout_p(drop: nn.Module) -> float:
+    return drop.p if drop.training else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# fused torch.nn classes (each a subclass of the class it replaces; forward only)
+# ---------------------------------------------------------------------------------------------
+
+def _norm_repr(norm) -> str:
+    opts = {"hidden": norm.normalized_shape[0], "rms": isinstance(norm, nn.RMSNorm), "dropout": False,
+            "residual_in_fp32": False}
+    backend = fused_modules.backend_in_use(norm.fused_attn_backend, "layer_norm_residual", norm.weight, opts)
+    return f"backend={backend}"
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return fused_norm(self, x, backend=self.fused_attn_backend)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {_norm_repr(self)}"
+
+
+class FusedRMSNorm(nn.RMSNorm):
+    def forward(self, x):
+        return fused_norm(self, x, backend=self.fused_attn_backend)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {_norm_repr(self)}"
+
+
+class FusedSequentialFFN(nn.Sequential):
+    """Sequential(Linear, activation, [Dropout], Linear) as one fused feed_forward."""
+
+    def forward(self, x):
+        first, last = self[0], self[len(self) - 1]
+        p = dropout_p(self[2]) if len(self) == 4 else 0.0
+        return feed_forward(x, first.weight, first.bias, last.weight, last.bias,
+                            activation=self.fused_attn_activation, dropout_p=p, backend=self.fused_attn_backend)
+
+
+class FusedMultiheadAttention(nn.MultiheadAttention):
+    """torch's MultiheadAttention on the fused attention op (the ``need_weights=False`` path;
+    calls asking for the weights, unbatched or nested inputs run torch's own forward).
+
+    Masks keep torch's meaning: a bool ``attn_mask``/``key_padding_mask`` marks with True the
+    positions NOT to attend (the opposite of fused_attn's keep-masks, so they are inverted here);
+    float masks are added to the scores. ``is_causal`` is the same hint as in torch: with no key
+    padding mask, the causal flag replaces ``attn_mask``.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if need_weights or query.dim() != 3 or query.is_nested or key.is_nested or value.is_nested:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)")
+        same_qkv, same_kv = query is key and key is value, key is value
+        if not self.batch_first:  # (L, B, E) -> (B, L, E) views
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, Lq, E = query.shape
+        Lk = key.shape[1]
+        q, k, v = self._in_projection(query, key, value, same_qkv, same_kv)
+        H, D = self.num_heads, self.head_dim
+        q = q.unflatten(-1, (H, D)).transpose(1, 2)
+        k = k.unflatten(-1, (H, D)).transpose(1, 2)
+        v = v.unflatten(-1, (H, D)).transpose(1, 2)
+        causal = bool(is_causal) and key_padding_mask is None
+        mask = None if causal else torch_masks_to_keep_or_additive(attn_mask, key_padding_mask, B, H, Lq, Lk, q.dtype)
+        p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, backend=self.fused_attn_backend)
+        out = F.linear(out.transpose(1, 2).reshape(B, Lq, E), self.out_proj.weight, self.out_proj.bias)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def extra_repr(self) -> str:
+        opts = {"head_dim": self.head_dim, "head_dim_v": self.head_dim, "causal": False, "dropout": self.dropout > 0,
+                "gqa": False, "mask": None, "mask_grad": False}
+        weight = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
+        backend = fused_modules.backend_in_use(self.fused_attn_backend, "attention", weight, opts)
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, " \
+               f"backend={backend}"
+
+    def _in_projection(self, query, key, value, same_qkv, same_kv):
+        """torch's in-projection: one matmul for Q, K, V of one tensor, one for K, V of one memory."""
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.split(E)
+        if not self._qkv_same_embed_dim:
+            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
+                    F.linear(value, self.v_proj_weight, bv))
+        w = self.in_proj_weight
+        if same_qkv:
+            return F.linear(query, w, b).split(E, dim=-1)
+        wq, wk, wv = w.split(E)
+        if same_kv:
+            k, v = F.linear(key, w[E:], None if b is None else b[E:]).split(E, dim=-1)
+            return F.linear(query, wq, bq), k, v
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+
+def torch_masks_to_keep_or_additive(attn_mask, key_padding_mask, B, H, Lq, Lk, dtype):
+    """torch.nn.MultiheadAttention's masks (bool True = masked, or additive; attn_mask (Lq, Lk) or
+    (B*H, Lq, Lk); key_padding_mask (B, Lk)) as one fused_attn mask broadcastable to (B, H, Lq, Lk):
+    a bool keep-mask when both are bool, else an additive mask in ``dtype``."""
+    masks = []
+    if attn_mask is not None:
+        masks.append(attn_mask.view(B, H, Lq, Lk) if attn_mask.dim() == 3 else attn_mask)
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask.view(B, 1, 1, Lk))
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        keep = ~masks[0]
+        for m in masks[1:]:
+            keep = keep & ~m
+        return keep
+    additive = [torch.zeros((), dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+                if m.dtype == torch.bool else m.to(dtype) for m in masks]
+    total = additive[0]
+    for m in additive[1:]:
+        total = total + m
+    return total
+
+
+class _FusedResidualLayer:
+    """The residual blocks of torch's encoder/decoder layers with the fused norms and FFN.
+
+    post-LN:  x = norm_i(x + dropout_i(branch_i(x)))       -> layer_norm_residual(branch, x)
+    pre-LN:   x = x + dropout_i(branch_i(norm_i(x)))       -> the add and the next norm in one
+              layer_norm_residual(branch, x, prenorm=True); the last add is a plain add.
+    Set on the instance by the swap: fused_attn_norm (bool), fused_attn_activation (str or None:
+    the FFN stays torch's), fused_attn_backend.
+    """
+
+    def _fused_blocks(self, x, blocks):
+        fuse, backend = self.fused_attn_norm, self.fused_attn_backend
+        if not self.norm_first:
+            for branch, norm, drop in blocks:
+                b = branch(x)
+                x = fused_norm(norm, b, x, dropout_p=dropout_p(drop), backend=backend) if fuse else norm(x + drop(b))
+            return x
+        if not fuse:
+            for branch, norm, drop in blocks:
+                x = x + drop(branch(norm(x)))
+            return x
+        h = fused_norm(blocks[0][1], x, backend=backend)
+        for i, (branch, _, drop) in enumerate(blocks):
+            b = branch(h)
+            if i + 1 < len(blocks):
+                h, x = fused_norm(blocks[i + 1][1], b, x, dropout_p=dropout_p(drop), prenorm=True, backend=backend)
+            else:
+                x = x + drop(b)
+        return x
+
+    def _fused_ff(self, x):
+        if self.fused_attn_activation is None:
+            return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                            activation=self.fused_attn_activation, dropout_p=dropout_p(self.dropout),
+                            backend=self.fused_attn_backend)
+
+
+class FusedTransformerEncoderLayer(_FusedResidualLayer, nn.TransformerEncoderLayer):
+    """TransformerEncoderLayer with fused norms/FFN; its self_attn is swapped on its own. It never
+    takes torch's inference fast path (which would bypass the fused modules)."""
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        def self_attention(h):
+            return self.self_attn(h, h, h, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                                  need_weights=False, is_causal=is_causal)[0]
+        return self._fused_blocks(src, [(self_attention, self.norm1, self.dropout1),
+                                        (self._fused_ff, self.norm2, self.dropout2)])
+
+
+class FusedTransformerDecoderLayer(_FusedResidualLayer, nn.TransformerDecoderLayer):
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        def self_attention(h):
+            return self.self_attn(h, h, h, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
+                                  is_causal=tgt_is_causal, need_weights=False)[0]
+
+        def cross_attention(h):
+            return self.multihead_attn(h, memory, memory, attn_mask=memory_mask,
+                                       key_padding_mask=memory_key_padding_mask, is_causal=memory_is_causal,
+                                       need_weights=False)[0]
+        return self._fused_blocks(tgt, [(self_attention, self.norm1, self.dropout1),
+                                        (cross_attention, self.norm2, self.dropout2),
+                                        (self._fused_ff, self.norm3, self.dropout3)])
+
+
+class FusedTransformerEncoder(nn.TransformerEncoder):
+    """TransformerEncoder without the nested-tensor inference path (which would feed nested
+    tensors to the fused layers); otherwise torch's forward: causal-mask detection, layers, norm."""
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
+
+        # torch detects a causal mask on the canonical (float) form of ``mask``.
+        canonical = F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="",
+                                      target_type=src.dtype, check_other=False)
+        is_causal = _detect_is_causal_mask(canonical, is_causal, _get_seq_len(src, self.layers[0].self_attn.batch_first))
+        out = src
+        for layer in self.layers:
+            out = layer(out, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
+        return out if self.norm is None else self.norm(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# converters
+# ---------------------------------------------------------------------------------------------
+
+def _convert_reference(module, opts):
+    pairs = {reference.MultiHeadAttention: (fused_modules.MultiHeadAttention, "attention"),
+             reference.LayerNormResidual: (fused_modules.LayerNormResidual, "norm"),
+             reference.FeedForward: (fused_modules.FeedForward, "ffn")}
+    if type(module) not in pairs:
+        return None
+    cls, flag = pairs[type(module)]
+    if not getattr(opts, flag):
+        return f"{flag}=False"
+    return Conversion(cls, {"backend": opts.backend})
+
+
+def _convert_norm(module, opts):
+    if type(module) not in (nn.LayerNorm, nn.RMSNorm):
+        return None
+    if not opts.norm:
+        return "norm=False"
+    why = norm_reason(module)
+    if why:
+        return why
+    return Conversion(FusedLayerNorm if type(module) is nn.LayerNorm else FusedRMSNorm,
+                      {"fused_attn_backend": opts.backend})
+
+
+def _convert_sequential_ffn(module, opts):
+    if type(module) is not nn.Sequential or len(module) not in (3, 4):
+        return None
+    parts = list(module)
+    if not (type(parts[0]) is nn.Linear and type(parts[-1]) is nn.Linear):
+        return None
+    if len(parts) == 4 and type(parts[2]) is not nn.Dropout:
+        return None
+    act = activation_name(parts[1])
+    if act is None:
+        return None if not isinstance(parts[1], nn.Module) else f"activation {type(parts[1]).__name__} has no fused form"
+    if not opts.ffn:
+        return "ffn=False"
+    return Conversion(FusedSequentialFFN, {"fused_attn_activation": act, "fused_attn_backend": opts.backend},
+                      consumed=tuple(str(i) for i in range(len(parts))), note=f"FFN {act}")
+
+
+def _mha_reason(module) -> Optional[str]:
+    if module.bias_k is not None or module.bias_v is not None:
+        return "add_bias_kv=True has no fused form"
+    if module.add_zero_attn:
+        return "add_zero_attn=True has no fused form"
+    return None
+
+
+def _convert_mha(module, opts):
+    if type(module) is not nn.MultiheadAttention:
+        return None
+    if not opts.attention:
+        return "attention=False"
+    why = _mha_reason(module)
+    if why:
+        return why
+    return Conversion(FusedMultiheadAttention, {"fused_attn_backend": opts.backend},
+                      note="need_weights=False path; calls asking for weights run torch's forward")
+
+
+def _convert_torch_layer(module, opts):
+    if type(module) not in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
+        return None
+    norms = [module.norm1, module.norm2] + ([module.norm3] if hasattr(module, "norm3") else [])
+    norm_why = "norm=False" if not opts.norm else next((w for w in map(norm_reason, norms) if w), None)
+    act = activation_name(module.activation) if opts.ffn else None
+    ffn_why = "ffn=False" if not opts.ffn else (None if act else f"activation {module.activation!r} has no fused form")
+    attns = [module.self_attn] + ([module.multihead_attn] if hasattr(module, "multihead_attn") else [])
+    attn_fused = opts.attention and all(type(a) is nn.MultiheadAttention and _mha_reason(a) is None for a in attns)
+    if norm_why and ffn_why and not attn_fused:
+        return f"nothing to fuse: {norm_why}; {ffn_why}"
+    cls = FusedTransformerEncoderLayer if type(module) is nn.TransformerEncoderLayer else FusedTransformerDecoderLayer
+    note = ", ".join([f"norms {'torch (' + norm_why + ')' if norm_why else 'fused'}",
+                      f"FFN {'torch (' + ffn_why + ')' if ffn_why else 'fused ' + act}"])
+    consumed = tuple(f"norm{i + 1}" for i in range(len(norms))) if not norm_why else ()
+    return Conversion(cls, {"fused_attn_norm": norm_why is None, "fused_attn_activation": act,
+                            "fused_attn_backend": opts.backend}, consumed=consumed, note=note)
+
+
+def _convert_huggingface(module, opts):
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    from .integrations import huggingface
+    return huggingface.convert(module, opts)
+
+
+CONVERTERS: list[Converter] = [_convert_reference, _convert_sequential_ffn, _convert_mha, _convert_torch_layer,
+                               _convert_norm, _convert_huggingface]
+
+
+# ---------------------------------------------------------------------------------------------
+# the walk
+# ---------------------------------------------------------------------------------------------
+
+def _apply(module: nn.Module, conv: Conversion) -> None:
+    if not issubclass(conv.cls, type(module)):
+        raise TypeError(f"{conv.cls.__name__} is not a subclass of {type(module).__name__}")
+    module.__dict__[RESTORE_ATTR] = (type(module), tuple(conv.attrs), tuple(conv.consumed))
+    module.__dict__.update(conv.attrs)
+    module.__class__ = conv.cls
+
+
+def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True, ffn: bool = True,
+                 backend: Optional[str] = None) -> SwapReport:
+    """Swap the fused ops into ``model`` in place, where they compute exactly what it computes.
+
+    Args:
+        attention / norm / ffn: which kinds of module to fuse.
+        backend: the backend the swapped modules ask for (None: ``use_backend`` / env / auto).
+
+    Returns a ``SwapReport`` listing each module replaced (path, classes) and each target left
+    as it is, with the reason. Parameters are not copied or moved to new objects: the modules
+    keep them (and their names), so optimisers, tied weights and state_dicts are unaffected.
+    Swapping a swapped model changes nothing; ``restore_modules`` undoes it.
+    """
+    check_backend_name(backend)
+    opts = SwapOptions(bool(attention), bool(norm), bool(ffn), backend)
+    report = SwapReport()
+    if attention and type(model).__module__.startswith("transformers."):
+        from .integrations import huggingface
+        huggingface.swap_attention_implementation(model, opts, report)
+    _walk(model, "", opts, report)
+    # torch's TransformerEncoder feeds nested tensors to its layers on its inference fast path:
+    # swap the encoders whose layers are fused.
+    for path, module in model.named_modules():
+        if type(module) is nn.TransformerEncoder and RESTORE_ATTR in module.layers[0].__dict__:
+            _apply(module, Conversion(FusedTransformerEncoder))
+            report.replaced.append((path, "TransformerEncoder", "FusedTransformerEncoder", "no nested-tensor path"))
+    return report
+
+
+def _walk(module: nn.Module, path: str, opts: SwapOptions, report: SwapReport) -> None:
+    if RESTORE_ATTR in module.__dict__:  # swapped before: skip it and what it runs itself
+        consumed = module.__dict__[RESTORE_ATTR][2]
+    else:
+        consumed = ()
+        for converter in CONVERTERS:
+            result = converter(module, opts)
+            if result is None:
+                continue
+            if isinstance(result, str):
+                report.left.append((path, type(module).__name__, result))
+            else:
+                old = type(module).__name__
+                _apply(module, result)
+                report.replaced.append((path, old, result.cls.__name__, result.note))
+                consumed = result.consumed
+            break
+    for name, child in module.named_children():
+        if name not in consumed:
+            _walk(child, f"{path}.{name}" if path else name, opts, report)
+
+
+def restore_modules(model: nn.Module) -> SwapReport:
+    """Undo ``swap_modules``: every swapped module gets its original class back (and loses the
+    attributes the swap added). Returns a report of what was restored (in ``replaced``)."""
+    report = SwapReport()
+    for path, module in model.named_modules():
+        info = module.__dict__.pop(RESTORE_ATTR, None)
+        if info is None:
+            continue
+        cls, added, _ = info
+        for name in added:
+            module.__dict__.pop(name, None)
+        report.replaced.append((path, type(module).__name__, cls.__name__, "restored"))
+        module.__class__ = cls
+    if type(model).__module__.startswith("transformers."):
+        from .integrations import huggingface
+        huggingface.restore_attention_implementation(model, report)
+    return report
+
+
+__all__ = ["swap_modules", "restore_modules", "SwapReport", "SwapOptions", "Conversion", "CONVERTERS",
+           "FusedMultiheadAttention", "FusedTransformerEncoderLayer", "FusedTransformerDecoderLayer",
+           "FusedTransformerEncoder", "FusedLayerNorm", "FusedRMSNorm", "FusedSequentialFFN"]

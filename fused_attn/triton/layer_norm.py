@@ -1,0 +1,518 @@
+"""Fused dropout + residual-add + LayerNorm / RMSNorm in Triton, forward and backward.
+
+Forward, per row of the flattened ``(N, d)`` input (``s`` is the residual stream):
+
+    s   = dropout(x) + residual          stored as ``summed`` (float32 with residual_in_fp32)
+    mu  = mean(s)                        (LayerNorm only; RMSNorm has no centring)
+    var = mean((s - mu)^2)               (RMSNorm: mean(s^2))
+    y   = (s - mu) * rstd * w + b,       rstd = 1 / sqrt(var + eps)
+
+Only ``summed``, ``mean`` and ``rstd`` are kept for backward; the normalised row
+``xhat = (s - mu) * rstd`` is recomputed there from them (one read of ``summed`` instead of
+storing and re-reading a second (N, d) tensor).
+
+Backward, with ``g = dout * w`` and sums over the row of length d:
+
+    dsum = rstd * (g - xhat * sum(g * xhat) / d - sum(g) / d)  (+ dsummed, the pre-LN gradient
+                                                                  flowing into the summed output)
+    RMSNorm drops the ``sum(g) / d`` term.
+    dw   = sum over rows of dout * xhat,   db = sum over rows of dout
+    dx   = dsum * keep / (1 - p)           (only with dropout)
+
+``dsum`` is the gradient of both inputs of the add: without dropout it *is* dx and dresidual,
+so the kernel writes it once, returns an empty ``dx`` and the autograd Function hands the same
+tensor to both inputs (no copy); only with dropout does the kernel also write the masked ``dx``.
+
+dw/db are reduced deterministically without atomics: backward runs a fixed number of programs,
+each owning a fixed contiguous range of rows and one row of a float32 ``(programs, d)`` buffer of
+partial sums; a second small kernel adds those rows in a fixed order.
+
+Row sizes: when a row fits the register budget (``_MAX_FWD_BLOCK`` / ``_MAX_BWD_BLOCK``
+elements) a program holds whole rows (several rows per program for small d, so each program
+still moves a few KB); longer rows (up to any d, tested to 65 536) are processed in chunks of
+``BLOCK_D`` with two passes inside the program: statistics first (Chan's parallel merge of chunk
+means and squared deviations, numerically safe), then normalisation, re-reading the ``summed``
+row that pass one just wrote (it is still in L2).
+
+Dropout uses the shared counter hash (``fused_attn.triton._rng``): element (n, c) has logical
+row n and column c, so masks match every other backend bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rng import dropout_args, dropout_keep, dropout_row_key
+
+# Largest row (in elements) a program keeps whole in registers, forward and backward (backward
+# holds more live values per element: summed, dout, its accumulators). Longer rows are chunked.
+_MAX_FWD_BLOCK = 16384
+_MAX_BWD_BLOCK = 8192
+# Chunk width for rows longer than that.
+_FWD_CHUNK = 8192
+_BWD_CHUNK = 4096
+# Elements one program covers when several short rows share it; narrowest block.
+_TILE_ELEMS = 4096
+_MIN_BLOCK = 64
+_INTERPRETER_TILE_ELEMS = 32768
+# Hidden sizes above this are refused (nothing breaks beyond it, but it is untested).
+MAX_HIDDEN = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+# The dropout constants change on every call (a fresh seed and offset). Triton types an int
+# argument by its value (i32 below 2**31, u32 below 2**32, else i64) and specialises it on
+# divisibility by 16, so raw values would compile a new variant of the kernel every few calls.
+# The launcher therefore passes each 32-bit word tagged with bit 32 (always i64) and the kernels
+# opt these arguments out of specialisation; the hash reads the low 32 bits.
+_RNG_ARGS = ["drop_threshold", "seed_lo", "seed_hi_mix", "offset_lo", "offset_hi"]
+_RNG_TAG = 1 << 32
+
+
+@triton.jit
+def _logical_rows(offset_lo, offset_hi, rows64):
+    """offset + row as int64 from the two tagged 32-bit words of the offset."""
+    offset = ((offset_hi - 4294967296) << 32) + (offset_lo - 4294967296)
+    return offset + rows64
+
+
+@triton.jit
+def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_res, stride_s,
+                          drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
+                          HAS_RES: tl.constexpr, DROPOUT: tl.constexpr):
+    """s = dropout(x) + residual for a [ROWS, BLOCK_D] tile; stores it to SUMMED and returns it
+    in float32 exactly as stored (rounded to summed's dtype), as the reference sees it."""
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        key = dropout_row_key(seed_lo, seed_hi_mix, _logical_rows(offset_lo, offset_hi, rows64))
+        keep = dropout_keep(key[:, None], cols[None, :], drop_threshold)
+        # round the scaled value to x's dtype first, as dropout(x) in x's dtype does
+        x = tl.where(keep, (x * drop_scale).to(X.dtype.element_ty).to(tl.float32), 0.0)
+    if HAS_RES:
+        x += tl.load(RES + rows64[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = x.to(SUMMED.dtype.element_ty)
+    tl.store(SUMMED + rows64[:, None] * stride_s + cols[None, :], s, mask=mask)
+    return s.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
+                   n_rows, n_cols, stride_x, stride_res, stride_out, stride_s, eps,
+                   drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
+                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
+                   HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   RMS: tl.constexpr, DROPOUT: tl.constexpr):
+    """One program normalises ROWS rows (SINGLE: whole rows in registers) or one long row in
+    chunks of BLOCK_D (two passes: statistics while writing summed, then normalisation)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    if SINGLE:
+        mask = row_ok[:, None] & (cols[None, :] < n_cols)
+        s = _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_res, stride_s,
+                                  drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT)
+        if RMS:
+            centred = s
+        else:
+            mean = tl.sum(s, axis=1) / n_cols
+            centred = tl.where(mask, s - mean[:, None], 0.0)
+            tl.store(MEAN + rows, mean, mask=row_ok)
+        var = tl.sum(centred * centred, axis=1) / n_cols
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+        y = centred * rstd[:, None]
+        if HAS_W:
+            y *= tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + rows64[:, None] * stride_out + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        # pass 1: write summed, merge per-chunk (count, mean, M2) into the row's (Chan et al.)
+        count = tl.zeros([ROWS], dtype=tl.float32)
+        mean = tl.zeros([ROWS], dtype=tl.float32)
+        m2 = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_D):
+            c = start + cols
+            mask = row_ok[:, None] & (c[None, :] < n_cols)
+            s = _dropout_residual_sum(X, RES, SUMMED, rows64, c, mask, stride_x, stride_res, stride_s,
+                                      drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT)
+            if RMS:
+                m2 += tl.sum(s * s, axis=1)
+            else:
+                n_chunk = tl.minimum(n_cols - start, BLOCK_D).to(tl.float32)
+                mean_chunk = tl.sum(s, axis=1) / n_chunk
+                d_chunk = tl.where(mask, s - mean_chunk[:, None], 0.0)
+                m2_chunk = tl.sum(d_chunk * d_chunk, axis=1)
+                total = count + n_chunk
+                delta = mean_chunk - mean
+                mean += delta * (n_chunk / total)
+                m2 += m2_chunk + delta * delta * (count * n_chunk / total)
+                count = total
+        rstd = 1.0 / tl.sqrt_rn(m2 / n_cols + eps)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+        if not RMS:
+            tl.store(MEAN + rows, mean, mask=row_ok)
+        # make this program's summed stores visible to all its threads before re-reading them
+        tl.debug_barrier()
+        # pass 2: normalise from summed (L2-resident: this program wrote it just now)
+        for start in range(0, n_cols, BLOCK_D):
+            c = start + cols
+            col_ok = c < n_cols
+            mask = row_ok[:, None] & col_ok[None, :]
+            s = tl.load(SUMMED + rows64[:, None] * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if RMS:
+                y = s * rstd[:, None]
+            else:
+                y = (s - mean[:, None]) * rstd[:, None]
+            if HAS_W:
+                y *= tl.load(W + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                y += tl.load(B + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(OUT + rows64[:, None] * stride_out + c[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_bwd_store(DSUM, DX, DSUMMED, ds, rows64, c, mask, stride_dsummed, stride_ds, stride_dx,
+                  drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
+                  HAS_DSUMMED: tl.constexpr, DROPOUT: tl.constexpr, X_DTYPE: tl.constexpr):
+    """Add the pre-LN gradient, store dsum (summed's dtype) and, with dropout, dx (x's dtype)."""
+    if HAS_DSUMMED:
+        ds += tl.load(DSUMMED + rows64[:, None] * stride_dsummed + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    ds = ds.to(DSUM.dtype.element_ty)
+    tl.store(DSUM + rows64[:, None] * stride_ds + c[None, :], ds, mask=mask)
+    if DROPOUT:
+        key = dropout_row_key(seed_lo, seed_hi_mix, _logical_rows(offset_lo, offset_hi, rows64))
+        keep = dropout_keep(key[:, None], c[None, :], drop_threshold)
+        # as dropout(dsum.to(x dtype)): round to x's dtype, then scale
+        dx = tl.where(keep, ds.to(X_DTYPE).to(tl.float32) * drop_scale, 0.0)
+        tl.store(DX + rows64[:, None] * stride_dx + c[None, :], dx.to(X_DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_PART, ROW_C1, ROW_C2,
+                   n_rows, n_cols, rows_per_program, stride_dout, stride_dsummed, stride_s, stride_ds, stride_dx,
+                   drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
+                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DSUMMED: tl.constexpr,
+                   RMS: tl.constexpr, DROPOUT: tl.constexpr, X_DTYPE: tl.constexpr):
+    """Program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) (a multiple of
+    ROWS) and writes row p of the dw/db partial-sum buffers.
+
+    SINGLE: whole rows in registers, ROWS at a time; the row sums sum(g * xhat), sum(g) come from
+    the tile itself. Otherwise (long rows, ROWS == 1): pass 1 computes the two row sums over
+    chunks and parks them in ROW_C1/ROW_C2; pass 2 walks chunk by chunk and, inside, row by row,
+    so each chunk's dw/db partial sums stay in registers."""
+    pid = tl.program_id(0)
+    row_begin = pid * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, n_rows)
+    cols = tl.arange(0, BLOCK_D)
+    if SINGLE:
+        col_ok = cols < n_cols
+        if HAS_W:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        db_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        for first in range(row_begin, row_end, ROWS):
+            rows = first + tl.arange(0, ROWS)
+            row_ok = rows < row_end
+            rows64 = rows.to(tl.int64)
+            mask = row_ok[:, None] & col_ok[None, :]
+            s = tl.load(SUMMED + rows64[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DOUT + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            # outside the row dy == 0, so xhat's value there never matters (no tl.where needed)
+            if RMS:
+                xhat = s * rstd[:, None]
+            else:
+                xhat = (s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
+            # accumulate dw/db first so that dy dies early (register pressure at 8192-wide rows)
+            if HAS_W:
+                dw_acc += dy * xhat
+            if HAS_B:
+                db_acc += dy
+            g = dy * w[None, :] if HAS_W else dy
+            c1 = tl.sum(g * xhat, axis=1) / n_cols
+            ds = g - xhat * c1[:, None]
+            if not RMS:
+                ds -= (tl.sum(g, axis=1) / n_cols)[:, None]
+            _ln_bwd_store(DSUM, DX, DSUMMED, ds * rstd[:, None], rows64, cols, mask, stride_dsummed, stride_ds,
+                          stride_dx, drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_DSUMMED,
+                          DROPOUT, X_DTYPE)
+        if HAS_W:
+            tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+        if HAS_B:
+            tl.store(DB_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    else:
+        # pass 1: per row, c1 = sum(g * xhat) / d and c2 = sum(g) / d over all chunks
+        for row in range(row_begin, row_end):
+            rows = row + tl.arange(0, ROWS)
+            row_ok = rows < row_end
+            rows64 = rows.to(tl.int64)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            if not RMS:
+                mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+            c1 = tl.zeros([ROWS], dtype=tl.float32)
+            c2 = tl.zeros([ROWS], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_D):
+                c = start + cols
+                col_ok = c < n_cols
+                mask = row_ok[:, None] & col_ok[None, :]
+                s = tl.load(SUMMED + rows64[:, None] * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DOUT + rows64[:, None] * stride_dout + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                if RMS:
+                    xhat = s * rstd[:, None]
+                else:  # outside the row dy == 0: xhat's value there does not matter
+                    xhat = (s - mean[:, None]) * rstd[:, None]
+                if HAS_W:
+                    g = dy * tl.load(W + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                else:
+                    g = dy
+                c1 += tl.sum(g * xhat, axis=1)
+                c2 += tl.sum(g, axis=1)
+            tl.store(ROW_C1 + rows, c1 / n_cols, mask=row_ok)
+            tl.store(ROW_C2 + rows, c2 / n_cols, mask=row_ok)
+        tl.debug_barrier()
+        # pass 2: chunk by chunk, row by row: dsum (and dx), and this chunk's dw/db partial sums
+        for start in range(0, n_cols, BLOCK_D):
+            c = start + cols
+            col_ok = c < n_cols
+            if HAS_W:
+                w = tl.load(W + c, mask=col_ok, other=0.0).to(tl.float32)
+            dw_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+            db_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+            for row in range(row_begin, row_end):
+                rows = row + tl.arange(0, ROWS)
+                row_ok = rows < row_end
+                rows64 = rows.to(tl.int64)
+                mask = row_ok[:, None] & col_ok[None, :]
+                s = tl.load(SUMMED + rows64[:, None] * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DOUT + rows64[:, None] * stride_dout + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+                if RMS:
+                    xhat = s * rstd[:, None]
+                else:
+                    xhat = (s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
+                if HAS_W:
+                    dw_acc += dy * xhat
+                if HAS_B:
+                    db_acc += dy
+                g = dy * w[None, :] if HAS_W else dy
+                ds = g - xhat * tl.load(ROW_C1 + rows, mask=row_ok, other=0.0)[:, None]
+                if not RMS:
+                    ds -= tl.load(ROW_C2 + rows, mask=row_ok, other=0.0)[:, None]
+                _ln_bwd_store(DSUM, DX, DSUMMED, ds * rstd[:, None], rows64, c, mask, stride_dsummed, stride_ds,
+                              stride_dx, drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_DSUMMED,
+                              DROPOUT, X_DTYPE)
+            if HAS_W:
+                tl.store(DW_PART + pid.to(tl.int64) * n_cols + c, tl.sum(dw_acc, axis=0), mask=col_ok)
+            if HAS_B:
+                tl.store(DB_PART + pid.to(tl.int64) * n_cols + c, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(PART, OUT0, OUT1, n_parts, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUTk[c] = sum over p of PART[k, p, c] (k = 0, 1: dweight and/or dbias) in a fixed order.
+
+    Program (i, k) owns BLOCK_C columns of output k and walks the partial rows BLOCK_P at a time,
+    so the result is the same bit for bit on every run (no atomics). Narrow column blocks spread
+    the (programs, d) buffer over many SMs even for small d."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    part = PART + tl.program_id(1).to(tl.int64) * n_parts * n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for first in range(0, n_parts, BLOCK_P):
+        p = first + tl.arange(0, BLOCK_P)
+        mask = (p < n_parts)[:, None] & col_ok[None, :]
+        acc += tl.load(part + p[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if tl.program_id(1) == 0:
+        tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+# ---------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dict:
+    """Launch parameters for rows of ``d`` elements.
+
+    - rows that fit the register budget (``_MAX_FWD_BLOCK`` / ``_MAX_BWD_BLOCK``) are held whole:
+      BLOCK_D = max(64, next_pow2(d)) columns, and ROWS = tile_elems // BLOCK_D rows per program
+      (at least 1) so that a program moves 8-16 KB per tensor even for short rows; 8 warps up to
+      4096 columns, 16 above;
+    - longer rows: one row per program in chunks of ``_FWD_CHUNK`` / ``_BWD_CHUNK`` (SINGLE False).
+
+    The configurations do not depend on the dtype (the kernels compute in float32 whatever they
+    load), which keeps the set small enough that the AOT test compiles every one of them.
+    ``tile_elems`` defaults to ``_TILE_ELEMS``; the interpreter uses bigger tiles (fewer programs:
+    its cost is per operation, not per element).
+    """
+    max_block, chunk = (_MAX_BWD_BLOCK, _BWD_CHUNK) if backward else (_MAX_FWD_BLOCK, _FWD_CHUNK)
+    if d > max_block:
+        return {"ROWS": 1, "BLOCK_D": chunk, "SINGLE": False, "num_warps": 16 if chunk > 4096 else 8}
+    block = max(_MIN_BLOCK, _next_pow2(d))
+    rows = max(1, (tile_elems or _TILE_ELEMS) // block)
+    return {"ROWS": rows, "BLOCK_D": block, "SINGLE": True, "num_warps": 8 if block <= 4096 else 16}
+
+
+def _tile_elems(device: torch.device) -> int:
+    return _TILE_ELEMS if device.type == "cuda" else _INTERPRETER_TILE_ELEMS
+
+
+def possible_configs() -> list[dict]:
+    """Every configuration the launchers may pick (forward and backward): the AOT test compiles
+    each one."""
+    configs = []
+    for backward in (False, True):
+        seen = []
+        for d in [1 << k for k in range(0, 17)] + [(1 << 16) + 1]:
+            cfg = kernel_config(d, backward)
+            if cfg not in seen:
+                seen.append(cfg)
+        configs += [dict(cfg, backward=backward) for cfg in seen]
+    return configs
+
+
+def _bwd_programs(n_rows: int, rows: int, num_warps: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows_per_program) for backward: about 16 resident warps per SM, each program a
+    contiguous range of whole tiles. The partial-sum buffer has one row per program."""
+    tiles = triton.cdiv(n_rows, rows)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        target = sms * max(1, 16 // num_warps)
+    else:  # the interpreter: a few programs are enough to exercise the partial sums
+        target = 4
+    tiles_per_program = triton.cdiv(tiles, min(tiles, target))
+    return triton.cdiv(tiles, tiles_per_program), tiles_per_program * rows
+
+
+def _dropout_launch_args(dropout_p: float, seed: int, offset: int) -> tuple:
+    """(drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi): the 32-bit words
+    tagged with bit 32 so that Triton always types them int64 (see _RNG_ARGS)."""
+    if dropout_p <= 0.0:
+        return _RNG_TAG, 1.0, _RNG_TAG, _RNG_TAG, _RNG_TAG, _RNG_TAG
+    seed_lo, seed_hi_mix, threshold = dropout_args(dropout_p, seed)
+    offset = int(offset) & ((1 << 63) - 1)
+    words = (threshold, seed_lo, seed_hi_mix, offset & 0xFFFFFFFF, offset >> 32)
+    tagged = [w | _RNG_TAG for w in words]
+    return tagged[0], 1.0 / (1.0 - dropout_p), *tagged[1:]
+
+
+def _unit_cols(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (the contract of fused_attn/backends/base.py)
+# ---------------------------------------------------------------------------------------------
+
+def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset):
+    """(out, summed, mean, rstd) for x (N, d); see the module docstring."""
+    n, d = x.shape
+    device = x.device
+    summed_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    out = torch.empty((n, d), dtype=x.dtype, device=device)
+    summed = torch.empty((n, d), dtype=summed_dtype, device=device)
+    mean = torch.empty((0,) if rms else (n,), dtype=torch.float32, device=device)
+    rstd = torch.empty((n,), dtype=torch.float32, device=device)
+    if n == 0:
+        return out, summed, mean, rstd
+    if d == 0:  # statistics of an empty row are undefined, as in the reference
+        mean.fill_(math.nan)
+        rstd.fill_(math.nan)
+        return out, summed, mean, rstd
+    x = _unit_cols(x)
+    residual = None if residual is None else _unit_cols(residual)
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    cfg = kernel_config(d, tile_elems=_tile_elems(device))
+    grid = (triton.cdiv(n, cfg["ROWS"]),)
+    _ln_fwd_kernel[grid](
+        x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
+        out, summed, rstd if rms else mean, rstd,
+        n, d, x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0), summed.stride(0), float(eps),
+        *_dropout_launch_args(dropout_p, seed, offset),
+        ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        RMS=bool(rms), DROPOUT=dropout_p > 0.0, num_warps=cfg["num_warps"])
+    return out, summed, mean, rstd
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, seed, offset,
+                            x_dtype):
+    """(dsum, dx, dweight, dbias); dx is empty without dropout (dsum is then dx and dresidual)."""
+    n, d = summed.shape
+    device = summed.device
+    dsum = torch.empty((n, d), dtype=summed.dtype, device=device)
+    dx = torch.empty((n, d) if dropout_p > 0.0 else (0,), dtype=x_dtype, device=device)
+    has_w, has_b = weight is not None, bias is not None
+    # placeholders when absent (two tensors: outputs of an op may not alias each other)
+    dweight, dbias = (torch.empty((0,), dtype=summed.dtype, device=device) for _ in range(2))
+    if n == 0 or d == 0:  # no rows: the parameter gradients are zero
+        if has_w:
+            dweight = torch.zeros((d,), dtype=weight.dtype, device=device)
+        if has_b:
+            dbias = torch.zeros((d,), dtype=bias.dtype, device=device)
+        return dsum, dx, dweight, dbias
+    dout = _unit_cols(dout)
+    dsummed = None if dsummed is None else _unit_cols(dsummed)
+    summed = _unit_cols(summed)
+    weight = None if weight is None else weight.contiguous()
+    cfg = kernel_config(d, backward=True, tile_elems=_tile_elems(device))
+    programs, rows_per_program = _bwd_programs(n, cfg["ROWS"], cfg["num_warps"], device)
+    f32 = dict(dtype=torch.float32, device=device)
+    # partial sums of dweight and/or dbias, one (programs, d) slab each, stacked
+    n_sums = int(has_w) + int(has_b)
+    parts = torch.empty((n_sums, programs, d) if n_sums else (0,), **f32)
+    dw_part = parts[0] if has_w else parts
+    db_part = parts[int(has_w)] if has_b else parts
+    # per-row sums for long rows (pass 1 -> pass 2 of the chunked path)
+    row_c1 = torch.empty((0,) if cfg["SINGLE"] else (n,), **f32)
+    row_c2 = torch.empty((0,) if cfg["SINGLE"] else (n,), **f32)
+    _ln_bwd_kernel[(programs,)](
+        dout, dout if dsummed is None else dsummed, summed, dout if weight is None else weight,
+        rstd if rms else mean, rstd, dsum, dsum if dx.numel() == 0 else dx,
+        dw_part, db_part, row_c1, row_c2,
+        n, d, rows_per_program, dout.stride(0), 0 if dsummed is None else dsummed.stride(0), summed.stride(0),
+        dsum.stride(0), dx.stride(0) if dx.dim() == 2 else 0,
+        *_dropout_launch_args(dropout_p, seed, offset),
+        ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
+        HAS_W=has_w, HAS_B=has_b, HAS_DSUMMED=dsummed is not None, RMS=bool(rms), DROPOUT=dropout_p > 0.0,
+        X_DTYPE=_TL_DTYPES[x_dtype], num_warps=cfg["num_warps"])
+    if n_sums:
+        # one launch reduces both (program_id(1) picks dweight or dbias)
+        if has_w:
+            dweight = torch.empty((d,), dtype=weight.dtype, device=device)
+        if has_b:
+            dbias = torch.empty((d,), dtype=bias.dtype, device=device)
+        sums = [t for t, present in ((dweight, has_w), (dbias, has_b)) if present]
+        _sum_partials_kernel[(triton.cdiv(d, _SUM_BLOCK_C), n_sums)](
+            parts, sums[0], sums[-1], programs, d, BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=4)
+    return dsum, dx, dweight, dbias
+
+
+_SUM_BLOCK_P, _SUM_BLOCK_C = 64, 64
+
+
+def unsupported_reasons(call) -> list[str]:
+    """Why the Triton kernels cannot take ``call`` (fused_attn.backends.triton asks)."""
+    hidden = call.options.get("hidden", 0)
+    if hidden > MAX_HIDDEN:
+        return [f"hidden size {hidden} is above the {MAX_HIDDEN} the Triton LayerNorm kernels are built for"]
+    return []

@@ -1,0 +1,94 @@
+// The attention kernels of csrc/cuda/attention.cu (float32 path) run on CPU threads, for
+// tests/test_cuda_emulated.py. The launch logic mirrors attention_fwd_typed/attention_bwd_typed,
+// with the tile sizes given by the caller (so every tile choice gets exercised).
+#include "cuda_runtime.h"
+
+#include <cstddef>
+
+namespace fused_attn_cuda {
+namespace {
+alignas(128) unsigned char smem_raw[256 * 1024];  // the blocks' dynamic shared memory
+}  // namespace
+}  // namespace fused_attn_cuda
+
+#include "../../csrc/cuda/attention.cu"
+
+using namespace fused_attn_cuda;
+
+namespace {
+
+AttentionFwdArgs make_args(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
+                           const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
+                           const int64_t* ms, int causal, float scale, const uint64_t* dropout, float* out,
+                           const int64_t* os, float* lse) {
+  AttentionFwdArgs a{};
+  a.dtype = DType::kFloat32;
+  a.batch = sizes[0]; a.heads_q = sizes[1]; a.heads_kv = sizes[2]; a.len_q = sizes[3]; a.len_k = sizes[4];
+  a.head_dim = sizes[5]; a.head_dim_v = sizes[6];
+  a.q = q; a.k = k; a.v = v;
+  for (int i = 0; i < 4; ++i) {
+    a.q_stride[i] = qs[i]; a.k_stride[i] = ks[i]; a.v_stride[i] = vs[i];
+    a.mask_stride[i] = ms[i]; a.out_stride[i] = os[i];
+  }
+  a.mask_kind = static_cast<MaskKind>(mask_kind);
+  a.mask = mask;
+  a.causal = causal != 0;
+  a.scale = scale;
+  a.dropout.enabled = dropout[0] != 0;  // [enabled, seed, offset, threshold, scale bits]
+  a.dropout.seed = dropout[1];
+  a.dropout.offset = dropout[2];
+  a.dropout.threshold = static_cast<uint32_t>(dropout[3]);
+  const uint32_t scale_bits = static_cast<uint32_t>(dropout[4]);
+  std::memcpy(&a.dropout.scale, &scale_bits, sizeof(float));
+  a.out = out;
+  a.lse = lse;
+  return a;
+}
+
+Dims dims_for(const AttentionFwdArgs& a, int bm, int bn) {
+  return Dims{bm, bn, static_cast<int>(round_up(a.head_dim, 16)), static_cast<int>(round_up(a.head_dim_v, 16))};
+}
+
+}  // namespace
+
+extern "C" int emu_attention_fwd(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
+                                 const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
+                                 const int64_t* ms, int causal, float scale, const uint64_t* dropout, float* out,
+                                 const int64_t* os, float* lse, int bm, int bn) {
+  const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, causal, scale, dropout, out,
+                                       os, lse);
+  const Dims d = dims_for(a, bm, bn);
+  FwdSmem<float> plan;
+  if (plan.carve(nullptr, d) > sizeof(smem_raw)) return 1;
+  if (a.batch * a.heads_q == 0 || a.len_q == 0) return 0;
+  emu::launch(dim3(unsigned(a.batch * a.heads_q), unsigned(ceil_div(a.len_q, d.bm))), dim3(kThreads),
+              attention_fwd_kernel<float>, a, d);
+  return 0;
+}
+
+extern "C" int emu_attention_bwd(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
+                                 const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
+                                 const int64_t* ms, int causal, float scale, const uint64_t* dropout,
+                                 const float* out, const int64_t* os, const float* lse, const float* dout,
+                                 const int64_t* dos, float* dq, float* dk, float* dv, float* dmask, float* delta,
+                                 int bm, int bn) {
+  AttentionBwdArgs b{};
+  b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, causal, scale, dropout,
+                    const_cast<float*>(out), os, const_cast<float*>(lse));
+  const AttentionFwdArgs& f = b.fwd;
+  b.dout = dout;
+  for (int i = 0; i < 4; ++i) b.dout_stride[i] = dos[i];
+  b.dq = dq; b.dk = dk; b.dv = dv; b.dmask = dmask; b.delta = delta;
+  const Dims d = dims_for(f, bm, bn);
+  BwdSmem<float> plan;
+  if (plan.carve(nullptr, d, true) > sizeof(smem_raw)) return 1;
+  if (f.batch * f.heads_q == 0 || f.len_q == 0) return 0;
+  const int64_t rows = f.batch * f.heads_q * f.len_q;
+  emu::launch(dim3(unsigned(ceil_div(rows, kWarps))), dim3(kThreads), attention_bwd_delta_kernel<float>, b);
+  if (f.len_k > 0)
+    emu::launch(dim3(unsigned(f.batch * f.heads_kv), unsigned(ceil_div(f.len_k, d.bn))), dim3(kThreads),
+                attention_bwd_dkdv_kernel<float>, b, d);
+  emu::launch(dim3(unsigned(f.batch * f.heads_q), unsigned(ceil_div(f.len_q, d.bm))), dim3(kThreads),
+              attention_bwd_dq_kernel<float>, b, d);
+  return 0;
+}

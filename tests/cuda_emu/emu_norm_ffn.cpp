@@ -1,0 +1,104 @@
+// The layer-norm and feed-forward kernels of csrc/cuda (float32 path) run on CPU threads, for
+// tests/test_cuda_emulated.py. The launch logic mirrors fwd_typed/bwd_typed and ffn_act_*; the
+// caller picks the vector width and the number of partial-sum blocks.
+#include "cuda_runtime.h"
+
+namespace fused_attn_cuda {
+namespace {
+float smem_f[64 * 1024];  // the blocks' dynamic shared memory
+}  // namespace
+}  // namespace fused_attn_cuda
+
+#include "../../csrc/cuda/feed_forward.cu"
+#include "../../csrc/cuda/layer_norm.cu"
+
+using namespace fused_attn_cuda;
+
+namespace {
+DropoutArgs dropout_from(const uint64_t* d) {  // [enabled, seed, offset, threshold, scale bits]
+  DropoutArgs a;
+  a.enabled = d[0] != 0;
+  a.seed = d[1];
+  a.offset = d[2];
+  a.threshold = static_cast<uint32_t>(d[3]);
+  const uint32_t bits = static_cast<uint32_t>(d[4]);
+  std::memcpy(&a.scale, &bits, sizeof(float));
+  return a;
+}
+}  // namespace
+
+extern "C" int emu_layer_norm_fwd(const float* x, int64_t x_stride, const float* residual, int64_t res_stride,
+                                  const float* weight, const float* bias, int64_t rows, int64_t hidden, float eps,
+                                  int rms, const uint64_t* dropout, float* out, float* summed, float* mean,
+                                  float* rstd, int vec) {
+  LayerNormFwdArgs a{};
+  a.dtype = a.residual_dtype = a.summed_dtype = DType::kFloat32;
+  a.rows = rows; a.hidden = hidden;
+  a.x = x; a.x_row_stride = x_stride; a.residual = residual; a.residual_row_stride = res_stride;
+  a.weight = weight; a.bias = bias; a.eps = eps; a.rms = rms != 0; a.dropout = dropout_from(dropout);
+  a.out = out; a.summed = summed; a.mean = mean; a.rstd = rstd;
+  if (hidden + 32 > int64_t(sizeof(smem_f) / sizeof(float))) return 1;
+  if (vec) {
+    if (hidden % 4) return 2;
+    emu::launch(dim3(unsigned(rows)), dim3(threads_for(hidden / 4)), layer_norm_fwd_kernel<float, float, float, 4>, a);
+  } else {
+    emu::launch(dim3(unsigned(rows)), dim3(threads_for(hidden)), layer_norm_fwd_kernel<float, float, float, 1>, a);
+  }
+  return 0;
+}
+
+extern "C" int emu_layer_norm_bwd(const float* dout, int64_t dout_stride, const float* dsummed, int64_t ds_stride,
+                                  const float* summed, const float* weight, int has_bias, const float* mean,
+                                  const float* rstd, int64_t rows, int64_t hidden, int rms, const uint64_t* dropout,
+                                  float* dsum, float* dx, float* dweight, float* dbias, float* partials, int64_t parts,
+                                  int vec) {
+  LayerNormBwdArgs a{};
+  a.dtype = a.summed_dtype = a.x_dtype = DType::kFloat32;
+  a.rows = rows; a.hidden = hidden;
+  a.dout = dout; a.dout_row_stride = dout_stride; a.dsummed = dsummed; a.dsummed_row_stride = ds_stride;
+  a.summed = summed; a.weight = weight; a.has_bias = has_bias != 0; a.mean = mean; a.rstd = rstd; a.rms = rms != 0;
+  a.dropout = dropout_from(dropout);
+  a.dsum = dsum; a.dx = dx; a.dweight = dweight; a.dbias = dbias; a.partials = partials;
+  if (2 * hidden + 32 > int64_t(sizeof(smem_f) / sizeof(float))) return 1;
+  if (parts > 0) {
+    if (vec) {
+      if (hidden % 4) return 2;
+      emu::launch(dim3(unsigned(parts)), dim3(threads_for(hidden / 4)), layer_norm_bwd_kernel<float, float, 4>, a);
+    } else {
+      emu::launch(dim3(unsigned(parts)), dim3(threads_for(hidden)), layer_norm_bwd_kernel<float, float, 1>, a);
+    }
+  }
+  if (dweight || dbias)
+    emu::launch(dim3(unsigned(ceil_div(hidden, 256))), dim3(256), layer_norm_bwd_reduce_kernel<float>, a, parts);
+  return 0;
+}
+
+template <typename Fn>
+static void with_activation(int act, Fn&& fn) {
+  dispatch_activation(static_cast<Activation>(act), [&](auto a) -> const char* {
+    fn(a);
+    return nullptr;
+  });
+}
+
+extern "C" int emu_ffn_fwd(const float* pre, float* h, int64_t tokens, int64_t d_ff, int act, const uint64_t* dropout,
+                           int blocks) {
+  FfnActFwdArgs a{};
+  a.dtype = DType::kFloat32; a.activation = static_cast<Activation>(act); a.tokens = tokens; a.d_ff = d_ff;
+  a.pre = pre; a.h = h; a.dropout = dropout_from(dropout);
+  with_activation(act, [&](auto A) {
+    emu::launch(dim3(unsigned(blocks)), dim3(kThreads), ffn_act_fwd_kernel<float, decltype(A)::value>, a);
+  });
+  return 0;
+}
+
+extern "C" int emu_ffn_bwd(const float* pre, const float* dh, float* dpre, float* h, int64_t tokens, int64_t d_ff,
+                           int act, const uint64_t* dropout, int blocks) {
+  FfnActBwdArgs a{};
+  a.dtype = DType::kFloat32; a.activation = static_cast<Activation>(act); a.tokens = tokens; a.d_ff = d_ff;
+  a.pre = pre; a.dh = dh; a.dpre = dpre; a.h = h; a.dropout = dropout_from(dropout);
+  with_activation(act, [&](auto A) {
+    emu::launch(dim3(unsigned(blocks)), dim3(kThreads), ffn_act_bwd_kernel<float, decltype(A)::value>, a);
+  });
+  return 0;
+}

@@ -1,0 +1,129 @@
+"""The benchmark job (python -m fused_attn.bench) on tiny shapes: it writes its table, JSON, CSV
+and plots, counts work as documented, and reports failing or inexact backends."""
+import csv
+import json
+import runpy
+import sys
+import time
+
+import pytest
+import torch
+
+from fused_attn import bench
+from fused_attn.backends import BACKENDS
+
+
+def test_work_is_counted_as_documented():
+    a = bench.AttentionCase(B=2, H=3, L=64, D=32)
+    assert a.work("fwd", torch.float32) == 4 * 2 * 3 * 64 * 64 * 32
+    assert bench.AttentionCase(2, 3, 64, 32, causal=True).work("fwd", torch.float32) == 2 * 2 * 3 * 64 * 64 * 32
+    assert a.work("bwd", torch.float32) == 2.5 * a.work("fwd", torch.float32)
+    assert a.work("fwd+bwd", torch.float32) == 3.5 * a.work("fwd", torch.float32)
+    f = bench.FeedForwardCase(T=16, d=8, d_ff=32)
+    assert f.work("fwd", torch.float32) == 2 * 16 * 8 * 32 * 2
+    g = bench.FeedForwardCase(T=16, d=8, d_ff=32, activation="swiglu")
+    assert g.work("fwd", torch.float32) == 2 * 16 * 8 * 64 + 2 * 16 * 32 * 8
+    assert f.work("fwd+bwd", torch.float32) == 3 * f.work("fwd", torch.float32)
+    n = bench.LayerNormCase(N=10, d=4)
+    assert n.work("fwd", torch.bfloat16) == 3 * 10 * 4 * 2 + 2 * 4 * 2
+    layer = bench.LayerCase(B=2, L=8, d=16, H=2, d_ff=64)
+    T = 16
+    assert layer.work("fwd", torch.float32) == 8 * T * 16 * 16 + 4 * T * 16 * 64 + 4 * 2 * 8 * 8 * 16
+
+
+def test_time_calls_measures_the_call():
+    times = bench.time_calls(lambda i: time.sleep(0.003), 1, torch.device("cpu"), 0.03, 3, 20)
+    assert len(times) >= 3
+    assert 0.003 <= sorted(times)[len(times) // 2] < 0.5
+
+
+def test_backend_choices_follow_the_backends_own_reasons():
+    case = bench.AttentionCase(1, 2, 16, 16)
+    chosen = [name for name, why in bench.backend_choices(case, "cpu", torch.float32)]
+    takers = [name for name, b in BACKENDS.items() if not any(b.call_reasons(c) for c in case.calls("cpu", torch.float32))
+              and not (name == "triton" and bench.interpreter_enabled())]
+    assert set(chosen) == (set(takers) - {"reference"} if len(takers) > 1 else set(takers))
+    assert chosen  # the reference backend runs everywhere
+    # a backend asked for by name is listed with its reasons when it refuses
+    named = dict(bench.backend_choices(case, "cpu", torch.float32, ["cuda"]))
+    assert named["cuda"]
+
+
+@pytest.mark.filterwarnings("ignore:'fused_attn.bench' found in sys.modules")
+def test_quick_style_run_writes_table_json_csv_and_plots(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["fused_attn.bench", "--shapes", "tiny", "--threads", "1", "--budget", "0.005",
+                                      "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_module("fused_attn.bench", run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0, printed
+    data = json.loads((out / "bench.json").read_text())
+    machine = data["machine"]
+    for key in ("cpu", "torch", "triton", "date", "device_name"):
+        assert key in machine
+    assert data["ceilings"]["matmul_tflops"]["float32"] > 0 and data["ceilings"]["copy_gbs"] > 0
+    rows = data["rows"]
+    for op in bench.OPS:
+        mine = [r for r in rows if r["op"] == op]
+        assert {r["pass"] for r in mine} == set(bench.PASSES), op
+        eager = [r for r in mine if r["impl"] == "eager"]
+        assert eager and all(r["status"] == "ok" and r["median_ms"] > 0 for r in eager), op
+        fused = [r for r in mine if r["kind"] == "fused"]
+        assert fused, f"no fused backend ran {op}"
+        for r in fused:
+            assert r["status"] == "ok" and r["oracle"] == "ok", r
+            assert r["err_out"] < 1e-4 and r["err_grad"] < 1e-4, r
+            assert r["speedup"]["eager"] > 0 and r["throughput"] > 0 and r["peak_mem_mib"] is not None
+    assert any(r["impl"] == "sdpa" and r["status"] == "ok" for r in rows if r["op"] == "attention")
+    assert data["summary"]
+    with open(out / "bench.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert {"median_ms", "throughput", "ceiling_frac", "speedup_vs_eager", "err_out", "peak_mem_mib",
+            "device_name", "torch", "date"} <= set(csv_rows[0])
+    for name in ("attention_fwd.png", "attention_fwd_bwd.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the summary table comes last
+    assert "== summary" in printed.split("wrote ")[-1]
+
+
+@pytest.mark.parametrize("fault", ["raises", "inexact"])
+def test_a_failing_backend_fails_the_run(tmp_path, monkeypatch, capsys, fault):
+    backend = BACKENDS["reference"]
+    original = backend.attention_fwd
+
+    def broken(*args):
+        if fault == "raises":
+            raise RuntimeError("planted failure")
+        out, lse = original(*args)
+        return out * 1.01, lse
+
+    monkeypatch.setattr(backend, "attention_fwd", broken)
+    code = bench.main(["--shapes", "tiny", "--ops", "attention", "--backend", "reference", "--passes", "fwd",
+                       "--baselines", "eager", "--budget", "0.005", "--no-plots", "--no-memory",
+                       "--out", str(tmp_path)])
+    assert code == 1
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    ref = [r for r in rows if r["impl"] == "reference"]
+    assert ref
+    if fault == "raises":
+        assert all(r["status"] == "error" and "planted failure" in r["reason"] for r in ref)
+    else:
+        assert all(r["status"] == "ok" and r["oracle"] == "FAIL" for r in ref)
+    assert "failed" in capsys.readouterr().out
+
+
+def test_gpu_check_script_parses_and_names_its_outputs():
+    import os
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_check.sh")
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", script], check=True)
+    text = open(script).read()
+    for needed in ("pip install --no-build-isolation --no-deps", "-m gpu", "fused_attn.bench", "summary.json"):
+        assert needed in text

@@ -1,0 +1,446 @@
+"""The ``cuda`` backend (csrc/cuda) against the float64 reference, on a GPU.
+
+Every op and option, forward and backward, float16/bfloat16/float32, through the functional API
+with ``backend="cuda"`` (which calls ``torch.ops.fused_attn_C.*`` on CUDA tensors). Dropout uses
+the shared counter hash, so the fused and reference runs drop exactly the same elements (both
+draw [seed, offset] from a generator seeded the same way). Also: bad inputs to the raw ops raise
+RuntimeError, the backward is deterministic, empty sizes work.
+
+The oracle tests are marked ``gpu``: they collect everywhere and are skipped without CUDA. The
+backend's declared limits are checked everywhere.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import functional as F
+from fused_attn import reference as R
+from fused_attn.testing import check_against_reference, make_inputs
+
+gpu = pytest.mark.gpu
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DTYPE_IDS = ["fp16", "bf16", "fp32"]
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _require_cuda_backend(request):
+    """On a GPU machine a missing cuda backend is a failure (the extension must be built with CUDA)."""
+    if "gpu" not in request.keywords:
+        return
+    report = fused_attn.available_backends()["cuda"]
+    assert report["available"], f"the cuda backend is unavailable: {report['reasons']}"
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32 exact
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _rng(seed: int) -> tuple[int, int]:
+    """The [seed, offset] pair functional draws from ``torch.Generator().manual_seed(seed)``."""
+    g = torch.Generator().manual_seed(seed)
+    s, o = torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=g).tolist()
+    return int(s), int(o)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+# name: (B, Hq, Hkv, Lq, Lk, D, Dv, options)
+ATTN_CASES = {
+    "basic": (2, 3, 3, 97, 97, 64, 64, {}),
+    "odd_lengths": (1, 2, 2, 17, 97, 40, 40, {}),
+    "one_query": (2, 2, 2, 1, 33, 59, 59, {}),
+    "dv_differs": (1, 2, 2, 33, 17, 59, 40, {}),
+    "causal": (2, 2, 2, 97, 97, 64, 64, {"causal": True}),
+    "causal_lq_lt_lk": (1, 2, 2, 17, 97, 64, 64, {"causal": True}),
+    "causal_lq_gt_lk": (1, 2, 2, 97, 17, 32, 32, {"causal": True}),
+    "gqa": (2, 4, 2, 33, 65, 64, 64, {}),
+    "mqa_causal": (1, 4, 1, 65, 65, 32, 32, {"causal": True}),
+    "scale": (1, 2, 2, 33, 33, 64, 64, {"scale": 0.3}),
+    "bool_mask": (2, 2, 2, 33, 47, 64, 64, {"mask": "bool"}),
+    "key_padding_mask": (2, 2, 2, 33, 47, 64, 64, {"mask": "key_padding"}),
+    "additive_mask": (1, 2, 2, 33, 47, 64, 64, {"mask": "additive"}),
+    "additive_mask_grad": (2, 2, 2, 33, 47, 32, 32, {"mask": "additive", "mask_grad": True}),
+    "mask_causal_gqa": (1, 4, 2, 47, 47, 32, 32, {"mask": "bool", "causal": True}),
+    "dropout": (2, 2, 2, 65, 65, 64, 64, {"dropout_p": 0.17}),
+    "dropout_causal_gqa": (1, 4, 2, 47, 65, 40, 40, {"dropout_p": 0.3, "causal": True}),
+    "dropout_mask_grad": (1, 2, 2, 33, 47, 32, 32, {"dropout_p": 0.2, "mask": "additive", "mask_grad": True}),
+    "head_dim_128": (1, 2, 2, 65, 65, 128, 128, {"causal": True}),
+    "head_dim_256": (1, 2, 1, 47, 65, 256, 256, {}),
+    "head_dim_256_dropout": (1, 2, 2, 33, 33, 256, 200, {"dropout_p": 0.1, "causal": True}),
+    "blhd_layout": (2, 3, 3, 33, 47, 64, 64, {"layout": "blhd"}),
+    "broadcast_kv": (2, 2, 2, 33, 33, 32, 32, {"layout": "broadcast_kv"}),
+}
+
+
+def _mask(kind, B, H, Lq, Lk, dtype, gen):
+    if kind == "bool":
+        m = torch.rand(B, H, Lq, Lk, generator=gen) > 0.3
+        m[:, :, 3, :] = False  # a fully masked row: zeros and zero gradients, never NaN
+        return m.to(DEV)
+    if kind == "key_padding":
+        m = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+        m[0, ..., Lk // 2:] = False
+        return m.to(DEV)
+    if kind == "additive":  # broadcast over batch (a stride-0 view for the kernel)
+        m = torch.randn(1, H, Lq, Lk, generator=gen, dtype=torch.float64)
+        m[..., : Lk // 4] = float("-inf") if Lk > 4 else 0.0
+        return m.to(DEV, dtype)
+    raise ValueError(kind)
+
+
+def _attention_case(name, dtype):
+    B, Hq, Hkv, Lq, Lk, D, Dv, opts = ATTN_CASES[name]
+    layout = opts.get("layout")
+    gen = torch.Generator().manual_seed(1)
+    if layout == "blhd":  # (B, L, H, D) storage: q, k, v are transposed views
+        q, k, v = make_inputs((B, Lq, Hq, D), (B, Lk, Hkv, D), (B, Lk, Hkv, Dv), dtype=dtype, device=DEV)
+        view = lambda q, k, v: (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    elif layout == "broadcast_kv":  # k, v shared by the batch: stride 0 along it
+        q, k, v = make_inputs((B, Hq, Lq, D), (1, Hkv, Lk, D), (1, Hkv, Lk, Dv), dtype=dtype, device=DEV)
+        view = lambda q, k, v: (q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+    else:
+        q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv), dtype=dtype, device=DEV)
+        view = lambda q, k, v: (q, k, v)
+    mask = None
+    if "mask" in opts:
+        mask = _mask(opts["mask"], B, Hq, Lq, Lk, dtype, gen)
+        if opts.get("mask_grad"):
+            mask = mask.masked_fill(mask == float("-inf"), -30.0).requires_grad_(True)
+    return (q, k, v, mask), view, opts
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_attention_matches_reference(name, dtype):
+    (q, k, v, mask), view, opts = _attention_case(name, dtype)
+    causal, p, scale = opts.get("causal", False), opts.get("dropout_p", 0.0), opts.get("scale")
+    seed = 1234
+
+    def fused(q, k, v, mask=None):
+        return F.attention(*view(q, k, v), attn_mask=mask, causal=causal, dropout_p=p, scale=scale,
+                           backend="cuda", generator=_gen(seed))
+
+    def ref(q, k, v, mask=None):
+        return R.attention(*view(q, k, v), mask, causal, p, scale, _rng(seed) if p > 0 else None)
+
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
+    check_against_reference(fused, ref, inputs, names=["q", "k", "v", "attn_mask"][: len(inputs)])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_lse_and_layout(dtype):
+    """The raw op: out stored as a contiguous (B, Lq, Hq, Dv), lse float32 and +inf on dead rows."""
+    B, H, Lq, Lk, D = 2, 2, 17, 33, 64
+    q, k, v = make_inputs((B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), dtype=dtype, device=DEV, requires_grad=False)
+    mask = torch.ones(B, H, Lq, Lk, dtype=torch.bool, device=DEV)
+    mask[:, :, 5] = False
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, False, 0.0, 0.125, 0, 0)
+    assert out.shape == (B, H, Lq, D) and out.transpose(1, 2).is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Lq)
+    ref_lse = R.attention_lse(q.double(), k.double(), mask, False, 0.125)
+    assert torch.isinf(lse[:, :, 5]).all() and (lse[:, :, 5] > 0).all()
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-2 if dtype != torch.float32 else 1e-5,
+                               rtol=0)
+    assert (out[:, :, 5] == 0).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_empty_sizes(dtype):
+    for Lq, Lk in ((0, 17), (17, 0), (0, 0)):
+        q, k, v = make_inputs((2, 2, Lq, 32), (2, 2, Lk, 32), (2, 2, Lk, 32), dtype=dtype, device=DEV)
+        out = F.attention(q, k, v, backend="cuda")
+        assert out.shape == (2, 2, Lq, 32)
+        assert (out == 0).all()
+        out.sum().backward()
+        for t in (q, k, v):
+            assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_attention_backward_is_deterministic(dtype):
+    q, k, v = make_inputs((2, 4, 129, 64), (2, 2, 129, 64), (2, 2, 129, 64), dtype=dtype, device=DEV)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        F.attention(q, k, v, causal=True, dropout_p=0.1, backend="cuda", generator=_gen(7)).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@gpu
+def test_attention_raw_op_rejects_bad_input():
+    q, k, v = make_inputs((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), dtype=torch.float16, device=DEV,
+                          requires_grad=False)
+    op = torch.ops.fused_attn_C.attention_fwd
+    with pytest.raises(RuntimeError, match="k"):
+        op(q, k[..., :8], v, None, False, 0.0, 1.0, 0, 0)  # head dims differ
+    with pytest.raises(RuntimeError, match="heads"):
+        op(q, k[:, :1].expand(1, 3, 8, 16)[:, :3], v[:, :1].expand(1, 3, 8, 16), None, False, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(q, k.float(), v, None, False, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="head dims"):
+        big = torch.zeros(1, 2, 8, 264, dtype=torch.float16, device=DEV)
+        op(big, big, big, None, False, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        op(q, k, v, torch.ones(1, 2, 8, 7, dtype=torch.bool, device=DEV), False, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        op(q, k.cpu(), v, None, False, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        op(q, k, v, None, False, 1.5, 1.0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# residual-add + LayerNorm / RMSNorm
+# ---------------------------------------------------------------------------------------------
+
+# name: (shape, options)
+NORM_CASES = {
+    "layernorm": ((2, 17, 64), {}),
+    "layernorm_residual": ((2, 17, 1024), {"residual": True}),
+    "layernorm_odd_width": ((3, 7, 59), {"residual": True}),
+    "layernorm_no_affine": ((2, 9, 96), {"residual": True, "weight": False, "bias": False}),
+    "layernorm_no_bias": ((1, 33, 128), {"residual": True, "bias": False}),
+    "layernorm_dropout": ((2, 17, 256), {"residual": True, "dropout_p": 0.2}),
+    "layernorm_wide": ((4, 4096), {"residual": True}),
+    "rmsnorm": ((2, 17, 64), {"rms": True, "bias": False}),
+    "rmsnorm_residual_dropout": ((2, 17, 200), {"rms": True, "residual": True, "dropout_p": 0.1}),
+    "rmsnorm_bias_odd": ((1, 5, 33), {"rms": True, "residual": True}),
+    "one_row": ((1, 64), {"residual": True}),
+}
+FP32_RESIDUAL_CASES = {
+    "residual_in_fp32": ((2, 17, 128), {"residual": "fp32"}),
+    "residual_in_fp32_same_dtype": ((2, 17, 64), {"residual": True, "residual_in_fp32": True}),
+    "rms_residual_in_fp32_dropout": ((2, 9, 96), {"rms": True, "residual": "fp32", "dropout_p": 0.25}),
+}
+
+
+def _norm_check(shape, opts, dtype):
+    d = shape[-1]
+    gen = torch.Generator().manual_seed(3)
+    (x,) = make_inputs(shape, dtype=dtype, device=DEV, seed=5)
+    inputs = [x]
+    res_kind = opts.get("residual", False)
+    residual_in_fp32 = opts.get("residual_in_fp32", False) or res_kind == "fp32"
+    if res_kind:
+        (r,) = make_inputs(shape, dtype=torch.float32 if res_kind == "fp32" else dtype, device=DEV, seed=6)
+        inputs.append(r)
+    else:
+        inputs.append(None)
+    w = (1.0 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)).to(DEV, dtype).requires_grad_(True)
+    b = (0.2 * torch.randn(d, generator=gen, dtype=torch.float64)).to(DEV, dtype).requires_grad_(True)
+    inputs += [w if opts.get("weight", True) else None, b if opts.get("bias", True) else None]
+    rms, p, seed = opts.get("rms", False), opts.get("dropout_p", 0.0), 99
+
+    def fused(x, r, w, b):
+        return F.layer_norm_residual(x, r, w, b, 1e-5, dropout_p=p, prenorm=True, rms=rms,
+                                     residual_in_fp32=residual_in_fp32, backend="cuda", generator=_gen(seed))
+
+    def ref(x, r, w, b):
+        return R.layer_norm_residual(x, r, w, b, 1e-5, p, prenorm=True, rms=rms, residual_in_fp32=residual_in_fp32,
+                                     rng=_rng(seed) if p > 0 else None)
+
+    check_against_reference(fused, ref, inputs, names=["x", "residual", "weight", "bias"])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(NORM_CASES))
+def test_layer_norm_residual_matches_reference(name, dtype):
+    shape, opts = NORM_CASES[name]
+    _norm_check(shape, opts, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", list(FP32_RESIDUAL_CASES))
+def test_layer_norm_residual_in_fp32_matches_reference(name, dtype):
+    shape, opts = FP32_RESIDUAL_CASES[name]
+    _norm_check(shape, opts, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_layer_norm_strided_rows_and_empty(dtype):
+    # rows with a stride larger than the width (a column slice), and zero rows
+    (big,) = make_inputs((9, 80), dtype=dtype, device=DEV, requires_grad=False)
+    x = big[:, 8:72]
+    out = F.layer_norm_residual(x, None, None, None, 1e-5, backend="cuda")
+    torch.testing.assert_close(out.double(), R.layer_norm_residual(x.double(), eps=1e-5),
+                               atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+    (e,) = make_inputs((0, 64), dtype=dtype, device=DEV)
+    out = F.layer_norm_residual(e, None, None, None, 1e-5, backend="cuda")
+    assert out.shape == (0, 64)
+    out.sum().backward()
+    assert e.grad.shape == (0, 64)
+
+
+@gpu
+def test_layer_norm_backward_is_deterministic():
+    x, r = make_inputs((4096, 512), (4096, 512), dtype=torch.float16, device=DEV)
+    w = torch.randn(512, device=DEV, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(512, device=DEV, dtype=torch.float16, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        for t in (x, r, w, b):
+            t.grad = None
+        F.layer_norm_residual(x, r, w, b, backend="cuda").square().sum().backward()
+        grads.append([t.grad.clone() for t in (x, r, w, b)])
+    for a, c in zip(*grads):
+        assert torch.equal(a, c)
+
+
+@gpu
+def test_layer_norm_raw_op_rejects_bad_input():
+    x = torch.randn(4, 16, device=DEV, dtype=torch.float16)
+    op = torch.ops.fused_attn_C.layer_norm_residual_fwd
+    with pytest.raises(RuntimeError, match="residual"):
+        op(x, torch.randn(4, 8, device=DEV, dtype=torch.float16), None, None, 1e-5, 0.0, False, False, 0, 0)
+    with pytest.raises(RuntimeError, match="weight"):
+        op(x, None, torch.ones(8, device=DEV, dtype=torch.float16), None, 1e-5, 0.0, False, False, 0, 0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(x, None, torch.ones(16, device=DEV), None, 1e-5, 0.0, False, False, 0, 0)
+    with pytest.raises(RuntimeError, match="eps"):
+        op(x, None, None, None, 0.0, 0.0, False, False, 0, 0)
+    with pytest.raises(RuntimeError, match="x"):
+        op(x.double(), None, None, None, 1e-5, 0.0, False, False, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# feed-forward
+# ---------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("variant", ["bias", "no_bias", "dropout"])
+def test_feed_forward_matches_reference(activation, variant, dtype):
+    d, d_ff, d_out = 64, 96, 48
+    width = 2 * d_ff if activation in ("swiglu", "geglu") else d_ff
+    x, w1, b1, w2, b2 = make_inputs((2, 17, d), (width, d), (width,), (d_out, d_ff), (d_out,), dtype=dtype,
+                                    device=DEV, seed=11)
+    with torch.no_grad():  # nn.Linear-like scales keep the activations in their interesting range
+        w1.mul_(1.0 / math.sqrt(d))
+        w2.mul_(1.0 / math.sqrt(d_ff))
+    if variant == "no_bias":
+        b1 = b2 = None
+    p, seed = (0.2 if variant == "dropout" else 0.0), 5
+
+    def fused(x, w1, b1, w2, b2):
+        return F.feed_forward(x, w1, b1, w2, b2, activation=activation, dropout_p=p, backend="cuda",
+                              generator=_gen(seed))
+
+    def ref(x, w1, b1, w2, b2):
+        return R.feed_forward(x, w1, b1, w2, b2, activation, p, _rng(seed) if p > 0 else None)
+
+    check_against_reference(fused, ref, [x, w1, b1, w2, b2], names=["x", "w1", "b1", "w2", "b2"])
+
+
+@gpu
+def test_feed_forward_empty_tokens():
+    x, w1, w2 = make_inputs((0, 32), (64, 32), (32, 64), dtype=torch.float16, device=DEV)
+    out = F.feed_forward(x, w1, None, w2, None, activation="gelu", backend="cuda")
+    assert out.shape == (0, 32)
+    out.sum().backward()
+    assert (w1.grad == 0).all() and (w2.grad == 0).all()
+
+
+@gpu
+def test_feed_forward_raw_op_rejects_bad_input():
+    x, w1, w2 = (torch.randn(s, device=DEV, dtype=torch.float16) for s in ((4, 32), (64, 32), (32, 64)))
+    op = torch.ops.fused_attn_C.feed_forward_fwd
+    with pytest.raises(RuntimeError, match="activation"):
+        op(x, w1, None, w2, None, "tanh", 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="w2"):
+        op(x, w1, None, w2[:, :10], None, "relu", 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="even"):
+        op(x, w1[:63], None, w2, None, "swiglu", 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="b1"):
+        op(x, w1, torch.zeros(3, device=DEV, dtype=torch.float16), w2, None, "relu", 0.0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# compute-sanitizer on small cases (memory errors; shared-memory races and barrier misuse)
+# ---------------------------------------------------------------------------------------------
+
+_SANITIZED_SCRIPT = """
+import torch
+from fused_attn import functional as F
+dev, g = "cuda", torch.Generator().manual_seed(0)
+for dtype in (torch.float16, torch.float32):
+    q = torch.randn(1, 2, 19, 40, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, 1, 23, 40, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, 1, 23, 24, device=dev, dtype=dtype, requires_grad=True)
+    m = torch.randn(1, 1, 19, 23, device=dev, dtype=dtype, requires_grad=True)
+    F.attention(q, k, v, attn_mask=m, causal=True, dropout_p=0.1, backend="cuda", generator=g).sum().backward()
+    if TOOL == "memcheck":
+        x = torch.randn(5, 59, device=dev, dtype=dtype, requires_grad=True)
+        r = torch.randn(5, 59, device=dev, dtype=dtype, requires_grad=True)
+        w = torch.randn(59, device=dev, dtype=dtype, requires_grad=True)
+        F.layer_norm_residual(x, r, w, w, dropout_p=0.1, backend="cuda", generator=g).sum().backward()
+        x8 = torch.randn(5, 64, device=dev, dtype=dtype, requires_grad=True)
+        F.layer_norm_residual(x8, x8, None, None, rms=True, backend="cuda").sum().backward()
+        w1 = torch.randn(2 * 24, 16, device=dev, dtype=dtype, requires_grad=True)
+        w2 = torch.randn(8, 24, device=dev, dtype=dtype, requires_grad=True)
+        xf = torch.randn(7, 16, device=dev, dtype=dtype, requires_grad=True)
+        F.feed_forward(xf, w1, None, w2, None, activation="swiglu", dropout_p=0.1, backend="cuda",
+                       generator=g).sum().backward()
+torch.cuda.synchronize()
+print("sanitized run finished")
+"""
+
+
+@gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_compute_sanitizer_small_cases(tool, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not installed on this machine")
+    script = tmp_path / "sanitized.py"
+    script.write_text(f"TOOL = {tool!r}\n" + _SANITIZED_SCRIPT)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # so memcheck sees each allocation's bounds
+    proc = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "sanitized run finished" in log, f"compute-sanitizer {tool}:\n{log[-8000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend's declared limits (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+def test_cuda_backend_declares_its_kernel_limits():
+    from fused_attn.backends import BACKENDS, Call
+    cuda = BACKENDS["cuda"]
+    dev = torch.device("cuda")
+    big_head = cuda.call_reasons(Call("attention", dev, torch.float16, {"head_dim": 64, "head_dim_v": 320}))
+    assert any("head_dim_v 320 > 256" in r for r in big_head)
+    ok_head = cuda.call_reasons(Call("attention", dev, torch.float16, {"head_dim": 256, "head_dim_v": 256}))
+    assert not any("head_dim" in r for r in ok_head)
+    wide = cuda.call_reasons(Call("layer_norm_residual", dev, torch.bfloat16, {"hidden": 65536}))
+    assert any("hidden size 65536" in r for r in wide)
+    assert not any("hidden" in r for r in cuda.call_reasons(Call("layer_norm_residual", dev, torch.bfloat16,
+                                                                 {"hidden": 4096})))

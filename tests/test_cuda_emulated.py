@@ -1,0 +1,281 @@
+"""The CUDA kernels (csrc/cuda/*.cu), float32 path, run on CPU threads.
+
+There is no GPU on the development machines, so tests/cuda_emu provides a small emulation of the
+CUDA features the kernels use (threads, __syncthreads, warp shuffles, shared memory) and compiles
+the kernels against it with the host compiler. Every CUDA thread becomes a std::thread; the
+float32 instantiations run for real: for attention (plain-FMA tile products) the tiling, the
+online softmax, masks, causal limits, grouped-query heads, dropout, strides and the three
+backward kernels; for the norms the row reductions, 16-byte and scalar paths, dropout and the
+two-stage weight-gradient reduction; for the FFN the activation epilogues. Each is held to the
+float64 reference with the oracle. The float16/bfloat16 instantiations (WMMA products, 16-bit
+conversions) are not emulated; they run in tests/test_cuda_backend.py on a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_attn import _rng
+from fused_attn import reference as R
+from fused_attn.ops_common import new_attention_out
+from fused_attn.testing import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU_DIR = ROOT / "tests" / "cuda_emu"
+
+
+def _build(tmp_path_factory, source: str) -> ctypes.CDLL:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to build the CPU emulation of the CUDA kernels")
+    lib = tmp_path_factory.mktemp("cuda_emu") / (Path(source).stem + ".so")
+    # -fno-strict-aliasing: the kernels' 16-byte vector accesses reinterpret arrays, fine on a GPU.
+    cmd = [cxx, "-std=c++20", "-O1", "-fno-strict-aliasing", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra",
+           "-Werror", "-Wno-unknown-pragmas", "-DFUSED_ATTN_CPU_EMULATION", f"-I{EMU_DIR}", str(EMU_DIR / source),
+           "-o", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"building the emulated kernels ({source}) failed:\n{proc.stderr[-6000:]}"
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build(tmp_path_factory, "emu_attention.cpp")
+
+
+@pytest.fixture(scope="module")
+def emu_nf(tmp_path_factory):
+    return _build(tmp_path_factory, "emu_norm_ffn.cpp")
+
+
+def _i64(values):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
+
+
+def _dropout_args(p, seed, offset):
+    scale_bits = struct.unpack("<I", struct.pack("<f", 1.0 / (1.0 - p)))[0] if p > 0 else 0
+    return (ctypes.c_uint64 * 5)(int(p > 0), seed, offset, _rng.dropout_threshold(p) if p > 0 else 0, scale_bits)
+
+
+def _common_args(q, k, v, mask, causal, scale, p, seed, offset):
+    B, Hq, Lq, D = q.shape
+    sizes = _i64([B, Hq, k.shape[1], Lq, k.shape[2], D, v.shape[3]])
+    kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    return [_ptr(q), _i64(q.stride()), _ptr(k), _i64(k.stride()), _ptr(v), _i64(v.stride()), sizes, ctypes.c_int(kind),
+            _ptr(mask), _i64(mask.stride() if mask is not None else (0, 0, 0, 0)), ctypes.c_int(int(causal)),
+            ctypes.c_float(scale), _dropout_args(p, seed, offset)]
+
+
+def emulated_attention(emu, q, k, v, mask, causal, scale, p, seed, offset, dout, blocks):
+    """(out, lse, dq, dk, dv, dmask) from the emulated kernels; dmask only for an additive mask."""
+    common = _common_args(q, k, v, mask, causal, scale, p, seed, offset)
+    out = new_attention_out(q, v.shape[3])
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    assert emu.emu_attention_fwd(*common, _ptr(out), _i64(out.stride()), _ptr(lse), *blocks) == 0
+    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), torch.zeros(k.shape), torch.zeros(v.shape)
+    additive = mask is not None and mask.dtype != torch.bool
+    dmask = torch.zeros(q.shape[:3] + (k.shape[2],)) if additive else None
+    delta = torch.empty(q.shape[:3], dtype=torch.float32)
+    assert emu.emu_attention_bwd(*common, _ptr(out), _i64(out.stride()), _ptr(lse), _ptr(dout), _i64(dout.stride()),
+                                 _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dmask), _ptr(delta), *blocks) == 0
+    return out, lse, dq, dk, dv, dmask
+
+
+def reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, dtype):
+    """The same quantities from fused_attn.reference in ``dtype`` (autograd for the gradients)."""
+    cast = lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(dtype))
+    q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
+    additive = mask is not None and mask.dtype != torch.bool
+    rng = (seed, offset) if p > 0 else None
+    if additive:
+        fn = lambda q, k, v, m: R.attention(q, k, v, m, causal, p, scale, rng)
+        out, vjp = torch.func.vjp(fn, q_, k_, v_, m_)
+        dq, dk, dv, dmask = vjp(dout.to(dtype))
+    else:
+        fn = lambda q, k, v: R.attention(q, k, v, m_, causal, p, scale, rng)
+        out, vjp = torch.func.vjp(fn, q_, k_, v_)
+        (dq, dk, dv), dmask = vjp(dout.to(dtype)), None
+    lse = R.attention_lse(q_, k_, m_, causal, scale)
+    return out, lse, dq, dk, dv, dmask
+
+
+# name: (B, Hq, Hkv, Lq, Lk, D, Dv, options, (BM, BN))  -- the tile pairs the launcher may pick
+CASES = {
+    "basic_16x16": (1, 2, 2, 37, 29, 40, 24, {}, (16, 16)),
+    "causal_gqa_lq_gt_lk_32x32": (2, 4, 2, 33, 20, 16, 16, {"causal": True}, (32, 32)),
+    "causal_lq_lt_lk_64x32": (1, 1, 1, 19, 70, 8, 8, {"causal": True}, (64, 32)),
+    "bool_mask_dead_row_dropout_32x32": (1, 2, 1, 21, 35, 24, 24, {"mask": "bool", "dropout_p": 0.25}, (32, 32)),
+    "additive_mask_grad_causal_64x32": (1, 2, 2, 40, 40, 8, 12, {"mask": "additive", "causal": True}, (64, 32)),
+    "strided_and_broadcast_kv_64x64": (2, 2, 2, 17, 70, 32, 32, {"layout": "strided"}, (64, 64)),
+    "dropout_mask_grad_16x16": (1, 2, 2, 18, 33, 16, 16, {"mask": "additive", "dropout_p": 0.3}, (16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_attention_matches_reference(emu, name):
+    B, Hq, Hkv, Lq, Lk, D, Dv, opts, blocks = CASES[name]
+    gen = torch.Generator().manual_seed(len(name))
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).float()
+    if opts.get("layout") == "strided":  # q as a (B, L, H, D) transpose, k/v shared by the batch (stride 0)
+        q = randn(B, Lq, Hq, D).transpose(1, 2)
+        k = randn(1, Hkv, Lk, D).expand(B, -1, -1, -1)
+        v = randn(1, Hkv, Lk, Dv).expand(B, -1, -1, -1)
+    else:
+        q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, Dv)
+    mask = None
+    if opts.get("mask") == "bool":
+        mask = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
+        mask[:, :, 2, :] = False  # a row with nothing to attend
+    elif opts.get("mask") == "additive":  # broadcast over the batch and heads: a stride-0 view
+        m = randn(1, 1, Lq, Lk)
+        m[..., :3] = float("-inf")
+        mask = m.expand(B, Hq, Lq, Lk)
+    causal, p = opts.get("causal", False), opts.get("dropout_p", 0.0)
+    scale, seed, offset = 1.0 / math.sqrt(D), 123456789012345, 987654321
+    dout = randn(B, Hq, Lq, Dv)
+
+    got = emulated_attention(emu, q, k, v, mask, causal, scale, p, seed, offset, dout, blocks)
+    ref64 = reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, torch.float64)
+    ref32 = reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, torch.float32)
+    names = ("out", "lse", "dq", "dk", "dv", "dmask")
+    for i, name in enumerate(names):
+        if got[i] is None:
+            assert ref64[i] is None
+            continue
+        compare(name, got[i], ref64[i], ref32[i], k=2.0 if i < 2 else 5.0)
+    if opts.get("mask") == "bool":  # the dead row: zeros and lse = +inf
+        assert (got[0][:, :, 2] == 0).all() and torch.isinf(got[1][:, :, 2]).all()
+
+
+def test_emulated_attention_without_keys(emu):
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8)
+    dout = torch.randn(1, 2, 5, 8)
+    out, lse, dq, dk, dv, _ = emulated_attention(emu, q, k, v, None, False, 0.5, 0.0, 0, 0, dout, (16, 16))
+    assert (out == 0).all() and torch.isinf(lse).all() and (lse > 0).all() and (dq == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# residual-add + LayerNorm / RMSNorm
+# ---------------------------------------------------------------------------------------------
+
+def _f(x):
+    return ctypes.c_float(x)
+
+
+# name: (rows, hidden, options)
+NORM_CASES = {
+    "layernorm_vec": (5, 64, {"residual": True, "vec": True}),
+    "layernorm_scalar_odd": (4, 59, {"residual": True}),
+    "layernorm_dropout_strided": (6, 48, {"residual": True, "dropout_p": 0.2, "vec": True, "strided": True}),
+    "layernorm_no_affine": (3, 40, {"weight": False, "bias": False, "vec": True}),
+    "rmsnorm_vec_dsummed": (5, 96, {"rms": True, "residual": True, "vec": True, "bias": False, "dsummed": True}),
+    "rmsnorm_wide_dropout": (3, 1300, {"rms": True, "residual": True, "dropout_p": 0.1}),
+}
+
+
+@pytest.mark.parametrize("name", list(NORM_CASES))
+def test_emulated_layer_norm_matches_reference(emu_nf, name):
+    rows, d, opts = NORM_CASES[name]
+    gen = torch.Generator().manual_seed(len(name))
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).float()
+    x = randn(rows, d + 8)[:, 4:4 + d] if opts.get("strided") else randn(rows, d)
+    r = randn(rows, d) if opts.get("residual") else None
+    w = 1.0 + 0.3 * randn(d) if opts.get("weight", True) else None
+    b = 0.2 * randn(d) if opts.get("bias", True) else None
+    rms, p, seed, offset, eps, vec = opts.get("rms", False), opts.get("dropout_p", 0.0), 77, 5, 1e-5, opts.get("vec", False)
+    drop = _dropout_args(p, seed, offset)
+    out, summed = torch.empty(rows, d), torch.empty(rows, d)
+    mean, rstd = torch.empty(rows), torch.empty(rows)
+    assert emu_nf.emu_layer_norm_fwd(_ptr(x), ctypes.c_int64(x.stride(0)), _ptr(r), ctypes.c_int64(d), _ptr(w), _ptr(b),
+                                     ctypes.c_int64(rows), ctypes.c_int64(d), _f(eps), ctypes.c_int(int(rms)), drop,
+                                     _ptr(out), _ptr(summed), _ptr(None if rms else mean), _ptr(rstd),
+                                     ctypes.c_int(int(vec))) == 0
+    dout, dsummed = randn(rows, d), (randn(rows, d) if opts.get("dsummed") else None)
+    parts = 2  # fewer partial blocks than rows: each block walks several rows
+    dsum, dx = torch.empty(rows, d), torch.empty(rows, d)
+    dw, db, partials = torch.empty(d), torch.empty(d), torch.empty(parts, 2, d)
+    assert emu_nf.emu_layer_norm_bwd(_ptr(dout), ctypes.c_int64(d), _ptr(dsummed), ctypes.c_int64(d), _ptr(summed),
+                                     _ptr(w), ctypes.c_int(int(b is not None)), _ptr(None if rms else mean), _ptr(rstd),
+                                     ctypes.c_int64(rows), ctypes.c_int64(d), ctypes.c_int(int(rms)), drop, _ptr(dsum),
+                                     _ptr(dx if p > 0 else None), _ptr(dw if w is not None else None),
+                                     _ptr(db if b is not None else None), _ptr(partials), ctypes.c_int64(parts),
+                                     ctypes.c_int(int(vec))) == 0
+
+    def run(dtype):
+        c = lambda t: None if t is None else t.to(dtype).requires_grad_(True)
+        x_, r_, w_, b_ = c(x), c(r), c(w), c(b)
+        o, s = R.layer_norm_residual(x_, r_, w_, b_, eps, p, prenorm=True, rms=rms,
+                                     rng=(seed, offset) if p > 0 else None)
+        s_ = s.float() if dtype == torch.float32 else s
+        rstd_ref = torch.rsqrt((s_.pow(2).mean(-1) if rms else s_.var(-1, unbiased=False)) + eps)
+        grads_out = [dout.to(dtype)] + ([dsummed.to(dtype)] if dsummed is not None else [])
+        outs = [o] + ([s] if dsummed is not None else [])
+        leaves = [t for t in (x_, r_, w_, b_) if t is not None]
+        g = torch.autograd.grad(outs, leaves, grads_out)
+        return [o.detach(), s.detach(), rstd_ref.detach(), s_.mean(-1).detach()] + list(g)
+
+    ref64, ref32 = run(torch.float64), run(torch.float32)
+    got = [out, summed, rstd, mean]
+    names = ["out", "summed", "rstd", "mean"]
+    # gradients, in the order of the leaves: x, residual, weight, bias
+    got.append(dx if p > 0 else dsum); names.append("dx")
+    if r is not None:
+        got.append(dsum); names.append("dresidual")
+    if w is not None:
+        got.append(dw); names.append("dweight")
+    if b is not None:
+        got.append(db); names.append("dbias")
+    for i, (name, value) in enumerate(zip(names, got)):
+        if name == "mean" and rms:
+            continue
+        compare(name, value, ref64[i], ref32[i], k=2.0 if i < 4 else 5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# feed-forward activation epilogues
+# ---------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_emulated_ffn_activation_matches_reference(emu_nf, activation, dropout_p):
+    tokens, d_ff = 7, 45
+    gated = activation in ("swiglu", "geglu")
+    gen = torch.Generator().manual_seed(3)
+    pre = (2.0 * torch.randn(tokens, 2 * d_ff if gated else d_ff, generator=gen, dtype=torch.float64)).float()
+    dh = torch.randn(tokens, d_ff, generator=gen, dtype=torch.float64).float()
+    seed, offset = 31337, 12
+    drop = _dropout_args(dropout_p, seed, offset)
+    act_id = ctypes.c_int(ACTIVATIONS.index(activation))
+    h, h2, dpre = torch.empty(tokens, d_ff), torch.empty(tokens, d_ff), torch.empty_like(pre)
+    blocks = ctypes.c_int(1)  # one block: the grid-stride loop covers the rest
+    assert emu_nf.emu_ffn_fwd(_ptr(pre), _ptr(h), ctypes.c_int64(tokens), ctypes.c_int64(d_ff), act_id, drop, blocks) == 0
+    assert emu_nf.emu_ffn_bwd(_ptr(pre), _ptr(dh), _ptr(dpre), _ptr(h2), ctypes.c_int64(tokens), ctypes.c_int64(d_ff),
+                              act_id, drop, blocks) == 0
+
+    def run(dtype):
+        p_ = pre.to(dtype).requires_grad_(True)
+        out = R.activation_fn(p_, activation)
+        if dropout_p > 0:
+            out = _rng.apply_dropout(out, dropout_p, seed, offset)
+        (g,) = torch.autograd.grad(out, p_, dh.to(dtype))
+        return out.detach(), g
+
+    (h64, g64), (h32, g32) = run(torch.float64), run(torch.float32)
+    compare("h", h, h64, h32)
+    compare("h (backward's recomputation)", h2, h64, h32)
+    compare("dpre", dpre, g64, g32, k=5.0)

@@ -1,0 +1,124 @@
+"""Training steps under DistributedDataParallel and FSDP2 (fully_shard), gloo over 2 CPU processes,
+equal the single-process steps.
+
+The test runs this file as a script in a subprocess (bounded by a timeout); the script spawns the
+two ranks. Each rank trains on its half of the batch; rank 0 then compares the resulting
+parameters with a single-process model trained on the whole batch.
+"""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD, STEPS, BATCH, SEQ, D, H = 2, 2, 4, 7, 32, 4
+
+
+def _build(kind):
+    import fused_attn
+
+    torch.manual_seed(0)
+    if kind == "fused":
+        body = fused_attn.Transformer(D, H, 2, d_ff=48, norm_first=True, num_kv_heads=2)
+    else:  # a torch encoder with the fused modules swapped in
+        layer = torch.nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True)
+        body = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        fused_attn.swap_modules(body)
+    return torch.nn.Sequential(body, torch.nn.Linear(D, 3))
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS, BATCH, SEQ, D, generator=gen), torch.randn(STEPS, BATCH, SEQ, 3, generator=gen)
+
+
+def _train(model, xs, ys):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _rank(rank, cases, port, result_path):
+    import warnings
+
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = []
+    try:
+        for case in cases:
+            results.append(f"{case} " + _case(rank, *case.split(":")))
+        if rank == 0:
+            Path(result_path).write_text("\n".join(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _case(rank, mode, kind):
+    """Train the distributed model; on rank 0 also the single-process one, and return
+    'max |difference| max |change| parameter-count'."""
+    model = _build(kind)
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model[0].layers:
+            fully_shard(layer, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+    xs, ys = _data()
+    share = BATCH // WORLD
+    _train(wrapped, xs[:, rank * share:(rank + 1) * share], ys[:, rank * share:(rank + 1) * share])
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in model.named_parameters()}
+    if rank != 0:
+        return ""
+    single = _build(kind)
+    _train(single, xs, ys)
+    worst = max((params[n] - p).abs().max().item() for n, p in single.named_parameters())
+    changed = max((p - q).abs().max().item() for (n, p), q in zip(single.named_parameters(),
+                                                                  _build(kind).parameters()))
+    return f"{worst} {changed} {len(params)}"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = ["ddp:fused", "fsdp2:fused", "ddp:swapped_torch", "fsdp2:swapped_torch"]
+
+
+def test_distributed_steps_equal_single_process(tmp_path):
+    """One subprocess, one pair of ranks, every case (starting the processes is the slow part)."""
+    result = tmp_path / "result.txt"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               FUSED_ATTN_TEST_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, __file__, str(result), *CASES], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = dict(line.split(" ", 1) for line in result.read_text().splitlines())
+    assert sorted(results) == sorted(CASES)
+    for case in CASES:
+        worst, changed, count = results[case].split()
+        assert int(count) > 10, case
+        assert float(changed) > 1e-3, f"{case}: training did not change the parameters"
+        assert float(worst) < 2e-5, f"{case}: parameters differ from the single-process step by {worst}"
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(sys.argv[2:], int(os.environ["FUSED_ATTN_TEST_PORT"]), sys.argv[1]), nprocs=WORLD,
+             join=True)

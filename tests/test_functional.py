@@ -1,0 +1,92 @@
+"""The functional API through the op machinery (autograd Functions -> registered ops -> backend).
+
+Runs on the reference backend everywhere, and on every other backend that can run on this
+machine (so the same semantics hold for all of them).
+"""
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import functional as F
+from fused_attn import reference as R
+from fused_attn.backends import BACKENDS, Call
+from fused_attn.testing import check_against_reference, make_inputs
+
+
+def runnable(op, dtype=torch.float32):
+    call = Call(op, torch.device("cpu"), dtype, {})
+    return [name for name, b in BACKENDS.items() if not b.call_reasons(call)]
+
+
+@pytest.mark.parametrize("backend", runnable("attention"))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 17, 9, 16, 8), (1, 2, 2, 1, 5, 8, 8), (1, 3, 1, 7, 7, 4, 6)])
+def test_attention_options_meet_oracle(backend, causal, shape):
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv))
+    mask = make_inputs((Lq, Lk), seed=3)[0]
+    check_against_reference(lambda q, k, v, m: F.attention(q, k, v, attn_mask=m, causal=causal, backend=backend),
+                            lambda q, k, v, m: R.attention(q, k, v, m, causal), [q, k, v, mask], names=["q", "k", "v", "mask"])
+
+
+@pytest.mark.parametrize("backend", runnable("attention"))
+def test_attention_output_layout_and_empty(backend):
+    q, k, v = make_inputs((2, 3, 5, 4), (2, 3, 6, 4), (2, 3, 6, 4))
+    out = F.attention(q, k, v, backend=backend)
+    assert out.shape == (2, 3, 5, 4) and out.transpose(1, 2).is_contiguous()
+    empty = F.attention(q[:, :, :0], k, v, backend=backend)
+    assert empty.shape == (2, 3, 0, 4)
+    no_keys = F.attention(q, k[:, :, :0], v[:, :, :0], backend=backend)
+    assert no_keys.shape == (2, 3, 5, 4) and torch.all(no_keys == 0)
+
+
+@pytest.mark.parametrize("backend", runnable("attention"))
+def test_attention_dropout_is_reproducible_and_matches_reference(backend):
+    q, k, v = make_inputs((1, 2, 9, 8), (1, 2, 11, 8), (1, 2, 11, 8), requires_grad=False)
+    rng = torch.tensor([1234, 56])
+    out, _ = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.25, 8 ** -0.5, rng, backend)
+    again, _ = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.25, 8 ** -0.5, rng, backend)
+    assert torch.equal(out, again)
+    torch.testing.assert_close(out, R.attention(q, k, v, dropout_p=0.25, rng=(1234, 56)))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = F.attention(q, k, v, dropout_p=0.5, generator=g1, backend=backend)
+    b = F.attention(q, k, v, dropout_p=0.5, generator=g2, backend=backend)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", runnable("layer_norm_residual"))
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_layer_norm_residual_meets_oracle(backend, rms, prenorm):
+    x, r, w, b = make_inputs((3, 5, 33), (3, 5, 33), (33,), (33,))
+    check_against_reference(
+        lambda *a: F.layer_norm_residual(*a, rms=rms, prenorm=prenorm, backend=backend),
+        lambda *a: R.layer_norm_residual(*a, rms=rms, prenorm=prenorm), [x, r, w, b], names=["x", "residual", "w", "b"])
+
+
+@pytest.mark.parametrize("backend", runnable("layer_norm_residual"))
+def test_layer_norm_residual_without_residual_or_affine(backend):
+    (x,) = make_inputs((4, 7))
+    check_against_reference(lambda x: F.layer_norm_residual(x, backend=backend), lambda x: R.layer_norm_residual(x), [x])
+
+
+@pytest.mark.parametrize("backend", runnable("feed_forward"))
+@pytest.mark.parametrize("activation", R.ACTIVATIONS)
+def test_feed_forward_meets_oracle(backend, activation):
+    width = 2 * 10 if activation in R.GATED_ACTIVATIONS else 10
+    x, w1, b1, w2, b2 = make_inputs((2, 3, 6), (width, 6), (width,), (5, 10), (5,))
+    check_against_reference(lambda *a: F.feed_forward(*a, activation=activation, backend=backend),
+                            lambda *a: R.feed_forward(*a, activation=activation), [x, w1, b1, w2, b2],
+                            names=["x", "w1", "b1", "w2", "b2"])
+
+
+def test_inputs_are_not_modified():
+    q, k, v = make_inputs((1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 4))
+    before = [t.detach().clone() for t in (q, k, v)]
+    F.attention(q, k, v, causal=True, dropout_p=0.3).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
+
+
+def test_public_names():
+    assert fused_attn.attention is F.attention
+    assert set(fused_attn.available_backends()) == {"triton", "cuda", "cpu", "reference"}

@@ -1,0 +1,219 @@
+"""The Hugging Face integration on tiny models built from configs (no downloads)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fused_attn  # noqa: E402
+from fused_attn.integrations import huggingface as hf  # noqa: E402
+from fused_attn.testing import check_module_against_reference  # noqa: E402
+
+VOCAB, B, L = 100, 2, 11
+
+
+def _bert(**kw):
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3, max_position_embeddings=64)
+    cfg.update(kw)
+    return transformers.BertConfig(**cfg), transformers.AutoModelForSequenceClassification
+
+
+def _gpt2(**kw):
+    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg.update(kw)
+    return transformers.GPT2Config(**cfg), transformers.AutoModelForCausalLM
+
+
+def _llama(**kw):
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=48, max_position_embeddings=64)
+    cfg.update(kw)
+    return transformers.LlamaConfig(**cfg), transformers.AutoModelForCausalLM
+
+
+FAMILIES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama}
+
+
+def _build(family, attn="eager", seed=0, **kw):
+    cfg, auto = FAMILIES[family](**kw)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return auto.from_config(cfg, attn_implementation=attn)
+
+
+def _batch(family):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (B, L), generator=gen)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, -4:] = 0  # right padding: no query row is left without keys, also under the causal mask
+    return ids, mask
+
+
+def _logits(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _perturb_norms(model):
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or "ln_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    hf.register()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_attn_implementation_matches_eager(family, monkeypatch):
+    ref = _build(family)
+    model = _build(family, attn="fused_attn")
+    model.load_state_dict(ref.state_dict())
+    assert model.config._attn_implementation == "fused_attn"
+    calls = []
+    real = hf.attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1], kw["attn_mask"] is not None, kw["causal"]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(hf, "attention", spy)
+    ids, mask = _batch(family)
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    assert calls, "the model did not call fused_attn's attention"
+    if family == "llama":  # grouped-query heads reach the op unrepeated
+        assert calls[0][:2] == (4, 2)
+    calls.clear()
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, None))
+    if family != "bert":  # no padding: causal flag, no mask tensor
+        assert calls[0][2:] == (False, True)
+
+
+def test_set_attn_implementation_on_a_built_model(monkeypatch):
+    model = _build("bert", attn="sdpa")
+    ref = copy.deepcopy(model)
+    model.set_attn_implementation("fused_attn")
+    calls = []
+    real = hf.attention
+    monkeypatch.setattr(hf, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, mask = _batch("bert")
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    assert len(calls) >= 2
+
+
+def test_attention_function_masks_scaling_and_dropout():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        is_causal = False
+        num_key_value_groups = 2
+
+    module = Module()
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, 4, L, 8, generator=gen)
+    k, v = torch.randn(2, B, 2, L, 8, generator=gen)
+    additive = torch.randn(B, 1, L, L, generator=gen)
+    keep = torch.rand(B, 1, L, L, generator=gen) > 0.3
+    keep[..., 0] = True
+    for mask in (additive, keep, None):
+        out, weights = hf.fused_attention_forward(module, q, k, v, mask, scaling=0.3)
+        expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+        assert weights is None and out.shape == (B, L, 4, 8) and out.is_contiguous()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out, _ = hf.fused_attention_forward(module, q, k, v, None, is_causal=True)
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    dropped, _ = hf.fused_attention_forward(module, q, k, v, None, dropout=0.5)
+    assert not torch.allclose(dropped, hf.fused_attention_forward(module, q, k, v, None)[0])
+
+
+SWAP_EXPECTED = {
+    "bert": {"FusedBertLayer", "FusedBertSelfOutput", "FusedLayerNorm"},
+    "gpt2": {"FusedGPT2MLP", "FusedLayerNorm"},
+    "llama": {"FusedLlamaMLP", "FusedLlamaRMSNorm"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_swap_modules_matches_unswapped_model(family):
+    kw = {"hidden_act": "silu"} if family == "llama" else {}
+    model = _build(family, **kw)
+    _perturb_norms(model)
+    ref = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    report = fused_attn.swap_modules(model)
+    assert {new for _, _, new, _ in report.replaced if new != type(model).__name__} == SWAP_EXPECTED[family]
+    assert not report.left
+    assert model.config._attn_implementation == "fused_attn"
+    assert all(params[n] is p for n, p in model.named_parameters())
+    model.train()  # dropout probabilities are 0: train mode is deterministic too
+    ref.train()
+    ids, mask = _batch(family)
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    fused_attn.restore_modules(model)
+    assert model.config._attn_implementation == "eager"
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
+
+
+def test_llama_geglu_and_bias_and_bert_without_norm_fusion():
+    model = _build("llama", hidden_act="gelu", mlp_bias=True)
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model, attention=False, norm=False)
+    assert [note for _, _, new, note in report.replaced] == ["FFN geglu", "FFN geglu"]
+    assert model.config._attn_implementation == "eager"
+    ids, mask = _batch("llama")
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+
+    model = _build("bert", hidden_act="gelu_new")
+    _perturb_norms(model)
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model, attention=False, norm=False)
+    assert [note for _, _, _, note in report.replaced] == ["FFN gelu_tanh", "FFN gelu_tanh"]
+    # 2 self-outputs, their LayerNorms and the embeddings LayerNorm
+    assert sum("norm=False" in why for _, _, why in report.left) == 5
+    ids, mask = _batch("bert")
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+
+
+def test_unsupported_activation_and_edited_code_are_left():
+    model = _build("llama", hidden_act="relu2")
+    report = fused_attn.swap_modules(model, attention=False)
+    assert sum("has no fused form" in why for _, _, why in report.left) == 2
+
+    from transformers.models.bert import modeling_bert
+
+    class EditedSelfOutput(modeling_bert.BertSelfOutput):
+        def forward(self, hidden_states, input_tensor):  # not BERT's code: must not be fused
+            return self.LayerNorm(self.dense(hidden_states) * 2 + input_tensor)
+
+    model = _build("bert")
+    model.bert.encoder.layer[0].attention.output.__class__ = EditedSelfOutput
+    report = fused_attn.swap_modules(model)
+    paths = [path for path, *_ in report.replaced]
+    assert "bert.encoder.layer.0.attention.output" not in paths
+    assert "bert.encoder.layer.1.attention.output" in paths
+
+
+def test_swapped_bert_compiles_fullgraph():
+    model = _build("bert", num_hidden_layers=1)
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model)
+    ids, mask = _batch("bert")
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = _logits(compiled, ids, mask)
+        torch.testing.assert_close(out, _logits(ref, ids, mask), atol=1e-5, rtol=1e-4)
+        out.sum().backward()
+        _logits(ref, ids, mask).sum().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    finally:
+        torch._dynamo.reset()

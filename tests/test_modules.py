@@ -1,0 +1,234 @@
+"""The fused modules against the reference modules: same parameters, same init, same numbers."""
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import modules as M
+from fused_attn import reference as R
+from fused_attn.testing import check_module_against_reference, make_inputs
+
+B, L, D_MODEL, HEADS = 2, 17, 32, 4
+
+
+def _pair(cls_name, *args, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    ref = getattr(R, cls_name)(*args, **kwargs)
+    torch.manual_seed(seed)
+    fused = getattr(M, cls_name)(*args, **kwargs)
+    return fused, ref
+
+
+def _perturb_norms(*models):
+    """Norm weights start at ones and biases at zeros; make them generic so their gradients and
+    effect are tested, identically in every model."""
+    gen = torch.Generator().manual_seed(7)
+    for model in models:
+        gen.manual_seed(7)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+
+
+def test_exports():
+    for name in ("MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer",
+                 "swap_modules", "restore_modules"):
+        assert hasattr(fused_attn, name), name
+
+
+@pytest.mark.parametrize("cls_name,args,kwargs", [
+    ("MultiHeadAttention", (D_MODEL, HEADS), dict(num_kv_heads=2, bias=False)),
+    ("LayerNormResidual", (D_MODEL,), dict(norm="rmsnorm", bias=False)),
+    ("FeedForward", (D_MODEL,), dict(activation="swiglu", d_ff=40)),
+    ("TransformerLayer", (D_MODEL, HEADS), dict(norm_first=True, num_kv_heads=1)),
+    ("Transformer", (D_MODEL, HEADS, 2), dict(activation="gelu")),
+])
+def test_same_parameters_init_and_state_dict(cls_name, args, kwargs):
+    fused, ref = _pair(cls_name, *args, **kwargs)
+    sd_f, sd_r = fused.state_dict(), ref.state_dict()
+    assert list(sd_f) == list(sd_r)
+    for name in sd_r:
+        assert sd_f[name].shape == sd_r[name].shape
+        assert torch.equal(sd_f[name], sd_r[name]), f"{name} initialised differently"
+    # strict loading both ways
+    torch.manual_seed(123)
+    other = getattr(R, cls_name)(*args, **kwargs)
+    fused.load_state_dict(other.state_dict(), strict=True)
+    ref.load_state_dict(fused.state_dict(), strict=True)
+
+
+def test_same_forward_signature():
+    import inspect
+    for name in ("MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer"):
+        f, r = inspect.signature(getattr(M, name).forward), inspect.signature(getattr(R, name).forward)
+        assert f == r, name
+        fi, ri = inspect.signature(getattr(M, name).__init__), inspect.signature(getattr(R, name).__init__)
+        ri_params = list(ri.parameters.values())
+        fi_params = [p for p in fi.parameters.values() if p.name != "backend"]
+        if name != "Transformer":  # Transformer forwards **layer_kwargs; backend comes before it
+            assert fi_params == ri_params, name
+        assert fi.parameters["backend"].default is None
+
+
+MHA_CASES = {
+    "self": dict(kwargs={}, mask=None),
+    "gqa_causal": dict(kwargs=dict(num_kv_heads=2, causal=True), mask=None),
+    "mqa_nobias": dict(kwargs=dict(num_kv_heads=1, bias=False), mask=None),
+    "bool_mask_padding": dict(kwargs={}, mask="bool"),
+    "additive_mask": dict(kwargs=dict(num_kv_heads=2), mask="additive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MHA_CASES))
+@pytest.mark.parametrize("train", [False, True])
+def test_multi_head_attention_matches_reference(case, train):
+    spec = MHA_CASES[case]
+    fused, ref = _pair("MultiHeadAttention", D_MODEL, HEADS, **spec["kwargs"])
+    fused.train(train), ref.train(train)
+    (x,) = make_inputs((B, L, D_MODEL), seed=1)
+    attn_mask = key_padding_mask = None
+    if spec["mask"] == "bool":
+        attn_mask = torch.rand(L, L, generator=torch.Generator().manual_seed(2)) > 0.3
+        key_padding_mask = torch.zeros(B, L, dtype=torch.bool)
+        key_padding_mask[1, -5:] = True
+    elif spec["mask"] == "additive":
+        attn_mask = torch.randn(B, 1, L, L, generator=torch.Generator().manual_seed(3))
+    check_module_against_reference(
+        fused, ref, [x],
+        run=lambda m, x: m(x, attn_mask=None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool
+                                                                        else attn_mask.to(x.dtype)),
+                           key_padding_mask=key_padding_mask))
+
+
+def test_multi_head_attention_cross_attention_and_is_causal_override():
+    fused, ref = _pair("MultiHeadAttention", D_MODEL, HEADS, num_kv_heads=2)
+    x, mem = make_inputs((B, L, D_MODEL), (B, 9, D_MODEL), seed=4)
+    # key is value (a memory): the packed K/V path
+    check_module_against_reference(fused, ref, [x, mem], run=lambda m, x, mem: m(x, mem))
+    # separate key and value
+    x, k, v = make_inputs((B, L, D_MODEL), (B, 9, D_MODEL), (B, 9, D_MODEL), seed=5)
+    check_module_against_reference(fused, ref, [x, k, v], run=lambda m, x, k, v: m(x, k, v))
+    # is_causal overrides the module's causal flag
+    (x,) = make_inputs((B, L, D_MODEL), seed=6)
+    check_module_against_reference(fused, ref, [x], run=lambda m, x: m(x, is_causal=True))
+
+
+def test_fused_qkv_projection_is_one_matmul(monkeypatch):
+    """Self-attention projects Q, K and V with one F.linear, and hands the op strided views."""
+    fused, _ = _pair("MultiHeadAttention", D_MODEL, HEADS, num_kv_heads=2)
+    calls = []
+    real_linear = torch.nn.functional.linear
+
+    def counting_linear(x, w, b=None):
+        calls.append(tuple(w.shape))
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    seen = {}
+    real_attention = M.attention
+
+    def spy(q, k, v, **kw):
+        seen.update(q=q, k=k, v=v)
+        out = real_attention(q, k, v, **kw)
+        seen["out"] = out
+        return out
+
+    monkeypatch.setattr(M, "attention", spy)
+    x = torch.randn(B, L, D_MODEL)
+    fused(x)
+    kv = 2 * D_MODEL // HEADS
+    assert calls[0] == (D_MODEL + 2 * kv, D_MODEL) and len(calls) == 2  # packed QKV, then out_linear
+    assert not seen["q"].is_contiguous() and seen["q"]._base is not None  # views, not copies
+    assert seen["out"].transpose(1, 2).is_contiguous()  # merging heads back is a view
+
+
+@pytest.mark.parametrize("norm,bias", [("layernorm", True), ("rmsnorm", False)])
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_layer_norm_residual_matches_reference(norm, bias, prenorm):
+    fused, ref = _pair("LayerNormResidual", D_MODEL, norm=norm, bias=bias, eps=1e-6)
+    _perturb_norms(fused, ref)
+    x, r = make_inputs((B, L, D_MODEL), (B, L, D_MODEL), seed=8)
+    check_module_against_reference(fused, ref, [x, r], run=lambda m, x, r: m(x, r, prenorm=prenorm))
+    (x,) = make_inputs((3, D_MODEL), seed=9)
+    check_module_against_reference(fused, ref, [x])
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"])
+def test_feed_forward_matches_reference(activation):
+    fused, ref = _pair("FeedForward", D_MODEL, d_ff=40, activation=activation, bias=activation != "silu")
+    (x,) = make_inputs((B, L, D_MODEL), seed=10)
+    check_module_against_reference(fused, ref, [x])
+
+
+LAYER_CASES = {
+    "post_ln_relu": dict(),
+    "pre_ln_gelu": dict(norm_first=True, activation="gelu"),
+    "pre_ln_rms_swiglu_gqa_causal": dict(norm_first=True, norm="rmsnorm", activation="swiglu", num_kv_heads=2,
+                                         causal=True, bias=False),
+    "post_ln_rms_geglu_mqa": dict(norm="rmsnorm", activation="geglu", num_kv_heads=1, d_ff=24, eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+@pytest.mark.parametrize("train", [False, True])
+def test_transformer_layer_matches_reference(case, train):
+    fused, ref = _pair("TransformerLayer", D_MODEL, HEADS, **LAYER_CASES[case])
+    _perturb_norms(fused, ref)
+    fused.train(train), ref.train(train)
+    (x,) = make_inputs((B, L, D_MODEL), seed=11)
+    padding = torch.zeros(B, L, dtype=torch.bool)
+    padding[0, -3:] = True
+    check_module_against_reference(fused, ref, [x], run=lambda m, x: m(x, key_padding_mask=padding))
+
+
+def test_transformer_layer_calls_fused_norm_with_the_residual(monkeypatch):
+    """No norm(x + y) in Python: every norm gets its residual (and pre-LN norm2 returns the sum)."""
+    calls = []
+    real = M.layer_norm_residual
+
+    def spy(x, residual=None, *args, **kwargs):
+        calls.append((residual is not None, kwargs.get("prenorm", False)))
+        return real(x, residual, *args, **kwargs)
+
+    monkeypatch.setattr(M, "layer_norm_residual", spy)
+    x = torch.randn(B, L, D_MODEL)
+    M.TransformerLayer(D_MODEL, HEADS)(x)
+    assert calls == [(True, False), (True, False)]
+    calls.clear()
+    M.TransformerLayer(D_MODEL, HEADS, norm_first=True)(x)
+    assert calls == [(False, False), (True, True)]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_stack_matches_reference(norm_first):
+    fused, ref = _pair("Transformer", D_MODEL, HEADS, 3, norm_first=norm_first, d_ff=48)
+    _perturb_norms(fused, ref)
+    (x,) = make_inputs((B, 13, D_MODEL), seed=12)
+    check_module_against_reference(fused, ref, [x], run=lambda m, x: m(x, is_causal=True))
+
+
+def test_dropout_in_training_is_active_and_off_in_eval():
+    torch.manual_seed(0)
+    layer = M.TransformerLayer(D_MODEL, HEADS, dropout=0.5)
+    x = torch.randn(B, L, D_MODEL)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.allclose(layer(x), layer(x))
+
+
+def test_extra_repr_shows_the_backend():
+    mha = M.MultiHeadAttention(D_MODEL, HEADS)
+    assert "backend=auto -> " in repr(mha)
+    assert "backend=reference" in repr(M.FeedForward(D_MODEL, backend="reference"))
+    assert "backend=reference" in repr(M.TransformerLayer(D_MODEL, HEADS, backend="reference"))
+    with fused_attn.use_backend("reference"):
+        assert "backend=reference" in repr(M.LayerNormResidual(D_MODEL))
+
+
+def test_backend_argument_is_validated_and_used():
+    with pytest.raises(ValueError, match="backend"):
+        M.FeedForward(D_MODEL, backend="nope")
+    ffn = M.FeedForward(D_MODEL, backend="reference")
+    x = torch.randn(2, D_MODEL)
+    assert torch.allclose(ffn(x), R.FeedForward.forward(ffn, x))

@@ -1,0 +1,154 @@
+"""The reference is the oracle, so it is itself held to PyTorch's own implementations."""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+from fused_attn import reference as R
+
+torch.manual_seed(0)
+
+
+def _qkv(B=2, Hq=4, Hkv=4, Lq=17, Lk=17, D=16, Dv=None, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    Dv = D if Dv is None else Dv
+    return (torch.randn(B, Hq, Lq, D, generator=g, dtype=dtype), torch.randn(B, Hkv, Lk, D, generator=g, dtype=dtype),
+            torch.randn(B, Hkv, Lk, Dv, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("Lq,Lk", [(17, 17), (1, 9), (13, 5), (5, 13)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_sdpa(Lq, Lk, causal):
+    q, k, v = _qkv(Lq=Lq, Lk=Lk)
+    torch.testing.assert_close(R.attention(q, k, v, causal=causal), TF.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+@pytest.mark.parametrize("mask_shape", [(17, 17), (2, 1, 17, 17), (1, 4, 1, 17), (17,)])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_attention_masks_match_sdpa(mask_shape, kind):
+    q, k, v = _qkv()
+    g = torch.Generator().manual_seed(2)
+    if kind == "bool":
+        mask = torch.rand(mask_shape, generator=g) > 0.3
+        mask[..., 0] = True  # SDPA gives NaN for fully masked rows; we give zeros (tested separately)
+    else:
+        mask = torch.randn(mask_shape, generator=g, dtype=torch.float64)
+    expected = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(2, 4, 17, 17))
+    torch.testing.assert_close(R.attention(q, k, v, attn_mask=mask), expected)
+
+
+def test_attention_gqa_and_dv_and_scale_match_sdpa():
+    q, k, v = _qkv(Hq=6, Hkv=2, Lq=7, Lk=11, D=8, Dv=5)
+    expected = TF.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), scale=0.3)
+    torch.testing.assert_close(R.attention(q, k, v, scale=0.3), expected)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_grads():
+    q, k, v = (t.requires_grad_() for t in _qkv(Lq=4, Lk=6))
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1] = False
+    out = R.attention(q, k, v, attn_mask=mask)
+    assert torch.all(out[:, :, 1] == 0) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.all(q.grad[:, :, 1] == 0) and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+def test_lse_matches_logsumexp_and_is_inf_on_dead_rows():
+    q, k, _ = _qkv(Lq=3, Lk=4)
+    mask = torch.tensor([[True] * 4, [False] * 4, [True, False, False, False]])
+    lse = R.attention_lse(q, k, mask)
+    scores = q @ k.transpose(-1, -2) / 4.0
+    torch.testing.assert_close(lse[:, :, 0], torch.logsumexp(scores[:, :, 0], -1))
+    assert torch.all(lse[:, :, 1] == float("inf"))
+
+
+def _copy_to_torch_layer(ours, theirs):
+    mha = ours.multi_head_attention
+    with torch.no_grad():
+        theirs.self_attn.in_proj_weight.copy_(torch.cat([mha.query_linear.weight, mha.key_linear.weight, mha.value_linear.weight]))
+        theirs.self_attn.in_proj_bias.copy_(torch.cat([mha.query_linear.bias, mha.key_linear.bias, mha.value_linear.bias]))
+        theirs.self_attn.out_proj.weight.copy_(mha.out_linear.weight)
+        theirs.self_attn.out_proj.bias.copy_(mha.out_linear.bias)
+        for a, b in ((ours.ffn.linear1, theirs.linear1), (ours.ffn.linear2, theirs.linear2),
+                     (ours.norm1, theirs.norm1), (ours.norm2, theirs.norm2)):
+            b.weight.copy_(a.weight)
+            b.bias.copy_(a.bias)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_layer_matches_torch_encoder_layer(norm_first, activation):
+    torch.manual_seed(0)
+    ours = R.TransformerLayer(32, 4, activation=activation, norm_first=norm_first).double()
+    theirs = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=128, dropout=0.0, activation=activation,
+                                              batch_first=True, norm_first=norm_first).double()
+    _copy_to_torch_layer(ours, theirs)
+    x = torch.randn(3, 10, 32, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x))
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 7:] = True
+    theirs.train()  # avoid torch's fast path, which returns zeros at padded positions
+    torch.testing.assert_close(ours(x, key_padding_mask=pad), theirs(x, src_key_padding_mask=pad))
+
+
+def test_transformer_512_8_6_trains_and_matches_torch_encoder():
+    torch.manual_seed(0)
+    ours = R.Transformer(512, 8, 6)
+    layer = torch.nn.TransformerEncoderLayer(512, 8, dim_feedforward=2048, dropout=0.0, batch_first=True)
+    theirs = torch.nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
+    for a, b in zip(ours.layers, theirs.layers):
+        _copy_to_torch_layer(a, b)
+    x = torch.randn(2, 16, 512)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+    opt = torch.optim.SGD(ours.parameters(), lr=1e-2)
+    target = torch.randn(2, 16, 512)
+    losses = []
+    for _ in range(3):
+        loss = TF.mse_loss(ours(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_reference_modules_options():
+    torch.manual_seed(0)
+    layer = R.TransformerLayer(24, 6, num_kv_heads=2, norm="rmsnorm", activation="swiglu", d_ff=40, causal=True,
+                               bias=False)
+    assert layer.multi_head_attention.key_linear.weight.shape == (8, 24)
+    assert layer.ffn.linear1.weight.shape == (80, 24) and layer.norm1.bias is None
+    x = torch.randn(2, 5, 24)
+    out = layer(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # causal: changing a later token does not change earlier outputs
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    torch.testing.assert_close(layer(x2)[:, :-1], out[:, :-1])
+
+
+@pytest.mark.parametrize("activation", R.ACTIVATIONS)
+def test_feed_forward_reference_activations(activation):
+    x = torch.randn(3, 4, dtype=torch.float64)
+    gated = activation in R.GATED_ACTIVATIONS
+    w1 = torch.randn(12 if gated else 6, 4, dtype=torch.float64)
+    w2 = torch.randn(4, 6, dtype=torch.float64)
+    pre = x @ w1.t()
+    expected = {
+        "relu": lambda p: p.clamp_min(0), "gelu": lambda p: 0.5 * p * (1 + torch.erf(p / 2 ** 0.5)),
+        "gelu_tanh": lambda p: 0.5 * p * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (p + 0.044715 * p ** 3))),
+        "silu": lambda p: p * torch.sigmoid(p),
+        "swiglu": lambda p: p[:, :6] * torch.sigmoid(p[:, :6]) * p[:, 6:],
+        "geglu": lambda p: 0.5 * p[:, :6] * (1 + torch.erf(p[:, :6] / 2 ** 0.5)) * p[:, 6:],
+    }[activation](pre)
+    torch.testing.assert_close(R.feed_forward(x, w1, None, w2, None, activation), expected @ w2.t())
+
+
+def test_rmsnorm_and_layernorm_reference():
+    x, r = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    w = torch.randn(8, dtype=torch.float64)
+    s = x + r
+    torch.testing.assert_close(R.layer_norm_residual(x, r, w, None, rms=True),
+                               s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w)
+    normed, summed = R.layer_norm_residual(x, r, w, None, prenorm=True)
+    torch.testing.assert_close(summed, s)
+    torch.testing.assert_close(normed, TF.layer_norm(s, (8,), w, None, 1e-5))

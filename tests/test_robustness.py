@@ -1,0 +1,155 @@
+"""Defined answers for edge cases, on every backend that runs on this machine.
+
+Semantics (also in the README):
+- empty batch / zero heads / zero-length sequences give empty outputs of the right shape; zero
+  keys give zeros; zero rows of a norm or feed-forward give empty outputs;
+- a query row whose keys are all masked gives zeros and zero gradients (never NaN);
+- NaN/inf in an input propagate to the rows they touch and no further;
+- float16 logits far beyond float16's range do not overflow (scores accumulate in float32);
+- non-contiguous, transposed, expanded (stride 0) and offset views work as their contiguous copies;
+- inputs are never modified; forward and backward are bitwise reproducible.
+"""
+import pytest
+import torch
+
+from fused_attn import functional as F
+from fused_attn import reference as R
+from fused_attn.testing import check_against_reference, compare, make_inputs, runnable_backends
+
+ATTN = runnable_backends("attention")
+ATTN_F16 = runnable_backends("attention", dtype=torch.float16)
+NORM = runnable_backends("layer_norm_residual")
+FFN = runnable_backends("feed_forward")
+
+
+@pytest.mark.parametrize("backend", ATTN)
+@pytest.mark.parametrize("shape", [(0, 2, 3, 4), (2, 0, 3, 4), (1, 2, 0, 4)])
+def test_attention_empty(backend, shape):
+    q = torch.randn(shape, requires_grad=True)
+    kv = torch.randn(shape[0], shape[1], 5, shape[3], requires_grad=True)
+    out = F.attention(q, kv, kv, backend=backend)
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and torch.all(kv.grad == 0)
+
+
+@pytest.mark.parametrize("backend", ATTN)
+def test_attention_zero_keys_gives_zeros_and_zero_grads(backend):
+    q = torch.randn(1, 2, 3, 4, requires_grad=True)
+    k = torch.randn(1, 2, 0, 4, requires_grad=True)
+    out = F.attention(q, k, k, backend=backend)
+    assert out.shape == (1, 2, 3, 4) and torch.all(out == 0)
+    out.sum().backward()
+    assert torch.all(q.grad == 0)
+
+
+@pytest.mark.parametrize("backend", ATTN)
+@pytest.mark.parametrize("kind", ["bool", "additive", "causal+mask"])
+def test_attention_fully_masked_rows(backend, kind):
+    q, k, v = make_inputs((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8))
+    mask, causal = None, False
+    if kind == "bool":
+        mask = torch.ones(5, 6, dtype=torch.bool)
+        mask[2] = False
+    elif kind == "additive":
+        mask = torch.zeros(5, 6)
+        mask[2] = float("-inf")
+    else:  # causal leaves row 0 only key 0, which the mask removes
+        mask = torch.ones(5, 6, dtype=torch.bool)
+        mask[:, 0] = False
+        causal = True
+    dead = [0] if kind == "causal+mask" else [2]
+    out = F.attention(q, k, v, attn_mask=mask, causal=causal, backend=backend)
+    assert torch.isfinite(out).all()
+    assert torch.all(out[:, :, dead] == 0)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :, dead] == 0)
+
+
+@pytest.mark.parametrize("backend", ATTN)
+def test_attention_nan_stays_in_its_rows(backend):
+    q, k, v = make_inputs((2, 2, 6, 8), (2, 2, 6, 8), (2, 2, 6, 8), requires_grad=False)
+    q[0, 1, 3, 2] = float("nan")
+    out = F.attention(q, k, v, backend=backend)
+    bad = ~torch.isfinite(out)
+    assert bad[0, 1, 3].all()
+    bad[0, 1, 3] = False
+    assert not bad.any()
+    k2 = k.clone()
+    k2[1, 0, 4, 0] = float("inf")
+    out = F.attention(q[1:], k2[1:], v[1:], backend=backend)  # NaN/inf in key 4 of (b=1, h=0)
+    assert torch.isfinite(out[:, 1]).all()  # the other head is untouched
+
+
+@pytest.mark.parametrize("backend", ATTN_F16)
+def test_attention_float16_large_logits_do_not_overflow(backend):
+    q, k, v = make_inputs((1, 2, 16, 64), (1, 2, 16, 64), (1, 2, 16, 64), dtype=torch.float16, scale=30.0)
+    out = F.attention(q, k, v, backend=backend)  # raw scores reach ~1e5, above float16's 65504
+    assert torch.isfinite(out).all()
+    ref64 = R.attention(q.double(), k.double(), v.double())
+    compare("large-logit output", out, ref64, ref64.half(), k=1.0, floor=2e-2 * ref64.abs().max().item())
+
+
+def _views(B=2, H=3, L=7, D=8):
+    base = torch.randn(B, L, H, 2 * D)
+    transposed = base[..., :D].transpose(1, 2)  # non-contiguous, offset-free
+    offset = base[..., D:].transpose(1, 2)  # offset view
+    expanded = torch.randn(1, H, L, D).expand(B, H, L, D)  # stride 0 along batch
+    return transposed, offset, expanded
+
+
+@pytest.mark.parametrize("backend", ATTN)
+def test_attention_strided_views(backend):
+    q, k, v = _views()
+    expected = F.attention(q.contiguous(), k.contiguous(), v.contiguous(), backend=backend)
+    torch.testing.assert_close(F.attention(q, k, v, backend=backend), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ATTN)
+def test_attention_inputs_unmodified_and_deterministic(backend):
+    q, k, v = make_inputs((1, 2, 9, 8), (1, 2, 9, 8), (1, 2, 9, 8))
+    mask = torch.randn(9, 9, requires_grad=True)
+    snapshot = [t.detach().clone() for t in (q, k, v, mask)]
+    results = []
+    for _ in range(2):
+        for t in (q, k, v, mask):
+            t.grad = None
+        g = torch.Generator().manual_seed(3)
+        out = F.attention(q, k, v, attn_mask=mask, causal=True, dropout_p=0.2, generator=g, backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach().clone()] + [t.grad.clone() for t in (q, k, v, mask)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    for t, s in zip((q, k, v, mask), snapshot):
+        assert torch.equal(t.detach(), s)
+
+
+@pytest.mark.parametrize("backend", NORM)
+def test_layer_norm_edge_cases(backend):
+    x = torch.randn(0, 5, 16, requires_grad=True)
+    out = F.layer_norm_residual(x, torch.randn(0, 5, 16), backend=backend)
+    assert out.shape == (0, 5, 16)
+    x = torch.randn(4, 16)
+    x[2, 3] = float("nan")
+    out = F.layer_norm_residual(x, torch.randn(4, 16), backend=backend)
+    assert (~torch.isfinite(out[2])).all() and torch.isfinite(out[[0, 1, 3]]).all()
+    base = torch.randn(16, 8).t()  # (8, 16) with a row stride of 1 and column stride 8
+    residual = torch.randn(1, 16).expand(8, 16)
+    torch.testing.assert_close(F.layer_norm_residual(base, residual, backend=backend),
+                               F.layer_norm_residual(base.contiguous(), residual.contiguous(), backend=backend))
+
+
+@pytest.mark.parametrize("backend", FFN)
+def test_feed_forward_edge_cases(backend):
+    w1, w2 = torch.randn(12, 8), torch.randn(8, 12)
+    assert F.feed_forward(torch.randn(0, 8), w1, None, w2, None, backend=backend).shape == (0, 8)
+    x = torch.randn(5, 8)
+    x[1, 0] = float("nan")
+    out = F.feed_forward(x, w1, None, w2, None, backend=backend)
+    assert (~torch.isfinite(out[1])).all() and torch.isfinite(out[[0, 2, 3, 4]]).all()
+    xt = torch.randn(8, 5).t()
+    check_against_reference(lambda x, a, b: F.feed_forward(x, a, None, b, None, activation="gelu", backend=backend),
+                            lambda x, a, b: R.feed_forward(x, a, None, b, None, "gelu"),
+                            [xt.requires_grad_(), w1.t().contiguous().t().requires_grad_(), w2.requires_grad_()])

@@ -1,0 +1,283 @@
+"""swap_modules / restore_modules on fused_attn.reference and torch.nn models."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fused_attn
+from fused_attn import modules as M
+from fused_attn import reference as R
+from fused_attn import swap as S
+from fused_attn.testing import check_module_against_reference, make_inputs
+
+D, H, L, B = 32, 4, 11, 2
+
+
+def _perturb_norms(model):
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+class SeedModel(nn.Module):
+    """The seed's style: reference attention and norms, an nn.Sequential FFN, tied embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, D)
+        self.attn = R.MultiHeadAttention(D, H)
+        self.norm1 = R.LayerNormResidual(D)
+        self.ffn = nn.Sequential(nn.Linear(D, 4 * D), nn.ReLU(), nn.Linear(4 * D, D))
+        self.norm2 = R.LayerNormResidual(D)
+        self.head = nn.Linear(D, 50, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        y = self.norm1(self.attn(x), x)
+        return self.head(self.norm2(self.ffn(y), y))
+
+
+def test_reference_transformer_swap_is_exact_and_keeps_parameters():
+    torch.manual_seed(0)
+    model = R.Transformer(D, H, 2, norm_first=True, activation="swiglu", num_kv_heads=2)
+    _perturb_norms(model)
+    ref = copy.deepcopy(model)
+    params_before = {n: p for n, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+    report = fused_attn.swap_modules(model)
+    assert len(report.replaced) == 8 and not report.left  # per layer: mha, 2 norms, ffn
+    assert type(model.layers[0].multi_head_attention) is M.MultiHeadAttention
+    assert type(model.layers[0].norm2) is M.LayerNormResidual and type(model.layers[1].ffn) is M.FeedForward
+    assert all(params_before[n] is p for n, p in model.named_parameters())  # the same Parameter objects
+    assert list(model.state_dict()) == keys_before
+    (x,) = make_inputs((B, L, D), seed=1)
+    check_module_against_reference(model, ref, [x], run=lambda m, x: m(x, is_causal=True))
+    restored = fused_attn.restore_modules(model)
+    assert len(restored.replaced) == 8
+    assert type(model.layers[0].multi_head_attention) is R.MultiHeadAttention
+    assert not hasattr(model.layers[0].multi_head_attention, "backend")
+
+
+def test_seed_model_with_sequential_ffn_and_tied_weights():
+    torch.manual_seed(0)
+    model = SeedModel()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ids = torch.randint(0, 50, (B, L))
+    model(ids).square().mean().backward()
+    opt.step()  # momentum buffers exist now, keyed by the Parameter objects
+    ref.load_state_dict(model.state_dict())
+    report = fused_attn.swap_modules(model, backend="reference")
+    assert {(p, new) for p, _, new, _ in report.replaced} == {
+        ("attn", "MultiHeadAttention"), ("norm1", "LayerNormResidual"), ("ffn", "FusedSequentialFFN"),
+        ("norm2", "LayerNormResidual")}
+    assert model.head.weight is model.embed.weight
+    assert all(p in opt.state for p in model.parameters())
+    check_module_against_reference(model, ref, [], run=lambda m: m(ids))
+    # the optimiser keeps working on the swapped model
+    opt.zero_grad()
+    model(ids).square().mean().backward()
+    opt.step()
+
+
+def test_sequential_ffn_with_dropout_and_gelu_and_unsupported_activation():
+    torch.manual_seed(0)
+    ffn = nn.Sequential(nn.Linear(D, 48), nn.GELU(approximate="tanh"), nn.Dropout(0.0), nn.Linear(48, D))
+    ref = copy.deepcopy(ffn)
+    assert fused_attn.swap_modules(ffn).replaced[0][3] == "FFN gelu_tanh"
+    (x,) = make_inputs((B, L, D), seed=2)
+    check_module_against_reference(ffn, ref, [x])
+    odd = nn.Sequential(nn.Linear(D, 48), nn.Tanh(), nn.Linear(48, D))
+    report = fused_attn.swap_modules(odd)
+    assert not report.replaced and "Tanh" in report.left[0][2]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("packed", [True, False])
+def test_torch_multihead_attention(batch_first, packed):
+    torch.manual_seed(0)
+    kdim = None if packed else 24
+    mha = nn.MultiheadAttention(D, H, batch_first=batch_first, kdim=kdim, vdim=kdim)
+    ref = copy.deepcopy(mha)
+    fused_attn.swap_modules(mha)
+    assert type(mha) is S.FusedMultiheadAttention
+    shape = (lambda n, e: (B, n, e)) if batch_first else (lambda n, e: (n, B, e))
+    kv_dim = kdim or D
+    q, k, v = make_inputs(shape(L, D), shape(7, kv_dim), shape(7, kv_dim), seed=3)
+    bool_mask = torch.rand(L, 7, generator=torch.Generator().manual_seed(4)) > 0.7  # True = masked (torch)
+    bool_mask[:, 0] = False
+    kpm = torch.zeros(B, 7, dtype=torch.bool)
+    kpm[1, -2:] = True
+
+    def run(m, q, k, v, **kw):
+        return m(q, k, v, need_weights=False, **kw)[0]
+    check_module_against_reference(mha, ref, [q, k, v], run=lambda m, q, k, v: run(m, q, k, v, attn_mask=bool_mask,
+                                                                                   key_padding_mask=kpm))
+    float_mask = torch.randn(B * H, L, 7, generator=torch.Generator().manual_seed(5))
+    check_module_against_reference(mha, ref, [q, k, v], run=lambda m, q, k, v: run(
+        m, q, k, v, attn_mask=float_mask.to(q.dtype), key_padding_mask=kpm))
+    if packed:  # self-attention (one packed projection), causal hint
+        (x,) = make_inputs(shape(L, D), seed=6)
+        causal = nn.Transformer.generate_square_subsequent_mask(L)
+        check_module_against_reference(mha, ref, [x], run=lambda m, x: run(m, x, x, x, attn_mask=causal,
+                                                                             is_causal=True))
+
+
+def test_torch_multihead_attention_fused_path_and_fallbacks(monkeypatch):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, H, batch_first=True)
+    ref = copy.deepcopy(mha)
+    fused_attn.swap_modules(mha)
+    calls = []
+    real = S.attention
+    monkeypatch.setattr(S, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(B, L, D)
+    out, weights = mha(x, x, x, need_weights=False)
+    assert weights is None and calls == [1]
+    # need_weights=True: torch's own forward, weights included
+    out_w, weights = mha(x, x, x)
+    ref_out, ref_weights = ref(x, x, x)
+    assert calls == [1] and torch.allclose(weights, ref_weights) and torch.allclose(out_w, ref_out, atol=1e-6)
+    assert torch.allclose(out, ref_out, atol=1e-5)
+
+
+def test_unsupported_multihead_attention_is_left_with_reason():
+    mha = nn.MultiheadAttention(D, H, add_bias_kv=True)
+    report = fused_attn.swap_modules(mha)
+    assert type(mha) is nn.MultiheadAttention and not report.replaced
+    assert report.left == [("", "MultiheadAttention", "add_bias_kv=True has no fused form")]
+    mha = nn.MultiheadAttention(D, H)
+    report = fused_attn.swap_modules(mha, attention=False)
+    assert report.left == [("", "MultiheadAttention", "attention=False")]
+
+
+ENCODER_CASES = [(False, "relu"), (True, "gelu"), (False, nn.GELU(approximate="tanh"))]
+
+
+@pytest.mark.parametrize("norm_first,activation", ENCODER_CASES, ids=["post_relu", "pre_gelu", "post_gelu_tanh"])
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_transformer_encoder(norm_first, activation, train):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, activation=activation, batch_first=True,
+                                       norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(D), enable_nested_tensor=False)
+    _perturb_norms(enc)
+    enc.train(train)
+    ref = copy.deepcopy(enc)
+    report = fused_attn.swap_modules(enc)
+    types = {path: new for path, _, new, _ in report.replaced}
+    assert types["layers.0"] == "FusedTransformerEncoderLayer" and types["layers.1.self_attn"] == \
+        "FusedMultiheadAttention" and types[""] == "FusedTransformerEncoder" and types["norm"] == "FusedLayerNorm"
+    (x,) = make_inputs((B, L, D), seed=7)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, -4:] = True
+    check_module_against_reference(enc, ref, [x], run=lambda m, x: m(x, src_key_padding_mask=kpm))
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    check_module_against_reference(enc, ref, [x], run=lambda m, x: m(x, mask=causal))
+
+
+def test_encoder_inference_fast_path_is_replaced():
+    """In eval + no_grad, torch takes its native fast path (nested tensors); the swapped
+    encoder runs the fused modules instead and gives the same result."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, batch_first=True), 2).eval()
+    ref = copy.deepcopy(enc)
+    fused_attn.swap_modules(enc)
+    x = torch.randn(B, L, D)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[1, -3:] = True
+    with torch.no_grad():
+        out, expected = enc(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm)
+    keep = ~kpm  # torch's fast path zeroes padded positions
+    torch.testing.assert_close(out[keep], expected[keep], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm_first,activation,batch_first", [(False, "relu", False), (True, "gelu", True)])
+def test_torch_transformer_decoder_layer(norm_first, activation, batch_first):
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(D, H, 48, dropout=0.0, activation=activation, batch_first=batch_first,
+                                     norm_first=norm_first)
+    _perturb_norms(dec)
+    ref = copy.deepcopy(dec)
+    report = fused_attn.swap_modules(dec)
+    assert len(report.replaced) == 3  # the layer, self_attn, multihead_attn
+    shape = (lambda n: (B, n, D)) if batch_first else (lambda n: (n, B, D))
+    x, mem = make_inputs(shape(L), shape(6), seed=8)
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    mem_kpm = torch.zeros(B, 6, dtype=torch.bool)
+    mem_kpm[1, -2:] = True
+    check_module_against_reference(dec, ref, [x, mem], run=lambda m, x, mem: m(
+        x, mem, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=mem_kpm))
+
+
+def test_partial_swaps_and_unsupported_activation():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, activation=lambda t: F.leaky_relu(t, 0.1),
+                                       batch_first=True)
+    ref = copy.deepcopy(layer)
+    report = fused_attn.swap_modules(layer)
+    assert "FFN torch (activation" in report.replaced[0][3] and "norms fused" in report.replaced[0][3]
+    (x,) = make_inputs((B, L, D), seed=9)
+    check_module_against_reference(layer, ref, [x])
+    fused_attn.restore_modules(layer)
+    report = fused_attn.swap_modules(layer, attention=False, ffn=False)
+    assert [r[0] for r in report.replaced] == [""] and report.replaced[0][3].startswith("norms fused")
+    assert ("self_attn", "MultiheadAttention", "attention=False") in report.left
+    check_module_against_reference(layer, ref, [x])
+    fused_attn.restore_modules(layer)
+    report = fused_attn.swap_modules(layer, attention=False, norm=False, ffn=False)
+    assert not report.replaced and type(layer) is nn.TransformerEncoderLayer
+
+
+def test_swap_is_idempotent_restore_is_complete_and_swapped_models_pickle():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    ref = copy.deepcopy(model)
+    first = fused_attn.swap_modules(model)
+    assert len(first.replaced) == 5 and not fused_attn.swap_modules(model).replaced
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded.layers[0].self_attn) is S.FusedMultiheadAttention
+    clone = copy.deepcopy(model)
+    x = torch.randn(B, L, D)
+    torch.testing.assert_close(loaded(x), model(x))
+    torch.testing.assert_close(clone(x), model(x))
+    assert len(fused_attn.restore_modules(model).replaced) == 5
+    assert all(S.RESTORE_ATTR not in m.__dict__ and "fused_attn_backend" not in m.__dict__ for m in model.modules())
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
+    torch.testing.assert_close(model(x), ref(x))
+
+
+def test_report_text_and_bad_backend():
+    mha = nn.MultiheadAttention(D, H)
+    text = str(fused_attn.swap_modules(mha))
+    assert "1 replaced, 0 left" in text and "MultiheadAttention -> FusedMultiheadAttention" in text
+    with pytest.raises(ValueError, match="backend"):
+        fused_attn.swap_modules(nn.Linear(2, 2), backend="fastest")
+
+
+def test_swapped_modules_show_their_backend_and_train_with_dropout():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.3, batch_first=True), 1,
+                                norm=nn.LayerNorm(D), enable_nested_tensor=False)
+    fused_attn.swap_modules(enc, backend="reference")
+    text = repr(enc)
+    assert "embed_dim=32, num_heads=4, batch_first=True, backend=reference" in text
+    assert "FusedLayerNorm((32,), eps=1e-05, elementwise_affine=True, bias=True, backend=reference)" in text
+    x = torch.randn(B, L, D, requires_grad=True)
+    enc.train()
+    a, b = enc(x), enc(x)
+    assert not torch.allclose(a, b)  # dropout is on in training
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
+    enc.eval()
+    torch.testing.assert_close(enc(x), enc(x))

@@ -1,0 +1,81 @@
+"""Bad input gets a clear error naming the argument and what was expected."""
+import pytest
+import torch
+
+from fused_attn import functional as F
+
+
+def qkv(B=1, Hq=2, Hkv=2, L=4, D=8, dtype=torch.float32):
+    return torch.randn(B, Hq, L, D, dtype=dtype), torch.randn(B, Hkv, L, D, dtype=dtype), torch.randn(B, Hkv, L, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(q=torch.randn(2, 4, 8)), ValueError, "q must be 4-D"),
+    (dict(k=torch.randn(1, 2, 4, 7)), ValueError, "head dim"),
+    (dict(q=torch.randn(1, 3, 4, 8)), ValueError, "multiple of the key/value heads"),
+    (dict(v=torch.randn(1, 2, 5, 8)), ValueError, "same sequence length"),
+    (dict(k=torch.randn(2, 2, 4, 8)), ValueError, "batch sizes"),
+    (dict(q=torch.randint(0, 3, (1, 2, 4, 8))), TypeError, "q must be a floating-point"),
+    (dict(k=torch.randn(1, 2, 4, 8, dtype=torch.float64)), TypeError, "k has dtype float64"),
+    (dict(q=torch.randn(1, 2, 4, 8, dtype=torch.complex64)), TypeError, "floating-point"),
+    (dict(attn_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "not broadcastable"),
+    (dict(attn_mask=torch.ones(4, 4, dtype=torch.int32)), TypeError, "attn_mask must be bool"),
+    (dict(attn_mask=torch.ones(4, 4, dtype=torch.float64)), TypeError, "attn_mask must be bool"),
+    (dict(attn_mask=[[1]]), TypeError, "attn_mask must be a torch.Tensor"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(scale=float("nan")), TypeError, "scale"),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+    (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
+])
+def test_attention_rejects(kwargs, exc, match):
+    q, k, v = qkv()
+    args = dict(q=q, k=k, v=v)
+    args.update({key: kwargs.pop(key) for key in list(kwargs) if key in args})
+    with pytest.raises(exc, match=match):
+        F.attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(residual=torch.randn(3, 6)), ValueError, "residual must have x's shape"),
+    (dict(residual=torch.randn(3, 5, dtype=torch.float64)), TypeError, "residual has dtype"),
+    (dict(weight=torch.randn(6)), ValueError, r"weight must have shape \(5,\)"),
+    (dict(bias=torch.randn(5, 1)), ValueError, "bias must be 1-D"),
+    (dict(eps=0.0), ValueError, "eps must be a positive"),
+    (dict(eps=-1e-5), ValueError, "eps"),
+    (dict(dropout_p=2.0), ValueError, "dropout_p"),
+    (dict(prenorm="yes"), TypeError, "prenorm must be a bool"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_layer_norm_residual_rejects(kwargs, exc, match):
+    x = torch.randn(3, 5)
+    residual = kwargs.pop("residual", torch.randn(3, 5))
+    with pytest.raises(exc, match=match):
+        F.layer_norm_residual(x, residual, **kwargs)
+
+
+def test_layer_norm_residual_fp32_residual_needs_flag():
+    x, r = torch.randn(3, 5, dtype=torch.float16), torch.randn(3, 5)
+    with pytest.raises(TypeError, match="residual_in_fp32"):
+        F.layer_norm_residual(x, r)
+    out, summed = F.layer_norm_residual(x, r, residual_in_fp32=True, prenorm=True)
+    assert out.dtype == torch.float16 and summed.dtype == torch.float32
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(w1=torch.randn(10, 7)), ValueError, r"w1 must have shape \(d_ff, 6\)"),
+    (dict(w2=torch.randn(5, 9)), ValueError, "w2 must have shape"),
+    (dict(b1=torch.randn(9)), ValueError, "b1 must have shape"),
+    (dict(b2=torch.randn(4)), ValueError, "b2 must have shape"),
+    (dict(activation="tanh"), ValueError, "activation must be one of"),
+    (dict(activation="swiglu", w1=torch.randn(11, 6), b1=None), ValueError, "even first dimension"),
+    (dict(x=torch.randn(2, 6, dtype=torch.float16)), TypeError, "w1 has dtype"),
+])
+def test_feed_forward_rejects(change, exc, match):
+    args = dict(x=torch.randn(2, 6), w1=torch.randn(10, 6), b1=torch.randn(10), w2=torch.randn(5, 10), b2=torch.randn(5),
+                activation="relu")
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        F.feed_forward(args["x"], args["w1"], args["b1"], args["w2"], args["b2"], activation=args["activation"])

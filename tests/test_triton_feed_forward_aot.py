@@ -1,0 +1,150 @@
+"""GPU readiness of the feed-forward GEMM kernel without a GPU: ahead-of-time compilation.
+
+Every tile configuration the autotuner may pick on sm_90 (Hopper) and sm_80 (Ampere) is
+compiled in a fresh Python without TRITON_INTERPRET (fused_attn.triton._aot.run_isolated) and
+must fit shared memory, spill nothing (no LDL/STL in the SASS) and, on sm_90 with 16-bit
+inputs, run its main loop on wgmma (HGMMA in the SASS).
+
+Each config is compiled in the heaviest variant it can be given (the most live registers):
+the gated forward epilogue (two accumulators) where the config is offered to it, else the gated
+backward epilogue (pre loads, activation and derivative, dropout hash, bias sums). The lighter
+variants (bias-only epilogue, float32 inputs) are compiled on the largest config.
+``FUSED_ATTN_AOT_ALL=1`` widens this to every variant x config x dtype (several minutes), and
+``python tests/test_triton_feed_forward_aot.py [--all]`` prints the table.
+"""
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ALL = os.environ.get("FUSED_ATTN_AOT_ALL", "0") not in ("", "0")
+
+# The compile job, run in the subprocess. ``jobs`` is a list of
+# (arch, config_index_in_arch_list, variant, dtype) and it prints one JSON list of results.
+_COMPILE = r'''
+import json, sys
+from fused_attn.triton import feed_forward as ff
+from fused_attn.triton._aot import aot_compile
+
+jobs = json.loads(sys.argv[1]) if len(sys.argv) > 1 else JOBS
+VARIANTS = {  # variant -> constexpr flags (the gated gelu flavours carry the most code)
+    "fwd_gated": dict(EPILOGUE=ff.EPI_ACT_FWD, ACT=ff.ACT_GELU, GATED=True, HAS_BIAS=True, DROPOUT=True),
+    "fwd": dict(EPILOGUE=ff.EPI_ACT_FWD, ACT=ff.ACT_GELU, GATED=False, HAS_BIAS=True, DROPOUT=True),
+    "bwd_gated": dict(EPILOGUE=ff.EPI_ACT_BWD, ACT=ff.ACT_GELU, GATED=True, HAS_BIAS=True, DROPOUT=True),
+    "bwd": dict(EPILOGUE=ff.EPI_ACT_BWD, ACT=ff.ACT_GELU_TANH, GATED=False, HAS_BIAS=True, DROPOUT=True),
+    "bias": dict(EPILOGUE=ff.EPI_BIAS, ACT=ff.ACT_RELU, GATED=False, HAS_BIAS=True, DROPOUT=False),
+}
+INTS = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "up_offset_b", "stride_pre_m",
+        "stride_out_m", "stride_h_m", "stride_colsum_m", "up_col", "col0"]
+out = []
+for arch, index, variant, dtype in jobs:
+    flags = VARIANTS[variant]
+    cfg = (ff.HOPPER_CONFIGS if arch == 90 else ff.AMPERE_CONFIGS)[index]
+    p = "*" + dtype
+    sig = {"a_ptr": p, "b_ptr": p, "bias_ptr": p, "pre_ptr": p, "out_ptr": p, "h_ptr": p, "colsum_ptr": "*fp32"}
+    sig.update({name: "i32" for name in INTS})
+    sig.update(seed_lo="i64", seed_hi_mix="i64", offset="i64", threshold="i64", drop_scale="fp32")
+    constexprs = dict(flags, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg.kwargs)
+    # unit strides are specialised to constants by the runtime: A is always row-major (K contiguous);
+    # B is w^T (K contiguous) forward and w2 itself (N contiguous) in the backward GEMM
+    constexprs["stride_ak"] = 1
+    constexprs["stride_bn" if flags["EPILOGUE"] == ff.EPI_ACT_BWD else "stride_bk"] = 1
+    for name in constexprs:
+        sig.pop(name, None)
+    aligned = tuple(n for n in sig if n.endswith("_ptr") or n in INTS)  # aligned tensors, sizes % 16 == 0
+    r = aot_compile(ff._ffn_gemm, sig, constexprs, arch=arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    divisible_by_16=aligned)
+    elem = 4 if dtype == "fp32" else 2
+    gated = variant == "fwd_gated"  # two B tiles in the pipeline
+    out.append(dict(arch=arch, index=index, variant=variant, dtype=dtype, block=[cfg.kwargs[k] for k in
+                    ("BLOCK_M", "BLOCK_N", "BLOCK_K")], stages=cfg.num_stages, warps=cfg.num_warps,
+                    shared=r.shared, estimate=ff.shared_memory_estimate(cfg, elem, gated), registers=r.registers,
+                    spills=r.spills, hgmma=r.hgmma, problems=r.problems(require_hgmma=dtype != "fp32")))
+print(json.dumps(out))
+'''
+
+
+#: variant -> (epilogue code, gated), to ask configs_for which configs the variant may get
+_VARIANT_KIND = {"fwd_gated": (1, True), "fwd": (1, False), "bwd_gated": (2, True), "bwd": (2, False),
+                 "bias": (0, False)}
+
+
+def _configs(arch, elem_bytes, variant):
+    from fused_attn.triton import feed_forward as ff
+    arch_list = ff.HOPPER_CONFIGS if arch == 90 else ff.AMPERE_CONFIGS
+    epilogue, gated = _VARIANT_KIND[variant]
+    return [arch_list.index(c) for c in ff.configs_for(arch // 10, elem_bytes, epilogue, gated)]
+
+
+def jobs_for(arch, everything=False):
+    """(arch, config index, variant, dtype) to compile for ``arch``.
+
+    Default: every config of the arch's list once, in the heaviest variant it is offered to
+    (gated backward > gated forward > forward > bias-only), then each variant on its largest
+    config if not yet compiled, in bfloat16; plus one float32 backward.
+    ``everything``: every (variant, config) pair the pruning allows, for bf16, fp16 and fp32.
+    """
+    if everything:
+        return [(arch, i, v, dtype) for dtype, elem in (("bf16", 2), ("fp16", 2), ("fp32", 4))
+                for v in _VARIANT_KIND for i in _configs(arch, elem, v)]
+    order = ("bwd_gated", "fwd_gated", "fwd", "bias")
+    jobs, done = [], set()
+    for variant in order:
+        for i in _configs(arch, 2, variant):
+            if i not in done:
+                jobs.append((arch, i, variant, "bf16"))
+                done.add(i)
+    for variant in order:
+        if not any(v == variant for _, _, v, _ in jobs):
+            jobs.append((arch, _configs(arch, 2, variant)[0], variant, "bf16"))
+    jobs.append((arch, _configs(arch, 4, "bwd_gated")[0], "bwd_gated", "fp32"))
+    return jobs
+
+
+def compile_jobs(jobs):
+    from fused_attn.triton._aot import run_isolated
+    return run_isolated(f"JOBS = {json.dumps(jobs)}\n" + _COMPILE, timeout=3600)
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm_90", "sm_80"])
+def test_every_config_compiles_fits_and_does_not_spill(arch):
+    results = compile_jobs(jobs_for(arch, ALL))
+    assert results, "nothing was compiled"
+    bad = [f"{r['variant']} {r['dtype']} block {r['block']} stages {r['stages']} warps {r['warps']}: "
+           + "; ".join(r["problems"]) for r in results if r["problems"]]
+    assert not bad, "\n".join(bad)
+    from fused_attn.triton import feed_forward as ff
+    n_configs = len(ff.HOPPER_CONFIGS if arch == 90 else ff.AMPERE_CONFIGS)
+    assert {r["index"] for r in results} == set(range(n_configs)), "a config was not compiled"
+    for r in results:
+        if arch == 90 and r["dtype"] != "fp32":
+            assert r["hgmma"] > 0, r
+
+
+def test_shared_memory_pruning_keeps_every_config_within_the_chip():
+    from fused_attn.triton import feed_forward as ff
+    # the db1 partial-sum buffer has one row per BLOCK_M rows, sized for the smallest BLOCK_M
+    assert min(c.kwargs["BLOCK_M"] for c in ff.HOPPER_CONFIGS + ff.AMPERE_CONFIGS) >= ff._MIN_BLOCK_M
+    for major, limit in ((9, ff.SMEM_LIMIT[90]), (8, ff.SMEM_LIMIT[80])):
+        for elem in (2, 4):
+            for epilogue, gated in _VARIANT_KIND.values():
+                configs = ff.configs_for(major, elem, epilogue, gated)
+                assert configs
+                two_b = gated and epilogue == ff.EPI_ACT_FWD
+                for c in configs:
+                    assert ff.shared_memory_estimate(c, elem, two_b) <= limit
+                    assert ff.accumulator_registers(c, two_b) <= ff.ACC_REGISTER_BUDGET.get(epilogue, 32)
+
+
+if __name__ == "__main__":
+    everything = "--all" in sys.argv
+    rows = compile_jobs(jobs_for(90, everything) + jobs_for(80, everything))
+    print("| arch | variant | dtype | BLOCK M,N,K | stages | warps | shared (B) | regs | spills | HGMMA | problems |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| sm_{r['arch']} | {r['variant']} | {r['dtype']} | {','.join(map(str, r['block']))} | {r['stages']} | "
+              f"{r['warps']} | {r['shared']} | {r['registers']} | {r['spills']} | {r['hgmma']} | "
+              f"{'; '.join(r['problems']) or 'ok'} |")

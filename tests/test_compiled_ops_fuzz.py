@@ -1,0 +1,98 @@
+"""No crash from the compiled ops: calling ``torch.ops.fused_attn_C.*`` directly, bypassing the
+Python validation, with bad ranks, shapes, dtypes, strides or options raises an error
+(TORCH_CHECK), never a segfault. The calls run in a subprocess, so a crash fails the test
+instead of killing pytest."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fused_attn
+
+pytestmark = pytest.mark.skipif(fused_attn.extension_error() is not None,
+                                reason=f"fused_attn._C not available: {fused_attn.extension_error()}")
+
+FUZZ = r'''
+import json, random, torch
+import fused_attn  # loads fused_attn._C
+ops = torch.ops.fused_attn_C
+f32, f64 = torch.float32, torch.float64
+def t(*shape, dtype=f32):
+    return torch.randn(*shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(*shape, dtype=dtype)
+q, k, v = t(1, 2, 5, 8), t(1, 2, 6, 8), t(1, 2, 6, 8)
+out = torch.empty(1, 5, 2, 8).transpose(1, 2); lse = t(1, 2, 5)
+x, r, w = t(4, 16), t(4, 16), t(16)
+mean, rstd = t(4), t(4)
+w1, w2, pre = t(32, 16), t(16, 32), t(4, 32)
+cases = {
+  "attn q 3-D": lambda: ops.attention_fwd(t(2, 5, 8), k, v, None, False, 0.0, 1.0, 0, 0),
+  "attn mixed dtypes": lambda: ops.attention_fwd(q, k.double(), v, None, False, 0.0, 1.0, 0, 0),
+  "attn head dim mismatch": lambda: ops.attention_fwd(q, t(1, 2, 6, 7), v, None, False, 0.0, 1.0, 0, 0),
+  "attn kv length mismatch": lambda: ops.attention_fwd(q, k, t(1, 2, 7, 8), None, False, 0.0, 1.0, 0, 0),
+  "attn batch mismatch": lambda: ops.attention_fwd(q, t(2, 2, 6, 8), t(2, 2, 6, 8), None, False, 0.0, 1.0, 0, 0),
+  "attn heads not a multiple": lambda: ops.attention_fwd(t(1, 3, 5, 8), k, v, None, False, 0.0, 1.0, 0, 0),
+  "attn integer inputs": lambda: ops.attention_fwd(q.int(), k.int(), v.int(), None, False, 0.0, 1.0, 0, 0),
+  "attn mask wrong shape": lambda: ops.attention_fwd(q, k, v, t(1, 2, 5, 5), False, 0.0, 1.0, 0, 0),
+  "attn mask 2-D": lambda: ops.attention_fwd(q, k, v, t(5, 6), False, 0.0, 1.0, 0, 0),
+  "attn mask int dtype": lambda: ops.attention_fwd(q, k, v, torch.zeros(1, 2, 5, 6, dtype=torch.int32), False, 0.0, 1.0, 0, 0),
+  "attn dropout 1.5": lambda: ops.attention_fwd(q, k, v, None, False, 1.5, 1.0, 0, 0),
+  "attn bwd lse wrong shape": lambda: ops.attention_bwd(out, q, k, v, out, t(1, 2, 4), None, False, 0.0, 1.0, 0, 0, False),
+  "attn bwd dout wrong shape": lambda: ops.attention_bwd(t(1, 2, 5, 7), q, k, v, out, lse, None, False, 0.0, 1.0, 0, 0, False),
+  "attn bwd out wrong dtype": lambda: ops.attention_bwd(out, q, k, v, out.double(), lse, None, False, 0.0, 1.0, 0, 0, False),
+  "attn bwd mask_grad without mask": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, False, 0.0, 1.0, 0, 0, True),
+  "ln x 1-D": lambda: ops.layer_norm_residual_fwd(t(16), None, None, None, 1e-5, 0.0, False, False, 0, 0),
+  "ln x 3-D": lambda: ops.layer_norm_residual_fwd(t(2, 4, 16), None, None, None, 1e-5, 0.0, False, False, 0, 0),
+  "ln residual shape": lambda: ops.layer_norm_residual_fwd(x, t(4, 15), w, None, 1e-5, 0.0, False, False, 0, 0),
+  "ln weight size": lambda: ops.layer_norm_residual_fwd(x, r, t(15), None, 1e-5, 0.0, False, False, 0, 0),
+  "ln bias dtype": lambda: ops.layer_norm_residual_fwd(x, r, w, t(16, dtype=f64), 1e-5, 0.0, False, False, 0, 0),
+  "ln integer x": lambda: ops.layer_norm_residual_fwd(x.int(), None, None, None, 1e-5, 0.0, False, False, 0, 0),
+  "ln non-unit column stride": lambda: ops.layer_norm_residual_fwd(t(16, 4).t(), None, None, None, 1e-5, 0.0, False, False, 0, 0),
+  "ln bwd rstd size": lambda: ops.layer_norm_residual_bwd(x, None, x, w, None, mean, t(3), 1e-5, 0.0, False, 0, 0, f32),
+  "ln bwd dout shape": lambda: ops.layer_norm_residual_bwd(t(4, 15), None, x, w, None, mean, rstd, 1e-5, 0.0, False, 0, 0, f32),
+  "ln bwd dsummed shape": lambda: ops.layer_norm_residual_bwd(x, t(3, 16), x, w, None, mean, rstd, 1e-5, 0.0, False, 0, 0, f32),
+  "ffn unknown activation": lambda: ops.feed_forward_fwd(x, w1, None, w2, None, "tanh", 0.0, 0, 0),
+  "ffn w1 shape": lambda: ops.feed_forward_fwd(x, t(32, 15), None, w2, None, "relu", 0.0, 0, 0),
+  "ffn w2 shape": lambda: ops.feed_forward_fwd(x, w1, None, t(16, 31), None, "relu", 0.0, 0, 0),
+  "ffn b1 shape": lambda: ops.feed_forward_fwd(x, w1, t(31), w2, None, "relu", 0.0, 0, 0),
+  "ffn gated odd width": lambda: ops.feed_forward_fwd(x, t(31, 16), None, t(16, 15), None, "swiglu", 0.0, 0, 0),
+  "ffn mixed dtypes": lambda: ops.feed_forward_fwd(x, w1.double(), None, w2, None, "relu", 0.0, 0, 0),
+  "ffn x 1-D": lambda: ops.feed_forward_fwd(t(16), w1, None, w2, None, "relu", 0.0, 0, 0),
+  "ffn bwd pre shape": lambda: ops.feed_forward_bwd(t(4, 16), x, w1, w2, t(4, 31), "relu", 0.0, 0, 0, False, False),
+  "ffn bwd dout shape": lambda: ops.feed_forward_bwd(t(4, 15), x, w1, w2, pre, "relu", 0.0, 0, 0, False, False),
+}
+# random garbage on top of the listed cases: random ranks and sizes for every argument
+rng = random.Random(0)
+def rand_tensor():
+    shape = [rng.choice([0, 1, 2, 3, 5]) for _ in range(rng.choice([0, 1, 2, 3, 4, 5]))]
+    dtype = rng.choice([f32, f64, torch.float16, torch.bfloat16, torch.int64, torch.bool])
+    return torch.zeros(shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape, dtype=dtype)
+for i in range(60):
+    cases[f"random attention {i}"] = (lambda a=[rand_tensor() for _ in range(3)]:
+        ops.attention_fwd(a[0], a[1], a[2], None, rng.random() < 0.5, 0.0, 1.0, 0, 0))
+    cases[f"random layer_norm {i}"] = (lambda a=[rand_tensor() for _ in range(3)]:
+        ops.layer_norm_residual_fwd(a[0], a[1], a[2], None, 1e-5, 0.0, False, False, 0, 0))
+    cases[f"random feed_forward {i}"] = (lambda a=[rand_tensor() for _ in range(3)]:
+        ops.feed_forward_fwd(a[0], a[1], None, a[2], None, "gelu", 0.0, 0, 0))
+results = {}
+for name, call in cases.items():
+    try:
+        call()
+        results[name] = "accepted"
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        results[name] = "error: " + str(exc).splitlines()[0][:200]
+print(json.dumps(results))
+'''
+
+
+def test_compiled_ops_reject_bad_input_without_crashing():
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", FUZZ], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"the compiled ops crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    listed = {name: res for name, res in results.items() if not name.startswith("random")}
+    accepted = [name for name, res in listed.items() if res == "accepted"]
+    assert not accepted, f"bad input accepted without an error: {accepted}"
+    # the random cases may be valid by chance; they must only never crash (checked above)
+    assert len(results) == len(listed) + 180

@@ -36,6 +36,14 @@ if not env_flag("FUSED_ATTN_NO_EXTENSION"):
         with_cuda = env_flag("FUSED_ATTN_FORCE_CUDA") or (
             torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cuda_sources))
         cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+        # at::parallel_for is an inline template that only runs in parallel when the including
+        # file is compiled with OpenMP (ATen/ParallelOpenMP.h); without -fopenmp the CPU kernels
+        # would run on one thread. Linking with -fopenmp records libgomp.so.1, which resolves to
+        # the copy torch has already loaded, so there is one OpenMP runtime and one thread pool.
+        link_flags = []
+        if sys.platform.startswith("linux"):
+            cxx_flags.append("-fopenmp")
+            link_flags.append("-fopenmp")
         # ATen's CPU capability macros: at::vec picks AVX2/AVX-512 through ATen's own dispatch, so
         # the build stays portable (no -march=native).
         extra = {"cxx": cxx_flags}
@@ -43,9 +51,10 @@ if not env_flag("FUSED_ATTN_NO_EXTENSION"):
             extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
                              "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
             ext = cpp_extension.CUDAExtension("fused_attn._C", sources + cuda_sources, extra_compile_args=extra,
-                                              define_macros=[("FUSED_ATTN_WITH_CUDA", "1")], py_limited_api=True)
+                                              extra_link_args=link_flags, define_macros=[("FUSED_ATTN_WITH_CUDA", "1")], py_limited_api=True)
         else:
-            ext = cpp_extension.CppExtension("fused_attn._C", sources, extra_compile_args=extra, py_limited_api=True)
+            ext = cpp_extension.CppExtension("fused_attn._C", sources, extra_compile_args=extra,
+                                             extra_link_args=link_flags, py_limited_api=True)
         ext_modules = [ext]
         base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 

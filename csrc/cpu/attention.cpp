@@ -1,0 +1,607 @@
+// CPU kernels of fused_attn_C::attention_fwd / attention_bwd (schemas in csrc/ops.cpp, contract
+// in fused_attn/backends/base.py).
+//
+// Forward: tiled online-softmax attention (FlashAttention-2's loop). Work is split into units of
+// (batch, query head, block of BLOCK_M queries), spread over threads with at::parallel_for. A unit
+// walks the keys in blocks of BLOCK_N: S = scale * Q K^T (BLAS), mask, running row max m and sum
+// l, P = exp(S - m), O = O * exp(m_old - m_new) + P V (BLAS). At the end out = O / l and
+// lse = m + log l. Only BLOCK_M x BLOCK_N scores exist at any time; no Lq x Lk buffer.
+//
+// Backward recomputes P = exp(S - lse) tile by tile and, with D = rowsum(dO * O):
+//   dV += P_drop^T dO,  dP = dO V^T (dropped like P),  dS = P * (dP - D),
+//   dK += scale * dS^T Q,  dQ += scale * dS K,  dmask = dS (the additive mask's gradient).
+// Two race-free schedules, chosen by how much parallelism the heads give:
+//  - per kv head: a unit owns (batch, kv head), loops over its query heads, query blocks and key
+//    blocks, doing all five products per tile once (dK/dV/dQ rows it writes belong to it alone);
+//  - two passes, for few heads: pass 1 parallel over (batch, kv head, key block) accumulates
+//    dK/dV, pass 2 parallel over (batch, query head, query block) accumulates dQ (two extra
+//    products per tile, but every thread busy even at batch = heads = 1).
+//
+// All arithmetic is in float32 for float16/bfloat16/float32 inputs and in float64 for float64.
+// Half-precision q/k/v are converted to float32 once (O(L * D), not O(L^2)) so that every product
+// runs as an sgemm, the fastest BLAS path on CPUs without native bf16 dot products.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../common/dropout_hash.h"
+#include "attention_rowops.h"
+
+namespace fused_attn::cpu_attention {
+namespace {
+
+using at::Tensor;
+
+// Tile sizes. Forward: a 128 x 256 score tile (128 KB in float32) stays in L2 next to the Q
+// block and the O accumulator (and 128 query rows share each packing of a K/V block: on this
+// machine's profile ~10% fewer cycles than 64 x 512); backward keeps three 64 x 128 tiles (S/P, dP, dropped P).
+// The FUSED_ATTN_CPU_{FWD,BWD}_{BM,BN} environment variables override them (read once at load;
+// for tuning on other CPUs).
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* s = std::getenv(name);
+  return s ? std::max<int64_t>(1, std::atoll(s)) : fallback;
+}
+const int64_t kFwdBlockM = env_int("FUSED_ATTN_CPU_FWD_BM", 128);
+const int64_t kFwdBlockN = env_int("FUSED_ATTN_CPU_FWD_BN", 256);
+const int64_t kBwdBlockM = env_int("FUSED_ATTN_CPU_BWD_BM", 64);
+const int64_t kBwdBlockN = env_int("FUSED_ATTN_CPU_BWD_BN", 128);
+
+// ---- BLAS -------------------------------------------------------------------------------------
+//
+// The tile products go to the BLAS that torch links (MKL here) through its Fortran entry points
+// sgemm_/dgemm_, which libtorch_cpu exports; ATen's own C++ wrapper (at::native::cpublas::gemm)
+// is not exported to extensions. The symbols are weak: on a torch build without them (or with
+// FUSED_ATTN_CPU_GEMM=aten, for comparison) the products go through at::addmm on tile views,
+// which reaches the same BLAS with a few microseconds more overhead per call.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+// MKL's per-thread thread count: each tile product runs on the thread that calls it (the
+// parallelism is ours, over tiles). Without this, a kernel that runs serially (a small problem,
+// or one unit of work) would hand each small product to MKL's own thread team, whose start-up
+// per call costs more than the product.
+// (mkl_service.h's mkl_set_num_threads_local is a macro for this C entry point; the lower-case
+// exported symbol is the Fortran one, which takes a pointer.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0 = back to the global setting
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+};
+
+// Grain for at::parallel_for: enough units to make ~1 MFLOP per chunk, so tiny problems (decode
+// steps, gradcheck) run on the calling thread instead of waking the thread pool.
+inline int64_t grain_for(double flops_per_unit) {
+  constexpr double kMinChunkFlops = 1 << 20;
+  return std::max<int64_t>(1, static_cast<int64_t>(kMinChunkFlops / std::max(flops_per_unit, 1.0)));
+}
+
+bool use_fortran_blas() {
+  static const bool use = [] {
+    const char* s = std::getenv("FUSED_ATTN_CPU_GEMM");
+    return sgemm_ != nullptr && dgemm_ != nullptr && !(s && std::string(s) == "aten");
+  }();
+  return use;
+}
+
+inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                         const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                         const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                         const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+                         const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// A row-major (rows, cols) matrix with leading dimension ld, as a tensor view (transposed if asked).
+template <typename T>
+Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+  Tensor t = at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                           at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  return trans ? t.t() : t;
+}
+
+// Row-major C[M, N] = alpha * op(A) op(B) + beta * C, where op(A) is [M, K] (A stored [M, K], or
+// [K, M] when trans_a) and op(B) is [K, N] (B stored [K, N], or [N, K] when trans_b). BLAS is
+// column-major, and a row-major matrix is its column-major transpose, so this computes
+// C^T = op(B)^T op(A)^T with the operands swapped.
+template <typename T>
+void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // BLAS would only scale C; do it here rather than rely on every BLAS's k = 0 path
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t c = 0; c < N; ++c) C[r * ldc + c] = beta == T(0) ? T(0) : beta * C[r * ldc + c];
+    return;
+  }
+  if (use_fortran_blas()) {
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    fortran_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  Tensor c = tile_view(C, M, N, ldc, false);
+  Tensor a = trans_a ? tile_view(A, K, M, lda, true) : tile_view(A, M, K, lda, false);
+  Tensor b = trans_b ? tile_view(B, N, K, ldb, true) : tile_view(B, K, N, ldb, false);
+  c.addmm_(a, b, beta, alpha);  // beta = 0 ignores C's old contents (NaN included)
+}
+
+// ---- problem description ----------------------------------------------------------------------
+
+// A (B, H, L, D) tensor seen as one row-major (L, D) matrix per (b, h): unit stride along D and
+// a leading dimension the BLAS accepts (batch and head strides are free, even 0).
+template <typename T>
+struct Matrices {
+  const T* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, ld = 1;
+  const T* at(int64_t b, int64_t h) const { return data + b * stride_b + h * stride_h; }
+};
+
+bool blas_ready(const Tensor& t) {
+  const int64_t L = t.size(2), D = t.size(3);
+  return (D <= 1 || t.stride(3) == 1) && (L <= 1 || t.stride(2) >= std::max<int64_t>(D, 1));
+}
+
+// t in the accumulation dtype, copied only when the dtype or the layout requires it.
+Tensor as_blas_operand(const Tensor& t, at::ScalarType acc) {
+  Tensor r = t.to(acc);
+  return blas_ready(r) ? r : r.contiguous();
+}
+
+template <typename T>
+Matrices<T> matrices(const Tensor& t) {
+  Matrices<T> m;
+  m.data = t.const_data_ptr<T>();
+  m.stride_b = t.stride(0);
+  m.stride_h = t.stride(1);
+  m.ld = t.size(2) <= 1 ? std::max<int64_t>(t.size(3), 1) : t.stride(2);
+  TORCH_CHECK(m.ld <= std::numeric_limits<int>::max() && t.size(3) <= std::numeric_limits<int>::max(),
+              "attention (cpu): row stride ", m.ld, " too large for the 32-bit BLAS interface");
+  return m;
+}
+
+// The attention mask as a strided (B, Hq, Lq, Lk) view: bool (true = attend) or additive in
+// the input dtype `scalar_t`.
+struct MaskView {
+  const void* data = nullptr;
+  bool is_bool = false;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+};
+
+template <typename T>  // T: accumulation type
+struct Problem {
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+  Matrices<T> q, k, v;
+  std::optional<MaskView> mask;
+  bool causal;
+  T scale;
+  double dropout_p;
+  uint64_t seed, offset;
+
+  int64_t group() const { return Hq / Hkv; }
+  // Keys a query row may see under the causal rule, within a tile starting at key j0.
+  int64_t visible(int64_t i, int64_t j0, int64_t n) const {
+    return causal ? std::clamp<int64_t>(i - j0 + 1, 0, n) : n;
+  }
+  uint32_t dropout_key(int64_t b, int64_t h, int64_t i) const {
+    return fused_attn::dropout_row_key(seed, offset, static_cast<uint64_t>((b * Hq + h) * Lq + i));
+  }
+};
+
+// Adds the mask to one row of scores: s[c] (key j0 + c) += mask, or = -inf where a bool mask is false.
+template <typename T, typename scalar_t>
+void apply_mask_row(T* s, int64_t n, const MaskView& mk, int64_t b, int64_t h, int64_t i, int64_t j0) {
+  const int64_t base = b * mk.sb + h * mk.sh + i * mk.si + j0 * mk.sj;
+  if (mk.is_bool) {
+    const bool* m = static_cast<const bool*>(mk.data) + base;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < n; ++c)
+      if (!m[c * mk.sj]) s[c] = ninf;
+  } else {
+    const scalar_t* m = static_cast<const scalar_t*>(mk.data) + base;
+    if (mk.sj == 1) {
+      for (int64_t c = 0; c < n; ++c) s[c] += static_cast<T>(m[c]);
+    } else {
+      for (int64_t c = 0; c < n; ++c) s[c] += static_cast<T>(m[c * mk.sj]);
+    }
+  }
+}
+
+// Balanced order of blocks for contiguous chunks of units: 0, n-1, 1, n-2, ... so that under
+// the causal rule (work grows with the block index) each thread's chunk mixes short and long units.
+inline int64_t zigzag(int64_t idx, int64_t n) { return (idx % 2 == 0) ? idx / 2 : n - 1 - idx / 2; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// Writes out (rows of `out_data` with the given strides, unless lse_only) and lse (contiguous
+// (B, Hq, Lq) of type LseT). lse_only computes the log-sum-exp alone (used by the float64
+// backward to get it in full precision).
+template <typename T, typename scalar_t, typename LseT, bool lse_only>
+void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t, 3> out_strides, LseT* lse) {
+  const int64_t BM = kFwdBlockM, BN = kFwdBlockN;
+  const int64_t n_qblocks = ceil_div(pb.Lq, BM);
+  const int64_t units = pb.B * pb.Hq * n_qblocks;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const uint32_t threshold = fused_attn::dropout_threshold(pb.dropout_p);
+  const T inv_keep = static_cast<T>(1.0 / (1.0 - pb.dropout_p));
+  const bool dropout = pb.dropout_p > 0.0;
+
+  const double unit_flops = 2.0 * BM * pb.Lk * (pb.D + pb.Dv);
+  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential_blas;
+    std::vector<T> scores(BM * BN), acc(lse_only ? 0 : BM * pb.Dv), row_max_(BM), row_sum(BM);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
+      const int64_t b = bh / pb.Hq, h = bh % pb.Hq, hk = h / pb.group();
+      const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
+      const T* Q = pb.q.at(b, h) + i0 * pb.q.ld;
+      const T* K = pb.k.at(b, hk);
+      const T* V = pb.v.at(b, hk);
+      std::fill(row_max_.begin(), row_max_.end(), ninf);
+      std::fill(row_sum.begin(), row_sum.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      // Under the causal rule no row of this block sees keys past its last row.
+      const int64_t key_end = pb.causal ? std::min(pb.Lk, i0 + bm) : pb.Lk;
+      for (int64_t j0 = 0; j0 < key_end; j0 += BN) {
+        const int64_t bn = std::min(BN, key_end - j0);
+        T* S = scores.data();
+        gemm_rm<T>(false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K + j0 * pb.k.ld, pb.k.ld, T(0), S, bn);
+        for (int64_t r = 0; r < bm; ++r) {
+          const int64_t i = i0 + r;
+          T* s = S + r * bn;
+          const int64_t nv = pb.visible(i, j0, bn);
+          if (pb.mask) apply_mask_row<T, scalar_t>(s, nv, *pb.mask, b, h, i, j0);
+          const T m_new = std::max(row_max_[r], row_max(s, nv));
+          if (m_new == ninf) {  // nothing visible yet: this tile contributes nothing to the row
+            std::fill(s, s + bn, T(0));
+            continue;
+          }
+          const T rescale = std::exp(row_max_[r] - m_new);  // 0 on the row's first visible tile
+          const T tile_sum = row_exp_sum(s, nv, m_new);
+          std::fill(s + nv, s + bn, T(0));
+          row_sum[r] = row_sum[r] * rescale + tile_sum;
+          row_max_[r] = m_new;
+          if constexpr (!lse_only) {
+            if (rescale != T(1)) row_scale(acc.data() + r * pb.Dv, pb.Dv, rescale);
+            // dropout acts on the normalised probabilities; the normaliser l stays the full sum
+            if (dropout) row_dropout(s, s, nv, pb.dropout_key(b, h, i), static_cast<uint32_t>(j0), threshold, inv_keep);
+          }
+        }
+        if constexpr (!lse_only)
+          gemm_rm<T>(false, false, bm, pb.Dv, bn, T(1), S, bn, V + j0 * pb.v.ld, pb.v.ld, T(1), acc.data(), pb.Dv);
+      }
+      for (int64_t r = 0; r < bm; ++r) {
+        const int64_t i = i0 + r;
+        const bool empty_row = row_sum[r] == T(0);  // no key left: zeros and lse = +inf
+        lse[(b * pb.Hq + h) * pb.Lq + i] = empty_row ? std::numeric_limits<LseT>::infinity()
+                                                      : static_cast<LseT>(row_max_[r] + std::log(row_sum[r]));
+        if constexpr (!lse_only) {
+          scalar_t* o = out_data + b * out_strides[0] + h * out_strides[1] + i * out_strides[2];
+          const T inv = empty_row ? T(0) : T(1) / row_sum[r];
+          const T* a = acc.data() + r * pb.Dv;
+          for (int64_t c = 0; c < pb.Dv; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
+        }
+      }
+    }
+  });
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+template <typename T>
+struct Grads {
+  Matrices<T> dout;
+  const T* lse;    // (B, Hq, Lq) contiguous
+  const T* delta;  // rowsum(dO * O), (B, Hq, Lq) contiguous
+  T* dq;           // accumulators, contiguous (B, H, L, D) in T
+  T* dk;
+  T* dv;
+};
+
+// One tile of queries [i0, i0 + bm) of head h against keys [j0, j0 + bn) of its kv head.
+template <typename T, typename scalar_t>
+struct BackwardTile {
+  const Problem<T>& pb;
+  const Grads<T>& g;
+  scalar_t* dmask;  // contiguous (B, Hq, Lq, Lk), or null
+  std::vector<T> p, dp, p_drop;
+
+  BackwardTile(const Problem<T>& pb_, const Grads<T>& g_, scalar_t* dmask_)
+      : pb(pb_), g(g_), dmask(dmask_), p(kBwdBlockM * kBwdBlockN), dp(kBwdBlockM * kBwdBlockN),
+        p_drop(pb_.dropout_p > 0.0 ? kBwdBlockM * kBwdBlockN : 0) {}
+
+  void run(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool want_dkdv, bool want_dq) {
+    const int64_t hk = h / pb.group();
+    const T* Q = pb.q.at(b, h) + i0 * pb.q.ld;
+    const T* K = pb.k.at(b, hk) + j0 * pb.k.ld;
+    const T* V = pb.v.at(b, hk) + j0 * pb.v.ld;
+    const T* dO = g.dout.at(b, h) + i0 * g.dout.ld;
+    const int64_t row0 = (b * pb.Hq + h) * pb.Lq + i0;
+    const bool dropout = pb.dropout_p > 0.0;
+    const uint32_t threshold = fused_attn::dropout_threshold(pb.dropout_p);
+    const T inv_keep = static_cast<T>(1.0 / (1.0 - pb.dropout_p));
+
+    // P = exp(scale * Q K^T + mask - lse), zero where masked (lse = +inf on empty rows gives 0)
+    T* P = p.data();
+    gemm_rm<T>(false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), P, bn);
+    for (int64_t r = 0; r < bm; ++r) {
+      const int64_t i = i0 + r;
+      T* s = P + r * bn;
+      const int64_t nv = pb.visible(i, j0, bn);
+      if (pb.mask) apply_mask_row<T, scalar_t>(s, nv, *pb.mask, b, h, i, j0);
+      row_exp_sum(s, nv, g.lse[row0 + r]);
+      std::fill(s + nv, s + bn, T(0));
+    }
+    // dP = dO V^T, then the dropout mask on both P (for dV) and dP
+    T* dP = dp.data();
+    gemm_rm<T>(false, true, bm, bn, pb.Dv, T(1), dO, g.dout.ld, V, pb.v.ld, T(0), dP, bn);
+    const T* P_used = P;
+    if (dropout) {
+      for (int64_t r = 0; r < bm; ++r) {
+        const uint32_t key = pb.dropout_key(b, h, i0 + r);
+        row_dropout(P + r * bn, p_drop.data() + r * bn, bn, key, static_cast<uint32_t>(j0), threshold, inv_keep);
+        row_dropout(dP + r * bn, dP + r * bn, bn, key, static_cast<uint32_t>(j0), threshold, inv_keep);
+      }
+      P_used = p_drop.data();
+    }
+    if (want_dkdv) {
+      T* dV = g.dv + ((b * pb.Hkv + hk) * pb.Lk + j0) * pb.Dv;
+      gemm_rm<T>(true, false, bn, pb.Dv, bm, T(1), P_used, bn, dO, g.dout.ld, T(1), dV, pb.Dv);
+    }
+    // dS = P * (dP - delta), in place in dP
+    for (int64_t r = 0; r < bm; ++r) row_softmax_bwd(P + r * bn, dP + r * bn, bn, g.delta[row0 + r]);
+    if (dmask) {
+      for (int64_t r = 0; r < bm; ++r) {
+        scalar_t* dm = dmask + (row0 + r) * pb.Lk + j0;
+        const T* ds = dP + r * bn;
+        for (int64_t c = 0; c < bn; ++c) dm[c] = static_cast<scalar_t>(ds[c]);
+      }
+    }
+    if (want_dkdv) {
+      T* dK = g.dk + ((b * pb.Hkv + hk) * pb.Lk + j0) * pb.D;
+      gemm_rm<T>(true, false, bn, pb.D, bm, pb.scale, dP, bn, Q, pb.q.ld, T(1), dK, pb.D);
+    }
+    if (want_dq) {
+      T* dQ = g.dq + row0 * pb.D;
+      gemm_rm<T>(false, false, bm, pb.D, bn, pb.scale, dP, bn, K, pb.k.ld, T(1), dQ, pb.D);
+    }
+  }
+};
+
+template <typename T, typename scalar_t>
+void backward_kernel(const Problem<T>& pb, const Grads<T>& g, scalar_t* dmask) {
+  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t n_qblocks = ceil_div(pb.Lq, BM), n_kblocks = ceil_div(pb.Lk, BN);
+  const int64_t G = pb.group();
+  const int64_t threads = at::get_num_threads();
+  const int64_t kv_heads = pb.B * pb.Hkv;
+  // Whole kv heads per unit when they spread evenly over the threads; two passes otherwise.
+  const bool per_head = kv_heads >= threads && (kv_heads % threads == 0 || kv_heads >= 4 * threads);
+
+  // ~5 products of 2 * BM * BN * D flops per tile
+  const double tile_flops = 10.0 * BM * BN * std::max<int64_t>(pb.D, pb.Dv);
+  if (per_head) {
+    at::parallel_for(0, kv_heads, grain_for(tile_flops * G * n_qblocks * n_kblocks), [&](int64_t begin, int64_t end) {
+      SequentialBlas sequential_blas;
+      BackwardTile<T, scalar_t> tile(pb, g, dmask);
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / pb.Hkv, hk = u % pb.Hkv;
+        for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
+          for (int64_t qb = 0; qb < n_qblocks; ++qb) {
+            const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
+            const int64_t key_end = pb.causal ? std::min(pb.Lk, i0 + bm) : pb.Lk;
+            for (int64_t j0 = 0; j0 < key_end; j0 += BN)
+              tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), true, true);
+          }
+      }
+    });
+    return;
+  }
+  // pass 1: dK, dV by key blocks
+  at::parallel_for(0, kv_heads * n_kblocks, grain_for(tile_flops * G * n_qblocks), [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential_blas;
+    BackwardTile<T, scalar_t> tile(pb, g, nullptr);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bhk = u / n_kblocks, kb = zigzag(u % n_kblocks, n_kblocks);
+      const int64_t b = bhk / pb.Hkv, hk = bhk % pb.Hkv;
+      const int64_t j0 = kb * BN, bn = std::min(BN, pb.Lk - j0);
+      // under the causal rule only query rows i >= j0 see these keys
+      const int64_t qb_start = pb.causal ? j0 / BM : 0;
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
+        for (int64_t qb = qb_start; qb < n_qblocks; ++qb) {
+          const int64_t i0 = qb * BM;
+          tile.run(b, h, i0, std::min(BM, pb.Lq - i0), j0, bn, true, false);
+        }
+    }
+  });
+  // pass 2: dQ (and dmask) by query blocks
+  at::parallel_for(0, pb.B * pb.Hq * n_qblocks, grain_for(tile_flops * n_kblocks), [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential_blas;
+    BackwardTile<T, scalar_t> tile(pb, g, dmask);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
+      const int64_t b = bh / pb.Hq, h = bh % pb.Hq;
+      const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
+      const int64_t key_end = pb.causal ? std::min(pb.Lk, i0 + bm) : pb.Lk;
+      for (int64_t j0 = 0; j0 < key_end; j0 += BN) tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), false, true);
+    }
+  });
+}
+
+// ---- entry points -----------------------------------------------------------------------------
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
+                  double dropout_p, double scale) {
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    TORCH_CHECK(t->defined(), "attention (cpu): ", name, " is undefined");
+    TORCH_CHECK(t->device().is_cpu(), "attention (cpu): ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->dim() == 4, "attention (cpu): ", name, " must be 4-D (B, H, L, D), got shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attention (cpu): ", name, " has dtype ", t->scalar_type(),
+                " but q has ", q.scalar_type());
+  }
+  TORCH_CHECK(is_supported_dtype(q.scalar_type()),
+              "attention (cpu): q/k/v must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "attention (cpu): batch sizes differ: q ", q.sizes(),
+              ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2),
+              "attention (cpu): k and v must agree in heads and length, got k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(3) == q.size(3), "attention (cpu): q and k must have the same head dim, got q ", q.sizes(),
+              ", k ", k.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention (cpu): query heads (", q.size(1),
+              ") must be a multiple of key/value heads (", k.size(1), ")");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(std::isfinite(scale), "attention (cpu): scale must be finite, got ", scale);
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    const Tensor& m = *attn_mask;
+    TORCH_CHECK(m.device().is_cpu(), "attention (cpu): attn_mask must be a CPU tensor, got ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+                "attention (cpu): attn_mask must be bool or q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) && m.size(2) == q.size(2) &&
+                    m.size(3) == k.size(2),
+                "attention (cpu): attn_mask must be a (B, Hq, Lq, Lk) = (", q.size(0), ", ", q.size(1), ", ", q.size(2),
+                ", ", k.size(2), ") view (expand broadcast dims), got shape ", m.sizes());
+  }
+}
+
+template <typename T>
+Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
+                        bool causal, double dropout_p, double scale, int64_t seed, int64_t offset) {
+  Problem<T> pb;
+  pb.B = q.size(0);
+  pb.Hq = q.size(1);
+  pb.Lq = q.size(2);
+  pb.D = q.size(3);
+  pb.Hkv = k.size(1);
+  pb.Lk = k.size(2);
+  pb.Dv = v.size(3);
+  pb.q = matrices<T>(q);
+  pb.k = matrices<T>(k);
+  pb.v = matrices<T>(v);
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    const Tensor& m = *attn_mask;
+    pb.mask = MaskView{m.const_data_ptr(), m.scalar_type() == at::kBool, m.stride(0), m.stride(1), m.stride(2),
+                       m.stride(3)};
+  }
+  pb.causal = causal;
+  pb.scale = static_cast<T>(scale);
+  pb.dropout_p = dropout_p;
+  pb.seed = static_cast<uint64_t>(seed);
+  pb.offset = static_cast<uint64_t>(offset);
+  return pb;
+}
+
+std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const std::optional<Tensor>& attn_mask, bool causal, double dropout_p,
+                                             double scale, int64_t seed, int64_t offset) {
+  check_inputs(q, k, v, attn_mask, dropout_p, scale);
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
+  Tensor out = at::empty({B, Lq, Hq, Dv}, q.options()).transpose(1, 2);
+  Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const Tensor qa = as_blas_operand(q, acc), ka = as_blas_operand(k, acc), va = as_blas_operand(v, acc);
+    const Problem<acc_t> pb = make_problem<acc_t>(qa, ka, va, attn_mask, causal, dropout_p, scale, seed, offset);
+    forward_kernel<acc_t, scalar_t, float, false>(pb, out.data_ptr<scalar_t>(),
+                                                  {out.stride(0), out.stride(1), out.stride(2)},
+                                                  lse.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                             const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                             const std::optional<Tensor>& attn_mask, bool causal,
+                                                             double dropout_p, double scale, int64_t seed,
+                                                             int64_t offset, bool mask_grad) {
+  check_inputs(q, k, v, attn_mask, dropout_p, scale);
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"dout", &dout}, {"out", &out}}) {
+    TORCH_CHECK(t->defined() && t->device().is_cpu(), "attention_bwd (cpu): ", name, " must be a CPU tensor");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attention_bwd (cpu): ", name, " must have q's dtype ",
+                q.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == Hq && t->size(2) == Lq && t->size(3) == Dv,
+                "attention_bwd (cpu): ", name, " must have shape (B, Hq, Lq, Dv) = (", B, ", ", Hq, ", ", Lq, ", ",
+                Dv, "), got ", t->sizes());
+  }
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
+                  lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == Lq,
+              "attention_bwd (cpu): lse must be a float32 CPU tensor of shape (B, Hq, Lq) = (", B, ", ", Hq, ", ", Lq,
+              "), got ", lse.scalar_type(), " ", lse.sizes());
+  const bool has_mask = attn_mask.has_value() && attn_mask->defined();
+  TORCH_CHECK(!mask_grad || (has_mask && attn_mask->scalar_type() != at::kBool),
+              "attention_bwd (cpu): mask_grad needs an additive (floating) attn_mask");
+
+  Tensor dmask = mask_grad ? at::zeros({B, Hq, Lq, Lk}, q.options()) : at::empty({0}, q.options());
+  Tensor dq, dk, dv;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const Tensor qa = as_blas_operand(q, acc), ka = as_blas_operand(k, acc), va = as_blas_operand(v, acc);
+    const Tensor dout_a = as_blas_operand(dout, acc);
+    const Problem<acc_t> pb = make_problem<acc_t>(qa, ka, va, attn_mask, causal, dropout_p, scale, seed, offset);
+    // delta = rowsum(dO * O): the softmax backward's correction (with dropout too: O is the
+    // dropped output, and sum_j P_drop dP = dO . O).
+    const Tensor delta = at::sum(dout_a * out.to(acc), {-1}).contiguous();
+    // The float32 lse loses precision a float64 gradient would notice: recompute it for float64.
+    Tensor lse_acc;
+    if constexpr (std::is_same_v<acc_t, double>) {
+      lse_acc = at::empty({B, Hq, Lq}, q.options().dtype(at::kDouble));
+      forward_kernel<acc_t, scalar_t, double, true>(pb, nullptr, {0, 0, 0}, lse_acc.data_ptr<double>());
+    } else {
+      lse_acc = lse.contiguous();
+    }
+    Tensor dq_acc = at::zeros(q.sizes(), q.options().dtype(acc));
+    Tensor dk_acc = at::zeros(k.sizes(), q.options().dtype(acc));
+    Tensor dv_acc = at::zeros(v.sizes(), q.options().dtype(acc));
+    Grads<acc_t> g{matrices<acc_t>(dout_a), lse_acc.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
+                   dq_acc.data_ptr<acc_t>(), dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>()};
+    backward_kernel<acc_t, scalar_t>(pb, g, mask_grad ? dmask.data_ptr<scalar_t>() : nullptr);
+    dq = dq_acc.to(q.scalar_type());
+    dk = dk_acc.to(q.scalar_type());
+    dv = dv_acc.to(q.scalar_type());
+  });
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace
+}  // namespace fused_attn::cpu_attention
+
+TORCH_LIBRARY_IMPL(fused_attn_C, CPU, m) {
+  m.impl("attention_fwd", &fused_attn::cpu_attention::attention_fwd_cpu);
+  m.impl("attention_bwd", &fused_attn::cpu_attention::attention_bwd_cpu);
+}

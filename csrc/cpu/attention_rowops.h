@@ -1,0 +1,211 @@
+// Row operations of the CPU attention kernels (csrc/cpu/attention.cpp): row max, exp-and-sum,
+// rescale, dropout, and the softmax-backward row dS = P * (dP - D). They run on one row of a
+// score tile at a time (a few hundred contiguous values), between the two BLAS products.
+//
+// Why not at::vec::Vectorized? An extension is compiled once, without ATen's per-capability
+// builds, so at::vec here is its DEFAULT (scalar, std::exp per element) flavour, and exp would
+// then cost as much as the GEMMs. Instead the float rows are written with GCC vector extensions
+// (8 lanes) and compiled twice with `target_clones("arch=x86-64-v3", "default")`: the loader picks
+// the AVX2 + FMA clone on CPUs that have them (an ifunc), the SSE2 one elsewhere. No -march flag, so the
+// build stays portable. The float64 rows (gradcheck only) are plain scalar loops.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "../common/dropout_hash.h"
+
+namespace fused_attn::cpu_attention {
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
+
+// x86-64-v3 = AVX2 + FMA (+ BMI, F16C); fp-contract lets the compiler fuse a * b + c into FMAs
+// there (-std=c++20 turns contraction off by default).
+#define FA_ROWOP __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+#define FA_INLINE static inline __attribute__((always_inline))
+
+FA_INLINE f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FA_INLINE void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+// The first n (< 8) lanes from p, the others `fill`.
+FA_INLINE f8 load_partial(const float* p, int64_t n, float fill) {
+  f8 v = {fill, fill, fill, fill, fill, fill, fill, fill};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+FA_INLINE void store_partial(float* p, f8 v, int64_t n) { std::memcpy(p, &v, n * sizeof(float)); }
+FA_INLINE f8 splat(float x) { return f8{x, x, x, x, x, x, x, x}; }
+
+// exp(x) for 8 floats, about 2 ulp (Cephes' expf): x = n ln2 + r with |r| <= ln2/2,
+// exp(x) = 2^n exp(r), exp(r) by a degree-7 polynomial. n is rounded with the 1.5 * 2^23 trick
+// (its integer value then sits in the low mantissa bits, which also gives 2^n by a shift).
+// Inputs below -87.3 (including -inf, the masked scores) give exactly 0. Inputs here are
+// scores minus their row max or log-sum-exp, so at most a few ulp above 0: no upper clamp.
+FA_INLINE f8 exp8(f8 x) {
+  const f8 lo = splat(-87.33654475f);
+  const i8 alive = x >= lo;  // all-ones lanes where the result is not flushed to 0
+  x = x < lo ? lo : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  f8 t = x * splat(1.44269504088896341f) + splat(magic);
+  f8 n = t - splat(magic);
+  f8 r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+  f8 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  f8 y = p * (r * r) + r + splat(1.0f);
+  i8 ti;
+  std::memcpy(&ti, &t, sizeof(ti));
+  const int32_t magic_bits = 0x4B400000;  // bits of 1.5 * 2^23
+  i8 e = ((ti - magic_bits) + 127) << 23;
+  f8 scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  f8 out = y * scale;
+  i8 bits;
+  std::memcpy(&bits, &out, sizeof(bits));
+  bits &= alive;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+FA_INLINE float hmax8(f8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+FA_INLINE float hsum8(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// ---- float rows (vectorised) ------------------------------------------------------------------
+
+// max of s[0..n); -inf when n == 0.
+FA_ROWOP inline float row_max(const float* s, int64_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  f8 m0 = splat(ninf), m1 = splat(ninf);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    f8 a = load8(s + c), b = load8(s + c + 8);
+    m0 = a > m0 ? a : m0;
+    m1 = b > m1 ? b : m1;
+  }
+  for (; c + 8 <= n; c += 8) {
+    f8 a = load8(s + c);
+    m0 = a > m0 ? a : m0;
+  }
+  if (c < n) {
+    f8 a = load_partial(s + c, n - c, ninf);
+    m0 = a > m0 ? a : m0;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  return hmax8(m0);
+}
+
+// s[c] = exp(s[c] - m) for c < n; returns the sum of the new values.
+FA_ROWOP inline float row_exp_sum(float* s, int64_t n, float m) {
+  const f8 mv = splat(m);
+  f8 acc0 = splat(0.f), acc1 = splat(0.f);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    f8 a = exp8(load8(s + c) - mv), b = exp8(load8(s + c + 8) - mv);
+    store8(s + c, a);
+    store8(s + c + 8, b);
+    acc0 += a;
+    acc1 += b;
+  }
+  for (; c + 8 <= n; c += 8) {
+    f8 a = exp8(load8(s + c) - mv);
+    store8(s + c, a);
+    acc0 += a;
+  }
+  if (c < n) {
+    f8 a = exp8(load_partial(s + c, n - c, 0.f) - mv);
+    a = (i8{0, 1, 2, 3, 4, 5, 6, 7} < static_cast<int32_t>(n - c)) ? a : splat(0.f);
+    store_partial(s + c, a, n - c);
+    acc0 += a;
+  }
+  return hsum8(acc0 + acc1);
+}
+
+// o[c] *= a
+FA_ROWOP inline void row_scale(float* o, int64_t n, float a) {
+  const f8 av = splat(a);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) store8(o + c, load8(o + c) * av);
+  for (; c < n; ++c) o[c] *= a;
+}
+
+// dp[c] = p[c] * (dp[c] - d): the softmax backward of one row (d = rowsum(dO * O)).
+FA_ROWOP inline void row_softmax_bwd(const float* p, float* dp, int64_t n, float d) {
+  const f8 dv = splat(d);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) store8(dp + c, load8(p + c) * (load8(dp + c) - dv));
+  for (; c < n; ++c) dp[c] = p[c] * (dp[c] - d);
+}
+
+// dst[c] = keep(row, j0 + c) ? src[c] * inv_keep : 0, with the shared counter hash
+// (csrc/common/dropout_hash.h, bit-exact with fused_attn/_rng.py); src may equal dst.
+FA_ROWOP inline void row_dropout(const float* src, float* dst, int64_t n, uint32_t row_key, uint32_t j0,
+                                 uint32_t threshold, float inv_keep) {
+  const u8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const u8 key = {row_key, row_key, row_key, row_key, row_key, row_key, row_key, row_key};
+  const f8 zero = splat(0.f), inv = splat(inv_keep);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    u8 x = key ^ (lane + static_cast<uint32_t>(j0 + c));
+    // mix32 twice, lane-wise (the same steps as fused_attn::mix32)
+    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+    x += key;
+    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+    // unsigned compare: flip the sign bit and compare as signed
+    const i8 keep = (i8)(x ^ 0x80000000u) >= (int32_t)(threshold ^ 0x80000000u);
+    store8(dst + c, keep ? load8(src + c) * inv : zero);
+  }
+  for (; c < n; ++c) {
+    const bool keep = fused_attn::dropout_keep(row_key, static_cast<uint32_t>(j0 + c), threshold);
+    dst[c] = keep ? src[c] * inv_keep : 0.f;
+  }
+}
+
+// ---- double rows (scalar; float64 exists for gradcheck, not for speed) -------------------------
+
+inline double row_max(const double* s, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+  return m;
+}
+inline double row_exp_sum(double* s, int64_t n, double m) {
+  double sum = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    s[c] = std::exp(s[c] - m);
+    sum += s[c];
+  }
+  return sum;
+}
+inline void row_scale(double* o, int64_t n, double a) {
+  for (int64_t c = 0; c < n; ++c) o[c] *= a;
+}
+inline void row_softmax_bwd(const double* p, double* dp, int64_t n, double d) {
+  for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] - d);
+}
+inline void row_dropout(const double* src, double* dst, int64_t n, uint32_t row_key, uint32_t j0, uint32_t threshold,
+                        double inv_keep) {
+  for (int64_t c = 0; c < n; ++c) {
+    const bool keep = fused_attn::dropout_keep(row_key, static_cast<uint32_t>(j0 + c), threshold);
+    dst[c] = keep ? src[c] * inv_keep : 0.0;
+  }
+}
+
+#undef FA_ROWOP
+#undef FA_INLINE
+
+}  // namespace fused_attn::cpu_attention

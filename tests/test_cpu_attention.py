@@ -1,0 +1,381 @@
+"""The C++ CPU attention kernels (csrc/cpu/attention.cpp) against the float64 reference.
+
+Forward and backward through ``fused_attn.functional.attention(..., backend="cpu")`` held to the
+oracle (``fused_attn.testing.check_against_reference``) in float32, bfloat16 and float16 over odd
+shapes and every option; dropout compared with the reference for the same (seed, offset);
+``torch.autograd.gradcheck`` in float64; direct op calls with bad input raise; the backward's
+two parallel schedules (whole kv heads per thread, or key blocks then query blocks) are both
+exercised; a long sequence runs without an L x L allocation.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import reference as ref
+from fused_attn.ops import AttentionFunction
+from fused_attn.testing import check_against_reference, make_inputs
+
+pytestmark = pytest.mark.skipif(
+    fused_attn.extension_error() is not None
+    or not torch._C._dispatch_has_kernel_for_dispatch_key("fused_attn_C::attention_fwd", "CPU"),
+    reason=f"fused_attn._C with the CPU attention kernel is not built: {fused_attn.extension_error()}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _attention(causal=False, dropout_p=0.0, rng=(0, 0), scale=None):
+    """(fused, reference) callables over (q, k, v[, mask]) with the same options."""
+    def fused(q, k, v, mask=None):
+        if dropout_p == 0.0:
+            return fused_attn.functional.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, backend="cpu")
+        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return AttentionFunction.apply(q, k, v, mask, causal, dropout_p, s, torch.tensor(rng), "cpu")
+
+    def reference(q, k, v, mask=None):
+        return ref.attention(q, k, v, mask, causal, dropout_p, scale, rng if dropout_p > 0 else None)
+    return fused, reference
+
+
+def _check(dtype, B, Hq, Hkv, Lq, Lk, D, Dv=None, causal=False, mask=None, dropout_p=0.0, seed=0, floor=None):
+    Dv = D if Dv is None else Dv
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv), dtype=dtype, seed=seed)
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
+    fused, reference = _attention(causal, dropout_p, rng=(1234 + seed, 99))
+    return check_against_reference(fused, reference, inputs, names=["q", "k", "v", "mask"][:len(inputs)], floor=floor)
+
+
+# ---- oracle: shapes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L", [1, 17, 97, 128, 129])
+def test_seqlens(dtype, L):
+    _check(dtype, 2, 2, 2, L, L, 40)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lq,Lk", [(1, 147), (239, 1), (63, 65), (200, 700)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_unequal_lengths(dtype, Lq, Lk, causal):
+    floor = None
+    if Lk == 1 and dtype == torch.float32:
+        # One key: the true dK is exactly 0, and the float32 reference gets exactly 0 too (its
+        # softmax backward subtracts sum(P * dP) from the same dP). The fused backward, like
+        # FlashAttention's, subtracts rowsum(dO * O) computed separately, leaving float32
+        # rounding (~1e-6) in dK, which the zero-error bound cannot absorb; allow that much.
+        floor = 5e-5
+    _check(dtype, 1, 3, 3, Lq, Lk, 64, causal=causal, floor=floor)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [16, 40, 59, 64, 128])
+def test_head_dims(dtype, D):
+    _check(dtype, 1, 2, 2, 77, 83, D, causal=D in (59, 128))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_value_dim_differs(dtype):
+    _check(dtype, 2, 2, 1, 33, 70, 24, Dv=48, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 1), (4, 4)])
+def test_grouped_query(dtype, Hq, Hkv):
+    _check(dtype, 2, Hq, Hkv, 70, 90, 32, causal=True)
+
+
+def test_long_causal_many_blocks():
+    # several forward (512-key) and backward (64 x 128) tiles, a causal diagonal that cuts tiles
+    _check(torch.float32, 1, 2, 1, 700, 1100, 32, causal=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,Hkv", [(1, 1), (1, 2), (3, 1)])
+def test_backward_schedules(threads, B, Hkv):
+    """Both backward schedules (per kv head, and two passes over blocks) on GQA with masks."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mask = make_inputs((B, 2 * Hkv, 1, 150), dtype=torch.float32, seed=5)[0]
+        _check(torch.float32, B, 2 * Hkv, Hkv, 140, 150, 24, causal=True, mask=mask)
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---- oracle: strides and layouts --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_inputs(dtype):
+    """q as a transposed view of (B, L, H, D), k non-unit stride along D, v broadcast (stride 0)."""
+    B, H, L, D = 2, 3, 45, 32
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, L, H, D, generator=gen).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, H, D, L, generator=gen).to(dtype).transpose(2, 3).requires_grad_()
+    v = torch.randn(1, 1, L, D, generator=gen).to(dtype).expand(B, H, L, D)
+    fused, reference = _attention(causal=True)
+    out = fused(q, k, v)
+    assert out.shape == (B, H, L, D)
+    assert out.transpose(1, 2).is_contiguous(), "out must be stored as a contiguous (B, Lq, Hq, Dv)"
+    out.sum().backward()
+    expect = reference(q.double(), k.double(), v.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), expect, atol=tol, rtol=tol)
+    q2, k2 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    reference(q2, k2, v.double()).sum().backward()
+    torch.testing.assert_close(q.grad.double(), q2.grad, atol=tol * 5, rtol=tol * 5)
+    torch.testing.assert_close(k.grad.double(), k2.grad, atol=tol * 5, rtol=tol * 5)
+
+
+def test_output_layouts():
+    q, k, v = make_inputs((2, 4, 9, 8), (2, 2, 11, 8), (2, 2, 11, 6), requires_grad=False)
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, False, 0.0, 0.3, 0, 0)
+    assert out.shape == (2, 4, 9, 6) and out.transpose(1, 2).is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 9) and lse.is_contiguous()
+    torch.testing.assert_close(lse, ref.attention_lse(q, k, None, False, 0.3))
+    dout = torch.randn_like(out)
+    dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, None, False, 0.0, 0.3, 0, 0,
+                                                             False)
+    assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous() and dmask.numel() == 0
+    assert dk.shape == k.shape and dv.shape == v.shape
+
+
+# ---- oracle: masks ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 50, 61), (1, 1, 50, 61), (2, 1, 1, 61), (50, 61), (61,), (1, 3, 50, 1)])
+def test_bool_mask(dtype, shape):
+    gen = torch.Generator().manual_seed(11)
+    mask = torch.rand(shape, generator=gen) > 0.4
+    _check(dtype, 2, 3, 3, 50, 61, 32, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 50, 61), (1, 3, 1, 61), (50, 1), (2, 1, 50, 61)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_additive_mask_with_grad(dtype, shape, causal):
+    mask = make_inputs(shape, dtype=dtype, seed=7)[0]
+    results = _check(dtype, 2, 3, 1, 50, 61, 32, causal=causal, mask=mask)
+    assert any(r.name == "grad of mask" for r in results)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_additive_mask_with_neg_inf(dtype):
+    mask = torch.zeros(1, 1, 40, 52, dtype=dtype)
+    mask[..., 30:] = float("-inf")
+    mask[..., 5, :] = float("-inf")  # a fully masked row
+    _check(dtype, 1, 2, 2, 40, 52, 16, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows(dtype):
+    """Rows with no key left give zero output, +inf lse and zero gradients (never NaN)."""
+    B, H, Lq, Lk, D = 1, 2, 20, 30, 16
+    mask = torch.ones(B, H, Lq, Lk, dtype=torch.bool)
+    mask[:, :, 3] = False
+    mask[:, 1, 10:15] = False
+    _check(dtype, B, H, H, Lq, Lk, D, mask=mask)
+    q, k, v = make_inputs((B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), dtype=dtype)
+    out = fused_attn.functional.attention(q, k, v, attn_mask=mask, backend="cpu")
+    out.sum().backward()
+    assert torch.all(out[:, :, 3] == 0) and torch.all(q.grad[:, :, 3] == 0)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    _, lse = torch.ops.fused_attn_C.attention_fwd(q.detach(), k.detach(), v.detach(), mask, False, 0.0, 0.25, 0, 0)
+    assert torch.all(lse[:, :, 3] == float("inf")) and torch.all(lse[:, 1, 10:15] == float("inf"))
+    assert torch.isfinite(lse[:, 0, 4:]).all()
+
+
+def test_causal_with_more_queries_than_keys():
+    # top-left causal with Lq > Lk: rows i >= Lk see every key; with a mask killing key 0, row 0 is empty
+    mask = torch.ones(1, 1, 1, 20, dtype=torch.bool)
+    mask[..., 0] = False
+    _check(torch.float32, 1, 2, 2, 45, 20, 16, causal=True, mask=mask)
+
+
+# ---- dropout ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_reference(dtype, causal):
+    _check(dtype, 2, 4, 2, 67, 75, 32, causal=causal, dropout_p=0.3, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_mask_is_the_shared_hash(dtype):
+    """With v = identity, out * (1 - p) * rowsum is the keep mask times P: compare it bit for bit."""
+    B, H, L, p = 2, 3, 40, 0.25
+    seed, offset = 987654321987, 5000
+    q, k = make_inputs((B, H, L, 8), (B, H, L, 8), dtype=dtype, requires_grad=False)
+    v = torch.eye(L, dtype=dtype).expand(B, H, L, L)
+    out, _ = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, False, p, 0.5, seed, offset)
+    kept = out != 0
+    expect = fused_attn.testing.reconstruct_dropout_mask(seed, offset, p, B * H * L, L).reshape(B, H, L, L)
+    assert torch.equal(kept, expect)
+    rate = 1 - kept.double().mean().item()
+    assert abs(rate - p) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_same_rng_same_result(dtype):
+    q, k, v = make_inputs((1, 2, 30, 16), (1, 2, 30, 16), (1, 2, 30, 16), dtype=dtype, requires_grad=False)
+    a = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.5, 0.25, torch.tensor([3, 4]), "cpu")[0]
+    b = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.5, 0.25, torch.tensor([3, 4]), "cpu")[0]
+    c = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.5, 0.25, torch.tensor([3, 5]), "cpu")[0]
+    r = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.5, 0.25, torch.tensor([3, 4]), "reference")[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a, r)
+
+
+# ---- empty sizes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B,H,Lq,Lk", [(1, 2, 0, 5), (1, 2, 5, 0), (0, 2, 5, 5), (1, 2, 0, 0)])
+def test_empty(B, H, Lq, Lk):
+    q, k, v = make_inputs((B, H, Lq, 8), (B, H, Lk, 8), (B, H, Lk, 8))
+    out = fused_attn.functional.attention(q, k, v, backend="cpu")
+    assert out.shape == (B, H, Lq, 8) and torch.all(out == 0)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and torch.all(t.grad == 0)
+    _, lse = torch.ops.fused_attn_C.attention_fwd(q.detach(), k.detach(), v.detach(), None, False, 0.0, 1.0, 0, 0)
+    assert lse.shape == (B, H, Lq) and torch.all(lse == float("inf"))
+
+
+# ---- gradcheck (float64) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["plain", "causal_gqa", "additive_mask", "bool_mask", "dropout", "dv_differs"])
+def test_gradcheck(case):
+    gen = torch.Generator().manual_seed(2)
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
+    B, Hq, Hkv, Lq, Lk, D, Dv = 1, 2, 2, 5, 7, 4, 4
+    causal, mask, p = False, None, 0.0
+    if case == "causal_gqa":
+        Hq, Hkv, Lq, Lk, causal = 4, 2, 7, 5, True
+    elif case == "additive_mask":
+        mask = t(1, Hq, Lq, 1)
+        causal = True
+    elif case == "bool_mask":
+        mask = torch.rand(B, 1, Lq, Lk, generator=gen) > 0.3
+        mask[..., 0, :] = False
+    elif case == "dropout":
+        p = 0.3
+    elif case == "dv_differs":
+        Dv = 3
+    q, k, v = t(B, Hq, Lq, D), t(B, Hkv, Lk, D), t(B, Hkv, Lk, Dv)
+    rng = torch.tensor([77, 3])
+
+    def fn(q, k, v, mask):
+        return AttentionFunction.apply(q, k, v, mask, causal, p, 0.5, rng if p > 0 else None, "cpu")
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+def test_float64_matches_reference_tightly():
+    """The float64 backward recomputes the log-sum-exp in float64, so it meets the tight float64 floor."""
+    mask = make_inputs((1, 2, 1, 40), dtype=torch.float64, seed=3)[0]
+    _check(torch.float64, 2, 2, 1, 33, 40, 16, causal=True, mask=mask)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def _good():
+    q, k, v = make_inputs((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8), requires_grad=False)
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", [
+    "q_3d", "k_dtype", "int_dtype", "batch", "head_dim", "heads_not_multiple", "kv_len", "mask_shape", "mask_dtype",
+    "mask_3d", "dropout_p", "scale_nan",
+])
+def test_forward_bad_input_raises(case):
+    q, k, v = _good()
+    mask, p, scale = None, 0.0, 0.5
+    if case == "q_3d":
+        q = q[0]
+    elif case == "k_dtype":
+        k = k.double()
+    elif case == "int_dtype":
+        q, k, v = q.int(), k.int(), v.int()
+    elif case == "batch":
+        k, v = k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)
+    elif case == "head_dim":
+        k = k[..., :4]
+    elif case == "heads_not_multiple":
+        q = torch.randn(1, 3, 5, 8)
+    elif case == "kv_len":
+        v = v[:, :, :4]
+    elif case == "mask_shape":
+        mask = torch.ones(1, 2, 5, 5, dtype=torch.bool)
+    elif case == "mask_dtype":
+        mask = torch.ones(1, 2, 5, 6, dtype=torch.float64)
+    elif case == "mask_3d":
+        mask = torch.ones(2, 5, 6, dtype=torch.bool)
+    elif case == "dropout_p":
+        p = 1.0
+    elif case == "scale_nan":
+        scale = float("nan")
+    with pytest.raises(RuntimeError):
+        torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, False, p, scale, 0, 0)
+
+
+@pytest.mark.parametrize("case", ["lse_dtype", "lse_shape", "dout_shape", "out_dtype", "mask_grad_bool", "mask_grad_none"])
+def test_backward_bad_input_raises(case):
+    q, k, v = _good()
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, False, 0.0, 0.5, 0, 0)
+    dout, mask, mask_grad = torch.randn_like(out), None, False
+    if case == "lse_dtype":
+        lse = lse.double()
+    elif case == "lse_shape":
+        lse = lse[..., :3]
+    elif case == "dout_shape":
+        dout = dout[..., :4]
+    elif case == "out_dtype":
+        out = out.double()
+    elif case == "mask_grad_bool":
+        mask, mask_grad = torch.ones(1, 2, 5, 6, dtype=torch.bool), True
+    elif case == "mask_grad_none":
+        mask_grad = True
+    with pytest.raises(RuntimeError):
+        torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, False, 0.0, 0.5, 0, 0, mask_grad)
+
+
+def test_inputs_not_modified():
+    q, k, v = make_inputs((1, 2, 20, 8), (1, 2, 20, 8), (1, 2, 20, 8))
+    mask = make_inputs((1, 2, 20, 20), seed=4)[0]
+    copies = [t.detach().clone() for t in (q, k, v, mask)]
+    fused_attn.functional.attention(q, k, v, attn_mask=mask, causal=True, backend="cpu").sum().backward()
+    for t, c in zip((q, k, v, mask), copies):
+        assert torch.equal(t.detach(), c)
+
+
+# ---- memory: no L x L buffer ------------------------------------------------------------------
+
+def test_long_sequence_has_no_quadratic_buffer():
+    """Forward + backward at L = 8192 (B = H = 1, D = 64) in a fresh process: its peak RSS grows
+    by far less than one L x L float32 matrix (256 MB), which an unfused kernel would allocate."""
+    script = textwrap.dedent("""
+        import resource, torch, fused_attn
+        torch.set_num_threads(2)
+        L, D = 8192, 64
+        q, k, v = (torch.randn(1, 1, L, D, requires_grad=True) for _ in range(3))
+        warm = fused_attn.functional.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], backend="cpu")
+        warm.sum().backward()
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = fused_attn.functional.attention(q, k, v, causal=True, backend="cpu")
+        out.sum().backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((peak - base) * 1024)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    grown = int(res.stdout.strip().splitlines()[-1])
+    l_by_l = 8192 * 8192 * 4
+    assert grown < l_by_l / 4, f"peak RSS grew by {grown / 2**20:.1f} MB during L=8192 attention"

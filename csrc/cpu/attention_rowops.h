@@ -46,11 +46,11 @@ FA_INLINE f8 splat(float x) { return f8{x, x, x, x, x, x, x, x}; }
 // exp(x) for 8 floats, about 2 ulp (Cephes' expf): x = n ln2 + r with |r| <= ln2/2,
 // exp(x) = 2^n exp(r), exp(r) by a degree-7 polynomial. n is rounded with the 1.5 * 2^23 trick
 // (its integer value then sits in the low mantissa bits, which also gives 2^n by a shift).
-// Inputs below -87.3 (including -inf, the masked scores) give exactly 0. Inputs here are
+// Inputs below -87.3 (including -inf, the masked scores) give exactly 0; NaN stays NaN. Inputs here are
 // scores minus their row max or log-sum-exp, so at most a few ulp above 0: no upper clamp.
 FA_INLINE f8 exp8(f8 x) {
   const f8 lo = splat(-87.33654475f);
-  const i8 alive = x >= lo;  // all-ones lanes where the result is not flushed to 0
+  const i8 flushed = x < lo;  // all-ones lanes flushed to 0 (NaN is not: it propagates)
   x = x < lo ? lo : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23
   f8 t = x * splat(1.44269504088896341f) + splat(magic);
@@ -72,7 +72,7 @@ FA_INLINE f8 exp8(f8 x) {
   f8 out = y * scale;
   i8 bits;
   std::memcpy(&bits, &out, sizeof(bits));
-  bits &= alive;
+  bits &= ~flushed;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }

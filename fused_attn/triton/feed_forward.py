@@ -90,7 +90,7 @@ def _activation(z, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
     relu:          max(z, 0);                           act' = [z > 0]   (torch's convention at 0)
     """
     if ACT == 0:
-        a = tl.maximum(z, 0.0)
+        a = tl.where(z < 0.0, 0.0, z)  # not tl.maximum: NaN must propagate, as torch.relu does
         da = tl.where(z > 0.0, 1.0, 0.0)
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))

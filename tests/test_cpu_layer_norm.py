@@ -49,10 +49,16 @@ def _inputs(n, d, dtype, residual=True, weight=True, bias=True, seed=0):
     return [x, r if residual else None, w if weight else None, b if bias else None]
 
 
+# Every (rows, hidden) pair of {1, 3, 1025} x {1, 7, 64, 1000, 4097}; the largest only as LayerNorm
+# (RMSNorm shares the code path, and the float64 oracle run of 4M elements is the slow part).
+SHAPES = [(n, d) for n in (1, 3, 1025) for d in (1, 7, 64, 1000, 4097)]
+
+
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("d", [1, 7, 64, 1000, 4097])
-@pytest.mark.parametrize("n", [1, 3, 1025])
+@pytest.mark.parametrize("n,d", SHAPES)
 def test_shapes_float32(n, d, rms):
+    if rms and (n, d) == (1025, 4097):
+        pytest.skip("covered by the LayerNorm case of this shape and by the smaller RMSNorm shapes")
     check_against_reference(_fused(rms, True), _reference(rms, True), _inputs(n, d, torch.float32),
                             names=["x", "residual", "weight", "bias"])
 
@@ -65,7 +71,7 @@ def test_shapes_half(n, d, rms, dtype):
                             names=["x", "residual", "weight", "bias"])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("prenorm", [False, True], ids=["plain", "prenorm"])
 @pytest.mark.parametrize("residual,weight,bias", [(r, w, b) for r in (0, 1) for w in (0, 1) for b in (0, 1)])

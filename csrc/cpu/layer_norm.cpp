@@ -22,7 +22,6 @@
 #include "cpu_common.h"
 
 namespace fused_attn::cpu {
-namespace {
 
 struct LnOptions {
   double eps;
@@ -31,168 +30,42 @@ struct LnOptions {
   uint64_t seed, offset;
 };
 
-template <typename scalar_t, typename res_t, typename sum_t>
-void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* weight,
-                           const at::Tensor* bias, const LnOptions& opt, at::Tensor& out, at::Tensor& summed,
-                           at::Tensor& mean, at::Tensor& rstd) {
-  using A = acc_t<scalar_t>;
-  const int64_t N = x.size(0), d = x.size(1);
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  const int64_t x_stride = x.stride(0);
-  const res_t* r_ptr = residual ? residual->const_data_ptr<res_t>() : nullptr;
-  const int64_t r_stride = residual ? residual->stride(0) : 0;
-  // Weight and bias converted once to the accumulation type, shared by all threads.
-  std::vector<A> w_acc, b_acc;
-  if (weight) {
-    w_acc.resize(d);
-    load_row(weight->const_data_ptr<scalar_t>(), w_acc.data(), d);
-  }
-  if (bias) {
-    b_acc.resize(d);
-    load_row(bias->const_data_ptr<scalar_t>(), b_acc.data(), d);
-  }
-  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-  sum_t* s_ptr = summed.mutable_data_ptr<sum_t>();
-  float* mean_ptr = opt.rms ? nullptr : mean.mutable_data_ptr<float>();
-  float* rstd_ptr = rstd.mutable_data_ptr<float>();
-  const bool dropout = opt.dropout_p > 0.0;
-  const uint32_t threshold = fused_attn::dropout_threshold(opt.dropout_p);
-  const A keep_scale = static_cast<A>(1.0 / (1.0 - opt.dropout_p));
-  const A inv_d = A(1) / static_cast<A>(std::max<int64_t>(d, 1));
-  const A eps = static_cast<A>(opt.eps);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+namespace isa_default {
+namespace {
+#include "layer_norm_kernels.h"
+}  // namespace
+}  // namespace isa_default
+}  // namespace fused_attn::cpu
 
-  at::parallel_for(0, N, grain, [&](int64_t row0, int64_t row1) {
-    std::vector<A> scratch(2 * d);
-    A* buf = scratch.data();
-    A* aux = buf + d;  // residual row or dropout multipliers
-    for (int64_t n = row0; n < row1; ++n) {
-      load_row(x_ptr + n * x_stride, buf, d);
-      if (dropout) {
-        dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
-        for (int64_t c = 0; c < d; ++c) buf[c] *= aux[c];
-      }
-      if (r_ptr) {
-        load_row(r_ptr + n * r_stride, aux, d);
-        for (int64_t c = 0; c < d; ++c) buf[c] += aux[c];
-      }
-      // The stored sum is what backward sees; normalise exactly that (rounded) value.
-      store_row(buf, s_ptr + n * d, d);
-      round_row_through<sum_t>(buf, d);
+#if defined(FUSED_ATTN_AVX2_CLONES)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace fused_attn::cpu::isa_avx2 {
+namespace {
+#include "layer_norm_kernels.h"
+}  // namespace
+}  // namespace fused_attn::cpu::isa_avx2
+#pragma GCC pop_options
+#endif
 
-      A mu = 0, var;
-      if (opt.rms) {
-        var = row_dot(buf, buf, d) * inv_d;
-      } else {
-        mu = row_sum(buf, d) * inv_d;
-        for (int64_t c = 0; c < d; ++c) aux[c] = buf[c] - mu;
-        var = row_dot(aux, aux, d) * inv_d;
-      }
-      const A rs = A(1) / std::sqrt(var + eps);
-      if (mean_ptr) mean_ptr[n] = static_cast<float>(mu);
-      rstd_ptr[n] = static_cast<float>(rs);
+namespace fused_attn::cpu {
+namespace {
 
-      if (w_acc.empty() && b_acc.empty()) {
-        for (int64_t c = 0; c < d; ++c) buf[c] = (buf[c] - mu) * rs;
-      } else if (b_acc.empty()) {
-        for (int64_t c = 0; c < d; ++c) buf[c] = (buf[c] - mu) * rs * w_acc[c];
-      } else if (w_acc.empty()) {
-        for (int64_t c = 0; c < d; ++c) buf[c] = (buf[c] - mu) * rs + b_acc[c];
-      } else {
-        for (int64_t c = 0; c < d; ++c) buf[c] = (buf[c] - mu) * rs * w_acc[c] + b_acc[c];
-      }
-      store_row(buf, out_ptr + n * d, d);
-    }
-  });
+// The AVX2 copy of a kernel when the CPU has it, else the baseline one.
+template <typename scalar_t, typename res_t, typename sum_t, typename... Args>
+void layer_norm_fwd(Args&&... args) {
+#if defined(FUSED_ATTN_AVX2_CLONES)
+  if (cpu_has_avx2_fma()) return isa_avx2::layer_norm_fwd_kernel<scalar_t, res_t, sum_t>(args...);
+#endif
+  isa_default::layer_norm_fwd_kernel<scalar_t, res_t, sum_t>(args...);
 }
 
-template <typename scalar_t, typename sum_t>
-void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, const at::Tensor& summed,
-                           const at::Tensor* weight, bool has_bias, const at::Tensor& mean, const at::Tensor& rstd,
-                           const LnOptions& opt, at::Tensor& dsum, at::Tensor* dx, at::Tensor* dweight,
-                           at::Tensor* dbias) {
-  using A = acc_t<scalar_t>;
-  const int64_t N = summed.size(0), d = summed.size(1);
-  const scalar_t* g_ptr = dout.const_data_ptr<scalar_t>();
-  const int64_t g_stride = dout.stride(0);
-  const sum_t* ds_in_ptr = dsummed ? dsummed->const_data_ptr<sum_t>() : nullptr;
-  const int64_t ds_in_stride = dsummed ? dsummed->stride(0) : 0;
-  const sum_t* s_ptr = summed.const_data_ptr<sum_t>();
-  const int64_t s_stride = summed.stride(0);
-  const float* mean_ptr = opt.rms ? nullptr : mean.const_data_ptr<float>();
-  const float* rstd_ptr = rstd.const_data_ptr<float>();
-  std::vector<A> w_acc;
-  if (weight) {
-    w_acc.resize(d);
-    load_row(weight->const_data_ptr<scalar_t>(), w_acc.data(), d);
-  }
-  sum_t* dsum_ptr = dsum.mutable_data_ptr<sum_t>();
-  scalar_t* dx_ptr = dx ? dx->mutable_data_ptr<scalar_t>() : nullptr;
-  const bool want_dw = dweight != nullptr, want_db = has_bias;
-  const uint32_t threshold = fused_attn::dropout_threshold(opt.dropout_p);
-  const A keep_scale = static_cast<A>(1.0 / (1.0 - opt.dropout_p));
-  const A inv_d = A(1) / static_cast<A>(std::max<int64_t>(d, 1));
-  const A eps = static_cast<A>(opt.eps);
-
-  const RowChunks chunks = fixed_row_chunks(N);
-  std::vector<A> dw_part(want_dw ? chunks.count * d : 0, A(0));
-  std::vector<A> db_part(want_db ? chunks.count * d : 0, A(0));
-
-  at::parallel_for(0, chunks.count, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<A> scratch(3 * d);
-    A* xhat = scratch.data();
-    A* g = xhat + d;
-    A* aux = g + d;
-    for (int64_t k = k0; k < k1; ++k) {
-      A* dw = want_dw ? dw_part.data() + k * d : nullptr;
-      A* db = want_db ? db_part.data() + k * d : nullptr;
-      for (int64_t n = chunks.begin(k); n < chunks.end(k, N); ++n) {
-        load_row(s_ptr + n * s_stride, xhat, d);
-        load_row(g_ptr + n * g_stride, g, d);
-        A mu, rs;
-        if constexpr (std::is_same_v<A, double>) {
-          // float64 (gradcheck): the saved float32 statistics are not exact enough; recompute.
-          mu = opt.rms ? 0.0 : row_sum(xhat, d) * inv_d;
-          for (int64_t c = 0; c < d; ++c) aux[c] = xhat[c] - mu;
-          rs = 1.0 / std::sqrt(row_dot(aux, aux, d) * inv_d + eps);
-        } else {
-          mu = mean_ptr ? static_cast<A>(mean_ptr[n]) : A(0);
-          rs = static_cast<A>(rstd_ptr[n]);
-        }
-        for (int64_t c = 0; c < d; ++c) xhat[c] = (xhat[c] - mu) * rs;
-        if (dw) {
-          for (int64_t c = 0; c < d; ++c) dw[c] += g[c] * xhat[c];
-        }
-        if (db) {
-          for (int64_t c = 0; c < d; ++c) db[c] += g[c];
-        }
-        if (!w_acc.empty()) {
-          for (int64_t c = 0; c < d; ++c) g[c] *= w_acc[c];
-        }
-        const A mean_gx = row_dot(g, xhat, d) * inv_d;
-        if (opt.rms) {
-          for (int64_t c = 0; c < d; ++c) g[c] = rs * (g[c] - xhat[c] * mean_gx);
-        } else {
-          const A mean_g = row_sum(g, d) * inv_d;
-          for (int64_t c = 0; c < d; ++c) g[c] = rs * (g[c] - mean_g - xhat[c] * mean_gx);
-        }
-        if (ds_in_ptr) {
-          load_row(ds_in_ptr + n * ds_in_stride, aux, d);
-          for (int64_t c = 0; c < d; ++c) g[c] += aux[c];
-        }
-        store_row(g, dsum_ptr + n * d, d);
-        if (dx_ptr) {
-          // dx = dsum (as stored) * keep/(1-p)
-          round_row_through<sum_t>(g, d);
-          dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
-          for (int64_t c = 0; c < d; ++c) g[c] *= aux[c];
-          store_row(g, dx_ptr + n * d, d);
-        }
-      }
-    }
-  });
-  if (want_dw) reduce_partials(dw_part.data(), chunks.count, d, dweight->mutable_data_ptr<scalar_t>());
-  if (want_db) reduce_partials(db_part.data(), chunks.count, d, dbias->mutable_data_ptr<scalar_t>());
+template <typename scalar_t, typename sum_t, bool kHasW, bool kDw, bool kDb, typename... Args>
+void layer_norm_bwd(Args&&... args) {
+#if defined(FUSED_ATTN_AVX2_CLONES)
+  if (cpu_has_avx2_fma()) return isa_avx2::layer_norm_bwd_kernel<scalar_t, sum_t, kHasW, kDw, kDb>(args...);
+#endif
+  isa_default::layer_norm_bwd_kernel<scalar_t, sum_t, kHasW, kDw, kDb>(args...);
 }
 
 void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t d) {
@@ -252,11 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
     const bool res_fp32 = r && r->scalar_type() == at::kFloat && dtype != at::kFloat;
     if (residual_in_fp32) {
       if (res_fp32)
-        layer_norm_fwd_kernel<scalar_t, float, float>(x, r, wp, bp, opt, out, summed, mean, rstd);
+        layer_norm_fwd<scalar_t, float, float>(x, r, wp, bp, opt, out, summed, mean, rstd);
       else
-        layer_norm_fwd_kernel<scalar_t, scalar_t, float>(x, r, wp, bp, opt, out, summed, mean, rstd);
+        layer_norm_fwd<scalar_t, scalar_t, float>(x, r, wp, bp, opt, out, summed, mean, rstd);
     } else {
-      layer_norm_fwd_kernel<scalar_t, scalar_t, scalar_t>(x, r, wp, bp, opt, out, summed, mean, rstd);
+      layer_norm_fwd<scalar_t, scalar_t, scalar_t>(x, r, wp, bp, opt, out, summed, mean, rstd);
     }
   });
   return {out, summed, mean, rstd};
@@ -312,9 +185,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   FUSED_ATTN_DISPATCH_FLOATING(x_dtype, "layer_norm_residual_bwd", [&] {
     auto run = [&](auto sum_tag) {
       using sum_t = decltype(sum_tag);
-      layer_norm_bwd_kernel<scalar_t, sum_t>(dout, ds_in, summed, w ? &*w : nullptr, bias.has_value(), mean_c,
-                                             rstd_c, opt, dsum, dropout_p > 0.0 ? &dx : nullptr,
-                                             weight ? &dweight : nullptr, bias ? &dbias : nullptr);
+      const at::Tensor* wp = w ? &*w : nullptr;
+      at::Tensor* dxp = dropout_p > 0.0 ? &dx : nullptr;
+      at::Tensor* dwp = weight ? &dweight : nullptr;
+      at::Tensor* dbp = bias ? &dbias : nullptr;
+      // weight present => dweight wanted; the three flags are compile-time in the row pass.
+      if (weight && bias)
+        layer_norm_bwd<scalar_t, sum_t, true, true, true>(dout, ds_in, summed, wp, mean_c, rstd_c, opt, dsum, dxp, dwp, dbp);
+      else if (weight)
+        layer_norm_bwd<scalar_t, sum_t, true, true, false>(dout, ds_in, summed, wp, mean_c, rstd_c, opt, dsum, dxp, dwp, dbp);
+      else if (bias)
+        layer_norm_bwd<scalar_t, sum_t, false, false, true>(dout, ds_in, summed, wp, mean_c, rstd_c, opt, dsum, dxp, dwp, dbp);
+      else
+        layer_norm_bwd<scalar_t, sum_t, false, false, false>(dout, ds_in, summed, wp, mean_c, rstd_c, opt, dsum, dxp, dwp, dbp);
     };
     if (sum_dtype == x_dtype)
       run(scalar_t{});

@@ -35,7 +35,9 @@ if not env_flag("FUSED_ATTN_NO_EXTENSION"):
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         with_cuda = env_flag("FUSED_ATTN_FORCE_CUDA") or (
             torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cuda_sources))
-        cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+        # -fno-trapping-math (torch itself is built with it) lets GCC turn the branch-free float
+        # selects of the CPU kernels (clamps, relu, dropout keep) into vector blends.
+        cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fno-trapping-math"]
         # ATen's CPU capability macros: at::vec picks AVX2/AVX-512 through ATen's own dispatch, so
         # the build stays portable (no -march=native).
         extra = {"cxx": cxx_flags}

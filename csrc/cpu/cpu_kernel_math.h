@@ -50,7 +50,8 @@ inline void dropout_row_scale(A* mult, int64_t n, uint64_t seed, uint64_t offset
 // Inputs are clamped to [-87.3, 88] so no inf/denormal is produced (e^-87.3 ~ 1.2e-38,
 // e^88 ~ 1.7e38).
 inline float exp_f(float x) {
-  x = std::min(std::max(x, -87.3f), 88.0f);
+  x = x < -87.3f ? -87.3f : x;  // ternaries (not std::min/max) if-convert into vector blends
+  x = x > 88.0f ? 88.0f : x;
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float t = x * kLog2e + kRound;

@@ -40,15 +40,31 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
     A* buf = scratch.data();
     A* aux = buf + d;  // conversion scratch or dropout multipliers
     for (int64_t n = row0; n < row1; ++n) {
-      load_row(x_ptr + n * x_stride, buf, d);
+      const scalar_t* xr = x_ptr + n * x_stride;
+      const res_t* rr = r_ptr ? r_ptr + n * r_stride : nullptr;
+      sum_t* sr = s_ptr + n * d;
+      // One loop: s = dropout(x) + residual, rounded to summed's dtype and stored; the rounded
+      // value (what backward sees) goes to buf for the statistics. No row copies.
+      auto sum_row = [&](const auto* src, auto has_residual) {
+        for (int64_t c = 0; c < d; ++c) {
+          A v = static_cast<A>(src[c]);
+          if constexpr (decltype(has_residual)::value) v += static_cast<A>(rr[c]);
+          const sum_t q = static_cast<sum_t>(v);
+          sr[c] = q;
+          buf[c] = static_cast<A>(q);
+        }
+      };
       if (dropout) {
+        // x * keep/(1-p) in its own loop: rounded before the residual is added, as the
+        // reference does (a fused multiply-add here would change the float32 sum's last bit).
         dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
-        for (int64_t c = 0; c < d; ++c) buf[c] *= aux[c];
+        for (int64_t c = 0; c < d; ++c) aux[c] *= static_cast<A>(xr[c]);
+        if (rr) sum_row(static_cast<const A*>(aux), std::true_type{});
+        else sum_row(static_cast<const A*>(aux), std::false_type{});
+      } else {
+        if (rr) sum_row(xr, std::true_type{});
+        else sum_row(xr, std::false_type{});
       }
-      if (r_ptr) add_row(r_ptr + n * r_stride, buf, aux, d);
-      // The stored sum is what backward sees; normalise exactly that (rounded) value.
-      store_row(buf, s_ptr + n * d, d);
-      round_row_through<sum_t>(buf, d);
 
       A mu = 0, var;
       if (opt.rms) {
@@ -61,24 +77,25 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
       if (mean_ptr) mean_ptr[n] = static_cast<float>(mu);
       rstd_ptr[n] = static_cast<float>(rs);
 
+      scalar_t* orow = out_ptr + n * d;
       if (w && b) {
-        for (int64_t c = 0; c < d; ++c) buf[c] = (buf[c] - mu) * rs * w[c] + b[c];
+        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<scalar_t>((buf[c] - mu) * rs * w[c] + b[c]);
       } else if (w) {
-        for (int64_t c = 0; c < d; ++c) buf[c] = (buf[c] - mu) * rs * w[c];
+        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<scalar_t>((buf[c] - mu) * rs * w[c]);
       } else if (b) {
-        for (int64_t c = 0; c < d; ++c) buf[c] = (buf[c] - mu) * rs + b[c];
+        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<scalar_t>((buf[c] - mu) * rs + b[c]);
       } else {
-        for (int64_t c = 0; c < d; ++c) buf[c] = (buf[c] - mu) * rs;
+        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<scalar_t>((buf[c] - mu) * rs);
       }
-      store_row(buf, out_ptr + n * d, d);
     }
   });
 }
 
-// One vectorised pass over a row of the backward: xhat = (s - mu) * rstd (stored over s),
-// g = dout * w (stored over dout), dw += dout * xhat, db += dout; returns (sum g, sum g * xhat).
+// One vectorised pass over a row of the backward (s, g_in: the summed and dout rows):
+// xhat = (s - mu) * rstd, g = dout * w, dw += dout * xhat, db += dout; returns (sum g, sum g * xhat).
 template <typename A, bool kHasW, bool kDw, bool kDb>
-inline std::pair<A, A> ln_bwd_row_pass(A* s, A* g, const A* w, A* dw, A* db, A mu, A rs, int64_t d) {
+inline std::pair<A, A> ln_bwd_row_pass(const A* s, const A* g_in, A* xhat, A* g, const A* w, A* dw, A* db, A mu,
+                                        A rs, int64_t d) {
   int64_t c = 0;
   A sg = 0, sgx = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
@@ -87,14 +104,12 @@ inline std::pair<A, A> ln_bwd_row_pass(A* s, A* g, const A* w, A* dw, A* db, A m
   auto sum_g = lanes_splat<A>(0), sum_gx = lanes_splat<A>(0);
   for (; c + L::size <= d; c += L::size) {
     const auto xh = (lanes_load(s + c) - vmu) * vrs;
-    lanes_store(s + c, xh);
-    auto gv = lanes_load(g + c);
+    lanes_store(xhat + c, xh);
+    auto gv = lanes_load(g_in + c);
     if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + gv * xh);
     if constexpr (kDb) lanes_store(db + c, lanes_load(db + c) + gv);
-    if constexpr (kHasW) {
-      gv = gv * lanes_load(w + c);
-      lanes_store(g + c, gv);
-    }
+    if constexpr (kHasW) gv = gv * lanes_load(w + c);
+    lanes_store(g + c, gv);
     sum_g += gv;
     sum_gx += gv * xh;
   }
@@ -103,14 +118,12 @@ inline std::pair<A, A> ln_bwd_row_pass(A* s, A* g, const A* w, A* dw, A* db, A m
 #endif
   for (; c < d; ++c) {
     const A xh = (s[c] - mu) * rs;
-    s[c] = xh;
-    A gv = g[c];
+    xhat[c] = xh;
+    A gv = g_in[c];
     if constexpr (kDw) dw[c] += gv * xh;
     if constexpr (kDb) db[c] += gv;
-    if constexpr (kHasW) {
-      gv *= w[c];
-      g[c] = gv;
-    }
+    if constexpr (kHasW) gv *= w[c];
+    g[c] = gv;
     sg += gv;
     sgx += gv * xh;
   }
@@ -157,30 +170,55 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
       A* dw = kDw ? dw_part.data() + k * d : nullptr;
       A* db = kDb ? db_part.data() + k * d : nullptr;
       for (int64_t n = chunks.begin(k); n < chunks.end(k, N); ++n) {
-        load_row(s_ptr + n * s_stride, xhat, d);
-        load_row(g_ptr + n * g_stride, g, d);
+        // Rows already in the accumulation type are read in place; others are converted once.
+        const A* s_in;
+        const A* g_in;
+        if constexpr (std::is_same_v<sum_t, A>) {
+          s_in = s_ptr + n * s_stride;
+        } else {
+          load_row(s_ptr + n * s_stride, xhat, d);
+          s_in = xhat;
+        }
+        if constexpr (std::is_same_v<scalar_t, A>) {
+          g_in = g_ptr + n * g_stride;
+        } else {
+          load_row(g_ptr + n * g_stride, g, d);
+          g_in = g;
+        }
         A mu, rs;
         if constexpr (std::is_same_v<A, double>) {
           // float64 (gradcheck): the saved float32 statistics are not exact enough; recompute.
-          mu = opt.rms ? 0.0 : row_sum(xhat, d) * inv_d;
-          rs = 1.0 / std::sqrt(row_sq_dev(xhat, mu, d) * inv_d + eps);
+          mu = opt.rms ? 0.0 : row_sum(s_in, d) * inv_d;
+          rs = 1.0 / std::sqrt(row_sq_dev(s_in, mu, d) * inv_d + eps);
         } else {
           mu = mean_ptr ? static_cast<A>(mean_ptr[n]) : A(0);
           rs = static_cast<A>(rstd_ptr[n]);
         }
-        const auto [sum_g, sum_gx] =
-            ln_bwd_row_pass<A, kHasW, kDw, kDb>(xhat, g, kHasW ? w_acc.data() : nullptr, dw, db, mu, rs, d);
+        const auto [sum_g, sum_gx] = ln_bwd_row_pass<A, kHasW, kDw, kDb>(
+            s_in, g_in, xhat, g, kHasW ? w_acc.data() : nullptr, dw, db, mu, rs, d);
         const A mean_gx = sum_gx * inv_d;
         const A mean_g = opt.rms ? A(0) : sum_g * inv_d;
-        for (int64_t c = 0; c < d; ++c) g[c] = rs * (g[c] - mean_g - xhat[c] * mean_gx);
-        if (ds_in_ptr) add_row(ds_in_ptr + n * ds_in_stride, g, aux, d);
-        store_row(g, dsum_ptr + n * d, d);
-        if (dx_ptr) {
-          // dx = dsum (as stored) * keep/(1-p)
-          round_row_through<sum_t>(g, d);
+        // dsum = rstd * (g - mean(g) - xhat * mean(g xhat)) + dsummed, stored in summed's dtype;
+        // g keeps the stored (rounded) value for dx.
+        sum_t* dsr = dsum_ptr + n * d;
+        if (ds_in_ptr) {
+          const sum_t* dsin = ds_in_ptr + n * ds_in_stride;
+          for (int64_t c = 0; c < d; ++c) {
+            const sum_t q = static_cast<sum_t>(rs * (g[c] - mean_g - xhat[c] * mean_gx) + static_cast<A>(dsin[c]));
+            dsr[c] = q;
+            g[c] = static_cast<A>(q);
+          }
+        } else {
+          for (int64_t c = 0; c < d; ++c) {
+            const sum_t q = static_cast<sum_t>(rs * (g[c] - mean_g - xhat[c] * mean_gx));
+            dsr[c] = q;
+            g[c] = static_cast<A>(q);
+          }
+        }
+        if (dx_ptr) {  // dx = dsum * keep/(1-p)
           dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
-          for (int64_t c = 0; c < d; ++c) g[c] *= aux[c];
-          store_row(g, dx_ptr + n * d, d);
+          scalar_t* dxr = dx_ptr + n * d;
+          for (int64_t c = 0; c < d; ++c) dxr[c] = static_cast<scalar_t>(g[c] * aux[c]);
         }
       }
     }

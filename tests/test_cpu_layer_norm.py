@@ -1,0 +1,232 @@
+"""The C++ CPU residual-add + LayerNorm / RMSNorm kernels against the float64 reference."""
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import _extension
+from fused_attn import reference as R
+from fused_attn.testing import check_against_reference, make_inputs
+
+_REASON = fused_attn.extension_error() or (
+    None if _extension.has_kernel("layer_norm_residual_fwd", "CPU") else "fused_attn._C has no CPU layer_norm kernel")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ CPU backend unavailable: {_REASON}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _fused(rms, prenorm, dropout_p=0.0, residual_in_fp32=False, seed=None, eps=1e-5):
+    def fn(x, residual, weight, bias):
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        return fused_attn.layer_norm_residual(x, residual, weight, bias, eps, dropout_p=dropout_p, prenorm=prenorm,
+                                              rms=rms, residual_in_fp32=residual_in_fp32, backend="cpu",
+                                              generator=gen)
+    return fn
+
+
+def _reference(rms, prenorm, dropout_p=0.0, residual_in_fp32=False, seed=None, eps=1e-5):
+    rng = None
+    if seed is not None:  # the (seed, offset) the functional API draws from a generator seeded alike
+        rng = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=torch.Generator().manual_seed(seed)).tolist())
+
+    def fn(x, residual, weight, bias):
+        # In the float64 oracle run the sum stays float64 (the ideal), not float32.
+        fp32 = residual_in_fp32 and x.dtype != torch.float64
+        if fp32 and x.dtype != torch.float32:
+            # reference.layer_norm_residual hands a float32 sum with half-precision weights to
+            # F.layer_norm, which refuses mixed dtypes; the kernels compute this affine in float32.
+            weight = None if weight is None else weight.float()
+            bias = None if bias is None else bias.float()
+        return R.layer_norm_residual(x, residual, weight, bias, eps, dropout_p=dropout_p, prenorm=prenorm, rms=rms,
+                                     residual_in_fp32=fp32, rng=rng)
+    return fn
+
+
+def _inputs(n, d, dtype, residual=True, weight=True, bias=True, seed=0):
+    x, r, w, b = make_inputs((n, d), (n, d), (d,), (d,), dtype=dtype, seed=seed)
+    with torch.no_grad():  # weights around 1, biases small: a realistic affine
+        w.mul_(0.25).add_(1.0)
+        b.mul_(0.1)
+    return [x, r if residual else None, w if weight else None, b if bias else None]
+
+
+# Every (rows, hidden) pair of {1, 3, 1025} x {1, 7, 64, 1000, 4097}; the largest only as LayerNorm
+# (RMSNorm shares the code path, and the float64 oracle run of 4M elements is the slow part).
+SHAPES = [(n, d) for n in (1, 3, 1025) for d in (1, 7, 64, 1000, 4097)]
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_shapes_float32(n, d, rms):
+    if rms and (n, d) == (1025, 4097):
+        pytest.skip("covered by the LayerNorm case of this shape and by the smaller RMSNorm shapes")
+    check_against_reference(_fused(rms, True), _reference(rms, True), _inputs(n, d, torch.float32),
+                            names=["x", "residual", "weight", "bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("n,d", [(1, 1), (3, 7), (1025, 64), (3, 1000), (1, 4097), (97, 4097)])
+def test_shapes_half(n, d, rms, dtype):
+    check_against_reference(_fused(rms, True), _reference(rms, True), _inputs(n, d, dtype),
+                            names=["x", "residual", "weight", "bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("prenorm", [False, True], ids=["plain", "prenorm"])
+@pytest.mark.parametrize("residual,weight,bias", [(r, w, b) for r in (0, 1) for w in (0, 1) for b in (0, 1)])
+def test_optional_inputs(residual, weight, bias, prenorm, rms, dtype):
+    inputs = _inputs(17, 100, dtype, residual=residual, weight=weight, bias=bias)
+    check_against_reference(_fused(rms, prenorm), _reference(rms, prenorm), inputs,
+                            names=["x", "residual", "weight", "bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("residual_dtype", ["fp32", "same"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_residual_in_fp32(dtype, residual_dtype, rms):
+    x, r, w, b = _inputs(33, 130, dtype)
+    if residual_dtype == "fp32":
+        r = r.detach().float().requires_grad_()
+    out, summed = _fused(rms, True, residual_in_fp32=True)(x, r, w, b)
+    assert out.dtype == dtype and summed.dtype == torch.float32
+    check_against_reference(_fused(rms, True, residual_in_fp32=True), _reference(rms, True, residual_in_fp32=True),
+                            [x, r, w, b], names=["x", "residual", "weight", "bias"])
+    # The gradients come back in each input's own dtype.
+    out, summed = _fused(rms, True, residual_in_fp32=True)(x, r, w, b)
+    (out.float().sum() + summed.sum()).backward()
+    assert x.grad.dtype == dtype and r.grad.dtype == r.dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("residual_in_fp32", [False, True], ids=["sum-in-dtype", "sum-in-fp32"])
+def test_dropout_matches_reference(dtype, rms, residual_in_fp32):
+    p, seed = 0.3, 1234
+    inputs = _inputs(37, 257, dtype)
+    check_against_reference(_fused(rms, True, p, residual_in_fp32, seed), _reference(rms, True, p, residual_in_fp32, seed),
+                            inputs, names=["x", "residual", "weight", "bias"])
+
+
+def test_dropout_mask_is_exact():
+    """The dropped positions are exactly the reference's (the counter hash is bit-exact), and in
+    float32 the sum itself is bit-exact too (same operations in the same order)."""
+    x, r, w, b = [t.detach() if t is not None else None for t in _inputs(64, 300, torch.float32)]
+    rng = torch.tensor([987654321, 4242], dtype=torch.int64)
+    args = (x, r, w, b, 1e-5, 0.5, False, False, rng)
+    out_c, sum_c, mean_c, rstd_c = torch.ops.fused_attn.layer_norm_residual_fwd(*args, "cpu")
+    out_r, sum_r, mean_r, rstd_r = torch.ops.fused_attn.layer_norm_residual_fwd(*args, "reference")
+    assert torch.equal(sum_c, sum_r)
+    dropped = sum_c == r
+    assert 0.4 < dropped.float().mean() < 0.6
+    torch.testing.assert_close(out_c, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean_c, mean_r)
+    torch.testing.assert_close(rstd_c, rstd_r)
+    # Backward: dx is dsum with the same mask, scaled by 1/(1-p).
+    dout = torch.randn_like(x)
+    bargs = (dout, None, sum_c, w, b, mean_c, rstd_c, 1e-5, 0.5, False, rng, torch.float32)
+    dsum, dx, dw, db = torch.ops.fused_attn.layer_norm_residual_bwd(*bargs, "cpu")
+    keep = ~dropped
+    assert torch.equal(dx[~keep], torch.zeros_like(dx[~keep]))
+    torch.testing.assert_close(dx[keep], dsum[keep] * 2.0)
+
+
+def test_no_dropout_dx_is_empty_and_grads_shared():
+    x, r, w, b = [t.detach() for t in _inputs(5, 16, torch.float32)]
+    out, summed, mean, rstd = torch.ops.fused_attn_C.layer_norm_residual_fwd(x, r, w, b, 1e-5, 0.0, False, False, 0, 0)
+    dsum, dx, dw, db = torch.ops.fused_attn_C.layer_norm_residual_bwd(torch.ones_like(x), None, summed, w, b, mean,
+                                                                       rstd, 1e-5, 0.0, False, 0, 0, torch.float32)
+    assert dx.numel() == 0 and dsum.shape == x.shape and dw.shape == (16,) and db.shape == (16,)
+    _, _, dw2, db2 = torch.ops.fused_attn_C.layer_norm_residual_bwd(torch.ones_like(x), None, summed, None, None,
+                                                                     mean, rstd, 1e-5, 0.0, False, 0, 0, torch.float32)
+    assert dw2.numel() == 0 and db2.numel() == 0
+
+
+def test_strided_rows_and_3d_input():
+    base = make_inputs((2, 9, 160), dtype=torch.float32)[0]
+    x = base.detach()[..., 16:80].requires_grad_()  # row stride 160, unit stride along d
+    assert not x.is_contiguous()
+    r, w, b = make_inputs((2, 9, 64), (64,), (64,), seed=3)
+    check_against_reference(_fused(False, True), _reference(False, True), [x, r, w, b],
+                            names=["x", "residual", "weight", "bias"])
+
+
+def test_inputs_not_modified_and_outputs_do_not_alias():
+    x, r, w, b = [t.detach() for t in _inputs(8, 32, torch.bfloat16)]
+    copies = [t.clone() for t in (x, r, w, b)]
+    out, summed = fused_attn.layer_norm_residual(x, r, w, b, prenorm=True, backend="cpu")
+    for t, c in zip((x, r, w, b), copies):
+        assert torch.equal(t, c)
+    # No residual, no dropout: the sum equals x but is its own tensor.
+    out, summed = fused_attn.layer_norm_residual(x, None, w, b, prenorm=True, backend="cpu")
+    assert torch.equal(summed, x) and summed.data_ptr() != x.data_ptr()
+
+
+def test_weight_grads_are_deterministic_across_thread_counts():
+    x, r, w, b = _inputs(1025, 300, torch.float32)
+    grads = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for t in (w, b):
+                t.grad = None
+            out = fused_attn.layer_norm_residual(x, r, w, b, backend="cpu")
+            out.backward(torch.ones_like(out) * torch.linspace(-1, 1, 300))
+            grads.append((w.grad.clone(), b.grad.clone()))
+    finally:
+        torch.set_num_threads(old)
+    for gw, gb in grads[1:]:
+        assert torch.equal(gw, grads[0][0]) and torch.equal(gb, grads[0][1])
+
+
+def test_empty_rows():
+    x, r, w, b = [t.detach() for t in _inputs(0, 16, torch.float32)]
+    out, summed = fused_attn.layer_norm_residual(x, r, w, b, prenorm=True, backend="cpu")
+    assert out.shape == (0, 16) and summed.shape == (0, 16)
+    o, s, m, rs = torch.ops.fused_attn_C.layer_norm_residual_fwd(x, r, w, b, 1e-5, 0.0, False, False, 0, 0)
+    ds, dx, dw, db = torch.ops.fused_attn_C.layer_norm_residual_bwd(o, None, s, w, b, m, rs, 1e-5, 0.0, False, 0, 0,
+                                                                     torch.float32)
+    assert ds.shape == (0, 16) and torch.equal(dw, torch.zeros(16)) and torch.equal(db, torch.zeros(16))
+
+
+def _bad_fwd_calls():
+    x = torch.randn(4, 8)
+    w = torch.ones(8)
+    f = torch.ops.fused_attn_C.layer_norm_residual_fwd
+    yield "1-D x", lambda: f(torch.randn(8), None, None, None, 1e-5, 0.0, False, False, 0, 0)
+    yield "int x", lambda: f(torch.ones(4, 8, dtype=torch.int32), None, None, None, 1e-5, 0.0, False, False, 0, 0)
+    yield "residual shape", lambda: f(x, torch.randn(4, 9), None, None, 1e-5, 0.0, False, False, 0, 0)
+    yield "residual dtype", lambda: f(x, torch.randn(4, 8, dtype=torch.float64), None, None, 1e-5, 0.0, False, False, 0, 0)
+    yield "weight shape", lambda: f(x, None, torch.ones(7), None, 1e-5, 0.0, False, False, 0, 0)
+    yield "weight dtype", lambda: f(x, None, w.double(), None, 1e-5, 0.0, False, False, 0, 0)
+    yield "bias shape", lambda: f(x, None, w, torch.ones(2, 4), 1e-5, 0.0, False, False, 0, 0)
+    yield "column stride", lambda: f(torch.randn(8, 4).t(), None, None, None, 1e-5, 0.0, False, False, 0, 0)
+    yield "dropout_p", lambda: f(x, None, None, None, 1e-5, 1.0, False, False, 0, 0)
+    yield "negative eps", lambda: f(x, None, None, None, -1.0, 0.0, False, False, 0, 0)
+    yield "meta device", lambda: f(x.to("meta"), None, None, None, 1e-5, 0.0, False, False, 0, 0)
+
+
+@pytest.mark.parametrize("what,call", list(_bad_fwd_calls()), ids=[w for w, _ in _bad_fwd_calls()])
+def test_bad_forward_input_raises(what, call):
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        call()
+
+
+def test_bad_backward_input_raises():
+    x = torch.randn(4, 8)
+    out, s, m, rs = torch.ops.fused_attn_C.layer_norm_residual_fwd(x, None, None, None, 1e-5, 0.0, False, False, 0, 0)
+    b = torch.ops.fused_attn_C.layer_norm_residual_bwd
+    bad = [
+        lambda: b(torch.randn(4, 9), None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+        lambda: b(out.double(), None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+        lambda: b(out, None, s, None, None, m[:2], rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+        lambda: b(out, None, s, None, None, m, rs.double(), 1e-5, 0.0, False, 0, 0, torch.float32),
+        lambda: b(out, None, s, None, None, m, rs, 1e-5, 0.0, True, 0, 0, torch.float32),  # rms wants empty mean
+        lambda: b(out, s.double(), s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+        lambda: b(out, None, s, torch.ones(3), None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+        lambda: b(out, None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.int32),
+    ]
+    for call in bad:
+        with pytest.raises(RuntimeError):
+            call()

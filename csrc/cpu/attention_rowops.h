@@ -79,7 +79,7 @@ FA_INLINE f8 exp8(f8 x) {
 
 FA_INLINE float hmax8(f8 v) {
   float m = v[0];
-  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < 8; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;  // NaN wins
   return m;
 }
 FA_INLINE float hsum8(f8 v) {
@@ -88,25 +88,26 @@ FA_INLINE float hsum8(f8 v) {
 
 // ---- float rows (vectorised) ------------------------------------------------------------------
 
-// max of s[0..n); -inf when n == 0.
+// max of s[0..n); -inf when n == 0; NaN when any element is NaN (so NaN rows stay NaN rather
+// than looking fully masked).
 FA_ROWOP inline float row_max(const float* s, int64_t n) {
   const float ninf = -std::numeric_limits<float>::infinity();
   f8 m0 = splat(ninf), m1 = splat(ninf);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     f8 a = load8(s + c), b = load8(s + c + 8);
-    m0 = a > m0 ? a : m0;
-    m1 = b > m1 ? b : m1;
+    m0 = ((a > m0) | (a != a)) ? a : m0;
+    m1 = ((b > m1) | (b != b)) ? b : m1;
   }
   for (; c + 8 <= n; c += 8) {
     f8 a = load8(s + c);
-    m0 = a > m0 ? a : m0;
+    m0 = ((a > m0) | (a != a)) ? a : m0;
   }
   if (c < n) {
     f8 a = load_partial(s + c, n - c, ninf);
-    m0 = a > m0 ? a : m0;
+    m0 = ((a > m0) | (a != a)) ? a : m0;
   }
-  m0 = m1 > m0 ? m1 : m0;
+  m0 = ((m1 > m0) | (m1 != m1)) ? m1 : m0;
   return hmax8(m0);
 }
 
@@ -180,7 +181,7 @@ FA_ROWOP inline void row_dropout(const float* src, float* dst, int64_t n, uint32
 
 inline double row_max(const double* s, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+  for (int64_t c = 0; c < n; ++c) m = (s[c] > m || s[c] != s[c]) ? s[c] : m;  // NaN wins
   return m;
 }
 inline double row_exp_sum(double* s, int64_t n, double m) {

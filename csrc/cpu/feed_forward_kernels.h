@@ -11,7 +11,7 @@
 template <Act act, typename A>
 inline A act_value(A x) {
   if constexpr (act == Act::Relu) {
-    return x > A(0) ? x : A(0);
+    return x < A(0) ? A(0) : x;  // not x > 0 ? x : 0: NaN must propagate, as in torch.relu
   } else if constexpr (act == Act::Gelu || act == Act::GeGlu) {
     return x * (A(0.5) + A(0.5) * erf_f(x * A(0.7071067811865476)));
   } else if constexpr (act == Act::GeluTanh) {
@@ -25,7 +25,7 @@ inline A act_value(A x) {
 template <Act act, typename A>
 inline void act_value_and_grad(A x, A& value, A& grad) {
   if constexpr (act == Act::Relu) {
-    value = x > A(0) ? x : A(0);
+    value = x < A(0) ? A(0) : x;
     grad = x > A(0) ? A(1) : A(0);
   } else if constexpr (act == Act::Gelu || act == Act::GeGlu) {
     const A cdf = A(0.5) + A(0.5) * erf_f(x * A(0.7071067811865476));

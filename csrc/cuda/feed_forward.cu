@@ -26,7 +26,7 @@ constexpr float kGeluTanhCoef = 0.044715f;
 template <Activation A>
 __device__ __forceinline__ void activation(float x, float& value, float& slope) {
   if constexpr (A == Activation::kRelu) {
-    value = x > 0.0f ? x : 0.0f;
+    value = x < 0.0f ? 0.0f : x;  // NaN propagates, as in torch.relu
     slope = x > 0.0f ? 1.0f : 0.0f;
   } else if constexpr (A == Activation::kGelu || A == Activation::kGeglu) {
     // x * Phi(x);  derivative Phi(x) + x * phi(x)

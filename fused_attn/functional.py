@@ -71,7 +71,7 @@ def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optiona
     """[seed, offset] for the counter-based dropout RNG, drawn from torch's (or the given) CPU generator."""
     if dropout_p == 0.0:
         return None
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,10 +165,12 @@ def check_module_against_reference(fused: torch.nn.Module, reference: torch.nn.M
     return results
 
 
-def make_inputs(*shapes, dtype=torch.float32, device="cpu", seed=0, requires_grad=True, scale=1.0):
-    """Random normal tensors (deterministic from ``seed``) for tests and benchmarks."""
+def make_inputs(*shapes, dtype=torch.float32, device=None, seed=0, requires_grad=True, scale=1.0):
+    """Random normal tensors (deterministic from ``seed``, drawn on the CPU) for tests and
+    benchmarks, on ``device`` (default: torch's default device)."""
+    device = torch.get_default_device() if device is None else device
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return [(torch.randn(s, generator=gen, dtype=torch.float64, device="cpu") * scale).to(device=device, dtype=dtype)
             .requires_grad_(requires_grad) for s in shapes]
 
 

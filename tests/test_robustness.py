@@ -16,15 +16,33 @@ from fused_attn import functional as F
 from fused_attn import reference as R
 from fused_attn.testing import check_against_reference, compare, make_inputs, runnable_backends
 
-ATTN = runnable_backends("attention")
-ATTN_F16 = runnable_backends("attention", dtype=torch.float16)
-NORM = runnable_backends("layer_norm_residual")
-FFN = runnable_backends("feed_forward")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("backend", ATTN)
+def cases(op, dtype=torch.float32):
+    """(device, backend) for every backend that runs ``op`` on each device of this machine."""
+    return [pytest.param(device, backend, id=f"{device}-{backend}")
+            for device in DEVICES for backend in runnable_backends(op, device=device, dtype=dtype)]
+
+
+ATTN = cases("attention")
+ATTN_F16 = cases("attention", dtype=torch.float16)
+NORM = cases("layer_norm_residual")
+FFN = cases("feed_forward")
+
+
+@pytest.fixture(autouse=True)
+def _on_device(request):
+    """Factory calls in each test create tensors on the case's device."""
+    callspec = getattr(request.node, "callspec", None)
+    device = callspec.params.get("device", "cpu") if callspec is not None else "cpu"
+    with torch.device(device):
+        yield
+
+
+@pytest.mark.parametrize("device,backend", ATTN)
 @pytest.mark.parametrize("shape", [(0, 2, 3, 4), (2, 0, 3, 4), (1, 2, 0, 4)])
-def test_attention_empty(backend, shape):
+def test_attention_empty(device, backend, shape):
     q = torch.randn(shape, requires_grad=True)
     kv = torch.randn(shape[0], shape[1], 5, shape[3], requires_grad=True)
     out = F.attention(q, kv, kv, backend=backend)
@@ -33,8 +51,8 @@ def test_attention_empty(backend, shape):
     assert q.grad.shape == q.shape and torch.all(kv.grad == 0)
 
 
-@pytest.mark.parametrize("backend", ATTN)
-def test_attention_zero_keys_gives_zeros_and_zero_grads(backend):
+@pytest.mark.parametrize("device,backend", ATTN)
+def test_attention_zero_keys_gives_zeros_and_zero_grads(device, backend):
     q = torch.randn(1, 2, 3, 4, requires_grad=True)
     k = torch.randn(1, 2, 0, 4, requires_grad=True)
     out = F.attention(q, k, k, backend=backend)
@@ -43,9 +61,9 @@ def test_attention_zero_keys_gives_zeros_and_zero_grads(backend):
     assert torch.all(q.grad == 0)
 
 
-@pytest.mark.parametrize("backend", ATTN)
+@pytest.mark.parametrize("device,backend", ATTN)
 @pytest.mark.parametrize("kind", ["bool", "additive", "causal+mask"])
-def test_attention_fully_masked_rows(backend, kind):
+def test_attention_fully_masked_rows(device, backend, kind):
     q, k, v = make_inputs((2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8))
     mask, causal = None, False
     if kind == "bool":
@@ -68,8 +86,8 @@ def test_attention_fully_masked_rows(backend, kind):
     assert torch.all(q.grad[:, :, dead] == 0)
 
 
-@pytest.mark.parametrize("backend", ATTN)
-def test_attention_nan_stays_in_its_rows(backend):
+@pytest.mark.parametrize("device,backend", ATTN)
+def test_attention_nan_stays_in_its_rows(device, backend):
     q, k, v = make_inputs((2, 2, 6, 8), (2, 2, 6, 8), (2, 2, 6, 8), requires_grad=False)
     q[0, 1, 3, 2] = float("nan")
     out = F.attention(q, k, v, backend=backend)
@@ -83,8 +101,8 @@ def test_attention_nan_stays_in_its_rows(backend):
     assert torch.isfinite(out[:, 1]).all()  # the other head is untouched
 
 
-@pytest.mark.parametrize("backend", ATTN_F16)
-def test_attention_float16_large_logits_do_not_overflow(backend):
+@pytest.mark.parametrize("device,backend", ATTN_F16)
+def test_attention_float16_large_logits_do_not_overflow(device, backend):
     q, k, v = make_inputs((1, 2, 16, 64), (1, 2, 16, 64), (1, 2, 16, 64), dtype=torch.float16, scale=30.0)
     out = F.attention(q, k, v, backend=backend)  # raw scores reach ~1e5, above float16's 65504
     assert torch.isfinite(out).all()
@@ -100,15 +118,15 @@ def _views(B=2, H=3, L=7, D=8):
     return transposed, offset, expanded
 
 
-@pytest.mark.parametrize("backend", ATTN)
-def test_attention_strided_views(backend):
+@pytest.mark.parametrize("device,backend", ATTN)
+def test_attention_strided_views(device, backend):
     q, k, v = _views()
     expected = F.attention(q.contiguous(), k.contiguous(), v.contiguous(), backend=backend)
     torch.testing.assert_close(F.attention(q, k, v, backend=backend), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ATTN)
-def test_attention_inputs_unmodified_and_deterministic(backend):
+@pytest.mark.parametrize("device,backend", ATTN)
+def test_attention_inputs_unmodified_and_deterministic(device, backend):
     q, k, v = make_inputs((1, 2, 9, 8), (1, 2, 9, 8), (1, 2, 9, 8))
     mask = torch.randn(9, 9, requires_grad=True)
     snapshot = [t.detach().clone() for t in (q, k, v, mask)]
@@ -126,8 +144,8 @@ def test_attention_inputs_unmodified_and_deterministic(backend):
         assert torch.equal(t.detach(), s)
 
 
-@pytest.mark.parametrize("backend", NORM)
-def test_layer_norm_edge_cases(backend):
+@pytest.mark.parametrize("device,backend", NORM)
+def test_layer_norm_edge_cases(device, backend):
     x = torch.randn(0, 5, 16, requires_grad=True)
     out = F.layer_norm_residual(x, torch.randn(0, 5, 16), backend=backend)
     assert out.shape == (0, 5, 16)
@@ -141,8 +159,8 @@ def test_layer_norm_edge_cases(backend):
                                F.layer_norm_residual(base.contiguous(), residual.contiguous(), backend=backend))
 
 
-@pytest.mark.parametrize("backend", FFN)
-def test_feed_forward_edge_cases(backend):
+@pytest.mark.parametrize("device,backend", FFN)
+def test_feed_forward_edge_cases(device, backend):
     w1, w2 = torch.randn(12, 8), torch.randn(8, 12)
     assert F.feed_forward(torch.randn(0, 8), w1, None, w2, None, backend=backend).shape == (0, 8)
     x = torch.randn(5, 8)

@@ -34,6 +34,7 @@ the sweep and still writes what was measured.
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import copy
@@ -137,38 +138,45 @@ def _sdpa_context(which: str):
     return lambda: sdpa_kernel([backend])
 
 
-class Case:
+class Case(abc.ABC):
+    """One benchmark case of an op; subclasses implement the abstract methods."""
+
     op = ""
     unit = "TFLOP/s"  # or "GB/s"
     has_sdpa = False
 
+    @abc.abstractmethod
     def label(self) -> str:
-        raise NotImplementedError
+        ...
 
     def params(self) -> dict:
         return dataclasses.asdict(self)
 
+    @abc.abstractmethod
     def work(self, pass_: str, dtype: torch.dtype) -> float:
         """FLOPs (unit TFLOP/s) or bytes (unit GB/s) of one call of ``pass_``."""
-        raise NotImplementedError
+        ...
 
     def check_case(self) -> "Case":
         """The (smaller) case whose errors stand for this one's: same inner sizes, fewer rows."""
         return self
 
+    @abc.abstractmethod
     def calls(self, device, dtype) -> list[Call]:
         """The functional calls the fused path makes (a backend runs the case if it takes them all)."""
-        raise NotImplementedError
+        ...
 
     def eager_bytes(self, dtype) -> int:
         """A rough upper bound of the memory the eager reference needs for forward + backward."""
         return 0
 
+    @abc.abstractmethod
     def make_inputs(self, device, dtype, seed) -> list:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def impls(self, device, dtype, backends, baselines, seed) -> list[Impl]:
-        raise NotImplementedError
+        ...
 
 
 def _fused_impl(name, fn, skip=None, **kw):

@@ -164,15 +164,8 @@ class TransformerLayer(reference.TransformerLayer):
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
 
-    def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None):
-        attended = lambda h: self.multi_head_attention(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                                       is_causal=is_causal)
-        if self.norm_first:
-            normed, x = self.norm2(attended(self.norm1(x)), x, prenorm=True)
-            p = self.norm2.dropout if self.training else 0.0
-            return x + F.dropout(self.ffn(normed), p)
-        y = self.norm1(attended(x), x)
-        return self.norm2(self.ffn(y), y)
+    # forward is the reference's: with the fused children it already hands every residual to a
+    # fused norm (norm1(attn, x); norm2(branch, stream, prenorm=True) in pre-LN).
 
 
 class Transformer(reference.Transformer):

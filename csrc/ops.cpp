@@ -15,7 +15,7 @@ TORCH_LIBRARY(fused_attn_C, m) {
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def(
       "layer_norm_residual_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
-      "float dropout_p, bool rms, bool residual_in_fp32, int seed, int offset) "
+      "float dropout_p, bool rms, bool residual_in_fp32, int seed, int offset, bool store_summed=True) "
       "-> (Tensor out, Tensor summed, Tensor mean, Tensor rstd)");
   m.def(
       "layer_norm_residual_bwd(Tensor dout, Tensor? dsummed, Tensor summed, Tensor? weight, Tensor? bias, "

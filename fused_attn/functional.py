@@ -191,8 +191,12 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
     call = Call("layer_norm_residual", x.device, x.dtype, {
         "hidden": d, "rms": rms, "dropout": dropout_p > 0.0, "residual_in_fp32": residual_in_fp32})
     name = resolve(call, backend)
+    # The sum is written out only when returned (prenorm) or needed by a backward.
+    store_summed = prenorm or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, weight, bias)))
     out, summed = LayerNormResidualFunction.apply(x, residual, weight, bias, float(eps), dropout_p, rms,
-                                                  residual_in_fp32, _draw_rng(dropout_p, generator), name)
+                                                  residual_in_fp32, _draw_rng(dropout_p, generator), name,
+                                                  store_summed)
     return (out, summed) if prenorm else out
 
 

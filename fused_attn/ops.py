@@ -108,18 +108,21 @@ class AttentionFunction(torch.autograd.Function):
 @torch.library.custom_op("fused_attn::layer_norm_residual_fwd", mutates_args=())
 def layer_norm_residual_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                             eps: float, dropout_p: float, rms: bool, residual_in_fp32: bool,
-                            rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            rng: Optional[Tensor], backend: str,
+                            store_summed: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     seed, offset = _seed_offset(rng)
     return get_backend(backend).layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms,
-                                                        residual_in_fp32, seed, offset)
+                                                        residual_in_fp32, seed, offset, store_summed)
 
 
 @layer_norm_residual_fwd.register_fake
-def _layer_norm_residual_fwd_fake(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend):
+def _layer_norm_residual_fwd_fake(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                                  store_summed=True):
     n = x.shape[0]
     summed_dtype = torch.float32 if residual_in_fp32 else x.dtype
     mean = x.new_empty((0,) if rms else (n,), dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=summed_dtype), mean, x.new_empty((n,), dtype=torch.float32)
+    summed = x.new_empty(x.shape if store_summed else (0,), dtype=summed_dtype)
+    return x.new_empty(x.shape), summed, mean, x.new_empty((n,), dtype=torch.float32)
 
 
 @torch.library.custom_op("fused_attn::layer_norm_residual_bwd", mutates_args=())
@@ -146,19 +149,24 @@ class LayerNormResidualFunction(torch.autograd.Function):
 
     Without dropout the gradients of x and residual are the same tensor: the backward op writes
     it once (``dsum``) and it is returned for both, never copied.
+
+    ``store_summed=False`` (the caller's promise that neither the sum nor a backward is wanted:
+    inference without prenorm) writes the normalised rows alone, one output stream instead of
+    two; the second output is then an empty tensor.
     """
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend):
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                store_summed=True):
         shape, d = x.shape, x.shape[-1]
         x2 = _rows(x, d)
         r2 = None if residual is None else _rows(residual, d)
         out, summed, mean, rstd = torch.ops.fused_attn.layer_norm_residual_fwd(
-            x2, r2, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend)
+            x2, r2, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, store_summed)
         ctx.save_for_backward(summed, weight, bias, mean, rstd, rng)
         ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, shape)
         ctx.set_materialize_grads(False)
-        return out.view(shape), summed.view(shape)
+        return out.view(shape), (summed.view(shape) if store_summed else summed)
 
     @staticmethod
     def backward(ctx, dout, dsummed):
@@ -175,7 +183,7 @@ class LayerNormResidualFunction(torch.autograd.Function):
         if residual_dtype is not None:
             dres = (dsum if dsum.dtype == residual_dtype else dsum.to(residual_dtype)).view(shape)
         return (dx.view(shape), dres, dweight if weight is not None else None, dbias if bias is not None else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _rows(t: Tensor, d: int) -> Tensor:

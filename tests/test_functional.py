@@ -70,6 +70,25 @@ def test_layer_norm_residual_without_residual_or_affine(backend):
     check_against_reference(lambda x: F.layer_norm_residual(x, backend=backend), lambda x: R.layer_norm_residual(x), [x])
 
 
+@pytest.mark.parametrize("backend", runnable("layer_norm_residual"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_norm_residual_inference_skips_the_sum(backend, dtype):
+    """Without grad and without prenorm the op is asked not to store the sum (one output stream):
+    the output is unchanged, the op's second output is empty; with prenorm the sum is returned."""
+    x, r, w, b = (t.to(dtype) for t in make_inputs((37, 40), (37, 40), (40,), (40,)))
+    w.requires_grad_(True)  # parameters of a model under no_grad still require grad
+    with torch.no_grad():
+        out = F.layer_norm_residual(x, r, w, b, backend=backend)
+        full, summed = F.layer_norm_residual(x, r, w, b, prenorm=True, backend=backend)
+        op = torch.ops.fused_attn.layer_norm_residual_fwd(x, r, w, b, 1e-5, 0.0, False, False, None, backend, False)
+    assert torch.equal(out, full)
+    assert torch.equal(summed, x + r)
+    assert op[1].numel() == 0 and op[1].dtype == dtype
+    assert torch.equal(op[0], out)
+    ref = R.layer_norm_residual(x.double(), r.double(), w.double(), b.double())
+    assert (out.double() - ref).abs().max() < (2e-2 if dtype == torch.float16 else 1e-5)
+
+
 @pytest.mark.parametrize("backend", runnable("feed_forward"))
 @pytest.mark.parametrize("activation", R.ACTIVATIONS)
 def test_feed_forward_meets_oracle(backend, activation):

@@ -7,16 +7,22 @@
 // so the wheel runs anywhere), and ATen's CPU-capability dispatch (which builds its own kernels
 // for AVX2/AVX-512) is not available to extensions: `at::vec` in an extension is its generic,
 // array-of-lanes implementation. So each kernel file includes its kernel header twice: once in a
-// namespace `isa_default`, and once, on GCC/x86-64, under `#pragma GCC target("avx2,fma")` in a
+// namespace `isa_default`, and once, on GCC/x86-64, under `#pragma GCC target("avx2,fma,f16c")` in a
 // namespace `isa_avx2`, where the same loops (and the vector-extension lanes of cpu_kernel_math.h)
 // compile to 256-bit AVX2/FMA code. The entry points pick the AVX2 copy when the running CPU has
-// AVX2 and FMA (cpu_has_avx2_fma()). The two copies live in different namespaces, so nothing
-// compiled for AVX2 can be picked by the linker for a baseline caller.
+// AVX2, FMA and F16C (cpu_has_avx2_fma()). The including file defines FUSED_ATTN_ISA_AVX2 around
+// the AVX2 copy so the kernels may use intrinsics there (GCC defines no ISA macros for a pragma
+// target). The two copies live in different namespaces, so nothing compiled for AVX2 can be
+// picked by the linker for a baseline caller.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // the F16C conversions of the AVX2 kernel copies
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -50,7 +56,8 @@ using acc_t = typename AccType<T>::type;
 
 inline bool cpu_has_avx2_fma() {
 #if defined(FUSED_ATTN_AVX2_CLONES)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return ok;
 #else
   return false;

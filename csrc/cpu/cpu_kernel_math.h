@@ -2,14 +2,162 @@
 // each kernel header includes this file inside its ISA namespace (see cpu_common.h), so the
 // helpers are compiled once per ISA with that ISA's code generation. Include cpu_common.h first.
 
+// ---- vector lanes ------------------------------------------------------------------------------
+//
+// Reductions are written with GCC/Clang vector extensions (32-byte vectors: 8 floats / 4 doubles),
+// not at::vec: in an extension at::vec::Vectorized is its generic array-of-lanes version, whose
+// loadu (a memcpy into the lane array in 16-byte pieces, then a 32-byte reload) stalls on store
+// forwarding in every iteration (measured with perf here: most of the row time). A memcpy into a
+// vector type is one unaligned vector load. The compiler cannot vectorise a float reduction loop
+// by itself (it may not reorder the sum), hence the explicit lanes. Under the AVX2 pragma these
+// are ymm instructions, in the baseline build pairs of SSE registers.
+#if defined(__GNUC__) || defined(__clang__)
+template <typename A>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int64_t size = 8;
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int64_t size = 4;
+};
+
+template <typename A>
+inline typename Lanes<A>::type lanes_load(const A* p) {
+  typename Lanes<A>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename A>
+inline void lanes_store(A* p, typename Lanes<A>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename A>
+inline typename Lanes<A>::type lanes_splat(A x) {
+  typename Lanes<A>::type v = {};
+  return v + x;
+}
+
+template <typename A>
+inline A lanes_sum(typename Lanes<A>::type v) {
+  A s = 0;
+  for (int64_t i = 0; i < Lanes<A>::size; ++i) s += v[i];
+  return s;
+}
+#define FUSED_ATTN_HAVE_LANES 1
+#endif
+
 // ---- rows to and from the accumulation type ---------------------------------------------------
+//
+// 16-bit float rows convert 8 values at a time: bfloat16 -> float is a 16-bit shift, and
+// float -> bfloat16 rounds to nearest even (NaN -> the quiet NaN 0x7FC0), bit for bit what
+// c10::BFloat16 does, written with vector extensions so the compiler emits vector shifts/adds.
+// float16 uses the F16C conversions in the AVX2 copy of the kernels (FUSED_ATTN_ISA_AVX2, set
+// by the including file) and c10::Half's scalar ones elsewhere. With c10's scalar conversions
+// (at::vec::convert is the scalar generic version in an extension) the half precision paths of
+// these kernels were conversion-bound, 2x slower than float32.
+//
+// lanes_load_as<A>(p) / lanes_store_as<A>(p, v) read / write one vector of A from / to a row of
+// T (a plain vector access when T is A; else A is float and T a 16-bit type), and
+// lanes_round_through<T>(v) rounds float lanes to T's precision and back.
+#if defined(FUSED_ATTN_HAVE_LANES)
+typedef uint16_t fa_u16x8 __attribute__((vector_size(16)));
+typedef uint32_t fa_u32x8 __attribute__((vector_size(32)));
+typedef int32_t fa_i32x8 __attribute__((vector_size(32)));
+using fa_f32x8 = Lanes<float>::type;
+
+inline fa_u32x8 bf16_round_bits(fa_f32x8 f) {  // the bfloat16 bits in the upper half of each lane
+  fa_u32x8 bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const fa_u32x8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  const fa_i32x8 is_nan = f != f;
+  return is_nan ? fa_u32x8{} + 0x7FC00000u : rounded;
+}
+
+inline fa_f32x8 load8(const c10::BFloat16* p) {
+  fa_u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const fa_u32x8 w = __builtin_convertvector(h, fa_u32x8) << 16;
+  fa_f32x8 f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+inline void store8(c10::BFloat16* p, fa_f32x8 f) {
+  const fa_u16x8 h = __builtin_convertvector(bf16_round_bits(f) >> 16, fa_u16x8);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+inline fa_f32x8 load8(const c10::Half* p) {
+#if defined(FUSED_ATTN_ISA_AVX2)
+  return (fa_f32x8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  fa_f32x8 f;
+  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
+  return f;
+#endif
+}
+
+inline void store8(c10::Half* p, fa_f32x8 f) {
+#if defined(FUSED_ATTN_ISA_AVX2)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<c10::Half>(f[i]);
+#endif
+}
+
+// Whether rows of T can be read/written as vectors of A (else the kernels use scalar loops; the
+// one such pair is float64 compute with a float32 residual stream).
+template <typename A, typename T>
+inline constexpr bool kLaneIO = std::is_same_v<T, A> || (std::is_same_v<A, float> &&
+                                                         (std::is_same_v<T, c10::BFloat16> ||
+                                                          std::is_same_v<T, c10::Half>));
+
+template <typename A, typename T>
+inline typename Lanes<A>::type lanes_load_as(const T* p) {
+  if constexpr (std::is_same_v<T, A>) return lanes_load(p);
+  else return load8(p);
+}
+
+template <typename A, typename T>
+inline void lanes_store_as(T* p, typename Lanes<A>::type v) {
+  if constexpr (std::is_same_v<T, A>) lanes_store(p, v);
+  else store8(p, v);
+}
+
+template <typename T, typename A>
+inline typename Lanes<A>::type lanes_round_through(typename Lanes<A>::type v) {
+  if constexpr (std::is_same_v<T, A>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const fa_u32x8 bits = bf16_round_bits(v);
+    fa_f32x8 f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  } else {
+    T h[8];
+    store8(h, v);
+    return load8(h);
+  }
+}
+#endif
 
 template <typename T, typename A>
 inline void load_row(const T* src, A* dst, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
     std::memcpy(dst, src, n * sizeof(A));
   } else {
-    at::vec::convert(src, dst, n);
+    int64_t i = 0;
+#if defined(FUSED_ATTN_HAVE_LANES)
+    if constexpr (std::is_same_v<A, float>)
+      for (; i + 8 <= n; i += 8) lanes_store(dst + i, load8(src + i));
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
   }
 }
 
@@ -18,7 +166,23 @@ inline void store_row(const A* src, T* dst, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
     std::memcpy(dst, src, n * sizeof(A));
   } else {
-    at::vec::convert(src, dst, n);
+    int64_t i = 0;
+#if defined(FUSED_ATTN_HAVE_LANES)
+    if constexpr (std::is_same_v<A, float>)
+      for (; i + 8 <= n; i += 8) store8(dst + i, lanes_load(src + i));
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// A row of T as A values: the row itself when T is A (no copy), else converted into scratch.
+template <typename A, typename T>
+inline const A* row_as_acc(const T* src, A* scratch, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    return src;
+  } else {
+    load_row(src, scratch, n);
+    return scratch;
   }
 }
 
@@ -26,7 +190,12 @@ inline void store_row(const A* src, T* dst, int64_t n) {
 template <typename T, typename A>
 inline void round_row_through(A* buf, int64_t n) {
   if constexpr (!std::is_same_v<T, A>) {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<A>(static_cast<T>(buf[i]));
+    int64_t i = 0;
+#if defined(FUSED_ATTN_HAVE_LANES)
+    if constexpr (std::is_same_v<A, float>)
+      for (; i + 8 <= n; i += 8) lanes_store(buf + i, lanes_round_through<T, A>(lanes_load(buf + i)));
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<A>(static_cast<T>(buf[i]));
   }
 }
 
@@ -95,55 +264,8 @@ inline A sigmoid_f(A x) {
   return A(1) / (A(1) + exp_f(-x));
 }
 
-// ---- vectorised row reductions -----------------------------------------------------------------
-//
-// Reductions are written with GCC/Clang vector extensions (32-byte vectors: 8 floats / 4 doubles),
-// not at::vec: in an extension at::vec::Vectorized is its generic array-of-lanes version, whose
-// loadu (a memcpy into the lane array in 16-byte pieces, then a 32-byte reload) stalls on store
-// forwarding in every iteration (measured with perf here: most of the row time). A memcpy into a
-// vector type is one unaligned vector load. The compiler cannot vectorise a float reduction loop
-// by itself (it may not reorder the sum), hence the explicit lanes. Under the AVX2 pragma these
-// are ymm instructions, in the baseline build pairs of SSE registers.
-#if defined(__GNUC__) || defined(__clang__)
-template <typename A>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int64_t size = 8;
-};
-template <>
-struct Lanes<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int64_t size = 4;
-};
 
-template <typename A>
-inline typename Lanes<A>::type lanes_load(const A* p) {
-  typename Lanes<A>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename A>
-inline void lanes_store(A* p, typename Lanes<A>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <typename A>
-inline typename Lanes<A>::type lanes_splat(A x) {
-  typename Lanes<A>::type v = {};
-  return v + x;
-}
-
-template <typename A>
-inline A lanes_sum(typename Lanes<A>::type v) {
-  A s = 0;
-  for (int64_t i = 0; i < Lanes<A>::size; ++i) s += v[i];
-  return s;
-}
-#define FUSED_ATTN_HAVE_LANES 1
-#endif
+// ---- vectorised row reductions ---------------------------------------------------------------
 
 // sum(v)
 template <typename A>

@@ -56,12 +56,14 @@ namespace {
 
 #if defined(FUSED_ATTN_AVX2_CLONES)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
+#define FUSED_ATTN_ISA_AVX2 1
 namespace fused_attn::cpu::isa_avx2 {
 namespace {
 #include "feed_forward_kernels.h"
 }  // namespace
 }  // namespace fused_attn::cpu::isa_avx2
+#undef FUSED_ATTN_ISA_AVX2
 #pragma GCC pop_options
 #endif
 

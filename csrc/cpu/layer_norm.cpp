@@ -1,7 +1,8 @@
 // Residual-add + LayerNorm / RMSNorm on CPU, forward and backward (fused_attn_C::layer_norm_residual_*).
 //
 // Forward, one pass over each row (rows in parallel):
-//     s = dropout(x) + residual          rounded to summed's dtype and stored (prenorm output, saved)
+//     s = dropout(x) + residual          rounded to summed's dtype; stored (the prenorm output, saved
+//                                        for backward) unless store_summed is false
 //     LayerNorm: mean = sum(s)/d,  rstd = 1/sqrt(sum((s-mean)^2)/d + eps),  xhat = (s-mean)*rstd
 //     RMSNorm:                     rstd = 1/sqrt(sum(s^2)/d + eps),         xhat = s*rstd
 //     out = xhat * weight + bias
@@ -39,12 +40,14 @@ namespace {
 
 #if defined(FUSED_ATTN_AVX2_CLONES)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
+#define FUSED_ATTN_ISA_AVX2 1
 namespace fused_attn::cpu::isa_avx2 {
 namespace {
 #include "layer_norm_kernels.h"
 }  // namespace
 }  // namespace fused_attn::cpu::isa_avx2
+#undef FUSED_ATTN_ISA_AVX2
 #pragma GCC pop_options
 #endif
 
@@ -86,7 +89,7 @@ void check_param(const at::Tensor& t, const char* name, int64_t d, at::ScalarTyp
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, double dropout_p, bool rms, bool residual_in_fp32,
-    int64_t seed, int64_t offset) {
+    int64_t seed, int64_t offset, bool store_summed) {
   check_cpu_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be 2-D (N, d), got shape ", x.sizes());
   const int64_t N = x.size(0), d = x.size(1);
@@ -112,7 +115,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
 
   const auto sum_dtype = residual_in_fp32 ? at::kFloat : dtype;
   auto out = at::empty({N, d}, x.options());
-  auto summed = at::empty({N, d}, x.options().dtype(sum_dtype));
+  // Without store_summed (inference, no prenorm) the sum stays in the row scratch: one output stream.
+  auto summed = store_summed ? at::empty({N, d}, x.options().dtype(sum_dtype))
+                             : at::empty({0}, x.options().dtype(sum_dtype));
   auto mean = at::empty({rms ? 0 : N}, x.options().dtype(at::kFloat));
   auto rstd = at::empty({N}, x.options().dtype(at::kFloat));
   if (N == 0) return {out, summed, mean, rstd};
@@ -120,16 +125,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   const at::Tensor* r = residual ? &*residual : nullptr;
   const at::Tensor* wp = w ? &*w : nullptr;
   const at::Tensor* bp = b ? &*b : nullptr;
+  at::Tensor* sp = store_summed ? &summed : nullptr;
 
   FUSED_ATTN_DISPATCH_FLOATING(dtype, "layer_norm_residual_fwd", [&] {
     const bool res_fp32 = r && r->scalar_type() == at::kFloat && dtype != at::kFloat;
     if (residual_in_fp32) {
       if (res_fp32)
-        layer_norm_fwd<scalar_t, float, float>(x, r, wp, bp, opt, out, summed, mean, rstd);
+        layer_norm_fwd<scalar_t, float, float>(x, r, wp, bp, opt, out, sp, mean, rstd);
       else
-        layer_norm_fwd<scalar_t, scalar_t, float>(x, r, wp, bp, opt, out, summed, mean, rstd);
+        layer_norm_fwd<scalar_t, scalar_t, float>(x, r, wp, bp, opt, out, sp, mean, rstd);
     } else {
-      layer_norm_fwd<scalar_t, scalar_t, scalar_t>(x, r, wp, bp, opt, out, summed, mean, rstd);
+      layer_norm_fwd<scalar_t, scalar_t, scalar_t>(x, r, wp, bp, opt, out, sp, mean, rstd);
     }
   });
   return {out, summed, mean, rstd};

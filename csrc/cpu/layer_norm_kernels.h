@@ -2,9 +2,31 @@
 // includes this file once per ISA, inside that ISA's namespace (see cpu_common.h).
 #include "cpu_kernel_math.h"
 
+// out = (s - mu) * rstd [* w] [+ b], converted to out's dtype in registers.
+template <bool kW, bool kB, typename A, typename T>
+inline void ln_fwd_out_row(const A* s, const A* w, const A* b, A mu, A rs, T* out, int64_t d) {
+  int64_t c = 0;
+#if defined(FUSED_ATTN_HAVE_LANES)
+  using L = Lanes<A>;
+  const auto vmu = lanes_splat<A>(mu), vrs = lanes_splat<A>(rs);
+  for (; c + L::size <= d; c += L::size) {
+    auto o = (lanes_load(s + c) - vmu) * vrs;
+    if constexpr (kW) o = o * lanes_load(w + c);
+    if constexpr (kB) o = o + lanes_load(b + c);
+    lanes_store_as<A>(out + c, o);
+  }
+#endif
+  for (; c < d; ++c) {
+    A o = (s[c] - mu) * rs;
+    if constexpr (kW) o = o * w[c];
+    if constexpr (kB) o = o + b[c];
+    out[c] = static_cast<T>(o);
+  }
+}
+
 template <typename scalar_t, typename res_t, typename sum_t>
 void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, const at::Tensor* weight,
-                           const at::Tensor* bias, const LnOptions& opt, at::Tensor& out, at::Tensor& summed,
+                           const at::Tensor* bias, const LnOptions& opt, at::Tensor& out, at::Tensor* summed,
                            at::Tensor& mean, at::Tensor& rstd) {
   using A = acc_t<scalar_t>;
   const int64_t N = x.size(0), d = x.size(1);
@@ -25,7 +47,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
   const A* w = w_acc.empty() ? nullptr : w_acc.data();
   const A* b = b_acc.empty() ? nullptr : b_acc.data();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-  sum_t* s_ptr = summed.mutable_data_ptr<sum_t>();
+  sum_t* s_ptr = summed ? summed->mutable_data_ptr<sum_t>() : nullptr;  // null: the sum is not wanted
   float* mean_ptr = opt.rms ? nullptr : mean.mutable_data_ptr<float>();
   float* rstd_ptr = rstd.mutable_data_ptr<float>();
   const bool dropout = opt.dropout_p > 0.0;
@@ -37,97 +59,150 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
 
   at::parallel_for(0, N, grain, [&](int64_t row0, int64_t row1) {
     std::vector<A> scratch(2 * d);
-    A* buf = scratch.data();
-    A* aux = buf + d;  // conversion scratch or dropout multipliers
+    A* sum = scratch.data();  // the row's sum as stored (rounded to summed's dtype), in A
+    A* aux = sum + d;         // dropout multipliers
     for (int64_t n = row0; n < row1; ++n) {
       const scalar_t* xr = x_ptr + n * x_stride;
       const res_t* rr = r_ptr ? r_ptr + n * r_stride : nullptr;
-      sum_t* sr = s_ptr + n * d;
-      // One loop: s = dropout(x) + residual, rounded to summed's dtype and stored; the rounded
-      // value (what backward sees) goes to buf for the statistics. No row copies.
-      auto sum_row = [&](const auto* src, auto has_residual) {
-        for (int64_t c = 0; c < d; ++c) {
-          A v = static_cast<A>(src[c]);
-          if constexpr (decltype(has_residual)::value) v += static_cast<A>(rr[c]);
-          const sum_t q = static_cast<sum_t>(v);
-          sr[c] = q;
-          buf[c] = static_cast<A>(q);
+      sum_t* sr = s_ptr ? s_ptr + n * d : nullptr;
+      // One loop: sum = dropout(x) + residual, converted from the inputs' dtypes in registers,
+      // rounded to summed's dtype (the statistics see exactly what backward will read), kept in
+      // the scratch row, stored when wanted, and summed (LayerNorm) or squared and summed (RMS).
+      auto sum_row = [&](const auto* xs) {
+        using X = std::remove_cv_t<std::remove_pointer_t<decltype(xs)>>;
+        int64_t c = 0;
+        A total = 0;
+#if defined(FUSED_ATTN_HAVE_LANES)
+        if constexpr (kLaneIO<A, X> && kLaneIO<A, res_t> && kLaneIO<A, sum_t>) {
+          using L = Lanes<A>;
+          auto acc = lanes_splat<A>(0);
+          for (; c + L::size <= d; c += L::size) {
+            auto v = lanes_load_as<A>(xs + c);
+            if (rr) v = v + lanes_load_as<A>(rr + c);
+            v = lanes_round_through<sum_t, A>(v);
+            lanes_store(sum + c, v);
+            if (sr) lanes_store_as<A>(sr + c, v);
+            acc += opt.rms ? v * v : v;
+          }
+          total = lanes_sum<A>(acc);
         }
+#endif
+        for (; c < d; ++c) {
+          A v = static_cast<A>(xs[c]);
+          if (rr) v = v + static_cast<A>(rr[c]);
+          const sum_t q = static_cast<sum_t>(v);
+          if (sr) sr[c] = q;
+          v = static_cast<A>(q);
+          sum[c] = v;
+          total += opt.rms ? v * v : v;
+        }
+        return total;
       };
+      A total;
       if (dropout) {
-        // x * keep/(1-p) in its own loop: rounded before the residual is added, as the
-        // reference does (a fused multiply-add here would change the float32 sum's last bit).
+        // x * keep/(1-p) in its own loop, so it is rounded before the residual is added, as the
+        // reference does (GCC contracts a multiply and an add in one loop into an FMA, which
+        // would change the float32 sum's last bit).
         dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
         for (int64_t c = 0; c < d; ++c) aux[c] *= static_cast<A>(xr[c]);
-        if (rr) sum_row(static_cast<const A*>(aux), std::true_type{});
-        else sum_row(static_cast<const A*>(aux), std::false_type{});
+        total = sum_row(static_cast<const A*>(aux));
       } else {
-        if (rr) sum_row(xr, std::true_type{});
-        else sum_row(xr, std::false_type{});
+        total = sum_row(xr);
       }
 
       A mu = 0, var;
       if (opt.rms) {
-        var = row_dot(buf, buf, d) * inv_d;
+        var = total * inv_d;
       } else {
-        mu = row_sum(buf, d) * inv_d;
-        var = row_sq_dev(buf, mu, d) * inv_d;
+        mu = total * inv_d;
+        var = row_sq_dev(sum, mu, d) * inv_d;  // two-pass variance, over the row in L1
       }
       const A rs = A(1) / std::sqrt(var + eps);
       if (mean_ptr) mean_ptr[n] = static_cast<float>(mu);
       rstd_ptr[n] = static_cast<float>(rs);
 
-      scalar_t* orow = out_ptr + n * d;
-      if (w && b) {
-        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<scalar_t>((buf[c] - mu) * rs * w[c] + b[c]);
-      } else if (w) {
-        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<scalar_t>((buf[c] - mu) * rs * w[c]);
-      } else if (b) {
-        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<scalar_t>((buf[c] - mu) * rs + b[c]);
-      } else {
-        for (int64_t c = 0; c < d; ++c) orow[c] = static_cast<scalar_t>((buf[c] - mu) * rs);
-      }
+      if (w && b) ln_fwd_out_row<true, true>(sum, w, b, mu, rs, out_ptr + n * d, d);
+      else if (w) ln_fwd_out_row<true, false>(sum, w, b, mu, rs, out_ptr + n * d, d);
+      else if (b) ln_fwd_out_row<false, true>(sum, w, b, mu, rs, out_ptr + n * d, d);
+      else ln_fwd_out_row<false, false>(sum, w, b, mu, rs, out_ptr + n * d, d);
     }
   });
 }
 
-// One vectorised pass over a row of the backward (s, g_in: the summed and dout rows):
-// xhat = (s - mu) * rstd, g = dout * w, dw += dout * xhat, db += dout; returns (sum g, sum g * xhat).
-template <typename A, bool kHasW, bool kDw, bool kDb>
-inline std::pair<A, A> ln_bwd_row_pass(const A* s, const A* g_in, A* xhat, A* g, const A* w, A* dw, A* db, A mu,
-                                        A rs, int64_t d) {
+// The backward of one row, in two vectorised passes over the row's inputs (s: the summed row,
+// dy: the dout row, both read in their own dtypes and converted in registers; the second pass
+// re-reads them from L1/L2 instead of keeping xhat in a scratch row):
+//   pass 1: xhat = (s - mu) * rstd, g = dy * w (kept in gbuf: recomputing it in pass 2 would
+//           let the compiler fuse dy * w - mean(g) into an FMA, whose unrounded product differs
+//           from the g summed here); dw += dy * xhat, db += dy; sums of g and g * xhat
+//   pass 2: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsummed), rounded to summed's
+//           dtype and stored; with dropout dx = ds * keep/(1-p) (mult: the row's multipliers).
+template <bool kHasW, bool kDw, bool kDb, typename A, typename S, typename G>
+inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* dw, A* db, A mu, A rs, bool rms,
+                       A inv_d, S* ds_out, G* dx_out, const A* mult, A* gbuf, int64_t d) {
+  A sum_g = 0, sum_gx = 0;
   int64_t c = 0;
-  A sg = 0, sgx = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
+  constexpr bool kLanes = kLaneIO<A, S> && kLaneIO<A, G>;
   using L = Lanes<A>;
   const auto vmu = lanes_splat<A>(mu), vrs = lanes_splat<A>(rs);
-  auto sum_g = lanes_splat<A>(0), sum_gx = lanes_splat<A>(0);
-  for (; c + L::size <= d; c += L::size) {
-    const auto xh = (lanes_load(s + c) - vmu) * vrs;
-    lanes_store(xhat + c, xh);
-    auto gv = lanes_load(g_in + c);
-    if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + gv * xh);
-    if constexpr (kDb) lanes_store(db + c, lanes_load(db + c) + gv);
-    if constexpr (kHasW) gv = gv * lanes_load(w + c);
-    lanes_store(g + c, gv);
-    sum_g += gv;
-    sum_gx += gv * xh;
+  if constexpr (kLanes) {
+    auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0);
+    for (; c + L::size <= d; c += L::size) {
+      const auto xh = (lanes_load_as<A>(s + c) - vmu) * vrs;
+      auto g = lanes_load_as<A>(dy + c);
+      if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + g * xh);
+      if constexpr (kDb) lanes_store(db + c, lanes_load(db + c) + g);
+      if constexpr (kHasW) {
+        g = g * lanes_load(w + c);
+        lanes_store(gbuf + c, g);
+      }
+      acc_g += g;
+      acc_gx += g * xh;
+    }
+    sum_g = lanes_sum<A>(acc_g);
+    sum_gx = lanes_sum<A>(acc_gx);
   }
-  sg = lanes_sum<A>(sum_g);
-  sgx = lanes_sum<A>(sum_gx);
 #endif
   for (; c < d; ++c) {
-    const A xh = (s[c] - mu) * rs;
-    xhat[c] = xh;
-    A gv = g_in[c];
-    if constexpr (kDw) dw[c] += gv * xh;
-    if constexpr (kDb) db[c] += gv;
-    if constexpr (kHasW) gv *= w[c];
-    g[c] = gv;
-    sg += gv;
-    sgx += gv * xh;
+    const A xh = (static_cast<A>(s[c]) - mu) * rs;
+    A g = static_cast<A>(dy[c]);
+    if constexpr (kDw) dw[c] += g * xh;
+    if constexpr (kDb) db[c] += g;
+    if constexpr (kHasW) {
+      g *= w[c];
+      gbuf[c] = g;
+    }
+    sum_g += g;
+    sum_gx += g * xh;
   }
-  return {sg, sgx};
+  const A mean_gx = sum_gx * inv_d;
+  const A mean_g = rms ? A(0) : sum_g * inv_d;
+
+  c = 0;
+#if defined(FUSED_ATTN_HAVE_LANES)
+  if constexpr (kLanes) {
+    const auto vmg = lanes_splat<A>(mean_g), vmgx = lanes_splat<A>(mean_gx);
+    for (; c + L::size <= d; c += L::size) {
+      const auto xh = (lanes_load_as<A>(s + c) - vmu) * vrs;
+      const auto g = kHasW ? lanes_load(gbuf + c) : lanes_load_as<A>(dy + c);
+      auto ds = vrs * (g - vmg - xh * vmgx);
+      if (ds_in) ds = ds + lanes_load_as<A>(ds_in + c);
+      ds = lanes_round_through<S, A>(ds);
+      lanes_store_as<A>(ds_out + c, ds);
+      if (dx_out) lanes_store_as<A>(dx_out + c, ds * lanes_load(mult + c));
+    }
+  }
+#endif
+  for (; c < d; ++c) {
+    const A xh = (static_cast<A>(s[c]) - mu) * rs;
+    const A g = kHasW ? gbuf[c] : static_cast<A>(dy[c]);
+    A ds = rs * (g - mean_g - xh * mean_gx);
+    if (ds_in) ds += static_cast<A>(ds_in[c]);
+    const S q = static_cast<S>(ds);
+    ds_out[c] = q;
+    if (dx_out) dx_out[c] = static_cast<G>(static_cast<A>(q) * mult[c]);
+  }
 }
 
 template <typename scalar_t, typename sum_t, bool kHasW, bool kDw, bool kDb>
@@ -162,64 +237,31 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
   std::vector<A> db_part(kDb ? chunks.count * d : 0, A(0));
 
   at::parallel_for(0, chunks.count, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<A> scratch(3 * d);
-    A* xhat = scratch.data();
-    A* g = xhat + d;
-    A* aux = g + d;
+    std::vector<A> mult(dx_ptr ? d : 0);  // the row's dropout multipliers
+    std::vector<A> gbuf(kHasW ? d : 0);   // dout * weight
     for (int64_t k = k0; k < k1; ++k) {
       A* dw = kDw ? dw_part.data() + k * d : nullptr;
       A* db = kDb ? db_part.data() + k * d : nullptr;
       for (int64_t n = chunks.begin(k); n < chunks.end(k, N); ++n) {
-        // Rows already in the accumulation type are read in place; others are converted once.
-        const A* s_in;
-        const A* g_in;
-        if constexpr (std::is_same_v<sum_t, A>) {
-          s_in = s_ptr + n * s_stride;
-        } else {
-          load_row(s_ptr + n * s_stride, xhat, d);
-          s_in = xhat;
-        }
-        if constexpr (std::is_same_v<scalar_t, A>) {
-          g_in = g_ptr + n * g_stride;
-        } else {
-          load_row(g_ptr + n * g_stride, g, d);
-          g_in = g;
-        }
+        const sum_t* sr = s_ptr + n * s_stride;
         A mu, rs;
         if constexpr (std::is_same_v<A, double>) {
           // float64 (gradcheck): the saved float32 statistics are not exact enough; recompute.
-          mu = opt.rms ? 0.0 : row_sum(s_in, d) * inv_d;
-          rs = 1.0 / std::sqrt(row_sq_dev(s_in, mu, d) * inv_d + eps);
+          A total = 0;
+          for (int64_t c = 0; c < d; ++c) total += static_cast<A>(sr[c]);
+          mu = opt.rms ? 0.0 : total * inv_d;
+          A sq = 0;
+          for (int64_t c = 0; c < d; ++c) sq += (static_cast<A>(sr[c]) - mu) * (static_cast<A>(sr[c]) - mu);
+          rs = 1.0 / std::sqrt(sq * inv_d + eps);
         } else {
           mu = mean_ptr ? static_cast<A>(mean_ptr[n]) : A(0);
           rs = static_cast<A>(rstd_ptr[n]);
         }
-        const auto [sum_g, sum_gx] = ln_bwd_row_pass<A, kHasW, kDw, kDb>(
-            s_in, g_in, xhat, g, kHasW ? w_acc.data() : nullptr, dw, db, mu, rs, d);
-        const A mean_gx = sum_gx * inv_d;
-        const A mean_g = opt.rms ? A(0) : sum_g * inv_d;
-        // dsum = rstd * (g - mean(g) - xhat * mean(g xhat)) + dsummed, stored in summed's dtype;
-        // g keeps the stored (rounded) value for dx.
-        sum_t* dsr = dsum_ptr + n * d;
-        if (ds_in_ptr) {
-          const sum_t* dsin = ds_in_ptr + n * ds_in_stride;
-          for (int64_t c = 0; c < d; ++c) {
-            const sum_t q = static_cast<sum_t>(rs * (g[c] - mean_g - xhat[c] * mean_gx) + static_cast<A>(dsin[c]));
-            dsr[c] = q;
-            g[c] = static_cast<A>(q);
-          }
-        } else {
-          for (int64_t c = 0; c < d; ++c) {
-            const sum_t q = static_cast<sum_t>(rs * (g[c] - mean_g - xhat[c] * mean_gx));
-            dsr[c] = q;
-            g[c] = static_cast<A>(q);
-          }
-        }
-        if (dx_ptr) {  // dx = dsum * keep/(1-p)
-          dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
-          scalar_t* dxr = dx_ptr + n * d;
-          for (int64_t c = 0; c < d; ++c) dxr[c] = static_cast<scalar_t>(g[c] * aux[c]);
-        }
+        if (dx_ptr)
+          dropout_row_scale(mult.data(), d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
+        ln_bwd_row<kHasW, kDw, kDb>(sr, g_ptr + n * g_stride, ds_in_ptr ? ds_in_ptr + n * ds_in_stride : nullptr,
+                                    kHasW ? w_acc.data() : nullptr, dw, db, mu, rs, opt.rms, inv_d,
+                                    dsum_ptr + n * d, dx_ptr ? dx_ptr + n * d : nullptr, mult.data(), gbuf.data(), d);
       }
     }
   });

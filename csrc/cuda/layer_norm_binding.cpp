@@ -26,7 +26,9 @@ const at::Tensor* present(const std::optional<at::Tensor>& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_fwd_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in, const std::optional<at::Tensor>& weight_in,
     const std::optional<at::Tensor>& bias_in, double eps, double dropout_p, bool rms, bool residual_in_fp32,
-    int64_t seed, int64_t offset) {
+    int64_t seed, int64_t offset, bool store_summed) {
+  // store_summed=false (inference without prenorm): only the returned sum is empty, as the op
+  // contract says; the kernel still writes it (skipping that store waits for a GPU to measure on).
   const char* op = "layer_norm_residual_fwd";
   check_tensor(x_in, x_in, 2, op, "x");
   LayerNormFwdArgs a{};
@@ -63,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   if (a.hidden == 0) {  // statistics of empty rows are NaN, as the reference's
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
     rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {out, summed, mean, rstd};
+    return {out, store_summed ? summed : at::empty({0}, summed.options()), mean, rstd};
   }
   a.x = x.data_ptr();
   a.x_row_stride = x.stride(0);
@@ -81,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   a.mean = rms ? nullptr : mean.data_ptr<float>();
   a.rstd = rstd.data_ptr<float>();
   check_status(layer_norm_fwd(a, c10::cuda::getCurrentCUDAStream().stream()), op);
-  return {out, summed, mean, rstd};
+  return {out, store_summed ? summed : at::empty({0}, summed.options()), mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_bwd_cuda(

@@ -8,7 +8,7 @@ launcher per op half, each with the argument list of the op schema:
     attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, seed, offset,
                   mask_grad) -> (dq, dk, dv, dmask)
     layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32,
-                            seed, offset) -> (out, summed, mean, rstd)
+                            seed, offset, store_summed=True) -> (out, summed, mean, rstd)
     layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms,
                             seed, offset, x_dtype) -> (dsum, dx, dweight, dbias)
     feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset) -> (out, pre)
@@ -25,7 +25,8 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   (B, Hq, Lq, Lk) gradient of the additive mask when ``mask_grad``, else an empty tensor.
 - layer_norm_residual: x (N, d), residual None or (N, d), weight/bias None or (d,). ``summed``
   is dropout(x) + residual in float32 if ``residual_in_fp32`` else x's dtype; ``mean`` (empty for
-  rms) and ``rstd`` are float32 (N,). Backward returns ``dsum`` (the gradient of the sum, in
+  rms) and ``rstd`` are float32 (N,). With ``store_summed=False`` (inference without prenorm)
+  ``summed`` is an empty (0,) tensor of that dtype and need not be computed to memory. Backward returns ``dsum`` (the gradient of the sum, in
   summed's dtype, which is also the residual's gradient) and ``dx`` (x's gradient in ``x_dtype``)
   only when dropout is on; without dropout ``dx`` is empty and the caller uses ``dsum`` for both.
   dweight/dbias are empty when weight/bias are None.

@@ -48,14 +48,17 @@ class ReferenceBackend(Backend):
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
 
     # ---- residual-add + norm ----------------------------------------------------------------
-    def layer_norm_residual_fwd(self, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset):
+    def layer_norm_residual_fwd(self, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset,
+                                store_summed=True):
         out, summed = ref.layer_norm_residual(x, residual, weight, bias, eps, dropout_p, prenorm=True, rms=rms,
                                               residual_in_fp32=residual_in_fp32, rng=_rng(dropout_p, seed, offset))
         s = summed.float()
         rstd_src = s.pow(2).mean(-1) if rms else (s - s.mean(-1, keepdim=True)).pow(2).mean(-1)
         rstd = torch.rsqrt(rstd_src + eps)
         mean = empty(x, torch.float32) if rms else s.mean(-1)
-        if summed is x or summed is residual:  # no dropout and no residual: never alias an input
+        if not store_summed:
+            summed = summed.new_empty((0,))
+        elif summed is x or summed is residual:  # no dropout and no residual: never alias an input
             summed = summed.clone()
         return out, summed, mean, rstd
 

@@ -419,8 +419,18 @@ def _unit_cols(t: torch.Tensor) -> torch.Tensor:
 # launchers (the contract of fused_attn/backends/base.py)
 # ---------------------------------------------------------------------------------------------
 
-def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset):
-    """(out, summed, mean, rstd) for x (N, d); see the module docstring."""
+def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset,
+                            store_summed=True):
+    """(out, summed, mean, rstd) for x (N, d); see the module docstring.
+
+    ``store_summed=False`` returns an empty summed; the kernel still writes the sum to a scratch
+    buffer, because rows longer than one tile re-read it for the normalisation pass."""
+    out, summed, mean, rstd = _layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms,
+                                                        residual_in_fp32, seed, offset)
+    return out, (summed if store_summed else summed.new_empty((0,))), mean, rstd
+
+
+def _layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset):
     n, d = x.shape
     device = x.device
     summed_dtype = torch.float32 if residual_in_fp32 else x.dtype

@@ -280,7 +280,9 @@ void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t
           T* s = S + r * bn;
           const int64_t nv = pb.visible(i, j0, bn);
           if (pb.mask) apply_mask_row<T, scalar_t>(s, nv, *pb.mask, b, h, i, j0);
-          const T tile_max = row_max(s, nv);
+          T tile_max = row_max(s, nv);
+          // row_max skips NaN; a tile of only NaN and -inf must still make the row NaN, not masked
+          if (tile_max == ninf && row_has_nan(s, nv)) tile_max = std::numeric_limits<T>::quiet_NaN();
           // NaN-propagating max (std::max would drop a NaN tile max and the row would read as masked)
           const T m_new = tile_max != tile_max ? tile_max : std::max(row_max_[r], tile_max);
           if (m_new == ninf) {  // nothing visible yet: this tile contributes nothing to the row

@@ -23,8 +23,8 @@ typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
 typedef uint32_t u8 __attribute__((vector_size(32)));
 
-// x86-64-v3 = AVX2 + FMA (+ BMI, F16C); fp-contract lets the compiler fuse a * b + c into FMAs
-// there (-std=c++20 turns contraction off by default).
+// x86-64-v3 = AVX2 + FMA (+ BMI, F16C); fp-contract=fast (GCC's default for C++, stated here
+// so the row ops keep it under any flags) lets the compiler fuse a * b + c into FMAs there.
 #define FA_ROWOP __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
 #define FA_INLINE static inline __attribute__((always_inline))
 
@@ -77,38 +77,43 @@ FA_INLINE f8 exp8(f8 x) {
   return out;
 }
 
-FA_INLINE float hmax8(f8 v) {
-  float m = v[0];
-  for (int i = 1; i < 8; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;  // NaN wins
-  return m;
-}
 FA_INLINE float hsum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
 // ---- float rows (vectorised) ------------------------------------------------------------------
 
-// max of s[0..n); -inf when n == 0; NaN when any element is NaN (so NaN rows stay NaN rather
-// than looking fully masked).
+// max of s[0..n); -inf when n == 0. NaN elements are skipped (one vmaxps per vector instead of
+// a NaN-propagating compare-and-blend): a NaN among finite scores still turns the row into NaN
+// through exp(NaN - max) in row_exp_sum, and a tile with nothing but NaN and -inf (max -inf)
+// is caught by the caller with row_has_nan.
 FA_ROWOP inline float row_max(const float* s, int64_t n) {
   const float ninf = -std::numeric_limits<float>::infinity();
   f8 m0 = splat(ninf), m1 = splat(ninf);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     f8 a = load8(s + c), b = load8(s + c + 8);
-    m0 = ((a > m0) | (a != a)) ? a : m0;
-    m1 = ((b > m1) | (b != b)) ? b : m1;
+    m0 = a > m0 ? a : m0;  // maxps semantics: NaN in a keeps m0
+    m1 = b > m1 ? b : m1;
   }
   for (; c + 8 <= n; c += 8) {
     f8 a = load8(s + c);
-    m0 = ((a > m0) | (a != a)) ? a : m0;
+    m0 = a > m0 ? a : m0;
   }
   if (c < n) {
     f8 a = load_partial(s + c, n - c, ninf);
-    m0 = ((a > m0) | (a != a)) ? a : m0;
+    m0 = a > m0 ? a : m0;
   }
-  m0 = ((m1 > m0) | (m1 != m1)) ? m1 : m0;
-  return hmax8(m0);
+  m0 = m1 > m0 ? m1 : m0;
+  float m = m0[0];
+  for (int i = 1; i < 8; ++i) m = m0[i] > m ? m0[i] : m;
+  return m;
+}
+
+inline bool row_has_nan(const float* s, int64_t n) {
+  for (int64_t c = 0; c < n; ++c)
+    if (s[c] != s[c]) return true;
+  return false;
 }
 
 // s[c] = exp(s[c] - m) for c < n; returns the sum of the new values.
@@ -179,6 +184,11 @@ FA_ROWOP inline void row_dropout(const float* src, float* dst, int64_t n, uint32
 
 // ---- double rows (scalar; float64 exists for gradcheck, not for speed) -------------------------
 
+inline bool row_has_nan(const double* s, int64_t n) {
+  for (int64_t c = 0; c < n; ++c)
+    if (s[c] != s[c]) return true;
+  return false;
+}
 inline double row_max(const double* s, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t c = 0; c < n; ++c) m = (s[c] > m || s[c] != s[c]) ? s[c] : m;  // NaN wins

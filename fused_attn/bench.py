@@ -66,6 +66,8 @@ from .testing import K_FORWARD, K_GRAD, compare
 
 OPS = ("attention", "layer_norm", "feed_forward", "layer")
 PASSES = ("fwd", "bwd", "fwd+bwd")
+#: "infer": the forward under torch.no_grad (nothing saved for backward), on request with --passes
+ALL_PASSES = PASSES + ("infer",)
 SHAPE_SETS = ("tiny", "quick", "full")
 BASELINES = ("eager", "sdpa", "compile")
 SDPA_GPU_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -705,7 +707,7 @@ def baseline_names(op: str, device_type: str) -> list[str]:
 def _row(case, dtype, impl, pass_, **kw):
     row = {"op": case.op, "pass": pass_, "shape": case.label(), "params": case.params(), "dtype": _dt(dtype),
            "impl": impl.name, "kind": impl.kind, "status": "ok", "reason": "", "median_ms": None, "min_ms": None,
-           "reps": 0, "n_sets": 0, "work": case.work(pass_, dtype), "unit": case.unit, "throughput": None,
+           "reps": 0, "n_sets": 0, "work": case.work(_work_pass(pass_), dtype), "unit": case.unit, "throughput": None,
            "ceiling": None, "ceiling_frac": None, "speedup": {}, "err_out": None, "err_grad": None,
            "oracle": "", "oracle_detail": "", "peak_mem_mib": None}
     row.update(kw)
@@ -762,7 +764,7 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
                     times = time_calls(call, n_sets, device, opts.budget_s, opts.min_reps, opts.max_reps)
                     del call
                     median = statistics.median(times)
-                    work = case.work(pass_, dtype)
+                    work = case.work(_work_pass(pass_), dtype)
                     scale = 1e12 if case.unit == "TFLOP/s" else 1e9
                     throughput = work / median / scale
                     rows[impl.name, pass_].update(median_ms=median * 1e3, min_ms=min(times) * 1e3, reps=len(times),
@@ -786,10 +788,20 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
     return list(rows.values())
 
 
+def _work_pass(pass_: str) -> str:
+    """The pass whose FLOPs/bytes a pass does: inference does the forward's work."""
+    return "fwd" if pass_ == "infer" else pass_
+
+
 def _make_call(impl: Impl, sets, douts, pass_) -> Callable[[int], Any]:
     fn, params = impl.fn, impl.params
     if pass_ == "fwd":
         return lambda i: fn(*sets[i])
+    if pass_ == "infer":
+        def infer(i):
+            with torch.no_grad():
+                return fn(*sets[i])
+        return infer
     if pass_ == "fwd+bwd":
         return lambda i: _grads(fn(*sets[i]), list(sets[i]) + params, douts[i])
     # backward alone: one retained graph per input set, differentiated again and again
@@ -876,21 +888,28 @@ def _measure_errors(case, dtype, impls, rows, opts):
                 inputs = check.make_inputs(device, dtype, opts.seed)
                 out = impl.fn(*inputs)
                 grads = _grads(out, inputs + impl.params, dout.to(out.dtype))
-            results[name] = (out.detach(), [g for g in grads])
+                out_infer = None
+                if "infer" in opts.passes:  # the no-grad forward may take another path (LayerNorm does)
+                    with torch.no_grad():
+                        out_infer = impl.fn(*inputs)
+            results[name] = (out.detach(), [g for g in grads], out_infer)
         except Exception as exc:  # noqa: BLE001
             for pass_ in opts.passes:
                 rows[name, pass_]["oracle_detail"] = f"error check failed: {_short(exc)}"
     low = results.get("eager")
-    for name, (out, grads) in results.items():
+    for name, (out, grads, out_infer) in results.items():
         if (name, opts.passes[0]) not in rows:
             continue
         err_out = _max_abs(out, out64)
+        err_infer = None if out_infer is None else _max_abs(out_infer, out64)
         pairs = [(g, g64) for g, g64 in zip(grads, grads64) if g is not None and g64 is not None]
         err_grad = max((_max_abs(g, g64) for g, g64 in pairs), default=0.0)
         verdict, detail = "", ""
         if low is not None and BACKENDS.get(name) is not None:
             try:
                 compare("output", out, out64, low[0], k=K_FORWARD)
+                if out_infer is not None:
+                    compare("no-grad output", out_infer, out64, low[0], k=K_FORWARD)
                 for j, (g, g64, glow) in enumerate(zip(grads, grads64, low[1])):
                     if g is not None and g64 is not None and glow is not None:
                         compare(f"grad of input {j}", g, g64, glow, k=K_GRAD)
@@ -898,7 +917,8 @@ def _measure_errors(case, dtype, impls, rows, opts):
             except AssertionError as exc:
                 verdict, detail = "FAIL", str(exc)
         for pass_ in opts.passes:
-            rows[name, pass_].update(err_out=err_out, err_grad=err_grad, oracle=verdict, oracle_detail=detail)
+            rows[name, pass_].update(err_out=err_infer if pass_ == "infer" else err_out, err_grad=err_grad,
+                                     oracle=verdict, oracle_detail=detail)
         if verdict == "FAIL":
             rows[name, opts.passes[0]]["status_note"] = detail
 
@@ -1015,7 +1035,7 @@ def format_table(rows: list[dict], op: str) -> str:
     for r in rows:
         sp = r["speedup"]
         sdpa = [v for k, v in sp.items() if k.startswith("sdpa")]
-        err = r["err_out"] if r["pass"] == "fwd" else r["err_grad"]
+        err = r["err_out"] if r["pass"] in ("fwd", "infer") else r["err_grad"]
         note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:60]
         cells = [r["shape"], r["dtype"], r["pass"], r["impl"], _fmt(r["median_ms"], ".3f"),
                  _fmt(r["throughput"], ".3g"),
@@ -1059,7 +1079,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             others = [v for k, v in r["speedup"].items() if k != impl]
             if others:
                 vs_best.append(min(others))
-        errs = [r["err_out"] if pass_ == "fwd" else r["err_grad"] for r in ok]
+        errs = [r["err_out"] if pass_ in ("fwd", "infer") else r["err_grad"] for r in ok]
         errs = [e for e in errs if e is not None]
         fracs = [r["ceiling_frac"] for r in ok if r["ceiling_frac"] is not None]
         summary.append({"op": op, "pass": pass_, "dtype": dtype, "impl": impl, "kind": mine[0]["kind"],
@@ -1189,7 +1209,8 @@ def parse_args(argv=None):
                         "'reference' only where nothing else does); 'none' for baselines only")
     p.add_argument("--baselines", default=None,
                    help="comma list of eager, sdpa, compile (default: all; compile is left out with --quick)")
-    p.add_argument("--passes", default=",".join(PASSES), help="comma list of fwd, bwd, fwd+bwd")
+    p.add_argument("--passes", default=",".join(PASSES),
+                   help="comma list of fwd, bwd, fwd+bwd, infer (the forward under torch.no_grad)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="bench_out", help="output folder (default bench_out)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
@@ -1216,7 +1237,7 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in dtype_names]
     ops = _split(args.ops)
     passes = _split(args.passes)
-    for name, values, allowed in (("--ops", ops, OPS), ("--passes", passes, PASSES)):
+    for name, values, allowed in (("--ops", ops, OPS), ("--passes", passes, ALL_PASSES)):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")

@@ -127,3 +127,26 @@ def test_gpu_check_script_parses_and_names_its_outputs():
     text = open(script).read()
     for needed in ("pip install --no-build-isolation --no-deps", "-m gpu", "fused_attn.bench", "summary.json"):
         assert needed in text
+
+
+def test_infer_pass_times_and_checks_the_no_grad_forward(tmp_path, monkeypatch):
+    """--passes infer times the forward under no_grad and holds its output to the oracle, so a
+    no-grad path that differs from the grad one (the LayerNorm's skips the sum) is checked."""
+    from fused_attn import ops
+
+    original = ops.LayerNormResidualFunction.forward
+
+    def broken_when_no_sum(ctx, *args):
+        out, summed = original(ctx, *args)
+        return (out * 1.01 if summed.numel() == 0 else out), summed
+
+    monkeypatch.setattr(ops.LayerNormResidualFunction, "forward", staticmethod(broken_when_no_sum))
+    code = bench.main(["--shapes", "tiny", "--ops", "layer_norm", "--backend", "cpu", "--passes", "fwd,infer",
+                       "--baselines", "eager", "--budget", "0.005", "--no-plots", "--no-memory", "--threads", "1",
+                       "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    ours = [r for r in rows if r["impl"] == "cpu"]
+    assert {r["pass"] for r in ours} == {"fwd", "infer"}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in ours)
+    assert code == 1 and all(r["oracle"] == "FAIL" for r in ours)
+    assert "no-grad output" in ours[0]["oracle_detail"]

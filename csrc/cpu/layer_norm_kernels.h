@@ -2,6 +2,22 @@
 // includes this file once per ISA, inside that ISA's namespace (see cpu_common.h).
 #include "cpu_kernel_math.h"
 
+// f(std::bool_constant<a>{}, std::bool_constant<b>{}, std::bool_constant<c>{}): runtime flags as
+// compile-time ones, so the row loops carry no per-element branches.
+template <typename F>
+inline void with_flags(bool a, bool b, bool c, F&& f) {
+  auto c_ = [&](auto fa, auto fb) {
+    if (c) f(fa, fb, std::true_type{});
+    else f(fa, fb, std::false_type{});
+  };
+  auto b_ = [&](auto fa) {
+    if (b) c_(fa, std::true_type{});
+    else c_(fa, std::false_type{});
+  };
+  if (a) b_(std::true_type{});
+  else b_(std::false_type{});
+}
+
 // out = (s - mu) * rstd [* w] [+ b], converted to out's dtype in registers.
 template <bool kW, bool kB, typename A, typename T>
 inline void ln_fwd_out_row(const A* s, const A* w, const A* b, A mu, A rs, T* out, int64_t d) {
@@ -57,75 +73,81 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
   const A eps = static_cast<A>(opt.eps);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
 
-  at::parallel_for(0, N, grain, [&](int64_t row0, int64_t row1) {
-    std::vector<A> scratch(2 * d);
-    A* sum = scratch.data();  // the row's sum as stored (rounded to summed's dtype), in A
-    A* aux = sum + d;         // dropout multipliers
-    for (int64_t n = row0; n < row1; ++n) {
-      const scalar_t* xr = x_ptr + n * x_stride;
-      const res_t* rr = r_ptr ? r_ptr + n * r_stride : nullptr;
-      sum_t* sr = s_ptr ? s_ptr + n * d : nullptr;
-      // One loop: sum = dropout(x) + residual, converted from the inputs' dtypes in registers,
-      // rounded to summed's dtype (the statistics see exactly what backward will read), kept in
-      // the scratch row, stored when wanted, and summed (LayerNorm) or squared and summed (RMS).
-      auto sum_row = [&](const auto* xs) {
-        using X = std::remove_cv_t<std::remove_pointer_t<decltype(xs)>>;
-        int64_t c = 0;
-        A total = 0;
-#if defined(FUSED_ATTN_HAVE_LANES)
-        if constexpr (kLaneIO<A, X> && kLaneIO<A, res_t> && kLaneIO<A, sum_t>) {
-          using L = Lanes<A>;
-          auto acc = lanes_splat<A>(0);
-          for (; c + L::size <= d; c += L::size) {
-            auto v = lanes_load_as<A>(xs + c);
-            if (rr) v = v + lanes_load_as<A>(rr + c);
-            v = lanes_round_through<sum_t, A>(v);
-            lanes_store(sum + c, v);
-            if (sr) lanes_store_as<A>(sr + c, v);
-            acc += opt.rms ? v * v : v;
+  // The residual, the stored sum and RMS are compile-time flags of the row loops.
+  with_flags(r_ptr != nullptr, s_ptr != nullptr, opt.rms, [&](auto has_res, auto store, auto rms_flag) {
+    constexpr bool kRes = decltype(has_res)::value, kStore = decltype(store)::value;
+    constexpr bool kRms = decltype(rms_flag)::value;
+    at::parallel_for(0, N, grain, [&](int64_t row0, int64_t row1) {
+      std::vector<A> scratch(2 * d);
+      A* sum = scratch.data();  // the row's sum as stored (rounded to summed's dtype), in A
+      A* aux = sum + d;         // dropout multipliers
+      for (int64_t n = row0; n < row1; ++n) {
+        const scalar_t* xr = x_ptr + n * x_stride;
+        const res_t* rr = kRes ? r_ptr + n * r_stride : nullptr;
+        sum_t* sr = kStore ? s_ptr + n * d : nullptr;
+        // One loop: sum = dropout(x) + residual, converted from the inputs' dtypes in registers,
+        // rounded to summed's dtype (the statistics see exactly what backward will read), kept in
+        // the scratch row, stored when wanted, and summed (LayerNorm) or squared and summed (RMS).
+        auto sum_row = [&](const auto* xs) {
+          using X = std::remove_cv_t<std::remove_pointer_t<decltype(xs)>>;
+          int64_t c = 0;
+          A total = 0;
+  #if defined(FUSED_ATTN_HAVE_LANES)
+          if constexpr (kLaneIO<A, X> && kLaneIO<A, res_t> && kLaneIO<A, sum_t>) {
+            using L = Lanes<A>;
+            auto acc = lanes_splat<A>(0);
+            for (; c + L::size <= d; c += L::size) {
+              auto v = lanes_load_as<A>(xs + c);
+              if constexpr (kRes) v = v + lanes_load_as<A>(rr + c);
+              v = lanes_round_through<sum_t, A>(v);
+              lanes_store(sum + c, v);
+              if constexpr (kStore) lanes_store_as<A>(sr + c, v);
+              if constexpr (kRms) acc += v * v;
+              else acc += v;
+            }
+            total = lanes_sum<A>(acc);
           }
-          total = lanes_sum<A>(acc);
+  #endif
+          for (; c < d; ++c) {
+            A v = static_cast<A>(xs[c]);
+            if constexpr (kRes) v = v + static_cast<A>(rr[c]);
+            const sum_t q = static_cast<sum_t>(v);
+            if constexpr (kStore) sr[c] = q;
+            v = static_cast<A>(q);
+            sum[c] = v;
+            total += kRms ? v * v : v;
+          }
+          return total;
+        };
+        A total;
+        if (dropout) {
+          // x * keep/(1-p) in its own loop, so it is rounded before the residual is added, as the
+          // reference does (GCC contracts a multiply and an add in one loop into an FMA, which
+          // would change the float32 sum's last bit).
+          dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
+          for (int64_t c = 0; c < d; ++c) aux[c] *= static_cast<A>(xr[c]);
+          total = sum_row(static_cast<const A*>(aux));
+        } else {
+          total = sum_row(xr);
         }
-#endif
-        for (; c < d; ++c) {
-          A v = static_cast<A>(xs[c]);
-          if (rr) v = v + static_cast<A>(rr[c]);
-          const sum_t q = static_cast<sum_t>(v);
-          if (sr) sr[c] = q;
-          v = static_cast<A>(q);
-          sum[c] = v;
-          total += opt.rms ? v * v : v;
+
+        A mu = 0, var;
+        if constexpr (kRms) {
+          var = total * inv_d;
+        } else {
+          mu = total * inv_d;
+          var = row_sq_dev(sum, mu, d) * inv_d;  // two-pass variance, over the row in L1
         }
-        return total;
-      };
-      A total;
-      if (dropout) {
-        // x * keep/(1-p) in its own loop, so it is rounded before the residual is added, as the
-        // reference does (GCC contracts a multiply and an add in one loop into an FMA, which
-        // would change the float32 sum's last bit).
-        dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
-        for (int64_t c = 0; c < d; ++c) aux[c] *= static_cast<A>(xr[c]);
-        total = sum_row(static_cast<const A*>(aux));
-      } else {
-        total = sum_row(xr);
-      }
+        const A rs = A(1) / std::sqrt(var + eps);
+        if (mean_ptr) mean_ptr[n] = static_cast<float>(mu);
+        rstd_ptr[n] = static_cast<float>(rs);
 
-      A mu = 0, var;
-      if (opt.rms) {
-        var = total * inv_d;
-      } else {
-        mu = total * inv_d;
-        var = row_sq_dev(sum, mu, d) * inv_d;  // two-pass variance, over the row in L1
+        if (w && b) ln_fwd_out_row<true, true>(sum, w, b, mu, rs, out_ptr + n * d, d);
+        else if (w) ln_fwd_out_row<true, false>(sum, w, b, mu, rs, out_ptr + n * d, d);
+        else if (b) ln_fwd_out_row<false, true>(sum, w, b, mu, rs, out_ptr + n * d, d);
+        else ln_fwd_out_row<false, false>(sum, w, b, mu, rs, out_ptr + n * d, d);
       }
-      const A rs = A(1) / std::sqrt(var + eps);
-      if (mean_ptr) mean_ptr[n] = static_cast<float>(mu);
-      rstd_ptr[n] = static_cast<float>(rs);
-
-      if (w && b) ln_fwd_out_row<true, true>(sum, w, b, mu, rs, out_ptr + n * d, d);
-      else if (w) ln_fwd_out_row<true, false>(sum, w, b, mu, rs, out_ptr + n * d, d);
-      else if (b) ln_fwd_out_row<false, true>(sum, w, b, mu, rs, out_ptr + n * d, d);
-      else ln_fwd_out_row<false, false>(sum, w, b, mu, rs, out_ptr + n * d, d);
-    }
+    });
   });
 }
 

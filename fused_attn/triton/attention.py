@@ -19,7 +19,9 @@ gradient and ``Z`` the dropout keep-mask scaled by 1/(1-p_drop):
 (``delta = rowsum(P * dP)`` equals ``rowsum(dO * O)`` even with dropout, so a small preprocessing
 kernel computes it from the saved output.) ``_attn_bwd_dkdv`` runs one program per (batch*kv head,
 block of keys) and loops over the query heads of its group (grouped-query attention) and over query
-blocks; ``_attn_bwd_dq`` runs one program per (batch*head, query block) and loops over key blocks.
+blocks (at head dims above 128 it runs twice, once for dK and once for dV, so that each program holds
+one accumulator: ``dkdv_passes``); ``_attn_bwd_dq`` runs one program per (batch*head, query block)
+and loops over key blocks.
 Each gradient element is thus written by exactly one program, without atomics, so the results are
 bitwise reproducible. The gradient of an additive mask is dS itself; ``_attn_bwd_dkdv`` writes it.
 

@@ -283,6 +283,18 @@ def test_head_dim_256_and_value_dim_1(device):
     _check((1, 1, 1, 9, 18, 16, 1), f32, device)
 
 
+
+def test_dkdv_in_two_passes(device, monkeypatch):
+    """Head dims above DKDV_SPLIT_ABOVE (128) compute dK and dV in two passes of the dK/dV kernel
+    (pass 1: dK and the mask gradient, pass 2: dV). Forced here at small head dims, with every
+    feature on: causal, an additive mask with its gradient, dropout, grouped-query heads, Dv != D."""
+    assert triton_attention.dkdv_passes(256, 64) == (triton_attention.DKDV_DK, triton_attention.DKDV_DV)
+    assert triton_attention.dkdv_passes(128, 128) == (triton_attention.DKDV_BOTH,)
+    monkeypatch.setattr(triton_attention, "DKDV_SPLIT_ABOVE", 16)
+    assert triton_attention.dkdv_passes(32, 16) == (triton_attention.DKDV_DK, triton_attention.DKDV_DV)
+    mask = torch.randn(1, 4, 23, 37, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_(True)
+    _check((1, 4, 2, 23, 37, 24, 40), f32, device, causal=True, mask=mask, dropout_p=0.2, rng=13)
+
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 16), (64, 64)], ids=str)
 def test_other_block_shapes(blocks, device, monkeypatch):
     """The GPU autotuner picks other (outer, inner) blocks than the interpreter default: the same

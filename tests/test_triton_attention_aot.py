@@ -90,7 +90,11 @@ def _specialise(fn, args):
 
 
 def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, num_warps, num_stages, features):
-    """Compile one configuration; returns the AotResult as a dict plus its problems."""
+    """Compile one configuration; returns the AotResult as a dict plus its problems.
+
+    dK/dV at head dims above 128 is launched as two passes (``attention.dkdv_passes``): both are
+    compiled and the result is the worse of the two (most shared memory and registers, spills
+    added up, fewest HGMMA), with each pass's problems named; ``passes`` holds each one's result."""
     from fused_attn.triton import _aot
     from fused_attn.triton import attention as A
 
@@ -98,26 +102,42 @@ def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, nu
     signature, constants, divisible = _specialise(fn, args)
     outer_name, inner_name = A.OUTER_INNER[kernel]
     constants.update(constexprs, **{outer_name: outer, inner_name: inner})
-    res = _aot.aot_compile(fn, signature, constants, arch=arch, num_warps=num_warps, num_stages=num_stages,
-                           divisible_by_16=divisible)
+    passes = A.dkdv_passes(constants["HEAD_DIM"], constants["HEAD_DIM_V"]) if kernel == "dkdv" else (None,)
     half = dtype_name in ("float16", "bfloat16")
-    out = res.to_dict()
+    per_pass, problems = [], []
+    for dkdv_pass in passes:
+        if dkdv_pass is not None:
+            constants["DKDV_PASS"] = dkdv_pass
+        res = _aot.aot_compile(fn, signature, dict(constants), arch=arch, num_warps=num_warps,
+                               num_stages=num_stages, divisible_by_16=divisible)
+        per_pass.append(res.to_dict())
+        label = "" if len(passes) == 1 else f"pass {dkdv_pass} ({'dK' if dkdv_pass == A.DKDV_DK else 'dV'}): "
+        problems += [label + p for p in res.problems(require_hgmma=half)]
+    out = dict(per_pass[0])
+    out.update(shared=max(r["shared"] for r in per_pass), registers=max(r["registers"] for r in per_pass),
+               spills=sum(r["spills"] for r in per_pass), hgmma=min(r["hgmma"] for r in per_pass))
     out.update(kernel=kernel, dtype=dtype_name, head_dim=head_dim, head_dim_v=head_dim_v, outer=outer, inner=inner,
-               features=features, problems=res.problems(require_hgmma=half))
+               features=features, problems=problems, passes=per_pass if len(passes) > 1 else [])
     return out
 
 
-def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v):
+def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="plain"):
     """The (outer, inner, warps, stages) the autotuner may try for this case: all_configs filtered
-    by config_ok (what ``_make_prune`` does on the GPU)."""
+    by config_ok (what ``_make_prune`` does on the GPU, HEAVY_SPILLS skipped for the heavy feature
+    sets unless nothing else is left)."""
     import torch
 
     from fused_attn.triton import attention as A
 
     elem = torch.empty(0, dtype=getattr(torch, dtype_name)).element_size()
     outer_name, inner_name = A.OUTER_INNER[kernel]
-    return [(c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages) for c in A.all_configs(kernel)
-            if A.config_ok(kernel, c, A._pow2(head_dim), A._pow2(head_dim_v), elem, arch)]
+    f = FEATURES[features]
+    mask_bytes = {None: 0, "bool": 1, "additive": 2}[f["mask"]]
+    heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
+    args = (A._pow2(head_dim), A._pow2(head_dim_v), elem, arch, mask_bytes)
+    kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, heavy)]
+    kept = kept or [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args)]
+    return [(c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages) for c in kept]
 
 
 def compile_many(cases):
@@ -155,10 +175,15 @@ def _describe(r):
 # each case is (kernel, arch, dtype, D, Dv, outer, inner, warps, stages, features).
 SUBSET = [
     ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "plain"),
-    ("dkdv", 90, "bfloat16", 128, 128, 128, 32, 8, 2, "causal"),
+    ("dkdv", 90, "bfloat16", 128, 128, 128, 16, 8, 3, "all"),
     ("dq", 90, "float16", 64, 64, 128, 64, 8, 3, "causal"),
     ("fwd", 80, "float16", 64, 64, 128, 128, 8, 3, "plain"),
     ("dkdv", 80, "bfloat16", 128, 128, 64, 32, 8, 2, "plain"),
+    # head dim 256: dK and dV in two passes, each compiled (the heavy config with every feature on)
+    ("dkdv", 90, "bfloat16", 256, 256, 128, 16, 8, 2, "all"),
+    ("dkdv", 90, "bfloat16", 256, 256, 64, 32, 8, 2, "causal"),
+    ("dkdv", 80, "bfloat16", 256, 256, 64, 32, 8, 2, "causal"),
+    ("dq", 90, "bfloat16", 256, 256, 64, 32, 8, 2, "causal"),
 ]
 
 
@@ -171,14 +196,17 @@ def test_subset_cases_are_configs_the_autotuner_keeps():
     pytest.importorskip("torch")
     from fused_attn.triton import attention as A
 
-    for kernel, arch, dtype, d, dv, outer, inner, warps, stages, _ in SUBSET:
+    for kernel, arch, dtype, d, dv, outer, inner, warps, stages, features in SUBSET:
         import torch
 
         elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         outer_name, inner_name = A.OUTER_INNER[kernel]
         cfg = next(c for c in A.all_configs(kernel) if (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps,
                                                          c.num_stages) == (outer, inner, warps, stages))
-        assert A.config_ok(kernel, cfg, A._pow2(d), A._pow2(dv), elem, arch)
+        f = FEATURES[features]
+        mask_bytes = {None: 0, "bool": 1, "additive": 2}[f["mask"]]
+        heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
+        assert A.config_ok(kernel, cfg, A._pow2(d), A._pow2(dv), elem, arch, mask_bytes, heavy)
 
 
 @pytest.mark.parametrize("index", range(len(SUBSET)), ids=lambda i: "-".join(map(str, SUBSET[i])))
@@ -191,8 +219,9 @@ def test_aot_subset(subset_results, index):
         assert r["hgmma"] > 0
     assert 0 < r["registers"] <= 255
     # the autotuner's shared-memory estimate (used to prune configs) covers what the compiler allocates
+    mask_bytes = {None: 0, "bool": 1, "additive": 2}[FEATURES[r["features"]]["mask"]]
     predicted = A.shared_bytes(r["kernel"], r["outer"], r["inner"], r["num_stages"], r["head_dim"],
-                               r["head_dim_v"], 2)
+                               r["head_dim_v"], 2, mask_bytes)
     assert 0 < r["shared"] <= predicted + 1024, (r["shared"], predicted)
 
 
@@ -229,8 +258,8 @@ def sweep_cases(archs=(90, 80), dtypes=("bfloat16",), head_dims=(64, 128, 256), 
         for dtype in dtypes:
             for hd in head_dims:
                 for kernel in kernels:
-                    for outer, inner, warps, stages in candidate_configs(kernel, arch, dtype, hd, hd):
-                        for feat in features:
+                    for feat in features:
+                        for outer, inner, warps, stages in candidate_configs(kernel, arch, dtype, hd, hd, feat):
                             cases.append((kernel, arch, dtype, hd, hd, outer, inner, warps, stages, feat))
     return cases
 
@@ -300,9 +329,10 @@ def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
                     kept = prune(A.all_configs(kernel), args)
                     assert kept, (kernel, hd, heavy, length)
                     table = A.CONFIGS if arch >= 90 else A.CONFIGS_SM80
-                    has_small = any(cfg[0] == 64 for cfg in table[kernel][hd])
+                    has_small = any(cfg[0] == 64 for cfg in table[kernel][hd]
+                                    if not (heavy and (kernel, hd, cfg) in A.HEAVY_SPILLS))
                     for c in kept:
                         key = (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages)
                         assert key in table[kernel][hd]
-                        if length == 1 and has_small:  # one-row sequences: 64-row blocks when listed
+                        if length == 1 and has_small:  # one-row sequences: 64-row blocks when listed (and kept)
                             assert key[0] == 64

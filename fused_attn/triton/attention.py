@@ -19,7 +19,9 @@ gradient and ``Z`` the dropout keep-mask scaled by 1/(1-p_drop):
 (``delta = rowsum(P * dP)`` equals ``rowsum(dO * O)`` even with dropout, so a small preprocessing
 kernel computes it from the saved output.) ``_attn_bwd_dkdv`` runs one program per (batch*kv head,
 block of keys) and loops over the query heads of its group (grouped-query attention) and over query
-blocks; ``_attn_bwd_dq`` runs one program per (batch*head, query block) and loops over key blocks.
+blocks (at head dims above 128 it runs twice, once for dK and once for dV, so that each program holds
+one accumulator: ``dkdv_passes``); ``_attn_bwd_dq`` runs one program per (batch*head, query block)
+and loops over key blocks.
 Each gradient element is thus written by exactly one program, without atomics, so the results are
 bitwise reproducible. The gradient of an additive mask is dS itself; ``_attn_bwd_dkdv`` writes it.
 
@@ -268,11 +270,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
                 seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
                 D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-                CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, DKDV_PASS: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi).
 
     Tiles are transposed ((keys, queries)) so that dK, dV accumulate with plain dots. Queries
     past Lq need no score mask: their lse loads as +inf, so their probabilities are 0.
+    DKDV_PASS (see _attn_bwd_dkdv): 0 accumulates both, 1 only dK (and writes dMask), 2 only dV
+    (``v`` is then unused and ``dk`` passes through).
     """
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -293,21 +297,27 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
         pT = tl.math.exp2(sT - lse[None, :])
         do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                      mask=(offs_m < Lq)[:, None] & dv_ok[None, :], other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        # (the statement order of the combined pass 0 is the one the AOT sweep measured at D <= 128)
+        if DKDV_PASS != 2:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
             keepT = dropout_keep(keys[None, :], offs_n[:, None], drop_threshold)
             pT_kept = tl.where(keepT, pT * keep_scale, 0.0)
-            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
+            if DKDV_PASS != 2:
+                dpT = tl.where(keepT, dpT * keep_scale, 0.0)
         else:
             pT_kept = pT
-        dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        if MASK_GRAD:
-            dmask_ptrs = dmask_base + tl.cast(start_m, tl.int64) * Lk + dmask_offs
-            tl.store(dmask_ptrs, dsT.to(dmask_base.dtype.element_ty), mask=(offs_m[None, :] < Lq) & (offs_n[:, None] < Lk))
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if DKDV_PASS != 1:
+            dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if DKDV_PASS != 2:
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+            dsT = pT * (dpT - delta[None, :])
+            if MASK_GRAD:
+                dmask_ptrs = dmask_base + tl.cast(start_m, tl.int64) * Lk + dmask_offs
+                tl.store(dmask_ptrs, dsT.to(dmask_base.dtype.element_ty),
+                         mask=(offs_m[None, :] < Lq) & (offs_n[:, None] < Lk))
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -323,8 +333,16 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
                    LQ_KEY, LK_KEY,
                    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk))."""
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DKDV_PASS: tl.constexpr):
+    """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk)).
+
+    DKDV_PASS 0 computes both. A program of it holds two (BLOCK_N, head dim) float32 accumulators
+    beside K and V, which at head dims above 128 does not fit the register file even for 64-key
+    blocks (the AOT sweep measured 9-216 spill instructions). There the launcher runs the kernel
+    twice (``dkdv_passes``): pass 1 accumulates dK only (and writes dMask), pass 2 dV only. Each
+    holds one accumulator; the price is that both recompute the scores and probabilities.
+    """
     num_n = tl.cdiv(Lk, BLOCK_N)
     pid = tl.program_id(0)
     bhk = (pid // num_n).to(tl.int64)
@@ -337,8 +355,10 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
     offs_dv = tl.arange(0, HEAD_DIM_V)
     k = _load_2d(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                  offs_n < Lk, offs_d < D, True, D != HEAD_DIM)
-    v = _load_2d(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                 offs_n < Lk, offs_dv < DV, True, DV != HEAD_DIM_V)
+    v = k  # placeholder: the dV pass never reads V
+    if DKDV_PASS != 2:
+        v = _load_2d(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     offs_n < Lk, offs_dv < DV, True, DV != HEAD_DIM_V)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], tl.float32)
 
@@ -359,14 +379,16 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
                              dmask_base, offs_n, m_lo, Lq, stride_qm, stride_qd, stride_gm,
                              stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
                              offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION)
+                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION, DKDV_PASS)
 
-    dk = dk * scale
     # dK, dV are contiguous (B, Hkv, Lk, D / DV).
-    dk_ptrs = dK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :]
-    dv_ptrs = dV + bhk * Lk * DV + offs_n[:, None] * DV + offs_dv[None, :]
-    tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :])
-    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :])
+    if DKDV_PASS != 2:
+        dk = dk * scale
+        dk_ptrs = dK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+        tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :])
+    if DKDV_PASS != 1:
+        dv_ptrs = dV + bhk * Lk * DV + offs_n[:, None] * DV + offs_dv[None, :]
+        tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :])
 
 
 @triton.jit
@@ -476,25 +498,35 @@ OUTER_INNER = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M", "BLOCK_N"), "dkd
 #: (tests/test_triton_attention_aot.py) compiled without local-memory spills: the fp32 accumulators
 #: of the outer block (dK and dV together in _attn_bwd_dkdv) plus the score tiles must fit 255
 #: registers per thread, which rules out large inner tiles at D = 128 and 128-row outer blocks at
-#: D = 256. The exception is dK/dV at D = 256 (see below).
+#: D = 256 for fwd and dQ. dK/dV at D = 256 runs as two passes with one accumulator each
+#: (``dkdv_passes``); a config there is kept only if both passes compile clean.
 CONFIGS = {
     "fwd": {
         64: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
         128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-        256: [(64, 32, 4, 2), (64, 32, 4, 3)],
+        # 8 warps: clean in every feature set under Triton 3.6 and 3.9 ((64, 32, 4, 3) spills 16
+        # under 3.6 with every feature on: HEAVY_SPILLS)
+        256: [(64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (128, 16, 8, 2)],
     },
     "dq": {
         64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
         128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
-        256: [(64, 32, 4, 2), (64, 32, 4, 3)],
+        # the dQ accumulator of 64 x 256 is 128 registers per thread on 4 warps: (64, 32, 4, 2/3)
+        # spilled 20-62 under Triton 3.6; on 8 warps these are clean in every feature set (3.6, 3.9)
+        256: [(64, 32, 8, 2), (128, 16, 8, 2)],
     },
     "dkdv": {
-        64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 3)],
-        128: [(128, 32, 8, 2), (128, 32, 8, 3)],
-        # dK and dV of 64 keys x 256 dims are 256 fp32 registers per thread with 4 warps; 8 warps
-        # halve that but still spill some (see the AOT sweep): splitting dK and dV over two
-        # programs would be the fix for D > 128.
-        256: [(64, 32, 8, 2)],
+        # (64, 64, 4, 3) was dropped: 12 (Triton 3.6) / 26 (3.9) LDL/STL for the plain kernel.
+        64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)],
+        # 128 keys x 16 queries on 8 warps: clean for all six feature sets of the AOT sweep under
+        # Triton 3.6 and 3.9; (128, 32, 8, 2/3) spilled 2 LDL/STL (3.6, plain) to 16 (3.9, mask_grad),
+        # (64, 32, 8, 2) 9 (3.9, every feature on).
+        128: [(128, 16, 8, 2), (128, 16, 8, 3)],
+        # Two passes (dK, then dV). 128 keys on 8 warps (two warpgroups of 64 rows, a 128-register
+        # accumulator) compiles clean with every feature on under Triton 3.6 and 3.9; 64 keys on 8
+        # warps replicates the score tiles on both warpgroups and spills once a mask, its gradient
+        # or dropout is on (HEAVY_SPILLS), but is clean for the plain and causal kernels.
+        256: [(128, 16, 8, 2), (64, 32, 8, 2)],
     },
 }
 #: The same for sm_8x (mma.sync instead of wgmma: different register layouts, less shared memory).
@@ -511,8 +543,12 @@ CONFIGS_SM80 = {
     },
     "dkdv": {
         64: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)],
-        128: [(64, 32, 8, 2), (64, 32, 4, 2)],
-        256: [(64, 32, 8, 2)],  # spills a little, as on sm_90
+        # (64, 32, 4, 2) was dropped: 6-71 LDL/STL in every feature set under Triton 3.6. (64, 32, 8, 2)
+        # is clean under 3.6; under 3.9 it spills 15 with every feature on, 6 with the mask gradient.
+        128: [(64, 32, 8, 2)],
+        # two passes; clean for every feature set except a boolean mask under Triton 3.6 (17
+        # LDL/STL; 0 under 3.9). 128-key blocks do not fit 163 KB of shared memory at D = 256.
+        256: [(64, 32, 8, 2)],
     },
 }
 #: Configurations that compile cleanly for the plain and causal kernels but spill on sm_90 once an
@@ -521,10 +557,9 @@ CONFIGS_SM80 = {
 HEAVY_SPILLS = {
     ("fwd", 128, (128, 128, 8, 2)),
     ("dq", 128, (64, 64, 4, 2)),
-    ("dq", 256, (64, 32, 4, 3)),
-    ("dkdv", 64, (64, 64, 4, 3)),
+    ("fwd", 256, (64, 32, 4, 3)),
     ("dkdv", 64, (128, 64, 8, 3)),
-    ("dkdv", 128, (128, 32, 8, 3)),  # 59 spill instructions; (128, 32, 8, 2) keeps 9
+    ("dkdv", 256, (64, 32, 8, 2)),   # dK pass: 18 (Triton 3.6) / 104 (3.9) with every feature on
 }
 #: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
 #: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
@@ -626,7 +661,7 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
         return
     fn = _tuned.get(kernel)
     if fn is None:
-        keys = _AUTOTUNE_KEYS + (["MASK_GRAD"] if kernel == "dkdv" else [])
+        keys = _AUTOTUNE_KEYS + (["MASK_GRAD", "DKDV_PASS"] if kernel == "dkdv" else [])
         fn = _tuned[kernel] = triton.autotune(all_configs(kernel), key=keys,
                                               prune_configs_by={"early_config_prune": _make_prune(kernel)})(
             _KERNELS[kernel])
@@ -688,9 +723,21 @@ def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, 
     return Lq, B * Hq, args, _common_constexprs(q, v, causal, mask_kind, dropout_p)
 
 
+#: _attn_bwd_dkdv's DKDV_PASS values: both gradients in one pass, or dK (+ dMask) and dV apart
+DKDV_BOTH, DKDV_DK, DKDV_DV = 0, 1, 2
+#: padded head dims (the larger of D, Dv) above this run dK and dV as two passes
+DKDV_SPLIT_ABOVE = 128
+
+
+def dkdv_passes(head_dim: int, head_dim_v: int) -> tuple:
+    """The DKDV_PASS values to launch, in order, for these padded head dims."""
+    return (DKDV_DK, DKDV_DV) if max(head_dim, head_dim_v) > DKDV_SPLIT_ABOVE else (DKDV_BOTH,)
+
+
 def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad,
                     dq, dk, dv, dmask):
-    """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels."""
+    """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels.
+    The dkdv constexprs name its first pass; ``dkdv_passes`` lists all of them."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
@@ -700,7 +747,8 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, sca
     tail = (Lq, Lk, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
     dkdv = (q, k, v, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq, *strides, Hq, Hkv, Hq // Hkv, *tail)
     dq_args = (q, k, v, mask, dout, lse, delta, dq, *strides, Hq, Hq // Hkv, *tail)
-    return {"dkdv": (Lk, B * Hkv, dkdv, dict(common, MASK_GRAD=bool(mask_grad))),
+    first_pass = dkdv_passes(common["HEAD_DIM"], common["HEAD_DIM_V"])[0]
+    return {"dkdv": (Lk, B * Hkv, dkdv, dict(common, MASK_GRAD=bool(mask_grad), DKDV_PASS=first_pass)),
             "dq": (Lq, B * Hq, dq_args, common)}
 
 
@@ -738,6 +786,8 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, 
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M)
     launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset,
                                mask_grad, dq, dk, dv, dmask)
-    _launch("dkdv", *launches["dkdv"])
+    rows, heads, args, constexprs = launches["dkdv"]
+    for dkdv_pass in dkdv_passes(constexprs["HEAD_DIM"], constexprs["HEAD_DIM_V"]):
+        _launch("dkdv", rows, heads, args, dict(constexprs, DKDV_PASS=dkdv_pass))
     _launch("dq", *launches["dq"])
     return dq, dk, dv, dmask

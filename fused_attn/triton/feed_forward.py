@@ -258,6 +258,7 @@ HOPPER_CONFIGS = [
     _config(64, 128, 64, 4, 4),
     _config(128, 128, 32, 3, 8),  # float32 (4-byte) inputs
     _config(128, 64, 32, 3, 8),
+    _config(64, 64, 64, 4, 8),    # gated backward on Triton < 3.9 (see BWD_CONFIG)
     _config(64, 64, 32, 4, 4),    # small problems
 ]
 #: Ampere (sm_80, 163 KiB shared memory per block): mma.sync tiles, BLOCK_K 32.
@@ -267,6 +268,7 @@ AMPERE_CONFIGS = [
     _config(128, 128, 32, 3, 8),
     _config(128, 64, 32, 4, 8),   # gated forward
     _config(64, 128, 32, 4, 4),
+    _config(64, 64, 32, 4, 8),    # gated backward on Triton < 3.9 (see BWD_CONFIG)
     _config(64, 64, 32, 4, 4),
 ]
 #: The interpreter (CPU) runs one small config: it is slow per element, not per tile.
@@ -279,10 +281,25 @@ _MIN_BLOCK_M = 64  # smallest BLOCK_M of any config: sizes the db1 partial-sum b
 #: dots, operands in registers) keep BLOCK_K at 32.
 ACC_REGISTER_BUDGET = {EPI_BIAS: 128, EPI_ACT_FWD: 64}
 #: The backward epilogue holds dh, the pre (and up) tiles, act, act' and the dropout factor at
-#: once and sits at the edge of the register file: only these configs compiled without a single
-#: spill (64x64 on 4 warps and 128x64x32 on sm_90 spilled a few), so it is not autotuned.
-#: (major, element bytes) -> (index in the arch's list)
-BWD_CONFIG = {(90, 2): 2, (90, 4): 6, (80, 2): 3, (80, 4): 3}
+#: once and sits at the edge of the register file, so it is not autotuned: each entry is the
+#: largest config that compiled without a single spill (tests/test_triton_feed_forward_aot.py,
+#: gated gelu with dropout and bias sums, the heaviest variant), as
+#: (major, element bytes) -> index in the arch's list.
+#: Triton >= 3.9: 128x64 tiles on 8 warps (64x64 on 4 warps and 128x64x32 on sm_90 spilled a few).
+#: Triton 3.6 (the GPU machine's) allocates more registers to the same epilogue: 128x64 spills
+#: 118 LDL/STL on sm_90 and 18 on sm_80 (2 with float32 inputs on sm_80), and 8 warps over 128x64
+#: does not help; 64x64 tiles on 8 warps (16 accumulator registers per thread) compile clean, with
+#: wgmma on sm_90. Versions between were not measured and get the 3.6 choice.
+BWD_CONFIG_NEW = {(90, 2): 2, (90, 4): 7, (80, 2): 3, (80, 4): 3}
+BWD_CONFIG_OLD = {(90, 2): 6, (90, 4): 7, (80, 2): 5, (80, 4): 6}
+
+
+def _triton_version(version: str = triton.__version__) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+BWD_CONFIG = BWD_CONFIG_NEW if _triton_version() >= (3, 9) else BWD_CONFIG_OLD
 
 
 def shared_memory_estimate(config: triton.Config, elem_bytes: int, gated: bool) -> int:

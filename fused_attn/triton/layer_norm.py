@@ -215,8 +215,6 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
     cols = tl.arange(0, BLOCK_D)
     if SINGLE:
         col_ok = cols < n_cols
-        if HAS_W:
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         db_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         for first in range(row_begin, row_end, ROWS):
@@ -237,7 +235,12 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
                 dw_acc += dy * xhat
             if HAS_B:
                 db_acc += dy
-            g = dy * w[None, :] if HAS_W else dy
+            # w is re-read for each tile (an L1 hit) rather than held across the loop: at 8192-wide
+            # rows on 16 warps (128 registers per thread) holding it spilled under Triton 3.6
+            if HAS_W:
+                g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                g = dy
             c1 = tl.sum(g * xhat, axis=1) / n_cols
             ds = g - xhat * c1[:, None]
             if not RMS:

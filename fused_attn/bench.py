@@ -477,7 +477,8 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
                 "layer": [LayerCase(4, 1024, 1024, 16, 4096)]}[op]
     if not gpu:  # full, CPU
         return {"attention": [AttentionCase(2, 8, L, 64, causal) for causal in (False, True)
-                              for L in (256, 512, 1024, 2048)],
+                              for L in (256, 512, 1024, 2048)]
+                + [AttentionCase(2, 8, L, 128, causal) for causal in (False, True) for L in (1024, 2048)],
                 "layer_norm": [LayerNormCase(8192, d) for d in (512, 1024, 4096)] + [LayerNormCase(8192, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(2048, 512, 2048), FeedForwardCase(2048, 1024, 4096),
                                  FeedForwardCase(2048, 1024, 2736, "swiglu")],

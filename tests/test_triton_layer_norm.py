@@ -406,3 +406,12 @@ def test_gpu_speed_targets(n, d):
           f"({bwd_bw / copy_bw:.0%} of copy, {eager_bwd_s / bwd_s:.2f}x eager)")
     assert fwd_bw >= 0.9 * copy_bw and bwd_bw >= 0.75 * copy_bw
     assert eager_s / fwd_s >= 1.5 and eager_bwd_s / bwd_s >= 1.5
+
+
+@pytest.mark.parametrize("d", [40, 20000])  # whole rows (the sum's store skipped) and chunked rows
+def test_store_summed_false_gives_the_same_output_and_no_sum(d):
+    x, r, w, b = make_inputs((3, d), (3, d), (d,), (d,), dtype=F32, seed=5)
+    kept = L.layer_norm_residual_fwd(x, r, w, b, 1e-5, 0.0, False, True, 0, 0)
+    skipped = L.layer_norm_residual_fwd(x, r, w, b, 1e-5, 0.0, False, True, 0, 0, store_summed=False)
+    assert torch.equal(kept[0], skipped[0]) and torch.equal(kept[2], skipped[2]) and torch.equal(kept[3], skipped[3])
+    assert kept[1].shape == (3, d) and skipped[1].numel() == 0 and skipped[1].dtype == torch.float32

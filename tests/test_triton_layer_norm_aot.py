@@ -29,7 +29,7 @@ def fwd(arch, cfg):
                stride_out="i32", stride_s="i32", eps="fp32", drop_threshold="i64", drop_scale="fp32",
                seed_lo="i64", seed_hi_mix="i64", offset_lo="i64", offset_hi="i64")
     const = dict(ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"], HAS_RES=True, HAS_W=True,
-                 HAS_B=True, RMS=False, DROPOUT=True)
+                 HAS_B=True, RMS=False, DROPOUT=True, STORE_SUM=True)
     div = ("X", "RES", "W", "B", "OUT", "SUMMED", "MEAN", "RSTD", "n_cols", "stride_x", "stride_res",
            "stride_out", "stride_s")
     return aot_compile(L._ln_fwd_kernel, sig, const, arch=arch, num_warps=cfg["num_warps"], num_stages=1,

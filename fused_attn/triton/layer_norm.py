@@ -85,9 +85,9 @@ def _logical_rows(offset_lo, offset_hi, rows64):
 @triton.jit
 def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_res, stride_s,
                           drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
-                          HAS_RES: tl.constexpr, DROPOUT: tl.constexpr):
-    """s = dropout(x) + residual for a [ROWS, BLOCK_D] tile; stores it to SUMMED and returns it
-    in float32 exactly as stored (rounded to summed's dtype), as the reference sees it."""
+                          HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE: tl.constexpr):
+    """s = dropout(x) + residual for a [ROWS, BLOCK_D] tile; stores it to SUMMED (if STORE) and
+    returns it in float32 exactly as stored (rounded to summed's dtype), as the reference sees it."""
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
         key = dropout_row_key(seed_lo, seed_hi_mix, _logical_rows(offset_lo, offset_hi, rows64))
@@ -97,7 +97,8 @@ def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_r
     if HAS_RES:
         x += tl.load(RES + rows64[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = x.to(SUMMED.dtype.element_ty)
-    tl.store(SUMMED + rows64[:, None] * stride_s + cols[None, :], s, mask=mask)
+    if STORE:
+        tl.store(SUMMED + rows64[:, None] * stride_s + cols[None, :], s, mask=mask)
     return s.to(tl.float32)
 
 
@@ -107,9 +108,11 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                    drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   RMS: tl.constexpr, DROPOUT: tl.constexpr):
+                   RMS: tl.constexpr, DROPOUT: tl.constexpr, STORE_SUM: tl.constexpr = True):
     """One program normalises ROWS rows (SINGLE: whole rows in registers) or one long row in
-    chunks of BLOCK_D (two passes: statistics while writing summed, then normalisation)."""
+    chunks of BLOCK_D (two passes: statistics while writing summed, then normalisation).
+    STORE_SUM=False (whole rows only: the chunked pass re-reads the sum) skips the sum's store
+    for inference; SUMMED then only gives the sum's dtype."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -117,7 +120,8 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
     if SINGLE:
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         s = _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_res, stride_s,
-                                  drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT)
+                                  drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT,
+                                  STORE_SUM)
         if RMS:
             centred = s
         else:
@@ -142,7 +146,8 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
             c = start + cols
             mask = row_ok[:, None] & (c[None, :] < n_cols)
             s = _dropout_residual_sum(X, RES, SUMMED, rows64, c, mask, stride_x, stride_res, stride_s,
-                                      drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT)
+                                      drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT,
+                                      True)
             if RMS:
                 m2 += tl.sum(s * s, axis=1)
             else:
@@ -426,19 +431,25 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
                             store_summed=True):
     """(out, summed, mean, rstd) for x (N, d); see the module docstring.
 
-    ``store_summed=False`` returns an empty summed; the kernel still writes the sum to a scratch
-    buffer, because rows longer than one tile re-read it for the normalisation pass."""
-    out, summed, mean, rstd = _layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms,
-                                                        residual_in_fp32, seed, offset)
-    return out, (summed if store_summed else summed.new_empty((0,))), mean, rstd
-
-
-def _layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset):
+    ``store_summed=False`` returns an empty summed. Whole-row kernels then skip the sum's store;
+    rows longer than one tile still write it to a scratch buffer, because their normalisation
+    pass re-reads it."""
     n, d = x.shape
     device = x.device
     summed_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    cfg = kernel_config(d, tile_elems=_tile_elems(device)) if n and d else None
+    scratch_sum = not store_summed and (cfg is None or cfg["SINGLE"])
     out = torch.empty((n, d), dtype=x.dtype, device=device)
-    summed = torch.empty((n, d), dtype=summed_dtype, device=device)
+    # a one-element stand-in when the sum is not stored: the kernel takes only its dtype
+    summed = torch.empty((1,) if scratch_sum else (n, d), dtype=summed_dtype, device=device)
+    out, summed, mean, rstd = _launch_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, offset, cfg, out,
+                                          summed, store=not scratch_sum)
+    return out, (summed if store_summed else summed.new_empty((0,))), mean, rstd
+
+
+def _launch_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, offset, cfg, out, summed, store):
+    n, d = x.shape
+    device = x.device
     mean = torch.empty((0,) if rms else (n,), dtype=torch.float32, device=device)
     rstd = torch.empty((n,), dtype=torch.float32, device=device)
     if n == 0:
@@ -451,16 +462,16 @@ def _layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, res
     residual = None if residual is None else _unit_cols(residual)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    cfg = kernel_config(d, tile_elems=_tile_elems(device))
     grid = (triton.cdiv(n, cfg["ROWS"]),)
     _ln_fwd_kernel[grid](
         x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
         out, summed, rstd if rms else mean, rstd,
-        n, d, x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0), summed.stride(0), float(eps),
+        n, d, x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
+        summed.stride(0) if store else 0, float(eps),
         *_dropout_launch_args(dropout_p, seed, offset),
         ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        RMS=bool(rms), DROPOUT=dropout_p > 0.0, num_warps=cfg["num_warps"])
+        RMS=bool(rms), DROPOUT=dropout_p > 0.0, STORE_SUM=store, num_warps=cfg["num_warps"])
     return out, summed, mean, rstd
 
 

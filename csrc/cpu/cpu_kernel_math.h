@@ -175,17 +175,6 @@ inline void store_row(const A* src, T* dst, int64_t n) {
   }
 }
 
-// A row of T as A values: the row itself when T is A (no copy), else converted into scratch.
-template <typename A, typename T>
-inline const A* row_as_acc(const T* src, A* scratch, int64_t n) {
-  if constexpr (std::is_same_v<T, A>) {
-    return src;
-  } else {
-    load_row(src, scratch, n);
-    return scratch;
-  }
-}
-
 // Round a row of A values to T and back (what storing in T then reading it again gives).
 template <typename T, typename A>
 inline void round_row_through(A* buf, int64_t n) {

@@ -437,27 +437,19 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
     n, d = x.shape
     device = x.device
     summed_dtype = torch.float32 if residual_in_fp32 else x.dtype
-    cfg = kernel_config(d, tile_elems=_tile_elems(device)) if n and d else None
-    scratch_sum = not store_summed and (cfg is None or cfg["SINGLE"])
     out = torch.empty((n, d), dtype=x.dtype, device=device)
-    # a one-element stand-in when the sum is not stored: the kernel takes only its dtype
-    summed = torch.empty((1,) if scratch_sum else (n, d), dtype=summed_dtype, device=device)
-    out, summed, mean, rstd = _launch_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, offset, cfg, out,
-                                          summed, store=not scratch_sum)
-    return out, (summed if store_summed else summed.new_empty((0,))), mean, rstd
-
-
-def _launch_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, offset, cfg, out, summed, store):
-    n, d = x.shape
-    device = x.device
     mean = torch.empty((0,) if rms else (n,), dtype=torch.float32, device=device)
     rstd = torch.empty((n,), dtype=torch.float32, device=device)
-    if n == 0:
-        return out, summed, mean, rstd
-    if d == 0:  # statistics of an empty row are undefined, as in the reference
-        mean.fill_(math.nan)
-        rstd.fill_(math.nan)
-        return out, summed, mean, rstd
+    no_sum = torch.empty((0,), dtype=summed_dtype, device=device)
+    if n == 0 or d == 0:
+        if d == 0:  # statistics of an empty row are undefined, as in the reference
+            mean.fill_(math.nan)
+            rstd.fill_(math.nan)
+        return out, torch.empty((n, d), dtype=summed_dtype, device=device) if store_summed else no_sum, mean, rstd
+    cfg = kernel_config(d, tile_elems=_tile_elems(device))
+    store = store_summed or not cfg["SINGLE"]
+    # without a store the kernel takes only the sum's dtype from SUMMED: a one-element stand-in
+    summed = torch.empty((n, d) if store else (1,), dtype=summed_dtype, device=device)
     x = _unit_cols(x)
     residual = None if residual is None else _unit_cols(residual)
     weight = None if weight is None else weight.contiguous()
@@ -472,7 +464,7 @@ def _launch_fwd(x, residual, weight, bias, eps, dropout_p, rms, seed, offset, cf
         ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
         RMS=bool(rms), DROPOUT=dropout_p > 0.0, STORE_SUM=store, num_warps=cfg["num_warps"])
-    return out, summed, mean, rstd
+    return out, summed if store_summed else no_sum, mean, rstd
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -60,11 +60,8 @@ import triton.language as tl
 from ..backends.base import Call
 from ..ops_common import empty, new_attention_out
 from ._rng import dropout_args, dropout_keep, dropout_row_key
-
-try:  # host-side TMA descriptors (Triton >= 3.4); without them only the pointer path exists
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - old Triton
-    TensorDescriptor = None
+from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
+from ._tma import descriptor, descriptors, tma_mode  # noqa: F401  (tma_mode: part of this module's API)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -630,7 +627,6 @@ TMA_HEAVY_SPILLS = {
 }
 #: the kernel arguments that take the streamed operands' descriptors (first: head dim D, second: Dv)
 STREAM_DESCRIPTORS = {"fwd": ("KDesc", "VDesc"), "dq": ("KDesc", "VDesc"), "dkdv": ("QDesc", "dODesc")}
-_DESCRIPTOR_TYPES = (TensorDescriptor,) if TensorDescriptor is not None else ()
 #: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
 #: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
 #: orders, so that the causal-diagonal logic is exercised with unequal blocks.
@@ -696,47 +692,11 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
 
 
-def tma_mode() -> str:
-    """``FUSED_ATTN_TRITON_TMA``: "auto" (default; on sm_90 and newer the autotuner tries the TMA
-    configurations beside the pointer ones), "on" (TMA wherever the operands allow it, also under
-    the interpreter, which is how the tests cover that path) or "off" (pointers only)."""
-    value = os.environ.get("FUSED_ATTN_TRITON_TMA", "auto").strip().lower()
-    value = {"1": "on", "true": "on", "0": "off", "false": "off", "": "auto"}.get(value, value)
-    if value not in ("auto", "on", "off"):
-        raise ValueError(f"FUSED_ATTN_TRITON_TMA must be one of auto, on, off (or 1/0); got "
-                         f"{os.environ['FUSED_ATTN_TRITON_TMA']!r}")
-    return value
-
-
-def _tma_wanted(t: torch.Tensor) -> bool:
-    mode = tma_mode()
-    if mode == "off" or TensorDescriptor is None:
-        return False
-    if _interpreting():
-        return mode == "on"
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
-
-
 def stream_descriptor(t: torch.Tensor):
-    """A TMA descriptor over the (B, H, L, D) tensor ``t``, or ``t`` itself when the copy engine
-    cannot address it: only 16-bit floats (float32 runs IEEE dots off the tensor cores, where TMA
-    buys nothing), a 16-byte aligned base, unit stride along the head dim and the other strides
-    positive multiples of 16 bytes. Dims of size 1 are never stepped, so their stride (which may be
-    anything, e.g. from a slice or an expand) is replaced by a well-formed one. The block shape is
-    a placeholder until a configuration is chosen (``_descriptor_blocks_hook``)."""
-    if TensorDescriptor is None or t.dtype not in (torch.float16, torch.bfloat16) or t.dim() != 4:
-        return t
-    if t.numel() == 0 or t.stride(3) != 1 or t.data_ptr() % 16:
-        return t
-    elem = t.element_size()
-    strides = list(t.stride())
-    for i in (2, 1, 0):
-        if t.shape[i] == 1:
-            span = max(strides[j] * t.shape[j] for j in range(i + 1, 4))
-            strides[i] = -(-span // (16 // elem)) * (16 // elem)
-        if strides[i] <= 0 or (strides[i] * elem) % 16:
-            return t
-    return TensorDescriptor(t, list(t.shape), strides, [1, 1, 16, 16])
+    """A TMA descriptor over the (B, H, L, D) tensor ``t`` (``fused_attn.triton._tma.descriptor``),
+    or ``t`` itself when the copy engine cannot address it."""
+    desc = descriptor(t) if t.dim() == 4 else None
+    return t if desc is None else desc
 
 
 def _descriptor_blocks_hook(kernel: str):
@@ -856,18 +816,8 @@ def _common_constexprs(q, v, causal, mask_kind, dropout_p):
 
 
 def _stream_args(a, b, tma):
-    """(a's descriptor, b's descriptor, TMA_KEY) of the two streamed operands when TMA is wanted
-    (``tma`` None: decided by ``_tma_wanted``) and both can have one, else (a, b, 0): the tensors
-    are placeholders then. TMA_KEY, an autotuning key, says which configurations the prune may
-    keep: 0 pointer ones, 1 both kinds, 2 TMA ones only (FUSED_ATTN_TRITON_TMA=on); keying on it
-    keeps a choice made for descriptors from being replayed on a call without them."""
-    if tma is None:
-        tma = _tma_wanted(a)
-    if tma:
-        da, db = stream_descriptor(a), stream_descriptor(b)
-        if isinstance(da, _DESCRIPTOR_TYPES) and isinstance(db, _DESCRIPTOR_TYPES):
-            return da, db, 2 if tma_mode() == "on" else 1
-    return a, b, 0
+    """(a's descriptor, b's descriptor, TMA_KEY), or (a, b, 0) (``_tma.descriptors``)."""
+    return descriptors(a, b, tma=tma)
 
 
 def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse, tma=None):

@@ -304,6 +304,101 @@ def test_other_block_shapes(blocks, device, monkeypatch):
     _check((1, 2, 1, 45, 70, 16, 16), f32, device, causal=True, mask=mask.requires_grad_(True))
 
 
+# ---------------------------------------------------------------------------------------------
+# the TMA-streamed path (STREAM_TMA): forced on with FUSED_ATTN_TRITON_TMA=on, which the
+# interpreter honours, so the descriptor loads (zero-filled past the sequence and head dim) are
+# held to the oracle here; on a GPU the autotuner chooses between it and the pointer path.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """Turns TMA on and records, per launch (forward, then dK/dV and dQ), whether the streamed
+    operands went in as descriptors (which then are what the kernel reads: under the interpreter
+    by construction, on a GPU because TMA_KEY 2 leaves the autotuner only TMA configurations)."""
+    monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "on")
+    launches = []
+    stream_args = triton_attention._stream_args
+
+    def spy(a, b, tma):
+        result = stream_args(a, b, tma)
+        launches.append(result[2] == 2)
+        return result
+
+    monkeypatch.setattr(triton_attention, "_stream_args", spy)
+    return launches
+
+
+@pytest.mark.parametrize("shape,causal", [
+    ((2, 2, 2, 17, 17, 40, 40), False),
+    ((1, 4, 2, 97, 63, 64, 32), True),
+    ((1, 1, 1, 1, 147, 16, 16), False),
+    ((1, 2, 1, 129, 40, 128, 128), True),
+], ids=str)
+def test_tma_stream_matches_oracle(shape, causal, device, streamed):
+    _check(shape, f16, device, causal=causal)
+    assert streamed and all(streamed)
+
+
+def test_tma_stream_with_mask_dropout_and_strided_layout(device, streamed):
+    """(B, L, H, D) tensors viewed as (B, H, L, D) (descriptor strides from the view), an additive
+    mask with its gradient, dropout and grouped-query heads."""
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 33, 45, 32
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, Lq, Hq, D, generator=gen).to(device, f16).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, Lk, Hkv, D, generator=gen).to(device, f16).transpose(1, 2).requires_grad_(True)
+    v = torch.randn(B, Lk, Hkv, D, generator=gen).to(device, f16).transpose(1, 2).requires_grad_(True)
+    mask = torch.randn(1, Hq, Lq, Lk, generator=gen).to(device, f16).requires_grad_(True)
+
+    def fused(q, k, v, m):
+        return F.attention(q, k, v, attn_mask=m, causal=True, dropout_p=0.2, backend="triton",
+                           generator=torch.Generator().manual_seed(5))
+
+    def ref(q, k, v, m):
+        pair = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64,
+                                   generator=torch.Generator().manual_seed(5)).tolist())
+        return R.attention(q, k, v, m, True, 0.2, None, pair)
+
+    check_against_reference(fused, ref, [q, k, v, mask], names=["q", "k", "v", "attn_mask"])
+    assert streamed and all(streamed)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(f16, 59), (f32, 64)], ids=str)
+def test_tma_falls_back_to_pointers(dtype, head_dim, device, streamed):
+    """Rows of 59 half-precision elements (118 bytes) are not 16-byte aligned, and float32 runs
+    IEEE dots off the tensor cores: no descriptors, the pointer path, still exact."""
+    _check((1, 2, 1, 21, 30, head_dim, head_dim), dtype, device, causal=True)
+    assert streamed and not any(streamed)
+
+
+def test_stream_descriptor_layouts():
+    make = triton_attention.stream_descriptor
+    t = torch.empty(2, 3, 50, 40, dtype=f16)
+    d = make(t)
+    assert isinstance(d, triton_attention._DESCRIPTOR_TYPES)
+    assert list(d.shape) == [2, 3, 50, 40] and list(d.strides) == [6000, 2000, 40, 1]
+    view = torch.empty(2, 50, 3, 64, dtype=torch.bfloat16).transpose(1, 2)
+    assert list(make(view).strides) == [9600, 64, 192, 1]
+    # a size-1 dim's stride is never stepped: any value becomes a well-formed one
+    one = torch.empty(1, 3, 50, 40, dtype=f16).as_strided((1, 3, 50, 40), (7, 2000, 40, 1))
+    strides = make(one).strides
+    assert strides[1:] == [2000, 40, 1] and strides[0] % 8 == 0 and strides[0] >= 6000
+    for bad in (torch.empty(2, 3, 50, 59, dtype=f16),                         # 118-byte rows
+                torch.empty(2, 3, 50, 64, dtype=f32),                         # float32
+                torch.empty(2, 3, 64, 50, dtype=f16).transpose(2, 3),         # head dim not unit-stride
+                torch.empty(1, 3, 50, 64, dtype=f16).expand(2, 3, 50, 64),    # stride 0 along the batch
+                torch.empty(2 * 3 * 50 * 64 + 1, dtype=f16)[1:].view(2, 3, 50, 64)):  # 2-byte aligned base
+        assert make(bad) is bad
+
+
+def test_tma_mode_setting(monkeypatch):
+    for value, mode in (("auto", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("OFF", "off")):
+        monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", value)
+        assert triton_attention.tma_mode() == mode
+    monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "sometimes")
+    with pytest.raises(ValueError, match="FUSED_ATTN_TRITON_TMA must be one of auto, on, off"):
+        triton_attention.tma_mode()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape,causal", [((2, 8, 2, 1000, 1000, 64, 64), True), ((1, 4, 4, 333, 1030, 128, 128), False),
@@ -318,3 +413,16 @@ def test_gpu_compiled_kernels(shape, causal, dtype):
 def test_gpu_mask_grad_and_dropout():
     mask = torch.randn(1, 1, 300, 500, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
     _check((2, 4, 2, 300, 500, 64, 64), torch.bfloat16, "cuda", causal=True, mask=mask, dropout_p=0.1, rng=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_tma_stream(dtype, monkeypatch):
+    """The TMA-streamed kernels on an sm_90+ GPU (skipped below): ragged lengths, Dv != D, GQA, an
+    additive mask with its gradient and dropout."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or newer")
+    monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "on")
+    _check((2, 8, 2, 1000, 777, 128, 64), dtype, "cuda", causal=True)
+    mask = torch.randn(1, 1, 300, 500, device="cuda", dtype=dtype).requires_grad_(True)
+    _check((2, 4, 2, 300, 500, 64, 64), dtype, "cuda", causal=True, mask=mask, dropout_p=0.1, rng=3)

@@ -40,8 +40,9 @@ FEATURES = {
 # the compile driver (runs in the subprocess, without TRITON_INTERPRET)
 # ---------------------------------------------------------------------------------------------
 
-def _launch(kernel, dtype_name, head_dim, head_dim_v, features):
-    """(fn, args, constexprs) of one kernel as the launcher would call it on a GPU."""
+def _launch(kernel, dtype_name, head_dim, head_dim_v, features, tma=False):
+    """(fn, args, constexprs) of one kernel as the launcher would call it on a GPU (``tma``: with
+    the streamed operands' TMA descriptors)."""
     import torch
 
     from fused_attn.triton import attention as A
@@ -60,13 +61,14 @@ def _launch(kernel, dtype_name, head_dim, head_dim_v, features):
     lse = torch.empty(B, Hq, L, dtype=torch.float32)
     if kernel == "fwd":
         out = A.new_attention_out(q, head_dim_v)
-        _, _, args, constexprs = A.fwd_launch_args(q, k, v, mask, features["causal"], p, 0.125, 123, 456, out, lse)
+        _, _, args, constexprs = A.fwd_launch_args(q, k, v, mask, features["causal"], p, 0.125, 123, 456, out, lse,
+                                                   tma=tma)
     else:
         dout = A.new_attention_out(q, head_dim_v)
         dmask = torch.empty(B, Hq, L, L, dtype=dtype) if features["mask_grad"] else torch.empty(0, dtype=dtype)
         launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), mask, features["causal"], p, 0.125,
                                      123, 456, features["mask_grad"], torch.empty_like(q), torch.empty_like(k),
-                                     torch.empty_like(v), dmask)
+                                     torch.empty_like(v), dmask, tma=tma)
         _, _, args, constexprs = launches[kernel]
     return A._KERNELS[kernel], args, constexprs
 
@@ -89,8 +91,11 @@ def _specialise(fn, args):
     return signature, constants, divisible
 
 
-def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, num_warps, num_stages, features):
-    """Compile one configuration; returns the AotResult as a dict plus its problems.
+def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, num_warps, num_stages, features,
+                tma=False):
+    """Compile one configuration; returns the AotResult as a dict plus its problems. ``tma``: the
+    TMA-streamed variant (STREAM_TMA, descriptors sized by the configuration's pre-hook), which
+    must also load through the copy engine (UTMALDG in the SASS).
 
     dK/dV at head dims above 128 is launched as two passes (``attention.dkdv_passes``): both are
     compiled and the result is the worse of the two (most shared memory and registers, spills
@@ -98,10 +103,14 @@ def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, nu
     from fused_attn.triton import _aot
     from fused_attn.triton import attention as A
 
-    fn, args, constexprs = _launch(kernel, dtype_name, head_dim, head_dim_v, FEATURES[features])
-    signature, constants, divisible = _specialise(fn, args)
+    fn, args, constexprs = _launch(kernel, dtype_name, head_dim, head_dim_v, FEATURES[features], tma)
     outer_name, inner_name = A.OUTER_INNER[kernel]
-    constants.update(constexprs, **{outer_name: outer, inner_name: inner})
+    blocks = {outer_name: outer, inner_name: inner}
+    A._descriptor_blocks_hook(kernel)(dict(zip(fn.arg_names, args), **constexprs, **blocks))
+    if tma:
+        assert isinstance(args[fn.arg_names.index(A.STREAM_DESCRIPTORS[kernel][0])], A._DESCRIPTOR_TYPES)
+    signature, constants, divisible = _specialise(fn, args)
+    constants.update(constexprs, STREAM_TMA=bool(tma), **blocks)
     passes = A.dkdv_passes(constants["HEAD_DIM"], constants["HEAD_DIM_V"]) if kernel == "dkdv" else (None,)
     half = dtype_name in ("float16", "bfloat16")
     per_pass, problems = [], []
@@ -113,15 +122,17 @@ def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, nu
         per_pass.append(res.to_dict())
         label = "" if len(passes) == 1 else f"pass {dkdv_pass} ({'dK' if dkdv_pass == A.DKDV_DK else 'dV'}): "
         problems += [label + p for p in res.problems(require_hgmma=half)]
+        if tma and not res.tma_loads:
+            problems.append(label + "no UTMALDG: the streamed tiles do not come through the copy engine")
     out = dict(per_pass[0])
     out.update(shared=max(r["shared"] for r in per_pass), registers=max(r["registers"] for r in per_pass),
                spills=sum(r["spills"] for r in per_pass), hgmma=min(r["hgmma"] for r in per_pass))
     out.update(kernel=kernel, dtype=dtype_name, head_dim=head_dim, head_dim_v=head_dim_v, outer=outer, inner=inner,
-               features=features, problems=problems, passes=per_pass if len(passes) > 1 else [])
+               features=features, tma=bool(tma), problems=problems, passes=per_pass if len(passes) > 1 else [])
     return out
 
 
-def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="plain"):
+def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="plain", tma=False):
     """The (outer, inner, warps, stages) the autotuner may try for this case: all_configs filtered
     by config_ok (what ``_make_prune`` does on the GPU, HEAVY_SPILLS skipped for the heavy feature
     sets unless nothing else is left)."""
@@ -135,8 +146,9 @@ def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="
     mask_bytes = {None: 0, "bool": 1, "additive": 2}[f["mask"]]
     heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
     args = (A._pow2(head_dim), A._pow2(head_dim_v), elem, arch, mask_bytes)
-    kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, heavy)]
-    kept = kept or [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args)]
+    mode = "only" if tma else "off"
+    kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, heavy, mode)]
+    kept = kept or [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, False, mode)]
     return [(c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages) for c in kept]
 
 
@@ -164,7 +176,8 @@ def _run(cases, timeout=1500):
 
 def _describe(r):
     return (f"{r['kernel']} sm_{r['arch']} {r['dtype']} D={r['head_dim']}/{r['head_dim_v']} "
-            f"outer={r['outer']} inner={r['inner']} w={r['num_warps']} s={r['num_stages']} {r['features']}")
+            f"outer={r['outer']} inner={r['inner']} w={r['num_warps']} s={r['num_stages']} {r['features']}"
+            + (" tma" if r.get("tma") else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +197,10 @@ SUBSET = [
     ("dkdv", 90, "bfloat16", 256, 256, 64, 32, 8, 2, "causal"),
     ("dkdv", 80, "bfloat16", 256, 256, 64, 32, 8, 2, "causal"),
     ("dq", 90, "bfloat16", 256, 256, 64, 32, 8, 2, "causal"),
+    # the TMA-streamed variants (sm_90): K/V, or Q/dO, through the copy engine
+    ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "causal", True),
+    ("dkdv", 90, "float16", 128, 128, 128, 16, 8, 2, "all", True),
+    ("dq", 90, "bfloat16", 64, 64, 128, 64, 8, 3, "plain", True),
 ]
 
 
@@ -196,17 +213,20 @@ def test_subset_cases_are_configs_the_autotuner_keeps():
     pytest.importorskip("torch")
     from fused_attn.triton import attention as A
 
-    for kernel, arch, dtype, d, dv, outer, inner, warps, stages, features in SUBSET:
+    for kernel, arch, dtype, d, dv, outer, inner, warps, stages, features, *tma in SUBSET:
         import torch
 
+        tma = bool(tma and tma[0])
         elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         outer_name, inner_name = A.OUTER_INNER[kernel]
         cfg = next(c for c in A.all_configs(kernel) if (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps,
-                                                         c.num_stages) == (outer, inner, warps, stages))
+                                                         c.num_stages, c.kwargs["STREAM_TMA"]) ==
+                   (outer, inner, warps, stages, tma))
         f = FEATURES[features]
         mask_bytes = {None: 0, "bool": 1, "additive": 2}[f["mask"]]
         heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
-        assert A.config_ok(kernel, cfg, A._pow2(d), A._pow2(dv), elem, arch, mask_bytes, heavy)
+        assert A.config_ok(kernel, cfg, A._pow2(d), A._pow2(dv), elem, arch, mask_bytes, heavy,
+                           "only" if tma else "off")
 
 
 @pytest.mark.parametrize("index", range(len(SUBSET)), ids=lambda i: "-".join(map(str, SUBSET[i])))
@@ -217,6 +237,7 @@ def test_aot_subset(subset_results, index):
     assert not r["problems"], f"{_describe(r)}: {r['problems']}"
     if r["arch"] == 90 and r["dtype"] in ("float16", "bfloat16"):
         assert r["hgmma"] > 0
+    assert (r["tma_loads"] > 0) == r["tma"]
     assert 0 < r["registers"] <= 255
     # the autotuner's shared-memory estimate (used to prune configs) covers what the compiler allocates
     mask_bytes = {None: 0, "bool": 1, "additive": 2}[FEATURES[r["features"]]["mask"]]
@@ -252,15 +273,15 @@ def test_config_filter_is_conservative():
 # ---------------------------------------------------------------------------------------------
 
 def sweep_cases(archs=(90, 80), dtypes=("bfloat16",), head_dims=(64, 128, 256), features=("causal",),
-                kernels=KERNELS):
+                kernels=KERNELS, tma=False):
     cases = []
     for arch in archs:
         for dtype in dtypes:
             for hd in head_dims:
                 for kernel in kernels:
                     for feat in features:
-                        for outer, inner, warps, stages in candidate_configs(kernel, arch, dtype, hd, hd, feat):
-                            cases.append((kernel, arch, dtype, hd, hd, outer, inner, warps, stages, feat))
+                        for outer, inner, warps, stages in candidate_configs(kernel, arch, dtype, hd, hd, feat, tma):
+                            cases.append((kernel, arch, dtype, hd, hd, outer, inner, warps, stages, feat, tma))
     return cases
 
 
@@ -274,12 +295,13 @@ if __name__ == "__main__":
     parser.add_argument("--features", action="append")
     parser.add_argument("--kernel", action="append", choices=KERNELS)
     parser.add_argument("--out", default="aot_sweep.json")
+    parser.add_argument("--tma", action="store_true", help="the TMA-streamed configurations (sm_90)")
     parser.add_argument("--list", action="store_true", help="only list the cases")
     a = parser.parse_args()
     sys.path.insert(0, os.path.dirname(HERE))
     cases = sweep_cases(tuple(a.arch or (90, 80)), tuple(a.dtype or ("bfloat16",)),
                         tuple(a.head_dim or (64, 128, 256)), tuple(a.features or ("causal",)),
-                        tuple(a.kernel or KERNELS))
+                        tuple(a.kernel or KERNELS), a.tma)
     print(f"{len(cases)} cases", file=sys.stderr)
     if a.list:
         for c in cases:
@@ -336,3 +358,32 @@ def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
                         assert key in table[kernel][hd]
                         if length == 1 and has_small:  # one-row sequences: 64-row blocks when listed (and kept)
                             assert key[0] == 64
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
+def test_autotune_prune_with_descriptors(monkeypatch, capability, mode):
+    """With TMA descriptors among the arguments (TMA_KEY 1, or 2 under FUSED_ATTN_TRITON_TMA=on) the
+    prune keeps, on sm_90, the TMA configurations beside the pointer ones or only them; on sm_80
+    only pointer configurations."""
+    import torch
+
+    from fused_attn.triton import attention as A
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", mode)
+    t = torch.empty(1, 2, 64, 64, dtype=torch.bfloat16)
+    desc_a, desc_b, tma_key = A._stream_args(t, t, True)
+    assert isinstance(desc_a, A._DESCRIPTOR_TYPES) and tma_key == {"auto": 1, "on": 2}[mode]
+    assert A._stream_args(t, t, False) == (t, t, 0)
+    for kernel in KERNELS:
+        first, second = A.STREAM_DESCRIPTORS[kernel]
+        for hd in (64, 128, 256):
+            args = {"Q": t, "Mask": t, first: desc_a, second: desc_b, "HEAD_DIM": hd, "HEAD_DIM_V": hd,
+                    "MASK_KIND": 0, "DROPOUT": False, "MASK_GRAD": False, "LQ_KEY": 4096, "LK_KEY": 4096,
+                    "TMA_KEY": tma_key}
+            kinds = {c.kwargs["STREAM_TMA"] for c in A._make_prune(kernel)(A.all_configs(kernel), args)}
+            if capability[0] < 9:
+                assert kinds == {False}
+            elif A.TMA_CONFIGS[kernel][hd]:
+                assert kinds == ({True, False} if mode == "auto" else {True}), (kernel, hd)

@@ -195,10 +195,78 @@ def test_backward_in_column_chunks(activation, dropout_p, dtype, device, monkeyp
     check_against_reference(_fused(activation, dropout_p, seed=3), reference, [x, w1, b1, w2, b2], names=NAMES)
 
 
+# ---------------------------------------------------------------------------------------------
+# the TMA path (AB_TMA): forced on with FUSED_ATTN_TRITON_TMA=on, which the interpreter honours
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """Turns TMA on and records, per GEMM launch, whether A and B went in as descriptors (then the
+    kernel reads them: under the interpreter by construction, on a GPU because TMA_KEY 2 leaves
+    the autotuner only the TMA twins)."""
+    from fused_attn.triton import feed_forward as ff
+    monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "on")
+    launches = []
+    describe = ff.gemm_descriptors
+
+    def spy(a, b_km, tma=None):
+        result = describe(a, b_km, tma)
+        launches.append(result[3] == 2)
+        return result
+
+    monkeypatch.setattr(ff, "gemm_descriptors", spy)
+    return launches
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_tma_path_matches_oracle(activation, device, streamed):
+    """Rows of 40 and 104 half-precision elements are 16-byte multiples: every GEMM (both forward
+    ones, the backward's fused one) loads its tiles through descriptors, zero-filled at the edges
+    (17 tokens, 104 = 3 x 32 + 8 columns)."""
+    x, w1, b1, w2, b2 = _ffn_inputs(17, 40, 104, activation, torch.float16, device)
+    check_against_reference(_fused(activation), _reference(activation), [x, w1, b1, w2, b2], names=NAMES)
+    assert len(streamed) == 3 and all(streamed)
+
+
+def test_tma_path_chunked_backward_and_dropout(device, streamed, monkeypatch):
+    """The backward's column chunks of w2 (base pointers 64 bytes apart, a last chunk 8 wide) as
+    (K, N) descriptors, with dropout and the gated activation's two B tiles."""
+    from fused_attn.triton import feed_forward as ff
+    monkeypatch.setattr(ff, "BWD_CHUNK_MIN_COLS", 32)
+    monkeypatch.setattr(ff, "BWD_CHUNK_ALIGN", 32)
+    x, w1, b1, w2, b2 = _ffn_inputs(33, 24, 104, "swiglu", torch.float16, device)
+
+    def reference(x, w1, b1, w2, b2):
+        return F.feed_forward(x, w1, b1, w2, b2, activation="swiglu", dropout_p=0.25, backend="reference",
+                              generator=torch.Generator().manual_seed(3))
+
+    check_against_reference(_fused("swiglu", 0.25, seed=3), reference, [x, w1, b1, w2, b2], names=NAMES)
+    assert len(streamed) == 2 + 4 and all(streamed)
+
+
+def test_tma_falls_back_to_pointers(device, streamed):
+    """d_ff = 100 half-precision elements (200 bytes) per row of w2 and h: not 16-byte multiples,
+    so the GEMMs reading them take the pointer path (the first forward GEMM still streams)."""
+    x, w1, b1, w2, b2 = _ffn_inputs(17, 40, 100, "gelu", torch.float16, device)
+    check_against_reference(_fused("gelu"), _reference("gelu"), [x, w1, b1, w2, b2], names=NAMES)
+    assert streamed == [True, False, False]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_bfloat16_and_wide_layer_on_gpu(activation, device):
     """Compiled kernels (autotuned configs, tensor cores), bfloat16, and a d_ff wide enough for
     the chunked backward (2560 columns -> 3 chunks of at most 1024)."""
+    x, w1, b1, w2, b2 = _ffn_inputs(1000, 256, 2560, activation, torch.bfloat16, device)
+    check_against_reference(_fused(activation), _reference(activation), [x, w1, b1, w2, b2], names=NAMES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_tma_path_on_gpu(activation, device, monkeypatch):
+    """The TMA twins on an sm_90+ GPU (skipped below), bfloat16, chunked backward."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or newer")
+    monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "on")
     x, w1, b1, w2, b2 = _ffn_inputs(1000, 256, 2560, activation, torch.bfloat16, device)
     check_against_reference(_fused(activation), _reference(activation), [x, w1, b1, w2, b2], names=NAMES)

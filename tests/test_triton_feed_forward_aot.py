@@ -23,7 +23,9 @@ pytest.importorskip("triton")
 ALL = os.environ.get("FUSED_ATTN_AOT_ALL", "0") not in ("", "0")
 
 # The compile job, run in the subprocess. ``jobs`` is a list of
-# (arch, config_index_in_arch_list, variant, dtype) and it prints one JSON list of results.
+# (arch, config_index_in_arch_list, variant, dtype[, tma]) and it prints one JSON list of results.
+# ``tma``: the config's TMA twin (HOPPER_TMA_CONFIGS), A and B as descriptors (B as the (N, K)
+# weight forward, as (K, N) in the backward GEMM, as the launcher describes them).
 _COMPILE = r'''
 import json, sys
 from fused_attn.triton import feed_forward as ff
@@ -40,14 +42,21 @@ VARIANTS = {  # variant -> constexpr flags (the gated gelu flavours carry the mo
 INTS = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "up_offset_b", "stride_pre_m",
         "stride_out_m", "stride_h_m", "stride_colsum_m", "up_col", "col0"]
 out = []
-for arch, index, variant, dtype in jobs:
+for arch, index, variant, dtype, *tma in jobs:
+    tma = bool(tma and tma[0])
     flags = VARIANTS[variant]
-    cfg = (ff.HOPPER_CONFIGS if arch == 90 else ff.AMPERE_CONFIGS)[index]
+    cfg = (ff.HOPPER_TMA_CONFIGS if tma else ff.HOPPER_CONFIGS if arch == 90 else ff.AMPERE_CONFIGS)[index]
     p = "*" + dtype
-    sig = {"a_ptr": p, "b_ptr": p, "bias_ptr": p, "pre_ptr": p, "out_ptr": p, "h_ptr": p, "colsum_ptr": "*fp32"}
+    b_nk = flags["EPILOGUE"] != ff.EPI_ACT_BWD
+    bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    sig = {"a_ptr": p, "b_ptr": p, "a_desc": p, "b_desc": p, "bias_ptr": p, "pre_ptr": p, "out_ptr": p, "h_ptr": p,
+           "colsum_ptr": "*fp32"}
+    if tma:
+        sig["a_desc"] = f"tensordesc<{dtype}[{bm}, {bk}]>"
+        sig["b_desc"] = f"tensordesc<{dtype}[{bn}, {bk}]>" if b_nk else f"tensordesc<{dtype}[{bk}, {bn}]>"
     sig.update({name: "i32" for name in INTS})
-    sig.update(seed_lo="i64", seed_hi_mix="i64", offset="i64", threshold="i64", drop_scale="fp32")
-    constexprs = dict(flags, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg.kwargs)
+    sig.update(seed_lo="i64", seed_hi_mix="i64", offset="i64", threshold="i64", drop_scale="fp32", TMA_KEY="i32")
+    constexprs = dict(flags, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", B_NK=tma and b_nk, **cfg.kwargs)
     # unit strides are specialised to constants by the runtime: A is always row-major (K contiguous);
     # B is w^T (K contiguous) forward and w2 itself (N contiguous) in the backward GEMM
     constexprs["stride_ak"] = 1
@@ -55,6 +64,7 @@ for arch, index, variant, dtype in jobs:
     for name in constexprs:
         sig.pop(name, None)
     aligned = tuple(n for n in sig if n.endswith("_ptr") or n in INTS)  # aligned tensors, sizes % 16 == 0
+    aligned += tuple(n for n in ("a_desc", "b_desc") if not tma)
     r = aot_compile(ff._ffn_gemm, sig, constexprs, arch=arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     divisible_by_16=aligned)
     elem = 4 if dtype == "fp32" else 2
@@ -62,7 +72,9 @@ for arch, index, variant, dtype in jobs:
     out.append(dict(arch=arch, index=index, variant=variant, dtype=dtype, block=[cfg.kwargs[k] for k in
                     ("BLOCK_M", "BLOCK_N", "BLOCK_K")], stages=cfg.num_stages, warps=cfg.num_warps,
                     shared=r.shared, estimate=ff.shared_memory_estimate(cfg, elem, gated), registers=r.registers,
-                    spills=r.spills, hgmma=r.hgmma, problems=r.problems(require_hgmma=dtype != "fp32")))
+                    spills=r.spills, hgmma=r.hgmma, tma=tma, tma_loads=r.tma_loads,
+                    problems=r.problems(require_hgmma=dtype != "fp32")
+                    + (["no UTMALDG in the TMA variant"] if tma and not r.tma_loads else [])))
 print(json.dumps(out))
 '''
 
@@ -106,7 +118,7 @@ def jobs_for(arch, everything=False):
 
 def compile_jobs(jobs):
     from fused_attn.triton._aot import run_isolated
-    return run_isolated(f"JOBS = {json.dumps(jobs)}\n" + _COMPILE, timeout=3600)
+    return run_isolated(f"import json\nJOBS = json.loads({json.dumps(jobs)!r})\n" + _COMPILE, timeout=3600)
 
 
 @pytest.mark.parametrize("arch", [90, 80], ids=["sm_90", "sm_80"])
@@ -122,6 +134,40 @@ def test_every_config_compiles_fits_and_does_not_spill(arch):
     for r in results:
         if arch == 90 and r["dtype"] != "fp32":
             assert r["hgmma"] > 0, r
+
+
+def tma_jobs():
+    """Every TMA twin (sm_90, bf16) in the heaviest variant its pointer config is offered to."""
+    jobs, done = [], set()
+    for arch, index, variant, dtype in jobs_for(90):
+        if dtype == "bf16" and index not in done:
+            jobs.append((90, index, variant, "bf16", True))
+            done.add(index)
+    return jobs
+
+
+def test_tma_twins_compile_with_the_copy_engine():
+    """The TMA configurations: they compile for sm_90 with HGMMA and UTMALDG (the A and B tiles
+    through the copy engine), fit, and spill nothing, in their heaviest epilogue."""
+    results = compile_jobs(tma_jobs())
+    from fused_attn.triton import feed_forward as ff
+    assert {r["index"] for r in results} == set(range(len(ff.HOPPER_TMA_CONFIGS)))
+    bad = [f"{r['variant']} block {r['block']} stages {r['stages']} warps {r['warps']}: " + "; ".join(r["problems"])
+           for r in results if r["problems"]]
+    assert not bad, "\n".join(bad)
+    for r in results:
+        assert r["tma"] and r["tma_loads"] > 0 and r["hgmma"] > 0, r
+
+
+@pytest.mark.parametrize("tma_key", [0, 1, 2])
+def test_configs_for_offers_tma_twins_on_hopper(tma_key):
+    from fused_attn.triton import feed_forward as ff
+    for epilogue, gated in _VARIANT_KIND.values():
+        plain = ff.configs_for(9, 2, epilogue, gated)
+        got = ff.configs_for(9, 2, epilogue, gated, tma_key)
+        twins = [ff.HOPPER_TMA_CONFIGS[ff.HOPPER_CONFIGS.index(c)] for c in plain]
+        assert got == {0: plain, 1: plain + twins, 2: twins}[tma_key]
+        assert ff.configs_for(8, 2, epilogue, gated, tma_key) == ff.configs_for(8, 2, epilogue, gated)
 
 
 def test_shared_memory_pruning_keeps_every_config_within_the_chip():
@@ -158,10 +204,10 @@ def test_backward_config_follows_the_triton_version():
 
 if __name__ == "__main__":
     everything = "--all" in sys.argv
-    rows = compile_jobs(jobs_for(90, everything) + jobs_for(80, everything))
+    rows = compile_jobs(jobs_for(90, everything) + jobs_for(80, everything) + tma_jobs())
     print("| arch | variant | dtype | BLOCK M,N,K | stages | warps | shared (B) | regs | spills | HGMMA | problems |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| sm_{r['arch']} | {r['variant']} | {r['dtype']} | {','.join(map(str, r['block']))} | {r['stages']} | "
+        print(f"| sm_{r['arch']}{' tma' if r['tma'] else ''} | {r['variant']} | {r['dtype']} | {','.join(map(str, r['block']))} | {r['stages']} | "
               f"{r['warps']} | {r['shared']} | {r['registers']} | {r['spills']} | {r['hgmma']} | "
               f"{'; '.join(r['problems']) or 'ok'} |")

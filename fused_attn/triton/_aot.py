@@ -34,6 +34,7 @@ class AotResult:
     registers: int  # per thread
     spills: int  # LDL/STL instructions in the SASS
     hgmma: int  # HGMMA instructions in the SASS
+    tma_loads: int  # UTMALDG (tensor-memory-accelerator copies) in the SASS
     vector_loads: int  # ld.global.v4 / v8 in the PTX (16-byte loads)
     constexprs: dict
 
@@ -90,6 +91,7 @@ def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int = 90, num_wa
         kernel=fn.__name__, arch=arch, num_warps=num_warps, num_stages=num_stages,
         shared=int(compiled.metadata.shared), registers=int(regs.group(1)) if regs else -1,
         spills=len(re.findall(r"\b(?:LDL|STL)\b", sass)), hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+        tma_loads=len(re.findall(r"\bUTMALDG\b", sass)),
         vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[48]\b", ptx)),
         constexprs={k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in constexprs.items()},
     )

@@ -37,6 +37,16 @@ same mask, and it equals the reference's bit for bit.
 
 Head dims up to 256 of any value: the tiles are padded to a power of two (>= 16) with masked loads.
 float32 inputs use IEEE-precision dots (no TF32), half-precision inputs accumulate in float32.
+
+Hopper (sm_90) and newer: the tiles each inner loop streams (K and V in forward and dQ, Q and dO in
+dK/dV) can come through the tensor-memory accelerator instead of per-thread loads (constexpr
+``STREAM_TMA``): the launcher passes host-side descriptors of the 4-D tensors (any strides that are
+16-byte multiples; ``stream_descriptor``), a configuration's pre-hook sizes their boxes to its
+tiles, and a load is ``desc.load([b, h, row, 0])``, zero-filled by the copy engine past the
+sequence and the head dim, so it needs no masks and no address registers. The autotuner times
+these configurations beside the pointer ones and keeps the faster (``FUSED_ATTN_TRITON_TMA``:
+auto / on / off). The interpreter runs the same descriptor loads, which is how the tests hold the
+path to the oracle on machines without a GPU.
 """
 from __future__ import annotations
 
@@ -50,6 +60,8 @@ import triton.language as tl
 from ..backends.base import Call
 from ..ops_common import empty, new_attention_out
 from ._rng import dropout_args, dropout_keep, dropout_row_key
+from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
+from ._tma import descriptor, descriptors, tma_mode  # noqa: F401  (tma_mode: part of this module's API)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -119,13 +131,15 @@ def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, qk_scale, MASK_KIND: tl.constexpr, CH
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, lo, hi,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base, drop_keys, offs_m, lo, hi,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale,
                drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    """Online-softmax over the key blocks starting in [lo, hi)."""
+               DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr):
+    """Online-softmax over the key blocks starting in [lo, hi). With STREAM_TMA the K and V tiles
+    come through the (B, Hkv, Lk, D) tensor descriptors ``k_desc``/``v_desc`` (rows past Lk and
+    columns past D are zero-filled by the copy engine), else through pointers and masks."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     d_ok = _cols_ok(D, HEAD_DIM)
@@ -139,8 +153,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, l
             key_ok = offs_n < Lk
         else:
             key_ok = tl.full([BLOCK_N], True, tl.int1)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        if STREAM_TMA:
+            k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
         s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
@@ -154,8 +171,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, l
         acc = acc * alpha[:, None]
         if DROPOUT:  # the normaliser uses all probabilities, the output only the kept ones
             p = tl.where(dropout_keep(drop_keys[:, None], offs_n[None, :], drop_threshold), p, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        if STREAM_TMA:
+            v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -173,7 +193,7 @@ def _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_fwd(Q, K, V, Mask, Out, Lse,
+def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -181,10 +201,11 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
               stride_ob, stride_oh, stride_om, stride_od,
               Hq, GROUP, Lq, Lk, qk_scale, keep_scale,
               seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-              LQ_KEY, LK_KEY,  # rounded lengths: autotuning keys only
+              LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_stream_args``)
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              STREAM_TMA: tl.constexpr):
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -218,14 +239,16 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
     if CAUSAL:
         n_full = tl.minimum(n_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
         n_end = tl.minimum(Lk, start_m + BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, 0, n_full,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
-                               qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND,
-                               DROPOUT, False, False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, drop_keys, offs_m, n_full, n_end,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
-                               qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND,
-                               DROPOUT, True, CAUSAL, DOT_PRECISION)
+    b32 = b.to(tl.int32)  # descriptor coordinates are 32-bit
+    hk32 = hk.to(tl.int32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
+                               offs_m, 0, n_full, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               Lq, Lk, qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                               MASK_KIND, DROPOUT, False, False, DOT_PRECISION, STREAM_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
+                               offs_m, n_full, n_end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                               stride_mn, Lq, Lk, qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                               BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL, DOT_PRECISION, STREAM_TMA)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -265,18 +288,21 @@ def _attn_bwd_delta(Out, dOut, Delta,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n, lo, hi,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, mask_base, dmask_base,
+                offs_n, lo, hi,
                 stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
                 seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
                 D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-                CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, DKDV_PASS: tl.constexpr):
+                CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, DKDV_PASS: tl.constexpr,
+                STREAM_TMA: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi).
 
     Tiles are transposed ((keys, queries)) so that dK, dV accumulate with plain dots. Queries
     past Lq need no score mask: their lse loads as +inf, so their probabilities are 0.
     DKDV_PASS (see _attn_bwd_dkdv): 0 accumulates both, 1 only dK (and writes dMask), 2 only dV
-    (``v`` is then unused and ``dk`` passes through).
+    (``v`` is then unused and ``dk`` passes through). STREAM_TMA: Q and dO tiles come through the
+    descriptors ``q_desc``/``do_desc`` (zero-filled past Lq and the head dims).
     """
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -287,16 +313,22 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
     dmask_offs = tl.arange(0, BLOCK_M)[None, :] * Lk + tl.arange(0, BLOCK_N)[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=(offs_m < Lq)[:, None] & d_ok[None, :], other=0.0)
+        if STREAM_TMA:
+            q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=(offs_m < Lq)[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_m, tl.int64) * stride_mm + mask_offs
         sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, False,
                      CHECK_CAUSAL)
         pT = tl.math.exp2(sT - lse[None, :])
-        do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                     mask=(offs_m < Lq)[:, None] & dv_ok[None, :], other=0.0)
+        if STREAM_TMA:
+            do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_V)
+        else:
+            do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                         mask=(offs_m < Lq)[:, None] & dv_ok[None, :], other=0.0)
         # (the statement order of the combined pass 0 is the one the AOT sweep measured at D <= 128)
         if DKDV_PASS != 2:
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -322,7 +354,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
+def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -330,11 +362,11 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
                    stride_gb, stride_gh, stride_gm, stride_gd,
                    Hq, Hkv, GROUP, Lq, Lk, qk_scale, scale, keep_scale,
                    seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-                   LQ_KEY, LK_KEY,
+                   LQ_KEY, LK_KEY, TMA_KEY,
                    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DKDV_PASS: tl.constexpr):
+                   DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr):
     """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk)).
 
     DKDV_PASS 0 computes both. A program of it holds two (BLOCK_N, head dim) float32 accumulators
@@ -375,11 +407,12 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
         dmask_base = dMask + bh * Lq * Lk + start_n
         # One loop for all query blocks (the causal mask applied to each): two loop instances (masked
         # diagonal blocks, then unmasked ones) keep both loops' invariants live and spill at D = 128.
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_base,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, QDesc, dODesc, b.to(tl.int32), h.to(tl.int32),
+                             Lse + bh * Lq, Delta + bh * Lq, mask_base,
                              dmask_base, offs_n, m_lo, Lq, stride_qm, stride_qd, stride_gm,
                              stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
                              offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION, DKDV_PASS)
+                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION, DKDV_PASS, STREAM_TMA)
 
     # dK, dV are contiguous (B, Hkv, Lk, D / DV).
     if DKDV_PASS != 2:
@@ -392,12 +425,13 @@ def _attn_bwd_dkdv(Q, K, V, Mask, dOut, Lse, Delta, dK, dV, dMask,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, lo, hi,
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask_base, drop_keys, offs_m, lo, hi,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
               drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr,
-              CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi)."""
+              CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr):
+    """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi) (K, V tiles
+    through the descriptors with STREAM_TMA, as in ``_fwd_inner``)."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     d_ok = _cols_ok(D, HEAD_DIM)
@@ -409,10 +443,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_
             key_ok = offs_n < Lk
         else:
             key_ok = tl.full([BLOCK_N], True, tl.int1)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        if STREAM_TMA:
+            k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
         s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
@@ -428,7 +466,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_bwd_dq(Q, K, V, Mask, dOut, Lse, Delta, dQ,
+def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -436,10 +474,11 @@ def _attn_bwd_dq(Q, K, V, Mask, dOut, Lse, Delta, dQ,
                  stride_gb, stride_gh, stride_gm, stride_gd,
                  Hq, GROUP, Lq, Lk, qk_scale, scale, keep_scale,
                  seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-                 LQ_KEY, LK_KEY,
+                 LQ_KEY, LK_KEY, TMA_KEY,
                  D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 STREAM_TMA: tl.constexpr):
     """dQ (contiguous, Q's shape)."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
@@ -472,14 +511,18 @@ def _attn_bwd_dq(Q, K, V, Mask, dOut, Lse, Delta, dQ,
     if CAUSAL:
         n_full = tl.minimum(n_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
         n_end = tl.minimum(Lk, start_m + BLOCK_M)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, 0, n_full,
+    b32 = b.to(tl.int32)
+    hk32 = hk.to(tl.int32)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
+                   0, n_full,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
                    drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False, False,
-                   DOT_PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, drop_keys, offs_m, n_full, n_end,
+                   DOT_PRECISION, STREAM_TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
+                   n_full, n_end,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
                    drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL,
-                   DOT_PRECISION)
+                   DOT_PRECISION, STREAM_TMA)
     dq = dq * scale
     dq_ptrs = dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
@@ -561,6 +604,29 @@ HEAVY_SPILLS = {
     ("dkdv", 64, (128, 64, 8, 3)),
     ("dkdv", 256, (64, 32, 8, 2)),   # dK pass: 18 (Triton 3.6) / 104 (3.9) with every feature on
 }
+#: TMA-streamed configurations (sm_90 and newer; ``STREAM_TMA``): the inner loop's tiles (K and V
+#: in forward and dQ, Q and dO in dK/dV) arrive by the tensor-memory accelerator through host-side
+#: descriptors instead of per-thread pointer loads, which frees the address registers and lets
+#: the copy engine zero-fill the rows past the sequence and the columns past the head dim. The
+#: autotuner measures them beside the pointer configurations and keeps the faster.
+#: The candidates are the sm_90 pointer lists: the AOT sweep (``--tma``; bf16, head dims 64/128/256,
+#: plain / causal / every feature, Triton 3.6 and 3.9) compiled all 34 of them with HGMMA and
+#: UTMALDG, no spills in the plain and causal kernels, and 10-40 fewer registers per thread than
+#: the pointer kernels (fwd D = 128, 128 x 64: 150 vs 184). Warp specialisation
+#: (``tl.range(..., warp_specialize=True)``) compiles to the same SASS on sm_90 under both
+#: versions (Triton specialises warps on Blackwell only), so it is not used.
+TMA_CONFIGS = {kernel: {bucket: list(configs) for bucket, configs in per_dim.items()}
+               for kernel, per_dim in CONFIGS.items()}
+#: HEAVY_SPILLS of the TMA configurations (spills with every feature on, either version)
+TMA_HEAVY_SPILLS = {
+    ("fwd", 64, (128, 128, 8, 3)),   # 60 (Triton 3.9)
+    ("fwd", 128, (128, 128, 8, 2)),  # 12 (3.6) / 338 (3.9)
+    ("dq", 256, (128, 16, 8, 2)),    # 29 (3.6)
+    ("dkdv", 64, (128, 64, 8, 3)),   # 13 (3.6)
+    ("dkdv", 256, (64, 32, 8, 2)),   # dK pass: 89 (3.9)
+}
+#: the kernel arguments that take the streamed operands' descriptors (first: head dim D, second: Dv)
+STREAM_DESCRIPTORS = {"fwd": ("KDesc", "VDesc"), "dq": ("KDesc", "VDesc"), "dkdv": ("QDesc", "dODesc")}
 #: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
 #: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
 #: orders, so that the causal-diagonal logic is exercised with unequal blocks.
@@ -575,15 +641,18 @@ def _head_bucket(head_dim: int, head_dim_v: int) -> int:
     return 64 if hd <= 64 else (128 if hd <= 128 else 256)
 
 
-def _config(kernel: str, outer: int, inner: int, warps: int, stages: int):
+def _config(kernel: str, outer: int, inner: int, warps: int, stages: int, tma: bool = False):
     outer_name, inner_name = OUTER_INNER[kernel]
-    return triton.Config({outer_name: outer, inner_name: inner}, num_warps=warps, num_stages=stages)
+    return triton.Config({outer_name: outer, inner_name: inner, "STREAM_TMA": tma}, num_warps=warps,
+                         num_stages=stages, pre_hook=_descriptor_blocks_hook(kernel))
 
 
 def all_configs(kernel: str) -> list:
-    """Every configuration the autotuner of ``kernel`` ("fwd", "dq", "dkdv") starts from."""
+    """Every configuration the autotuner of ``kernel`` ("fwd", "dq", "dkdv") starts from: the
+    pointer-path ones of every table, then the TMA-streamed ones (sm_90 and newer)."""
     seen = sorted({c for table in (CONFIGS, CONFIGS_SM80) for per_dim in table[kernel].values() for c in per_dim})
-    return [_config(kernel, *c) for c in seen]
+    tma = sorted({c for per_dim in TMA_CONFIGS[kernel].values() for c in per_dim})
+    return [_config(kernel, *c) for c in seen] + [_config(kernel, *c, tma=True) for c in tma]
 
 
 def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int, head_dim_v: int,
@@ -597,20 +666,50 @@ def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int
 
 
 def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90,
-              mask_bytes: int = 0, heavy: bool = False) -> bool:
+              mask_bytes: int = 0, heavy: bool = False, tma: str = "off") -> bool:
     """Whether the autotuner may try ``cfg`` for this head-dim pair (padded powers of two), element
     size, compute capability (80, 90, ...) and mask element size (0 = no mask); ``heavy`` (a mask,
-    its gradient or dropout is on) also skips HEAVY_SPILLS."""
+    its gradient or dropout is on) also skips HEAVY_SPILLS. ``tma``: "off" (the launch passes no
+    descriptors: pointer configs only), "auto" (both kinds, on sm_90 and newer) or "only" (TMA
+    configs only)."""
     outer_name, inner_name = OUTER_INNER[kernel]
     key = (cfg.kwargs[outer_name], cfg.kwargs[inner_name], cfg.num_warps, cfg.num_stages)
-    table = CONFIGS if arch >= 90 else CONFIGS_SM80
+    streamed = bool(cfg.kwargs.get("STREAM_TMA", False))
+    if streamed:
+        table = TMA_CONFIGS
+        if arch < 90 or tma == "off":
+            return False
+    else:
+        table = CONFIGS if arch >= 90 else CONFIGS_SM80
+        if tma == "only" and arch >= 90:
+            return False
     bucket = _head_bucket(head_dim, head_dim_v)
     if key not in table[kernel][bucket]:
         return False
-    if heavy and (kernel, bucket, key) in HEAVY_SPILLS:
+    if heavy and (kernel, bucket, key) in (TMA_HEAVY_SPILLS if streamed else HEAVY_SPILLS):
         return False
     limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
+
+
+def stream_descriptor(t: torch.Tensor):
+    """A TMA descriptor over the (B, H, L, D) tensor ``t`` (``fused_attn.triton._tma.descriptor``),
+    or ``t`` itself when the copy engine cannot address it."""
+    desc = descriptor(t) if t.dim() == 4 else None
+    return t if desc is None else desc
+
+
+def _descriptor_blocks_hook(kernel: str):
+    """The configuration pre-hook that sizes the descriptors' blocks to its tiles: one (1, 1,
+    inner rows, padded head dim) box per load."""
+    first, second = STREAM_DESCRIPTORS[kernel]
+    inner_name = OUTER_INNER[kernel][1]
+
+    def hook(nargs):
+        for name, cols in ((first, nargs["HEAD_DIM"]), (second, nargs["HEAD_DIM_V"])):
+            if isinstance(nargs[name], _DESCRIPTOR_TYPES):
+                nargs[name].block_shape = [1, 1, nargs[inner_name], cols]
+    return hook
 
 
 def _pow2(n: int) -> int:
@@ -630,11 +729,12 @@ def _make_prune(kernel: str):
         mask_bytes = args["Mask"].element_size() if args["MASK_KIND"] else 0
         arch = major * 10 + minor
         heavy = bool(args["MASK_KIND"] or args["DROPOUT"] or args.get("MASK_GRAD", False))
+        tma = ("off", "auto", "only")[args.get("TMA_KEY", 0)]
         keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
-                                                mask_bytes, heavy)]
+                                                mask_bytes, heavy, tma)]
         if not keep:
             keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
-                                                    mask_bytes)]
+                                                    mask_bytes, False, tma)]
         if not keep:  # e.g. float32 at D = 256 on a small-shared-memory chip: the smallest tiles
             outer_name, inner_name = OUTER_INNER[kernel]
             keep = [min(configs, key=lambda c: (c.kwargs[outer_name] * c.kwargs[inner_name] * c.num_stages))]
@@ -645,7 +745,7 @@ def _make_prune(kernel: str):
     return prune
 
 
-_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "D", "DV", "CAUSAL", "MASK_KIND", "DROPOUT"]
+_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "CAUSAL", "MASK_KIND", "DROPOUT"]
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 _tuned = {}
 
@@ -656,7 +756,10 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
     outer_name, inner_name = OUTER_INNER[kernel]
     if _interpreting():
         outer, inner = INTERPRETER_CONFIG[kernel]
-        _KERNELS[kernel][(triton.cdiv(grid_rows, outer) * heads,)](*args, **constexprs,
+        named = dict(zip(_KERNELS[kernel].arg_names, args), **constexprs, **{outer_name: outer, inner_name: inner})
+        named["STREAM_TMA"] = isinstance(named[STREAM_DESCRIPTORS[kernel][0]], _DESCRIPTOR_TYPES)
+        _descriptor_blocks_hook(kernel)(named)
+        _KERNELS[kernel][(triton.cdiv(grid_rows, outer) * heads,)](*args, **constexprs, STREAM_TMA=named["STREAM_TMA"],
                                                                    **{outer_name: outer, inner_name: inner})
         return
     fn = _tuned.get(kernel)
@@ -712,14 +815,22 @@ def _common_constexprs(q, v, causal, mask_kind, dropout_p):
                 DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse):
-    """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT tests)."""
+def _stream_args(a, b, tma):
+    """(a's descriptor, b's descriptor, TMA_KEY), or (a, b, 0) (``_tma.descriptors``)."""
+    return descriptors(a, b, tma=tma)
+
+
+def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse, tma=None):
+    """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT
+    tests). K and V go in twice: as pointers and, when TMA is used, as descriptors."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
     keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
-    args = (q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-            Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
+    k_desc, v_desc, tma_key = _stream_args(k, v, tma)
+    args = (q, k, v, k_desc, v_desc, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            *out.stride(), Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, keep_scale, *drop, _len_key(Lq), _len_key(Lk),
+            tma_key)
     return Lq, B * Hq, args, _common_constexprs(q, v, causal, mask_kind, dropout_p)
 
 
@@ -735,7 +846,7 @@ def dkdv_passes(head_dim: int, head_dim_v: int) -> tuple:
 
 
 def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad,
-                    dq, dk, dv, dmask):
+                    dq, dk, dv, dmask, tma=None):
     """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels.
     The dkdv constexprs name its first pass; ``dkdv_passes`` lists all of them."""
     B, Hq, Lq, _ = q.shape
@@ -745,8 +856,11 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, sca
     common = _common_constexprs(q, v, causal, mask_kind, dropout_p)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
     tail = (Lq, Lk, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
-    dkdv = (q, k, v, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq, *strides, Hq, Hkv, Hq // Hkv, *tail)
-    dq_args = (q, k, v, mask, dout, lse, delta, dq, *strides, Hq, Hq // Hkv, *tail)
+    q_desc, do_desc, dkdv_tma = _stream_args(q, dout, tma)
+    k_desc, v_desc, dq_tma = _stream_args(k, v, tma)
+    dkdv = (q, k, v, q_desc, do_desc, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq,
+            *strides, Hq, Hkv, Hq // Hkv, *tail, dkdv_tma)
+    dq_args = (q, k, v, k_desc, v_desc, mask, dout, lse, delta, dq, *strides, Hq, Hq // Hkv, *tail, dq_tma)
     first_pass = dkdv_passes(common["HEAD_DIM"], common["HEAD_DIM_V"])[0]
     return {"dkdv": (Lk, B * Hkv, dkdv, dict(common, MASK_GRAD=bool(mask_grad), DKDV_PASS=first_pass)),
             "dq": (Lq, B * Hq, dq_args, common)}

@@ -28,6 +28,11 @@ unfused reference does. Tiles are visited in GROUP_M-grouped order so consecutiv
 A row-blocks and B column-blocks in L2. float32 inputs use ``input_precision="ieee"`` so TF32
 never degrades them.
 
+Hopper (sm_90+): each configuration has a TMA twin (``AB_TMA``) that loads the A and B tiles
+through host-side tensor descriptors (``gemm_descriptors``; a weight read transposed is described
+as the (N, K) matrix it is, ``B_NK``, and its tile transposed in shared memory), zero-filled by the
+copy engine at the edges; the autotuner times both (``fused_attn.triton._tma``).
+
 Dropout is the shared counter hash of ``fused_attn._rng``: element ``(t, c)`` of the (T, d_ff)
 activation has ``row = t``, ``col = c``.
 """
@@ -41,6 +46,7 @@ import triton.language as tl
 
 from ..ops_common import empty
 from ._rng import dropout_args, dropout_keep, dropout_row_key
+from ._tma import DESCRIPTOR_TYPES, descriptor, tma_mode, tma_wanted
 
 # constexpr codes ------------------------------------------------------------------------------
 ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3
@@ -116,14 +122,16 @@ def _activation(z, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
 
 @triton.jit
 def _ffn_gemm(
-    a_ptr, b_ptr, bias_ptr, pre_ptr, out_ptr, h_ptr, colsum_ptr,
+    a_ptr, b_ptr, a_desc, b_desc, bias_ptr, pre_ptr, out_ptr, h_ptr, colsum_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, up_offset_b,
     stride_pre_m, stride_out_m, stride_h_m, stride_colsum_m, up_col, col0,
     seed_lo, seed_hi_mix, offset, threshold, drop_scale,
+    TMA_KEY,  # autotuning key only (fused_attn.triton._tma.descriptors)
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, B_NK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    AB_TMA: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of C = A @ B plus the epilogue selected by EPILOGUE.
 
@@ -135,6 +143,9 @@ def _ffn_gemm(
     For GATED, a second accumulator reads the B columns ``up_offset_b`` elements further on, and
     the up half of bias / pre / colsum lies ``up_col`` columns after the gate half, and that of
     out (pre, or a chunk of dpre: the backward writes dpre chunk-wise) N columns after it.
+    AB_TMA (sm_90+): the A and B tiles come through the TMA descriptors ``a_desc`` (A as (M, K))
+    and ``b_desc`` (B_NK: B stored as its (N, K) transpose, a weight read as is, whose up rows
+    then start ``up_col`` rows down; else as (K, N)); the copy engine zero-fills past the edges.
     The pointers may address a column block of wider matrices (the backward runs d_ff in chunks):
     ``col0`` is the block's first column in the (T, d_ff) activation, for the dropout hash.
     """
@@ -163,12 +174,22 @@ def _ffn_gemm(
     if GATED and EPILOGUE == 1:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if AB_TMA:
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            if B_NK:
+                b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
+            else:
+                b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED and EPILOGUE == 1:
-            b_up = tl.load(b_ptrs + up_offset_b, mask=offs_k[:, None] < k_left, other=0.0)
+            if AB_TMA:
+                b_up = b_desc.load([up_col + pid_n * BLOCK_N, k * BLOCK_K]).T
+            else:
+                b_up = tl.load(b_ptrs + up_offset_b, mask=offs_k[:, None] < k_left, other=0.0)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -245,9 +266,18 @@ def _ffn_gemm(
 # tile configurations
 # ---------------------------------------------------------------------------------------------
 
-def _config(bm, bn, bk, stages, warps, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_stages=stages, num_warps=warps)
+def _descriptor_blocks(nargs):
+    """Configuration pre-hook: size the TMA descriptors' boxes to the config's tiles."""
+    if isinstance(nargs["a_desc"], DESCRIPTOR_TYPES):
+        nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if isinstance(nargs["b_desc"], DESCRIPTOR_TYPES):
+        bk, bn = nargs["BLOCK_K"], nargs["BLOCK_N"]
+        nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
+
+
+def _config(bm, bn, bk, stages, warps, group_m=8, tma=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "AB_TMA": tma},
+                         num_stages=stages, num_warps=warps, pre_hook=_descriptor_blocks)
 
 
 #: Hopper (sm_90, 227 KiB shared memory per block): large tiles feed wgmma; BLOCK_K 64 for 16-bit.
@@ -271,6 +301,11 @@ AMPERE_CONFIGS = [
     _config(64, 64, 32, 4, 8),    # gated backward on Triton < 3.9 (see BWD_CONFIG)
     _config(64, 64, 32, 4, 4),
 ]
+#: The Hopper list again with the A and B tiles through TMA descriptors (``AB_TMA``), same order
+#: (BWD_CONFIG indexes both). The AOT test compiles every one of them for sm_90 (HGMMA, UTMALDG,
+#: no spills) under Triton 3.6 and 3.9; the autotuner times them beside the pointer configs.
+HOPPER_TMA_CONFIGS = [_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                              c.num_warps, c.kwargs["GROUP_M"], tma=True) for c in HOPPER_CONFIGS]
 #: The interpreter (CPU) runs one small config: it is slow per element, not per tile.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
@@ -315,31 +350,40 @@ def accumulator_registers(config: triton.Config, gated: bool) -> int:
     return (2 if gated else 1) * kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * config.num_warps)
 
 
-def configs_for(capability_major: int, elem_bytes: int, epilogue: int, gated: bool) -> list[triton.Config]:
+def configs_for(capability_major: int, elem_bytes: int, epilogue: int, gated: bool, tma_key: int = 0
+                ) -> list[triton.Config]:
     """The configs worth timing on this architecture for this dtype and epilogue: they fit
-    shared memory and the epilogue's accumulator register budget."""
+    shared memory and the epilogue's accumulator register budget. ``tma_key`` (sm_90+; see
+    ``_tma.descriptors``): 0 pointer configs, 1 those and their TMA twins, 2 the TMA twins only."""
     major = 90 if capability_major >= 9 else 80
     candidates = HOPPER_CONFIGS if major == 90 else AMPERE_CONFIGS
     if epilogue == EPI_ACT_BWD:
-        return [candidates[BWD_CONFIG[(major, 4 if elem_bytes == 4 else 2)]]]
-    two_b = gated and epilogue == EPI_ACT_FWD  # the gated forward loads two B tiles
-    fitting = [c for c in candidates if shared_memory_estimate(c, elem_bytes, two_b) <= SMEM_LIMIT[major]
-               and accumulator_registers(c, two_b) <= ACC_REGISTER_BUDGET[epilogue]
-               and not (elem_bytes == 4 and c.kwargs["BLOCK_K"] > 32)]
-    return fitting or [candidates[-1]]
+        index = BWD_CONFIG[(major, 4 if elem_bytes == 4 else 2)]
+        picked = [index]
+    else:
+        two_b = gated and epilogue == EPI_ACT_FWD  # the gated forward loads two B tiles
+        picked = [i for i, c in enumerate(candidates)
+                  if shared_memory_estimate(c, elem_bytes, two_b) <= SMEM_LIMIT[major]
+                  and accumulator_registers(c, two_b) <= ACC_REGISTER_BUDGET[epilogue]
+                  and not (elem_bytes == 4 and c.kwargs["BLOCK_K"] > 32)] or [len(candidates) - 1]
+    if major < 90 or not tma_key:
+        return [candidates[i] for i in picked]
+    twins = [HOPPER_TMA_CONFIGS[i] for i in picked]
+    return twins if tma_key == 2 else [candidates[i] for i in picked] + twins
 
 
 def _prune(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     major = torch.cuda.get_device_capability(a.device)[0]
     elem_bytes = a.element_size()
-    keep = {id(c) for c in configs_for(major, elem_bytes, kwargs["EPILOGUE"], bool(kwargs["GATED"]))}
+    keep = {id(c) for c in configs_for(major, elem_bytes, kwargs["EPILOGUE"], bool(kwargs["GATED"]),
+                                       named_args.get("TMA_KEY", 0))}
     return [c for c in configs if id(c) in keep]
 
 
 _ffn_gemm_tuned = triton.autotune(
-    configs=HOPPER_CONFIGS + AMPERE_CONFIGS,
-    key=["M", "N", "K", "EPILOGUE", "ACT", "GATED", "HAS_BIAS", "DROPOUT"],
+    configs=HOPPER_CONFIGS + AMPERE_CONFIGS + HOPPER_TMA_CONFIGS,
+    key=["M", "N", "K", "TMA_KEY", "EPILOGUE", "ACT", "GATED", "HAS_BIAS", "DROPOUT", "B_NK"],
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["colsum_ptr"],
 )(_ffn_gemm)
@@ -357,31 +401,56 @@ def _dropout_args(dropout_p: float, seed: int, offset: int):
     return seed_lo, seed_hi_mix, int(offset), threshold, 1.0 / (1.0 - dropout_p)
 
 
+def gemm_descriptors(a, b_km, tma=None):
+    """(a_desc, b_desc, B_NK, TMA_KEY) for ``_ffn_gemm``: TMA descriptors of A as (M, K) and of B
+    as stored (a weight read transposed is described as its (N, K) self: B_NK), when TMA is wanted
+    (``tma`` None: ``_tma.tma_wanted``) and both can have one; else (a, b_km, False, 0)."""
+    if tma is None:
+        tma = tma_wanted(a)
+    if tma:
+        b_nk = b_km.stride(0) == 1 and b_km.stride(1) != 1
+        a_desc, b_desc = descriptor(a), descriptor(b_km.t() if b_nk else b_km)
+        if a_desc is not None and b_desc is not None:
+            return a_desc, b_desc, b_nk, 2 if tma_mode() == "on" else 1
+    return a, b_km, False, 0
+
+
 def _launch(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None, pre=None, out, h=None,
-            colsum=None, up_offset_b=0, up_col=0, col0=0, dropout=(0.0, 0, 0)):
+            colsum=None, up_offset_b=0, up_col=0, col0=0, dropout=(0.0, 0, 0), tma=None):
     """Launch one ``_ffn_gemm``: ``a`` is (M, K); ``b_km`` is a (K, N) view (any strides)."""
     if M == 0 or N == 0:
         return
-    dropout_p, seed, offset = dropout
-    seed_lo, seed_hi, off, threshold, scale = _dropout_args(dropout_p, seed, offset)
-    dummy = out
-    colsum_t = colsum if colsum is not None else empty(out, torch.float32)
-    args = (a, b_km, bias if bias is not None else dummy, pre if pre is not None else dummy, out,
-            h if h is not None else dummy, colsum_t,
-            M, N, K,
-            a.stride(0), a.stride(1), b_km.stride(0), b_km.stride(1), up_offset_b,
-            pre.stride(0) if pre is not None else 0, out.stride(0), h.stride(0) if h is not None else 0,
-            colsum.stride(0) if colsum is not None else 0, up_col, col0,
-            seed_lo, seed_hi, off, threshold, scale)
-    flags = dict(EPILOGUE=epilogue, ACT=act, GATED=gated, HAS_BIAS=bias is not None or colsum is not None,
-                 DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
+    args, flags = launch_args(a, b_km, M, N, K, epilogue=epilogue, act=act, gated=gated, bias=bias, pre=pre,
+                              out=out, h=h, colsum=colsum, up_offset_b=up_offset_b, up_col=up_col, col0=col0,
+                              dropout=dropout, tma=tma)
     if _interpreting():
-        cfg = INTERPRETER_CONFIG
+        cfg = dict(INTERPRETER_CONFIG, AB_TMA=isinstance(args[2], DESCRIPTOR_TYPES))
+        _descriptor_blocks(dict(zip(_ffn_gemm.arg_names, args), **flags, **cfg))
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _ffn_gemm[grid](*args, **flags, **cfg, num_warps=4, num_stages=1)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _ffn_gemm_tuned[grid](*args, **flags)
+
+
+def launch_args(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None, pre=None, out, h=None,
+                colsum=None, up_offset_b=0, up_col=0, col0=0, dropout=(0.0, 0, 0), tma=None):
+    """(args, constexprs) of one ``_ffn_gemm`` launch (also used by the AOT tests)."""
+    dropout_p, seed, offset = dropout
+    seed_lo, seed_hi, off, threshold, scale = _dropout_args(dropout_p, seed, offset)
+    dummy = out
+    colsum_t = colsum if colsum is not None else empty(out, torch.float32)
+    a_desc, b_desc, b_nk, tma_key = gemm_descriptors(a, b_km, tma)
+    args = (a, b_km, a_desc, b_desc, bias if bias is not None else dummy, pre if pre is not None else dummy, out,
+            h if h is not None else dummy, colsum_t,
+            M, N, K,
+            a.stride(0), a.stride(1), b_km.stride(0), b_km.stride(1), up_offset_b,
+            pre.stride(0) if pre is not None else 0, out.stride(0), h.stride(0) if h is not None else 0,
+            colsum.stride(0) if colsum is not None else 0, up_col, col0,
+            seed_lo, seed_hi, off, threshold, scale, tma_key)
+    flags = dict(EPILOGUE=epilogue, ACT=act, GATED=gated, HAS_BIAS=bias is not None or colsum is not None,
+                 DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", B_NK=b_nk)
+    return args, flags
 
 
 def _colsum_rows(M: int) -> int:

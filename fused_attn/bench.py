@@ -185,6 +185,31 @@ def _fused_impl(name, fn, skip=None, **kw):
     return Impl(name, "fused", fn, skip=skip, **kw)
 
 
+@contextlib.contextmanager
+def _tma_off():
+    previous = os.environ.get("FUSED_ATTN_TRITON_TMA")
+    os.environ["FUSED_ATTN_TRITON_TMA"] = "off"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("FUSED_ATTN_TRITON_TMA", None)
+        else:
+            os.environ["FUSED_ATTN_TRITON_TMA"] = previous
+
+
+def _with_pointer_twin(impls: list, device) -> list:
+    """On sm_90+ GPUs, "triton" (whose autotuner may pick TMA configurations) gets a twin
+    "triton-ptr" that runs with FUSED_ATTN_TRITON_TMA=off: the two lines of the summary measure
+    what the TMA path buys."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return impls
+    twins = [dataclasses.replace(i, name="triton-ptr", context=_tma_off) for i in impls
+             if i.name == "triton" and i.skip is None]
+    return impls + twins
+
+
 @dataclass(frozen=True)
 class AttentionCase(Case):
     B: int
@@ -225,8 +250,8 @@ class AttentionCase(Case):
 
     def impls(self, device, dtype, backends, baselines, seed):
         causal = self.causal
-        out = [_fused_impl(name, lambda q, k, v, name=name: FA.attention(q, k, v, causal=causal, backend=name),
-                           skip=skip) for name, skip in backends]
+        out = _with_pointer_twin([_fused_impl(name, lambda q, k, v, name=name: FA.attention(
+            q, k, v, causal=causal, backend=name), skip=skip) for name, skip in backends], device)
         if "eager" in baselines:
             out.append(Impl("eager", "baseline", lambda q, k, v: _ref_attention(q, k, v, causal)))
         if "sdpa" in baselines:
@@ -331,9 +356,9 @@ class FeedForwardCase(Case):
 
     def impls(self, device, dtype, backends, baselines, seed):
         act = self.activation
-        out = [_fused_impl(name, lambda x, w1, b1, w2, b2, name=name:
-                           FA.feed_forward(x, w1, b1, w2, b2, activation=act, backend=name), skip=skip)
-               for name, skip in backends]
+        out = _with_pointer_twin([_fused_impl(name, lambda x, w1, b1, w2, b2, name=name:
+                                              FA.feed_forward(x, w1, b1, w2, b2, activation=act, backend=name),
+                                              skip=skip) for name, skip in backends], device)
         if "eager" in baselines:
             out.append(Impl("eager", "baseline", lambda x, w1, b1, w2, b2: _ref_feed_forward(x, w1, b1, w2, b2, act)))
         if "compile" in baselines:

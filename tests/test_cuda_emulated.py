@@ -202,6 +202,13 @@ def test_emulated_layer_norm_matches_reference(emu_nf, name):
                                      ctypes.c_int64(rows), ctypes.c_int64(d), _f(eps), ctypes.c_int(int(rms)), drop,
                                      _ptr(out), _ptr(summed), _ptr(None if rms else mean), _ptr(rstd),
                                      ctypes.c_int(int(vec))) == 0
+    # store_summed=False hands the kernel no sum pointer: the same out, mean and rstd, nothing else written
+    out2, mean2, rstd2 = torch.empty(rows, d), torch.empty(rows), torch.empty(rows)
+    assert emu_nf.emu_layer_norm_fwd(_ptr(x), ctypes.c_int64(x.stride(0)), _ptr(r), ctypes.c_int64(d), _ptr(w), _ptr(b),
+                                     ctypes.c_int64(rows), ctypes.c_int64(d), _f(eps), ctypes.c_int(int(rms)), drop,
+                                     _ptr(out2), _ptr(None), _ptr(None if rms else mean2), _ptr(rstd2),
+                                     ctypes.c_int(int(vec))) == 0
+    assert torch.equal(out2, out) and torch.equal(rstd2, rstd) and (rms or torch.equal(mean2, mean))
     dout, dsummed = randn(rows, d), (randn(rows, d) if opts.get("dsummed") else None)
     parts = 2  # fewer partial blocks than rows: each block walks several rows
     dsum, dx = torch.empty(rows, d), torch.empty(rows, d)

@@ -78,7 +78,7 @@ struct LayerNormFwdArgs {
   float eps;
   bool rms;
   DropoutArgs dropout;   // on x, logical element (row, col)
-  void* out; void* summed;  // contiguous (rows, hidden)
+  void* out; void* summed;  // contiguous (rows, hidden); summed may be null (not stored)
   float* mean;           // (rows,), null for rms
   float* rstd;           // (rows,)
 };

@@ -70,7 +70,8 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
   const int chunks = static_cast<int>(a.hidden / N);
   const T* x = static_cast<const T*>(a.x) + row * a.x_row_stride;
   const R* res = a.residual ? static_cast<const R*>(a.residual) + row * a.residual_row_stride : nullptr;
-  S* summed = static_cast<S*>(a.summed) + row * a.hidden;
+  // summed may be null (inference without prenorm): the sum then lives only in the row cache
+  S* summed = a.summed ? static_cast<S*>(a.summed) + row * a.hidden : nullptr;
   const uint32_t key = a.dropout.enabled ? dropout_row_key(a.dropout, row) : 0u;
 
   float sum = 0.0f, sum_sq = 0.0f;
@@ -88,7 +89,7 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
 #pragma unroll
       for (int t = 0; t < N; ++t) v[t] = round_to<S>(v[t] + r[t]);  // the sum as stored in summed's dtype
     }
-    store_n<S, N>(summed + c0, v);
+    if (summed) store_n<S, N>(summed + c0, v);
 #pragma unroll
     for (int t = 0; t < N; ++t) {
       row_cache[c0 + t] = v[t];

@@ -27,8 +27,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
     const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in, const std::optional<at::Tensor>& weight_in,
     const std::optional<at::Tensor>& bias_in, double eps, double dropout_p, bool rms, bool residual_in_fp32,
     int64_t seed, int64_t offset, bool store_summed) {
-  // store_summed=false (inference without prenorm): only the returned sum is empty, as the op
-  // contract says; the kernel still writes it (skipping that store waits for a GPU to measure on).
+  // store_summed=false (inference without prenorm): the sum is neither allocated nor stored (the
+  // kernel keeps it in shared memory only); an empty (0,) tensor is returned, as the op contract says.
   const char* op = "layer_norm_residual_fwd";
   check_tensor(x_in, x_in, 2, op, "x");
   LayerNormFwdArgs a{};
@@ -59,13 +59,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType summed_type = residual_in_fp32 ? at::kFloat : x.scalar_type();
   at::Tensor out = at::empty({a.rows, a.hidden}, x.options());
-  at::Tensor summed = at::empty({a.rows, a.hidden}, x.options().dtype(summed_type));
+  at::Tensor summed = store_summed ? at::empty({a.rows, a.hidden}, x.options().dtype(summed_type))
+                                   : at::empty({0}, x.options().dtype(summed_type));
   at::Tensor mean = at::empty({rms ? 0 : a.rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({a.rows}, x.options().dtype(at::kFloat));
   if (a.hidden == 0) {  // statistics of empty rows are NaN, as the reference's
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
     rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {out, store_summed ? summed : at::empty({0}, summed.options()), mean, rstd};
+    return {out, summed, mean, rstd};
   }
   a.x = x.data_ptr();
   a.x_row_stride = x.stride(0);
@@ -79,11 +80,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   a.rms = rms;
   a.dropout = dropout_args(dropout_p, seed, offset, op);
   a.out = out.data_ptr();
-  a.summed = summed.data_ptr();
+  a.summed = store_summed ? summed.data_ptr() : nullptr;
   a.mean = rms ? nullptr : mean.data_ptr<float>();
   a.rstd = rstd.data_ptr<float>();
   check_status(layer_norm_fwd(a, c10::cuda::getCurrentCUDAStream().stream()), op);
-  return {out, store_summed ? summed : at::empty({0}, summed.options()), mean, rstd};
+  return {out, summed, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_bwd_cuda(

@@ -192,6 +192,7 @@ SUBSET = [
     ("dq", 90, "float16", 64, 64, 128, 64, 8, 3, "causal"),
     ("fwd", 80, "float16", 64, 64, 128, 128, 8, 3, "plain"),
     ("dkdv", 80, "bfloat16", 128, 128, 64, 32, 8, 2, "plain"),
+    ("dkdv", 80, "bfloat16", 128, 128, 32, 32, 4, 2, "all"),
     # head dim 256: dK and dV in two passes, each compiled (the heavy config with every feature on)
     ("dkdv", 90, "bfloat16", 256, 256, 128, 16, 8, 2, "all"),
     ("dkdv", 90, "bfloat16", 256, 256, 64, 32, 8, 2, "causal"),
@@ -323,10 +324,11 @@ def test_heavy_features_keep_a_config():
     """Skipping HEAVY_SPILLS never leaves a (kernel, head dim) without configurations."""
     from fused_attn.triton import attention as A
 
-    for kernel in KERNELS:
-        for hd in (64, 128, 256):
-            kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, hd, hd, 2, 90, 2, heavy=True)]
-            assert kept, (kernel, hd)
+    for arch in (90, 80):
+        for kernel in KERNELS:
+            for hd in (64, 128, 256):
+                kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, hd, hd, 2, arch, 2, heavy=True)]
+                assert kept, (arch, kernel, hd)
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
@@ -351,13 +353,15 @@ def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
                     kept = prune(A.all_configs(kernel), args)
                     assert kept, (kernel, hd, heavy, length)
                     table = A.CONFIGS if arch >= 90 else A.CONFIGS_SM80
-                    has_small = any(cfg[0] == 64 for cfg in table[kernel][hd]
-                                    if not (heavy and (kernel, hd, cfg) in A.HEAVY_SPILLS))
+                    has_small = any(cfg[0] <= 64 for cfg in table[kernel][hd]
+                                    if not (heavy and (kernel, hd, cfg) in A.heavy_spills(arch)))
                     for c in kept:
                         key = (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages)
                         assert key in table[kernel][hd]
-                        if length == 1 and has_small:  # one-row sequences: 64-row blocks when listed (and kept)
-                            assert key[0] == 64
+                        if heavy:
+                            assert (kernel, hd, key) not in A.heavy_spills(arch)
+                        if length == 1 and has_small:  # one-row sequences: blocks of <= 64 rows when listed (and kept)
+                            assert key[0] <= 64
 
 
 @pytest.mark.parametrize("mode", ["auto", "on"])

@@ -585,10 +585,12 @@ CONFIGS_SM80 = {
         256: [(64, 32, 8, 2)],
     },
     "dkdv": {
-        64: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)],
+        # the 16-query tiles: clean in all six feature sets of the AOT sweep under Triton 3.6 and 3.9
+        64: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3), (64, 16, 8, 2), (64, 16, 4, 2)],
         # (64, 32, 4, 2) was dropped: 6-71 LDL/STL in every feature set under Triton 3.6. (64, 32, 8, 2)
         # is clean under 3.6; under 3.9 it spills 15 with every feature on, 6 with the mask gradient.
-        128: [(64, 32, 8, 2)],
+        # 32 x 32 on 4 warps is clean in all six feature sets under both versions.
+        128: [(64, 32, 8, 2), (32, 32, 4, 2)],
         # two passes; clean for every feature set except a boolean mask under Triton 3.6 (17
         # LDL/STL; 0 under 3.9). 128-key blocks do not fit 163 KB of shared memory at D = 256.
         256: [(64, 32, 8, 2)],
@@ -627,6 +629,26 @@ TMA_HEAVY_SPILLS = {
 }
 #: the kernel arguments that take the streamed operands' descriptors (first: head dim D, second: Dv)
 STREAM_DESCRIPTORS = {"fwd": ("KDesc", "VDesc"), "dq": ("KDesc", "VDesc"), "dkdv": ("QDesc", "dODesc")}
+#: HEAVY_SPILLS of the sm_8x lists, from the sm_80 AOT sweep with every feature on, the mask
+#: gradient, dropout and a boolean mask under Triton 3.6 and 3.9 (LDL/STL counts, worst case).
+#: dK/dV at D = 256 keeps its one config, (64, 32, 8, 2): clean except 17 with a boolean mask
+#: under 3.6.
+HEAVY_SPILLS_SM80 = {
+    ("dkdv", 64, (128, 32, 8, 3)),   # 12
+    ("dkdv", 64, (128, 32, 8, 4)),   # 20
+    ("dkdv", 64, (64, 32, 4, 3)),    # 16
+    ("dkdv", 128, (64, 32, 8, 2)),   # 15
+    ("dq", 128, (64, 64, 4, 2)),     # 35
+}
+
+
+def heavy_spills(arch: int, tma: bool = False) -> set:
+    """The (kernel, head-dim bucket, config) entries skipped when a mask, its gradient or dropout is on."""
+    if tma:
+        return TMA_HEAVY_SPILLS
+    return HEAVY_SPILLS if arch >= 90 else HEAVY_SPILLS_SM80
+
+
 #: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
 #: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
 #: orders, so that the causal-diagonal logic is exercised with unequal blocks.
@@ -686,7 +708,7 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
     bucket = _head_bucket(head_dim, head_dim_v)
     if key not in table[kernel][bucket]:
         return False
-    if heavy and (kernel, bucket, key) in (TMA_HEAVY_SPILLS if streamed else HEAVY_SPILLS):
+    if heavy and (kernel, bucket, key) in heavy_spills(arch, streamed):
         return False
     limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit

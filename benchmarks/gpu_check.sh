@@ -6,7 +6,9 @@
 # time limit; a failing step does not stop the ones after it:
 #   1. install  pip install --no-build-isolation --no-deps -e .  (builds fused_attn._C with its
 #               CUDA kernels; if that fails, the rest runs from the checkout via PYTHONPATH)
-#   2. tests    pytest -m gpu tests/, then the Triton test files (compiled, no TRITON_INTERPRET)
+#   2. tests    pytest -m gpu tests/, then the Triton test files (compiled, no TRITON_INTERPRET), with
+#               FUSED_ATTN_TRITON_AUTOTUNE=0: one config per kernel and key, none timed (correctness;
+#               the TMA tests force TMA on, so both load paths run)
 #   3. bench    python -m fused_attn.bench --out OUTDIR (bf16 sweep, fitted to the time left)
 #   4. summary  OUTDIR/summary.json and a short table, printed last
 # OUTDIR receives at most 6 files: gpu_check.log, bench.json, bench.csv, attention_fwd.png,
@@ -74,12 +76,12 @@ for n, b in fused_attn.available_backends().items()}))" >> "$LOG" 2>&1
 PYTEST_ARGS=(-q -p no:cacheprovider -rfE)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 4); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout=120); fi
-step tests_gpu 100 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
+step tests_gpu 100 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
 # the Triton test files, compiled for this GPU (their *_aot.py twins check compilation on CPU machines)
 TRITON_TESTS=$(ls tests/*triton*.py 2>/dev/null | grep -v -e conftest -e '_aot\.py$' || true)
 if [ -n "$TRITON_TESTS" ]; then
     # shellcheck disable=SC2086 - a list of file names without spaces
-    step tests_triton 100 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" $TRITON_TESTS \
+    step tests_triton 100 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" $TRITON_TESTS \
         --junitxml=/tmp/gpu_check_tests_triton.xml
 else
     echo "=== no tests/*triton*.py files" | tee -a "$LOG"

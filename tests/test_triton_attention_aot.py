@@ -391,3 +391,30 @@ def test_autotune_prune_with_descriptors(monkeypatch, capability, mode):
                 assert kinds == {False}
             elif A.TMA_CONFIGS[kernel][hd]:
                 assert kinds == ({True, False} if mode == "auto" else {True}), (kernel, hd)
+
+
+def test_autotune_off_keeps_the_first_config(monkeypatch):
+    """FUSED_ATTN_TRITON_AUTOTUNE=0 (the GPU check's correctness runs): each prune hands the
+    autotuner one configuration, the first it would have timed, so nothing is benchmarked."""
+    import torch
+
+    from fused_attn.triton import _tuning
+    from fused_attn.triton import attention as A
+    from fused_attn.triton import feed_forward as ff
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q = torch.empty(1, dtype=torch.bfloat16)
+    args = dict(Q=q, Mask=q, HEAD_DIM=64, HEAD_DIM_V=64, MASK_KIND=0, DROPOUT=False, MASK_GRAD=False, LQ_KEY=4096,
+                LK_KEY=4096)
+    ffn_args = ({"a_ptr": q, "TMA_KEY": 0}, dict(EPILOGUE=ff.EPI_BIAS, GATED=False))
+    monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "1")
+    timed = A._make_prune("fwd")(A.all_configs("fwd"), args)
+    timed_ffn = ff._prune(ff._ffn_gemm_tuned.configs, ffn_args[0], **ffn_args[1])
+    assert len(timed) > 1 and len(timed_ffn) > 1
+    monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "0")
+    key = lambda cs: [(c.kwargs, c.num_warps, c.num_stages) for c in cs]  # noqa: E731
+    assert key(A._make_prune("fwd")(A.all_configs("fwd"), args)) == key(timed[:1])
+    assert ff._prune(ff._ffn_gemm_tuned.configs, ffn_args[0], **ffn_args[1]) == timed_ffn[:1]
+    monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="FUSED_ATTN_TRITON_AUTOTUNE must be 1 or 0"):
+        _tuning.autotune_enabled()

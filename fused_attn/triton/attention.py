@@ -61,6 +61,7 @@ from ..backends.base import Call
 from ..ops_common import empty, new_attention_out
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
+from ._tuning import pick
 from ._tma import descriptor, descriptors, tma_mode  # noqa: F401  (tma_mode: part of this module's API)
 
 LOG2E = 1.4426950408889634
@@ -763,7 +764,7 @@ def _make_prune(kernel: str):
         outer_name = OUTER_INNER[kernel][0]
         outer_len = args["LK_KEY"] if kernel == "dkdv" else args["LQ_KEY"]
         small = [c for c in keep if c.kwargs[outer_name] <= max(outer_len, 64)]  # short sequences: 64-row blocks
-        return small or keep
+        return pick(small or keep)
     return prune
 
 

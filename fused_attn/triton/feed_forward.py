@@ -47,6 +47,7 @@ import triton.language as tl
 from ..ops_common import empty
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES, descriptor, tma_mode, tma_wanted
+from ._tuning import pick
 
 # constexpr codes ------------------------------------------------------------------------------
 ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3
@@ -378,7 +379,7 @@ def _prune(configs, named_args, **kwargs):
     elem_bytes = a.element_size()
     keep = {id(c) for c in configs_for(major, elem_bytes, kwargs["EPILOGUE"], bool(kwargs["GATED"]),
                                        named_args.get("TMA_KEY", 0))}
-    return [c for c in configs if id(c) in keep]
+    return pick([c for c in configs if id(c) in keep])
 
 
 _ffn_gemm_tuned = triton.autotune(

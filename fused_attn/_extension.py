@@ -23,11 +23,21 @@ else:
         ERROR = f"fused_attn._C failed to load: {type(exc).__name__}: {exc}"
 
 
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether the extension registered ``fused_attn_C::op`` with a kernel for ``dispatch_key``."""
+    """Whether the extension registered ``fused_attn_C::op`` with a kernel for ``dispatch_key``
+    (asked of the dispatcher once per pair: registrations do not change once the library loaded,
+    and the question costs as much as a small kernel's launch)."""
     if _C is None:
         return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn_C::{op}", dispatch_key)
-    except RuntimeError:  # no such op
-        return False
+    key = (op, dispatch_key)
+    found = _HAS_KERNEL.get(key)
+    if found is None:
+        try:
+            found = torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn_C::{op}", dispatch_key)
+        except RuntimeError:  # no such op
+            found = False
+        _HAS_KERNEL[key] = found
+    return found

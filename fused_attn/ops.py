@@ -39,15 +39,19 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
 # attention
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], causal: bool, dropout_p: float,
-                  scale: float, rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+def _attention_fwd_impl(q, k, v, attn_mask, causal, dropout_p, scale, rng, backend):
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute: every backend gives the same empties
         out = new_attention_out(q, v.shape[-1])
         out.zero_()
         return out, torch.full(q.shape[:3], float("inf"), device=q.device, dtype=torch.float32)
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset)
+
+
+@torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], causal: bool, dropout_p: float,
+                  scale: float, rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    return _attention_fwd_impl(q, k, v, attn_mask, causal, dropout_p, scale, rng, backend)
 
 
 @attention_fwd.register_fake
@@ -74,15 +78,26 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, s
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
+def _attention_forward(fwd, q, k, v, attn_mask, causal, dropout_p, scale, rng, backend):
+    mask4 = None
+    if attn_mask is not None:  # a stride-0 view, never materialised
+        mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return fwd(q, k, v, mask4, causal, dropout_p, scale, rng, backend)
+
+
+def attention_inference(q, k, v, attn_mask, causal, dropout_p, scale, rng, backend):
+    """AttentionFunction's output for eager calls that build no autograd graph, without its Python
+    layers (see ``eager_inference``)."""
+    return _attention_forward(_attention_fwd_impl, q, k, v, attn_mask, causal, dropout_p, scale, rng, backend)[0]
+
+
 class AttentionFunction(torch.autograd.Function):
     """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp."""
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, causal, dropout_p, scale, rng, backend):
-        mask4 = None
-        if attn_mask is not None:  # a stride-0 view, never materialised
-            mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        out, lse = torch.ops.fused_attn.attention_fwd(q, k, v, mask4, causal, dropout_p, scale, rng, backend)
+        out, lse = _attention_forward(torch.ops.fused_attn.attention_fwd, q, k, v, attn_mask, causal, dropout_p,
+                                      scale, rng, backend)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng)
         ctx.options = (causal, dropout_p, scale, backend)
         return out
@@ -105,14 +120,20 @@ class AttentionFunction(torch.autograd.Function):
 # residual-add + LayerNorm / RMSNorm
 # ---------------------------------------------------------------------------------------------
 
+def _layer_norm_residual_fwd_impl(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                                  store_summed=True):
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms,
+                                                        residual_in_fp32, seed, offset, store_summed)
+
+
 @torch.library.custom_op("fused_attn::layer_norm_residual_fwd", mutates_args=())
 def layer_norm_residual_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                             eps: float, dropout_p: float, rms: bool, residual_in_fp32: bool,
                             rng: Optional[Tensor], backend: str,
                             store_summed: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    seed, offset = _seed_offset(rng)
-    return get_backend(backend).layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms,
-                                                        residual_in_fp32, seed, offset, store_summed)
+    return _layer_norm_residual_fwd_impl(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng,
+                                         backend, store_summed)
 
 
 @layer_norm_residual_fwd.register_fake
@@ -144,6 +165,23 @@ def _layer_norm_residual_bwd_fake(dout, dsummed, summed, weight, bias, mean, rst
     return summed.new_empty(summed.shape), dx, dweight, dbias
 
 
+def _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                        store_summed):
+    """(out, summed) in x's shape (summed empty without store_summed), mean, rstd."""
+    shape, d = x.shape, x.shape[-1]
+    r2 = None if residual is None else _rows(residual, d)
+    out, summed, mean, rstd = fwd(_rows(x, d), r2, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                                  store_summed)
+    return out.view(shape), (summed.view(shape) if store_summed else summed), mean, rstd
+
+
+def layer_norm_residual_inference(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                                  store_summed=True):
+    """LayerNormResidualFunction's outputs for eager calls that build no autograd graph."""
+    return _layer_norm_forward(_layer_norm_residual_fwd_impl, x, residual, weight, bias, eps, dropout_p, rms,
+                               residual_in_fp32, rng, backend, store_summed)[:2]
+
+
 class LayerNormResidualFunction(torch.autograd.Function):
     """(norm(dropout(x) + residual), dropout(x) + residual) over the last dim.
 
@@ -158,15 +196,14 @@ class LayerNormResidualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                 store_summed=True):
-        shape, d = x.shape, x.shape[-1]
-        x2 = _rows(x, d)
-        r2 = None if residual is None else _rows(residual, d)
-        out, summed, mean, rstd = torch.ops.fused_attn.layer_norm_residual_fwd(
-            x2, r2, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, store_summed)
-        ctx.save_for_backward(summed, weight, bias, mean, rstd, rng)
-        ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, shape)
+        out, summed, mean, rstd = _layer_norm_forward(torch.ops.fused_attn.layer_norm_residual_fwd, x, residual,
+                                                      weight, bias, eps, dropout_p, rms, residual_in_fp32, rng,
+                                                      backend, store_summed)
+        rows = summed.reshape(-1, x.shape[-1]) if store_summed else summed
+        ctx.save_for_backward(rows, weight, bias, mean, rstd, rng)
+        ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, x.shape)
         ctx.set_materialize_grads(False)
-        return out.view(shape), (summed.view(shape) if store_summed else summed)
+        return out, summed
 
     @staticmethod
     def backward(ctx, dout, dsummed):
@@ -196,11 +233,15 @@ def _rows(t: Tensor, d: int) -> Tensor:
 # feed-forward
 # ---------------------------------------------------------------------------------------------
 
+def _feed_forward_fwd_impl(x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset)
+
+
 @torch.library.custom_op("fused_attn::feed_forward_fwd", mutates_args=())
 def feed_forward_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str,
                      dropout_p: float, rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    seed, offset = _seed_offset(rng)
-    return get_backend(backend).feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset)
+    return _feed_forward_fwd_impl(x, w1, b1, w2, b2, activation, dropout_p, rng, backend)
 
 
 @feed_forward_fwd.register_fake
@@ -224,17 +265,28 @@ def _feed_forward_bwd_fake(dout, x, w1, w2, pre, activation, dropout_p, rng, has
     return x.new_empty(x.shape), w1.new_empty(w1.shape), db1, w2.new_empty(w2.shape), db2
 
 
+def _feed_forward_forward(fwd, x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
+    """(out in x's leading shape, x as contiguous rows, pre)."""
+    x2 = _rows(x, x.shape[-1]).contiguous()
+    out, pre = fwd(x2, w1, b1, w2, b2, activation, dropout_p, rng, backend)
+    return out.view(*x.shape[:-1], w2.shape[0]), x2, pre
+
+
+def feed_forward_inference(x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
+    """FeedForwardFunction's output for eager calls that build no autograd graph."""
+    return _feed_forward_forward(_feed_forward_fwd_impl, x, w1, b1, w2, b2, activation, dropout_p, rng, backend)[0]
+
+
 class FeedForwardFunction(torch.autograd.Function):
     """Linear -> activation -> dropout -> Linear; saves x, the weights and the pre-activation only."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
-        shape, d = x.shape, x.shape[-1]
-        x2 = _rows(x, d).contiguous()
-        out, pre = torch.ops.fused_attn.feed_forward_fwd(x2, w1, b1, w2, b2, activation, dropout_p, rng, backend)
+        out, x2, pre = _feed_forward_forward(torch.ops.fused_attn.feed_forward_fwd, x, w1, b1, w2, b2, activation,
+                                             dropout_p, rng, backend)
         ctx.save_for_backward(x2, w1, w2, pre, rng)
-        ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, shape)
-        return out.view(*shape[:-1], w2.shape[0])
+        ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
+        return out
 
     @staticmethod
     def backward(ctx, dout):

@@ -109,3 +109,42 @@ def test_inputs_are_not_modified():
 def test_public_names():
     assert fused_attn.attention is F.attention
     assert set(fused_attn.available_backends()) == {"triton", "cuda", "cpu", "reference"}
+
+
+@pytest.mark.parametrize("backend", runnable("attention"))
+def test_inference_calls_skip_the_autograd_layers_and_give_the_same_outputs(backend, monkeypatch):
+    """A call that builds no autograd graph (no_grad, or no input requiring grad) runs the op's
+    implementation directly; its outputs equal, bit for bit, those of the autograd path, with
+    dropout, masks and prenorm included."""
+    from fused_attn import ops
+
+    q, k, v = make_inputs((2, 4, 9, 8), (2, 2, 11, 8), (2, 2, 11, 8))
+    mask = make_inputs((9, 11), seed=5)[0].detach()
+    x, r, w, b = make_inputs((3, 5, 16), (3, 5, 16), (16,), (16,), seed=6)
+    fx, w1, b1, w2, b2 = make_inputs((7, 16), (24, 16), (24,), (16, 12), (16,), seed=7)
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    calls = {
+        "attention": lambda: F.attention(q, k, v, attn_mask=mask, causal=True, dropout_p=0.3, generator=gen(),
+                                         backend=backend),
+        "layer_norm": lambda: F.layer_norm_residual(x, r, w, b, dropout_p=0.2, prenorm=True, generator=gen(),
+                                                    backend=backend if backend in runnable("layer_norm_residual")
+                                                    else "reference"),
+        "feed_forward": lambda: F.feed_forward(fx, w1, b1, w2, b2, activation="swiglu", dropout_p=0.1,
+                                               generator=gen(), backend=backend if backend in
+                                               runnable("feed_forward") else "reference"),
+    }
+    with_graph = {name: call() for name, call in calls.items()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an inference call went through the autograd Function")
+
+    for fn in (ops.AttentionFunction, ops.LayerNormResidualFunction, ops.FeedForwardFunction):
+        monkeypatch.setattr(fn, "apply", refuse)
+    with torch.no_grad():
+        for name, call in calls.items():
+            expected, got = with_graph[name], call()
+            for e, g in zip(expected if isinstance(expected, tuple) else (expected,),
+                            got if isinstance(got, tuple) else (got,)):
+                assert not g.requires_grad and torch.equal(e.detach(), g), name
+    with pytest.raises(AssertionError, match="autograd Function"):
+        calls["attention"]()  # grad mode with inputs that require grad: the autograd path

@@ -148,3 +148,19 @@ def test_inference_calls_skip_the_autograd_layers_and_give_the_same_outputs(back
                 assert not g.requires_grad and torch.equal(e.detach(), g), name
     with pytest.raises(AssertionError, match="autograd Function"):
         calls["attention"]()  # grad mode with inputs that require grad: the autograd path
+
+
+def test_fake_tensors_take_the_registered_ops():
+    """Under FakeTensorMode (shape inference, tracing tools) calls go through the registered ops
+    and their fake implementations, also without grad, where real tensors would skip them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    backend = "cpu" if "cpu" in runnable("attention") else "reference"
+    with FakeTensorMode(), torch.no_grad():
+        q, k, v = torch.empty(2, 4, 16, 8), torch.empty(2, 2, 12, 8), torch.empty(2, 2, 12, 6)
+        assert F.attention(q, k, v, backend=backend).shape == (2, 4, 16, 6)
+        x, w = torch.empty(3, 5, 16), torch.empty(16)
+        out, summed = F.layer_norm_residual(x, x, w, w, prenorm=True, backend=backend)
+        assert out.shape == summed.shape == (3, 5, 16)
+        w1, w2 = torch.empty(24, 16), torch.empty(16, 24)
+        assert F.feed_forward(x, w1, None, w2, None, activation="gelu", backend=backend).shape == (3, 5, 16)

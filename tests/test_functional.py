@@ -164,3 +164,43 @@ def test_fake_tensors_take_the_registered_ops():
         assert out.shape == summed.shape == (3, 5, 16)
         w1, w2 = torch.empty(24, 16), torch.empty(16, 24)
         assert F.feed_forward(x, w1, None, w2, None, activation="gelu", backend=backend).shape == (3, 5, 16)
+
+
+@pytest.mark.parametrize("backend", runnable("attention"))
+def test_registered_op_path_and_direct_path_agree(backend, monkeypatch):
+    """Eager calls on plain tensors run the ops' implementations directly (ops.direct_call_ok);
+    traced, subclassed or mode-intercepted calls go through the registered custom ops. Forced
+    through the custom ops here, outputs and every gradient are the same bits."""
+    from fused_attn import functional, ops
+
+    def run():
+        q, k, v = make_inputs((2, 4, 9, 8), (2, 2, 11, 8), (2, 2, 11, 8))
+        mask = make_inputs((9, 11), seed=5)[0]
+        x, r, w, b = make_inputs((3, 5, 16), (3, 5, 16), (16,), (16,), seed=6)
+        fx, w1, b1, w2, b2 = make_inputs((7, 16), (24, 16), (24,), (16, 12), (16,), seed=7)
+        gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+        other = lambda op: backend if backend in runnable(op) else "reference"  # noqa: E731
+        outs = [F.attention(q, k, v, attn_mask=mask, causal=True, dropout_p=0.3, generator=gen(), backend=backend),
+                *F.layer_norm_residual(x, r, w, b, dropout_p=0.2, prenorm=True, generator=gen(),
+                                       backend=other("layer_norm_residual")),
+                F.feed_forward(fx, w1, b1, w2, b2, activation="swiglu", dropout_p=0.1, generator=gen(),
+                               backend=other("feed_forward"))]
+        leaves = [q, k, v, mask, x, r, w, b, fx, w1, b1, w2, b2]
+        grads = torch.autograd.grad([o.square().sum() for o in outs], leaves)
+        return [o.detach() for o in outs] + list(grads)
+
+    direct = run()
+    calls = []
+    registered = torch.ops.fused_attn.attention_fwd
+
+    def spy(*args):
+        calls.append(1)
+        return registered(*args)
+
+    monkeypatch.setattr(ops, "direct_call_ok", lambda *tensors: False)
+    monkeypatch.setattr(functional, "direct_call_ok", lambda *tensors: False)
+    monkeypatch.setattr(torch.ops.fused_attn, "attention_fwd", spy)
+    through_ops = run()
+    assert calls, "the forced run did not go through the registered op"
+    for a, b in zip(direct, through_ops):
+        assert torch.equal(a, b)

@@ -680,12 +680,13 @@ def all_configs(kernel: str) -> list:
 
 def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int, head_dim_v: int,
                  elem_bytes: int, mask_bytes: int = 0) -> int:
-    """Shared memory the compiled kernel uses (matches the AOT-compiled sizes): the pipelined
-    inner tiles (K and V, or Q and dO) of every stage, the outer tiles staged for the tensor cores,
-    and the pipelined attn_mask tiles."""
+    """Shared memory the compiled kernel uses (covers the AOT-compiled sizes): the pipelined inner
+    tiles (K and V, or Q and dO) of every stage, the outer tiles staged for the tensor cores, and
+    the pipelined attn_mask tiles (one per stage: Triton 3.6 buffers them in every stage, 3.9 in
+    all but one)."""
     outer_tiles = head_dim if kernel == "fwd" else head_dim + head_dim_v
     return (stages * inner * (head_dim + head_dim_v) * elem_bytes + outer * outer_tiles * elem_bytes
-            + (stages - 1) * outer * inner * mask_bytes)
+            + stages * outer * inner * mask_bytes)
 
 
 def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90,

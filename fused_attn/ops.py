@@ -106,7 +106,7 @@ def _attention_forward(fwd, q, k, v, attn_mask, causal, dropout_p, scale, rng, b
 
 def attention_inference(q, k, v, attn_mask, causal, dropout_p, scale, rng, backend):
     """AttentionFunction's output for eager calls that build no autograd graph, without its Python
-    layers (see ``eager_inference``)."""
+    layers (see ``functional._eager_inference``)."""
     return _attention_forward(_attention_fwd_impl, q, k, v, attn_mask, causal, dropout_p, scale, rng, backend)[0]
 
 

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
+from ._tuning import LAUNCH_OPTIONS
+
 #: usable shared memory per block (opt-in maximum), bytes
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
@@ -79,7 +81,7 @@ def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int = 90, num_wa
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
     src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages, **LAUNCH_OPTIONS})
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

@@ -61,7 +61,7 @@ from ..backends.base import Call
 from ..ops_common import empty, new_attention_out
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
-from ._tuning import pick
+from ._tuning import LAUNCH_OPTIONS, pick
 from ._tma import descriptor, descriptors, tma_mode  # noqa: F401  (tma_mode: part of this module's API)
 
 LOG2E = 1.4426950408889634
@@ -784,7 +784,8 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
         named["STREAM_TMA"] = isinstance(named[STREAM_DESCRIPTORS[kernel][0]], _DESCRIPTOR_TYPES)
         _descriptor_blocks_hook(kernel)(named)
         _KERNELS[kernel][(triton.cdiv(grid_rows, outer) * heads,)](*args, **constexprs, STREAM_TMA=named["STREAM_TMA"],
-                                                                   **{outer_name: outer, inner_name: inner})
+                                                                   **{outer_name: outer, inner_name: inner},
+                                                                   **LAUNCH_OPTIONS)
         return
     fn = _tuned.get(kernel)
     if fn is None:
@@ -792,7 +793,7 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
         fn = _tuned[kernel] = triton.autotune(all_configs(kernel), key=keys,
                                               prune_configs_by={"early_config_prune": _make_prune(kernel)})(
             _KERNELS[kernel])
-    fn[lambda meta: (triton.cdiv(grid_rows, meta[outer_name]) * heads,)](*args, **constexprs)
+    fn[lambda meta: (triton.cdiv(grid_rows, meta[outer_name]) * heads,)](*args, **constexprs, **LAUNCH_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -921,7 +922,8 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, 
         return dq, dk, dv, dmask
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(Lq, DELTA_BLOCK_M) * B * Hq,)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M)
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M,
+        **LAUNCH_OPTIONS)
     launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset,
                                mask_grad, dq, dk, dv, dmask)
     rows, heads, args, constexprs = launches["dkdv"]

@@ -47,7 +47,7 @@ import triton.language as tl
 from ..ops_common import empty
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES, descriptor, tma_mode, tma_wanted
-from ._tuning import pick
+from ._tuning import LAUNCH_OPTIONS, pick
 
 # constexpr codes ------------------------------------------------------------------------------
 ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3
@@ -428,10 +428,10 @@ def _launch(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None,
         cfg = dict(INTERPRETER_CONFIG, AB_TMA=isinstance(args[2], DESCRIPTOR_TYPES))
         _descriptor_blocks(dict(zip(_ffn_gemm.arg_names, args), **flags, **cfg))
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _ffn_gemm[grid](*args, **flags, **cfg, num_warps=4, num_stages=1)
+        _ffn_gemm[grid](*args, **flags, **cfg, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _ffn_gemm_tuned[grid](*args, **flags)
+        _ffn_gemm_tuned[grid](*args, **flags, **LAUNCH_OPTIONS)
 
 
 def launch_args(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None, pre=None, out, h=None,

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._rng import dropout_args, dropout_keep, dropout_row_key
+from ._tuning import LAUNCH_OPTIONS
 
 # Largest row (in elements) a program keeps whole in registers, forward and backward (backward
 # holds more live values per element: summed, dout, its accumulators). Longer rows are chunked.
@@ -463,7 +464,7 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
         *_dropout_launch_args(dropout_p, seed, offset),
         ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        RMS=bool(rms), DROPOUT=dropout_p > 0.0, STORE_SUM=store, num_warps=cfg["num_warps"])
+        RMS=bool(rms), DROPOUT=dropout_p > 0.0, STORE_SUM=store, num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
     return out, summed if store_summed else no_sum, mean, rstd
 
 
@@ -510,7 +511,7 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
         *_dropout_launch_args(dropout_p, seed, offset),
         ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
         HAS_W=has_w, HAS_B=has_b, HAS_DSUMMED=dsummed is not None, RMS=bool(rms), DROPOUT=dropout_p > 0.0,
-        X_DTYPE=_TL_DTYPES[x_dtype], num_warps=cfg["num_warps"])
+        X_DTYPE=_TL_DTYPES[x_dtype], num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
     if n_sums:
         # one launch reduces both (program_id(1) picks dweight or dbias)
         if has_w:
@@ -519,7 +520,8 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
             dbias = torch.empty((d,), dtype=bias.dtype, device=device)
         sums = [t for t, present in ((dweight, has_w), (dbias, has_b)) if present]
         _sum_partials_kernel[(triton.cdiv(d, _SUM_BLOCK_C), n_sums)](
-            parts, sums[0], sums[-1], programs, d, BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=4)
+            parts, sums[0], sums[-1], programs, d, BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=4,
+            **LAUNCH_OPTIONS)
     return dsum, dx, dweight, dbias
 
 

@@ -12,7 +12,8 @@
 #   3. bench    python -m fused_attn.bench --out OUTDIR (bf16 sweep, fitted to the time left)
 #   4. summary  OUTDIR/summary.json and a short table, printed last
 # OUTDIR receives at most 6 files: gpu_check.log, bench.json, bench.csv, attention_fwd.png,
-# attention_fwd_bwd.png, summary.json. Time limits: install 150 s, each test step 100 s, the sweep
+# attention_fwd_bwd.png, summary.json. Time limits: install 150 s, the GPU tests 100 s, the Triton
+# test files 150 s (hundreds of kernel variants to compile, 8 workers), the sweep
 # what is left of GPU_CHECK_MINUTES (default 8) less 45 s, at most 5 minutes and at least 1.
 # Exit code: 0 when every step passed, else 1.
 set -u -o pipefail
@@ -74,14 +75,15 @@ for n, b in fused_attn.available_backends().items()}))" >> "$LOG" 2>&1
 
 # ---- 2. tests ------------------------------------------------------------------------------------
 PYTEST_ARGS=(-q -p no:cacheprovider -rfE)
-if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 4); fi
+# 8 workers: the Triton files compile hundreds of kernel variants, each on one core (16 here)
+if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout=120); fi
 step tests_gpu 100 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
 # the Triton test files, compiled for this GPU (their *_aot.py twins check compilation on CPU machines)
 TRITON_TESTS=$(ls tests/*triton*.py 2>/dev/null | grep -v -e conftest -e '_aot\.py$' || true)
 if [ -n "$TRITON_TESTS" ]; then
     # shellcheck disable=SC2086 - a list of file names without spaces
-    step tests_triton 100 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" $TRITON_TESTS \
+    step tests_triton 150 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" $TRITON_TESTS \
         --junitxml=/tmp/gpu_check_tests_triton.xml
 else
     echo "=== no tests/*triton*.py files" | tee -a "$LOG"

@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -263,7 +264,12 @@ void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t
   const double unit_flops = 2.0 * BM * pb.Lk * (pb.D + pb.Dv);
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t begin, int64_t end) {
     SequentialBlas sequential_blas;
-    std::vector<T> scores(BM * BN), acc(lse_only ? 0 : BM * pb.Dv), row_max_(BM), row_sum(BM);
+    // Scratch sized to the problem (a decode step needs a few floats, not a full tile) and left
+    // uninitialised: every score is written by the product before it is read, and acc/row_max_/
+    // row_sum are reset per unit.
+    const int64_t tile_m = std::min(BM, pb.Lq), tile_n = std::min(BN, pb.Lk);
+    std::unique_ptr<T[]> scores(new T[tile_m * tile_n]), acc(new T[lse_only ? 0 : tile_m * pb.Dv]);
+    std::vector<T> row_max_(tile_m), row_sum(tile_m);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
       const int64_t b = bh / pb.Hq, h = bh % pb.Hq, hk = h / pb.group();
@@ -273,12 +279,12 @@ void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t
       const T* V = pb.v.at(b, hk);
       std::fill(row_max_.begin(), row_max_.end(), ninf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
-      std::fill(acc.begin(), acc.end(), T(0));
+      if constexpr (!lse_only) std::fill(acc.get(), acc.get() + bm * pb.Dv, T(0));
       // Under the causal rule no row of this block sees keys past its last row.
       const int64_t key_end = pb.causal ? std::min(pb.Lk, i0 + bm) : pb.Lk;
       for (int64_t j0 = 0; j0 < key_end; j0 += BN) {
         const int64_t bn = std::min(BN, key_end - j0);
-        T* S = scores.data();
+        T* S = scores.get();
         gemm_rm<T>(false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K + j0 * pb.k.ld, pb.k.ld, T(0), S, bn);
         for (int64_t r = 0; r < bm; ++r) {
           const int64_t i = i0 + r;
@@ -300,13 +306,13 @@ void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t
           row_sum[r] = row_sum[r] * rescale + tile_sum;
           row_max_[r] = m_new;
           if constexpr (!lse_only) {
-            if (rescale != T(1)) row_scale(acc.data() + r * pb.Dv, pb.Dv, rescale);
+            if (rescale != T(1)) row_scale(acc.get() + r * pb.Dv, pb.Dv, rescale);
             // dropout acts on the normalised probabilities; the normaliser l stays the full sum
             if (dropout) row_dropout(s, s, nv, pb.dropout_key(b, h, i), static_cast<uint32_t>(j0), threshold, inv_keep);
           }
         }
         if constexpr (!lse_only)
-          gemm_rm<T>(false, false, bm, pb.Dv, bn, T(1), S, bn, V + j0 * pb.v.ld, pb.v.ld, T(1), acc.data(), pb.Dv);
+          gemm_rm<T>(false, false, bm, pb.Dv, bn, T(1), S, bn, V + j0 * pb.v.ld, pb.v.ld, T(1), acc.get(), pb.Dv);
       }
       for (int64_t r = 0; r < bm; ++r) {
         const int64_t i = i0 + r;
@@ -316,7 +322,7 @@ void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t
         if constexpr (!lse_only) {
           scalar_t* o = out_data + b * out_strides[0] + h * out_strides[1] + i * out_strides[2];
           const T inv = empty_row ? T(0) : T(1) / row_sum[r];
-          const T* a = acc.data() + r * pb.Dv;
+          const T* a = acc.get() + r * pb.Dv;
           for (int64_t c = 0; c < pb.Dv; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
         }
       }

@@ -208,10 +208,11 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         "hidden": d, "rms": rms, "dropout": dropout_p > 0.0, "residual_in_fp32": residual_in_fp32})
     name = resolve(call, backend)
     # The sum is written out only when returned (prenorm) or needed by a backward.
-    store_summed = prenorm or _needs_grad(x, residual, weight, bias)
+    needs_grad = _needs_grad(x, residual, weight, bias)
+    store_summed = prenorm or needs_grad
     args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator),
             name, store_summed)
-    if _eager_inference(x, residual, weight, bias):
+    if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference
         out, summed = layer_norm_residual_inference(*args)
     else:
         out, summed = LayerNormResidualFunction.apply(*args)

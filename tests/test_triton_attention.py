@@ -317,14 +317,14 @@ def streamed(monkeypatch):
     by construction, on a GPU because TMA_KEY 2 leaves the autotuner only TMA configurations)."""
     monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "on")
     launches = []
-    stream_args = triton_attention._stream_args
+    describe = triton_attention.descriptors
 
-    def spy(a, b, tma):
-        result = stream_args(a, b, tma)
-        launches.append(result[2] == 2)
+    def spy(*tensors, tma=None):
+        result = describe(*tensors, tma=tma)
+        launches.append(result[-1] == 2)
         return result
 
-    monkeypatch.setattr(triton_attention, "_stream_args", spy)
+    monkeypatch.setattr(triton_attention, "descriptors", spy)
     return launches
 
 
@@ -371,7 +371,7 @@ def test_tma_falls_back_to_pointers(dtype, head_dim, device, streamed):
 
 
 def test_stream_descriptor_layouts():
-    make = triton_attention.stream_descriptor
+    from fused_attn.triton._tma import descriptor as make
     t = torch.empty(2, 3, 50, 40, dtype=f16)
     d = make(t)
     assert isinstance(d, triton_attention._DESCRIPTOR_TYPES)
@@ -387,16 +387,18 @@ def test_stream_descriptor_layouts():
                 torch.empty(2, 3, 64, 50, dtype=f16).transpose(2, 3),         # head dim not unit-stride
                 torch.empty(1, 3, 50, 64, dtype=f16).expand(2, 3, 50, 64),    # stride 0 along the batch
                 torch.empty(2 * 3 * 50 * 64 + 1, dtype=f16)[1:].view(2, 3, 50, 64)):  # 2-byte aligned base
-        assert make(bad) is bad
+        assert make(bad) is None
 
 
 def test_tma_mode_setting(monkeypatch):
+    from fused_attn.triton._tma import tma_mode
+
     for value, mode in (("auto", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("OFF", "off")):
         monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", value)
-        assert triton_attention.tma_mode() == mode
+        assert tma_mode() == mode
     monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "sometimes")
     with pytest.raises(ValueError, match="FUSED_ATTN_TRITON_TMA must be one of auto, on, off"):
-        triton_attention.tma_mode()
+        tma_mode()
 
 
 @pytest.mark.gpu

@@ -377,9 +377,9 @@ def test_autotune_prune_with_descriptors(monkeypatch, capability, mode):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", mode)
     t = torch.empty(1, 2, 64, 64, dtype=torch.bfloat16)
-    desc_a, desc_b, tma_key = A._stream_args(t, t, True)
+    desc_a, desc_b, tma_key = A.descriptors(t, t, tma=True)
     assert isinstance(desc_a, A._DESCRIPTOR_TYPES) and tma_key == {"auto": 1, "on": 2}[mode]
-    assert A._stream_args(t, t, False) == (t, t, 0)
+    assert A.descriptors(t, t, tma=False) == (t, t, 0)
     for kernel in KERNELS:
         first, second = A.STREAM_DESCRIPTORS[kernel]
         for hd in (64, 128, 256):

@@ -92,7 +92,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
           using X = std::remove_cv_t<std::remove_pointer_t<decltype(xs)>>;
           int64_t c = 0;
           A total = 0;
-  #if defined(FUSED_ATTN_HAVE_LANES)
+#if defined(FUSED_ATTN_HAVE_LANES)
           if constexpr (kLaneIO<A, X> && kLaneIO<A, res_t> && kLaneIO<A, sum_t>) {
             using L = Lanes<A>;
             auto acc = lanes_splat<A>(0);
@@ -107,7 +107,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
             }
             total = lanes_sum<A>(acc);
           }
-  #endif
+#endif
           for (; c < d; ++c) {
             A v = static_cast<A>(xs[c]);
             if constexpr (kRes) v = v + static_cast<A>(rr[c]);

@@ -41,7 +41,7 @@ float32 inputs use IEEE-precision dots (no TF32), half-precision inputs accumula
 Hopper (sm_90) and newer: the tiles each inner loop streams (K and V in forward and dQ, Q and dO in
 dK/dV) can come through the tensor-memory accelerator instead of per-thread loads (constexpr
 ``STREAM_TMA``): the launcher passes host-side descriptors of the 4-D tensors (any strides that are
-16-byte multiples; ``stream_descriptor``), a configuration's pre-hook sizes their boxes to its
+16-byte multiples; ``_tma.descriptors``), a configuration's pre-hook sizes their boxes to its
 tiles, and a load is ``desc.load([b, h, row, 0])``, zero-filled by the copy engine past the
 sequence and the head dim, so it needs no masks and no address registers. The autotuner times
 these configurations beside the pointer ones and keeps the faster (``FUSED_ATTN_TRITON_TMA``:
@@ -62,7 +62,7 @@ from ..ops_common import empty, new_attention_out
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
 from ._tuning import LAUNCH_OPTIONS, pick
-from ._tma import descriptor, descriptors, tma_mode  # noqa: F401  (tma_mode: part of this module's API)
+from ._tma import descriptors
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -202,7 +202,7 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
               stride_ob, stride_oh, stride_om, stride_od,
               Hq, GROUP, Lq, Lk, qk_scale, keep_scale,
               seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-              LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_stream_args``)
+              LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_tma.descriptors``)
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -716,13 +716,6 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
 
 
-def stream_descriptor(t: torch.Tensor):
-    """A TMA descriptor over the (B, H, L, D) tensor ``t`` (``fused_attn.triton._tma.descriptor``),
-    or ``t`` itself when the copy engine cannot address it."""
-    desc = descriptor(t) if t.dim() == 4 else None
-    return t if desc is None else desc
-
-
 def _descriptor_blocks_hook(kernel: str):
     """The configuration pre-hook that sizes the descriptors' blocks to its tiles: one (1, 1,
     inner rows, padded head dim) box per load."""
@@ -781,7 +774,7 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
     if _interpreting():
         outer, inner = INTERPRETER_CONFIG[kernel]
         named = dict(zip(_KERNELS[kernel].arg_names, args), **constexprs, **{outer_name: outer, inner_name: inner})
-        named["STREAM_TMA"] = isinstance(named[STREAM_DESCRIPTORS[kernel][0]], _DESCRIPTOR_TYPES)
+        named["STREAM_TMA"] = bool(named["TMA_KEY"])  # descriptors were passed
         _descriptor_blocks_hook(kernel)(named)
         _KERNELS[kernel][(triton.cdiv(grid_rows, outer) * heads,)](*args, **constexprs, STREAM_TMA=named["STREAM_TMA"],
                                                                    **{outer_name: outer, inner_name: inner},
@@ -840,11 +833,6 @@ def _common_constexprs(q, v, causal, mask_kind, dropout_p):
                 DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _stream_args(a, b, tma):
-    """(a's descriptor, b's descriptor, TMA_KEY), or (a, b, 0) (``_tma.descriptors``)."""
-    return descriptors(a, b, tma=tma)
-
-
 def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse, tma=None):
     """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT
     tests). K and V go in twice: as pointers and, when TMA is used, as descriptors."""
@@ -852,7 +840,7 @@ def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, 
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
     keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
-    k_desc, v_desc, tma_key = _stream_args(k, v, tma)
+    k_desc, v_desc, tma_key = descriptors(k, v, tma=tma)
     args = (q, k, v, k_desc, v_desc, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
             *out.stride(), Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, keep_scale, *drop, _len_key(Lq), _len_key(Lk),
             tma_key)
@@ -881,8 +869,8 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, sca
     common = _common_constexprs(q, v, causal, mask_kind, dropout_p)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
     tail = (Lq, Lk, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
-    q_desc, do_desc, dkdv_tma = _stream_args(q, dout, tma)
-    k_desc, v_desc, dq_tma = _stream_args(k, v, tma)
+    q_desc, do_desc, dkdv_tma = descriptors(q, dout, tma=tma)
+    k_desc, v_desc, dq_tma = descriptors(k, v, tma=tma)
     dkdv = (q, k, v, q_desc, do_desc, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq,
             *strides, Hq, Hkv, Hq // Hkv, *tail, dkdv_tma)
     dq_args = (q, k, v, k_desc, v_desc, mask, dout, lse, delta, dq, *strides, Hq, Hq // Hkv, *tail, dq_tma)

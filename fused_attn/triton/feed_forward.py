@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ..ops_common import empty
 from ._rng import dropout_args, dropout_keep, dropout_row_key
-from ._tma import DESCRIPTOR_TYPES, descriptor, tma_mode, tma_wanted
+from ._tma import DESCRIPTOR_TYPES, descriptors
 from ._tuning import LAUNCH_OPTIONS, pick
 
 # constexpr codes ------------------------------------------------------------------------------
@@ -405,43 +405,22 @@ def _dropout_args(dropout_p: float, seed: int, offset: int):
 def gemm_descriptors(a, b_km, tma=None):
     """(a_desc, b_desc, B_NK, TMA_KEY) for ``_ffn_gemm``: TMA descriptors of A as (M, K) and of B
     as stored (a weight read transposed is described as its (N, K) self: B_NK), when TMA is wanted
-    (``tma`` None: ``_tma.tma_wanted``) and both can have one; else (a, b_km, False, 0)."""
-    if tma is None:
-        tma = tma_wanted(a)
-    if tma:
-        b_nk = b_km.stride(0) == 1 and b_km.stride(1) != 1
-        a_desc, b_desc = descriptor(a), descriptor(b_km.t() if b_nk else b_km)
-        if a_desc is not None and b_desc is not None:
-            return a_desc, b_desc, b_nk, 2 if tma_mode() == "on" else 1
-    return a, b_km, False, 0
+    and both can have one (``_tma.descriptors``); else (a, b_km, False, 0)."""
+    b_nk = b_km.stride(0) == 1 and b_km.stride(1) != 1
+    a_desc, b_desc, tma_key = descriptors(a, b_km.t() if b_nk else b_km, tma=tma)
+    return (a_desc, b_desc, b_nk, tma_key) if tma_key else (a, b_km, False, 0)
 
 
 def _launch(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None, pre=None, out, h=None,
-            colsum=None, up_offset_b=0, up_col=0, col0=0, dropout=(0.0, 0, 0), tma=None):
+            colsum=None, up_offset_b=0, up_col=0, col0=0, dropout=(0.0, 0, 0)):
     """Launch one ``_ffn_gemm``: ``a`` is (M, K); ``b_km`` is a (K, N) view (any strides)."""
     if M == 0 or N == 0:
         return
-    args, flags = launch_args(a, b_km, M, N, K, epilogue=epilogue, act=act, gated=gated, bias=bias, pre=pre,
-                              out=out, h=h, colsum=colsum, up_offset_b=up_offset_b, up_col=up_col, col0=col0,
-                              dropout=dropout, tma=tma)
-    if _interpreting():
-        cfg = dict(INTERPRETER_CONFIG, AB_TMA=isinstance(args[2], DESCRIPTOR_TYPES))
-        _descriptor_blocks(dict(zip(_ffn_gemm.arg_names, args), **flags, **cfg))
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _ffn_gemm[grid](*args, **flags, **cfg, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _ffn_gemm_tuned[grid](*args, **flags, **LAUNCH_OPTIONS)
-
-
-def launch_args(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None, pre=None, out, h=None,
-                colsum=None, up_offset_b=0, up_col=0, col0=0, dropout=(0.0, 0, 0), tma=None):
-    """(args, constexprs) of one ``_ffn_gemm`` launch (also used by the AOT tests)."""
     dropout_p, seed, offset = dropout
     seed_lo, seed_hi, off, threshold, scale = _dropout_args(dropout_p, seed, offset)
     dummy = out
     colsum_t = colsum if colsum is not None else empty(out, torch.float32)
-    a_desc, b_desc, b_nk, tma_key = gemm_descriptors(a, b_km, tma)
+    a_desc, b_desc, b_nk, tma_key = gemm_descriptors(a, b_km)
     args = (a, b_km, a_desc, b_desc, bias if bias is not None else dummy, pre if pre is not None else dummy, out,
             h if h is not None else dummy, colsum_t,
             M, N, K,
@@ -451,7 +430,14 @@ def launch_args(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=N
             seed_lo, seed_hi, off, threshold, scale, tma_key)
     flags = dict(EPILOGUE=epilogue, ACT=act, GATED=gated, HAS_BIAS=bias is not None or colsum is not None,
                  DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", B_NK=b_nk)
-    return args, flags
+    if _interpreting():
+        cfg = dict(INTERPRETER_CONFIG, AB_TMA=bool(tma_key))
+        _descriptor_blocks(dict(zip(_ffn_gemm.arg_names, args), **flags, **cfg))
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _ffn_gemm[grid](*args, **flags, **cfg, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _ffn_gemm_tuned[grid](*args, **flags, **LAUNCH_OPTIONS)
 
 
 def _colsum_rows(M: int) -> int:

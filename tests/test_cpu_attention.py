@@ -92,8 +92,61 @@ def test_grouped_query(dtype, Hq, Hkv):
 
 
 def test_long_causal_many_blocks():
-    # several forward (512-key) and backward (64 x 128) tiles, a causal diagonal that cuts tiles
+    # several forward (96 x 256, or 256 x 512 with BLAS) and backward (64 x 128) tiles, a causal
+    # diagonal that cuts tiles and register blocks at every offset
     _check(torch.float32, 1, 2, 1, 700, 1100, 32, causal=True)
+
+
+# ---- the two ways to run the tile products ----------------------------------------------------
+# On a CPU with AVX2 + FMA every other test here runs the register-blocked products (the default,
+# FUSED_ATTN_CPU_GEMM unset); these run the hardest cases through BLAS too (the path of float64,
+# of other CPUs, and of FUSED_ATTN_CPU_GEMM=blas|aten), and hold the two to each other.
+
+_GEMM_CASES = {
+    # rows not a multiple of the 6-row register block, keys not a multiple of 16, head dims not a
+    # multiple of 16, several query/key tiles, a causal diagonal at every offset (Lq != Lk)
+    "odd_causal": dict(B=1, Hq=2, Hkv=1, Lq=239, Lk=301, D=59, Dv=40, causal=True),
+    "queries_past_keys": dict(B=2, Hq=4, Hkv=2, Lq=97, Lk=17, D=40, causal=True),
+    "one_query": dict(B=1, Hq=3, Hkv=3, Lq=1, Lk=147, D=16),
+    "mask_dropout": dict(B=1, Hq=2, Hkv=2, Lq=70, Lk=290, D=24, mask=True, dropout_p=0.3),
+}
+
+
+@pytest.mark.parametrize("mode", ["tiles", "blas", "aten"])
+@pytest.mark.parametrize("case", sorted(_GEMM_CASES))
+def test_gemm_modes_meet_the_oracle(monkeypatch, mode, case):
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+    c = dict(_GEMM_CASES[case])
+    mask = None
+    if c.pop("mask", False):
+        mask = make_inputs((c["B"], c["Hq"], 1, c["Lk"]), dtype=torch.float32, seed=9)[0].requires_grad_()
+    _check(torch.float32, c.pop("B"), c.pop("Hq"), c.pop("Hkv"), c.pop("Lq"), c.pop("Lk"), c.pop("D"), mask=mask, **c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_modes_agree(monkeypatch, dtype):
+    """Register-blocked and BLAS products: the same answer to float32 rounding, forward and backward."""
+    q, k, v, dout = make_inputs((2, 4, 131, 72), (2, 2, 150, 72), (2, 2, 150, 72), (2, 4, 131, 72), dtype=dtype, seed=4,
+                                requires_grad=False)
+    mask = torch.randn(2, 1, 131, 150).to(dtype)
+    results = {}
+    for mode in ("tiles", "blas"):
+        monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask.expand(2, 4, 131, 150), True, 0.0, 0.1, 0, 0)
+        grads = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask.expand(2, 4, 131, 150), True, 0.0,
+                                                     0.1, 0, 0, True)
+        results[mode] = (out, lse, *grads)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dmask"], results["tiles"], results["blas"]):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride(), name
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=name)
+
+
+def test_gemm_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "mkl")
+    q, k, v = _good()
+    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_GEMM must be one of tiles, blas, aten; got 'mkl'"):
+        torch.ops.fused_attn_C.attention_fwd(q, k, v, None, False, 0.0, 0.5, 0, 0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

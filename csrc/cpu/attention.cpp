@@ -3,8 +3,8 @@
 //
 // Forward: tiled online-softmax attention (FlashAttention-2's loop). Work is split into units of
 // (batch, query head, block of BLOCK_M queries), spread over threads with at::parallel_for. A unit
-// walks the keys in blocks of BLOCK_N: S = scale * Q K^T (BLAS), mask, running row max m and sum
-// l, P = exp(S - m), O = O * exp(m_old - m_new) + P V (BLAS). At the end out = O / l and
+// walks the keys in blocks of BLOCK_N: S = scale * Q K^T, mask, running row max m and sum
+// l, P = exp(S - m), O = O * exp(m_old - m_new) + P V. At the end out = O / l and
 // lse = m + log l. Only BLOCK_M x BLOCK_N scores exist at any time; no Lq x Lk buffer.
 //
 // Backward recomputes P = exp(S - lse) tile by tile and, with D = rowsum(dO * O):
@@ -19,7 +19,12 @@
 //
 // All arithmetic is in float32 for float16/bfloat16/float32 inputs and in float64 for float64.
 // Half-precision q/k/v are converted to float32 once (O(L * D), not O(L^2)) so that every product
-// runs as an sgemm, the fastest BLAS path on CPUs without native bf16 dot products.
+// runs in float32, the fastest path on CPUs without native bf16 dot products.
+//
+// The tile products: in float32 on CPUs with AVX2 + FMA, register-blocked kernels
+// (attention_tile_gemm.h) over operands laid out once per call as 16-wide panels, which skip the
+// blocks the causal rule makes dead; otherwise (float64, other CPUs, FUSED_ATTN_CPU_GEMM=blas or
+// aten) BLAS calls on the tiles. Both paths share everything else below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -39,29 +44,44 @@
 
 #include "../common/dropout_hash.h"
 #include "attention_rowops.h"
+#include "attention_tile_gemm.h"
 
 namespace fused_attn::cpu_attention {
 namespace {
 
 using at::Tensor;
 
-// Tile sizes. Forward, non-causal: a 256 x 512 score tile (512 KB in float32; with the O
-// accumulator and one K block it about fills a 1 MB L2), the split ATen's own CPU flash kernel
-// uses; the bigger products run nearer MKL's peak (measured here, one thread: 0.90-0.96x SDPA
-// with 128 x 256 tiles, 0.97-1.03x with 256 x 512). Causal: 128 x 256, so that fewer tiles
-// straddle the diagonal (1.3x SDPA against 1.2x with the bigger tiles). Backward keeps three
-// 64 x 128 tiles (S/P, dP, dropped P). The FUSED_ATTN_CPU_{FWD,BWD}_{BM,BN} environment
-// variables override them (read once at load; for tuning on other CPUs).
-int64_t env_int(const char* name, int64_t fallback) {
+// Tile sizes. Two ways to run the tile products (below): register-blocked AVX2 + FMA kernels on
+// operands laid out once per call (attention_tile_gemm.h; float32 compute on CPUs with AVX2 and
+// FMA), or BLAS calls (float64, other CPUs, or FUSED_ATTN_CPU_GEMM=blas).
+//  - Register-blocked: 96 x 256 forward tiles (Q block, K and V panels, scores, accumulator:
+//    ~270 KB at D = 64, in L2), causal or not (dead register blocks above the diagonal are
+//    skipped inside a tile, so smaller causal tiles buy nothing); backward 64 x 128. Other
+//    splits (48-192 x 128-512 forward, 64-192 x 64-256 backward) measured within the noise.
+//  - BLAS, forward non-causal: a 256 x 512 score tile (512 KB in float32; with the O accumulator
+//    and one K block it about fills a 1 MB L2), the split ATen's own CPU flash kernel uses: the
+//    bigger products run nearer MKL's peak (measured here, one thread: 0.90-0.96x SDPA with
+//    128 x 256 tiles, 0.97-1.03x with 256 x 512). Causal: 128 x 256, so that fewer tiles
+//    straddle the diagonal (1.3x SDPA against 1.2x with the bigger tiles). Backward keeps three
+//    64 x 128 tiles (S/P, dP, dropped P).
+// The FUSED_ATTN_CPU_{FWD,BWD}_{BM,BN} environment variables override them (read once at load;
+// for tuning on other CPUs; BN is rounded up to a multiple of 16).
+int64_t env_int(const char* name) {
   const char* s = std::getenv(name);
-  return s ? std::max<int64_t>(1, std::atoll(s)) : fallback;
+  return s ? std::max<int64_t>(1, std::atoll(s)) : 0;
 }
-const int64_t kFwdBlockM = env_int("FUSED_ATTN_CPU_FWD_BM", 256);
-const int64_t kFwdBlockN = env_int("FUSED_ATTN_CPU_FWD_BN", 512);
-const int64_t kFwdCausalBlockM = env_int("FUSED_ATTN_CPU_FWD_BM", 128);
-const int64_t kFwdCausalBlockN = env_int("FUSED_ATTN_CPU_FWD_BN", 256);
-const int64_t kBwdBlockM = env_int("FUSED_ATTN_CPU_BWD_BM", 64);
-const int64_t kBwdBlockN = env_int("FUSED_ATTN_CPU_BWD_BN", 128);
+struct Blocks {
+  int64_t m, n;
+};
+Blocks blocks(const char* env_m, const char* env_n, Blocks fallback) {
+  const int64_t m = env_int(env_m), n = env_int(env_n);
+  return {m ? m : fallback.m, n ? n : fallback.n};
+}
+const Blocks kFwdTileBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {96, 256});
+const Blocks kBwdTileBlocks = blocks("FUSED_ATTN_CPU_BWD_BM", "FUSED_ATTN_CPU_BWD_BN", {64, 128});
+const Blocks kFwdBlasBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {256, 512});
+const Blocks kFwdBlasCausalBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {128, 256});
+const Blocks kBwdBlasBlocks = blocks("FUSED_ATTN_CPU_BWD_BM", "FUSED_ATTN_CPU_BWD_BN", {64, 128});
 
 // ---- BLAS -------------------------------------------------------------------------------------
 //
@@ -106,12 +126,30 @@ inline int64_t grain_for(double flops_per_unit) {
   return std::max<int64_t>(1, static_cast<int64_t>(kMinChunkFlops / std::max(flops_per_unit, 1.0)));
 }
 
-bool use_fortran_blas() {
-  static const bool use = [] {
-    const char* s = std::getenv("FUSED_ATTN_CPU_GEMM");
-    return sgemm_ != nullptr && dgemm_ != nullptr && !(s && std::string(s) == "aten");
-  }();
-  return use;
+// FUSED_ATTN_CPU_GEMM picks how the tile products run: unset (or "tiles"), the register-blocked
+// kernels for float32 compute where the CPU has AVX2 + FMA (BLAS otherwise); "blas", BLAS through
+// its Fortran entry points; "aten", BLAS through at::addmm. Read at every call (a getenv, against
+// milliseconds of work), so a benchmark or a test can compare the paths in one process; anything
+// else is an error naming the variable.
+enum class GemmMode { tiles, blas, aten };
+GemmMode gemm_mode() {
+  const char* s = std::getenv("FUSED_ATTN_CPU_GEMM");
+  const std::string mode = s ? s : "tiles";
+  if (mode == "tiles" || mode.empty()) return GemmMode::tiles;
+  if (mode == "blas") return GemmMode::blas;
+  if (mode == "aten") return GemmMode::aten;
+  TORCH_CHECK(false, "FUSED_ATTN_CPU_GEMM must be one of tiles, blas, aten; got '", mode, "'");
+}
+
+// BLAS through its Fortran entry points, when torch exports them and the mode is not "aten".
+bool use_fortran_blas(GemmMode mode) { return sgemm_ != nullptr && dgemm_ != nullptr && mode != GemmMode::aten; }
+
+bool use_tile_kernels(GemmMode mode) {
+#if defined(FUSED_ATTN_AVX2_CLONES)
+  return mode == GemmMode::tiles && fused_attn::cpu::cpu_has_avx2_fma();
+#else
+  return false;
+#endif
 }
 
 inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
@@ -138,7 +176,7 @@ Tensor tile_view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans)
 // column-major, and a row-major matrix is its column-major transpose, so this computes
 // C^T = op(B)^T op(A)^T with the operands swapped.
 template <typename T>
-void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+void gemm_rm(bool fortran, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
              const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {  // BLAS would only scale C; do it here rather than rely on every BLAS's k = 0 path
@@ -146,7 +184,7 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alph
       for (int64_t c = 0; c < N; ++c) C[r * ldc + c] = beta == T(0) ? T(0) : beta * C[r * ldc + c];
     return;
   }
-  if (use_fortran_blas()) {
+  if (fortran) {
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     fortran_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
@@ -192,6 +230,96 @@ Matrices<T> matrices(const Tensor& t) {
   return m;
 }
 
+// ---- operands of the register-blocked products -----------------------------------------------
+//
+// A B operand is read 16 columns at a time, one row per step of the inner dimension. Read in
+// place from a (L, D) row matrix, those rows sit D floats apart: a power-of-two stride that maps
+// a 16-column panel onto a few L1 sets, so a panel of a few hundred rows thrashed L1 (measured:
+// a quarter of the P V product's samples on one load). So every B operand is laid out once per
+// call (O(L * D) work against the O(L^2 * D) of the products) as contiguous 16-wide panels, zero
+// past the matrix's edge:
+//  - key panels, for the products whose columns are keys (S = Q K^T, dP = dO V^T): per (b, h),
+//    [L16 / 16][D][16] = 16 keys side by side for each head-dim index (panels of K^T);
+//  - column panels, for the products whose inner dimension runs along the matrix's rows
+//    (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K): per (b, h), [D16 / 16][L][16].
+// Half-precision inputs are converted to float32 on the way, so they cost no extra copy. A
+// operands (broadcast one element at a time) are read in place.
+
+using tile_gemm::PanelB;
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// A (B, H, L, D) tensor laid out as float32 panels, contiguous (B, H, n_panels, rows, 16).
+struct Panels {
+  Tensor storage;
+  const float* data = nullptr;
+  int64_t stride_h = 0, stride_b = 0, panel_stride = 0;
+  // key panels: the panels from key j0 (a multiple of 16) on
+  PanelB keys_from(int64_t b, int64_t h, int64_t j0) const {
+    return {data + b * stride_b + h * stride_h + j0 / 16 * panel_stride, panel_stride, 16};
+  }
+  // column panels: every column, from row i0 on
+  PanelB rows_from(int64_t b, int64_t h, int64_t i0) const {
+    return {data + b * stride_b + h * stride_h + i0 * 16, panel_stride, 16};
+  }
+};
+
+// keys = true: key panels of t; false: its column panels (see above).
+template <typename scalar_t>
+Panels make_panels(const Tensor& t, bool keys) {
+  const int64_t B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
+  // panel p, row r, lane c holds t[b, h, row, col] with (row, col) = keys ? (16 p + c, r) : (r, 16 p + c)
+  const int64_t n_panels = (keys ? round16(L) : round16(D)) / 16, rows = keys ? D : L;
+  Panels out;
+  out.storage = at::empty({B, H, n_panels, rows, 16}, t.options().dtype(at::kFloat));
+  out.data = out.storage.const_data_ptr<float>();
+  out.panel_stride = rows * 16;
+  out.stride_h = n_panels * out.panel_stride;
+  out.stride_b = H * out.stride_h;
+  const scalar_t* src = t.const_data_ptr<scalar_t>();
+  float* dst = out.storage.data_ptr<float>();
+  const int64_t sb = t.stride(0), sh = t.stride(1), sl = t.stride(2), sd = t.stride(3);
+  const int64_t panel_floats = std::max<int64_t>(out.panel_stride, 1);
+  at::parallel_for(0, B * H * n_panels, std::max<int64_t>(1, (1 << 16) / panel_floats), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bh = u / n_panels, p = u % n_panels;
+      const scalar_t* base = src + (bh / H) * sb + (bh % H) * sh;
+      float* panel = dst + u * out.panel_stride;
+      if (keys) {  // lane c <- key 16 p + c: one source row per lane
+        for (int64_t c = 0; c < 16; ++c) {
+          const int64_t row = 16 * p + c;
+          if (row >= L) {
+            for (int64_t r = 0; r < rows; ++r) panel[r * 16 + c] = 0.f;
+            continue;
+          }
+          const scalar_t* src_row = base + row * sl;
+          for (int64_t r = 0; r < rows; ++r) panel[r * 16 + c] = static_cast<float>(src_row[r * sd]);
+        }
+      } else {  // row r <- columns 16 p .. 16 p + 15 of source row r
+        const int64_t width = std::min<int64_t>(16, D - 16 * p);
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t* src_cols = base + r * sl + 16 * p * sd;
+          float* dst_row = panel + r * 16;
+          for (int64_t c = 0; c < width; ++c) dst_row[c] = static_cast<float>(src_cols[c * sd]);
+          for (int64_t c = width; c < 16; ++c) dst_row[c] = 0.f;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Everything the register-blocked products read besides Problem's A-operand rows.
+struct TileOperands {
+  Panels k_keys;     // S = Q K^T
+  Panels v_columns;  // O += P V (forward)
+  // backward
+  Panels v_keys;       // dP = dO V^T
+  Panels dout_columns; // dV += P^T dO
+  Panels q_columns;    // dK += dS^T Q
+  Panels k_columns;    // dQ += dS K
+};
+
 // The attention mask as a strided (B, Hq, Lq, Lk) view: bool (true = attend) or additive in
 // the input dtype `scalar_t`.
 struct MaskView {
@@ -209,6 +337,7 @@ struct Problem {
   T scale;
   double dropout_p;
   uint64_t seed, offset;
+  bool fortran_blas = false;  // BLAS products through sgemm_/dgemm_ rather than at::addmm
 
   int64_t group() const { return Hq / Hkv; }
   // Keys a query row may see under the causal rule, within a tile starting at key j0.
@@ -249,17 +378,22 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Writes out (rows of `out_data` with the given strides, unless lse_only) and lse (contiguous
 // (B, Hq, Lq) of type LseT). lse_only computes the log-sum-exp alone (used by the float64
-// backward to get it in full precision).
-template <typename T, typename scalar_t, typename LseT, bool lse_only>
-void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t, 3> out_strides, LseT* lse) {
-  const int64_t BM = pb.causal ? kFwdCausalBlockM : kFwdBlockM;
-  const int64_t BN = pb.causal ? kFwdCausalBlockN : kFwdBlockN;
+// backward to get it in full precision). tiles: the products run as register-blocked kernels
+// (float32 only; they read pb's q rows and `ops`' panels), else as BLAS calls.
+template <typename T, typename scalar_t, typename LseT, bool lse_only, bool tiles>
+void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out_data,
+                    std::array<int64_t, 3> out_strides, LseT* lse) {
+  static_assert(!tiles || std::is_same_v<T, float>, "the register-blocked products are float32");
+  const Blocks blk = tiles ? kFwdTileBlocks : pb.causal ? kFwdBlasCausalBlocks : kFwdBlasBlocks;
+  const int64_t BM = blk.m, BN = tiles ? round16(blk.n) : blk.n;
   const int64_t n_qblocks = ceil_div(pb.Lq, BM);
   const int64_t units = pb.B * pb.Hq * n_qblocks;
   const T ninf = -std::numeric_limits<T>::infinity();
   const uint32_t threshold = fused_attn::dropout_threshold(pb.dropout_p);
   const T inv_keep = static_cast<T>(1.0 / (1.0 - pb.dropout_p));
   const bool dropout = pb.dropout_p > 0.0;
+  // the accumulator's row: the register-blocked P V writes whole 16-column panels
+  const int64_t acc_ld = tiles ? round16(pb.Dv) : pb.Dv;
 
   const double unit_flops = 2.0 * BM * pb.Lk * (pb.D + pb.Dv);
   at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t begin, int64_t end) {
@@ -267,28 +401,39 @@ void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t
     // Scratch sized to the problem (a decode step needs a few floats, not a full tile) and left
     // uninitialised: every score is written by the product before it is read, and acc/row_max_/
     // row_sum are reset per unit.
-    const int64_t tile_m = std::min(BM, pb.Lq), tile_n = std::min(BN, pb.Lk);
-    std::unique_ptr<T[]> scores(new T[tile_m * tile_n]), acc(new T[lse_only ? 0 : tile_m * pb.Dv]);
+    const int64_t tile_m = std::min(BM, pb.Lq), tile_n = std::min(BN, tiles ? round16(pb.Lk) : pb.Lk);
+    std::unique_ptr<T[]> scores(new T[tile_m * tile_n]), acc(new T[lse_only ? 0 : tile_m * acc_ld]);
     std::vector<T> row_max_(tile_m), row_sum(tile_m);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
       const int64_t b = bh / pb.Hq, h = bh % pb.Hq, hk = h / pb.group();
       const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
       const T* Q = pb.q.at(b, h) + i0 * pb.q.ld;
-      const T* K = pb.k.at(b, hk);
-      const T* V = pb.v.at(b, hk);
       std::fill(row_max_.begin(), row_max_.end(), ninf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
-      if constexpr (!lse_only) std::fill(acc.get(), acc.get() + bm * pb.Dv, T(0));
+      if constexpr (!lse_only) std::fill(acc.get(), acc.get() + bm * acc_ld, T(0));
       // Under the causal rule no row of this block sees keys past its last row.
       const int64_t key_end = pb.causal ? std::min(pb.Lk, i0 + bm) : pb.Lk;
       for (int64_t j0 = 0; j0 < key_end; j0 += BN) {
         const int64_t bn = std::min(BN, key_end - j0);
+        // scores row stride: the register-blocked product writes whole 16-key panels
+        const int64_t lds = tiles ? round16(bn) : bn;
         T* S = scores.get();
-        gemm_rm<T>(false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K + j0 * pb.k.ld, pb.k.ld, T(0), S, bn);
+#if defined(FUSED_ATTN_AVX2_CLONES)
+        if constexpr (tiles) {
+          // blocks above the diagonal are skipped (left unwritten: the row loop never reads them)
+          tile_gemm::product<false, false>(bm, lds, pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), S, lds, pb.scale,
+                                           pb.causal ? tile_gemm::Causal::key_columns : tile_gemm::Causal::none,
+                                           i0 - j0);
+        } else
+#endif
+        {
+          const T* K = pb.k.at(b, hk) + j0 * pb.k.ld;
+          gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), S, bn);
+        }
         for (int64_t r = 0; r < bm; ++r) {
           const int64_t i = i0 + r;
-          T* s = S + r * bn;
+          T* s = S + r * lds;
           const int64_t nv = pb.visible(i, j0, bn);
           if (pb.mask) apply_mask_row<T, scalar_t>(s, nv, *pb.mask, b, h, i, j0);
           T tile_max = row_max(s, nv);
@@ -306,13 +451,24 @@ void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t
           row_sum[r] = row_sum[r] * rescale + tile_sum;
           row_max_[r] = m_new;
           if constexpr (!lse_only) {
-            if (rescale != T(1)) row_scale(acc.get() + r * pb.Dv, pb.Dv, rescale);
+            if (rescale != T(1)) row_scale(acc.get() + r * acc_ld, acc_ld, rescale);
             // dropout acts on the normalised probabilities; the normaliser l stays the full sum
             if (dropout) row_dropout(s, s, nv, pb.dropout_key(b, h, i), static_cast<uint32_t>(j0), threshold, inv_keep);
           }
         }
-        if constexpr (!lse_only)
-          gemm_rm<T>(false, false, bm, pb.Dv, bn, T(1), S, bn, V + j0 * pb.v.ld, pb.v.ld, T(1), acc.get(), pb.Dv);
+        if constexpr (!lse_only) {
+#if defined(FUSED_ATTN_AVX2_CLONES)
+          if constexpr (tiles) {
+            tile_gemm::product<false, true>(bm, acc_ld, bn, S, lds, ops->v_columns.rows_from(b, hk, j0), acc.get(), acc_ld,
+                                            1.f, pb.causal ? tile_gemm::Causal::key_inner : tile_gemm::Causal::none,
+                                            i0 - j0);
+          } else
+#endif
+          {
+            const T* V = pb.v.at(b, hk) + j0 * pb.v.ld;
+            gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.Dv, bn, T(1), S, bn, V, pb.v.ld, T(1), acc.get(), pb.Dv);
+          }
+        }
       }
       for (int64_t r = 0; r < bm; ++r) {
         const int64_t i = i0 + r;
@@ -322,7 +478,7 @@ void forward_kernel(const Problem<T>& pb, scalar_t* out_data, std::array<int64_t
         if constexpr (!lse_only) {
           scalar_t* o = out_data + b * out_strides[0] + h * out_strides[1] + i * out_strides[2];
           const T inv = empty_row ? T(0) : T(1) / row_sum[r];
-          const T* a = acc.get() + r * pb.Dv;
+          const T* a = acc.get() + r * acc_ld;
           for (int64_t c = 0; c < pb.Dv; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
         }
       }
@@ -337,40 +493,64 @@ struct Grads {
   Matrices<T> dout;
   const T* lse;    // (B, Hq, Lq) contiguous
   const T* delta;  // rowsum(dO * O), (B, Hq, Lq) contiguous
-  T* dq;           // accumulators, contiguous (B, H, L, D) in T
-  T* dk;
+  T* dq;           // accumulators, contiguous (B, H, L, width) in T; the width is D (Dv for dv),
+  T* dk;           // rounded up to a multiple of 16 for the register-blocked products
   T* dv;
+  int64_t dq_ld, dk_ld, dv_ld;
 };
 
-// One tile of queries [i0, i0 + bm) of head h against keys [j0, j0 + bn) of its kv head.
-template <typename T, typename scalar_t>
+// One tile of queries [i0, i0 + bm) of head h against keys [j0, j0 + bn) of its kv head. tiles:
+// register-blocked products (A operands from pb's q rows and g.dout, B operands from `ops`'
+// panels), else BLAS.
+template <typename T, typename scalar_t, bool tiles>
 struct BackwardTile {
   const Problem<T>& pb;
   const Grads<T>& g;
+  const TileOperands* ops;
   scalar_t* dmask;  // contiguous (B, Hq, Lq, Lk), or null
+  int64_t ld;       // row stride of the tiles below
   std::vector<T> p, dp, p_drop;
 
-  BackwardTile(const Problem<T>& pb_, const Grads<T>& g_, scalar_t* dmask_)
-      : pb(pb_), g(g_), dmask(dmask_), p(kBwdBlockM * kBwdBlockN), dp(kBwdBlockM * kBwdBlockN),
-        p_drop(pb_.dropout_p > 0.0 ? kBwdBlockM * kBwdBlockN : 0) {}
+  static Blocks tile_blocks() { return tiles ? Blocks{kBwdTileBlocks.m, round16(kBwdTileBlocks.n)} : kBwdBlasBlocks; }
+
+  BackwardTile(const Problem<T>& pb_, const Grads<T>& g_, const TileOperands* ops_, scalar_t* dmask_)
+      : pb(pb_), g(g_), ops(ops_), dmask(dmask_), ld(tile_blocks().n),
+        p(tile_blocks().m * ld), dp(tile_blocks().m * ld), p_drop(pb_.dropout_p > 0.0 ? tile_blocks().m * ld : 0) {}
 
   void run(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool want_dkdv, bool want_dq) {
+    using tile_gemm::Causal;
     const int64_t hk = h / pb.group();
     const T* Q = pb.q.at(b, h) + i0 * pb.q.ld;
-    const T* K = pb.k.at(b, hk) + j0 * pb.k.ld;
-    const T* V = pb.v.at(b, hk) + j0 * pb.v.ld;
+    // K and V rows for BLAS (the register-blocked products read `ops`' panels instead)
+    [[maybe_unused]] const T* K = tiles ? nullptr : pb.k.at(b, hk) + j0 * pb.k.ld;
+    [[maybe_unused]] const T* V = tiles ? nullptr : pb.v.at(b, hk) + j0 * pb.v.ld;
     const T* dO = g.dout.at(b, h) + i0 * g.dout.ld;
     const int64_t row0 = (b * pb.Hq + h) * pb.Lq + i0;
     const bool dropout = pb.dropout_p > 0.0;
     const uint32_t threshold = fused_attn::dropout_threshold(pb.dropout_p);
     const T inv_keep = static_cast<T>(1.0 / (1.0 - pb.dropout_p));
+    // causal pruning of the register-blocked products (first query - first key)
+    [[maybe_unused]] const int64_t diag = i0 - j0;
+    [[maybe_unused]] const auto skip = [&](Causal c) { return pb.causal ? c : Causal::none; };
+    T* dK = g.dk + ((b * pb.Hkv + hk) * pb.Lk + j0) * g.dk_ld;
+    T* dV = g.dv + ((b * pb.Hkv + hk) * pb.Lk + j0) * g.dv_ld;
+    T* dQ = g.dq + row0 * g.dq_ld;
 
-    // P = exp(scale * Q K^T + mask - lse), zero where masked (lse = +inf on empty rows gives 0)
+    // P = exp(scale * Q K^T + mask - lse), zero where masked (lse = +inf on empty rows gives 0).
+    // Register-blocked: score blocks above the diagonal are not computed; the row loop zeroes them.
     T* P = p.data();
-    gemm_rm<T>(false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), P, bn);
+#if defined(FUSED_ATTN_AVX2_CLONES)
+    if constexpr (tiles) {
+      tile_gemm::product<false, false>(bm, round16(bn), pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), P, ld, pb.scale,
+                                       skip(Causal::key_columns), diag);
+    } else
+#endif
+    {
+      gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), P, ld);
+    }
     for (int64_t r = 0; r < bm; ++r) {
       const int64_t i = i0 + r;
-      T* s = P + r * bn;
+      T* s = P + r * ld;
       const int64_t nv = pb.visible(i, j0, bn);
       if (pb.mask) apply_mask_row<T, scalar_t>(s, nv, *pb.mask, b, h, i, j0);
       row_exp_sum(s, nv, g.lse[row0 + r]);
@@ -378,43 +558,75 @@ struct BackwardTile {
     }
     // dP = dO V^T, then the dropout mask on both P (for dV) and dP
     T* dP = dp.data();
-    gemm_rm<T>(false, true, bm, bn, pb.Dv, T(1), dO, g.dout.ld, V, pb.v.ld, T(0), dP, bn);
+#if defined(FUSED_ATTN_AVX2_CLONES)
+    if constexpr (tiles) {
+      tile_gemm::product<false, false>(bm, round16(bn), pb.Dv, dO, g.dout.ld, ops->v_keys.keys_from(b, hk, j0), dP, ld, 1.f,
+                                       skip(Causal::key_columns), diag);
+      if (pb.causal)  // skipped blocks hold garbage; dS = P * (dP - D) must see finite values there
+        for (int64_t r = 0; r < bm; ++r) std::fill(dP + r * ld + pb.visible(i0 + r, j0, bn), dP + r * ld + bn, T(0));
+    } else
+#endif
+    {
+      gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.Dv, T(1), dO, g.dout.ld, V, pb.v.ld, T(0), dP, ld);
+    }
     const T* P_used = P;
     if (dropout) {
       for (int64_t r = 0; r < bm; ++r) {
         const uint32_t key = pb.dropout_key(b, h, i0 + r);
-        row_dropout(P + r * bn, p_drop.data() + r * bn, bn, key, static_cast<uint32_t>(j0), threshold, inv_keep);
-        row_dropout(dP + r * bn, dP + r * bn, bn, key, static_cast<uint32_t>(j0), threshold, inv_keep);
+        row_dropout(P + r * ld, p_drop.data() + r * ld, bn, key, static_cast<uint32_t>(j0), threshold, inv_keep);
+        row_dropout(dP + r * ld, dP + r * ld, bn, key, static_cast<uint32_t>(j0), threshold, inv_keep);
       }
       P_used = p_drop.data();
     }
-    if (want_dkdv) {
-      T* dV = g.dv + ((b * pb.Hkv + hk) * pb.Lk + j0) * pb.Dv;
-      gemm_rm<T>(true, false, bn, pb.Dv, bm, T(1), P_used, bn, dO, g.dout.ld, T(1), dV, pb.Dv);
+    if (want_dkdv) {  // dV += P_drop^T dO
+#if defined(FUSED_ATTN_AVX2_CLONES)
+      if constexpr (tiles) {
+        tile_gemm::product<true, true>(bn, g.dv_ld, bm, P_used, ld, ops->dout_columns.rows_from(b, h, i0), dV, g.dv_ld, 1.f,
+                                       skip(Causal::query_inner), diag);
+      } else
+#endif
+      {
+        gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.Dv, bm, T(1), P_used, ld, dO, g.dout.ld, T(1), dV, g.dv_ld);
+      }
     }
     // dS = P * (dP - delta), in place in dP
-    for (int64_t r = 0; r < bm; ++r) row_softmax_bwd(P + r * bn, dP + r * bn, bn, g.delta[row0 + r]);
+    for (int64_t r = 0; r < bm; ++r) row_softmax_bwd(P + r * ld, dP + r * ld, bn, g.delta[row0 + r]);
     if (dmask) {
       for (int64_t r = 0; r < bm; ++r) {
         scalar_t* dm = dmask + (row0 + r) * pb.Lk + j0;
-        const T* ds = dP + r * bn;
+        const T* ds = dP + r * ld;
         for (int64_t c = 0; c < bn; ++c) dm[c] = static_cast<scalar_t>(ds[c]);
       }
     }
-    if (want_dkdv) {
-      T* dK = g.dk + ((b * pb.Hkv + hk) * pb.Lk + j0) * pb.D;
-      gemm_rm<T>(true, false, bn, pb.D, bm, pb.scale, dP, bn, Q, pb.q.ld, T(1), dK, pb.D);
+    if (want_dkdv) {  // dK += scale * dS^T Q
+#if defined(FUSED_ATTN_AVX2_CLONES)
+      if constexpr (tiles) {
+        tile_gemm::product<true, true>(bn, g.dk_ld, bm, dP, ld, ops->q_columns.rows_from(b, h, i0), dK, g.dk_ld, pb.scale,
+                                       skip(Causal::query_inner), diag);
+      } else
+#endif
+      {
+        gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.D, bm, pb.scale, dP, ld, Q, pb.q.ld, T(1), dK, g.dk_ld);
+      }
     }
-    if (want_dq) {
-      T* dQ = g.dq + row0 * pb.D;
-      gemm_rm<T>(false, false, bm, pb.D, bn, pb.scale, dP, bn, K, pb.k.ld, T(1), dQ, pb.D);
+    if (want_dq) {  // dQ += scale * dS K
+#if defined(FUSED_ATTN_AVX2_CLONES)
+      if constexpr (tiles) {
+        tile_gemm::product<false, true>(bm, g.dq_ld, bn, dP, ld, ops->k_columns.rows_from(b, hk, j0), dQ, g.dq_ld, pb.scale,
+                                        skip(Causal::key_inner), diag);
+      } else
+#endif
+      {
+        gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.D, bn, pb.scale, dP, ld, K, pb.k.ld, T(1), dQ, g.dq_ld);
+      }
     }
   }
 };
 
-template <typename T, typename scalar_t>
-void backward_kernel(const Problem<T>& pb, const Grads<T>& g, scalar_t* dmask) {
-  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+template <typename T, typename scalar_t, bool tiles>
+void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands* ops, scalar_t* dmask) {
+  using Tile = BackwardTile<T, scalar_t, tiles>;
+  const int64_t BM = Tile::tile_blocks().m, BN = Tile::tile_blocks().n;
   const int64_t n_qblocks = ceil_div(pb.Lq, BM), n_kblocks = ceil_div(pb.Lk, BN);
   const int64_t G = pb.group();
   const int64_t threads = at::get_num_threads();
@@ -427,7 +639,7 @@ void backward_kernel(const Problem<T>& pb, const Grads<T>& g, scalar_t* dmask) {
   if (per_head) {
     at::parallel_for(0, kv_heads, grain_for(tile_flops * G * n_qblocks * n_kblocks), [&](int64_t begin, int64_t end) {
       SequentialBlas sequential_blas;
-      BackwardTile<T, scalar_t> tile(pb, g, dmask);
+      Tile tile(pb, g, ops, dmask);
       for (int64_t u = begin; u < end; ++u) {
         const int64_t b = u / pb.Hkv, hk = u % pb.Hkv;
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
@@ -444,7 +656,7 @@ void backward_kernel(const Problem<T>& pb, const Grads<T>& g, scalar_t* dmask) {
   // pass 1: dK, dV by key blocks
   at::parallel_for(0, kv_heads * n_kblocks, grain_for(tile_flops * G * n_qblocks), [&](int64_t begin, int64_t end) {
     SequentialBlas sequential_blas;
-    BackwardTile<T, scalar_t> tile(pb, g, nullptr);
+    Tile tile(pb, g, ops, nullptr);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bhk = u / n_kblocks, kb = zigzag(u % n_kblocks, n_kblocks);
       const int64_t b = bhk / pb.Hkv, hk = bhk % pb.Hkv;
@@ -461,7 +673,7 @@ void backward_kernel(const Problem<T>& pb, const Grads<T>& g, scalar_t* dmask) {
   // pass 2: dQ (and dmask) by query blocks
   at::parallel_for(0, pb.B * pb.Hq * n_qblocks, grain_for(tile_flops * n_kblocks), [&](int64_t begin, int64_t end) {
     SequentialBlas sequential_blas;
-    BackwardTile<T, scalar_t> tile(pb, g, dmask);
+    Tile tile(pb, g, ops, dmask);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
       const int64_t b = bh / pb.Hq, h = bh % pb.Hq;
@@ -511,10 +723,13 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   }
 }
 
+// Shapes and options of the call, from the inputs as given; the rows the kernels read are set
+// by with_rows.
 template <typename T>
 Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
-                        bool causal, double dropout_p, double scale, int64_t seed, int64_t offset) {
+                        bool causal, double dropout_p, double scale, int64_t seed, int64_t offset, GemmMode mode) {
   Problem<T> pb;
+  pb.fortran_blas = use_fortran_blas(mode);
   pb.B = q.size(0);
   pb.Hq = q.size(1);
   pb.Lq = q.size(2);
@@ -522,9 +737,6 @@ Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const
   pb.Hkv = k.size(1);
   pb.Lk = k.size(2);
   pb.Dv = v.size(3);
-  pb.q = matrices<T>(q);
-  pb.k = matrices<T>(k);
-  pb.v = matrices<T>(v);
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& m = *attn_mask;
     pb.mask = MaskView{m.const_data_ptr(), m.scalar_type() == at::kBool, m.stride(0), m.stride(1), m.stride(2),
@@ -538,6 +750,78 @@ Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const
   return pb;
 }
 
+// The q/k/v rows the kernels read, in the accumulation dtype (a path that does not read some of
+// them passes an undefined tensor).
+template <typename T>
+Problem<T> with_rows(Problem<T> pb, const Tensor& q_rows, const Tensor& k_rows, const Tensor& v_rows) {
+  if (q_rows.defined()) pb.q = matrices<T>(q_rows);
+  if (k_rows.defined()) pb.k = matrices<T>(k_rows);
+  if (v_rows.defined()) pb.v = matrices<T>(v_rows);
+  return pb;
+}
+
+// The float32 forward with the register-blocked products, when they are in use; false otherwise.
+template <typename scalar_t, typename acc_t>
+bool forward_with_tiles(GemmMode mode, const Problem<acc_t>& shape, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                        Tensor& lse) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return false;
+  } else {
+    if (!use_tile_kernels(mode)) return false;
+    TileOperands ops;
+    ops.k_keys = make_panels<scalar_t>(k, true);
+    ops.v_columns = make_panels<scalar_t>(v, false);
+    const Tensor q_rows = as_blas_operand(q, at::kFloat);
+    const Problem<float> pb = with_rows(shape, q_rows, Tensor(), Tensor());
+    forward_kernel<float, scalar_t, float, false, true>(pb, &ops, out.data_ptr<scalar_t>(),
+                                                        {out.stride(0), out.stride(1), out.stride(2)},
+                                                        lse.data_ptr<float>());
+    return true;
+  }
+}
+
+// A gradient accumulator (B, H, L, width >= cols) returned as its first cols columns, contiguous,
+// in the input dtype.
+Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
+  Tensor g = grad_acc.narrow(3, 0, cols).to(dtype);
+  return g.is_contiguous() ? g : g.contiguous();
+}
+
+// The float32 backward with the register-blocked products, when they are in use; false otherwise.
+template <typename scalar_t, typename acc_t>
+bool backward_with_tiles(GemmMode mode, const Problem<acc_t>& shape, const Tensor& dout, const Tensor& q, const Tensor& k,
+                         const Tensor& v, const Tensor& out, const Tensor& lse, scalar_t* dmask, Tensor& dq,
+                         Tensor& dk, Tensor& dv) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return false;
+  } else {
+    if (!use_tile_kernels(mode)) return false;
+    TileOperands ops;
+    ops.k_keys = make_panels<scalar_t>(k, true);
+    ops.v_keys = make_panels<scalar_t>(v, true);
+    ops.dout_columns = make_panels<scalar_t>(dout, false);
+    ops.q_columns = make_panels<scalar_t>(q, false);
+    ops.k_columns = make_panels<scalar_t>(k, false);
+    const Tensor q_rows = as_blas_operand(q, at::kFloat), dout_rows = as_blas_operand(dout, at::kFloat);
+    const Problem<float> pb = with_rows(shape, q_rows, Tensor(), Tensor());
+    const int64_t D = shape.D, Dv = shape.Dv, D16 = round16(D), Dv16 = round16(Dv);
+    // delta = rowsum(dO * O), as in the BLAS path below
+    const Tensor delta = at::sum(dout_rows * out.to(at::kFloat), {-1}).contiguous();
+    const Tensor lse_rows = lse.contiguous();
+    const auto opts = q.options().dtype(at::kFloat);
+    Tensor dq_acc = at::zeros({shape.B, shape.Hq, shape.Lq, D16}, opts);
+    Tensor dk_acc = at::zeros({shape.B, shape.Hkv, shape.Lk, D16}, opts);
+    Tensor dv_acc = at::zeros({shape.B, shape.Hkv, shape.Lk, Dv16}, opts);
+    Grads<float> g{matrices<float>(dout_rows), lse_rows.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                   dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(), dv_acc.data_ptr<float>(), D16, D16, Dv16};
+    backward_kernel<float, scalar_t, true>(pb, g, &ops, dmask);
+    dq = finish_grad(dq_acc, D, q.scalar_type());
+    dk = finish_grad(dk_acc, D, q.scalar_type());
+    dv = finish_grad(dv_acc, Dv, q.scalar_type());
+    return true;
+  }
+}
+
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& attn_mask, bool causal, double dropout_p,
                                              double scale, int64_t seed, int64_t offset) {
@@ -546,14 +830,18 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   Tensor out = at::empty({B, Lq, Hq, Dv}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const GemmMode mode = gemm_mode();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, mode);
+    const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
+    if (forward_with_tiles<scalar_t>(mode, shape, q, k, v, out, lse)) return;
+    // named: pb points into them
     const Tensor qa = as_blas_operand(q, acc), ka = as_blas_operand(k, acc), va = as_blas_operand(v, acc);
-    const Problem<acc_t> pb = make_problem<acc_t>(qa, ka, va, attn_mask, causal, dropout_p, scale, seed, offset);
-    forward_kernel<acc_t, scalar_t, float, false>(pb, out.data_ptr<scalar_t>(),
-                                                  {out.stride(0), out.stride(1), out.stride(2)},
-                                                  lse.data_ptr<float>());
+    const Problem<acc_t> pb = with_rows(shape, qa, ka, va);
+    forward_kernel<acc_t, scalar_t, float, false, false>(pb, nullptr, out.data_ptr<scalar_t>(), out_strides,
+                                                         lse.data_ptr<float>());
   });
   return {out, lse};
 }
@@ -583,12 +871,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
 
   Tensor dmask = mask_grad ? at::zeros({B, Hq, Lq, Lk}, q.options()) : at::empty({0}, q.options());
   Tensor dq, dk, dv;
+  const GemmMode mode = gemm_mode();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, mode);
+    scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
+    const int64_t D = q.size(3);
+    if (backward_with_tiles<scalar_t>(mode, shape, dout, q, k, v, out, lse, dmask_data, dq, dk, dv)) return;
     const Tensor qa = as_blas_operand(q, acc), ka = as_blas_operand(k, acc), va = as_blas_operand(v, acc);
     const Tensor dout_a = as_blas_operand(dout, acc);
-    const Problem<acc_t> pb = make_problem<acc_t>(qa, ka, va, attn_mask, causal, dropout_p, scale, seed, offset);
+    const Problem<acc_t> pb = with_rows(shape, qa, ka, va);
     // delta = rowsum(dO * O): the softmax backward's correction (with dropout too: O is the
     // dropped output, and sum_j P_drop dP = dO . O).
     const Tensor delta = at::sum(dout_a * out.to(acc), {-1}).contiguous();
@@ -596,7 +889,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     Tensor lse_acc;
     if constexpr (std::is_same_v<acc_t, double>) {
       lse_acc = at::empty({B, Hq, Lq}, q.options().dtype(at::kDouble));
-      forward_kernel<acc_t, scalar_t, double, true>(pb, nullptr, {0, 0, 0}, lse_acc.data_ptr<double>());
+      forward_kernel<acc_t, scalar_t, double, true, false>(pb, nullptr, nullptr, {0, 0, 0},
+                                                           lse_acc.data_ptr<double>());
     } else {
       lse_acc = lse.contiguous();
     }
@@ -604,11 +898,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     Tensor dk_acc = at::zeros(k.sizes(), q.options().dtype(acc));
     Tensor dv_acc = at::zeros(v.sizes(), q.options().dtype(acc));
     Grads<acc_t> g{matrices<acc_t>(dout_a), lse_acc.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
-                   dq_acc.data_ptr<acc_t>(), dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>()};
-    backward_kernel<acc_t, scalar_t>(pb, g, mask_grad ? dmask.data_ptr<scalar_t>() : nullptr);
-    dq = dq_acc.to(q.scalar_type());
-    dk = dk_acc.to(q.scalar_type());
-    dv = dv_acc.to(q.scalar_type());
+                   dq_acc.data_ptr<acc_t>(), dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>(), D, D, Dv};
+    backward_kernel<acc_t, scalar_t, false>(pb, g, nullptr, dmask_data);
+    dq = finish_grad(dq_acc, D, q.scalar_type());
+    dk = finish_grad(dk_acc, D, q.scalar_type());
+    dv = finish_grad(dv_acc, Dv, q.scalar_type());
   });
   return {dq, dk, dv, dmask};
 }

@@ -280,22 +280,39 @@ Panels make_panels(const Tensor& t, bool keys) {
   float* dst = out.storage.data_ptr<float>();
   const int64_t sb = t.stride(0), sh = t.stride(1), sl = t.stride(2), sd = t.stride(3);
   const int64_t panel_floats = std::max<int64_t>(out.panel_stride, 1);
+  // float64 never comes here (tiles are float32 compute); the AVX2 copies exist where the tiles do
+  constexpr bool simd = !std::is_same_v<scalar_t, double>;
   at::parallel_for(0, B * H * n_panels, std::max<int64_t>(1, (1 << 16) / panel_floats), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bh = u / n_panels, p = u % n_panels;
       const scalar_t* base = src + (bh / H) * sb + (bh % H) * sh;
       float* panel = dst + u * out.panel_stride;
+      // the vectorised copies: unit column stride, and (keys) 16 whole rows, (columns) 16 whole columns
+      const bool fast = simd && sd == 1 && 16 * p + 16 <= (keys ? L : D);
       if (keys) {  // lane c <- key 16 p + c: one source row per lane
+        int64_t r_done = 0;
+#if defined(FUSED_ATTN_AVX2_CLONES)
+        if (fast) {
+          r_done = rows / 8 * 8;
+          tile_gemm::pack_key_panel<scalar_t>(base + 16 * p * sl, sl, r_done, panel);
+        }
+#endif
         for (int64_t c = 0; c < 16; ++c) {
           const int64_t row = 16 * p + c;
           if (row >= L) {
-            for (int64_t r = 0; r < rows; ++r) panel[r * 16 + c] = 0.f;
+            for (int64_t r = r_done; r < rows; ++r) panel[r * 16 + c] = 0.f;
             continue;
           }
           const scalar_t* src_row = base + row * sl;
-          for (int64_t r = 0; r < rows; ++r) panel[r * 16 + c] = static_cast<float>(src_row[r * sd]);
+          for (int64_t r = r_done; r < rows; ++r) panel[r * 16 + c] = static_cast<float>(src_row[r * sd]);
         }
       } else {  // row r <- columns 16 p .. 16 p + 15 of source row r
+#if defined(FUSED_ATTN_AVX2_CLONES)
+        if (fast) {
+          tile_gemm::pack_column_panel<scalar_t>(base + 16 * p, sl, rows, panel);
+          continue;
+        }
+#endif
         const int64_t width = std::min<int64_t>(16, D - 16 * p);
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* src_cols = base + r * sl + 16 * p * sd;

@@ -17,8 +17,12 @@
 // is only called when the running CPU has both (cpu_has_avx2_fma()).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu_common.h"  // FUSED_ATTN_AVX2_CLONES
 
@@ -116,6 +120,66 @@ __attribute__((target("avx2,fma"), noinline)) void product(int64_t M, int64_t N,
         default: block<1, A_TRANSPOSED, ACCUMULATE>(ar, lda, bp, b.row_stride, k0, k1, cr, ldc, alpha); break;
       }
     }
+  }
+}
+
+// ---- laying out B operands (see make_panels in attention.cpp) ---------------------------------
+
+// 8 consecutive elements from p as float32 (bfloat16: the bits shifted up; float16: F16C).
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 load8_as_float(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "float, bfloat16 or float16");
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+// dst[r * 16 + c] = src[c * ld + r] for c < 8, r < 8 (an 8 x 8 transpose into half a panel).
+__attribute__((target("avx2,fma"), always_inline)) inline void transpose8_into_panel(const __m256 (&row)[8],
+                                                                                     float* dst) {
+  const __m256 t0 = _mm256_unpacklo_ps(row[0], row[1]), t1 = _mm256_unpackhi_ps(row[0], row[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(row[2], row[3]), t3 = _mm256_unpackhi_ps(row[2], row[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(row[4], row[5]), t5 = _mm256_unpackhi_ps(row[4], row[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(row[6], row[7]), t7 = _mm256_unpackhi_ps(row[6], row[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * 16, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * 16, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * 16, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * 16, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * 16, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * 16, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * 16, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// A key panel from 16 full rows of unit column stride: panel[r * 16 + c] = row c's element r,
+// for r < D8 (a multiple of 8; the caller fills the rest).
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"), noinline)) void pack_key_panel(const scalar_t* rows, int64_t ld,
+                                                                       int64_t D8, float* panel) {
+  for (int64_t r0 = 0; r0 < D8; r0 += 8)
+    for (int64_t c0 = 0; c0 < 16; c0 += 8) {
+      __m256 row[8];
+      for (int i = 0; i < 8; ++i) row[i] = load8_as_float(rows + (c0 + i) * ld + r0);
+      transpose8_into_panel(row, panel + r0 * 16 + c0);
+    }
+}
+
+// A column panel from rows of unit column stride, all 16 columns present: panel[r * 16 + c] = rows[r * ld + c].
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"), noinline)) void pack_column_panel(const scalar_t* rows, int64_t ld,
+                                                                          int64_t n_rows, float* panel) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    _mm256_storeu_ps(panel + r * 16, load8_as_float(rows + r * ld));
+    _mm256_storeu_ps(panel + r * 16 + 8, load8_as_float(rows + r * ld + 8));
   }
 }
 

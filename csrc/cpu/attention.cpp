@@ -254,74 +254,104 @@ struct Panels {
   Tensor storage;
   const float* data = nullptr;
   int64_t stride_h = 0, stride_b = 0, panel_stride = 0;
+  int64_t h_base = 0;  // the head data starts at (a buffer holding some heads of one batch row)
+  const float* head(int64_t b, int64_t h) const { return data + b * stride_b + (h - h_base) * stride_h; }
   // key panels: the panels from key j0 (a multiple of 16) on
   PanelB keys_from(int64_t b, int64_t h, int64_t j0) const {
-    return {data + b * stride_b + h * stride_h + j0 / 16 * panel_stride, panel_stride, 16};
+    return {head(b, h) + j0 / 16 * panel_stride, panel_stride, 16};
   }
   // column panels: every column, from row i0 on
-  PanelB rows_from(int64_t b, int64_t h, int64_t i0) const {
-    return {data + b * stride_b + h * stride_h + i0 * 16, panel_stride, 16};
+  PanelB rows_from(int64_t b, int64_t h, int64_t i0) const { return {head(b, h) + i0 * 16, panel_stride, 16}; }
+};
+
+// A (B, H, L, D) tensor to be laid out as key panels (keys = true) or column panels: panel p,
+// row r, lane c holds t[b, h, row, col] with (row, col) = keys ? (16 p + c, r) : (r, 16 p + c).
+template <typename scalar_t>
+struct PanelSource {
+  const scalar_t* data;
+  int64_t sb, sh, sl, sd, L, D;
+  bool keys;
+
+  PanelSource(const Tensor& t, bool keys_)
+      : data(t.const_data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)), sd(t.stride(3)),
+        L(t.size(2)), D(t.size(3)), keys(keys_) {}
+  int64_t n_panels() const { return (keys ? round16(L) : round16(D)) / 16; }
+  int64_t rows() const { return keys ? D : L; }
+  int64_t head_floats() const { return n_panels() * rows() * 16; }
+
+  void pack(int64_t b, int64_t h, int64_t p, float* panel) const {
+    const scalar_t* base = data + b * sb + h * sh;
+    const int64_t n_rows = rows();
+    // the vectorised copies: unit column stride, and (keys) 16 whole rows, (columns) 16 whole columns
+    [[maybe_unused]] const bool fast = !std::is_same_v<scalar_t, double> && sd == 1 && 16 * p + 16 <= (keys ? L : D);
+    if (keys) {  // lane c <- key 16 p + c: one source row per lane
+      int64_t r_done = 0;
+#if defined(FUSED_ATTN_AVX2_CLONES)
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (fast) {
+          r_done = n_rows / 8 * 8;
+          tile_gemm::pack_key_panel<scalar_t>(base + 16 * p * sl, sl, r_done, panel);
+        }
+      }
+#endif
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t row = 16 * p + c;
+        if (row >= L) {
+          for (int64_t r = r_done; r < n_rows; ++r) panel[r * 16 + c] = 0.f;
+          continue;
+        }
+        const scalar_t* src_row = base + row * sl;
+        for (int64_t r = r_done; r < n_rows; ++r) panel[r * 16 + c] = static_cast<float>(src_row[r * sd]);
+      }
+      return;
+    }
+    // row r <- columns 16 p .. 16 p + 15 of source row r
+#if defined(FUSED_ATTN_AVX2_CLONES)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (fast) {
+        tile_gemm::pack_column_panel<scalar_t>(base + 16 * p, sl, n_rows, panel);
+        return;
+      }
+    }
+#endif
+    const int64_t width = std::min<int64_t>(16, D - 16 * p);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const scalar_t* src_cols = base + r * sl + 16 * p * sd;
+      float* dst_row = panel + r * 16;
+      for (int64_t c = 0; c < width; ++c) dst_row[c] = static_cast<float>(src_cols[c * sd]);
+      for (int64_t c = width; c < 16; ++c) dst_row[c] = 0.f;
+    }
+  }
+
+  // Heads [h0, h0 + n) of batch row b into dst (n * head_floats() floats), on the calling thread;
+  // the Panels over them.
+  Panels pack_heads(int64_t b, int64_t h0, int64_t n, float* dst) const {
+    Panels out;
+    out.data = dst;
+    out.panel_stride = rows() * 16;
+    out.stride_h = head_floats();
+    out.h_base = h0;
+    for (int64_t h = h0; h < h0 + n; ++h)
+      for (int64_t p = 0; p < n_panels(); ++p) pack(b, h, p, dst + (h - h0) * out.stride_h + p * out.panel_stride);
+    return out;
   }
 };
 
-// keys = true: key panels of t; false: its column panels (see above).
+// Every head of t laid out at once (in parallel): keys = true, key panels; false, column panels.
 template <typename scalar_t>
 Panels make_panels(const Tensor& t, bool keys) {
-  const int64_t B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
-  // panel p, row r, lane c holds t[b, h, row, col] with (row, col) = keys ? (16 p + c, r) : (r, 16 p + c)
-  const int64_t n_panels = (keys ? round16(L) : round16(D)) / 16, rows = keys ? D : L;
+  const PanelSource<scalar_t> src(t, keys);
+  const int64_t B = t.size(0), H = t.size(1), n_panels = src.n_panels();
   Panels out;
-  out.storage = at::empty({B, H, n_panels, rows, 16}, t.options().dtype(at::kFloat));
+  out.storage = at::empty({B, H, n_panels, src.rows(), 16}, t.options().dtype(at::kFloat));
   out.data = out.storage.const_data_ptr<float>();
-  out.panel_stride = rows * 16;
+  out.panel_stride = src.rows() * 16;
   out.stride_h = n_panels * out.panel_stride;
   out.stride_b = H * out.stride_h;
-  const scalar_t* src = t.const_data_ptr<scalar_t>();
   float* dst = out.storage.data_ptr<float>();
-  const int64_t sb = t.stride(0), sh = t.stride(1), sl = t.stride(2), sd = t.stride(3);
-  const int64_t panel_floats = std::max<int64_t>(out.panel_stride, 1);
-  // float64 never comes here (tiles are float32 compute); the AVX2 copies exist where the tiles do
-  constexpr bool simd = !std::is_same_v<scalar_t, double>;
-  at::parallel_for(0, B * H * n_panels, std::max<int64_t>(1, (1 << 16) / panel_floats), [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t bh = u / n_panels, p = u % n_panels;
-      const scalar_t* base = src + (bh / H) * sb + (bh % H) * sh;
-      float* panel = dst + u * out.panel_stride;
-      // the vectorised copies: unit column stride, and (keys) 16 whole rows, (columns) 16 whole columns
-      const bool fast = simd && sd == 1 && 16 * p + 16 <= (keys ? L : D);
-      if (keys) {  // lane c <- key 16 p + c: one source row per lane
-        int64_t r_done = 0;
-#if defined(FUSED_ATTN_AVX2_CLONES)
-        if (fast) {
-          r_done = rows / 8 * 8;
-          tile_gemm::pack_key_panel<scalar_t>(base + 16 * p * sl, sl, r_done, panel);
-        }
-#endif
-        for (int64_t c = 0; c < 16; ++c) {
-          const int64_t row = 16 * p + c;
-          if (row >= L) {
-            for (int64_t r = r_done; r < rows; ++r) panel[r * 16 + c] = 0.f;
-            continue;
-          }
-          const scalar_t* src_row = base + row * sl;
-          for (int64_t r = r_done; r < rows; ++r) panel[r * 16 + c] = static_cast<float>(src_row[r * sd]);
-        }
-      } else {  // row r <- columns 16 p .. 16 p + 15 of source row r
-#if defined(FUSED_ATTN_AVX2_CLONES)
-        if (fast) {
-          tile_gemm::pack_column_panel<scalar_t>(base + 16 * p, sl, rows, panel);
-          continue;
-        }
-#endif
-        const int64_t width = std::min<int64_t>(16, D - 16 * p);
-        for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* src_cols = base + r * sl + 16 * p * sd;
-          float* dst_row = panel + r * 16;
-          for (int64_t c = 0; c < width; ++c) dst_row[c] = static_cast<float>(src_cols[c * sd]);
-          for (int64_t c = width; c < 16; ++c) dst_row[c] = 0.f;
-        }
-      }
-    }
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(out.panel_stride, 1));
+  at::parallel_for(0, B * H * n_panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) src.pack(u / n_panels / H, u / n_panels % H, u % n_panels, dst + u * out.panel_stride);
   });
   return out;
 }
@@ -335,6 +365,37 @@ struct TileOperands {
   Panels dout_columns; // dV += P^T dO
   Panels q_columns;    // dK += dS^T Q
   Panels k_columns;    // dQ += dS K
+};
+
+// The backward's B operands for the per-kv-head schedule: rather than laying out every head up
+// front (five float32 copies of the inputs, faulted in fresh on every call), the unit that owns a
+// kv head lays out that head and its query heads into its own buffer, reused from head to head,
+// and reads them while they are still in cache.
+template <typename scalar_t>
+struct HeadSources {
+  PanelSource<scalar_t> k_keys, v_keys, k_columns, q_columns, dout_columns;
+
+  HeadSources(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout)
+      : k_keys(k, true), v_keys(v, true), k_columns(k, false), q_columns(q, false), dout_columns(dout, false) {}
+
+  // The operands of kv head hk of batch row b (query heads hk * G .. hk * G + G - 1), laid out in buf.
+  TileOperands pack(int64_t b, int64_t hk, int64_t G, std::vector<float>& buf) const {
+    const int64_t per_kv = k_keys.head_floats() + v_keys.head_floats() + k_columns.head_floats();
+    const int64_t per_q = q_columns.head_floats() + dout_columns.head_floats();
+    buf.resize(per_kv + G * per_q);
+    float* p = buf.data();
+    TileOperands ops;
+    ops.k_keys = k_keys.pack_heads(b, hk, 1, p);
+    p += k_keys.head_floats();
+    ops.v_keys = v_keys.pack_heads(b, hk, 1, p);
+    p += v_keys.head_floats();
+    ops.k_columns = k_columns.pack_heads(b, hk, 1, p);
+    p += k_columns.head_floats();
+    ops.q_columns = q_columns.pack_heads(b, hk * G, G, p);
+    p += G * q_columns.head_floats();
+    ops.dout_columns = dout_columns.pack_heads(b, hk * G, G, p);
+    return ops;
+  }
 };
 
 // The attention mask as a strided (B, Hq, Lq, Lk) view: bool (true = attend) or additive in
@@ -640,16 +701,24 @@ struct BackwardTile {
   }
 };
 
+// Whole kv heads per unit when they spread evenly over the threads; two passes otherwise.
+template <typename T>
+bool backward_per_head(const Problem<T>& pb) {
+  const int64_t threads = at::get_num_threads(), kv_heads = pb.B * pb.Hkv;
+  return kv_heads >= threads && (kv_heads % threads == 0 || kv_heads >= 4 * threads);
+}
+
+// ops: the B operands laid out up front (register-blocked products); or, in the per-head
+// schedule, `sources` from which each unit lays out its own head.
 template <typename T, typename scalar_t, bool tiles>
-void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands* ops, scalar_t* dmask) {
+void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands* ops,
+                     const HeadSources<scalar_t>* sources, scalar_t* dmask) {
   using Tile = BackwardTile<T, scalar_t, tiles>;
   const int64_t BM = Tile::tile_blocks().m, BN = Tile::tile_blocks().n;
   const int64_t n_qblocks = ceil_div(pb.Lq, BM), n_kblocks = ceil_div(pb.Lk, BN);
   const int64_t G = pb.group();
-  const int64_t threads = at::get_num_threads();
   const int64_t kv_heads = pb.B * pb.Hkv;
-  // Whole kv heads per unit when they spread evenly over the threads; two passes otherwise.
-  const bool per_head = kv_heads >= threads && (kv_heads % threads == 0 || kv_heads >= 4 * threads);
+  const bool per_head = backward_per_head(pb);
 
   // ~5 products of 2 * BM * BN * D flops per tile
   const double tile_flops = 10.0 * BM * BN * std::max<int64_t>(pb.D, pb.Dv);
@@ -657,8 +726,14 @@ void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands
     at::parallel_for(0, kv_heads, grain_for(tile_flops * G * n_qblocks * n_kblocks), [&](int64_t begin, int64_t end) {
       SequentialBlas sequential_blas;
       Tile tile(pb, g, ops, dmask);
+      std::vector<float> head_buffer;
+      TileOperands head_ops;
       for (int64_t u = begin; u < end; ++u) {
         const int64_t b = u / pb.Hkv, hk = u % pb.Hkv;
+        if (sources) {
+          head_ops = sources->pack(b, hk, G, head_buffer);
+          tile.ops = &head_ops;
+        }
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
           for (int64_t qb = 0; qb < n_qblocks; ++qb) {
             const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
@@ -813,12 +888,18 @@ bool backward_with_tiles(GemmMode mode, const Problem<acc_t>& shape, const Tenso
     return false;
   } else {
     if (!use_tile_kernels(mode)) return false;
+    // per-head schedule: each unit lays out its own head; two passes: everything up front
+    std::optional<HeadSources<scalar_t>> sources;
     TileOperands ops;
-    ops.k_keys = make_panels<scalar_t>(k, true);
-    ops.v_keys = make_panels<scalar_t>(v, true);
-    ops.dout_columns = make_panels<scalar_t>(dout, false);
-    ops.q_columns = make_panels<scalar_t>(q, false);
-    ops.k_columns = make_panels<scalar_t>(k, false);
+    if (backward_per_head(shape)) {
+      sources.emplace(q, k, v, dout);
+    } else {
+      ops.k_keys = make_panels<scalar_t>(k, true);
+      ops.v_keys = make_panels<scalar_t>(v, true);
+      ops.dout_columns = make_panels<scalar_t>(dout, false);
+      ops.q_columns = make_panels<scalar_t>(q, false);
+      ops.k_columns = make_panels<scalar_t>(k, false);
+    }
     const Tensor q_rows = as_blas_operand(q, at::kFloat), dout_rows = as_blas_operand(dout, at::kFloat);
     const Problem<float> pb = with_rows(shape, q_rows, Tensor(), Tensor());
     const int64_t D = shape.D, Dv = shape.Dv, D16 = round16(D), Dv16 = round16(Dv);
@@ -831,7 +912,7 @@ bool backward_with_tiles(GemmMode mode, const Problem<acc_t>& shape, const Tenso
     Tensor dv_acc = at::zeros({shape.B, shape.Hkv, shape.Lk, Dv16}, opts);
     Grads<float> g{matrices<float>(dout_rows), lse_rows.const_data_ptr<float>(), delta.const_data_ptr<float>(),
                    dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(), dv_acc.data_ptr<float>(), D16, D16, Dv16};
-    backward_kernel<float, scalar_t, true>(pb, g, &ops, dmask);
+    backward_kernel<float, scalar_t, true>(pb, g, &ops, sources ? &*sources : nullptr, dmask);
     dq = finish_grad(dq_acc, D, q.scalar_type());
     dk = finish_grad(dk_acc, D, q.scalar_type());
     dv = finish_grad(dv_acc, Dv, q.scalar_type());
@@ -916,7 +997,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     Tensor dv_acc = at::zeros(v.sizes(), q.options().dtype(acc));
     Grads<acc_t> g{matrices<acc_t>(dout_a), lse_acc.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
                    dq_acc.data_ptr<acc_t>(), dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>(), D, D, Dv};
-    backward_kernel<acc_t, scalar_t, false>(pb, g, nullptr, dmask_data);
+    backward_kernel<acc_t, scalar_t, false>(pb, g, nullptr, nullptr, dmask_data);
     dq = finish_grad(dq_acc, D, q.scalar_type());
     dk = finish_grad(dk_acc, D, q.scalar_type());
     dv = finish_grad(dv_acc, Dv, q.scalar_type());

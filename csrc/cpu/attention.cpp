@@ -22,7 +22,8 @@
 // runs in float32, the fastest path on CPUs without native bf16 dot products.
 //
 // The tile products: in float32 on CPUs with AVX2 + FMA, register-blocked kernels
-// (attention_tile_gemm.h) over operands laid out once per call as 16-wide panels, which skip the
+// (attention_tile_gemm.h) over operands laid out as 16-wide panels (once per call, or per kv
+// head by the unit that owns it in the backward's per-head schedule), which skip the
 // blocks the causal rule makes dead; otherwise (float64, other CPUs, FUSED_ATTN_CPU_GEMM=blas or
 // aten) BLAS calls on the tiles. Both paths share everything else below.
 #include <ATen/ATen.h>
@@ -52,8 +53,8 @@ namespace {
 using at::Tensor;
 
 // Tile sizes. Two ways to run the tile products (below): register-blocked AVX2 + FMA kernels on
-// operands laid out once per call (attention_tile_gemm.h; float32 compute on CPUs with AVX2 and
-// FMA), or BLAS calls (float64, other CPUs, or FUSED_ATTN_CPU_GEMM=blas).
+// operands laid out as panels (attention_tile_gemm.h; float32 compute on CPUs with AVX2 and FMA),
+// or BLAS calls (float64, other CPUs, or FUSED_ATTN_CPU_GEMM=blas).
 //  - Register-blocked: 96 x 256 forward tiles (Q block, K and V panels, scores, accumulator:
 //    ~270 KB at D = 64, in L2), causal or not (dead register blocks above the diagonal are
 //    skipped inside a tile, so smaller causal tiles buy nothing); backward 64 x 128. Other

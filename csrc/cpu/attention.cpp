@@ -284,17 +284,15 @@ struct PanelSource {
     const scalar_t* base = data + b * sb + h * sh;
     const int64_t n_rows = rows();
     // the vectorised copies: unit column stride, and (keys) 16 whole rows, (columns) 16 whole columns
-    [[maybe_unused]] const bool fast = !std::is_same_v<scalar_t, double> && sd == 1 && 16 * p + 16 <= (keys ? L : D);
+    const bool fast = !std::is_same_v<scalar_t, double> && sd == 1 && 16 * p + 16 <= (keys ? L : D);
     if (keys) {  // lane c <- key 16 p + c: one source row per lane
       int64_t r_done = 0;
-#if defined(FUSED_ATTN_AVX2_CLONES)
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (fast) {
           r_done = n_rows / 8 * 8;
           tile_gemm::pack_key_panel<scalar_t>(base + 16 * p * sl, sl, r_done, panel);
         }
       }
-#endif
       for (int64_t c = 0; c < 16; ++c) {
         const int64_t row = 16 * p + c;
         if (row >= L) {
@@ -307,14 +305,12 @@ struct PanelSource {
       return;
     }
     // row r <- columns 16 p .. 16 p + 15 of source row r
-#if defined(FUSED_ATTN_AVX2_CLONES)
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (fast) {
         tile_gemm::pack_column_panel<scalar_t>(base + 16 * p, sl, n_rows, panel);
         return;
       }
     }
-#endif
     const int64_t width = std::min<int64_t>(16, D - 16 * p);
     for (int64_t r = 0; r < n_rows; ++r) {
       const scalar_t* src_cols = base + r * sl + 16 * p * sd;
@@ -498,15 +494,12 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
         // scores row stride: the register-blocked product writes whole 16-key panels
         const int64_t lds = tiles ? round16(bn) : bn;
         T* S = scores.get();
-#if defined(FUSED_ATTN_AVX2_CLONES)
         if constexpr (tiles) {
           // blocks above the diagonal are skipped (left unwritten: the row loop never reads them)
           tile_gemm::product<false, false>(bm, lds, pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), S, lds, pb.scale,
                                            pb.causal ? tile_gemm::Causal::key_columns : tile_gemm::Causal::none,
                                            i0 - j0);
-        } else
-#endif
-        {
+        } else {
           const T* K = pb.k.at(b, hk) + j0 * pb.k.ld;
           gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), S, bn);
         }
@@ -536,14 +529,11 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
           }
         }
         if constexpr (!lse_only) {
-#if defined(FUSED_ATTN_AVX2_CLONES)
           if constexpr (tiles) {
             tile_gemm::product<false, true>(bm, acc_ld, bn, S, lds, ops->v_columns.rows_from(b, hk, j0), acc.get(), acc_ld,
                                             1.f, pb.causal ? tile_gemm::Causal::key_inner : tile_gemm::Causal::none,
                                             i0 - j0);
-          } else
-#endif
-          {
+          } else {
             const T* V = pb.v.at(b, hk) + j0 * pb.v.ld;
             gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.Dv, bn, T(1), S, bn, V, pb.v.ld, T(1), acc.get(), pb.Dv);
           }
@@ -618,13 +608,10 @@ struct BackwardTile {
     // P = exp(scale * Q K^T + mask - lse), zero where masked (lse = +inf on empty rows gives 0).
     // Register-blocked: score blocks above the diagonal are not computed; the row loop zeroes them.
     T* P = p.data();
-#if defined(FUSED_ATTN_AVX2_CLONES)
     if constexpr (tiles) {
       tile_gemm::product<false, false>(bm, round16(bn), pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), P, ld, pb.scale,
                                        skip(Causal::key_columns), diag);
-    } else
-#endif
-    {
+    } else {
       gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), P, ld);
     }
     for (int64_t r = 0; r < bm; ++r) {
@@ -637,15 +624,12 @@ struct BackwardTile {
     }
     // dP = dO V^T, then the dropout mask on both P (for dV) and dP
     T* dP = dp.data();
-#if defined(FUSED_ATTN_AVX2_CLONES)
     if constexpr (tiles) {
       tile_gemm::product<false, false>(bm, round16(bn), pb.Dv, dO, g.dout.ld, ops->v_keys.keys_from(b, hk, j0), dP, ld, 1.f,
                                        skip(Causal::key_columns), diag);
       if (pb.causal)  // skipped blocks hold garbage; dS = P * (dP - D) must see finite values there
         for (int64_t r = 0; r < bm; ++r) std::fill(dP + r * ld + pb.visible(i0 + r, j0, bn), dP + r * ld + bn, T(0));
-    } else
-#endif
-    {
+    } else {
       gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.Dv, T(1), dO, g.dout.ld, V, pb.v.ld, T(0), dP, ld);
     }
     const T* P_used = P;
@@ -658,13 +642,10 @@ struct BackwardTile {
       P_used = p_drop.data();
     }
     if (want_dkdv) {  // dV += P_drop^T dO
-#if defined(FUSED_ATTN_AVX2_CLONES)
       if constexpr (tiles) {
         tile_gemm::product<true, true>(bn, g.dv_ld, bm, P_used, ld, ops->dout_columns.rows_from(b, h, i0), dV, g.dv_ld, 1.f,
                                        skip(Causal::query_inner), diag);
-      } else
-#endif
-      {
+      } else {
         gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.Dv, bm, T(1), P_used, ld, dO, g.dout.ld, T(1), dV, g.dv_ld);
       }
     }
@@ -678,24 +659,18 @@ struct BackwardTile {
       }
     }
     if (want_dkdv) {  // dK += scale * dS^T Q
-#if defined(FUSED_ATTN_AVX2_CLONES)
       if constexpr (tiles) {
         tile_gemm::product<true, true>(bn, g.dk_ld, bm, dP, ld, ops->q_columns.rows_from(b, h, i0), dK, g.dk_ld, pb.scale,
                                        skip(Causal::query_inner), diag);
-      } else
-#endif
-      {
+      } else {
         gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.D, bm, pb.scale, dP, ld, Q, pb.q.ld, T(1), dK, g.dk_ld);
       }
     }
     if (want_dq) {  // dQ += scale * dS K
-#if defined(FUSED_ATTN_AVX2_CLONES)
       if constexpr (tiles) {
         tile_gemm::product<false, true>(bm, g.dq_ld, bn, dP, ld, ops->k_columns.rows_from(b, hk, j0), dQ, g.dq_ld, pb.scale,
                                         skip(Causal::key_inner), diag);
-      } else
-#endif
-      {
+      } else {
         gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.D, bn, pb.scale, dP, ld, K, pb.k.ld, T(1), dQ, g.dq_ld);
       }
     }

@@ -16,10 +16,12 @@
 // Causal): the scores are not computed above the diagonal, and products over keys stop at it.
 //
 // Everything here is compiled for AVX2 + FMA whatever the build flags (a target attribute), and
-// is only called when the running CPU has both (cpu_has_avx2_fma()).
+// is only called when the running CPU has both (cpu_has_avx2_fma()). Builds without the per-ISA
+// copies (not GCC on x86-64) get stubs that raise, so the callers need no #if.
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -183,6 +185,22 @@ __attribute__((target("avx2,fma,f16c"), noinline)) void pack_column_panel(const 
     _mm256_storeu_ps(panel + r * 16, load8_as_float(rows + r * ld));
     _mm256_storeu_ps(panel + r * 16 + 8, load8_as_float(rows + r * ld + 8));
   }
+}
+
+#else  // not FUSED_ATTN_AVX2_CLONES: the callers compile, and never get here (use_tile_kernels())
+
+template <bool A_TRANSPOSED, bool ACCUMULATE>
+void product(int64_t, int64_t, int64_t, const float*, int64_t, PanelB, float*, int64_t, float,
+             Causal = Causal::none, int64_t = 0) {
+  TORCH_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
+}
+template <typename scalar_t>
+void pack_key_panel(const scalar_t*, int64_t, int64_t, float*) {
+  TORCH_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
+}
+template <typename scalar_t>
+void pack_column_panel(const scalar_t*, int64_t, int64_t, float*) {
+  TORCH_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
 }
 
 #endif  // FUSED_ATTN_AVX2_CLONES

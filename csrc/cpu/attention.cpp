@@ -145,13 +145,8 @@ GemmMode gemm_mode() {
 // BLAS through its Fortran entry points, when torch exports them and the mode is not "aten".
 bool use_fortran_blas(GemmMode mode) { return sgemm_ != nullptr && dgemm_ != nullptr && mode != GemmMode::aten; }
 
-bool use_tile_kernels(GemmMode mode) {
-#if defined(FUSED_ATTN_AVX2_CLONES)
-  return mode == GemmMode::tiles && fused_attn::cpu::cpu_has_avx2_fma();
-#else
-  return false;
-#endif
-}
+// (false on builds without the AVX2 copies: cpu_has_avx2_fma() says no there)
+bool use_tile_kernels(GemmMode mode) { return mode == GemmMode::tiles && fused_attn::cpu::cpu_has_avx2_fma(); }
 
 inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                          const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -236,9 +231,9 @@ Matrices<T> matrices(const Tensor& t) {
 // A B operand is read 16 columns at a time, one row per step of the inner dimension. Read in
 // place from a (L, D) row matrix, those rows sit D floats apart: a power-of-two stride that maps
 // a 16-column panel onto a few L1 sets, so a panel of a few hundred rows thrashed L1 (measured:
-// a quarter of the P V product's samples on one load). So every B operand is laid out once per
-// call (O(L * D) work against the O(L^2 * D) of the products) as contiguous 16-wide panels, zero
-// past the matrix's edge:
+// a quarter of the P V product's samples on one load). So every B operand is laid out once (per
+// call, or per kv head in the backward's per-head schedule: O(L * D) work against the
+// O(L^2 * D) of the products) as contiguous 16-wide panels, zero past the matrix's edge:
 //  - key panels, for the products whose columns are keys (S = Q K^T, dP = dO V^T): per (b, h),
 //    [L16 / 16][D][16] = 16 keys side by side for each head-dim index (panels of K^T);
 //  - column panels, for the products whose inner dimension runs along the matrix's rows
@@ -284,7 +279,8 @@ struct PanelSource {
     const scalar_t* base = data + b * sb + h * sh;
     const int64_t n_rows = rows();
     // the vectorised copies: unit column stride, and (keys) 16 whole rows, (columns) 16 whole columns
-    const bool fast = !std::is_same_v<scalar_t, double> && sd == 1 && 16 * p + 16 <= (keys ? L : D);
+    // (float64 never takes the register-blocked path: its copies are not instantiated for it)
+    const bool fast = sd == 1 && 16 * p + 16 <= (keys ? L : D);
     if (keys) {  // lane c <- key 16 p + c: one source row per lane
       int64_t r_done = 0;
       if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -684,17 +680,17 @@ bool backward_per_head(const Problem<T>& pb) {
   return kv_heads >= threads && (kv_heads % threads == 0 || kv_heads >= 4 * threads);
 }
 
-// ops: the B operands laid out up front (register-blocked products); or, in the per-head
+// per_head: backward_per_head(pb), decided once by the caller, which lays out the operands to
+// match. ops: the B operands laid out up front (register-blocked products); or, in the per-head
 // schedule, `sources` from which each unit lays out its own head.
 template <typename T, typename scalar_t, bool tiles>
 void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands* ops,
-                     const HeadSources<scalar_t>* sources, scalar_t* dmask) {
+                     const HeadSources<scalar_t>* sources, bool per_head, scalar_t* dmask) {
   using Tile = BackwardTile<T, scalar_t, tiles>;
   const int64_t BM = Tile::tile_blocks().m, BN = Tile::tile_blocks().n;
   const int64_t n_qblocks = ceil_div(pb.Lq, BM), n_kblocks = ceil_div(pb.Lk, BN);
   const int64_t G = pb.group();
   const int64_t kv_heads = pb.B * pb.Hkv;
-  const bool per_head = backward_per_head(pb);
 
   // ~5 products of 2 * BM * BN * D flops per tile
   const double tile_flops = 10.0 * BM * BN * std::max<int64_t>(pb.D, pb.Dv);
@@ -828,46 +824,30 @@ Problem<T> with_rows(Problem<T> pb, const Tensor& q_rows, const Tensor& k_rows, 
   return pb;
 }
 
-// The float32 forward with the register-blocked products, when they are in use; false otherwise.
+// The forward with the register-blocked products (float32 compute; pb holds the q rows).
 template <typename scalar_t, typename acc_t>
-bool forward_with_tiles(GemmMode mode, const Problem<acc_t>& shape, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
-                        Tensor& lse) {
-  if constexpr (!std::is_same_v<acc_t, float>) {
-    return false;
-  } else {
-    if (!use_tile_kernels(mode)) return false;
+void forward_tiles(const Problem<acc_t>& pb, const Tensor& k, const Tensor& v, scalar_t* out,
+                   std::array<int64_t, 3> out_strides, float* lse) {
+  if constexpr (std::is_same_v<acc_t, float>) {
     TileOperands ops;
     ops.k_keys = make_panels<scalar_t>(k, true);
     ops.v_columns = make_panels<scalar_t>(v, false);
-    const Tensor q_rows = as_blas_operand(q, at::kFloat);
-    const Problem<float> pb = with_rows(shape, q_rows, Tensor(), Tensor());
-    forward_kernel<float, scalar_t, float, false, true>(pb, &ops, out.data_ptr<scalar_t>(),
-                                                        {out.stride(0), out.stride(1), out.stride(2)},
-                                                        lse.data_ptr<float>());
-    return true;
+    forward_kernel<float, scalar_t, float, false, true>(pb, &ops, out, out_strides, lse);
+  } else {
+    TORCH_CHECK(false, "attention (cpu): the register-blocked products are float32");
   }
 }
 
-// A gradient accumulator (B, H, L, width >= cols) returned as its first cols columns, contiguous,
-// in the input dtype.
-Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
-  Tensor g = grad_acc.narrow(3, 0, cols).to(dtype);
-  return g.is_contiguous() ? g : g.contiguous();
-}
-
-// The float32 backward with the register-blocked products, when they are in use; false otherwise.
+// The backward with the register-blocked products (float32 compute; pb holds the q rows, g the
+// dout rows and accumulators 16-column multiples wide).
 template <typename scalar_t, typename acc_t>
-bool backward_with_tiles(GemmMode mode, const Problem<acc_t>& shape, const Tensor& dout, const Tensor& q, const Tensor& k,
-                         const Tensor& v, const Tensor& out, const Tensor& lse, scalar_t* dmask, Tensor& dq,
-                         Tensor& dk, Tensor& dv) {
-  if constexpr (!std::is_same_v<acc_t, float>) {
-    return false;
-  } else {
-    if (!use_tile_kernels(mode)) return false;
+void backward_tiles(const Problem<acc_t>& pb, const Grads<acc_t>& g, const Tensor& q, const Tensor& k,
+                    const Tensor& v, const Tensor& dout, bool per_head, scalar_t* dmask) {
+  if constexpr (std::is_same_v<acc_t, float>) {
     // per-head schedule: each unit lays out its own head; two passes: everything up front
     std::optional<HeadSources<scalar_t>> sources;
     TileOperands ops;
-    if (backward_per_head(shape)) {
+    if (per_head) {
       sources.emplace(q, k, v, dout);
     } else {
       ops.k_keys = make_panels<scalar_t>(k, true);
@@ -876,24 +856,17 @@ bool backward_with_tiles(GemmMode mode, const Problem<acc_t>& shape, const Tenso
       ops.q_columns = make_panels<scalar_t>(q, false);
       ops.k_columns = make_panels<scalar_t>(k, false);
     }
-    const Tensor q_rows = as_blas_operand(q, at::kFloat), dout_rows = as_blas_operand(dout, at::kFloat);
-    const Problem<float> pb = with_rows(shape, q_rows, Tensor(), Tensor());
-    const int64_t D = shape.D, Dv = shape.Dv, D16 = round16(D), Dv16 = round16(Dv);
-    // delta = rowsum(dO * O), as in the BLAS path below
-    const Tensor delta = at::sum(dout_rows * out.to(at::kFloat), {-1}).contiguous();
-    const Tensor lse_rows = lse.contiguous();
-    const auto opts = q.options().dtype(at::kFloat);
-    Tensor dq_acc = at::zeros({shape.B, shape.Hq, shape.Lq, D16}, opts);
-    Tensor dk_acc = at::zeros({shape.B, shape.Hkv, shape.Lk, D16}, opts);
-    Tensor dv_acc = at::zeros({shape.B, shape.Hkv, shape.Lk, Dv16}, opts);
-    Grads<float> g{matrices<float>(dout_rows), lse_rows.const_data_ptr<float>(), delta.const_data_ptr<float>(),
-                   dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(), dv_acc.data_ptr<float>(), D16, D16, Dv16};
-    backward_kernel<float, scalar_t, true>(pb, g, &ops, sources ? &*sources : nullptr, dmask);
-    dq = finish_grad(dq_acc, D, q.scalar_type());
-    dk = finish_grad(dk_acc, D, q.scalar_type());
-    dv = finish_grad(dv_acc, Dv, q.scalar_type());
-    return true;
+    backward_kernel<float, scalar_t, true>(pb, g, &ops, sources ? &*sources : nullptr, per_head, dmask);
+  } else {
+    TORCH_CHECK(false, "attention (cpu): the register-blocked products are float32");
   }
+}
+
+// A gradient accumulator (B, H, L, width >= cols) returned as its first cols columns, contiguous,
+// in the input dtype.
+Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
+  Tensor g = grad_acc.narrow(3, 0, cols).to(dtype);
+  return g.is_contiguous() ? g : g.contiguous();
 }
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -910,12 +883,16 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, mode);
     const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
-    if (forward_with_tiles<scalar_t>(mode, shape, q, k, v, out, lse)) return;
-    // named: pb points into them
-    const Tensor qa = as_blas_operand(q, acc), ka = as_blas_operand(k, acc), va = as_blas_operand(v, acc);
+    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
+    // named: pb points into them (the register-blocked products read k and v from their panels)
+    const Tensor qa = as_blas_operand(q, acc);
+    const Tensor ka = tiles ? Tensor() : as_blas_operand(k, acc), va = tiles ? Tensor() : as_blas_operand(v, acc);
     const Problem<acc_t> pb = with_rows(shape, qa, ka, va);
-    forward_kernel<acc_t, scalar_t, float, false, false>(pb, nullptr, out.data_ptr<scalar_t>(), out_strides,
-                                                         lse.data_ptr<float>());
+    if (tiles)
+      forward_tiles<scalar_t>(pb, k, v, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<float>());
+    else
+      forward_kernel<acc_t, scalar_t, float, false, false>(pb, nullptr, out.data_ptr<scalar_t>(), out_strides,
+                                                           lse.data_ptr<float>());
   });
   return {out, lse};
 }
@@ -951,10 +928,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, mode);
     scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
-    const int64_t D = q.size(3);
-    if (backward_with_tiles<scalar_t>(mode, shape, dout, q, k, v, out, lse, dmask_data, dq, dk, dv)) return;
-    const Tensor qa = as_blas_operand(q, acc), ka = as_blas_operand(k, acc), va = as_blas_operand(v, acc);
-    const Tensor dout_a = as_blas_operand(dout, acc);
+    const int64_t D = q.size(3), Hkv = k.size(1);
+    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
+    const Tensor qa = as_blas_operand(q, acc), dout_a = as_blas_operand(dout, acc);
+    // (the register-blocked products read k and v from their panels)
+    const Tensor ka = tiles ? Tensor() : as_blas_operand(k, acc), va = tiles ? Tensor() : as_blas_operand(v, acc);
     const Problem<acc_t> pb = with_rows(shape, qa, ka, va);
     // delta = rowsum(dO * O): the softmax backward's correction (with dropout too: O is the
     // dropped output, and sum_j P_drop dP = dO . O).
@@ -968,12 +946,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     } else {
       lse_acc = lse.contiguous();
     }
-    Tensor dq_acc = at::zeros(q.sizes(), q.options().dtype(acc));
-    Tensor dk_acc = at::zeros(k.sizes(), q.options().dtype(acc));
-    Tensor dv_acc = at::zeros(v.sizes(), q.options().dtype(acc));
+    // accumulator rows: the register-blocked products write whole 16-column panels
+    const int64_t dw = tiles ? round16(D) : D, dvw = tiles ? round16(Dv) : Dv;
+    Tensor dq_acc = at::zeros({B, Hq, Lq, dw}, q.options().dtype(acc));
+    Tensor dk_acc = at::zeros({B, Hkv, Lk, dw}, q.options().dtype(acc));
+    Tensor dv_acc = at::zeros({B, Hkv, Lk, dvw}, q.options().dtype(acc));
     Grads<acc_t> g{matrices<acc_t>(dout_a), lse_acc.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
-                   dq_acc.data_ptr<acc_t>(), dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>(), D, D, Dv};
-    backward_kernel<acc_t, scalar_t, false>(pb, g, nullptr, nullptr, dmask_data);
+                   dq_acc.data_ptr<acc_t>(), dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>(), dw, dw, dvw};
+    const bool per_head = backward_per_head(pb);
+    if (tiles)
+      backward_tiles<scalar_t>(pb, g, q, k, v, dout, per_head, dmask_data);
+    else
+      backward_kernel<acc_t, scalar_t, false>(pb, g, nullptr, nullptr, per_head, dmask_data);
     dq = finish_grad(dq_acc, D, q.scalar_type());
     dk = finish_grad(dk_acc, D, q.scalar_type());
     dv = finish_grad(dv_acc, Dv, q.scalar_type());

@@ -109,8 +109,10 @@ __attribute__((target("avx2,fma"), noinline)) void product(int64_t M, int64_t N,
       if (causal == Causal::key_columns && p * kPanel > r + rows - 1 + diag) continue;
       if (causal == Causal::key_inner) k1 = std::clamp<int64_t>(r + rows + diag, 0, K);
       if (causal == Causal::query_inner) k0 = std::clamp<int64_t>(r - diag, 0, K);
-      if (k0 >= k1 && !ACCUMULATE) {  // nothing visible: the block is zero
-        for (int64_t i = 0; i < rows; ++i) std::fill(c + (r + i) * ldc + p * kPanel, c + (r + i) * ldc + (p + 1) * kPanel, 0.f);
+      if (k0 >= k1) {  // nothing visible: the block is zero (an accumulator stays as it is)
+        if constexpr (!ACCUMULATE)
+          for (int64_t i = 0; i < rows; ++i)
+            std::fill(c + (r + i) * ldc + p * kPanel, c + (r + i) * ldc + (p + 1) * kPanel, 0.f);
         continue;
       }
       const float* ar = A_TRANSPOSED ? a + r : a + r * lda;
@@ -127,7 +129,7 @@ __attribute__((target("avx2,fma"), noinline)) void product(int64_t M, int64_t N,
   }
 }
 
-// ---- laying out B operands (see make_panels in attention.cpp) ---------------------------------
+// ---- laying out B operands (see PanelSource in attention.cpp) ----------------------------------
 
 // 8 consecutive elements from p as float32 (bfloat16: the bits shifted up; float16: F16C).
 template <typename scalar_t>

@@ -386,7 +386,11 @@ _ffn_gemm_tuned = triton.autotune(
     configs=HOPPER_CONFIGS + AMPERE_CONFIGS + HOPPER_TMA_CONFIGS,
     key=["M", "N", "K", "TMA_KEY", "EPILOGUE", "ACT", "GATED", "HAS_BIAS", "DROPOUT", "B_NK"],
     prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["colsum_ptr"],
+    # No reset_to_zero: every launch *stores* each colsum entry it owns (never accumulates), so the
+    # autotuner's timing runs are idempotent. Resetting would also be wrong: the backward passes
+    # colsum[:, c0:] for chunk c, a view that reaches into the up-half columns of the chunks before
+    # it, so a new autotuning key at a later chunk (a narrower last chunk) zeroed their db1 sums
+    # (seen on the H200: gated db1 off by 50-4800x while every interpreter test passed).
 )(_ffn_gemm)
 
 

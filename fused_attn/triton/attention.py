@@ -137,7 +137,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
                drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """Online-softmax over the key blocks starting in [lo, hi). With STREAM_TMA the K and V tiles
     come through the (B, Hkv, Lk, D) tensor descriptors ``k_desc``/``v_desc`` (rows past Lk and
     columns past D are zero-filled by the copy engine), else through pointers and masks."""
@@ -148,7 +148,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
     # attn_mask addresses: a 64-bit scalar base per block plus loop-invariant int32 tile offsets
     # (64-bit pointer tiles would cost two registers per element).
     mask_offs = tl.arange(0, BLOCK_M)[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if CHECK_KEYS:
             key_ok = offs_n < Lk
@@ -206,7 +206,7 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              STREAM_TMA: tl.constexpr):
+              STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -245,11 +245,11 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, 0, n_full, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                Lq, Lk, qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                               MASK_KIND, DROPOUT, False, False, DOT_PRECISION, STREAM_TMA)
+                               MASK_KIND, DROPOUT, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, n_full, n_end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
                                stride_mn, Lq, Lk, qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                               BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL, DOT_PRECISION, STREAM_TMA)
+                               BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -296,7 +296,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
                 D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                 CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, DKDV_PASS: tl.constexpr,
-                STREAM_TMA: tl.constexpr):
+                STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi).
 
     Tiles are transposed ((keys, queries)) so that dK, dV accumulate with plain dots. Queries
@@ -312,7 +312,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
     # mask/dmask addresses: 64-bit scalar bases (already at this key block) + int32 tile offsets
     mask_offs = tl.arange(0, BLOCK_M)[None, :] * stride_mm + tl.arange(0, BLOCK_N)[:, None] * stride_mn
     dmask_offs = tl.arange(0, BLOCK_M)[None, :] * Lk + tl.arange(0, BLOCK_N)[:, None]
-    for start_m in range(lo, hi, BLOCK_M):
+    for start_m in tl.range(lo, hi, BLOCK_M, num_stages=LOOP_STAGES):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if STREAM_TMA:
             q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
@@ -367,7 +367,7 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
                    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr):
+                   DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk)).
 
     DKDV_PASS 0 computes both. A program of it holds two (BLOCK_N, head dim) float32 accumulators
@@ -413,7 +413,8 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
                              dmask_base, offs_n, m_lo, Lq, stride_qm, stride_qd, stride_gm,
                              stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
                              offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION, DKDV_PASS, STREAM_TMA)
+                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION, DKDV_PASS, STREAM_TMA,
+                             LOOP_STAGES)
 
     # dK, dV are contiguous (B, Hkv, Lk, D / DV).
     if DKDV_PASS != 2:
@@ -430,7 +431,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
               drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr,
-              CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr):
+              CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr,
+              LOOP_STAGES: tl.constexpr):
     """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi) (K, V tiles
     through the descriptors with STREAM_TMA, as in ``_fwd_inner``)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -438,7 +440,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
     d_ok = _cols_ok(D, HEAD_DIM)
     dv_ok = _cols_ok(DV, HEAD_DIM_V)
     mask_offs = tl.arange(0, BLOCK_M)[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if CHECK_KEYS:
             key_ok = offs_n < Lk
@@ -479,7 +481,7 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
                  D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STREAM_TMA: tl.constexpr):
+                 STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """dQ (contiguous, Q's shape)."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
@@ -518,12 +520,12 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
                    0, n_full,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
                    drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False, False,
-                   DOT_PRECISION, STREAM_TMA)
+                   DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
                    n_full, n_end,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
                    drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL,
-                   DOT_PRECISION, STREAM_TMA)
+                   DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     dq = dq * scale
     dq_ptrs = dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
@@ -818,19 +820,33 @@ def _dropout_scalars(dropout_p: float, seed: int, offset: int):
             _i32(threshold))
 
 
+#: MASK_KIND of an additive (float) attn_mask
+MASK_ADDITIVE = 2
+#: LOOP_STAGES (the inner loops' software-pipelining depth; None = the configuration's num_stages)
+#: is 1 -- no pipelining -- for float32 inputs with an additive mask. On the H200 (Triton 3.6)
+#: that case alone gave wrong results (the mask seemingly ignored: lse finite on a row the mask
+#: sets to -inf; outputs off by O(1)), while the interpreter, bool masks and 16-bit masks were
+#: right. It is the one case where the pipeliner turns the mask load into cp.async copies: a
+#: float32 dot is FMA-based (``input_precision="ieee"``) and each mask element is 4 bytes, the
+#: smallest cp.async; 16-bit masks (2 bytes) and bool masks stay plain loads, and the tensor-core
+#: paths do not pipeline them. Plain loads cost little: float32 attention is not the fast path.
+
+
 def _mask_args(attn_mask, dummy):
     """(pointer tensor, strides, MASK_KIND) of the (B, Hq, Lq, Lk) mask view."""
     if attn_mask is None:
         return dummy, (0, 0, 0, 0), 0
     if attn_mask.dtype == torch.bool:
         return attn_mask.view(torch.uint8), attn_mask.stride(), 1
-    return attn_mask, attn_mask.stride(), 2
+    return attn_mask, attn_mask.stride(), MASK_ADDITIVE
 
 
 def _common_constexprs(q, v, causal, mask_kind, dropout_p):
     D, Dv = q.shape[3], v.shape[3]
+    float32 = q.dtype == torch.float32
     return dict(D=D, DV=Dv, HEAD_DIM=_pow2(D), HEAD_DIM_V=_pow2(Dv), CAUSAL=bool(causal), MASK_KIND=mask_kind,
-                DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if float32 else "tf32",
+                LOOP_STAGES=1 if float32 and mask_kind == MASK_ADDITIVE else None)
 
 
 def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse, tma=None):

@@ -824,12 +824,13 @@ def _dropout_scalars(dropout_p: float, seed: int, offset: int):
 MASK_ADDITIVE = 2
 #: LOOP_STAGES (the inner loops' software-pipelining depth; None = the configuration's num_stages)
 #: is 1 -- no pipelining -- for float32 inputs with an additive mask. On the H200 (Triton 3.6)
-#: that case alone gave wrong results (the mask seemingly ignored: lse finite on a row the mask
-#: sets to -inf; outputs off by O(1)), while the interpreter, bool masks and 16-bit masks were
-#: right. It is the one case where the pipeliner turns the mask load into cp.async copies: a
-#: float32 dot is FMA-based (``input_precision="ieee"``) and each mask element is 4 bytes, the
-#: smallest cp.async; 16-bit masks (2 bytes) and bool masks stay plain loads, and the tensor-core
-#: paths do not pipeline them. Plain loads cost little: float32 attention is not the fast path.
+#: that case alone gave wrong results (lse finite or NaN on a row the mask sets to -inf, outputs
+#: off by O(1) or NaN), while the interpreter, bool masks and 16-bit masks were right. It is the
+#: one case where the pipeliner turns the mask load into cp.async copies (the float32 dot is
+#: FMA-based, ``input_precision="ieee"``, and a mask element is 4 bytes, the smallest cp.async;
+#: 16-bit and bool masks stay plain loads). The probe in docs/results/gpu-2026-11-29 launched the
+#: forward directly: num_stages=3 gave NaN at three shapes, num_stages=1 or LOOP_STAGES=1 the
+#: right answer (max error 2e-7 to 8e-7). Plain loads cost little: float32 is not the fast path.
 
 
 def _mask_args(attn_mask, dummy):

@@ -281,6 +281,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
         sm.p[r * sm.ldp + c] = from_float<T>(p * z);
       }
       row_sum = warp_sum(row_sum);
+      // Every lane read row_m[r] above; lane 0 rewrites it below. The shuffles of warp_sum already
+      // order the two, but racecheck does not model that: the explicit warp barrier says it.
+      __syncwarp();
       if (lane == 0) {
         const float alpha = dead ? 1.0f : exp_<T>(m_old - m_new);
         sm.row_alpha[r] = alpha;

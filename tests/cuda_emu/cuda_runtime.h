@@ -81,6 +81,9 @@ void launch(dim3 grid, dim3 threads, Kernel kernel, const Args&... args) {
 
 inline void __syncthreads() { emu::block->all.arrive_and_wait(); }
 
+// a warp barrier over the calling thread's warp (all 32 lanes take part, as the kernels use it)
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::block->warps[threadIdx.x / 32]->arrive_and_wait(); }
+
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   emu::Block& b = *emu::block;
   std::barrier<>& warp = *b.warps[threadIdx.x / 32];

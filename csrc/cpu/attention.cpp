@@ -139,7 +139,7 @@ GemmMode gemm_mode() {
   if (mode == "tiles" || mode.empty()) return GemmMode::tiles;
   if (mode == "blas") return GemmMode::blas;
   if (mode == "aten") return GemmMode::aten;
-  TORCH_CHECK(false, "FUSED_ATTN_CPU_GEMM must be one of tiles, blas, aten; got '", mode, "'");
+  FA_CHECK(false, "FUSED_ATTN_CPU_GEMM must be one of tiles, blas, aten; got '", mode, "'");
 }
 
 // BLAS through its Fortran entry points, when torch exports them and the mode is not "aten".
@@ -221,7 +221,7 @@ Matrices<T> matrices(const Tensor& t) {
   m.stride_b = t.stride(0);
   m.stride_h = t.stride(1);
   m.ld = t.size(2) <= 1 ? std::max<int64_t>(t.size(3), 1) : t.stride(2);
-  TORCH_CHECK(m.ld <= std::numeric_limits<int>::max() && t.size(3) <= std::numeric_limits<int>::max(),
+  FA_CHECK(m.ld <= std::numeric_limits<int>::max() && t.size(3) <= std::numeric_limits<int>::max(),
               "attention (cpu): row stride ", m.ld, " too large for the 32-bit BLAS interface");
   return m;
 }
@@ -757,30 +757,30 @@ bool is_supported_dtype(at::ScalarType t) {
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
                   double dropout_p, double scale) {
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
-    TORCH_CHECK(t->defined(), "attention (cpu): ", name, " is undefined");
-    TORCH_CHECK(t->device().is_cpu(), "attention (cpu): ", name, " must be a CPU tensor, got ", t->device());
-    TORCH_CHECK(t->dim() == 4, "attention (cpu): ", name, " must be 4-D (B, H, L, D), got shape ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attention (cpu): ", name, " has dtype ", t->scalar_type(),
+    FA_CHECK(t->defined(), "attention (cpu): ", name, " is undefined");
+    FA_CHECK(t->device().is_cpu(), "attention (cpu): ", name, " must be a CPU tensor, got ", t->device());
+    FA_CHECK(t->dim() == 4, "attention (cpu): ", name, " must be 4-D (B, H, L, D), got shape ", t->sizes());
+    FA_CHECK(t->scalar_type() == q.scalar_type(), "attention (cpu): ", name, " has dtype ", t->scalar_type(),
                 " but q has ", q.scalar_type());
   }
-  TORCH_CHECK(is_supported_dtype(q.scalar_type()),
+  FA_CHECK(is_supported_dtype(q.scalar_type()),
               "attention (cpu): q/k/v must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "attention (cpu): batch sizes differ: q ", q.sizes(),
+  FA_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "attention (cpu): batch sizes differ: q ", q.sizes(),
               ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2),
+  FA_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2),
               "attention (cpu): k and v must agree in heads and length, got k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(3) == q.size(3), "attention (cpu): q and k must have the same head dim, got q ", q.sizes(),
+  FA_CHECK(k.size(3) == q.size(3), "attention (cpu): q and k must have the same head dim, got q ", q.sizes(),
               ", k ", k.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention (cpu): query heads (", q.size(1),
+  FA_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention (cpu): query heads (", q.size(1),
               ") must be a multiple of key/value heads (", k.size(1), ")");
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(std::isfinite(scale), "attention (cpu): scale must be finite, got ", scale);
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
+  FA_CHECK(std::isfinite(scale), "attention (cpu): scale must be finite, got ", scale);
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& m = *attn_mask;
-    TORCH_CHECK(m.device().is_cpu(), "attention (cpu): attn_mask must be a CPU tensor, got ", m.device());
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+    FA_CHECK(m.device().is_cpu(), "attention (cpu): attn_mask must be a CPU tensor, got ", m.device());
+    FA_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
                 "attention (cpu): attn_mask must be bool or q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) && m.size(2) == q.size(2) &&
+    FA_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) && m.size(2) == q.size(2) &&
                     m.size(3) == k.size(2),
                 "attention (cpu): attn_mask must be a (B, Hq, Lq, Lk) = (", q.size(0), ", ", q.size(1), ", ", q.size(2),
                 ", ", k.size(2), ") view (expand broadcast dims), got shape ", m.sizes());
@@ -834,7 +834,7 @@ void forward_tiles(const Problem<acc_t>& pb, const Tensor& k, const Tensor& v, s
     ops.v_columns = make_panels<scalar_t>(v, false);
     forward_kernel<float, scalar_t, float, false, true>(pb, &ops, out, out_strides, lse);
   } else {
-    TORCH_CHECK(false, "attention (cpu): the register-blocked products are float32");
+    FA_CHECK(false, "attention (cpu): the register-blocked products are float32");
   }
 }
 
@@ -858,7 +858,7 @@ void backward_tiles(const Problem<acc_t>& pb, const Grads<acc_t>& g, const Tenso
     }
     backward_kernel<float, scalar_t, true>(pb, g, &ops, sources ? &*sources : nullptr, per_head, dmask);
   } else {
-    TORCH_CHECK(false, "attention (cpu): the register-blocked products are float32");
+    FA_CHECK(false, "attention (cpu): the register-blocked products are float32");
   }
 }
 
@@ -905,19 +905,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
   check_inputs(q, k, v, attn_mask, dropout_p, scale);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"dout", &dout}, {"out", &out}}) {
-    TORCH_CHECK(t->defined() && t->device().is_cpu(), "attention_bwd (cpu): ", name, " must be a CPU tensor");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attention_bwd (cpu): ", name, " must have q's dtype ",
+    FA_CHECK(t->defined() && t->device().is_cpu(), "attention_bwd (cpu): ", name, " must be a CPU tensor");
+    FA_CHECK(t->scalar_type() == q.scalar_type(), "attention_bwd (cpu): ", name, " must have q's dtype ",
                 q.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == Hq && t->size(2) == Lq && t->size(3) == Dv,
+    FA_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == Hq && t->size(2) == Lq && t->size(3) == Dv,
                 "attention_bwd (cpu): ", name, " must have shape (B, Hq, Lq, Dv) = (", B, ", ", Hq, ", ", Lq, ", ",
                 Dv, "), got ", t->sizes());
   }
-  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
+  FA_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
                   lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == Lq,
               "attention_bwd (cpu): lse must be a float32 CPU tensor of shape (B, Hq, Lq) = (", B, ", ", Hq, ", ", Lq,
               "), got ", lse.scalar_type(), " ", lse.sizes());
   const bool has_mask = attn_mask.has_value() && attn_mask->defined();
-  TORCH_CHECK(!mask_grad || (has_mask && attn_mask->scalar_type() != at::kBool),
+  FA_CHECK(!mask_grad || (has_mask && attn_mask->scalar_type() != at::kBool),
               "attention_bwd (cpu): mask_grad needs an additive (floating) attn_mask");
 
   Tensor dmask = mask_grad ? at::zeros({B, Hq, Lq, Lk}, q.options()) : at::empty({0}, q.options());

@@ -194,15 +194,15 @@ __attribute__((target("avx2,fma,f16c"), noinline)) void pack_column_panel(const 
 template <bool A_TRANSPOSED, bool ACCUMULATE>
 void product(int64_t, int64_t, int64_t, const float*, int64_t, PanelB, float*, int64_t, float,
              Causal = Causal::none, int64_t = 0) {
-  TORCH_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
+  FA_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
 }
 template <typename scalar_t>
 void pack_key_panel(const scalar_t*, int64_t, int64_t, float*) {
-  TORCH_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
+  FA_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
 }
 template <typename scalar_t>
 void pack_column_panel(const scalar_t*, int64_t, int64_t, float*) {
-  TORCH_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
+  FA_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
 }
 
 #endif  // FUSED_ATTN_AVX2_CLONES

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/check.h"
 #include "../common/dropout_hash.h"
 
 namespace fused_attn::cpu {
@@ -69,13 +70,13 @@ inline bool is_supported_float(at::ScalarType t) {
 }
 
 inline void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(is_supported_float(t.scalar_type()), name,
+  FA_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+  FA_CHECK(is_supported_float(t.scalar_type()), name,
               " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
 }
 
 inline void check_dropout_p(double p) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
+  FA_CHECK(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
 }
 
 // ---- deterministic column sums ------------------------------------------------------------------

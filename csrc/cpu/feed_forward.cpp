@@ -37,7 +37,7 @@ inline Act parse_activation(std::string_view name) {
   if (name == "silu") return Act::Silu;
   if (name == "swiglu") return Act::SwiGlu;
   if (name == "geglu") return Act::GeGlu;
-  TORCH_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu, swiglu, geglu, got '", name, "'");
+  FA_CHECK(false, "activation must be one of relu, gelu, gelu_tanh, silu, swiglu, geglu, got '", name, "'");
 }
 
 constexpr bool is_gated(Act a) { return a == Act::SwiGlu || a == Act::GeGlu; }
@@ -112,25 +112,25 @@ at::ScalarType gemm_dtype(at::ScalarType t) {
 
 void check_matrix(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   check_cpu_float(t, name);
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  FA_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+  FA_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 
 void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype) {
   check_cpu_float(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape (", n, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  FA_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape (", n, "), got ", t.sizes());
+  FA_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 
 // Shapes shared by both halves: returns d_ff.
 int64_t check_weights(const at::Tensor& w1, const at::Tensor& w2, Act act, int64_t d, at::ScalarType dtype) {
   check_matrix(w1, "w1", dtype);
   check_matrix(w2, "w2", dtype);
-  TORCH_CHECK(w1.size(1) == d, "w1 must have shape (F1, ", d, "), got ", w1.sizes());
+  FA_CHECK(w1.size(1) == d, "w1 must have shape (F1, ", d, "), got ", w1.sizes());
   const int64_t F1 = w1.size(0);
-  if (is_gated(act)) TORCH_CHECK(F1 % 2 == 0, "gated activations need an even w1.shape[0], got ", w1.sizes());
+  if (is_gated(act)) FA_CHECK(F1 % 2 == 0, "gated activations need an even w1.shape[0], got ", w1.sizes());
   const int64_t dff = is_gated(act) ? F1 / 2 : F1;
-  TORCH_CHECK(w2.size(1) == dff, "w2 must have shape (d_out, ", dff, "), got ", w2.sizes());
+  FA_CHECK(w2.size(1) == dff, "w2 must have shape (d_out, ", dff, "), got ", w2.sizes());
   return dff;
 }
 
@@ -183,10 +183,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   const int64_t dff = check_weights(w1, w2, act, d, dtype);
   const int64_t F1 = w1.size(0), d_out = w2.size(0);
   check_matrix(dout, "dout", dtype);
-  TORCH_CHECK(dout.size(0) == T && dout.size(1) == d_out, "dout must have shape (", T, ", ", d_out, "), got ",
+  FA_CHECK(dout.size(0) == T && dout.size(1) == d_out, "dout must have shape (", T, ", ", d_out, "), got ",
               dout.sizes());
   check_matrix(pre, "pre", dtype);
-  TORCH_CHECK(pre.size(0) == T && pre.size(1) == F1, "pre must have shape (", T, ", ", F1, "), got ", pre.sizes());
+  FA_CHECK(pre.size(0) == T && pre.size(1) == F1, "pre must have shape (", T, ", ", F1, "), got ", pre.sizes());
   check_dropout_p(dropout_p);
   const FfnOptions opt{dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
 

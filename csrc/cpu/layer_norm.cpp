@@ -73,17 +73,17 @@ void layer_norm_bwd(Args&&... args) {
 
 void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t d) {
   check_cpu_float(t, name);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == d, name, " must have shape (", N, ", ", d,
+  FA_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == d, name, " must have shape (", N, ", ", d,
               "), got ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1 || d <= 1, name, " must have unit stride along its last dimension, got strides ",
+  FA_CHECK(t.stride(1) == 1 || d <= 1, name, " must have unit stride along its last dimension, got strides ",
               t.strides());
-  TORCH_CHECK(t.stride(0) >= 0, name, " must have a non-negative row stride, got strides ", t.strides());
+  FA_CHECK(t.stride(0) >= 0, name, " must have a non-negative row stride, got strides ", t.strides());
 }
 
 void check_param(const at::Tensor& t, const char* name, int64_t d, at::ScalarType dtype) {
   check_cpu_float(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == d, name, " must have shape (", d, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  FA_CHECK(t.dim() == 1 && t.size(0) == d, name, " must have shape (", d, "), got ", t.sizes());
+  FA_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_fwd(
@@ -91,13 +91,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
     const std::optional<at::Tensor>& bias, double eps, double dropout_p, bool rms, bool residual_in_fp32,
     int64_t seed, int64_t offset, bool store_summed) {
   check_cpu_float(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D (N, d), got shape ", x.sizes());
+  FA_CHECK(x.dim() == 2, "x must be 2-D (N, d), got shape ", x.sizes());
   const int64_t N = x.size(0), d = x.size(1);
   check_rows(x, "x", N, d);
   const auto dtype = x.scalar_type();
   if (residual) {
     check_rows(*residual, "residual", N, d);
-    TORCH_CHECK(residual->scalar_type() == dtype || (residual_in_fp32 && residual->scalar_type() == at::kFloat),
+    FA_CHECK(residual->scalar_type() == dtype || (residual_in_fp32 && residual->scalar_type() == at::kFloat),
                 "residual must have x's dtype ", dtype, " (or float32 with residual_in_fp32), got ",
                 residual->scalar_type());
   }
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
     check_param(*bias, "bias", d, dtype);
     b = bias->contiguous();
   }
-  TORCH_CHECK(eps >= 0.0, "eps must be non-negative, got ", eps);
+  FA_CHECK(eps >= 0.0, "eps must be non-negative, got ", eps);
   check_dropout_p(dropout_p);
 
   const auto sum_dtype = residual_in_fp32 ? at::kFloat : dtype;
@@ -146,19 +146,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& rstd, double eps, double dropout_p, bool rms, int64_t seed, int64_t offset,
     at::ScalarType x_dtype) {
-  TORCH_CHECK(is_supported_float(x_dtype), "x_dtype must be float32, float64, bfloat16 or float16, got ", x_dtype);
+  FA_CHECK(is_supported_float(x_dtype), "x_dtype must be float32, float64, bfloat16 or float16, got ", x_dtype);
   check_cpu_float(summed, "summed");
-  TORCH_CHECK(summed.dim() == 2, "summed must be 2-D (N, d), got shape ", summed.sizes());
+  FA_CHECK(summed.dim() == 2, "summed must be 2-D (N, d), got shape ", summed.sizes());
   const int64_t N = summed.size(0), d = summed.size(1);
   check_rows(summed, "summed", N, d);
   const auto sum_dtype = summed.scalar_type();
-  TORCH_CHECK(sum_dtype == x_dtype || sum_dtype == at::kFloat, "summed must have dtype ", x_dtype,
+  FA_CHECK(sum_dtype == x_dtype || sum_dtype == at::kFloat, "summed must have dtype ", x_dtype,
               " or float32, got ", sum_dtype);
   check_rows(dout, "dout", N, d);
-  TORCH_CHECK(dout.scalar_type() == x_dtype, "dout must have dtype ", x_dtype, ", got ", dout.scalar_type());
+  FA_CHECK(dout.scalar_type() == x_dtype, "dout must have dtype ", x_dtype, ", got ", dout.scalar_type());
   if (dsummed) {
     check_rows(*dsummed, "dsummed", N, d);
-    TORCH_CHECK(dsummed->scalar_type() == sum_dtype, "dsummed must have summed's dtype ", sum_dtype, ", got ",
+    FA_CHECK(dsummed->scalar_type() == sum_dtype, "dsummed must have summed's dtype ", sum_dtype, ", got ",
                 dsummed->scalar_type());
   }
   std::optional<at::Tensor> w;
@@ -167,14 +167,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
     w = weight->contiguous();
   }
   if (bias) check_param(*bias, "bias", d, x_dtype);
-  TORCH_CHECK(rstd.device().is_cpu() && rstd.scalar_type() == at::kFloat && rstd.dim() == 1 && rstd.size(0) == N,
+  FA_CHECK(rstd.device().is_cpu() && rstd.scalar_type() == at::kFloat && rstd.dim() == 1 && rstd.size(0) == N,
               "rstd must be a float32 CPU tensor of shape (", N, "), got ", rstd.scalar_type(), " ", rstd.sizes());
   const int64_t mean_n = rms ? 0 : N;
-  TORCH_CHECK(mean.device().is_cpu() && mean.scalar_type() == at::kFloat && mean.dim() == 1 &&
+  FA_CHECK(mean.device().is_cpu() && mean.scalar_type() == at::kFloat && mean.dim() == 1 &&
                   mean.size(0) == mean_n,
               "mean must be a float32 CPU tensor of shape (", mean_n, ") (empty for rms), got ", mean.scalar_type(),
               " ", mean.sizes());
-  TORCH_CHECK(eps >= 0.0, "eps must be non-negative, got ", eps);
+  FA_CHECK(eps >= 0.0, "eps must be non-negative, got ", eps);
   check_dropout_p(dropout_p);
 
   const auto opts = summed.options();

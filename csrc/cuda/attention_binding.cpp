@@ -36,15 +36,15 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
   a.heads_kv = k.size(1);
   a.len_k = k.size(2);
   a.head_dim_v = v.size(3);
-  TORCH_CHECK(k.size(0) == a.batch && v.size(0) == a.batch, "fused_attn_C::", op,
+  FA_CHECK(k.size(0) == a.batch && v.size(0) == a.batch, "fused_attn_C::", op,
               " (cuda): q, k, v must have the same batch size, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(k.size(3) == a.head_dim, "fused_attn_C::", op, " (cuda): k must have q's head dim ", a.head_dim,
+  FA_CHECK(k.size(3) == a.head_dim, "fused_attn_C::", op, " (cuda): k must have q's head dim ", a.head_dim,
               ", got shape ", k.sizes());
-  TORCH_CHECK(v.size(1) == a.heads_kv && v.size(2) == a.len_k, "fused_attn_C::", op,
+  FA_CHECK(v.size(1) == a.heads_kv && v.size(2) == a.len_k, "fused_attn_C::", op,
               " (cuda): v must have k's heads and length, got k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(a.heads_kv > 0 && a.heads_q % a.heads_kv == 0, "fused_attn_C::", op,
+  FA_CHECK(a.heads_kv > 0 && a.heads_q % a.heads_kv == 0, "fused_attn_C::", op,
               " (cuda): q's heads must be a multiple of k's heads, got ", a.heads_q, " and ", a.heads_kv);
-  TORCH_CHECK(a.head_dim <= kMaxHeadDim && a.head_dim_v <= kMaxHeadDim, "fused_attn_C::", op,
+  FA_CHECK(a.head_dim <= kMaxHeadDim && a.head_dim_v <= kMaxHeadDim, "fused_attn_C::", op,
               " (cuda): head dims up to ", kMaxHeadDim, " are supported, got q ", a.head_dim, ", v ", a.head_dim_v);
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -57,10 +57,10 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
   if (attn_mask.has_value() && attn_mask->defined()) {
     const at::Tensor& m = *attn_mask;
     check_tensor(m, q, 4, op, "attn_mask");
-    TORCH_CHECK(m.size(0) == a.batch && m.size(1) == a.heads_q && m.size(2) == a.len_q && m.size(3) == a.len_k,
+    FA_CHECK(m.size(0) == a.batch && m.size(1) == a.heads_q && m.size(2) == a.len_q && m.size(3) == a.len_k,
                 "fused_attn_C::", op, " (cuda): attn_mask must be a (B, Hq, Lq, Lk) = (", a.batch, ", ", a.heads_q,
                 ", ", a.len_q, ", ", a.len_k, ") view, got shape ", m.sizes());
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), "fused_attn_C::", op,
+    FA_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), "fused_attn_C::", op,
                 " (cuda): attn_mask must be bool or have q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
     a.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
     a.mask = m.data_ptr();
@@ -105,13 +105,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_dtype(out, q.scalar_type(), op, "out");
   check_dtype(lse, at::kFloat, op, "lse");
   const std::vector<int64_t> out_shape{f.batch, f.heads_q, f.len_q, f.head_dim_v};
-  TORCH_CHECK(dout.sizes() == at::IntArrayRef(out_shape), "fused_attn_C::", op, " (cuda): dout must have shape ",
+  FA_CHECK(dout.sizes() == at::IntArrayRef(out_shape), "fused_attn_C::", op, " (cuda): dout must have shape ",
               at::IntArrayRef(out_shape), ", got ", dout.sizes());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "fused_attn_C::", op, " (cuda): out must have shape ",
+  FA_CHECK(out.sizes() == at::IntArrayRef(out_shape), "fused_attn_C::", op, " (cuda): out must have shape ",
               at::IntArrayRef(out_shape), ", got ", out.sizes());
-  TORCH_CHECK(lse.size(0) == f.batch && lse.size(1) == f.heads_q && lse.size(2) == f.len_q, "fused_attn_C::", op,
+  FA_CHECK(lse.size(0) == f.batch && lse.size(1) == f.heads_q && lse.size(2) == f.len_q, "fused_attn_C::", op,
               " (cuda): lse must have shape (", f.batch, ", ", f.heads_q, ", ", f.len_q, "), got ", lse.sizes());
-  TORCH_CHECK(!mask_grad || f.mask_kind == MaskKind::kAdditive, "fused_attn_C::", op,
+  FA_CHECK(!mask_grad || f.mask_kind == MaskKind::kAdditive, "fused_attn_C::", op,
               " (cuda): mask_grad needs an additive (floating-point) attn_mask");
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lse_c = lse.contiguous();

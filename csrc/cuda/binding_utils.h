@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/check.h"
 #include "../common/dropout_hash.h"
 #include "launchers.h"
 
@@ -16,28 +17,28 @@ inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
     case at::kFloat: return DType::kFloat32;
     default: break;
   }
-  TORCH_CHECK(false, "fused_attn_C::", op, " (cuda): ", name, " must be float16, bfloat16 or float32, got ",
+  FA_CHECK(false, "fused_attn_C::", op, " (cuda): ", name, " must be float16, bfloat16 or float32, got ",
               t.scalar_type());
   return DType::kFloat32;
 }
 
 // `t` is a CUDA tensor on `like`'s device, of `ndim` dimensions.
 inline void check_tensor(const at::Tensor& t, const at::Tensor& like, int64_t ndim, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), "fused_attn_C::", op, " (cuda): ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), "fused_attn_C::", op, " (cuda): ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == like.device(), "fused_attn_C::", op, " (cuda): ", name, " is on ", t.device(),
+  FA_CHECK(t.defined(), "fused_attn_C::", op, " (cuda): ", name, " is undefined");
+  FA_CHECK(t.is_cuda(), "fused_attn_C::", op, " (cuda): ", name, " must be a CUDA tensor, got ", t.device());
+  FA_CHECK(t.device() == like.device(), "fused_attn_C::", op, " (cuda): ", name, " is on ", t.device(),
               " but the other inputs are on ", like.device());
-  TORCH_CHECK(t.dim() == ndim, "fused_attn_C::", op, " (cuda): ", name, " must be ", ndim, "-D, got shape ",
+  FA_CHECK(t.dim() == ndim, "fused_attn_C::", op, " (cuda): ", name, " must be ", ndim, "-D, got shape ",
               t.sizes());
 }
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == dtype, "fused_attn_C::", op, " (cuda): ", name, " must have dtype ", dtype,
+  FA_CHECK(t.scalar_type() == dtype, "fused_attn_C::", op, " (cuda): ", name, " must have dtype ", dtype,
               ", got ", t.scalar_type());
 }
 
 inline DropoutArgs dropout_args(double p, int64_t seed, int64_t offset, const char* op) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "fused_attn_C::", op, " (cuda): dropout_p must be in [0, 1), got ", p);
+  FA_CHECK(p >= 0.0 && p < 1.0, "fused_attn_C::", op, " (cuda): dropout_p must be in [0, 1), got ", p);
   DropoutArgs d;
   if (p > 0.0) {
     d.enabled = true;
@@ -50,7 +51,7 @@ inline DropoutArgs dropout_args(double p, int64_t seed, int64_t offset, const ch
 }
 
 inline void check_status(const char* message, const char* op) {
-  TORCH_CHECK(message == nullptr, "fused_attn_C::", op, " (cuda): ", message);
+  FA_CHECK(message == nullptr, "fused_attn_C::", op, " (cuda): ", message);
 }
 
 }  // namespace fused_attn_cuda

@@ -23,7 +23,7 @@ Activation parse_activation(c10::string_view name, const char* op) {
   if (name == "silu") return Activation::kSilu;
   if (name == "swiglu") return Activation::kSwiglu;
   if (name == "geglu") return Activation::kGeglu;
-  TORCH_CHECK(false, "fused_attn_C::", op, " (cuda): activation must be one of relu, gelu, gelu_tanh, silu, swiglu, ",
+  FA_CHECK(false, "fused_attn_C::", op, " (cuda): activation must be one of relu, gelu, gelu_tanh, silu, swiglu, ",
               "geglu, got '", std::string(name.data(), name.size()), "'");
   return Activation::kRelu;
 }
@@ -38,12 +38,12 @@ int64_t check_shapes(const char* op, const at::Tensor& x, const at::Tensor& w1, 
   dtype_of(x, op, "x");
   check_dtype(w1, x.scalar_type(), op, "w1");
   check_dtype(w2, x.scalar_type(), op, "w2");
-  TORCH_CHECK(w1.size(1) == x.size(1), "fused_attn_C::", op, " (cuda): w1 must have shape (d_ff, ", x.size(1),
+  FA_CHECK(w1.size(1) == x.size(1), "fused_attn_C::", op, " (cuda): w1 must have shape (d_ff, ", x.size(1),
               "), got ", w1.sizes());
-  TORCH_CHECK(!gated(act) || w1.size(0) % 2 == 0, "fused_attn_C::", op,
+  FA_CHECK(!gated(act) || w1.size(0) % 2 == 0, "fused_attn_C::", op,
               " (cuda): gated activations need an even number of w1 rows, got ", w1.sizes());
   const int64_t d_ff = gated(act) ? w1.size(0) / 2 : w1.size(0);
-  TORCH_CHECK(w2.size(1) == d_ff, "fused_attn_C::", op, " (cuda): w2 must have shape (d_out, ", d_ff, "), got ",
+  FA_CHECK(w2.size(1) == d_ff, "fused_attn_C::", op, " (cuda): w2 must have shape (d_out, ", d_ff, "), got ",
               w2.sizes());
   return d_ff;
 }
@@ -61,14 +61,14 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cuda(const at::Tensor& x, co
   if (b1_in.has_value() && b1_in->defined()) {
     check_tensor(*b1_in, x, 1, op, "b1");
     check_dtype(*b1_in, x.scalar_type(), op, "b1");
-    TORCH_CHECK(b1_in->size(0) == w1.size(0), "fused_attn_C::", op, " (cuda): b1 must have shape (", w1.size(0),
+    FA_CHECK(b1_in->size(0) == w1.size(0), "fused_attn_C::", op, " (cuda): b1 must have shape (", w1.size(0),
                 ",), got ", b1_in->sizes());
     b1 = *b1_in;
   }
   if (b2_in.has_value() && b2_in->defined()) {
     check_tensor(*b2_in, x, 1, op, "b2");
     check_dtype(*b2_in, x.scalar_type(), op, "b2");
-    TORCH_CHECK(b2_in->size(0) == w2.size(0), "fused_attn_C::", op, " (cuda): b2 must have shape (", w2.size(0),
+    FA_CHECK(b2_in->size(0) == w2.size(0), "fused_attn_C::", op, " (cuda): b2 must have shape (", w2.size(0),
                 ",), got ", b2_in->sizes());
     b2 = *b2_in;
   }
@@ -100,9 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   check_tensor(pre_in, x, 2, op, "pre");
   check_dtype(dout, x.scalar_type(), op, "dout");
   check_dtype(pre_in, x.scalar_type(), op, "pre");
-  TORCH_CHECK(dout.size(0) == tokens && dout.size(1) == w2.size(0), "fused_attn_C::", op,
+  FA_CHECK(dout.size(0) == tokens && dout.size(1) == w2.size(0), "fused_attn_C::", op,
               " (cuda): dout must have shape (", tokens, ", ", w2.size(0), "), got ", dout.sizes());
-  TORCH_CHECK(pre_in.size(0) == tokens && pre_in.size(1) == w1.size(0), "fused_attn_C::", op,
+  FA_CHECK(pre_in.size(0) == tokens && pre_in.size(1) == w1.size(0), "fused_attn_C::", op,
               " (cuda): pre must have shape (", tokens, ", ", w1.size(0), "), got ", pre_in.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor pre = pre_in.contiguous();

@@ -35,14 +35,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   a.dtype = dtype_of(x_in, op, "x");
   a.rows = x_in.size(0);
   a.hidden = x_in.size(1);
-  TORCH_CHECK(eps > 0.0, "fused_attn_C::", op, " (cuda): eps must be positive, got ", eps);
+  FA_CHECK(eps > 0.0, "fused_attn_C::", op, " (cuda): eps must be positive, got ", eps);
   const at::Tensor x = unit_stride_rows(x_in);
   at::Tensor residual;
   if (const at::Tensor* r = present(residual_in)) {
     check_tensor(*r, x, 2, op, "residual");
-    TORCH_CHECK(r->sizes() == x.sizes(), "fused_attn_C::", op, " (cuda): residual must have x's shape ", x.sizes(),
+    FA_CHECK(r->sizes() == x.sizes(), "fused_attn_C::", op, " (cuda): residual must have x's shape ", x.sizes(),
                 ", got ", r->sizes());
-    TORCH_CHECK(r->scalar_type() == x.scalar_type() || (residual_in_fp32 && r->scalar_type() == at::kFloat),
+    FA_CHECK(r->scalar_type() == x.scalar_type() || (residual_in_fp32 && r->scalar_type() == at::kFloat),
                 "fused_attn_C::", op, " (cuda): residual must have x's dtype ", x.scalar_type(),
                 " (or float32 with residual_in_fp32), got ", r->scalar_type());
     residual = unit_stride_rows(*r);
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
     if (t == nullptr) continue;
     check_tensor(*t, x, 1, op, name);
     check_dtype(*t, x.scalar_type(), op, name);
-    TORCH_CHECK(t->size(0) == a.hidden, "fused_attn_C::", op, " (cuda): ", name, " must have shape (", a.hidden,
+    FA_CHECK(t->size(0) == a.hidden, "fused_attn_C::", op, " (cuda): ", name, " must have shape (", a.hidden,
                 ",), got ", t->sizes());
     *dst = t->contiguous();
   }
@@ -98,13 +98,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   LayerNormBwdArgs a{};
   a.rows = summed_in.size(0);
   a.hidden = summed_in.size(1);
-  TORCH_CHECK(dout_in.sizes() == summed_in.sizes(), "fused_attn_C::", op, " (cuda): dout must have summed's shape ",
+  FA_CHECK(dout_in.sizes() == summed_in.sizes(), "fused_attn_C::", op, " (cuda): dout must have summed's shape ",
               summed_in.sizes(), ", got ", dout_in.sizes());
   check_dtype(dout_in, x_dtype, op, "dout");
   a.dtype = dtype_of(dout_in, op, "dout");
   a.x_dtype = a.dtype;
   a.summed_dtype = dtype_of(summed_in, op, "summed");
-  TORCH_CHECK(summed_in.scalar_type() == x_dtype || summed_in.scalar_type() == at::kFloat, "fused_attn_C::", op,
+  FA_CHECK(summed_in.scalar_type() == x_dtype || summed_in.scalar_type() == at::kFloat, "fused_attn_C::", op,
               " (cuda): summed must have x's dtype ", x_dtype, " or float32, got ", summed_in.scalar_type());
   const at::Tensor summed = summed_in.contiguous();
   const at::Tensor dout = unit_stride_rows(dout_in);
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   if (const at::Tensor* t = present(dsummed_in)) {
     check_tensor(*t, summed, 2, op, "dsummed");
     check_dtype(*t, summed.scalar_type(), op, "dsummed");
-    TORCH_CHECK(t->sizes() == summed.sizes(), "fused_attn_C::", op, " (cuda): dsummed must have summed's shape ",
+    FA_CHECK(t->sizes() == summed.sizes(), "fused_attn_C::", op, " (cuda): dsummed must have summed's shape ",
                 summed.sizes(), ", got ", t->sizes());
     dsummed = unit_stride_rows(*t);
   }
@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   if (const at::Tensor* t = present(weight_in)) {
     check_tensor(*t, summed, 1, op, "weight");
     check_dtype(*t, x_dtype, op, "weight");
-    TORCH_CHECK(t->size(0) == a.hidden, "fused_attn_C::", op, " (cuda): weight must have shape (", a.hidden,
+    FA_CHECK(t->size(0) == a.hidden, "fused_attn_C::", op, " (cuda): weight must have shape (", a.hidden,
                 ",), got ", t->sizes());
     weight = t->contiguous();
   }
@@ -128,17 +128,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   if (bias != nullptr) {
     check_tensor(*bias, summed, 1, op, "bias");
     check_dtype(*bias, x_dtype, op, "bias");
-    TORCH_CHECK(bias->size(0) == a.hidden, "fused_attn_C::", op, " (cuda): bias must have shape (", a.hidden,
+    FA_CHECK(bias->size(0) == a.hidden, "fused_attn_C::", op, " (cuda): bias must have shape (", a.hidden,
                 ",), got ", bias->sizes());
   }
   check_tensor(rstd_in, summed, 1, op, "rstd");
   check_dtype(rstd_in, at::kFloat, op, "rstd");
-  TORCH_CHECK(rstd_in.size(0) == a.rows, "fused_attn_C::", op, " (cuda): rstd must have shape (", a.rows, ",), got ",
+  FA_CHECK(rstd_in.size(0) == a.rows, "fused_attn_C::", op, " (cuda): rstd must have shape (", a.rows, ",), got ",
               rstd_in.sizes());
   if (!rms) {
     check_tensor(mean_in, summed, 1, op, "mean");
     check_dtype(mean_in, at::kFloat, op, "mean");
-    TORCH_CHECK(mean_in.size(0) == a.rows, "fused_attn_C::", op, " (cuda): mean must have shape (", a.rows,
+    FA_CHECK(mean_in.size(0) == a.rows, "fused_attn_C::", op, " (cuda): mean must have shape (", a.rows,
                 ",), got ", mean_in.sizes());
   }
   const c10::cuda::CUDAGuard guard(summed.device());

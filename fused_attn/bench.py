@@ -186,9 +186,9 @@ def _fused_impl(name, fn, skip=None, **kw):
 
 
 @contextlib.contextmanager
-def _tma_off():
+def _tma_auto():
     previous = os.environ.get("FUSED_ATTN_TRITON_TMA")
-    os.environ["FUSED_ATTN_TRITON_TMA"] = "off"
+    os.environ["FUSED_ATTN_TRITON_TMA"] = "auto"
     try:
         yield
     finally:
@@ -198,14 +198,20 @@ def _tma_off():
             os.environ["FUSED_ATTN_TRITON_TMA"] = previous
 
 
-def _with_pointer_twin(impls: list, device) -> list:
-    """On sm_90+ GPUs, "triton" (whose autotuner may pick TMA configurations) gets a twin
-    "triton-ptr" that runs with FUSED_ATTN_TRITON_TMA=off: the two lines of the summary measure
-    what the TMA path buys."""
+#: set by ``--tma-twin``
+TMA_TWIN = False
+
+
+def _with_tma_twin(impls: list, device) -> list:
+    """With ``--tma-twin``, on sm_90+ GPUs, "triton" (pointer loads: TMA is off by default) gets a
+    twin "triton-tma" that runs with FUSED_ATTN_TRITON_TMA=auto (the autotuner may then pick TMA
+    configurations): the two lines of the summary measure what the TMA path would buy. Opt-in,
+    because the twin doubles the Triton configurations compiled per shape, which is most of a
+    GPU sweep's time."""
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    if not TMA_TWIN or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return impls
-    twins = [dataclasses.replace(i, name="triton-ptr", context=_tma_off) for i in impls
+    twins = [dataclasses.replace(i, name="triton-tma", context=_tma_auto) for i in impls
              if i.name == "triton" and i.skip is None]
     return impls + twins
 
@@ -250,7 +256,7 @@ class AttentionCase(Case):
 
     def impls(self, device, dtype, backends, baselines, seed):
         causal = self.causal
-        out = _with_pointer_twin([_fused_impl(name, lambda q, k, v, name=name: FA.attention(
+        out = _with_tma_twin([_fused_impl(name, lambda q, k, v, name=name: FA.attention(
             q, k, v, causal=causal, backend=name), skip=skip) for name, skip in backends], device)
         if "eager" in baselines:
             out.append(Impl("eager", "baseline", lambda q, k, v: _ref_attention(q, k, v, causal)))
@@ -356,7 +362,7 @@ class FeedForwardCase(Case):
 
     def impls(self, device, dtype, backends, baselines, seed):
         act = self.activation
-        out = _with_pointer_twin([_fused_impl(name, lambda x, w1, b1, w2, b2, name=name:
+        out = _with_tma_twin([_fused_impl(name, lambda x, w1, b1, w2, b2, name=name:
                                               FA.feed_forward(x, w1, b1, w2, b2, activation=act, backend=name),
                                               skip=skip) for name, skip in backends], device)
         if "eager" in baselines:
@@ -1247,11 +1253,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a busy machine")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tma-twin", action="store_true",
+                   help="on sm_90+ also time 'triton-tma' (the Triton backend with FUSED_ATTN_TRITON_TMA=auto)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    global TMA_TWIN
+    TMA_TWIN = args.tma_twin
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)

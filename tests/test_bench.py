@@ -153,21 +153,24 @@ def test_infer_pass_times_and_checks_the_no_grad_forward(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("capability,twin", [((9, 0), True), ((8, 0), False)])
-def test_triton_gets_a_pointer_twin_on_hopper(monkeypatch, capability, twin):
-    """On sm_90+ the sweep also times "triton-ptr" (FUSED_ATTN_TRITON_TMA=off), so the summary
-    shows what the TMA configurations buy; the twin's context restores the setting after."""
+def test_triton_gets_a_tma_twin_on_hopper(monkeypatch, capability, twin):
+    """With --tma-twin, on sm_90+ the sweep also times "triton-tma" (FUSED_ATTN_TRITON_TMA=auto), so
+    the summary shows what the TMA configurations would buy; the twin's context restores the
+    setting after."""
     import os
 
     from fused_attn import bench
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "auto")
+    monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "off")
     impls = [bench.Impl("triton", "fused", lambda: None), bench.Impl("cuda", "fused", lambda: None),
              bench.Impl("eager", "baseline", lambda: None)]
-    out = bench._with_pointer_twin(impls, "cuda")
-    assert [i.name for i in out] == ["triton", "cuda", "eager"] + (["triton-ptr"] if twin else [])
-    assert bench._with_pointer_twin(impls, "cpu") == impls
+    assert bench._with_tma_twin(impls, "cuda") == impls  # opt-in: --tma-twin
+    monkeypatch.setattr(bench, "TMA_TWIN", True)
+    out = bench._with_tma_twin(impls, "cuda")
+    assert [i.name for i in out] == ["triton", "cuda", "eager"] + (["triton-tma"] if twin else [])
+    assert bench._with_tma_twin(impls, "cpu") == impls
     if twin:
         with out[-1].context():
-            assert os.environ["FUSED_ATTN_TRITON_TMA"] == "off"
-        assert os.environ["FUSED_ATTN_TRITON_TMA"] == "auto"
+            assert os.environ["FUSED_ATTN_TRITON_TMA"] == "auto"
+        assert os.environ["FUSED_ATTN_TRITON_TMA"] == "off"

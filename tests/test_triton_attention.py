@@ -393,7 +393,9 @@ def test_stream_descriptor_layouts():
 def test_tma_mode_setting(monkeypatch):
     from fused_attn.triton._tma import tma_mode
 
-    for value, mode in (("auto", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("OFF", "off")):
+    monkeypatch.delenv("FUSED_ATTN_TRITON_TMA", raising=False)
+    assert tma_mode() == "off"  # the default (measured on an H200: see fused_attn/triton/_tma.py)
+    for value, mode in (("auto", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("OFF", "off"), ("", "off")):
         monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", value)
         assert tma_mode() == mode
     monkeypatch.setenv("FUSED_ATTN_TRITON_TMA", "sometimes")

@@ -8,10 +8,17 @@ of the same tensors and a constexpr that says which to read; a configuration's p
 box to its tiles. The copy engine zero-fills a box where it runs past the tensor, so the loads
 need neither masks nor per-thread address arithmetic.
 
-``FUSED_ATTN_TRITON_TMA`` selects the use: "auto" (default: on sm_90+ the autotuners time the TMA
-configurations beside the pointer ones and keep the faster), "on" (TMA wherever the operands
-allow it, also under the interpreter, which runs descriptor loads too: that is how the CPU tests
-cover the path) or "off".
+``FUSED_ATTN_TRITON_TMA`` selects the use: "off" (the default: pointer loads only), "auto" (on
+sm_90+ the autotuners time the TMA configurations beside the pointer ones and keep the faster)
+or "on" (TMA wherever the operands allow it, also under the interpreter, which runs descriptor
+loads too: that is how the CPU tests cover the path).
+
+Why "off" by default: measured on an H200 (Triton 3.6, bf16, 2026-11-29), "auto" was never
+clearly faster and often slower than the pointer path: attention forward B32 H16 L512 D128
+0.281 vs 0.192 ms, B16 L1024 0.416 vs 0.309 ms, B4 L4096 1.133 vs 1.155 ms (forward + backward
+5.62 vs 5.45 ms); feed-forward T8192 d1024 ff4096 forward 0.756 vs 0.339 ms, backward 2.36 vs
+1.69 ms (docs/results/gpu-2026-11-29). The autotuner's own timings picked TMA configurations
+that then ran slower, and every call pays for building the descriptors on the host.
 """
 from __future__ import annotations
 
@@ -33,9 +40,9 @@ def _interpreting() -> bool:
 
 
 def tma_mode() -> str:
-    """"auto", "on" or "off", from ``FUSED_ATTN_TRITON_TMA`` (also 1/0, true/false)."""
-    value = os.environ.get("FUSED_ATTN_TRITON_TMA", "auto").strip().lower()
-    value = {"1": "on", "true": "on", "0": "off", "false": "off", "": "auto"}.get(value, value)
+    """"off" (default), "auto" or "on", from ``FUSED_ATTN_TRITON_TMA`` (also 1/0, true/false)."""
+    value = os.environ.get("FUSED_ATTN_TRITON_TMA", "off").strip().lower()
+    value = {"1": "on", "true": "on", "0": "off", "false": "off", "": "off"}.get(value, value)
     if value not in ("auto", "on", "off"):
         raise ValueError(f"FUSED_ATTN_TRITON_TMA must be one of auto, on, off (or 1/0); got "
                          f"{os.environ['FUSED_ATTN_TRITON_TMA']!r}")

@@ -38,14 +38,16 @@ unset TRITON_INTERPRET
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
-# step NAME LIMIT_S CMD...: run CMD with a time limit, output to the log, record rc and duration
+# step NAME LIMIT_S CMD...: run CMD with a time limit, output to the log, record rc and duration.
+# The limit sends STEP_SIGNAL (TERM; the test steps use INT, on which pytest still prints the
+# failures it has seen so far -- a run cut short keeps its diagnosis)
 step() {
     local name=$1 limit=$2
     shift 2
     echo "=== [$(elapsed) s] $name (limit ${limit} s): $*" | tee -a "$LOG"
     local t0 rc
     t0=$(date +%s)
-    timeout --signal=TERM --kill-after=20 "$limit" "$@" >> "$LOG" 2>&1
+    timeout --signal="${STEP_SIGNAL:-TERM}" --kill-after=20 "$limit" "$@" >> "$LOG" 2>&1
     rc=$?
     echo "$name $rc $(( $(date +%s) - t0 ))" >> "$STEPS"
     echo "=== [$(elapsed) s] $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
@@ -74,16 +76,17 @@ fi
 for n, b in fused_attn.available_backends().items()}))" >> "$LOG" 2>&1
 
 # ---- 2. tests ------------------------------------------------------------------------------------
-PYTEST_ARGS=(-q -p no:cacheprovider -rfE)
+# -v: one line per test as it finishes, so a step cut short still says what passed and failed
+PYTEST_ARGS=(-v -p no:cacheprovider -rfE --tb=short)
 # 8 workers: the Triton files compile hundreds of kernel variants, each on one core (16 here)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout=120); fi
-step tests_gpu 100 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
+STEP_SIGNAL=INT step tests_gpu 100 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
 # the Triton test files, compiled for this GPU (their *_aot.py twins check compilation on CPU machines)
 TRITON_TESTS=$(ls tests/*triton*.py 2>/dev/null | grep -v -e conftest -e '_aot\.py$' || true)
 if [ -n "$TRITON_TESTS" ]; then
     # shellcheck disable=SC2086 - a list of file names without spaces
-    step tests_triton 150 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" $TRITON_TESTS \
+    STEP_SIGNAL=INT step tests_triton 150 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" $TRITON_TESTS \
         --junitxml=/tmp/gpu_check_tests_triton.xml
 else
     echo "=== no tests/*triton*.py files" | tee -a "$LOG"

@@ -55,8 +55,14 @@ _MAX_BWD_BLOCK = 8192
 # Chunk width for rows longer than that.
 _FWD_CHUNK = 8192
 _BWD_CHUNK = 4096
-# Elements one program covers when several short rows share it; narrowest block.
+# Elements one program covers when several short rows share it (forward; backward); narrowest block.
+# The backward keeps about twice the live float32 values per element (summed, dout, xhat, the
+# gradient, the dweight/dbias accumulators): at 4096 elements on 8 warps it needed 128-186
+# registers per thread (AOT, sm_90), so one program -- 8 warps -- fit an SM, and the H200 moved
+# 0.2-1.1 TB/s. Its tiles are therefore half as large and its programs wider: 8 elements per
+# thread per tensor, 32 warps per SM in flight (``_bwd_programs``).
 _TILE_ELEMS = 4096
+_BWD_TILE_ELEMS = 2048
 _MIN_BLOCK = 64
 _INTERPRETER_TILE_ELEMS = 32768
 # Hidden sizes above this are refused (nothing breaks beyond it, but it is untested).
@@ -371,10 +377,19 @@ def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dic
     """
     max_block, chunk = (_MAX_BWD_BLOCK, _BWD_CHUNK) if backward else (_MAX_FWD_BLOCK, _FWD_CHUNK)
     if d > max_block:
-        return {"ROWS": 1, "BLOCK_D": chunk, "SINGLE": False, "num_warps": 16 if chunk > 4096 else 8}
-    block = max(_MIN_BLOCK, _next_pow2(d))
-    rows = max(1, (tile_elems or _TILE_ELEMS) // block)
-    return {"ROWS": rows, "BLOCK_D": block, "SINGLE": True, "num_warps": 8 if block <= 4096 else 16}
+        block, rows, single = chunk, 1, False
+    else:
+        block, single = max(_MIN_BLOCK, _next_pow2(d)), True
+        rows = max(1, (tile_elems or (_BWD_TILE_ELEMS if backward else _TILE_ELEMS)) // block)
+    if backward:
+        # whole rows: 8 warps up to 2048 columns (8 elements per thread, 74-100 registers: three
+        # programs per SM), 32 warps for 4096 and 8192 (one program of 32 warps per SM); the
+        # chunked path stays on 8 warps (its two passes need ~190 registers, which 16 warps cap
+        # at 128 and spill)
+        warps = 8 if (block <= 2048 or not single) else 32
+    else:
+        warps = 8 if block <= 4096 else 16
+    return {"ROWS": rows, "BLOCK_D": block, "SINGLE": single, "num_warps": warps}
 
 
 def _tile_elems(device: torch.device) -> int:
@@ -396,12 +411,13 @@ def possible_configs() -> list[dict]:
 
 
 def _bwd_programs(n_rows: int, rows: int, num_warps: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows_per_program) for backward: about 16 resident warps per SM, each program a
-    contiguous range of whole tiles. The partial-sum buffer has one row per program."""
+    """(programs, rows_per_program) for backward: 32 warps per SM (a quarter to half of them
+    resident at once, by the AOT register counts), each program a contiguous range of whole
+    tiles. The partial-sum buffer has one row per program."""
     tiles = triton.cdiv(n_rows, rows)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = sms * max(1, 16 // num_warps)
+        target = sms * max(1, 32 // num_warps)
     else:  # the interpreter: a few programs are enough to exercise the partial sums
         target = 4
     tiles_per_program = triton.cdiv(tiles, min(tiles, target))

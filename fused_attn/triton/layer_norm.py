@@ -366,8 +366,9 @@ def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dic
 
     - rows that fit the register budget (``_MAX_FWD_BLOCK`` / ``_MAX_BWD_BLOCK``) are held whole:
       BLOCK_D = max(64, next_pow2(d)) columns, and ROWS = tile_elems // BLOCK_D rows per program
-      (at least 1) so that a program moves 8-16 KB per tensor even for short rows; 8 warps up to
-      4096 columns, 16 above;
+      (at least 1) so that a program moves 4-16 KB per tensor even for short rows (tile_elems:
+      ``_TILE_ELEMS`` forward, ``_BWD_TILE_ELEMS`` backward); forward 8 warps up to 4096 columns,
+      16 above; backward 8 warps up to 2048 columns, 32 above;
     - longer rows: one row per program in chunks of ``_FWD_CHUNK`` / ``_BWD_CHUNK`` (SINGLE False).
 
     The configurations do not depend on the dtype (the kernels compute in float32 whatever they

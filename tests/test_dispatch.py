@@ -78,6 +78,7 @@ def test_auto_fallback_to_reference_warns_once(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
     call = Call("feed_forward", torch.device("cpu"), torch.float32, {"activation": "relu"})
     monkeypatch.setattr(BACKENDS["cpu"], "call_reasons", lambda c: ["planted reason"])
+    monkeypatch.setattr(backends, "_resolved", {})  # forget choices made before the patch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve(call) == "reference"

@@ -188,14 +188,17 @@ def test_shared_memory_pruning_keeps_every_config_within_the_chip():
 
 def test_backward_config_follows_the_triton_version():
     """Triton 3.6 spills the gated backward epilogue at 128x64 tiles (measured by this file's
-    compile under 3.6): versions before 3.9 get the 64x64 table; both tables name configs that
+    compile under 3.6): versions before 3.9 get 64x64 tiles there (not gated: 128x64 under both);
+    both tables cover every (arch, element size, gated) and name configs that
     fit the chip and keep BLOCK_M >= _MIN_BLOCK_M (the db1 buffer's row count)."""
     from fused_attn.triton import feed_forward as ff
     assert ff._triton_version("3.6.0") == (3, 6) and ff._triton_version("3.10.0rc1") == (3, 10)
     expected = ff.BWD_CONFIG_NEW if ff._triton_version() >= (3, 9) else ff.BWD_CONFIG_OLD
     assert ff.BWD_CONFIG is expected
     for table in (ff.BWD_CONFIG_NEW, ff.BWD_CONFIG_OLD):
-        for (major, elem), index in table.items():
+        assert {(major, elem, gated) for major, elem, gated in table} == {
+            (m, e, g) for m in (80, 90) for e in (2, 4) for g in (False, True)}
+        for (major, elem, gated), index in table.items():
             cfg = (ff.HOPPER_CONFIGS if major == 90 else ff.AMPERE_CONFIGS)[index]
             assert ff.shared_memory_estimate(cfg, elem, False) <= ff.SMEM_LIMIT[major]
             assert cfg.kwargs["BLOCK_M"] >= ff._MIN_BLOCK_M

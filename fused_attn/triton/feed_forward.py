@@ -320,14 +320,19 @@ ACC_REGISTER_BUDGET = {EPI_BIAS: 128, EPI_ACT_FWD: 64}
 #: once and sits at the edge of the register file, so it is not autotuned: each entry is the
 #: largest config that compiled without a single spill (tests/test_triton_feed_forward_aot.py,
 #: gated gelu with dropout and bias sums, the heaviest variant), as
-#: (major, element bytes) -> index in the arch's list.
+#: (major, element bytes, gated) -> index in the arch's list.
 #: Triton >= 3.9: 128x64 tiles on 8 warps (64x64 on 4 warps and 128x64x32 on sm_90 spilled a few).
-#: Triton 3.6 (the GPU machine's) allocates more registers to the same epilogue: 128x64 spills
-#: 118 LDL/STL on sm_90 and 18 on sm_80 (2 with float32 inputs on sm_80), and 8 warps over 128x64
-#: does not help; 64x64 tiles on 8 warps (16 accumulator registers per thread) compile clean, with
-#: wgmma on sm_90. Versions between were not measured and get the 3.6 choice.
-BWD_CONFIG_NEW = {(90, 2): 2, (90, 4): 7, (80, 2): 3, (80, 4): 3}
-BWD_CONFIG_OLD = {(90, 2): 6, (90, 4): 7, (80, 2): 5, (80, 4): 6}
+#: Triton 3.6 (the GPU machine's) allocates more registers to the same epilogue. Gated: 128x64
+#: spills 118 LDL/STL on sm_90 (6 for swiglu without dropout) and 18 on sm_80 (2 with float32
+#: inputs on sm_80), so the gated backward keeps 64x64 tiles on 8 warps (16 accumulator registers
+#: per thread), clean, with wgmma on sm_90. Not gated (relu, gelu, gelu_tanh, silu; with or without
+#: dropout): 128x64 compiles clean under 3.6 too (94-170 registers on sm_90, 109-171 on sm_80),
+#: and takes it: the 64x64 tiles were what left the H200's backward GEMM at ~0.3x cuBLAS.
+#: Versions between were not measured and get the 3.6 choice.
+BWD_CONFIG_NEW = {(90, 2, False): 2, (90, 2, True): 2, (90, 4, False): 7, (90, 4, True): 7,
+                  (80, 2, False): 3, (80, 2, True): 3, (80, 4, False): 3, (80, 4, True): 3}
+BWD_CONFIG_OLD = {(90, 2, False): 2, (90, 2, True): 6, (90, 4, False): 7, (90, 4, True): 7,
+                  (80, 2, False): 3, (80, 2, True): 5, (80, 4, False): 6, (80, 4, True): 6}
 
 
 def _triton_version(version: str = triton.__version__) -> tuple[int, int]:
@@ -359,7 +364,7 @@ def configs_for(capability_major: int, elem_bytes: int, epilogue: int, gated: bo
     major = 90 if capability_major >= 9 else 80
     candidates = HOPPER_CONFIGS if major == 90 else AMPERE_CONFIGS
     if epilogue == EPI_ACT_BWD:
-        index = BWD_CONFIG[(major, 4 if elem_bytes == 4 else 2)]
+        index = BWD_CONFIG[(major, 4 if elem_bytes == 4 else 2, bool(gated))]
         picked = [index]
     else:
         two_b = gated and epilogue == EPI_ACT_FWD  # the gated forward loads two B tiles

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .backends import AUTO_ORDER, BACKENDS, Call, check_backend_name, requested_backend
+from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
 from .functional import attention, feed_forward, layer_norm_residual
 
 
@@ -33,7 +33,7 @@ def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], o
     if name != "auto":
         reasons = BACKENDS[name].call_reasons(call)
         return name if not reasons else f"{name} (cannot run: {'; '.join(reasons)})"
-    for candidate in AUTO_ORDER.get(param.device.type, ("reference",)):
+    for candidate in auto_order(op, param.device.type):
         if not BACKENDS[candidate].call_reasons(call):
             return f"auto -> {candidate}"
     return "auto -> none available"

@@ -197,6 +197,8 @@ def _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms, res
     r2 = None if residual is None else _rows(residual, d)
     out, summed, mean, rstd = fwd(_rows(x, d), r2, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                                   store_summed)
+    if len(shape) == 2:  # already rows: skip two views (each a dispatcher call)
+        return out, summed, mean, rstd
     return out.view(shape), (summed.view(shape) if store_summed else summed), mean, rstd
 
 
@@ -253,7 +255,7 @@ class LayerNormResidualFunction(torch.autograd.Function):
 
 def _rows(t: Tensor, d: int) -> Tensor:
     """(..., d) -> (N, d) with unit stride along d (a view whenever the layout allows)."""
-    t2 = t.reshape(-1, d)
+    t2 = t if t.dim() == 2 else t.reshape(-1, d)
     return t2 if t2.stride(-1) == 1 or d <= 1 else t2.contiguous()
 
 

@@ -96,3 +96,21 @@ def test_compiled_ops_reject_bad_input_without_crashing():
     assert not accepted, f"bad input accepted without an error: {accepted}"
     # the random cases may be valid by chance; they must only never crash (checked above)
     assert len(results) == len(listed) + 180
+
+
+def test_error_messages_format_their_values():
+    """The C++ checks assemble their messages themselves (csrc/common/check.h: no std::ostream,
+    which crashed in one toolchain's build): shapes, numbers, dtypes and strings come out as
+    TORCH_CHECK printed them."""
+    import torch
+    ops = torch.ops.fused_attn_C
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8)
+    with pytest.raises(RuntimeError, match=r"same head dim, got q \[1, 2, 5, 8\], k \[1, 2, 6, 7\]"):
+        ops.attention_fwd(q, torch.randn(1, 2, 6, 7), k, None, False, 0.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\), got 1\.5"):
+        ops.attention_fwd(q, k, k, None, False, 1.5, 1.0, 0, 0)
+    x, w = torch.randn(4, 16), torch.randn(16)
+    with pytest.raises(RuntimeError, match="bias must have dtype Float, got Double"):
+        ops.layer_norm_residual_fwd(x, x, w, w.double(), 1e-5, 0.0, False, False, 0, 0)
+    with pytest.raises(RuntimeError, match="activation must be one of relu, .*, got 'tanh'"):
+        ops.feed_forward_fwd(x, torch.randn(32, 16), None, torch.randn(16, 32), None, "tanh", 0.0, 0, 0)

@@ -125,7 +125,7 @@ def test_gpu_check_script_parses_and_names_its_outputs():
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", script], check=True)
     text = open(script).read()
-    for needed in ("pip install --no-build-isolation --no-deps", "-m gpu", "fused_attn.bench", "summary.json"):
+    for needed in ("setup.py build_ext --inplace", "-m gpu", "fused_attn.bench", "summary.json"):
         assert needed in text
 
 

@@ -38,13 +38,7 @@ if not env_flag("FUSED_ATTN_NO_EXTENSION"):
         # -fno-trapping-math (torch itself is built with it) lets GCC turn the branch-free float
         # selects of the CPU kernels (clamps, relu, dropout keep) into vector blends; NaN
         # semantics are unchanged.
-        # No -fvisibility=hidden: on the H200 machine's toolchain (/opt/gcc g++ with the GCC 13
-        # headers) the extension got its own copies of libstdc++ templates (ostream::_M_insert<long>
-        # and the locale facets it uses); hidden, they did not unify with libstdc++'s, and the first
-        # TORCH_CHECK that formatted a number segfaulted (cuda-gdb: in _M_insert<long> inside
-        # _C.abi3.so, CPU and CUDA ops alike). With default visibility the dynamic linker binds
-        # such vague-linkage symbols to the one copy the process already has.
-        cxx_flags = ["-O3", "-std=c++20", "-fno-trapping-math"]
+        cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fno-trapping-math"]
         # at::parallel_for is an inline template that only runs in parallel when the including
         # file is compiled with OpenMP (ATen/ParallelOpenMP.h); without -fopenmp the CPU kernels
         # would run on one thread. Linking with -fopenmp records libgomp.so.1, which resolves to

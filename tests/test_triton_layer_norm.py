@@ -160,9 +160,11 @@ def test_chunked_statistics_of_offset_rows(small_chunks):
 
 
 def test_gpu_tile_sizes_under_the_interpreter(monkeypatch):
-    # the interpreter normally uses bigger tiles; run the GPU's (4 rows of 1024 per program)
-    monkeypatch.setattr(L, "_INTERPRETER_TILE_ELEMS", L._TILE_ELEMS)
-    assert L.kernel_config(1000, tile_elems=L._TILE_ELEMS)["ROWS"] == 4
+    # the interpreter normally uses bigger tiles; run the GPU's (rows of 1024: 4 per program
+    # forward, 2 backward), which are what _tile_elems hands a CUDA launch
+    monkeypatch.setattr(L, "_INTERPRETER_TILE_ELEMS", None)
+    assert L._tile_elems(torch.device("cuda")) is None
+    assert L.kernel_config(1000)["ROWS"] == 4 and L.kernel_config(1000, backward=True)["ROWS"] == 2
     _check(11, 1000, F16, prenorm=True)
 
 
@@ -233,7 +235,7 @@ def test_weight_gradient_is_deterministic():
         out.backward(torch.ones_like(out) + x.detach())
         grads.append((w.grad.clone(), b.grad.clone(), x.grad.clone()))
     assert all(torch.equal(a, c) for a, c in zip(*grads))
-    tile_elems = L._TILE_ELEMS if DEV == "cuda" else L._INTERPRETER_TILE_ELEMS
+    tile_elems = L._tile_elems(torch.device(DEV))
     programs, _ = L._bwd_programs(1025, L.kernel_config(64, True, tile_elems)["ROWS"], 8, torch.device(DEV))
     assert programs > 1  # the partial sums really were reduced across several programs
 

@@ -1,7 +1,8 @@
 """Backends and the dispatch between them (xformers-style: each backend says why it refuses).
 
 ``auto`` tries, in order, on CUDA tensors: triton -> cuda -> reference (for the feed-forward
-cuda -> triton -> reference, see ``AUTO_ORDER_BY_OP``); on CPU tensors: cpu -> reference. A call's ``backend=`` wins over ``use_backend(...)``, which wins over the
+cuda -> triton -> reference, see ``AUTO_ORDER_BY_OP``); on CPU tensors: cpu -> reference. A
+call's ``backend=`` wins over ``use_backend(...)``, which wins over the
 ``FUSED_ATTN_BACKEND`` environment variable. Forcing a backend that cannot take a call raises a
 ``BackendUnavailableError`` listing its reasons; ``auto`` falling back to ``reference`` warns
 once per reason.
@@ -39,14 +40,9 @@ _warned: set[str] = set()
 #: resolve()'s answers, (op, device type, dtype, options, requested backend) -> backend name. A
 #: backend's refusals depend only on these and on what this machine has, which is fixed once
 #: fused_attn is imported; caching them saves ~25 us of every call (half of the functional API's
-#: own overhead on a small input). Refusals are not cached: they raise every time. Code that
-#: patches a backend's ``call_reasons`` must call ``clear_resolve_cache()``.
+#: own overhead on a small input). Refusals are not cached: they raise every time. A test that
+#: patches a backend's ``call_reasons`` must also replace this dict.
 _resolved: dict = {}
-
-
-def clear_resolve_cache() -> None:
-    """Forget the cached backend choices (after patching a backend's refusals)."""
-    _resolved.clear()
 
 
 class BackendUnavailableError(RuntimeError):

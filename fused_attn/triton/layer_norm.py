@@ -373,7 +373,7 @@ def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dic
 
     The configurations do not depend on the dtype (the kernels compute in float32 whatever they
     load), which keeps the set small enough that the AOT test compiles every one of them.
-    ``tile_elems`` defaults to ``_TILE_ELEMS``; the interpreter uses bigger tiles (fewer programs:
+    ``tile_elems`` defaults to the GPU's; the interpreter uses bigger tiles (fewer programs:
     its cost is per operation, not per element).
     """
     max_block, chunk = (_MAX_BWD_BLOCK, _BWD_CHUNK) if backward else (_MAX_FWD_BLOCK, _FWD_CHUNK)
@@ -393,8 +393,10 @@ def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dic
     return {"ROWS": rows, "BLOCK_D": block, "SINGLE": single, "num_warps": warps}
 
 
-def _tile_elems(device: torch.device) -> int:
-    return _TILE_ELEMS if device.type == "cuda" else _INTERPRETER_TILE_ELEMS
+def _tile_elems(device: torch.device):
+    """kernel_config's ``tile_elems``: None on a GPU (its own tiles, which differ between forward
+    and backward), the interpreter's larger ones elsewhere."""
+    return None if device.type == "cuda" else _INTERPRETER_TILE_ELEMS
 
 
 def possible_configs() -> list[dict]:

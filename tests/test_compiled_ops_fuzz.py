@@ -114,3 +114,44 @@ def test_error_messages_format_their_values():
         ops.layer_norm_residual_fwd(x, x, w, w.double(), 1e-5, 0.0, False, False, 0, 0)
     with pytest.raises(RuntimeError, match="activation must be one of relu, .*, got 'tanh'"):
         ops.feed_forward_fwd(x, torch.randn(32, 16), None, torch.randn(16, 32), None, "tanh", 0.0, 0, 0)
+
+
+def _stream_users(disassembly: str) -> dict:
+    """Functions of the disassembly (``objdump -d -C``) that call into std::ostream formatting:
+    an ostringstream, c10::str's stream wrapper, or an ostream inserter; name -> callees."""
+    users: dict = {}
+    current = None
+    markers = ("basic_ostringstream", "c10::detail::_str_wrapper", "std::ostream::_M_insert", "__ostream_insert")
+    for line in disassembly.splitlines():
+        if line.endswith(">:") and " <" in line:
+            current = line.split(" <", 1)[1][:-2]
+        elif current is not None and "call" in line:
+            target = line.split("<", 1)[1] if "<" in line else ""
+            if any(m in target for m in markers):
+                users.setdefault(current, set()).add(target.rstrip(">")[:80])
+    return users
+
+
+def test_no_stream_formatting_in_our_code():
+    """The device build crashed while a C++ check formatted its message through std::ostream
+    (csrc/common/check.h). None of our own functions may reach that code: every check goes
+    through FA_CHECK, every dtype dispatch through FA_DISPATCH_FLOATING. Read off the
+    disassembly of the built extension, so a TORCH_CHECK or AT_DISPATCH slipping back in fails
+    here on any machine with binutils."""
+    import shutil
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    import fused_attn._C as ext
+    out = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", ext.__file__], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    users = _stream_users(out)
+    # c10::str's own instantiations and torch's inline helpers (boxing, fromIntArrayRefSlow)
+    # may remain; they fire only on conditions the schema and our checks rule out first.
+    ours = {fn: callees for fn, callees in users.items() if "fused_attn" in fn}
+    assert not ours, "functions of ours that format through std::ostream:\n" + "\n".join(
+        f"  {fn[:150]} -> {sorted(c)}" for fn, c in ours.items())
+    # The parser itself finds such a call (a stale parser would pass vacuously).
+    sample = ("0000000000012340 <fused_attn::cpu::(anonymous namespace)::check_rows(at::Tensor const&)>:\n"
+              "   12345:\tcall   6ced0 <c10::detail::_str_wrapper<std::string const&>::call(std::string const&)>\n")
+    assert list(_stream_users(sample)) == ["fused_attn::cpu::(anonymous namespace)::check_rows(at::Tensor const&)"]

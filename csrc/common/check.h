@@ -1,19 +1,26 @@
-// FA_CHECK(cond, parts...): TORCH_CHECK with the message assembled here, without std::ostream.
+// FA_CHECK(cond, parts...): TORCH_CHECK's contract (a c10::Error, i.e. a RuntimeError in Python,
+// naming the function, file and line) with the message assembled here, without std::ostream.
 //
 // TORCH_CHECK(cond, a, b, c) formats its parts with c10::str, i.e. through a std::ostringstream
-// instantiated in this extension. On the H200 machine's toolchain (g++ in /opt/gcc with the
-// GCC 13 headers) that instantiation crashed: the first failing check that formatted a number
-// segfaulted inside ostream::_M_insert<long> in _C.abi3.so (cuda-gdb backtrace, 2026-11-29), for
-// the CPU and the CUDA ops alike, so bad input killed the process instead of raising. Here the
-// parts are appended to a std::string (std::to_string, snprintf) and TORCH_CHECK receives that
-// one string, which c10::str passes through untouched: no stream is built in this library.
+// instantiated in this extension. On the H200 machine's toolchain (g++ in /opt/gcc) that
+// instantiation crashed: the first failing check that formatted a number segfaulted inside
+// ostream::_M_insert<long> in _C.abi3.so (cuda-gdb backtrace, 2026-11-29), for the CPU and the
+// CUDA ops alike, so bad input killed the process instead of raising. Passing TORCH_CHECK one
+// std::string is not enough: c10::str canonicalises it to `const std::string&`, which misses the
+// pass-through specialisation and still streams it through an ostringstream (seen in the
+// disassembly: every check called _str_wrapper<std::string const&>::call). So FA_CHECK appends
+// the parts to a std::string (std::to_string, snprintf) and hands it straight to
+// c10::detail::torchCheckFail, the function TORCH_CHECK itself ends in, which lives in libc10 and
+// builds the exception there. tests/test_robustness.py reads the disassembly of _C to keep it so.
 // The message is only assembled when the check fails.
 #pragma once
 
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdio>
 #include <string>
@@ -58,4 +65,35 @@ std::string message(const Parts&... parts) {
 
 }  // namespace fused_attn::check
 
-#define FA_CHECK(cond, ...) TORCH_CHECK(cond, ::fused_attn::check::message(__VA_ARGS__))
+#define FA_FAIL(...)                                                                                 \
+  ::c10::detail::torchCheckFail(__func__, __FILE__, static_cast<uint32_t>(__LINE__),                 \
+                                ::fused_attn::check::message(__VA_ARGS__))
+
+#define FA_CHECK(cond, ...)                  \
+  do {                                       \
+    if (C10_UNLIKELY(!(cond))) {             \
+      FA_FAIL(__VA_ARGS__);                  \
+    }                                        \
+  } while (false)
+
+// FA_DISPATCH_FLOATING(dtype, "name", [&] { ... scalar_t ... }): the lambda instantiated for the
+// four dtypes the kernels take (float32, float64, bfloat16, float16), as AT_DISPATCH_* does, but
+// failing through FA_FAIL (AT_DISPATCH's message is streamed).
+#define FA_DISPATCH_CASE(ENUM, TYPE, ...) \
+  case ENUM: {                            \
+    using scalar_t = TYPE;                \
+    return __VA_ARGS__();                 \
+  }
+#define FA_DISPATCH_FLOATING(DTYPE, NAME, ...)                                              \
+  [&] {                                                                                    \
+    const ::c10::ScalarType fa_dispatch_dtype_ = (DTYPE);                                 \
+    switch (fa_dispatch_dtype_) {                                                         \
+      FA_DISPATCH_CASE(::c10::ScalarType::Float, float, __VA_ARGS__)                       \
+      FA_DISPATCH_CASE(::c10::ScalarType::Double, double, __VA_ARGS__)                     \
+      FA_DISPATCH_CASE(::c10::ScalarType::BFloat16, ::c10::BFloat16, __VA_ARGS__)          \
+      FA_DISPATCH_CASE(::c10::ScalarType::Half, ::c10::Half, __VA_ARGS__)                  \
+      default:                                                                             \
+        FA_FAIL(NAME, ": dtype must be float32, float64, bfloat16 or float16, got ",       \
+                fa_dispatch_dtype_);                                                       \
+    }                                                                                      \
+  }()

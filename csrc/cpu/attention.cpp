@@ -27,7 +27,6 @@
 // blocks the causal rule makes dead; otherwise (float64, other CPUs, FUSED_ATTN_CPU_GEMM=blas or
 // aten) BLAS calls on the tiles. Both paths share everything else below.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -43,6 +42,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/check.h"
 #include "../common/dropout_hash.h"
 #include "attention_rowops.h"
 #include "attention_tile_gemm.h"
@@ -878,7 +878,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const GemmMode mode = gemm_mode();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
+  FA_DISPATCH_FLOATING(q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, mode);
@@ -923,7 +923,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
   Tensor dmask = mask_grad ? at::zeros({B, Hq, Lq, Lk}, q.options()) : at::empty({0}, q.options());
   Tensor dq, dk, dv;
   const GemmMode mode = gemm_mode();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
+  FA_DISPATCH_FLOATING(q.scalar_type(), "attention_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, mode);

@@ -48,8 +48,7 @@ template <typename T>
 using acc_t = typename AccType<T>::type;
 
 // The four dtypes every CPU kernel accepts.
-#define FUSED_ATTN_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+#define FUSED_ATTN_DISPATCH_FLOATING(TYPE, NAME, ...) FA_DISPATCH_FLOATING(TYPE, NAME, __VA_ARGS__)
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FUSED_ATTN_AVX2_CLONES 1

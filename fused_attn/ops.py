@@ -227,8 +227,11 @@ class LayerNormResidualFunction(torch.autograd.Function):
                else torch.ops.fused_attn.layer_norm_residual_fwd)
         out, summed, mean, rstd = _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms,
                                                       residual_in_fp32, rng, backend, store_summed)
-        rows = summed.reshape(-1, x.shape[-1]) if store_summed else summed
-        ctx.save_for_backward(rows, weight, bias, mean, rstd, rng)
+        # Save the output object itself, never a view made of it here: a saved view of an output
+        # references the output, whose grad_fn is this node, which holds the view: a cycle
+        # through C++ that Python's gc cannot see, so every 2-D call leaked its graph and the
+        # saved tensors (tests/test_robustness.py::test_no_graph_outlives_its_outputs).
+        ctx.save_for_backward(summed, weight, bias, mean, rstd, rng)
         ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, x.shape)
         ctx.set_materialize_grads(False)
         return out, summed
@@ -238,6 +241,7 @@ class LayerNormResidualFunction(torch.autograd.Function):
         summed, weight, bias, mean, rstd, rng = ctx.saved_tensors
         eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
         d = shape[-1]
+        summed = summed if summed.dim() == 2 else summed.reshape(-1, d)
         dout = torch.zeros(summed.shape, dtype=x_dtype, device=summed.device) if dout is None else _rows(dout, d)
         dsummed = None if dsummed is None else _rows(dsummed, d)
         bwd = (_layer_norm_residual_bwd_impl if direct_call_ok(dout, dsummed, summed, weight, bias)

@@ -1,6 +1,7 @@
 """The benchmark job (python -m fused_attn.bench) on tiny shapes: it writes its table, JSON, CSV
 and plots, counts work as documented, and reports failing or inexact backends."""
 import csv
+import os
 import json
 import runpy
 import sys
@@ -174,3 +175,20 @@ def test_triton_gets_a_tma_twin_on_hopper(monkeypatch, capability, twin):
         with out[-1].context():
             assert os.environ["FUSED_ATTN_TRITON_TMA"] == "auto"
         assert os.environ["FUSED_ATTN_TRITON_TMA"] == "off"
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("cpu_attention_probe.py", ["--shapes", "2:33:16", "--reps", "1"], "33"),
+    ("cpu_layer_probe.py", ["--batch", "1", "--seq", "9", "--reps", "2"], "fused x SDPA layer"),
+])
+def test_cpu_probes_run(script, args, expect):
+    """The interleaved CPU probes the README quotes still run (on tiny shapes)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert expect in proc.stdout

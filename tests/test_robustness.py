@@ -219,7 +219,6 @@ def test_no_graph_outlives_its_outputs(device, backend):
     for name, op, fn in _graph_cases(backend):
         if backend not in runnable_backends(op, device=device, dtype=torch.float32):
             continue
-
         for backward in (False, True):
             alive = _left_alive(fn, backward)
             if alive:

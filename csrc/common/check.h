@@ -11,7 +11,8 @@
 // disassembly: every check called _str_wrapper<std::string const&>::call). So FA_CHECK appends
 // the parts to a std::string (std::to_string, snprintf) and hands it straight to
 // c10::detail::torchCheckFail, the function TORCH_CHECK itself ends in, which lives in libc10 and
-// builds the exception there. tests/test_robustness.py reads the disassembly of _C to keep it so.
+// builds the exception there. tests/test_compiled_ops_fuzz.py reads the disassembly of _C to keep
+// it so.
 // The message is only assembled when the check fails.
 #pragma once
 

@@ -49,3 +49,29 @@ def test_nan_where_reference_is_finite_is_caught():
 def test_shape_mismatch_is_caught():
     with pytest.raises(AssertionError, match="shape"):
         compare("x", torch.ones(3), torch.ones(4, dtype=torch.float64), torch.ones(4))
+
+
+def test_a_gradient_zero_by_cancellation_is_held_to_the_calls_gradient_scale():
+    """Attention over a single key: dK is exactly zero (dS = dP - delta cancels), the float32
+    reference gets that zero exactly, and a fused kernel leaves float32 rounding of the
+    cancelling terms. The floor follows the call's largest gradient, so rounding passes, while
+    an error a thousand times larger (still small) is caught."""
+    q, k, v = make_inputs((1, 1, 11, 8), (1, 1, 1, 8), (1, 1, 1, 16), dtype=torch.float32, seed=11)
+
+    def with_k_grad_noise(scale):
+        class Noise(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return g + scale * torch.ones_like(g)
+
+        return lambda q, k, v: R.attention(q, Noise.apply(k), v)
+
+    results = check_against_reference(with_k_grad_noise(3e-6), R.attention, [q, k, v], names="qkv")
+    dk = next(r for r in results if r.name == "grad of k")
+    assert dk.err_lp == 0.0 and dk.err > 2e-6  # beyond the old own-scale floor, within the new one
+    with pytest.raises(AssertionError, match="grad of k"):
+        check_against_reference(with_k_grad_noise(3e-3), R.attention, [q, k, v], names="qkv")

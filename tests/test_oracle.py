@@ -6,6 +6,21 @@ from fused_attn import reference as R
 from fused_attn.testing import check_against_reference, compare, make_inputs
 
 
+def _attention_with_k_grad(change):
+    """The reference attention, except that the gradient reaching k is ``change(grad)``: a
+    planted error of a chosen size."""
+    class Tamper(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return change(g)
+
+    return lambda q, k, v: R.attention(q, Tamper.apply(k), v)
+
+
 def test_reference_passes_its_own_oracle():
     q, k, v = make_inputs((2, 3, 17, 8), (2, 3, 17, 8), (2, 3, 17, 8), dtype=torch.float16)
     check_against_reference(R.attention, R.attention, [q, k, v], names="qkv")
@@ -25,18 +40,8 @@ def test_planted_output_error_is_caught():
 def test_planted_gradient_error_is_caught():
     q, k, v = make_inputs((1, 2, 9, 8), (1, 2, 9, 8), (1, 2, 9, 8), dtype=torch.float32)
 
-    class WrongGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 1.01
-
     with pytest.raises(AssertionError, match="grad of k"):
-        check_against_reference(lambda q, k, v: R.attention(q, WrongGrad.apply(k), v), R.attention, [q, k, v],
-                                names="qkv")
+        check_against_reference(_attention_with_k_grad(lambda g: g * 1.01), R.attention, [q, k, v], names="qkv")
 
 
 def test_nan_where_reference_is_finite_is_caught():
@@ -59,16 +64,7 @@ def test_a_gradient_zero_by_cancellation_is_held_to_the_calls_gradient_scale():
     q, k, v = make_inputs((1, 1, 11, 8), (1, 1, 1, 8), (1, 1, 1, 16), dtype=torch.float32, seed=11)
 
     def with_k_grad_noise(scale):
-        class Noise(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                return x.clone()
-
-            @staticmethod
-            def backward(ctx, g):
-                return g + scale * torch.ones_like(g)
-
-        return lambda q, k, v: R.attention(q, Noise.apply(k), v)
+        return _attention_with_k_grad(lambda g: g + scale)
 
     results = check_against_reference(with_k_grad_noise(3e-6), R.attention, [q, k, v], names="qkv")
     dk = next(r for r in results if r.name == "grad of k")

@@ -1,4 +1,4 @@
-// Helpers shared by the C++ CPU kernels (csrc/cpu/*.cpp): dtype dispatch, the accumulation type,
+// Helpers shared by the C++ CPU kernels (csrc/cpu/*.cpp): the accumulation type,
 // the input checks every entry point makes, fixed-chunk deterministic column sums, and the
 // per-ISA compilation of the kernels (below). The vectorisable row helpers the kernels use live
 // in cpu_kernel_math.h.
@@ -46,9 +46,6 @@ struct AccType<double> {
 };
 template <typename T>
 using acc_t = typename AccType<T>::type;
-
-// The four dtypes every CPU kernel accepts.
-#define FUSED_ATTN_DISPATCH_FLOATING(TYPE, NAME, ...) FA_DISPATCH_FLOATING(TYPE, NAME, __VA_ARGS__)
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FUSED_ATTN_AVX2_CLONES 1

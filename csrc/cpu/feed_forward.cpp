@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor& x, const a
   at::Tensor pre_g = at::mm(to_gemm(x, g), to_gemm(w1, g).t());
   at::Tensor pre = g == dtype ? pre_g : at::empty({x.size(0), F1}, x.options());
   at::Tensor h = at::empty({x.size(0), dff}, x.options().dtype(g));
-  FUSED_ATTN_DISPATCH_FLOATING(dtype, "feed_forward_fwd", [&] {
+  FA_DISPATCH_FLOATING(dtype, "feed_forward_fwd", [&] {
     dispatch_activation(act, [&](auto act_c) {
       if (g == dtype)
         ffn_fwd<decltype(act_c)::value, scalar_t, scalar_t>(pre_g, b1 ? &b1c : nullptr, nullptr, h, opt);
@@ -198,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   // Not gated: dpre has dh's shape and overwrites it row by row (each row is read first).
   at::Tensor dpre = is_gated(act) ? at::empty({T, F1}, x.options().dtype(g)) : dh;
   at::Tensor db1 = has_b1 ? at::zeros({F1}, x.options()) : at::empty({0}, x.options());
-  FUSED_ATTN_DISPATCH_FLOATING(dtype, "feed_forward_bwd", [&] {
+  FA_DISPATCH_FLOATING(dtype, "feed_forward_bwd", [&] {
     dispatch_activation(act, [&](auto act_c) {
       if (g == dtype)
         ffn_bwd<decltype(act_c)::value, scalar_t, scalar_t>(pre_c, dh, h, dpre, has_b1 ? &db1 : nullptr, opt);

@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   const at::Tensor* bp = b ? &*b : nullptr;
   at::Tensor* sp = store_summed ? &summed : nullptr;
 
-  FUSED_ATTN_DISPATCH_FLOATING(dtype, "layer_norm_residual_fwd", [&] {
+  FA_DISPATCH_FLOATING(dtype, "layer_norm_residual_fwd", [&] {
     const bool res_fp32 = r && r->scalar_type() == at::kFloat && dtype != at::kFloat;
     if (residual_in_fp32) {
       if (res_fp32)
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   const LnOptions opt{eps, dropout_p, rms, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
   const at::Tensor* ds_in = dsummed ? &*dsummed : nullptr;
 
-  FUSED_ATTN_DISPATCH_FLOATING(x_dtype, "layer_norm_residual_bwd", [&] {
+  FA_DISPATCH_FLOATING(x_dtype, "layer_norm_residual_bwd", [&] {
     auto run = [&](auto sum_tag) {
       using sum_t = decltype(sum_tag);
       const at::Tensor* wp = w ? &*w : nullptr;

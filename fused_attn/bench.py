@@ -17,7 +17,10 @@ the layer adds its four projections; residual-add + norm counts the bytes it mus
 read x and the residual, write the output; backward: read dout and the saved sum, write the
 gradient).
 
-Timing: on CUDA, events around each call after warm-up, median of many calls; on CPU,
+Timing: on CUDA, events around each call after warm-up, median of many calls, the calls queued
+behind a GPU sleep that outlasts issuing them, so the events measure the device's time alone
+(``ms``); the host's time to issue a call is reported beside it (``host ms``): a call whose host
+time exceeds its device time runs at the host's pace in a plain eager loop. On CPU,
 time.perf_counter around each call, median. Inputs are rotated through several sets, enough to
 exceed the last-level cache, so repeated calls do not run from a warm cache.
 
@@ -532,14 +535,63 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Timing:
+    """Seconds per call: ``times`` as the device ran them (CUDA: between two events, with the
+    queue filled ahead of the GPU; CPU: wall clock), ``host`` the host's own time to issue each
+    call (CUDA; on CPU the same as ``times``). ``prefilled``: the GPU never waited for the host
+    during the timed calls (CUDA), so ``times`` hold no launch gaps."""
+
+    times: list
+    host: list
+    prefilled: bool = True
+
+
+#: longest GPU sleep put in front of the timed calls (seconds); fewer calls are timed when issuing
+#: them would take longer
+MAX_PREFILL_S = 1.0
+_GPU_CYCLES_PER_S: dict = {}
+
+
+def _gpu_cycles_per_s(device: torch.device) -> float:
+    """Clock cycles per second of ``torch.cuda._sleep`` on this GPU, measured once (events around a
+    20-million-cycle sleep; the faster of two, the first may include a clock ramp)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _GPU_CYCLES_PER_S:
+        rates = []
+        for _ in range(2):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            torch.cuda._sleep(20_000_000)
+            end.record()
+            end.synchronize()
+            rates.append(20_000_000 / max(begin.elapsed_time(end) / 1e3, 1e-6))
+        _GPU_CYCLES_PER_S[key] = max(rates)
+    return _GPU_CYCLES_PER_S[key]
+
+
+def prefill_plan(host_s: float, reps: int, min_reps: int) -> tuple[int, float]:
+    """(calls to time, seconds of GPU sleep to queue them behind): the sleep must outlast issuing
+    every timed call (``host_s`` each, with a 25 % margin and 2 ms to spare), so that the GPU, once
+    awake, finds the whole queue waiting and runs the calls back to back; at most MAX_PREFILL_S,
+    fewer calls (never under ``min_reps``) where that is too short."""
+    per_call = 1.25 * max(host_s, 1e-6)
+    reps = max(min(reps, int((MAX_PREFILL_S - 2e-3) / per_call)), min_reps)
+    return reps, min(reps * per_call + 2e-3, MAX_PREFILL_S)
+
+
 def time_calls(call: Callable[[int], Any], n_sets: int, device: torch.device, budget_s: float,
-               min_reps: int, max_reps: int) -> list[float]:
-    """Seconds per call of ``call(i)`` (i cycles through the input sets), after warm-up.
+               min_reps: int, max_reps: int) -> Timing:
+    """Times ``call(i)`` (i cycles through the input sets) after warm-up.
 
     Warm-up runs at least two calls (the first may compile) and until a quarter of the budget
     is spent; the number of timed calls then fits the budget, within [min_reps, max_reps]. On
-    CUDA each call sits between two events (no host synchronisation between calls); on CPU it is
-    timed with time.perf_counter.
+    CPU each call is timed with time.perf_counter. On CUDA each call sits between two events,
+    and the timed calls are queued behind a GPU sleep that outlasts issuing them (``prefill_plan``):
+    the events then measure the device's time for the call alone. Without the sleep a call whose
+    kernels finish before the host has issued the next one is timed at the host's pace (Python,
+    autograd and launch overhead, ~0.06-0.2 ms a call on the H200 machine), which hid the kernels
+    of every short call; that host time is reported beside it (``Timing.host``).
     """
     cuda = device.type == "cuda"
     i = 0
@@ -561,19 +613,37 @@ def time_calls(call: Callable[[int], Any], n_sets: int, device: torch.device, bu
     gc.disable()
     try:
         if cuda:
+            rate = _gpu_cycles_per_s(device)
+            # the host's time to issue one call, measured while the GPU is kept busy (so that
+            # nothing the call does waits for the device unless it synchronises)
+            torch.cuda._sleep(int(0.05 * rate))
+            issue = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                call(i % n_sets)
+                issue.append(time.perf_counter() - t0)
+                i += 1
+            _sync(device)
+            reps, sleep_s = prefill_plan(statistics.median(issue), reps, min_reps)
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+            host = []
+            torch.cuda._sleep(int(sleep_s * rate))
+            t_issue = time.perf_counter()
             for r, (begin, end) in enumerate(events):
+                t0 = time.perf_counter()
                 begin.record()
                 call((i + r) % n_sets)
                 end.record()
+                host.append(time.perf_counter() - t0)
+            issued_in = time.perf_counter() - t_issue
             _sync(device)
-            return [begin.elapsed_time(end) / 1e3 for begin, end in events]
+            return Timing([begin.elapsed_time(end) / 1e3 for begin, end in events], host, issued_in < sleep_s)
         times = []
         for r in range(reps):
             t0 = time.perf_counter()
             call((i + r) % n_sets)
             times.append(time.perf_counter() - t0)
-        return times
+        return Timing(times, times)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -739,7 +809,8 @@ def baseline_names(op: str, device_type: str) -> list[str]:
 def _row(case, dtype, impl, pass_, **kw):
     row = {"op": case.op, "pass": pass_, "shape": case.label(), "params": case.params(), "dtype": _dt(dtype),
            "impl": impl.name, "kind": impl.kind, "status": "ok", "reason": "", "median_ms": None, "min_ms": None,
-           "reps": 0, "n_sets": 0, "work": case.work(_work_pass(pass_), dtype), "unit": case.unit, "throughput": None,
+           "reps": 0, "n_sets": 0, "host_ms": None, "prefilled": None, "work": case.work(_work_pass(pass_), dtype),
+           "unit": case.unit, "throughput": None,
            "ceiling": None, "ceiling_frac": None, "speedup": {}, "err_out": None, "err_grad": None,
            "oracle": "", "oracle_detail": "", "peak_mem_mib": None}
     row.update(kw)
@@ -793,13 +864,16 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
                 del out0
                 for pass_ in opts.passes:
                     call = _make_call(impl, sets, dts, pass_)
-                    times = time_calls(call, n_sets, device, opts.budget_s, opts.min_reps, opts.max_reps)
+                    timing = time_calls(call, n_sets, device, opts.budget_s, opts.min_reps, opts.max_reps)
                     del call
+                    times = timing.times
                     median = statistics.median(times)
                     work = case.work(_work_pass(pass_), dtype)
                     scale = 1e12 if case.unit == "TFLOP/s" else 1e9
                     throughput = work / median / scale
+                    host_ms = statistics.median(timing.host) * 1e3 if device.type == "cuda" else None
                     rows[impl.name, pass_].update(median_ms=median * 1e3, min_ms=min(times) * 1e3, reps=len(times),
+                                                  host_ms=host_ms, prefilled=timing.prefilled if host_ms else None,
                                                   throughput=throughput,
                                                   ceiling_frac=throughput / ceiling if ceiling else None)
         except Exception as exc:  # noqa: BLE001 - a failing implementation must not stop the sweep
@@ -987,7 +1061,7 @@ def measure_ceilings(device: torch.device, dtypes, shapes: str, budget_s: float)
         gen = torch.Generator().manual_seed(0)
         mats = [torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(4)]
         try:
-            times = time_calls(lambda i: mats[2 * (i % 2)] @ mats[2 * (i % 2) + 1], 2, device, budget_s, 3, 100)
+            times = time_calls(lambda i: mats[2 * (i % 2)] @ mats[2 * (i % 2) + 1], 2, device, budget_s, 3, 100).times
             result["matmul_tflops"][_dt(dtype)] = 2 * n**3 / statistics.median(times) / 1e12
             result["matmul_n"][_dt(dtype)] = n
         except Exception as exc:  # noqa: BLE001
@@ -996,7 +1070,7 @@ def measure_ceilings(device: torch.device, dtypes, shapes: str, budget_s: float)
     numel = (1 << 29) if cuda else {"tiny": 1 << 20, "quick": 1 << 25, "full": 1 << 26}[shapes]
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    times = time_calls(lambda i: dst.copy_(src), 1, device, budget_s, 3, 100)
+    times = time_calls(lambda i: dst.copy_(src), 1, device, budget_s, 3, 100).times
     result["copy_bytes"] = 2 * numel * 4
     result["copy_gbs"] = 2 * numel * 4 / statistics.median(times) / 1e9
     del src, dst
@@ -1061,15 +1135,19 @@ def format_table(rows: list[dict], op: str) -> str:
         return ""
     unit = rows[0]["unit"]
     has_sdpa = any(r["impl"].startswith("sdpa") for r in rows)
-    head = ["shape", "dtype", "pass", "impl", "ms", unit, "%ceil", "x eager"] + (["x sdpa"] if has_sdpa else []) + \
-        ["x compile", "err", "oracle", "MiB", "note"]
+    has_host = any(r.get("host_ms") is not None for r in rows)
+    head = ["shape", "dtype", "pass", "impl", "ms"] + (["host ms"] if has_host else []) + [unit, "%ceil", "x eager"] + \
+        (["x sdpa"] if has_sdpa else []) + ["x compile", "err", "oracle", "MiB", "note"]
     lines = []
     for r in rows:
         sp = r["speedup"]
         sdpa = [v for k, v in sp.items() if k.startswith("sdpa")]
         err = r["err_out"] if r["pass"] in ("fwd", "infer") else r["err_grad"]
         note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:60]
-        cells = [r["shape"], r["dtype"], r["pass"], r["impl"], _fmt(r["median_ms"], ".3f"),
+        if r["status"] == "ok" and r.get("prefilled") is False:
+            note = "GPU idled between calls: ms includes host time"
+        cells = [r["shape"], r["dtype"], r["pass"], r["impl"], _fmt(r["median_ms"], ".3f")] + \
+            ([_fmt(r.get("host_ms"), ".3f")] if has_host else []) + [
                  _fmt(r["throughput"], ".3g"),
                  _fmt(None if r["ceiling_frac"] is None else 100 * r["ceiling_frac"], ".0f"),
                  _fmt(sp.get("eager"), ".2f")] + ([_fmt(min(sdpa) if sdpa else None, ".2f")] if has_sdpa else []) + \
@@ -1119,6 +1197,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                         "speedup_vs_eager": _geomean([r["speedup"].get("eager") for r in ok]) if impl != "eager" else None,
                         "speedup_vs_best_baseline": _geomean(vs_best),
                         "ceiling_frac": statistics.median(fracs) if fracs else None,
+                        "host_bound": sum(1 for r in ok if r.get("host_ms") and r["host_ms"] > r["median_ms"]),
                         "max_err": max(errs) if errs else None,
                         "oracle_fails": sum(r["oracle"] == "FAIL" for r in mine),
                         "errors": sum(r["status"] in ("error", "oom") for r in mine)})
@@ -1126,29 +1205,34 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def format_summary(summary: list[dict], ceilings: dict, machine: dict) -> str:
-    head = ["op", "pass", "dtype", "impl", "ran", "x eager", "x best baseline", "%ceil", "max err", "oracle", "errors"]
+    gpu = str(machine.get("device", "")).startswith("cuda")
+    head = ["op", "pass", "dtype", "impl", "ran", "x eager", "x best baseline", "%ceil"] + \
+        (["host-bound"] if gpu else []) + ["max err", "oracle", "errors"]
     lines = []
     for s in summary:
         if s["kind"] != "fused" and s["impl"] != "eager":
             continue  # the summary shows the fused backends (and the eager line for its error)
         lines.append([s["op"], s["pass"], s["dtype"], s["impl"], f"{s['ok']}/{s['shapes']}",
                       _fmt(s["speedup_vs_eager"], ".2f"), _fmt(s["speedup_vs_best_baseline"], ".2f"),
-                      _fmt(None if s["ceiling_frac"] is None else 100 * s["ceiling_frac"], ".0f"),
-                      _fmt(s["max_err"], ".1e"),
+                      _fmt(None if s["ceiling_frac"] is None else 100 * s["ceiling_frac"], ".0f")] +
+                     ([f"{s.get('host_bound', 0)}/{s['ok']}"] if gpu else []) +
+                     [_fmt(s["max_err"], ".1e"),
                       "" if s["kind"] != "fused" else ("ok" if not s["oracle_fails"] else f"{s['oracle_fails']} FAIL"),
                       str(s["errors"] or "")])
     mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.get("matmul_tflops", {}).items())
     title = (f"== summary: {machine['device_name']} | torch {machine['torch']} | triton {machine.get('triton')} | "
              f"{machine['date']} ==\nceilings: matmul {mm}; copy {_fmt(ceilings.get('copy_gbs'), '.3g')} GB/s\n"
              "x eager / x best baseline: geometric mean over shapes of the speedup over the eager reference / over "
-             "the fastest baseline of each shape; %ceil: median fraction of the measured ceiling")
+             "the fastest baseline of each shape; %ceil: median fraction of the measured ceiling" +
+             ("; host-bound: shapes whose host time per call exceeds the device time (times are device times)"
+              if gpu else ""))
     if not lines:
         return title + "\n(no fused backend ran)"
     return _render(head, lines, title=title)
 
 
-CSV_FIELDS = ["op", "pass", "shape", "dtype", "impl", "kind", "status", "median_ms", "min_ms", "reps", "n_sets",
-              "work", "unit", "throughput", "ceiling", "ceiling_frac"]
+CSV_FIELDS = ["op", "pass", "shape", "dtype", "impl", "kind", "status", "median_ms", "min_ms", "host_ms", "prefilled",
+              "reps", "n_sets", "work", "unit", "throughput", "ceiling", "ceiling_frac"]
 CSV_TAIL = ["err_out", "err_grad", "oracle", "peak_mem_mib", "reason", "device_name", "torch", "triton", "date"]
 
 

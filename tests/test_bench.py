@@ -4,6 +4,7 @@ import csv
 import os
 import json
 import runpy
+import statistics
 import sys
 import time
 
@@ -33,9 +34,84 @@ def test_work_is_counted_as_documented():
 
 
 def test_time_calls_measures_the_call():
-    times = bench.time_calls(lambda i: time.sleep(0.003), 1, torch.device("cpu"), 0.03, 3, 20)
+    times = bench.time_calls(lambda i: time.sleep(0.003), 1, torch.device("cpu"), 0.03, 3, 20).times
     assert len(times) >= 3
     assert 0.003 <= sorted(times)[len(times) // 2] < 0.5
+
+
+class _SimulatedGpu:
+    """A stand-in for one CUDA device's queue, on the host's clock: work issued at host time t
+    starts when the device is free (or at t, if it is idle then); events take the time the device
+    reaches them. Enough to test how time_calls keeps host time out of device timings."""
+
+    rate = 1e9  # _sleep cycles per second
+
+    def __init__(self):
+        self.free_at = time.perf_counter()
+
+    def run(self, seconds):
+        self.free_at = max(self.free_at, time.perf_counter()) + seconds
+
+    def sleep(self, cycles):
+        self.run(cycles / self.rate)
+
+    def synchronize(self, *args):
+        wait = self.free_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+
+    def event_class(self):
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                gpu.run(0.0)
+                self.t = gpu.free_at
+
+            def synchronize(self):
+                gpu.synchronize()
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3
+
+        return Event
+
+
+@pytest.mark.parametrize("host_s, device_s", [(0.004, 0.001), (0.001, 0.004)])
+def test_time_calls_on_cuda_measures_the_device_not_the_host(monkeypatch, host_s, device_s):
+    """On CUDA the events must time the device's work alone: a call that takes the host 4 ms to
+    issue and the device 1 ms is timed at ~1 ms (before the GPU sleep it was timed at the host's 4
+    ms), with the host's 4 ms reported beside it; a device-bound call is timed at its device time."""
+    gpu = _SimulatedGpu()
+    monkeypatch.setattr(torch.cuda, "Event", gpu.event_class())
+    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
+    monkeypatch.setattr(bench, "_sync", gpu.synchronize)
+    monkeypatch.setattr(bench, "_GPU_CYCLES_PER_S", {})
+
+    def call(i):
+        end = time.perf_counter() + host_s
+        while time.perf_counter() < end:  # the host's Python and launch work
+            pass
+        gpu.run(device_s)
+
+    timing = bench.time_calls(call, 2, torch.device("cuda", 0), 0.1, 5, 40)
+    assert bench._GPU_CYCLES_PER_S[0] == pytest.approx(gpu.rate, rel=0.05)
+    assert timing.prefilled
+    assert len(timing.times) == len(timing.host) >= 5
+    assert statistics.median(timing.times) == pytest.approx(device_s, rel=0.2)
+    assert statistics.median(timing.host) == pytest.approx(host_s, rel=0.5)
+
+
+def test_prefill_plan_outlasts_issuing_and_is_bounded():
+    reps, sleep_s = bench.prefill_plan(0.001, 100, 3)
+    assert reps == 100 and sleep_s >= 100 * 0.001 * 1.2
+    reps, sleep_s = bench.prefill_plan(0.05, 100, 3)  # 100 calls would need 5 s of sleep
+    assert sleep_s <= bench.MAX_PREFILL_S and reps * 0.05 < sleep_s
+    reps, sleep_s = bench.prefill_plan(2.0, 100, 3)  # never fewer than min_reps
+    assert reps == 3 and sleep_s == bench.MAX_PREFILL_S
 
 
 def test_backend_choices_follow_the_backends_own_reasons():

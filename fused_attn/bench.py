@@ -1035,6 +1035,25 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+def triton_autotuner_choices() -> dict:
+    """What each Triton autotuner picked in this process: {kernel: [{"key": ..., "config": ...}]},
+    the configuration kept for every key (shapes rounded, flags) it was called with. Written to
+    bench.json so that a GPU run says which tiles its rows ran on."""
+    try:
+        from .triton import attention as triton_attention
+        from .triton import feed_forward as triton_feed_forward
+    except Exception:  # noqa: BLE001 - no Triton: nothing was tuned
+        return {}
+    tuners = {f"attention_{name}": fn for name, fn in triton_attention._tuned.items()}
+    tuners["feed_forward_gemm"] = triton_feed_forward._ffn_gemm_tuned
+    out = {}
+    for name, tuner in tuners.items():
+        cache = getattr(tuner, "cache", None) or {}
+        if cache:
+            out[name] = [{"key": [str(k) for k in key], "config": str(cfg)} for key, cfg in cache.items()]
+    return out
+
+
 def add_speedups(rows: list[dict]):
     """speedup[b] = time of baseline b / time of the row, for the baselines of the same case."""
     groups: dict[tuple, dict[str, float]] = {}
@@ -1439,6 +1458,7 @@ def main(argv=None) -> int:
         print(format_table(rows, current_op), flush=True)
     add_speedups(rows)
     payload["summary"] = summarize(rows)
+    payload["triton_autotuner_choices"] = triton_autotuner_choices()
     payload["elapsed_s"] = round(time.monotonic() - started, 1)
     write_json(json_path, payload)
     write_csv(csv_path, rows, machine)

@@ -268,3 +268,18 @@ def test_cpu_probes_run(script, args, expect):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert expect in proc.stdout
+
+
+def test_autotuner_choices_are_recorded(monkeypatch):
+    """bench.json says which configuration each Triton autotuner kept for each key it saw."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from fused_attn.triton import attention as triton_attention
+    from fused_attn.triton import feed_forward as triton_feed_forward
+
+    picked = SimpleNamespace(cache={(4096, 4096, 0, 128, 128, True): "BLOCK_N: 128, BLOCK_M: 64, num_warps: 8"})
+    monkeypatch.setattr(triton_attention, "_tuned", {"dkdv": picked, "fwd": SimpleNamespace(cache={})})
+    monkeypatch.setattr(triton_feed_forward, "_ffn_gemm_tuned", SimpleNamespace(cache={}))
+    assert bench.triton_autotuner_choices() == {"attention_dkdv": [
+        {"key": ["4096", "4096", "0", "128", "128", "True"], "config": "BLOCK_N: 128, BLOCK_M: 64, num_warps: 8"}]}

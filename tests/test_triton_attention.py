@@ -295,13 +295,15 @@ def test_dkdv_in_two_passes(device, monkeypatch):
     mask = torch.randn(1, 4, 23, 37, generator=torch.Generator().manual_seed(9)).to(device).requires_grad_(True)
     _check((1, 4, 2, 23, 37, 24, 40), f32, device, causal=True, mask=mask, dropout_p=0.2, rng=13)
 
-@pytest.mark.parametrize("blocks", [(16, 32), (32, 16), (64, 64)], ids=str)
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16), (64, 64), (128, 32), (128, 64)], ids=str)
 def test_other_block_shapes(blocks, device, monkeypatch):
     """The GPU autotuner picks other (outer, inner) blocks than the interpreter default: the same
-    kernels with inner > outer, inner < outer and equal blocks, on causal + mask + ragged lengths."""
+    kernels with inner > outer, inner < outer and equal blocks (and the sm_90 dK/dV tiles of 128
+    keys by 32 or 64 queries), on causal + mask + ragged lengths spanning several blocks."""
     monkeypatch.setattr(triton_attention, "INTERPRETER_CONFIG", {k: blocks for k in ("fwd", "dq", "dkdv")})
-    mask = (torch.randn(1, 2, 45, 70, generator=torch.Generator().manual_seed(10)) * 3).to(device)
-    _check((1, 2, 1, 45, 70, 16, 16), f32, device, causal=True, mask=mask.requires_grad_(True))
+    lq, lk = (45, 70) if max(blocks) <= 64 else (150, 290)
+    mask = (torch.randn(1, 2, lq, lk, generator=torch.Generator().manual_seed(10)) * 3).to(device)
+    _check((1, 2, 1, lq, lk, 16, 16), f32, device, causal=True, mask=mask.requires_grad_(True))
 
 
 # ---------------------------------------------------------------------------------------------

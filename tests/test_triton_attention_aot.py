@@ -147,7 +147,7 @@ def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="
     heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
     args = (A._pow2(head_dim), A._pow2(head_dim_v), elem, arch, mask_bytes)
     mode = "only" if tma else "off"
-    kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, heavy, mode)]
+    kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, heavy, mode, f["causal"])]
     kept = kept or [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, False, mode)]
     return [(c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages) for c in kept]
 
@@ -189,6 +189,9 @@ def _describe(r):
 SUBSET = [
     ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "plain"),
     ("dkdv", 90, "bfloat16", 128, 128, 128, 16, 8, 3, "all"),
+    # the wide-query dK/dV tiles at D = 128: spills only around the loops (PLAIN_ONLY / HEAVY_SPILLS)
+    ("dkdv", 90, "bfloat16", 128, 128, 128, 64, 8, 2, "plain"),
+    ("dkdv", 90, "float16", 128, 128, 128, 32, 8, 2, "causal"),
     ("dq", 90, "float16", 64, 64, 128, 64, 8, 3, "causal"),
     ("fwd", 80, "float16", 64, 64, 128, 128, 8, 3, "plain"),
     ("dkdv", 80, "bfloat16", 128, 128, 64, 32, 8, 2, "plain"),
@@ -227,7 +230,7 @@ def test_subset_cases_are_configs_the_autotuner_keeps():
         mask_bytes = {None: 0, "bool": 1, "additive": 2}[f["mask"]]
         heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
         assert A.config_ok(kernel, cfg, A._pow2(d), A._pow2(dv), elem, arch, mask_bytes, heavy,
-                           "only" if tma else "off")
+                           "only" if tma else "off", f["causal"])
 
 
 @pytest.mark.parametrize("index", range(len(SUBSET)), ids=lambda i: "-".join(map(str, SUBSET[i])))
@@ -346,10 +349,10 @@ def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
         prune = A._make_prune(kernel)
         outer_name, inner_name = A.OUTER_INNER[kernel]
         for hd in (64, 128, 256):
-            for heavy in (False, True):
+            for heavy, causal in ((False, False), (False, True), (True, False)):
                 for length in (1, 4096):
                     args = dict(Q=q, Mask=q, HEAD_DIM=hd, HEAD_DIM_V=hd, MASK_KIND=2 if heavy else 0,
-                                DROPOUT=heavy, MASK_GRAD=heavy, LQ_KEY=length, LK_KEY=length)
+                                DROPOUT=heavy, MASK_GRAD=heavy, LQ_KEY=length, LK_KEY=length, CAUSAL=causal)
                     kept = prune(A.all_configs(kernel), args)
                     assert kept, (kernel, hd, heavy, length)
                     table = A.CONFIGS if arch >= 90 else A.CONFIGS_SM80
@@ -360,6 +363,8 @@ def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
                         assert key in table[kernel][hd]
                         if heavy:
                             assert (kernel, hd, key) not in A.heavy_spills(arch)
+                        if (heavy or causal) and arch >= 90:
+                            assert (kernel, hd, key) not in A.PLAIN_ONLY
                         if length == 1 and has_small:  # one-row sequences: blocks of <= 64 rows when listed (and kept)
                             assert key[0] <= 64
 
@@ -418,3 +423,26 @@ def test_autotune_off_keeps_the_first_config(monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "sometimes")
     with pytest.raises(ValueError, match="FUSED_ATTN_TRITON_AUTOTUNE must be 1 or 0"):
         _tuning.autotune_enabled()
+
+
+def test_loop_spills_are_told_from_spills_around_loops():
+    """``loop_spill_count`` counts LDL/STL between a backward branch and its target (nested loops
+    too) and not those before or after: a register saved before the main loop and restored after
+    it is allowed, a spill in the loop is a problem (``AotResult.problems``)."""
+    from fused_attn.triton._aot import AotResult, loop_spill_count
+
+    def sass(*lines):
+        return "\n".join(f"        /*{addr:04x}*/                   {text} ;   /* 0x0000 */" for addr, text in lines)
+
+    around = sass((0x10, "STL [R1], R192"), (0x20, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24"),
+                  (0x30, "@P0 BRA 0x20"), (0x40, "LDL.LU R2, [R1]"), (0x50, "BRA 0x50"))
+    assert loop_spill_count(around) == 0
+    inside = sass((0x10, "MOV R1, R2"), (0x20, "STL [R1+0x4], R3"), (0x30, "LDL R3, [R1+0x4]"),
+                  (0x40, "@!P2 BRA 0x30"), (0x50, "@P1 BRA 0x10"), (0x60, "STL [R1], R4"),
+                  (0x70, "@P3 BRA 0x80"))  # a forward branch is no loop
+    assert loop_spill_count(inside) == 2
+    base = dict(kernel="k", arch=90, num_warps=8, num_stages=2, shared=1024, registers=255, hgmma=4, tma_loads=0,
+                vector_loads=0, constexprs={})
+    assert AotResult(spills=14, loop_spills=0, **base).problems(require_hgmma=True) == []
+    assert "2 local-memory spill instructions (LDL/STL) inside loops (3 in all)" in \
+        AotResult(spills=3, loop_spills=2, **base).problems()

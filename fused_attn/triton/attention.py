@@ -564,10 +564,14 @@ CONFIGS = {
     "dkdv": {
         # (64, 64, 4, 3) was dropped: 12 (Triton 3.6) / 26 (3.9) LDL/STL for the plain kernel.
         64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)],
-        # 128 keys x 16 queries on 8 warps: clean for all six feature sets of the AOT sweep under
-        # Triton 3.6 and 3.9; (128, 32, 8, 2/3) spilled 2 LDL/STL (3.6, plain) to 16 (3.9, mask_grad),
-        # (64, 32, 8, 2) 9 (3.9, every feature on).
-        128: [(128, 16, 8, 2), (128, 16, 8, 3)],
+        # 128 keys on 8 warps. The score GEMMs (k q^T, v dO^T) have the queries as their N: at 16
+        # queries each HGMMA.64x16x16 reads both operands from shared memory (2.5 KB for 32 KFLOP,
+        # about 2.5x what the tensor cores can consume), so the wider inner tiles come first:
+        # 64 queries (HGMMA.64x64x16, 4 KB per 131 KFLOP) is clean inside the loop only for the
+        # plain kernel (PLAIN_ONLY; 14-16 LDL/STL saved and restored around the loops, 7-17 in the
+        # loop once causal), 32 queries in every feature set but the mask gradient (HEAVY_SPILLS;
+        # 16 in the loop under 3.9); 16 queries is clean everywhere under Triton 3.6 and 3.9.
+        128: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 16, 8, 2), (128, 16, 8, 3)],
         # Two passes (dK, then dV). 128 keys on 8 warps (two warpgroups of 64 rows, a 128-register
         # accumulator) compiles clean with every feature on under Triton 3.6 and 3.9; 64 keys on 8
         # warps replicates the score tiles on both warpgroups and spills once a mask, its gradient
@@ -603,12 +607,21 @@ CONFIGS_SM80 = {
 #: attn_mask, its gradient and dropout add their tiles (the AOT sweep's "all" feature set): the
 #: autotuner skips them when any of those is on, unless nothing else is left.
 HEAVY_SPILLS = {
+    ("dkdv", 128, (128, 32, 8, 2)),  # mask gradient: 16 in the loop (Triton 3.9)
     ("fwd", 128, (128, 128, 8, 2)),
     ("dq", 128, (64, 64, 4, 2)),
     ("fwd", 256, (64, 32, 4, 3)),
     ("dkdv", 64, (128, 64, 8, 3)),
     ("dkdv", 256, (64, 32, 8, 2)),   # dK pass: 18 (Triton 3.6) / 104 (3.9) with every feature on
 }
+#: Configurations clean inside their loops only for the plain kernel (no causal mask, no attn_mask,
+#: no dropout; sm_90 pointer path): the autotuner skips them otherwise.
+PLAIN_ONLY = {
+    ("dkdv", 128, (128, 64, 8, 2)),  # causal: 7 (Triton 3.6) / 17 (3.9) LDL/STL in the loop
+}
+#: The sm_90 configurations added after the TMA sweep (not compiled with descriptors: kept off the
+#: TMA lists)
+_NOT_TMA_SWEPT = {("dkdv", 128, (128, 64, 8, 2)), ("dkdv", 128, (128, 32, 8, 2))}
 #: TMA-streamed configurations (sm_90 and newer; ``STREAM_TMA``): the inner loop's tiles (K and V
 #: in forward and dQ, Q and dO in dK/dV) arrive by the tensor-memory accelerator through host-side
 #: descriptors instead of per-thread pointer loads, which frees the address registers and lets
@@ -620,7 +633,8 @@ HEAVY_SPILLS = {
 #: the pointer kernels (fwd D = 128, 128 x 64: 150 vs 184). Warp specialisation
 #: (``tl.range(..., warp_specialize=True)``) compiles to the same SASS on sm_90 under both
 #: versions (Triton specialises warps on Blackwell only), so it is not used.
-TMA_CONFIGS = {kernel: {bucket: list(configs) for bucket, configs in per_dim.items()}
+TMA_CONFIGS = {kernel: {bucket: [c for c in configs if (kernel, bucket, c) not in _NOT_TMA_SWEPT]
+                         for bucket, configs in per_dim.items()}
                for kernel, per_dim in CONFIGS.items()}
 #: HEAVY_SPILLS of the TMA configurations (spills with every feature on, either version)
 TMA_HEAVY_SPILLS = {
@@ -692,12 +706,12 @@ def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int
 
 
 def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90,
-              mask_bytes: int = 0, heavy: bool = False, tma: str = "off") -> bool:
+              mask_bytes: int = 0, heavy: bool = False, tma: str = "off", causal: bool = False) -> bool:
     """Whether the autotuner may try ``cfg`` for this head-dim pair (padded powers of two), element
     size, compute capability (80, 90, ...) and mask element size (0 = no mask); ``heavy`` (a mask,
-    its gradient or dropout is on) also skips HEAVY_SPILLS. ``tma``: "off" (the launch passes no
-    descriptors: pointer configs only), "auto" (both kinds, on sm_90 and newer) or "only" (TMA
-    configs only)."""
+    its gradient or dropout is on) also skips HEAVY_SPILLS, ``heavy`` or ``causal`` PLAIN_ONLY.
+    ``tma``: "off" (the launch passes no descriptors: pointer configs only), "auto" (both kinds,
+    on sm_90 and newer) or "only" (TMA configs only)."""
     outer_name, inner_name = OUTER_INNER[kernel]
     key = (cfg.kwargs[outer_name], cfg.kwargs[inner_name], cfg.num_warps, cfg.num_stages)
     streamed = bool(cfg.kwargs.get("STREAM_TMA", False))
@@ -713,6 +727,8 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
     if key not in table[kernel][bucket]:
         return False
     if heavy and (kernel, bucket, key) in heavy_spills(arch, streamed):
+        return False
+    if (heavy or causal) and not streamed and arch >= 90 and (kernel, bucket, key) in PLAIN_ONLY:
         return False
     limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
@@ -750,7 +766,7 @@ def _make_prune(kernel: str):
         heavy = bool(args["MASK_KIND"] or args["DROPOUT"] or args.get("MASK_GRAD", False))
         tma = ("off", "auto", "only")[args.get("TMA_KEY", 0)]
         keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
-                                                mask_bytes, heavy, tma)]
+                                                mask_bytes, heavy, tma, bool(args.get("CAUSAL", False)))]
         if not keep:
             keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
                                                     mask_bytes, False, tma)]

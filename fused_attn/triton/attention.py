@@ -550,16 +550,23 @@ CONFIGS = {
     "fwd": {
         64: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
         128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-        # 8 warps: clean in every feature set under Triton 3.6 and 3.9 ((64, 32, 4, 3) spills 16
-        # under 3.6 with every feature on: HEAVY_SPILLS)
-        256: [(64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (128, 16, 8, 2)],
+        # The first three (added with the loop-aware spill count): no spill inside the loop in
+        # any feature set under Triton 3.6 and 3.9, except (128, 64, 8, 2) with every feature on
+        # (3 under 3.9: HEAVY_SPILLS); their key tiles of 32-64 give the q k^T GEMM an N of 32-64.
+        # The others: clean in every feature set ((64, 32, 4, 3) spills 16 under 3.6 with every
+        # feature on: HEAVY_SPILLS)
+        256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2),
+              (128, 16, 8, 2)],
     },
     "dq": {
         64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
-        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        # (128, 128, 8, 2): clean inside the loop for the plain and causal kernels, 17-183 LDL/STL
+        # there once a mask or dropout is on (HEAVY_SPILLS)
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
         # the dQ accumulator of 64 x 256 is 128 registers per thread on 4 warps: (64, 32, 4, 2/3)
         # spilled 20-62 under Triton 3.6; on 8 warps these are clean in every feature set (3.6, 3.9)
-        256: [(64, 32, 8, 2), (128, 16, 8, 2)],
+        # inside the loop, except (64, 64, 8, 2) with every feature on (12-22: HEAVY_SPILLS)
+        256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 16, 8, 2)],
     },
     "dkdv": {
         # (64, 64, 4, 3) was dropped: 12 (Triton 3.6) / 26 (3.9) LDL/STL for the plain kernel.
@@ -573,10 +580,12 @@ CONFIGS = {
         # 16 in the loop under 3.9); 16 queries is clean everywhere under Triton 3.6 and 3.9.
         128: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 16, 8, 2), (128, 16, 8, 3)],
         # Two passes (dK, then dV). 128 keys on 8 warps (two warpgroups of 64 rows, a 128-register
-        # accumulator) compiles clean with every feature on under Triton 3.6 and 3.9; 64 keys on 8
-        # warps replicates the score tiles on both warpgroups and spills once a mask, its gradient
-        # or dropout is on (HEAVY_SPILLS), but is clean for the plain and causal kernels.
-        256: [(128, 16, 8, 2), (64, 32, 8, 2)],
+        # accumulator): by 32 queries clean inside the loops in every feature set but all at once
+        # (1 LDL/STL under 3.6, 57 under 3.9: HEAVY_SPILLS), by 16 clean with every feature on
+        # under Triton 3.6 and 3.9; 64 keys on 8 warps replicates the score tiles on both
+        # warpgroups and spills once a mask, its gradient or dropout is on (HEAVY_SPILLS), but is
+        # clean for the plain and causal kernels.
+        256: [(128, 32, 8, 2), (128, 16, 8, 2), (64, 32, 8, 2)],
     },
 }
 #: The same for sm_8x (mma.sync instead of wgmma: different register layouts, less shared memory).
@@ -608,6 +617,10 @@ CONFIGS_SM80 = {
 #: autotuner skips them when any of those is on, unless nothing else is left.
 HEAVY_SPILLS = {
     ("dkdv", 128, (128, 32, 8, 2)),  # mask gradient: 16 in the loop (Triton 3.9)
+    ("dkdv", 256, (128, 32, 8, 2)),  # every feature on: 1 (3.6) / 57 (3.9) in the loops
+    ("fwd", 256, (128, 64, 8, 2)),   # every feature on: 3 in the loop (3.9)
+    ("dq", 256, (64, 64, 8, 2)),     # every feature on: 12 (3.6) / 22 (3.9) in the loop
+    ("dq", 128, (128, 128, 8, 2)),   # any mask or dropout: 17-183 in the loop
     ("fwd", 128, (128, 128, 8, 2)),
     ("dq", 128, (64, 64, 4, 2)),
     ("fwd", 256, (64, 32, 4, 3)),
@@ -621,7 +634,9 @@ PLAIN_ONLY = {
 }
 #: The sm_90 configurations added after the TMA sweep (not compiled with descriptors: kept off the
 #: TMA lists)
-_NOT_TMA_SWEPT = {("dkdv", 128, (128, 64, 8, 2)), ("dkdv", 128, (128, 32, 8, 2))}
+_NOT_TMA_SWEPT = {("dkdv", 128, (128, 64, 8, 2)), ("dkdv", 128, (128, 32, 8, 2)), ("dkdv", 256, (128, 32, 8, 2)),
+                  ("fwd", 256, (128, 64, 8, 2)), ("fwd", 256, (128, 32, 8, 2)), ("fwd", 256, (64, 64, 8, 2)),
+                  ("dq", 256, (128, 32, 8, 2)), ("dq", 256, (64, 64, 8, 2)), ("dq", 128, (128, 128, 8, 2))}
 #: TMA-streamed configurations (sm_90 and newer; ``STREAM_TMA``): the inner loop's tiles (K and V
 #: in forward and dQ, Q and dO in dK/dV) arrive by the tensor-memory accelerator through host-side
 #: descriptors instead of per-thread pointer loads, which frees the address registers and lets

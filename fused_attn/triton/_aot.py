@@ -116,7 +116,8 @@ def aot_compile(fn, signature: dict, constexprs: dict, *, arch: int = 90, num_wa
     return AotResult(
         kernel=fn.__name__, arch=arch, num_warps=num_warps, num_stages=num_stages,
         shared=int(compiled.metadata.shared), registers=int(regs.group(1)) if regs else -1,
-        spills=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loop_spills=loop_spill_count(sass), hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+        spills=len(re.findall(r"\b(?:LDL|STL)\b", sass)), loop_spills=loop_spill_count(sass),
+        hgmma=len(re.findall(r"\bHGMMA\b", sass)),
         tma_loads=len(re.findall(r"\bUTMALDG\b", sass)),
         vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[48]\b", ptx)),
         constexprs={k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in constexprs.items()},

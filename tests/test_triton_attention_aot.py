@@ -121,7 +121,7 @@ def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, nu
                                num_stages=num_stages, divisible_by_16=divisible)
         per_pass.append(res.to_dict())
         label = "" if len(passes) == 1 else f"pass {dkdv_pass} ({'dK' if dkdv_pass == A.DKDV_DK else 'dV'}): "
-        problems += [label + p for p in res.problems(require_hgmma=half)]
+        problems += [label + p for p in res.problems(require_hgmma=half, spills_around_loops_ok=True)]
         if tma and not res.tma_loads:
             problems.append(label + "no UTMALDG: the streamed tiles do not come through the copy engine")
     out = dict(per_pass[0])
@@ -445,6 +445,8 @@ def test_loop_spills_are_told_from_spills_around_loops():
     assert loop_spill_count(inside) == 2
     base = dict(kernel="k", arch=90, num_warps=8, num_stages=2, shared=1024, registers=255, hgmma=4, tma_loads=0,
                 vector_loads=0, constexprs={})
-    assert AotResult(spills=14, loop_spills=0, **base).problems(require_hgmma=True) == []
+    assert AotResult(spills=14, loop_spills=0, **base).problems(require_hgmma=True, spills_around_loops_ok=True) == []
+    assert AotResult(spills=14, loop_spills=0, **base).problems() == [
+        "14 local-memory spill instructions (LDL/STL)"]  # GEMM epilogues, norms: every spill counts
     assert "2 local-memory spill instructions (LDL/STL) inside loops (3 in all)" in \
-        AotResult(spills=3, loop_spills=2, **base).problems()
+        AotResult(spills=3, loop_spills=2, **base).problems(spills_around_loops_ok=True)

@@ -85,13 +85,19 @@ def test_shapes_float16(shape, causal, device):
     _check(shape, f16, device, causal=causal)
 
 
-def test_large_logits_float16_do_not_overflow(device):
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_logits_float16_do_not_overflow(device, causal):
     # q.k reaches ~ 16 * 8 * 8 / sqrt(16) = 256 > log(65504): exp in half precision would overflow.
-    _check((1, 1, 1, 33, 47, 16, 16), f16, device, q_scale=8.0, causal=True)
+    # Not causal, the 96 keys are three full blocks: the unmasked loop's max-of-raw-scores path.
+    _check((1, 1, 1, 33, 47 if causal else 96, 16, 16), f16, device, q_scale=8.0, causal=causal)
 
 
-def test_custom_scale(device):
-    _check((1, 2, 1, 20, 36, 40, 40), f32, device, scale=0.37)
+@pytest.mark.parametrize("scale", [0.37, -0.5, 0.0])
+def test_custom_scale(device, scale):
+    """Any finite scale, negative and zero included: the forward's unmasked key blocks take the row
+    maximum of the raw scores times the scale, which only holds for scale >= 0 (SCALE_NONNEG).
+    Logits of a few hundred (q scaled by 30): subtracting anything but the row maximum overflows."""
+    _check((1, 2, 1, 20, 70, 40, 40), f32, device, scale=scale, q_scale=30.0)
 
 
 MASK_SHAPES = {  # broadcastable to (B=2, Hq=2, Lq=19, Lk=37)

@@ -137,7 +137,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
                drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+               SCALE_NONNEG: tl.constexpr):
     """Online-softmax over the key blocks starting in [lo, hi). With STREAM_TMA the K and V tiles
     come through the (B, Hkv, Lk, D) tensor descriptors ``k_desc``/``v_desc`` (rows past Lk and
     columns past D are zero-filled by the copy engine), else through pointers and masks."""
@@ -160,14 +161,23 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
-        s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
-                    CHECK_CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every key so far masked has m_new = -inf; subtract 0 instead (exp2(-inf) = 0).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        if MASK_KIND == 0 and not CHECK_KEYS and not CHECK_CAUSAL and SCALE_NONNEG:
+            # Nothing masked: with scale >= 0 the row maximum of the scaled scores is the scaled
+            # maximum of the raw ones, so the scaled scores are never formed on their own and the
+            # exponent is one FFMA per element (qk * scale - m) instead of an FMUL and an FADD.
+            # Every key here is real, so m_new is finite for finite inputs.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        else:
+            mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
+            s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
+                        CHECK_CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with every key so far masked has m_new = -inf; subtract 0 instead (exp2(-inf) = 0).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:  # the normaliser uses all probabilities, the output only the kept ones
@@ -206,7 +216,7 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
+              STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, SCALE_NONNEG: tl.constexpr = True):
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -245,11 +255,12 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, 0, n_full, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                Lq, Lk, qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                               MASK_KIND, DROPOUT, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                               MASK_KIND, DROPOUT, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, n_full, n_end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
                                stride_mn, Lq, Lk, qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                               BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                               BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL, DOT_PRECISION, STREAM_TMA, LOOP_STAGES,
+                               SCALE_NONNEG)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -892,7 +903,7 @@ def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, 
     args = (q, k, v, k_desc, v_desc, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
             *out.stride(), Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, keep_scale, *drop, _len_key(Lq), _len_key(Lk),
             tma_key)
-    return Lq, B * Hq, args, _common_constexprs(q, v, causal, mask_kind, dropout_p)
+    return Lq, B * Hq, args, dict(_common_constexprs(q, v, causal, mask_kind, dropout_p), SCALE_NONNEG=scale >= 0)
 
 
 #: _attn_bwd_dkdv's DKDV_PASS values: both gradients in one pass, or dK (+ dMask) and dV apart

@@ -141,7 +141,8 @@ if os.path.exists(bench_path):
     bench = json.load(open(bench_path))
 summary = {"ok": all(s["ok"] for s in steps.values()) and "bench" in steps, "elapsed_s": elapsed,
            "steps": steps, "machine": bench.get("machine"), "ceilings": bench.get("ceilings"),
-           "bench_not_run": len(bench.get("not_run", [])), "bench_summary": bench.get("summary", [])}
+           "bench_not_run": len(bench.get("not_run", [])), "bench_summary": bench.get("summary", []),
+           "triton_autotuner_choices": bench.get("triton_autotuner_choices", {})}
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1, default=str)
 
 print("\n== gpu_check steps ==")

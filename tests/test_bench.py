@@ -283,3 +283,23 @@ def test_autotuner_choices_are_recorded(monkeypatch):
     monkeypatch.setattr(triton_feed_forward, "_ffn_gemm_tuned", SimpleNamespace(cache={}))
     assert bench.triton_autotuner_choices() == {"attention_dkdv": [
         {"key": ["4096", "4096", "0", "128", "128", "True"], "config": "BLOCK_N: 128, BLOCK_M: 64, num_warps: 8"}]}
+
+
+def test_gpu_tables_show_host_time_and_host_bound_shapes():
+    """On CUDA rows carry the host's time per call beside the device time: the op table shows it,
+    the summary counts the shapes where it is the larger, and a row whose GPU idled is flagged."""
+    case = bench.LayerNormCase(16, 8)
+    impl = bench.Impl("triton", "fused")
+    rows = [bench._row(case, torch.bfloat16, impl, "fwd", median_ms=0.02, host_ms=0.09, prefilled=True,
+                       throughput=1.0),
+            bench._row(case, torch.bfloat16, impl, "bwd", median_ms=0.30, host_ms=0.10, prefilled=False,
+                       throughput=1.0)]
+    table = bench.format_table(rows, "layer_norm")
+    assert "host ms" in table and "0.090" in table
+    assert "GPU idled between calls" in table.splitlines()[-1] and "GPU idled" not in table.splitlines()[-2]
+    summary = bench.summarize(rows)
+    assert [s["host_bound"] for s in summary] == [1, 0]
+    machine = {"device_name": "H200", "torch": "2.11", "triton": "3.6", "date": "today", "device": "cuda:0"}
+    text = bench.format_summary(summary, {}, machine)
+    assert "host-bound" in text and "1/1" in text
+    assert "host-bound" not in bench.format_summary(summary, {}, dict(machine, device="cpu"))

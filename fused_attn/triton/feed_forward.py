@@ -291,6 +291,10 @@ HOPPER_CONFIGS = [
     _config(128, 64, 32, 3, 8),
     _config(64, 64, 64, 4, 8),    # gated backward on Triton < 3.9 (see BWD_CONFIG)
     _config(64, 64, 32, 4, 4),    # small problems
+    # 96 KB of pipeline and ~112 registers a thread: two CTAs per SM, so one tile's pipeline fill
+    # and epilogue (pre and h stores) overlap the other's main loop; the 4-stage 128x128 config
+    # (128 KB) leaves one CTA per SM, each tile paying ~2k cycles of fill and its epilogue alone
+    _config(128, 128, 64, 3, 8),
 ]
 #: Ampere (sm_80, 163 KiB shared memory per block): mma.sync tiles, BLOCK_K 32.
 AMPERE_CONFIGS = [

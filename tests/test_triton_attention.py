@@ -438,3 +438,17 @@ def test_gpu_tma_stream(dtype, monkeypatch):
     _check((2, 8, 2, 1000, 777, 128, 64), dtype, "cuda", causal=True)
     mask = torch.randn(1, 1, 300, 500, device="cuda", dtype=dtype).requires_grad_(True)
     _check((2, 4, 2, 300, 500, 64, 64), dtype, "cuda", causal=True, mask=mask, dropout_p=0.1, rng=3)
+
+
+def test_host_integer_helpers_match_triton():
+    """The launchers' cdiv / next_pow2 (plain Python: Triton's are constexpr_functions, ~3-10 us a
+    host call) give Triton's results."""
+    import triton
+
+    from fused_attn.triton._host import cdiv, next_pow2
+
+    for n in list(range(0, 300)) + [1023, 1024, 1025, 65535, 65536, 65537, 2**31 - 1]:
+        assert next_pow2(max(n, 1)) == triton.next_power_of_2(max(n, 1)), n
+        for b in (1, 2, 16, 64, 128, 1000):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+    assert next_pow2(0) == 1

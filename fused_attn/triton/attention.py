@@ -63,6 +63,7 @@ from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
 from ._tuning import LAUNCH_OPTIONS, pick
 from ._tma import descriptors
+from ._host import cdiv, next_pow2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -709,7 +710,7 @@ def _head_bucket(head_dim: int, head_dim_v: int) -> int:
 def _config(kernel: str, outer: int, inner: int, warps: int, stages: int, tma: bool = False):
     outer_name, inner_name = OUTER_INNER[kernel]
     return triton.Config({outer_name: outer, inner_name: inner, "STREAM_TMA": tma}, num_warps=warps,
-                         num_stages=stages, pre_hook=_descriptor_blocks_hook(kernel))
+                         num_stages=stages, pre_hook=_descriptor_blocks_hook(kernel) if tma else None)
 
 
 def all_configs(kernel: str) -> list:
@@ -774,12 +775,12 @@ def _descriptor_blocks_hook(kernel: str):
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
+    return max(16, next_pow2(n))
 
 
 def _len_key(n: int) -> int:
     """Sequence lengths round up to powers of two for the autotuning key."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(n)
 
 
 def _make_prune(kernel: str):
@@ -820,7 +821,7 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
         named = dict(zip(_KERNELS[kernel].arg_names, args), **constexprs, **{outer_name: outer, inner_name: inner})
         named["STREAM_TMA"] = bool(named["TMA_KEY"])  # descriptors were passed
         _descriptor_blocks_hook(kernel)(named)
-        _KERNELS[kernel][(triton.cdiv(grid_rows, outer) * heads,)](*args, **constexprs, STREAM_TMA=named["STREAM_TMA"],
+        _KERNELS[kernel][(cdiv(grid_rows, outer) * heads,)](*args, **constexprs, STREAM_TMA=named["STREAM_TMA"],
                                                                    **{outer_name: outer, inner_name: inner},
                                                                    **LAUNCH_OPTIONS)
         return
@@ -830,7 +831,7 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
         fn = _tuned[kernel] = triton.autotune(all_configs(kernel), key=keys,
                                               prune_configs_by={"early_config_prune": _make_prune(kernel)})(
             _KERNELS[kernel])
-    fn[lambda meta: (triton.cdiv(grid_rows, meta[outer_name]) * heads,)](*args, **constexprs, **LAUNCH_OPTIONS)
+    fn[lambda meta: (cdiv(grid_rows, meta[outer_name]) * heads,)](*args, **constexprs, **LAUNCH_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -968,7 +969,7 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, 
             t.zero_()
         return dq, dk, dv, dmask
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-    _attn_bwd_delta[(triton.cdiv(Lq, DELTA_BLOCK_M) * B * Hq,)](
+    _attn_bwd_delta[(cdiv(Lq, DELTA_BLOCK_M) * B * Hq,)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M,
         **LAUNCH_OPTIONS)
     launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset,

@@ -47,6 +47,7 @@ import triton.language as tl
 from ..ops_common import empty
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES, descriptors
+from ._host import cdiv
 from ._tuning import LAUNCH_OPTIONS, pick
 
 # constexpr codes ------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def _descriptor_blocks(nargs):
 
 def _config(bm, bn, bk, stages, warps, group_m=8, tma=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "AB_TMA": tma},
-                         num_stages=stages, num_warps=warps, pre_hook=_descriptor_blocks)
+                         num_stages=stages, num_warps=warps, pre_hook=_descriptor_blocks if tma else None)
 
 
 #: Hopper (sm_90, 227 KiB shared memory per block): large tiles feed wgmma; BLOCK_K 64 for 16-bit.
@@ -446,16 +447,16 @@ def _launch(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None,
     if _interpreting():
         cfg = dict(INTERPRETER_CONFIG, AB_TMA=bool(tma_key))
         _descriptor_blocks(dict(zip(_ffn_gemm.arg_names, args), **flags, **cfg))
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
         _ffn_gemm[grid](*args, **flags, **cfg, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _ffn_gemm_tuned[grid](*args, **flags, **LAUNCH_OPTIONS)
 
 
 def _colsum_rows(M: int) -> int:
     block_m = INTERPRETER_CONFIG["BLOCK_M"] if _interpreting() else _MIN_BLOCK_M
-    return max(1, triton.cdiv(M, block_m))
+    return max(1, cdiv(M, block_m))
 
 
 def feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
@@ -491,7 +492,7 @@ BWD_CHUNK_ALIGN = 256
 def _bwd_chunks(d_ff: int) -> list[tuple[int, int]]:
     if d_ff < 2 * BWD_CHUNK_MIN_COLS:
         return [(0, d_ff)] if d_ff else []
-    width = max(BWD_CHUNK_MIN_COLS, triton.cdiv(triton.cdiv(d_ff, BWD_CHUNKS), BWD_CHUNK_ALIGN) * BWD_CHUNK_ALIGN)
+    width = max(BWD_CHUNK_MIN_COLS, cdiv(cdiv(d_ff, BWD_CHUNKS), BWD_CHUNK_ALIGN) * BWD_CHUNK_ALIGN)
     return [(c0, min(c0 + width, d_ff)) for c0 in range(0, d_ff, width)]
 
 

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tuning import LAUNCH_OPTIONS
 
@@ -357,10 +358,6 @@ def _sum_partials_kernel(PART, OUT0, OUT1, n_parts, n_cols, BLOCK_P: tl.constexp
 # launch configuration
 # ---------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dict:
     """Launch parameters for rows of ``d`` elements.
 
@@ -380,7 +377,7 @@ def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dic
     if d > max_block:
         block, rows, single = chunk, 1, False
     else:
-        block, single = max(_MIN_BLOCK, _next_pow2(d)), True
+        block, single = max(_MIN_BLOCK, next_pow2(d)), True
         rows = max(1, (tile_elems or (_BWD_TILE_ELEMS if backward else _TILE_ELEMS)) // block)
     if backward:
         # whole rows: 8 warps up to 2048 columns (8 elements per thread, 74-100 registers: three
@@ -417,14 +414,14 @@ def _bwd_programs(n_rows: int, rows: int, num_warps: int, device: torch.device) 
     """(programs, rows_per_program) for backward: 32 warps per SM (a quarter to half of them
     resident at once, by the AOT register counts), each program a contiguous range of whole
     tiles. The partial-sum buffer has one row per program."""
-    tiles = triton.cdiv(n_rows, rows)
+    tiles = cdiv(n_rows, rows)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         target = sms * max(1, 32 // num_warps)
     else:  # the interpreter: a few programs are enough to exercise the partial sums
         target = 4
-    tiles_per_program = triton.cdiv(tiles, min(tiles, target))
-    return triton.cdiv(tiles, tiles_per_program), tiles_per_program * rows
+    tiles_per_program = cdiv(tiles, min(tiles, target))
+    return cdiv(tiles, tiles_per_program), tiles_per_program * rows
 
 
 def _dropout_launch_args(dropout_p: float, seed: int, offset: int) -> tuple:
@@ -474,7 +471,7 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
     residual = None if residual is None else _unit_cols(residual)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    grid = (triton.cdiv(n, cfg["ROWS"]),)
+    grid = (cdiv(n, cfg["ROWS"]),)
     _ln_fwd_kernel[grid](
         x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
         out, summed, rstd if rms else mean, rstd,
@@ -538,7 +535,7 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
         if has_b:
             dbias = torch.empty((d,), dtype=bias.dtype, device=device)
         sums = [t for t, present in ((dweight, has_w), (dbias, has_b)) if present]
-        _sum_partials_kernel[(triton.cdiv(d, _SUM_BLOCK_C), n_sums)](
+        _sum_partials_kernel[(cdiv(d, _SUM_BLOCK_C), n_sums)](
             parts, sums[0], sums[-1], programs, d, BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=4,
             **LAUNCH_OPTIONS)
     return dsum, dx, dweight, dbias

@@ -10,6 +10,7 @@ the launchers named in ``backends.base`` and may define ``unsupported_reasons(ca
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -26,7 +27,10 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels(op: str):
+    """The kernel module of ``op``, imported once (import_module on every launch cost ~5 us; a
+    failed import is not cached, so it is retried and reported each time)."""
     return importlib.import_module(f"fused_attn.triton.{_MODULES[op]}")
 
 

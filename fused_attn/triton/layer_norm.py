@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops_common import empty
 from ._host import cdiv, next_pow2
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tuning import LAUNCH_OPTIONS
@@ -495,13 +496,9 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     dsum = torch.empty((n, d), dtype=summed.dtype, device=device)
     dx = torch.empty((n, d) if dropout_p > 0.0 else (0,), dtype=x_dtype, device=device)
     has_w, has_b = weight is not None, bias is not None
-    # placeholders when absent (two tensors: outputs of an op may not alias each other)
-    dweight, dbias = (torch.empty((0,), dtype=summed.dtype, device=device) for _ in range(2))
     if n == 0 or d == 0:  # no rows: the parameter gradients are zero
-        if has_w:
-            dweight = torch.zeros((d,), dtype=weight.dtype, device=device)
-        if has_b:
-            dbias = torch.zeros((d,), dtype=bias.dtype, device=device)
+        dweight = torch.zeros((d,), dtype=weight.dtype, device=device) if has_w else empty(summed)
+        dbias = torch.zeros((d,), dtype=bias.dtype, device=device) if has_b else empty(summed)
         return dsum, dx, dweight, dbias
     dout = _unit_cols(dout)
     dsummed = None if dsummed is None else _unit_cols(dsummed)
@@ -515,9 +512,12 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     parts = torch.empty((n_sums, programs, d) if n_sums else (0,), **f32)
     dw_part = parts[0] if has_w else parts
     db_part = parts[int(has_w)] if has_b else parts
-    # per-row sums for long rows (pass 1 -> pass 2 of the chunked path)
-    row_c1 = torch.empty((0,) if cfg["SINGLE"] else (n,), **f32)
-    row_c2 = torch.empty((0,) if cfg["SINGLE"] else (n,), **f32)
+    # per-row sums for long rows (pass 1 -> pass 2 of the chunked path); whole rows never touch
+    # them, so one empty stand-in serves for both (each torch.empty is host time on every call)
+    if cfg["SINGLE"]:
+        row_c1 = row_c2 = torch.empty((0,), **f32)
+    else:
+        row_c1, row_c2 = torch.empty((2, n), **f32)
     _ln_bwd_kernel[(programs,)](
         dout, dout if dsummed is None else dsummed, summed, dout if weight is None else weight,
         rstd if rms else mean, rstd, dsum, dsum if dx.numel() == 0 else dx,
@@ -528,12 +528,11 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
         ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
         HAS_W=has_w, HAS_B=has_b, HAS_DSUMMED=dsummed is not None, RMS=bool(rms), DROPOUT=dropout_p > 0.0,
         X_DTYPE=_TL_DTYPES[x_dtype], num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
+    # placeholders when absent (separate tensors: outputs of an op may not alias each other)
+    dweight = torch.empty((d,), dtype=weight.dtype, device=device) if has_w else empty(summed)
+    dbias = torch.empty((d,), dtype=bias.dtype, device=device) if has_b else empty(summed)
     if n_sums:
         # one launch reduces both (program_id(1) picks dweight or dbias)
-        if has_w:
-            dweight = torch.empty((d,), dtype=weight.dtype, device=device)
-        if has_b:
-            dbias = torch.empty((d,), dtype=bias.dtype, device=device)
         sums = [t for t, present in ((dweight, has_w), (dbias, has_b)) if present]
         _sum_partials_kernel[(cdiv(d, _SUM_BLOCK_C), n_sums)](
             parts, sums[0], sums[-1], programs, d, BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=4,

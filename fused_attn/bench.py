@@ -871,9 +871,10 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
                     work = case.work(_work_pass(pass_), dtype)
                     scale = 1e12 if case.unit == "TFLOP/s" else 1e9
                     throughput = work / median / scale
-                    host_ms = statistics.median(timing.host) * 1e3 if device.type == "cuda" else None
+                    cuda = device.type == "cuda"  # on CPU the host time is the time
                     rows[impl.name, pass_].update(median_ms=median * 1e3, min_ms=min(times) * 1e3, reps=len(times),
-                                                  host_ms=host_ms, prefilled=timing.prefilled if host_ms else None,
+                                                  host_ms=statistics.median(timing.host) * 1e3 if cuda else None,
+                                                  prefilled=timing.prefilled if cuda else None,
                                                   throughput=throughput,
                                                   ceiling_frac=throughput / ceiling if ceiling else None)
         except Exception as exc:  # noqa: BLE001 - a failing implementation must not stop the sweep

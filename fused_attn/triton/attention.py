@@ -217,7 +217,7 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, SCALE_NONNEG: tl.constexpr = True):
+              STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, SCALE_NONNEG: tl.constexpr):
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)

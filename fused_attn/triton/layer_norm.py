@@ -496,9 +496,12 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     dsum = torch.empty((n, d), dtype=summed.dtype, device=device)
     dx = torch.empty((n, d) if dropout_p > 0.0 else (0,), dtype=x_dtype, device=device)
     has_w, has_b = weight is not None, bias is not None
-    if n == 0 or d == 0:  # no rows: the parameter gradients are zero
-        dweight = torch.zeros((d,), dtype=weight.dtype, device=device) if has_w else empty(summed)
-        dbias = torch.zeros((d,), dtype=bias.dtype, device=device) if has_b else empty(summed)
+    # with no rows the parameter gradients are zero; placeholders when absent (separate tensors:
+    # outputs of an op may not alias each other)
+    new_grad = torch.zeros if n == 0 or d == 0 else torch.empty
+    dweight = new_grad((d,), dtype=weight.dtype, device=device) if has_w else empty(summed)
+    dbias = new_grad((d,), dtype=bias.dtype, device=device) if has_b else empty(summed)
+    if n == 0 or d == 0:
         return dsum, dx, dweight, dbias
     dout = _unit_cols(dout)
     dsummed = None if dsummed is None else _unit_cols(dsummed)
@@ -528,9 +531,6 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
         ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
         HAS_W=has_w, HAS_B=has_b, HAS_DSUMMED=dsummed is not None, RMS=bool(rms), DROPOUT=dropout_p > 0.0,
         X_DTYPE=_TL_DTYPES[x_dtype], num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
-    # placeholders when absent (separate tensors: outputs of an op may not alias each other)
-    dweight = torch.empty((d,), dtype=weight.dtype, device=device) if has_w else empty(summed)
-    dbias = torch.empty((d,), dtype=bias.dtype, device=device) if has_b else empty(summed)
     if n_sums:
         # one launch reduces both (program_id(1) picks dweight or dbias)
         sums = [t for t, present in ((dweight, has_w), (dbias, has_b)) if present]

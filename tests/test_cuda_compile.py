@@ -49,7 +49,7 @@ def test_sources_exist():
     assert BINDING_SOURCES, "no csrc/cuda/*_binding.cpp files"
 
 
-@pytest.mark.parametrize("path", KERNEL_SOURCES + [CUDA_DIR / "launchers.h", CUDA_DIR / "common.cuh"],
+@pytest.mark.parametrize("path", KERNEL_SOURCES + [CUDA_DIR / "launchers.h", *sorted(CUDA_DIR.glob("*.cuh"))],
                          ids=lambda p: p.name)
 def test_kernel_sources_include_no_torch(path):
     includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), flags=re.M)

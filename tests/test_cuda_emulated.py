@@ -7,8 +7,11 @@ float32 instantiations run for real: for attention (plain-FMA tile products) the
 online softmax, masks, causal limits, grouped-query heads, dropout, strides and the three
 backward kernels; for the norms the row reductions, 16-byte and scalar paths, dropout and the
 two-stage weight-gradient reduction; for the FFN the activation epilogues. Each is held to the
-float64 reference with the oracle. The float16/bfloat16 instantiations (WMMA products, 16-bit
-conversions) are not emulated; they run in tests/test_cuda_backend.py on a GPU.
+float64 reference with the oracle. The register-resident attention forward runs in float16 and
+bfloat16: its warp primitives (mma.sync, ldmatrix, cp.async) are emulated from the PTX ISA's
+fragment layouts (tests/cuda_emu/emu_mma_sm80.h), and those layouts are checked against plain
+matrix products. The WMMA products of the other 16-bit instantiations are not emulated; they run
+in tests/test_cuda_backend.py on a GPU.
 """
 from __future__ import annotations
 
@@ -164,6 +167,83 @@ def test_emulated_attention_without_keys(emu):
     dout = torch.randn(1, 2, 5, 8)
     out, lse, dq, dk, dv, _ = emulated_attention(emu, q, k, v, None, False, 0.5, 0.0, 0, 0, dout, (16, 16))
     assert (out == 0).all() and torch.isinf(lse).all() and (lse > 0).all() and (dq == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the register-resident forward (float16 / bfloat16: mma.sync, ldmatrix, cp.async emulated)
+# ---------------------------------------------------------------------------------------------
+
+_DTYPE_IDS = {torch.float16: 0, torch.bfloat16: 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("trans_b", [0, 1], ids=["b_rows_n", "b_rows_k"])
+def test_emulated_warp_product_layouts(emu, dtype, trans_b):
+    """One warp's ldmatrix + two mma.sync + the accumulator layout give A B (the layouts the kernel uses)."""
+    gen = torch.Generator().manual_seed(7 + trans_b)
+    a = torch.randn(16, 16, generator=gen).to(dtype)
+    b = torch.randn(16, 16, generator=gen).to(dtype)  # [n][k] (trans_b 0) or [k][n] (trans_b 1)
+    c = torch.empty(16, 16)
+    emu.emu_warp_product(ctypes.c_int(_DTYPE_IDS[dtype]), _ptr(a), _ptr(b), ctypes.c_int(trans_b), _ptr(c))
+    expected = a.double() @ (b.double() if trans_b else b.double().T)
+    torch.testing.assert_close(c.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+# name: (dtype, B, Hq, Hkv, Lq, Lk, D, Dv, options, compiled head dim)
+MMA_CASES = {
+    "fp16_d40_lq17_lk97": (torch.float16, 1, 2, 2, 17, 97, 40, 40, {}, 64),
+    "bf16_d59_dv24_causal_gqa_scalar_loads": (torch.bfloat16, 2, 4, 2, 97, 33, 59, 24, {"causal": True}, 64),
+    "fp16_d128_lq1": (torch.float16, 1, 1, 1, 1, 65, 128, 128, {}, 128),
+    "fp16_d128_causal_two_q_blocks": (torch.float16, 1, 1, 1, 70, 70, 128, 128, {"causal": True}, 128),
+    "bf16_d96_negative_scale": (torch.bfloat16, 1, 2, 1, 33, 70, 80, 96, {"scale": -0.3}, 96),
+    "fp16_d32_bool_mask_dead_row_dropout": (torch.float16, 1, 2, 1, 21, 35, 24, 32,
+                                            {"mask": "bool", "dropout_p": 0.25}, 32),
+    "bf16_d32_additive_mask_strided": (torch.bfloat16, 2, 2, 2, 19, 40, 32, 16,
+                                       {"mask": "additive", "layout": "strided"}, 32),
+    "fp16_d256_lk_not_multiple_of_block": (torch.float16, 1, 1, 1, 9, 37, 256, 200, {}, 256),
+}
+
+
+@pytest.mark.parametrize("name", list(MMA_CASES))
+def test_emulated_mma_forward_matches_reference(emu, name):
+    dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts, kd = MMA_CASES[name]
+    gen = torch.Generator().manual_seed(len(name))
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
+    if opts.get("layout") == "strided":  # q as a (B, L, H, D) transpose, k/v shared by the batch (stride 0)
+        q = randn(B, Lq, Hq, D).transpose(1, 2)
+        k = randn(1, Hkv, Lk, D).expand(B, -1, -1, -1)
+        v = randn(1, Hkv, Lk, Dv).expand(B, -1, -1, -1)
+    else:
+        q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, Dv)
+    mask = None
+    if opts.get("mask") == "bool":
+        mask = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
+        mask[:, :, 2, :] = False  # a row with nothing to attend
+    elif opts.get("mask") == "additive":
+        m = randn(1, 1, Lq, Lk)
+        m[..., :3] = float("-inf")
+        mask = m.expand(B, Hq, Lq, Lk)
+    causal, p = opts.get("causal", False), opts.get("dropout_p", 0.0)
+    scale, seed, offset = opts.get("scale", 1.0 / math.sqrt(D)), 123456789012345, 987654321
+
+    out = new_attention_out(q, Dv)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    args = _common_args(q, k, v, mask, causal, scale, p, seed, offset)
+    rc = emu.emu_attention_fwd_mma(ctypes.c_int(_DTYPE_IDS[dtype]), *args, _ptr(out), _i64(out.stride()), _ptr(lse),
+                                   ctypes.c_int(kd))
+    assert rc == 0, f"emu_attention_fwd_mma returned {rc}"
+
+    def reference(ref_dtype):
+        cast = lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(ref_dtype))
+        q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
+        rng = (seed, offset) if p > 0 else None
+        return R.attention(q_, k_, v_, m_, causal, p, scale, rng), R.attention_lse(q_, k_, m_, causal, scale)
+
+    (out64, lse64), (out_lp, lse_lp) = reference(torch.float64), reference(dtype)
+    compare("out", out, out64, out_lp)
+    compare("lse", lse, lse64, lse_lp)
+    if opts.get("mask") == "bool":  # the dead row: zeros and lse = +inf
+        assert (out[:, :, 2] == 0).all() and torch.isinf(lse[:, :, 2]).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "mma_sm80.cuh"
 
 namespace fused_attn_cuda {
 namespace {
@@ -317,6 +318,250 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   }
 }
 
+// ---- forward on tensor cores with registers as the working memory (16-bit types, sm_80+) ---------
+// FlashAttention-2's forward layout. A block of kMmaWarps warps takes 16 * kMmaWarps query rows and
+// each warp owns 16 of them end to end, so no barrier separates the steps of a key block:
+//   S = Q K^T        lands in mma accumulators (one 16 x 8 tile per n8 slice of the key block);
+//   online softmax   on those registers: a row's values sit in the 4 lanes of a quad, so a row
+//                    max is two shuffles; the row sum stays a per-lane partial (every lane of the
+//                    quad rescales by the same factor) and is reduced once at the end;
+//   O += P V         the accumulator layout of two adjacent n8 tiles is the A-operand layout of
+//                    one k16 slice, so P goes from accumulators to A fragments without shared
+//                    memory; O stays in registers for the whole key loop.
+// Shared memory holds the Q tile and two stages of the K and V tiles; cp.async fills the next
+// stage while the current one is used. The head dims are padded with zeros up to the compile-time
+// kD (32, 64, 96, 128 or 256: attention_fwd_mma), sequence edges with zero rows whose scores are masked to -inf.
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaBlockM = 16 * kMmaWarps;
+// 32 keys a block at kD = 256 keeps two stages of K and V in ~100 KB (and the S accumulators small
+// beside O's 128 registers a thread).
+template <int kD> constexpr int kMmaBlockN = kD <= 128 ? 64 : 32;
+// Row pitch of the shared tiles: 8 elements (16 bytes) of padding keep every row 16-byte aligned
+// (cp.async, ldmatrix) and put the 8 rows an ldmatrix phase reads in 8 distinct bank groups.
+template <int kD> constexpr int kMmaPitch = kD + 8;
+
+template <typename T, int kD> constexpr size_t mma_fwd_smem_bytes() {
+  return sizeof(T) * size_t(kMmaPitch<kD>) * (kMmaBlockM + 4 * kMmaBlockN<kD>);
+}
+
+// Rows [0, kRows) x cols [0, kD) of a shared tile (pitch kMmaPitch<kD>): src[r * row_stride + c] for
+// r < rows_valid and c < cols_valid, zeros elsewhere. `vec`: 16-byte cp.async copies (unit column
+// stride, 16-byte aligned rows, cols_valid a multiple of 8); else element loads, complete at once.
+template <typename T, int kRows, int kD>
+__device__ __forceinline__ void mma_load_tile(T* dst, const T* src, int64_t row_stride, int64_t col_stride,
+                                              int rows_valid, int cols_valid, bool vec) {
+  constexpr int kPitch = kMmaPitch<kD>;
+  if (vec) {
+    constexpr int kChunks = kD / 8;
+    for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kMmaThreads) {
+      const int r = idx / kChunks, c = (idx % kChunks) * 8;
+      const bool valid = r < rows_valid && c < cols_valid;
+      cp_async_16(dst + r * kPitch + c, valid ? src + r * row_stride + c : src, valid);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kRows * kD; idx += kMmaThreads) {
+      const int r = idx / kD, c = idx % kD;
+      dst[r * kPitch + c] =
+          (r < rows_valid && c < cols_valid) ? src[r * row_stride + c * col_stride] : from_float<T>(0.0f);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ bool cp_async_ok(const T* base, int64_t row_stride, int64_t col_stride, int cols_valid) {
+  return col_stride == 1 && row_stride % 8 == 0 && cols_valid % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(base) % 16 == 0;
+}
+
+// grid (B * Hq, ceil(Lq / kMmaBlockM)), kMmaThreads threads.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const AttentionFwdArgs a) {
+  constexpr int kBN = kMmaBlockN<kD>, kPitch = kMmaPitch<kD>;
+  constexpr int kKSlices = kD / 16;   // k16 slices of the head dim in S = Q K^T
+  constexpr int kNTiles = kBN / 8;    // n8 tiles of S (keys)
+  constexpr int kPSlices = kBN / 16;  // k16 slices of the key block in O += P V
+  constexpr int kOTiles = kD / 8;     // n8 tiles of O (value columns)
+  // Q's A fragments stay in registers up to kD = 128 (32 registers); at 256 O's accumulators
+  // already take 128, so they are re-read from shared memory for every key block.
+  constexpr bool kQInRegisters = kD <= 128;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* q_tile = reinterpret_cast<T*>(smem_raw);  // [kMmaBlockM][kPitch]
+  T* k_tiles = q_tile + kMmaBlockM * kPitch;    // [2][kBN][kPitch]
+  T* v_tiles = k_tiles + 2 * kBN * kPitch;      // [2][kBN][kPitch]
+
+  const int64_t bh = blockIdx.x, b = bh / a.heads_q, h = bh % a.heads_q;
+  const int64_t hkv = h / (a.heads_q / a.heads_kv);
+  const int64_t m0 = int64_t(blockIdx.y) * kMmaBlockM;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int D = static_cast<int>(a.head_dim), Dv = static_cast<int>(a.head_dim_v);
+  const int rows_q = static_cast<int>(imin(kMmaBlockM, a.len_q - m0));
+
+  const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
+  const T* k = static_cast<const T*>(a.k) + b * a.k_stride[0] + hkv * a.k_stride[1];
+  const T* v = static_cast<const T*>(a.v) + b * a.v_stride[0] + hkv * a.v_stride[1];
+  // The K/V rows of one block start at n0 * stride: aligned for every block when the head's base is.
+  const bool k_vec = cp_async_ok(k, a.k_stride[2], a.k_stride[3], D);
+  const bool v_vec = cp_async_ok(v, a.v_stride[2], a.v_stride[3], Dv);
+  const int64_t n_end = a.causal ? imin(a.len_k, m0 + kMmaBlockM) : a.len_k;
+  const int n_blocks = static_cast<int>((n_end + kBN - 1) / kBN);
+  auto load_kv = [&](int blk) {
+    const int64_t n0 = int64_t(blk) * kBN;
+    const int rows_k = static_cast<int>(imin(kBN, a.len_k - n0));
+    T* k_dst = k_tiles + (blk & 1) * kBN * kPitch;
+    T* v_dst = v_tiles + (blk & 1) * kBN * kPitch;
+    mma_load_tile<T, kBN, kD>(k_dst, k + n0 * a.k_stride[2], a.k_stride[2], a.k_stride[3], rows_k, D, k_vec);
+    mma_load_tile<T, kBN, kD>(v_dst, v + n0 * a.v_stride[2], a.v_stride[2], a.v_stride[3], rows_k, Dv, v_vec);
+    cp_async_commit();
+  };
+
+  mma_load_tile<T, kMmaBlockM, kD>(q_tile, q, a.q_stride[2], a.q_stride[3], rows_q, D,
+                                   cp_async_ok(q, a.q_stride[2], a.q_stride[3], D));
+  cp_async_commit();
+  if (n_blocks > 0) load_kv(0);
+
+  // This lane's rows of the block: r = 0 -> row g of the warp's 16, r = 1 -> row g + 8.
+  const T* q_warp = q_tile + warp * 16 * kPitch;
+  // ldmatrix.x4 over a 16 x 16 A tile: lane l points at row l % 16, column half l / 16.
+  const int a_row = lane & 15, a_col = (lane >> 4) * 8;
+  // ... over two n8 tiles of B stored [n][k] (K): key row (l / 16) * 8 + l % 8, k half (l / 8) % 2;
+  const int bk_row = ((lane >> 4) << 3) + (lane & 7), bk_col = ((lane >> 3) & 1) * 8;
+  // ... over two n8 tiles of B stored [k][n] (V, .trans): key row l % 16, column half l / 16.
+  const int bv_row = lane & 15, bv_col = (lane >> 4) * 8;
+
+  uint32_t q_frag[kQInRegisters ? kKSlices : 1][4];
+  if (n_blocks > 0) cp_async_wait<1>(); else cp_async_wait<0>();
+  __syncthreads();
+  if constexpr (kQInRegisters) {
+#pragma unroll
+    for (int kk = 0; kk < kKSlices; ++kk) ldmatrix_x4<false>(q_frag[kk], q_warp + a_row * kPitch + kk * 16 + a_col);
+  }
+
+  float o[kOTiles][4];
+#pragma unroll
+  for (int j = 0; j < kOTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // row_sum: this lane's part
+  const int64_t row_base = (b * a.heads_q + h) * a.len_q;  // dropout / lse row of query 0 of this head
+  const int64_t rows_i[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  uint32_t drop_key[2] = {0u, 0u};
+  if (a.dropout.enabled) {
+    for (int r = 0; r < 2; ++r) drop_key[r] = dropout_row_key(a.dropout, row_base + rows_i[r]);
+  }
+
+  for (int blk = 0; blk < n_blocks; ++blk) {
+    if (blk + 1 < n_blocks) {
+      load_kv(blk + 1);  // the stage it fills was released by the barrier closing the last block
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* k_tile = k_tiles + (blk & 1) * kBN * kPitch;
+    const T* v_tile = v_tiles + (blk & 1) * kBN * kPitch;
+    const int64_t n0 = int64_t(blk) * kBN;
+
+    float s[kNTiles][4];
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kKSlices; ++kk) {
+      uint32_t a_frag[4];
+      if constexpr (kQInRegisters) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a_frag[e] = q_frag[kk][e];
+      } else {
+        ldmatrix_x4<false>(a_frag, q_warp + a_row * kPitch + kk * 16 + a_col);
+      }
+#pragma unroll
+      for (int j = 0; j < kNTiles; j += 2) {
+        uint32_t b_frag[4];  // b_frag[0..1]: n8 tile j, b_frag[2..3]: tile j + 1
+        ldmatrix_x4<false>(b_frag, k_tile + (j * 8 + bk_row) * kPitch + kk * 16 + bk_col);
+        mma_16816<T>(s[j], a_frag, b_frag);
+        mma_16816<T>(s[j + 1], a_frag, b_frag + 2);
+      }
+    }
+
+    // Scale and mask. A block needs the per-element test only at the sequence end, on the causal
+    // diagonal or with a mask; elsewhere every score is in range and visible.
+    const bool plain =
+        a.mask_kind == MaskKind::kNone && n0 + kBN <= a.len_k && !(a.causal && n0 + kBN - 1 > m0);
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = plain ? s[j][e] * a.scale
+                        : masked_score<T>(a, s[j][e], b, h, rows_i[e >> 1], n0 + j * 8 + 2 * t + (e & 1));
+      }
+    }
+
+    // Online softmax on the registers; element e of a tile belongs to row e / 2.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float block_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) block_max = fmaxf(block_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
+      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
+      const float new_max = fmaxf(row_max[r], block_max);
+      const bool dead = new_max == -INFINITY;  // nothing visible to this row so far
+      const float alpha = dead ? 1.0f : exp_<T>(row_max[r] - new_max);
+      row_max[r] = new_max;
+      float part = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          const float p = dead ? 0.0f : exp_<T>(s[j][e] - new_max);
+          part += p;
+          s[j][e] = a.dropout.enabled ? p * dropout_factor(a.dropout, drop_key[r], n0 + j * 8 + 2 * t + (e & 1)) : p;
+        }
+      }
+      row_sum[r] = row_sum[r] * alpha + part;
+#pragma unroll
+      for (int j = 0; j < kOTiles; ++j) {
+        o[j][2 * r] *= alpha;
+        o[j][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V: k16 slice kk of P is made of S tiles 2 kk (its columns 0..7) and 2 kk + 1 (8..15).
+#pragma unroll
+    for (int kk = 0; kk < kPSlices; ++kk) {
+      const uint32_t p_frag[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int j = 0; j < kOTiles; j += 2) {
+        uint32_t b_frag[4];  // b_frag[0..1]: value columns 8 j .. 8 j + 7, b_frag[2..3]: the next 8
+        ldmatrix_x4<true>(b_frag, v_tile + (kk * 16 + bv_row) * kPitch + j * 8 + bv_col);
+        mma_16816<T>(o[j], p_frag, b_frag);
+        mma_16816<T>(o[j + 1], p_frag, b_frag + 2);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before the next load overwrites it
+  }
+
+  T* out = static_cast<T*>(a.out) + b * a.out_stride[0] + h * a.out_stride[1];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int64_t i = rows_i[r];
+    if (i >= a.len_q) continue;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kOTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = j * 8 + 2 * t + e;
+        if (c < Dv) out[i * a.out_stride[2] + c * a.out_stride[3]] = from_float<T>(o[j][2 * r + e] * inv);
+      }
+    }
+    if (t == 0) a.lse[row_base + i] = l > 0.0f ? row_max[r] + logf(l) : INFINITY;
+  }
+}
+
 // ---- backward ----------------------------------------------------------------------------------------
 // delta[row] = sum_c dout[row, c] * out[row, c], one warp per (b, h, i) row.
 template <typename T>
@@ -510,8 +755,44 @@ const char* launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, c
   return last_launch_error();
 }
 
+// The register-resident forward for kD; *taken false (nothing launched) when its shared memory does
+// not fit this device (kD = 256 needs ~100 KB: more than sm_86/sm_89 give a block).
+template <typename T, int kD>
+const char* attention_fwd_mma_launch(const AttentionFwdArgs& a, cudaStream_t stream, bool* taken) {
+  constexpr size_t smem = mma_fwd_smem_bytes<T, kD>();
+  *taken = smem <= static_cast<size_t>(max_shared_memory_per_block());
+  if (!*taken) return nullptr;
+  const int64_t q_blocks = ceil_div(a.len_q, kMmaBlockM);
+  if (q_blocks > 65535) return "attention: len_q too large for the grid";
+  const auto kernel = attention_fwd_mma_kernel<T, kD>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+    return last_launch_error();
+  const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>(q_blocks));
+  kernel<<<grid, kMmaThreads, smem, stream>>>(a);
+  return last_launch_error();
+}
+
+// 16-bit inputs on sm_80+: the register-resident kernel for the smallest compiled head dim that
+// holds both head dims. *taken false when it does not apply (then the shared-memory kernel runs).
+template <typename T>
+const char* attention_fwd_mma(const AttentionFwdArgs& a, cudaStream_t stream, bool* taken) {
+  *taken = false;
+  if (kIsFloat<T> || compute_capability_major() < 8) return nullptr;
+  const int64_t dim = a.head_dim > a.head_dim_v ? a.head_dim : a.head_dim_v;
+  if (dim <= 32) return attention_fwd_mma_launch<T, 32>(a, stream, taken);
+  if (dim <= 64) return attention_fwd_mma_launch<T, 64>(a, stream, taken);
+  if (dim <= 96) return attention_fwd_mma_launch<T, 96>(a, stream, taken);
+  if (dim <= 128) return attention_fwd_mma_launch<T, 128>(a, stream, taken);
+  return attention_fwd_mma_launch<T, 256>(a, stream, taken);
+}
+
 template <typename T>
 const char* attention_fwd_typed(const AttentionFwdArgs& a, cudaStream_t stream) {
+  if constexpr (!kIsFloat<T>) {
+    bool taken = false;
+    const char* err = attention_fwd_mma<T>(a, stream, &taken);
+    if (taken || err != nullptr) return err;
+  }
   size_t smem = 0;
   const Dims d = pick_dims(a, [](const Dims& dd) { FwdSmem<T> s; return s.carve(nullptr, dd); }, &smem);
   if (smem == 0) return "attention: head dims too large for this device's shared memory";

@@ -93,6 +93,17 @@ inline int max_shared_memory_per_block() {
   return bytes;
 }
 
+// The current device's compute capability major version (0 when it cannot be read).
+inline int compute_capability_major() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return major;
+}
+
 inline int multiprocessor_count() {
   int device = 0, count = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||

@@ -2,7 +2,9 @@
 // paths can run on a machine without a GPU (tests/test_cuda_emulated.py). Each CUDA thread is a
 // std::thread; __syncthreads is a std::barrier over the block, warp shuffles exchange through a
 // per-warp array between two warp barriers; blocks run one after another, so shared memory is a
-// plain global array. Only the float32 instantiations run here (WMMA has no emulation).
+// plain global array. The WMMA products have no emulation, so of the block_gemm kernels only the
+// float32 instantiations run here; the register-resident forward's warp primitives (mma.sync,
+// ldmatrix, cp.async) are emulated in emu_mma_sm80.h, so it runs in float16 and bfloat16.
 #pragma once
 
 #include <barrier>
@@ -25,7 +27,11 @@
 
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorUnknown = 999 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t);
 cudaError_t cudaGetDevice(int*);
@@ -47,12 +53,14 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 namespace emu {
 struct Block {
-  explicit Block(unsigned threads) : all(threads), exchange(threads) {
+  explicit Block(unsigned threads) : all(threads), exchange(threads), words(threads * 8), addresses(threads) {
     for (unsigned w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
   }
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> exchange;
+  std::vector<uint32_t> words;             // 8 registers a lane, for the warp primitives
+  std::vector<const void*> addresses;      // one address a lane (ldmatrix)
 };
 inline thread_local Block* block = nullptr;
 

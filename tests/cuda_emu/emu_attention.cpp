@@ -17,12 +17,12 @@ using namespace fused_attn_cuda;
 
 namespace {
 
-AttentionFwdArgs make_args(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
+AttentionFwdArgs make_args(const void* q, const int64_t* qs, const void* k, const int64_t* ks, const void* v,
                            const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
-                           const int64_t* ms, int causal, float scale, const uint64_t* dropout, float* out,
-                           const int64_t* os, float* lse) {
+                           const int64_t* ms, int causal, float scale, const uint64_t* dropout, void* out,
+                           const int64_t* os, float* lse, DType dtype = DType::kFloat32) {
   AttentionFwdArgs a{};
-  a.dtype = DType::kFloat32;
+  a.dtype = dtype;
   a.batch = sizes[0]; a.heads_q = sizes[1]; a.heads_kv = sizes[2]; a.len_q = sizes[3]; a.len_k = sizes[4];
   a.head_dim = sizes[5]; a.head_dim_v = sizes[6];
   a.q = q; a.k = k; a.v = v;
@@ -64,6 +64,70 @@ extern "C" int emu_attention_fwd(const float* q, const int64_t* qs, const float*
   emu::launch(dim3(unsigned(a.batch * a.heads_q), unsigned(ceil_div(a.len_q, d.bm))), dim3(kThreads),
               attention_fwd_kernel<float>, a, d);
   return 0;
+}
+
+// The register-resident forward (mma.sync, ldmatrix, cp.async emulated) in float16 (dtype 0) or
+// bfloat16 (1), compiled for head dim kD (a value attention_fwd_mma may pick).
+template <typename T>
+int fwd_mma_typed(const AttentionFwdArgs& a, int kd) {
+  const dim3 grid(unsigned(a.batch * a.heads_q), unsigned(ceil_div(a.len_q, kMmaBlockM)));
+  switch (kd) {
+    case 32: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 32>, a); return 0;
+    case 64: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 64>, a); return 0;
+    case 96: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 96>, a); return 0;
+    case 128: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 128>, a); return 0;
+    case 256: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 256>, a); return 0;
+  }
+  return 2;
+}
+
+extern "C" int emu_attention_fwd_mma(int dtype, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
+                                     const void* v, const int64_t* vs, const int64_t* sizes, int mask_kind,
+                                     const void* mask, const int64_t* ms, int causal, float scale,
+                                     const uint64_t* dropout, void* out, const int64_t* os, float* lse, int kd) {
+  const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, causal, scale, dropout, out,
+                                       os, lse, dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
+  if (kd < a.head_dim || kd < a.head_dim_v) return 3;
+  if (a.batch * a.heads_q == 0 || a.len_q == 0) return 0;
+  return dtype == 0 ? fwd_mma_typed<__half>(a, kd) : fwd_mma_typed<__nv_bfloat16>(a, kd);
+}
+
+// One warp: C = A B through the emulated primitives exactly as the kernel's S = Q K^T (kTransB 0:
+// B given as [8][16] rows = n) or O += P V (1: B given as [16][8] rows = k) uses them; A is [16][16].
+// Checks the fragment layouts against a plain product (tests/test_cuda_emulated.py).
+template <typename T>
+void warp_product(const void* a_raw, const void* b_raw, int trans_b, float* c) {
+  alignas(16) static uint16_t a_tile[16][16 + 8], b_tile[16][16 + 8];
+  const uint16_t* a_in = static_cast<const uint16_t*>(a_raw);
+  const uint16_t* b_in = static_cast<const uint16_t*>(b_raw);
+  for (int r = 0; r < 16; ++r)
+    for (int col = 0; col < 16; ++col) a_tile[r][col] = a_in[r * 16 + col];
+  // two n8 tiles side by side (n = 16): rows = n ([16][16] given as n, k) or rows = k ([16][16] as k, n)
+  for (int r = 0; r < 16; ++r)
+    for (int col = 0; col < 16; ++col) b_tile[r][col] = b_in[r * 16 + col];
+  emu::launch(dim3(1), dim3(32), [&] {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    uint32_t a[4], b[4];
+    float d[2][4] = {};
+    ldmatrix_x4<false>(a, &a_tile[lane & 15][(lane >> 4) * 8]);
+    if (trans_b) {
+      ldmatrix_x4<true>(b, &b_tile[lane & 15][(lane >> 4) * 8]);
+    } else {
+      ldmatrix_x4<false>(b, &b_tile[((lane >> 4) << 3) + (lane & 7)][((lane >> 3) & 1) * 8]);
+    }
+    mma_16816<T>(d[0], a, b);
+    mma_16816<T>(d[1], a, b + 2);
+    for (int j = 0; j < 2; ++j)
+      for (int e = 0; e < 4; ++e) c[(g + (e >> 1) * 8) * 16 + j * 8 + 2 * t + (e & 1)] = d[j][e];
+  });
+}
+
+extern "C" void emu_warp_product(int dtype, const void* a, const void* b, int trans_b, float* c) {
+  if (dtype == 0) {
+    warp_product<__half>(a, b, trans_b, c);
+  } else {
+    warp_product<__nv_bfloat16>(a, b, trans_b, c);
+  }
 }
 
 extern "C" int emu_attention_bwd(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,

@@ -205,7 +205,7 @@ MMA_CASES = {
 
 
 @pytest.mark.parametrize("name", list(MMA_CASES))
-def test_emulated_mma_forward_matches_reference(emu, name):
+def test_emulated_mma_kernels_match_reference(emu, name):
     dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts, kd = MMA_CASES[name]
     gen = torch.Generator().manual_seed(len(name))
     randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
@@ -244,6 +244,28 @@ def test_emulated_mma_forward_matches_reference(emu, name):
     compare("lse", lse, lse64, lse_lp)
     if opts.get("mask") == "bool":  # the dead row: zeros and lse = +inf
         assert (out[:, :, 2] == 0).all() and torch.isinf(lse[:, :, 2]).all()
+    if kd > 128:  # the register-resident backward takes head dims up to 128
+        return
+
+    # The backward from this forward's out and lse (as the op runs it).
+    dout = randn(B, Hq, Lq, Dv)
+    dq = torch.empty(q.shape, dtype=dtype)
+    dk, dv = torch.zeros(k.shape, dtype=dtype), torch.zeros(v.shape, dtype=dtype)
+    additive = mask is not None and mask.dtype != torch.bool
+    dmask = torch.zeros(q.shape[:3] + (Lk,), dtype=dtype) if additive else None
+    delta = torch.empty(q.shape[:3], dtype=torch.float32)
+    rc = emu.emu_attention_bwd_mma(ctypes.c_int(_DTYPE_IDS[dtype]), *args, _ptr(out), _i64(out.stride()), _ptr(lse),
+                                   _ptr(dout), _i64(dout.stride()), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dmask),
+                                   _ptr(delta), ctypes.c_int(kd))
+    assert rc == 0, f"emu_attention_bwd_mma returned {rc}"
+    ref64 = reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, torch.float64)
+    ref_lp = reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, dtype)
+    grads = {"dq": dq, "dk": dk, "dv": dv, "dmask": dmask}
+    for i, name in enumerate(("dq", "dk", "dv", "dmask"), start=2):
+        if grads[name] is None:
+            assert ref64[i] is None
+            continue
+        compare(name, grads[name], ref64[i], ref_lp[i], k=5.0)
 
 
 # ---------------------------------------------------------------------------------------------

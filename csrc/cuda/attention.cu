@@ -318,31 +318,43 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   }
 }
 
-// ---- forward on tensor cores with registers as the working memory (16-bit types, sm_80+) ---------
-// FlashAttention-2's forward layout. A block of kMmaWarps warps takes 16 * kMmaWarps query rows and
-// each warp owns 16 of them end to end, so no barrier separates the steps of a key block:
-//   S = Q K^T        lands in mma accumulators (one 16 x 8 tile per n8 slice of the key block);
-//   online softmax   on those registers: a row's values sit in the 4 lanes of a quad, so a row
-//                    max is two shuffles; the row sum stays a per-lane partial (every lane of the
-//                    quad rescales by the same factor) and is reduced once at the end;
-//   O += P V         the accumulator layout of two adjacent n8 tiles is the A-operand layout of
-//                    one k16 slice, so P goes from accumulators to A fragments without shared
-//                    memory; O stays in registers for the whole key loop.
-// Shared memory holds the Q tile and two stages of the K and V tiles; cp.async fills the next
-// stage while the current one is used. The head dims are padded with zeros up to the compile-time
-// kD (32, 64, 96, 128 or 256: attention_fwd_mma), sequence edges with zero rows whose scores are masked to -inf.
+// ---- register-resident kernels (16-bit types, sm_80+): FlashAttention-2's layout ------------------
+// A block of kMmaWarps warps; each warp owns 16 rows of the block's output end to end (16 queries in
+// the forward and dQ kernels, 16 keys in the dK/dV kernel), so no barrier separates the steps of one
+// tile pair. The tile products are `mma.sync` m16n8k16 (mma_sm80.cuh) with float32 accumulators in
+// registers; an accumulator row's values sit in the 4 lanes of a quad (row reductions are two
+// shuffles). The accumulator layout of two adjacent n8 tiles is the A-operand layout of one k16
+// slice, so a product's result (P, dS) becomes the next product's A operand without shared memory.
+// Shared memory holds only input tiles, the streamed ones double-buffered and filled by cp.async
+// while the previous stage is used. Head dims are padded with zeros up to the compile-time kD,
+// sequence edges with zero rows whose scores are masked to -inf.
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = kMmaWarps * 32;
-constexpr int kMmaBlockM = 16 * kMmaWarps;
-// 32 keys a block at kD = 256 keeps two stages of K and V in ~100 KB (and the S accumulators small
-// beside O's 128 registers a thread).
-template <int kD> constexpr int kMmaBlockN = kD <= 128 ? 64 : 32;
+constexpr int kMmaRows = 16 * kMmaWarps;  // the rows a block owns (queries, or keys for dK/dV)
+// Streamed tile rows: keys in the forward (32 at kD = 256 keeps two stages of K and V in ~100 KB
+// and the S accumulators small beside O's 128 registers a thread), keys in dQ, queries in dK/dV
+// (where dK and dV accumulate in registers: 2 * kD / 2 of them a thread).
+template <int kD> constexpr int kMmaFwdBlockN = kD <= 128 ? 64 : 32;
+constexpr int kMmaDqBlockN = 64;
+constexpr int kMmaDkdvBlockM = 32;
+// Largest head dim of the backward kernels (dK and dV accumulators: kD registers a thread).
+constexpr int kMmaBwdMaxHeadDim = 128;
 // Row pitch of the shared tiles: 8 elements (16 bytes) of padding keep every row 16-byte aligned
 // (cp.async, ldmatrix) and put the 8 rows an ldmatrix phase reads in 8 distinct bank groups.
 template <int kD> constexpr int kMmaPitch = kD + 8;
 
 template <typename T, int kD> constexpr size_t mma_fwd_smem_bytes() {
-  return sizeof(T) * size_t(kMmaPitch<kD>) * (kMmaBlockM + 4 * kMmaBlockN<kD>);
+  return sizeof(T) * size_t(kMmaPitch<kD>) * (kMmaRows + 4 * kMmaFwdBlockN<kD>);
+}
+// dQ: q and dout tiles (kMmaRows) once, two stages of k and v (kMmaDqBlockN each)
+template <typename T, int kD> constexpr size_t mma_dq_smem_bytes() {
+  return sizeof(T) * size_t(kMmaPitch<kD>) * (2 * kMmaRows + 4 * kMmaDqBlockN);
+}
+// dK/dV: k and v tiles (kMmaRows) once, two stages of q and dout (kMmaDkdvBlockM each), and two
+// stages of the block's lse and delta values
+template <typename T, int kD> constexpr size_t mma_dkdv_smem_bytes() {
+  return sizeof(T) * size_t(kMmaPitch<kD>) * (2 * kMmaRows + 4 * kMmaDkdvBlockM) +
+         sizeof(float) * 4 * kMmaDkdvBlockM;
 }
 
 // Rows [0, kRows) x cols [0, kD) of a shared tile (pitch kMmaPitch<kD>): src[r * row_stride + c] for
@@ -368,16 +380,83 @@ __device__ __forceinline__ void mma_load_tile(T* dst, const T* src, int64_t row_
   }
 }
 
+// Whether rows starting at `base` (every block's first row: base + n0 * row_stride) can be copied
+// in 16-byte chunks.
 template <typename T>
 __device__ __forceinline__ bool cp_async_ok(const T* base, int64_t row_stride, int64_t col_stride, int cols_valid) {
   return col_stride == 1 && row_stride % 8 == 0 && cols_valid % 8 == 0 &&
          reinterpret_cast<uintptr_t>(base) % 16 == 0;
 }
 
-// grid (B * Hq, ceil(Lq / kMmaBlockM)), kMmaThreads threads.
+// The A fragment of k16 slice kk of 16 rows of a shared tile: ldmatrix.x4 with lane l pointing at
+// row l % 16, column half l / 16.
+template <typename T>
+__device__ __forceinline__ void load_a_slice(uint32_t (&a)[4], const T* rows16, int pitch, int kk) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4<false>(a, rows16 + (lane & 15) * pitch + kk * 16 + (lane >> 4) * 8);
+}
+
+// The A fragment of k16 slice kk made from accumulator tiles 2 kk (its columns 0..7) and 2 kk + 1.
+template <typename T, int kTiles>
+__device__ __forceinline__ void acc_to_a_slice(uint32_t (&a)[4], const float (&acc)[kTiles][4], int kk) {
+  a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+// acc (16 x 8 kTiles) += A_slice (16 x 16, k slice kk) B_slice, B read from a shared tile stored
+// either with rows = n ([n][k], kBRowsK false: ldmatrix, e.g. K in S = Q K^T) or rows = k ([k][n],
+// true: ldmatrix.trans, e.g. V in O = P V). One ldmatrix.x4 gives two n8 tiles' fragments.
+template <typename T, int kTiles, bool kBRowsK>
+__device__ __forceinline__ void mma_slice(float (&acc)[kTiles][4], const uint32_t (&a)[4], const T* b, int pitch,
+                                          int kk) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < kTiles; j += 2) {
+    uint32_t f[4];  // f[0..1]: n8 tile j, f[2..3]: tile j + 1
+    if constexpr (kBRowsK) {  // k row kk * 16 + l % 16, n half l / 16
+      ldmatrix_x4<true>(f, b + (kk * 16 + (lane & 15)) * pitch + j * 8 + (lane >> 4) * 8);
+    } else {                  // n row (l / 16) * 8 + l % 8, k half (l / 8) % 2
+      ldmatrix_x4<false>(f, b + (j * 8 + ((lane >> 4) << 3) + (lane & 7)) * pitch + kk * 16 + ((lane >> 3) & 1) * 8);
+    }
+    mma_16816<T>(acc[j], a, f);
+    mma_16816<T>(acc[j + 1], a, f + 2);
+  }
+}
+
+template <int kTiles> __device__ __forceinline__ void zero_acc(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+}
+
+// Accumulator element e of tile j sits at row g + 8 (e / 2), column 8 j + 2 t + e % 2 of the
+// warp's 16 x 8 kTiles result (lane = 4 g + t).
+__device__ __forceinline__ int acc_row(int e) { return ((threadIdx.x & 31) >> 2) + (e >> 1) * 8; }
+__device__ __forceinline__ int acc_col(int j, int e) { return j * 8 + 2 * (threadIdx.x & 3) + (e & 1); }
+
+// Stores the warp's 16 x kD accumulator rows, times `mul`, to rows row0 + r (< rows_valid) of a
+// contiguous T matrix with `cols` columns.
+template <typename T, int kTiles>
+__device__ __forceinline__ void store_acc_rows(T* dst, const float (&acc)[kTiles][4], int64_t row0, int64_t rows_valid,
+                                               int cols, float mul) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t r = row0 + acc_row(e);
+      const int c = acc_col(j, e);
+      if (r < rows_valid && c < cols) dst[r * cols + c] = from_float<T>(acc[j][e] * mul);
+    }
+  }
+}
+
+// grid (B * Hq, ceil(Lq / kMmaRows)), kMmaThreads threads.
+//   S = Q K^T; online softmax on the registers (the row sum stays a per-lane partial: every lane of
+//   a quad rescales by the same factor; it is reduced once at the end); O = O alpha + P V.
 template <typename T, int kD>
-__global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const AttentionFwdArgs a) {
-  constexpr int kBN = kMmaBlockN<kD>, kPitch = kMmaPitch<kD>;
+__global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const AttentionFwdArgs a) {
+  constexpr int kBN = kMmaFwdBlockN<kD>, kPitch = kMmaPitch<kD>;
   constexpr int kKSlices = kD / 16;   // k16 slices of the head dim in S = Q K^T
   constexpr int kNTiles = kBN / 8;    // n8 tiles of S (keys)
   constexpr int kPSlices = kBN / 16;  // k16 slices of the key block in O += P V
@@ -386,63 +465,53 @@ __global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const At
   // already take 128, so they are re-read from shared memory for every key block.
   constexpr bool kQInRegisters = kD <= 128;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* q_tile = reinterpret_cast<T*>(smem_raw);  // [kMmaBlockM][kPitch]
-  T* k_tiles = q_tile + kMmaBlockM * kPitch;    // [2][kBN][kPitch]
+  T* q_tile = reinterpret_cast<T*>(smem_raw);  // [kMmaRows][kPitch]
+  T* k_tiles = q_tile + kMmaRows * kPitch;      // [2][kBN][kPitch]
   T* v_tiles = k_tiles + 2 * kBN * kPitch;      // [2][kBN][kPitch]
 
   const int64_t bh = blockIdx.x, b = bh / a.heads_q, h = bh % a.heads_q;
   const int64_t hkv = h / (a.heads_q / a.heads_kv);
-  const int64_t m0 = int64_t(blockIdx.y) * kMmaBlockM;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t m0 = int64_t(blockIdx.y) * kMmaRows;
+  const int warp = threadIdx.x >> 5, t = threadIdx.x & 3;
   const int D = static_cast<int>(a.head_dim), Dv = static_cast<int>(a.head_dim_v);
-  const int rows_q = static_cast<int>(imin(kMmaBlockM, a.len_q - m0));
+  const int rows_q = static_cast<int>(imin(kMmaRows, a.len_q - m0));
 
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
   const T* k = static_cast<const T*>(a.k) + b * a.k_stride[0] + hkv * a.k_stride[1];
   const T* v = static_cast<const T*>(a.v) + b * a.v_stride[0] + hkv * a.v_stride[1];
-  // The K/V rows of one block start at n0 * stride: aligned for every block when the head's base is.
   const bool k_vec = cp_async_ok(k, a.k_stride[2], a.k_stride[3], D);
   const bool v_vec = cp_async_ok(v, a.v_stride[2], a.v_stride[3], Dv);
-  const int64_t n_end = a.causal ? imin(a.len_k, m0 + kMmaBlockM) : a.len_k;
+  const int64_t n_end = a.causal ? imin(a.len_k, m0 + kMmaRows) : a.len_k;
   const int n_blocks = static_cast<int>((n_end + kBN - 1) / kBN);
   auto load_kv = [&](int blk) {
     const int64_t n0 = int64_t(blk) * kBN;
     const int rows_k = static_cast<int>(imin(kBN, a.len_k - n0));
-    T* k_dst = k_tiles + (blk & 1) * kBN * kPitch;
-    T* v_dst = v_tiles + (blk & 1) * kBN * kPitch;
-    mma_load_tile<T, kBN, kD>(k_dst, k + n0 * a.k_stride[2], a.k_stride[2], a.k_stride[3], rows_k, D, k_vec);
-    mma_load_tile<T, kBN, kD>(v_dst, v + n0 * a.v_stride[2], a.v_stride[2], a.v_stride[3], rows_k, Dv, v_vec);
+    mma_load_tile<T, kBN, kD>(k_tiles + (blk & 1) * kBN * kPitch, k + n0 * a.k_stride[2], a.k_stride[2],
+                              a.k_stride[3], rows_k, D, k_vec);
+    mma_load_tile<T, kBN, kD>(v_tiles + (blk & 1) * kBN * kPitch, v + n0 * a.v_stride[2], a.v_stride[2],
+                              a.v_stride[3], rows_k, Dv, v_vec);
     cp_async_commit();
   };
 
-  mma_load_tile<T, kMmaBlockM, kD>(q_tile, q, a.q_stride[2], a.q_stride[3], rows_q, D,
-                                   cp_async_ok(q, a.q_stride[2], a.q_stride[3], D));
+  mma_load_tile<T, kMmaRows, kD>(q_tile, q, a.q_stride[2], a.q_stride[3], rows_q, D,
+                                 cp_async_ok(q, a.q_stride[2], a.q_stride[3], D));
   cp_async_commit();
   if (n_blocks > 0) load_kv(0);
 
-  // This lane's rows of the block: r = 0 -> row g of the warp's 16, r = 1 -> row g + 8.
   const T* q_warp = q_tile + warp * 16 * kPitch;
-  // ldmatrix.x4 over a 16 x 16 A tile: lane l points at row l % 16, column half l / 16.
-  const int a_row = lane & 15, a_col = (lane >> 4) * 8;
-  // ... over two n8 tiles of B stored [n][k] (K): key row (l / 16) * 8 + l % 8, k half (l / 8) % 2;
-  const int bk_row = ((lane >> 4) << 3) + (lane & 7), bk_col = ((lane >> 3) & 1) * 8;
-  // ... over two n8 tiles of B stored [k][n] (V, .trans): key row l % 16, column half l / 16.
-  const int bv_row = lane & 15, bv_col = (lane >> 4) * 8;
-
   uint32_t q_frag[kQInRegisters ? kKSlices : 1][4];
   if (n_blocks > 0) cp_async_wait<1>(); else cp_async_wait<0>();
   __syncthreads();
   if constexpr (kQInRegisters) {
 #pragma unroll
-    for (int kk = 0; kk < kKSlices; ++kk) ldmatrix_x4<false>(q_frag[kk], q_warp + a_row * kPitch + kk * 16 + a_col);
+    for (int kk = 0; kk < kKSlices; ++kk) load_a_slice<T>(q_frag[kk], q_warp, kPitch, kk);
   }
 
   float o[kOTiles][4];
-#pragma unroll
-  for (int j = 0; j < kOTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // row_sum: this lane's part
+  zero_acc(o);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // row r: acc elements 2r, 2r+1
   const int64_t row_base = (b * a.heads_q + h) * a.len_q;  // dropout / lse row of query 0 of this head
-  const int64_t rows_i[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  const int64_t rows_i[2] = {m0 + warp * 16 + acc_row(0), m0 + warp * 16 + acc_row(2)};
   uint32_t drop_key[2] = {0u, 0u};
   if (a.dropout.enabled) {
     for (int r = 0; r < 2; ++r) drop_key[r] = dropout_row_key(a.dropout, row_base + rows_i[r]);
@@ -461,8 +530,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const At
     const int64_t n0 = int64_t(blk) * kBN;
 
     float s[kNTiles][4];
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    zero_acc(s);
 #pragma unroll
     for (int kk = 0; kk < kKSlices; ++kk) {
       uint32_t a_frag[4];
@@ -470,15 +538,9 @@ __global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const At
 #pragma unroll
         for (int e = 0; e < 4; ++e) a_frag[e] = q_frag[kk][e];
       } else {
-        ldmatrix_x4<false>(a_frag, q_warp + a_row * kPitch + kk * 16 + a_col);
+        load_a_slice<T>(a_frag, q_warp, kPitch, kk);
       }
-#pragma unroll
-      for (int j = 0; j < kNTiles; j += 2) {
-        uint32_t b_frag[4];  // b_frag[0..1]: n8 tile j, b_frag[2..3]: tile j + 1
-        ldmatrix_x4<false>(b_frag, k_tile + (j * 8 + bk_row) * kPitch + kk * 16 + bk_col);
-        mma_16816<T>(s[j], a_frag, b_frag);
-        mma_16816<T>(s[j + 1], a_frag, b_frag + 2);
-      }
+      mma_slice<T, kNTiles, false>(s, a_frag, k_tile, kPitch, kk);
     }
 
     // Scale and mask. A block needs the per-element test only at the sequence end, on the causal
@@ -489,12 +551,10 @@ __global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const At
     for (int j = 0; j < kNTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = plain ? s[j][e] * a.scale
-                        : masked_score<T>(a, s[j][e], b, h, rows_i[e >> 1], n0 + j * 8 + 2 * t + (e & 1));
+        s[j][e] = plain ? s[j][e] * a.scale : masked_score<T>(a, s[j][e], b, h, rows_i[e >> 1], n0 + acc_col(j, e));
       }
     }
 
-    // Online softmax on the registers; element e of a tile belongs to row e / 2.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float block_max = -INFINITY;
@@ -513,7 +573,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const At
         for (int e = 2 * r; e < 2 * r + 2; ++e) {
           const float p = dead ? 0.0f : exp_<T>(s[j][e] - new_max);
           part += p;
-          s[j][e] = a.dropout.enabled ? p * dropout_factor(a.dropout, drop_key[r], n0 + j * 8 + 2 * t + (e & 1)) : p;
+          s[j][e] = a.dropout.enabled ? p * dropout_factor(a.dropout, drop_key[r], n0 + acc_col(j, e)) : p;
         }
       }
       row_sum[r] = row_sum[r] * alpha + part;
@@ -524,19 +584,11 @@ __global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const At
       }
     }
 
-    // O += P V: k16 slice kk of P is made of S tiles 2 kk (its columns 0..7) and 2 kk + 1 (8..15).
 #pragma unroll
     for (int kk = 0; kk < kPSlices; ++kk) {
-      const uint32_t p_frag[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int j = 0; j < kOTiles; j += 2) {
-        uint32_t b_frag[4];  // b_frag[0..1]: value columns 8 j .. 8 j + 7, b_frag[2..3]: the next 8
-        ldmatrix_x4<true>(b_frag, v_tile + (kk * 16 + bv_row) * kPitch + j * 8 + bv_col);
-        mma_16816<T>(o[j], p_frag, b_frag);
-        mma_16816<T>(o[j + 1], p_frag, b_frag + 2);
-      }
+      uint32_t p_frag[4];
+      acc_to_a_slice<T>(p_frag, s, kk);
+      mma_slice<T, kOTiles, true>(o, p_frag, v_tile, kPitch, kk);
     }
     __syncthreads();  // every warp is done with this stage before the next load overwrites it
   }
@@ -553,13 +605,250 @@ __global__ void __launch_bounds__(kMmaThreads) attention_fwd_mma_kernel(const At
 #pragma unroll
     for (int j = 0; j < kOTiles; ++j) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = j * 8 + 2 * t + e;
-        if (c < Dv) out[i * a.out_stride[2] + c * a.out_stride[3]] = from_float<T>(o[j][2 * r + e] * inv);
+      for (int e = 2 * r; e < 2 * r + 2; ++e) {
+        const int c = acc_col(j, e);
+        if (c < Dv) out[i * a.out_stride[2] + c * a.out_stride[3]] = from_float<T>(o[j][e] * inv);
       }
     }
     if (t == 0) a.lse[row_base + i] = l > 0.0f ? row_max[r] + logf(l) : INFINITY;
   }
+}
+
+// dQ (and dmask) for kMmaRows queries of one (batch, head): grid (B * Hq, ceil(Lq / kMmaRows)).
+// Per key block: S = Q K^T and dP = dO V^T in accumulators; P = exp(s - lse) (0 where masked),
+// dS = P (dP Z - delta) in place of dP; dmask = dS; dQ += dS K with dS as A fragments.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(const AttentionBwdArgs a) {
+  const AttentionFwdArgs& f = a.fwd;
+  constexpr int kBN = kMmaDqBlockN, kPitch = kMmaPitch<kD>;
+  constexpr int kKSlices = kD / 16, kNTiles = kBN / 8, kSSlices = kBN / 16, kDTiles = kD / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* q_tile = reinterpret_cast<T*>(smem_raw);  // [kMmaRows][kPitch]
+  T* do_tile = q_tile + kMmaRows * kPitch;      // [kMmaRows][kPitch]
+  T* k_tiles = do_tile + kMmaRows * kPitch;     // [2][kBN][kPitch]
+  T* v_tiles = k_tiles + 2 * kBN * kPitch;      // [2][kBN][kPitch]
+
+  const int64_t bh = blockIdx.x, b = bh / f.heads_q, h = bh % f.heads_q;
+  const int64_t hkv = h / (f.heads_q / f.heads_kv);
+  const int64_t m0 = int64_t(blockIdx.y) * kMmaRows;
+  const int warp = threadIdx.x >> 5;
+  const int D = static_cast<int>(f.head_dim), Dv = static_cast<int>(f.head_dim_v);
+  const int rows_q = static_cast<int>(imin(kMmaRows, f.len_q - m0));
+
+  const T* q = static_cast<const T*>(f.q) + b * f.q_stride[0] + h * f.q_stride[1] + m0 * f.q_stride[2];
+  const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[1] + m0 * a.dout_stride[2];
+  const T* k = static_cast<const T*>(f.k) + b * f.k_stride[0] + hkv * f.k_stride[1];
+  const T* v = static_cast<const T*>(f.v) + b * f.v_stride[0] + hkv * f.v_stride[1];
+  const bool k_vec = cp_async_ok(k, f.k_stride[2], f.k_stride[3], D);
+  const bool v_vec = cp_async_ok(v, f.v_stride[2], f.v_stride[3], Dv);
+  const int64_t n_end = f.causal ? imin(f.len_k, m0 + kMmaRows) : f.len_k;
+  const int n_blocks = static_cast<int>((n_end + kBN - 1) / kBN);
+  auto load_kv = [&](int blk) {
+    const int64_t n0 = int64_t(blk) * kBN;
+    const int rows_k = static_cast<int>(imin(kBN, f.len_k - n0));
+    mma_load_tile<T, kBN, kD>(k_tiles + (blk & 1) * kBN * kPitch, k + n0 * f.k_stride[2], f.k_stride[2],
+                              f.k_stride[3], rows_k, D, k_vec);
+    mma_load_tile<T, kBN, kD>(v_tiles + (blk & 1) * kBN * kPitch, v + n0 * f.v_stride[2], f.v_stride[2],
+                              f.v_stride[3], rows_k, Dv, v_vec);
+    cp_async_commit();
+  };
+
+  mma_load_tile<T, kMmaRows, kD>(q_tile, q, f.q_stride[2], f.q_stride[3], rows_q, D,
+                                 cp_async_ok(q, f.q_stride[2], f.q_stride[3], D));
+  mma_load_tile<T, kMmaRows, kD>(do_tile, dout, a.dout_stride[2], a.dout_stride[3], rows_q, Dv,
+                                 cp_async_ok(dout, a.dout_stride[2], a.dout_stride[3], Dv));
+  cp_async_commit();
+  if (n_blocks > 0) load_kv(0);
+
+  const int64_t row_base = (b * f.heads_q + h) * f.len_q;
+  const int64_t rows_i[2] = {m0 + warp * 16 + acc_row(0), m0 + warp * 16 + acc_row(2)};
+  float lse[2], delta[2];
+  uint32_t drop_key[2] = {0u, 0u};
+  for (int r = 0; r < 2; ++r) {
+    const bool in = rows_i[r] < f.len_q;
+    lse[r] = in ? f.lse[row_base + rows_i[r]] : INFINITY;  // rows past Lq: P = 0
+    delta[r] = in ? a.delta[row_base + rows_i[r]] : 0.0f;
+    if (f.dropout.enabled) drop_key[r] = dropout_row_key(f.dropout, row_base + rows_i[r]);
+  }
+  float dq[kDTiles][4];
+  zero_acc(dq);
+  const T* q_warp = q_tile + warp * 16 * kPitch;
+  const T* do_warp = do_tile + warp * 16 * kPitch;
+  T* dmask = static_cast<T*>(a.dmask);
+
+  for (int blk = 0; blk < n_blocks; ++blk) {
+    if (blk + 1 < n_blocks) {
+      load_kv(blk + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* k_tile = k_tiles + (blk & 1) * kBN * kPitch;
+    const T* v_tile = v_tiles + (blk & 1) * kBN * kPitch;
+    const int64_t n0 = int64_t(blk) * kBN;
+
+    float s[kNTiles][4], dp[kNTiles][4];
+    zero_acc(s);
+    zero_acc(dp);
+#pragma unroll
+    for (int kk = 0; kk < kKSlices; ++kk) {
+      uint32_t frag[4];
+      load_a_slice<T>(frag, q_warp, kPitch, kk);
+      mma_slice<T, kNTiles, false>(s, frag, k_tile, kPitch, kk);
+      load_a_slice<T>(frag, do_warp, kPitch, kk);
+      mma_slice<T, kNTiles, false>(dp, frag, v_tile, kPitch, kk);
+    }
+    const bool plain =
+        f.mask_kind == MaskKind::kNone && n0 + kBN <= f.len_k && !(f.causal && n0 + kBN - 1 > m0);
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int64_t i = rows_i[r], jj = n0 + acc_col(j, e);
+        const float sc = plain ? s[j][e] * f.scale : masked_score<T>(f, s[j][e], b, h, i, jj);
+        const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse[r]);  // lse = +inf on dead rows: 0
+        const float z = f.dropout.enabled ? dropout_factor(f.dropout, drop_key[r], jj) : 1.0f;
+        const float ds = p * (dp[j][e] * z - delta[r]);
+        dp[j][e] = ds;
+        if (dmask != nullptr && i < f.len_q && jj < f.len_k) dmask[(row_base + i) * f.len_k + jj] = from_float<T>(ds);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kSSlices; ++kk) {
+      uint32_t ds_frag[4];
+      acc_to_a_slice<T>(ds_frag, dp, kk);
+      mma_slice<T, kDTiles, true>(dq, ds_frag, k_tile, kPitch, kk);
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();  // (no key blocks: the Q/dO copies must still land before the block exits)
+  // dq is contiguous (B, Hq, Lq, D)
+  store_acc_rows<T>(static_cast<T*>(a.dq) + row_base * f.head_dim, dq, m0 + warp * 16, f.len_q, D, f.scale);
+}
+
+// dK, dV for kMmaRows keys of one (batch, kv head): grid (B * Hkv, ceil(Lk / kMmaRows)). The warp's
+// 16 keys are the rows of every product: per query block (of each query head sharing the kv head)
+//   S^T = K Q^T, dP^T = V dO^T; P^T = exp(s - lse) (lse per column), dS^T = P^T (dP^T Z - delta);
+//   dV += (P^T Z) dO, dK += dS^T Q (the two results as A fragments).
+template <typename T, int kD>
+__global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(const AttentionBwdArgs a) {
+  const AttentionFwdArgs& f = a.fwd;
+  constexpr int kBM = kMmaDkdvBlockM, kPitch = kMmaPitch<kD>;
+  constexpr int kKSlices = kD / 16, kMTiles = kBM / 8, kMSlices = kBM / 16, kDTiles = kD / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* k_tile = reinterpret_cast<T*>(smem_raw);  // [kMmaRows][kPitch]
+  T* v_tile = k_tile + kMmaRows * kPitch;       // [kMmaRows][kPitch]
+  T* q_tiles = v_tile + kMmaRows * kPitch;      // [2][kBM][kPitch]
+  T* do_tiles = q_tiles + 2 * kBM * kPitch;     // [2][kBM][kPitch]
+  float* lse_rows = reinterpret_cast<float*>(do_tiles + 2 * kBM * kPitch);  // [2][kBM]
+  float* delta_rows = lse_rows + 2 * kBM;                                   // [2][kBM]
+
+  const int64_t bhkv = blockIdx.x, b = bhkv / f.heads_kv, hkv = bhkv % f.heads_kv;
+  const int64_t group = f.heads_q / f.heads_kv;
+  const int64_t n0 = int64_t(blockIdx.y) * kMmaRows;
+  const int warp = threadIdx.x >> 5;
+  const int D = static_cast<int>(f.head_dim), Dv = static_cast<int>(f.head_dim_v);
+  const int rows_k = static_cast<int>(imin(kMmaRows, f.len_k - n0));
+
+  const T* k = static_cast<const T*>(f.k) + b * f.k_stride[0] + hkv * f.k_stride[1] + n0 * f.k_stride[2];
+  const T* v = static_cast<const T*>(f.v) + b * f.v_stride[0] + hkv * f.v_stride[1] + n0 * f.v_stride[2];
+  mma_load_tile<T, kMmaRows, kD>(k_tile, k, f.k_stride[2], f.k_stride[3], rows_k, D,
+                                 cp_async_ok(k, f.k_stride[2], f.k_stride[3], D));
+  mma_load_tile<T, kMmaRows, kD>(v_tile, v, f.v_stride[2], f.v_stride[3], rows_k, Dv,
+                                 cp_async_ok(v, f.v_stride[2], f.v_stride[3], Dv));
+  cp_async_commit();
+
+  // Causal: query i sees key j only when i >= j, so queries before n0 contribute nothing.
+  const int64_t m_start = f.causal ? n0 : 0;
+  const int64_t per_head = f.len_q > m_start ? (f.len_q - m_start + kBM - 1) / kBM : 0;
+  const int steps = static_cast<int>(group * per_head);
+  auto step_head = [&](int step) { return hkv * group + step / per_head; };
+  auto step_m0 = [&](int step) { return m_start + (step % per_head) * kBM; };
+  auto load_q = [&](int step) {
+    const int64_t h = step_head(step), m0 = step_m0(step);
+    const int rows_q = static_cast<int>(imin(kBM, f.len_q - m0));
+    const int stage = step & 1;
+    const T* q = static_cast<const T*>(f.q) + b * f.q_stride[0] + h * f.q_stride[1] + m0 * f.q_stride[2];
+    const T* dout =
+        static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[1] + m0 * a.dout_stride[2];
+    mma_load_tile<T, kBM, kD>(q_tiles + stage * kBM * kPitch, q, f.q_stride[2], f.q_stride[3], rows_q, D,
+                              cp_async_ok(q, f.q_stride[2], f.q_stride[3], D));
+    mma_load_tile<T, kBM, kD>(do_tiles + stage * kBM * kPitch, dout, a.dout_stride[2], a.dout_stride[3], rows_q, Dv,
+                              cp_async_ok(dout, a.dout_stride[2], a.dout_stride[3], Dv));
+    const int64_t row0 = (b * f.heads_q + h) * f.len_q + m0;
+    for (int r = threadIdx.x; r < kBM; r += kMmaThreads) {
+      lse_rows[stage * kBM + r] = r < rows_q ? f.lse[row0 + r] : INFINITY;  // rows past Lq: P = 0
+      delta_rows[stage * kBM + r] = r < rows_q ? a.delta[row0 + r] : 0.0f;
+    }
+    cp_async_commit();
+  };
+  if (steps > 0) load_q(0);
+
+  float dk[kDTiles][4], dv[kDTiles][4];
+  zero_acc(dk);
+  zero_acc(dv);
+  const T* k_warp = k_tile + warp * 16 * kPitch;
+  const T* v_warp = v_tile + warp * 16 * kPitch;
+  const int64_t keys_j[2] = {n0 + warp * 16 + acc_row(0), n0 + warp * 16 + acc_row(2)};
+
+  for (int step = 0; step < steps; ++step) {
+    if (step + 1 < steps) {
+      load_q(step + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int stage = step & 1;
+    const T* q_tile = q_tiles + stage * kBM * kPitch;
+    const T* do_tile = do_tiles + stage * kBM * kPitch;
+    const int64_t h = step_head(step), m0 = step_m0(step);
+    const int64_t row_base = (b * f.heads_q + h) * f.len_q;
+
+    float st[kMTiles][4], dpt[kMTiles][4];  // S^T and dP^T: rows = the warp's keys, columns = queries
+    zero_acc(st);
+    zero_acc(dpt);
+#pragma unroll
+    for (int kk = 0; kk < kKSlices; ++kk) {
+      uint32_t frag[4];
+      load_a_slice<T>(frag, k_warp, kPitch, kk);
+      mma_slice<T, kMTiles, false>(st, frag, q_tile, kPitch, kk);
+      load_a_slice<T>(frag, v_warp, kPitch, kk);
+      mma_slice<T, kMTiles, false>(dpt, frag, do_tile, kPitch, kk);
+    }
+    const bool plain = f.mask_kind == MaskKind::kNone && m0 + kBM <= f.len_q && n0 + kMmaRows <= f.len_k &&
+                       !(f.causal && n0 + kMmaRows - 1 > m0);
+#pragma unroll
+    for (int j = 0; j < kMTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = acc_col(j, e);
+        const int64_t i = m0 + col, jj = keys_j[e >> 1];
+        const float sc = plain ? st[j][e] * f.scale : masked_score<T>(f, st[j][e], b, h, i, jj);
+        const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse_rows[stage * kBM + col]);
+        const float z =
+            f.dropout.enabled ? dropout_factor(f.dropout, dropout_row_key(f.dropout, row_base + i), jj) : 1.0f;
+        dpt[j][e] = p * (dpt[j][e] * z - delta_rows[stage * kBM + col]);
+        st[j][e] = p * z;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kMSlices; ++kk) {
+      uint32_t frag[4];
+      acc_to_a_slice<T>(frag, st, kk);
+      mma_slice<T, kDTiles, true>(dv, frag, do_tile, kPitch, kk);
+      acc_to_a_slice<T>(frag, dpt, kk);
+      mma_slice<T, kDTiles, true>(dk, frag, q_tile, kPitch, kk);
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();  // (no query block: the K/V copies must still land before the block exits)
+  // dk, dv are contiguous (B, Hkv, Lk, .)
+  const int64_t first = (b * f.heads_kv + hkv) * f.len_k;
+  store_acc_rows<T>(static_cast<T*>(a.dk) + first * f.head_dim, dk, n0 + warp * 16, f.len_k, D, f.scale);
+  store_acc_rows<T>(static_cast<T*>(a.dv) + first * f.head_dim_v, dv, n0 + warp * 16, f.len_k, Dv, 1.0f);
 }
 
 // ---- backward ----------------------------------------------------------------------------------------
@@ -762,7 +1051,7 @@ const char* attention_fwd_mma_launch(const AttentionFwdArgs& a, cudaStream_t str
   constexpr size_t smem = mma_fwd_smem_bytes<T, kD>();
   *taken = smem <= static_cast<size_t>(max_shared_memory_per_block());
   if (!*taken) return nullptr;
-  const int64_t q_blocks = ceil_div(a.len_q, kMmaBlockM);
+  const int64_t q_blocks = ceil_div(a.len_q, kMmaRows);
   if (q_blocks > 65535) return "attention: len_q too large for the grid";
   const auto kernel = attention_fwd_mma_kernel<T, kD>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
@@ -802,12 +1091,59 @@ const char* attention_fwd_typed(const AttentionFwdArgs& a, cudaStream_t stream) 
   return launch(attention_fwd_kernel<T>, grid, smem, stream, a, d);
 }
 
+template <typename Kernel>
+const char* launch_mma(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const AttentionBwdArgs& a) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+      cudaSuccess)
+    return last_launch_error();
+  kernel<<<grid, kMmaThreads, smem, stream>>>(a);
+  return last_launch_error();
+}
+
+// The register-resident dK/dV and dQ kernels for kD (after the delta kernel); *taken false (nothing
+// launched) when their shared memory does not fit this device.
+template <typename T, int kD>
+const char* attention_bwd_mma_launch(const AttentionBwdArgs& a, cudaStream_t stream, bool* taken) {
+  const AttentionFwdArgs& f = a.fwd;
+  constexpr size_t smem_dq = mma_dq_smem_bytes<T, kD>(), smem_kv = mma_dkdv_smem_bytes<T, kD>();
+  const size_t limit = static_cast<size_t>(max_shared_memory_per_block());
+  *taken = smem_dq <= limit && smem_kv <= limit;
+  if (!*taken) return nullptr;
+  const int64_t q_blocks = ceil_div(f.len_q, kMmaRows), k_blocks = ceil_div(f.len_k, kMmaRows);
+  if (q_blocks > 65535 || k_blocks > 65535) return "attention: sequence too long for the grid";
+  if (k_blocks > 0 && f.batch * f.heads_kv > 0) {
+    const dim3 grid(static_cast<unsigned>(f.batch * f.heads_kv), static_cast<unsigned>(k_blocks));
+    if (const char* err = launch_mma(attention_bwd_dkdv_mma_kernel<T, kD>, grid, smem_kv, stream, a)) return err;
+  }
+  const dim3 grid(static_cast<unsigned>(f.batch * f.heads_q), static_cast<unsigned>(q_blocks));
+  return launch_mma(attention_bwd_dq_mma_kernel<T, kD>, grid, smem_dq, stream, a);
+}
+
+// 16-bit inputs on sm_80+ with head dims up to kMmaBwdMaxHeadDim: the register-resident backward.
+// *taken false when it does not apply (then the shared-memory kernels run).
+template <typename T>
+const char* attention_bwd_mma(const AttentionBwdArgs& a, cudaStream_t stream, bool* taken) {
+  *taken = false;
+  const AttentionFwdArgs& f = a.fwd;
+  const int64_t dim = f.head_dim > f.head_dim_v ? f.head_dim : f.head_dim_v;
+  if (kIsFloat<T> || dim > kMmaBwdMaxHeadDim || compute_capability_major() < 8) return nullptr;
+  if (dim <= 32) return attention_bwd_mma_launch<T, 32>(a, stream, taken);
+  if (dim <= 64) return attention_bwd_mma_launch<T, 64>(a, stream, taken);
+  if (dim <= 96) return attention_bwd_mma_launch<T, 96>(a, stream, taken);
+  return attention_bwd_mma_launch<T, 128>(a, stream, taken);
+}
+
 template <typename T>
 const char* attention_bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) {
   const AttentionFwdArgs& f = a.fwd;
   const int64_t rows = f.batch * f.heads_q * f.len_q;
   attention_bwd_delta_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(a);
   if (const char* err = last_launch_error()) return err;
+  if constexpr (!kIsFloat<T>) {
+    bool taken = false;
+    const char* err = attention_bwd_mma<T>(a, stream, &taken);
+    if (taken || err != nullptr) return err;
+  }
 
   size_t smem_kv = 0, smem_q = 0;
   // One tile choice for both kernels (the dK/dV one needs more memory).

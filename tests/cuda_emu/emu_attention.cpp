@@ -70,7 +70,7 @@ extern "C" int emu_attention_fwd(const float* q, const int64_t* qs, const float*
 // bfloat16 (1), compiled for head dim kD (a value attention_fwd_mma may pick).
 template <typename T>
 int fwd_mma_typed(const AttentionFwdArgs& a, int kd) {
-  const dim3 grid(unsigned(a.batch * a.heads_q), unsigned(ceil_div(a.len_q, kMmaBlockM)));
+  const dim3 grid(unsigned(a.batch * a.heads_q), unsigned(ceil_div(a.len_q, kMmaRows)));
   switch (kd) {
     case 32: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 32>, a); return 0;
     case 64: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 64>, a); return 0;
@@ -90,6 +90,47 @@ extern "C" int emu_attention_fwd_mma(int dtype, const void* q, const int64_t* qs
   if (kd < a.head_dim || kd < a.head_dim_v) return 3;
   if (a.batch * a.heads_q == 0 || a.len_q == 0) return 0;
   return dtype == 0 ? fwd_mma_typed<__half>(a, kd) : fwd_mma_typed<__nv_bfloat16>(a, kd);
+}
+
+// The register-resident backward (delta, dK/dV, dQ kernels) in float16 (dtype 0) or bfloat16 (1).
+template <typename T, int kD>
+void bwd_mma_kernels(const AttentionBwdArgs& b) {
+  const AttentionFwdArgs& f = b.fwd;
+  const int64_t rows = f.batch * f.heads_q * f.len_q;
+  emu::launch(dim3(unsigned(ceil_div(rows, kWarps))), dim3(kThreads), attention_bwd_delta_kernel<T>, b);
+  if (f.len_k > 0)
+    emu::launch(dim3(unsigned(f.batch * f.heads_kv), unsigned(ceil_div(f.len_k, kMmaRows))), dim3(kMmaThreads),
+                attention_bwd_dkdv_mma_kernel<T, kD>, b);
+  emu::launch(dim3(unsigned(f.batch * f.heads_q), unsigned(ceil_div(f.len_q, kMmaRows))), dim3(kMmaThreads),
+              attention_bwd_dq_mma_kernel<T, kD>, b);
+}
+
+template <typename T>
+int bwd_mma_typed(const AttentionBwdArgs& b, int kd) {
+  switch (kd) {
+    case 32: bwd_mma_kernels<T, 32>(b); return 0;
+    case 64: bwd_mma_kernels<T, 64>(b); return 0;
+    case 96: bwd_mma_kernels<T, 96>(b); return 0;
+    case 128: bwd_mma_kernels<T, 128>(b); return 0;
+  }
+  return 2;
+}
+
+extern "C" int emu_attention_bwd_mma(int dtype, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
+                                     const void* v, const int64_t* vs, const int64_t* sizes, int mask_kind,
+                                     const void* mask, const int64_t* ms, int causal, float scale,
+                                     const uint64_t* dropout, const void* out, const int64_t* os, const float* lse,
+                                     const void* dout, const int64_t* dos, void* dq, void* dk, void* dv,
+                                     void* dmask, float* delta, int kd) {
+  AttentionBwdArgs b{};
+  b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, causal, scale, dropout, const_cast<void*>(out),
+                    os, const_cast<float*>(lse), dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
+  b.dout = dout;
+  for (int i = 0; i < 4; ++i) b.dout_stride[i] = dos[i];
+  b.dq = dq; b.dk = dk; b.dv = dv; b.dmask = dmask; b.delta = delta;
+  if (kd < b.fwd.head_dim || kd < b.fwd.head_dim_v) return 3;
+  if (b.fwd.batch * b.fwd.heads_q == 0 || b.fwd.len_q == 0) return 0;
+  return dtype == 0 ? bwd_mma_typed<__half>(b, kd) : bwd_mma_typed<__nv_bfloat16>(b, kd);
 }
 
 // One warp: C = A B through the emulated primitives exactly as the kernel's S = Q K^T (kTransB 0:

@@ -75,6 +75,8 @@ ATTN_CASES = {
     "dropout_causal_gqa": (1, 4, 2, 47, 65, 40, 40, {"dropout_p": 0.3, "causal": True}),
     "dropout_mask_grad": (1, 2, 2, 33, 47, 32, 32, {"dropout_p": 0.2, "mask": "additive", "mask_grad": True}),
     "head_dim_128": (1, 2, 2, 65, 65, 128, 128, {"causal": True}),
+    "head_dim_80": (1, 2, 2, 70, 70, 80, 80, {}),
+    "many_blocks_causal_gqa_d128": (1, 4, 2, 300, 333, 128, 128, {"causal": True}),
     "head_dim_256": (1, 2, 1, 47, 65, 256, 256, {}),
     "head_dim_256_dropout": (1, 2, 2, 33, 33, 256, 200, {"dropout_p": 0.1, "causal": True}),
     "blhd_layout": (2, 3, 3, 33, 47, 64, 64, {"layout": "blhd"}),
@@ -392,6 +394,11 @@ for dtype in (torch.float16, torch.float32):
     v = torch.randn(1, 1, 23, 24, device=dev, dtype=dtype, requires_grad=True)
     m = torch.randn(1, 1, 19, 23, device=dev, dtype=dtype, requires_grad=True)
     F.attention(q, k, v, attn_mask=m, causal=True, dropout_p=0.1, backend="cuda", generator=g).sum().backward()
+    if dtype == torch.float16:  # several key and query blocks: the cp.async stages alternate
+        q = torch.randn(1, 2, 70, 64, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, 2, 150, 64, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, 2, 150, 64, device=dev, dtype=dtype, requires_grad=True)
+        F.attention(q, k, v, backend="cuda").sum().backward()
     if TOOL == "memcheck":
         x = torch.randn(5, 59, device=dev, dtype=dtype, requires_grad=True)
         r = torch.randn(5, 59, device=dev, dtype=dtype, requires_grad=True)

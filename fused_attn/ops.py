@@ -17,7 +17,10 @@ Output layouts (fake and real implementations agree on them):
 - layer_norm_residual_fwd: out, summed contiguous (N, d); mean, rstd float32 (N,) (mean (0,) for rms).
 - layer_norm_residual_bwd: dsum (N, d) in summed's dtype; dx (N, d) in x_dtype or (0,); dweight,
   dbias (d,) or (0,).
-- feed_forward_fwd: out (T, d_out), pre (T, F1) contiguous.  feed_forward_bwd: contiguous grads.
+- feed_forward_fwd: out (T, d_out), pre (T, F1) contiguous: what the backward needs of the first
+  linear, its output x w1^T + b1; for relu without dropout a backend may return h = relu(pre)
+  instead (the cuda backend does: its GEMM applies the ReLU), since every backward computes the
+  same from either (relu'(pre) = [h > 0], relu(h) = h).  feed_forward_bwd: contiguous grads.
 """
 from __future__ import annotations
 

@@ -204,3 +204,23 @@ def test_registered_op_path_and_direct_path_agree(backend, monkeypatch):
     assert calls, "the forced run did not go through the registered op"
     for a, b in zip(direct, through_ops):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+def test_feed_forward_backward_same_from_pre_or_relu_output(backend, device):
+    """The op contract lets a forward save h = relu(pre) in place of pre for relu without dropout
+    (the cuda backend does: its GEMM applies the ReLU). Every backward must then give bitwise the
+    same gradients from either, exact zeros in pre included (relu'(0) = 0 both ways)."""
+    call = Call("feed_forward", torch.device(device), torch.float32, {"activation": "relu", "dropout": False})
+    reasons = BACKENDS[backend].call_reasons(call)
+    if reasons:
+        pytest.skip(f"{backend} cannot run here: {reasons}")
+    gen = torch.Generator().manual_seed(5)
+    x, w1, w2, dout = (torch.randn(*s, generator=gen).to(device) for s in ((7, 16), (24, 16), (8, 24), (7, 8)))
+    pre = x @ w1.t()
+    pre[:, :3] = 0.0
+    grads = [torch.ops.fused_attn.feed_forward_bwd(dout, x, w1, w2, saved, "relu", 0.0, None, True, True, backend)
+             for saved in (pre, torch.relu(pre))]
+    assert (pre < 0).any() and (pre > 0).any()
+    for name, from_pre, from_h in zip(("dx", "dw1", "db1", "dw2", "db2"), *grads):
+        assert torch.equal(from_pre, from_h), f"{backend}: {name} differs when the saved tensor is relu(pre)"

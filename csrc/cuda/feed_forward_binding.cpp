@@ -2,6 +2,7 @@
 // (cuBLAS, the biases in its epilogue), the activation + dropout and its backward through the
 // fused elementwise kernels of feed_forward.cu (one pass each).
 #include <ATen/ATen.h>
+#include <ATen/ops/_addmm_activation.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/string_view.h>
@@ -79,6 +80,15 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cuda(const at::Tensor& x, co
   a.tokens = tokens;
   a.d_ff = d_ff;
   a.dropout = dropout_args(dropout_p, seed, offset, op);
+  if (act == Activation::kRelu && !a.dropout.enabled && b1.defined()) {
+    // ReLU without dropout: bias and ReLU ride in the GEMM's epilogue (cuBLASLt's RELU_BIAS where
+    // torch's addmm takes that path), so there is no elementwise pass at all; h itself is saved for
+    // the backward in place of pre, which the op contract allows for relu without dropout
+    // (relu'(pre) = [h > 0] and relu(h) = h: every backend's backward computes the same from it).
+    at::Tensor h = at::_addmm_activation(b1, x, w1.t(), 1, 1, /*use_gelu=*/false);
+    at::Tensor out = b2.defined() ? at::addmm(b2, h, w2.t()) : at::mm(h, w2.t());
+    return {out, h};
+  }
   // The bias rides in cuBLAS's epilogue (one rounding, as nn.Linear): pre is saved for the backward.
   at::Tensor pre = (b1.defined() ? at::addmm(b1, x, w1.t()) : at::mm(x, w1.t())).contiguous();
   at::Tensor h = at::empty({tokens, d_ff}, x.options());

@@ -52,7 +52,9 @@ if not env_flag("FUSED_ATTN_NO_EXTENSION"):
         # hot row loops a second time for AVX2+FMA and pick that copy at run time.
         extra = {"cxx": cxx_flags}
         if with_cuda:
-            extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
+            # --threads 2: the two architectures compile in parallel (attention.cu, with its
+            # register-resident kernels for five head dims, is the longest unit of the build).
+            extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "--threads", "2",
                              "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
             ext = cpp_extension.CUDAExtension("fused_attn._C", sources + cuda_sources, extra_compile_args=extra,
                                               extra_link_args=link_flags, define_macros=[("FUSED_ATTN_WITH_CUDA", "1")], py_limited_api=True)

@@ -114,6 +114,27 @@ def reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, dty
     return out, lse, dq, dk, dv, dmask
 
 
+def attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts):
+    """(q, k, v, mask, randn) for a case, drawn from a generator seeded by its name."""
+    gen = torch.Generator().manual_seed(len(name))
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
+    if opts.get("layout") == "strided":  # q as a (B, L, H, D) transpose, k/v shared by the batch (stride 0)
+        q = randn(B, Lq, Hq, D).transpose(1, 2)
+        k = randn(1, Hkv, Lk, D).expand(B, -1, -1, -1)
+        v = randn(1, Hkv, Lk, Dv).expand(B, -1, -1, -1)
+    else:
+        q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, Dv)
+    mask = None
+    if opts.get("mask") == "bool":
+        mask = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
+        mask[:, :, 2, :] = False  # a row with nothing to attend
+    elif opts.get("mask") == "additive":  # broadcast over the batch and heads: a stride-0 view
+        m = randn(1, 1, Lq, Lk)
+        m[..., :3] = float("-inf")
+        mask = m.expand(B, Hq, Lq, Lk)
+    return q, k, v, mask, randn
+
+
 # name: (B, Hq, Hkv, Lq, Lk, D, Dv, options, (BM, BN))  -- the tile pairs the launcher may pick
 CASES = {
     "basic_16x16": (1, 2, 2, 37, 29, 40, 24, {}, (16, 16)),
@@ -129,22 +150,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_emulated_attention_matches_reference(emu, name):
     B, Hq, Hkv, Lq, Lk, D, Dv, opts, blocks = CASES[name]
-    gen = torch.Generator().manual_seed(len(name))
-    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).float()
-    if opts.get("layout") == "strided":  # q as a (B, L, H, D) transpose, k/v shared by the batch (stride 0)
-        q = randn(B, Lq, Hq, D).transpose(1, 2)
-        k = randn(1, Hkv, Lk, D).expand(B, -1, -1, -1)
-        v = randn(1, Hkv, Lk, Dv).expand(B, -1, -1, -1)
-    else:
-        q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, Dv)
-    mask = None
-    if opts.get("mask") == "bool":
-        mask = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
-        mask[:, :, 2, :] = False  # a row with nothing to attend
-    elif opts.get("mask") == "additive":  # broadcast over the batch and heads: a stride-0 view
-        m = randn(1, 1, Lq, Lk)
-        m[..., :3] = float("-inf")
-        mask = m.expand(B, Hq, Lq, Lk)
+    q, k, v, mask, randn = attention_inputs(name, torch.float32, B, Hq, Hkv, Lq, Lk, D, Dv, opts)
     causal, p = opts.get("causal", False), opts.get("dropout_p", 0.0)
     scale, seed, offset = 1.0 / math.sqrt(D), 123456789012345, 987654321
     dout = randn(B, Hq, Lq, Dv)
@@ -207,22 +213,7 @@ MMA_CASES = {
 @pytest.mark.parametrize("name", list(MMA_CASES))
 def test_emulated_mma_kernels_match_reference(emu, name):
     dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts, kd = MMA_CASES[name]
-    gen = torch.Generator().manual_seed(len(name))
-    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
-    if opts.get("layout") == "strided":  # q as a (B, L, H, D) transpose, k/v shared by the batch (stride 0)
-        q = randn(B, Lq, Hq, D).transpose(1, 2)
-        k = randn(1, Hkv, Lk, D).expand(B, -1, -1, -1)
-        v = randn(1, Hkv, Lk, Dv).expand(B, -1, -1, -1)
-    else:
-        q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, Dv)
-    mask = None
-    if opts.get("mask") == "bool":
-        mask = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
-        mask[:, :, 2, :] = False  # a row with nothing to attend
-    elif opts.get("mask") == "additive":
-        m = randn(1, 1, Lq, Lk)
-        m[..., :3] = float("-inf")
-        mask = m.expand(B, Hq, Lq, Lk)
+    q, k, v, mask, randn = attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts)
     causal, p = opts.get("causal", False), opts.get("dropout_p", 0.0)
     scale, seed, offset = opts.get("scale", 1.0 / math.sqrt(D)), 123456789012345, 987654321
 

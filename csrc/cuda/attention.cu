@@ -388,6 +388,52 @@ __device__ __forceinline__ bool cp_async_ok(const T* base, int64_t row_stride, i
          reinterpret_cast<uintptr_t>(base) % 16 == 0;
 }
 
+// Whether every score of the block pair (queries [m0, m0 + bm), keys [n0, n0 + bn)) is in range and
+// visible, so that it needs only the scale: no mask, both ranges inside their sequences and, with
+// causal, the last key at or before the first query. Elsewhere masked_score runs per element.
+__device__ __forceinline__ bool block_unmasked(const AttentionFwdArgs& a, int64_t m0, int bm, int64_t n0, int bn) {
+  return a.mask_kind == MaskKind::kNone && m0 + bm <= a.len_q && n0 + bn <= a.len_k &&
+         !(a.causal && n0 + bn - 1 > m0);
+}
+
+// The K and V rows of one (batch, kv head), streamed kBN keys at a time into two shared stages
+// (block blk into stage blk % 2) for the kernels whose warps own queries.
+template <typename T, int kD, int kBN>
+struct KvStream {
+  const AttentionFwdArgs& a;
+  T* k_tiles;  // [2][kBN][kMmaPitch<kD>]
+  T* v_tiles;  // [2][kBN][kMmaPitch<kD>]
+  const T* k;
+  const T* v;
+  bool k_vec, v_vec;
+
+  __device__ __forceinline__ KvStream(const AttentionFwdArgs& args, T* k_smem, T* v_smem, int64_t b, int64_t hkv)
+      : a(args), k_tiles(k_smem), v_tiles(v_smem),
+        k(static_cast<const T*>(args.k) + b * args.k_stride[0] + hkv * args.k_stride[1]),
+        v(static_cast<const T*>(args.v) + b * args.v_stride[0] + hkv * args.v_stride[1]) {
+    // Block n0 starts n0 * stride elements on: 16-byte aligned for all blocks when the head's base is.
+    k_vec = cp_async_ok(k, a.k_stride[2], a.k_stride[3], static_cast<int>(a.head_dim));
+    v_vec = cp_async_ok(v, a.v_stride[2], a.v_stride[3], static_cast<int>(a.head_dim_v));
+  }
+  // The key blocks the queries [m0, m0 + rows) see (causal: none past the last query).
+  __device__ __forceinline__ int blocks(int64_t m0, int rows) const {
+    const int64_t n_end = a.causal ? imin(a.len_k, m0 + rows) : a.len_k;
+    return static_cast<int>((n_end + kBN - 1) / kBN);
+  }
+  // Issues block blk's copies (cp.async where possible) and commits them as one group.
+  __device__ __forceinline__ void load(int blk) const {
+    const int64_t n0 = int64_t(blk) * kBN;
+    const int rows_k = static_cast<int>(imin(kBN, a.len_k - n0));
+    mma_load_tile<T, kBN, kD>(k_stage(blk), k + n0 * a.k_stride[2], a.k_stride[2], a.k_stride[3], rows_k,
+                              static_cast<int>(a.head_dim), k_vec);
+    mma_load_tile<T, kBN, kD>(v_stage(blk), v + n0 * a.v_stride[2], a.v_stride[2], a.v_stride[3], rows_k,
+                              static_cast<int>(a.head_dim_v), v_vec);
+    cp_async_commit();
+  }
+  __device__ __forceinline__ T* k_stage(int blk) const { return k_tiles + (blk & 1) * kBN * kMmaPitch<kD>; }
+  __device__ __forceinline__ T* v_stage(int blk) const { return v_tiles + (blk & 1) * kBN * kMmaPitch<kD>; }
+};
+
 // The A fragment of k16 slice kk of 16 rows of a shared tile: ldmatrix.x4 with lane l pointing at
 // row l % 16, column half l / 16.
 template <typename T>
@@ -477,26 +523,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
   const int rows_q = static_cast<int>(imin(kMmaRows, a.len_q - m0));
 
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
-  const T* k = static_cast<const T*>(a.k) + b * a.k_stride[0] + hkv * a.k_stride[1];
-  const T* v = static_cast<const T*>(a.v) + b * a.v_stride[0] + hkv * a.v_stride[1];
-  const bool k_vec = cp_async_ok(k, a.k_stride[2], a.k_stride[3], D);
-  const bool v_vec = cp_async_ok(v, a.v_stride[2], a.v_stride[3], Dv);
-  const int64_t n_end = a.causal ? imin(a.len_k, m0 + kMmaRows) : a.len_k;
-  const int n_blocks = static_cast<int>((n_end + kBN - 1) / kBN);
-  auto load_kv = [&](int blk) {
-    const int64_t n0 = int64_t(blk) * kBN;
-    const int rows_k = static_cast<int>(imin(kBN, a.len_k - n0));
-    mma_load_tile<T, kBN, kD>(k_tiles + (blk & 1) * kBN * kPitch, k + n0 * a.k_stride[2], a.k_stride[2],
-                              a.k_stride[3], rows_k, D, k_vec);
-    mma_load_tile<T, kBN, kD>(v_tiles + (blk & 1) * kBN * kPitch, v + n0 * a.v_stride[2], a.v_stride[2],
-                              a.v_stride[3], rows_k, Dv, v_vec);
-    cp_async_commit();
-  };
+  const KvStream<T, kD, kBN> kv(a, k_tiles, v_tiles, b, hkv);
+  const int n_blocks = kv.blocks(m0, kMmaRows);
 
   mma_load_tile<T, kMmaRows, kD>(q_tile, q, a.q_stride[2], a.q_stride[3], rows_q, D,
                                  cp_async_ok(q, a.q_stride[2], a.q_stride[3], D));
   cp_async_commit();
-  if (n_blocks > 0) load_kv(0);
+  if (n_blocks > 0) kv.load(0);
 
   const T* q_warp = q_tile + warp * 16 * kPitch;
   uint32_t q_frag[kQInRegisters ? kKSlices : 1][4];
@@ -519,14 +552,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
 
   for (int blk = 0; blk < n_blocks; ++blk) {
     if (blk + 1 < n_blocks) {
-      load_kv(blk + 1);  // the stage it fills was released by the barrier closing the last block
+      kv.load(blk + 1);  // the stage it fills was released by the barrier closing the last block
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const T* k_tile = k_tiles + (blk & 1) * kBN * kPitch;
-    const T* v_tile = v_tiles + (blk & 1) * kBN * kPitch;
+    const T* k_tile = kv.k_stage(blk);
+    const T* v_tile = kv.v_stage(blk);
     const int64_t n0 = int64_t(blk) * kBN;
 
     float s[kNTiles][4];
@@ -543,10 +576,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
       mma_slice<T, kNTiles, false>(s, a_frag, k_tile, kPitch, kk);
     }
 
-    // Scale and mask. A block needs the per-element test only at the sequence end, on the causal
-    // diagonal or with a mask; elsewhere every score is in range and visible.
-    const bool plain =
-        a.mask_kind == MaskKind::kNone && n0 + kBN <= a.len_k && !(a.causal && n0 + kBN - 1 > m0);
+    const bool plain = block_unmasked(a, m0, kMmaRows, n0, kBN);
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
 #pragma unroll
@@ -637,28 +667,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
 
   const T* q = static_cast<const T*>(f.q) + b * f.q_stride[0] + h * f.q_stride[1] + m0 * f.q_stride[2];
   const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[1] + m0 * a.dout_stride[2];
-  const T* k = static_cast<const T*>(f.k) + b * f.k_stride[0] + hkv * f.k_stride[1];
-  const T* v = static_cast<const T*>(f.v) + b * f.v_stride[0] + hkv * f.v_stride[1];
-  const bool k_vec = cp_async_ok(k, f.k_stride[2], f.k_stride[3], D);
-  const bool v_vec = cp_async_ok(v, f.v_stride[2], f.v_stride[3], Dv);
-  const int64_t n_end = f.causal ? imin(f.len_k, m0 + kMmaRows) : f.len_k;
-  const int n_blocks = static_cast<int>((n_end + kBN - 1) / kBN);
-  auto load_kv = [&](int blk) {
-    const int64_t n0 = int64_t(blk) * kBN;
-    const int rows_k = static_cast<int>(imin(kBN, f.len_k - n0));
-    mma_load_tile<T, kBN, kD>(k_tiles + (blk & 1) * kBN * kPitch, k + n0 * f.k_stride[2], f.k_stride[2],
-                              f.k_stride[3], rows_k, D, k_vec);
-    mma_load_tile<T, kBN, kD>(v_tiles + (blk & 1) * kBN * kPitch, v + n0 * f.v_stride[2], f.v_stride[2],
-                              f.v_stride[3], rows_k, Dv, v_vec);
-    cp_async_commit();
-  };
+  const KvStream<T, kD, kBN> kv(f, k_tiles, v_tiles, b, hkv);
+  const int n_blocks = kv.blocks(m0, kMmaRows);
 
   mma_load_tile<T, kMmaRows, kD>(q_tile, q, f.q_stride[2], f.q_stride[3], rows_q, D,
                                  cp_async_ok(q, f.q_stride[2], f.q_stride[3], D));
   mma_load_tile<T, kMmaRows, kD>(do_tile, dout, a.dout_stride[2], a.dout_stride[3], rows_q, Dv,
                                  cp_async_ok(dout, a.dout_stride[2], a.dout_stride[3], Dv));
   cp_async_commit();
-  if (n_blocks > 0) load_kv(0);
+  if (n_blocks > 0) kv.load(0);
 
   const int64_t row_base = (b * f.heads_q + h) * f.len_q;
   const int64_t rows_i[2] = {m0 + warp * 16 + acc_row(0), m0 + warp * 16 + acc_row(2)};
@@ -678,14 +695,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
 
   for (int blk = 0; blk < n_blocks; ++blk) {
     if (blk + 1 < n_blocks) {
-      load_kv(blk + 1);
+      kv.load(blk + 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const T* k_tile = k_tiles + (blk & 1) * kBN * kPitch;
-    const T* v_tile = v_tiles + (blk & 1) * kBN * kPitch;
+    const T* k_tile = kv.k_stage(blk);
+    const T* v_tile = kv.v_stage(blk);
     const int64_t n0 = int64_t(blk) * kBN;
 
     float s[kNTiles][4], dp[kNTiles][4];
@@ -699,8 +716,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
       load_a_slice<T>(frag, do_warp, kPitch, kk);
       mma_slice<T, kNTiles, false>(dp, frag, v_tile, kPitch, kk);
     }
-    const bool plain =
-        f.mask_kind == MaskKind::kNone && n0 + kBN <= f.len_k && !(f.causal && n0 + kBN - 1 > m0);
+    const bool plain = block_unmasked(f, m0, kMmaRows, n0, kBN);
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
 #pragma unroll
@@ -818,8 +834,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(
       load_a_slice<T>(frag, v_warp, kPitch, kk);
       mma_slice<T, kMTiles, false>(dpt, frag, do_tile, kPitch, kk);
     }
-    const bool plain = f.mask_kind == MaskKind::kNone && m0 + kBM <= f.len_q && n0 + kMmaRows <= f.len_k &&
-                       !(f.causal && n0 + kMmaRows - 1 > m0);
+    const bool plain = block_unmasked(f, m0, kBM, n0, kMmaRows);
 #pragma unroll
     for (int j = 0; j < kMTiles; ++j) {
 #pragma unroll

@@ -259,6 +259,46 @@ def test_emulated_mma_kernels_match_reference(emu, name):
         compare(name, grads[name], ref64[i], ref_lp[i], k=5.0)
 
 
+def _forward(emu, q, k, v, causal=False):
+    """(out, lse): the register-resident kernel for 16-bit inputs, the shared-memory one for float32."""
+    out = new_attention_out(q, v.shape[3])
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    args = _common_args(q, k, v, None, causal, 1.0 / math.sqrt(q.shape[3]), 0.0, 0, 0)
+    if q.dtype == torch.float32:
+        rc = emu.emu_attention_fwd(*args, _ptr(out), _i64(out.stride()), _ptr(lse), 32, 32)
+    else:
+        rc = emu.emu_attention_fwd_mma(ctypes.c_int(_DTYPE_IDS[q.dtype]), *args, _ptr(out), _i64(out.stride()),
+                                       _ptr(lse), ctypes.c_int(64))
+    assert rc == 0
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16_registers", "fp32_shared"])
+def test_emulated_forward_nan_and_inf_stay_in_their_rows(emu, dtype):
+    """A NaN or inf input turns exactly the rows that see it non-finite, as in the reference: no
+    'nothing visible' shortcut may turn a NaN row into zeros."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 70, 64, generator=gen).to(dtype) for _ in range(3))
+    q[0, 1, 5, 3] = float("nan")   # one query row
+    k[0, 0, 66, 0] = float("inf")  # one key of head 0, in the second key block: +-inf scores
+    out, lse = _forward(emu, q, k, v, causal=True)
+    bad = ~torch.isfinite(out)
+    ref_bad = ~torch.isfinite(R.attention(q.double(), k.double(), v.double(), causal=True))
+    assert bad[0, 1, 5].all() and torch.isnan(lse[0, 1, 5])
+    assert bad[0, 0, 66:].any() and not bad[0, 0, :66].any()  # earlier rows cannot see key 66
+    assert torch.equal(bad, ref_bad), "the non-finite rows differ from the reference's"
+
+
+def test_emulated_mma_forward_large_logits_do_not_overflow(emu):
+    gen = torch.Generator().manual_seed(12)
+    # raw scores ~1e5, above float16's 65504: the float32 accumulators and the max keep them finite
+    q = (30 * torch.randn(1, 2, 33, 64, generator=gen)).half()
+    k, v = (torch.randn(1, 2, 47, 64, generator=gen).half() for _ in range(2))
+    out, _ = _forward(emu, q, k, v)
+    ref64 = R.attention(q.double(), k.double(), v.double())
+    compare("large-logit output", out, ref64, ref64.half(), k=1.0, floor=2e-2 * ref64.abs().max().item())
+
+
 # ---------------------------------------------------------------------------------------------
 # residual-add + LayerNorm / RMSNorm
 # ---------------------------------------------------------------------------------------------

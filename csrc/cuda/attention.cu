@@ -153,6 +153,18 @@ __device__ __forceinline__ float masked_score(const AttentionFwdArgs& a, float r
   return s;
 }
 
+// ---- online softmax: masked rows and non-finite inputs ---------------------------------------------
+// The running maximum a row's exponents are taken against: m, or 0 while every score of the row so
+// far is masked (m = -inf), so that exp(-inf - 0) = 0 gives such rows zero weight and zero output
+// with no special case. The maximum itself (fmaxf) skips NaN, so a NaN score is never hidden by a
+// "nothing visible" shortcut: its exp is NaN and the whole row's sum, output and lse become NaN,
+// as in the reference (NaN stays in the rows that see it).
+__device__ __forceinline__ float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
+
+// The log-sum-exp saved for the backward: +inf for a row with nothing visible (l = 0: the backward
+// then gives it P = 0), NaN when l is NaN.
+__device__ __forceinline__ float row_lse(float m, float l) { return l == 0.0f ? INFINITY : m + logf(l); }
+
 // ---- shared-memory plans --------------------------------------------------------------------------
 // Tile sizes picked at launch time: the largest of these that fits the device's shared memory.
 struct Blocks { int m, n; };
@@ -277,11 +289,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
       row_max = warp_max(row_max);
       const float m_old = sm.row_m[r];
       const float m_new = fmaxf(m_old, row_max);
-      const bool dead = m_new == -INFINITY;  // nothing to attend so far
+      const float m_safe = safe_max(m_new);
       const uint32_t key = a.dropout.enabled ? dropout_row_key(a.dropout, row_base + i) : 0u;
       float row_sum = 0.0f;
       for (int c = lane; c < d.bn; c += 32) {
-        const float p = dead ? 0.0f : exp_<T>(srow[c] - m_new);
+        const float p = exp_<T>(srow[c] - m_safe);
         row_sum += p;
         const float z = a.dropout.enabled ? dropout_factor(a.dropout, key, n0 + c) : 1.0f;
         sm.p[r * sm.ldp + c] = from_float<T>(p * z);
@@ -291,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
       // order the two, but racecheck does not model that: the explicit warp barrier says it.
       __syncwarp();
       if (lane == 0) {
-        const float alpha = dead ? 1.0f : exp_<T>(m_old - m_new);
+        const float alpha = exp_<T>(m_old - m_safe);
         sm.row_alpha[r] = alpha;
         sm.row_m[r] = m_new;
         sm.row_l[r] = sm.row_l[r] * alpha + row_sum;
@@ -310,11 +322,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   for (int idx = threadIdx.x; idx < rows_q * Dv; idx += kThreads) {
     const int r = idx / Dv, c = idx - r * Dv;
     const float l = sm.row_l[r];
-    out[r * a.out_stride[2] + c * a.out_stride[3]] = from_float<T>(l > 0.0f ? sm.o[r * sm.ldo + c] / l : 0.0f);
+    out[r * a.out_stride[2] + c * a.out_stride[3]] = from_float<T>(l == 0.0f ? 0.0f : sm.o[r * sm.ldo + c] / l);
   }
   for (int r = threadIdx.x; r < rows_q; r += kThreads) {
     const float l = sm.row_l[r];
-    a.lse[row_base + m0 + r] = l > 0.0f ? sm.row_m[r] + logf(l) : INFINITY;
+    a.lse[row_base + m0 + r] = row_lse(sm.row_m[r], l);
   }
 }
 
@@ -593,15 +605,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
       block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
       block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
       const float new_max = fmaxf(row_max[r], block_max);
-      const bool dead = new_max == -INFINITY;  // nothing visible to this row so far
-      const float alpha = dead ? 1.0f : exp_<T>(row_max[r] - new_max);
+      const float m_safe = safe_max(new_max);
+      const float alpha = exp_<T>(row_max[r] - m_safe);
       row_max[r] = new_max;
       float part = 0.0f;
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) {
 #pragma unroll
         for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          const float p = dead ? 0.0f : exp_<T>(s[j][e] - new_max);
+          const float p = exp_<T>(s[j][e] - m_safe);
           part += p;
           s[j][e] = a.dropout.enabled ? p * dropout_factor(a.dropout, drop_key[r], n0 + acc_col(j, e)) : p;
         }
@@ -631,7 +643,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int64_t i = rows_i[r];
     if (i >= a.len_q) continue;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l == 0.0f ? 0.0f : 1.0f / l;
 #pragma unroll
     for (int j = 0; j < kOTiles; ++j) {
 #pragma unroll
@@ -640,7 +652,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
         if (c < Dv) out[i * a.out_stride[2] + c * a.out_stride[3]] = from_float<T>(o[j][e] * inv);
       }
     }
-    if (t == 0) a.lse[row_base + i] = l > 0.0f ? row_max[r] + logf(l) : INFINITY;
+    if (t == 0) a.lse[row_base + i] = row_lse(row_max[r], l);
   }
 }
 

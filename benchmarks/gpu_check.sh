@@ -104,7 +104,7 @@ fi
 "$PY" -c "import fused_attn, json; print('backends:', json.dumps({n: b['available'] or b['reasons'] \
 for n, b in fused_attn.available_backends().items()}))" 2>&1 | tee -a "$LOG"
 # every GPU-marked test (the CUDA backend's first: its bad-input tests must not crash the process)
-STEP_SIGNAL=INT step tests_gpu 100 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
+STEP_SIGNAL=INT step tests_gpu 150 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
 
 # ---- 3. the sweep: whatever is left of the total, at most 5 minutes ------------------------------
 LEFT=$(( TOTAL_S - $(elapsed) - 45 ))

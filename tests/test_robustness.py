@@ -21,7 +21,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def cases(op, dtype=torch.float32):
     """(device, backend) for every backend that runs ``op`` on each device of this machine."""
-    return [pytest.param(device, backend, id=f"{device}-{backend}")
+    # The GPU cases carry the gpu mark, so benchmarks/gpu_check.sh (pytest -m gpu) runs them.
+    return [pytest.param(device, backend, id=f"{device}-{backend}", marks=(pytest.mark.gpu,) if device == "cuda" else ())
             for device in DEVICES for backend in runnable_backends(op, device=device, dtype=dtype)]
 
 

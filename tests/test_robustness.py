@@ -100,6 +100,15 @@ def test_attention_nan_stays_in_its_rows(device, backend):
     k2[1, 0, 4, 0] = float("inf")
     out = F.attention(q[1:], k2[1:], v[1:], backend=backend)  # NaN/inf in key 4 of (b=1, h=0)
     assert torch.isfinite(out[:, 1]).all()  # the other head is untouched
+    # The gradients are non-finite exactly where the reference's are (the NaN query row's dq, and
+    # every dk/dv of its head, which that row's probabilities reach).
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    F.attention(*leaves, backend=backend).sum().backward()
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    R.attention(*ref).sum().backward()
+    for name, got, want in zip(("dq", "dk", "dv"), leaves, ref):
+        bad, ref_bad = ~torch.isfinite(got.grad), ~torch.isfinite(want.grad)
+        assert ref_bad.any() and torch.equal(bad, ref_bad), f"{backend}: the non-finite {name} entries differ"
 
 
 @pytest.mark.parametrize("device,backend", ATTN_F16)

@@ -263,7 +263,7 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
                                BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL, DOT_PRECISION, STREAM_TMA, LOOP_STAGES,
                                SCALE_NONNEG)
 
-    has_keys = l_i > 0.0
+    has_keys = l_i != 0.0  # not "> 0": a NaN row (NaN input) must stay NaN, lse included
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc * tl.where(has_keys, keep_scale / l_safe, 0.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))

@@ -1,12 +1,15 @@
-// Attention forward and backward: tiled online softmax (FlashAttention-2's schedule), with the
-// tile products on tensor cores (WMMA fragments, float32 accumulation) for float16/bfloat16 and
-// on plain FMA for float32.
-//
-// Every tile lives in shared memory: the input tiles in the input dtype, the score tiles and the
-// output/gradient accumulators in float32. Each product is one `block_gemm` call (four warps,
-// each owning 16x16 output tiles); the softmax and the gradient elementwise steps read and write
-// the float tiles between the products. Head dims are padded with zeros to a multiple of 16 in
-// shared memory, sequence edges with zero rows whose scores are masked to -inf.
+// Attention forward and backward: tiled online softmax (FlashAttention-2's schedule). Two kernel
+// sets share the math below and the launchers at the end:
+// - register-resident (float16/bfloat16 on sm_80+, "register-resident kernels" section): each warp
+//   owns 16 rows of the result and keeps scores, probabilities and accumulators in mma.sync
+//   registers; the fast path;
+// - shared-memory tiles (float32, GPUs before sm_80, a backward at head dim > 128, or too little
+//   shared memory per block): every tile lives in shared memory, the input tiles in the input
+//   dtype, the score tiles and the accumulators in float32; each product is one `block_gemm` call
+//   (WMMA fragments for 16-bit types, plain FMA for float32) and the softmax and the gradient
+//   elementwise steps read and write the float tiles between the products.
+// Head dims are padded with zeros in shared memory, sequence edges with zero rows whose scores are
+// masked to -inf.
 //
 // Forward (per query block of BM rows, per (batch, head)):
 //   for each key block:  S = Q K^T;  s = S * scale + mask (-inf where masked/causal/out of range)
@@ -32,9 +35,9 @@
 namespace fused_attn_cuda {
 namespace {
 
-// 8 warps a block. Each phase of a key block (a tile product, the softmax rows, the rescale) is
-// spread over the block's warps and separated by barriers, so the warps in flight are what hides
-// each phase's latency: at ~113 KB of shared memory per block (D = 128, 64 x 64 tiles) an SM holds
+// The shared-memory kernels: 8 warps a block. Each phase of a key block (a tile product, the
+// softmax rows, the rescale) is spread over the block's warps and separated by barriers, so the
+// warps in flight are what hides each phase's latency: at ~113 KB of shared memory per block (D = 128, 64 x 64 tiles) an SM holds
 // two blocks, i.e. 4 warps per scheduler with 8 warps a block, 2 with the 4 it had before (its
 // forward measured 20 TFLOP/s on the H200). Every loop below strides by kThreads / kWarps.
 constexpr int kThreads = 256;

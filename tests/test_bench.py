@@ -7,6 +7,7 @@ import runpy
 import statistics
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -39,26 +40,38 @@ def test_time_calls_measures_the_call():
     assert 0.003 <= sorted(times)[len(times) // 2] < 0.5
 
 
+class _VirtualClock:
+    """Host time that passes only when the simulated host works or waits, so the simulation below
+    is exact and independent of how busy the machine running the tests is (on a loaded 2-core CI
+    host, busy-waiting on the real clock was preempted past the bench's margins)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
 class _SimulatedGpu:
-    """A stand-in for one CUDA device's queue, on the host's clock: work issued at host time t
-    starts when the device is free (or at t, if it is idle then); events take the time the device
-    reaches them. Enough to test how time_calls keeps host time out of device timings."""
+    """A stand-in for one CUDA device's queue, on the virtual host clock: work issued at host time
+    t starts when the device is free (or at t, if it is idle then); events take the time the device
+    reaches them; synchronising moves the host clock to the end of the queue. Enough to test how
+    time_calls keeps host time out of device timings."""
 
     rate = 1e9  # _sleep cycles per second
 
-    def __init__(self):
-        self.free_at = time.perf_counter()
+    def __init__(self, clock):
+        self.clock = clock
+        self.free_at = clock.now
 
     def run(self, seconds):
-        self.free_at = max(self.free_at, time.perf_counter()) + seconds
+        self.free_at = max(self.free_at, self.clock.now) + seconds
 
     def sleep(self, cycles):
         self.run(cycles / self.rate)
 
     def synchronize(self, *args):
-        wait = self.free_at - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
+        self.clock.now = max(self.clock.now, self.free_at)
 
     def event_class(self):
         gpu = self
@@ -83,26 +96,32 @@ class _SimulatedGpu:
 @pytest.mark.parametrize("host_s, device_s", [(0.004, 0.001), (0.001, 0.004)])
 def test_time_calls_on_cuda_measures_the_device_not_the_host(monkeypatch, host_s, device_s):
     """On CUDA the events must time the device's work alone: a call that takes the host 4 ms to
-    issue and the device 1 ms is timed at ~1 ms (before the GPU sleep it was timed at the host's 4
+    issue and the device 1 ms is timed at 1 ms (before the GPU sleep it was timed at the host's 4
     ms), with the host's 4 ms reported beside it; a device-bound call is timed at its device time."""
-    gpu = _SimulatedGpu()
+    clock = _VirtualClock()
+    gpu = _SimulatedGpu(clock)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
     monkeypatch.setattr(torch.cuda, "Event", gpu.event_class())
     monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
     monkeypatch.setattr(bench, "_sync", gpu.synchronize)
     monkeypatch.setattr(bench, "_GPU_CYCLES_PER_S", {})
 
     def call(i):
-        end = time.perf_counter() + host_s
-        while time.perf_counter() < end:  # the host's Python and launch work
-            pass
+        clock.now += host_s  # the host's Python and launch work
         gpu.run(device_s)
 
     timing = bench.time_calls(call, 2, torch.device("cuda", 0), 0.1, 5, 40)
-    assert bench._GPU_CYCLES_PER_S[0] == pytest.approx(gpu.rate, rel=0.05)
+    assert bench._GPU_CYCLES_PER_S[0] == pytest.approx(gpu.rate, rel=1e-6)
     assert timing.prefilled
     assert len(timing.times) == len(timing.host) >= 5
-    assert statistics.median(timing.times) == pytest.approx(device_s, rel=0.2)
-    assert statistics.median(timing.host) == pytest.approx(host_s, rel=0.5)
+    assert statistics.median(timing.times) == pytest.approx(device_s, rel=1e-6)
+    assert statistics.median(timing.host) == pytest.approx(host_s, rel=1e-6)
+
+    # Without the queued sleep (what time_calls did before) the host-bound call is timed at the
+    # host's pace: the simulation shows the effect the sleep removes.
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: None)
+    timing = bench.time_calls(call, 2, torch.device("cuda", 0), 0.1, 5, 40)
+    assert statistics.median(timing.times) == pytest.approx(max(host_s, device_s), rel=1e-6)
 
 
 def test_prefill_plan_outlasts_issuing_and_is_bounded():

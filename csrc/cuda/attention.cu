@@ -659,6 +659,25 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
   }
 }
 
+// The two score-side products of a backward step, for the warp's 16 rows: x = A1 B1^T and
+// y = A2 B2^T over the (padded) head dim, A tiles stored [rows][kD] (16 rows from a1 / a2), B tiles
+// [n][kD]. The dQ kernel forms S = Q K^T and dP = dO V^T with them, the dK/dV kernel
+// S^T = K Q^T and dP^T = V dO^T.
+template <typename T, int kD, int kTiles>
+__device__ __forceinline__ void two_products(float (&x)[kTiles][4], const T* a1, const T* b1, float (&y)[kTiles][4],
+                                             const T* a2, const T* b2) {
+  zero_acc(x);
+  zero_acc(y);
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    uint32_t frag[4];
+    load_a_slice<T>(frag, a1, kMmaPitch<kD>, kk);
+    mma_slice<T, kTiles, false>(x, frag, b1, kMmaPitch<kD>, kk);
+    load_a_slice<T>(frag, a2, kMmaPitch<kD>, kk);
+    mma_slice<T, kTiles, false>(y, frag, b2, kMmaPitch<kD>, kk);
+  }
+}
+
 // dQ (and dmask) for kMmaRows queries of one (batch, head): grid (B * Hq, ceil(Lq / kMmaRows)).
 // Per key block: S = Q K^T and dP = dO V^T in accumulators; P = exp(s - lse) (0 where masked),
 // dS = P (dP Z - delta) in place of dP; dmask = dS; dQ += dS K with dS as A fragments.
@@ -666,7 +685,7 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(const AttentionBwdArgs a) {
   const AttentionFwdArgs& f = a.fwd;
   constexpr int kBN = kMmaDqBlockN, kPitch = kMmaPitch<kD>;
-  constexpr int kKSlices = kD / 16, kNTiles = kBN / 8, kSSlices = kBN / 16, kDTiles = kD / 8;
+  constexpr int kNTiles = kBN / 8, kSSlices = kBN / 16, kDTiles = kD / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_tile = reinterpret_cast<T*>(smem_raw);  // [kMmaRows][kPitch]
   T* do_tile = q_tile + kMmaRows * kPitch;      // [kMmaRows][kPitch]
@@ -721,16 +740,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
     const int64_t n0 = int64_t(blk) * kBN;
 
     float s[kNTiles][4], dp[kNTiles][4];
-    zero_acc(s);
-    zero_acc(dp);
-#pragma unroll
-    for (int kk = 0; kk < kKSlices; ++kk) {
-      uint32_t frag[4];
-      load_a_slice<T>(frag, q_warp, kPitch, kk);
-      mma_slice<T, kNTiles, false>(s, frag, k_tile, kPitch, kk);
-      load_a_slice<T>(frag, do_warp, kPitch, kk);
-      mma_slice<T, kNTiles, false>(dp, frag, v_tile, kPitch, kk);
-    }
+    two_products<T, kD>(s, q_warp, k_tile, dp, do_warp, v_tile);
     const bool plain = block_unmasked(f, m0, kMmaRows, n0, kBN);
 #pragma unroll
     for (int j = 0; j < kNTiles; ++j) {
@@ -767,7 +777,7 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(const AttentionBwdArgs a) {
   const AttentionFwdArgs& f = a.fwd;
   constexpr int kBM = kMmaDkdvBlockM, kPitch = kMmaPitch<kD>;
-  constexpr int kKSlices = kD / 16, kMTiles = kBM / 8, kMSlices = kBM / 16, kDTiles = kD / 8;
+  constexpr int kMTiles = kBM / 8, kMSlices = kBM / 16, kDTiles = kD / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* k_tile = reinterpret_cast<T*>(smem_raw);  // [kMmaRows][kPitch]
   T* v_tile = k_tile + kMmaRows * kPitch;       // [kMmaRows][kPitch]
@@ -839,16 +849,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(
     const int64_t row_base = (b * f.heads_q + h) * f.len_q;
 
     float st[kMTiles][4], dpt[kMTiles][4];  // S^T and dP^T: rows = the warp's keys, columns = queries
-    zero_acc(st);
-    zero_acc(dpt);
-#pragma unroll
-    for (int kk = 0; kk < kKSlices; ++kk) {
-      uint32_t frag[4];
-      load_a_slice<T>(frag, k_warp, kPitch, kk);
-      mma_slice<T, kMTiles, false>(st, frag, q_tile, kPitch, kk);
-      load_a_slice<T>(frag, v_warp, kPitch, kk);
-      mma_slice<T, kMTiles, false>(dpt, frag, do_tile, kPitch, kk);
-    }
+    two_products<T, kD>(st, k_warp, q_tile, dpt, v_warp, do_tile);
     const bool plain = block_unmasked(f, m0, kBM, n0, kMmaRows);
 #pragma unroll
     for (int j = 0; j < kMTiles; ++j) {

@@ -441,7 +441,7 @@ def test_gpu_tma_stream(dtype, monkeypatch):
 
 
 def test_host_integer_helpers_match_triton():
-    """The launchers' cdiv / next_pow2 (plain Python: Triton's are constexpr_functions, ~3-10 us a
+    """The launchers' cdiv / next_pow2 (plain Python: Triton's are constexpr_functions, a few us a
     host call) give Triton's results."""
     import triton
 

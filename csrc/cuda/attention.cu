@@ -37,9 +37,10 @@ namespace {
 
 // The shared-memory kernels: 8 warps a block. Each phase of a key block (a tile product, the
 // softmax rows, the rescale) is spread over the block's warps and separated by barriers, so the
-// warps in flight are what hides each phase's latency: at ~113 KB of shared memory per block (D = 128, 64 x 64 tiles) an SM holds
-// two blocks, i.e. 4 warps per scheduler with 8 warps a block, 2 with the 4 it had before (its
-// forward measured 20 TFLOP/s on the H200). Every loop below strides by kThreads / kWarps.
+// warps in flight are what hides each phase's latency: at ~113 KB of shared memory per block
+// (D = 128, 64 x 64 tiles) an SM holds two blocks, i.e. 4 warps per scheduler with 8 warps a
+// block, 2 with the 4 it had before (its forward measured 20 TFLOP/s on the H200). Every loop
+// below strides by kThreads / kWarps.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
@@ -605,9 +606,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
       float block_max = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) block_max = fmaxf(block_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
-      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
-      const float new_max = fmaxf(row_max[r], block_max);
+      const float new_max = fmaxf(row_max[r], quad_max(block_max));
       const float m_safe = safe_max(new_max);
       const float alpha = exp_<T>(row_max[r] - m_safe);
       row_max[r] = new_max;
@@ -641,9 +640,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
   T* out = static_cast<T*>(a.out) + b * a.out_stride[0] + h * a.out_stride[1];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float l = quad_sum(row_sum[r]);
     const int64_t i = rows_i[r];
     if (i >= a.len_q) continue;
     const float inv = l == 0.0f ? 0.0f : 1.0f / l;
@@ -1065,13 +1062,13 @@ Dims pick_dims(const AttentionFwdArgs& a, Plan&& bytes_for, size_t* bytes) {
   return d;
 }
 
-template <typename Kernel>
-const char* launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const AttentionFwdArgs& a,
-                   const Dims& d) {
+// Opts `kernel` into `smem` bytes of dynamic shared memory (above 48 KB needs it) and launches it.
+template <typename Kernel, typename... Args>
+const char* launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, const Args&... args) {
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
       cudaSuccess)
     return last_launch_error();
-  kernel<<<grid, kThreads, smem, stream>>>(a, d);
+  kernel<<<grid, threads, smem, stream>>>(args...);
   return last_launch_error();
 }
 
@@ -1084,12 +1081,8 @@ const char* attention_fwd_mma_launch(const AttentionFwdArgs& a, cudaStream_t str
   if (!*taken) return nullptr;
   const int64_t q_blocks = ceil_div(a.len_q, kMmaRows);
   if (q_blocks > 65535) return "attention: len_q too large for the grid";
-  const auto kernel = attention_fwd_mma_kernel<T, kD>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
-    return last_launch_error();
   const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>(q_blocks));
-  kernel<<<grid, kMmaThreads, smem, stream>>>(a);
-  return last_launch_error();
+  return launch(attention_fwd_mma_kernel<T, kD>, grid, kMmaThreads, smem, stream, a);
 }
 
 // 16-bit inputs on sm_80+: the register-resident kernel for the smallest compiled head dim that
@@ -1119,16 +1112,7 @@ const char* attention_fwd_typed(const AttentionFwdArgs& a, cudaStream_t stream) 
   const int64_t q_blocks = ceil_div(a.len_q, d.bm);
   if (q_blocks > 65535) return "attention: len_q too large for the grid";
   const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>(q_blocks));
-  return launch(attention_fwd_kernel<T>, grid, smem, stream, a, d);
-}
-
-template <typename Kernel>
-const char* launch_mma(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const AttentionBwdArgs& a) {
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
-      cudaSuccess)
-    return last_launch_error();
-  kernel<<<grid, kMmaThreads, smem, stream>>>(a);
-  return last_launch_error();
+  return launch(attention_fwd_kernel<T>, grid, kThreads, smem, stream, a, d);
 }
 
 // The register-resident dK/dV and dQ kernels for kD (after the delta kernel); *taken false (nothing
@@ -1144,10 +1128,11 @@ const char* attention_bwd_mma_launch(const AttentionBwdArgs& a, cudaStream_t str
   if (q_blocks > 65535 || k_blocks > 65535) return "attention: sequence too long for the grid";
   if (k_blocks > 0 && f.batch * f.heads_kv > 0) {
     const dim3 grid(static_cast<unsigned>(f.batch * f.heads_kv), static_cast<unsigned>(k_blocks));
-    if (const char* err = launch_mma(attention_bwd_dkdv_mma_kernel<T, kD>, grid, smem_kv, stream, a)) return err;
+    if (const char* err = launch(attention_bwd_dkdv_mma_kernel<T, kD>, grid, kMmaThreads, smem_kv, stream, a))
+      return err;
   }
   const dim3 grid(static_cast<unsigned>(f.batch * f.heads_q), static_cast<unsigned>(q_blocks));
-  return launch_mma(attention_bwd_dq_mma_kernel<T, kD>, grid, smem_dq, stream, a);
+  return launch(attention_bwd_dq_mma_kernel<T, kD>, grid, kMmaThreads, smem_dq, stream, a);
 }
 
 // 16-bit inputs on sm_80+ with head dims up to kMmaBwdMaxHeadDim: the register-resident backward.
@@ -1188,19 +1173,10 @@ const char* attention_bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) 
   if (q_blocks > 65535 || k_blocks > 65535) return "attention: sequence too long for the grid";
   if (k_blocks > 0 && f.batch * f.heads_kv > 0) {
     const dim3 grid(static_cast<unsigned>(f.batch * f.heads_kv), static_cast<unsigned>(k_blocks));
-    const AttentionBwdArgs& args = a;
-    if (cudaFuncSetAttribute(attention_bwd_dkdv_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem_kv)) != cudaSuccess)
-      return last_launch_error();
-    attention_bwd_dkdv_kernel<T><<<grid, kThreads, smem_kv, stream>>>(args, d);
-    if (const char* err = last_launch_error()) return err;
+    if (const char* err = launch(attention_bwd_dkdv_kernel<T>, grid, kThreads, smem_kv, stream, a, d)) return err;
   }
   const dim3 grid(static_cast<unsigned>(f.batch * f.heads_q), static_cast<unsigned>(q_blocks));
-  if (cudaFuncSetAttribute(attention_bwd_dq_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem_q)) != cudaSuccess)
-    return last_launch_error();
-  attention_bwd_dq_kernel<T><<<grid, kThreads, smem_q, stream>>>(a, d);
-  return last_launch_error();
+  return launch(attention_bwd_dq_kernel<T>, grid, kThreads, smem_q, stream, a, d);
 }
 
 #endif  // FUSED_ATTN_CPU_EMULATION

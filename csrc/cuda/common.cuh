@@ -41,6 +41,17 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// Over the 4 lanes of a quad (lane / 4 equal): one row of an mma.sync accumulator tile.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 // `scratch` holds 32 floats of shared memory; the call ends with a barrier so it can be reused.
 __device__ __forceinline__ float block_sum(float x, float* scratch) {
@@ -82,37 +93,23 @@ inline const char* last_launch_error() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-// The opt-in shared-memory limit per block of the current device (bytes).
+// An attribute of the current device, or `fallback` when it cannot be read (the error is cleared).
+inline int device_attribute(cudaDeviceAttr attr, int fallback) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) {
+    cudaGetLastError();
+    return fallback;
+  }
+  return value;
+}
+
+// The opt-in shared-memory limit per block (bytes).
 inline int max_shared_memory_per_block() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 48 * 1024;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 48 * 1024;
-  }
-  return bytes;
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024);
 }
-
-// The current device's compute capability major version (0 when it cannot be read).
-inline int compute_capability_major() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return major;
-}
-
-inline int multiprocessor_count() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 108;
-  }
-  return count;
-}
+// The compute capability's major version (0 when unknown: no sm_80 paths then).
+inline int compute_capability_major() { return device_attribute(cudaDevAttrComputeCapabilityMajor, 0); }
+inline int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount, 108); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }

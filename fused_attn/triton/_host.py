@@ -1,10 +1,10 @@
 """Host-side integer arithmetic for the launchers.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function``s (Triton 3.6 and 3.9):
-callable from kernels, but each host call goes through the decorator's argument unwrapping, ~10 us
-on the 2-core CI machine. A launch computed four to eight of them (head dims, autotuning keys,
-grids), 40-80 us of host time per attention call, as much as the whole call of a small problem.
-These plain versions give the same results.
+callable from kernels, but each host call goes through the decorator's argument unwrapping, ~2.7 us
+on the 2-core CI machine (best of 5; 0.2-0.3 us for these). An attention forward made five such
+calls and its backward eight, each launch host time that a small problem's kernels do not hide.
+These plain versions give the same results (tests/test_triton_attention.py checks them).
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 // std::thread; __syncthreads is a std::barrier over the block, warp shuffles exchange through a
 // per-warp array between two warp barriers; blocks run one after another, so shared memory is a
 // plain global array. The WMMA products have no emulation, so of the block_gemm kernels only the
-// float32 instantiations run here; the register-resident forward's warp primitives (mma.sync,
-// ldmatrix, cp.async) are emulated in emu_mma_sm80.h, so it runs in float16 and bfloat16.
+// float32 instantiations run here; the register-resident kernels' warp primitives (mma.sync,
+// ldmatrix, cp.async) are emulated in emu_mma_sm80.h, so they run in float16 and bfloat16.
 #pragma once
 
 #include <barrier>

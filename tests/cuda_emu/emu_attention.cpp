@@ -133,9 +133,10 @@ extern "C" int emu_attention_bwd_mma(int dtype, const void* q, const int64_t* qs
   return dtype == 0 ? bwd_mma_typed<__half>(b, kd) : bwd_mma_typed<__nv_bfloat16>(b, kd);
 }
 
-// One warp: C = A B through the emulated primitives exactly as the kernel's S = Q K^T (kTransB 0:
-// B given as [8][16] rows = n) or O += P V (1: B given as [16][8] rows = k) uses them; A is [16][16].
-// Checks the fragment layouts against a plain product (tests/test_cuda_emulated.py).
+// One warp: C (16 x 16) = A B through the emulated primitives, with the addressing the kernels'
+// mma_slice uses: trans_b 0 gives B as [n][k] (like K in S = Q K^T), 1 as [k][n] (like V in
+// O += P V); A, B and C are 16 x 16 (two n8 tiles). tests/test_cuda_emulated.py checks the result
+// against a plain product, i.e. the fragment layouts.
 template <typename T>
 void warp_product(const void* a_raw, const void* b_raw, int trans_b, float* c) {
   alignas(16) static uint16_t a_tile[16][16 + 8], b_tile[16][16 + 8];

@@ -2,16 +2,21 @@
 // dispatch key: csrc/cpu/*.cpp for CPU, csrc/cuda/*_binding.cpp for CUDA. The Python front ops
 // (fused_attn/ops.py) call these through the `cpu` and `cuda` backends; the argument lists are
 // the launcher signatures documented in fused_attn/backends/base.py.
+//
+// Attention's visibility band: query i sees key j iff i + band_lo <= j <= i + band_hi (then also
+// the attn_mask). fused_attn.functional derives it from causal / window_size / alignment
+// (fused_attn/ops_common.py: attention_band); no band is (-2^62, 2^62), top-left causal
+// (-2^62, 0). Every implementation first clamps both to [-Lq, Lk], where i + band stays small.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_attn_C, m) {
   m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float dropout_p, "
-      "float scale, int seed, int offset) -> (Tensor out, Tensor lse)");
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, int band_lo, int band_hi, "
+      "float dropout_p, float scale, int seed, int offset) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
-      "bool causal, float dropout_p, float scale, int seed, int offset, bool mask_grad) "
+      "int band_lo, int band_hi, float dropout_p, float scale, int seed, int offset, bool mask_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def(
       "layer_norm_residual_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "

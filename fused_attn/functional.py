@@ -17,6 +17,7 @@ from torch import Tensor
 from .backends import Call, check_backend_name, resolve
 from .ops import (AttentionFunction, FeedForwardFunction, LayerNormResidualFunction, attention_inference,
                   direct_call_ok, feed_forward_inference, layer_norm_residual_inference)
+from .ops_common import ALIGNMENTS, attention_band
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,6 +69,19 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
+def _check_window(name: str, window):
+    """None, or (left, right) ints >= -1 (-1: unbounded); (-1, -1) is the same as None."""
+    if window is None:
+        return None
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window)):
+        raise TypeError(f"{name} must be None or a pair of ints (left, right), got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"{name} sides must be >= 0, or -1 for unbounded, got {window!r}")
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -92,6 +106,7 @@ def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optiona
 # ---------------------------------------------------------------------------------------------
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None, causal: bool = False,
+              window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
               dropout_p: float = 0.0, scale: Optional[float] = None, backend: Optional[str] = None,
               generator: Optional[torch.Generator] = None) -> Tensor:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
@@ -103,8 +118,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         attn_mask: bool (True = attend) or additive float mask of q's dtype, broadcastable to
             (B, Hq, Lq, Lk); it is read through strides, never expanded in memory. An additive
             mask that requires grad gets its gradient.
-        causal: query i attends keys j <= i (top-left aligned, as scaled_dot_product_attention);
-            combines with ``attn_mask``.
+        causal: query i attends keys j <= i (top-left aligned, as scaled_dot_product_attention,
+            unless ``alignment`` says otherwise); combines with ``attn_mask``.
+        window_size: (left, right), local (sliding-window) attention as FlashAttention's: query i
+            attends keys j with i - left <= j <= i + right; -1 leaves that side unbounded.
+            ``window_size=(w - 1, 0)`` with ``causal=True`` is a causal window of w keys (Mistral's
+            sliding window). The kernels skip the key blocks outside the window: cost grows with
+            Lq * window, not Lq * Lk.
+        alignment: "top_left" (default) or "bottom_right": where query i sits among the keys for
+            ``causal`` and ``window_size`` when Lq != Lk. Bottom-right puts it at key
+            i + Lk - Lq, so the last query faces the last key: FlashAttention's causal convention
+            and what decoding with a KV cache wants (torch's ``causal_lower_right``). Query rows
+            that then see no key (Lq > Lk) return zeros.
         dropout_p: dropout on the attention probabilities (counter-based, reproducible from the
             seed drawn from ``generator`` or torch's default CPU generator).
         scale: logits scale, default ``1/sqrt(D)``.
@@ -131,6 +156,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
                          f"(k.shape[1] = {Hkv})")
     _check_bool("causal", causal)
+    window_size = _check_window("window_size", window_size)
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")
     dropout_p = _check_prob("dropout_p", dropout_p)
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
@@ -151,11 +179,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
                              f"(B, Hq, Lq, Lk) = {target}")
     check_backend_name(backend)
     call = Call("attention", q.device, q.dtype, {
-        "head_dim": D, "head_dim_v": Dv, "causal": causal, "dropout": dropout_p > 0.0, "gqa": Hq != Hkv,
+        "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
+        "dropout": dropout_p > 0.0, "gqa": Hq != Hkv,
         "mask": None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
         "mask_grad": attn_mask is not None and attn_mask.requires_grad})
     name = resolve(call, backend)
-    args = (q, k, v, attn_mask, causal, dropout_p, scale, _draw_rng(dropout_p, generator), name)
+    band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
+    args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name)
     if _eager_inference(q, k, v, attn_mask):
         return attention_inference(*args)
     return AttentionFunction.apply(*args)

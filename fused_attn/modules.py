@@ -50,9 +50,9 @@ class MultiHeadAttention(reference.MultiHeadAttention):
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
-                 device=None, dtype=None, backend=None):
+                 window_size=None, device=None, dtype=None, backend=None):
         super().__init__(d_model, num_heads, dropout=dropout, bias=bias, num_kv_heads=num_kv_heads, causal=causal,
-                         device=device, dtype=dtype)
+                         window_size=window_size, device=device, dtype=dtype)
         check_backend_name(backend)
         self.backend = backend
 
@@ -83,17 +83,19 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         mask = reference.merge_masks(attn_mask, key_padding_mask, q.dtype)
         causal = self.causal if is_causal is None else bool(is_causal)
         p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, backend=self.backend)
+        out = attention(q, k, v, attn_mask=mask, causal=causal, window_size=self.window_size, dropout_p=p,
+                        backend=self.backend)
         # out is (B, H, Lq, D) stored as (B, Lq, H, D): this reshape is a view.
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
 
     def extra_repr(self) -> str:
         opts = {"head_dim": self.head_dim, "head_dim_v": self.head_dim, "causal": self.causal,
-                "dropout": self.dropout > 0.0, "gqa": self.num_kv_heads != self.num_heads, "mask": None,
-                "mask_grad": False}
+                "window": self.window_size is not None, "dropout": self.dropout > 0.0,
+                "gqa": self.num_kv_heads != self.num_heads, "mask": None, "mask_grad": False}
         backend = backend_in_use(self.backend, "attention", self.query_linear.weight, opts)
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"dropout={self.dropout}, causal={self.causal}, backend={backend}")
+                f"dropout={self.dropout}, causal={self.causal}"
+                + ("" if self.window_size is None else f", window_size={self.window_size}") + f", backend={backend}")
 
 
 class LayerNormResidual(reference.LayerNormResidual):
@@ -153,13 +155,14 @@ class TransformerLayer(reference.TransformerLayer):
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
-                 device=None, dtype=None, backend=None):
+                 window_size=None, device=None, dtype=None, backend=None):
         nn.Module.__init__(self)  # the children are the fused ones, created in the reference's order
         check_backend_name(backend)
         factory = dict(device=device, dtype=dtype, backend=backend)
         self.norm_first = norm_first
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
-                                                       num_kv_heads=num_kv_heads, causal=causal, **factory)
+                                                       num_kv_heads=num_kv_heads, causal=causal,
+                                                       window_size=window_size, **factory)
         self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)

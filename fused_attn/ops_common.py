@@ -21,3 +21,37 @@ def new_attention_out(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None
 
 def attention_lse_shape(q: torch.Tensor) -> tuple[int, int, int]:
     return tuple(q.shape[:3])
+
+
+# The visibility band of the attention ops: query i sees key j iff i + band_lo <= j <= i + band_hi
+# (then also the attn_mask). Unbounded ends are +-2^62, so a band needs no shapes to be written
+# down; every implementation clamps it to [-Lq, Lk] (clamp_band) before use, where i + band_lo and
+# i + band_hi stay within (-Lq, Lq + Lk] and every index sum fits in 32 bits.
+BAND_UNBOUNDED = 1 << 62
+NO_BAND = (-BAND_UNBOUNDED, BAND_UNBOUNDED)
+CAUSAL_BAND = (-BAND_UNBOUNDED, 0)  # top-left causal: j <= i
+
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def attention_band(Lq, Lk, causal: bool = False, window_size=None, alignment: str = "top_left"):
+    """(band_lo, band_hi) of ``functional.attention``'s ``causal`` / ``window_size`` / ``alignment``.
+
+    Query i sits at key position ``d = i`` (top_left) or ``d = i + Lk - Lq`` (bottom_right: the last
+    query faces the last key, as FlashAttention aligns causal attention and a KV-cache decode wants).
+    A window (left, right) keeps keys ``d - left <= j <= d + right``, -1 meaning no limit on that
+    side; causal keeps ``j <= d``. Lq and Lk enter only through the bottom-right offset.
+    """
+    diag = Lk - Lq if alignment == "bottom_right" else 0
+    left, right = window_size if window_size is not None else (-1, -1)
+    lo = diag - left if left >= 0 else -BAND_UNBOUNDED
+    hi = diag + right if right >= 0 else BAND_UNBOUNDED
+    if causal:
+        hi = min(hi, diag)
+    return lo, hi
+
+
+def clamp_band(band_lo: int, band_hi: int, Lq: int, Lk: int) -> tuple[int, int]:
+    """The band with both ends clamped to [-Lq, Lk]: the same visible keys (i + (-Lq) < 0 <= j
+    and i + Lk > Lk - 1 >= j for every query i < Lq and key j < Lk), but small numbers."""
+    return min(max(int(band_lo), -Lq), Lk), min(max(int(band_hi), -Lq), Lk)

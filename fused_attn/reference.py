@@ -33,12 +33,43 @@ NORMS = ("layernorm", "rmsnorm")
 # Functions (the oracle of fused_attn.functional)
 # --------------------------------------------------------------------------------------------
 
-def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, rng=None):
+def visible_keys(Lq, Lk, causal=False, window_size=None, alignment="top_left", band=None, device=None):
+    """The (Lq, Lk) bool matrix of keys each query may see, before any attn_mask.
+
+    From the user's terms: query i sits at key position d = i (top_left) or i + Lk - Lq
+    (bottom_right); ``causal`` keeps keys j <= d, ``window_size = (left, right)`` keeps
+    d - left <= j <= d + right (-1: no limit on that side). Or, as the ops receive it, from
+    ``band = (lo, hi)``: i + lo <= j <= i + hi. None when every key is visible.
+    """
+    i = torch.arange(Lq, device=device).unsqueeze(1)
+    j = torch.arange(Lk, device=device).unsqueeze(0)
+    if band is not None:
+        lo, hi = band
+        return (j - i >= lo) & (j - i <= hi)
+    if not causal and window_size is None:
+        return None
+    d = i + (Lk - Lq if alignment == "bottom_right" else 0)
+    keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if causal:
+        keep &= j <= d
+    if window_size is not None:
+        left, right = window_size
+        if left >= 0:
+            keep &= j >= d - left
+        if right >= 0:
+            keep &= j <= d + right
+    return keep
+
+
+def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, rng=None, *, window_size=None,
+              alignment="top_left", band=None):
     """softmax(q k^T * scale + mask) v, with the conventions of ``fused_attn.functional.attention``.
 
     q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, Dv), Hq % Hkv == 0.
     attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk).
-    causal: query i attends keys j <= i (top-left aligned, as scaled_dot_product_attention).
+    causal, window_size, alignment: which keys each query sees (see ``visible_keys``);
+    causal alone is top-left aligned, as scaled_dot_product_attention. ``band`` replaces them with
+    the ops' (band_lo, band_hi).
     A row with no key left to attend gives zeros (and zero gradients), not NaN.
     Dropout on the probabilities uses the shared counter RNG when ``rng = (seed, offset)`` is
     given, else torch's ``F.dropout``.
@@ -56,8 +87,8 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    if causal:
-        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    keep = visible_keys(Lq, Lk, causal, window_size, alignment, band, q.device)
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     # Rows where every key is masked: softmax would be 0/0. Give them zero probability instead,
     # replacing their scores by 0 first so that no NaN reaches the backward pass either.
@@ -72,7 +103,8 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
     return torch.matmul(probs, v)
 
 
-def attention_lse(q, k, attn_mask=None, causal=False, scale=None):
+def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size=None, alignment="top_left",
+                  band=None):
     """The per-row log-sum-exp of the scaled, masked scores; +inf for rows with no key left."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -83,8 +115,8 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None):
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    if causal:
-        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    keep = visible_keys(Lq, Lk, causal, window_size, alignment, band, q.device)
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     return lse.masked_fill(lse == float("-inf"), float("inf"))
@@ -170,11 +202,12 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention on batch-first (B, L, d_model) tensors.
 
     Heads are split from the projections, attend by scaled dot product and are concatenated
-    before the output projection. ``num_kv_heads`` < ``num_heads`` gives grouped-query attention.
+    before the output projection. ``num_kv_heads`` < ``num_heads`` gives grouped-query attention;
+    ``window_size`` (left, right) local attention (see ``fused_attn.functional.attention``).
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
-                 device=None, dtype=None):
+                 window_size=None, device=None, dtype=None):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -184,6 +217,7 @@ class MultiHeadAttention(nn.Module):
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
         self.dropout, self.causal = dropout, causal
+        self.window_size = None if window_size is None else tuple(window_size)
         kv_dim = num_kv_heads * self.head_dim
         factory = dict(device=device, dtype=dtype)
         self.query_linear = nn.Linear(d_model, d_model, bias=bias, **factory)
@@ -205,7 +239,7 @@ class MultiHeadAttention(nn.Module):
         mask = merge_masks(attn_mask, key_padding_mask, q.dtype)
         causal = self.causal if is_causal is None else is_causal
         p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p)
+        out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, window_size=self.window_size)
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
 
 
@@ -255,12 +289,13 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
-                 device=None, dtype=None):
+                 window_size=None, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.norm_first = norm_first
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
-                                                       num_kv_heads=num_kv_heads, causal=causal, **factory)
+                                                       num_kv_heads=num_kv_heads, causal=causal,
+                                                       window_size=window_size, **factory)
         self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import fused_attn
 from fused_attn import modules as M
 from fused_attn.backends import BACKENDS, Call
+from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
 from fused_attn.testing import make_inputs
 
 D, H, B, L = 32, 4, 2, 9
@@ -50,6 +51,26 @@ def test_fused_transformer_compiles_fullgraph():
     _assert_same(_run(compiled_model, x, key_padding_mask=padding, is_causal=True), eager)
 
 
+@pytest.mark.parametrize("dynamic", [False, None])
+def test_windowed_bottom_right_attention_compiles_fullgraph(dynamic):
+    """The band is computed from the shapes (bottom-right: Lk - Lq), also when they are symbolic:
+    with dynamic=None the second call recompiles with symbolic sequence lengths."""
+    def fn(q, k, v):
+        return fused_attn.functional.attention(q, k, v, causal=True, window_size=(4, 0), alignment="bottom_right")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for Lq, Lk in ((5, 12), (7, 19), (3, 3)):
+        q, k, v = make_inputs((1, 2, Lq, 16), (1, 2, Lk, 16), (1, 2, Lk, 16), seed=Lq)
+        out = compiled(q, k, v)
+        out.sum().backward()
+        ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        expected = fn(*ref)
+        expected.sum().backward()
+        torch.testing.assert_close(out, expected)
+        for a, b in zip((q, k, v), ref):
+            torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_swapped_torch_encoder_compiles_fullgraph():
     torch.manual_seed(0)
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True), 2,
@@ -90,12 +111,12 @@ def _op_samples(backend):
     additive = rnd(2, 1, 9, 7).expand(2, 4, 9, 7)
     samples = {"attention_fwd": [], "attention_bwd": [], "layer_norm_residual_fwd": [],
                "layer_norm_residual_bwd": [], "feed_forward_fwd": [], "feed_forward_bwd": []}
-    for mask, causal, p in ((None, True, 0.0), (keep, False, 0.0), (additive, False, 0.2)):
-        args = (q, k, v, mask, causal, p, 0.35, rng if p else None, backend)
+    for mask, band, p in ((None, CAUSAL_BAND, 0.0), (keep, NO_BAND, 0.0), (additive, (-3, 1), 0.2)):
+        args = (q, k, v, mask, *band, p, 0.35, rng if p else None, backend)
         samples["attention_fwd"].append(args)
         out, lse = torch.ops.fused_attn.attention_fwd(*args)
         mask_grad = mask is not None and mask.dtype != torch.bool
-        samples["attention_bwd"].append((rnd(*out.shape), q, k, v, out, lse, mask, causal, p, 0.35,
+        samples["attention_bwd"].append((rnd(*out.shape), q, k, v, out, lse, mask, *band, p, 0.35,
                                          rng if p else None, mask_grad, backend))
     x, r, w, b = rnd(6, 16), rnd(6, 16), rnd(16), rnd(16)
     for residual, weight, bias, p, rms in ((r, w, b, 0.0, False), (None, w, None, 0.0, True), (r, None, b, 0.3, False)):

@@ -10,13 +10,15 @@ import sys
 import pytest
 
 import fused_attn
+from fused_attn.ops_common import NO_BAND
 
 pytestmark = pytest.mark.skipif(fused_attn.extension_error() is not None,
                                 reason=f"fused_attn._C not available: {fused_attn.extension_error()}")
 
 FUZZ = r'''
-import json, random, torch
+import json, math, random, torch
 import fused_attn  # loads fused_attn._C
+from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
 ops = torch.ops.fused_attn_C
 f32, f64 = torch.float32, torch.float64
 def t(*shape, dtype=f32):
@@ -27,21 +29,23 @@ x, r, w = t(4, 16), t(4, 16), t(16)
 mean, rstd = t(4), t(4)
 w1, w2, pre = t(32, 16), t(16, 32), t(4, 32)
 cases = {
-  "attn q 3-D": lambda: ops.attention_fwd(t(2, 5, 8), k, v, None, False, 0.0, 1.0, 0, 0),
-  "attn mixed dtypes": lambda: ops.attention_fwd(q, k.double(), v, None, False, 0.0, 1.0, 0, 0),
-  "attn head dim mismatch": lambda: ops.attention_fwd(q, t(1, 2, 6, 7), v, None, False, 0.0, 1.0, 0, 0),
-  "attn kv length mismatch": lambda: ops.attention_fwd(q, k, t(1, 2, 7, 8), None, False, 0.0, 1.0, 0, 0),
-  "attn batch mismatch": lambda: ops.attention_fwd(q, t(2, 2, 6, 8), t(2, 2, 6, 8), None, False, 0.0, 1.0, 0, 0),
-  "attn heads not a multiple": lambda: ops.attention_fwd(t(1, 3, 5, 8), k, v, None, False, 0.0, 1.0, 0, 0),
-  "attn integer inputs": lambda: ops.attention_fwd(q.int(), k.int(), v.int(), None, False, 0.0, 1.0, 0, 0),
-  "attn mask wrong shape": lambda: ops.attention_fwd(q, k, v, t(1, 2, 5, 5), False, 0.0, 1.0, 0, 0),
-  "attn mask 2-D": lambda: ops.attention_fwd(q, k, v, t(5, 6), False, 0.0, 1.0, 0, 0),
-  "attn mask int dtype": lambda: ops.attention_fwd(q, k, v, torch.zeros(1, 2, 5, 6, dtype=torch.int32), False, 0.0, 1.0, 0, 0),
-  "attn dropout 1.5": lambda: ops.attention_fwd(q, k, v, None, False, 1.5, 1.0, 0, 0),
-  "attn bwd lse wrong shape": lambda: ops.attention_bwd(out, q, k, v, out, t(1, 2, 4), None, False, 0.0, 1.0, 0, 0, False),
-  "attn bwd dout wrong shape": lambda: ops.attention_bwd(t(1, 2, 5, 7), q, k, v, out, lse, None, False, 0.0, 1.0, 0, 0, False),
-  "attn bwd out wrong dtype": lambda: ops.attention_bwd(out, q, k, v, out.double(), lse, None, False, 0.0, 1.0, 0, 0, False),
-  "attn bwd mask_grad without mask": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, False, 0.0, 1.0, 0, 0, True),
+  "attn q 3-D": lambda: ops.attention_fwd(t(2, 5, 8), k, v, None, *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn mixed dtypes": lambda: ops.attention_fwd(q, k.double(), v, None, *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn head dim mismatch": lambda: ops.attention_fwd(q, t(1, 2, 6, 7), v, None, *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn kv length mismatch": lambda: ops.attention_fwd(q, k, t(1, 2, 7, 8), None, *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn batch mismatch": lambda: ops.attention_fwd(q, t(2, 2, 6, 8), t(2, 2, 6, 8), None, *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn heads not a multiple": lambda: ops.attention_fwd(t(1, 3, 5, 8), k, v, None, *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn integer inputs": lambda: ops.attention_fwd(q.int(), k.int(), v.int(), None, *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn mask wrong shape": lambda: ops.attention_fwd(q, k, v, t(1, 2, 5, 5), *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn mask 2-D": lambda: ops.attention_fwd(q, k, v, t(5, 6), *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn mask int dtype": lambda: ops.attention_fwd(q, k, v, torch.zeros(1, 2, 5, 6, dtype=torch.int32), *NO_BAND, 0.0, 1.0, 0, 0),
+  "attn dropout 1.5": lambda: ops.attention_fwd(q, k, v, None, *NO_BAND, 1.5, 1.0, 0, 0),
+  "attn band past int64": lambda: ops.attention_fwd(q, k, v, None, -2**63, 2**63, 0.0, 1.0, 0, 0),
+  "attn band not an int": lambda: ops.attention_fwd(q, k, v, None, 0.5, 2, 0.0, 1.0, 0, 0),
+  "attn bwd lse wrong shape": lambda: ops.attention_bwd(out, q, k, v, out, t(1, 2, 4), None, *NO_BAND, 0.0, 1.0, 0, 0, False),
+  "attn bwd dout wrong shape": lambda: ops.attention_bwd(t(1, 2, 5, 7), q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False),
+  "attn bwd out wrong dtype": lambda: ops.attention_bwd(out, q, k, v, out.double(), lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False),
+  "attn bwd mask_grad without mask": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, True),
   "ln x 1-D": lambda: ops.layer_norm_residual_fwd(t(16), None, None, None, 1e-5, 0.0, False, False, 0, 0),
   "ln x 3-D": lambda: ops.layer_norm_residual_fwd(t(2, 4, 16), None, None, None, 1e-5, 0.0, False, False, 0, 0),
   "ln residual shape": lambda: ops.layer_norm_residual_fwd(x, t(4, 15), w, None, 1e-5, 0.0, False, False, 0, 0),
@@ -62,15 +66,35 @@ cases = {
   "ffn bwd pre shape": lambda: ops.feed_forward_bwd(t(4, 16), x, w1, w2, t(4, 31), "relu", 0.0, 0, 0, False, False),
   "ffn bwd dout shape": lambda: ops.feed_forward_bwd(t(4, 15), x, w1, w2, pre, "relu", 0.0, 0, 0, False, False),
 }
+# Valid inputs with extreme bands (unbounded ends, int64's limits, lo > hi, bands outside the keys):
+# accepted, finite gradients, and the rows the band leaves without a key give zeros and lse = +inf.
+U, I64 = 2**62, 2**63 - 1
+EXTREME_BANDS = [NO_BAND, CAUSAL_BAND, (-U, -U), (U, U), (U, -U), (-I64 - 1, I64), (I64, -I64 - 1), (0, 0),
+                 (-I64 - 1, -1), (1, I64), (5, 2), (-3, -7), (-2, 3), (4, 4), (-U, 1 - 6), (6, U)]
+def banded(lo, hi, Lq, Lk, mask):
+    qq, kk, vv = t(1, 2, Lq, 8), t(1, 1, Lk, 8), t(1, 1, Lk, 8)
+    m = None if mask is None else (t(1, 2, Lq, Lk) if mask == "add" else torch.rand(1, 2, Lq, Lk) > 0.3)
+    o, l = ops.attention_fwd(qq, kk, vv, m, lo, hi, 0.2, 0.5, 7, 0)
+    g = ops.attention_bwd(torch.randn_like(o), qq, kk, vv, o, l, m, lo, hi, 0.2, 0.5, 7, 0, mask == "add")
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None]
+    dead = ~((j - i >= max(lo, -Lq)) & (j - i <= min(hi, Lk))).any(1)
+    assert all(bool(torch.isfinite(x).all()) for x in g), "non-finite gradient"
+    assert bool(torch.isfinite(o).all()) and bool((o[:, :, dead] == 0).all()), "dead rows not zero"
+    assert bool((l[:, :, dead] == math.inf).all()), "dead rows' lse not +inf"
+valid = {}
+for lo, hi in EXTREME_BANDS:
+    for Lq, Lk, mask in [(5, 6, None), (1, 1, "add"), (6, 0, None), (33, 19, "bool")]:
+        valid[f"band {lo} {hi} {Lq}x{Lk} {mask}"] = lambda lo=lo, hi=hi, Lq=Lq, Lk=Lk, mask=mask: banded(lo, hi, Lq, Lk, mask)
 # random garbage on top of the listed cases: random ranks and sizes for every argument
 rng = random.Random(0)
+RANDOM_BANDS = EXTREME_BANDS + [(-rng.randrange(0, 7), rng.randrange(0, 7)) for _ in range(8)]
 def rand_tensor():
     shape = [rng.choice([0, 1, 2, 3, 5]) for _ in range(rng.choice([0, 1, 2, 3, 4, 5]))]
     dtype = rng.choice([f32, f64, torch.float16, torch.bfloat16, torch.int64, torch.bool])
     return torch.zeros(shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape, dtype=dtype)
 for i in range(60):
     cases[f"random attention {i}"] = (lambda a=[rand_tensor() for _ in range(3)]:
-        ops.attention_fwd(a[0], a[1], a[2], None, rng.random() < 0.5, 0.0, 1.0, 0, 0))
+        ops.attention_fwd(a[0], a[1], a[2], None, *rng.choice(RANDOM_BANDS), 0.0, 1.0, 0, 0))
     cases[f"random layer_norm {i}"] = (lambda a=[rand_tensor() for _ in range(3)]:
         ops.layer_norm_residual_fwd(a[0], a[1], a[2], None, 1e-5, 0.0, False, False, 0, 0))
     cases[f"random feed_forward {i}"] = (lambda a=[rand_tensor() for _ in range(3)]:
@@ -82,6 +106,12 @@ for name, call in cases.items():
         results[name] = "accepted"
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         results[name] = "error: " + str(exc).splitlines()[0][:200]
+for name, call in valid.items():
+    try:
+        call()
+        results[name] = "ok"
+    except Exception as exc:
+        results[name] = f"{type(exc).__name__}: " + (str(exc).splitlines() or [""])[0][:200]
 print(json.dumps(results))
 '''
 
@@ -91,11 +121,15 @@ def test_compiled_ops_reject_bad_input_without_crashing():
     proc = subprocess.run([sys.executable, "-c", FUZZ], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"the compiled ops crashed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    listed = {name: res for name, res in results.items() if not name.startswith("random")}
+    listed = {name: res for name, res in results.items() if not name.startswith(("random", "band"))}
     accepted = [name for name, res in listed.items() if res == "accepted"]
     assert not accepted, f"bad input accepted without an error: {accepted}"
+    # valid calls with extreme visibility bands: accepted, and their results as the contract says
+    bands = {name: res for name, res in results.items() if name.startswith("band")}
+    failed = {name: res for name, res in bands.items() if res != "ok"}
+    assert len(bands) == 64 and not failed, f"valid calls with extreme bands failed: {failed}"
     # the random cases may be valid by chance; they must only never crash (checked above)
-    assert len(results) == len(listed) + 180
+    assert len(results) == len(listed) + len(bands) + 180
 
 
 def test_error_messages_format_their_values():
@@ -106,9 +140,9 @@ def test_error_messages_format_their_values():
     ops = torch.ops.fused_attn_C
     q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8)
     with pytest.raises(RuntimeError, match=r"same head dim, got q \[1, 2, 5, 8\], k \[1, 2, 6, 7\]"):
-        ops.attention_fwd(q, torch.randn(1, 2, 6, 7), k, None, False, 0.0, 1.0, 0, 0)
+        ops.attention_fwd(q, torch.randn(1, 2, 6, 7), k, None, *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\), got 1\.5"):
-        ops.attention_fwd(q, k, k, None, False, 1.5, 1.0, 0, 0)
+        ops.attention_fwd(q, k, k, None, *NO_BAND, 1.5, 1.0, 0, 0)
     x, w = torch.randn(4, 16), torch.randn(16)
     with pytest.raises(RuntimeError, match="bias must have dtype Float, got Double"):
         ops.layer_norm_residual_fwd(x, x, w, w.double(), 1e-5, 0.0, False, False, 0, 0)

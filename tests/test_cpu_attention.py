@@ -2,7 +2,9 @@
 
 Forward and backward through ``fused_attn.functional.attention(..., backend="cpu")`` held to the
 oracle (``fused_attn.testing.check_against_reference``) in float32, bfloat16 and float16 over odd
-shapes and every option; dropout compared with the reference for the same (seed, offset);
+shapes and every option; visibility bands (sliding windows, bottom-right alignment, rows left
+without a key) through the compiled ops against a float64 softmax built here from the band's
+definition; dropout compared with the reference for the same (seed, offset);
 ``torch.autograd.gradcheck`` in float64; direct op calls with bad input raise; the backward's
 two parallel schedules (whole kv heads per thread, or key blocks then query blocks) are both
 exercised; a long sequence runs without an L x L allocation.
@@ -21,6 +23,7 @@ import torch
 import fused_attn
 from fused_attn import reference as ref
 from fused_attn.ops import AttentionFunction
+from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
 from fused_attn.testing import check_against_reference, make_inputs
 
 pytestmark = pytest.mark.skipif(
@@ -37,7 +40,8 @@ def _attention(causal=False, dropout_p=0.0, rng=(0, 0), scale=None):
         if dropout_p == 0.0:
             return fused_attn.functional.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, backend="cpu")
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        return AttentionFunction.apply(q, k, v, mask, causal, dropout_p, s, torch.tensor(rng), "cpu")
+        band = CAUSAL_BAND if causal else NO_BAND
+        return AttentionFunction.apply(q, k, v, mask, *band, dropout_p, s, torch.tensor(rng), "cpu")
 
     def reference(q, k, v, mask=None):
         return ref.attention(q, k, v, mask, causal, dropout_p, scale, rng if dropout_p > 0 else None)
@@ -123,8 +127,9 @@ def test_gemm_modes_meet_the_oracle(monkeypatch, mode, case):
     _check(torch.float32, c.pop("B"), c.pop("Hq"), c.pop("Hkv"), c.pop("Lq"), c.pop("Lk"), c.pop("D"), mask=mask, **c)
 
 
+@pytest.mark.parametrize("band", [CAUSAL_BAND, (-37, 5)], ids=["causal", "window"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gemm_modes_agree(monkeypatch, dtype):
+def test_gemm_modes_agree(monkeypatch, dtype, band):
     """Register-blocked and BLAS products: the same answer to float32 rounding, forward and backward."""
     q, k, v, dout = make_inputs((2, 4, 131, 72), (2, 2, 150, 72), (2, 2, 150, 72), (2, 4, 131, 72), dtype=dtype, seed=4,
                                 requires_grad=False)
@@ -132,8 +137,8 @@ def test_gemm_modes_agree(monkeypatch, dtype):
     results = {}
     for mode in ("tiles", "blas"):
         monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
-        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask.expand(2, 4, 131, 150), True, 0.0, 0.1, 0, 0)
-        grads = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask.expand(2, 4, 131, 150), True, 0.0,
+        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask.expand(2, 4, 131, 150), *band, 0.0, 0.1, 0, 0)
+        grads = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask.expand(2, 4, 131, 150), *band, 0.0,
                                                      0.1, 0, 0, True)
         results[mode] = (out, lse, *grads)
     tol = 2e-5 if dtype == torch.float32 else 1e-2
@@ -146,7 +151,7 @@ def test_gemm_mode_is_checked(monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "mkl")
     q, k, v = _good()
     with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_GEMM must be one of tiles, blas, aten; got 'mkl'"):
-        torch.ops.fused_attn_C.attention_fwd(q, k, v, None, False, 0.0, 0.5, 0, 0)
+        torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -160,6 +165,189 @@ def test_backward_schedules(threads, B, Hkv):
         _check(torch.float32, B, 2 * Hkv, Hkv, 140, 150, 24, causal=True, mask=mask)
     finally:
         torch.set_num_threads(old)
+
+
+# ---- oracle: visibility bands ------------------------------------------------------------------
+# The ops' band (query i sees key j iff i + lo <= j <= i + hi, then the mask) straight through the
+# compiled ops, against a float64 softmax whose visible set is built here from the definition
+# (not from fused_attn's own band helpers). Unbounded ends are +-2^62, as the callers pass them.
+
+U = 1 << 62
+
+
+class _RawBandAttention(torch.autograd.Function):
+    """(out, lse) of fused_attn_C::attention_fwd with its backward: the compiled ops alone."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, lo, hi, dropout_p, scale, seed, offset):
+        mask4 = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask4, lo, hi, dropout_p, scale, seed, offset)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.options = (lo, hi, dropout_p, scale, seed, offset)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        mask4 = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        mask_grad = bool(ctx.needs_input_grad[3])
+        dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask4, *ctx.options,
+                                                                 mask_grad)
+        return dq, dk, dv, dmask.sum_to_size(mask.shape) if mask_grad else None, *([None] * 6)
+
+
+def _band_keep(Lq, Lk, lo, hi):
+    i, j = torch.arange(Lq).unsqueeze(1), torch.arange(Lk).unsqueeze(0)
+    return (j - i >= lo) & (j - i <= hi)
+
+
+def _band_reference(lo, hi, dropout_p, scale, rng):
+    """(out, lse) of softmax attention with keep = (j - i >= lo) & (j - i <= hi) & mask; dead rows zero."""
+    def reference(q, k, v, mask=None):
+        keep = _band_keep(q.shape[2], k.shape[2], lo, hi)
+        if mask is None:
+            mask = keep
+        elif mask.dtype == torch.bool:
+            mask = mask & keep
+        else:  # additive: -inf outside the band; the gradient of mask passes through the sum
+            mask = mask + torch.zeros(keep.shape, dtype=mask.dtype).masked_fill(~keep, float("-inf"))
+        out = ref.attention(q, k, v, mask, False, dropout_p, scale, rng if dropout_p > 0 else None)
+        return out, ref.attention_lse(q.detach(), k.detach(), mask.detach(), False, scale)
+    return reference
+
+
+def _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, band, mask=None, dropout_p=0.0, seed=0):
+    lo, hi = band
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, seed=seed)
+    if isinstance(mask, str):  # "bool" or "additive" (requires grad), as (B, 1, Lq, Lk) and (1, Hq, 1, Lk)
+        gen = torch.Generator().manual_seed(seed + 17)
+        mask = (torch.rand(B, 1, Lq, Lk, generator=gen) > 0.25) if mask == "bool" else \
+            make_inputs((1, Hq, 1, Lk), dtype=dtype, seed=seed + 17)[0]
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
+    scale, rng = 0.3, (4321 + seed, 77)
+
+    def fused(q, k, v, mask=None):
+        return _RawBandAttention.apply(q, k, v, mask, lo, hi, dropout_p, scale, *rng)
+    results = check_against_reference(fused, _band_reference(lo, hi, dropout_p, scale, rng), inputs,
+                                      names=["q", "k", "v", "mask"][:len(inputs)])
+    names = {r.name for r in results}
+    assert {"output0", "output1", "grad of q", "grad of k", "grad of v"} <= names
+    assert (mask is None or not mask.requires_grad) or "grad of mask" in names
+    return results
+
+
+def _bands(Lq, Lk):
+    """Named bands for a (Lq, Lk) problem: windows, bottom-right alignment, dead rows."""
+    br = Lk - Lq  # the bottom-right diagonal
+    return {
+        "none": (-U, U),
+        "causal": (-U, 0),
+        "window": (-7, 0),                 # causal sliding window of 8 keys
+        "window_right": (-5, 2),           # a window with keys right of the diagonal
+        "bottom_right": (-U, br),          # bottom-right causal: rows i < Lq - Lk dead when Lq > Lk
+        "bottom_right_window": (br - 3, br),
+        "above": (4, 10),                  # keys strictly after the query
+        "dead_start": (-U, -20),           # rows i < 20 see nothing
+        "dead_end": (Lk - 40, U),          # rows i > 39 see nothing (when Lq > 40)
+        "empty": (6, 2),                   # lo > hi: every row dead
+        "huge": (-U, U - 1),
+    }
+
+
+# (B, Hq, Hkv, Lq, Lk, D): odd sizes, GQA; 130 x 300 spans two forward key tiles (256) and
+# query tiles (96 or 128), several backward tiles (64 x 128); B * Hkv = 1 runs the backward's
+# two-pass schedule on 2 threads, 2 the per-head one.
+_BAND_SHAPES = {
+    "1x1": (1, 2, 1, 1, 1, 40),
+    "17x17": (1, 2, 2, 17, 17, 59),
+    "97x61": (2, 4, 1, 97, 61, 64),
+    "61x97": (1, 3, 1, 61, 97, 40),
+    "130x300": (1, 4, 2, 130, 300, 64),
+    "300x130": (1, 2, 1, 300, 130, 59),
+}
+_BAND_CASES = [
+    # (shape, band, mask, dropout_p)
+    ("1x1", "causal", None, 0.0),
+    ("17x17", "window", "bool", 0.0),
+    ("17x17", "empty", "additive", 0.0),
+    ("97x61", "bottom_right", "additive", 0.0),
+    ("97x61", "above", "bool", 0.3),
+    ("61x97", "bottom_right_window", None, 0.3),
+    ("61x97", "dead_start", "bool", 0.0),
+    ("130x300", "window_right", "additive", 0.2),
+    ("130x300", "bottom_right", "bool", 0.0),
+    ("130x300", "dead_end", None, 0.0),
+    ("300x130", "window", None, 0.0),
+    ("300x130", "huge", "additive", 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,band,mask,dropout_p", _BAND_CASES,
+                         ids=[f"{s}-{b}-{m}-p{p}" for s, b, m, p in _BAND_CASES])
+def test_band_matches_reference(dtype, shape, band, mask, dropout_p):
+    B, Hq, Hkv, Lq, Lk, D = _BAND_SHAPES[shape]
+    _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, _bands(Lq, Lk)[band], mask=mask, dropout_p=dropout_p)
+
+
+_BAND_GEMM_CASES = {
+    "window_right_mask_dropout": ("130x300", "window_right", "additive", 0.2),
+    "bottom_right_window": ("300x130", "bottom_right_window", "bool", 0.0),
+    "dead_start_and_end": ("130x300", "dead_start", None, 0.0),
+    "long_window": (None, (-150, 40), "bool", 0.0),
+}
+
+
+@pytest.mark.parametrize("mode", ["tiles", "blas"])  # ("aten" differs from "blas" only in the BLAS entry point)
+@pytest.mark.parametrize("case", sorted(_BAND_GEMM_CASES))
+def test_band_gemm_modes_meet_the_oracle(monkeypatch, mode, case):
+    """Both ways to run the tile products (and both backward schedules: B * Hkv = 1 and 2) on banded tiles."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+    shape, band, mask, p = _BAND_GEMM_CASES[case]
+    if shape is None:  # a window over many key tiles: whole key blocks before and after it skipped
+        B, Hq, Hkv, Lq, Lk, D = 1, 1, 1, 600, 800, 16
+    else:
+        B, Hq, Hkv, Lq, Lk, D = _BAND_SHAPES[shape]
+        band = _bands(Lq, Lk)[band]
+    _check_band(torch.float32, B, Hq, Hkv, Lq, Lk, D, band, mask=mask, dropout_p=p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_band_ends_are_clamped(dtype):
+    """Any ends past [-Lq, Lk] are the same band, bit for bit: +-2^62, int64's limits, the edges."""
+    q, k, v, dout = make_inputs((1, 2, 37, 24), (1, 2, 53, 24), (1, 2, 53, 24), (1, 2, 37, 24), dtype=dtype,
+                                requires_grad=False)
+    i64 = torch.iinfo(torch.int64)
+    for same in ([NO_BAND, (-37, 53), (i64.min, i64.max), (-38, 54)],
+                 [CAUSAL_BAND, (-37, 0), (i64.min, 0)],
+                 [(6, 2), (U, -U), (i64.max, i64.min), (53, -37), (100, 80)]):
+        results = []
+        for lo, hi in same:
+            out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, lo, hi, 0.0, 0.2, 0, 0)
+            grads = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, None, lo, hi, 0.0, 0.2, 0, 0, False)
+            results.append((out, lse, *grads[:3]))
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("band", [(6, 2), (-U, -40), (40, U), (U, U), (-U, -U)],
+                         ids=["lo_gt_hi", "all_below", "all_above", "right_of_keys", "left_of_keys"])
+def test_band_with_no_visible_key(dtype, band):
+    """Rows the band leaves without a key: zero output, lse = +inf, zero gradients, never NaN."""
+    q, k, v, dout = make_inputs((1, 2, 39, 16), (1, 2, 35, 16), (1, 2, 35, 16), (1, 2, 39, 16), dtype=dtype,
+                                requires_grad=False)
+    mask = make_inputs((1, 2, 39, 35), dtype=dtype, seed=3, requires_grad=False)[0]
+    lo, hi = band
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, lo, hi, 0.1, 0.25, 5, 6)
+    dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, lo, hi, 0.1, 0.25, 5, 6,
+                                                             True)
+    assert not _band_keep(39, 35, lo, hi).any()  # (the premise: no query sees any key)
+    assert torch.all(out == 0) and torch.all(lse == float("inf"))
+    for g in (dq, dk, dv, dmask):
+        assert torch.all(g == 0)
 
 
 # ---- oracle: strides and layouts --------------------------------------------------------------
@@ -188,12 +376,12 @@ def test_strided_inputs(dtype):
 
 def test_output_layouts():
     q, k, v = make_inputs((2, 4, 9, 8), (2, 2, 11, 8), (2, 2, 11, 6), requires_grad=False)
-    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, False, 0.0, 0.3, 0, 0)
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.3, 0, 0)
     assert out.shape == (2, 4, 9, 6) and out.transpose(1, 2).is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (2, 4, 9) and lse.is_contiguous()
     torch.testing.assert_close(lse, ref.attention_lse(q, k, None, False, 0.3))
     dout = torch.randn_like(out)
-    dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, None, False, 0.0, 0.3, 0, 0,
+    dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, None, *NO_BAND, 0.0, 0.3, 0, 0,
                                                              False)
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous() and dmask.numel() == 0
     assert dk.shape == k.shape and dv.shape == v.shape
@@ -239,7 +427,7 @@ def test_fully_masked_rows(dtype):
     out.sum().backward()
     assert torch.all(out[:, :, 3] == 0) and torch.all(q.grad[:, :, 3] == 0)
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
-    _, lse = torch.ops.fused_attn_C.attention_fwd(q.detach(), k.detach(), v.detach(), mask, False, 0.0, 0.25, 0, 0)
+    _, lse = torch.ops.fused_attn_C.attention_fwd(q.detach(), k.detach(), v.detach(), mask, *NO_BAND, 0.0, 0.25, 0, 0)
     assert torch.all(lse[:, :, 3] == float("inf")) and torch.all(lse[:, 1, 10:15] == float("inf"))
     assert torch.isfinite(lse[:, 0, 4:]).all()
 
@@ -266,7 +454,7 @@ def test_dropout_mask_is_the_shared_hash(dtype):
     seed, offset = 987654321987, 5000
     q, k = make_inputs((B, H, L, 8), (B, H, L, 8), dtype=dtype, requires_grad=False)
     v = torch.eye(L, dtype=dtype).expand(B, H, L, L)
-    out, _ = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, False, p, 0.5, seed, offset)
+    out, _ = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, p, 0.5, seed, offset)
     kept = out != 0
     expect = fused_attn.testing.reconstruct_dropout_mask(seed, offset, p, B * H * L, L).reshape(B, H, L, L)
     assert torch.equal(kept, expect)
@@ -277,10 +465,10 @@ def test_dropout_mask_is_the_shared_hash(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dropout_same_rng_same_result(dtype):
     q, k, v = make_inputs((1, 2, 30, 16), (1, 2, 30, 16), (1, 2, 30, 16), dtype=dtype, requires_grad=False)
-    a = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.5, 0.25, torch.tensor([3, 4]), "cpu")[0]
-    b = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.5, 0.25, torch.tensor([3, 4]), "cpu")[0]
-    c = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.5, 0.25, torch.tensor([3, 5]), "cpu")[0]
-    r = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.5, 0.25, torch.tensor([3, 4]), "reference")[0]
+    a = torch.ops.fused_attn.attention_fwd(q, k, v, None, *NO_BAND, 0.5, 0.25, torch.tensor([3, 4]), "cpu")[0]
+    b = torch.ops.fused_attn.attention_fwd(q, k, v, None, *NO_BAND, 0.5, 0.25, torch.tensor([3, 4]), "cpu")[0]
+    c = torch.ops.fused_attn.attention_fwd(q, k, v, None, *NO_BAND, 0.5, 0.25, torch.tensor([3, 5]), "cpu")[0]
+    r = torch.ops.fused_attn.attention_fwd(q, k, v, None, *NO_BAND, 0.5, 0.25, torch.tensor([3, 4]), "reference")[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
     torch.testing.assert_close(a, r)
 
@@ -295,7 +483,7 @@ def test_empty(B, H, Lq, Lk):
     out.sum().backward()
     for t in (q, k, v):
         assert t.grad.shape == t.shape and torch.all(t.grad == 0)
-    _, lse = torch.ops.fused_attn_C.attention_fwd(q.detach(), k.detach(), v.detach(), None, False, 0.0, 1.0, 0, 0)
+    _, lse = torch.ops.fused_attn_C.attention_fwd(q.detach(), k.detach(), v.detach(), None, *NO_BAND, 0.0, 1.0, 0, 0)
     assert lse.shape == (B, H, Lq) and torch.all(lse == float("inf"))
 
 
@@ -325,7 +513,8 @@ def test_gradcheck(case):
     rng = torch.tensor([77, 3])
 
     def fn(q, k, v, mask):
-        return AttentionFunction.apply(q, k, v, mask, causal, p, 0.5, rng if p > 0 else None, "cpu")
+        return AttentionFunction.apply(q, k, v, mask, *(CAUSAL_BAND if causal else NO_BAND), p, 0.5,
+                                       rng if p > 0 else None, "cpu")
     assert torch.autograd.gradcheck(fn, (q, k, v, mask))
 
 
@@ -374,13 +563,13 @@ def test_forward_bad_input_raises(case):
     elif case == "scale_nan":
         scale = float("nan")
     with pytest.raises(RuntimeError):
-        torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, False, p, scale, 0, 0)
+        torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, *NO_BAND, p, scale, 0, 0)
 
 
 @pytest.mark.parametrize("case", ["lse_dtype", "lse_shape", "dout_shape", "out_dtype", "mask_grad_bool", "mask_grad_none"])
 def test_backward_bad_input_raises(case):
     q, k, v = _good()
-    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, False, 0.0, 0.5, 0, 0)
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0)
     dout, mask, mask_grad = torch.randn_like(out), None, False
     if case == "lse_dtype":
         lse = lse.double()
@@ -395,7 +584,7 @@ def test_backward_bad_input_raises(case):
     elif case == "mask_grad_none":
         mask_grad = True
     with pytest.raises(RuntimeError):
-        torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, False, 0.0, 0.5, 0, 0, mask_grad)
+        torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, *NO_BAND, 0.0, 0.5, 0, 0, mask_grad)
 
 
 def test_inputs_not_modified():

@@ -19,7 +19,8 @@ import torch
 import fused_attn
 from fused_attn import functional as F
 from fused_attn import reference as R
-from fused_attn.testing import check_against_reference, make_inputs
+from fused_attn.ops_common import BAND_UNBOUNDED, CAUSAL_BAND, NO_BAND
+from fused_attn.testing import check_against_reference, compare, make_inputs
 
 gpu = pytest.mark.gpu
 
@@ -148,10 +149,10 @@ def test_attention_lse_and_layout(dtype):
     q, k, v = make_inputs((B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), dtype=dtype, device=DEV, requires_grad=False)
     mask = torch.ones(B, H, Lq, Lk, dtype=torch.bool, device=DEV)
     mask[:, :, 5] = False
-    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, False, 0.0, 0.125, 0, 0)
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, *NO_BAND, 0.0, 0.125, 0, 0)
     assert out.shape == (B, H, Lq, D) and out.transpose(1, 2).is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (B, H, Lq)
-    ref_lse = R.attention_lse(q.double(), k.double(), mask, False, 0.125)
+    ref_lse = R.attention_lse(q.double(), k.double(), attn_mask=mask, scale=0.125)
     assert torch.isinf(lse[:, :, 5]).all() and (lse[:, :, 5] > 0).all()
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-2 if dtype != torch.float32 else 1e-5,
@@ -186,26 +187,71 @@ def test_attention_backward_is_deterministic(dtype):
         assert torch.equal(a, b)
 
 
+# name: (Lq, Lk, (band_lo, band_hi)) -- query i sees key j iff band_lo <= j - i <= band_hi
+BAND_CASES = {
+    "causal_top_left": (130, 130, CAUSAL_BAND),
+    "window_left40": (200, 200, (-40, 0)),
+    "bottom_right_causal_lq_lt_lk": (70, 300, (-BAND_UNBOUNDED, 300 - 70)),
+    "bottom_right_causal_lq_gt_lk_dead_rows": (300, 70, (-BAND_UNBOUNDED, 70 - 300)),
+    "lo1_hi100_odd": (131, 259, (1, 100)),
+    "lo_gt_hi_all_dead": (65, 65, (3, 1)),
+}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(BAND_CASES))
+def test_attention_raw_op_bands(name, dtype):
+    """The raw ops with a visibility band (unbounded ends as +-2^62, clamped by the binding) and an
+    additive mask whose gradient is asked for, against the reference with the band as a mask."""
+    Lq, Lk, band = BAND_CASES[name]
+    B, Hq, Hkv, D, scale = 1, 4, 2, 64, 0.125
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, device=DEV,
+                          requires_grad=False)
+    mask, dout = make_inputs((B, Hq, Lq, Lk), (B, Hq, Lq, D), dtype=dtype, device=DEV, seed=1, requires_grad=False)
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, *band, 0.0, scale, 0, 0)
+    dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, *band, 0.0, scale, 0, 0,
+                                                             True)
+    rel = torch.arange(Lk, device=DEV)[None, :] - torch.arange(Lq, device=DEV)[:, None]  # j - i
+    keep = (rel >= band[0]) & (rel <= band[1])
+
+    def ref(ref_dtype):
+        q_, k_, v_, m_ = (t.to(ref_dtype).requires_grad_(True) for t in (q, k, v, mask))
+        banded = m_.masked_fill(~keep, float("-inf"))
+        o = R.attention(q_, k_, v_, attn_mask=banded, scale=scale)
+        grads = torch.autograd.grad(o, (q_, k_, v_, m_), dout.to(ref_dtype), allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip((q_, k_, v_, m_), grads)]
+        return [o.detach(), R.attention_lse(q_.detach(), k_.detach(), attn_mask=banded.detach(), scale=scale)] + grads
+
+    ref64, ref_lp = ref(torch.float64), ref(dtype)
+    for i, (what, got) in enumerate(zip(("out", "lse", "dq", "dk", "dv", "dmask"), (out, lse, dq, dk, dv, dmask))):
+        compare(f"{name} {what}", got, ref64[i], ref_lp[i], k=2.0 if i < 2 else 5.0)
+    dead = ~keep.any(dim=1)  # rows the band leaves no key: zeros, lse = +inf, zero dq and dmask
+    assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all() and (dmask[:, :, dead] == 0).all()
+    assert torch.isinf(lse[:, :, dead]).all() and (lse[:, :, dead] > 0).all()
+    assert (dmask.masked_select(~keep) == 0).all()  # masked out by the band: zero gradient, never written
+
+
 @gpu
 def test_attention_raw_op_rejects_bad_input():
     q, k, v = make_inputs((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), dtype=torch.float16, device=DEV,
                           requires_grad=False)
     op = torch.ops.fused_attn_C.attention_fwd
     with pytest.raises(RuntimeError, match="k"):
-        op(q, k[..., :8], v, None, False, 0.0, 1.0, 0, 0)  # head dims differ
+        op(q, k[..., :8], v, None, *NO_BAND, 0.0, 1.0, 0, 0)  # head dims differ
     with pytest.raises(RuntimeError, match="heads"):
-        op(q, k[:, :1].expand(1, 3, 8, 16)[:, :3], v[:, :1].expand(1, 3, 8, 16), None, False, 0.0, 1.0, 0, 0)
+        op(q, k[:, :1].expand(1, 3, 8, 16)[:, :3], v[:, :1].expand(1, 3, 8, 16), None, *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="dtype"):
-        op(q, k.float(), v, None, False, 0.0, 1.0, 0, 0)
+        op(q, k.float(), v, None, *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="head dims"):
         big = torch.zeros(1, 2, 8, 264, dtype=torch.float16, device=DEV)
-        op(big, big, big, None, False, 0.0, 1.0, 0, 0)
+        op(big, big, big, None, *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="attn_mask"):
-        op(q, k, v, torch.ones(1, 2, 8, 7, dtype=torch.bool, device=DEV), False, 0.0, 1.0, 0, 0)
+        op(q, k, v, torch.ones(1, 2, 8, 7, dtype=torch.bool, device=DEV), *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="CUDA"):
-        op(q, k.cpu(), v, None, False, 0.0, 1.0, 0, 0)
+        op(q, k.cpu(), v, None, *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="dropout_p"):
-        op(q, k, v, None, False, 1.5, 1.0, 0, 0)
+        op(q, k, v, None, *NO_BAND, 1.5, 1.0, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------------

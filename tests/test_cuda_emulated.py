@@ -4,7 +4,8 @@ There is no GPU on the development machines, so tests/cuda_emu provides a small 
 CUDA features the kernels use (threads, __syncthreads, warp shuffles, shared memory) and compiles
 the kernels against it with the host compiler. Every CUDA thread becomes a std::thread; the
 float32 instantiations run for real: for attention (plain-FMA tile products) the tiling, the
-online softmax, masks, causal limits, grouped-query heads, dropout, strides and the three
+online softmax, masks, visibility bands (causal, sliding windows, bottom-right alignment, rows
+that see nothing) and the key/query blocks they skip, grouped-query heads, dropout, strides and the three
 backward kernels; for the norms the row reductions, 16-byte and scalar paths, dropout and the
 two-stage weight-gradient reduction; for the FFN the activation epilogues. Each is held to the
 float64 reference with the oracle. The register-resident attention forward runs in float16 and
@@ -28,7 +29,7 @@ import torch
 
 from fused_attn import _rng
 from fused_attn import reference as R
-from fused_attn.ops_common import new_attention_out
+from fused_attn.ops_common import BAND_UNBOUNDED, CAUSAL_BAND, NO_BAND, new_attention_out
 from fused_attn.testing import compare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,18 +73,43 @@ def _dropout_args(p, seed, offset):
     return (ctypes.c_uint64 * 5)(int(p > 0), seed, offset, _rng.dropout_threshold(p) if p > 0 else 0, scale_bits)
 
 
-def _common_args(q, k, v, mask, causal, scale, p, seed, offset):
+def _common_args(q, k, v, mask, band, scale, p, seed, offset):
+    """The arguments the emulated entries share; ``band`` = (band_lo, band_hi), unclamped (the entries
+    clamp it to [-Lq, Lk] as the binding does)."""
     B, Hq, Lq, D = q.shape
     sizes = _i64([B, Hq, k.shape[1], Lq, k.shape[2], D, v.shape[3]])
     kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
     return [_ptr(q), _i64(q.stride()), _ptr(k), _i64(k.stride()), _ptr(v), _i64(v.stride()), sizes, ctypes.c_int(kind),
-            _ptr(mask), _i64(mask.stride() if mask is not None else (0, 0, 0, 0)), ctypes.c_int(int(causal)),
-            ctypes.c_float(scale), _dropout_args(p, seed, offset)]
+            _ptr(mask), _i64(mask.stride() if mask is not None else (0, 0, 0, 0)), ctypes.c_int64(band[0]),
+            ctypes.c_int64(band[1]), ctypes.c_float(scale), _dropout_args(p, seed, offset)]
 
 
-def emulated_attention(emu, q, k, v, mask, causal, scale, p, seed, offset, dout, blocks):
+def band_keep(band, Lq, Lk):
+    """The (Lq, Lk) bool matrix of the band, built here from its definition: query i sees key j iff
+    lo <= j - i <= hi (independent of the kernels' block ranges and of fused_attn's helpers)."""
+    lo, hi = band
+    rel = torch.arange(Lk).unsqueeze(0) - torch.arange(Lq).unsqueeze(1)  # j - i
+    return (rel >= lo) & (rel <= hi)
+
+
+def with_band(mask, band, Lq, Lk):
+    """``mask`` (None, bool or additive) with the band folded in, for the reference."""
+    keep = band_keep(band, Lq, Lk)
+    if bool(keep.all()):
+        return mask
+    if mask is None:
+        return keep
+    return mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+
+
+def case_band(opts):
+    """A case's band: ``band`` as given, else causal (top-left) or none."""
+    return opts.get("band", CAUSAL_BAND if opts.get("causal") else NO_BAND)
+
+
+def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks):
     """(out, lse, dq, dk, dv, dmask) from the emulated kernels; dmask only for an additive mask."""
-    common = _common_args(q, k, v, mask, causal, scale, p, seed, offset)
+    common = _common_args(q, k, v, mask, band, scale, p, seed, offset)
     out = new_attention_out(q, v.shape[3])
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
     assert emu.emu_attention_fwd(*common, _ptr(out), _i64(out.stride()), _ptr(lse), *blocks) == 0
@@ -96,22 +122,33 @@ def emulated_attention(emu, q, k, v, mask, causal, scale, p, seed, offset, dout,
     return out, lse, dq, dk, dv, dmask
 
 
-def reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, dtype):
-    """The same quantities from fused_attn.reference in ``dtype`` (autograd for the gradients)."""
+def reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype):
+    """The same quantities from fused_attn.reference in ``dtype`` (autograd for the gradients), the
+    band applied as a mask (with_band); dmask is the gradient of the given mask."""
     cast = lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(dtype))
     q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
+    Lq, Lk = q.shape[2], k.shape[2]
     additive = mask is not None and mask.dtype != torch.bool
     rng = (seed, offset) if p > 0 else None
+    attend = lambda q, k, v, m: R.attention(q, k, v, attn_mask=with_band(m, band, Lq, Lk), dropout_p=p, scale=scale,
+                                            rng=rng)
     if additive:
-        fn = lambda q, k, v, m: R.attention(q, k, v, m, causal, p, scale, rng)
-        out, vjp = torch.func.vjp(fn, q_, k_, v_, m_)
+        out, vjp = torch.func.vjp(attend, q_, k_, v_, m_)
         dq, dk, dv, dmask = vjp(dout.to(dtype))
     else:
-        fn = lambda q, k, v: R.attention(q, k, v, m_, causal, p, scale, rng)
-        out, vjp = torch.func.vjp(fn, q_, k_, v_)
+        out, vjp = torch.func.vjp(lambda q, k, v: attend(q, k, v, m_), q_, k_, v_)
         (dq, dk, dv), dmask = vjp(dout.to(dtype)), None
-    lse = R.attention_lse(q_, k_, m_, causal, scale)
+    lse = R.attention_lse(q_, k_, attn_mask=with_band(m_, band, Lq, Lk), scale=scale)
     return out, lse, dq, dk, dv, dmask
+
+
+def check_dead_rows(band, Lq, Lk, out, lse, dq):
+    """Rows the band leaves no key: exactly zero output and dq, lse = +inf. Returns their number."""
+    dead = ~band_keep(band, Lq, Lk).any(dim=1)
+    if bool(dead.any()):
+        assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all()
+        assert torch.isinf(lse[:, :, dead]).all() and (lse[:, :, dead] > 0).all()
+    return int(dead.sum())
 
 
 def attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts):
@@ -135,6 +172,8 @@ def attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts):
     return q, k, v, mask, randn
 
 
+_U = BAND_UNBOUNDED  # an open end of a band, as the callers pass it
+
 # name: (B, Hq, Hkv, Lq, Lk, D, Dv, options, (BM, BN))  -- the tile pairs the launcher may pick
 CASES = {
     "basic_16x16": (1, 2, 2, 37, 29, 40, 24, {}, (16, 16)),
@@ -144,6 +183,13 @@ CASES = {
     "additive_mask_grad_causal_64x32": (1, 2, 2, 40, 40, 8, 12, {"mask": "additive", "causal": True}, (64, 32)),
     "strided_and_broadcast_kv_64x64": (2, 2, 2, 17, 70, 32, 32, {"layout": "strided"}, (64, 64)),
     "dropout_mask_grad_16x16": (1, 2, 2, 18, 33, 16, 16, {"mask": "additive", "dropout_p": 0.3}, (16, 16)),
+    # bands: key blocks before / after a query block's band and query blocks outside a key block's are skipped
+    "window_left20_mask_grad_32x32": (1, 1, 1, 97, 97, 16, 16, {"band": (-20, 0), "mask": "additive"}, (32, 32)),
+    "bottom_right_causal_lq_lt_lk_16x16": (1, 2, 2, 37, 90, 8, 8, {"band": (-_U, 90 - 37)}, (16, 16)),
+    "bottom_right_causal_gqa_lq_gt_lk_dead_rows_16x16": (1, 4, 2, 45, 20, 16, 16,
+                                                         {"band": (-_U, 20 - 45), "dropout_p": 0.2}, (16, 16)),
+    "band_lo5_hi40_odd_32x32": (1, 2, 2, 53, 77, 24, 20, {"band": (5, 40)}, (32, 32)),
+    "band_lo_gt_hi_all_dead_mask_grad_16x16": (1, 2, 1, 23, 31, 8, 8, {"band": (4, 1), "mask": "additive"}, (16, 16)),
 }
 
 
@@ -151,13 +197,13 @@ CASES = {
 def test_emulated_attention_matches_reference(emu, name):
     B, Hq, Hkv, Lq, Lk, D, Dv, opts, blocks = CASES[name]
     q, k, v, mask, randn = attention_inputs(name, torch.float32, B, Hq, Hkv, Lq, Lk, D, Dv, opts)
-    causal, p = opts.get("causal", False), opts.get("dropout_p", 0.0)
+    band, p = case_band(opts), opts.get("dropout_p", 0.0)
     scale, seed, offset = 1.0 / math.sqrt(D), 123456789012345, 987654321
     dout = randn(B, Hq, Lq, Dv)
 
-    got = emulated_attention(emu, q, k, v, mask, causal, scale, p, seed, offset, dout, blocks)
-    ref64 = reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, torch.float64)
-    ref32 = reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, torch.float32)
+    got = emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks)
+    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64)
+    ref32 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float32)
     names = ("out", "lse", "dq", "dk", "dv", "dmask")
     for i, name in enumerate(names):
         if got[i] is None:
@@ -166,12 +212,14 @@ def test_emulated_attention_matches_reference(emu, name):
         compare(name, got[i], ref64[i], ref32[i], k=2.0 if i < 2 else 5.0)
     if opts.get("mask") == "bool":  # the dead row: zeros and lse = +inf
         assert (got[0][:, :, 2] == 0).all() and torch.isinf(got[1][:, :, 2]).all()
+    if check_dead_rows(band, Lq, Lk, got[0], got[1], got[2]) == Lq:  # the band leaves nothing: zeros throughout
+        assert all((g == 0).all() for g in got[2:] if g is not None)
 
 
 def test_emulated_attention_without_keys(emu):
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8)
     dout = torch.randn(1, 2, 5, 8)
-    out, lse, dq, dk, dv, _ = emulated_attention(emu, q, k, v, None, False, 0.5, 0.0, 0, 0, dout, (16, 16))
+    out, lse, dq, dk, dv, _ = emulated_attention(emu, q, k, v, None, NO_BAND, 0.5, 0.0, 0, 0, dout, (16, 16))
     assert (out == 0).all() and torch.isinf(lse).all() and (lse > 0).all() and (dq == 0).all()
 
 
@@ -207,6 +255,15 @@ MMA_CASES = {
     "bf16_d32_additive_mask_strided": (torch.bfloat16, 2, 2, 2, 19, 40, 32, 16,
                                        {"mask": "additive", "layout": "strided"}, 32),
     "fp16_d256_lk_not_multiple_of_block": (torch.float16, 1, 1, 1, 9, 37, 256, 200, {}, 256),
+    # bands (the forward and dQ kernels take 64 queries x 64 keys a block, dK/dV 64 keys x 32 queries)
+    "fp16_d32_window_left20_mask_grad": (torch.float16, 1, 2, 1, 97, 97, 32, 32,
+                                         {"band": (-20, 0), "mask": "additive"}, 32),
+    "bf16_d32_bottom_right_causal_gqa_lq_gt_lk_dead_rows": (torch.bfloat16, 1, 4, 2, 150, 40, 32, 32,
+                                                            {"band": (-_U, 40 - 150)}, 32),
+    # blocks wholly inside the band run unmasked (dK/dV: keys [64, 128) x queries [32, 64))
+    "fp16_d40_band_lo1_hi100_odd": (torch.float16, 1, 1, 1, 67, 131, 40, 40, {"band": (1, 100)}, 64),
+    "bf16_d32_band_lo_gt_hi_all_dead_mask_grad": (torch.bfloat16, 1, 2, 1, 33, 45, 32, 32,
+                                                  {"band": (4, 1), "mask": "additive"}, 32),
 }
 
 
@@ -214,12 +271,12 @@ MMA_CASES = {
 def test_emulated_mma_kernels_match_reference(emu, name):
     dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts, kd = MMA_CASES[name]
     q, k, v, mask, randn = attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts)
-    causal, p = opts.get("causal", False), opts.get("dropout_p", 0.0)
+    band, p = case_band(opts), opts.get("dropout_p", 0.0)
     scale, seed, offset = opts.get("scale", 1.0 / math.sqrt(D)), 123456789012345, 987654321
 
     out = new_attention_out(q, Dv)
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
-    args = _common_args(q, k, v, mask, causal, scale, p, seed, offset)
+    args = _common_args(q, k, v, mask, band, scale, p, seed, offset)
     rc = emu.emu_attention_fwd_mma(ctypes.c_int(_DTYPE_IDS[dtype]), *args, _ptr(out), _i64(out.stride()), _ptr(lse),
                                    ctypes.c_int(kd))
     assert rc == 0, f"emu_attention_fwd_mma returned {rc}"
@@ -227,8 +284,10 @@ def test_emulated_mma_kernels_match_reference(emu, name):
     def reference(ref_dtype):
         cast = lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(ref_dtype))
         q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
+        m_ = with_band(m_, band, Lq, Lk)
         rng = (seed, offset) if p > 0 else None
-        return R.attention(q_, k_, v_, m_, causal, p, scale, rng), R.attention_lse(q_, k_, m_, causal, scale)
+        return (R.attention(q_, k_, v_, attn_mask=m_, dropout_p=p, scale=scale, rng=rng),
+                R.attention_lse(q_, k_, attn_mask=m_, scale=scale))
 
     (out64, lse64), (out_lp, lse_lp) = reference(torch.float64), reference(dtype)
     compare("out", out, out64, out_lp)
@@ -249,21 +308,23 @@ def test_emulated_mma_kernels_match_reference(emu, name):
                                    _ptr(dout), _i64(dout.stride()), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dmask),
                                    _ptr(delta), ctypes.c_int(kd))
     assert rc == 0, f"emu_attention_bwd_mma returned {rc}"
-    ref64 = reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, torch.float64)
-    ref_lp = reference_attention(q, k, v, mask, causal, scale, p, seed, offset, dout, dtype)
+    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64)
+    ref_lp = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype)
     grads = {"dq": dq, "dk": dk, "dv": dv, "dmask": dmask}
     for i, name in enumerate(("dq", "dk", "dv", "dmask"), start=2):
         if grads[name] is None:
             assert ref64[i] is None
             continue
         compare(name, grads[name], ref64[i], ref_lp[i], k=5.0)
+    if check_dead_rows(band, Lq, Lk, out, lse, dq) == Lq:  # the band leaves nothing: zeros throughout
+        assert all((g == 0).all() for g in grads.values() if g is not None)
 
 
-def _forward(emu, q, k, v, causal=False):
+def _forward(emu, q, k, v, band=NO_BAND):
     """(out, lse): the register-resident kernel for 16-bit inputs, the shared-memory one for float32."""
     out = new_attention_out(q, v.shape[3])
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
-    args = _common_args(q, k, v, None, causal, 1.0 / math.sqrt(q.shape[3]), 0.0, 0, 0)
+    args = _common_args(q, k, v, None, band, 1.0 / math.sqrt(q.shape[3]), 0.0, 0, 0)
     if q.dtype == torch.float32:
         rc = emu.emu_attention_fwd(*args, _ptr(out), _i64(out.stride()), _ptr(lse), 32, 32)
     else:
@@ -281,9 +342,10 @@ def test_emulated_forward_nan_and_inf_stay_in_their_rows(emu, dtype):
     q, k, v = (torch.randn(1, 2, 70, 64, generator=gen).to(dtype) for _ in range(3))
     q[0, 1, 5, 3] = float("nan")   # one query row
     k[0, 0, 66, 0] = float("inf")  # one key of head 0, in the second key block: +-inf scores
-    out, lse = _forward(emu, q, k, v, causal=True)
+    out, lse = _forward(emu, q, k, v, band=CAUSAL_BAND)
     bad = ~torch.isfinite(out)
-    ref_bad = ~torch.isfinite(R.attention(q.double(), k.double(), v.double(), causal=True))
+    causal = band_keep(CAUSAL_BAND, 70, 70)
+    ref_bad = ~torch.isfinite(R.attention(q.double(), k.double(), v.double(), attn_mask=causal))
     assert bad[0, 1, 5].all() and torch.isnan(lse[0, 1, 5])
     assert bad[0, 0, 66:].any() and not bad[0, 0, :66].any()  # earlier rows cannot see key 66
     assert torch.equal(bad, ref_bad), "the non-finite rows differ from the reference's"

@@ -10,6 +10,7 @@ import fused_attn
 from fused_attn import functional as F
 from fused_attn import reference as R
 from fused_attn.backends import BACKENDS, Call
+from fused_attn.ops_common import NO_BAND
 from fused_attn.testing import check_against_reference, make_inputs
 
 
@@ -44,8 +45,8 @@ def test_attention_output_layout_and_empty(backend):
 def test_attention_dropout_is_reproducible_and_matches_reference(backend):
     q, k, v = make_inputs((1, 2, 9, 8), (1, 2, 11, 8), (1, 2, 11, 8), requires_grad=False)
     rng = torch.tensor([1234, 56])
-    out, _ = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.25, 8 ** -0.5, rng, backend)
-    again, _ = torch.ops.fused_attn.attention_fwd(q, k, v, None, False, 0.25, 8 ** -0.5, rng, backend)
+    out, _ = torch.ops.fused_attn.attention_fwd(q, k, v, None, *NO_BAND, 0.25, 8 ** -0.5, rng, backend)
+    again, _ = torch.ops.fused_attn.attention_fwd(q, k, v, None, *NO_BAND, 0.25, 8 ** -0.5, rng, backend)
     assert torch.equal(out, again)
     torch.testing.assert_close(out, R.attention(q, k, v, dropout_p=0.25, rng=(1234, 56)))
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)

@@ -73,6 +73,7 @@ def test_same_forward_signature():
 MHA_CASES = {
     "self": dict(kwargs={}, mask=None),
     "gqa_causal": dict(kwargs=dict(num_kv_heads=2, causal=True), mask=None),
+    "gqa_causal_sliding_window": dict(kwargs=dict(num_kv_heads=2, causal=True, window_size=(3, 0)), mask="bool"),
     "mqa_nobias": dict(kwargs=dict(num_kv_heads=1, bias=False), mask=None),
     "bool_mask_padding": dict(kwargs={}, mask="bool"),
     "additive_mask": dict(kwargs=dict(num_kv_heads=2), mask="additive"),
@@ -166,6 +167,7 @@ LAYER_CASES = {
     "pre_ln_rms_swiglu_gqa_causal": dict(norm_first=True, norm="rmsnorm", activation="swiglu", num_kv_heads=2,
                                          causal=True, bias=False),
     "post_ln_rms_geglu_mqa": dict(norm="rmsnorm", activation="geglu", num_kv_heads=1, d_ff=24, eps=1e-6),
+    "pre_ln_local_window": dict(norm_first=True, window_size=(2, 2)),
 }
 
 

@@ -13,6 +13,7 @@ import torch
 from fused_attn import functional as F
 from fused_attn import reference as R
 from fused_attn.backends import BackendUnavailableError
+from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
 from fused_attn.testing import check_against_reference, make_inputs, reconstruct_dropout_mask
 
 pytest.importorskip("triton")
@@ -156,7 +157,7 @@ def test_additive_minus_inf_rows_and_lse(device):
     q, k, v = make_inputs((B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), device=device, requires_grad=False)
     bias = bias.to(device)
     scale = 1 / math.sqrt(D)
-    out, lse = triton_attention.attention_fwd(q, k, v, bias, False, 0.0, scale, 0, 0)
+    out, lse = triton_attention.attention_fwd(q, k, v, bias, *NO_BAND, 0.0, scale, 0, 0)
     ref_lse = R.attention_lse(q.double(), k.double(), bias.double(), False, scale)
     assert torch.isinf(lse[0, 0, 2]) and lse[0, 0, 2] > 0
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
@@ -166,7 +167,7 @@ def test_additive_minus_inf_rows_and_lse(device):
 
 def test_output_layout_and_lse(device):
     q, k, v = make_inputs((2, 3, 11, 16), (2, 3, 14, 16), (2, 3, 14, 8), device=device, requires_grad=False)
-    out, lse = triton_attention.attention_fwd(q, k, v, None, True, 0.0, 0.25, 0, 0)
+    out, lse = triton_attention.attention_fwd(q, k, v, None, *CAUSAL_BAND, 0.0, 0.25, 0, 0)
     assert out.shape == (2, 3, 11, 8) and out.transpose(1, 2).is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 11)
     torch.testing.assert_close(lse.double(), R.attention_lse(q.double(), k.double(), None, True, 0.25),
@@ -185,7 +186,8 @@ def test_non_contiguous_inputs(device):
     check_against_reference(lambda q, k, v: F.attention(q, k, v, causal=True, backend="triton"),
                             lambda q, k, v: R.attention(q, k, v, causal=True), [q, k, v])
     # The oracle's copies keep only dense layouts (q's); run the launcher on the views themselves too.
-    out, _ = triton_attention.attention_fwd(q.detach(), k.detach(), v.detach(), None, True, 0.0, D ** -0.5, 0, 0)
+    out, _ = triton_attention.attention_fwd(q.detach(), k.detach(), v.detach(), None, *CAUSAL_BAND, 0.0, D ** -0.5,
+                                           0, 0)
     torch.testing.assert_close(out, R.attention(q.detach(), k.detach(), v.detach(), causal=True), rtol=1e-5,
                                atol=1e-5)
 
@@ -198,7 +200,7 @@ def test_strided_gradients_through_launcher(device):
     k = torch.randn(B, H, L, 2 * D, generator=gen).to(device)[..., ::2]
     v = torch.randn(B, H, L, D, generator=gen).to(device)
     dout = torch.randn(B, L, H, D, generator=gen).to(device).transpose(1, 2)
-    args = (None, True, 0.0, 0.25, 0, 0)
+    args = (None, *CAUSAL_BAND, 0.0, 0.25, 0, 0)
     out, lse = triton_attention.attention_fwd(q, k, v, *args)
     grads = triton_attention.attention_bwd(dout, q, k, v, out, lse, *args, False)
     c = [t.contiguous() for t in (q, k, v, dout)]
@@ -247,10 +249,10 @@ def test_dropout_reproducible_and_seed_dependent(device):
 
 def test_backward_bitwise_reproducible(device):
     q, k, v = make_inputs((1, 4, 40, 16), (1, 2, 40, 16), (1, 2, 40, 16), device=device, requires_grad=False)
-    out, lse = triton_attention.attention_fwd(q, k, v, None, True, 0.0, 0.25, 0, 0)
+    out, lse = triton_attention.attention_fwd(q, k, v, None, *CAUSAL_BAND, 0.0, 0.25, 0, 0)
     dout = torch.randn_like(out)
-    a = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, True, 0.0, 0.25, 0, 0, False)
-    b = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, True, 0.0, 0.25, 0, 0, False)
+    a = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, *CAUSAL_BAND, 0.0, 0.25, 0, 0, False)
+    b = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, *CAUSAL_BAND, 0.0, 0.25, 0, 0, False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -270,9 +272,9 @@ def test_empty_sizes(sizes, device):
 def test_inputs_not_modified_outputs_fresh(device):
     q, k, v = make_inputs((1, 2, 17, 16), (1, 2, 17, 16), (1, 2, 17, 16), device=device, requires_grad=False)
     copies = [t.clone() for t in (q, k, v)]
-    out, lse = triton_attention.attention_fwd(q, k, v, None, False, 0.0, 0.25, 0, 0)
+    out, lse = triton_attention.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.25, 0, 0)
     dout = torch.randn_like(out)
-    grads = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, False, 0.0, 0.25, 0, 0, False)
+    grads = triton_attention.attention_bwd(dout, q, k, v, out, lse, None, *NO_BAND, 0.0, 0.25, 0, 0, False)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))
     ptrs = {t.data_ptr() for t in (q, k, v, dout)}
     assert not any(t.data_ptr() in ptrs for t in (out, lse) + grads[:3])

@@ -36,6 +36,14 @@ FEATURES = {
 }
 
 
+
+def _band(features):
+    """The ops' (band_lo, band_hi) of a feature set: causal compiles the banded kernels, whose code
+    is the same for any band (causal, sliding window, bottom-right): only the values differ."""
+    from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
+    return CAUSAL_BAND if features["causal"] else NO_BAND
+
+
 # ---------------------------------------------------------------------------------------------
 # the compile driver (runs in the subprocess, without TRITON_INTERPRET)
 # ---------------------------------------------------------------------------------------------
@@ -61,12 +69,12 @@ def _launch(kernel, dtype_name, head_dim, head_dim_v, features, tma=False):
     lse = torch.empty(B, Hq, L, dtype=torch.float32)
     if kernel == "fwd":
         out = A.new_attention_out(q, head_dim_v)
-        _, _, args, constexprs = A.fwd_launch_args(q, k, v, mask, features["causal"], p, 0.125, 123, 456, out, lse,
+        _, _, args, constexprs = A.fwd_launch_args(q, k, v, mask, *_band(features), p, 0.125, 123, 456, out, lse,
                                                    tma=tma)
     else:
         dout = A.new_attention_out(q, head_dim_v)
         dmask = torch.empty(B, Hq, L, L, dtype=dtype) if features["mask_grad"] else torch.empty(0, dtype=dtype)
-        launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), mask, features["causal"], p, 0.125,
+        launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), mask, *_band(features), p, 0.125,
                                      123, 456, features["mask_grad"], torch.empty_like(q), torch.empty_like(k),
                                      torch.empty_like(v), dmask, tma=tma)
         _, _, args, constexprs = launches[kernel]
@@ -354,7 +362,7 @@ def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
             for heavy, causal in ((False, False), (False, True), (True, False)):
                 for length in (1, 4096):
                     args = dict(Q=q, Mask=q, HEAD_DIM=hd, HEAD_DIM_V=hd, MASK_KIND=2 if heavy else 0,
-                                DROPOUT=heavy, MASK_GRAD=heavy, LQ_KEY=length, LK_KEY=length, CAUSAL=causal)
+                                DROPOUT=heavy, MASK_GRAD=heavy, LQ_KEY=length, LK_KEY=length, BANDED=causal)
                     kept = prune(A.all_configs(kernel), args)
                     assert kept, (kernel, hd, heavy, length)
                     table = A.CONFIGS if arch >= 90 else A.CONFIGS_SM80

@@ -24,8 +24,23 @@
 // The tile products: in float32 on CPUs with AVX2 + FMA, register-blocked kernels
 // (attention_tile_gemm.h) over operands laid out as 16-wide panels (once per call, or per kv
 // head by the unit that owns it in the backward's per-head schedule), which skip the
-// blocks the causal rule makes dead; otherwise (float64, other CPUs, FUSED_ATTN_CPU_GEMM=blas or
+// blocks the visibility band makes dead; otherwise (float64, other CPUs, FUSED_ATTN_CPU_GEMM=blas or
 // aten) BLAS calls on the tiles. Both paths share everything else below.
+//
+// The visibility band (csrc/ops.cpp): query i sees key j iff i + lo <= j <= i + hi (and the
+// attn_mask), lo and hi clamped to [-Lq, Lk] on entry (Problem::set_band). No band is (-Lq, Lk),
+// top-left causal (-Lq, 0), a sliding window (d - left, d + right) with the diagonal d = 0
+// (top-left) or Lk - Lq (bottom-right). Work outside the band is skipped at three levels:
+//  - blocks: a query block [m0, m1) sees keys [max(0, m0 + lo), min(Lk, m1 - 1 + hi + 1)) (the
+//    forward and the dQ pass walk only those key blocks); a key block [n0, n1) is seen by
+//    queries [max(0, n0 - hi), min(Lq, n1 - lo)) (the dK/dV pass walks only those);
+//  - tiles: a tile is fully visible iff n0 >= m1 - 1 + lo and n1 - 1 <= m0 + hi; only tiles that
+//    straddle an edge get the per-element treatment below (and the register-blocked products
+//    prune their register blocks, attention_tile_gemm.h: Band);
+//  - rows: row i of a tile from key n0 sees the columns [i + lo - n0, i + hi + 1 - n0) (clamped
+//    to the tile): the mask, max, exp and dropout run on those, the rest of the row is zero.
+// A row that sees no key (lo > hi, or a band outside [0, Lk) for that row) is an empty row: zero
+// output, lse = +inf, zero gradients, as rows the attn_mask empties.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -56,15 +71,15 @@ using at::Tensor;
 // operands laid out as panels (attention_tile_gemm.h; float32 compute on CPUs with AVX2 and FMA),
 // or BLAS calls (float64, other CPUs, or FUSED_ATTN_CPU_GEMM=blas).
 //  - Register-blocked: 96 x 256 forward tiles (Q block, K and V panels, scores, accumulator:
-//    ~270 KB at D = 64, in L2), causal or not (dead register blocks above the diagonal are
-//    skipped inside a tile, so smaller causal tiles buy nothing); backward 64 x 128. Other
+//    ~270 KB at D = 64, in L2), banded or not (dead register blocks outside the band are
+//    skipped inside a tile, so smaller banded tiles buy nothing); backward 64 x 128. Other
 //    splits (48-192 x 128-512 forward, 64-192 x 64-256 backward) measured within the noise.
 //  - BLAS, forward non-causal: a 256 x 512 score tile (512 KB in float32; with the O accumulator
 //    and one K block it about fills a 1 MB L2), the split ATen's own CPU flash kernel uses: the
 //    bigger products run nearer MKL's peak (measured here, one thread: 0.90-0.96x SDPA with
-//    128 x 256 tiles, 0.97-1.03x with 256 x 512). Causal: 128 x 256, so that fewer tiles
-//    straddle the diagonal (1.3x SDPA against 1.2x with the bigger tiles). Backward keeps three
-//    64 x 128 tiles (S/P, dP, dropped P).
+//    128 x 256 tiles, 0.97-1.03x with 256 x 512). Banded (causal, windows): 128 x 256, so that
+//    fewer tiles straddle the diagonal (causal: 1.3x SDPA against 1.2x with the bigger tiles).
+//    Backward keeps three 64 x 128 tiles (S/P, dP, dropped P).
 // The FUSED_ATTN_CPU_{FWD,BWD}_{BM,BN} environment variables override them (read once at load;
 // for tuning on other CPUs; BN is rounded up to a multiple of 16).
 int64_t env_int(const char* name) {
@@ -81,7 +96,7 @@ Blocks blocks(const char* env_m, const char* env_n, Blocks fallback) {
 const Blocks kFwdTileBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {96, 256});
 const Blocks kBwdTileBlocks = blocks("FUSED_ATTN_CPU_BWD_BM", "FUSED_ATTN_CPU_BWD_BN", {64, 128});
 const Blocks kFwdBlasBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {256, 512});
-const Blocks kFwdBlasCausalBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {128, 256});
+const Blocks kFwdBlasBandedBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {128, 256});
 const Blocks kBwdBlasBlocks = blocks("FUSED_ATTN_CPU_BWD_BM", "FUSED_ATTN_CPU_BWD_BN", {64, 128});
 
 // ---- BLAS -------------------------------------------------------------------------------------
@@ -404,16 +419,44 @@ struct Problem {
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
   Matrices<T> q, k, v;
   std::optional<MaskView> mask;
-  bool causal;
+  int64_t lo = 0, hi = 0;  // the visibility band, clamped (set_band)
   T scale;
   double dropout_p;
   uint64_t seed, offset;
   bool fortran_blas = false;  // BLAS products through sgemm_/dgemm_ rather than at::addmm
 
   int64_t group() const { return Hq / Hkv; }
-  // Keys a query row may see under the causal rule, within a tile starting at key j0.
-  int64_t visible(int64_t i, int64_t j0, int64_t n) const {
-    return causal ? std::clamp<int64_t>(i - j0 + 1, 0, n) : n;
+
+  // The band (query i sees key j iff i + lo <= j <= i + hi) with both ends clamped to [-Lq, Lk]:
+  // the same visible keys (i - Lq < 0 <= j and j <= Lk - 1 < i + Lk), but every index sum below
+  // stays within (-2 Lq, Lq + Lk]. An empty band (lo > hi) becomes (Lk, -Lq), whose block ranges
+  // below come out empty for every block (a row-by-row test would find nothing visible anyway).
+  void set_band(int64_t band_lo, int64_t band_hi) {
+    lo = std::clamp<int64_t>(band_lo, -Lq, Lk);
+    hi = std::clamp<int64_t>(band_hi, -Lq, Lk);
+    if (lo > hi) lo = Lk, hi = -Lq;
+  }
+  // Whether the band hides any (query, key) pair at all: some j < i + lo (the lower edge cuts
+  // when lo > 1 - Lq: the last query) or some j > i + hi (the upper edge cuts when hi < Lk - 1:
+  // the first query). No band (and causal with Lq = Lk = 1) says no: nothing to prune or test.
+  bool banded() const { return lo > 1 - Lq || hi < Lk - 1; }
+  // Keys [first, second) that some query of [i0, i1) sees; empty (first >= second) if none.
+  std::pair<int64_t, int64_t> keys_seen(int64_t i0, int64_t i1) const {
+    return {std::clamp<int64_t>(i0 + lo, 0, Lk), std::clamp<int64_t>(i1 - 1 + hi + 1, 0, Lk)};
+  }
+  // Queries [first, second) that see some key of [j0, j1); empty (first >= second) if none.
+  std::pair<int64_t, int64_t> queries_seeing(int64_t j0, int64_t j1) const {
+    return {std::clamp<int64_t>(j0 - hi, 0, Lq), std::clamp<int64_t>(j1 - 1 - lo + 1, 0, Lq)};
+  }
+  // Whether the tile of queries [i0, i0 + bm) and keys [j0, j0 + bn) has an invisible pair: its
+  // first key before the last query's lower edge, or its last key past the first query's upper edge.
+  bool straddles(int64_t i0, int64_t bm, int64_t j0, int64_t bn) const {
+    return j0 < i0 + bm - 1 + lo || j0 + bn - 1 > i0 + hi;
+  }
+  // The columns [first, second) of a tile starting at key j0, n wide, that query i sees.
+  std::pair<int64_t, int64_t> visible(int64_t i, int64_t j0, int64_t n) const {
+    const int64_t c0 = std::clamp<int64_t>(i + lo - j0, 0, n);
+    return {c0, std::clamp<int64_t>(i + hi + 1 - j0, c0, n)};
   }
   uint32_t dropout_key(int64_t b, int64_t h, int64_t i) const {
     return fused_attn::dropout_row_key(seed, offset, static_cast<uint64_t>((b * Hq + h) * Lq + i));
@@ -440,7 +483,7 @@ void apply_mask_row(T* s, int64_t n, const MaskView& mk, int64_t b, int64_t h, i
 }
 
 // Balanced order of blocks for contiguous chunks of units: 0, n-1, 1, n-2, ... so that under
-// the causal rule (work grows with the block index) each thread's chunk mixes short and long units.
+// a causal band (work grows with the block index) each thread's chunk mixes short and long units.
 inline int64_t zigzag(int64_t idx, int64_t n) { return (idx % 2 == 0) ? idx / 2 : n - 1 - idx / 2; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -455,7 +498,7 @@ template <typename T, typename scalar_t, typename LseT, bool lse_only, bool tile
 void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out_data,
                     std::array<int64_t, 3> out_strides, LseT* lse) {
   static_assert(!tiles || std::is_same_v<T, float>, "the register-blocked products are float32");
-  const Blocks blk = tiles ? kFwdTileBlocks : pb.causal ? kFwdBlasCausalBlocks : kFwdBlasBlocks;
+  const Blocks blk = tiles ? kFwdTileBlocks : pb.banded() ? kFwdBlasBandedBlocks : kFwdBlasBlocks;
   const int64_t BM = blk.m, BN = tiles ? round16(blk.n) : blk.n;
   const int64_t n_qblocks = ceil_div(pb.Lq, BM);
   const int64_t units = pb.B * pb.Hq * n_qblocks;
@@ -483,18 +526,21 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
       std::fill(row_max_.begin(), row_max_.end(), ninf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
       if constexpr (!lse_only) std::fill(acc.get(), acc.get() + bm * acc_ld, T(0));
-      // Under the causal rule no row of this block sees keys past its last row.
-      const int64_t key_end = pb.causal ? std::min(pb.Lk, i0 + bm) : pb.Lk;
-      for (int64_t j0 = 0; j0 < key_end; j0 += BN) {
+      // Only the keys the band shows some row of this block, from a multiple of 16 (where the
+      // key panels start); a block that sees none keeps row_sum = 0: empty rows.
+      const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
+      for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN) {
         const int64_t bn = std::min(BN, key_end - j0);
+        // the band's edges cut this tile: prune the products, test the rows
+        const bool cut = pb.straddles(i0, bm, j0, bn);
         // scores row stride: the register-blocked product writes whole 16-key panels
         const int64_t lds = tiles ? round16(bn) : bn;
         T* S = scores.get();
         if constexpr (tiles) {
-          // blocks above the diagonal are skipped (left unwritten: the row loop never reads them)
+          // blocks outside the band are skipped (left unwritten: the row loop never reads them)
           tile_gemm::product<false, false>(bm, lds, pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), S, lds, pb.scale,
-                                           pb.causal ? tile_gemm::Causal::key_columns : tile_gemm::Causal::none,
-                                           i0 - j0);
+                                           cut ? tile_gemm::Band::key_columns : tile_gemm::Band::none,
+                                           pb.lo + i0 - j0, pb.hi + i0 - j0);
         } else {
           const T* K = pb.k.at(b, hk) + j0 * pb.k.ld;
           gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), S, bn);
@@ -502,11 +548,14 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
         for (int64_t r = 0; r < bm; ++r) {
           const int64_t i = i0 + r;
           T* s = S + r * lds;
-          const int64_t nv = pb.visible(i, j0, bn);
-          if (pb.mask) apply_mask_row<T, scalar_t>(s, nv, *pb.mask, b, h, i, j0);
-          T tile_max = row_max(s, nv);
+          // the row's visible columns [c0, c0 + nv): all of them unless the tile is cut
+          const auto [c0, c1] = cut ? pb.visible(i, j0, bn) : std::pair<int64_t, int64_t>{0, bn};
+          const int64_t nv = c1 - c0;
+          T* sv = s + c0;
+          if (pb.mask) apply_mask_row<T, scalar_t>(sv, nv, *pb.mask, b, h, i, j0 + c0);
+          T tile_max = row_max(sv, nv);
           // row_max skips NaN; a tile of only NaN and -inf must still make the row NaN, not masked
-          if (tile_max == ninf && row_has_nan(s, nv)) tile_max = std::numeric_limits<T>::quiet_NaN();
+          if (tile_max == ninf && row_has_nan(sv, nv)) tile_max = std::numeric_limits<T>::quiet_NaN();
           // NaN-propagating max (std::max would drop a NaN tile max and the row would read as masked)
           const T m_new = tile_max != tile_max ? tile_max : std::max(row_max_[r], tile_max);
           if (m_new == ninf) {  // nothing visible yet: this tile contributes nothing to the row
@@ -514,21 +563,23 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
             continue;
           }
           const T rescale = std::exp(row_max_[r] - m_new);  // 0 on the row's first visible tile
-          const T tile_sum = row_exp_sum(s, nv, m_new);
-          std::fill(s + nv, s + bn, T(0));
+          const T tile_sum = row_exp_sum(sv, nv, m_new);
+          std::fill(s, sv, T(0));  // the columns outside the band (P V reads them: zero, not unwritten)
+          std::fill(sv + nv, s + bn, T(0));
           row_sum[r] = row_sum[r] * rescale + tile_sum;
           row_max_[r] = m_new;
           if constexpr (!lse_only) {
             if (rescale != T(1)) row_scale(acc.get() + r * acc_ld, acc_ld, rescale);
             // dropout acts on the normalised probabilities; the normaliser l stays the full sum
-            if (dropout) row_dropout(s, s, nv, pb.dropout_key(b, h, i), static_cast<uint32_t>(j0), threshold, inv_keep);
+            if (dropout)
+              row_dropout(sv, sv, nv, pb.dropout_key(b, h, i), static_cast<uint32_t>(j0 + c0), threshold, inv_keep);
           }
         }
         if constexpr (!lse_only) {
           if constexpr (tiles) {
             tile_gemm::product<false, true>(bm, acc_ld, bn, S, lds, ops->v_columns.rows_from(b, hk, j0), acc.get(), acc_ld,
-                                            1.f, pb.causal ? tile_gemm::Causal::key_inner : tile_gemm::Causal::none,
-                                            i0 - j0);
+                                            1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
+                                            pb.lo + i0 - j0, pb.hi + i0 - j0);
           } else {
             const T* V = pb.v.at(b, hk) + j0 * pb.v.ld;
             gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.Dv, bn, T(1), S, bn, V, pb.v.ld, T(1), acc.get(), pb.Dv);
@@ -583,7 +634,7 @@ struct BackwardTile {
         p(tile_blocks().m * ld), dp(tile_blocks().m * ld), p_drop(pb_.dropout_p > 0.0 ? tile_blocks().m * ld : 0) {}
 
   void run(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool want_dkdv, bool want_dq) {
-    using tile_gemm::Causal;
+    using tile_gemm::Band;
     const int64_t hk = h / pb.group();
     const T* Q = pb.q.at(b, h) + i0 * pb.q.ld;
     // K and V rows for BLAS (the register-blocked products read `ops`' panels instead)
@@ -594,37 +645,45 @@ struct BackwardTile {
     const bool dropout = pb.dropout_p > 0.0;
     const uint32_t threshold = fused_attn::dropout_threshold(pb.dropout_p);
     const T inv_keep = static_cast<T>(1.0 / (1.0 - pb.dropout_p));
-    // causal pruning of the register-blocked products (first query - first key)
-    [[maybe_unused]] const int64_t diag = i0 - j0;
-    [[maybe_unused]] const auto skip = [&](Causal c) { return pb.causal ? c : Causal::none; };
+    // the band's edges cut this tile: the rows are tested, and the register-blocked products
+    // pruned with the band in the tile's numbering (lo_t, hi_t)
+    const bool cut = pb.straddles(i0, bm, j0, bn);
+    [[maybe_unused]] const int64_t lo_t = pb.lo + i0 - j0, hi_t = pb.hi + i0 - j0;
+    [[maybe_unused]] const auto prune = [&](Band role) { return cut ? role : Band::none; };
     T* dK = g.dk + ((b * pb.Hkv + hk) * pb.Lk + j0) * g.dk_ld;
     T* dV = g.dv + ((b * pb.Hkv + hk) * pb.Lk + j0) * g.dv_ld;
     T* dQ = g.dq + row0 * g.dq_ld;
 
-    // P = exp(scale * Q K^T + mask - lse), zero where masked (lse = +inf on empty rows gives 0).
-    // Register-blocked: score blocks above the diagonal are not computed; the row loop zeroes them.
+    // P = exp(scale * Q K^T + mask - lse), zero where masked or outside the band (lse = +inf on
+    // empty rows gives 0). Register-blocked: score blocks outside the band are not computed; the
+    // row loop zeroes them.
     T* P = p.data();
     if constexpr (tiles) {
       tile_gemm::product<false, false>(bm, round16(bn), pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), P, ld, pb.scale,
-                                       skip(Causal::key_columns), diag);
+                                       prune(Band::key_columns), lo_t, hi_t);
     } else {
       gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), P, ld);
     }
     for (int64_t r = 0; r < bm; ++r) {
       const int64_t i = i0 + r;
       T* s = P + r * ld;
-      const int64_t nv = pb.visible(i, j0, bn);
-      if (pb.mask) apply_mask_row<T, scalar_t>(s, nv, *pb.mask, b, h, i, j0);
-      row_exp_sum(s, nv, g.lse[row0 + r]);
-      std::fill(s + nv, s + bn, T(0));
+      const auto [c0, c1] = cut ? pb.visible(i, j0, bn) : std::pair<int64_t, int64_t>{0, bn};
+      if (pb.mask) apply_mask_row<T, scalar_t>(s + c0, c1 - c0, *pb.mask, b, h, i, j0 + c0);
+      row_exp_sum(s + c0, c1 - c0, g.lse[row0 + r]);
+      std::fill(s, s + c0, T(0));
+      std::fill(s + c1, s + bn, T(0));
     }
     // dP = dO V^T, then the dropout mask on both P (for dV) and dP
     T* dP = dp.data();
     if constexpr (tiles) {
       tile_gemm::product<false, false>(bm, round16(bn), pb.Dv, dO, g.dout.ld, ops->v_keys.keys_from(b, hk, j0), dP, ld, 1.f,
-                                       skip(Causal::key_columns), diag);
-      if (pb.causal)  // skipped blocks hold garbage; dS = P * (dP - D) must see finite values there
-        for (int64_t r = 0; r < bm; ++r) std::fill(dP + r * ld + pb.visible(i0 + r, j0, bn), dP + r * ld + bn, T(0));
+                                       prune(Band::key_columns), lo_t, hi_t);
+      if (cut)  // skipped blocks hold garbage; dS = P * (dP - D) must see finite values there
+        for (int64_t r = 0; r < bm; ++r) {
+          const auto [c0, c1] = pb.visible(i0 + r, j0, bn);
+          std::fill(dP + r * ld, dP + r * ld + c0, T(0));
+          std::fill(dP + r * ld + c1, dP + r * ld + bn, T(0));
+        }
     } else {
       gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.Dv, T(1), dO, g.dout.ld, V, pb.v.ld, T(0), dP, ld);
     }
@@ -640,7 +699,7 @@ struct BackwardTile {
     if (want_dkdv) {  // dV += P_drop^T dO
       if constexpr (tiles) {
         tile_gemm::product<true, true>(bn, g.dv_ld, bm, P_used, ld, ops->dout_columns.rows_from(b, h, i0), dV, g.dv_ld, 1.f,
-                                       skip(Causal::query_inner), diag);
+                                       prune(Band::query_inner), lo_t, hi_t);
       } else {
         gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.Dv, bm, T(1), P_used, ld, dO, g.dout.ld, T(1), dV, g.dv_ld);
       }
@@ -657,7 +716,7 @@ struct BackwardTile {
     if (want_dkdv) {  // dK += scale * dS^T Q
       if constexpr (tiles) {
         tile_gemm::product<true, true>(bn, g.dk_ld, bm, dP, ld, ops->q_columns.rows_from(b, h, i0), dK, g.dk_ld, pb.scale,
-                                       skip(Causal::query_inner), diag);
+                                       prune(Band::query_inner), lo_t, hi_t);
       } else {
         gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.D, bm, pb.scale, dP, ld, Q, pb.q.ld, T(1), dK, g.dk_ld);
       }
@@ -665,7 +724,7 @@ struct BackwardTile {
     if (want_dq) {  // dQ += scale * dS K
       if constexpr (tiles) {
         tile_gemm::product<false, true>(bm, g.dq_ld, bn, dP, ld, ops->k_columns.rows_from(b, hk, j0), dQ, g.dq_ld, pb.scale,
-                                        skip(Causal::key_inner), diag);
+                                        prune(Band::key_inner), lo_t, hi_t);
       } else {
         gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.D, bn, pb.scale, dP, ld, K, pb.k.ld, T(1), dQ, g.dq_ld);
       }
@@ -709,8 +768,9 @@ void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
           for (int64_t qb = 0; qb < n_qblocks; ++qb) {
             const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
-            const int64_t key_end = pb.causal ? std::min(pb.Lk, i0 + bm) : pb.Lk;
-            for (int64_t j0 = 0; j0 < key_end; j0 += BN)
+            // the keys the band shows the block, from a multiple of 16 (key panels)
+            const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
+            for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN)
               tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), true, true);
           }
       }
@@ -725,10 +785,11 @@ void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands
       const int64_t bhk = u / n_kblocks, kb = zigzag(u % n_kblocks, n_kblocks);
       const int64_t b = bhk / pb.Hkv, hk = bhk % pb.Hkv;
       const int64_t j0 = kb * BN, bn = std::min(BN, pb.Lk - j0);
-      // under the causal rule only query rows i >= j0 see these keys
-      const int64_t qb_start = pb.causal ? j0 / BM : 0;
+      // only the query blocks holding rows the band shows these keys to (none: dK, dV stay zero)
+      const auto [query_begin, query_end] = pb.queries_seeing(j0, j0 + bn);
+      const int64_t qb_end = query_begin < query_end ? ceil_div(query_end, BM) : 0;
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
-        for (int64_t qb = qb_start; qb < n_qblocks; ++qb) {
+        for (int64_t qb = query_begin / BM; qb < qb_end; ++qb) {
           const int64_t i0 = qb * BM;
           tile.run(b, h, i0, std::min(BM, pb.Lq - i0), j0, bn, true, false);
         }
@@ -742,8 +803,9 @@ void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands
       const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
       const int64_t b = bh / pb.Hq, h = bh % pb.Hq;
       const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
-      const int64_t key_end = pb.causal ? std::min(pb.Lk, i0 + bm) : pb.Lk;
-      for (int64_t j0 = 0; j0 < key_end; j0 += BN) tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), false, true);
+      const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
+      for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN)
+        tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), false, true);
     }
   });
 }
@@ -791,7 +853,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
 // by with_rows.
 template <typename T>
 Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
-                        bool causal, double dropout_p, double scale, int64_t seed, int64_t offset, GemmMode mode) {
+                        int64_t band_lo, int64_t band_hi, double dropout_p, double scale, int64_t seed,
+                        int64_t offset, GemmMode mode) {
   Problem<T> pb;
   pb.fortran_blas = use_fortran_blas(mode);
   pb.B = q.size(0);
@@ -806,7 +869,7 @@ Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const
     pb.mask = MaskView{m.const_data_ptr(), m.scalar_type() == at::kBool, m.stride(0), m.stride(1), m.stride(2),
                        m.stride(3)};
   }
-  pb.causal = causal;
+  pb.set_band(band_lo, band_hi);  // after Lq, Lk: clamped to [-Lq, Lk]
   pb.scale = static_cast<T>(scale);
   pb.dropout_p = dropout_p;
   pb.seed = static_cast<uint64_t>(seed);
@@ -870,8 +933,8 @@ Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
 }
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                             const std::optional<Tensor>& attn_mask, bool causal, double dropout_p,
-                                             double scale, int64_t seed, int64_t offset) {
+                                             const std::optional<Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
+                                             double dropout_p, double scale, int64_t seed, int64_t offset) {
   check_inputs(q, k, v, attn_mask, dropout_p, scale);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
   Tensor out = at::empty({B, Lq, Hq, Dv}, q.options()).transpose(1, 2);
@@ -881,7 +944,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   FA_DISPATCH_FLOATING(q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, mode);
+    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mode);
     const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
     // named: pb points into them (the register-blocked products read k and v from their panels)
@@ -899,8 +962,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                              const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                             const std::optional<Tensor>& attn_mask, bool causal,
-                                                             double dropout_p, double scale, int64_t seed,
+                                                             const std::optional<Tensor>& attn_mask, int64_t band_lo,
+                                                             int64_t band_hi, double dropout_p, double scale, int64_t seed,
                                                              int64_t offset, bool mask_grad) {
   check_inputs(q, k, v, attn_mask, dropout_p, scale);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
@@ -926,7 +989,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
   FA_DISPATCH_FLOATING(q.scalar_type(), "attention_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, mode);
+    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mode);
     scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
     const int64_t D = q.size(3), Hkv = k.size(1);
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);

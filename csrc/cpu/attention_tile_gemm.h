@@ -12,8 +12,9 @@
 // In the op, the forward's products ran at ~100 GFLOP/s on one core (of ~140 for FMA alone) and
 // the forward as a whole 1.08-1.12x SDPA there (interleaved runs, L = 2048, D = 64 and 128).
 //
-// Causal tiles skip the work the rule makes dead, at the granularity of a register block (see
-// Causal): the scores are not computed above the diagonal, and products over keys stop at it.
+// Tiles cut by the visibility band (query i sees key j iff i + lo <= j <= i + hi: causal, sliding
+// windows) skip the work it makes dead, at the granularity of a register block (see Band): scores
+// are not computed outside the band, and products over keys or queries run only across it.
 //
 // Everything here is compiled for AVX2 + FMA whatever the build flags (a target attribute), and
 // is only called when the running CPU has both (cpu_has_avx2_fma()). Builds without the per-ISA
@@ -47,16 +48,20 @@ struct PanelB {
   int64_t panel_stride, row_stride;
 };
 
-// How the causal rule (key j visible from query i iff j <= i + diag) prunes a tile product. The
-// tile's query rows and key columns are numbered from 0; diag = (first query) - (first key).
-enum class Causal {
+// How the visibility band prunes a tile product: key column c visible from query row r iff
+// r + lo <= c <= r + hi, the tile's query rows and key columns numbered from 0 (so lo and hi are
+// the op's band plus (first query) - (first key)). A register block of rows [r, r + R) and key
+// columns [c, c + 16) is dead when c > r + R - 1 + hi (past the upper edge for every row) or
+// c + 15 < r + lo (before the lower edge for every row); the keys row range [r, r + R) sees are
+// [r + lo, r + R - 1 + hi], and the queries key range [c, c + R) is seen by are [c - hi, c + R - 1 - lo].
+enum class Band {
   none,
   key_columns,     // C's columns are keys, its rows queries (S = Q K^T, dP = dO V^T): skip blocks
-                   // whose keys are all past the last query of the block's rows
+                   // whose keys are all outside the band of every row of the block
   key_inner,       // the inner dimension runs over keys, C's rows are queries (O += P V, dQ += dS K):
-                   // stop at the last key the block's last query sees
+                   // only the keys some row of the block sees
   query_inner,     // the inner dimension runs over queries, C's rows are keys (dV += P^T dO,
-                   // dK += dS^T Q): start at the first query that sees the block's first key
+                   // dK += dS^T Q): only the queries that see some key of the block
 };
 
 #if defined(FUSED_ATTN_AVX2_CLONES)
@@ -107,20 +112,27 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block(const float
 }
 
 // C[M, N] (row-major, ldc; N a multiple of 16) = alpha * A B, or += when ACCUMULATE; A is M x K
-// (see block), B K x N in panels. Blocks skipped by the causal rule leave C untouched: the caller
-// never reads those entries (scores), or they stay as they were (accumulators).
+// (see block), B K x N in panels. Blocks skipped by the band (see Band; lo, hi in the tile's
+// numbering) leave C untouched: the caller never reads those entries (scores), or they stay as
+// they were (accumulators).
 template <bool A_TRANSPOSED, bool ACCUMULATE>
 __attribute__((target("avx2,fma"), noinline)) void product(int64_t M, int64_t N, int64_t K, const float* a,
                                                            int64_t lda, PanelB b, float* c, int64_t ldc, float alpha,
-                                                           Causal causal = Causal::none, int64_t diag = 0) {
+                                                           Band band = Band::none, int64_t lo = 0, int64_t hi = 0) {
   for (int64_t p = 0; p < N / kPanel; ++p) {
     const float* bp = b.data + p * b.panel_stride;
     for (int64_t r = 0; r < M; r += kRows) {
       const int64_t rows = std::min(kRows, M - r);
       int64_t k0 = 0, k1 = K;
-      if (causal == Causal::key_columns && p * kPanel > r + rows - 1 + diag) continue;
-      if (causal == Causal::key_inner) k1 = std::clamp<int64_t>(r + rows + diag, 0, K);
-      if (causal == Causal::query_inner) k0 = std::clamp<int64_t>(r - diag, 0, K);
+      if (band == Band::key_columns && (p * kPanel > r + rows - 1 + hi || p * kPanel + kPanel - 1 < r + lo)) continue;
+      if (band == Band::key_inner) {
+        k0 = std::clamp<int64_t>(r + lo, 0, K);
+        k1 = std::clamp<int64_t>(r + rows + hi, 0, K);
+      }
+      if (band == Band::query_inner) {
+        k0 = std::clamp<int64_t>(r - hi, 0, K);
+        k1 = std::clamp<int64_t>(r + rows - lo, 0, K);
+      }
       if (k0 >= k1) {  // nothing visible: the block is zero (an accumulator stays as it is)
         if constexpr (!ACCUMULATE)
           for (int64_t i = 0; i < rows; ++i)
@@ -205,7 +217,7 @@ __attribute__((target("avx2,fma,f16c"), noinline)) void pack_column_panel(const 
 
 template <bool A_TRANSPOSED, bool ACCUMULATE>
 void product(int64_t, int64_t, int64_t, const float*, int64_t, PanelB, float*, int64_t, float,
-             Causal = Causal::none, int64_t = 0) {
+             Band = Band::none, int64_t = 0, int64_t = 0) {
   FA_CHECK(false, "fused_attn: register-blocked attention products need the AVX2 build");
 }
 template <typename scalar_t>

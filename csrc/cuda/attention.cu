@@ -12,7 +12,8 @@
 // masked to -inf.
 //
 // Forward (per query block of BM rows, per (batch, head)):
-//   for each key block:  S = Q K^T;  s = S * scale + mask (-inf where masked/causal/out of range)
+//   for each key block:  S = Q K^T;  s = S * scale + mask (-inf where masked/outside the band/out of
+//                        range; key blocks wholly outside the band are skipped)
 //                        m' = max(m, rowmax s);  p = exp(s - m');  l = l * exp(m - m') + rowsum p
 //                        O = O * exp(m - m') + dropout(p) V
 //   out = O / l (0 where l = 0), lse = m + log l (+inf where l = 0).
@@ -131,6 +132,27 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t 
 }
 
 __host__ __device__ __forceinline__ int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
+__host__ __device__ __forceinline__ int64_t imax(int64_t x, int64_t y) { return x > y ? x : y; }
+
+// ---- the visibility band ---------------------------------------------------------------------------
+// Query i sees key j iff band_lo <= j - i <= band_hi (AttentionFwdArgs; both ends clamped to
+// [-Lq, Lk]). A half-open index range; empty when end <= begin.
+struct Range { int64_t begin, end; };
+
+// The keys some query of [m0, m1) sees: [max(0, m0 + lo), min(Lk, (m1 - 1) + hi + 1)).
+__device__ __forceinline__ Range band_keys(const AttentionFwdArgs& a, int64_t m0, int64_t m1) {
+  return {imax(0, m0 + a.band_lo), imin(a.len_k, m1 + a.band_hi)};
+}
+// The queries that see some key of [n0, n1): [max(0, n0 - hi), min(Lq, (n1 - 1) - lo + 1)).
+__device__ __forceinline__ Range band_queries(const AttentionFwdArgs& a, int64_t n0, int64_t n1) {
+  return {imax(0, n0 - a.band_hi), imin(a.len_q, n1 - a.band_lo)};
+}
+// The range with its start aligned down to a multiple of `block`, so that the blocks
+// begin, begin + block, ... (< end) cover it; end = begin (no block) when it is empty.
+__device__ __forceinline__ Range block_aligned(Range r, int64_t block) {
+  const int64_t begin = r.begin / block * block;
+  return {begin, r.end > r.begin ? r.end : begin};
+}
 
 // exp: the fast hardware approximation for the 16-bit types, the accurate one for float32.
 template <typename T> __device__ __forceinline__ float exp_(float x) { return kIsFloat<T> ? expf(x) : __expf(x); }
@@ -140,11 +162,11 @@ __device__ __forceinline__ void fill(float* dst, int n, float value) {
 }
 
 // ---- the scaled, masked score of one element ------------------------------------------------------
-// s = raw * scale + additive mask, or -inf where the key is out of range, causally hidden or masked.
+// s = raw * scale + additive mask, or -inf where the key is out of range, outside the band or masked.
 template <typename T>
 __device__ __forceinline__ float masked_score(const AttentionFwdArgs& a, float raw, int64_t b, int64_t h, int64_t i,
                                               int64_t j) {
-  if (i >= a.len_q || j >= a.len_k || (a.causal && j > i)) return -INFINITY;
+  if (i >= a.len_q || j >= a.len_k || j - i < a.band_lo || j - i > a.band_hi) return -INFINITY;
   float s = raw * a.scale;
   if (a.mask_kind != MaskKind::kNone) {
     const int64_t off = b * a.mask_stride[0] + h * a.mask_stride[1] + i * a.mask_stride[2] + j * a.mask_stride[3];
@@ -269,10 +291,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
     sm.row_m[r] = -INFINITY;
     sm.row_l[r] = 0.0f;
   }
-  const int64_t n_end = a.causal ? imin(a.len_k, m0 + d.bm) : a.len_k;
+  const Range keys = block_aligned(band_keys(a, m0, m0 + rows_q), d.bn);  // the key blocks the band leaves
   const int64_t row_base = (b * a.heads_q + h) * a.len_q;  // dropout row of query 0 of this head
 
-  for (int64_t n0 = 0; n0 < n_end; n0 += d.bn) {
+  for (int64_t n0 = keys.begin; n0 < keys.end; n0 += d.bn) {
     const int rows_k = static_cast<int>(imin(d.bn, a.len_k - n0));
     __syncthreads();  // the previous iteration is done with the k, v and p tiles
     load_tile<T>(sm.k, sm.ldq, k + n0 * a.k_stride[2], a.k_stride[2], a.k_stride[3], d.bn, rows_k, d.dp, D);
@@ -405,11 +427,12 @@ __device__ __forceinline__ bool cp_async_ok(const T* base, int64_t row_stride, i
 }
 
 // Whether every score of the block pair (queries [m0, m0 + bm), keys [n0, n0 + bn)) is in range and
-// visible, so that it needs only the scale: no mask, both ranges inside their sequences and, with
-// causal, the last key at or before the first query. Elsewhere masked_score runs per element.
+// visible, so that it needs only the scale: no mask, both ranges inside their sequences and the
+// whole block inside the band (min j - i = n0 - (m0 + bm - 1) >= lo, max j - i = n0 + bn - 1 - m0
+// <= hi). Elsewhere masked_score runs per element.
 __device__ __forceinline__ bool block_unmasked(const AttentionFwdArgs& a, int64_t m0, int bm, int64_t n0, int bn) {
   return a.mask_kind == MaskKind::kNone && m0 + bm <= a.len_q && n0 + bn <= a.len_k &&
-         !(a.causal && n0 + bn - 1 > m0);
+         n0 - (m0 + bm - 1) >= a.band_lo && n0 + bn - 1 - m0 <= a.band_hi;
 }
 
 // The K and V rows of one (batch, kv head), streamed kBN keys at a time into two shared stages
@@ -431,10 +454,12 @@ struct KvStream {
     k_vec = cp_async_ok(k, a.k_stride[2], a.k_stride[3], static_cast<int>(a.head_dim));
     v_vec = cp_async_ok(v, a.v_stride[2], a.v_stride[3], static_cast<int>(a.head_dim_v));
   }
-  // The key blocks the queries [m0, m0 + rows) see (causal: none past the last query).
-  __device__ __forceinline__ int blocks(int64_t m0, int rows) const {
-    const int64_t n_end = a.causal ? imin(a.len_k, m0 + rows) : a.len_k;
-    return static_cast<int>((n_end + kBN - 1) / kBN);
+  // The key blocks [first, last) holding the keys the queries [m0, m0 + rows) see (none when the
+  // band leaves them no key: first = last).
+  __device__ __forceinline__ void blocks(int64_t m0, int rows, int* first, int* last) const {
+    const Range keys = block_aligned(band_keys(a, m0, imin(a.len_q, m0 + rows)), kBN);
+    *first = static_cast<int>(keys.begin / kBN);
+    *last = static_cast<int>((keys.end + kBN - 1) / kBN);
   }
   // Issues block blk's copies (cp.async where possible) and commits them as one group.
   __device__ __forceinline__ void load(int blk) const {
@@ -540,16 +565,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
 
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + m0 * a.q_stride[2];
   const KvStream<T, kD, kBN> kv(a, k_tiles, v_tiles, b, hkv);
-  const int n_blocks = kv.blocks(m0, kMmaRows);
+  int blk_first, blk_last;
+  kv.blocks(m0, kMmaRows, &blk_first, &blk_last);
 
   mma_load_tile<T, kMmaRows, kD>(q_tile, q, a.q_stride[2], a.q_stride[3], rows_q, D,
                                  cp_async_ok(q, a.q_stride[2], a.q_stride[3], D));
   cp_async_commit();
-  if (n_blocks > 0) kv.load(0);
+  if (blk_first < blk_last) kv.load(blk_first);
 
   const T* q_warp = q_tile + warp * 16 * kPitch;
   uint32_t q_frag[kQInRegisters ? kKSlices : 1][4];
-  if (n_blocks > 0) cp_async_wait<1>(); else cp_async_wait<0>();
+  if (blk_first < blk_last) cp_async_wait<1>(); else cp_async_wait<0>();
   __syncthreads();
   if constexpr (kQInRegisters) {
 #pragma unroll
@@ -566,8 +592,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
     for (int r = 0; r < 2; ++r) drop_key[r] = dropout_row_key(a.dropout, row_base + rows_i[r]);
   }
 
-  for (int blk = 0; blk < n_blocks; ++blk) {
-    if (blk + 1 < n_blocks) {
+  for (int blk = blk_first; blk < blk_last; ++blk) {
+    if (blk + 1 < blk_last) {
       kv.load(blk + 1);  // the stage it fills was released by the barrier closing the last block
       cp_async_wait<1>();
     } else {
@@ -699,14 +725,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
   const T* q = static_cast<const T*>(f.q) + b * f.q_stride[0] + h * f.q_stride[1] + m0 * f.q_stride[2];
   const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[1] + m0 * a.dout_stride[2];
   const KvStream<T, kD, kBN> kv(f, k_tiles, v_tiles, b, hkv);
-  const int n_blocks = kv.blocks(m0, kMmaRows);
+  int blk_first, blk_last;
+  kv.blocks(m0, kMmaRows, &blk_first, &blk_last);
 
   mma_load_tile<T, kMmaRows, kD>(q_tile, q, f.q_stride[2], f.q_stride[3], rows_q, D,
                                  cp_async_ok(q, f.q_stride[2], f.q_stride[3], D));
   mma_load_tile<T, kMmaRows, kD>(do_tile, dout, a.dout_stride[2], a.dout_stride[3], rows_q, Dv,
                                  cp_async_ok(dout, a.dout_stride[2], a.dout_stride[3], Dv));
   cp_async_commit();
-  if (n_blocks > 0) kv.load(0);
+  if (blk_first < blk_last) kv.load(blk_first);
 
   const int64_t row_base = (b * f.heads_q + h) * f.len_q;
   const int64_t rows_i[2] = {m0 + warp * 16 + acc_row(0), m0 + warp * 16 + acc_row(2)};
@@ -724,8 +751,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
   const T* do_warp = do_tile + warp * 16 * kPitch;
   T* dmask = static_cast<T*>(a.dmask);
 
-  for (int blk = 0; blk < n_blocks; ++blk) {
-    if (blk + 1 < n_blocks) {
+  for (int blk = blk_first; blk < blk_last; ++blk) {
+    if (blk + 1 < blk_last) {
       kv.load(blk + 1);
       cp_async_wait<1>();
     } else {
@@ -798,9 +825,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(
                                  cp_async_ok(v, f.v_stride[2], f.v_stride[3], Dv));
   cp_async_commit();
 
-  // Causal: query i sees key j only when i >= j, so queries before n0 contribute nothing.
-  const int64_t m_start = f.causal ? n0 : 0;
-  const int64_t per_head = f.len_q > m_start ? (f.len_q - m_start + kBM - 1) / kBM : 0;
+  // The query blocks (of kBM) holding the queries that see some key of the block, in each head.
+  const Range queries = block_aligned(band_queries(f, n0, n0 + rows_k), kBM);
+  const int64_t m_start = queries.begin;
+  const int64_t per_head = (queries.end - m_start + kBM - 1) / kBM;
   const int steps = static_cast<int>(group * per_head);
   auto step_head = [&](int step) { return hkv * group + step / per_head; };
   auto step_m0 = [&](int step) { return m_start + (step % per_head) * kBM; };
@@ -983,10 +1011,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
   load_key_side<T>(a, sm, d, b, hkv, n0);
   fill(sm.acc_a, d.bn * sm.lda_, 0.0f);
   fill(sm.acc_b, d.bn * sm.ldb_, 0.0f);
-  // Causal: query i sees key j only when i >= j, so query blocks ending before n0 contribute nothing.
-  const int64_t m_start = f.causal ? (n0 / d.bm) * d.bm : 0;
+  // The query blocks holding the queries that see some key of the block.
+  const Range queries = block_aligned(band_queries(f, n0, imin(f.len_k, n0 + d.bn)), d.bm);
   for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
-    for (int64_t m0 = m_start; m0 < f.len_q; m0 += d.bm) {
+    for (int64_t m0 = queries.begin; m0 < queries.end; m0 += d.bm) {
       __syncthreads();  // the previous step is done with the q, dout, p and ds tiles
       load_query_side<T>(a, sm, d, b, h, m0);
       __syncthreads();
@@ -1017,8 +1045,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   const int64_t m0 = int64_t(blockIdx.y) * d.bm;
   load_query_side<T>(a, sm, d, b, h, m0);
   fill(sm.acc_a, d.bm * sm.lda_, 0.0f);
-  const int64_t n_end = f.causal ? imin(f.len_k, m0 + d.bm) : f.len_k;
-  for (int64_t n0 = 0; n0 < n_end; n0 += d.bn) {
+  const Range keys = block_aligned(band_keys(f, m0, imin(f.len_q, m0 + d.bm)), d.bn);
+  for (int64_t n0 = keys.begin; n0 < keys.end; n0 += d.bn) {
     __syncthreads();  // the previous step is done with the k, v and ds tiles
     load_key_side<T>(a, sm, d, b, hkv, n0);
     __syncthreads();

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -18,10 +19,13 @@ void copy_strides(const at::Tensor& t, int64_t (&out)[4]) {
   for (int i = 0; i < 4; ++i) out[i] = t.stride(i);
 }
 
-// Checks q, k, v and the mask and fills everything of the forward's arguments but the outputs.
+// Checks q, k, v and the mask and fills everything of the forward's arguments but the outputs; the
+// band (query i sees key j iff band_lo <= j - i <= band_hi) is clamped to [-Lq, Lk] first: the
+// same visible keys, but small numbers (the kernels form i + band and n0 - band in int64 without
+// overflow worries, and callers pass unbounded ends as +-2^62).
 AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const std::optional<at::Tensor>& attn_mask, bool causal, double dropout_p, double scale,
-                              int64_t seed, int64_t offset) {
+                              const std::optional<at::Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
+                              double dropout_p, double scale, int64_t seed, int64_t offset) {
   check_tensor(q, q, 4, op, "q");
   check_tensor(k, q, 4, op, "k");
   check_tensor(v, q, 4, op, "v");
@@ -68,17 +72,20 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
   } else {
     for (int i = 0; i < 4; ++i) a.mask_stride[i] = 0;
   }
-  a.causal = causal;
+  const auto clamp_band = [&](int64_t x) { return std::min(std::max(x, -a.len_q), a.len_k); };
+  a.band_lo = clamp_band(band_lo);
+  a.band_hi = clamp_band(band_hi);
   a.scale = static_cast<float>(scale);
   a.dropout = dropout_args(dropout_p, seed, offset, op);
   return a;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const std::optional<at::Tensor>& attn_mask, bool causal,
-                                                      double dropout_p, double scale, int64_t seed, int64_t offset) {
+                                                      const std::optional<at::Tensor>& attn_mask, int64_t band_lo,
+                                                      int64_t band_hi, double dropout_p, double scale, int64_t seed,
+                                                      int64_t offset) {
   const char* op = "attention_fwd";
-  AttentionFwdArgs a = forward_args(op, q, k, v, attn_mask, causal, dropout_p, scale, seed, offset);
+  AttentionFwdArgs a = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset);
   const c10::cuda::CUDAGuard guard(q.device());
   // out is (B, Hq, Lq, Dv) stored as a contiguous (B, Lq, Hq, Dv) (fused_attn.ops_common.new_attention_out).
   at::Tensor out = at::empty({a.batch, a.len_q, a.heads_q, a.head_dim_v}, q.options()).transpose(1, 2);
@@ -92,11 +99,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, bool causal, double dropout_p, double scale,
-    int64_t seed, int64_t offset, bool mask_grad) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
+    double dropout_p, double scale, int64_t seed, int64_t offset, bool mask_grad) {
   const char* op = "attention_bwd";
   AttentionBwdArgs a{};
-  a.fwd = forward_args(op, q, k, v, attn_mask, causal, dropout_p, scale, seed, offset);
+  a.fwd = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset);
   const AttentionFwdArgs& f = a.fwd;
   check_tensor(dout, q, 4, op, "dout");
   check_tensor(out, q, 4, op, "out");
@@ -125,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = q_side_empty ? at::zeros(k.sizes(), k.options()) : at::empty(k.sizes(), k.options());
   at::Tensor dv = q_side_empty ? at::zeros(v.sizes(), v.options()) : at::empty(v.sizes(), v.options());
-  // dmask: elements of key blocks that causal attention skips are never written, hence zeros.
+  // dmask: elements of the key blocks the band skips (every block outside a query block's band: a
+  // causal or windowed band, a dead row) are never written, hence zeros, whatever the band.
   at::Tensor dmask = mask_grad ? at::zeros({f.batch, f.heads_q, f.len_q, f.len_k}, q.options())
                                : at::empty({0}, q.options());
   at::Tensor delta = at::empty({f.batch * f.heads_q * f.len_q}, q.options().dtype(at::kFloat));

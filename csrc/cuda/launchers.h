@@ -44,7 +44,10 @@ struct AttentionFwdArgs {
   const void* v; int64_t v_stride[4];
   MaskKind mask_kind;  // kBool: uint8 (nonzero = attend); kAdditive: `dtype` values
   const void* mask; int64_t mask_stride[4];  // a (B, Hq, Lq, Lk) view
-  bool causal;         // query i attends keys j <= i (top-left aligned)
+  // The visibility band: query i sees key j iff band_lo <= j - i <= band_hi (and the mask), both
+  // ends already clamped to [-len_q, len_k] (by the binding), so i + band fits in 32 bits.
+  // No band is (-len_q, len_k), top-left causal (-len_q, 0).
+  int64_t band_lo, band_hi;
   float scale;
   DropoutArgs dropout;
   void* out; int64_t out_stride[4];  // (B, Hq, Lq, Dv)

@@ -4,9 +4,9 @@ A backend is an object with a ``name``, an ``unavailable_reasons()`` (why it can
 machine at all) and a ``call_reasons(call)`` (why it cannot take this particular call), and one
 launcher per op half, each with the argument list of the op schema:
 
-    attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset) -> (out, lse)
-    attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, seed, offset,
-                  mask_grad) -> (dq, dk, dv, dmask)
+    attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset) -> (out, lse)
+    attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
+                  offset, mask_grad) -> (dq, dk, dv, dmask)
     layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32,
                             seed, offset, store_summed=True) -> (out, summed, mean, rstd)
     layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms,
@@ -19,10 +19,12 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
 
 - attention: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; attn_mask is
   None or a 4-D (B, Hq, Lq, Lk) *view* (stride 0 along broadcast dims, never materialised), bool
-  (True = attend) or q's dtype (additive). ``out`` is (B, Hq, Lq, Dv) with the memory layout of a
-  contiguous (B, Lq, Hq, Dv) tensor (``new_attention_out``); ``lse`` is float32 (B, Hq, Lq), +inf
-  on rows with no key left (so exp(s - lse) = 0 there and such rows give zeros). ``dmask`` is the
-  (B, Hq, Lq, Lk) gradient of the additive mask when ``mask_grad``, else an empty tensor.
+  (True = attend) or q's dtype (additive). Query i sees key j iff i + band_lo <= j <= i + band_hi
+  and the mask lets it (unbounded ends come as +-2^62: clamp with ``ops_common.clamp_band``).
+  ``out`` is (B, Hq, Lq, Dv) with the memory layout of a contiguous (B, Lq, Hq, Dv) tensor
+  (``new_attention_out``); ``lse`` is float32 (B, Hq, Lq), +inf on rows with no key left (so
+  exp(s - lse) = 0 there and such rows give zeros). ``dmask`` is the (B, Hq, Lq, Lk) gradient
+  of the additive mask when ``mask_grad``, else an empty tensor.
 - layer_norm_residual: x (N, d), residual None or (N, d), weight/bias None or (d,). ``summed``
   is dropout(x) + residual in float32 if ``residual_in_fp32`` else x's dtype; ``mean`` (empty for
   rms) and ``rstd`` are float32 (N,). With ``store_summed=False`` (inference without prenorm)

@@ -25,11 +25,14 @@ and loops over key blocks.
 Each gradient element is thus written by exactly one program, without atomics, so the results are
 bitwise reproducible. The gradient of an additive mask is dS itself; ``_attn_bwd_dkdv`` writes it.
 
-Masks: ``causal`` is top-left (query i sees keys j <= i). ``attn_mask`` arrives as a 4-D
-(B, Hq, Lq, Lk) view with stride 0 along broadcast dims; it is read through its strides, never
-expanded. In forward and dQ the key loop is split so that only the blocks that cross the causal
-diagonal or the end of the keys pay for the index masking (``CHECK_*`` constexpr flags on one
-shared inner loop); dK/dV masks every query block (one loop instance keeps registers in budget).
+Masks: causal attention and sliding windows arrive as one band: query i sees key j iff
+``band_lo <= j - i <= band_hi`` (top-left causal is (-inf, 0); ``ops_common.attention_band``).
+Key blocks wholly outside the band are never visited, so a window of w keys costs Lq * w, not
+Lq * Lk. ``attn_mask`` arrives as a 4-D (B, Hq, Lq, Lk) view with stride 0 along broadcast dims;
+it is read through its strides, never expanded. In forward and dQ the key loop is split
+(``_key_ranges``) so that only the blocks that cross an edge of the band or the end of the keys
+pay for the index masking (``CHECK_*`` constexpr flags on one shared inner loop); dK/dV tests
+every query block of its range (one loop instance keeps registers in budget).
 
 Dropout uses the counter-based hash of ``fused_attn._rng`` (``fused_attn.triton._rng``): element
 (b, h, i, j) has row ``(b*Hq + h)*Lq + i`` and column ``j``, so forward and backward regenerate the
@@ -58,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import Call
-from ..ops_common import empty, new_attention_out
+from ..ops_common import clamp_band, empty, new_attention_out
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
 from ._tuning import LAUNCH_OPTIONS, pick
@@ -107,13 +110,14 @@ def _cols_ok(D: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, qk_scale, MASK_KIND: tl.constexpr, CHECK_KEYS: tl.constexpr,
-            CHECK_CAUSAL: tl.constexpr):
+def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, MASK_KIND: tl.constexpr,
+            CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr):
     """Scaled, masked scores in base-2 units (-inf where masked) of the raw q.k tile ``qk``.
 
     ``qi``/``kj`` are the query/key indices broadcast to the tile's orientation ((M,1)/(1,N) in
     forward and dQ, (1,M)/(N,1) in dK/dV), ``mask_ptrs`` the attn_mask addresses of the tile.
-    MASK_KIND: 0 none, 1 boolean (nonzero = attend), 2 additive.
+    MASK_KIND: 0 none, 1 boolean (nonzero = attend), 2 additive. CHECK_BAND: query i sees key j
+    only if band_lo <= j - i <= band_hi; CHECK_KEYS: only keys j < Lk exist.
     """
     s = qk * qk_scale
     if MASK_KIND == 1:
@@ -122,22 +126,47 @@ def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, qk_scale, MASK_KIND: tl.constexpr, CH
     elif MASK_KIND == 2:
         bias = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0.0)
         s = s + bias.to(tl.float32) * 1.4426950408889634
-    if CHECK_KEYS:
-        if CHECK_CAUSAL:
-            s = tl.where((kj < Lk) & (kj <= qi), s, float("-inf"))
-        else:
-            s = tl.where(kj < Lk, s, float("-inf"))
-    elif CHECK_CAUSAL:
-        s = tl.where(kj <= qi, s, float("-inf"))
+    if CHECK_BAND:
+        # band_lo <= j - i <= band_hi as one unsigned compare: j - i - band_lo in [0, band_hi - band_lo]
+        # (the launcher guarantees band_lo <= band_hi)
+        visible = (kj - qi - band_lo).to(tl.uint32) <= (band_hi - band_lo).to(tl.uint32)
+        if CHECK_KEYS:
+            visible = visible & (kj < Lk)
+        s = tl.where(visible, s, float("-inf"))
+    elif CHECK_KEYS:
+        s = tl.where(kj < Lk, s, float("-inf"))
     return s
 
 
 @triton.jit
+def _key_ranges(start_m, Lq, Lk, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BANDED: tl.constexpr):
+    """Where the key loop of the queries [start_m, start_m + BLOCK_M) runs, as block starts
+    (multiples of BLOCK_N): (first, full_lo, full_hi, end). Blocks in [full_lo, full_hi) are
+    seen whole by every query row (inside Lk and inside the band: no index masks); those in
+    [first, full_lo) cross the band's lower edge, those in [full_hi, end) its upper edge or Lk.
+    Query i sees keys [i + band_lo, i + band_hi], so the block's first row bounds the keys from
+    below and its last row from above; the clamps make first <= full_lo <= full_hi <= end."""
+    first = 0
+    full_lo = 0
+    full_hi = (Lk // BLOCK_N) * BLOCK_N
+    end = Lk
+    if BANDED:
+        last_m = tl.minimum(start_m + BLOCK_M, Lq) - 1
+        first = (tl.maximum(start_m + band_lo, 0) // BLOCK_N) * BLOCK_N
+        end = tl.maximum(tl.minimum(Lk, last_m + band_hi + 1), first)
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_m + band_lo, 0), BLOCK_N) * BLOCK_N, first), end)
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_m + band_hi + 1, 0) // BLOCK_N) * BLOCK_N)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), end)
+    return first, full_lo, full_hi, end
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base, drop_keys, offs_m, lo, hi,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale,
-               drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi,
+               qk_scale, drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-               DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
+               DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr,
                DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
                SCALE_NONNEG: tl.constexpr):
     """Online-softmax over the key blocks starting in [lo, hi). With STREAM_TMA the K and V tiles
@@ -162,7 +191,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASK_KIND == 0 and not CHECK_KEYS and not CHECK_CAUSAL and SCALE_NONNEG:
+        if MASK_KIND == 0 and not CHECK_KEYS and not CHECK_BAND and SCALE_NONNEG:
             # Nothing masked: with scale >= 0 the row maximum of the scaled scores is the scaled
             # maximum of the raw ones, so the scaled scores are never formed on their own and the
             # exponent is one FFMA per element (qk * scale - m) instead of an FMUL and an FADD.
@@ -172,8 +201,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             alpha = tl.math.exp2(m_i - m_new)
         else:
             mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
-            s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
-                        CHECK_CAUSAL)
+            s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale,
+                        MASK_KIND, CHECK_KEYS, CHECK_BAND)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with every key so far masked has m_new = -inf; subtract 0 instead (exp2(-inf) = 0).
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -211,18 +240,18 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_mb, stride_mh, stride_mm, stride_mn,
               stride_ob, stride_oh, stride_om, stride_od,
-              Hq, GROUP, Lq, Lk, qk_scale, keep_scale,
+              Hq, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, keep_scale,
               seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
               LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_tma.descriptors``)
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+              BANDED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, SCALE_NONNEG: tl.constexpr):
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
     pid_m = pid % num_m
-    if CAUSAL:  # the last query blocks see the most keys: start them first
+    if BANDED:  # causal: the last query blocks see the most keys, start them first
         pid_m = num_m - 1 - pid_m
     b = bh // Hq
     h = bh % Hq
@@ -244,24 +273,26 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
-    # Key blocks [0, n_full) need no index masks (inside Lk and entirely below the diagonal);
-    # [n_full, n_end) do.
-    n_full = (Lk // BLOCK_N) * BLOCK_N
-    n_end = Lk
-    if CAUSAL:
-        n_full = tl.minimum(n_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-        n_end = tl.minimum(Lk, start_m + BLOCK_M)
+    # Only the key blocks that cross an edge of the band or the end of the keys pay for index masks.
+    first, full_lo, full_hi, end = _key_ranges(start_m, Lq, Lk, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     b32 = b.to(tl.int32)  # descriptor coordinates are 32-bit
     hk32 = hk.to(tl.int32)
+    if BANDED:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
+                                   offs_m, first, full_lo, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                                   stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, drop_threshold, D, DV, HEAD_DIM,
+                                   HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, True, DOT_PRECISION,
+                                   STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
-                               offs_m, 0, n_full, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               Lq, Lk, qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                               MASK_KIND, DROPOUT, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
+                               offs_m, full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                               stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, drop_threshold, D, DV, HEAD_DIM,
+                               HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False, False, DOT_PRECISION,
+                               STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
-                               offs_m, n_full, n_end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                               stride_mn, Lq, Lk, qk_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                               BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL, DOT_PRECISION, STREAM_TMA, LOOP_STAGES,
-                               SCALE_NONNEG)
+                               offs_m, full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                               stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, drop_threshold, D, DV, HEAD_DIM,
+                               HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, BANDED, DOT_PRECISION,
+                               STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
 
     has_keys = l_i != 0.0  # not "> 0": a NaN row (NaN input) must stay NaN, lse included
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -303,11 +334,11 @@ def _attn_bwd_delta(Out, dOut, Delta,
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, mask_base, dmask_base,
                 offs_n, lo, hi,
-                stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
-                seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
+                stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi,
+                qk_scale, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
                 D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-                CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, DKDV_PASS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
+                DROPOUT: tl.constexpr, CHECK_BAND: tl.constexpr, DOT_PRECISION: tl.constexpr, DKDV_PASS: tl.constexpr,
                 STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi).
 
@@ -334,8 +365,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
         lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_m, tl.int64) * stride_mm + mask_offs
-        sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, False,
-                     CHECK_CAUSAL)
+        sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale,
+                     MASK_KIND, False, CHECK_BAND)
         pT = tl.math.exp2(sT - lse[None, :])
         if STREAM_TMA:
             do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_V)
@@ -373,11 +404,11 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_mb, stride_mh, stride_mm, stride_mn,
                    stride_gb, stride_gh, stride_gm, stride_gd,
-                   Hq, Hkv, GROUP, Lq, Lk, qk_scale, scale, keep_scale,
+                   Hq, Hkv, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, scale, keep_scale,
                    seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
                    LQ_KEY, LK_KEY, TMA_KEY,
                    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+                   BANDED: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk)).
@@ -407,10 +438,14 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], tl.float32)
 
-    # With causal, the query blocks before m_lo see none of these keys.
+    # The queries that see any of these keys: i with band_lo <= j - i <= band_hi for a key j of the
+    # block, i.e. [start_n - band_hi, last_n - band_lo]; the loop starts at a multiple of BLOCK_M.
     m_lo = 0
-    if CAUSAL:
-        m_lo = (start_n // BLOCK_M) * BLOCK_M
+    m_hi = Lq
+    if BANDED:
+        last_n = tl.minimum(start_n + BLOCK_N, Lk) - 1
+        m_lo = (tl.maximum(start_n - band_hi, 0) // BLOCK_M) * BLOCK_M
+        m_hi = tl.minimum(Lq, last_n - band_lo + 1)
     for g in range(0, GROUP):  # the query heads that read this kv head, in order: deterministic
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -418,15 +453,15 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
         do_base = dOut + b * stride_gb + h * stride_gh
         mask_base = Mask + b * stride_mb + h * stride_mh + start_n.to(tl.int64) * stride_mn
         dmask_base = dMask + bh * Lq * Lk + start_n
-        # One loop for all query blocks (the causal mask applied to each): two loop instances (masked
-        # diagonal blocks, then unmasked ones) keep both loops' invariants live and spill at D = 128.
+        # One loop for all query blocks (the band test applied to each): two loop instances (masked
+        # edge blocks, then unmasked ones) keep both loops' invariants live and spill at D = 128.
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, QDesc, dODesc, b.to(tl.int32), h.to(tl.int32),
                              Lse + bh * Lq, Delta + bh * Lq, mask_base,
-                             dmask_base, offs_n, m_lo, Lq, stride_qm, stride_qd, stride_gm,
-                             stride_gd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale, seed_lo, seed_hi_mix,
-                             offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
-                             MASK_KIND, MASK_GRAD, DROPOUT, CAUSAL, DOT_PRECISION, DKDV_PASS, STREAM_TMA,
-                             LOOP_STAGES)
+                             dmask_base, offs_n, m_lo, m_hi, stride_qm, stride_qd, stride_gm,
+                             stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, keep_scale, seed_lo,
+                             seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_M, BLOCK_N, MASK_KIND, MASK_GRAD, DROPOUT, BANDED, DOT_PRECISION, DKDV_PASS,
+                             STREAM_TMA, LOOP_STAGES)
 
     # dK, dV are contiguous (B, Hkv, Lk, D / DV).
     if DKDV_PASS != 2:
@@ -440,11 +475,11 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask_base, drop_keys, offs_m, lo, hi,
-              stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
-              drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr,
-              CHECK_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr,
-              LOOP_STAGES: tl.constexpr):
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale,
+              keep_scale, drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+              HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+              DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi) (K, V tiles
     through the descriptors with STREAM_TMA, as in ``_fwd_inner``)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -468,8 +503,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
                         mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
-        s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, qk_scale, MASK_KIND, CHECK_KEYS,
-                    CHECK_CAUSAL)
+        s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale,
+                    MASK_KIND, CHECK_KEYS, CHECK_BAND)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -487,11 +522,11 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  stride_gb, stride_gh, stride_gm, stride_gd,
-                 Hq, GROUP, Lq, Lk, qk_scale, scale, keep_scale,
+                 Hq, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, scale, keep_scale,
                  seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
                  LQ_KEY, LK_KEY, TMA_KEY,
                  D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                 BANDED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """dQ (contiguous, Q's shape)."""
@@ -499,7 +534,7 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
     pid_m = pid % num_m
-    if CAUSAL:
+    if BANDED:
         pid_m = num_m - 1 - pid_m
     b = bh // Hq
     h = bh % Hq
@@ -521,23 +556,22 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
     if DROPOUT:
         drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_full = (Lk // BLOCK_N) * BLOCK_N
-    n_end = Lk
-    if CAUSAL:
-        n_full = tl.minimum(n_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-        n_end = tl.minimum(Lk, start_m + BLOCK_M)
+    first, full_lo, full_hi, end = _key_ranges(start_m, Lq, Lk, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     b32 = b.to(tl.int32)
     hk32 = hk.to(tl.int32)
+    if BANDED:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
+                       first, full_lo, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
+                       band_lo, band_hi, qk_scale, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                       BLOCK_N, MASK_KIND, DROPOUT, True, True, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
-                   0, n_full,
-                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
-                   drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False, False,
-                   DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                   full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
+                   band_lo, band_hi, qk_scale, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                   BLOCK_N, MASK_KIND, DROPOUT, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
-                   n_full, n_end,
-                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, qk_scale, keep_scale,
-                   drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, CAUSAL,
-                   DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                   full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
+                   band_lo, band_hi, qk_scale, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                   BLOCK_N, MASK_KIND, DROPOUT, True, BANDED, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     dq = dq * scale
     dq_ptrs = dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
@@ -733,10 +767,11 @@ def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int
 
 
 def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90,
-              mask_bytes: int = 0, heavy: bool = False, tma: str = "off", causal: bool = False) -> bool:
+              mask_bytes: int = 0, heavy: bool = False, tma: str = "off", banded: bool = False) -> bool:
     """Whether the autotuner may try ``cfg`` for this head-dim pair (padded powers of two), element
     size, compute capability (80, 90, ...) and mask element size (0 = no mask); ``heavy`` (a mask,
-    its gradient or dropout is on) also skips HEAVY_SPILLS, ``heavy`` or ``causal`` PLAIN_ONLY.
+    its gradient or dropout is on) also skips HEAVY_SPILLS, ``heavy`` or ``banded`` (causal or a
+    window) PLAIN_ONLY.
     ``tma``: "off" (the launch passes no descriptors: pointer configs only), "auto" (both kinds,
     on sm_90 and newer) or "only" (TMA configs only)."""
     outer_name, inner_name = OUTER_INNER[kernel]
@@ -755,7 +790,7 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
         return False
     if heavy and (kernel, bucket, key) in heavy_spills(arch, streamed):
         return False
-    if (heavy or causal) and not streamed and arch >= 90 and (kernel, bucket, key) in PLAIN_ONLY:
+    if (heavy or banded) and not streamed and arch >= 90 and (kernel, bucket, key) in PLAIN_ONLY:
         return False
     limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
@@ -793,7 +828,7 @@ def _make_prune(kernel: str):
         heavy = bool(args["MASK_KIND"] or args["DROPOUT"] or args.get("MASK_GRAD", False))
         tma = ("off", "auto", "only")[args.get("TMA_KEY", 0)]
         keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
-                                                mask_bytes, heavy, tma, bool(args.get("CAUSAL", False)))]
+                                                mask_bytes, heavy, tma, bool(args.get("BANDED", False)))]
         if not keep:
             keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
                                                     mask_bytes, False, tma)]
@@ -807,7 +842,7 @@ def _make_prune(kernel: str):
     return prune
 
 
-_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "CAUSAL", "MASK_KIND", "DROPOUT"]
+_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "BANDED", "MASK_KIND", "DROPOUT"]
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 _tuned = {}
 
@@ -885,15 +920,24 @@ def _mask_args(attn_mask, dummy):
     return attn_mask, attn_mask.stride(), MASK_ADDITIVE
 
 
-def _common_constexprs(q, v, causal, mask_kind, dropout_p):
+def _band_args(band_lo, band_hi, Lq, Lk):
+    """(band_lo, band_hi, BANDED): the band clamped to [-Lq, Lk] and whether it hides any key from any
+    query (some row i has i + band_lo > 0 or i + band_hi < Lk - 1); unbanded kernels skip the tests."""
+    lo, hi = clamp_band(band_lo, band_hi, Lq, Lk)
+    if lo > hi:  # no key visible anywhere; (Lk, Lk) says the same with lo <= hi, which _scores needs
+        lo = hi = Lk
+    return lo, hi, (Lq - 1) + lo > 0 or hi < Lk - 1
+
+
+def _common_constexprs(q, v, banded, mask_kind, dropout_p):
     D, Dv = q.shape[3], v.shape[3]
     float32 = q.dtype == torch.float32
-    return dict(D=D, DV=Dv, HEAD_DIM=_pow2(D), HEAD_DIM_V=_pow2(Dv), CAUSAL=bool(causal), MASK_KIND=mask_kind,
+    return dict(D=D, DV=Dv, HEAD_DIM=_pow2(D), HEAD_DIM_V=_pow2(Dv), BANDED=bool(banded), MASK_KIND=mask_kind,
                 DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if float32 else "tf32",
                 LOOP_STAGES=1 if float32 and mask_kind == MASK_ADDITIVE else None)
 
 
-def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse, tma=None):
+def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse, tma=None):
     """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT
     tests). K and V go in twice: as pointers and, when TMA is used, as descriptors."""
     B, Hq, Lq, _ = q.shape
@@ -901,10 +945,11 @@ def fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, 
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
     keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
     k_desc, v_desc, tma_key = descriptors(k, v, tma=tma)
+    band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
     args = (q, k, v, k_desc, v_desc, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            *out.stride(), Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, keep_scale, *drop, _len_key(Lq), _len_key(Lk),
-            tma_key)
-    return Lq, B * Hq, args, dict(_common_constexprs(q, v, causal, mask_kind, dropout_p), SCALE_NONNEG=scale >= 0)
+            *out.stride(), Hq, Hq // Hkv, Lq, Lk, band_lo, band_hi, scale * LOG2E, keep_scale, *drop, _len_key(Lq),
+            _len_key(Lk), tma_key)
+    return Lq, B * Hq, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p), SCALE_NONNEG=scale >= 0)
 
 
 #: _attn_bwd_dkdv's DKDV_PASS values: both gradients in one pass, or dK (+ dMask) and dV apart
@@ -918,17 +963,18 @@ def dkdv_passes(head_dim: int, head_dim_v: int) -> tuple:
     return (DKDV_DK, DKDV_DV) if max(head_dim, head_dim_v) > DKDV_SPLIT_ABOVE else (DKDV_BOTH,)
 
 
-def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad,
-                    dq, dk, dv, dmask, tma=None):
+def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
+                    mask_grad, dq, dk, dv, dmask, tma=None):
     """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels.
     The dkdv constexprs name its first pass; ``dkdv_passes`` lists all of them."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
     keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
-    common = _common_constexprs(q, v, causal, mask_kind, dropout_p)
+    band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
+    common = _common_constexprs(q, v, banded, mask_kind, dropout_p)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
-    tail = (Lq, Lk, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
+    tail = (Lq, Lk, band_lo, band_hi, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
     q_desc, do_desc, dkdv_tma = descriptors(q, dout, tma=tma)
     k_desc, v_desc, dq_tma = descriptors(k, v, tma=tma)
     dkdv = (q, k, v, q_desc, do_desc, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq,
@@ -939,7 +985,7 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, sca
             "dq": (Lq, B * Hq, dq_args, common)}
 
 
-def attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset):
+def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset):
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     out = new_attention_out(q, v.shape[3])
@@ -950,11 +996,11 @@ def attention_fwd(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset):
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, causal, dropout_p, scale, seed, offset, out, lse))
+    _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse))
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, seed, offset, mask_grad):
+def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mask_grad):
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -962,8 +1008,9 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, 
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     dmask = empty(q)
     if mask_grad:
-        # With causal, the dK/dV loop skips query blocks entirely above the diagonal: start from zeros.
-        dmask = (torch.zeros if causal else torch.empty)((B, Hq, Lq, Lk), device=q.device, dtype=attn_mask.dtype)
+        # With a band the dK/dV loop skips the query blocks outside it: start from zeros.
+        banded = _band_args(band_lo, band_hi, Lq, Lk)[2]
+        dmask = (torch.zeros if banded else torch.empty)((B, Hq, Lq, Lk), device=q.device, dtype=attn_mask.dtype)
     if B * Hq * Lq == 0 or Lk == 0:  # nothing flows: all gradients are zero
         for t in (dq, dk, dv, dmask):
             t.zero_()
@@ -972,8 +1019,8 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, causal, dropout_p, scale, 
     _attn_bwd_delta[(cdiv(Lq, DELTA_BLOCK_M) * B * Hq,)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M,
         **LAUNCH_OPTIONS)
-    launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, causal, dropout_p, scale, seed, offset,
-                               mask_grad, dq, dk, dv, dmask)
+    launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
+                               offset, mask_grad, dq, dk, dv, dmask)
     rows, heads, args, constexprs = launches["dkdv"]
     for dkdv_pass in dkdv_passes(constexprs["HEAD_DIM"], constexprs["HEAD_DIM_V"]):
         _launch("dkdv", rows, heads, args, dict(constexprs, DKDV_PASS=dkdv_pass))

@@ -3,6 +3,7 @@
 // with the tile sizes given by the caller (so every tile choice gets exercised).
 #include "cuda_runtime.h"
 
+#include <algorithm>
 #include <cstddef>
 
 namespace fused_attn_cuda {
@@ -19,8 +20,9 @@ namespace {
 
 AttentionFwdArgs make_args(const void* q, const int64_t* qs, const void* k, const int64_t* ks, const void* v,
                            const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
-                           const int64_t* ms, int causal, float scale, const uint64_t* dropout, void* out,
-                           const int64_t* os, float* lse, DType dtype = DType::kFloat32) {
+                           const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
+                           const uint64_t* dropout, void* out, const int64_t* os, float* lse,
+                           DType dtype = DType::kFloat32) {
   AttentionFwdArgs a{};
   a.dtype = dtype;
   a.batch = sizes[0]; a.heads_q = sizes[1]; a.heads_kv = sizes[2]; a.len_q = sizes[3]; a.len_k = sizes[4];
@@ -32,7 +34,9 @@ AttentionFwdArgs make_args(const void* q, const int64_t* qs, const void* k, cons
   }
   a.mask_kind = static_cast<MaskKind>(mask_kind);
   a.mask = mask;
-  a.causal = causal != 0;
+  // The band clamped to [-Lq, Lk], as attention_binding.cpp does (callers pass unbounded ends as +-2^62).
+  a.band_lo = std::min(std::max(band_lo, -a.len_q), a.len_k);
+  a.band_hi = std::min(std::max(band_hi, -a.len_q), a.len_k);
   a.scale = scale;
   a.dropout.enabled = dropout[0] != 0;  // [enabled, seed, offset, threshold, scale bits]
   a.dropout.seed = dropout[1];
@@ -53,10 +57,10 @@ Dims dims_for(const AttentionFwdArgs& a, int bm, int bn) {
 
 extern "C" int emu_attention_fwd(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
                                  const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
-                                 const int64_t* ms, int causal, float scale, const uint64_t* dropout, float* out,
-                                 const int64_t* os, float* lse, int bm, int bn) {
-  const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, causal, scale, dropout, out,
-                                       os, lse);
+                                 const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
+                                 const uint64_t* dropout, float* out, const int64_t* os, float* lse, int bm, int bn) {
+  const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale,
+                                       dropout, out, os, lse);
   const Dims d = dims_for(a, bm, bn);
   FwdSmem<float> plan;
   if (plan.carve(nullptr, d) > sizeof(smem_raw)) return 1;
@@ -83,10 +87,10 @@ int fwd_mma_typed(const AttentionFwdArgs& a, int kd) {
 
 extern "C" int emu_attention_fwd_mma(int dtype, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
                                      const void* v, const int64_t* vs, const int64_t* sizes, int mask_kind,
-                                     const void* mask, const int64_t* ms, int causal, float scale,
+                                     const void* mask, const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
                                      const uint64_t* dropout, void* out, const int64_t* os, float* lse, int kd) {
-  const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, causal, scale, dropout, out,
-                                       os, lse, dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
+  const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale,
+                                       dropout, out, os, lse, dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
   if (kd < a.head_dim || kd < a.head_dim_v) return 3;
   if (a.batch * a.heads_q == 0 || a.len_q == 0) return 0;
   return dtype == 0 ? fwd_mma_typed<__half>(a, kd) : fwd_mma_typed<__nv_bfloat16>(a, kd);
@@ -118,13 +122,14 @@ int bwd_mma_typed(const AttentionBwdArgs& b, int kd) {
 
 extern "C" int emu_attention_bwd_mma(int dtype, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
                                      const void* v, const int64_t* vs, const int64_t* sizes, int mask_kind,
-                                     const void* mask, const int64_t* ms, int causal, float scale,
+                                     const void* mask, const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
                                      const uint64_t* dropout, const void* out, const int64_t* os, const float* lse,
                                      const void* dout, const int64_t* dos, void* dq, void* dk, void* dv,
                                      void* dmask, float* delta, int kd) {
   AttentionBwdArgs b{};
-  b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, causal, scale, dropout, const_cast<void*>(out),
-                    os, const_cast<float*>(lse), dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
+  b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale, dropout,
+                    const_cast<void*>(out), os, const_cast<float*>(lse),
+                    dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
   b.dout = dout;
   for (int i = 0; i < 4; ++i) b.dout_stride[i] = dos[i];
   b.dq = dq; b.dk = dk; b.dv = dv; b.dmask = dmask; b.delta = delta;
@@ -174,12 +179,12 @@ extern "C" void emu_warp_product(int dtype, const void* a, const void* b, int tr
 
 extern "C" int emu_attention_bwd(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
                                  const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
-                                 const int64_t* ms, int causal, float scale, const uint64_t* dropout,
-                                 const float* out, const int64_t* os, const float* lse, const float* dout,
-                                 const int64_t* dos, float* dq, float* dk, float* dv, float* dmask, float* delta,
-                                 int bm, int bn) {
+                                 const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
+                                 const uint64_t* dropout, const float* out, const int64_t* os, const float* lse,
+                                 const float* dout, const int64_t* dos, float* dq, float* dk, float* dv, float* dmask,
+                                 float* delta, int bm, int bn) {
   AttentionBwdArgs b{};
-  b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, causal, scale, dropout,
+  b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale, dropout,
                     const_cast<float*>(out), os, const_cast<float*>(lse));
   const AttentionFwdArgs& f = b.fwd;
   b.dout = dout;

@@ -1,0 +1,188 @@
+"""Local (sliding-window) attention and bottom-right alignment, on every backend of this machine.
+
+The user's terms (``causal``, ``window_size``, ``alignment``) become one band (band_lo, band_hi)
+in ``ops_common.attention_band``; the kernels see only the band. The oracle here is built from the
+user's terms directly (``reference.visible_keys``), so a wrong band formula fails these tests too.
+"""
+import itertools
+
+import pytest
+import torch
+
+from fused_attn import functional as F
+from fused_attn import reference as R
+from fused_attn.ops_common import attention_band, clamp_band
+from fused_attn.testing import check_against_reference, make_inputs, runnable_backends
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+WINDOWS = [None, (0, 0), (1, 0), (2, 3), (-1, 1), (3, -1), (0, -1), (-1, 0), (-1, -1)]
+
+
+def cases(dtype):
+    return [pytest.param(device, backend, id=f"{device}-{backend}",
+                         marks=(pytest.mark.gpu,) if device == "cuda" else ())
+            for device in DEVICES for backend in runnable_backends("attention", device=device, dtype=dtype)]
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_band_is_the_users_window(alignment):
+    """Every (Lq, Lk, causal, window) up to 6 x 6: the band keeps exactly the keys the definition keeps."""
+    for Lq, Lk, causal, window in itertools.product(range(7), range(7), (False, True), WINDOWS):
+        lo, hi = attention_band(Lq, Lk, causal, window, alignment)
+        expected = R.visible_keys(Lq, Lk, causal, window, alignment)
+        if expected is None:
+            expected = torch.ones(Lq, Lk, dtype=torch.bool)
+        assert torch.equal(R.visible_keys(Lq, Lk, band=(lo, hi)), expected), (Lq, Lk, causal, window)
+        assert torch.equal(R.visible_keys(Lq, Lk, band=clamp_band(lo, hi, Lq, Lk)), expected)
+
+
+def test_visible_keys_spot_values():
+    """The definition itself, on cases worked by hand."""
+    # Lq 2, Lk 4, bottom-right causal: query 0 sits at key 2, query 1 at key 3.
+    assert R.visible_keys(2, 4, True, None, "bottom_right").tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    # top-left causal sliding window of 2 keys (left 1)
+    assert R.visible_keys(3, 3, True, (1, 0)).tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    # Lq 3 > Lk 1, bottom-right causal: the first two queries see nothing
+    assert R.visible_keys(3, 1, True, None, "bottom_right").tolist() == [[0], [0], [1]]
+
+
+# (name, B, Hq, Hkv, Lq, Lk, D, causal, window, alignment, extra)
+CASES = [
+    ("causal sliding window", 1, 4, 2, 97, 97, 40, True, (16, 0), "top_left", None),
+    ("bottom-right causal Lq<Lk", 2, 2, 1, 17, 97, 59, True, None, "bottom_right", None),
+    ("bottom-right causal Lq>Lk (dead rows)", 1, 2, 2, 97, 61, 16, True, None, "bottom_right", None),
+    ("two-sided window", 1, 2, 1, 130, 97, 64, False, (5, 9), "top_left", None),
+    ("left-only window, bool mask", 1, 2, 2, 61, 97, 40, False, (7, -1), "bottom_right", "bool"),
+    ("decode step, windowed cache", 2, 4, 1, 1, 147, 64, True, (31, 0), "bottom_right", None),
+    ("window + additive mask grad", 1, 2, 1, 33, 70, 24, True, (9, 0), "bottom_right", "additive"),
+    ("window + dropout", 1, 2, 2, 45, 45, 32, False, (4, 4), "top_left", "dropout"),
+]
+
+
+def _run_case(backend, dtype, case):
+    name, B, Hq, Hkv, Lq, Lk, D, causal, window, alignment, extra = case
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, seed=Lq + Lk)
+    inputs = [q, k, v]
+    names = ["q", "k", "v"]
+    p = 0.0
+    if extra == "bool":
+        gen = torch.Generator().manual_seed(3)
+        inputs.append((torch.rand(B, 1, Lq, Lk, generator=gen) > 0.2).to(q.device))
+        names.append("mask")
+    elif extra == "additive":
+        inputs.append(make_inputs((1, Hq, Lq, Lk), dtype=dtype, seed=5)[0])
+        names.append("mask")
+    elif extra == "dropout":
+        p = 0.25
+
+    def rng():
+        return torch.Generator().manual_seed(11)
+
+    def fused(q, k, v, mask=None):
+        return F.attention(q, k, v, attn_mask=mask, causal=causal, window_size=window, alignment=alignment,
+                           dropout_p=p, backend=backend, generator=rng())
+
+    def reference(q, k, v, mask=None):
+        seed_offset = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=rng()).tolist()) if p else None
+        return R.attention(q, k, v, mask, causal, p, None, seed_offset, window_size=window, alignment=alignment)
+
+    return check_against_reference(fused, reference, inputs, names=names)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_window_matches_reference_float32(device, backend, case):
+    with torch.device(device):
+        results = _run_case(backend, torch.float32, case)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+HALF_CASES = [CASES[0], CASES[2], CASES[6]]
+
+
+@pytest.mark.parametrize("case", HALF_CASES, ids=[c[0] for c in HALF_CASES])
+@pytest.mark.parametrize("device,backend", cases(torch.float16))
+def test_window_matches_reference_float16(device, backend, case):
+    if backend == "reference":
+        pytest.skip("the reference backend is the oracle itself")
+    with torch.device(device):
+        results = _run_case(backend, torch.float16, case)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_window_covering_everything_is_plain_attention(device, backend):
+    """A window wider than the sequence changes nothing: same output bits as no window."""
+    with torch.device(device):
+        q, k, v = make_inputs((1, 2, 37, 16), (1, 2, 29, 16), (1, 2, 29, 16), requires_grad=False)
+        plain = F.attention(q, k, v, backend=backend)
+        wide = F.attention(q, k, v, window_size=(100, 100), backend=backend)
+        causal = F.attention(q, k, v, causal=True, backend=backend)
+        causal_wide = F.attention(q, k, v, causal=True, window_size=(100, -1), backend=backend)
+    assert torch.equal(plain, wide)
+    assert torch.equal(causal, causal_wide)
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_bottom_right_decode_matches_full_prefill(device, backend):
+    """KV-cache decoding: each new query against all keys so far (bottom-right causal, Lq = 1)
+    gives the rows of one causal pass over the whole sequence, windowed or not."""
+    with torch.device(device):
+        q, k, v = make_inputs((1, 2, 23, 32), (1, 2, 23, 32), (1, 2, 23, 32), requires_grad=False)
+        for window in (None, (5, 0)):
+            full = F.attention(q, k, v, causal=True, window_size=window, backend=backend)
+            for t in (0, 1, 9, 22):
+                step = F.attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], causal=True, window_size=window,
+                                   alignment="bottom_right", backend=backend)
+                torch.testing.assert_close(step, full[:, :, t:t + 1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_dead_rows_of_bottom_right_give_zeros_and_zero_grads(device, backend):
+    with torch.device(device):
+        q, k, v = make_inputs((1, 1, 9, 8), (1, 1, 4, 8), (1, 1, 4, 8))
+        out = F.attention(q, k, v, causal=True, alignment="bottom_right", backend=backend)
+        out.sum().backward()
+    assert torch.all(out[:, :, :5] == 0) and torch.isfinite(out).all()
+    assert torch.all(q.grad[:, :, :5] == 0) and torch.isfinite(q.grad).all()
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+SWEEP_WINDOWS = [(0, 0), (1, 0), (31, 0), (32, 0), (33, 2), (0, 31), (5, -1), (-1, 4), (63, 1), (2, 64)]
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+@pytest.mark.parametrize("Lq,Lk", [(70, 70), (40, 100), (100, 40)])
+def test_window_sweep(device, backend, Lq, Lk):
+    """Many band edges against the block boundaries of the tiled kernels (blocks of 16-128 rows):
+    windows one key either side of a block multiple, both alignments, forward and gradients."""
+    with torch.device(device):
+        q, k, v = make_inputs((1, 1, Lq, 16), (1, 1, Lk, 16), (1, 1, Lk, 16), seed=Lq)
+        dout = make_inputs((1, 1, Lq, 16), seed=1, requires_grad=False)[0]
+        for n, window in enumerate(SWEEP_WINDOWS):
+            alignment = ("top_left", "bottom_right")[n % 2]
+            out = F.attention(q, k, v, window_size=window, alignment=alignment, backend=backend)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+            ref = R.attention(q64, k64, v64, window_size=window, alignment=alignment)
+            ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+            for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+                torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5,
+                                           msg=lambda m: f"{what}, window {window}, {alignment}: {m}")
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+@pytest.mark.parametrize("band", [(5, 2), (2**62, 2**62), (-2**62, -2**62), (40, 40), (-30, -30)])
+def test_empty_band_through_the_ops(device, backend, band):
+    """The ops take any band, also ones the functional API never builds (band_lo > band_hi, or
+    entirely outside the keys): every row then sees nothing: zeros, lse +inf, zero gradients."""
+    import fused_attn.ops  # noqa: F401  (registers torch.ops.fused_attn)
+
+    with torch.device(device):
+        q, k, v = make_inputs((1, 2, 21, 8), (1, 1, 29, 8), (1, 1, 29, 8), requires_grad=False)
+        out, lse = torch.ops.fused_attn.attention_fwd(q, k, v, None, *band, 0.0, 0.5, None, backend)
+        assert torch.all(out == 0) and torch.all(lse == float("inf"))
+        grads = torch.ops.fused_attn.attention_bwd(torch.ones_like(out), q, k, v, out, lse, None, *band, 0.0, 0.5,
+                                                   None, False, backend)
+    for g in grads[:3]:
+        assert torch.all(g == 0)

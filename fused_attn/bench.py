@@ -120,8 +120,8 @@ def _torch_compile(fn):
     return torch.compile(fn)
 
 
-def _ref_attention(q, k, v, causal):
-    return R.attention(q, k, v, causal=causal)
+def _ref_attention(q, k, v, causal, window_size=None):
+    return R.attention(q, k, v, causal=causal, window_size=window_size)
 
 
 def _ref_layer_norm(x, residual, weight, bias, rms):
@@ -132,7 +132,10 @@ def _ref_feed_forward(x, w1, b1, w2, b2, activation):
     return R.feed_forward(x, w1, b1, w2, b2, activation=activation)
 
 
-def _sdpa(q, k, v, causal):
+def _sdpa(q, k, v, causal, keep=None):
+    """torch's SDPA; a sliding window, which it has no option for, as a bool keep-mask ``keep``."""
+    if keep is not None:
+        return TF.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     return TF.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
@@ -226,13 +229,21 @@ class AttentionCase(Case):
     L: int
     D: int
     causal: bool = False
+    window: int = 0  # > 0: causal sliding window of this many keys (window_size=(window - 1, 0))
     op = "attention"
     has_sdpa = True
 
     def label(self):
-        return f"B{self.B} H{self.H} L{self.L} D{self.D}" + (" causal" if self.causal else "")
+        return (f"B{self.B} H{self.H} L{self.L} D{self.D}" + (" causal" if self.causal else "")
+                + (f" window {self.window}" if self.window else ""))
+
+    def window_size(self):
+        return (self.window - 1, 0) if self.window else None
 
     def fwd_flops(self):
+        if self.window:  # the (query, key) pairs inside the window: sum over i of min(i + 1, w)
+            w = min(self.window, self.L)
+            return 4 * self.B * self.H * self.D * (w * self.L - w * (w - 1) // 2)
         flops = 4 * self.B * self.H * self.L * self.L * self.D
         return flops / 2 if self.causal else flops
 
@@ -246,8 +257,8 @@ class AttentionCase(Case):
 
     def calls(self, device, dtype):
         return [Call("attention", torch.device(device), dtype, {
-            "head_dim": self.D, "head_dim_v": self.D, "causal": self.causal, "dropout": False, "gqa": False,
-            "mask": None, "mask_grad": False})]
+            "head_dim": self.D, "head_dim_v": self.D, "causal": self.causal, "window": bool(self.window),
+            "dropout": False, "gqa": False, "mask": None, "mask_grad": False})]
 
     def eager_bytes(self, dtype):
         # scores, scaled scores, masked scores, probabilities, their gradients: ~8 (B, H, L, L) tensors
@@ -258,21 +269,24 @@ class AttentionCase(Case):
         return [_randn((self.B, self.H, self.L, self.D), gen, device, dtype) for _ in range(3)]
 
     def impls(self, device, dtype, backends, baselines, seed):
-        causal = self.causal
+        causal, window = self.causal, self.window_size()
         out = _with_tma_twin([_fused_impl(name, lambda q, k, v, name=name: FA.attention(
-            q, k, v, causal=causal, backend=name), skip=skip) for name, skip in backends], device)
+            q, k, v, causal=causal, window_size=window, backend=name), skip=skip) for name, skip in backends], device)
         if "eager" in baselines:
-            out.append(Impl("eager", "baseline", lambda q, k, v: _ref_attention(q, k, v, causal)))
+            out.append(Impl("eager", "baseline", lambda q, k, v: _ref_attention(q, k, v, causal, window)))
         if "sdpa" in baselines:
+            # SDPA has no window option: it gets the window as an (L, L) keep-mask (which its flash
+            # backend refuses; the others read it)
+            keep = None if window is None else R.visible_keys(self.L, self.L, causal, window, device=device)
             if torch.device(device).type == "cuda":
                 for which in SDPA_GPU_BACKENDS:
-                    out.append(Impl(f"sdpa-{which}", "baseline", lambda q, k, v: _sdpa(q, k, v, causal),
+                    out.append(Impl(f"sdpa-{which}", "baseline", lambda q, k, v: _sdpa(q, k, v, causal, keep),
                                     context=_sdpa_context(which)))
             else:
-                out.append(Impl("sdpa", "baseline", lambda q, k, v: _sdpa(q, k, v, causal)))
+                out.append(Impl("sdpa", "baseline", lambda q, k, v: _sdpa(q, k, v, causal, keep)))
         if "compile" in baselines:
             compiled = _compiled("attention", _ref_attention)
-            out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal)))
+            out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal, window)))
         return out
 
 
@@ -499,27 +513,31 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
                 "feed_forward": [FeedForwardCase(16, 32, 64)],
                 "layer": [LayerCase(1, 16, 32, 2, 64)]}[op]
     if which == "quick" and not gpu:
-        return {"attention": [AttentionCase(1, 4, L, 64, causal) for causal in (False, True) for L in (128, 256, 512)],
+        return {"attention": [AttentionCase(1, 4, L, 64, causal) for causal in (False, True) for L in (128, 256, 512)]
+                + [AttentionCase(1, 4, 1024, 64, True, window=128)],
                 "layer_norm": [LayerNormCase(2048, 512), LayerNormCase(2048, 1024), LayerNormCase(2048, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(256, 256, 1024), FeedForwardCase(256, 256, 688, "swiglu")],
                 "layer": [LayerCase(2, 128, 256, 4, 1024)]}[op]
     if which == "quick":  # on a GPU: a few points of each
         return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal)
-                              for D in (128,) for causal in (False, True) for L in (1024, 4096)],
+                              for D in (128,) for causal in (False, True) for L in (1024, 4096)]
+                + [AttentionCase(1, 16, 16384, 128, True, window=4096)],
                 "layer_norm": [LayerNormCase(16384, 4096)],
                 "feed_forward": [FeedForwardCase(8192, 2048, 8192)],
                 "layer": [LayerCase(4, 1024, 1024, 16, 4096)]}[op]
     if not gpu:  # full, CPU
         return {"attention": [AttentionCase(2, 8, L, 64, causal) for causal in (False, True)
                               for L in (256, 512, 1024, 2048)]
-                + [AttentionCase(2, 8, L, 128, causal) for causal in (False, True) for L in (1024, 2048)],
+                + [AttentionCase(2, 8, L, 128, causal) for causal in (False, True) for L in (1024, 2048)]
+                + [AttentionCase(2, 8, 2048, 64, True, window=256)],
                 "layer_norm": [LayerNormCase(8192, d) for d in (512, 1024, 4096)] + [LayerNormCase(8192, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(2048, 512, 2048), FeedForwardCase(2048, 1024, 4096),
                                  FeedForwardCase(2048, 1024, 2736, "swiglu")],
                 "layer": [LayerCase(4, 512, 512, 8, 2048)]}[op]
     # full, GPU: FlashAttention's chart shapes (16k tokens per batch, hidden 2048) and LLM-like sizes
     return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal) for D in (128, 64)
-                          for causal in (False, True) for L in (512, 1024, 2048, 4096, 8192, 16384)],
+                          for causal in (False, True) for L in (512, 1024, 2048, 4096, 8192, 16384)]
+            + [AttentionCase(1, 16, 16384, 128, True, window=w) for w in (1024, 4096)],
             "layer_norm": [LayerNormCase(16384, d) for d in (1024, 2048, 4096, 8192)] + [LayerNormCase(16384, 4096, rms=True)],
             "feed_forward": [FeedForwardCase(8192, d, 4 * d) for d in (1024, 2048, 4096)]
             + [FeedForwardCase(8192, 4096, 11008, "swiglu")],

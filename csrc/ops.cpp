@@ -7,16 +7,20 @@
 // the attn_mask). fused_attn.functional derives it from causal / window_size / alignment
 // (fused_attn/ops_common.py: attention_band); no band is (-2^62, 2^62), top-left causal
 // (-2^62, 0). Every implementation first clamps both to [-Lq, Lk], where i + band stays small.
+// softcap > 0 caps the logits as Gemma 2 / FlashAttention do: s = softcap * tanh(scale q.k / softcap),
+// before the mask is added; the backward multiplies dS by 1 - tanh^2 on its way to dq and dk (the
+// mask's gradient is dS itself). 0 turns it off.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_attn_C, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, int band_lo, int band_hi, "
-      "float dropout_p, float scale, int seed, int offset) -> (Tensor out, Tensor lse)");
+      "float dropout_p, float scale, int seed, int offset, float softcap=0.0) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
-      "int band_lo, int band_hi, float dropout_p, float scale, int seed, int offset, bool mask_grad) "
+      "int band_lo, int band_hi, float dropout_p, float scale, int seed, int offset, bool mask_grad, "
+      "float softcap=0.0) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def(
       "layer_norm_residual_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "

@@ -107,8 +107,8 @@ def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optiona
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None, causal: bool = False,
               window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
-              dropout_p: float = 0.0, scale: Optional[float] = None, backend: Optional[str] = None,
-              generator: Optional[torch.Generator] = None) -> Tensor:
+              dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
+              backend: Optional[str] = None, generator: Optional[torch.Generator] = None) -> Tensor:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
 
     Args:
@@ -133,6 +133,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         dropout_p: dropout on the attention probabilities (counter-based, reproducible from the
             seed drawn from ``generator`` or torch's default CPU generator).
         scale: logits scale, default ``1/sqrt(D)``.
+        softcap: logit soft-capping (Gemma 2, FlashAttention's ``softcap``): the scaled scores
+            become ``softcap * tanh(scores / softcap)`` before the mask is added. None or 0: off.
         backend: "auto", "triton", "cuda", "cpu" or "reference"; None uses ``use_backend`` /
             ``FUSED_ATTN_BACKEND`` / auto.
 
@@ -165,6 +167,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
     scale = float(scale)
+    if softcap is None:
+        softcap = 0.0
+    elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float or None, got {softcap!r}")
+    elif not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 or None: off), got {softcap!r}")
+    softcap = float(softcap)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -180,12 +189,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     check_backend_name(backend)
     call = Call("attention", q.device, q.dtype, {
         "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
-        "dropout": dropout_p > 0.0, "gqa": Hq != Hkv,
+        "dropout": dropout_p > 0.0, "gqa": Hq != Hkv, "softcap": softcap > 0.0,
         "mask": None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
         "mask_grad": attn_mask is not None and attn_mask.requires_grad})
     name = resolve(call, backend)
     band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
-    args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name)
+    args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap)
     if _eager_inference(q, k, v, attn_mask):
         return attention_inference(*args)
     return AttentionFunction.apply(*args)

@@ -11,7 +11,8 @@ ops' Python dispatch; traced, subclassed or mode-intercepted calls always use th
 Attention takes the keys each query sees as a band, ``band_lo <= j - i <= band_hi``
 (``ops_common.attention_band`` derives it from causal / window_size / alignment; ``NO_BAND``,
 ``CAUSAL_BAND``), so one kernel argument pair carries causal, sliding-window and bottom-right
-attention. Dropout takes ``rng``, an int64 CPU tensor ``[seed, offset]`` (a tensor, not two ints, so that
+attention; ``softcap`` > 0 caps the logits (``softcap * tanh(logit / softcap)``, before the mask).
+Dropout takes ``rng``, an int64 CPU tensor ``[seed, offset]`` (a tensor, not two ints, so that
 drawing it stays inside a compiled graph); see ``fused_attn._rng`` for the mask it defines.
 
 Output layouts (fake and real implementations agree on them):
@@ -59,92 +60,95 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
 # attention
 # ---------------------------------------------------------------------------------------------
 
-def _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend):
+def _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0):
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute: every backend gives the same empties
         out = new_attention_out(q, v.shape[-1])
         out.zero_()
         return out, torch.full(q.shape[:3], float("inf"), device=q.device, dtype=torch.float32)
     seed, offset = _seed_offset(rng)
-    return get_backend(backend).attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset)
+    return get_backend(backend).attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
+                                              softcap)
 
 
 @torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], band_lo: int, band_hi: int,
                   dropout_p: float,
-                  scale: float, rng: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    return _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend)
+                  scale: float, rng: Optional[Tensor], backend: str, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    return _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend):
+def _attention_fwd_fake(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0):
     return new_attention_out(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                        backend):
+                        backend, softcap=0.0):
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         dmask = attn_mask.new_zeros(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
         return torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
             k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format), dmask
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale,
-                                              seed, offset, mask_grad)
+                                              seed, offset, mask_grad, softcap)
 
 
 @torch.library.custom_op("fused_attn::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   attn_mask: Optional[Tensor], band_lo: int, band_hi: int,
                   dropout_p: float, scale: float,
-                  rng: Optional[Tensor], mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  rng: Optional[Tensor], mask_grad: bool, backend: str,
+                  softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                               backend)
+                               backend, softcap)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                        backend):
+                        backend, softcap=0.0):
     dmask = attn_mask.new_empty(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
-def _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend):
+def _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap):
     mask4 = None
     if attn_mask is not None:  # a stride-0 view, never materialised
         mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return fwd(q, k, v, mask4, band_lo, band_hi, dropout_p, scale, rng, backend)
+    return fwd(q, k, v, mask4, band_lo, band_hi, dropout_p, scale, rng, backend, softcap)
 
 
-def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend):
+def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0):
     """AttentionFunction's output for eager calls that build no autograd graph, without its Python
     layers (see ``functional._eager_inference``)."""
     return _attention_forward(_attention_fwd_impl, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
-                              backend)[0]
+                              backend, softcap)[0]
 
 
 class AttentionFunction(torch.autograd.Function):
     """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend):
+    def forward(ctx, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0):
         fwd = _attention_fwd_impl if direct_call_ok(q, k, v, attn_mask) else torch.ops.fused_attn.attention_fwd
-        out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend)
+        out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend,
+                                      softcap)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng)
-        ctx.options = (band_lo, band_hi, dropout_p, scale, backend)
+        ctx.options = (band_lo, band_hi, dropout_p, scale, backend, softcap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
-        band_lo, band_hi, dropout_p, scale, backend = ctx.options
+        band_lo, band_hi, dropout_p, scale, backend, softcap = ctx.options
         mask4 = None
         if attn_mask is not None:
             mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask_grad = bool(ctx.needs_input_grad[3])
         bwd = _attention_bwd_impl if direct_call_ok(dout, q, k, v, attn_mask) else torch.ops.fused_attn.attention_bwd
         dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask4, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                                backend)
+                                backend, softcap)
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
-        return dq, dk, dv, dmask, None, None, None, None, None, None
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

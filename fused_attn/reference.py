@@ -62,14 +62,15 @@ def visible_keys(Lq, Lk, causal=False, window_size=None, alignment="top_left", b
 
 
 def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, rng=None, *, window_size=None,
-              alignment="top_left", band=None):
+              alignment="top_left", band=None, softcap=None):
     """softmax(q k^T * scale + mask) v, with the conventions of ``fused_attn.functional.attention``.
 
     q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, Dv), Hq % Hkv == 0.
     attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk).
     causal, window_size, alignment: which keys each query sees (see ``visible_keys``);
     causal alone is top-left aligned, as scaled_dot_product_attention. ``band`` replaces them with
-    the ops' (band_lo, band_hi).
+    the ops' (band_lo, band_hi). softcap: logits ``softcap * tanh(scores / softcap)`` before the
+    mask (Gemma 2); None or 0 for none.
     A row with no key left to attend gives zeros (and zero gradients), not NaN.
     Dropout on the probabilities uses the shared counter RNG when ``rng = (seed, offset)`` is
     given, else torch's ``F.dropout``.
@@ -82,6 +83,8 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -104,7 +107,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
 
 
 def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size=None, alignment="top_left",
-                  band=None):
+                  band=None, softcap=None):
     """The per-row log-sum-exp of the scaled, masked scores; +inf for rows with no key left."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -113,6 +116,8 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     keep = visible_keys(Lq, Lk, causal, window_size, alignment, band, q.device)

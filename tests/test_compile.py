@@ -111,13 +111,13 @@ def _op_samples(backend):
     additive = rnd(2, 1, 9, 7).expand(2, 4, 9, 7)
     samples = {"attention_fwd": [], "attention_bwd": [], "layer_norm_residual_fwd": [],
                "layer_norm_residual_bwd": [], "feed_forward_fwd": [], "feed_forward_bwd": []}
-    for mask, band, p in ((None, CAUSAL_BAND, 0.0), (keep, NO_BAND, 0.0), (additive, (-3, 1), 0.2)):
-        args = (q, k, v, mask, *band, p, 0.35, rng if p else None, backend)
+    for mask, band, p, cap in ((None, CAUSAL_BAND, 0.0, 0.0), (keep, NO_BAND, 0.0, 2.5), (additive, (-3, 1), 0.2, 0.0)):
+        args = (q, k, v, mask, *band, p, 0.35, rng if p else None, backend, cap)
         samples["attention_fwd"].append(args)
         out, lse = torch.ops.fused_attn.attention_fwd(*args)
         mask_grad = mask is not None and mask.dtype != torch.bool
         samples["attention_bwd"].append((rnd(*out.shape), q, k, v, out, lse, mask, *band, p, 0.35,
-                                         rng if p else None, mask_grad, backend))
+                                         rng if p else None, mask_grad, backend, cap))
     x, r, w, b = rnd(6, 16), rnd(6, 16), rnd(16), rnd(16)
     for residual, weight, bias, p, rms in ((r, w, b, 0.0, False), (None, w, None, 0.0, True), (r, None, b, 0.3, False)):
         args = (x, residual, weight, bias, 1e-5, p, rms, False, rng if p else None, backend)

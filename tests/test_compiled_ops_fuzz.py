@@ -42,6 +42,10 @@ cases = {
   "attn dropout 1.5": lambda: ops.attention_fwd(q, k, v, None, *NO_BAND, 1.5, 1.0, 0, 0),
   "attn band past int64": lambda: ops.attention_fwd(q, k, v, None, -2**63, 2**63, 0.0, 1.0, 0, 0),
   "attn band not an int": lambda: ops.attention_fwd(q, k, v, None, 0.5, 2, 0.0, 1.0, 0, 0),
+  "attn softcap negative": lambda: ops.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, -1.0),
+  "attn softcap nan": lambda: ops.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, float("nan")),
+  "attn softcap inf": lambda: ops.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, float("inf")),
+  "attn bwd softcap negative": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, -1.0),
   "attn bwd lse wrong shape": lambda: ops.attention_bwd(out, q, k, v, out, t(1, 2, 4), None, *NO_BAND, 0.0, 1.0, 0, 0, False),
   "attn bwd dout wrong shape": lambda: ops.attention_bwd(t(1, 2, 5, 7), q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False),
   "attn bwd out wrong dtype": lambda: ops.attention_bwd(out, q, k, v, out.double(), lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False),
@@ -143,6 +147,8 @@ def test_error_messages_format_their_values():
         ops.attention_fwd(q, torch.randn(1, 2, 6, 7), k, None, *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\), got 1\.5"):
         ops.attention_fwd(q, k, k, None, *NO_BAND, 1.5, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"softcap must be finite and >= 0 .*got -2\.5"):
+        ops.attention_fwd(q, k, k, None, *NO_BAND, 0.0, 1.0, 0, 0, -2.5)
     x, w = torch.randn(4, 16), torch.randn(16)
     with pytest.raises(RuntimeError, match="bias must have dtype Float, got Double"):
         ops.layer_norm_residual_fwd(x, x, w, w.double(), 1e-5, 0.0, False, False, 0, 0)

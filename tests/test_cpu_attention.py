@@ -5,7 +5,8 @@ oracle (``fused_attn.testing.check_against_reference``) in float32, bfloat16 and
 shapes and every option; visibility bands (sliding windows, bottom-right alignment, rows left
 without a key) through the compiled ops against a float64 softmax built here from the band's
 definition; dropout compared with the reference for the same (seed, offset);
-``torch.autograd.gradcheck`` in float64; direct op calls with bad input raise; the backward's
+``torch.autograd.gradcheck`` in float64; logit soft-capping (softcap > 0) through the compiled ops
+against the same float64 reference with the cap; direct op calls with bad input raise; the backward's
 two parallel schedules (whole kv heads per thread, or key blocks then query blocks) are both
 exercised; a long sequence runs without an L x L allocation.
 """
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 import fused_attn
+from fused_attn import _rng
 from fused_attn import reference as ref
 from fused_attn.ops import AttentionFunction
 from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
@@ -179,11 +181,13 @@ class _RawBandAttention(torch.autograd.Function):
     """(out, lse) of fused_attn_C::attention_fwd with its backward: the compiled ops alone."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, lo, hi, dropout_p, scale, seed, offset):
+    def forward(ctx, q, k, v, mask, lo, hi, dropout_p, scale, seed, offset, softcap=0.0):
         mask4 = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask4, lo, hi, dropout_p, scale, seed, offset)
+        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask4, lo, hi, dropout_p, scale, seed, offset,
+                                                        softcap)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.options = (lo, hi, dropout_p, scale, seed, offset)
+        ctx.softcap = softcap
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -193,8 +197,8 @@ class _RawBandAttention(torch.autograd.Function):
         mask4 = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask_grad = bool(ctx.needs_input_grad[3])
         dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask4, *ctx.options,
-                                                                 mask_grad)
-        return dq, dk, dv, dmask.sum_to_size(mask.shape) if mask_grad else None, *([None] * 6)
+                                                                 mask_grad, ctx.softcap)
+        return dq, dk, dv, dmask.sum_to_size(mask.shape) if mask_grad else None, *([None] * 7)
 
 
 def _band_keep(Lq, Lk, lo, hi):
@@ -202,8 +206,27 @@ def _band_keep(Lq, Lk, lo, hi):
     return (j - i >= lo) & (j - i <= hi)
 
 
-def _band_reference(lo, hi, dropout_p, scale, rng):
-    """(out, lse) of softmax attention with keep = (j - i >= lo) & (j - i <= hi) & mask; dead rows zero."""
+def _capped_attention(q, k, v, mask, dropout_p, scale, rng, softcap):
+    """(out, lse) of softmax(softcap * tanh(scale q k^T / softcap) + mask) v, written out here (the
+    logit soft-cap of Gemma 2 / FlashAttention); rows with no key left give zeros and lse = +inf."""
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
+    s = s.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s.detach(), dim=-1).masked_fill(dead.squeeze(-1), float("inf"))
+    p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
+    if dropout_p > 0:
+        p = _rng.apply_dropout(p, dropout_p, int(rng[0]), int(rng[1]))
+    return torch.matmul(p, v), lse
+
+
+def _band_reference(lo, hi, dropout_p, scale, rng, softcap=0.0):
+    """(out, lse) of softmax attention with keep = (j - i >= lo) & (j - i <= hi) & mask; dead rows zero.
+    softcap > 0: the logits are softcap * tanh(scale q.k / softcap) before the mask and the band."""
     def reference(q, k, v, mask=None):
         keep = _band_keep(q.shape[2], k.shape[2], lo, hi)
         if mask is None:
@@ -212,14 +235,18 @@ def _band_reference(lo, hi, dropout_p, scale, rng):
             mask = mask & keep
         else:  # additive: -inf outside the band; the gradient of mask passes through the sum
             mask = mask + torch.zeros(keep.shape, dtype=mask.dtype).masked_fill(~keep, float("-inf"))
+        if softcap > 0:
+            return _capped_attention(q, k, v, mask, dropout_p, scale, rng, softcap)
         out = ref.attention(q, k, v, mask, False, dropout_p, scale, rng if dropout_p > 0 else None)
         return out, ref.attention_lse(q.detach(), k.detach(), mask.detach(), False, scale)
     return reference
 
 
-def _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, band, mask=None, dropout_p=0.0, seed=0):
+def _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, band, mask=None, dropout_p=0.0, seed=0, softcap=0.0, q_scale=1.0):
     lo, hi = band
     q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, seed=seed)
+    if q_scale != 1.0:  # bigger logits (a power of two: exact in every dtype)
+        q = (q.detach() * q_scale).requires_grad_()
     if isinstance(mask, str):  # "bool" or "additive" (requires grad), as (B, 1, Lq, Lk) and (1, Hq, 1, Lk)
         gen = torch.Generator().manual_seed(seed + 17)
         mask = (torch.rand(B, 1, Lq, Lk, generator=gen) > 0.25) if mask == "bool" else \
@@ -228,8 +255,8 @@ def _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, band, mask=None, dropout_p=0.0, se
     scale, rng = 0.3, (4321 + seed, 77)
 
     def fused(q, k, v, mask=None):
-        return _RawBandAttention.apply(q, k, v, mask, lo, hi, dropout_p, scale, *rng)
-    results = check_against_reference(fused, _band_reference(lo, hi, dropout_p, scale, rng), inputs,
+        return _RawBandAttention.apply(q, k, v, mask, lo, hi, dropout_p, scale, *rng, softcap)
+    results = check_against_reference(fused, _band_reference(lo, hi, dropout_p, scale, rng, softcap), inputs,
                                       names=["q", "k", "v", "mask"][:len(inputs)])
     names = {r.name for r in results}
     assert {"output0", "output1", "grad of q", "grad of k", "grad of v"} <= names
@@ -263,6 +290,7 @@ _BAND_SHAPES = {
     "17x17": (1, 2, 2, 17, 17, 59),
     "97x61": (2, 4, 1, 97, 61, 64),
     "61x97": (1, 3, 1, 61, 97, 40),
+    "17x97": (1, 2, 1, 17, 97, 40),
     "130x300": (1, 4, 2, 130, 300, 64),
     "300x130": (1, 2, 1, 300, 130, 59),
 }
@@ -311,6 +339,123 @@ def test_band_gemm_modes_meet_the_oracle(monkeypatch, mode, case):
         B, Hq, Hkv, Lq, Lk, D = _BAND_SHAPES[shape]
         band = _bands(Lq, Lk)[band]
     _check_band(torch.float32, B, Hq, Hkv, Lq, Lk, D, band, mask=mask, dropout_p=p)
+
+
+# ---- oracle: logit soft-capping ----------------------------------------------------------------
+# softcap > 0: the logits are softcap * tanh(scale q.k / softcap), then the mask and the band,
+# through the compiled ops against _capped_attention (float64, written out above). q is scaled by
+# 4 so that |scale q.k| (std ~ 0.3 * 4 * sqrt(D), about 8-10) passes a cap of 5 on most pairs and
+# bends tanh well away from linear under a cap of 30.
+
+_SOFTCAP_CASES = [
+    # (shape, band, mask, dropout_p, softcap)
+    ("1x1", "none", None, 0.0, 5.0),
+    ("17x97", "causal", "additive", 0.0, 5.0),
+    ("17x97", "window", "bool", 0.2, 30.0),
+    ("97x61", "bottom_right", "additive", 0.0, 30.0),   # dead rows (Lq > Lk), GQA 4:1, per-head schedule
+    ("97x61", "none", "bool", 0.3, 5.0),
+    ("130x300", "window_right", "additive", 0.2, 5.0),  # GQA 2:1, several tiles both ways
+    ("130x300", "causal", None, 0.0, 30.0),
+    ("130x300", "none", "bool", 0.0, 5.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,band,mask,dropout_p,softcap", _SOFTCAP_CASES,
+                         ids=[f"{s}-{b}-{m}-p{p}-cap{c:g}" for s, b, m, p, c in _SOFTCAP_CASES])
+def test_softcap_matches_reference(dtype, shape, band, mask, dropout_p, softcap):
+    """out, lse, dq, dk, dv (and dmask for the additive masks) with the logit cap biting."""
+    B, Hq, Hkv, Lq, Lk, D = _BAND_SHAPES[shape]
+    results = _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, _bands(Lq, Lk)[band], mask=mask, dropout_p=dropout_p,
+                          softcap=softcap, q_scale=4.0)
+    assert mask != "additive" or "grad of mask" in {r.name for r in results}
+
+
+@pytest.mark.parametrize("mode", ["tiles", "blas"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_softcap_gemm_modes_and_schedules(monkeypatch, mode, threads):
+    """Both ways to run the tile products and both backward schedules (B * Hkv = 1: per kv head on
+    one thread, two passes on two) with the cap, a window, an additive mask and dropout."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_band(torch.float32, 1, 4, 1, 130, 300, 48, (-40, 70), mask="additive", dropout_p=0.2, softcap=5.0,
+                    q_scale=4.0)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("band", [NO_BAND, CAUSAL_BAND], ids=["none", "causal"])
+def test_softcap_gradcheck(band):
+    """float64 gradcheck of the capped op (q, k, v and an additive mask), GQA 2:1."""
+    gen = torch.Generator().manual_seed(5)
+
+    def t(*shape):
+        return (3 * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    q, k, v, mask = t(1, 2, 6, 4), t(1, 1, 7, 4), t(1, 1, 7, 4), t(1, 2, 6, 7)
+
+    def fn(q, k, v, mask):
+        return _RawBandAttention.apply(q, k, v, mask, *band, 0.0, 0.9, 0, 0, 1.5)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+@pytest.mark.parametrize("mode", ["tiles", "blas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_softcap_zero_is_bitwise_off(monkeypatch, mode, dtype):
+    """softcap = 0 is the op without the argument, bit for bit, forward and backward."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+    q, k, v, dout = make_inputs((2, 4, 70, 40), (2, 2, 90, 40), (2, 2, 90, 40), (2, 4, 70, 40), dtype=dtype, seed=6,
+                                requires_grad=False)
+    mask = make_inputs((2, 4, 70, 90), dtype=dtype, seed=7, requires_grad=False)[0]
+    opts = (mask, -30, 5, 0.2, 0.3, 11, 3)
+    fwd, bwd = torch.ops.fused_attn_C.attention_fwd, torch.ops.fused_attn_C.attention_bwd
+    out, lse = fwd(q, k, v, *opts)
+    out0, lse0 = fwd(q, k, v, *opts, 0.0)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    grads = bwd(dout, q, k, v, out, lse, *opts, True)
+    grads0 = bwd(dout, q, k, v, out, lse, *opts, True, 0.0)
+    for name, a, b in zip(["dq", "dk", "dv", "dmask"], grads, grads0):
+        assert torch.equal(a, b), name
+    capped, _ = fwd(q, k, v, *opts, 1.0)
+    assert not torch.equal(out, capped)  # (the argument does reach the kernel)
+
+
+@pytest.mark.parametrize("softcap", [1.0, 30.0])
+def test_softcap_tanh_accuracy(softcap):
+    """One key: lse is the capped logit itself, softcap * tanh(x / softcap), over a range of x
+    (both branches of the vectorised tanh and its edges), +-inf to +-softcap, NaN to NaN."""
+    x = torch.cat([torch.linspace(-12, 12, 20001) * softcap,
+                   torch.tensor([0.0, 1e-30, -1e-20, 0.625 * softcap, 9 * softcap, 1e30, -1e30])])
+    q = torch.cat([x, torch.tensor([float("inf"), -float("inf"), float("nan")])]).view(1, 1, -1, 1)
+    one = torch.ones(1, 1, 1, 1)
+    _, lse = torch.ops.fused_attn_C.attention_fwd(q, one, one, None, *NO_BAND, 0.0, 1.0, 0, 0, softcap)
+    lse = lse.view(-1).double()
+    expect = softcap * torch.tanh(x.double() / softcap)
+    torch.testing.assert_close(lse[:len(x)], expect, rtol=4e-7, atol=0)
+    assert lse[-3].item() == softcap and lse[-2].item() == -softcap and math.isnan(lse[-1].item())
+
+
+def test_softcap_nan_stays_in_its_row():
+    q, k, v = make_inputs((1, 2, 20, 16), (1, 2, 30, 16), (1, 2, 30, 16), requires_grad=False)
+    q[0, 1, 3, 5] = float("nan")
+    for mode_band in (NO_BAND, CAUSAL_BAND):
+        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *mode_band, 0.0, 0.25, 0, 0, 5.0)
+        assert out[0, 1, 3].isnan().all() and lse[0, 1, 3].isnan()
+        rest = torch.ones(out.shape[:3], dtype=torch.bool)
+        rest[0, 1, 3] = False
+        assert torch.isfinite(out[rest]).all() and torch.isfinite(lse[rest]).all()
+
+
+@pytest.mark.parametrize("softcap", [-1.0, -1e-30, float("nan"), float("inf"), -float("inf")])
+def test_bad_softcap_raises(softcap):
+    q, k, v = _good()
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0)
+    with pytest.raises(RuntimeError, match="softcap"):
+        torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0, softcap)
+    with pytest.raises(RuntimeError, match="softcap"):
+        torch.ops.fused_attn_C.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, *NO_BAND, 0.0, 0.5, 0, 0,
+                                             False, softcap)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

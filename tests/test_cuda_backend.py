@@ -232,6 +232,56 @@ def test_attention_raw_op_bands(name, dtype):
     assert (dmask.masked_select(~keep) == 0).all()  # masked out by the band: zero gradient, never written
 
 
+# name: (Lq, Lk, D, (band_lo, band_hi), additive mask): softcap 5 on logits scaled up 4x (so it bites)
+SOFTCAP_CASES = {
+    "window_left40_mask_grad_d64": (200, 200, 64, (-40, 0), True),
+    "no_band_d128_plain_blocks": (200, 230, 128, NO_BAND, False),  # the register kernels' unmasked blocks
+    "bottom_right_d256": (70, 150, 256, (-BAND_UNBOUNDED, 150 - 70), True),  # backward: shared-memory kernels
+}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(SOFTCAP_CASES))
+def test_attention_raw_op_softcap(name, dtype):
+    """The raw ops with logit soft-capping: s = softcap tanh(scale q.k / softcap), then the mask and
+    the band; the reference is written here from that definition (autograd for the gradients)."""
+    Lq, Lk, D, band, with_mask = SOFTCAP_CASES[name]
+    B, Hq, Hkv, scale, softcap = 1, 4, 2, 1.0 / math.sqrt(D), 5.0
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, device=DEV,
+                          requires_grad=False)
+    q = q * 4
+    mask, dout = make_inputs((B, Hq, Lq, Lk), (B, Hq, Lq, D), dtype=dtype, device=DEV, seed=1, requires_grad=False)
+    mask = mask if with_mask else None
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, *band, 0.0, scale, 0, 0, softcap)
+    dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, *band, 0.0, scale, 0, 0,
+                                                             with_mask, softcap)
+    rel = torch.arange(Lk, device=DEV)[None, :] - torch.arange(Lq, device=DEV)[:, None]  # j - i
+    keep = (rel >= band[0]) & (rel <= band[1])
+
+    def ref(ref_dtype):
+        leaves = [t.to(ref_dtype).requires_grad_(True) for t in (q, k, v) + ((mask,) if with_mask else ())]
+        q_, k_, v_ = leaves[:3]
+        k_r, v_r = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k_, v_))
+        s = softcap * torch.tanh(torch.matmul(q_, k_r.transpose(-2, -1)) * scale / softcap)
+        if with_mask:
+            s = s + leaves[3]
+        s = s.masked_fill(~keep, float("-inf"))
+        dead = (s == float("-inf")).all(dim=-1, keepdim=True)
+        o = torch.matmul(torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0), v_r)
+        grads = list(torch.autograd.grad(o, leaves, dout.to(ref_dtype)))
+        lse_ref = torch.logsumexp(s.detach(), dim=-1)
+        return [o.detach(), lse_ref.masked_fill(lse_ref == float("-inf"), float("inf"))] + grads
+
+    ref64, ref_lp = ref(torch.float64), ref(dtype)
+    names = ("out", "lse", "dq", "dk", "dv") + (("dmask",) if with_mask else ())
+    for i, what in enumerate(names):
+        got = (out, lse, dq, dk, dv, dmask)[i]
+        compare(f"{name} {what}", got, ref64[i], ref_lp[i], k=2.0 if i < 2 else 5.0)
+    dead = ~keep.any(dim=1)
+    assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all()
+
+
 @gpu
 def test_attention_raw_op_rejects_bad_input():
     q, k, v = make_inputs((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), dtype=torch.float16, device=DEV,
@@ -252,6 +302,9 @@ def test_attention_raw_op_rejects_bad_input():
         op(q, k.cpu(), v, None, *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="dropout_p"):
         op(q, k, v, None, *NO_BAND, 1.5, 1.0, 0, 0)
+    for bad_softcap in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="softcap"):
+            op(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, bad_softcap)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,15 +73,15 @@ def _dropout_args(p, seed, offset):
     return (ctypes.c_uint64 * 5)(int(p > 0), seed, offset, _rng.dropout_threshold(p) if p > 0 else 0, scale_bits)
 
 
-def _common_args(q, k, v, mask, band, scale, p, seed, offset):
+def _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap=0.0):
     """The arguments the emulated entries share; ``band`` = (band_lo, band_hi), unclamped (the entries
-    clamp it to [-Lq, Lk] as the binding does)."""
+    clamp it to [-Lq, Lk] as the binding does); softcap 0 is off."""
     B, Hq, Lq, D = q.shape
     sizes = _i64([B, Hq, k.shape[1], Lq, k.shape[2], D, v.shape[3]])
     kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
     return [_ptr(q), _i64(q.stride()), _ptr(k), _i64(k.stride()), _ptr(v), _i64(v.stride()), sizes, ctypes.c_int(kind),
             _ptr(mask), _i64(mask.stride() if mask is not None else (0, 0, 0, 0)), ctypes.c_int64(band[0]),
-            ctypes.c_int64(band[1]), ctypes.c_float(scale), _dropout_args(p, seed, offset)]
+            ctypes.c_int64(band[1]), ctypes.c_float(scale), _dropout_args(p, seed, offset), ctypes.c_float(softcap)]
 
 
 def band_keep(band, Lq, Lk):
@@ -107,9 +107,9 @@ def case_band(opts):
     return opts.get("band", CAUSAL_BAND if opts.get("causal") else NO_BAND)
 
 
-def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks):
+def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks, softcap=0.0):
     """(out, lse, dq, dk, dv, dmask) from the emulated kernels; dmask only for an additive mask."""
-    common = _common_args(q, k, v, mask, band, scale, p, seed, offset)
+    common = _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap)
     out = new_attention_out(q, v.shape[3])
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
     assert emu.emu_attention_fwd(*common, _ptr(out), _i64(out.stride()), _ptr(lse), *blocks) == 0
@@ -122,23 +122,58 @@ def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, b
     return out, lse, dq, dk, dv, dmask
 
 
-def reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype):
+def capped_scores(q, k, mask, scale, softcap):
+    """The logits softcap * tanh(scale q.k / softcap), then the mask (bool, or additive, the band
+    folded in): written here from the definition (Gemma 2 / FlashAttention's softcap)."""
+    if q.shape[1] != k.shape[1]:  # grouped-query: query head h reads kv head h // (Hq // Hkv)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = softcap * torch.tanh(torch.matmul(q, k.transpose(-2, -1)) * scale / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return s
+
+
+def capped_attention(q, k, v, mask, scale, p, rng, softcap):
+    """The soft-capped attention's output (rows with no key: zeros, as fused_attn.reference)."""
+    s = capped_scores(q, k, mask, scale, softcap)
+    if q.shape[1] != v.shape[1]:
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
+    probs = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    if p > 0:
+        probs = _rng.apply_dropout(probs, p, int(rng[0]), int(rng[1]))
+    return torch.matmul(probs, v)
+
+
+def capped_lse(q, k, mask, scale, softcap):
+    lse = torch.logsumexp(capped_scores(q, k, mask, scale, softcap), dim=-1)
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+def reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype, softcap=0.0):
     """The same quantities from fused_attn.reference in ``dtype`` (autograd for the gradients), the
-    band applied as a mask (with_band); dmask is the gradient of the given mask."""
+    band applied as a mask (with_band); dmask is the gradient of the given mask. softcap > 0: from
+    capped_attention instead."""
     cast = lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(dtype))
     q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
     Lq, Lk = q.shape[2], k.shape[2]
     additive = mask is not None and mask.dtype != torch.bool
     rng = (seed, offset) if p > 0 else None
-    attend = lambda q, k, v, m: R.attention(q, k, v, attn_mask=with_band(m, band, Lq, Lk), dropout_p=p, scale=scale,
-                                            rng=rng)
+    if softcap > 0:
+        attend = lambda q, k, v, m: capped_attention(q, k, v, with_band(m, band, Lq, Lk), scale, p, rng, softcap)
+    else:
+        attend = lambda q, k, v, m: R.attention(q, k, v, attn_mask=with_band(m, band, Lq, Lk), dropout_p=p,
+                                                scale=scale, rng=rng)
     if additive:
         out, vjp = torch.func.vjp(attend, q_, k_, v_, m_)
         dq, dk, dv, dmask = vjp(dout.to(dtype))
     else:
         out, vjp = torch.func.vjp(lambda q, k, v: attend(q, k, v, m_), q_, k_, v_)
         (dq, dk, dv), dmask = vjp(dout.to(dtype)), None
-    lse = R.attention_lse(q_, k_, attn_mask=with_band(m_, band, Lq, Lk), scale=scale)
+    if softcap > 0:
+        lse = capped_lse(q_, k_, with_band(m_, band, Lq, Lk), scale, softcap)
+    else:
+        lse = R.attention_lse(q_, k_, attn_mask=with_band(m_, band, Lq, Lk), scale=scale)
     return out, lse, dq, dk, dv, dmask
 
 
@@ -161,6 +196,8 @@ def attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts):
         v = randn(1, Hkv, Lk, Dv).expand(B, -1, -1, -1)
     else:
         q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, Dv)
+    if "q_scale" in opts:  # larger logits (so that a softcap bites)
+        q = q * opts["q_scale"]
     mask = None
     if opts.get("mask") == "bool":
         mask = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
@@ -190,6 +227,11 @@ CASES = {
                                                          {"band": (-_U, 20 - 45), "dropout_p": 0.2}, (16, 16)),
     "band_lo5_hi40_odd_32x32": (1, 2, 2, 53, 77, 24, 20, {"band": (5, 40)}, (32, 32)),
     "band_lo_gt_hi_all_dead_mask_grad_16x16": (1, 2, 1, 23, 31, 8, 8, {"band": (4, 1), "mask": "additive"}, (16, 16)),
+    # logit soft-capping (q scaled up: scaled logits ~ N(0, 4^2), so tanh(s / 5) is far from linear)
+    "softcap_gqa_dropout_32x32": (1, 4, 2, 37, 45, 24, 24, {"softcap": 5.0, "q_scale": 4.0, "dropout_p": 0.2},
+                                  (32, 32)),
+    "softcap_additive_mask_grad_band_16x16": (1, 2, 2, 41, 50, 16, 16, {"softcap": 5.0, "q_scale": 4.0,
+                                                                        "mask": "additive", "band": (-12, 3)}, (16, 16)),
 }
 
 
@@ -197,13 +239,13 @@ CASES = {
 def test_emulated_attention_matches_reference(emu, name):
     B, Hq, Hkv, Lq, Lk, D, Dv, opts, blocks = CASES[name]
     q, k, v, mask, randn = attention_inputs(name, torch.float32, B, Hq, Hkv, Lq, Lk, D, Dv, opts)
-    band, p = case_band(opts), opts.get("dropout_p", 0.0)
+    band, p, softcap = case_band(opts), opts.get("dropout_p", 0.0), opts.get("softcap", 0.0)
     scale, seed, offset = 1.0 / math.sqrt(D), 123456789012345, 987654321
     dout = randn(B, Hq, Lq, Dv)
 
-    got = emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks)
-    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64)
-    ref32 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float32)
+    got = emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks, softcap)
+    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64, softcap)
+    ref32 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float32, softcap)
     names = ("out", "lse", "dq", "dk", "dv", "dmask")
     for i, name in enumerate(names):
         if got[i] is None:
@@ -264,6 +306,12 @@ MMA_CASES = {
     "fp16_d40_band_lo1_hi100_odd": (torch.float16, 1, 1, 1, 67, 131, 40, 40, {"band": (1, 100)}, 64),
     "bf16_d32_band_lo_gt_hi_all_dead_mask_grad": (torch.bfloat16, 1, 2, 1, 33, 45, 32, 32,
                                                   {"band": (4, 1), "mask": "additive"}, 32),
+    # logit soft-capping: unmasked blocks (the plain path) with dropout, and a band with a mask gradient
+    "fp16_d128_softcap_plain_blocks_dropout": (torch.float16, 1, 2, 1, 130, 140, 128, 128,
+                                               {"softcap": 5.0, "q_scale": 4.0, "dropout_p": 0.2}, 128),
+    "bf16_d32_softcap_band_mask_grad_gqa": (torch.bfloat16, 1, 4, 2, 97, 97, 32, 32,
+                                            {"softcap": 5.0, "q_scale": 4.0, "band": (-20, 5), "mask": "additive"},
+                                            32),
 }
 
 
@@ -271,12 +319,12 @@ MMA_CASES = {
 def test_emulated_mma_kernels_match_reference(emu, name):
     dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts, kd = MMA_CASES[name]
     q, k, v, mask, randn = attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts)
-    band, p = case_band(opts), opts.get("dropout_p", 0.0)
+    band, p, softcap = case_band(opts), opts.get("dropout_p", 0.0), opts.get("softcap", 0.0)
     scale, seed, offset = opts.get("scale", 1.0 / math.sqrt(D)), 123456789012345, 987654321
 
     out = new_attention_out(q, Dv)
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
-    args = _common_args(q, k, v, mask, band, scale, p, seed, offset)
+    args = _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap)
     rc = emu.emu_attention_fwd_mma(ctypes.c_int(_DTYPE_IDS[dtype]), *args, _ptr(out), _i64(out.stride()), _ptr(lse),
                                    ctypes.c_int(kd))
     assert rc == 0, f"emu_attention_fwd_mma returned {rc}"
@@ -286,6 +334,8 @@ def test_emulated_mma_kernels_match_reference(emu, name):
         q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
         m_ = with_band(m_, band, Lq, Lk)
         rng = (seed, offset) if p > 0 else None
+        if softcap > 0:
+            return capped_attention(q_, k_, v_, m_, scale, p, rng, softcap), capped_lse(q_, k_, m_, scale, softcap)
         return (R.attention(q_, k_, v_, attn_mask=m_, dropout_p=p, scale=scale, rng=rng),
                 R.attention_lse(q_, k_, attn_mask=m_, scale=scale))
 
@@ -308,8 +358,8 @@ def test_emulated_mma_kernels_match_reference(emu, name):
                                    _ptr(dout), _i64(dout.stride()), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dmask),
                                    _ptr(delta), ctypes.c_int(kd))
     assert rc == 0, f"emu_attention_bwd_mma returned {rc}"
-    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64)
-    ref_lp = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype)
+    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64, softcap)
+    ref_lp = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype, softcap)
     grads = {"dq": dq, "dk": dk, "dv": dv, "dmask": dmask}
     for i, name in enumerate(("dq", "dk", "dv", "dmask"), start=2):
         if grads[name] is None:
@@ -320,11 +370,11 @@ def test_emulated_mma_kernels_match_reference(emu, name):
         assert all((g == 0).all() for g in grads.values() if g is not None)
 
 
-def _forward(emu, q, k, v, band=NO_BAND):
+def _forward(emu, q, k, v, band=NO_BAND, softcap=0.0):
     """(out, lse): the register-resident kernel for 16-bit inputs, the shared-memory one for float32."""
     out = new_attention_out(q, v.shape[3])
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
-    args = _common_args(q, k, v, None, band, 1.0 / math.sqrt(q.shape[3]), 0.0, 0, 0)
+    args = _common_args(q, k, v, None, band, 1.0 / math.sqrt(q.shape[3]), 0.0, 0, 0, softcap)
     if q.dtype == torch.float32:
         rc = emu.emu_attention_fwd(*args, _ptr(out), _i64(out.stride()), _ptr(lse), 32, 32)
     else:
@@ -349,6 +399,28 @@ def test_emulated_forward_nan_and_inf_stay_in_their_rows(emu, dtype):
     assert bad[0, 1, 5].all() and torch.isnan(lse[0, 1, 5])
     assert bad[0, 0, 66:].any() and not bad[0, 0, :66].any()  # earlier rows cannot see key 66
     assert torch.equal(bad, ref_bad), "the non-finite rows differ from the reference's"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16_registers", "fp32_shared"])
+def test_emulated_softcap_forward_nan_stays_in_its_row(emu, dtype):
+    """With the logits soft-capped (tanh of NaN is NaN) a NaN query still turns exactly its row
+    non-finite, on the plain (unmasked-block) path too; the other rows match the reference."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 70, 64, generator=gen).to(dtype) for _ in range(3))
+    q = q * 4
+    q[0, 1, 5, 3] = float("nan")
+    out, lse = _forward(emu, q, k, v, softcap=5.0)
+    bad = ~torch.isfinite(out)
+    assert bad[0, 1, 5].all() and torch.isnan(lse[0, 1, 5])
+    bad[0, 1, 5] = False
+    assert not bad.any()
+    scale = 1.0 / math.sqrt(64)
+    ref64 = capped_attention(q.double(), k.double(), v.double(), None, scale, 0.0, None, 5.0)
+    ref_lp = capped_attention(q, k, v, None, scale, 0.0, None, 5.0)
+    keep = torch.ones(70, dtype=torch.bool)
+    keep[5] = False
+    compare("out (finite rows)", out[0, 1, keep], ref64[0, 1, keep], ref_lp[0, 1, keep])
+    compare("out (head 0)", out[0, 0], ref64[0, 0], ref_lp[0, 0])
 
 
 def test_emulated_mma_forward_large_logits_do_not_overflow(emu):

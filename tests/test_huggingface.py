@@ -217,3 +217,38 @@ def test_swapped_bert_compiles_fullgraph():
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
     finally:
         torch._dynamo.reset()
+
+
+def test_gemma2_softcap_and_sliding_window_match_eager(monkeypatch):
+    """Gemma 2: logit soft-capping (a cap of 0.5 bites on these logits) and sliding-window layers
+    (window 4 < the 11 tokens) reach fused_attn's attention and give eager's logits and gradients."""
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=64,
+                                    sliding_window=4, attn_logit_softcapping=0.5, final_logit_softcapping=None)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fused_attn")
+    with torch.no_grad():  # logits of a few units, so that a cap of 0.5 changes them
+        for layer in ref.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+            layer.self_attn.k_proj.weight.mul_(20)
+    model.load_state_dict(ref.state_dict())
+    caps = []
+    real = hf.attention
+
+    def spy(q, k, v, **kw):
+        caps.append(kw["softcap"])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(hf, "attention", spy)
+    ids, mask = _batch("llama")
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    assert caps and all(c == 0.5 for c in caps)
+    # without the cap the answer differs: the test can tell
+    without = copy.deepcopy(model)
+    without.config.attn_logit_softcapping = None
+    for layer in without.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    assert not torch.allclose(_logits(without, ids, mask), _logits(ref, ids, mask), atol=1e-3)

@@ -29,7 +29,7 @@ KERNELS = ("fwd", "dkdv", "dq")
 FEATURES = {
     "plain": dict(causal=False, mask=None, dropout=False, mask_grad=False),
     "causal": dict(causal=True, mask=None, dropout=False, mask_grad=False),
-    "all": dict(causal=True, mask="additive", dropout=True, mask_grad=True),
+    "all": dict(causal=True, mask="additive", dropout=True, mask_grad=True, softcap=True),
     "dropout": dict(causal=False, mask=None, dropout=True, mask_grad=False),
     "mask_grad": dict(causal=False, mask="additive", dropout=False, mask_grad=True),
     "bool_mask": dict(causal=False, mask="bool", dropout=False, mask_grad=False),
@@ -70,13 +70,14 @@ def _launch(kernel, dtype_name, head_dim, head_dim_v, features, tma=False):
     if kernel == "fwd":
         out = A.new_attention_out(q, head_dim_v)
         _, _, args, constexprs = A.fwd_launch_args(q, k, v, mask, *_band(features), p, 0.125, 123, 456, out, lse,
-                                                   tma=tma)
+                                                   tma=tma, softcap=30.0 if features.get("softcap") else 0.0)
     else:
         dout = A.new_attention_out(q, head_dim_v)
         dmask = torch.empty(B, Hq, L, L, dtype=dtype) if features["mask_grad"] else torch.empty(0, dtype=dtype)
         launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), mask, *_band(features), p, 0.125,
                                      123, 456, features["mask_grad"], torch.empty_like(q), torch.empty_like(k),
-                                     torch.empty_like(v), dmask, tma=tma)
+                                     torch.empty_like(v), dmask, tma=tma,
+                                     softcap=30.0 if features.get("softcap") else 0.0)
         _, _, args, constexprs = launches[kernel]
     return A._KERNELS[kernel], args, constexprs
 

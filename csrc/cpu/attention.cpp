@@ -41,6 +41,11 @@
 //    to the tile): the mask, max, exp and dropout run on those, the rest of the row is zero.
 // A row that sees no key (lo > hi, or a band outside [0, Lk) for that row) is an empty row: zero
 // output, lse = +inf, zero gradients, as rows the attn_mask empties.
+//
+// Logit soft-capping (softcap > 0, csrc/ops.cpp): the row loops replace a row's visible scaled
+// scores s by softcap * tanh(s / softcap) before the mask (so the lse is of the capped logits);
+// the backward keeps the tanh values t of its tile and, once dS (= dmask) is formed, multiplies
+// it by 1 - t^2 before the dK and dQ products. softcap = 0 skips both (one test per row).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -421,6 +426,7 @@ struct Problem {
   std::optional<MaskView> mask;
   int64_t lo = 0, hi = 0;  // the visibility band, clamped (set_band)
   T scale;
+  T softcap = 0, inv_softcap = 0;  // the logit cap (0: off) and its reciprocal
   double dropout_p;
   uint64_t seed, offset;
   bool fortran_blas = false;  // BLAS products through sgemm_/dgemm_ rather than at::addmm
@@ -552,6 +558,7 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
           const auto [c0, c1] = cut ? pb.visible(i, j0, bn) : std::pair<int64_t, int64_t>{0, bn};
           const int64_t nv = c1 - c0;
           T* sv = s + c0;
+          if (pb.softcap > T(0)) row_softcap(sv, nv, pb.softcap, pb.inv_softcap, static_cast<T*>(nullptr));
           if (pb.mask) apply_mask_row<T, scalar_t>(sv, nv, *pb.mask, b, h, i, j0 + c0);
           T tile_max = row_max(sv, nv);
           // row_max skips NaN; a tile of only NaN and -inf must still make the row NaN, not masked
@@ -626,12 +633,14 @@ struct BackwardTile {
   scalar_t* dmask;  // contiguous (B, Hq, Lq, Lk), or null
   int64_t ld;       // row stride of the tiles below
   std::vector<T> p, dp, p_drop;
+  std::vector<T> tanh_;  // the soft-cap's tanh of each score (softcap > 0 only)
 
   static Blocks tile_blocks() { return tiles ? Blocks{kBwdTileBlocks.m, round16(kBwdTileBlocks.n)} : kBwdBlasBlocks; }
 
   BackwardTile(const Problem<T>& pb_, const Grads<T>& g_, const TileOperands* ops_, scalar_t* dmask_)
       : pb(pb_), g(g_), ops(ops_), dmask(dmask_), ld(tile_blocks().n),
-        p(tile_blocks().m * ld), dp(tile_blocks().m * ld), p_drop(pb_.dropout_p > 0.0 ? tile_blocks().m * ld : 0) {}
+        p(tile_blocks().m * ld), dp(tile_blocks().m * ld), p_drop(pb_.dropout_p > 0.0 ? tile_blocks().m * ld : 0),
+        tanh_(pb_.softcap > T(0) ? tile_blocks().m * ld : 0) {}
 
   void run(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool want_dkdv, bool want_dq) {
     using tile_gemm::Band;
@@ -653,6 +662,8 @@ struct BackwardTile {
     T* dK = g.dk + ((b * pb.Hkv + hk) * pb.Lk + j0) * g.dk_ld;
     T* dV = g.dv + ((b * pb.Hkv + hk) * pb.Lk + j0) * g.dv_ld;
     T* dQ = g.dq + row0 * g.dq_ld;
+    const bool capped = pb.softcap > T(0);
+    T* tanh_tile = tanh_.data();
 
     // P = exp(scale * Q K^T + mask - lse), zero where masked or outside the band (lse = +inf on
     // empty rows gives 0). Register-blocked: score blocks outside the band are not computed; the
@@ -668,6 +679,7 @@ struct BackwardTile {
       const int64_t i = i0 + r;
       T* s = P + r * ld;
       const auto [c0, c1] = cut ? pb.visible(i, j0, bn) : std::pair<int64_t, int64_t>{0, bn};
+      if (capped) row_softcap(s + c0, c1 - c0, pb.softcap, pb.inv_softcap, tanh_tile + r * ld + c0);
       if (pb.mask) apply_mask_row<T, scalar_t>(s + c0, c1 - c0, *pb.mask, b, h, i, j0 + c0);
       row_exp_sum(s + c0, c1 - c0, g.lse[row0 + r]);
       std::fill(s, s + c0, T(0));
@@ -713,7 +725,13 @@ struct BackwardTile {
         for (int64_t c = 0; c < bn; ++c) dm[c] = static_cast<scalar_t>(ds[c]);
       }
     }
-    if (want_dkdv) {  // dK += scale * dS^T Q
+    // the soft-cap's backward: dS_raw = dS * (1 - t^2) on the visible columns (dS is 0 elsewhere)
+    if (capped)
+      for (int64_t r = 0; r < bm; ++r) {
+        const auto [c0, c1] = cut ? pb.visible(i0 + r, j0, bn) : std::pair<int64_t, int64_t>{0, bn};
+        row_softcap_bwd(dP + r * ld + c0, tanh_tile + r * ld + c0, c1 - c0);
+      }
+    if (want_dkdv) {  // dK += scale * dS_raw^T Q
       if constexpr (tiles) {
         tile_gemm::product<true, true>(bn, g.dk_ld, bm, dP, ld, ops->q_columns.rows_from(b, h, i0), dK, g.dk_ld, pb.scale,
                                        prune(Band::query_inner), lo_t, hi_t);
@@ -721,7 +739,7 @@ struct BackwardTile {
         gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.D, bm, pb.scale, dP, ld, Q, pb.q.ld, T(1), dK, g.dk_ld);
       }
     }
-    if (want_dq) {  // dQ += scale * dS K
+    if (want_dq) {  // dQ += scale * dS_raw K
       if constexpr (tiles) {
         tile_gemm::product<false, true>(bm, g.dq_ld, bn, dP, ld, ops->k_columns.rows_from(b, hk, j0), dQ, g.dq_ld, pb.scale,
                                         prune(Band::key_inner), lo_t, hi_t);
@@ -817,7 +835,7 @@ bool is_supported_dtype(at::ScalarType t) {
 }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
-                  double dropout_p, double scale) {
+                  double dropout_p, double scale, double softcap) {
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     FA_CHECK(t->defined(), "attention (cpu): ", name, " is undefined");
     FA_CHECK(t->device().is_cpu(), "attention (cpu): ", name, " must be a CPU tensor, got ", t->device());
@@ -837,6 +855,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
               ") must be a multiple of key/value heads (", k.size(1), ")");
   FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
   FA_CHECK(std::isfinite(scale), "attention (cpu): scale must be finite, got ", scale);
+  FA_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+           "attention (cpu): softcap must be finite and >= 0 (0 turns the logit cap off), got ", softcap);
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& m = *attn_mask;
     FA_CHECK(m.device().is_cpu(), "attention (cpu): attn_mask must be a CPU tensor, got ", m.device());
@@ -854,7 +874,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
 template <typename T>
 Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
                         int64_t band_lo, int64_t band_hi, double dropout_p, double scale, int64_t seed,
-                        int64_t offset, GemmMode mode) {
+                        int64_t offset, double softcap, GemmMode mode) {
   Problem<T> pb;
   pb.fortran_blas = use_fortran_blas(mode);
   pb.B = q.size(0);
@@ -871,6 +891,12 @@ Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const
   }
   pb.set_band(band_lo, band_hi);  // after Lq, Lk: clamped to [-Lq, Lk]
   pb.scale = static_cast<T>(scale);
+  if (softcap > 0.0) {
+    pb.softcap = static_cast<T>(softcap);
+    pb.inv_softcap = static_cast<T>(1.0 / softcap);
+    FA_CHECK(pb.softcap > T(0) && std::isfinite(pb.inv_softcap),
+             "attention (cpu): softcap ", softcap, " is too small for the computation's precision");
+  }
   pb.dropout_p = dropout_p;
   pb.seed = static_cast<uint64_t>(seed);
   pb.offset = static_cast<uint64_t>(offset);
@@ -934,8 +960,9 @@ Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
-                                             double dropout_p, double scale, int64_t seed, int64_t offset) {
-  check_inputs(q, k, v, attn_mask, dropout_p, scale);
+                                             double dropout_p, double scale, int64_t seed, int64_t offset,
+                                             double softcap) {
+  check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
   Tensor out = at::empty({B, Lq, Hq, Dv}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
@@ -944,7 +971,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   FA_DISPATCH_FLOATING(q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mode);
+    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap, mode);
     const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
     // named: pb points into them (the register-blocked products read k and v from their panels)
@@ -964,8 +991,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
                                                              const Tensor& v, const Tensor& out, const Tensor& lse,
                                                              const std::optional<Tensor>& attn_mask, int64_t band_lo,
                                                              int64_t band_hi, double dropout_p, double scale, int64_t seed,
-                                                             int64_t offset, bool mask_grad) {
-  check_inputs(q, k, v, attn_mask, dropout_p, scale);
+                                                             int64_t offset, bool mask_grad, double softcap) {
+  check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"dout", &dout}, {"out", &out}}) {
     FA_CHECK(t->defined() && t->device().is_cpu(), "attention_bwd (cpu): ", name, " must be a CPU tensor");
@@ -989,7 +1016,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
   FA_DISPATCH_FLOATING(q.scalar_type(), "attention_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mode);
+    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap, mode);
     scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
     const int64_t D = q.size(3), Hkv = k.size(1);
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);

@@ -1,6 +1,7 @@
 // Row operations of the CPU attention kernels (csrc/cpu/attention.cpp): row max, exp-and-sum,
-// rescale, dropout, and the softmax-backward row dS = P * (dP - D). They run on one row of a
-// score tile at a time (a few hundred contiguous values), between the two BLAS products.
+// rescale, dropout, the logit soft-cap (tanh) and its backward, and the softmax-backward row
+// dS = P * (dP - D). They run on one row of a score tile at a time (a few hundred contiguous
+// values), between the two BLAS products.
 //
 // Why not at::vec::Vectorized? An extension is compiled once, without ATen's per-capability
 // builds, so at::vec here is its DEFAULT (scalar, std::exp per element) flavour, and exp would
@@ -74,6 +75,34 @@ FA_INLINE f8 exp8(f8 x) {
   return flushed ? splat(0.f) : y * scale;
 }
 
+// tanh(x) for 8 floats (the logit soft-cap), a few ulp: for |x| <= 0.625 the odd polynomial of
+// Cephes' tanhf, x + x^3 p(x^2); above, 1 - 2 / (exp(2|x|) + 1) with |x| clamped to 10 (tanh
+// rounds to 1 in float from ~9.01 on, as it does here from 10; exp8 has no upper clamp), then x's sign. NaN stays NaN (both
+// branches carry it, and the comparisons pick the polynomial's), +-inf gives +-1.
+FA_INLINE f8 tanh8(f8 x) {
+  u8 bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const u8 sign = bits & 0x80000000u;
+  bits &= 0x7FFFFFFFu;
+  f8 a;
+  std::memcpy(&a, &bits, sizeof(a));
+  const f8 clamped = a > splat(10.f) ? splat(10.f) : a;  // NaN stays
+  const f8 big = splat(1.f) - splat(2.f) / (exp8(clamped + clamped) + splat(1.f));
+  const f8 z = a * a;
+  f8 p = splat(-5.70498872745e-3f);
+  p = p * z + splat(2.06390887954e-2f);
+  p = p * z + splat(-5.37397155531e-2f);
+  p = p * z + splat(1.33314422036e-1f);
+  p = p * z + splat(-3.33332819422e-1f);
+  const f8 small = p * z * a + a;
+  f8 r = a > splat(0.625f) ? big : small;
+  u8 rbits;
+  std::memcpy(&rbits, &r, sizeof(rbits));
+  rbits |= sign;
+  std::memcpy(&r, &rbits, sizeof(r));
+  return r;
+}
+
 FA_INLINE float hsum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -132,6 +161,34 @@ FA_ROWOP inline float row_exp_sum(float* s, int64_t n, float m) {
     acc += a;
   }
   return hsum8(acc);
+}
+
+// The logit soft-cap on one row: s[c] = cap * tanh(s[c] * inv_cap); t (if not null) gets the
+// tanh values, for the backward's dS * (1 - t^2).
+FA_ROWOP inline void row_softcap(float* s, int64_t n, float cap, float inv_cap, float* t) {
+  const f8 capv = splat(cap), inv = splat(inv_cap);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const f8 th = tanh8(load8(s + c) * inv);
+    if (t) store8(t + c, th);
+    store8(s + c, th * capv);
+  }
+  if (c < n) {
+    const f8 th = tanh8(load_partial(s + c, n - c, 0.f) * inv);
+    if (t) store_partial(t + c, th, n - c);
+    store_partial(s + c, th * capv, n - c);
+  }
+}
+
+// The soft-cap's backward on one row: ds[c] *= 1 - t[c]^2, as (1 - t)(1 + t).
+FA_ROWOP inline void row_softcap_bwd(float* ds, const float* t, int64_t n) {
+  const f8 one = splat(1.f);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const f8 th = load8(t + c);
+    store8(ds + c, load8(ds + c) * ((one - th) * (one + th)));
+  }
+  for (; c < n; ++c) ds[c] *= (1.f - t[c]) * (1.f + t[c]);
 }
 
 // o[c] *= a
@@ -196,6 +253,16 @@ inline double row_exp_sum(double* s, int64_t n, double m) {
 }
 inline void row_scale(double* o, int64_t n, double a) {
   for (int64_t c = 0; c < n; ++c) o[c] *= a;
+}
+inline void row_softcap(double* s, int64_t n, double cap, double inv_cap, double* t) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double th = std::tanh(s[c] * inv_cap);
+    if (t) t[c] = th;
+    s[c] = cap * th;
+  }
+}
+inline void row_softcap_bwd(double* ds, const double* t, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) ds[c] *= (1.0 - t[c]) * (1.0 + t[c]);
 }
 inline void row_softmax_bwd(const double* p, double* dp, int64_t n, double d) {
   for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] - d);

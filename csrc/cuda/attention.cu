@@ -12,14 +12,16 @@
 // masked to -inf.
 //
 // Forward (per query block of BM rows, per (batch, head)):
-//   for each key block:  S = Q K^T;  s = S * scale + mask (-inf where masked/outside the band/out of
-//                        range; key blocks wholly outside the band are skipped)
+//   for each key block:  S = Q K^T;  s = cap(S * scale) + mask (-inf where masked/outside the band/out
+//                        of range; key blocks wholly outside the band are skipped); cap(x) =
+//                        softcap tanh(x / softcap) when softcap > 0, else x
 //                        m' = max(m, rowmax s);  p = exp(s - m');  l = l * exp(m - m') + rowsum p
 //                        O = O * exp(m - m') + dropout(p) V
 //   out = O / l (0 where l = 0), lse = m + log l (+inf where l = 0).
 // Backward, with delta_i = sum_c dO_ic O_ic, P = exp(s - lse), Z the dropout factors:
-//   dV = (P Z)^T dO,  dP = (dO V^T) Z,  dS = P (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q,
-//   dmask = dS (the additive mask's gradient).
+//   dV = (P Z)^T dO,  dP = (dO V^T) Z,  dS = P (dP - delta),  dQ = scale dS' K,  dK = scale dS'^T Q,
+//   dmask = dS (the additive mask's gradient), with dS' = dS (1 - t^2), t = tanh(S scale / softcap)
+//   recomputed from S, when softcap > 0 (else dS' = dS).
 // dK/dV are computed per key block (looping over the query blocks and, for grouped-query
 // attention, over the query heads that share the kv head), dQ and dmask per query block (looping
 // over the key blocks): every output element has one writer, so no atomics and the result is
@@ -162,12 +164,25 @@ __device__ __forceinline__ void fill(float* dst, int n, float value) {
 }
 
 // ---- the scaled, masked score of one element ------------------------------------------------------
-// s = raw * scale + additive mask, or -inf where the key is out of range, outside the band or masked.
+// Logit soft-capping: with a.softcap > 0, replaces the scaled score s by softcap * tanh(s / softcap)
+// and returns its derivative 1 - tanh^2 (the factor the backward puts on dS on its way to dq and dk);
+// with softcap 0, leaves s alone and returns 1. tanhf (accurate) in every dtype; NaN stays NaN.
+// The branch is uniform (one value per launch).
+__device__ __forceinline__ float cap_logit(const AttentionFwdArgs& a, float& s) {
+  if (a.softcap > 0.0f) {
+    const float t = tanhf(s / a.softcap);
+    s = a.softcap * t;
+    return 1.0f - t * t;
+  }
+  return 1.0f;
+}
+
+// The score from the scaled (and capped) logit s: s + additive mask, or -inf where the key is out
+// of range, outside the band or masked.
 template <typename T>
-__device__ __forceinline__ float masked_score(const AttentionFwdArgs& a, float raw, int64_t b, int64_t h, int64_t i,
-                                              int64_t j) {
+__device__ __forceinline__ float mask_logit(const AttentionFwdArgs& a, float s, int64_t b, int64_t h, int64_t i,
+                                            int64_t j) {
   if (i >= a.len_q || j >= a.len_k || j - i < a.band_lo || j - i > a.band_hi) return -INFINITY;
-  float s = raw * a.scale;
   if (a.mask_kind != MaskKind::kNone) {
     const int64_t off = b * a.mask_stride[0] + h * a.mask_stride[1] + i * a.mask_stride[2] + j * a.mask_stride[3];
     if (a.mask_kind == MaskKind::kBool) {
@@ -177,6 +192,15 @@ __device__ __forceinline__ float masked_score(const AttentionFwdArgs& a, float r
     }
   }
   return s;
+}
+
+// s = cap(raw * scale) + additive mask, or -inf where the key is out of range, outside the band or masked.
+template <typename T>
+__device__ __forceinline__ float masked_score(const AttentionFwdArgs& a, float raw, int64_t b, int64_t h, int64_t i,
+                                              int64_t j) {
+  float s = raw * a.scale;
+  cap_logit(a, s);
+  return mask_logit<T>(a, s, b, h, i, j);
 }
 
 // ---- online softmax: masked rows and non-finite inputs ---------------------------------------------
@@ -429,7 +453,7 @@ __device__ __forceinline__ bool cp_async_ok(const T* base, int64_t row_stride, i
 // Whether every score of the block pair (queries [m0, m0 + bm), keys [n0, n0 + bn)) is in range and
 // visible, so that it needs only the scale: no mask, both ranges inside their sequences and the
 // whole block inside the band (min j - i = n0 - (m0 + bm - 1) >= lo, max j - i = n0 + bn - 1 - m0
-// <= hi). Elsewhere masked_score runs per element.
+// <= hi). Elsewhere mask_logit runs per element (the cap runs on both paths).
 __device__ __forceinline__ bool block_unmasked(const AttentionFwdArgs& a, int64_t m0, int bm, int64_t n0, int bn) {
   return a.mask_kind == MaskKind::kNone && m0 + bm <= a.len_q && n0 + bn <= a.len_k &&
          n0 - (m0 + bm - 1) >= a.band_lo && n0 + bn - 1 - m0 <= a.band_hi;
@@ -623,7 +647,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
     for (int j = 0; j < kNTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = plain ? s[j][e] * a.scale : masked_score<T>(a, s[j][e], b, h, rows_i[e >> 1], n0 + acc_col(j, e));
+        float sc = s[j][e] * a.scale;
+        cap_logit(a, sc);  // softcap > 0: the capped score is formed explicitly, also on the plain path
+        s[j][e] = plain ? sc : mask_logit<T>(a, sc, b, h, rows_i[e >> 1], n0 + acc_col(j, e));
       }
     }
 
@@ -772,11 +798,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const int64_t i = rows_i[r], jj = n0 + acc_col(j, e);
-        const float sc = plain ? s[j][e] * f.scale : masked_score<T>(f, s[j][e], b, h, i, jj);
+        float logit = s[j][e] * f.scale;
+        const float dcap = cap_logit(f, logit);  // t recomputed from the raw S: 1 - t^2
+        const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
         const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse[r]);  // lse = +inf on dead rows: 0
         const float z = f.dropout.enabled ? dropout_factor(f.dropout, drop_key[r], jj) : 1.0f;
         const float ds = p * (dp[j][e] * z - delta[r]);
-        dp[j][e] = ds;
+        dp[j][e] = ds * dcap;  // towards dq: through the cap
         if (dmask != nullptr && i < f.len_q && jj < f.len_k) dmask[(row_base + i) * f.len_k + jj] = from_float<T>(ds);
       }
     }
@@ -882,11 +910,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(
       for (int e = 0; e < 4; ++e) {
         const int col = acc_col(j, e);
         const int64_t i = m0 + col, jj = keys_j[e >> 1];
-        const float sc = plain ? st[j][e] * f.scale : masked_score<T>(f, st[j][e], b, h, i, jj);
+        float logit = st[j][e] * f.scale;
+        const float dcap = cap_logit(f, logit);  // t recomputed from the raw S^T: 1 - t^2
+        const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
         const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse_rows[stage * kBM + col]);
         const float z =
             f.dropout.enabled ? dropout_factor(f.dropout, dropout_row_key(f.dropout, row_base + i), jj) : 1.0f;
-        dpt[j][e] = p * (dpt[j][e] * z - delta_rows[stage * kBM + col]);
+        dpt[j][e] = p * (dpt[j][e] * z - delta_rows[stage * kBM + col]) * dcap;  // dS^T through the cap
         st[j][e] = p * z;
       }
     }
@@ -946,12 +976,14 @@ __device__ __forceinline__ void bwd_scores(const AttentionBwdArgs& a, BwdSmem<T>
     const float lse = sm.row_lse[r], delta = sm.row_delta[r];
     for (int c = lane; c < d.bn; c += 32) {
       const int64_t j = n0 + c;
-      const float s = masked_score<T>(f, sm.s[r * sm.lds + c], b, h, i, j);
+      float logit = sm.s[r * sm.lds + c] * f.scale;
+      const float dcap = cap_logit(f, logit);  // t recomputed from the raw S: 1 - t^2
+      const float s = mask_logit<T>(f, logit, b, h, i, j);
       const float p = s == -INFINITY ? 0.0f : exp_<T>(s - lse);  // lse = +inf on dead rows gives 0
       const float z = f.dropout.enabled ? dropout_factor(f.dropout, key, j) : 1.0f;
       const float ds = p * (sm.dp[r * sm.lds + c] * z - delta);
       if (kDkDv) sm.p[r * sm.ldp + c] = from_float<T>(p * z);
-      sm.ds[r * sm.ldp + c] = from_float<T>(ds);
+      sm.ds[r * sm.ldp + c] = from_float<T>(ds * dcap);  // towards dq and dk: through the cap
       if (!kDkDv && a.dmask != nullptr && i < f.len_q && j < f.len_k) {
         static_cast<T*>(a.dmask)[(row_base + i) * f.len_k + j] = from_float<T>(ds);
       }

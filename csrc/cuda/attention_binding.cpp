@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -25,7 +26,7 @@ void copy_strides(const at::Tensor& t, int64_t (&out)[4]) {
 // overflow worries, and callers pass unbounded ends as +-2^62).
 AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
-                              double dropout_p, double scale, int64_t seed, int64_t offset) {
+                              double dropout_p, double scale, int64_t seed, int64_t offset, double softcap) {
   check_tensor(q, q, 4, op, "q");
   check_tensor(k, q, 4, op, "k");
   check_tensor(v, q, 4, op, "v");
@@ -76,6 +77,9 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
   a.band_lo = clamp_band(band_lo);
   a.band_hi = clamp_band(band_hi);
   a.scale = static_cast<float>(scale);
+  FA_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fused_attn_C::", op,
+           " (cuda): softcap must be finite and >= 0 (0 turns it off), got ", softcap);
+  a.softcap = static_cast<float>(softcap);
   a.dropout = dropout_args(dropout_p, seed, offset, op);
   return a;
 }
@@ -83,9 +87,10 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& attn_mask, int64_t band_lo,
                                                       int64_t band_hi, double dropout_p, double scale, int64_t seed,
-                                                      int64_t offset) {
+                                                      int64_t offset, double softcap) {
   const char* op = "attention_fwd";
-  AttentionFwdArgs a = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset);
+  AttentionFwdArgs a =
+      forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   // out is (B, Hq, Lq, Dv) stored as a contiguous (B, Lq, Hq, Dv) (fused_attn.ops_common.new_attention_out).
   at::Tensor out = at::empty({a.batch, a.len_q, a.heads_q, a.head_dim_v}, q.options()).transpose(1, 2);
@@ -100,10 +105,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
-    double dropout_p, double scale, int64_t seed, int64_t offset, bool mask_grad) {
+    double dropout_p, double scale, int64_t seed, int64_t offset, bool mask_grad, double softcap) {
   const char* op = "attention_bwd";
   AttentionBwdArgs a{};
-  a.fwd = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset);
+  a.fwd = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap);
   const AttentionFwdArgs& f = a.fwd;
   check_tensor(dout, q, 4, op, "dout");
   check_tensor(out, q, 4, op, "out");

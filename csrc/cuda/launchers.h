@@ -34,7 +34,8 @@ constexpr int64_t kMaxHeadDim = 256;
 
 enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
 
-// attention forward: out = softmax(q k^T * scale + mask) v, lse = logsumexp of each score row.
+// attention forward: out = softmax(cap(q k^T * scale) + mask) v, lse = logsumexp of each score row
+// (cap: see softcap below; the identity when it is 0).
 // Strides are in elements, in (B, H, L, D) order; any strides are allowed (0 too).
 struct AttentionFwdArgs {
   DType dtype;
@@ -49,6 +50,10 @@ struct AttentionFwdArgs {
   // No band is (-len_q, len_k), top-left causal (-len_q, 0).
   int64_t band_lo, band_hi;
   float scale;
+  // Logit soft-capping (Gemma 2, FlashAttention's softcap): > 0 turns the scaled score s into
+  // softcap * tanh(s / softcap) before the mask is added; the backward multiplies dS by 1 - tanh^2
+  // on its way to dq and dk (dmask is dS itself). 0: off.
+  float softcap;
   DropoutArgs dropout;
   void* out; int64_t out_stride[4];  // (B, Hq, Lq, Dv)
   float* lse;                        // contiguous (B, Hq, Lq); +inf for rows with no key

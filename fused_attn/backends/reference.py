@@ -24,27 +24,30 @@ class ReferenceBackend(Backend):
     dtypes = {"attention": _all, "layer_norm_residual": _all, "feed_forward": _all}
 
     # ---- attention -------------------------------------------------------------------------
-    def attention_fwd(self, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset):
+    def attention_fwd(self, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0):
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
-        o = ref.attention(q, k, v, attn_mask, False, dropout_p, scale, _rng(dropout_p, seed, offset), band=band)
+        o = ref.attention(q, k, v, attn_mask, False, dropout_p, scale, _rng(dropout_p, seed, offset), band=band,
+                          softcap=softcap)
         out = new_attention_out(q, v.shape[-1])
         out.copy_(o)
         lse = ref.attention_lse(q.float(), k.float(), attn_mask if attn_mask is None or attn_mask.dtype == torch.bool
-                                else attn_mask.float(), False, scale, band=band)
+                                else attn_mask.float(), False, scale, band=band, softcap=softcap)
         return out, lse.contiguous()
 
     def attention_bwd(self, dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
-                      mask_grad):
+                      mask_grad, softcap=0.0):
         # torch.func.vjp rather than torch.autograd: op implementations run below the autograd key.
         rng = _rng(dropout_p, seed, offset)
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
         if mask_grad:
-            fn = lambda q_, k_, v_, m_: ref.attention(q_, k_, v_, m_, False, dropout_p, scale, rng, band=band)
+            fn = lambda q_, k_, v_, m_: ref.attention(q_, k_, v_, m_, False, dropout_p, scale, rng, band=band,
+                                                      softcap=softcap)
             _, vjp = torch.func.vjp(fn, q, k, v, attn_mask)
             dq, dk, dv, dmask = vjp(dout)
             dmask = dmask.contiguous()
         else:
-            fn = lambda q_, k_, v_: ref.attention(q_, k_, v_, attn_mask, False, dropout_p, scale, rng, band=band)
+            fn = lambda q_, k_, v_: ref.attention(q_, k_, v_, attn_mask, False, dropout_p, scale, rng, band=band,
+                                                  softcap=softcap)
             _, vjp = torch.func.vjp(fn, q, k, v)
             dq, dk, dv = vjp(dout)
             dmask = empty(q)

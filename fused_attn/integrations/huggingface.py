@@ -8,8 +8,9 @@ as for "sdpa"), after which
     model.set_attn_implementation("fused_attn")
 
 route every attention layer of the model through ``fused_attn.functional.attention``: grouped-query
-heads without repeating K/V, the model's scaling, its dropout in training, padding and causal
-masks as transformers passes them.
+heads without repeating K/V, the model's scaling, its logit soft-capping (Gemma 2's
+``attn_logit_softcapping``), its dropout in training, padding, causal and sliding-window masks as
+transformers passes them.
 
 Norms and MLPs: ``fused_attn.swap_modules(model)`` also sets the attention implementation and fuses,
 where the module's code is exactly the known one (its source is compared with the BERT / GPT-2 /
@@ -45,8 +46,6 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers' attention-function signature: q (B, Hq, L, D), k/v (B, Hkv, S, D); returns
     (output (B, L, Hq, Dv), None). Mirrors ``sdpa_attention_forward``'s conventions."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("fused_attn attention does not support softcap")
     if kwargs.get("position_bias") is not None:
         raise ValueError("fused_attn attention does not support position_bias")
     q_len = query.shape[2]
@@ -61,7 +60,7 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         if mask.dtype != torch.bool and mask.dtype != query.dtype:
             mask = mask.to(query.dtype)
     out = attention(query, key, value, attn_mask=mask, causal=is_causal, dropout_p=float(dropout), scale=scaling,
-                    backend=getattr(module, "fused_attn_backend", None))
+                    softcap=kwargs.get("softcap"), backend=getattr(module, "fused_attn_backend", None))
     return out.transpose(1, 2), None  # (B, L, H, D): contiguous, the op stores its output that way
 
 

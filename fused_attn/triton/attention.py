@@ -110,16 +110,30 @@ def _cols_ok(D: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, MASK_KIND: tl.constexpr,
-            CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr):
+def _softcap_tanh(x):
+    """tanh(x) from one exp2, exact at the ends (+-1 for |x| large, NaN for NaN): the interpreter has
+    no tanh, and on the GPU this costs what libdevice's would."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, MASK_KIND: tl.constexpr,
+            CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr, SOFTCAP: tl.constexpr):
     """Scaled, masked scores in base-2 units (-inf where masked) of the raw q.k tile ``qk``.
 
     ``qi``/``kj`` are the query/key indices broadcast to the tile's orientation ((M,1)/(1,N) in
     forward and dQ, (1,M)/(N,1) in dK/dV), ``mask_ptrs`` the attn_mask addresses of the tile.
     MASK_KIND: 0 none, 1 boolean (nonzero = attend), 2 additive. CHECK_BAND: query i sees key j
-    only if band_lo <= j - i <= band_hi; CHECK_KEYS: only keys j < Lk exist.
+    only if band_lo <= j - i <= band_hi; CHECK_KEYS: only keys j < Lk exist. SOFTCAP: the logit
+    is softcap * tanh(scale * qk / softcap), with qk_scale = scale / softcap and softcap_log2 =
+    softcap * log2(e) (the launcher's ``_scales``), before the mask is added.
     """
-    s = qk * qk_scale
+    if SOFTCAP:
+        s = _softcap_tanh(qk * qk_scale) * softcap_log2
+    else:
+        s = qk * qk_scale
     if MASK_KIND == 1:
         keep = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0)
         s = tl.where(keep != 0, s, float("-inf"))
@@ -163,10 +177,10 @@ def _key_ranges(start_m, Lq, Lk, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base, drop_keys, offs_m, lo, hi,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi,
-               qk_scale, drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale,
+               softcap_log2, drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-               DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr,
+               DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr,
                DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
                SCALE_NONNEG: tl.constexpr):
     """Online-softmax over the key blocks starting in [lo, hi). With STREAM_TMA the K and V tiles
@@ -191,7 +205,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASK_KIND == 0 and not CHECK_KEYS and not CHECK_BAND and SCALE_NONNEG:
+        if MASK_KIND == 0 and not CHECK_KEYS and not CHECK_BAND and not SOFTCAP and SCALE_NONNEG:
             # Nothing masked: with scale >= 0 the row maximum of the scaled scores is the scaled
             # maximum of the raw ones, so the scaled scores are never formed on their own and the
             # exponent is one FFMA per element (qk * scale - m) instead of an FMUL and an FADD.
@@ -202,7 +216,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
         else:
             mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
             s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale,
-                        MASK_KIND, CHECK_KEYS, CHECK_BAND)
+            softcap_log2,
+                        MASK_KIND, CHECK_KEYS, CHECK_BAND, SOFTCAP)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with every key so far masked has m_new = -inf; subtract 0 instead (exp2(-inf) = 0).
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -240,13 +255,13 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_mb, stride_mh, stride_mm, stride_mn,
               stride_ob, stride_oh, stride_om, stride_od,
-              Hq, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, keep_scale,
+              Hq, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, keep_scale,
               seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
               LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_tma.descriptors``)
-              D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              BANDED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, SCALE_NONNEG: tl.constexpr):
+              D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BANDED: tl.constexpr,
+              MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+              SCALE_NONNEG: tl.constexpr):
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -280,18 +295,18 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
     if BANDED:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                    offs_m, first, full_lo, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                                   stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, drop_threshold, D, DV, HEAD_DIM,
-                                   HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, True, DOT_PRECISION,
-                                   STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
+                                   stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, drop_threshold, D, DV,
+                                   HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, True,
+                                   DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                               stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, drop_threshold, D, DV, HEAD_DIM,
-                               HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False, False, DOT_PRECISION,
-                               STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
+                               stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, drop_threshold, D, DV,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, False, False,
+                               DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
-                               offs_m, full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                               stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, drop_threshold, D, DV, HEAD_DIM,
-                               HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True, BANDED, DOT_PRECISION,
+                               offs_m, full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, drop_threshold, D, DV, HEAD_DIM,
+                               HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, BANDED, DOT_PRECISION,
                                STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
 
     has_keys = l_i != 0.0  # not "> 0": a NaN row (NaN input) must stay NaN, lse included
@@ -333,13 +348,12 @@ def _attn_bwd_delta(Out, dOut, Delta,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, mask_base, dmask_base,
-                offs_n, lo, hi,
-                stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi,
-                qk_scale, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
-                D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                offs_n, lo, hi, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo,
+                band_hi, qk_scale, softcap_log2, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
+                bh, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
-                DROPOUT: tl.constexpr, CHECK_BAND: tl.constexpr, DOT_PRECISION: tl.constexpr, DKDV_PASS: tl.constexpr,
-                STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_BAND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi).
 
     Tiles are transposed ((keys, queries)) so that dK, dV accumulate with plain dots. Queries
@@ -365,8 +379,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
         lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_m, tl.int64) * stride_mm + mask_offs
-        sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale,
-                     MASK_KIND, False, CHECK_BAND)
+        sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2,
+                     MASK_KIND, False, CHECK_BAND, SOFTCAP)
         pT = tl.math.exp2(sT - lse[None, :])
         if STREAM_TMA:
             do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_V)
@@ -393,23 +407,22 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
                 dmask_ptrs = dmask_base + tl.cast(start_m, tl.int64) * Lk + dmask_offs
                 tl.store(dmask_ptrs, dsT.to(dmask_base.dtype.element_ty),
                          mask=(offs_m[None, :] < Lq) & (offs_n[:, None] < Lk))
+            if SOFTCAP:  # through the cap: d(softcap * tanh(x)) / dx = softcap * (1 - tanh(x)^2)
+                tT = _softcap_tanh(qkT * qk_scale)
+                dsT = dsT * (1.0 - tT * tT)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
 def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask,
-                   stride_qb, stride_qh, stride_qm, stride_qd,
-                   stride_kb, stride_kh, stride_kn, stride_kd,
-                   stride_vb, stride_vh, stride_vn, stride_vd,
-                   stride_mb, stride_mh, stride_mm, stride_mn,
-                   stride_gb, stride_gh, stride_gm, stride_gd,
-                   Hq, Hkv, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, scale, keep_scale,
-                   seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-                   LQ_KEY, LK_KEY, TMA_KEY,
+                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                   stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh,
+                   stride_gm, stride_gd, Hq, Hkv, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, scale,
+                   keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, LQ_KEY, LK_KEY, TMA_KEY,
                    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    BANDED: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk)).
 
@@ -456,12 +469,11 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
         # One loop for all query blocks (the band test applied to each): two loop instances (masked
         # edge blocks, then unmasked ones) keep both loops' invariants live and spill at D = 128.
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, QDesc, dODesc, b.to(tl.int32), h.to(tl.int32),
-                             Lse + bh * Lq, Delta + bh * Lq, mask_base,
-                             dmask_base, offs_n, m_lo, m_hi, stride_qm, stride_qd, stride_gm,
-                             stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, keep_scale, seed_lo,
-                             seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh, D, DV, HEAD_DIM, HEAD_DIM_V,
-                             BLOCK_M, BLOCK_N, MASK_KIND, MASK_GRAD, DROPOUT, BANDED, DOT_PRECISION, DKDV_PASS,
-                             STREAM_TMA, LOOP_STAGES)
+                             Lse + bh * Lq, Delta + bh * Lq, mask_base, dmask_base, offs_n, m_lo, m_hi, stride_qm,
+                             stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale,
+                             softcap_log2, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
+                             D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, MASK_GRAD, DROPOUT, SOFTCAP,
+                             BANDED, DOT_PRECISION, DKDV_PASS, STREAM_TMA, LOOP_STAGES)
 
     # dK, dV are contiguous (B, Hkv, Lk, D / DV).
     if DKDV_PASS != 2:
@@ -476,9 +488,9 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask_base, drop_keys, offs_m, lo, hi,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale,
-              keep_scale, drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+              softcap_log2, keep_scale, drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
               HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-              DROPOUT: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr,
+              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr,
               DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi) (K, V tiles
     through the descriptors with STREAM_TMA, as in ``_fwd_inner``)."""
@@ -503,32 +515,30 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
                         mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
-        s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale,
-                    MASK_KIND, CHECK_KEYS, CHECK_BAND)
+        s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2,
+                    MASK_KIND, CHECK_KEYS, CHECK_BAND, SOFTCAP)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(drop_keys[:, None], offs_n[None, :], drop_threshold)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            t = _softcap_tanh(qk * qk_scale)
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
 def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
-                 stride_qb, stride_qh, stride_qm, stride_qd,
-                 stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd,
-                 stride_mb, stride_mh, stride_mm, stride_mn,
-                 stride_gb, stride_gh, stride_gm, stride_gd,
-                 Hq, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, scale, keep_scale,
-                 seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-                 LQ_KEY, LK_KEY, TMA_KEY,
-                 D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                 BANDED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                 stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh,
+                 stride_gm, stride_gd, Hq, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, scale, keep_scale,
+                 seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, LQ_KEY, LK_KEY, TMA_KEY, D: tl.constexpr,
+                 DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BANDED: tl.constexpr,
+                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """dQ (contiguous, Q's shape)."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
@@ -562,16 +572,17 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
     if BANDED:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
                        first, full_lo, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
-                       band_lo, band_hi, qk_scale, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                       BLOCK_N, MASK_KIND, DROPOUT, True, True, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                       band_lo, band_hi, qk_scale, softcap_log2, keep_scale, drop_threshold, D, DV, HEAD_DIM,
+                       HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, True, DOT_PRECISION, STREAM_TMA,
+                       LOOP_STAGES)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
-                   full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
-                   band_lo, band_hi, qk_scale, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                   BLOCK_N, MASK_KIND, DROPOUT, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                   full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo,
+                   band_hi, qk_scale, softcap_log2, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                   BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
-                   full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
-                   band_lo, band_hi, qk_scale, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                   BLOCK_N, MASK_KIND, DROPOUT, True, BANDED, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                   full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo,
+                   band_hi, qk_scale, softcap_log2, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                   BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, BANDED, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     dq = dq * scale
     dq_ptrs = dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
@@ -825,7 +836,8 @@ def _make_prune(kernel: str):
         major, minor = torch.cuda.get_device_capability(args["Q"].device)
         mask_bytes = args["Mask"].element_size() if args["MASK_KIND"] else 0
         arch = major * 10 + minor
-        heavy = bool(args["MASK_KIND"] or args["DROPOUT"] or args.get("MASK_GRAD", False))
+        heavy = bool(args["MASK_KIND"] or args["DROPOUT"] or args.get("MASK_GRAD", False)
+                     or args.get("SOFTCAP", False))
         tma = ("off", "auto", "only")[args.get("TMA_KEY", 0)]
         keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
                                                 mask_bytes, heavy, tma, bool(args.get("BANDED", False)))]
@@ -842,7 +854,7 @@ def _make_prune(kernel: str):
     return prune
 
 
-_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "BANDED", "MASK_KIND", "DROPOUT"]
+_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "BANDED", "MASK_KIND", "DROPOUT", "SOFTCAP"]
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 _tuned = {}
 
@@ -929,15 +941,24 @@ def _band_args(band_lo, band_hi, Lq, Lk):
     return lo, hi, (Lq - 1) + lo > 0 or hi < Lk - 1
 
 
-def _common_constexprs(q, v, banded, mask_kind, dropout_p):
+def _scales(scale, softcap):
+    """(qk_scale, softcap_log2) of the kernels: the logits in base-2 units are qk * qk_scale, or with
+    a soft cap softcap_log2 * tanh(qk * qk_scale) (see _scores)."""
+    if softcap > 0.0:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0
+
+
+def _common_constexprs(q, v, banded, mask_kind, dropout_p, softcap):
     D, Dv = q.shape[3], v.shape[3]
     float32 = q.dtype == torch.float32
     return dict(D=D, DV=Dv, HEAD_DIM=_pow2(D), HEAD_DIM_V=_pow2(Dv), BANDED=bool(banded), MASK_KIND=mask_kind,
-                DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if float32 else "tf32",
+                DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, DOT_PRECISION="ieee" if float32 else "tf32",
                 LOOP_STAGES=1 if float32 and mask_kind == MASK_ADDITIVE else None)
 
 
-def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse, tma=None):
+def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse, tma=None,
+                    softcap=0.0):
     """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT
     tests). K and V go in twice: as pointers and, when TMA is used, as descriptors."""
     B, Hq, Lq, _ = q.shape
@@ -947,9 +968,10 @@ def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed
     k_desc, v_desc, tma_key = descriptors(k, v, tma=tma)
     band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
     args = (q, k, v, k_desc, v_desc, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            *out.stride(), Hq, Hq // Hkv, Lq, Lk, band_lo, band_hi, scale * LOG2E, keep_scale, *drop, _len_key(Lq),
-            _len_key(Lk), tma_key)
-    return Lq, B * Hq, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p), SCALE_NONNEG=scale >= 0)
+            *out.stride(), Hq, Hq // Hkv, Lq, Lk, band_lo, band_hi, *_scales(scale, softcap), keep_scale, *drop,
+            _len_key(Lq), _len_key(Lk), tma_key)
+    return Lq, B * Hq, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap),
+                                  SCALE_NONNEG=scale >= 0)
 
 
 #: _attn_bwd_dkdv's DKDV_PASS values: both gradients in one pass, or dK (+ dMask) and dV apart
@@ -964,7 +986,7 @@ def dkdv_passes(head_dim: int, head_dim_v: int) -> tuple:
 
 
 def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
-                    mask_grad, dq, dk, dv, dmask, tma=None):
+                    mask_grad, dq, dk, dv, dmask, tma=None, softcap=0.0):
     """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels.
     The dkdv constexprs name its first pass; ``dkdv_passes`` lists all of them."""
     B, Hq, Lq, _ = q.shape
@@ -972,9 +994,9 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, drop
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
     keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
     band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
-    common = _common_constexprs(q, v, banded, mask_kind, dropout_p)
+    common = _common_constexprs(q, v, banded, mask_kind, dropout_p, softcap)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
-    tail = (Lq, Lk, band_lo, band_hi, scale * LOG2E, scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
+    tail = (Lq, Lk, band_lo, band_hi, *_scales(scale, softcap), scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
     q_desc, do_desc, dkdv_tma = descriptors(q, dout, tma=tma)
     k_desc, v_desc, dq_tma = descriptors(k, v, tma=tma)
     dkdv = (q, k, v, q_desc, do_desc, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq,
@@ -985,7 +1007,7 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, drop
             "dq": (Lq, B * Hq, dq_args, common)}
 
 
-def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset):
+def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0):
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     out = new_attention_out(q, v.shape[3])
@@ -996,11 +1018,13 @@ def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, 
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse))
+    _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse,
+                                    softcap=softcap))
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mask_grad):
+def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mask_grad,
+                  softcap=0.0):
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -1020,7 +1044,7 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M,
         **LAUNCH_OPTIONS)
     launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
-                               offset, mask_grad, dq, dk, dv, dmask)
+                               offset, mask_grad, dq, dk, dv, dmask, softcap=softcap)
     rows, heads, args, constexprs = launches["dkdv"]
     for dkdv_pass in dkdv_passes(constexprs["HEAD_DIM"], constexprs["HEAD_DIM_V"]):
         _launch("dkdv", rows, heads, args, dict(constexprs, DKDV_PASS=dkdv_pass))

@@ -1,8 +1,12 @@
-"""Local (sliding-window) attention and bottom-right alignment, on every backend of this machine.
+"""Attention's FlashAttention-style options on every backend of this machine: local (sliding-window)
+attention, bottom-right alignment and logit soft-capping.
 
 The user's terms (``causal``, ``window_size``, ``alignment``) become one band (band_lo, band_hi)
 in ``ops_common.attention_band``; the kernels see only the band. The oracle here is built from the
 user's terms directly (``reference.visible_keys``), so a wrong band formula fails these tests too.
+Soft-capping: the logits are ``softcap * tanh(scale * q.k / softcap)`` before the mask; its tests
+scale q and k up so that the cap bites (|scale * q.k| well above the cap for many pairs), where a
+kernel that skipped the cap, or its derivative 1 - tanh^2 in the backward, would be far off.
 """
 import itertools
 
@@ -19,9 +23,12 @@ WINDOWS = [None, (0, 0), (1, 0), (2, 3), (-1, 1), (3, -1), (0, -1), (-1, 0), (-1
 
 
 def cases(dtype):
+    """(device, backend) pairs: every backend on the CPU; on a GPU the fused ones (the reference
+    backend is the oracle itself, already run on the CPU), with the gpu mark for gpu_check.sh."""
     return [pytest.param(device, backend, id=f"{device}-{backend}",
                          marks=(pytest.mark.gpu,) if device == "cuda" else ())
-            for device in DEVICES for backend in runnable_backends("attention", device=device, dtype=dtype)]
+            for device in DEVICES for backend in runnable_backends("attention", device=device, dtype=dtype)
+            if not (device == "cuda" and backend == "reference")]
 
 
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
@@ -59,9 +66,12 @@ CASES = [
 ]
 
 
-def _run_case(backend, dtype, case):
+def _run_case(backend, dtype, case, softcap=None):
+    """The fused call against the oracle, forward and every gradient; with a softcap, q and k x4."""
     name, B, Hq, Hkv, Lq, Lk, D, causal, window, alignment, extra = case
     q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, seed=Lq + Lk)
+    if softcap:  # |scale * q.k| ~ 16 typical, above every cap used here
+        q, k = ((t.detach() * 4).requires_grad_() for t in (q, k))
     inputs = [q, k, v]
     names = ["q", "k", "v"]
     p = 0.0
@@ -80,11 +90,12 @@ def _run_case(backend, dtype, case):
 
     def fused(q, k, v, mask=None):
         return F.attention(q, k, v, attn_mask=mask, causal=causal, window_size=window, alignment=alignment,
-                           dropout_p=p, backend=backend, generator=rng())
+                           softcap=softcap, dropout_p=p, backend=backend, generator=rng())
 
     def reference(q, k, v, mask=None):
         seed_offset = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=rng()).tolist()) if p else None
-        return R.attention(q, k, v, mask, causal, p, None, seed_offset, window_size=window, alignment=alignment)
+        return R.attention(q, k, v, mask, causal, p, None, seed_offset, window_size=window, alignment=alignment,
+                           softcap=softcap)
 
     return check_against_reference(fused, reference, inputs, names=names)
 
@@ -186,3 +197,61 @@ def test_empty_band_through_the_ops(device, backend, band):
                                                    None, False, backend)
     for g in grads[:3]:
         assert torch.all(g == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit soft-capping
+# ---------------------------------------------------------------------------------------------
+
+# (case as above, softcap)
+SOFTCAP_CASES = [
+    (("cap 5", 1, 2, 2, 33, 47, 32, False, None, "top_left", None), 5.0),
+    (("cap 30 causal gqa", 2, 4, 2, 97, 97, 40, True, None, "top_left", None), 30.0),
+    (("cap 3 window bool mask", 1, 2, 1, 61, 80, 16, True, (9, 0), "bottom_right", "bool"), 3.0),
+    (("cap 8 additive mask grad", 1, 2, 2, 17, 29, 24, False, None, "top_left", "additive"), 8.0),
+    (("cap 4 dropout", 1, 2, 2, 40, 40, 16, False, None, "top_left", "dropout"), 4.0),
+    (("single row and key", 1, 1, 1, 1, 1, 8, False, None, "top_left", None), 2.0),
+]
+
+
+@pytest.mark.parametrize("case,softcap", SOFTCAP_CASES, ids=[c[0][0] for c in SOFTCAP_CASES])
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_softcap_matches_reference_float32(device, backend, case, softcap):
+    with torch.device(device):
+        _run_case(backend, torch.float32, case, softcap)
+
+
+HALF_SOFTCAP_CASES = [SOFTCAP_CASES[1], SOFTCAP_CASES[3]]
+
+
+@pytest.mark.parametrize("case,softcap", HALF_SOFTCAP_CASES, ids=[c[0][0] for c in HALF_SOFTCAP_CASES])
+@pytest.mark.parametrize("device,backend", [c for c in cases(torch.float16) if c.values[1] != "reference"])
+def test_softcap_matches_reference_float16(device, backend, case, softcap):
+    with torch.device(device):
+        _run_case(backend, torch.float16, case, softcap)
+
+
+def test_softcap_changes_the_answer():
+    """The oracle itself: a cap that bites changes the output; a huge cap leaves it (nearly) as is."""
+    q, k, v = make_inputs((1, 1, 9, 8), (1, 1, 9, 8), (1, 1, 9, 8), requires_grad=False)
+    q = q * 4
+    plain = R.attention(q, k, v)
+    assert not torch.allclose(R.attention(q, k, v, softcap=2.0), plain, atol=1e-2)
+    torch.testing.assert_close(R.attention(q, k, v, softcap=1e6), plain)
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_softcap_zero_is_off(device, backend):
+    with torch.device(device):
+        q, k, v = make_inputs((1, 2, 13, 16), (1, 2, 21, 16), (1, 2, 21, 16), requires_grad=False)
+        assert torch.equal(F.attention(q, k, v, softcap=0.0, backend=backend), F.attention(q, k, v, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_softcap_keeps_nan_in_its_row(device, backend):
+    with torch.device(device):
+        q, k, v = make_inputs((1, 1, 5, 8), (1, 1, 6, 8), (1, 1, 6, 8), requires_grad=False)
+        q[0, 0, 2, 3] = float("nan")
+        out = F.attention(q, k, v, softcap=5.0, backend=backend)
+    assert torch.isnan(out[0, 0, 2]).all()
+    assert torch.isfinite(out[0, 0, [0, 1, 3, 4]]).all()

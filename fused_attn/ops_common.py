@@ -53,5 +53,8 @@ def attention_band(Lq, Lk, causal: bool = False, window_size=None, alignment: st
 
 def clamp_band(band_lo: int, band_hi: int, Lq: int, Lk: int) -> tuple[int, int]:
     """The band with both ends clamped to [-Lq, Lk]: the same visible keys (i + (-Lq) < 0 <= j
-    and i + Lk > Lk - 1 >= j for every query i < Lq and key j < Lk), but small numbers."""
-    return min(max(int(band_lo), -Lq), Lk), min(max(int(band_hi), -Lq), Lk)
+    and i + Lk > Lk - 1 >= j for every query i < Lq and key j < Lk), but small numbers. An empty
+    band (band_lo > band_hi) comes out as (Lk, Lk), which hides every key too with lo <= hi (the
+    Triton kernels' one-compare band test relies on it)."""
+    lo, hi = min(max(int(band_lo), -Lq), Lk), min(max(int(band_hi), -Lq), Lk)
+    return (Lk, Lk) if lo > hi else (lo, hi)

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import fused_attn
-from fused_attn import _rng
 from fused_attn import reference as ref
 from fused_attn.ops import AttentionFunction
 from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
@@ -201,44 +200,19 @@ class _RawBandAttention(torch.autograd.Function):
         return dq, dk, dv, dmask.sum_to_size(mask.shape) if mask_grad else None, *([None] * 7)
 
 
-def _band_keep(Lq, Lk, lo, hi):
-    i, j = torch.arange(Lq).unsqueeze(1), torch.arange(Lk).unsqueeze(0)
-    return (j - i >= lo) & (j - i <= hi)
-
-
-def _capped_attention(q, k, v, mask, dropout_p, scale, rng, softcap):
-    """(out, lse) of softmax(softcap * tanh(scale q k^T / softcap) + mask) v, written out here (the
-    logit soft-cap of Gemma 2 / FlashAttention); rows with no key left give zeros and lse = +inf."""
-    if q.shape[1] != k.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
-    s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
-    s = s.masked_fill(dead, 0.0)
-    lse = torch.logsumexp(s.detach(), dim=-1).masked_fill(dead.squeeze(-1), float("inf"))
-    p = torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
-    if dropout_p > 0:
-        p = _rng.apply_dropout(p, dropout_p, int(rng[0]), int(rng[1]))
-    return torch.matmul(p, v), lse
-
-
 def _band_reference(lo, hi, dropout_p, scale, rng, softcap=0.0):
     """(out, lse) of softmax attention with keep = (j - i >= lo) & (j - i <= hi) & mask; dead rows zero.
     softcap > 0: the logits are softcap * tanh(scale q.k / softcap) before the mask and the band."""
     def reference(q, k, v, mask=None):
-        keep = _band_keep(q.shape[2], k.shape[2], lo, hi)
+        keep = ref.visible_keys(q.shape[2], k.shape[2], band=(lo, hi))
         if mask is None:
             mask = keep
         elif mask.dtype == torch.bool:
             mask = mask & keep
         else:  # additive: -inf outside the band; the gradient of mask passes through the sum
             mask = mask + torch.zeros(keep.shape, dtype=mask.dtype).masked_fill(~keep, float("-inf"))
-        if softcap > 0:
-            return _capped_attention(q, k, v, mask, dropout_p, scale, rng, softcap)
-        out = ref.attention(q, k, v, mask, False, dropout_p, scale, rng if dropout_p > 0 else None)
-        return out, ref.attention_lse(q.detach(), k.detach(), mask.detach(), False, scale)
+        out = ref.attention(q, k, v, mask, False, dropout_p, scale, rng if dropout_p > 0 else None, softcap=softcap)
+        return out, ref.attention_lse(q.detach(), k.detach(), mask.detach(), False, scale, softcap=softcap)
     return reference
 
 
@@ -343,7 +317,7 @@ def test_band_gemm_modes_meet_the_oracle(monkeypatch, mode, case):
 
 # ---- oracle: logit soft-capping ----------------------------------------------------------------
 # softcap > 0: the logits are softcap * tanh(scale q.k / softcap), then the mask and the band,
-# through the compiled ops against _capped_attention (float64, written out above). q is scaled by
+# through the compiled ops against fused_attn.reference's (float64, _band_reference). q is scaled by
 # 4 so that |scale q.k| (std ~ 0.3 * 4 * sqrt(D), about 8-10) passes a cap of 5 on most pairs and
 # bends tanh well away from linear under a cap of 30.
 
@@ -489,7 +463,7 @@ def test_band_with_no_visible_key(dtype, band):
     out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, lo, hi, 0.1, 0.25, 5, 6)
     dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, lo, hi, 0.1, 0.25, 5, 6,
                                                              True)
-    assert not _band_keep(39, 35, lo, hi).any()  # (the premise: no query sees any key)
+    assert not ref.visible_keys(39, 35, band=(lo, hi)).any()  # (the premise: no query sees any key)
     assert torch.all(out == 0) and torch.all(lse == float("inf"))
     for g in (dq, dk, dv, dmask):
         assert torch.all(g == 0)

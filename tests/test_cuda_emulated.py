@@ -85,11 +85,9 @@ def _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap=0.0):
 
 
 def band_keep(band, Lq, Lk):
-    """The (Lq, Lk) bool matrix of the band, built here from its definition: query i sees key j iff
-    lo <= j - i <= hi (independent of the kernels' block ranges and of fused_attn's helpers)."""
-    lo, hi = band
-    rel = torch.arange(Lk).unsqueeze(0) - torch.arange(Lq).unsqueeze(1)  # j - i
-    return (rel >= lo) & (rel <= hi)
+    """The (Lq, Lk) bool matrix of the band: query i sees key j iff lo <= j - i <= hi (the
+    reference's definition, independent of the kernels' block ranges)."""
+    return R.visible_keys(Lq, Lk, band=band)
 
 
 def with_band(mask, band, Lq, Lk):
@@ -122,58 +120,23 @@ def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, b
     return out, lse, dq, dk, dv, dmask
 
 
-def capped_scores(q, k, mask, scale, softcap):
-    """The logits softcap * tanh(scale q.k / softcap), then the mask (bool, or additive, the band
-    folded in): written here from the definition (Gemma 2 / FlashAttention's softcap)."""
-    if q.shape[1] != k.shape[1]:  # grouped-query: query head h reads kv head h // (Hq // Hkv)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    s = softcap * torch.tanh(torch.matmul(q, k.transpose(-2, -1)) * scale / softcap)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    return s
-
-
-def capped_attention(q, k, v, mask, scale, p, rng, softcap):
-    """The soft-capped attention's output (rows with no key: zeros, as fused_attn.reference)."""
-    s = capped_scores(q, k, mask, scale, softcap)
-    if q.shape[1] != v.shape[1]:
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
-    probs = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    if p > 0:
-        probs = _rng.apply_dropout(probs, p, int(rng[0]), int(rng[1]))
-    return torch.matmul(probs, v)
-
-
-def capped_lse(q, k, mask, scale, softcap):
-    lse = torch.logsumexp(capped_scores(q, k, mask, scale, softcap), dim=-1)
-    return lse.masked_fill(lse == float("-inf"), float("inf"))
-
-
 def reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype, softcap=0.0):
     """The same quantities from fused_attn.reference in ``dtype`` (autograd for the gradients), the
-    band applied as a mask (with_band); dmask is the gradient of the given mask. softcap > 0: from
-    capped_attention instead."""
+    band applied as a mask (with_band); dmask is the gradient of the given mask."""
     cast = lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(dtype))
     q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
     Lq, Lk = q.shape[2], k.shape[2]
     additive = mask is not None and mask.dtype != torch.bool
     rng = (seed, offset) if p > 0 else None
-    if softcap > 0:
-        attend = lambda q, k, v, m: capped_attention(q, k, v, with_band(m, band, Lq, Lk), scale, p, rng, softcap)
-    else:
-        attend = lambda q, k, v, m: R.attention(q, k, v, attn_mask=with_band(m, band, Lq, Lk), dropout_p=p,
-                                                scale=scale, rng=rng)
+    attend = lambda q, k, v, m: R.attention(q, k, v, attn_mask=with_band(m, band, Lq, Lk), dropout_p=p, scale=scale,
+                                            rng=rng, softcap=softcap)
     if additive:
         out, vjp = torch.func.vjp(attend, q_, k_, v_, m_)
         dq, dk, dv, dmask = vjp(dout.to(dtype))
     else:
         out, vjp = torch.func.vjp(lambda q, k, v: attend(q, k, v, m_), q_, k_, v_)
         (dq, dk, dv), dmask = vjp(dout.to(dtype)), None
-    if softcap > 0:
-        lse = capped_lse(q_, k_, with_band(m_, band, Lq, Lk), scale, softcap)
-    else:
-        lse = R.attention_lse(q_, k_, attn_mask=with_band(m_, band, Lq, Lk), scale=scale)
+    lse = R.attention_lse(q_, k_, attn_mask=with_band(m_, band, Lq, Lk), scale=scale, softcap=softcap)
     return out, lse, dq, dk, dv, dmask
 
 
@@ -334,10 +297,8 @@ def test_emulated_mma_kernels_match_reference(emu, name):
         q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
         m_ = with_band(m_, band, Lq, Lk)
         rng = (seed, offset) if p > 0 else None
-        if softcap > 0:
-            return capped_attention(q_, k_, v_, m_, scale, p, rng, softcap), capped_lse(q_, k_, m_, scale, softcap)
-        return (R.attention(q_, k_, v_, attn_mask=m_, dropout_p=p, scale=scale, rng=rng),
-                R.attention_lse(q_, k_, attn_mask=m_, scale=scale))
+        return (R.attention(q_, k_, v_, attn_mask=m_, dropout_p=p, scale=scale, rng=rng, softcap=softcap),
+                R.attention_lse(q_, k_, attn_mask=m_, scale=scale, softcap=softcap))
 
     (out64, lse64), (out_lp, lse_lp) = reference(torch.float64), reference(dtype)
     compare("out", out, out64, out_lp)
@@ -415,8 +376,8 @@ def test_emulated_softcap_forward_nan_stays_in_its_row(emu, dtype):
     bad[0, 1, 5] = False
     assert not bad.any()
     scale = 1.0 / math.sqrt(64)
-    ref64 = capped_attention(q.double(), k.double(), v.double(), None, scale, 0.0, None, 5.0)
-    ref_lp = capped_attention(q, k, v, None, scale, 0.0, None, 5.0)
+    ref64 = R.attention(q.double(), k.double(), v.double(), scale=scale, softcap=5.0)
+    ref_lp = R.attention(q, k, v, scale=scale, softcap=5.0)
     keep = torch.ones(70, dtype=torch.bool)
     keep[5] = False
     compare("out (finite rows)", out[0, 1, keep], ref64[0, 1, keep], ref_lp[0, 1, keep])

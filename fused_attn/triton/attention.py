@@ -935,9 +935,7 @@ def _mask_args(attn_mask, dummy):
 def _band_args(band_lo, band_hi, Lq, Lk):
     """(band_lo, band_hi, BANDED): the band clamped to [-Lq, Lk] and whether it hides any key from any
     query (some row i has i + band_lo > 0 or i + band_hi < Lk - 1); unbanded kernels skip the tests."""
-    lo, hi = clamp_band(band_lo, band_hi, Lq, Lk)
-    if lo > hi:  # no key visible anywhere; (Lk, Lk) says the same with lo <= hi, which _scores needs
-        lo = hi = Lk
+    lo, hi = clamp_band(band_lo, band_hi, Lq, Lk)  # lo <= hi, as _scores' one-compare test needs
     return lo, hi, (Lq - 1) + lo > 0 or hi < Lk - 1
 
 

@@ -54,7 +54,33 @@ def _check_same(ref_name: str, ref: Tensor, others: dict) -> None:
                             f"inputs must share one dtype")
 
 
+def _concrete(value):
+    """``value`` as a plain Python number: under torch.compile a symbolic int, float or bool is
+    specialised to the value it has in this trace, under a guard (a call where it differs
+    recompiles). Anything else, and everything in eager mode, is returned as is.
+
+    With ``torch.compile(dynamic=True)`` every size is a SymInt and every float argument, defaults
+    included, a SymFloat. The facts that choose the backend (head dims, hidden size, ``Hq != Hkv``,
+    ``dropout_p > 0`` ...) must be constants at trace time: ``backends.resolve`` makes the choice
+    once and bakes it into the graph, and takes no symbols. The float options are specialised too:
+    they are checked with ``math`` (which takes no SymFloat) and are a model's fixed
+    hyperparameters anyway. Batch and sequence lengths never come here and stay symbolic, so a new
+    length does not recompile (the attention band, which bottom-right alignment computes from the
+    lengths, goes to the ops as SymInts).
+    """
+    # Dynamo passes a symbolic number off as an int / float / bool to isinstance, hence the test
+    # on is_compiling (a constant in a trace) rather than on the Sym types.
+    if torch.compiler.is_compiling() and isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        # Imported here: it costs ~0.5 s (sympy), and a trace has it loaded already. Dynamo
+        # traces guard_scalar (a constant passes through); int() or bool() would stay symbolic.
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+        return guard_scalar(value)
+    return value
+
+
 def _check_prob(name: str, p) -> float:
+    p = _concrete(p)
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
     p = float(p)
@@ -154,6 +180,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     if k.shape[3] != D:
         raise ValueError(f"q and k must have the same head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    D, Dv = _concrete(D), _concrete(Dv)  # they choose the backend (and the default scale)
     if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
         raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
                          f"(k.shape[1] = {Hkv})")
@@ -162,6 +189,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")
     dropout_p = _check_prob("dropout_p", dropout_p)
+    scale, softcap = _concrete(scale), _concrete(softcap)
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -189,7 +217,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     check_backend_name(backend)
     call = Call("attention", q.device, q.dtype, {
         "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
-        "dropout": dropout_p > 0.0, "gqa": Hq != Hkv, "softcap": softcap > 0.0,
+        "dropout": dropout_p > 0.0, "gqa": _concrete(Hq != Hkv), "softcap": softcap > 0.0,
         "mask": None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
         "mask_grad": attn_mask is not None and attn_mask.requires_grad})
     name = resolve(call, backend)
@@ -219,7 +247,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
             half precision); the normalised output keeps x's dtype.
     """
     _check_tensor("x", x, min_ndim=1)
-    d = x.shape[-1]
+    d = _concrete(x.shape[-1])  # it chooses the backend
     if residual is not None:
         _check_tensor("residual", residual)
         if residual.shape != x.shape:
@@ -235,6 +263,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
             if p.shape[0] != d:
                 raise ValueError(f"{name} must have shape ({d},) to match x's last dimension, got {tuple(p.shape)}")
     _check_same("x", x, {"weight": weight, "bias": bias})
+    eps = _concrete(eps)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
     if not (eps > 0 and math.isfinite(eps)):

@@ -6,10 +6,12 @@ import torch
 import torch.nn as nn
 
 import fused_attn
+from fused_attn import functional as F
 from fused_attn import modules as M
 from fused_attn.backends import BACKENDS, Call
 from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
 from fused_attn.testing import make_inputs
+from torch._dynamo.testing import CompileCounterWithBackend
 
 D, H, B, L = 32, 4, 2, 9
 
@@ -51,10 +53,11 @@ def test_fused_transformer_compiles_fullgraph():
     _assert_same(_run(compiled_model, x, key_padding_mask=padding, is_causal=True), eager)
 
 
-@pytest.mark.parametrize("dynamic", [False, None])
+@pytest.mark.parametrize("dynamic", [False, None, True])
 def test_windowed_bottom_right_attention_compiles_fullgraph(dynamic):
     """The band is computed from the shapes (bottom-right: Lk - Lq), also when they are symbolic:
-    with dynamic=None the second call recompiles with symbolic sequence lengths."""
+    with dynamic=None the second call recompiles with symbolic sequence lengths, with dynamic=True
+    the first is symbolic already."""
     def fn(q, k, v):
         return fused_attn.functional.attention(q, k, v, causal=True, window_size=(4, 0), alignment="bottom_right")
 
@@ -69,6 +72,86 @@ def test_windowed_bottom_right_attention_compiles_fullgraph(dynamic):
         torch.testing.assert_close(out, expected)
         for a, b in zip((q, k, v), ref):
             torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic=True: every size is symbolic from the first trace. The sizes that choose the backend
+# (head dims, hidden size, Hq != Hkv) and the float options are specialised
+# (functional._concrete); batch and lengths stay symbolic, so a second length reuses the graph.
+# The sizes below differ from the lengths on purpose: Dynamo gives equal sizes one symbol, and
+# specialising a head dim of 9 would specialise a length of 9 with it.
+# ---------------------------------------------------------------------------------------------
+
+def _grads_of(fn, args):
+    """fn(*args) and the gradients of every tensor in args, from fresh leaves."""
+    leaves = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(5)
+    torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen) for o in outs])
+    return [o.detach() for o in outs], [a.grad for a in leaves if isinstance(a, torch.Tensor)]
+
+
+def _check_dynamic(fn, make_args, lengths=(9, 13)):
+    """fn compiled with dynamic=True, fullgraph=True matches eager at each length, and only the
+    first length compiles (the frame count may include a restarted analysis, so it is compared
+    after the first call, not to 1)."""
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=counter)
+    for i, n in enumerate(lengths):
+        args = make_args(n)
+        got, expected = _grads_of(compiled, args), _grads_of(fn, args)
+        if i == 0:
+            frames = counter.frame_count
+            assert frames >= 1
+        for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert counter.frame_count == frames, "a new length recompiled"
+
+
+def test_attention_compiles_dynamic():
+    """GQA (Hq != Hkv), causal, window, Lq != Lk, Dv != D. dynamic=True makes the float arguments
+    symbolic too: scale and softcap passed in, dropout_p's default."""
+    def fn(q, k, v, scale, softcap):
+        return F.attention(q, k, v, causal=True, window_size=(3, 1), scale=scale, softcap=softcap)
+
+    _check_dynamic(fn, lambda n: [*make_inputs((2, 4, n, 16), (2, 2, n + 3, 16), (2, 2, n + 3, 24), seed=n),
+                                  0.3, 5.0])
+
+
+def test_layer_norm_residual_compiles_dynamic():
+    def fn(x, residual, weight, bias):
+        return F.layer_norm_residual(x, residual, weight, bias, prenorm=True)
+
+    _check_dynamic(fn, lambda n: make_inputs((2, n, 24), (2, n, 24), (24,), (24,), seed=n))
+
+
+def test_feed_forward_compiles_dynamic():
+    def fn(x, w1, b1, w2, b2):
+        return F.feed_forward(x, w1, b1, w2, b2, activation="swiglu")
+
+    _check_dynamic(fn, lambda n: make_inputs((2, n, 24), (80, 24), (80,), (24, 40), (24,), seed=n))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: M.MultiHeadAttention(D, H, num_kv_heads=2, causal=True, window_size=(3, 0)),
+    lambda: M.TransformerLayer(D, H, 48, norm_first=True, num_kv_heads=2, activation="swiglu"),
+], ids=["mha", "layer"])
+def test_module_compiles_dynamic(make):
+    """The modules' float attributes (eps, dropout) come through Dynamo as symbols too; with a key
+    padding mask, whose length is the keys'."""
+    torch.manual_seed(0)
+    model = make()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend=counter)
+    for i, n in enumerate((L, L + 4)):
+        (x,) = make_inputs((B, n, D), seed=n, requires_grad=False)
+        padding = torch.zeros(B, n, dtype=torch.bool)
+        padding[1, -2:] = True
+        _assert_same(_run(compiled, x, key_padding_mask=padding), _run(model, x, key_padding_mask=padding))
+        if i == 0:
+            frames = counter.frame_count
+    assert counter.frame_count == frames, "a new length recompiled"
 
 
 def test_swapped_torch_encoder_compiles_fullgraph():

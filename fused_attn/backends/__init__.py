@@ -71,6 +71,8 @@ def resolve(call: Call, backend: str | None = None) -> str:
 
     Under torch.compile the choice is made once, at trace time, and baked into the graph (the
     inputs' device and dtype are guarded by the compiler anyway), so dispatch never breaks a graph.
+    The options must then be plain constants, not symbols: ``functional._concrete`` specialises
+    the sizes and floats they come from under ``dynamic=True``.
     """
     options = tuple(sorted(call.options.items()))
     return _resolve_constant(call.op, call.device.type, call.dtype, options, backend)

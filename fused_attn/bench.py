@@ -46,6 +46,7 @@ import dataclasses
 import datetime
 import gc
 import inspect
+import itertools
 import json
 import math
 import os
@@ -291,6 +292,80 @@ class AttentionCase(Case):
 
 
 @dataclass(frozen=True)
+class VarlenAttentionCase(Case):
+    """Packed sequences of different lengths (``attention_varlen``), causal: the fused backends on
+    the packed tensors against SDPA on the same sequences padded to the longest (a key-padding
+    mask; the pad and unpad copies are in its time, as for a user whose data is packed) and the
+    eager reference run sequence by sequence."""
+    lengths: tuple
+    H: int
+    D: int
+    causal: bool = True
+    op = "attention"
+    has_sdpa = True
+
+    def label(self):
+        return (f"varlen {len(self.lengths)} seqs {sum(self.lengths)} tok max {max(self.lengths)} H{self.H} "
+                f"D{self.D}" + (" causal" if self.causal else ""))
+
+    def cu(self, device):
+        return torch.tensor([0] + list(itertools.accumulate(self.lengths)), dtype=torch.int32, device=device)
+
+    def fwd_flops(self):  # only the pairs inside each sequence count
+        return sum(4 * self.H * n * n * self.D / (2 if self.causal else 1) for n in self.lengths)
+
+    def work(self, pass_, dtype):
+        return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * self.fwd_flops()
+
+    def check_case(self):
+        return dataclasses.replace(self, lengths=tuple(min(n, 1024) for n in self.lengths[:4]), H=min(self.H, 2))
+
+    def calls(self, device, dtype):
+        return [Call("attention", torch.device(device), dtype, {
+            "head_dim": self.D, "head_dim_v": self.D, "causal": self.causal, "window": False, "dropout": False,
+            "gqa": False, "softcap": False, "mask": None, "mask_grad": False, "varlen": True})]
+
+    def eager_bytes(self, dtype):
+        return 8 * self.H * max(self.lengths) ** 2 * max(4, _itemsize(dtype))
+
+    def make_inputs(self, device, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [_randn((sum(self.lengths), self.H, self.D), gen, device, dtype) for _ in range(3)]
+
+    def impls(self, device, dtype, backends, baselines, seed):
+        causal, cu, longest = self.causal, self.cu(device), max(self.lengths)
+        out = [_fused_impl(name, lambda q, k, v, name=name: FA.attention_varlen(
+            q, k, v, cu, cu, longest, longest, causal=causal, backend=name), skip=skip) for name, skip in backends]
+        if "eager" in baselines:
+            out.append(Impl("eager", "baseline", lambda q, k, v: R.attention_varlen(q, k, v, cu, cu, causal)))
+        if "sdpa" in baselines:
+            lengths = self.lengths
+            # which padded slot each packed token goes to, and the (B, 1, L, L) keep-mask
+            slots = torch.cat([torch.arange(n, device=device) + s * longest for s, n in enumerate(lengths)])
+            real = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+            keep = real[:, None, None, :]
+            if causal:
+                keep = keep & torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+            # padding rows attend to everything (not to nothing, which gives SDPA NaN rows whose
+            # backward poisons dK, dV); unpad drops them, so their gradient is zero
+            keep = keep | ~real[:, None, :, None]
+
+            def padded_sdpa(q, k, v):
+                def pad(t):
+                    out = t.new_zeros(len(lengths) * longest, *t.shape[1:]).index_copy(0, slots, t)
+                    return out.view(len(lengths), longest, *t.shape[1:]).transpose(1, 2)
+                o = TF.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep)
+                return o.transpose(1, 2).reshape(len(lengths) * longest, *o.shape[1:2], o.shape[-1])[slots]
+
+            if torch.device(device).type == "cuda":
+                for which in ("efficient", "cudnn"):  # flash takes no mask
+                    out.append(Impl(f"sdpa-{which}", "baseline", padded_sdpa, context=_sdpa_context(which)))
+            else:
+                out.append(Impl("sdpa", "baseline", padded_sdpa))
+        return out
+
+
+@dataclass(frozen=True)
 class LayerNormCase(Case):
     N: int
     d: int
@@ -503,25 +578,33 @@ def _itemsize(dtype):
 # the shape sets
 # ---------------------------------------------------------------------------------------------
 
+#: packed-sequence sweeps: fixed, uneven lengths (a packed training batch: a few long documents,
+#: many short ones); 16 384 tokens on the GPU as the dense rows
+VARLEN_QUICK_CPU = (37, 300, 128, 511, 64)
+VARLEN_FULL_CPU = (700, 33, 1500, 256, 96, 1024, 450)
+VARLEN_GPU = (4096, 1000, 2048, 300, 3000, 512, 77, 1600, 2600, 1151)
+
+
 def shape_set(op: str, which: str, device_type: str) -> list[Case]:
     """The cases of ``op`` for a sweep size (tiny: a smoke test; quick: < 2 min on 2 CPU cores;
     full: the real sweep, sized per device type)."""
     gpu = device_type == "cuda"
     if which == "tiny":
-        return {"attention": [AttentionCase(1, 2, 16, 16), AttentionCase(1, 2, 32, 16, causal=True)],
+        return {"attention": [AttentionCase(1, 2, 16, 16), AttentionCase(1, 2, 32, 16, causal=True),
+                              VarlenAttentionCase((5, 16, 1), 2, 16)],
                 "layer_norm": [LayerNormCase(64, 32)],
                 "feed_forward": [FeedForwardCase(16, 32, 64)],
                 "layer": [LayerCase(1, 16, 32, 2, 64)]}[op]
     if which == "quick" and not gpu:
         return {"attention": [AttentionCase(1, 4, L, 64, causal) for causal in (False, True) for L in (128, 256, 512)]
-                + [AttentionCase(1, 4, 1024, 64, True, window=128)],
+                + [AttentionCase(1, 4, 1024, 64, True, window=128), VarlenAttentionCase(VARLEN_QUICK_CPU, 4, 64)],
                 "layer_norm": [LayerNormCase(2048, 512), LayerNormCase(2048, 1024), LayerNormCase(2048, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(256, 256, 1024), FeedForwardCase(256, 256, 688, "swiglu")],
                 "layer": [LayerCase(2, 128, 256, 4, 1024)]}[op]
     if which == "quick":  # on a GPU: a few points of each
         return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal)
                               for D in (128,) for causal in (False, True) for L in (1024, 4096)]
-                + [AttentionCase(1, 16, 16384, 128, True, window=4096)],
+                + [AttentionCase(1, 16, 16384, 128, True, window=4096), VarlenAttentionCase(VARLEN_GPU, 16, 128)],
                 "layer_norm": [LayerNormCase(16384, 4096)],
                 "feed_forward": [FeedForwardCase(8192, 2048, 8192)],
                 "layer": [LayerCase(4, 1024, 1024, 16, 4096)]}[op]
@@ -529,7 +612,7 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
         return {"attention": [AttentionCase(2, 8, L, 64, causal) for causal in (False, True)
                               for L in (256, 512, 1024, 2048)]
                 + [AttentionCase(2, 8, L, 128, causal) for causal in (False, True) for L in (1024, 2048)]
-                + [AttentionCase(2, 8, 2048, 64, True, window=256)],
+                + [AttentionCase(2, 8, 2048, 64, True, window=256), VarlenAttentionCase(VARLEN_FULL_CPU, 8, 64)],
                 "layer_norm": [LayerNormCase(8192, d) for d in (512, 1024, 4096)] + [LayerNormCase(8192, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(2048, 512, 2048), FeedForwardCase(2048, 1024, 4096),
                                  FeedForwardCase(2048, 1024, 2736, "swiglu")],
@@ -537,7 +620,8 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
     # full, GPU: FlashAttention's chart shapes (16k tokens per batch, hidden 2048) and LLM-like sizes
     return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal) for D in (128, 64)
                           for causal in (False, True) for L in (512, 1024, 2048, 4096, 8192, 16384)]
-            + [AttentionCase(1, 16, 16384, 128, True, window=w) for w in (1024, 4096)],
+            + [AttentionCase(1, 16, 16384, 128, True, window=w) for w in (1024, 4096)]
+            + [VarlenAttentionCase(VARLEN_GPU, 16, D) for D in (128, 64)],
             "layer_norm": [LayerNormCase(16384, d) for d in (1024, 2048, 4096, 8192)] + [LayerNormCase(16384, 4096, rms=True)],
             "feed_forward": [FeedForwardCase(8192, d, 4 * d) for d in (1024, 2048, 4096)]
             + [FeedForwardCase(8192, 4096, 11008, "swiglu")],
@@ -1303,7 +1387,9 @@ def plot_attention(rows, out_dir) -> list[str]:
 
     written = []
     for pass_, fname in (("fwd", "attention_fwd.png"), ("fwd+bwd", "attention_fwd_bwd.png")):
-        mine = [r for r in rows if r["op"] == "attention" and r["pass"] == pass_ and r["status"] == "ok"]
+        # the dense rows: windowed and packed (varlen) cases are other curves, left to the tables
+        mine = [r for r in rows if r["op"] == "attention" and r["pass"] == pass_ and r["status"] == "ok"
+                and "L" in r["params"] and not r["params"].get("window")]
         if not mine:
             continue
         panels = sorted({(r["dtype"], r["params"]["D"], r["params"]["causal"]) for r in mine})

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from .backends import Call, check_backend_name, resolve
-from .ops import (AttentionFunction, FeedForwardFunction, LayerNormResidualFunction, attention_inference,
-                  direct_call_ok, feed_forward_inference, layer_norm_residual_inference)
+from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
+                  attention_inference, attention_varlen_inference, direct_call_ok, feed_forward_inference,
+                  layer_norm_residual_inference)
 from .ops_common import ALIGNMENTS, attention_band
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS
 
@@ -120,11 +121,47 @@ def _eager_inference(*tensors) -> bool:
     return not _needs_grad(*tensors) and direct_call_ok(*tensors)
 
 
+def _distinct(*tensors):
+    """The tensors, with a repeat of an earlier one replaced by a view of it. torch.compile cannot
+    trace an autograd Function given one tensor twice (self-attention's ``attention(x, x, x)``,
+    ``cu_seqlens_k is cu_seqlens_q``); a view is a separate input to it and costs nothing."""
+    seen = []
+    out = []
+    for t in tensors:
+        if t is not None and any(t is s for s in seen):
+            t = t.view_as(t)
+        seen.append(t)
+        out.append(t)
+    return out
+
+
 def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
     """[seed, offset] for the counter-based dropout RNG, drawn from torch's (or the given) CPU generator."""
     if dropout_p == 0.0:
         return None
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
+
+
+def _check_attention_options(D, causal, window_size, alignment, dropout_p, scale, softcap):
+    """The scalar options shared by ``attention`` and ``attention_varlen``, checked and normalised:
+    (window_size or None, dropout_p, scale, softcap as floats, 0 = off)."""
+    _check_bool("causal", causal)
+    window_size = _check_window("window_size", window_size)
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")
+    dropout_p = _check_prob("dropout_p", dropout_p)
+    scale, softcap = _concrete(scale), _concrete(softcap)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if softcap is None:
+        softcap = 0.0
+    elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float or None, got {softcap!r}")
+    elif not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 or None: off), got {softcap!r}")
+    return window_size, dropout_p, float(scale), float(softcap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,24 +221,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
         raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
                          f"(k.shape[1] = {Hkv})")
-    _check_bool("causal", causal)
-    window_size = _check_window("window_size", window_size)
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")
-    dropout_p = _check_prob("dropout_p", dropout_p)
-    scale, softcap = _concrete(scale), _concrete(softcap)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    scale = float(scale)
-    if softcap is None:
-        softcap = 0.0
-    elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a float or None, got {softcap!r}")
-    elif not (math.isfinite(softcap) and softcap >= 0.0):
-        raise ValueError(f"softcap must be a finite number >= 0 (0 or None: off), got {softcap!r}")
-    softcap = float(softcap)
+    window_size, dropout_p, scale, softcap = _check_attention_options(D, causal, window_size, alignment, dropout_p,
+                                                                      scale, softcap)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -222,10 +243,109 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         "mask_grad": attn_mask is not None and attn_mask.requires_grad})
     name = resolve(call, backend)
     band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
+    if torch.compiler.is_compiling():
+        q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
     args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap)
     if _eager_inference(q, k, v, attn_mask):
         return attention_inference(*args)
     return AttentionFunction.apply(*args)
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = False,
+                     window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
+                     dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
+                     backend: Optional[str] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Attention over packed sequences of different lengths, without padding (FlashAttention's
+    ``flash_attn_varlen_func``; what training on packed batches and Hugging Face's
+    ``DataCollatorWithFlattening`` produce).
+
+    Args:
+        q: (total_q, Hq, D), the queries of every sequence one after another. k: (total_k, Hkv, D),
+            v: (total_k, Hkv, Dv), likewise. Any strides.
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 (B + 1,) on q's device, the cumulative sequence
+            lengths: sequence s is rows ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` of q and
+            ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` of k and v; it attends only within itself.
+            They must start at 0, never decrease, and end at total_q / total_k.
+        max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine). None reads them
+            from cu_seqlens (a device sync); under torch.compile they must be given.
+        causal, window_size, alignment, dropout_p, scale, softcap, backend, generator: as in
+            ``attention``, applied to each sequence with its own lengths (bottom_right aligns each
+            sequence's last query with its last key, as FlashAttention's varlen causal does).
+
+    Returns (total_q, Hq, Dv). Sequence s gives exactly what ``attention`` gives on it alone
+    (dropout: that call's mask at offset + Hq * cu_seqlens_q[s] of the same seed). Outside
+    torch.compile the boundaries are checked (one small device-to-host copy); the Triton backend
+    runs every sequence in one launch, the others loop over the sequences.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=3)
+    _check_same("q", q, {"k": k, "v": v})
+    total_q, Hq, D = q.shape
+    total_k, Hkv, Dv = k.shape[0], k.shape[1], v.shape[2]
+    D, Dv = _concrete(D), _concrete(Dv)
+    if v.shape[0] != total_k or v.shape[1] != Hkv:
+        raise ValueError(f"k and v must have the same tokens and heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != D:
+        raise ValueError(f"q and k must have the same head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
+        raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
+                         f"(k.shape[1] = {Hkv})")
+    window_size, dropout_p, scale, softcap = _check_attention_options(D, causal, window_size, alignment, dropout_p,
+                                                                      scale, softcap)
+    max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q, q.device)
+    max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k, q.device)
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} entries")
+    check_backend_name(backend)
+    call = Call("attention", q.device, q.dtype, {
+        "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
+        "dropout": dropout_p > 0.0, "gqa": _concrete(Hq != Hkv), "softcap": softcap > 0.0, "mask": None,
+        "mask_grad": False,
+        "varlen": True})
+    name = resolve(call, backend)
+    # The band relative to each sequence's top-left corner; bottom_right shifts it per sequence.
+    band_lo, band_hi = attention_band(0, 0, causal, window_size, "top_left")
+    if torch.compiler.is_compiling():
+        q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap)
+    if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        return attention_varlen_inference(*args)
+    return AttentionVarlenFunction.apply(*args)
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_name: str, max_seqlen, device) -> int:
+    """Check one cumulative-lengths tensor and its max_seqlen; return max_seqlen as an int."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {_dtype_name(cu.dtype)}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+            raise TypeError(f"{max_name} must be an int or None, got {max_seqlen!r}")
+        if max_seqlen < 0:
+            raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
+    if torch.compiler.is_compiling():  # no data-dependent checks in a graph: trust the caller
+        if max_seqlen is None:
+            raise ValueError(f"{max_name} must be given under torch.compile (reading it from {name} would "
+                             f"break the graph)")
+        return int(max_seqlen)
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must start at 0, never decrease and end at the total length {total}, "
+                         f"got {values if len(values) <= 12 else values[:6] + ['...'] + values[-6:]}")
+    longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+    if max_seqlen is None:
+        return longest
+    if max_seqlen < longest:
+        raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest sequence in {name} ({longest})")
+    return int(max_seqlen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,4 +455,4 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     return FeedForwardFunction.apply(*args)
 
 
-__all__ = ["attention", "layer_norm_residual", "feed_forward"]
+__all__ = ["attention", "attention_varlen", "layer_norm_residual", "feed_forward"]

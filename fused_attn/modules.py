@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
-from .functional import attention, feed_forward, layer_norm_residual
+from .functional import attention, attention_varlen, feed_forward, layer_norm_residual
 
 
 def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], options: dict) -> str:
@@ -65,7 +65,13 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
         return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
 
-    def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+    def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None,
+                cu_seqlens=None, max_seqlen=None):
+        """As the reference's: (B, L, d_model) tensors, or packed self-attention on (total_tokens,
+        d_model) with ``cu_seqlens`` (``attention_varlen``: no padding, no mask)."""
+        if cu_seqlens is not None:
+            return self._packed_forward(query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens,
+                                        max_seqlen)
         key = query if key is None else key
         value = key if value is None else value
         if query is key and key is value:
@@ -87,6 +93,19 @@ class MultiHeadAttention(reference.MultiHeadAttention):
                         backend=self.backend)
         # out is (B, H, Lq, D) stored as (B, Lq, H, D): this reshape is a view.
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
+
+    def _packed_forward(self, query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens, max_seqlen):
+        reference.check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
+        q, k, v = self._project(query, (self.query_linear, self.key_linear, self.value_linear))
+        # (T, H*D) -> (T, H, D) views of the one projection
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        causal = self.causal if is_causal is None else bool(is_causal)
+        p = self.dropout if self.training else 0.0
+        out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+                               window_size=self.window_size, dropout_p=p, backend=self.backend)
+        return self.out_linear(out.flatten(-2))  # (T, H, D) contiguous: a view
 
     def extra_repr(self) -> str:
         opts = {"head_dim": self.head_dim, "head_dim_v": self.head_dim, "causal": self.causal,

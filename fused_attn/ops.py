@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .ops_common import empty, new_attention_out
+from .ops_common import empty, new_attention_out, new_varlen_out, varlen_lse_shape
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
@@ -149,6 +149,91 @@ class AttentionFunction(torch.autograd.Function):
                                 backend, softcap)
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
         return dq, dk, dv, dmask, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# varlen (packed) attention
+# ---------------------------------------------------------------------------------------------
+
+def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0):
+    if q.numel() == 0 or k.shape[0] == 0:
+        out = new_varlen_out(q, v.shape[-1])
+        out.zero_()
+        return out, torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=torch.float32)
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                     band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset,
+                                                     softcap)
+
+
+@torch.library.custom_op("fused_attn::attention_varlen_fwd", mutates_args=())
+def attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, band_lo: int, band_hi: int, bottom_right: bool,
+                         dropout_p: float, scale: float, rng: Optional[Tensor], backend: str,
+                         softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    return _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
+                                      band_hi, bottom_right, dropout_p, scale, rng, backend, softcap)
+
+
+@attention_varlen_fwd.register_fake
+def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0):
+    return new_varlen_out(q, v.shape[-1]), q.new_empty(varlen_lse_shape(q), dtype=torch.float32)
+
+
+def _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0):
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    seed, offset = _seed_offset(rng)
+    return get_backend(backend).attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                     max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
+                                                     dropout_p, scale, seed, offset, softcap)
+
+
+@torch.library.custom_op("fused_attn::attention_varlen_bwd", mutates_args=())
+def attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                         band_lo: int, band_hi: int, bottom_right: bool, dropout_p: float, scale: float,
+                         rng: Optional[Tensor], backend: str, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    return _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap)
+
+
+@attention_varlen_bwd.register_fake
+def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def attention_varlen_inference(*args):
+    """AttentionVarlenFunction's output for eager calls that build no autograd graph."""
+    return _attention_varlen_fwd_impl(*args)[0]
+
+
+class AttentionVarlenFunction(torch.autograd.Function):
+    """Packed variable-length attention; saves q, k, v, out and the (Hq, total_q) log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
+                dropout_p, scale, rng, backend, softcap=0.0):
+        direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
+        out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                       bottom_right, dropout_p, scale, rng, backend, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng)
+        ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng = ctx.saved_tensors
+        bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v)
+               else torch.ops.fused_attn.attention_varlen_bwd)
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
+                         *ctx.options[7:])
+        return (dq, dk, dv) + (None,) * 12
 
 
 # ---------------------------------------------------------------------------------------------

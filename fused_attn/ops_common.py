@@ -58,3 +58,31 @@ def clamp_band(band_lo: int, band_hi: int, Lq: int, Lk: int) -> tuple[int, int]:
     Triton kernels' one-compare band test relies on it)."""
     lo, hi = min(max(int(band_lo), -Lq), Lk), min(max(int(band_hi), -Lq), Lk)
     return (Lk, Lk) if lo > hi else (lo, hi)
+
+
+# Variable-length (packed) attention: sequence s holds query rows cu_q[s]:cu_q[s+1] and key rows
+# cu_k[s]:cu_k[s+1] of the packed (total, heads, dim) tensors and attends within itself only. Its
+# band is written relative to top-left alignment; with bottom_right each sequence shifts it by its
+# own Lk - Lq (sequence_band). The dropout RNG treats sequence s as an attention call of batch 1 at
+# offset ``offset + Hq * cu_q[s]`` (varlen_rng_offset): its rows (h * Lq_s + i) then never meet
+# another sequence's, and every backend, looping or native, draws the same mask.
+
+def sequence_band(band_lo: int, band_hi: int, bottom_right: bool, Lq: int, Lk: int) -> tuple[int, int]:
+    """The clamped band of one sequence of a varlen call (see above)."""
+    diag = Lk - Lq if bottom_right else 0
+    return clamp_band(band_lo + diag, band_hi + diag, Lq, Lk)
+
+
+def varlen_rng_offset(offset: int, heads_q: int, q_start: int) -> int:
+    """The dropout offset of the varlen sequence whose queries start at packed row ``q_start``."""
+    return offset + heads_q * q_start
+
+
+def new_varlen_out(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Varlen attention output: contiguous (total_q, Hq, Dv)."""
+    return torch.empty(q.shape[0], q.shape[1], dv, device=q.device, dtype=q.dtype if dtype is None else dtype)
+
+
+def varlen_lse_shape(q: torch.Tensor) -> tuple[int, int]:
+    """Varlen log-sum-exp: float32 (Hq, total_q), as FlashAttention's varlen kernels keep it."""
+    return (q.shape[1], q.shape[0])

@@ -127,6 +127,33 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
     return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_p=0.0, scale=None, rng=None, *,
+                     window_size=None, alignment="top_left", softcap=None, with_lse=False):
+    """Packed variable-length attention, as ``fused_attn.functional.attention_varlen``: one
+    ``attention`` per sequence. q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
+    sequence s is rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1]
+    of k and v, and sees only itself. Returns (total_q, Hq, Dv), and with ``with_lse`` also the
+    float32 (Hq, total_q) log-sum-exp. Dropout: sequence s uses (seed, offset + Hq * cu_seqlens_q[s])
+    (``ops_common.varlen_rng_offset``)."""
+    cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
+    Hq = q.shape[1]
+    outs, lses = [], []
+    for s in range(len(cu_q) - 1):
+        qs = q[cu_q[s]:cu_q[s + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq_s, D)
+        ks = k[cu_k[s]:cu_k[s + 1]].transpose(0, 1).unsqueeze(0)
+        vs = v[cu_k[s]:cu_k[s + 1]].transpose(0, 1).unsqueeze(0)
+        seq_rng = None if rng is None else (int(rng[0]), int(rng[1]) + Hq * cu_q[s])
+        outs.append(attention(qs, ks, vs, None, causal, dropout_p, scale, seq_rng, window_size=window_size,
+                              alignment=alignment, softcap=softcap)[0].transpose(0, 1))
+        if with_lse:
+            lses.append(attention_lse(qs.float(), ks.float(), None, causal, scale, window_size=window_size,
+                                      alignment=alignment, softcap=softcap)[0])
+    out = torch.cat(outs) if outs else q.new_zeros(0, Hq, v.shape[-1])
+    if not with_lse:
+        return out
+    return out, (torch.cat(lses, dim=1) if lses else q.new_zeros(Hq, 0, dtype=torch.float32))
+
+
 def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, dropout_p=0.0,
                         prenorm=False, rms=False, residual_in_fp32=False, rng=None):
     """norm(dropout(x) + residual) over the last dim; with prenorm, also returns the sum.
@@ -234,7 +261,20 @@ class MultiHeadAttention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+    def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None,
+                cu_seqlens=None, max_seqlen=None):
+        """query/key/value (B, L, d_model); or packed self-attention: query (total_tokens, d_model)
+        holding sequences back to back, ``cu_seqlens`` their (B + 1,) cumulative lengths (see
+        ``fused_attn.functional.attention_varlen``), ``max_seqlen`` the longest (optional)."""
+        if cu_seqlens is not None:
+            check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
+            q, k, v = (lin(query).unflatten(-1, (heads, self.head_dim)) for lin, heads in (
+                (self.query_linear, self.num_heads), (self.key_linear, self.num_kv_heads),
+                (self.value_linear, self.num_kv_heads)))
+            causal = self.causal if is_causal is None else is_causal
+            p = self.dropout if self.training else 0.0
+            out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size)
+            return self.out_linear(out.flatten(-2))
         key = query if key is None else key
         value = key if value is None else value
         B, Lq, _ = query.shape
@@ -246,6 +286,18 @@ class MultiHeadAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, window_size=self.window_size)
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
+
+
+def check_packed_call(query, key, value, attn_mask, key_padding_mask, d_model):
+    """A packed (cu_seqlens) module call is self-attention on a (total_tokens, d_model) input."""
+    if key is not None and key is not query or value is not None and value is not query:
+        raise ValueError("cu_seqlens (packed sequences) is for self-attention: leave key and value out")
+    if attn_mask is not None or key_padding_mask is not None:
+        raise ValueError("cu_seqlens (packed sequences) takes no attn_mask or key_padding_mask: the "
+                         "sequence boundaries are the mask")
+    if not isinstance(query, torch.Tensor) or query.dim() != 2 or query.shape[1] != d_model:
+        raise ValueError(f"with cu_seqlens, the input must be (total_tokens, d_model={d_model}), got "
+                         f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
 
 
 class LayerNormResidual(nn.Module):
@@ -305,9 +357,12 @@ class TransformerLayer(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
 
-    def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+    def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None, cu_seqlens=None,
+                max_seqlen=None):
+        """x (B, L, d_model), or packed sequences (total_tokens, d_model) with ``cu_seqlens``."""
         attend = lambda h: self.multi_head_attention(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                                     is_causal=is_causal)
+                                                     is_causal=is_causal, cu_seqlens=cu_seqlens,
+                                                     max_seqlen=max_seqlen)
         if self.norm_first:
             # The residual stream x passes the norms untouched: norm(0 + x), then x + dropout(branch)
             # (norm2 adds the attention branch to the stream and normalises the sum in one step).
@@ -326,7 +381,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(d_model, num_heads, **layer_kwargs) for _ in range(num_layers))
 
-    def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None):
+    def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None, cu_seqlens=None,
+                max_seqlen=None):
         for layer in self.layers:
-            x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
+            x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return x

@@ -29,6 +29,9 @@ def test_work_is_counted_as_documented():
     assert f.work("fwd+bwd", torch.float32) == 3 * f.work("fwd", torch.float32)
     n = bench.LayerNormCase(N=10, d=4)
     assert n.work("fwd", torch.bfloat16) == 3 * 10 * 4 * 2 + 2 * 4 * 2
+    packed = bench.VarlenAttentionCase((3, 8), H=2, D=16)  # causal: half of each sequence's square
+    assert packed.work("fwd", torch.float32) == 4 * 2 * 16 * (9 + 64) / 2
+    assert packed.cu("cpu").tolist() == [0, 3, 11]
     layer = bench.LayerCase(B=2, L=8, d=16, H=2, d_ff=64)
     T = 16
     assert layer.work("fwd", torch.float32) == 8 * T * 16 * 16 + 4 * T * 16 * 64 + 4 * 2 * 8 * 8 * 16

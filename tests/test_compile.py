@@ -192,7 +192,8 @@ def _op_samples(backend):
     q, k, v = rnd(2, 4, 9, 8), rnd(2, 2, 7, 8), rnd(2, 2, 7, 8)
     keep = (torch.rand(1, 1, 9, 7, generator=gen) > 0.3).expand(2, 4, 9, 7)
     additive = rnd(2, 1, 9, 7).expand(2, 4, 9, 7)
-    samples = {"attention_fwd": [], "attention_bwd": [], "layer_norm_residual_fwd": [],
+    samples = {"attention_fwd": [], "attention_bwd": [], "attention_varlen_fwd": [], "attention_varlen_bwd": [],
+               "layer_norm_residual_fwd": [],
                "layer_norm_residual_bwd": [], "feed_forward_fwd": [], "feed_forward_bwd": []}
     for mask, band, p, cap in ((None, CAUSAL_BAND, 0.0, 0.0), (keep, NO_BAND, 0.0, 2.5), (additive, (-3, 1), 0.2, 0.0)):
         args = (q, k, v, mask, *band, p, 0.35, rng if p else None, backend, cap)
@@ -201,6 +202,14 @@ def _op_samples(backend):
         mask_grad = mask is not None and mask.dtype != torch.bool
         samples["attention_bwd"].append((rnd(*out.shape), q, k, v, out, lse, mask, *band, p, 0.35,
                                          rng if p else None, mask_grad, backend, cap))
+    cu_q, cu_k = torch.tensor([0, 4, 4, 9], dtype=torch.int32), torch.tensor([0, 3, 5, 7], dtype=torch.int32)
+    q, k, v = rnd(9, 4, 8), rnd(7, 2, 8), rnd(7, 2, 8)
+    for band, bottom_right, p, cap in ((CAUSAL_BAND, True, 0.0, 0.0), (NO_BAND, False, 0.2, 2.5)):
+        args = (q, k, v, cu_q, cu_k, 5, 3, *band, bottom_right, p, 0.35, rng if p else None, backend, cap)
+        samples["attention_varlen_fwd"].append(args)
+        out, lse = torch.ops.fused_attn.attention_varlen_fwd(*args)
+        samples["attention_varlen_bwd"].append((rnd(*out.shape), q, k, v, out, lse, cu_q, cu_k, 5, 3, *band,
+                                                bottom_right, p, 0.35, rng if p else None, backend, cap))
     x, r, w, b = rnd(6, 16), rnd(6, 16), rnd(16), rnd(16)
     for residual, weight, bias, p, rms in ((r, w, b, 0.0, False), (None, w, None, 0.0, True), (r, None, b, 0.3, False)):
         args = (x, residual, weight, bias, 1e-5, p, rms, False, rng if p else None, backend)
@@ -240,8 +249,8 @@ def _backend_can_run_all(backend):
 # fake-tensor cross-reference and aot-dispatch tests install ("Cannot access storage of
 # TensorWrapper"). For those ops the fake implementations are checked against the real outputs
 # directly instead (and compiled backward graphs run them in the tests above).
-FUNCTORCH_BWD = {("reference", "attention_bwd"), ("reference", "layer_norm_residual_bwd"),
-                 ("reference", "feed_forward_bwd")}
+FUNCTORCH_BWD = {("reference", "attention_bwd"), ("reference", "attention_varlen_bwd"),
+                 ("reference", "layer_norm_residual_bwd"), ("reference", "feed_forward_bwd")}
 
 
 def _check_fake_matches_real(op, args):
@@ -272,3 +281,19 @@ def test_opcheck_every_registered_op(backend):
                 _check_fake_matches_real(op, args)
             else:
                 torch.library.opcheck(op, args)
+
+
+def test_self_attention_with_one_tensor_compiles_fullgraph():
+    """``attention(x, x, x)``: the same tensor as q, k and v (Dynamo refuses an autograd Function
+    given one tensor twice; functional passes views), forward and gradient as in eager."""
+    x = torch.randn(1, 2, 9, 16, requires_grad=True)
+    compiled = torch.compile(lambda x: fused_attn.attention(x, x, x, causal=True).sum(), fullgraph=True,
+                             backend="aot_eager")
+    loss = compiled(x)
+    loss.backward()
+    grad = x.grad.clone()
+    x.grad = None
+    eager = fused_attn.attention(x, x, x, causal=True).sum()
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, x.grad)

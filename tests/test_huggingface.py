@@ -252,3 +252,34 @@ def test_gemma2_softcap_and_sliding_window_match_eager(monkeypatch):
     for layer in without.model.layers:
         layer.self_attn.attn_logit_softcapping = None
     assert not torch.allclose(_logits(without, ids, mask), _logits(ref, ids, mask), atol=1e-3)
+
+
+def test_packed_sequences_run_varlen_and_match_separate_runs(monkeypatch):
+    """Packed training input (one row of several sequences, position ids restarting, transformers'
+    flash-attention kwargs cu_seq_lens_q/k and max_length_q/k, as ``DataCollatorWithFlattening``
+    produces): the layers call ``attention_varlen`` and each sequence's logits and the gradients are
+    those of running the sequences one by one in eager mode."""
+    lens = [4, 9, 1, 6]
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, VOCAB, (1, n), generator=gen) for n in lens]
+    ref = _build("llama", "eager")
+    model = _build("llama", "fused_attn")
+    model.load_state_dict(ref.state_dict())
+    calls = []
+    real = hf.attention_varlen
+
+    def spy(*args, **kw):
+        calls.append(kw["causal"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(hf, "attention_varlen", spy)
+    cu = torch.tensor([0, 4, 13, 14, 20], dtype=torch.int32)
+    packed = model(input_ids=torch.cat(seqs, 1), position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9).logits
+    assert calls and all(calls)  # every layer took the packed path, causally
+    separate = torch.cat([ref(input_ids=s).logits for s in seqs], 1)
+    torch.testing.assert_close(packed, separate, atol=2e-5, rtol=1e-4)
+    packed.square().sum().backward()
+    separate.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)

@@ -33,6 +33,9 @@ FEATURES = {
     "dropout": dict(causal=False, mask=None, dropout=True, mask_grad=False),
     "mask_grad": dict(causal=False, mask="additive", dropout=False, mask_grad=True),
     "bool_mask": dict(causal=False, mask="bool", dropout=False, mask_grad=False),
+    # packed sequences (attention_varlen): bottom-right causal, then with dropout and softcap
+    "varlen": dict(causal=True, mask=None, dropout=False, mask_grad=False, varlen=True),
+    "varlen_all": dict(causal=True, mask=None, dropout=True, mask_grad=False, softcap=True, varlen=True),
 }
 
 
@@ -57,6 +60,8 @@ def _launch(kernel, dtype_name, head_dim, head_dim_v, features, tma=False):
 
     dtype = getattr(torch, dtype_name)
     B, Hq, Hkv, L = 2, 8, 4, 1024
+    if features.get("varlen"):
+        return _launch_varlen(A, kernel, dtype, head_dim, head_dim_v, features)
     q = torch.empty(B, Hq, L, head_dim, dtype=dtype)
     k = torch.empty(B, Hkv, L, head_dim, dtype=dtype)
     v = torch.empty(B, Hkv, L, head_dim_v, dtype=dtype)
@@ -78,6 +83,35 @@ def _launch(kernel, dtype_name, head_dim, head_dim_v, features, tma=False):
                                      123, 456, features["mask_grad"], torch.empty_like(q), torch.empty_like(k),
                                      torch.empty_like(v), dmask, tma=tma,
                                      softcap=30.0 if features.get("softcap") else 0.0)
+        _, _, args, constexprs = launches[kernel]
+    return A._KERNELS[kernel], args, constexprs
+
+
+def _launch_varlen(A, kernel, dtype, head_dim, head_dim_v, features):
+    """As ``_launch`` for the packed-sequence launch of ``attention_varlen_fwd`` / ``_bwd``."""
+    import torch
+
+    from fused_attn.ops_common import CAUSAL_BAND
+
+    T, Hq, Hkv = 4096, 8, 4
+    cu = torch.tensor([0, 1000, 3000, T], dtype=torch.int32)
+    varlen = A.Varlen(cu, cu, 2000, 2000, True)
+    q, k, v = (A.Varlen.as_batch(torch.empty(T, h, d, dtype=dtype))
+               for h, d in ((Hq, head_dim), (Hkv, head_dim), (Hkv, head_dim_v)))
+    p = 0.1 if features["dropout"] else 0.0
+    cap = 30.0 if features.get("softcap") else 0.0
+    lse = torch.empty(Hq, T, dtype=torch.float32)
+    if kernel == "fwd":
+        out = A.Varlen.as_batch(torch.empty(T, Hq, head_dim_v, dtype=dtype))
+        _, _, args, constexprs = A.fwd_launch_args(q, k, v, None, *CAUSAL_BAND, p, 0.125, 123, 456, out, lse,
+                                                   softcap=cap, varlen=varlen)
+    else:
+        dout = A.Varlen.as_batch(torch.empty(T, Hq, head_dim_v, dtype=dtype))
+        launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), None, *CAUSAL_BAND, p, 0.125, 123,
+                                     456, False, torch.empty(T, Hq, head_dim, dtype=dtype),
+                                     torch.empty(T, Hkv, head_dim, dtype=dtype),
+                                     torch.empty(T, Hkv, head_dim_v, dtype=dtype), torch.empty(0, dtype=dtype),
+                                     softcap=cap, varlen=varlen)
         _, _, args, constexprs = launches[kernel]
     return A._KERNELS[kernel], args, constexprs
 
@@ -216,6 +250,10 @@ SUBSET = [
     ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "causal", True),
     ("dkdv", 90, "float16", 128, 128, 128, 16, 8, 2, "all", True),
     ("dq", 90, "bfloat16", 64, 64, 128, 64, 8, 3, "plain", True),
+    # packed sequences: per-program sequence bounds and band, on the heaviest tiles kept
+    ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "varlen_all"),
+    ("dkdv", 90, "bfloat16", 128, 128, 128, 16, 8, 3, "varlen_all"),
+    ("dq", 80, "float16", 128, 128, 128, 32, 8, 3, "varlen"),
 ]
 
 

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from ..ops_common import new_varlen_out, sequence_band, varlen_lse_shape, varlen_rng_offset
+
 OPS = ("attention", "layer_norm_residual", "feed_forward")
 
 
@@ -88,3 +90,47 @@ class Backend:
             names = ", ".join(str(d).replace("torch.", "") for d in supported)
             reasons.append(f"{call.op} supports dtypes {names}, got {str(call.dtype).replace('torch.', '')}")
         return reasons
+
+    # ---- varlen attention: one attention_fwd / attention_bwd per sequence -------------------
+    # Backends without a packed kernel inherit these: each sequence runs through the backend's own
+    # attention launchers on strided views of the packed tensors (no copies of q, k, v). The
+    # sequence boundaries are read on the host, one sync; the Triton backend has native kernels.
+
+    def attention_varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                             bottom_right, dropout_p, scale, seed, offset, softcap=0.0):
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        out = new_varlen_out(q, v.shape[-1])
+        out.zero_()  # sequences with queries but no keys give zeros
+        lse = torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=torch.float32)
+        for s in range(len(cu_q) - 1):
+            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+            if q1 == q0 or k1 == k0:
+                continue
+            lo, hi = sequence_band(band_lo, band_hi, bottom_right, q1 - q0, k1 - k0)
+            o, l = self.attention_fwd(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), None, lo, hi, dropout_p, scale,
+                                      seed, varlen_rng_offset(offset, q.shape[1], q0), softcap)
+            out[q0:q1] = o[0].transpose(0, 1)
+            lse[:, q0:q1] = l[0]
+        return out, lse
+
+    def attention_varlen_bwd(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0):
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for s in range(len(cu_q) - 1):
+            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+            if q1 == q0 or k1 == k0:
+                continue
+            lo, hi = sequence_band(band_lo, band_hi, bottom_right, q1 - q0, k1 - k0)
+            g = self.attention_bwd(_seq(dout, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1),
+                                   _seq(out, q0, q1), lse[:, q0:q1].unsqueeze(0).contiguous(), None, lo, hi, dropout_p,
+                                   scale, seed, varlen_rng_offset(offset, q.shape[1], q0), False, softcap)
+            dq[q0:q1] = g[0][0].transpose(0, 1)
+            dk[k0:k1] = g[1][0].transpose(0, 1)
+            dv[k0:k1] = g[2][0].transpose(0, 1)
+        return dq, dk, dv
+
+
+def _seq(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows start:end of a packed (total, heads, dim) tensor as a (1, heads, len, dim) view."""
+    return t[start:end].transpose(0, 1).unsqueeze(0)

@@ -69,6 +69,12 @@ class TritonBackend(Backend):
     def attention_bwd(self, *args):
         return _kernels("attention").attention_bwd(*args)
 
+    def attention_varlen_fwd(self, *args):
+        return _kernels("attention").attention_varlen_fwd(*args)
+
+    def attention_varlen_bwd(self, *args):
+        return _kernels("attention").attention_varlen_bwd(*args)
+
     def layer_norm_residual_fwd(self, *args):
         return _kernels("layer_norm_residual").layer_norm_residual_fwd(*args)
 

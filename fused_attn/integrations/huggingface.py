@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..functional import attention, feed_forward, layer_norm_residual
+from ..functional import attention, attention_varlen, feed_forward, layer_norm_residual
 
 NAME = "fused_attn"
 
@@ -51,6 +51,9 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     q_len = query.shape[2]
     # As sdpa: the module says whether it is a decoder attention; causal only without an explicit mask.
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    varlen = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if query.shape[0] == 1 and all(x is not None for x in varlen):
+        return _packed_attention_forward(module, query, key, value, varlen, dropout, scaling, is_causal, kwargs)
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if is_causal and key.shape[2] > q_len:  # prefill into an empty static cache: the rest is padding
         key, value = key[:, :, :q_len], value[:, :, :q_len]
@@ -62,6 +65,24 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     out = attention(query, key, value, attn_mask=mask, causal=is_causal, dropout_p=float(dropout), scale=scaling,
                     softcap=kwargs.get("softcap"), backend=getattr(module, "fused_attn_backend", None))
     return out.transpose(1, 2), None  # (B, L, H, D): contiguous, the op stores its output that way
+
+
+def _packed_attention_forward(module, query, key, value, varlen, dropout, scaling, is_causal, kwargs):
+    """Packed sequences (one batch row holding several sequences, as ``DataCollatorWithFlattening``
+    makes them): with transformers' flash-attention kwargs (cu_seq_lens_q/k, max_length_q/k) the
+    sequences run through ``attention_varlen`` as flash_attention_2 runs them, and the attention
+    mask (block-diagonal, when transformers built one from the position ids) is not read."""
+    cu_q, cu_k, max_q, max_k = varlen
+    sliding = kwargs.get("sliding_window")
+    window = None
+    if sliding is not None and sliding > 0:  # transformers' window: keys with q - k < sliding_window
+        window = (sliding - 1, 0 if is_causal else sliding - 1)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (1, H, T, D) -> (T, H, D) views
+    out = attention_varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
+                           causal=bool(is_causal), window_size=window, alignment="bottom_right",
+                           dropout_p=float(dropout), scale=scaling, softcap=kwargs.get("softcap"),
+                           backend=getattr(module, "fused_attn_backend", None))
+    return out.unsqueeze(0), None  # (1, T, H, Dv)
 
 
 def register() -> None:

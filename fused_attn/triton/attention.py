@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import Call
-from ..ops_common import clamp_band, empty, new_attention_out
+from ..ops_common import NO_BAND, clamp_band, empty, new_attention_out, new_varlen_out, varlen_lse_shape
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
 from ._tuning import LAUNCH_OPTIONS, pick
@@ -238,10 +238,55 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
 
 
 @triton.jit
-def _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m):
-    """The dropout hash key of query rows ``offs_m`` of head ``bh``: row = offset + bh*Lq + i."""
+def _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, row0, offs_m):
+    """The dropout hash key of query rows ``offs_m`` of a head whose row 0 is logical row ``row0``
+    (``_drop_row0``): row = offset + row0 + i."""
     offset = (offset_hi.to(tl.uint32).to(tl.int64) << 32) | offset_lo.to(tl.uint32).to(tl.int64)
-    return dropout_row_key(seed_lo, seed_hi_mix, offset + bh * Lq + offs_m)
+    return dropout_row_key(seed_lo, seed_hi_mix, offset + row0 + offs_m)
+
+
+@triton.jit
+def _drop_row0(b, h, Hq, Lq, q_start, VARLEN: tl.constexpr):
+    """The dropout RNG's logical row of query 0 of head h (int64): (b * Hq + h) * Lq; a varlen
+    sequence counts as a batch of one at offset Hq * q_start (``ops_common.varlen_rng_offset``)."""
+    if VARLEN:
+        return h * Lq + q_start * Hq
+    return (b * Hq + h) * Lq
+
+
+@triton.jit
+def _sequence(Cu, b):
+    """(start row, length) of varlen sequence b from its cumulative lengths."""
+    start = tl.load(Cu + b).to(tl.int64)
+    return start, (tl.load(Cu + b + 1) - start).to(tl.int32)
+
+
+@triton.jit
+def _program_sequence(CuQ, CuK, b, Lq, Lk, band_lo, band_hi, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """(q_start, k_start, Lq, Lk, band_lo, band_hi) of batch entry b: with VARLEN its sequence's
+    first query and key rows, lengths and band (``_sequence_band``); otherwise rows 0 and the
+    arguments as they are."""
+    q_start = tl.zeros([], tl.int64)
+    k_start = tl.zeros([], tl.int64)
+    if VARLEN:
+        q_start, Lq = _sequence(CuQ, b)
+        k_start, Lk = _sequence(CuK, b)
+        band_lo, band_hi = _sequence_band(band_lo, band_hi, Lq, Lk, BOTTOM_RIGHT)
+    return q_start, k_start, Lq, Lk, band_lo, band_hi
+
+
+@triton.jit
+def _sequence_band(band_lo, band_hi, Lq, Lk, BOTTOM_RIGHT: tl.constexpr):
+    """A varlen sequence's band: the launcher's band is relative to the top-left corner (and
+    clamped to +-(max_seqlen_q + max_seqlen_k)); BOTTOM_RIGHT shifts it by this sequence's
+    Lk - Lq. Clamped to [-Lq, Lk] as ``ops_common.clamp_band``, an empty band to (Lk, Lk)."""
+    if BOTTOM_RIGHT:
+        band_lo = band_lo + (Lk - Lq)
+        band_hi = band_hi + (Lk - Lq)
+    lo = tl.minimum(tl.maximum(band_lo, -Lq), Lk)
+    hi = tl.minimum(tl.maximum(band_hi, -Lq), Lk)
+    empty = lo > hi
+    return tl.where(empty, Lk, lo), tl.where(empty, Lk, hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,19 +294,24 @@ def _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
+def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_mb, stride_mh, stride_mm, stride_mn,
               stride_ob, stride_oh, stride_om, stride_od,
-              Hq, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, keep_scale,
+              Hq, GROUP, Lq, Lk, TQ, band_lo, band_hi, qk_scale, softcap_log2, keep_scale,
               seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
               LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_tma.descriptors``)
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BANDED: tl.constexpr,
-              MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+              SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
               SCALE_NONNEG: tl.constexpr):
+    """One query block of one head. VARLEN: b is a packed sequence (``attention_varlen``), Lq / Lk
+    arrive as the longest lengths (they size the grid) and become this sequence's; the tensors
+    come as (1, H, total, dim) views with batch stride 0, moved here to the sequence's first row;
+    Lse is (Hq, TQ)."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -272,6 +322,17 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
     h = bh % Hq
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
+    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, b, Lq, Lk, band_lo, band_hi, VARLEN,
+                                                                   BOTTOM_RIGHT)
+    lse_row0 = bh * Lq
+    if VARLEN:
+        if start_m >= Lq:  # past this sequence's queries
+            return
+        Q += q_start * stride_qm
+        Out += q_start * stride_om
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        lse_row0 = h * TQ + q_start
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -283,7 +344,8 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
     mask_base = Mask + b * stride_mb + h * stride_mh + start_m.to(tl.int64) * stride_mm
     drop_keys = offs_m.to(tl.uint32)  # placeholder when DROPOUT is off
     if DROPOUT:
-        drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
+        drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi,
+                                   _drop_row0(b, h, Hq, Lq, q_start, VARLEN), offs_m)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -313,7 +375,7 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse,
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc * tl.where(has_keys, keep_scale / l_safe, 0.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
-    tl.store(Lse + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+    tl.store(Lse + lse_row0 + offs_m, lse, mask=offs_m < Lq)
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     if DV == HEAD_DIM_V:
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
@@ -350,7 +412,7 @@ def _attn_bwd_delta(Out, dOut, Delta,
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, mask_base, dmask_base,
                 offs_n, lo, hi, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo,
                 band_hi, qk_scale, softcap_log2, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-                bh, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                drop_row0, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
                 DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_BAND: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
@@ -391,7 +453,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
         if DKDV_PASS != 2:
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
+            keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_row0, offs_m)
             keepT = dropout_keep(keys[None, :], offs_n[:, None], drop_threshold)
             pT_kept = tl.where(keepT, pT * keep_scale, 0.0)
             if DKDV_PASS != 2:
@@ -415,13 +477,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask,
+def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask, CuQ, CuK,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                    stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh,
-                   stride_gm, stride_gd, Hq, Hkv, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, scale,
+                   stride_gm, stride_gd, Hq, Hkv, GROUP, Lq, Lk, TQ, band_lo, band_hi, qk_scale, softcap_log2, scale,
                    keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, LQ_KEY, LK_KEY, TMA_KEY,
                    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                   BANDED: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+                   BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                   MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk)).
@@ -431,6 +494,7 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
     blocks (the AOT sweep measured 9-216 spill instructions). There the launcher runs the kernel
     twice (``dkdv_passes``): pass 1 accumulates dK only (and writes dMask), pass 2 dV only. Each
     holds one accumulator; the price is that both recompute the scores and probabilities.
+    VARLEN: as in _attn_fwd; dK, dV are then contiguous (total_k, Hkv, D / DV).
     """
     num_n = tl.cdiv(Lk, BLOCK_N)
     pid = tl.program_id(0)
@@ -439,6 +503,24 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
     b = bhk // Hkv
     hk = bhk % Hkv
     start_n = pid_n * BLOCK_N
+    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, b, Lq, Lk, band_lo, band_hi, VARLEN,
+                                                                   BOTTOM_RIGHT)
+    # dK, dV addresses: row 0 of this head and the step between rows
+    dk_row0 = bhk * Lk * D
+    dv_row0 = bhk * Lk * DV
+    dk_step = D
+    dv_step = DV
+    if VARLEN:
+        if start_n >= Lk:  # past this sequence's keys
+            return
+        Q += q_start * stride_qm
+        dOut += q_start * stride_gm
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        dk_row0 = (k_start * Hkv + hk) * D
+        dv_row0 = (k_start * Hkv + hk) * DV
+        dk_step = Hkv * D
+        dv_step = Hkv * DV
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -462,6 +544,9 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
     for g in range(0, GROUP):  # the query heads that read this kv head, in order: deterministic
         h = hk * GROUP + g
         bh = b * Hq + h
+        lse_row0 = bh * Lq
+        if VARLEN:
+            lse_row0 = h * TQ + q_start
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = dOut + b * stride_gb + h * stride_gh
         mask_base = Mask + b * stride_mb + h * stride_mh + start_n.to(tl.int64) * stride_mn
@@ -469,19 +554,20 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
         # One loop for all query blocks (the band test applied to each): two loop instances (masked
         # edge blocks, then unmasked ones) keep both loops' invariants live and spill at D = 128.
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, QDesc, dODesc, b.to(tl.int32), h.to(tl.int32),
-                             Lse + bh * Lq, Delta + bh * Lq, mask_base, dmask_base, offs_n, m_lo, m_hi, stride_qm,
+                             Lse + lse_row0, Delta + lse_row0, mask_base, dmask_base, offs_n, m_lo, m_hi, stride_qm,
                              stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale,
-                             softcap_log2, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, bh,
+                             softcap_log2, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
+                             _drop_row0(b, h, Hq, Lq, q_start, VARLEN),
                              D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, MASK_GRAD, DROPOUT, SOFTCAP,
                              BANDED, DOT_PRECISION, DKDV_PASS, STREAM_TMA, LOOP_STAGES)
 
-    # dK, dV are contiguous (B, Hkv, Lk, D / DV).
+    # dK, dV are contiguous (B, Hkv, Lk, D / DV), or (total_k, Hkv, D / DV) with VARLEN.
     if DKDV_PASS != 2:
         dk = dk * scale
-        dk_ptrs = dK + bhk * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+        dk_ptrs = dK + dk_row0 + offs_n[:, None] * dk_step + offs_d[None, :]
         tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :])
     if DKDV_PASS != 1:
-        dv_ptrs = dV + bhk * Lk * DV + offs_n[:, None] * DV + offs_dv[None, :]
+        dv_ptrs = dV + dv_row0 + offs_n[:, None] * dv_step + offs_dv[None, :]
         tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :])
 
 
@@ -531,15 +617,16 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
+def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                  stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh,
-                 stride_gm, stride_gd, Hq, GROUP, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, scale, keep_scale,
-                 seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, LQ_KEY, LK_KEY, TMA_KEY, D: tl.constexpr,
-                 DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BANDED: tl.constexpr,
-                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 stride_gm, stride_gd, Hq, GROUP, Lq, Lk, TQ, band_lo, band_hi, qk_scale, softcap_log2, scale,
+                 keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, LQ_KEY, LK_KEY, TMA_KEY,
+                 D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                 DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
-    """dQ (contiguous, Q's shape)."""
+    """dQ (contiguous, Q's shape; VARLEN as in _attn_fwd, dQ (total_q, Hq, D))."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -550,6 +637,21 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
     h = bh % Hq
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
+    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, b, Lq, Lk, band_lo, band_hi, VARLEN,
+                                                                   BOTTOM_RIGHT)
+    lse_row0 = bh * Lq
+    dq_row0 = bh * Lq * D
+    dq_step = D
+    if VARLEN:
+        if start_m >= Lq:  # past this sequence's queries
+            return
+        Q += q_start * stride_qm
+        dOut += q_start * stride_gm
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        lse_row0 = h * TQ + q_start
+        dq_row0 = (q_start * Hq + h) * D
+        dq_step = Hq * D
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -557,14 +659,15 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
                  offs_m < Lq, offs_d < D, True, D != HEAD_DIM)
     do = _load_2d(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                   offs_m < Lq, offs_dv < DV, True, DV != HEAD_DIM_V)
-    lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    lse = tl.load(Lse + lse_row0 + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + lse_row0 + offs_m, mask=offs_m < Lq, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh + start_m.to(tl.int64) * stride_mm
     drop_keys = offs_m.to(tl.uint32)
     if DROPOUT:
-        drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi, bh, Lq, offs_m)
+        drop_keys = _drop_row_keys(seed_lo, seed_hi_mix, offset_lo, offset_hi,
+                                   _drop_row0(b, h, Hq, Lq, q_start, VARLEN), offs_m)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     first, full_lo, full_hi, end = _key_ranges(start_m, Lq, Lk, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     b32 = b.to(tl.int32)
@@ -584,7 +687,7 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ,
                    band_hi, qk_scale, softcap_log2, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
                    BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, BANDED, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
     dq = dq * scale
-    dq_ptrs = dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
+    dq_ptrs = dQ + dq_row0 + offs_m[:, None] * dq_step + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
 
 
@@ -854,7 +957,7 @@ def _make_prune(kernel: str):
     return prune
 
 
-_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "BANDED", "MASK_KIND", "DROPOUT", "SOFTCAP"]
+_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "BANDED", "VARLEN", "MASK_KIND", "DROPOUT", "SOFTCAP"]
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 _tuned = {}
 
@@ -939,6 +1042,40 @@ def _band_args(band_lo, band_hi, Lq, Lk):
     return lo, hi, (Lq - 1) + lo > 0 or hi < Lk - 1
 
 
+class Varlen:
+    """The packed-sequence facts a varlen launch adds (``attention_varlen_fwd``): cumulative lengths,
+    the longest sequences (they size the grid) and the alignment of the band."""
+
+    def __init__(self, cu_q, cu_k, max_q, max_k, bottom_right):
+        self.cu_q, self.cu_k, self.max_q, self.max_k, self.bottom_right = cu_q, cu_k, max_q, max_k, bottom_right
+
+    @staticmethod
+    def as_batch(t):
+        """A packed (total, H, dim) tensor as the (1, H, total, dim) view the kernels index."""
+        return t.transpose(0, 1).unsqueeze(0)
+
+    def band(self, band_lo, band_hi):
+        """(band_lo, band_hi, BANDED) of a varlen launch: the band stays relative to each sequence
+        (the kernels shift and clamp it per sequence, ``_sequence_band``); here it is only clamped
+        to +-(max_q + max_k), which changes no sequence's visible keys and fits 32 bits."""
+        if (band_lo, band_hi) == NO_BAND:
+            return 0, 0, False  # unused: the kernels skip the band when not BANDED
+        reach = self.max_q + self.max_k
+        return min(max(band_lo, -reach), reach), min(max(band_hi, -reach), reach), True
+
+
+def _no_varlen(dummy):
+    """The varlen arguments of a plain launch: (CuQ, CuK, TQ, VARLEN, BOTTOM_RIGHT)."""
+    return dummy, dummy, 0, False, False
+
+
+def _strides(t, varlen):
+    """t's 4-D strides as the kernels take them; a varlen view's batch stride is 0 (one sequence
+    per program, found through CuQ / CuK)."""
+    st = t.stride()
+    return (0,) + tuple(st[1:]) if varlen is not None else tuple(st)
+
+
 def _scales(scale, softcap):
     """(qk_scale, softcap_log2) of the kernels: the logits in base-2 units are qk * qk_scale, or with
     a soft cap softcap_log2 * tanh(qk * qk_scale) (see _scores)."""
@@ -956,20 +1093,28 @@ def _common_constexprs(q, v, banded, mask_kind, dropout_p, softcap):
 
 
 def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse, tma=None,
-                    softcap=0.0):
+                    softcap=0.0, varlen=None):
     """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT
-    tests). K and V go in twice: as pointers and, when TMA is used, as descriptors."""
+    tests). K and V go in twice: as pointers and, when TMA is used, as descriptors. ``varlen``
+    (a ``Varlen``): q, k, v, out are the (1, H, total, dim) views of packed tensors."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
     keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
-    k_desc, v_desc, tma_key = descriptors(k, v, tma=tma)
-    band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
-    args = (q, k, v, k_desc, v_desc, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            *out.stride(), Hq, Hq // Hkv, Lq, Lk, band_lo, band_hi, *_scales(scale, softcap), keep_scale, *drop,
-            _len_key(Lq), _len_key(Lk), tma_key)
+    if varlen is None:
+        k_desc, v_desc, tma_key = descriptors(k, v, tma=tma)
+        band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
+        cu_q, cu_k, total_q, varlen_on, bottom_right = _no_varlen(lse)
+    else:  # pointer loads only: the descriptors' boxes would cross sequence boundaries
+        k_desc, v_desc, tma_key = None, None, 0
+        band_lo, band_hi, banded = varlen.band(band_lo, band_hi)
+        B, total_q, Lq, Lk = varlen.cu_q.shape[0] - 1, Lq, varlen.max_q, varlen.max_k
+        cu_q, cu_k, varlen_on, bottom_right = varlen.cu_q, varlen.cu_k, True, varlen.bottom_right
+    args = (q, k, v, k_desc, v_desc, mask, out, lse, cu_q, cu_k, *_strides(q, varlen), *_strides(k, varlen),
+            *_strides(v, varlen), *mask_strides, *_strides(out, varlen), Hq, Hq // Hkv, Lq, Lk, total_q, band_lo,
+            band_hi, *_scales(scale, softcap), keep_scale, *drop, _len_key(Lq), _len_key(Lk), tma_key)
     return Lq, B * Hq, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap),
-                                  SCALE_NONNEG=scale >= 0)
+                                  SCALE_NONNEG=scale >= 0, VARLEN=varlen_on, BOTTOM_RIGHT=bottom_right)
 
 
 #: _attn_bwd_dkdv's DKDV_PASS values: both gradients in one pass, or dK (+ dMask) and dV apart
@@ -984,22 +1129,35 @@ def dkdv_passes(head_dim: int, head_dim_v: int) -> tuple:
 
 
 def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
-                    mask_grad, dq, dk, dv, dmask, tma=None, softcap=0.0):
+                    mask_grad, dq, dk, dv, dmask, tma=None, softcap=0.0, varlen=None):
     """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels.
-    The dkdv constexprs name its first pass; ``dkdv_passes`` lists all of them."""
+    The dkdv constexprs name its first pass; ``dkdv_passes`` lists all of them. ``varlen`` as in
+    ``fwd_launch_args`` (dout, q, k, v as (1, H, total, dim) views; dq, dk, dv packed)."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
     keep_scale, *drop = _dropout_scalars(dropout_p, seed, offset)
-    band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
-    common = _common_constexprs(q, v, banded, mask_kind, dropout_p, softcap)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
-    tail = (Lq, Lk, band_lo, band_hi, *_scales(scale, softcap), scale, keep_scale, *drop, _len_key(Lq), _len_key(Lk))
-    q_desc, do_desc, dkdv_tma = descriptors(q, dout, tma=tma)
-    k_desc, v_desc, dq_tma = descriptors(k, v, tma=tma)
-    dkdv = (q, k, v, q_desc, do_desc, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq,
+    if varlen is None:
+        band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
+        q_desc, do_desc, dkdv_tma = descriptors(q, dout, tma=tma)
+        k_desc, v_desc, dq_tma = descriptors(k, v, tma=tma)
+        cu_q, cu_k, total_q, varlen_on, bottom_right = _no_varlen(lse)
+    else:
+        band_lo, band_hi, banded = varlen.band(band_lo, band_hi)
+        q_desc = do_desc = k_desc = v_desc = None
+        dkdv_tma = dq_tma = 0
+        B, total_q, Lq, Lk = varlen.cu_q.shape[0] - 1, Lq, varlen.max_q, varlen.max_k
+        cu_q, cu_k, varlen_on, bottom_right = varlen.cu_q, varlen.cu_k, True, varlen.bottom_right
+    common = dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap), VARLEN=varlen_on,
+                  BOTTOM_RIGHT=bottom_right)
+    strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *mask_strides,
+               *_strides(dout, varlen))
+    tail = (Lq, Lk, total_q, band_lo, band_hi, *_scales(scale, softcap), scale, keep_scale, *drop, _len_key(Lq),
+            _len_key(Lk))
+    dkdv = (q, k, v, q_desc, do_desc, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq, cu_q, cu_k,
             *strides, Hq, Hkv, Hq // Hkv, *tail, dkdv_tma)
-    dq_args = (q, k, v, k_desc, v_desc, mask, dout, lse, delta, dq, *strides, Hq, Hq // Hkv, *tail, dq_tma)
+    dq_args = (q, k, v, k_desc, v_desc, mask, dout, lse, delta, dq, cu_q, cu_k, *strides, Hq, Hq // Hkv, *tail,
+               dq_tma)
     first_pass = dkdv_passes(common["HEAD_DIM"], common["HEAD_DIM_V"])[0]
     return {"dkdv": (Lk, B * Hkv, dkdv, dict(common, MASK_GRAD=bool(mask_grad), DKDV_PASS=first_pass)),
             "dq": (Lq, B * Hq, dq_args, common)}
@@ -1048,3 +1206,43 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
         _launch("dkdv", rows, heads, args, dict(constexprs, DKDV_PASS=dkdv_pass))
     _launch("dq", *launches["dq"])
     return dq, dk, dv, dmask
+
+
+def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                         bottom_right, dropout_p, scale, seed, offset, softcap=0.0):
+    """Packed sequences in one launch: a program per (sequence, query head, query block of the
+    longest sequence); blocks past their own sequence return at once."""
+    out = new_varlen_out(q, v.shape[2])
+    lse = torch.empty(varlen_lse_shape(q), device=q.device, dtype=torch.float32)
+    if max_seqlen_q == 0:
+        return out, lse
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right)
+    view = Varlen.as_batch
+    _launch("fwd", *fwd_launch_args(view(q), view(k), view(v), None, band_lo, band_hi, dropout_p, scale, seed, offset,
+                                    view(out), lse, softcap=softcap, varlen=varlen))
+    return out, lse
+
+
+def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
+                         band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0):
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)  # every key block is written, zeros included
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    if max_seqlen_q == 0:
+        return dq, dk, dv
+    view = Varlen.as_batch
+    Tq, Hq, Dv = out.shape
+    # delta = rowsum(dO * O) over the packed rows: the plain kernel on one "batch" of Tq rows gives
+    # the (Hq, Tq) layout of lse
+    delta = torch.empty(varlen_lse_shape(q), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta[(cdiv(Tq, DELTA_BLOCK_M) * Hq,)](
+        view(out), view(dout), delta, *view(out).stride(), *view(dout).stride(), Hq, Tq, DV=Dv, HEAD_DIM_V=_pow2(Dv),
+        BLOCK_M=DELTA_BLOCK_M, **LAUNCH_OPTIONS)
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right)
+    launches = bwd_launch_args(view(dout), view(q), view(k), view(v), lse, delta, None, band_lo, band_hi, dropout_p,
+                               scale, seed, offset, False, dq, dk, dv, empty(q), softcap=softcap, varlen=varlen)
+    rows, heads, args, constexprs = launches["dkdv"]
+    for dkdv_pass in dkdv_passes(constexprs["HEAD_DIM"], constexprs["HEAD_DIM_V"]):
+        _launch("dkdv", rows, heads, args, dict(constexprs, DKDV_PASS=dkdv_pass))
+    _launch("dq", *launches["dq"])
+    return dq, dk, dv

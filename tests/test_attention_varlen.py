@@ -1,0 +1,240 @@
+"""Variable-length (packed) attention, ``functional.attention_varlen``, on every backend of this machine.
+
+Sequences of different lengths are packed one after another in (total, heads, dim) tensors and
+described by cumulative lengths, as FlashAttention's ``flash_attn_varlen_func`` takes them. The
+oracle is ``reference.attention_varlen``: plain ``reference.attention`` on each sequence alone,
+built from the user's terms (causal, window_size, alignment per sequence), so a wrong sequence
+offset, a band shifted by the wrong sequence's lengths or a dropout row counted across sequences
+all fail here. The Triton backend runs every sequence in one launch (its kernels' VARLEN flag);
+the others run each sequence through their plain kernels.
+"""
+import pytest
+import torch
+
+from fused_attn import functional as F
+from fused_attn import reference as R
+from fused_attn.testing import check_against_reference, make_inputs, runnable_backends
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def cases(dtype):
+    """(device, backend): every backend on the CPU; on a GPU the fused ones, with the gpu mark."""
+    return [pytest.param(device, backend, id=f"{device}-{backend}",
+                         marks=(pytest.mark.gpu,) if device == "cuda" else ())
+            for device in DEVICES for backend in runnable_backends("attention", device=device, dtype=dtype)
+            if not (device == "cuda" and backend == "reference")]
+
+
+def cu_seqlens(lengths, dtype=torch.int32, device=None):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=dtype, device=device)
+
+
+# (name, q lengths, k lengths (None: the same), Hq, Hkv, D, Dv, causal, window, alignment, extra)
+CASES = [
+    ("self, odd lengths incl. 0 and 1", [1, 17, 97, 0, 5], None, 2, 2, 40, 40, False, None, "top_left", None),
+    ("causal GQA", [17, 1, 64, 33], None, 4, 2, 59, 59, True, None, "top_left", None),
+    ("cross, bottom-right causal, dead rows", [3, 17, 40, 1], [10, 5, 97, 1], 2, 1, 16, 16, True, None,
+     "bottom_right", None),
+    ("causal sliding window + softcap", [50, 97, 9], None, 2, 2, 32, 32, True, (8, 0), "top_left", "softcap"),
+    ("cross, bottom-right causal window", [5, 30, 2], [12, 20, 2], 2, 2, 24, 24, True, (3, 0), "bottom_right",
+     None),
+    ("two-sided window + dropout", [17, 40, 2], None, 2, 1, 32, 32, False, (4, 4), "top_left", "dropout"),
+    ("Dv != D, one head, a sequence without keys", [4, 3, 7], [5, 0, 7], 1, 1, 32, 24, False, None, "top_left", None),
+]
+
+
+def _run_case(backend, dtype, case, device):
+    name, lens_q, lens_k, Hq, Hkv, D, Dv, causal, window, alignment, extra = case
+    lens_k = lens_q if lens_k is None else lens_k
+    cu_q, cu_k = cu_seqlens(lens_q, device=device), cu_seqlens(lens_k, device=device)
+    q, k, v = make_inputs((sum(lens_q), Hq, D), (sum(lens_k), Hkv, D), (sum(lens_k), Hkv, Dv), dtype=dtype,
+                          device=device, seed=len(lens_q) + D)
+    softcap = 3.0 if extra == "softcap" else None
+    if softcap:  # |scale * q.k| well above the cap for many pairs
+        q, k = ((t.detach() * 4).requires_grad_() for t in (q, k))
+    p = 0.25 if extra == "dropout" else 0.0
+
+    def rng():
+        return torch.Generator().manual_seed(7)
+
+    def fused(q, k, v, cu_q, cu_k):
+        return F.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, window_size=window, alignment=alignment,
+                                  softcap=softcap, dropout_p=p, backend=backend, generator=rng())
+
+    def reference(q, k, v, cu_q, cu_k):
+        seed_offset = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=rng()).tolist()) if p else None
+        return R.attention_varlen(q, k, v, cu_q, cu_k, causal, p, None, seed_offset, window_size=window,
+                                  alignment=alignment, softcap=softcap)
+
+    return check_against_reference(fused, reference, [q, k, v, cu_q, cu_k], names=["q", "k", "v", "cu_q", "cu_k"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_matches_reference_float32(device, backend, case):
+    results = _run_case(backend, torch.float32, case, device)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+HALF_CASES = [CASES[1], CASES[2], CASES[4]]
+
+
+@pytest.mark.parametrize("case", HALF_CASES, ids=[c[0] for c in HALF_CASES])
+@pytest.mark.parametrize("device,backend", cases(torch.float16))
+def test_varlen_matches_reference_float16(device, backend, case):
+    if backend == "reference":
+        pytest.skip("the reference backend is the oracle itself")
+    results = _run_case(backend, torch.float16, case, device)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.bfloat16) if torch.cuda.is_available() else [])
+def test_varlen_matches_reference_bfloat16(device, backend):
+    if device != "cuda" or backend == "reference":
+        pytest.skip("bfloat16 runs on the GPU")
+    results = _run_case(backend, torch.bfloat16, CASES[1], device)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_is_attention_on_each_sequence(device, backend):
+    """Each sequence's rows are what ``attention`` gives on that sequence alone (bitwise on the CPU,
+    where both run the same kernels on the same block partition), and the packed tensors are strided
+    views of one qkv buffer (FlashAttention's qkv-packed layout), read without copies."""
+    lens = [7, 1, 33, 20]
+    Hq, D = 2, 24
+    cu = cu_seqlens(lens, device=device)
+    qkv = make_inputs((sum(lens), 3, Hq, D), requires_grad=False, device=device, seed=3)[0]
+    q, k, v = qkv.unbind(1)
+    before = qkv.clone()
+    out = F.attention_varlen(q, k, v, cu, cu, causal=True, backend=backend)
+    assert torch.equal(qkv, before)
+    assert out.shape == (sum(lens), Hq, D) and out.is_contiguous()
+    for s in range(len(lens)):
+        a, b = int(cu[s]), int(cu[s + 1])
+        alone = F.attention(*(t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), causal=True,
+                            backend=backend)[0].transpose(0, 1)
+        if device == "cpu":
+            assert torch.equal(out[a:b], alone), s
+        else:
+            torch.testing.assert_close(out[a:b], alone)
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_equals_padded_batch(device, backend):
+    """Packing is an optimisation: the valid rows of a padded batch with a key-padding mask are
+    the packed result."""
+    lens = [5, 12, 1, 9]
+    H, D, L = 2, 16, max(lens)
+    q, k, v = make_inputs((sum(lens), H, D), (sum(lens), H, D), (sum(lens), H, D), requires_grad=False,
+                          device=device, seed=9)
+    cu = cu_seqlens(lens, device=device)
+    packed = F.attention_varlen(q, k, v, cu, cu, backend=backend)
+
+    def pad(t):
+        out = t.new_zeros(len(lens), L, H, D)
+        for s, n in enumerate(lens):
+            out[s, :n] = t[int(cu[s]):int(cu[s]) + n]
+        return out.transpose(1, 2)
+
+    keys_ok = torch.arange(L, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+    padded = F.attention(pad(q), pad(k), pad(v), attn_mask=keys_ok[:, None, None, :], backend=backend)
+    for s, n in enumerate(lens):
+        torch.testing.assert_close(packed[int(cu[s]):int(cu[s]) + n], padded[s, :, :n].transpose(0, 1),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_dropout_reproducible_and_int64_boundaries(device, backend):
+    """The same generator state gives the same bits (int32 or int64 boundaries alike); another
+    seed drops other elements."""
+    lens = [9, 30]
+    q, k, v = make_inputs((39, 2, 16), (39, 2, 16), (39, 2, 16), requires_grad=False, device=device, seed=4)
+
+    def run(seed, dtype):
+        cu = cu_seqlens(lens, dtype=dtype, device=device)
+        return F.attention_varlen(q, k, v, cu, cu, dropout_p=0.5, backend=backend,
+                                  generator=torch.Generator().manual_seed(seed))
+
+    first = run(1, torch.int32)
+    assert torch.equal(first, run(1, torch.int32))
+    assert torch.equal(first, run(1, torch.int64))
+    assert not torch.equal(first, run(2, torch.int32))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_empty(device, backend):
+    q, k, v = make_inputs((0, 2, 8), (0, 2, 8), (0, 2, 8), device=device)
+    for cu in ([0], [0, 0, 0]):
+        cu = torch.tensor(cu, dtype=torch.int32, device=device)
+        out = F.attention_varlen(q, k, v, cu, cu, backend=backend)
+        assert out.shape == (0, 2, 8)
+        out.sum().backward()
+        assert q.grad.shape == q.shape
+    # queries without keys: zeros, zero gradients, no NaN
+    q, k, v = make_inputs((3, 2, 8), (0, 2, 8), (0, 2, 8), device=device)
+    out = F.attention_varlen(q, k, v, cu_seqlens([3], device=device), cu_seqlens([0], device=device),
+                             backend=backend)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_varlen_validation():
+    q, k, v = make_inputs((10, 2, 8), (10, 2, 8), (10, 2, 8), requires_grad=False)
+    cu = cu_seqlens([4, 6])
+    bad = [
+        (dict(q=q[None]), ValueError, "q must be 3-D"),
+        (dict(cu_seqlens_q=cu.float()), TypeError, "cu_seqlens_q must be int32 or int64"),
+        (dict(cu_seqlens_k=cu[None]), ValueError, "cu_seqlens_k must be 1-D"),
+        (dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)), ValueError, "must start at 0"),
+        (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError, "never decrease"),
+        (dict(cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "total length 10"),
+        (dict(cu_seqlens_k=torch.tensor([0, 2, 4, 10], dtype=torch.int32)), ValueError, "same number of sequences"),
+        (dict(max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is shorter than the longest sequence"),
+        (dict(max_seqlen_k=True), TypeError, "max_seqlen_k must be an int"),
+        (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be >= 0"),
+        (dict(k=k[:, :1].expand(10, 3, 8).contiguous(), v=v[:, :1].expand(10, 3, 8).contiguous()), ValueError,
+         "multiple of the key/value heads"),
+        (dict(v=v[:9]), ValueError, "same tokens and heads"),
+        (dict(cu_seqlens_q=[0, 4, 10]), TypeError, "cu_seqlens_q must be a torch.Tensor"),
+        (dict(alignment="centre"), ValueError, "alignment must be one of"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1)"),
+    ]
+    base = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    for change, exc, text in bad:
+        kwargs = dict(base, **change)
+        with pytest.raises(exc, match=text.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            F.attention_varlen(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), kwargs.pop("cu_seqlens_q"),
+                               kwargs.pop("cu_seqlens_k"), **kwargs)
+    # an upper bound for max_seqlen is fine
+    torch.testing.assert_close(F.attention_varlen(q, k, v, cu, cu, 64, 64), F.attention_varlen(q, k, v, cu, cu))
+
+
+def test_varlen_compiles_fullgraph():
+    """Traced without graph breaks when max_seqlen is given (nothing is read from cu_seqlens on the
+    host inside the graph); without it, a clear error."""
+    lens = [5, 11]
+    cu = cu_seqlens(lens)
+    q, k, v = make_inputs((16, 2, 8), (16, 2, 8), (16, 2, 8))
+
+    def fn(q, k, v, cu):
+        return F.attention_varlen(q, k, v, cu, cu, 11, 11, causal=True).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v, cu)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    fn(q, k, v, cu).backward()
+    torch.testing.assert_close(loss, fn(q, k, v, cu))
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad)
+    no_max = torch.compile(lambda q, k, v, cu: F.attention_varlen(q, k, v, cu, cu), fullgraph=True,
+                           backend="aot_eager")
+    with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
+        no_max(q, k, v, cu)

@@ -60,6 +60,27 @@ def attention_property(backend, B, Hkv, group, Lq, Lk, D, Dv, causal, mask, tran
 test_attention_random, test_attention_random_interpreted = split_by_speed("attention", ATTENTION_CASES, attention_property)
 
 
+VARLEN_CASES = dict(lens_q=st.lists(st.integers(0, 30), min_size=1, max_size=4), self_attention=st.booleans(),
+    extra_k=st.lists(st.integers(0, 12), min_size=4, max_size=4), Hkv=st.integers(1, 2), group=st.integers(1, 2),
+    D=st.sampled_from([4, 13, 16]), Dv=st.sampled_from([7, 16]), causal=st.booleans(),
+    window=st.sampled_from([None, (0, 0), (3, 0), (2, 5), (-1, 1)]), alignment=st.sampled_from(["top_left", "bottom_right"]),
+    seed=st.integers(0, 2**16))
+
+
+def varlen_property(backend, lens_q, self_attention, extra_k, Hkv, group, D, Dv, causal, window, alignment, seed):
+    """Packed sequences of random lengths (0 included), self- or cross-attention, with every band option."""
+    lens_k = lens_q if self_attention else [n + e for n, e in zip(lens_q, extra_k)]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32) for n in (lens_q, lens_k))
+    q, k, v = make_inputs((sum(lens_q), Hkv * group, D), (sum(lens_k), Hkv, D), (sum(lens_k), Hkv, Dv), seed=seed)
+    opts = dict(causal=causal, window_size=window, alignment=alignment)
+    check_against_reference(
+        lambda q, k, v, cq, ck: F.attention_varlen(q, k, v, cq, ck, backend=backend, **opts),
+        lambda q, k, v, cq, ck: R.attention_varlen(q, k, v, cq, ck, **opts), [q, k, v, cu_q, cu_k])
+
+
+test_varlen_random, test_varlen_random_interpreted = split_by_speed("attention", VARLEN_CASES, varlen_property)
+
+
 LAYER_NORM_CASES = dict(rows=st.integers(1, 40), d=st.integers(1, 300), rms=st.booleans(), affine=st.booleans(),
     residual=st.booleans(), prenorm=st.booleans(), seed=st.integers(0, 2**16))
 

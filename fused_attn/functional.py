@@ -171,7 +171,8 @@ def _check_attention_options(D, causal, window_size, alignment, dropout_p, scale
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None, causal: bool = False,
               window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
               dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
-              backend: Optional[str] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+              return_lse: bool = False, backend: Optional[str] = None,
+              generator: Optional[torch.Generator] = None):
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
 
     Args:
@@ -198,11 +199,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         scale: logits scale, default ``1/sqrt(D)``.
         softcap: logit soft-capping (Gemma 2, FlashAttention's ``softcap``): the scaled scores
             become ``softcap * tanh(scores / softcap)`` before the mask is added. None or 0: off.
+        return_lse: also return the float32 (B, Hq, Lq) log-sum-exp of each row's scaled, capped and
+            masked logits (natural log; before dropout), as FlashAttention's ``return_softmax_lse``:
+            what merging partial attentions (split keys, ring / context parallelism) needs. +inf on
+            rows that see no key. It is a by-product: no gradient flows through it.
         backend: "auto", "triton", "cuda", "cpu" or "reference"; None uses ``use_backend`` /
             ``FUSED_ATTN_BACKEND`` / auto.
 
-    Returns (B, Hq, Lq, Dv). Same meaning as ``torch.nn.functional.scaled_dot_product_attention``
-    except that a row whose keys are all masked returns zeros (and zero gradients), never NaN.
+    Returns (B, Hq, Lq, Dv), or (out, lse) with ``return_lse``. Same meaning as
+    ``torch.nn.functional.scaled_dot_product_attention`` except that a row whose keys are all
+    masked returns zeros (and zero gradients), never NaN.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=4)
@@ -223,6 +229,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
                          f"(k.shape[1] = {Hkv})")
     window_size, dropout_p, scale, softcap = _check_attention_options(D, causal, window_size, alignment, dropout_p,
                                                                       scale, softcap)
+    _check_bool("return_lse", return_lse)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -247,15 +254,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
     args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap)
     if _eager_inference(q, k, v, attn_mask):
-        return attention_inference(*args)
-    return AttentionFunction.apply(*args)
+        return attention_inference(*args, return_lse)
+    return AttentionFunction.apply(*args, return_lse)
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = False,
                      window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
                      dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
-                     backend: Optional[str] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+                     return_lse: bool = False, backend: Optional[str] = None,
+                     generator: Optional[torch.Generator] = None):
     """Attention over packed sequences of different lengths, without padding (FlashAttention's
     ``flash_attn_varlen_func``; what training on packed batches and Hugging Face's
     ``DataCollatorWithFlattening`` produce).
@@ -273,7 +281,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             ``attention``, applied to each sequence with its own lengths (bottom_right aligns each
             sequence's last query with its last key, as FlashAttention's varlen causal does).
 
-    Returns (total_q, Hq, Dv). Sequence s gives exactly what ``attention`` gives on it alone
+    Returns (total_q, Hq, Dv), or (out, lse) with ``return_lse`` (lse float32 (Hq, total_q), as in
+    ``attention``). Sequence s gives exactly what ``attention`` gives on it alone
     (dropout: that call's mask at offset + Hq * cu_seqlens_q[s] of the same seed). Outside
     torch.compile the boundaries are checked (one small device-to-host copy); the Triton backend
     runs every sequence in one launch, the others loop over the sequences.
@@ -293,6 +302,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"(k.shape[1] = {Hkv})")
     window_size, dropout_p, scale, softcap = _check_attention_options(D, causal, window_size, alignment, dropout_p,
                                                                       scale, softcap)
+    _check_bool("return_lse", return_lse)
     max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q, q.device)
     max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k, q.device)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
@@ -312,8 +322,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
             alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap)
     if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k):
-        return attention_varlen_inference(*args)
-    return AttentionVarlenFunction.apply(*args)
+        return attention_varlen_inference(*args, return_lse=return_lse)
+    return AttentionVarlenFunction.apply(*args, return_lse)
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_name: str, max_seqlen, device) -> int:

@@ -117,27 +117,33 @@ def _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, sca
     return fwd(q, k, v, mask4, band_lo, band_hi, dropout_p, scale, rng, backend, softcap)
 
 
-def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0):
+def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0,
+                        return_lse=False):
     """AttentionFunction's output for eager calls that build no autograd graph, without its Python
     layers (see ``functional._eager_inference``)."""
-    return _attention_forward(_attention_fwd_impl, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
-                              backend, softcap)[0]
+    out, lse = _attention_forward(_attention_fwd_impl, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
+                                  backend, softcap)
+    return (out, lse) if return_lse else out
 
 
 class AttentionFunction(torch.autograd.Function):
     """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0):
+    def forward(ctx, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0,
+                return_lse=False):
         fwd = _attention_fwd_impl if direct_call_ok(q, k, v, attn_mask) else torch.ops.fused_attn.attention_fwd
         out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend,
                                       softcap)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng)
         ctx.options = (band_lo, band_hi, dropout_p, scale, backend, softcap)
+        if return_lse:  # returned as FlashAttention returns it: a by-product, not differentiated
+            ctx.mark_non_differentiable(lse)
+            return out, lse
         return out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, *unused_dlse):
         q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
         band_lo, band_hi, dropout_p, scale, backend, softcap = ctx.options
         mask4 = None
@@ -148,7 +154,7 @@ class AttentionFunction(torch.autograd.Function):
         dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask4, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
                                 backend, softcap)
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
-        return dq, dk, dv, dmask, None, None, None, None, None, None, None
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,9 +213,10 @@ def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def attention_varlen_inference(*args):
+def attention_varlen_inference(*args, return_lse=False):
     """AttentionVarlenFunction's output for eager calls that build no autograd graph."""
-    return _attention_varlen_fwd_impl(*args)[0]
+    out, lse = _attention_varlen_fwd_impl(*args)
+    return (out, lse) if return_lse else out
 
 
 class AttentionVarlenFunction(torch.autograd.Function):
@@ -217,23 +224,26 @@ class AttentionVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                dropout_p, scale, rng, backend, softcap=0.0):
+                dropout_p, scale, rng, backend, softcap=0.0, return_lse=False):
         direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k)
         fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
         out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                        bottom_right, dropout_p, scale, rng, backend, softcap)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
+        if return_lse:
+            ctx.mark_non_differentiable(lse)
+            return out, lse
         return out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, *unused_dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng = ctx.saved_tensors
         bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v)
                else torch.ops.fused_attn.attention_varlen_bwd)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
                          *ctx.options[7:])
-        return (dq, dk, dv) + (None,) * 12
+        return (dq, dk, dv) + (None,) * 13
 
 
 # ---------------------------------------------------------------------------------------------

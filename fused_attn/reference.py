@@ -133,8 +133,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_
     ``attention`` per sequence. q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
     sequence s is rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1]
     of k and v, and sees only itself. Returns (total_q, Hq, Dv), and with ``with_lse`` also the
-    float32 (Hq, total_q) log-sum-exp. Dropout: sequence s uses (seed, offset + Hq * cu_seqlens_q[s])
-    (``ops_common.varlen_rng_offset``)."""
+    (Hq, total_q) log-sum-exp (float32, float64 for float64 inputs). Dropout: sequence s uses
+    (seed, offset + Hq * cu_seqlens_q[s]) (``ops_common.varlen_rng_offset``)."""
     cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
     Hq = q.shape[1]
     outs, lses = [], []
@@ -146,12 +146,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_
         outs.append(attention(qs, ks, vs, None, causal, dropout_p, scale, seq_rng, window_size=window_size,
                               alignment=alignment, softcap=softcap)[0].transpose(0, 1))
         if with_lse:
-            lses.append(attention_lse(qs.float(), ks.float(), None, causal, scale, window_size=window_size,
+            wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for the oracle
+            lses.append(attention_lse(qs.to(wide), ks.to(wide), None, causal, scale, window_size=window_size,
                                       alignment=alignment, softcap=softcap)[0])
     out = torch.cat(outs) if outs else q.new_zeros(0, Hq, v.shape[-1])
     if not with_lse:
         return out
-    return out, (torch.cat(lses, dim=1) if lses else q.new_zeros(Hq, 0, dtype=torch.float32))
+    return out, (torch.cat(lses, dim=1) if lses else q.new_zeros(Hq, 0, dtype=torch.promote_types(q.dtype,
+                                                                                                  torch.float32)))
 
 
 def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, dropout_p=0.0,

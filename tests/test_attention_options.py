@@ -255,3 +255,87 @@ def test_softcap_keeps_nan_in_its_row(device, backend):
         out = F.attention(q, k, v, softcap=5.0, backend=backend)
     assert torch.isnan(out[0, 0, 2]).all()
     assert torch.isfinite(out[0, 0, [0, 1, 3, 4]]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# return_lse: the log-sum-exp as FlashAttention's return_softmax_lse
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_return_lse_matches_reference(device, backend):
+    """The returned lse is the float64 reference's (bottom-right causal window with dead rows, GQA,
+    a bool mask and a soft cap), +inf on the rows that see no key; it carries no gradient, and the
+    output is the one a call without return_lse gives."""
+    with torch.device(device):
+        q, k, v = make_inputs((2, 4, 37, 24), (2, 2, 29, 24), (2, 2, 29, 16), seed=21)
+        keep = torch.rand(2, 1, 37, 29, generator=torch.Generator().manual_seed(4)).to(device) > 0.25
+        opts = dict(attn_mask=keep, causal=True, window_size=(6, 0), alignment="bottom_right", softcap=2.0)
+        out, lse = F.attention(q, k, v, return_lse=True, backend=backend, **opts)
+        plain = F.attention(q, k, v, backend=backend, **opts)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 37) and not lse.requires_grad
+    assert torch.equal(out, plain)
+    expected = R.attention_lse(q.double(), k.double(), keep, True, window_size=(6, 0), alignment="bottom_right",
+                               softcap=2.0)
+    dead = torch.isinf(expected)
+    assert bool(dead.any()) and bool((~dead).any())
+    assert torch.equal(torch.isinf(lse.cpu()), dead.cpu()) and bool((lse[dead] > 0).all())
+    torch.testing.assert_close(lse[~dead].double(), expected[~dead], rtol=1e-5, atol=1e-5)
+    out.sum().backward()  # the output still differentiates
+    assert q.grad is not None and bool(torch.isfinite(q.grad).all())
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_lse_merges_split_keys(device, backend):
+    """What the lse is for: attention over two halves of the keys, merged by their lse, is
+    attention over all of them (split-KV decoding, ring attention)."""
+    with torch.device(device):
+        q, k, v = make_inputs((1, 2, 9, 16), (1, 2, 40, 16), (1, 2, 40, 16), requires_grad=False, seed=22)
+        o1, l1 = F.attention(q, k[:, :, :23], v[:, :, :23], return_lse=True, backend=backend)
+        o2, l2 = F.attention(q, k[:, :, 23:], v[:, :, 23:], return_lse=True, backend=backend)
+        whole, l = F.attention(q, k, v, return_lse=True, backend=backend)
+    merged_lse = torch.logaddexp(l1, l2)
+    merged = o1 * torch.exp(l1 - merged_lse)[..., None] + o2 * torch.exp(l2 - merged_lse)[..., None]
+    torch.testing.assert_close(merged_lse, l, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_return_lse(device, backend):
+    lens_q, lens_k = [3, 0, 20], [5, 4, 20]
+    cu_q = torch.tensor([0, 3, 3, 23], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 5, 9, 29], dtype=torch.int32, device=device)
+    q, k, v = make_inputs((23, 2, 16), (29, 1, 16), (29, 1, 16), device=device, seed=23)
+    out, lse = F.attention_varlen(q, k, v, cu_q, cu_k, causal=True, alignment="bottom_right", return_lse=True,
+                                  backend=backend)
+    ref_out, ref_lse = R.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, True,
+                                          alignment="bottom_right", with_lse=True)
+    assert lse.shape == (2, 23) and not lse.requires_grad
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_return_lse_compiles_fullgraph():
+    q, k, v = make_inputs((1, 2, 11, 8), (1, 2, 11, 8), (1, 2, 11, 8))
+
+    def fn(q, k, v):
+        out, lse = F.attention(q, k, v, causal=True, return_lse=True)
+        return out.sum() + lse.sum()  # lse enters the loss as a constant
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    loss.backward()
+    grad = q.grad.clone()
+    q.grad = None
+    eager = fn(q, k, v)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, q.grad)
+
+
+def test_return_lse_is_validated():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(TypeError, match="return_lse must be a bool, got int"):
+        F.attention(q, q, q, return_lse=1)
+    with pytest.raises(TypeError, match="return_lse must be a bool, got str"):
+        F.attention_varlen(q[0, 0, :, None], q[0, 0, :, None], q[0, 0, :, None], torch.tensor([0, 4]),
+                           torch.tensor([0, 4]), return_lse="yes")

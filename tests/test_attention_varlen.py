@@ -238,3 +238,23 @@ def test_varlen_compiles_fullgraph():
                            backend="aot_eager")
     with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
         no_max(q, k, v, cu)
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_nan_stays_in_its_sequence(device, backend):
+    """A NaN in one sequence's keys reaches that sequence's rows and no other sequence's; a NaN query
+    row stays in its row. Gradients of the other sequences stay finite."""
+    lens = [6, 9, 5]
+    cu = cu_seqlens(lens, device=device)
+    q, k, v = make_inputs((20, 2, 8), (20, 2, 8), (20, 2, 8), requires_grad=False, device=device, seed=8)
+    k[8, 1, 3] = float("nan")  # sequence 1 (rows 6:15), head 1
+    q[17, 0, 0] = float("nan")  # sequence 2, row 17, head 0
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = F.attention_varlen(q, k, v, cu, cu, backend=backend)
+    bad = ~torch.isfinite(out)
+    expected = torch.zeros_like(bad)
+    expected[6:15, 1] = True
+    expected[17, 0] = True
+    assert torch.equal(bad, expected)
+    out.masked_fill(bad, 0.0).sum().backward()
+    assert bool(torch.isfinite(q.grad[:6]).all()) and bool(torch.isfinite(k.grad[:6]).all())

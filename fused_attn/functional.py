@@ -312,8 +312,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     call = Call("attention", q.device, q.dtype, {
         "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
         "dropout": dropout_p > 0.0, "gqa": _concrete(Hq != Hkv), "softcap": softcap > 0.0, "mask": None,
-        "mask_grad": False,
-        "varlen": True})
+        "mask_grad": False, "varlen": True})
     name = resolve(call, backend)
     # The band relative to each sequence's top-left corner; bottom_right shifts it per sequence.
     band_lo, band_hi = attention_band(0, 0, causal, window_size, "top_left")

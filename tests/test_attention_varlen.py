@@ -164,6 +164,12 @@ def test_varlen_dropout_reproducible_and_int64_boundaries(device, backend):
     assert torch.equal(first, run(1, torch.int32))
     assert torch.equal(first, run(1, torch.int64))
     assert not torch.equal(first, run(2, torch.int32))
+    # boundaries given as a strided view (every other element of a longer tensor) read the same
+    spread = torch.stack([cu_seqlens(lens, device=device), torch.full((3,), 99, dtype=torch.int32,
+                                                                       device=device)], 1).flatten()[::2]
+    assert not spread.is_contiguous()
+    assert torch.equal(first, F.attention_varlen(q, k, v, spread, spread, dropout_p=0.5, backend=backend,
+                                                 generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("device,backend", cases(torch.float32))

@@ -1047,7 +1047,9 @@ class Varlen:
     the longest sequences (they size the grid) and the alignment of the band."""
 
     def __init__(self, cu_q, cu_k, max_q, max_k, bottom_right):
-        self.cu_q, self.cu_k, self.max_q, self.max_k, self.bottom_right = cu_q, cu_k, max_q, max_k, bottom_right
+        # the kernels index the boundaries as dense arrays (a strided view would be read wrong)
+        self.cu_q, self.cu_k = cu_q.contiguous(), cu_k.contiguous()
+        self.max_q, self.max_k, self.bottom_right = max_q, max_k, bottom_right
 
     @staticmethod
     def as_batch(t):

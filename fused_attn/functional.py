@@ -262,7 +262,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = False,
                      window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
                      dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
-                     return_lse: bool = False, backend: Optional[str] = None,
+                     return_lse: bool = False, seqused_k: Optional[Tensor] = None, backend: Optional[str] = None,
                      generator: Optional[torch.Generator] = None):
     """Attention over packed sequences of different lengths, without padding (FlashAttention's
     ``flash_attn_varlen_func``; what training on packed batches and Hugging Face's
@@ -277,6 +277,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             They must start at 0, never decrease, and end at total_q / total_k.
         max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine). None reads them
             from cu_seqlens (a device sync); under torch.compile they must be given.
+        seqused_k: int32/int64 (B,) or None: sequence s uses only the first ``seqused_k[s]`` keys of
+            its rows ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` (FlashAttention 3's ``seqused_k``): a
+            padded KV cache of B slots with ragged lengths, ``cu_seqlens_k = arange(B + 1) * slot``.
+            The unused keys are not read, their gradients are zero, and bottom_right aligns on the
+            used length.
         causal, window_size, alignment, dropout_p, scale, softcap, backend, generator: as in
             ``attention``, applied to each sequence with its own lengths (bottom_right aligns each
             sequence's last query with its last key, as FlashAttention's varlen causal does).
@@ -308,6 +313,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} entries")
+    if seqused_k is not None:
+        _check_seqused_k(seqused_k, cu_seqlens_k)
     check_backend_name(backend)
     call = Call("attention", q.device, q.dtype, {
         "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
@@ -317,12 +324,32 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # The band relative to each sequence's top-left corner; bottom_right shifts it per sequence.
     band_lo, band_hi = attention_band(0, 0, causal, window_size, "top_left")
     if torch.compiler.is_compiling():
-        q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap)
-    if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k):
+            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap, seqused_k)
+    if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k):
         return attention_varlen_inference(*args, return_lse=return_lse)
     return AttentionVarlenFunction.apply(*args, return_lse)
+
+
+def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:
+    if not isinstance(seqused_k, Tensor):
+        raise TypeError(f"seqused_k must be a torch.Tensor or None, got {type(seqused_k).__name__}")
+    if seqused_k.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"seqused_k must be int32 or int64, got {_dtype_name(seqused_k.dtype)}")
+    if seqused_k.shape != (cu_seqlens_k.shape[0] - 1,):
+        raise ValueError(f"seqused_k must have one entry per sequence, shape ({cu_seqlens_k.shape[0] - 1},), got "
+                         f"{tuple(seqused_k.shape)}")
+    if seqused_k.device != cu_seqlens_k.device:
+        raise ValueError(f"seqused_k is on {seqused_k.device} but q is on {cu_seqlens_k.device}")
+    if torch.compiler.is_compiling():
+        return
+    used, cu = seqused_k.tolist(), cu_seqlens_k.tolist()
+    bad = [s for s, n in enumerate(used) if not 0 <= n <= cu[s + 1] - cu[s]]
+    if bad:
+        s = bad[0]
+        raise ValueError(f"seqused_k[{s}] = {used[s]} is outside [0, {cu[s + 1] - cu[s]}], the keys sequence {s} has "
+                         f"in cu_seqlens_k")
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_name: str, max_seqlen, device) -> int:

@@ -162,7 +162,7 @@ class AttentionFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0):
+                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None):
     if q.numel() == 0 or k.shape[0] == 0:
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()
@@ -170,46 +170,50 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                      band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset,
-                                                     softcap)
+                                                     softcap, seqused_k)
 
 
 @torch.library.custom_op("fused_attn::attention_varlen_fwd", mutates_args=())
 def attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, band_lo: int, band_hi: int, bottom_right: bool,
                          dropout_p: float, scale: float, rng: Optional[Tensor], backend: str,
-                         softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+                         softcap: float = 0.0, seqused_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     return _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
-                                      band_hi, bottom_right, dropout_p, scale, rng, backend, softcap)
+                                      band_hi, bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k)
 
 
 @attention_varlen_fwd.register_fake
 def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0):
+                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None):
     return new_varlen_out(q, v.shape[-1]), q.new_empty(varlen_lse_shape(q), dtype=torch.float32)
 
 
 def _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0):
+                               band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
+                               seqused_k=None):
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                      max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                                                     dropout_p, scale, seed, offset, softcap)
+                                                     dropout_p, scale, seed, offset, softcap, seqused_k)
 
 
 @torch.library.custom_op("fused_attn::attention_varlen_bwd", mutates_args=())
 def attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          band_lo: int, band_hi: int, bottom_right: bool, dropout_p: float, scale: float,
-                         rng: Optional[Tensor], backend: str, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                         rng: Optional[Tensor], backend: str, softcap: float = 0.0,
+                         seqused_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     return _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                      band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap)
+                                      band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap,
+                                      seqused_k)
 
 
 @attention_varlen_bwd.register_fake
 def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0):
+                               band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
+                               seqused_k=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -224,12 +228,12 @@ class AttentionVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                dropout_p, scale, rng, backend, softcap=0.0, return_lse=False):
-        direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k)
+                dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None, return_lse=False):
+        direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
         fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
         out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                       bottom_right, dropout_p, scale, rng, backend, softcap)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng)
+                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
         if return_lse:
             ctx.mark_non_differentiable(lse)
@@ -238,12 +242,12 @@ class AttentionVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *unused_dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k = ctx.saved_tensors
         bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v)
                else torch.ops.fused_attn.attention_varlen_bwd)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
-                         *ctx.options[7:])
-        return (dq, dk, dv) + (None,) * 13
+                         *ctx.options[7:], seqused_k)
+        return (dq, dk, dv) + (None,) * 14
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,20 +128,22 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_p=0.0, scale=None, rng=None, *,
-                     window_size=None, alignment="top_left", softcap=None, with_lse=False):
+                     window_size=None, alignment="top_left", softcap=None, with_lse=False, seqused_k=None):
     """Packed variable-length attention, as ``fused_attn.functional.attention_varlen``: one
     ``attention`` per sequence. q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
     sequence s is rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1]
     of k and v, and sees only itself. Returns (total_q, Hq, Dv), and with ``with_lse`` also the
     (Hq, total_q) log-sum-exp (float32, float64 for float64 inputs). Dropout: sequence s uses
-    (seed, offset + Hq * cu_seqlens_q[s]) (``ops_common.varlen_rng_offset``)."""
+    (seed, offset + Hq * cu_seqlens_q[s]) (``ops_common.varlen_rng_offset``). ``seqused_k``: sequence
+    s uses only its first seqused_k[s] keys."""
     cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
+    k_end = cu_k[1:] if seqused_k is None else [a + int(n) for a, n in zip(cu_k, seqused_k.tolist())]
     Hq = q.shape[1]
     outs, lses = [], []
     for s in range(len(cu_q) - 1):
         qs = q[cu_q[s]:cu_q[s + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq_s, D)
-        ks = k[cu_k[s]:cu_k[s + 1]].transpose(0, 1).unsqueeze(0)
-        vs = v[cu_k[s]:cu_k[s + 1]].transpose(0, 1).unsqueeze(0)
+        ks = k[cu_k[s]:k_end[s]].transpose(0, 1).unsqueeze(0)
+        vs = v[cu_k[s]:k_end[s]].transpose(0, 1).unsqueeze(0)
         seq_rng = None if rng is None else (int(rng[0]), int(rng[1]) + Hq * cu_q[s])
         outs.append(attention(qs, ks, vs, None, causal, dropout_p, scale, seq_rng, window_size=window_size,
                               alignment=alignment, softcap=softcap)[0].transpose(0, 1))

@@ -264,3 +264,50 @@ def test_varlen_nan_stays_in_its_sequence(device, backend):
     assert torch.equal(bad, expected)
     out.masked_fill(bad, 0.0).sum().backward()
     assert bool(torch.isfinite(q.grad[:6]).all()) and bool(torch.isfinite(k.grad[:6]).all())
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_seqused_k_padded_cache(device, backend):
+    """A padded KV cache of 3 slots of 20 with ragged used lengths (seqused_k), queried by chunks of
+    1-4 new tokens, bottom-right causal (decoding): forward and every gradient meet the oracle,
+    the unused cache rows are never read (NaN there changes nothing) and get zero gradients."""
+    slot, used = 20, [5, 17, 1]
+    cu_k = torch.arange(4, dtype=torch.int32, device=device) * slot
+    cu_q = cu_seqlens([1, 4, 1], device=device)
+    seqused = torch.tensor(used, dtype=torch.int32, device=device)
+    q, k, v = make_inputs((6, 4, 16), (3 * slot, 2, 16), (3 * slot, 2, 16), device=device, seed=31)
+    unused = torch.ones(3 * slot, dtype=torch.bool, device=device)
+    for s, n in enumerate(used):
+        unused[s * slot:s * slot + n] = False
+    with torch.no_grad():
+        k[unused] = float("nan")
+        v[unused] = float("nan")
+
+    def fused(q, k, v, cu_q, cu_k, seqused):
+        return F.attention_varlen(q, k, v, cu_q, cu_k, causal=True, alignment="bottom_right", seqused_k=seqused,
+                                  backend=backend)
+
+    def reference(q, k, v, cu_q, cu_k, seqused):
+        return R.attention_varlen(q, k, v, cu_q, cu_k, True, alignment="bottom_right", seqused_k=seqused)
+
+    results = check_against_reference(fused, reference, [q, k, v, cu_q, cu_k, seqused],
+                                      names=["q", "k", "v", "cu_q", "cu_k", "seqused_k"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    k.grad = v.grad = None
+    fused(q, k, v, cu_q, cu_k, seqused).sum().backward()
+    assert torch.equal(k.grad[unused], torch.zeros_like(k.grad[unused]))
+    assert torch.equal(v.grad[unused], torch.zeros_like(v.grad[unused]))
+
+
+def test_varlen_seqused_k_validation():
+    q, k, v = make_inputs((4, 2, 8), (10, 2, 8), (10, 2, 8), requires_grad=False)
+    cu_q, cu_k = cu_seqlens([2, 2]), cu_seqlens([4, 6])
+    for used, exc, text in [(torch.tensor([5, 1]), ValueError, r"seqused_k\[0\] = 5 is outside \[0, 4\]"),
+                            (torch.tensor([1, -1]), ValueError, r"seqused_k\[1\] = -1 is outside \[0, 6\]"),
+                            (torch.tensor([1]), ValueError, r"one entry per sequence, shape \(2,\)"),
+                            (torch.tensor([1.0, 2.0]), TypeError, "seqused_k must be int32 or int64"),
+                            ([1, 2], TypeError, "seqused_k must be a torch.Tensor or None")]:
+        with pytest.raises(exc, match=text):
+            F.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=used)
+    full = F.attention_varlen(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(F.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=torch.tensor([4, 6])), full)

@@ -204,12 +204,13 @@ def _op_samples(backend):
                                          rng if p else None, mask_grad, backend, cap))
     cu_q, cu_k = torch.tensor([0, 4, 4, 9], dtype=torch.int32), torch.tensor([0, 3, 5, 7], dtype=torch.int32)
     q, k, v = rnd(9, 4, 8), rnd(7, 2, 8), rnd(7, 2, 8)
-    for band, bottom_right, p, cap in ((CAUSAL_BAND, True, 0.0, 0.0), (NO_BAND, False, 0.2, 2.5)):
-        args = (q, k, v, cu_q, cu_k, 5, 3, *band, bottom_right, p, 0.35, rng if p else None, backend, cap)
+    used = torch.tensor([2, 1, 2], dtype=torch.int32)
+    for band, bottom_right, p, cap, seqused in ((CAUSAL_BAND, True, 0.0, 0.0, used), (NO_BAND, False, 0.2, 2.5, None)):
+        args = (q, k, v, cu_q, cu_k, 5, 3, *band, bottom_right, p, 0.35, rng if p else None, backend, cap, seqused)
         samples["attention_varlen_fwd"].append(args)
         out, lse = torch.ops.fused_attn.attention_varlen_fwd(*args)
         samples["attention_varlen_bwd"].append((rnd(*out.shape), q, k, v, out, lse, cu_q, cu_k, 5, 3, *band,
-                                                bottom_right, p, 0.35, rng if p else None, backend, cap))
+                                                bottom_right, p, 0.35, rng if p else None, backend, cap, seqused))
     x, r, w, b = rnd(6, 16), rnd(6, 16), rnd(16), rnd(16)
     for residual, weight, bias, p, rms in ((r, w, b, 0.0, False), (None, w, None, 0.0, True), (r, None, b, 0.3, False)):
         args = (x, residual, weight, bias, 1e-5, p, rms, False, rng if p else None, backend)

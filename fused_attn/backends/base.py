@@ -97,13 +97,13 @@ class Backend:
     # sequence boundaries are read on the host, one sync; the Triton backend has native kernels.
 
     def attention_varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                             bottom_right, dropout_p, scale, seed, offset, softcap=0.0):
-        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+                             bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None):
+        cu_q, cu_k, k_end = _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k)
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()  # sequences with queries but no keys give zeros
         lse = torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=torch.float32)
         for s in range(len(cu_q) - 1):
-            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], k_end[s]
             if q1 == q0 or k1 == k0:
                 continue
             lo, hi = sequence_band(band_lo, band_hi, bottom_right, q1 - q0, k1 - k0)
@@ -114,11 +114,12 @@ class Backend:
         return out, lse
 
     def attention_varlen_bwd(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0):
-        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+                             band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0,
+                             seqused_k=None):
+        cu_q, cu_k, k_end = _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for s in range(len(cu_q) - 1):
-            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], k_end[s]
             if q1 == q0 or k1 == k0:
                 continue
             lo, hi = sequence_band(band_lo, band_hi, bottom_right, q1 - q0, k1 - k0)
@@ -129,6 +130,13 @@ class Backend:
             dk[k0:k1] = g[1][0].transpose(0, 1)
             dv[k0:k1] = g[2][0].transpose(0, 1)
         return dq, dk, dv
+
+
+def _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k):
+    """The sequence bounds on the host: (cu_q, cu_k, where each sequence's keys end)."""
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    k_end = cu_k[1:] if seqused_k is None else [a + n for a, n in zip(cu_k, seqused_k.tolist())]
+    return cu_q, cu_k, k_end
 
 
 def _seq(t: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -255,22 +255,25 @@ def _drop_row0(b, h, Hq, Lq, q_start, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _sequence(Cu, b):
-    """(start row, length) of varlen sequence b from its cumulative lengths."""
-    start = tl.load(Cu + b).to(tl.int64)
-    return start, (tl.load(Cu + b + 1) - start).to(tl.int32)
+def _sequence(Starts, Ends, b):
+    """(start row, length) of varlen sequence b: rows Starts[b]:Ends[b] (for cumulative lengths
+    cu, Starts = cu and Ends = cu + 1)."""
+    start = tl.load(Starts + b).to(tl.int64)
+    return start, (tl.load(Ends + b) - start).to(tl.int32)
 
 
 @triton.jit
-def _program_sequence(CuQ, CuK, b, Lq, Lk, band_lo, band_hi, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+def _program_sequence(CuQ, CuK, KEnd, b, Lq, Lk, band_lo, band_hi, VARLEN: tl.constexpr,
+                      BOTTOM_RIGHT: tl.constexpr):
     """(q_start, k_start, Lq, Lk, band_lo, band_hi) of batch entry b: with VARLEN its sequence's
     first query and key rows, lengths and band (``_sequence_band``); otherwise rows 0 and the
-    arguments as they are."""
+    arguments as they are. Sequence b's keys end at KEnd[b]: cu_seqlens_k[b + 1], or fewer with
+    ``seqused_k``."""
     q_start = tl.zeros([], tl.int64)
     k_start = tl.zeros([], tl.int64)
     if VARLEN:
-        q_start, Lq = _sequence(CuQ, b)
-        k_start, Lk = _sequence(CuK, b)
+        q_start, Lq = _sequence(CuQ, CuQ + 1, b)
+        k_start, Lk = _sequence(CuK, KEnd, b)
         band_lo, band_hi = _sequence_band(band_lo, band_hi, Lq, Lk, BOTTOM_RIGHT)
     return q_start, k_start, Lq, Lk, band_lo, band_hi
 
@@ -294,7 +297,7 @@ def _sequence_band(band_lo, band_hi, Lq, Lk, BOTTOM_RIGHT: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK,
+def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -322,8 +325,8 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK,
     h = bh % Hq
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
-    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, b, Lq, Lk, band_lo, band_hi, VARLEN,
-                                                                   BOTTOM_RIGHT)
+    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, KEnd, b, Lq, Lk, band_lo, band_hi,
+                                                                   VARLEN, BOTTOM_RIGHT)
     lse_row0 = bh * Lq
     if VARLEN:
         if start_m >= Lq:  # past this sequence's queries
@@ -477,7 +480,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask, CuQ, CuK,
+def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask, CuQ, CuK, KEnd,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                    stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh,
                    stride_gm, stride_gd, Hq, Hkv, GROUP, Lq, Lk, TQ, band_lo, band_hi, qk_scale, softcap_log2, scale,
@@ -503,8 +506,8 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
     b = bhk // Hkv
     hk = bhk % Hkv
     start_n = pid_n * BLOCK_N
-    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, b, Lq, Lk, band_lo, band_hi, VARLEN,
-                                                                   BOTTOM_RIGHT)
+    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, KEnd, b, Lq, Lk, band_lo, band_hi,
+                                                                   VARLEN, BOTTOM_RIGHT)
     # dK, dV addresses: row 0 of this head and the step between rows
     dk_row0 = bhk * Lk * D
     dv_row0 = bhk * Lk * DV
@@ -617,7 +620,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi_mix", "offset_lo", "offset_hi", "drop_threshold"])
-def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK,
+def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK, KEnd,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                  stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh,
                  stride_gm, stride_gd, Hq, GROUP, Lq, Lk, TQ, band_lo, band_hi, qk_scale, softcap_log2, scale,
@@ -637,8 +640,8 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK,
     h = bh % Hq
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
-    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, b, Lq, Lk, band_lo, band_hi, VARLEN,
-                                                                   BOTTOM_RIGHT)
+    q_start, k_start, Lq, Lk, band_lo, band_hi = _program_sequence(CuQ, CuK, KEnd, b, Lq, Lk, band_lo, band_hi,
+                                                                   VARLEN, BOTTOM_RIGHT)
     lse_row0 = bh * Lq
     dq_row0 = bh * Lq * D
     dq_step = D
@@ -1046,9 +1049,11 @@ class Varlen:
     """The packed-sequence facts a varlen launch adds (``attention_varlen_fwd``): cumulative lengths,
     the longest sequences (they size the grid) and the alignment of the band."""
 
-    def __init__(self, cu_q, cu_k, max_q, max_k, bottom_right):
+    def __init__(self, cu_q, cu_k, max_q, max_k, bottom_right, seqused_k=None):
         # the kernels index the boundaries as dense arrays (a strided view would be read wrong)
         self.cu_q, self.cu_k = cu_q.contiguous(), cu_k.contiguous()
+        # where each sequence's keys end: the next one's start, or its start + seqused_k
+        self.k_end = self.cu_k[1:] if seqused_k is None else self.cu_k[:-1] + seqused_k.to(self.cu_k.dtype)
         self.max_q, self.max_k, self.bottom_right = max_q, max_k, bottom_right
 
     @staticmethod
@@ -1067,8 +1072,8 @@ class Varlen:
 
 
 def _no_varlen(dummy):
-    """The varlen arguments of a plain launch: (CuQ, CuK, TQ, VARLEN, BOTTOM_RIGHT)."""
-    return dummy, dummy, 0, False, False
+    """The varlen arguments of a plain launch: (CuQ, CuK, KEnd, TQ, VARLEN, BOTTOM_RIGHT)."""
+    return dummy, dummy, dummy, 0, False, False
 
 
 def _strides(t, varlen):
@@ -1106,13 +1111,14 @@ def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed
     if varlen is None:
         k_desc, v_desc, tma_key = descriptors(k, v, tma=tma)
         band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
-        cu_q, cu_k, total_q, varlen_on, bottom_right = _no_varlen(lse)
+        cu_q, cu_k, k_end, total_q, varlen_on, bottom_right = _no_varlen(lse)
     else:  # pointer loads only: the descriptors' boxes would cross sequence boundaries
         k_desc, v_desc, tma_key = None, None, 0
         band_lo, band_hi, banded = varlen.band(band_lo, band_hi)
         B, total_q, Lq, Lk = varlen.cu_q.shape[0] - 1, Lq, varlen.max_q, varlen.max_k
-        cu_q, cu_k, varlen_on, bottom_right = varlen.cu_q, varlen.cu_k, True, varlen.bottom_right
-    args = (q, k, v, k_desc, v_desc, mask, out, lse, cu_q, cu_k, *_strides(q, varlen), *_strides(k, varlen),
+        cu_q, cu_k, k_end, varlen_on, bottom_right = varlen.cu_q, varlen.cu_k, varlen.k_end, True, \
+            varlen.bottom_right
+    args = (q, k, v, k_desc, v_desc, mask, out, lse, cu_q, cu_k, k_end, *_strides(q, varlen), *_strides(k, varlen),
             *_strides(v, varlen), *mask_strides, *_strides(out, varlen), Hq, Hq // Hkv, Lq, Lk, total_q, band_lo,
             band_hi, *_scales(scale, softcap), keep_scale, *drop, _len_key(Lq), _len_key(Lk), tma_key)
     return Lq, B * Hq, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap),
@@ -1143,13 +1149,14 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, drop
         band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
         q_desc, do_desc, dkdv_tma = descriptors(q, dout, tma=tma)
         k_desc, v_desc, dq_tma = descriptors(k, v, tma=tma)
-        cu_q, cu_k, total_q, varlen_on, bottom_right = _no_varlen(lse)
+        cu_q, cu_k, k_end, total_q, varlen_on, bottom_right = _no_varlen(lse)
     else:
         band_lo, band_hi, banded = varlen.band(band_lo, band_hi)
         q_desc = do_desc = k_desc = v_desc = None
         dkdv_tma = dq_tma = 0
         B, total_q, Lq, Lk = varlen.cu_q.shape[0] - 1, Lq, varlen.max_q, varlen.max_k
-        cu_q, cu_k, varlen_on, bottom_right = varlen.cu_q, varlen.cu_k, True, varlen.bottom_right
+        cu_q, cu_k, k_end, varlen_on, bottom_right = varlen.cu_q, varlen.cu_k, varlen.k_end, True, \
+            varlen.bottom_right
     common = dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap), VARLEN=varlen_on,
                   BOTTOM_RIGHT=bottom_right)
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *mask_strides,
@@ -1157,9 +1164,9 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, drop
     tail = (Lq, Lk, total_q, band_lo, band_hi, *_scales(scale, softcap), scale, keep_scale, *drop, _len_key(Lq),
             _len_key(Lk))
     dkdv = (q, k, v, q_desc, do_desc, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq, cu_q, cu_k,
-            *strides, Hq, Hkv, Hq // Hkv, *tail, dkdv_tma)
-    dq_args = (q, k, v, k_desc, v_desc, mask, dout, lse, delta, dq, cu_q, cu_k, *strides, Hq, Hq // Hkv, *tail,
-               dq_tma)
+            k_end, *strides, Hq, Hkv, Hq // Hkv, *tail, dkdv_tma)
+    dq_args = (q, k, v, k_desc, v_desc, mask, dout, lse, delta, dq, cu_q, cu_k, k_end, *strides, Hq, Hq // Hkv,
+               *tail, dq_tma)
     first_pass = dkdv_passes(common["HEAD_DIM"], common["HEAD_DIM_V"])[0]
     return {"dkdv": (Lk, B * Hkv, dkdv, dict(common, MASK_GRAD=bool(mask_grad), DKDV_PASS=first_pass)),
             "dq": (Lq, B * Hq, dq_args, common)}
@@ -1211,14 +1218,14 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
 
 
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                         bottom_right, dropout_p, scale, seed, offset, softcap=0.0):
+                         bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None):
     """Packed sequences in one launch: a program per (sequence, query head, query block of the
     longest sequence); blocks past their own sequence return at once."""
     out = new_varlen_out(q, v.shape[2])
     lse = torch.empty(varlen_lse_shape(q), device=q.device, dtype=torch.float32)
     if max_seqlen_q == 0:
         return out, lse
-    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right)
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
     view = Varlen.as_batch
     _launch("fwd", *fwd_launch_args(view(q), view(k), view(v), None, band_lo, band_hi, dropout_p, scale, seed, offset,
                                     view(out), lse, softcap=softcap, varlen=varlen))
@@ -1226,10 +1233,12 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 
 def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
-                         band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0):
+                         band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None):
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)  # every key block is written, zeros included
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    # every key block of a sequence is written, zeros included; the keys past seqused_k are not
+    new = torch.empty if seqused_k is None else torch.zeros
+    dk = new(k.shape, device=k.device, dtype=k.dtype)
+    dv = new(v.shape, device=v.device, dtype=v.dtype)
     if max_seqlen_q == 0:
         return dq, dk, dv
     view = Varlen.as_batch
@@ -1240,7 +1249,7 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     _attn_bwd_delta[(cdiv(Tq, DELTA_BLOCK_M) * Hq,)](
         view(out), view(dout), delta, *view(out).stride(), *view(dout).stride(), Hq, Tq, DV=Dv, HEAD_DIM_V=_pow2(Dv),
         BLOCK_M=DELTA_BLOCK_M, **LAUNCH_OPTIONS)
-    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right)
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
     launches = bwd_launch_args(view(dout), view(q), view(k), view(v), lse, delta, None, band_lo, band_hi, dropout_p,
                                scale, seed, offset, False, dq, dk, dv, empty(q), softcap=softcap, varlen=varlen)
     rows, heads, args, constexprs = launches["dkdv"]

@@ -384,6 +384,50 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_name: str, max_seql
     return int(max_seqlen)
 
 
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention``'s signature and meaning on fused_attn's
+    kernels, for code that calls SDPA (see also ``fused_attn.patch_sdpa``).
+
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev): any number of leading
+    batch dims (none: one head). ``Hq != Hkv`` needs ``enable_gqa=True``, and ``attn_mask`` with
+    ``is_causal=True`` is refused, both as torch does. A row whose keys are all masked gives zeros
+    (torch gives NaN or zeros, depending on its version and kernel).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t, min_ndim=2)
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same number of dims, got {query.dim()}, {key.dim()} "
+                         f"and {value.dim()}")
+    _check_bool("is_causal", is_causal)
+    _check_bool("enable_gqa", enable_gqa)
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
+    lead = query.shape[:-2]
+    if query.dim() == 2:  # one head, no batch
+        q, k, v = query[None, None], key[None, None], value[None, None]
+    elif query.dim() == 3:  # (heads or batch, L, E): a batch of single-head problems, as torch treats it
+        q, k, v = query[:, None], key[:, None], value[:, None]
+    else:
+        if key.shape[:-3] != query.shape[:-3] or value.shape[:-3] != query.shape[:-3]:
+            raise ValueError(f"query, key and value must share their batch dims, got {tuple(query.shape)}, "
+                             f"{tuple(key.shape)} and {tuple(value.shape)}")
+        q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {q.shape[1]} heads and key {k.shape[1]}: pass enable_gqa=True for grouped-query "
+                         f"attention (as torch's scaled_dot_product_attention requires)")
+    mask = attn_mask
+    if isinstance(mask, Tensor) and mask.dim() == query.dim() != 4:
+        # the mask broadcasts against (..., L, S); bring it to the (B, H, L, S) of the 4-D call
+        if query.dim() == 3:
+            mask = mask[:, None]
+        elif query.dim() > 4:
+            mask = mask.expand(*query.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
+    out = attention(q, k, v, attn_mask=mask, causal=is_causal, dropout_p=dropout_p, scale=scale, backend=backend)
+    return out.reshape(*lead, out.shape[-2], out.shape[-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # residual-add + norm
 # ---------------------------------------------------------------------------------------------
@@ -491,4 +535,4 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     return FeedForwardFunction.apply(*args)
 
 
-__all__ = ["attention", "attention_varlen", "layer_norm_residual", "feed_forward"]
+__all__ = ["attention", "attention_varlen", "scaled_dot_product_attention", "layer_norm_residual", "feed_forward"]

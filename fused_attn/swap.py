@@ -33,7 +33,7 @@ from torch import Tensor
 from . import modules as fused_modules
 from . import reference
 from .backends import check_backend_name
-from .functional import attention, feed_forward, layer_norm_residual
+from .functional import attention, feed_forward, layer_norm_residual, scaled_dot_product_attention
 
 #: instance attribute holding (original class, names of the attributes the swap added)
 RESTORE_ATTR = "_fused_attn_restore"
@@ -507,6 +507,55 @@ def restore_modules(model: nn.Module) -> SwapReport:
     return report
 
 
-__all__ = ["swap_modules", "restore_modules", "SwapReport", "SwapOptions", "Conversion", "CONVERTERS",
+__all__ = ["swap_modules", "restore_modules", "patch_sdpa", "SwapReport", "SwapOptions", "Conversion", "CONVERTERS",
            "FusedMultiheadAttention", "FusedTransformerEncoderLayer", "FusedTransformerDecoderLayer",
            "FusedTransformerEncoder", "FusedLayerNorm", "FusedRMSNorm", "FusedSequentialFFN"]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.nn.functional.scaled_dot_product_attention
+# ---------------------------------------------------------------------------------------------
+
+class patch_sdpa:
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` to fused_attn, for models that
+    call SDPA themselves (and ``nn.MultiheadAttention``'s Python path, which looks it up there)::
+
+        handle = fused_attn.patch_sdpa()          # until handle.undo()
+        with fused_attn.patch_sdpa(backend="cpu"):  # or for a block
+            ...
+
+    Calls keep torch's meaning (``functional.scaled_dot_product_attention``; a fully masked row
+    gives zeros). Nested tensors and non-floating inputs go to torch's own
+    function. Code that imported the function by name before the patch (``from
+    torch.nn.functional import scaled_dot_product_attention``) keeps torch's.
+    """
+
+    def __init__(self, backend: Optional[str] = None):
+        check_backend_name(backend)
+        self.original = F.scaled_dot_product_attention
+        original = self.original
+
+        def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False):
+            tensors = (query, key, value) + ((attn_mask,) if isinstance(attn_mask, Tensor) else ())
+            if any(t.is_nested for t in tensors) or not all(t.is_floating_point() for t in (query, key, value)):
+                return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, enable_gqa=enable_gqa)
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                                backend=backend)
+
+        fused_sdpa.__wrapped__ = original
+        self.patched = fused_sdpa
+        F.scaled_dot_product_attention = fused_sdpa
+
+    def undo(self) -> None:
+        """Put back the function that was there before this patch (if the patch is still in place)."""
+        if F.scaled_dot_product_attention is self.patched:
+            F.scaled_dot_product_attention = self.original
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+        return False

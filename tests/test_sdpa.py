@@ -1,0 +1,126 @@
+"""The SDPA drop-in: ``functional.scaled_dot_product_attention`` keeps torch's signature and meaning,
+and ``fused_attn.patch_sdpa`` routes ``torch.nn.functional.scaled_dot_product_attention`` through
+it (torch's own function is the oracle here, run in float64 and in the input dtype)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as TF
+
+import fused_attn
+from fused_attn import functional as F
+from fused_attn.testing import check_against_reference, make_inputs, runnable_backends
+
+TORCH_SDPA = TF.scaled_dot_product_attention
+BACKENDS = runnable_backends("attention")
+
+# (name, q shape, k shape, v shape, kwargs, mask): leading dims as torch allows them
+CASES = [
+    ("4-D", (2, 4, 9, 16), (2, 4, 11, 16), (2, 4, 11, 8), {}, None),
+    ("causal", (1, 2, 13, 16), (1, 2, 13, 16), (1, 2, 13, 16), dict(is_causal=True), None),
+    ("gqa + bool mask", (2, 4, 9, 16), (2, 2, 11, 16), (2, 2, 11, 16), dict(enable_gqa=True), "bool"),
+    ("additive (L, S) mask + scale", (1, 2, 9, 8), (1, 2, 5, 8), (1, 2, 5, 8), dict(scale=0.3), "additive"),
+    ("3-D", (3, 9, 16), (3, 11, 16), (3, 11, 16), {}, "bool3"),
+    ("5-D", (2, 3, 2, 7, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8), {}, "bool5"),
+]
+
+
+def _mask(kind, q, k):
+    gen = torch.Generator().manual_seed(5)
+    L, S = q.shape[-2], k.shape[-2]
+    if kind == "bool":
+        return torch.rand(q.shape[0], 1, L, S, generator=gen) > 0.2
+    if kind == "additive":
+        return torch.randn(L, S, generator=gen)
+    if kind == "bool3":
+        return torch.rand(q.shape[0], L, S, generator=gen) > 0.2
+    if kind == "bool5":
+        return torch.rand(1, q.shape[1], 1, L, S, generator=gen) > 0.2
+    return None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_matches_torch(backend, case):
+    name, qs, ks, vs, kwargs, mask_kind = case
+    q, k, v = make_inputs(qs, ks, vs, seed=len(qs))
+    mask = _mask(mask_kind, q, k)
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
+
+    def fused(q, k, v, m=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, backend=backend, **kwargs)
+
+    def reference(q, k, v, m=None):
+        return TORCH_SDPA(q, k, v, attn_mask=m, **kwargs)
+
+    results = check_against_reference(fused, reference, inputs)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+def test_sdpa_refuses_what_torch_refuses_and_gives_zeros_on_dead_rows():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="attn_mask must be None when is_causal=True"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="pass enable_gqa=True"):
+        F.scaled_dot_product_attention(q, q[:, :1], q[:, :1])
+    with pytest.raises(ValueError, match="same number of dims"):
+        F.scaled_dot_product_attention(q, q[0], q[0])
+    dead = torch.ones(4, 4, dtype=torch.bool)
+    dead[1] = False  # query 1 sees no key: zeros here (torch: NaN or zeros, by version and kernel)
+    ours = F.scaled_dot_product_attention(q, q, q, attn_mask=dead)
+    theirs = TORCH_SDPA(q, q, q, attn_mask=dead)
+    assert torch.equal(ours[:, :, 1], torch.zeros_like(ours[:, :, 1]))
+    torch.testing.assert_close(ours[:, :, [0, 2, 3]], theirs[:, :, [0, 2, 3]])
+
+
+class CallsSdpa(nn.Module):
+    """A model written against torch's SDPA, looked up at call time (as most code does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 4, 8)).permute(2, 0, 3, 1, 4)
+        return TF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+
+
+def test_patch_sdpa_routes_torch_callers(monkeypatch):
+    """Inside the patch, a model calling TF.scaled_dot_product_attention and nn.MultiheadAttention's
+    Python path run fused_attn (seen by a spy), with torch's answer; undo restores torch's."""
+    calls = []
+    real = F.attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "attention", spy)
+    torch.manual_seed(0)
+    model, mha = CallsSdpa(), nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(2, 7, 32)
+    expected = (model(x), mha(x, x, x, need_weights=False)[0])
+    assert not calls
+    with fused_attn.patch_sdpa(backend="reference") as handle:
+        assert TF.scaled_dot_product_attention is handle.patched
+        got = (model(x), mha(x, x, x, need_weights=False)[0])
+    assert TF.scaled_dot_product_attention is TORCH_SDPA
+    assert calls == ["reference", "reference"]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    handle = fused_attn.patch_sdpa()
+    inner = fused_attn.patch_sdpa()
+    inner.undo()
+    assert TF.scaled_dot_product_attention is handle.patched  # nested patches undo in order
+    handle.undo()
+    assert TF.scaled_dot_product_attention is TORCH_SDPA
+
+
+def test_patched_model_compiles_fullgraph():
+    torch.manual_seed(0)
+    model = CallsSdpa()
+    x = torch.randn(2, 7, 32)
+    expected = model(x)
+    with fused_attn.patch_sdpa():
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -58,6 +58,10 @@ def _rank(rank, cases, port, result_path):
             results.append(f"{case} " + _case(rank, *case.split(":")))
         if rank == 0:
             Path(result_path).write_text("\n".join(results))
+        # Tear down together: rank 1 finishes long before rank 0 (which also trains the
+        # single-process model), and a rank destroying the group while its peer still runs aborted
+        # once in gloo ("terminate called without an active exception", SIGABRT in rank 1).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

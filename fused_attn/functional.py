@@ -18,7 +18,7 @@ from .backends import Call, check_backend_name, resolve
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   attention_inference, attention_varlen_inference, direct_call_ok, feed_forward_inference,
                   layer_norm_residual_inference)
-from .ops_common import ALIGNMENTS, attention_band
+from .ops_common import ALIGNMENTS, attention_band, check_varlen_bounds
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -308,13 +308,21 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     window_size, dropout_p, scale, softcap = _check_attention_options(D, causal, window_size, alignment, dropout_p,
                                                                       scale, softcap)
     _check_bool("return_lse", return_lse)
-    max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q, q.device)
-    max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k, q.device)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, q.device)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} entries")
     if seqused_k is not None:
         _check_seqused_k(seqused_k, cu_seqlens_k)
+    # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
+    # it runs (``checked`` False), since nothing can be read on the host at trace time.
+    checked = not torch.compiler.is_compiling()
+    if checked:
+        max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
+                                                         max_seqlen_k, seqused_k)
+    else:
+        max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     check_backend_name(backend)
     call = Call("attention", q.device, q.dtype, {
         "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
@@ -326,7 +334,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if torch.compiler.is_compiling():
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap, seqused_k)
+            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap, seqused_k,
+            checked)
     if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k):
         return attention_varlen_inference(*args, return_lse=return_lse)
     return AttentionVarlenFunction.apply(*args, return_lse)
@@ -342,18 +351,11 @@ def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:
                          f"{tuple(seqused_k.shape)}")
     if seqused_k.device != cu_seqlens_k.device:
         raise ValueError(f"seqused_k is on {seqused_k.device} but q is on {cu_seqlens_k.device}")
-    if torch.compiler.is_compiling():
-        return
-    used, cu = seqused_k.tolist(), cu_seqlens_k.tolist()
-    bad = [s for s, n in enumerate(used) if not 0 <= n <= cu[s + 1] - cu[s]]
-    if bad:
-        s = bad[0]
-        raise ValueError(f"seqused_k[{s}] = {used[s]} is outside [0, {cu[s + 1] - cu[s]}], the keys sequence {s} has "
-                         f"in cu_seqlens_k")
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_name: str, max_seqlen, device) -> int:
-    """Check one cumulative-lengths tensor and its max_seqlen; return max_seqlen as an int."""
+def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device) -> None:
+    """The checks of one cumulative-lengths tensor and its max_seqlen that need no data (the rest:
+    ``ops_common.check_varlen_bounds``)."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64):
@@ -367,21 +369,9 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_name: str, max_seql
             raise TypeError(f"{max_name} must be an int or None, got {max_seqlen!r}")
         if max_seqlen < 0:
             raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
-    if torch.compiler.is_compiling():  # no data-dependent checks in a graph: trust the caller
-        if max_seqlen is None:
-            raise ValueError(f"{max_name} must be given under torch.compile (reading it from {name} would "
-                             f"break the graph)")
-        return int(max_seqlen)
-    values = cu.tolist()
-    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name} must start at 0, never decrease and end at the total length {total}, "
-                         f"got {values if len(values) <= 12 else values[:6] + ['...'] + values[-6:]}")
-    longest = max((b - a for a, b in zip(values, values[1:])), default=0)
-    if max_seqlen is None:
-        return longest
-    if max_seqlen < longest:
-        raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest sequence in {name} ({longest})")
-    return int(max_seqlen)
+    if max_seqlen is None and torch.compiler.is_compiling():
+        raise ValueError(f"{max_name} must be given under torch.compile (reading it from {name} would "
+                         f"break the graph)")
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .ops_common import empty, new_attention_out, new_varlen_out, varlen_lse_shape
+from .ops_common import check_varlen_bounds, empty, new_attention_out, new_varlen_out, varlen_lse_shape
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
@@ -162,7 +162,11 @@ class AttentionFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None):
+                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None,
+                               checked=False):
+    if not checked:  # a traced call: the boundaries were not readable when it was built
+        check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k,
+                            seqused_k)
     if q.numel() == 0 or k.shape[0] == 0:
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()
@@ -177,14 +181,17 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 def attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, band_lo: int, band_hi: int, bottom_right: bool,
                          dropout_p: float, scale: float, rng: Optional[Tensor], backend: str,
-                         softcap: float = 0.0, seqused_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                         softcap: float = 0.0, seqused_k: Optional[Tensor] = None,
+                         checked: bool = False) -> tuple[Tensor, Tensor]:
     return _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
-                                      band_hi, bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k)
+                                      band_hi, bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k,
+                                      checked)
 
 
 @attention_varlen_fwd.register_fake
 def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None):
+                               bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None,
+                               checked=False):
     return new_varlen_out(q, v.shape[-1]), q.new_empty(varlen_lse_shape(q), dtype=torch.float32)
 
 
@@ -228,11 +235,11 @@ class AttentionVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None, return_lse=False):
+                dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None, checked=False, return_lse=False):
         direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
         fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
         out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k)
+                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k, checked)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
         if return_lse:
@@ -247,7 +254,7 @@ class AttentionVarlenFunction(torch.autograd.Function):
                else torch.ops.fused_attn.attention_varlen_bwd)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
                          *ctx.options[7:], seqused_k)
-        return (dq, dk, dv) + (None,) * 14
+        return (dq, dk, dv) + (None,) * 15
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,3 +86,40 @@ def new_varlen_out(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None) -
 def varlen_lse_shape(q: torch.Tensor) -> tuple[int, int]:
     """Varlen log-sum-exp: float32 (Hq, total_q), as FlashAttention's varlen kernels keep it."""
     return (q.shape[1], q.shape[0])
+
+
+def _short(values: list) -> list:
+    return values if len(values) <= 12 else values[:6] + ["..."] + values[-6:]
+
+
+def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q=None,
+                        max_seqlen_k=None, seqused_k=None) -> tuple[int, int]:
+    """The data-dependent checks of a varlen call (one device-to-host copy): each cu_seqlens starts
+    at 0, never decreases and ends at its total; 0 <= seqused_k[s] <= sequence s's keys; the
+    max_seqlens (None: computed) bound the longest sequences. Returns (max_seqlen_q, max_seqlen_k);
+    raises ValueError naming the argument. Run by ``functional.attention_varlen`` in eager mode and
+    by the varlen op itself for traced calls (torch.compile), where nothing can be read on the host
+    at trace time: bad boundaries then fail at run time instead of steering kernels out of bounds."""
+    cu = {"cu_seqlens_q": (cu_seqlens_q.tolist(), total_q), "cu_seqlens_k": (cu_seqlens_k.tolist(), total_k)}
+    for name, (values, total) in cu.items():
+        if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must start at 0, never decrease and end at the total length {total}, "
+                             f"got {_short(values)}")
+    lengths_q = [b - a for a, b in zip(cu["cu_seqlens_q"][0], cu["cu_seqlens_q"][0][1:])]
+    lengths_k = [b - a for a, b in zip(cu["cu_seqlens_k"][0], cu["cu_seqlens_k"][0][1:])]
+    if seqused_k is not None:
+        used = seqused_k.tolist()
+        bad = [s for s, n in enumerate(used) if not 0 <= n <= lengths_k[s]]
+        if bad:
+            s = bad[0]
+            raise ValueError(f"seqused_k[{s}] = {used[s]} is outside [0, {lengths_k[s]}], the keys sequence {s} has "
+                             f"in cu_seqlens_k")
+        lengths_k = used
+    out = []
+    for max_name, name, max_seqlen, lengths in (("max_seqlen_q", "cu_seqlens_q", max_seqlen_q, lengths_q),
+                                                ("max_seqlen_k", "cu_seqlens_k", max_seqlen_k, lengths_k)):
+        longest = max(lengths, default=0)
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest sequence in {name} ({longest})")
+        out.append(longest if max_seqlen is None else int(max_seqlen))
+    return out[0], out[1]

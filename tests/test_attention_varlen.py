@@ -197,7 +197,8 @@ def test_varlen_validation():
         (dict(cu_seqlens_q=cu.float()), TypeError, "cu_seqlens_q must be int32 or int64"),
         (dict(cu_seqlens_k=cu[None]), ValueError, "cu_seqlens_k must be 1-D"),
         (dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32)), ValueError, "must start at 0"),
-        (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError, "never decrease"),
+        (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32),
+              cu_seqlens_k=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError, "never decrease"),
         (dict(cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "total length 10"),
         (dict(cu_seqlens_k=torch.tensor([0, 2, 4, 10], dtype=torch.int32)), ValueError, "same number of sequences"),
         (dict(max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is shorter than the longest sequence"),
@@ -311,3 +312,21 @@ def test_varlen_seqused_k_validation():
             F.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=used)
     full = F.attention_varlen(q, k, v, cu_q, cu_k)
     torch.testing.assert_close(F.attention_varlen(q, k, v, cu_q, cu_k, seqused_k=torch.tensor([4, 6])), full)
+
+
+def test_varlen_traced_call_checks_boundaries_when_it_runs():
+    """Under torch.compile nothing is read on the host at trace time, so the op itself checks the
+    boundaries when it runs: bad ones raise instead of steering the kernels out of bounds."""
+    q, k, v = make_inputs((16, 2, 8), (16, 2, 8), (16, 2, 8), requires_grad=False)
+    fn = torch.compile(lambda q, k, v, cu, m: F.attention_varlen(q, k, v, cu, cu, m, m), fullgraph=True,
+                       backend="aot_eager", dynamic=False)
+    good = cu_seqlens([5, 11])
+    torch.testing.assert_close(fn(q, k, v, good, 11), F.attention_varlen(q, k, v, good, good))
+    with pytest.raises(Exception, match="cu_seqlens_q must start at 0"):
+        fn(q, k, v, torch.tensor([2, 5, 16], dtype=torch.int32), 11)
+    with pytest.raises(Exception, match="max_seqlen_q = 4 is shorter than the longest sequence"):
+        fn(q, k, v, good, 4)
+    # the raw op checks too (a direct caller of torch.ops.fused_attn.attention_varlen_fwd)
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0"):
+        torch.ops.fused_attn.attention_varlen_fwd(q, k, v, good, torch.tensor([1, 5, 16], dtype=torch.int32), 11, 11,
+                                                  -2**62, 2**62, False, 0.0, 0.3, None, "cpu")

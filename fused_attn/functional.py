@@ -142,9 +142,14 @@ def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optiona
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
 
 
-def _check_attention_options(D, causal, window_size, alignment, dropout_p, scale, softcap):
-    """The scalar options shared by ``attention`` and ``attention_varlen``, checked and normalised:
-    (window_size or None, dropout_p, scale, softcap as floats, 0 = off)."""
+def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout_p, scale, softcap, return_lse):
+    """What ``attention`` and ``attention_varlen`` check alike once the shapes agree: the head
+    counts (grouped-query) and the scalar options, normalised: (window_size or None, dropout_p,
+    scale, softcap as floats, 0 = off)."""
+    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
+        raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
+                         f"(k.shape[1] = {Hkv})")
+    _check_bool("return_lse", return_lse)
     _check_bool("causal", causal)
     window_size = _check_window("window_size", window_size)
     if alignment not in ALIGNMENTS:
@@ -162,6 +167,15 @@ def _check_attention_options(D, causal, window_size, alignment, dropout_p, scale
     elif not (math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"softcap must be a finite number >= 0 (0 or None: off), got {softcap!r}")
     return window_size, dropout_p, float(scale), float(softcap)
+
+
+def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask=None, **extra) -> Call:
+    """The facts of an attention call that choose its backend (``backends.resolve``)."""
+    return Call("attention", q.device, q.dtype, {
+        "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
+        "dropout": dropout_p > 0.0, "gqa": _concrete(Hq != Hkv), "softcap": softcap > 0.0,
+        "mask": None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
+        "mask_grad": attn_mask is not None and attn_mask.requires_grad, **extra})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,12 +238,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         raise ValueError(f"q and k must have the same head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     D, Dv = _concrete(D), _concrete(Dv)  # they choose the backend (and the default scale)
-    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
-        raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
-                         f"(k.shape[1] = {Hkv})")
-    window_size, dropout_p, scale, softcap = _check_attention_options(D, causal, window_size, alignment, dropout_p,
-                                                                      scale, softcap)
-    _check_bool("return_lse", return_lse)
+    window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
+                                                                      dropout_p, scale, softcap, return_lse)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -243,12 +253,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                              f"(B, Hq, Lq, Lk) = {target}")
     check_backend_name(backend)
-    call = Call("attention", q.device, q.dtype, {
-        "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
-        "dropout": dropout_p > 0.0, "gqa": _concrete(Hq != Hkv), "softcap": softcap > 0.0,
-        "mask": None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
-        "mask_grad": attn_mask is not None and attn_mask.requires_grad})
-    name = resolve(call, backend)
+    name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask), backend)
     band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
     if torch.compiler.is_compiling():
         q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
@@ -302,12 +307,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ValueError(f"k and v must have the same tokens and heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[2] != D:
         raise ValueError(f"q and k must have the same head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
-        raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
-                         f"(k.shape[1] = {Hkv})")
-    window_size, dropout_p, scale, softcap = _check_attention_options(D, causal, window_size, alignment, dropout_p,
-                                                                      scale, softcap)
-    _check_bool("return_lse", return_lse)
+    window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
+                                                                      dropout_p, scale, softcap, return_lse)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, q.device)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
@@ -324,11 +325,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     else:
         max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     check_backend_name(backend)
-    call = Call("attention", q.device, q.dtype, {
-        "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
-        "dropout": dropout_p > 0.0, "gqa": _concrete(Hq != Hkv), "softcap": softcap > 0.0, "mask": None,
-        "mask_grad": False, "varlen": True})
-    name = resolve(call, backend)
+    name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, varlen=True), backend)
     # The band relative to each sequence's top-left corner; bottom_right shifts it per sequence.
     band_lo, band_hi = attention_band(0, 0, causal, window_size, "top_left")
     if torch.compiler.is_compiling():
@@ -350,7 +347,7 @@ def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:
         raise ValueError(f"seqused_k must have one entry per sequence, shape ({cu_seqlens_k.shape[0] - 1},), got "
                          f"{tuple(seqused_k.shape)}")
     if seqused_k.device != cu_seqlens_k.device:
-        raise ValueError(f"seqused_k is on {seqused_k.device} but q is on {cu_seqlens_k.device}")
+        raise ValueError(f"seqused_k is on {seqused_k.device} but cu_seqlens_k is on {cu_seqlens_k.device}")
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device) -> None:

@@ -10,17 +10,22 @@
 // softcap > 0 caps the logits as Gemma 2 / FlashAttention do: s = softcap * tanh(scale q.k / softcap),
 // before the mask is added; the backward multiplies dS by 1 - tanh^2 on its way to dq and dk (the
 // mask's gradient is dS itself). 0 turns it off.
+// alibi_slopes (None, or float32 (B, Hq), any strides) adds ALiBi's -slope[b, h] * |j - i - shift| to
+// the logits where the additive mask is added (after the cap), shift = Lk - Lq if bottom_right else
+// 0 (the band already carries the alignment; ALiBi needs it separately). Nothing else changes in
+// the backward: the bias is a constant, so dS is the same and no gradient flows to the slopes.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_attn_C, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, int band_lo, int band_hi, "
-      "float dropout_p, float scale, int seed, int offset, float softcap=0.0) -> (Tensor out, Tensor lse)");
+      "float dropout_p, float scale, int seed, int offset, float softcap=0.0, Tensor? alibi_slopes=None, "
+      "bool bottom_right=False) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
       "int band_lo, int band_hi, float dropout_p, float scale, int seed, int offset, bool mask_grad, "
-      "float softcap=0.0) "
+      "float softcap=0.0, Tensor? alibi_slopes=None, bool bottom_right=False) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def(
       "layer_norm_residual_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "

@@ -169,11 +169,48 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
     return window_size, dropout_p, float(scale), float(softcap)
 
 
-def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask=None, **extra) -> Call:
+def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device):
+    """ALiBi slopes as the ops take them: float32 (rows, Hq), a stride-0 view of (Hq,) slopes."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if not alibi_slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes must be a floating-point tensor (float32, as FlashAttention's), got "
+                        f"{_dtype_name(alibi_slopes.dtype)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+    if alibi_slopes.shape not in ((Hq,), (rows, Hq)):
+        raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or ({rows_name}, Hq) = ({rows}, {Hq}), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes requires grad, but no gradient flows to the slopes (as in FlashAttention); "
+                         "pass alibi_slopes.detach() or learn them another way")
+    return alibi_slopes.to(torch.float32).expand(rows, Hq)
+
+
+def get_alibi_slopes(num_heads: int, device=None) -> Tensor:
+    """The ALiBi paper's head slopes (Press et al. 2022; what BLOOM, MPT and FlashAttention's tests
+    use): for a power of two n, ``2^(-8 (h + 1) / n)`` for head h; otherwise the n' = 2^floor(log2 n)
+    slopes followed by every other slope of the 2n' sequence. float32 (num_heads,)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+
+    def powers(n):
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    base = 1 << (num_heads.bit_length() - 1)
+    slopes = powers(base) + powers(2 * base)[0::2][:num_heads - base]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask=None, alibi=None,
+                    **extra) -> Call:
     """The facts of an attention call that choose its backend (``backends.resolve``)."""
     return Call("attention", q.device, q.dtype, {
         "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
         "dropout": dropout_p > 0.0, "gqa": _concrete(Hq != Hkv), "softcap": softcap > 0.0,
+        "alibi": alibi is not None,
         "mask": None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
         "mask_grad": attn_mask is not None and attn_mask.requires_grad, **extra})
 
@@ -185,7 +222,7 @@ def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None, causal: bool = False,
               window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
               dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
-              return_lse: bool = False, backend: Optional[str] = None,
+              alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, backend: Optional[str] = None,
               generator: Optional[torch.Generator] = None):
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
 
@@ -213,6 +250,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         scale: logits scale, default ``1/sqrt(D)``.
         softcap: logit soft-capping (Gemma 2, FlashAttention's ``softcap``): the scaled scores
             become ``softcap * tanh(scores / softcap)`` before the mask is added. None or 0: off.
+        alibi_slopes: ALiBi (Press et al.; FlashAttention's ``alibi_slopes``): (Hq,) or (B, Hq)
+            slopes, used in float32, each adding ``-slope * |j - d_i|`` to query i's logit for key j
+            (after the cap, with the mask), where d_i is query i's key position given by
+            ``alignment`` (i, or i + Lk - Lq for bottom_right, as FlashAttention places it). Computed
+            in the kernels, never as an (Lq, Lk) tensor. ``get_alibi_slopes(Hq)`` gives the paper's
+            slopes. The slopes get no gradient (passing ones that require grad raises).
         return_lse: also return the float32 (B, Hq, Lq) log-sum-exp of each row's scaled, capped and
             masked logits (natural log; before dropout), as FlashAttention's ``return_softmax_lse``:
             what merging partial attentions (split keys, ring / context parallelism) needs. +inf on
@@ -240,6 +283,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     D, Dv = _concrete(D), _concrete(Dv)  # they choose the backend (and the default scale)
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
                                                                       dropout_p, scale, softcap, return_lse)
+    alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, q.device)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -253,11 +297,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                              f"(B, Hq, Lq, Lk) = {target}")
     check_backend_name(backend)
-    name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask), backend)
+    name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask,
+                                   alibi_slopes), backend)
     band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
     if torch.compiler.is_compiling():
         q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
-    args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap)
+    args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap,
+            alibi_slopes, alignment == "bottom_right")
     if _eager_inference(q, k, v, attn_mask):
         return attention_inference(*args, return_lse)
     return AttentionFunction.apply(*args, return_lse)
@@ -267,7 +313,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = False,
                      window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
                      dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
-                     return_lse: bool = False, seqused_k: Optional[Tensor] = None, backend: Optional[str] = None,
+                     alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+                     seqused_k: Optional[Tensor] = None, backend: Optional[str] = None,
                      generator: Optional[torch.Generator] = None):
     """Attention over packed sequences of different lengths, without padding (FlashAttention's
     ``flash_attn_varlen_func``; what training on packed batches and Hugging Face's
@@ -287,6 +334,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             padded KV cache of B slots with ragged lengths, ``cu_seqlens_k = arange(B + 1) * slot``.
             The unused keys are not read, their gradients are zero, and bottom_right aligns on the
             used length.
+        alibi_slopes: (Hq,) or (B, Hq) (row s for sequence s), as in ``attention``, each sequence
+            placed on its own lengths.
         causal, window_size, alignment, dropout_p, scale, softcap, backend, generator: as in
             ``attention``, applied to each sequence with its own lengths (bottom_right aligns each
             sequence's last query with its last key, as FlashAttention's varlen causal does).
@@ -316,6 +365,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} entries")
     if seqused_k is not None:
         _check_seqused_k(seqused_k, cu_seqlens_k)
+    alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, "B", Hq, q.device)
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
     # it runs (``checked`` False), since nothing can be read on the host at trace time.
     checked = not torch.compiler.is_compiling()
@@ -325,14 +375,15 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     else:
         max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     check_backend_name(backend)
-    name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, varlen=True), backend)
+    name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, alibi=alibi_slopes,
+                                   varlen=True), backend)
     # The band relative to each sequence's top-left corner; bottom_right shifts it per sequence.
     band_lo, band_hi = attention_band(0, 0, causal, window_size, "top_left")
     if torch.compiler.is_compiling():
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
             alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap, seqused_k,
-            checked)
+            checked, alibi_slopes)
     if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k):
         return attention_varlen_inference(*args, return_lse=return_lse)
     return AttentionVarlenFunction.apply(*args, return_lse)

@@ -12,6 +12,10 @@ Attention takes the keys each query sees as a band, ``band_lo <= j - i <= band_h
 (``ops_common.attention_band`` derives it from causal / window_size / alignment; ``NO_BAND``,
 ``CAUSAL_BAND``), so one kernel argument pair carries causal, sliding-window and bottom-right
 attention; ``softcap`` > 0 caps the logits (``softcap * tanh(logit / softcap)``, before the mask).
+``alibi_slopes`` (float32 (B, Hq), any strides; None = off) adds ALiBi's ``-slope * |j - d_i|`` where
+it adds the mask, d_i being query i's key position: i, or i + Lk - Lq when ``bottom_right`` (the
+band already carries the alignment; ALiBi needs it separately). Varlen: (num_sequences, Hq), each
+sequence aligned on its own lengths. No gradient flows to the slopes.
 Dropout takes ``rng``, an int64 CPU tensor ``[seed, offset]`` (a tensor, not two ints, so that
 drawing it stays inside a compiled graph); see ``fused_attn._rng`` for the mask it defines.
 
@@ -60,37 +64,41 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
 # attention
 # ---------------------------------------------------------------------------------------------
 
-def _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0):
+def _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0,
+                        alibi_slopes=None, bottom_right=False):
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute: every backend gives the same empties
         out = new_attention_out(q, v.shape[-1])
         out.zero_()
         return out, torch.full(q.shape[:3], float("inf"), device=q.device, dtype=torch.float32)
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
-                                              softcap)
+                                              softcap, alibi_slopes, bottom_right)
 
 
 @torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], band_lo: int, band_hi: int,
                   dropout_p: float,
-                  scale: float, rng: Optional[Tensor], backend: str, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
-    return _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap)
+                  scale: float, rng: Optional[Tensor], backend: str, softcap: float = 0.0,
+                  alibi_slopes: Optional[Tensor] = None, bottom_right: bool = False) -> tuple[Tensor, Tensor]:
+    return _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap,
+                               alibi_slopes, bottom_right)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0):
+def _attention_fwd_fake(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0,
+                        alibi_slopes=None, bottom_right=False):
     return new_attention_out(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                        backend, softcap=0.0):
+                        backend, softcap=0.0, alibi_slopes=None, bottom_right=False):
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         dmask = attn_mask.new_zeros(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
         return torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
             k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format), dmask
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale,
-                                              seed, offset, mask_grad, softcap)
+                                              seed, offset, mask_grad, softcap, alibi_slopes, bottom_right)
 
 
 @torch.library.custom_op("fused_attn::attention_bwd", mutates_args=())
@@ -98,31 +106,33 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   attn_mask: Optional[Tensor], band_lo: int, band_hi: int,
                   dropout_p: float, scale: float,
                   rng: Optional[Tensor], mask_grad: bool, backend: str,
-                  softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                  bottom_right: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                               backend, softcap)
+                               backend, softcap, alibi_slopes, bottom_right)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                        backend, softcap=0.0):
+                        backend, softcap=0.0, alibi_slopes=None, bottom_right=False):
     dmask = attn_mask.new_empty(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
-def _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap):
+def _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap,
+                       alibi_slopes, bottom_right):
     mask4 = None
     if attn_mask is not None:  # a stride-0 view, never materialised
         mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return fwd(q, k, v, mask4, band_lo, band_hi, dropout_p, scale, rng, backend, softcap)
+    return fwd(q, k, v, mask4, band_lo, band_hi, dropout_p, scale, rng, backend, softcap, alibi_slopes, bottom_right)
 
 
 def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0,
-                        return_lse=False):
+                        alibi_slopes=None, bottom_right=False, return_lse=False):
     """AttentionFunction's output for eager calls that build no autograd graph, without its Python
     layers (see ``functional._eager_inference``)."""
     out, lse = _attention_forward(_attention_fwd_impl, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
-                                  backend, softcap)
+                                  backend, softcap, alibi_slopes, bottom_right)
     return (out, lse) if return_lse else out
 
 
@@ -131,12 +141,13 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0,
-                return_lse=False):
-        fwd = _attention_fwd_impl if direct_call_ok(q, k, v, attn_mask) else torch.ops.fused_attn.attention_fwd
+                alibi_slopes=None, bottom_right=False, return_lse=False):
+        direct = direct_call_ok(q, k, v, attn_mask, alibi_slopes)
+        fwd = _attention_fwd_impl if direct else torch.ops.fused_attn.attention_fwd
         out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend,
-                                      softcap)
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng)
-        ctx.options = (band_lo, band_hi, dropout_p, scale, backend, softcap)
+                                      softcap, alibi_slopes, bottom_right)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng, alibi_slopes)
+        ctx.options = (band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right)
         if return_lse:  # returned as FlashAttention returns it: a by-product, not differentiated
             ctx.mark_non_differentiable(lse)
             return out, lse
@@ -144,17 +155,18 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *unused_dlse):
-        q, k, v, out, lse, attn_mask, rng = ctx.saved_tensors
-        band_lo, band_hi, dropout_p, scale, backend, softcap = ctx.options
+        q, k, v, out, lse, attn_mask, rng, alibi_slopes = ctx.saved_tensors
+        band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
         mask4 = None
         if attn_mask is not None:
             mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask_grad = bool(ctx.needs_input_grad[3])
-        bwd = _attention_bwd_impl if direct_call_ok(dout, q, k, v, attn_mask) else torch.ops.fused_attn.attention_bwd
+        direct = direct_call_ok(dout, q, k, v, attn_mask, alibi_slopes)
+        bwd = _attention_bwd_impl if direct else torch.ops.fused_attn.attention_bwd
         dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask4, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                                backend, softcap)
+                                backend, softcap, alibi_slopes, bottom_right)
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
-        return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
+        return (dq, dk, dv, dmask) + (None,) * 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +175,7 @@ class AttentionFunction(torch.autograd.Function):
 
 def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                                bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None,
-                               checked=False):
+                               checked=False, alibi_slopes=None):
     if not checked:  # a traced call: the boundaries were not readable when it was built
         check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k,
                             seqused_k)
@@ -174,7 +186,7 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                      band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset,
-                                                     softcap, seqused_k)
+                                                     softcap, seqused_k, alibi_slopes)
 
 
 @torch.library.custom_op("fused_attn::attention_varlen_fwd", mutates_args=())
@@ -182,28 +194,28 @@ def attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, 
                          max_seqlen_q: int, max_seqlen_k: int, band_lo: int, band_hi: int, bottom_right: bool,
                          dropout_p: float, scale: float, rng: Optional[Tensor], backend: str,
                          softcap: float = 0.0, seqused_k: Optional[Tensor] = None,
-                         checked: bool = False) -> tuple[Tensor, Tensor]:
+                         checked: bool = False, alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     return _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
                                       band_hi, bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k,
-                                      checked)
+                                      checked, alibi_slopes)
 
 
 @attention_varlen_fwd.register_fake
 def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                                bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None,
-                               checked=False):
+                               checked=False, alibi_slopes=None):
     return new_varlen_out(q, v.shape[-1]), q.new_empty(varlen_lse_shape(q), dtype=torch.float32)
 
 
 def _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
-                               seqused_k=None):
+                               seqused_k=None, alibi_slopes=None):
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                      max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                                                     dropout_p, scale, seed, offset, softcap, seqused_k)
+                                                     dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes)
 
 
 @torch.library.custom_op("fused_attn::attention_varlen_bwd", mutates_args=())
@@ -211,16 +223,17 @@ def attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          band_lo: int, band_hi: int, bottom_right: bool, dropout_p: float, scale: float,
                          rng: Optional[Tensor], backend: str, softcap: float = 0.0,
-                         seqused_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                         seqused_k: Optional[Tensor] = None,
+                         alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     return _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap,
-                                      seqused_k)
+                                      seqused_k, alibi_slopes)
 
 
 @attention_varlen_bwd.register_fake
 def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
-                               seqused_k=None):
+                               seqused_k=None, alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -235,12 +248,13 @@ class AttentionVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None, checked=False, return_lse=False):
-        direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
+                dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None, checked=False, alibi_slopes=None,
+                return_lse=False):
+        direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes)
         fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
         out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k, checked)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k)
+                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
         if return_lse:
             ctx.mark_non_differentiable(lse)
@@ -249,12 +263,12 @@ class AttentionVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *unused_dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k = ctx.saved_tensors
-        bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v)
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes = ctx.saved_tensors
+        bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v, alibi_slopes)
                else torch.ops.fused_attn.attention_varlen_bwd)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
-                         *ctx.options[7:], seqused_k)
-        return (dq, dk, dv) + (None,) * 15
+                         *ctx.options[7:], seqused_k, alibi_slopes)
+        return (dq, dk, dv) + (None,) * 16
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,8 +61,18 @@ def visible_keys(Lq, Lk, causal=False, window_size=None, alignment="top_left", b
     return keep
 
 
+def alibi_bias(slopes, Lq, Lk, alignment="top_left", dtype=None):
+    """ALiBi's additive bias (Press et al., FlashAttention's ``alibi_slopes``), broadcastable to
+    (B, Hq, Lq, Lk): ``-slope[b, h] * |j - d_i|``, where query i sits at key position d_i = i
+    (top_left) or i + Lk - Lq (bottom_right), as for the causal mask. slopes: (Hq,) or (B, Hq)."""
+    i = torch.arange(Lq, device=slopes.device).unsqueeze(1) + (Lk - Lq if alignment == "bottom_right" else 0)
+    j = torch.arange(Lk, device=slopes.device).unsqueeze(0)
+    dist = (j - i).abs().to(dtype or slopes.dtype)
+    return -slopes.to(dist.dtype)[..., None, None] * dist
+
+
 def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, rng=None, *, window_size=None,
-              alignment="top_left", band=None, softcap=None):
+              alignment="top_left", band=None, softcap=None, alibi_slopes=None):
     """softmax(q k^T * scale + mask) v, with the conventions of ``fused_attn.functional.attention``.
 
     q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, Dv), Hq % Hkv == 0.
@@ -70,7 +80,8 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
     causal, window_size, alignment: which keys each query sees (see ``visible_keys``);
     causal alone is top-left aligned, as scaled_dot_product_attention. ``band`` replaces them with
     the ops' (band_lo, band_hi). softcap: logits ``softcap * tanh(scores / softcap)`` before the
-    mask (Gemma 2); None or 0 for none.
+    mask (Gemma 2); None or 0 for none. alibi_slopes: (Hq,) or (B, Hq), adds ``alibi_bias`` (placed
+    by ``alignment``, also when ``band`` is given) after the cap, as the mask is.
     A row with no key left to attend gives zeros (and zero gradients), not NaN.
     Dropout on the probabilities uses the shared counter RNG when ``rng = (seed, offset)`` is
     given, else torch's ``F.dropout``.
@@ -85,6 +96,8 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, Lq, Lk, alignment, scores.dtype)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -107,7 +120,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
 
 
 def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size=None, alignment="top_left",
-                  band=None, softcap=None):
+                  band=None, softcap=None, alibi_slopes=None):
     """The per-row log-sum-exp of the scaled, masked scores; +inf for rows with no key left."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -118,6 +131,8 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, Lq, Lk, alignment, scores.dtype)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     keep = visible_keys(Lq, Lk, causal, window_size, alignment, band, q.device)
@@ -128,14 +143,15 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_p=0.0, scale=None, rng=None, *,
-                     window_size=None, alignment="top_left", softcap=None, with_lse=False, seqused_k=None):
+                     window_size=None, alignment="top_left", softcap=None, with_lse=False, seqused_k=None,
+                     alibi_slopes=None):
     """Packed variable-length attention, as ``fused_attn.functional.attention_varlen``: one
     ``attention`` per sequence. q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
     sequence s is rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1]
     of k and v, and sees only itself. Returns (total_q, Hq, Dv), and with ``with_lse`` also the
     (Hq, total_q) log-sum-exp (float32, float64 for float64 inputs). Dropout: sequence s uses
     (seed, offset + Hq * cu_seqlens_q[s]) (``ops_common.varlen_rng_offset``). ``seqused_k``: sequence
-    s uses only its first seqused_k[s] keys."""
+    s uses only its first seqused_k[s] keys. ``alibi_slopes``: (Hq,) or (B, Hq), row s for sequence s."""
     cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
     k_end = cu_k[1:] if seqused_k is None else [a + int(n) for a, n in zip(cu_k, seqused_k.tolist())]
     Hq = q.shape[1]
@@ -145,12 +161,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_
         ks = k[cu_k[s]:k_end[s]].transpose(0, 1).unsqueeze(0)
         vs = v[cu_k[s]:k_end[s]].transpose(0, 1).unsqueeze(0)
         seq_rng = None if rng is None else (int(rng[0]), int(rng[1]) + Hq * cu_q[s])
+        slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[s])
         outs.append(attention(qs, ks, vs, None, causal, dropout_p, scale, seq_rng, window_size=window_size,
-                              alignment=alignment, softcap=softcap)[0].transpose(0, 1))
+                              alignment=alignment, softcap=softcap, alibi_slopes=slopes)[0].transpose(0, 1))
         if with_lse:
             wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for the oracle
             lses.append(attention_lse(qs.to(wide), ks.to(wide), None, causal, scale, window_size=window_size,
-                                      alignment=alignment, softcap=softcap)[0])
+                                      alignment=alignment, softcap=softcap, alibi_slopes=slopes)[0])
     out = torch.cat(outs) if outs else q.new_zeros(0, Hq, v.shape[-1])
     if not with_lse:
         return out

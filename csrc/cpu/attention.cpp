@@ -961,8 +961,11 @@ Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
                                              double dropout_p, double scale, int64_t seed, int64_t offset,
-                                             double softcap) {
+                                             double softcap, const std::optional<Tensor>& alibi_slopes,
+                                             bool bottom_right) {
   check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap);
+  FA_CHECK(!(alibi_slopes.has_value() && alibi_slopes->defined()), "attention_fwd (cpu): alibi_slopes is not implemented");
+  (void)bottom_right;
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
   Tensor out = at::empty({B, Lq, Hq, Dv}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
@@ -991,8 +994,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
                                                              const Tensor& v, const Tensor& out, const Tensor& lse,
                                                              const std::optional<Tensor>& attn_mask, int64_t band_lo,
                                                              int64_t band_hi, double dropout_p, double scale, int64_t seed,
-                                                             int64_t offset, bool mask_grad, double softcap) {
+                                                             int64_t offset, bool mask_grad, double softcap,
+                                                             const std::optional<Tensor>& alibi_slopes,
+                                                             bool bottom_right) {
   check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap);
+  FA_CHECK(!(alibi_slopes.has_value() && alibi_slopes->defined()), "attention_bwd (cpu): alibi_slopes is not implemented");
+  (void)bottom_right;
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"dout", &dout}, {"out", &out}}) {
     FA_CHECK(t->defined() && t->device().is_cpu(), "attention_bwd (cpu): ", name, " must be a CPU tensor");

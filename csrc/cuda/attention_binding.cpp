@@ -87,8 +87,13 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& attn_mask, int64_t band_lo,
                                                       int64_t band_hi, double dropout_p, double scale, int64_t seed,
-                                                      int64_t offset, double softcap) {
+                                                      int64_t offset, double softcap,
+                                                      const std::optional<at::Tensor>& alibi_slopes,
+                                                      bool bottom_right) {
   const char* op = "attention_fwd";
+  FA_CHECK(!(alibi_slopes.has_value() && alibi_slopes->defined()), "fused_attn_C::", op,
+           " (cuda): alibi_slopes is not implemented");
+  (void)bottom_right;
   AttentionFwdArgs a =
       forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -105,8 +110,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
-    double dropout_p, double scale, int64_t seed, int64_t offset, bool mask_grad, double softcap) {
+    double dropout_p, double scale, int64_t seed, int64_t offset, bool mask_grad, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, bool bottom_right) {
   const char* op = "attention_bwd";
+  FA_CHECK(!(alibi_slopes.has_value() && alibi_slopes->defined()), "fused_attn_C::", op,
+           " (cuda): alibi_slopes is not implemented");
+  (void)bottom_right;
   AttentionBwdArgs a{};
   a.fwd = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap);
   const AttentionFwdArgs& f = a.fwd;

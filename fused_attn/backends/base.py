@@ -4,9 +4,10 @@ A backend is an object with a ``name``, an ``unavailable_reasons()`` (why it can
 machine at all) and a ``call_reasons(call)`` (why it cannot take this particular call), and one
 launcher per op half, each with the argument list of the op schema:
 
-    attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset) -> (out, lse)
+    attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap,
+                  alibi_slopes, bottom_right) -> (out, lse)
     attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
-                  offset, mask_grad) -> (dq, dk, dv, dmask)
+                  offset, mask_grad, softcap, alibi_slopes, bottom_right) -> (dq, dk, dv, dmask)
     layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32,
                             seed, offset, store_summed=True) -> (out, summed, mean, rstd)
     layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms,
@@ -21,6 +22,9 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   None or a 4-D (B, Hq, Lq, Lk) *view* (stride 0 along broadcast dims, never materialised), bool
   (True = attend) or q's dtype (additive). Query i sees key j iff i + band_lo <= j <= i + band_hi
   and the mask lets it (unbounded ends come as +-2^62: clamp with ``ops_common.clamp_band``).
+  softcap > 0 caps the scaled scores (``softcap * tanh(s / softcap)``); then the additive mask and,
+  when ``alibi_slopes`` (float32 (B, Hq), any strides) is given, ``-slope[b, h] * |j - i - shift|``
+  are added, shift = Lk - Lq if ``bottom_right`` else 0. The slopes get no gradient.
   ``out`` is (B, Hq, Lq, Dv) with the memory layout of a contiguous (B, Lq, Hq, Dv) tensor
   (``new_attention_out``); ``lse`` is float32 (B, Hq, Lq), +inf on rows with no key left (so
   exp(s - lse) = 0 there and such rows give zeros). ``dmask`` is the (B, Hq, Lq, Lk) gradient
@@ -97,7 +101,8 @@ class Backend:
     # sequence boundaries are read on the host, one sync; the Triton backend has native kernels.
 
     def attention_varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                             bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None):
+                             bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
+                             alibi_slopes=None):
         cu_q, cu_k, k_end = _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k)
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()  # sequences with queries but no keys give zeros
@@ -108,14 +113,15 @@ class Backend:
                 continue
             lo, hi = sequence_band(band_lo, band_hi, bottom_right, q1 - q0, k1 - k0)
             o, l = self.attention_fwd(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), None, lo, hi, dropout_p, scale,
-                                      seed, varlen_rng_offset(offset, q.shape[1], q0), softcap)
+                                      seed, varlen_rng_offset(offset, q.shape[1], q0), softcap,
+                                      _row(alibi_slopes, s), bottom_right)
             out[q0:q1] = o[0].transpose(0, 1)
             lse[:, q0:q1] = l[0]
         return out, lse
 
     def attention_varlen_bwd(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0,
-                             seqused_k=None):
+                             seqused_k=None, alibi_slopes=None):
         cu_q, cu_k, k_end = _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for s in range(len(cu_q) - 1):
@@ -125,7 +131,8 @@ class Backend:
             lo, hi = sequence_band(band_lo, band_hi, bottom_right, q1 - q0, k1 - k0)
             g = self.attention_bwd(_seq(dout, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1),
                                    _seq(out, q0, q1), lse[:, q0:q1].unsqueeze(0).contiguous(), None, lo, hi, dropout_p,
-                                   scale, seed, varlen_rng_offset(offset, q.shape[1], q0), False, softcap)
+                                   scale, seed, varlen_rng_offset(offset, q.shape[1], q0), False, softcap,
+                                   _row(alibi_slopes, s), bottom_right)
             dq[q0:q1] = g[0][0].transpose(0, 1)
             dk[k0:k1] = g[1][0].transpose(0, 1)
             dv[k0:k1] = g[2][0].transpose(0, 1)
@@ -137,6 +144,11 @@ def _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k):
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     k_end = cu_k[1:] if seqused_k is None else [a + n for a, n in zip(cu_k, seqused_k.tolist())]
     return cu_q, cu_k, k_end
+
+
+def _row(alibi_slopes, s: int):
+    """Sequence s's (1, Hq) slopes of the varlen (num_sequences, Hq) ones, or None."""
+    return None if alibi_slopes is None else alibi_slopes[s:s + 1]
 
 
 def _seq(t: torch.Tensor, start: int, end: int) -> torch.Tensor:

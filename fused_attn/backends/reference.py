@@ -13,6 +13,11 @@ from .base import Backend, Call
 from ..ops_common import clamp_band, empty, new_attention_out
 
 
+def _alibi(alibi_slopes, bottom_right):
+    """The reference functions' ALiBi keywords (the band is given, the alignment places ALiBi)."""
+    return {"alibi_slopes": alibi_slopes, "alignment": "bottom_right" if bottom_right else "top_left"}
+
+
 def _rng(dropout_p, seed, offset):
     return (seed, offset) if dropout_p > 0.0 else None
 
@@ -24,30 +29,33 @@ class ReferenceBackend(Backend):
     dtypes = {"attention": _all, "layer_norm_residual": _all, "feed_forward": _all}
 
     # ---- attention -------------------------------------------------------------------------
-    def attention_fwd(self, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0):
+    def attention_fwd(self, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0,
+                      alibi_slopes=None, bottom_right=False):
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
+        alibi = _alibi(alibi_slopes, bottom_right)
         o = ref.attention(q, k, v, attn_mask, False, dropout_p, scale, _rng(dropout_p, seed, offset), band=band,
-                          softcap=softcap)
+                          softcap=softcap, **alibi)
         out = new_attention_out(q, v.shape[-1])
         out.copy_(o)
         lse = ref.attention_lse(q.float(), k.float(), attn_mask if attn_mask is None or attn_mask.dtype == torch.bool
-                                else attn_mask.float(), False, scale, band=band, softcap=softcap)
+                                else attn_mask.float(), False, scale, band=band, softcap=softcap, **alibi)
         return out, lse.contiguous()
 
     def attention_bwd(self, dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
-                      mask_grad, softcap=0.0):
+                      mask_grad, softcap=0.0, alibi_slopes=None, bottom_right=False):
         # torch.func.vjp rather than torch.autograd: op implementations run below the autograd key.
         rng = _rng(dropout_p, seed, offset)
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
+        alibi = _alibi(alibi_slopes, bottom_right)
         if mask_grad:
             fn = lambda q_, k_, v_, m_: ref.attention(q_, k_, v_, m_, False, dropout_p, scale, rng, band=band,
-                                                      softcap=softcap)
+                                                      softcap=softcap, **alibi)
             _, vjp = torch.func.vjp(fn, q, k, v, attn_mask)
             dq, dk, dv, dmask = vjp(dout)
             dmask = dmask.contiguous()
         else:
             fn = lambda q_, k_, v_: ref.attention(q_, k_, v_, attn_mask, False, dropout_p, scale, rng, band=band,
-                                                  softcap=softcap)
+                                                  softcap=softcap, **alibi)
             _, vjp = torch.func.vjp(fn, q, k, v)
             dq, dk, dv = vjp(dout)
             dmask = empty(q)

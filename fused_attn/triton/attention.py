@@ -1172,7 +1172,8 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, drop
             "dq": (Lq, B * Hq, dq_args, common)}
 
 
-def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0):
+def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0,
+                  alibi_slopes=None, bottom_right=False):
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     out = new_attention_out(q, v.shape[3])
@@ -1189,7 +1190,7 @@ def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, 
 
 
 def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mask_grad,
-                  softcap=0.0):
+                  softcap=0.0, alibi_slopes=None, bottom_right=False):
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -1218,7 +1219,8 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
 
 
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                         bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None):
+                         bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
+                         alibi_slopes=None):
     """Packed sequences in one launch: a program per (sequence, query head, query block of the
     longest sequence); blocks past their own sequence return at once."""
     out = new_varlen_out(q, v.shape[2])
@@ -1233,7 +1235,8 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 
 def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
-                         band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None):
+                         band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
+                         alibi_slopes=None):
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     # every key block of a sequence is written, zeros included; the keys past seqused_k are not
     new = torch.empty if seqused_k is None else torch.zeros

@@ -1,0 +1,241 @@
+"""ALiBi (``alibi_slopes``) on every backend of this machine.
+
+The oracle adds ``reference.alibi_bias`` (``-slope * |j - d_i|``, d_i = query i's key position
+under ``alignment``) to the float64 logits after the cap, where the mask goes. The kernels never
+build that (Lq, Lk) tensor: each computes the distance of its own (query, key) pairs. The slopes
+here are large enough that the bias moves the probabilities a lot (distances up to ~100 times
+slopes up to 0.5), and the per-batch ones include negative slopes, so a wrong sign, a missing
+absolute value, the wrong alignment or the wrong (batch, head) slope fails by far.
+"""
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import functional as F
+from fused_attn import reference as R
+from fused_attn.testing import check_against_reference, compare, make_inputs, runnable_backends
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def cases(dtype, varlen=False):
+    """(device, backend) pairs as in test_attention_options: every backend on the CPU, the fused
+    ones on a GPU (gpu mark)."""
+    options = {"alibi": True, **({"varlen": True} if varlen else {})}
+    return [pytest.param(device, backend, id=f"{device}-{backend}",
+                         marks=(pytest.mark.gpu,) if device == "cuda" else ())
+            for device in DEVICES
+            for backend in runnable_backends("attention", device=device, dtype=dtype, **options)
+            if not (device == "cuda" and backend == "reference")]
+
+
+def slopes_for(B, Hq, per_batch, device, seed=0):
+    """The paper's slopes x 4 (so that they bite at these lengths), or per-(batch, head) ones in
+    [-0.1, 0.5): negative slopes reward distance, which only a correct |j - d_i| gets right."""
+    if not per_batch:
+        return (fused_attn.get_alibi_slopes(Hq) * 4).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, Hq, generator=gen) * 0.6 - 0.1).to(device)
+
+
+# (name, B, Hq, Hkv, Lq, Lk, D, causal, window, alignment, per-batch slopes, extra)
+CASES = [
+    ("plain", 2, 4, 4, 17, 17, 40, False, None, "top_left", False, None),
+    ("causal gqa", 1, 4, 2, 97, 97, 59, True, None, "top_left", True, None),
+    ("bottom-right cross Lq<Lk", 2, 2, 1, 17, 97, 16, False, None, "bottom_right", True, None),
+    ("top-left cross Lq>Lk", 1, 2, 2, 97, 61, 16, False, None, "top_left", False, None),
+    ("bottom-right causal Lq>Lk (dead rows)", 1, 2, 2, 97, 61, 16, True, None, "bottom_right", False, None),
+    ("causal window + softcap", 1, 2, 1, 70, 70, 24, True, (9, 0), "top_left", False, "softcap"),
+    ("additive mask grad", 1, 2, 1, 33, 70, 24, False, None, "bottom_right", True, "additive"),
+    ("bool mask, two-sided window", 1, 2, 2, 61, 97, 40, False, (7, 12), "bottom_right", False, "bool"),
+    ("dropout", 1, 2, 2, 45, 45, 32, True, None, "top_left", True, "dropout"),
+    ("decode step", 2, 4, 1, 1, 147, 64, True, None, "bottom_right", True, None),
+]
+
+
+def _run_case(device, backend, dtype, case):
+    name, B, Hq, Hkv, Lq, Lk, D, causal, window, alignment, per_batch, extra = case
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, seed=Lq + Lk)
+    slopes = slopes_for(B, Hq, per_batch, device, seed=Lq)
+    softcap = 2.0 if extra == "softcap" else None
+    if softcap:  # |scale * q.k| well above the cap for many pairs
+        q, k = ((t.detach() * 4).requires_grad_() for t in (q, k))
+    inputs, names, p = [q, k, v], ["q", "k", "v"], 0.0
+    if extra == "bool":
+        gen = torch.Generator().manual_seed(3)
+        inputs.append((torch.rand(B, 1, Lq, Lk, generator=gen) > 0.2).to(q.device))
+        names.append("mask")
+    elif extra == "additive":
+        inputs.append(make_inputs((1, Hq, Lq, Lk), dtype=dtype, seed=5)[0])
+        names.append("mask")
+    elif extra == "dropout":
+        p = 0.25
+
+    def rng():
+        return torch.Generator().manual_seed(11)
+
+    def fused(q, k, v, mask=None):
+        return F.attention(q, k, v, attn_mask=mask, causal=causal, window_size=window, alignment=alignment,
+                           softcap=softcap, dropout_p=p, alibi_slopes=slopes, backend=backend, generator=rng())
+
+    def reference(q, k, v, mask=None):
+        seed_offset = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=rng()).tolist()) if p else None
+        return R.attention(q, k, v, mask, causal, p, None, seed_offset, window_size=window, alignment=alignment,
+                           softcap=softcap, alibi_slopes=slopes.to(q.dtype))
+
+    return check_against_reference(fused, reference, inputs, names=names)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_alibi_matches_reference_float32(device, backend, case):
+    with torch.device(device):
+        results = _run_case(device, backend, torch.float32, case)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+HALF_CASES = [CASES[1], CASES[4], CASES[6], CASES[9]]
+
+
+@pytest.mark.parametrize("case", HALF_CASES, ids=[c[0] for c in HALF_CASES])
+@pytest.mark.parametrize("device,backend", cases(torch.float16))
+def test_alibi_matches_reference_float16(device, backend, case):
+    if backend == "reference":
+        pytest.skip("the reference backend is the oracle itself")
+    with torch.device(device):
+        results = _run_case(device, backend, torch.float16, case)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_alibi_is_the_additive_bias_and_lse(device, backend):
+    """ALiBi gives what the same bias passed as an additive mask gives (how users wrote ALiBi
+    before, with an (Lq, Lk) tensor), and return_lse includes the bias."""
+    with torch.device(device):
+        B, Hq, Lq, Lk = 2, 4, 37, 53
+        q, k, v = make_inputs((B, Hq, Lq, 24), (B, 2, Lk, 24), (B, 2, Lk, 24), requires_grad=False)
+        slopes = slopes_for(B, Hq, True, device, seed=7)
+        for alignment in ("top_left", "bottom_right"):
+            out, lse = F.attention(q, k, v, causal=True, alignment=alignment, alibi_slopes=slopes, return_lse=True,
+                                   backend=backend)
+            bias = R.alibi_bias(slopes, Lq, Lk, alignment)
+            masked = F.attention(q, k, v, causal=True, alignment=alignment, attn_mask=bias, backend=backend)
+            torch.testing.assert_close(out, masked, rtol=2e-5, atol=2e-6)
+            ref_lse = R.attention_lse(q.double(), k.double(), None, True, None, alignment=alignment,
+                                      alibi_slopes=slopes.double())
+            torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_alibi_decode_matches_full_prefill(device, backend):
+    """KV-cache decoding with ALiBi: each query alone against its prefix (bottom-right) gives the
+    rows of one causal pass; a top-left decode step would not (its query would sit at key 0)."""
+    with torch.device(device):
+        q, k, v = make_inputs((1, 4, 29, 32), (1, 4, 29, 32), (1, 4, 29, 32), requires_grad=False)
+        slopes = fused_attn.get_alibi_slopes(4).to(device)
+        full = F.attention(q, k, v, causal=True, alibi_slopes=slopes, backend=backend)
+        for t in (0, 1, 16, 28):
+            step = F.attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], causal=True,
+                               alignment="bottom_right", alibi_slopes=slopes, backend=backend)
+            torch.testing.assert_close(step, full[:, :, t:t + 1], rtol=1e-5, atol=1e-6)
+        wrong = F.attention(q[:, :, 28:], k, v, alibi_slopes=slopes, backend=backend)  # top-left: d_0 = 0
+        assert (wrong - full[:, :, 28:]).abs().max() > 1e-2
+
+
+def _varlen_inputs(dtype, device, lens_q, lens_k, Hq=4, Hkv=2, D=24):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=device)
+    q, k, v = make_inputs((int(cu_q[-1]), Hq, D), (int(cu_k[-1]), Hkv, D), (int(cu_k[-1]), Hkv, D), dtype=dtype,
+                          seed=sum(lens_q))
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["head-slopes", "batch-head-slopes"])
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("device,backend", cases(torch.float32, varlen=True))
+def test_alibi_varlen(device, backend, alignment, per_batch):
+    """Packed sequences: each placed on its own lengths, row s of (B, Hq) slopes for sequence s;
+    with seqused_k, bottom-right places the queries on the used keys."""
+    lens_q, lens_k = [17, 1, 40, 5], [23, 9, 40, 1]
+    with torch.device(device):
+        q, k, v, cu_q, cu_k = _varlen_inputs(torch.float32, device, lens_q, lens_k)
+        slopes = slopes_for(len(lens_q), 4, per_batch, device, seed=3)
+        for seqused in (None, torch.tensor([20, 9, 33, 1], dtype=torch.int32, device=device)):
+            def fused(q, k, v):
+                return F.attention_varlen(q, k, v, cu_q, cu_k, causal=True, alignment=alignment,
+                                          alibi_slopes=slopes, seqused_k=seqused, backend=backend)
+
+            def reference(q, k, v):
+                return R.attention_varlen(q, k, v, cu_q, cu_k, True, alignment=alignment,
+                                          alibi_slopes=slopes.to(q.dtype), seqused_k=seqused)
+
+            results = check_against_reference(fused, reference, [q, k, v], names=["q", "k", "v"])
+            assert all(r.ok for r in results), f"seqused_k {seqused}:\n" + "\n".join(map(str, results))
+        out, lse = F.attention_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, alibi_slopes=slopes,
+                                      alignment=alignment, return_lse=True, backend=backend)
+        ref_out, ref_lse = R.attention_varlen(q.detach().double(), k.detach().double(), v.detach().double(), cu_q,
+                                              cu_k, alignment=alignment, alibi_slopes=slopes.double(), with_lse=True)
+        assert compare("lse", lse, ref_lse, ref_lse.float()).ok
+
+
+def test_get_alibi_slopes_is_the_papers():
+    """Powers of two: 2^(-8 (h + 1) / n); otherwise the nearest lower power's slopes, then every
+    other slope of twice that many (the ALiBi repository's get_slopes)."""
+    assert fused_attn.get_alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    assert fused_attn.get_alibi_slopes(1).tolist() == [2.0 ** -8]
+    assert fused_attn.get_alibi_slopes(6).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1,
+                                                        2.0 ** -3]
+    twelve = fused_attn.get_alibi_slopes(12)
+    assert twelve.dtype == torch.float32 and twelve.shape == (12,)
+    assert twelve[:8].tolist() == [2.0 ** -i for i in range(1, 9)]
+    torch.testing.assert_close(twelve[8:], torch.tensor([2.0 ** -(0.5 + i) for i in range(4)]))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_heads"):
+            fused_attn.get_alibi_slopes(bad)
+
+
+def test_alibi_slopes_bad_input():
+    q, k, v = make_inputs((2, 4, 5, 8), (2, 2, 7, 8), (2, 2, 7, 8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(Hq,\) = \(4,\) or \(B, Hq\)"):
+        F.attention(q, k, v, alibi_slopes=torch.ones(2))
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        F.attention(q, k, v, alibi_slopes=torch.ones(3, 4))
+    with pytest.raises(TypeError, match="alibi_slopes must be a floating-point tensor"):
+        F.attention(q, k, v, alibi_slopes=torch.ones(4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="alibi_slopes must be a torch.Tensor"):
+        F.attention(q, k, v, alibi_slopes=[0.5] * 4)
+    learnable = torch.ones(4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"alibi_slopes requires grad.*detach"):
+        F.attention(q, k, v, alibi_slopes=learnable)
+    with torch.no_grad():  # no graph: nothing would be lost
+        F.attention(q, k, v, alibi_slopes=learnable)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    qv, kv, vv = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match=r"\(B, Hq\) = \(2, 4\)"):
+        F.attention_varlen(qv, kv, vv, cu, cu, alibi_slopes=torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_alibi_slopes_not_modified_and_half_slopes_accepted(device, backend):
+    """The slopes are used in float32 (a float64 or bfloat16 tensor is converted, never written)."""
+    with torch.device(device):
+        q, k, v = make_inputs((1, 2, 9, 8), (1, 2, 9, 8), (1, 2, 9, 8), requires_grad=False)
+        slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
+        before = slopes.clone()
+        a = F.attention(q, k, v, alibi_slopes=slopes.to(device), backend=backend)
+        b = F.attention(q, k, v, alibi_slopes=slopes.to(device=device, dtype=torch.bfloat16), backend=backend)
+    assert torch.equal(slopes, before)
+    torch.testing.assert_close(a, b)  # 0.5 and 0.25 are exact in bfloat16
+
+
+def test_every_attention_backend_takes_alibi():
+    """No backend refuses ALiBi for lack of an implementation (where it can run attention at all)."""
+    from fused_attn.backends import BACKENDS, Call
+
+    for device in DEVICES:
+        for dtype in (torch.float32, torch.float16):
+            plain = Call("attention", torch.device(device), dtype, {"alibi": False})
+            with_alibi = Call("attention", torch.device(device), dtype, {"alibi": True})
+            for name, backend in BACKENDS.items():
+                if not backend.call_reasons(plain):
+                    assert not backend.call_reasons(with_alibi), (name, device, dtype, backend.call_reasons(with_alibi))

@@ -14,7 +14,7 @@
 #   4. summary  OUTDIR/summary.json and a short table, printed last
 # OUTDIR receives at most 6 files: gpu_check.log, bench.json, bench.csv, attention_fwd.png,
 # attention_fwd_bwd.png, summary.json. Time limits: the build 240 s (beside the Triton tests), the
-# GPU tests 240 s, the Triton test files 150 s (hundreds of kernel variants to compile, 8 workers), the sweep
+# GPU tests 270 s, the Triton test files 150 s (hundreds of kernel variants to compile, 8 workers), the sweep
 # what is left of GPU_CHECK_MINUTES (default 8) less 45 s, at most 5 minutes and at least 1.
 # Exit code: 0 when every step passed, else 1.
 set -u -o pipefail
@@ -104,7 +104,7 @@ fi
 "$PY" -c "import fused_attn, json; print('backends:', json.dumps({n: b['available'] or b['reasons'] \
 for n, b in fused_attn.available_backends().items()}))" 2>&1 | tee -a "$LOG"
 # every GPU-marked test (the CUDA backend's first: its bad-input tests must not crash the process)
-STEP_SIGNAL=INT step tests_gpu 240 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
+STEP_SIGNAL=INT step tests_gpu 270 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
 
 # ---- 3. the sweep: whatever is left of the total, at most 5 minutes ------------------------------
 LEFT=$(( TOTAL_S - $(elapsed) - 45 ))

@@ -14,7 +14,8 @@ from .swap import SwapReport, patch_sdpa, restore_modules, swap_modules
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "reference", "attention", "attention_varlen", "get_alibi_slopes", "layer_norm_residual", "feed_forward",
+__all__ = ["functional", "reference", "attention", "attention_varlen", "get_alibi_slopes", "layer_norm_residual",
+           "feed_forward",
            "available_backends", "use_backend", "BackendUnavailableError", "extension_error", "__version__",
            "MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer",
            "swap_modules", "restore_modules", "patch_sdpa", "SwapReport"]

@@ -121,8 +121,8 @@ def _torch_compile(fn):
     return torch.compile(fn)
 
 
-def _ref_attention(q, k, v, causal, window_size=None):
-    return R.attention(q, k, v, causal=causal, window_size=window_size)
+def _ref_attention(q, k, v, causal, window_size=None, alibi_slopes=None):
+    return R.attention(q, k, v, causal=causal, window_size=window_size, alibi_slopes=alibi_slopes)
 
 
 def _ref_layer_norm(x, residual, weight, bias, rms):
@@ -134,7 +134,8 @@ def _ref_feed_forward(x, w1, b1, w2, b2, activation):
 
 
 def _sdpa(q, k, v, causal, keep=None):
-    """torch's SDPA; a sliding window, which it has no option for, as a bool keep-mask ``keep``."""
+    """torch's SDPA; a sliding window or ALiBi, which it has no option for, as a mask ``keep``
+    (bool, or additive: the ALiBi bias with -inf outside the causal triangle)."""
     if keep is not None:
         return TF.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     return TF.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -231,12 +232,13 @@ class AttentionCase(Case):
     D: int
     causal: bool = False
     window: int = 0  # > 0: causal sliding window of this many keys (window_size=(window - 1, 0))
+    alibi: bool = False  # ALiBi with the paper's slopes (SDPA gets the bias as an (H, L, L) mask)
     op = "attention"
     has_sdpa = True
 
     def label(self):
         return (f"B{self.B} H{self.H} L{self.L} D{self.D}" + (" causal" if self.causal else "")
-                + (f" window {self.window}" if self.window else ""))
+                + (f" window {self.window}" if self.window else "") + (" alibi" if self.alibi else ""))
 
     def window_size(self):
         return (self.window - 1, 0) if self.window else None
@@ -259,7 +261,7 @@ class AttentionCase(Case):
     def calls(self, device, dtype):
         return [Call("attention", torch.device(device), dtype, {
             "head_dim": self.D, "head_dim_v": self.D, "causal": self.causal, "window": bool(self.window),
-            "dropout": False, "gqa": False, "mask": None, "mask_grad": False})]
+            "dropout": False, "gqa": False, "mask": None, "mask_grad": False, "alibi": self.alibi})]
 
     def eager_bytes(self, dtype):
         # scores, scaled scores, masked scores, probabilities, their gradients: ~8 (B, H, L, L) tensors
@@ -271,14 +273,21 @@ class AttentionCase(Case):
 
     def impls(self, device, dtype, backends, baselines, seed):
         causal, window = self.causal, self.window_size()
+        slopes = FA.get_alibi_slopes(self.H, device) if self.alibi else None
         out = _with_tma_twin([_fused_impl(name, lambda q, k, v, name=name: FA.attention(
-            q, k, v, causal=causal, window_size=window, backend=name), skip=skip) for name, skip in backends], device)
+            q, k, v, causal=causal, window_size=window, alibi_slopes=slopes, backend=name), skip=skip)
+            for name, skip in backends], device)
         if "eager" in baselines:
-            out.append(Impl("eager", "baseline", lambda q, k, v: _ref_attention(q, k, v, causal, window)))
+            out.append(Impl("eager", "baseline", lambda q, k, v: _ref_attention(q, k, v, causal, window, slopes)))
         if "sdpa" in baselines:
-            # SDPA has no window option: it gets the window as an (L, L) keep-mask (which its flash
-            # backend refuses; the others read it)
+            # SDPA has no window or ALiBi option: it gets the window as an (L, L) keep-mask, ALiBi
+            # as an (H, L, L) additive one (which its flash backend refuses; the others read them)
             keep = None if window is None else R.visible_keys(self.L, self.L, causal, window, device=device)
+            if slopes is not None:
+                keep = R.alibi_bias(slopes, self.L, self.L, dtype=dtype)
+                if causal:
+                    visible = R.visible_keys(self.L, self.L, True, window, device=device)
+                    keep = keep.masked_fill(~visible, float("-inf"))
             if torch.device(device).type == "cuda":
                 for which in SDPA_GPU_BACKENDS:
                     out.append(Impl(f"sdpa-{which}", "baseline", lambda q, k, v: _sdpa(q, k, v, causal, keep),
@@ -287,7 +296,7 @@ class AttentionCase(Case):
                 out.append(Impl("sdpa", "baseline", lambda q, k, v: _sdpa(q, k, v, causal, keep)))
         if "compile" in baselines:
             compiled = _compiled("attention", _ref_attention)
-            out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal, window)))
+            out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal, window, slopes)))
         return out
 
 
@@ -597,14 +606,17 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
                 "layer": [LayerCase(1, 16, 32, 2, 64)]}[op]
     if which == "quick" and not gpu:
         return {"attention": [AttentionCase(1, 4, L, 64, causal) for causal in (False, True) for L in (128, 256, 512)]
-                + [AttentionCase(1, 4, 1024, 64, True, window=128), VarlenAttentionCase(VARLEN_QUICK_CPU, 4, 64)],
+                + [AttentionCase(1, 4, 1024, 64, True, window=128), AttentionCase(1, 4, 512, 64, True, alibi=True),
+                   VarlenAttentionCase(VARLEN_QUICK_CPU, 4, 64)],
                 "layer_norm": [LayerNormCase(2048, 512), LayerNormCase(2048, 1024), LayerNormCase(2048, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(256, 256, 1024), FeedForwardCase(256, 256, 688, "swiglu")],
                 "layer": [LayerCase(2, 128, 256, 4, 1024)]}[op]
     if which == "quick":  # on a GPU: a few points of each
         return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal)
                               for D in (128,) for causal in (False, True) for L in (1024, 4096)]
-                + [AttentionCase(1, 16, 16384, 128, True, window=4096), VarlenAttentionCase(VARLEN_GPU, 16, 128)],
+                + [AttentionCase(1, 16, 16384, 128, True, window=4096),
+                   AttentionCase(4, 16, 4096, 128, True, alibi=True),
+                   VarlenAttentionCase(VARLEN_GPU, 16, 128)],
                 "layer_norm": [LayerNormCase(16384, 4096)],
                 "feed_forward": [FeedForwardCase(8192, 2048, 8192)],
                 "layer": [LayerCase(4, 1024, 1024, 16, 4096)]}[op]
@@ -612,7 +624,8 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
         return {"attention": [AttentionCase(2, 8, L, 64, causal) for causal in (False, True)
                               for L in (256, 512, 1024, 2048)]
                 + [AttentionCase(2, 8, L, 128, causal) for causal in (False, True) for L in (1024, 2048)]
-                + [AttentionCase(2, 8, 2048, 64, True, window=256), VarlenAttentionCase(VARLEN_FULL_CPU, 8, 64)],
+                + [AttentionCase(2, 8, 2048, 64, True, window=256), AttentionCase(2, 8, 1024, 64, True, alibi=True),
+                   VarlenAttentionCase(VARLEN_FULL_CPU, 8, 64)],
                 "layer_norm": [LayerNormCase(8192, d) for d in (512, 1024, 4096)] + [LayerNormCase(8192, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(2048, 512, 2048), FeedForwardCase(2048, 1024, 4096),
                                  FeedForwardCase(2048, 1024, 2736, "swiglu")],
@@ -621,6 +634,8 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
     return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal) for D in (128, 64)
                           for causal in (False, True) for L in (512, 1024, 2048, 4096, 8192, 16384)]
             + [AttentionCase(1, 16, 16384, 128, True, window=w) for w in (1024, 4096)]
+            + [AttentionCase(16384 // L, 16, L, 128, causal, alibi=True)
+               for causal in (False, True) for L in (2048, 8192)]
             + [VarlenAttentionCase(VARLEN_GPU, 16, D) for D in (128, 64)],
             "layer_norm": [LayerNormCase(16384, d) for d in (1024, 2048, 4096, 8192)] + [LayerNormCase(16384, 4096, rms=True)],
             "feed_forward": [FeedForwardCase(8192, d, 4 * d) for d in (1024, 2048, 4096)]

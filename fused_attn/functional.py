@@ -19,7 +19,7 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   attention_inference, attention_varlen_inference, direct_call_ok, feed_forward_inference,
                   layer_norm_residual_inference)
 from .ops_common import ALIGNMENTS, attention_band, check_varlen_bounds
-from .reference import ACTIVATIONS, GATED_ACTIVATIONS
+from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -187,21 +187,6 @@ def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device):
         raise ValueError("alibi_slopes requires grad, but no gradient flows to the slopes (as in FlashAttention); "
                          "pass alibi_slopes.detach() or learn them another way")
     return alibi_slopes.to(torch.float32).expand(rows, Hq)
-
-
-def get_alibi_slopes(num_heads: int, device=None) -> Tensor:
-    """The ALiBi paper's head slopes (Press et al. 2022; what BLOOM, MPT and FlashAttention's tests
-    use): for a power of two n, ``2^(-8 (h + 1) / n)`` for head h; otherwise the n' = 2^floor(log2 n)
-    slopes followed by every other slope of the 2n' sequence. float32 (num_heads,)."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
-
-    def powers(n):
-        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-
-    base = 1 << (num_heads.bit_length() - 1)
-    slopes = powers(base) + powers(2 * base)[0::2][:num_heads - base]
-    return torch.tensor(slopes, dtype=torch.float32, device=device)
 
 
 def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask=None, alibi=None,

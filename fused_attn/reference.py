@@ -61,6 +61,21 @@ def visible_keys(Lq, Lk, causal=False, window_size=None, alignment="top_left", b
     return keep
 
 
+def get_alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """The ALiBi paper's head slopes (Press et al. 2022; what BLOOM, MPT and FlashAttention's tests
+    use): for a power of two n, ``2^(-8 (h + 1) / n)`` for head h; otherwise the n' = 2^floor(log2 n)
+    slopes followed by every other slope of the 2n' sequence. float32 (num_heads,)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+
+    def powers(n):
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    base = 1 << (num_heads.bit_length() - 1)
+    slopes = powers(base) + powers(2 * base)[0::2][:num_heads - base]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
 def alibi_bias(slopes, Lq, Lk, alignment="top_left", dtype=None):
     """ALiBi's additive bias (Press et al., FlashAttention's ``alibi_slopes``), broadcastable to
     (B, Hq, Lq, Lk): ``-slope[b, h] * |j - d_i|``, where query i sits at key position d_i = i
@@ -256,11 +271,14 @@ class MultiHeadAttention(nn.Module):
 
     Heads are split from the projections, attend by scaled dot product and are concatenated
     before the output projection. ``num_kv_heads`` < ``num_heads`` gives grouped-query attention;
-    ``window_size`` (left, right) local attention (see ``fused_attn.functional.attention``).
+    ``window_size`` (left, right) local attention (see ``fused_attn.functional.attention``);
+    ``alibi=True`` ALiBi position biases with the paper's slopes (``get_alibi_slopes``, kept in the
+    non-persistent buffer ``alibi_slopes``, which ``module.to(dtype)`` rounds like any buffer:
+    exact in bfloat16 for power-of-two head counts).
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None):
+                 window_size=None, device=None, dtype=None, alibi=False):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -277,6 +295,9 @@ class MultiHeadAttention(nn.Module):
         self.key_linear = nn.Linear(d_model, kv_dim, bias=bias, **factory)
         self.value_linear = nn.Linear(d_model, kv_dim, bias=bias, **factory)
         self.out_linear = nn.Linear(d_model, d_model, bias=bias, **factory)
+        self.alibi = bool(alibi)
+        self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
+                             persistent=False)
 
     def split_heads(self, x, heads):
         B, L, _ = x.shape
@@ -294,7 +315,8 @@ class MultiHeadAttention(nn.Module):
                 (self.value_linear, self.num_kv_heads)))
             causal = self.causal if is_causal is None else is_causal
             p = self.dropout if self.training else 0.0
-            out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size)
+            out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size,
+                                   alibi_slopes=self.alibi_slopes)
             return self.out_linear(out.flatten(-2))
         key = query if key is None else key
         value = key if value is None else value
@@ -305,7 +327,8 @@ class MultiHeadAttention(nn.Module):
         mask = merge_masks(attn_mask, key_padding_mask, q.dtype)
         causal = self.causal if is_causal is None else is_causal
         p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, window_size=self.window_size)
+        out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, window_size=self.window_size,
+                        alibi_slopes=self.alibi_slopes)
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
 
 
@@ -367,13 +390,13 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None):
+                 window_size=None, device=None, dtype=None, alibi=False):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.norm_first = norm_first
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
                                                        num_kv_heads=num_kv_heads, causal=causal,
-                                                       window_size=window_size, **factory)
+                                                       window_size=window_size, alibi=alibi, **factory)
         self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)

@@ -109,6 +109,16 @@ def _check_dynamic(fn, make_args, lengths=(9, 13)):
     assert counter.frame_count == frames, "a new length recompiled"
 
 
+def test_alibi_attention_compiles_dynamic():
+    """ALiBi slopes are an ordinary tensor input: no graph break, no recompile for a new length."""
+    def fn(q, k, v, slopes):
+        return fused_attn.functional.attention(q, k, v, causal=True, alignment="bottom_right", alibi_slopes=slopes)
+
+    slopes = fused_attn.get_alibi_slopes(4)
+    _check_dynamic(lambda q, k, v: fn(q, k, v, slopes),
+                   lambda n: make_inputs((2, 4, n, 6), (2, 2, n + 3, 6), (2, 2, n + 3, 6), seed=n))
+
+
 def test_attention_compiles_dynamic():
     """GQA (Hq != Hkv), causal, window, Lq != Lk, Dv != D. dynamic=True makes the float arguments
     symbolic too: scale and softcap passed in, dropout_p's default."""
@@ -195,22 +205,28 @@ def _op_samples(backend):
     samples = {"attention_fwd": [], "attention_bwd": [], "attention_varlen_fwd": [], "attention_varlen_bwd": [],
                "layer_norm_residual_fwd": [],
                "layer_norm_residual_bwd": [], "feed_forward_fwd": [], "feed_forward_bwd": []}
-    for mask, band, p, cap in ((None, CAUSAL_BAND, 0.0, 0.0), (keep, NO_BAND, 0.0, 2.5), (additive, (-3, 1), 0.2, 0.0)):
-        args = (q, k, v, mask, *band, p, 0.35, rng if p else None, backend, cap)
+    slopes = torch.tensor([0.5, -0.25, 0.125, 0.0]).expand(2, 4)  # ALiBi, a stride-0 (B, Hq) view
+    for mask, band, p, cap, alibi in ((None, CAUSAL_BAND, 0.0, 0.0, None), (keep, NO_BAND, 0.0, 2.5, slopes),
+                                      (additive, (-3, 1), 0.2, 0.0, slopes)):
+        args = (q, k, v, mask, *band, p, 0.35, rng if p else None, backend, cap, alibi, alibi is not None)
         samples["attention_fwd"].append(args)
         out, lse = torch.ops.fused_attn.attention_fwd(*args)
         mask_grad = mask is not None and mask.dtype != torch.bool
         samples["attention_bwd"].append((rnd(*out.shape), q, k, v, out, lse, mask, *band, p, 0.35,
-                                         rng if p else None, mask_grad, backend, cap))
+                                         rng if p else None, mask_grad, backend, cap, alibi, alibi is not None))
     cu_q, cu_k = torch.tensor([0, 4, 4, 9], dtype=torch.int32), torch.tensor([0, 3, 5, 7], dtype=torch.int32)
     q, k, v = rnd(9, 4, 8), rnd(7, 2, 8), rnd(7, 2, 8)
     used = torch.tensor([2, 1, 2], dtype=torch.int32)
-    for band, bottom_right, p, cap, seqused in ((CAUSAL_BAND, True, 0.0, 0.0, used), (NO_BAND, False, 0.2, 2.5, None)):
-        args = (q, k, v, cu_q, cu_k, 5, 3, *band, bottom_right, p, 0.35, rng if p else None, backend, cap, seqused)
+    slopes = torch.rand(3, 4, generator=gen)
+    for band, bottom_right, p, cap, seqused, alibi in ((CAUSAL_BAND, True, 0.0, 0.0, used, slopes),
+                                                       (NO_BAND, False, 0.2, 2.5, None, None)):
+        args = (q, k, v, cu_q, cu_k, 5, 3, *band, bottom_right, p, 0.35, rng if p else None, backend, cap, seqused,
+                False, alibi)
         samples["attention_varlen_fwd"].append(args)
         out, lse = torch.ops.fused_attn.attention_varlen_fwd(*args)
         samples["attention_varlen_bwd"].append((rnd(*out.shape), q, k, v, out, lse, cu_q, cu_k, 5, 3, *band,
-                                                bottom_right, p, 0.35, rng if p else None, backend, cap, seqused))
+                                                bottom_right, p, 0.35, rng if p else None, backend, cap, seqused,
+                                                alibi))
     x, r, w, b = rnd(6, 16), rnd(6, 16), rnd(16), rnd(16)
     for residual, weight, bias, p, rms in ((r, w, b, 0.0, False), (None, w, None, 0.0, True), (r, None, b, 0.3, False)):
         args = (x, residual, weight, bias, 1e-5, p, rms, False, rng if p else None, backend)
@@ -238,7 +254,7 @@ def _registered_ops():
 def _backend_can_run_all(backend):
     calls = [Call("attention", torch.device("cpu"), torch.float32,
                   {"head_dim": 8, "head_dim_v": 8, "causal": True, "dropout": True, "gqa": True, "mask": "additive",
-                   "mask_grad": True}),
+                   "mask_grad": True, "alibi": True}),
              Call("layer_norm_residual", torch.device("cpu"), torch.float32,
                   {"hidden": 16, "rms": True, "dropout": True, "residual_in_fp32": False}),
              Call("feed_forward", torch.device("cpu"), torch.float32, {"activation": "swiglu", "dropout": True})]

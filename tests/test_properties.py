@@ -35,10 +35,17 @@ def _maybe_transposed(t: torch.Tensor, transpose: bool) -> torch.Tensor:
 ATTENTION_CASES = dict(B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.integers(1, 3), Lq=st.integers(1, 40),
     Lk=st.integers(1, 40), D=st.sampled_from([4, 8, 13, 16]), Dv=st.sampled_from([4, 7, 16]),
     causal=st.booleans(), mask=st.sampled_from([None, "bool", "additive", "row"]), transpose=st.booleans(),
-    seed=st.integers(0, 2**16))
+    alibi=st.sampled_from([None, "head", "batch"]), seed=st.integers(0, 2**16))
 
 
-def attention_property(backend, B, Hkv, group, Lq, Lk, D, Dv, causal, mask, transpose, seed):
+def _slopes(kind, B, Hq, g):
+    """None, (Hq,) or (B, Hq) ALiBi slopes in [-0.2, 0.6)."""
+    if kind is None:
+        return None
+    return torch.rand(*((Hq,) if kind == "head" else (B, Hq)), generator=g) * 0.8 - 0.2
+
+
+def attention_property(backend, B, Hkv, group, Lq, Lk, D, Dv, causal, mask, transpose, alibi, seed):
     Hq = Hkv * group
     q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv), seed=seed)
     q, k, v = (_maybe_transposed(t, transpose) for t in (q, k, v))
@@ -51,10 +58,13 @@ def attention_property(backend, B, Hkv, group, Lq, Lk, D, Dv, causal, mask, tran
         m = torch.rand(Lk, generator=g) > 0.2
     else:
         m = None
+    slopes = _slopes(alibi, B, Hq, g)
     inputs = [q, k, v] + ([m] if m is not None else [])
     check_against_reference(
-        lambda q, k, v, *mm: F.attention(q, k, v, attn_mask=mm[0] if mm else None, causal=causal, backend=backend),
-        lambda q, k, v, *mm: R.attention(q, k, v, mm[0] if mm else None, causal), inputs)
+        lambda q, k, v, *mm: F.attention(q, k, v, attn_mask=mm[0] if mm else None, causal=causal, backend=backend,
+                                         alibi_slopes=slopes),
+        lambda q, k, v, *mm: R.attention(q, k, v, mm[0] if mm else None, causal,
+                                         alibi_slopes=None if slopes is None else slopes.to(q.dtype)), inputs)
 
 
 test_attention_random, test_attention_random_interpreted = split_by_speed("attention", ATTENTION_CASES, attention_property)
@@ -64,18 +74,22 @@ VARLEN_CASES = dict(lens_q=st.lists(st.integers(0, 30), min_size=1, max_size=4),
     extra_k=st.lists(st.integers(0, 12), min_size=4, max_size=4), Hkv=st.integers(1, 2), group=st.integers(1, 2),
     D=st.sampled_from([4, 13, 16]), Dv=st.sampled_from([7, 16]), causal=st.booleans(),
     window=st.sampled_from([None, (0, 0), (3, 0), (2, 5), (-1, 1)]), alignment=st.sampled_from(["top_left", "bottom_right"]),
-    seed=st.integers(0, 2**16))
+    alibi=st.sampled_from([None, "head", "batch"]), seed=st.integers(0, 2**16))
 
 
-def varlen_property(backend, lens_q, self_attention, extra_k, Hkv, group, D, Dv, causal, window, alignment, seed):
+def varlen_property(backend, lens_q, self_attention, extra_k, Hkv, group, D, Dv, causal, window, alignment, alibi,
+                    seed):
     """Packed sequences of random lengths (0 included), self- or cross-attention, with every band option."""
     lens_k = lens_q if self_attention else [n + e for n, e in zip(lens_q, extra_k)]
     cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32) for n in (lens_q, lens_k))
     q, k, v = make_inputs((sum(lens_q), Hkv * group, D), (sum(lens_k), Hkv, D), (sum(lens_k), Hkv, Dv), seed=seed)
+    slopes = _slopes(alibi, len(lens_q), Hkv * group, torch.Generator().manual_seed(seed))
     opts = dict(causal=causal, window_size=window, alignment=alignment)
     check_against_reference(
-        lambda q, k, v, cq, ck: F.attention_varlen(q, k, v, cq, ck, backend=backend, **opts),
-        lambda q, k, v, cq, ck: R.attention_varlen(q, k, v, cq, ck, **opts), [q, k, v, cu_q, cu_k])
+        lambda q, k, v, cq, ck: F.attention_varlen(q, k, v, cq, ck, backend=backend, alibi_slopes=slopes, **opts),
+        lambda q, k, v, cq, ck: R.attention_varlen(q, k, v, cq, ck, **opts,
+                                                   alibi_slopes=None if slopes is None else slopes.to(q.dtype)),
+        [q, k, v, cu_q, cu_k])
 
 
 test_varlen_random, test_varlen_random_interpreted = split_by_speed("attention", VARLEN_CASES, varlen_property)

@@ -282,6 +282,80 @@ def test_attention_raw_op_softcap(name, dtype):
     assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all()
 
 
+# name: (B, Hq, Hkv, Lq, Lk, D, (band_lo, band_hi), bottom_right, slopes, additive mask, softcap). Slopes:
+# "per_batch" per (batch, head) in [-0.1, 0.5) (negative ones reward distance), "heads" the paper's
+# (Hq,) x 4 expanded over the batch (stride 0), "transposed" per (batch, head) with strides (1, B).
+ALIBI_CASES = {
+    "causal_gqa_mask_grad_d64": (2, 4, 2, 200, 200, 64, CAUSAL_BAND, False, "per_batch", True, 0.0),
+    # the register kernels' unmasked blocks, with the shift Lk - Lq > 0
+    "bottom_right_lq_lt_lk_plain_blocks_d128": (2, 4, 2, 130, 300, 128, NO_BAND, True, "transposed", False, 0.0),
+    # the shift < 0, rows the band leaves nothing
+    "bottom_right_causal_lq_gt_lk_dead_rows_softcap_d32": (1, 4, 2, 300, 70, 32, (-BAND_UNBOUNDED, 70 - 300), True,
+                                                           "heads", False, 5.0),
+    # backward: shared-memory kernels
+    "bottom_right_window_softcap_mask_grad_d256": (2, 4, 2, 70, 150, 256, (-40, 10), True, "per_batch", True, 5.0),
+}
+
+
+def _alibi_slopes(kind, B, Hq, gen):
+    if kind == "per_batch":
+        return (torch.rand(B, Hq, generator=gen) * 0.6 - 0.1).to(DEV)
+    if kind == "heads":
+        return (fused_attn.get_alibi_slopes(Hq) * 4).to(DEV).expand(B, Hq)
+    return (torch.rand(Hq, B, generator=gen) * 0.6 - 0.1).to(DEV).t()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(ALIBI_CASES))
+def test_attention_raw_op_alibi(name, dtype):
+    """The raw ops with ALiBi: s = cap(scale q.k) - slope[b, h] |j - i - shift| + mask, shift = Lk - Lq
+    when bottom_right, then the band; the reference is written here from that definition (autograd
+    for the gradients of q, k, v and the mask; none flows to the slopes)."""
+    B, Hq, Hkv, Lq, Lk, D, band, bottom_right, kind, with_mask, softcap = ALIBI_CASES[name]
+    scale = 1.0 / math.sqrt(D)
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, device=DEV,
+                          requires_grad=False)
+    if softcap:
+        q = q * 4
+    mask, dout = make_inputs((B, Hq, Lq, Lk), (B, Hq, Lq, D), dtype=dtype, device=DEV, seed=1, requires_grad=False)
+    mask = mask if with_mask else None
+    slopes = _alibi_slopes(kind, B, Hq, _gen(2))
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, *band, 0.0, scale, 0, 0, softcap, slopes,
+                                                    bottom_right)
+    dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, *band, 0.0, scale, 0, 0,
+                                                             with_mask, softcap, slopes, bottom_right)
+    rel = torch.arange(Lk, device=DEV)[None, :] - torch.arange(Lq, device=DEV)[:, None]  # j - i
+    keep = (rel >= band[0]) & (rel <= band[1])
+    dist = (rel - (Lk - Lq if bottom_right else 0)).abs()  # |j - i - shift|
+
+    def ref(ref_dtype):
+        leaves = [t.to(ref_dtype).requires_grad_(True) for t in (q, k, v) + ((mask,) if with_mask else ())]
+        q_, k_, v_ = leaves[:3]
+        k_r, v_r = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k_, v_))
+        s = torch.matmul(q_, k_r.transpose(-2, -1)) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        s = s - slopes.to(ref_dtype)[:, :, None, None] * dist.to(ref_dtype)
+        if with_mask:
+            s = s + leaves[3]
+        s = s.masked_fill(~keep, float("-inf"))
+        dead = (s == float("-inf")).all(dim=-1, keepdim=True)
+        o = torch.matmul(torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0), v_r)
+        grads = list(torch.autograd.grad(o, leaves, dout.to(ref_dtype)))
+        lse_ref = torch.logsumexp(s.detach(), dim=-1)
+        return [o.detach(), lse_ref.masked_fill(lse_ref == float("-inf"), float("inf"))] + grads
+
+    ref64, ref_lp = ref(torch.float64), ref(dtype)
+    names = ("out", "lse", "dq", "dk", "dv") + (("dmask",) if with_mask else ())
+    for i, what in enumerate(names):
+        got = (out, lse, dq, dk, dv, dmask)[i]
+        compare(f"{name} {what}", got, ref64[i], ref_lp[i], k=2.0 if i < 2 else 5.0)
+    dead = ~keep.any(dim=1)
+    assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all()
+    assert torch.isinf(lse[:, :, dead]).all() and (lse[:, :, dead] > 0).all()
+
+
 @gpu
 def test_attention_raw_op_rejects_bad_input():
     q, k, v = make_inputs((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16), dtype=torch.float16, device=DEV,
@@ -305,6 +379,19 @@ def test_attention_raw_op_rejects_bad_input():
     for bad_softcap in (-1.0, float("inf"), float("nan")):
         with pytest.raises(RuntimeError, match="softcap"):
             op(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, bad_softcap)
+    # ALiBi slopes: float32 (B, Hq) = (1, 2) on q's device, any strides
+    good = torch.rand(2, device=DEV).expand(1, 2)
+    out, lse = op(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, 0.0, good, True)
+    bwd = torch.ops.fused_attn_C.attention_bwd
+    for bad, message in ((good.half(), "alibi_slopes must have dtype"), (good.double(), "alibi_slopes must have dtype"),
+                         (torch.rand(1, 3, device=DEV), r"alibi_slopes must be a \(B, Hq\) = \(1, 2\) view"),
+                         (torch.rand(2, 1, device=DEV), r"alibi_slopes must be a \(B, Hq\)"),
+                         (torch.rand(2, device=DEV), "alibi_slopes must be 2-D"),
+                         (torch.rand(1, 2), "alibi_slopes must be a CUDA tensor")):
+        with pytest.raises(RuntimeError, match=message):
+            op(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, 0.0, bad, True)
+        with pytest.raises(RuntimeError, match=message):
+            bwd(q, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, bad, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +580,8 @@ for dtype in (torch.float16, torch.float32):
     v = torch.randn(1, 1, 23, 24, device=dev, dtype=dtype, requires_grad=True)
     m = torch.randn(1, 1, 19, 23, device=dev, dtype=dtype, requires_grad=True)
     F.attention(q, k, v, attn_mask=m, causal=True, dropout_p=0.1, backend="cuda", generator=g).sum().backward()
+    s = torch.rand(2, device=dev)  # ALiBi: the slopes read through a stride-0 (B, Hq) view
+    F.attention(q, k, v, causal=True, alignment="bottom_right", alibi_slopes=s, backend="cuda").sum().backward()
     if dtype == torch.float16:  # several key and query blocks: the cp.async stages alternate
         q = torch.randn(1, 2, 70, 64, device=dev, dtype=dtype, requires_grad=True)
         k = torch.randn(1, 2, 150, 64, device=dev, dtype=dtype, requires_grad=True)

@@ -8,7 +8,8 @@ online softmax, masks, visibility bands (causal, sliding windows, bottom-right a
 that see nothing) and the key/query blocks they skip, grouped-query heads, dropout, strides and the three
 backward kernels; for the norms the row reductions, 16-byte and scalar paths, dropout and the
 two-stage weight-gradient reduction; for the FFN the activation epilogues. Each is held to the
-float64 reference with the oracle. The register-resident attention forward runs in float16 and
+float64 reference with the oracle (ALiBi too: per-(batch, head) slopes with any strides, the
+bottom-right shift). The register-resident attention forward runs in float16 and
 bfloat16: its warp primitives (mma.sync, ldmatrix, cp.async) are emulated from the PTX ISA's
 fragment layouts (tests/cuda_emu/emu_mma_sm80.h), and those layouts are checked against plain
 matrix products. The WMMA products of the other 16-bit instantiations are not emulated; they run
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fused_attn
 from fused_attn import _rng
 from fused_attn import reference as R
 from fused_attn.ops_common import BAND_UNBOUNDED, CAUSAL_BAND, NO_BAND, new_attention_out
@@ -73,15 +75,22 @@ def _dropout_args(p, seed, offset):
     return (ctypes.c_uint64 * 5)(int(p > 0), seed, offset, _rng.dropout_threshold(p) if p > 0 else 0, scale_bits)
 
 
-def _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap=0.0):
+def _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap=0.0, alibi=None, alignment="top_left"):
     """The arguments the emulated entries share; ``band`` = (band_lo, band_hi), unclamped (the entries
-    clamp it to [-Lq, Lk] as the binding does); softcap 0 is off."""
+    clamp it to [-Lq, Lk] as the binding does); softcap 0 is off; ``alibi``: None or float32 (B, Hq)
+    slopes with any strides, passed as the binding does (pointer, strides, shift = Lk - Lq when
+    ``alignment`` is bottom_right, else 0)."""
     B, Hq, Lq, D = q.shape
-    sizes = _i64([B, Hq, k.shape[1], Lq, k.shape[2], D, v.shape[3]])
+    Lk = k.shape[2]
+    sizes = _i64([B, Hq, k.shape[1], Lq, Lk, D, v.shape[3]])
     kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    if alibi is not None:
+        assert alibi.dtype == torch.float32 and alibi.shape == (B, Hq)
+    shift = Lk - Lq if alibi is not None and alignment == "bottom_right" else 0
     return [_ptr(q), _i64(q.stride()), _ptr(k), _i64(k.stride()), _ptr(v), _i64(v.stride()), sizes, ctypes.c_int(kind),
             _ptr(mask), _i64(mask.stride() if mask is not None else (0, 0, 0, 0)), ctypes.c_int64(band[0]),
-            ctypes.c_int64(band[1]), ctypes.c_float(scale), _dropout_args(p, seed, offset), ctypes.c_float(softcap)]
+            ctypes.c_int64(band[1]), ctypes.c_float(scale), _dropout_args(p, seed, offset), ctypes.c_float(softcap),
+            _ptr(alibi), _i64(alibi.stride() if alibi is not None else (0, 0)), ctypes.c_int64(shift)]
 
 
 def band_keep(band, Lq, Lk):
@@ -105,9 +114,10 @@ def case_band(opts):
     return opts.get("band", CAUSAL_BAND if opts.get("causal") else NO_BAND)
 
 
-def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks, softcap=0.0):
+def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks, softcap=0.0, alibi=None,
+                       alignment="top_left"):
     """(out, lse, dq, dk, dv, dmask) from the emulated kernels; dmask only for an additive mask."""
-    common = _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap)
+    common = _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap, alibi, alignment)
     out = new_attention_out(q, v.shape[3])
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
     assert emu.emu_attention_fwd(*common, _ptr(out), _i64(out.stride()), _ptr(lse), *blocks) == 0
@@ -120,23 +130,26 @@ def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, b
     return out, lse, dq, dk, dv, dmask
 
 
-def reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype, softcap=0.0):
+def reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype, softcap=0.0, alibi=None,
+                        alignment="top_left"):
     """The same quantities from fused_attn.reference in ``dtype`` (autograd for the gradients), the
-    band applied as a mask (with_band); dmask is the gradient of the given mask."""
+    band applied as a mask (with_band), ALiBi's bias placed by ``alignment`` (the band is given
+    whole, so alignment moves only the bias); dmask is the gradient of the given mask."""
     cast = lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(dtype))
     q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
     Lq, Lk = q.shape[2], k.shape[2]
     additive = mask is not None and mask.dtype != torch.bool
     rng = (seed, offset) if p > 0 else None
     attend = lambda q, k, v, m: R.attention(q, k, v, attn_mask=with_band(m, band, Lq, Lk), dropout_p=p, scale=scale,
-                                            rng=rng, softcap=softcap)
+                                            rng=rng, softcap=softcap, alibi_slopes=alibi, alignment=alignment)
     if additive:
         out, vjp = torch.func.vjp(attend, q_, k_, v_, m_)
         dq, dk, dv, dmask = vjp(dout.to(dtype))
     else:
         out, vjp = torch.func.vjp(lambda q, k, v: attend(q, k, v, m_), q_, k_, v_)
         (dq, dk, dv), dmask = vjp(dout.to(dtype)), None
-    lse = R.attention_lse(q_, k_, attn_mask=with_band(m_, band, Lq, Lk), scale=scale, softcap=softcap)
+    lse = R.attention_lse(q_, k_, attn_mask=with_band(m_, band, Lq, Lk), scale=scale, softcap=softcap,
+                          alibi_slopes=alibi, alignment=alignment)
     return out, lse, dq, dk, dv, dmask
 
 
@@ -172,6 +185,26 @@ def attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts):
     return q, k, v, mask, randn
 
 
+def alibi_inputs(name, B, Hq, opts):
+    """A case's ALiBi slopes (float32 (B, Hq) views, as the binding gets them) and their alignment:
+    - "per_batch": per (batch, head), in [-0.1, 0.5): the bias moves the probabilities a lot at these
+      distances, and negative slopes (which reward distance) fail a missing absolute value;
+    - "heads": the paper's (Hq,) slopes x 4 expanded over the batch (stride 0, as functional passes them);
+    - "transposed": per (batch, head), stored (Hq, B) and transposed (strides (1, B)), so a slope read
+      with the strides swapped is another head's or batch's."""
+    kind, alignment = opts.get("alibi"), opts.get("alignment", "top_left")
+    if kind is None:
+        return None, alignment
+    gen = torch.Generator().manual_seed(len(name) + 1)
+    if kind == "per_batch":
+        return torch.rand(B, Hq, generator=gen) * 0.6 - 0.1, alignment
+    if kind == "heads":
+        return (fused_attn.get_alibi_slopes(Hq) * 4).expand(B, Hq), alignment
+    if kind == "transposed":
+        return (torch.rand(Hq, B, generator=gen) * 0.6 - 0.1).t(), alignment
+    raise ValueError(kind)
+
+
 _U = BAND_UNBOUNDED  # an open end of a band, as the callers pass it
 
 # name: (B, Hq, Hkv, Lq, Lk, D, Dv, options, (BM, BN))  -- the tile pairs the launcher may pick
@@ -195,6 +228,18 @@ CASES = {
                                   (32, 32)),
     "softcap_additive_mask_grad_band_16x16": (1, 2, 2, 41, 50, 16, 16, {"softcap": 5.0, "q_scale": 4.0,
                                                                         "mask": "additive", "band": (-12, 3)}, (16, 16)),
+    # ALiBi (-slope |j - i - shift|): per-(batch, head) slopes with negative ones, any strides, the
+    # bottom-right shift Lk - Lq of either sign, with the band, GQA, softcap, an additive mask, dropout
+    "alibi_per_batch_causal_gqa_32x32": (2, 4, 2, 45, 45, 16, 16, {"alibi": "per_batch", "causal": True},
+                                         (32, 32)),
+    "alibi_transposed_bottom_right_lq_lt_lk_16x16": (2, 2, 1, 19, 70, 8, 8,
+                                                     {"alibi": "transposed", "alignment": "bottom_right"}, (16, 16)),
+    "alibi_heads_bottom_right_causal_lq_gt_lk_dead_rows_dropout_32x32": (
+        2, 2, 2, 45, 20, 16, 16, {"alibi": "heads", "alignment": "bottom_right", "band": (-_U, 20 - 45),
+                                  "dropout_p": 0.2}, (32, 32)),
+    "alibi_softcap_additive_mask_grad_band_gqa_16x16": (
+        2, 4, 2, 41, 50, 16, 16, {"alibi": "per_batch", "softcap": 5.0, "q_scale": 4.0, "mask": "additive",
+                                  "band": (-12, 3)}, (16, 16)),
 }
 
 
@@ -205,10 +250,14 @@ def test_emulated_attention_matches_reference(emu, name):
     band, p, softcap = case_band(opts), opts.get("dropout_p", 0.0), opts.get("softcap", 0.0)
     scale, seed, offset = 1.0 / math.sqrt(D), 123456789012345, 987654321
     dout = randn(B, Hq, Lq, Dv)
+    alibi, alignment = alibi_inputs(name, B, Hq, opts)
 
-    got = emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks, softcap)
-    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64, softcap)
-    ref32 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float32, softcap)
+    got = emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks, softcap, alibi,
+                             alignment)
+    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64, softcap, alibi,
+                                alignment)
+    ref32 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float32, softcap, alibi,
+                                alignment)
     names = ("out", "lse", "dq", "dk", "dv", "dmask")
     for i, name in enumerate(names):
         if got[i] is None:
@@ -275,6 +324,22 @@ MMA_CASES = {
     "bf16_d32_softcap_band_mask_grad_gqa": (torch.bfloat16, 1, 4, 2, 97, 97, 32, 32,
                                             {"softcap": 5.0, "q_scale": 4.0, "band": (-20, 5), "mask": "additive"},
                                             32),
+    # ALiBi: the bias on the unmasked blocks' plain path with the bottom-right shift (forward and dQ:
+    # queries [0, 64) x keys [0, 64) and [64, 128); dK/dV: keys [0, 64) x queries [0, 32), [32, 64)),
+    # per-(batch, head) slopes with negative ones and any strides, GQA (the dK/dV kernels walk the
+    # query heads, each with its slope), dropout, the band, softcap, a mask gradient, head dim 256
+    "fp16_d32_alibi_transposed_plain_blocks_bottom_right_lq_lt_lk": (
+        torch.float16, 2, 2, 1, 70, 140, 32, 32, {"alibi": "transposed", "alignment": "bottom_right"}, 32),
+    "bf16_d64_alibi_per_batch_causal_gqa_dropout": (torch.bfloat16, 2, 4, 2, 97, 97, 64, 64,
+                                                    {"alibi": "per_batch", "causal": True, "dropout_p": 0.2}, 64),
+    "fp16_d32_alibi_heads_bottom_right_causal_gqa_lq_gt_lk_dead_rows": (
+        torch.float16, 1, 4, 2, 150, 40, 32, 32, {"alibi": "heads", "alignment": "bottom_right",
+                                                  "band": (-_U, 40 - 150)}, 32),
+    "bf16_d32_alibi_softcap_band_mask_grad": (torch.bfloat16, 2, 2, 1, 97, 97, 32, 32,
+                                              {"alibi": "per_batch", "softcap": 5.0, "q_scale": 4.0,
+                                               "band": (-20, 5), "mask": "additive"}, 32),
+    "fp16_d256_alibi_bottom_right_lq_lt_lk": (torch.float16, 2, 2, 2, 9, 37, 256, 200,
+                                              {"alibi": "per_batch", "alignment": "bottom_right"}, 256),
 }
 
 
@@ -284,10 +349,11 @@ def test_emulated_mma_kernels_match_reference(emu, name):
     q, k, v, mask, randn = attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts)
     band, p, softcap = case_band(opts), opts.get("dropout_p", 0.0), opts.get("softcap", 0.0)
     scale, seed, offset = opts.get("scale", 1.0 / math.sqrt(D)), 123456789012345, 987654321
+    alibi, alignment = alibi_inputs(name, B, Hq, opts)
 
     out = new_attention_out(q, Dv)
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
-    args = _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap)
+    args = _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap, alibi, alignment)
     rc = emu.emu_attention_fwd_mma(ctypes.c_int(_DTYPE_IDS[dtype]), *args, _ptr(out), _i64(out.stride()), _ptr(lse),
                                    ctypes.c_int(kd))
     assert rc == 0, f"emu_attention_fwd_mma returned {rc}"
@@ -297,8 +363,10 @@ def test_emulated_mma_kernels_match_reference(emu, name):
         q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
         m_ = with_band(m_, band, Lq, Lk)
         rng = (seed, offset) if p > 0 else None
-        return (R.attention(q_, k_, v_, attn_mask=m_, dropout_p=p, scale=scale, rng=rng, softcap=softcap),
-                R.attention_lse(q_, k_, attn_mask=m_, scale=scale, softcap=softcap))
+        return (R.attention(q_, k_, v_, attn_mask=m_, dropout_p=p, scale=scale, rng=rng, softcap=softcap,
+                            alibi_slopes=alibi, alignment=alignment),
+                R.attention_lse(q_, k_, attn_mask=m_, scale=scale, softcap=softcap, alibi_slopes=alibi,
+                                alignment=alignment))
 
     (out64, lse64), (out_lp, lse_lp) = reference(torch.float64), reference(dtype)
     compare("out", out, out64, out_lp)
@@ -319,8 +387,10 @@ def test_emulated_mma_kernels_match_reference(emu, name):
                                    _ptr(dout), _i64(dout.stride()), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dmask),
                                    _ptr(delta), ctypes.c_int(kd))
     assert rc == 0, f"emu_attention_bwd_mma returned {rc}"
-    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64, softcap)
-    ref_lp = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype, softcap)
+    ref64 = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, torch.float64, softcap, alibi,
+                                alignment)
+    ref_lp = reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype, softcap, alibi,
+                                 alignment)
     grads = {"dq": dq, "dk": dk, "dv": dv, "dmask": dmask}
     for i, name in enumerate(("dq", "dk", "dv", "dmask"), start=2):
         if grads[name] is None:

@@ -12,16 +12,18 @@
 // masked to -inf.
 //
 // Forward (per query block of BM rows, per (batch, head)):
-//   for each key block:  S = Q K^T;  s = cap(S * scale) + mask (-inf where masked/outside the band/out
-//                        of range; key blocks wholly outside the band are skipped); cap(x) =
-//                        softcap tanh(x / softcap) when softcap > 0, else x
+//   for each key block:  S = Q K^T;  s = cap(S * scale) + alibi + mask (-inf where masked/outside the
+//                        band/out of range; key blocks wholly outside the band are skipped); cap(x) =
+//                        softcap tanh(x / softcap) when softcap > 0, else x; alibi_ij =
+//                        -slope[b, h] |j - i - shift| when alibi_slopes is given, else 0
 //                        m' = max(m, rowmax s);  p = exp(s - m');  l = l * exp(m - m') + rowsum p
 //                        O = O * exp(m - m') + dropout(p) V
 //   out = O / l (0 where l = 0), lse = m + log l (+inf where l = 0).
 // Backward, with delta_i = sum_c dO_ic O_ic, P = exp(s - lse), Z the dropout factors:
 //   dV = (P Z)^T dO,  dP = (dO V^T) Z,  dS = P (dP - delta),  dQ = scale dS' K,  dK = scale dS'^T Q,
 //   dmask = dS (the additive mask's gradient), with dS' = dS (1 - t^2), t = tanh(S scale / softcap)
-//   recomputed from S, when softcap > 0 (else dS' = dS).
+//   recomputed from S, when softcap > 0 (else dS' = dS). ALiBi's bias is a constant inside s: P is
+//   recomputed with it (lse includes it), dS and the cap's t are those of the formulas above.
 // dK/dV are computed per key block (looping over the query blocks and, for grouped-query
 // attention, over the query heads that share the kv head), dQ and dmask per query block (looping
 // over the key blocks): every output element has one writer, so no atomics and the result is
@@ -194,13 +196,58 @@ __device__ __forceinline__ float mask_logit(const AttentionFwdArgs& a, float s, 
   return s;
 }
 
-// s = cap(raw * scale) + additive mask, or -inf where the key is out of range, outside the band or masked.
-template <typename T>
-__device__ __forceinline__ float masked_score(const AttentionFwdArgs& a, float raw, int64_t b, int64_t h, int64_t i,
-                                              int64_t j) {
+// ALiBi (Press et al.; FlashAttention's alibi_slopes): the logit of query i, key j of (batch b, head h)
+// gets the constant bias -slope[b, h] |j - i - shift| (shift: query i sits at key position i + shift,
+// Lk - Lq under bottom-right alignment). It is added after the cap and before mask_logit, as in the
+// reference (cap, + alibi, + mask): an additive mask adds to it, and the -inf of the band, of a bool
+// mask or of an out-of-range element replaces it (so a non-finite slope never reaches a masked
+// element). The backward recomputes P = exp(s - lse) with the same bias (the forward's lse includes
+// it); dS = P (dP - delta) is unchanged, and the cap's derivative is that of the capped score before
+// the bias (cap_logit returns it before the bias is added), as for the mask; the slopes get no
+// gradient (FlashAttention's contract).
+// Cost for plain calls: nothing per element. The slope pointer is tested, and the slope read, once per
+// block (once per query head step in the dK/dV kernels, whose head changes); a uniform branch
+// (with_alibi) per tile (per row in the shared-memory forward) then picks the elementwise step
+// compiled with the bias (kAlibi true) or the one without it, which is the code the kernels ran
+// before ALiBi (a per-element `if` would be if-converted into predicated instructions that plain
+// calls still issue, and pushed the register dK/dV kernel at D = 128 into spills). The distance is
+// formed per row as a float at the tile's first column, plus a small column offset per element:
+// exact integers while |j - i - shift| < 2^24.
+struct Alibi {
+  bool on;      // alibi_slopes given (uniform over the launch)
+  float slope;  // of this (batch, head); 0 when off
+  int64_t shift;
+  __device__ __forceinline__ Alibi(const AttentionFwdArgs& a, int64_t b, int64_t h)
+      : on(a.alibi_slopes != nullptr),
+        slope(on ? a.alibi_slopes[b * a.alibi_stride[0] + h * a.alibi_stride[1]] : 0.0f),
+        shift(a.alibi_shift) {}
+  // The signed distance j - i - shift as a float.
+  __device__ __forceinline__ float dist(int64_t i, int64_t j) const { return static_cast<float>(j - i - shift); }
+  // s + the bias at signed distance d; s itself in the step compiled without ALiBi.
+  template <bool kAlibi> __device__ __forceinline__ float add(float s, float d) const {
+    return kAlibi ? fmaf(-slope, fabsf(d), s) : s;
+  }
+};
+
+// Runs step(std::true_type{}) when ALiBi is on, else step(std::false_type{}): the one branch, uniform
+// over the block, that picks the elementwise step with or without the bias (the step reads the flag
+// as `constexpr bool kAlibi = decltype(flag)::value`).
+template <typename Step> __device__ __forceinline__ void with_alibi(const Alibi& alibi, Step&& step) {
+  if (alibi.on) {
+    step(std::true_type{});
+  } else {
+    step(std::false_type{});
+  }
+}
+
+// s = cap(raw * scale) + alibi + additive mask, or -inf where the key is out of range, outside the band
+// or masked; d: the ALiBi distance j - i - shift (unused when kAlibi is false).
+template <typename T, bool kAlibi>
+__device__ __forceinline__ float masked_score(const AttentionFwdArgs& a, const Alibi& alibi, float raw, int64_t b,
+                                              int64_t h, int64_t i, int64_t j, float d) {
   float s = raw * a.scale;
   cap_logit(a, s);
-  return mask_logit<T>(a, s, b, h, i, j);
+  return mask_logit<T>(a, alibi.add<kAlibi>(s, d), b, h, i, j);
 }
 
 // ---- online softmax: masked rows and non-finite inputs ---------------------------------------------
@@ -317,6 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   }
   const Range keys = block_aligned(band_keys(a, m0, m0 + rows_q), d.bn);  // the key blocks the band leaves
   const int64_t row_base = (b * a.heads_q + h) * a.len_q;  // dropout row of query 0 of this head
+  const Alibi alibi(a, b, h);
 
   for (int64_t n0 = keys.begin; n0 < keys.end; n0 += d.bn) {
     const int rows_k = static_cast<int>(imin(d.bn, a.len_k - n0));
@@ -331,11 +379,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
       const int64_t i = m0 + r;
       float* srow = sm.s + r * sm.lds;
       float row_max = -INFINITY;
-      for (int c = lane; c < d.bn; c += 32) {
-        const float s = masked_score<T>(a, srow[c], b, h, i, n0 + c);
-        srow[c] = s;
-        row_max = fmaxf(row_max, s);
-      }
+      with_alibi(alibi, [&](auto flag) {
+        constexpr bool kAlibi = decltype(flag)::value;
+        const float d0 = kAlibi ? alibi.dist(i, n0) : 0.0f;  // the ALiBi distance at column 0
+        for (int c = lane; c < d.bn; c += 32) {
+          const float s = masked_score<T, kAlibi>(a, alibi, srow[c], b, h, i, n0 + c, d0 + static_cast<float>(c));
+          srow[c] = s;
+          row_max = fmaxf(row_max, s);
+        }
+      });
       row_max = warp_max(row_max);
       const float m_old = sm.row_m[r];
       const float m_new = fmaxf(m_old, row_max);
@@ -453,7 +505,7 @@ __device__ __forceinline__ bool cp_async_ok(const T* base, int64_t row_stride, i
 // Whether every score of the block pair (queries [m0, m0 + bm), keys [n0, n0 + bn)) is in range and
 // visible, so that it needs only the scale: no mask, both ranges inside their sequences and the
 // whole block inside the band (min j - i = n0 - (m0 + bm - 1) >= lo, max j - i = n0 + bn - 1 - m0
-// <= hi). Elsewhere mask_logit runs per element (the cap runs on both paths).
+// <= hi). Elsewhere mask_logit runs per element (the cap and the ALiBi bias run on both paths).
 __device__ __forceinline__ bool block_unmasked(const AttentionFwdArgs& a, int64_t m0, int bm, int64_t n0, int bn) {
   return a.mask_kind == MaskKind::kNone && m0 + bm <= a.len_q && n0 + bn <= a.len_k &&
          n0 - (m0 + bm - 1) >= a.band_lo && n0 + bn - 1 - m0 <= a.band_hi;
@@ -615,6 +667,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
   if (a.dropout.enabled) {
     for (int r = 0; r < 2; ++r) drop_key[r] = dropout_row_key(a.dropout, row_base + rows_i[r]);
   }
+  const Alibi alibi(a, b, h);
 
   for (int blk = blk_first; blk < blk_last; ++blk) {
     if (blk + 1 < blk_last) {
@@ -643,15 +696,26 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
     }
 
     const bool plain = block_unmasked(a, m0, kMmaRows, n0, kBN);
+    with_alibi(alibi, [&](auto flag) {
+      constexpr bool kAlibi = decltype(flag)::value;
+      // The ALiBi distance at the lane's first column acc_col(0, 0) = 2t of each of its rows; element
+      // (j, e) is acc_col(j, e) - 2t = 8 j + e % 2 columns on (a constant in the unrolled loop).
+      float alibi_d0[2] = {0.0f, 0.0f};
+      if constexpr (kAlibi) {
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float sc = s[j][e] * a.scale;
-        cap_logit(a, sc);  // softcap > 0: the capped score is formed explicitly, also on the plain path
-        s[j][e] = plain ? sc : mask_logit<T>(a, sc, b, h, rows_i[e >> 1], n0 + acc_col(j, e));
+        for (int r = 0; r < 2; ++r) alibi_d0[r] = alibi.dist(rows_i[r], n0 + acc_col(0, 0));
       }
-    }
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float sc = s[j][e] * a.scale;
+          cap_logit(a, sc);  // softcap > 0: the capped score is formed explicitly, also on the plain path
+          sc = alibi.add<kAlibi>(sc, alibi_d0[e >> 1] + static_cast<float>(8 * j + (e & 1)));  // both paths too
+          s[j][e] = plain ? sc : mask_logit<T>(a, sc, b, h, rows_i[e >> 1], n0 + acc_col(j, e));
+        }
+      }
+    });
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -773,6 +837,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
   }
   float dq[kDTiles][4];
   zero_acc(dq);
+  const Alibi alibi(f, b, h);
   const T* q_warp = q_tile + warp * 16 * kPitch;
   const T* do_warp = do_tile + warp * 16 * kPitch;
   T* dmask = static_cast<T*>(a.dmask);
@@ -792,22 +857,33 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
     float s[kNTiles][4], dp[kNTiles][4];
     two_products<T, kD>(s, q_warp, k_tile, dp, do_warp, v_tile);
     const bool plain = block_unmasked(f, m0, kMmaRows, n0, kBN);
+    with_alibi(alibi, [&](auto flag) {
+      constexpr bool kAlibi = decltype(flag)::value;
+      float alibi_d0[2] = {0.0f, 0.0f};  // as in the forward: the distance at column acc_col(0, 0)
+      if constexpr (kAlibi) {
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int64_t i = rows_i[r], jj = n0 + acc_col(j, e);
-        float logit = s[j][e] * f.scale;
-        const float dcap = cap_logit(f, logit);  // t recomputed from the raw S: 1 - t^2
-        const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
-        const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse[r]);  // lse = +inf on dead rows: 0
-        const float z = f.dropout.enabled ? dropout_factor(f.dropout, drop_key[r], jj) : 1.0f;
-        const float ds = p * (dp[j][e] * z - delta[r]);
-        dp[j][e] = ds * dcap;  // towards dq: through the cap
-        if (dmask != nullptr && i < f.len_q && jj < f.len_k) dmask[(row_base + i) * f.len_k + jj] = from_float<T>(ds);
+        for (int r = 0; r < 2; ++r) alibi_d0[r] = alibi.dist(rows_i[r], n0 + acc_col(0, 0));
       }
-    }
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const int64_t i = rows_i[r], jj = n0 + acc_col(j, e);
+          float logit = s[j][e] * f.scale;
+          const float dcap = cap_logit(f, logit);  // t recomputed from the raw S: 1 - t^2 (before the bias)
+          logit = alibi.add<kAlibi>(logit, alibi_d0[r] + static_cast<float>(8 * j + (e & 1)));  // P as forward's
+          const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
+          const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse[r]);  // lse = +inf on dead rows: 0
+          const float z = f.dropout.enabled ? dropout_factor(f.dropout, drop_key[r], jj) : 1.0f;
+          const float ds = p * (dp[j][e] * z - delta[r]);
+          dp[j][e] = ds * dcap;  // towards dq: through the cap
+          if (dmask != nullptr && i < f.len_q && jj < f.len_k) {
+            dmask[(row_base + i) * f.len_k + jj] = from_float<T>(ds);
+          }
+        }
+      }
+    });
 #pragma unroll
     for (int kk = 0; kk < kSSlices; ++kk) {
       uint32_t ds_frag[4];
@@ -900,26 +976,38 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(
     const T* do_tile = do_tiles + stage * kBM * kPitch;
     const int64_t h = step_head(step), m0 = step_m0(step);
     const int64_t row_base = (b * f.heads_q + h) * f.len_q;
+    const Alibi alibi(f, b, h);  // the step's query head: its slope
 
     float st[kMTiles][4], dpt[kMTiles][4];  // S^T and dP^T: rows = the warp's keys, columns = queries
     two_products<T, kD>(st, k_warp, q_tile, dpt, v_warp, do_tile);
     const bool plain = block_unmasked(f, m0, kBM, n0, kMmaRows);
+    with_alibi(alibi, [&](auto flag) {
+      constexpr bool kAlibi = decltype(flag)::value;
+      // The ALiBi distance j - i - shift at the lane's first query column m0 + acc_col(0, 0) of each of
+      // its key rows; element (j, e) is 8 j + e % 2 queries on, i.e. that much smaller.
+      float alibi_d0[2] = {0.0f, 0.0f};
+      if constexpr (kAlibi) {
 #pragma unroll
-    for (int j = 0; j < kMTiles; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = acc_col(j, e);
-        const int64_t i = m0 + col, jj = keys_j[e >> 1];
-        float logit = st[j][e] * f.scale;
-        const float dcap = cap_logit(f, logit);  // t recomputed from the raw S^T: 1 - t^2
-        const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
-        const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse_rows[stage * kBM + col]);
-        const float z =
-            f.dropout.enabled ? dropout_factor(f.dropout, dropout_row_key(f.dropout, row_base + i), jj) : 1.0f;
-        dpt[j][e] = p * (dpt[j][e] * z - delta_rows[stage * kBM + col]) * dcap;  // dS^T through the cap
-        st[j][e] = p * z;
+        for (int r = 0; r < 2; ++r) alibi_d0[r] = alibi.dist(m0 + acc_col(0, 0), keys_j[r]);
       }
-    }
+#pragma unroll
+      for (int j = 0; j < kMTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = acc_col(j, e);
+          const int64_t i = m0 + col, jj = keys_j[e >> 1];
+          float logit = st[j][e] * f.scale;
+          const float dcap = cap_logit(f, logit);  // t recomputed from the raw S^T: 1 - t^2 (before the bias)
+          logit = alibi.add<kAlibi>(logit, alibi_d0[e >> 1] - static_cast<float>(8 * j + (e & 1)));  // P as fwd's
+          const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
+          const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse_rows[stage * kBM + col]);
+          const float z =
+              f.dropout.enabled ? dropout_factor(f.dropout, dropout_row_key(f.dropout, row_base + i), jj) : 1.0f;
+          dpt[j][e] = p * (dpt[j][e] * z - delta_rows[stage * kBM + col]) * dcap;  // dS^T through the cap
+          st[j][e] = p * z;
+        }
+      }
+    });
 #pragma unroll
     for (int kk = 0; kk < kMSlices; ++kk) {
       uint32_t frag[4];
@@ -970,25 +1058,31 @@ __device__ __forceinline__ void bwd_scores(const AttentionBwdArgs& a, BwdSmem<T>
   __syncthreads();
   const int64_t row_base = (b * f.heads_q + h) * f.len_q;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int r = warp; r < d.bm; r += kWarps) {  // one warp per row: one row key per warp
-    const int64_t i = m0 + r;
-    const uint32_t key = f.dropout.enabled ? dropout_row_key(f.dropout, row_base + i) : 0u;
-    const float lse = sm.row_lse[r], delta = sm.row_delta[r];
-    for (int c = lane; c < d.bn; c += 32) {
-      const int64_t j = n0 + c;
-      float logit = sm.s[r * sm.lds + c] * f.scale;
-      const float dcap = cap_logit(f, logit);  // t recomputed from the raw S: 1 - t^2
-      const float s = mask_logit<T>(f, logit, b, h, i, j);
-      const float p = s == -INFINITY ? 0.0f : exp_<T>(s - lse);  // lse = +inf on dead rows gives 0
-      const float z = f.dropout.enabled ? dropout_factor(f.dropout, key, j) : 1.0f;
-      const float ds = p * (sm.dp[r * sm.lds + c] * z - delta);
-      if (kDkDv) sm.p[r * sm.ldp + c] = from_float<T>(p * z);
-      sm.ds[r * sm.ldp + c] = from_float<T>(ds * dcap);  // towards dq and dk: through the cap
-      if (!kDkDv && a.dmask != nullptr && i < f.len_q && j < f.len_k) {
-        static_cast<T*>(a.dmask)[(row_base + i) * f.len_k + j] = from_float<T>(ds);
+  const Alibi alibi(f, b, h);  // once per block pair (the dK/dV kernel's head changes between calls)
+  with_alibi(alibi, [&](auto flag) {
+    constexpr bool kAlibi = decltype(flag)::value;
+    for (int r = warp; r < d.bm; r += kWarps) {  // one warp per row: one row key per warp
+      const int64_t i = m0 + r;
+      const uint32_t key = f.dropout.enabled ? dropout_row_key(f.dropout, row_base + i) : 0u;
+      const float lse = sm.row_lse[r], delta = sm.row_delta[r];
+      const float d0 = kAlibi ? alibi.dist(i, n0) : 0.0f;  // the ALiBi distance at column 0
+      for (int c = lane; c < d.bn; c += 32) {
+        const int64_t j = n0 + c;
+        float logit = sm.s[r * sm.lds + c] * f.scale;
+        const float dcap = cap_logit(f, logit);  // t recomputed from the raw S: 1 - t^2 (before the bias)
+        logit = alibi.add<kAlibi>(logit, d0 + static_cast<float>(c));  // P as the forward's (its lse has it)
+        const float s = mask_logit<T>(f, logit, b, h, i, j);
+        const float p = s == -INFINITY ? 0.0f : exp_<T>(s - lse);  // lse = +inf on dead rows gives 0
+        const float z = f.dropout.enabled ? dropout_factor(f.dropout, key, j) : 1.0f;
+        const float ds = p * (sm.dp[r * sm.lds + c] * z - delta);
+        if (kDkDv) sm.p[r * sm.ldp + c] = from_float<T>(p * z);
+        sm.ds[r * sm.ldp + c] = from_float<T>(ds * dcap);  // towards dq and dk: through the cap
+        if (!kDkDv && a.dmask != nullptr && i < f.len_q && j < f.len_k) {
+          static_cast<T*>(a.dmask)[(row_base + i) * f.len_k + j] = from_float<T>(ds);
+        }
       }
     }
-  }
+  });
   __syncthreads();
 }
 

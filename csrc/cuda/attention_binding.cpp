@@ -20,13 +20,14 @@ void copy_strides(const at::Tensor& t, int64_t (&out)[4]) {
   for (int i = 0; i < 4; ++i) out[i] = t.stride(i);
 }
 
-// Checks q, k, v and the mask and fills everything of the forward's arguments but the outputs; the
-// band (query i sees key j iff band_lo <= j - i <= band_hi) is clamped to [-Lq, Lk] first: the
-// same visible keys, but small numbers (the kernels form i + band and n0 - band in int64 without
-// overflow worries, and callers pass unbounded ends as +-2^62).
+// Checks q, k, v, the mask and the ALiBi slopes and fills everything of the forward's arguments but
+// the outputs; the band (query i sees key j iff band_lo <= j - i <= band_hi) is clamped to
+// [-Lq, Lk] first: the same visible keys, but small numbers (the kernels form i + band and
+// n0 - band in int64 without overflow worries, and callers pass unbounded ends as +-2^62).
 AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
-                              double dropout_p, double scale, int64_t seed, int64_t offset, double softcap) {
+                              double dropout_p, double scale, int64_t seed, int64_t offset, double softcap,
+                              const std::optional<at::Tensor>& alibi_slopes, bool bottom_right) {
   check_tensor(q, q, 4, op, "q");
   check_tensor(k, q, 4, op, "k");
   check_tensor(v, q, 4, op, "v");
@@ -80,6 +81,24 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
   FA_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fused_attn_C::", op,
            " (cuda): softcap must be finite and >= 0 (0 turns it off), got ", softcap);
   a.softcap = static_cast<float>(softcap);
+  // ALiBi: a float32 (B, Hq) view with any strides (fused_attn.functional passes a stride-0 expand of
+  // (Hq,) slopes); the kernels read one slope per (batch, head) through its two strides. The shift
+  // places query i at key position i + Lk - Lq under bottom-right alignment (the band already has it).
+  a.alibi_slopes = nullptr;
+  a.alibi_stride[0] = a.alibi_stride[1] = 0;
+  a.alibi_shift = 0;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& s = *alibi_slopes;
+    check_tensor(s, q, 2, op, "alibi_slopes");
+    check_dtype(s, at::kFloat, op, "alibi_slopes");
+    FA_CHECK(s.size(0) == a.batch && s.size(1) == a.heads_q, "fused_attn_C::", op,
+             " (cuda): alibi_slopes must be a (B, Hq) = (", a.batch, ", ", a.heads_q, ") view, got shape ",
+             s.sizes());
+    a.alibi_slopes = s.data_ptr<float>();
+    a.alibi_stride[0] = s.stride(0);
+    a.alibi_stride[1] = s.stride(1);
+    a.alibi_shift = bottom_right ? a.len_k - a.len_q : 0;
+  }
   a.dropout = dropout_args(dropout_p, seed, offset, op);
   return a;
 }
@@ -91,11 +110,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& alibi_slopes,
                                                       bool bottom_right) {
   const char* op = "attention_fwd";
-  FA_CHECK(!(alibi_slopes.has_value() && alibi_slopes->defined()), "fused_attn_C::", op,
-           " (cuda): alibi_slopes is not implemented");
-  (void)bottom_right;
   AttentionFwdArgs a =
-      forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap);
+      forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap, alibi_slopes,
+                   bottom_right);
   const c10::cuda::CUDAGuard guard(q.device());
   // out is (B, Hq, Lq, Dv) stored as a contiguous (B, Lq, Hq, Dv) (fused_attn.ops_common.new_attention_out).
   at::Tensor out = at::empty({a.batch, a.len_q, a.heads_q, a.head_dim_v}, q.options()).transpose(1, 2);
@@ -113,11 +130,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     double dropout_p, double scale, int64_t seed, int64_t offset, bool mask_grad, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, bool bottom_right) {
   const char* op = "attention_bwd";
-  FA_CHECK(!(alibi_slopes.has_value() && alibi_slopes->defined()), "fused_attn_C::", op,
-           " (cuda): alibi_slopes is not implemented");
-  (void)bottom_right;
   AttentionBwdArgs a{};
-  a.fwd = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap);
+  a.fwd = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap,
+                       alibi_slopes, bottom_right);
   const AttentionFwdArgs& f = a.fwd;
   check_tensor(dout, q, 4, op, "dout");
   check_tensor(out, q, 4, op, "out");

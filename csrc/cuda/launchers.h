@@ -34,8 +34,8 @@ constexpr int64_t kMaxHeadDim = 256;
 
 enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
 
-// attention forward: out = softmax(cap(q k^T * scale) + mask) v, lse = logsumexp of each score row
-// (cap: see softcap below; the identity when it is 0).
+// attention forward: out = softmax(cap(q k^T * scale) + alibi + mask) v, lse = logsumexp of each score
+// row (cap: see softcap below, the identity when it is 0; alibi: see alibi_slopes below, 0 when null).
 // Strides are in elements, in (B, H, L, D) order; any strides are allowed (0 too).
 struct AttentionFwdArgs {
   DType dtype;
@@ -54,6 +54,15 @@ struct AttentionFwdArgs {
   // softcap * tanh(s / softcap) before the mask is added; the backward multiplies dS by 1 - tanh^2
   // on its way to dq and dk (dmask is dS itself). 0: off.
   float softcap;
+  // ALiBi (Press et al.; FlashAttention's alibi_slopes): when non-null, the logit of query i, key j
+  // of (batch b, query head h) gets -slope * |j - i - alibi_shift|, slope =
+  // alibi_slopes[b * alibi_stride[0] + h * alibi_stride[1]] (float32, any strides, 0 too), added
+  // where the additive mask is (after the cap). alibi_shift = len_k - len_q for bottom-right
+  // alignment, else 0: query i sits at key position i + shift. The band already carries that
+  // alignment for visibility; the bias needs it separately. A constant: the backward recomputes P
+  // with it and nothing else changes (no gradient for the slopes). Null: off (shift unused).
+  const float* alibi_slopes; int64_t alibi_stride[2];
+  int64_t alibi_shift;
   DropoutArgs dropout;
   void* out; int64_t out_stride[4];  // (B, Hq, Lq, Dv)
   float* lse;                        // contiguous (B, Hq, Lq); +inf for rows with no key

@@ -21,7 +21,8 @@ namespace {
 AttentionFwdArgs make_args(const void* q, const int64_t* qs, const void* k, const int64_t* ks, const void* v,
                            const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
                            const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
-                           const uint64_t* dropout, float softcap, void* out, const int64_t* os, float* lse,
+                           const uint64_t* dropout, float softcap, const float* alibi, const int64_t* alibi_stride,
+                           int64_t alibi_shift, void* out, const int64_t* os, float* lse,
                            DType dtype = DType::kFloat32) {
   AttentionFwdArgs a{};
   a.dtype = dtype;
@@ -39,6 +40,12 @@ AttentionFwdArgs make_args(const void* q, const int64_t* qs, const void* k, cons
   a.band_hi = std::min(std::max(band_hi, -a.len_q), a.len_k);
   a.scale = scale;
   a.softcap = softcap;
+  // ALiBi as attention_binding.cpp passes it: the slopes (null: off) with their two strides, and the
+  // shift (Lk - Lq for bottom-right alignment, else 0)
+  a.alibi_slopes = alibi;
+  a.alibi_stride[0] = alibi_stride[0];
+  a.alibi_stride[1] = alibi_stride[1];
+  a.alibi_shift = alibi_shift;
   a.dropout.enabled = dropout[0] != 0;  // [enabled, seed, offset, threshold, scale bits]
   a.dropout.seed = dropout[1];
   a.dropout.offset = dropout[2];
@@ -59,10 +66,11 @@ Dims dims_for(const AttentionFwdArgs& a, int bm, int bn) {
 extern "C" int emu_attention_fwd(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
                                  const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
                                  const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
-                                 const uint64_t* dropout, float softcap, float* out, const int64_t* os, float* lse,
-                                 int bm, int bn) {
+                                 const uint64_t* dropout, float softcap, const float* alibi,
+                                 const int64_t* alibi_stride, int64_t alibi_shift, float* out, const int64_t* os,
+                                 float* lse, int bm, int bn) {
   const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale,
-                                       dropout, softcap, out, os, lse);
+                                       dropout, softcap, alibi, alibi_stride, alibi_shift, out, os, lse);
   const Dims d = dims_for(a, bm, bn);
   FwdSmem<float> plan;
   if (plan.carve(nullptr, d) > sizeof(smem_raw)) return 1;
@@ -90,10 +98,12 @@ int fwd_mma_typed(const AttentionFwdArgs& a, int kd) {
 extern "C" int emu_attention_fwd_mma(int dtype, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
                                      const void* v, const int64_t* vs, const int64_t* sizes, int mask_kind,
                                      const void* mask, const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
-                                     const uint64_t* dropout, float softcap, void* out, const int64_t* os, float* lse,
-                                     int kd) {
+                                     const uint64_t* dropout, float softcap, const float* alibi,
+                                     const int64_t* alibi_stride, int64_t alibi_shift, void* out, const int64_t* os,
+                                     float* lse, int kd) {
   const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale,
-                                       dropout, softcap, out, os, lse, dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
+                                       dropout, softcap, alibi, alibi_stride, alibi_shift, out, os, lse,
+                                       dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
   if (kd < a.head_dim || kd < a.head_dim_v) return 3;
   if (a.batch * a.heads_q == 0 || a.len_q == 0) return 0;
   return dtype == 0 ? fwd_mma_typed<__half>(a, kd) : fwd_mma_typed<__nv_bfloat16>(a, kd);
@@ -126,13 +136,14 @@ int bwd_mma_typed(const AttentionBwdArgs& b, int kd) {
 extern "C" int emu_attention_bwd_mma(int dtype, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
                                      const void* v, const int64_t* vs, const int64_t* sizes, int mask_kind,
                                      const void* mask, const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
-                                     const uint64_t* dropout, float softcap, const void* out, const int64_t* os,
-                                     const float* lse,
+                                     const uint64_t* dropout, float softcap, const float* alibi,
+                                     const int64_t* alibi_stride, int64_t alibi_shift, const void* out,
+                                     const int64_t* os, const float* lse,
                                      const void* dout, const int64_t* dos, void* dq, void* dk, void* dv,
                                      void* dmask, float* delta, int kd) {
   AttentionBwdArgs b{};
   b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale, dropout, softcap,
-                    const_cast<void*>(out), os, const_cast<float*>(lse),
+                    alibi, alibi_stride, alibi_shift, const_cast<void*>(out), os, const_cast<float*>(lse),
                     dtype == 0 ? DType::kFloat16 : DType::kBFloat16);
   b.dout = dout;
   for (int i = 0; i < 4; ++i) b.dout_stride[i] = dos[i];
@@ -184,12 +195,13 @@ extern "C" void emu_warp_product(int dtype, const void* a, const void* b, int tr
 extern "C" int emu_attention_bwd(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
                                  const int64_t* vs, const int64_t* sizes, int mask_kind, const void* mask,
                                  const int64_t* ms, int64_t band_lo, int64_t band_hi, float scale,
-                                 const uint64_t* dropout, float softcap, const float* out, const int64_t* os,
-                                 const float* lse, const float* dout, const int64_t* dos, float* dq, float* dk, float* dv, float* dmask,
-                                 float* delta, int bm, int bn) {
+                                 const uint64_t* dropout, float softcap, const float* alibi,
+                                 const int64_t* alibi_stride, int64_t alibi_shift, const float* out,
+                                 const int64_t* os, const float* lse, const float* dout, const int64_t* dos, float* dq,
+                                 float* dk, float* dv, float* dmask, float* delta, int bm, int bn) {
   AttentionBwdArgs b{};
   b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale, dropout, softcap,
-                    const_cast<float*>(out), os, const_cast<float*>(lse));
+                    alibi, alibi_stride, alibi_shift, const_cast<float*>(out), os, const_cast<float*>(lse));
   const AttentionFwdArgs& f = b.fwd;
   b.dout = dout;
   for (int i = 0; i < 4; ++i) b.dout_stride[i] = dos[i];

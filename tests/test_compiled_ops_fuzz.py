@@ -28,6 +28,10 @@ out = torch.empty(1, 5, 2, 8).transpose(1, 2); lse = t(1, 2, 5)
 x, r, w = t(4, 16), t(4, 16), t(16)
 mean, rstd = t(4), t(4)
 w1, w2, pre = t(32, 16), t(16, 32), t(4, 32)
+def alibi_fwd(slopes, bottom_right=False):  # otherwise valid calls with these alibi_slopes
+    return ops.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, 0.0, slopes, bottom_right)
+def alibi_bwd(slopes, bottom_right=False):
+    return ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, slopes, bottom_right)
 cases = {
   "attn q 3-D": lambda: ops.attention_fwd(t(2, 5, 8), k, v, None, *NO_BAND, 0.0, 1.0, 0, 0),
   "attn mixed dtypes": lambda: ops.attention_fwd(q, k.double(), v, None, *NO_BAND, 0.0, 1.0, 0, 0),
@@ -45,6 +49,21 @@ cases = {
   "attn softcap negative": lambda: ops.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, -1.0),
   "attn softcap nan": lambda: ops.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, float("nan")),
   "attn softcap inf": lambda: ops.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, float("inf")),
+  "attn alibi 1-D (Hq,)": lambda: alibi_fwd(t(2)),
+  "attn alibi 3-D": lambda: alibi_fwd(t(1, 2, 1)),
+  "attn alibi 0-D": lambda: alibi_fwd(t()),
+  "attn alibi wrong heads": lambda: alibi_fwd(t(1, 3)),
+  "attn alibi wrong batch": lambda: alibi_fwd(t(2, 2)),
+  "attn alibi transposed shape": lambda: alibi_fwd(t(2, 1)),
+  "attn alibi empty": lambda: alibi_fwd(t(0, 2)),
+  "attn alibi float64": lambda: alibi_fwd(t(1, 2, dtype=f64)),
+  "attn alibi float16": lambda: alibi_fwd(t(1, 2, dtype=torch.float16)),
+  "attn alibi int64": lambda: alibi_fwd(t(1, 2, dtype=torch.int64)),
+  "attn alibi bool": lambda: alibi_fwd(t(1, 2, dtype=torch.bool), True),
+  "attn alibi meta": lambda: alibi_fwd(torch.empty(1, 2, device="meta")),
+  "attn bwd alibi wrong shape": lambda: alibi_bwd(t(1, 3)),
+  "attn bwd alibi wrong dtype": lambda: alibi_bwd(t(1, 2, dtype=f64), True),
+  "attn bwd alibi 1-D": lambda: alibi_bwd(t(2)),
   "attn bwd softcap negative": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, -1.0),
   "attn bwd lse wrong shape": lambda: ops.attention_bwd(out, q, k, v, out, t(1, 2, 4), None, *NO_BAND, 0.0, 1.0, 0, 0, False),
   "attn bwd dout wrong shape": lambda: ops.attention_bwd(t(1, 2, 5, 7), q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False),
@@ -75,11 +94,14 @@ cases = {
 U, I64 = 2**62, 2**63 - 1
 EXTREME_BANDS = [NO_BAND, CAUSAL_BAND, (-U, -U), (U, U), (U, -U), (-I64 - 1, I64), (I64, -I64 - 1), (0, 0),
                  (-I64 - 1, -1), (1, I64), (5, 2), (-3, -7), (-2, 3), (4, 4), (-U, 1 - 6), (6, U)]
-def banded(lo, hi, Lq, Lk, mask):
+def banded(lo, hi, Lq, Lk, mask, alibi=None):
     qq, kk, vv = t(1, 2, Lq, 8), t(1, 1, Lk, 8), t(1, 1, Lk, 8)
     m = None if mask is None else (t(1, 2, Lq, Lk) if mask == "add" else torch.rand(1, 2, Lq, Lk) > 0.3)
-    o, l = ops.attention_fwd(qq, kk, vv, m, lo, hi, 0.2, 0.5, 7, 0)
-    g = ops.attention_bwd(torch.randn_like(o), qq, kk, vv, o, l, m, lo, hi, 0.2, 0.5, 7, 0, mask == "add")
+    # alibi: "tl" / "br", slopes (one negative) aligned top-left / bottom-right
+    slopes = None if alibi is None else torch.tensor([[0.5, -0.2]])
+    o, l = ops.attention_fwd(qq, kk, vv, m, lo, hi, 0.2, 0.5, 7, 0, 0.0, slopes, alibi == "br")
+    g = ops.attention_bwd(torch.randn_like(o), qq, kk, vv, o, l, m, lo, hi, 0.2, 0.5, 7, 0, mask == "add", 0.0, slopes,
+                          alibi == "br")
     i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None]
     dead = ~((j - i >= max(lo, -Lq)) & (j - i <= min(hi, Lk))).any(1)
     assert all(bool(torch.isfinite(x).all()) for x in g), "non-finite gradient"
@@ -87,8 +109,10 @@ def banded(lo, hi, Lq, Lk, mask):
     assert bool((l[:, :, dead] == math.inf).all()), "dead rows' lse not +inf"
 valid = {}
 for lo, hi in EXTREME_BANDS:
-    for Lq, Lk, mask in [(5, 6, None), (1, 1, "add"), (6, 0, None), (33, 19, "bool")]:
-        valid[f"band {lo} {hi} {Lq}x{Lk} {mask}"] = lambda lo=lo, hi=hi, Lq=Lq, Lk=Lk, mask=mask: banded(lo, hi, Lq, Lk, mask)
+    for Lq, Lk, mask, alibi in [(5, 6, None, None), (1, 1, "add", None), (6, 0, None, None), (33, 19, "bool", None),
+                                (19, 33, "add", "br"), (33, 19, None, "tl")]:
+        valid[f"band {lo} {hi} {Lq}x{Lk} {mask} {alibi}"] = (
+            lambda lo=lo, hi=hi, Lq=Lq, Lk=Lk, mask=mask, alibi=alibi: banded(lo, hi, Lq, Lk, mask, alibi))
 # random garbage on top of the listed cases: random ranks and sizes for every argument
 rng = random.Random(0)
 RANDOM_BANDS = EXTREME_BANDS + [(-rng.randrange(0, 7), rng.randrange(0, 7)) for _ in range(8)]
@@ -103,6 +127,11 @@ for i in range(60):
         ops.layer_norm_residual_fwd(a[0], a[1], a[2], None, 1e-5, 0.0, False, False, 0, 0))
     cases[f"random feed_forward {i}"] = (lambda a=[rand_tensor() for _ in range(3)]:
         ops.feed_forward_fwd(a[0], a[1], None, a[2], None, "gelu", 0.0, 0, 0))
+    # valid q, k, v with random slopes (the forward and, when it passes, the backward)
+    def random_alibi(a=rand_tensor(), br=rng.random() < 0.5, band=rng.choice(RANDOM_BANDS)):
+        o, l = ops.attention_fwd(q, k, v, None, *band, 0.0, 1.0, 0, 0, 0.0, a, br)
+        ops.attention_bwd(torch.randn_like(o), q, k, v, o, l, None, *band, 0.0, 1.0, 0, 0, False, 0.0, a, br)
+    cases[f"random alibi {i}"] = random_alibi
 results = {}
 for name, call in cases.items():
     try:
@@ -131,9 +160,9 @@ def test_compiled_ops_reject_bad_input_without_crashing():
     # valid calls with extreme visibility bands: accepted, and their results as the contract says
     bands = {name: res for name, res in results.items() if name.startswith("band")}
     failed = {name: res for name, res in bands.items() if res != "ok"}
-    assert len(bands) == 64 and not failed, f"valid calls with extreme bands failed: {failed}"
+    assert len(bands) == 96 and not failed, f"valid calls with extreme bands failed: {failed}"
     # the random cases may be valid by chance; they must only never crash (checked above)
-    assert len(results) == len(listed) + len(bands) + 180
+    assert len(results) == len(listed) + len(bands) + 240
 
 
 def test_error_messages_format_their_values():
@@ -149,6 +178,11 @@ def test_error_messages_format_their_values():
         ops.attention_fwd(q, k, k, None, *NO_BAND, 1.5, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match=r"softcap must be finite and >= 0 .*got -2\.5"):
         ops.attention_fwd(q, k, k, None, *NO_BAND, 0.0, 1.0, 0, 0, -2.5)
+    with pytest.raises(RuntimeError, match=r"alibi_slopes must be a \(B, Hq\) = \(1, 2\) tensor .*got shape \[2\]"):
+        ops.attention_fwd(q, k, k, None, *NO_BAND, 0.0, 1.0, 0, 0, 0.0, torch.ones(2))
+    with pytest.raises(RuntimeError, match="alibi_slopes must be float32, got Double"):
+        ops.attention_bwd(q, q, k, k, q, torch.zeros(1, 2, 5), None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0,
+                          torch.ones(1, 2, dtype=torch.float64))
     x, w = torch.randn(4, 16), torch.randn(16)
     with pytest.raises(RuntimeError, match="bias must have dtype Float, got Double"):
         ops.layer_norm_residual_fwd(x, x, w, w.double(), 1e-5, 0.0, False, False, 0, 0)

@@ -6,7 +6,8 @@ shapes and every option; visibility bands (sliding windows, bottom-right alignme
 without a key) through the compiled ops against a float64 softmax built here from the band's
 definition; dropout compared with the reference for the same (seed, offset);
 ``torch.autograd.gradcheck`` in float64; logit soft-capping (softcap > 0) through the compiled ops
-against the same float64 reference with the cap; direct op calls with bad input raise; the backward's
+against the same float64 reference with the cap; ALiBi (alibi_slopes, top-left and bottom-right)
+likewise, and as the additive mask it stands for; direct op calls with bad input raise; the backward's
 two parallel schedules (whole kv heads per thread, or key blocks then query blocks) are both
 exercised; a long sequence runs without an L x L allocation.
 """
@@ -180,29 +181,34 @@ class _RawBandAttention(torch.autograd.Function):
     """(out, lse) of fused_attn_C::attention_fwd with its backward: the compiled ops alone."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, lo, hi, dropout_p, scale, seed, offset, softcap=0.0):
+    def forward(ctx, q, k, v, mask, lo, hi, dropout_p, scale, seed, offset, softcap=0.0, alibi=None,
+                bottom_right=False):
         mask4 = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask4, lo, hi, dropout_p, scale, seed, offset,
-                                                        softcap)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+                                                        softcap, alibi, bottom_right)
+        ctx.save_for_backward(q, k, v, out, lse, mask, alibi)
         ctx.options = (lo, hi, dropout_p, scale, seed, offset)
-        ctx.softcap = softcap
+        ctx.softcap, ctx.bottom_right = softcap, bottom_right
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, mask, alibi = ctx.saved_tensors
         mask4 = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask_grad = bool(ctx.needs_input_grad[3])
         dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask4, *ctx.options,
-                                                                 mask_grad, ctx.softcap)
-        return dq, dk, dv, dmask.sum_to_size(mask.shape) if mask_grad else None, *([None] * 7)
+                                                                 mask_grad, ctx.softcap, alibi, ctx.bottom_right)
+        return dq, dk, dv, dmask.sum_to_size(mask.shape) if mask_grad else None, *([None] * 9)
 
 
-def _band_reference(lo, hi, dropout_p, scale, rng, softcap=0.0):
+def _band_reference(lo, hi, dropout_p, scale, rng, softcap=0.0, alibi=None, bottom_right=False):
     """(out, lse) of softmax attention with keep = (j - i >= lo) & (j - i <= hi) & mask; dead rows zero.
-    softcap > 0: the logits are softcap * tanh(scale q.k / softcap) before the mask and the band."""
+    softcap > 0: the logits are softcap * tanh(scale q.k / softcap) before the mask and the band.
+    alibi: (B, Hq) slopes, ref.alibi_bias (-slope |j - i - shift|, shift = Lk - Lq if bottom_right)
+    added to the capped logits."""
+    extra = dict(alibi_slopes=alibi, alignment="bottom_right" if bottom_right else "top_left")
+
     def reference(q, k, v, mask=None):
         keep = ref.visible_keys(q.shape[2], k.shape[2], band=(lo, hi))
         if mask is None:
@@ -211,13 +217,17 @@ def _band_reference(lo, hi, dropout_p, scale, rng, softcap=0.0):
             mask = mask & keep
         else:  # additive: -inf outside the band; the gradient of mask passes through the sum
             mask = mask + torch.zeros(keep.shape, dtype=mask.dtype).masked_fill(~keep, float("-inf"))
-        out = ref.attention(q, k, v, mask, False, dropout_p, scale, rng if dropout_p > 0 else None, softcap=softcap)
-        return out, ref.attention_lse(q.detach(), k.detach(), mask.detach(), False, scale, softcap=softcap)
+        out = ref.attention(q, k, v, mask, False, dropout_p, scale, rng if dropout_p > 0 else None, softcap=softcap,
+                            **extra)
+        return out, ref.attention_lse(q.detach(), k.detach(), mask.detach(), False, scale, softcap=softcap, **extra)
     return reference
 
 
-def _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, band, mask=None, dropout_p=0.0, seed=0, softcap=0.0, q_scale=1.0):
+def _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, band, mask=None, dropout_p=0.0, seed=0, softcap=0.0, q_scale=1.0,
+                alibi=None, bottom_right=False):
     lo, hi = band
+    if isinstance(alibi, str):  # "head" or "batch" (_alibi_slopes)
+        alibi = _alibi_slopes(B, Hq, alibi, seed)
     q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), dtype=dtype, seed=seed)
     if q_scale != 1.0:  # bigger logits (a power of two: exact in every dtype)
         q = (q.detach() * q_scale).requires_grad_()
@@ -229,8 +239,9 @@ def _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, band, mask=None, dropout_p=0.0, se
     scale, rng = 0.3, (4321 + seed, 77)
 
     def fused(q, k, v, mask=None):
-        return _RawBandAttention.apply(q, k, v, mask, lo, hi, dropout_p, scale, *rng, softcap)
-    results = check_against_reference(fused, _band_reference(lo, hi, dropout_p, scale, rng, softcap), inputs,
+        return _RawBandAttention.apply(q, k, v, mask, lo, hi, dropout_p, scale, *rng, softcap, alibi, bottom_right)
+    results = check_against_reference(fused, _band_reference(lo, hi, dropout_p, scale, rng, softcap, alibi,
+                                                             bottom_right), inputs,
                                       names=["q", "k", "v", "mask"][:len(inputs)])
     names = {r.name for r in results}
     assert {"output0", "output1", "grad of q", "grad of k", "grad of v"} <= names
@@ -432,6 +443,136 @@ def test_bad_softcap_raises(softcap):
                                              False, softcap)
 
 
+# ---- oracle: ALiBi ------------------------------------------------------------------------------
+# alibi_slopes: the logit of query i and key j gains -slope[b, h] * |j - i - shift| (shift = Lk - Lq
+# when bottom-right, else 0) after the cap, where the mask is added; through the compiled ops
+# against fused_attn.reference's (float64, _band_reference). The slopes bite: the paper's x 4 (a
+# stride-0 expand of (Hq,), as fused_attn.functional passes them) or per-(batch, head) ones in
+# [-0.1, 0.5) stored transposed (strides (1, B)); negative slopes reward distance, so a wrong sign,
+# a missing absolute value, a wrong shift or a wrong (batch, head) slope fails by far.
+
+def _alibi_slopes(B, Hq, kind, seed=0):
+    """float32 (B, Hq) slopes: "head", the paper's x 4 expanded (stride 0 along B); "batch", random
+    per (batch, head), a transposed (non-contiguous) view."""
+    if kind == "head":
+        return (fused_attn.get_alibi_slopes(Hq) * 4).expand(B, Hq)
+    gen = torch.Generator().manual_seed(100 + seed)
+    return (torch.rand(Hq, B, generator=gen) * 0.6 - 0.1).t()
+
+
+_ALIBI_CASES = [
+    # (shape, band, mask, dropout_p, softcap, slopes, bottom_right)
+    ("1x1", "none", None, 0.0, 0.0, "head", False),
+    ("17x17", "causal", "bool", 0.0, 0.0, "batch", False),
+    ("17x97", "none", "additive", 0.0, 0.0, "batch", True),       # bottom-right cross attention, dmask
+    ("17x97", "bottom_right", None, 0.2, 0.0, "head", True),       # causal bottom-right, dropout
+    ("97x61", "bottom_right", "additive", 0.0, 5.0, "batch", True),  # dead rows (Lq > Lk), cap, per-head sched.
+    ("97x61", "none", None, 0.0, 0.0, "head", False),              # top-left, Lq > Lk
+    ("61x97", "bottom_right_window", "bool", 0.3, 0.0, "batch", True),
+    ("130x300", "window_right", "additive", 0.2, 5.0, "batch", False),  # several tiles both ways, GQA 2:1
+    ("130x300", "none", None, 0.0, 0.0, "head", True),
+    ("300x130", "causal", "bool", 0.0, 0.0, "batch", False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,band,mask,dropout_p,softcap,slopes,bottom_right", _ALIBI_CASES,
+                         ids=[f"{s}-{b}-{m}-p{p}-cap{c:g}-{a}-{'br' if br else 'tl'}"
+                              for s, b, m, p, c, a, br in _ALIBI_CASES])
+def test_alibi_matches_reference(dtype, shape, band, mask, dropout_p, softcap, slopes, bottom_right):
+    """out, lse (with the bias), dq, dk, dv (and dmask for the additive masks) with ALiBi."""
+    B, Hq, Hkv, Lq, Lk, D = _BAND_SHAPES[shape]
+    results = _check_band(dtype, B, Hq, Hkv, Lq, Lk, D, _bands(Lq, Lk)[band], mask=mask, dropout_p=dropout_p,
+                          softcap=softcap, q_scale=4.0 if softcap else 1.0, alibi=slopes, bottom_right=bottom_right)
+    assert mask != "additive" or "grad of mask" in {r.name for r in results}
+
+
+@pytest.mark.parametrize("mode", ["tiles", "blas"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bottom_right", [False, True], ids=["tl", "br"])
+def test_alibi_gemm_modes_and_schedules(monkeypatch, mode, threads, bottom_right):
+    """Both ways to run the tile products and both backward schedules (B * Hkv = 1: per kv head on
+    one thread, two passes on two) with ALiBi, the cap, a window, an additive mask and dropout."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_band(torch.float32, 1, 4, 1, 130, 300, 48, (-40, 200), mask="additive", dropout_p=0.2, softcap=5.0,
+                    q_scale=4.0, alibi="batch", bottom_right=bottom_right)
+        _check_band(torch.float64, 1, 4, 1, 130, 300, 48, (-U, U), alibi="head", bottom_right=bottom_right)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("mode", ["tiles", "blas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bottom_right", [False, True], ids=["tl", "br"])
+def test_alibi_is_the_additive_bias(monkeypatch, mode, dtype, bottom_right):
+    """ALiBi gives what its bias (ref.alibi_bias, an (B, Hq, Lq, Lk) tensor) added to the additive
+    mask gives: out, lse, dq, dk, dv and dmask, to rounding; zero slopes give the op without them,
+    bit for bit (the bias path leaves nothing else changed)."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+    B, Hq, Lq, Lk = 2, 4, 70, 150
+    q, k, v, dout = make_inputs((B, Hq, Lq, 40), (B, 2, Lk, 40), (B, 2, Lk, 40), (B, Hq, Lq, 40), dtype=dtype, seed=6,
+                                requires_grad=False)
+    mask = make_inputs((B, Hq, Lq, Lk), dtype=dtype, seed=7, requires_grad=False)[0]
+    slopes = _alibi_slopes(B, Hq, "batch", seed=2)
+    bias = ref.alibi_bias(slopes, Lq, Lk, "bottom_right" if bottom_right else "top_left", torch.float64)
+    biased_mask = (mask.double() + bias).to(dtype)
+    opts = (-50, 30, 0.2, 0.3, 11, 3)
+    fwd, bwd = torch.ops.fused_attn_C.attention_fwd, torch.ops.fused_attn_C.attention_bwd
+    out, lse = fwd(q, k, v, mask, *opts, 0.0, slopes, bottom_right)
+    grads = bwd(dout, q, k, v, out, lse, mask, *opts, True, 0.0, slopes, bottom_right)
+    out_m, lse_m = fwd(q, k, v, biased_mask, *opts)
+    grads_m = bwd(dout, q, k, v, out_m, lse_m, biased_mask, *opts, True)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dmask"], (out, lse, *grads), (out_m, lse_m, *grads_m)):
+        t = max(tol, 1e-6) if name == "lse" else tol  # (the lse is float32 for every dtype)
+        torch.testing.assert_close(a.double(), b.double(), atol=t, rtol=t, msg=name)
+    zero = torch.zeros(Hq).expand(B, Hq)
+    out0, lse0 = fwd(q, k, v, mask, *opts, 0.0, zero, bottom_right)
+    plain_out, plain_lse = fwd(q, k, v, mask, *opts)
+    assert torch.equal(out0, plain_out) and torch.equal(lse0, plain_lse)
+    grads0 = bwd(dout, q, k, v, out0, lse0, mask, *opts, True, 0.0, zero, bottom_right)
+    plain = bwd(dout, q, k, v, plain_out, plain_lse, mask, *opts, True)
+    for name, a, b in zip(["dq", "dk", "dv", "dmask"], grads0, plain):
+        assert torch.equal(a, b), name
+
+
+def test_alibi_decode_step_and_long_distances():
+    """One query against 5000 keys (bottom-right: it sits at the last key; top-left: at key 0), and
+    a row whose keys all lie far from its diagonal: the lse is the biased logits' exactly."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=gen) for L in (1, 5000, 5000))
+    slopes = torch.tensor([[0.01, -0.002]])
+    for bottom_right in (False, True):
+        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.25, 0, 0, 0.0, slopes,
+                                                        bottom_right)
+        align = "bottom_right" if bottom_right else "top_left"
+        ref_lse = ref.attention_lse(q.double(), k.double(), None, False, 0.25, alignment=align,
+                                    alibi_slopes=slopes.double())
+        ref_out = ref.attention(q.double(), k.double(), v.double(), None, False, 0.0, 0.25, alignment=align,
+                                alibi_slopes=slopes.double())
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["shape_hq", "shape_b", "rank_1", "rank_3", "float64", "float16", "int32", "bool"])
+def test_bad_alibi_raises(case):
+    """A malformed alibi_slopes passed to the ops directly raises, naming the argument."""
+    q, k, v = _good()  # B = 1, Hq = 2
+    slopes = {"shape_hq": torch.ones(1, 3), "shape_b": torch.ones(2, 2), "rank_1": torch.ones(2),
+              "rank_3": torch.ones(1, 2, 1), "float64": torch.ones(1, 2, dtype=torch.float64),
+              "float16": torch.ones(1, 2, dtype=torch.float16), "int32": torch.ones(1, 2, dtype=torch.int32),
+              "bool": torch.ones(1, 2, dtype=torch.bool)}[case]
+    out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0)
+    with pytest.raises(RuntimeError, match="alibi_slopes must"):
+        torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0, 0.0, slopes)
+    with pytest.raises(RuntimeError, match="alibi_slopes must"):
+        torch.ops.fused_attn_C.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, *NO_BAND, 0.0, 0.5, 0, 0,
+                                             False, 0.0, slopes, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_band_ends_are_clamped(dtype):
     """Any ends past [-Lq, Lk] are the same band, bit for bit: +-2^62, int64's limits, the edges."""
@@ -608,7 +749,8 @@ def test_empty(B, H, Lq, Lk):
 
 # ---- gradcheck (float64) ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["plain", "causal_gqa", "additive_mask", "bool_mask", "dropout", "dv_differs"])
+@pytest.mark.parametrize("case", ["plain", "causal_gqa", "additive_mask", "bool_mask", "dropout", "dv_differs",
+                                  "alibi"])
 def test_gradcheck(case):
     gen = torch.Generator().manual_seed(2)
 
@@ -628,12 +770,18 @@ def test_gradcheck(case):
         p = 0.3
     elif case == "dv_differs":
         Dv = 3
+    slopes, bottom_right = None, False
+    if case == "alibi":  # bottom-right causal, GQA, an additive mask; one negative slope
+        Hq, Hkv, causal, bottom_right = 4, 2, True, True
+        mask = t(1, Hq, Lq, 1)
+        slopes = torch.tensor([0.5, -0.25, 1.0, 0.125]).expand(B, Hq)
     q, k, v = t(B, Hq, Lq, D), t(B, Hkv, Lk, D), t(B, Hkv, Lk, Dv)
     rng = torch.tensor([77, 3])
 
     def fn(q, k, v, mask):
-        return AttentionFunction.apply(q, k, v, mask, *(CAUSAL_BAND if causal else NO_BAND), p, 0.5,
-                                       rng if p > 0 else None, "cpu")
+        band = ((-U, Lk - Lq) if bottom_right else CAUSAL_BAND) if causal else NO_BAND
+        return AttentionFunction.apply(q, k, v, mask, *band, p, 0.5, rng if p > 0 else None, "cpu", 0.0, slopes,
+                                       bottom_right)
     assert torch.autograd.gradcheck(fn, (q, k, v, mask))
 
 

@@ -58,3 +58,34 @@ def test_feed_forward_gradcheck(activation, dropout_p):
                                        generator=gen)
 
     assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+_ATTN_REASON = _cpu_reason("attention_fwd")
+
+
+@pytest.mark.skipif(_ATTN_REASON is not None, reason=f"C++ CPU backend unavailable: {_ATTN_REASON}")
+@pytest.mark.parametrize("case", ["bottom_right_causal_mask_softcap", "top_left_window_dropout", "cross_per_batch"])
+def test_attention_alibi_gradcheck(case):
+    """ALiBi (alibi_slopes) through fused_attn.attention on the cpu backend: q, k, v (and an additive
+    mask) in float64 (the float64 path: BLAS products, the lse recomputed in float64 with the bias)."""
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 5, 7, 4
+    q, k = _leaf(B, Hq, Lq, D, seed=0, scale=2.0), _leaf(B, Hkv, Lk, D, seed=1, scale=2.0)
+    v = _leaf(B, Hkv, Lk, D, seed=2)
+    slopes = torch.tensor([0.5, -0.25, 1.0, 0.125])  # (Hq,): one negative, rewarding distance
+    mask, opts = None, {}
+    if case == "bottom_right_causal_mask_softcap":
+        mask = _leaf(1, Hq, Lq, Lk, seed=3)
+        opts = dict(causal=True, alignment="bottom_right", softcap=1.5)
+    elif case == "top_left_window_dropout":
+        opts = dict(causal=True, window_size=(3, 0), dropout_p=0.3)
+    else:  # per-(batch, head) slopes, Lq > Lk, bottom-right without a band
+        q = _leaf(B, Hq, 9, D, seed=4)
+        slopes = torch.tensor([[0.3, -0.1, 0.7, 0.0], [1.2, 0.05, -0.4, 0.9]])
+        opts = dict(alignment="bottom_right")
+
+    def fn(q, k, v, mask):
+        gen = torch.Generator().manual_seed(9)  # the same dropout mask on every call
+        return fused_attn.attention(q, k, v, attn_mask=mask, alibi_slopes=slopes, backend="cpu", generator=gen,
+                                    **opts)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -46,6 +46,17 @@
 // scores s by softcap * tanh(s / softcap) before the mask (so the lse is of the capped logits);
 // the backward keeps the tanh values t of its tile and, once dS (= dmask) is formed, multiplies
 // it by 1 - t^2 before the dK and dQ products. softcap = 0 skips both (one test per row).
+//
+// ALiBi (alibi_slopes, csrc/ops.cpp): the logit of query i and key j gains -slope[b, h] *
+// |j - i - shift| (shift = Lk - Lq for bottom-right alignment, else 0; the band carries the
+// alignment of causal and windows, ALiBi needs it on its own), added right after the mask, so
+// after the cap: the running max, the sum and the lse are those of the biased logits. The row
+// loops add it on a row's visible columns (row_alibi, from the row's diagonal in the tile's column
+// numbering: an integer distance per column, never an Lq x Lk tensor). The bias is a constant: the
+// backward recomputes P = exp(S + mask + bias - lse) with it and nothing else changes (dS =
+// P * (dP - D) is the gradient of the biased logit and of the mask alike; the cap's 1 - t^2 uses
+// the tanh saved before the mask and the bias). No gradient for the slopes. Without slopes the
+// rows skip it (one test per row).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -427,6 +438,11 @@ struct Problem {
   int64_t lo = 0, hi = 0;  // the visibility band, clamped (set_band)
   T scale;
   T softcap = 0, inv_softcap = 0;  // the logit cap (0: off) and its reciprocal
+  // ALiBi: the slope of (b, h) at alibi[b * alibi_sb + h * alibi_sh] (a float32 (B, Hq) tensor of
+  // any strides, often a stride-0 expand of (Hq,)); null: off. alibi_shift: where query 0 sits
+  // among the keys (Lk - Lq bottom-right, 0 top-left).
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0, alibi_sh = 0, alibi_shift = 0;
   double dropout_p;
   uint64_t seed, offset;
   bool fortran_blas = false;  // BLAS products through sgemm_/dgemm_ rather than at::addmm
@@ -464,6 +480,10 @@ struct Problem {
     const int64_t c0 = std::clamp<int64_t>(i + lo - j0, 0, n);
     return {c0, std::clamp<int64_t>(i + hi + 1 - j0, c0, n)};
   }
+  T alibi_slope(int64_t b, int64_t h) const { return static_cast<T>(alibi[b * alibi_sb + h * alibi_sh]); }
+  // The column of a tile starting at key j0 where query i's ALiBi distance |j - i - shift| is 0
+  // (possibly outside the tile): the distance of column c is |c - alibi_diagonal(i, j0)|.
+  int64_t alibi_diagonal(int64_t i, int64_t j0) const { return i + alibi_shift - j0; }
   uint32_t dropout_key(int64_t b, int64_t h, int64_t i) const {
     return fused_attn::dropout_row_key(seed, offset, static_cast<uint64_t>((b * Hq + h) * Lq + i));
   }
@@ -529,6 +549,7 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
       const int64_t b = bh / pb.Hq, h = bh % pb.Hq, hk = h / pb.group();
       const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
       const T* Q = pb.q.at(b, h) + i0 * pb.q.ld;
+      const T slope = pb.alibi ? pb.alibi_slope(b, h) : T(0);
       std::fill(row_max_.begin(), row_max_.end(), ninf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
       if constexpr (!lse_only) std::fill(acc.get(), acc.get() + bm * acc_ld, T(0));
@@ -560,6 +581,7 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
           T* sv = s + c0;
           if (pb.softcap > T(0)) row_softcap(sv, nv, pb.softcap, pb.inv_softcap, static_cast<T*>(nullptr));
           if (pb.mask) apply_mask_row<T, scalar_t>(sv, nv, *pb.mask, b, h, i, j0 + c0);
+          if (pb.alibi) row_alibi(sv, nv, slope, pb.alibi_diagonal(i, j0 + c0));
           T tile_max = row_max(sv, nv);
           // row_max skips NaN; a tile of only NaN and -inf must still make the row NaN, not masked
           if (tile_max == ninf && row_has_nan(sv, nv)) tile_max = std::numeric_limits<T>::quiet_NaN();
@@ -664,10 +686,11 @@ struct BackwardTile {
     T* dQ = g.dq + row0 * g.dq_ld;
     const bool capped = pb.softcap > T(0);
     T* tanh_tile = tanh_.data();
+    const T slope = pb.alibi ? pb.alibi_slope(b, h) : T(0);
 
-    // P = exp(scale * Q K^T + mask - lse), zero where masked or outside the band (lse = +inf on
-    // empty rows gives 0). Register-blocked: score blocks outside the band are not computed; the
-    // row loop zeroes them.
+    // P = exp(cap(scale * Q K^T) + mask + alibi - lse), zero where masked or outside the band
+    // (lse = +inf on empty rows gives 0). Register-blocked: score blocks outside the band are not
+    // computed; the row loop zeroes them.
     T* P = p.data();
     if constexpr (tiles) {
       tile_gemm::product<false, false>(bm, round16(bn), pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), P, ld, pb.scale,
@@ -681,6 +704,7 @@ struct BackwardTile {
       const auto [c0, c1] = cut ? pb.visible(i, j0, bn) : std::pair<int64_t, int64_t>{0, bn};
       if (capped) row_softcap(s + c0, c1 - c0, pb.softcap, pb.inv_softcap, tanh_tile + r * ld + c0);
       if (pb.mask) apply_mask_row<T, scalar_t>(s + c0, c1 - c0, *pb.mask, b, h, i, j0 + c0);
+      if (pb.alibi) row_alibi(s + c0, c1 - c0, slope, pb.alibi_diagonal(i, j0 + c0));
       row_exp_sum(s + c0, c1 - c0, g.lse[row0 + r]);
       std::fill(s, s + c0, T(0));
       std::fill(s + c1, s + bn, T(0));
@@ -835,7 +859,7 @@ bool is_supported_dtype(at::ScalarType t) {
 }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
-                  double dropout_p, double scale, double softcap) {
+                  double dropout_p, double scale, double softcap, const std::optional<Tensor>& alibi_slopes) {
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     FA_CHECK(t->defined(), "attention (cpu): ", name, " is undefined");
     FA_CHECK(t->device().is_cpu(), "attention (cpu): ", name, " must be a CPU tensor, got ", t->device());
@@ -867,6 +891,14 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
                 "attention (cpu): attn_mask must be a (B, Hq, Lq, Lk) = (", q.size(0), ", ", q.size(1), ", ", q.size(2),
                 ", ", k.size(2), ") view (expand broadcast dims), got shape ", m.sizes());
   }
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const Tensor& a = *alibi_slopes;
+    FA_CHECK(a.device().is_cpu(), "attention (cpu): alibi_slopes must be a CPU tensor, got ", a.device());
+    FA_CHECK(a.scalar_type() == at::kFloat, "attention (cpu): alibi_slopes must be float32, got ", a.scalar_type());
+    FA_CHECK(a.dim() == 2 && a.size(0) == q.size(0) && a.size(1) == q.size(1),
+             "attention (cpu): alibi_slopes must be a (B, Hq) = (", q.size(0), ", ", q.size(1),
+             ") tensor (expand a (Hq,) one), got shape ", a.sizes());
+  }
 }
 
 // Shapes and options of the call, from the inputs as given; the rows the kernels read are set
@@ -874,7 +906,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
 template <typename T>
 Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
                         int64_t band_lo, int64_t band_hi, double dropout_p, double scale, int64_t seed,
-                        int64_t offset, double softcap, GemmMode mode) {
+                        int64_t offset, double softcap, const std::optional<Tensor>& alibi_slopes,
+                        bool bottom_right, GemmMode mode) {
   Problem<T> pb;
   pb.fortran_blas = use_fortran_blas(mode);
   pb.B = q.size(0);
@@ -896,6 +929,13 @@ Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const
     pb.inv_softcap = static_cast<T>(1.0 / softcap);
     FA_CHECK(pb.softcap > T(0) && std::isfinite(pb.inv_softcap),
              "attention (cpu): softcap ", softcap, " is too small for the computation's precision");
+  }
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const Tensor& a = *alibi_slopes;
+    pb.alibi = a.const_data_ptr<float>();
+    pb.alibi_sb = a.stride(0);
+    pb.alibi_sh = a.stride(1);
+    pb.alibi_shift = bottom_right ? pb.Lk - pb.Lq : 0;
   }
   pb.dropout_p = dropout_p;
   pb.seed = static_cast<uint64_t>(seed);
@@ -963,9 +1003,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
                                              double dropout_p, double scale, int64_t seed, int64_t offset,
                                              double softcap, const std::optional<Tensor>& alibi_slopes,
                                              bool bottom_right) {
-  check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap);
-  FA_CHECK(!(alibi_slopes.has_value() && alibi_slopes->defined()), "attention_fwd (cpu): alibi_slopes is not implemented");
-  (void)bottom_right;
+  check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
   Tensor out = at::empty({B, Lq, Hq, Dv}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
@@ -974,7 +1012,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   FA_DISPATCH_FLOATING(q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap, mode);
+    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
+                                                     offset, softcap, alibi_slopes, bottom_right, mode);
     const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
     // named: pb points into them (the register-blocked products read k and v from their panels)
@@ -997,9 +1036,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
                                                              int64_t offset, bool mask_grad, double softcap,
                                                              const std::optional<Tensor>& alibi_slopes,
                                                              bool bottom_right) {
-  check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap);
-  FA_CHECK(!(alibi_slopes.has_value() && alibi_slopes->defined()), "attention_bwd (cpu): alibi_slopes is not implemented");
-  (void)bottom_right;
+  check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"dout", &dout}, {"out", &out}}) {
     FA_CHECK(t->defined() && t->device().is_cpu(), "attention_bwd (cpu): ", name, " must be a CPU tensor");
@@ -1023,7 +1060,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
   FA_DISPATCH_FLOATING(q.scalar_type(), "attention_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap, mode);
+    const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
+                                                     offset, softcap, alibi_slopes, bottom_right, mode);
     scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
     const int64_t D = q.size(3), Hkv = k.size(1);
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);

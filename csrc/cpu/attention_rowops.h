@@ -1,6 +1,6 @@
 // Row operations of the CPU attention kernels (csrc/cpu/attention.cpp): row max, exp-and-sum,
-// rescale, dropout, the logit soft-cap (tanh) and its backward, and the softmax-backward row
-// dS = P * (dP - D). They run on one row of a score tile at a time (a few hundred contiguous
+// rescale, dropout, the logit soft-cap (tanh) and its backward, ALiBi's bias, and the
+// softmax-backward row dS = P * (dP - D). They run on one row of a score tile at a time (a few hundred contiguous
 // values), between the two BLAS products.
 //
 // Why not at::vec::Vectorized? An extension is compiled once, without ATen's per-capability
@@ -103,6 +103,15 @@ FA_INLINE f8 tanh8(f8 x) {
   return r;
 }
 
+// |x| for 8 floats: the sign bits cleared.
+FA_INLINE f8 abs8(f8 x) {
+  u8 bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= 0x7FFFFFFFu;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
 FA_INLINE float hsum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -191,6 +200,21 @@ FA_ROWOP inline void row_softcap_bwd(float* ds, const float* t, int64_t n) {
   for (; c < n; ++c) ds[c] *= (1.f - t[c]) * (1.f + t[c]);
 }
 
+// ALiBi on one row: s[c] -= slope * |c - d| for c < n, where d is the row's diagonal in the
+// row's own column numbering (query i's key position i + shift, minus the key of column 0), so
+// |c - d| = |j - i - shift| for key j. The signed distances c - d run along the row as a float
+// vector stepped by 8: integers, exact below 2^24 (sequences far longer than any here), so every
+// element gets the same distance whichever tile, column offset or vector lane it lands in (the
+// partial tail goes through the same vector code), and the backward's recomputed scores match
+// the forward's (exp(s - lse) consistent). Masked scores (-inf) stay -inf.
+FA_ROWOP inline void row_alibi(float* s, int64_t n, float slope, int64_t d) {
+  const f8 neg = splat(-slope), step = splat(8.f);
+  f8 x = splat(static_cast<float>(-d)) + f8{0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f};  // c - d, c = 0..7
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8, x += step) store8(s + c, load8(s + c) + neg * abs8(x));
+  if (c < n) store_partial(s + c, load_partial(s + c, n - c, 0.f) + neg * abs8(x), n - c);
+}
+
 // o[c] *= a
 FA_ROWOP inline void row_scale(float* o, int64_t n, float a) {
   const f8 av = splat(a);
@@ -260,6 +284,9 @@ inline void row_softcap(double* s, int64_t n, double cap, double inv_cap, double
     if (t) t[c] = th;
     s[c] = cap * th;
   }
+}
+inline void row_alibi(double* s, int64_t n, double slope, int64_t d) {
+  for (int64_t c = 0; c < n; ++c) s[c] -= slope * static_cast<double>(c >= d ? c - d : d - c);
 }
 inline void row_softcap_bwd(double* ds, const double* t, int64_t n) {
   for (int64_t c = 0; c < n; ++c) ds[c] *= (1.0 - t[c]) * (1.0 + t[c]);

@@ -52,5 +52,5 @@ class CpuBackend(CompiledBackend):
     name = "cpu"
     devices = ("cpu",)
     dispatch_key = "CPU"
-    alibi = False
+    alibi = True
     dtypes = {"attention": _ALL, "layer_norm_residual": _ALL, "feed_forward": _ALL}

@@ -36,6 +36,15 @@ FEATURES = {
     # packed sequences (attention_varlen): bottom-right causal, then with dropout and softcap
     "varlen": dict(causal=True, mask=None, dropout=False, mask_grad=False, varlen=True),
     "varlen_all": dict(causal=True, mask=None, dropout=True, mask_grad=False, softcap=True, varlen=True),
+    # ALiBi (per-head slopes, a stride-0 expand to (B, Hq)): alone, in a causal model (top-left, as
+    # in training), with every other option on and bottom-right (the distance's shift Lk - Lq a
+    # runtime value), and in packed sequences (each shifted by its own lengths)
+    "alibi": dict(causal=False, mask=None, dropout=False, mask_grad=False, alibi=True),
+    "alibi_causal": dict(causal=True, mask=None, dropout=False, mask_grad=False, alibi=True),
+    "alibi_all": dict(causal=True, mask="additive", dropout=True, mask_grad=True, softcap=True, alibi=True,
+                      bottom_right=True),
+    "varlen_alibi": dict(causal=True, mask=None, dropout=True, mask_grad=False, softcap=True, varlen=True,
+                         alibi=True),
 }
 
 
@@ -50,6 +59,14 @@ def _band(features):
 # ---------------------------------------------------------------------------------------------
 # the compile driver (runs in the subprocess, without TRITON_INTERPRET)
 # ---------------------------------------------------------------------------------------------
+
+def _alibi_slopes(features, rows, Hq):
+    """The ALiBi slopes of a feature set as functional.attention passes them: (Hq,) float32
+    expanded to (rows, Hq) (batch stride 0), or None."""
+    import torch
+
+    return torch.empty(Hq, dtype=torch.float32).expand(rows, Hq) if features.get("alibi") else None
+
 
 def _launch(kernel, dtype_name, head_dim, head_dim_v, features, tma=False):
     """(fn, args, constexprs) of one kernel as the launcher would call it on a GPU (``tma``: with
@@ -72,17 +89,18 @@ def _launch(kernel, dtype_name, head_dim, head_dim_v, features, tma=False):
         mask = torch.empty(B, 1, 1, L, dtype=torch.bool).expand(B, Hq, L, L)
     p = 0.1 if features["dropout"] else 0.0
     lse = torch.empty(B, Hq, L, dtype=torch.float32)
+    alibi = dict(alibi_slopes=_alibi_slopes(features, B, Hq), bottom_right=features.get("bottom_right", False))
     if kernel == "fwd":
         out = A.new_attention_out(q, head_dim_v)
         _, _, args, constexprs = A.fwd_launch_args(q, k, v, mask, *_band(features), p, 0.125, 123, 456, out, lse,
-                                                   tma=tma, softcap=30.0 if features.get("softcap") else 0.0)
+                                                   tma=tma, softcap=30.0 if features.get("softcap") else 0.0, **alibi)
     else:
         dout = A.new_attention_out(q, head_dim_v)
         dmask = torch.empty(B, Hq, L, L, dtype=dtype) if features["mask_grad"] else torch.empty(0, dtype=dtype)
         launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), mask, *_band(features), p, 0.125,
                                      123, 456, features["mask_grad"], torch.empty_like(q), torch.empty_like(k),
                                      torch.empty_like(v), dmask, tma=tma,
-                                     softcap=30.0 if features.get("softcap") else 0.0)
+                                     softcap=30.0 if features.get("softcap") else 0.0, **alibi)
         _, _, args, constexprs = launches[kernel]
     return A._KERNELS[kernel], args, constexprs
 
@@ -101,17 +119,18 @@ def _launch_varlen(A, kernel, dtype, head_dim, head_dim_v, features):
     p = 0.1 if features["dropout"] else 0.0
     cap = 30.0 if features.get("softcap") else 0.0
     lse = torch.empty(Hq, T, dtype=torch.float32)
+    slopes = _alibi_slopes(features, cu.shape[0] - 1, Hq)
     if kernel == "fwd":
         out = A.Varlen.as_batch(torch.empty(T, Hq, head_dim_v, dtype=dtype))
         _, _, args, constexprs = A.fwd_launch_args(q, k, v, None, *CAUSAL_BAND, p, 0.125, 123, 456, out, lse,
-                                                   softcap=cap, varlen=varlen)
+                                                   softcap=cap, varlen=varlen, alibi_slopes=slopes)
     else:
         dout = A.Varlen.as_batch(torch.empty(T, Hq, head_dim_v, dtype=dtype))
         launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), None, *CAUSAL_BAND, p, 0.125, 123,
                                      456, False, torch.empty(T, Hq, head_dim, dtype=dtype),
                                      torch.empty(T, Hkv, head_dim, dtype=dtype),
                                      torch.empty(T, Hkv, head_dim_v, dtype=dtype), torch.empty(0, dtype=dtype),
-                                     softcap=cap, varlen=varlen)
+                                     softcap=cap, varlen=varlen, alibi_slopes=slopes)
         _, _, args, constexprs = launches[kernel]
     return A._KERNELS[kernel], args, constexprs
 
@@ -179,7 +198,7 @@ def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, nu
 def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="plain", tma=False):
     """The (outer, inner, warps, stages) the autotuner may try for this case: all_configs filtered
     by config_ok (what ``_make_prune`` does on the GPU, HEAVY_SPILLS skipped for the heavy feature
-    sets unless nothing else is left)."""
+    sets and ALIBI_SPILLS for the ALiBi ones unless nothing else is left)."""
     import torch
 
     from fused_attn.triton import attention as A
@@ -191,7 +210,8 @@ def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="
     heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
     args = (A._pow2(head_dim), A._pow2(head_dim_v), elem, arch, mask_bytes)
     mode = "only" if tma else "off"
-    kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, heavy, mode, f["causal"])]
+    kept = [c for c in A.all_configs(kernel)
+            if A.config_ok(kernel, c, *args, heavy, mode, f["causal"], f.get("alibi", False))]
     kept = kept or [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, *args, False, mode)]
     return [(c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages) for c in kept]
 
@@ -254,6 +274,16 @@ SUBSET = [
     ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "varlen_all"),
     ("dkdv", 90, "bfloat16", 128, 128, 128, 16, 8, 3, "varlen_all"),
     ("dq", 80, "float16", 128, 128, 128, 32, 8, 3, "varlen"),
+    # ALiBi: the distance and slope beside the largest tiles kept for it, alone, causal, with every
+    # other option, through TMA, on sm_80 and in packed sequences
+    ("fwd", 90, "bfloat16", 64, 64, 128, 64, 8, 3, "alibi"),
+    ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "alibi_causal"),
+    ("dq", 90, "float16", 128, 128, 128, 32, 8, 3, "alibi_all"),
+    ("dkdv", 90, "bfloat16", 128, 128, 128, 16, 8, 3, "alibi_all"),
+    ("dkdv", 90, "bfloat16", 256, 256, 128, 16, 8, 2, "alibi_all"),
+    ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "alibi_causal", True),
+    ("dq", 80, "bfloat16", 128, 128, 128, 32, 8, 3, "alibi_causal"),
+    ("dq", 90, "bfloat16", 128, 128, 128, 32, 8, 3, "varlen_alibi"),
 ]
 
 
@@ -279,7 +309,7 @@ def test_subset_cases_are_configs_the_autotuner_keeps():
         mask_bytes = {None: 0, "bool": 1, "additive": 2}[f["mask"]]
         heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
         assert A.config_ok(kernel, cfg, A._pow2(d), A._pow2(dv), elem, arch, mask_bytes, heavy,
-                           "only" if tma else "off", f["causal"])
+                           "only" if tma else "off", f["causal"], f.get("alibi", False))
 
 
 @pytest.mark.parametrize("index", range(len(SUBSET)), ids=lambda i: "-".join(map(str, SUBSET[i])))
@@ -291,6 +321,7 @@ def test_aot_subset(subset_results, index):
     if r["arch"] == 90 and r["dtype"] in ("float16", "bfloat16"):
         assert r["hgmma"] > 0
     assert (r["tma_loads"] > 0) == r["tma"]
+    assert r["constexprs"]["HAS_ALIBI"] == bool(FEATURES[r["features"]].get("alibi"))  # the ALiBi path compiled
     assert 0 < r["registers"] <= 255
     # the autotuner's shared-memory estimate (used to prune configs) covers what the compiler allocates
     mask_bytes = {None: 0, "bool": 1, "additive": 2}[FEATURES[r["features"]]["mask"]]
@@ -373,14 +404,17 @@ if __name__ == "__main__":
 
 
 def test_heavy_features_keep_a_config():
-    """Skipping HEAVY_SPILLS never leaves a (kernel, head dim) without configurations."""
+    """Skipping HEAVY_SPILLS (and with ALiBi ALIBI_SPILLS) never leaves a (kernel, head dim) without
+    pointer configurations."""
     from fused_attn.triton import attention as A
 
     for arch in (90, 80):
         for kernel in KERNELS:
             for hd in (64, 128, 256):
-                kept = [c for c in A.all_configs(kernel) if A.config_ok(kernel, c, hd, hd, 2, arch, 2, heavy=True)]
-                assert kept, (arch, kernel, hd)
+                for heavy, alibi in ((True, False), (False, True), (True, True)):
+                    kept = [c for c in A.all_configs(kernel)
+                            if A.config_ok(kernel, c, hd, hd, 2, arch, 2, heavy=heavy, alibi=alibi)]
+                    assert kept, (arch, kernel, hd, heavy, alibi)
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
@@ -398,21 +432,23 @@ def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
         prune = A._make_prune(kernel)
         outer_name, inner_name = A.OUTER_INNER[kernel]
         for hd in (64, 128, 256):
-            for heavy, causal in ((False, False), (False, True), (True, False)):
+            for heavy, causal, alibi in ((False, False, False), (False, True, False), (True, False, False),
+                                         (False, False, True), (True, True, True)):
                 for length in (1, 4096):
                     args = dict(Q=q, Mask=q, HEAD_DIM=hd, HEAD_DIM_V=hd, MASK_KIND=2 if heavy else 0,
-                                DROPOUT=heavy, MASK_GRAD=heavy, LQ_KEY=length, LK_KEY=length, BANDED=causal)
+                                DROPOUT=heavy, MASK_GRAD=heavy, LQ_KEY=length, LK_KEY=length, BANDED=causal,
+                                HAS_ALIBI=alibi)
                     kept = prune(A.all_configs(kernel), args)
                     assert kept, (kernel, hd, heavy, length)
                     table = A.CONFIGS if arch >= 90 else A.CONFIGS_SM80
-                    has_small = any(cfg[0] <= 64 for cfg in table[kernel][hd]
-                                    if not (heavy and (kernel, hd, cfg) in A.heavy_spills(arch)))
+                    skipped = (A.heavy_spills(arch) if heavy else set()) | (
+                        A.alibi_spills(arch, heavy=heavy) if alibi else set())
+                    has_small = any(cfg[0] <= 64 for cfg in table[kernel][hd] if (kernel, hd, cfg) not in skipped)
                     for c in kept:
                         key = (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages)
                         assert key in table[kernel][hd]
-                        if heavy:
-                            assert (kernel, hd, key) not in A.heavy_spills(arch)
-                        if (heavy or causal) and arch >= 90:
+                        assert (kernel, hd, key) not in skipped
+                        if (heavy or causal or alibi) and arch >= 90:
                             assert (kernel, hd, key) not in A.PLAIN_ONLY
                         if length == 1 and has_small:  # one-row sequences: blocks of <= 64 rows when listed (and kept)
                             assert key[0] <= 64

@@ -51,8 +51,6 @@ class TritonBackend(Backend):
 
     def call_reasons(self, call: Call):
         reasons = super().call_reasons(call)
-        if call.options.get("alibi"):
-            reasons.append("alibi_slopes is not implemented yet")
         if call.device.type == "cpu" and call.dtype == torch.bfloat16:
             reasons.append("the Triton interpreter cannot do bfloat16 arithmetic (triton-lang/triton#11584)")
         if not reasons:

@@ -34,6 +34,15 @@ it is read through its strides, never expanded. In forward and dQ the key loop i
 pay for the index masking (``CHECK_*`` constexpr flags on one shared inner loop); dK/dV tests
 every query block of its range (one loop instance keeps registers in budget).
 
+ALiBi (``alibi_slopes``, constexpr ``HAS_ALIBI``): the logit of query i and key j gains
+``-slope[b, h] * |j - i - shift|`` where the additive mask is added (after the soft cap), shift =
+Lk - Lq for bottom-right alignment (per sequence with varlen: its used keys minus its queries),
+else 0. Each kernel reads the slope of its (batch, head) through the slopes' strides (one scalar
+load per program, per query head in dK/dV) and computes the distance from the row and column
+indices it already has (``_scores``): the (Lq, Lk) bias is never formed. The bias is a constant:
+the lse includes it, the backward recomputes P with it, and dS and the soft cap's derivative are
+unchanged. It does not change which key blocks are visited (the band decides that).
+
 Dropout uses the counter-based hash of ``fused_attn._rng`` (``fused_attn.triton._rng``): element
 (b, h, i, j) has row ``(b*Hq + h)*Lq + i`` and column ``j``, so forward and backward regenerate the
 same mask, and it equals the reference's bit for bit.
@@ -119,8 +128,9 @@ def _softcap_tanh(x):
 
 
 @triton.jit
-def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, MASK_KIND: tl.constexpr,
-            CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr, SOFTCAP: tl.constexpr):
+def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift,
+            MASK_KIND: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr, SOFTCAP: tl.constexpr,
+            HAS_ALIBI: tl.constexpr):
     """Scaled, masked scores in base-2 units (-inf where masked) of the raw q.k tile ``qk``.
 
     ``qi``/``kj`` are the query/key indices broadcast to the tile's orientation ((M,1)/(1,N) in
@@ -128,7 +138,9 @@ def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_l
     MASK_KIND: 0 none, 1 boolean (nonzero = attend), 2 additive. CHECK_BAND: query i sees key j
     only if band_lo <= j - i <= band_hi; CHECK_KEYS: only keys j < Lk exist. SOFTCAP: the logit
     is softcap * tanh(scale * qk / softcap), with qk_scale = scale / softcap and softcap_log2 =
-    softcap * log2(e) (the launcher's ``_scales``), before the mask is added.
+    softcap * log2(e) (the launcher's ``_scales``), before the mask is added. HAS_ALIBI: ALiBi's
+    bias -slope * |j - (i + alibi_shift)| is added with the mask, ``alibi_log2`` = slope * log2(e)
+    (``_alibi``).
     """
     if SOFTCAP:
         s = _softcap_tanh(qk * qk_scale) * softcap_log2
@@ -140,6 +152,16 @@ def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_l
     elif MASK_KIND == 2:
         bias = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0.0)
         s = s + bias.to(tl.float32) * 1.4426950408889634
+    if HAS_ALIBI:
+        # ALiBi: -slope * |j - d_i|, d_i = i + shift being query i's key position. The scores here
+        # are in base-2 units (s * log2 e, for exp2), so the natural-log bias is scaled by log2 e
+        # too (folded into alibi_log2). The distance is taken in float32: each index converts
+        # exactly (|index| < 2^24) and so does their difference, leaving one rounding, in the
+        # product (slope * j - slope * d_i would lose the distance to cancellation at long
+        # sequences). Only the (rows, 1) and (1, cols) index vectors are converted; per element
+        # this costs a subtraction and a multiply by |dist| (the scaling of qk becomes an FMA).
+        dist = kj.to(tl.float32) - (qi + alibi_shift).to(tl.float32)
+        s = s - alibi_log2 * tl.abs(dist)
     if CHECK_BAND:
         # band_lo <= j - i <= band_hi as one unsigned compare: j - i - band_lo in [0, band_hi - band_lo]
         # (the launcher guarantees band_lo <= band_hi)
@@ -178,11 +200,11 @@ def _key_ranges(start_m, Lq, Lk, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_base, drop_keys, offs_m, lo, hi,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale,
-               softcap_log2, drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-               DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
-               SCALE_NONNEG: tl.constexpr):
+               softcap_log2, alibi_log2, alibi_shift, drop_threshold, D: tl.constexpr, DV: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_KEYS: tl.constexpr,
+               CHECK_BAND: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr,
+               LOOP_STAGES: tl.constexpr, SCALE_NONNEG: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Online-softmax over the key blocks starting in [lo, hi). With STREAM_TMA the K and V tiles
     come through the (B, Hkv, Lk, D) tensor descriptors ``k_desc``/``v_desc`` (rows past Lk and
     columns past D are zero-filled by the copy engine), else through pointers and masks."""
@@ -205,7 +227,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASK_KIND == 0 and not CHECK_KEYS and not CHECK_BAND and not SOFTCAP and SCALE_NONNEG:
+        if (MASK_KIND == 0 and not CHECK_KEYS and not CHECK_BAND and not SOFTCAP and not HAS_ALIBI
+                and SCALE_NONNEG):
             # Nothing masked: with scale >= 0 the row maximum of the scaled scores is the scaled
             # maximum of the raw ones, so the scaled scores are never formed on their own and the
             # exponent is one FFMA per element (qk * scale - m) instead of an FMUL and an FADD.
@@ -216,8 +239,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
         else:
             mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
             s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale,
-            softcap_log2,
-                        MASK_KIND, CHECK_KEYS, CHECK_BAND, SOFTCAP)
+                        softcap_log2, alibi_log2, alibi_shift, MASK_KIND, CHECK_KEYS, CHECK_BAND, SOFTCAP, HAS_ALIBI)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with every key so far masked has m_new = -inf; subtract 0 instead (exp2(-inf) = 0).
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -292,6 +314,19 @@ def _sequence_band(band_lo, band_hi, Lq, Lk, BOTTOM_RIGHT: tl.constexpr):
     return tl.where(empty, Lk, lo), tl.where(empty, Lk, hi)
 
 
+@triton.jit
+def _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, BOTTOM_RIGHT: tl.constexpr):
+    """(slope * log2 e, shift) of ALiBi for batch entry (or varlen sequence) b and query head h:
+    the slope read through the (B, Hq) slopes' strides (often a stride-0 expand of (Hq,)), in the
+    base-2 units of the scores; shift = Lk - Lq (this sequence's lengths) with BOTTOM_RIGHT, which
+    places query i at key position i + Lk - Lq, else 0."""
+    slope = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32)
+    shift = 0
+    if BOTTOM_RIGHT:
+        shift = Lk - Lq
+    return slope * 1.4426950408889634, shift
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -306,15 +341,18 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
               Hq, GROUP, Lq, Lk, TQ, band_lo, band_hi, qk_scale, softcap_log2, keep_scale,
               seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
               LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_tma.descriptors``)
+              Alibi, stride_ab, stride_ah,  # last, so that the other arguments keep their places without ALiBi
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BANDED: tl.constexpr,
               VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-              SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
               SCALE_NONNEG: tl.constexpr):
     """One query block of one head. VARLEN: b is a packed sequence (``attention_varlen``), Lq / Lk
     arrive as the longest lengths (they size the grid) and become this sequence's; the tensors
     come as (1, H, total, dim) views with batch stride 0, moved here to the sequence's first row;
-    Lse is (Hq, TQ)."""
+    Lse is (Hq, TQ). HAS_ALIBI: Alibi holds the (B, Hq) slopes (B = sequences with VARLEN) and
+    BOTTOM_RIGHT places the queries at the end of the keys (``_alibi``; without VARLEN it matters
+    for nothing else: the launcher has aligned the band)."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -336,6 +374,10 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
         K += k_start * stride_kn
         V += k_start * stride_vn
         lse_row0 = h * TQ + q_start
+    alibi_log2 = 0.0  # placeholders when HAS_ALIBI is off
+    alibi_shift = 0
+    if HAS_ALIBI:
+        alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, BOTTOM_RIGHT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -360,19 +402,20 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
     if BANDED:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                    offs_m, first, full_lo, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                                   stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, drop_threshold, D, DV,
-                                   HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, True,
-                                   DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
+                                   stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, alibi_log2,
+                                   alibi_shift, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                                   MASK_KIND, DROPOUT, SOFTCAP, True, True, DOT_PRECISION, STREAM_TMA, LOOP_STAGES,
+                                   SCALE_NONNEG, HAS_ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
-                               stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, drop_threshold, D, DV,
-                               HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, False, False,
-                               DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
+                               stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift,
+                               drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+                               SOFTCAP, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG, HAS_ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, drop_threshold, D, DV, HEAD_DIM,
-                               HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, BANDED, DOT_PRECISION,
-                               STREAM_TMA, LOOP_STAGES, SCALE_NONNEG)
+                               Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift,
+                               drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+                               SOFTCAP, True, BANDED, DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG, HAS_ALIBI)
 
     has_keys = l_i != 0.0  # not "> 0": a NaN row (NaN input) must stay NaN, lse included
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -414,11 +457,12 @@ def _attn_bwd_delta(Out, dOut, Delta,
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, mask_base, dmask_base,
                 offs_n, lo, hi, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo,
-                band_hi, qk_scale, softcap_log2, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-                drop_row0, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
-                DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_BAND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift, keep_scale, seed_lo, seed_hi_mix, offset_lo,
+                offset_hi, drop_threshold, drop_row0, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_BAND: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr,
+                LOOP_STAGES: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi).
 
     Tiles are transposed ((keys, queries)) so that dK, dV accumulate with plain dots. Queries
@@ -445,7 +489,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_m, tl.int64) * stride_mm + mask_offs
         sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2,
-                     MASK_KIND, False, CHECK_BAND, SOFTCAP)
+                     alibi_log2, alibi_shift, MASK_KIND, False, CHECK_BAND, SOFTCAP, HAS_ALIBI)
         pT = tl.math.exp2(sT - lse[None, :])
         if STREAM_TMA:
             do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_V)
@@ -472,7 +516,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
                 dmask_ptrs = dmask_base + tl.cast(start_m, tl.int64) * Lk + dmask_offs
                 tl.store(dmask_ptrs, dsT.to(dmask_base.dtype.element_ty),
                          mask=(offs_m[None, :] < Lq) & (offs_n[:, None] < Lk))
-            if SOFTCAP:  # through the cap: d(softcap * tanh(x)) / dx = softcap * (1 - tanh(x)^2)
+            # through the cap: d(softcap * tanh(x)) / dx = softcap * (1 - tanh(x)^2), from the capped
+            # score alone (the mask and ALiBi's bias are added after the cap: constants to it)
+            if SOFTCAP:
                 tT = _softcap_tanh(qkT * qk_scale)
                 dsT = dsT * (1.0 - tT * tT)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
@@ -485,10 +531,11 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
                    stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh,
                    stride_gm, stride_gd, Hq, Hkv, GROUP, Lq, Lk, TQ, band_lo, band_hi, qk_scale, softcap_log2, scale,
                    keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, LQ_KEY, LK_KEY, TMA_KEY,
+                   Alibi, stride_ab, stride_ah,
                    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-                   MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-                   SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DKDV_PASS: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """dK, dV (contiguous, K's / V's shape) and, with MASK_GRAD, dMask (contiguous (B, Hq, Lq, Lk)).
 
@@ -497,7 +544,8 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
     blocks (the AOT sweep measured 9-216 spill instructions). There the launcher runs the kernel
     twice (``dkdv_passes``): pass 1 accumulates dK only (and writes dMask), pass 2 dV only. Each
     holds one accumulator; the price is that both recompute the scores and probabilities.
-    VARLEN: as in _attn_fwd; dK, dV are then contiguous (total_k, Hkv, D / DV).
+    VARLEN: as in _attn_fwd; dK, dV are then contiguous (total_k, Hkv, D / DV). HAS_ALIBI: as in
+    _attn_fwd, each query head of the group with its own slope.
     """
     num_n = tl.cdiv(Lk, BLOCK_N)
     pid = tl.program_id(0)
@@ -547,6 +595,10 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
     for g in range(0, GROUP):  # the query heads that read this kv head, in order: deterministic
         h = hk * GROUP + g
         bh = b * Hq + h
+        alibi_log2 = 0.0  # placeholders when HAS_ALIBI is off
+        alibi_shift = 0
+        if HAS_ALIBI:  # each query head of the group has its own slope
+            alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, BOTTOM_RIGHT)
         lse_row0 = bh * Lq
         if VARLEN:
             lse_row0 = h * TQ + q_start
@@ -559,10 +611,10 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, QDesc, dODesc, b.to(tl.int32), h.to(tl.int32),
                              Lse + lse_row0, Delta + lse_row0, mask_base, dmask_base, offs_n, m_lo, m_hi, stride_qm,
                              stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale,
-                             softcap_log2, keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
-                             _drop_row0(b, h, Hq, Lq, q_start, VARLEN),
+                             softcap_log2, alibi_log2, alibi_shift, keep_scale, seed_lo, seed_hi_mix, offset_lo,
+                             offset_hi, drop_threshold, _drop_row0(b, h, Hq, Lq, q_start, VARLEN),
                              D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, MASK_GRAD, DROPOUT, SOFTCAP,
-                             BANDED, DOT_PRECISION, DKDV_PASS, STREAM_TMA, LOOP_STAGES)
+                             BANDED, DOT_PRECISION, DKDV_PASS, STREAM_TMA, LOOP_STAGES, HAS_ALIBI)
 
     # dK, dV are contiguous (B, Hkv, Lk, D / DV), or (total_k, Hkv, D / DV) with VARLEN.
     if DKDV_PASS != 2:
@@ -577,10 +629,11 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask_base, drop_keys, offs_m, lo, hi,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo, band_hi, qk_scale,
-              softcap_log2, keep_scale, drop_threshold, D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr,
-              HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
+              softcap_log2, alibi_log2, alibi_shift, keep_scale, drop_threshold, D: tl.constexpr, DV: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_KEYS: tl.constexpr,
+              CHECK_BAND: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr,
+              LOOP_STAGES: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Accumulate (dS K) of one query block over the key blocks starting in [lo, hi) (K, V tiles
     through the descriptors with STREAM_TMA, as in ``_fwd_inner``)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -605,14 +658,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
         s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2,
-                    MASK_KIND, CHECK_KEYS, CHECK_BAND, SOFTCAP)
+                    alibi_log2, alibi_shift, MASK_KIND, CHECK_KEYS, CHECK_BAND, SOFTCAP, HAS_ALIBI)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(drop_keys[:, None], offs_n[None, :], drop_threshold)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:
+        if SOFTCAP:  # from the capped score alone, as in _dkdv_inner
             t = _softcap_tanh(qk * qk_scale)
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -625,11 +678,12 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK, KE
                  stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh,
                  stride_gm, stride_gd, Hq, GROUP, Lq, Lk, TQ, band_lo, band_hi, qk_scale, softcap_log2, scale,
                  keep_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold, LQ_KEY, LK_KEY, TMA_KEY,
+                 Alibi, stride_ab, stride_ah,
                  D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-                 DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr):
-    """dQ (contiguous, Q's shape; VARLEN as in _attn_fwd, dQ (total_q, Hq, D))."""
+    """dQ (contiguous, Q's shape; VARLEN and HAS_ALIBI as in _attn_fwd, dQ (total_q, Hq, D))."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -655,6 +709,10 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK, KE
         lse_row0 = h * TQ + q_start
         dq_row0 = (q_start * Hq + h) * D
         dq_step = Hq * D
+    alibi_log2 = 0.0  # placeholders when HAS_ALIBI is off
+    alibi_shift = 0
+    if HAS_ALIBI:
+        alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, BOTTOM_RIGHT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -678,17 +736,19 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK, KE
     if BANDED:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
                        first, full_lo, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk,
-                       band_lo, band_hi, qk_scale, softcap_log2, keep_scale, drop_threshold, D, DV, HEAD_DIM,
-                       HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, True, DOT_PRECISION, STREAM_TMA,
-                       LOOP_STAGES)
+                       band_lo, band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift, keep_scale, drop_threshold,
+                       D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, True,
+                       DOT_PRECISION, STREAM_TMA, LOOP_STAGES, HAS_ALIBI)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
                    full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo,
-                   band_hi, qk_scale, softcap_log2, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                   BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                   band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift, keep_scale, drop_threshold, D, DV,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, False, False, DOT_PRECISION,
+                   STREAM_TMA, LOOP_STAGES, HAS_ALIBI)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys, offs_m,
                    full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Lq, Lk, band_lo,
-                   band_hi, qk_scale, softcap_log2, keep_scale, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
-                   BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, BANDED, DOT_PRECISION, STREAM_TMA, LOOP_STAGES)
+                   band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift, keep_scale, drop_threshold, D, DV,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, BANDED, DOT_PRECISION,
+                   STREAM_TMA, LOOP_STAGES, HAS_ALIBI)
     dq = dq * scale
     dq_ptrs = dQ + dq_row0 + offs_m[:, None] * dq_step + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
@@ -791,9 +851,9 @@ HEAVY_SPILLS = {
     ("dkdv", 256, (64, 32, 8, 2)),   # dK pass: 18 (Triton 3.6) / 104 (3.9) with every feature on
 }
 #: Configurations clean inside their loops only for the plain kernel (no causal mask, no attn_mask,
-#: no dropout; sm_90 pointer path): the autotuner skips them otherwise.
+#: no dropout, no ALiBi; sm_90 pointer path): the autotuner skips them otherwise.
 PLAIN_ONLY = {
-    ("dkdv", 128, (128, 64, 8, 2)),  # causal: 7 (Triton 3.6) / 17 (3.9) LDL/STL in the loop
+    ("dkdv", 128, (128, 64, 8, 2)),  # causal: 7 (Triton 3.6) / 17 (3.9) LDL/STL in the loop; ALiBi: 3 (3.9)
 }
 #: The sm_90 configurations added after the TMA sweep (not compiled with descriptors: kept off the
 #: TMA lists)
@@ -844,6 +904,51 @@ def heavy_spills(arch: int, tma: bool = False) -> set:
     return HEAVY_SPILLS if arch >= 90 else HEAVY_SPILLS_SM80
 
 
+#: ALiBi's distance (``HAS_ALIBI``) keeps a slope and the rows' key positions live and adds two
+#: operations per score. The AOT sweep compiled every configuration above with it (bf16, head dims
+#: 64/128/256, sm_90 pointer and TMA, sm_80; Triton 3.6 and 3.9; feature sets "alibi", "alibi_causal",
+#: "alibi_all" and "varlen_alibi"); these are the ones that spill inside their loops with ALiBi and
+#: compile clean without it (the same feature set less ALiBi), per table ("sm90": CONFIGS, "tma":
+#: TMA_CONFIGS, "sm80": CONFIGS_SM80). ALIBI_SPILLS: with ALiBi alone or causal, skipped whenever
+#: ALiBi is on; ALIBI_HEAVY_SPILLS: with every feature on, skipped when ALiBi and a mask, its
+#: gradient, dropout or the soft cap are on (as HEAVY_SPILLS), unless nothing else is left. Counts
+#: are LDL/STL in the loop. sm_80's dK/dV at D = 256 keeps its one config, (64, 32, 8, 2): 4 in the
+#: dK pass with every feature and ALiBi on under Triton 3.6.
+ALIBI_SPILLS = {
+    "sm90": {
+        ("dkdv", 64, (128, 64, 8, 3)),   # ALiBi alone: 7 (Triton 3.9)
+        ("dq", 128, (128, 128, 8, 2)),   # ALiBi alone: 4 (3.9); causal: 18 (3.6, 0 without ALiBi)
+        ("dq", 256, (64, 64, 8, 2)),     # causal: 8 (3.9)
+    },
+    "tma": {
+        ("dq", 256, (128, 16, 8, 2)),    # causal: 5 (3.6)
+    },
+    "sm80": set(),
+}
+ALIBI_HEAVY_SPILLS = {
+    "sm90": {
+        ("fwd", 128, (128, 64, 8, 2)),   # 3 (3.9)
+        ("fwd", 128, (128, 64, 8, 3)),   # 3 (3.9)
+        ("fwd", 256, (64, 64, 8, 2)),    # packed sequences: 3 (3.9)
+        ("dq", 256, (64, 32, 8, 2)),     # 1 (3.9)
+    },
+    "tma": {
+        ("fwd", 128, (64, 64, 4, 3)),    # 9 (3.9)
+        ("dq", 128, (128, 64, 8, 3)),    # 20 (3.9)
+        ("dq", 256, (64, 32, 8, 2)),     # 1 (3.9)
+        ("dkdv", 128, (128, 16, 8, 2)),  # 4 (3.6)
+    },
+    "sm80": set(),
+}
+
+
+def alibi_spills(arch: int, tma: bool = False, heavy: bool = False) -> set:
+    """The (kernel, head-dim bucket, config) entries skipped when ALiBi is on: ALIBI_SPILLS, and with
+    a mask, its gradient, dropout or the soft cap (``heavy``) ALIBI_HEAVY_SPILLS too."""
+    table = "tma" if tma else ("sm90" if arch >= 90 else "sm80")
+    return ALIBI_SPILLS[table] | (ALIBI_HEAVY_SPILLS[table] if heavy else set())
+
+
 #: the single (outer, inner) configuration of each kernel under the interpreter (autotuning there
 #: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
 #: orders, so that the causal-diagonal logic is exercised with unequal blocks.
@@ -884,11 +989,13 @@ def shared_bytes(kernel: str, outer: int, inner: int, stages: int, head_dim: int
 
 
 def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int = 90,
-              mask_bytes: int = 0, heavy: bool = False, tma: str = "off", banded: bool = False) -> bool:
+              mask_bytes: int = 0, heavy: bool = False, tma: str = "off", banded: bool = False,
+              alibi: bool = False) -> bool:
     """Whether the autotuner may try ``cfg`` for this head-dim pair (padded powers of two), element
     size, compute capability (80, 90, ...) and mask element size (0 = no mask); ``heavy`` (a mask,
-    its gradient or dropout is on) also skips HEAVY_SPILLS, ``heavy`` or ``banded`` (causal or a
-    window) PLAIN_ONLY.
+    its gradient or dropout is on) also skips HEAVY_SPILLS, ``alibi`` (ALiBi is on) ALIBI_SPILLS
+    (and with ``heavy`` ALIBI_HEAVY_SPILLS), ``heavy``, ``banded`` (causal or a window) or ``alibi``
+    PLAIN_ONLY.
     ``tma``: "off" (the launch passes no descriptors: pointer configs only), "auto" (both kinds,
     on sm_90 and newer) or "only" (TMA configs only)."""
     outer_name, inner_name = OUTER_INNER[kernel]
@@ -907,7 +1014,9 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
         return False
     if heavy and (kernel, bucket, key) in heavy_spills(arch, streamed):
         return False
-    if (heavy or banded) and not streamed and arch >= 90 and (kernel, bucket, key) in PLAIN_ONLY:
+    if alibi and (kernel, bucket, key) in alibi_spills(arch, streamed, heavy):
+        return False
+    if (heavy or banded or alibi) and not streamed and arch >= 90 and (kernel, bucket, key) in PLAIN_ONLY:
         return False
     limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit
@@ -946,7 +1055,8 @@ def _make_prune(kernel: str):
                      or args.get("SOFTCAP", False))
         tma = ("off", "auto", "only")[args.get("TMA_KEY", 0)]
         keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
-                                                mask_bytes, heavy, tma, bool(args.get("BANDED", False)))]
+                                                mask_bytes, heavy, tma, bool(args.get("BANDED", False)),
+                                                bool(args.get("HAS_ALIBI", False)))]
         if not keep:
             keep = [c for c in configs if config_ok(kernel, c, args["HEAD_DIM"], args["HEAD_DIM_V"], elem, arch,
                                                     mask_bytes, False, tma)]
@@ -960,7 +1070,8 @@ def _make_prune(kernel: str):
     return prune
 
 
-_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "BANDED", "VARLEN", "MASK_KIND", "DROPOUT", "SOFTCAP"]
+_AUTOTUNE_KEYS = ["LQ_KEY", "LK_KEY", "TMA_KEY", "D", "DV", "BANDED", "VARLEN", "MASK_KIND", "DROPOUT", "SOFTCAP",
+                  "HAS_ALIBI"]
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 _tuned = {}
 
@@ -1071,9 +1182,19 @@ class Varlen:
         return min(max(band_lo, -reach), reach), min(max(band_hi, -reach), reach), True
 
 
-def _no_varlen(dummy):
-    """The varlen arguments of a plain launch: (CuQ, CuK, KEnd, TQ, VARLEN, BOTTOM_RIGHT)."""
-    return dummy, dummy, dummy, 0, False, False
+def _alibi_args(alibi_slopes, dummy):
+    """(pointer tensor, stride_ab, stride_ah) of the (B, Hq) slopes (any strides: a stride-0
+    expand of (Hq,) is read as it is), or of a placeholder when there are none."""
+    if alibi_slopes is None:
+        return dummy, 0, 0
+    return (alibi_slopes, *alibi_slopes.stride())
+
+
+def _no_varlen(dummy, alibi_slopes=None, bottom_right=False):
+    """The varlen arguments of a plain launch: (CuQ, CuK, KEnd, TQ, VARLEN, BOTTOM_RIGHT). The band
+    comes aligned already, so BOTTOM_RIGHT serves only ALiBi's distance; without ALiBi it stays
+    False, so that top-left and bottom-right calls share one compiled kernel."""
+    return dummy, dummy, dummy, 0, False, bool(bottom_right) and alibi_slopes is not None
 
 
 def _strides(t, varlen):
@@ -1091,19 +1212,22 @@ def _scales(scale, softcap):
     return scale * LOG2E, 0.0
 
 
-def _common_constexprs(q, v, banded, mask_kind, dropout_p, softcap):
+def _common_constexprs(q, v, banded, mask_kind, dropout_p, softcap, alibi_slopes):
     D, Dv = q.shape[3], v.shape[3]
     float32 = q.dtype == torch.float32
     return dict(D=D, DV=Dv, HEAD_DIM=_pow2(D), HEAD_DIM_V=_pow2(Dv), BANDED=bool(banded), MASK_KIND=mask_kind,
-                DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, DOT_PRECISION="ieee" if float32 else "tf32",
+                DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, HAS_ALIBI=alibi_slopes is not None,
+                DOT_PRECISION="ieee" if float32 else "tf32",
                 LOOP_STAGES=1 if float32 and mask_kind == MASK_ADDITIVE else None)
 
 
+
 def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse, tma=None,
-                    softcap=0.0, varlen=None):
+                    softcap=0.0, varlen=None, alibi_slopes=None, bottom_right=False):
     """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT
     tests). K and V go in twice: as pointers and, when TMA is used, as descriptors. ``varlen``
-    (a ``Varlen``): q, k, v, out are the (1, H, total, dim) views of packed tensors."""
+    (a ``Varlen``): q, k, v, out are the (1, H, total, dim) views of packed tensors (which carries
+    its own alignment; ``bottom_right`` is the plain launch's, used by ALiBi only)."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
@@ -1111,7 +1235,7 @@ def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed
     if varlen is None:
         k_desc, v_desc, tma_key = descriptors(k, v, tma=tma)
         band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
-        cu_q, cu_k, k_end, total_q, varlen_on, bottom_right = _no_varlen(lse)
+        cu_q, cu_k, k_end, total_q, varlen_on, bottom_right = _no_varlen(lse, alibi_slopes, bottom_right)
     else:  # pointer loads only: the descriptors' boxes would cross sequence boundaries
         k_desc, v_desc, tma_key = None, None, 0
         band_lo, band_hi, banded = varlen.band(band_lo, band_hi)
@@ -1120,8 +1244,9 @@ def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed
             varlen.bottom_right
     args = (q, k, v, k_desc, v_desc, mask, out, lse, cu_q, cu_k, k_end, *_strides(q, varlen), *_strides(k, varlen),
             *_strides(v, varlen), *mask_strides, *_strides(out, varlen), Hq, Hq // Hkv, Lq, Lk, total_q, band_lo,
-            band_hi, *_scales(scale, softcap), keep_scale, *drop, _len_key(Lq), _len_key(Lk), tma_key)
-    return Lq, B * Hq, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap),
+            band_hi, *_scales(scale, softcap), keep_scale, *drop, _len_key(Lq), _len_key(Lk), tma_key,
+            *_alibi_args(alibi_slopes, lse))
+    return Lq, B * Hq, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap, alibi_slopes),
                                   SCALE_NONNEG=scale >= 0, VARLEN=varlen_on, BOTTOM_RIGHT=bottom_right)
 
 
@@ -1137,10 +1262,12 @@ def dkdv_passes(head_dim: int, head_dim_v: int) -> tuple:
 
 
 def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
-                    mask_grad, dq, dk, dv, dmask, tma=None, softcap=0.0, varlen=None):
+                    mask_grad, dq, dk, dv, dmask, tma=None, softcap=0.0, varlen=None, alibi_slopes=None,
+                    bottom_right=False):
     """{"dkdv": (...), "dq": (...)}: (grid_rows, heads, args, constexprs) of the two gradient kernels.
     The dkdv constexprs name its first pass; ``dkdv_passes`` lists all of them. ``varlen`` as in
-    ``fwd_launch_args`` (dout, q, k, v as (1, H, total, dim) views; dq, dk, dv packed)."""
+    ``fwd_launch_args`` (dout, q, k, v as (1, H, total, dim) views; dq, dk, dv packed), as are
+    ``alibi_slopes`` and ``bottom_right``."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
@@ -1149,7 +1276,7 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, drop
         band_lo, band_hi, banded = _band_args(band_lo, band_hi, Lq, Lk)
         q_desc, do_desc, dkdv_tma = descriptors(q, dout, tma=tma)
         k_desc, v_desc, dq_tma = descriptors(k, v, tma=tma)
-        cu_q, cu_k, k_end, total_q, varlen_on, bottom_right = _no_varlen(lse)
+        cu_q, cu_k, k_end, total_q, varlen_on, bottom_right = _no_varlen(lse, alibi_slopes, bottom_right)
     else:
         band_lo, band_hi, banded = varlen.band(band_lo, band_hi)
         q_desc = do_desc = k_desc = v_desc = None
@@ -1157,16 +1284,17 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, drop
         B, total_q, Lq, Lk = varlen.cu_q.shape[0] - 1, Lq, varlen.max_q, varlen.max_k
         cu_q, cu_k, k_end, varlen_on, bottom_right = varlen.cu_q, varlen.cu_k, varlen.k_end, True, \
             varlen.bottom_right
-    common = dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap), VARLEN=varlen_on,
+    common = dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap, alibi_slopes), VARLEN=varlen_on,
                   BOTTOM_RIGHT=bottom_right)
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *mask_strides,
                *_strides(dout, varlen))
     tail = (Lq, Lk, total_q, band_lo, band_hi, *_scales(scale, softcap), scale, keep_scale, *drop, _len_key(Lq),
             _len_key(Lk))
+    alibi = _alibi_args(alibi_slopes, lse)
     dkdv = (q, k, v, q_desc, do_desc, mask, dout, lse, delta, dk, dv, dmask if mask_grad else dq, cu_q, cu_k,
-            k_end, *strides, Hq, Hkv, Hq // Hkv, *tail, dkdv_tma)
+            k_end, *strides, Hq, Hkv, Hq // Hkv, *tail, dkdv_tma, *alibi)
     dq_args = (q, k, v, k_desc, v_desc, mask, dout, lse, delta, dq, cu_q, cu_k, k_end, *strides, Hq, Hq // Hkv,
-               *tail, dq_tma)
+               *tail, dq_tma, *alibi)
     first_pass = dkdv_passes(common["HEAD_DIM"], common["HEAD_DIM_V"])[0]
     return {"dkdv": (Lk, B * Hkv, dkdv, dict(common, MASK_GRAD=bool(mask_grad), DKDV_PASS=first_pass)),
             "dq": (Lq, B * Hq, dq_args, common)}
@@ -1185,7 +1313,7 @@ def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, 
         lse.fill_(float("inf"))
         return out, lse
     _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse,
-                                    softcap=softcap))
+                                    softcap=softcap, alibi_slopes=alibi_slopes, bottom_right=bottom_right))
     return out, lse
 
 
@@ -1210,7 +1338,8 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M,
         **LAUNCH_OPTIONS)
     launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
-                               offset, mask_grad, dq, dk, dv, dmask, softcap=softcap)
+                               offset, mask_grad, dq, dk, dv, dmask, softcap=softcap, alibi_slopes=alibi_slopes,
+                               bottom_right=bottom_right)
     rows, heads, args, constexprs = launches["dkdv"]
     for dkdv_pass in dkdv_passes(constexprs["HEAD_DIM"], constexprs["HEAD_DIM_V"]):
         _launch("dkdv", rows, heads, args, dict(constexprs, DKDV_PASS=dkdv_pass))
@@ -1230,7 +1359,7 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
     view = Varlen.as_batch
     _launch("fwd", *fwd_launch_args(view(q), view(k), view(v), None, band_lo, band_hi, dropout_p, scale, seed, offset,
-                                    view(out), lse, softcap=softcap, varlen=varlen))
+                                    view(out), lse, softcap=softcap, varlen=varlen, alibi_slopes=alibi_slopes))
     return out, lse
 
 
@@ -1254,7 +1383,8 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
         BLOCK_M=DELTA_BLOCK_M, **LAUNCH_OPTIONS)
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
     launches = bwd_launch_args(view(dout), view(q), view(k), view(v), lse, delta, None, band_lo, band_hi, dropout_p,
-                               scale, seed, offset, False, dq, dk, dv, empty(q), softcap=softcap, varlen=varlen)
+                               scale, seed, offset, False, dq, dk, dv, empty(q), softcap=softcap, varlen=varlen,
+                               alibi_slopes=alibi_slopes)
     rows, heads, args, constexprs = launches["dkdv"]
     for dkdv_pass in dkdv_passes(constexprs["HEAD_DIM"], constexprs["HEAD_DIM_V"]):
         _launch("dkdv", rows, heads, args, dict(constexprs, DKDV_PASS=dkdv_pass))

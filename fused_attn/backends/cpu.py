@@ -16,7 +16,6 @@ class CompiledBackend(Backend):
     the kernel by the tensors' device."""
 
     dispatch_key = ""
-    alibi = False  # TEMPORARY while the kernels gain ALiBi
 
     def unavailable_reasons(self):
         return [] if _extension._C is not None else [_extension.ERROR or "fused_attn._C is not loaded"]
@@ -25,8 +24,6 @@ class CompiledBackend(Backend):
         reasons = super().call_reasons(call)
         if not reasons and not _extension.has_kernel(_OP_HALVES[call.op], self.dispatch_key):
             reasons.append(f"fused_attn._C was built without a {self.dispatch_key} kernel for {call.op}")
-        if call.op == "attention" and call.options.get("alibi") and not self.alibi:
-            reasons.append("alibi_slopes is not implemented yet")
         return reasons
 
     def attention_fwd(self, *args):
@@ -52,5 +49,4 @@ class CpuBackend(CompiledBackend):
     name = "cpu"
     devices = ("cpu",)
     dispatch_key = "CPU"
-    alibi = True
     dtypes = {"attention": _ALL, "layer_norm_residual": _ALL, "feed_forward": _ALL}

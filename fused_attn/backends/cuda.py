@@ -12,7 +12,6 @@ class CudaBackend(CompiledBackend):
     name = "cuda"
     devices = ("cuda",)
     dispatch_key = "CUDA"
-    alibi = True
     dtypes = {"attention": _GPU, "layer_norm_residual": _GPU, "feed_forward": _GPU}
 
     #: limits of the kernels in csrc/cuda (the ops raise beyond them; auto moves on to the next backend)

@@ -5,8 +5,9 @@
 //     out = h @ w2^T + b2             (T, d_out)
 //
 // The GEMMs go through ATen's CPU BLAS (MKL / oneDNN). Everything between them is ONE pass over
-// the GEMM output, row by row in parallel: add b1 (stored in place: that is the saved `pre`),
-// apply the activation and the dropout, write h. h is not saved: backward recomputes it.
+// the GEMM output, row by row in parallel: add b1 when the GEMM did not (float32 GEMMs on
+// converted half operands; then it also writes the rounded `pre`), apply the activation and the
+// dropout, write h. h is not saved: backward recomputes it.
 //
 // Backward, with dh = dout @ w2 (T, d_ff), ONE pass over (pre, dh) recomputes h (needed for
 // dw2 = dout^T @ h) and writes dpre = dh * keep/(1-p) * act'(pre) -- for the gated ones
@@ -155,15 +156,19 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor& x, const a
 
   const auto g = gemm_dtype(dtype);
   const auto b1c = b1 ? b1->contiguous() : at::Tensor();
-  // pre_g: x @ w1^T in the GEMM dtype; the pass adds b1 in place (it is then the saved pre when
-  // g == dtype) or writes the rounded pre separately.
-  at::Tensor pre_g = at::mm(to_gemm(x, g), to_gemm(w1, g).t());
+  // pre_g: x @ w1^T + b1. In float32 on converted operands (g != dtype) the pass adds b1 and
+  // writes the rounded pre separately. In the input dtype (g == dtype) the GEMM adds b1 itself
+  // (addmm, float32 accumulation, one rounding, as nn.Linear does): adding it after the GEMM's
+  // rounding would round twice, and ReLU's derivative, a step at 0, flips for every pre within
+  // one bfloat16 rounding of 0 (the AVX512-BF16 machines' oracle test caught dx 18x off the bound).
+  const bool bias_in_gemm = g == dtype && b1.has_value();
+  at::Tensor pre_g = bias_in_gemm ? at::addmm(b1c, x, w1.t()) : at::mm(to_gemm(x, g), to_gemm(w1, g).t());
   at::Tensor pre = g == dtype ? pre_g : at::empty({x.size(0), F1}, x.options());
   at::Tensor h = at::empty({x.size(0), dff}, x.options().dtype(g));
   FA_DISPATCH_FLOATING(dtype, "feed_forward_fwd", [&] {
     dispatch_activation(act, [&](auto act_c) {
       if (g == dtype)
-        ffn_fwd<decltype(act_c)::value, scalar_t, scalar_t>(pre_g, b1 ? &b1c : nullptr, nullptr, h, opt);
+        ffn_fwd<decltype(act_c)::value, scalar_t, scalar_t>(pre_g, nullptr, nullptr, h, opt);
       else
         ffn_fwd<decltype(act_c)::value, scalar_t, float>(pre_g, b1 ? &b1c : nullptr, &pre, h, opt);
     });

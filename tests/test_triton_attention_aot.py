@@ -49,6 +49,12 @@ FEATURES = {
 
 
 
+def _heavy(features):
+    """Whether a feature set is "heavy" as the autotuner's prune (``attention._make_prune``) counts it:
+    an attn_mask, its gradient, dropout or the soft cap (HEAVY_SPILLS and ALIBI_HEAVY_SPILLS skipped)."""
+    return bool(features["mask"] or features["dropout"] or features["mask_grad"] or features.get("softcap"))
+
+
 def _band(features):
     """The ops' (band_lo, band_hi) of a feature set: causal compiles the banded kernels, whose code
     is the same for any band (causal, sliding window, bottom-right): only the values differ."""
@@ -198,7 +204,8 @@ def compile_one(kernel, arch, dtype_name, head_dim, head_dim_v, outer, inner, nu
 def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="plain", tma=False):
     """The (outer, inner, warps, stages) the autotuner may try for this case: all_configs filtered
     by config_ok (what ``_make_prune`` does on the GPU, HEAVY_SPILLS skipped for the heavy feature
-    sets and ALIBI_SPILLS for the ALiBi ones unless nothing else is left)."""
+    sets (``_heavy``: a mask, its gradient, dropout or the soft cap) and ALIBI_SPILLS for the ALiBi
+    ones unless nothing else is left)."""
     import torch
 
     from fused_attn.triton import attention as A
@@ -207,7 +214,7 @@ def candidate_configs(kernel, arch, dtype_name, head_dim, head_dim_v, features="
     outer_name, inner_name = A.OUTER_INNER[kernel]
     f = FEATURES[features]
     mask_bytes = {None: 0, "bool": 1, "additive": 2}[f["mask"]]
-    heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
+    heavy = _heavy(f)
     args = (A._pow2(head_dim), A._pow2(head_dim_v), elem, arch, mask_bytes)
     mode = "only" if tma else "off"
     kept = [c for c in A.all_configs(kernel)
@@ -307,7 +314,7 @@ def test_subset_cases_are_configs_the_autotuner_keeps():
                    (outer, inner, warps, stages, tma))
         f = FEATURES[features]
         mask_bytes = {None: 0, "bool": 1, "additive": 2}[f["mask"]]
-        heavy = bool(f["mask"] or f["dropout"] or f["mask_grad"])
+        heavy = _heavy(f)
         assert A.config_ok(kernel, cfg, A._pow2(d), A._pow2(dv), elem, arch, mask_bytes, heavy,
                            "only" if tma else "off", f["causal"], f.get("alibi", False))
 
@@ -404,17 +411,21 @@ if __name__ == "__main__":
 
 
 def test_heavy_features_keep_a_config():
-    """Skipping HEAVY_SPILLS (and with ALiBi ALIBI_SPILLS) never leaves a (kernel, head dim) without
-    pointer configurations."""
+    """Skipping HEAVY_SPILLS (and with ALiBi ALIBI_SPILLS, banded or with any feature PLAIN_ONLY)
+    never leaves a (kernel, head dim) without pointer configurations, nor without TMA ones on sm_90
+    for the feature sets without ALiBi."""
     from fused_attn.triton import attention as A
 
     for arch in (90, 80):
         for kernel in KERNELS:
             for hd in (64, 128, 256):
-                for heavy, alibi in ((True, False), (False, True), (True, True)):
-                    kept = [c for c in A.all_configs(kernel)
-                            if A.config_ok(kernel, c, hd, hd, 2, arch, 2, heavy=heavy, alibi=alibi)]
-                    assert kept, (arch, kernel, hd, heavy, alibi)
+                for heavy, alibi, banded in ((True, False, False), (False, True, False), (True, True, False),
+                                             (False, False, True), (True, False, True), (True, True, True)):
+                    for tma in (("off", "only") if arch >= 90 and not alibi else ("off",)):
+                        kept = [c for c in A.all_configs(kernel)
+                                if A.config_ok(kernel, c, hd, hd, 2, arch, 2, heavy=heavy, alibi=alibi, tma=tma,
+                                               banded=banded)]
+                        assert kept, (arch, kernel, hd, heavy, alibi, banded, tma)
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
@@ -448,8 +459,8 @@ def test_autotune_prune_on_gpu_arguments(monkeypatch, capability):
                         key = (c.kwargs[outer_name], c.kwargs[inner_name], c.num_warps, c.num_stages)
                         assert key in table[kernel][hd]
                         assert (kernel, hd, key) not in skipped
-                        if (heavy or causal or alibi) and arch >= 90:
-                            assert (kernel, hd, key) not in A.PLAIN_ONLY
+                        if heavy or causal or alibi:
+                            assert (kernel, hd, key) not in A.plain_only(arch)
                         if length == 1 and has_small:  # one-row sequences: blocks of <= 64 rows when listed (and kept)
                             assert key[0] <= 64
 

@@ -776,19 +776,21 @@ CONFIGS = {
         # The first three (added with the loop-aware spill count): no spill inside the loop in
         # any feature set under Triton 3.6 and 3.9, except (128, 64, 8, 2) with every feature on
         # (3 under 3.9: HEAVY_SPILLS); their key tiles of 32-64 give the q k^T GEMM an N of 32-64.
-        # The others: clean in every feature set ((64, 32, 4, 3) spills 16 under 3.6 with every
-        # feature on: HEAVY_SPILLS)
+        # The others: clean in every feature set ((64, 32, 4, 3) spills 16 and (64, 32, 4, 2) 21
+        # under 3.6 with every feature on: HEAVY_SPILLS)
         256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2),
               (128, 16, 8, 2)],
     },
     "dq": {
         64: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
-        # (128, 128, 8, 2): clean inside the loop for the plain and causal kernels, 17-183 LDL/STL
-        # there once a mask or dropout is on (HEAVY_SPILLS)
+        # (128, 128, 8, 2): clean inside the loop only for the plain kernel (PLAIN_ONLY: 58 LDL/STL
+        # there for the causal kernel under Triton 3.9, 17-183 once a mask or dropout is on). The
+        # 128-query tiles by 64 keys spill 5-65 with every feature on (HEAVY_SPILLS)
         128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
         # the dQ accumulator of 64 x 256 is 128 registers per thread on 4 warps: (64, 32, 4, 2/3)
         # spilled 20-62 under Triton 3.6; on 8 warps these are clean in every feature set (3.6, 3.9)
-        # inside the loop, except (64, 64, 8, 2) with every feature on (12-22: HEAVY_SPILLS)
+        # inside the loop, except (64, 64, 8, 2) and (128, 32, 8, 2) with every feature on (12-22 and
+        # 5 under 3.6: HEAVY_SPILLS)
         256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 16, 8, 2)],
     },
     "dkdv": {
@@ -830,30 +832,40 @@ CONFIGS_SM80 = {
         # is clean under 3.6; under 3.9 it spills 15 with every feature on, 6 with the mask gradient.
         # 32 x 32 on 4 warps is clean in all six feature sets under both versions.
         128: [(64, 32, 8, 2), (32, 32, 4, 2)],
-        # two passes; clean for every feature set except a boolean mask under Triton 3.6 (17
-        # LDL/STL; 0 under 3.9). 128-key blocks do not fit 163 KB of shared memory at D = 256.
+        # two passes; clean for the plain and causal kernels and with a boolean mask (an earlier
+        # sweep: 17 LDL/STL under Triton 3.6); with every feature on 4 in the dK pass's loop under
+        # 3.9 (0 under 3.6): accepted, the only config. 128-key blocks do not fit 163 KB of
+        # shared memory at D = 256.
         256: [(64, 32, 8, 2)],
     },
 }
 #: Configurations that compile cleanly for the plain and causal kernels but spill on sm_90 once an
-#: attn_mask, its gradient and dropout add their tiles (the AOT sweep's "all" feature set): the
-#: autotuner skips them when any of those is on, unless nothing else is left.
+#: attn_mask, its gradient, dropout and the soft cap add their tiles (the AOT sweep's "all" feature
+#: set; LDL/STL in the loop): the autotuner skips them when any of those is on, unless nothing else
+#: is left.
 HEAVY_SPILLS = {
     ("dkdv", 128, (128, 32, 8, 2)),  # mask gradient: 16 in the loop (Triton 3.9)
     ("dkdv", 256, (128, 32, 8, 2)),  # every feature on: 1 (3.6) / 57 (3.9) in the loops
     ("fwd", 256, (128, 64, 8, 2)),   # every feature on: 3 in the loop (3.9)
     ("dq", 256, (64, 64, 8, 2)),     # every feature on: 12 (3.6) / 22 (3.9) in the loop
-    ("dq", 128, (128, 128, 8, 2)),   # any mask or dropout: 17-183 in the loop
+    ("dq", 128, (128, 64, 8, 3)),    # every feature on: 65 (Triton 3.6) / 5 (3.9)
+    ("dq", 128, (128, 64, 8, 2)),    # every feature on: 56 (3.6) / 7 (3.9)
+    ("dq", 256, (128, 32, 8, 2)),    # every feature on: 5 (3.6)
+    ("fwd", 64, (128, 128, 8, 3)),   # every feature on: 193 (3.6) / 111 (3.9)
+    ("fwd", 128, (64, 64, 4, 3)),    # every feature on: 9 (3.9)
+    ("fwd", 256, (64, 32, 4, 2)),    # every feature on: 21 (3.6)
     ("fwd", 128, (128, 128, 8, 2)),
     ("dq", 128, (64, 64, 4, 2)),
     ("fwd", 256, (64, 32, 4, 3)),
     ("dkdv", 64, (128, 64, 8, 3)),
     ("dkdv", 256, (64, 32, 8, 2)),   # dK pass: 18 (Triton 3.6) / 104 (3.9) with every feature on
 }
-#: Configurations clean inside their loops only for the plain kernel (no causal mask, no attn_mask,
-#: no dropout, no ALiBi; sm_90 pointer path): the autotuner skips them otherwise.
+#: Configurations clean inside their loops only for the plain kernel (no causal mask or window, no
+#: attn_mask, no dropout, no soft cap, no ALiBi; sm_90 pointer path): the autotuner skips them
+#: otherwise.
 PLAIN_ONLY = {
     ("dkdv", 128, (128, 64, 8, 2)),  # causal: 7 (Triton 3.6) / 17 (3.9) LDL/STL in the loop; ALiBi: 3 (3.9)
+    ("dq", 128, (128, 128, 8, 2)),   # causal: 58 (3.9); any mask or dropout: 17-183; ALiBi: 4 (3.9)
 }
 #: The sm_90 configurations added after the TMA sweep (not compiled with descriptors: kept off the
 #: TMA lists)
@@ -874,34 +886,64 @@ _NOT_TMA_SWEPT = {("dkdv", 128, (128, 64, 8, 2)), ("dkdv", 128, (128, 32, 8, 2))
 TMA_CONFIGS = {kernel: {bucket: [c for c in configs if (kernel, bucket, c) not in _NOT_TMA_SWEPT]
                          for bucket, configs in per_dim.items()}
                for kernel, per_dim in CONFIGS.items()}
-#: HEAVY_SPILLS of the TMA configurations (spills with every feature on, either version)
+#: HEAVY_SPILLS of the TMA configurations (spills with every feature on, either version). dK/dV at
+#: D = 256 keeps (128, 16, 8, 2), its one other TMA config: 1 LDL/STL in the dK pass's loop with
+#: every feature on under Triton 3.9 (0 under 3.6; 5 with ALiBi too), accepted.
 TMA_HEAVY_SPILLS = {
     ("fwd", 64, (128, 128, 8, 3)),   # 60 (Triton 3.9)
     ("fwd", 128, (128, 128, 8, 2)),  # 12 (3.6) / 338 (3.9)
+    ("fwd", 128, (128, 64, 8, 3)),   # 4 (3.6) / 3 (3.9)
+    ("fwd", 128, (128, 64, 8, 2)),   # 4 (3.6) / 6 (3.9)
+    ("fwd", 128, (64, 64, 4, 3)),    # 2 (3.6)
+    ("fwd", 256, (64, 32, 4, 2)),    # 4 (3.6)
+    ("fwd", 256, (64, 32, 4, 3)),    # 5 (3.6)
+    ("dq", 128, (128, 64, 8, 3)),    # 8 (3.6)
+    ("dq", 128, (128, 64, 8, 2)),    # 32 (3.6)
+    ("dq", 128, (64, 64, 4, 2)),     # 32 (3.6)
     ("dq", 256, (128, 16, 8, 2)),    # 29 (3.6)
     ("dkdv", 64, (128, 64, 8, 3)),   # 13 (3.6)
+    ("dkdv", 128, (128, 16, 8, 3)),  # 4 (3.6)
     ("dkdv", 256, (64, 32, 8, 2)),   # dK pass: 89 (3.9)
 }
 #: the kernel arguments that take the streamed operands' descriptors (first: head dim D, second: Dv)
 STREAM_DESCRIPTORS = {"fwd": ("KDesc", "VDesc"), "dq": ("KDesc", "VDesc"), "dkdv": ("QDesc", "dODesc")}
 #: HEAVY_SPILLS of the sm_8x lists, from the sm_80 AOT sweep with every feature on, the mask
 #: gradient, dropout and a boolean mask under Triton 3.6 and 3.9 (LDL/STL counts, worst case).
-#: dK/dV at D = 256 keeps its one config, (64, 32, 8, 2): clean except 17 with a boolean mask
-#: under 3.6.
+#: dK/dV at D = 256 keeps its one config, (64, 32, 8, 2): 4 in the dK pass's loop with every
+#: feature on under 3.9, clean under 3.6.
 HEAVY_SPILLS_SM80 = {
     ("dkdv", 64, (128, 32, 8, 3)),   # 12
     ("dkdv", 64, (128, 32, 8, 4)),   # 20
     ("dkdv", 64, (64, 32, 4, 3)),    # 16
     ("dkdv", 128, (64, 32, 8, 2)),   # 15
     ("dq", 128, (64, 64, 4, 2)),     # 35
+    ("dq", 128, (128, 32, 8, 3)),    # every feature on: 72 (Triton 3.6) / 37 (3.9)
+    ("dq", 64, (64, 64, 4, 3)),      # every feature on: 211 (3.6) / 201 (3.9)
+    ("dq", 64, (128, 64, 8, 3)),     # every feature on: 77 (3.6) / 149 (3.9)
+    ("dq", 64, (128, 64, 8, 4)),     # every feature on: 77 (3.6) / 149 (3.9)
+    ("fwd", 128, (64, 64, 4, 3)),    # every feature on: 38 (3.6)
+    ("fwd", 64, (128, 128, 8, 3)),   # packed sequences with dropout and the soft cap: 1 (3.9)
+}
+#: PLAIN_ONLY of the sm_8x lists
+PLAIN_ONLY_SM80 = {
+    ("fwd", 128, (128, 64, 8, 2)),   # causal: 5 (Triton 3.9); every feature on: 22 (3.6)
 }
 
 
 def heavy_spills(arch: int, tma: bool = False) -> set:
-    """The (kernel, head-dim bucket, config) entries skipped when a mask, its gradient or dropout is on."""
+    """The (kernel, head-dim bucket, config) entries skipped when a mask, its gradient, dropout or the
+    soft cap is on."""
     if tma:
         return TMA_HEAVY_SPILLS
     return HEAVY_SPILLS if arch >= 90 else HEAVY_SPILLS_SM80
+
+
+def plain_only(arch: int, tma: bool = False) -> set:
+    """The (kernel, head-dim bucket, config) entries kept only for the plain kernel (skipped when it
+    is banded, e.g. causal, or any feature is on)."""
+    if tma:
+        return set()
+    return PLAIN_ONLY if arch >= 90 else PLAIN_ONLY_SM80
 
 
 #: ALiBi's distance (``HAS_ALIBI``) keeps a slope and the rows' key positions live and adds two
@@ -912,8 +954,8 @@ def heavy_spills(arch: int, tma: bool = False) -> set:
 #: TMA_CONFIGS, "sm80": CONFIGS_SM80). ALIBI_SPILLS: with ALiBi alone or causal, skipped whenever
 #: ALiBi is on; ALIBI_HEAVY_SPILLS: with every feature on, skipped when ALiBi and a mask, its
 #: gradient, dropout or the soft cap are on (as HEAVY_SPILLS), unless nothing else is left. Counts
-#: are LDL/STL in the loop. sm_80's dK/dV at D = 256 keeps its one config, (64, 32, 8, 2): 4 in the
-#: dK pass with every feature and ALiBi on under Triton 3.6.
+#: are LDL/STL in the loop. sm_80's dK/dV at D = 256 keeps its one config, (64, 32, 8, 2): 4 (3.6) /
+#: 14 (3.9) in the dK pass with every feature and ALiBi on.
 ALIBI_SPILLS = {
     "sm90": {
         ("dkdv", 64, (128, 64, 8, 3)),   # ALiBi alone: 7 (Triton 3.9)
@@ -993,9 +1035,9 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
               alibi: bool = False) -> bool:
     """Whether the autotuner may try ``cfg`` for this head-dim pair (padded powers of two), element
     size, compute capability (80, 90, ...) and mask element size (0 = no mask); ``heavy`` (a mask,
-    its gradient or dropout is on) also skips HEAVY_SPILLS, ``alibi`` (ALiBi is on) ALIBI_SPILLS
-    (and with ``heavy`` ALIBI_HEAVY_SPILLS), ``heavy``, ``banded`` (causal or a window) or ``alibi``
-    PLAIN_ONLY.
+    its gradient, dropout or the soft cap is on) also skips HEAVY_SPILLS, ``alibi`` (ALiBi is on)
+    ALIBI_SPILLS (and with ``heavy`` ALIBI_HEAVY_SPILLS), ``heavy``, ``banded`` (causal or a window)
+    or ``alibi`` PLAIN_ONLY (``plain_only``).
     ``tma``: "off" (the launch passes no descriptors: pointer configs only), "auto" (both kinds,
     on sm_90 and newer) or "only" (TMA configs only)."""
     outer_name, inner_name = OUTER_INNER[kernel]
@@ -1016,7 +1058,7 @@ def config_ok(kernel: str, cfg, head_dim: int, head_dim_v: int, elem_bytes: int,
         return False
     if alibi and (kernel, bucket, key) in alibi_spills(arch, streamed, heavy):
         return False
-    if (heavy or banded or alibi) and not streamed and arch >= 90 and (kernel, bucket, key) in PLAIN_ONLY:
+    if (heavy or banded or alibi) and (kernel, bucket, key) in plain_only(arch, streamed):
         return False
     limit = SHARED_BYTES.get(arch, SHARED_BYTES[80] if arch < 90 else SHARED_BYTES[90]) - 1024
     return shared_bytes(kernel, key[0], key[1], key[3], head_dim, head_dim_v, elem_bytes, mask_bytes) <= limit

@@ -256,15 +256,33 @@ def test_attention_raw_op_softcap(name, dtype):
     out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, *band, 0.0, scale, 0, 0, softcap)
     dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, *band, 0.0, scale, 0, 0,
                                                              with_mask, softcap)
+    keep = _check_raw_op_against_definition(name, dtype, (out, lse, dq, dk, dv, dmask), q, k, v, mask, dout, band,
+                                            scale, softcap)
+    dead = ~keep.any(dim=1)
+    assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all()
+
+
+def _check_raw_op_against_definition(name, dtype, got, q, k, v, mask, dout, band, scale, softcap, slopes=None,
+                                     bottom_right=False):
+    """The raw ops' (out, lse, dq, dk, dv, dmask) against the definition written out here, in float64
+    and in ``dtype`` (the oracle's yardstick): s = cap(scale q.k) - slope |j - i - shift| + mask,
+    shift = Lk - Lq when bottom_right, then the band; autograd for the gradients of q, k, v and the
+    mask (none flows to the slopes). Returns the band's (Lq, Lk) keep matrix."""
+    Hq, Lq, Hkv, Lk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     rel = torch.arange(Lk, device=DEV)[None, :] - torch.arange(Lq, device=DEV)[:, None]  # j - i
     keep = (rel >= band[0]) & (rel <= band[1])
+    dist = (rel - (Lk - Lq if bottom_right else 0)).abs()  # |j - i - shift|
 
     def ref(ref_dtype):
-        leaves = [t.to(ref_dtype).requires_grad_(True) for t in (q, k, v) + ((mask,) if with_mask else ())]
+        leaves = [t.to(ref_dtype).requires_grad_(True) for t in (q, k, v) + ((mask,) if mask is not None else ())]
         q_, k_, v_ = leaves[:3]
         k_r, v_r = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k_, v_))
-        s = softcap * torch.tanh(torch.matmul(q_, k_r.transpose(-2, -1)) * scale / softcap)
-        if with_mask:
+        s = torch.matmul(q_, k_r.transpose(-2, -1)) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        if slopes is not None:
+            s = s - slopes.to(ref_dtype)[:, :, None, None] * dist.to(ref_dtype)
+        if mask is not None:
             s = s + leaves[3]
         s = s.masked_fill(~keep, float("-inf"))
         dead = (s == float("-inf")).all(dim=-1, keepdim=True)
@@ -274,12 +292,10 @@ def test_attention_raw_op_softcap(name, dtype):
         return [o.detach(), lse_ref.masked_fill(lse_ref == float("-inf"), float("inf"))] + grads
 
     ref64, ref_lp = ref(torch.float64), ref(dtype)
-    names = ("out", "lse", "dq", "dk", "dv") + (("dmask",) if with_mask else ())
+    names = ("out", "lse", "dq", "dk", "dv") + (("dmask",) if mask is not None else ())
     for i, what in enumerate(names):
-        got = (out, lse, dq, dk, dv, dmask)[i]
-        compare(f"{name} {what}", got, ref64[i], ref_lp[i], k=2.0 if i < 2 else 5.0)
-    dead = ~keep.any(dim=1)
-    assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all()
+        compare(f"{name} {what}", got[i], ref64[i], ref_lp[i], k=2.0 if i < 2 else 5.0)
+    return keep
 
 
 # name: (B, Hq, Hkv, Lq, Lk, D, (band_lo, band_hi), bottom_right, slopes, additive mask, softcap). Slopes:
@@ -325,32 +341,8 @@ def test_attention_raw_op_alibi(name, dtype):
                                                     bottom_right)
     dq, dk, dv, dmask = torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, *band, 0.0, scale, 0, 0,
                                                              with_mask, softcap, slopes, bottom_right)
-    rel = torch.arange(Lk, device=DEV)[None, :] - torch.arange(Lq, device=DEV)[:, None]  # j - i
-    keep = (rel >= band[0]) & (rel <= band[1])
-    dist = (rel - (Lk - Lq if bottom_right else 0)).abs()  # |j - i - shift|
-
-    def ref(ref_dtype):
-        leaves = [t.to(ref_dtype).requires_grad_(True) for t in (q, k, v) + ((mask,) if with_mask else ())]
-        q_, k_, v_ = leaves[:3]
-        k_r, v_r = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k_, v_))
-        s = torch.matmul(q_, k_r.transpose(-2, -1)) * scale
-        if softcap:
-            s = softcap * torch.tanh(s / softcap)
-        s = s - slopes.to(ref_dtype)[:, :, None, None] * dist.to(ref_dtype)
-        if with_mask:
-            s = s + leaves[3]
-        s = s.masked_fill(~keep, float("-inf"))
-        dead = (s == float("-inf")).all(dim=-1, keepdim=True)
-        o = torch.matmul(torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0), v_r)
-        grads = list(torch.autograd.grad(o, leaves, dout.to(ref_dtype)))
-        lse_ref = torch.logsumexp(s.detach(), dim=-1)
-        return [o.detach(), lse_ref.masked_fill(lse_ref == float("-inf"), float("inf"))] + grads
-
-    ref64, ref_lp = ref(torch.float64), ref(dtype)
-    names = ("out", "lse", "dq", "dk", "dv") + (("dmask",) if with_mask else ())
-    for i, what in enumerate(names):
-        got = (out, lse, dq, dk, dv, dmask)[i]
-        compare(f"{name} {what}", got, ref64[i], ref_lp[i], k=2.0 if i < 2 else 5.0)
+    keep = _check_raw_op_against_definition(name, dtype, (out, lse, dq, dk, dv, dmask), q, k, v, mask, dout, band,
+                                            scale, softcap, slopes, bottom_right)
     dead = ~keep.any(dim=1)
     assert (out[:, :, dead] == 0).all() and (dq[:, :, dead] == 0).all()
     assert torch.isinf(lse[:, :, dead]).all() and (lse[:, :, dead] > 0).all()

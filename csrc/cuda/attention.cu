@@ -205,13 +205,17 @@ __device__ __forceinline__ float mask_logit(const AttentionFwdArgs& a, float s, 
 // it); dS = P (dP - delta) is unchanged, and the cap's derivative is that of the capped score before
 // the bias (cap_logit returns it before the bias is added), as for the mask; the slopes get no
 // gradient (FlashAttention's contract).
-// Cost for plain calls: nothing per element. The slope pointer is tested, and the slope read, once per
-// block (once per query head step in the dK/dV kernels, whose head changes); a uniform branch
-// (with_alibi) per tile (per row in the shared-memory forward) then picks the elementwise step
-// compiled with the bias (kAlibi true) or the one without it, which is the code the kernels ran
-// before ALiBi (a per-element `if` would be if-converted into predicated instructions that plain
-// calls still issue, and pushed the register dK/dV kernel at D = 128 into spills). The distance is
-// formed per row as a float at the tile's first column, plus a small column offset per element:
+// Cost for plain calls: nothing. The elementwise step is compiled with the bias (kAlibi true) or without
+// it, which is the code the kernels ran before ALiBi (a per-element `if` would be if-converted into
+// predicated instructions that plain calls still issue, and pushed the register dK/dV kernel at
+// D = 128 into spills). The register-resident (mma.sync) kernels take kAlibi as a template parameter,
+// picked once per launch (*_mma_kernel_for): one kernel holding both steps behind a runtime branch
+// costs every call registers (sm_90 dQ at D = 32: 164 -> 178, 3 blocks per SM -> 2), and their
+// instantiations without ALiBi are the pre-ALiBi kernels. The shared-memory kernels keep one uniform
+// runtime branch (with_alibi) per tile (per row in their forward), at no measurable register cost
+// there. The slope pointer is tested, and the slope read, once per block (once per query head step in
+// the dK/dV kernels, whose head changes). The distance is formed per row as a float at the tile's
+// first column, plus a small column offset per element (per element in the register dK/dV kernel):
 // exact integers while |j - i - shift| < 2^24.
 struct Alibi {
   bool on;      // alibi_slopes given (uniform over the launch)
@@ -230,8 +234,8 @@ struct Alibi {
 };
 
 // Runs step(std::true_type{}) when ALiBi is on, else step(std::false_type{}): the one branch, uniform
-// over the block, that picks the elementwise step with or without the bias (the step reads the flag
-// as `constexpr bool kAlibi = decltype(flag)::value`).
+// over the block, that picks the elementwise step with or without the bias in the shared-memory kernels
+// (the step reads the flag as `constexpr bool kAlibi = decltype(flag)::value`).
 template <typename Step> __device__ __forceinline__ void with_alibi(const Alibi& alibi, Step&& step) {
   if (alibi.on) {
     step(std::true_type{});
@@ -617,7 +621,7 @@ __device__ __forceinline__ void store_acc_rows(T* dst, const float (&acc)[kTiles
 // grid (B * Hq, ceil(Lq / kMmaRows)), kMmaThreads threads.
 //   S = Q K^T; online softmax on the registers (the row sum stays a per-lane partial: every lane of
 //   a quad rescales by the same factor; it is reduced once at the end); O = O alpha + P V.
-template <typename T, int kD>
+template <typename T, int kD, bool kAlibi>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const AttentionFwdArgs a) {
   constexpr int kBN = kMmaFwdBlockN<kD>, kPitch = kMmaPitch<kD>;
   constexpr int kKSlices = kD / 16;   // k16 slices of the head dim in S = Q K^T
@@ -696,26 +700,23 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
     }
 
     const bool plain = block_unmasked(a, m0, kMmaRows, n0, kBN);
-    with_alibi(alibi, [&](auto flag) {
-      constexpr bool kAlibi = decltype(flag)::value;
-      // The ALiBi distance at the lane's first column acc_col(0, 0) = 2t of each of its rows; element
-      // (j, e) is acc_col(j, e) - 2t = 8 j + e % 2 columns on (a constant in the unrolled loop).
-      float alibi_d0[2] = {0.0f, 0.0f};
-      if constexpr (kAlibi) {
+    // The ALiBi distance at the lane's first column acc_col(0, 0) = 2t of each of its rows; element
+    // (j, e) is acc_col(j, e) - 2t = 8 j + e % 2 columns on (a constant in the unrolled loop).
+    float alibi_d0[2] = {0.0f, 0.0f};
+    if constexpr (kAlibi) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) alibi_d0[r] = alibi.dist(rows_i[r], n0 + acc_col(0, 0));
+      for (int r = 0; r < 2; ++r) alibi_d0[r] = alibi.dist(rows_i[r], n0 + acc_col(0, 0));
+    }
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float sc = s[j][e] * a.scale;
+        cap_logit(a, sc);  // softcap > 0: the capped score is formed explicitly, also on the plain path
+        sc = alibi.add<kAlibi>(sc, alibi_d0[e >> 1] + static_cast<float>(8 * j + (e & 1)));  // both paths too
+        s[j][e] = plain ? sc : mask_logit<T>(a, sc, b, h, rows_i[e >> 1], n0 + acc_col(j, e));
       }
-#pragma unroll
-      for (int j = 0; j < kNTiles; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float sc = s[j][e] * a.scale;
-          cap_logit(a, sc);  // softcap > 0: the capped score is formed explicitly, also on the plain path
-          sc = alibi.add<kAlibi>(sc, alibi_d0[e >> 1] + static_cast<float>(8 * j + (e & 1)));  // both paths too
-          s[j][e] = plain ? sc : mask_logit<T>(a, sc, b, h, rows_i[e >> 1], n0 + acc_col(j, e));
-        }
-      }
-    });
+    }
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -794,7 +795,7 @@ __device__ __forceinline__ void two_products(float (&x)[kTiles][4], const T* a1,
 // dQ (and dmask) for kMmaRows queries of one (batch, head): grid (B * Hq, ceil(Lq / kMmaRows)).
 // Per key block: S = Q K^T and dP = dO V^T in accumulators; P = exp(s - lse) (0 where masked),
 // dS = P (dP Z - delta) in place of dP; dmask = dS; dQ += dS K with dS as A fragments.
-template <typename T, int kD>
+template <typename T, int kD, bool kAlibi>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(const AttentionBwdArgs a) {
   const AttentionFwdArgs& f = a.fwd;
   constexpr int kBN = kMmaDqBlockN, kPitch = kMmaPitch<kD>;
@@ -857,33 +858,30 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
     float s[kNTiles][4], dp[kNTiles][4];
     two_products<T, kD>(s, q_warp, k_tile, dp, do_warp, v_tile);
     const bool plain = block_unmasked(f, m0, kMmaRows, n0, kBN);
-    with_alibi(alibi, [&](auto flag) {
-      constexpr bool kAlibi = decltype(flag)::value;
-      float alibi_d0[2] = {0.0f, 0.0f};  // as in the forward: the distance at column acc_col(0, 0)
-      if constexpr (kAlibi) {
+    float alibi_d0[2] = {0.0f, 0.0f};  // as in the forward: the distance at column acc_col(0, 0)
+    if constexpr (kAlibi) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) alibi_d0[r] = alibi.dist(rows_i[r], n0 + acc_col(0, 0));
-      }
+      for (int r = 0; r < 2; ++r) alibi_d0[r] = alibi.dist(rows_i[r], n0 + acc_col(0, 0));
+    }
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j) {
+    for (int j = 0; j < kNTiles; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          const int64_t i = rows_i[r], jj = n0 + acc_col(j, e);
-          float logit = s[j][e] * f.scale;
-          const float dcap = cap_logit(f, logit);  // t recomputed from the raw S: 1 - t^2 (before the bias)
-          logit = alibi.add<kAlibi>(logit, alibi_d0[r] + static_cast<float>(8 * j + (e & 1)));  // P as forward's
-          const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
-          const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse[r]);  // lse = +inf on dead rows: 0
-          const float z = f.dropout.enabled ? dropout_factor(f.dropout, drop_key[r], jj) : 1.0f;
-          const float ds = p * (dp[j][e] * z - delta[r]);
-          dp[j][e] = ds * dcap;  // towards dq: through the cap
-          if (dmask != nullptr && i < f.len_q && jj < f.len_k) {
-            dmask[(row_base + i) * f.len_k + jj] = from_float<T>(ds);
-          }
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int64_t i = rows_i[r], jj = n0 + acc_col(j, e);
+        float logit = s[j][e] * f.scale;
+        const float dcap = cap_logit(f, logit);  // t recomputed from the raw S: 1 - t^2 (before the bias)
+        logit = alibi.add<kAlibi>(logit, alibi_d0[r] + static_cast<float>(8 * j + (e & 1)));  // P as forward's
+        const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
+        const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse[r]);  // lse = +inf on dead rows: 0
+        const float z = f.dropout.enabled ? dropout_factor(f.dropout, drop_key[r], jj) : 1.0f;
+        const float ds = p * (dp[j][e] * z - delta[r]);
+        dp[j][e] = ds * dcap;  // towards dq: through the cap
+        if (dmask != nullptr && i < f.len_q && jj < f.len_k) {
+          dmask[(row_base + i) * f.len_k + jj] = from_float<T>(ds);
         }
       }
-    });
+    }
 #pragma unroll
     for (int kk = 0; kk < kSSlices; ++kk) {
       uint32_t ds_frag[4];
@@ -901,7 +899,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
 // 16 keys are the rows of every product: per query block (of each query head sharing the kv head)
 //   S^T = K Q^T, dP^T = V dO^T; P^T = exp(s - lse) (lse per column), dS^T = P^T (dP^T Z - delta);
 //   dV += (P^T Z) dO, dK += dS^T Q (the two results as A fragments).
-template <typename T, int kD>
+template <typename T, int kD, bool kAlibi>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(const AttentionBwdArgs a) {
   const AttentionFwdArgs& f = a.fwd;
   constexpr int kBM = kMmaDkdvBlockM, kPitch = kMmaPitch<kD>;
@@ -981,33 +979,25 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(
     float st[kMTiles][4], dpt[kMTiles][4];  // S^T and dP^T: rows = the warp's keys, columns = queries
     two_products<T, kD>(st, k_warp, q_tile, dpt, v_warp, do_tile);
     const bool plain = block_unmasked(f, m0, kBM, n0, kMmaRows);
-    with_alibi(alibi, [&](auto flag) {
-      constexpr bool kAlibi = decltype(flag)::value;
-      // The ALiBi distance j - i - shift at the lane's first query column m0 + acc_col(0, 0) of each of
-      // its key rows; element (j, e) is 8 j + e % 2 queries on, i.e. that much smaller.
-      float alibi_d0[2] = {0.0f, 0.0f};
-      if constexpr (kAlibi) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) alibi_d0[r] = alibi.dist(m0 + acc_col(0, 0), keys_j[r]);
+    for (int j = 0; j < kMTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = acc_col(j, e);
+        const int64_t i = m0 + col, jj = keys_j[e >> 1];
+        float logit = st[j][e] * f.scale;
+        const float dcap = cap_logit(f, logit);  // t recomputed from the raw S^T: 1 - t^2 (before the bias)
+        // P as the forward's; the distance per element (a per-row base, as in the other kernels, made the
+        // ALiBi instantiation at D = 128 spill on sm_90)
+        logit = alibi.add<kAlibi>(logit, alibi.dist(i, jj));
+        const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
+        const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse_rows[stage * kBM + col]);
+        const float z =
+            f.dropout.enabled ? dropout_factor(f.dropout, dropout_row_key(f.dropout, row_base + i), jj) : 1.0f;
+        dpt[j][e] = p * (dpt[j][e] * z - delta_rows[stage * kBM + col]) * dcap;  // dS^T through the cap
+        st[j][e] = p * z;
       }
-#pragma unroll
-      for (int j = 0; j < kMTiles; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = acc_col(j, e);
-          const int64_t i = m0 + col, jj = keys_j[e >> 1];
-          float logit = st[j][e] * f.scale;
-          const float dcap = cap_logit(f, logit);  // t recomputed from the raw S^T: 1 - t^2 (before the bias)
-          logit = alibi.add<kAlibi>(logit, alibi_d0[e >> 1] - static_cast<float>(8 * j + (e & 1)));  // P as fwd's
-          const float sc = plain ? logit : mask_logit<T>(f, logit, b, h, i, jj);
-          const float p = sc == -INFINITY ? 0.0f : exp_<T>(sc - lse_rows[stage * kBM + col]);
-          const float z =
-              f.dropout.enabled ? dropout_factor(f.dropout, dropout_row_key(f.dropout, row_base + i), jj) : 1.0f;
-          dpt[j][e] = p * (dpt[j][e] * z - delta_rows[stage * kBM + col]) * dcap;  // dS^T through the cap
-          st[j][e] = p * z;
-        }
-      }
-    });
+    }
 #pragma unroll
     for (int kk = 0; kk < kMSlices; ++kk) {
       uint32_t frag[4];
@@ -1023,6 +1013,22 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(
   const int64_t first = (b * f.heads_kv + hkv) * f.len_k;
   store_acc_rows<T>(static_cast<T*>(a.dk) + first * f.head_dim, dk, n0 + warp * 16, f.len_k, D, f.scale);
   store_acc_rows<T>(static_cast<T*>(a.dv) + first * f.head_dim_v, dv, n0 + warp * 16, f.len_k, Dv, 1.0f);
+}
+
+// The instantiation of a register-resident kernel for a launch: ALiBi is their template flag kAlibi,
+// picked here once from alibi_slopes, so that the instantiation without it compiles to the kernel as it
+// was before ALiBi (a runtime branch between the two elementwise steps cost every call registers).
+// Used by the launchers below and by tests/cuda_emu.
+template <typename T, int kD> auto fwd_mma_kernel_for(const AttentionFwdArgs& a) {
+  return a.alibi_slopes != nullptr ? attention_fwd_mma_kernel<T, kD, true> : attention_fwd_mma_kernel<T, kD, false>;
+}
+template <typename T, int kD> auto bwd_dq_mma_kernel_for(const AttentionBwdArgs& a) {
+  return a.fwd.alibi_slopes != nullptr ? attention_bwd_dq_mma_kernel<T, kD, true>
+                                       : attention_bwd_dq_mma_kernel<T, kD, false>;
+}
+template <typename T, int kD> auto bwd_dkdv_mma_kernel_for(const AttentionBwdArgs& a) {
+  return a.fwd.alibi_slopes != nullptr ? attention_bwd_dkdv_mma_kernel<T, kD, true>
+                                       : attention_bwd_dkdv_mma_kernel<T, kD, false>;
 }
 
 // ---- backward ----------------------------------------------------------------------------------------
@@ -1236,7 +1242,7 @@ const char* attention_fwd_mma_launch(const AttentionFwdArgs& a, cudaStream_t str
   const int64_t q_blocks = ceil_div(a.len_q, kMmaRows);
   if (q_blocks > 65535) return "attention: len_q too large for the grid";
   const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>(q_blocks));
-  return launch(attention_fwd_mma_kernel<T, kD>, grid, kMmaThreads, smem, stream, a);
+  return launch(fwd_mma_kernel_for<T, kD>(a), grid, kMmaThreads, smem, stream, a);
 }
 
 // 16-bit inputs on sm_80+: the register-resident kernel for the smallest compiled head dim that
@@ -1282,11 +1288,11 @@ const char* attention_bwd_mma_launch(const AttentionBwdArgs& a, cudaStream_t str
   if (q_blocks > 65535 || k_blocks > 65535) return "attention: sequence too long for the grid";
   if (k_blocks > 0 && f.batch * f.heads_kv > 0) {
     const dim3 grid(static_cast<unsigned>(f.batch * f.heads_kv), static_cast<unsigned>(k_blocks));
-    if (const char* err = launch(attention_bwd_dkdv_mma_kernel<T, kD>, grid, kMmaThreads, smem_kv, stream, a))
+    if (const char* err = launch(bwd_dkdv_mma_kernel_for<T, kD>(a), grid, kMmaThreads, smem_kv, stream, a))
       return err;
   }
   const dim3 grid(static_cast<unsigned>(f.batch * f.heads_q), static_cast<unsigned>(q_blocks));
-  return launch(attention_bwd_dq_mma_kernel<T, kD>, grid, kMmaThreads, smem_dq, stream, a);
+  return launch(bwd_dq_mma_kernel_for<T, kD>(a), grid, kMmaThreads, smem_dq, stream, a);
 }
 
 // 16-bit inputs on sm_80+ with head dims up to kMmaBwdMaxHeadDim: the register-resident backward.

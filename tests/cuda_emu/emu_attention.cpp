@@ -86,11 +86,11 @@ template <typename T>
 int fwd_mma_typed(const AttentionFwdArgs& a, int kd) {
   const dim3 grid(unsigned(a.batch * a.heads_q), unsigned(ceil_div(a.len_q, kMmaRows)));
   switch (kd) {
-    case 32: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 32>, a); return 0;
-    case 64: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 64>, a); return 0;
-    case 96: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 96>, a); return 0;
-    case 128: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 128>, a); return 0;
-    case 256: emu::launch(grid, dim3(kMmaThreads), attention_fwd_mma_kernel<T, 256>, a); return 0;
+    case 32: emu::launch(grid, dim3(kMmaThreads), fwd_mma_kernel_for<T, 32>(a), a); return 0;
+    case 64: emu::launch(grid, dim3(kMmaThreads), fwd_mma_kernel_for<T, 64>(a), a); return 0;
+    case 96: emu::launch(grid, dim3(kMmaThreads), fwd_mma_kernel_for<T, 96>(a), a); return 0;
+    case 128: emu::launch(grid, dim3(kMmaThreads), fwd_mma_kernel_for<T, 128>(a), a); return 0;
+    case 256: emu::launch(grid, dim3(kMmaThreads), fwd_mma_kernel_for<T, 256>(a), a); return 0;
   }
   return 2;
 }
@@ -117,9 +117,9 @@ void bwd_mma_kernels(const AttentionBwdArgs& b) {
   emu::launch(dim3(unsigned(ceil_div(rows, kWarps))), dim3(kThreads), attention_bwd_delta_kernel<T>, b);
   if (f.len_k > 0)
     emu::launch(dim3(unsigned(f.batch * f.heads_kv), unsigned(ceil_div(f.len_k, kMmaRows))), dim3(kMmaThreads),
-                attention_bwd_dkdv_mma_kernel<T, kD>, b);
+                bwd_dkdv_mma_kernel_for<T, kD>(b), b);
   emu::launch(dim3(unsigned(f.batch * f.heads_q), unsigned(ceil_div(f.len_q, kMmaRows))), dim3(kMmaThreads),
-              attention_bwd_dq_mma_kernel<T, kD>, b);
+              bwd_dq_mma_kernel_for<T, kD>(b), b);
 }
 
 template <typename T>

@@ -52,6 +52,27 @@ def test_activations(activation, dtype):
                             names=NAMES)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("half_gemm", ["native", "float32"])
+def test_both_half_precision_gemm_paths(monkeypatch, half_gemm, activation, dtype):
+    """Half-precision GEMMs run in the input dtype on CPUs with AVX512-BF16/FP16 and in float32 on
+    converted operands elsewhere; FUSED_ATTN_CPU_HALF_GEMM forces each path here, so both meet the
+    oracle on any CI machine (the native path once added b1 after rounding the GEMM: ReLU's
+    derivative then flipped near 0, which only AVX512-BF16 machines saw), with dropout too."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_HALF_GEMM", half_gemm)
+    inputs = _inputs((17,), 40, 100, activation, dtype)
+    check_against_reference(_fused(activation), _reference(activation), inputs, names=NAMES)
+    check_against_reference(_fused(activation, 0.25, 77), _reference(activation, 0.25, 77), inputs, names=NAMES)
+
+
+def test_half_gemm_env_is_checked(monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_CPU_HALF_GEMM", "fp8")
+    x, w1, b1, w2, b2 = [t.detach() for t in _inputs((3,), 8, 16, "relu", torch.bfloat16)]
+    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_HALF_GEMM must be one of auto, native, float32"):
+        fused_attn.feed_forward(x, w1, b1, w2, b2, backend="cpu")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_no_bias_3d_input_and_other_d_out(activation, dtype):

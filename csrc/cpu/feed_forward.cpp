@@ -23,6 +23,8 @@
 // GEMMs run in the input dtype.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <string_view>
 
 #include "cpu_common.h"
@@ -100,8 +102,17 @@ void dispatch_activation(Act act, F&& f) {
   }
 }
 
-// The dtype the GEMMs run in (see the file comment).
+// The dtype the GEMMs run in (see the file comment). FUSED_ATTN_CPU_HALF_GEMM = native / float32
+// forces one of the two paths for half-precision inputs on any CPU (unset or "auto": by the CPU),
+// so that the tests run both wherever they run.
 at::ScalarType gemm_dtype(at::ScalarType t) {
+  if (t != at::kBFloat16 && t != at::kHalf) return t;
+  const char* env = std::getenv("FUSED_ATTN_CPU_HALF_GEMM");
+  const std::string mode = env ? env : "auto";
+  if (mode == "native") return t;
+  if (mode == "float32") return at::kFloat;
+  FA_CHECK(mode == "auto" || mode.empty(), "FUSED_ATTN_CPU_HALF_GEMM must be one of auto, native, float32; got '",
+           mode, "'");
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool native_bf16 = __builtin_cpu_supports("avx512bf16");
   static const bool native_fp16 = __builtin_cpu_supports("avx512fp16");

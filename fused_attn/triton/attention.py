@@ -315,16 +315,19 @@ def _sequence_band(band_lo, band_hi, Lq, Lk, BOTTOM_RIGHT: tl.constexpr):
 
 
 @triton.jit
-def _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, BOTTOM_RIGHT: tl.constexpr):
+def _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, HAS_ALIBI: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
     """(slope * log2 e, shift) of ALiBi for batch entry (or varlen sequence) b and query head h:
     the slope read through the (B, Hq) slopes' strides (often a stride-0 expand of (Hq,)), in the
     base-2 units of the scores; shift = Lk - Lq (this sequence's lengths) with BOTTOM_RIGHT, which
-    places query i at key position i + Lk - Lq, else 0."""
-    slope = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32)
+    places query i at key position i + Lk - Lq, else 0. Without HAS_ALIBI: (0, 0), placeholders
+    ``_scores`` does not read, and no load."""
+    slope = 0.0
     shift = 0
-    if BOTTOM_RIGHT:
-        shift = Lk - Lq
-    return slope * 1.4426950408889634, shift
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * 1.4426950408889634
+        if BOTTOM_RIGHT:
+            shift = Lk - Lq
+    return slope, shift
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,10 +377,7 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
         K += k_start * stride_kn
         V += k_start * stride_vn
         lse_row0 = h * TQ + q_start
-    alibi_log2 = 0.0  # placeholders when HAS_ALIBI is off
-    alibi_shift = 0
-    if HAS_ALIBI:
-        alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, BOTTOM_RIGHT)
+    alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, HAS_ALIBI, BOTTOM_RIGHT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -595,10 +595,8 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
     for g in range(0, GROUP):  # the query heads that read this kv head, in order: deterministic
         h = hk * GROUP + g
         bh = b * Hq + h
-        alibi_log2 = 0.0  # placeholders when HAS_ALIBI is off
-        alibi_shift = 0
-        if HAS_ALIBI:  # each query head of the group has its own slope
-            alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, BOTTOM_RIGHT)
+        # each query head of the group has its own slope
+        alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, HAS_ALIBI, BOTTOM_RIGHT)
         lse_row0 = bh * Lq
         if VARLEN:
             lse_row0 = h * TQ + q_start
@@ -709,10 +707,7 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK, KE
         lse_row0 = h * TQ + q_start
         dq_row0 = (q_start * Hq + h) * D
         dq_step = Hq * D
-    alibi_log2 = 0.0  # placeholders when HAS_ALIBI is off
-    alibi_shift = 0
-    if HAS_ALIBI:
-        alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, BOTTOM_RIGHT)
+    alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, HAS_ALIBI, BOTTOM_RIGHT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -959,7 +954,6 @@ def plain_only(arch: int, tma: bool = False) -> set:
 ALIBI_SPILLS = {
     "sm90": {
         ("dkdv", 64, (128, 64, 8, 3)),   # ALiBi alone: 7 (Triton 3.9)
-        ("dq", 128, (128, 128, 8, 2)),   # ALiBi alone: 4 (3.9); causal: 18 (3.6, 0 without ALiBi)
         ("dq", 256, (64, 64, 8, 2)),     # causal: 8 (3.9)
     },
     "tma": {

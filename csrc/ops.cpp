@@ -14,6 +14,8 @@
 // the logits where the additive mask is added (after the cap), shift = Lk - Lq if bottom_right else
 // 0 (the band already carries the alignment; ALiBi needs it separately). Nothing else changes in
 // the backward: the bias is a constant, so dS is the same and no gradient flows to the slopes.
+// attention_bwd's dlse (None, or float32 shaped as lse) is the returned lse's gradient: as
+// d lse_i / d s_ij = P_ij, it only shifts the row term, dS = P (dP - (delta - dlse)).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,7 +27,7 @@ TORCH_LIBRARY(fused_attn_C, m) {
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
       "int band_lo, int band_hi, float dropout_p, float scale, int seed, int offset, bool mask_grad, "
-      "float softcap=0.0, Tensor? alibi_slopes=None, bool bottom_right=False) "
+      "float softcap=0.0, Tensor? alibi_slopes=None, bool bottom_right=False, Tensor? dlse=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def(
       "layer_norm_residual_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "

@@ -244,7 +244,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         return_lse: also return the float32 (B, Hq, Lq) log-sum-exp of each row's scaled, capped and
             masked logits (natural log; before dropout), as FlashAttention's ``return_softmax_lse``:
             what merging partial attentions (split keys, ring / context parallelism) needs. +inf on
-            rows that see no key. It is a by-product: no gradient flows through it.
+            rows that see no key. It is differentiable (unlike FlashAttention's, as FlexAttention's):
+            a merge of partial attentions trains under plain autograd. Its gradient costs one
+            subtraction per row in the backward (d lse_i / d s_ij = P_ij); +inf rows get none.
         backend: "auto", "triton", "cuda", "cpu" or "reference"; None uses ``use_backend`` /
             ``FUSED_ATTN_BACKEND`` / auto.
 

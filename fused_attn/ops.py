@@ -16,6 +16,9 @@ attention; ``softcap`` > 0 caps the logits (``softcap * tanh(logit / softcap)``,
 it adds the mask, d_i being query i's key position: i, or i + Lk - Lq when ``bottom_right`` (the
 band already carries the alignment; ALiBi needs it separately). Varlen: (num_sequences, Hq), each
 sequence aligned on its own lengths. No gradient flows to the slopes.
+The backward ops take ``dlse`` (None = zeros), the gradient of the returned lse (float32, lse's
+shape, any strides): since d lse_i / d s_ij = P_ij, it only shifts the softmax backward's row term,
+dS = P (dP - (delta - dlse)) with delta = rowsum(dO * O), so every backend subtracts it from delta.
 Dropout takes ``rng``, an int64 CPU tensor ``[seed, offset]`` (a tensor, not two ints, so that
 drawing it stays inside a compiled graph); see ``fused_attn._rng`` for the mask it defines.
 
@@ -91,14 +94,14 @@ def _attention_fwd_fake(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
 
 
 def _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                        backend, softcap=0.0, alibi_slopes=None, bottom_right=False):
+                        backend, softcap=0.0, alibi_slopes=None, bottom_right=False, dlse=None):
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         dmask = attn_mask.new_zeros(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
         return torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
             k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format), dmask
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale,
-                                              seed, offset, mask_grad, softcap, alibi_slopes, bottom_right)
+                                              seed, offset, mask_grad, softcap, alibi_slopes, bottom_right, dlse)
 
 
 @torch.library.custom_op("fused_attn::attention_bwd", mutates_args=())
@@ -107,14 +110,14 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   dropout_p: float, scale: float,
                   rng: Optional[Tensor], mask_grad: bool, backend: str,
                   softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-                  bottom_right: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  bottom_right: bool = False, dlse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                               backend, softcap, alibi_slopes, bottom_right)
+                               backend, softcap, alibi_slopes, bottom_right, dlse)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                        backend, softcap=0.0, alibi_slopes=None, bottom_right=False):
+                        backend, softcap=0.0, alibi_slopes=None, bottom_right=False, dlse=None):
     dmask = attn_mask.new_empty(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
@@ -148,23 +151,21 @@ class AttentionFunction(torch.autograd.Function):
                                       softcap, alibi_slopes, bottom_right)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng, alibi_slopes)
         ctx.options = (band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right)
-        if return_lse:  # returned as FlashAttention returns it: a by-product, not differentiated
-            ctx.mark_non_differentiable(lse)
-            return out, lse
-        return out
+        return (out, lse) if return_lse else out
 
     @staticmethod
-    def backward(ctx, dout, *unused_dlse):
+    def backward(ctx, dout, dlse=None):
+        # dlse: the lse's gradient when it was returned (autograd gives zeros when it went unused)
         q, k, v, out, lse, attn_mask, rng, alibi_slopes = ctx.saved_tensors
         band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
         mask4 = None
         if attn_mask is not None:
             mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask_grad = bool(ctx.needs_input_grad[3])
-        direct = direct_call_ok(dout, q, k, v, attn_mask, alibi_slopes)
+        direct = direct_call_ok(dout, q, k, v, attn_mask, alibi_slopes, dlse)
         bwd = _attention_bwd_impl if direct else torch.ops.fused_attn.attention_bwd
         dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask4, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
-                                backend, softcap, alibi_slopes, bottom_right)
+                                backend, softcap, alibi_slopes, bottom_right, dlse)
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
         return (dq, dk, dv, dmask) + (None,) * 10
 
@@ -209,13 +210,14 @@ def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
 def _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
-                               seqused_k=None, alibi_slopes=None):
+                               seqused_k=None, alibi_slopes=None, dlse=None):
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                      max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                                                     dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes)
+                                                     dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes,
+                                                     dlse)
 
 
 @torch.library.custom_op("fused_attn::attention_varlen_bwd", mutates_args=())
@@ -223,17 +225,17 @@ def attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          band_lo: int, band_hi: int, bottom_right: bool, dropout_p: float, scale: float,
                          rng: Optional[Tensor], backend: str, softcap: float = 0.0,
-                         seqused_k: Optional[Tensor] = None,
-                         alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                         seqused_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+                         dlse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     return _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap,
-                                      seqused_k, alibi_slopes)
+                                      seqused_k, alibi_slopes, dlse)
 
 
 @attention_varlen_bwd.register_fake
 def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
-                               seqused_k=None, alibi_slopes=None):
+                               seqused_k=None, alibi_slopes=None, dlse=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -256,18 +258,15 @@ class AttentionVarlenFunction(torch.autograd.Function):
                        bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
-        if return_lse:
-            ctx.mark_non_differentiable(lse)
-            return out, lse
-        return out
+        return (out, lse) if return_lse else out
 
     @staticmethod
-    def backward(ctx, dout, *unused_dlse):
+    def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes = ctx.saved_tensors
-        bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v, alibi_slopes)
+        bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v, alibi_slopes, dlse)
                else torch.ops.fused_attn.attention_varlen_bwd)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
-                         *ctx.options[7:], seqused_k, alibi_slopes)
+                         *ctx.options[7:], seqused_k, alibi_slopes, dlse)
         return (dq, dk, dv) + (None,) * 16
 
 

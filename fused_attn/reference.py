@@ -153,8 +153,11 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
     keep = visible_keys(Lq, Lk, causal, window_size, alignment, band, q.device)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    return lse.masked_fill(lse == float("-inf"), float("inf"))
+    # Rows with no key get +inf, and a zero gradient: logsumexp's own would be exp(-inf - -inf) = NaN,
+    # so those rows are taken out of the graph before it.
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(scores.masked_fill(dead, 0.0), dim=-1)
+    return lse.masked_fill(dead.squeeze(-1), float("inf"))
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_p=0.0, scale=None, rng=None, *,

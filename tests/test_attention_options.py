@@ -264,15 +264,16 @@ def test_softcap_keeps_nan_in_its_row(device, backend):
 @pytest.mark.parametrize("device,backend", cases(torch.float32))
 def test_return_lse_matches_reference(device, backend):
     """The returned lse is the float64 reference's (bottom-right causal window with dead rows, GQA,
-    a bool mask and a soft cap), +inf on the rows that see no key; it carries no gradient, and the
-    output is the one a call without return_lse gives."""
+    a bool mask and a soft cap), +inf on the rows that see no key; it is part of the autograd graph
+    (its gradient: tests/test_lse_gradient.py), and the output is the one a call without return_lse
+    gives."""
     with torch.device(device):
         q, k, v = make_inputs((2, 4, 37, 24), (2, 2, 29, 24), (2, 2, 29, 16), seed=21)
         keep = torch.rand(2, 1, 37, 29, generator=torch.Generator().manual_seed(4)).to(device) > 0.25
         opts = dict(attn_mask=keep, causal=True, window_size=(6, 0), alignment="bottom_right", softcap=2.0)
         out, lse = F.attention(q, k, v, return_lse=True, backend=backend, **opts)
         plain = F.attention(q, k, v, backend=backend, **opts)
-    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 37) and not lse.requires_grad
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 37) and lse.requires_grad
     assert torch.equal(out, plain)
     expected = R.attention_lse(q.double(), k.double(), keep, True, window_size=(6, 0), alignment="bottom_right",
                                softcap=2.0)
@@ -309,7 +310,7 @@ def test_varlen_return_lse(device, backend):
                                   backend=backend)
     ref_out, ref_lse = R.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, True,
                                           alignment="bottom_right", with_lse=True)
-    assert lse.shape == (2, 23) and not lse.requires_grad
+    assert lse.shape == (2, 23) and lse.requires_grad
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
 
@@ -319,17 +320,19 @@ def test_return_lse_compiles_fullgraph():
 
     def fn(q, k, v):
         out, lse = F.attention(q, k, v, causal=True, return_lse=True)
-        return out.sum() + lse.sum()  # lse enters the loss as a constant
+        return out.sum() + (lse * torch.linspace(-1, 1, lse.shape[-1])).sum()  # both outputs differentiated
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     loss = compiled(q, k, v)
     loss.backward()
-    grad = q.grad.clone()
-    q.grad = None
+    grads = [t.grad.clone() for t in (q, k)]
+    q.grad = k.grad = None
     eager = fn(q, k, v)
     eager.backward()
     torch.testing.assert_close(loss, eager)
-    torch.testing.assert_close(grad, q.grad)
+    torch.testing.assert_close(grads, [q.grad, k.grad])
+    without_lse = torch.autograd.grad(F.attention(q, k, v, causal=True).sum(), q)[0]
+    assert (grads[0] - without_lse).abs().max() > 1e-3  # the lse's gradient is in there
 
 
 def test_return_lse_is_validated():

@@ -212,8 +212,9 @@ def _op_samples(backend):
         samples["attention_fwd"].append(args)
         out, lse = torch.ops.fused_attn.attention_fwd(*args)
         mask_grad = mask is not None and mask.dtype != torch.bool
+        dlse = rnd(*lse.shape) if alibi is not None else None  # the lse's gradient
         samples["attention_bwd"].append((rnd(*out.shape), q, k, v, out, lse, mask, *band, p, 0.35,
-                                         rng if p else None, mask_grad, backend, cap, alibi, alibi is not None))
+                                         rng if p else None, mask_grad, backend, cap, alibi, alibi is not None, dlse))
     cu_q, cu_k = torch.tensor([0, 4, 4, 9], dtype=torch.int32), torch.tensor([0, 3, 5, 7], dtype=torch.int32)
     q, k, v = rnd(9, 4, 8), rnd(7, 2, 8), rnd(7, 2, 8)
     used = torch.tensor([2, 1, 2], dtype=torch.int32)
@@ -226,7 +227,7 @@ def _op_samples(backend):
         out, lse = torch.ops.fused_attn.attention_varlen_fwd(*args)
         samples["attention_varlen_bwd"].append((rnd(*out.shape), q, k, v, out, lse, cu_q, cu_k, 5, 3, *band,
                                                 bottom_right, p, 0.35, rng if p else None, backend, cap, seqused,
-                                                alibi))
+                                                alibi, rnd(*lse.shape) if p else None))
     x, r, w, b = rnd(6, 16), rnd(6, 16), rnd(16), rnd(16)
     for residual, weight, bias, p, rms in ((r, w, b, 0.0, False), (None, w, None, 0.0, True), (r, None, b, 0.3, False)):
         args = (x, residual, weight, bias, 1e-5, p, rms, False, rng if p else None, backend)

@@ -64,6 +64,10 @@ cases = {
   "attn bwd alibi wrong shape": lambda: alibi_bwd(t(1, 3)),
   "attn bwd alibi wrong dtype": lambda: alibi_bwd(t(1, 2, dtype=f64), True),
   "attn bwd alibi 1-D": lambda: alibi_bwd(t(2)),
+  "attn bwd dlse wrong shape": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, None, False, t(1, 2, 4)),
+  "attn bwd dlse float64": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, None, False, t(1, 2, 5, dtype=f64)),
+  "attn bwd dlse int64": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, None, False, t(1, 2, 5, dtype=torch.int64)),
+  "attn bwd dlse meta": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, None, False, torch.empty(1, 2, 5, device="meta")),
   "attn bwd softcap negative": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, -1.0),
   "attn bwd lse wrong shape": lambda: ops.attention_bwd(out, q, k, v, out, t(1, 2, 4), None, *NO_BAND, 0.0, 1.0, 0, 0, False),
   "attn bwd dout wrong shape": lambda: ops.attention_bwd(t(1, 2, 5, 7), q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False),
@@ -132,6 +136,8 @@ for i in range(60):
         o, l = ops.attention_fwd(q, k, v, None, *band, 0.0, 1.0, 0, 0, 0.0, a, br)
         ops.attention_bwd(torch.randn_like(o), q, k, v, o, l, None, *band, 0.0, 1.0, 0, 0, False, 0.0, a, br)
     cases[f"random alibi {i}"] = random_alibi
+    cases[f"random dlse {i}"] = (lambda a=rand_tensor(): ops.attention_bwd(
+        out, q, k, v, out, lse, None, *CAUSAL_BAND, 0.0, 1.0, 0, 0, False, 0.0, None, False, a))
 results = {}
 for name, call in cases.items():
     try:
@@ -162,7 +168,7 @@ def test_compiled_ops_reject_bad_input_without_crashing():
     failed = {name: res for name, res in bands.items() if res != "ok"}
     assert len(bands) == 96 and not failed, f"valid calls with extreme bands failed: {failed}"
     # the random cases may be valid by chance; they must only never crash (checked above)
-    assert len(results) == len(listed) + len(bands) + 240
+    assert len(results) == len(listed) + len(bands) + 300
 
 
 def test_error_messages_format_their_values():

@@ -384,6 +384,13 @@ def test_attention_raw_op_rejects_bad_input():
             op(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, 0.0, bad, True)
         with pytest.raises(RuntimeError, match=message):
             bwd(q, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, bad, True)
+    # the lse's gradient: float32 of lse's shape on q's device, any strides
+    strided = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    bwd(q, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, None, False, strided)
+    for bad, message in ((lse.double(), "dlse must have dtype"), (lse[..., :4], "dlse must have lse's shape"),
+                         (lse[0], "dlse must be 3-D"), (lse.cpu(), "dlse must be a CUDA tensor")):
+        with pytest.raises(RuntimeError, match=message):
+            bwd(q, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, None, False, bad)
 
 
 # ---------------------------------------------------------------------------------------------

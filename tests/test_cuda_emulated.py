@@ -115,8 +115,9 @@ def case_band(opts):
 
 
 def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, blocks, softcap=0.0, alibi=None,
-                       alignment="top_left"):
-    """(out, lse, dq, dk, dv, dmask) from the emulated kernels; dmask only for an additive mask."""
+                       alignment="top_left", dlse=None):
+    """(out, lse, dq, dk, dv, dmask) from the emulated kernels; dmask only for an additive mask;
+    ``dlse``: the lse's gradient (contiguous float32 (B, Hq, Lq)) or None."""
     common = _common_args(q, k, v, mask, band, scale, p, seed, offset, softcap, alibi, alignment)
     out = new_attention_out(q, v.shape[3])
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
@@ -126,30 +127,37 @@ def emulated_attention(emu, q, k, v, mask, band, scale, p, seed, offset, dout, b
     dmask = torch.zeros(q.shape[:3] + (k.shape[2],)) if additive else None
     delta = torch.empty(q.shape[:3], dtype=torch.float32)
     assert emu.emu_attention_bwd(*common, _ptr(out), _i64(out.stride()), _ptr(lse), _ptr(dout), _i64(dout.stride()),
-                                 _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dmask), _ptr(delta), *blocks) == 0
+                                 _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dmask), _ptr(delta), *blocks,
+                                 _ptr(None if dlse is None else dlse.contiguous())) == 0
     return out, lse, dq, dk, dv, dmask
 
 
 def reference_attention(q, k, v, mask, band, scale, p, seed, offset, dout, dtype, softcap=0.0, alibi=None,
-                        alignment="top_left"):
+                        alignment="top_left", dlse=None):
     """The same quantities from fused_attn.reference in ``dtype`` (autograd for the gradients), the
     band applied as a mask (with_band), ALiBi's bias placed by ``alignment`` (the band is given
-    whole, so alignment moves only the bias); dmask is the gradient of the given mask."""
+    whole, so alignment moves only the bias); dmask is the gradient of the given mask. ``dlse``:
+    the lse's gradient (None = zeros)."""
     cast = lambda t: None if t is None else (t if t.dtype == torch.bool else t.to(dtype))
     q_, k_, v_, m_ = (cast(t) for t in (q, k, v, mask))
     Lq, Lk = q.shape[2], k.shape[2]
     additive = mask is not None and mask.dtype != torch.bool
     rng = (seed, offset) if p > 0 else None
-    attend = lambda q, k, v, m: R.attention(q, k, v, attn_mask=with_band(m, band, Lq, Lk), dropout_p=p, scale=scale,
-                                            rng=rng, softcap=softcap, alibi_slopes=alibi, alignment=alignment)
+
+    def outputs(q, k, v, m):
+        m = with_band(m, band, Lq, Lk)
+        return (R.attention(q, k, v, attn_mask=m, dropout_p=p, scale=scale, rng=rng, softcap=softcap,
+                            alibi_slopes=alibi, alignment=alignment),
+                R.attention_lse(q, k, attn_mask=m, scale=scale, softcap=softcap, alibi_slopes=alibi,
+                                alignment=alignment))
+
+    grads_out = (dout.to(dtype), torch.zeros(q.shape[:3], dtype=dtype) if dlse is None else dlse.to(dtype))
     if additive:
-        out, vjp = torch.func.vjp(attend, q_, k_, v_, m_)
-        dq, dk, dv, dmask = vjp(dout.to(dtype))
+        (out, lse), vjp = torch.func.vjp(outputs, q_, k_, v_, m_)
+        dq, dk, dv, dmask = vjp(grads_out)
     else:
-        out, vjp = torch.func.vjp(lambda q, k, v: attend(q, k, v, m_), q_, k_, v_)
-        (dq, dk, dv), dmask = vjp(dout.to(dtype)), None
-    lse = R.attention_lse(q_, k_, attn_mask=with_band(m_, band, Lq, Lk), scale=scale, softcap=softcap,
-                          alibi_slopes=alibi, alignment=alignment)
+        (out, lse), vjp = torch.func.vjp(lambda q, k, v: outputs(q, k, v, m_), q_, k_, v_)
+        (dq, dk, dv), dmask = vjp(grads_out), None
     return out, lse, dq, dk, dv, dmask
 
 
@@ -268,6 +276,28 @@ def test_emulated_attention_matches_reference(emu, name):
         assert (got[0][:, :, 2] == 0).all() and torch.isinf(got[1][:, :, 2]).all()
     if check_dead_rows(band, Lq, Lk, got[0], got[1], got[2]) == Lq:  # the band leaves nothing: zeros throughout
         assert all((g == 0).all() for g in got[2:] if g is not None)
+
+
+@pytest.mark.parametrize("name", ["causal_gqa_lq_gt_lk_32x32", "bottom_right_causal_gqa_lq_gt_lk_dead_rows_16x16",
+                                  "alibi_softcap_additive_mask_grad_band_gqa_16x16"])
+def test_emulated_attention_lse_gradient(emu, name):
+    """The lse's gradient (dlse) through the delta kernel both kernel families share: dS = P (dP - (delta
+    - dlse)), on top of the output's gradient; the dead rows' dlse changes nothing."""
+    B, Hq, Hkv, Lq, Lk, D, Dv, opts, blocks = CASES[name]
+    q, k, v, mask, randn = attention_inputs(name, torch.float32, B, Hq, Hkv, Lq, Lk, D, Dv, opts)
+    band, p, softcap = case_band(opts), opts.get("dropout_p", 0.0), opts.get("softcap", 0.0)
+    scale, seed, offset = 1.0 / math.sqrt(D), 123456789012345, 987654321
+    dout, dlse = randn(B, Hq, Lq, Dv), randn(B, Hq, Lq)
+    alibi, alignment = alibi_inputs(name, B, Hq, opts)
+    args = (q, k, v, mask, band, scale, p, seed, offset, dout)
+    got = emulated_attention(emu, *args, blocks, softcap, alibi, alignment, dlse=dlse)
+    ref64 = reference_attention(*args, torch.float64, softcap, alibi, alignment, dlse=dlse)
+    ref32 = reference_attention(*args, torch.float32, softcap, alibi, alignment, dlse=dlse)
+    without = reference_attention(*args, torch.float64, softcap, alibi, alignment)
+    assert float((without[2] - ref64[2]).abs().max()) > 0.1  # the lse's term is large
+    for i, label in enumerate(("dq", "dk", "dv", "dmask"), start=2):
+        if got[i] is not None:
+            compare(label, got[i], ref64[i], ref32[i], k=5.0)
 
 
 def test_emulated_attention_without_keys(emu):

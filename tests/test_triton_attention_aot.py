@@ -544,3 +544,38 @@ def test_loop_spills_are_told_from_spills_around_loops():
         "14 local-memory spill instructions (LDL/STL)"]  # GEMM epilogues, norms: every spill counts
     assert "2 local-memory spill instructions (LDL/STL) inside loops (3 in all)" in \
         AotResult(spills=3, loop_spills=2, **base).problems(spills_around_loops_ok=True)
+
+
+DELTA_SCRIPT = r"""
+import json
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+from fused_attn.triton import attention as A
+from fused_attn.triton._aot import aot_compile
+
+STRIDES = ("stride_ob", "stride_oh", "stride_om", "stride_gb", "stride_gh", "stride_gm", "stride_lb", "stride_lh",
+           "stride_lm", "Hq", "Lq")
+results = []
+for head_dim_v, dtype, has_dlse in ((40, "fp16", True), (64, "bf16", False), (128, "bf16", True),
+                                    (128, "fp16", False), (256, "fp32", True), (256, "bf16", False)):
+    sig = dict(Out="*" + dtype, dOut="*" + dtype, Delta="*fp32", dLse="*fp32", stride_od="i32", stride_gd="i32",
+               **{name: "i32" for name in STRIDES})
+    const = dict(DV=head_dim_v, HEAD_DIM_V=A._pow2(head_dim_v), BLOCK_M=A.delta_block_m(head_dim_v),
+                 HAS_DLSE=has_dlse)
+    r = aot_compile(A._attn_bwd_delta, sig, const, arch=90, num_warps=4, num_stages=3,
+                    divisible_by_16=("Out", "dOut", "Delta", "dLse", "stride_om", "stride_gm"))
+    results.append(dict(r.to_dict(), problems=r.problems()))
+print(json.dumps(results))
+"""
+
+
+def test_delta_kernel_compiles_clean():
+    """The backward's delta kernel (rowsum(dO * O) - dlse) for sm_90 at every head-dim size class,
+    with and without the lse's gradient: no spill (its program is one pass, every spill counts) and
+    few enough registers that its memory-bound programs keep the SM full (``delta_block_m`` sizes
+    the rows so; 64 rows took up to 255 registers and spilled at Dv = 256)."""
+    from fused_attn.triton._aot import run_isolated
+
+    for r in run_isolated(DELTA_SCRIPT):
+        assert not r["problems"], r
+        assert r["registers"] <= 96, r

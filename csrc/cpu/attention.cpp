@@ -1035,7 +1035,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
                                                              int64_t band_hi, double dropout_p, double scale, int64_t seed,
                                                              int64_t offset, bool mask_grad, double softcap,
                                                              const std::optional<Tensor>& alibi_slopes,
-                                                             bool bottom_right) {
+                                                             bool bottom_right, const std::optional<Tensor>& dlse) {
   check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"dout", &dout}, {"out", &out}}) {
@@ -1050,6 +1050,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
                   lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == Lq,
               "attention_bwd (cpu): lse must be a float32 CPU tensor of shape (B, Hq, Lq) = (", B, ", ", Hq, ", ", Lq,
               "), got ", lse.scalar_type(), " ", lse.sizes());
+  const bool has_dlse = dlse.has_value() && dlse->defined();
+  FA_CHECK(!has_dlse || (dlse->device().is_cpu() && dlse->scalar_type() == at::kFloat && dlse->sizes() == lse.sizes()),
+              "attention_bwd (cpu): dlse must be None or a float32 CPU tensor of lse's shape (", B, ", ", Hq, ", ", Lq,
+              "), got ", has_dlse ? dlse->scalar_type() : at::kFloat, " ", has_dlse ? dlse->sizes() : lse.sizes());
   const bool has_mask = attn_mask.has_value() && attn_mask->defined();
   FA_CHECK(!mask_grad || (has_mask && attn_mask->scalar_type() != at::kBool),
               "attention_bwd (cpu): mask_grad needs an additive (floating) attn_mask");
@@ -1070,8 +1074,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     const Tensor ka = tiles ? Tensor() : as_blas_operand(k, acc), va = tiles ? Tensor() : as_blas_operand(v, acc);
     const Problem<acc_t> pb = with_rows(shape, qa, ka, va);
     // delta = rowsum(dO * O): the softmax backward's correction (with dropout too: O is the
-    // dropped output, and sum_j P_drop dP = dO . O).
-    const Tensor delta = at::sum(dout_a * out.to(acc), {-1}).contiguous();
+    // dropped output, and sum_j P_drop dP = dO . O). The lse's gradient joins it as delta - dlse
+    // (d lse_i / d s_ij = P_ij, so dS = P (dP - delta + dlse)).
+    Tensor delta = at::sum(dout_a * out.to(acc), {-1});
+    if (has_dlse) delta = delta - dlse->to(acc);
+    delta = delta.contiguous();
     // The float32 lse loses precision a float64 gradient would notice: recompute it for float64.
     Tensor lse_acc;
     if constexpr (std::is_same_v<acc_t, double>) {

@@ -1032,7 +1032,8 @@ template <typename T, int kD> auto bwd_dkdv_mma_kernel_for(const AttentionBwdArg
 }
 
 // ---- backward ----------------------------------------------------------------------------------------
-// delta[row] = sum_c dout[row, c] * out[row, c], one warp per (b, h, i) row.
+// delta[row] = sum_c dout[row, c] * out[row, c] - dlse[row], one warp per (b, h, i) row. dlse, the
+// returned lse's gradient, enters only here: d lse_i / d s_ij = P_ij folds into dS = P (dP - delta).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const AttentionBwdArgs a) {
   const AttentionFwdArgs& f = a.fwd;
@@ -1047,7 +1048,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Att
     acc += to_float<T>(dout[c * a.dout_stride[3]]) * to_float<T>(out[c * f.out_stride[3]]);
   }
   acc = warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) a.delta[row] = acc;
+  if ((threadIdx.x & 31) == 0) a.delta[row] = a.dlse != nullptr ? acc - a.dlse[row] : acc;
 }
 
 // The shared middle of both backward kernels, for one (query block, key block) pair whose q, dout,

@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
     double dropout_p, double scale, int64_t seed, int64_t offset, bool mask_grad, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, bool bottom_right) {
+    const std::optional<at::Tensor>& alibi_slopes, bool bottom_right, const std::optional<at::Tensor>& dlse) {
   const char* op = "attention_bwd";
   AttentionBwdArgs a{};
   a.fwd = forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap,
@@ -149,7 +149,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
               " (cuda): lse must have shape (", f.batch, ", ", f.heads_q, ", ", f.len_q, "), got ", lse.sizes());
   FA_CHECK(!mask_grad || f.mask_kind == MaskKind::kAdditive, "fused_attn_C::", op,
               " (cuda): mask_grad needs an additive (floating-point) attn_mask");
+  const bool has_dlse = dlse.has_value() && dlse->defined();
+  if (has_dlse) {
+    check_tensor(*dlse, q, 3, op, "dlse");
+    check_dtype(*dlse, at::kFloat, op, "dlse");
+    FA_CHECK(dlse->sizes() == lse.sizes(), "fused_attn_C::", op, " (cuda): dlse must have lse's shape ", lse.sizes(),
+                ", got ", dlse->sizes());
+  }
   const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor dlse_c = has_dlse ? dlse->contiguous() : at::Tensor();
   const at::Tensor lse_c = lse.contiguous();
   a.fwd.out = const_cast<void*>(out.data_ptr());  // read only: the kernels take it through a const pointer
   copy_strides(out, a.fwd.out_stride);
@@ -171,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   a.dv = dv.data_ptr();
   a.dmask = mask_grad ? dmask.data_ptr() : nullptr;
   a.delta = delta.data_ptr<float>();
+  a.dlse = has_dlse ? dlse_c.const_data_ptr<float>() : nullptr;
   check_status(attention_bwd(a, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {dq, dk, dv, dmask};
 }

@@ -77,6 +77,7 @@ struct AttentionBwdArgs {
   void* dq; void* dk; void* dv;
   void* dmask;
   float* delta;
+  const float* dlse;  // the lse's gradient, contiguous (B, Hq, Lq), or null: delta -= dlse
 };
 
 const char* attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream);

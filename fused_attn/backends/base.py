@@ -7,7 +7,7 @@ launcher per op half, each with the argument list of the op schema:
     attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap,
                   alibi_slopes, bottom_right) -> (out, lse)
     attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
-                  offset, mask_grad, softcap, alibi_slopes, bottom_right) -> (dq, dk, dv, dmask)
+                  offset, mask_grad, softcap, alibi_slopes, bottom_right, dlse) -> (dq, dk, dv, dmask)
     layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32,
                             seed, offset, store_summed=True) -> (out, summed, mean, rstd)
     layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms,
@@ -28,7 +28,9 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   ``out`` is (B, Hq, Lq, Dv) with the memory layout of a contiguous (B, Lq, Hq, Dv) tensor
   (``new_attention_out``); ``lse`` is float32 (B, Hq, Lq), +inf on rows with no key left (so
   exp(s - lse) = 0 there and such rows give zeros). ``dmask`` is the (B, Hq, Lq, Lk) gradient
-  of the additive mask when ``mask_grad``, else an empty tensor.
+  of the additive mask when ``mask_grad``, else an empty tensor. ``dlse`` (None, or float32 shaped
+  as lse with any strides) is the lse's gradient: it joins the backward as delta - dlse, delta
+  being rowsum(dout * out) (d lse_i / d s_ij = P_ij).
 - layer_norm_residual: x (N, d), residual None or (N, d), weight/bias None or (d,). ``summed``
   is dropout(x) + residual in float32 if ``residual_in_fp32`` else x's dtype; ``mean`` (empty for
   rms) and ``rstd`` are float32 (N,). With ``store_summed=False`` (inference without prenorm)
@@ -121,7 +123,7 @@ class Backend:
 
     def attention_varlen_bwd(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0,
-                             seqused_k=None, alibi_slopes=None):
+                             seqused_k=None, alibi_slopes=None, dlse=None):
         cu_q, cu_k, k_end = _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for s in range(len(cu_q) - 1):
@@ -132,7 +134,8 @@ class Backend:
             g = self.attention_bwd(_seq(dout, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1),
                                    _seq(out, q0, q1), lse[:, q0:q1].unsqueeze(0).contiguous(), None, lo, hi, dropout_p,
                                    scale, seed, varlen_rng_offset(offset, q.shape[1], q0), False, softcap,
-                                   _row(alibi_slopes, s), bottom_right)
+                                   _row(alibi_slopes, s), bottom_right,
+                                   None if dlse is None else dlse[:, q0:q1].unsqueeze(0))
             dq[q0:q1] = g[0][0].transpose(0, 1)
             dk[k0:k1] = g[1][0].transpose(0, 1)
             dv[k0:k1] = g[2][0].transpose(0, 1)

@@ -42,7 +42,7 @@ class ReferenceBackend(Backend):
         return out, lse.contiguous()
 
     def attention_bwd(self, dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
-                      mask_grad, softcap=0.0, alibi_slopes=None, bottom_right=False):
+                      mask_grad, softcap=0.0, alibi_slopes=None, bottom_right=False, dlse=None):
         # torch.func.vjp rather than torch.autograd: op implementations run below the autograd key.
         rng = _rng(dropout_p, seed, offset)
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
@@ -59,7 +59,21 @@ class ReferenceBackend(Backend):
             _, vjp = torch.func.vjp(fn, q, k, v)
             dq, dk, dv = vjp(dout)
             dmask = empty(q)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
+        if dlse is not None:  # the lse's own gradient, from the oracle's lse (in float32 for 16-bit inputs)
+            wide = torch.promote_types(q.dtype, torch.float32)
+            cast = lambda t: t if t is None or t.dtype == torch.bool else t.to(wide)  # noqa: E731
+            lse_of = lambda q_, k_, m_: ref.attention_lse(q_, k_, m_, False, scale, band=band,  # noqa: E731
+                                                          softcap=softcap, **alibi)
+            m = cast(attn_mask)
+            if mask_grad:
+                _, vjp = torch.func.vjp(lse_of, cast(q), cast(k), m)
+                lq, lk, lm = vjp(dlse.to(wide))
+                dmask = dmask + lm.to(dmask.dtype)
+            else:
+                _, vjp = torch.func.vjp(lambda q_, k_: lse_of(q_, k_, m), cast(q), cast(k))
+                lq, lk = vjp(dlse.to(wide))
+            dq, dk = dq + lq.to(dq.dtype), dk + lk.to(dk.dtype)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
     # ---- residual-add + norm ----------------------------------------------------------------
     def layer_norm_residual_fwd(self, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset,

@@ -434,11 +434,16 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _attn_bwd_delta(Out, dOut, Delta,
+def _attn_bwd_delta(Out, dOut, Delta, dLse,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_gb, stride_gh, stride_gm, stride_gd,
-                    Hq, Lq, DV: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32."""
+                    stride_lb, stride_lh, stride_lm,
+                    Hq, Lq, DV: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_DLSE: tl.constexpr):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] - dlse[b, h, i] in float32.
+
+    dlse, the returned lse's gradient, enters only here: d lse_i / d s_ij = P_ij, so its term
+    dlse_i * P_ij folds into dS = P * (dP - delta)."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // num_m).to(tl.int64)
@@ -451,6 +456,8 @@ def _attn_bwd_delta(Out, dOut, Delta,
     do = _load_2d(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                   offs_m < Lq, offs_dv < DV, True, DV != HEAD_DIM_V)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(dLse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=offs_m < Lq, other=0.0)
     tl.store(Delta + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
@@ -989,7 +996,16 @@ def alibi_spills(arch: int, tma: bool = False, heavy: bool = False) -> set:
 #: is slow and pointless; large blocks mean fewer interpreted steps). Outer != inner, in both
 #: orders, so that the causal-diagonal logic is exercised with unequal blocks.
 INTERPRETER_CONFIG = {"fwd": (64, 32), "dq": (32, 64), "dkdv": (64, 32)}
-DELTA_BLOCK_M = 64
+
+
+def delta_block_m(head_dim_v: int) -> int:
+    """Rows per program of the delta kernel (``_attn_bwd_delta``): 2048 elements of O and of dO,
+    16 of each per thread of its 4 warps, about 50 registers whatever the head dim. (A fixed 64
+    rows took 160-255 registers at Dv = 128-256 and spilled at 256, AOT for sm_90 under Triton 3.6
+    and 3.9.) The interpreter takes 64: fewer programs to interpret."""
+    return 64 if _interpreting() else max(8, min(64, 2048 // _pow2(head_dim_v)))
+
+
 #: usable shared memory per block by compute capability (opt-in maximum, bytes)
 SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024}
 
@@ -1353,8 +1369,18 @@ def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, 
     return out, lse
 
 
+def _launch_delta(out, dout, delta, dlse, heads, rows):
+    """delta = rowsum(dO * O) - dlse over (batch, heads, rows) views; dlse None = zeros."""
+    dlse_strides = (0, 0, 0) if dlse is None else dlse.stride()
+    block_m = delta_block_m(out.shape[3])
+    _attn_bwd_delta[(cdiv(rows, block_m) * out.shape[0] * heads,)](
+        out, dout, delta, delta if dlse is None else dlse, *out.stride(), *dout.stride(), *dlse_strides, heads, rows,
+        DV=out.shape[3], HEAD_DIM_V=_pow2(out.shape[3]), BLOCK_M=block_m, HAS_DLSE=dlse is not None,
+        **LAUNCH_OPTIONS)
+
+
 def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mask_grad,
-                  softcap=0.0, alibi_slopes=None, bottom_right=False):
+                  softcap=0.0, alibi_slopes=None, bottom_right=False, dlse=None):
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -1370,9 +1396,7 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
             t.zero_()
         return dq, dk, dv, dmask
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-    _attn_bwd_delta[(cdiv(Lq, DELTA_BLOCK_M) * B * Hq,)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, DV=Dv, HEAD_DIM_V=_pow2(Dv), BLOCK_M=DELTA_BLOCK_M,
-        **LAUNCH_OPTIONS)
+    _launch_delta(out, dout, delta, dlse, Hq, Lq)
     launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
                                offset, mask_grad, dq, dk, dv, dmask, softcap=softcap, alibi_slopes=alibi_slopes,
                                bottom_right=bottom_right)
@@ -1401,7 +1425,7 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
                          band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
-                         alibi_slopes=None):
+                         alibi_slopes=None, dlse=None):
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     # every key block of a sequence is written, zeros included; the keys past seqused_k are not
     new = torch.empty if seqused_k is None else torch.zeros
@@ -1411,12 +1435,10 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
         return dq, dk, dv
     view = Varlen.as_batch
     Tq, Hq, Dv = out.shape
-    # delta = rowsum(dO * O) over the packed rows: the plain kernel on one "batch" of Tq rows gives
-    # the (Hq, Tq) layout of lse
+    # delta = rowsum(dO * O) - dlse over the packed rows: the plain kernel on one "batch" of Tq rows
+    # gives the (Hq, Tq) layout of lse
     delta = torch.empty(varlen_lse_shape(q), device=q.device, dtype=torch.float32)
-    _attn_bwd_delta[(cdiv(Tq, DELTA_BLOCK_M) * Hq,)](
-        view(out), view(dout), delta, *view(out).stride(), *view(dout).stride(), Hq, Tq, DV=Dv, HEAD_DIM_V=_pow2(Dv),
-        BLOCK_M=DELTA_BLOCK_M, **LAUNCH_OPTIONS)
+    _launch_delta(view(out), view(dout), delta, None if dlse is None else dlse.unsqueeze(0), Hq, Tq)
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
     launches = bwd_launch_args(view(dout), view(q), view(k), view(v), lse, delta, None, band_lo, band_hi, dropout_p,
                                scale, seed, offset, False, dq, dk, dv, empty(q), softcap=softcap, varlen=varlen,

@@ -198,14 +198,15 @@ extern "C" int emu_attention_bwd(const float* q, const int64_t* qs, const float*
                                  const uint64_t* dropout, float softcap, const float* alibi,
                                  const int64_t* alibi_stride, int64_t alibi_shift, const float* out,
                                  const int64_t* os, const float* lse, const float* dout, const int64_t* dos, float* dq,
-                                 float* dk, float* dv, float* dmask, float* delta, int bm, int bn) {
+                                 float* dk, float* dv, float* dmask, float* delta, int bm, int bn,
+                                 const float* dlse) {
   AttentionBwdArgs b{};
   b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale, dropout, softcap,
                     alibi, alibi_stride, alibi_shift, const_cast<float*>(out), os, const_cast<float*>(lse));
   const AttentionFwdArgs& f = b.fwd;
   b.dout = dout;
   for (int i = 0; i < 4; ++i) b.dout_stride[i] = dos[i];
-  b.dq = dq; b.dk = dk; b.dv = dv; b.dmask = dmask; b.delta = delta;
+  b.dq = dq; b.dk = dk; b.dv = dv; b.dmask = dmask; b.delta = delta; b.dlse = dlse;
   const Dims d = dims_for(f, bm, bn);
   BwdSmem<float> plan;
   if (plan.carve(nullptr, d, true) > sizeof(smem_raw)) return 1;

@@ -1,5 +1,6 @@
 """torch.compile over the fused modules (no graph breaks, same numbers) and opcheck of every op."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -179,6 +180,36 @@ def test_swapped_torch_encoder_compiles_fullgraph():
     enc.eval()  # inference: the fused encoder has no nested-tensor path to break the graph
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_torch_export_with_dynamic_lengths():
+    """torch.export: the fused stack (padding mask, GQA, SwiGLU) and a swapped torch encoder export
+    with a symbolic sequence length; the exported programs give the eager outputs at other lengths,
+    and their graphs hold the fused ops (the backend chosen at export time is baked in)."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    fused = M.Transformer(D, H, 2, norm_first=True, num_kv_heads=2, activation="swiglu").eval()
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    fused_attn.swap_modules(enc)
+    enc.eval()
+    length = Dim("length", min=2, max=256)
+    (x,) = make_inputs((B, L, D), seed=4, requires_grad=False)
+    padding = torch.zeros(B, L, dtype=torch.bool)
+    for model, kwarg in ((fused, "key_padding_mask"), (enc, "src_key_padding_mask")):
+        first = next(iter(inspect.signature(model.forward).parameters))
+        program = torch.export.export(model, (x,), {kwarg: padding},
+                                      dynamic_shapes={first: {1: length}, kwarg: {1: length}})
+        ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert {"fused_attn.attention_fwd.default", "fused_attn.layer_norm_residual_fwd.default",
+                "fused_attn.feed_forward_fwd.default"} <= ops, ops
+        for n in (3, 17):
+            (y,) = make_inputs((B, n, D), seed=n, requires_grad=False)
+            pad = torch.zeros(B, n, dtype=torch.bool)
+            pad[1, n // 2:] = True
+            with torch.no_grad():
+                torch.testing.assert_close(program.module()(y, **{kwarg: pad}), model(y, **{kwarg: pad}))
 
 
 @pytest.mark.slow

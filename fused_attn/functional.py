@@ -189,6 +189,40 @@ def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device):
     return alibi_slopes.to(torch.float32).expand(rows, Hq)
 
 
+def _check_sinks(sinks, Hq: int, device):
+    """Attention-sink logits: None, or a floating (Hq,) tensor on q's device (any dtype; used in float32)."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor, got {_dtype_name(sinks.dtype)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
+    if sinks.shape != (Hq,):
+        raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), got {tuple(sinks.shape)}")
+    return sinks
+
+
+def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor, head_dim: int):
+    """Attention with sinks from attention without: a sink logit s_h joins every row's softmax
+    denominator and has no value, so each row's output shrinks by sum / (sum + e^s), i.e. by
+    sigmoid(lse - s), and its log-denominator becomes logaddexp(lse, s). Done on (out, lse) with
+    autograd (the lse is differentiable), as transformers renormalises FlexAttention's output: one
+    elementwise pass over the output, no kernel change. Rows that see no key (lse = +inf) keep their
+    zeros (sigmoid(+inf) = 1, gradient 0) and get the sink alone as their lse. ``head_dim``: lse's
+    dimension of the heads (1 dense (B, Hq, Lq), 0 varlen (Hq, total_q)); the output's is that of
+    lse's rows plus one."""
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    sink = sinks.to(torch.float32).view(shape)
+    factor = torch.sigmoid(lse - sink)  # (B, Hq, Lq) or (Hq, total_q)
+    factor = factor.unsqueeze(-1) if head_dim == 1 else factor.t().unsqueeze(-1)
+    out = (out * factor).to(out.dtype)
+    keys_lse = torch.where(lse == float("inf"), float("-inf"), lse)
+    return out, torch.logaddexp(keys_lse, sink)
+
+
 def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask=None, alibi=None,
                     **extra) -> Call:
     """The facts of an attention call that choose its backend (``backends.resolve``)."""
@@ -207,8 +241,8 @@ def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None, causal: bool = False,
               window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
               dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, backend: Optional[str] = None,
-              generator: Optional[torch.Generator] = None):
+              alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None, return_lse: bool = False,
+              backend: Optional[str] = None, generator: Optional[torch.Generator] = None):
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
 
     Args:
@@ -241,12 +275,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
             ``alignment`` (i, or i + Lk - Lq for bottom_right, as FlashAttention places it). Computed
             in the kernels, never as an (Lq, Lk) tensor. ``get_alibi_slopes(Hq)`` gives the paper's
             slopes. The slopes get no gradient (passing ones that require grad raises).
+        sinks: attention sinks (gpt-oss; transformers' ``s_aux``): (Hq,) logits, one per query head,
+            each joining its head's every softmax row as one more column that has no value: query i
+            attends key j with weight e^{s_ij} / (sum_j' e^{s_ij'} + e^{sink_h}). Learnable: they get
+            their gradient. A row that sees no key gives zeros.
         return_lse: also return the float32 (B, Hq, Lq) log-sum-exp of each row's scaled, capped and
             masked logits (natural log; before dropout), as FlashAttention's ``return_softmax_lse``:
             what merging partial attentions (split keys, ring / context parallelism) needs. +inf on
             rows that see no key. It is differentiable (unlike FlashAttention's, as FlexAttention's):
             a merge of partial attentions trains under plain autograd. Its gradient costs one
             subtraction per row in the backward (d lse_i / d s_ij = P_ij); +inf rows get none.
+            With ``sinks`` it is the log of the whole denominator, sink included (finite on every row).
         backend: "auto", "triton", "cuda", "cpu" or "reference"; None uses ``use_backend`` /
             ``FUSED_ATTN_BACKEND`` / auto.
 
@@ -271,6 +310,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
                                                                       dropout_p, scale, softcap, return_lse)
     alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, q.device)
+    sinks = _check_sinks(sinks, Hq, q.device)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -291,16 +331,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
     args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap,
             alibi_slopes, alignment == "bottom_right")
+    want_lse = return_lse or sinks is not None
     if _eager_inference(q, k, v, attn_mask):
-        return attention_inference(*args, return_lse)
-    return AttentionFunction.apply(*args, return_lse)
+        result = attention_inference(*args, want_lse)
+    else:
+        result = AttentionFunction.apply(*args, want_lse)
+    if sinks is None:
+        return result
+    out, lse = _apply_sinks(*result, sinks, head_dim=1)
+    return (out, lse) if return_lse else out
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *, causal: bool = False,
                      window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
                      dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
-                     alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+                     alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None, return_lse: bool = False,
                      seqused_k: Optional[Tensor] = None, backend: Optional[str] = None,
                      generator: Optional[torch.Generator] = None):
     """Attention over packed sequences of different lengths, without padding (FlashAttention's
@@ -323,7 +369,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             used length.
         alibi_slopes: (Hq,) or (B, Hq) (row s for sequence s), as in ``attention``, each sequence
             placed on its own lengths.
-        causal, window_size, alignment, dropout_p, scale, softcap, backend, generator: as in
+        causal, window_size, alignment, dropout_p, scale, softcap, sinks, backend, generator: as in
             ``attention``, applied to each sequence with its own lengths (bottom_right aligns each
             sequence's last query with its last key, as FlashAttention's varlen causal does).
 
@@ -353,6 +399,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if seqused_k is not None:
         _check_seqused_k(seqused_k, cu_seqlens_k)
     alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, "B", Hq, q.device)
+    sinks = _check_sinks(sinks, Hq, q.device)
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
     # it runs (``checked`` False), since nothing can be read on the host at trace time.
     checked = not torch.compiler.is_compiling()
@@ -371,9 +418,15 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
             alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap, seqused_k,
             checked, alibi_slopes)
+    want_lse = return_lse or sinks is not None
     if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k):
-        return attention_varlen_inference(*args, return_lse=return_lse)
-    return AttentionVarlenFunction.apply(*args, return_lse)
+        result = attention_varlen_inference(*args, return_lse=want_lse)
+    else:
+        result = AttentionVarlenFunction.apply(*args, want_lse)
+    if sinks is None:
+        return result
+    out, lse = _apply_sinks(*result, sinks, head_dim=0)
+    return (out, lse) if return_lse else out
 
 
 def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:

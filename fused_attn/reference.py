@@ -87,7 +87,7 @@ def alibi_bias(slopes, Lq, Lk, alignment="top_left", dtype=None):
 
 
 def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, rng=None, *, window_size=None,
-              alignment="top_left", band=None, softcap=None, alibi_slopes=None):
+              alignment="top_left", band=None, softcap=None, alibi_slopes=None, sinks=None):
     """softmax(q k^T * scale + mask) v, with the conventions of ``fused_attn.functional.attention``.
 
     q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, Dv), Hq % Hkv == 0.
@@ -96,7 +96,9 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
     causal alone is top-left aligned, as scaled_dot_product_attention. ``band`` replaces them with
     the ops' (band_lo, band_hi). softcap: logits ``softcap * tanh(scores / softcap)`` before the
     mask (Gemma 2); None or 0 for none. alibi_slopes: (Hq,) or (B, Hq), adds ``alibi_bias`` (placed
-    by ``alignment``, also when ``band`` is given) after the cap, as the mask is.
+    by ``alignment``, also when ``band`` is given) after the cap, as the mask is. sinks: (Hq,)
+    attention-sink logits (gpt-oss): one more column of every row's softmax, holding the head's
+    sink, dropped after the softmax (it has no value), as transformers' gpt-oss eager attention.
     A row with no key left to attend gives zeros (and zero gradients), not NaN.
     Dropout on the probabilities uses the shared counter RNG when ``rng = (seed, offset)`` is
     given, else torch's ``F.dropout``.
@@ -121,11 +123,15 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
     keep = visible_keys(Lq, Lk, causal, window_size, alignment, band, q.device)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    # Rows where every key is masked: softmax would be 0/0. Give them zero probability instead,
-    # replacing their scores by 0 first so that no NaN reaches the backward pass either.
-    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)  # also true when Lk == 0
-    scores = scores.masked_fill(dead, 0.0)
-    probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
+    if sinks is not None:  # the sink column is finite: no row is empty, it takes a masked row whole
+        sink_column = sinks.to(scores.dtype).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)
+        probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :Lk]
+    else:
+        # Rows where every key is masked: softmax would be 0/0. Give them zero probability instead,
+        # replacing their scores by 0 first so that no NaN reaches the backward pass either.
+        dead = (scores == float("-inf")).all(dim=-1, keepdim=True)  # also true when Lk == 0
+        scores = scores.masked_fill(dead, 0.0)
+        probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     if dropout_p > 0.0:
         if rng is None:
             probs = F.dropout(probs, dropout_p)
@@ -135,8 +141,9 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
 
 
 def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size=None, alignment="top_left",
-                  band=None, softcap=None, alibi_slopes=None):
-    """The per-row log-sum-exp of the scaled, masked scores; +inf for rows with no key left."""
+                  band=None, softcap=None, alibi_slopes=None, sinks=None):
+    """The per-row log-sum-exp of the scaled, masked scores; +inf for rows with no key left. With
+    ``sinks`` (Hq,), the log of the whole denominator, sink included (the sink alone on empty rows)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if scale is None:
@@ -155,6 +162,9 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
         scores = scores.masked_fill(~keep, float("-inf"))
     # Rows with no key get +inf, and a zero gradient: logsumexp's own would be exp(-inf - -inf) = NaN,
     # so those rows are taken out of the graph before it.
+    if sinks is not None:
+        sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(B, Hq, Lq, 1)
+        return torch.logsumexp(torch.cat([scores, sink_column], dim=-1), dim=-1)
     dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
     lse = torch.logsumexp(scores.masked_fill(dead, 0.0), dim=-1)
     return lse.masked_fill(dead.squeeze(-1), float("inf"))
@@ -162,14 +172,15 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_p=0.0, scale=None, rng=None, *,
                      window_size=None, alignment="top_left", softcap=None, with_lse=False, seqused_k=None,
-                     alibi_slopes=None):
+                     alibi_slopes=None, sinks=None):
     """Packed variable-length attention, as ``fused_attn.functional.attention_varlen``: one
     ``attention`` per sequence. q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
     sequence s is rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and cu_seqlens_k[s]:cu_seqlens_k[s+1]
     of k and v, and sees only itself. Returns (total_q, Hq, Dv), and with ``with_lse`` also the
     (Hq, total_q) log-sum-exp (float32, float64 for float64 inputs). Dropout: sequence s uses
     (seed, offset + Hq * cu_seqlens_q[s]) (``ops_common.varlen_rng_offset``). ``seqused_k``: sequence
-    s uses only its first seqused_k[s] keys. ``alibi_slopes``: (Hq,) or (B, Hq), row s for sequence s."""
+    s uses only its first seqused_k[s] keys. ``alibi_slopes``: (Hq,) or (B, Hq), row s for sequence s.
+    ``sinks``: (Hq,) attention-sink logits, in every sequence."""
     cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
     k_end = cu_k[1:] if seqused_k is None else [a + int(n) for a, n in zip(cu_k, seqused_k.tolist())]
     Hq = q.shape[1]
@@ -181,11 +192,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_
         seq_rng = None if rng is None else (int(rng[0]), int(rng[1]) + Hq * cu_q[s])
         slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[s])
         outs.append(attention(qs, ks, vs, None, causal, dropout_p, scale, seq_rng, window_size=window_size,
-                              alignment=alignment, softcap=softcap, alibi_slopes=slopes)[0].transpose(0, 1))
+                              alignment=alignment, softcap=softcap, alibi_slopes=slopes,
+                              sinks=sinks)[0].transpose(0, 1))
         if with_lse:
             wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for the oracle
             lses.append(attention_lse(qs.to(wide), ks.to(wide), None, causal, scale, window_size=window_size,
-                                      alignment=alignment, softcap=softcap, alibi_slopes=slopes)[0])
+                                      alignment=alignment, softcap=softcap, alibi_slopes=slopes,
+                                      sinks=None if sinks is None else sinks.to(wide))[0])
     out = torch.cat(outs) if outs else q.new_zeros(0, Hq, v.shape[-1])
     if not with_lse:
         return out

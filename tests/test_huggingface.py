@@ -219,17 +219,28 @@ def test_swapped_bert_compiles_fullgraph():
         torch._dynamo.reset()
 
 
+def _eager_and_fused(cfg):
+    """An eager model and a fused_attn one with the same weights, each with its own copy of ``cfg``:
+    models built from one config object share it, and the attention implementation is read from it
+    at run time, so the second build would switch the first to fused_attn too (and a comparison with
+    "eager" would compare fused_attn with itself)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
+        model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="fused_attn")
+    model.load_state_dict(ref.state_dict())
+    assert ref.config._attn_implementation == "eager" and model.config._attn_implementation == "fused_attn"
+    return ref, model
+
+
 def test_gemma2_softcap_and_sliding_window_match_eager(monkeypatch):
     """Gemma 2: logit soft-capping (a cap of 0.5 bites on these logits) and sliding-window layers
     (window 4 < the 11 tokens) reach fused_attn's attention and give eager's logits and gradients."""
     cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=64,
                                     sliding_window=4, attn_logit_softcapping=0.5, final_logit_softcapping=None)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fused_attn")
+    ref, model = _eager_and_fused(cfg)
     with torch.no_grad():  # logits of a few units, so that a cap of 0.5 changes them
         for layer in ref.model.layers:
             layer.self_attn.q_proj.weight.mul_(20)
@@ -244,6 +255,9 @@ def test_gemma2_softcap_and_sliding_window_match_eager(monkeypatch):
 
     monkeypatch.setattr(hf, "attention", spy)
     ids, mask = _batch("llama")
+    # two padded tokens, fewer than the window: every query row keeps a key to attend (eager gives a
+    # row without one a uniform average of its masked keys; fused_attn zeros, as documented)
+    mask[1, :-2] = 1
     check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
     assert caps and all(c == 0.5 for c in caps)
     # without the cap the answer differs: the test can tell
@@ -291,12 +305,7 @@ def test_packed_mistral_sliding_window_matches_separate_runs():
     cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
                                      sliding_window=3)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fused_attn")
-    model.load_state_dict(ref.state_dict())
+    ref, model = _eager_and_fused(cfg)
     lens = [7, 2, 10]
     gen = torch.Generator().manual_seed(6)
     seqs = [torch.randint(0, VOCAB, (1, n), generator=gen) for n in lens]
@@ -313,3 +322,46 @@ def test_packed_mistral_sliding_window_matches_separate_runs():
         full = torch.cat([unwindowed(input_ids=s).logits for s in seqs], 1)
     torch.testing.assert_close(packed, separate, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(full, separate, atol=1e-3)  # the window matters here: the test can tell
+
+
+def test_gpt_oss_attention_sinks_match_eager(monkeypatch):
+    """gpt-oss: its per-head attention sinks (``s_aux``) reach fused_attn's attention as ``sinks``,
+    on sliding-window and full layers with left padding, and give eager's logits and gradients, the
+    sinks' own gradients included. Sinks of a few units, so that they take much of each row."""
+    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
+                                    layer_types=["sliding_attention", "full_attention"])
+    ref, model = _eager_and_fused(cfg)
+    with torch.no_grad():
+        for m in (ref, model):
+            for i, layer in enumerate(m.model.layers):
+                layer.self_attn.sinks.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]) + i)
+    seen = []
+    real = hf.attention
+
+    def spy(q, k, v, **kw):
+        seen.append(kw["sinks"])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(hf, "attention", spy)
+    ids, mask = _batch("llama")
+    mask = mask.flip(1)  # left padding: those query rows see no key, and the sink takes them whole (zeros)
+    # (float32 against eager: gpt-oss's expert GEMMs (grouped_mm) take no float64, so no float64 oracle)
+    for params in (model.parameters(), ref.parameters()):
+        for p in params:
+            p.grad = None
+    got, want = _logits(model, ids, mask), _logits(ref, ids, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    got.backward(g)
+    want.backward(g)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert all(float(layer.self_attn.sinks.grad.abs().max()) > 0 for layer in model.model.layers)
+    assert seen and all(s is not None and s.shape == (4,) for s in seen)
+    with torch.no_grad():  # without the sinks the answer differs: the test can tell
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(-1e4)
+        assert not torch.allclose(_logits(model, ids, mask), _logits(ref, ids, mask), atol=1e-3)

@@ -9,7 +9,7 @@ as for "sdpa"), after which
 
 route every attention layer of the model through ``fused_attn.functional.attention``: grouped-query
 heads without repeating K/V, the model's scaling, its logit soft-capping (Gemma 2's
-``attn_logit_softcapping``), its dropout in training, padding, causal and sliding-window masks as
+``attn_logit_softcapping``), its attention sinks (gpt-oss's ``s_aux``), its dropout in training, padding, causal and sliding-window masks as
 transformers passes them.
 
 Norms and MLPs: ``fused_attn.swap_modules(model)`` also sets the attention implementation and fuses,
@@ -63,7 +63,8 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         if mask.dtype != torch.bool and mask.dtype != query.dtype:
             mask = mask.to(query.dtype)
     out = attention(query, key, value, attn_mask=mask, causal=is_causal, dropout_p=float(dropout), scale=scaling,
-                    softcap=kwargs.get("softcap"), backend=getattr(module, "fused_attn_backend", None))
+                    softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"),
+                    backend=getattr(module, "fused_attn_backend", None))
     return out.transpose(1, 2), None  # (B, L, H, D): contiguous, the op stores its output that way
 
 
@@ -81,7 +82,7 @@ def _packed_attention_forward(module, query, key, value, varlen, dropout, scalin
     out = attention_varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
                            causal=bool(is_causal), window_size=window, alignment="bottom_right",
                            dropout_p=float(dropout), scale=scaling, softcap=kwargs.get("softcap"),
-                           backend=getattr(module, "fused_attn_backend", None))
+                           sinks=kwargs.get("s_aux"), backend=getattr(module, "fused_attn_backend", None))
     return out.unsqueeze(0), None  # (1, T, H, Dv)
 
 

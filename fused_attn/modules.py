@@ -50,9 +50,9 @@ class MultiHeadAttention(reference.MultiHeadAttention):
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, backend=None, alibi=False):
+                 window_size=None, device=None, dtype=None, backend=None, alibi=False, sinks=False):
         super().__init__(d_model, num_heads, dropout=dropout, bias=bias, num_kv_heads=num_kv_heads, causal=causal,
-                         window_size=window_size, device=device, dtype=dtype, alibi=alibi)
+                         window_size=window_size, device=device, dtype=dtype, alibi=alibi, sinks=sinks)
         check_backend_name(backend)
         self.backend = backend
 
@@ -90,7 +90,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         causal = self.causal if is_causal is None else bool(is_causal)
         p = self.dropout if self.training else 0.0
         out = attention(q, k, v, attn_mask=mask, causal=causal, window_size=self.window_size, dropout_p=p,
-                        alibi_slopes=self.alibi_slopes, backend=self.backend)
+                        alibi_slopes=self.alibi_slopes, sinks=self.sinks, backend=self.backend)
         # out is (B, H, Lq, D) stored as (B, Lq, H, D): this reshape is a view.
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
 
@@ -105,7 +105,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         p = self.dropout if self.training else 0.0
         out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
                                window_size=self.window_size, dropout_p=p, alibi_slopes=self.alibi_slopes,
-                               backend=self.backend)
+                               sinks=self.sinks, backend=self.backend)
         return self.out_linear(out.flatten(-2))  # (T, H, D) contiguous: a view
 
     def extra_repr(self) -> str:
@@ -116,7 +116,8 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"dropout={self.dropout}, causal={self.causal}"
                 + ("" if self.window_size is None else f", window_size={self.window_size}")
-                + (", alibi=True" if self.alibi else "") + f", backend={backend}")
+                + (", alibi=True" if self.alibi else "") + (", sinks=True" if self.sinks is not None else "")
+                + f", backend={backend}")
 
 
 class LayerNormResidual(reference.LayerNormResidual):
@@ -176,14 +177,15 @@ class TransformerLayer(reference.TransformerLayer):
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, backend=None, alibi=False):
+                 window_size=None, device=None, dtype=None, backend=None, alibi=False, sinks=False):
         nn.Module.__init__(self)  # the children are the fused ones, created in the reference's order
         check_backend_name(backend)
         factory = dict(device=device, dtype=dtype, backend=backend)
         self.norm_first = norm_first
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
                                                        num_kv_heads=num_kv_heads, causal=causal,
-                                                       window_size=window_size, alibi=alibi, **factory)
+                                                       window_size=window_size, alibi=alibi, sinks=sinks,
+                                                       **factory)
         self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)

@@ -290,11 +290,13 @@ class MultiHeadAttention(nn.Module):
     ``window_size`` (left, right) local attention (see ``fused_attn.functional.attention``);
     ``alibi=True`` ALiBi position biases with the paper's slopes (``get_alibi_slopes``, kept in the
     non-persistent buffer ``alibi_slopes``, which ``module.to(dtype)`` rounds like any buffer:
-    exact in bfloat16 for power-of-two head counts).
+    exact in bfloat16 for power-of-two head counts); ``sinks=True`` learnable attention sinks
+    (gpt-oss: the (num_heads,) parameter ``sinks``, one logit per head joining every softmax row;
+    initialised to zeros, so a new layer starts with each row sharing its weight with the sink).
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, alibi=False):
+                 window_size=None, device=None, dtype=None, alibi=False, sinks=False):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -314,6 +316,7 @@ class MultiHeadAttention(nn.Module):
         self.alibi = bool(alibi)
         self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
                              persistent=False)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
 
     def split_heads(self, x, heads):
         B, L, _ = x.shape
@@ -332,7 +335,7 @@ class MultiHeadAttention(nn.Module):
             causal = self.causal if is_causal is None else is_causal
             p = self.dropout if self.training else 0.0
             out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size,
-                                   alibi_slopes=self.alibi_slopes)
+                                   alibi_slopes=self.alibi_slopes, sinks=self.sinks)
             return self.out_linear(out.flatten(-2))
         key = query if key is None else key
         value = key if value is None else value
@@ -344,7 +347,7 @@ class MultiHeadAttention(nn.Module):
         causal = self.causal if is_causal is None else is_causal
         p = self.dropout if self.training else 0.0
         out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, window_size=self.window_size,
-                        alibi_slopes=self.alibi_slopes)
+                        alibi_slopes=self.alibi_slopes, sinks=self.sinks)
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
 
 
@@ -406,13 +409,14 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, alibi=False):
+                 window_size=None, device=None, dtype=None, alibi=False, sinks=False):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.norm_first = norm_first
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
                                                        num_kv_heads=num_kv_heads, causal=causal,
-                                                       window_size=window_size, alibi=alibi, **factory)
+                                                       window_size=window_size, alibi=alibi, sinks=sinks,
+                                                       **factory)
         self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)

@@ -318,3 +318,33 @@ def test_alibi_transformer_matches_reference_and_is_position_aware():
         plain.load_state_dict(fused.state_dict())  # the slopes are not in the state dict
         y = fused(x)
         assert (plain(x) - y).abs().max() > 1e-3
+
+
+def test_sinks_transformer_matches_reference():
+    """``sinks=True`` (gpt-oss's learnable per-head sink logits) through the whole stack, padded and
+    packed, fused against reference, the sinks' gradients included; they matter: the same weights
+    with sinks of -1e4 (no sink) answer differently."""
+    fused, ref = _pair("Transformer", D_MODEL, HEADS, 2, d_ff=48, num_kv_heads=2, causal=True, sinks=True,
+                       norm_first=True)
+    assert "sinks=True" in repr(fused)
+    assert [n for n, _ in fused.named_parameters() if n.endswith("sinks")] == [
+        "layers.0.multi_head_attention.sinks", "layers.1.multi_head_attention.sinks"]
+    with torch.no_grad():
+        for model in (fused, ref):
+            for i, layer in enumerate(model.layers):
+                layer.multi_head_attention.sinks.copy_(torch.tensor([1.0, -0.5, 2.0, 0.0]) + i)
+    (x,) = make_inputs((2, 19, D_MODEL), seed=17)
+    padding = torch.zeros(2, 19, dtype=torch.bool)
+    padding[1, -5:] = True
+    results = check_module_against_reference(fused, ref, [x], run=lambda m, x: m(x, key_padding_mask=padding))
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    assert any("sinks" in r.name for r in results), [r.name for r in results]
+    (xp,) = make_inputs((sum(PACKED_LENS), D_MODEL), seed=18)
+    cu = _cu(PACKED_LENS)
+    results = check_module_against_reference(fused, ref, [xp], run=lambda m, x: m(x, cu_seqlens=cu))
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    with torch.no_grad():
+        y = fused(x)
+        for layer in fused.layers:
+            layer.multi_head_attention.sinks.fill_(-1e4)
+        assert (fused(x) - y).abs().max() > 1e-3

@@ -132,7 +132,10 @@ def test_gemm_modes_meet_the_oracle(monkeypatch, mode, case):
 @pytest.mark.parametrize("band", [CAUSAL_BAND, (-37, 5)], ids=["causal", "window"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemm_modes_agree(monkeypatch, dtype, band):
-    """Register-blocked and BLAS products: the same answer to float32 rounding, forward and backward."""
+    """Register-blocked and BLAS products: the same answer to float32 rounding, forward and backward.
+    (bfloat16: the register-blocked float32 panels; the AVX512-BF16 forward rounds P to bf16 and is
+    held to these by test_bf16_dot_on_and_off_agree.)"""
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "off")
     q, k, v, dout = make_inputs((2, 4, 131, 72), (2, 2, 150, 72), (2, 2, 150, 72), (2, 4, 131, 72), dtype=dtype, seed=4,
                                 requires_grad=False)
     mask = torch.randn(2, 1, 131, 150).to(dtype)
@@ -861,6 +864,164 @@ def test_inputs_not_modified():
     fused_attn.functional.attention(q, k, v, attn_mask=mask, causal=True, backend="cpu").sum().backward()
     for t, c in zip((q, k, v, mask), copies):
         assert torch.equal(t.detach(), c)
+
+
+# ---- AVX512-BF16 forward products ----------------------------------------------------------
+# bfloat16 inputs on a CPU with AVX512-BF16: the forward's two products run as vdpbf16ps dot
+# products on bf16 pair layouts (csrc/cpu/attention_bf16_dot.h), P rounded to bf16 for P V.
+# FUSED_ATTN_CPU_BF16_DOT=on forces them (auto, the default, takes them wherever the CPU has
+# them), off the float32 panels. The backward is float32 either way. Held to the oracle over odd
+# shapes (odd head dims: a half pair; key counts ending on an odd key: the masked half step;
+# Dv != D, GQA) and every option, to each other, and `off` to the float32 computation it was.
+
+def _cpu_has_avx512bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags
+
+
+_HAS_BF16_DOT = _cpu_has_avx512bf16()
+_needs_bf16_dot = pytest.mark.skipif(not _HAS_BF16_DOT, reason="the CPU has no AVX512-BF16 (avx512_bf16 in "
+                                                                "/proc/cpuinfo): the bf16 dot products cannot run")
+
+_BF16_DOT_CASES = {
+    # (B, Hq, Hkv, Lq, Lk, D, Dv, causal, mask, dropout_p)
+    "1x1": (1, 2, 1, 1, 1, 40, None, False, None, 0.0),
+    "17x17_d59": (2, 2, 2, 17, 17, 59, None, False, None, 0.0),
+    "97x97_causal": (1, 2, 2, 97, 97, 40, None, True, None, 0.0),
+    "17x97_dv72": (1, 3, 3, 17, 97, 40, 72, False, None, 0.0),
+    "97x17_causal_d59_dv40": (1, 2, 1, 97, 17, 59, 40, True, None, 0.0),  # queries past keys: dead rows
+    "gqa_4_2": (2, 4, 2, 70, 97, 40, 24, True, None, 0.0),
+    "gqa_6_1_bool": (1, 6, 1, 61, 97, 59, None, False, "bool", 0.0),
+    "additive_dropout": (1, 2, 2, 97, 300, 40, None, False, "additive", 0.3),  # two key tiles
+    "causal_dropout_d59": (1, 2, 1, 130, 301, 59, 17, True, None, 0.2),
+}
+
+
+@_needs_bf16_dot
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("case", sorted(_BF16_DOT_CASES))
+def test_bf16_dot_meets_the_oracle(monkeypatch, case, grad):
+    """fused_attn.functional.attention(backend="cpu") in bfloat16 with the bf16 dot products forced:
+    the output alone (fwd), and with the gradients (the float32 backward recomputes P from the
+    forward's lse, so a wrong lse would show there)."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "on")
+    B, Hq, Hkv, Lq, Lk, D, Dv, causal, mask, p = _BF16_DOT_CASES[case]
+    Dv = D if Dv is None else Dv
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv), dtype=torch.bfloat16, seed=3,
+                          requires_grad=grad)
+    if mask == "bool":
+        mask = torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(5)) > 0.25
+    elif mask == "additive":
+        mask = make_inputs((1, Hq, 1, Lk), dtype=torch.bfloat16, seed=6, requires_grad=grad)[0]
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
+    fused, reference = _attention(causal, p, rng=(77, 5))
+    results = check_against_reference(fused, reference, inputs, names=["q", "k", "v", "mask"][:len(inputs)])
+    assert len(results) == (1 + len(inputs) - (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool)
+                            if grad else 1)
+
+
+_BF16_DOT_BAND_CASES = [
+    # (shape, band, mask, dropout_p, softcap, alibi, bottom_right)
+    ("17x17", "window", "bool", 0.0, 0.0, None, False),
+    ("97x61", "bottom_right", "additive", 0.0, 0.0, None, False),   # dead rows, GQA 4:1
+    ("61x97", "bottom_right_window", None, 0.3, 0.0, None, False),
+    ("17x97", "causal", "additive", 0.0, 5.0, None, False),         # softcap
+    ("130x300", "window_right", "additive", 0.2, 5.0, None, False), # several tiles, cut ones
+    ("130x300", "dead_end", None, 0.0, 0.0, None, False),
+    ("300x130", "causal", "bool", 0.0, 0.0, "batch", False),        # ALiBi
+    ("17x97", "bottom_right", None, 0.2, 0.0, "head", True),        # ALiBi bottom-right, dropout
+    ("130x300", "none", None, 0.0, 30.0, "head", True),
+]
+
+
+@_needs_bf16_dot
+@pytest.mark.parametrize("shape,band,mask,dropout_p,softcap,alibi,bottom_right", _BF16_DOT_BAND_CASES,
+                         ids=[f"{s}-{b}-{m}-p{p}-cap{c:g}-{a}-{'br' if br else 'tl'}"
+                              for s, b, m, p, c, a, br in _BF16_DOT_BAND_CASES])
+def test_bf16_dot_band_options_meet_the_oracle(monkeypatch, shape, band, mask, dropout_p, softcap, alibi,
+                                               bottom_right):
+    """Bands (causal, bottom-right, sliding windows, dead rows: the pruned register blocks), masks,
+    dropout, the soft-cap and ALiBi through the compiled ops with the bf16 dot products forced: out,
+    lse, dq, dk, dv (and dmask)."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "on")
+    B, Hq, Hkv, Lq, Lk, D = _BAND_SHAPES[shape]
+    _check_band(torch.bfloat16, B, Hq, Hkv, Lq, Lk, D, _bands(Lq, Lk)[band], mask=mask, dropout_p=dropout_p,
+                softcap=softcap, q_scale=4.0 if softcap else 1.0, alibi=alibi, bottom_right=bottom_right)
+
+
+def _bf16_dot_call(monkeypatch, mode, q, k, v, mask, band, dropout_p=0.0):
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", mode)
+    return torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, *band, dropout_p, 0.2, 7, 3)
+
+
+@_needs_bf16_dot
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("band", [NO_BAND, CAUSAL_BAND, (-37, 5)], ids=["none", "causal", "window"])
+def test_bf16_dot_on_and_off_agree(monkeypatch, band, layout):
+    """on and off give the same out to bf16 rounding of P (not bit for bit: `on` must really take the
+    other path) and the same lse to float32 summation order (the scores are exact bf16 products
+    either way); `off`, and `auto` too where the CPU has no AVX512-BF16, is bit for bit the float32
+    computation on the converted inputs (the float32-panel path as it was). strided: q, k, v with a
+    non-unit head-dim stride (q is copied into even-width rows, k and v laid out from strides)."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = 2, 4, 2, 131, 301, 59, 40
+    q, k, v = make_inputs((B, Hq, D, Lq), (B, Hkv, D, Lk), (B, Hkv, Dv, Lk), dtype=torch.bfloat16, seed=11,
+                          requires_grad=False)
+    q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
+    if layout == "contiguous":
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    mask = make_inputs((B, 1, Lq, Lk), dtype=torch.bfloat16, seed=12, requires_grad=False)[0].expand(B, Hq, Lq, Lk)
+    out_on, lse_on = _bf16_dot_call(monkeypatch, "on", q, k, v, mask, band, 0.1)
+    out_off, lse_off = _bf16_dot_call(monkeypatch, "off", q, k, v, mask, band, 0.1)
+    assert out_on.shape == out_off.shape and out_on.stride() == out_off.stride()
+    assert not torch.equal(out_on, out_off), "FUSED_ATTN_CPU_BF16_DOT=on gave the float32 path's bits"
+    torch.testing.assert_close(out_on.float(), out_off.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse_on, lse_off, atol=2e-5, rtol=2e-5)
+    out_f32, lse_f32 = _bf16_dot_call(monkeypatch, "off", q.float(), k.float(), v.float(), mask.float(), band, 0.1)
+    assert torch.equal(out_off, out_f32.bfloat16()) and torch.equal(lse_off, lse_f32)
+    out_auto, lse_auto = _bf16_dot_call(monkeypatch, "auto", q, k, v, mask, band, 0.1)
+    assert torch.equal(out_auto, out_on) and torch.equal(lse_auto, lse_on)
+
+
+@_needs_bf16_dot
+def test_bf16_dot_reads_no_value_past_the_band(monkeypatch):
+    """Query 0 sees keys 0..16 (17: an odd count, so the last pair step of P V is half a pair);
+    keys 17.. hold inf in k and v (keys the band hides: their scores are inf or NaN). The float32
+    path never reads them, and neither may the bf16 one: a P past the tile's last key must be
+    zero, not the raw score, and v's half of the last pair must be masked, or 0 * inf turns the
+    whole row into NaN."""
+    q, k, v = make_inputs((1, 1, 1, 32), (1, 1, 40, 32), (1, 1, 40, 32), dtype=torch.bfloat16, seed=2,
+                          requires_grad=False)
+    k[0, 0, 17:] = float("inf")
+    v[0, 0, 17:] = float("inf")
+    for mode in ("on", "off"):
+        out, lse = _bf16_dot_call(monkeypatch, mode, q, k, v, None, (-U, 16))
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), mode
+    ref_out = ref.attention(q.double(), k[:, :, :17].double(), v[:, :, :17].double(), None, False, 0.0, 0.2)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_dot_mode_is_checked(monkeypatch):
+    """Any value but auto, on, off raises, naming the variable, whatever the dtype."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "yes")
+    q, k, v = _good()
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_BF16_DOT must be one of auto, on, off; got 'yes'"):
+            torch.ops.fused_attn_C.attention_fwd(q.to(dtype), k.to(dtype), v.to(dtype), None, *NO_BAND, 0.0, 0.5, 0, 0)
+
+
+@pytest.mark.skipif(_HAS_BF16_DOT, reason="the CPU has AVX512-BF16: `on` runs there")
+def test_bf16_dot_on_without_the_instructions_raises(monkeypatch):
+    """`on` on a CPU without AVX512-BF16 raises (rather than reaching an illegal instruction); float32
+    inputs never use the bf16 products, so they run."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "on")
+    q, k, v = _good()
+    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_BF16_DOT=on: .* no AVX512-BF16"):
+        torch.ops.fused_attn_C.attention_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, *NO_BAND, 0.0, 0.5, 0, 0)
+    torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0)
 
 
 # ---- memory: no L x L buffer ------------------------------------------------------------------

@@ -26,6 +26,12 @@
 // head by the unit that owns it in the backward's per-head schedule), which skip the
 // blocks the visibility band makes dead; otherwise (float64, other CPUs, FUSED_ATTN_CPU_GEMM=blas or
 // aten) BLAS calls on the tiles. Both paths share everything else below.
+// bfloat16 inputs on CPUs with AVX512-BF16: the forward's two products instead run as bf16 dot
+// products (vdpbf16ps, attention_bf16_dot.h) on bf16 pair layouts of q, k, v, with P rounded to
+// bf16 for P V (~1.5-2x the float32 panels here); FUSED_ATTN_CPU_BF16_DOT=auto|on|off (below).
+// The softmax, masks, band, dropout, cap, ALiBi, lse and output stay the float32 code, and the
+// backward keeps its float32 products (the forward's scores are exact bf16 products summed in
+// float32, as the backward's recomputed ones: the lse stays consistent).
 //
 // The visibility band (csrc/ops.cpp): query i sees key j iff i + lo <= j <= i + hi (and the
 // attn_mask), lo and hi clamped to [-Lq, Lk] on entry (Problem::set_band). No band is (-Lq, Lk),
@@ -75,6 +81,7 @@
 
 #include "../common/check.h"
 #include "../common/dropout_hash.h"
+#include "attention_bf16_dot.h"
 #include "attention_rowops.h"
 #include "attention_tile_gemm.h"
 
@@ -178,6 +185,35 @@ bool use_fortran_blas(GemmMode mode) { return sgemm_ != nullptr && dgemm_ != nul
 
 // (false on builds without the AVX2 copies: cpu_has_avx2_fma() says no there)
 bool use_tile_kernels(GemmMode mode) { return mode == GemmMode::tiles && fused_attn::cpu::cpu_has_avx2_fma(); }
+
+// FUSED_ATTN_CPU_BF16_DOT picks how the forward's register-blocked products run for bfloat16
+// inputs: unset or "auto", with AVX512-BF16 dot products (attention_bf16_dot.h) where the CPU has
+// them, else on float32 panels; "on", the bf16 dot products (an error on a CPU without
+// AVX512-BF16); "off", the float32 panels. It only concerns bfloat16 inputs on the register-blocked
+// path (FUSED_ATTN_CPU_GEMM=blas|aten keep their BLAS products) and the forward (the backward's
+// products stay float32). Read at every call, like FUSED_ATTN_CPU_GEMM, so that tests compare both
+// paths in one process; any other value is an error naming the variable, whatever the dtype.
+enum class Bf16DotMode { automatic, on, off };
+Bf16DotMode bf16_dot_mode() {
+  const char* s = std::getenv("FUSED_ATTN_CPU_BF16_DOT");
+  const std::string mode = s ? s : "auto";
+  if (mode == "auto" || mode.empty()) return Bf16DotMode::automatic;
+  if (mode == "on") return Bf16DotMode::on;
+  if (mode == "off") return Bf16DotMode::off;
+  FA_CHECK(false, "FUSED_ATTN_CPU_BF16_DOT must be one of auto, on, off; got '", mode, "'");
+}
+
+// Whether the forward of a call in dtype t on the register-blocked path (tiles) runs its products
+// as AVX512-BF16 dot products.
+bool use_bf16_dot(at::ScalarType t, bool tiles) {
+  const Bf16DotMode mode = bf16_dot_mode();  // checked on every call
+  if (t != at::kBFloat16 || mode == Bf16DotMode::off) return false;
+  const bool supported = bf16_dot::cpu_supported();
+  FA_CHECK(supported || mode != Bf16DotMode::on,
+           "FUSED_ATTN_CPU_BF16_DOT=on: this CPU (or this build: it needs GCC on x86-64) has no AVX512-BF16 "
+           "dot products; use auto or off");
+  return supported && tiles;
+}
 
 inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                          const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -380,6 +416,117 @@ Panels make_panels(const Tensor& t, bool keys) {
   return out;
 }
 
+// ---- operands of the AVX512-BF16 forward products (attention_bf16_dot.h) ----------------------
+//
+// bfloat16 inputs on a CPU with AVX512-BF16: the forward's products read bf16 values in pairs
+// along their inner dimension (one vdpbf16ps lane = the sum of two bf16 products), so the
+// operands are laid out, once per call, with the two values of a pair adjacent:
+//  - q rows as they are when D is even and the head dim has unit stride (a pair is two adjacent
+//    elements of a row), else copied into rows of D rounded up to even, the padding zero;
+//  - k as key panels, per (b, kv head): [round16(Lk) / 16][D2][16 keys x 2] with D2 = ceil(D / 2):
+//    panel p, pair row d2, lane c holds (K[16 p + c][2 d2], K[16 p + c][2 d2 + 1]), zero past Lk
+//    and past D;
+//  - v as column panels, per (b, kv head): [round16(Dv) / 16][round16(Lk) / 2][16 columns x 2]:
+//    panel p, pair row j2, lane c holds (V[2 j2][16 p + c], V[2 j2 + 1][16 p + c]), zero past Lk
+//    and past Dv. Keys are padded to 16 so that the pairs of any tile (from a multiple of 16)
+//    exist.
+// (bf16 values handled as their 16 bits: the layout only moves them.)
+struct Bf16Operands {
+  Tensor q_store, k_store, v_store;  // owners (q_store undefined when q is read in place)
+  const uint16_t* q = nullptr;
+  int64_t q_sb = 0, q_sh = 0, q_ld = 0;
+  const uint16_t* k = nullptr;
+  int64_t k_sb = 0, k_sh = 0, k_panel = 0;
+  const uint16_t* v = nullptr;
+  int64_t v_sb = 0, v_sh = 0, v_panel = 0;
+  int64_t d_even = 0;  // the inner dimension of S: D rounded up to even
+
+  const uint16_t* q_rows(int64_t b, int64_t h, int64_t i0) const { return q + b * q_sb + h * q_sh + i0 * q_ld; }
+  // the key panels from key j0 (a multiple of 16) on
+  bf16_dot::PanelB16 keys_from(int64_t b, int64_t h, int64_t j0) const {
+    return {k + b * k_sb + h * k_sh + j0 / 16 * k_panel, k_panel};
+  }
+  // the column panels, from the pair of key j0 (a multiple of 16) on
+  bf16_dot::PanelB16 rows_from(int64_t b, int64_t h, int64_t j0) const {
+    return {v + b * v_sb + h * v_sh + j0 / 2 * 32, v_panel};
+  }
+};
+
+// The bf16 layouts above of bfloat16 q, k, v (B, H, L, D), k and v laid out in parallel.
+std::unique_ptr<Bf16Operands> make_bf16_operands(const Tensor& q, const Tensor& k, const Tensor& v) {
+  auto ops = std::make_unique<Bf16Operands>();
+  const int64_t B = k.size(0), Hkv = k.size(1), Lk = k.size(2), D = k.size(3), Dv = v.size(3);
+  const int64_t D2 = (D + 1) / 2, L16 = round16(Lk), n_kp = L16 / 16, n_vp = round16(Dv) / 16;
+  ops->d_even = 2 * D2;
+  const auto bits = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<c10::BFloat16>()); };
+  if (D % 2 == 0 && (D <= 1 || q.stride(3) == 1)) {
+    ops->q = bits(q);
+    ops->q_sb = q.stride(0);
+    ops->q_sh = q.stride(1);
+    ops->q_ld = q.size(2) <= 1 ? D : q.stride(2);
+  } else {
+    ops->q_store = at::zeros({q.size(0), q.size(1), q.size(2), 2 * D2}, q.options());
+    ops->q_store.narrow(3, 0, D).copy_(q);
+    ops->q = bits(ops->q_store);
+    ops->q_sb = ops->q_store.stride(0);
+    ops->q_sh = ops->q_store.stride(1);
+    ops->q_ld = 2 * D2;
+  }
+  ops->k_panel = D2 * 32;
+  ops->k_store = at::empty({B, Hkv, n_kp * ops->k_panel}, k.options());
+  ops->k_sh = n_kp * ops->k_panel;
+  ops->k_sb = Hkv * ops->k_sh;
+  ops->v_panel = L16 / 2 * 32;
+  ops->v_store = at::empty({B, Hkv, n_vp * ops->v_panel}, v.options());
+  ops->v_sh = n_vp * ops->v_panel;
+  ops->v_sb = Hkv * ops->v_sh;
+  const uint16_t* ksrc = bits(k);
+  const uint16_t* vsrc = bits(v);
+  uint16_t* kdst = reinterpret_cast<uint16_t*>(ops->k_store.data_ptr<c10::BFloat16>());
+  uint16_t* vdst = reinterpret_cast<uint16_t*>(ops->v_store.data_ptr<c10::BFloat16>());
+  ops->k = kdst;
+  ops->v = vdst;
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2), ksd = k.stride(3);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2), vsd = v.stride(3);
+  // key panel u = (b, h, p): lane c <- key 16 p + c, pair row d2 <- head-dim indices 2 d2, 2 d2 + 1
+  at::parallel_for(0, B * Hkv * n_kp, std::max<int64_t>(1, 4096 / std::max<int64_t>(D2, 1)), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / n_kp / Hkv, h = u / n_kp % Hkv, p = u % n_kp;
+      uint16_t* dst = kdst + u * ops->k_panel;
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t key = 16 * p + c;
+        if (key >= Lk) {
+          for (int64_t d2 = 0; d2 < D2; ++d2) dst[d2 * 32 + 2 * c] = dst[d2 * 32 + 2 * c + 1] = 0;
+          continue;
+        }
+        const uint16_t* row = ksrc + b * ksb + h * ksh + key * ksl;
+        for (int64_t d = 0; d < D; ++d) dst[d / 2 * 32 + 2 * c + d % 2] = row[d * ksd];
+        if (D % 2) dst[D / 2 * 32 + 2 * c + 1] = 0;  // the odd head dim's padding
+      }
+    }
+  });
+  // column panel u = (b, h, p): lane c <- column 16 p + c, pair row j2 <- keys 2 j2, 2 j2 + 1
+  at::parallel_for(0, B * Hkv * n_vp, std::max<int64_t>(1, 4096 / std::max<int64_t>(L16, 1)), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / n_vp / Hkv, h = u / n_vp % Hkv, p = u % n_vp;
+      uint16_t* dst = vdst + u * ops->v_panel;
+      const int64_t width = std::min<int64_t>(16, Dv - 16 * p);
+      const uint16_t* base = vsrc + b * vsb + h * vsh + 16 * p * vsd;
+      for (int64_t key = 0; key < L16; ++key) {
+        uint16_t* out = dst + key / 2 * 32 + key % 2;
+        if (key >= Lk) {
+          for (int64_t c = 0; c < 16; ++c) out[2 * c] = 0;
+          continue;
+        }
+        const uint16_t* row = base + key * vsl;
+        for (int64_t c = 0; c < width; ++c) out[2 * c] = row[c * vsd];
+        for (int64_t c = width; c < 16; ++c) out[2 * c] = 0;
+      }
+    }
+  });
+  return ops;
+}
+
 // Everything the register-blocked products read besides Problem's A-operand rows.
 struct TileOperands {
   Panels k_keys;     // S = Q K^T
@@ -389,6 +536,9 @@ struct TileOperands {
   Panels dout_columns; // dV += P^T dO
   Panels q_columns;    // dK += dS^T Q
   Panels k_columns;    // dQ += dS K
+  // the forward of bfloat16 inputs with AVX512-BF16 dot products (q rows, k and v in bf16 VNNI
+  // panels; k_keys and v_columns unused then), or null
+  const Bf16Operands* bf16 = nullptr;
 };
 
 // The backward's B operands for the per-kv-head schedule: rather than laying out every head up
@@ -519,7 +669,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Writes out (rows of `out_data` with the given strides, unless lse_only) and lse (contiguous
 // (B, Hq, Lq) of type LseT). lse_only computes the log-sum-exp alone (used by the float64
 // backward to get it in full precision). tiles: the products run as register-blocked kernels
-// (float32 only; they read pb's q rows and `ops`' panels), else as BLAS calls.
+// (float32 only; they read pb's q rows and `ops`' panels, or, when ops->bf16 is set, AVX512-BF16
+// dot products over its bf16 q rows and panels), else as BLAS calls.
 template <typename T, typename scalar_t, typename LseT, bool lse_only, bool tiles>
 void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out_data,
                     std::array<int64_t, 3> out_strides, LseT* lse) {
@@ -544,11 +695,14 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
     const int64_t tile_m = std::min(BM, pb.Lq), tile_n = std::min(BN, tiles ? round16(pb.Lk) : pb.Lk);
     std::unique_ptr<T[]> scores(new T[tile_m * tile_n]), acc(new T[lse_only ? 0 : tile_m * acc_ld]);
     std::vector<T> row_max_(tile_m), row_sum(tile_m);
+    // the bf16 dot products: P rounded to bf16 rows (round16(bn) wide, zero past the tile's keys)
+    const Bf16Operands* bf = tiles ? ops->bf16 : nullptr;
+    std::unique_ptr<uint16_t[]> p_bf16(bf ? new uint16_t[tile_m * tile_n] : nullptr);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
       const int64_t b = bh / pb.Hq, h = bh % pb.Hq, hk = h / pb.group();
       const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
-      const T* Q = pb.q.at(b, h) + i0 * pb.q.ld;
+      const T* Q = bf ? nullptr : pb.q.at(b, h) + i0 * pb.q.ld;  // (the bf16 path reads bf's q rows)
       const T slope = pb.alibi ? pb.alibi_slope(b, h) : T(0);
       std::fill(row_max_.begin(), row_max_.end(), ninf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
@@ -565,9 +719,14 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
         T* S = scores.get();
         if constexpr (tiles) {
           // blocks outside the band are skipped (left unwritten: the row loop never reads them)
-          tile_gemm::product<false, false>(bm, lds, pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), S, lds, pb.scale,
-                                           cut ? tile_gemm::Band::key_columns : tile_gemm::Band::none,
-                                           pb.lo + i0 - j0, pb.hi + i0 - j0);
+          if (bf)  // over D rounded up to even: q's and k's padding are zero
+            bf16_dot::product<false>(bm, lds / 16, bf->d_even, bf->q_rows(b, h, i0), bf->q_ld, bf->keys_from(b, hk, j0),
+                                     S, lds, pb.scale, cut ? tile_gemm::Band::key_columns : tile_gemm::Band::none,
+                                     pb.lo + i0 - j0, pb.hi + i0 - j0);
+          else
+            tile_gemm::product<false, false>(bm, lds, pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), S, lds,
+                                             pb.scale, cut ? tile_gemm::Band::key_columns : tile_gemm::Band::none,
+                                             pb.lo + i0 - j0, pb.hi + i0 - j0);
         } else {
           const T* K = pb.k.at(b, hk) + j0 * pb.k.ld;
           gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), S, bn);
@@ -606,9 +765,18 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
         }
         if constexpr (!lse_only) {
           if constexpr (tiles) {
-            tile_gemm::product<false, true>(bm, acc_ld, bn, S, lds, ops->v_columns.rows_from(b, hk, j0), acc.get(), acc_ld,
-                                            1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
-                                            pb.lo + i0 - j0, pb.hi + i0 - j0);
+            if (bf) {
+              // P (every row written on [0, bn) by the loop above: values on the visible columns,
+              // zero elsewhere) rounded to bf16, zero on [bn, lds): the pairs of the last keys
+              bf16_dot::convert_rows(S, lds, bm, bn, p_bf16.get(), lds);
+              bf16_dot::product<true>(bm, acc_ld / 16, bn, p_bf16.get(), lds, bf->rows_from(b, hk, j0), acc.get(),
+                                      acc_ld, 1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
+                                      pb.lo + i0 - j0, pb.hi + i0 - j0);
+            } else {
+              tile_gemm::product<false, true>(bm, acc_ld, bn, S, lds, ops->v_columns.rows_from(b, hk, j0), acc.get(),
+                                              acc_ld, 1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
+                                              pb.lo + i0 - j0, pb.hi + i0 - j0);
+            }
           } else {
             const T* V = pb.v.at(b, hk) + j0 * pb.v.ld;
             gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.Dv, bn, T(1), S, bn, V, pb.v.ld, T(1), acc.get(), pb.Dv);
@@ -953,14 +1121,23 @@ Problem<T> with_rows(Problem<T> pb, const Tensor& q_rows, const Tensor& k_rows, 
   return pb;
 }
 
-// The forward with the register-blocked products (float32 compute; pb holds the q rows).
+// The forward with the register-blocked products (float32 compute; pb holds the q rows), or, with
+// bf16_products (bfloat16 inputs), with AVX512-BF16 dot products on bf16 layouts of q, k and v (pb's q
+// rows unused).
 template <typename scalar_t, typename acc_t>
-void forward_tiles(const Problem<acc_t>& pb, const Tensor& k, const Tensor& v, scalar_t* out,
-                   std::array<int64_t, 3> out_strides, float* lse) {
+void forward_tiles(const Problem<acc_t>& pb, const Tensor& q, const Tensor& k, const Tensor& v, bool bf16_products,
+                   scalar_t* out, std::array<int64_t, 3> out_strides, float* lse) {
   if constexpr (std::is_same_v<acc_t, float>) {
     TileOperands ops;
-    ops.k_keys = make_panels<scalar_t>(k, true);
-    ops.v_columns = make_panels<scalar_t>(v, false);
+    std::unique_ptr<Bf16Operands> bf;
+    if (bf16_products) {
+      FA_CHECK(q.scalar_type() == at::kBFloat16, "attention (cpu): the bf16 dot products need bfloat16 inputs");
+      bf = make_bf16_operands(q, k, v);
+      ops.bf16 = bf.get();
+    } else {
+      ops.k_keys = make_panels<scalar_t>(k, true);
+      ops.v_columns = make_panels<scalar_t>(v, false);
+    }
     forward_kernel<float, scalar_t, float, false, true>(pb, &ops, out, out_strides, lse);
   } else {
     FA_CHECK(false, "attention (cpu): the register-blocked products are float32");
@@ -1016,12 +1193,14 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
                                                      offset, softcap, alibi_slopes, bottom_right, mode);
     const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
-    // named: pb points into them (the register-blocked products read k and v from their panels)
-    const Tensor qa = as_blas_operand(q, acc);
+    const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles);
+    // named: pb points into them (the register-blocked products read k and v from their panels;
+    // the bf16 dot products q too)
+    const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q, acc);
     const Tensor ka = tiles ? Tensor() : as_blas_operand(k, acc), va = tiles ? Tensor() : as_blas_operand(v, acc);
     const Problem<acc_t> pb = with_rows(shape, qa, ka, va);
     if (tiles)
-      forward_tiles<scalar_t>(pb, k, v, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<float>());
+      forward_tiles<scalar_t>(pb, q, k, v, bf16_products, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<float>());
     else
       forward_kernel<acc_t, scalar_t, float, false, false>(pb, nullptr, out.data_ptr<scalar_t>(), out_strides,
                                                            lse.data_ptr<float>());

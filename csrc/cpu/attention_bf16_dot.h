@@ -1,0 +1,219 @@
+// AVX512-BF16 tile products for the CPU attention forward (csrc/cpu/attention.cpp) on bfloat16
+// inputs: S = scale * Q K^T and O += P V with `vdpbf16ps` (_mm512_dpbf16_ps).
+//
+// Why: the float32 register-blocked products (attention_tile_gemm.h) already run the forward at
+// the float32 FMA ceiling of a CPU (measured here, Zen 4: torch's float32 matmul 0.19 TFLOP/s,
+// the forward 0.18-0.19). On a CPU with AVX512-BF16 one vdpbf16ps does 32 multiply-adds per zmm
+// (16 float32 lanes, each the sum of two bf16 x bf16 products) where an FMA does 16 (bf16 matmul
+// measured 0.42 TFLOP/s here), so bfloat16 inputs can go about twice as fast if their products
+// read the bf16 values as they are instead of float32 copies.
+//
+// What vdpbf16ps computes: for each 32-bit lane c, acc[c] += a[2c] * b[2c] + a[2c+1] * b[2c+1],
+// with a and b 32 bf16 values each (one zmm). A product of two bf16 values is exact in float32
+// (8 + 8 significant bits), so the only rounding is the float32 accumulation, as in the float32
+// path (denormals are flushed, which moves a score by less than 1e-38). The inner dimension is
+// therefore consumed in PAIRS: every operand is laid out so that the two values of one step of
+// a pair sit next to each other in a 32-bit lane ("VNNI" layout):
+//  - A operand (the rows of C): row r is read as 32-bit pairs (A[r][2k], A[r][2k+1]) and one pair
+//    is broadcast to all 16 lanes (_mm512_set1_epi32): Q rows (pairs along the head dim, D padded
+//    to even with a zero) and P rows (pairs along the tile's keys, zero past its last key);
+//  - B operand (16 columns of C per zmm): panel row k holds, for the 16 columns c of the panel,
+//    (B[2k][c], B[2k+1][c]) in lane c: 32 bf16 = 64 bytes = one zmm, one cache line.
+//    Key panels (S = Q K^T, the columns are keys): for each 16-key panel, for each head-dim pair
+//    d2, 16 x (K[key][2 d2], K[key][2 d2 + 1]); D padded to even, keys to 16, with zeros.
+//    Column panels (O += P V, the columns are Dv's): for each 16-column panel of Dv, for each key
+//    pair j2, 16 x (V[2 j2][c], V[2 j2 + 1][c]); keys padded to a multiple of 16 (so any tile,
+//    which starts at a multiple of 16, has whole pairs), Dv to 16, with zeros.
+//  The layout is made once per call (attention.cpp: Bf16Operands), O(L D) against the O(L^2 D)
+//  products, and a panel row is read with one aligned-or-not 64-byte load.
+//
+// A tile product sweeps a kRows x kGroup-panel register block over C: 6 rows x 4 panels = 24
+// zmm accumulators, 4 B loads and 6 broadcasts per pair step (29 of the 32 zmm registers), 24
+// vdpbf16ps = 768 multiply-adds per step.
+//
+// The visibility band prunes as the float32 products do (attention_tile_gemm.h: Band), at the
+// granularity of a 16-key panel for S (key_columns) and of a key pair for P V (key_inner): dead
+// score blocks are left unwritten (the row loop never reads them), and P V runs only over the
+// keys some row of the block sees. A range of keys ending on an odd key reads the pair
+// (last, last + 1): P is zero at last + 1 for every row, and the V value there is masked to zero
+// so that an inf/NaN in a key outside the tile cannot turn 0 * inf into a NaN.
+//
+// Everything here is compiled for avx512f/bw/vl/bf16 whatever the build flags (a target
+// attribute), so the baseline build still runs on any x86-64; it is only called when the
+// running CPU has AVX512-BF16 (cpu_supported()). Builds without the per-ISA copies (not GCC on
+// x86-64) get stubs that raise, so the callers need no #if.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "cpu_common.h"  // FUSED_ATTN_AVX2_CLONES
+#include "attention_tile_gemm.h"  // Band
+
+#if defined(FUSED_ATTN_AVX2_CLONES)
+#include <immintrin.h>
+#endif
+
+namespace fused_attn::cpu_attention::bf16_dot {
+
+using tile_gemm::Band;
+
+constexpr int64_t kLanes = 16;  // float32 columns of C per zmm = columns of a B panel
+constexpr int kRows = 6;        // rows of C per register block
+constexpr int kGroup = 4;       // B panels per register block (6 x 4 accumulators + 4 B + 1 A = 29 zmm)
+
+// B operand: panel p, pair row k at data[p * panel_stride + k * 32] (32 bf16 bits each).
+struct PanelB16 {
+  const uint16_t* data;
+  int64_t panel_stride;
+};
+
+#if defined(FUSED_ATTN_AVX2_CLONES)
+
+#define FA_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Whether the running CPU (and OS: libgcc checks the zmm state is enabled) has AVX512-BF16.
+inline bool cpu_supported() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+// One pair step k of a register block: the NP panel rows k (their bf16 values outside `keep`
+// zeroed), and for each of the R rows of A the pair (A[r][2k], A[r][2k+1]) as one 32-bit value
+// broadcast to every lane, then R x NP dot products.
+template <int R, int NP>
+FA_BF16_TARGET __attribute__((always_inline)) inline void step(__m512 (&acc)[R][NP], const uint16_t* a, int64_t lda,
+                                                               const uint16_t* b, int64_t panel_stride, int64_t k,
+                                                               __mmask32 keep) {
+  __m512i bv[NP];
+  for (int q = 0; q < NP; ++q) {
+    const uint16_t* row = b + q * panel_stride + k * 32;
+    bv[q] = keep == __mmask32(~0u) ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi16(keep, row);
+  }
+  for (int r = 0; r < R; ++r) {
+    int32_t pair;
+    std::memcpy(&pair, a + r * lda + 2 * k, sizeof(pair));
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+    for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, (__m512bh)bv[q]);
+  }
+}
+
+// One R x (16 NP) block of C: C = alpha * A B (ACCUMULATE: C += alpha * A B) over the pair steps
+// [k0, k1), plus, when odd_tail, the half step k1 whose second element (key 2 k1 + 1) is past the
+// range: its B values are masked to zero (A is zero there already).
+template <int R, int NP, bool ACCUMULATE>
+FA_BF16_TARGET void block(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t panel_stride, int64_t k0,
+                          int64_t k1, bool odd_tail, float* c, int64_t ldc, float alpha) {
+  __m512 acc[R][NP];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; ++k) step<R, NP>(acc, a, lda, b, panel_stride, k, ~__mmask32(0));
+  if (odd_tail) step<R, NP>(acc, a, lda, b, panel_stride, k1, __mmask32(0x55555555));  // even bf16 = key 2 k1
+  const __m512 s = _mm512_set1_ps(alpha);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q) {
+      float* cr = c + r * ldc + q * kLanes;
+      if constexpr (ACCUMULATE)
+        _mm512_storeu_ps(cr, _mm512_fmadd_ps(acc[r][q], s, _mm512_loadu_ps(cr)));
+      else
+        _mm512_storeu_ps(cr, _mm512_mul_ps(acc[r][q], s));
+    }
+}
+
+template <bool ACCUMULATE>
+using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, bool, float*, int64_t,
+                         float);
+
+template <bool ACCUMULATE, int R, int... NP>
+constexpr std::array<BlockFn<ACCUMULATE>, kGroup> row_of_blocks(std::integer_sequence<int, NP...>) {
+  return {&block<R, NP + 1, ACCUMULATE>...};
+}
+template <bool ACCUMULATE, int... R>
+constexpr std::array<std::array<BlockFn<ACCUMULATE>, kGroup>, kRows> block_table(std::integer_sequence<int, R...>) {
+  return {row_of_blocks<ACCUMULATE, R + 1>(std::make_integer_sequence<int, kGroup>{})...};
+}
+
+// C[M, 16 n_panels] (row-major, ldc) = alpha * A B, or += when ACCUMULATE, over an inner dimension
+// of K elements (K odd: the last pair is half, see block). A: bf16 rows of at least K rounded up
+// to even readable elements (zero past K), lda apart; B: bf16 VNNI panels from the first column.
+// Band (lo, hi in the tile's numbering, as tile_gemm::product): key_columns, the columns are keys
+// and score blocks past the band are left unwritten; key_inner, the inner dimension is keys and
+// runs only over those some row of the block sees (an empty range leaves an accumulator as it is).
+template <bool ACCUMULATE>
+FA_BF16_TARGET __attribute__((noinline)) void product(int64_t M, int64_t n_panels, int64_t K, const uint16_t* a,
+                                                      int64_t lda, PanelB16 b, float* c, int64_t ldc, float alpha,
+                                                      Band band = Band::none, int64_t lo = 0, int64_t hi = 0) {
+  static constexpr auto table = block_table<ACCUMULATE>(std::make_integer_sequence<int, kRows>{});
+  for (int64_t r = 0; r < M; r += kRows) {
+    const int64_t rows = std::min<int64_t>(kRows, M - r);
+    int64_t p0 = 0, p1 = n_panels;  // live panels: keys [16 p0, 16 p1) meet the rows' band
+    int64_t e0 = 0, e1 = K;         // inner elements
+    if (band == Band::key_columns) {
+      p0 = r + lo <= 0 ? 0 : std::min<int64_t>((r + lo) / kLanes, n_panels);  // the panel of the first key seen
+      const int64_t last = r + rows - 1 + hi;  // the last key some row sees
+      p1 = last < 0 ? 0 : std::clamp<int64_t>(last / kLanes + 1, 0, n_panels);
+      if (p0 >= p1) continue;
+    }
+    if (band == Band::key_inner) {
+      e0 = std::clamp<int64_t>(r + lo, 0, K);
+      e1 = std::clamp<int64_t>(r + rows + hi, 0, K);
+      if (e0 >= e1) continue;  // nothing visible: the accumulator rows stay as they are
+    }
+    // pair steps [e0 / 2, e1 / 2), and the half step e1 / 2 when e1 is odd (e0 rounded down to a
+    // pair: its first key is outside the band of every row, so its P is zero)
+    const int64_t k0 = e0 / 2, k1 = e1 / 2;
+    const bool odd_tail = e1 % 2 != 0;
+    const uint16_t* ar = a + r * lda;
+    for (int64_t p = p0; p < p1; p += kGroup) {
+      const int64_t np = std::min<int64_t>(kGroup, p1 - p);
+      table[rows - 1][np - 1](ar, lda, b.data + p * b.panel_stride, b.panel_stride, k0, k1, odd_tail,
+                              c + r * ldc + p * kLanes, ldc, alpha);
+    }
+  }
+}
+
+// Rows of P (float32, lds apart) as bf16 rows (ldp apart, ldp even and >= n): dst[r][c] =
+// round-to-nearest-even(src[r][c]) for c < n, 0 for n <= c < ldp, so a pair step of P V never
+// reads a value past the tile's last key.
+FA_BF16_TARGET __attribute__((noinline)) inline void convert_rows(const float* src, int64_t lds, int64_t rows,
+                                                                  int64_t n, uint16_t* dst, int64_t ldp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    uint16_t* d = dst + r * ldp;
+    for (int64_t c = 0; c < ldp; c += 32) {
+      // masks of the lanes before column n
+      const int64_t m0 = std::clamp<int64_t>(n - c, 0, 16), m1 = std::clamp<int64_t>(n - c - 16, 0, 16);
+      const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << m0) - 1), s + c);
+      const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << m1) - 1), s + c + 16);
+      // _mm512_cvtne2ps_pbh(a, b): elements 0-15 from b, 16-31 from a, each rounded to nearest even
+      const __m512i pbh = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      const int64_t m = std::min<int64_t>(32, ldp - c);
+      _mm512_mask_storeu_epi16(d + c, static_cast<__mmask32>(m >= 32 ? 0xFFFFFFFFu : (1u << m) - 1), pbh);
+    }
+  }
+}
+
+#undef FA_BF16_TARGET
+
+#else  // not FUSED_ATTN_AVX2_CLONES: the callers compile, and never get here (cpu_supported() is false)
+
+inline bool cpu_supported() { return false; }
+
+template <bool ACCUMULATE>
+void product(int64_t, int64_t, int64_t, const uint16_t*, int64_t, PanelB16, float*, int64_t, float,
+             Band = Band::none, int64_t = 0, int64_t = 0) {
+  FA_CHECK(false, "fused_attn: the AVX512-BF16 attention products need the GCC x86-64 build");
+}
+inline void convert_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {
+  FA_CHECK(false, "fused_attn: the AVX512-BF16 attention products need the GCC x86-64 build");
+}
+
+#endif  // FUSED_ATTN_AVX2_CLONES
+
+}  // namespace fused_attn::cpu_attention::bf16_dot

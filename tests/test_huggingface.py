@@ -365,3 +365,26 @@ def test_gpt_oss_attention_sinks_match_eager(monkeypatch):
         for layer in model.model.layers:
             layer.self_attn.sinks.fill_(-1e4)
         assert not torch.allclose(_logits(model, ids, mask), _logits(ref, ids, mask), atol=1e-3)
+
+
+def test_packed_gpt_oss_sinks_match_separate_eager_runs():
+    """Packed gpt-oss input (transformers' flash-attention kwargs): the sinks reach
+    ``attention_varlen`` too, and each sequence's logits are eager's on it alone."""
+    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
+                                    layer_types=["sliding_attention", "full_attention"])
+    ref, model = _eager_and_fused(cfg)
+    with torch.no_grad():
+        for m in (ref, model):
+            for layer in m.model.layers:
+                layer.self_attn.sinks.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]))
+    lens = [5, 1, 9]
+    gen = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, VOCAB, (1, n), generator=gen) for n in lens]
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(seqs, 1), position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9).logits
+        separate = torch.cat([ref(input_ids=s).logits for s in seqs], 1)
+    torch.testing.assert_close(packed, separate, atol=2e-5, rtol=1e-4)

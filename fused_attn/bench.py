@@ -121,8 +121,8 @@ def _torch_compile(fn):
     return torch.compile(fn)
 
 
-def _ref_attention(q, k, v, causal, window_size=None, alibi_slopes=None):
-    return R.attention(q, k, v, causal=causal, window_size=window_size, alibi_slopes=alibi_slopes)
+def _ref_attention(q, k, v, causal, window_size=None, alibi_slopes=None, sinks=None):
+    return R.attention(q, k, v, causal=causal, window_size=window_size, alibi_slopes=alibi_slopes, sinks=sinks)
 
 
 def _ref_layer_norm(x, residual, weight, bias, rms):
@@ -139,6 +139,15 @@ def _sdpa(q, k, v, causal, keep=None):
     if keep is not None:
         return TF.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     return TF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _sdpa_with_sink_key(q, k, v, bias):
+    """torch's SDPA with attention sinks, which it has no option for: one more key with a zero
+    value, whose logit is the head's sink (the last column of the additive ``bias``, (H, L, L + 1),
+    the mask or -inf outside the causal triangle in the others). The appended key is in its time,
+    as it would be for a user."""
+    zeros = q.new_zeros(q.shape[0], k.shape[1], 1, k.shape[3])
+    return TF.scaled_dot_product_attention(q, torch.cat([k, zeros], 2), torch.cat([v, zeros], 2), attn_mask=bias)
 
 
 def _sdpa_context(which: str):
@@ -233,12 +242,14 @@ class AttentionCase(Case):
     causal: bool = False
     window: int = 0  # > 0: causal sliding window of this many keys (window_size=(window - 1, 0))
     alibi: bool = False  # ALiBi with the paper's slopes (SDPA gets the bias as an (H, L, L) mask)
+    sinks: bool = False  # gpt-oss attention sinks, fixed logits per head (SDPA: one more key, see _sdpa_with_sink_key)
     op = "attention"
     has_sdpa = True
 
     def label(self):
         return (f"B{self.B} H{self.H} L{self.L} D{self.D}" + (" causal" if self.causal else "")
-                + (f" window {self.window}" if self.window else "") + (" alibi" if self.alibi else ""))
+                + (f" window {self.window}" if self.window else "") + (" alibi" if self.alibi else "")
+                + (" sinks" if self.sinks else ""))
 
     def window_size(self):
         return (self.window - 1, 0) if self.window else None
@@ -274,11 +285,13 @@ class AttentionCase(Case):
     def impls(self, device, dtype, backends, baselines, seed):
         causal, window = self.causal, self.window_size()
         slopes = FA.get_alibi_slopes(self.H, device) if self.alibi else None
+        sinks = torch.linspace(-1.0, 2.0, self.H, device=device) if self.sinks else None
         out = _with_tma_twin([_fused_impl(name, lambda q, k, v, name=name: FA.attention(
-            q, k, v, causal=causal, window_size=window, alibi_slopes=slopes, backend=name), skip=skip)
+            q, k, v, causal=causal, window_size=window, alibi_slopes=slopes, sinks=sinks, backend=name), skip=skip)
             for name, skip in backends], device)
         if "eager" in baselines:
-            out.append(Impl("eager", "baseline", lambda q, k, v: _ref_attention(q, k, v, causal, window, slopes)))
+            out.append(Impl("eager", "baseline",
+                            lambda q, k, v: _ref_attention(q, k, v, causal, window, slopes, sinks)))
         if "sdpa" in baselines:
             # SDPA has no window or ALiBi option: it gets the window as an (L, L) keep-mask, ALiBi
             # as an (H, L, L) additive one (which its flash backend refuses; the others read them)
@@ -288,15 +301,25 @@ class AttentionCase(Case):
                 if causal:
                     visible = R.visible_keys(self.L, self.L, True, window, device=device)
                     keep = keep.masked_fill(~visible, float("-inf"))
+            if sinks is not None:  # one more key: the sink's logit in the last column of an (H, L, L + 1) bias
+                if keep is None or keep.dtype == torch.bool:
+                    visible = keep if keep is not None else R.visible_keys(self.L, self.L, causal, device=device)
+                    keep = torch.zeros(self.L, self.L, device=device, dtype=dtype)
+                    if visible is not None:
+                        keep = keep.masked_fill(~visible, float("-inf"))
+                keep = keep.reshape(-1, self.L, self.L).expand(self.H, self.L, self.L)
+                bias = torch.cat([keep, sinks.to(dtype).view(self.H, 1, 1).expand(self.H, self.L, 1)], -1)
+                sdpa = lambda q, k, v: _sdpa_with_sink_key(q, k, v, bias)  # noqa: E731
+            else:
+                sdpa = lambda q, k, v: _sdpa(q, k, v, causal, keep)  # noqa: E731
             if torch.device(device).type == "cuda":
                 for which in SDPA_GPU_BACKENDS:
-                    out.append(Impl(f"sdpa-{which}", "baseline", lambda q, k, v: _sdpa(q, k, v, causal, keep),
-                                    context=_sdpa_context(which)))
+                    out.append(Impl(f"sdpa-{which}", "baseline", sdpa, context=_sdpa_context(which)))
             else:
-                out.append(Impl("sdpa", "baseline", lambda q, k, v: _sdpa(q, k, v, causal, keep)))
+                out.append(Impl("sdpa", "baseline", sdpa))
         if "compile" in baselines:
             compiled = _compiled("attention", _ref_attention)
-            out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal, window, slopes)))
+            out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal, window, slopes, sinks)))
         return out
 
 
@@ -607,7 +630,7 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
     if which == "quick" and not gpu:
         return {"attention": [AttentionCase(1, 4, L, 64, causal) for causal in (False, True) for L in (128, 256, 512)]
                 + [AttentionCase(1, 4, 1024, 64, True, window=128), AttentionCase(1, 4, 512, 64, True, alibi=True),
-                   VarlenAttentionCase(VARLEN_QUICK_CPU, 4, 64)],
+                   AttentionCase(1, 4, 512, 64, True, sinks=True), VarlenAttentionCase(VARLEN_QUICK_CPU, 4, 64)],
                 "layer_norm": [LayerNormCase(2048, 512), LayerNormCase(2048, 1024), LayerNormCase(2048, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(256, 256, 1024), FeedForwardCase(256, 256, 688, "swiglu")],
                 "layer": [LayerCase(2, 128, 256, 4, 1024)]}[op]
@@ -615,7 +638,7 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
         return {"attention": [AttentionCase(16384 // L, 2048 // D, L, D, causal)
                               for D in (128,) for causal in (False, True) for L in (1024, 4096)]
                 + [AttentionCase(1, 16, 16384, 128, True, window=4096),
-                   AttentionCase(4, 16, 4096, 128, True, alibi=True),
+                   AttentionCase(4, 16, 4096, 128, True, alibi=True), AttentionCase(4, 16, 4096, 128, True, sinks=True),
                    VarlenAttentionCase(VARLEN_GPU, 16, 128)],
                 "layer_norm": [LayerNormCase(16384, 4096)],
                 "feed_forward": [FeedForwardCase(8192, 2048, 8192)],
@@ -625,7 +648,7 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
                               for L in (256, 512, 1024, 2048)]
                 + [AttentionCase(2, 8, L, 128, causal) for causal in (False, True) for L in (1024, 2048)]
                 + [AttentionCase(2, 8, 2048, 64, True, window=256), AttentionCase(2, 8, 1024, 64, True, alibi=True),
-                   VarlenAttentionCase(VARLEN_FULL_CPU, 8, 64)],
+                   AttentionCase(2, 8, 1024, 64, True, sinks=True), VarlenAttentionCase(VARLEN_FULL_CPU, 8, 64)],
                 "layer_norm": [LayerNormCase(8192, d) for d in (512, 1024, 4096)] + [LayerNormCase(8192, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(2048, 512, 2048), FeedForwardCase(2048, 1024, 4096),
                                  FeedForwardCase(2048, 1024, 2736, "swiglu")],
@@ -636,6 +659,7 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
             + [AttentionCase(1, 16, 16384, 128, True, window=w) for w in (1024, 4096)]
             + [AttentionCase(16384 // L, 16, L, 128, causal, alibi=True)
                for causal in (False, True) for L in (2048, 8192)]
+            + [AttentionCase(4, 16, 4096, 128, True, sinks=True)]
             + [VarlenAttentionCase(VARLEN_GPU, 16, D) for D in (128, 64)],
             "layer_norm": [LayerNormCase(16384, d) for d in (1024, 2048, 4096, 8192)] + [LayerNormCase(16384, 4096, rms=True)],
             "feed_forward": [FeedForwardCase(8192, d, 4 * d) for d in (1024, 2048, 4096)]

@@ -325,3 +325,23 @@ def test_gpu_tables_show_host_time_and_host_bound_shapes():
     text = bench.format_summary(summary, {}, machine)
     assert "host-bound" in text and "1/1" in text
     assert "host-bound" not in bench.format_summary(summary, {}, dict(machine, device="cpu"))
+
+
+@pytest.mark.parametrize("options", [dict(window=5), dict(alibi=True), dict(sinks=True),
+                                     dict(alibi=True, sinks=True), dict(window=4, sinks=True)],
+                         ids=["window", "alibi", "sinks", "alibi+sinks", "window+sinks"])
+def test_attention_baselines_compute_what_the_fused_rows_compute(options):
+    """The benchmark's baselines for options SDPA has no argument for (the window and ALiBi as
+    masks, sinks as one more key with a zero value) compute the fused call's function, so their
+    timings compare like with like."""
+    from fused_attn.bench import AttentionCase
+
+    case = AttentionCase(1, 2, 33, 16, True, **options)
+    impls = case.impls("cpu", torch.float32, [("reference", None)], ["eager", "sdpa"], seed=0)
+    q, k, v = case.make_inputs("cpu", torch.float32, 0)
+    outs = {impl.name: impl.fn(q, k, v) for impl in impls}
+    assert set(outs) == {"reference", "eager", "sdpa"}
+    for name, out in outs.items():
+        torch.testing.assert_close(out, outs["reference"], rtol=1e-5, atol=1e-5, msg=name)
+    plain = AttentionCase(1, 2, 33, 16, True).impls("cpu", torch.float32, [("reference", None)], [], seed=0)[0]
+    assert not torch.allclose(plain.fn(q, k, v), outs["reference"], atol=1e-3)  # the option matters

@@ -866,13 +866,15 @@ def test_inputs_not_modified():
         assert torch.equal(t.detach(), c)
 
 
-# ---- AVX512-BF16 forward products ----------------------------------------------------------
-# bfloat16 inputs on a CPU with AVX512-BF16: the forward's two products run as vdpbf16ps dot
-# products on bf16 pair layouts (csrc/cpu/attention_bf16_dot.h), P rounded to bf16 for P V.
-# FUSED_ATTN_CPU_BF16_DOT=on forces them (auto, the default, takes them wherever the CPU has
-# them), off the float32 panels. The backward is float32 either way. Held to the oracle over odd
-# shapes (odd head dims: a half pair; key counts ending on an odd key: the masked half step;
-# Dv != D, GQA) and every option, to each other, and `off` to the float32 computation it was.
+# ---- AVX512-BF16 products ------------------------------------------------------------------
+# bfloat16 inputs on a CPU with AVX512-BF16: the forward's two products and the backward's five
+# run as vdpbf16ps dot products on bf16 pair layouts (csrc/cpu/attention_bf16_dot.h), P rounded
+# to bf16 for P V, P_drop^T dO; dS for dS^T Q and dS K. FUSED_ATTN_CPU_BF16_DOT=on forces them
+# (auto, the default, takes them wherever the CPU has them), off the float32 panels. Held to the
+# oracle over odd shapes (odd head dims: a half pair; key or query counts ending odd: the masked
+# half step; Dv != D, GQA) and every option, on both backward schedules (1 thread: per kv head;
+# 2 threads: per kv head when B * Hkv is even, else the two passes), to each other, and `off` to
+# the float32 computation it was.
 
 def _cpu_has_avx512bf16():
     try:
@@ -901,13 +903,26 @@ _BF16_DOT_CASES = {
 }
 
 
+@pytest.fixture
+def _threads(request):
+    """torch's thread count for one test (the backward's schedule depends on it), restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+# (grad, threads): the forward alone; forward + backward on 1 thread (every case per kv head) and
+# on 2 (B * Hkv odd: the two-pass schedule; "1x1", "17x97_dv72", "97x17_causal_d59_dv40",
+# "gqa_6_1_bool", "causal_dropout_d59")
 @_needs_bf16_dot
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("grad,_threads", [(False, 2), (True, 1), (True, 2)], ids=["fwd", "fwd_bwd_t1", "fwd_bwd_t2"],
+                         indirect=["_threads"])
 @pytest.mark.parametrize("case", sorted(_BF16_DOT_CASES))
-def test_bf16_dot_meets_the_oracle(monkeypatch, case, grad):
+def test_bf16_dot_meets_the_oracle(monkeypatch, case, grad, _threads):
     """fused_attn.functional.attention(backend="cpu") in bfloat16 with the bf16 dot products forced:
-    the output alone (fwd), and with the gradients (the float32 backward recomputes P from the
-    forward's lse, so a wrong lse would show there)."""
+    the output alone (fwd), and with the gradients from the bf16 backward (which recomputes P from
+    the forward's lse, so a wrong lse would show there too), on both of its schedules."""
     monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "on")
     B, Hq, Hkv, Lq, Lk, D, Dv, causal, mask, p = _BF16_DOT_CASES[case]
     Dv = D if Dv is None else Dv
@@ -939,14 +954,16 @@ _BF16_DOT_BAND_CASES = [
 
 
 @_needs_bf16_dot
+@pytest.mark.parametrize("_threads", [1, 2], ids=["t1", "t2"], indirect=True)
 @pytest.mark.parametrize("shape,band,mask,dropout_p,softcap,alibi,bottom_right", _BF16_DOT_BAND_CASES,
                          ids=[f"{s}-{b}-{m}-p{p}-cap{c:g}-{a}-{'br' if br else 'tl'}"
                               for s, b, m, p, c, a, br in _BF16_DOT_BAND_CASES])
 def test_bf16_dot_band_options_meet_the_oracle(monkeypatch, shape, band, mask, dropout_p, softcap, alibi,
-                                               bottom_right):
+                                               bottom_right, _threads):
     """Bands (causal, bottom-right, sliding windows, dead rows: the pruned register blocks), masks,
     dropout, the soft-cap and ALiBi through the compiled ops with the bf16 dot products forced: out,
-    lse, dq, dk, dv (and dmask)."""
+    lse, dq, dk, dv (and dmask), the backward on 1 thread (per kv head) and 2 (two passes where
+    B * Hkv = 1: every shape but 97x61, 17x17 and 130x300)."""
     monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "on")
     B, Hq, Hkv, Lq, Lk, D = _BAND_SHAPES[shape]
     _check_band(torch.bfloat16, B, Hq, Hkv, Lq, Lk, D, _bands(Lq, Lk)[band], mask=mask, dropout_p=dropout_p,
@@ -1002,6 +1019,85 @@ def test_bf16_dot_reads_no_value_past_the_band(monkeypatch):
         assert torch.isfinite(out).all() and torch.isfinite(lse).all(), mode
     ref_out = ref.attention(q.double(), k[:, :, :17].double(), v[:, :, :17].double(), None, False, 0.0, 0.2)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+
+
+def _bf16_dot_backward(monkeypatch, mode, dout, q, k, v, out, lse, mask, band, dropout_p=0.0, mask_grad=False,
+                       softcap=0.0):
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", mode)
+    return torch.ops.fused_attn_C.attention_bwd(dout, q, k, v, out, lse, mask, *band, dropout_p, 0.2, 7, 3, mask_grad,
+                                                softcap)
+
+
+@_needs_bf16_dot
+@pytest.mark.parametrize("_threads", [1, 2], ids=["t1", "t2"], indirect=True)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("band", [NO_BAND, CAUSAL_BAND, (-37, 5)], ids=["none", "causal", "window"])
+def test_bf16_dot_backward_on_and_off_agree(monkeypatch, band, layout, _threads):
+    """The backward alone (the same out, lse for both), on and off: dq, dk, dv and dmask agree to
+    the bf16 rounding of P and dS (not bit for bit: `on` must really take the other path); `off` is
+    bit for bit the float32 computation on the converted inputs, and `auto` is `on` here. B * Hkv =
+    2 and 1: on 2 threads the per-kv-head schedule and the two passes; strided: q, k, v, dout with a
+    non-unit head-dim stride (q and dout copied into even-width rows). Dropout, an additive mask
+    (dmask) and the soft-cap on; odd Lq (the half pair of queries in dV, dK) and Lk."""
+    for B, Hkv in ((2, 1), (1, 1)):
+        Hq, Lq, Lk, D, Dv = 2 * Hkv, 131, 301, 59, 40
+        q, k, v = make_inputs((B, Hq, D, Lq), (B, Hkv, D, Lk), (B, Hkv, Dv, Lk), dtype=torch.bfloat16, seed=11,
+                              requires_grad=False)
+        dout = make_inputs((B, Hq, Dv, Lq), dtype=torch.bfloat16, seed=13, requires_grad=False)[0]
+        q, k, v, dout = (t.transpose(-1, -2) for t in (q, k, v, dout))
+        if layout == "contiguous":
+            q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
+        mask = make_inputs((B, 1, Lq, Lk), dtype=torch.bfloat16, seed=12, requires_grad=False)[0].expand(B, Hq, Lq, Lk)
+        monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "off")
+        out, lse = torch.ops.fused_attn_C.attention_fwd(q, k, v, mask, *band, 0.1, 0.2, 7, 3, 5.0)
+        on = _bf16_dot_backward(monkeypatch, "on", dout, q, k, v, out, lse, mask, band, 0.1, True, 5.0)
+        off = _bf16_dot_backward(monkeypatch, "off", dout, q, k, v, out, lse, mask, band, 0.1, True, 5.0)
+        for name, a, b in zip(("dq", "dk", "dv", "dmask"), on, off):
+            assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16, name
+            assert torch.isfinite(b).all(), name
+            if name != "dmask":  # (dmask = dS in float32, the same on both paths up to dP's summation order)
+                assert not torch.equal(a, b), f"FUSED_ATTN_CPU_BF16_DOT=on gave the float32 path's {name}"
+            scale = b.float().abs().max().item()
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2 * scale, rtol=3e-2, msg=name)
+        f32 = _bf16_dot_backward(monkeypatch, "off", dout.float(), q.float(), k.float(), v.float(), out.float(), lse,
+                                 mask.float(), band, 0.1, True, 5.0)
+        for name, a, b in zip(("dq", "dk", "dv", "dmask"), off, f32):
+            assert torch.equal(a, b.bfloat16()), name
+        auto = _bf16_dot_backward(monkeypatch, "auto", dout, q, k, v, out, lse, mask, band, 0.1, True, 5.0)
+        for name, a, b in zip(("dq", "dk", "dv", "dmask"), auto, on):
+            assert torch.equal(a, b), name
+
+
+@_needs_bf16_dot
+@pytest.mark.parametrize("_threads", [1, 2], ids=["t1", "t2"], indirect=True)
+def test_bf16_dot_backward_reads_no_value_past_the_band(monkeypatch, _threads):
+    """Band (23, U): query i sees keys [i + 23, 40), so queries 0..16 see 17..1 keys and 17..31 none
+    (empty rows); keys 16..22 (in the tile: it starts at key 16) no query sees. inf in k and v at
+    keys 16..22 and in q and dout at queries 17..31 (their delta = dout . out = inf * 0 is NaN, and
+    so their dS row). The float32 products never read them into a finite gradient: dk and dv are
+    finite everywhere, dq and out on rows 0..16. Neither may the bf16 ones: dQ's keys of rows 0..5
+    start at key 23 (odd: the half pair (22, 23), k masked at key 22), dK's and dV's queries of the
+    last keys end at query 16 (the half pair (16, 17): q, dout and the NaN dS^T masked at 17)."""
+    q, k, v = make_inputs((1, 1, 32, 32), (1, 1, 40, 32), (1, 1, 40, 32), dtype=torch.bfloat16, seed=2,
+                          requires_grad=False)
+    dout = make_inputs((1, 1, 32, 32), dtype=torch.bfloat16, seed=4, requires_grad=False)[0]
+    for t in (k, v):
+        t[0, 0, 16:23] = float("inf")
+    for t in (q, dout):
+        t[0, 0, 17:] = float("inf")
+    band = (23, U)
+    grads = {}
+    for mode in ("on", "off"):
+        out, lse = _bf16_dot_call(monkeypatch, mode, q, k, v, None, band)
+        assert torch.isfinite(out[:, :, :17]).all() and torch.isfinite(lse[:, :, :17]).all(), mode
+        grads[mode] = _bf16_dot_backward(monkeypatch, mode, dout, q, k, v, out, lse, None, band)[:3]
+    for name, on, off in zip(("dq", "dk", "dv"), grads["on"], grads["off"]):
+        rows = slice(0, 17) if name == "dq" else slice(None)
+        assert torch.isfinite(off[:, :, rows]).all(), name  # the float32 path: finite there
+        assert torch.isfinite(on[:, :, rows]).all(), name
+        scale = off[:, :, rows].float().abs().max().item()
+        torch.testing.assert_close(on[:, :, rows].float(), off[:, :, rows].float(), atol=2e-2 * scale, rtol=3e-2,
+                                   msg=name)
 
 
 def test_bf16_dot_mode_is_checked(monkeypatch):

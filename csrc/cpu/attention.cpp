@@ -26,12 +26,13 @@
 // head by the unit that owns it in the backward's per-head schedule), which skip the
 // blocks the visibility band makes dead; otherwise (float64, other CPUs, FUSED_ATTN_CPU_GEMM=blas or
 // aten) BLAS calls on the tiles. Both paths share everything else below.
-// bfloat16 inputs on CPUs with AVX512-BF16: the forward's two products instead run as bf16 dot
-// products (vdpbf16ps, attention_bf16_dot.h) on bf16 pair layouts of q, k, v, with P rounded to
-// bf16 for P V (~1.5-2x the float32 panels here); FUSED_ATTN_CPU_BF16_DOT=auto|on|off (below).
-// The softmax, masks, band, dropout, cap, ALiBi, lse and output stay the float32 code, and the
-// backward keeps its float32 products (the forward's scores are exact bf16 products summed in
-// float32, as the backward's recomputed ones: the lse stays consistent).
+// bfloat16 inputs on CPUs with AVX512-BF16: the forward's two products and the backward's five
+// instead run as bf16 dot products (vdpbf16ps, attention_bf16_dot.h) on bf16 pair layouts of q,
+// k, v (and dO), with P rounded to bf16 for P V and P_drop^T dO, dS for dS^T Q and dS K (forward
+// ~1.5-2x the float32 panels here, backward ~1.4-1.6x); FUSED_ATTN_CPU_BF16_DOT=auto|on|off
+// (below). The softmax, masks, band, dropout, delta, cap, ALiBi, lse, dmask, the output and the
+// gradient accumulators stay the float32 code (the scores are exact bf16 products summed in
+// float32 in both passes: the backward's recomputed P matches the forward's lse).
 //
 // The visibility band (csrc/ops.cpp): query i sees key j iff i + lo <= j <= i + hi (and the
 // attn_mask), lo and hi clamped to [-Lq, Lk] on entry (Problem::set_band). No band is (-Lq, Lk),
@@ -186,13 +187,13 @@ bool use_fortran_blas(GemmMode mode) { return sgemm_ != nullptr && dgemm_ != nul
 // (false on builds without the AVX2 copies: cpu_has_avx2_fma() says no there)
 bool use_tile_kernels(GemmMode mode) { return mode == GemmMode::tiles && fused_attn::cpu::cpu_has_avx2_fma(); }
 
-// FUSED_ATTN_CPU_BF16_DOT picks how the forward's register-blocked products run for bfloat16
-// inputs: unset or "auto", with AVX512-BF16 dot products (attention_bf16_dot.h) where the CPU has
-// them, else on float32 panels; "on", the bf16 dot products (an error on a CPU without
-// AVX512-BF16); "off", the float32 panels. It only concerns bfloat16 inputs on the register-blocked
-// path (FUSED_ATTN_CPU_GEMM=blas|aten keep their BLAS products) and the forward (the backward's
-// products stay float32). Read at every call, like FUSED_ATTN_CPU_GEMM, so that tests compare both
-// paths in one process; any other value is an error naming the variable, whatever the dtype.
+// FUSED_ATTN_CPU_BF16_DOT picks how the register-blocked products of the forward and the backward
+// run for bfloat16 inputs: unset or "auto", with AVX512-BF16 dot products (attention_bf16_dot.h)
+// where the CPU has them, else on float32 panels; "on", the bf16 dot products (an error on a CPU
+// without AVX512-BF16); "off", the float32 panels. It only concerns bfloat16 inputs on the
+// register-blocked path (FUSED_ATTN_CPU_GEMM=blas|aten keep their BLAS products). Read at every
+// call, like FUSED_ATTN_CPU_GEMM, so that tests compare both paths in one process; any other value
+// is an error naming the variable, whatever the dtype.
 enum class Bf16DotMode { automatic, on, off };
 Bf16DotMode bf16_dot_mode() {
   const char* s = std::getenv("FUSED_ATTN_CPU_BF16_DOT");
@@ -203,8 +204,8 @@ Bf16DotMode bf16_dot_mode() {
   FA_CHECK(false, "FUSED_ATTN_CPU_BF16_DOT must be one of auto, on, off; got '", mode, "'");
 }
 
-// Whether the forward of a call in dtype t on the register-blocked path (tiles) runs its products
-// as AVX512-BF16 dot products.
+// Whether a call (forward or backward) in dtype t on the register-blocked path (tiles) runs its
+// products as AVX512-BF16 dot products.
 bool use_bf16_dot(at::ScalarType t, bool tiles) {
   const Bf16DotMode mode = bf16_dot_mode();  // checked on every call
   if (t != at::kBFloat16 || mode == Bf16DotMode::off) return false;
@@ -416,114 +417,150 @@ Panels make_panels(const Tensor& t, bool keys) {
   return out;
 }
 
-// ---- operands of the AVX512-BF16 forward products (attention_bf16_dot.h) ----------------------
+// ---- operands of the AVX512-BF16 products (attention_bf16_dot.h) -----------------------------
 //
-// bfloat16 inputs on a CPU with AVX512-BF16: the forward's products read bf16 values in pairs
-// along their inner dimension (one vdpbf16ps lane = the sum of two bf16 products), so the
-// operands are laid out, once per call, with the two values of a pair adjacent:
-//  - q rows as they are when D is even and the head dim has unit stride (a pair is two adjacent
-//    elements of a row), else copied into rows of D rounded up to even, the padding zero;
-//  - k as key panels, per (b, kv head): [round16(Lk) / 16][D2][16 keys x 2] with D2 = ceil(D / 2):
-//    panel p, pair row d2, lane c holds (K[16 p + c][2 d2], K[16 p + c][2 d2 + 1]), zero past Lk
-//    and past D;
-//  - v as column panels, per (b, kv head): [round16(Dv) / 16][round16(Lk) / 2][16 columns x 2]:
-//    panel p, pair row j2, lane c holds (V[2 j2][16 p + c], V[2 j2 + 1][16 p + c]), zero past Lk
-//    and past Dv. Keys are padded to 16 so that the pairs of any tile (from a multiple of 16)
-//    exist.
-// (bf16 values handled as their 16 bits: the layout only moves them.)
-struct Bf16Operands {
-  Tensor q_store, k_store, v_store;  // owners (q_store undefined when q is read in place)
-  const uint16_t* q = nullptr;
-  int64_t q_sb = 0, q_sh = 0, q_ld = 0;
-  const uint16_t* k = nullptr;
-  int64_t k_sb = 0, k_sh = 0, k_panel = 0;
-  const uint16_t* v = nullptr;
-  int64_t v_sb = 0, v_sh = 0, v_panel = 0;
-  int64_t d_even = 0;  // the inner dimension of S: D rounded up to even
+// bfloat16 inputs on a CPU with AVX512-BF16: the products read bf16 values in pairs along their
+// inner dimension (one vdpbf16ps lane = the sum of two bf16 products), so the operands are laid
+// out, once per call, with the two values of a pair adjacent. Three layouts of a (B, H, L, D)
+// tensor t:
+//  - rows (A operands, pairs along D): t's rows as they are when D is even and the head dim has
+//    unit stride (a pair is two adjacent elements of a row), else copied into rows of D rounded
+//    up to even, the padding zero. Forward: q (S = Q K^T); backward: q, and dO (dP = dO V^T);
+//  - key panels (B operands whose columns are t's rows, pairs along D), per (b, h):
+//    [round16(L) / 16][D2][16 rows x 2] with D2 = ceil(D / 2): panel p, pair row d2, lane c holds
+//    (t[16 p + c][2 d2], t[16 p + c][2 d2 + 1]), zero past L and past D. k (S = Q K^T), and in the
+//    backward v (dP = dO V^T, pairs along Dv);
+//  - column panels (B operands whose inner dimension runs along t's rows), per (b, h):
+//    [round16(D) / 16][round16(L) / 2][16 columns x 2]: panel p, pair row l2, lane c holds
+//    (t[2 l2][16 p + c], t[2 l2 + 1][16 p + c]), zero past L and past D. Rows are padded to 16 so
+//    that the pairs of any tile starting at an even row exist: key tiles start at multiples of 16,
+//    the backward's query tiles at multiples of its (even) query block. v (O += P V, pairs of
+//    keys) in the forward; in the backward dO (dV += P^T dO, pairs of queries), q (dK += dS^T Q,
+//    pairs of queries) and k (dQ += dS K, pairs of keys).
+// (bf16 values handled as their 16 bits: the layouts only move them.)
+inline const uint16_t* bf16_bits(const Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<c10::BFloat16>());
+}
 
-  const uint16_t* q_rows(int64_t b, int64_t h, int64_t i0) const { return q + b * q_sb + h * q_sh + i0 * q_ld; }
-  // the key panels from key j0 (a multiple of 16) on
-  bf16_dot::PanelB16 keys_from(int64_t b, int64_t h, int64_t j0) const {
-    return {k + b * k_sb + h * k_sh + j0 / 16 * k_panel, k_panel};
+struct Bf16Rows {
+  Tensor store;  // owner, undefined when t is read in place
+  const uint16_t* data = nullptr;
+  int64_t sb = 0, sh = 0, ld = 0;
+  int64_t even = 0;  // the inner dimension: D rounded up to even
+  const uint16_t* rows(int64_t b, int64_t h, int64_t i0) const { return data + b * sb + h * sh + i0 * ld; }
+};
+
+Bf16Rows bf16_rows(const Tensor& t) {
+  Bf16Rows out;
+  const int64_t D = t.size(3);
+  out.even = (D + 1) / 2 * 2;
+  if (D % 2 == 0 && (D <= 1 || t.stride(3) == 1)) {
+    out.data = bf16_bits(t);
+    out.sb = t.stride(0);
+    out.sh = t.stride(1);
+    out.ld = t.size(2) <= 1 ? D : t.stride(2);
+  } else {
+    out.store = at::zeros({t.size(0), t.size(1), t.size(2), out.even}, t.options());
+    out.store.narrow(3, 0, D).copy_(t);
+    out.data = bf16_bits(out.store);
+    out.sb = out.store.stride(0);
+    out.sh = out.store.stride(1);
+    out.ld = out.even;
   }
-  // the column panels, from the pair of key j0 (a multiple of 16) on
-  bf16_dot::PanelB16 rows_from(int64_t b, int64_t h, int64_t j0) const {
-    return {v + b * v_sb + h * v_sh + j0 / 2 * 32, v_panel};
+  return out;
+}
+
+struct Bf16Panels {
+  Tensor store;
+  const uint16_t* data = nullptr;
+  int64_t sb = 0, sh = 0, panel = 0;  // panel: the bf16 elements of one panel
+  // key panels: the panels from row (key) j0 on, j0 a multiple of 16
+  bf16_dot::PanelB16 keys_from(int64_t b, int64_t h, int64_t j0) const {
+    return {data + b * sb + h * sh + j0 / 16 * panel, panel};
+  }
+  // column panels: every column, from the pair of row i0 on, i0 even
+  bf16_dot::PanelB16 rows_from(int64_t b, int64_t h, int64_t i0) const {
+    return {data + b * sb + h * sh + i0 / 2 * 32, panel};
   }
 };
 
-// The bf16 layouts above of bfloat16 q, k, v (B, H, L, D), k and v laid out in parallel.
+// t's key panels (keys = true) or column panels, laid out in parallel.
+Bf16Panels bf16_panels(const Tensor& t, bool keys) {
+  Bf16Panels out;
+  const int64_t B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
+  const int64_t D2 = (D + 1) / 2, L16 = round16(L);
+  const int64_t n_panels = keys ? L16 / 16 : round16(D) / 16;
+  out.panel = keys ? D2 * 32 : L16 / 2 * 32;
+  out.store = at::empty({B, H, n_panels * out.panel}, t.options());
+  out.sh = n_panels * out.panel;
+  out.sb = H * out.sh;
+  const uint16_t* src = bf16_bits(t);
+  uint16_t* dst_all = reinterpret_cast<uint16_t*>(out.store.data_ptr<c10::BFloat16>());
+  out.data = dst_all;
+  const int64_t ssb = t.stride(0), ssh = t.stride(1), ssl = t.stride(2), ssd = t.stride(3);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(keys ? D2 : L16, 1));
+  at::parallel_for(0, B * H * n_panels, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / n_panels / H, h = u / n_panels % H, p = u % n_panels;
+      uint16_t* dst = dst_all + u * out.panel;
+      if (keys) {  // lane c <- row 16 p + c, pair row d2 <- head-dim indices 2 d2, 2 d2 + 1
+        for (int64_t c = 0; c < 16; ++c) {
+          const int64_t row_index = 16 * p + c;
+          if (row_index >= L) {
+            for (int64_t d2 = 0; d2 < D2; ++d2) dst[d2 * 32 + 2 * c] = dst[d2 * 32 + 2 * c + 1] = 0;
+            continue;
+          }
+          const uint16_t* row = src + b * ssb + h * ssh + row_index * ssl;
+          for (int64_t d = 0; d < D; ++d) dst[d / 2 * 32 + 2 * c + d % 2] = row[d * ssd];
+          if (D % 2) dst[D / 2 * 32 + 2 * c + 1] = 0;  // the odd head dim's padding
+        }
+      } else {  // lane c <- column 16 p + c, pair row l2 <- rows 2 l2, 2 l2 + 1
+        const int64_t width = std::min<int64_t>(16, D - 16 * p);
+        const uint16_t* base = src + b * ssb + h * ssh + 16 * p * ssd;
+        for (int64_t l = 0; l < L16; ++l) {
+          uint16_t* out_row = dst + l / 2 * 32 + l % 2;
+          if (l >= L) {
+            for (int64_t c = 0; c < 16; ++c) out_row[2 * c] = 0;
+            continue;
+          }
+          const uint16_t* row = base + l * ssl;
+          for (int64_t c = 0; c < width; ++c) out_row[2 * c] = row[c * ssd];
+          for (int64_t c = width; c < 16; ++c) out_row[2 * c] = 0;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The bf16 operands of a call: the forward's (q rows, k key panels, v column panels), and the
+// backward's (q and dO rows, k and v key panels, dO, q and k column panels).
+struct Bf16Operands {
+  Bf16Rows q;
+  Bf16Panels k_keys, v_columns;
+  // backward
+  Bf16Rows dout;
+  Bf16Panels v_keys, dout_columns, q_columns, k_columns;
+};
+
 std::unique_ptr<Bf16Operands> make_bf16_operands(const Tensor& q, const Tensor& k, const Tensor& v) {
   auto ops = std::make_unique<Bf16Operands>();
-  const int64_t B = k.size(0), Hkv = k.size(1), Lk = k.size(2), D = k.size(3), Dv = v.size(3);
-  const int64_t D2 = (D + 1) / 2, L16 = round16(Lk), n_kp = L16 / 16, n_vp = round16(Dv) / 16;
-  ops->d_even = 2 * D2;
-  const auto bits = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<c10::BFloat16>()); };
-  if (D % 2 == 0 && (D <= 1 || q.stride(3) == 1)) {
-    ops->q = bits(q);
-    ops->q_sb = q.stride(0);
-    ops->q_sh = q.stride(1);
-    ops->q_ld = q.size(2) <= 1 ? D : q.stride(2);
-  } else {
-    ops->q_store = at::zeros({q.size(0), q.size(1), q.size(2), 2 * D2}, q.options());
-    ops->q_store.narrow(3, 0, D).copy_(q);
-    ops->q = bits(ops->q_store);
-    ops->q_sb = ops->q_store.stride(0);
-    ops->q_sh = ops->q_store.stride(1);
-    ops->q_ld = 2 * D2;
-  }
-  ops->k_panel = D2 * 32;
-  ops->k_store = at::empty({B, Hkv, n_kp * ops->k_panel}, k.options());
-  ops->k_sh = n_kp * ops->k_panel;
-  ops->k_sb = Hkv * ops->k_sh;
-  ops->v_panel = L16 / 2 * 32;
-  ops->v_store = at::empty({B, Hkv, n_vp * ops->v_panel}, v.options());
-  ops->v_sh = n_vp * ops->v_panel;
-  ops->v_sb = Hkv * ops->v_sh;
-  const uint16_t* ksrc = bits(k);
-  const uint16_t* vsrc = bits(v);
-  uint16_t* kdst = reinterpret_cast<uint16_t*>(ops->k_store.data_ptr<c10::BFloat16>());
-  uint16_t* vdst = reinterpret_cast<uint16_t*>(ops->v_store.data_ptr<c10::BFloat16>());
-  ops->k = kdst;
-  ops->v = vdst;
-  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2), ksd = k.stride(3);
-  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2), vsd = v.stride(3);
-  // key panel u = (b, h, p): lane c <- key 16 p + c, pair row d2 <- head-dim indices 2 d2, 2 d2 + 1
-  at::parallel_for(0, B * Hkv * n_kp, std::max<int64_t>(1, 4096 / std::max<int64_t>(D2, 1)), [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / n_kp / Hkv, h = u / n_kp % Hkv, p = u % n_kp;
-      uint16_t* dst = kdst + u * ops->k_panel;
-      for (int64_t c = 0; c < 16; ++c) {
-        const int64_t key = 16 * p + c;
-        if (key >= Lk) {
-          for (int64_t d2 = 0; d2 < D2; ++d2) dst[d2 * 32 + 2 * c] = dst[d2 * 32 + 2 * c + 1] = 0;
-          continue;
-        }
-        const uint16_t* row = ksrc + b * ksb + h * ksh + key * ksl;
-        for (int64_t d = 0; d < D; ++d) dst[d / 2 * 32 + 2 * c + d % 2] = row[d * ksd];
-        if (D % 2) dst[D / 2 * 32 + 2 * c + 1] = 0;  // the odd head dim's padding
-      }
-    }
-  });
-  // column panel u = (b, h, p): lane c <- column 16 p + c, pair row j2 <- keys 2 j2, 2 j2 + 1
-  at::parallel_for(0, B * Hkv * n_vp, std::max<int64_t>(1, 4096 / std::max<int64_t>(L16, 1)), [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / n_vp / Hkv, h = u / n_vp % Hkv, p = u % n_vp;
-      uint16_t* dst = vdst + u * ops->v_panel;
-      const int64_t width = std::min<int64_t>(16, Dv - 16 * p);
-      const uint16_t* base = vsrc + b * vsb + h * vsh + 16 * p * vsd;
-      for (int64_t key = 0; key < L16; ++key) {
-        uint16_t* out = dst + key / 2 * 32 + key % 2;
-        if (key >= Lk) {
-          for (int64_t c = 0; c < 16; ++c) out[2 * c] = 0;
-          continue;
-        }
-        const uint16_t* row = base + key * vsl;
-        for (int64_t c = 0; c < width; ++c) out[2 * c] = row[c * vsd];
-        for (int64_t c = width; c < 16; ++c) out[2 * c] = 0;
-      }
-    }
-  });
+  ops->q = bf16_rows(q);
+  ops->k_keys = bf16_panels(k, true);
+  ops->v_columns = bf16_panels(v, false);
+  return ops;
+}
+
+std::unique_ptr<Bf16Operands> make_bf16_backward_operands(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                          const Tensor& dout) {
+  auto ops = std::make_unique<Bf16Operands>();
+  ops->q = bf16_rows(q);
+  ops->dout = bf16_rows(dout);
+  ops->k_keys = bf16_panels(k, true);
+  ops->v_keys = bf16_panels(v, true);
+  ops->dout_columns = bf16_panels(dout, false);
+  ops->q_columns = bf16_panels(q, false);
+  ops->k_columns = bf16_panels(k, false);
   return ops;
 }
 
@@ -536,8 +573,8 @@ struct TileOperands {
   Panels dout_columns; // dV += P^T dO
   Panels q_columns;    // dK += dS^T Q
   Panels k_columns;    // dQ += dS K
-  // the forward of bfloat16 inputs with AVX512-BF16 dot products (q rows, k and v in bf16 VNNI
-  // panels; k_keys and v_columns unused then), or null
+  // bfloat16 inputs with AVX512-BF16 dot products: the bf16 layouts (the float32 panels above
+  // unused then), or null
   const Bf16Operands* bf16 = nullptr;
 };
 
@@ -720,7 +757,7 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
         if constexpr (tiles) {
           // blocks outside the band are skipped (left unwritten: the row loop never reads them)
           if (bf)  // over D rounded up to even: q's and k's padding are zero
-            bf16_dot::product<false>(bm, lds / 16, bf->d_even, bf->q_rows(b, h, i0), bf->q_ld, bf->keys_from(b, hk, j0),
+            bf16_dot::product<false>(bm, lds / 16, bf->q.even, bf->q.rows(b, h, i0), bf->q.ld, bf->k_keys.keys_from(b, hk, j0),
                                      S, lds, pb.scale, cut ? tile_gemm::Band::key_columns : tile_gemm::Band::none,
                                      pb.lo + i0 - j0, pb.hi + i0 - j0);
           else
@@ -769,7 +806,7 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
               // P (every row written on [0, bn) by the loop above: values on the visible columns,
               // zero elsewhere) rounded to bf16, zero on [bn, lds): the pairs of the last keys
               bf16_dot::convert_rows(S, lds, bm, bn, p_bf16.get(), lds);
-              bf16_dot::product<true>(bm, acc_ld / 16, bn, p_bf16.get(), lds, bf->rows_from(b, hk, j0), acc.get(),
+              bf16_dot::product<true>(bm, acc_ld / 16, bn, p_bf16.get(), lds, bf->v_columns.rows_from(b, hk, j0), acc.get(),
                                       acc_ld, 1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
                                       pb.lo + i0 - j0, pb.hi + i0 - j0);
             } else {
@@ -814,7 +851,20 @@ struct Grads {
 
 // One tile of queries [i0, i0 + bm) of head h against keys [j0, j0 + bn) of its kv head. tiles:
 // register-blocked products (A operands from pb's q rows and g.dout, B operands from `ops`'
-// panels), else BLAS.
+// panels; or, when ops->bf16 is set, AVX512-BF16 dot products over its bf16 layouts), else BLAS.
+//
+// The bf16 dot products (bfloat16 inputs, attention_bf16_dot.h) run the five products on bf16
+// operands paired along their inner dimension, accumulating in float32:
+//  S = scale Q K^T      A: q rows (pairs along D)         B: k key panels (pairs along D)
+//  dP = dO V^T          A: dO rows (pairs along Dv)       B: v key panels (pairs along Dv)
+//  dV += P_drop^T dO    A: P_drop^T in bf16 (pairs of queries)  B: dO column panels (pairs of queries)
+//  dK += scale dS^T Q   A: dS^T in bf16 (pairs of queries)      B: q column panels (pairs of queries)
+//  dQ += scale dS K     A: dS rows in bf16 (pairs of keys)      B: k column panels (pairs of keys)
+// P and dS are rounded to bf16 only as operands of the gradient products (as GPU FlashAttention
+// kernels do); the softmax recompute, dropout, delta, the cap's derivative, dmask and every
+// accumulator stay float32. The transposed operands are rows of the tile's keys, ldt (the query
+// block rounded up to even) apart, zero at the odd tile's last query + 1; their B panels start at
+// the pair of the tile's first query i0 (a multiple of the even query block).
 template <typename T, typename scalar_t, bool tiles>
 struct BackwardTile {
   const Problem<T>& pb;
@@ -824,18 +874,29 @@ struct BackwardTile {
   int64_t ld;       // row stride of the tiles below
   std::vector<T> p, dp, p_drop;
   std::vector<T> tanh_;  // the soft-cap's tanh of each score (softcap > 0 only)
+  // bf16 dot products only: dS rows (bm x ld) and P_drop^T or dS^T (bn x ldt) in bf16
+  int64_t ldt = 0;
+  std::vector<uint16_t> rows16, cols16;
 
   static Blocks tile_blocks() { return tiles ? Blocks{kBwdTileBlocks.m, round16(kBwdTileBlocks.n)} : kBwdBlasBlocks; }
 
   BackwardTile(const Problem<T>& pb_, const Grads<T>& g_, const TileOperands* ops_, scalar_t* dmask_)
       : pb(pb_), g(g_), ops(ops_), dmask(dmask_), ld(tile_blocks().n),
         p(tile_blocks().m * ld), dp(tile_blocks().m * ld), p_drop(pb_.dropout_p > 0.0 ? tile_blocks().m * ld : 0),
-        tanh_(pb_.softcap > T(0) ? tile_blocks().m * ld : 0) {}
+        tanh_(pb_.softcap > T(0) ? tile_blocks().m * ld : 0) {
+    if (ops_ && ops_->bf16) {
+      ldt = (tile_blocks().m + 1) / 2 * 2;
+      rows16.resize(tile_blocks().m * ld);
+      cols16.resize(ld * ldt);
+    }
+  }
 
   void run(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool want_dkdv, bool want_dq) {
     using tile_gemm::Band;
     const int64_t hk = h / pb.group();
-    const T* Q = pb.q.at(b, h) + i0 * pb.q.ld;
+    [[maybe_unused]] const Bf16Operands* bf = tiles ? ops->bf16 : nullptr;
+    // (the bf16 dot products read q from bf's layouts)
+    const T* Q = bf ? nullptr : pb.q.at(b, h) + i0 * pb.q.ld;
     // K and V rows for BLAS (the register-blocked products read `ops`' panels instead)
     [[maybe_unused]] const T* K = tiles ? nullptr : pb.k.at(b, hk) + j0 * pb.k.ld;
     [[maybe_unused]] const T* V = tiles ? nullptr : pb.v.at(b, hk) + j0 * pb.v.ld;
@@ -861,8 +922,12 @@ struct BackwardTile {
     // computed; the row loop zeroes them.
     T* P = p.data();
     if constexpr (tiles) {
-      tile_gemm::product<false, false>(bm, round16(bn), pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), P, ld, pb.scale,
-                                       prune(Band::key_columns), lo_t, hi_t);
+      if (bf)  // over D rounded up to even: q's and k's padding are zero
+        bf16_dot::product<false>(bm, round16(bn) / 16, bf->q.even, bf->q.rows(b, h, i0), bf->q.ld,
+                                 bf->k_keys.keys_from(b, hk, j0), P, ld, pb.scale, prune(Band::key_columns), lo_t, hi_t);
+      else
+        tile_gemm::product<false, false>(bm, round16(bn), pb.D, Q, pb.q.ld, ops->k_keys.keys_from(b, hk, j0), P, ld,
+                                         pb.scale, prune(Band::key_columns), lo_t, hi_t);
     } else {
       gemm_rm<T>(pb.fortran_blas, false, true, bm, bn, pb.D, pb.scale, Q, pb.q.ld, K, pb.k.ld, T(0), P, ld);
     }
@@ -880,8 +945,12 @@ struct BackwardTile {
     // dP = dO V^T, then the dropout mask on both P (for dV) and dP
     T* dP = dp.data();
     if constexpr (tiles) {
-      tile_gemm::product<false, false>(bm, round16(bn), pb.Dv, dO, g.dout.ld, ops->v_keys.keys_from(b, hk, j0), dP, ld, 1.f,
-                                       prune(Band::key_columns), lo_t, hi_t);
+      if (bf)
+        bf16_dot::product<false>(bm, round16(bn) / 16, bf->dout.even, bf->dout.rows(b, h, i0), bf->dout.ld,
+                                 bf->v_keys.keys_from(b, hk, j0), dP, ld, 1.f, prune(Band::key_columns), lo_t, hi_t);
+      else
+        tile_gemm::product<false, false>(bm, round16(bn), pb.Dv, dO, g.dout.ld, ops->v_keys.keys_from(b, hk, j0), dP, ld,
+                                         1.f, prune(Band::key_columns), lo_t, hi_t);
       if (cut)  // skipped blocks hold garbage; dS = P * (dP - D) must see finite values there
         for (int64_t r = 0; r < bm; ++r) {
           const auto [c0, c1] = pb.visible(i0 + r, j0, bn);
@@ -902,8 +971,14 @@ struct BackwardTile {
     }
     if (want_dkdv) {  // dV += P_drop^T dO
       if constexpr (tiles) {
-        tile_gemm::product<true, true>(bn, g.dv_ld, bm, P_used, ld, ops->dout_columns.rows_from(b, h, i0), dV, g.dv_ld, 1.f,
-                                       prune(Band::query_inner), lo_t, hi_t);
+        if (bf) {  // P_drop (zero outside the band and past bn on [0, bn)) transposed into bf16 pairs of queries
+          bf16_dot::convert_transposed(P_used, ld, bm, bn, cols16.data(), ldt);
+          bf16_dot::product<true>(bn, g.dv_ld / 16, bm, cols16.data(), ldt, bf->dout_columns.rows_from(b, h, i0), dV,
+                                  g.dv_ld, 1.f, prune(Band::query_inner), lo_t, hi_t);
+        } else {
+          tile_gemm::product<true, true>(bn, g.dv_ld, bm, P_used, ld, ops->dout_columns.rows_from(b, h, i0), dV, g.dv_ld, 1.f,
+                                         prune(Band::query_inner), lo_t, hi_t);
+        }
       } else {
         gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.Dv, bm, T(1), P_used, ld, dO, g.dout.ld, T(1), dV, g.dv_ld);
       }
@@ -925,16 +1000,28 @@ struct BackwardTile {
       }
     if (want_dkdv) {  // dK += scale * dS_raw^T Q
       if constexpr (tiles) {
-        tile_gemm::product<true, true>(bn, g.dk_ld, bm, dP, ld, ops->q_columns.rows_from(b, h, i0), dK, g.dk_ld, pb.scale,
-                                       prune(Band::query_inner), lo_t, hi_t);
+        if (bf) {
+          bf16_dot::convert_transposed(dP, ld, bm, bn, cols16.data(), ldt);
+          bf16_dot::product<true>(bn, g.dk_ld / 16, bm, cols16.data(), ldt, bf->q_columns.rows_from(b, h, i0), dK,
+                                  g.dk_ld, pb.scale, prune(Band::query_inner), lo_t, hi_t);
+        } else {
+          tile_gemm::product<true, true>(bn, g.dk_ld, bm, dP, ld, ops->q_columns.rows_from(b, h, i0), dK, g.dk_ld, pb.scale,
+                                         prune(Band::query_inner), lo_t, hi_t);
+        }
       } else {
         gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.D, bm, pb.scale, dP, ld, Q, pb.q.ld, T(1), dK, g.dk_ld);
       }
     }
     if (want_dq) {  // dQ += scale * dS_raw K
       if constexpr (tiles) {
-        tile_gemm::product<false, true>(bm, g.dq_ld, bn, dP, ld, ops->k_columns.rows_from(b, hk, j0), dQ, g.dq_ld, pb.scale,
-                                        prune(Band::key_inner), lo_t, hi_t);
+        if (bf) {  // dS rows in bf16, zero on [bn, ld): the pairs of the last keys
+          bf16_dot::convert_rows(dP, ld, bm, bn, rows16.data(), ld);
+          bf16_dot::product<true>(bm, g.dq_ld / 16, bn, rows16.data(), ld, bf->k_columns.rows_from(b, hk, j0), dQ,
+                                  g.dq_ld, pb.scale, prune(Band::key_inner), lo_t, hi_t);
+        } else {
+          tile_gemm::product<false, true>(bm, g.dq_ld, bn, dP, ld, ops->k_columns.rows_from(b, hk, j0), dQ, g.dq_ld, pb.scale,
+                                          prune(Band::key_inner), lo_t, hi_t);
+        }
       } else {
         gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.D, bn, pb.scale, dP, ld, K, pb.k.ld, T(1), dQ, g.dq_ld);
       }
@@ -1145,15 +1232,22 @@ void forward_tiles(const Problem<acc_t>& pb, const Tensor& q, const Tensor& k, c
 }
 
 // The backward with the register-blocked products (float32 compute; pb holds the q rows, g the
-// dout rows and accumulators 16-column multiples wide).
+// dout rows and accumulators 16-column multiples wide), or, with bf16_products (bfloat16 inputs),
+// with AVX512-BF16 dot products on bf16 layouts of q, k, v and dout (pb's q rows unused).
 template <typename scalar_t, typename acc_t>
 void backward_tiles(const Problem<acc_t>& pb, const Grads<acc_t>& g, const Tensor& q, const Tensor& k,
-                    const Tensor& v, const Tensor& dout, bool per_head, scalar_t* dmask) {
+                    const Tensor& v, const Tensor& dout, bool per_head, bool bf16_products, scalar_t* dmask) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    // per-head schedule: each unit lays out its own head; two passes: everything up front
+    // float32 panels, per-head schedule: each unit lays out its own head; two passes: everything
+    // up front. bf16 layouts (half the bytes): everything up front for both schedules.
     std::optional<HeadSources<scalar_t>> sources;
     TileOperands ops;
-    if (per_head) {
+    std::unique_ptr<Bf16Operands> bf;
+    if (bf16_products) {
+      FA_CHECK(q.scalar_type() == at::kBFloat16, "attention_bwd (cpu): the bf16 dot products need bfloat16 inputs");
+      bf = make_bf16_backward_operands(q, k, v, dout);
+      ops.bf16 = bf.get();
+    } else if (per_head) {
       sources.emplace(q, k, v, dout);
     } else {
       ops.k_keys = make_panels<scalar_t>(k, true);
@@ -1248,7 +1342,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
     const int64_t D = q.size(3), Hkv = k.size(1);
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
-    const Tensor qa = as_blas_operand(q, acc), dout_a = as_blas_operand(dout, acc);
+    // bf16 dot products: the query tiles' pairs of queries start at their first query, a multiple
+    // of the query block, so they need an even block (FUSED_ATTN_CPU_BWD_BM odd: float32 panels)
+    const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles) && kBwdTileBlocks.m % 2 == 0;
+    // (the bf16 dot products read q and dout from their bf16 layouts; dout_a is delta's)
+    const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q, acc), dout_a = as_blas_operand(dout, acc);
     // (the register-blocked products read k and v from their panels)
     const Tensor ka = tiles ? Tensor() : as_blas_operand(k, acc), va = tiles ? Tensor() : as_blas_operand(v, acc);
     const Problem<acc_t> pb = with_rows(shape, qa, ka, va);
@@ -1276,7 +1374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
                    dq_acc.data_ptr<acc_t>(), dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>(), dw, dw, dvw};
     const bool per_head = backward_per_head(pb);
     if (tiles)
-      backward_tiles<scalar_t>(pb, g, q, k, v, dout, per_head, dmask_data);
+      backward_tiles<scalar_t>(pb, g, q, k, v, dout, per_head, bf16_products, dmask_data);
     else
       backward_kernel<acc_t, scalar_t, false>(pb, g, nullptr, nullptr, per_head, dmask_data);
     dq = finish_grad(dq_acc, D, q.scalar_type());

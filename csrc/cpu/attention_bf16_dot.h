@@ -1,5 +1,6 @@
-// AVX512-BF16 tile products for the CPU attention forward (csrc/cpu/attention.cpp) on bfloat16
-// inputs: S = scale * Q K^T and O += P V with `vdpbf16ps` (_mm512_dpbf16_ps).
+// AVX512-BF16 tile products for the CPU attention (csrc/cpu/attention.cpp) on bfloat16 inputs,
+// with `vdpbf16ps` (_mm512_dpbf16_ps): the forward's S = scale * Q K^T and O += P V, and the
+// backward's S (recomputed), dP = dO V^T, dV += P^T dO, dK += scale * dS^T Q, dQ += scale * dS K.
 //
 // Why: the float32 register-blocked products (attention_tile_gemm.h) already run the forward at
 // the float32 FMA ceiling of a CPU (measured here, Zen 4: torch's float32 matmul 0.19 TFLOP/s,
@@ -15,16 +16,21 @@
 // therefore consumed in PAIRS: every operand is laid out so that the two values of one step of
 // a pair sit next to each other in a 32-bit lane ("VNNI" layout):
 //  - A operand (the rows of C): row r is read as 32-bit pairs (A[r][2k], A[r][2k+1]) and one pair
-//    is broadcast to all 16 lanes (_mm512_set1_epi32): Q rows (pairs along the head dim, D padded
-//    to even with a zero) and P rows (pairs along the tile's keys, zero past its last key);
+//    is broadcast to all 16 lanes (_mm512_set1_epi32): Q and dO rows (pairs along the head dim, D
+//    padded to even with a zero), P and dS rows (pairs along the tile's keys, zero past its last
+//    key: convert_rows), and, for the backward's products over queries, P^T and dS^T (rows of the
+//    tile's keys, pairs along its queries, zero past its last query: convert_transposed);
 //  - B operand (16 columns of C per zmm): panel row k holds, for the 16 columns c of the panel,
 //    (B[2k][c], B[2k+1][c]) in lane c: 32 bf16 = 64 bytes = one zmm, one cache line.
-//    Key panels (S = Q K^T, the columns are keys): for each 16-key panel, for each head-dim pair
-//    d2, 16 x (K[key][2 d2], K[key][2 d2 + 1]); D padded to even, keys to 16, with zeros.
-//    Column panels (O += P V, the columns are Dv's): for each 16-column panel of Dv, for each key
-//    pair j2, 16 x (V[2 j2][c], V[2 j2 + 1][c]); keys padded to a multiple of 16 (so any tile,
-//    which starts at a multiple of 16, has whole pairs), Dv to 16, with zeros.
-//  The layout is made once per call (attention.cpp: Bf16Operands), O(L D) against the O(L^2 D)
+//    Key panels (S = Q K^T, dP = dO V^T: the columns are keys): for each 16-key panel, for each
+//    head-dim pair d2, 16 x (K[key][2 d2], K[key][2 d2 + 1]) (V's likewise, along Dv); D padded
+//    to even, keys to 16, with zeros.
+//    Column panels (O += P V, dQ += dS K: the inner dimension is keys, the columns Dv's or D's;
+//    dV += P^T dO, dK += dS^T Q: the inner dimension is queries): for each 16-column panel, for
+//    each row pair j2, 16 x (V[2 j2][c], V[2 j2 + 1][c]); rows padded to a multiple of 16 (so any
+//    tile, which starts at a multiple of 16 keys or of the even query block, has whole pairs),
+//    columns to 16, with zeros.
+//  The layouts are made once per call (attention.cpp: Bf16Operands), O(L D) against the O(L^2 D)
 //  products, and a panel row is read with one aligned-or-not 64-byte load.
 //
 // A tile product sweeps a kRows x kGroup-panel register block over C: 6 rows x 4 panels = 24
@@ -32,11 +38,12 @@
 // vdpbf16ps = 768 multiply-adds per step.
 //
 // The visibility band prunes as the float32 products do (attention_tile_gemm.h: Band), at the
-// granularity of a 16-key panel for S (key_columns) and of a key pair for P V (key_inner): dead
-// score blocks are left unwritten (the row loop never reads them), and P V runs only over the
-// keys some row of the block sees. A range of keys ending on an odd key reads the pair
-// (last, last + 1): P is zero at last + 1 for every row, and the V value there is masked to zero
-// so that an inf/NaN in a key outside the tile cannot turn 0 * inf into a NaN.
+// granularity of a 16-key panel for S and dP (key_columns) and of a key or query pair for P V,
+// dS K (key_inner) and P^T dO, dS^T Q (query_inner): dead score blocks are left unwritten (the row
+// loops never read them), and the other products run only over the keys (queries) some row of
+// the block sees. A range starting or ending on an odd element reads a pair half outside it
+// (first - 1, first) or (last, last + 1): both operands are masked to zero there (see block), so
+// that an inf/NaN in a row outside the range cannot turn 0 * inf into a NaN.
 //
 // Everything here is compiled for avx512f/bw/vl/bf16 whatever the build flags (a target
 // attribute), so the baseline build still runs on any x86-64; it is only called when the
@@ -86,11 +93,11 @@ inline bool cpu_supported() {
 
 // One pair step k of a register block: the NP panel rows k (their bf16 values outside `keep`
 // zeroed), and for each of the R rows of A the pair (A[r][2k], A[r][2k+1]) as one 32-bit value
-// broadcast to every lane, then R x NP dot products.
+// (its bits outside a_keep zeroed) broadcast to every lane, then R x NP dot products.
 template <int R, int NP>
 FA_BF16_TARGET __attribute__((always_inline)) inline void step(__m512 (&acc)[R][NP], const uint16_t* a, int64_t lda,
                                                                const uint16_t* b, int64_t panel_stride, int64_t k,
-                                                               __mmask32 keep) {
+                                                               __mmask32 keep, uint32_t a_keep = ~0u) {
   __m512i bv[NP];
   for (int q = 0; q < NP; ++q) {
     const uint16_t* row = b + q * panel_stride + k * 32;
@@ -99,22 +106,38 @@ FA_BF16_TARGET __attribute__((always_inline)) inline void step(__m512 (&acc)[R][
   for (int r = 0; r < R; ++r) {
     int32_t pair;
     std::memcpy(&pair, a + r * lda + 2 * k, sizeof(pair));
+    pair &= static_cast<int32_t>(a_keep);
     const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
     for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, (__m512bh)bv[q]);
   }
 }
 
-// One R x (16 NP) block of C: C = alpha * A B (ACCUMULATE: C += alpha * A B) over the pair steps
-// [k0, k1), plus, when odd_tail, the half step k1 whose second element (key 2 k1 + 1) is past the
-// range: its B values are masked to zero (A is zero there already).
+// One R x (16 NP) block of C: C = alpha * A B (ACCUMULATE: C += alpha * A B) over the inner
+// elements [e0, e1): the whole pair steps [(e0 + 1) / 2, e1 / 2), and a half step at either end
+// that holds one element of the range: when e0 is odd, the pair (e0 - 1, e0) with its first
+// element masked out of A and B; when e1 is odd, the pair (e1 - 1, e1) with its second one
+// masked out. The element outside the range is outside the band of every row of the block (or
+// past the tile's last key or query), so it contributes nothing, and the float32 products never
+// read it: masking both operands keeps an inf or NaN there (a key or query row of q, k, v, dO
+// outside the range, or the NaN dS of a row that sees no key where dO is inf) from turning
+// 0 * inf into a NaN.
 template <int R, int NP, bool ACCUMULATE>
-FA_BF16_TARGET void block(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t panel_stride, int64_t k0,
-                          int64_t k1, bool odd_tail, float* c, int64_t ldc, float alpha) {
+FA_BF16_TARGET void block(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t panel_stride, int64_t e0,
+                          int64_t e1, float* c, int64_t ldc, float alpha) {
   __m512 acc[R][NP];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_setzero_ps();
-  for (int64_t k = k0; k < k1; ++k) step<R, NP>(acc, a, lda, b, panel_stride, k, ~__mmask32(0));
-  if (odd_tail) step<R, NP>(acc, a, lda, b, panel_stride, k1, __mmask32(0x55555555));  // even bf16 = key 2 k1
+  // An accumulating block's C rows (the backward's dK/dV/dQ rows) were last touched a sweep of
+  // tiles ago: fetch their lines while the loop runs (as tile_gemm::block does).
+  if constexpr (ACCUMULATE)
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < NP; ++q) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + q * kLanes), _MM_HINT_T0);
+  // (bf16 element 2k of a pair is the low half of its 32 bits: x86 is little-endian)
+  if (e0 % 2)  // the odd bf16 = element e0
+    step<R, NP>(acc, a, lda, b, panel_stride, e0 / 2, __mmask32(0xAAAAAAAAu), 0xFFFF0000u);
+  for (int64_t k = (e0 + 1) / 2; k < e1 / 2; ++k) step<R, NP>(acc, a, lda, b, panel_stride, k, ~__mmask32(0));
+  if (e1 % 2)  // the even bf16 = element e1 - 1
+    step<R, NP>(acc, a, lda, b, panel_stride, e1 / 2, __mmask32(0x55555555u), 0x0000FFFFu);
   const __m512 s = _mm512_set1_ps(alpha);
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < NP; ++q) {
@@ -127,8 +150,7 @@ FA_BF16_TARGET void block(const uint16_t* a, int64_t lda, const uint16_t* b, int
 }
 
 template <bool ACCUMULATE>
-using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, bool, float*, int64_t,
-                         float);
+using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, float);
 
 template <bool ACCUMULATE, int R, int... NP>
 constexpr std::array<BlockFn<ACCUMULATE>, kGroup> row_of_blocks(std::integer_sequence<int, NP...>) {
@@ -144,7 +166,9 @@ constexpr std::array<std::array<BlockFn<ACCUMULATE>, kGroup>, kRows> block_table
 // to even readable elements (zero past K), lda apart; B: bf16 VNNI panels from the first column.
 // Band (lo, hi in the tile's numbering, as tile_gemm::product): key_columns, the columns are keys
 // and score blocks past the band are left unwritten; key_inner, the inner dimension is keys and
-// runs only over those some row of the block sees (an empty range leaves an accumulator as it is).
+// runs only over those some row of the block sees; query_inner, the rows of C are keys and the
+// inner dimension queries (dV += P^T dO, dK += dS^T Q), run only over the queries that see some
+// key of the block (an empty range, with key_inner or query_inner, leaves an accumulator as it is).
 template <bool ACCUMULATE>
 FA_BF16_TARGET __attribute__((noinline)) void product(int64_t M, int64_t n_panels, int64_t K, const uint16_t* a,
                                                       int64_t lda, PanelB16 b, float* c, int64_t ldc, float alpha,
@@ -160,20 +184,22 @@ FA_BF16_TARGET __attribute__((noinline)) void product(int64_t M, int64_t n_panel
       p1 = last < 0 ? 0 : std::clamp<int64_t>(last / kLanes + 1, 0, n_panels);
       if (p0 >= p1) continue;
     }
-    if (band == Band::key_inner) {
+    if (band == Band::key_inner) {  // the keys rows [r, r + rows) see: [r + lo, r + rows - 1 + hi]
       e0 = std::clamp<int64_t>(r + lo, 0, K);
       e1 = std::clamp<int64_t>(r + rows + hi, 0, K);
-      if (e0 >= e1) continue;  // nothing visible: the accumulator rows stay as they are
     }
-    // pair steps [e0 / 2, e1 / 2), and the half step e1 / 2 when e1 is odd (e0 rounded down to a
-    // pair: its first key is outside the band of every row, so its P is zero)
-    const int64_t k0 = e0 / 2, k1 = e1 / 2;
-    const bool odd_tail = e1 % 2 != 0;
+    if (band == Band::query_inner) {  // the queries keys [r, r + rows) are seen by: [r - hi, r + rows - 1 - lo]
+      e0 = std::clamp<int64_t>(r - hi, 0, K);
+      e1 = std::clamp<int64_t>(r + rows - lo, 0, K);
+    }
+    // nothing visible: the accumulator rows stay as they are (Band::none with K = 0, a head dim
+    // of 0, still writes its zero block)
+    if (band != Band::none && e0 >= e1) continue;
     const uint16_t* ar = a + r * lda;
     for (int64_t p = p0; p < p1; p += kGroup) {
       const int64_t np = std::min<int64_t>(kGroup, p1 - p);
-      table[rows - 1][np - 1](ar, lda, b.data + p * b.panel_stride, b.panel_stride, k0, k1, odd_tail,
-                              c + r * ldc + p * kLanes, ldc, alpha);
+      table[rows - 1][np - 1](ar, lda, b.data + p * b.panel_stride, b.panel_stride, e0, e1, c + r * ldc + p * kLanes,
+                              ldc, alpha);
     }
   }
 }
@@ -199,6 +225,70 @@ FA_BF16_TARGET __attribute__((noinline)) inline void convert_rows(const float* s
   }
 }
 
+// x[i] = row i of a 16 x 16 matrix of 32-bit values; on return x[j] = column j. Four stages:
+// unpack 32-bit pairs, then 64-bit pairs (lane L of the j-th result of rows 4g..4g+3 then holds
+// column 4L + j of those rows), then two rounds of 128-bit lane shuffles gathering the lanes L of
+// the four row groups.
+FA_BF16_TARGET __attribute__((always_inline)) inline void transpose16(__m512i (&x)[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // rows 4g'..4g'+3: u[g + j] lane L = column 4L + j
+    u[g + 0] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    // lanes (L0, L2) and (L1, L3) of row groups 0, 1 (v) and 2, 3 (w)
+    const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+    x[j] = _mm512_shuffle_i32x4(v0, w0, 0x88);       // column j:      lane 0 of each group
+    x[8 + j] = _mm512_shuffle_i32x4(v0, w0, 0xDD);   // column 8 + j:  lane 2
+    x[4 + j] = _mm512_shuffle_i32x4(v1, w1, 0x88);   // column 4 + j:  lane 1
+    x[12 + j] = _mm512_shuffle_i32x4(v1, w1, 0xDD);  // column 12 + j: lane 3
+  }
+}
+
+// The transpose of P (or dS; float32, rows x n, lds apart) as bf16 rows of queries in pairs, the
+// A operand of dV += P^T dO and dK += dS^T Q: dst[c * ldt + r] = round-to-nearest-even(src[r][c])
+// for c < n, r < rows, and dst[c * ldt + rows] = 0 when rows is odd (the second half of the last
+// pair; ldt even and > rows then). Blocks of 16 row pairs x 16 columns: for each pair (r, r + 1),
+// 16 columns of both rows rounded into one zmm (row r in bf16 elements 0-15, row r + 1 in 16-31)
+// and interleaved so that dword d holds the pair (src[r][c + d], src[r + 1][c + d]); the 16 x 16
+// dwords transposed (transpose16), and each column's 16 pairs stored as one row segment of dst.
+FA_BF16_TARGET __attribute__((noinline)) inline void convert_transposed(const float* src, int64_t lds, int64_t rows,
+                                                                        int64_t n, uint16_t* dst, int64_t ldt) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const int64_t rows_even = (rows + 1) / 2 * 2;
+  for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+    // the bf16 elements of a dst row this block writes (32 but at the last block)
+    const int64_t width = std::min<int64_t>(32, rows_even - r0);
+    const __mmask32 store_mask = width >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << width) - 1);
+    for (int64_t c = 0; c < n; c += 16) {
+      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - c)) - 1);
+      __m512i x[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t r = r0 + 2 * i;
+        if (r >= rows) {
+          x[i] = _mm512_setzero_si512();
+          continue;
+        }
+        const __m512 lo = _mm512_maskz_loadu_ps(m, src + r * lds + c);
+        const __m512 hi = r + 1 < rows ? _mm512_maskz_loadu_ps(m, src + (r + 1) * lds + c) : _mm512_setzero_ps();
+        x[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+      transpose16(x);
+      const int64_t cols = std::min<int64_t>(16, n - c);
+      for (int64_t j = 0; j < cols; ++j) _mm512_mask_storeu_epi16(dst + (c + j) * ldt + r0, store_mask, x[j]);
+    }
+  }
+}
+
 #undef FA_BF16_TARGET
 
 #else  // not FUSED_ATTN_AVX2_CLONES: the callers compile, and never get here (cpu_supported() is false)
@@ -211,6 +301,9 @@ void product(int64_t, int64_t, int64_t, const uint16_t*, int64_t, PanelB16, floa
   FA_CHECK(false, "fused_attn: the AVX512-BF16 attention products need the GCC x86-64 build");
 }
 inline void convert_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {
+  FA_CHECK(false, "fused_attn: the AVX512-BF16 attention products need the GCC x86-64 build");
+}
+inline void convert_transposed(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {
   FA_CHECK(false, "fused_attn: the AVX512-BF16 attention products need the GCC x86-64 build");
 }
 

@@ -223,6 +223,15 @@ def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor, head_dim: int):
     return out, torch.logaddexp(keys_lse, sink)
 
 
+def _with_sinks(result, sinks, return_lse: bool, head_dim: int):
+    """The attention call's answer: ``result`` as the op gave it (out, or (out, lse)), or, with
+    ``sinks``, the op's (out, lse) through ``_apply_sinks``, the lse kept if ``return_lse``."""
+    if sinks is None:
+        return result
+    out, lse = _apply_sinks(*result, sinks, head_dim)
+    return (out, lse) if return_lse else out
+
+
 def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask=None, alibi=None,
                     **extra) -> Call:
     """The facts of an attention call that choose its backend (``backends.resolve``)."""
@@ -336,10 +345,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         result = attention_inference(*args, want_lse)
     else:
         result = AttentionFunction.apply(*args, want_lse)
-    if sinks is None:
-        return result
-    out, lse = _apply_sinks(*result, sinks, head_dim=1)
-    return (out, lse) if return_lse else out
+    return _with_sinks(result, sinks, return_lse, head_dim=1)
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -423,10 +429,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         result = attention_varlen_inference(*args, return_lse=want_lse)
     else:
         result = AttentionVarlenFunction.apply(*args, want_lse)
-    if sinks is None:
-        return result
-    out, lse = _apply_sinks(*result, sinks, head_dim=0)
-    return (out, lse) if return_lse else out
+    return _with_sinks(result, sinks, return_lse, head_dim=0)
 
 
 def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:

@@ -192,8 +192,22 @@ def reconstruct_dropout_mask(seed: int, offset: int, p: float, n_rows: int, n_co
     return _rng.keep_mask(seed, offset, p, n_rows, n_cols)
 
 
-__all__ = ["compare", "check_against_reference", "check_module_against_reference", "make_inputs", "reconstruct_dropout_mask", "OracleResult", "runnable_backends",
+__all__ = ["backend_cases", "compare", "check_against_reference", "check_module_against_reference", "make_inputs", "reconstruct_dropout_mask", "OracleResult", "runnable_backends",
            "K_FORWARD", "K_GRAD", "FLOORS"]
+
+
+def backend_cases(op: str, dtype=torch.float32, *, reference_on_gpu: bool = False, **options) -> list:
+    """pytest parameters ``(device, backend)`` for every backend that takes ``op`` in ``dtype`` (and
+    the dispatch facts ``options``, e.g. ``alibi=True``, ``varlen=True``) on each device of this
+    machine: every backend on the CPU; on a GPU the fused ones (the reference backend is the oracle
+    itself, already run on the CPU) unless ``reference_on_gpu``. The GPU cases carry the ``gpu``
+    mark, so benchmarks/gpu_check.sh (``pytest -m gpu``) runs them."""
+    import pytest
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [pytest.param(device, backend, id=f"{device}-{backend}", marks=(pytest.mark.gpu,) if device == "cuda" else ())
+            for device in devices for backend in runnable_backends(op, device=device, dtype=dtype, **options)
+            if reference_on_gpu or not (device == "cuda" and backend == "reference")]
 
 
 def runnable_backends(op: str, device="cpu", dtype=torch.float32, **options) -> list[str]:

@@ -13,20 +13,13 @@ import torch
 import fused_attn
 from fused_attn import functional as F
 from fused_attn import reference as R
-from fused_attn.testing import check_against_reference, compare, make_inputs, runnable_backends
+from fused_attn.testing import backend_cases, check_against_reference, compare, make_inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def cases(dtype, varlen=False):
-    """(device, backend) pairs as in test_attention_options: every backend on the CPU, the fused
-    ones on a GPU (gpu mark)."""
-    options = {"alibi": True, **({"varlen": True} if varlen else {})}
-    return [pytest.param(device, backend, id=f"{device}-{backend}",
-                         marks=(pytest.mark.gpu,) if device == "cuda" else ())
-            for device in DEVICES
-            for backend in runnable_backends("attention", device=device, dtype=dtype, **options)
-            if not (device == "cuda" and backend == "reference")]
+    return backend_cases("attention", dtype, alibi=True, **({"varlen": True} if varlen else {}))
 
 
 def slopes_for(B, Hq, per_batch, device, seed=0):

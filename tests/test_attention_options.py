@@ -16,19 +16,13 @@ import torch
 from fused_attn import functional as F
 from fused_attn import reference as R
 from fused_attn.ops_common import attention_band, clamp_band
-from fused_attn.testing import check_against_reference, make_inputs, runnable_backends
+from fused_attn.testing import backend_cases, check_against_reference, make_inputs
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 WINDOWS = [None, (0, 0), (1, 0), (2, 3), (-1, 1), (3, -1), (0, -1), (-1, 0), (-1, -1)]
 
 
 def cases(dtype):
-    """(device, backend) pairs: every backend on the CPU; on a GPU the fused ones (the reference
-    backend is the oracle itself, already run on the CPU), with the gpu mark for gpu_check.sh."""
-    return [pytest.param(device, backend, id=f"{device}-{backend}",
-                         marks=(pytest.mark.gpu,) if device == "cuda" else ())
-            for device in DEVICES for backend in runnable_backends("attention", device=device, dtype=dtype)
-            if not (device == "cuda" and backend == "reference")]
+    return backend_cases("attention", dtype)
 
 
 @pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])

@@ -13,17 +13,11 @@ import torch
 
 from fused_attn import functional as F
 from fused_attn import reference as R
-from fused_attn.testing import check_against_reference, make_inputs, runnable_backends
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from fused_attn.testing import backend_cases, check_against_reference, make_inputs
 
 
 def cases(dtype):
-    """(device, backend): every backend on the CPU; on a GPU the fused ones, with the gpu mark."""
-    return [pytest.param(device, backend, id=f"{device}-{backend}",
-                         marks=(pytest.mark.gpu,) if device == "cuda" else ())
-            for device in DEVICES for backend in runnable_backends("attention", device=device, dtype=dtype)
-            if not (device == "cuda" and backend == "reference")]
+    return backend_cases("attention", dtype)
 
 
 def cu_seqlens(lengths, dtype=torch.int32, device=None):

@@ -324,15 +324,19 @@ def test_packed_mistral_sliding_window_matches_separate_runs():
     assert not torch.allclose(full, separate, atol=1e-3)  # the window matters here: the test can tell
 
 
+def _gpt_oss_config():
+    """A tiny gpt-oss: a sliding-window layer (window 4) and a full one, grouped-query heads, MoE."""
+    return transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"])
+
+
 def test_gpt_oss_attention_sinks_match_eager(monkeypatch):
     """gpt-oss: its per-head attention sinks (``s_aux``) reach fused_attn's attention as ``sinks``,
     on sliding-window and full layers with left padding, and give eager's logits and gradients, the
     sinks' own gradients included. Sinks of a few units, so that they take much of each row."""
-    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=4,
-                                    num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
-                                    layer_types=["sliding_attention", "full_attention"])
-    ref, model = _eager_and_fused(cfg)
+    ref, model = _eager_and_fused(_gpt_oss_config())
     with torch.no_grad():
         for m in (ref, model):
             for i, layer in enumerate(m.model.layers):
@@ -370,11 +374,7 @@ def test_gpt_oss_attention_sinks_match_eager(monkeypatch):
 def test_packed_gpt_oss_sinks_match_separate_eager_runs():
     """Packed gpt-oss input (transformers' flash-attention kwargs): the sinks reach
     ``attention_varlen`` too, and each sequence's logits are eager's on it alone."""
-    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=4,
-                                    num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
-                                    layer_types=["sliding_attention", "full_attention"])
-    ref, model = _eager_and_fused(cfg)
+    ref, model = _eager_and_fused(_gpt_oss_config())
     with torch.no_grad():
         for m in (ref, model):
             for layer in m.model.layers:

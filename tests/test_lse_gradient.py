@@ -16,17 +16,11 @@ import torch
 
 from fused_attn import functional as F
 from fused_attn import reference as R
-from fused_attn.testing import check_against_reference, make_inputs, runnable_backends
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from fused_attn.testing import backend_cases, check_against_reference, make_inputs, runnable_backends
 
 
 def cases(dtype, **options):
-    """(device, backend) pairs: every backend on the CPU, the fused ones on a GPU (gpu mark)."""
-    return [pytest.param(device, backend, id=f"{device}-{backend}",
-                         marks=(pytest.mark.gpu,) if device == "cuda" else ())
-            for device in DEVICES for backend in runnable_backends("attention", device=device, dtype=dtype, **options)
-            if not (device == "cuda" and backend == "reference")]
+    return backend_cases("attention", dtype, **options)
 
 
 # (name, B, Hq, Hkv, Lq, Lk, D, causal, window, alignment, extra)

@@ -14,16 +14,11 @@ import torch
 
 from fused_attn import functional as F
 from fused_attn import reference as R
-from fused_attn.testing import check_against_reference, compare, make_inputs, runnable_backends
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from fused_attn.testing import backend_cases, check_against_reference, compare, make_inputs, runnable_backends
 
 
 def cases(op, dtype=torch.float32):
-    """(device, backend) for every backend that runs ``op`` on each device of this machine."""
-    # The GPU cases carry the gpu mark, so benchmarks/gpu_check.sh (pytest -m gpu) runs them.
-    return [pytest.param(device, backend, id=f"{device}-{backend}", marks=(pytest.mark.gpu,) if device == "cuda" else ())
-            for device in DEVICES for backend in runnable_backends(op, device=device, dtype=dtype)]
+    return backend_cases(op, dtype, reference_on_gpu=True)
 
 
 ATTN = cases("attention")

@@ -47,32 +47,24 @@ class ReferenceBackend(Backend):
         rng = _rng(dropout_p, seed, offset)
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
         alibi = _alibi(alibi_slopes, bottom_right)
+        wide = torch.promote_types(q.dtype, torch.float32)  # the lse's dtype (float32, float64 for float64)
+
+        def outputs(q_, k_, v_, m_):
+            out = ref.attention(q_, k_, v_, m_, False, dropout_p, scale, rng, band=band, softcap=softcap, **alibi)
+            if dlse is None:
+                return (out,)
+            # and the lse, for its own gradient: the oracle's, in the dtype the forward returns it in
+            m_wide = m_ if m_ is None or m_.dtype == torch.bool else m_.to(wide)
+            return out, ref.attention_lse(q_.to(wide), k_.to(wide), m_wide, False, scale, band=band,
+                                          softcap=softcap, **alibi)
+
+        grads_out = (dout,) if dlse is None else (dout, dlse.to(wide))
         if mask_grad:
-            fn = lambda q_, k_, v_, m_: ref.attention(q_, k_, v_, m_, False, dropout_p, scale, rng, band=band,
-                                                      softcap=softcap, **alibi)
-            _, vjp = torch.func.vjp(fn, q, k, v, attn_mask)
-            dq, dk, dv, dmask = vjp(dout)
-            dmask = dmask.contiguous()
+            _, vjp = torch.func.vjp(outputs, q, k, v, attn_mask)
+            dq, dk, dv, dmask = vjp(grads_out)
         else:
-            fn = lambda q_, k_, v_: ref.attention(q_, k_, v_, attn_mask, False, dropout_p, scale, rng, band=band,
-                                                  softcap=softcap, **alibi)
-            _, vjp = torch.func.vjp(fn, q, k, v)
-            dq, dk, dv = vjp(dout)
-            dmask = empty(q)
-        if dlse is not None:  # the lse's own gradient, from the oracle's lse (in float32 for 16-bit inputs)
-            wide = torch.promote_types(q.dtype, torch.float32)
-            cast = lambda t: t if t is None or t.dtype == torch.bool else t.to(wide)  # noqa: E731
-            lse_of = lambda q_, k_, m_: ref.attention_lse(q_, k_, m_, False, scale, band=band,  # noqa: E731
-                                                          softcap=softcap, **alibi)
-            m = cast(attn_mask)
-            if mask_grad:
-                _, vjp = torch.func.vjp(lse_of, cast(q), cast(k), m)
-                lq, lk, lm = vjp(dlse.to(wide))
-                dmask = dmask + lm.to(dmask.dtype)
-            else:
-                _, vjp = torch.func.vjp(lambda q_, k_: lse_of(q_, k_, m), cast(q), cast(k))
-                lq, lk = vjp(dlse.to(wide))
-            dq, dk = dq + lq.to(dq.dtype), dk + lk.to(dk.dtype)
+            _, vjp = torch.func.vjp(lambda q_, k_, v_: outputs(q_, k_, v_, attn_mask), q, k, v)
+            (dq, dk, dv), dmask = vjp(grads_out), empty(q)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
     # ---- residual-add + norm ----------------------------------------------------------------

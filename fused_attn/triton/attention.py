@@ -1369,20 +1369,21 @@ def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, 
     return out, lse
 
 
-def _launch_delta(out, dout, delta, dlse, heads, rows):
-    """delta = rowsum(dO * O) - dlse over (batch, heads, rows) views; dlse None = zeros."""
+def _launch_delta(out, dout, delta, dlse):
+    """delta = rowsum(dO * O) - dlse over (batch, heads, rows, Dv) views; dlse None = zeros."""
+    batch, heads, rows, dv = out.shape
     dlse_strides = (0, 0, 0) if dlse is None else dlse.stride()
-    block_m = delta_block_m(out.shape[3])
-    _attn_bwd_delta[(cdiv(rows, block_m) * out.shape[0] * heads,)](
+    block_m = delta_block_m(dv)
+    _attn_bwd_delta[(cdiv(rows, block_m) * batch * heads,)](
         out, dout, delta, delta if dlse is None else dlse, *out.stride(), *dout.stride(), *dlse_strides, heads, rows,
-        DV=out.shape[3], HEAD_DIM_V=_pow2(out.shape[3]), BLOCK_M=block_m, HAS_DLSE=dlse is not None,
+        DV=dv, HEAD_DIM_V=_pow2(dv), BLOCK_M=block_m, HAS_DLSE=dlse is not None,
         **LAUNCH_OPTIONS)
 
 
 def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mask_grad,
                   softcap=0.0, alibi_slopes=None, bottom_right=False, dlse=None):
     B, Hq, Lq, D = q.shape
-    Lk, Dv = k.shape[2], v.shape[3]
+    Lk = k.shape[2]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
@@ -1396,7 +1397,7 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
             t.zero_()
         return dq, dk, dv, dmask
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-    _launch_delta(out, dout, delta, dlse, Hq, Lq)
+    _launch_delta(out, dout, delta, dlse)
     launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
                                offset, mask_grad, dq, dk, dv, dmask, softcap=softcap, alibi_slopes=alibi_slopes,
                                bottom_right=bottom_right)
@@ -1434,11 +1435,10 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     if max_seqlen_q == 0:
         return dq, dk, dv
     view = Varlen.as_batch
-    Tq, Hq, Dv = out.shape
-    # delta = rowsum(dO * O) - dlse over the packed rows: the plain kernel on one "batch" of Tq rows
-    # gives the (Hq, Tq) layout of lse
+    # delta = rowsum(dO * O) - dlse over the packed rows: the plain kernel on one "batch" of total_q
+    # rows gives the (Hq, total_q) layout of lse
     delta = torch.empty(varlen_lse_shape(q), device=q.device, dtype=torch.float32)
-    _launch_delta(view(out), view(dout), delta, None if dlse is None else dlse.unsqueeze(0), Hq, Tq)
+    _launch_delta(view(out), view(dout), delta, None if dlse is None else dlse.unsqueeze(0))
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
     launches = bwd_launch_args(view(dout), view(q), view(k), view(v), lse, delta, None, band_lo, band_hi, dropout_p,
                                scale, seed, offset, False, dq, dk, dv, empty(q), softcap=softcap, varlen=varlen,

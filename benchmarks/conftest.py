@@ -80,6 +80,8 @@ def run_bench(benchmark):
             pytest.skip(f"{name} is not an implementation of {case.op} on {DEVICE.type}")
         if impl.skip:
             pytest.skip(f"{name}: {impl.skip}")
+        if pass_ not in case.passes([pass_]):
+            pytest.skip(f"{case.label()} is timed in {', '.join(case.passes(list(bench.PASSES)))} only")
         if impl.name in ("eager", "compile", "sdpa-math", "reference") and case.eager_bytes(dtype) > bench.memory_limit(DEVICE):
             pytest.skip(f"{name} would need ~{case.eager_bytes(dtype) / 2**30:.0f} GiB")
         sets = bench.make_sets(case, DEVICE, dtype, SEED)

@@ -14,7 +14,7 @@
 #   4. summary  OUTDIR/summary.json and a short table, printed last
 # OUTDIR receives at most 6 files: gpu_check.log, bench.json, bench.csv, attention_fwd.png,
 # attention_fwd_bwd.png, summary.json. Time limits: the build 240 s (beside the Triton tests), the
-# GPU tests 270 s, the Triton test files 150 s (hundreds of kernel variants to compile, 8 workers), the sweep
+# GPU tests 270 s, the Triton test files 170 s (hundreds of kernel variants to compile, 8 workers), the sweep
 # what is left of GPU_CHECK_MINUTES (default 8) less 45 s, at most 5 minutes and at least 1.
 # Exit code: 0 when every step passed, else 1.
 set -u -o pipefail
@@ -91,7 +91,7 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout=12
 TRITON_TESTS=$(ls tests/*triton*.py 2>/dev/null | grep -v -e conftest -e '_aot\.py$' || true)
 if [ -n "$TRITON_TESTS" ]; then
     # shellcheck disable=SC2086 - a list of file names without spaces
-    STEP_SIGNAL=INT step tests_triton 150 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" $TRITON_TESTS \
+    STEP_SIGNAL=INT step tests_triton 170 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" $TRITON_TESTS \
         --junitxml=/tmp/gpu_check_tests_triton.xml
 else
     echo "=== no tests/*triton*.py files" | tee -a "$LOG"

@@ -180,6 +180,10 @@ class Case(abc.ABC):
         """The (smaller) case whose errors stand for this one's: same inner sizes, fewer rows."""
         return self
 
+    def passes(self, requested: list) -> list:
+        """The requested passes this case is timed in (all of them, unless it has no use for some)."""
+        return list(requested)
+
     @abc.abstractmethod
     def calls(self, device, dtype) -> list[Call]:
         """The functional calls the fused path makes (a backend runs the case if it takes them all)."""
@@ -320,6 +324,64 @@ class AttentionCase(Case):
         if "compile" in baselines:
             compiled = _compiled("attention", _ref_attention)
             out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal, window, slopes, sinks)))
+        return out
+
+
+@dataclass(frozen=True)
+class DecodeAttentionCase(Case):
+    """One decoding step: a new query per sequence and head against a KV cache of Lk keys, with
+    grouped-query attention (bottom-right causal: the query sees the whole cache). Reading the
+    cache is the work, so it is counted in bytes (K and V once, plus q and the output), and only
+    the forward is timed. SDPA gets the grouped heads with ``enable_gqa``."""
+    B: int
+    Hq: int
+    Hkv: int
+    Lk: int
+    D: int
+    op = "attention"
+    unit = "GB/s"
+    has_sdpa = True
+
+    def label(self):
+        return f"decode B{self.B} Hq{self.Hq} Hkv{self.Hkv} Lk{self.Lk} D{self.D}"
+
+    def passes(self, requested):
+        return [p for p in requested if p in ("fwd", "infer")]
+
+    def work(self, pass_, dtype):
+        return _itemsize(dtype) * (2 * self.B * self.Hkv * self.Lk * self.D + 2 * self.B * self.Hq * self.D)
+
+    def check_case(self):
+        return dataclasses.replace(self, B=1, Lk=min(self.Lk, 4096))
+
+    def calls(self, device, dtype):
+        return [Call("attention", torch.device(device), dtype, {
+            "head_dim": self.D, "head_dim_v": self.D, "causal": True, "window": False, "dropout": False,
+            "gqa": self.Hq != self.Hkv, "mask": None, "mask_grad": False, "alibi": False})]
+
+    def eager_bytes(self, dtype):
+        return 8 * self.B * self.Hq * self.Lk * max(4, _itemsize(dtype))
+
+    def make_inputs(self, device, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [_randn(shape, gen, device, dtype) for shape in ((self.B, self.Hq, 1, self.D),
+                                                                 (self.B, self.Hkv, self.Lk, self.D),
+                                                                 (self.B, self.Hkv, self.Lk, self.D))]
+
+    def impls(self, device, dtype, backends, baselines, seed):
+        out = [_fused_impl(name, lambda q, k, v, name=name: FA.attention(
+            q, k, v, causal=True, alignment="bottom_right", backend=name), skip=skip) for name, skip in backends]
+        if "eager" in baselines:
+            out.append(Impl("eager", "baseline",
+                            lambda q, k, v: R.attention(q, k, v, causal=True, alignment="bottom_right")))
+        if "sdpa" in baselines:
+            def sdpa(q, k, v):  # one query seeing every key: no mask
+                return TF.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+            if torch.device(device).type == "cuda":
+                for which in SDPA_GPU_BACKENDS:
+                    out.append(Impl(f"sdpa-{which}", "baseline", sdpa, context=_sdpa_context(which)))
+            else:
+                out.append(Impl("sdpa", "baseline", sdpa))
         return out
 
 
@@ -623,14 +685,15 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
     gpu = device_type == "cuda"
     if which == "tiny":
         return {"attention": [AttentionCase(1, 2, 16, 16), AttentionCase(1, 2, 32, 16, causal=True),
-                              VarlenAttentionCase((5, 16, 1), 2, 16)],
+                              VarlenAttentionCase((5, 16, 1), 2, 16), DecodeAttentionCase(2, 4, 2, 40, 16)],
                 "layer_norm": [LayerNormCase(64, 32)],
                 "feed_forward": [FeedForwardCase(16, 32, 64)],
                 "layer": [LayerCase(1, 16, 32, 2, 64)]}[op]
     if which == "quick" and not gpu:
         return {"attention": [AttentionCase(1, 4, L, 64, causal) for causal in (False, True) for L in (128, 256, 512)]
                 + [AttentionCase(1, 4, 1024, 64, True, window=128), AttentionCase(1, 4, 512, 64, True, alibi=True),
-                   AttentionCase(1, 4, 512, 64, True, sinks=True), VarlenAttentionCase(VARLEN_QUICK_CPU, 4, 64)],
+                   AttentionCase(1, 4, 512, 64, True, sinks=True), VarlenAttentionCase(VARLEN_QUICK_CPU, 4, 64),
+                   DecodeAttentionCase(4, 8, 2, 4096, 64)],
                 "layer_norm": [LayerNormCase(2048, 512), LayerNormCase(2048, 1024), LayerNormCase(2048, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(256, 256, 1024), FeedForwardCase(256, 256, 688, "swiglu")],
                 "layer": [LayerCase(2, 128, 256, 4, 1024)]}[op]
@@ -639,7 +702,8 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
                               for D in (128,) for causal in (False, True) for L in (1024, 4096)]
                 + [AttentionCase(1, 16, 16384, 128, True, window=4096),
                    AttentionCase(4, 16, 4096, 128, True, alibi=True), AttentionCase(4, 16, 4096, 128, True, sinks=True),
-                   VarlenAttentionCase(VARLEN_GPU, 16, 128)],
+                   VarlenAttentionCase(VARLEN_GPU, 16, 128), DecodeAttentionCase(1, 32, 8, 32768, 128),
+                   DecodeAttentionCase(16, 32, 8, 4096, 128)],
                 "layer_norm": [LayerNormCase(16384, 4096)],
                 "feed_forward": [FeedForwardCase(8192, 2048, 8192)],
                 "layer": [LayerCase(4, 1024, 1024, 16, 4096)]}[op]
@@ -648,7 +712,8 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
                               for L in (256, 512, 1024, 2048)]
                 + [AttentionCase(2, 8, L, 128, causal) for causal in (False, True) for L in (1024, 2048)]
                 + [AttentionCase(2, 8, 2048, 64, True, window=256), AttentionCase(2, 8, 1024, 64, True, alibi=True),
-                   AttentionCase(2, 8, 1024, 64, True, sinks=True), VarlenAttentionCase(VARLEN_FULL_CPU, 8, 64)],
+                   AttentionCase(2, 8, 1024, 64, True, sinks=True), VarlenAttentionCase(VARLEN_FULL_CPU, 8, 64),
+                   DecodeAttentionCase(8, 32, 8, 8192, 64)],
                 "layer_norm": [LayerNormCase(8192, d) for d in (512, 1024, 4096)] + [LayerNormCase(8192, 1024, rms=True)],
                 "feed_forward": [FeedForwardCase(2048, 512, 2048), FeedForwardCase(2048, 1024, 4096),
                                  FeedForwardCase(2048, 1024, 2736, "swiglu")],
@@ -660,7 +725,12 @@ def shape_set(op: str, which: str, device_type: str) -> list[Case]:
             + [AttentionCase(16384 // L, 16, L, 128, causal, alibi=True)
                for causal in (False, True) for L in (2048, 8192)]
             + [AttentionCase(4, 16, 4096, 128, True, sinks=True)]
-            + [VarlenAttentionCase(VARLEN_GPU, 16, D) for D in (128, 64)],
+            + [VarlenAttentionCase(VARLEN_GPU, 16, D) for D in (128, 64)]
+            # decoding (Llama-3-8B's heads: 32 query heads on 8 KV heads): one long cache, a batch of
+            # shorter ones, a large batch, and a 70B-like 64-on-8 grouping
+            + [DecodeAttentionCase(1, 32, 8, Lk, 128) for Lk in (4096, 32768, 131072)]
+            + [DecodeAttentionCase(16, 32, 8, 8192, 128), DecodeAttentionCase(128, 32, 8, 2048, 128),
+               DecodeAttentionCase(1, 64, 8, 32768, 128)],
             "layer_norm": [LayerNormCase(16384, d) for d in (1024, 2048, 4096, 8192)] + [LayerNormCase(16384, 4096, rms=True)],
             "feed_forward": [FeedForwardCase(8192, d, 4 * d) for d in (1024, 2048, 4096)]
             + [FeedForwardCase(8192, 4096, 11008, "swiglu")],
@@ -976,6 +1046,9 @@ def _is_refusal(exc: BaseException) -> bool:
 
 def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
     """Time every implementation of ``case`` in every pass; then its memory and its errors."""
+    opts = dataclasses.replace(opts, passes=case.passes(opts.passes))
+    if not opts.passes:
+        return []
     device = opts.device
     impls = case.impls(device, dtype, backend_choices(case, device, dtype, opts.backends), opts.baselines, opts.seed)
     rows: dict[tuple[str, str], dict] = {}

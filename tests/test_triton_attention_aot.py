@@ -45,7 +45,25 @@ FEATURES = {
                       bottom_right=True),
     "varlen_alibi": dict(causal=True, mask=None, dropout=True, mask_grad=False, softcap=True, varlen=True,
                          alibi=True),
+    # split-KV decoding (the forward's SPLIT_KV: partial results to float32 scratch): with a padding
+    # mask (a batch of prompts of different lengths), and in packed sequences
+    "split": dict(causal=False, mask="bool", dropout=False, mask_grad=False, split=True),
+    "varlen_split": dict(causal=True, mask=None, dropout=False, mask_grad=False, varlen=True, split=True),
 }
+
+
+def _split_scratch(features, lse_shape, head_dim_v):
+    """(KvSplit, out, lse) of a split-KV forward (4 splits of 256 keys), split 0's views of the
+    float32 scratch as ``attention._launch_forward`` passes them, or (None, None, None)."""
+    import torch
+
+    from fused_attn.triton import attention as A
+
+    if not features.get("split"):
+        return None, None, None
+    out_part = torch.empty(4, *lse_shape, head_dim_v, dtype=torch.float32)
+    lse_part = torch.empty(4, *lse_shape, dtype=torch.float32)
+    return A.KvSplit(4, 0, 256, out_part.stride(0), lse_part.stride(0)), out_part[0], lse_part[0]
 
 
 
@@ -98,8 +116,12 @@ def _launch(kernel, dtype_name, head_dim, head_dim_v, features, tma=False):
     alibi = dict(alibi_slopes=_alibi_slopes(features, B, Hq), bottom_right=features.get("bottom_right", False))
     if kernel == "fwd":
         out = A.new_attention_out(q, head_dim_v)
+        split, split_out, split_lse = _split_scratch(features, lse.shape, head_dim_v)
+        if split is not None:
+            out, lse = split_out, split_lse
         _, _, args, constexprs = A.fwd_launch_args(q, k, v, mask, *_band(features), p, 0.125, 123, 456, out, lse,
-                                                   tma=tma, softcap=30.0 if features.get("softcap") else 0.0, **alibi)
+                                                   tma=tma, softcap=30.0 if features.get("softcap") else 0.0,
+                                                   split=split, **alibi)
     else:
         dout = A.new_attention_out(q, head_dim_v)
         dmask = torch.empty(B, Hq, L, L, dtype=dtype) if features["mask_grad"] else torch.empty(0, dtype=dtype)
@@ -128,8 +150,11 @@ def _launch_varlen(A, kernel, dtype, head_dim, head_dim_v, features):
     slopes = _alibi_slopes(features, cu.shape[0] - 1, Hq)
     if kernel == "fwd":
         out = A.Varlen.as_batch(torch.empty(T, Hq, head_dim_v, dtype=dtype))
+        split, split_out, split_lse = _split_scratch(features, lse.shape, head_dim_v)
+        if split is not None:
+            out, lse = split_out.unsqueeze(0), split_lse
         _, _, args, constexprs = A.fwd_launch_args(q, k, v, None, *CAUSAL_BAND, p, 0.125, 123, 456, out, lse,
-                                                   softcap=cap, varlen=varlen, alibi_slopes=slopes)
+                                                   softcap=cap, varlen=varlen, alibi_slopes=slopes, split=split)
     else:
         dout = A.Varlen.as_batch(torch.empty(T, Hq, head_dim_v, dtype=dtype))
         launches = A.bwd_launch_args(dout, q, k, v, lse, torch.empty_like(lse), None, *CAUSAL_BAND, p, 0.125, 123,
@@ -291,6 +316,9 @@ SUBSET = [
     ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "alibi_causal", True),
     ("dq", 80, "bfloat16", 128, 128, 128, 32, 8, 3, "alibi_causal"),
     ("dq", 90, "bfloat16", 128, 128, 128, 32, 8, 3, "varlen_alibi"),
+    # split-KV decoding on the 64-query tiles short query blocks get
+    ("fwd", 90, "bfloat16", 128, 128, 64, 32, 4, 3, "split"),
+    ("fwd", 90, "float16", 128, 128, 64, 64, 4, 3, "varlen_split"),
 ]
 
 
@@ -579,3 +607,33 @@ def test_delta_kernel_compiles_clean():
     for r in run_isolated(DELTA_SCRIPT):
         assert not r["problems"], r
         assert r["registers"] <= 96, r
+
+
+COMBINE_SCRIPT = r"""
+import json
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+from fused_attn.triton import attention as A
+from fused_attn.triton._aot import aot_compile
+
+results = []
+for head_dim_v, dtype in ((40, "fp16"), (64, "bf16"), (128, "bf16"), (256, "fp32")):
+    sig = dict(OutPart="*fp32", LsePart="*fp32", Out="*" + dtype, Lse="*fp32", stride_od="i32",
+               **{name: "i32" for name in ("num_splits", "stride_split_o", "stride_split_lse", "rows", "Hq", "Lq",
+                                           "stride_ob", "stride_oh", "stride_om")})
+    const = dict(DV=head_dim_v, HEAD_DIM_V=A._pow2(head_dim_v), BLOCK_M=A.delta_block_m(head_dim_v))
+    r = aot_compile(A._attn_fwd_combine, sig, const, arch=90, num_warps=A.COMBINE_WARPS, num_stages=3,
+                    divisible_by_16=("OutPart", "LsePart", "Out", "Lse", "stride_split_o", "stride_om"))
+    results.append(dict(r.to_dict(), problems=r.problems()))
+print(json.dumps(results))
+"""
+
+
+def test_split_kv_combine_compiles_clean():
+    """The split-KV merge (``_attn_fwd_combine``) for sm_90 at every head-dim size class: no spill
+    and, like the delta kernel it is sized as, few registers (a memory-bound pass over the partials)."""
+    from fused_attn.triton._aot import run_isolated
+
+    for r in run_isolated(COMBINE_SCRIPT):
+        assert not r["problems"], r
+        assert r["registers"] <= 64, r

@@ -43,6 +43,13 @@ indices it already has (``_scores``): the (Lq, Lk) bias is never formed. The bia
 the lse includes it, the backward recomputes P with it, and dS and the soft cap's derivative are
 unchanged. It does not change which key blocks are visited (the band decides that).
 
+Decoding (split-KV, constexpr ``SPLIT_KV``): when the (batch*head, query block) programs are too
+few to fill the GPU, the keys are split among ``num_splits`` programs per query block, each saving
+its partial output (normalised by its own sum) and lse to float32 scratch; ``_attn_fwd_combine``
+merges them with the weights exp(lse_s - lse). With one query per head and grouped-query
+attention the launcher first packs the group's query heads into the rows of one block
+(``_pack_query_groups``), so that a program reads its K and V once for the whole group.
+
 Dropout uses the counter-based hash of ``fused_attn._rng`` (``fused_attn.triton._rng``): element
 (b, h, i, j) has row ``(b*Hq + h)*Lq + i`` and column ``j``, so forward and backward regenerate the
 same mask, and it equals the reference's bit for bit.
@@ -345,19 +352,33 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
               seed_lo, seed_hi_mix, offset_lo, offset_hi, drop_threshold,
               LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_tma.descriptors``)
               Alibi, stride_ab, stride_ah,  # last, so that the other arguments keep their places without ALiBi
+              num_splits, split_base, split_keys, stride_split_o, stride_split_lse,  # SPLIT_KV only
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BANDED: tl.constexpr,
               VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
-              SCALE_NONNEG: tl.constexpr):
+              SCALE_NONNEG: tl.constexpr, SPLIT_KV: tl.constexpr):
     """One query block of one head. VARLEN: b is a packed sequence (``attention_varlen``), Lq / Lk
     arrive as the longest lengths (they size the grid) and become this sequence's; the tensors
     come as (1, H, total, dim) views with batch stride 0, moved here to the sequence's first row;
     Lse is (Hq, TQ). HAS_ALIBI: Alibi holds the (B, Hq) slopes (B = sequences with VARLEN) and
     BOTTOM_RIGHT places the queries at the end of the keys (``_alibi``; without VARLEN it matters
-    for nothing else: the launcher has aligned the band)."""
+    for nothing else: the launcher has aligned the band).
+
+    SPLIT_KV (flash-decoding, ``kv_splits``): ``num_splits`` programs share each query block, split
+    s taking the keys [base + s * split_keys, base + (s + 1) * split_keys) (base = ``split_base``;
+    base and split_keys are multiples of every BLOCK_N). Out and Lse are then float32 scratch
+    holding one partial result per split, split s at element offset s * stride_split_o (and
+    s * stride_split_lse): the output normalised by the split's own sum and the split's lse, -inf
+    where it saw no key. ``_attn_fwd_combine`` merges them."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
+    split = 0
+    if SPLIT_KV:  # the splits of one query block are neighbours in the grid
+        split = pid % num_splits
+        pid = pid // num_splits
+        Out += split.to(tl.int64) * stride_split_o
+        Lse += split.to(tl.int64) * stride_split_lse
     bh = (pid // num_m).to(tl.int64)
     pid_m = pid % num_m
     if BANDED:  # causal: the last query blocks see the most keys, start them first
@@ -397,6 +418,13 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
     # Only the key blocks that cross an edge of the band or the end of the keys pay for index masks.
     first, full_lo, full_hi, end = _key_ranges(start_m, Lq, Lk, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    if SPLIT_KV:  # this split's share of each range; the bounds stay ordered and block-aligned
+        split_lo = split_base + split * split_keys
+        split_hi = split_lo + split_keys
+        first = tl.minimum(tl.maximum(first, split_lo), split_hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, split_lo), split_hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, split_lo), split_hi)
+        end = tl.minimum(tl.maximum(end, split_lo), split_hi)
     b32 = b.to(tl.int32)  # descriptor coordinates are 32-bit
     hk32 = hk.to(tl.int32)
     if BANDED:
@@ -420,13 +448,56 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
     has_keys = l_i != 0.0  # not "> 0": a NaN row (NaN input) must stay NaN, lse included
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc * tl.where(has_keys, keep_scale / l_safe, 0.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    # A row with no key: lse = +inf, so that backward's exp(s - lse) is 0; a split with no key
+    # for the row: -inf, the weight 0 of its (zero) partial output in the merge.
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
+                   float("-inf") if SPLIT_KV else float("inf"))
     tl.store(Lse + lse_row0 + offs_m, lse, mask=offs_m < Lq)
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     if DV == HEAD_DIM_V:
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
     else:
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_dv < DV)[None, :])
+
+
+@triton.jit
+def _attn_fwd_combine(OutPart, LsePart, Out, Lse, num_splits, stride_split_o, stride_split_lse, rows, Hq, Lq,
+                      stride_ob, stride_oh, stride_om, stride_od,
+                      DV: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Merge the split-KV partial results (``_attn_fwd`` with SPLIT_KV) of BLOCK_M rows.
+
+    Row r (of ``rows``; r = (b * Hq + h) * Lq + i, the Lse layout) has from split s the output
+    o_s, normalised by its split's sum, and that split's lse_s. With lse = log sum_s exp(lse_s)
+    the merged output is sum_s exp(lse_s - lse) * o_s: each split's share of the row's softmax
+    mass. Splits that saw no key have lse_s = -inf and weigh nothing; a row no split saw keeps
+    zeros and lse = +inf (the unsplit kernel's dead row). A NaN lse_s makes the row NaN."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows: int32 (fewer than 2**31 lse rows)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < rows
+    part_rows = offs_m.to(tl.int64)[:, None] * DV  # the partials' element offsets may pass 2**31
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(LsePart + s * stride_split_lse + offs_m, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(LsePart + s * stride_split_lse + offs_m, mask=row_ok, other=float("-inf"))
+        weight = tl.math.exp2((lse_s - m_safe) * 1.4426950408889634)
+        total += weight
+        o_s = _load_2d(OutPart + s * stride_split_o + part_rows + offs_dv[None, :], row_ok, offs_dv < DV,
+                       True, DV != HEAD_DIM_V)
+        acc += weight[:, None] * o_s
+    has_keys = total != 0.0
+    total_safe = tl.where(has_keys, total, 1.0)
+    out = acc / total_safe[:, None]
+    tl.store(Lse + offs_m, tl.where(has_keys, m_safe + tl.log(total_safe), float("inf")), mask=row_ok)
+    b = offs_m // (Hq * Lq)
+    h = (offs_m // Lq) % Hq
+    i = offs_m % Lq
+    out_rows = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
+    out_ptrs = Out + out_rows[:, None] + offs_dv[None, :] * stride_od
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1143,7 +1214,7 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
         return
     fn = _tuned.get(kernel)
     if fn is None:
-        keys = _AUTOTUNE_KEYS + (["MASK_GRAD", "DKDV_PASS"] if kernel == "dkdv" else [])
+        keys = _AUTOTUNE_KEYS + {"dkdv": ["MASK_GRAD", "DKDV_PASS"], "fwd": ["SPLIT_KV"]}.get(kernel, [])
         fn = _tuned[kernel] = triton.autotune(all_configs(kernel), key=keys,
                                               prune_configs_by={"early_config_prune": _make_prune(kernel)})(
             _KERNELS[kernel])
@@ -1275,11 +1346,12 @@ def _common_constexprs(q, v, banded, mask_kind, dropout_p, softcap, alibi_slopes
 
 
 def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse, tma=None,
-                    softcap=0.0, varlen=None, alibi_slopes=None, bottom_right=False):
+                    softcap=0.0, varlen=None, alibi_slopes=None, bottom_right=False, split=None):
     """(grid_rows, heads, args, constexprs) of ``_attn_fwd`` for these inputs (also used by the AOT
     tests). K and V go in twice: as pointers and, when TMA is used, as descriptors. ``varlen``
     (a ``Varlen``): q, k, v, out are the (1, H, total, dim) views of packed tensors (which carries
-    its own alignment; ``bottom_right`` is the plain launch's, used by ALiBi only)."""
+    its own alignment; ``bottom_right`` is the plain launch's, used by ALiBi only). ``split`` (a
+    ``KvSplit``): out and lse are split 0's views of its float32 scratch."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q)
@@ -1297,9 +1369,12 @@ def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed
     args = (q, k, v, k_desc, v_desc, mask, out, lse, cu_q, cu_k, k_end, *_strides(q, varlen), *_strides(k, varlen),
             *_strides(v, varlen), *mask_strides, *_strides(out, varlen), Hq, Hq // Hkv, Lq, Lk, total_q, band_lo,
             band_hi, *_scales(scale, softcap), keep_scale, *drop, _len_key(Lq), _len_key(Lk), tma_key,
-            *_alibi_args(alibi_slopes, lse))
-    return Lq, B * Hq, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap, alibi_slopes),
-                                  SCALE_NONNEG=scale >= 0, VARLEN=varlen_on, BOTTOM_RIGHT=bottom_right)
+            *_alibi_args(alibi_slopes, lse), *(split or KvSplit.NONE).args())
+    splits = 1 if split is None else split.num
+    return Lq, B * Hq * splits, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap,
+                                                              alibi_slopes),
+                                           SCALE_NONNEG=scale >= 0, VARLEN=varlen_on, BOTTOM_RIGHT=bottom_right,
+                                           SPLIT_KV=split is not None)
 
 
 #: _attn_bwd_dkdv's DKDV_PASS values: both gradients in one pass, or dK (+ dMask) and dV apart
@@ -1352,10 +1427,144 @@ def bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, drop
             "dq": (Lq, B * Hq, dq_args, common)}
 
 
+# ---- split-KV (flash-decoding) -------------------------------------------------------------
+# A forward with few query blocks (decoding: Lq = 1 to a few, small batch) has one program per
+# (batch, head, query block): B * Hq programs, e.g. 32 for one sequence of a 32-head model, leave
+# most of an H200's 132 SMs idle while each program streams the whole KV cache. Splitting the keys
+# among several programs per query block (each writes its partial output and lse) and merging the
+# partials in a second small kernel (``_attn_fwd_combine``) fills the machine. The backward is
+# unchanged: the merged output and lse are the unsplit ones, up to rounding.
+
+#: Keys per split are a multiple of this: every forward BLOCK_N divides it.
+SPLIT_KEYS_QUANTUM = 128
+#: At most this many splits (FlashAttention 2 caps them at 128; the partials grow with the count).
+MAX_KV_SPLITS = 64
+
+
+def _kv_splits_setting():
+    """FUSED_ATTN_TRITON_KV_SPLITS: "auto" (default: ``kv_splits`` decides) or a positive count
+    forced on every forward (capped by the keys' 128-key chunks), 1 to turn splitting off."""
+    value = os.environ.get("FUSED_ATTN_TRITON_KV_SPLITS", "auto").strip().lower()
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FUSED_ATTN_TRITON_KV_SPLITS must be 'auto' or a positive integer, got {value!r}")
+    return int(value)
+
+
+#: The forced split count (None: automatic). Read once at import; tests set it directly.
+KV_SPLITS = _kv_splits_setting()
+
+
+def kv_splits(programs: int, chunks: int, sm_count: int) -> int:
+    """How many splits a forward of ``programs`` programs over ``chunks`` 128-key chunks gets on a
+    chip of ``sm_count`` SMs (FlashAttention 2's ``num_splits_heuristic``): none when the programs
+    already fill most of the chip; otherwise the fewest splits whose grid fills its last wave of
+    SMs to within 85 % of the best filling any split count achieves. Only counts that change the
+    chunks per split are considered (7 splits of 11 chunks each run 2 chunks, as 6 would)."""
+    if programs >= 0.8 * sm_count or chunks < 2:
+        return 1
+    candidates = sorted({cdiv(chunks, cdiv(chunks, n)) for n in range(1, min(MAX_KV_SPLITS, sm_count, chunks) + 1)})
+
+    def filling(n):
+        waves = programs * n / sm_count
+        return waves / math.ceil(waves)
+
+    best = max(filling(n) for n in candidates)
+    return next(n for n in candidates if filling(n) >= 0.85 * best)
+
+
+_sm_counts = {}
+
+
+def _sm_count(device: torch.device):
+    """The device's SM count, or None where there is none to fill (CPU tensors: the interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _sm_counts.get(index)
+    if count is None:
+        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+class KvSplit:
+    """The split-KV plan of one forward: ``num`` splits of ``keys`` keys from key ``base`` (both
+    multiples of SPLIT_KEYS_QUANTUM), and the strides between the splits' partial results."""
+
+    def __init__(self, num, base, keys, stride_out=0, stride_lse=0):
+        self.num, self.base, self.keys, self.stride_out, self.stride_lse = num, base, keys, stride_out, stride_lse
+
+    def args(self):
+        """``_attn_fwd``'s (num_splits, split_base, split_keys, stride_split_o, stride_split_lse)."""
+        return self.num, self.base, self.keys, self.stride_out, self.stride_lse
+
+    @staticmethod
+    def plan(programs: int, key_lo: int, key_hi: int, device: torch.device):
+        """The split of the keys [key_lo, key_hi) that some query of the call sees, for a launch of
+        ``programs`` programs, or None for an unsplit launch."""
+        base = (max(key_lo, 0) // SPLIT_KEYS_QUANTUM) * SPLIT_KEYS_QUANTUM
+        chunks = cdiv(max(key_hi - base, 0), SPLIT_KEYS_QUANTUM)
+        if KV_SPLITS is not None:
+            num = min(KV_SPLITS, chunks)
+        else:
+            sm_count = _sm_count(device)
+            num = 1 if sm_count is None else kv_splits(programs, chunks, sm_count)
+        if num <= 1:
+            return None
+        keys = cdiv(chunks, num) * SPLIT_KEYS_QUANTUM
+        return KvSplit(cdiv(key_hi - base, keys), base, keys)
+
+
+KvSplit.NONE = KvSplit(1, 0, 0)
+
+
+def _programs(heads: int, rows: int) -> int:
+    """About how many programs a forward of ``heads`` (batch x heads) by ``rows`` query rows
+    launches: the autotuner gives short query blocks 64 rows, longer ones 64 or 128."""
+    return heads * cdiv(rows, 64 if rows <= 64 else 128)
+
+
+def _launch_forward(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse, split,
+                    varlen=None, **options):
+    """The forward launch, split or not. ``out`` is the (B, H, L, Dv) view of the output (the
+    (1, H, total, Dv) one with ``varlen``), ``lse`` its lse."""
+    if split is None:
+        _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out,
+                                        lse, varlen=varlen, **options))
+        return
+    # the partials of row r (lse's layout: the (B, H, L) or (H, total) order) at [split, r]
+    out_part = torch.empty((split.num, *lse.shape, out.shape[3]), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((split.num, *lse.shape), device=q.device, dtype=torch.float32)
+    split.stride_out, split.stride_lse = out_part.stride(0), lse_part.stride(0)
+    out_view = out_part[0] if varlen is None else out_part[0].unsqueeze(0)
+    _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out_view,
+                                    lse_part[0], varlen=varlen, split=split, **options))
+    rows = lse.numel()
+    block_m = delta_block_m(out.shape[3])
+    _attn_fwd_combine[(cdiv(rows, block_m),)](
+        out_part, lse_part, out, lse, split.num, split.stride_out, split.stride_lse, rows, out.shape[1], out.shape[2],
+        *out.stride(), DV=out.shape[3], HEAD_DIM_V=_pow2(out.shape[3]), BLOCK_M=block_m, num_warps=COMBINE_WARPS,
+        **LAUNCH_OPTIONS)
+
+
+#: warps of ``_attn_fwd_combine``: its delta_block_m(Dv) x Dv tile is 8 elements a thread on 8 warps
+#: (40-52 registers AOT for sm_90; 64-96 on 4 warps)
+COMBINE_WARPS = 8
+
+
+def _pack_query_groups(t, group):
+    """A (B, Hq, 1, X) view as the (B, Hkv, group, X) view of the same elements: query head
+    hk * group + g becomes row g of kv head hk."""
+    sb, sh, _, sx = t.stride()
+    return t.as_strided((t.shape[0], t.shape[1] // group, group, t.shape[3]), (sb, sh * group, sh, sx),
+                        t.storage_offset())
+
+
 def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0,
                   alibi_slopes=None, bottom_right=False):
     B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
+    Hkv, Lk = k.shape[1], k.shape[2]
     out = new_attention_out(q, v.shape[3])
     lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     if B * Hq * Lq == 0:
@@ -1364,8 +1573,25 @@ def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, 
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out, lse,
-                                    softcap=softcap, alibi_slopes=alibi_slopes, bottom_right=bottom_right))
+    lo, hi = clamp_band(band_lo, band_hi, Lq, Lk)
+    q_view, out_view, lse_view, mask_view = q, out, lse, attn_mask
+    group = Hq // Hkv
+    if Lq == 1 and group > 1 and alibi_slopes is None and lo <= 0 and hi >= Lk - 1:
+        # Decoding with grouped-query attention: the query heads of a group become the rows of one
+        # (B, Hkv, group) query block, so that a program reads its K and V once for all of them
+        # (FlashAttention's "pack GQA"). Valid only where every row sees every key (no band: a
+        # row's band would move with its row index) and without ALiBi (a slope per query head).
+        # The dropout row of (b, hk, g) is (b * Hkv + hk) * group + g = b * Hq + h, as unpacked.
+        q_view, out_view, lse_view = (_pack_query_groups(q, group), _pack_query_groups(out, group),
+                                      lse.view(B, Hkv, group))
+        if attn_mask is not None:
+            mask_view = _pack_query_groups(attn_mask, group)
+        band_lo, band_hi = NO_BAND
+        lo, hi = 0, Lk - 1
+    rows = q_view.shape[2]
+    split = KvSplit.plan(_programs(B * q_view.shape[1], rows), lo, min(Lk, rows - 1 + hi + 1), q.device)
+    _launch_forward(q_view, k, v, mask_view, band_lo, band_hi, dropout_p, scale, seed, offset, out_view, lse_view,
+                    split, softcap=softcap, alibi_slopes=alibi_slopes, bottom_right=bottom_right)
     return out, lse
 
 
@@ -1419,8 +1645,10 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         return out, lse
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
     view = Varlen.as_batch
-    _launch("fwd", *fwd_launch_args(view(q), view(k), view(v), None, band_lo, band_hi, dropout_p, scale, seed, offset,
-                                    view(out), lse, softcap=softcap, varlen=varlen, alibi_slopes=alibi_slopes))
+    split = KvSplit.plan(_programs((cu_seqlens_q.shape[0] - 1) * q.shape[1], max_seqlen_q), 0, max_seqlen_k,
+                         q.device)
+    _launch_forward(view(q), view(k), view(v), None, band_lo, band_hi, dropout_p, scale, seed, offset, view(out), lse,
+                    split, varlen=varlen, softcap=softcap, alibi_slopes=alibi_slopes)
     return out, lse
 
 

@@ -14,11 +14,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import Call, check_backend_name, resolve
+from .backends import Call, check_backend_name, get_backend, resolve
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   attention_inference, attention_varlen_inference, direct_call_ok, feed_forward_inference,
                   layer_norm_residual_inference)
-from .ops_common import ALIGNMENTS, attention_band, check_varlen_bounds
+from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, gather_kv_pages,
+                         paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -353,8 +354,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
                      dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
                      alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None, return_lse: bool = False,
-                     seqused_k: Optional[Tensor] = None, backend: Optional[str] = None,
-                     generator: Optional[torch.Generator] = None):
+                     seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                     backend: Optional[str] = None, generator: Optional[torch.Generator] = None):
     """Attention over packed sequences of different lengths, without padding (FlashAttention's
     ``flash_attn_varlen_func``; what training on packed batches and Hugging Face's
     ``DataCollatorWithFlattening`` produce).
@@ -373,6 +374,15 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             padded KV cache of B slots with ragged lengths, ``cu_seqlens_k = arange(B + 1) * slot``.
             The unused keys are not read, their gradients are zero, and bottom_right aligns on the
             used length.
+        block_table: int32 (B, pages_per_seq) or None: a paged KV cache (FlashAttention's and
+            vLLM's ``block_table``). k is then (num_pages, page_size, Hkv, D) and v (num_pages,
+            page_size, Hkv, Dv), pages shared by all sequences: sequence s's key j is row
+            ``j % page_size`` of page ``block_table[s, j // page_size]``, and its key count is
+            ``cu_seqlens_k[s + 1] - cu_seqlens_k[s]`` (or ``seqused_k[s]``); cu_seqlens_k's offsets
+            address nothing. Pages may be shared (a common prefix); unused table entries are never
+            read. The Triton backend's forward reads the pages in place; the other backends, and
+            calls whose q, k or v require grad, gather the addressed pages first (the gradient then
+            reaches the pages, summed over the sequences sharing one).
         alibi_slopes: (Hq,) or (B, Hq) (row s for sequence s), as in ``attention``, each sequence
             placed on its own lengths.
         causal, window_size, alignment, dropout_p, scale, softcap, sinks, backend, generator: as in
@@ -385,15 +395,18 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     torch.compile the boundaries are checked (one small device-to-host copy); the Triton backend
     runs every sequence in one launch, the others loop over the sequences.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, ndim=3)
+    paged = block_table is not None
+    _check_tensor("q", q, ndim=3)
+    for name, t in (("k", k), ("v", v)):  # pages: (num_pages, page_size, Hkv, dim)
+        _check_tensor(name, t, ndim=4 if paged else 3)
     _check_same("q", q, {"k": k, "v": v})
     total_q, Hq, D = q.shape
-    total_k, Hkv, Dv = k.shape[0], k.shape[1], v.shape[2]
+    total_k, Hkv, Dv = k.shape[0], k.shape[-2], v.shape[-1]
     D, Dv = _concrete(D), _concrete(Dv)
-    if v.shape[0] != total_k or v.shape[1] != Hkv:
-        raise ValueError(f"k and v must have the same tokens and heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[2] != D:
+    if v.shape[:-1] != k.shape[:-1]:
+        what = "pages, page size and heads" if paged else "tokens and heads"
+        raise ValueError(f"k and v must have the same {what}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[-1] != D:
         raise ValueError(f"q and k must have the same head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
                                                                       dropout_p, scale, softcap, return_lse)
@@ -409,6 +422,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
     # it runs (``checked`` False), since nothing can be read on the host at trace time.
     checked = not torch.compiler.is_compiling()
+    if paged:  # from here on the cache is seen as packed sequences of the table's rows
+        _check_block_table(block_table, cu_seqlens_q, q.device)
+        if checked:
+            check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
+        cu_seqlens_k, seqused_k = paged_layout(block_table, k.shape[1], cu_seqlens_k, seqused_k)
+        total_k = block_table.shape[0] * block_table.shape[1] * k.shape[1]
     if checked:
         max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
                                                          max_seqlen_k, seqused_k)
@@ -417,6 +436,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     check_backend_name(backend)
     name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, alibi=alibi_slopes,
                                    varlen=True), backend)
+    if paged and (_needs_grad(q, k, v) or not get_backend(name).paged_kv):
+        # the backward (and a backend without a paged kernel) runs on the pages gathered in the
+        # packed layout: the gradient of a shared page then sums over its sequences by itself
+        k, v = gather_kv_pages(k, v, block_table)
+        block_table = None
     # The band relative to each sequence's top-left corner; bottom_right shifts it per sequence.
     band_lo, band_hi = attention_band(0, 0, causal, window_size, "top_left")
     if torch.compiler.is_compiling():
@@ -425,11 +449,27 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap, seqused_k,
             checked, alibi_slopes)
     want_lse = return_lse or sinks is not None
-    if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k):
-        result = attention_varlen_inference(*args, return_lse=want_lse)
+    if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table):
+        result = attention_varlen_inference(*args, block_table, return_lse=want_lse)
     else:
-        result = AttentionVarlenFunction.apply(*args, want_lse)
+        result = AttentionVarlenFunction.apply(*args, want_lse, block_table)
     return _with_sinks(result, sinks, return_lse, head_dim=0)
+
+
+def _check_block_table(block_table, cu_seqlens_q, device) -> None:
+    if not isinstance(block_table, Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32 (page numbers, as FlashAttention's), got "
+                        f"{_dtype_name(block_table.dtype)}")
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must be 2-D (sequences, pages per sequence), got shape "
+                         f"{tuple(block_table.shape)}")
+    if block_table.shape[0] != cu_seqlens_q.shape[0] - 1:
+        raise ValueError(f"block_table must have one row per sequence ({cu_seqlens_q.shape[0] - 1}), got shape "
+                         f"{tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
 
 
 def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:

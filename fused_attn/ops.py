@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .ops_common import check_varlen_bounds, empty, new_attention_out, new_varlen_out, varlen_lse_shape
+from .ops_common import (check_block_table, check_varlen_bounds, empty, new_attention_out, new_varlen_out,
+                         varlen_lse_shape)
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
@@ -176,18 +177,23 @@ class AttentionFunction(torch.autograd.Function):
 
 def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                                bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None,
-                               checked=False, alibi_slopes=None):
+                               checked=False, alibi_slopes=None, block_table=None):
+    """``block_table``: k and v are the pages of a paged cache (``ops_common.paged_layout``; only
+    for a backend with ``paged_kv``), cu_seqlens_k / seqused_k their packed view's boundaries."""
     if not checked:  # a traced call: the boundaries were not readable when it was built
-        check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k,
-                            seqused_k)
+        total_k = k.shape[0] if block_table is None else block_table.shape[0] * block_table.shape[1] * k.shape[1]
+        check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], total_k, max_seqlen_q, max_seqlen_k, seqused_k)
+        if block_table is not None:
+            check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
     if q.numel() == 0 or k.shape[0] == 0:
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()
         return out, torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=torch.float32)
     seed, offset = _seed_offset(rng)
+    paged = {} if block_table is None else {"block_table": block_table}
     return get_backend(backend).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                      band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset,
-                                                     softcap, seqused_k, alibi_slopes)
+                                                     softcap, seqused_k, alibi_slopes, **paged)
 
 
 @torch.library.custom_op("fused_attn::attention_varlen_fwd", mutates_args=())
@@ -195,16 +201,17 @@ def attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, 
                          max_seqlen_q: int, max_seqlen_k: int, band_lo: int, band_hi: int, bottom_right: bool,
                          dropout_p: float, scale: float, rng: Optional[Tensor], backend: str,
                          softcap: float = 0.0, seqused_k: Optional[Tensor] = None,
-                         checked: bool = False, alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                         checked: bool = False, alibi_slopes: Optional[Tensor] = None,
+                         block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     return _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
                                       band_hi, bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k,
-                                      checked, alibi_slopes)
+                                      checked, alibi_slopes, block_table)
 
 
 @attention_varlen_fwd.register_fake
 def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                                bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None,
-                               checked=False, alibi_slopes=None):
+                               checked=False, alibi_slopes=None, block_table=None):
     return new_varlen_out(q, v.shape[-1]), q.new_empty(varlen_lse_shape(q), dtype=torch.float32)
 
 
@@ -251,11 +258,14 @@ class AttentionVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
                 dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None, checked=False, alibi_slopes=None,
-                return_lse=False):
-        direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes)
+                return_lse=False, block_table=None):
+        # block_table (pages read in place) comes only with inputs that need no gradient: a call
+        # that trains gathers the pages first (functional.attention_varlen)
+        direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, block_table)
         fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
         out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes)
+                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes,
+                       block_table)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
         return (out, lse) if return_lse else out
@@ -267,7 +277,7 @@ class AttentionVarlenFunction(torch.autograd.Function):
                else torch.ops.fused_attn.attention_varlen_bwd)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
                          *ctx.options[7:], seqused_k, alibi_slopes, dlse)
-        return (dq, dk, dv) + (None,) * 16
+        return (dq, dk, dv) + (None,) * 17
 
 
 # ---------------------------------------------------------------------------------------------

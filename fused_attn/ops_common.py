@@ -123,3 +123,65 @@ def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, 
             raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest sequence in {name} ({longest})")
         out.append(longest if max_seqlen is None else int(max_seqlen))
     return out[0], out[1]
+
+
+# A paged KV cache (FlashAttention's / vLLM's ``block_table``): K and V are (num_pages, page_size,
+# Hkv, dim) pages shared by all sequences, and sequence s's key j is row j % page_size of page
+# block_table[s, j // page_size]. The sequence's key count comes from cu_seqlens_k (its lengths
+# only: the cumulative offsets address nothing), or from seqused_k. Every backend sees the cache as
+# a packed varlen call in which sequence s owns all pages_per_seq * page_size rows its table row
+# can address and uses the first of them (``paged_layout``); the Triton forward reads the pages in
+# place, the others (and every call that needs gradients) get them gathered (``gather_kv_pages``).
+
+def paged_layout(block_table: torch.Tensor, page_size: int, cu_seqlens_k: torch.Tensor,
+                 seqused_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_seqlens_k, seqused_k) of the packed view of a paged cache, on the device, no sync."""
+    batch, pages_per_seq = block_table.shape
+    rows = pages_per_seq * page_size
+    cu = torch.arange(batch + 1, device=cu_seqlens_k.device, dtype=cu_seqlens_k.dtype) * rows
+    used = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    return cu, (used if seqused_k is None else seqused_k.to(used.dtype))
+
+
+def gather_kv_pages(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor):
+    """The pages each sequence's table row addresses, back to back: (batch * pages_per_seq *
+    page_size, Hkv, dim) K and V for ``paged_layout``'s boundaries. One gather, no host sync; the
+    table's unused entries, which may hold anything, are clamped into range (their rows are never
+    read). Differentiable: a page shared by several sequences (a common prefix) gets the sum of
+    their gradients."""
+    batch, pages_per_seq = block_table.shape
+    rows = batch * pages_per_seq * k_pages.shape[1]
+    if k_pages.shape[0] == 0:  # no pages: every sequence is empty (check_block_table)
+        return k_pages.new_zeros(rows, *k_pages.shape[2:]), v_pages.new_zeros(rows, *v_pages.shape[2:])
+    pages = block_table.clamp(0, k_pages.shape[0] - 1).long()
+    return k_pages[pages].flatten(0, 2), v_pages[pages].flatten(0, 2)
+
+
+def check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int, cu_seqlens_k: torch.Tensor,
+                      seqused_k: torch.Tensor | None) -> None:
+    """The data-dependent checks of a paged call (one device-to-host copy): cu_seqlens_k starts at 0
+    and never decreases, 0 <= seqused_k[s] <= sequence s's keys, every sequence fits its table row,
+    and the pages it uses exist. Raises ValueError naming the argument."""
+    cu = cu_seqlens_k.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens_k must start at 0 and never decrease, got {_short(cu)}")
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    if seqused_k is not None:
+        used = seqused_k.tolist()
+        bad = [s for s, n in enumerate(used) if not 0 <= n <= lengths[s]]
+        if bad:
+            s = bad[0]
+            raise ValueError(f"seqused_k[{s}] = {used[s]} is outside [0, {lengths[s]}], the keys sequence {s} has "
+                             f"in cu_seqlens_k")
+        lengths = used
+    capacity = block_table.shape[1] * page_size
+    table = block_table.tolist()
+    for s, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"sequence {s} has {n} keys but its block_table row addresses {block_table.shape[1]} "
+                             f"pages of {page_size} rows ({capacity} keys)")
+        pages = table[s][:-(-n // page_size)]
+        bad = [p for p in pages if not 0 <= p < num_pages]
+        if bad:
+            raise ValueError(f"block_table[{s}] names page {bad[0]}, outside the {num_pages} pages of k and v "
+                             f"(sequence {s} uses its first {len(pages)} entries)")

@@ -49,6 +49,9 @@ FEATURES = {
     # mask (a batch of prompts of different lengths), and in packed sequences
     "split": dict(causal=False, mask="bool", dropout=False, mask_grad=False, split=True),
     "varlen_split": dict(causal=True, mask=None, dropout=False, mask_grad=False, varlen=True, split=True),
+    # a paged KV cache (block_table, 16-row pages as vLLM's), decoding with split keys
+    "varlen_paged": dict(causal=True, mask=None, dropout=False, mask_grad=False, varlen=True, split=True,
+                         paged=True),
 }
 
 
@@ -141,9 +144,12 @@ def _launch_varlen(A, kernel, dtype, head_dim, head_dim_v, features):
 
     T, Hq, Hkv = 4096, 8, 4
     cu = torch.tensor([0, 1000, 3000, T], dtype=torch.int32)
-    varlen = A.Varlen(cu, cu, 2000, 2000, True)
+    block_table = torch.empty(3, 128, dtype=torch.int32) if features.get("paged") else None
+    varlen = A.Varlen(cu, cu, 2000, 2000, True, block_table=block_table)
     q, k, v = (A.Varlen.as_batch(torch.empty(T, h, d, dtype=dtype))
                for h, d in ((Hq, head_dim), (Hkv, head_dim), (Hkv, head_dim_v)))
+    if block_table is not None:  # pages of 16 rows
+        k, v = (torch.empty(T // 16, 16, Hkv, d, dtype=dtype) for d in (head_dim, head_dim_v))
     p = 0.1 if features["dropout"] else 0.0
     cap = 30.0 if features.get("softcap") else 0.0
     lse = torch.empty(Hq, T, dtype=torch.float32)
@@ -319,6 +325,8 @@ SUBSET = [
     # split-KV decoding on the 64-query tiles short query blocks get
     ("fwd", 90, "bfloat16", 128, 128, 64, 32, 4, 3, "split"),
     ("fwd", 90, "float16", 128, 128, 64, 64, 4, 3, "varlen_split"),
+    ("fwd", 90, "bfloat16", 128, 128, 64, 64, 4, 3, "varlen_paged"),
+    ("fwd", 80, "bfloat16", 64, 64, 64, 32, 4, 4, "varlen_paged"),
 ]
 
 

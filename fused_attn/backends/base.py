@@ -79,6 +79,9 @@ class Backend:
     devices: tuple[str, ...] = ()
     #: dtypes accepted, per op (missing op = op not implemented by this backend)
     dtypes: dict[str, tuple[torch.dtype, ...]] = {}
+    #: whether attention_varlen_fwd takes ``block_table=`` and reads a paged KV cache in place;
+    #: otherwise the pages are gathered into packed K / V for it (``ops_common.gather_kv_pages``)
+    paged_kv: bool = False
 
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run at all on this machine (empty list = it can)."""

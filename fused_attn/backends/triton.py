@@ -37,6 +37,7 @@ def _kernels(op: str):
 class TritonBackend(Backend):
     name = "triton"
     dtypes = {"attention": _FLOATS, "layer_norm_residual": _FLOATS, "feed_forward": _FLOATS}
+    paged_kv = True  # the varlen forward's PAGED specialisation
 
     @property
     def devices(self):
@@ -69,8 +70,8 @@ class TritonBackend(Backend):
     def attention_bwd(self, *args):
         return _kernels("attention").attention_bwd(*args)
 
-    def attention_varlen_fwd(self, *args):
-        return _kernels("attention").attention_varlen_fwd(*args)
+    def attention_varlen_fwd(self, *args, **kwargs):
+        return _kernels("attention").attention_varlen_fwd(*args, **kwargs)
 
     def attention_varlen_bwd(self, *args):
         return _kernels("attention").attention_varlen_bwd(*args)

@@ -211,10 +211,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_KEYS: tl.constexpr,
                CHECK_BAND: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_TMA: tl.constexpr,
-               LOOP_STAGES: tl.constexpr, SCALE_NONNEG: tl.constexpr, HAS_ALIBI: tl.constexpr):
+               LOOP_STAGES: tl.constexpr, SCALE_NONNEG: tl.constexpr, HAS_ALIBI: tl.constexpr, page_row,
+               stride_kpage, stride_vpage, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Online-softmax over the key blocks starting in [lo, hi). With STREAM_TMA the K and V tiles
     come through the (B, Hkv, Lk, D) tensor descriptors ``k_desc``/``v_desc`` (rows past Lk and
-    columns past D are zero-filled by the copy engine), else through pointers and masks."""
+    columns past D are zero-filled by the copy engine), else through pointers and masks. PAGED:
+    key j is row j % PAGE_SIZE of page page_row[j // PAGE_SIZE] (a paged KV cache)."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     d_ok = _cols_ok(D, HEAD_DIM)
@@ -228,8 +230,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             key_ok = offs_n < Lk
         else:
             key_ok = tl.full([BLOCK_N], True, tl.int1)
+        if PAGED:  # each key's page from the sequence's block table (one int32 per key, cached)
+            page = tl.load(page_row + offs_n // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+            k_rows = page * stride_kpage + (offs_n % PAGE_SIZE) * stride_kn
+            v_rows = page * stride_vpage + (offs_n % PAGE_SIZE) * stride_vn
         if STREAM_TMA:
             k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif PAGED:
+            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kd,
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         else:
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
@@ -258,6 +267,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             p = tl.where(dropout_keep(drop_keys[:, None], offs_n[None, :], drop_threshold), p, 0.0)
         if STREAM_TMA:
             v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_V)
+        elif PAGED:
+            v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd,
+                        mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
@@ -353,11 +365,12 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
               LQ_KEY, LK_KEY, TMA_KEY,  # autotuning keys only: rounded lengths, descriptors (``_tma.descriptors``)
               Alibi, stride_ab, stride_ah,  # last, so that the other arguments keep their places without ALiBi
               num_splits, split_base, split_keys, stride_split_o, stride_split_lse,  # SPLIT_KV only
+              BlockTable, stride_tb, stride_kpage, stride_vpage,  # PAGED only
               D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BANDED: tl.constexpr,
               VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
-              SCALE_NONNEG: tl.constexpr, SPLIT_KV: tl.constexpr):
+              SCALE_NONNEG: tl.constexpr, SPLIT_KV: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """One query block of one head. VARLEN: b is a packed sequence (``attention_varlen``), Lq / Lk
     arrive as the longest lengths (they size the grid) and become this sequence's; the tensors
     come as (1, H, total, dim) views with batch stride 0, moved here to the sequence's first row;
@@ -370,7 +383,12 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
     base and split_keys are multiples of every BLOCK_N). Out and Lse are then float32 scratch
     holding one partial result per split, split s at element offset s * stride_split_o (and
     s * stride_split_lse): the output normalised by the split's own sum and the split's lse, -inf
-    where it saw no key. ``_attn_fwd_combine`` merges them."""
+    where it saw no key. ``_attn_fwd_combine`` merges them.
+
+    PAGED (with VARLEN: a paged KV cache, ``attention_varlen(..., block_table=)``): K and V are
+    (num_pages, PAGE_SIZE, Hkv, dim) pages, passed with the strides of a page's rows (stride_kn),
+    heads and columns and of the pages (stride_kpage); sequence b's key j is row j % PAGE_SIZE of
+    page BlockTable[b, j // PAGE_SIZE]. CuK / KEnd then give only the sequences' key counts."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     split = 0
@@ -395,8 +413,9 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
             return
         Q += q_start * stride_qm
         Out += q_start * stride_om
-        K += k_start * stride_kn
-        V += k_start * stride_vn
+        if not PAGED:  # paged keys are found through the block table instead
+            K += k_start * stride_kn
+            V += k_start * stride_vn
         lse_row0 = h * TQ + q_start
     alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, HAS_ALIBI, BOTTOM_RIGHT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -407,6 +426,7 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
                  offs_m < Lq, offs_d < D, True, D != HEAD_DIM)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    page_row = BlockTable + b * stride_tb
     mask_base = Mask + b * stride_mb + h * stride_mh + start_m.to(tl.int64) * stride_mm
     drop_keys = offs_m.to(tl.uint32)  # placeholder when DROPOUT is off
     if DROPOUT:
@@ -433,17 +453,20 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
                                    stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, alibi_log2,
                                    alibi_shift, drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
                                    MASK_KIND, DROPOUT, SOFTCAP, True, True, DOT_PRECISION, STREAM_TMA, LOOP_STAGES,
-                                   SCALE_NONNEG, HAS_ALIBI)
+                                   SCALE_NONNEG, HAS_ALIBI, page_row, stride_kpage, stride_vpage, PAGED,
+                                   PAGE_SIZE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, full_lo, full_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
                                stride_mn, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift,
                                drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-                               SOFTCAP, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG, HAS_ALIBI)
+                               SOFTCAP, False, False, DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG, HAS_ALIBI,
+                               page_row, stride_kpage, stride_vpage, PAGED, PAGE_SIZE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b32, hk32, mask_base, drop_keys,
                                offs_m, full_hi, end, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift,
                                drop_threshold, D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-                               SOFTCAP, True, BANDED, DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG, HAS_ALIBI)
+                               SOFTCAP, True, BANDED, DOT_PRECISION, STREAM_TMA, LOOP_STAGES, SCALE_NONNEG, HAS_ALIBI,
+                               page_row, stride_kpage, stride_vpage, PAGED, PAGE_SIZE)
 
     has_keys = l_i != 0.0  # not "> 0": a NaN row (NaN input) must stay NaN, lse included
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -1214,7 +1237,7 @@ def _launch(kernel: str, grid_rows: int, heads: int, args: tuple, constexprs: di
         return
     fn = _tuned.get(kernel)
     if fn is None:
-        keys = _AUTOTUNE_KEYS + {"dkdv": ["MASK_GRAD", "DKDV_PASS"], "fwd": ["SPLIT_KV"]}.get(kernel, [])
+        keys = _AUTOTUNE_KEYS + {"dkdv": ["MASK_GRAD", "DKDV_PASS"], "fwd": ["SPLIT_KV", "PAGED"]}.get(kernel, [])
         fn = _tuned[kernel] = triton.autotune(all_configs(kernel), key=keys,
                                               prune_configs_by={"early_config_prune": _make_prune(kernel)})(
             _KERNELS[kernel])
@@ -1283,12 +1306,24 @@ class Varlen:
     """The packed-sequence facts a varlen launch adds (``attention_varlen_fwd``): cumulative lengths,
     the longest sequences (they size the grid) and the alignment of the band."""
 
-    def __init__(self, cu_q, cu_k, max_q, max_k, bottom_right, seqused_k=None):
+    def __init__(self, cu_q, cu_k, max_q, max_k, bottom_right, seqused_k=None, block_table=None):
         # the kernels index the boundaries as dense arrays (a strided view would be read wrong)
         self.cu_q, self.cu_k = cu_q.contiguous(), cu_k.contiguous()
         # where each sequence's keys end: the next one's start, or its start + seqused_k
         self.k_end = self.cu_k[1:] if seqused_k is None else self.cu_k[:-1] + seqused_k.to(self.cu_k.dtype)
         self.max_q, self.max_k, self.bottom_right = max_q, max_k, bottom_right
+        # a paged KV cache: (B, pages per sequence) int32 page numbers; K and V are then pages
+        self.block_table = block_table
+
+    def kv_args(self, k, v):
+        """The K and V arguments of the forward, (tensor, 4 strides) each, and the paged cache's
+        (BlockTable, stride_tb, stride_kpage, stride_vpage, PAGED, PAGE_SIZE). Packed K / V come as
+        (1, Hkv, total, dim) views (``as_batch``); pages as (num_pages, page_size, Hkv, dim)."""
+        if self.block_table is None:
+            return (k, *_strides(k, self)), (v, *_strides(v, self)), (self.cu_k, 0, 0, 0, False, 1)
+        # a page's rows stand for the sequence's keys (stride_kn); the page stride picks the page
+        kv = tuple((t, 0, t.stride(2), t.stride(1), t.stride(3)) for t in (k, v))
+        return (*kv, (self.block_table, self.block_table.stride(0), k.stride(0), v.stride(0), True, k.shape[1]))
 
     @staticmethod
     def as_batch(t):
@@ -1366,15 +1401,21 @@ def fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed
         B, total_q, Lq, Lk = varlen.cu_q.shape[0] - 1, Lq, varlen.max_q, varlen.max_k
         cu_q, cu_k, k_end, varlen_on, bottom_right = varlen.cu_q, varlen.cu_k, varlen.k_end, True, \
             varlen.bottom_right
-    args = (q, k, v, k_desc, v_desc, mask, out, lse, cu_q, cu_k, k_end, *_strides(q, varlen), *_strides(k, varlen),
-            *_strides(v, varlen), *mask_strides, *_strides(out, varlen), Hq, Hq // Hkv, Lq, Lk, total_q, band_lo,
+        if varlen.block_table is not None:
+            Hkv = k.shape[2]  # pages: (num_pages, page_size, Hkv, dim)
+    if varlen is None:
+        k_args, v_args, (*paged, paged_on, page_size) = (k, *k.stride()), (v, *v.stride()), (lse, 0, 0, 0, False, 1)
+    else:
+        k_args, v_args, (*paged, paged_on, page_size) = varlen.kv_args(k, v)
+    args = (q, k, v, k_desc, v_desc, mask, out, lse, cu_q, cu_k, k_end, *_strides(q, varlen), *k_args[1:],
+            *v_args[1:], *mask_strides, *_strides(out, varlen), Hq, Hq // Hkv, Lq, Lk, total_q, band_lo,
             band_hi, *_scales(scale, softcap), keep_scale, *drop, _len_key(Lq), _len_key(Lk), tma_key,
-            *_alibi_args(alibi_slopes, lse), *(split or KvSplit.NONE).args())
+            *_alibi_args(alibi_slopes, lse), *(split or KvSplit.NONE).args(), *paged)
     splits = 1 if split is None else split.num
     return Lq, B * Hq * splits, args, dict(_common_constexprs(q, v, banded, mask_kind, dropout_p, softcap,
                                                               alibi_slopes),
                                            SCALE_NONNEG=scale >= 0, VARLEN=varlen_on, BOTTOM_RIGHT=bottom_right,
-                                           SPLIT_KV=split is not None)
+                                           SPLIT_KV=split is not None, PAGED=paged_on, PAGE_SIZE=page_size)
 
 
 #: _attn_bwd_dkdv's DKDV_PASS values: both gradients in one pass, or dK (+ dMask) and dV apart
@@ -1636,18 +1677,21 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
 
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                          bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
-                         alibi_slopes=None):
+                         alibi_slopes=None, block_table=None):
     """Packed sequences in one launch: a program per (sequence, query head, query block of the
-    longest sequence); blocks past their own sequence return at once."""
-    out = new_varlen_out(q, v.shape[2])
+    longest sequence); blocks past their own sequence return at once. ``block_table``: K and V
+    are the (num_pages, page_size, Hkv, dim) pages of a paged cache, read in place."""
+    out = new_varlen_out(q, v.shape[-1])
     lse = torch.empty(varlen_lse_shape(q), device=q.device, dtype=torch.float32)
     if max_seqlen_q == 0:
         return out, lse
-    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k, block_table)
     view = Varlen.as_batch
+    if block_table is None:
+        k, v = view(k), view(v)
     split = KvSplit.plan(_programs((cu_seqlens_q.shape[0] - 1) * q.shape[1], max_seqlen_q), 0, max_seqlen_k,
                          q.device)
-    _launch_forward(view(q), view(k), view(v), None, band_lo, band_hi, dropout_p, scale, seed, offset, view(out), lse,
+    _launch_forward(view(q), k, v, None, band_lo, band_hi, dropout_p, scale, seed, offset, view(out), lse,
                     split, varlen=varlen, softcap=softcap, alibi_slopes=alibi_slopes)
     return out, lse
 

@@ -14,10 +14,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import Call, check_backend_name, get_backend, resolve
+from .backends import check_backend_name, get_backend, resolve_options
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   attention_inference, attention_varlen_inference, direct_call_ok, feed_forward_inference,
-                  layer_norm_residual_inference)
+                  inference_call_ok, layer_norm_residual_inference)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, gather_kv_pages,
                          paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
@@ -56,6 +56,22 @@ def _check_same(ref_name: str, ref: Tensor, others: dict) -> None:
                             f"inputs must share one dtype")
 
 
+def _check_qkv(q, k, v, ndim: int) -> None:
+    """``_check_tensor`` of q, k and v (``ndim``-D) and ``_check_same`` of k and v against q.
+
+    Fast path: the one combined test below passes only when none of those checks could raise
+    (three tensors, q's dtype floating and shared by k and v, each ``ndim``-D, one device), and
+    costs a third of them; when it fails they run in their usual order and raise the precise
+    error."""
+    if (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.dtype in FLOAT_DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == ndim and k.dim() == ndim
+            and v.dim() == ndim and k.device == q.device == v.device):
+        return
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=ndim)
+    _check_same("q", q, {"k": k, "v": v})
+
+
 def _concrete(value):
     """``value`` as a plain Python number: under torch.compile a symbolic int, float or bool is
     specialised to the value it has in this trace, under a guard (a call where it differs
@@ -69,6 +85,10 @@ def _concrete(value):
     hyperparameters anyway. Batch and sequence lengths never come here and stay symbolic, so a new
     length does not recompile (the attention band, which bottom-right alignment computes from the
     lengths, goes to the ops as SymInts).
+
+    The functional calls read ``torch.compiler.is_compiling()`` once and call this only when it is
+    True (``if compiling: ...``): in eager mode it returns its argument anyway, and its own test
+    cost ~0.2 us a value (eight values a call).
     """
     # Dynamo passes a symbolic number off as an int / float / bool to isinstance, hence the test
     # on is_compiling (a constant in a trace) rather than on the Sym types.
@@ -81,8 +101,11 @@ def _concrete(value):
     return value
 
 
-def _check_prob(name: str, p) -> float:
-    p = _concrete(p)
+def _check_prob(name: str, p, compiling: bool = False) -> float:
+    if compiling:
+        p = _concrete(p)
+    if type(p) is float and 0.0 <= p < 1.0:  # the common case, which the checks below pass as is
+        return p
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
     p = float(p)
@@ -111,15 +134,19 @@ def _check_window(name: str, window):
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
-def _eager_inference(*tensors) -> bool:
-    """Whether this call builds no autograd graph and may skip the registered ops
-    (``ops.direct_call_ok``: eager, plain tensors, no dispatch mode): it then runs the op's
-    implementation directly, without the autograd Function either (~0.1 ms a call on CPU in all, as
-    much as a whole small attention)."""
-    return not _needs_grad(*tensors) and direct_call_ok(*tensors)
+# Whether a call builds no autograd graph and may skip the registered ops (``ops.direct_call_ok``:
+# eager, plain tensors, no dispatch mode): it then runs the op's implementation directly, without
+# the autograd Function either (~0.1 ms a call on CPU in all, as much as a whole small attention).
+# ``ops.inference_call_ok`` is ``not _needs_grad(*tensors) and direct_call_ok(*tensors)`` in one pass.
+_eager_inference = inference_call_ok
 
 
 def _distinct(*tensors):
@@ -143,10 +170,12 @@ def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optiona
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
 
 
-def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout_p, scale, softcap, return_lse):
+def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout_p, scale, softcap, return_lse,
+                             compiling=False):
     """What ``attention`` and ``attention_varlen`` check alike once the shapes agree: the head
     counts (grouped-query) and the scalar options, normalised: (window_size or None, dropout_p,
-    scale, softcap as floats, 0 = off)."""
+    scale, softcap as floats, 0 = off). ``compiling``: torch.compiler.is_compiling() (see
+    ``_concrete``)."""
     if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
         raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
                          f"(k.shape[1] = {Hkv})")
@@ -155,8 +184,9 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
     window_size = _check_window("window_size", window_size)
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")
-    dropout_p = _check_prob("dropout_p", dropout_p)
-    scale, softcap = _concrete(scale), _concrete(softcap)
+    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    if compiling:
+        scale, softcap = _concrete(scale), _concrete(softcap)
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -233,15 +263,16 @@ def _with_sinks(result, sinks, return_lse: bool, head_dim: int):
     return (out, lse) if return_lse else out
 
 
-def _attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask=None, alibi=None,
-                    **extra) -> Call:
-    """The facts of an attention call that choose its backend (``backends.resolve``)."""
-    return Call("attention", q.device, q.dtype, {
-        "head_dim": D, "head_dim_v": Dv, "causal": causal, "window": window_size is not None,
-        "dropout": dropout_p > 0.0, "gqa": _concrete(Hq != Hkv), "softcap": softcap > 0.0,
-        "alibi": alibi is not None,
-        "mask": None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
-        "mask_grad": attn_mask is not None and attn_mask.requires_grad, **extra})
+def _attention_options(D, Dv, gqa, causal, window_size, dropout_p, softcap, attn_mask=None, alibi=None,
+                       varlen=False) -> tuple:
+    """The facts of an attention call that choose its backend, as the (name, value) pairs of a
+    ``backends.Call``'s options sorted by name (what ``backends.resolve_options`` takes; written
+    out in that order rather than sorted on every call). ``varlen`` appears only when True."""
+    mask = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive")
+    options = (("alibi", alibi is not None), ("causal", causal), ("dropout", dropout_p > 0.0), ("gqa", gqa),
+               ("head_dim", D), ("head_dim_v", Dv), ("mask", mask),
+               ("mask_grad", attn_mask is not None and attn_mask.requires_grad), ("softcap", softcap > 0.0))
+    return options + ((("varlen", True),) if varlen else ()) + (("window", window_size is not None),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,41 +334,44 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     ``torch.nn.functional.scaled_dot_product_attention`` except that a row whose keys are all
     masked returns zeros (and zero gradients), never NaN.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, ndim=4)
-    _check_same("q", q, {"k": k, "v": v})
-    B, Hq, Lq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
+    _check_qkv(q, k, v, 4)
+    compiling = torch.compiler.is_compiling()
+    B, Hq, Lq, D = q.shape  # each .shape is a new torch.Size: read once
+    k_batch, Hkv, Lk, k_dim = k.shape
+    v_batch, v_heads, v_len, Dv = v.shape
+    if k_batch != B or v_batch != B:
         raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[1] != v.shape[1]:
+    if Hkv != v_heads:
         raise ValueError(f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[2] != v.shape[2]:
+    if Lk != v_len:
         raise ValueError(f"k and v must have the same sequence length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[3] != D:
+    if k_dim != D:
         raise ValueError(f"q and k must have the same head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    D, Dv = _concrete(D), _concrete(Dv)  # they choose the backend (and the default scale)
+    gqa = Hq != Hkv
+    if compiling:  # they choose the backend (and D the default scale)
+        D, Dv, gqa = _concrete(D), _concrete(Dv), _concrete(gqa)
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
-                                                                      dropout_p, scale, softcap, return_lse)
-    alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, q.device)
-    sinks = _check_sinks(sinks, Hq, q.device)
+                                                                      dropout_p, scale, softcap, return_lse, compiling)
+    device = q.device
+    alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, device)
+    sinks = _check_sinks(sinks, Hq, device)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
             raise TypeError(f"attn_mask must be bool (True = attend) or additive with q's dtype "
                             f"{_dtype_name(q.dtype)}, got {_dtype_name(attn_mask.dtype)}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        if attn_mask.device != device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {device}")
         target = (B, Hq, Lq, Lk)
         if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                              f"(B, Hq, Lq, Lk) = {target}")
     check_backend_name(backend)
-    name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, attn_mask,
-                                   alibi_slopes), backend)
+    name = resolve_options("attention", device, q.dtype, _attention_options(D, Dv, gqa, causal, window_size, dropout_p,
+                                                                            softcap, attn_mask, alibi_slopes), backend)
     band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
-    if torch.compiler.is_compiling():
+    if compiling:
         q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
     args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap,
             alibi_slopes, alignment == "bottom_right")
@@ -396,34 +430,42 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     runs every sequence in one launch, the others loop over the sequences.
     """
     paged = block_table is not None
-    _check_tensor("q", q, ndim=3)
-    for name, t in (("k", k), ("v", v)):  # pages: (num_pages, page_size, Hkv, dim)
-        _check_tensor(name, t, ndim=4 if paged else 3)
-    _check_same("q", q, {"k": k, "v": v})
+    if paged:  # pages: (num_pages, page_size, Hkv, dim)
+        _check_tensor("q", q, ndim=3)
+        for name, t in (("k", k), ("v", v)):
+            _check_tensor(name, t, ndim=4)
+        _check_same("q", q, {"k": k, "v": v})
+    else:
+        _check_qkv(q, k, v, 3)
+    compiling = torch.compiler.is_compiling()
     total_q, Hq, D = q.shape
-    total_k, Hkv, Dv = k.shape[0], k.shape[-2], v.shape[-1]
-    D, Dv = _concrete(D), _concrete(Dv)
-    if v.shape[:-1] != k.shape[:-1]:
+    k_shape, v_shape = k.shape, v.shape
+    total_k, Hkv, k_dim, Dv = k_shape[0], k_shape[-2], k_shape[-1], v_shape[-1]
+    gqa = Hq != Hkv
+    if compiling:  # they choose the backend (and D the default scale)
+        D, Dv, gqa = _concrete(D), _concrete(Dv), _concrete(gqa)
+    if v_shape[:-1] != k_shape[:-1]:
         what = "pages, page size and heads" if paged else "tokens and heads"
         raise ValueError(f"k and v must have the same {what}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[-1] != D:
+    if k_dim != D:
         raise ValueError(f"q and k must have the same head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
-                                                                      dropout_p, scale, softcap, return_lse)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, q.device)
+                                                                      dropout_p, scale, softcap, return_lse, compiling)
+    device = q.device
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, device, compiling)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, device, compiling)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} entries")
     if seqused_k is not None:
         _check_seqused_k(seqused_k, cu_seqlens_k)
-    alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, "B", Hq, q.device)
-    sinks = _check_sinks(sinks, Hq, q.device)
+    alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, "B", Hq, device)
+    sinks = _check_sinks(sinks, Hq, device)
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
     # it runs (``checked`` False), since nothing can be read on the host at trace time.
-    checked = not torch.compiler.is_compiling()
+    checked = not compiling
     if paged:  # from here on the cache is seen as packed sequences of the table's rows
-        _check_block_table(block_table, cu_seqlens_q, q.device)
+        _check_block_table(block_table, cu_seqlens_q, device)
         if checked:
             check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
         cu_seqlens_k, seqused_k = paged_layout(block_table, k.shape[1], cu_seqlens_k, seqused_k)
@@ -434,8 +476,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     else:
         max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     check_backend_name(backend)
-    name = resolve(_attention_call(q, D, Dv, Hq, Hkv, causal, window_size, dropout_p, softcap, alibi=alibi_slopes,
-                                   varlen=True), backend)
+    name = resolve_options("attention", device, q.dtype, _attention_options(D, Dv, gqa, causal, window_size, dropout_p,
+                                                                            softcap, alibi=alibi_slopes, varlen=True),
+                           backend)
     if paged and (_needs_grad(q, k, v) or not get_backend(name).paged_kv):
         # the backward (and a backend without a paged kernel) runs on the pages gathered in the
         # packed layout: the gradient of a shared page then sums over its sequences by itself
@@ -443,7 +486,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         block_table = None
     # The band relative to each sequence's top-left corner; bottom_right shifts it per sequence.
     band_lo, band_hi = attention_band(0, 0, causal, window_size, "top_left")
-    if torch.compiler.is_compiling():
+    if compiling:
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
             alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap, seqused_k,
@@ -484,7 +527,7 @@ def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:
         raise ValueError(f"seqused_k is on {seqused_k.device} but cu_seqlens_k is on {cu_seqlens_k.device}")
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device) -> None:
+def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, compiling: bool) -> None:
     """The checks of one cumulative-lengths tensor and its max_seqlen that need no data (the rest:
     ``ops_common.check_varlen_bounds``)."""
     if not isinstance(cu, Tensor):
@@ -500,7 +543,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device) 
             raise TypeError(f"{max_name} must be an int or None, got {max_seqlen!r}")
         if max_seqlen < 0:
             raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
-    if max_seqlen is None and torch.compiler.is_compiling():
+    if max_seqlen is None and compiling:
         raise ValueError(f"{max_name} must be given under torch.compile (reading it from {name} would "
                          f"break the graph)")
 
@@ -567,8 +610,60 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         residual_in_fp32: keep the sum in float32 (``residual`` may then be float32 while x is
             half precision); the normalised output keeps x's dtype.
     """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _norm_tensors_match(x, residual, weight, bias):
+        d = x.shape[-1]
+    else:
+        d = _check_norm_tensors(x, residual, weight, bias, residual_in_fp32)
+    if compiling:
+        eps = _concrete(eps)
+    if not (type(eps) is float and 0.0 < eps < math.inf):  # else the checks below pass (the common case)
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a positive finite float, got {eps}")
+    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    if not (type(prenorm) is bool and type(rms) is bool and type(residual_in_fp32) is bool):
+        for name, flag in (("prenorm", prenorm), ("rms", rms), ("residual_in_fp32", residual_in_fp32)):
+            _check_bool(name, flag)
+    check_backend_name(backend)
+    name = resolve_options("layer_norm_residual", x.device, x.dtype, (  # the options sorted by name
+        ("dropout", dropout_p > 0.0), ("hidden", d), ("residual_in_fp32", residual_in_fp32), ("rms", rms)), backend)
+    # The sum is written out only when returned (prenorm) or needed by a backward.
+    needs_grad = _needs_grad(x, residual, weight, bias)
+    store_summed = prenorm or needs_grad
+    args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator),
+            name, store_summed)
+    if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference
+        out, summed = layer_norm_residual_inference(*args)
+    else:
+        out, summed = LayerNormResidualFunction.apply(*args)
+    return (out, summed) if prenorm else out
+
+
+def _norm_tensors_match(x, residual, weight, bias) -> bool:
+    """The fast path of ``_check_norm_tensors`` in eager mode: True when x is a floating tensor
+    of at least one dim and residual (x's shape), weight and bias ((d,)) are None or tensors of
+    x's dtype on x's device, which every check there passes. False: run those checks (a float32
+    residual with residual_in_fp32 lands there too, and passes)."""
+    if not (isinstance(x, Tensor) and x.dtype in FLOAT_DTYPES and x.dim() >= 1):
+        return False
+    dtype, device, shape = x.dtype, x.device, x.shape
+    if residual is not None and not (isinstance(residual, Tensor) and residual.dtype == dtype
+                                     and residual.device == device and residual.shape == shape):
+        return False
+    for p in (weight, bias):
+        if p is not None and not (isinstance(p, Tensor) and p.dtype == dtype and p.device == device and p.dim() == 1
+                                  and p.shape[0] == shape[-1]):
+            return False
+    return True
+
+
+def _check_norm_tensors(x, residual, weight, bias, residual_in_fp32) -> int:
+    """``layer_norm_residual``'s tensor checks; returns the hidden size d (a constant under
+    torch.compile, see ``_concrete``: it chooses the backend)."""
     _check_tensor("x", x, min_ndim=1)
-    d = _concrete(x.shape[-1])  # it chooses the backend
+    d = _concrete(x.shape[-1])
     if residual is not None:
         _check_tensor("residual", residual)
         if residual.shape != x.shape:
@@ -584,28 +679,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
             if p.shape[0] != d:
                 raise ValueError(f"{name} must have shape ({d},) to match x's last dimension, got {tuple(p.shape)}")
     _check_same("x", x, {"weight": weight, "bias": bias})
-    eps = _concrete(eps)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite float, got {eps}")
-    dropout_p = _check_prob("dropout_p", dropout_p)
-    for name, flag in (("prenorm", prenorm), ("rms", rms), ("residual_in_fp32", residual_in_fp32)):
-        _check_bool(name, flag)
-    check_backend_name(backend)
-    call = Call("layer_norm_residual", x.device, x.dtype, {
-        "hidden": d, "rms": rms, "dropout": dropout_p > 0.0, "residual_in_fp32": residual_in_fp32})
-    name = resolve(call, backend)
-    # The sum is written out only when returned (prenorm) or needed by a backward.
-    needs_grad = _needs_grad(x, residual, weight, bias)
-    store_summed = prenorm or needs_grad
-    args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator),
-            name, store_summed)
-    if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference
-        out, summed = layer_norm_residual_inference(*args)
-    else:
-        out, summed = LayerNormResidualFunction.apply(*args)
-    return (out, summed) if prenorm else out
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,37 +697,56 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         activation: relu, gelu (exact), gelu_tanh, silu, swiglu (silu(gate) * up), geglu
             (gelu(gate) * up).
     """
-    _check_tensor("x", x, min_ndim=1)
-    _check_tensor("w1", w1, ndim=2)
-    _check_tensor("w2", w2, ndim=2)
-    if b1 is not None:
-        _check_tensor("b1", b1, ndim=1)
-    if b2 is not None:
-        _check_tensor("b2", b2, ndim=1)
-    _check_same("x", x, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    if not _ffn_tensors_match(x, w1, b1, w2, b2):
+        _check_tensor("x", x, min_ndim=1)
+        _check_tensor("w1", w1, ndim=2)
+        _check_tensor("w2", w2, ndim=2)
+        if b1 is not None:
+            _check_tensor("b1", b1, ndim=1)
+        if b2 is not None:
+            _check_tensor("b2", b2, ndim=1)
+        _check_same("x", x, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     d = x.shape[-1]
-    if w1.shape[1] != d:
+    F1, w1_in = w1.shape
+    d_out, w2_in = w2.shape
+    if w1_in != d:
         raise ValueError(f"w1 must have shape (d_ff, {d}) to match x's last dimension, got {tuple(w1.shape)}")
     gated = activation in GATED_ACTIVATIONS
-    if gated and w1.shape[0] % 2 != 0:
+    if gated and F1 % 2 != 0:
         raise ValueError(f"for {activation}, w1 must stack (gate; up) rows: an even first dimension, got {tuple(w1.shape)}")
-    d_ff = w1.shape[0] // 2 if gated else w1.shape[0]
-    if w2.shape[1] != d_ff:
+    d_ff = F1 // 2 if gated else F1
+    if w2_in != d_ff:
         raise ValueError(f"w2 must have shape (d_out, {d_ff}) to take the activation of width {d_ff}, got {tuple(w2.shape)}")
-    if b1 is not None and b1.shape[0] != w1.shape[0]:
-        raise ValueError(f"b1 must have shape ({w1.shape[0]},), got {tuple(b1.shape)}")
-    if b2 is not None and b2.shape[0] != w2.shape[0]:
-        raise ValueError(f"b2 must have shape ({w2.shape[0]},), got {tuple(b2.shape)}")
-    dropout_p = _check_prob("dropout_p", dropout_p)
+    if b1 is not None and b1.shape[0] != F1:
+        raise ValueError(f"b1 must have shape ({F1},), got {tuple(b1.shape)}")
+    if b2 is not None and b2.shape[0] != d_out:
+        raise ValueError(f"b2 must have shape ({d_out},), got {tuple(b2.shape)}")
+    dropout_p = _check_prob("dropout_p", dropout_p, torch.compiler.is_compiling())
     check_backend_name(backend)
-    call = Call("feed_forward", x.device, x.dtype, {"activation": activation, "dropout": dropout_p > 0.0})
-    name = resolve(call, backend)
+    options = (("activation", activation), ("dropout", dropout_p > 0.0))  # sorted by name
+    name = resolve_options("feed_forward", x.device, x.dtype, options, backend)
     args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
     if _eager_inference(x, w1, b1, w2, b2):
         return feed_forward_inference(*args)
     return FeedForwardFunction.apply(*args)
+
+
+def _ffn_tensors_match(x, w1, b1, w2, b2) -> bool:
+    """The fast path of ``feed_forward``'s tensor checks: True when x (at least 1-D), w1, w2 (2-D)
+    and b1, b2 (None or 1-D) are tensors of x's floating dtype on x's device, which every one of
+    those checks passes (False: run them, they raise the precise error)."""
+    if not (isinstance(x, Tensor) and isinstance(w1, Tensor) and isinstance(w2, Tensor)):
+        return False
+    dtype, device = x.dtype, x.device
+    if not (dtype in FLOAT_DTYPES and x.dim() >= 1 and w1.dtype == dtype and w2.dtype == dtype and w1.dim() == 2
+            and w2.dim() == 2 and w1.device == device and w2.device == device):
+        return False
+    for b in (b1, b2):
+        if b is not None and not (isinstance(b, Tensor) and b.dtype == dtype and b.dim() == 1 and b.device == device):
+            return False
+    return True
 
 
 __all__ = ["attention", "attention_varlen", "scaled_dot_product_attention", "layer_norm_residual", "feed_forward"]

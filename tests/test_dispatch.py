@@ -112,3 +112,34 @@ def test_auto_order_on_cuda_is_per_op(monkeypatch):
     monkeypatch.setattr(backends, "_resolved", {})
     monkeypatch.setattr(BACKENDS["cuda"], "call_reasons", lambda call: ["no CUDA extension"])
     assert resolve(ffn) == "triton"
+
+
+def test_functional_calls_resolve_with_sorted_options(monkeypatch):
+    """The functional API hands backends.resolve_options its options written out in name order
+    (not sorted on every call); resolve() sorts a Call's. Both must give the same cache keys and
+    the same error messages (which list the options in that order)."""
+    from fused_attn import functional
+
+    seen = []
+    real = functional.resolve_options
+
+    def spy(op, device, dtype, options, backend=None):
+        seen.append((op, options))
+        return real(op, device, dtype, options, backend)
+
+    monkeypatch.setattr(functional, "resolve_options", spy)
+    q = torch.randn(1, 2, 3, 4)
+    F.attention(q, q, q, attn_mask=torch.ones(3, 3, dtype=torch.bool), alibi_slopes=torch.ones(2), causal=True)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    F.attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, window_size=(1, 0))
+    x = torch.randn(3, 8)
+    F.layer_norm_residual(x, x, torch.ones(8), None, rms=True)
+    F.feed_forward(x, torch.randn(16, 8), None, torch.randn(8, 8), None, activation="swiglu")
+    assert [op for op, _ in seen] == ["attention", "attention", "layer_norm_residual", "feed_forward"]
+    for op, options in seen:
+        assert [name for name, _ in options] == sorted(name for name, _ in options), op
+    assert dict(seen[1][1])["varlen"] is True and "varlen" not in dict(seen[0][1])
+    with pytest.raises(BackendUnavailableError, match=r"\(alibi=False, causal=False, dropout=False, gqa=False, "
+                                                      r"head_dim=4, head_dim_v=4, mask=None, mask_grad=False, "
+                                                      r"softcap=False, window=False\)"):
+        F.attention(q, q, q, backend="cuda")

@@ -200,6 +200,7 @@ def test_registered_op_path_and_direct_path_agree(backend, monkeypatch):
 
     monkeypatch.setattr(ops, "direct_call_ok", lambda *tensors: False)
     monkeypatch.setattr(functional, "direct_call_ok", lambda *tensors: False)
+    monkeypatch.setattr(functional, "_eager_inference", lambda *tensors: False)
     monkeypatch.setattr(torch.ops.fused_attn, "attention_fwd", spy)
     through_ops = run()
     assert calls, "the forced run did not go through the registered op"

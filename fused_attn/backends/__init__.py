@@ -37,7 +37,8 @@ def auto_order(op: str, device_type: str) -> tuple[str, ...]:
 
 _selected: list[str] = []  # the use_backend() stack
 _warned: set[str] = set()
-#: resolve()'s answers, (op, device type, dtype, options, requested backend) -> backend name. A
+#: resolve()'s answers, (op, device type, dtype, options, requested backend) -> backend name (and
+#: resolve_options()'s eager ones, keyed on the torch.device instead of its type). A
 #: backend's refusals depend only on these and on what this machine has, which is fixed once
 #: fused_attn is imported; caching them saves ~25 us of every call (half of the functional API's
 #: own overhead on a small input). Refusals are not cached: they raise every time. A test that
@@ -76,6 +77,26 @@ def resolve(call: Call, backend: str | None = None) -> str:
     """
     options = tuple(sorted(call.options.items()))
     return _resolve_constant(call.op, call.device.type, call.dtype, options, backend)
+
+
+def resolve_options(op: str, device: torch.device, dtype: torch.dtype, options: tuple, backend: str | None = None
+                    ) -> str:
+    """``resolve(Call(op, device, dtype, dict(options)), backend)`` without building the Call:
+    what the functional API calls. ``options`` must be the (name, value) pairs sorted by name, as
+    ``resolve`` sorts them (the callers write them out in that order; error messages list them so).
+
+    In eager mode a choice made before is one dict lookup, keyed on the device object (its
+    ``.type`` costs ~0.3 us; a device hashes in C) and on the requested backend, so that
+    ``use_backend`` and a changed ``FUSED_ATTN_BACKEND`` take effect at once (the variable is read,
+    and checked, on every call). Those keys live in ``_resolved`` too: replacing it forgets them.
+    """
+    if torch.compiler.is_compiling():
+        return _resolve_constant(op, device.type, dtype, options, backend)
+    key = (op, device, dtype, options, requested_backend(backend))
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve_constant(op, device.type, dtype, options, backend)
+    return name
 
 
 def _assume_constant_result(fn):
@@ -150,4 +171,4 @@ def get_backend(name: str) -> Backend:
 
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "Call", "OPS", "BackendUnavailableError", "resolve",
-           "use_backend", "available_backends", "get_backend", "check_backend_name"]
+           "resolve_options", "use_backend", "available_backends", "get_backend", "check_backend_name"]

@@ -38,6 +38,7 @@ activation has ``row = t``, ``col = c``.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -46,7 +47,7 @@ import triton.language as tl
 
 from ..ops_common import empty
 from ._rng import dropout_args, dropout_keep, dropout_row_key
-from ._tma import DESCRIPTOR_TYPES, descriptors
+from ._tma import DESCRIPTOR_TYPES, descriptors, tma_wanted
 from ._host import cdiv
 from ._tuning import LAUNCH_OPTIONS, pick
 
@@ -420,6 +421,10 @@ def gemm_descriptors(a, b_km, tma=None):
     """(a_desc, b_desc, B_NK, TMA_KEY) for ``_ffn_gemm``: TMA descriptors of A as (M, K) and of B
     as stored (a weight read transposed is described as its (N, K) self: B_NK), when TMA is wanted
     and both can have one (``_tma.descriptors``); else (a, b_km, False, 0)."""
+    if tma is None:
+        tma = tma_wanted(a)
+    if not tma:  # the default: skip the transposed view below (a dispatcher call), unused then
+        return a, b_km, False, 0
     b_nk = b_km.stride(0) == 1 and b_km.stride(1) != 1
     a_desc, b_desc, tma_key = descriptors(a, b_km.t() if b_nk else b_km, tma=tma)
     return (a_desc, b_desc, b_nk, tma_key) if tma_key else (a, b_km, False, 0)
@@ -433,7 +438,7 @@ def _launch(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None,
     dropout_p, seed, offset = dropout
     seed_lo, seed_hi, off, threshold, scale = _dropout_args(dropout_p, seed, offset)
     dummy = out
-    colsum_t = colsum if colsum is not None else empty(out, torch.float32)
+    colsum_t = colsum if colsum is not None else _no_colsum(out.device)
     a_desc, b_desc, b_nk, tma_key = gemm_descriptors(a, b_km)
     args = (a, b_km, a_desc, b_desc, bias if bias is not None else dummy, pre if pre is not None else dummy, out,
             h if h is not None else dummy, colsum_t,
@@ -452,6 +457,13 @@ def _launch(a, b_km, M, N, K, *, epilogue, act=ACT_RELU, gated=False, bias=None,
     else:
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _ffn_gemm_tuned[grid](*args, **flags, **LAUNCH_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_colsum(device: torch.device) -> torch.Tensor:
+    """The float32 placeholder passed as COLSUM to launches without one, made once per device: it
+    has no elements (nothing can write it) and saves a torch.empty on every launch."""
+    return torch.empty(0, device=device, dtype=torch.float32)
 
 
 def _colsum_rows(M: int) -> int:
@@ -522,33 +534,52 @@ def feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset, 
     d_out = w2.shape[0]
     halves = 2 if gated else 1
     pre = pre.contiguous()
-    dx = torch.zeros((T, d), device=x.device, dtype=x.dtype)
-    dw1 = torch.zeros((F1, d), device=x.device, dtype=x.dtype)
-    dw2 = torch.zeros((d_out, d_ff), device=x.device, dtype=x.dtype)
+    chunks = _bwd_chunks(d_ff)
+    dx = torch.zeros((T, d), device=x.device, dtype=x.dtype)  # accumulated over the chunks (addmm_)
+    # dw1 and dw2 are written whole by the chunks' GEMMs (out=, which never reads it; with T = 0
+    # they write zeros): zero-filled only when there is no chunk (d_ff = 0). A fill is one more
+    # kernel launch each on a GPU.
+    new_grad = torch.empty if chunks else torch.zeros
+    dw1 = new_grad((F1, d), device=x.device, dtype=x.dtype)
+    dw2 = new_grad((d_out, d_ff), device=x.device, dtype=x.dtype)
     colsum = None
     if has_b1:
         colsum = torch.zeros((_colsum_rows(T), F1), device=x.device, dtype=torch.float32)
-    chunks = _bwd_chunks(d_ff)
     width = max((c1 - c0 for c0, c1 in chunks), default=0)
     dpre_buffer = torch.empty((T, halves * width), device=x.device, dtype=x.dtype)
     h_buffer = torch.empty((T, width), device=x.device, dtype=x.dtype)
+    dout_t = dout.t()
     for i, (c0, c1) in enumerate(chunks):
         w = c1 - c0
-        dpre_c, h_c = dpre_buffer[:, : halves * w], h_buffer[:, :w]  # dpre_c = [d gate | d up]
+        # dpre_c = [d gate | d up]
+        dpre_c, h_c = _col_slice(dpre_buffer, 0, halves * w), _col_slice(h_buffer, 0, w)
         # dh[:, c] = dout @ w2[:, c]: A = dout (T, d_out), B[k, n] = w2[k, c0 + n].
-        _launch(dout, w2[:, c0:c1], T, w, d_out, epilogue=EPI_ACT_BWD, act=act, gated=gated,
-                pre=pre[:, c0:], out=dpre_c, h=h_c, colsum=None if colsum is None else colsum[:, c0:],
+        _launch(dout, _col_slice(w2, c0, c1), T, w, d_out, epilogue=EPI_ACT_BWD, act=act, gated=gated,
+                pre=_col_slice(pre, c0, F1), out=dpre_c, h=h_c,
+                colsum=None if colsum is None else _col_slice(colsum, c0, F1),
                 up_col=d_ff, col0=c0, dropout=(dropout_p, seed, offset))
-        torch.mm(dout.t(), h_c, out=dw2[:, c0:c1])
+        torch.mm(dout_t, h_c, out=_col_slice(dw2, c0, c1))
         for half in range(halves):
-            d_half = dpre_c[:, half * w:(half + 1) * w]
+            d_half = _col_slice(dpre_c, half * w, (half + 1) * w)
             r0 = half * d_ff + c0  # this half's rows of w1
-            torch.mm(d_half.t(), x, out=dw1[r0:r0 + w])
-            dx.addmm_(d_half, w1[r0:r0 + w])
+            torch.mm(d_half.t(), x, out=_row_slice(dw1, r0, r0 + w))
+            dx.addmm_(d_half, _row_slice(w1, r0, r0 + w))
     del dpre_buffer, h_buffer
     db1 = colsum.sum(0).to(x.dtype) if has_b1 else empty(x)
     db2 = dout.sum(0, dtype=torch.float32).to(x.dtype) if has_b2 else empty(x)
     return dx, dw1, db1, dw2, db2
+
+
+def _col_slice(t: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+    """``t[:, c0:c1]`` of a 2-D tensor, or ``t`` itself when that is all of it: each slice is a
+    dispatcher call (~1 us of host time), and a backward of one chunk would make nine of them for
+    nothing (the same pointer, shape and strides reach the kernels and GEMMs either way)."""
+    return t if c0 == 0 and c1 == t.shape[1] else t[:, c0:c1]
+
+
+def _row_slice(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """``t[r0:r1]``, or ``t`` itself when that is all of it (see ``_col_slice``)."""
+    return t if r0 == 0 and r1 == t.shape[0] else t[r0:r1]
 
 
 def unsupported_reasons(call) -> list[str]:

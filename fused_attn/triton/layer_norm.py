@@ -39,6 +39,7 @@ row n and column c, so masks match every other backend bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -391,6 +392,13 @@ def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dic
     return {"ROWS": rows, "BLOCK_D": block, "SINGLE": single, "num_warps": warps}
 
 
+@functools.lru_cache(maxsize=256)
+def _launch_config(d: int, backward: bool, tile_elems) -> dict:
+    """``kernel_config``, memoised for the launchers (a model has a few hidden sizes; building the
+    dict cost ~1 us a launch). Shared between calls: read it, never modify it."""
+    return kernel_config(d, backward, tile_elems)
+
+
 def _tile_elems(device: torch.device):
     """kernel_config's ``tile_elems``: None on a GPU (its own tiles, which differ between forward
     and backward), the interpreter's larger ones elsewhere."""
@@ -417,12 +425,18 @@ def _bwd_programs(n_rows: int, rows: int, num_warps: int, device: torch.device) 
     tiles. The partial-sum buffer has one row per program."""
     tiles = cdiv(n_rows, rows)
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = sms * max(1, 32 // num_warps)
+        target = _sm_count(device) * max(1, 32 // num_warps)
     else:  # the interpreter: a few programs are enough to exercise the partial sums
         target = 4
     tiles_per_program = cdiv(tiles, min(tiles, target))
     return cdiv(tiles, tiles_per_program), tiles_per_program * rows
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """The SMs of a CUDA device (a tensor's: it has an index), read once: get_device_properties
+    costs a few us of Python a call."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _dropout_launch_args(dropout_p: float, seed: int, offset: int) -> tuple:
@@ -458,16 +472,23 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
     out = torch.empty((n, d), dtype=x.dtype, device=device)
     mean = torch.empty((0,) if rms else (n,), dtype=torch.float32, device=device)
     rstd = torch.empty((n,), dtype=torch.float32, device=device)
-    no_sum = torch.empty((0,), dtype=summed_dtype, device=device)
+    # the (0,) summed returned without store_summed (allocated only then: each torch.empty is
+    # host time on every call)
+    no_sum = None if store_summed else torch.empty((0,), dtype=summed_dtype, device=device)
     if n == 0 or d == 0:
         if d == 0:  # statistics of an empty row are undefined, as in the reference
             mean.fill_(math.nan)
             rstd.fill_(math.nan)
         return out, torch.empty((n, d), dtype=summed_dtype, device=device) if store_summed else no_sum, mean, rstd
-    cfg = kernel_config(d, tile_elems=_tile_elems(device))
+    cfg = _launch_config(d, False, _tile_elems(device))
     store = store_summed or not cfg["SINGLE"]
-    # without a store the kernel takes only the sum's dtype from SUMMED: a one-element stand-in
-    summed = torch.empty((n, d) if store else (1,), dtype=summed_dtype, device=device)
+    if store:
+        summed = torch.empty((n, d), dtype=summed_dtype, device=device)
+    else:
+        # without a store the kernel takes only the sum's dtype from SUMMED and never reads or
+        # writes it: a tensor of that dtype stands in (out is x's dtype; rstd float32, the sum's
+        # dtype with residual_in_fp32 when x is not float32)
+        summed = out if summed_dtype == x.dtype else rstd
     x = _unit_cols(x)
     residual = None if residual is None else _unit_cols(residual)
     weight = None if weight is None else weight.contiguous()
@@ -507,7 +528,7 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     dsummed = None if dsummed is None else _unit_cols(dsummed)
     summed = _unit_cols(summed)
     weight = None if weight is None else weight.contiguous()
-    cfg = kernel_config(d, backward=True, tile_elems=_tile_elems(device))
+    cfg = _launch_config(d, True, _tile_elems(device))
     programs, rows_per_program = _bwd_programs(n, cfg["ROWS"], cfg["num_warps"], device)
     f32 = dict(dtype=torch.float32, device=device)
     # partial sums of dweight and/or dbias, one (programs, d) slab each, stacked
@@ -516,9 +537,10 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     dw_part = parts[0] if has_w else parts
     db_part = parts[int(has_w)] if has_b else parts
     # per-row sums for long rows (pass 1 -> pass 2 of the chunked path); whole rows never touch
-    # them, so one empty stand-in serves for both (each torch.empty is host time on every call)
+    # them, so a float32 tensor at hand stands in for both (each torch.empty is host time on every
+    # call): rstd, which the kernel only reads
     if cfg["SINGLE"]:
-        row_c1 = row_c2 = torch.empty((0,), **f32)
+        row_c1 = row_c2 = rstd
     else:
         row_c1, row_c2 = torch.empty((2, n), **f32)
     _ln_bwd_kernel[(programs,)](

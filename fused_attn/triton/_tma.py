@@ -39,14 +39,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_TMA_MODES: dict = {}  # raw setting -> mode: the variable is read on every launch, parsed once per value
+
+
 def tma_mode() -> str:
-    """"off" (default), "auto" or "on", from ``FUSED_ATTN_TRITON_TMA`` (also 1/0, true/false)."""
-    value = os.environ.get("FUSED_ATTN_TRITON_TMA", "off").strip().lower()
-    value = {"1": "on", "true": "on", "0": "off", "false": "off", "": "off"}.get(value, value)
-    if value not in ("auto", "on", "off"):
-        raise ValueError(f"FUSED_ATTN_TRITON_TMA must be one of auto, on, off (or 1/0); got "
-                         f"{os.environ['FUSED_ATTN_TRITON_TMA']!r}")
-    return value
+    """"off" (default), "auto" or "on", from ``FUSED_ATTN_TRITON_TMA`` (also 1/0, true/false); a
+    change takes effect on the next launch."""
+    raw = os.environ.get("FUSED_ATTN_TRITON_TMA", "off")
+    mode = _TMA_MODES.get(raw)
+    if mode is None:
+        value = raw.strip().lower()
+        mode = {"1": "on", "true": "on", "0": "off", "false": "off", "": "off"}.get(value, value)
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"FUSED_ATTN_TRITON_TMA must be one of auto, on, off (or 1/0); got {raw!r}")
+        _TMA_MODES[raw] = mode
+    return mode
 
 
 def tma_wanted(t: torch.Tensor) -> bool:

@@ -122,3 +122,53 @@ def feed_forward_property(backend, T, d, d_ff, d_out, activation, biases, seed):
 
 
 test_feed_forward_random, test_feed_forward_random_interpreted = split_by_speed("feed_forward", FEED_FORWARD_CASES, feed_forward_property)
+
+
+PAGED_CASES = dict(lens_k=st.lists(st.integers(0, 70), min_size=1, max_size=4), q_per_seq=st.integers(1, 3),
+    page=st.sampled_from([1, 3, 8, 16]), spare=st.integers(0, 3), Hkv=st.integers(1, 2), group=st.integers(1, 3),
+    D=st.sampled_from([4, 13, 16]), causal=st.booleans(), grad=st.booleans(), splits=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**16))
+
+
+def paged_property(backend, lens_k, q_per_seq, page, spare, Hkv, group, D, causal, grad, splits, seed):
+    """A paged KV cache (block_table) with random page sizes, lengths and page order, decoding or
+    prefilling a few queries per sequence (bottom-right), with or without gradients (the Triton
+    forward reads the pages in place, with ``splits`` key splits, only without); the oracle runs
+    on each sequence's keys packed by hand."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [-(-n // page) for n in lens_k]
+    num_pages = sum(needed) + spare
+    order = torch.randperm(num_pages, generator=g).tolist()
+    table = torch.full((len(lens_k), max(needed + [1])), -1, dtype=torch.int32)
+    starts = [sum(needed[:s]) for s in range(len(needed))]
+    for s, n in enumerate(needed):
+        table[s, :n] = torch.tensor(order[starts[s]:starts[s] + n], dtype=torch.int32)
+    lens_q = [min(q_per_seq, n) for n in lens_k]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32) for n in (lens_q, lens_k))
+    q, k, v = make_inputs((sum(lens_q), Hkv * group, D), (num_pages, page, Hkv, D), (num_pages, page, Hkv, D),
+                          seed=seed, requires_grad=grad)
+    opts = dict(causal=causal, alignment="bottom_right")
+
+    def packed(pages):
+        return torch.cat([pages[table[s, j // page]][j % page:j % page + 1] for s, n in enumerate(lens_k)
+                          for j in range(n)] or [pages.new_zeros(0, Hkv, D)])
+
+    A = _triton_attention() if backend == "triton" else None
+    saved = A.KV_SPLITS if A else None
+    if A:
+        A.KV_SPLITS = splits
+    try:
+        check_against_reference(
+            lambda q, k, v: F.attention_varlen(q, k, v, cu_q, cu_k, block_table=table, backend=backend, **opts),
+            lambda q, k, v: R.attention_varlen(q, packed(k), packed(v), cu_q, cu_k, **opts), [q, k, v])
+    finally:
+        if A:
+            A.KV_SPLITS = saved
+
+
+def _triton_attention():
+    from fused_attn.triton import attention
+    return attention
+
+
+test_paged_random, test_paged_random_interpreted = split_by_speed("attention", PAGED_CASES, paged_property)

@@ -92,6 +92,20 @@ def _short(values: list) -> list:
     return values if len(values) <= 12 else values[:6] + ["..."] + values[-6:]
 
 
+def _used_keys(lengths_k: list, seqused_k) -> list:
+    """The keys each sequence uses: its length in cu_seqlens_k, or seqused_k[s], which must lie in
+    [0, that length]."""
+    if seqused_k is None:
+        return lengths_k
+    used = seqused_k.tolist()
+    bad = [s for s, n in enumerate(used) if not 0 <= n <= lengths_k[s]]
+    if bad:
+        s = bad[0]
+        raise ValueError(f"seqused_k[{s}] = {used[s]} is outside [0, {lengths_k[s]}], the keys sequence {s} has "
+                         f"in cu_seqlens_k")
+    return used
+
+
 def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q=None,
                         max_seqlen_k=None, seqused_k=None) -> tuple[int, int]:
     """The data-dependent checks of a varlen call (one device-to-host copy): each cu_seqlens starts
@@ -107,14 +121,7 @@ def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, 
                              f"got {_short(values)}")
     lengths_q = [b - a for a, b in zip(cu["cu_seqlens_q"][0], cu["cu_seqlens_q"][0][1:])]
     lengths_k = [b - a for a, b in zip(cu["cu_seqlens_k"][0], cu["cu_seqlens_k"][0][1:])]
-    if seqused_k is not None:
-        used = seqused_k.tolist()
-        bad = [s for s, n in enumerate(used) if not 0 <= n <= lengths_k[s]]
-        if bad:
-            s = bad[0]
-            raise ValueError(f"seqused_k[{s}] = {used[s]} is outside [0, {lengths_k[s]}], the keys sequence {s} has "
-                             f"in cu_seqlens_k")
-        lengths_k = used
+    lengths_k = _used_keys(lengths_k, seqused_k)
     out = []
     for max_name, name, max_seqlen, lengths in (("max_seqlen_q", "cu_seqlens_q", max_seqlen_q, lengths_q),
                                                 ("max_seqlen_k", "cu_seqlens_k", max_seqlen_k, lengths_k)):
@@ -165,15 +172,7 @@ def check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int,
     cu = cu_seqlens_k.tolist()
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens_k must start at 0 and never decrease, got {_short(cu)}")
-    lengths = [b - a for a, b in zip(cu, cu[1:])]
-    if seqused_k is not None:
-        used = seqused_k.tolist()
-        bad = [s for s, n in enumerate(used) if not 0 <= n <= lengths[s]]
-        if bad:
-            s = bad[0]
-            raise ValueError(f"seqused_k[{s}] = {used[s]} is outside [0, {lengths[s]}], the keys sequence {s} has "
-                             f"in cu_seqlens_k")
-        lengths = used
+    lengths = _used_keys([b - a for a, b in zip(cu, cu[1:])], seqused_k)
     capacity = block_table.shape[1] * page_size
     table = block_table.tolist()
     for s, n in enumerate(lengths):

@@ -16,6 +16,15 @@
 // the backward: the bias is a constant, so dS is the same and no gradient flows to the slopes.
 // attention_bwd's dlse (None, or float32 shaped as lse) is the returned lse's gradient: as
 // d lse_i / d s_ij = P_ij, it only shifts the row term, dS = P (dP - (delta - dlse)).
+// attention_varlen_fwd / _bwd: packed sequences (fused_attn.functional.attention_varlen), the
+// argument lists of the backends' attention_varlen_fwd / _bwd launchers (fused_attn/backends/base.py):
+// q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); int32/int64 cu_seqlens_q/k
+// (B + 1,) starting at 0, never decreasing, ending at the totals; seqused_k (B,) (sequence s uses
+// its first seqused_k[s] keys); alibi_slopes float32 (B, Hq); out (total_q, Hq, Dv), lse and dlse
+// float32 (Hq, total_q). Each sequence is attention_fwd / _bwd on that sequence alone, its band
+// shifted by its own Lk - Lq when bottom_right, its dropout mask that of offset + Hq * cu_seqlens_q[s].
+// max_seqlen_q/k bound the lengths (they size a GPU grid; the CPU kernel reads the boundaries).
+// CPU kernels only: the cuda backend runs varlen as a loop of attention_fwd / _bwd.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,6 +38,16 @@ TORCH_LIBRARY(fused_attn_C, m) {
       "int band_lo, int band_hi, float dropout_p, float scale, int seed, int offset, bool mask_grad, "
       "float softcap=0.0, Tensor? alibi_slopes=None, bool bottom_right=False, Tensor? dlse=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def(
+      "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, int band_lo, int band_hi, bool bottom_right, float dropout_p, "
+      "float scale, int seed, int offset, float softcap=0.0, Tensor? seqused_k=None, Tensor? alibi_slopes=None) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int band_lo, int band_hi, bool bottom_right, "
+      "float dropout_p, float scale, int seed, int offset, float softcap=0.0, Tensor? seqused_k=None, "
+      "Tensor? alibi_slopes=None, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "layer_norm_residual_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
       "float dropout_p, bool rms, bool residual_in_fp32, int seed, int offset, bool store_summed=True) "

@@ -5,8 +5,9 @@ described by cumulative lengths, as FlashAttention's ``flash_attn_varlen_func`` 
 oracle is ``reference.attention_varlen``: plain ``reference.attention`` on each sequence alone,
 built from the user's terms (causal, window_size, alignment per sequence), so a wrong sequence
 offset, a band shifted by the wrong sequence's lengths or a dropout row counted across sequences
-all fail here. The Triton backend runs every sequence in one launch (its kernels' VARLEN flag);
-the others run each sequence through their plain kernels.
+all fail here. The Triton backend runs every sequence in one launch (its kernels' VARLEN flag),
+the cpu backend in one packed op (fused_attn_C::attention_varlen_*, tests/test_cpu_attention_varlen.py
+holds it bitwise to the per-sequence loop); the others run each sequence through their plain kernels.
 """
 import pytest
 import torch

@@ -32,6 +32,17 @@ def alibi_fwd(slopes, bottom_right=False):  # otherwise valid calls with these a
     return ops.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, 0.0, slopes, bottom_right)
 def alibi_bwd(slopes, bottom_right=False):
     return ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False, 0.0, slopes, bottom_right)
+# varlen: two sequences of (4, 5) queries and (5, 6) keys, packed
+i32, i64 = torch.int32, torch.int64
+def cu(*values, dtype=i32):
+    return torch.tensor(values, dtype=dtype)
+vq, vk, vv = t(9, 2, 8), t(11, 1, 8), t(11, 1, 6)
+vout, vlse = t(9, 2, 6), t(2, 9)
+def vfwd(q=vq, k=vk, v=vv, cq=cu(0, 4, 9), ck=cu(0, 5, 11), used=None, slopes=None, band=NO_BAND, p=0.0, softcap=0.0):
+    return ops.attention_varlen_fwd(q, k, v, cq, ck, 5, 6, *band, False, p, 1.0, 0, 0, softcap, used, slopes)
+def vbwd(dout=vout, out=vout, lse=vlse, cq=cu(0, 4, 9), ck=cu(0, 5, 11), used=None, slopes=None, dlse=None):
+    return ops.attention_varlen_bwd(dout, vq, vk, vv, out, lse, cq, ck, 5, 6, *NO_BAND, False, 0.0, 1.0, 0, 0, 0.0,
+                                    used, slopes, dlse)
 cases = {
   "attn q 3-D": lambda: ops.attention_fwd(t(2, 5, 8), k, v, None, *NO_BAND, 0.0, 1.0, 0, 0),
   "attn mixed dtypes": lambda: ops.attention_fwd(q, k.double(), v, None, *NO_BAND, 0.0, 1.0, 0, 0),
@@ -73,6 +84,53 @@ cases = {
   "attn bwd dout wrong shape": lambda: ops.attention_bwd(t(1, 2, 5, 7), q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False),
   "attn bwd out wrong dtype": lambda: ops.attention_bwd(out, q, k, v, out.double(), lse, None, *NO_BAND, 0.0, 1.0, 0, 0, False),
   "attn bwd mask_grad without mask": lambda: ops.attention_bwd(out, q, k, v, out, lse, None, *NO_BAND, 0.0, 1.0, 0, 0, True),
+  "varlen q 4-D": lambda: vfwd(q=t(1, 9, 2, 8)),
+  "varlen q 2-D": lambda: vfwd(q=t(9, 16)),
+  "varlen mixed dtypes": lambda: vfwd(k=vk.double()),
+  "varlen head dim mismatch": lambda: vfwd(k=t(11, 1, 7)),
+  "varlen kv rows mismatch": lambda: vfwd(v=t(10, 1, 6)),
+  "varlen kv heads mismatch": lambda: vfwd(v=t(11, 2, 6)),
+  "varlen heads not a multiple": lambda: vfwd(q=t(9, 3, 8), k=t(11, 2, 8), v=t(11, 2, 6)),
+  "varlen integer inputs": lambda: vfwd(vq.int(), vk.int(), vv.int()),
+  "varlen meta q": lambda: vfwd(q=torch.empty(9, 2, 8, device="meta")),
+  "varlen dropout 1.5": lambda: vfwd(p=1.5),
+  "varlen softcap negative": lambda: vfwd(softcap=-1.0),
+  "varlen cu float": lambda: vfwd(cq=cu(0, 4, 9).float()),
+  "varlen cu bool": lambda: vfwd(cq=cu(0, 4, 9).bool()),
+  "varlen cu 2-D": lambda: vfwd(cq=cu(0, 4, 9)[None]),
+  "varlen cu 0-D": lambda: vfwd(cq=torch.tensor(0, dtype=i32)),
+  "varlen cu empty": lambda: vfwd(cq=cu(), ck=cu()),
+  "varlen cu meta": lambda: vfwd(cq=torch.empty(3, dtype=i32, device="meta")),
+  "varlen cu lengths differ": lambda: vfwd(ck=cu(0, 11)),
+  "varlen cu not from 0": lambda: vfwd(cq=cu(1, 4, 9)),
+  "varlen cu decreasing": lambda: vfwd(cq=cu(0, 10, 9)),
+  "varlen cu negative": lambda: vfwd(ck=cu(0, -5, 11, dtype=i64)),
+  "varlen cu past total": lambda: vfwd(cq=cu(0, 4, 10)),
+  "varlen cu short of total": lambda: vfwd(ck=cu(0, 5, 10)),
+  "varlen cu huge": lambda: vfwd(ck=cu(0, 2**40, 11, dtype=i64)),
+  "varlen seqused too long": lambda: vfwd(used=cu(6, 1)),
+  "varlen seqused negative": lambda: vfwd(used=cu(1, -1)),
+  "varlen seqused wrong length": lambda: vfwd(used=cu(1)),
+  "varlen seqused float": lambda: vfwd(used=cu(1, 1).float()),
+  "varlen seqused 2-D": lambda: vfwd(used=cu(1, 1)[None]),
+  "varlen alibi (Hq,)": lambda: vfwd(slopes=t(2)),
+  "varlen alibi one row": lambda: vfwd(slopes=t(1, 2)),
+  "varlen alibi wrong heads": lambda: vfwd(slopes=t(2, 3)),
+  "varlen alibi float64": lambda: vfwd(slopes=t(2, 2, dtype=f64)),
+  "varlen alibi meta": lambda: vfwd(slopes=torch.empty(2, 2, device="meta")),
+  "varlen bwd lse (total, Hq)": lambda: vbwd(lse=t(9, 2)),
+  "varlen bwd lse float64": lambda: vbwd(lse=t(2, 9, dtype=f64)),
+  "varlen bwd lse 3-D": lambda: vbwd(lse=t(1, 2, 9)),
+  "varlen bwd dout wrong shape": lambda: vbwd(dout=t(9, 2, 8)),
+  "varlen bwd out wrong dtype": lambda: vbwd(out=vout.double()),
+  "varlen bwd out 4-D": lambda: vbwd(out=t(1, 9, 2, 6)),
+  "varlen bwd dlse wrong shape": lambda: vbwd(dlse=t(2, 8)),
+  "varlen bwd dlse float64": lambda: vbwd(dlse=t(2, 9, dtype=f64)),
+  "varlen bwd dlse meta": lambda: vbwd(dlse=torch.empty(2, 9, device="meta")),
+  "varlen bwd cu decreasing": lambda: vbwd(cq=cu(0, 10, 9)),
+  "varlen bwd cu short of total": lambda: vbwd(ck=cu(0, 5, 10)),
+  "varlen bwd seqused too long": lambda: vbwd(used=cu(5, 7)),
+  "varlen bwd alibi wrong shape": lambda: vbwd(slopes=t(2, 1)),
   "ln x 1-D": lambda: ops.layer_norm_residual_fwd(t(16), None, None, None, 1e-5, 0.0, False, False, 0, 0),
   "ln x 3-D": lambda: ops.layer_norm_residual_fwd(t(2, 4, 16), None, None, None, 1e-5, 0.0, False, False, 0, 0),
   "ln residual shape": lambda: ops.layer_norm_residual_fwd(x, t(4, 15), w, None, 1e-5, 0.0, False, False, 0, 0),
@@ -111,7 +169,32 @@ def banded(lo, hi, Lq, Lk, mask, alibi=None):
     assert all(bool(torch.isfinite(x).all()) for x in g), "non-finite gradient"
     assert bool(torch.isfinite(o).all()) and bool((o[:, :, dead] == 0).all()), "dead rows not zero"
     assert bool((l[:, :, dead] == math.inf).all()), "dead rows' lse not +inf"
+# Valid varlen calls with extreme bands, an empty sequence, one without keys and seqused_k: finite
+# results, and rows with no key (none in the sequence, or none in the band) zeros with lse = +inf.
+def varlen_banded(lo, hi, bottom_right, used):
+    lens_q, lens_k = [5, 0, 3, 19, 2], [6, 4, 0, 33, 2]
+    cq, ck = (torch.tensor([0] + lens, dtype=i32).cumsum(0, dtype=i32) for lens in (lens_q, lens_k))
+    qq, kk, vv = t(sum(lens_q), 2, 8), t(sum(lens_k), 1, 8), t(sum(lens_k), 1, 8)
+    seqused = cu(*used) if used else None
+    slopes = torch.tensor([[0.5, -0.2]]).expand(5, 2)
+    o, l = ops.attention_varlen_fwd(qq, kk, vv, cq, ck, 19, 33, lo, hi, bottom_right, 0.2, 0.5, 7, 0, 0.0, seqused,
+                                    slopes)
+    g = ops.attention_varlen_bwd(torch.randn_like(o), qq, kk, vv, o, l, cq, ck, 19, 33, lo, hi, bottom_right, 0.2,
+                                 0.5, 7, 0, 0.0, seqused, slopes, torch.randn_like(l))
+    assert all(bool(torch.isfinite(x).all()) for x in g), "non-finite gradient"
+    dead = torch.zeros(sum(lens_q), dtype=torch.bool)
+    for s, (q0, Lq, Lk) in enumerate(zip(cq.tolist(), lens_q, used or lens_k)):
+        i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None]
+        d = Lk - Lq if bottom_right else 0
+        lo_s, hi_s = (min(max(x + d, -Lq), Lk) for x in (lo, hi))
+        dead[q0:q0 + Lq] = ~((j - i >= lo_s) & (j - i <= hi_s)).any(1)
+    assert bool(torch.isfinite(o).all()) and bool((o[dead] == 0).all()), "dead rows not zero"
+    assert bool((l[:, dead] == math.inf).all()) and bool(torch.isfinite(l[:, ~dead]).all()), "wrong lse +inf rows"
 valid = {}
+for lo, hi in EXTREME_BANDS:
+    for bottom_right, used in [(False, None), (True, [6, 0, 0, 20, 1])]:
+        valid[f"varlen band {lo} {hi} {bottom_right} {used}"] = (
+            lambda lo=lo, hi=hi, br=bottom_right, used=used: varlen_banded(lo, hi, br, used))
 for lo, hi in EXTREME_BANDS:
     for Lq, Lk, mask, alibi in [(5, 6, None, None), (1, 1, "add", None), (6, 0, None, None), (33, 19, "bool", None),
                                 (19, 33, "add", "br"), (33, 19, None, "tl")]:
@@ -138,6 +221,19 @@ for i in range(60):
     cases[f"random alibi {i}"] = random_alibi
     cases[f"random dlse {i}"] = (lambda a=rand_tensor(): ops.attention_bwd(
         out, q, k, v, out, lse, None, *CAUSAL_BAND, 0.0, 1.0, 0, 0, False, 0.0, None, False, a))
+    # varlen: random q, k, v with random boundaries (int32 or int64, in or out of range)
+    def random_cu(n):
+        values = sorted(rng.randrange(-2, 12) for _ in range(n)) if rng.random() < 0.7 else [
+            rng.randrange(-3, 12) for _ in range(n)]
+        return torch.tensor(values, dtype=rng.choice([i32, i64]))
+    cases[f"random varlen {i}"] = (lambda a=[rand_tensor() for _ in range(3)], n=rng.randrange(0, 4):
+        ops.attention_varlen_fwd(a[0], a[1], a[2], random_cu(n), random_cu(n), 5, 5, *rng.choice(RANDOM_BANDS),
+                                 False, 0.0, 1.0, 0, 0))
+    cases[f"random varlen boundaries {i}"] = (lambda n=rng.randrange(1, 5), br=rng.random() < 0.5: (
+        lambda o, l: ops.attention_varlen_bwd(torch.randn_like(o), vq, vk, vv, o, l, *cb, 5, 6,
+                                              *CAUSAL_BAND, br, 0.1, 1.0, 0, 0, 0.0, None, None, None))(
+        *ops.attention_varlen_fwd(vq, vk, vv, *(cb := (random_cu(n), random_cu(n))), 5, 6, *CAUSAL_BAND, br,
+                                  0.1, 1.0, 0, 0)))
 results = {}
 for name, call in cases.items():
     try:
@@ -168,7 +264,11 @@ def test_compiled_ops_reject_bad_input_without_crashing():
     failed = {name: res for name, res in bands.items() if res != "ok"}
     assert len(bands) == 96 and not failed, f"valid calls with extreme bands failed: {failed}"
     # the random cases may be valid by chance; they must only never crash (checked above)
-    assert len(results) == len(listed) + len(bands) + 300
+    assert len(results) == len(listed) + len(bands) + 420
+    # valid varlen calls with extreme bands, empty sequences and seqused_k: as the contract says
+    varlen_bands = {name: res for name, res in listed.items() if name.startswith("varlen band")}
+    failed = {name: res for name, res in varlen_bands.items() if res != "ok"}
+    assert len(varlen_bands) == 32 and not failed, f"valid varlen calls with extreme bands failed: {failed}"
 
 
 def test_error_messages_format_their_values():

@@ -1,5 +1,9 @@
-// CPU kernels of fused_attn_C::attention_fwd / attention_bwd (schemas in csrc/ops.cpp, contract
-// in fused_attn/backends/base.py).
+// CPU kernels of fused_attn_C::attention_fwd / attention_bwd and of their packed variable-length
+// forms attention_varlen_fwd / _bwd (schemas in csrc/ops.cpp, contract in
+// fused_attn/backends/base.py). The kernels below take a list of parts, each an attention problem
+// with its own shapes, band, operands and output pointers: a dense call is one part of B batch
+// rows, a varlen call one part per sequence (the varlen section at the end), and the units of
+// every part share one at::parallel_for.
 //
 // Forward: tiled online-softmax attention (FlashAttention-2's loop). Work is split into units of
 // (batch, query head, block of BLOCK_M queries), spread over threads with at::parallel_for. A unit
@@ -73,6 +77,7 @@
 #include <array>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -339,8 +344,12 @@ struct PanelSource {
   PanelSource(const Tensor& t, bool keys_)
       : data(t.const_data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)), sd(t.stride(3)),
         L(t.size(2)), D(t.size(3)), keys(keys_) {}
+  // one varlen sequence: rows [0, L) of each head from `data` on (B = 1)
+  PanelSource(const scalar_t* data_, int64_t sh_, int64_t sl_, int64_t sd_, int64_t L_, int64_t D_, bool keys_)
+      : data(data_), sb(0), sh(sh_), sl(sl_), sd(sd_), L(L_), D(D_), keys(keys_) {}
   int64_t n_panels() const { return (keys ? round16(L) : round16(D)) / 16; }
   int64_t rows() const { return keys ? D : L; }
+  int64_t panel_size() const { return rows() * 16; }
   int64_t head_floats() const { return n_panels() * rows() * 16; }
 
   void pack(int64_t b, int64_t h, int64_t p, float* panel) const {
@@ -484,51 +493,68 @@ struct Bf16Panels {
   }
 };
 
+// A (B, H, L, D) bfloat16 tensor to be laid out as key panels (keys = true) or column panels.
+struct Bf16PanelSource {
+  const uint16_t* data;
+  int64_t sb, sh, sl, sd, L, D;
+  bool keys;
+
+  Bf16PanelSource(const Tensor& t, bool keys_)
+      : data(bf16_bits(t)), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)), sd(t.stride(3)), L(t.size(2)),
+        D(t.size(3)), keys(keys_) {}
+  // one varlen sequence: rows [0, L) of each head from `data` on (B = 1)
+  Bf16PanelSource(const uint16_t* data_, int64_t sh_, int64_t sl_, int64_t sd_, int64_t L_, int64_t D_, bool keys_)
+      : data(data_), sb(0), sh(sh_), sl(sl_), sd(sd_), L(L_), D(D_), keys(keys_) {}
+  int64_t n_panels() const { return keys ? round16(L) / 16 : round16(D) / 16; }
+  // bf16 elements of one panel
+  int64_t panel_size() const { return keys ? (D + 1) / 2 * 32 : round16(L) / 2 * 32; }
+
+  void pack(int64_t b, int64_t h, int64_t p, uint16_t* dst) const {
+    const int64_t D2 = (D + 1) / 2, L16 = round16(L);
+    if (keys) {  // lane c <- row 16 p + c, pair row d2 <- head-dim indices 2 d2, 2 d2 + 1
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t row_index = 16 * p + c;
+        if (row_index >= L) {
+          for (int64_t d2 = 0; d2 < D2; ++d2) dst[d2 * 32 + 2 * c] = dst[d2 * 32 + 2 * c + 1] = 0;
+          continue;
+        }
+        const uint16_t* row = data + b * sb + h * sh + row_index * sl;
+        for (int64_t d = 0; d < D; ++d) dst[d / 2 * 32 + 2 * c + d % 2] = row[d * sd];
+        if (D % 2) dst[D / 2 * 32 + 2 * c + 1] = 0;  // the odd head dim's padding
+      }
+    } else {  // lane c <- column 16 p + c, pair row l2 <- rows 2 l2, 2 l2 + 1
+      const int64_t width = std::min<int64_t>(16, D - 16 * p);
+      const uint16_t* base = data + b * sb + h * sh + 16 * p * sd;
+      for (int64_t l = 0; l < L16; ++l) {
+        uint16_t* out_row = dst + l / 2 * 32 + l % 2;
+        if (l >= L) {
+          for (int64_t c = 0; c < 16; ++c) out_row[2 * c] = 0;
+          continue;
+        }
+        const uint16_t* row = base + l * sl;
+        for (int64_t c = 0; c < width; ++c) out_row[2 * c] = row[c * sd];
+        for (int64_t c = width; c < 16; ++c) out_row[2 * c] = 0;
+      }
+    }
+  }
+};
+
 // t's key panels (keys = true) or column panels, laid out in parallel.
 Bf16Panels bf16_panels(const Tensor& t, bool keys) {
+  const Bf16PanelSource src(t, keys);
   Bf16Panels out;
-  const int64_t B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
-  const int64_t D2 = (D + 1) / 2, L16 = round16(L);
-  const int64_t n_panels = keys ? L16 / 16 : round16(D) / 16;
-  out.panel = keys ? D2 * 32 : L16 / 2 * 32;
+  const int64_t B = t.size(0), H = t.size(1);
+  const int64_t n_panels = src.n_panels();
+  out.panel = src.panel_size();
   out.store = at::empty({B, H, n_panels * out.panel}, t.options());
   out.sh = n_panels * out.panel;
   out.sb = H * out.sh;
-  const uint16_t* src = bf16_bits(t);
   uint16_t* dst_all = reinterpret_cast<uint16_t*>(out.store.data_ptr<c10::BFloat16>());
   out.data = dst_all;
-  const int64_t ssb = t.stride(0), ssh = t.stride(1), ssl = t.stride(2), ssd = t.stride(3);
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(keys ? D2 : L16, 1));
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(keys ? (src.D + 1) / 2 : round16(src.L), 1));
   at::parallel_for(0, B * H * n_panels, grain, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / n_panels / H, h = u / n_panels % H, p = u % n_panels;
-      uint16_t* dst = dst_all + u * out.panel;
-      if (keys) {  // lane c <- row 16 p + c, pair row d2 <- head-dim indices 2 d2, 2 d2 + 1
-        for (int64_t c = 0; c < 16; ++c) {
-          const int64_t row_index = 16 * p + c;
-          if (row_index >= L) {
-            for (int64_t d2 = 0; d2 < D2; ++d2) dst[d2 * 32 + 2 * c] = dst[d2 * 32 + 2 * c + 1] = 0;
-            continue;
-          }
-          const uint16_t* row = src + b * ssb + h * ssh + row_index * ssl;
-          for (int64_t d = 0; d < D; ++d) dst[d / 2 * 32 + 2 * c + d % 2] = row[d * ssd];
-          if (D % 2) dst[D / 2 * 32 + 2 * c + 1] = 0;  // the odd head dim's padding
-        }
-      } else {  // lane c <- column 16 p + c, pair row l2 <- rows 2 l2, 2 l2 + 1
-        const int64_t width = std::min<int64_t>(16, D - 16 * p);
-        const uint16_t* base = src + b * ssb + h * ssh + 16 * p * ssd;
-        for (int64_t l = 0; l < L16; ++l) {
-          uint16_t* out_row = dst + l / 2 * 32 + l % 2;
-          if (l >= L) {
-            for (int64_t c = 0; c < 16; ++c) out_row[2 * c] = 0;
-            continue;
-          }
-          const uint16_t* row = base + l * ssl;
-          for (int64_t c = 0; c < width; ++c) out_row[2 * c] = row[c * ssd];
-          for (int64_t c = width; c < 16; ++c) out_row[2 * c] = 0;
-        }
-      }
-    }
+    for (int64_t u = u0; u < u1; ++u)
+      src.pack(u / n_panels / H, u / n_panels % H, u % n_panels, dst_all + u * out.panel);
   });
   return out;
 }
@@ -588,6 +614,9 @@ struct HeadSources {
 
   HeadSources(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout)
       : k_keys(k, true), v_keys(v, true), k_columns(k, false), q_columns(q, false), dout_columns(dout, false) {}
+  HeadSources(PanelSource<scalar_t> k_keys_, PanelSource<scalar_t> v_keys_, PanelSource<scalar_t> k_columns_,
+              PanelSource<scalar_t> q_columns_, PanelSource<scalar_t> dout_columns_)
+      : k_keys(k_keys_), v_keys(v_keys_), k_columns(k_columns_), q_columns(q_columns_), dout_columns(dout_columns_) {}
 
   // The operands of kv head hk of batch row b (query heads hk * G .. hk * G + G - 1), laid out in buf.
   TileOperands pack(int64_t b, int64_t hk, int64_t G, std::vector<float>& buf) const {
@@ -703,41 +732,150 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- forward ----------------------------------------------------------------------------------
 
-// Writes out (rows of `out_data` with the given strides, unless lse_only) and lse (contiguous
-// (B, Hq, Lq) of type LseT). lse_only computes the log-sum-exp alone (used by the float64
-// backward to get it in full precision). tiles: the products run as register-blocked kernels
-// (float32 only; they read pb's q rows and `ops`' panels, or, when ops->bf16 is set, AVX512-BF16
-// dot products over its bf16 q rows and panels), else as BLAS calls.
-template <typename T, typename scalar_t, typename LseT, bool lse_only, bool tiles>
-void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out_data,
-                    std::array<int64_t, 3> out_strides, LseT* lse) {
-  static_assert(!tiles || std::is_same_v<T, float>, "the register-blocked products are float32");
-  const Blocks blk = tiles ? kFwdTileBlocks : pb.banded() ? kFwdBlasBandedBlocks : kFwdBlasBlocks;
-  const int64_t BM = blk.m, BN = tiles ? round16(blk.n) : blk.n;
-  const int64_t n_qblocks = ceil_div(pb.Lq, BM);
-  const int64_t units = pb.B * pb.Hq * n_qblocks;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  const uint32_t threshold = fused_attn::dropout_threshold(pb.dropout_p);
-  const T inv_keep = static_cast<T>(1.0 / (1.0 - pb.dropout_p));
-  const bool dropout = pb.dropout_p > 0.0;
-  // the accumulator's row: the register-blocked P V writes whole 16-column panels
-  const int64_t acc_ld = tiles ? round16(pb.Dv) : pb.Dv;
+// One attention problem of a forward call, and where its results go: a dense call is one part of
+// B batch rows; a varlen call one part per sequence (B = 1), its Problem, operands and output
+// pointers starting at the sequence's rows. out row i of (b, h) is at out + b * out_sb + h * out_sh
+// + i * out_si, its lse at lse[b * lse_sb + h * lse_sh + i].
+// The register-blocked products' K and V panels come laid out up front (ops), or, with `sources`,
+// each thread lays out the (b, kv head) its units need when they reach it, into its own buffer
+// (consecutive units share it), and reads them while they are in cache: a varlen call's panels
+// of every sequence laid out first (megabytes) would be read back from memory.
+template <typename scalar_t>
+struct ForwardSources {
+  PanelSource<scalar_t> k_keys, v_columns;
+};
+template <typename T, typename scalar_t, typename LseT>
+struct ForwardPart {
+  const Problem<T>* pb;
+  const TileOperands* ops;  // the register-blocked products' operands (else null)
+  scalar_t* out;            // null when lse_only
+  int64_t out_sb, out_sh, out_si;
+  LseT* lse;
+  int64_t lse_sb, lse_sh;
+  const ForwardSources<scalar_t>* sources = nullptr;  // (register-blocked float32 panels only)
+};
 
-  const double unit_flops = 2.0 * BM * pb.Lk * (pb.D + pb.Dv);
-  at::parallel_for(0, units, grain_for(unit_flops), [&](int64_t begin, int64_t end) {
+// The forward's tile: query block x key block.
+inline Blocks forward_blocks(bool banded, bool tiles) {
+  const Blocks blk = tiles ? kFwdTileBlocks : banded ? kFwdBlasBandedBlocks : kFwdBlasBlocks;
+  return {blk.m, tiles ? round16(blk.n) : blk.n};
+}
+
+// The index of the part holding unit u, given first[p] = the first unit of part p (ascending,
+// first.back() = the total).
+inline int64_t part_of(const std::vector<int64_t>& first, int64_t u) {
+  return static_cast<int64_t>(std::upper_bound(first.begin(), first.end(), u) - first.begin()) - 1;
+}
+
+// Runs body(begin, end) on contiguous ranges of the units [0, first.back()) in one
+// at::parallel_for; part p's units are first[p] .. first[p + 1] - 1 and cost about unit_cost[p]
+// each. One part (a dense call: units of equal cost): at::parallel_for's even split, `grain`
+// units at least per range. Several (varlen sequences of different lengths): even counts would
+// leave one thread the long sequences, so the ranges, one per thread (fewer when there are under
+// `grain` units per thread), split the total cost evenly instead.
+template <typename Body>
+void parallel_over_units(const std::vector<int64_t>& first, const std::vector<double>& unit_cost, int64_t grain,
+                         const Body& body) {
+  const int64_t units = first.back();
+  const int64_t n_parts = static_cast<int64_t>(first.size()) - 1;
+  std::vector<double> cost_before(n_parts + 1, 0.0);
+  for (int64_t p = 0; p < n_parts; ++p)
+    cost_before[p + 1] = cost_before[p] + static_cast<double>(first[p + 1] - first[p]) * unit_cost[p];
+  if (n_parts <= 1 || !(cost_before.back() > 0.0)) {  // (no cost to balance: empty head dims)
+    at::parallel_for(0, units, grain, body);
+    return;
+  }
+  const int64_t ranges = std::clamp<int64_t>(units / std::max<int64_t>(grain, 1), 1, at::get_num_threads());
+  // the first unit of range r: where the cost before it reaches r / ranges of the total
+  const auto range_start = [&](int64_t r) -> int64_t {
+    if (r <= 0) return 0;
+    if (r >= ranges) return units;
+    const double target = cost_before.back() * static_cast<double>(r) / static_cast<double>(ranges);
+    int64_t p = static_cast<int64_t>(std::upper_bound(cost_before.begin(), cost_before.end(), target) -
+                                     cost_before.begin()) - 1;
+    p = std::clamp<int64_t>(p, 0, n_parts - 1);
+    const double within = (target - cost_before[p]) / std::max(unit_cost[p], 1e-30);
+    return std::clamp<int64_t>(first[p] + std::llround(within), first[p], first[p + 1]);
+  };
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t begin = range_start(r), end = range_start(r + 1);
+      if (begin < end) body(begin, end);
+    }
+  });
+}
+
+// Writes the parts' out (unless lse_only) and lse (type LseT). lse_only computes the log-sum-exp
+// alone (used by the float64 backward to get it in full precision). tiles: the products run as
+// register-blocked kernels (float32 only; they read pb's q rows and `ops`' panels, or, when
+// ops->bf16 is set, AVX512-BF16 dot products over its bf16 q rows and panels), else as BLAS calls.
+// The units (part, b, h, query block) of every part go to one at::parallel_for.
+template <typename T, typename scalar_t, typename LseT, bool lse_only, bool tiles>
+void forward_kernel(const std::vector<ForwardPart<T, scalar_t, LseT>>& parts) {
+  static_assert(!tiles || std::is_same_v<T, float>, "the register-blocked products are float32");
+  if (parts.empty()) return;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const Problem<T>& pb0 = *parts[0].pb;  // the options every part shares (dropout, D, Dv, ...)
+  const uint32_t threshold = fused_attn::dropout_threshold(pb0.dropout_p);
+  const T inv_keep = static_cast<T>(1.0 / (1.0 - pb0.dropout_p));
+  const bool dropout = pb0.dropout_p > 0.0;
+  // the accumulator's row: the register-blocked P V writes whole 16-column panels
+  const int64_t acc_ld = tiles ? round16(pb0.Dv) : pb0.Dv;
+  // units per part, the scratch the largest tile needs, and the flops of the average unit
+  std::vector<int64_t> first_unit(parts.size() + 1, 0);
+  std::vector<double> unit_cost(parts.size());
+  int64_t tile_m = 0, tile_n = 0;
+  double flops = 0.0;
+  for (size_t p = 0; p < parts.size(); ++p) {
+    const Problem<T>& pb = *parts[p].pb;
+    const Blocks blk = forward_blocks(pb.banded(), tiles);
+    const int64_t units = pb.B * pb.Hq * ceil_div(pb.Lq, blk.m);
+    first_unit[p + 1] = first_unit[p] + units;
+    tile_m = std::max(tile_m, std::min(blk.m, pb.Lq));
+    tile_n = std::max(tile_n, std::min(blk.n, tiles ? round16(pb.Lk) : pb.Lk));
+    unit_cost[p] = 2.0 * blk.m * pb.Lk * (pb.D + pb.Dv);
+    flops += units * unit_cost[p];
+  }
+  const int64_t units = first_unit.back();
+  if (units == 0) return;
+  const double unit_flops = flops / static_cast<double>(units);
+  const bool bf16_products = tiles && parts[0].ops && parts[0].ops->bf16 != nullptr;
+
+  parallel_over_units(first_unit, unit_cost, grain_for(unit_flops), [&](int64_t begin, int64_t end) {
     SequentialBlas sequential_blas;
     // Scratch sized to the problem (a decode step needs a few floats, not a full tile) and left
     // uninitialised: every score is written by the product before it is read, and acc/row_max_/
     // row_sum are reset per unit.
-    const int64_t tile_m = std::min(BM, pb.Lq), tile_n = std::min(BN, tiles ? round16(pb.Lk) : pb.Lk);
     std::unique_ptr<T[]> scores(new T[tile_m * tile_n]), acc(new T[lse_only ? 0 : tile_m * acc_ld]);
     std::vector<T> row_max_(tile_m), row_sum(tile_m);
     // the bf16 dot products: P rounded to bf16 rows (round16(bn) wide, zero past the tile's keys)
-    const Bf16Operands* bf = tiles ? ops->bf16 : nullptr;
-    std::unique_ptr<uint16_t[]> p_bf16(bf ? new uint16_t[tile_m * tile_n] : nullptr);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
+    std::unique_ptr<uint16_t[]> p_bf16(bf16_products ? new uint16_t[tile_m * tile_n] : nullptr);
+    // (sources: the panels of the (part, b, kv head) laid out last, in head_buffer)
+    std::vector<float> head_buffer;
+    TileOperands head_ops;
+    std::array<int64_t, 3> head_laid_out{-1, -1, -1};
+    for (int64_t u = begin, part_index = part_of(first_unit, begin); u < end; ++u) {
+      while (u >= first_unit[part_index + 1]) ++part_index;
+      const ForwardPart<T, scalar_t, LseT>& part = parts[part_index];
+      const Problem<T>& pb = *part.pb;
+      const Blocks blk = forward_blocks(pb.banded(), tiles);
+      const int64_t BM = blk.m, BN = blk.n, n_qblocks = ceil_div(pb.Lq, BM);
+      const int64_t unit = u - first_unit[part_index];
+      const int64_t bh = unit / n_qblocks, qb = zigzag(unit % n_qblocks, n_qblocks);
       const int64_t b = bh / pb.Hq, h = bh % pb.Hq, hk = h / pb.group();
+      const TileOperands* ops = part.ops;
+      if (part.sources) {
+        const std::array<int64_t, 3> head{part_index, b, hk};
+        if (head != head_laid_out) {
+          const ForwardSources<scalar_t>& src = *part.sources;
+          head_buffer.resize(src.k_keys.head_floats() + src.v_columns.head_floats());
+          head_ops.k_keys = src.k_keys.pack_heads(b, hk, 1, head_buffer.data());
+          head_ops.v_columns = src.v_columns.pack_heads(b, hk, 1, head_buffer.data() + src.k_keys.head_floats());
+          head_laid_out = head;
+        }
+        ops = &head_ops;
+      }
+      const Bf16Operands* bf = tiles ? ops->bf16 : nullptr;
       const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
       const T* Q = bf ? nullptr : pb.q.at(b, h) + i0 * pb.q.ld;  // (the bf16 path reads bf's q rows)
       const T slope = pb.alibi ? pb.alibi_slope(b, h) : T(0);
@@ -823,10 +961,10 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
       for (int64_t r = 0; r < bm; ++r) {
         const int64_t i = i0 + r;
         const bool empty_row = row_sum[r] == T(0);  // no key left: zeros and lse = +inf
-        lse[(b * pb.Hq + h) * pb.Lq + i] = empty_row ? std::numeric_limits<LseT>::infinity()
-                                                      : static_cast<LseT>(row_max_[r] + std::log(row_sum[r]));
+        part.lse[b * part.lse_sb + h * part.lse_sh + i] =
+            empty_row ? std::numeric_limits<LseT>::infinity() : static_cast<LseT>(row_max_[r] + std::log(row_sum[r]));
         if constexpr (!lse_only) {
-          scalar_t* o = out_data + b * out_strides[0] + h * out_strides[1] + i * out_strides[2];
+          scalar_t* o = part.out + b * part.out_sb + h * part.out_sh + i * part.out_si;
           const T inv = empty_row ? T(0) : T(1) / row_sum[r];
           const T* a = acc.get() + r * acc_ld;
           for (int64_t c = 0; c < pb.Dv; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
@@ -836,17 +974,37 @@ void forward_kernel(const Problem<T>& pb, const TileOperands* ops, scalar_t* out
   });
 }
 
+// The one part of a dense call: out with the given (b, h, i) strides, lse contiguous (B, Hq, Lq).
+template <typename T, typename scalar_t, typename LseT>
+ForwardPart<T, scalar_t, LseT> dense_forward_part(const Problem<T>& pb, const TileOperands* ops, scalar_t* out,
+                                                  std::array<int64_t, 3> out_strides, LseT* lse) {
+  return {&pb, ops, out, out_strides[0], out_strides[1], out_strides[2], lse, pb.Hq * pb.Lq, pb.Lq};
+}
+
 // ---- backward ---------------------------------------------------------------------------------
+
+// A gradient accumulator in T: row i of (b, h) at rows(b, h, i), `width` columns (D, or Dv for dv,
+// rounded up to a multiple of 16 for the register-blocked products), rows ld apart.
+template <typename T>
+struct Accumulator {
+  T* data;
+  int64_t sb, sh, ld, width;
+  T* rows(int64_t b, int64_t h, int64_t i0) const { return data + b * sb + h * sh + i0 * ld; }
+};
+
+// A contiguous (B, H, L, width) accumulator.
+template <typename T>
+Accumulator<T> dense_accumulator(Tensor& acc) {
+  return {acc.data_ptr<T>(), acc.stride(0), acc.stride(1), acc.stride(2), acc.size(3)};
+}
 
 template <typename T>
 struct Grads {
   Matrices<T> dout;
-  const T* lse;    // (B, Hq, Lq) contiguous
-  const T* delta;  // rowsum(dO * O), (B, Hq, Lq) contiguous
-  T* dq;           // accumulators, contiguous (B, H, L, width) in T; the width is D (Dv for dv),
-  T* dk;           // rounded up to a multiple of 16 for the register-blocked products
-  T* dv;
-  int64_t dq_ld, dk_ld, dv_ld;
+  const T* lse;    // row i of (b, h) at lse[b * row_sb + h * row_sh + i]
+  const T* delta;  // rowsum(dO * O) (- dlse), numbered as lse
+  int64_t row_sb, row_sh;
+  Accumulator<T> dq, dk, dv;
 };
 
 // One tile of queries [i0, i0 + bm) of head h against keys [j0, j0 + bn) of its kv head. tiles:
@@ -867,8 +1025,8 @@ struct Grads {
 // the pair of the tile's first query i0 (a multiple of the even query block).
 template <typename T, typename scalar_t, bool tiles>
 struct BackwardTile {
-  const Problem<T>& pb;
-  const Grads<T>& g;
+  const Problem<T>* problem;  // the part the tiles run on (rebound from part to part)
+  const Grads<T>* grads;
   const TileOperands* ops;
   scalar_t* dmask;  // contiguous (B, Hq, Lq, Lk), or null
   int64_t ld;       // row stride of the tiles below
@@ -880,8 +1038,10 @@ struct BackwardTile {
 
   static Blocks tile_blocks() { return tiles ? Blocks{kBwdTileBlocks.m, round16(kBwdTileBlocks.n)} : kBwdBlasBlocks; }
 
+  // (pb_'s dropout and softcap, and whether ops_ holds bf16 layouts, size the scratch: the same
+  // for every part of a call)
   BackwardTile(const Problem<T>& pb_, const Grads<T>& g_, const TileOperands* ops_, scalar_t* dmask_)
-      : pb(pb_), g(g_), ops(ops_), dmask(dmask_), ld(tile_blocks().n),
+      : problem(&pb_), grads(&g_), ops(ops_), dmask(dmask_), ld(tile_blocks().n),
         p(tile_blocks().m * ld), dp(tile_blocks().m * ld), p_drop(pb_.dropout_p > 0.0 ? tile_blocks().m * ld : 0),
         tanh_(pb_.softcap > T(0) ? tile_blocks().m * ld : 0) {
     if (ops_ && ops_->bf16) {
@@ -893,6 +1053,8 @@ struct BackwardTile {
 
   void run(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn, bool want_dkdv, bool want_dq) {
     using tile_gemm::Band;
+    const Problem<T>& pb = *problem;
+    const Grads<T>& g = *grads;
     const int64_t hk = h / pb.group();
     [[maybe_unused]] const Bf16Operands* bf = tiles ? ops->bf16 : nullptr;
     // (the bf16 dot products read q from bf's layouts)
@@ -901,7 +1063,7 @@ struct BackwardTile {
     [[maybe_unused]] const T* K = tiles ? nullptr : pb.k.at(b, hk) + j0 * pb.k.ld;
     [[maybe_unused]] const T* V = tiles ? nullptr : pb.v.at(b, hk) + j0 * pb.v.ld;
     const T* dO = g.dout.at(b, h) + i0 * g.dout.ld;
-    const int64_t row0 = (b * pb.Hq + h) * pb.Lq + i0;
+    const int64_t row0 = b * g.row_sb + h * g.row_sh + i0;  // of lse and delta
     const bool dropout = pb.dropout_p > 0.0;
     const uint32_t threshold = fused_attn::dropout_threshold(pb.dropout_p);
     const T inv_keep = static_cast<T>(1.0 / (1.0 - pb.dropout_p));
@@ -910,9 +1072,9 @@ struct BackwardTile {
     const bool cut = pb.straddles(i0, bm, j0, bn);
     [[maybe_unused]] const int64_t lo_t = pb.lo + i0 - j0, hi_t = pb.hi + i0 - j0;
     [[maybe_unused]] const auto prune = [&](Band role) { return cut ? role : Band::none; };
-    T* dK = g.dk + ((b * pb.Hkv + hk) * pb.Lk + j0) * g.dk_ld;
-    T* dV = g.dv + ((b * pb.Hkv + hk) * pb.Lk + j0) * g.dv_ld;
-    T* dQ = g.dq + row0 * g.dq_ld;
+    T* dK = g.dk.rows(b, hk, j0);
+    T* dV = g.dv.rows(b, hk, j0);
+    T* dQ = g.dq.rows(b, h, i0);
     const bool capped = pb.softcap > T(0);
     T* tanh_tile = tanh_.data();
     const T slope = pb.alibi ? pb.alibi_slope(b, h) : T(0);
@@ -973,21 +1135,21 @@ struct BackwardTile {
       if constexpr (tiles) {
         if (bf) {  // P_drop (zero outside the band and past bn on [0, bn)) transposed into bf16 pairs of queries
           bf16_dot::convert_transposed(P_used, ld, bm, bn, cols16.data(), ldt);
-          bf16_dot::product<true>(bn, g.dv_ld / 16, bm, cols16.data(), ldt, bf->dout_columns.rows_from(b, h, i0), dV,
-                                  g.dv_ld, 1.f, prune(Band::query_inner), lo_t, hi_t);
+          bf16_dot::product<true>(bn, g.dv.width / 16, bm, cols16.data(), ldt, bf->dout_columns.rows_from(b, h, i0), dV,
+                                  g.dv.ld, 1.f, prune(Band::query_inner), lo_t, hi_t);
         } else {
-          tile_gemm::product<true, true>(bn, g.dv_ld, bm, P_used, ld, ops->dout_columns.rows_from(b, h, i0), dV, g.dv_ld, 1.f,
+          tile_gemm::product<true, true>(bn, g.dv.width, bm, P_used, ld, ops->dout_columns.rows_from(b, h, i0), dV, g.dv.ld, 1.f,
                                          prune(Band::query_inner), lo_t, hi_t);
         }
       } else {
-        gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.Dv, bm, T(1), P_used, ld, dO, g.dout.ld, T(1), dV, g.dv_ld);
+        gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.Dv, bm, T(1), P_used, ld, dO, g.dout.ld, T(1), dV, g.dv.ld);
       }
     }
     // dS = P * (dP - delta), in place in dP
     for (int64_t r = 0; r < bm; ++r) row_softmax_bwd(P + r * ld, dP + r * ld, bn, g.delta[row0 + r]);
     if (dmask) {
       for (int64_t r = 0; r < bm; ++r) {
-        scalar_t* dm = dmask + (row0 + r) * pb.Lk + j0;
+        scalar_t* dm = dmask + ((b * pb.Hq + h) * pb.Lq + i0 + r) * pb.Lk + j0;
         const T* ds = dP + r * ld;
         for (int64_t c = 0; c < bn; ++c) dm[c] = static_cast<scalar_t>(ds[c]);
       }
@@ -1002,108 +1164,162 @@ struct BackwardTile {
       if constexpr (tiles) {
         if (bf) {
           bf16_dot::convert_transposed(dP, ld, bm, bn, cols16.data(), ldt);
-          bf16_dot::product<true>(bn, g.dk_ld / 16, bm, cols16.data(), ldt, bf->q_columns.rows_from(b, h, i0), dK,
-                                  g.dk_ld, pb.scale, prune(Band::query_inner), lo_t, hi_t);
+          bf16_dot::product<true>(bn, g.dk.width / 16, bm, cols16.data(), ldt, bf->q_columns.rows_from(b, h, i0), dK,
+                                  g.dk.ld, pb.scale, prune(Band::query_inner), lo_t, hi_t);
         } else {
-          tile_gemm::product<true, true>(bn, g.dk_ld, bm, dP, ld, ops->q_columns.rows_from(b, h, i0), dK, g.dk_ld, pb.scale,
+          tile_gemm::product<true, true>(bn, g.dk.width, bm, dP, ld, ops->q_columns.rows_from(b, h, i0), dK, g.dk.ld, pb.scale,
                                          prune(Band::query_inner), lo_t, hi_t);
         }
       } else {
-        gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.D, bm, pb.scale, dP, ld, Q, pb.q.ld, T(1), dK, g.dk_ld);
+        gemm_rm<T>(pb.fortran_blas, true, false, bn, pb.D, bm, pb.scale, dP, ld, Q, pb.q.ld, T(1), dK, g.dk.ld);
       }
     }
     if (want_dq) {  // dQ += scale * dS_raw K
       if constexpr (tiles) {
         if (bf) {  // dS rows in bf16, zero on [bn, ld): the pairs of the last keys
           bf16_dot::convert_rows(dP, ld, bm, bn, rows16.data(), ld);
-          bf16_dot::product<true>(bm, g.dq_ld / 16, bn, rows16.data(), ld, bf->k_columns.rows_from(b, hk, j0), dQ,
-                                  g.dq_ld, pb.scale, prune(Band::key_inner), lo_t, hi_t);
+          bf16_dot::product<true>(bm, g.dq.width / 16, bn, rows16.data(), ld, bf->k_columns.rows_from(b, hk, j0), dQ,
+                                  g.dq.ld, pb.scale, prune(Band::key_inner), lo_t, hi_t);
         } else {
-          tile_gemm::product<false, true>(bm, g.dq_ld, bn, dP, ld, ops->k_columns.rows_from(b, hk, j0), dQ, g.dq_ld, pb.scale,
+          tile_gemm::product<false, true>(bm, g.dq.width, bn, dP, ld, ops->k_columns.rows_from(b, hk, j0), dQ, g.dq.ld, pb.scale,
                                           prune(Band::key_inner), lo_t, hi_t);
         }
       } else {
-        gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.D, bn, pb.scale, dP, ld, K, pb.k.ld, T(1), dQ, g.dq_ld);
+        gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.D, bn, pb.scale, dP, ld, K, pb.k.ld, T(1), dQ, g.dq.ld);
       }
     }
   }
 };
 
 // Whole kv heads per unit when they spread evenly over the threads; two passes otherwise.
-template <typename T>
-bool backward_per_head(const Problem<T>& pb) {
-  const int64_t threads = at::get_num_threads(), kv_heads = pb.B * pb.Hkv;
+// kv_heads: the (batch row or sequence, kv head) pairs of the call.
+inline bool backward_per_head(int64_t kv_heads) {
+  const int64_t threads = at::get_num_threads();
   return kv_heads >= threads && (kv_heads % threads == 0 || kv_heads >= 4 * threads);
 }
 
-// per_head: backward_per_head(pb), decided once by the caller, which lays out the operands to
-// match. ops: the B operands laid out up front (register-blocked products); or, in the per-head
-// schedule, `sources` from which each unit lays out its own head.
-template <typename T, typename scalar_t, bool tiles>
-void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands* ops,
-                     const HeadSources<scalar_t>* sources, bool per_head, scalar_t* dmask) {
-  using Tile = BackwardTile<T, scalar_t, tiles>;
-  const int64_t BM = Tile::tile_blocks().m, BN = Tile::tile_blocks().n;
-  const int64_t n_qblocks = ceil_div(pb.Lq, BM), n_kblocks = ceil_div(pb.Lk, BN);
-  const int64_t G = pb.group();
-  const int64_t kv_heads = pb.B * pb.Hkv;
+// One attention problem of a backward call (a dense call's B batch rows, or one varlen sequence):
+// its Problem and Grads, and the register-blocked products' B operands, laid out up front (ops)
+// or, in the per-head schedule, by each unit from `sources` (else both null: BLAS).
+template <typename T, typename scalar_t>
+struct BackwardPart {
+  const Problem<T>* pb;
+  const Grads<T>* g;
+  const TileOperands* ops;
+  const HeadSources<scalar_t>* sources;
+};
 
+// per_head: backward_per_head(...), decided once by the caller, which lays out the operands to
+// match. Each schedule's units (per part: (b, kv head), or (b, kv head, key block) and (b, query
+// head, query block)) of every part go to one at::parallel_for; a thread's tile moves from part to
+// part. dmask (dense calls only, one part) is the (B, Hq, Lq, Lk) additive mask's gradient.
+template <typename T, typename scalar_t, bool tiles>
+void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool per_head, scalar_t* dmask) {
+  using Tile = BackwardTile<T, scalar_t, tiles>;
+  if (parts.empty()) return;
+  const int64_t BM = Tile::tile_blocks().m, BN = Tile::tile_blocks().n;
+  const Problem<T>& pb0 = *parts[0].pb;  // the options every part shares
+  const int64_t G = pb0.group();
   // ~5 products of 2 * BM * BN * D flops per tile
-  const double tile_flops = 10.0 * BM * BN * std::max<int64_t>(pb.D, pb.Dv);
-  if (per_head) {
-    at::parallel_for(0, kv_heads, grain_for(tile_flops * G * n_qblocks * n_kblocks), [&](int64_t begin, int64_t end) {
+  const double tile_flops = 10.0 * BM * BN * std::max<int64_t>(pb0.D, pb0.Dv);
+  // Units of one schedule's pass: first[p] = the first unit of part p; the grain from the tiles of
+  // the average unit.
+  struct Units {
+    std::vector<int64_t> first;
+    std::vector<double> cost;  // of one unit of each part, in tiles
+    int64_t grain;
+  };
+  const auto units_of = [&](auto units_and_tiles) {
+    Units out{std::vector<int64_t>(parts.size() + 1, 0), std::vector<double>(parts.size()), 1};
+    double tiles_all = 0.0;
+    for (size_t p = 0; p < parts.size(); ++p) {
+      const auto [units, tiles_per_unit] = units_and_tiles(*parts[p].pb);
+      out.first[p + 1] = out.first[p] + units;
+      out.cost[p] = tiles_per_unit;
+      tiles_all += static_cast<double>(units) * tiles_per_unit;
+    }
+    const int64_t total = out.first.back();
+    out.grain = grain_for(tile_flops * (total ? tiles_all / static_cast<double>(total) : 0.0));
+    return out;
+  };
+  // Runs unit(tile, part, index within the part, head buffer) for every unit, in one parallel_for
+  // (the head buffer: where the per-head schedule's units lay out their head, reused by a thread).
+  const auto run_units = [&](const Units& units, scalar_t* tile_dmask, auto unit) {
+    if (units.first.back() == 0) return;
+    parallel_over_units(units.first, units.cost, units.grain, [&](int64_t begin, int64_t end) {
       SequentialBlas sequential_blas;
-      Tile tile(pb, g, ops, dmask);
+      Tile tile(pb0, *parts[0].g, parts[0].ops, tile_dmask);
       std::vector<float> head_buffer;
-      TileOperands head_ops;
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t b = u / pb.Hkv, hk = u % pb.Hkv;
-        if (sources) {
-          head_ops = sources->pack(b, hk, G, head_buffer);
-          tile.ops = &head_ops;
-        }
-        for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
-          for (int64_t qb = 0; qb < n_qblocks; ++qb) {
-            const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
-            // the keys the band shows the block, from a multiple of 16 (key panels)
-            const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
-            for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN)
-              tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), true, true);
-          }
+      for (int64_t u = begin, p = part_of(units.first, begin); u < end; ++u) {
+        while (u >= units.first[p + 1]) ++p;
+        tile.problem = parts[p].pb;
+        tile.grads = parts[p].g;
+        tile.ops = parts[p].ops;
+        unit(tile, parts[p], u - units.first[p], head_buffer);
       }
+    });
+  };
+
+  if (per_head) {
+    const Units units = units_of([&](const Problem<T>& pb) {
+      return std::pair<int64_t, double>{pb.B * pb.Hkv, double(G) * ceil_div(pb.Lq, BM) * ceil_div(pb.Lk, BN)};
+    });
+    run_units(units, dmask, [&](Tile& tile, const BackwardPart<T, scalar_t>& part, int64_t unit,
+                                std::vector<float>& head_buffer) {
+      const Problem<T>& pb = *part.pb;
+      const int64_t b = unit / pb.Hkv, hk = unit % pb.Hkv;
+      TileOperands head_ops;
+      if (part.sources) {
+        head_ops = part.sources->pack(b, hk, G, head_buffer);
+        tile.ops = &head_ops;
+      }
+      const int64_t n_qblocks = ceil_div(pb.Lq, BM);
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
+        for (int64_t qb = 0; qb < n_qblocks; ++qb) {
+          const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
+          // the keys the band shows the block, from a multiple of 16 (key panels)
+          const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
+          for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN)
+            tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), true, true);
+        }
+      tile.ops = part.ops;  // (head_ops ends here)
     });
     return;
   }
   // pass 1: dK, dV by key blocks
-  at::parallel_for(0, kv_heads * n_kblocks, grain_for(tile_flops * G * n_qblocks), [&](int64_t begin, int64_t end) {
-    SequentialBlas sequential_blas;
-    Tile tile(pb, g, ops, nullptr);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t bhk = u / n_kblocks, kb = zigzag(u % n_kblocks, n_kblocks);
-      const int64_t b = bhk / pb.Hkv, hk = bhk % pb.Hkv;
-      const int64_t j0 = kb * BN, bn = std::min(BN, pb.Lk - j0);
-      // only the query blocks holding rows the band shows these keys to (none: dK, dV stay zero)
-      const auto [query_begin, query_end] = pb.queries_seeing(j0, j0 + bn);
-      const int64_t qb_end = query_begin < query_end ? ceil_div(query_end, BM) : 0;
-      for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
-        for (int64_t qb = query_begin / BM; qb < qb_end; ++qb) {
-          const int64_t i0 = qb * BM;
-          tile.run(b, h, i0, std::min(BM, pb.Lq - i0), j0, bn, true, false);
-        }
-    }
+  const Units key_units = units_of([&](const Problem<T>& pb) {
+    return std::pair<int64_t, double>{pb.B * pb.Hkv * ceil_div(pb.Lk, BN), double(G) * ceil_div(pb.Lq, BM)};
+  });
+  run_units(key_units, nullptr, [&](Tile& tile, const BackwardPart<T, scalar_t>& part, int64_t unit,
+                                    std::vector<float>&) {
+    const Problem<T>& pb = *part.pb;
+    const int64_t n_kblocks = ceil_div(pb.Lk, BN);
+    const int64_t bhk = unit / n_kblocks, kb = zigzag(unit % n_kblocks, n_kblocks);
+    const int64_t b = bhk / pb.Hkv, hk = bhk % pb.Hkv;
+    const int64_t j0 = kb * BN, bn = std::min(BN, pb.Lk - j0);
+    // only the query blocks holding rows the band shows these keys to (none: dK, dV stay zero)
+    const auto [query_begin, query_end] = pb.queries_seeing(j0, j0 + bn);
+    const int64_t qb_end = query_begin < query_end ? ceil_div(query_end, BM) : 0;
+    for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
+      for (int64_t qb = query_begin / BM; qb < qb_end; ++qb) {
+        const int64_t i0 = qb * BM;
+        tile.run(b, h, i0, std::min(BM, pb.Lq - i0), j0, bn, true, false);
+      }
   });
   // pass 2: dQ (and dmask) by query blocks
-  at::parallel_for(0, pb.B * pb.Hq * n_qblocks, grain_for(tile_flops * n_kblocks), [&](int64_t begin, int64_t end) {
-    SequentialBlas sequential_blas;
-    Tile tile(pb, g, ops, dmask);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t bh = u / n_qblocks, qb = zigzag(u % n_qblocks, n_qblocks);
-      const int64_t b = bh / pb.Hq, h = bh % pb.Hq;
-      const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
-      const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
-      for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN)
-        tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), false, true);
-    }
+  const Units query_units = units_of([&](const Problem<T>& pb) {
+    return std::pair<int64_t, double>{pb.B * pb.Hq * ceil_div(pb.Lq, BM), double(ceil_div(pb.Lk, BN))};
+  });
+  run_units(query_units, dmask, [&](Tile& tile, const BackwardPart<T, scalar_t>& part, int64_t unit,
+                                    std::vector<float>&) {
+    const Problem<T>& pb = *part.pb;
+    const int64_t n_qblocks = ceil_div(pb.Lq, BM);
+    const int64_t bh = unit / n_qblocks, qb = zigzag(unit % n_qblocks, n_qblocks);
+    const int64_t b = bh / pb.Hq, h = bh % pb.Hq;
+    const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
+    const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
+    for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN)
+      tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), false, true);
   });
 }
 
@@ -1111,6 +1327,14 @@ void backward_kernel(const Problem<T>& pb, const Grads<T>& g, const TileOperands
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// The scalar options every attention op takes; `what` names the op in the message.
+void check_options(const char* what, double dropout_p, double scale, double softcap) {
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, what, ": dropout_p must be in [0, 1), got ", dropout_p);
+  FA_CHECK(std::isfinite(scale), what, ": scale must be finite, got ", scale);
+  FA_CHECK(std::isfinite(softcap) && softcap >= 0.0, what,
+           ": softcap must be finite and >= 0 (0 turns the logit cap off), got ", softcap);
 }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
@@ -1132,10 +1356,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
               ", k ", k.sizes());
   FA_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention (cpu): query heads (", q.size(1),
               ") must be a multiple of key/value heads (", k.size(1), ")");
-  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
-  FA_CHECK(std::isfinite(scale), "attention (cpu): scale must be finite, got ", scale);
-  FA_CHECK(std::isfinite(softcap) && softcap >= 0.0,
-           "attention (cpu): softcap must be finite and >= 0 (0 turns the logit cap off), got ", softcap);
+  check_options("attention (cpu)", dropout_p, scale, softcap);
   if (attn_mask.has_value() && attn_mask->defined()) {
     const Tensor& m = *attn_mask;
     FA_CHECK(m.device().is_cpu(), "attention (cpu): attn_mask must be a CPU tensor, got ", m.device());
@@ -1225,7 +1446,7 @@ void forward_tiles(const Problem<acc_t>& pb, const Tensor& q, const Tensor& k, c
       ops.k_keys = make_panels<scalar_t>(k, true);
       ops.v_columns = make_panels<scalar_t>(v, false);
     }
-    forward_kernel<float, scalar_t, float, false, true>(pb, &ops, out, out_strides, lse);
+    forward_kernel<float, scalar_t, float, false, true>({dense_forward_part(pb, &ops, out, out_strides, lse)});
   } else {
     FA_CHECK(false, "attention (cpu): the register-blocked products are float32");
   }
@@ -1256,7 +1477,8 @@ void backward_tiles(const Problem<acc_t>& pb, const Grads<acc_t>& g, const Tenso
       ops.q_columns = make_panels<scalar_t>(q, false);
       ops.k_columns = make_panels<scalar_t>(k, false);
     }
-    backward_kernel<float, scalar_t, true>(pb, g, &ops, sources ? &*sources : nullptr, per_head, dmask);
+    backward_kernel<float, scalar_t, true>({{&pb, &g, sources ? nullptr : &ops, sources ? &*sources : nullptr}},
+                                           per_head, dmask);
   } else {
     FA_CHECK(false, "attention (cpu): the register-blocked products are float32");
   }
@@ -1296,8 +1518,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     if (tiles)
       forward_tiles<scalar_t>(pb, q, k, v, bf16_products, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<float>());
     else
-      forward_kernel<acc_t, scalar_t, float, false, false>(pb, nullptr, out.data_ptr<scalar_t>(), out_strides,
-                                                           lse.data_ptr<float>());
+      forward_kernel<acc_t, scalar_t, float, false, false>(
+          {dense_forward_part(pb, nullptr, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<float>())});
   });
   return {out, lse};
 }
@@ -1360,8 +1582,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     Tensor lse_acc;
     if constexpr (std::is_same_v<acc_t, double>) {
       lse_acc = at::empty({B, Hq, Lq}, q.options().dtype(at::kDouble));
-      forward_kernel<acc_t, scalar_t, double, true, false>(pb, nullptr, nullptr, {0, 0, 0},
-                                                           lse_acc.data_ptr<double>());
+      forward_kernel<acc_t, scalar_t, double, true, false>(
+          {dense_forward_part<acc_t, scalar_t, double>(pb, nullptr, nullptr, {0, 0, 0}, lse_acc.data_ptr<double>())});
     } else {
       lse_acc = lse.contiguous();
     }
@@ -1370,18 +1592,537 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     Tensor dq_acc = at::zeros({B, Hq, Lq, dw}, q.options().dtype(acc));
     Tensor dk_acc = at::zeros({B, Hkv, Lk, dw}, q.options().dtype(acc));
     Tensor dv_acc = at::zeros({B, Hkv, Lk, dvw}, q.options().dtype(acc));
-    Grads<acc_t> g{matrices<acc_t>(dout_a), lse_acc.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
-                   dq_acc.data_ptr<acc_t>(), dk_acc.data_ptr<acc_t>(), dv_acc.data_ptr<acc_t>(), dw, dw, dvw};
-    const bool per_head = backward_per_head(pb);
+    const Grads<acc_t> g{matrices<acc_t>(dout_a), lse_acc.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
+                         Hq * Lq, Lq, dense_accumulator<acc_t>(dq_acc), dense_accumulator<acc_t>(dk_acc),
+                         dense_accumulator<acc_t>(dv_acc)};
+    const bool per_head = backward_per_head(B * Hkv);
     if (tiles)
       backward_tiles<scalar_t>(pb, g, q, k, v, dout, per_head, bf16_products, dmask_data);
     else
-      backward_kernel<acc_t, scalar_t, false>(pb, g, nullptr, nullptr, per_head, dmask_data);
+      backward_kernel<acc_t, scalar_t, false>({{&pb, &g, nullptr, nullptr}}, per_head, dmask_data);
     dq = finish_grad(dq_acc, D, q.scalar_type());
     dk = finish_grad(dk_acc, D, q.scalar_type());
     dv = finish_grad(dv_acc, Dv, q.scalar_type());
   });
   return {dq, dk, dv, dmask};
+}
+
+// ---- varlen (packed) attention ----------------------------------------------------------------
+//
+// fused_attn_C::attention_varlen_fwd / _bwd (csrc/ops.cpp). Sequence s holds query rows
+// cu_q[s]:cu_q[s+1] and key rows cu_k[s]:cu_k[s] + Lk_s (Lk_s = seqused_k[s], else every key up to
+// cu_k[s+1]) of packed (total, heads, dim) tensors. Each sequence is one part of the kernels
+// above: a Problem of batch 1 whose rows start at the sequence's first row, with the sequence's
+// own band (ops_common.sequence_band: bottom-right shifts it by the sequence's Lk - Lq), ALiBi row
+// and shift, and dropout offset offset + Hq * cu_q[s] (ops_common.varlen_rng_offset, so its rows
+// draw the mask the dense op draws for that sequence alone). The operands are laid out per
+// sequence, every sequence's in one buffer per operand; outputs and gradients are written in
+// place in the packed layouts. So every tile is the one the dense op computes for the sequence on
+// its own (what the base backend's Python loop does), but the units of all sequences share one
+// at::parallel_for: no per-sequence launches, views or copies.
+// Sequences without queries or keys run no unit: their output rows are zero, their lse +inf and
+// their gradients zero (as are those of keys past seqused_k, which are never read).
+
+// One sequence: its index and where its query and (used) key rows are.
+struct Sequence {
+  int64_t index, q0, Lq, k0, Lk;
+};
+
+// Entries of a 1-D int32/int64 CPU tensor (any stride).
+std::vector<int64_t> read_indices(const Tensor& t) {
+  std::vector<int64_t> out(t.size(0));
+  for (int64_t i = 0; i < t.size(0); ++i)
+    out[i] = t.scalar_type() == at::kInt ? int64_t{t.const_data_ptr<int32_t>()[i * t.stride(0)]}
+                                         : t.const_data_ptr<int64_t>()[i * t.stride(0)];
+  return out;
+}
+
+// An int32/int64 1-D CPU tensor of n entries (`expect` says what n is).
+void check_index_tensor(const char* what, const char* name, const Tensor& t, int64_t n, const char* expect) {
+  FA_CHECK(t.defined(), what, ": ", name, " is undefined");
+  FA_CHECK(t.device().is_cpu(), what, ": ", name, " must be a CPU tensor, got ", t.device());
+  FA_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, what, ": ", name,
+           " must be int32 or int64, got ", t.scalar_type());
+  FA_CHECK(t.dim() == 1 && (n < 0 || t.size(0) == n), what, ": ", name, " must be 1-D with ", expect,
+           " entries, got shape ", t.sizes());
+}
+
+// The sequences of a varlen call after checking q, k, v, the boundaries and the options (those
+// without queries or keys run nothing: runs_kernel).
+inline bool runs_kernel(const Sequence& seq) { return seq.Lq > 0 && seq.Lk > 0; }
+std::vector<Sequence> check_varlen_inputs(const char* what, const Tensor& q, const Tensor& k, const Tensor& v,
+                                          const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                          const std::optional<Tensor>& seqused_k,
+                                          const std::optional<Tensor>& alibi_slopes, double dropout_p, double scale,
+                                          double softcap) {
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    FA_CHECK(t->defined(), what, ": ", name, " is undefined");
+    FA_CHECK(t->device().is_cpu(), what, ": ", name, " must be a CPU tensor, got ", t->device());
+    FA_CHECK(t->dim() == 3, what, ": ", name, " must be 3-D (total, heads, dim), got shape ", t->sizes());
+    FA_CHECK(t->scalar_type() == q.scalar_type(), what, ": ", name, " has dtype ", t->scalar_type(), " but q has ",
+             q.scalar_type());
+  }
+  FA_CHECK(is_supported_dtype(q.scalar_type()), what, ": q/k/v must be float16, bfloat16, float32 or float64, got ",
+           q.scalar_type());
+  FA_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1),
+           what, ": k and v must agree in total length and heads, got k ", k.sizes(), ", v ", v.sizes());
+  FA_CHECK(k.size(2) == q.size(2), what, ": q and k must have the same head dim, got q ", q.sizes(), ", k ",
+           k.sizes());
+  FA_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, what, ": query heads (", q.size(1),
+           ") must be a multiple of key/value heads (", k.size(1), ")");
+  check_options(what, dropout_p, scale, softcap);
+  check_index_tensor(what, "cu_seqlens_q", cu_seqlens_q, -1, "num_sequences + 1");
+  FA_CHECK(cu_seqlens_q.size(0) >= 1, what, ": cu_seqlens_q must have num_sequences + 1 >= 1 entries, got none");
+  const int64_t n_seqs = cu_seqlens_q.size(0) - 1;
+  check_index_tensor(what, "cu_seqlens_k", cu_seqlens_k, n_seqs + 1, "cu_seqlens_q's (num_sequences + 1)");
+  const bool has_used = seqused_k.has_value() && seqused_k->defined();
+  if (has_used) check_index_tensor(what, "seqused_k", *seqused_k, n_seqs, "num_sequences (cu_seqlens_q's - 1)");
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const Tensor& a = *alibi_slopes;
+    FA_CHECK(a.device().is_cpu(), what, ": alibi_slopes must be a CPU tensor, got ", a.device());
+    FA_CHECK(a.scalar_type() == at::kFloat, what, ": alibi_slopes must be float32, got ", a.scalar_type());
+    FA_CHECK(a.dim() == 2 && a.size(0) == n_seqs && a.size(1) == q.size(1), what,
+             ": alibi_slopes must be a (num_sequences, Hq) = (", n_seqs, ", ", q.size(1), ") tensor, got shape ",
+             a.sizes());
+  }
+  const std::vector<int64_t> cu_q = read_indices(cu_seqlens_q), cu_k = read_indices(cu_seqlens_k);
+  for (const auto& [name, cu, total] : {std::tuple<const char*, const std::vector<int64_t>*, int64_t>{
+                                            "cu_seqlens_q", &cu_q, q.size(0)},
+                                        {"cu_seqlens_k", &cu_k, k.size(0)}}) {
+    FA_CHECK((*cu)[0] == 0, what, ": ", name, " must start at 0, got ", (*cu)[0]);
+    for (int64_t s = 0; s < n_seqs; ++s)
+      FA_CHECK((*cu)[s + 1] >= (*cu)[s], what, ": ", name, " must never decrease, got ", (*cu)[s], " then ",
+               (*cu)[s + 1], " at entries ", s, ", ", s + 1);
+    FA_CHECK((*cu)[n_seqs] == total, what, ": ", name, " must end at the total length ", total, ", got ",
+             (*cu)[n_seqs]);
+  }
+  const std::vector<int64_t> used = has_used ? read_indices(*seqused_k) : std::vector<int64_t>();
+  std::vector<Sequence> seqs;
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    const int64_t keys = cu_k[s + 1] - cu_k[s];
+    if (has_used)
+      FA_CHECK(used[s] >= 0 && used[s] <= keys, what, ": seqused_k[", s, "] = ", used[s], " is outside [0, ", keys,
+               "], the keys sequence ", s, " has in cu_seqlens_k");
+    seqs.push_back({s, cu_q[s], cu_q[s + 1] - cu_q[s], cu_k[s], has_used ? used[s] : keys});
+  }
+  return seqs;
+}
+
+// A packed (total, H, dim) tensor as the (1, H, total, dim) view the Problem helpers read.
+Tensor as_batch_of_one(const Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
+
+// The Problem of each sequence from the one of the whole packed call (`all`: B = 1, L = the
+// totals, the rows of make_problem + with_rows on as_batch_of_one views).
+template <typename T>
+std::vector<Problem<T>> sequence_problems(const Problem<T>& all, const std::vector<Sequence>& seqs, int64_t band_lo,
+                                          int64_t band_hi, bool bottom_right, const std::optional<Tensor>& alibi_slopes,
+                                          int64_t offset) {
+  // Ends beyond +-2^62 see what +-2^62 sees (every |index| stays far below); clamped first, the
+  // shift by the sequence's diagonal cannot overflow.
+  constexpr int64_t kUnbounded = int64_t{1} << 62;
+  const int64_t lo_all = std::clamp(band_lo, -kUnbounded, kUnbounded);
+  const int64_t hi_all = std::clamp(band_hi, -kUnbounded, kUnbounded);
+  const bool alibi = alibi_slopes.has_value() && alibi_slopes->defined();
+  std::vector<Problem<T>> out(seqs.size(), all);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence& seq = seqs[i];
+    Problem<T>& pb = out[i];
+    pb.Lq = seq.Lq;
+    pb.Lk = seq.Lk;
+    // sequence_band: shifted by the sequence's diagonal, clamped to [-Lq, Lk], an empty band as (Lk, Lk)
+    const int64_t diag = bottom_right ? seq.Lk - seq.Lq : 0;
+    int64_t lo = std::clamp(lo_all + diag, -seq.Lq, seq.Lk), hi = std::clamp(hi_all + diag, -seq.Lq, seq.Lk);
+    if (lo > hi) lo = hi = seq.Lk;
+    pb.set_band(lo, hi);
+    if (all.q.data) pb.q.data = all.q.data + seq.q0 * all.q.ld;
+    if (all.k.data) pb.k.data = all.k.data + seq.k0 * all.k.ld;
+    if (all.v.data) pb.v.data = all.v.data + seq.k0 * all.v.ld;
+    if (alibi) {
+      pb.alibi = alibi_slopes->const_data_ptr<float>() + seq.index * alibi_slopes->stride(0);
+      pb.alibi_sb = 0;
+      pb.alibi_sh = alibi_slopes->stride(1);
+      pb.alibi_shift = bottom_right ? seq.Lk - seq.Lq : 0;
+    }
+    pb.offset = static_cast<uint64_t>(offset) + static_cast<uint64_t>(all.Hq * seq.q0);
+  }
+  return out;
+}
+
+// Every head of every sequence's source (PanelSource: float32 panels; Bf16PanelSource: bf16
+// panels) laid out in one buffer, sequence after sequence, in parallel over the panels. Returns the
+// buffer and where each sequence's heads start in it (in Elem).
+template <typename Elem, typename Source>
+std::pair<Tensor, std::vector<int64_t>> layout_sequences(const std::vector<Source>& srcs, int64_t H,
+                                                         at::TensorOptions options) {
+  std::vector<int64_t> start(srcs.size() + 1, 0), first_panel(srcs.size() + 1, 0);
+  for (size_t s = 0; s < srcs.size(); ++s) {
+    start[s + 1] = start[s] + H * srcs[s].n_panels() * srcs[s].panel_size();
+    first_panel[s + 1] = first_panel[s] + H * srcs[s].n_panels();
+  }
+  Tensor storage = at::empty({start.back()}, options);
+  Elem* dst = reinterpret_cast<Elem*>(storage.data_ptr());
+  const int64_t panels = first_panel.back();
+  const int64_t mean_panel = start.back() / std::max<int64_t>(panels, 1);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(mean_panel, 1));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin, s = part_of(first_panel, begin); u < end; ++u) {
+      while (u >= first_panel[s + 1]) ++s;
+      const Source& src = srcs[s];
+      const int64_t local = u - first_panel[s], n = src.n_panels();
+      src.pack(0, local / n, local % n, dst + start[s] + local * src.panel_size());
+    }
+  });
+  return {storage, start};
+}
+
+// Where a sequence's rows of a packed (total, H, dim) tensor are: its queries or its keys.
+enum class Rows { queries, keys };
+inline int64_t first_row(const Sequence& seq, Rows rows) { return rows == Rows::queries ? seq.q0 : seq.k0; }
+inline int64_t row_count(const Sequence& seq, Rows rows) { return rows == Rows::queries ? seq.Lq : seq.Lk; }
+
+// Each sequence's float32 key panels (keys = true) or column panels of packed t; the buffer is
+// appended to `storage`.
+template <typename scalar_t>
+std::vector<Panels> sequence_panels(const Tensor& t, const std::vector<Sequence>& seqs, Rows rows, bool keys,
+                                    std::vector<Tensor>& storage) {
+  std::vector<PanelSource<scalar_t>> srcs;
+  srcs.reserve(seqs.size());
+  for (const Sequence& seq : seqs)
+    srcs.emplace_back(t.const_data_ptr<scalar_t>() + first_row(seq, rows) * t.stride(0), t.stride(1), t.stride(0),
+                      t.stride(2), row_count(seq, rows), t.size(2), keys);
+  auto [buffer, start] = layout_sequences<float>(srcs, t.size(1), t.options().dtype(at::kFloat));
+  std::vector<Panels> out(seqs.size());
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    out[s].data = buffer.template const_data_ptr<float>() + start[s];
+    out[s].panel_stride = srcs[s].panel_size();
+    out[s].stride_h = srcs[s].n_panels() * out[s].panel_stride;
+  }
+  storage.push_back(std::move(buffer));
+  return out;
+}
+
+// The same for the bf16 layouts (bfloat16 t).
+std::vector<Bf16Panels> sequence_bf16_panels(const Tensor& t, const std::vector<Sequence>& seqs, Rows rows, bool keys,
+                                             std::vector<Tensor>& storage) {
+  std::vector<Bf16PanelSource> srcs;
+  srcs.reserve(seqs.size());
+  for (const Sequence& seq : seqs)
+    srcs.emplace_back(bf16_bits(t) + first_row(seq, rows) * t.stride(0), t.stride(1), t.stride(0), t.stride(2),
+                      row_count(seq, rows), t.size(2), keys);
+  auto [buffer, start] = layout_sequences<uint16_t>(srcs, t.size(1), t.options());
+  std::vector<Bf16Panels> out(seqs.size());
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    out[s].data = reinterpret_cast<const uint16_t*>(buffer.const_data_ptr<c10::BFloat16>()) + start[s];
+    out[s].panel = srcs[s].panel_size();
+    out[s].sh = srcs[s].n_panels() * out[s].panel;
+  }
+  storage.push_back(std::move(buffer));
+  return out;
+}
+
+// Each sequence's bf16 rows (A operands) of packed bfloat16 t's queries: bf16_rows of the whole
+// tensor (in place, or one padded copy, appended to `storage`), from the sequence's first row on.
+std::vector<Bf16Rows> sequence_bf16_rows(const Tensor& t, const std::vector<Sequence>& seqs,
+                                         std::vector<Tensor>& storage) {
+  Bf16Rows all = bf16_rows(as_batch_of_one(t));
+  if (all.store.defined()) storage.push_back(all.store);
+  all.store = Tensor();
+  std::vector<Bf16Rows> out(seqs.size(), all);
+  for (size_t s = 0; s < seqs.size(); ++s) out[s].data = all.data + seqs[s].q0 * all.ld;
+  return out;
+}
+
+// The register-blocked products' operands of every sequence (bf16: their bf16 layouts, which the
+// TileOperands point to), and the buffers they live in.
+struct SequenceOperands {
+  std::vector<Tensor> storage;
+  std::vector<Bf16Operands> bf16;
+  std::vector<TileOperands> tiles;
+};
+
+// The forward's bf16 layouts of q, k and v for every sequence (bfloat16 inputs, bf16 dot products).
+template <typename scalar_t>
+void forward_sequence_operands(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Sequence>& seqs,
+                               bool bf16_products, SequenceOperands& ops) {
+  FA_CHECK(bf16_products, "attention_varlen (cpu): the forward lays out float32 panels in its units");
+  ops.tiles.resize(seqs.size());
+  ops.bf16.resize(seqs.size());
+  const auto q_rows = sequence_bf16_rows(q, seqs, ops.storage);
+  const auto k_keys = sequence_bf16_panels(k, seqs, Rows::keys, true, ops.storage);
+  const auto v_columns = sequence_bf16_panels(v, seqs, Rows::keys, false, ops.storage);
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    ops.bf16[s].q = q_rows[s];
+    ops.bf16[s].k_keys = k_keys[s];
+    ops.bf16[s].v_columns = v_columns[s];
+    ops.tiles[s].bf16 = &ops.bf16[s];
+  }
+}
+
+// A PanelSource over one sequence's rows of packed t.
+template <typename scalar_t>
+PanelSource<scalar_t> sequence_source(const Tensor& t, int64_t row0, int64_t L, bool keys) {
+  return PanelSource<scalar_t>(t.const_data_ptr<scalar_t>() + row0 * t.stride(0), t.stride(1), t.stride(0),
+                               t.stride(2), L, t.size(2), keys);
+}
+
+// The forward's float32 panel sources of every sequence: K's key panels and V's column panels.
+template <typename scalar_t>
+std::vector<ForwardSources<scalar_t>> sequence_forward_sources(const Tensor& k, const Tensor& v,
+                                                               const std::vector<Sequence>& seqs) {
+  std::vector<ForwardSources<scalar_t>> out;
+  out.reserve(seqs.size());
+  for (const Sequence& seq : seqs)
+    out.push_back({sequence_source<scalar_t>(k, seq.k0, seq.Lk, true),
+                   sequence_source<scalar_t>(v, seq.k0, seq.Lk, false)});
+  return out;
+}
+
+// The backward's: bf16 layouts (both schedules), or float32 panels up front (two passes); the
+// per-head schedule's float32 panels are laid out by its units (sequence_head_sources).
+template <typename scalar_t>
+void backward_sequence_operands(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout,
+                                const std::vector<Sequence>& seqs, bool bf16_products, SequenceOperands& ops) {
+  ops.tiles.resize(seqs.size());
+  if (bf16_products) {
+    ops.bf16.resize(seqs.size());
+    const auto q_rows = sequence_bf16_rows(q, seqs, ops.storage);
+    const auto dout_rows = sequence_bf16_rows(dout, seqs, ops.storage);
+    const auto k_keys = sequence_bf16_panels(k, seqs, Rows::keys, true, ops.storage);
+    const auto v_keys = sequence_bf16_panels(v, seqs, Rows::keys, true, ops.storage);
+    const auto dout_columns = sequence_bf16_panels(dout, seqs, Rows::queries, false, ops.storage);
+    const auto q_columns = sequence_bf16_panels(q, seqs, Rows::queries, false, ops.storage);
+    const auto k_columns = sequence_bf16_panels(k, seqs, Rows::keys, false, ops.storage);
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      Bf16Operands& b = ops.bf16[s];
+      b.q = q_rows[s];
+      b.dout = dout_rows[s];
+      b.k_keys = k_keys[s];
+      b.v_keys = v_keys[s];
+      b.dout_columns = dout_columns[s];
+      b.q_columns = q_columns[s];
+      b.k_columns = k_columns[s];
+      ops.tiles[s].bf16 = &b;
+    }
+    return;
+  }
+  const auto k_keys = sequence_panels<scalar_t>(k, seqs, Rows::keys, true, ops.storage);
+  const auto v_keys = sequence_panels<scalar_t>(v, seqs, Rows::keys, true, ops.storage);
+  const auto dout_columns = sequence_panels<scalar_t>(dout, seqs, Rows::queries, false, ops.storage);
+  const auto q_columns = sequence_panels<scalar_t>(q, seqs, Rows::queries, false, ops.storage);
+  const auto k_columns = sequence_panels<scalar_t>(k, seqs, Rows::keys, false, ops.storage);
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    TileOperands& t = ops.tiles[s];
+    t.k_keys = k_keys[s];
+    t.v_keys = v_keys[s];
+    t.dout_columns = dout_columns[s];
+    t.q_columns = q_columns[s];
+    t.k_columns = k_columns[s];
+  }
+}
+
+template <typename scalar_t>
+std::vector<HeadSources<scalar_t>> sequence_head_sources(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                         const Tensor& dout, const std::vector<Sequence>& seqs) {
+  const auto source = [](const Tensor& t, int64_t row0, int64_t L, bool keys) {
+    return PanelSource<scalar_t>(t.const_data_ptr<scalar_t>() + row0 * t.stride(0), t.stride(1), t.stride(0),
+                                 t.stride(2), L, t.size(2), keys);
+  };
+  std::vector<HeadSources<scalar_t>> out;
+  out.reserve(seqs.size());
+  for (const Sequence& seq : seqs)
+    out.emplace_back(source(k, seq.k0, seq.Lk, true), source(v, seq.k0, seq.Lk, true),
+                     source(k, seq.k0, seq.Lk, false), source(q, seq.q0, seq.Lq, false),
+                     source(dout, seq.q0, seq.Lq, false));
+  return out;
+}
+
+// forward_kernel / backward_kernel on the register-blocked path, which exists for float32 compute
+// only (a float64 call never asks for it).
+template <typename acc_t, typename scalar_t>
+void register_blocked_forward(const std::vector<ForwardPart<acc_t, scalar_t, float>>& parts) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    forward_kernel<float, scalar_t, float, false, true>(parts);
+  else
+    FA_CHECK(false, "attention_varlen (cpu): the register-blocked products are float32");
+}
+template <typename acc_t, typename scalar_t>
+void register_blocked_backward(const std::vector<BackwardPart<acc_t, scalar_t>>& parts, bool per_head) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    backward_kernel<float, scalar_t, true>(parts, per_head, nullptr);
+  else
+    FA_CHECK(false, "attention_varlen (cpu): the register-blocked products are float32");
+}
+
+std::tuple<Tensor, Tensor> attention_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t band_lo,
+                                                    int64_t band_hi, bool bottom_right, double dropout_p, double scale,
+                                                    int64_t seed, int64_t offset, double softcap,
+                                                    const std::optional<Tensor>& seqused_k,
+                                                    const std::optional<Tensor>& alibi_slopes) {
+  // (max_seqlen_q/k size the Triton kernels' grid; the lengths here come from the boundaries)
+  (void)max_seqlen_q, (void)max_seqlen_k;
+  const std::vector<Sequence> all_seqs = check_varlen_inputs("attention_varlen (cpu)", q, k, v, cu_seqlens_q,
+                                                             cu_seqlens_k, seqused_k, alibi_slopes, dropout_p, scale,
+                                                             softcap);
+  const int64_t total_q = q.size(0), Hq = q.size(1), Dv = v.size(2);
+  Tensor out = at::empty({total_q, Hq, Dv}, q.options());
+  // (the rows of sequences that run nothing keep lse = +inf)
+  Tensor lse = at::full({Hq, total_q}, std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+  std::vector<Sequence> seqs;
+  for (const Sequence& seq : all_seqs) {
+    if (runs_kernel(seq))
+      seqs.push_back(seq);
+    else if (seq.Lq > 0)  // queries without keys: zero rows (all bits zero is 0 in every float type)
+      std::memset(static_cast<char*>(out.data_ptr()) + seq.q0 * Hq * Dv * out.element_size(), 0,
+                  seq.Lq * Hq * Dv * out.element_size());
+  }
+  if (seqs.empty() || (out.numel() == 0 && lse.numel() == 0)) return {out, lse};
+  const GemmMode mode = gemm_mode();
+  FA_DISPATCH_FLOATING(q.scalar_type(), "attention_varlen_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const Tensor q1 = as_batch_of_one(q), k1 = as_batch_of_one(k), v1 = as_batch_of_one(v);
+    const Problem<acc_t> shape = make_problem<acc_t>(q1, k1, v1, std::nullopt, band_lo, band_hi, dropout_p, scale,
+                                                     seed, offset, softcap, std::nullopt, bottom_right, mode);
+    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
+    const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles);
+    // as in attention_fwd_cpu: the rows the products read in place
+    const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q1, acc);
+    const Tensor ka = tiles ? Tensor() : as_blas_operand(k1, acc), va = tiles ? Tensor() : as_blas_operand(v1, acc);
+    const std::vector<Problem<acc_t>> problems =
+        sequence_problems(with_rows(shape, qa, ka, va), seqs, band_lo, band_hi, bottom_right, alibi_slopes, offset);
+    // the register-blocked products' operands: bf16 layouts up front, float32 panels by the units
+    SequenceOperands ops;
+    std::vector<ForwardSources<scalar_t>> sources;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (tiles && bf16_products) forward_sequence_operands<scalar_t>(q, k, v, seqs, true, ops);
+      if (tiles && !bf16_products) sources = sequence_forward_sources<scalar_t>(k, v, seqs);
+    }
+    // out (total_q, Hq, Dv) contiguous: row i of (0, h) at (q0 + i) * Hq * Dv + h * Dv; lse (Hq, total_q)
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    float* lse_data = lse.data_ptr<float>();
+    std::vector<ForwardPart<acc_t, scalar_t, float>> parts(seqs.size());
+    for (size_t s = 0; s < seqs.size(); ++s)
+      parts[s] = {&problems[s], ops.tiles.empty() ? nullptr : &ops.tiles[s], out_data + seqs[s].q0 * Hq * Dv, 0, Dv,
+                  Hq * Dv, lse_data + seqs[s].q0, 0, total_q, sources.empty() ? nullptr : &sources[s]};
+    if (tiles)
+      register_blocked_forward(parts);
+    else
+      forward_kernel<acc_t, scalar_t, float, false, false>(parts);
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_varlen_bwd_cpu(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    int64_t band_lo, int64_t band_hi, bool bottom_right, double dropout_p, double scale, int64_t seed, int64_t offset,
+    double softcap, const std::optional<Tensor>& seqused_k, const std::optional<Tensor>& alibi_slopes,
+    const std::optional<Tensor>& dlse) {
+  (void)max_seqlen_q, (void)max_seqlen_k;
+  const char* what = "attention_varlen_bwd (cpu)";
+  std::vector<Sequence> seqs = check_varlen_inputs(what, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes,
+                                                   dropout_p, scale, softcap);
+  // (the others get zero gradients)
+  seqs.erase(std::remove_if(seqs.begin(), seqs.end(), [](const Sequence& seq) { return !runs_kernel(seq); }),
+             seqs.end());
+  const int64_t total_q = q.size(0), Hq = q.size(1), D = q.size(2), total_k = k.size(0), Hkv = k.size(1),
+                Dv = v.size(2);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"dout", &dout}, {"out", &out}}) {
+    FA_CHECK(t->defined() && t->device().is_cpu(), what, ": ", name, " must be a CPU tensor");
+    FA_CHECK(t->scalar_type() == q.scalar_type(), what, ": ", name, " must have q's dtype ", q.scalar_type(),
+             ", got ", t->scalar_type());
+    FA_CHECK(t->dim() == 3 && t->size(0) == total_q && t->size(1) == Hq && t->size(2) == Dv, what, ": ", name,
+             " must have shape (total_q, Hq, Dv) = (", total_q, ", ", Hq, ", ", Dv, "), got ", t->sizes());
+  }
+  FA_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 2 &&
+               lse.size(0) == Hq && lse.size(1) == total_q,
+           what, ": lse must be a float32 CPU tensor of shape (Hq, total_q) = (", Hq, ", ", total_q, "), got ",
+           lse.scalar_type(), " ", lse.sizes());
+  const bool has_dlse = dlse.has_value() && dlse->defined();
+  FA_CHECK(!has_dlse || (dlse->device().is_cpu() && dlse->scalar_type() == at::kFloat && dlse->sizes() == lse.sizes()),
+           what, ": dlse must be None or a float32 CPU tensor of lse's shape (", Hq, ", ", total_q, "), got ",
+           has_dlse ? dlse->scalar_type() : at::kFloat, " ", has_dlse ? dlse->sizes() : lse.sizes());
+  Tensor dq, dk, dv;
+  if (seqs.empty())
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+  const GemmMode mode = gemm_mode();
+  FA_DISPATCH_FLOATING(q.scalar_type(), "attention_varlen_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const Tensor q1 = as_batch_of_one(q), k1 = as_batch_of_one(k), v1 = as_batch_of_one(v);
+    const Tensor dout1 = as_batch_of_one(dout), out1 = as_batch_of_one(out);
+    const Problem<acc_t> shape = make_problem<acc_t>(q1, k1, v1, std::nullopt, band_lo, band_hi, dropout_p, scale,
+                                                     seed, offset, softcap, std::nullopt, bottom_right, mode);
+    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
+    // as in attention_bwd_cpu (the bf16 query tiles' pairs need an even query block)
+    const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles) && kBwdTileBlocks.m % 2 == 0;
+    const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q1, acc), dout_a = as_blas_operand(dout1, acc);
+    const Tensor ka = tiles ? Tensor() : as_blas_operand(k1, acc), va = tiles ? Tensor() : as_blas_operand(v1, acc);
+    const Problem<acc_t> all = with_rows(shape, qa, ka, va);
+    const std::vector<Problem<acc_t>> problems =
+        sequence_problems(all, seqs, band_lo, band_hi, bottom_right, alibi_slopes, offset);
+    // delta = rowsum(dO * O) - dlse, as attention_bwd_cpu forms it, (Hq, total_q) like the lse
+    Tensor delta = at::sum(dout_a * out1.to(acc), {-1});
+    if (has_dlse) delta = delta - dlse->to(acc);
+    delta = delta.contiguous();
+    Tensor lse_acc;  // (Hq, total_q); float64: recomputed in full precision, as attention_bwd_cpu does
+    if constexpr (std::is_same_v<acc_t, double>) {
+      lse_acc = at::empty({Hq, total_q}, q.options().dtype(at::kDouble));
+      double* lse_data = lse_acc.data_ptr<double>();
+      std::vector<ForwardPart<acc_t, scalar_t, double>> lse_parts(seqs.size());
+      for (size_t s = 0; s < seqs.size(); ++s)
+        lse_parts[s] = {&problems[s], nullptr, nullptr, 0, 0, 0, lse_data + seqs[s].q0, 0, total_q};
+      forward_kernel<acc_t, scalar_t, double, true, false>(lse_parts);
+    } else {
+      lse_acc = lse.contiguous();
+    }
+    // accumulators in the packed layouts (total, heads, width): the gradients need no transpose
+    const int64_t dw = tiles ? round16(D) : D, dvw = tiles ? round16(Dv) : Dv;
+    Tensor dq_acc = at::zeros({total_q, Hq, dw}, q.options().dtype(acc));
+    Tensor dk_acc = at::zeros({total_k, Hkv, dw}, q.options().dtype(acc));
+    Tensor dv_acc = at::zeros({total_k, Hkv, dvw}, q.options().dtype(acc));
+    const auto packed = [](Tensor& t, int64_t row0) {  // row i of head h at (row0 + i) * H * w + h * w
+      const int64_t H = t.size(1), w = t.size(2);
+      return Accumulator<acc_t>{t.data_ptr<acc_t>() + row0 * H * w, 0, w, H * w, w};
+    };
+    const Matrices<acc_t> dout_rows = matrices<acc_t>(dout_a);
+    std::vector<Grads<acc_t>> grads;
+    grads.reserve(seqs.size());
+    for (const Sequence& seq : seqs) {
+      Matrices<acc_t> dout_seq = dout_rows;
+      dout_seq.data += seq.q0 * dout_rows.ld;
+      grads.push_back({dout_seq, lse_acc.const_data_ptr<acc_t>() + seq.q0, delta.const_data_ptr<acc_t>() + seq.q0, 0,
+                       total_q, packed(dq_acc, seq.q0), packed(dk_acc, seq.k0), packed(dv_acc, seq.k0)});
+    }
+    const bool per_head = backward_per_head(static_cast<int64_t>(seqs.size()) * Hkv);
+    SequenceOperands ops;
+    std::vector<HeadSources<scalar_t>> sources;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (tiles && per_head && !bf16_products)
+        sources = sequence_head_sources<scalar_t>(q, k, v, dout, seqs);
+      else if (tiles)
+        backward_sequence_operands<scalar_t>(q, k, v, dout, seqs, bf16_products, ops);
+    }
+    std::vector<BackwardPart<acc_t, scalar_t>> parts(seqs.size());
+    for (size_t s = 0; s < seqs.size(); ++s)
+      parts[s] = {&problems[s], &grads[s], ops.tiles.empty() ? nullptr : &ops.tiles[s],
+                  sources.empty() ? nullptr : &sources[s]};
+    if (tiles)
+      register_blocked_backward(parts, per_head);
+    else
+      backward_kernel<acc_t, scalar_t, false>(parts, per_head, nullptr);
+    const auto finish = [&](const Tensor& grad_acc, int64_t cols) {
+      Tensor g = grad_acc.narrow(2, 0, cols).to(q.scalar_type());
+      return g.is_contiguous() ? g : g.contiguous();
+    };
+    dq = finish(dq_acc, D);
+    dk = finish(dk_acc, D);
+    dv = finish(dv_acc, Dv);
+  });
+  return {dq, dk, dv};
 }
 
 }  // namespace
@@ -1390,4 +2131,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
 TORCH_LIBRARY_IMPL(fused_attn_C, CPU, m) {
   m.impl("attention_fwd", &fused_attn::cpu_attention::attention_fwd_cpu);
   m.impl("attention_bwd", &fused_attn::cpu_attention::attention_bwd_cpu);
+  m.impl("attention_varlen_fwd", &fused_attn::cpu_attention::attention_varlen_fwd_cpu);
+  m.impl("attention_varlen_bwd", &fused_attn::cpu_attention::attention_varlen_bwd_cpu);
 }

@@ -192,9 +192,9 @@ FA_BF16_TARGET __attribute__((noinline)) void product(int64_t M, int64_t n_panel
       e0 = std::clamp<int64_t>(r - hi, 0, K);
       e1 = std::clamp<int64_t>(r + rows - lo, 0, K);
     }
-    // nothing visible: the accumulator rows stay as they are (Band::none with K = 0, a head dim
-    // of 0, still writes its zero block)
-    if (band != Band::none && e0 >= e1) continue;
+    // nothing visible: the accumulator rows stay as they are (Band::none and Band::key_columns
+    // with K = 0, a head dim of 0, still write their zero block: the row loops read those scores)
+    if ((band == Band::key_inner || band == Band::query_inner) && e0 >= e1) continue;
     const uint16_t* ar = a + r * lda;
     for (int64_t p = p0; p < p1; p += kGroup) {
       const int64_t np = std::min<int64_t>(kGroup, p1 - p);

@@ -103,7 +103,8 @@ class Backend:
     # ---- varlen attention: one attention_fwd / attention_bwd per sequence -------------------
     # Backends without a packed kernel inherit these: each sequence runs through the backend's own
     # attention launchers on strided views of the packed tensors (no copies of q, k, v). The
-    # sequence boundaries are read on the host, one sync; the Triton backend has native kernels.
+    # sequence boundaries are read on the host, one sync. The Triton backend and the cpu backend
+    # (fused_attn_C::attention_varlen_*, bitwise this loop's results) have packed kernels.
 
     def attention_varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                              bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,

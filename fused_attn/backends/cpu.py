@@ -50,3 +50,26 @@ class CpuBackend(CompiledBackend):
     devices = ("cpu",)
     dispatch_key = "CPU"
     dtypes = {"attention": _ALL, "layer_norm_residual": _ALL, "feed_forward": _ALL}
+
+    # Varlen attention: the packed kernels fused_attn_C::attention_varlen_fwd/bwd (csrc/cpu/attention.cpp),
+    # every sequence's tiles in one parallel loop, rather than the base class's per-sequence loop, which
+    # an extension built before those ops still takes. Only here: the cuda backend (which shares
+    # CompiledBackend) has no such kernel and keeps the loop.
+
+    def attention_varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                             bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
+                             alibi_slopes=None):
+        args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
+                dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes)
+        if not _extension.has_kernel("attention_varlen_fwd", self.dispatch_key):
+            return super().attention_varlen_fwd(*args)
+        return torch.ops.fused_attn_C.attention_varlen_fwd(*args)
+
+    def attention_varlen_bwd(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0,
+                             seqused_k=None, alibi_slopes=None, dlse=None):
+        args = (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                bottom_right, dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes, dlse)
+        if not _extension.has_kernel("attention_varlen_bwd", self.dispatch_key):
+            return super().attention_varlen_bwd(*args)
+        return tuple(torch.ops.fused_attn_C.attention_varlen_bwd(*args))

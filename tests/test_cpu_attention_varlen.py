@@ -1,0 +1,174 @@
+"""The C++ CPU backend's packed varlen attention (fused_attn_C::attention_varlen_fwd / _bwd,
+csrc/cpu/attention.cpp) against the per-sequence loop it replaces (``Backend.attention_varlen_fwd``
+/ ``_bwd`` of fused_attn/backends/base.py, which runs the dense op on each sequence alone).
+
+Both run the same tiles on the same operands (each sequence is a part of the dense kernels with
+its own rows, band, ALiBi row and dropout offset), so on the register-blocked path (float32,
+float16, bfloat16 with and without the AVX512-BF16 dot products) the results are bitwise equal,
+whichever backward schedule each side picks; the float64 BLAS path agrees to rounding (MKL's
+summation order depends on the operands' leading dimensions, which packing changes). The oracle
+comparisons across options are in tests/test_attention_varlen.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import _extension
+from fused_attn import functional as F
+from fused_attn.backends import get_backend
+from fused_attn.backends.base import Backend
+from fused_attn.backends.cuda import CudaBackend
+from fused_attn.ops_common import CAUSAL_BAND, NO_BAND, attention_band
+
+pytestmark = pytest.mark.skipif(
+    fused_attn.extension_error() is not None or not _extension.has_kernel("attention_varlen_fwd", "CPU"),
+    reason=f"fused_attn._C with the CPU varlen attention kernel is not built: {fused_attn.extension_error()}")
+
+
+def _cu(lengths):
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+# (name, q lengths, k lengths (None: the same), seqused_k, Hq, Hkv, D, Dv, band, bottom_right, dropout_p,
+#  softcap, alibi, dlse)
+CASES = [
+    ("64 equal sequences", [64] * 16, None, None, 8, 8, 64, 64, NO_BAND, False, 0.0, 0.0, False, False),
+    ("GQA causal window, dropout, ALiBi, empty sequence, Dv != D, dlse", [17, 0, 97, 1, 130], None, None, 4, 2, 40,
+     24, (-16, 0), False, 0.2, 0.0, True, True),
+    ("cross bottom-right causal, seqused_k, softcap, one kv head", [3, 17, 40, 1, 6], [10, 5, 97, 1, 0],
+     [7, 0, 90, 1, 0], 8, 1, 32, 32, CAUSAL_BAND, True, 0.1, 2.0, True, False),
+    ("two-sided window, bottom-right, dropout, seqused_k", [5, 30, 2, 0], [12, 20, 2, 4], [12, 11, 0, 4], 8, 2, 64,
+     64, (-3, 2), True, 0.25, 0.0, True, True),
+]
+
+
+def _inputs(case, dtype, seed=0):
+    _, lens_q, lens_k, used, Hq, Hkv, D, Dv, band, bottom_right, p, softcap, alibi, dlse = case
+    lens_k = lens_q if lens_k is None else lens_k
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), Hq, D, generator=g).to(dtype)
+    k = torch.randn(sum(lens_k), Hkv, D, generator=g).to(dtype)
+    v = torch.randn(sum(lens_k), Hkv, Dv, generator=g).to(dtype)
+    seqused = None if used is None else torch.tensor(used, dtype=torch.int32)
+    slopes = torch.rand(len(lens_q), Hq, generator=g) if alibi else None
+    fwd_args = (q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), *band, bottom_right, p, D ** -0.5,
+                1234, 56, softcap, seqused, slopes)
+    return fwd_args, g, dlse
+
+
+def _both(fwd_args, g, with_dlse):
+    """(native, loop) results: [out, lse, dq, dk, dv] each, from the same inputs."""
+    cpu = get_backend("cpu")
+    inputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in fwd_args]
+    native_out, native_lse = cpu.attention_varlen_fwd(*fwd_args)
+    loop_out, loop_lse = Backend.attention_varlen_fwd(cpu, *fwd_args)
+    q, k, v, cu_q, cu_k, max_q, max_k, lo, hi, bottom_right, p, scale, seed, offset, softcap, seqused, slopes = fwd_args
+    dout = torch.randn(loop_out.shape, generator=g).to(q.dtype)
+    dlse = torch.randn(loop_lse.shape, generator=g) if with_dlse else None
+    bwd = (q, k, v, None, None, cu_q, cu_k, max_q, max_k, lo, hi, bottom_right, p, scale, seed, offset, softcap,
+           seqused, slopes, dlse)
+
+    def grads(fn, out, lse):
+        return list(fn(dout, *bwd[:3], out, lse, *bwd[5:]))
+    native = [native_out, native_lse] + grads(cpu.attention_varlen_bwd, native_out, native_lse)
+    loop = [loop_out, loop_lse] + grads(lambda *a: Backend.attention_varlen_bwd(cpu, *a), loop_out, loop_lse)
+    for before, after in zip(inputs, fwd_args):  # nothing the caller passed is written
+        if isinstance(before, torch.Tensor):
+            assert torch.equal(before, after)
+    return native, loop
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype,bf16_dot", [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "off"),
+                                            (torch.float16, "auto")],
+                         ids=["float32", "bfloat16", "bfloat16 without bf16 dot", "float16"])
+def test_native_varlen_is_bitwise_the_loop(monkeypatch, threads, case, dtype, bf16_dot):
+    monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", bf16_dot)
+    fwd_args, g, with_dlse = _inputs(case, dtype)
+    native, loop = _both(fwd_args, g, with_dlse)
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], native, loop):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous(), name
+        assert torch.equal(a, b), f"{name}: max |diff| {(a.double() - b.double()).abs().max().item()}"
+
+
+@pytest.mark.parametrize("case", CASES[1:], ids=[c[0] for c in CASES[1:]])
+def test_native_varlen_float64_meets_the_loop(case):
+    fwd_args, g, with_dlse = _inputs(case, torch.float64)
+    native, loop = _both(fwd_args, g, with_dlse)
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], native, loop):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_native_varlen_empty_sequences_and_unused_keys():
+    """Sequences without queries or keys, and keys past seqused_k (NaN there: never read), give
+    zero rows, lse = +inf and zero gradients."""
+    lens_q, lens_k, used = [0, 4, 3, 5], [3, 0, 6, 8], [3, 0, 2, 8]
+    q = torch.randn(sum(lens_q), 2, 16)
+    k, v = torch.randn(sum(lens_k), 1, 16), torch.randn(sum(lens_k), 1, 16)
+    k[3 + 2:3 + 6] = v[3 + 2:3 + 6] = float("nan")
+    ops = torch.ops.fused_attn_C
+    args = (q, k, v, _cu(lens_q), _cu(lens_k), 5, 8, *CAUSAL_BAND, False, 0.0, 0.25, 0, 0, 0.0,
+            torch.tensor(used), None)
+    out, lse = ops.attention_varlen_fwd(*args)
+    assert torch.equal(out[:4], torch.zeros_like(out[:4])) and bool((lse[:, :4] == float("inf")).all())
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse[:, 4:]).all())
+    dq, dk, dv = ops.attention_varlen_bwd(torch.ones_like(out), q, k, v, out, lse, *args[3:], None)
+    assert torch.equal(dq[:4], torch.zeros_like(dq[:4]))
+    assert torch.equal(dk[3 + 2:3 + 6], torch.zeros_like(dk[3 + 2:3 + 6]))
+    assert torch.equal(dv[3 + 2:3 + 6], torch.zeros_like(dv[3 + 2:3 + 6]))
+    assert all(bool(torch.isfinite(t).all()) for t in (dq, dk, dv))
+
+
+def test_cpu_backend_takes_the_native_kernel_and_falls_back(monkeypatch):
+    """functional.attention_varlen(backend="cpu") runs the packed ops (the loop is not called);
+    with an extension built before them it runs the loop; the cuda backend, which shares
+    CompiledBackend, has no varlen kernel and keeps the loop."""
+    calls = []
+    loop_fwd, loop_bwd = Backend.attention_varlen_fwd, Backend.attention_varlen_bwd
+    monkeypatch.setattr(Backend, "attention_varlen_fwd", lambda self, *a: calls.append("fwd") or loop_fwd(self, *a))
+    monkeypatch.setattr(Backend, "attention_varlen_bwd", lambda self, *a: calls.append("bwd") or loop_bwd(self, *a))
+    lens = [5, 0, 12]
+    q, k, v = (torch.randn(sum(lens), 2, 8, requires_grad=True) for _ in range(3))
+    cu = _cu(lens)
+
+    def run():
+        out = F.attention_varlen(q, k, v, cu, cu, causal=True, backend="cpu")
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        return [out.detach(), *grads]
+    native = run()
+    assert calls == []
+    monkeypatch.setattr(_extension, "has_kernel",
+                        lambda op, key: False if op.startswith("attention_varlen") else True)
+    loop = run()
+    assert calls == ["fwd", "bwd"]
+    for a, b in zip(native, loop):
+        assert torch.equal(a, b)
+    assert CudaBackend.attention_varlen_fwd is Backend.attention_varlen_fwd
+    assert CudaBackend.attention_varlen_bwd is Backend.attention_varlen_bwd
+    assert attention_band(5, 5, causal=True) == CAUSAL_BAND
+
+
+@pytest.mark.parametrize("Hq,D,Dv", [(2, 0, 4), (2, 4, 0), (2, 0, 0), (0, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_native_varlen_empty_dims_are_the_loop(Hq, D, Dv, dtype):
+    """Zero heads or head dims (functional answers those before any backend; the op must still be
+    the loop: with D = 0 every visible key weighs the same, with Dv = 0 the lse remains)."""
+    cpu = get_backend("cpu")
+    cu = _cu([3, 2])
+    q, k, v = torch.randn(5, Hq, D).to(dtype), torch.randn(5, 1, D).to(dtype), torch.randn(5, 1, Dv).to(dtype)
+    fwd = (q, k, v, cu, cu, 3, 3, *CAUSAL_BAND, True, 0.1, 1.0, 0, 0)
+    native, loop = cpu.attention_varlen_fwd(*fwd), Backend.attention_varlen_fwd(cpu, *fwd)
+    dout = torch.randn(native[0].shape).to(dtype)
+    bwd = (dout, q, k, v, *loop, cu, cu, 3, 3, *CAUSAL_BAND, True, 0.1, 1.0, 0, 0)
+    for a, b in zip([*native, *cpu.attention_varlen_bwd(*bwd)], [*loop, *Backend.attention_varlen_bwd(cpu, *bwd)]):
+        assert torch.equal(a, b)

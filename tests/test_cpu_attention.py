@@ -155,7 +155,7 @@ def test_gemm_modes_agree(monkeypatch, dtype, band):
 def test_gemm_mode_is_checked(monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "mkl")
     q, k, v = _good()
-    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_GEMM must be one of tiles, blas, aten; got 'mkl'"):
+    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_GEMM must be one of auto, tiles, blas, aten; got 'mkl'"):
         torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0)
 
 
@@ -1145,3 +1145,23 @@ def test_long_sequence_has_no_quadratic_buffer():
     grown = int(res.stdout.strip().splitlines()[-1])
     l_by_l = 8192 * 8192 * 4
     assert grown < l_by_l / 4, f"peak RSS grew by {grown / 2**20:.1f} MB during L=8192 attention"
+
+
+def test_decoding_takes_blas_in_the_automatic_mode(monkeypatch):
+    """float32, one query per head against a cache that it sees whole: the automatic mode runs the
+    BLAS products (no per-call panel layout of the cache), bitwise what FUSED_ATTN_CPU_GEMM=blas
+    gives; with a band (a sliding window) it keeps the register-blocked ones, which never read the
+    keys the band hides. Both meet the oracle (the other tests)."""
+    q, k, v = make_inputs((2, 8, 1, 64), (2, 2, 700, 64), (2, 2, 700, 64), requires_grad=False, seed=9)
+
+    def run(mode, **options):
+        if mode is None:
+            monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+        return fused_attn.attention(q, k, v, causal=True, alignment="bottom_right", backend="cpu", **options)
+
+    assert torch.equal(run(None), run("blas"))
+    assert not torch.equal(run("tiles"), run("blas"))  # the two paths do round differently here
+    window = dict(window_size=(100, 0))
+    assert torch.equal(run(None, **window), run("tiles", **window))

@@ -171,26 +171,45 @@ inline int64_t grain_for(double flops_per_unit) {
   return std::max<int64_t>(1, static_cast<int64_t>(kMinChunkFlops / std::max(flops_per_unit, 1.0)));
 }
 
-// FUSED_ATTN_CPU_GEMM picks how the tile products run: unset (or "tiles"), the register-blocked
-// kernels for float32 compute where the CPU has AVX2 + FMA (BLAS otherwise); "blas", BLAS through
-// its Fortran entry points; "aten", BLAS through at::addmm. Read at every call (a getenv, against
-// milliseconds of work), so a benchmark or a test can compare the paths in one process; anything
-// else is an error naming the variable.
-enum class GemmMode { tiles, blas, aten };
+// FUSED_ATTN_CPU_GEMM picks how the tile products run: unset (or "auto"), the register-blocked
+// kernels for float32 compute where the CPU has AVX2 + FMA (BLAS otherwise), except for a forward
+// with few query rows per kv head (``few_query_rows``: decoding); "tiles", the register-blocked
+// kernels always; "blas", BLAS through its Fortran entry points; "aten", BLAS through at::addmm.
+// Read at every call (a getenv, against milliseconds of work), so a benchmark or a test can
+// compare the paths in one process; anything else is an error naming the variable.
+enum class GemmMode { automatic, tiles, blas, aten };
 GemmMode gemm_mode() {
   const char* s = std::getenv("FUSED_ATTN_CPU_GEMM");
-  const std::string mode = s ? s : "tiles";
-  if (mode == "tiles" || mode.empty()) return GemmMode::tiles;
+  const std::string mode = s ? s : "";
+  if (mode.empty() || mode == "auto") return GemmMode::automatic;
+  if (mode == "tiles") return GemmMode::tiles;
   if (mode == "blas") return GemmMode::blas;
   if (mode == "aten") return GemmMode::aten;
-  FA_CHECK(false, "FUSED_ATTN_CPU_GEMM must be one of tiles, blas, aten; got '", mode, "'");
+  FA_CHECK(false, "FUSED_ATTN_CPU_GEMM must be one of auto, tiles, blas, aten; got '", mode, "'");
+}
+
+// The register-blocked float32 products first lay out K and V as panels, a pass over the whole KV
+// cache per call; the products then reuse each panel for every query row of its kv head. With
+// few such rows (a decoding step: one query per head, times the group) the layout costs more
+// than it saves, and BLAS on the tiles as they are is faster, so the dense forward in the
+// automatic mode takes it for calls where every query sees every key (decoding against a cache;
+// the packed varlen op keeps the panels). Measured here (2 cores, Zen 4,
+// float32, one query per head, benchmarks/bench_cpu_decode.py): B4 Hq8 Hkv2 Lk4096 D64 8.1 ->
+// 0.83 ms (SDPA 0.87), B1 Hq32 Hkv8 Lk8192 D128 33 -> 12.2 ms (SDPA 12.3). bfloat16 on the
+// AVX512-BF16 dot products keeps them: there the BLAS path, which converts K and V to float32,
+// was 2-4x slower.
+constexpr int64_t kMinPanelRows = 16;
+bool few_query_rows(int64_t query_rows, int64_t heads_q, int64_t heads_kv) {
+  return query_rows * (heads_q / std::max<int64_t>(heads_kv, 1)) < kMinPanelRows;
 }
 
 // BLAS through its Fortran entry points, when torch exports them and the mode is not "aten".
 bool use_fortran_blas(GemmMode mode) { return sgemm_ != nullptr && dgemm_ != nullptr && mode != GemmMode::aten; }
 
 // (false on builds without the AVX2 copies: cpu_has_avx2_fma() says no there)
-bool use_tile_kernels(GemmMode mode) { return mode == GemmMode::tiles && fused_attn::cpu::cpu_has_avx2_fma(); }
+bool use_tile_kernels(GemmMode mode) {
+  return (mode == GemmMode::tiles || mode == GemmMode::automatic) && fused_attn::cpu::cpu_has_avx2_fma();
+}
 
 // FUSED_ATTN_CPU_BF16_DOT picks how the register-blocked products of the forward and the backward
 // run for bfloat16 inputs: unset or "auto", with AVX512-BF16 dot products (attention_bf16_dot.h)
@@ -1508,7 +1527,12 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
                                                      offset, softcap, alibi_slopes, bottom_right, mode);
     const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
-    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
+    // (only where every query sees every key: the register-blocked products skip the blocks a
+    // band hides, BLAS on whole tiles would read them, and an inf there would reach P V as NaN)
+    const bool sees_all_keys = band_lo <= 1 - Lq && band_hi >= k.size(2) - 1;
+    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode) &&
+                       !(mode == GemmMode::automatic && sees_all_keys && few_query_rows(Lq, Hq, k.size(1)) &&
+                         !use_bf16_dot(q.scalar_type(), true));
     const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles);
     // named: pb points into them (the register-blocked products read k and v from their panels;
     // the bf16 dot products q too)

@@ -48,7 +48,9 @@ few to fill the GPU, the keys are split among ``num_splits`` programs per query 
 its partial output (normalised by its own sum) and lse to float32 scratch; ``_attn_fwd_combine``
 merges them with the weights exp(lse_s - lse). With one query per head and grouped-query
 attention the launcher first packs the group's query heads into the rows of one block
-(``_pack_query_groups``), so that a program reads its K and V once for the whole group.
+(``_pack_query_groups``), so that a program reads its K and V once for the whole group. A paged
+KV cache (constexpr ``PAGED``, varlen only) is read in place: each key block looks up its keys'
+pages in the sequence's block-table row.
 
 Dropout uses the counter-based hash of ``fused_attn._rng`` (``fused_attn.triton._rng``): element
 (b, h, i, j) has row ``(b*Hq + h)*Lq + i`` and column ``j``, so forward and backward regenerate the

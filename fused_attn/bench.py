@@ -157,6 +157,14 @@ def _sdpa_context(which: str):
     return lambda: sdpa_kernel([backend])
 
 
+def _sdpa_impls(fn, device, gpu_backends=SDPA_GPU_BACKENDS) -> list:
+    """The SDPA baselines of ``fn``: one per SDPA backend on a GPU (each forced by its context),
+    one ("sdpa", torch's choice) on the CPU."""
+    if torch.device(device).type == "cuda":
+        return [Impl(f"sdpa-{which}", "baseline", fn, context=_sdpa_context(which)) for which in gpu_backends]
+    return [Impl("sdpa", "baseline", fn)]
+
+
 class Case(abc.ABC):
     """One benchmark case of an op; subclasses implement the abstract methods."""
 
@@ -316,11 +324,7 @@ class AttentionCase(Case):
                 sdpa = lambda q, k, v: _sdpa_with_sink_key(q, k, v, bias)  # noqa: E731
             else:
                 sdpa = lambda q, k, v: _sdpa(q, k, v, causal, keep)  # noqa: E731
-            if torch.device(device).type == "cuda":
-                for which in SDPA_GPU_BACKENDS:
-                    out.append(Impl(f"sdpa-{which}", "baseline", sdpa, context=_sdpa_context(which)))
-            else:
-                out.append(Impl("sdpa", "baseline", sdpa))
+            out += _sdpa_impls(sdpa, device)
         if "compile" in baselines:
             compiled = _compiled("attention", _ref_attention)
             out.append(Impl("compile", "baseline", lambda q, k, v: compiled(q, k, v, causal, window, slopes, sinks)))
@@ -377,11 +381,7 @@ class DecodeAttentionCase(Case):
         if "sdpa" in baselines:
             def sdpa(q, k, v):  # one query seeing every key: no mask
                 return TF.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
-            if torch.device(device).type == "cuda":
-                for which in SDPA_GPU_BACKENDS:
-                    out.append(Impl(f"sdpa-{which}", "baseline", sdpa, context=_sdpa_context(which)))
-            else:
-                out.append(Impl("sdpa", "baseline", sdpa))
+            out += _sdpa_impls(sdpa, device)
         return out
 
 
@@ -451,11 +451,7 @@ class VarlenAttentionCase(Case):
                 o = TF.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep)
                 return o.transpose(1, 2).reshape(len(lengths) * longest, *o.shape[1:2], o.shape[-1])[slots]
 
-            if torch.device(device).type == "cuda":
-                for which in ("efficient", "cudnn"):  # flash takes no mask
-                    out.append(Impl(f"sdpa-{which}", "baseline", padded_sdpa, context=_sdpa_context(which)))
-            else:
-                out.append(Impl("sdpa", "baseline", padded_sdpa))
+            out += _sdpa_impls(padded_sdpa, device, ("efficient", "cudnn"))  # flash takes no mask
         return out
 
 

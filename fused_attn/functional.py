@@ -464,15 +464,15 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
     # it runs (``checked`` False), since nothing can be read on the host at trace time.
     checked = not compiling
+    used_k = None  # the keys each sequence uses, once the block table's checks have read them
     if paged:  # from here on the cache is seen as packed sequences of the table's rows
         _check_block_table(block_table, cu_seqlens_q, device)
         if checked:
-            check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
+            used_k = check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
         cu_seqlens_k, seqused_k = paged_layout(block_table, k.shape[1], cu_seqlens_k, seqused_k)
-        total_k = block_table.shape[0] * block_table.shape[1] * k.shape[1]
     if checked:
         max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
-                                                         max_seqlen_k, seqused_k)
+                                                         max_seqlen_k, seqused_k, used_k)
     else:
         max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     check_backend_name(backend)

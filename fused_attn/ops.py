@@ -198,10 +198,10 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     """``block_table``: k and v are the pages of a paged cache (``ops_common.paged_layout``; only
     for a backend with ``paged_kv``), cu_seqlens_k / seqused_k their packed view's boundaries."""
     if not checked:  # a traced call: the boundaries were not readable when it was built
-        total_k = k.shape[0] if block_table is None else block_table.shape[0] * block_table.shape[1] * k.shape[1]
-        check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], total_k, max_seqlen_q, max_seqlen_k, seqused_k)
-        if block_table is not None:
-            check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
+        used_k = None if block_table is None else check_block_table(block_table, k.shape[0], k.shape[1],
+                                                                    cu_seqlens_k, seqused_k)
+        check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, seqused_k,
+                            used_k)
     if q.numel() == 0 or k.shape[0] == 0:
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()

@@ -107,21 +107,26 @@ def _used_keys(lengths_k: list, seqused_k) -> list:
 
 
 def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q=None,
-                        max_seqlen_k=None, seqused_k=None) -> tuple[int, int]:
+                        max_seqlen_k=None, seqused_k=None, used_k: list | None = None) -> tuple[int, int]:
     """The data-dependent checks of a varlen call (one device-to-host copy): each cu_seqlens starts
     at 0, never decreases and ends at its total; 0 <= seqused_k[s] <= sequence s's keys; the
     max_seqlens (None: computed) bound the longest sequences. Returns (max_seqlen_q, max_seqlen_k);
     raises ValueError naming the argument. Run by ``functional.attention_varlen`` in eager mode and
     by the varlen op itself for traced calls (torch.compile), where nothing can be read on the host
-    at trace time: bad boundaries then fail at run time instead of steering kernels out of bounds."""
-    cu = {"cu_seqlens_q": (cu_seqlens_q.tolist(), total_q), "cu_seqlens_k": (cu_seqlens_k.tolist(), total_k)}
+    at trace time: bad boundaries then fail at run time instead of steering kernels out of bounds.
+    ``used_k``: the keys each sequence uses, checked already (a paged cache: ``check_block_table``);
+    cu_seqlens_k, total_k and seqused_k are then not read again."""
+    cu = {"cu_seqlens_q": (cu_seqlens_q.tolist(), total_q)}
+    if used_k is None:
+        cu["cu_seqlens_k"] = (cu_seqlens_k.tolist(), total_k)
     for name, (values, total) in cu.items():
         if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
             raise ValueError(f"{name} must start at 0, never decrease and end at the total length {total}, "
                              f"got {_short(values)}")
     lengths_q = [b - a for a, b in zip(cu["cu_seqlens_q"][0], cu["cu_seqlens_q"][0][1:])]
-    lengths_k = [b - a for a, b in zip(cu["cu_seqlens_k"][0], cu["cu_seqlens_k"][0][1:])]
-    lengths_k = _used_keys(lengths_k, seqused_k)
+    if used_k is None:
+        used_k = _used_keys([b - a for a, b in zip(cu["cu_seqlens_k"][0], cu["cu_seqlens_k"][0][1:])], seqused_k)
+    lengths_k = used_k
     out = []
     for max_name, name, max_seqlen, lengths in (("max_seqlen_q", "cu_seqlens_q", max_seqlen_q, lengths_q),
                                                 ("max_seqlen_k", "cu_seqlens_k", max_seqlen_k, lengths_k)):
@@ -165,10 +170,11 @@ def gather_kv_pages(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: t
 
 
 def check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int, cu_seqlens_k: torch.Tensor,
-                      seqused_k: torch.Tensor | None) -> None:
+                      seqused_k: torch.Tensor | None) -> list:
     """The data-dependent checks of a paged call (one device-to-host copy): cu_seqlens_k starts at 0
     and never decreases, 0 <= seqused_k[s] <= sequence s's keys, every sequence fits its table row,
-    and the pages it uses exist. Raises ValueError naming the argument."""
+    and the pages it uses exist. Returns the keys each sequence uses (``check_varlen_bounds``'s
+    ``used_k``); raises ValueError naming the argument."""
     cu = cu_seqlens_k.tolist()
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens_k must start at 0 and never decrease, got {_short(cu)}")
@@ -184,3 +190,4 @@ def check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int,
         if bad:
             raise ValueError(f"block_table[{s}] names page {bad[0]}, outside the {num_pages} pages of k and v "
                              f"(sequence {s} uses its first {len(pages)} entries)")
+    return lengths

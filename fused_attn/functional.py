@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .backends import check_backend_name, get_backend, resolve_options
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
-                  attention_inference, attention_varlen_inference, direct_call_ok, feed_forward_inference,
-                  inference_call_ok, layer_norm_residual_inference)
+                  as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
+                  feed_forward_inference, inference_call_ok, layer_norm_residual_inference)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, gather_kv_pages,
                          paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
@@ -638,7 +638,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         out, summed = layer_norm_residual_inference(*args)
     else:
         out, summed = LayerNormResidualFunction.apply(*args)
-    return (out, summed) if prenorm else out
+    return (as_shape_of(out, x), as_shape_of(summed, x)) if prenorm else as_shape_of(out, x)
 
 
 def _norm_tensors_match(x, residual, weight, bias) -> bool:
@@ -729,8 +729,8 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     name = resolve_options("feed_forward", x.device, x.dtype, options, backend)
     args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
     if _eager_inference(x, w1, b1, w2, b2):
-        return feed_forward_inference(*args)
-    return FeedForwardFunction.apply(*args)
+        return as_shape_of(feed_forward_inference(*args), x)
+    return as_shape_of(FeedForwardFunction.apply(*args), x)
 
 
 def _ffn_tensors_match(x, w1, b1, w2, b2) -> bool:

@@ -354,25 +354,32 @@ def _layer_norm_residual_bwd_fake(dout, dsummed, summed, weight, bias, mean, rst
 
 def _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                         store_summed):
-    """(out, summed) in x's shape (summed empty without store_summed), mean, rstd."""
-    shape, d = x.shape, x.shape[-1]
+    """(out, summed) as (N, d) rows (summed empty without store_summed), mean, rstd."""
+    d = x.shape[-1]
     r2 = None if residual is None else _rows(residual, d)
-    out, summed, mean, rstd = fwd(_rows(x, d), r2, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
-                                  store_summed)
-    if len(shape) == 2:  # already rows: skip two views (each a dispatcher call)
-        return out, summed, mean, rstd
-    return out.view(*shape), (summed.view(*shape) if store_summed else summed), mean, rstd
+    return fwd(_rows(x, d), r2, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, store_summed)
+
+
+def as_shape_of(t: Tensor, x: Tensor) -> Tensor:
+    """Rows (N, d) viewed in x's leading shape: (..., d). The autograd Functions return rows and
+    the callers view them, outside the Function, so that an output is never a view made inside a
+    custom Function, which autograd would refuse to let the user modify in place (``h = ffn(x);
+    h += x`` works as it does after ``nn.Linear``)."""
+    if t.dim() == x.dim() or t.numel() == 0 and t.dim() == 1:  # already shaped; or summed not stored
+        return t
+    return t.view(*x.shape[:-1], t.shape[-1])
 
 
 def layer_norm_residual_inference(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                                   store_summed=True):
-    """LayerNormResidualFunction's outputs for eager calls that build no autograd graph."""
+    """LayerNormResidualFunction's outputs for eager calls that build no autograd graph, as rows."""
     return _layer_norm_forward(_layer_norm_residual_fwd_impl, x, residual, weight, bias, eps, dropout_p, rms,
                                residual_in_fp32, rng, backend, store_summed)[:2]
 
 
 class LayerNormResidualFunction(torch.autograd.Function):
-    """(norm(dropout(x) + residual), dropout(x) + residual) over the last dim.
+    """(norm(dropout(x) + residual), dropout(x) + residual) over the last dim, as (N, d) rows
+    (``as_shape_of`` gives them x's shape).
 
     Without dropout the gradients of x and residual are the same tensor: the backward op writes
     it once (``dsum``) and it is returned for both, never copied.
@@ -392,7 +399,8 @@ class LayerNormResidualFunction(torch.autograd.Function):
         # Save the output object itself, never a view made of it here: a saved view of an output
         # references the output, whose grad_fn is this node, which holds the view: a cycle
         # through C++ that Python's gc cannot see, so every 2-D call leaked its graph and the
-        # saved tensors (tests/test_robustness.py::test_no_graph_outlives_its_outputs).
+        # saved tensors (tests/test_robustness.py::test_no_graph_outlives_its_outputs). (The
+        # outputs are rows: the caller views them in x's shape.)
         ctx.save_for_backward(summed, weight, bias, mean, rstd, rng)
         ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, x.shape)
         ctx.set_materialize_grads(False)
@@ -403,7 +411,7 @@ class LayerNormResidualFunction(torch.autograd.Function):
         summed, weight, bias, mean, rstd, rng = ctx.saved_tensors
         eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
         d = shape[-1]
-        summed = summed if summed.dim() == 2 else summed.reshape(-1, d)
+        # (dout and dsummed are the rows' gradients; _rows only makes their last dim unit-stride)
         dout = torch.zeros(summed.shape, dtype=x_dtype, device=summed.device) if dout is None else _rows(dout, d)
         dsummed = None if dsummed is None else _rows(dsummed, d)
         bwd = (_layer_norm_residual_bwd_impl if direct_call_ok(dout, dsummed, summed, weight, bias)
@@ -468,19 +476,20 @@ def _feed_forward_bwd_fake(dout, x, w1, w2, pre, activation, dropout_p, rng, has
 
 
 def _feed_forward_forward(fwd, x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
-    """(out in x's leading shape, x as contiguous rows, pre)."""
+    """(out as rows, x as contiguous rows, pre)."""
     x2 = _rows(x, x.shape[-1]).contiguous()
     out, pre = fwd(x2, w1, b1, w2, b2, activation, dropout_p, rng, backend)
-    return out.view(*x.shape[:-1], w2.shape[0]), x2, pre
+    return out, x2, pre
 
 
 def feed_forward_inference(x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
-    """FeedForwardFunction's output for eager calls that build no autograd graph."""
+    """FeedForwardFunction's output for eager calls that build no autograd graph, as rows."""
     return _feed_forward_forward(_feed_forward_fwd_impl, x, w1, b1, w2, b2, activation, dropout_p, rng, backend)[0]
 
 
 class FeedForwardFunction(torch.autograd.Function):
-    """Linear -> activation -> dropout -> Linear; saves x, the weights and the pre-activation only."""
+    """Linear -> activation -> dropout -> Linear, as (N, d_out) rows (``as_shape_of`` gives them
+    x's leading shape); saves x, the weights and the pre-activation only."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
@@ -494,7 +503,7 @@ class FeedForwardFunction(torch.autograd.Function):
     def backward(ctx, dout):
         x2, w1, w2, pre, rng = ctx.saved_tensors
         activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
-        dout2 = (dout if dout.dim() == 2 else dout.reshape(-1, w2.shape[0])).contiguous()
+        dout2 = dout.contiguous()  # the rows' gradient
         bwd = _feed_forward_bwd_impl if direct_call_ok(dout2, x2, w1, w2) else torch.ops.fused_attn.feed_forward_bwd
         dx, dw1, db1, dw2, db2 = bwd(dout2, x2, w1, w2, pre, activation, dropout_p, rng, has_b1, has_b2, backend)
         dx = dx if len(shape) == 2 else dx.view(*shape)  # a 2-D x: dx has its shape already

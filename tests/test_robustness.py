@@ -178,6 +178,49 @@ def test_feed_forward_edge_cases(device, backend):
                             [xt.requires_grad_(), w1.t().contiguous().t().requires_grad_(), w2.requires_grad_()])
 
 
+def _check_in_place_on_output(call, rows, n_inputs):
+    """call(*inputs) -> output; the output modified in place (``mul_``, ``add_``) must give the
+    value and the gradients of the same arithmetic out of place."""
+    inputs = [torch.randn(*shape, requires_grad=True) for shape in (rows, rows, (16,))[:n_inputs]]
+    expected = call(*inputs) * 2 + inputs[0]
+    expected.sum().backward()
+    expected_grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    out = call(*inputs)
+    out.mul_(2).add_(inputs[0])
+    assert out.shape == torch.Size(rows)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    for i, (e, t) in enumerate(zip(expected_grads, inputs)):
+        torch.testing.assert_close(t.grad, e, msg=f"gradient {i}")
+
+
+# The norm's and the feed-forward's outputs are ordinary tensors, as those of nn.LayerNorm and
+# nn.Linear: ``h = ffn(x); h += x`` (or a ReLU(inplace=True) after it) trains, with the gradients
+# of the out-of-place code. (They were views made inside the autograd Function, which autograd
+# refuses to modify in place.) Attention's output is saved for its backward, as SDPA's is: there
+# an in-place change meets autograd's usual error.
+ROWS = pytest.mark.parametrize("rows", [(6, 16), (2, 3, 16), (16,)], ids=["2-D", "3-D", "1-D"])
+
+
+@pytest.mark.parametrize("device,backend", NORM)
+@ROWS
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_layer_norm_output_can_be_modified_in_place(device, backend, rows, prenorm):
+    def call(x, residual, weight):
+        out = F.layer_norm_residual(x, residual, weight, None, prenorm=prenorm, backend=backend)
+        return out[0] if prenorm else out
+    _check_in_place_on_output(call, rows, 3)
+
+
+@pytest.mark.parametrize("device,backend", FFN)
+@ROWS
+def test_feed_forward_output_can_be_modified_in_place(device, backend, rows):
+    w1, w2 = torch.randn(24, 16, requires_grad=True), torch.randn(16, 24, requires_grad=True)
+    _check_in_place_on_output(lambda x: F.feed_forward(x, w1, None, w2, None, backend=backend), rows, 1)
+
+
 def _left_alive(fn, backward: bool) -> list:
     """Run ``fn`` (and a backward through its first output), drop every output, and list what
     outlives them: the outputs, their grad_fn's saved tensors, the grad_fn itself."""
@@ -186,6 +229,8 @@ def _left_alive(fn, backward: bool) -> list:
     outs = fn()
     outs = outs if isinstance(outs, tuple) else (outs,)
     node = outs[0].grad_fn
+    while type(node).__name__.startswith("ViewBackward"):  # (rows viewed in x's shape) to the Function
+        node = node.next_functions[0][0]
     held = [(f"output {i}", weakref.ref(t)) for i, t in enumerate(outs)]
     held += [(f"saved tensor {i}", weakref.ref(t)) for i, t in enumerate(node.saved_tensors) if t is not None]
     held.append(("grad_fn", weakref.ref(node)))

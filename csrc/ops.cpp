@@ -25,6 +25,8 @@
 // shifted by its own Lk - Lq when bottom_right, its dropout mask that of offset + Hq * cu_seqlens_q[s].
 // max_seqlen_q/k bound the lengths (they size a GPU grid; the CPU kernel reads the boundaries).
 // CPU kernels only: the cuda backend runs varlen as a loop of attention_fwd / _bwd.
+// One more op, fused_attn_C::cpu_scratch_release() -> int (fused_attn.empty_cpu_cache()), is
+// declared with its kernel in csrc/cpu/scratch.cpp: it takes no tensor, so it has no dispatch key.
 #include <Python.h>
 #include <torch/library.h>
 

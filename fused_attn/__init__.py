@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = ["functional", "reference", "attention", "attention_varlen", "get_alibi_slopes", "layer_norm_residual",
            "feed_forward",
-           "available_backends", "use_backend", "BackendUnavailableError", "extension_error", "__version__",
+           "available_backends", "use_backend", "BackendUnavailableError", "extension_error", "empty_cpu_cache",
+           "__version__",
            "MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer",
            "swap_modules", "restore_modules", "patch_sdpa", "SwapReport"]
 
@@ -24,3 +25,18 @@ __all__ = ["functional", "reference", "attention", "attention_varlen", "get_alib
 def extension_error() -> str | None:
     """Why ``fused_attn._C`` is not loaded, or None when it is."""
     return _extension.ERROR
+
+
+def empty_cpu_cache() -> int:
+    """Frees the scratch buffers the ``cpu`` backend keeps between calls; returns the bytes freed.
+
+    The C++ attention kernels lay their operands out in buffers as large as K and V (and, backward,
+    Q and dO); buffers of a MiB and more are kept after a call, up to ``FUSED_ATTN_CPU_SCRATCH_MB``
+    MiB in all (default 256; 0 keeps none), so the next call does not fault fresh pages in. As
+    ``torch.cuda.empty_cache()``, this only returns memory to the system: the next call allocates
+    again. 0 without the extension."""
+    if _extension._C is None:
+        return 0
+    import torch
+
+    return int(torch.ops.fused_attn_C.cpu_scratch_release())

@@ -90,11 +90,13 @@
 #include "attention_bf16_dot.h"
 #include "attention_rowops.h"
 #include "attention_tile_gemm.h"
+#include "scratch.h"
 
 namespace fused_attn::cpu_attention {
 namespace {
 
 using at::Tensor;
+namespace scratch = fused_attn::cpu::scratch;
 
 // Tile sizes. Two ways to run the tile products (below): register-blocked AVX2 + FMA kernels on
 // operands laid out as panels (attention_tile_gemm.h; float32 compute on CPUs with AVX2 and FMA),
@@ -432,7 +434,7 @@ Panels make_panels(const Tensor& t, bool keys) {
   const PanelSource<scalar_t> src(t, keys);
   const int64_t B = t.size(0), H = t.size(1), n_panels = src.n_panels();
   Panels out;
-  out.storage = at::empty({B, H, n_panels, src.rows(), 16}, t.options().dtype(at::kFloat));
+  out.storage = scratch::empty({B, H, n_panels, src.rows(), 16}, at::kFloat);
   out.data = out.storage.const_data_ptr<float>();
   out.panel_stride = src.rows() * 16;
   out.stride_h = n_panels * out.panel_stride;
@@ -488,7 +490,8 @@ Bf16Rows bf16_rows(const Tensor& t) {
     out.sh = t.stride(1);
     out.ld = t.size(2) <= 1 ? D : t.stride(2);
   } else {
-    out.store = at::zeros({t.size(0), t.size(1), t.size(2), out.even}, t.options());
+    out.store = scratch::empty({t.size(0), t.size(1), t.size(2), out.even}, at::kBFloat16);
+    out.store.narrow(3, out.even - 1, 1).zero_();  // the padding column (written over when D is even)
     out.store.narrow(3, 0, D).copy_(t);
     out.data = bf16_bits(out.store);
     out.sb = out.store.stride(0);
@@ -565,7 +568,7 @@ Bf16Panels bf16_panels(const Tensor& t, bool keys) {
   const int64_t B = t.size(0), H = t.size(1);
   const int64_t n_panels = src.n_panels();
   out.panel = src.panel_size();
-  out.store = at::empty({B, H, n_panels * out.panel}, t.options());
+  out.store = scratch::empty({B, H, n_panels * out.panel}, at::kBFloat16);
   out.sh = n_panels * out.panel;
   out.sb = H * out.sh;
   uint16_t* dst_all = reinterpret_cast<uint16_t*>(out.store.data_ptr<c10::BFloat16>());
@@ -638,11 +641,11 @@ struct HeadSources {
       : k_keys(k_keys_), v_keys(v_keys_), k_columns(k_columns_), q_columns(q_columns_), dout_columns(dout_columns_) {}
 
   // The operands of kv head hk of batch row b (query heads hk * G .. hk * G + G - 1), laid out in buf.
-  TileOperands pack(int64_t b, int64_t hk, int64_t G, std::vector<float>& buf) const {
+  TileOperands pack(int64_t b, int64_t hk, int64_t G, scratch::Block& buf) const {
     const int64_t per_kv = k_keys.head_floats() + v_keys.head_floats() + k_columns.head_floats();
     const int64_t per_q = q_columns.head_floats() + dout_columns.head_floats();
-    buf.resize(per_kv + G * per_q);
-    float* p = buf.data();
+    buf.reserve(sizeof(float) * (per_kv + G * per_q));
+    float* p = buf.as<float>();
     TileOperands ops;
     ops.k_keys = k_keys.pack_heads(b, hk, 1, p);
     p += k_keys.head_floats();
@@ -870,7 +873,7 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t, LseT>>& parts) {
     // the bf16 dot products: P rounded to bf16 rows (round16(bn) wide, zero past the tile's keys)
     std::unique_ptr<uint16_t[]> p_bf16(bf16_products ? new uint16_t[tile_m * tile_n] : nullptr);
     // (sources: the panels of the (part, b, kv head) laid out last, in head_buffer)
-    std::vector<float> head_buffer;
+    scratch::Block head_buffer;
     TileOperands head_ops;
     std::array<int64_t, 3> head_laid_out{-1, -1, -1};
     for (int64_t u = begin, part_index = part_of(first_unit, begin); u < end; ++u) {
@@ -887,9 +890,9 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t, LseT>>& parts) {
         const std::array<int64_t, 3> head{part_index, b, hk};
         if (head != head_laid_out) {
           const ForwardSources<scalar_t>& src = *part.sources;
-          head_buffer.resize(src.k_keys.head_floats() + src.v_columns.head_floats());
-          head_ops.k_keys = src.k_keys.pack_heads(b, hk, 1, head_buffer.data());
-          head_ops.v_columns = src.v_columns.pack_heads(b, hk, 1, head_buffer.data() + src.k_keys.head_floats());
+          head_buffer.reserve(sizeof(float) * (src.k_keys.head_floats() + src.v_columns.head_floats()));
+          head_ops.k_keys = src.k_keys.pack_heads(b, hk, 1, head_buffer.as<float>());
+          head_ops.v_columns = src.v_columns.pack_heads(b, hk, 1, head_buffer.as<float>() + src.k_keys.head_floats());
           head_laid_out = head;
         }
         ops = &head_ops;
@@ -1268,7 +1271,7 @@ void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool p
     parallel_over_units(units.first, units.cost, units.grain, [&](int64_t begin, int64_t end) {
       SequentialBlas sequential_blas;
       Tile tile(pb0, *parts[0].g, parts[0].ops, tile_dmask);
-      std::vector<float> head_buffer;
+      scratch::Block head_buffer;
       for (int64_t u = begin, p = part_of(units.first, begin); u < end; ++u) {
         while (u >= units.first[p + 1]) ++p;
         tile.problem = parts[p].pb;
@@ -1284,7 +1287,7 @@ void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool p
       return std::pair<int64_t, double>{pb.B * pb.Hkv, double(G) * ceil_div(pb.Lq, BM) * ceil_div(pb.Lk, BN)};
     });
     run_units(units, dmask, [&](Tile& tile, const BackwardPart<T, scalar_t>& part, int64_t unit,
-                                std::vector<float>& head_buffer) {
+                                scratch::Block& head_buffer) {
       const Problem<T>& pb = *part.pb;
       const int64_t b = unit / pb.Hkv, hk = unit % pb.Hkv;
       TileOperands head_ops;
@@ -1310,7 +1313,7 @@ void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool p
     return std::pair<int64_t, double>{pb.B * pb.Hkv * ceil_div(pb.Lk, BN), double(G) * ceil_div(pb.Lq, BM)};
   });
   run_units(key_units, nullptr, [&](Tile& tile, const BackwardPart<T, scalar_t>& part, int64_t unit,
-                                    std::vector<float>&) {
+                                    scratch::Block&) {
     const Problem<T>& pb = *part.pb;
     const int64_t n_kblocks = ceil_div(pb.Lk, BN);
     const int64_t bhk = unit / n_kblocks, kb = zigzag(unit % n_kblocks, n_kblocks);
@@ -1330,7 +1333,7 @@ void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool p
     return std::pair<int64_t, double>{pb.B * pb.Hq * ceil_div(pb.Lq, BM), double(ceil_div(pb.Lk, BN))};
   });
   run_units(query_units, dmask, [&](Tile& tile, const BackwardPart<T, scalar_t>& part, int64_t unit,
-                                    std::vector<float>&) {
+                                    scratch::Block&) {
     const Problem<T>& pb = *part.pb;
     const int64_t n_qblocks = ceil_div(pb.Lq, BM);
     const int64_t bh = unit / n_qblocks, qb = zigzag(unit % n_qblocks, n_qblocks);
@@ -1783,7 +1786,7 @@ std::pair<Tensor, std::vector<int64_t>> layout_sequences(const std::vector<Sourc
     start[s + 1] = start[s] + H * srcs[s].n_panels() * srcs[s].panel_size();
     first_panel[s + 1] = first_panel[s] + H * srcs[s].n_panels();
   }
-  Tensor storage = at::empty({start.back()}, options);
+  Tensor storage = scratch::empty({start.back()}, c10::typeMetaToScalarType(options.dtype()));
   Elem* dst = reinterpret_cast<Elem*>(storage.data_ptr());
   const int64_t panels = first_panel.back();
   const int64_t mean_panel = start.back() / std::max<int64_t>(panels, 1);

@@ -1,0 +1,159 @@
+"""The C++ CPU backend's scratch cache (csrc/cpu/scratch.h): operand buffers of a MiB and more are
+kept between calls, up to ``FUSED_ATTN_CPU_SCRATCH_MB``, and ``fused_attn.empty_cpu_cache()``
+frees them.
+
+A kept buffer comes back holding the last call's bytes, so every kernel that takes one must
+write all of it that it reads (panel padding, the padding column of odd head dims). The
+stale-data test fills the cache with NaN-laden buffers from larger calls, then runs calls of odd
+sizes through every path that takes buffers (dense forward and both backward schedules, varlen,
+float32 panels and bf16 layouts) and holds them bitwise to the same calls with nothing kept.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import functional as F
+
+pytestmark = pytest.mark.skipif(
+    fused_attn.extension_error() is not None
+    or not torch._C._dispatch_has_kernel_for_dispatch_key("fused_attn_C::attention_fwd", "CPU"),
+    reason=f"fused_attn._C with the CPU attention kernel is not built: {fused_attn.extension_error()}")
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _register_blocked(monkeypatch):
+    # the register-blocked products are the ones that lay operands out (BLAS reads them in place)
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "tiles")
+    monkeypatch.delenv("FUSED_ATTN_CPU_SCRATCH_MB", raising=False)
+    fused_attn.empty_cpu_cache()
+    yield
+    fused_attn.empty_cpu_cache()
+
+
+def _dense(B, Hq, Hkv, L, D, dtype, seed, fill=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(B, h, L, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv, Hq))
+    if fill is not None:
+        for t in (q, k, v, dout):
+            t.view(-1)[::7] = fill
+    return q, k, v, dout
+
+
+def _dense_call(q, k, v, dout, causal):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = F.attention(q, k, v, causal=causal, backend="cpu")
+    out.backward(dout)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _varlen_call(q, k, v, dout, cu):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = F.attention_varlen(q, k, v, cu, cu, causal=True, backend="cpu")
+    out.backward(dout)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _calls(dtype, fill=None, grow=0):
+    """The buffer-taking paths, each on odd sizes (`grow` makes every size larger)."""
+    L, D = 1000 + 24 * grow, 59 + 5 * grow
+    results = []
+    # per-head backward schedule (6 kv heads on 2 threads) and a two-pass one (5 kv heads)
+    for Hq, Hkv in ((12, 6), (5, 5)):
+        results += _dense_call(*_dense(1, Hq, Hkv, L, D, dtype, seed=Hkv, fill=fill), causal=True)
+    # varlen: 3 sequences, one of them odd
+    lens = [400 + 10 * grow, 97, 2000 + 48 * grow]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v, dout = (t[0].transpose(0, 1).contiguous()
+                     for t in _dense(1, 8, 8, int(cu[-1]), D, dtype, seed=3, fill=fill))
+    results += _varlen_call(q, k, v, dout, cu)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kept_buffers_never_leak_stale_bytes(dtype, monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_CPU_SCRATCH_MB", "0")
+    expected = _calls(dtype)
+    assert fused_attn.empty_cpu_cache() == 0  # nothing was kept
+    monkeypatch.setenv("FUSED_ATTN_CPU_SCRATCH_MB", "1024")
+    _calls(dtype, fill=float("nan"), grow=1)  # leaves NaN in the kept buffers, past the smaller calls' data
+    got = _calls(dtype)
+    for i, (e, g) in enumerate(zip(expected, got)):
+        assert torch.isfinite(g).all(), f"result {i}: non-finite values from a reused buffer"
+        assert torch.equal(e, g), f"result {i} differs with buffers reused"
+    assert fused_attn.empty_cpu_cache() > 0
+
+
+def test_cache_keeps_buffers_up_to_the_cap(monkeypatch):
+    q, k, v, _ = _dense(2, 8, 8, 1024, 64, torch.float32, seed=0)  # K and V panels: 4 MiB each
+    with torch.no_grad():
+        F.attention(q, k, v, backend="cpu")
+    kept = fused_attn.empty_cpu_cache()
+    assert 8 * MiB <= kept <= 256 * MiB  # the default cap
+    assert fused_attn.empty_cpu_cache() == 0  # emptied
+
+    monkeypatch.setenv("FUSED_ATTN_CPU_SCRATCH_MB", "5")  # room for one panel buffer, not two
+    with torch.no_grad():
+        F.attention(q, k, v, backend="cpu")
+    assert 4 * MiB <= fused_attn.empty_cpu_cache() <= 5 * MiB
+
+    monkeypatch.setenv("FUSED_ATTN_CPU_SCRATCH_MB", "0")
+    with torch.no_grad():
+        F.attention(q, k, v, backend="cpu")
+    assert fused_attn.empty_cpu_cache() == 0
+
+
+def test_small_buffers_are_not_kept():
+    q, k, v, _ = _dense(1, 2, 2, 64, 32, torch.float32, seed=0)  # panels of 16 KiB
+    with torch.no_grad():
+        F.attention(q, k, v, backend="cpu")
+    assert fused_attn.empty_cpu_cache() == 0
+
+
+def test_a_repeated_call_takes_its_buffers_back():
+    """The second call finds what the first kept: the cache holds no more after two calls than after one."""
+    q, k, v, _ = _dense(2, 8, 8, 1024, 64, torch.float32, seed=0)
+    with torch.no_grad():
+        F.attention(q, k, v, backend="cpu")
+        kept_once = fused_attn.empty_cpu_cache()
+        for _ in range(2):
+            F.attention(q, k, v, backend="cpu")
+    assert fused_attn.empty_cpu_cache() == kept_once
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "1.5"])
+def test_a_bad_cap_is_a_clear_error(value, monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_CPU_SCRATCH_MB", value)
+    q, k, v, _ = _dense(2, 8, 8, 1024, 64, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match=f"FUSED_ATTN_CPU_SCRATCH_MB must be a whole number of MiB >= 0 .*'{value}'"):
+        F.attention(q, k, v, backend="cpu")
+
+
+def test_concurrent_calls_share_the_cache():
+    """Threads calling at once each get their own buffers (results as when run alone)."""
+    inputs = [_dense(1, 6, 6, 700 + 50 * i, 48, torch.float32, seed=i) for i in range(4)]
+    expected = [_dense_call(*x, causal=bool(i % 2)) for i, x in enumerate(inputs)]
+    got = [None] * len(inputs)
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(3):
+                got[i] = _dense_call(*inputs[i], causal=bool(i % 2))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for e, g in zip(expected, got):
+        for a, b in zip(e, g):
+            assert torch.equal(a, b)

@@ -3,7 +3,8 @@
 Inputs are validated here, once; a wrong rank, shape, dtype mix, device mix or option raises
 ``ValueError`` / ``TypeError`` naming the argument, the value and what was expected. Then the
 backend is resolved (see ``fused_attn.backends``) and the autograd Function runs the registered
-ops. Inputs are never modified.
+ops. Inputs are never modified, with one documented exception: ``attention_with_kvcache`` writes the
+new keys and values into the KV cache it is given (FlashAttention's ``flash_attn_with_kvcache``).
 """
 from __future__ import annotations
 
@@ -466,7 +467,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     checked = not compiling
     used_k = None  # the keys each sequence uses, once the block table's checks have read them
     if paged:  # from here on the cache is seen as packed sequences of the table's rows
-        _check_block_table(block_table, cu_seqlens_q, device)
+        _check_block_table(block_table, cu_seqlens_q.shape[0] - 1, device)
         if checked:
             used_k = check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
         cu_seqlens_k, seqused_k = paged_layout(block_table, k.shape[1], cu_seqlens_k, seqused_k)
@@ -499,7 +500,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     return _with_sinks(result, sinks, return_lse, head_dim=0)
 
 
-def _check_block_table(block_table, cu_seqlens_q, device) -> None:
+def _check_block_table(block_table, batch, device) -> None:
     if not isinstance(block_table, Tensor):
         raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
     if block_table.dtype != torch.int32:
@@ -508,8 +509,8 @@ def _check_block_table(block_table, cu_seqlens_q, device) -> None:
     if block_table.dim() != 2:
         raise ValueError(f"block_table must be 2-D (sequences, pages per sequence), got shape "
                          f"{tuple(block_table.shape)}")
-    if block_table.shape[0] != cu_seqlens_q.shape[0] - 1:
-        raise ValueError(f"block_table must have one row per sequence ({cu_seqlens_q.shape[0] - 1}), got shape "
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have one row per sequence ({batch}), got shape "
                          f"{tuple(block_table.shape)}")
     if block_table.device != device:
         raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
@@ -546,6 +547,276 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
     if max_seqlen is None and compiling:
         raise ValueError(f"{max_name} must be given under torch.compile (reading it from {name} would "
                          f"break the graph)")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention against a KV cache (decoding)
+# ---------------------------------------------------------------------------------------------
+
+def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                           v: Optional[Tensor] = None, *, cache_seqlens, cache_batch_idx: Optional[Tensor] = None,
+                           block_table: Optional[Tensor] = None, causal: bool = False,
+                           window_size: Optional[tuple[int, int]] = None, scale: Optional[float] = None,
+                           softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
+                           sinks: Optional[Tensor] = None, return_lse: bool = False, backend: Optional[str] = None):
+    """Decoding against a KV cache (FlashAttention's ``flash_attn_with_kvcache``): append the new
+    keys and values to the cache **in place**, then attend the queries to each sequence's cached
+    keys, the new ones included. Layout (batch, seqlen, heads, dim), as FlashAttention's.
+
+    This is the one call of the library that modifies an input: with ``k`` and ``v`` given, rows
+    ``cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1`` of sequence b's cache are overwritten with
+    ``k[b]`` and ``v[b]``, and nothing else of the cache changes. ``cache_seqlens`` itself is not
+    advanced (the caller adds Lnew, as with FlashAttention). Without ``k`` and ``v`` the cache is
+    only read.
+
+    Args:
+        q: (B, Lq, Hq, D) queries: Lq = 1 for plain decoding, Lq > 1 for a chunk (speculative
+            decoding, chunked prefill). ``Hq`` must be a multiple of the cache's ``Hkv``.
+        k_cache, v_cache: a dense cache (B_cache, Lmax, Hkv, D) / (B_cache, Lmax, Hkv, Dv), or, with
+            ``block_table``, a paged one (num_pages, page_size, Hkv, D) / (..., Dv) whose sequence b's
+            key j is row ``j % page_size`` of page ``block_table[b, j // page_size]``.
+        k, v: (B, Lnew, Hkv, D) / (B, Lnew, Hkv, Dv) new keys and values, or None (both or neither).
+        cache_seqlens: the keys already in each sequence's cache: an int32/int64 (B,) tensor on q's
+            device, or a Python int for all of them. Sequence b attends its first
+            ``cache_seqlens[b] + Lnew`` keys; ``cache_seqlens[b] + Lnew`` must fit the cache (Lmax,
+            or the ``pages_per_seq * page_size`` rows of its table row).
+        cache_batch_idx: int32/int64 (B,) or None (dense cache only, as FlashAttention's): batch row
+            b uses cache row ``cache_batch_idx[b]`` (None: row b, and then ``B_cache == B``). With
+            new k and v the indices must be distinct. The cache is then read as a paged one with a
+            page per cache row: the Triton forward reads the rows in place, the other backends
+            gather the B rows they use first (a copy of B × Lmax rows).
+        block_table: int32 (B, pages_per_seq) or None: a paged cache (FlashAttention's / vLLM's).
+            The new keys of two sequences must not land on the same page rows.
+        causal, window_size: FlashAttention's, bottom-right aligned: query i sits at key position
+            ``i + Lk_b - Lq`` (Lk_b = cache_seqlens[b] + Lnew), so the last query faces the last
+            key; a window (left, right) keeps keys within ``left`` before and ``right`` after it.
+            Queries that see no key (Lq > Lk_b with causal) return zeros.
+        scale, softcap, alibi_slopes ((Hq,) or (B, Hq), placed bottom-right), sinks, backend: as in
+            ``attention``.
+        return_lse: also return the float32 (B, Hq, Lq) log-sum-exp (FlashAttention's
+            ``return_softmax_lse``); +inf on rows that see no key.
+
+    Returns (B, Lq, Hq, Dv), or (out, lse) with ``return_lse``.
+
+    An inference call, as FlashAttention's (which has no backward): it refuses, with a
+    ``ValueError``, q, caches, k, v or sinks that require grad while grad mode is on (run it under
+    ``torch.no_grad()`` / ``torch.inference_mode()``; ``attention_varlen`` with ``seqused_k`` or
+    ``block_table`` trains on a cache). It runs as ``attention_varlen`` with ``seqused_k`` (and
+    ``block_table``), on q viewed as packed rows and a dense cache viewed as B packed slots of
+    Lmax rows (no copy when ``k_cache.flatten(0, 1)`` is a view, as for a contiguous cache).
+
+    Every input is checked before the cache is written, so a refused call changes nothing. Outside
+    torch.compile that includes the values of ``cache_seqlens``, ``cache_batch_idx`` and
+    ``block_table`` (one small device-to-host copy; ``attention_varlen`` then checks its own
+    boundaries). Under torch.compile nothing is read on the host: the cache bounds are asserted on
+    the device (``torch._assert_async``: a bad call raises when it runs, on a GPU as a device-side
+    assert), and duplicate write targets are not detected.
+    """
+    paged = block_table is not None
+    _check_tensor("q", q, ndim=4)
+    _check_tensor("k_cache", k_cache, ndim=4)
+    _check_tensor("v_cache", v_cache, ndim=4)
+    _check_same("q", q, {"k_cache": k_cache, "v_cache": v_cache})
+    if (k is None) != (v is None):
+        given, missing = ("k", "v") if v is None else ("v", "k")
+        raise ValueError(f"{given} was given without {missing}: pass the new keys and values together, or neither")
+    if k is not None:
+        _check_tensor("k", k, ndim=4)
+        _check_tensor("v", v, ndim=4)
+        _check_same("q", q, {"k": k, "v": v})
+    compiling = torch.compiler.is_compiling()
+    B, Lq, Hq, D = q.shape
+    slots, rows, Hkv, k_dim = k_cache.shape  # slots: cache rows or pages; rows: Lmax or the page size
+    Dv = v_cache.shape[-1]
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        what = "pages, page size and heads" if paged else "cache rows, length and heads"
+        raise ValueError(f"k_cache and v_cache must have the same {what}, got k_cache {tuple(k_cache.shape)}, "
+                         f"v_cache {tuple(v_cache.shape)}")
+    if k_dim != D:
+        raise ValueError(f"q and k_cache must have the same head dim, got q {tuple(q.shape)}, "
+                         f"k_cache {tuple(k_cache.shape)}")
+    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
+        raise ValueError(f"the query heads (q.shape[2] = {Hq}) must be a multiple of the key/value heads "
+                         f"(k_cache.shape[2] = {Hkv})")
+    new = 0  # Lnew
+    if k is not None:
+        new = k.shape[1]
+        if k.shape[0] != B or k.shape[2:] != (Hkv, D):
+            raise ValueError(f"k must have shape (B, Lnew, Hkv, D) = ({B}, Lnew, {Hkv}, {D}) to match q and k_cache, "
+                             f"got {tuple(k.shape)}")
+        if v.shape != (B, new, Hkv, Dv):
+            raise ValueError(f"v must have shape (B, Lnew, Hkv, Dv) = ({B}, {new}, {Hkv}, {Dv}) to match k and "
+                             f"v_cache, got {tuple(v.shape)}")
+    device = q.device
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (nor can it in FlashAttention): "
+                             "a paged cache finds each sequence's pages through its block_table row")
+        _check_block_table(block_table, B, device)
+        if rows == 0:
+            raise ValueError(f"the pages of k_cache must hold at least one row, got shape {tuple(k_cache.shape)}")
+        capacity = block_table.shape[1] * rows
+    else:
+        if cache_batch_idx is not None:
+            _check_index_tensor("cache_batch_idx", cache_batch_idx, B, device)
+        elif slots != B:
+            raise ValueError(f"k_cache has {slots} cache rows (k_cache.shape[0]) but q has batch {B}: without "
+                             f"cache_batch_idx they must match (cache_batch_idx picks a cache row for each batch row)")
+        capacity = rows
+    cache_seqlens = _check_cache_seqlens(cache_seqlens, B, device)
+    gqa = Hq != Hkv
+    if compiling:  # they choose the backend (and D the default scale)
+        D, Dv, gqa = _concrete(D), _concrete(Dv), _concrete(gqa)
+    window_size, _, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, "bottom_right", 0.0,
+                                                              scale, softcap, return_lse, compiling)
+    _check_alibi(alibi_slopes, B, "B", Hq, device)
+    _check_sinks(sinks, Hq, device)
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v), ("sinks", sinks)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad, but attention_with_kvcache is an inference call (as "
+                                 f"FlashAttention's flash_attn_with_kvcache): call it under torch.no_grad() or "
+                                 f"torch.inference_mode(), or train with attention_varlen (seqused_k / block_table)")
+    check_backend_name(backend)
+    # resolved here so that a backend that cannot take the call raises before the cache is written
+    backend = resolve_options("attention", device, q.dtype, _attention_options(
+        D, Dv, gqa, causal, window_size, 0.0, softcap, alibi=alibi_slopes, varlen=True), backend)
+    if not compiling:
+        _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new, capacity, slots, rows)
+    if new:
+        _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity, slots, rows,
+                       compiling)
+    elif compiling:
+        _assert_kvcache_values(cache_seqlens, cache_batch_idx, 0, capacity, slots)
+    # The attention: attention_varlen on q as B packed sequences of Lq rows, each using its first
+    # cache_seqlens[b] + Lnew keys. A dense cache is B packed slots of Lmax rows (viewed, not
+    # copied); with cache_batch_idx it is read as a paged cache with one page per cache row.
+    cu_seqlens_q = torch.arange(B + 1, device=device, dtype=torch.int32) * Lq
+    if cache_batch_idx is not None and rows > 0:
+        block_table = cache_batch_idx.to(torch.int32).view(B, 1)
+    cu_seqlens_k = torch.arange(B + 1, device=device, dtype=torch.int32) * capacity
+    keys, values = k_cache, v_cache
+    if block_table is None:
+        keys, values = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    result = attention_varlen(q.reshape(B * Lq, Hq, q.shape[-1]), keys, values, cu_seqlens_q, cu_seqlens_k, Lq,
+                              capacity if compiling else None, causal=causal, window_size=window_size,
+                              alignment="bottom_right", scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                              sinks=sinks, return_lse=return_lse, seqused_k=cache_seqlens + new,
+                              block_table=block_table, backend=backend)
+    out, lse = result if return_lse else (result, None)
+    out = out.view(B, Lq, Hq, out.shape[-1])
+    if not return_lse:
+        return out
+    return out, lse.view(Hq, B, Lq).transpose(0, 1).contiguous()
+
+
+def _check_index_tensor(name: str, t, batch: int, device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {_dtype_name(t.dtype)}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have one entry per batch row, shape ({batch},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def _check_cache_seqlens(cache_seqlens, batch: int, device) -> Tensor:
+    """cache_seqlens as a (B,) int tensor on q's device (a Python int: the same for every sequence)."""
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        if cache_seqlens < 0:
+            raise ValueError(f"cache_seqlens must be >= 0 (the keys already in each cache), got {cache_seqlens}")
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    if not isinstance(cache_seqlens, Tensor):
+        raise TypeError(f"cache_seqlens must be an int or an int32/int64 tensor of shape ({batch},), got "
+                        f"{type(cache_seqlens).__name__}")
+    _check_index_tensor("cache_seqlens", cache_seqlens, batch, device)
+    return cache_seqlens
+
+
+def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int, capacity: int, slots: int,
+                          rows: int) -> None:
+    """The data-dependent checks of ``attention_with_kvcache``, before anything is written (one
+    device-to-host copy): 0 <= cache_seqlens[b] and cache_seqlens[b] + Lnew <= the cache's room;
+    cache_batch_idx within the cache rows (and distinct when written to); the pages a sequence uses
+    exist, and no two sequences write the same page rows."""
+    batch = cache_seqlens.shape[0]
+    parts = [cache_seqlens.long()]
+    if cache_batch_idx is not None:
+        parts.append(cache_batch_idx.long())
+    if block_table is not None:
+        parts.append(block_table.long().flatten())
+    values = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
+    lengths, rest = values[:batch], values[batch:]
+    for b, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is negative: it counts the keys already in sequence {b}'s "
+                             f"cache")
+        if n + new > capacity:
+            plus = f" plus the {new} new keys of k" if new else ""
+            room = (f"keys its block_table row addresses ({block_table.shape[1]} pages of {rows} rows)"
+                    if block_table is not None else "rows of a cache row (k_cache.shape[1])")
+            raise ValueError(f"cache_seqlens[{b}] = {n}{plus} makes {n + new} keys, more than the {capacity} {room}")
+    if cache_batch_idx is not None:
+        owner = {}
+        for b, i in enumerate(rest[:batch]):
+            if not 0 <= i < slots:
+                raise ValueError(f"cache_batch_idx[{b}] = {i} is outside the {slots} cache rows of k_cache "
+                                 f"(k_cache.shape[0])")
+            if new and i in owner:
+                raise ValueError(f"cache_batch_idx[{owner[i]}] and cache_batch_idx[{b}] both name cache row {i}: with "
+                                 f"new k and v each batch row must write its own cache row")
+            owner[i] = b
+    if block_table is not None:
+        per_seq = block_table.shape[1]
+        written = []  # (page, first row, end row, sequence) of the new keys
+        for b, n in enumerate(lengths):
+            table = rest[b * per_seq:(b + 1) * per_seq]
+            used = table[:-(-(n + new) // rows)]
+            bad = [p for p in used if not 0 <= p < slots]
+            if bad:
+                raise ValueError(f"block_table[{b}] names page {bad[0]}, outside the {slots} pages of k_cache "
+                                 f"(sequence {b} uses its first {len(used)} entries for {n + new} keys)")
+            if new:
+                for j in range(n // rows, -(-(n + new) // rows)):
+                    written.append((table[j], max(n - j * rows, 0), min(n + new - j * rows, rows), b))
+        written.sort()
+        for (page, _, end, b), (next_page, start, next_end, c) in zip(written, written[1:]):
+            if page == next_page and start < end:  # sorted by first row: an overlap shows between neighbours
+                raise ValueError(f"block_table rows {b} and {c} both place new keys on rows {start}.."
+                                 f"{min(end, next_end) - 1} of page {page}: the new keys of two sequences cannot "
+                                 f"share cache rows")
+
+
+def _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity: int, slots: int) -> None:
+    """Under torch.compile, where nothing is read on the host: the bounds of the cache write,
+    asserted on the device (a bad call raises when it runs)."""
+    ok = ((cache_seqlens >= 0) & (cache_seqlens + new <= capacity)).all()
+    if cache_batch_idx is not None:
+        ok = ok & ((cache_batch_idx >= 0) & (cache_batch_idx < slots)).all()
+    torch._assert_async(ok, "attention_with_kvcache: cache_seqlens must be >= 0, cache_seqlens + k.shape[1] must fit "
+                            "the cache, and cache_batch_idx must name cache rows of k_cache")
+
+
+def _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity: int, slots: int,
+                   rows: int, compiling: bool) -> None:
+    """Sequence b's new key i goes to its position cache_seqlens[b] + i: row that of cache row b
+    (or cache_batch_idx[b]), or row position % page_size of page block_table[b, position // page_size]."""
+    batch, new = k.shape[:2]
+    position = cache_seqlens.long()[:, None] + torch.arange(new, device=k.device)  # (B, Lnew)
+    if compiling:
+        _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity, slots)
+    if block_table is not None:
+        pages = block_table.long().gather(1, (position // rows).clamp(0, block_table.shape[1] - 1))
+        if compiling:
+            torch._assert_async(((pages >= 0) & (pages < slots)).all(),
+                                "attention_with_kvcache: block_table names a page outside k_cache for the new keys")
+        index = (pages, position % rows)
+    else:
+        row = torch.arange(batch, device=k.device) if cache_batch_idx is None else cache_batch_idx.long()
+        index = (row[:, None], position)
+    k_cache.index_put_(index, k)
+    v_cache.index_put_(index, v)
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -749,4 +1020,5 @@ def _ffn_tensors_match(x, w1, b1, w2, b2) -> bool:
     return True
 
 
-__all__ = ["attention", "attention_varlen", "scaled_dot_product_attention", "layer_norm_residual", "feed_forward"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "scaled_dot_product_attention",
+           "layer_norm_residual", "feed_forward"]

@@ -1,0 +1,466 @@
+"""Decoding against a KV cache: ``attention_with_kvcache`` (FlashAttention's ``flash_attn_with_kvcache``).
+
+The call writes the new keys and values into the cache in place, at positions cache_seqlens[b] ..
+cache_seqlens[b] + Lnew - 1, then attends q to each sequence's first cache_seqlens[b] + Lnew keys,
+bottom-right aligned. The oracle never looks at the written cache: it takes each sequence's old
+keys from a pristine copy of the cache (row by row, or page by page through the block table),
+appends the new k and v, and runs ``reference.attention`` in float64 on every sequence alone. The
+cache rows the call must not read (past each sequence's keys, the new rows before the write,
+spare pages, unused cache rows) hold NaN, so a read out of place, a write to the wrong offset or a
+dropped write all show up as NaN in the output. Dense and paged caches, on every backend of this
+machine (the Triton one under TRITON_INTERPRET=1 on the CPU).
+"""
+import pytest
+import torch
+
+from fused_attn import functional as F
+from fused_attn import reference as R
+from fused_attn.testing import backend_cases, check_against_reference, make_inputs
+
+PAGE = 16
+NAN = float("nan")
+
+
+def cases(dtype=torch.float32):
+    return backend_cases("attention", dtype)
+
+
+# id, then the shapes and options; dense caches are Lmax = 17 rows, paged ones pages of 16 rows.
+CASES = [
+    dict(id="decode, ragged lengths incl. empty and full", B=4, Lq=1, new=1, seqlens=[0, 5, 16, 9], Hq=4, Hkv=2,
+         D=40, causal=True),
+    dict(id="no new keys: full, empty and partial caches", B=3, Lq=1, new=0, seqlens=[17, 0, 9], Hq=2, Hkv=2, D=40,
+         causal=True),
+    dict(id="speculative chunk, bottom-right causal, Dv != D", B=3, Lq=4, new=4, seqlens=[0, 3, 13], Hq=4, Hkv=1,
+         D=59, Dv=40, causal=True),
+    dict(id="more queries than keys: dead rows", B=2, Lq=3, new=1, seqlens=[0, 6], Hq=2, Hkv=2, D=24, causal=True),
+    dict(id="chunk without causal", B=2, Lq=3, new=2, seqlens=[4, 15], Hq=2, Hkv=1, D=24, causal=False),
+    dict(id="cache_batch_idx", B=3, Lq=2, new=2, seqlens=[4, 0, 15], Hq=4, Hkv=2, D=40, causal=True,
+         batch_idx=[4, 0, 2], cache_rows=5),
+    dict(id="cache_batch_idx, no new keys, a row read twice", B=3, Lq=1, new=0, seqlens=[6, 17, 2], Hq=2, Hkv=2,
+         D=24, causal=True, batch_idx=[1, 1, 0], cache_rows=2),
+    dict(id="paged decode", B=4, Lq=1, new=1, seqlens=[37, 0, 47, 5], Hq=4, Hkv=2, D=40, causal=True, paged=True),
+    dict(id="paged chunk across page boundaries, full table", B=2, Lq=3, new=3, seqlens=[14, 61], Hq=2, Hkv=2, D=24,
+         causal=True, paged=True),
+    dict(id="paged, no new keys", B=3, Lq=2, new=0, seqlens=[0, 33, 64], Hq=2, Hkv=1, D=32, Dv=24, causal=True,
+         paged=True),
+    dict(id="window softcap alibi sinks scale", B=3, Lq=2, new=2, seqlens=[9, 0, 15], Hq=4, Hkv=2, D=32, causal=True,
+         window=(4, 0), softcap=1.0, alibi="per head", sinks=True, scale=0.2),
+    dict(id="two-sided window, per-batch alibi", B=2, Lq=3, new=1, seqlens=[10, 3], Hq=2, Hkv=2, D=16, causal=False,
+         window=(3, 1), alibi="per batch"),
+    dict(id="paged window sinks", B=2, Lq=2, new=1, seqlens=[30, 8], Hq=2, Hkv=1, D=24, causal=True, window=(6, 0),
+         sinks=True, paged=True),
+    dict(id="int cache_seqlens, strided cache view", B=2, Lq=1, new=1, seqlens=7, Hq=2, Hkv=2, D=24, causal=True,
+         strided=True),
+    dict(id="int64 cache_seqlens", B=2, Lq=2, new=1, seqlens=[3, 11], Hq=2, Hkv=2, D=24, causal=True,
+         seqlens_dtype=torch.int64),
+]
+LMAX = 17
+PAGES_PER_SEQ = 4
+
+
+def _setup(case, device="cpu", dtype=torch.float32, seed=0):
+    """The call's inputs, the cache holding NaN wherever the call must not read (the rows the new
+    keys go to included), and the block table (paged: random pages, unused entries -1)."""
+    c = dict(case)
+    B, Lq, new, Hq, Hkv, D = c["B"], c["Lq"], c["new"], c["Hq"], c["Hkv"], c["D"]
+    Dv = c.get("Dv", D)
+    lengths = c["seqlens"] if isinstance(c["seqlens"], list) else [c["seqlens"]] * B
+    gen = torch.Generator().manual_seed(seed)
+    table = batch_idx = None
+    if c.get("paged"):
+        needed = [-(-(n + new) // PAGE) for n in lengths]
+        num_pages = sum(needed) + 3
+        order = iter(torch.randperm(num_pages, generator=gen).tolist())
+        table = torch.full((B, PAGES_PER_SEQ), -1, dtype=torch.int32)
+        for b, m in enumerate(needed):
+            for j in range(m):
+                table[b, j] = next(order)
+        slots, rows = num_pages, PAGE
+    else:
+        slots, rows = c.get("cache_rows", B), LMAX
+        if "batch_idx" in c:
+            batch_idx = torch.tensor(c["batch_idx"], dtype=torch.int64)
+    q, k, v, kc, vc = make_inputs((B, Lq, Hq, D), (B, new, Hkv, D), (B, new, Hkv, Dv), (slots, rows, Hkv, D),
+                                  (slots, rows, Hkv, Dv), dtype=dtype, device=device, seed=seed + 1,
+                                  requires_grad=False)
+    valid = torch.zeros(slots, rows, dtype=torch.bool)  # the old keys the call may read
+    for b, n in enumerate(lengths):
+        for j in range(n):
+            if table is not None:
+                valid[int(table[b, j // PAGE]), j % PAGE] = True
+            else:
+                valid[b if batch_idx is None else int(batch_idx[b]), j] = True
+    kc[~valid.to(device)] = NAN
+    vc[~valid.to(device)] = NAN
+    if c.get("strided"):  # caches as views of a wider buffer: not viewable as packed rows
+        kc = torch.cat([kc, torch.zeros_like(kc[:, :3])], 1)[:, :rows]
+        vc = torch.cat([vc, torch.zeros_like(vc[:, :3])], 1)[:, :rows]
+    if isinstance(c["seqlens"], list):
+        seqlens = torch.tensor(lengths, dtype=c.get("seqlens_dtype", torch.int32), device=device)
+    else:
+        seqlens = c["seqlens"]
+    alibi = None
+    if c.get("alibi") == "per head":
+        alibi = torch.linspace(0.1, 0.6, Hq, device=device)
+    elif c.get("alibi") == "per batch":
+        alibi = torch.linspace(-0.3, 0.5, B * Hq, device=device).view(B, Hq)
+    sinks = torch.linspace(-1.0, 2.0, Hq, device=device) if c.get("sinks") else None
+    if new == 0:
+        k = v = None
+    kwargs = dict(cache_seqlens=seqlens, cache_batch_idx=None if batch_idx is None else batch_idx.to(device),
+                  block_table=None if table is None else table.to(device), causal=c.get("causal", False),
+                  window_size=c.get("window"), scale=c.get("scale"), softcap=c.get("softcap"), alibi_slopes=alibi,
+                  sinks=sinks)
+    return q, kc, vc, k, v, kwargs, lengths
+
+
+def _old_keys(cache, b, n, kwargs):
+    """Sequence b's first n cached keys, from the (unwritten) cache: (n, Hkv, dim)."""
+    table, idx = kwargs["block_table"], kwargs["cache_batch_idx"]
+    if table is not None:
+        return torch.stack([cache[int(table[b, j // PAGE]), j % PAGE] for j in range(n)]) if n else cache[0, :0]
+    return cache[b if idx is None else int(idx[b]), :n]
+
+
+def oracle(q, kc, vc, k, v, kwargs, lengths, return_lse=True):
+    """Each sequence alone through ``reference.attention``, bottom-right aligned, on its old keys
+    followed by the new ones: out (B, Lq, Hq, Dv), lse (B, Hq, Lq)."""
+    alibi, sinks = kwargs["alibi_slopes"], kwargs["sinks"]
+    wide = torch.promote_types(q.dtype, torch.float32)
+    outs, lses = [], []
+    for b, n in enumerate(lengths):
+        ks, vs = _old_keys(kc, b, n, kwargs), _old_keys(vc, b, n, kwargs)
+        if k is not None:
+            ks, vs = torch.cat([ks, k[b]]), torch.cat([vs, v[b]])
+        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[b], ks, vs))  # (1, heads, len, dim)
+        slopes = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[b]).to(q.dtype)
+        opts = dict(window_size=kwargs["window_size"], alignment="bottom_right", softcap=kwargs["softcap"],
+                    alibi_slopes=slopes)
+        outs.append(R.attention(qs, ks, vs, None, kwargs["causal"], 0.0, kwargs["scale"], None,
+                                sinks=None if sinks is None else sinks.to(q.dtype), **opts)[0].transpose(0, 1))
+        lses.append(R.attention_lse(qs.to(wide), ks.to(wide), None, kwargs["causal"], kwargs["scale"],
+                                    sinks=None if sinks is None else sinks.to(wide), **opts)[0])
+    out = torch.stack(outs)
+    return (out, torch.stack(lses)) if return_lse else out
+
+
+def _check(case, device, backend, dtype=torch.float32, return_lse=True):
+    q, kc, vc, k, v, kwargs, lengths = _setup(case, device, dtype)
+
+    def fused(q, kc, vc, k, v):
+        if case.get("strided"):  # check_against_reference hands over contiguous copies: rebuild the views
+            kc, vc = (torch.cat([t, torch.zeros_like(t[:, :3])], 1)[:, :LMAX] for t in (kc, vc))
+        return F.attention_with_kvcache(q, kc, vc, k, v, return_lse=return_lse, backend=backend, **kwargs)
+
+    def reference(q, kc, vc, k, v):
+        return oracle(q, kc, vc, k, v, kwargs, lengths, return_lse)
+
+    return check_against_reference(fused, reference, [q, kc, vc, k, v], names=["q", "k_cache", "v_cache", "k", "v"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+@pytest.mark.parametrize("device,backend", cases())
+def test_kvcache_matches_reference(device, backend, case):
+    """Output and lse against the float64 oracle on the old keys plus the new ones."""
+    results = _check(case, device, backend)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+HALF_CASES = [CASES[0], CASES[2], CASES[5], CASES[8]]
+
+
+@pytest.mark.parametrize("case", HALF_CASES, ids=[c["id"] for c in HALF_CASES])
+@pytest.mark.parametrize("device,backend", cases(torch.float16))
+def test_kvcache_matches_reference_float16(device, backend, case):
+    if backend == "reference":
+        pytest.skip("the reference backend is the oracle itself")
+    results = _check(case, device, backend, torch.float16, return_lse=False)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.bfloat16) if torch.cuda.is_available() else [])
+def test_kvcache_matches_reference_bfloat16(device, backend):
+    if device != "cuda" or backend == "reference":
+        pytest.skip("bfloat16 runs on the GPU")
+    results = _check(CASES[7], device, backend, torch.bfloat16)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+WRITE_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[13]]
+
+
+@pytest.mark.parametrize("case", WRITE_CASES, ids=[c["id"] for c in WRITE_CASES])
+def test_kvcache_write_changes_exactly_the_new_rows(case, device):
+    """After the call the cache holds k and v at rows cache_seqlens[b] .. + Lnew - 1 of sequence b's
+    cache row (or pages) and is bitwise unchanged everywhere else (NaN included); q, k, v,
+    cache_seqlens and the index tensors are untouched; the output is a fresh tensor."""
+    q, kc, vc, k, v, kwargs, lengths = _setup(case, device)
+    expected_k, expected_v = kc.clone(), vc.clone()
+    table, idx = kwargs["block_table"], kwargs["cache_batch_idx"]
+    for b, n in enumerate(lengths):
+        for i in range(k.shape[1]):
+            j = n + i
+            if table is not None:
+                where = (int(table[b, j // PAGE]), j % PAGE)
+            else:
+                where = (b if idx is None else int(idx[b]), j)
+            expected_k[where], expected_v[where] = k[b, i], v[b, i]
+    inputs = {"q": q, "k": k, "v": v, **{n: t for n, t in kwargs.items() if isinstance(t, torch.Tensor)}}
+    before = {n: t.clone() for n, t in inputs.items()}
+    out = F.attention_with_kvcache(q, kc, vc, k, v, backend="reference", **kwargs)
+    assert torch.equal(kc.isnan(), expected_k.isnan()) and torch.equal(vc.isnan(), expected_v.isnan())
+    assert torch.equal(kc.nan_to_num(), expected_k.nan_to_num()) and torch.equal(vc.nan_to_num(),
+                                                                                 expected_v.nan_to_num())
+    for n, t in inputs.items():
+        assert torch.equal(t.nan_to_num(), before[n].nan_to_num()), n
+    assert all(out.data_ptr() != t.data_ptr() for t in (q, kc, vc, k, v))
+    if case.get("strided"):  # the write went to the wider buffer the cache views
+        assert kc._base is not None and torch.equal(kc._base[:, :LMAX].nan_to_num(), expected_k.nan_to_num())
+
+
+@pytest.mark.parametrize("device,backend", cases())
+def test_kvcache_decode_loop_is_causal_attention(device, backend):
+    """A prompt prefilled through the cache, then tokens decoded one at a time, each step writing its
+    key and value: every step's output is the row a single causal pass over the whole sequence
+    gives it, and the cache ends up holding the whole sequence's keys and values."""
+    B, Hq, Hkv, D, prompt, steps = 2, 4, 2, 24, 5, 4
+    total = prompt + steps
+    q, k, v = make_inputs((B, total, Hq, D), (B, total, Hkv, D), (B, total, Hkv, D), requires_grad=False,
+                          device=device, seed=21)
+    full = F.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                       backend="reference").transpose(1, 2)
+    kc, vc = torch.full((B, LMAX, Hkv, D), NAN, device=device), torch.full((B, LMAX, Hkv, D), NAN, device=device)
+    out = F.attention_with_kvcache(q[:, :prompt], kc, vc, k[:, :prompt], v[:, :prompt], cache_seqlens=0, causal=True,
+                                   backend=backend)
+    torch.testing.assert_close(out, full[:, :prompt])
+    for t in range(prompt, total):
+        seqlens = torch.full((B,), t, dtype=torch.int32, device=device)
+        out = F.attention_with_kvcache(q[:, t:t + 1], kc, vc, k[:, t:t + 1], v[:, t:t + 1], cache_seqlens=seqlens,
+                                       causal=True, backend=backend)
+        torch.testing.assert_close(out, full[:, t:t + 1])
+    assert torch.equal(kc[:, :total], k) and torch.equal(vc[:, :total], v) and bool(kc[:, total:].isnan().all())
+
+
+@pytest.mark.parametrize("device,backend", cases())
+def test_kvcache_dense_paged_and_batch_idx_agree(device, backend):
+    """One cache held three ways, dense, behind cache_batch_idx (rows in another order, among
+    others) and paged (pages shuffled), gives the same answer and the same written rows."""
+    B, Hq, Hkv, D, Lq = 3, 2, 1, 16, 2
+    lengths = [5, 0, 15]  # the last one's new keys straddle two pages
+    q, k, v, old_k, old_v = make_inputs((B, Lq, Hq, D), (B, Lq, Hkv, D), (B, Lq, Hkv, D), (B, 32, Hkv, D),
+                                        (B, 32, Hkv, D), requires_grad=False, device=device, seed=5)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    opts = dict(cache_seqlens=seqlens, causal=True, return_lse=True, backend=backend)
+    dense_k, dense_v = old_k.clone(), old_v.clone()
+    dense = F.attention_with_kvcache(q, dense_k, dense_v, k, v, **opts)
+    idx = torch.tensor([3, 0, 1], device=device)
+    rows_k, rows_v = torch.zeros(4, 32, Hkv, D, device=device), torch.zeros(4, 32, Hkv, D, device=device)
+    rows_k[idx], rows_v[idx] = old_k, old_v
+    by_idx = F.attention_with_kvcache(q, rows_k, rows_v, k, v, cache_batch_idx=idx, **opts)
+    order = torch.randperm(B * 2, generator=torch.Generator().manual_seed(1)).view(B, 2)  # page of row (b, half)
+    pages_k, pages_v = torch.zeros(B * 2, PAGE, Hkv, D, device=device), torch.zeros(B * 2, PAGE, Hkv, D, device=device)
+    pages_k[order.flatten()], pages_v[order.flatten()] = old_k.reshape(B * 2, PAGE, Hkv, D), old_v.reshape(
+        B * 2, PAGE, Hkv, D)
+    table = order.to(device=device, dtype=torch.int32)
+    paged = F.attention_with_kvcache(q, pages_k, pages_v, k, v, block_table=table, **opts)
+    for other in (by_idx, paged):
+        torch.testing.assert_close(other[0], dense[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other[1], dense[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(rows_k[idx], dense_k) and torch.equal(rows_v[idx], dense_v)
+    assert torch.equal(pages_k[order.flatten()].view(B, 32, Hkv, D), dense_k)
+    assert torch.equal(pages_v[order.flatten()].view(B, 32, Hkv, D), dense_v)
+
+
+@pytest.mark.parametrize("device", [pytest.param(c.values[0], marks=c.marks, id=c.values[0])
+                                    for c in backend_cases("attention") if c.values[1] == "triton"])
+def test_triton_reads_the_cache_in_place(device, monkeypatch):
+    """The Triton backend reads a dense cache as packed rows and a cache behind cache_batch_idx as
+    one page per cache row (the PAGED forward): no gather of the cache either way."""
+    from fused_attn.triton import attention as A
+
+    seen = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *a: (kernel == "fwd" and seen.append(a[3]["PAGED"]),
+                                                          launch(kernel, *a)))
+    for case in (CASES[0], CASES[5]):
+        q, kc, vc, k, v, kwargs, lengths = _setup(case, device)
+        out = F.attention_with_kvcache(q, kc, vc, k, v, backend="triton", **kwargs)
+        torch.testing.assert_close(out, oracle(q, kc, vc, k, v, kwargs, lengths, False).to(out.dtype))
+    assert seen == [False, True]
+
+
+def test_kvcache_refuses_inputs_that_require_grad():
+    """An inference call, as FlashAttention's: a tensor that requires grad raises, under grad mode
+    only, before the cache is written; under no_grad the same call runs."""
+    q, kc, vc, k, v, kwargs, _ = _setup(CASES[0])
+    for name in ("q", "k_cache", "v_cache", "k", "v", "sinks"):
+        args = dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v)
+        extra = dict(kwargs)
+        if name == "sinks":
+            extra["sinks"] = torch.zeros(q.shape[2], requires_grad=True)
+        else:
+            args[name] = args[name].detach().clone().requires_grad_()
+        cache_before = args["k_cache"].detach().clone()
+        with pytest.raises(ValueError, match=f"{name} requires grad, but attention_with_kvcache is an inference"):
+            F.attention_with_kvcache(**args, **extra)
+        assert torch.equal(args["k_cache"].detach().nan_to_num(), cache_before.nan_to_num())
+        with torch.no_grad():
+            out = F.attention_with_kvcache(**args, **extra)
+        assert not out.requires_grad
+    with torch.inference_mode():
+        qi, kci, vci = q.clone(), kc.clone(), vc.clone()
+        F.attention_with_kvcache(qi, kci, vci, k.clone(), v.clone(), **kwargs)
+
+
+def _bad_inputs(paged=False):
+    case = CASES[8] if paged else dict(CASES[5], seqlens=[4, 0, 14])  # dense: room for 3 new keys in row 2
+    q, kc, vc, k, v, kwargs, _ = _setup(case)
+    return dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v, **kwargs)
+
+
+def _int(values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype)
+
+
+DENSE_ERRORS = [
+    (lambda a: dict(v=None), ValueError, "k was given without v"),
+    (lambda a: dict(k=None), ValueError, "v was given without k"),
+    (lambda a: dict(q=a["q"][0]), ValueError, "q must be 4-D"),
+    (lambda a: dict(k_cache=a["k_cache"][0]), ValueError, "k_cache must be 4-D"),
+    (lambda a: dict(v_cache=a["v_cache"][None]), ValueError, "v_cache must be 4-D"),
+    (lambda a: dict(k=a["k"][0], v=a["v"][0]), ValueError, "k must be 4-D"),
+    (lambda a: dict(q=a["q"].long()), TypeError, "q must be a floating-point tensor"),
+    (lambda a: dict(k_cache=[1.0]), TypeError, "k_cache must be a torch.Tensor"),
+    (lambda a: dict(k_cache=a["k_cache"].double()), TypeError, "k_cache has dtype float64 but q has float32"),
+    (lambda a: dict(v=a["v"].half()), TypeError, "v has dtype float16 but q has float32"),
+    (lambda a: dict(v_cache=a["v_cache"].to("meta")), ValueError, "v_cache is on meta but q is on cpu"),
+    (lambda a: dict(k=a["k"].to("meta")), ValueError, "k is on meta but q is on cpu"),
+    (lambda a: dict(v_cache=a["v_cache"][:, :16]), ValueError, "k_cache and v_cache must have the same cache rows"),
+    (lambda a: dict(k_cache=a["k_cache"][..., :8]), ValueError, "q and k_cache must have the same head dim"),
+    (lambda a: dict(k_cache=a["k_cache"][:, :, :1].expand(5, 17, 3, 40), v_cache=a["v_cache"][:, :, :1].expand(
+        5, 17, 3, 40)), ValueError, r"query heads \(q.shape\[2\] = 4\) must be a multiple of the key/value heads"),
+    (lambda a: dict(k=a["k"][:, :, :1], v=a["v"][:, :, :1]), ValueError, r"k must have shape \(B, Lnew, Hkv, D\)"),
+    (lambda a: dict(v=a["v"][:, :1]), ValueError, r"v must have shape \(B, Lnew, Hkv, Dv\) = \(3, 2, 2, 40\)"),
+    (lambda a: dict(cache_batch_idx=None), ValueError, "k_cache has 5 cache rows .* but q has batch 3"),
+    (lambda a: dict(cache_seqlens=_int([4, 0, 16])), ValueError,
+     r"cache_seqlens\[2\] = 16 plus the 2 new keys of k makes 18 keys, more than the 17 rows"),
+    (lambda a: dict(cache_seqlens=_int([4, 18, 1]), k=None, v=None), ValueError,
+     r"cache_seqlens\[1\] = 18 makes 18 keys, more than the 17 rows"),
+    (lambda a: dict(cache_seqlens=_int([4, -1, 1])), ValueError, r"cache_seqlens\[1\] = -1 is negative"),
+    (lambda a: dict(cache_seqlens=-2), ValueError, "cache_seqlens must be >= 0"),
+    (lambda a: dict(cache_seqlens=16), ValueError, r"cache_seqlens\[0\] = 16 plus the 2 new keys"),
+    (lambda a: dict(cache_seqlens=True), TypeError, "cache_seqlens must be an int or an int32/int64 tensor"),
+    (lambda a: dict(cache_seqlens=[4, 0, 1]), TypeError, "cache_seqlens must be an int or an int32/int64 tensor"),
+    (lambda a: dict(cache_seqlens=None), TypeError, "cache_seqlens must be an int or an int32/int64 tensor"),
+    (lambda a: dict(cache_seqlens=_int([4.0, 0.0, 1.0], torch.float32)), TypeError,
+     "cache_seqlens must be int32 or int64, got float32"),
+    (lambda a: dict(cache_seqlens=_int([4, 0])), ValueError,
+     r"cache_seqlens must have one entry per batch row, shape \(3,\)"),
+    (lambda a: dict(cache_seqlens=_int([4, 0, 1]).to("meta")), ValueError, "cache_seqlens is on meta but q is on cpu"),
+    (lambda a: dict(cache_batch_idx=_int([4, 5, 2])), ValueError,
+     r"cache_batch_idx\[1\] = 5 is outside the 5 cache rows of k_cache"),
+    (lambda a: dict(cache_batch_idx=_int([4, -1, 2])), ValueError, r"cache_batch_idx\[1\] = -1 is outside"),
+    (lambda a: dict(cache_batch_idx=_int([4, 0, 4])), ValueError,
+     r"cache_batch_idx\[0\] and cache_batch_idx\[2\] both name cache row 4"),
+    (lambda a: dict(cache_batch_idx=_int([4, 0, 2], torch.float32)), TypeError,
+     "cache_batch_idx must be int32 or int64"),
+    (lambda a: dict(cache_batch_idx=_int([[4, 0, 2]])), ValueError,
+     "cache_batch_idx must have one entry per batch row"),
+    (lambda a: dict(cache_batch_idx=[4, 0, 2]), TypeError, "cache_batch_idx must be a torch.Tensor"),
+    (lambda a: dict(block_table=_int([[0], [1], [2]])), ValueError,
+     "cache_batch_idx cannot be combined with block_table"),
+    (lambda a: dict(window_size=(-2, 0)), ValueError, "window_size sides must be >= 0"),
+    (lambda a: dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
+    (lambda a: dict(scale=float("inf")), TypeError, "scale must be a finite float"),
+    (lambda a: dict(causal=1), TypeError, "causal must be a bool"),
+    (lambda a: dict(return_lse="yes"), TypeError, "return_lse must be a bool"),
+    (lambda a: dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(Hq,\) = \(4,\)"),
+    (lambda a: dict(sinks=torch.ones(2)), ValueError, r"sinks must have shape \(Hq,\) = \(4,\)"),
+    (lambda a: dict(backend="fastest"), ValueError, "backend must be one of"),
+]
+PAGED_ERRORS = [
+    (lambda a: dict(cache_seqlens=_int([14, 62])), ValueError,
+     r"cache_seqlens\[1\] = 62 plus the 3 new keys of k makes 65 keys, more than the 64 keys its block_table row "
+     r"addresses \(4 pages of 16 rows\)"),
+    (lambda a: dict(block_table=a["block_table"][:, :2], cache_seqlens=_int([14, 30])), ValueError,
+     r"cache_seqlens\[1\] = 30 plus the 3 new keys of k makes 33 keys, more than the 32"),
+    (lambda a: dict(block_table=torch.where(torch.arange(4) == 1, -1, a["block_table"]).int()), ValueError,
+     r"block_table\[0\] names page -1, outside the \d+ pages of k_cache"),
+    (lambda a: dict(block_table=torch.where(torch.arange(4) == 3, 99, a["block_table"]).int()), ValueError,
+     r"block_table\[1\] names page 99"),
+    (lambda a: dict(block_table=torch.stack([a["block_table"][0], torch.cat([a["block_table"][0, :1],
+                                                                              a["block_table"][1, 1:]])]),
+                    cache_seqlens=_int([14, 15])), ValueError,
+     r"block_table rows 0 and 1 both place new keys on rows 15..15 of page"),
+    (lambda a: dict(block_table=a["block_table"].long()), TypeError, "block_table must be int32"),
+    (lambda a: dict(block_table=a["block_table"][:1]), ValueError, r"block_table must have one row per sequence \(2\)"),
+    (lambda a: dict(block_table=a["block_table"][0]), ValueError, "block_table must be 2-D"),
+    (lambda a: dict(v_cache=a["v_cache"][:, :8]), ValueError, "k_cache and v_cache must have the same pages"),
+    (lambda a: dict(cache_batch_idx=_int([0, 1])), ValueError, "cache_batch_idx cannot be combined with block_table"),
+]
+
+
+@pytest.mark.parametrize("paged,changes,error,match", [(False, *e) for e in DENSE_ERRORS] +
+                         [(True, *e) for e in PAGED_ERRORS])
+def test_kvcache_bad_input_names_the_argument(paged, changes, error, match):
+    """Each bad input raises, naming the argument and the value, before anything is written: the
+    cache is unchanged after the refused call."""
+    args = _bad_inputs(paged)
+    caches = [args["k_cache"].clone(), args["v_cache"].clone()]
+    args.update(changes(args))
+    with pytest.raises(error, match=match):
+        F.attention_with_kvcache(**args)
+    for t, before in zip((args["k_cache"], args["v_cache"]), caches):
+        if isinstance(t, torch.Tensor) and t.shape == before.shape and t.device == before.device:
+            assert torch.equal(t.nan_to_num(), before.nan_to_num())
+    F.attention_with_kvcache(**_bad_inputs(paged))  # the unchanged call runs
+
+
+def test_kvcache_is_exported():
+    import fused_attn
+
+    assert fused_attn.attention_with_kvcache is F.attention_with_kvcache
+    assert "attention_with_kvcache" in F.__all__ and "attention_with_kvcache" in fused_attn.__all__
+
+
+def test_kvcache_empty_batch_and_no_new_rows():
+    """A batch of none and a k of zero new keys are no-ops on the cache."""
+    q, kc, vc = make_inputs((0, 1, 2, 8), (0, 17, 2, 8), (0, 17, 2, 8), requires_grad=False)
+    out, lse = F.attention_with_kvcache(q, kc, vc, cache_seqlens=0, return_lse=True)
+    assert out.shape == (0, 1, 2, 8) and lse.shape == (0, 2, 1)
+    q, kc, vc, k, v = make_inputs((2, 1, 2, 8), (2, 17, 2, 8), (2, 17, 2, 8), (2, 0, 2, 8), (2, 0, 2, 8),
+                                  requires_grad=False)
+    before = kc.clone()
+    out = F.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=_int([17, 3]))
+    assert torch.equal(kc, before)
+    torch.testing.assert_close(out, F.attention_with_kvcache(q, kc, vc, cache_seqlens=_int([17, 3])))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_kvcache_under_torch_compile(paged):
+    """The call traces without graph breaks (the cache sizes bound max_seqlen, nothing is read on
+    the host), writes the cache of the compiled call's caller in place and gives the eager answer;
+    bad lengths fail when the compiled call runs (asserted on the device), before the write."""
+    q, kc, vc, k, v, kwargs, _ = _setup(CASES[8] if paged else CASES[2])
+    kwargs["return_lse"] = True
+
+    def f(q, kc, vc, k, v, cache_seqlens):
+        return F.attention_with_kvcache(q, kc, vc, k, v, **dict(kwargs, cache_seqlens=cache_seqlens))
+
+    seqlens = kwargs["cache_seqlens"]
+    eager_k, eager_v = kc.clone(), vc.clone()
+    eager = f(q, eager_k, eager_v, k, v, seqlens)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False)
+    out = compiled(q, kc, vc, k, v, seqlens)
+    torch.testing.assert_close(out, eager, equal_nan=True)
+    assert torch.equal(kc.nan_to_num(), eager_k.nan_to_num()) and torch.equal(vc.nan_to_num(), eager_v.nan_to_num())
+    before = kc.clone()
+    bad = seqlens.clone()
+    bad[1] = 62 if paged else 14  # 14 + 4 new keys > 17 rows; 62 + 3 > 64
+    with pytest.raises(Exception, match="attention_with_kvcache: cache_seqlens must be >= 0"):
+        compiled(q, kc, vc, k, v, bad)
+    bad[1] = -1
+    with pytest.raises(Exception, match="attention_with_kvcache: cache_seqlens must be >= 0"):
+        compiled(q, kc, vc, k, v, bad)
+    assert torch.equal(kc.nan_to_num(), before.nan_to_num())

@@ -416,8 +416,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             ``cu_seqlens_k[s + 1] - cu_seqlens_k[s]`` (or ``seqused_k[s]``); cu_seqlens_k's offsets
             address nothing. Pages may be shared (a common prefix); unused table entries are never
             read. The Triton backend's forward reads the pages in place; the other backends, and
-            calls whose q, k or v require grad, gather the addressed pages first (the gradient then
-            reaches the pages, summed over the sequences sharing one).
+            calls whose q, k or v require grad, gather the pages in use first: the table's first
+            ceil(longest / page_size) columns (all of them under torch.compile, where the lengths
+            are not read); the gradient then reaches the pages, summed over the sequences sharing
+            one.
         alibi_slopes: (Hq,) or (B, Hq) (row s for sequence s), as in ``attention``, each sequence
             placed on its own lengths.
         causal, window_size, alignment, dropout_p, scale, softcap, sinks, backend, generator: as in
@@ -470,6 +472,13 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         _check_block_table(block_table, cu_seqlens_q.shape[0] - 1, device)
         if checked:
             used_k = check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
+            # Only the table's first columns hold pages some sequence reads: a decoding step's
+            # table is sized for the longest context, and the paths that gather the pages would
+            # copy every column (64 x 2048 pages of 16 rows: ~1 GB per step, 0.7 s on the CPU).
+            page_size = k.shape[1]
+            needed = -(-max(used_k, default=0) // page_size) if page_size else 0
+            if needed < block_table.shape[1]:
+                block_table = block_table[:, :needed]
         cu_seqlens_k, seqused_k = paged_layout(block_table, k.shape[1], cu_seqlens_k, seqused_k)
     if checked:
         max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
@@ -582,9 +591,10 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             or the ``pages_per_seq * page_size`` rows of its table row).
         cache_batch_idx: int32/int64 (B,) or None (dense cache only, as FlashAttention's): batch row
             b uses cache row ``cache_batch_idx[b]`` (None: row b, and then ``B_cache == B``). With
-            new k and v the indices must be distinct. The cache is then read as a paged one with a
-            page per cache row: the Triton forward reads the rows in place, the other backends
-            gather the B rows they use first (a copy of B × Lmax rows).
+            new k and v the indices must be distinct. The Triton forward reads the picked rows in
+            place (as a paged cache with a page per cache row); the other backends gather the rows
+            some sequence reads first (B × (max(cache_seqlens) + Lnew) rows; under torch.compile,
+            where the lengths are not read, B × Lmax).
         block_table: int32 (B, pages_per_seq) or None: a paged cache (FlashAttention's / vLLM's).
             The new keys of two sequences must not land on the same page rows.
         causal, window_size: FlashAttention's, bottom-right aligned: query i sits at key position
@@ -681,8 +691,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     # resolved here so that a backend that cannot take the call raises before the cache is written
     backend = resolve_options("attention", device, q.dtype, _attention_options(
         D, Dv, gqa, causal, window_size, 0.0, softcap, alibi=alibi_slopes, varlen=True), backend)
-    if not compiling:
-        _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new, capacity, slots, rows)
+    lengths = None if compiling else _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new,
+                                                           capacity, slots, rows)
     if new:
         _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity, slots, rows,
                        compiling)
@@ -692,12 +702,17 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     # cache_seqlens[b] + Lnew keys. A dense cache is B packed slots of Lmax rows (viewed, not
     # copied); with cache_batch_idx it is read as a paged cache with one page per cache row.
     cu_seqlens_q = torch.arange(B + 1, device=device, dtype=torch.int32) * Lq
-    if cache_batch_idx is not None and rows > 0:
-        block_table = cache_batch_idx.to(torch.int32).view(B, 1)
-    cu_seqlens_k = torch.arange(B + 1, device=device, dtype=torch.int32) * capacity
     keys, values = k_cache, v_cache
+    if cache_batch_idx is not None and rows > 0:
+        if get_backend(backend).paged_kv:  # (Triton) reads the picked cache rows in place
+            block_table = cache_batch_idx.to(torch.int32).view(B, 1)
+        else:  # the others would gather whole pages (B x Lmax rows): gather the rows some sequence reads
+            capacity = capacity if lengths is None else max(lengths, default=0) + new
+            index = cache_batch_idx.long()
+            keys, values = k_cache[:, :capacity].index_select(0, index), v_cache[:, :capacity].index_select(0, index)
+    cu_seqlens_k = torch.arange(B + 1, device=device, dtype=torch.int32) * capacity
     if block_table is None:
-        keys, values = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+        keys, values = keys.flatten(0, 1), values.flatten(0, 1)
     result = attention_varlen(q.reshape(B * Lq, Hq, q.shape[-1]), keys, values, cu_seqlens_q, cu_seqlens_k, Lq,
                               capacity if compiling else None, causal=causal, window_size=window_size,
                               alignment="bottom_right", scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -735,17 +750,27 @@ def _check_cache_seqlens(cache_seqlens, batch: int, device) -> Tensor:
 
 
 def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int, capacity: int, slots: int,
-                          rows: int) -> None:
+                          rows: int) -> list:
     """The data-dependent checks of ``attention_with_kvcache``, before anything is written (one
     device-to-host copy): 0 <= cache_seqlens[b] and cache_seqlens[b] + Lnew <= the cache's room;
     cache_batch_idx within the cache rows (and distinct when written to); the pages a sequence uses
-    exist, and no two sequences write the same page rows."""
+    exist, and no two sequences write the same page rows. The pages are checked on the device (a
+    flag per sequence), and only the table entries the new keys land on are copied, not the table.
+    Returns cache_seqlens as a list."""
     batch = cache_seqlens.shape[0]
-    parts = [cache_seqlens.long()]
+    lengths_dev = cache_seqlens.long()
+    parts = [lengths_dev]
     if cache_batch_idx is not None:
         parts.append(cache_batch_idx.long())
+    per_seq = 0 if block_table is None else block_table.shape[1]
+    spread = -(-new // rows) + 1 if rows else 0  # the most table entries one sequence's new keys reach
     if block_table is not None:
-        parts.append(block_table.long().flatten())
+        ends = (lengths_dev + new).clamp(0, capacity)
+        in_use = torch.arange(per_seq, device=block_table.device) < (ends + rows - 1)[:, None] // rows
+        parts.append((in_use & ((block_table < 0) | (block_table >= slots))).any(1).long())
+        if new and per_seq:
+            entries = (lengths_dev.clamp(0, capacity) // rows)[:, None] + torch.arange(spread, device=block_table.device)
+            parts.append(block_table.long().gather(1, entries.clamp(max=per_seq - 1)).flatten())
     values = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
     lengths, rest = values[:batch], values[batch:]
     for b, n in enumerate(lengths):
@@ -768,24 +793,26 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
                                  f"new k and v each batch row must write its own cache row")
             owner[i] = b
     if block_table is not None:
-        per_seq = block_table.shape[1]
-        written = []  # (page, first row, end row, sequence) of the new keys
+        bad_rows, landing = rest[:batch], rest[batch:]
         for b, n in enumerate(lengths):
-            table = rest[b * per_seq:(b + 1) * per_seq]
-            used = table[:-(-(n + new) // rows)]
-            bad = [p for p in used if not 0 <= p < slots]
-            if bad:
+            if bad_rows[b]:  # (the error path: this row's entries are read to name the page)
+                used = block_table[b].tolist()[:-(-(n + new) // rows)]
+                bad = [p for p in used if not 0 <= p < slots]
                 raise ValueError(f"block_table[{b}] names page {bad[0]}, outside the {slots} pages of k_cache "
                                  f"(sequence {b} uses its first {len(used)} entries for {n + new} keys)")
-            if new:
-                for j in range(n // rows, -(-(n + new) // rows)):
-                    written.append((table[j], max(n - j * rows, 0), min(n + new - j * rows, rows), b))
+        written = []  # (page, first row, end row, sequence) of the new keys
+        for b, n in enumerate(lengths):
+            first = n // rows
+            for j in range(first, -(-(n + new) // rows) if new else first):
+                page = landing[b * spread + j - first]
+                written.append((page, max(n - j * rows, 0), min(n + new - j * rows, rows), b))
         written.sort()
         for (page, _, end, b), (next_page, start, next_end, c) in zip(written, written[1:]):
             if page == next_page and start < end:  # sorted by first row: an overlap shows between neighbours
                 raise ValueError(f"block_table rows {b} and {c} both place new keys on rows {start}.."
                                  f"{min(end, next_end) - 1} of page {page}: the new keys of two sequences cannot "
                                  f"share cache rows")
+    return lengths
 
 
 def _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity: int, slots: int) -> None:

@@ -92,12 +92,12 @@ def _short(values: list) -> list:
     return values if len(values) <= 12 else values[:6] + ["..."] + values[-6:]
 
 
-def _used_keys(lengths_k: list, seqused_k) -> list:
+def _used_keys(lengths_k: list, seqused_k, used: list | None = None) -> list:
     """The keys each sequence uses: its length in cu_seqlens_k, or seqused_k[s], which must lie in
-    [0, that length]."""
+    [0, that length] (``used``: seqused_k's values, when the caller read them already)."""
     if seqused_k is None:
         return lengths_k
-    used = seqused_k.tolist()
+    used = seqused_k.tolist() if used is None else used
     bad = [s for s, n in enumerate(used) if not 0 <= n <= lengths_k[s]]
     if bad:
         s = bad[0]
@@ -174,20 +174,31 @@ def check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int,
     """The data-dependent checks of a paged call (one device-to-host copy): cu_seqlens_k starts at 0
     and never decreases, 0 <= seqused_k[s] <= sequence s's keys, every sequence fits its table row,
     and the pages it uses exist. Returns the keys each sequence uses (``check_varlen_bounds``'s
-    ``used_k``); raises ValueError naming the argument."""
-    cu = cu_seqlens_k.tolist()
+    ``used_k``); raises ValueError naming the argument.
+
+    The pages are checked on the device, a flag per sequence: only the boundaries and B flags
+    cross to the host, not the table (a decoding step's table of B x pages_per_seq entries, 64 x
+    2048 say, took ~3 ms to copy and walk in Python, more than the step's kernels on a GPU)."""
+    per_seq = block_table.shape[1]
+    capacity = per_seq * page_size
+    cu_dev = cu_seqlens_k.long()
+    used_dev = cu_dev[1:] - cu_dev[:-1] if seqused_k is None else seqused_k.long()
+    pages_used = (used_dev.clamp(0, capacity) + max(page_size, 1) - 1) // max(page_size, 1)
+    in_use = torch.arange(per_seq, device=block_table.device) < pages_used[:, None]
+    bad_page = (in_use & ((block_table < 0) | (block_table >= num_pages))).any(1)
+    host = torch.cat([cu_dev, bad_page.long()] + ([used_dev] if seqused_k is not None else [])).tolist()
+    n = block_table.shape[0]
+    cu, bad_rows = host[:n + 1], host[n + 1:2 * n + 1]
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens_k must start at 0 and never decrease, got {_short(cu)}")
-    lengths = _used_keys([b - a for a, b in zip(cu, cu[1:])], seqused_k)
-    capacity = block_table.shape[1] * page_size
-    table = block_table.tolist()
-    for s, n in enumerate(lengths):
-        if n > capacity:
-            raise ValueError(f"sequence {s} has {n} keys but its block_table row addresses {block_table.shape[1]} "
+    lengths = _used_keys([b - a for a, b in zip(cu, cu[1:])], seqused_k, host[2 * n + 1:])
+    for s, keys in enumerate(lengths):
+        if keys > capacity:
+            raise ValueError(f"sequence {s} has {keys} keys but its block_table row addresses {per_seq} "
                              f"pages of {page_size} rows ({capacity} keys)")
-        pages = table[s][:-(-n // page_size)]
-        bad = [p for p in pages if not 0 <= p < num_pages]
-        if bad:
+        if bad_rows[s]:  # (the error path: this row's entries are read to name the page)
+            pages = block_table[s].tolist()[:-(-keys // page_size)]
+            bad = [p for p in pages if not 0 <= p < num_pages]
             raise ValueError(f"block_table[{s}] names page {bad[0]}, outside the {num_pages} pages of k and v "
                              f"(sequence {s} uses its first {len(pages)} entries)")
     return lengths

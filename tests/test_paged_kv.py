@@ -195,3 +195,33 @@ def test_paged_under_torch_compile():
     eager = f(q, k, v, table, cu_q, cu_k)
     compiled = torch.compile(f, fullgraph=True, backend="eager")(q, k, v, table, cu_q, cu_k)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_only_the_table_columns_in_use_are_gathered(monkeypatch, grad):
+    """A decoding table is sized for the longest context; the paths that gather pages (every
+    backend but Triton's forward, and every call with gradients) take only the columns some
+    sequence reads: here 7 of 500 (the longest sequence has 100 keys in pages of 16), not 500."""
+    import fused_attn.functional as functional
+    seen = []
+    gather = functional.gather_kv_pages
+
+    def spy(k, v, block_table):
+        seen.append(tuple(block_table.shape))
+        return gather(k, v, block_table)
+
+    monkeypatch.setattr(functional, "gather_kv_pages", spy)
+    lengths, q_lengths = (37, 0, 100, 5), (1, 1, 1, 1)
+    q, k, v, table, cu_q, cu_k = _cache(lengths, q_lengths, pages_per_seq=500, requires_grad=grad)
+    wide = torch.full((4, 500), -7, dtype=torch.int32)  # junk past the used entries is never read
+    wide[:, :8] = table[:, :8]
+    table = wide
+    out = F.attention_varlen(q, k, v, cu_q, cu_k, block_table=table, causal=True, alignment="bottom_right",
+                             backend="reference")
+    assert seen == [(4, 7)]
+    expected = R.attention_varlen(q, _packed(k, table, lengths), _packed(v, table, lengths), cu_q, cu_k,
+                                  causal=True, alignment="bottom_right")
+    torch.testing.assert_close(out, expected)
+    if grad:
+        out.sum().backward()
+        assert k.grad is not None and torch.isfinite(k.grad).all()

@@ -1165,3 +1165,10 @@ def test_decoding_takes_blas_in_the_automatic_mode(monkeypatch):
     assert not torch.equal(run("tiles"), run("blas"))  # the two paths do round differently here
     window = dict(window_size=(100, 0))
     assert torch.equal(run(None, **window), run("tiles", **window))
+    # a few queries per head that see every key (not causal): BLAS below 64 rows per kv head
+    for Lq, Hkv, blas in ((32, 8, True), (8, 2, True), (64, 8, False), (16, 2, False)):
+        q, k, v = make_inputs((2, 8, Lq, 64), (2, Hkv, 300, 64), (2, Hkv, 300, 64), requires_grad=False, seed=Lq)
+        monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
+        auto = fused_attn.attention(q, k, v, backend="cpu")
+        monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "blas" if blas else "tiles")
+        assert torch.equal(auto, fused_attn.attention(q, k, v, backend="cpu")), (Lq, Hkv)

@@ -199,8 +199,12 @@ GemmMode gemm_mode() {
 // float32, one query per head, benchmarks/bench_cpu_decode.py): B4 Hq8 Hkv2 Lk4096 D64 8.1 ->
 // 0.83 ms (SDPA 0.87), B1 Hq32 Hkv8 Lk8192 D128 33 -> 12.2 ms (SDPA 12.3). bfloat16 on the
 // AVX512-BF16 dot products keeps them: there the BLAS path, which converts K and V to float32,
-// was 2-4x slower.
-constexpr int64_t kMinPanelRows = 16;
+// was 2-4x slower. The crossover sits near 64 rows per kv head (non-causal float32, median ms,
+// tiles against BLAS): Hq = Hkv, B2 H8 Lk2048 D64: 16 queries 2.18 / 1.19, 32 2.89 / 2.01, 64
+// 4.41 / 3.88, 96 5.97 / 5.61 (B4 Lk4096: 16 10.6 / 7.7, 64 20.1 / 17.1); grouped, where BLAS
+// multiplies each query head on its own, B4 Hq8 Hkv2 Lk4096: 8 queries (32 rows) 2.98 / 2.73, 16
+// (64 rows) 4.33 / 4.36; B1 Hq32 Hkv8 Lk8192 D128, 16 queries (64 rows) 22.1 / 23.6.
+constexpr int64_t kMinPanelRows = 64;
 bool few_query_rows(int64_t query_rows, int64_t heads_q, int64_t heads_kv) {
   return query_rows * (heads_q / std::max<int64_t>(heads_kv, 1)) < kMinPanelRows;
 }

@@ -10,6 +10,7 @@ float32 panels and bf16 layouts) and holds them bitwise to the same calls with n
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -157,3 +158,31 @@ def test_concurrent_calls_share_the_cache():
     for e, g in zip(expected, got):
         for a, b in zip(e, g):
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm and sets RLIMIT_AS")
+def test_kept_buffers_are_freed_before_an_allocation_fails():
+    """Under a memory limit, a call that only fits once the kept buffers are gone frees them and
+    runs (rather than failing with memory the library itself holds). A subprocess, as the limit
+    (RLIMIT_AS) cannot be lifted again."""
+    import subprocess
+    import textwrap
+    script = textwrap.dedent("""
+        import os, resource, torch, fused_attn
+        torch.set_num_threads(1)
+        os.environ["FUSED_ATTN_CPU_GEMM"] = "tiles"
+        MiB = 1 << 20
+        q = torch.randn(1, 8, 16, 64)
+        small, large = torch.randn(1, 8, 32768, 64), torch.randn(1, 8, 40000, 64)  # K/V panels 64, 78 MiB
+        with torch.no_grad():
+            fused_attn.attention(q, large, large, backend="cpu")  # every other allocation warmed up once
+            fused_attn.empty_cpu_cache()
+            fused_attn.attention(q, small, small, backend="cpu")  # keeps 2 x 64 MiB
+            vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (vm + 100 * MiB, resource.RLIM_INFINITY))
+            out = fused_attn.attention(q, large, large, backend="cpu")  # 2 x 80 MiB: fits once 128 MiB go
+        assert torch.isfinite(out).all()
+        print("ran")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-2000:]

@@ -51,6 +51,7 @@ size_t size_class(size_t bytes) {
 
 void* allocate(size_t bytes) {
   void* p = std::aligned_alloc(kAlign, bytes);
+  if (p == nullptr && release() > 0) p = std::aligned_alloc(kAlign, bytes);  // the kept buffers first
   FA_CHECK(p != nullptr, "fused_attn CPU scratch: out of memory allocating ", bytes, " bytes");
   return p;
 }

@@ -11,8 +11,9 @@
 //
 // The cap is FUSED_ATTN_CPU_SCRATCH_MB (MiB, read when a buffer is handed back; default 256; 0
 // keeps nothing, as before); fused_attn.empty_cpu_cache() (the op fused_attn_C::cpu_scratch_release)
-// frees what is kept. Buffers under kMinCachedBytes bypass the cache: malloc serves those from its
-// heap without faults. Thread-safe (one mutex, taken twice per buffer).
+// frees what is kept, and so does an allocation that fails, before it tries once more. Buffers
+// under kMinCachedBytes bypass the cache: malloc serves those from its heap without faults.
+// Thread-safe (one mutex, taken twice per buffer; a forked child starts with a fresh one).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -186,3 +186,41 @@ def test_kept_buffers_are_freed_before_an_allocation_fails():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-2000:]
+
+
+def test_outputs_come_back_to_the_cache_and_stay_ordinary_tensors():
+    """The ops' large outputs are allocated from the cache (a c10::Allocator): when the caller drops
+    them their blocks are kept for the next call; while alive they are ordinary CPU tensors (resizable
+    storage, picklable, in-place ops)."""
+    import pickle
+    x = torch.randn(4096, 512)  # outputs of 8 MiB
+    out = F.layer_norm_residual(x, x, backend="cpu")
+    fused_attn.empty_cpu_cache()  # out is alive: its block is not in the cache
+    reference = torch.nn.functional.layer_norm(x + x, (512,))
+    torch.testing.assert_close(pickle.loads(pickle.dumps(out)), reference)
+    out.mul_(2)
+    out.resize_(8192, 512)  # grows through the allocator
+    out[4096:] = 1
+    torch.testing.assert_close(out[:4096], 2 * reference)
+    del out
+    assert fused_attn.empty_cpu_cache() >= 16 * MiB  # the grown block came back
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults with getrusage")
+def test_repeated_calls_fault_no_pages_in():
+    """A training step's norm, forward and backward, allocates 16 MiB outputs each call: kept and
+    taken back, they are not faulted in afresh (8192 pages a call when glibc returned them)."""
+    import resource
+    x, residual, weight = (torch.randn(*shape, requires_grad=True) for shape in ((8192, 512), (8192, 512), (512,)))
+    dout = torch.randn(8192, 512)
+
+    def step():
+        F.layer_norm_residual(x, residual, weight, backend="cpu").backward(dout)
+
+    for _ in range(3):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+    assert faults < 256, f"{faults:.0f} page faults per step"

@@ -8,6 +8,7 @@
 // buffers handed back longest ago are freed first.
 #include "scratch.h"
 
+#include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
 #if defined(__unix__)
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <string>
@@ -188,6 +190,46 @@ at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
     hand_back(data, got);
     throw;
   }
+}
+
+namespace {
+
+// The output allocator: a block from the cache and, as the DataPtr's context, a small record of
+// where it is and how large (what the deleter hands back).
+struct Owned {
+  void* data;
+  size_t bytes;
+};
+
+void delete_owned(void* context) {
+  auto* owned = static_cast<Owned*>(context);
+  hand_back(owned->data, owned->bytes);
+  delete owned;
+}
+
+struct OutputAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    size_t got = 0;
+    void* data = obtain(n, &got);
+    return {data, new Owned{data, got}, &delete_owned, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+};
+
+OutputAllocator output_allocator;
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_generic(sizes, &output_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   std::nullopt);
+}
+
+at::Tensor zeros_output(at::IntArrayRef sizes, at::ScalarType dtype) {
+  at::Tensor t = empty_output(sizes, dtype);
+  t.zero_();
+  return t;
 }
 
 int64_t release() {

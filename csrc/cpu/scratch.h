@@ -51,6 +51,16 @@ class Block {
 // storage dies). For buffers that stay inside a call: nothing returned to the caller uses it.
 at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype);
 
+// An uninitialised contiguous CPU tensor for an op's output (it leaves the call): large ones are
+// allocated from the same cache by a c10::Allocator, and their blocks go back to it when the
+// caller drops the tensor (the storage stays an ordinary, resizable one). So a training loop's
+// outputs, freed and allocated again every step, stop faulting their pages in too: glibc had
+// returned them to the system whenever a step's small buffers (a norm's per-row statistics)
+// landed on top of the heap past its trim threshold.
+at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype);
+// The same, zero-filled.
+at::Tensor zeros_output(at::IntArrayRef sizes, at::ScalarType dtype);
+
 // Frees every kept buffer; returns the bytes freed.
 int64_t release();
 

@@ -28,6 +28,7 @@
 #include <string_view>
 
 #include "cpu_common.h"
+#include "scratch.h"
 
 namespace fused_attn::cpu {
 
@@ -150,6 +151,26 @@ inline at::Tensor to_gemm(const at::Tensor& t, at::ScalarType g) {
   return t.scalar_type() == g ? t : t.to(g);
 }
 
+// The GEMMs write into outputs from the scratch cache's allocator (csrc/cpu/scratch.h: kept and
+// taken back from step to step instead of being faulted in afresh), as does the conversion back
+// to the input dtype.
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = scratch::empty_output({a.size(0), b.size(1)}, a.scalar_type());
+  return at::mm_out(out, a, b);
+}
+
+at::Tensor product_plus(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = scratch::empty_output({a.size(0), b.size(1)}, a.scalar_type());
+  return at::addmm_out(out, bias, a, b);
+}
+
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  at::Tensor out = scratch::empty_output(t.sizes(), dtype);
+  out.copy_(t);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor& x, const at::Tensor& w1,
                                                     const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                     const std::optional<at::Tensor>& b2, c10::string_view activation,
@@ -173,9 +194,9 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor& x, const a
   // rounding would round twice, and ReLU's derivative, a step at 0, flips for every pre within
   // one bfloat16 rounding of 0 (the AVX512-BF16 machines' oracle test caught dx 18x off the bound).
   const bool bias_in_gemm = g == dtype && b1.has_value();
-  at::Tensor pre_g = bias_in_gemm ? at::addmm(b1c, x, w1.t()) : at::mm(to_gemm(x, g), to_gemm(w1, g).t());
-  at::Tensor pre = g == dtype ? pre_g : at::empty({x.size(0), F1}, x.options());
-  at::Tensor h = at::empty({x.size(0), dff}, x.options().dtype(g));
+  at::Tensor pre_g = bias_in_gemm ? product_plus(b1c, x, w1.t()) : product(to_gemm(x, g), to_gemm(w1, g).t());
+  at::Tensor pre = g == dtype ? pre_g : scratch::empty_output({x.size(0), F1}, dtype);
+  at::Tensor h = scratch::empty_output({x.size(0), dff}, g);
   FA_DISPATCH_FLOATING(dtype, "feed_forward_fwd", [&] {
     dispatch_activation(act, [&](auto act_c) {
       if (g == dtype)
@@ -184,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor& x, const a
         ffn_fwd<decltype(act_c)::value, scalar_t, float>(pre_g, b1 ? &b1c : nullptr, &pre, h, opt);
     });
   });
-  at::Tensor out = b2 ? at::addmm(to_gemm(*b2, g), h, to_gemm(w2, g).t()) : at::mm(h, to_gemm(w2, g).t());
-  if (g != dtype) out = out.to(dtype);
+  at::Tensor out = b2 ? product_plus(to_gemm(*b2, g), h, to_gemm(w2, g).t()) : product(h, to_gemm(w2, g).t());
+  out = converted(out, dtype);
   return {out.contiguous(), pre.contiguous()};
 }
 
@@ -209,10 +230,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   const auto g = gemm_dtype(dtype);
   const at::Tensor dout_g = to_gemm(dout, g), x_g = to_gemm(x, g);
   const at::Tensor pre_c = pre.contiguous();
-  at::Tensor dh = at::mm(dout_g, to_gemm(w2, g));  // (T, d_ff), fresh and contiguous
-  at::Tensor h = at::empty({T, dff}, x.options().dtype(g));
+  at::Tensor dh = product(dout_g, to_gemm(w2, g));  // (T, d_ff), fresh and contiguous
+  at::Tensor h = scratch::empty_output({T, dff}, g);
   // Not gated: dpre has dh's shape and overwrites it row by row (each row is read first).
-  at::Tensor dpre = is_gated(act) ? at::empty({T, F1}, x.options().dtype(g)) : dh;
+  at::Tensor dpre = is_gated(act) ? scratch::empty_output({T, F1}, g) : dh;
   at::Tensor db1 = has_b1 ? at::zeros({F1}, x.options()) : at::empty({0}, x.options());
   FA_DISPATCH_FLOATING(dtype, "feed_forward_bwd", [&] {
     dispatch_activation(act, [&](auto act_c) {
@@ -222,16 +243,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
         ffn_bwd<decltype(act_c)::value, scalar_t, float>(pre_c, dh, h, dpre, has_b1 ? &db1 : nullptr, opt);
     });
   });
-  at::Tensor dw2 = at::mm(dout_g.t(), h);
-  at::Tensor dw1 = at::mm(dpre.t(), x_g);
-  at::Tensor dx = at::mm(dpre, to_gemm(w1, g));
+  at::Tensor dw2 = product(dout_g.t(), h);
+  at::Tensor dw1 = product(dpre.t(), x_g);
+  at::Tensor dx = product(dpre, to_gemm(w1, g));
   at::Tensor db2 = has_b2 ? at::sum(dout, {0}, false, dtype == at::kDouble ? at::kDouble : at::kFloat).to(dtype)
                           : at::empty({0}, x.options());
-  if (g != dtype) {
-    dx = dx.to(dtype);
-    dw1 = dw1.to(dtype);
-    dw2 = dw2.to(dtype);
-  }
+  dx = converted(dx, dtype);
+  dw1 = converted(dw1, dtype);
+  dw2 = converted(dw2, dtype);
   return {dx.contiguous(), dw1.contiguous(), db1, dw2.contiguous(), db2.contiguous()};
 }
 

@@ -476,7 +476,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             # table is sized for the longest context, and the paths that gather the pages would
             # copy every column (64 x 2048 pages of 16 rows: ~1 GB per step, 0.7 s on the CPU).
             page_size = k.shape[1]
-            needed = -(-max(used_k, default=0) // page_size) if page_size else 0
+            # (at least one column: a kernel is never handed an empty table)
+            needed = max(-(-max(used_k, default=0) // page_size) if page_size else 0, 1)
             if needed < block_table.shape[1]:
                 block_table = block_table[:, :needed]
         cu_seqlens_k, seqused_k = paged_layout(block_table, k.shape[1], cu_seqlens_k, seqused_k)

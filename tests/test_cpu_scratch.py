@@ -235,3 +235,18 @@ def test_repeated_steps_fault_no_pages_in(make_step):
         step()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
     assert faults < 256, f"{faults:.0f} page faults per step"
+
+
+def test_the_profiler_sees_the_buffers_handed_out():
+    """torch.profiler's memory events (what the benchmark's peak-memory column reads) count a
+    buffer from the cache while it is handed out, as they count the default allocator's: the
+    attention forward's K/V panels (4 MiB each) and its output, even when they come back from the
+    cache."""
+    from fused_attn.bench import CpuMemoryProbe
+    q, k, v, _ = _dense(2, 8, 8, 1024, 64, torch.float32, seed=0)
+    with torch.no_grad():
+        F.attention(q, k, v, backend="cpu")  # fills the cache: the profiled call takes its buffers back
+        with CpuMemoryProbe() as probe:
+            with probe.region("call"):
+                out = F.attention(q, k, v, backend="cpu")
+    assert probe.peaks()["call"] >= 8 * MiB + out.numel() * 4

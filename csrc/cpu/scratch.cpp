@@ -9,6 +9,7 @@
 #include "scratch.h"
 
 #include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
 #include <torch/library.h>
 
 #if defined(__unix__)
@@ -136,14 +137,28 @@ void give(void* data, size_t bytes) noexcept {
   for (void* p : to_free) std::free(p);
 }
 
+// torch.profiler's memory events (profile_memory=True) see a buffer while it is handed out, as
+// they see the default CPU allocator's: not while it is kept (as CUDA's "reserved" memory).
+void report(void* data, int64_t bytes) noexcept {
+  if (c10::memoryProfilingEnabled())
+    c10::reportMemoryUsageToProfiler(data, bytes, 0, 0, c10::Device(c10::DeviceType::CPU));
+}
+
 // Any buffer: those under kMinCachedBytes are malloc's (its heap serves them without faults).
 void* obtain(size_t bytes, size_t* got) {
-  if (bytes >= kMinCachedBytes) return take(bytes, got);
-  *got = size_class(bytes);
-  return allocate(*got);
+  void* data = nullptr;
+  if (bytes >= kMinCachedBytes) {
+    data = take(bytes, got);
+  } else {
+    *got = size_class(bytes);
+    data = allocate(*got);
+  }
+  report(data, int64_t(*got));
+  return data;
 }
 
 void hand_back(void* data, size_t bytes) noexcept {
+  report(data, -int64_t(bytes));
   if (bytes >= kMinCachedBytes)
     give(data, bytes);
   else

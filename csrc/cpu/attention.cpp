@@ -1513,8 +1513,14 @@ void backward_tiles(const Problem<acc_t>& pb, const Grads<acc_t>& g, const Tenso
 // A gradient accumulator (B, H, L, width >= cols) returned as its first cols columns, contiguous,
 // in the input dtype.
 Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
-  Tensor g = grad_acc.narrow(3, 0, cols).to(dtype);
-  return g.is_contiguous() ? g : g.contiguous();
+  // The accumulator's first cols columns in the input dtype, contiguous: the accumulator itself
+  // when it already is that, else a copy into an output from the scratch cache (as the
+  // accumulator: kept and taken back from step to step, not faulted in afresh).
+  const Tensor g = grad_acc.narrow(-1, 0, cols);
+  if (g.scalar_type() == dtype && g.is_contiguous()) return g;
+  Tensor out = scratch::empty_output(g.sizes(), dtype);
+  out.copy_(g);
+  return out;
 }
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -2146,13 +2152,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_bwd_cpu(
       register_blocked_backward(parts, per_head);
     else
       backward_kernel<acc_t, scalar_t, false>(parts, per_head, nullptr);
-    const auto finish = [&](const Tensor& grad_acc, int64_t cols) {
-      Tensor g = grad_acc.narrow(2, 0, cols).to(q.scalar_type());
-      return g.is_contiguous() ? g : g.contiguous();
-    };
-    dq = finish(dq_acc, D);
-    dk = finish(dk_acc, D);
-    dv = finish(dv_acc, Dv);
+    dq = finish_grad(dq_acc, D, q.scalar_type());
+    dk = finish_grad(dk_acc, D, q.scalar_type());
+    dv = finish_grad(dv_acc, Dv, q.scalar_type());
   });
   return {dq, dk, dv};
 }

@@ -390,7 +390,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
                      alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None, return_lse: bool = False,
                      seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
-                     backend: Optional[str] = None, generator: Optional[torch.Generator] = None):
+                     backend: Optional[str] = None, generator: Optional[torch.Generator] = None,
+                     _checked_used_k: Optional[list] = None):
     """Attention over packed sequences of different lengths, without padding (FlashAttention's
     ``flash_attn_varlen_func``; what training on packed batches and Hugging Face's
     ``DataCollatorWithFlattening`` produce).
@@ -431,6 +432,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     (dropout: that call's mask at offset + Hq * cu_seqlens_q[s] of the same seed). Outside
     torch.compile the boundaries are checked (one small device-to-host copy); the Triton backend
     runs every sequence in one launch, the others loop over the sequences.
+
+    (``_checked_used_k``, internal: ``attention_with_kvcache`` passes the keys each sequence uses,
+    having checked them and the table itself, with boundaries it built; the values are then not
+    read again, which spares a decoding step two device-to-host copies.)
     """
     paged = block_table is not None
     if paged:  # pages: (num_pages, page_size, Hkv, dim)
@@ -467,11 +472,13 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
     # it runs (``checked`` False), since nothing can be read on the host at trace time.
     checked = not compiling
-    used_k = None  # the keys each sequence uses, once the block table's checks have read them
+    trusted = checked and _checked_used_k is not None
+    used_k = _checked_used_k if trusted else None  # the keys each sequence uses, once read and checked
     if paged:  # from here on the cache is seen as packed sequences of the table's rows
         _check_block_table(block_table, cu_seqlens_q.shape[0] - 1, device)
         if checked:
-            used_k = check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
+            if not trusted:
+                used_k = check_block_table(block_table, k.shape[0], k.shape[1], cu_seqlens_k, seqused_k)
             # Only the table's first columns hold pages some sequence reads: a decoding step's
             # table is sized for the longest context, and the paths that gather the pages would
             # copy every column (64 x 2048 pages of 16 rows: ~1 GB per step, 0.7 s on the CPU).
@@ -481,7 +488,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             if needed < block_table.shape[1]:
                 block_table = block_table[:, :needed]
         cu_seqlens_k, seqused_k = paged_layout(block_table, k.shape[1], cu_seqlens_k, seqused_k)
-    if checked:
+    if trusted:
+        max_seqlen_q, max_seqlen_k = int(max_seqlen_q), max(used_k, default=0)
+    elif checked:
         max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
                                                          max_seqlen_k, seqused_k, used_k)
     else:
@@ -718,7 +727,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                               capacity if compiling else None, causal=causal, window_size=window_size,
                               alignment="bottom_right", scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
                               sinks=sinks, return_lse=return_lse, seqused_k=cache_seqlens + new,
-                              block_table=block_table, backend=backend)
+                              block_table=block_table, backend=backend,
+                              _checked_used_k=None if lengths is None else [n + new for n in lengths])
     out, lse = result if return_lse else (result, None)
     out = out.view(B, Lq, Hq, out.shape[-1])
     if not return_lse:

@@ -272,6 +272,29 @@ def test_kvcache_dense_paged_and_batch_idx_agree(device, backend):
     assert torch.equal(pages_v[order.flatten()].view(B, 32, Hkv, D), dense_v)
 
 
+def test_kvcache_reads_the_lengths_once(monkeypatch):
+    """An eager call copies its lengths (and the table's flags) to the host once, in its own
+    checks: attention_varlen is handed them and does not read and check its boundaries or the
+    table again (on a GPU each of those is a sync of the decoding step). A public attention_varlen
+    call still checks both."""
+    import fused_attn.functional as functional
+    calls = []
+    for name in ("check_block_table", "check_varlen_bounds"):
+        original = getattr(functional, name)
+        monkeypatch.setattr(functional, name, lambda *a, _name=name, _f=original, **kw: (calls.append(_name),
+                                                                                         _f(*a, **kw))[1])
+    for case in (c for c in CASES if c["id"] in ("decode, ragged lengths incl. empty and full", "cache_batch_idx",
+                                                 "paged chunk across page boundaries, full table")):
+        q, kc, vc, k, v, kwargs, lengths = _setup(case, "cpu")
+        out = F.attention_with_kvcache(q, kc, vc, k, v, backend="reference", **kwargs)
+        torch.testing.assert_close(out, oracle(q, kc, vc, k, v, kwargs, lengths, False).to(out.dtype))
+    assert calls == []
+    q, k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    F.attention_varlen(q, k, v, cu, cu, backend="reference")
+    assert calls == ["check_varlen_bounds"]
+
+
 @pytest.mark.parametrize("device", [pytest.param(c.values[0], marks=c.marks, id=c.values[0])
                                     for c in backend_cases("attention") if c.values[1] == "triton"])
 def test_triton_reads_the_cache_in_place(device, monkeypatch):

@@ -19,8 +19,8 @@ from .backends import check_backend_name, get_backend, resolve_options
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference)
-from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, gather_kv_pages,
-                         paged_layout)
+from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds,
+                         first_page_out_of_range, gather_kv_pages, pages_out_of_range, paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -627,8 +627,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
 
     Every input is checked before the cache is written, so a refused call changes nothing. Outside
     torch.compile that includes the values of ``cache_seqlens``, ``cache_batch_idx`` and
-    ``block_table`` (one small device-to-host copy; ``attention_varlen`` then checks its own
-    boundaries). Under torch.compile nothing is read on the host: the cache bounds are asserted on
+    ``block_table`` (one small device-to-host copy, the only one of the call: ``attention_varlen``
+    is handed the checked lengths and reads nothing again). Under torch.compile nothing is read on the host: the cache bounds are asserted on
     the device (``torch._assert_async``: a bad call raises when it runs, on a GPU as a device-side
     assert), and duplicate write targets are not detected.
     """
@@ -776,9 +776,7 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     per_seq = 0 if block_table is None else block_table.shape[1]
     spread = -(-new // rows) + 1 if rows else 0  # the most table entries one sequence's new keys reach
     if block_table is not None:
-        ends = (lengths_dev + new).clamp(0, capacity)
-        in_use = torch.arange(per_seq, device=block_table.device) < (ends + rows - 1)[:, None] // rows
-        parts.append((in_use & ((block_table < 0) | (block_table >= slots))).any(1).long())
+        parts.append(pages_out_of_range(block_table, lengths_dev + new, rows, slots).long())
         if new and per_seq:
             entries = (lengths_dev.clamp(0, capacity) // rows)[:, None] + torch.arange(spread, device=block_table.device)
             parts.append(block_table.long().gather(1, entries.clamp(max=per_seq - 1)).flatten())
@@ -806,11 +804,10 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     if block_table is not None:
         bad_rows, landing = rest[:batch], rest[batch:]
         for b, n in enumerate(lengths):
-            if bad_rows[b]:  # (the error path: this row's entries are read to name the page)
-                used = block_table[b].tolist()[:-(-(n + new) // rows)]
-                bad = [p for p in used if not 0 <= p < slots]
-                raise ValueError(f"block_table[{b}] names page {bad[0]}, outside the {slots} pages of k_cache "
-                                 f"(sequence {b} uses its first {len(used)} entries for {n + new} keys)")
+            if bad_rows[b]:
+                page, entries = first_page_out_of_range(block_table, b, n + new, rows, slots)
+                raise ValueError(f"block_table[{b}] names page {page}, outside the {slots} pages of k_cache "
+                                 f"(sequence {b} uses its first {entries} entries for {n + new} keys)")
         written = []  # (page, first row, end row, sequence) of the new keys
         for b, n in enumerate(lengths):
             first = n // rows

@@ -169,23 +169,39 @@ def gather_kv_pages(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: t
     return k_pages[pages].flatten(0, 2), v_pages[pages].flatten(0, 2)
 
 
+def pages_out_of_range(block_table: torch.Tensor, used_keys: torch.Tensor, page_size: int,
+                       num_pages: int) -> torch.Tensor:
+    """(B,) bool, on the device: whether a table entry sequence s uses (its first
+    ceil(used_keys[s] / page_size), used_keys clamped to the row's room) names a page outside
+    [0, num_pages). The entries past those are never read and may hold anything. Checking here
+    rather than on the host keeps the table on the device: a decoding step's table of B x
+    pages_per_seq entries (64 x 2048, say) took ~3 ms to copy and walk in Python."""
+    per_seq, page = block_table.shape[1], max(page_size, 1)
+    pages_used = (used_keys.clamp(0, per_seq * page_size) + page - 1) // page
+    in_use = torch.arange(per_seq, device=block_table.device) < pages_used[:, None]
+    return (in_use & ((block_table < 0) | (block_table >= num_pages))).any(1)
+
+
+def first_page_out_of_range(block_table: torch.Tensor, s: int, keys: int, page_size: int,
+                            num_pages: int) -> tuple[int, int]:
+    """(the first out-of-range page sequence s uses, how many entries it uses): the error path of a
+    ``pages_out_of_range`` flag, which reads that one table row."""
+    pages = block_table[s].tolist()[:-(-keys // page_size)]
+    return next(p for p in pages if not 0 <= p < num_pages), len(pages)
+
+
 def check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int, cu_seqlens_k: torch.Tensor,
                       seqused_k: torch.Tensor | None) -> list:
     """The data-dependent checks of a paged call (one device-to-host copy): cu_seqlens_k starts at 0
     and never decreases, 0 <= seqused_k[s] <= sequence s's keys, every sequence fits its table row,
     and the pages it uses exist. Returns the keys each sequence uses (``check_varlen_bounds``'s
-    ``used_k``); raises ValueError naming the argument.
-
-    The pages are checked on the device, a flag per sequence: only the boundaries and B flags
-    cross to the host, not the table (a decoding step's table of B x pages_per_seq entries, 64 x
-    2048 say, took ~3 ms to copy and walk in Python, more than the step's kernels on a GPU)."""
+    ``used_k``); raises ValueError naming the argument. The pages are checked on the device
+    (``pages_out_of_range``): the boundaries and B flags cross to the host, not the table."""
     per_seq = block_table.shape[1]
     capacity = per_seq * page_size
     cu_dev = cu_seqlens_k.long()
     used_dev = cu_dev[1:] - cu_dev[:-1] if seqused_k is None else seqused_k.long()
-    pages_used = (used_dev.clamp(0, capacity) + max(page_size, 1) - 1) // max(page_size, 1)
-    in_use = torch.arange(per_seq, device=block_table.device) < pages_used[:, None]
-    bad_page = (in_use & ((block_table < 0) | (block_table >= num_pages))).any(1)
+    bad_page = pages_out_of_range(block_table, used_dev, page_size, num_pages)
     host = torch.cat([cu_dev, bad_page.long()] + ([used_dev] if seqused_k is not None else [])).tolist()
     n = block_table.shape[0]
     cu, bad_rows = host[:n + 1], host[n + 1:2 * n + 1]
@@ -196,9 +212,8 @@ def check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int,
         if keys > capacity:
             raise ValueError(f"sequence {s} has {keys} keys but its block_table row addresses {per_seq} "
                              f"pages of {page_size} rows ({capacity} keys)")
-        if bad_rows[s]:  # (the error path: this row's entries are read to name the page)
-            pages = block_table[s].tolist()[:-(-keys // page_size)]
-            bad = [p for p in pages if not 0 <= p < num_pages]
-            raise ValueError(f"block_table[{s}] names page {bad[0]}, outside the {num_pages} pages of k and v "
-                             f"(sequence {s} uses its first {len(pages)} entries)")
+        if bad_rows[s]:
+            page, entries = first_page_out_of_range(block_table, s, keys, page_size, num_pages)
+            raise ValueError(f"block_table[{s}] names page {page}, outside the {num_pages} pages of k and v "
+                             f"(sequence {s} uses its first {entries} entries)")
     return lengths

@@ -1518,7 +1518,7 @@ Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
   // accumulator: kept and taken back from step to step, not faulted in afresh).
   const Tensor g = grad_acc.narrow(-1, 0, cols);
   if (g.scalar_type() == dtype && g.is_contiguous()) return g;
-  Tensor out = scratch::empty_output(g.sizes(), dtype);
+  Tensor out = scratch::empty(g.sizes(), dtype);
   out.copy_(g);
   return out;
 }
@@ -1531,8 +1531,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   check_inputs(q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
   // (outputs from the scratch cache's allocator: csrc/cpu/scratch.h)
-  Tensor out = scratch::empty_output({B, Lq, Hq, Dv}, q.scalar_type()).transpose(1, 2);
-  Tensor lse = scratch::empty_output({B, Hq, Lq}, at::kFloat);
+  Tensor out = scratch::empty({B, Lq, Hq, Dv}, q.scalar_type()).transpose(1, 2);
+  Tensor lse = scratch::empty({B, Hq, Lq}, at::kFloat);
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const GemmMode mode = gemm_mode();
   FA_DISPATCH_FLOATING(q.scalar_type(), "attention_fwd_cpu", [&] {
@@ -1627,9 +1627,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     }
     // accumulator rows: the register-blocked products write whole 16-column panels
     const int64_t dw = tiles ? round16(D) : D, dvw = tiles ? round16(Dv) : Dv;
-    Tensor dq_acc = scratch::zeros_output({B, Hq, Lq, dw}, acc);
-    Tensor dk_acc = scratch::zeros_output({B, Hkv, Lk, dw}, acc);
-    Tensor dv_acc = scratch::zeros_output({B, Hkv, Lk, dvw}, acc);
+    Tensor dq_acc = scratch::zeros({B, Hq, Lq, dw}, acc);
+    Tensor dk_acc = scratch::zeros({B, Hkv, Lk, dw}, acc);
+    Tensor dv_acc = scratch::zeros({B, Hkv, Lk, dvw}, acc);
     const Grads<acc_t> g{matrices<acc_t>(dout_a), lse_acc.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
                          Hq * Lq, Lq, dense_accumulator<acc_t>(dq_acc), dense_accumulator<acc_t>(dk_acc),
                          dense_accumulator<acc_t>(dv_acc)};
@@ -2004,9 +2004,9 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd_cpu(const Tensor& q, const Tenso
                                                              cu_seqlens_k, seqused_k, alibi_slopes, dropout_p, scale,
                                                              softcap);
   const int64_t total_q = q.size(0), Hq = q.size(1), Dv = v.size(2);
-  Tensor out = scratch::empty_output({total_q, Hq, Dv}, q.scalar_type());
+  Tensor out = scratch::empty({total_q, Hq, Dv}, q.scalar_type());
   // (the rows of sequences that run nothing keep lse = +inf)
-  Tensor lse = scratch::empty_output({Hq, total_q}, at::kFloat).fill_(std::numeric_limits<float>::infinity());
+  Tensor lse = scratch::empty({Hq, total_q}, at::kFloat).fill_(std::numeric_limits<float>::infinity());
   std::vector<Sequence> seqs;
   for (const Sequence& seq : all_seqs) {
     if (runs_kernel(seq))
@@ -2119,9 +2119,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_bwd_cpu(
     }
     // accumulators in the packed layouts (total, heads, width): the gradients need no transpose
     const int64_t dw = tiles ? round16(D) : D, dvw = tiles ? round16(Dv) : Dv;
-    Tensor dq_acc = scratch::zeros_output({total_q, Hq, dw}, acc);
-    Tensor dk_acc = scratch::zeros_output({total_k, Hkv, dw}, acc);
-    Tensor dv_acc = scratch::zeros_output({total_k, Hkv, dvw}, acc);
+    Tensor dq_acc = scratch::zeros({total_q, Hq, dw}, acc);
+    Tensor dk_acc = scratch::zeros({total_k, Hkv, dw}, acc);
+    Tensor dv_acc = scratch::zeros({total_k, Hkv, dvw}, acc);
     const auto packed = [](Tensor& t, int64_t row0) {  // row i of head h at (row0 + i) * H * w + h * w
       const int64_t H = t.size(1), w = t.size(2);
       return Accumulator<acc_t>{t.data_ptr<acc_t>() + row0 * H * w, 0, w, H * w, w};

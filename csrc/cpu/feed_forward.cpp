@@ -155,18 +155,18 @@ inline at::Tensor to_gemm(const at::Tensor& t, at::ScalarType g) {
 // taken back from step to step instead of being faulted in afresh), as does the conversion back
 // to the input dtype.
 at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = scratch::empty_output({a.size(0), b.size(1)}, a.scalar_type());
+  at::Tensor out = scratch::empty({a.size(0), b.size(1)}, a.scalar_type());
   return at::mm_out(out, a, b);
 }
 
 at::Tensor product_plus(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = scratch::empty_output({a.size(0), b.size(1)}, a.scalar_type());
+  at::Tensor out = scratch::empty({a.size(0), b.size(1)}, a.scalar_type());
   return at::addmm_out(out, bias, a, b);
 }
 
 at::Tensor converted(const at::Tensor& t, at::ScalarType dtype) {
   if (t.scalar_type() == dtype) return t;
-  at::Tensor out = scratch::empty_output(t.sizes(), dtype);
+  at::Tensor out = scratch::empty(t.sizes(), dtype);
   out.copy_(t);
   return out;
 }
@@ -195,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor& x, const a
   // one bfloat16 rounding of 0 (the AVX512-BF16 machines' oracle test caught dx 18x off the bound).
   const bool bias_in_gemm = g == dtype && b1.has_value();
   at::Tensor pre_g = bias_in_gemm ? product_plus(b1c, x, w1.t()) : product(to_gemm(x, g), to_gemm(w1, g).t());
-  at::Tensor pre = g == dtype ? pre_g : scratch::empty_output({x.size(0), F1}, dtype);
-  at::Tensor h = scratch::empty_output({x.size(0), dff}, g);
+  at::Tensor pre = g == dtype ? pre_g : scratch::empty({x.size(0), F1}, dtype);
+  at::Tensor h = scratch::empty({x.size(0), dff}, g);
   FA_DISPATCH_FLOATING(dtype, "feed_forward_fwd", [&] {
     dispatch_activation(act, [&](auto act_c) {
       if (g == dtype)
@@ -231,9 +231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   const at::Tensor dout_g = to_gemm(dout, g), x_g = to_gemm(x, g);
   const at::Tensor pre_c = pre.contiguous();
   at::Tensor dh = product(dout_g, to_gemm(w2, g));  // (T, d_ff), fresh and contiguous
-  at::Tensor h = scratch::empty_output({T, dff}, g);
+  at::Tensor h = scratch::empty({T, dff}, g);
   // Not gated: dpre has dh's shape and overwrites it row by row (each row is read first).
-  at::Tensor dpre = is_gated(act) ? scratch::empty_output({T, F1}, g) : dh;
+  at::Tensor dpre = is_gated(act) ? scratch::empty({T, F1}, g) : dh;
   at::Tensor db1 = has_b1 ? at::zeros({F1}, x.options()) : at::empty({0}, x.options());
   FA_DISPATCH_FLOATING(dtype, "feed_forward_bwd", [&] {
     dispatch_activation(act, [&](auto act_c) {

@@ -116,9 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
 
   const auto sum_dtype = residual_in_fp32 ? at::kFloat : dtype;
   // (outputs from the scratch cache's allocator: csrc/cpu/scratch.h)
-  auto out = scratch::empty_output({N, d}, dtype);
+  auto out = scratch::empty({N, d}, dtype);
   // Without store_summed (inference, no prenorm) the sum stays in the row scratch: one output stream.
-  auto summed = store_summed ? scratch::empty_output({N, d}, sum_dtype) : at::empty({0}, x.options().dtype(sum_dtype));
+  auto summed = store_summed ? scratch::empty({N, d}, sum_dtype) : at::empty({0}, x.options().dtype(sum_dtype));
   auto mean = at::empty({rms ? 0 : N}, x.options().dtype(at::kFloat));
   auto rstd = at::empty({N}, x.options().dtype(at::kFloat));
   if (N == 0) return {out, summed, mean, rstd};
@@ -179,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   check_dropout_p(dropout_p);
 
   const auto opts = summed.options();
-  auto dsum = scratch::empty_output({N, d}, summed.scalar_type());
-  at::Tensor dx = dropout_p > 0.0 ? scratch::empty_output({N, d}, x_dtype) : at::empty({0}, opts.dtype(x_dtype));
+  auto dsum = scratch::empty({N, d}, summed.scalar_type());
+  at::Tensor dx = dropout_p > 0.0 ? scratch::empty({N, d}, x_dtype) : at::empty({0}, opts.dtype(x_dtype));
   // Empty when absent; zeros when present (a sum over zero rows).
   at::Tensor dweight = weight ? at::zeros({d}, opts.dtype(x_dtype)) : at::empty({0}, opts);
   at::Tensor dbias = bias ? at::zeros({d}, opts.dtype(x_dtype)) : at::empty({0}, opts);

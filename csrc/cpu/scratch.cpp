@@ -62,14 +62,12 @@ void* allocate(size_t bytes) {
 struct Kept {
   void* data;
   size_t bytes;
-  uint64_t stamp;  // when it was handed back
 };
 
 struct Cache {
   std::mutex mutex;
-  std::vector<Kept> kept;
+  std::vector<Kept> kept;  // in the order they were handed back (erase keeps it): oldest first
   size_t kept_bytes = 0;
-  uint64_t clock = 0;
   size_t cap = 0;  // the cap read by the last take (give runs in destructors, where nothing may throw)
 };
 
@@ -123,14 +121,12 @@ void give(void* data, size_t bytes) noexcept {
     if (bytes > c.cap) {
       to_free.push_back(data);
     } else {
-      c.kept.push_back({data, bytes, ++c.clock});
+      c.kept.push_back({data, bytes});
       c.kept_bytes += bytes;
       while (c.kept_bytes > c.cap) {
-        auto oldest = std::min_element(c.kept.begin(), c.kept.end(),
-                                       [](const Kept& a, const Kept& b) { return a.stamp < b.stamp; });
-        to_free.push_back(oldest->data);
-        c.kept_bytes -= oldest->bytes;
-        c.kept.erase(oldest);
+        to_free.push_back(c.kept.front().data);
+        c.kept_bytes -= c.kept.front().bytes;
+        c.kept.erase(c.kept.begin());
       }
     }
   }
@@ -190,26 +186,9 @@ void Block::reserve(size_t bytes) {
   data_ = obtain(bytes, &bytes_);
 }
 
-at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-  // (neither at::empty nor c10::elementSize nor TensorOptions::device here: their inline checks
-  // format through std::ostream, which our functions must not reach, tests/test_compiled_ops_fuzz.py)
-  FA_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-           "fused_attn CPU scratch: float32, bfloat16 or float16 buffers only");
-  size_t bytes = dtype == at::kFloat ? 4 : 2;
-  for (const int64_t n : sizes) bytes *= size_t(n);
-  size_t got = 0;
-  void* data = obtain(bytes, &got);
-  try {
-    return at::from_blob(data, sizes, [got](void* p) { hand_back(p, got); }, at::TensorOptions().dtype(dtype));
-  } catch (...) {
-    hand_back(data, got);
-    throw;
-  }
-}
-
 namespace {
 
-// The output allocator: a block from the cache and, as the DataPtr's context, a small record of
+// The tensors' allocator: a block from the cache and, as the DataPtr's context, a small record of
 // where it is and how large (what the deleter hands back).
 struct Owned {
   void* data;
@@ -222,7 +201,7 @@ void delete_owned(void* context) {
   delete owned;
 }
 
-struct OutputAllocator final : c10::Allocator {
+struct CacheAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     size_t got = 0;
     void* data = obtain(n, &got);
@@ -232,17 +211,17 @@ struct OutputAllocator final : c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 };
 
-OutputAllocator output_allocator;
+CacheAllocator cache_allocator;
 
 }  // namespace
 
-at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
-  return at::detail::empty_generic(sizes, &output_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_generic(sizes, &cache_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                    std::nullopt);
 }
 
-at::Tensor zeros_output(at::IntArrayRef sizes, at::ScalarType dtype) {
-  at::Tensor t = empty_output(sizes, dtype);
+at::Tensor zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
+  at::Tensor t = empty(sizes, dtype);
   t.zero_();
   return t;
 }

@@ -47,19 +47,15 @@ class Block {
   size_t bytes_ = 0;
 };
 
-// An uninitialised contiguous CPU tensor whose memory is a Block (handed back when the tensor's
-// storage dies). For buffers that stay inside a call: nothing returned to the caller uses it.
+// An uninitialised contiguous CPU tensor whose memory comes from the cache, through a
+// c10::Allocator: an ordinary, resizable storage whose block goes back to the cache when it dies.
+// For the kernels' own buffers (panels, layouts) and for the ops' outputs alike: a training loop's
+// outputs, freed and allocated again every step, stop faulting their pages in too (glibc had
+// returned them to the system whenever a step's small buffers, a norm's per-row statistics, landed
+// on top of the heap past its trim threshold).
 at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype);
-
-// An uninitialised contiguous CPU tensor for an op's output (it leaves the call): large ones are
-// allocated from the same cache by a c10::Allocator, and their blocks go back to it when the
-// caller drops the tensor (the storage stays an ordinary, resizable one). So a training loop's
-// outputs, freed and allocated again every step, stop faulting their pages in too: glibc had
-// returned them to the system whenever a step's small buffers (a norm's per-row statistics)
-// landed on top of the heap past its trim threshold.
-at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype);
 // The same, zero-filled.
-at::Tensor zeros_output(at::IntArrayRef sizes, at::ScalarType dtype);
+at::Tensor zeros(at::IntArrayRef sizes, at::ScalarType dtype);
 
 // Frees every kept buffer; returns the bytes freed.
 int64_t release();

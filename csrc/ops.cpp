@@ -25,6 +25,12 @@
 // shifted by its own Lk - Lq when bottom_right, its dropout mask that of offset + Hq * cu_seqlens_q[s].
 // max_seqlen_q/k bound the lengths (they size a GPU grid; the CPU kernel reads the boundaries).
 // CPU kernels only: the cuda backend runs varlen as a loop of attention_fwd / _bwd.
+// rotary: RoPE (fused_attn.functional.apply_rotary_emb), the backends' rotary launcher: x (B, L, H, D),
+// cos / sin (S, R/2) of any float dtype, positions int32/int64 (B, L), all with any strides; token
+// (b, l) takes row positions[b, l] (in [0, S), else an error) and each feature pair (x1, x2) -- features
+// (i, i + R/2), or (2i, 2i + 1) when interleaved -- becomes (x1 c - x2 s, x1 s + x2 c), s negated when
+// conjugate (the inverse rotation: the backward); features R.. are copied. In float32 (float64 for
+// float64), rounded once; out is at::empty_like(x) (x's layout when x is dense).
 // One more op, fused_attn_C::cpu_scratch_release() -> int (fused_attn.empty_cpu_cache()), is
 // declared with its kernel in csrc/cpu/scratch.cpp: it takes no tensor, so it has no dispatch key.
 #include <Python.h>
@@ -65,6 +71,7 @@ TORCH_LIBRARY(fused_attn_C, m) {
       "feed_forward_bwd(Tensor dout, Tensor x, Tensor w1, Tensor w2, Tensor pre, str activation, "
       "float dropout_p, int seed, int offset, bool has_b1, bool has_b2) "
       "-> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2)");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool conjugate) -> Tensor");
 }
 
 // `import fused_attn._C` loads this library, which runs the registrations above; the module

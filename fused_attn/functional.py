@@ -574,10 +574,12 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
                            v: Optional[Tensor] = None, *, cache_seqlens, cache_batch_idx: Optional[Tensor] = None,
-                           block_table: Optional[Tensor] = None, causal: bool = False,
-                           window_size: Optional[tuple[int, int]] = None, scale: Optional[float] = None,
-                           softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
-                           sinks: Optional[Tensor] = None, return_lse: bool = False, backend: Optional[str] = None):
+                           block_table: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                           rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
+                           causal: bool = False, window_size: Optional[tuple[int, int]] = None,
+                           scale: Optional[float] = None, softcap: Optional[float] = None,
+                           alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+                           return_lse: bool = False, backend: Optional[str] = None):
     """Decoding against a KV cache (FlashAttention's ``flash_attn_with_kvcache``): append the new
     keys and values to the cache **in place**, then attend the queries to each sequence's cached
     keys, the new ones included. Layout (batch, seqlen, heads, dim), as FlashAttention's.
@@ -607,6 +609,12 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             where the lengths are not read, B × Lmax).
         block_table: int32 (B, pages_per_seq) or None: a paged cache (FlashAttention's / vLLM's).
             The new keys of two sequences must not land on the same page rows.
+        rotary_cos, rotary_sin: (S, R/2) tables, or None: rotary position embedding applied here,
+            as FlashAttention's (``apply_rotary_emb``'s tables and ``rotary_interleaved`` pairs):
+            the new keys are turned to their positions ``cache_seqlens[b] + i`` before they are
+            written (the cache holds rotated keys); the queries too, to ``cache_seqlens[b] + i``
+            when ``causal`` or with a window, else all to ``cache_seqlens[b]``. Only with new k
+            and v; every position must be below S.
         causal, window_size: FlashAttention's, bottom-right aligned: query i sits at key position
             ``i + Lk_b - Lq`` (Lk_b = cache_seqlens[b] + Lnew), so the last query faces the last
             key; a window (left, right) keeps keys within ``left`` before and ``right`` after it.
@@ -691,6 +699,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                                                               scale, softcap, return_lse, compiling)
     _check_alibi(alibi_slopes, B, "B", Hq, device)
     _check_sinks(sinks, Hq, device)
+    rotary_backend = None
+    if rotary_cos is not None or rotary_sin is not None:
+        rotary_backend = _check_kvcache_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, backend, compiling)
     if torch.is_grad_enabled():
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v), ("sinks", sinks)):
             if t is not None and t.requires_grad:
@@ -703,6 +714,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         D, Dv, gqa, causal, window_size, 0.0, softcap, alibi=alibi_slopes, varlen=True), backend)
     lengths = None if compiling else _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new,
                                                            capacity, slots, rows)
+    if rotary_backend is not None:  # RoPE on the new keys (before they are written) and the queries
+        q, k = _rotate_kvcache(q, k, cache_seqlens, lengths, rotary_cos, rotary_sin, rotary_interleaved,
+                               causal or window_size is not None, rotary_backend, compiling)
     if new:
         _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity, slots, rows,
                        compiling)
@@ -734,6 +748,42 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     if not return_lse:
         return out
     return out, lse.view(Hq, B, Lq).transpose(0, 1).contiguous()
+
+
+def _check_kvcache_rotary(cos, sin, interleaved, q, k, backend, compiling) -> str:
+    """The checks of attention_with_kvcache's rotary tables; returns the backend that rotates."""
+    if cos is None or sin is None:
+        given, missing = ("rotary_cos", "rotary_sin") if sin is None else ("rotary_sin", "rotary_cos")
+        raise ValueError(f"{given} was given without {missing}: pass both tables, or neither")
+    if k is None:
+        raise ValueError("rotary_cos and rotary_sin turn the new keys (and the queries) to their positions: pass the "
+                         "new k and v too (as FlashAttention, which applies them only then), or rotate q with "
+                         "apply_rotary_emb")
+    half = check_tables(cos, sin, q, names=("rotary_cos", "rotary_sin", "q"))
+    _check_bool("rotary_interleaved", interleaved)
+    D = _concrete(q.shape[-1]) if compiling else q.shape[-1]
+    return resolve_options("rotary", q.device, q.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
+
+
+def _rotate_kvcache(q, k, cache_seqlens, lengths, cos, sin, interleaved, query_steps: bool, backend, compiling):
+    """FlashAttention's positions: new key i of sequence b at cache_seqlens[b] + i; query i there
+    too when the attention is causal or local, else every query at cache_seqlens[b]. Checked
+    against the tables' rows on the host (``lengths``, read already) or, compiled, on the device."""
+    (B, Lq), new = q.shape[:2], k.shape[1]
+    rows = cos.shape[0]
+    start = cache_seqlens.long()[:, None]
+    k_positions = start + torch.arange(new, device=q.device)
+    q_positions = start + torch.arange(Lq, device=q.device) if query_steps else start.expand(B, Lq)
+    if lengths is None:
+        check_positions(k_positions, rows, "the new keys' positions", True)
+        check_positions(q_positions, rows, "the queries' positions", True)
+    elif lengths:
+        last = max(lengths) + max(new, Lq if query_steps else 1) - 1
+        if last >= rows:
+            raise ValueError(f"rotary_cos and rotary_sin have {rows} rows, but cache_seqlens = {max(lengths)} puts a "
+                             f"new key or query at position {last}")
+    return (rotate(q, cos, sin, q_positions, interleaved, backend),
+            rotate(k, cos, sin, k_positions, interleaved, backend))
 
 
 def _check_index_tensor(name: str, t, batch: int, device) -> None:
@@ -1057,3 +1107,7 @@ def _ffn_tensors_match(x, w1, b1, w2, b2) -> bool:
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "scaled_dot_product_attention",
            "layer_norm_residual", "feed_forward"]
+
+
+# RoPE lives in its own module, which takes this module's checks (so it is imported last).
+from .rotary import apply_rotary_emb, check_positions, check_tables, rotate  # noqa: E402

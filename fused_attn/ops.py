@@ -508,3 +508,49 @@ class FeedForwardFunction(torch.autograd.Function):
         dx, dw1, db1, dw2, db2 = bwd(dout2, x2, w1, w2, pre, activation, dropout_p, rng, has_b1, has_b2, backend)
         dx = dx if len(shape) == 2 else dx.view(*shape)  # a 2-D x: dx has its shape already
         return dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary position embedding
+# ---------------------------------------------------------------------------------------------
+
+def _rotary_impl(x, cos, sin, positions, interleaved, conjugate, backend):
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return get_backend(backend).rotary(x, cos, sin, positions, interleaved, conjugate)
+
+
+@torch.library.custom_op("fused_attn::rotary", mutates_args=())
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, conjugate: bool,
+           backend: str) -> Tensor:
+    return _rotary_impl(x, cos, sin, positions, interleaved, conjugate, backend)
+
+
+@rotary.register_fake
+def _rotary_fake(x, cos, sin, positions, interleaved, conjugate, backend):
+    return torch.empty_like(x)
+
+
+class RotaryFunction(torch.autograd.Function):
+    """RoPE on (B, L, H, D): the forward turns each feature pair by its position's angle, the
+    backward turns the gradient back (a rotation's transpose is its inverse). Saves the tables and
+    the positions only; cos and sin get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, positions, interleaved, backend):
+        op = _rotary_impl if direct_call_ok(x, cos, sin, positions) else torch.ops.fused_attn.rotary
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.options = (interleaved, backend)
+        return op(x, cos, sin, positions, interleaved, False, backend)
+
+    @staticmethod
+    def backward(ctx, dout):
+        cos, sin, positions = ctx.saved_tensors
+        interleaved, backend = ctx.options
+        op = _rotary_impl if direct_call_ok(dout, cos, sin, positions) else torch.ops.fused_attn.rotary
+        return op(dout, cos, sin, positions, interleaved, True, backend), None, None, None, None, None
+
+
+def rotary_inference(x, cos, sin, positions, interleaved, backend):
+    """RotaryFunction's output for eager calls that build no autograd graph."""
+    return _rotary_impl(x, cos, sin, positions, interleaved, False, backend)

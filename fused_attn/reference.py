@@ -263,6 +263,29 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, activation="relu", dropout_p=
     return F.linear(h, w2, b2)
 
 
+def rotary(x, cos, sin, positions, interleaved=False, conjugate=False):
+    """Rotary position embedding (RoPE) of the first R = 2 * cos.shape[1] features of each head.
+
+    x (B, L, H, D); cos, sin (S, R/2) tables; positions (B, L) ints: token (b, l) sits at position
+    positions[b, l] and takes that row of the tables. Each pair (x1, x2) — features (i, i + R/2),
+    GPT-NeoX's halves, or (2i, 2i + 1) with ``interleaved``, GPT-J's — turns by the angle whose
+    cosine and sine the tables hold: (x1 c - x2 s, x1 s + x2 c). ``conjugate`` turns it back
+    (s -> -s: the inverse rotation, which is also the backward). Features R.. pass unchanged.
+    Computed in float32 (float64 for float64 x) and rounded once to x's dtype."""
+    half = cos.shape[1]
+    wide = torch.promote_types(x.dtype, torch.float32)
+    index = positions.long()
+    c, s = cos.to(wide)[index].unsqueeze(-2), sin.to(wide)[index].unsqueeze(-2)  # (B, L, 1, R/2)
+    if conjugate:
+        s = -s
+    xw = x.to(wide)
+    turned, rest = xw[..., :2 * half], xw[..., 2 * half:]
+    x1, x2 = (turned[..., 0::2], turned[..., 1::2]) if interleaved else (turned[..., :half], turned[..., half:])
+    o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
+    turned = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    return torch.cat((turned, rest), dim=-1).to(x.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Modules (the oracle of fused_attn.modules)
 # --------------------------------------------------------------------------------------------

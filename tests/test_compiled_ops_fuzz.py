@@ -234,6 +234,24 @@ for i in range(60):
                                               *CAUSAL_BAND, br, 0.1, 1.0, 0, 0, 0.0, None, None, None))(
         *ops.attention_varlen_fwd(vq, vk, vv, *(cb := (random_cu(n), random_cu(n))), 5, 6, *CAUSAL_BAND, br,
                                   0.1, 1.0, 0, 0)))
+# rotary: x (B, L, H, D), (S, R/2) tables, (B, L) positions
+rx, rc, rpos = t(2, 3, 2, 8), t(4, 3), torch.zeros(2, 3, dtype=i64)
+for name, call in {
+    "rotary x 3-D": lambda: ops.rotary(t(3, 2, 8), rc, rc, rpos, False, False),
+    "rotary x int": lambda: ops.rotary(rx.int(), rc, rc, rpos, False, False),
+    "rotary tables 1-D": lambda: ops.rotary(rx, t(4), t(4), rpos, False, False),
+    "rotary tables differ": lambda: ops.rotary(rx, rc, t(4, 2), rpos, True, False),
+    "rotary tables too wide": lambda: ops.rotary(rx, t(4, 5), t(4, 5), rpos, False, True),
+    "rotary tables empty": lambda: ops.rotary(rx, t(4, 0), t(4, 0), rpos, False, False),
+    "rotary position past the table": lambda: ops.rotary(rx, rc, rc, rpos + 4, False, False),
+    "rotary position negative": lambda: ops.rotary(rx, rc, rc, rpos - 1, True, False),
+    "rotary positions float": lambda: ops.rotary(rx, rc, rc, rpos.float(), False, False),
+    "rotary positions wrong shape": lambda: ops.rotary(rx, rc, rc, rpos[:, :2], False, False),
+}.items():
+    cases[name] = call
+for i in range(60):
+    cases[f"random rotary {i}"] = (lambda a=[rand_tensor() for _ in range(4)], inter=rng.random() < 0.5:
+        ops.rotary(a[0], a[1], a[2], a[3].long() if a[3].dtype == torch.bool else a[3], inter, not inter))
 results = {}
 for name, call in cases.items():
     try:
@@ -264,7 +282,7 @@ def test_compiled_ops_reject_bad_input_without_crashing():
     failed = {name: res for name, res in bands.items() if res != "ok"}
     assert len(bands) == 96 and not failed, f"valid calls with extreme bands failed: {failed}"
     # the random cases may be valid by chance; they must only never crash (checked above)
-    assert len(results) == len(listed) + len(bands) + 420
+    assert len(results) == len(listed) + len(bands) + 480
     # valid varlen calls with extreme bands, empty sequences and seqused_k: as the contract says
     varlen_bands = {name: res for name, res in listed.items() if name.startswith("varlen band")}
     failed = {name: res for name, res in varlen_bands.items() if res != "ok"}

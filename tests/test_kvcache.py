@@ -336,6 +336,78 @@ def test_kvcache_refuses_inputs_that_require_grad():
         F.attention_with_kvcache(qi, kci, vci, k.clone(), v.clone(), **kwargs)
 
 
+ROTARY_CASES = [(CASES[0], False), (CASES[2], True), (CASES[4], False), (CASES[5], True), (CASES[8], False),
+                (CASES[10], True)]
+
+
+def rope_tables(rows, half):
+    angles = torch.outer(torch.arange(rows, dtype=torch.float64), 1.0 / 500.0 ** (torch.arange(half) / half))
+    return angles.cos().float(), angles.sin().float()
+
+
+def rope_positions(case, kwargs, lengths, Lq, new):
+    """FlashAttention's: new key i at cache_seqlens[b] + i; queries there too when causal or local,
+    else all at cache_seqlens[b]."""
+    start = torch.tensor(lengths)[:, None]
+    steps = case.get("causal") or case.get("window") is not None
+    return (start + torch.arange(Lq)) if steps else start.expand(-1, Lq), start + torch.arange(new)
+
+
+@pytest.mark.parametrize("case,interleaved", ROTARY_CASES, ids=[f"{c['id']}{', interleaved' if i else ''}"
+                                                                for c, i in ROTARY_CASES])
+@pytest.mark.parametrize("device,backend", cases())
+def test_kvcache_rotary_embeds_new_keys_and_queries(device, backend, case, interleaved):
+    """rotary_cos/rotary_sin: the oracle turns q and the new keys (float64) to FlashAttention's
+    positions and attends; the cache receives the turned keys, exactly what apply_rotary_emb gives."""
+    q, kc, vc, k, v, kwargs, lengths = _setup(case, device)
+    half = min(case["D"] // 2, 12) if interleaved else case["D"] // 2  # partial rotary on some
+    cos, sin = (t.to(device) for t in rope_tables(70, half))
+    q_pos, k_pos = rope_positions(case, kwargs, lengths, q.shape[1], k.shape[1])
+    rope = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
+
+    def fused(q, kc, vc, k, v):
+        return F.attention_with_kvcache(q, kc, vc, k, v, return_lse=True, backend=backend, **rope, **kwargs)
+
+    def reference(q, kc, vc, k, v):
+        q = R.rotary(q, cos, sin, q_pos.to(device), interleaved)
+        k = R.rotary(k, cos, sin, k_pos.to(device), interleaved)
+        return oracle(q, kc, vc, k, v, kwargs, lengths)
+
+    check_against_reference(fused, reference, [q, kc, vc, k, v], names=["q", "k_cache", "v_cache", "k", "v"])
+    kc_written = kc.clone()
+    F.attention_with_kvcache(q, kc_written, vc.clone(), k, v, backend=backend, **rope, **kwargs)
+    turned = F.apply_rotary_emb(k, cos, sin, position_ids=k_pos.to(device), interleaved=interleaved,
+                                backend=backend)
+    for b, n in enumerate(lengths):
+        for i in range(k.shape[1]):
+            j = n + i
+            table, idx = kwargs["block_table"], kwargs["cache_batch_idx"]
+            row = (kc_written[int(table[b, j // PAGE]), j % PAGE] if table is not None
+                   else kc_written[b if idx is None else int(idx[b]), j])
+            assert torch.equal(row, turned[b, i])
+
+
+def test_kvcache_rotary_under_torch_compile():
+    q, kc, vc, k, v, kwargs, lengths = _setup(CASES[2])
+    cos, sin = rope_tables(70, 16)
+
+    def f(q, kc, vc, k, v, cache_seqlens):
+        return F.attention_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin,
+                                        **dict(kwargs, cache_seqlens=cache_seqlens))
+
+    eager_k = kc.clone()
+    eager = f(q, eager_k, vc.clone(), k, v, kwargs["cache_seqlens"])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False)
+    out = compiled(q, kc, vc, k, v, kwargs["cache_seqlens"])
+    torch.testing.assert_close(out, eager, equal_nan=True)
+    assert torch.equal(kc.nan_to_num(), eager_k.nan_to_num())
+    short_cos, short_sin = cos[:15], sin[:15]  # 13 + 4 new keys reach position 16
+    g = torch.compile(lambda *a: F.attention_with_kvcache(*a, rotary_cos=short_cos, rotary_sin=short_sin, **kwargs),
+                      fullgraph=True, backend="aot_eager", dynamic=False)
+    with pytest.raises(Exception, match="must index the rows of cos and sin"):
+        g(q, kc, vc, k, v)
+
+
 def _bad_inputs(paged=False):
     case = CASES[8] if paged else dict(CASES[5], seqlens=[4, 0, 14])  # dense: room for 3 new keys in row 2
     q, kc, vc, k, v, kwargs, _ = _setup(case)
@@ -347,6 +419,18 @@ def _int(values, dtype=torch.int32):
 
 
 DENSE_ERRORS = [
+    (lambda a: dict(rotary_cos=rope_tables(20, 8)[0]), ValueError, "rotary_cos was given without rotary_sin"),
+    (lambda a: dict(rotary_sin=rope_tables(20, 8)[1]), ValueError, "rotary_sin was given without rotary_cos"),
+    (lambda a: dict(zip(("rotary_cos", "rotary_sin"), rope_tables(20, 8)), k=None, v=None), ValueError,
+     "pass the new k and v too"),
+    (lambda a: dict(zip(("rotary_cos", "rotary_sin"), rope_tables(15, 8))), ValueError,
+     "rotary_cos and rotary_sin have 15 rows, but cache_seqlens = 14 puts a new key or query at position 15"),
+    (lambda a: dict(zip(("rotary_cos", "rotary_sin"), rope_tables(20, 21))), ValueError,
+     "must have between 1 and D/2 = 20 columns"),
+    (lambda a: dict(rotary_cos=rope_tables(20, 8)[0], rotary_sin=rope_tables(20, 4)[1]), ValueError,
+     "rotary_cos and rotary_sin must have the same shape"),
+    (lambda a: dict(zip(("rotary_cos", "rotary_sin"), rope_tables(20, 8)), rotary_interleaved="yes"), TypeError,
+     "rotary_interleaved must be a bool"),
     (lambda a: dict(v=None), ValueError, "k was given without v"),
     (lambda a: dict(k=None), ValueError, "v was given without k"),
     (lambda a: dict(q=a["q"][0]), ValueError, "q must be 4-D"),

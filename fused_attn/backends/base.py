@@ -15,6 +15,7 @@ launcher per op half, each with the argument list of the op schema:
     feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset) -> (out, pre)
     feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset, has_b1, has_b2)
         -> (dx, dw1, db1, dw2, db2)
+    rotary(x, cos, sin, positions, interleaved, conjugate) -> out
 
 The contract each launcher keeps (see docs in fused_attn/ops.py for the full statement):
 
@@ -41,6 +42,11 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
 - feed_forward: x (T, d), w1 (F1, d) with F1 = d_ff or 2*d_ff (gated), w2 (d, d_ff). ``pre`` is
   x @ w1^T + b1, saved for backward; the activation is recomputed from it there. db1/db2 are
   empty when absent.
+- rotary: x (B, L, H, D), cos/sin (S, R/2) floats of any dtype, positions (B, L) int32/int64, all
+  with any strides; every position in [0, S) (checked before the call). ``out`` is
+  ``torch.empty_like(x)`` (x's layout when x is dense, else contiguous); x's dtype, computed in
+  float32 (float64 for float64) and rounded once; features R.. copied. ``conjugate`` negates sin
+  (the inverse rotation: the backward). See ``fused_attn.reference.rotary``.
 - Empty sizes: the attention ops never reach a backend with an empty q/k/v (ops.py answers those
   itself); layer_norm_residual and feed_forward launchers must handle 0 rows (no launch).
 - Outputs never alias inputs; inputs are never written.
@@ -54,7 +60,7 @@ import torch
 
 from ..ops_common import new_varlen_out, sequence_band, varlen_lse_shape, varlen_rng_offset
 
-OPS = ("attention", "layer_norm_residual", "feed_forward")
+OPS = ("attention", "layer_norm_residual", "feed_forward", "rotary")
 
 
 @dataclass(frozen=True)

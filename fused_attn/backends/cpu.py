@@ -8,7 +8,7 @@ from .base import Backend, Call
 
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OP_HALVES = {"attention": "attention_fwd", "layer_norm_residual": "layer_norm_residual_fwd",
-              "feed_forward": "feed_forward_fwd"}
+              "feed_forward": "feed_forward_fwd", "rotary": "rotary"}
 
 
 class CompiledBackend(Backend):
@@ -44,12 +44,15 @@ class CompiledBackend(Backend):
     def feed_forward_bwd(self, *args):
         return torch.ops.fused_attn_C.feed_forward_bwd(*args)
 
+    def rotary(self, *args):
+        return torch.ops.fused_attn_C.rotary(*args)
+
 
 class CpuBackend(CompiledBackend):
     name = "cpu"
     devices = ("cpu",)
     dispatch_key = "CPU"
-    dtypes = {"attention": _ALL, "layer_norm_residual": _ALL, "feed_forward": _ALL}
+    dtypes = {"attention": _ALL, "layer_norm_residual": _ALL, "feed_forward": _ALL, "rotary": _ALL}
 
     # Varlen attention: the packed kernels fused_attn_C::attention_varlen_fwd/bwd (csrc/cpu/attention.cpp),
     # every sequence's tiles in one parallel loop, rather than the base class's per-sequence loop, which

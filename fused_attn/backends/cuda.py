@@ -12,7 +12,7 @@ class CudaBackend(CompiledBackend):
     name = "cuda"
     devices = ("cuda",)
     dispatch_key = "CUDA"
-    dtypes = {"attention": _GPU, "layer_norm_residual": _GPU, "feed_forward": _GPU}
+    dtypes = {"attention": _GPU, "layer_norm_residual": _GPU, "feed_forward": _GPU, "rotary": _GPU}
 
     #: limits of the kernels in csrc/cuda (the ops raise beyond them; auto moves on to the next backend)
     max_head_dim = 256

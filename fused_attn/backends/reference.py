@@ -26,7 +26,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda")
     _all = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    dtypes = {"attention": _all, "layer_norm_residual": _all, "feed_forward": _all}
+    dtypes = {"attention": _all, "layer_norm_residual": _all, "feed_forward": _all, "rotary": _all}
 
     # ---- attention -------------------------------------------------------------------------
     def attention_fwd(self, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0,
@@ -122,3 +122,9 @@ class ReferenceBackend(Backend):
         db1 = dpre.float().sum(0).to(dpre.dtype) if has_b1 else empty(x)
         dx = dpre @ w1
         return dx.contiguous(), dw1.contiguous(), db1, dw2.contiguous(), db2
+
+    # ---- rotary embedding -------------------------------------------------------------------
+    def rotary(self, x, cos, sin, positions, interleaved, conjugate):
+        out = torch.empty_like(x)
+        out.copy_(ref.rotary(x, cos, sin, positions, interleaved, conjugate))
+        return out

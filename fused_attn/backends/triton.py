@@ -5,7 +5,7 @@ interpreter (``TRITON_INTERPRET=1`` set before fused_attn.triton is imported), w
 tests exercise the kernels on machines without a GPU; the interpreter cannot do bfloat16
 arithmetic (triton-lang/triton#11584), so bfloat16 on CPU is refused.
 
-Each kernel module (``fused_attn.triton.attention``, ``.layer_norm``, ``.feed_forward``) provides
+Each kernel module (``fused_attn.triton.attention``, ``.layer_norm``, ``.feed_forward``, ``.rotary``) provides
 the launchers named in ``backends.base`` and may define ``unsupported_reasons(call)``.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from .base import Backend, Call
 
-_MODULES = {"attention": "attention", "layer_norm_residual": "layer_norm", "feed_forward": "feed_forward"}
+_MODULES = {"attention": "attention", "layer_norm_residual": "layer_norm", "feed_forward": "feed_forward",
+            "rotary": "rotary"}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -36,7 +37,7 @@ def _kernels(op: str):
 
 class TritonBackend(Backend):
     name = "triton"
-    dtypes = {"attention": _FLOATS, "layer_norm_residual": _FLOATS, "feed_forward": _FLOATS}
+    dtypes = {"attention": _FLOATS, "layer_norm_residual": _FLOATS, "feed_forward": _FLOATS, "rotary": _FLOATS}
     paged_kv = True  # the varlen forward's PAGED specialisation
 
     @property
@@ -87,3 +88,6 @@ class TritonBackend(Backend):
 
     def feed_forward_bwd(self, *args):
         return _kernels("feed_forward").feed_forward_bwd(*args)
+
+    def rotary(self, x, cos, sin, positions, interleaved, conjugate):
+        return _kernels("rotary").apply_rotary(x, cos, sin, positions, interleaved=interleaved, conjugate=conjugate)

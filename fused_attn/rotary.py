@@ -1,0 +1,219 @@
+"""Rotary position embedding (RoPE), FlashAttention's ``apply_rotary_emb``, forward and backward.
+
+RoPE encodes a token's position p by turning each pair of its query/key features by an angle
+p * theta_i (theta_i = base^(-2i/R)), so that q.k depends on positions only through their
+difference. The caller supplies the angles' cosines and sines as (S, R/2) tables, row p for
+position p, as FlashAttention's ``apply_rotary_emb`` and its ``RotaryEmbedding`` build them:
+
+    inv_freq = 1 / base ** (torch.arange(0, R, 2) / R)        # (R/2,)
+    angles = torch.outer(torch.arange(S), inv_freq)           # (S, R/2)
+    cos, sin = angles.cos(), angles.sin()
+
+A pair (x1, x2) becomes (x1 cos - x2 sin, x1 sin + x2 cos); the pairs are features (i, i + R/2)
+(GPT-NeoX, Llama: ``interleaved=False``) or (2i, 2i + 1) (GPT-J: ``interleaved=True``). Only the
+first R features of a head turn (partial rotary, R < D: GPT-NeoX, Phi); the rest are copied.
+
+A rotation's transpose is its inverse, so the backward is the same kernel with sin negated: only
+the tables and positions are saved. Every backend computes in float32 (float64 for float64
+inputs) and rounds once; the ``cpu`` backend is ``fused_attn_C::rotary`` (csrc/cpu/rotary.cpp),
+``triton`` is ``fused_attn.triton.rotary``, ``cuda`` csrc/cuda/rotary.cu, ``reference`` the
+textbook formula (``fused_attn.reference.rotary``).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .backends import check_backend_name, resolve_options
+from .functional import _check_bool, _check_tensor, _concrete, _dtype_name
+from .ops import RotaryFunction, inference_call_ok, rotary_inference
+
+
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False,
+                     seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
+                     max_seqlen: Optional[int] = None, position_ids: Optional[Tensor] = None,
+                     backend: Optional[str] = None) -> Tensor:
+    """Rotary position embedding of ``x`` (FlashAttention's ``apply_rotary_emb``), differentiable.
+
+    Args:
+        x: (B, L, H, D) queries or keys, layout (batch, seqlen, heads, dim); with ``cu_seqlens``
+            a packed (total, H, D) tensor of sequences back to back (also with ``position_ids``:
+            (total, H, D) tokens at the given positions). Any strides.
+        cos, sin: (S, R/2) tables of the rotation angles' cosines and sines, row p for position
+            p; R = 2 * cos.shape[1] <= D features of each head turn, the rest pass unchanged. Any
+            floating dtype (one for both; computed in float32 whatever it is). They get no
+            gradient: tables that require grad raise.
+        interleaved: pairs (2i, 2i + 1) (GPT-J) instead of (i, i + R/2) (GPT-NeoX, Llama).
+        seqlen_offsets: an int, or an int32/int64 (B,) tensor: token t of sequence b is at
+            position ``seqlen_offsets[b] + t`` (decoding with a KV cache: the keys already there).
+        cu_seqlens: int32/int64 (B + 1,) cumulative lengths of the packed sequences of a 3-D x
+            (``attention_varlen``'s); positions restart at each sequence's start.
+        max_seqlen: accepted for FlashAttention compatibility (an int >= the longest sequence);
+            not needed here.
+        position_ids: instead of the offsets, each token's position (Hugging Face's): an int
+            tensor of x's leading shape ((B, L), or (total,) for a 3-D x) or one that broadcasts
+            to it, e.g. (1, L). Left-padded batches take their own positions this way.
+        backend: as for the other functional calls.
+
+    Returns a new tensor of x's shape and dtype (x's layout when x is dense).
+
+    Every position must index a table row, 0 <= p < S: checked on the host outside
+    torch.compile when the positions come from an int offset (no device read) or live on the CPU;
+    on a GPU and under torch.compile, with ``torch._assert_async`` (a device-side assert).
+    """
+    compiling = torch.compiler.is_compiling()
+    _check_tensor("x", x)
+    packed = cu_seqlens is not None
+    if packed and x.dim() != 3:
+        raise ValueError(f"x must be 3-D (total, H, D) with cu_seqlens, got shape {tuple(x.shape)}")
+    if not packed and x.dim() != 4 and not (x.dim() == 3 and position_ids is not None):
+        raise ValueError(f"x must be 4-D (B, L, H, D) (3-D (total, H, D) with cu_seqlens or position_ids), got "
+                         f"shape {tuple(x.shape)}")
+    half = check_tables(cos, sin, x)
+    _check_bool("interleaved", interleaved)
+    check_backend_name(backend)
+    if position_ids is not None and (packed or not _is_zero(seqlen_offsets)):
+        raise ValueError("position_ids gives every token's position: it cannot be combined with seqlen_offsets "
+                         "or cu_seqlens")
+    x4 = x.unsqueeze(0) if x.dim() == 3 else x  # (B, L, H, D); packed or a flat (total, H, D): B = 1
+    B, L = x4.shape[:2]
+    if position_ids is not None:
+        positions = _positions_from_ids(position_ids, x.shape[:-2], x.device)
+    elif packed:
+        positions = _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, x.shape[0], x.device, compiling)
+    else:
+        positions = _offset_positions(seqlen_offsets, B, L, x.device)
+    if isinstance(seqlen_offsets, numbers.Integral) and position_ids is None and not packed:
+        if seqlen_offsets < 0 or (L and seqlen_offsets + L > cos.shape[0]):  # known without reading a tensor
+            raise ValueError(f"seqlen_offsets = {seqlen_offsets} puts the {L} tokens at positions {seqlen_offsets}.."
+                             f"{seqlen_offsets + L - 1}, outside the {cos.shape[0]} rows of cos and sin")
+    else:
+        check_positions(positions, cos.shape[0], "the positions", compiling)
+    D = x.shape[-1]
+    if compiling:
+        D, half = _concrete(D), _concrete(half)
+    name = resolve_options("rotary", x.device, x.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
+    out = rotate(x4, cos, sin, positions, interleaved, name)
+    return out.view(x.shape) if x.dim() == 3 else out
+
+
+def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, backend: str) -> Tensor:
+    """The embedding of checked inputs: x4 (B, L, H, D), positions (B, L) in range, ``backend``
+    resolved (also ``attention_with_kvcache``'s path, which checks its positions itself)."""
+    if inference_call_ok(x4, cos, sin):
+        return rotary_inference(x4, cos, sin, positions, interleaved, backend)
+    return RotaryFunction.apply(x4, cos, sin, positions, interleaved, backend)
+
+
+def check_tables(cos, sin, x: Tensor, names=("cos", "sin", "x")) -> int:
+    """The checks of the (S, R/2) tables against x (..., D); returns R/2."""
+    cname, sname, xname = names
+    _check_tensor(cname, cos, ndim=2)
+    _check_tensor(sname, sin, ndim=2)
+    if sin.shape != cos.shape:
+        raise ValueError(f"{cname} and {sname} must have the same shape (S, R/2), got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    if sin.dtype != cos.dtype:
+        raise TypeError(f"{cname} and {sname} must share a dtype, got {_dtype_name(cos.dtype)} and "
+                        f"{_dtype_name(sin.dtype)}")
+    for name, t in ((cname, cos), (sname, sin)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but {xname} is on {x.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but the rotary tables get no gradient (as FlashAttention's): "
+                             f"pass {name}.detach(), or compute the embedding with torch ops to learn the angles")
+    half, D = cos.shape[1], x.shape[-1]
+    if half < 1 or 2 * half > D:
+        raise ValueError(f"{cname} and {sname} must have between 1 and D/2 = {D // 2} columns (the rotary dim R "
+                         f"is twice their width and at most {xname}'s head dim D = {D}), got shape "
+                         f"{tuple(cos.shape)}")
+    return half
+
+
+def _is_zero(offsets) -> bool:
+    return isinstance(offsets, numbers.Integral) and not isinstance(offsets, bool) and offsets == 0
+
+
+def _check_int_tensor(name: str, t, shape, device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {_dtype_name(t.dtype)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+
+
+def _offset_positions(seqlen_offsets, B: int, L: int, device) -> Tensor:
+    """(B, L) positions seqlen_offsets[b] + l (an int offset: one row, expanded over the batch)."""
+    steps = torch.arange(L, device=device, dtype=torch.int64)
+    if isinstance(seqlen_offsets, Tensor):
+        _check_int_tensor("seqlen_offsets", seqlen_offsets, (B,), device)
+        return seqlen_offsets.long()[:, None] + steps
+    if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral):
+        raise TypeError(f"seqlen_offsets must be an int or an int32/int64 ({B},) tensor, got "
+                        f"{type(seqlen_offsets).__name__}")
+    return (steps + int(seqlen_offsets)).expand(B, L)
+
+
+def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device, compiling: bool) -> Tensor:
+    """(1, total) positions of packed sequences: token t of the sequence s holding it is at
+    t - cu_seqlens[s] + seqlen_offsets[s]. Found on the device (searchsorted), no host read."""
+    _check_int_tensor("cu_seqlens", cu_seqlens, None, device)
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+    batch = cu_seqlens.shape[0] - 1
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral)
+                                   or max_seqlen < 0):
+        raise TypeError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
+    if not compiling:
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at x.shape[0] = {total}, got "
+                             f"{bounds}")
+        longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"max_seqlen = {max_seqlen} is less than the longest sequence, {longest} tokens")
+    token = torch.arange(total, device=device, dtype=torch.int64)
+    cu = cu_seqlens.long()
+    seq = torch.searchsorted(cu[1:], token, right=True).clamp_(max=max(batch - 1, 0))  # the sequence of each token
+    positions = token - cu[seq]
+    if isinstance(seqlen_offsets, Tensor):
+        _check_int_tensor("seqlen_offsets", seqlen_offsets, (batch,), device)
+        positions = positions + seqlen_offsets.long()[seq]
+    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral):
+        raise TypeError(f"seqlen_offsets must be an int or an int32/int64 ({batch},) tensor, got "
+                        f"{type(seqlen_offsets).__name__}")
+    elif seqlen_offsets:
+        positions = positions + int(seqlen_offsets)
+    return positions[None]
+
+
+def _positions_from_ids(position_ids, lead_shape, device) -> Tensor:
+    """position_ids broadcast (a stride-0 view) to x's leading shape, as (B, L)."""
+    _check_int_tensor("position_ids", position_ids, None, device)
+    try:
+        ids = position_ids.expand(lead_shape)
+    except RuntimeError:
+        raise ValueError(f"position_ids must broadcast to x's leading shape {tuple(lead_shape)}, got shape "
+                         f"{tuple(position_ids.shape)}") from None
+    return ids if ids.dim() == 2 else ids[None]
+
+
+def check_positions(positions: Tensor, rows: int, what: str, compiling: bool) -> None:
+    """0 <= every position < rows: read on the host for CPU tensors outside torch.compile, else
+    asserted on the device (no sync)."""
+    if positions.numel() == 0:
+        return
+    if compiling or positions.device.type != "cpu":
+        torch._assert_async(((positions >= 0) & (positions < rows)).all(),
+                            f"apply_rotary_emb: {what} must index the rows of cos and sin")
+        return
+    low, high = int(positions.min()), int(positions.max())
+    if low < 0 or high >= rows:
+        bad = low if low < 0 else high
+        raise ValueError(f"{what} reach position {bad}, outside the {rows} rows of cos and sin")

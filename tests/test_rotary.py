@@ -1,0 +1,290 @@
+"""Rotary position embedding (``apply_rotary_emb``): every backend that runs here against the float64
+reference, forward and gradient; the conventions of the models that use it (Llama's rotate-half,
+GPT-J's rotate-every-two); positions from offsets, packed sequences and position ids; layouts;
+torch.compile; bad input."""
+import math
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import reference as R
+from fused_attn.testing import check_against_reference, runnable_backends
+
+BACKENDS = runnable_backends("rotary")
+
+
+def tables(S, half, base=10000.0, dtype=torch.float32):
+    """FlashAttention's / Llama's tables: angle p * base^(-2i/R) for position p, pair i."""
+    inv_freq = 1.0 / base ** (torch.arange(0, half, dtype=torch.float64) / half)
+    angles = torch.outer(torch.arange(S, dtype=torch.float64), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def offset_positions(offsets, B, L):
+    offsets = torch.as_tensor(offsets).long().reshape(-1).expand(B)
+    return offsets[:, None] + torch.arange(L)
+
+
+def dtypes_for(backend):
+    if backend == "triton":  # the interpreter: no bfloat16 arithmetic, float64 is not a Triton dtype here
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+CASES = [  # B, L, H, D, R/2, interleaved, offsets
+    (2, 17, 3, 64, 32, False, 0),
+    (2, 17, 3, 64, 16, True, [5, 0]),
+    (1, 97, 1, 59, 20, False, 7),
+    (3, 1, 2, 40, 20, True, [0, 3, 60]),
+    (1, 5, 2, 16, 1, False, [2]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}L{}H{}D{}h{}{}".format(*c[:5], "i" if c[5] else ""))
+def test_matches_reference(backend, case):
+    B, L, H, D, half, interleaved, offsets = case
+    S = 64 + L
+    for dtype in dtypes_for(backend):
+        g = torch.Generator().manual_seed(B * 100 + L)
+        x = torch.randn(B, L, H, D, generator=g).to(dtype).requires_grad_()
+        cos, sin = tables(S, half, dtype=torch.float32)
+        off = offsets if isinstance(offsets, int) else torch.tensor(offsets, dtype=torch.int32)
+        positions = offset_positions(offsets, B, L)
+        check_against_reference(
+            lambda x_, c_, s_: fused_attn.apply_rotary_emb(x_, c_, s_, interleaved=interleaved, seqlen_offsets=off,
+                                                           backend=backend),
+            lambda x_, c_, s_: R.rotary(x_, c_, s_, positions, interleaved),
+            [x, cos, sin], names=["x", "cos", "sin"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llama_and_gptj_conventions(backend):
+    """interleaved=False is Llama's / GPT-NeoX's x*cos + rotate_half(x)*sin with duplicated
+    tables; interleaved=True is GPT-J's rotate_every_two with repeat-interleaved tables."""
+    B, L, H, D = 2, 9, 2, 16
+    x = torch.randn(B, L, H, D, dtype=torch.float64 if backend != "triton" else torch.float32)
+    cos, sin = tables(L, D // 2, dtype=x.dtype)
+    c, s = cos[None, :, None], sin[None, :, None]  # (1, L, 1, D/2)
+
+    def rotate_half(t):
+        t1, t2 = t[..., : D // 2], t[..., D // 2:]
+        return torch.cat((-t2, t1), dim=-1)
+
+    def rotate_every_two(t):
+        return torch.stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2)
+
+    llama = x * torch.cat((c, c), -1) + rotate_half(x) * torch.cat((s, s), -1)
+    gptj = x * c.repeat_interleave(2, -1) + rotate_every_two(x) * s.repeat_interleave(2, -1)
+    tol = dict(atol=1e-12, rtol=0) if x.dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_attn.apply_rotary_emb(x, cos, sin, backend=backend), llama, **tol)
+    torch.testing.assert_close(fused_attn.apply_rotary_emb(x, cos, sin, interleaved=True, backend=backend), gptj,
+                               **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relative_positions(backend):
+    """What RoPE is for: q.k after the embedding depends only on the distance between positions."""
+    D = 32
+    q, k = torch.randn(1, 1, 1, D, dtype=torch.float32), torch.randn(1, 1, 1, D, dtype=torch.float32)
+    cos, sin = tables(200, D // 2)
+
+    def score(pq, pk):
+        rq = fused_attn.apply_rotary_emb(q, cos, sin, seqlen_offsets=pq, backend=backend)
+        rk = fused_attn.apply_rotary_emb(k, cos, sin, seqlen_offsets=pk, backend=backend)
+        return float((rq * rk).sum())
+
+    assert score(10, 3) == pytest.approx(score(110, 103), abs=1e-4)
+    assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_sequences_restart_positions(backend):
+    """cu_seqlens: each sequence is the (1, len) call with its own offset, bitwise."""
+    lens, offsets = [0, 1, 17, 5], torch.tensor([4, 0, 9, 30], dtype=torch.int64)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    x = torch.randn(int(cu[-1]), 3, 40)
+    cos, sin = tables(64, 12)
+    out = fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=offsets, cu_seqlens=cu, max_seqlen=17,
+                                      backend=backend)
+    assert out.shape == x.shape
+    for s, n in enumerate(lens):
+        a, b = int(cu[s]), int(cu[s + 1])
+        alone = fused_attn.apply_rotary_emb(x[a:b][None], cos, sin, seqlen_offsets=int(offsets[s]), backend=backend)
+        assert torch.equal(out[a:b], alone[0])
+    # an int offset is every sequence's; no offset restarts each at 0
+    first = fused_attn.apply_rotary_emb(x, cos, sin, cu_seqlens=cu, backend=backend)
+    assert torch.equal(first[1:18], fused_attn.apply_rotary_emb(x[1:18][None], cos, sin, backend=backend)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_position_ids(backend):
+    """Hugging Face's position ids: per token, broadcast over the batch, or left-padded rows."""
+    B, L, H, D = 2, 6, 2, 16
+    x = torch.randn(B, L, H, D)
+    cos, sin = tables(32, 8)
+    by_offset = fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=3, backend=backend)
+    ids = torch.arange(3, 3 + L)
+    assert torch.equal(fused_attn.apply_rotary_emb(x, cos, sin, position_ids=ids[None], backend=backend), by_offset)
+    assert torch.equal(fused_attn.apply_rotary_emb(x, cos, sin, position_ids=ids, backend=backend), by_offset)
+    left_padded = torch.tensor([[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    out = fused_attn.apply_rotary_emb(x, cos, sin, position_ids=left_padded, backend=backend)
+    torch.testing.assert_close(out.double(), R.rotary(x.double(), cos.double(), sin.double(), left_padded),
+                               atol=1e-6, rtol=0)
+    flat = fused_attn.apply_rotary_emb(x[0], cos, sin, position_ids=left_padded[0], backend=backend)  # (L, H, D)
+    assert torch.equal(flat, out[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_and_inputs_untouched(backend):
+    """A (B, H, L, D) tensor viewed as (B, L, H, D) (Hugging Face's layout) keeps its layout; odd
+    strides and non-contiguous tables read through strides; nothing passed in changes."""
+    B, H, L, D = 2, 3, 17, 40
+    x_bhld = torch.randn(B, H, L, D)
+    x = x_bhld.transpose(1, 2)
+    table = torch.randn(2, 64, 40)
+    cos, sin = tables(64, 20)
+    cos_nc = torch.stack((cos, cos), -1)[..., 0]  # stride 2 along the columns
+    keep = [t.clone() for t in (x, cos, sin)]
+    out = fused_attn.apply_rotary_emb(x, cos_nc, sin, seqlen_offsets=2, backend=backend)
+    assert out.stride() == x.stride()
+    positions = offset_positions(2, B, L)
+    torch.testing.assert_close(out.double(), R.rotary(x.double(), cos.double(), sin.double(), positions),
+                               atol=1e-6, rtol=0)
+    strided = torch.randn(B, L, H, 2 * D)[..., ::2]  # last-dim stride 2
+    torch.testing.assert_close(fused_attn.apply_rotary_emb(strided, cos, sin, backend=backend).double(),
+                               R.rotary(strided.double(), cos.double(), sin.double(), offset_positions(0, B, L)),
+                               atol=1e-6, rtol=0)
+    for before, after in zip(keep, (x, cos, sin)):
+        assert torch.equal(before, after)
+    del table
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    cos, sin = tables(8, 4)
+    for shape in ((0, 3, 2, 8), (2, 0, 2, 8), (2, 3, 0, 8)):
+        x = torch.randn(shape, requires_grad=True)
+        out = fused_attn.apply_rotary_emb(x, cos, sin, backend=backend)
+        assert out.shape == x.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+    cu = torch.tensor([0, 0], dtype=torch.int32)
+    assert fused_attn.apply_rotary_emb(torch.randn(0, 2, 8), cos, sin, cu_seqlens=cu, backend=backend).shape == (0, 2, 8)
+
+
+def test_cpu_is_auto_on_cpu():
+    if "cpu" not in BACKENDS:
+        pytest.skip("fused_attn._C is not built")
+    x = torch.randn(1, 4, 2, 8)
+    cos, sin = tables(8, 4)
+    assert torch.equal(fused_attn.apply_rotary_emb(x, cos, sin), fused_attn.apply_rotary_emb(x, cos, sin,
+                                                                                              backend="cpu"))
+
+
+def test_compiled_fullgraph():
+    """One graph, forward and backward, with tensor offsets (the positions stay on the device)."""
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    cos, sin = tables(64, 8)
+
+    def f(x, off):
+        return fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=off, backend=backend).square().sum()
+
+    x = torch.randn(2, 7, 2, 16, requires_grad=True)
+    off = torch.tensor([1, 30])
+    eager = f(x, off)
+    (g_eager,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, off)
+    (g,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g, g_eager)
+
+
+def _bad_calls():
+    x = torch.randn(2, 5, 2, 16)
+    cos, sin = tables(8, 4)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    flat = torch.randn(5, 2, 16)
+    return [
+        ("x must be 4-D", lambda: fused_attn.apply_rotary_emb(x[0, 0], cos, sin), ValueError),
+        ("x must be 3-D", lambda: fused_attn.apply_rotary_emb(x, cos, sin, cu_seqlens=cu), ValueError),
+        ("x must be a floating", lambda: fused_attn.apply_rotary_emb(x.long(), cos, sin), TypeError),
+        ("cos must be 2-D", lambda: fused_attn.apply_rotary_emb(x, cos[0], sin), ValueError),
+        ("same shape", lambda: fused_attn.apply_rotary_emb(x, cos, sin[:, :2]), ValueError),
+        ("share a dtype", lambda: fused_attn.apply_rotary_emb(x, cos, sin.double()), TypeError),
+        ("between 1 and D/2", lambda: fused_attn.apply_rotary_emb(x, *tables(8, 9)), ValueError),
+        ("between 1 and D/2", lambda: fused_attn.apply_rotary_emb(x, cos[:, :0], sin[:, :0]), ValueError),
+        ("outside the 8 rows", lambda: fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=4), ValueError),
+        ("outside the 8 rows", lambda: fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=-1), ValueError),
+        ("outside the 8 rows", lambda: fused_attn.apply_rotary_emb(x, cos, sin,
+                                                                   seqlen_offsets=torch.tensor([0, 4])), ValueError),
+        ("outside the 8 rows", lambda: fused_attn.apply_rotary_emb(x, cos, sin,
+                                                                   position_ids=torch.tensor([0, 1, 2, 3, 8])),
+         ValueError),
+        ("outside the 8 rows", lambda: fused_attn.apply_rotary_emb(flat, cos, sin, cu_seqlens=cu,
+                                                                   seqlen_offsets=torch.tensor([0, 6])), ValueError),
+        ("seqlen_offsets must have shape", lambda: fused_attn.apply_rotary_emb(
+            x, cos, sin, seqlen_offsets=torch.tensor([0, 1, 2])), ValueError),
+        ("seqlen_offsets must be int32 or int64", lambda: fused_attn.apply_rotary_emb(
+            x, cos, sin, seqlen_offsets=torch.tensor([0.0, 1.0])), TypeError),
+        ("seqlen_offsets must be an int", lambda: fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=1.5),
+         TypeError),
+        ("cannot be combined", lambda: fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=1,
+                                                                   position_ids=torch.arange(5)), ValueError),
+        ("must broadcast", lambda: fused_attn.apply_rotary_emb(x, cos, sin, position_ids=torch.arange(4)),
+         ValueError),
+        ("position_ids must be int32 or int64", lambda: fused_attn.apply_rotary_emb(
+            x, cos, sin, position_ids=torch.zeros(5)), TypeError),
+        ("cu_seqlens must start at 0", lambda: fused_attn.apply_rotary_emb(
+            flat, cos, sin, cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32)), ValueError),
+        ("cu_seqlens must start at 0", lambda: fused_attn.apply_rotary_emb(
+            flat, cos, sin, cu_seqlens=torch.tensor([0, 3, 2, 5], dtype=torch.int32)), ValueError),
+        ("max_seqlen = 2 is less than", lambda: fused_attn.apply_rotary_emb(flat, cos, sin, cu_seqlens=cu,
+                                                                            max_seqlen=2), ValueError),
+        ("interleaved must be a bool", lambda: fused_attn.apply_rotary_emb(x, cos, sin, interleaved=1), TypeError),
+        ("backend must be one of", lambda: fused_attn.apply_rotary_emb(x, cos, sin, backend="fast"), ValueError),
+        ("cos requires grad", lambda: fused_attn.apply_rotary_emb(x, cos.requires_grad_(), sin), ValueError),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_raises_clearly(case):
+    message, call, error = _bad_calls()[case]
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+def test_compiled_op_checks_its_inputs():
+    """fused_attn_C::rotary called directly: a RuntimeError, never a crash or a wild read."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("fused_attn._C is not built")
+    op = torch.ops.fused_attn_C.rotary
+    x = torch.randn(2, 3, 2, 8)
+    cos, sin = tables(4, 4)
+    pos = torch.zeros(2, 3, dtype=torch.int64)
+    for args, msg in (((x, cos, sin, pos + 4), "outside the 4 rows"),
+                      ((x, cos, sin, pos - 1), "outside the 4 rows"),
+                      ((x, cos, sin, pos[:1]), "positions must have shape"),
+                      ((x, cos, sin, pos.float()), "positions must be int32 or int64"),
+                      ((x[0], cos, sin, pos), "x must be 4-D"),
+                      ((x, *tables(4, 5), pos), "between 1 and D/2"),
+                      ((x, cos, sin.double(), pos), "share a dtype"),
+                      ((x.int(), cos, sin, pos), "x must")):
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args, False, False)
+
+
+def test_norm_preserved_and_inverse():
+    """A rotation keeps each pair's length; the backward's conjugate turn undoes the forward."""
+    x = torch.randn(2, 11, 3, 24, dtype=torch.float64)
+    cos, sin = tables(16, 12, dtype=torch.float64)
+    for backend in BACKENDS:
+        if backend == "triton":
+            continue
+        out = fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=5, backend=backend)
+        torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
+        back = torch.ops.fused_attn.rotary(out, cos, sin, offset_positions(5, 2, 11), False, True, backend)
+        torch.testing.assert_close(back, x)
+    assert math.isfinite(float(x.sum()))

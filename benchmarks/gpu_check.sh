@@ -10,10 +10,12 @@
 #               once the build is done, pytest -m gpu tests/; both with FUSED_ATTN_TRITON_AUTOTUNE=0:
 #               one config per kernel and key, none timed (correctness; the TMA tests force TMA
 #               on, so both load paths run)
-#   3. bench    python -m fused_attn.bench --out OUTDIR (bf16 sweep, fitted to the time left)
+#   3. bench    benchmarks/bench_rotary.py (RoPE against the Hugging Face formula, eager and compiled;
+#               60 s at most), then python -m fused_attn.bench --out OUTDIR (bf16 sweep, fitted to the
+#               time left)
 #   4. summary  OUTDIR/summary.json and a short table, printed last
-# OUTDIR receives at most 6 files: gpu_check.log, bench.json, bench.csv, attention_fwd.png,
-# attention_fwd_bwd.png, summary.json. Time limits: the build 240 s (beside the Triton tests), the
+# OUTDIR receives at most 7 files: gpu_check.log, bench.json, bench.csv, attention_fwd.png,
+# attention_fwd_bwd.png, rotary.json, summary.json. Time limits: the build 240 s (beside the Triton tests), the
 # GPU tests 270 s, the Triton test files 170 s (hundreds of kernel variants to compile, 8 workers), the sweep
 # what is left of GPU_CHECK_MINUTES (default 8) less 45 s, at most 5 minutes and at least 1.
 # Exit code: 0 when every step passed, else 1.
@@ -106,7 +108,8 @@ for n, b in fused_attn.available_backends().items()}))" 2>&1 | tee -a "$LOG"
 # every GPU-marked test (the CUDA backend's first: its bad-input tests must not crash the process)
 STEP_SIGNAL=INT step tests_gpu 270 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
 
-# ---- 3. the sweep: whatever is left of the total, at most 5 minutes ------------------------------
+# ---- 3. the rotary benchmark, then the sweep: whatever is left of the total, at most 5 minutes ----
+step bench_rotary 60 "$PY" benchmarks/bench_rotary.py --out "$OUT/rotary.json"
 LEFT=$(( TOTAL_S - $(elapsed) - 45 ))
 BENCH_S=$(( LEFT < 300 ? LEFT : 300 ))
 if [ "$BENCH_S" -lt 60 ]; then BENCH_S=60; fi
@@ -143,6 +146,9 @@ summary = {"ok": all(s["ok"] for s in steps.values()) and "bench" in steps, "ela
            "steps": steps, "machine": bench.get("machine"), "ceilings": bench.get("ceilings"),
            "bench_not_run": len(bench.get("not_run", [])), "bench_summary": bench.get("summary", []),
            "triton_autotuner_choices": bench.get("triton_autotuner_choices", {})}
+rotary_path = os.path.join(out, "rotary.json")
+if os.path.exists(rotary_path):
+    summary["rotary"] = json.load(open(rotary_path))["rows"]
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1, default=str)
 
 print("\n== gpu_check steps ==")

@@ -27,7 +27,8 @@
 // CPU kernels only: the cuda backend runs varlen as a loop of attention_fwd / _bwd.
 // rotary: RoPE (fused_attn.functional.apply_rotary_emb), the backends' rotary launcher: x (B, L, H, D),
 // cos / sin (S, R/2) of any float dtype, positions int32/int64 (B, L), all with any strides; token
-// (b, l) takes row positions[b, l] (in [0, S), else an error) and each feature pair (x1, x2) -- features
+// (b, l) takes row positions[b, l] (in [0, S): fused_attn.rotary checks them; the CPU kernel raises
+// on others, the CUDA kernel clamps them, never reading outside the tables) and each feature pair (x1, x2) -- features
 // (i, i + R/2), or (2i, 2i + 1) when interleaved -- becomes (x1 c - x2 s, x1 s + x2 c), s negated when
 // conjugate (the inverse rotation: the backward); features R.. are copied. In float32 (float64 for
 // float64), rounded once; out is at::empty_like(x) (x's layout when x is dense).

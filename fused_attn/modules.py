@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
-from .functional import attention, attention_varlen, feed_forward, layer_norm_residual
+from .functional import apply_rotary_emb, attention, attention_varlen, feed_forward, layer_norm_residual
 
 
 def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], options: dict) -> str:
@@ -50,9 +50,11 @@ class MultiHeadAttention(reference.MultiHeadAttention):
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, backend=None, alibi=False, sinks=False):
+                 window_size=None, device=None, dtype=None, backend=None, alibi=False, sinks=False, rotary=False,
+                 rotary_base=10000.0):
         super().__init__(d_model, num_heads, dropout=dropout, bias=bias, num_kv_heads=num_kv_heads, causal=causal,
-                         window_size=window_size, device=device, dtype=dtype, alibi=alibi, sinks=sinks)
+                         window_size=window_size, device=device, dtype=dtype, alibi=alibi, sinks=sinks,
+                         rotary=rotary, rotary_base=rotary_base)
         check_backend_name(backend)
         self.backend = backend
 
@@ -82,9 +84,14 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         else:
             q, k, v = self.query_linear(query), self.key_linear(key), self.value_linear(value)
         B, Lq, _ = query.shape
-        # (B, L, H*D) -> (B, H, L, D): a strided view, the op reads any strides.
-        q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, H, D) views
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.rotary:  # query l and key l at position l
+            cos, sin = self.rotary_tables(max(q.shape[1], k.shape[1]), q.device)
+            q = apply_rotary_emb(q, cos, sin, backend=self.backend)
+            k = apply_rotary_emb(k, cos, sin, backend=self.backend)
+        # (B, L, H, D) -> (B, H, L, D): a strided view, the op reads any strides.
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         mask = reference.merge_masks(attn_mask, key_padding_mask, q.dtype)
         causal = self.causal if is_causal is None else bool(is_causal)
@@ -101,6 +108,14 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.rotary:  # each sequence's tokens at positions 0, 1, ... (found on the device)
+            rows = max_seqlen
+            if rows is None:  # the longest sequence (attention_varlen reads the bounds too), or, compiled, all
+                rows = (query.shape[0] if torch.compiler.is_compiling() or cu_seqlens.numel() < 2
+                        else int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+            cos, sin = self.rotary_tables(max(rows, 1), query.device)
+            q = apply_rotary_emb(q, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
+            k = apply_rotary_emb(k, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
         causal = self.causal if is_causal is None else bool(is_causal)
         p = self.dropout if self.training else 0.0
         out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
@@ -117,6 +132,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
                 f"dropout={self.dropout}, causal={self.causal}"
                 + ("" if self.window_size is None else f", window_size={self.window_size}")
                 + (", alibi=True" if self.alibi else "") + (", sinks=True" if self.sinks is not None else "")
+                + (f", rotary=True, rotary_base={self.rotary_base:g}" if self.rotary else "")
                 + f", backend={backend}")
 
 
@@ -177,7 +193,8 @@ class TransformerLayer(reference.TransformerLayer):
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, backend=None, alibi=False, sinks=False):
+                 window_size=None, device=None, dtype=None, backend=None, alibi=False, sinks=False, rotary=False,
+                 rotary_base=10000.0):
         nn.Module.__init__(self)  # the children are the fused ones, created in the reference's order
         check_backend_name(backend)
         factory = dict(device=device, dtype=dtype, backend=backend)
@@ -185,7 +202,7 @@ class TransformerLayer(reference.TransformerLayer):
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
                                                        num_kv_heads=num_kv_heads, causal=causal,
                                                        window_size=window_size, alibi=alibi, sinks=sinks,
-                                                       **factory)
+                                                       rotary=rotary, rotary_base=rotary_base, **factory)
         self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)

@@ -315,11 +315,15 @@ class MultiHeadAttention(nn.Module):
     non-persistent buffer ``alibi_slopes``, which ``module.to(dtype)`` rounds like any buffer:
     exact in bfloat16 for power-of-two head counts); ``sinks=True`` learnable attention sinks
     (gpt-oss: the (num_heads,) parameter ``sinks``, one logit per head joining every softmax row;
-    initialised to zeros, so a new layer starts with each row sharing its weight with the sink).
+    initialised to zeros, so a new layer starts with each row sharing its weight with the sink);
+    ``rotary=True`` rotary position embeddings (RoPE, Llama's / GPT-NeoX's halves, base
+    ``rotary_base``) on the queries and keys, token l at position l (each packed sequence from 0):
+    the angles are computed in float32 at each call, so ``module.to(dtype)`` does not round them.
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, alibi=False, sinks=False):
+                 window_size=None, device=None, dtype=None, alibi=False, sinks=False, rotary=False,
+                 rotary_base=10000.0):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -340,6 +344,17 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
                              persistent=False)
         self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
+        self.rotary, self.rotary_base = bool(rotary), float(rotary_base)
+        if self.rotary and self.head_dim % 2:
+            raise ValueError(f"rotary=True turns pairs of features: the head dim (d_model / num_heads = "
+                             f"{self.head_dim}) must be even")
+
+    def rotary_tables(self, length: int, device) -> tuple:
+        """The (length, head_dim/2) float32 cos and sin of the angles l * base^(-2i/head_dim)."""
+        half = self.head_dim // 2
+        inv_freq = self.rotary_base ** -(torch.arange(half, device=device, dtype=torch.float32) / half)
+        angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+        return angles.cos(), angles.sin()
 
     def split_heads(self, x, heads):
         B, L, _ = x.shape
@@ -355,6 +370,13 @@ class MultiHeadAttention(nn.Module):
             q, k, v = (lin(query).unflatten(-1, (heads, self.head_dim)) for lin, heads in (
                 (self.query_linear, self.num_heads), (self.key_linear, self.num_kv_heads),
                 (self.value_linear, self.num_kv_heads)))
+            if self.rotary:  # each sequence's tokens at positions 0, 1, ...
+                bounds = cu_seqlens.tolist()
+                positions = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])] +
+                                      [torch.zeros(0, dtype=torch.int64)]).to(query.device)[None]
+                cos, sin = self.rotary_tables(max([b - a for a, b in zip(bounds, bounds[1:])], default=0) + 1,
+                                              query.device)
+                q, k = (rotary(t[None], cos, sin, positions)[0] for t in (q, k))
             causal = self.causal if is_causal is None else is_causal
             p = self.dropout if self.training else 0.0
             out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size,
@@ -366,6 +388,10 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.query_linear(query), self.num_heads)
         k = self.split_heads(self.key_linear(key), self.num_kv_heads)
         v = self.split_heads(self.value_linear(value), self.num_kv_heads)
+        if self.rotary:  # query l and key l at position l
+            cos, sin = self.rotary_tables(max(q.shape[2], k.shape[2]), q.device)
+            q, k = (rotary(t.transpose(1, 2), cos, sin, torch.arange(t.shape[2], device=t.device).expand(
+                t.shape[0], -1)).transpose(1, 2) for t in (q, k))
         mask = merge_masks(attn_mask, key_padding_mask, q.dtype)
         causal = self.causal if is_causal is None else is_causal
         p = self.dropout if self.training else 0.0
@@ -432,14 +458,15 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, alibi=False, sinks=False):
+                 window_size=None, device=None, dtype=None, alibi=False, sinks=False, rotary=False,
+                 rotary_base=10000.0):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.norm_first = norm_first
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
                                                        num_kv_heads=num_kv_heads, causal=causal,
                                                        window_size=window_size, alibi=alibi, sinks=sinks,
-                                                       **factory)
+                                                       rotary=rotary, rotary_base=rotary_base, **factory)
         self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)

@@ -348,3 +348,44 @@ def test_sinks_transformer_matches_reference():
         for layer in fused.layers:
             layer.multi_head_attention.sinks.fill_(-1e4)
         assert (fused(x) - y).abs().max() > 1e-3
+
+
+def test_rotary_transformer_matches_reference_and_encodes_positions():
+    """``rotary=True`` through the whole stack, padded (with cross-attention lengths) and packed
+    (each sequence from position 0), fused against the reference's textbook formula; without a
+    mask or causality, plain attention is blind to token order and RoPE is not: permuting the
+    tokens permutes a plain layer's output, not a rotary one's."""
+    fused, ref = _pair("Transformer", D_MODEL, HEADS, 2, d_ff=48, num_kv_heads=2, causal=True, rotary=True,
+                       rotary_base=500.0)
+    _perturb_norms(fused, ref)
+    assert "rotary=True, rotary_base=500" in repr(fused)
+    (x,) = make_inputs((2, 19, D_MODEL), seed=19)
+    results = check_module_against_reference(fused, ref, [x])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    (xp,) = make_inputs((sum(PACKED_LENS), D_MODEL), seed=20)
+    cu = _cu(PACKED_LENS)
+    for max_seqlen in (None, max(PACKED_LENS)):
+        results = check_module_against_reference(fused, ref, [xp],
+                                                 run=lambda m, x: m(x, cu_seqlens=cu, max_seqlen=max_seqlen))
+        assert all(r.ok for r in results), "\n".join(map(str, results))
+    # packed = each sequence alone, padded
+    with torch.no_grad():
+        packed = fused(xp, cu_seqlens=cu)
+        start = PACKED_LENS[0]
+        alone = fused(xp[start:start + PACKED_LENS[1]][None])[0]
+        torch.testing.assert_close(packed[start:start + PACKED_LENS[1]], alone, rtol=1e-5, atol=1e-5)
+    # cross-attention: queries and keys of different lengths, each at its own positions
+    mha_f, mha_r = _pair("MultiHeadAttention", D_MODEL, HEADS, num_kv_heads=2, rotary=True)
+    q_in, kv_in = make_inputs((2, 5, D_MODEL), (2, 11, D_MODEL), seed=21)
+    results = check_module_against_reference(mha_f, mha_r, [q_in, kv_in], run=lambda m, q, kv: m(q, kv))
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    plain = M.MultiHeadAttention(D_MODEL, HEADS)
+    rope = M.MultiHeadAttention(D_MODEL, HEADS, rotary=True)
+    rope.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        (z,) = make_inputs((1, 11, D_MODEL), seed=22, requires_grad=False)
+        torch.testing.assert_close(plain(z)[:, perm], plain(z[:, perm]), rtol=1e-5, atol=1e-5)
+        assert (rope(z)[:, perm] - rope(z[:, perm])).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="head dim .* must be even"):
+        R.MultiHeadAttention(30, 2, rotary=True)

@@ -9,7 +9,7 @@ import torch
 
 import fused_attn
 from fused_attn import reference as R
-from fused_attn.testing import check_against_reference, runnable_backends
+from fused_attn.testing import backend_cases, check_against_reference, runnable_backends
 
 BACKENDS = runnable_backends("rotary")
 
@@ -26,7 +26,9 @@ def offset_positions(offsets, B, L):
     return offsets[:, None] + torch.arange(L)
 
 
-def dtypes_for(backend):
+def dtypes_for(backend, device="cpu"):
+    if device == "cuda":  # the GPU backends: no float64
+        return [torch.float32, torch.float16, torch.bfloat16]
     if backend == "triton":  # the interpreter: no bfloat16 arithmetic, float64 is not a Triton dtype here
         return [torch.float32, torch.float16]
     return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -41,17 +43,19 @@ CASES = [  # B, L, H, D, R/2, interleaved, offsets
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", backend_cases("rotary"))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}L{}H{}D{}h{}{}".format(*c[:5], "i" if c[5] else ""))
-def test_matches_reference(backend, case):
+def test_matches_reference(device, backend, case):
+    """Forward and gradient against the float64 formula; on a GPU (gpu-marked cases) the Triton
+    and CUDA kernels in float32, float16 and bfloat16, the positions checked on the device."""
     B, L, H, D, half, interleaved, offsets = case
     S = 64 + L
-    for dtype in dtypes_for(backend):
+    for dtype in dtypes_for(backend, device):
         g = torch.Generator().manual_seed(B * 100 + L)
-        x = torch.randn(B, L, H, D, generator=g).to(dtype).requires_grad_()
-        cos, sin = tables(S, half, dtype=torch.float32)
-        off = offsets if isinstance(offsets, int) else torch.tensor(offsets, dtype=torch.int32)
-        positions = offset_positions(offsets, B, L)
+        x = torch.randn(B, L, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        cos, sin = (t.to(device) for t in tables(S, half, dtype=torch.float32))
+        off = offsets if isinstance(offsets, int) else torch.tensor(offsets, dtype=torch.int32, device=device)
+        positions = offset_positions(offsets, B, L).to(device)
         check_against_reference(
             lambda x_, c_, s_: fused_attn.apply_rotary_emb(x_, c_, s_, interleaved=interleaved, seqlen_offsets=off,
                                                            backend=backend),
@@ -174,13 +178,22 @@ def test_empty_inputs(backend):
     assert fused_attn.apply_rotary_emb(torch.randn(0, 2, 8), cos, sin, cu_seqlens=cu, backend=backend).shape == (0, 2, 8)
 
 
-def test_cpu_is_auto_on_cpu():
+def test_cpu_is_auto_on_cpu(monkeypatch):
+    """auto on CPU tensors runs the C++ kernel (no fallback warning)."""
     if "cpu" not in BACKENDS:
         pytest.skip("fused_attn._C is not built")
+    from fused_attn.backends import BACKENDS as ALL
+
+    calls = []
+    original = type(ALL["cpu"]).rotary
+    monkeypatch.setattr(type(ALL["cpu"]), "rotary", lambda self, *a: (calls.append(a[0].shape), original(self, *a))[1])
     x = torch.randn(1, 4, 2, 8)
     cos, sin = tables(8, 4)
-    assert torch.equal(fused_attn.apply_rotary_emb(x, cos, sin), fused_attn.apply_rotary_emb(x, cos, sin,
-                                                                                              backend="cpu"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_attn.apply_rotary_emb(x, cos, sin)
+    assert calls == [(1, 4, 2, 8)]
 
 
 def test_compiled_fullgraph():

@@ -155,4 +155,30 @@ struct FfnActBwdArgs {
 const char* ffn_act_fwd(const FfnActFwdArgs& args, cudaStream_t stream);
 const char* ffn_act_bwd(const FfnActBwdArgs& args, cudaStream_t stream);
 
+// rotary position embedding (RoPE): token (b, l) takes row p = positions[b, l] of the (rows, pairs)
+// tables and turns feature pair i of every head by that row's angle,
+//   (x1, x2) -> (x1 c - x2 s, x1 s + x2 c),   c = cos[p, i], s = sin[p, i] (-sin when conjugate),
+// with (x1, x2) = features (i, i + pairs) (GPT-NeoX), or (2i, 2i + 1) when interleaved (GPT-J);
+// features 2 * pairs .. head_dim - 1 are copied. float32 arithmetic, rounded once to `dtype`.
+// Strides are in elements, any (0 too), in (B, L, H, D), (S, R/2) and (B, L) order.
+// Limits: batch * len and heads * head_dim fit in 32 bits; rows >= 1 when there are tokens.
+// Positions outside [0, rows) are clamped into it (the callers check them first; the clamp only
+// keeps such a call from reading outside the tables).
+enum class TableDType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+struct RotaryArgs {
+  DType dtype;             // x and out
+  TableDType table_dtype;  // cos and sin (read in their own dtype, converted per element)
+  bool positions_int64;    // else int32
+  bool interleaved, conjugate;
+  int64_t batch, len, heads, head_dim, pairs, rows;  // pairs = R/2 (>= 1, 2 * pairs <= head_dim)
+  const void* x; int64_t x_stride[4];
+  const void* cos; int64_t cos_stride[2];
+  const void* sin; int64_t sin_stride[2];
+  const void* positions; int64_t positions_stride[2];
+  void* out; int64_t out_stride[4];
+};
+
+const char* rotary(const RotaryArgs& args, cudaStream_t stream);
+
 }  // namespace fused_attn_cuda

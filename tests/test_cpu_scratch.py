@@ -219,6 +219,17 @@ def _feed_forward_step():
     return lambda: F.feed_forward(x, w1, b1, w2, None, activation="gelu", backend="cpu").backward(dout)
 
 
+def test_rotary_output_keeps_a_transposed_layout_from_the_cache():
+    """The rotary op's output is at::empty_like(x) from the cache: x's strides when x is dense."""
+    x = torch.randn(2, 8, 2048, 64).transpose(1, 2)  # (B, L, H, D) view of a (B, H, L, D) tensor, 8 MiB
+    angles = torch.outer(torch.arange(2048.0), torch.rand(32))
+    out = F.apply_rotary_emb(x, angles.cos(), angles.sin(), backend="cpu")
+    assert out.stride() == x.stride()
+    fused_attn.empty_cpu_cache()
+    del out
+    assert fused_attn.empty_cpu_cache() >= 8 * MiB
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults with getrusage")
 @pytest.mark.parametrize("make_step", [_norm_step, _feed_forward_step], ids=["layer_norm", "feed_forward"])
 def test_repeated_steps_fault_no_pages_in(make_step):

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "cpu_common.h"
+#include "scratch.h"
 
 namespace fused_attn::cpu {
 namespace {
@@ -83,7 +84,7 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   FA_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == L,
            "positions must have shape (B, L) = (", B, ", ", L, "), got ", positions.sizes());
   for (int64_t d = 0; d < 4; ++d) FA_CHECK(x.stride(d) >= 0, "x must have non-negative strides, got ", x.strides());
-  auto out = at::empty_like(x);
+  auto out = scratch::empty_like(x);  // kept between calls: a training step's outputs fault no pages in
   if (x.numel() == 0) return out;
   const auto pos = positions.to(at::kLong).contiguous();  // (B, L) row-major: token n = b * L + l
   const int64_t* pp = pos.const_data_ptr<int64_t>();

@@ -220,6 +220,12 @@ at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
                                    std::nullopt);
 }
 
+at::Tensor empty_like(const at::Tensor& x) {
+  if (!x.is_non_overlapping_and_dense()) return at::empty_like(x);  // at::empty_like's own choice of layout
+  return at::detail::empty_strided_generic(x.sizes(), x.strides(), &cache_allocator,
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type());
+}
+
 at::Tensor zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
   at::Tensor t = empty(sizes, dtype);
   t.zero_();

@@ -56,6 +56,9 @@ class Block {
 at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype);
 // The same, zero-filled.
 at::Tensor zeros(at::IntArrayRef sizes, at::ScalarType dtype);
+// at::empty_like(x) (x's sizes, dtype and, when x is dense, its strides) from the cache; a
+// non-dense x gets at::empty_like's own tensor.
+at::Tensor empty_like(const at::Tensor& x);
 
 // Frees every kept buffer; returns the bytes freed.
 int64_t release();

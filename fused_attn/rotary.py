@@ -108,6 +108,20 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
     return RotaryFunction.apply(x4, cos, sin, positions, interleaved, backend)
 
 
+def rotate_token_tables(x4: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str] = None) -> Tensor:
+    """x4 (B, L, H, D) turned by per-token angles: cos, sin (Bc, L, D/2) with Bc = 1 or B, token
+    (b, l) taking row (b if Bc == B else 0, l) (Hugging Face's cos/sin, their first halves). The
+    rows become one (Bc * L, D/2) table, each token the position of its own row: no position can
+    fall outside, none is checked. The caller checks the shapes."""
+    Bc, L, half = cos.shape
+    positions = torch.arange(Bc * L, device=x4.device).view(Bc, L).expand(x4.shape[0], L)
+    D = x4.shape[-1]
+    if torch.compiler.is_compiling():
+        D, half = _concrete(D), _concrete(half)
+    name = resolve_options("rotary", x4.device, x4.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
+    return rotate(x4, cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]), positions, False, name)
+
+
 def check_tables(cos, sin, x: Tensor, names=("cos", "sin", "x")) -> int:
     """The checks of the (S, R/2) tables against x (..., D); returns R/2."""
     cname, sname, xname = names

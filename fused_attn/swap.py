@@ -66,6 +66,7 @@ class SwapOptions:
     norm: bool = True
     ffn: bool = True
     backend: Optional[str] = None
+    rotary: bool = True
 
 
 @dataclass
@@ -438,11 +439,14 @@ def _apply(module: nn.Module, conv: Conversion) -> None:
 
 
 def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True, ffn: bool = True,
-                 backend: Optional[str] = None) -> SwapReport:
+                 backend: Optional[str] = None, rotary: bool = True) -> SwapReport:
     """Swap the fused ops into ``model`` in place, where they compute exactly what it computes.
 
     Args:
         attention / norm / ffn: which kinds of module to fuse.
+        rotary: for Hugging Face models, also route the modeling module's ``apply_rotary_pos_emb``
+            (where it is Llama's) to the fused rotary op (module-level: see
+            ``fused_attn.integrations.huggingface.swap_rotary``).
         backend: the backend the swapped modules ask for (None: ``use_backend`` / env / auto).
 
     Returns a ``SwapReport`` listing each module replaced (path, classes) and each target left
@@ -451,11 +455,14 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
     Swapping a swapped model changes nothing; ``restore_modules`` undoes it.
     """
     check_backend_name(backend)
-    opts = SwapOptions(bool(attention), bool(norm), bool(ffn), backend)
+    opts = SwapOptions(bool(attention), bool(norm), bool(ffn), backend, bool(rotary))
     report = SwapReport()
-    if attention and type(model).__module__.startswith("transformers."):
+    if type(model).__module__.startswith("transformers."):
         from .integrations import huggingface
-        huggingface.swap_attention_implementation(model, opts, report)
+        if attention:
+            huggingface.swap_attention_implementation(model, opts, report)
+        if rotary:
+            huggingface.swap_rotary(model, opts, report)
     _walk(model, "", opts, report)
     # torch's TransformerEncoder feeds nested tensors to its layers on its inference fast path:
     # swap the encoders whose layers are fused.
@@ -504,6 +511,7 @@ def restore_modules(model: nn.Module) -> SwapReport:
     if type(model).__module__.startswith("transformers."):
         from .integrations import huggingface
         huggingface.restore_attention_implementation(model, report)
+        huggingface.restore_rotary(model, report)
     return report
 
 

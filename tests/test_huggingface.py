@@ -69,6 +69,13 @@ def _perturb_norms(model):
 @pytest.fixture(autouse=True)
 def _registered():
     hf.register()
+    yield
+    # swap_modules' RoPE patch is module-level: no test leaves it behind for the next
+    import sys
+    for name, module in list(sys.modules.items()):
+        fn = getattr(module, "apply_rotary_pos_emb", None) if name.startswith("transformers.models.") else None
+        if fn is not None and hasattr(fn, "fused_attn_original"):
+            module.apply_rotary_pos_emb = fn.fused_attn_original
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -137,7 +144,7 @@ def test_attention_function_masks_scaling_and_dropout():
 SWAP_EXPECTED = {
     "bert": {"FusedBertLayer", "FusedBertSelfOutput", "FusedLayerNorm"},
     "gpt2": {"FusedGPT2MLP", "FusedLayerNorm"},
-    "llama": {"FusedLlamaMLP", "FusedLlamaRMSNorm"},
+    "llama": {"FusedLlamaMLP", "FusedLlamaRMSNorm", "fused_attn.apply_rotary_emb"},
 }
 
 
@@ -165,7 +172,7 @@ def test_swap_modules_matches_unswapped_model(family):
 def test_llama_geglu_and_bias_and_bert_without_norm_fusion():
     model = _build("llama", hidden_act="gelu", mlp_bias=True)
     ref = copy.deepcopy(model)
-    report = fused_attn.swap_modules(model, attention=False, norm=False)
+    report = fused_attn.swap_modules(model, attention=False, norm=False, rotary=False)
     assert [note for _, _, new, note in report.replaced] == ["FFN geglu", "FFN geglu"]
     assert model.config._attn_implementation == "eager"
     ids, mask = _batch("llama")
@@ -388,3 +395,90 @@ def test_packed_gpt_oss_sinks_match_separate_eager_runs():
                        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9).logits
         separate = torch.cat([ref(input_ids=s).logits for s in seqs], 1)
     torch.testing.assert_close(packed, separate, atol=2e-5, rtol=1e-4)
+
+
+def _rotary_calls(monkeypatch):
+    import fused_attn.rotary as rotary
+    calls = []
+    original = rotary.rotate
+    monkeypatch.setattr(rotary, "rotate", lambda x4, *a: (calls.append(tuple(x4.shape)), original(x4, *a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("config", ["llama", "mistral", "qwen2"])
+def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
+    """swap_modules routes the modeling module's apply_rotary_pos_emb (Llama's, line for line, in
+    Mistral and Qwen2 too) to the fused op: the same logits, gradients and greedy generation (the
+    decoding steps' one-token tables included) as the untouched model; restore_modules puts the
+    very function back."""
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=48, max_position_embeddings=64, rope_theta=500.0)
+    cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[config](**kw)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    ref = copy.deepcopy(model)
+    module = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    original = module.apply_rotary_pos_emb
+    report = fused_attn.swap_modules(model, attention=False, norm=False, ffn=False)
+    assert [(old, new) for _, old, new, _ in report.replaced] == [
+        (f"modeling_{config}.apply_rotary_pos_emb", "fused_attn.apply_rotary_emb")]
+    calls = _rotary_calls(monkeypatch)
+    ids, mask = _batch("llama")
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    assert calls and calls[0] == (B, L, 4, 8) and calls[1] == (B, L, 2, 8)  # q, then k, as (B, L, H, D)
+    calls.clear()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        out = model.generate(ids[:, :5], attention_mask=mask[:, :5], **greedy)
+        assert torch.equal(out, ref.generate(ids[:, :5], attention_mask=mask[:, :5], **greedy))
+    assert (B, 1, 4, 8) in calls  # the decoding steps ran fused
+    fused_attn.restore_modules(model)
+    assert module.apply_rotary_pos_emb is original
+
+
+def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
+    """The fused function belongs to the modeling module: a second model of the family finds it
+    fused (and its restore leaves it to the first); rotary=False leaves it; GPT-NeoX's partial
+    rotary is not Llama's function; calls outside the covered shapes run the original."""
+    from transformers.models.llama import modeling_llama
+    original = modeling_llama.apply_rotary_pos_emb
+    first, second = _build("llama"), _build("llama")
+    assert not [r for r in fused_attn.swap_modules(first, rotary=False).replaced if "rotary" in r[1]]
+    assert modeling_llama.apply_rotary_pos_emb is original
+    fused_attn.swap_modules(first)
+    fused = modeling_llama.apply_rotary_pos_emb
+    assert fused is not original and fused.fused_attn_original is original
+    report = fused_attn.swap_modules(second)
+    assert ("", "modeling_llama.apply_rotary_pos_emb", "already fused (by another model's swap_modules)") in report.left
+    fused_attn.restore_modules(second)
+    assert modeling_llama.apply_rotary_pos_emb is fused
+    calls = _rotary_calls(monkeypatch)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    for args, kwargs in (((q, k, cos.requires_grad_(), sin), {}), ((q, k, cos[:, :3], sin[:, :3]), {}),
+                         ((q, k, cos, sin), {"unsqueeze_dim": 0})):
+        try:
+            expected = original(*args, **kwargs)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                fused(*args, **kwargs)
+            continue
+        for a, b in zip(fused(*args, **kwargs), expected):
+            assert torch.equal(a, b)
+    assert calls == []  # all three ran transformers' own function
+    fused_attn.restore_modules(first)
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64, rotary_pct=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        neox = transformers.AutoModelForCausalLM.from_config(cfg)
+    report = fused_attn.swap_modules(neox, attention=False, norm=False, ffn=False)
+    assert [row for row in report.left if "rotary" in row[1]] == [
+        ("", "modeling_gpt_neox.apply_rotary_pos_emb", "not Llama's apply_rotary_pos_emb (another layout or partial "
+                                                       "rotary)")]

@@ -22,6 +22,11 @@ Llama original, so "copied from" classes of other models qualify and edited ones
 - Llama family: ``LlamaRMSNorm`` -> fused RMSNorm; ``LlamaMLP`` (down(act(gate(x)) * up(x))) ->
   fused SwiGLU/GeGLU with ``w1 = cat([gate, up])``.
 The residual adds inside GPT-2's and Llama's decoder-layer forwards are left in Python.
+
+Rotary embeddings: ``swap_modules(model)`` (``rotary=True``) also points the modeling module's
+``apply_rotary_pos_emb``, where it is Llama's line for line, to the fused rotary op
+(``fused_rotary_pos_emb``), as Liger-Kernel does: a module-level function, so every model of that
+family in the process uses it until ``restore_modules``.
 """
 from __future__ import annotations
 
@@ -124,6 +129,101 @@ def restore_attention_implementation(model, report) -> None:
         module.__dict__.pop("fused_attn_backend", None)
     report.replaced.append(("", type(model).__name__, type(model).__name__, f"attn_implementation {NAME!r} -> "
                                                                            f"{previous!r}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary position embeddings
+# ---------------------------------------------------------------------------------------------
+
+def _rotary_reason(q, k, cos, sin, unsqueeze_dim) -> Optional[str]:
+    """Why a call of Llama's apply_rotary_pos_emb is not one the fused version computes, or None."""
+    if unsqueeze_dim not in (1, 2):
+        return f"unsqueeze_dim={unsqueeze_dim}"
+    tensors = (q, k, cos, sin)
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+        return "non-floating inputs"
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        return "shapes"
+    D = cos.shape[-1]
+    batch, length = q.shape[0], q.shape[3 - unsqueeze_dim]
+    if (D % 2 or q.shape[-1] != D or k.shape[-1] != D or cos.shape[0] not in (1, batch) or k.shape[0] != batch
+            or cos.shape[1] != length or k.shape[3 - unsqueeze_dim] != length):
+        return "shapes"
+    if len({t.device for t in tensors}) != 1 or q.dtype != k.dtype:
+        return "devices or dtypes"
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return "tables that require grad"
+    return None
+
+
+def fused_rotary_pos_emb(original, backend=None):
+    """Llama's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` on the fused rotary op:
+    ``q * cos + rotate_half(q) * sin`` with transformers' per-token (B, L, D) tables, whose two
+    halves are equal (every Llama-family rotary embedding builds them as cat(freqs, freqs)), so the
+    first halves are the angles. One read and one write of q and of k, in float32, rounded once
+    (transformers' formula rounds three times in half precision). Calls it does not cover (other
+    layouts or shapes, tables that require grad) run ``original``."""
+    from ..rotary import rotate_token_tables
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if _rotary_reason(q, k, cos, sin, unsqueeze_dim) is not None:
+            return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        half = cos.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        if unsqueeze_dim == 1:  # (B, H, L, D): the (B, L, H, D) view and back
+            return tuple(rotate_token_tables(t.transpose(1, 2), c, s, backend).transpose(1, 2) for t in (q, k))
+        return rotate_token_tables(q, c, s, backend), rotate_token_tables(k, c, s, backend)
+
+    apply_rotary_pos_emb.fused_attn_original = original
+    return apply_rotary_pos_emb
+
+
+def _modeling_modules(model):
+    """The transformers modeling modules the model's modules come from."""
+    names = {type(m).__module__ for m in model.modules()}
+    return [sys.modules[n] for n in sorted(names) if n.startswith("transformers.models.") and n in sys.modules]
+
+
+def swap_rotary(model, opts, report) -> None:
+    """Point each of the model's modeling modules whose ``apply_rotary_pos_emb`` is Llama's, line for
+    line (Llama, Mistral, Mixtral, Qwen2/3, Gemma/2, Granite, Phi, StarCoder2, SmolLM3, ...), to
+    ``fused_rotary_pos_emb``. The function belongs to the module, not to the model: every model of
+    that family in the process uses it until ``restore_modules`` of this model puts it back."""
+    llama = _known()[2]
+    patched = model.__dict__.setdefault("_fused_attn_rotary", {})
+    for module in _modeling_modules(model):
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        if fn is None:
+            continue
+        where = f"{module.__name__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb"
+        if hasattr(fn, "fused_attn_original"):
+            report.left.append(("", where, "already fused (by another model's swap_modules)"))
+        elif _same_code_fn(fn, llama.apply_rotary_pos_emb):
+            module.apply_rotary_pos_emb = fused_rotary_pos_emb(fn, opts.backend)
+            patched[module.__name__] = fn
+            report.replaced.append(("", where, "fused_attn.apply_rotary_emb",
+                                    "RoPE; module-level: every model of this family in the process"))
+        else:
+            report.left.append(("", where, "not Llama's apply_rotary_pos_emb (another layout or partial rotary)"))
+    if not patched:
+        model.__dict__.pop("_fused_attn_rotary")
+
+
+def restore_rotary(model, report) -> None:
+    for name, original in model.__dict__.pop("_fused_attn_rotary", {}).items():
+        module = sys.modules[name]
+        if getattr(module.apply_rotary_pos_emb, "fused_attn_original", None) is original:
+            module.apply_rotary_pos_emb = original
+            report.replaced.append(("", f"{name.rsplit('.', 1)[-1]}.apply_rotary_pos_emb",
+                                    "apply_rotary_pos_emb", "restored"))
+
+
+def _same_code_fn(fn, known) -> bool:
+    """Whether function ``fn`` is, line for line, the known transformers function."""
+    try:
+        return inspect.getsource(fn) == inspect.getsource(known)
+    except (OSError, TypeError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -719,13 +719,13 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                                causal or window_size is not None, rotary_backend, compiling)
     if new:
         _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity, slots, rows,
-                       compiling)
+                       compiling, lengths)
     elif compiling:
         _assert_kvcache_values(cache_seqlens, cache_batch_idx, 0, capacity, slots)
     # The attention: attention_varlen on q as B packed sequences of Lq rows, each using its first
     # cache_seqlens[b] + Lnew keys. A dense cache is B packed slots of Lmax rows (viewed, not
     # copied); with cache_batch_idx it is read as a paged cache with one page per cache row.
-    cu_seqlens_q = torch.arange(B + 1, device=device, dtype=torch.int32) * Lq
+    cu_seqlens_q = _equal_boundaries(B, Lq, device, compiling)
     keys, values = k_cache, v_cache
     if cache_batch_idx is not None and rows > 0:
         if get_backend(backend).paged_kv:  # (Triton) reads the picked cache rows in place
@@ -734,13 +734,13 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             capacity = capacity if lengths is None else max(lengths, default=0) + new
             index = cache_batch_idx.long()
             keys, values = k_cache[:, :capacity].index_select(0, index), v_cache[:, :capacity].index_select(0, index)
-    cu_seqlens_k = torch.arange(B + 1, device=device, dtype=torch.int32) * capacity
+    cu_seqlens_k = _equal_boundaries(B, capacity, device, compiling)
     if block_table is None:
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)
     result = attention_varlen(q.reshape(B * Lq, Hq, q.shape[-1]), keys, values, cu_seqlens_q, cu_seqlens_k, Lq,
                               capacity if compiling else None, causal=causal, window_size=window_size,
                               alignment="bottom_right", scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                              sinks=sinks, return_lse=return_lse, seqused_k=cache_seqlens + new,
+                              sinks=sinks, return_lse=return_lse, seqused_k=cache_seqlens + new if new else cache_seqlens,
                               block_table=block_table, backend=backend,
                               _checked_used_k=None if lengths is None else [n + new for n in lengths])
     out, lse = result if return_lse else (result, None)
@@ -748,6 +748,14 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     if not return_lse:
         return out
     return out, lse.view(Hq, B, Lq).transpose(0, 1).contiguous()
+
+
+def _equal_boundaries(batch: int, length: int, device, compiling: bool) -> Tensor:
+    """The int32 cu_seqlens [0, length, 2 length, ..., batch * length] of equal packed sequences, in
+    one op outside torch.compile (a decoding step's host time is a few such ops)."""
+    if compiling or length == 0:
+        return torch.arange(batch + 1, device=device, dtype=torch.int32) * length
+    return torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
 
 
 def _check_kvcache_rotary(cos, sin, interleaved, q, k, backend, compiling) -> str:
@@ -819,6 +827,8 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     flag per sequence), and only the table entries the new keys land on are copied, not the table.
     Returns cache_seqlens as a list."""
     batch = cache_seqlens.shape[0]
+    if cache_batch_idx is None and block_table is None:  # the lengths alone: one copy, no conversion
+        return _check_lengths(cache_seqlens.tolist(), new, capacity, block_table, rows)
     lengths_dev = cache_seqlens.long()
     parts = [lengths_dev]
     if cache_batch_idx is not None:
@@ -830,17 +840,8 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
         if new and per_seq:
             entries = (lengths_dev.clamp(0, capacity) // rows)[:, None] + torch.arange(spread, device=block_table.device)
             parts.append(block_table.long().gather(1, entries.clamp(max=per_seq - 1)).flatten())
-    values = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
-    lengths, rest = values[:batch], values[batch:]
-    for b, n in enumerate(lengths):
-        if n < 0:
-            raise ValueError(f"cache_seqlens[{b}] = {n} is negative: it counts the keys already in sequence {b}'s "
-                             f"cache")
-        if n + new > capacity:
-            plus = f" plus the {new} new keys of k" if new else ""
-            room = (f"keys its block_table row addresses ({block_table.shape[1]} pages of {rows} rows)"
-                    if block_table is not None else "rows of a cache row (k_cache.shape[1])")
-            raise ValueError(f"cache_seqlens[{b}] = {n}{plus} makes {n + new} keys, more than the {capacity} {room}")
+    values = torch.cat(parts).tolist()
+    lengths, rest = _check_lengths(values[:batch], new, capacity, block_table, rows), values[batch:]
     if cache_batch_idx is not None:
         owner = {}
         for b, i in enumerate(rest[:batch]):
@@ -873,6 +874,20 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     return lengths
 
 
+def _check_lengths(lengths: list, new: int, capacity: int, block_table, rows: int) -> list:
+    """0 <= cache_seqlens[b] and cache_seqlens[b] + Lnew <= the cache's room; returns the lengths."""
+    for b, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is negative: it counts the keys already in sequence {b}'s "
+                             f"cache")
+        if n + new > capacity:
+            plus = f" plus the {new} new keys of k" if new else ""
+            room = (f"keys its block_table row addresses ({block_table.shape[1]} pages of {rows} rows)"
+                    if block_table is not None else "rows of a cache row (k_cache.shape[1])")
+            raise ValueError(f"cache_seqlens[{b}] = {n}{plus} makes {n + new} keys, more than the {capacity} {room}")
+    return lengths
+
+
 def _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity: int, slots: int) -> None:
     """Under torch.compile, where nothing is read on the host: the bounds of the cache write,
     asserted on the device (a bad call raises when it runs)."""
@@ -884,10 +899,20 @@ def _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity: int, s
 
 
 def _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity: int, slots: int,
-                   rows: int, compiling: bool) -> None:
+                   rows: int, compiling: bool, lengths: Optional[list] = None) -> None:
     """Sequence b's new key i goes to its position cache_seqlens[b] + i: row that of cache row b
-    (or cache_batch_idx[b]), or row position % page_size of page block_table[b, position // page_size]."""
+    (or cache_batch_idx[b]), or row position % page_size of page block_table[b, position // page_size].
+    ``lengths``: cache_seqlens as read on the host (eager calls), or None."""
     batch, new = k.shape[:2]
+    if lengths is not None and block_table is None and cache_batch_idx is None and all(
+            c.stride(0) == rows * c.stride(1) for c in (k_cache, v_cache)):
+        # eager, lengths read: the flat row of each new key, one index tensor, and the caches seen as
+        # (B * Lmax) rows (views: the stride test) take them with one index_copy_ each
+        flat = torch.tensor([b * rows + n + i for b, n in enumerate(lengths) for i in range(new)], dtype=torch.int64,
+                            device=k.device)
+        k_cache.flatten(0, 1).index_copy_(0, flat, k.flatten(0, 1))
+        v_cache.flatten(0, 1).index_copy_(0, flat, v.flatten(0, 1))
+        return
     position = cache_seqlens.long()[:, None] + torch.arange(new, device=k.device)  # (B, Lnew)
     if compiling:
         _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity, slots)

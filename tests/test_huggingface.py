@@ -208,11 +208,14 @@ def test_unsupported_activation_and_edited_code_are_left():
     assert "bert.encoder.layer.1.attention.output" in paths
 
 
-def test_swapped_bert_compiles_fullgraph():
-    model = _build("bert", num_hidden_layers=1)
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_swapped_model_compiles_fullgraph(family):
+    """A swapped BERT, and a swapped Llama (attention, RMSNorm, SwiGLU and the fused RoPE), in one
+    graph, forward and backward, with the eager model's numbers."""
+    model = _build(family, num_hidden_layers=1)
     ref = copy.deepcopy(model)
     fused_attn.swap_modules(model)
-    ids, mask = _batch("bert")
+    ids, mask = _batch(family)
     torch._dynamo.reset()
     try:
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

@@ -38,9 +38,11 @@ if os.environ.get("FUSED_ATTN_BENCH_THREADS"):
 
 
 def pytest_collect_file(file_path, parent):
-    """Collect bench_*.py (pytest's default pattern is test_*.py) unless named on the command line,
-    where pytest collects it already."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+    """Collect the suites, the bench_*.py files that name their ``OP`` (pytest's default pattern is
+    test_*.py), unless named on the command line, where pytest collects them already. The other
+    bench_*.py files are standalone scripts (``python benchmarks/bench_rotary.py``), not suites."""
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path)
+            and any(line.startswith("OP = ") for line in file_path.read_text().splitlines())):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

@@ -1131,7 +1131,7 @@ def _ffn_tensors_match(x, w1, b1, w2, b2) -> bool:
 
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "scaled_dot_product_attention",
-           "layer_norm_residual", "feed_forward"]
+           "layer_norm_residual", "feed_forward", "apply_rotary_emb", "get_alibi_slopes"]
 
 
 # RoPE lives in its own module, which takes this module's checks (so it is imported last).

@@ -5,6 +5,7 @@ import os
 import json
 import runpy
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -345,3 +346,14 @@ def test_attention_baselines_compute_what_the_fused_rows_compute(options):
         torch.testing.assert_close(out, outs["reference"], rtol=1e-5, atol=1e-5, msg=name)
     plain = AttentionCase(1, 2, 33, 16, True).impls("cpu", torch.float32, [("reference", None)], [], seed=0)[0]
     assert not torch.allclose(plain.fn(q, k, v), outs["reference"], atol=1e-3)  # the option matters
+
+
+def test_benchmark_suites_collect():
+    """README's ``pytest benchmarks/ --benchmark-only ...`` collects the suites (the standalone
+    bench_* scripts, which read sys.argv when imported, are not collected as suites)."""
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--collect-only", "-q", "-p",
+                           "no:cacheprovider"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert collected == {f"benchmarks/bench_{op}.py" for op in ("attention", "feed_forward", "layer", "layer_norm")}

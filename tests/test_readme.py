@@ -14,3 +14,18 @@ def test_quick_start_runs():
     assert namespace["out"].shape == (2, 8, 1024, 64)
     assert namespace["q"].grad is not None  # out.sum().backward() ran
     assert namespace["with_sinks"].shape == namespace["out"].shape and namespace["lse"].requires_grad
+
+
+def _blocks_after(heading: str) -> list:
+    section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    return [part.split("```", 1)[0] for part in section.split("```python")[1:]]
+
+
+def test_module_and_swap_examples_run():
+    """The Modules section's first two examples run as written (their inputs defined in them)."""
+    blocks = _blocks_after("## Modules and swapping into existing models")
+    namespace = {}
+    exec(compile(blocks[0], str(README) + " (modules)", "exec"), namespace)
+    assert namespace["out"].shape == (40, 512)
+    exec(compile(blocks[1], str(README) + " (swap)", "exec"), namespace)
+    assert str(namespace["report"]).startswith("fused_attn.swap_modules: 5 replaced, 0 left")

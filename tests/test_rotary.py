@@ -301,3 +301,23 @@ def test_norm_preserved_and_inverse():
         back = torch.ops.fused_attn.rotary(out, cos, sin, offset_positions(5, 2, 11), False, True, backend)
         torch.testing.assert_close(back, x)
     assert math.isfinite(float(x.sum()))
+
+
+def test_compiled_dynamic_lengths_and_module():
+    """torch.compile(dynamic=True): new lengths and offsets reuse the graph's symbols; the
+    rotary MultiHeadAttention compiles in one graph too."""
+    cos, sin = tables(128, 8)
+
+    def f(x, off):
+        return fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=off).sum()
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
+    for L in (5, 9, 17):
+        x = torch.randn(2, L, 2, 16)
+        for off in (0, 3, torch.tensor([1, 2])):
+            torch.testing.assert_close(compiled(x, off), f(x, off))
+    mha = fused_attn.MultiHeadAttention(32, 4, rotary=True, causal=True)
+    compiled_mha = torch.compile(mha, dynamic=True, fullgraph=True, backend="aot_eager")
+    for L in (5, 9):
+        x = torch.randn(2, L, 32)
+        torch.testing.assert_close(compiled_mha(x), mha(x))

@@ -11,7 +11,7 @@
 #               one config per kernel and key, none timed (correctness; the TMA tests force TMA
 #               on, so both load paths run)
 #   3. bench    benchmarks/bench_rotary.py (RoPE against the Hugging Face formula, eager and compiled;
-#               60 s at most), then python -m fused_attn.bench --out OUTDIR (bf16 sweep, fitted to the
+#               90 s at most, its JSON written after each case), then python -m fused_attn.bench --out OUTDIR (bf16 sweep, fitted to the
 #               time left)
 #   4. summary  OUTDIR/summary.json and a short table, printed last
 # OUTDIR receives at most 7 files: gpu_check.log, bench.json, bench.csv, attention_fwd.png,
@@ -109,7 +109,7 @@ for n, b in fused_attn.available_backends().items()}))" 2>&1 | tee -a "$LOG"
 STEP_SIGNAL=INT step tests_gpu 270 env FUSED_ATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests/ --junitxml=/tmp/gpu_check_tests_gpu.xml
 
 # ---- 3. the rotary benchmark, then the sweep: whatever is left of the total, at most 5 minutes ----
-step bench_rotary 60 "$PY" benchmarks/bench_rotary.py --out "$OUT/rotary.json"
+step bench_rotary 90 "$PY" benchmarks/bench_rotary.py --out "$OUT/rotary.json"
 LEFT=$(( TOTAL_S - $(elapsed) - 45 ))
 BENCH_S=$(( LEFT < 300 ? LEFT : 300 ))
 if [ "$BENCH_S" -lt 60 ]; then BENCH_S=60; fi

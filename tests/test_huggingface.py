@@ -463,7 +463,8 @@ def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
     q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
     cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
     for args, kwargs in (((q, k, cos.requires_grad_(), sin), {}), ((q, k, cos[:, :3], sin[:, :3]), {}),
-                         ((q, k, cos, sin), {"unsqueeze_dim": 0})):
+                         ((q, k, cos, sin), {"unsqueeze_dim": 0}),
+                         ((q, k, cos.detach().double(), sin.double()), {})):  # promoted by transformers' formula
         try:
             expected = original(*args, **kwargs)
         except RuntimeError:
@@ -472,7 +473,7 @@ def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
             continue
         for a, b in zip(fused(*args, **kwargs), expected):
             assert torch.equal(a, b)
-    assert calls == []  # all three ran transformers' own function
+    assert calls == []  # all four ran transformers' own function
     fused_attn.restore_modules(first)
     assert modeling_llama.apply_rotary_pos_emb is original
 

@@ -149,8 +149,8 @@ def _rotary_reason(q, k, cos, sin, unsqueeze_dim) -> Optional[str]:
     if (D % 2 or q.shape[-1] != D or k.shape[-1] != D or cos.shape[0] not in (1, batch) or k.shape[0] != batch
             or cos.shape[1] != length or k.shape[3 - unsqueeze_dim] != length):
         return "shapes"
-    if len({t.device for t in tensors}) != 1 or q.dtype != k.dtype:
-        return "devices or dtypes"
+    if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
+        return "devices or dtypes"  # (other dtypes: transformers' formula promotes, the fused op keeps q's)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         return "tables that require grad"
     return None

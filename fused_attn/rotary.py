@@ -44,8 +44,8 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool =
             (total, H, D) tokens at the given positions). Any strides.
         cos, sin: (S, R/2) tables of the rotation angles' cosines and sines, row p for position
             p; R = 2 * cos.shape[1] <= D features of each head turn, the rest pass unchanged. Any
-            floating dtype (one for both; computed in float32 whatever it is). They get no
-            gradient: tables that require grad raise.
+            floating dtype, one for both (computed in float32 whatever it is, float64 for a float64
+            x). They get no gradient: tables that require grad raise while grad mode is on.
         interleaved: pairs (2i, 2i + 1) (GPT-J) instead of (i, i + R/2) (GPT-NeoX, Llama).
         seqlen_offsets: an int, or an int32/int64 (B,) tensor: token t of sequence b is at
             position ``seqlen_offsets[b] + t`` (decoding with a KV cache: the keys already there).

@@ -408,16 +408,23 @@ def _rotary_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("config", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("config", ["llama", "mistral", "qwen2", "falcon", "gpt_neox"])
 def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
-    """swap_modules routes the modeling module's apply_rotary_pos_emb (Llama's, line for line, in
-    Mistral and Qwen2 too) to the fused op: the same logits, gradients and greedy generation (the
-    decoding steps' one-token tables included) as the untouched model; restore_modules puts the
-    very function back."""
+    """swap_modules routes the modeling module's apply_rotary_pos_emb (Llama's code in Llama,
+    Mistral, Qwen2 and Falcon, whose docstring differs; GPT-NeoX's partial rotary, a quarter of each
+    head here) to the fused op: the same logits, gradients and greedy generation (the decoding
+    steps' one-token tables included) as the untouched model; restore_modules puts the very
+    function back."""
     kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=48, max_position_embeddings=64, rope_theta=500.0)
+    if config == "falcon":
+        kw.update(new_decoder_architecture=True, num_kv_heads=2, bias=False)
+    if config == "gpt_neox":
+        kw.update(rotary_pct=0.25, use_parallel_residual=True)
+        kw.pop("num_key_value_heads")
     cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[config](**kw)
+           "qwen2": transformers.Qwen2Config, "falcon": transformers.FalconConfig,
+           "gpt_neox": transformers.GPTNeoXConfig}[config](**kw)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -431,7 +438,8 @@ def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
     calls = _rotary_calls(monkeypatch)
     ids, mask = _batch("llama")
     check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
-    assert calls and calls[0] == (B, L, 4, 8) and calls[1] == (B, L, 2, 8)  # q, then k, as (B, L, H, D)
+    heads_k = 2 if config in ("llama", "mistral", "qwen2") else 4  # (Falcon repeats its K/V heads first)
+    assert calls and calls[0] == (B, L, 4, 8) and calls[1] == (B, L, heads_k, 8)  # q, then k, as (B, L, H, D)
     calls.clear()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -445,8 +453,9 @@ def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
 
 def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
     """The fused function belongs to the modeling module: a second model of the family finds it
-    fused (and its restore leaves it to the first); rotary=False leaves it; GPT-NeoX's partial
-    rotary is not Llama's function; calls outside the covered shapes run the original."""
+    fused (and its restore leaves it to the first); rotary=False leaves it; calls outside the
+    covered shapes run the original; Cohere's form (interleaved pairs, computed in float32) is
+    left."""
     from transformers.models.llama import modeling_llama
     original = modeling_llama.apply_rotary_pos_emb
     first, second = _build("llama"), _build("llama")
@@ -477,12 +486,12 @@ def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
     fused_attn.restore_modules(first)
     assert modeling_llama.apply_rotary_pos_emb is original
 
-    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=64, rotary_pct=0.5)
+    cfg = transformers.CohereConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=48, max_position_embeddings=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        neox = transformers.AutoModelForCausalLM.from_config(cfg)
-    report = fused_attn.swap_modules(neox, attention=False, norm=False, ffn=False)
+        cohere = transformers.AutoModelForCausalLM.from_config(cfg)
+    report = fused_attn.swap_modules(cohere, attention=False, norm=False, ffn=False)
     assert [row for row in report.left if "rotary" in row[1]] == [
-        ("", "modeling_gpt_neox.apply_rotary_pos_emb", "not Llama's apply_rotary_pos_emb (another layout or partial "
-                                                       "rotary)")]
+        ("", "modeling_cohere.apply_rotary_pos_emb", "not Llama's or GPT-NeoX's apply_rotary_pos_emb (another layout "
+                                                     "or rounding)")]

@@ -24,7 +24,7 @@ Llama original, so "copied from" classes of other models qualify and edited ones
 The residual adds inside GPT-2's and Llama's decoder-layer forwards are left in Python.
 
 Rotary embeddings: ``swap_modules(model)`` (``rotary=True``) also points the modeling module's
-``apply_rotary_pos_emb``, where it is Llama's line for line, to the fused rotary op
+``apply_rotary_pos_emb``, where it is Llama's or GPT-NeoX's code, to the fused rotary op
 (``fused_rotary_pos_emb``), as Liger-Kernel does: a module-level function, so every model of that
 family in the process uses it until ``restore_modules``.
 """
@@ -135,8 +135,8 @@ def restore_attention_implementation(model, report) -> None:
 # rotary position embeddings
 # ---------------------------------------------------------------------------------------------
 
-def _rotary_reason(q, k, cos, sin, unsqueeze_dim) -> Optional[str]:
-    """Why a call of Llama's apply_rotary_pos_emb is not one the fused version computes, or None."""
+def _rotary_reason(q, k, cos, sin, unsqueeze_dim, partial: bool) -> Optional[str]:
+    """Why a call of the known apply_rotary_pos_emb is not one the fused version computes, or None."""
     if unsqueeze_dim not in (1, 2):
         return f"unsqueeze_dim={unsqueeze_dim}"
     tensors = (q, k, cos, sin)
@@ -144,10 +144,10 @@ def _rotary_reason(q, k, cos, sin, unsqueeze_dim) -> Optional[str]:
         return "non-floating inputs"
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
         return "shapes"
-    D = cos.shape[-1]
+    R, D = cos.shape[-1], q.shape[-1]
     batch, length = q.shape[0], q.shape[3 - unsqueeze_dim]
-    if (D % 2 or q.shape[-1] != D or k.shape[-1] != D or cos.shape[0] not in (1, batch) or k.shape[0] != batch
-            or cos.shape[1] != length or k.shape[3 - unsqueeze_dim] != length):
+    if (R % 2 or R == 0 or k.shape[-1] != D or (R > D if partial else R != D) or cos.shape[0] not in (1, batch)
+            or k.shape[0] != batch or cos.shape[1] != length or k.shape[3 - unsqueeze_dim] != length):
         return "shapes"
     if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
         return "devices or dtypes"  # (other dtypes: transformers' formula promotes, the fused op keeps q's)
@@ -156,17 +156,19 @@ def _rotary_reason(q, k, cos, sin, unsqueeze_dim) -> Optional[str]:
     return None
 
 
-def fused_rotary_pos_emb(original, backend=None):
-    """Llama's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` on the fused rotary op:
-    ``q * cos + rotate_half(q) * sin`` with transformers' per-token (B, L, D) tables, whose two
-    halves are equal (every Llama-family rotary embedding builds them as cat(freqs, freqs)), so the
-    first halves are the angles. One read and one write of q and of k, in float32, rounded once
-    (transformers' formula rounds three times in half precision). Calls it does not cover (other
-    layouts or shapes, tables that require grad) run ``original``."""
+def fused_rotary_pos_emb(original, backend=None, partial: bool = False):
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` on the fused rotary
+    op: ``q * cos + rotate_half(q) * sin`` with per-token (B, L, R) tables whose two halves are
+    equal (every such rotary embedding builds them as cat(freqs, freqs)), so the first halves are
+    the angles. Llama's form turns all D features (R = D); GPT-NeoX's (``partial``) the first R and
+    passes the rest, as the fused op does by itself. One read and one write of q and of k, in
+    float32, rounded once (transformers' formula rounds three times in half precision). Calls it
+    does not cover (other layouts or shapes, tables that require grad, mixed dtypes) run
+    ``original``."""
     from ..rotary import rotate_token_tables
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if _rotary_reason(q, k, cos, sin, unsqueeze_dim) is not None:
+        if _rotary_reason(q, k, cos, sin, unsqueeze_dim, partial) is not None:
             return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         half = cos.shape[-1] // 2
         c, s = cos[..., :half], sin[..., :half]
@@ -184,12 +186,30 @@ def _modeling_modules(model):
     return [sys.modules[n] for n in sorted(names) if n.startswith("transformers.models.") and n in sys.modules]
 
 
+def _known_rotary():
+    """(module, partial) of the apply_rotary_pos_emb forms the fused op computes: Llama's (all D
+    features) and GPT-NeoX's (the first R = cos.shape[-1], the rest passed)."""
+    from transformers.models.gpt_neox import modeling_gpt_neox as gpt_neox
+    return [(_known()[2], False), (gpt_neox, True)]
+
+
+def _rotary_form(module) -> Optional[bool]:
+    """``partial`` of the known form the module's apply_rotary_pos_emb and rotate_half have (the
+    same code but for docstrings and decorators), or None."""
+    for known, partial in _known_rotary():
+        if (_same_body(module.apply_rotary_pos_emb, known.apply_rotary_pos_emb)
+                and _same_body(getattr(module, "rotate_half", None), known.rotate_half)):
+            return partial
+    return None
+
+
 def swap_rotary(model, opts, report) -> None:
-    """Point each of the model's modeling modules whose ``apply_rotary_pos_emb`` is Llama's, line for
-    line (Llama, Mistral, Mixtral, Qwen2/3, Gemma/2, Granite, Phi, StarCoder2, SmolLM3, ...), to
-    ``fused_rotary_pos_emb``. The function belongs to the module, not to the model: every model of
-    that family in the process uses it until ``restore_modules`` of this model puts it back."""
-    llama = _known()[2]
+    """Point each of the model's modeling modules whose ``apply_rotary_pos_emb`` (and the
+    ``rotate_half`` it calls) is Llama's or GPT-NeoX's, the same code but for docstrings and
+    decorators (Llama, Mistral, Mixtral, Qwen2/3, Gemma/2/3, Granite, Falcon, StableLM, GPT-NeoX,
+    ...), to ``fused_rotary_pos_emb``. The function belongs to the module, not to the model: every
+    model of that family in the process uses it until ``restore_modules`` of this model puts it
+    back."""
     patched = model.__dict__.setdefault("_fused_attn_rotary", {})
     for module in _modeling_modules(model):
         fn = getattr(module, "apply_rotary_pos_emb", None)
@@ -198,13 +218,17 @@ def swap_rotary(model, opts, report) -> None:
         where = f"{module.__name__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb"
         if hasattr(fn, "fused_attn_original"):
             report.left.append(("", where, "already fused (by another model's swap_modules)"))
-        elif _same_code_fn(fn, llama.apply_rotary_pos_emb):
-            module.apply_rotary_pos_emb = fused_rotary_pos_emb(fn, opts.backend)
-            patched[module.__name__] = fn
-            report.replaced.append(("", where, "fused_attn.apply_rotary_emb",
-                                    "RoPE; module-level: every model of this family in the process"))
-        else:
-            report.left.append(("", where, "not Llama's apply_rotary_pos_emb (another layout or partial rotary)"))
+            continue
+        partial = _rotary_form(module)
+        if partial is None:
+            report.left.append(("", where, "not Llama's or GPT-NeoX's apply_rotary_pos_emb (another layout or "
+                                           "rounding)"))
+            continue
+        module.apply_rotary_pos_emb = fused_rotary_pos_emb(fn, opts.backend, partial)
+        patched[module.__name__] = fn
+        report.replaced.append(("", where, "fused_attn.apply_rotary_emb",
+                                ("partial " if partial else "") + "RoPE; module-level: every model of this family "
+                                "in the process"))
     if not patched:
         model.__dict__.pop("_fused_attn_rotary")
 
@@ -218,11 +242,25 @@ def restore_rotary(model, report) -> None:
                                     "apply_rotary_pos_emb", "restored"))
 
 
-def _same_code_fn(fn, known) -> bool:
-    """Whether function ``fn`` is, line for line, the known transformers function."""
+def _same_body(fn, known) -> bool:
+    """Whether function ``fn`` has the known function's code: its signature and statements, as
+    parsed, without docstrings and decorators (which differ between "copied from" models)."""
+    import ast
+    import textwrap
+
+    def body(f):
+        f = inspect.unwrap(f)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
+        node = tree.body[0]
+        node.decorator_list = []
+        if node.body and isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None),
+                                                                         ast.Constant):
+            node.body = node.body[1:]  # the docstring
+        return ast.dump(node, annotate_fields=False)
+
     try:
-        return inspect.getsource(fn) == inspect.getsource(known)
-    except (OSError, TypeError):
+        return fn is not None and body(fn) == body(known)
+    except (OSError, TypeError, SyntaxError, IndexError):
         return False
 
 

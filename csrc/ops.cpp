@@ -31,7 +31,8 @@
 // on others, the CUDA kernel clamps them, never reading outside the tables) and each feature pair (x1, x2) -- features
 // (i, i + R/2), or (2i, 2i + 1) when interleaved -- becomes (x1 c - x2 s, x1 s + x2 c), s negated when
 // conjugate (the inverse rotation: the backward); features R.. are copied. In float32 (float64 for
-// float64), rounded once; out is at::empty_like(x) (x's layout when x is dense).
+// float64), rounded once; out is at::empty_like(x) (x's layout when x is dense). rotary_out writes the
+// result into `out` instead (x's shape and dtype, no overlapping elements; out = x: in place).
 // One more op, fused_attn_C::cpu_scratch_release() -> int (fused_attn.empty_cpu_cache()), is
 // declared with its kernel in csrc/cpu/scratch.cpp: it takes no tensor, so it has no dispatch key.
 #include <Python.h>
@@ -73,6 +74,9 @@ TORCH_LIBRARY(fused_attn_C, m) {
       "float dropout_p, int seed, int offset, bool has_b1, bool has_b2) "
       "-> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2)");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool conjugate) -> Tensor");
+  m.def(
+      "rotary_out(Tensor x, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool conjugate, "
+      "Tensor(a!) out) -> ()");
 }
 
 // `import fused_attn._C` loads this library, which runs the registrations above; the module

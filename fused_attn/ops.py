@@ -520,6 +520,23 @@ def _rotary_impl(x, cos, sin, positions, interleaved, conjugate, backend):
     return get_backend(backend).rotary(x, cos, sin, positions, interleaved, conjugate)
 
 
+def _rotary_inplace_impl(x, cos, sin, positions, interleaved, conjugate, backend):
+    if x.numel():
+        get_backend(backend).rotary(x, cos, sin, positions, interleaved, conjugate, out=x)
+
+
+@torch.library.custom_op("fused_attn::rotary_", mutates_args=("x",))
+def rotary_(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, conjugate: bool,
+            backend: str) -> None:
+    """The embedding written into x (``apply_rotary_emb(inplace=True)``)."""
+    _rotary_inplace_impl(x, cos, sin, positions, interleaved, conjugate, backend)
+
+
+@rotary_.register_fake
+def _rotary_inplace_fake(x, cos, sin, positions, interleaved, conjugate, backend):
+    return None
+
+
 @torch.library.custom_op("fused_attn::rotary", mutates_args=())
 def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, conjugate: bool,
            backend: str) -> Tensor:
@@ -534,13 +551,21 @@ def _rotary_fake(x, cos, sin, positions, interleaved, conjugate, backend):
 class RotaryFunction(torch.autograd.Function):
     """RoPE on (B, L, H, D): the forward turns each feature pair by its position's angle, the
     backward turns the gradient back (a rotation's transpose is its inverse). Saves the tables and
-    the positions only; cos and sin get no gradient."""
+    the positions only; cos and sin get no gradient. ``inplace``: the forward writes into x (marked
+    dirty, as FlashAttention's); the backward always writes a new gradient (the one it is handed
+    may be shared or broadcast)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, positions, interleaved, backend):
-        op = _rotary_impl if direct_call_ok(x, cos, sin, positions) else torch.ops.fused_attn.rotary
+    def forward(ctx, x, cos, sin, positions, interleaved, backend, inplace=False):
         ctx.save_for_backward(cos, sin, positions)
         ctx.options = (interleaved, backend)
+        direct = direct_call_ok(x, cos, sin, positions)
+        if inplace:
+            (_rotary_inplace_impl if direct else torch.ops.fused_attn.rotary_)(x, cos, sin, positions, interleaved,
+                                                                               False, backend)
+            ctx.mark_dirty(x)
+            return x
+        op = _rotary_impl if direct else torch.ops.fused_attn.rotary
         return op(x, cos, sin, positions, interleaved, False, backend)
 
     @staticmethod
@@ -548,9 +573,12 @@ class RotaryFunction(torch.autograd.Function):
         cos, sin, positions = ctx.saved_tensors
         interleaved, backend = ctx.options
         op = _rotary_impl if direct_call_ok(dout, cos, sin, positions) else torch.ops.fused_attn.rotary
-        return op(dout, cos, sin, positions, interleaved, True, backend), None, None, None, None, None
+        return op(dout, cos, sin, positions, interleaved, True, backend), None, None, None, None, None, None
 
 
-def rotary_inference(x, cos, sin, positions, interleaved, backend):
+def rotary_inference(x, cos, sin, positions, interleaved, backend, inplace=False):
     """RotaryFunction's output for eager calls that build no autograd graph."""
+    if inplace:
+        _rotary_inplace_impl(x, cos, sin, positions, interleaved, False, backend)
+        return x
     return _rotary_impl(x, cos, sin, positions, interleaved, False, backend)

@@ -28,15 +28,16 @@ import torch
 from torch import Tensor
 
 from .backends import check_backend_name, resolve_options
-from .functional import _check_bool, _check_tensor, _concrete, _dtype_name
+from .functional import _check_bool, _check_tensor, _concrete, _dtype_name, _needs_grad
 from .ops import RotaryFunction, inference_call_ok, rotary_inference
 
 
-def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False,
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
                      seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
-                     max_seqlen: Optional[int] = None, position_ids: Optional[Tensor] = None,
+                     max_seqlen: Optional[int] = None, *, position_ids: Optional[Tensor] = None,
                      backend: Optional[str] = None) -> Tensor:
-    """Rotary position embedding of ``x`` (FlashAttention's ``apply_rotary_emb``), differentiable.
+    """Rotary position embedding of ``x`` (FlashAttention's ``apply_rotary_emb``, its arguments in
+    its order), differentiable.
 
     Args:
         x: (B, L, H, D) queries or keys, layout (batch, seqlen, heads, dim); with ``cu_seqlens``
@@ -47,6 +48,9 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool =
             floating dtype, one for both (computed in float32 whatever it is, float64 for a float64
             x). They get no gradient: tables that require grad raise while grad mode is on.
         interleaved: pairs (2i, 2i + 1) (GPT-J) instead of (i, i + R/2) (GPT-NeoX, Llama).
+        inplace: write the result into x and return x (FlashAttention's): no second tensor of x's
+            size. x must have no overlapping elements; under autograd x is marked modified, as by
+            any in-place op (a leaf that requires grad cannot be).
         seqlen_offsets: an int, or an int32/int64 (B,) tensor: token t of sequence b is at
             position ``seqlen_offsets[b] + t`` (decoding with a KV cache: the keys already there).
         cu_seqlens: int32/int64 (B + 1,) cumulative lengths of the packed sequences of a 3-D x
@@ -58,7 +62,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool =
             to it, e.g. (1, L). Left-padded batches take their own positions this way.
         backend: as for the other functional calls.
 
-    Returns a new tensor of x's shape and dtype (x's layout when x is dense).
+    Returns a new tensor of x's shape and dtype (x's layout when x is dense), or x with ``inplace``.
 
     Every position must index a table row, 0 <= p < S: checked on the host outside
     torch.compile when the positions come from an int offset (no device read) or live on the CPU;
@@ -74,6 +78,10 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool =
                          f"shape {tuple(x.shape)}")
     half = check_tables(cos, sin, x)
     _check_bool("interleaved", interleaved)
+    _check_bool("inplace", inplace)
+    if inplace and not compiling and torch._debug_has_internal_overlap(x) != 0:
+        raise ValueError(f"inplace=True writes into x, whose elements overlap (strides {x.stride()}, e.g. an "
+                         f"expanded tensor): pass a tensor with its own storage per element, or inplace=False")
     check_backend_name(backend)
     if position_ids is not None and (packed or not _is_zero(seqlen_offsets)):
         raise ValueError("position_ids gives every token's position: it cannot be combined with seqlen_offsets "
@@ -96,16 +104,23 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool =
     if compiling:
         D, half = _concrete(D), _concrete(half)
     name = resolve_options("rotary", x.device, x.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
+    if inplace:  # into x through x4 (x itself, or a view of it)
+        rotate(x4, cos, sin, positions, interleaved, name, inplace=True)
+        return x
     out = rotate(x4, cos, sin, positions, interleaved, name)
     return out.view(x.shape) if x.dim() == 3 else out
 
 
-def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, backend: str) -> Tensor:
+def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, backend: str,
+           inplace: bool = False) -> Tensor:
     """The embedding of checked inputs: x4 (B, L, H, D), positions (B, L) in range, ``backend``
     resolved (also ``attention_with_kvcache``'s path, which checks its positions itself)."""
     if inference_call_ok(x4, cos, sin):
-        return rotary_inference(x4, cos, sin, positions, interleaved, backend)
-    return RotaryFunction.apply(x4, cos, sin, positions, interleaved, backend)
+        return rotary_inference(x4, cos, sin, positions, interleaved, backend, inplace)
+    if inplace and not _needs_grad(x4, cos, sin):  # traced without a graph to record: the mutating op alone
+        torch.ops.fused_attn.rotary_(x4, cos, sin, positions, interleaved, False, backend)
+        return x4
+    return RotaryFunction.apply(x4, cos, sin, positions, interleaved, backend, inplace)
 
 
 def rotate_token_tables(x4: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str] = None) -> Tensor:

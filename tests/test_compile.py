@@ -235,7 +235,8 @@ def _op_samples(backend):
     additive = rnd(2, 1, 9, 7).expand(2, 4, 9, 7)
     samples = {"attention_fwd": [], "attention_bwd": [], "attention_varlen_fwd": [], "attention_varlen_bwd": [],
                "layer_norm_residual_fwd": [],
-               "layer_norm_residual_bwd": [], "feed_forward_fwd": [], "feed_forward_bwd": [], "rotary": []}
+               "layer_norm_residual_bwd": [], "feed_forward_fwd": [], "feed_forward_bwd": [], "rotary": [],
+               "rotary_": []}
     slopes = torch.tensor([0.5, -0.25, 0.125, 0.0]).expand(2, 4)  # ALiBi, a stride-0 (B, Hq) view
     for mask, band, p, cap, alibi in ((None, CAUSAL_BAND, 0.0, 0.0, None), (keep, NO_BAND, 0.0, 2.5, slopes),
                                       (additive, (-3, 1), 0.2, 0.0, slopes)):
@@ -282,6 +283,7 @@ def _op_samples(backend):
             (x.transpose(1, 2).contiguous().transpose(1, 2), torch.tensor([[0, 2, 4, 6, 8], [11, 1, 0, 3, 3]]),
              True, True)):  # a (B, H, L, D) layout: the output keeps it
         samples["rotary"].append((xs, angles.cos(), angles.sin(), positions, interleaved, conjugate, backend))
+        samples["rotary_"].append((xs.clone(), angles.cos(), angles.sin(), positions, interleaved, conjugate, backend))
     return samples
 
 

@@ -247,6 +247,10 @@ for name, call in {
     "rotary position negative": lambda: ops.rotary(rx, rc, rc, rpos - 1, True, False),
     "rotary positions float": lambda: ops.rotary(rx, rc, rc, rpos.float(), False, False),
     "rotary positions wrong shape": lambda: ops.rotary(rx, rc, rc, rpos[:, :2], False, False),
+    "rotary_out out wrong shape": lambda: ops.rotary_out(rx, rc, rc, rpos, False, False, t(2, 3, 2, 4)),
+    "rotary_out out int": lambda: ops.rotary_out(rx, rc, rc, rpos, False, False, rpos),
+    "rotary_out out overlapping": lambda: ops.rotary_out(rx, rc, rc, rpos, False, False, t(1, 3, 2, 8).expand(2, 3, 2, 8)),
+    "rotary_out position past the table": lambda: ops.rotary_out(rx, rc, rc, rpos + 4, False, False, rx.clone()),
 }.items():
     cases[name] = call
 for i in range(60):

@@ -287,6 +287,16 @@ def test_compiled_op_checks_its_inputs():
                       ((x.int(), cos, sin, pos), "x must")):
         with pytest.raises(RuntimeError, match=msg):
             op(*args, False, False)
+    out_op = torch.ops.fused_attn_C.rotary_out
+    buf = torch.randn(2 * 3 * 2 * 8 + 1)
+    shifted_x, shifted_out = buf[:-1].view(2, 3, 2, 8), buf[1:].view(2, 3, 2, 8)  # overlapping, not the same
+    for x_, out, msg in ((x, torch.empty(2, 3, 2, 4), "out must be a CPU tensor of x's shape"),
+                         (x, torch.empty(2, 3, 2, 8, dtype=torch.float64), "out must be a CPU tensor of x's shape"),
+                         (x, torch.empty(1, 3, 2, 8).expand(2, 3, 2, 8), "out must not have overlapping elements"),
+                         (shifted_x, shifted_out, "out must be x itself or not overlap it")):
+        with pytest.raises(RuntimeError, match=msg):
+            out_op(x_, cos, sin, pos, False, False, out)
+    out_op(x, cos, sin, pos, False, False, x)  # in place: allowed
 
 
 def test_norm_preserved_and_inverse():
@@ -321,3 +331,75 @@ def test_compiled_dynamic_lengths_and_module():
     for L in (5, 9):
         x = torch.randn(2, L, 32)
         torch.testing.assert_close(compiled_mha(x), mha(x))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases("rotary"))
+def test_inplace_writes_into_x(device, backend):
+    """inplace=True (FlashAttention's, positional in its order): the very x comes back holding
+    exactly what the out-of-place call returns; dense, transposed-view and packed x, and a head
+    of 2100 features turned in two 1024-pair chunks of the Triton kernel (on a GPU, the gpu-marked
+    cases: each kernel reads what it overwrites)."""
+    small, wide = ((t.to(device) for t in tables(64, half)) for half in (12, 1040))
+    small, wide = tuple(small), tuple(wide)
+    cu = torch.tensor([0, 5, 17], dtype=torch.int32, device=device)
+    for interleaved in (False, True):
+        cases = [(torch.randn(2, 17, 3, 40, device=device), {}, small),
+                 (torch.randn(2, 3, 17, 40, device=device).transpose(1, 2),
+                  {"seqlen_offsets": torch.tensor([4, 30], device=device)}, small),
+                 (torch.randn(17, 3, 40, device=device), {"cu_seqlens": cu, "seqlen_offsets": 2}, small),
+                 (torch.randn(2, 3, 2, 2100, device=device), {}, wide)]
+        for x, kwargs, (cos, sin) in cases:
+            expected = fused_attn.apply_rotary_emb(x, cos, sin, interleaved, backend=backend, **kwargs)
+            before = x.data_ptr()
+            out = fused_attn.apply_rotary_emb(x, cos, sin, interleaved, True, backend=backend, **kwargs)
+            assert out is x and x.data_ptr() == before
+            assert torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_under_autograd(backend):
+    """In place on a non-leaf (marked modified): the same gradient as out of place; on a leaf that
+    requires grad, torch's in-place error; on overlapping elements, a clear error."""
+    cos, sin = tables(32, 8)
+    w = torch.randn(2, 9, 2, 16, requires_grad=True)
+    dout = torch.randn(2, 9, 2, 16)
+    (fused_attn.apply_rotary_emb(w * 2, cos, sin, backend=backend) * 3).backward(dout)
+    expected, w.grad = w.grad, None
+    h = w * 2
+    out = fused_attn.apply_rotary_emb(h, cos, sin, inplace=True, backend=backend)
+    assert out is h
+    (out * 3).backward(dout)
+    torch.testing.assert_close(w.grad, expected)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fused_attn.apply_rotary_emb(w, cos, sin, inplace=True, backend=backend)
+    with pytest.raises(ValueError, match="inplace=True writes into x, whose elements overlap"):
+        fused_attn.apply_rotary_emb(torch.randn(1, 9, 2, 16).expand(2, 9, 2, 16), cos, sin, inplace=True,
+                                    backend=backend)
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        fused_attn.apply_rotary_emb(h.detach(), cos, sin, inplace="yes", backend=backend)
+
+
+def test_inplace_compiles_fullgraph():
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    cos, sin = tables(32, 8)
+
+    def f(x):
+        y = x * 1.0
+        fused_attn.apply_rotary_emb(y, cos, sin, inplace=True, seqlen_offsets=3, backend=backend)
+        return y.square().sum()
+
+    x = torch.randn(2, 7, 2, 16, requires_grad=True)
+    eager = f(x)
+    (g_eager,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (g,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g, g_eager)
+    with torch.no_grad():
+        y = torch.randn(2, 7, 2, 16)
+        expected = fused_attn.apply_rotary_emb(y, cos, sin, backend=backend)
+        g = torch.compile(lambda t: fused_attn.apply_rotary_emb(t, cos, sin, inplace=True, backend=backend),
+                          fullgraph=True, backend="aot_eager")
+        g(y)
+        torch.testing.assert_close(y, expected)

@@ -17,14 +17,17 @@
 #include "cpu_common.h"
 #include "scratch.h"
 
+#include <ATen/MemoryOverlap.h>
+
 namespace fused_attn::cpu {
 namespace {
 
 // One head's row: kUnit when x and out have unit stride along D (the usual layouts), so that the
 // pair loops run over contiguous halves (or contiguous pairs) the compiler vectorises.
 template <bool kInterleaved, bool kUnit, typename x_t, typename acc>
-inline void turn_row(const x_t* __restrict xr, x_t* __restrict orow, int64_t sx, int64_t so, const acc* c,
-                     const acc* s, int64_t half, int64_t D) {
+// xr and orow may be the same row (rotary_out with out = x): each pair is read before it is written.
+inline void turn_row(const x_t* xr, x_t* orow, int64_t sx, int64_t so, const acc* c, const acc* s, int64_t half,
+                     int64_t D) {
   const int64_t step = kUnit ? 1 : sx, ostep = kUnit ? 1 : so;
   for (int64_t i = 0; i < half; ++i) {
     const int64_t j1 = kInterleaved ? 2 * i : i, j2 = kInterleaved ? 2 * i + 1 : i + half;
@@ -65,8 +68,9 @@ void rotary_kernel(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
   });
 }
 
-at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
-                  bool interleaved, bool conjugate) {
+// The checks of x, the tables and the positions; returns the positions as (B * L) int64, checked.
+at::Tensor checked_positions(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& positions) {
   check_cpu_float(x, "x");
   check_cpu_float(cos, "cos");
   check_cpu_float(sin, "sin");
@@ -84,13 +88,18 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   FA_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == L,
            "positions must have shape (B, L) = (", B, ", ", L, "), got ", positions.sizes());
   for (int64_t d = 0; d < 4; ++d) FA_CHECK(x.stride(d) >= 0, "x must have non-negative strides, got ", x.strides());
-  auto out = scratch::empty_like(x);  // kept between calls: a training step's outputs fault no pages in
-  if (x.numel() == 0) return out;
   const auto pos = positions.to(at::kLong).contiguous();  // (B, L) row-major: token n = b * L + l
   const int64_t* pp = pos.const_data_ptr<int64_t>();
   for (int64_t n = 0; n < B * L; ++n)
     FA_CHECK(pp[n] >= 0 && pp[n] < S, "positions[", n / L, ", ", n % L, "] = ", pp[n], " is outside the ", S,
              " rows of cos and sin");
+  return pos;
+}
+
+void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                 bool interleaved, bool conjugate, at::Tensor& out) {
+  if (x.numel() == 0) return;
+  const int64_t* pp = pos.const_data_ptr<int64_t>();
   FA_DISPATCH_FLOATING(x.scalar_type(), "rotary", [&] {
     using x_t = scalar_t;
     FA_DISPATCH_FLOATING(cos.scalar_type(), "rotary", [&] {
@@ -103,10 +112,36 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
              : rotary_kernel<x_t, scalar_t, false, false>(x, cos, sin, pp, conjugate, out);
     });
   });
+}
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                  bool interleaved, bool conjugate) {
+  const auto pos = checked_positions(x, cos, sin, positions);
+  auto out = scratch::empty_like(x);  // kept between calls: a training step's outputs fault no pages in
+  rotary_into(x, cos, sin, pos, interleaved, conjugate, out);
   return out;
+}
+
+// The result written into `out` (x's shape and dtype, any strides without overlapping elements): with
+// out = x, the embedding in place (apply_rotary_emb(inplace=True)); the loops read each pair and
+// pass-through feature before they write it.
+void rotary_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                bool interleaved, bool conjugate, at::Tensor out) {
+  const auto pos = checked_positions(x, cos, sin, positions);
+  FA_CHECK(out.device().is_cpu() && out.scalar_type() == x.scalar_type() && out.sizes() == x.sizes(),
+           "out must be a CPU tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ", out.sizes(),
+           " ", out.scalar_type(), " on ", out.device());
+  FA_CHECK(at::has_internal_overlap(out) == at::MemOverlap::No,
+           "out must not have overlapping elements (stride 0 or overlapping strides), got strides ", out.strides());
+  FA_CHECK(out.is_same(x) || at::get_overlap_status(out, x) == at::MemOverlapStatus::No,
+           "out must be x itself or not overlap it");
+  rotary_into(x, cos, sin, pos, interleaved, conjugate, out);
 }
 
 }  // namespace
 }  // namespace fused_attn::cpu
 
-TORCH_LIBRARY_IMPL(fused_attn_C, CPU, m) { m.impl("rotary", &fused_attn::cpu::rotary); }
+TORCH_LIBRARY_IMPL(fused_attn_C, CPU, m) {
+  m.impl("rotary", &fused_attn::cpu::rotary);
+  m.impl("rotary_out", &fused_attn::cpu::rotary_out);
+}

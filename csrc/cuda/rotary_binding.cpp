@@ -2,6 +2,7 @@
 // tensors, allocate the output and launch the kernel of rotary.cu. Nothing is copied: x, the
 // tables and the positions are read through their own strides and dtypes.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -27,9 +28,11 @@ TableDType rotary_table_dtype(const at::Tensor& t, const char* op, const char* n
 
 constexpr int64_t kInt32Max = 0x7fffffffLL;
 
-at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
-                       bool interleaved, bool conjugate) {
-  const char* op = "rotary";
+// The checks and the launch, into `out` (a fresh at::empty_like(x), or rotary_out's: x itself for the
+// embedding in place, which the kernel allows: each thread reads its pair or feature before writing it).
+void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                 bool interleaved, bool conjugate, const at::Tensor* given_out, at::Tensor& out) {
+  const char* op = given_out ? "rotary_out" : "rotary";
   check_tensor(x, x, 4, op, "x");
   RotaryArgs a{};
   a.dtype = dtype_of(x, op, "x");
@@ -59,8 +62,20 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
   FA_CHECK(a.heads * a.head_dim <= kInt32Max, "fused_attn_C::", op, " (cuda): H * D = ", a.heads * a.head_dim,
            " features per token do not fit in 32 bits");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x);  // x's layout when x is dense, else contiguous: written through its strides
-  if (x.numel() == 0) return out;
+  if (given_out) {
+    const at::Tensor& o = *given_out;
+    FA_CHECK(o.device() == x.device() && o.scalar_type() == x.scalar_type() && o.sizes() == x.sizes(), "fused_attn_C::",
+             op, " (cuda): out must have x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device, got ",
+             o.sizes(), " ", o.scalar_type(), " on ", o.device());
+    FA_CHECK(at::has_internal_overlap(o) == at::MemOverlap::No, "fused_attn_C::", op,
+             " (cuda): out must not have overlapping elements, got strides ", o.strides());
+    FA_CHECK(o.is_same(x) || at::get_overlap_status(o, x) == at::MemOverlapStatus::No, "fused_attn_C::", op,
+             " (cuda): out must be x itself or not overlap it");
+    out = o;
+  } else {
+    out = at::empty_like(x);  // x's layout when x is dense, else contiguous: written through its strides
+  }
+  if (x.numel() == 0) return;
   FA_CHECK(a.rows >= 1, "fused_attn_C::", op, " (cuda): cos and sin have no rows, got shape ", cos.sizes());
   a.positions_int64 = positions.scalar_type() == at::kLong;
   a.interleaved = interleaved;
@@ -80,10 +95,25 @@ at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
     a.positions_stride[d] = positions.stride(d);
   }
   check_status(rotary(a, c10::cuda::getCurrentCUDAStream().stream()), op);
+}
+
+at::Tensor rotary_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                       bool interleaved, bool conjugate) {
+  at::Tensor out;
+  rotary_into(x, cos, sin, positions, interleaved, conjugate, nullptr, out);
   return out;
+}
+
+void rotary_out_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                     bool interleaved, bool conjugate, at::Tensor out) {
+  at::Tensor written;
+  rotary_into(x, cos, sin, positions, interleaved, conjugate, &out, written);
 }
 
 }  // namespace
 }  // namespace fused_attn_cuda
 
-TORCH_LIBRARY_IMPL(fused_attn_C, CUDA, m) { m.impl("rotary", &fused_attn_cuda::rotary_cuda); }
+TORCH_LIBRARY_IMPL(fused_attn_C, CUDA, m) {
+  m.impl("rotary", &fused_attn_cuda::rotary_cuda);
+  m.impl("rotary_out", &fused_attn_cuda::rotary_out_cuda);
+}

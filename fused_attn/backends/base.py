@@ -15,7 +15,7 @@ launcher per op half, each with the argument list of the op schema:
     feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset) -> (out, pre)
     feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset, has_b1, has_b2)
         -> (dx, dw1, db1, dw2, db2)
-    rotary(x, cos, sin, positions, interleaved, conjugate) -> out
+    rotary(x, cos, sin, positions, interleaved, conjugate, out=None) -> out
 
 The contract each launcher keeps (see docs in fused_attn/ops.py for the full statement):
 
@@ -43,13 +43,15 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   x @ w1^T + b1, saved for backward; the activation is recomputed from it there. db1/db2 are
   empty when absent.
 - rotary: x (B, L, H, D), cos/sin (S, R/2) floats of any dtype, positions (B, L) int32/int64, all
-  with any strides; every position in [0, S) (checked before the call). ``out`` is
+  with any strides; every position in [0, S) (checked before the call). The result is
   ``torch.empty_like(x)`` (x's layout when x is dense, else contiguous); x's dtype, computed in
   float32 (float64 for float64) and rounded once; features R.. copied. ``conjugate`` negates sin
-  (the inverse rotation: the backward). See ``fused_attn.reference.rotary``.
+  (the inverse rotation: the backward). With ``out`` (x's shape and dtype, no overlapping
+  elements, possibly x itself: the embedding in place) the result goes there and ``out`` is
+  returned. See ``fused_attn.reference.rotary``.
 - Empty sizes: the attention ops never reach a backend with an empty q/k/v (ops.py answers those
   itself); layer_norm_residual and feed_forward launchers must handle 0 rows (no launch).
-- Outputs never alias inputs; inputs are never written.
+- Outputs never alias inputs; inputs are never written (but rotary's ``out`` when given).
 """
 from __future__ import annotations
 

@@ -44,8 +44,11 @@ class CompiledBackend(Backend):
     def feed_forward_bwd(self, *args):
         return torch.ops.fused_attn_C.feed_forward_bwd(*args)
 
-    def rotary(self, *args):
-        return torch.ops.fused_attn_C.rotary(*args)
+    def rotary(self, x, cos, sin, positions, interleaved, conjugate, out=None):
+        if out is None:
+            return torch.ops.fused_attn_C.rotary(x, cos, sin, positions, interleaved, conjugate)
+        torch.ops.fused_attn_C.rotary_out(x, cos, sin, positions, interleaved, conjugate, out)
+        return out
 
 
 class CpuBackend(CompiledBackend):

@@ -124,7 +124,8 @@ class ReferenceBackend(Backend):
         return dx.contiguous(), dw1.contiguous(), db1, dw2.contiguous(), db2
 
     # ---- rotary embedding -------------------------------------------------------------------
-    def rotary(self, x, cos, sin, positions, interleaved, conjugate):
-        out = torch.empty_like(x)
-        out.copy_(ref.rotary(x, cos, sin, positions, interleaved, conjugate))
+    def rotary(self, x, cos, sin, positions, interleaved, conjugate, out=None):
+        result = ref.rotary(x, cos, sin, positions, interleaved, conjugate)
+        out = torch.empty_like(x) if out is None else out
+        out.copy_(result)
         return out

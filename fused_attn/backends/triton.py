@@ -89,5 +89,6 @@ class TritonBackend(Backend):
     def feed_forward_bwd(self, *args):
         return _kernels("feed_forward").feed_forward_bwd(*args)
 
-    def rotary(self, x, cos, sin, positions, interleaved, conjugate):
-        return _kernels("rotary").apply_rotary(x, cos, sin, positions, interleaved=interleaved, conjugate=conjugate)
+    def rotary(self, x, cos, sin, positions, interleaved, conjugate, out=None):
+        return _kernels("rotary").apply_rotary(x, cos, sin, positions, interleaved=interleaved, conjugate=conjugate,
+                                               out=out)

@@ -138,13 +138,16 @@ def possible_configs() -> list[dict]:
     return configs
 
 
-def apply_rotary(x, cos, sin, positions, *, interleaved=False, conjugate=False) -> torch.Tensor:
+def apply_rotary(x, cos, sin, positions, *, interleaved=False, conjugate=False, out=None) -> torch.Tensor:
     """RoPE of ``x`` (see the module docstring): the ``rotary`` launcher of fused_attn.backends.base.
 
     x: (B, L, H, D); cos, sin: (S, R/2), any float dtype and strides; positions: int32/int64 (B, L),
     any strides (stride 0 along B for a shared offset). Inputs are assumed valid (the caller checks
-    every position < S) and are never written. Returns ``torch.empty_like(x)`` filled."""
-    out = torch.empty_like(x)
+    every position < S) and are never written, except ``out``. Returns ``out`` (x's shape and dtype,
+    no overlapping elements; x itself for the embedding in place: a program loads each tile before
+    it stores it, and no two programs touch one element) or, when None, ``torch.empty_like(x)``
+    filled."""
+    out = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
         return out
     B, L, H, D = x.shape

@@ -133,10 +133,11 @@ def make_case(name, device="cpu", x_dtype=None):
     return x, cos, sin, pos
 
 
-def emulated_rotary(lib, x, cos, sin, pos, interleaved, conjugate, threads=64):
+def emulated_rotary(lib, x, cos, sin, pos, interleaved, conjugate, threads=64, out=None):
     """(out, config): the emulated kernel's output in torch.empty_like(x) (as the binding allocates
-    it) and its launch config [tokens_per_block, blocks, pair_vec]."""
-    out = torch.empty_like(x)
+    it; or in ``out``, x itself for rotary_out in place) and its launch config [tokens_per_block,
+    blocks, pair_vec]."""
+    out = torch.empty_like(x) if out is None else out
     config = (ctypes.c_int64 * 3)()
     sizes = _i64([*x.shape, cos.shape[1], cos.shape[0]])
     rc = lib.emu_rotary(X_CODES[x.dtype], TABLE_CODES[cos.dtype], int(pos.dtype == torch.int64), sizes, _ptr(x),
@@ -170,6 +171,22 @@ def test_emulated_rotary_matches_reference(emu_rot, name, style, conjugate):
     assert bool(pair_vec) == (interleaved and o.get("vec", False))
     if o.get("x") in ("transposed", "feature_stride"):  # out keeps x's dense layout: written through its strides
         assert out.stride() == x.stride() and not out.is_contiguous()
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_rotary_in_place(emu_rot, name, style):
+    """rotary_out with out = x (apply_rotary_emb(inplace=True)): bit for bit the out-of-place
+    result, the single-access pair path included (each thread reads what it overwrites)."""
+    B, L, H, D, R, S, o = CASES[name]
+    x, cos, sin, pos = make_case(name)
+    if torch._debug_has_internal_overlap(x) != 0:
+        pytest.skip("x has overlapping elements: in place is refused for it")
+    expected, _ = emulated_rotary(emu_rot, x, cos, sin, pos, STYLES[style], False, o.get("threads", 64))
+    inplace = x.clone() if x.is_contiguous() else x.detach().clone(memory_format=torch.preserve_format)
+    inplace.copy_(x)
+    emulated_rotary(emu_rot, inplace, cos, sin, pos, STYLES[style], False, o.get("threads", 64), out=inplace)
+    assert torch.equal(inplace, expected)
 
 
 def test_emulated_rotary_conjugate_inverts(emu_rot):

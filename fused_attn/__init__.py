@@ -10,7 +10,7 @@ from . import _extension, functional, reference
 from .backends import BackendUnavailableError, available_backends, use_backend
 from .functional import (apply_rotary_emb, attention, attention_varlen, attention_with_kvcache, feed_forward,
                          get_alibi_slopes, layer_norm_residual)
-from .modules import FeedForward, LayerNormResidual, MultiHeadAttention, Transformer, TransformerLayer
+from .modules import FeedForward, KVCache, LayerNormResidual, MultiHeadAttention, Transformer, TransformerLayer
 from .swap import SwapReport, patch_sdpa, restore_modules, swap_modules
 
 __version__ = "0.1.0"
@@ -19,7 +19,7 @@ __all__ = ["functional", "reference", "attention", "attention_varlen", "attentio
            "apply_rotary_emb", "layer_norm_residual", "feed_forward",
            "available_backends", "use_backend", "BackendUnavailableError", "extension_error", "empty_cpu_cache",
            "__version__",
-           "MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer",
+           "MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer", "KVCache",
            "swap_modules", "restore_modules", "patch_sdpa", "SwapReport"]
 
 

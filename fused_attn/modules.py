@@ -20,7 +20,8 @@ from torch import Tensor
 
 from . import reference
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
-from .functional import apply_rotary_emb, attention, attention_varlen, feed_forward, layer_norm_residual
+from .functional import (apply_rotary_emb, attention, attention_varlen, attention_with_kvcache, feed_forward,
+                         layer_norm_residual)
 
 
 def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], options: dict) -> str:
@@ -68,9 +69,14 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
 
     def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None,
-                cu_seqlens=None, max_seqlen=None):
+                cu_seqlens=None, max_seqlen=None, kv_cache=None):
         """As the reference's: (B, L, d_model) tensors, or packed self-attention on (total_tokens,
-        d_model) with ``cu_seqlens`` (``attention_varlen``: no padding, no mask)."""
+        d_model) with ``cu_seqlens`` (``attention_varlen``: no padding, no mask), or a decoding step
+        with ``kv_cache`` (``attention_with_kvcache``)."""
+        if kv_cache is not None:
+            reference.check_kv_cache_call(self, query, key, value, attn_mask, key_padding_mask, cu_seqlens, is_causal,
+                                          kv_cache)
+            return self._decode(query, kv_cache)
         if cu_seqlens is not None:
             return self._packed_forward(query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens,
                                         max_seqlen)
@@ -100,6 +106,24 @@ class MultiHeadAttention(reference.MultiHeadAttention):
                         alibi_slopes=self.alibi_slopes, sinks=self.sinks, backend=self.backend)
         # out is (B, H, Lq, D) stored as (B, Lq, H, D): this reshape is a view.
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
+
+    def _decode(self, query, kv_cache):
+        """One decoding step through ``attention_with_kvcache``: the new keys and values written into
+        the cache in place, RoPE (``rotary=True``) applied there at each token's position, ALiBi and
+        sinks as in the full forward; then the cache's counts advance."""
+        B, L, _ = query.shape
+        q, k, v = self._project(query, (self.query_linear, self.key_linear, self.value_linear))
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, H, D) views: the call's layout
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        rope = {}
+        if self.rotary:
+            rope["rotary_cos"], rope["rotary_sin"] = self.rotary_tables(kv_cache.k.shape[1], query.device)
+        out = attention_with_kvcache(q, kv_cache.k, kv_cache.v, k, v, cache_seqlens=kv_cache.seqlens, causal=True,
+                                     window_size=self.window_size, alibi_slopes=self.alibi_slopes, sinks=self.sinks,
+                                     backend=self.backend, **rope)
+        kv_cache.seqlens += L
+        return self.out_linear(out.reshape(B, L, self.d_model))
 
     def _packed_forward(self, query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens, max_seqlen):
         reference.check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
@@ -221,5 +245,7 @@ class Transformer(reference.Transformer):
                                     for _ in range(num_layers))
 
 
-__all__ = ["MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer",
+KVCache = reference.KVCache  # one class for both: a cache fills the same in either module
+
+__all__ = ["MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer", "KVCache",
            "backend_in_use"]

@@ -305,6 +305,53 @@ def merge_masks(attn_mask, key_padding_mask, dtype):
     return attn_mask.masked_fill(~keep, float("-inf"))
 
 
+class KVCache:
+    """One attention layer's keys and values for incremental decoding (``kv_cache=`` of the
+    modules' forward): preallocated ``k`` and ``v`` (B, max_len, num_kv_heads, head_dim), in the
+    layout ``fused_attn.attention_with_kvcache`` reads, and ``seqlens``, the int32 (B,) count of
+    tokens each sequence holds. A forward with ``kv_cache`` appends its tokens and advances
+    ``seqlens``; ``reset()`` empties the cache for the next batch. Inference only."""
+
+    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, device=None, dtype=None):
+        self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+
+    def __repr__(self) -> str:
+        B, max_len, H, D = self.k.shape
+        return f"KVCache(batch={B}, max_len={max_len}, num_kv_heads={H}, head_dim={D}, dtype={self.k.dtype})"
+
+
+def check_kv_cache_call(module, query, key, value, attn_mask, key_padding_mask, cu_seqlens, is_causal, kv_cache):
+    """A decoding call (``kv_cache``): causal self-attention on (B, L, d_model), no mask, no packing,
+    on a cache of this module's shape and batch."""
+    if not isinstance(kv_cache, KVCache):
+        raise TypeError(f"kv_cache must be a KVCache (module.new_kv_cache(batch, max_len)), got "
+                        f"{type(kv_cache).__name__}")
+    if key is not None and key is not query or value is not None and value is not query:
+        raise ValueError("kv_cache is for self-attention: leave key and value out")
+    if attn_mask is not None or key_padding_mask is not None or cu_seqlens is not None:
+        raise ValueError("kv_cache takes no attn_mask, key_padding_mask or cu_seqlens: each sequence attends its "
+                         "cached tokens and the new ones, causally")
+    if not (module.causal if is_causal is None else bool(is_causal)):
+        raise ValueError("kv_cache decoding needs causal attention (causal=True, or is_causal=True): without it "
+                         "earlier tokens would see later ones")
+    if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[-1] != module.d_model:
+        raise ValueError(f"with kv_cache, query must be (B, L, d_model={module.d_model}), got "
+                         f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()) or query.requires_grad and \
+            torch.is_grad_enabled():
+        raise ValueError("kv_cache decoding is inference (as FlashAttention's flash_attn_with_kvcache): run it under "
+                         "torch.no_grad() or torch.inference_mode()")
+    want = (query.shape[0], module.num_kv_heads, module.head_dim)
+    got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[3])
+    if got != want:
+        raise ValueError(f"kv_cache holds (batch, kv heads, head dim) = {got}, but this call needs {want}")
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention on batch-first (B, L, d_model) tensors.
 
@@ -349,6 +396,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"rotary=True turns pairs of features: the head dim (d_model / num_heads = "
                              f"{self.head_dim}) must be even")
 
+    def new_kv_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        """An empty cache of ``max_len`` tokens for this layer (the parameters' device and dtype)."""
+        weight = self.key_linear.weight
+        return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, device=device or weight.device,
+                       dtype=dtype or weight.dtype)
+
     def rotary_tables(self, length: int, device) -> tuple:
         """The (length, head_dim/2) float32 cos and sin of the angles l * base^(-2i/head_dim)."""
         half = self.head_dim // 2
@@ -356,15 +409,24 @@ class MultiHeadAttention(nn.Module):
         angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
         return angles.cos(), angles.sin()
 
+    def _decode(self, query, kv_cache):
+        return _decode_reference(self, query, kv_cache)
+
     def split_heads(self, x, heads):
         B, L, _ = x.shape
         return x.view(B, L, heads, self.head_dim).transpose(1, 2)
 
     def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None,
-                cu_seqlens=None, max_seqlen=None):
+                cu_seqlens=None, max_seqlen=None, kv_cache=None):
         """query/key/value (B, L, d_model); or packed self-attention: query (total_tokens, d_model)
         holding sequences back to back, ``cu_seqlens`` their (B + 1,) cumulative lengths (see
-        ``fused_attn.functional.attention_varlen``), ``max_seqlen`` the longest (optional)."""
+        ``fused_attn.functional.attention_varlen``), ``max_seqlen`` the longest (optional); or
+        incremental decoding with ``kv_cache`` (a ``KVCache``, ``new_kv_cache``): causal
+        self-attention of the new tokens to the cached ones and themselves, token i of sequence b
+        at position ``kv_cache.seqlens[b] + i``; the call appends them and advances the count."""
+        if kv_cache is not None:
+            check_kv_cache_call(self, query, key, value, attn_mask, key_padding_mask, cu_seqlens, is_causal, kv_cache)
+            return self._decode(query, kv_cache)
         if cu_seqlens is not None:
             check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
             q, k, v = (lin(query).unflatten(-1, (heads, self.head_dim)) for lin, heads in (
@@ -398,6 +460,32 @@ class MultiHeadAttention(nn.Module):
         out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, window_size=self.window_size,
                         alibi_slopes=self.alibi_slopes, sinks=self.sinks)
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
+
+
+def _decode_reference(mha, query, kv_cache):
+    """The reference's decoding step: write the new keys and values after each sequence's cached
+    ones, then each sequence alone through ``attention``, bottom-right causal."""
+    B, L, _ = query.shape
+    q = mha.query_linear(query).unflatten(-1, (mha.num_heads, mha.head_dim))  # (B, L, H, D)
+    k = mha.key_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
+    v = mha.value_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
+    lengths = kv_cache.seqlens.tolist()
+    if max(lengths, default=0) + L > kv_cache.k.shape[1]:
+        raise ValueError(f"kv_cache holds {kv_cache.k.shape[1]} tokens a sequence; {max(lengths)} + {L} do not fit")
+    if mha.rotary:
+        cos, sin = mha.rotary_tables(kv_cache.k.shape[1], query.device)
+        positions = torch.tensor(lengths, device=query.device)[:, None] + torch.arange(L, device=query.device)
+        q, k = rotary(q, cos, sin, positions), rotary(k, cos, sin, positions)
+    outs = []
+    for b, n in enumerate(lengths):
+        kv_cache.k[b, n:n + L] = k[b]
+        kv_cache.v[b, n:n + L] = v[b]
+        keys, values = (t[b, :n + L].transpose(0, 1)[None] for t in (kv_cache.k, kv_cache.v))
+        outs.append(attention(q[b].transpose(0, 1)[None], keys, values, causal=True, window_size=mha.window_size,
+                              alignment="bottom_right", alibi_slopes=mha.alibi_slopes,
+                              sinks=mha.sinks)[0].transpose(0, 1))
+    kv_cache.seqlens += L
+    return mha.out_linear(torch.stack(outs).reshape(B, L, mha.d_model))
 
 
 def check_packed_call(query, key, value, attn_mask, key_padding_mask, d_model):
@@ -471,12 +559,16 @@ class TransformerLayer(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
 
+    def new_kv_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        return self.multi_head_attention.new_kv_cache(batch, max_len, device=device, dtype=dtype)
+
     def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None, cu_seqlens=None,
-                max_seqlen=None):
-        """x (B, L, d_model), or packed sequences (total_tokens, d_model) with ``cu_seqlens``."""
+                max_seqlen=None, kv_cache=None):
+        """x (B, L, d_model), or packed sequences (total_tokens, d_model) with ``cu_seqlens``; with
+        ``kv_cache`` (``new_kv_cache``) a decoding step (see ``MultiHeadAttention.forward``)."""
         attend = lambda h: self.multi_head_attention(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                                      is_causal=is_causal, cu_seqlens=cu_seqlens,
-                                                     max_seqlen=max_seqlen)
+                                                     max_seqlen=max_seqlen, kv_cache=kv_cache)
         if self.norm_first:
             # The residual stream x passes the norms untouched: norm(0 + x), then x + dropout(branch)
             # (norm2 adds the attention branch to the stream and normalises the sum in one step).
@@ -495,9 +587,17 @@ class Transformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(d_model, num_heads, **layer_kwargs) for _ in range(num_layers))
 
+    def new_kv_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> list:
+        """One empty ``KVCache`` per layer, for ``forward(..., kv_cache=caches)``."""
+        return [layer.new_kv_cache(batch, max_len, device=device, dtype=dtype) for layer in self.layers]
+
     def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=None, cu_seqlens=None,
-                max_seqlen=None):
-        for layer in self.layers:
+                max_seqlen=None, kv_cache=None):
+        """As a layer's; ``kv_cache``: a list of one KVCache per layer (``new_kv_cache``)."""
+        if kv_cache is not None and (not isinstance(kv_cache, (list, tuple)) or len(kv_cache) != len(self.layers)):
+            raise ValueError(f"kv_cache must be a list of {len(self.layers)} KVCaches, one per layer "
+                             f"(Transformer.new_kv_cache), got {type(kv_cache).__name__}")
+        for i, layer in enumerate(self.layers):
             x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, kv_cache=None if kv_cache is None else kv_cache[i])
         return x

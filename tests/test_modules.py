@@ -389,3 +389,70 @@ def test_rotary_transformer_matches_reference_and_encodes_positions():
         assert (rope(z)[:, perm] - rope(z[:, perm])).abs().max() > 1e-3
     with pytest.raises(ValueError, match="head dim .* must be even"):
         R.MultiHeadAttention(30, 2, rotary=True)
+
+
+DECODE_OPTIONS = {
+    "rotary gqa": dict(num_kv_heads=2, rotary=True),
+    "alibi window sinks pre-LN": dict(alibi=True, window_size=(3, 0), sinks=True, norm_first=True),
+    "plain rmsnorm swiglu": dict(norm="rmsnorm", activation="swiglu"),
+}
+
+
+@pytest.mark.parametrize("options", list(DECODE_OPTIONS))
+def test_kv_cache_decoding_matches_the_full_forward(options):
+    """Prefill then token by token through ``kv_cache`` (the fused modules: attention_with_kvcache;
+    the reference: its own cache writes and bottom-right attention) gives the full causal
+    forward's rows, both modules alike, and leaves the caches holding every token."""
+    kw = dict(d_ff=48, causal=True, **DECODE_OPTIONS[options])
+    fused, ref = _pair("Transformer", D_MODEL, HEADS, 2, **kw)
+    _perturb_norms(fused, ref)
+    if kw.get("sinks"):
+        with torch.no_grad():
+            for model in (fused, ref):
+                for layer in model.layers:
+                    layer.multi_head_attention.sinks.copy_(torch.tensor([0.5, -1.0, 1.5, 0.0]))
+    fused.eval()
+    ref.eval()
+    (x,) = make_inputs((2, 11, D_MODEL), seed=23, requires_grad=False)
+    with torch.no_grad():
+        full = ref(x)
+        for model in (fused, ref):
+            caches = model.new_kv_cache(2, 16)
+            steps = [model(x[:, :5], kv_cache=caches)] + [model(x[:, t:t + 1], kv_cache=caches) for t in range(5, 9)]
+            steps.append(model(x[:, 9:], kv_cache=caches))  # a two-token chunk
+            torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+            assert caches[0].seqlens.tolist() == [11, 11]
+            layer = model.layers[0].multi_head_attention
+            k_rows = layer.key_linear(model.layers[0].norm1(x) if kw.get("norm_first") else x)
+            if not kw.get("rotary"):  # the cache holds the layer's keys (turned ones with rotary)
+                torch.testing.assert_close(caches[0].k[:, :11].flatten(-2), k_rows, rtol=1e-5, atol=1e-5)
+            caches[0].reset()
+            assert caches[0].seqlens.tolist() == [0, 0]
+
+
+def test_kv_cache_bad_calls_say_why():
+    fused = M.MultiHeadAttention(D_MODEL, HEADS, causal=True)
+    fused.eval()
+    x = torch.randn(2, 3, D_MODEL)
+    cache = fused.new_kv_cache(2, 4)
+    assert "KVCache(batch=2, max_len=4, num_kv_heads=4, head_dim=8" in repr(cache)
+    with torch.no_grad():
+        for kwargs, error, match in (
+                (dict(kv_cache="cache"), TypeError, "kv_cache must be a KVCache"),
+                (dict(kv_cache=cache, attn_mask=torch.ones(3, 3, dtype=torch.bool)), ValueError, "takes no attn_mask"),
+                (dict(kv_cache=cache, is_causal=False), ValueError, "needs causal attention"),
+                (dict(kv_cache=M.MultiHeadAttention(D_MODEL, 2).new_kv_cache(2, 4)), ValueError,
+                 r"holds \(batch, kv heads, head dim\) = \(2, 2, 16\)")):
+            with pytest.raises(error, match=match):
+                fused(x, **kwargs)
+        with pytest.raises(ValueError, match="leave key and value out"):
+            fused(x, x.clone(), kv_cache=cache)
+        fused(x, kv_cache=cache)
+        with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 3 plus the 3 new keys of k makes 6 keys, more "
+                                             r"than the 4"):
+            fused(x, kv_cache=cache)
+        assert cache.seqlens.tolist() == [3, 3]  # the refused call wrote and advanced nothing
+    with pytest.raises(ValueError, match="kv_cache decoding is inference"):
+        fused(x, kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache must be a list of 2 KVCaches"):
+        M.Transformer(D_MODEL, HEADS, 2, causal=True)(x, kv_cache=cache)

@@ -701,7 +701,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     _check_sinks(sinks, Hq, device)
     rotary_backend = None
     if rotary_cos is not None or rotary_sin is not None:
-        rotary_backend = _check_kvcache_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, backend, compiling)
+        rotary_backend = _check_kvcache_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, backend)
     if torch.is_grad_enabled():
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v), ("sinks", sinks)):
             if t is not None and t.requires_grad:
@@ -719,7 +719,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                                causal or window_size is not None, rotary_backend, compiling)
     if new:
         _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity, slots, rows,
-                       compiling, lengths)
+                       compiling)
     elif compiling:
         _assert_kvcache_values(cache_seqlens, cache_batch_idx, 0, capacity, slots)
     # The attention: attention_varlen on q as B packed sequences of Lq rows, each using its first
@@ -758,7 +758,7 @@ def _equal_boundaries(batch: int, length: int, device, compiling: bool) -> Tenso
     return torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
 
 
-def _check_kvcache_rotary(cos, sin, interleaved, q, k, backend, compiling) -> str:
+def _check_kvcache_rotary(cos, sin, interleaved, q, k, backend) -> str:
     """The checks of attention_with_kvcache's rotary tables; returns the backend that rotates."""
     if cos is None or sin is None:
         given, missing = ("rotary_cos", "rotary_sin") if sin is None else ("rotary_sin", "rotary_cos")
@@ -769,8 +769,7 @@ def _check_kvcache_rotary(cos, sin, interleaved, q, k, backend, compiling) -> st
                          "apply_rotary_emb")
     half = check_tables(cos, sin, q, names=("rotary_cos", "rotary_sin", "q"))
     _check_bool("rotary_interleaved", interleaved)
-    D = _concrete(q.shape[-1]) if compiling else q.shape[-1]
-    return resolve_options("rotary", q.device, q.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
+    return resolve_rotary(q, half, backend)
 
 
 def _rotate_kvcache(q, k, cache_seqlens, lengths, cos, sin, interleaved, query_steps: bool, backend, compiling):
@@ -794,15 +793,16 @@ def _rotate_kvcache(q, k, cache_seqlens, lengths, cos, sin, interleaved, query_s
             rotate(k, cos, sin, k_positions, interleaved, backend))
 
 
-def _check_index_tensor(name: str, t, batch: int, device) -> None:
+def _check_index_tensor(name: str, t, batch: Optional[int], device, ref: str = "q") -> None:
+    """An int32/int64 tensor on ``ref``'s device, of shape (batch,) unless batch is None."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {_dtype_name(t.dtype)}")
-    if t.shape != (batch,):
+    if batch is not None and t.shape != (batch,):
         raise ValueError(f"{name} must have one entry per batch row, shape ({batch},), got {tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+        raise ValueError(f"{name} is on {t.device} but {ref} is on {device}")
 
 
 def _check_cache_seqlens(cache_seqlens, batch: int, device) -> Tensor:
@@ -899,20 +899,10 @@ def _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity: int, s
 
 
 def _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity: int, slots: int,
-                   rows: int, compiling: bool, lengths: Optional[list] = None) -> None:
+                   rows: int, compiling: bool) -> None:
     """Sequence b's new key i goes to its position cache_seqlens[b] + i: row that of cache row b
-    (or cache_batch_idx[b]), or row position % page_size of page block_table[b, position // page_size].
-    ``lengths``: cache_seqlens as read on the host (eager calls), or None."""
+    (or cache_batch_idx[b]), or row position % page_size of page block_table[b, position // page_size]."""
     batch, new = k.shape[:2]
-    if lengths is not None and block_table is None and cache_batch_idx is None and all(
-            c.stride(0) == rows * c.stride(1) for c in (k_cache, v_cache)):
-        # eager, lengths read: the flat row of each new key, one index tensor, and the caches seen as
-        # (B * Lmax) rows (views: the stride test) take them with one index_copy_ each
-        flat = torch.tensor([b * rows + n + i for b, n in enumerate(lengths) for i in range(new)], dtype=torch.int64,
-                            device=k.device)
-        k_cache.flatten(0, 1).index_copy_(0, flat, k.flatten(0, 1))
-        v_cache.flatten(0, 1).index_copy_(0, flat, v.flatten(0, 1))
-        return
     position = cache_seqlens.long()[:, None] + torch.arange(new, device=k.device)  # (B, Lnew)
     if compiling:
         _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity, slots)
@@ -1135,4 +1125,4 @@ __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "scaled_do
 
 
 # RoPE lives in its own module, which takes this module's checks (so it is imported last).
-from .rotary import apply_rotary_emb, check_positions, check_tables, rotate  # noqa: E402
+from .rotary import apply_rotary_emb, check_positions, check_tables, resolve_rotary, rotate  # noqa: E402

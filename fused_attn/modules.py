@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
+from .rotary import rotate_packed
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
 from .functional import (apply_rotary_emb, attention, attention_varlen, attention_with_kvcache, feed_forward,
                          layer_norm_residual)
@@ -132,14 +133,10 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.rotary:  # each sequence's tokens at positions 0, 1, ... (found on the device)
-            rows = max_seqlen
-            if rows is None:  # the longest sequence (attention_varlen reads the bounds too), or, compiled, all
-                rows = (query.shape[0] if torch.compiler.is_compiling() or cu_seqlens.numel() < 2
-                        else int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+        if self.rotary:  # each sequence's tokens at positions 0, 1, ...: one table row per token at most
+            rows = query.shape[0] if max_seqlen is None else max_seqlen
             cos, sin = self.rotary_tables(max(rows, 1), query.device)
-            q = apply_rotary_emb(q, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
-            k = apply_rotary_emb(k, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
+            q, k = rotate_packed((q, k), cos, sin, cu_seqlens, max_seqlen, self.backend)
         causal = self.causal if is_causal is None else bool(is_causal)
         p = self.dropout if self.training else 0.0
         out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,

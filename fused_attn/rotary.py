@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .backends import check_backend_name, resolve_options
-from .functional import _check_bool, _check_tensor, _concrete, _dtype_name, _needs_grad
+from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad
 from .ops import RotaryFunction, inference_call_ok, rotary_inference
 
 
@@ -100,15 +100,21 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
                              f"{seqlen_offsets + L - 1}, outside the {cos.shape[0]} rows of cos and sin")
     else:
         check_positions(positions, cos.shape[0], "the positions", compiling)
-    D = x.shape[-1]
-    if compiling:
-        D, half = _concrete(D), _concrete(half)
-    name = resolve_options("rotary", x.device, x.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
+    name = resolve_rotary(x, half, backend)
     if inplace:  # into x through x4 (x itself, or a view of it)
         rotate(x4, cos, sin, positions, interleaved, name, inplace=True)
         return x
     out = rotate(x4, cos, sin, positions, interleaved, name)
     return out.view(x.shape) if x.dim() == 3 else out
+
+
+def resolve_rotary(x: Tensor, half: int, backend: Optional[str]) -> str:
+    """The backend that turns x with R = 2 * half (under torch.compile resolved at trace time, on
+    the sizes specialised)."""
+    D = x.shape[-1]
+    if torch.compiler.is_compiling():
+        D, half = _concrete(D), _concrete(half)
+    return resolve_options("rotary", x.device, x.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
 
 
 def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, backend: str,
@@ -123,18 +129,32 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
     return RotaryFunction.apply(x4, cos, sin, positions, interleaved, backend, inplace)
 
 
-def rotate_token_tables(x4: Tensor, cos: Tensor, sin: Tensor, backend: Optional[str] = None) -> Tensor:
-    """x4 (B, L, H, D) turned by per-token angles: cos, sin (Bc, L, D/2) with Bc = 1 or B, token
-    (b, l) taking row (b if Bc == B else 0, l) (Hugging Face's cos/sin, their first halves). The
-    rows become one (Bc * L, D/2) table, each token the position of its own row: no position can
-    fall outside, none is checked. The caller checks the shapes."""
+def rotate_token_tables(tensors, cos: Tensor, sin: Tensor, backend: Optional[str] = None) -> tuple:
+    """Each (B, L, H, D) tensor (queries and keys: any head counts, one dtype) turned by per-token
+    angles: cos, sin (Bc, L, D/2) with Bc = 1 or B, token (b, l) taking row (b if Bc == B else 0, l)
+    (Hugging Face's cos/sin, their first halves). The rows become one (Bc * L, D/2) table, each token
+    the position of its own row, found once for all the tensors: no position can fall outside, none
+    is checked. The caller checks the shapes."""
+    x4 = tensors[0]
     Bc, L, half = cos.shape
     positions = torch.arange(Bc * L, device=x4.device).view(Bc, L).expand(x4.shape[0], L)
-    D = x4.shape[-1]
-    if torch.compiler.is_compiling():
-        D, half = _concrete(D), _concrete(half)
-    name = resolve_options("rotary", x4.device, x4.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
-    return rotate(x4, cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]), positions, False, name)
+    name = resolve_rotary(x4, half, backend)
+    cos, sin = cos.reshape(-1, half), sin.reshape(-1, half)
+    return tuple(rotate(t, cos, sin, positions, False, name) for t in tensors)
+
+
+def rotate_packed(tensors, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int],
+                  backend: Optional[str] = None) -> tuple:
+    """Each packed (total, H, D) tensor of the same sequences (queries and keys) turned by the (S,
+    R/2) tables, each sequence's tokens at positions 0, 1, ...: the positions found once for all
+    the tensors (``cu_seqlens`` read and checked once, outside torch.compile), then checked
+    against the tables' rows (on the device on a GPU and under torch.compile)."""
+    x = tensors[0]
+    compiling = torch.compiler.is_compiling()
+    positions = _packed_positions(cu_seqlens, 0, max_seqlen, x.shape[0], x.device, compiling)
+    check_positions(positions, cos.shape[0], "the positions", compiling)
+    name = resolve_rotary(x, cos.shape[1], backend)
+    return tuple(rotate(t[None], cos, sin, positions, False, name)[0] for t in tensors)
 
 
 def check_tables(cos, sin, x: Tensor, names=("cos", "sin", "x")) -> int:
@@ -166,22 +186,11 @@ def _is_zero(offsets) -> bool:
     return isinstance(offsets, numbers.Integral) and not isinstance(offsets, bool) and offsets == 0
 
 
-def _check_int_tensor(name: str, t, shape, device) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {_dtype_name(t.dtype)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}")
-
-
 def _offset_positions(seqlen_offsets, B: int, L: int, device) -> Tensor:
     """(B, L) positions seqlen_offsets[b] + l (an int offset: one row, expanded over the batch)."""
     steps = torch.arange(L, device=device, dtype=torch.int64)
     if isinstance(seqlen_offsets, Tensor):
-        _check_int_tensor("seqlen_offsets", seqlen_offsets, (B,), device)
+        _check_index_tensor("seqlen_offsets", seqlen_offsets, B, device, ref="x")
         return seqlen_offsets.long()[:, None] + steps
     if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral):
         raise TypeError(f"seqlen_offsets must be an int or an int32/int64 ({B},) tensor, got "
@@ -192,7 +201,7 @@ def _offset_positions(seqlen_offsets, B: int, L: int, device) -> Tensor:
 def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device, compiling: bool) -> Tensor:
     """(1, total) positions of packed sequences: token t of the sequence s holding it is at
     t - cu_seqlens[s] + seqlen_offsets[s]. Found on the device (searchsorted), no host read."""
-    _check_int_tensor("cu_seqlens", cu_seqlens, None, device)
+    _check_index_tensor("cu_seqlens", cu_seqlens, None, device, ref="x")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     batch = cu_seqlens.shape[0] - 1
@@ -212,7 +221,7 @@ def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device
     seq = torch.searchsorted(cu[1:], token, right=True).clamp_(max=max(batch - 1, 0))  # the sequence of each token
     positions = token - cu[seq]
     if isinstance(seqlen_offsets, Tensor):
-        _check_int_tensor("seqlen_offsets", seqlen_offsets, (batch,), device)
+        _check_index_tensor("seqlen_offsets", seqlen_offsets, batch, device, ref="x")
         positions = positions + seqlen_offsets.long()[seq]
     elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral):
         raise TypeError(f"seqlen_offsets must be an int or an int32/int64 ({batch},) tensor, got "
@@ -224,7 +233,7 @@ def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device
 
 def _positions_from_ids(position_ids, lead_shape, device) -> Tensor:
     """position_ids broadcast (a stride-0 view) to x's leading shape, as (B, L)."""
-    _check_int_tensor("position_ids", position_ids, None, device)
+    _check_index_tensor("position_ids", position_ids, None, device, ref="x")
     try:
         ids = position_ids.expand(lead_shape)
     except RuntimeError:

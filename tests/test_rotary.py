@@ -238,7 +238,7 @@ def _bad_calls():
          ValueError),
         ("outside the 8 rows", lambda: fused_attn.apply_rotary_emb(flat, cos, sin, cu_seqlens=cu,
                                                                    seqlen_offsets=torch.tensor([0, 6])), ValueError),
-        ("seqlen_offsets must have shape", lambda: fused_attn.apply_rotary_emb(
+        ("seqlen_offsets must have one entry per batch row", lambda: fused_attn.apply_rotary_emb(
             x, cos, sin, seqlen_offsets=torch.tensor([0, 1, 2])), ValueError),
         ("seqlen_offsets must be int32 or int64", lambda: fused_attn.apply_rotary_emb(
             x, cos, sin, seqlen_offsets=torch.tensor([0.0, 1.0])), TypeError),

@@ -172,9 +172,10 @@ def fused_rotary_pos_emb(original, backend=None, partial: bool = False):
             return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         half = cos.shape[-1] // 2
         c, s = cos[..., :half], sin[..., :half]
-        if unsqueeze_dim == 1:  # (B, H, L, D): the (B, L, H, D) view and back
-            return tuple(rotate_token_tables(t.transpose(1, 2), c, s, backend).transpose(1, 2) for t in (q, k))
-        return rotate_token_tables(q, c, s, backend), rotate_token_tables(k, c, s, backend)
+        if unsqueeze_dim == 1:  # (B, H, L, D): the (B, L, H, D) views and back
+            return tuple(t.transpose(1, 2) for t in rotate_token_tables((q.transpose(1, 2), k.transpose(1, 2)), c, s,
+                                                                        backend))
+        return rotate_token_tables((q, k), c, s, backend)
 
     apply_rotary_pos_emb.fused_attn_original = original
     return apply_rotary_pos_emb

@@ -574,7 +574,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
                            v: Optional[Tensor] = None, *, cache_seqlens, cache_batch_idx: Optional[Tensor] = None,
-                           block_table: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                           cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
                            rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
                            causal: bool = False, window_size: Optional[tuple[int, int]] = None,
                            scale: Optional[float] = None, softcap: Optional[float] = None,
@@ -607,6 +607,13 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             place (as a paged cache with a page per cache row); the other backends gather the rows
             some sequence reads first (B × (max(cache_seqlens) + Lnew) rows; under torch.compile,
             where the lengths are not read, B × Lmax).
+        cache_leftpad: int32/int64 (B,) or None (dense cache only, as FlashAttention's): sequence
+            b's keys start at row ``cache_leftpad[b]`` of its cache row (a left-padded batch of
+            prompts written as is): it attends rows ``cache_leftpad[b] .. cache_seqlens[b] + Lnew -
+            1``, so ``cache_seqlens[b]`` still counts the padding (the new keys are written at row
+            ``cache_seqlens[b]``) and ``0 <= cache_leftpad[b] <= cache_seqlens[b]``. Causal,
+            window and ALiBi place the queries on the keys used; rotary positions stay the cache
+            rows, ``cache_seqlens[b] + i``, as FlashAttention's (RoPE sees only differences).
         block_table: int32 (B, pages_per_seq) or None: a paged cache (FlashAttention's / vLLM's).
             The new keys of two sequences must not land on the same page rows.
         rotary_cos, rotary_sin: (S, R/2) tables, or None: rotary position embedding applied here,
@@ -680,6 +687,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (nor can it in FlashAttention): "
                              "a paged cache finds each sequence's pages through its block_table row")
+        if cache_leftpad is not None:
+            raise ValueError("cache_leftpad cannot be combined with block_table (nor can it in FlashAttention): a "
+                             "paged sequence starts at its first page; leave the padding out of its block_table row")
         _check_block_table(block_table, B, device)
         if rows == 0:
             raise ValueError(f"the pages of k_cache must hold at least one row, got shape {tuple(k_cache.shape)}")
@@ -691,6 +701,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             raise ValueError(f"k_cache has {slots} cache rows (k_cache.shape[0]) but q has batch {B}: without "
                              f"cache_batch_idx they must match (cache_batch_idx picks a cache row for each batch row)")
         capacity = rows
+        if cache_leftpad is not None:
+            _check_index_tensor("cache_leftpad", cache_leftpad, B, device)
     cache_seqlens = _check_cache_seqlens(cache_seqlens, B, device)
     gqa = Hq != Hkv
     if compiling:  # they choose the backend (and D the default scale)
@@ -712,8 +724,10 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     # resolved here so that a backend that cannot take the call raises before the cache is written
     backend = resolve_options("attention", device, q.dtype, _attention_options(
         D, Dv, gqa, causal, window_size, 0.0, softcap, alibi=alibi_slopes, varlen=True), backend)
-    lengths = None if compiling else _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new,
-                                                           capacity, slots, rows)
+    lengths = pads = None
+    if not compiling:
+        lengths, pads = _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new, capacity, slots, rows,
+                                              cache_leftpad)
     if rotary_backend is not None:  # RoPE on the new keys (before they are written) and the queries
         q, k = _rotate_kvcache(q, k, cache_seqlens, lengths, rotary_cos, rotary_sin, rotary_interleaved,
                                causal or window_size is not None, rotary_backend, compiling)
@@ -722,13 +736,16 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                        compiling)
     elif compiling:
         _assert_kvcache_values(cache_seqlens, cache_batch_idx, 0, capacity, slots)
+    if compiling and cache_leftpad is not None:
+        torch._assert_async(((cache_leftpad >= 0) & (cache_leftpad <= cache_seqlens)).all(),
+                            "attention_with_kvcache: cache_leftpad must be >= 0 and <= cache_seqlens")
     # The attention: attention_varlen on q as B packed sequences of Lq rows, each using its first
     # cache_seqlens[b] + Lnew keys. A dense cache is B packed slots of Lmax rows (viewed, not
     # copied); with cache_batch_idx it is read as a paged cache with one page per cache row.
     cu_seqlens_q = _equal_boundaries(B, Lq, device, compiling)
     keys, values = k_cache, v_cache
     if cache_batch_idx is not None and rows > 0:
-        if get_backend(backend).paged_kv:  # (Triton) reads the picked cache rows in place
+        if get_backend(backend).paged_kv and cache_leftpad is None:  # (Triton) reads the picked rows in place
             block_table = cache_batch_idx.to(torch.int32).view(B, 1)
         else:  # the others would gather whole pages (B x Lmax rows): gather the rows some sequence reads
             capacity = capacity if lengths is None else max(lengths, default=0) + new
@@ -737,17 +754,40 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     cu_seqlens_k = _equal_boundaries(B, capacity, device, compiling)
     if block_table is None:
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)
+    used_k = cache_seqlens + new if new else cache_seqlens
+    checked_used_k = None if lengths is None else [n + new for n in lengths]
+    if cache_leftpad is not None:
+        cu_seqlens_q, cu_seqlens_k, used_k, alibi_slopes = _skip_left_padding(
+            cu_seqlens_q, cu_seqlens_k, used_k, alibi_slopes, cache_leftpad)
+        if checked_used_k is not None:
+            checked_used_k = [0] + [n - p for n, p in zip(checked_used_k, pads)]
     result = attention_varlen(q.reshape(B * Lq, Hq, q.shape[-1]), keys, values, cu_seqlens_q, cu_seqlens_k, Lq,
                               capacity if compiling else None, causal=causal, window_size=window_size,
                               alignment="bottom_right", scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                              sinks=sinks, return_lse=return_lse, seqused_k=cache_seqlens + new if new else cache_seqlens,
-                              block_table=block_table, backend=backend,
-                              _checked_used_k=None if lengths is None else [n + new for n in lengths])
+                              sinks=sinks, return_lse=return_lse, seqused_k=used_k, block_table=block_table,
+                              backend=backend, _checked_used_k=checked_used_k)
     out, lse = result if return_lse else (result, None)
     out = out.view(B, Lq, Hq, out.shape[-1])
     if not return_lse:
         return out
     return out, lse.view(Hq, B, Lq).transpose(0, 1).contiguous()
+
+
+def _skip_left_padding(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, used_k: Tensor, alibi_slopes, leftpad: Tensor):
+    """attention_with_kvcache's ``cache_leftpad`` as varlen boundaries: sequence b's keys start
+    ``leftpad[b]`` rows into its slot and it uses ``used_k[b] - leftpad[b]`` of them. Boundaries
+    must start at 0, so a leading empty sequence (no queries, no keys) takes up the first slot's
+    padding: cu_seqlens_k becomes [0, leftpad[0], slot + leftpad[1], ..., B * slot], cu_seqlens_q
+    [0, 0, Lq, ...], seqused_k [0, used_k - leftpad], and (B, Hq) ALiBi slopes get a first row.
+    Each sequence's room (its start to the next one's) still holds its keys, since leftpad[b+1] >= 0."""
+    leftpad = leftpad.to(cu_seqlens_k.dtype)
+    zero = cu_seqlens_k[:1]
+    cu_seqlens_k = torch.cat([zero, cu_seqlens_k[:-1] + leftpad, cu_seqlens_k[-1:]])
+    cu_seqlens_q = torch.cat([cu_seqlens_q[:1], cu_seqlens_q])
+    used_k = torch.cat([used_k[:0].new_zeros(1), used_k - leftpad.to(used_k.dtype)])
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        alibi_slopes = torch.cat([alibi_slopes[:1], alibi_slopes])
+    return cu_seqlens_q, cu_seqlens_k, used_k, alibi_slopes
 
 
 def _equal_boundaries(batch: int, length: int, device, compiling: bool) -> Tensor:
@@ -819,18 +859,21 @@ def _check_cache_seqlens(cache_seqlens, batch: int, device) -> Tensor:
 
 
 def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int, capacity: int, slots: int,
-                          rows: int) -> list:
+                          rows: int, cache_leftpad=None) -> tuple[list, Optional[list]]:
     """The data-dependent checks of ``attention_with_kvcache``, before anything is written (one
     device-to-host copy): 0 <= cache_seqlens[b] and cache_seqlens[b] + Lnew <= the cache's room;
     cache_batch_idx within the cache rows (and distinct when written to); the pages a sequence uses
     exist, and no two sequences write the same page rows. The pages are checked on the device (a
     flag per sequence), and only the table entries the new keys land on are copied, not the table.
-    Returns cache_seqlens as a list."""
+    0 <= cache_leftpad[b] <= cache_seqlens[b]. Returns cache_seqlens and cache_leftpad (or None)
+    as lists."""
     batch = cache_seqlens.shape[0]
-    if cache_batch_idx is None and block_table is None:  # the lengths alone: one copy, no conversion
-        return _check_lengths(cache_seqlens.tolist(), new, capacity, block_table, rows)
+    if cache_batch_idx is None and block_table is None and cache_leftpad is None:  # one copy, no conversion
+        return _check_lengths(cache_seqlens.tolist(), new, capacity, block_table, rows), None
     lengths_dev = cache_seqlens.long()
     parts = [lengths_dev]
+    if cache_leftpad is not None:
+        parts.append(cache_leftpad.long())
     if cache_batch_idx is not None:
         parts.append(cache_batch_idx.long())
     per_seq = 0 if block_table is None else block_table.shape[1]
@@ -842,6 +885,13 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
             parts.append(block_table.long().gather(1, entries.clamp(max=per_seq - 1)).flatten())
     values = torch.cat(parts).tolist()
     lengths, rest = _check_lengths(values[:batch], new, capacity, block_table, rows), values[batch:]
+    pads = None
+    if cache_leftpad is not None:
+        pads, rest = rest[:batch], rest[batch:]
+        for b, (p, n) in enumerate(zip(pads, lengths)):
+            if not 0 <= p <= n:
+                raise ValueError(f"cache_leftpad[{b}] = {p} must be >= 0 and <= cache_seqlens[{b}] = {n}: the padding "
+                                 f"rows come before the keys already cached")
     if cache_batch_idx is not None:
         owner = {}
         for b, i in enumerate(rest[:batch]):
@@ -871,7 +921,7 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
                 raise ValueError(f"block_table rows {b} and {c} both place new keys on rows {start}.."
                                  f"{min(end, next_end) - 1} of page {page}: the new keys of two sequences cannot "
                                  f"share cache rows")
-    return lengths
+    return lengths, pads
 
 
 def _check_lengths(lengths: list, new: int, capacity: int, block_table, rows: int) -> list:

@@ -54,6 +54,13 @@ CASES = [
          strided=True),
     dict(id="int64 cache_seqlens", B=2, Lq=2, new=1, seqlens=[3, 11], Hq=2, Hkv=2, D=24, causal=True,
          seqlens_dtype=torch.int64),
+    dict(id="cache_leftpad: left-padded prompts, one all padding", B=3, Lq=1, new=1, seqlens=[9, 5, 16],
+         leftpad=[4, 0, 16], Hq=4, Hkv=2, D=40, causal=True),
+    dict(id="cache_leftpad, cache_batch_idx, chunk, window, per-batch alibi, sinks", B=3, Lq=3, new=2,
+         seqlens=[6, 12, 3], leftpad=[2, 7, 3], batch_idx=[2, 0, 1], cache_rows=3, Hq=2, Hkv=1, D=24, causal=True,
+         window=(3, 0), alibi="per batch", sinks=True),
+    dict(id="cache_leftpad, no new keys, a sequence with none", B=2, Lq=2, new=0, seqlens=[17, 8], leftpad=[5, 8],
+         Hq=2, Hkv=2, D=16, causal=False, seqlens_dtype=torch.int64),
 ]
 LMAX = 17
 PAGES_PER_SEQ = 4
@@ -84,9 +91,10 @@ def _setup(case, device="cpu", dtype=torch.float32, seed=0):
     q, k, v, kc, vc = make_inputs((B, Lq, Hq, D), (B, new, Hkv, D), (B, new, Hkv, Dv), (slots, rows, Hkv, D),
                                   (slots, rows, Hkv, Dv), dtype=dtype, device=device, seed=seed + 1,
                                   requires_grad=False)
+    pads = c.get("leftpad", [0] * B)  # the padding rows before each sequence's keys: never read
     valid = torch.zeros(slots, rows, dtype=torch.bool)  # the old keys the call may read
     for b, n in enumerate(lengths):
-        for j in range(n):
+        for j in range(pads[b], n):
             if table is not None:
                 valid[int(table[b, j // PAGE]), j % PAGE] = True
             else:
@@ -110,17 +118,19 @@ def _setup(case, device="cpu", dtype=torch.float32, seed=0):
         k = v = None
     kwargs = dict(cache_seqlens=seqlens, cache_batch_idx=None if batch_idx is None else batch_idx.to(device),
                   block_table=None if table is None else table.to(device), causal=c.get("causal", False),
+                  cache_leftpad=torch.tensor(pads, device=device) if "leftpad" in c else None,
                   window_size=c.get("window"), scale=c.get("scale"), softcap=c.get("softcap"), alibi_slopes=alibi,
                   sinks=sinks)
     return q, kc, vc, k, v, kwargs, lengths
 
 
 def _old_keys(cache, b, n, kwargs):
-    """Sequence b's first n cached keys, from the (unwritten) cache: (n, Hkv, dim)."""
-    table, idx = kwargs["block_table"], kwargs["cache_batch_idx"]
+    """Sequence b's cached keys, the first n rows of its cache past its left padding, from the
+    (unwritten) cache: (n - cache_leftpad[b], Hkv, dim)."""
+    table, idx, pads = kwargs["block_table"], kwargs["cache_batch_idx"], kwargs["cache_leftpad"]
     if table is not None:
         return torch.stack([cache[int(table[b, j // PAGE]), j % PAGE] for j in range(n)]) if n else cache[0, :0]
-    return cache[b if idx is None else int(idx[b]), :n]
+    return cache[b if idx is None else int(idx[b]), (0 if pads is None else int(pads[b])):n]
 
 
 def oracle(q, kc, vc, k, v, kwargs, lengths, return_lse=True):
@@ -167,7 +177,7 @@ def test_kvcache_matches_reference(device, backend, case):
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
-HALF_CASES = [CASES[0], CASES[2], CASES[5], CASES[8]]
+HALF_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[16]]
 
 
 @pytest.mark.parametrize("case", HALF_CASES, ids=[c["id"] for c in HALF_CASES])
@@ -187,7 +197,7 @@ def test_kvcache_matches_reference_bfloat16(device, backend):
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
-WRITE_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[13]]
+WRITE_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[13], CASES[16]]
 
 
 @pytest.mark.parametrize("case", WRITE_CASES, ids=[c["id"] for c in WRITE_CASES])
@@ -337,7 +347,7 @@ def test_kvcache_refuses_inputs_that_require_grad():
 
 
 ROTARY_CASES = [(CASES[0], False), (CASES[2], True), (CASES[4], False), (CASES[5], True), (CASES[8], False),
-                (CASES[10], True)]
+                (CASES[10], True), (CASES[16], True)]
 
 
 def rope_tables(rows, half):
@@ -485,6 +495,11 @@ DENSE_ERRORS = [
     (lambda a: dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(Hq,\) = \(4,\)"),
     (lambda a: dict(sinks=torch.ones(2)), ValueError, r"sinks must have shape \(Hq,\) = \(4,\)"),
     (lambda a: dict(backend="fastest"), ValueError, "backend must be one of"),
+    (lambda a: dict(cache_leftpad=_int([0, 0, 15])), ValueError,
+     r"cache_leftpad\[2\] = 15 must be >= 0 and <= cache_seqlens\[2\] = 14"),
+    (lambda a: dict(cache_leftpad=_int([0, -1, 0])), ValueError, r"cache_leftpad\[1\] = -1 must be >= 0"),
+    (lambda a: dict(cache_leftpad=_int([0, 0])), ValueError, r"cache_leftpad must have one entry per batch row"),
+    (lambda a: dict(cache_leftpad=torch.zeros(3)), TypeError, "cache_leftpad must be int32 or int64"),
 ]
 PAGED_ERRORS = [
     (lambda a: dict(cache_seqlens=_int([14, 62])), ValueError,
@@ -505,6 +520,7 @@ PAGED_ERRORS = [
     (lambda a: dict(block_table=a["block_table"][0]), ValueError, "block_table must be 2-D"),
     (lambda a: dict(v_cache=a["v_cache"][:, :8]), ValueError, "k_cache and v_cache must have the same pages"),
     (lambda a: dict(cache_batch_idx=_int([0, 1])), ValueError, "cache_batch_idx cannot be combined with block_table"),
+    (lambda a: dict(cache_leftpad=_int([0, 1])), ValueError, "cache_leftpad cannot be combined with block_table"),
 ]
 
 
@@ -571,3 +587,42 @@ def test_kvcache_under_torch_compile(paged):
     with pytest.raises(Exception, match="attention_with_kvcache: cache_seqlens must be >= 0"):
         compiled(q, kc, vc, k, v, bad)
     assert torch.equal(kc.nan_to_num(), before.nan_to_num())
+
+
+def test_kvcache_leftpad_under_torch_compile():
+    """cache_leftpad traces too (the padding becomes boundaries built on the device) and gives the
+    eager answer; a padding longer than the cached keys fails when the compiled call runs."""
+    q, kc, vc, k, v, kwargs, _ = _setup(CASES[16])
+
+    def f(q, kc, vc, k, v, cache_leftpad):
+        return F.attention_with_kvcache(q, kc, vc, k, v, return_lse=True, **dict(kwargs, cache_leftpad=cache_leftpad))
+
+    pads = kwargs["cache_leftpad"]
+    eager_k = kc.clone()
+    eager = f(q, eager_k, vc.clone(), k, v, pads)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False)
+    out = compiled(q, kc, vc, k, v, pads)
+    torch.testing.assert_close(out, eager, equal_nan=True)
+    assert torch.equal(kc.nan_to_num(), eager_k.nan_to_num())
+    with pytest.raises(Exception, match="cache_leftpad must be >= 0 and <= cache_seqlens"):
+        compiled(q, kc, vc, k, v, pads + 5)
+
+
+def test_kvcache_leftpad_is_the_unpadded_cache():
+    """A left-padded cache gives what the same keys give packed at the start of their rows, bitwise
+    on the CPU backend (the same kernel over the same keys)."""
+    B, Hq, Hkv, D = 3, 4, 2, 32
+    pads, lengths = [3, 0, 6], [8, 5, 6]
+    q, k, v, kc, vc = make_inputs((B, 1, Hq, D), (B, 1, Hkv, D), (B, 1, Hkv, D), (B, 20, Hkv, D), (B, 20, Hkv, D),
+                                  requires_grad=False, seed=3)
+    packed_k, packed_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    for b, (p, n) in enumerate(zip(pads, lengths)):
+        packed_k[b, :n - p], packed_v[b, :n - p] = kc[b, p:n], vc[b, p:n]
+    padded = F.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor(lengths), causal=True,
+                                      cache_leftpad=torch.tensor(pads), return_lse=True)
+    packed = F.attention_with_kvcache(q, packed_k, packed_v, k, v, causal=True, return_lse=True,
+                                      cache_seqlens=torch.tensor([n - p for p, n in zip(pads, lengths)]))
+    for a, b in zip(padded, packed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for b, (p, n) in enumerate(zip(pads, lengths)):  # the new keys went after the padded keys
+        assert torch.equal(kc[b, n], k[b, 0]) and torch.equal(packed_k[b, n - p], k[b, 0])

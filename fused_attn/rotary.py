@@ -32,6 +32,22 @@ from .functional import _check_bool, _check_index_tensor, _check_tensor, _concre
 from .ops import RotaryFunction, inference_call_ok, rotary_inference
 
 
+
+def elements_may_overlap(t: Tensor) -> bool:
+    """Whether t's elements could share memory (csrc/common/overlap.h's test, which the C++ ``out``
+    checks use): ordered by stride, each stepping dim must start past the offsets the smaller ones
+    reach. True for expanded (stride 0) and other self-overlapping views; False for every slice,
+    transpose or sub-view of a dense tensor (``torch._debug_has_internal_overlap`` gives up on
+    those: a packed qkv's ``qkv[:, :, 0]`` could not be turned in place)."""
+    if t.numel() == 0:
+        return False
+    reach = 0  # the largest offset the dims so far reach from the first element
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
                      seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
                      max_seqlen: Optional[int] = None, *, position_ids: Optional[Tensor] = None,
@@ -79,7 +95,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     half = check_tables(cos, sin, x)
     _check_bool("interleaved", interleaved)
     _check_bool("inplace", inplace)
-    if inplace and not compiling and torch._debug_has_internal_overlap(x) != 0:
+    if inplace and not compiling and elements_may_overlap(x):
         raise ValueError(f"inplace=True writes into x, whose elements overlap (strides {x.stride()}, e.g. an "
                          f"expanded tensor): pass a tensor with its own storage per element, or inplace=False")
     check_backend_name(backend)

@@ -347,7 +347,8 @@ def test_inplace_writes_into_x(device, backend):
                  (torch.randn(2, 3, 17, 40, device=device).transpose(1, 2),
                   {"seqlen_offsets": torch.tensor([4, 30], device=device)}, small),
                  (torch.randn(17, 3, 40, device=device), {"cu_seqlens": cu, "seqlen_offsets": 2}, small),
-                 (torch.randn(2, 3, 2, 2100, device=device), {}, wide)]
+                 (torch.randn(2, 3, 2, 2100, device=device), {}, wide),
+                 (torch.randn(2, 17, 3, 3, 40, device=device)[:, :, 1], {}, small)]  # k of a packed qkv
         for x, kwargs, (cos, sin) in cases:
             expected = fused_attn.apply_rotary_emb(x, cos, sin, interleaved, backend=backend, **kwargs)
             before = x.data_ptr()
@@ -403,3 +404,25 @@ def test_inplace_compiles_fullgraph():
                           fullgraph=True, backend="aot_eager")
         g(y)
         torch.testing.assert_close(y, expected)
+
+
+def test_elements_may_overlap_against_brute_force():
+    """rotary.elements_may_overlap (and csrc/common/overlap.h, the same test, behind the C++ out
+    checks): never False for a view whose elements share memory, and False for the slices,
+    transposes and sub-views of dense tensors (torch._debug_has_internal_overlap gives up on most)."""
+    from fused_attn.rotary import elements_may_overlap
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.arange(4000)
+    for _ in range(400):
+        ndim = int(torch.randint(1, 4, (1,), generator=gen))
+        shape = [int(s) for s in torch.randint(1, 5, (ndim,), generator=gen)]
+        strides = [int(s) for s in torch.randint(0, 25, (ndim,), generator=gen)]
+        view = base.as_strided(shape, strides)
+        distinct = view.flatten().unique().numel() == view.numel()
+        if not distinct:
+            assert elements_may_overlap(view), (shape, strides)
+    dense = torch.randn(2, 5, 3, 4, 6)
+    for view in (dense[:, :, 0], dense[:, 1:4, :, ::2], dense.transpose(1, 3), dense[1, :, 2, 1].t(), dense[..., :0]):
+        assert not elements_may_overlap(view)
+    assert elements_may_overlap(torch.randn(1, 4).expand(3, 4))

@@ -16,6 +16,7 @@
 
 #include "cpu_common.h"
 #include "scratch.h"
+#include "../common/overlap.h"
 
 #include <ATen/MemoryOverlap.h>
 
@@ -131,7 +132,7 @@ void rotary_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   FA_CHECK(out.device().is_cpu() && out.scalar_type() == x.scalar_type() && out.sizes() == x.sizes(),
            "out must be a CPU tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ", out.sizes(),
            " ", out.scalar_type(), " on ", out.device());
-  FA_CHECK(at::has_internal_overlap(out) == at::MemOverlap::No,
+  FA_CHECK(!elements_may_overlap(out.sizes().data(), out.strides().data(), out.dim()),
            "out must not have overlapping elements (stride 0 or overlapping strides), got strides ", out.strides());
   FA_CHECK(out.is_same(x) || at::get_overlap_status(out, x) == at::MemOverlapStatus::No,
            "out must be x itself or not overlap it");

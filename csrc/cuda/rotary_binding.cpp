@@ -9,6 +9,7 @@
 
 #include "binding_utils.h"
 #include "launchers.h"
+#include "../common/overlap.h"
 
 namespace fused_attn_cuda {
 namespace {
@@ -67,7 +68,7 @@ void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
     FA_CHECK(o.device() == x.device() && o.scalar_type() == x.scalar_type() && o.sizes() == x.sizes(), "fused_attn_C::",
              op, " (cuda): out must have x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device, got ",
              o.sizes(), " ", o.scalar_type(), " on ", o.device());
-    FA_CHECK(at::has_internal_overlap(o) == at::MemOverlap::No, "fused_attn_C::", op,
+    FA_CHECK(!fused_attn::elements_may_overlap(o.sizes().data(), o.strides().data(), o.dim()), "fused_attn_C::", op,
              " (cuda): out must not have overlapping elements, got strides ", o.strides());
     FA_CHECK(o.is_same(x) || at::get_overlap_status(o, x) == at::MemOverlapStatus::No, "fused_attn_C::", op,
              " (cuda): out must be x itself or not overlap it");

@@ -29,3 +29,15 @@ def test_module_and_swap_examples_run():
     assert namespace["out"].shape == (40, 512)
     exec(compile(blocks[1], str(README) + " (swap)", "exec"), namespace)
     assert str(namespace["report"]).startswith("fused_attn.swap_modules: 5 replaced, 0 left")
+
+
+def test_flash_attn_example_runs():
+    """The FlashAttention example of the Modules section runs as written and undoes its patch."""
+    import sys
+
+    blocks = [b for b in _blocks_after("## Modules and swapping into existing models") if "patch_flash_attn" in b]
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], str(README) + " (flash_attn)", "exec"), namespace)
+    assert namespace["out"].shape == (2, 128, 8, 64)
+    assert "flash_attn" not in sys.modules

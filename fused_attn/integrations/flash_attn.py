@@ -1,0 +1,523 @@
+"""FlashAttention's Python API on fused_attn's kernels, so code written for ``flash_attn`` runs
+unchanged: on CPUs (the C++ backend), on GPUs where FlashAttention is not installed (the Triton
+and CUDA backends), and under ``torch.compile``::
+
+    from fused_attn.integrations.flash_attn import flash_attn_func
+    out = flash_attn_func(q, k, v, causal=True)     # q (B, Lq, H, D), as FlashAttention's
+
+    fused_attn.patch_flash_attn()                   # ``import flash_attn`` now finds this module
+
+What is here, with FlashAttention 2.8's signatures and meaning:
+
+- ``flash_attn_interface``: ``flash_attn_func``, ``flash_attn_qkvpacked_func``,
+  ``flash_attn_kvpacked_func``, ``flash_attn_varlen_func``, ``flash_attn_varlen_qkvpacked_func``,
+  ``flash_attn_varlen_kvpacked_func``, ``flash_attn_with_kvcache``;
+- ``layers.rotary``: ``apply_rotary_emb``, ``apply_rotary_emb_qkv_``, ``apply_rotary_emb_kv_``;
+- ``ops.triton.layer_norm``: ``layer_norm_fn``, ``rms_norm_fn``, ``RMSNorm``;
+- ``bert_padding``: ``unpad_input``, ``pad_input``, ``index_first_axis``, ``index_put_first_axis``.
+
+FlashAttention's conventions, which differ from ``fused_attn.functional``'s: tensors are (batch,
+seqlen, heads, dim); ``causal`` and ``window_size`` are bottom-right aligned (the last query faces
+the last key) and so is ALiBi; ``window_size=(-1, -1)`` and ``softcap=0.0`` mean off. The output
+is contiguous (B, Lq, H, Dv), as FlashAttention's. Beyond FlashAttention: any float dtype and
+device fused_attn runs on, and ``softmax_lse`` is differentiable.
+
+``deterministic`` is accepted and has no effect: every fused_attn backward is deterministic.
+``num_splits`` (``flash_attn_with_kvcache``) is a scheduling hint, accepted and ignored: the
+backends choose their own split of the keys. ``return_attn_probs=True`` returns ``(out,
+softmax_lse, S_dmask)``; ``S_dmask`` is None without dropout (as FlashAttention's) and, with
+dropout, the probabilities with the dropped ones negated, recomputed by the float32 reference
+(an (B, H, Lq, Lk) tensor: for tests, as FlashAttention says of its own).
+
+Arguments that fused_attn has no kernel for (``layer_norm_fn``'s ``x1``, ``weight1``, ``bias1``,
+``rowscale``, ``out``, ``residual_out``) raise ``ValueError`` naming them, and so does a name this
+stand-in does not provide when it is imported from a patched ``flash_attn`` module.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import numbers
+import sys
+import types
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import _rng
+from .. import reference as R
+from ..functional import (_draw_rng, apply_rotary_emb, attention, attention_varlen, attention_with_kvcache,
+                          layer_norm_residual)
+
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
+           "apply_rotary_emb", "apply_rotary_emb_qkv_", "apply_rotary_emb_kv_", "layer_norm_fn", "rms_norm_fn",
+           "RMSNorm", "unpad_input", "pad_input", "index_first_axis", "index_put_first_axis", "patch_flash_attn"]
+
+# The FlashAttention release whose Python API this module follows (its local part says who serves it).
+FLASH_ATTN_VERSION = "2.8.3+fused_attn"
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument translation
+# ---------------------------------------------------------------------------------------------
+
+def _window(window_size) -> Optional[tuple]:
+    """FlashAttention's (left, right), -1 = unbounded, to fused_attn's (None when both are -1)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), -1 for an unbounded side, got {window_size!r}")
+    left, right = window_size
+    if left == -1 and right == -1:
+        return None
+    return (left, right)
+
+
+def _softcap(softcap) -> Optional[float]:
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
+        raise TypeError(f"softcap must be a float (0.0: off), got {type(softcap).__name__}")
+    return None if softcap == 0.0 else softcap
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+             return_attn_probs) -> dict:
+    """The keyword arguments of fused_attn's attention for FlashAttention's options."""
+    _flag("deterministic", deterministic)  # every fused_attn backward is deterministic already
+    _flag("return_attn_probs", return_attn_probs)
+    return dict(causal=causal, window_size=_window(window_size), alignment="bottom_right", dropout_p=dropout_p,
+                scale=softmax_scale, softcap=_softcap(softcap), alibi_slopes=alibi_slopes,
+                return_lse=return_attn_probs)
+
+
+def _split(packed: Tensor, name: str, dim: int, count: int) -> tuple:
+    """q, k, v (or k, v) as views of a packed tensor; ``unbind``'s backward stacks the three
+    gradients into one tensor of the packed layout, as FlashAttention's packed backward writes it."""
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() != dim + 3 or packed.shape[dim] != count:
+        layout = {(2, 3): "(B, L, 3, H, D)", (2, 2): "(B, L, 2, Hkv, D)", (1, 3): "(total, 3, H, D)",
+                  (1, 2): "(total, 2, Hkv, D)"}[(dim, count)]
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(packed.shape)}")
+    return packed.unbind(dim)
+
+
+def _bhld(t: Tensor) -> Tensor:
+    """(B, L, H, D) <-> (B, H, L, D), a view."""
+    return t.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# S_dmask: what return_attn_probs returns with dropout
+# ---------------------------------------------------------------------------------------------
+
+def _dropout_probs(q, k, opts: dict, rng: Tensor, offset: int = 0) -> Tensor:
+    """The attention probabilities (B, Hq, Lq, Lk) of one call, in float32 from the reference, with
+    the elements that call's dropout dropped negated (FlashAttention's ``S_dmask`` encoding). The
+    probabilities are attention with the identity as values; the keep mask is the counter RNG's
+    for the call's (seed, offset), rows (b, h, i) flattened, as every backend draws it."""
+    with torch.no_grad():
+        q32, k32 = q.detach().float(), k.detach().float()
+        B, Hq, Lq, _ = q32.shape
+        Hkv, Lk = k32.shape[1], k32.shape[2]
+        eye = torch.eye(Lk, device=q.device).expand(B, Hkv, Lk, Lk)
+        slopes = opts["alibi_slopes"]
+        probs = R.attention(q32, k32, eye, None, opts["causal"], 0.0, opts["scale"], None,
+                            window_size=opts["window_size"], alignment="bottom_right", softcap=opts["softcap"],
+                            alibi_slopes=None if slopes is None else slopes.float())
+        keep = _rng.keep_mask(int(rng[0]), int(rng[1]) + offset, opts["dropout_p"], B * Hq * Lq, Lk,
+                              device=q.device).view(B, Hq, Lq, Lk)
+        return torch.where(keep, probs, -probs)
+
+
+def _seeded_generator() -> tuple:
+    """A CPU generator seeded from torch's default one, and a copy of its state: the call draws its
+    dropout seed from the generator, and S_dmask redraws the same seed from the copy."""
+    gen = torch.Generator()
+    gen.manual_seed(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)))
+    return gen, gen.get_state()
+
+
+def _redraw(state, dropout_p) -> Tensor:
+    gen = torch.Generator()
+    gen.set_state(state)
+    return _draw_rng(dropout_p, gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn.flash_attn_interface
+# ---------------------------------------------------------------------------------------------
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """FlashAttention's ``flash_attn_func``: q (B, Lq, Hq, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv),
+    ``Hq % Hkv == 0``; returns (B, Lq, Hq, Dv), or ``(out, softmax_lse (B, Hq, Lq), S_dmask)`` with
+    ``return_attn_probs``. causal, window and ALiBi bottom-right aligned."""
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (batch, seqlen, heads, dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    qh, kh, vh = _bhld(q), _bhld(k), _bhld(v)
+    probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
+    gen, state = _seeded_generator() if probs_wanted else (None, None)
+    result = attention(qh, kh, vh, generator=gen, **opts)
+    if not return_attn_probs:
+        return _bhld(result)
+    out, lse = result
+    s_dmask = _dropout_probs(qh, kh, opts, _redraw(state, dropout_p)) if probs_wanted else None
+    return _bhld(out), lse, s_dmask
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_func`` on qkv (B, L, 3, H, D); its gradient is one (B, L, 3, H, D) tensor."""
+    q, k, v = _split(qkv, "qkv", 2, 3)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_func`` on q (B, Lq, Hq, D) and kv (B, Lk, 2, Hkv, D)."""
+    k, v = _split(kv, "kv", 2, 2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """FlashAttention's ``flash_attn_varlen_func``: packed q (total_q, Hq, D), k, v (total_k, Hkv,
+    D/Dv) (or a paged cache with ``block_table``) and int32 ``cu_seqlens``; returns (total_q, Hq,
+    Dv), or ``(out, softmax_lse (Hq, total_q), S_dmask (B, Hq, max_seqlen_q, max_seqlen_k))``."""
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs)
+    probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
+    gen, state = _seeded_generator() if probs_wanted else (None, None)
+    result = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=block_table,
+                              generator=gen, **opts)
+    if not return_attn_probs:
+        return result
+    out, lse = result
+    s_dmask = None
+    if probs_wanted:
+        if block_table is not None:
+            raise ValueError("return_attn_probs with dropout_p > 0 and a block_table: S_dmask is a test aid of "
+                             "packed (unpaged) calls")
+        rng = _redraw(state, dropout_p)
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        Hq = q.shape[1]
+        s_dmask = q.new_zeros(len(cu_q) - 1, Hq, int(max_seqlen_q), int(max_seqlen_k), dtype=torch.float32)
+        for s in range(len(cu_q) - 1):
+            qs = q[cu_q[s]:cu_q[s + 1]].transpose(0, 1).unsqueeze(0)
+            ks = k[cu_k[s]:cu_k[s + 1]].transpose(0, 1).unsqueeze(0)
+            slopes = opts["alibi_slopes"]
+            seq_opts = dict(opts, alibi_slopes=slopes if slopes is None or slopes.dim() == 1 else slopes[s])
+            s_dmask[s, :, :qs.shape[2], :ks.shape[2]] = _dropout_probs(qs, ks, seq_opts, rng, Hq * cu_q[s])[0]
+    return out, lse, s_dmask
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """``flash_attn_varlen_func`` on qkv (total, 3, H, D), one ``cu_seqlens`` for queries and keys."""
+    q, k, v = _split(qkv, "qkv", 1, 3)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_varlen_func`` on q (total_q, Hq, D) and kv (total_k, 2, Hkv, D)."""
+    k, v = _split(kv, "kv", 1, 2)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens: Optional[Union[int, Tensor]] = None, cache_batch_idx=None,
+                            cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
+                            num_splits=0, return_softmax_lse=False):
+    """FlashAttention's ``flash_attn_with_kvcache`` (see ``fused_attn.attention_with_kvcache``, which
+    it calls): k and v, when given, are written into the cache in place. ``rotary_interleaved``
+    defaults to True, as FlashAttention's. ``cache_seqlens=None`` reads the whole cache (every
+    row of a dense cache, every page of each block_table row), and needs no new k and v.
+    ``num_splits`` is accepted and ignored."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: the library's choice), got {num_splits!r}")
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is needed with new k and v (as FlashAttention): it says where each "
+                             "sequence's new keys go")
+        if isinstance(k_cache, Tensor) and k_cache.dim() == 4:
+            cache_seqlens = (k_cache.shape[1] if block_table is None or not isinstance(block_table, Tensor)
+                             else block_table.shape[-1] * k_cache.shape[1])
+    return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                                  cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                                  block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                  rotary_interleaved=rotary_interleaved, causal=causal,
+                                  window_size=_window(window_size), scale=softmax_scale, softcap=_softcap(softcap),
+                                  alibi_slopes=alibi_slopes, return_lse=return_softmax_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn.layers.rotary
+# ---------------------------------------------------------------------------------------------
+
+def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False, seqlen_offsets=0,
+                          num_heads_q=None):
+    """Turns q and k of a packed qkv in place and returns qkv: (B, L, 3, H, D), or (B, L, Hq + 2 Hkv,
+    D) with ``num_heads_q`` = Hq (grouped-query). ``cos_k``/``sin_k``: other tables for k (default
+    cos/sin)."""
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    cos_k = cos if cos_k is None else cos_k
+    sin_k = sin if sin_k is None else sin_k
+    if qkv.dim() == 5:
+        if qkv.shape[2] != 3:
+            raise ValueError(f"qkv must have shape (B, L, 3, H, D), got {tuple(qkv.shape)}")
+        q, k = qkv[:, :, 0], qkv[:, :, 1]
+    elif qkv.dim() == 4:
+        if num_heads_q is None:
+            raise ValueError(f"qkv of shape {tuple(qkv.shape)} (B, L, Hq + 2 Hkv, D) needs num_heads_q")
+        kv_heads = qkv.shape[2] - num_heads_q
+        if kv_heads <= 0 or kv_heads % 2:
+            raise ValueError(f"qkv has {qkv.shape[2]} heads: num_heads_q = {num_heads_q} leaves no even number "
+                             f"of key and value heads")
+        q, k = qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q:num_heads_q + kv_heads // 2]
+    else:
+        raise ValueError(f"qkv must be (B, L, 3, H, D) or (B, L, Hq + 2 Hkv, D), got {tuple(qkv.shape)}")
+    apply_rotary_emb(q, cos, sin, interleaved=interleaved, inplace=True, seqlen_offsets=seqlen_offsets)
+    apply_rotary_emb(k, cos_k, sin_k, interleaved=interleaved, inplace=True, seqlen_offsets=seqlen_offsets)
+    return qkv
+
+
+def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
+    """Turns k of a packed kv (B, L, 2, Hkv, D) in place and returns kv."""
+    if not isinstance(kv, Tensor):
+        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must have shape (B, L, 2, Hkv, D), got {tuple(kv.shape)}")
+    apply_rotary_emb(kv[:, :, 0], cos, sin, interleaved=interleaved, inplace=True, seqlen_offsets=seqlen_offsets)
+    return kv
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn.ops.triton.layer_norm
+# ---------------------------------------------------------------------------------------------
+
+def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
+                  rowscale=None, prenorm=False, residual_in_fp32=False, zero_centered_weight=False,
+                  is_rms_norm=False, return_dropout_mask=False, out_dtype=None, out=None, residual_out=None):
+    """FlashAttention's fused ``norm(dropout(x) + residual)``: ``y``, or ``(y, residual_out)`` with
+    ``prenorm`` (the sum, float32 with ``residual_in_fp32``), then the dropout mask and None (the
+    ``x1`` mask) with ``return_dropout_mask`` (the mask None without dropout).
+    ``zero_centered_weight`` scales by ``1 + weight``; ``out_dtype`` casts y. The second branch
+    (``x1``, ``weight1``, ``bias1``), ``rowscale`` and preallocated ``out`` / ``residual_out`` have
+    no fused_attn kernel and raise."""
+    for name, value in (("x1", x1), ("weight1", weight1), ("bias1", bias1), ("rowscale", rowscale), ("out", out),
+                        ("residual_out", residual_out)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported by fused_attn's layer_norm_fn (no kernel for it): pass None, "
+                             f"or compute that part in PyTorch")
+    for name, value in (("prenorm", prenorm), ("residual_in_fp32", residual_in_fp32),
+                        ("zero_centered_weight", zero_centered_weight), ("is_rms_norm", is_rms_norm),
+                        ("return_dropout_mask", return_dropout_mask)):
+        _flag(name, value)
+    if zero_centered_weight and weight is not None:
+        weight = weight + 1.0
+    mask_wanted = return_dropout_mask and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
+    gen, state = _seeded_generator() if mask_wanted else (None, None)
+    result = layer_norm_residual(x, residual, weight, bias, eps, dropout_p=dropout_p, prenorm=prenorm,
+                                 rms=is_rms_norm, residual_in_fp32=residual_in_fp32, generator=gen)
+    y, summed = result if prenorm else (result, None)
+    if out_dtype is not None:
+        y = y.to(out_dtype)
+    outputs = (y, summed) if prenorm else (y,)
+    if return_dropout_mask:
+        mask = None
+        if mask_wanted:
+            rng = _redraw(state, dropout_p)
+            d = x.shape[-1]
+            mask = _rng.keep_mask(int(rng[0]), int(rng[1]), dropout_p, x.numel() // max(d, 1), d,
+                                  device=x.device).view(x.shape)
+        outputs = outputs + (mask, None)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def rms_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
+                rowscale=None, prenorm=False, residual_in_fp32=False, zero_centered_weight=False,
+                return_dropout_mask=False, out_dtype=None, out=None, residual_out=None):
+    """``layer_norm_fn`` with ``is_rms_norm=True``."""
+    return layer_norm_fn(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
+                         residual_in_fp32, zero_centered_weight, True, return_dropout_mask, out_dtype, out,
+                         residual_out)
+
+
+class RMSNorm(torch.nn.Module):
+    """FlashAttention's ``RMSNorm`` module: ``forward(x, residual=None, prenorm=False,
+    residual_in_fp32=False)``, dropout on x in training."""
+
+    def __init__(self, hidden_size, eps=1e-5, dropout_p=0.0, zero_centered_weight=False, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.dropout_p = dropout_p
+        self.zero_centered_weight = zero_centered_weight
+        self.weight = torch.nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.zero_centered_weight:
+            torch.nn.init.zeros_(self.weight)
+        else:
+            torch.nn.init.ones_(self.weight)
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        return rms_norm_fn(x, self.weight, self.bias, residual=residual, eps=self.eps,
+                           dropout_p=self.dropout_p if self.training else 0.0, prenorm=prenorm,
+                           residual_in_fp32=residual_in_fp32, zero_centered_weight=self.zero_centered_weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn.bert_padding
+# ---------------------------------------------------------------------------------------------
+
+def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
+    """Rows ``indices`` of x's first axis (x (N, ...) -> (len(indices), ...)); differentiable."""
+    return x.index_select(0, indices)
+
+
+def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
+    """A zero (first_axis_dim, ...) tensor with ``values`` at rows ``indices``; differentiable."""
+    out = values.new_zeros((first_axis_dim,) + tuple(values.shape[1:]))
+    return out.index_copy(0, indices, values)
+
+
+def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Optional[Tensor] = None):
+    """(B, L, ...) with a (B, L) mask (1 = token) to the packed layout of the varlen functions:
+    ``(hidden (total, ...), indices (total,), cu_seqlens int32 (B + 1,), max_seqlen int, seqused
+    int32 (B,))``, as FlashAttention 2.8's. ``unused_mask`` (1 = allocated but unused rows, kept in
+    the packing after each sequence's tokens): cu_seqlens counts them, seqused does not."""
+    if attention_mask.shape != hidden_states.shape[:2]:
+        raise ValueError(f"attention_mask must have shape (B, L) = {tuple(hidden_states.shape[:2])}, got "
+                         f"{tuple(attention_mask.shape)}")
+    kept = attention_mask.bool() if unused_mask is None else (attention_mask.bool() | unused_mask.bool())
+    seqused = attention_mask.sum(dim=-1, dtype=torch.int32)
+    seqlens = kept.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(kept.flatten(), as_tuple=False).flatten()
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen, seqused
+
+
+def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """The inverse of ``unpad_input``: (total, ...) back to (batch, seqlen, ...), zeros elsewhere."""
+    out = index_put_first_axis(hidden_states, indices, batch * seqlen)
+    return out.view((batch, seqlen) + tuple(hidden_states.shape[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# import flash_attn
+# ---------------------------------------------------------------------------------------------
+
+# The modules of the flash_attn package this stand-in provides, and the names each holds.
+_MODULES = {
+    "flash_attn": ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+                   "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+                   "flash_attn_with_kvcache"],
+    "flash_attn.flash_attn_interface": ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+                                        "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
+                                        "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"],
+    "flash_attn.bert_padding": ["unpad_input", "pad_input", "index_first_axis", "index_put_first_axis"],
+    "flash_attn.layers": [],
+    "flash_attn.layers.rotary": ["apply_rotary_emb", "apply_rotary_emb_qkv_", "apply_rotary_emb_kv_"],
+    "flash_attn.ops": [],
+    "flash_attn.ops.triton": [],
+    "flash_attn.ops.triton.layer_norm": ["layer_norm_fn", "rms_norm_fn", "RMSNorm"],
+}
+_PACKAGES = {"flash_attn", "flash_attn.layers", "flash_attn.ops", "flash_attn.ops.triton"}
+
+
+def _stand_in(name: str) -> types.ModuleType:
+    module = types.ModuleType(name, f"fused_attn's stand-in for FlashAttention's {name} "
+                                    f"(fused_attn.integrations.flash_attn)")
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name in _PACKAGES)
+    if name in _PACKAGES:
+        module.__path__ = []
+    provided = _MODULES[name]
+    for attr in provided:
+        setattr(module, attr, globals()[attr])
+    module.__all__ = list(provided)
+    if name == "flash_attn":
+        module.__version__ = FLASH_ATTN_VERSION
+
+    def missing(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise AttributeError(f"module {name!r} (fused_attn's stand-in for FlashAttention) has no attribute "
+                             f"{attr!r}: it provides {', '.join(provided) or 'only submodules'}")
+
+    module.__getattr__ = missing
+    return module
+
+
+class patch_flash_attn:
+    """Make ``import flash_attn`` (and its submodules listed in this module's docstring) find
+    fused_attn's implementations, for code written against FlashAttention::
+
+        handle = fused_attn.patch_flash_attn()        # until handle.undo()
+        with fused_attn.patch_flash_attn():            # or for a block
+            from flash_attn import flash_attn_func     # fused_attn's
+
+    Modules are put in ``sys.modules``; ``undo`` puts back whatever was there. A FlashAttention
+    already installed is not shadowed unless ``force=True`` (RuntimeError otherwise). Code that
+    imported the real functions before the patch keeps them.
+    """
+
+    def __init__(self, force: bool = False):
+        _flag("force", force)
+        if not force:
+            existing = sys.modules.get("flash_attn")
+            if existing is not None:  # imported already: ours (an earlier patch) or the real one
+                installed = not getattr(existing, "__version__", "").endswith("+fused_attn")
+            else:
+                try:
+                    installed = importlib.util.find_spec("flash_attn") is not None
+                except (ImportError, ValueError):
+                    installed = False
+            if installed:
+                raise RuntimeError("flash_attn is installed: patch_flash_attn() would shadow it. Pass force=True to "
+                                   "route it to fused_attn anyway, or import fused_attn.integrations.flash_attn")
+        self.saved = {name: sys.modules.get(name) for name in _MODULES}
+        self.installed = {name: _stand_in(name) for name in _MODULES}
+        for name, module in self.installed.items():
+            parent, _, child = name.rpartition(".")
+            if parent:
+                setattr(self.installed[parent], child, module)
+        sys.modules.update(self.installed)
+
+    def undo(self) -> None:
+        """Put back the modules that were there before this patch (where this patch's are still in place)."""
+        for name, module in self.installed.items():
+            if sys.modules.get(name) is module:
+                if self.saved[name] is None:
+                    del sys.modules[name]
+                else:
+                    sys.modules[name] = self.saved[name]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+        return False

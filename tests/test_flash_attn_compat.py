@@ -1,0 +1,460 @@
+"""FlashAttention's API on fused_attn (``fused_attn.integrations.flash_attn``, ``patch_flash_attn``).
+
+The oracle is written from FlashAttention's documented meaning, not from our wrappers: tensors are
+(batch, seqlen, heads, dim), causal / window / ALiBi bottom-right aligned, window (-1, -1) and
+softcap 0 off; it is ``reference.attention`` in float64 on the transposed tensors. Every backend of
+this machine runs through ``use_backend`` (the wrappers take no ``backend=``).
+"""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import reference as R
+from fused_attn.integrations import flash_attn as FA
+from fused_attn.testing import backend_cases, check_against_reference, make_inputs
+
+
+def cases(**options):
+    return backend_cases("attention", torch.float32, **options)
+
+
+def fa_oracle(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, softmax_scale=None):
+    """FlashAttention's flash_attn_func as its docstring defines it, on (B, L, H, D) tensors."""
+    window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
+    slopes = None if alibi_slopes is None else alibi_slopes.to(q.dtype)
+    out = R.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal, 0.0, softmax_scale,
+                      window_size=window, alignment="bottom_right", softcap=softcap or None, alibi_slopes=slopes)
+    return out.transpose(1, 2)
+
+
+# (B, Lq, Lk, Hq, Hkv, D, Dv, options): odd sizes, Lq < Lk and Lq > Lk (bottom-right dead rows)
+FUNC_CASES = [
+    dict(id="causal Lq < Lk, GQA", shape=(2, 17, 23, 4, 2, 40, 40), opts=dict(causal=True)),
+    dict(id="causal Lq > Lk: dead rows", shape=(1, 23, 17, 2, 2, 16, 16), opts=dict(causal=True)),
+    dict(id="one query, Dv != D, scale", shape=(2, 1, 97, 2, 1, 59, 24), opts=dict(softmax_scale=0.3)),
+    dict(id="window, softcap, alibi per head", shape=(2, 17, 17, 4, 4, 32, 32),
+         opts=dict(causal=True, window_size=(5, 0), softcap=2.0, alibi="head")),
+    dict(id="two-sided window, alibi per batch", shape=(2, 9, 14, 2, 1, 16, 16),
+         opts=dict(window_size=(3, 2), alibi="batch")),
+    dict(id="one side unbounded", shape=(1, 12, 12, 2, 2, 16, 16), opts=dict(window_size=(-1, 2))),
+]
+
+
+def _case_inputs(case, dtype=torch.float32, seed=0):
+    B, Lq, Lk, Hq, Hkv, D, Dv = case["shape"]
+    q, k, v = make_inputs((B, Lq, Hq, D), (B, Lk, Hkv, D), (B, Lk, Hkv, Dv), dtype=dtype, seed=seed)
+    opts = dict(case["opts"])
+    alibi = opts.pop("alibi", None)
+    if alibi == "head":
+        opts["alibi_slopes"] = fused_attn.get_alibi_slopes(Hq)
+    elif alibi == "batch":
+        opts["alibi_slopes"] = torch.linspace(0.05, 0.6, B * Hq).view(B, Hq)
+    return q, k, v, opts
+
+
+@pytest.mark.parametrize("case", FUNC_CASES, ids=[c["id"] for c in FUNC_CASES])
+@pytest.mark.parametrize("device,backend", cases(alibi=True))
+def test_flash_attn_func_matches_flashattention_semantics(device, backend, case):
+    """Output and the gradients of q, k, v against the float64 oracle; the output is contiguous
+    (B, Lq, Hq, Dv), as FlashAttention returns it."""
+    q, k, v, opts = _case_inputs(case)
+    q, k, v = (t.detach().to(device).requires_grad_() for t in (q, k, v))
+    opts = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in opts.items()}
+
+    def fused(q, k, v):
+        with fused_attn.use_backend(backend):
+            out = FA.flash_attn_func(q, k, v, **opts)
+        assert out.is_contiguous() and out.shape == q.shape[:3] + (v.shape[-1],)
+        return out
+
+    results = check_against_reference(fused, lambda q, k, v: fa_oracle(q, k, v, **opts), [q, k, v],
+                                      names=["q", "k", "v"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+def test_flash_attn_func_float16():
+    q, k, v, opts = _case_inputs(FUNC_CASES[0], dtype=torch.float16)
+    results = check_against_reference(lambda q, k, v: FA.flash_attn_func(q, k, v, **opts),
+                                      lambda q, k, v: fa_oracle(q, k, v, **opts), [q, k, v])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+def test_packed_forms_equal_the_unpacked_call_and_stack_the_gradients():
+    """qkvpacked / kvpacked give the unpacked call's output bitwise, and the packed tensor's
+    gradient is the three (two) gradients stacked in its layout."""
+    B, L, H, D = 2, 17, 4, 40
+    qkv = torch.randn(B, L, 3, H, D, requires_grad=True)
+    out = FA.flash_attn_qkvpacked_func(qkv, causal=True, window_size=(4, 0))
+    q, k, v = (qkv.detach()[:, :, i].clone().requires_grad_() for i in range(3))
+    ref = FA.flash_attn_func(q, k, v, causal=True, window_size=(4, 0))
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(qkv.grad, torch.stack([q.grad, k.grad, v.grad], dim=2))
+    kv = torch.randn(B, 23, 2, 2, D, requires_grad=True)  # grouped-query: 2 kv heads
+    q2 = torch.randn(B, L, H, D, requires_grad=True)
+    out = FA.flash_attn_kvpacked_func(q2, kv, causal=True)
+    k2, v2 = (kv.detach()[:, :, i].clone().requires_grad_() for i in range(2))
+    ref = FA.flash_attn_func(q2.detach(), k2, v2, causal=True)
+    assert torch.equal(out, ref)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(kv.grad, torch.stack([k2.grad, v2.grad], dim=2))
+
+
+def _packed(lengths_q, lengths_k, Hq, Hkv, D, seed=0):
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).int()
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).int()
+    q, k, v = make_inputs((int(cu_q[-1]), Hq, D), (int(cu_k[-1]), Hkv, D), (int(cu_k[-1]), Hkv, D), seed=seed)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("device,backend", cases(varlen=True, alibi=True))
+def test_varlen_is_flash_attn_func_per_sequence(device, backend):
+    """Each packed sequence gives what flash_attn_func gives on it alone (bottom-right per sequence),
+    lse included; the varlen qkv- and kv-packed forms give the same output."""
+    lq, lk = [1, 17, 0, 9], [5, 17, 3, 4]
+    q, k, v, cu_q, cu_k = _packed(lq, lk, 4, 2, 24)
+    q, k, v, cu_q, cu_k = (t.detach().to(device) for t in (q, k, v, cu_q, cu_k))
+    slopes = torch.linspace(0.1, 0.5, 4 * 4, device=device).view(4, 4)
+    opts = dict(causal=True, softcap=3.0, alibi_slopes=slopes)
+    with fused_attn.use_backend(backend):
+        out, lse, s_dmask = FA.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), return_attn_probs=True,
+                                                      **opts)
+        assert s_dmask is None and lse.shape == (4, q.shape[0])
+        for s in range(4):
+            qs, ks, vs = q[cu_q[s]:cu_q[s + 1]], k[cu_k[s]:cu_k[s + 1]], v[cu_k[s]:cu_k[s + 1]]
+            alone, alone_lse, _ = FA.flash_attn_func(qs[None], ks[None], vs[None], return_attn_probs=True,
+                                                     **dict(opts, alibi_slopes=slopes[s:s + 1]))
+            torch.testing.assert_close(out[cu_q[s]:cu_q[s + 1]], alone[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(lse[:, cu_q[s]:cu_q[s + 1]], alone_lse[0], rtol=1e-5, atol=1e-6)
+        qkv_q, _, _, cu, _ = _packed(lq, lq, 2, 2, 16, seed=1)
+        qkv = torch.stack([qkv_q, qkv_q.flip(0), qkv_q * 0.5], dim=1).detach().to(device)
+        cu = cu.to(device)
+        torch.testing.assert_close(FA.flash_attn_varlen_qkvpacked_func(qkv, cu, max(lq), causal=True),
+                                   FA.flash_attn_varlen_func(*qkv.unbind(1), cu, cu, max(lq), max(lq), causal=True),
+                                   rtol=0, atol=0)
+        kv = torch.stack([k, v], dim=1)
+        torch.testing.assert_close(FA.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, max(lq), max(lk), **opts),
+                                   out, rtol=0, atol=0)
+
+
+def test_return_attn_probs_gives_the_dropout_pattern():
+    """With dropout, S_dmask holds the probabilities with the dropped ones negated: the output is
+    exactly dropout(P) v rebuilt from it, so the mask is the one the kernel used; lse is the
+    row log-sum-exp of the oracle's logits."""
+    torch.manual_seed(0)
+    q, k, v, opts = _case_inputs(FUNC_CASES[0])
+    q, k, v = (t.detach() for t in (q, k, v))
+    p = 0.3
+    out, lse, s_dmask = FA.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True, **opts)
+    assert s_dmask.shape == (2, 4, 17, 23)
+    dropped = ((s_dmask < 0).sum() / (s_dmask != 0).sum()).item()  # among the probabilities not masked
+    assert 0.25 < dropped < 0.35
+    kept = s_dmask.clamp(min=0) / (1 - p)
+    vh = v.transpose(1, 2).repeat_interleave(2, dim=1)
+    rebuilt = (kept @ vh).transpose(1, 2)
+    torch.testing.assert_close(out, rebuilt, rtol=1e-4, atol=1e-5)
+    ref_lse = R.attention_lse(q.transpose(1, 2).double(), k.transpose(1, 2).double(), causal=True,
+                              alignment="bottom_right")
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    probs = s_dmask.abs()  # rows sum to one (every row sees a key here)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 17), rtol=1e-5, atol=1e-5)
+    # the varlen form: per sequence, padded to (B, H, max_seqlen_q, max_seqlen_k)
+    lq, lk = [3, 7], [5, 7]
+    qp, kp, vp, cu_q, cu_k = (t.detach() for t in _packed(lq, lk, 2, 2, 16))
+    out, _, s_dmask = FA.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 7, 7, dropout_p=p, causal=True,
+                                                return_attn_probs=True)
+    assert s_dmask.shape == (2, 2, 7, 7)
+    for s in range(2):
+        P = s_dmask[s, :, :lq[s], :lk[s]].clamp(min=0) / (1 - p)
+        rebuilt = (P @ vp[cu_k[s]:cu_k[s + 1]].transpose(0, 1)).transpose(0, 1)
+        torch.testing.assert_close(out[cu_q[s]:cu_q[s + 1]], rebuilt, rtol=1e-4, atol=1e-5)
+        assert not s_dmask[s, :, lq[s]:].any() and not s_dmask[s, :, :, lk[s]:].any()
+
+
+def test_dropout_draws_from_torch_seed():
+    q, k, v, _ = _case_inputs(FUNC_CASES[0])
+    torch.manual_seed(3)
+    a = FA.flash_attn_func(q, k, v, dropout_p=0.5)
+    torch.manual_seed(3)
+    b = FA.flash_attn_func(q, k, v, dropout_p=0.5)
+    c = FA.flash_attn_func(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device,backend", cases(varlen=True))
+def test_with_kvcache_is_attention_with_kvcache(device, backend):
+    """flash_attn_with_kvcache is attention_with_kvcache with FlashAttention's defaults: rotary
+    pairs interleaved, window (-1, -1) off; cache_seqlens=None reads the whole cache."""
+    B, Lmax, Hq, Hkv, D = 2, 20, 4, 2, 32
+    q, k, v, kc, vc = make_inputs((B, 1, Hq, D), (B, 1, Hkv, D), (B, 1, Hkv, D), (B, Lmax, Hkv, D), (B, Lmax, Hkv, D),
+                                  requires_grad=False, device=device, seed=4)
+    angles = torch.outer(torch.arange(32.0), 1.0 / 100.0 ** (torch.arange(8) / 8)).to(device)
+    cos, sin = angles.cos(), angles.sin()
+    seqlens = torch.tensor([3, 11], dtype=torch.int32, device=device)
+    pads = torch.tensor([1, 0], dtype=torch.int32, device=device)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with fused_attn.use_backend(backend):
+        out, lse = FA.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, cache_seqlens=seqlens, cache_leftpad=pads,
+                                              causal=True, return_softmax_lse=True, num_splits=4)
+        ref, ref_lse = fused_attn.attention_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=seqlens,
+                                                         cache_leftpad=pads, rotary_cos=cos, rotary_sin=sin,
+                                                         rotary_interleaved=True, causal=True, return_lse=True)
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+        assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+        whole = FA.flash_attn_with_kvcache(q, kc, vc)
+        torch.testing.assert_close(whole, fa_oracle(q, kc, vc), rtol=1e-5, atol=1e-5)
+
+
+def test_with_kvcache_bad_input():
+    q, kc, vc, k, v = make_inputs((1, 1, 2, 8), (1, 9, 2, 8), (1, 9, 2, 8), (1, 1, 2, 8), (1, 1, 2, 8),
+                                  requires_grad=False)
+    with pytest.raises(ValueError, match="cache_seqlens is needed with new k and v"):
+        FA.flash_attn_with_kvcache(q, kc, vc, k, v)
+    with pytest.raises(ValueError, match="num_splits must be an int >= 0"):
+        FA.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=2, num_splits=-1)
+    with pytest.raises(ValueError, match="window_size must be a pair"):
+        FA.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=2, window_size=3)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: FA.flash_attn_func(q, k, v, window_size=(1, 2, 3)), ValueError, "window_size must be a pair"),
+    (lambda q, k, v: FA.flash_attn_func(q, k, v, softcap=None), TypeError, "softcap must be a float"),
+    (lambda q, k, v: FA.flash_attn_func(q, k, v, deterministic=1), TypeError, "deterministic must be a bool"),
+    (lambda q, k, v: FA.flash_attn_func(q, k, v, return_attn_probs="yes"), TypeError,
+     "return_attn_probs must be a bool"),
+    (lambda q, k, v: FA.flash_attn_func(q[0], k, v), ValueError, r"q must be a 4-D \(batch, seqlen, heads, dim\)"),
+    (lambda q, k, v: FA.flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda q, k, v: FA.flash_attn_qkvpacked_func(q), ValueError, r"qkv must have shape \(B, L, 3, H, D\)"),
+    (lambda q, k, v: FA.flash_attn_kvpacked_func(q, k), ValueError, r"kv must have shape \(B, L, 2, Hkv, D\)"),
+    (lambda q, k, v: FA.flash_attn_varlen_qkvpacked_func(q[:, None], None, 3), ValueError,
+     r"qkv must have shape \(total, 3, H, D\)"),
+])
+def test_bad_input_names_the_argument(call, error, match):
+    q, k, v = make_inputs((1, 3, 2, 8), (1, 3, 2, 8), (1, 3, 2, 8), requires_grad=False)
+    with pytest.raises(error, match=match):
+        call(q, k, v)
+
+
+def test_flash_attn_func_compiles_without_graph_breaks():
+    q, k, v, opts = _case_inputs(FUNC_CASES[3])
+    compiled = torch.compile(lambda q, k, v: FA.flash_attn_func(q, k, v, **opts), fullgraph=True,
+                             backend="aot_eager")
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, FA.flash_attn_func(q, k, v, **opts))
+    out.sum().backward()
+    assert q.grad is not None
+
+
+# --- layers.rotary -----------------------------------------------------------------------------
+
+def _tables(rows=40, half=8):
+    angles = torch.outer(torch.arange(float(rows)), 1.0 / 100.0 ** (torch.arange(half) / half))
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_qkv_and_kv_in_place(interleaved):
+    """apply_rotary_emb_qkv_ turns q and k (v untouched) in place, as apply_rotary_emb would; the
+    grouped-query form (Hq + 2 Hkv heads) and apply_rotary_emb_kv_ likewise."""
+    cos, sin = _tables()
+    qkv = torch.randn(2, 17, 3, 4, 24)
+    before = qkv.clone()
+    assert FA.apply_rotary_emb_qkv_(qkv, cos, sin, interleaved=interleaved, seqlen_offsets=5) is qkv
+    for i in range(2):
+        assert torch.equal(qkv[:, :, i], FA.apply_rotary_emb(before[:, :, i], cos, sin, interleaved, False, 5))
+    assert torch.equal(qkv[:, :, 2], before[:, :, 2])
+    gqa = torch.randn(2, 17, 4 + 2 * 2, 24)
+    before = gqa.clone()
+    cos_k, sin_k = _tables(rows=30)
+    FA.apply_rotary_emb_qkv_(gqa, cos, sin, cos_k, sin_k, interleaved=interleaved, num_heads_q=4)
+    assert torch.equal(gqa[:, :, :4], FA.apply_rotary_emb(before[:, :, :4], cos, sin, interleaved))
+    assert torch.equal(gqa[:, :, 4:6], FA.apply_rotary_emb(before[:, :, 4:6], cos_k, sin_k, interleaved))
+    assert torch.equal(gqa[:, :, 6:], before[:, :, 6:])
+    kv = torch.randn(2, 17, 2, 2, 24)
+    before = kv.clone()
+    FA.apply_rotary_emb_kv_(kv, cos, sin, interleaved=interleaved)
+    assert torch.equal(kv[:, :, 0], FA.apply_rotary_emb(before[:, :, 0], cos, sin, interleaved))
+    assert torch.equal(kv[:, :, 1], before[:, :, 1])
+
+
+def test_rotary_qkv_bad_input():
+    cos, sin = _tables()
+    with pytest.raises(ValueError, match="needs num_heads_q"):
+        FA.apply_rotary_emb_qkv_(torch.randn(1, 3, 6, 16), cos, sin)
+    with pytest.raises(ValueError, match="no even number of key and value heads"):
+        FA.apply_rotary_emb_qkv_(torch.randn(1, 3, 7, 16), cos, sin, num_heads_q=4)
+    with pytest.raises(ValueError, match=r"kv must have shape \(B, L, 2, Hkv, D\)"):
+        FA.apply_rotary_emb_kv_(torch.randn(1, 3, 3, 2, 16), cos, sin)
+
+
+# --- ops.triton.layer_norm ----------------------------------------------------------------------
+
+def fa_norm_oracle(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
+                   is_rms_norm=False, zero_centered_weight=False):
+    """FlashAttention's layer_norm_ref: norm(x + residual), the sum returned with prenorm."""
+    if zero_centered_weight:
+        weight = weight + 1
+    summed = x if residual is None else x + residual
+    if residual_in_fp32:
+        summed = summed.float() if summed.dtype != torch.float64 else summed
+    if is_rms_norm:
+        y = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + eps) * weight
+        y = y if bias is None else y + bias
+    else:
+        y = torch.nn.functional.layer_norm(summed, summed.shape[-1:], weight, bias, eps)
+    y = y.to(x.dtype)
+    return (y, summed) if prenorm else y
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm_fn", "rms_norm_fn"])
+@pytest.mark.parametrize("prenorm,zero_centered", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("device,backend", backend_cases("layer_norm_residual"))
+def test_layer_norm_fn_matches_flashattention_semantics(device, backend, rms, prenorm, zero_centered):
+    x, res, w, b = make_inputs((3, 7, 97), (3, 7, 97), (97,), (97,), device=device, seed=2)
+    opts = dict(eps=1e-6, prenorm=prenorm, zero_centered_weight=zero_centered)
+    bias = None if rms else b
+
+    def fused(x, res, w, b):
+        with fused_attn.use_backend(backend):
+            fn = FA.rms_norm_fn if rms else FA.layer_norm_fn
+            return fn(x, w, None if rms else b, res, **opts)
+
+    def ref(x, res, w, b):
+        return fa_norm_oracle(x, w, None if rms else b, res, is_rms_norm=rms, **opts)
+
+    inputs = [x, res, w, b] if bias is not None else [x, res, w, b.detach()]
+    results = check_against_reference(fused, ref, inputs, names=["x", "residual", "weight", "bias"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+def test_layer_norm_fn_residual_in_fp32_out_dtype_and_dropout_mask():
+    x, res, w = make_inputs((4, 64), (4, 64), (64,), dtype=torch.float16, requires_grad=False, seed=5)
+    y, summed = FA.rms_norm_fn(x, w, None, res.float(), prenorm=True, residual_in_fp32=True, out_dtype=torch.float32)
+    assert y.dtype == torch.float32 and summed.dtype == torch.float32
+    torch.testing.assert_close(summed, x.float() + res.float())
+    p = 0.25
+    y, summed, mask, mask1 = FA.layer_norm_fn(x.float(), w.float(), None, res.float(), dropout_p=p, prenorm=True,
+                                              return_dropout_mask=True)
+    assert mask.dtype == torch.bool and mask.shape == x.shape and mask1 is None
+    assert 0.1 < 1 - mask.float().mean().item() < 0.4
+    torch.testing.assert_close(summed, x.float() * mask / (1 - p) + res.float())  # the mask that was used
+    y, mask, mask1 = FA.layer_norm_fn(x.float(), w.float(), None, return_dropout_mask=True)
+    assert mask is None and mask1 is None
+
+
+@pytest.mark.parametrize("name", ["x1", "weight1", "bias1", "rowscale", "out", "residual_out"])
+def test_layer_norm_fn_refuses_what_has_no_kernel(name):
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with pytest.raises(ValueError, match=f"{name} is not supported by fused_attn's layer_norm_fn"):
+        FA.layer_norm_fn(x, w, None, **{name: torch.ones(2, 8)})
+
+
+def test_rms_norm_module():
+    norm = FA.RMSNorm(40, eps=1e-5)
+    x, res = torch.randn(3, 40), torch.randn(3, 40)
+    assert torch.equal(norm.weight, torch.ones(40)) and norm.bias is None
+    out, summed = norm(x, res, prenorm=True)
+    torch.testing.assert_close(out, fa_norm_oracle(x, norm.weight, None, res, eps=1e-5, is_rms_norm=True))
+    centered = FA.RMSNorm(40, zero_centered_weight=True)
+    assert torch.equal(centered.weight, torch.zeros(40))
+    torch.testing.assert_close(centered(x), fa_norm_oracle(x, torch.ones(40), None, eps=1e-5, is_rms_norm=True))
+
+
+# --- bert_padding, and code written against FlashAttention --------------------------------------
+
+def test_unpad_pad_round_trip():
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
+    packed, indices, cu, max_len, used = FA.unpad_input(hidden, mask)
+    assert cu.tolist() == [0, 3, 9, 11] and max_len == 6 and used.tolist() == [3, 6, 2]
+    assert cu.dtype == torch.int32 and torch.equal(packed, hidden.flatten(0, 1)[mask.flatten().bool()])
+    back = FA.pad_input(packed, indices, 3, 6)
+    assert torch.equal(back, hidden * mask[..., None])
+    back.sum().backward()
+    assert torch.equal(hidden.grad, mask[..., None].float().expand(3, 6, 8))
+    unused = torch.tensor([[0, 0, 0, 1, 0, 0], [0] * 6, [0] * 6])
+    _, _, cu, max_len, used = FA.unpad_input(hidden, mask, unused)
+    assert cu.tolist() == [0, 4, 10, 12] and used.tolist() == [3, 6, 2]
+
+
+def test_padded_batch_through_varlen_is_masked_sdpa():
+    """The FlashAttention-2 pattern of Hugging Face models, written against flash_attn: unpad,
+    flash_attn_varlen_func, pad; equal to torch's SDPA with the padding mask (right-padded batch)."""
+    B, L, H, D = 3, 11, 2, 16
+    q, k, v = (torch.randn(B, L, H, D) for _ in range(3))
+    mask = (torch.arange(L)[None] < torch.tensor([11, 4, 7])[:, None]).long()
+    q_u, idx, cu, max_len, _ = FA.unpad_input(q, mask)
+    k_u, v_u = FA.unpad_input(k, mask)[0], FA.unpad_input(v, mask)[0]
+    out = FA.pad_input(FA.flash_attn_varlen_func(q_u, k_u, v_u, cu, cu, max_len, max_len, causal=True), idx, B, L)
+    keep = mask.bool()[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=keep).transpose(1, 2)
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert not out[~valid].any()
+
+
+# --- patch_flash_attn ---------------------------------------------------------------------------
+
+def test_patch_flash_attn_serves_the_imports_and_undoes():
+    assert "flash_attn" not in sys.modules
+    with fused_attn.patch_flash_attn():
+        import flash_attn
+        from flash_attn import flash_attn_func
+        from flash_attn.bert_padding import unpad_input
+        from flash_attn.flash_attn_interface import flash_attn_varlen_func
+        from flash_attn.layers.rotary import apply_rotary_emb
+        from flash_attn.ops.triton.layer_norm import RMSNorm, rms_norm_fn
+        import flash_attn.ops.triton.layer_norm as ln
+
+        assert flash_attn_func is FA.flash_attn_func and flash_attn_varlen_func is FA.flash_attn_varlen_func
+        assert apply_rotary_emb is fused_attn.apply_rotary_emb and unpad_input is FA.unpad_input
+        assert ln.rms_norm_fn is rms_norm_fn and RMSNorm is FA.RMSNorm
+        assert flash_attn.__version__.startswith("2.8")
+        with pytest.raises(AttributeError, match="fused_attn's stand-in for FlashAttention"):
+            flash_attn.flash_attn_unpadded_func  # noqa: B018 (FlashAttention 1's name: not provided)
+        with pytest.raises(ImportError):
+            from flash_attn.layers.rotary import RotaryEmbedding  # noqa: F401
+    assert not any(name == "flash_attn" or name.startswith("flash_attn.") for name in sys.modules)
+
+
+def test_patch_flash_attn_does_not_shadow_an_installed_flash_attn(monkeypatch):
+    import types
+
+    real = types.ModuleType("flash_attn")
+    real.__version__ = "2.8.3"
+    monkeypatch.setitem(sys.modules, "flash_attn", real)
+    with pytest.raises(RuntimeError, match="flash_attn is installed"):
+        fused_attn.patch_flash_attn()
+    with fused_attn.patch_flash_attn(force=True):
+        import flash_attn
+
+        assert flash_attn is not real
+    assert sys.modules["flash_attn"] is real
+
+
+def test_code_written_for_flash_attn_runs_in_a_fresh_process():
+    """A script that imports flash_attn and uses it as a FlashAttention user would, after one
+    ``fused_attn.patch_flash_attn()``: runs on this CPU-only machine."""
+    script = textwrap.dedent("""
+        import torch, fused_attn
+        fused_attn.patch_flash_attn()
+        from flash_attn import flash_attn_func, flash_attn_with_kvcache
+        from flash_attn.ops.triton.layer_norm import rms_norm_fn
+        q = torch.randn(1, 5, 2, 16); kc = torch.zeros(1, 8, 2, 16); vc = torch.zeros(1, 8, 2, 16)
+        out = flash_attn_func(q, q, q, causal=True)
+        step = flash_attn_with_kvcache(q[:, :1], kc, vc, q[:, :1], q[:, :1], cache_seqlens=0, causal=True)
+        assert torch.allclose(step, q[:, :1]) and torch.equal(kc[:, 0], q[:, 0])
+        y = rms_norm_fn(out, torch.ones(16), None, residual=out, prenorm=True)
+        print("ok", tuple(out.shape), type(y).__name__)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok (1, 5, 2, 16) tuple"

@@ -611,9 +611,12 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             b's keys start at row ``cache_leftpad[b]`` of its cache row (a left-padded batch of
             prompts written as is): it attends rows ``cache_leftpad[b] .. cache_seqlens[b] + Lnew -
             1``, so ``cache_seqlens[b]`` still counts the padding (the new keys are written at row
-            ``cache_seqlens[b]``) and ``0 <= cache_leftpad[b] <= cache_seqlens[b]``. Causal,
-            window and ALiBi place the queries on the keys used; rotary positions stay the cache
-            rows, ``cache_seqlens[b] + i``, as FlashAttention's (RoPE sees only differences).
+            ``cache_seqlens[b]``) and ``0 <= cache_leftpad[b] <= cache_seqlens[b] + Lnew``: the
+            padding may arrive with the new keys (a left-padded prefill of an empty cache, whose
+            padded queries then see no key and give zeros; FlashAttention asks for
+            ``cache_leftpad <= cache_seqlens``). Causal, window and ALiBi place the queries on the
+            keys used; rotary positions stay the cache rows, ``cache_seqlens[b] + i``, as
+            FlashAttention's (RoPE sees only differences).
         block_table: int32 (B, pages_per_seq) or None: a paged cache (FlashAttention's / vLLM's).
             The new keys of two sequences must not land on the same page rows.
         rotary_cos, rotary_sin: (S, R/2) tables, or None: rotary position embedding applied here,
@@ -737,8 +740,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     elif compiling:
         _assert_kvcache_values(cache_seqlens, cache_batch_idx, 0, capacity, slots)
     if compiling and cache_leftpad is not None:
-        torch._assert_async(((cache_leftpad >= 0) & (cache_leftpad <= cache_seqlens)).all(),
-                            "attention_with_kvcache: cache_leftpad must be >= 0 and <= cache_seqlens")
+        torch._assert_async(((cache_leftpad >= 0) & (cache_leftpad <= cache_seqlens + new)).all(),
+                            "attention_with_kvcache: cache_leftpad must be >= 0 and <= cache_seqlens + Lnew")
     # The attention: attention_varlen on q as B packed sequences of Lq rows, each using its first
     # cache_seqlens[b] + Lnew keys. A dense cache is B packed slots of Lmax rows (viewed, not
     # copied); with cache_batch_idx it is read as a paged cache with one page per cache row.
@@ -865,7 +868,7 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     cache_batch_idx within the cache rows (and distinct when written to); the pages a sequence uses
     exist, and no two sequences write the same page rows. The pages are checked on the device (a
     flag per sequence), and only the table entries the new keys land on are copied, not the table.
-    0 <= cache_leftpad[b] <= cache_seqlens[b]. Returns cache_seqlens and cache_leftpad (or None)
+    0 <= cache_leftpad[b] <= cache_seqlens[b] + Lnew. Returns cache_seqlens and cache_leftpad (or None)
     as lists."""
     batch = cache_seqlens.shape[0]
     if cache_batch_idx is None and block_table is None and cache_leftpad is None:  # one copy, no conversion
@@ -889,9 +892,10 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     if cache_leftpad is not None:
         pads, rest = rest[:batch], rest[batch:]
         for b, (p, n) in enumerate(zip(pads, lengths)):
-            if not 0 <= p <= n:
-                raise ValueError(f"cache_leftpad[{b}] = {p} must be >= 0 and <= cache_seqlens[{b}] = {n}: the padding "
-                                 f"rows come before the keys already cached")
+            if not 0 <= p <= n + new:
+                plus = f" + Lnew = {n + new}" if new else f" = {n}"
+                raise ValueError(f"cache_leftpad[{b}] = {p} must be >= 0 and <= cache_seqlens[{b}]{plus}: the padding "
+                                 f"rows come before the sequence's keys")
     if cache_batch_idx is not None:
         owner = {}
         for b, i in enumerate(rest[:batch]):

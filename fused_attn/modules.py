@@ -77,7 +77,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         if kv_cache is not None:
             reference.check_kv_cache_call(self, query, key, value, attn_mask, key_padding_mask, cu_seqlens, is_causal,
                                           kv_cache)
-            return self._decode(query, kv_cache)
+            return reference.decode_step(self, query, kv_cache, key_padding_mask)
         if cu_seqlens is not None:
             return self._packed_forward(query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens,
                                         max_seqlen)
@@ -121,6 +121,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         if self.rotary:
             rope["rotary_cos"], rope["rotary_sin"] = self.rotary_tables(kv_cache.k.shape[1], query.device)
         out = attention_with_kvcache(q, kv_cache.k, kv_cache.v, k, v, cache_seqlens=kv_cache.seqlens, causal=True,
+                                     cache_leftpad=kv_cache.leftpad if kv_cache.padded else None,
                                      window_size=self.window_size, alibi_slopes=self.alibi_slopes, sinks=self.sinks,
                                      backend=self.backend, **rope)
         kv_cache.seqlens += L

@@ -310,15 +310,29 @@ class KVCache:
     modules' forward): preallocated ``k`` and ``v`` (B, max_len, num_kv_heads, head_dim), in the
     layout ``fused_attn.attention_with_kvcache`` reads, and ``seqlens``, the int32 (B,) count of
     tokens each sequence holds. A forward with ``kv_cache`` appends its tokens and advances
-    ``seqlens``; ``reset()`` empties the cache for the next batch. Inference only."""
+    ``seqlens``; ``reset()`` empties the cache for the next batch. Inference only.
+
+    A batch of prompts of different lengths is prefilled left-padded, with ``key_padding_mask``
+    (True = padding) on the first call: ``leftpad`` (int32 (B,)) then holds each sequence's padding,
+    rows the attention never reads (``attention_with_kvcache``'s ``cache_leftpad``), ``padded``
+    says whether any was given, and later calls append every sequence's next token alike."""
 
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, device=None, dtype=None):
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.leftpad = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.padded = False
 
     def reset(self) -> None:
         self.seqlens.zero_()
+        self.leftpad.zero_()
+        self.padded = False
+
+    def start_padded(self, key_padding_mask: torch.Tensor) -> None:
+        """Record a left-padded prefill's padding (the call has checked the mask)."""
+        self.leftpad.copy_(key_padding_mask.sum(dim=1))
+        self.padded = True
 
     def __repr__(self) -> str:
         B, max_len, H, D = self.k.shape
@@ -326,16 +340,18 @@ class KVCache:
 
 
 def check_kv_cache_call(module, query, key, value, attn_mask, key_padding_mask, cu_seqlens, is_causal, kv_cache):
-    """A decoding call (``kv_cache``): causal self-attention on (B, L, d_model), no mask, no packing,
-    on a cache of this module's shape and batch."""
+    """A decoding call (``kv_cache``): causal self-attention on (B, L, d_model), no attn_mask, no
+    packing, on a cache of this module's shape and batch; a ``key_padding_mask`` only to prefill an
+    empty cache with left-padded prompts (checked here: one host read outside torch.compile, a
+    device assert under it)."""
     if not isinstance(kv_cache, KVCache):
         raise TypeError(f"kv_cache must be a KVCache (module.new_kv_cache(batch, max_len)), got "
                         f"{type(kv_cache).__name__}")
     if key is not None and key is not query or value is not None and value is not query:
         raise ValueError("kv_cache is for self-attention: leave key and value out")
-    if attn_mask is not None or key_padding_mask is not None or cu_seqlens is not None:
-        raise ValueError("kv_cache takes no attn_mask, key_padding_mask or cu_seqlens: each sequence attends its "
-                         "cached tokens and the new ones, causally")
+    if attn_mask is not None or cu_seqlens is not None:
+        raise ValueError("kv_cache takes no attn_mask or cu_seqlens: each sequence attends its cached tokens and the "
+                         "new ones, causally (a key_padding_mask may left-pad the prompts of the first call)")
     if not (module.causal if is_causal is None else bool(is_causal)):
         raise ValueError("kv_cache decoding needs causal attention (causal=True, or is_causal=True): without it "
                          "earlier tokens would see later ones")
@@ -349,6 +365,46 @@ def check_kv_cache_call(module, query, key, value, attn_mask, key_padding_mask, 
     got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[3])
     if got != want:
         raise ValueError(f"kv_cache holds (batch, kv heads, head dim) = {got}, but this call needs {want}")
+    if key_padding_mask is not None:
+        _check_left_padding(key_padding_mask, query, kv_cache)
+
+
+def decode_step(module, query, kv_cache, key_padding_mask):
+    """``module._decode`` after ``check_kv_cache_call``; a left-padded prefill records its padding
+    first and, should the step be refused (it raises before writing), leaves the cache empty again."""
+    if key_padding_mask is None:
+        return module._decode(query, kv_cache)
+    kv_cache.start_padded(key_padding_mask)
+    try:
+        return module._decode(query, kv_cache)
+    except Exception:
+        kv_cache.reset()
+        raise
+
+
+def _check_left_padding(pad, query, kv_cache) -> None:
+    """A decoding call's key_padding_mask: bool (B, L), True = padding, only before each row's first
+    token (left padding), and only on an empty cache (the prefill)."""
+    shape = tuple(query.shape[:2])
+    if not isinstance(pad, torch.Tensor) or pad.dtype != torch.bool or tuple(pad.shape) != shape:
+        raise ValueError(f"with kv_cache, key_padding_mask must be a bool (B, L) = {shape} tensor (True = padding), "
+                         f"got {pad.dtype if isinstance(pad, torch.Tensor) else type(pad).__name__} "
+                         f"{tuple(pad.shape) if isinstance(pad, torch.Tensor) else ''}")
+    if pad.device != query.device:
+        raise ValueError(f"key_padding_mask is on {pad.device} but the input is on {query.device}")
+    not_left = (pad[:, 1:] & ~pad[:, :-1]).any()  # a pad after a token
+    not_empty = (kv_cache.seqlens != 0).any()
+    if torch.compiler.is_compiling():
+        torch._assert_async(~(not_left | not_empty), "kv_cache: key_padding_mask must pad on the left, on the prefill "
+                                                     "of an empty cache")
+        return
+    not_left, not_empty = torch.stack([not_left, not_empty]).tolist()
+    if not_left:
+        raise ValueError("with kv_cache, key_padding_mask must pad on the left (True only before a row's first "
+                         "token): later tokens are appended after every sequence's last one")
+    if not_empty:
+        raise ValueError("with kv_cache, key_padding_mask is for the prefill of an empty cache (reset() it first): "
+                         "the padding must come before every cached token")
 
 
 class MultiHeadAttention(nn.Module):
@@ -422,10 +478,11 @@ class MultiHeadAttention(nn.Module):
         ``fused_attn.functional.attention_varlen``), ``max_seqlen`` the longest (optional); or
         incremental decoding with ``kv_cache`` (a ``KVCache``, ``new_kv_cache``): causal
         self-attention of the new tokens to the cached ones and themselves, token i of sequence b
-        at position ``kv_cache.seqlens[b] + i``; the call appends them and advances the count."""
+        at position ``kv_cache.seqlens[b] + i``; the call appends them and advances the count. A
+        ``key_padding_mask`` with ``kv_cache`` left-pads the prompts of the prefill (see ``KVCache``)."""
         if kv_cache is not None:
             check_kv_cache_call(self, query, key, value, attn_mask, key_padding_mask, cu_seqlens, is_causal, kv_cache)
-            return self._decode(query, kv_cache)
+            return decode_step(self, query, kv_cache, key_padding_mask)
         if cu_seqlens is not None:
             check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
             q, k, v = (lin(query).unflatten(-1, (heads, self.head_dim)) for lin, heads in (
@@ -463,7 +520,8 @@ class MultiHeadAttention(nn.Module):
 
 def _decode_reference(mha, query, kv_cache):
     """The reference's decoding step: write the new keys and values after each sequence's cached
-    ones, then each sequence alone through ``attention``, bottom-right causal."""
+    ones, then each sequence alone through ``attention``, bottom-right causal, on its keys past its
+    left padding (RoPE positions count the padding: they are the cache rows)."""
     B, L, _ = query.shape
     q = mha.query_linear(query).unflatten(-1, (mha.num_heads, mha.head_dim))  # (B, L, H, D)
     k = mha.key_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
@@ -476,10 +534,11 @@ def _decode_reference(mha, query, kv_cache):
         positions = torch.tensor(lengths, device=query.device)[:, None] + torch.arange(L, device=query.device)
         q, k = rotary(q, cos, sin, positions), rotary(k, cos, sin, positions)
     outs = []
+    pads = kv_cache.leftpad.tolist()
     for b, n in enumerate(lengths):
         kv_cache.k[b, n:n + L] = k[b]
         kv_cache.v[b, n:n + L] = v[b]
-        keys, values = (t[b, :n + L].transpose(0, 1)[None] for t in (kv_cache.k, kv_cache.v))
+        keys, values = (t[b, pads[b]:n + L].transpose(0, 1)[None] for t in (kv_cache.k, kv_cache.v))
         outs.append(attention(q[b].transpose(0, 1)[None], keys, values, causal=True, window_size=mha.window_size,
                               alignment="bottom_right", alibi_slopes=mha.alibi_slopes,
                               sinks=mha.sinks)[0].transpose(0, 1))

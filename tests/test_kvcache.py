@@ -61,6 +61,8 @@ CASES = [
          window=(3, 0), alibi="per batch", sinks=True),
     dict(id="cache_leftpad, no new keys, a sequence with none", B=2, Lq=2, new=0, seqlens=[17, 8], leftpad=[5, 8],
          Hq=2, Hkv=2, D=16, causal=False, seqlens_dtype=torch.int64),
+    dict(id="cache_leftpad among the new keys: a left-padded prefill", B=3, Lq=4, new=4, seqlens=[0, 0, 2],
+         leftpad=[1, 3, 4], Hq=2, Hkv=1, D=24, causal=True, alibi="per head"),
 ]
 LMAX = 17
 PAGES_PER_SEQ = 4
@@ -141,8 +143,9 @@ def oracle(q, kc, vc, k, v, kwargs, lengths, return_lse=True):
     outs, lses = [], []
     for b, n in enumerate(lengths):
         ks, vs = _old_keys(kc, b, n, kwargs), _old_keys(vc, b, n, kwargs)
-        if k is not None:
-            ks, vs = torch.cat([ks, k[b]]), torch.cat([vs, v[b]])
+        if k is not None:  # after any new keys that are still left padding
+            skip = 0 if kwargs["cache_leftpad"] is None else max(int(kwargs["cache_leftpad"][b]) - n, 0)
+            ks, vs = torch.cat([ks, k[b, skip:]]), torch.cat([vs, v[b, skip:]])
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[b], ks, vs))  # (1, heads, len, dim)
         slopes = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[b]).to(q.dtype)
         opts = dict(window_size=kwargs["window_size"], alignment="bottom_right", softcap=kwargs["softcap"],
@@ -197,7 +200,7 @@ def test_kvcache_matches_reference_bfloat16(device, backend):
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
-WRITE_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[13], CASES[16]]
+WRITE_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[13], CASES[16], CASES[18]]
 
 
 @pytest.mark.parametrize("case", WRITE_CASES, ids=[c["id"] for c in WRITE_CASES])
@@ -495,8 +498,8 @@ DENSE_ERRORS = [
     (lambda a: dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(Hq,\) = \(4,\)"),
     (lambda a: dict(sinks=torch.ones(2)), ValueError, r"sinks must have shape \(Hq,\) = \(4,\)"),
     (lambda a: dict(backend="fastest"), ValueError, "backend must be one of"),
-    (lambda a: dict(cache_leftpad=_int([0, 0, 15])), ValueError,
-     r"cache_leftpad\[2\] = 15 must be >= 0 and <= cache_seqlens\[2\] = 14"),
+    (lambda a: dict(cache_leftpad=_int([0, 0, 18])), ValueError,
+     r"cache_leftpad\[2\] = 18 must be >= 0 and <= cache_seqlens\[2\] \+ Lnew = 16"),
     (lambda a: dict(cache_leftpad=_int([0, -1, 0])), ValueError, r"cache_leftpad\[1\] = -1 must be >= 0"),
     (lambda a: dict(cache_leftpad=_int([0, 0])), ValueError, r"cache_leftpad must have one entry per batch row"),
     (lambda a: dict(cache_leftpad=torch.zeros(3)), TypeError, "cache_leftpad must be int32 or int64"),
@@ -605,7 +608,7 @@ def test_kvcache_leftpad_under_torch_compile():
     torch.testing.assert_close(out, eager, equal_nan=True)
     assert torch.equal(kc.nan_to_num(), eager_k.nan_to_num())
     with pytest.raises(Exception, match="cache_leftpad must be >= 0 and <= cache_seqlens"):
-        compiled(q, kc, vc, k, v, pads + 5)
+        compiled(q, kc, vc, k, v, pads + 8)
 
 
 def test_kvcache_leftpad_is_the_unpadded_cache():

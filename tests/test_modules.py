@@ -471,3 +471,79 @@ def test_kv_cache_decoding_compiles_fullgraph():
         outs = [step(x[:, :4])] + [step(x[:, t:t + 1]) for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
     assert caches[1].seqlens.tolist() == [9, 9]
+
+
+@pytest.mark.parametrize("options", list(DECODE_OPTIONS))
+def test_kv_cache_left_padded_prompts_decode_as_each_alone(options):
+    """Prompts of 7, 3 and 1 tokens prefilled as one left-padded batch (key_padding_mask), then
+    four tokens decoded for all three at once: every real token's output is the one its sequence
+    gives decoded alone, unpadded (RoPE positions count the padding, and RoPE sees only position
+    differences, hence the tolerance); the fused and the reference modules alike."""
+    kw = dict(d_ff=48, causal=True, **DECODE_OPTIONS[options])
+    fused, ref = _pair("Transformer", D_MODEL, HEADS, 2, **kw)
+    _perturb_norms(fused, ref)
+    fused.eval()
+    ref.eval()
+    lengths, steps = [7, 3, 1], 4
+    seqs = [make_inputs((1, n + steps, D_MODEL), seed=30 + i, requires_grad=False)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    prompts = torch.stack([torch.cat([torch.full((width - n, D_MODEL), 9.0), s[0, :n]]) for n, s in zip(lengths, seqs)])
+    pad = torch.arange(width)[None] < torch.tensor([width - n for n in lengths])[:, None]
+    with torch.no_grad():
+        for model in (fused, ref):
+            alone = []
+            for n, s in zip(lengths, seqs):
+                cache = model.new_kv_cache(1, 16)
+                alone.append([model(s[:, :n], kv_cache=cache)] + [model(s[:, t:t + 1], kv_cache=cache)
+                                                                   for t in range(n, n + steps)])
+            caches = model.new_kv_cache(3, 16)
+            first = model(prompts, kv_cache=caches, key_padding_mask=pad)
+            assert caches[0].leftpad.tolist() == [0, 4, 6] and caches[1].padded
+            later = [model(torch.cat([s[:, n + i:n + i + 1] for n, s in zip(lengths, seqs)]), kv_cache=caches)
+                     for i in range(steps)]
+            for b, n in enumerate(lengths):
+                torch.testing.assert_close(first[b, width - n:], alone[b][0][0], rtol=1e-4, atol=1e-4)
+                for i in range(steps):
+                    torch.testing.assert_close(later[i][b], alone[b][1 + i][0], rtol=1e-4, atol=1e-4)
+            assert first[~pad].isfinite().all()
+            caches[0].reset()
+            assert caches[0].leftpad.tolist() == [0, 0, 0] and not caches[0].padded
+
+
+def test_kv_cache_padding_bad_calls_say_why():
+    fused = M.MultiHeadAttention(D_MODEL, HEADS, causal=True).eval()
+    x = torch.randn(2, 3, D_MODEL)
+    with torch.no_grad():
+        for pad, match in ((torch.tensor([[False, True, False], [False] * 3]), "must pad on the left"),
+                           (torch.zeros(2, 3), "must be a bool"), (torch.zeros(2, 4, dtype=torch.bool), "must be a bool")):
+            cache = fused.new_kv_cache(2, 8)
+            with pytest.raises(ValueError, match=match):
+                fused(x, kv_cache=cache, key_padding_mask=pad)
+        cache = fused.new_kv_cache(2, 8)
+        fused(x, kv_cache=cache)
+        with pytest.raises(ValueError, match="for the prefill of an empty cache"):
+            fused(x, kv_cache=cache, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
+        small = fused.new_kv_cache(2, 2)  # refused for its size: the cache stays empty, padding forgotten
+        with pytest.raises(ValueError, match="more than the 2"):
+            fused(x, kv_cache=small, key_padding_mask=torch.tensor([[True, False, False]] * 2))
+        assert small.seqlens.tolist() == [0, 0] and small.leftpad.tolist() == [0, 0] and not small.padded
+
+
+def test_kv_cache_left_padded_prefill_compiles_fullgraph():
+    """The padded prefill traces too (the mask checked by a device assert, the padding recorded in
+    the graph) and gives the eager answer; the steps after it reuse one compiled step."""
+    torch.manual_seed(0)
+    model = M.Transformer(D_MODEL, HEADS, 2, d_ff=48, causal=True, rotary=True).eval()
+    (x,) = make_inputs((2, 6, D_MODEL), seed=25, requires_grad=False)
+    pad = torch.tensor([[True, True, False, False, False, False], [False] * 6])
+    with torch.no_grad():
+        eager_caches, caches = model.new_kv_cache(2, 12), model.new_kv_cache(2, 12)
+        eager = [model(x, kv_cache=eager_caches, key_padding_mask=pad)] + [
+            model(x[:, t:t + 1], kv_cache=eager_caches) for t in range(3)]
+        prefill = torch.compile(lambda t, p: model(t, kv_cache=caches, key_padding_mask=p), fullgraph=True,
+                                backend="aot_eager")
+        step = torch.compile(lambda t: model(t, kv_cache=caches), fullgraph=True, backend="aot_eager")
+        outs = [prefill(x, pad)] + [step(x[:, t:t + 1]) for t in range(3)]
+    for a, b in zip(outs, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert caches[0].leftpad.tolist() == [2, 0] and caches[0].padded

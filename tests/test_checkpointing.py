@@ -1,0 +1,103 @@
+"""Activation checkpointing (torch.utils.checkpoint, Hugging Face's gradient_checkpointing_enable)
+over the fused modules, with dropout on.
+
+A checkpointed segment runs its forward twice: once without saving activations, once again in
+the backward to rebuild them. Every fused op draws its dropout seed from torch's CPU generator at
+call time, and torch.utils.checkpoint restores that generator's state for the recomputation, so
+the recomputed forward must drop exactly the elements the first one dropped: the loss and every
+gradient equal, bit for bit, those of the same step without checkpointing. A kernel that drew its
+randomness elsewhere (a device generator that checkpoint does not stash, a counter advanced per
+call) would give the backward a different mask, and these tests would see it.
+"""
+import pytest
+import torch
+import torch.utils.checkpoint as checkpoint
+
+from fused_attn import modules as M
+from fused_attn.testing import make_inputs
+
+
+def _step(model, x, segments):
+    """One training step's loss and gradients, each layer checkpointed with ``segments`` (None: not)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    h = x
+    for layer in model.layers:
+        if segments is None:
+            h = layer(h, is_causal=True)
+        else:
+            h = checkpoint.checkpoint(lambda t, layer=layer: layer(t, is_causal=True), h, use_reentrant=segments)
+    loss = (h * torch.linspace(-1, 1, h.shape[-1])).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kw", [dict(), dict(norm_first=True, norm="rmsnorm", activation="swiglu", num_kv_heads=2,
+                                              rotary=True, sinks=True)], ids=["post-LN", "pre-LN rotary swiglu sinks"])
+def test_checkpointed_layers_give_the_same_step(kw, use_reentrant):
+    """Attention dropout, the norms' residual dropout and the FFN dropout all recompute their masks."""
+    torch.manual_seed(0)
+    model = M.Transformer(32, 4, 2, d_ff=64, dropout=0.2, **kw).train()
+    (x,) = make_inputs((2, 17, 32), seed=1, requires_grad=True)
+    plain_loss, plain = _step(model, x, None)
+    x_grad = x.grad.clone()
+    x.grad = None
+    loss, grads = _step(model, x, use_reentrant)
+    assert torch.equal(loss, plain_loss)
+    for name, g in plain.items():
+        assert torch.equal(grads[name], g), name
+    assert torch.equal(x.grad, x_grad)
+
+
+def test_dropout_is_live_in_the_checkpointed_step():
+    """The equality above is not the trivial one: with two seeds the same step differs."""
+    torch.manual_seed(0)
+    model = M.Transformer(32, 4, 1, d_ff=64, dropout=0.2).train()
+    (x,) = make_inputs((2, 17, 32), seed=1, requires_grad=False)
+    torch.manual_seed(1)
+    a = checkpoint.checkpoint(model, x, use_reentrant=False)
+    torch.manual_seed(2)
+    b = checkpoint.checkpoint(model, x, use_reentrant=False)
+    assert not torch.equal(a, b)
+
+
+def test_huggingface_gradient_checkpointing_on_a_swapped_bert():
+    """A swapped BERT with every dropout on, trained one step with transformers' own gradient
+    checkpointing: the same loss and gradients as without it."""
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    import fused_attn
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2,
+                                  num_labels=3, max_position_embeddings=64)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
+    fused_attn.swap_modules(model)
+    model.train()
+    ids = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 2])
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = step()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_activation_checkpointing
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_gradient_checkpointing
+    loss, grads = step()
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain.keys()
+    for name, g in plain.items():
+        assert torch.equal(grads[name], g), name

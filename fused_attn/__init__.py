@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import _extension, functional, reference
 from .backends import BackendUnavailableError, available_backends, use_backend
 from .integrations.flash_attn import patch_flash_attn
+from .integrations.xformers import patch_xformers
 from .functional import (apply_rotary_emb, attention, attention_varlen, attention_with_kvcache, feed_forward,
                          get_alibi_slopes, layer_norm_residual)
 from .modules import FeedForward, KVCache, LayerNormResidual, MultiHeadAttention, Transformer, TransformerLayer
@@ -21,7 +22,8 @@ __all__ = ["functional", "reference", "attention", "attention_varlen", "attentio
            "available_backends", "use_backend", "BackendUnavailableError", "extension_error", "empty_cpu_cache",
            "__version__",
            "MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer", "KVCache",
-           "swap_modules", "restore_modules", "patch_sdpa", "patch_flash_attn", "SwapReport"]
+           "swap_modules", "restore_modules", "patch_sdpa", "patch_flash_attn", "patch_xformers",
+           "SwapReport"]
 
 
 def extension_error() -> str | None:

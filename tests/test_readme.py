@@ -41,3 +41,14 @@ def test_flash_attn_example_runs():
     exec(compile(blocks[0], str(README) + " (flash_attn)", "exec"), namespace)
     assert namespace["out"].shape == (2, 128, 8, 64)
     assert "flash_attn" not in sys.modules
+
+
+def test_xformers_example_runs():
+    import sys
+
+    blocks = [b for b in _blocks_after("## Modules and swapping into existing models") if "patch_xformers" in b]
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], str(README) + " (xformers)", "exec"), namespace)
+    assert namespace["first"].shape == (1, 5, 4, 32) and namespace["second"].shape == (1, 9, 4, 32)
+    assert "xformers" not in sys.modules

@@ -35,11 +35,7 @@ stand-in does not provide when it is imported from a patched ``flash_attn`` modu
 """
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import numbers
-import sys
-import types
 from typing import Optional, Union
 
 import torch
@@ -49,6 +45,7 @@ from .. import _rng
 from .. import reference as R
 from ..functional import (_draw_rng, apply_rotary_emb, attention, attention_varlen, attention_with_kvcache,
                           layer_norm_residual)
+from ._stand_in import StandInModules
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
@@ -448,30 +445,7 @@ _MODULES = {
 _PACKAGES = {"flash_attn", "flash_attn.layers", "flash_attn.ops", "flash_attn.ops.triton"}
 
 
-def _stand_in(name: str) -> types.ModuleType:
-    module = types.ModuleType(name, f"fused_attn's stand-in for FlashAttention's {name} "
-                                    f"(fused_attn.integrations.flash_attn)")
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name in _PACKAGES)
-    if name in _PACKAGES:
-        module.__path__ = []
-    provided = _MODULES[name]
-    for attr in provided:
-        setattr(module, attr, globals()[attr])
-    module.__all__ = list(provided)
-    if name == "flash_attn":
-        module.__version__ = FLASH_ATTN_VERSION
-
-    def missing(attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        raise AttributeError(f"module {name!r} (fused_attn's stand-in for FlashAttention) has no attribute "
-                             f"{attr!r}: it provides {', '.join(provided) or 'only submodules'}")
-
-    module.__getattr__ = missing
-    return module
-
-
-class patch_flash_attn:
+class patch_flash_attn(StandInModules):
     """Make ``import flash_attn`` (and its submodules listed in this module's docstring) find
     fused_attn's implementations, for code written against FlashAttention::
 
@@ -485,39 +459,5 @@ class patch_flash_attn:
     """
 
     def __init__(self, force: bool = False):
-        _flag("force", force)
-        if not force:
-            existing = sys.modules.get("flash_attn")
-            if existing is not None:  # imported already: ours (an earlier patch) or the real one
-                installed = not getattr(existing, "__version__", "").endswith("+fused_attn")
-            else:
-                try:
-                    installed = importlib.util.find_spec("flash_attn") is not None
-                except (ImportError, ValueError):
-                    installed = False
-            if installed:
-                raise RuntimeError("flash_attn is installed: patch_flash_attn() would shadow it. Pass force=True to "
-                                   "route it to fused_attn anyway, or import fused_attn.integrations.flash_attn")
-        self.saved = {name: sys.modules.get(name) for name in _MODULES}
-        self.installed = {name: _stand_in(name) for name in _MODULES}
-        for name, module in self.installed.items():
-            parent, _, child = name.rpartition(".")
-            if parent:
-                setattr(self.installed[parent], child, module)
-        sys.modules.update(self.installed)
-
-    def undo(self) -> None:
-        """Put back the modules that were there before this patch (where this patch's are still in place)."""
-        for name, module in self.installed.items():
-            if sys.modules.get(name) is module:
-                if self.saved[name] is None:
-                    del sys.modules[name]
-                else:
-                    sys.modules[name] = self.saved[name]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.undo()
-        return False
+        modules = {name: {attr: globals()[attr] for attr in attrs} for name, attrs in _MODULES.items()}
+        super().__init__("flash_attn", modules, _PACKAGES, FLASH_ATTN_VERSION, force)

@@ -1,0 +1,419 @@
+"""xformers' ``memory_efficient_attention`` and its attention-bias classes on fused_attn's kernels,
+so code written against ``xformers.ops`` runs unchanged on CPUs and on GPUs without xformers::
+
+    from fused_attn.integrations import xformers as xops
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask())  # (B, M, H, K)
+
+    fused_attn.patch_xformers()        # ``import xformers.ops`` now finds this module
+
+xformers' conventions: tensors (B, M, H, K) (also (B, M, K) without heads, and (B, M, G, H, K)
+for grouped-query attention, keys and values expanded over H); ``attn_bias`` a float tensor added
+to the logits (broadcastable to (B, H, M, N), its gradient computed when it requires grad) or one
+of the classes below, which the kernels apply without a mask in memory:
+
+- ``LowerTriangularMask`` (causal, top-left: query i sees keys j <= i), ``.add_bias(t)`` ->
+  ``LowerTriangularMaskWithTensorBias``; ``LowerTriangularFromBottomRightMask`` (the last query
+  sees the last key); ``LowerTriangularFromBottomRightLocalAttentionMask(window_size)`` (and each
+  query only its last ``window_size`` keys);
+- ``BlockDiagonalMask.from_seqlens(q_seqlen, kv_seqlen=None)`` / ``.from_tensor_list(tensors)`` /
+  ``.from_tensor_lists_qkv(...)``: sequences packed along M of a batch of one, each attending only
+  itself (``attention_varlen``), ``.split(out)`` undoing the packing; ``.make_causal()``,
+  ``.make_causal_from_bottomright()``, ``.make_local_attention(w)``,
+  ``.make_local_attention_from_bottomright(w)`` and the matching ``BlockDiagonalCausal*`` classes;
+- ``BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_seqlen, kv_padding, kv_seqlen)``:
+  packed queries against keys in slots of ``kv_padding`` rows, sequence b using the first
+  ``kv_seqlen[b]``, causal from the bottom right (decoding against a padded KV cache).
+
+Every class has ``materialize(shape, dtype, device)``, the dense additive bias, for tests.
+``op`` is accepted and ignored (fused_attn picks its own kernel); ``output_dtype`` casts the
+output. Fully masked rows give zeros (xformers leaves them undefined).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference as R
+from ..functional import attention, attention_varlen
+from ._stand_in import StandInModules
+
+__all__ = ["memory_efficient_attention", "memory_efficient_attention_forward", "AttentionBias",
+           "LowerTriangularMask", "LowerTriangularMaskWithTensorBias", "LowerTriangularFromBottomRightMask",
+           "LowerTriangularFromBottomRightLocalAttentionMask", "BlockDiagonalMask", "BlockDiagonalCausalMask",
+           "BlockDiagonalCausalFromBottomRightMask", "BlockDiagonalCausalLocalAttentionMask",
+           "BlockDiagonalCausalLocalAttentionFromBottomRightMask", "BlockDiagonalCausalWithOffsetPaddedKeysMask",
+           "patch_xformers"]
+
+XFORMERS_VERSION = "0.0.28+fused_attn"
+
+
+def _window_of(window_size: int) -> tuple:
+    """xformers' local ``window_size`` w (query i sees keys i - w < j <= i) as (left, right)."""
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+        raise ValueError(f"window_size must be an int >= 1 (the keys each query sees), got {window_size!r}")
+    return (window_size - 1, 0)
+
+
+def _lengths(name: str, seqlens) -> list:
+    try:
+        values = [int(n) for n in seqlens]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {type(seqlens).__name__}") from None
+    if any(n < 0 for n in values):
+        raise ValueError(f"{name} must hold lengths >= 0, got {values}")
+    return values
+
+
+def _additive(keep: Optional[Tensor], shape, dtype, device) -> Tensor:
+    bias = torch.zeros(shape[-2:], dtype=dtype, device=device)
+    if keep is not None:
+        bias.masked_fill_(~keep.to(device), -math.inf)
+    return bias.expand(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Biases applied in the kernels over one (M, N) grid
+# ---------------------------------------------------------------------------------------------
+
+class AttentionBias:
+    """Base of the bias classes: each says which keys a query sees (``_rule``), and fused_attn's
+    kernels apply it; ``materialize`` gives it as an additive tensor, for tests."""
+
+    causal = False
+    alignment = "top_left"
+    window = None
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
+        """The additive bias (0 where a query sees a key, -inf elsewhere), shape ``(..., M, N)``."""
+        keep = R.visible_keys(shape[-2], shape[-1], self.causal, self.window, self.alignment, device=device)
+        return _additive(keep, shape, dtype, device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LowerTriangularMask(AttentionBias):
+    """Causal, top-left aligned: query i sees keys j <= i."""
+
+    causal = True
+
+    def add_bias(self, bias: Tensor) -> "LowerTriangularMaskWithTensorBias":
+        return LowerTriangularMaskWithTensorBias(bias)
+
+
+class LowerTriangularMaskWithTensorBias(LowerTriangularMask):
+    """``LowerTriangularMask`` plus an additive tensor (broadcastable to (B, H, M, N))."""
+
+    def __init__(self, bias: Tensor):
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got "
+                            f"{bias.dtype if isinstance(bias, Tensor) else type(bias).__name__}")
+        self._bias = bias
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
+        return super().materialize(shape, dtype, device) + self._bias.to(dtype=dtype, device=device)
+
+
+class LowerTriangularFromBottomRightMask(AttentionBias):
+    """Causal, bottom-right aligned: query i sees keys j <= i + N - M (the last query the last key)."""
+
+    causal = True
+    alignment = "bottom_right"
+
+    def make_local_attention(self, window_size: int) -> "LowerTriangularFromBottomRightLocalAttentionMask":
+        return LowerTriangularFromBottomRightLocalAttentionMask(window_size)
+
+
+class LowerTriangularFromBottomRightLocalAttentionMask(LowerTriangularFromBottomRightMask):
+    """``LowerTriangularFromBottomRightMask`` where each query sees only its last ``window_size`` keys."""
+
+    def __init__(self, window_size: int):
+        self.window = _window_of(window_size)
+        self._window_size = window_size
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(window_size={self._window_size})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-diagonal biases: packed sequences, a batch of one
+# ---------------------------------------------------------------------------------------------
+
+class _SeqLenInfo:
+    """Sequence lengths laid back to back: starts ``cu_seqlen_py`` (and as an int32 tensor)."""
+
+    def __init__(self, seqlens: Sequence[int], padding: Optional[int] = None):
+        self.seqlen_py = list(seqlens)
+        self.max_seqlen = max(self.seqlen_py, default=0)
+        if padding is None:  # packed: each starts where the previous ends
+            starts = [0]
+            for n in self.seqlen_py:
+                starts.append(starts[-1] + n)
+        else:  # padded slots of ``padding`` rows
+            starts = [b * padding for b in range(len(self.seqlen_py) + 1)]
+        self.padding = padding
+        self.cu_seqlen_py = starts
+        self.cu_seqlen = torch.tensor(starts, dtype=torch.int32)
+
+    def split(self, x: Tensor, batch_sizes: Optional[Sequence[int]] = None) -> list:
+        if x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != self.cu_seqlen_py[-1]:
+            raise ValueError(f"expected a (1, {self.cu_seqlen_py[-1]}, ...) tensor of packed sequences, got "
+                             f"{tuple(x.shape)}")
+        if self.padding is not None:
+            return [x[:, s:s + n] for s, n in zip(self.cu_seqlen_py, self.seqlen_py)]
+        batch_sizes = [1] * len(self.seqlen_py) if batch_sizes is None else list(batch_sizes)
+        chunks, i = [], 0
+        for size in batch_sizes:
+            chunks.append(self.cu_seqlen_py[i + size] - self.cu_seqlen_py[i])
+            i += size
+        return [t.reshape((size, -1) + tuple(t.shape[2:])) for size, t in zip(batch_sizes, x.split(chunks, dim=1))]
+
+
+class BlockDiagonalMask(AttentionBias):
+    """Packed sequences along M of a batch of one: sequence s is query rows ``q_seqinfo``'s block s
+    and key rows ``k_seqinfo``'s block s, and sees only itself (``attention_varlen``)."""
+
+    def __init__(self, q_seqinfo: _SeqLenInfo, k_seqinfo: _SeqLenInfo, _batch_sizes=None):
+        if len(q_seqinfo.seqlen_py) != len(k_seqinfo.seqlen_py):
+            raise ValueError(f"q_seqlen and kv_seqlen must describe as many sequences, got "
+                             f"{len(q_seqinfo.seqlen_py)} and {len(k_seqinfo.seqlen_py)}")
+        self.q_seqinfo, self.k_seqinfo, self._batch_sizes = q_seqinfo, k_seqinfo, _batch_sizes
+
+    @classmethod
+    def from_seqlens(cls, q_seqlen: Sequence[int], kv_seqlen: Optional[Sequence[int]] = None):
+        q_info = _SeqLenInfo(_lengths("q_seqlen", q_seqlen))
+        k_info = q_info if kv_seqlen is None else _SeqLenInfo(_lengths("kv_seqlen", kv_seqlen))
+        return cls(q_info, k_info)
+
+    @classmethod
+    def from_tensor_list(cls, tensors: Sequence[Tensor]):
+        """(bias, the tensors (B_i, M_i, ...) packed into (1, sum B_i M_i, ...))."""
+        seqlens = [t.shape[1] for t in tensors for _ in range(t.shape[0])]
+        bias = cls.from_seqlens(seqlens)
+        bias._batch_sizes = [t.shape[0] for t in tensors]
+        return bias, torch.cat([t.reshape((1, -1) + tuple(t.shape[2:])) for t in tensors], dim=1)
+
+    @classmethod
+    def from_tensor_lists_qkv(cls, tensors_q, tensors_k, tensors_v=None):
+        """(bias, packed q, packed k, packed v or None) of lists of (B_i, M_i, ...) tensors."""
+        if len(tensors_q) != len(tensors_k) or (tensors_v is not None and len(tensors_v) != len(tensors_q)):
+            raise ValueError("tensors_q, tensors_k (and tensors_v) must be lists of the same length")
+        q_lens = [t.shape[1] for t in tensors_q for _ in range(t.shape[0])]
+        k_lens = [t.shape[1] for t in tensors_k for _ in range(t.shape[0])]
+        bias = cls.from_seqlens(q_lens, k_lens)
+        bias._batch_sizes = [t.shape[0] for t in tensors_q]
+
+        def pack(ts):
+            return torch.cat([t.reshape((1, -1) + tuple(t.shape[2:])) for t in ts], dim=1)
+
+        return bias, pack(tensors_q), pack(tensors_k), None if tensors_v is None else pack(tensors_v)
+
+    def split_queries(self, tensor: Tensor) -> list:
+        return self.q_seqinfo.split(tensor, self._batch_sizes)
+
+    def split_kv(self, tensor: Tensor) -> list:
+        return self.k_seqinfo.split(tensor, self._batch_sizes)
+
+    def split(self, tensor: Tensor) -> list:
+        """The inverse of ``from_tensor_list``: (1, total, ...) back to the list."""
+        return self.q_seqinfo.split(tensor, self._batch_sizes)
+
+    def _derive(self, cls, **kw):
+        return cls(self.q_seqinfo, self.k_seqinfo, _batch_sizes=self._batch_sizes, **kw)
+
+    def make_causal(self):
+        return self._derive(BlockDiagonalCausalMask)
+
+    def make_causal_from_bottomright(self):
+        return self._derive(BlockDiagonalCausalFromBottomRightMask)
+
+    def make_local_attention(self, window_size: int):
+        return self._derive(BlockDiagonalCausalLocalAttentionMask, window_size=window_size)
+
+    def make_local_attention_from_bottomright(self, window_size: int):
+        return self._derive(BlockDiagonalCausalLocalAttentionFromBottomRightMask, window_size=window_size)
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
+        q_info, k_info = self.q_seqinfo, self.k_seqinfo
+        keep = torch.zeros(shape[-2:], dtype=torch.bool, device=device)
+        for qs, qn, ks, kn in zip(q_info.cu_seqlen_py, q_info.seqlen_py, k_info.cu_seqlen_py, k_info.seqlen_py):
+            block = R.visible_keys(qn, kn, self.causal, self.window, self.alignment, device=device)
+            keep[qs:qs + qn, ks:ks + kn] = True if block is None else block
+        return _additive(keep, shape, dtype, device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(q_seqlen={self.q_seqinfo.seqlen_py}, kv_seqlen={self.k_seqinfo.seqlen_py})"
+
+
+class BlockDiagonalCausalMask(BlockDiagonalMask):
+    """``BlockDiagonalMask`` with each block causal, top-left aligned."""
+
+    causal = True
+
+
+class BlockDiagonalCausalFromBottomRightMask(BlockDiagonalMask):
+    """``BlockDiagonalMask`` with each block causal, bottom-right aligned."""
+
+    causal = True
+    alignment = "bottom_right"
+
+
+class BlockDiagonalCausalLocalAttentionMask(BlockDiagonalCausalMask):
+    """``BlockDiagonalCausalMask`` where each query sees only its last ``window_size`` keys."""
+
+    def __init__(self, q_seqinfo, k_seqinfo, _batch_sizes=None, window_size: int = 1):
+        super().__init__(q_seqinfo, k_seqinfo, _batch_sizes)
+        self.window = _window_of(window_size)
+        self._window_size = window_size
+
+
+class BlockDiagonalCausalLocalAttentionFromBottomRightMask(BlockDiagonalCausalFromBottomRightMask):
+    """``BlockDiagonalCausalFromBottomRightMask`` where each query sees only its last ``window_size`` keys."""
+
+    def __init__(self, q_seqinfo, k_seqinfo, _batch_sizes=None, window_size: int = 1):
+        super().__init__(q_seqinfo, k_seqinfo, _batch_sizes)
+        self.window = _window_of(window_size)
+        self._window_size = window_size
+
+
+class BlockDiagonalCausalWithOffsetPaddedKeysMask(BlockDiagonalCausalFromBottomRightMask):
+    """Packed queries against keys in slots of ``kv_padding`` rows (a padded KV cache, a batch of
+    one of B * kv_padding key rows): sequence b uses the first ``kv_seqlen[b]`` rows of its slot,
+    causal from the bottom right (``attention_varlen`` with ``seqused_k``)."""
+
+    @classmethod
+    def from_seqlens(cls, q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Sequence[int]):
+        q_lens, k_lens = _lengths("q_seqlen", q_seqlen), _lengths("kv_seqlen", kv_seqlen)
+        if isinstance(kv_padding, bool) or not isinstance(kv_padding, int) or kv_padding < max(k_lens, default=0):
+            raise ValueError(f"kv_padding must be an int >= every kv_seqlen ({max(k_lens, default=0)}), got "
+                             f"{kv_padding!r}")
+        return cls(_SeqLenInfo(q_lens), _SeqLenInfo(k_lens, padding=kv_padding))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory_efficient_attention
+# ---------------------------------------------------------------------------------------------
+
+def _to_bmhk(name: str, t, ndim: int) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"query, key and value must all be (B, M, K), (B, M, H, K) or (B, M, G, H, K); {name} has "
+                         f"shape {tuple(t.shape)} and query {ndim} dims")
+    return t
+
+
+def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_bias=None, p: float = 0.0,
+                               scale: Optional[float] = None, *, op=None, output_dtype=None) -> Tensor:
+    """xformers' ``memory_efficient_attention``: ``softmax(q k^T * scale + bias) v`` on (B, M, H, K)
+    tensors (or (B, M, K), or (B, M, G, H, K) grouped-query, the keys and values expanded over H);
+    returns query's layout with value's last dim. Differentiable in q, k, v and a tensor bias."""
+    if not isinstance(query, Tensor):
+        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    ndim = query.dim()
+    if ndim not in (3, 4, 5):
+        raise ValueError(f"query must be (B, M, K), (B, M, H, K) or (B, M, G, H, K), got shape {tuple(query.shape)}")
+    key, value = _to_bmhk("key", key, ndim), _to_bmhk("value", value, ndim)
+    tensor_bias = None
+    if isinstance(attn_bias, Tensor):
+        tensor_bias, attn_bias = attn_bias, None
+    elif isinstance(attn_bias, LowerTriangularMaskWithTensorBias):
+        tensor_bias = attn_bias._bias
+    elif attn_bias is not None and not isinstance(attn_bias, AttentionBias):
+        raise TypeError(f"attn_bias must be None, a tensor or an xformers attention bias (fused_attn's "
+                        f"integrations.xformers classes), got {type(attn_bias).__name__}")
+    if tensor_bias is not None and tensor_bias.dtype != query.dtype:
+        raise TypeError(f"attn_bias tensor must have query's dtype {query.dtype}, got {tensor_bias.dtype}")
+    q, k, v = query, key, value
+    if ndim == 3:  # no heads: one
+        q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
+        tensor_bias = None if tensor_bias is None else tensor_bias.unsqueeze(-3)
+    elif ndim == 5:  # (B, M, G, H, K): G kv groups of H query heads each
+        G, H = q.shape[2], q.shape[3]
+        q = q.flatten(2, 3)
+        if k.shape[3] == 1 or (k.stride(3) == 0 and v.stride(3) == 0):  # expanded over H: G kv heads, no copy
+            k, v = k[:, :, :, 0], v[:, :, :, 0]
+        else:
+            k, v = k.flatten(2, 3), v.flatten(2, 3)
+        if tensor_bias is not None:
+            tensor_bias = tensor_bias.reshape(tensor_bias.shape[:-4] + (-1,) + tensor_bias.shape[-2:]) \
+                if tensor_bias.dim() >= 4 else tensor_bias
+    out = _attend(q, k, v, attn_bias, tensor_bias, p, scale)
+    if ndim == 3:
+        out = out.squeeze(2)
+    elif ndim == 5:
+        out = out.unflatten(2, (G, H))
+    return out if output_dtype is None else out.to(output_dtype)
+
+
+def memory_efficient_attention_forward(query, key, value, attn_bias=None, p: float = 0.0,
+                                       scale: Optional[float] = None, *, op=None, output_dtype=None) -> Tensor:
+    """``memory_efficient_attention`` for inference (the same call; no gradient is needed)."""
+    return memory_efficient_attention(query, key, value, attn_bias, p, scale, op=op, output_dtype=output_dtype)
+
+
+def _attend(q, k, v, bias: Optional[AttentionBias], tensor_bias, p, scale) -> Tensor:
+    """q (B, M, Hq, K), k (B, N, Hkv, K), v (B, N, Hkv, Kv) through attention or attention_varlen."""
+    if isinstance(bias, BlockDiagonalMask):
+        if q.shape[0] != 1 or k.shape[0] != 1:
+            raise ValueError(f"a {type(bias).__name__} packs the sequences along M of a batch of one: query and key "
+                             f"must be (1, M, ...), got {tuple(q.shape)} and {tuple(k.shape)}")
+        q_info, k_info = bias.q_seqinfo, bias.k_seqinfo
+        for name, t, info in (("query", q, q_info), ("key", k, k_info)):
+            if t.shape[1] != info.cu_seqlen_py[-1]:
+                raise ValueError(f"{name} has {t.shape[1]} rows but {type(bias).__name__} describes "
+                                 f"{info.cu_seqlen_py[-1]}")
+        device = q.device
+        seqused = None
+        if k_info.padding is not None:
+            seqused = torch.tensor(k_info.seqlen_py, dtype=torch.int32, device=device)
+        out = attention_varlen(q[0], k[0], v[0], q_info.cu_seqlen.to(device), k_info.cu_seqlen.to(device),
+                               q_info.max_seqlen, k_info.padding or k_info.max_seqlen, causal=bias.causal,
+                               window_size=bias.window, alignment=bias.alignment, dropout_p=p, scale=scale,
+                               seqused_k=seqused)
+        return out[None]
+    causal = bias is not None and bias.causal
+    window = None if bias is None else bias.window
+    alignment = "top_left" if bias is None else bias.alignment
+    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=tensor_bias, causal=causal,
+                    window_size=window, alignment=alignment, dropout_p=p, scale=scale)
+    return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# import xformers.ops
+# ---------------------------------------------------------------------------------------------
+
+_BIASES = ["AttentionBias", "LowerTriangularMask", "LowerTriangularMaskWithTensorBias",
+           "LowerTriangularFromBottomRightMask", "LowerTriangularFromBottomRightLocalAttentionMask",
+           "BlockDiagonalMask", "BlockDiagonalCausalMask", "BlockDiagonalCausalFromBottomRightMask",
+           "BlockDiagonalCausalLocalAttentionMask", "BlockDiagonalCausalLocalAttentionFromBottomRightMask",
+           "BlockDiagonalCausalWithOffsetPaddedKeysMask"]
+_MODULES = {
+    "xformers": [],
+    "xformers.ops": ["memory_efficient_attention", "memory_efficient_attention_forward", "AttentionBias",
+                     "LowerTriangularMask", "LowerTriangularMaskWithTensorBias", "BlockDiagonalMask"],
+    "xformers.ops.fmha": ["memory_efficient_attention", "memory_efficient_attention_forward"] + _BIASES,
+    "xformers.ops.fmha.attn_bias": _BIASES,
+}
+_PACKAGES = {"xformers", "xformers.ops", "xformers.ops.fmha"}
+
+
+class patch_xformers(StandInModules):
+    """Make ``import xformers.ops`` (``xformers.ops.fmha``, ``xformers.ops.fmha.attn_bias``) find
+    this module's ``memory_efficient_attention`` and bias classes, for code written against
+    xformers::
+
+        with fused_attn.patch_xformers():
+            import xformers.ops as xops
+            out = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask())
+
+    As ``patch_flash_attn``: ``undo()`` (or the end of the ``with`` block) puts back what was
+    there, and an installed xformers is not shadowed unless ``force=True``."""
+
+    def __init__(self, force: bool = False):
+        modules = {name: {attr: globals()[attr] for attr in attrs} for name, attrs in _MODULES.items()}
+        super().__init__("xformers", modules, _PACKAGES, XFORMERS_VERSION, force)

@@ -1,0 +1,241 @@
+"""xformers' ``memory_efficient_attention`` on fused_attn (``fused_attn.integrations.xformers``).
+
+The oracle takes each bias as the dense additive tensor its ``materialize`` gives (written from
+xformers' definitions, independently of the kernels' band arithmetic) and runs
+``reference.attention`` on the (B, H, M, N) problem in float64, block-diagonal ones on the whole
+packed batch of one, so a block boundary, alignment or window off by one shows up. Every backend
+of this machine runs through ``use_backend``.
+"""
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import reference as R
+from fused_attn.integrations import xformers as X
+from fused_attn.testing import backend_cases, check_against_reference, make_inputs
+
+
+def cases():
+    return backend_cases("attention", torch.float32, varlen=True)
+
+
+def oracle(q, k, v, bias_tensor=None, scale=None):
+    """softmax(q k^T scale + bias) v on (B, M, H, K) tensors; rows with no key give zeros."""
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None if bias_tensor is None else bias_tensor.to(q.dtype)
+    return R.attention(qh, kh, vh, mask, scale=scale).transpose(1, 2)
+
+
+DENSE = [
+    ("none", lambda: None),
+    ("LowerTriangularMask", X.LowerTriangularMask),
+    ("LowerTriangularFromBottomRightMask", X.LowerTriangularFromBottomRightMask),
+    ("LowerTriangularFromBottomRightLocalAttentionMask(4)", lambda: X.LowerTriangularFromBottomRightLocalAttentionMask(4)),
+    ("FromBottomRight.make_local_attention(2)", lambda: X.LowerTriangularFromBottomRightMask().make_local_attention(2)),
+]
+
+
+@pytest.mark.parametrize("MN", [(17, 17), (9, 23), (23, 9)], ids=["M=N", "M<N", "M>N"])
+@pytest.mark.parametrize("name,make", DENSE, ids=[n for n, _ in DENSE])
+@pytest.mark.parametrize("device,backend", cases())
+def test_dense_biases_match_their_materialized_mask(device, backend, name, make, MN):
+    M, N = MN
+    bias = make()
+    q, k, v = make_inputs((2, M, 4, 40), (2, N, 4, 40), (2, N, 4, 24), device=device, seed=1)
+    dense = None if bias is None else bias.materialize((2, 4, M, N), dtype=torch.float64, device=device)
+
+    def fused(q, k, v):
+        with fused_attn.use_backend(backend):
+            out = X.memory_efficient_attention(q, k, v, attn_bias=bias)
+        assert out.shape == (2, M, 4, 24) and out.is_contiguous()
+        return out
+
+    results = check_against_reference(fused, lambda q, k, v: oracle(q, k, v, dense), [q, k, v],
+                                      names=["query", "key", "value"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("device,backend", cases())
+def test_tensor_bias_and_causal_with_tensor_bias_get_their_gradient(device, backend):
+    q, k, v, bias = make_inputs((2, 11, 2, 16), (2, 11, 2, 16), (2, 11, 2, 16), (2, 2, 11, 11), device=device, seed=2)
+
+    def fused(q, k, v, bias):
+        with fused_attn.use_backend(backend):
+            return (X.memory_efficient_attention(q, k, v, attn_bias=bias, scale=0.3),
+                    X.memory_efficient_attention(q, k, v, attn_bias=X.LowerTriangularMask().add_bias(bias)))
+
+    def ref(q, k, v, bias):
+        causal = X.LowerTriangularMask().materialize((11, 11), dtype=bias.dtype, device=bias.device)
+        return oracle(q, k, v, bias, scale=0.3), oracle(q, k, v, bias + causal)
+
+    results = check_against_reference(fused, ref, [q, k, v, bias], names=["query", "key", "value", "attn_bias"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+def test_three_and_five_dim_layouts():
+    """(B, M, K) is one head; (B, M, G, H, K) is grouped-query with k and v expanded over H (read
+    without a copy) or given per head; both equal the four-dim call they stand for."""
+    q, k, v = make_inputs((2, 13, 24), (2, 7, 24), (2, 7, 16), requires_grad=False, seed=3)
+    out = X.memory_efficient_attention(q, k, v, attn_bias=X.LowerTriangularFromBottomRightMask())
+    ref = X.memory_efficient_attention(q[:, :, None], k[:, :, None], v[:, :, None],
+                                       attn_bias=X.LowerTriangularFromBottomRightMask())[:, :, 0]
+    assert out.shape == (2, 13, 16) and torch.equal(out, ref)
+    G, H = 2, 3
+    q5 = torch.randn(2, 13, G, H, 24)
+    k4, v4 = torch.randn(2, 7, G, 24), torch.randn(2, 7, G, 16)
+    k5, v5 = k4[:, :, :, None].expand(2, 7, G, H, 24), v4[:, :, :, None].expand(2, 7, G, H, 16)
+    out5 = X.memory_efficient_attention(q5, k5, v5, attn_bias=X.LowerTriangularMask())
+    assert out5.shape == (2, 13, G, H, 16)
+    expected = oracle(q5.flatten(2, 3).double(), k5.flatten(2, 3).double(), v5.flatten(2, 3).double(),
+                      X.LowerTriangularMask().materialize((13, 7), dtype=torch.float64)).unflatten(2, (G, H))
+    torch.testing.assert_close(out5.double(), expected, rtol=1e-5, atol=1e-5)
+    full = X.memory_efficient_attention(q5, k5.contiguous(), v5.contiguous(), attn_bias=X.LowerTriangularMask())
+    torch.testing.assert_close(full, out5, rtol=1e-5, atol=1e-6)
+
+
+BLOCKS = [
+    ("BlockDiagonalMask", lambda q, k: X.BlockDiagonalMask.from_seqlens(q, k)),
+    ("make_causal", lambda q, k: X.BlockDiagonalMask.from_seqlens(q, k).make_causal()),
+    ("make_causal_from_bottomright", lambda q, k: X.BlockDiagonalMask.from_seqlens(q, k).make_causal_from_bottomright()),
+    ("make_local_attention(3)", lambda q, k: X.BlockDiagonalMask.from_seqlens(q, k).make_local_attention(3)),
+    ("make_local_attention_from_bottomright(2)",
+     lambda q, k: X.BlockDiagonalMask.from_seqlens(q, k).make_local_attention_from_bottomright(2)),
+]
+
+
+@pytest.mark.parametrize("name,make", BLOCKS, ids=[n for n, _ in BLOCKS])
+@pytest.mark.parametrize("device,backend", cases())
+def test_block_diagonal_biases_match_their_materialized_mask(device, backend, name, make):
+    """Packed sequences of different query and key lengths (one empty, one query longer than its
+    keys): the whole (1, total) problem under the materialized block-diagonal mask."""
+    q_lens, k_lens = [5, 1, 0, 9], [5, 7, 3, 4]
+    bias = make(q_lens, k_lens)
+    q, k, v = make_inputs((1, sum(q_lens), 2, 16), (1, sum(k_lens), 1, 16), (1, sum(k_lens), 1, 16), device=device,
+                          seed=4)
+    dense = bias.materialize((1, 2, sum(q_lens), sum(k_lens)), dtype=torch.float64, device=device)
+
+    def fused(q, k, v):
+        with fused_attn.use_backend(backend):
+            return X.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+    def ref(q, k, v):  # grouped-query: the oracle's keys repeated per query head
+        return oracle(q, k.expand(-1, -1, 2, -1), v.expand(-1, -1, 2, -1), dense)
+
+    results = check_against_reference(fused, ref, [q, k, v], names=["query", "key", "value"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("device,backend", cases())
+def test_padded_keys_mask_is_decoding_against_a_padded_cache(device, backend):
+    q_lens, k_lens, padding = [1, 2, 1], [4, 9, 0], 10
+    bias = X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_lens, padding, k_lens)
+    q, k, v = make_inputs((1, 4, 2, 16), (1, 3 * padding, 2, 16), (1, 3 * padding, 2, 16), requires_grad=False,
+                          device=device, seed=5)
+    k[:, 4:10] = float("nan")  # the rows past each sequence's keys are never read
+    k[:, 19:] = float("nan")
+    with fused_attn.use_backend(backend):
+        out = X.memory_efficient_attention(q, k, v, attn_bias=bias)
+    dense = bias.materialize((1, 2, 4, 3 * padding), dtype=torch.float64, device=device)
+    expected = oracle(q.double(), k.nan_to_num().double(), v.double(), dense)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert not out[0, 3].any()  # the sequence with no keys: zeros
+
+
+def test_from_tensor_list_and_split():
+    xs = [torch.randn(2, 3, 4), torch.randn(1, 5, 4), torch.randn(3, 1, 4)]
+    bias, packed = X.BlockDiagonalMask.from_tensor_list(xs)
+    assert packed.shape == (1, 14, 4) and bias.q_seqinfo.seqlen_py == [3, 3, 5, 1, 1, 1]
+    for a, b in zip(bias.split(packed), xs):
+        assert torch.equal(a, b)
+    qs, ks = [torch.randn(2, 3, 4), torch.randn(1, 2, 4)], [torch.randn(2, 6, 4), torch.randn(1, 1, 4)]
+    bias, q, k, v = X.BlockDiagonalMask.from_tensor_lists_qkv(qs, ks)
+    assert v is None and q.shape == (1, 8, 4) and k.shape == (1, 13, 4)
+    for a, b in zip(bias.split_kv(k), ks):
+        assert torch.equal(a, b)
+    causal = bias.make_causal()
+    assert isinstance(causal, X.BlockDiagonalCausalMask) and causal.split_queries(q)[1].shape == (1, 2, 4)
+
+
+def test_dropout_seed_and_output_dtype():
+    q, k, v = make_inputs((1, 9, 2, 16), (1, 9, 2, 16), (1, 9, 2, 16), requires_grad=False)
+    torch.manual_seed(1)
+    a = X.memory_efficient_attention(q, k, v, p=0.5)
+    torch.manual_seed(1)
+    b = X.memory_efficient_attention_forward(q, k, v, p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, X.memory_efficient_attention(q, k, v))
+    assert X.memory_efficient_attention(q, k, v, output_dtype=torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q: X.memory_efficient_attention(q, q[..., 0, :], q), ValueError, "key has shape"),
+    (lambda q: X.memory_efficient_attention(q[0, 0], q, q), ValueError, r"query must be \(B, M, K\)"),
+    (lambda q: X.memory_efficient_attention(q, q, q, attn_bias="causal"), TypeError, "attn_bias must be None"),
+    (lambda q: X.memory_efficient_attention(q, q, q, attn_bias=torch.zeros(1, 2, 5, 5, dtype=torch.float64)),
+     TypeError, "attn_bias tensor must have query's dtype"),
+    (lambda q: X.memory_efficient_attention(q, q, q, attn_bias=X.BlockDiagonalMask.from_seqlens([2, 3])), ValueError,
+     r"a batch of one"),
+    (lambda q: X.memory_efficient_attention(q[:1], q[:1], q[:1], attn_bias=X.BlockDiagonalMask.from_seqlens([2, 2])),
+     ValueError, "query has 5 rows but BlockDiagonalMask describes 4"),
+    (lambda q: X.LowerTriangularFromBottomRightLocalAttentionMask(0), ValueError, "window_size must be an int >= 1"),
+    (lambda q: X.BlockDiagonalMask.from_seqlens([1, 2], [3]), ValueError, "as many sequences"),
+    (lambda q: X.BlockDiagonalMask.from_seqlens([1, -2]), ValueError, "lengths >= 0"),
+    (lambda q: X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1], 3, [4]), ValueError,
+     "kv_padding must be an int >= every kv_seqlen"),
+    (lambda q: X.memory_efficient_attention(q, q, q, p=1.5), ValueError, "dropout_p"),
+])
+def test_bad_input_says_what_was_expected(call, error, match):
+    q = torch.randn(2, 5, 2, 8)
+    with pytest.raises(error, match=match):
+        call(q)
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v = make_inputs((2, 17, 4, 16), (2, 17, 4, 16), (2, 17, 4, 16), seed=6)
+    bias = X.BlockDiagonalMask.from_seqlens([7, 10]).make_causal()
+    f = torch.compile(lambda q, k, v: (X.memory_efficient_attention(q, k, v, attn_bias=X.LowerTriangularMask()),
+                                       X.memory_efficient_attention(q[:1], k[:1], v[:1], attn_bias=bias)),
+                      fullgraph=True, backend="aot_eager")
+    out, packed = f(q, k, v)
+    torch.testing.assert_close(out, X.memory_efficient_attention(q, k, v, attn_bias=X.LowerTriangularMask()))
+    torch.testing.assert_close(packed, X.memory_efficient_attention(q[:1], k[:1], v[:1], attn_bias=bias))
+    (out.sum() + packed.sum()).backward()
+    assert q.grad is not None
+
+
+def test_patch_xformers_serves_the_imports_and_undoes():
+    import sys
+
+    with fused_attn.patch_xformers():
+        import xformers
+        import xformers.ops as xops
+        from xformers.ops import fmha
+        from xformers.ops.fmha.attn_bias import BlockDiagonalCausalWithOffsetPaddedKeysMask
+
+        assert xops.memory_efficient_attention is X.memory_efficient_attention
+        assert fmha.BlockDiagonalMask is X.BlockDiagonalMask and xops.LowerTriangularMask is X.LowerTriangularMask
+        assert BlockDiagonalCausalWithOffsetPaddedKeysMask is X.BlockDiagonalCausalWithOffsetPaddedKeysMask
+        assert xformers.__version__.endswith("+fused_attn")
+        q = torch.randn(1, 6, 2, 8)
+        out = xops.memory_efficient_attention(q, q, q, attn_bias=fmha.BlockDiagonalMask.from_seqlens([2, 4]))
+        assert out.shape == (1, 6, 2, 8)
+    assert not any(name == "xformers" or name.startswith("xformers.") for name in sys.modules)
+
+
+def test_materialize_is_xformers_definition():
+    """The biases' meaning, written out as xformers documents it (0 = seen, -inf = not)."""
+    inf = float("-inf")
+
+    def seen(bias, shape):
+        return (bias.materialize(shape) == 0).int().tolist()
+
+    assert seen(X.LowerTriangularMask(), (2, 4)) == [[1, 0, 0, 0], [1, 1, 0, 0]]  # top-left: torch.triu(-inf, 1)
+    assert torch.equal(X.LowerTriangularMask().materialize((3, 3)), torch.full((3, 3), inf).triu(1))
+    assert seen(X.LowerTriangularFromBottomRightMask(), (2, 4)) == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert seen(X.LowerTriangularFromBottomRightMask(), (3, 2)) == [[0, 0], [1, 0], [1, 1]]
+    assert seen(X.LowerTriangularFromBottomRightLocalAttentionMask(2), (2, 4)) == [[0, 1, 1, 0], [0, 0, 1, 1]]
+    block = X.BlockDiagonalMask.from_seqlens([2, 1], [1, 3])
+    assert seen(block, (3, 4)) == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 1]]
+    assert seen(block.make_causal(), (3, 4)) == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
+    assert seen(block.make_causal_from_bottomright(), (3, 4)) == [[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 1]]
+    padded = X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1, 2], 3, [2, 3])
+    assert seen(padded, (3, 6)) == [[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]

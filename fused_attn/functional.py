@@ -745,7 +745,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     # The attention: attention_varlen on q as B packed sequences of Lq rows, each using its first
     # cache_seqlens[b] + Lnew keys. A dense cache is B packed slots of Lmax rows (viewed, not
     # copied); with cache_batch_idx it is read as a paged cache with one page per cache row.
-    cu_seqlens_q = _equal_boundaries(B, Lq, device, compiling)
+    host_boundaries = pads is not None  # eager with cache_leftpad: built below from the values read
+    cu_seqlens_q = None if host_boundaries else _equal_boundaries(B, Lq, device, compiling)
     keys, values = k_cache, v_cache
     if cache_batch_idx is not None and rows > 0:
         if get_backend(backend).paged_kv and cache_leftpad is None:  # (Triton) reads the picked rows in place
@@ -754,16 +755,22 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             capacity = capacity if lengths is None else max(lengths, default=0) + new
             index = cache_batch_idx.long()
             keys, values = k_cache[:, :capacity].index_select(0, index), v_cache[:, :capacity].index_select(0, index)
-    cu_seqlens_k = _equal_boundaries(B, capacity, device, compiling)
+    cu_seqlens_k = None if host_boundaries else _equal_boundaries(B, capacity, device, compiling)
     if block_table is None:
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)
     used_k = cache_seqlens + new if new else cache_seqlens
     checked_used_k = None if lengths is None else [n + new for n in lengths]
     if cache_leftpad is not None:
-        cu_seqlens_q, cu_seqlens_k, used_k, alibi_slopes = _skip_left_padding(
-            cu_seqlens_q, cu_seqlens_k, used_k, alibi_slopes, cache_leftpad)
-        if checked_used_k is not None:
+        if alibi_slopes is not None and alibi_slopes.dim() == 2:  # the leading empty sequence's row
+            alibi_slopes = torch.cat([alibi_slopes[:1], alibi_slopes])
+        if not host_boundaries:  # compiled: the boundaries built on the device
+            cu_seqlens_q, cu_seqlens_k, used_k = _skip_left_padding(cu_seqlens_q, cu_seqlens_k, used_k, cache_leftpad)
+        else:  # eager: from the values read already, in one host-to-device copy
             checked_used_k = [0] + [n - p for n, p in zip(checked_used_k, pads)]
+            boundaries = torch.tensor([0] + [b * capacity + p for b, p in enumerate(pads)] + [B * capacity] +
+                                      [0] + [b * Lq for b in range(B + 1)] + checked_used_k, dtype=torch.int32)
+            boundaries = boundaries.to(device, non_blocking=True)
+            cu_seqlens_k, cu_seqlens_q, used_k = boundaries[:B + 2], boundaries[B + 2:2 * B + 4], boundaries[2 * B + 4:]
     result = attention_varlen(q.reshape(B * Lq, Hq, q.shape[-1]), keys, values, cu_seqlens_q, cu_seqlens_k, Lq,
                               capacity if compiling else None, causal=causal, window_size=window_size,
                               alignment="bottom_right", scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -776,21 +783,20 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     return out, lse.view(Hq, B, Lq).transpose(0, 1).contiguous()
 
 
-def _skip_left_padding(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, used_k: Tensor, alibi_slopes, leftpad: Tensor):
+def _skip_left_padding(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, used_k: Tensor, leftpad: Tensor):
     """attention_with_kvcache's ``cache_leftpad`` as varlen boundaries: sequence b's keys start
     ``leftpad[b]`` rows into its slot and it uses ``used_k[b] - leftpad[b]`` of them. Boundaries
     must start at 0, so a leading empty sequence (no queries, no keys) takes up the first slot's
     padding: cu_seqlens_k becomes [0, leftpad[0], slot + leftpad[1], ..., B * slot], cu_seqlens_q
-    [0, 0, Lq, ...], seqused_k [0, used_k - leftpad], and (B, Hq) ALiBi slopes get a first row.
-    Each sequence's room (its start to the next one's) still holds its keys, since leftpad[b+1] >= 0."""
+    [0, 0, Lq, ...], seqused_k [0, used_k - leftpad] (and (B, Hq) ALiBi slopes get a first row,
+    done by the caller). Each sequence's room (its start to the next one's) still holds its keys,
+    since leftpad[b+1] >= 0. (The eager call builds the same boundaries on the host.)"""
     leftpad = leftpad.to(cu_seqlens_k.dtype)
     zero = cu_seqlens_k[:1]
     cu_seqlens_k = torch.cat([zero, cu_seqlens_k[:-1] + leftpad, cu_seqlens_k[-1:]])
     cu_seqlens_q = torch.cat([cu_seqlens_q[:1], cu_seqlens_q])
     used_k = torch.cat([used_k[:0].new_zeros(1), used_k - leftpad.to(used_k.dtype)])
-    if alibi_slopes is not None and alibi_slopes.dim() == 2:
-        alibi_slopes = torch.cat([alibi_slopes[:1], alibi_slopes])
-    return cu_seqlens_q, cu_seqlens_k, used_k, alibi_slopes
+    return cu_seqlens_q, cu_seqlens_k, used_k
 
 
 def _equal_boundaries(batch: int, length: int, device, compiling: bool) -> Tensor:
@@ -871,8 +877,13 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     0 <= cache_leftpad[b] <= cache_seqlens[b] + Lnew. Returns cache_seqlens and cache_leftpad (or None)
     as lists."""
     batch = cache_seqlens.shape[0]
-    if cache_batch_idx is None and block_table is None and cache_leftpad is None:  # one copy, no conversion
-        return _check_lengths(cache_seqlens.tolist(), new, capacity, block_table, rows), None
+    if cache_batch_idx is None and block_table is None:  # the lengths (and padding): one copy, no conversion
+        if cache_leftpad is None:
+            return _check_lengths(cache_seqlens.tolist(), new, capacity, block_table, rows), None
+        both = (torch.cat([cache_seqlens, cache_leftpad]) if cache_seqlens.dtype == cache_leftpad.dtype
+                else torch.cat([cache_seqlens.long(), cache_leftpad.long()])).tolist()
+        lengths = _check_lengths(both[:batch], new, capacity, block_table, rows)
+        return lengths, _check_leftpad(both[batch:], lengths, new)
     lengths_dev = cache_seqlens.long()
     parts = [lengths_dev]
     if cache_leftpad is not None:
@@ -890,12 +901,7 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     lengths, rest = _check_lengths(values[:batch], new, capacity, block_table, rows), values[batch:]
     pads = None
     if cache_leftpad is not None:
-        pads, rest = rest[:batch], rest[batch:]
-        for b, (p, n) in enumerate(zip(pads, lengths)):
-            if not 0 <= p <= n + new:
-                plus = f" + Lnew = {n + new}" if new else f" = {n}"
-                raise ValueError(f"cache_leftpad[{b}] = {p} must be >= 0 and <= cache_seqlens[{b}]{plus}: the padding "
-                                 f"rows come before the sequence's keys")
+        pads, rest = _check_leftpad(rest[:batch], lengths, new), rest[batch:]
     if cache_batch_idx is not None:
         owner = {}
         for b, i in enumerate(rest[:batch]):
@@ -926,6 +932,16 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
                                  f"{min(end, next_end) - 1} of page {page}: the new keys of two sequences cannot "
                                  f"share cache rows")
     return lengths, pads
+
+
+def _check_leftpad(pads: list, lengths: list, new: int) -> list:
+    """0 <= cache_leftpad[b] <= cache_seqlens[b] + Lnew; returns the padding."""
+    for b, (p, n) in enumerate(zip(pads, lengths)):
+        if not 0 <= p <= n + new:
+            plus = f" + Lnew = {n + new}" if new else f" = {n}"
+            raise ValueError(f"cache_leftpad[{b}] = {p} must be >= 0 and <= cache_seqlens[{b}]{plus}: the padding "
+                             f"rows come before the sequence's keys")
+    return pads
 
 
 def _check_lengths(lengths: list, new: int, capacity: int, block_table, rows: int) -> list:

@@ -126,7 +126,7 @@ def test_varlen_is_flash_attn_func_per_sequence(device, backend):
     with fused_attn.use_backend(backend):
         out, lse, s_dmask = FA.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), return_attn_probs=True,
                                                       **opts)
-        assert s_dmask is None and lse.shape == (4, q.shape[0])
+        assert s_dmask.numel() == 0 and lse.shape == (4, q.shape[0])  # FlashAttention's: empty without dropout
         for s in range(4):
             qs, ks, vs = q[cu_q[s]:cu_q[s + 1]], k[cu_k[s]:cu_k[s + 1]], v[cu_k[s]:cu_k[s + 1]]
             alone, alone_lse, _ = FA.flash_attn_func(qs[None], ks[None], vs[None], return_attn_probs=True,
@@ -421,7 +421,7 @@ def test_patch_flash_attn_serves_the_imports_and_undoes():
         with pytest.raises(AttributeError, match="fused_attn.s stand-in"):
             flash_attn.flash_attn_unpadded_func  # noqa: B018 (FlashAttention 1's name: not provided)
         with pytest.raises(ImportError):
-            from flash_attn.layers.rotary import RotaryEmbedding  # noqa: F401
+            from flash_attn.layers.rotary import ApplyRotaryEmb  # noqa: F401 (FlashAttention's Function class)
     assert not any(name == "flash_attn" or name.startswith("flash_attn.") for name in sys.modules)
 
 
@@ -458,3 +458,83 @@ def test_code_written_for_flash_attn_runs_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok (1, 5, 2, 16) tuple"
+
+
+def test_layer_norm_fn_mixed_dtypes_as_flashattention():
+    """float32 weight, bias and residual with a float16 x (mixed precision): y in x's dtype,
+    residual_out in the residual's; a float16 residual keeps float16 even with residual_in_fp32
+    (FlashAttention's rule: the flag only speaks when there is no residual)."""
+    x, res, w, b = make_inputs((4, 96), (4, 96), (96,), (96,), requires_grad=False, seed=9)
+    xh = x.half()
+    y, summed = FA.layer_norm_fn(xh, w, b, res, prenorm=True)
+    assert y.dtype == torch.float16 and summed.dtype == torch.float32
+    expected = torch.nn.functional.layer_norm(xh.float() + res, (96,), w.half().float(), b.half().float(), 1e-6)
+    torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(summed, xh.float() + res)
+    y, summed = FA.rms_norm_fn(xh, w, None, res.half(), prenorm=True, residual_in_fp32=True)
+    assert summed.dtype == torch.float16
+    y, summed = FA.rms_norm_fn(xh, w, None, None, prenorm=True, residual_in_fp32=True)
+    assert summed.dtype == torch.float32 and torch.equal(summed, xh.float())
+    w16 = w.clone().requires_grad_()
+    FA.rms_norm_fn(xh, w16, None).float().sum().backward()
+    assert w16.grad.dtype == torch.float32 and w16.grad.isfinite().all()
+
+
+def test_rms_norm_module_dropout_attribute():
+    norm = FA.RMSNorm(16, dropout_p=0.1)
+    assert isinstance(norm.drop, torch.nn.Dropout) and norm.drop.p == 0.1
+    assert FA.RMSNorm(16).drop is None
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_embedding_module(interleaved):
+    """FlashAttention's RotaryEmbedding: turns q and k of qkv in place (v untouched) with the
+    angles t * base^(-2i/dim) over the first dim features; with kv, q and kv's k; offsets."""
+    B, L, H, D, dim = 2, 9, 2, 16, 8
+    rope = FA.RotaryEmbedding(dim, base=500.0, interleaved=interleaved)
+    angles = torch.outer(torch.arange(40.0), 1.0 / 500.0 ** (torch.arange(0, dim, 2) / dim))
+    cos, sin = angles.cos(), angles.sin()
+    qkv = torch.randn(B, L, 3, H, D)
+    before = qkv.clone()
+    assert rope(qkv, seqlen_offset=3) is qkv
+    for i in range(2):
+        expected = fused_attn.apply_rotary_emb(before[:, :, i], cos, sin, interleaved, seqlen_offsets=3)
+        torch.testing.assert_close(qkv[:, :, i], expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[:, :, 2], before[:, :, 2])
+    q, kv = torch.randn(B, L, H, D), torch.randn(B, L, 2, H, D)
+    q0, kv0 = q.clone(), kv.clone()
+    offsets = torch.tensor([0, 5])
+    q_out, kv_out = rope(q, kv, seqlen_offset=offsets, max_seqlen=20)
+    assert q_out is q and kv_out is kv
+    torch.testing.assert_close(q, fused_attn.apply_rotary_emb(q0, cos, sin, interleaved, seqlen_offsets=offsets),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kv[:, :, 0], fused_attn.apply_rotary_emb(kv0[:, :, 0], cos, sin, interleaved,
+                                                                        seqlen_offsets=offsets), rtol=1e-6, atol=1e-6)
+    assert torch.equal(kv[:, :, 1], kv0[:, :, 1])
+    with pytest.raises(ValueError, match="xPos"):
+        FA.RotaryEmbedding(dim, scale_base=512)
+
+
+def test_rotate_half_and_the_torch_rotary():
+    """apply_rotary_emb_torch is x cos + rotate_half(x) sin over the turned features (tables
+    repeated to the pairs' layout) and equals the fused op."""
+    x = torch.randn(2, 7, 3, 12)
+    angles = torch.outer(torch.arange(7.0), torch.rand(4))
+    cos, sin = angles.cos(), angles.sin()
+    for interleaved in (False, True):
+        rep = (lambda t: t.repeat_interleave(2, -1)) if interleaved else (lambda t: torch.cat([t, t], -1))
+        c, s_ = rep(cos)[:, None], rep(sin)[:, None]
+        turned = x[..., :8] * c + FA.rotate_half(x[..., :8], interleaved) * s_
+        expected = torch.cat([turned, x[..., 8:]], -1)
+        torch.testing.assert_close(FA.apply_rotary_emb_torch(x, cos, sin, interleaved), expected)
+        torch.testing.assert_close(FA.apply_rotary_emb_func(x, cos, sin, interleaved), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_unpad_input_for_concatenated_sequences():
+    """FlashAttention's example: rows [2, 3], [3, 2], [6]: five samples, each its own sequence."""
+    hidden = torch.randn(3, 6, 4)
+    lengths = torch.tensor([[2, 3, 0, 0, 0, 0], [3, 2, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0]])
+    packed, indices, cu, max_len = FA.unpad_input_for_concatenated_sequences(hidden, lengths)
+    assert cu.tolist() == [0, 2, 5, 8, 10, 16] and max_len == 6 and cu.dtype == torch.int32
+    assert indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17]
+    assert torch.equal(packed, hidden.flatten(0, 1)[indices])

@@ -32,6 +32,7 @@ DENSE = [
     ("LowerTriangularFromBottomRightMask", X.LowerTriangularFromBottomRightMask),
     ("LowerTriangularFromBottomRightLocalAttentionMask(4)", lambda: X.LowerTriangularFromBottomRightLocalAttentionMask(4)),
     ("FromBottomRight.make_local_attention(2)", lambda: X.LowerTriangularFromBottomRightMask().make_local_attention(2)),
+    ("LocalAttentionFromBottomRightMask(3, 1)", lambda: X.LocalAttentionFromBottomRightMask(3, 1)),
 ]
 
 
@@ -125,10 +126,12 @@ def test_block_diagonal_biases_match_their_materialized_mask(device, backend, na
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal with offset", "not causal"])
 @pytest.mark.parametrize("device,backend", cases())
-def test_padded_keys_mask_is_decoding_against_a_padded_cache(device, backend):
+def test_padded_keys_mask_is_decoding_against_a_padded_cache(device, backend, causal):
     q_lens, k_lens, padding = [1, 2, 1], [4, 9, 0], 10
-    bias = X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_lens, padding, k_lens)
+    cls = X.BlockDiagonalCausalWithOffsetPaddedKeysMask if causal else X.BlockDiagonalPaddedKeysMask
+    bias = cls.from_seqlens(q_lens, padding, k_lens)
     q, k, v = make_inputs((1, 4, 2, 16), (1, 3 * padding, 2, 16), (1, 3 * padding, 2, 16), requires_grad=False,
                           device=device, seed=5)
     k[:, 4:10] = float("nan")  # the rows past each sequence's keys are never read
@@ -182,6 +185,11 @@ def test_dropout_seed_and_output_dtype():
     (lambda q: X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1], 3, [4]), ValueError,
      "kv_padding must be an int >= every kv_seqlen"),
     (lambda q: X.memory_efficient_attention(q, q, q, p=1.5), ValueError, "dropout_p"),
+    (lambda q: X.BlockDiagonalMask.from_seqlens([1, 2], [2, 2]).split(q[:1, :3]), ValueError,
+     "split needs queries and keys of the same lengths"),
+    (lambda q: X.BlockDiagonalPaddedKeysMask.from_seqlens([1], 4, [2], causal_diagonal=torch.zeros(1)), ValueError,
+     "causal_diagonal is not supported"),
+    (lambda q: X.LocalAttentionFromBottomRightMask(-1, 0), ValueError, "window_left must be an int >= 0"),
 ])
 def test_bad_input_says_what_was_expected(call, error, match):
     q = torch.randn(2, 5, 2, 8)
@@ -233,9 +241,31 @@ def test_materialize_is_xformers_definition():
     assert seen(X.LowerTriangularFromBottomRightMask(), (2, 4)) == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert seen(X.LowerTriangularFromBottomRightMask(), (3, 2)) == [[0, 0], [1, 0], [1, 1]]
     assert seen(X.LowerTriangularFromBottomRightLocalAttentionMask(2), (2, 4)) == [[0, 1, 1, 0], [0, 0, 1, 1]]
+    assert seen(X.LocalAttentionFromBottomRightMask(1, 1), (2, 4)) == [[0, 1, 1, 1], [0, 0, 1, 1]]
     block = X.BlockDiagonalMask.from_seqlens([2, 1], [1, 3])
     assert seen(block, (3, 4)) == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 1]]
     assert seen(block.make_causal(), (3, 4)) == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
     assert seen(block.make_causal_from_bottomright(), (3, 4)) == [[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 1]]
     padded = X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1, 2], 3, [2, 3])
     assert seen(padded, (3, 6)) == [[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+
+
+def test_bias_api_details():
+    """xformers' spellings: seqstart / seqstart_py (and the older cu_seqlen), .to(device),
+    device= keywords, _window_size, the padded-keys masks outside BlockDiagonalMask (no
+    make_causal there), op= accepted and ignored."""
+    bias = X.BlockDiagonalMask.from_seqlens([2, 3], [4, 1], device="cpu")
+    assert bias.q_seqinfo.seqstart_py == [0, 2, 5] and bias.k_seqinfo.seqstart.tolist() == [0, 4, 5]
+    assert bias.q_seqinfo.max_seqlen == 3 and bias.q_seqinfo.min_seqlen == 2 and bias.to("cpu") is bias
+    assert X.LowerTriangularMask(device="cpu").causal and X.LowerTriangularFromBottomRightMask().to("cpu").causal
+    local = X.LowerTriangularFromBottomRightLocalAttentionMask(_window_size=3)
+    assert local._window_size == 3 and bias.make_local_attention(2)._window_size == 2
+    padded = X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1, 1], 4, [2, 3], device="cpu")
+    assert not isinstance(padded, X.BlockDiagonalMask) and not hasattr(padded, "make_causal")
+    assert padded.k_seqinfo.seqstart_py == [0, 4, 8] and padded.k_seqinfo.seqlen.tolist() == [2, 3]
+    q = torch.randn(1, 5, 2, 8)
+    out = X.memory_efficient_attention(q, q, q, attn_bias=X.BlockDiagonalMask.from_seqlens([2, 3]),
+                                       op=X.MemoryEfficientAttentionFlashAttentionOp)
+    assert out.shape == q.shape
+    a, b, c = X.unbind(torch.randn(2, 3, 4), 1)
+    assert a.shape == (2, 4)

@@ -12,9 +12,11 @@ What is here, with FlashAttention 2.8's signatures and meaning:
 - ``flash_attn_interface``: ``flash_attn_func``, ``flash_attn_qkvpacked_func``,
   ``flash_attn_kvpacked_func``, ``flash_attn_varlen_func``, ``flash_attn_varlen_qkvpacked_func``,
   ``flash_attn_varlen_kvpacked_func``, ``flash_attn_with_kvcache``;
-- ``layers.rotary``: ``apply_rotary_emb``, ``apply_rotary_emb_qkv_``, ``apply_rotary_emb_kv_``;
+- ``layers.rotary``: ``apply_rotary_emb`` (and ``apply_rotary_emb_func``), ``apply_rotary_emb_qkv_``,
+  ``apply_rotary_emb_kv_``, ``apply_rotary_emb_torch``, ``rotate_half``, ``RotaryEmbedding`` (no xPos);
 - ``ops.triton.layer_norm``: ``layer_norm_fn``, ``rms_norm_fn``, ``RMSNorm``;
-- ``bert_padding``: ``unpad_input``, ``pad_input``, ``index_first_axis``, ``index_put_first_axis``.
+- ``bert_padding``: ``unpad_input``, ``unpad_input_for_concatenated_sequences``, ``pad_input``,
+  ``index_first_axis``, ``index_put_first_axis``.
 
 FlashAttention's conventions, which differ from ``fused_attn.functional``'s: tensors are (batch,
 seqlen, heads, dim); ``causal`` and ``window_size`` are bottom-right aligned (the last query faces
@@ -25,9 +27,16 @@ device fused_attn runs on, and ``softmax_lse`` is differentiable.
 ``deterministic`` is accepted and has no effect: every fused_attn backward is deterministic.
 ``num_splits`` (``flash_attn_with_kvcache``) is a scheduling hint, accepted and ignored: the
 backends choose their own split of the keys. ``return_attn_probs=True`` returns ``(out,
-softmax_lse, S_dmask)``; ``S_dmask`` is None without dropout (as FlashAttention's) and, with
-dropout, the probabilities with the dropped ones negated, recomputed by the float32 reference
-(an (B, H, Lq, Lk) tensor: for tests, as FlashAttention says of its own).
+softmax_lse, S_dmask)``; ``S_dmask`` is an empty tensor without dropout (as FlashAttention's)
+and, with dropout, the probabilities with the dropped ones negated, recomputed by the float32
+reference (an exact (B, H, Lq, Lk) tensor, where FlashAttention rounds the sizes up to 128: for
+tests, as FlashAttention says of its own).
+
+Norms (``layer_norm_fn``): weight and bias of another dtype than x (float32 parameters under
+mixed precision) are used in x's dtype, where FlashAttention reads them in float32: one rounding
+of the parameters. ``residual_out`` has the residual's dtype when a residual is given (else
+float32 with ``residual_in_fp32``, else x's), as FlashAttention's. ``eps`` must be > 0 (this
+library refuses 0, FlashAttention accepts it).
 
 Arguments that fused_attn has no kernel for (``layer_norm_fn``'s ``x1``, ``weight1``, ``bias1``,
 ``rowscale``, ``out``, ``residual_out``) raise ``ValueError`` naming them, and so does a name this
@@ -49,8 +58,10 @@ from ._stand_in import StandInModules
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
-           "apply_rotary_emb", "apply_rotary_emb_qkv_", "apply_rotary_emb_kv_", "layer_norm_fn", "rms_norm_fn",
-           "RMSNorm", "unpad_input", "pad_input", "index_first_axis", "index_put_first_axis", "patch_flash_attn"]
+           "apply_rotary_emb", "apply_rotary_emb_qkv_", "apply_rotary_emb_kv_", "apply_rotary_emb_func",
+           "apply_rotary_emb_torch", "rotate_half", "RotaryEmbedding", "layer_norm_fn", "rms_norm_fn", "RMSNorm",
+           "unpad_input", "unpad_input_for_concatenated_sequences", "pad_input", "index_first_axis",
+           "index_put_first_axis", "patch_flash_attn"]
 
 # The FlashAttention release whose Python API this module follows (its local part says who serves it).
 FLASH_ATTN_VERSION = "2.8.3+fused_attn"
@@ -167,7 +178,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if not return_attn_probs:
         return _bhld(result)
     out, lse = result
-    s_dmask = _dropout_probs(qh, kh, opts, _redraw(state, dropout_p)) if probs_wanted else None
+    s_dmask = _dropout_probs(qh, kh, opts, _redraw(state, dropout_p)) if probs_wanted else q.new_empty(0)
     return _bhld(out), lse, s_dmask
 
 
@@ -202,7 +213,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if not return_attn_probs:
         return result
     out, lse = result
-    s_dmask = None
+    s_dmask = q.new_empty(0)
     if probs_wanted:
         if block_table is not None:
             raise ValueError("return_attn_probs with dropout_p > 0 and a block_table: S_dmask is a test aid of "
@@ -308,6 +319,72 @@ def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
     return kv
 
 
+apply_rotary_emb_func = apply_rotary_emb  # FlashAttention's other name for it
+
+
+def rotate_half(x: Tensor, interleaved: bool = False) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the halves of the last dim, or over each (2i, 2i+1) pair."""
+    if not interleaved:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary_emb_torch(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """The plain-PyTorch rotary embedding (FlashAttention's reference): x (B, L, H, D), token t at
+    position t of the (>= L, R/2) tables, the first R features turned."""
+    positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    return R.rotary(x, cos, sin, positions, interleaved)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """FlashAttention's ``RotaryEmbedding`` module (without xPos): ``forward(qkv, kv=None,
+    seqlen_offset=0, max_seqlen=None, num_heads_q=None)`` turns q and k **in place** with the
+    angles ``t * base^(-2i/dim)`` (``dim`` rotary features per head, positions in float32, the
+    tables cached in qkv's dtype and grown as needed) and returns qkv, or (q, kv) with ``kv``;
+    ``seqlen_offset`` an int or a (B,) tensor (then ``max_seqlen`` sizes the tables)."""
+
+    def __init__(self, dim: int, base=10000.0, interleaved=False, scale_base=None, pos_idx_in_fp32=True,
+                 device=None):
+        super().__init__()
+        if scale_base is not None:
+            raise ValueError("scale_base (xPos) is not supported by fused_attn's RotaryEmbedding: pass None")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+            raise ValueError(f"dim must be an even int >= 2 (the rotary features of a head), got {dim!r}")
+        self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, None
+        self.pos_idx_in_fp32 = pos_idx_in_fp32
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._seq_len_cached = 0
+        self._cos_cached = self._sin_cached = None
+
+    def _update_cos_sin_cache(self, seqlen: int, device=None, dtype=None) -> None:
+        cached = self._cos_cached
+        if (seqlen > self._seq_len_cached or cached is None or cached.device != device or cached.dtype != dtype
+                or (self.training and cached.is_inference())):
+            self._seq_len_cached = seqlen
+            t = torch.arange(seqlen, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+            self._cos_cached, self._sin_cached = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+
+    def forward(self, qkv: Tensor, kv: Optional[Tensor] = None, seqlen_offset: Union[int, Tensor] = 0,
+                max_seqlen: Optional[int] = None, num_heads_q: Optional[int] = None):
+        seqlen = qkv.shape[1]
+        if max_seqlen is not None:
+            self._update_cos_sin_cache(max_seqlen, device=qkv.device, dtype=qkv.dtype)
+        elif isinstance(seqlen_offset, int):
+            self._update_cos_sin_cache(seqlen + seqlen_offset, device=qkv.device, dtype=qkv.dtype)
+        elif self._cos_cached is None:
+            raise ValueError("seqlen_offset as a tensor needs max_seqlen (the tables' length) on the first call")
+        cos, sin = self._cos_cached, self._sin_cached
+        if kv is None:
+            return apply_rotary_emb_qkv_(qkv, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset,
+                                         num_heads_q=num_heads_q)
+        q = apply_rotary_emb(qkv, cos, sin, interleaved=self.interleaved, inplace=True, seqlen_offsets=seqlen_offset)
+        return q, apply_rotary_emb_kv_(kv, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset)
+
+
 # ---------------------------------------------------------------------------------------------
 # flash_attn.ops.triton.layer_norm
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +409,16 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
         _flag(name, value)
     if zero_centered_weight and weight is not None:
         weight = weight + 1.0
+    # FlashAttention's dtypes: parameters of any float dtype (here used in x's), and the summed
+    # stream in the residual's dtype when a residual is given (a float32 one: fused_attn's
+    # residual_in_fp32), else float32 with residual_in_fp32, else x's.
+    weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and isinstance(x, Tensor) and p.is_floating_point()
+                    and p.dtype != x.dtype else p for p in (weight, bias))
+    stream_dtype = None  # the dtype residual_out must be given back in, when not what the call makes
+    if isinstance(residual, Tensor) and isinstance(x, Tensor) and residual.is_floating_point():
+        residual_in_fp32 = residual.dtype == torch.float32 and x.dtype != torch.float32
+        if residual.dtype != x.dtype and not residual_in_fp32:
+            stream_dtype, residual = residual.dtype, residual.to(x.dtype)
     mask_wanted = return_dropout_mask and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
     gen, state = _seeded_generator() if mask_wanted else (None, None)
     result = layer_norm_residual(x, residual, weight, bias, eps, dropout_p=dropout_p, prenorm=prenorm,
@@ -339,6 +426,8 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     y, summed = result if prenorm else (result, None)
     if out_dtype is not None:
         y = y.to(out_dtype)
+    if summed is not None and stream_dtype is not None:
+        summed = summed.to(stream_dtype)
     outputs = (y, summed) if prenorm else (y,)
     if return_dropout_mask:
         mask = None
@@ -367,7 +456,7 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, hidden_size, eps=1e-5, dropout_p=0.0, zero_centered_weight=False, device=None, dtype=None):
         super().__init__()
         self.eps = eps
-        self.dropout_p = dropout_p
+        self.drop = torch.nn.Dropout(dropout_p) if dropout_p > 0.0 else None  # FlashAttention's attribute
         self.zero_centered_weight = zero_centered_weight
         self.weight = torch.nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.register_parameter("bias", None)
@@ -381,7 +470,7 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
         return rms_norm_fn(x, self.weight, self.bias, residual=residual, eps=self.eps,
-                           dropout_p=self.dropout_p if self.training else 0.0, prenorm=prenorm,
+                           dropout_p=self.drop.p if self.drop is not None and self.training else 0.0, prenorm=prenorm,
                            residual_in_fp32=residual_in_fp32, zero_centered_weight=self.zero_centered_weight)
 
 
@@ -417,6 +506,22 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Opti
     return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen, seqused
 
 
+def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask_in_length: Tensor):
+    """Rows of several samples concatenated per batch row: ``attention_mask_in_length`` (B, L) lists
+    each row's sample lengths first, then zeros (e.g. [2, 3, 0, ...]: two samples of 2 and 3 tokens
+    from the row's start). Returns ``(hidden (total, ...), indices, cu_seqlens int32, max_seqlen)``
+    with one varlen sequence per sample."""
+    lengths = attention_mask_in_length
+    seqlen = lengths.shape[-1]
+    used = lengths.sum(dim=-1)
+    keep = torch.arange(seqlen, device=lengths.device)[None] < used[:, None]
+    sample_lengths = lengths.flatten()[lengths.flatten() > 0].to(torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    max_seqlen = int(sample_lengths.max()) if sample_lengths.numel() else 0
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(sample_lengths, dim=0, dtype=torch.int32), (1, 0))
+    return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen
+
+
 def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     """The inverse of ``unpad_input``: (total, ...) back to (batch, seqlen, ...), zeros elsewhere."""
     out = index_put_first_axis(hidden_states, indices, batch * seqlen)
@@ -435,9 +540,11 @@ _MODULES = {
     "flash_attn.flash_attn_interface": ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
                                         "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
                                         "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"],
-    "flash_attn.bert_padding": ["unpad_input", "pad_input", "index_first_axis", "index_put_first_axis"],
+    "flash_attn.bert_padding": ["unpad_input", "pad_input", "index_first_axis", "index_put_first_axis",
+                                "unpad_input_for_concatenated_sequences"],
     "flash_attn.layers": [],
-    "flash_attn.layers.rotary": ["apply_rotary_emb", "apply_rotary_emb_qkv_", "apply_rotary_emb_kv_"],
+    "flash_attn.layers.rotary": ["apply_rotary_emb", "apply_rotary_emb_qkv_", "apply_rotary_emb_kv_",
+                                 "apply_rotary_emb_func", "apply_rotary_emb_torch", "rotate_half", "RotaryEmbedding"],
     "flash_attn.ops": [],
     "flash_attn.ops.triton": [],
     "flash_attn.ops.triton.layer_norm": ["layer_norm_fn", "rms_norm_fn", "RMSNorm"],

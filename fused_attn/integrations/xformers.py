@@ -20,13 +20,19 @@ of the classes below, which the kernels apply without a mask in memory:
   itself (``attention_varlen``), ``.split(out)`` undoing the packing; ``.make_causal()``,
   ``.make_causal_from_bottomright()``, ``.make_local_attention(w)``,
   ``.make_local_attention_from_bottomright(w)`` and the matching ``BlockDiagonalCausal*`` classes;
-- ``BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_seqlen, kv_padding, kv_seqlen)``:
-  packed queries against keys in slots of ``kv_padding`` rows, sequence b using the first
-  ``kv_seqlen[b]``, causal from the bottom right (decoding against a padded KV cache).
+- ``LocalAttentionFromBottomRightMask(window_left, window_right)``: a bottom-right band;
+- ``BlockDiagonalPaddedKeysMask`` / ``BlockDiagonalCausalWithOffsetPaddedKeysMask``
+  ``.from_seqlens(q_seqlen, kv_padding, kv_seqlen)``: packed queries against keys in slots of
+  ``kv_padding`` rows, sequence b using the first ``kv_seqlen[b]`` (the latter causal from the
+  bottom right: decoding against a padded KV cache).
 
-Every class has ``materialize(shape, dtype, device)``, the dense additive bias, for tests.
-``op`` is accepted and ignored (fused_attn picks its own kernel); ``output_dtype`` casts the
-output. Fully masked rows give zeros (xformers leaves them undefined).
+Every class has ``materialize(shape, dtype, device)``, the dense additive bias, for tests, and
+``to(device)``; the sequence infos have xformers' ``seqstart`` / ``seqstart_py`` / ``seqlen`` /
+``max_seqlen``. ``op`` is accepted and ignored (fused_attn picks its own kernel; the
+``MemoryEfficientAttention*Op`` names exist so that code passing them runs); ``output_dtype``
+casts the output. Rows that see no key give zeros, also where xformers refuses the layout (a
+bottom-right block with more queries than keys). Not here: paged and "gappy" key masks,
+``causal_diagonal``, ``merge_attentions`` and the partial-attention calls.
 """
 from __future__ import annotations
 
@@ -44,8 +50,10 @@ __all__ = ["memory_efficient_attention", "memory_efficient_attention_forward", "
            "LowerTriangularMask", "LowerTriangularMaskWithTensorBias", "LowerTriangularFromBottomRightMask",
            "LowerTriangularFromBottomRightLocalAttentionMask", "BlockDiagonalMask", "BlockDiagonalCausalMask",
            "BlockDiagonalCausalFromBottomRightMask", "BlockDiagonalCausalLocalAttentionMask",
-           "BlockDiagonalCausalLocalAttentionFromBottomRightMask", "BlockDiagonalCausalWithOffsetPaddedKeysMask",
-           "patch_xformers"]
+           "BlockDiagonalCausalLocalAttentionFromBottomRightMask", "BlockDiagonalPaddedKeysMask",
+           "BlockDiagonalCausalWithOffsetPaddedKeysMask", "LocalAttentionFromBottomRightMask", "unbind",
+           "MemoryEfficientAttentionFlashAttentionOp", "MemoryEfficientAttentionCutlassOp",
+           "MemoryEfficientAttentionCutlassFwdFlashBwOp", "patch_xformers"]
 
 XFORMERS_VERSION = "0.0.28+fused_attn"
 
@@ -79,12 +87,16 @@ def _additive(keep: Optional[Tensor], shape, dtype, device) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 class AttentionBias:
-    """Base of the bias classes: each says which keys a query sees (``_rule``), and fused_attn's
-    kernels apply it; ``materialize`` gives it as an additive tensor, for tests."""
+    """Base of the bias classes: each says which keys a query sees (``causal``, ``alignment``,
+    ``window``), and fused_attn's kernels apply it; ``materialize`` gives it as an additive
+    tensor, for tests. ``to(device)`` returns the bias itself (the call moves what it needs)."""
 
     causal = False
     alignment = "top_left"
     window = None
+
+    def to(self, *args, **kwargs) -> "AttentionBias":
+        return self
 
     def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
         """The additive bias (0 where a query sees a key, -inf elsewhere), shape ``(..., M, N)``."""
@@ -96,9 +108,13 @@ class AttentionBias:
 
 
 class LowerTriangularMask(AttentionBias):
-    """Causal, top-left aligned: query i sees keys j <= i."""
+    """Causal, top-left aligned: query i sees keys j <= i. (xformers' is a tensor subclass whose
+    constructor takes tensor arguments such as ``device``: accepted and unused here.)"""
 
     causal = True
+
+    def __init__(self, *tensor_args, **tensor_kwargs):
+        pass
 
     def add_bias(self, bias: Tensor) -> "LowerTriangularMaskWithTensorBias":
         return LowerTriangularMaskWithTensorBias(bias)
@@ -123,6 +139,9 @@ class LowerTriangularFromBottomRightMask(AttentionBias):
     causal = True
     alignment = "bottom_right"
 
+    def __init__(self, *tensor_args, **tensor_kwargs):
+        pass
+
     def make_local_attention(self, window_size: int) -> "LowerTriangularFromBottomRightLocalAttentionMask":
         return LowerTriangularFromBottomRightLocalAttentionMask(window_size)
 
@@ -130,12 +149,29 @@ class LowerTriangularFromBottomRightMask(AttentionBias):
 class LowerTriangularFromBottomRightLocalAttentionMask(LowerTriangularFromBottomRightMask):
     """``LowerTriangularFromBottomRightMask`` where each query sees only its last ``window_size`` keys."""
 
-    def __init__(self, window_size: int):
-        self.window = _window_of(window_size)
-        self._window_size = window_size
+    def __init__(self, _window_size: int):
+        self.window = _window_of(_window_size)
+        self._window_size = _window_size
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(window_size={self._window_size})"
+        return f"{type(self).__name__}(_window_size={self._window_size})"
+
+
+class LocalAttentionFromBottomRightMask(AttentionBias):
+    """Bottom-right aligned band: query i sees keys j with d_i - window_left <= j <= d_i +
+    window_right, d_i = i + N - M (no causal part unless window_right is 0)."""
+
+    alignment = "bottom_right"
+
+    def __init__(self, window_left: int, window_right: int):
+        for name, w in (("window_left", window_left), ("window_right", window_right)):
+            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {w!r}")
+        self.window_left, self.window_right = window_left, window_right
+        self.window = (window_left, window_right)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(window_left={self.window_left}, window_right={self.window_right})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +191,10 @@ class _SeqLenInfo:
         else:  # padded slots of ``padding`` rows
             starts = [b * padding for b in range(len(self.seqlen_py) + 1)]
         self.padding = padding
-        self.cu_seqlen_py = starts
-        self.cu_seqlen = torch.tensor(starts, dtype=torch.int32)
+        self.min_seqlen = min(self.seqlen_py, default=0)
+        self.cu_seqlen_py = self.seqstart_py = starts  # (xformers' older and newer names)
+        self.cu_seqlen = self.seqstart = torch.tensor(starts, dtype=torch.int32)
+        self.seqlen = torch.tensor(self.seqlen_py, dtype=torch.int32)
 
     def split(self, x: Tensor, batch_sizes: Optional[Sequence[int]] = None) -> list:
         if x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != self.cu_seqlen_py[-1]:
@@ -172,9 +210,9 @@ class _SeqLenInfo:
         return [t.reshape((size, -1) + tuple(t.shape[2:])) for size, t in zip(batch_sizes, x.split(chunks, dim=1))]
 
 
-class BlockDiagonalMask(AttentionBias):
-    """Packed sequences along M of a batch of one: sequence s is query rows ``q_seqinfo``'s block s
-    and key rows ``k_seqinfo``'s block s, and sees only itself (``attention_varlen``)."""
+class _PackedBias(AttentionBias):
+    """Sequences along M of a batch of one: sequence s is query rows ``q_seqinfo``'s block s and
+    key rows ``k_seqinfo``'s block s, and sees only itself (``attention_varlen``)."""
 
     def __init__(self, q_seqinfo: _SeqLenInfo, k_seqinfo: _SeqLenInfo, _batch_sizes=None):
         if len(q_seqinfo.seqlen_py) != len(k_seqinfo.seqlen_py):
@@ -182,8 +220,30 @@ class BlockDiagonalMask(AttentionBias):
                              f"{len(q_seqinfo.seqlen_py)} and {len(k_seqinfo.seqlen_py)}")
         self.q_seqinfo, self.k_seqinfo, self._batch_sizes = q_seqinfo, k_seqinfo, _batch_sizes
 
+    def split_queries(self, tensor: Tensor) -> list:
+        return self.q_seqinfo.split(tensor, self._batch_sizes)
+
+    def split_kv(self, tensor: Tensor) -> list:
+        return self.k_seqinfo.split(tensor, self._batch_sizes)
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
+        q_info, k_info = self.q_seqinfo, self.k_seqinfo
+        keep = torch.zeros(shape[-2:], dtype=torch.bool, device=device)
+        for qs, qn, ks, kn in zip(q_info.cu_seqlen_py, q_info.seqlen_py, k_info.cu_seqlen_py, k_info.seqlen_py):
+            block = R.visible_keys(qn, kn, self.causal, self.window, self.alignment, device=device)
+            keep[qs:qs + qn, ks:ks + kn] = True if block is None else block
+        return _additive(keep, shape, dtype, device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(q_seqlen={self.q_seqinfo.seqlen_py}, kv_seqlen={self.k_seqinfo.seqlen_py})"
+
+
+class BlockDiagonalMask(_PackedBias):
+    """Packed sequences along M of a batch of one, each attending only itself: query and key
+    blocks laid back to back (``from_seqlens``, ``from_tensor_list``)."""
+
     @classmethod
-    def from_seqlens(cls, q_seqlen: Sequence[int], kv_seqlen: Optional[Sequence[int]] = None):
+    def from_seqlens(cls, q_seqlen: Sequence[int], kv_seqlen: Optional[Sequence[int]] = None, *, device=None):
         q_info = _SeqLenInfo(_lengths("q_seqlen", q_seqlen))
         k_info = q_info if kv_seqlen is None else _SeqLenInfo(_lengths("kv_seqlen", kv_seqlen))
         return cls(q_info, k_info)
@@ -211,14 +271,11 @@ class BlockDiagonalMask(AttentionBias):
 
         return bias, pack(tensors_q), pack(tensors_k), None if tensors_v is None else pack(tensors_v)
 
-    def split_queries(self, tensor: Tensor) -> list:
-        return self.q_seqinfo.split(tensor, self._batch_sizes)
-
-    def split_kv(self, tensor: Tensor) -> list:
-        return self.k_seqinfo.split(tensor, self._batch_sizes)
-
     def split(self, tensor: Tensor) -> list:
-        """The inverse of ``from_tensor_list``: (1, total, ...) back to the list."""
+        """The inverse of ``from_tensor_list``: (1, total, ...) back to the list (queries and keys
+        must share one layout; else ``split_queries`` / ``split_kv``)."""
+        if self.q_seqinfo.cu_seqlen_py != self.k_seqinfo.cu_seqlen_py:
+            raise ValueError("split needs queries and keys of the same lengths: use split_queries or split_kv")
         return self.q_seqinfo.split(tensor, self._batch_sizes)
 
     def _derive(self, cls, **kw):
@@ -231,21 +288,10 @@ class BlockDiagonalMask(AttentionBias):
         return self._derive(BlockDiagonalCausalFromBottomRightMask)
 
     def make_local_attention(self, window_size: int):
-        return self._derive(BlockDiagonalCausalLocalAttentionMask, window_size=window_size)
+        return self._derive(BlockDiagonalCausalLocalAttentionMask, _window_size=window_size)
 
     def make_local_attention_from_bottomright(self, window_size: int):
-        return self._derive(BlockDiagonalCausalLocalAttentionFromBottomRightMask, window_size=window_size)
-
-    def materialize(self, shape, dtype=torch.float32, device="cpu") -> Tensor:
-        q_info, k_info = self.q_seqinfo, self.k_seqinfo
-        keep = torch.zeros(shape[-2:], dtype=torch.bool, device=device)
-        for qs, qn, ks, kn in zip(q_info.cu_seqlen_py, q_info.seqlen_py, k_info.cu_seqlen_py, k_info.seqlen_py):
-            block = R.visible_keys(qn, kn, self.causal, self.window, self.alignment, device=device)
-            keep[qs:qs + qn, ks:ks + kn] = True if block is None else block
-        return _additive(keep, shape, dtype, device)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(q_seqlen={self.q_seqinfo.seqlen_py}, kv_seqlen={self.k_seqinfo.seqlen_py})"
+        return self._derive(BlockDiagonalCausalLocalAttentionFromBottomRightMask, _window_size=window_size)
 
 
 class BlockDiagonalCausalMask(BlockDiagonalMask):
@@ -264,33 +310,44 @@ class BlockDiagonalCausalFromBottomRightMask(BlockDiagonalMask):
 class BlockDiagonalCausalLocalAttentionMask(BlockDiagonalCausalMask):
     """``BlockDiagonalCausalMask`` where each query sees only its last ``window_size`` keys."""
 
-    def __init__(self, q_seqinfo, k_seqinfo, _batch_sizes=None, window_size: int = 1):
+    def __init__(self, q_seqinfo, k_seqinfo, _batch_sizes=None, _window_size: int = 1):
         super().__init__(q_seqinfo, k_seqinfo, _batch_sizes)
-        self.window = _window_of(window_size)
-        self._window_size = window_size
+        self.window = _window_of(_window_size)
+        self._window_size = _window_size
 
 
 class BlockDiagonalCausalLocalAttentionFromBottomRightMask(BlockDiagonalCausalFromBottomRightMask):
     """``BlockDiagonalCausalFromBottomRightMask`` where each query sees only its last ``window_size`` keys."""
 
-    def __init__(self, q_seqinfo, k_seqinfo, _batch_sizes=None, window_size: int = 1):
+    def __init__(self, q_seqinfo, k_seqinfo, _batch_sizes=None, _window_size: int = 1):
         super().__init__(q_seqinfo, k_seqinfo, _batch_sizes)
-        self.window = _window_of(window_size)
-        self._window_size = window_size
+        self.window = _window_of(_window_size)
+        self._window_size = _window_size
 
 
-class BlockDiagonalCausalWithOffsetPaddedKeysMask(BlockDiagonalCausalFromBottomRightMask):
+class BlockDiagonalPaddedKeysMask(_PackedBias):
     """Packed queries against keys in slots of ``kv_padding`` rows (a padded KV cache, a batch of
-    one of B * kv_padding key rows): sequence b uses the first ``kv_seqlen[b]`` rows of its slot,
-    causal from the bottom right (``attention_varlen`` with ``seqused_k``)."""
+    one of B * kv_padding key rows): sequence b uses the first ``kv_seqlen[b]`` rows of its slot
+    (``attention_varlen`` with ``seqused_k``); the rows past them are never read."""
 
     @classmethod
-    def from_seqlens(cls, q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Sequence[int]):
+    def from_seqlens(cls, q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Sequence[int],
+                     causal_diagonal=None, *, device=None):
+        if causal_diagonal is not None:
+            raise ValueError("causal_diagonal is not supported by fused_attn's padded-keys masks: pass None")
         q_lens, k_lens = _lengths("q_seqlen", q_seqlen), _lengths("kv_seqlen", kv_seqlen)
         if isinstance(kv_padding, bool) or not isinstance(kv_padding, int) or kv_padding < max(k_lens, default=0):
             raise ValueError(f"kv_padding must be an int >= every kv_seqlen ({max(k_lens, default=0)}), got "
                              f"{kv_padding!r}")
         return cls(_SeqLenInfo(q_lens), _SeqLenInfo(k_lens, padding=kv_padding))
+
+
+class BlockDiagonalCausalWithOffsetPaddedKeysMask(BlockDiagonalPaddedKeysMask):
+    """``BlockDiagonalPaddedKeysMask``, causal from the bottom right: each sequence's last query
+    sees its last key (decoding against a padded KV cache)."""
+
+    causal = True
+    alignment = "bottom_right"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,9 +412,30 @@ def memory_efficient_attention_forward(query, key, value, attn_bias=None, p: flo
     return memory_efficient_attention(query, key, value, attn_bias, p, scale, op=op, output_dtype=output_dtype)
 
 
+class _Op:
+    """Stand-in for xformers' kernel choices (``op=``): accepted and ignored, fused_attn picks its
+    kernel by device, dtype and options."""
+
+    def __init__(self, name: str):
+        self.NAME = name
+
+    def __repr__(self) -> str:
+        return f"fused_attn stand-in for xformers' {self.NAME}"
+
+
+MemoryEfficientAttentionFlashAttentionOp = (_Op("flash.FwOp"), _Op("flash.BwOp"))
+MemoryEfficientAttentionCutlassOp = (_Op("cutlass.FwOp"), _Op("cutlass.BwOp"))
+MemoryEfficientAttentionCutlassFwdFlashBwOp = (_Op("cutlass.FwOp"), _Op("flash.BwOp"))
+
+
+def unbind(x: Tensor, dim: int) -> tuple:
+    """xformers' ``unbind`` (a backward that stacks the gradients): ``torch.unbind``, whose backward does."""
+    return torch.unbind(x, dim)
+
+
 def _attend(q, k, v, bias: Optional[AttentionBias], tensor_bias, p, scale) -> Tensor:
     """q (B, M, Hq, K), k (B, N, Hkv, K), v (B, N, Hkv, Kv) through attention or attention_varlen."""
-    if isinstance(bias, BlockDiagonalMask):
+    if isinstance(bias, _PackedBias):
         if q.shape[0] != 1 or k.shape[0] != 1:
             raise ValueError(f"a {type(bias).__name__} packs the sequences along M of a batch of one: query and key "
                              f"must be (1, M, ...), got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -391,11 +469,14 @@ _BIASES = ["AttentionBias", "LowerTriangularMask", "LowerTriangularMaskWithTenso
            "LowerTriangularFromBottomRightMask", "LowerTriangularFromBottomRightLocalAttentionMask",
            "BlockDiagonalMask", "BlockDiagonalCausalMask", "BlockDiagonalCausalFromBottomRightMask",
            "BlockDiagonalCausalLocalAttentionMask", "BlockDiagonalCausalLocalAttentionFromBottomRightMask",
-           "BlockDiagonalCausalWithOffsetPaddedKeysMask"]
+           "BlockDiagonalPaddedKeysMask", "BlockDiagonalCausalWithOffsetPaddedKeysMask",
+           "LocalAttentionFromBottomRightMask"]
 _MODULES = {
     "xformers": [],
     "xformers.ops": ["memory_efficient_attention", "memory_efficient_attention_forward", "AttentionBias",
-                     "LowerTriangularMask", "LowerTriangularMaskWithTensorBias", "BlockDiagonalMask"],
+                     "LowerTriangularMask", "LowerTriangularMaskWithTensorBias", "BlockDiagonalMask", "unbind",
+                     "MemoryEfficientAttentionFlashAttentionOp", "MemoryEfficientAttentionCutlassOp",
+                     "MemoryEfficientAttentionCutlassFwdFlashBwOp"],
     "xformers.ops.fmha": ["memory_efficient_attention", "memory_efficient_attention_forward"] + _BIASES,
     "xformers.ops.fmha.attn_bias": _BIASES,
 }

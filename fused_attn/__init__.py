@@ -11,13 +11,14 @@ from .backends import BackendUnavailableError, available_backends, use_backend
 from .integrations.flash_attn import patch_flash_attn
 from .integrations.xformers import patch_xformers
 from .functional import (apply_rotary_emb, attention, attention_varlen, attention_with_kvcache, feed_forward,
-                         get_alibi_slopes, layer_norm_residual)
+                         get_alibi_slopes, layer_norm_residual, merge_attention)
 from .modules import FeedForward, KVCache, LayerNormResidual, MultiHeadAttention, Transformer, TransformerLayer
 from .swap import SwapReport, patch_sdpa, restore_modules, swap_modules
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "reference", "attention", "attention_varlen", "attention_with_kvcache", "get_alibi_slopes",
+__all__ = ["functional", "reference", "attention", "attention_varlen", "attention_with_kvcache", "merge_attention",
+           "get_alibi_slopes",
            "apply_rotary_emb", "layer_norm_residual", "feed_forward",
            "available_backends", "use_backend", "BackendUnavailableError", "extension_error", "empty_cpu_cache",
            "__version__",

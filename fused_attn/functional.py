@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -989,6 +989,55 @@ def _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block
     v_cache.index_put_(index, v)
 
 
+def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Attention over the union of several key sets, from attention over each set: the outputs of
+    one query set against disjoint parts of the keys (split keys, ring / context parallelism,
+    a cache read in chunks) and their ``return_lse`` log-sum-exps, merged as the softmax over all
+    the keys would have weighted them::
+
+        lse = log(sum_i exp(lse_i)),  out = sum_i exp(lse_i - lse) * out_i
+
+    Args:
+        outs: n >= 1 tensors of one shape (..., Dv), e.g. ``attention``'s (B, Hq, Lq, Dv).
+        lses: n float tensors of shape (...) (each out's shape without Dv), e.g. ``attention``'s
+            (B, Hq, Lq); for ``attention_varlen``'s (Hq, total_q) pass ``lse.t()``. A row's lse
+            of +inf (this library's "saw no key") or -inf adds nothing.
+
+    Returns (out in the outs' dtype, lse float32 (float64 for float64 lses)), +inf on rows no
+    part saw a key for (their out is 0). Plain differentiable torch ops: with the
+    differentiable lse of ``attention``, a merge trains (its gradients reach every part's q, k,
+    v), and it traces under torch.compile."""
+    if isinstance(outs, Tensor) or isinstance(lses, Tensor):
+        raise TypeError("outs and lses must be sequences (lists or tuples) of tensors, one per key part")
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"outs and lses must be non-empty and of one length, got {len(outs)} and {len(lses)}")
+    for i, (out, lse) in enumerate(zip(outs, lses)):
+        _check_tensor(f"outs[{i}]", out, min_ndim=1)
+        if not isinstance(lse, Tensor) or not lse.is_floating_point():
+            raise TypeError(f"lses[{i}] must be a floating-point tensor, got "
+                            f"{lse.dtype if isinstance(lse, Tensor) else type(lse).__name__}")
+        if out.shape != outs[0].shape or out.dtype != outs[0].dtype or out.device != outs[0].device:
+            raise ValueError(f"outs[{i}] must match outs[0] (shape {tuple(outs[0].shape)}, {outs[0].dtype}, "
+                             f"{outs[0].device}), got {tuple(out.shape)}, {out.dtype}, {out.device}")
+        if lse.shape != out.shape[:-1] or lse.device != out.device:
+            raise ValueError(f"lses[{i}] must have outs[{i}]'s shape without its last dim, {tuple(out.shape[:-1])}, "
+                             f"on its device, got {tuple(lse.shape)} on {lse.device} (attention_varlen's lse: "
+                             f"pass lse.t())")
+    wide = torch.float64 if any(lse.dtype == torch.float64 for lse in lses) else torch.float32
+    parts = torch.stack([lse.to(wide) for lse in lses])  # (n, ...)
+    empty = torch.isinf(parts)  # +inf (no key here) or -inf: contributes nothing
+    none_seen = empty.all(dim=0)
+    # logsumexp over the parts that saw keys; rows where none did are given zeros first, so that
+    # neither the value nor the gradient becomes NaN (exp(-inf - -inf))
+    safe = torch.where(empty, torch.where(none_seen, 0.0, float("-inf")), parts)
+    total = torch.logsumexp(safe, dim=0)
+    weights = torch.where(empty, 0.0, torch.exp(safe - total))
+    out = sum(w[..., None] * o.to(wide) for w, o in zip(weights, outs))
+    lse = torch.where(none_seen, float("inf"), total)
+    return out.to(outs[0].dtype), lse
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
@@ -1190,8 +1239,9 @@ def _ffn_tensors_match(x, w1, b1, w2, b2) -> bool:
     return True
 
 
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "scaled_dot_product_attention",
-           "layer_norm_residual", "feed_forward", "apply_rotary_emb", "get_alibi_slopes"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "merge_attention",
+           "scaled_dot_product_attention", "layer_norm_residual", "feed_forward", "apply_rotary_emb",
+           "get_alibi_slopes"]
 
 
 # RoPE lives in its own module, which takes this module's checks (so it is imported last).

@@ -14,6 +14,10 @@ def test_quick_start_runs():
     assert namespace["out"].shape == (2, 8, 1024, 64)
     assert namespace["q"].grad is not None  # out.sum().backward() ran
     assert namespace["with_sinks"].shape == namespace["out"].shape and namespace["lse"].requires_grad
+    import torch  # the merged halves are the attention over all the keys, as the comment says
+
+    F, q, k, v = namespace["F"], namespace["q"], namespace["k"], namespace["v"]
+    torch.testing.assert_close(namespace["whole"], F.attention(q, k, v), rtol=1e-4, atol=1e-5)
 
 
 def _blocks_after(heading: str) -> list:

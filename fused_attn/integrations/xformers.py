@@ -30,9 +30,10 @@ Every class has ``materialize(shape, dtype, device)``, the dense additive bias, 
 ``to(device)``; the sequence infos have xformers' ``seqstart`` / ``seqstart_py`` / ``seqlen`` /
 ``max_seqlen``. ``op`` is accepted and ignored (fused_attn picks its own kernel; the
 ``MemoryEfficientAttention*Op`` names exist so that code passing them runs); ``output_dtype``
-casts the output. Rows that see no key give zeros, also where xformers refuses the layout (a
+casts the output. ``memory_efficient_attention_partial`` also returns the lse (-inf on rows
+that see no key, as xformers), which ``merge_attentions`` combines. Rows that see no key give zeros, also where xformers refuses the layout (a
 bottom-right block with more queries than keys). Not here: paged and "gappy" key masks,
-``causal_diagonal``, ``merge_attentions`` and the partial-attention calls.
+``causal_diagonal``.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as R
-from ..functional import attention, attention_varlen
+from ..functional import attention, attention_varlen, merge_attention
 from ._stand_in import StandInModules
 
 __all__ = ["memory_efficient_attention", "memory_efficient_attention_forward", "AttentionBias",
@@ -53,7 +54,8 @@ __all__ = ["memory_efficient_attention", "memory_efficient_attention_forward", "
            "BlockDiagonalCausalLocalAttentionFromBottomRightMask", "BlockDiagonalPaddedKeysMask",
            "BlockDiagonalCausalWithOffsetPaddedKeysMask", "LocalAttentionFromBottomRightMask", "unbind",
            "MemoryEfficientAttentionFlashAttentionOp", "MemoryEfficientAttentionCutlassOp",
-           "MemoryEfficientAttentionCutlassFwdFlashBwOp", "patch_xformers"]
+           "MemoryEfficientAttentionCutlassFwdFlashBwOp", "memory_efficient_attention_partial", "merge_attentions",
+           "patch_xformers"]
 
 XFORMERS_VERSION = "0.0.28+fused_attn"
 
@@ -364,10 +366,11 @@ def _to_bmhk(name: str, t, ndim: int) -> Tensor:
 
 
 def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_bias=None, p: float = 0.0,
-                               scale: Optional[float] = None, *, op=None, output_dtype=None) -> Tensor:
+                               scale: Optional[float] = None, *, op=None, output_dtype=None, return_lse: bool = False):
     """xformers' ``memory_efficient_attention``: ``softmax(q k^T * scale + bias) v`` on (B, M, H, K)
     tensors (or (B, M, K), or (B, M, G, H, K) grouped-query, the keys and values expanded over H);
-    returns query's layout with value's last dim. Differentiable in q, k, v and a tensor bias."""
+    returns query's layout with value's last dim. Differentiable in q, k, v and a tensor bias.
+    (``return_lse``, not xformers': also the float32 lse, as ``memory_efficient_attention_partial``.)"""
     if not isinstance(query, Tensor):
         raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
     ndim = query.dim()
@@ -398,18 +401,51 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
         if tensor_bias is not None:
             tensor_bias = tensor_bias.reshape(tensor_bias.shape[:-4] + (-1,) + tensor_bias.shape[-2:]) \
                 if tensor_bias.dim() >= 4 else tensor_bias
-    out = _attend(q, k, v, attn_bias, tensor_bias, p, scale)
+    out, lse = _attend(q, k, v, attn_bias, tensor_bias, p, scale, return_lse)
     if ndim == 3:
         out = out.squeeze(2)
     elif ndim == 5:
         out = out.unflatten(2, (G, H))
-    return out if output_dtype is None else out.to(output_dtype)
+        lse = None if lse is None else lse.unflatten(1, (G, H))
+    out = out if output_dtype is None else out.to(output_dtype)
+    if not return_lse:
+        return out
+    # xformers' lse of a row with no key is -inf (the log of an empty sum; fused_attn's is +inf)
+    return out, lse.masked_fill(lse == float("inf"), float("-inf"))
 
 
 def memory_efficient_attention_forward(query, key, value, attn_bias=None, p: float = 0.0,
                                        scale: Optional[float] = None, *, op=None, output_dtype=None) -> Tensor:
     """``memory_efficient_attention`` for inference (the same call; no gradient is needed)."""
     return memory_efficient_attention(query, key, value, attn_bias, p, scale, op=op, output_dtype=output_dtype)
+
+
+def memory_efficient_attention_partial(query, key, value, attn_bias=None, p: float = 0.0,
+                                       scale: Optional[float] = None, *, op=None, output_dtype=None) -> tuple:
+    """``memory_efficient_attention`` that also returns the float32 log-sum-exp of each row, (B, H,
+    M) (or (B, G, H, M); -inf on rows that see no key), for ``merge_attentions``."""
+    return memory_efficient_attention(query, key, value, attn_bias, p, scale, op=op, output_dtype=output_dtype,
+                                      return_lse=True)
+
+
+def merge_attentions(attn_split: Tensor, lse_split: Tensor, write_lse: bool = True,
+                     output_dtype: Optional[torch.dtype] = None) -> tuple:
+    """xformers' ``merge_attentions``: outputs of one query set against parts of the keys, stacked
+    on dim 0 (``attn_split`` (n, B, M, [G,] H, K), ``lse_split`` (n, B, [G,] H, M)), merged as
+    attention over all the keys (``fused_attn.merge_attention``): ``(out (B, M, [G,] H, K), lse
+    (B, [G,] H, M) or None without write_lse)``. Differentiable."""
+    if not isinstance(attn_split, Tensor) or not isinstance(lse_split, Tensor):
+        raise TypeError("attn_split and lse_split must be tensors, the parts stacked on dim 0")
+    if attn_split.dim() not in (5, 6) or lse_split.dim() != attn_split.dim() - 1:
+        raise ValueError(f"attn_split must be (n, B, M, [G,] H, K) and lse_split (n, B, [G,] H, M), got "
+                         f"{tuple(attn_split.shape)} and {tuple(lse_split.shape)}")
+    lses = lse_split.movedim(-1, 2)  # (n, B, M, [G,] H): aligned with the outputs
+    out, lse = merge_attention(list(attn_split.unbind(0)), list(lses.unbind(0)))
+    out = out if output_dtype is None else out.to(output_dtype)
+    if not write_lse:
+        return out, None
+    lse = lse.masked_fill(lse == float("inf"), float("-inf"))
+    return out, lse.movedim(1, -1)
 
 
 class _Op:
@@ -433,8 +469,9 @@ def unbind(x: Tensor, dim: int) -> tuple:
     return torch.unbind(x, dim)
 
 
-def _attend(q, k, v, bias: Optional[AttentionBias], tensor_bias, p, scale) -> Tensor:
-    """q (B, M, Hq, K), k (B, N, Hkv, K), v (B, N, Hkv, Kv) through attention or attention_varlen."""
+def _attend(q, k, v, bias: Optional[AttentionBias], tensor_bias, p, scale, return_lse: bool) -> tuple:
+    """q (B, M, Hq, K), k (B, N, Hkv, K), v (B, N, Hkv, Kv) through attention or attention_varlen:
+    (out (B, M, Hq, Kv), lse (B, Hq, M) with ``return_lse``, else None)."""
     if isinstance(bias, _PackedBias):
         if q.shape[0] != 1 or k.shape[0] != 1:
             raise ValueError(f"a {type(bias).__name__} packs the sequences along M of a batch of one: query and key "
@@ -448,17 +485,19 @@ def _attend(q, k, v, bias: Optional[AttentionBias], tensor_bias, p, scale) -> Te
         seqused = None
         if k_info.padding is not None:
             seqused = torch.tensor(k_info.seqlen_py, dtype=torch.int32, device=device)
-        out = attention_varlen(q[0], k[0], v[0], q_info.cu_seqlen.to(device), k_info.cu_seqlen.to(device),
-                               q_info.max_seqlen, k_info.padding or k_info.max_seqlen, causal=bias.causal,
-                               window_size=bias.window, alignment=bias.alignment, dropout_p=p, scale=scale,
-                               seqused_k=seqused)
-        return out[None]
+        result = attention_varlen(q[0], k[0], v[0], q_info.cu_seqlen.to(device), k_info.cu_seqlen.to(device),
+                                  q_info.max_seqlen, k_info.padding or k_info.max_seqlen, causal=bias.causal,
+                                  window_size=bias.window, alignment=bias.alignment, dropout_p=p, scale=scale,
+                                  seqused_k=seqused, return_lse=return_lse)
+        out, lse = result if return_lse else (result, None)
+        return out[None], None if lse is None else lse[None]
     causal = bias is not None and bias.causal
     window = None if bias is None else bias.window
     alignment = "top_left" if bias is None else bias.alignment
-    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=tensor_bias, causal=causal,
-                    window_size=window, alignment=alignment, dropout_p=p, scale=scale)
-    return out.transpose(1, 2)
+    result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=tensor_bias, causal=causal,
+                       window_size=window, alignment=alignment, dropout_p=p, scale=scale, return_lse=return_lse)
+    out, lse = result if return_lse else (result, None)
+    return out.transpose(1, 2), lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +516,8 @@ _MODULES = {
                      "LowerTriangularMask", "LowerTriangularMaskWithTensorBias", "BlockDiagonalMask", "unbind",
                      "MemoryEfficientAttentionFlashAttentionOp", "MemoryEfficientAttentionCutlassOp",
                      "MemoryEfficientAttentionCutlassFwdFlashBwOp"],
-    "xformers.ops.fmha": ["memory_efficient_attention", "memory_efficient_attention_forward"] + _BIASES,
+    "xformers.ops.fmha": ["memory_efficient_attention", "memory_efficient_attention_forward",
+                          "memory_efficient_attention_partial", "merge_attentions"] + _BIASES,
     "xformers.ops.fmha.attn_bias": _BIASES,
 }
 _PACKAGES = {"xformers", "xformers.ops", "xformers.ops.fmha"}

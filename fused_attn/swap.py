@@ -18,10 +18,18 @@ Targets (one converter per family, tried in order):
 - ``nn.Sequential(Linear, ReLU|GELU|SiLU, [Dropout], Linear)`` (the seed's FFN) -> one fused feed_forward;
 - ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``,
   ``nn.TransformerEncoder``, ``nn.LayerNorm``, ``nn.RMSNorm``;
-- Hugging Face models (BERT family, GPT-2, Llama family): see ``fused_attn.integrations.huggingface``.
+- Hugging Face models (BERT family, GPT-2, Llama family): see ``fused_attn.integrations.huggingface``;
+- any module whose ``forward(self, x)`` only chains its children Linear -> activation ->
+  [Dropout] -> Linear -> [Dropout] (read from its source: GPT-NeoX's, Phi's, Falcon's, GPT-J's and
+  CLIP's MLPs, and such modules of one's own) -> one fused feed_forward.
 """
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -161,6 +169,115 @@ class FusedSequentialFFN(nn.Sequential):
         p = dropout_p(self[2]) if len(self) == 4 else 0.0
         return feed_forward(x, first.weight, first.bias, last.weight, last.bias,
                             activation=self.fused_attn_activation, dropout_p=p, backend=self.fused_attn_backend)
+
+
+class FusedPlainMLP:
+    """A module whose forward chains Linear -> activation -> [Dropout] -> Linear -> [Dropout]
+    (``fused_attn_mlp``: the four children's names, None for an absent dropout), as one fused
+    feed_forward (the middle dropout inside it) and its own final dropout."""
+
+    def forward(self, x):
+        first, middle, second, last = self.fused_attn_mlp
+        l1, l2 = self._modules[first], self._modules[second]
+        p = dropout_p(self._modules[middle]) if middle else 0.0
+        h = feed_forward(x, l1.weight, l1.bias, l2.weight, l2.bias, activation=self.fused_attn_activation,
+                         dropout_p=p, backend=self.fused_attn_backend)
+        return self._modules[last](h) if last else h
+
+
+_PLAIN_SUBCLASSES: dict[type, type] = {}
+
+
+def plain_mlp_subclass(cls: type) -> type:
+    """``Fused<cls>`` over FusedPlainMLP, cached, and reachable by its name from this module so
+    that swapped models pickle (a name another class took already gets a number)."""
+    if cls not in _PLAIN_SUBCLASSES:
+        name, n = f"Fused{cls.__name__}", 1
+        while hasattr(sys.modules[__name__], name):
+            n += 1
+            name = f"Fused{cls.__name__}_{n}"
+        sub = type(name, (FusedPlainMLP, cls), {"__module__": __name__, "__qualname__": name})
+        setattr(sys.modules[__name__], name, sub)
+        _PLAIN_SUBCLASSES[cls] = sub
+    return _PLAIN_SUBCLASSES[cls]
+
+
+@functools.lru_cache(maxsize=None)
+def forward_chain(cls: type) -> Optional[tuple]:
+    """The names of the children ``cls.forward(self, x)`` applies one after another to x, read
+    from its source, when that is all it does (statements ``h = self.a(x)`` ... ``return
+    self.c(h)``, calls nested or not, a docstring allowed); None for anything else."""
+    fn = cls.__dict__.get("forward")
+    if fn is None or not inspect.isfunction(fn):
+        return None
+    try:
+        node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    args = node.args
+    if (len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs or args.defaults
+            or node.decorator_list):
+        return None
+    self_name, x_name = args.args[0].arg, args.args[1].arg
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    env = {x_name: ()}
+
+    def chain(expr):
+        if isinstance(expr, ast.Name):
+            return env.get(expr.id)
+        if (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and len(expr.args) == 1
+                and not expr.keywords and isinstance(expr.func.value, ast.Name) and expr.func.value.id == self_name):
+            inner = chain(expr.args[0])
+            return None if inner is None else inner + (expr.func.attr,)
+        return None
+
+    if not body or not isinstance(body[-1], ast.Return) or body[-1].value is None:
+        return None
+    for stmt in body[:-1]:
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+            return None
+        value = chain(stmt.value)
+        if value is None:
+            return None
+        env[stmt.targets[0].id] = value
+    return chain(body[-1].value)
+
+
+def _plain_mlp_layout(module: nn.Module) -> Optional[dict]:
+    """The names of the children a forward chains as Linear, activation, [Dropout], Linear,
+    [Dropout] (keys first, act, middle, second, last; the dropouts None when absent), or None."""
+    names = forward_chain(type(module))
+    if names is None or len(set(names)) != len(names):
+        return None
+    children = [module._modules.get(n) for n in names]
+    pattern = "".join("L" if type(c) is nn.Linear else "D" if type(c) is nn.Dropout else "A" if c is not None
+                      else "?" for c in children)
+    if pattern not in ("LAL", "LADL", "LALD", "LADLD"):
+        return None
+    middle = names[2] if pattern.startswith("LAD") else None
+    return {"first": names[0], "act": names[1], "middle": middle, "second": names[3] if middle else names[2],
+            "last": names[-1] if pattern.endswith("LD") else None}
+
+
+def _convert_plain_mlp(module, opts):
+    layout = _plain_mlp_layout(module)
+    if layout is None:
+        return None
+    from .integrations.huggingface import activation_name as any_activation_name  # (imports no transformers)
+
+    act_module = module._modules[layout["act"]]
+    act = any_activation_name(act_module)
+    if act is None:
+        return f"activation {type(act_module).__name__} has no fused form"
+    if not opts.ffn:
+        return "ffn=False"
+    return Conversion(plain_mlp_subclass(type(module)),
+                      {"fused_attn_mlp": (layout["first"], layout["middle"], layout["second"], layout["last"]),
+                       "fused_attn_activation": act, "fused_attn_backend": opts.backend},
+                      consumed=tuple(n for n in layout.values() if n),
+                      note=f"FFN {act} ({layout['first']} -> {layout['second']}, read from its forward)")
 
 
 class FusedMultiheadAttention(nn.MultiheadAttention):
@@ -423,7 +540,7 @@ def _convert_huggingface(module, opts):
 
 
 CONVERTERS: list[Converter] = [_convert_reference, _convert_sequential_ffn, _convert_mha, _convert_torch_layer,
-                               _convert_norm, _convert_huggingface]
+                               _convert_norm, _convert_huggingface, _convert_plain_mlp]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -495,3 +495,40 @@ def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
     assert [row for row in report.left if "rotary" in row[1]] == [
         ("", "modeling_cohere.apply_rotary_pos_emb", "not Llama's or GPT-NeoX's apply_rotary_pos_emb (another layout "
                                                      "or rounding)")]
+
+
+PLAIN_MLP_MODELS = {
+    # config, auto class, the MLP class swap_modules reads as Linear -> act -> [Dropout] -> Linear -> [Dropout]
+    "gpt_neox": (lambda: transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=72,
+                                                     max_position_embeddings=64, hidden_act="gelu"),
+                 transformers.AutoModelForCausalLM, "FusedGPTNeoXMLP"),
+    "phi": (lambda: transformers.PhiConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=72, max_position_embeddings=64, hidden_act="gelu_new",
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
+            transformers.AutoModelForCausalLM, "FusedPhiMLP"),
+    "gptj": (lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                             rotary_dim=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+             transformers.AutoModelForCausalLM, "FusedGPTJMLP"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_MLP_MODELS))
+def test_plain_chain_mlps_of_hugging_face_models_are_fused(name):
+    """GPT-NeoX's, Phi's and GPT-J's MLPs are read from their forward (Linear -> activation ->
+    Linear [-> Dropout]) and fused; the swapped model gives the untouched model's logits."""
+    make_config, auto, fused_name = PLAIN_MLP_MODELS[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = auto.from_config(make_config(), attn_implementation="eager")
+    _perturb_norms(model)
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model)
+    assert sum(new == fused_name for _, _, new, _ in report.replaced) == 2, str(report)
+    model.eval()
+    ref.eval()
+    ids, mask = _batch("llama")
+    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    fused_attn.restore_modules(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]

@@ -281,3 +281,106 @@ def test_swapped_modules_show_their_backend_and_train_with_dropout():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
     enc.eval()
     torch.testing.assert_close(enc(x), enc(x))
+
+
+# --- modules whose forward chains Linear -> activation -> [Dropout] -> Linear -> [Dropout] ---------
+
+class ChainedMLP(nn.Module):
+    """Statements, one child each (GPT-NeoX's style)."""
+
+    def __init__(self, act=None):
+        super().__init__()
+        self.up = nn.Linear(D, 3 * D + 1)
+        self.act = act if act is not None else nn.GELU(approximate="tanh")
+        self.down = nn.Linear(3 * D + 1, D)
+
+    def forward(self, hidden_states):
+        hidden_states = self.up(hidden_states)
+        hidden_states = self.act(hidden_states)
+        hidden_states = self.down(hidden_states)
+        return hidden_states
+
+
+class NestedMLP(nn.Module):
+    """Nested calls, a dropout between and one after (GPT-J's and T5's layouts)."""
+
+    def __init__(self, p_mid=0.0, p_end=0.0):
+        super().__init__()
+        self.fc_in, self.act, self.mid = nn.Linear(D, 50, bias=False), nn.SiLU(), nn.Dropout(p_mid)
+        self.fc_out, self.drop = nn.Linear(50, D), nn.Dropout(p_end)
+
+    def forward(self, x):
+        """A docstring is allowed."""
+        h = self.mid(self.act(self.fc_in(x)))
+        return self.drop(self.fc_out(h))
+
+
+class ResidualMLP(nn.Module):
+    """Not a plain chain (a residual add): left alone, and not listed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D)
+
+    def forward(self, x):
+        return x + self.b(self.act(self.a(x)))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D)
+
+    def forward(self, x, scale):
+        return self.b(self.act(self.a(x)))
+
+
+@pytest.mark.parametrize("make", [lambda: ChainedMLP(), lambda: NestedMLP()], ids=["statements", "nested"])
+def test_plain_chain_mlps_are_fused_exactly(make):
+    torch.manual_seed(0)
+    model = nn.Sequential(make(), nn.LayerNorm(D))
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model)
+    assert type(model[0]).__name__ == f"Fused{type(ref[0]).__name__}" and "read from its forward" in str(report)
+    (x,) = make_inputs((B, L, D), seed=2)
+    check = check_module_against_reference(model, ref, [x])
+    assert all(r.ok for r in check), "\n".join(map(str, check))
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    restored = fused_attn.restore_modules(model)
+    assert type(model[0]) is type(ref[0]) and len(restored.replaced) == 2
+
+
+def test_plain_chain_mlp_dropouts_and_pickling():
+    """The middle dropout runs inside the fused op (train mode drops, eval does not), the last one
+    is the module's own; a swapped model pickles in the process that swapped it."""
+    torch.manual_seed(0)
+    model = NestedMLP(p_mid=0.5, p_end=0.0)
+    ref = copy.deepcopy(model).eval()
+    fused_attn.swap_modules(model)
+    x = torch.randn(4, D)
+    model.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, model(x)) and not torch.allclose(a, ref(x))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False).eval()
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(loaded(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_what_is_not_a_plain_chain_is_left():
+    model = nn.ModuleDict({"res": ResidualMLP(), "two": TwoInputs(), "act": ChainedMLP(act=nn.Tanh()),
+                           "off": ChainedMLP()})
+    report = fused_attn.swap_modules(model.res)
+    assert not report.replaced and not report.left
+    assert not fused_attn.swap_modules(model.two).replaced
+    report = fused_attn.swap_modules(model.act)
+    assert not report.replaced and report.left == [("", "ChainedMLP", "activation Tanh has no fused form")]
+    report = fused_attn.swap_modules(model.off, ffn=False)
+    assert report.left == [("", "ChainedMLP", "ffn=False")]
+    assert S.forward_chain(ChainedMLP) == ("up", "act", "down") and S.forward_chain(ResidualMLP) is None

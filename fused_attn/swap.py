@@ -28,7 +28,6 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -185,21 +184,31 @@ class FusedPlainMLP:
         return self._modules[last](h) if last else h
 
 
-_PLAIN_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def plain_mlp_subclass(cls: type) -> type:
-    """``Fused<cls>`` over FusedPlainMLP, cached, and reachable by its name from this module so
-    that swapped models pickle (a name another class took already gets a number)."""
-    if cls not in _PLAIN_SUBCLASSES:
-        name, n = f"Fused{cls.__name__}", 1
-        while hasattr(sys.modules[__name__], name):
-            n += 1
-            name = f"Fused{cls.__name__}_{n}"
-        sub = type(name, (FusedPlainMLP, cls), {"__module__": __name__, "__qualname__": name})
-        setattr(sys.modules[__name__], name, sub)
-        _PLAIN_SUBCLASSES[cls] = sub
-    return _PLAIN_SUBCLASSES[cls]
+def fused_subclass(cls: type, mixin: type) -> type:
+    """``Fused<cls>``: the mixin's methods over ``cls``, made once per pair. Such classes exist only
+    once a swap made them, so their instances pickle as "this pair's subclass, and this state"
+    (``_rebuild_fused``): a swapped model saved with torch.save loads in a fresh process."""
+    key = (cls, mixin)
+    if key not in _SUBCLASSES:
+        name = f"Fused{cls.__name__}"
+        _SUBCLASSES[key] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name,
+                                                     "__reduce_ex__": _reduce_fused})
+    return _SUBCLASSES[key]
+
+
+def _reduce_fused(self, protocol):
+    mixin, cls = type(self).__bases__
+    return _rebuild_fused, (cls, mixin), self.__getstate__()
+
+
+def _rebuild_fused(cls: type, mixin: type):
+    if cls.__module__.startswith("transformers."):  # the loaded model's config names "fused_attn" attention
+        from .integrations import huggingface
+        huggingface.register()
+    return object.__new__(fused_subclass(cls, mixin))
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,7 +282,7 @@ def _convert_plain_mlp(module, opts):
         return f"activation {type(act_module).__name__} has no fused form"
     if not opts.ffn:
         return "ffn=False"
-    return Conversion(plain_mlp_subclass(type(module)),
+    return Conversion(fused_subclass(type(module), FusedPlainMLP),
                       {"fused_attn_mlp": (layout["first"], layout["middle"], layout["second"], layout["last"]),
                        "fused_attn_activation": act, "fused_attn_backend": opts.backend},
                       consumed=tuple(n for n in layout.values() if n),

@@ -532,3 +532,37 @@ def test_plain_chain_mlps_of_hugging_face_models_are_fused(name):
     check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
     fused_attn.restore_modules(model)
     assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
+
+
+def test_swapped_model_saved_whole_loads_in_a_fresh_process(tmp_path):
+    """torch.save of a whole swapped model (BERT's fused blocks, GPT-NeoX's plain MLP: classes a
+    swap makes at run time) loads in a process that never swapped anything, still fused, and
+    gives the saved logits."""
+    import subprocess
+    import sys
+
+    for name, (make_config, auto) in {"bert": (lambda: _bert()[0], transformers.AutoModelForSequenceClassification),
+                                      "gpt_neox": PLAIN_MLP_MODELS["gpt_neox"][:2]}.items():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = auto.from_config(make_config(), attn_implementation="eager").eval()
+        fused_attn.swap_modules(model)
+        ids, mask = _batch("bert")
+        with torch.no_grad():
+            expected = _logits(model, ids, mask)
+        torch.save({"model": model, "ids": ids, "mask": mask, "logits": expected}, tmp_path / f"{name}.pt")
+        script = (
+            "import sys, torch, fused_attn.swap as S\n"
+            f"saved = torch.load(sys.argv[1], weights_only=False)\n"
+            "m = saved['model']\n"
+            "fused = sorted({type(x).__name__ for x in m.modules() if type(x).__module__ == 'fused_attn.swap'})\n"
+            "with torch.no_grad():\n"
+            "    out = m(input_ids=saved['ids'], attention_mask=saved['mask']).logits\n"
+            "assert fused, 'nothing fused after loading'\n"
+            "assert torch.allclose(out, saved['logits'], rtol=1e-5, atol=1e-6), (out - saved['logits']).abs().max()\n"
+            "print(' '.join(fused))\n")
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{name}.pt")], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("FusedBertLayer" if name == "bert" else "FusedGPTNeoXMLP") in done.stdout.split()

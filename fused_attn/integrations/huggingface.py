@@ -211,7 +211,7 @@ def swap_rotary(model, opts, report) -> None:
     ...), to ``fused_rotary_pos_emb``. The function belongs to the module, not to the model: every
     model of that family in the process uses it until ``restore_modules`` of this model puts it
     back."""
-    patched = model.__dict__.setdefault("_fused_attn_rotary", {})
+    patched = model.__dict__.setdefault("_fused_attn_rotary", [])  # module names (the model pickles)
     for module in _modeling_modules(model):
         fn = getattr(module, "apply_rotary_pos_emb", None)
         if fn is None:
@@ -226,7 +226,7 @@ def swap_rotary(model, opts, report) -> None:
                                            "rounding)"))
             continue
         module.apply_rotary_pos_emb = fused_rotary_pos_emb(fn, opts.backend, partial)
-        patched[module.__name__] = fn
+        patched.append(module.__name__)
         report.replaced.append(("", where, "fused_attn.apply_rotary_emb",
                                 ("partial " if partial else "") + "RoPE; module-level: every model of this family "
                                 "in the process"))
@@ -235,9 +235,12 @@ def swap_rotary(model, opts, report) -> None:
 
 
 def restore_rotary(model, report) -> None:
-    for name, original in model.__dict__.pop("_fused_attn_rotary", {}).items():
-        module = sys.modules[name]
-        if getattr(module.apply_rotary_pos_emb, "fused_attn_original", None) is original:
+    """Put back the functions this model's swap replaced (the wrappers hold them), where they are
+    still in place; a model loaded in another process finds nothing patched there."""
+    for name in model.__dict__.pop("_fused_attn_rotary", []):
+        module = sys.modules.get(name)
+        original = getattr(getattr(module, "apply_rotary_pos_emb", None), "fused_attn_original", None)
+        if original is not None:
             module.apply_rotary_pos_emb = original
             report.replaced.append(("", f"{name.rsplit('.', 1)[-1]}.apply_rotary_pos_emb",
                                     "apply_rotary_pos_emb", "restored"))
@@ -353,24 +356,9 @@ class FusedLlamaRMSNorm:
                                    backend=self.fused_attn_backend)
 
 
-_SUBCLASSES: dict[tuple[type, type], type] = {}
-
-
-def fused_subclass(cls: type, mixin: type) -> type:
-    """``Fused<cls>``: the mixin's methods over ``cls`` (cached, and reachable by name from this
-    module so that swapped models pickle)."""
-    key = (cls, mixin)
-    if key not in _SUBCLASSES:
-        name = f"Fused{cls.__name__}"
-        sub = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
-        setattr(sys.modules[__name__], name, sub)
-        _SUBCLASSES[key] = sub
-    return _SUBCLASSES[key]
-
-
 def convert(module: nn.Module, opts):
     """swap_modules' converter for transformers modules (see ``fused_attn.swap``)."""
-    from ..swap import Conversion
+    from ..swap import Conversion, fused_subclass
 
     cls = type(module)
     bert, gpt2, llama = _known()

@@ -201,8 +201,9 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
     return window_size, dropout_p, float(scale), float(softcap)
 
 
-def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device):
-    """ALiBi slopes as the ops take them: float32 (rows, Hq), a stride-0 view of (Hq,) slopes."""
+def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learnable: str = ""):
+    """ALiBi slopes as the ops take them: float32 (rows, Hq), a stride-0 view of (Hq,) slopes.
+    ``learnable``: where slopes that require grad can go instead (named in the error)."""
     if alibi_slopes is None:
         return None
     if not isinstance(alibi_slopes, Tensor):
@@ -216,9 +217,24 @@ def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device):
         raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or ({rows_name}, Hq) = ({rows}, {Hq}), got "
                          f"{tuple(alibi_slopes.shape)}")
     if alibi_slopes.requires_grad and torch.is_grad_enabled():
-        raise ValueError("alibi_slopes requires grad, but no gradient flows to the slopes (as in FlashAttention); "
-                         "pass alibi_slopes.detach() or learn them another way")
+        raise ValueError(f"alibi_slopes requires grad, but this call's kernels give the slopes no gradient (as "
+                         f"FlashAttention's); pass alibi_slopes.detach(){learnable}")
     return alibi_slopes.to(torch.float32).expand(rows, Hq)
+
+
+def _learned_alibi_mask(slopes: Tensor, attn_mask: Optional[Tensor], Lq: int, Lk: int, alignment: str,
+                        dtype) -> Tensor:
+    """Slopes that require grad, as an additive mask in q's dtype (``reference.alibi_bias``, the
+    in-kernel bias written out, combined with attn_mask): the kernels return a mask's gradient,
+    and autograd carries it to the slopes. (Lq, Lk) per head: what a learnable bias costs."""
+    from .reference import alibi_bias
+
+    bias = alibi_bias(slopes.to(torch.float32), Lq, Lk, alignment, torch.float32)  # (Hq | B, Hq, Lq, Lk)
+    if attn_mask is None:
+        return bias.to(dtype)
+    if attn_mask.dtype == torch.bool:
+        return torch.where(attn_mask, bias, float("-inf")).to(dtype)  # (broadcast both ways)
+    return (bias + attn_mask.to(torch.float32)).to(dtype)
 
 
 def _check_sinks(sinks, Hq: int, device):
@@ -316,7 +332,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
             (after the cap, with the mask), where d_i is query i's key position given by
             ``alignment`` (i, or i + Lk - Lq for bottom_right, as FlashAttention places it). Computed
             in the kernels, never as an (Lq, Lk) tensor. ``get_alibi_slopes(Hq)`` gives the paper's
-            slopes. The slopes get no gradient (passing ones that require grad raises).
+            slopes. Slopes that require grad (learnable ALiBi) get their gradient: the call then
+            adds them to the mask as a (.., Hq, Lq, Lk) bias in q's dtype, whose gradient the
+            kernels return (the memory of a learnable bias; fixed slopes stay in the kernels).
         sinks: attention sinks (gpt-oss; transformers' ``s_aux``): (Hq,) logits, one per query head,
             each joining its head's every softmax row as one more column that has no value: query i
             attends key j with weight e^{s_ij} / (sum_j' e^{s_ij'} + e^{sink_h}). Learnable: they get
@@ -354,7 +372,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
                                                                       dropout_p, scale, softcap, return_lse, compiling)
     device = q.device
-    alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, device)
+    learned_alibi = isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad and torch.is_grad_enabled()
+    if learned_alibi:  # checked as fixed slopes, then added to the mask below
+        _check_alibi(alibi_slopes.detach(), B, "B", Hq, device)
+    else:
+        alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, device)
     sinks = _check_sinks(sinks, Hq, device)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
@@ -368,6 +390,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                              f"(B, Hq, Lq, Lk) = {target}")
+    if learned_alibi:
+        attn_mask, alibi_slopes = _learned_alibi_mask(alibi_slopes, attn_mask, Lq, Lk, alignment, q.dtype), None
     check_backend_name(backend)
     name = resolve_options("attention", device, q.dtype, _attention_options(D, Dv, gqa, causal, window_size, dropout_p,
                                                                             softcap, attn_mask, alibi_slopes), backend)
@@ -467,7 +491,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} entries")
     if seqused_k is not None:
         _check_seqused_k(seqused_k, cu_seqlens_k)
-    alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, "B", Hq, device)
+    alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, "B", Hq, device,
+                                " (attention, with an (Lq, Lk) bias per head, gives learnable slopes their gradient)")
     sinks = _check_sinks(sinks, Hq, device)
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
     # it runs (``checked`` False), since nothing can be read on the host at trace time.

@@ -7,6 +7,8 @@ here are large enough that the bias moves the probabilities a lot (distances up 
 slopes up to 0.5), and the per-batch ones include negative slopes, so a wrong sign, a missing
 absolute value, the wrong alignment or the wrong (batch, head) slope fails by far.
 """
+import math
+
 import pytest
 import torch
 
@@ -198,14 +200,16 @@ def test_alibi_slopes_bad_input():
     with pytest.raises(TypeError, match="alibi_slopes must be a torch.Tensor"):
         F.attention(q, k, v, alibi_slopes=[0.5] * 4)
     learnable = torch.ones(4, requires_grad=True)
-    with pytest.raises(ValueError, match=r"alibi_slopes requires grad.*detach"):
-        F.attention(q, k, v, alibi_slopes=learnable)
-    with torch.no_grad():  # no graph: nothing would be lost
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):  # checked as fixed slopes are
+        F.attention(q, k, v, alibi_slopes=torch.ones(3, requires_grad=True))
+    with torch.no_grad():  # no graph: the in-kernel path
         F.attention(q, k, v, alibi_slopes=learnable)
     cu = torch.tensor([0, 5, 10], dtype=torch.int32)
     qv, kv, vv = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
     with pytest.raises(ValueError, match=r"\(B, Hq\) = \(2, 4\)"):
         F.attention_varlen(qv, kv, vv, cu, cu, alibi_slopes=torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"alibi_slopes requires grad.*detach\(\) \(attention, with an"):
+        F.attention_varlen(qv, kv, vv, cu, cu, alibi_slopes=learnable)
 
 
 @pytest.mark.parametrize("device,backend", cases(torch.float32))
@@ -232,3 +236,57 @@ def test_every_attention_backend_takes_alibi():
             for name, backend in BACKENDS.items():
                 if not backend.call_reasons(plain):
                     assert not backend.call_reasons(with_alibi), (name, device, dtype, backend.call_reasons(with_alibi))
+
+
+LEARNABLE = [
+    dict(id="per head, causal", slopes=(4,), causal=True),
+    dict(id="per batch, bool mask, bottom-right, softcap", slopes=(2, 4), causal=True, mask="bool", Lq=5,
+         alignment="bottom_right", softcap=2.0),
+    dict(id="per head, additive mask that requires grad too", slopes=(4,), mask="additive"),
+]
+
+
+@pytest.mark.parametrize("case", LEARNABLE, ids=[c["id"] for c in LEARNABLE])
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_learnable_slopes_get_their_gradient(device, backend, case):
+    """Slopes that require grad: the output is the fixed-slope call's, and the slopes' gradient
+    (with q's, k's, v's and a learnable mask's) meets the float64 oracle, autograd through the
+    reference's bias."""
+    Lq, Lk = case.get("Lq", 9), 9
+    with torch.device(device):
+        q, k, v = make_inputs((2, 4, Lq, 16), (2, 2, Lk, 16), (2, 2, Lk, 16), seed=4)
+        slopes = (torch.linspace(0.05, 0.9, math.prod(case["slopes"])).view(case["slopes"])).requires_grad_()
+        mask = None
+        if case.get("mask") == "bool":
+            mask = torch.rand(2, 1, Lq, Lk, generator=torch.Generator().manual_seed(1)).to(device) > 0.3
+        elif case.get("mask") == "additive":
+            mask = (0.3 * torch.randn(1, 4, Lq, Lk, generator=torch.Generator().manual_seed(1))).to(device)
+            mask.requires_grad_()
+    opts = dict(causal=case.get("causal", False), alignment=case.get("alignment", "top_left"),
+                softcap=case.get("softcap"))
+
+    def fused(q, k, v, slopes, *mask):
+        return F.attention(q, k, v, attn_mask=mask[0] if mask else None, alibi_slopes=slopes, backend=backend, **opts)
+
+    def ref(q, k, v, slopes, *mask):
+        return R.attention(q, k, v, mask[0] if mask else None, opts["causal"], alignment=opts["alignment"],
+                           softcap=opts["softcap"], alibi_slopes=slopes)
+
+    inputs = [q, k, v, slopes] + ([mask] if mask is not None else [])
+    results = check_against_reference(fused, ref, inputs, names=["q", "k", "v", "alibi_slopes", "attn_mask"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    with torch.no_grad():
+        fixed = F.attention(q, k, v, attn_mask=mask, alibi_slopes=slopes, backend=backend, **opts)
+    torch.testing.assert_close(fused(q, k, v, slopes, *([mask] if mask is not None else [])), fixed, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_learnable_slopes_compile_fullgraph():
+    q, k, v = make_inputs((2, 4, 9, 16), (2, 4, 9, 16), (2, 4, 9, 16), seed=6)
+    slopes = torch.linspace(0.1, 0.5, 4).requires_grad_()
+    compiled = torch.compile(lambda q, k, v, s: F.attention(q, k, v, causal=True, alibi_slopes=s), fullgraph=True,
+                             backend="aot_eager")
+    compiled(q, k, v, slopes).sum().backward()
+    grad, slopes.grad = slopes.grad.clone(), None
+    F.attention(q, k, v, causal=True, alibi_slopes=slopes).sum().backward()
+    torch.testing.assert_close(grad, slopes.grad, rtol=1e-5, atol=1e-5)

@@ -171,6 +171,18 @@ def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optiona
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
 
 
+def _autocast(*tensors):
+    """Under ``torch.autocast`` for the first tensor's device, the tensors as autocast's
+    lower-precision ops (matmul, linear, SDPA) take them: float32 ones in the autocast dtype, others
+    (float64, ints, None) as they are. Outside autocast, the tensors unchanged. (Differentiable:
+    the gradient of a cast parameter comes back in its own dtype.)"""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors)
+
+
 def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout_p, scale, softcap, return_lse,
                              compiling=False):
     """What ``attention`` and ``attention_varlen`` check alike once the shapes agree: the head
@@ -353,6 +365,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     ``torch.nn.functional.scaled_dot_product_attention`` except that a row whose keys are all
     masked returns zeros (and zero gradients), never NaN.
     """
+    q, k, v, attn_mask = _autocast(q, k, v, attn_mask)  # (as SDPA under autocast)
     _check_qkv(q, k, v, 4)
     compiling = torch.compiler.is_compiling()
     B, Hq, Lq, D = q.shape  # each .shape is a new torch.Size: read once
@@ -462,6 +475,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     read again, which spares a decoding step two device-to-host copies.)
     """
     paged = block_table is not None
+    q, k, v = _autocast(q, k, v)
     if paged:  # pages: (num_pages, page_size, Hkv, dim)
         _check_tensor("q", q, ndim=3)
         for name, t in (("k", k), ("v", v)):
@@ -1126,6 +1140,8 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
             half precision); the normalised output keeps x's dtype.
     """
     compiling = torch.compiler.is_compiling()
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, residual, weight, bias, residual_in_fp32 = _autocast_norm(x, residual, weight, bias, residual_in_fp32)
     if not compiling and _norm_tensors_match(x, residual, weight, bias):
         d = x.shape[-1]
     else:
@@ -1154,6 +1170,23 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
     else:
         out, summed = LayerNormResidualFunction.apply(*args)
     return (as_shape_of(out, x), as_shape_of(summed, x)) if prenorm else as_shape_of(out, x)
+
+
+def _autocast_norm(x, residual, weight, bias, residual_in_fp32):
+    """Under autocast a norm meets half-precision activations and float32 parameters (and a float32
+    residual stream): the parameters are used in x's dtype, a float32 residual next to half x keeps
+    the sum in float32 (``residual_in_fp32``), any other residual is cast to x's dtype. The norm
+    itself computes in float32 and returns x's dtype, as CPU autocast's layer_norm does."""
+    if not x.is_floating_point():
+        return x, residual, weight, bias, residual_in_fp32
+    weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and p.is_floating_point() and p.dtype != x.dtype else p
+                    for p in (weight, bias))
+    if isinstance(residual, Tensor) and residual.is_floating_point() and residual.dtype != x.dtype:
+        if residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+            residual_in_fp32 = True
+        elif not (residual_in_fp32 and residual.dtype == torch.float32):
+            residual = residual.to(x.dtype)
+    return x, residual, weight, bias, residual_in_fp32
 
 
 def _norm_tensors_match(x, residual, weight, bias) -> bool:
@@ -1212,6 +1245,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         activation: relu, gelu (exact), gelu_tanh, silu, swiglu (silu(gate) * up), geglu
             (gelu(gate) * up).
     """
+    x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)
     if not _ffn_tensors_match(x, w1, b1, w2, b2):
         _check_tensor("x", x, min_ndim=1)
         _check_tensor("w1", w1, ndim=2)

@@ -226,3 +226,26 @@ def test_feed_forward_backward_same_from_pre_or_relu_output(backend, device):
     assert (pre < 0).any() and (pre > 0).any()
     for name, from_pre, from_h in zip(("dx", "dw1", "db1", "dw2", "db2"), *grads):
         assert torch.equal(from_pre, from_h), f"{backend}: {name} differs when the saved tensor is relu(pre)"
+
+
+def test_autocast_follows_torch_policy():
+    """Under torch.autocast (CPU, bfloat16): feed_forward casts float32 operands as nn.Linear does
+    and attention as SDPA does (the same results as the bfloat16 call); a norm takes float32
+    parameters and a float32 residual next to bfloat16 x (the sum kept in float32), returning x's
+    dtype; float32 parameters get float32 gradients. Outside autocast, mixed dtypes still raise."""
+    x, w1, b1, w2, b2 = make_inputs((3, 7, 16), (40, 16), (40,), (16, 40), (16,), seed=5)
+    q, k, v = make_inputs((2, 4, 9, 16), (2, 2, 9, 16), (2, 2, 9, 16), seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = F.feed_forward(x, w1, b1, w2, b2, activation="gelu")
+        att = F.attention(q, k, v, causal=True)
+        xb = h.detach().requires_grad_()
+        normed, summed = F.layer_norm_residual(xb, x, b2 + 1, b2, prenorm=True)
+    assert h.dtype == att.dtype == normed.dtype == torch.bfloat16 and summed.dtype == torch.float32
+    bf = [t.detach().bfloat16() for t in (x, w1, b1, w2, b2)]
+    assert torch.equal(h, F.feed_forward(*bf, activation="gelu"))
+    assert torch.equal(att, F.attention(*[t.detach().bfloat16() for t in (q, k, v)], causal=True))
+    torch.testing.assert_close(summed, xb.float() + x, rtol=0, atol=0)
+    (h.float().sum() + att.float().sum() + normed.float().sum()).backward()
+    assert w1.grad.dtype == torch.float32 and q.grad.dtype == torch.float32 and w2.grad.isfinite().all()
+    with pytest.raises(TypeError, match="w1 has dtype float32 but x has bfloat16"):
+        F.feed_forward(x.detach().bfloat16(), w1, b1, w2, b2)

@@ -384,3 +384,24 @@ def test_what_is_not_a_plain_chain_is_left():
     report = fused_attn.swap_modules(model.off, ffn=False)
     assert report.left == [("", "ChainedMLP", "ffn=False")]
     assert S.forward_chain(ChainedMLP) == ("up", "act", "down") and S.forward_chain(ResidualMLP) is None
+
+
+def test_swapped_model_trains_under_autocast():
+    """Mixed precision (torch.autocast, bfloat16 on the CPU): a swapped model (a plain MLP, a torch
+    encoder layer, a LayerNorm, all with float32 parameters) runs forward and backward as the
+    original does, in the same output dtype, to bfloat16 accuracy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), ChainedMLP(), nn.LayerNorm(D),
+                          nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True))
+    ref = copy.deepcopy(model)
+    assert len(fused_attn.swap_modules(model).replaced) == 4
+    x = torch.randn(B, L, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = model(x), ref(x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    expected.float().sum().backward()
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, r.grad, rtol=0.1, atol=0.1)

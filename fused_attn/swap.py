@@ -171,17 +171,21 @@ class FusedSequentialFFN(nn.Sequential):
 
 
 class FusedPlainMLP:
-    """A module whose forward chains Linear -> activation -> [Dropout] -> Linear -> [Dropout]
-    (``fused_attn_mlp``: the four children's names, None for an absent dropout), as one fused
-    feed_forward (the middle dropout inside it) and its own final dropout."""
+    """A module whose forward chains Linear -> activation -> [Dropout] -> Linear -> [Dropout], as
+    one fused feed_forward (the middle dropout inside it) and its own final dropout. The layout
+    is read again at each call (a dict lookup for the source, cached per forward function): a
+    child replaced since the swap, or given hooks, sends the call to the module's own forward."""
 
     def forward(self, x):
-        first, middle, second, last = self.fused_attn_mlp
-        l1, l2 = self._modules[first], self._modules[second]
-        p = dropout_p(self._modules[middle]) if middle else 0.0
-        h = feed_forward(x, l1.weight, l1.bias, l2.weight, l2.bias, activation=self.fused_attn_activation,
-                         dropout_p=p, backend=self.fused_attn_backend)
-        return self._modules[last](h) if last else h
+        layout = _plain_mlp_layout(self)  # children may have been replaced since the swap
+        act = None if layout is None else plain_mlp_activation(self._modules[layout["act"]])
+        if act is None or _hook_reason(self, tuple(n for n in layout.values() if n)) is not None:
+            return super().forward(x)  # the module's own forward, as it now reads
+        l1, l2 = self._modules[layout["first"]], self._modules[layout["second"]]
+        p = dropout_p(self._modules[layout["middle"]]) if layout["middle"] else 0.0
+        h = feed_forward(x, l1.weight, l1.bias, l2.weight, l2.bias, activation=act, dropout_p=p,
+                         backend=self.fused_attn_backend)
+        return self._modules[layout["last"]](h) if layout["last"] else h
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -211,17 +215,22 @@ def _rebuild_fused(cls: type, mixin: type):
     return object.__new__(fused_subclass(cls, mixin))
 
 
-@functools.lru_cache(maxsize=None)
 def forward_chain(cls: type) -> Optional[tuple]:
     """The names of the children ``cls.forward(self, x)`` applies one after another to x, read
     from its source, when that is all it does (statements ``h = self.a(x)`` ... ``return
-    self.c(h)``, calls nested or not, a docstring allowed); None for anything else."""
+    self.c(h)``, calls nested or not, a docstring allowed); None for anything else, and for a
+    forward the class inherits (read per function object: a forward replaced later is read anew)."""
     fn = cls.__dict__.get("forward")
-    if fn is None or not inspect.isfunction(fn):
-        return None
+    return _chain_of(fn) if inspect.isfunction(fn) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _chain_of(fn) -> Optional[tuple]:
     try:
         node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
+    except Exception:  # no source (a REPL, a lambda in an expression), or source that is not the function
+        return None
+    if not isinstance(node, ast.FunctionDef) or node.name != fn.__name__:
         return None
     args = node.args
     if (len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs or args.defaults
@@ -270,21 +279,41 @@ def _plain_mlp_layout(module: nn.Module) -> Optional[dict]:
             "last": names[-1] if pattern.endswith("LD") else None}
 
 
+def plain_mlp_activation(act_module) -> Optional[str]:
+    """The fused activation of a plain MLP's activation child: torch's modules, and transformers'
+    activation classes when the module comes from transformers (those are known by name)."""
+    if type(act_module).__module__.startswith("transformers."):
+        from .integrations.huggingface import activation_name as transformers_activation_name
+        return transformers_activation_name(act_module)
+    return activation_name(act_module)
+
+
+def _hook_reason(module: nn.Module, names: tuple) -> Optional[str]:
+    """Why the fused forward, which reads these children's parameters without calling them,
+    would skip something they do: forward hooks or pre-hooks (weight_norm's among them) or
+    parametrizations. None when they have none."""
+    for name in names:
+        child = module._modules.get(name)
+        if child is None:
+            continue
+        if child._forward_hooks or child._forward_pre_hooks:
+            return f"child {name!r} has forward hooks, which the fused forward would skip"
+        if hasattr(child, "parametrizations"):
+            return f"child {name!r} is parametrized, which the fused forward would skip"
+    return None
+
+
 def _convert_plain_mlp(module, opts):
     layout = _plain_mlp_layout(module)
     if layout is None:
         return None
-    from .integrations.huggingface import activation_name as any_activation_name  # (imports no transformers)
-
     act_module = module._modules[layout["act"]]
-    act = any_activation_name(act_module)
+    act = plain_mlp_activation(act_module)
     if act is None:
         return f"activation {type(act_module).__name__} has no fused form"
     if not opts.ffn:
         return "ffn=False"
-    return Conversion(fused_subclass(type(module), FusedPlainMLP),
-                      {"fused_attn_mlp": (layout["first"], layout["middle"], layout["second"], layout["last"]),
-                       "fused_attn_activation": act, "fused_attn_backend": opts.backend},
+    return Conversion(fused_subclass(type(module), FusedPlainMLP), {"fused_attn_backend": opts.backend},
                       consumed=tuple(n for n in layout.values() if n),
                       note=f"FFN {act} ({layout['first']} -> {layout['second']}, read from its forward)")
 
@@ -608,6 +637,8 @@ def _walk(module: nn.Module, path: str, opts: SwapOptions, report: SwapReport) -
             result = converter(module, opts)
             if result is None:
                 continue
+            if not isinstance(result, str):  # (children whose hooks the fused forward would skip)
+                result = _hook_reason(module, result.consumed) or result
             if isinstance(result, str):
                 report.left.append((path, type(module).__name__, result))
             else:

@@ -405,3 +405,74 @@ def test_swapped_model_trains_under_autocast():
     for (name, p), r in zip(model.named_parameters(), ref.parameters()):
         assert p.grad.dtype == torch.float32, name
         torch.testing.assert_close(p.grad, r.grad, rtol=0.1, atol=0.1)
+
+
+class SiLUActivation(nn.Module):
+    """A user's class that shares a transformers activation's name but is not it."""
+
+    def forward(self, x):
+        return torch.relu(x)
+
+
+class LambdaForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D)
+
+    forward = lambda self, x: self.b(self.act(self.a(x)))  # noqa: E731
+
+
+def test_plain_chain_guards():
+    """What the fused forward would get wrong is left or sent to the module's own forward: a
+    lambda forward (not read), an activation known only by a transformers class name, children
+    with hooks or weight_norm (left, with the reason) or parametrizations, a child replaced after
+    the swap (the call runs the module's forward), a forward replaced on the class (read anew)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    x = torch.randn(3, D)
+    assert not fused_attn.swap_modules(LambdaForward()).replaced
+    named = ChainedMLP(act=SiLUActivation())
+    report = fused_attn.swap_modules(named)
+    assert report.left == [("", "ChainedMLP", "activation SiLUActivation has no fused form")]
+    hooked = ChainedMLP()
+    hooked.up.register_forward_hook(lambda mod, inp, out: out * 0)
+    assert "child 'up' has forward hooks" in fused_attn.swap_modules(hooked).left[0][2]
+    normed = ChainedMLP()
+    normed.down = torch.nn.utils.weight_norm(normed.down)
+    assert "child 'down' has forward hooks" in fused_attn.swap_modules(normed).left[0][2]
+    param = ChainedMLP()
+    parametrize.register_parametrization(param.up, "weight", nn.Identity())
+    assert not fused_attn.swap_modules(param).replaced  # (a parametrized Linear is another class)
+    swapped = ChainedMLP()
+    ref = copy.deepcopy(swapped)
+    fused_attn.swap_modules(swapped)
+    swapped.act = ref.act = nn.Tanh()  # no fused form: the module's own forward runs
+    torch.testing.assert_close(swapped(x), ref(x))
+    swapped.act = ref.act = nn.ReLU()  # a fused form again
+    torch.testing.assert_close(swapped(x), ref(x), rtol=1e-5, atol=1e-6)
+    swapped.up.register_forward_pre_hook(lambda mod, inp: (inp[0] * 2,))
+    ref.up.register_forward_pre_hook(lambda mod, inp: (inp[0] * 2,))
+    torch.testing.assert_close(swapped(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+class Rechained(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(D, D), nn.GELU(), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_forward_replaced_on_the_class_is_read_anew():
+    def scaled(self, x):
+        return self.b(self.act(self.a(x))) * 3
+
+    original = Rechained.forward
+    try:
+        assert S.forward_chain(Rechained) == ("a", "act", "b")
+        Rechained.forward = scaled
+        assert S.forward_chain(Rechained) is None
+        assert not fused_attn.swap_modules(Rechained()).replaced
+    finally:
+        Rechained.forward = original

@@ -1042,7 +1042,7 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
             (B, Hq, Lq); for ``attention_varlen``'s (Hq, total_q) pass ``lse.t()``. A row's lse
             of +inf (this library's "saw no key") or -inf adds nothing.
 
-    Returns (out in the outs' dtype, lse float32 (float64 for float64 lses)), +inf on rows no
+    Returns (out in the outs' dtype, lse float32 (float64 for float64 outs or lses)), +inf on rows no
     part saw a key for (their out is 0). Plain differentiable torch ops: with the
     differentiable lse of ``attention``, a merge trains (its gradients reach every part's q, k,
     v), and it traces under torch.compile."""
@@ -1063,7 +1063,7 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
             raise ValueError(f"lses[{i}] must have outs[{i}]'s shape without its last dim, {tuple(out.shape[:-1])}, "
                              f"on its device, got {tuple(lse.shape)} on {lse.device} (attention_varlen's lse: "
                              f"pass lse.t())")
-    wide = torch.float64 if any(lse.dtype == torch.float64 for lse in lses) else torch.float32
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in lses + outs[:1]) else torch.float32
     parts = torch.stack([lse.to(wide) for lse in lses])  # (n, ...)
     empty = torch.isinf(parts)  # +inf (no key here) or -inf: contributes nothing
     none_seen = empty.all(dim=0)

@@ -543,7 +543,8 @@ def _decode_reference(mha, query, kv_cache):
                               alignment="bottom_right", alibi_slopes=mha.alibi_slopes,
                               sinks=mha.sinks)[0].transpose(0, 1))
     kv_cache.seqlens += L
-    return mha.out_linear(torch.stack(outs).reshape(B, L, mha.d_model))
+    out = torch.stack(outs) if outs else q.new_zeros(0, L, mha.num_heads, mha.head_dim)  # (an empty batch)
+    return mha.out_linear(out.reshape(B, L, mha.d_model))
 
 
 def check_packed_call(query, key, value, attn_mask, key_padding_mask, d_model):

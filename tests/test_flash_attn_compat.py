@@ -541,3 +541,75 @@ def test_unpad_input_for_concatenated_sequences():
     assert cu.tolist() == [0, 2, 5, 8, 10, 16] and max_len == 6 and cu.dtype == torch.int32
     assert indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17]
     assert torch.equal(packed, hidden.flatten(0, 1)[indices])
+
+
+def test_refused_rotary_calls_change_nothing_and_bad_head_counts_raise():
+    cos, sin = _tables()
+    qkv = torch.randn(1, 5, 3, 2, 16)
+    before = qkv.clone()
+    with pytest.raises(ValueError):
+        FA.apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=cos[:3], sin_k=sin[:3])  # k's tables too short
+    assert torch.equal(qkv, before)
+    q = torch.randn(1, 5, 2, 16)
+    q_before = q.clone()
+    with pytest.raises(ValueError, match=r"kv must have shape \(B, L, 2, Hkv, D\)"):
+        FA.RotaryEmbedding(16)(q, torch.randn(1, 5, 3, 2, 16))
+    assert torch.equal(q, q_before)
+    gqa = torch.randn(1, 5, 6, 16)
+    for bad in (-2, 0, 2.0, True):
+        with pytest.raises(ValueError, match="num_heads_q must be an int >= 1"):
+            FA.apply_rotary_emb_qkv_(gqa, cos, sin, num_heads_q=bad)
+    rope = FA.RotaryEmbedding(16)
+    import numpy as np
+    out = rope(torch.randn(1, 5, 3, 2, 16), seqlen_offset=np.int64(2))  # numpy ints are ints
+    assert out.shape == (1, 5, 3, 2, 16)
+
+
+def test_same_seed_same_dropout_with_or_without_the_probabilities():
+    q, k, v, _ = _case_inputs(FUNC_CASES[0])
+    q, k, v = (t.detach() for t in (q, k, v))
+    torch.manual_seed(11)
+    plain = FA.flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+    after_plain = torch.random.get_rng_state()
+    torch.manual_seed(11)
+    out, _, s_dmask = FA.flash_attn_func(q, k, v, dropout_p=0.3, causal=True, return_attn_probs=True)
+    assert torch.equal(out, plain) and torch.equal(torch.random.get_rng_state(), after_plain)
+    x, res = torch.randn(3, 16), torch.randn(3, 16)
+    torch.manual_seed(12)
+    y = FA.layer_norm_fn(x, torch.ones(16), None, res, dropout_p=0.5)
+    torch.manual_seed(12)
+    y2, mask, _ = FA.layer_norm_fn(x, torch.ones(16), None, res, dropout_p=0.5, return_dropout_mask=True)
+    assert torch.equal(y, y2) and mask.dtype == torch.bool
+
+
+def test_front_end_input_checks():
+    q = torch.randn(1, 3, 2, 8)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        FA.flash_attn_func([1], q, q)
+    with pytest.raises(TypeError, match="out_dtype must be a torch.dtype"):
+        FA.layer_norm_fn(torch.randn(2, 8), torch.ones(8), None, out_dtype="float16")
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
+        FA.unpad_input(torch.randn(2, 3, 4), [[1, 1, 0], [1, 0, 0]])
+    hidden = torch.arange(15.0).view(3, 5, 1)
+    for bad, match in ((torch.tensor([[2, 0, 0, 0], [3, 0, 0, 0], [1, 0, 0, 0]]), r"int \(B, L\) = \(3, 5\)"),
+                       (torch.tensor([[4, 4, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5]), "adding up to at most 5"),
+                       (torch.tensor([[0, 2, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5]), "first, then zeros"),
+                       (torch.tensor([[-1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5]), "lengths")):
+        with pytest.raises(ValueError, match=match):
+            FA.unpad_input_for_concatenated_sequences(hidden, bad)
+
+
+def test_float64_layer_norm_fn_keeps_float64():
+    x, res, w = torch.randn(4, 32, dtype=torch.float64), torch.randn(4, 32, dtype=torch.float64), torch.randn(
+        32, dtype=torch.float64)
+    y, summed = FA.layer_norm_fn(x, w, None, res.float(), prenorm=True)
+    assert y.dtype == torch.float64 and summed.dtype == torch.float32  # residual_out: the residual's dtype
+    expected = torch.nn.functional.layer_norm(x + res.float().double(), (32,), w, None, 1e-6)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_patches_undone_out_of_order_leave_nothing():
+    first, second = fused_attn.patch_flash_attn(), fused_attn.patch_flash_attn()
+    first.undo()
+    second.undo()
+    assert not any(name == "flash_attn" or name.startswith("flash_attn.") for name in sys.modules)

@@ -103,3 +103,9 @@ def test_xformers_partial_and_merge_attentions():
     out5, lse5 = X.merge_attentions(torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts]))
     assert out5.shape == (2, 6, 2, 2, 16) and lse5.shape == (2, 2, 2, 6)
     torch.testing.assert_close(out5, X.memory_efficient_attention(q5, k5, v5), rtol=1e-5, atol=1e-6)
+
+
+def test_float64_merge_is_float64():
+    out, lse = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float32)
+    merged, merged_lse = F.merge_attention([out], [lse])
+    assert merged.dtype == torch.float64 and merged_lse.dtype == torch.float64 and torch.equal(merged, out)

@@ -547,3 +547,11 @@ def test_kv_cache_left_padded_prefill_compiles_fullgraph():
     for a, b in zip(outs, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert caches[0].leftpad.tolist() == [2, 0] and caches[0].padded
+
+
+def test_kv_cache_decoding_of_an_empty_batch():
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        mha = cls(D_MODEL, HEADS, causal=True).eval()
+        with torch.no_grad():
+            out = mha(torch.randn(0, 2, D_MODEL), kv_cache=mha.new_kv_cache(0, 8))
+        assert out.shape == (0, 2, D_MODEL)

@@ -302,3 +302,13 @@ def test_block_diagonal_property(lens, kind, heads, head_dim):
     results = check_against_reference(lambda q, k, v: X.memory_efficient_attention(q, k, v, attn_bias=bias), ref,
                                       [q, k, v], names=["query", "key", "value"])
     assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+def test_five_dim_keys_must_have_the_query_groups_and_heads():
+    q = torch.randn(1, 3, 2, 2, 8)
+    for k, v in ((torch.randn(1, 4, 1, 2, 8), torch.randn(1, 4, 1, 2, 8)),
+                 (torch.randn(1, 4, 2, 1, 8), torch.randn(1, 4, 2, 2, 8))):
+        with pytest.raises(ValueError, match=r"must be \(B, N, G, H, K\) with query's B, G and H"):
+            X.memory_efficient_attention(q, k, v)
+    with pytest.raises(TypeError, match="q_seqlen must hold ints"):
+        X.BlockDiagonalMask.from_seqlens([3.5, 1])

@@ -29,16 +29,25 @@ class StandInModules:
             parent, _, child = name.rpartition(".")
             if parent:
                 setattr(self.installed[parent], child, module)
+        for name, module in self.installed.items():
+            module.__dict__["_fused_attn_saved"] = self.saved[name]
         sys.modules.update(self.installed)
 
     def undo(self) -> None:
-        """Put back the modules that were there before this patch (where this patch's are still in place)."""
+        """Put back the modules that were there before this patch (where this patch's are still in
+        place). Patches undone out of order end the same: a stand-in put back is one whose own patch
+        is still on, else what that patch had found."""
         for name, module in self.installed.items():
-            if sys.modules.get(name) is module:
-                if self.saved[name] is None:
-                    del sys.modules[name]
-                else:
-                    sys.modules[name] = self.saved[name]
+            module.__dict__["_fused_attn_undone"] = True
+            if sys.modules.get(name) is not module:
+                continue
+            previous = self.saved[name]
+            while previous is not None and previous.__dict__.get("_fused_attn_undone"):
+                previous = previous.__dict__["_fused_attn_saved"]
+            if previous is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = previous
 
     def __enter__(self):
         return self

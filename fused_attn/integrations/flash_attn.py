@@ -142,18 +142,21 @@ def _dropout_probs(q, k, opts: dict, rng: Tensor, offset: int = 0) -> Tensor:
         return torch.where(keep, probs, -probs)
 
 
-def _seeded_generator() -> tuple:
-    """A CPU generator seeded from torch's default one, and a copy of its state: the call draws its
-    dropout seed from the generator, and S_dmask redraws the same seed from the copy."""
-    gen = torch.Generator()
-    gen.manual_seed(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)))
-    return gen, gen.get_state()
+def _rng_state():
+    """torch's default CPU generator state before a call, from which the call draws its dropout
+    seed (``functional._draw_rng``): the call itself is made as with the flag off, so the same
+    seed gives the same mask whether or not the mask is asked for."""
+    return torch.random.get_rng_state()
 
 
 def _redraw(state, dropout_p) -> Tensor:
-    gen = torch.Generator()
-    gen.set_state(state)
-    return _draw_rng(dropout_p, gen)
+    """The (seed, offset) the call drew from ``state``, redrawn; the generator is left as the call left it."""
+    after = torch.random.get_rng_state()
+    torch.random.set_rng_state(state)
+    try:
+        return _draw_rng(dropout_p, None)
+    finally:
+        torch.random.set_rng_state(after)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,13 +171,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D (batch, seqlen, heads, dim) tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (batch, seqlen, heads, dim) tensor, got {tuple(t.shape)}")
     qh, kh, vh = _bhld(q), _bhld(k), _bhld(v)
     probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
-    gen, state = _seeded_generator() if probs_wanted else (None, None)
-    result = attention(qh, kh, vh, generator=gen, **opts)
+    state = _rng_state() if probs_wanted else None
+    result = attention(qh, kh, vh, **opts)
     if not return_attn_probs:
         return _bhld(result)
     out, lse = result
@@ -207,9 +211,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)
     probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
-    gen, state = _seeded_generator() if probs_wanted else (None, None)
+    state = _rng_state() if probs_wanted else None
     result = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=block_table,
-                              generator=gen, **opts)
+                              **opts)
     if not return_attn_probs:
         return result
     out, lse = result
@@ -297,6 +301,9 @@ def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=Fal
     elif qkv.dim() == 4:
         if num_heads_q is None:
             raise ValueError(f"qkv of shape {tuple(qkv.shape)} (B, L, Hq + 2 Hkv, D) needs num_heads_q")
+        if isinstance(num_heads_q, bool) or not isinstance(num_heads_q, numbers.Integral) or num_heads_q < 1:
+            raise ValueError(f"num_heads_q must be an int >= 1, got {num_heads_q!r}")
+        num_heads_q = int(num_heads_q)
         kv_heads = qkv.shape[2] - num_heads_q
         if kv_heads <= 0 or kv_heads % 2:
             raise ValueError(f"qkv has {qkv.shape[2]} heads: num_heads_q = {num_heads_q} leaves no even number "
@@ -304,8 +311,10 @@ def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=Fal
         q, k = qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q:num_heads_q + kv_heads // 2]
     else:
         raise ValueError(f"qkv must be (B, L, 3, H, D) or (B, L, Hq + 2 Hkv, D), got {tuple(qkv.shape)}")
-    apply_rotary_emb(q, cos, sin, interleaved=interleaved, inplace=True, seqlen_offsets=seqlen_offsets)
+    # q turned out of place first: a call refused for k's tables or positions changes nothing
+    q_turned = apply_rotary_emb(q, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets)
     apply_rotary_emb(k, cos_k, sin_k, interleaved=interleaved, inplace=True, seqlen_offsets=seqlen_offsets)
+    q.copy_(q_turned)
     return qkv
 
 
@@ -370,6 +379,11 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, qkv: Tensor, kv: Optional[Tensor] = None, seqlen_offset: Union[int, Tensor] = 0,
                 max_seqlen: Optional[int] = None, num_heads_q: Optional[int] = None):
+        if kv is not None and (not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2):
+            raise ValueError(f"kv must have shape (B, L, 2, Hkv, D), got "
+                             f"{tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__}")
+        if isinstance(seqlen_offset, numbers.Integral) and not isinstance(seqlen_offset, bool):
+            seqlen_offset = int(seqlen_offset)
         seqlen = qkv.shape[1]
         if max_seqlen is not None:
             self._update_cos_sin_cache(max_seqlen, device=qkv.device, dtype=qkv.dtype)
@@ -407,6 +421,8 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
                         ("zero_centered_weight", zero_centered_weight), ("is_rms_norm", is_rms_norm),
                         ("return_dropout_mask", return_dropout_mask)):
         _flag(name, value)
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"out_dtype must be a torch.dtype or None, got {out_dtype!r}")
     if zero_centered_weight and weight is not None:
         weight = weight + 1.0
     # FlashAttention's dtypes: parameters of any float dtype (here used in x's), and the summed
@@ -416,16 +432,16 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
                     and p.dtype != x.dtype else p for p in (weight, bias))
     stream_dtype = None  # the dtype residual_out must be given back in, when not what the call makes
     if isinstance(residual, Tensor) and isinstance(x, Tensor) and residual.is_floating_point():
-        residual_in_fp32 = residual.dtype == torch.float32 and x.dtype != torch.float32
+        residual_in_fp32 = residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
         if residual.dtype != x.dtype and not residual_in_fp32:
             stream_dtype, residual = residual.dtype, residual.to(x.dtype)
     mask_wanted = return_dropout_mask and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
-    gen, state = _seeded_generator() if mask_wanted else (None, None)
+    state = _rng_state() if mask_wanted else None
     result = layer_norm_residual(x, residual, weight, bias, eps, dropout_p=dropout_p, prenorm=prenorm,
-                                 rms=is_rms_norm, residual_in_fp32=residual_in_fp32, generator=gen)
+                                 rms=is_rms_norm, residual_in_fp32=residual_in_fp32)
     y, summed = result if prenorm else (result, None)
     if out_dtype is not None:
-        y = y.to(out_dtype)
+        y = y.to(out_dtype)  # (checked to be a dtype before the call)
     if summed is not None and stream_dtype is not None:
         summed = summed.to(stream_dtype)
     outputs = (y, summed) if prenorm else (y,)
@@ -494,6 +510,9 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Opti
     ``(hidden (total, ...), indices (total,), cu_seqlens int32 (B + 1,), max_seqlen int, seqused
     int32 (B,))``, as FlashAttention 2.8's. ``unused_mask`` (1 = allocated but unused rows, kept in
     the packing after each sequence's tokens): cu_seqlens counts them, seqused does not."""
+    for name, t in (("hidden_states", hidden_states), ("attention_mask", attention_mask), ("unused_mask", unused_mask)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if attention_mask.shape != hidden_states.shape[:2]:
         raise ValueError(f"attention_mask must have shape (B, L) = {tuple(hidden_states.shape[:2])}, got "
                          f"{tuple(attention_mask.shape)}")
@@ -512,7 +531,17 @@ def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask
     from the row's start). Returns ``(hidden (total, ...), indices, cu_seqlens int32, max_seqlen)``
     with one varlen sequence per sample."""
     lengths = attention_mask_in_length
+    if not isinstance(hidden_states, Tensor) or not isinstance(lengths, Tensor):
+        raise TypeError("hidden_states and attention_mask_in_length must be torch.Tensors")
+    if lengths.shape != hidden_states.shape[:2] or lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(f"attention_mask_in_length must be an int (B, L) = {tuple(hidden_states.shape[:2])} tensor, "
+                         f"got {lengths.dtype} {tuple(lengths.shape)}")
     seqlen = lengths.shape[-1]
+    for b, row in enumerate(lengths.tolist()):  # each row: its samples' lengths first, then zeros
+        used = [n for n in row if n != 0]
+        if any(n < 0 for n in row) or row[:len(used)] != used or sum(used) > seqlen:
+            raise ValueError(f"attention_mask_in_length[{b}] must hold its samples' lengths (>= 0) first, then "
+                             f"zeros, adding up to at most {seqlen}; got {row}")
     used = lengths.sum(dim=-1)
     keep = torch.arange(seqlen, device=lengths.device)[None] < used[:, None]
     sample_lengths = lengths.flatten()[lengths.flatten() > 0].to(torch.int32)

@@ -38,6 +38,7 @@ bottom-right block with more queries than keys). Not here: paged and "gappy" key
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -69,9 +70,12 @@ def _window_of(window_size: int) -> tuple:
 
 def _lengths(name: str, seqlens) -> list:
     try:
-        values = [int(n) for n in seqlens]
+        items = list(seqlens)
     except TypeError:
         raise TypeError(f"{name} must be a sequence of ints, got {type(seqlens).__name__}") from None
+    if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in items):
+        raise TypeError(f"{name} must hold ints, got {items}")
+    values = [int(n) for n in items]
     if any(n < 0 for n in values):
         raise ValueError(f"{name} must hold lengths >= 0, got {values}")
     return values
@@ -393,8 +397,13 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
         tensor_bias = None if tensor_bias is None else tensor_bias.unsqueeze(-3)
     elif ndim == 5:  # (B, M, G, H, K): G kv groups of H query heads each
         G, H = q.shape[2], q.shape[3]
+        for name, t in (("key", k), ("value", v)):  # xformers' layout: k and v (B, N, G, H, K), expanded over H
+            if t.shape[0] != q.shape[0] or t.shape[2:4] != (G, H) or t.shape[:2] != k.shape[:2]:
+                raise ValueError(f"with a (B, M, G, H, K) query, {name} must be (B, N, G, H, K) with query's B, G "
+                                 f"and H (expand it over H for grouped-query attention), got {tuple(t.shape)} "
+                                 f"for query {tuple(q.shape)}")
         q = q.flatten(2, 3)
-        if k.shape[3] == 1 or (k.stride(3) == 0 and v.stride(3) == 0):  # expanded over H: G kv heads, no copy
+        if H == 1 or (k.stride(3) == 0 and v.stride(3) == 0):  # expanded over H: G kv heads, no copy
             k, v = k[:, :, :, 0], v[:, :, :, 0]
         else:
             k, v = k.flatten(2, 3), v.flatten(2, 3)

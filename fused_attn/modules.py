@@ -153,7 +153,8 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"dropout={self.dropout}, causal={self.causal}"
                 + ("" if self.window_size is None else f", window_size={self.window_size}")
-                + (", alibi=True" if self.alibi else "") + (", sinks=True" if self.sinks is not None else "")
+                + (f", alibi={'learnable' if isinstance(self.alibi_slopes, nn.Parameter) else True}" if self.alibi
+                   else "") + (", sinks=True" if self.sinks is not None else "")
                 + (f", rotary=True, rotary_base={self.rotary_base:g}" if self.rotary else "")
                 + f", backend={backend}")
 

@@ -415,7 +415,9 @@ class MultiHeadAttention(nn.Module):
     ``window_size`` (left, right) local attention (see ``fused_attn.functional.attention``);
     ``alibi=True`` ALiBi position biases with the paper's slopes (``get_alibi_slopes``, kept in the
     non-persistent buffer ``alibi_slopes``, which ``module.to(dtype)`` rounds like any buffer:
-    exact in bfloat16 for power-of-two head counts); ``sinks=True`` learnable attention sinks
+    exact in bfloat16 for power-of-two head counts), or ``alibi="learnable"``: the same slopes as
+    the (num_heads,) float32 parameter ``alibi_slopes``, trained with the rest (self-attention on
+    (B, L, d_model) inputs and decoding; the packed path takes fixed slopes); ``sinks=True`` learnable attention sinks
     (gpt-oss: the (num_heads,) parameter ``sinks``, one logit per head joining every softmax row;
     initialised to zeros, so a new layer starts with each row sharing its weight with the sink);
     ``rotary=True`` rotary position embeddings (RoPE, Llama's / GPT-NeoX's halves, base
@@ -442,9 +444,14 @@ class MultiHeadAttention(nn.Module):
         self.key_linear = nn.Linear(d_model, kv_dim, bias=bias, **factory)
         self.value_linear = nn.Linear(d_model, kv_dim, bias=bias, **factory)
         self.out_linear = nn.Linear(d_model, d_model, bias=bias, **factory)
+        if alibi not in (False, True, "learnable"):
+            raise ValueError(f"alibi must be False, True or 'learnable', got {alibi!r}")
         self.alibi = bool(alibi)
-        self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
-                             persistent=False)
+        if alibi == "learnable":  # (float32 at first; the call uses any float dtype in float32)
+            self.alibi_slopes = nn.Parameter(get_alibi_slopes(num_heads, device))
+        else:
+            self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
+                                 persistent=False)
         self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
         self.rotary, self.rotary_base = bool(rotary), float(rotary_base)
         if self.rotary and self.head_dim % 2:

@@ -555,3 +555,26 @@ def test_kv_cache_decoding_of_an_empty_batch():
         with torch.no_grad():
             out = mha(torch.randn(0, 2, D_MODEL), kv_cache=mha.new_kv_cache(0, 8))
         assert out.shape == (0, 2, D_MODEL)
+
+
+def test_learnable_alibi_slopes_train_as_the_reference():
+    """alibi="learnable": the slopes are a parameter (in the state dict, initialised to the paper's),
+    and the fused Transformer's output and every parameter's gradient, the slopes' included, meet
+    the oracle against the reference; decoding with a cache still equals the full forward."""
+    fused, ref = _pair("Transformer", D_MODEL, HEADS, 2, d_ff=48, causal=True, alibi="learnable")
+    layer = fused.layers[0].multi_head_attention
+    assert isinstance(layer.alibi_slopes, torch.nn.Parameter) and "layers.0.multi_head_attention.alibi_slopes" in \
+        fused.state_dict()
+    torch.testing.assert_close(layer.alibi_slopes.detach(), fused_attn.get_alibi_slopes(HEADS))
+    assert "alibi=learnable" in repr(layer)
+    (x,) = make_inputs((2, 11, D_MODEL), seed=26)
+    results = check_module_against_reference(fused, ref, [x])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    fused.eval()
+    with torch.no_grad():
+        full = fused(x)
+        caches = fused.new_kv_cache(2, 16)
+        steps = [fused(x[:, :6], kv_cache=caches)] + [fused(x[:, t:t + 1], kv_cache=caches) for t in range(6, 11)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="alibi must be False, True or 'learnable'"):
+        M.MultiHeadAttention(D_MODEL, HEADS, alibi="yes")

@@ -613,8 +613,9 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
                            v: Optional[Tensor] = None, *, cache_seqlens, cache_batch_idx: Optional[Tensor] = None,
-                           cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
-                           rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
+                           cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                           rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
+                           rotary_interleaved: bool = False,
                            causal: bool = False, window_size: Optional[tuple[int, int]] = None,
                            scale: Optional[float] = None, softcap: Optional[float] = None,
                            alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
@@ -689,6 +690,18 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     the device (``torch._assert_async``: a bad call raises when it runs, on a GPU as a device-side
     assert), and duplicate write targets are not detected.
     """
+    if (isinstance(q, Tensor) and isinstance(k_cache, Tensor) and k_cache.is_floating_point()
+            and torch.is_autocast_enabled(q.device.type)):
+        # Under autocast the cache is storage in its own dtype: the new keys, values and queries
+        # are cast to it (not the cache to autocast's dtype, which would copy it every step), and
+        # the call runs in that dtype.
+        q, k, v = (t.to(k_cache.dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (q, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            return attention_with_kvcache(
+                q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+                cache_leftpad=cache_leftpad, block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                rotary_interleaved=rotary_interleaved, causal=causal, window_size=window_size, scale=scale,
+                softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, backend=backend)
     paged = block_table is not None
     _check_tensor("q", q, ndim=4)
     _check_tensor("k_cache", k_cache, ndim=4)

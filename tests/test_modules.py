@@ -578,3 +578,20 @@ def test_learnable_alibi_slopes_train_as_the_reference():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="alibi must be False, True or 'learnable'"):
         M.MultiHeadAttention(D_MODEL, HEADS, alibi="yes")
+
+
+def test_kv_cache_decoding_under_autocast():
+    """Under torch.autocast the cache keeps its dtype (float32 here): the new keys, values and
+    queries are cast to it, not the cache to bfloat16 each step, and decoding gives the full
+    forward's rows to bfloat16 accuracy."""
+    torch.manual_seed(0)
+    model = M.Transformer(D_MODEL, HEADS, 2, d_ff=48, num_kv_heads=2, causal=True, rotary=True).eval()
+    (x,) = make_inputs((2, 9, D_MODEL), seed=27, requires_grad=False)
+    with torch.no_grad():
+        full = model(x)
+        caches = model.new_kv_cache(2, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            steps = [model(x[:, :5], kv_cache=caches)] + [model(x[:, t:t + 1], kv_cache=caches) for t in range(5, 9)]
+    out = torch.cat(steps, 1)
+    assert out.dtype == torch.bfloat16 and caches[0].k.dtype == torch.float32
+    torch.testing.assert_close(out.float(), full, rtol=0.05, atol=0.05)

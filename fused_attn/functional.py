@@ -929,13 +929,8 @@ def _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new: int,
     0 <= cache_leftpad[b] <= cache_seqlens[b] + Lnew. Returns cache_seqlens and cache_leftpad (or None)
     as lists."""
     batch = cache_seqlens.shape[0]
-    if cache_batch_idx is None and block_table is None:  # the lengths (and padding): one copy, no conversion
-        if cache_leftpad is None:
-            return _check_lengths(cache_seqlens.tolist(), new, capacity, block_table, rows), None
-        both = (torch.cat([cache_seqlens, cache_leftpad]) if cache_seqlens.dtype == cache_leftpad.dtype
-                else torch.cat([cache_seqlens.long(), cache_leftpad.long()])).tolist()
-        lengths = _check_lengths(both[:batch], new, capacity, block_table, rows)
-        return lengths, _check_leftpad(both[batch:], lengths, new)
+    if cache_batch_idx is None and block_table is None and cache_leftpad is None:  # one copy, no conversion
+        return _check_lengths(cache_seqlens.tolist(), new, capacity, block_table, rows), None
     lengths_dev = cache_seqlens.long()
     parts = [lengths_dev]
     if cache_leftpad is not None:
@@ -1154,7 +1149,8 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
     """
     compiling = torch.compiler.is_compiling()
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        x, residual, weight, bias, residual_in_fp32 = _autocast_norm(x, residual, weight, bias, residual_in_fp32)
+        x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
+                                                                          residual_in_fp32)
     if not compiling and _norm_tensors_match(x, residual, weight, bias):
         d = x.shape[-1]
     else:
@@ -1185,11 +1181,12 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
     return (as_shape_of(out, x), as_shape_of(summed, x)) if prenorm else as_shape_of(out, x)
 
 
-def _autocast_norm(x, residual, weight, bias, residual_in_fp32):
-    """Under autocast a norm meets half-precision activations and float32 parameters (and a float32
-    residual stream): the parameters are used in x's dtype, a float32 residual next to half x keeps
-    the sum in float32 (``residual_in_fp32``), any other residual is cast to x's dtype. The norm
-    itself computes in float32 and returns x's dtype, as CPU autocast's layer_norm does."""
+def mixed_norm_operands(x, residual, weight, bias, residual_in_fp32):
+    """A norm's operands of mixed dtypes (autocast's half activations with float32 parameters and
+    a float32 residual stream; FlashAttention's layer_norm_fn allows the same) made ones the ops
+    take: the parameters are used in x's dtype, a float32 residual next to half x keeps the sum in
+    float32 (``residual_in_fp32``), any other residual is cast to x's dtype. The norm itself
+    computes in float32 and returns x's dtype, as CPU autocast's layer_norm does."""
     if not x.is_floating_point():
         return x, residual, weight, bias, residual_in_fp32
     weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and p.is_floating_point() and p.dtype != x.dtype else p

@@ -32,7 +32,6 @@ from .functional import _check_bool, _check_index_tensor, _check_tensor, _concre
 from .ops import RotaryFunction, inference_call_ok, rotary_inference
 
 
-
 def elements_may_overlap(t: Tensor) -> bool:
     """Whether t's elements could share memory (csrc/common/overlap.h's test, which the C++ ``out``
     checks use): ordered by stride, each stepping dim must start past the offsets the smaller ones
@@ -47,6 +46,7 @@ def elements_may_overlap(t: Tensor) -> bool:
             return True
         reach += (size - 1) * stride
     return False
+
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
                      seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,

@@ -53,7 +53,7 @@ from torch import Tensor
 from .. import _rng
 from .. import reference as R
 from ..functional import (_draw_rng, apply_rotary_emb, attention, attention_varlen, attention_with_kvcache,
-                          layer_norm_residual)
+                          layer_norm_residual, mixed_norm_operands)
 from ._stand_in import StandInModules
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
@@ -426,15 +426,14 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     if zero_centered_weight and weight is not None:
         weight = weight + 1.0
     # FlashAttention's dtypes: parameters of any float dtype (here used in x's), and the summed
-    # stream in the residual's dtype when a residual is given (a float32 one: fused_attn's
-    # residual_in_fp32), else float32 with residual_in_fp32, else x's.
-    weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and isinstance(x, Tensor) and p.is_floating_point()
-                    and p.dtype != x.dtype else p for p in (weight, bias))
-    stream_dtype = None  # the dtype residual_out must be given back in, when not what the call makes
-    if isinstance(residual, Tensor) and isinstance(x, Tensor) and residual.is_floating_point():
-        residual_in_fp32 = residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
-        if residual.dtype != x.dtype and not residual_in_fp32:
-            stream_dtype, residual = residual.dtype, residual.to(x.dtype)
+    # stream in the residual's dtype when a residual is given (the flag then says nothing), else
+    # float32 with residual_in_fp32, else x's.
+    stream_dtype = None  # the dtype residual_out must be given back in
+    if isinstance(x, Tensor) and x.is_floating_point():
+        if isinstance(residual, Tensor) and residual.is_floating_point():
+            stream_dtype, residual_in_fp32 = residual.dtype, False
+        x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
+                                                                          residual_in_fp32)
     mask_wanted = return_dropout_mask and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
     state = _rng_state() if mask_wanted else None
     result = layer_norm_residual(x, residual, weight, bias, eps, dropout_p=dropout_p, prenorm=prenorm,
@@ -443,7 +442,7 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     if out_dtype is not None:
         y = y.to(out_dtype)  # (checked to be a dtype before the call)
     if summed is not None and stream_dtype is not None:
-        summed = summed.to(stream_dtype)
+        summed = summed.to(stream_dtype)  # (a no-op unless the residual's dtype was neither x's nor float32)
     outputs = (y, summed) if prenorm else (y,)
     if return_dropout_mask:
         mask = None

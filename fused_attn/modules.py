@@ -63,8 +63,8 @@ class MultiHeadAttention(reference.MultiHeadAttention):
     def _project(self, x: Tensor, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
         """One matmul for several projections of the same input: cat the weights (a copy of the
         weights only, small next to the activations), then split the result into views."""
-        if len(linears) == 1:
-            return (linears[0](x),)
+        if len(linears) == 1 or not all(map(reference.reads_as_called, linears)):
+            return tuple(lin(x) for lin in linears)  # (adapters such as LoRA run in their forward)
         weight = torch.cat([lin.weight for lin in linears])
         bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
         return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
@@ -192,6 +192,8 @@ class FeedForward(reference.FeedForward):
 
     def forward(self, x):
         p = self.dropout if self.training else 0.0
+        if not (reference.reads_as_called(self.linear1) and reference.reads_as_called(self.linear2)):
+            return self.unfused_forward(x)  # a linear wrapped by an adapter (LoRA): called, not read
         return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                             activation=self.activation, dropout_p=p, backend=self.backend)
 

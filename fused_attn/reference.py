@@ -252,6 +252,19 @@ def activation_fn(pre: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def reads_as_called(module: Optional[nn.Module], cls: type = nn.Linear) -> bool:
+    """Whether reading ``module``'s parameters computes what calling it computes, as the fused
+    modules do (``F.linear(x, lin.weight, lin.bias)`` in one matmul, or inside the fused FFN):
+    its class's forward is ``cls``'s (subclasses that keep it count, such as
+    MultiheadAttention's ``out_proj``) and it has no forward hooks or pre-hooks. A module that
+    wraps the layer (PEFT's LoRA layers: ``lora.Linear`` holds the Linear as ``base_layer`` and
+    adds the adapter's product in its forward, while its ``weight`` is the base layer's), a
+    quantized linear (its own forward), or weight_norm's pre-hook read False: callers then call
+    the module instead, unfused but right."""
+    return (module is not None and getattr(type(module), "forward", None) is cls.forward
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
 def feed_forward(x, w1, b1=None, w2=None, b2=None, activation="relu", dropout_p=0.0, rng=None):
     """Linear(w1, b1) -> activation -> dropout -> Linear(w2, b2), nn.Linear weight layout.
 
@@ -599,8 +612,16 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         p = self.dropout if self.training else 0.0
+        if not (reads_as_called(self.linear1) and reads_as_called(self.linear2)):
+            return self.unfused_forward(x)
         return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                             activation=self.activation, dropout_p=p)
+
+    def unfused_forward(self, x):
+        """The linears called as modules: for linears that are not plain (``reads_as_called``),
+        an adapter's (LoRA's) product included. Dropout from torch's generator."""
+        p = self.dropout if self.training else 0.0
+        return self.linear2(F.dropout(activation_fn(self.linear1(x), self.activation), p))
 
 
 class TransformerLayer(nn.Module):

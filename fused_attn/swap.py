@@ -11,7 +11,10 @@ and every other attribute stay what they were, so a ``state_dict`` round-trips, 
 their state and tied weights stay tied. Restoring sets the class back. A module that is a target
 but cannot be fused exactly (an unsupported activation, norm shape, bias_k, ...) is left as it
 is and listed in the report with the reason; a fused forward that meets a call it cannot run
-exactly (``need_weights=True``, unbatched input) calls the original forward.
+exactly (``need_weights=True``, unbatched input) calls the original forward. So does one whose
+children it reads (rather than calls) were replaced or hooked since the swap (``reads_intact``):
+PEFT's LoRA layers wrap a Linear and add their product in their forward, which reading the
+Linear's weight would skip.
 
 Targets (one converter per family, tried in order):
 - ``fused_attn.reference``: MultiHeadAttention, LayerNormResidual, FeedForward -> ``fused_attn.modules``;
@@ -84,6 +87,8 @@ class Conversion:
     attrs: dict = field(default_factory=dict)   # instance attributes its forward reads
     consumed: tuple = ()                        # children its forward runs itself (not visited)
     note: str = ""                              # shown in the report
+    reads: dict = field(default_factory=dict)   # child path -> the class whose forward reading its
+                                                # parameters reproduces (``reference.reads_as_called``)
 
 
 #: converter(module, options) -> Conversion (fuse it), str (a target left as it is, and why) or None
@@ -164,6 +169,8 @@ class FusedSequentialFFN(nn.Sequential):
     """Sequential(Linear, activation, [Dropout], Linear) as one fused feed_forward."""
 
     def forward(self, x):
+        if not reads_intact(self):
+            return super().forward(x)  # a child replaced (an adapter) or hooked since the swap
         first, last = self[0], self[len(self) - 1]
         p = dropout_p(self[2]) if len(self) == 4 else 0.0
         return feed_forward(x, first.weight, first.bias, last.weight, last.bias,
@@ -263,15 +270,22 @@ def _chain_of(fn) -> Optional[tuple]:
     return chain(body[-1].value)
 
 
-def _plain_mlp_layout(module: nn.Module) -> Optional[dict]:
+def wrapped_linear(module) -> bool:
+    """A Linear wrapped by an adapter, PEFT's way (the Linear as ``base_layer``): a target to
+    report as left, not to fuse."""
+    return type(getattr(module, "base_layer", None)) is nn.Linear
+
+
+def _plain_mlp_layout(module: nn.Module, wrapped_ok: bool = False) -> Optional[dict]:
     """The names of the children a forward chains as Linear, activation, [Dropout], Linear,
-    [Dropout] (keys first, act, middle, second, last; the dropouts None when absent), or None."""
+    [Dropout] (keys first, act, middle, second, last; the dropouts None when absent), or None.
+    ``wrapped_ok``: Linears wrapped by an adapter count as Linears (to say why it is left)."""
     names = forward_chain(type(module))
     if names is None or len(set(names)) != len(names):
         return None
     children = [module._modules.get(n) for n in names]
-    pattern = "".join("L" if type(c) is nn.Linear else "D" if type(c) is nn.Dropout else "A" if c is not None
-                      else "?" for c in children)
+    pattern = "".join("L" if type(c) is nn.Linear or (wrapped_ok and wrapped_linear(c)) else "D" if type(c) is nn.Dropout
+                      else "A" if c is not None else "?" for c in children)
     if pattern not in ("LAL", "LADL", "LALD", "LADLD"):
         return None
     middle = names[2] if pattern.startswith("LAD") else None
@@ -303,8 +317,46 @@ def _hook_reason(module: nn.Module, names: tuple) -> Optional[str]:
     return None
 
 
+#: instance attribute: {child path: class} of the children a fused forward reads, as the swap saw them
+READS_ATTR = "_fused_attn_reads"
+
+
+def _child(module: nn.Module, path: str) -> Optional[nn.Module]:
+    for part in path.split("."):
+        module = None if module is None else module._modules.get(part)
+    return module
+
+
+def _read_reason(module: nn.Module, reads: dict) -> Optional[str]:
+    """Why the fused forward could not read these children's parameters in place of calling
+    them (None when it can): a child whose forward is not the expected class's (an adapter
+    such as PEFT's LoRA, which wraps the layer and adds its product; a quantized layer)."""
+    for path, cls in reads.items():
+        child = _child(module, path)
+        if child is not None and getattr(type(child), "forward", None) is not cls.forward:
+            return (f"child {path!r} is {type(child).__module__}.{type(child).__qualname__}, whose forward is not "
+                    f"{cls.__name__}'s (an adapter such as LoRA, or a quantized layer): the fused forward reads its "
+                    f"parameters and would skip it")
+    return None
+
+
+def reads_intact(module: nn.Module, *paths: str) -> bool:
+    """At each call: whether the children a fused forward reads (``paths``, or all it reads)
+    are still of the classes the swap saw, without hooks. A child replaced since, as PEFT's
+    ``get_peft_model`` replaces a targeted Linear by its LoRA layer after a swap, or given a hook,
+    sends the call to the unfused forward, which calls it."""
+    seen = module.__dict__.get(READS_ATTR, {})
+    for path in paths or seen:
+        child = _child(module, path)
+        if type(child) is not seen[path]:
+            return False
+        if child is not None and (child._forward_hooks or child._forward_pre_hooks):
+            return False
+    return True
+
+
 def _convert_plain_mlp(module, opts):
-    layout = _plain_mlp_layout(module)
+    layout = _plain_mlp_layout(module, wrapped_ok=True)
     if layout is None:
         return None
     act_module = module._modules[layout["act"]]
@@ -315,6 +367,7 @@ def _convert_plain_mlp(module, opts):
         return "ffn=False"
     return Conversion(fused_subclass(type(module), FusedPlainMLP), {"fused_attn_backend": opts.backend},
                       consumed=tuple(n for n in layout.values() if n),
+                      reads={layout["first"]: nn.Linear, layout["second"]: nn.Linear},
                       note=f"FFN {act} ({layout['first']} -> {layout['second']}, read from its forward)")
 
 
@@ -414,7 +467,8 @@ class _FusedResidualLayer:
     """
 
     def _fused_blocks(self, x, blocks):
-        fuse, backend = self.fused_attn_norm, self.fused_attn_backend
+        backend = self.fused_attn_backend
+        fuse = self.fused_attn_norm and reads_intact(self, *self.fused_attn_norm_reads)
         if not self.norm_first:
             for branch, norm, drop in blocks:
                 b = branch(x)
@@ -434,7 +488,7 @@ class _FusedResidualLayer:
         return x
 
     def _fused_ff(self, x):
-        if self.fused_attn_activation is None:
+        if self.fused_attn_activation is None or not reads_intact(self, *self.fused_attn_ffn_reads):
             return self.linear2(self.dropout(self.activation(self.linear1(x))))
         return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                             activation=self.fused_attn_activation, dropout_p=dropout_p(self.dropout),
@@ -518,7 +572,7 @@ def _convert_sequential_ffn(module, opts):
     if type(module) is not nn.Sequential or len(module) not in (3, 4):
         return None
     parts = list(module)
-    if not (type(parts[0]) is nn.Linear and type(parts[-1]) is nn.Linear):
+    if not all(type(p) is nn.Linear or wrapped_linear(p) for p in (parts[0], parts[-1])):
         return None
     if len(parts) == 4 and type(parts[2]) is not nn.Dropout:
         return None
@@ -528,7 +582,9 @@ def _convert_sequential_ffn(module, opts):
     if not opts.ffn:
         return "ffn=False"
     return Conversion(FusedSequentialFFN, {"fused_attn_activation": act, "fused_attn_backend": opts.backend},
-                      consumed=tuple(str(i) for i in range(len(parts))), note=f"FFN {act}")
+                      consumed=tuple(str(i) for i in range(len(parts))), note=f"FFN {act}",
+                      reads={str(i): nn.Linear if i in (0, len(parts) - 1) else type(part)
+                             for i, part in enumerate(parts)})
 
 
 def _mha_reason(module) -> Optional[str]:
@@ -556,8 +612,16 @@ def _convert_torch_layer(module, opts):
         return None
     norms = [module.norm1, module.norm2] + ([module.norm3] if hasattr(module, "norm3") else [])
     norm_why = "norm=False" if not opts.norm else next((w for w in map(norm_reason, norms) if w), None)
+    norm_reads = {f"{kind}{i + 1}": cls for i in range(len(norms))
+                  for kind, cls in (("norm", type(norms[i])), ("dropout", nn.Dropout))}
+    norm_why = norm_why or _read_reason(module, norm_reads)
     act = activation_name(module.activation) if opts.ffn else None
     ffn_why = "ffn=False" if not opts.ffn else (None if act else f"activation {module.activation!r} has no fused form")
+    ffn_reads = {"linear1": nn.Linear, "linear2": nn.Linear, "dropout": nn.Dropout}
+    if isinstance(module.activation, nn.Module):
+        ffn_reads["activation"] = type(module.activation)
+    ffn_why = ffn_why or _read_reason(module, ffn_reads)
+    act = None if ffn_why else act
     attns = [module.self_attn] + ([module.multihead_attn] if hasattr(module, "multihead_attn") else [])
     attn_fused = opts.attention and all(type(a) is nn.MultiheadAttention and _mha_reason(a) is None for a in attns)
     if norm_why and ffn_why and not attn_fused:
@@ -566,8 +630,11 @@ def _convert_torch_layer(module, opts):
     note = ", ".join([f"norms {'torch (' + norm_why + ')' if norm_why else 'fused'}",
                       f"FFN {'torch (' + ffn_why + ')' if ffn_why else 'fused ' + act}"])
     consumed = tuple(f"norm{i + 1}" for i in range(len(norms))) if not norm_why else ()
+    reads = {**({} if norm_why else norm_reads), **({} if ffn_why else ffn_reads)}
     return Conversion(cls, {"fused_attn_norm": norm_why is None, "fused_attn_activation": act,
-                            "fused_attn_backend": opts.backend}, consumed=consumed, note=note)
+                            "fused_attn_backend": opts.backend, "fused_attn_norm_reads": tuple(norm_reads),
+                            "fused_attn_ffn_reads": tuple(ffn_reads)},
+                      consumed=consumed, note=note, reads=reads)
 
 
 def _convert_huggingface(module, opts):
@@ -588,8 +655,9 @@ CONVERTERS: list[Converter] = [_convert_reference, _convert_sequential_ffn, _con
 def _apply(module: nn.Module, conv: Conversion) -> None:
     if not issubclass(conv.cls, type(module)):
         raise TypeError(f"{conv.cls.__name__} is not a subclass of {type(module).__name__}")
-    module.__dict__[RESTORE_ATTR] = (type(module), tuple(conv.attrs), tuple(conv.consumed))
-    module.__dict__.update(conv.attrs)
+    attrs = {**conv.attrs, READS_ATTR: {path: type(_child(module, path)) for path in conv.reads}}
+    module.__dict__[RESTORE_ATTR] = (type(module), tuple(attrs), tuple(conv.consumed))
+    module.__dict__.update(attrs)
     module.__class__ = conv.cls
 
 
@@ -612,12 +680,12 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
     check_backend_name(backend)
     opts = SwapOptions(bool(attention), bool(norm), bool(ffn), backend, bool(rotary))
     report = SwapReport()
-    if type(model).__module__.startswith("transformers."):
+    for path, hf_model in _transformers_models(model):
         from .integrations import huggingface
         if attention:
-            huggingface.swap_attention_implementation(model, opts, report)
+            huggingface.swap_attention_implementation(hf_model, opts, report, path)
         if rotary:
-            huggingface.swap_rotary(model, opts, report)
+            huggingface.swap_rotary(hf_model, opts, report, path)
     _walk(model, "", opts, report)
     # torch's TransformerEncoder feeds nested tensors to its layers on its inference fast path:
     # swap the encoders whose layers are fused.
@@ -626,6 +694,17 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
             _apply(module, Conversion(FusedTransformerEncoder))
             report.replaced.append((path, "TransformerEncoder", "FusedTransformerEncoder", "no nested-tensor path"))
     return report
+
+
+def _transformers_models(model: nn.Module):
+    """(path, module) of the outermost transformers models in ``model``: the model itself, or the
+    ones it wraps (PEFT's PeftModel holds the transformers model at ``base_model.model``)."""
+    found = []
+    for path, module in model.named_modules():
+        if (type(module).__module__.startswith("transformers.") and hasattr(module, "set_attn_implementation")
+                and not any(path.startswith(f"{outer}.") or not outer for outer, _ in found)):
+            found.append((path, module))
+    return found
 
 
 def _walk(module: nn.Module, path: str, opts: SwapOptions, report: SwapReport) -> None:
@@ -637,8 +716,8 @@ def _walk(module: nn.Module, path: str, opts: SwapOptions, report: SwapReport) -
             result = converter(module, opts)
             if result is None:
                 continue
-            if not isinstance(result, str):  # (children whose hooks the fused forward would skip)
-                result = _hook_reason(module, result.consumed) or result
+            if not isinstance(result, str):  # (children whose hooks or adapters the fused forward would skip)
+                result = _hook_reason(module, result.consumed) or _read_reason(module, result.reads) or result
             if isinstance(result, str):
                 report.left.append((path, type(module).__name__, result))
             else:
@@ -665,10 +744,10 @@ def restore_modules(model: nn.Module) -> SwapReport:
             module.__dict__.pop(name, None)
         report.replaced.append((path, type(module).__name__, cls.__name__, "restored"))
         module.__class__ = cls
-    if type(model).__module__.startswith("transformers."):
+    for path, hf_model in _transformers_models(model):
         from .integrations import huggingface
-        huggingface.restore_attention_implementation(model, report)
-        huggingface.restore_rotary(model, report)
+        huggingface.restore_attention_implementation(hf_model, report, path)
+        huggingface.restore_rotary(hf_model, report, path)
     return report
 
 

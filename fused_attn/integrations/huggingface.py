@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..functional import attention, attention_varlen, feed_forward, layer_norm_residual
+from ..swap import reads_intact
 
 NAME = "fused_attn"
 
@@ -100,35 +101,74 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean keep-masks (None when causal suffices)
 
 
-def swap_attention_implementation(model, opts, report) -> None:
+def _uses_attention_interface(cls) -> bool:
+    """transformers' own test (5.x): whether the class's modeling module runs its attention
+    through the attention interface, so that ``set_attn_implementation`` reaches it."""
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
+    return True if can_set is None else bool(can_set())
+
+
+def _no_interface_reason(cls) -> str:
+    """Why a model's attention stays its own: its modeling module computes attention itself."""
+    try:
+        calls_sdpa = "scaled_dot_product_attention" in inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        calls_sdpa = False
+    how = ("call torch's scaled_dot_product_attention when attn_implementation is 'sdpa', which "
+           "fused_attn.patch_sdpa() routes to the fused kernels" if calls_sdpa else "compute attention themselves")
+    return (f"attention not switched: the model's attention modules do not use transformers' attention interface "
+            f"(they {how})")
+
+
+def swap_attention_implementation(model, opts, report, path: str = "") -> None:
+    """Switch a transformers model's attention implementation to ``"fused_attn"`` where its
+    modeling code runs attention through transformers' interface. Models whose attention
+    modules compute attention themselves (BLOOM, MPT, Falcon, ...: transformers refuses to
+    switch them, with a warning) are listed as left, with the reason; so are sub-models of a
+    composite model that stayed on another implementation."""
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         return
     previous = getattr(model.config, "_attn_implementation", None)
     if previous == NAME:
         return
+    if not _uses_attention_interface(type(model)):
+        report.left.append((path, type(model).__name__, _no_interface_reason(type(model))))
+        return
     register()
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, ImportError) as exc:
-        report.left.append(("", type(model).__name__, f"attention implementation not switched: {exc}"))
+        report.left.append((path, type(model).__name__, f"attention implementation not switched: {exc}"))
+        return
+    if getattr(model.config, "_attn_implementation", None) != NAME:  # declined without raising
+        model.set_attn_implementation(previous)
+        report.left.append((path, type(model).__name__, "attention implementation not switched: transformers kept "
+                                                        f"{model.config._attn_implementation!r}"))
         return
     model.__dict__["_fused_attn_previous_attn"] = previous
     if opts.backend is not None:
         for module in model.modules():
             module.__dict__["fused_attn_backend"] = opts.backend
-    report.replaced.append(("", type(model).__name__, type(model).__name__,
+    report.replaced.append((path, type(model).__name__, type(model).__name__,
                             f"attn_implementation {previous!r} -> {NAME!r}"))
+    for name, sub in model.named_modules():  # sub-models of a composite model that transformers skipped
+        config = getattr(sub, "config", None)
+        if (sub is not model and hasattr(sub, "set_attn_implementation") and config is not None
+                and getattr(config, "_attn_implementation", NAME) != NAME):
+            report.left.append((f"{path}.{name}" if path else name, type(sub).__name__,
+                                _no_interface_reason(type(sub)) if not _uses_attention_interface(type(sub)) else
+                                f"attention implementation stayed {config._attn_implementation!r}"))
 
 
-def restore_attention_implementation(model, report) -> None:
+def restore_attention_implementation(model, report, path: str = "") -> None:
     previous = model.__dict__.pop("_fused_attn_previous_attn", None)
     if previous is None:
         return
     model.set_attn_implementation(previous)
     for module in model.modules():
         module.__dict__.pop("fused_attn_backend", None)
-    report.replaced.append(("", type(model).__name__, type(model).__name__, f"attn_implementation {NAME!r} -> "
-                                                                           f"{previous!r}"))
+    report.replaced.append((path, type(model).__name__, type(model).__name__, f"attn_implementation {NAME!r} -> "
+                                                                              f"{previous!r}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +244,7 @@ def _rotary_form(module) -> Optional[bool]:
     return None
 
 
-def swap_rotary(model, opts, report) -> None:
+def swap_rotary(model, opts, report, path: str = "") -> None:
     """Point each of the model's modeling modules whose ``apply_rotary_pos_emb`` (and the
     ``rotate_half`` it calls) is Llama's or GPT-NeoX's, the same code but for docstrings and
     decorators (Llama, Mistral, Mixtral, Qwen2/3, Gemma/2/3, Granite, Falcon, StableLM, GPT-NeoX,
@@ -218,23 +258,23 @@ def swap_rotary(model, opts, report) -> None:
             continue
         where = f"{module.__name__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb"
         if hasattr(fn, "fused_attn_original"):
-            report.left.append(("", where, "already fused (by another model's swap_modules)"))
+            report.left.append((path, where, "already fused (by another model's swap_modules)"))
             continue
         partial = _rotary_form(module)
         if partial is None:
-            report.left.append(("", where, "not Llama's or GPT-NeoX's apply_rotary_pos_emb (another layout or "
-                                           "rounding)"))
+            report.left.append((path, where, "not Llama's or GPT-NeoX's apply_rotary_pos_emb (another layout or "
+                                             "rounding)"))
             continue
         module.apply_rotary_pos_emb = fused_rotary_pos_emb(fn, opts.backend, partial)
         patched.append(module.__name__)
-        report.replaced.append(("", where, "fused_attn.apply_rotary_emb",
+        report.replaced.append((path, where, "fused_attn.apply_rotary_emb",
                                 ("partial " if partial else "") + "RoPE; module-level: every model of this family "
                                 "in the process"))
     if not patched:
         model.__dict__.pop("_fused_attn_rotary")
 
 
-def restore_rotary(model, report) -> None:
+def restore_rotary(model, report, path: str = "") -> None:
     """Put back the functions this model's swap replaced (the wrappers hold them), where they are
     still in place; a model loaded in another process finds nothing patched there."""
     for name in model.__dict__.pop("_fused_attn_rotary", []):
@@ -242,7 +282,7 @@ def restore_rotary(model, report) -> None:
         original = getattr(getattr(module, "apply_rotary_pos_emb", None), "fused_attn_original", None)
         if original is not None:
             module.apply_rotary_pos_emb = original
-            report.replaced.append(("", f"{name.rsplit('.', 1)[-1]}.apply_rotary_pos_emb",
+            report.replaced.append((path, f"{name.rsplit('.', 1)[-1]}.apply_rotary_pos_emb",
                                     "apply_rotary_pos_emb", "restored"))
 
 
@@ -313,6 +353,8 @@ class FusedDenseDropoutNorm:
     """BERT's *SelfOutput / *Output: LayerNorm(dropout(dense(h)) + input) -> one fused add + norm."""
 
     def forward(self, hidden_states, input_tensor):
+        if not reads_intact(self):  # a child replaced (an adapter) or hooked since the swap
+            return super().forward(hidden_states, input_tensor)
         return _layer_norm(self.LayerNorm, self.dense(hidden_states), input_tensor, _dropout_p(self.dropout),
                            self.fused_attn_backend)
 
@@ -321,6 +363,8 @@ class FusedBertFeedForward:
     """BERT's *Layer.feed_forward_chunk: the FFN as one fused op, then one fused add + norm."""
 
     def feed_forward_chunk(self, attention_output):
+        if not reads_intact(self):
+            return super().feed_forward_chunk(attention_output)
         inter, out = self.intermediate, self.output
         h = feed_forward(attention_output, inter.dense.weight, inter.dense.bias, out.dense.weight, out.dense.bias,
                          activation=self.fused_attn_activation, backend=self.fused_attn_backend)
@@ -333,6 +377,8 @@ class FusedGPT2MLP:
     """GPT-2's MLP; Conv1D stores weights as (in, out), nn.Linear's transpose."""
 
     def forward(self, hidden_states):
+        if not reads_intact(self):
+            return super().forward(hidden_states)
         w1 = self.c_fc.weight.t().contiguous()
         w2 = self.c_proj.weight.t().contiguous()
         h = feed_forward(hidden_states, w1, self.c_fc.bias, w2, self.c_proj.bias,
@@ -344,6 +390,8 @@ class FusedLlamaMLP:
     """Llama's gated MLP: w1 = cat([gate, up]) rows, activation swiglu (silu) or geglu (gelu)."""
 
     def forward(self, x):
+        if not reads_intact(self):
+            return super().forward(x)
         w1 = torch.cat([self.gate_proj.weight, self.up_proj.weight])
         b1 = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
         return feed_forward(x, w1, b1, self.down_proj.weight, self.down_proj.bias,
@@ -360,6 +408,9 @@ def convert(module: nn.Module, opts):
     """swap_modules' converter for transformers modules (see ``fused_attn.swap``)."""
     from ..swap import Conversion, fused_subclass
 
+    def act_type(act):  # an activation module's class (None when the activation is a function)
+        return type(act) if isinstance(act, nn.Module) else type(None)
+
     cls = type(module)
     bert, gpt2, llama = _known()
     backend = {"fused_attn_backend": opts.backend}
@@ -371,7 +422,7 @@ def convert(module: nn.Module, opts):
         if not opts.norm:
             return "norm=False"
         return Conversion(fused_subclass(cls, FusedDenseDropoutNorm), backend, consumed=("LayerNorm",),
-                          note="residual-add + LayerNorm")
+                          note="residual-add + LayerNorm", reads={"LayerNorm": nn.LayerNorm, "dropout": nn.Dropout})
 
     # BERT family: intermediate -> output, as one FFN
     if _same_code(cls, "feed_forward_chunk", bert.BertLayer.feed_forward_chunk):
@@ -385,9 +436,13 @@ def convert(module: nn.Module, opts):
         if act is None:
             return f"activation {type(inter.intermediate_act_fn).__name__} has no fused form"
         fuse_norm = opts.norm and type(out.LayerNorm) is nn.LayerNorm and type(out.dropout) is nn.Dropout
+        reads = {"intermediate.dense": nn.Linear, "output.dense": nn.Linear,
+                 "intermediate.intermediate_act_fn": act_type(inter.intermediate_act_fn)}
+        if fuse_norm:
+            reads.update({"output.LayerNorm": nn.LayerNorm, "output.dropout": nn.Dropout})
         return Conversion(fused_subclass(cls, FusedBertFeedForward),
                           {**backend, "fused_attn_activation": act, "fused_attn_norm": fuse_norm},
-                          consumed=("intermediate", "output"),
+                          consumed=("intermediate", "output"), reads=reads,
                           note=f"FFN {act}" + (" + residual-add + LayerNorm" if fuse_norm else ""))
 
     if _same_code(cls, "forward", gpt2.GPT2MLP.forward):
@@ -397,7 +452,8 @@ def convert(module: nn.Module, opts):
         if act is None:
             return f"activation {type(module.act).__name__} has no fused form"
         return Conversion(fused_subclass(cls, FusedGPT2MLP), {**backend, "fused_attn_activation": act},
-                          consumed=("c_fc", "c_proj"), note=f"FFN {act}, Conv1D weights transposed")
+                          consumed=("c_fc", "c_proj"), note=f"FFN {act}, Conv1D weights transposed",
+                          reads={"c_fc": gpt2.Conv1D, "c_proj": gpt2.Conv1D, "act": act_type(module.act)})
 
     if _same_code(cls, "forward", llama.LlamaMLP.forward):
         if not opts.ffn:
@@ -406,7 +462,9 @@ def convert(module: nn.Module, opts):
         if gated is None:
             return f"gated activation {type(module.act_fn).__name__} has no fused form"
         return Conversion(fused_subclass(cls, FusedLlamaMLP), {**backend, "fused_attn_activation": gated},
-                          consumed=("gate_proj", "up_proj", "down_proj"), note=f"FFN {gated}")
+                          consumed=("gate_proj", "up_proj", "down_proj"), note=f"FFN {gated}",
+                          reads={"gate_proj": nn.Linear, "up_proj": nn.Linear, "down_proj": nn.Linear,
+                                 "act_fn": act_type(module.act_fn)})
 
     if _same_code(cls, "forward", llama.LlamaRMSNorm.forward):
         if not opts.norm:

@@ -259,10 +259,12 @@ def reads_as_called(module: Optional[nn.Module], cls: type = nn.Linear) -> bool:
     MultiheadAttention's ``out_proj``) and it has no forward hooks or pre-hooks. A module that
     wraps the layer (PEFT's LoRA layers: ``lora.Linear`` holds the Linear as ``base_layer`` and
     adds the adapter's product in its forward, while its ``weight`` is the base layer's), a
-    quantized linear (its own forward), or weight_norm's pre-hook read False: callers then call
-    the module instead, unfused but right."""
+    quantized linear (its own forward), weight_norm's pre-hook, or a forward replaced on the
+    instance (accelerate's offloading hooks, which bring the weights in before the call) read
+    False: callers then call the module instead, unfused but right."""
     return (module is not None and getattr(type(module), "forward", None) is cls.forward
-            and not module._forward_hooks and not module._forward_pre_hooks)
+            and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__)  # (accelerate's hooks replace the instance's forward)
 
 
 def feed_forward(x, w1, b1=None, w2=None, b2=None, activation="relu", dropout_p=0.0, rng=None):

@@ -284,3 +284,20 @@ def test_models_with_their_own_attention_are_reported_left(name):
     (why,) = [why for path, _, why in report.left if "attention interface" in why]
     assert ("patch_sdpa" in why) == (name == "FalconConfig")  # Falcon calls SDPA itself
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_offloaded_swapped_model_reads_weights_its_hooks_bring_in():
+    """accelerate's cpu_offload keeps the weights on the meta device and replaces each module's
+    forward on the instance with one that brings them in first: the fused forwards must call
+    such children rather than read their (meta) weights."""
+    accelerate = pytest.importorskip("accelerate")
+    model, _ = _hf("llama")
+    model.eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+        fused_attn.swap_modules(model)
+        model = accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+        out = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

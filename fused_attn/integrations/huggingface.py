@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..functional import attention, attention_varlen, feed_forward, layer_norm_residual
+from .._stacked import colocate, stacked
 from ..swap import reads_intact
 
 NAME = "fused_attn"
@@ -379,21 +380,31 @@ class FusedGPT2MLP:
     def forward(self, hidden_states):
         if not reads_intact(self):
             return super().forward(hidden_states)
-        w1 = self.c_fc.weight.t().contiguous()
-        w2 = self.c_proj.weight.t().contiguous()
-        h = feed_forward(hidden_states, w1, self.c_fc.bias, w2, self.c_proj.bias,
+        h = feed_forward(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
                          activation=self.fused_attn_activation, backend=self.fused_attn_backend)
         return self.dropout(h)
 
 
 class FusedLlamaMLP:
-    """Llama's gated MLP: w1 = cat([gate, up]) rows, activation swiglu (silu) or geglu (gelu)."""
+    """Llama's gated MLP: w1 = the [gate; up] rows, activation swiglu (silu) or geglu (gelu). The
+    gate and up weights are kept co-located (``fused_attn._stacked``), so w1 is a view of them,
+    not a copy made at each call."""
+
+    def colocate(self):
+        colocate([self.gate_proj.weight, self.up_proj.weight])
+        colocate([self.gate_proj.bias, self.up_proj.bias])
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)  # .to(), .half(), ...: new tensors, apart again
+        if reads_intact(self):
+            self.colocate()
+        return module
 
     def forward(self, x):
         if not reads_intact(self):
             return super().forward(x)
-        w1 = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        b1 = None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
+        w1 = stacked([self.gate_proj.weight, self.up_proj.weight])
+        b1 = None if self.gate_proj.bias is None else stacked([self.gate_proj.bias, self.up_proj.bias])
         return feed_forward(x, w1, b1, self.down_proj.weight, self.down_proj.bias,
                             activation=self.fused_attn_activation, backend=self.fused_attn_backend)
 
@@ -463,6 +474,7 @@ def convert(module: nn.Module, opts):
             return f"gated activation {type(module.act_fn).__name__} has no fused form"
         return Conversion(fused_subclass(cls, FusedLlamaMLP), {**backend, "fused_attn_activation": gated},
                           consumed=("gate_proj", "up_proj", "down_proj"), note=f"FFN {gated}",
+                          setup=FusedLlamaMLP.colocate,
                           reads={"gate_proj": nn.Linear, "up_proj": nn.Linear, "down_proj": nn.Linear,
                                  "act_fn": act_type(module.act_fn)})
 

@@ -1251,11 +1251,23 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
 
     Args:
         x: (..., d).  w1: (d_ff, d), or (2*d_ff, d) for swiglu/geglu holding the gate rows first,
-            then the up rows.  b1: (w1.shape[0],) or None.  w2: (d_out, d_ff).  b2: (d_out,) or None.
+            then the up rows, or for those the pair ``(w_gate, w_up)`` of (d_ff, d) weights
+            (Llama's ``gate_proj`` and ``up_proj``: stacked inside the op for each kernel call,
+            so the stack is never saved for backward; the gradients come back to each).
+            b1: (w1.shape[0],) or None (a pair ``(b_gate, b_up)`` with a pair w1).
+            w2: (d_out, d_ff).  b2: (d_out,) or None.
         activation: relu, gelu (exact), gelu_tanh, silu, swiglu (silu(gate) * up), geglu
             (gelu(gate) * up).
     """
-    x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)
+    w1_up = b1_up = None
+    if isinstance(w1, (tuple, list)):
+        w1, w1_up, b1, b1_up = _split_gated_weights(w1, b1, activation)
+        x, w1, b1, w2, b2, w1_up, b1_up = _autocast(x, w1, b1, w2, b2, w1_up, b1_up)
+        _check_same("x", x, {"w1[0]": w1, "w1[1]": w1_up, "b1[0]": b1, "b1[1]": b1_up})
+    else:
+        x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)
+        if isinstance(b1, (tuple, list)):
+            raise TypeError("b1 as a (b_gate, b_up) pair goes with w1 as a (w_gate, w_up) pair; got a tensor w1")
     if not _ffn_tensors_match(x, w1, b1, w2, b2):
         _check_tensor("x", x, min_ndim=1)
         _check_tensor("w1", w1, ndim=2)
@@ -1269,6 +1281,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     d = x.shape[-1]
     F1, w1_in = w1.shape
+    F1 = 2 * F1 if w1_up is not None else F1  # (the pair's halves were checked alike)
     d_out, w2_in = w2.shape
     if w1_in != d:
         raise ValueError(f"w1 must have shape (d_ff, {d}) to match x's last dimension, got {tuple(w1.shape)}")
@@ -1278,7 +1291,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     d_ff = F1 // 2 if gated else F1
     if w2_in != d_ff:
         raise ValueError(f"w2 must have shape (d_out, {d_ff}) to take the activation of width {d_ff}, got {tuple(w2.shape)}")
-    if b1 is not None and b1.shape[0] != F1:
+    if b1 is not None and b1.shape[0] != (F1 if w1_up is None else F1 // 2):
         raise ValueError(f"b1 must have shape ({F1},), got {tuple(b1.shape)}")
     if b2 is not None and b2.shape[0] != d_out:
         raise ValueError(f"b2 must have shape ({d_out},), got {tuple(b2.shape)}")
@@ -1287,9 +1300,40 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     options = (("activation", activation), ("dropout", dropout_p > 0.0))  # sorted by name
     name = resolve_options("feed_forward", x.device, x.dtype, options, backend)
     args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
+    if w1_up is not None:
+        if _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):
+            return as_shape_of(feed_forward_inference(*args, w1_up, b1_up), x)
+        return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up), x)
     if _eager_inference(x, w1, b1, w2, b2):
         return as_shape_of(feed_forward_inference(*args), x)
     return as_shape_of(FeedForwardFunction.apply(*args), x)
+
+
+def _split_gated_weights(w1, b1, activation):
+    """``feed_forward``'s pair form: (w_gate, w_up, b_gate, b_up), checked to be two halves alike."""
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"w1 as a (w_gate, w_up) pair is for the gated activations ({', '.join(GATED_ACTIVATIONS)}), "
+                         f"got activation={activation!r}")
+    if len(w1) != 2:
+        raise ValueError(f"w1 as a pair must be (w_gate, w_up), got {len(w1)} items")
+    w_gate, w_up = w1
+    _check_tensor("w1[0]", w_gate, ndim=2)
+    _check_tensor("w1[1]", w_up, ndim=2)
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"w1's gate and up weights must have the same shape, got {tuple(w_gate.shape)} and "
+                         f"{tuple(w_up.shape)}")
+    if b1 is None:
+        return w_gate, w_up, None, None
+    if not isinstance(b1, (tuple, list)) or len(b1) != 2 or (b1[0] is None) != (b1[1] is None):
+        raise TypeError("with w1 as a (w_gate, w_up) pair, b1 must be None or a (b_gate, b_up) pair of tensors")
+    if b1[0] is None:
+        return w_gate, w_up, None, None
+    _check_tensor("b1[0]", b1[0], ndim=1)
+    _check_tensor("b1[1]", b1[1], ndim=1)
+    if b1[0].shape != (w_gate.shape[0],) or b1[1].shape != (w_gate.shape[0],):
+        raise ValueError(f"b1's gate and up biases must have shape ({w_gate.shape[0]},), got {tuple(b1[0].shape)} "
+                         f"and {tuple(b1[1].shape)}")
+    return w_gate, w_up, b1[0], b1[1]
 
 
 def _ffn_tensors_match(x, w1, b1, w2, b2) -> bool:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._stacked import colocate, stacked
 from .rotary import rotate_packed
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
 from .functional import (apply_rotary_emb, attention, attention_varlen, attention_with_kvcache, feed_forward,
@@ -60,29 +59,16 @@ class MultiHeadAttention(reference.MultiHeadAttention):
                          rotary=rotary, rotary_base=rotary_base)
         check_backend_name(backend)
         self.backend = backend
-        self.colocate_projections()
 
-    def colocate_projections(self) -> None:
-        """Keep the Q, K, V weights (and biases) back to back in one buffer, so that one matmul
-        reads them as one tensor without copying them at each call (``fused_attn._stacked``)."""
-        linears = (self.query_linear, self.key_linear, self.value_linear)
-        if all(map(reference.reads_as_called, linears)):
-            colocate([lin.weight for lin in linears])
-            colocate([lin.bias for lin in linears])
-
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)  # .to(), .half(), .cuda(), ...: new tensors, apart again
-        self.colocate_projections()
-        return module
-
-    def _project(self, x: Tensor, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
-        """One matmul for several projections of the same input (their weights co-located: a view,
-        no copy; ``colocate_projections``), the result split into views."""
-        if len(linears) == 1 or not all(map(reference.reads_as_called, linears)):
-            return tuple(lin(x) for lin in linears)  # (adapters such as LoRA run in their forward)
-        weight = stacked([lin.weight for lin in linears])
-        bias = None if linears[0].bias is None else stacked([lin.bias for lin in linears])
-        return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
+    @staticmethod
+    def _project(x: Tensor, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+        """The projections of one input, one matmul each. (One matmul over the concatenated
+        weights would read x once instead of three times, but it concatenates the weights at every
+        call: for a decoding step, where each matmul reads its weight once, that copy costs more
+        than the matmuls, and in training the concatenation is saved for backward, a third copy
+        of the projection weights per layer. Reading x, (tokens, d_model), twice more is the smaller
+        cost at every size; the kernels take the three outputs' layouts as they are.)"""
+        return tuple(lin(x) for lin in linears)
 
     def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None,
                 cu_seqlens=None, max_seqlen=None, kv_cache=None):

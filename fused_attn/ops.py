@@ -482,32 +482,49 @@ def _feed_forward_forward(fwd, x, w1, b1, w2, b2, activation, dropout_p, rng, ba
     return out, x2, pre
 
 
-def feed_forward_inference(x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
+def _stack(first, second):
+    """The gated FFN's w1 (or b1) from its (gate, up) pair, for one kernel call: a transient copy,
+    never saved (``FeedForwardFunction`` saves the pair)."""
+    return first if second is None else torch.cat([first, second])
+
+
+def feed_forward_inference(x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up=None, b1_up=None):
     """FeedForwardFunction's output for eager calls that build no autograd graph, as rows."""
-    return _feed_forward_forward(_feed_forward_fwd_impl, x, w1, b1, w2, b2, activation, dropout_p, rng, backend)[0]
+    return _feed_forward_forward(_feed_forward_fwd_impl, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
+                                 dropout_p, rng, backend)[0]
 
 
 class FeedForwardFunction(torch.autograd.Function):
     """Linear -> activation -> dropout -> Linear, as (N, d_out) rows (``as_shape_of`` gives them
-    x's leading shape); saves x, the weights and the pre-activation only."""
+    x's leading shape); saves x, the weights and the pre-activation only. ``w1_up``/``b1_up``: a
+    gated w1 given as its (gate, up) pair (``w1``/``b1`` the gate halves), stacked for each kernel
+    call and its gradient split back."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
-        fwd = _feed_forward_fwd_impl if direct_call_ok(x, w1, b1, w2, b2) else torch.ops.fused_attn.feed_forward_fwd
-        out, x2, pre = _feed_forward_forward(fwd, x, w1, b1, w2, b2, activation, dropout_p, rng, backend)
-        ctx.save_for_backward(x2, w1, w2, pre, rng)
+    def forward(ctx, x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up=None, b1_up=None):
+        fwd = (_feed_forward_fwd_impl if direct_call_ok(x, w1, b1, w2, b2, w1_up, b1_up)
+               else torch.ops.fused_attn.feed_forward_fwd)
+        out, x2, pre = _feed_forward_forward(fwd, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
+                                             dropout_p, rng, backend)
+        ctx.save_for_backward(x2, w1, w1_up, w2, pre, rng)
         ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x2, w1, w2, pre, rng = ctx.saved_tensors
+        x2, w1, w1_up, w2, pre, rng = ctx.saved_tensors
         activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
         dout2 = dout.contiguous()  # the rows' gradient
+        w1 = _stack(w1, w1_up)
         bwd = _feed_forward_bwd_impl if direct_call_ok(dout2, x2, w1, w2) else torch.ops.fused_attn.feed_forward_bwd
         dx, dw1, db1, dw2, db2 = bwd(dout2, x2, w1, w2, pre, activation, dropout_p, rng, has_b1, has_b2, backend)
         dx = dx if len(shape) == 2 else dx.view(*shape)  # a 2-D x: dx has its shape already
-        return dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, None, None, None, None
+        db1 = db1 if has_b1 else None
+        if w1_up is None:
+            return dx, dw1, db1, dw2, db2 if has_b2 else None, None, None, None, None, None, None
+        dw_gate, dw_up = dw1.chunk(2)
+        db_gate, db_up = db1.chunk(2) if db1 is not None else (None, None)
+        return dx, dw_gate, db_gate, dw2, db2 if has_b2 else None, None, None, None, None, dw_up, db_up
 
 
 # ---------------------------------------------------------------------------------------------

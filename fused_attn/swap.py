@@ -89,7 +89,6 @@ class Conversion:
     note: str = ""                              # shown in the report
     reads: dict = field(default_factory=dict)   # child path -> the class whose forward reading its
                                                 # parameters reproduces (``reference.reads_as_called``)
-    setup: Optional[Callable] = None            # called with the module once its class is the fused one
 
 
 #: converter(module, options) -> Conversion (fuse it), str (a target left as it is, and why) or None
@@ -554,8 +553,7 @@ def _convert_reference(module, opts):
     cls, flag = pairs[type(module)]
     if not getattr(opts, flag):
         return f"{flag}=False"
-    setup = cls.colocate_projections if cls is fused_modules.MultiHeadAttention else None
-    return Conversion(cls, {"backend": opts.backend}, setup=setup)
+    return Conversion(cls, {"backend": opts.backend})
 
 
 def _convert_norm(module, opts):
@@ -661,8 +659,6 @@ def _apply(module: nn.Module, conv: Conversion) -> None:
     module.__dict__[RESTORE_ATTR] = (type(module), tuple(attrs), tuple(conv.consumed))
     module.__dict__.update(attrs)
     module.__class__ = conv.cls
-    if conv.setup is not None:
-        conv.setup(module)
 
 
 def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True, ffn: bool = True,

@@ -114,13 +114,17 @@ def test_multi_head_attention_cross_attention_and_is_causal_override():
     check_module_against_reference(fused, ref, [x], run=lambda m, x: m(x, is_causal=True))
 
 
-def test_fused_qkv_projection_is_one_matmul(monkeypatch):
-    """Self-attention projects Q, K and V with one F.linear, and hands the op strided views."""
+def test_projections_copy_no_weights_and_pass_views(monkeypatch):
+    """Q, K and V are projected with the modules' own weights (no concatenation of them at each
+    call, which a decoding step would pay more for than for its matmuls), and the op gets strided
+    views of the projections."""
     fused, _ = _pair("MultiHeadAttention", D_MODEL, HEADS, num_kv_heads=2)
     calls = []
     real_linear = torch.nn.functional.linear
+    params = {id(p) for p in fused.parameters()}
 
     def counting_linear(x, w, b=None):
+        assert id(w) in params, "a projection's weight was copied"
         calls.append(tuple(w.shape))
         return real_linear(x, w, b)
 
@@ -138,7 +142,7 @@ def test_fused_qkv_projection_is_one_matmul(monkeypatch):
     x = torch.randn(B, L, D_MODEL)
     fused(x)
     kv = 2 * D_MODEL // HEADS
-    assert calls[0] == (D_MODEL + 2 * kv, D_MODEL) and len(calls) == 2  # packed QKV, then out_linear
+    assert calls == [(D_MODEL, D_MODEL), (kv, D_MODEL), (kv, D_MODEL), (D_MODEL, D_MODEL)]  # q, k, v, out
     assert not seen["q"].is_contiguous() and seen["q"]._base is not None  # views, not copies
     assert seen["out"].transpose(1, 2).is_contiguous()  # merging heads back is a view
 

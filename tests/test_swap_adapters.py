@@ -55,8 +55,11 @@ def wrap(model, names):
 
 
 @pytest.fixture(autouse=True)
-def _no_rotary_patch_left_behind():
-    """swap_modules' RoPE patch of a Hugging Face model is module-level: undo it after each test."""
+def _no_rotary_patch_left_behind(monkeypatch):
+    """swap_modules' RoPE patch of a Hugging Face model is module-level: undo it after each test.
+    (And the swapped Llama MLP fuses the tiny batches here too.)"""
+    from fused_attn.integrations import huggingface
+    monkeypatch.setattr(huggingface, "GATED_MLP_MIN_TOKENS", 0)
     yield
     import sys
     for name, module in list(sys.modules.items()):

@@ -38,7 +38,6 @@ import torch
 import torch.nn as nn
 
 from ..functional import attention, attention_varlen, feed_forward, layer_norm_residual
-from .._stacked import colocate, stacked
 from ..swap import reads_intact
 
 NAME = "fused_attn"
@@ -385,26 +384,28 @@ class FusedGPT2MLP:
         return self.dropout(h)
 
 
+#: FusedLlamaMLP runs its module's own forward below this many tokens (None: the hidden size)
+GATED_MLP_MIN_TOKENS: Optional[int] = None
+
+
 class FusedLlamaMLP:
-    """Llama's gated MLP: w1 = the [gate; up] rows, activation swiglu (silu) or geglu (gelu). The
-    gate and up weights are kept co-located (``fused_attn._stacked``), so w1 is a view of them,
-    not a copy made at each call."""
+    """Llama's gated MLP as one fused FFN, activation swiglu (silu) or geglu (gelu), its gate and
+    up weights passed as ``feed_forward``'s (w_gate, w_up) pair (stacked for each kernel call,
+    not saved).
 
-    def colocate(self):
-        colocate([self.gate_proj.weight, self.up_proj.weight])
-        colocate([self.gate_proj.bias, self.up_proj.bias])
-
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)  # .to(), .half(), ...: new tensors, apart again
-        if reads_intact(self):
-            self.colocate()
-        return module
+    Calls over fewer tokens than the hidden size (a decoding step, a short prompt) run the
+    module's own forward: stacking the weights reads and writes 2·d_ff·d elements, more than the
+    fusion saves on the activations (a few passes over tokens·d_ff elements) below tokens ≈ d.
+    (``GATED_MLP_MIN_TOKENS`` sets another bound; None: the hidden size.)
+    """
 
     def forward(self, x):
-        if not reads_intact(self):
+        d = x.shape[-1]
+        min_tokens = d if GATED_MLP_MIN_TOKENS is None else GATED_MLP_MIN_TOKENS
+        if not reads_intact(self) or x.numel() < d * min_tokens:
             return super().forward(x)
-        w1 = stacked([self.gate_proj.weight, self.up_proj.weight])
-        b1 = None if self.gate_proj.bias is None else stacked([self.gate_proj.bias, self.up_proj.bias])
+        w1 = (self.gate_proj.weight, self.up_proj.weight)
+        b1 = None if self.gate_proj.bias is None else (self.gate_proj.bias, self.up_proj.bias)
         return feed_forward(x, w1, b1, self.down_proj.weight, self.down_proj.bias,
                             activation=self.fused_attn_activation, backend=self.fused_attn_backend)
 
@@ -474,7 +475,6 @@ def convert(module: nn.Module, opts):
             return f"gated activation {type(module.act_fn).__name__} has no fused form"
         return Conversion(fused_subclass(cls, FusedLlamaMLP), {**backend, "fused_attn_activation": gated},
                           consumed=("gate_proj", "up_proj", "down_proj"), note=f"FFN {gated}",
-                          setup=FusedLlamaMLP.colocate,
                           reads={"gate_proj": nn.Linear, "up_proj": nn.Linear, "down_proj": nn.Linear,
                                  "act_fn": act_type(module.act_fn)})
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from .backends import check_backend_name, get_backend, resolve_options
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
-                  feed_forward_inference, inference_call_ok, layer_norm_residual_inference)
+                  feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _transform_needs_autograd)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds,
                          first_page_out_of_range, gather_kv_pages, pages_out_of_range, paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
@@ -140,7 +140,7 @@ def _needs_grad(*tensors) -> bool:
     for t in tensors:
         if t is not None and t.requires_grad:
             return True
-    return False
+    return _transform_needs_autograd(tensors)  # (torch.func transforms, forward-mode AD)
 
 
 # Whether a call builds no autograd graph and may skip the registered ops (``ops.direct_call_ok``:

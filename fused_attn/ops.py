@@ -39,9 +39,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 from .backends import get_backend
-from .ops_common import (check_block_table, check_varlen_bounds, empty, new_attention_out, new_varlen_out,
+from .ops_common import (check_block_table, check_varlen_bounds, clamp_band, empty, new_attention_out, new_varlen_out,
+                         sequence_band, varlen_rng_offset,
                          varlen_lse_shape)
 
 
@@ -71,7 +73,53 @@ def inference_call_ok(*tensors) -> bool:
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)):
             return False
-    return True
+    return not (grad and _transform_needs_autograd(tensors))
+
+
+def _transform_needs_autograd(tensors) -> bool:
+    """Whether a gradient may be wanted that ``requires_grad`` does not show: under forward-mode
+    AD (dual tensors), under ``torch.func.grad`` / ``jvp`` (their wrapped tensors), or under
+    ``vmap`` of tensors whose unwrapped selves require grad (an ensemble's stacked parameters).
+    Such calls go through the autograd Function, which computes the gradient or says clearly
+    that the transform is not supported, never a result without its gradient."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    for level in _functorch.get_interpreter_stack() or ():
+        if level.key() != _functorch.TransformType.Vmap:  # Grad, Jvp (Functionalize: traced)
+            return True
+    for t in tensors:
+        while t is not None and _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def _grad_with_graph(fn, inputs, needs, grads_out):
+    """A backward under ``create_graph=True`` (double backward: gradient penalties, Hessian-vector
+    products), where the kernels' gradients, computed without a graph, would be constants: the
+    reference math ``fn(*inputs)`` recomputed under autograd from the saved inputs and
+    differentiated with a graph, so the gradient has its own. It costs what the reference costs
+    (for attention the (Lq, Lk) probabilities). ``needs``: which inputs want a gradient;
+    ``grads_out``: one per output of ``fn`` (None: that output's gradient is zero)."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        outs = fn(*inputs)
+    pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True) if wanted and pairs else [None] * len(wanted))
+    return [next(grads) if need else None for need in needs]
+
+
+def _reference():
+    from . import reference
+    return reference
+
+
+def _rng_tuple(dropout_p, rng):
+    return _seed_offset(rng) if dropout_p > 0.0 else None
 
 
 def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
@@ -176,6 +224,8 @@ class AttentionFunction(torch.autograd.Function):
         # dlse: the lse's gradient when it was returned (autograd gives zeros when it went unused)
         q, k, v, out, lse, attn_mask, rng, alibi_slopes = ctx.saved_tensors
         band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True
+            return tuple(_attention_grad_with_graph(ctx, q, k, v, attn_mask, rng, alibi_slopes, dout, dlse)) + (None,) * 10
         mask4 = None
         if attn_mask is not None:
             mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -186,6 +236,25 @@ class AttentionFunction(torch.autograd.Function):
                                 backend, softcap, alibi_slopes, bottom_right, dlse)
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
         return (dq, dk, dv, dmask) + (None,) * 10
+
+
+def _attention_grad_with_graph(ctx, q, k, v, attn_mask, rng, alibi_slopes, dout, dlse):
+    band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
+    R = _reference()
+    band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
+    alibi = {"alibi_slopes": alibi_slopes, "alignment": "bottom_right" if bottom_right else "top_left"}
+    wide = torch.promote_types(q.dtype, torch.float32)
+
+    def outputs(q, k, v, mask):
+        out = R.attention(q, k, v, mask, False, dropout_p, scale, _rng_tuple(dropout_p, rng), band=band,
+                          softcap=softcap, **alibi)
+        if dlse is None:
+            return (out,)
+        mask_wide = mask if mask is None or mask.dtype == torch.bool else mask.to(wide)
+        return out, R.attention_lse(q.to(wide), k.to(wide), mask_wide, False, scale, band=band, softcap=softcap,
+                                    **alibi)
+
+    return _grad_with_graph(outputs, (q, k, v, attn_mask), ctx.needs_input_grad[:4], (dout, dlse))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,11 +359,45 @@ class AttentionVarlenFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: through the reference, one sequence at a time
+            return tuple(_varlen_grad_with_graph(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k,
+                                                 alibi_slopes, dout, dlse)) + (None,) * 17
         bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v, alibi_slopes, dlse)
                else torch.ops.fused_attn.attention_varlen_bwd)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
                          *ctx.options[7:], seqused_k, alibi_slopes, dlse)
         return (dq, dk, dv) + (None,) * 17
+
+
+def _varlen_grad_with_graph(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes, dout, dlse):
+    _, _, band_lo, band_hi, bottom_right, dropout_p, scale, _, softcap = ctx.options
+    R = _reference()
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    k_end = cu_k[1:] if seqused_k is None else [a + n for a, n in zip(cu_k, seqused_k.tolist())]
+    Hq, wide = q.shape[1], torch.promote_types(q.dtype, torch.float32)
+    alignment = "bottom_right" if bottom_right else "top_left"
+
+    def outputs(q, k, v):
+        outs, lses = [], []
+        for s in range(len(cu_q) - 1):
+            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], k_end[s]
+            if q1 == q0:
+                continue
+            band = sequence_band(band_lo, band_hi, bottom_right, q1 - q0, k1 - k0)
+            qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+            seq_rng = None if dropout_p == 0.0 else (_seed_offset(rng)[0], varlen_rng_offset(_seed_offset(rng)[1], Hq, q0))
+            alibi = {"alibi_slopes": None if alibi_slopes is None else alibi_slopes[s:s + 1], "alignment": alignment}
+            outs.append(R.attention(qs, ks, vs, None, False, dropout_p, scale, seq_rng, band=band, softcap=softcap,
+                                    **alibi)[0].transpose(0, 1))
+            if dlse is not None:
+                lses.append(R.attention_lse(qs.to(wide), ks.to(wide), None, False, scale, band=band,
+                                            softcap=softcap, **alibi)[0])
+        out = torch.cat(outs) if outs else q.new_zeros(0, Hq, v.shape[-1])
+        if dlse is None:
+            return (out,)
+        return out, torch.cat(lses, dim=1) if lses else q.new_zeros(Hq, 0, dtype=wide)
+
+    return _grad_with_graph(outputs, (q, k, v), ctx.needs_input_grad[:3], (dout, dlse))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +514,8 @@ class LayerNormResidualFunction(torch.autograd.Function):
         summed, weight, bias, mean, rstd, rng = ctx.saved_tensors
         eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
         d = shape[-1]
+        if torch.is_grad_enabled():  # create_graph=True
+            return _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed)
         # (dout and dsummed are the rows' gradients; _rows only makes their last dim unit-stride)
         dout = torch.zeros(summed.shape, dtype=x_dtype, device=summed.device) if dout is None else _rows(dout, d)
         dsummed = None if dsummed is None else _rows(dsummed, d)
@@ -427,6 +532,29 @@ class LayerNormResidualFunction(torch.autograd.Function):
             dres = (dsum if dsum.dtype == residual_dtype else dsum.to(residual_dtype)).view(*shape)
         return (dx.view(*shape), dres, dweight if weight is not None else None, dbias if bias is not None else None,
                 None, None, None, None, None, None, None)
+
+
+def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
+    """The norm recomputed from the saved sum (an output of the forward, so a graph through it
+    leads back to x and the residual by this Function's own backward)."""
+    eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
+    R = _reference()
+    dout = None if dout is None else dout.reshape(summed.shape)
+
+    def outputs(s, w, b):
+        return (R.layer_norm_residual(s, None, w, b, eps, rms=rms).to(x_dtype),)
+
+    needs = (True, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+    dsum, dweight, dbias = _grad_with_graph(outputs, (summed, weight, bias), needs, (dout,))
+    dsum = torch.zeros_like(summed) if dsum is None else dsum
+    if dsummed is not None:
+        dsum = dsum + dsummed.reshape(summed.shape)
+    dx = dsum.to(x_dtype)
+    if dropout_p > 0.0:
+        seed, offset = _seed_offset(rng)
+        dx = R._rng.apply_dropout(dx, dropout_p, seed, offset)
+    dres = None if residual_dtype is None else dsum.to(residual_dtype).reshape(shape)
+    return dx.reshape(shape), dres, dweight, dbias, None, None, None, None, None, None, None
 
 
 def _rows(t: Tensor, d: int) -> Tensor:
@@ -482,6 +610,24 @@ def _feed_forward_forward(fwd, x, w1, b1, w2, b2, activation, dropout_p, rng, ba
     return out, x2, pre
 
 
+def _feed_forward_grad_with_graph(ctx, x, w1, b1, w2, b2, w1_up, b1_up, rng, dout):
+    activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
+    R = _reference()
+
+    def outputs(x, w1, b1, w2, b2, w1_up, b1_up):
+        h = R.activation_fn(torch.nn.functional.linear(x.reshape(-1, shape[-1]), _stack(w1, w1_up),
+                                                       _stack(b1, b1_up)), activation)
+        if dropout_p > 0.0:
+            h = R._rng.apply_dropout(h, dropout_p, *_seed_offset(rng))
+        return (torch.nn.functional.linear(h, w2, b2),)
+
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[2], n[3], n[4], len(n) > 9 and n[9], len(n) > 10 and n[10])
+    dx, dw1, db1, dw2, db2, dw1_up, db1_up = _grad_with_graph(outputs, (x, w1, b1, w2, b2, w1_up, b1_up), needs,
+                                                              (dout,))
+    return dx, dw1, db1, dw2, db2, None, None, None, None, dw1_up, db1_up
+
+
 def _stack(first, second):
     """The gated FFN's w1 (or b1) from its (gate, up) pair, for one kernel call: a transient copy,
     never saved (``FeedForwardFunction`` saves the pair)."""
@@ -506,14 +652,19 @@ class FeedForwardFunction(torch.autograd.Function):
                else torch.ops.fused_attn.feed_forward_fwd)
         out, x2, pre = _feed_forward_forward(fwd, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
                                              dropout_p, rng, backend)
-        ctx.save_for_backward(x2, w1, w1_up, w2, pre, rng)
+        # x itself (for a backward with a graph) and, when x was strided, the copy the kernel read
+        copied = x2 is not x and x2._base is not (x if x._base is None else x._base)
+        ctx.save_for_backward(x, x2 if copied else None, w1, w1_up, w2, pre, rng, b1, b1_up, b2)
         ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x2, w1, w1_up, w2, pre, rng = ctx.saved_tensors
+        x, x2, w1, w1_up, w2, pre, rng, b1, b1_up, b2 = ctx.saved_tensors
         activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True
+            return _feed_forward_grad_with_graph(ctx, x, w1, b1, w2, b2, w1_up, b1_up, rng, dout)
+        x2 = _rows(x, shape[-1]) if x2 is None else x2
         dout2 = dout.contiguous()  # the rows' gradient
         w1 = _stack(w1, w1_up)
         bwd = _feed_forward_bwd_impl if direct_call_ok(dout2, x2, w1, w2) else torch.ops.fused_attn.feed_forward_bwd
@@ -589,6 +740,9 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, dout):
         cos, sin, positions = ctx.saved_tensors
         interleaved, backend = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True: the rotation is linear, so its backward is too
+            dx = _reference().rotary(dout, cos, sin, positions, interleaved, conjugate=True)
+            return dx, None, None, None, None, None, None
         op = _rotary_impl if direct_call_ok(dout, cos, sin, positions) else torch.ops.fused_attn.rotary
         return op(dout, cos, sin, positions, interleaved, True, backend), None, None, None, None, None, None
 

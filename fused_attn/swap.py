@@ -537,7 +537,34 @@ class FusedTransformerEncoder(nn.TransformerEncoder):
         out = src
         for layer in self.layers:
             out = layer(out, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
+        if self._torch_would_take_nested_path(src, mask, src_key_padding_mask):
+            # torch's nested path gives exact zeros at the padded positions (before the final
+            # norm); the real positions are the same either way
+            padding = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=None,
+                                        other_name="", target_type=src.dtype, check_other=False) != 0
+            out = out.masked_fill(padding.unsqueeze(-1), 0.0)
         return out if self.norm is None else self.norm(out)
+
+    def _torch_would_take_nested_path(self, src, mask, src_key_padding_mask) -> bool:
+        """The conditions of nn.TransformerEncoder.forward's nested-tensor ("sparsity") path."""
+        if (src_key_padding_mask is None or mask is not None or not getattr(self, "use_nested_tensor", False)
+                or not torch.backends.mha.get_fastpath_enabled() or self.layers[0].training or src.dim() != 3
+                or src.is_nested or torch.is_autocast_enabled()):
+            return False
+        if getattr(self, "mask_check", True):
+            if torch.compiler.is_compiling():
+                return False
+            keep = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=None,
+                                     other_name="", target_type=src.dtype, check_other=False).logical_not()
+            if not torch._nested_tensor_from_mask_left_aligned(src, keep):
+                return False
+        layer = self.layers[0]
+        tensors = (src, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias, layer.self_attn.out_proj.weight,
+                   layer.self_attn.out_proj.bias, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
+                   layer.norm2.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+        if torch.overrides.has_torch_function(tensors) or src.device.type not in ("cpu", "cuda", "xpu"):
+            return False
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -567,3 +567,85 @@ def test_swapped_model_saved_whole_loads_in_a_fresh_process(tmp_path):
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert ("FusedBertLayer" if name == "bert" else "FusedGPTNeoXMLP") in done.stdout.split()
+
+
+def test_attention_only_swap_saved_whole_runs_in_a_fresh_process(tmp_path):
+    """A model whose only swap is its attention implementation (no fused class in the pickle)
+    still finds "fused_attn" registered after torch.load in a fresh process."""
+    import subprocess
+    import sys
+
+    model = _build("llama").eval()
+    fused_attn.swap_modules(model, norm=False, ffn=False, rotary=False)
+    ids, mask = _batch("llama")
+    with torch.no_grad():
+        expected = _logits(model, ids, mask)
+    torch.save({"model": model, "ids": ids, "mask": mask, "logits": expected}, tmp_path / "m.pt")
+    script = ("import sys, torch\n"
+              "saved = torch.load(sys.argv[1], weights_only=False)\n"
+              "m = saved['model']\n"
+              "assert m.config._attn_implementation == 'fused_attn'\n"
+              "with torch.no_grad():\n"
+              "    out = m(input_ids=saved['ids'], attention_mask=saved['mask']).logits\n"
+              "assert torch.allclose(out, saved['logits'], rtol=1e-5, atol=1e-6), (out - saved['logits']).abs().max()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.pt")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_second_llama_family_model_gets_its_rope_fused_and_reswaps_report_nothing_false():
+    first = _build("llama")
+    fused_attn.swap_modules(first)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=48)
+    second = transformers.AutoModelForCausalLM.from_config(cfg)
+    report = fused_attn.swap_modules(second)
+    assert any(where == "modeling_mistral.apply_rotary_pos_emb" for _, where, _, _ in report.replaced), report
+    assert not report.left, report
+    again = fused_attn.swap_modules(second)  # swapping a swapped model: nothing to do, nothing blamed
+    assert not again.replaced and not again.left, again
+
+
+def _t5(**kw):
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                dropout_rate=0.0, decoder_start_token_id=0, **kw)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.T5ForConditionalGeneration._from_config(cfg, attn_implementation="eager")
+
+
+def test_t5_relative_position_bias_matches_eager_with_its_gradient():
+    """T5 passes its learned relative position bias to the attention function: it joins the
+    mask as an additive bias (its gradient flows to relative_attention_bias), in the encoder,
+    the causal decoder and the cross attention, and in generation with a cache."""
+    model = _t5()
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model)
+    assert model.config._attn_implementation == "fused_attn", report
+    ids, mask = _batch("bert")
+    dec = torch.randint(0, VOCAB, (B, 5), generator=torch.Generator().manual_seed(2))
+    model.train()
+    ref.train()
+    check_module_against_reference(model, ref, [],
+                                   run=lambda m: m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits)
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, expected)
+
+
+def test_output_attentions_runs_the_models_eager_attention():
+    model = _build("llama").eval()
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model)
+    ids, mask = _batch("llama")
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        expected = ref(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == len(expected.attentions) == 2
+    for a, b in zip(out.attentions, expected.attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)

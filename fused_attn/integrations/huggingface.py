@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -51,9 +52,18 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers' attention-function signature: q (B, Hq, L, D), k/v (B, Hkv, S, D); returns
-    (output (B, L, Hq, Dv), None). Mirrors ``sdpa_attention_forward``'s conventions."""
-    if kwargs.get("position_bias") is not None:
-        raise ValueError("fused_attn attention does not support position_bias")
+    (output (B, L, Hq, Dv), None). Mirrors ``sdpa_attention_forward``'s conventions: T5's
+    ``position_bias`` (a learned additive bias, with its gradient) joins the mask as sdpa joins
+    them; ``output_attentions=True`` runs the model's own eager attention, which returns them."""
+    if kwargs.get("output_attentions"):
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            mask = _additive_mask(attention_mask, query, key, is_causal if is_causal is not None
+                                  else getattr(module, "is_causal", True))
+            return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        warnings.warn(f"fused_attn: output_attentions=True, but {type(module).__module__} has no "
+                      "eager_attention_forward to compute the weights; they are not returned", stacklevel=2)
+    position_bias = kwargs.get("position_bias")
     q_len = query.shape[2]
     # As sdpa: the module says whether it is a decoder attention; causal only without an explicit mask.
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -68,10 +78,32 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         mask = mask[:, :, :, : key.shape[2]]
         if mask.dtype != torch.bool and mask.dtype != query.dtype:
             mask = mask.to(query.dtype)
+    if position_bias is not None:  # an additive mask: keep-masks hide where they are False
+        bias = position_bias[:, :, :, : key.shape[2]]
+        bias = bias if bias.dtype == query.dtype else bias.to(query.dtype)
+        mask = bias if mask is None else (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                                          else bias + mask)
     out = attention(query, key, value, attn_mask=mask, causal=is_causal, dropout_p=float(dropout), scale=scaling,
                     softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"),
                     backend=getattr(module, "fused_attn_backend", None))
     return out.transpose(1, 2), None  # (B, L, H, D): contiguous, the op stores its output that way
+
+
+def _additive_mask(attention_mask, query, key, is_causal):
+    """The mask of this call as eager attention adds it to the scores: our mask function gives
+    bool keep-masks, and None where the causal flag suffices (then the causal mask, aligned
+    bottom-right: the queries are the last of the keys)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    keep = attention_mask
+    if keep is None:
+        if not (is_causal and q_len > 1):
+            return None
+        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        keep = (rows >= torch.arange(k_len, device=query.device)[None, :])[None, None]
+    if keep.dtype != torch.bool:
+        return keep
+    return torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~keep, torch.finfo(query.dtype).min)
 
 
 def _packed_attention_forward(module, query, key, value, varlen, dropout, scaling, is_causal, kwargs):
@@ -99,6 +131,20 @@ def register() -> None:
 
     AttentionInterface.register(NAME, fused_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean keep-masks (None when causal suffices)
+
+
+class _PreviousImplementation(str):
+    """The attention implementation a swap replaced, kept on the model: a str that registers
+    ``"fused_attn"`` with transformers when it is unpickled, so that a model saved whole with
+    ``torch.save`` runs in a fresh process whatever else its swap replaced."""
+
+    def __reduce__(self):
+        return _previous_implementation, (str(self),)
+
+
+def _previous_implementation(name: str) -> "_PreviousImplementation":
+    register()
+    return _PreviousImplementation(name)
 
 
 def _uses_attention_interface(cls) -> bool:
@@ -130,6 +176,7 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
         return
     previous = getattr(model.config, "_attn_implementation", None)
     if previous == NAME:
+        register()  # (a model loaded whole, whose attention was the only thing swapped, needs it again)
         return
     if not _uses_attention_interface(type(model)):
         report.left.append((path, type(model).__name__, _no_interface_reason(type(model))))
@@ -145,7 +192,7 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
         report.left.append((path, type(model).__name__, "attention implementation not switched: transformers kept "
                                                         f"{model.config._attn_implementation!r}"))
         return
-    model.__dict__["_fused_attn_previous_attn"] = previous
+    model.__dict__["_fused_attn_previous_attn"] = _PreviousImplementation(previous)
     if opts.backend is not None:
         for module in model.modules():
             module.__dict__["fused_attn_backend"] = opts.backend
@@ -257,6 +304,8 @@ def swap_rotary(model, opts, report, path: str = "") -> None:
         if fn is None:
             continue
         where = f"{module.__name__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb"
+        if hasattr(fn, "fused_attn_original") and module.__name__ in patched:
+            continue  # this model's own earlier swap
         if hasattr(fn, "fused_attn_original"):
             report.left.append((path, where, "already fused (by another model's swap_modules)"))
             continue
@@ -293,7 +342,7 @@ def _same_body(fn, known) -> bool:
     import textwrap
 
     def body(f):
-        f = inspect.unwrap(f)
+        f = inspect.unwrap(getattr(f, "fused_attn_original", f))  # (a module another swap already fused)
         tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
         node = tree.body[0]
         node.decorator_list = []

@@ -473,6 +473,16 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"rotary=True turns pairs of features: the head dim (d_model / num_heads = "
                              f"{self.head_dim}) must be even")
 
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.alibi and not isinstance(self.alibi_slopes, nn.Parameter):
+            # the fixed slopes are a function of the head count: recompute them after a move, in the
+            # buffer's new dtype and device (``to_empty`` after meta-device construction would
+            # otherwise leave them uninitialised; the state dict does not hold them)
+            slopes = self.alibi_slopes
+            self.alibi_slopes = get_alibi_slopes(self.num_heads, slopes.device).to(slopes.dtype)
+        return module
+
     def new_kv_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         """An empty cache of ``max_len`` tokens for this layer (the parameters' device and dtype)."""
         weight = self.key_linear.weight

@@ -599,3 +599,23 @@ def test_kv_cache_decoding_under_autocast():
     out = torch.cat(steps, 1)
     assert out.dtype == torch.bfloat16 and caches[0].k.dtype == torch.float32
     torch.testing.assert_close(out.float(), full, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("cls", ["reference", "fused"])
+def test_meta_device_construction_then_to_empty_and_load(cls):
+    """Built on the meta device (no memory), moved with to_empty and loaded: the same module as
+    one built directly; the fixed ALiBi slopes, in no state dict, are recomputed by the move."""
+    make = fused_attn.Transformer if cls == "fused" else fused_attn.reference.Transformer
+    torch.manual_seed(0)
+    direct = make(32, 4, 2, d_ff=48, causal=True, alibi=True)
+    with torch.device("meta"):
+        lazy = make(32, 4, 2, d_ff=48, causal=True, alibi=True)
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(direct.state_dict())
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(lazy(x), direct(x))
+    slopes = lazy.layers[0].multi_head_attention.alibi_slopes
+    assert torch.equal(slopes, fused_attn.get_alibi_slopes(4))
+    lazy.to(torch.bfloat16)  # rounded like any buffer in a dtype move
+    assert torch.equal(lazy.layers[0].multi_head_attention.alibi_slopes,
+                       fused_attn.get_alibi_slopes(4).to(torch.bfloat16))

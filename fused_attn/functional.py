@@ -417,7 +417,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     if _eager_inference(q, k, v, attn_mask):
         result = attention_inference(*args, want_lse)
     else:
-        result = AttentionFunction.apply(*args, want_lse)
+        result = AttentionFunction.apply(*args, want_lse)  # (out, lse)
+        result = result if want_lse else result[0]
     return _with_sinks(result, sinks, return_lse, head_dim=1)
 
 
@@ -554,7 +555,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table):
         result = attention_varlen_inference(*args, block_table, return_lse=want_lse)
     else:
-        result = AttentionVarlenFunction.apply(*args, want_lse, block_table)
+        result = AttentionVarlenFunction.apply(*args, want_lse, block_table)  # (out, lse)
+        result = result if want_lse else result[0]
     return _with_sinks(result, sinks, return_lse, head_dim=0)
 
 
@@ -1177,7 +1179,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
     if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference
         out, summed = layer_norm_residual_inference(*args)
     else:
-        out, summed = LayerNormResidualFunction.apply(*args)
+        out, summed = LayerNormResidualFunction.apply(*args)[:2]
     return (as_shape_of(out, x), as_shape_of(summed, x)) if prenorm else as_shape_of(out, x)
 
 
@@ -1303,10 +1305,10 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     if w1_up is not None:
         if _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):
             return as_shape_of(feed_forward_inference(*args, w1_up, b1_up), x)
-        return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up), x)
+        return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up)[0], x)
     if _eager_inference(x, w1, b1, w2, b2):
         return as_shape_of(feed_forward_inference(*args), x)
-    return as_shape_of(FeedForwardFunction.apply(*args), x)
+    return as_shape_of(FeedForwardFunction.apply(*args, None, None)[0], x)  # (every argument given: see ops)
 
 
 def _split_gated_weights(w1, b1, activation):

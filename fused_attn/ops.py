@@ -8,6 +8,14 @@ calls the ``*_fwd`` op and saves the minimum, backward calls the ``*_bwd`` op. I
 plain tensors (``direct_call_ok``) they call the ops' implementations directly, skipping the custom
 ops' Python dispatch; traced, subclassed or mode-intercepted calls always use the registered ops.
 
+The Functions have torch.func's form (``forward`` without ctx, ``setup_context`` saving what the
+backward needs, ``generate_vmap_rule``), so ``torch.func.grad``, ``vjp``, ``jacrev`` and
+``vmap(grad(...))`` (per-sample gradients) run them: their forwards return the tensors the backward
+needs (the lse, mean and rstd, the pre-activation) as extra non-differentiable outputs, and they
+take every argument explicitly (torch.compile 2.13 mis-bound the omitted defaulted arguments of such
+a Function traced a second time). Under ``create_graph=True`` a backward recomputes the reference
+math under autograd, so that the gradient has a graph (``_grad_with_graph``).
+
 Attention takes the keys each query sees as a band, ``band_lo <= j - i <= band_hi``
 (``ops_common.attention_band`` derives it from causal / window_size / alignment; ``NO_BAND``,
 ``CAUSAL_BAND``), so one kernel argument pair carries causal, sliding-window and bottom-right
@@ -95,6 +103,12 @@ def _transform_needs_autograd(tensors) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+def _create_graph() -> bool:
+    """Whether this backward runs under ``create_graph=True`` (grad mode on in a backward), outside
+    torch.func's transforms (whose grad runs backward with grad mode on too, each level on its own)."""
+    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
 
 
 def _grad_with_graph(fn, inputs, needs, grads_out):
@@ -206,25 +220,39 @@ def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
 
 
 class AttentionFunction(torch.autograd.Function):
-    """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp."""
+    """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp.
+
+    Returns (out, lse) always (the lse non-differentiable unless ``return_lse``): torch.func's
+    transforms need the saved tensors among the outputs (``setup_context``)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0,
-                alibi_slopes=None, bottom_right=False, return_lse=False):
+    def forward(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap, alibi_slopes,
+                bottom_right, return_lse):
         direct = direct_call_ok(q, k, v, attn_mask, alibi_slopes)
         fwd = _attention_fwd_impl if direct else torch.ops.fused_attn.attention_fwd
-        out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend,
-                                      softcap, alibi_slopes, bottom_right)
+        return _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap,
+                                  alibi_slopes, bottom_right)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap, alibi_slopes, bottom_right,
+         return_lse) = inputs
+        out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng, alibi_slopes)
         ctx.options = (band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right)
-        return (out, lse) if return_lse else out
+        ctx.return_lse = return_lse
+        if not return_lse:
+            ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx, dout, dlse=None):
         # dlse: the lse's gradient when it was returned (autograd gives zeros when it went unused)
+        dlse = dlse if ctx.return_lse else None
         q, k, v, out, lse, attn_mask, rng, alibi_slopes = ctx.saved_tensors
         band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
-        if torch.is_grad_enabled():  # create_graph=True
+        if _create_graph():  # create_graph=True
             return tuple(_attention_grad_with_graph(ctx, q, k, v, attn_mask, rng, alibi_slopes, dout, dlse)) + (None,) * 10
         mask4 = None
         if attn_mask is not None:
@@ -339,27 +367,37 @@ def attention_varlen_inference(*args, return_lse=False):
 
 
 class AttentionVarlenFunction(torch.autograd.Function):
-    """Packed variable-length attention; saves q, k, v, out and the (Hq, total_q) log-sum-exp."""
+    """Packed variable-length attention; saves q, k, v, out and the (Hq, total_q) log-sum-exp.
+    Returns (out, lse), as ``AttentionFunction``."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None, checked=False, alibi_slopes=None,
-                return_lse=False, block_table=None):
+    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
+                dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes, return_lse, block_table):
         # block_table (pages read in place) comes only with inputs that need no gradient: a call
         # that trains gathers the pages first (functional.attention_varlen)
         direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, block_table)
         fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
-        out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes,
-                       block_table)
+        return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
+                   dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes, block_table)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p,
+         scale, rng, backend, softcap, seqused_k, _, alibi_slopes, return_lse, _) = inputs
+        out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
-        return (out, lse) if return_lse else out
+        ctx.return_lse = return_lse
+        if not return_lse:
+            ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx, dout, dlse=None):
+        dlse = dlse if ctx.return_lse else None
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: through the reference, one sequence at a time
+        if _create_graph():  # create_graph=True: through the reference, one sequence at a time
             return tuple(_varlen_grad_with_graph(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k,
                                                  alibi_slopes, dout, dlse)) + (None,) * 17
         bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v, alibi_slopes, dlse)
@@ -492,13 +530,20 @@ class LayerNormResidualFunction(torch.autograd.Function):
     two; the second output is then an empty tensor.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
-                store_summed=True):
+    def forward(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, store_summed):
+        """(out, summed, mean, rstd): the last two (non-differentiable) for the backward only."""
         fwd = (_layer_norm_residual_fwd_impl if direct_call_ok(x, residual, weight, bias)
                else torch.ops.fused_attn.layer_norm_residual_fwd)
-        out, summed, mean, rstd = _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms,
-                                                      residual_in_fp32, rng, backend, store_summed)
+        return _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng,
+                                   backend, store_summed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, _ = inputs
+        out, summed, mean, rstd = output
         # Save the output object itself, never a view made of it here: a saved view of an output
         # references the output, whose grad_fn is this node, which holds the view: a cycle
         # through C++ that Python's gc cannot see, so every 2-D call leaked its graph and the
@@ -507,14 +552,14 @@ class LayerNormResidualFunction(torch.autograd.Function):
         ctx.save_for_backward(summed, weight, bias, mean, rstd, rng)
         ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, x.shape)
         ctx.set_materialize_grads(False)
-        return out, summed
+        ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
-    def backward(ctx, dout, dsummed):
+    def backward(ctx, dout, dsummed, _dmean=None, _drstd=None):
         summed, weight, bias, mean, rstd, rng = ctx.saved_tensors
         eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
         d = shape[-1]
-        if torch.is_grad_enabled():  # create_graph=True
+        if _create_graph():  # create_graph=True
             return _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed)
         # (dout and dsummed are the rows' gradients; _rows only makes their last dim unit-stride)
         dout = torch.zeros(summed.shape, dtype=x_dtype, device=summed.device) if dout is None else _rows(dout, d)
@@ -646,23 +691,33 @@ class FeedForwardFunction(torch.autograd.Function):
     gated w1 given as its (gate, up) pair (``w1``/``b1`` the gate halves), stacked for each kernel
     call and its gradient split back."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up=None, b1_up=None):
+    def forward(x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up, b1_up):
+        """(out, pre, x's rows when the kernel read a copy of them, else an empty tensor): the last
+        two (non-differentiable) for the backward only."""
         fwd = (_feed_forward_fwd_impl if direct_call_ok(x, w1, b1, w2, b2, w1_up, b1_up)
                else torch.ops.fused_attn.feed_forward_fwd)
         out, x2, pre = _feed_forward_forward(fwd, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
                                              dropout_p, rng, backend)
-        # x itself (for a backward with a graph) and, when x was strided, the copy the kernel read
         copied = x2 is not x and x2._base is not (x if x._base is None else x._base)
-        ctx.save_for_backward(x, x2 if copied else None, w1, w1_up, w2, pre, rng, b1, b1_up, b2)
-        ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
-        return out
+        return out, pre, x2 if copied else x.new_empty(0)
 
     @staticmethod
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up, b1_up = inputs
+        out, pre, x2 = output
+        # x itself (for a backward with a graph) and, when x was strided, the copy the kernel read
+        ctx.save_for_backward(x, x2 if x2.numel() else None, w1, w1_up, w2, pre, rng, b1, b1_up, b2)
+        ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
+        ctx.mark_non_differentiable(pre, x2)
+
+    @staticmethod
+    def backward(ctx, dout, _dpre=None, _dx2=None):
         x, x2, w1, w1_up, w2, pre, rng, b1, b1_up, b2 = ctx.saved_tensors
         activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
-        if torch.is_grad_enabled():  # create_graph=True
+        if _create_graph():  # create_graph=True
             return _feed_forward_grad_with_graph(ctx, x, w1, b1, w2, b2, w1_up, b1_up, rng, dout)
         x2 = _rows(x, shape[-1]) if x2 is None else x2
         dout2 = dout.contiguous()  # the rows' gradient
@@ -723,24 +778,31 @@ class RotaryFunction(torch.autograd.Function):
     dirty, as FlashAttention's); the backward always writes a new gradient (the one it is handed
     may be shared or broadcast)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, cos, sin, positions, interleaved, backend, inplace=False):
-        ctx.save_for_backward(cos, sin, positions)
-        ctx.options = (interleaved, backend)
+    def forward(x, cos, sin, positions, interleaved, backend, inplace):
         direct = direct_call_ok(x, cos, sin, positions)
         if inplace:
             (_rotary_inplace_impl if direct else torch.ops.fused_attn.rotary_)(x, cos, sin, positions, interleaved,
                                                                                False, backend)
-            ctx.mark_dirty(x)
             return x
         op = _rotary_impl if direct else torch.ops.fused_attn.rotary
         return op(x, cos, sin, positions, interleaved, False, backend)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, cos, sin, positions, interleaved, backend, inplace = inputs
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.options = (interleaved, backend)
+        if inplace:
+            ctx.mark_dirty(x)
+
+    @staticmethod
     def backward(ctx, dout):
         cos, sin, positions = ctx.saved_tensors
         interleaved, backend = ctx.options
-        if torch.is_grad_enabled():  # create_graph=True: the rotation is linear, so its backward is too
+        if _create_graph():  # create_graph=True: the rotation is linear, so its backward is too
             dx = _reference().rotary(dout, cos, sin, positions, interleaved, conjugate=True)
             return dx, None, None, None, None, None, None
         op = _rotary_impl if direct_call_ok(dout, cos, sin, positions) else torch.ops.fused_attn.rotary

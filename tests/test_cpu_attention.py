@@ -43,7 +43,8 @@ def _attention(causal=False, dropout_p=0.0, rng=(0, 0), scale=None):
             return fused_attn.functional.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, backend="cpu")
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         band = CAUSAL_BAND if causal else NO_BAND
-        return AttentionFunction.apply(q, k, v, mask, *band, dropout_p, s, torch.tensor(rng), "cpu")
+        return AttentionFunction.apply(q, k, v, mask, *band, dropout_p, s, torch.tensor(rng), "cpu", 0.0, None, False,
+                                       False)[0]  # (out, lse)
 
     def reference(q, k, v, mask=None):
         return ref.attention(q, k, v, mask, causal, dropout_p, scale, rng if dropout_p > 0 else None)
@@ -784,7 +785,7 @@ def test_gradcheck(case):
     def fn(q, k, v, mask):
         band = ((-U, Lk - Lq) if bottom_right else CAUSAL_BAND) if causal else NO_BAND
         return AttentionFunction.apply(q, k, v, mask, *band, p, 0.5, rng if p > 0 else None, "cpu", 0.0, slopes,
-                                       bottom_right)
+                                       bottom_right, False)[0]  # (out, lse)
     assert torch.autograd.gradcheck(fn, (q, k, v, mask))
 
 

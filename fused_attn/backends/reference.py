@@ -10,7 +10,7 @@ import torch
 
 from .. import reference as ref
 from .base import Backend, Call
-from ..ops_common import clamp_band, empty, new_attention_out
+from ..ops_common import clamp_band, empty
 
 
 def _alibi(alibi_slopes, bottom_right):
@@ -35,8 +35,9 @@ class ReferenceBackend(Backend):
         alibi = _alibi(alibi_slopes, bottom_right)
         o = ref.attention(q, k, v, attn_mask, False, dropout_p, scale, _rng(dropout_p, seed, offset), band=band,
                           softcap=softcap, **alibi)
-        out = new_attention_out(q, v.shape[-1])
-        out.copy_(o)
+        # the op's layout, (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), made without writing into a
+        # new tensor (an in-place copy into an unbatched tensor fails under torch.func.vmap)
+        out = o.transpose(1, 2).contiguous().transpose(1, 2)
         lse = ref.attention_lse(q.float(), k.float(), attn_mask if attn_mask is None or attn_mask.dtype == torch.bool
                                 else attn_mask.float(), False, scale, band=band, softcap=softcap, **alibi)
         return out, lse.contiguous()
@@ -126,6 +127,8 @@ class ReferenceBackend(Backend):
     # ---- rotary embedding -------------------------------------------------------------------
     def rotary(self, x, cos, sin, positions, interleaved, conjugate, out=None):
         result = ref.rotary(x, cos, sin, positions, interleaved, conjugate)
+        if out is None and torch._C._are_functorch_transforms_active():
+            return result  # (under vmap a copy into an unbatched tensor fails; the layout is the caller's)
         out = torch.empty_like(x) if out is None else out
         out.copy_(result)
         return out

@@ -593,7 +593,6 @@ def test_front_end_input_checks():
     hidden = torch.arange(15.0).view(3, 5, 1)
     for bad, match in ((torch.tensor([[2, 0, 0, 0], [3, 0, 0, 0], [1, 0, 0, 0]]), r"int \(B, L\) = \(3, 5\)"),
                        (torch.tensor([[4, 4, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5]), "adding up to at most 5"),
-                       (torch.tensor([[0, 2, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5]), "first, then zeros"),
                        (torch.tensor([[-1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5]), "lengths")):
         with pytest.raises(ValueError, match=match):
             FA.unpad_input_for_concatenated_sequences(hidden, bad)
@@ -613,3 +612,38 @@ def test_patches_undone_out_of_order_leave_nothing():
     first.undo()
     second.undo()
     assert not any(name == "flash_attn" or name.startswith("flash_attn.") for name in sys.modules)
+
+
+def test_pad_input_takes_int32_indices():
+    """transformers' older flash-attention decoding path pads with int32 indices (cu_seqlens[:-1])."""
+    hidden = torch.randn(3, 2, 4, requires_grad=True)
+    indices = torch.tensor([0, 2, 5], dtype=torch.int32)
+    out = FA.pad_input(hidden, indices, 2, 3)
+    expected = torch.zeros(6, 2, 4)
+    expected[[0, 2, 5]] = hidden.detach()
+    torch.testing.assert_close(out, expected.view(2, 3, 2, 4))
+    out.sum().backward()
+    assert torch.equal(hidden.grad, torch.ones_like(hidden))
+
+
+def test_layer_norm_fn_wider_out_dtype_is_not_rounded_to_x_dtype():
+    """FlashAttention writes its float32 result straight into a float32 y for bfloat16 x."""
+    x, res, w, b = make_inputs((8, 64), (8, 64), (64,), (64,), dtype=torch.bfloat16, requires_grad=False, seed=3)
+    y, summed = FA.layer_norm_fn(x, w, b, res, prenorm=True, out_dtype=torch.float32)
+    s = x.float() + res.float()
+    expected = torch.nn.functional.layer_norm(s, (64,), w.float(), b.float(), 1e-6)
+    assert y.dtype == torch.float32 and summed.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)  # bfloat16 rounding would be ~1e-2
+    torch.testing.assert_close(summed, s.to(torch.bfloat16))
+    y = FA.rms_norm_fn(x, w, None, out_dtype=torch.float32)
+    rms = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6) * w.float()
+    torch.testing.assert_close(y, rms, atol=1e-5, rtol=1e-5)
+
+
+def test_unpad_input_for_concatenated_sequences_skips_zeros_anywhere():
+    """FlashAttention takes the nonzero lengths wherever they sit in the row."""
+    hidden = torch.randn(1, 6, 4)
+    packed, indices, cu, max_len = FA.unpad_input_for_concatenated_sequences(hidden, torch.tensor([[2, 0, 3, 0, 0, 0]]))
+    assert cu.tolist() == [0, 2, 5] and max_len == 3 and indices.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="adding up to at most 6"):
+        FA.unpad_input_for_concatenated_sequences(hidden, torch.tensor([[4, 0, 3, 0, 0, 0]]))

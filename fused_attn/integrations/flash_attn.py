@@ -39,8 +39,9 @@ float32 with ``residual_in_fp32``, else x's), as FlashAttention's. ``eps`` must 
 library refuses 0, FlashAttention accepts it).
 
 Arguments that fused_attn has no kernel for (``layer_norm_fn``'s ``x1``, ``weight1``, ``bias1``,
-``rowscale``, ``out``, ``residual_out``) raise ``ValueError`` naming them, and so does a name this
-stand-in does not provide when it is imported from a patched ``flash_attn`` module.
+``rowscale``, ``out``, ``residual_out``) raise ``ValueError`` naming them; a name this stand-in
+does not provide raises ``ImportError`` when imported from a patched ``flash_attn`` module (so
+``except ImportError`` fallbacks work), naming what it does provide.
 """
 from __future__ import annotations
 
@@ -409,7 +410,8 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     """FlashAttention's fused ``norm(dropout(x) + residual)``: ``y``, or ``(y, residual_out)`` with
     ``prenorm`` (the sum, float32 with ``residual_in_fp32``), then the dropout mask and None (the
     ``x1`` mask) with ``return_dropout_mask`` (the mask None without dropout).
-    ``zero_centered_weight`` scales by ``1 + weight``; ``out_dtype`` casts y. The second branch
+    ``zero_centered_weight`` scales by ``1 + weight``; ``out_dtype`` is y's dtype (a wider one than
+    x's computed without rounding to x's dtype first, as FlashAttention's kernel). The second branch
     (``x1``, ``weight1``, ``bias1``), ``rowscale`` and preallocated ``out`` / ``residual_out`` have
     no fused_attn kernel and raise."""
     for name, value in (("x1", x1), ("weight1", weight1), ("bias1", bias1), ("rowscale", rowscale), ("out", out),
@@ -432,6 +434,12 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     if isinstance(x, Tensor) and x.is_floating_point():
         if isinstance(residual, Tensor) and residual.is_floating_point():
             stream_dtype, residual_in_fp32 = residual.dtype, False
+        if out_dtype is not None and out_dtype.is_floating_point and out_dtype.itemsize > x.dtype.itemsize:
+            # FlashAttention's kernel computes in float32 and writes y in out_dtype: no rounding to
+            # x's dtype on the way (the sum still comes back in its own dtype)
+            if stream_dtype is None:
+                stream_dtype = torch.float32 if residual_in_fp32 else x.dtype
+            x = x.to(out_dtype)
         x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
                                                                           residual_in_fp32)
     mask_wanted = return_dropout_mask and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
@@ -501,7 +509,7 @@ def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
 def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
     """A zero (first_axis_dim, ...) tensor with ``values`` at rows ``indices``; differentiable."""
     out = values.new_zeros((first_axis_dim,) + tuple(values.shape[1:]))
-    return out.index_copy(0, indices, values)
+    return out.index_copy(0, indices.long(), values)  # (int32 indices too, as FlashAttention's indexing takes)
 
 
 def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Optional[Tensor] = None):
@@ -526,7 +534,7 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Opti
 
 def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask_in_length: Tensor):
     """Rows of several samples concatenated per batch row: ``attention_mask_in_length`` (B, L) lists
-    each row's sample lengths first, then zeros (e.g. [2, 3, 0, ...]: two samples of 2 and 3 tokens
+    each row's sample lengths, zeros skipped (e.g. [2, 3, 0, ...]: two samples of 2 and 3 tokens
     from the row's start). Returns ``(hidden (total, ...), indices, cu_seqlens int32, max_seqlen)``
     with one varlen sequence per sample."""
     lengths = attention_mask_in_length
@@ -536,11 +544,10 @@ def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask
         raise ValueError(f"attention_mask_in_length must be an int (B, L) = {tuple(hidden_states.shape[:2])} tensor, "
                          f"got {lengths.dtype} {tuple(lengths.shape)}")
     seqlen = lengths.shape[-1]
-    for b, row in enumerate(lengths.tolist()):  # each row: its samples' lengths first, then zeros
-        used = [n for n in row if n != 0]
-        if any(n < 0 for n in row) or row[:len(used)] != used or sum(used) > seqlen:
-            raise ValueError(f"attention_mask_in_length[{b}] must hold its samples' lengths (>= 0) first, then "
-                             f"zeros, adding up to at most {seqlen}; got {row}")
+    for b, row in enumerate(lengths.tolist()):  # each row: its samples' lengths (zeros skipped, as FlashAttention)
+        if any(n < 0 for n in row) or sum(row) > seqlen:
+            raise ValueError(f"attention_mask_in_length[{b}] must hold its samples' lengths (>= 0; zeros are "
+                             f"skipped), adding up to at most {seqlen}; got {row}")
     used = lengths.sum(dim=-1)
     keep = torch.arange(seqlen, device=lengths.device)[None] < used[:, None]
     sample_lengths = lengths.flatten()[lengths.flatten() > 0].to(torch.int32)

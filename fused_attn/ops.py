@@ -219,7 +219,20 @@ def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
     return (out, lse) if return_lse else out
 
 
-class AttentionFunction(torch.autograd.Function):
+class _Function(torch.autograd.Function):
+    """An autograd Function in torch.func's form whose ``apply`` skips binding its arguments to
+    ``forward``'s signature (``inspect.signature`` at every call: ~40 us of host time on the CI
+    VM, as much as a small op's whole call): every caller passes every argument positionally.
+    Under torch.func's transforms and torch.compile, torch's own ``apply``."""
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)  # torch._C._FunctionBase.apply
+
+
+class AttentionFunction(_Function):
     """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp.
 
     Returns (out, lse) always (the lse non-differentiable unless ``return_lse``): torch.func's
@@ -366,7 +379,7 @@ def attention_varlen_inference(*args, return_lse=False):
     return (out, lse) if return_lse else out
 
 
-class AttentionVarlenFunction(torch.autograd.Function):
+class AttentionVarlenFunction(_Function):
     """Packed variable-length attention; saves q, k, v, out and the (Hq, total_q) log-sum-exp.
     Returns (out, lse), as ``AttentionFunction``."""
 
@@ -518,7 +531,7 @@ def layer_norm_residual_inference(x, residual, weight, bias, eps, dropout_p, rms
                                residual_in_fp32, rng, backend, store_summed)[:2]
 
 
-class LayerNormResidualFunction(torch.autograd.Function):
+class LayerNormResidualFunction(_Function):
     """(norm(dropout(x) + residual), dropout(x) + residual) over the last dim, as (N, d) rows
     (``as_shape_of`` gives them x's shape).
 
@@ -685,7 +698,7 @@ def feed_forward_inference(x, w1, b1, w2, b2, activation, dropout_p, rng, backen
                                  dropout_p, rng, backend)[0]
 
 
-class FeedForwardFunction(torch.autograd.Function):
+class FeedForwardFunction(_Function):
     """Linear -> activation -> dropout -> Linear, as (N, d_out) rows (``as_shape_of`` gives them
     x's leading shape); saves x, the weights and the pre-activation only. ``w1_up``/``b1_up``: a
     gated w1 given as its (gate, up) pair (``w1``/``b1`` the gate halves), stacked for each kernel
@@ -771,7 +784,7 @@ def _rotary_fake(x, cos, sin, positions, interleaved, conjugate, backend):
     return torch.empty_like(x)
 
 
-class RotaryFunction(torch.autograd.Function):
+class RotaryFunction(_Function):
     """RoPE on (B, L, H, D): the forward turns each feature pair by its position's angle, the
     backward turns the gradient back (a rotation's transpose is its inverse). Saves the tables and
     the positions only; cos and sin get no gradient. ``inplace``: the forward writes into x (marked

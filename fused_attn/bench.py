@@ -1401,6 +1401,24 @@ def _geomean(values):
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
+def implausible_timings(rows: list[dict]) -> list[str]:
+    """Rows whose timings cannot be right, which a noisy machine produces (a thread waking late in
+    one call, the clock's steps): faster than the measured ceiling by over 10 %, or a forward +
+    backward faster than its forward or its backward alone (same case, dtype and implementation)."""
+    out = [f"{r['op']} {r['shape']} {r['pass']} {r['impl']}: {100 * r['ceiling_frac']:.0f} % of the ceiling"
+           for r in rows if r["status"] == "ok" and r.get("ceiling_frac") and r["ceiling_frac"] > 1.1]
+    ms = {(r["op"], r["shape"], r["dtype"], r["impl"], r["pass"]): r["median_ms"] for r in rows
+          if r["status"] == "ok" and r.get("median_ms")}
+    for (op, shape, dtype, impl, pass_), both in ms.items():
+        if pass_ != "fwd+bwd":
+            continue
+        parts = [ms.get((op, shape, dtype, impl, p)) for p in ("fwd", "bwd")]
+        slower = [t for t in parts if t is not None and t > 1.1 * both]
+        if slower:
+            out.append(f"{op} {shape} {impl}: fwd+bwd {both:.3g} ms below a single pass's {max(slower):.3g} ms")
+    return out
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per op, pass, dtype and implementation: shapes run, geometric-mean speedup over the eager
     reference and over the fastest baseline of each shape, median fraction of the ceiling,
@@ -1486,6 +1504,14 @@ def write_json(path, payload):
     os.replace(tmp, path)
 
 
+def plain_attention_rows(rows, pass_) -> list:
+    """The rows the attention plots draw: dense attention without a window, ALiBi or sinks (those
+    cases share the plain rows' (dtype, D, causal, L) and would land on their curves; windowed,
+    ALiBi, sink and packed (varlen) cases are left to the tables)."""
+    return [r for r in rows if r["op"] == "attention" and r["pass"] == pass_ and r["status"] == "ok"
+            and "L" in r["params"] and not any(r["params"].get(k) for k in ("window", "alibi", "sinks"))]
+
+
 def plot_attention(rows, out_dir) -> list[str]:
     """Throughput vs sequence length, one line per implementation, one panel per
     (dtype, head dim, causal); one PNG for the forward and one for forward + backward."""
@@ -1495,9 +1521,7 @@ def plot_attention(rows, out_dir) -> list[str]:
 
     written = []
     for pass_, fname in (("fwd", "attention_fwd.png"), ("fwd+bwd", "attention_fwd_bwd.png")):
-        # the dense rows: windowed and packed (varlen) cases are other curves, left to the tables
-        mine = [r for r in rows if r["op"] == "attention" and r["pass"] == pass_ and r["status"] == "ok"
-                and "L" in r["params"] and not r["params"].get("window")]
+        mine = plain_attention_rows(rows, pass_)
         if not mine:
             continue
         panels = sorted({(r["dtype"], r["params"]["D"], r["params"]["causal"]) for r in mine})
@@ -1597,6 +1621,12 @@ def main(argv=None) -> int:
     unknown = [b for b in backends or [] if b not in BACKENDS]
     if unknown:
         raise SystemExit(f"--backend: unknown {', '.join(unknown)} (choose from {', '.join(BACKENDS)}, all, none)")
+    if backends:  # asked for fused backends only this machine cannot run: say so, rather than time baselines alone
+        from .backends import available_backends
+        status = available_backends()
+        if not any(status[b]["available"] for b in backends):
+            raise SystemExit("--backend: " + "; ".join(f"{b} cannot run here: {', '.join(status[b]['reasons'])}"
+                                                       for b in backends))
     if args.baselines is None:
         baselines = [b for b in BASELINES if not (b == "compile" and (args.quick or shapes == "tiny"))]
     else:
@@ -1690,6 +1720,12 @@ def main(argv=None) -> int:
         print(f"not run: {len(not_run)} case(s) ({not_run[0].split(': ')[-1]})")
     print()
     print(format_summary(payload["summary"], ceilings, machine))
+    suspect = implausible_timings(rows)
+    payload["implausible_timings"] = suspect
+    if suspect:
+        write_json(json_path, payload)
+        print(f"\nwarning: {len(suspect)} timing(s) are implausible ({suspect[0]}{'; ...' if len(suspect) > 1 else ''}): "
+              f"this machine's timings are noisy; compare ratios measured alternately, or rerun with --threads 1")
     if failures:
         print(f"\n{len(failures)} fused row(s) failed (error or oracle FAIL): "
               + "; ".join(f"{r['op']} {r['shape']} {r['pass']} {r['impl']}: {r['status']} {r['reason'] or r['oracle']}"

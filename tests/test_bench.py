@@ -357,3 +357,42 @@ def test_benchmark_suites_collect():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
     assert collected == {f"benchmarks/bench_{op}.py" for op in ("attention", "feed_forward", "layer", "layer_norm")}
+
+
+def test_attention_plots_draw_the_plain_rows_only():
+    """ALiBi and sink cases share the plain causal rows' (dtype, D, causal, L): they must not land
+    on the plain curves (a 1k point with two values per implementation)."""
+    from fused_attn import bench
+
+    def row(**params):
+        base = {"B": 1, "H": 4, "L": 512, "D": 64, "causal": True, "window": None, "alibi": False, "sinks": False}
+        return {"op": "attention", "pass": "fwd", "status": "ok", "params": {**base, **params}}
+
+    rows = [row(), row(alibi=True), row(sinks=True), row(window=128), row(L=1024)]
+    kept = bench.plain_attention_rows(rows, "fwd")
+    assert [r["params"]["L"] for r in kept] == [512, 1024]
+    assert not any(r["params"]["alibi"] or r["params"]["sinks"] or r["params"]["window"] for r in kept)
+
+
+def test_bench_refuses_fused_backends_that_cannot_run_here(monkeypatch):
+    """--backend naming only backends this machine cannot run stops at once with their reasons
+    (instead of timing the baselines alone for every case)."""
+    from fused_attn import bench
+    import fused_attn.backends as B
+    monkeypatch.setattr(B, "available_backends", lambda: {
+        name: {"available": False, "devices": ("cuda",), "reasons": ["no CUDA device"]} for name in B.BACKENDS})
+    with pytest.raises(SystemExit, match="triton cannot run here: no CUDA device"):
+        bench.main(["--ops", "attention", "--backend", "triton", "--quick", "--out", "/tmp/_bench_refuse"])
+
+
+def test_implausible_timings_are_flagged():
+    from fused_attn import bench
+
+    def row(pass_, ms, frac=0.5, impl="cpu"):
+        return {"op": "attention", "shape": "B2 L256", "dtype": "float32", "impl": impl, "pass": pass_,
+                "status": "ok", "median_ms": ms, "ceiling_frac": frac}
+
+    assert bench.implausible_timings([row("fwd", 1.0), row("bwd", 2.0), row("fwd+bwd", 3.0)]) == []
+    flagged = bench.implausible_timings([row("fwd", 125.0), row("bwd", 2.0), row("fwd+bwd", 10.7),
+                                          row("fwd", 1.0, frac=2.3, impl="sdpa")])
+    assert len(flagged) == 2 and "230 % of the ceiling" in flagged[0] and "below a single pass" in flagged[1]

@@ -1293,7 +1293,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     d_ff = F1 // 2 if gated else F1
     if w2_in != d_ff:
         raise ValueError(f"w2 must have shape (d_out, {d_ff}) to take the activation of width {d_ff}, got {tuple(w2.shape)}")
-    if b1 is not None and b1.shape[0] != (F1 if w1_up is None else F1 // 2):
+    if b1 is not None and w1_up is None and b1.shape[0] != F1:  # (a pair's biases: _split_gated_weights)
         raise ValueError(f"b1 must have shape ({F1},), got {tuple(b1.shape)}")
     if b2 is not None and b2.shape[0] != d_out:
         raise ValueError(f"b2 must have shape ({d_out},), got {tuple(b2.shape)}")

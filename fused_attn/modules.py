@@ -44,11 +44,10 @@ def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], o
 class MultiHeadAttention(reference.MultiHeadAttention):
     """Multi-head attention on batch-first (B, L, d_model) tensors, on the fused attention op.
 
-    Self-attention (``key`` and ``value`` omitted, or the very same tensor as ``query``) projects
-    Q, K and V with one matmul over the concatenated weights; ``key is value`` (cross-attention on
-    a memory) projects K and V with one. The heads go to the attention op as strided views of the
-    projection (no copies), and the op's output is laid out as (B, L, H, D), so merging the heads
-    back is a free view.
+    Q, K and V are projected with one matmul each (``_project`` says why not one over the
+    concatenated weights). The heads go to the attention op as strided views of the projections
+    (no copies), and the op's output is laid out as (B, L, H, D), so merging the heads back is a
+    free view.
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
@@ -60,15 +59,14 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         check_backend_name(backend)
         self.backend = backend
 
-    @staticmethod
-    def _project(x: Tensor, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
-        """The projections of one input, one matmul each. (One matmul over the concatenated
-        weights would read x once instead of three times, but it concatenates the weights at every
-        call: for a decoding step, where each matmul reads its weight once, that copy costs more
-        than the matmuls, and in training the concatenation is saved for backward, a third copy
-        of the projection weights per layer. Reading x, (tokens, d_model), twice more is the smaller
-        cost at every size; the kernels take the three outputs' layouts as they are.)"""
-        return tuple(lin(x) for lin in linears)
+    def _project(self, query, key, value):
+        """Q, K and V, one matmul each on the module's own weights. (One matmul over the
+        concatenated weights would read x once instead of three times, but it concatenates the
+        weights at every call: for a decoding step, where each matmul reads its weight once, that
+        copy costs more than the matmuls, and in training the concatenation is saved for backward,
+        a third copy of the projection weights per layer. Reading x, (tokens, d_model), twice more
+        is the smaller cost at every size; the kernels take the three outputs' layouts as they are.)"""
+        return self.query_linear(query), self.key_linear(key), self.value_linear(value)
 
     def forward(self, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, is_causal=None,
                 cu_seqlens=None, max_seqlen=None, kv_cache=None):
@@ -84,13 +82,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
                                         max_seqlen)
         key = query if key is None else key
         value = key if value is None else value
-        if query is key and key is value:
-            q, k, v = self._project(query, (self.query_linear, self.key_linear, self.value_linear))
-        elif key is value:
-            (q,) = self._project(query, (self.query_linear,))
-            k, v = self._project(key, (self.key_linear, self.value_linear))
-        else:
-            q, k, v = self.query_linear(query), self.key_linear(key), self.value_linear(value)
+        q, k, v = self._project(query, key, value)
         B, Lq, _ = query.shape
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, H, D) views
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -114,7 +106,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         the cache in place, RoPE (``rotary=True``) applied there at each token's position, ALiBi and
         sinks as in the full forward; then the cache's counts advance."""
         B, L, _ = query.shape
-        q, k, v = self._project(query, (self.query_linear, self.key_linear, self.value_linear))
+        q, k, v = self._project(query, query, query)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, H, D) views: the call's layout
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -130,8 +122,8 @@ class MultiHeadAttention(reference.MultiHeadAttention):
 
     def _packed_forward(self, query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens, max_seqlen):
         reference.check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
-        q, k, v = self._project(query, (self.query_linear, self.key_linear, self.value_linear))
-        # (T, H*D) -> (T, H, D) views of the one projection
+        q, k, v = self._project(query, query, query)
+        # (T, H*D) -> (T, H, D) views of the projections
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))

@@ -49,9 +49,9 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 
+from . import reference
 from .backends import get_backend
-from .ops_common import (check_block_table, check_varlen_bounds, clamp_band, empty, new_attention_out, new_varlen_out,
-                         sequence_band, varlen_rng_offset,
+from .ops_common import (check_block_table, check_varlen_bounds, empty, new_attention_out, new_varlen_out,
                          varlen_lse_shape)
 
 
@@ -125,15 +125,6 @@ def _grad_with_graph(fn, inputs, needs, grads_out):
     grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
                                      allow_unused=True) if wanted and pairs else [None] * len(wanted))
     return [next(grads) if need else None for need in needs]
-
-
-def _reference():
-    from . import reference
-    return reference
-
-
-def _rng_tuple(dropout_p, rng):
-    return _seed_offset(rng) if dropout_p > 0.0 else None
 
 
 def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
@@ -280,20 +271,13 @@ class AttentionFunction(_Function):
 
 
 def _attention_grad_with_graph(ctx, q, k, v, attn_mask, rng, alibi_slopes, dout, dlse):
+    """The reference backend's forward (plain PyTorch, differentiable) differentiated with a graph."""
     band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
-    R = _reference()
-    band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
-    alibi = {"alibi_slopes": alibi_slopes, "alignment": "bottom_right" if bottom_right else "top_left"}
-    wide = torch.promote_types(q.dtype, torch.float32)
+    seed, offset = _seed_offset(rng)
 
     def outputs(q, k, v, mask):
-        out = R.attention(q, k, v, mask, False, dropout_p, scale, _rng_tuple(dropout_p, rng), band=band,
-                          softcap=softcap, **alibi)
-        if dlse is None:
-            return (out,)
-        mask_wide = mask if mask is None or mask.dtype == torch.bool else mask.to(wide)
-        return out, R.attention_lse(q.to(wide), k.to(wide), mask_wide, False, scale, band=band, softcap=softcap,
-                                    **alibi)
+        return get_backend("reference").attention_fwd(q, k, v, mask, band_lo, band_hi, dropout_p, scale, seed, offset,
+                                                      softcap, alibi_slopes, bottom_right)
 
     return _grad_with_graph(outputs, (q, k, v, attn_mask), ctx.needs_input_grad[:4], (dout, dlse))
 
@@ -421,32 +405,13 @@ class AttentionVarlenFunction(_Function):
 
 
 def _varlen_grad_with_graph(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes, dout, dlse):
-    _, _, band_lo, band_hi, bottom_right, dropout_p, scale, _, softcap = ctx.options
-    R = _reference()
-    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    k_end = cu_k[1:] if seqused_k is None else [a + n for a, n in zip(cu_k, seqused_k.tolist())]
-    Hq, wide = q.shape[1], torch.promote_types(q.dtype, torch.float32)
-    alignment = "bottom_right" if bottom_right else "top_left"
+    """The reference backend's forward (one plain-PyTorch attention per sequence) with a graph."""
+    seed, offset = _seed_offset(rng)
+    softcap = ctx.options[8]
 
     def outputs(q, k, v):
-        outs, lses = [], []
-        for s in range(len(cu_q) - 1):
-            q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], k_end[s]
-            if q1 == q0:
-                continue
-            band = sequence_band(band_lo, band_hi, bottom_right, q1 - q0, k1 - k0)
-            qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-            seq_rng = None if dropout_p == 0.0 else (_seed_offset(rng)[0], varlen_rng_offset(_seed_offset(rng)[1], Hq, q0))
-            alibi = {"alibi_slopes": None if alibi_slopes is None else alibi_slopes[s:s + 1], "alignment": alignment}
-            outs.append(R.attention(qs, ks, vs, None, False, dropout_p, scale, seq_rng, band=band, softcap=softcap,
-                                    **alibi)[0].transpose(0, 1))
-            if dlse is not None:
-                lses.append(R.attention_lse(qs.to(wide), ks.to(wide), None, False, scale, band=band,
-                                            softcap=softcap, **alibi)[0])
-        out = torch.cat(outs) if outs else q.new_zeros(0, Hq, v.shape[-1])
-        if dlse is None:
-            return (out,)
-        return out, torch.cat(lses, dim=1) if lses else q.new_zeros(Hq, 0, dtype=wide)
+        return get_backend("reference").attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], seed,
+                                                             offset, softcap, seqused_k, alibi_slopes)
 
     return _grad_with_graph(outputs, (q, k, v), ctx.needs_input_grad[:3], (dout, dlse))
 
@@ -596,11 +561,10 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
     """The norm recomputed from the saved sum (an output of the forward, so a graph through it
     leads back to x and the residual by this Function's own backward)."""
     eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
-    R = _reference()
     dout = None if dout is None else dout.reshape(summed.shape)
 
     def outputs(s, w, b):
-        return (R.layer_norm_residual(s, None, w, b, eps, rms=rms).to(x_dtype),)
+        return (reference.layer_norm_residual(s, None, w, b, eps, rms=rms).to(x_dtype),)
 
     needs = (True, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
     dsum, dweight, dbias = _grad_with_graph(outputs, (summed, weight, bias), needs, (dout,))
@@ -610,7 +574,7 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
     dx = dsum.to(x_dtype)
     if dropout_p > 0.0:
         seed, offset = _seed_offset(rng)
-        dx = R._rng.apply_dropout(dx, dropout_p, seed, offset)
+        dx = reference._rng.apply_dropout(dx, dropout_p, seed, offset)
     dres = None if residual_dtype is None else dsum.to(residual_dtype).reshape(shape)
     return dx.reshape(shape), dres, dweight, dbias, None, None, None, None, None, None, None
 
@@ -669,18 +633,17 @@ def _feed_forward_forward(fwd, x, w1, b1, w2, b2, activation, dropout_p, rng, ba
 
 
 def _feed_forward_grad_with_graph(ctx, x, w1, b1, w2, b2, w1_up, b1_up, rng, dout):
+    """The reference backend's forward (plain PyTorch, differentiable) differentiated with a graph."""
     activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
-    R = _reference()
+    seed, offset = _seed_offset(rng)
 
     def outputs(x, w1, b1, w2, b2, w1_up, b1_up):
-        h = R.activation_fn(torch.nn.functional.linear(x.reshape(-1, shape[-1]), _stack(w1, w1_up),
-                                                       _stack(b1, b1_up)), activation)
-        if dropout_p > 0.0:
-            h = R._rng.apply_dropout(h, dropout_p, *_seed_offset(rng))
-        return (torch.nn.functional.linear(h, w2, b2),)
+        return get_backend("reference").feed_forward_fwd(x.reshape(-1, shape[-1]), _stack(w1, w1_up),
+                                                         _stack(b1, b1_up), w2, b2, activation, dropout_p, seed,
+                                                         offset)[:1]
 
     n = ctx.needs_input_grad
-    needs = (n[0], n[1], n[2], n[3], n[4], len(n) > 9 and n[9], len(n) > 10 and n[10])
+    needs = (n[0], n[1], n[2], n[3], n[4], n[9], n[10])
     dx, dw1, db1, dw2, db2, dw1_up, db1_up = _grad_with_graph(outputs, (x, w1, b1, w2, b2, w1_up, b1_up), needs,
                                                               (dout,))
     return dx, dw1, db1, dw2, db2, None, None, None, None, dw1_up, db1_up
@@ -816,7 +779,7 @@ class RotaryFunction(_Function):
         cos, sin, positions = ctx.saved_tensors
         interleaved, backend = ctx.options
         if _create_graph():  # create_graph=True: the rotation is linear, so its backward is too
-            dx = _reference().rotary(dout, cos, sin, positions, interleaved, conjugate=True)
+            dx = reference.rotary(dout, cos, sin, positions, interleaved, conjugate=True)
             return dx, None, None, None, None, None, None
         op = _rotary_impl if direct_call_ok(dout, cos, sin, positions) else torch.ops.fused_attn.rotary
         return op(dout, cos, sin, positions, interleaved, True, backend), None, None, None, None, None, None

@@ -254,7 +254,7 @@ def activation_fn(pre: torch.Tensor, activation: str) -> torch.Tensor:
 
 def reads_as_called(module: Optional[nn.Module], cls: type = nn.Linear) -> bool:
     """Whether reading ``module``'s parameters computes what calling it computes, as the fused
-    modules do (``F.linear(x, lin.weight, lin.bias)`` in one matmul, or inside the fused FFN):
+    feed-forward does with its linears' weights (and the swapped modules with their children's):
     its class's forward is ``cls``'s (subclasses that keep it count, such as
     MultiheadAttention's ``out_proj``) and it has no forward hooks or pre-hooks. A module that
     wraps the layer (PEFT's LoRA layers: ``lora.Linear`` holds the Linear as ``base_layer`` and

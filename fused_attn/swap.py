@@ -88,7 +88,8 @@ class Conversion:
     consumed: tuple = ()                        # children its forward runs itself (not visited)
     note: str = ""                              # shown in the report
     reads: dict = field(default_factory=dict)   # child path -> the class whose forward reading its
-                                                # parameters reproduces (``reference.reads_as_called``)
+                                                # parameters reproduces (``reference.reads_as_called``),
+                                                # or None: only checked unchanged at each call
 
 
 #: converter(module, options) -> Conversion (fuse it), str (a target left as it is, and why) or None
@@ -333,7 +334,7 @@ def _read_reason(module: nn.Module, reads: dict) -> Optional[str]:
     such as PEFT's LoRA, which wraps the layer and adds its product; a quantized layer)."""
     for path, cls in reads.items():
         child = _child(module, path)
-        if child is not None and getattr(type(child), "forward", None) is not cls.forward:
+        if cls is not None and child is not None and getattr(type(child), "forward", None) is not cls.forward:
             return (f"child {path!r} is {type(child).__module__}.{type(child).__qualname__}, whose forward is not "
                     f"{cls.__name__}'s (an adapter such as LoRA, or a quantized layer): the fused forward reads its "
                     f"parameters and would skip it")
@@ -348,10 +349,8 @@ def reads_intact(module: nn.Module, *paths: str) -> bool:
     seen = module.__dict__.get(READS_ATTR, {})
     for path in paths or seen:
         child = _child(module, path)
-        if type(child) is not seen[path]:
+        if type(child) is not seen[path] or (child is not None and not reference.reads_as_called(child, type(child))):
             return False
-        if child is not None and (child._forward_hooks or child._forward_pre_hooks or "forward" in child.__dict__):
-            return False  # (a forward set on the instance: accelerate's hooks)
     return True
 
 
@@ -537,26 +536,26 @@ class FusedTransformerEncoder(nn.TransformerEncoder):
         out = src
         for layer in self.layers:
             out = layer(out, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
-        if self._torch_would_take_nested_path(src, mask, src_key_padding_mask):
-            # torch's nested path gives exact zeros at the padded positions (before the final
-            # norm); the real positions are the same either way
+        if src_key_padding_mask is not None:
             padding = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=None,
                                         other_name="", target_type=src.dtype, check_other=False) != 0
-            out = out.masked_fill(padding.unsqueeze(-1), 0.0)
+            if self._torch_would_take_nested_path(src, mask, padding):
+                # torch's nested path gives exact zeros at the padded positions (before the final
+                # norm); the real positions are the same either way
+                out = out.masked_fill(padding.unsqueeze(-1), 0.0)
         return out if self.norm is None else self.norm(out)
 
-    def _torch_would_take_nested_path(self, src, mask, src_key_padding_mask) -> bool:
-        """The conditions of nn.TransformerEncoder.forward's nested-tensor ("sparsity") path."""
-        if (src_key_padding_mask is None or mask is not None or not getattr(self, "use_nested_tensor", False)
+    def _torch_would_take_nested_path(self, src, mask, padding) -> bool:
+        """The conditions of nn.TransformerEncoder.forward's nested-tensor ("sparsity") path, for
+        a call with a key padding mask (``padding``: True at padded positions)."""
+        if (mask is not None or not getattr(self, "use_nested_tensor", False)
                 or not torch.backends.mha.get_fastpath_enabled() or self.layers[0].training or src.dim() != 3
                 or src.is_nested or torch.is_autocast_enabled()):
             return False
         if getattr(self, "mask_check", True):
             if torch.compiler.is_compiling():
                 return False
-            keep = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=None,
-                                     other_name="", target_type=src.dtype, check_other=False).logical_not()
-            if not torch._nested_tensor_from_mask_left_aligned(src, keep):
+            if not torch._nested_tensor_from_mask_left_aligned(src, padding.logical_not()):
                 return False
         layer = self.layers[0]
         tensors = (src, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias, layer.self_attn.out_proj.weight,
@@ -610,8 +609,7 @@ def _convert_sequential_ffn(module, opts):
         return "ffn=False"
     return Conversion(FusedSequentialFFN, {"fused_attn_activation": act, "fused_attn_backend": opts.backend},
                       consumed=tuple(str(i) for i in range(len(parts))), note=f"FFN {act}",
-                      reads={str(i): nn.Linear if i in (0, len(parts) - 1) else type(part)
-                             for i, part in enumerate(parts)})
+                      reads={str(i): nn.Linear if i in (0, len(parts) - 1) else None for i in range(len(parts))})
 
 
 def _mha_reason(module) -> Optional[str]:
@@ -639,14 +637,13 @@ def _convert_torch_layer(module, opts):
         return None
     norms = [module.norm1, module.norm2] + ([module.norm3] if hasattr(module, "norm3") else [])
     norm_why = "norm=False" if not opts.norm else next((w for w in map(norm_reason, norms) if w), None)
-    norm_reads = {f"{kind}{i + 1}": cls for i in range(len(norms))
-                  for kind, cls in (("norm", type(norms[i])), ("dropout", nn.Dropout))}
+    norm_reads = {f"{kind}{i + 1}": cls for i in range(len(norms)) for kind, cls in (("norm", None), ("dropout", nn.Dropout))}
     norm_why = norm_why or _read_reason(module, norm_reads)
     act = activation_name(module.activation) if opts.ffn else None
     ffn_why = "ffn=False" if not opts.ffn else (None if act else f"activation {module.activation!r} has no fused form")
     ffn_reads = {"linear1": nn.Linear, "linear2": nn.Linear, "dropout": nn.Dropout}
     if isinstance(module.activation, nn.Module):
-        ffn_reads["activation"] = type(module.activation)
+        ffn_reads["activation"] = None
     ffn_why = ffn_why or _read_reason(module, ffn_reads)
     act = None if ffn_why else act
     attns = [module.self_attn] + ([module.multihead_attn] if hasattr(module, "multihead_attn") else [])

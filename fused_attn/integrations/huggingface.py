@@ -55,18 +55,17 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     (output (B, L, Hq, Dv), None). Mirrors ``sdpa_attention_forward``'s conventions: T5's
     ``position_bias`` (a learned additive bias, with its gradient) joins the mask as sdpa joins
     them; ``output_attentions=True`` runs the model's own eager attention, which returns them."""
+    # As sdpa: the module says whether it is a decoder attention; causal only without an explicit mask.
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kwargs.get("output_attentions"):
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is not None:
-            mask = _additive_mask(attention_mask, query, key, is_causal if is_causal is not None
-                                  else getattr(module, "is_causal", True))
+            mask = _additive_mask(attention_mask, query, key, is_causal)
             return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         warnings.warn(f"fused_attn: output_attentions=True, but {type(module).__module__} has no "
                       "eager_attention_forward to compute the weights; they are not returned", stacklevel=2)
     position_bias = kwargs.get("position_bias")
     q_len = query.shape[2]
-    # As sdpa: the module says whether it is a decoder attention; causal only without an explicit mask.
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     varlen = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
     if query.shape[0] == 1 and all(x is not None for x in varlen):
         return _packed_attention_forward(module, query, key, value, varlen, dropout, scaling, is_causal, kwargs)
@@ -469,9 +468,6 @@ def convert(module: nn.Module, opts):
     """swap_modules' converter for transformers modules (see ``fused_attn.swap``)."""
     from ..swap import Conversion, fused_subclass
 
-    def act_type(act):  # an activation module's class (None when the activation is a function)
-        return type(act) if isinstance(act, nn.Module) else type(None)
-
     cls = type(module)
     bert, gpt2, llama = _known()
     backend = {"fused_attn_backend": opts.backend}
@@ -498,7 +494,7 @@ def convert(module: nn.Module, opts):
             return f"activation {type(inter.intermediate_act_fn).__name__} has no fused form"
         fuse_norm = opts.norm and type(out.LayerNorm) is nn.LayerNorm and type(out.dropout) is nn.Dropout
         reads = {"intermediate.dense": nn.Linear, "output.dense": nn.Linear,
-                 "intermediate.intermediate_act_fn": act_type(inter.intermediate_act_fn)}
+                 "intermediate.intermediate_act_fn": None}
         if fuse_norm:
             reads.update({"output.LayerNorm": nn.LayerNorm, "output.dropout": nn.Dropout})
         return Conversion(fused_subclass(cls, FusedBertFeedForward),
@@ -514,7 +510,7 @@ def convert(module: nn.Module, opts):
             return f"activation {type(module.act).__name__} has no fused form"
         return Conversion(fused_subclass(cls, FusedGPT2MLP), {**backend, "fused_attn_activation": act},
                           consumed=("c_fc", "c_proj"), note=f"FFN {act}, Conv1D weights transposed",
-                          reads={"c_fc": gpt2.Conv1D, "c_proj": gpt2.Conv1D, "act": act_type(module.act)})
+                          reads={"c_fc": gpt2.Conv1D, "c_proj": gpt2.Conv1D, "act": None})
 
     if _same_code(cls, "forward", llama.LlamaMLP.forward):
         if not opts.ffn:
@@ -525,7 +521,7 @@ def convert(module: nn.Module, opts):
         return Conversion(fused_subclass(cls, FusedLlamaMLP), {**backend, "fused_attn_activation": gated},
                           consumed=("gate_proj", "up_proj", "down_proj"), note=f"FFN {gated}",
                           reads={"gate_proj": nn.Linear, "up_proj": nn.Linear, "down_proj": nn.Linear,
-                                 "act_fn": act_type(module.act_fn)})
+                                 "act_fn": None})
 
     if _same_code(cls, "forward", llama.LlamaRMSNorm.forward):
         if not opts.norm:

@@ -5,14 +5,14 @@ Default: the forward, median of repeated calls under torch.no_grad(), 4*B*H*L^2*
 --backward: forward + backward (requires_grad inputs, out.backward(g); 3.5x the forward's FLOPs) and the
 backward alone (out.backward(g) timed after an untimed forward; 2.5x). B=2 H=8, FLOPs halved for causal;
 on/off/sdpa interleaved."""
-import os, statistics, sys, time
+import os, statistics, time
+from _script_args import parse  # before torch's import: --help answers at once
+_args = parse(__doc__, count=("reps", 5), flags=[("--backward", "time forward + backward and the backward alone")])
+backward, reps = _args.backward, _args.reps
 import torch
 import torch.nn.functional as F
 import fused_attn
 B, H = 2, 8
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-backward = "--backward" in sys.argv[1:]
-reps = int(args[0]) if args else 5
 
 
 def fa(mode, causal):

@@ -3,7 +3,9 @@ against torch's SDPA, float32 and bfloat16, median ms of 30 calls on 2 threads.
 
     python benchmarks/bench_cpu_decode.py
 """
-import torch, time, fused_attn, torch.nn.functional as TF, sys, os
+from _script_args import parse  # before torch's import: --help answers at once
+parse(__doc__)
+import torch, time, fused_attn, torch.nn.functional as TF
 torch.set_num_threads(2)
 def bench(f, n=30):
     for _ in range(3): f()

@@ -6,16 +6,15 @@ against BLAS on the tiles (=blas) and torch's SDPA, median ms under torch.no_gra
 csrc/cpu/attention.cpp's kMinPanelRows (the automatic mode's crossover, in query rows per kv head) is set from."""
 import os
 import statistics
-import sys
 import time
 
+from _script_args import parse  # before torch's import: --help answers at once
+_args = parse(__doc__, count=("reps", 15), flags=[("--causal", "causal attention (bottom-right)")])
+reps, causal = _args.reps, _args.causal
 import torch
 
 import fused_attn
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-reps = int(args[0]) if args else 15
-causal = "--causal" in sys.argv[1:]
 torch.set_num_threads(2)
 # (B, Hq, Hkv, Lq, Lk, D)
 CASES = [(2, 8, 8, 16, 2048, 64), (2, 8, 8, 32, 2048, 64), (2, 8, 8, 64, 2048, 64), (2, 8, 8, 96, 2048, 64),

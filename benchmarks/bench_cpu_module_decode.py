@@ -7,18 +7,17 @@ over the steps: the fused modules with ``kv_cache`` (attention_with_kvcache), th
 with ``kv_cache`` (their own cache writes and attention), and the fused modules without a cache
 (the whole sequence again at every step, what a model without one must do)."""
 import statistics
-import sys
 import time
 
+from _script_args import parse  # before torch's import: --help answers at once
+_args = parse(__doc__, count=("steps", 64), threads=2)
+steps, threads = _args.steps, _args.threads
 import torch
 
 import fused_attn
 from fused_attn import modules as M
 from fused_attn import reference as R
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-steps = int(args[0]) if args else 64
-threads = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--threads=")), 2)
 torch.set_num_threads(threads)
 B, PROMPT, D = 2, 256, 256
 kw = dict(d_ff=1024, num_kv_heads=2, causal=True, rotary=True)

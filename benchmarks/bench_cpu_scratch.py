@@ -7,16 +7,15 @@ products (FUSED_ATTN_CPU_GEMM=tiles, what the automatic mode takes for these sha
 for Lq < Lk); float32 and bfloat16; forward under torch.no_grad, or forward + backward."""
 import os
 import statistics
-import sys
 import time
 
+from _script_args import parse  # before torch's import: --help answers at once
+_args = parse(__doc__, count=("reps", 15), threads=2)
+reps, threads = _args.reps, _args.threads
 import torch
 
 import fused_attn
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-reps = int(args[0]) if args else 15
-threads = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--threads=")), 2)
 torch.set_num_threads(threads)
 os.environ["FUSED_ATTN_CPU_GEMM"] = "tiles"
 

@@ -6,20 +6,18 @@ bound onto the cpu backend for the "loop" rows). Median milliseconds of the forw
 forward + backward (out.backward(dout) on requires_grad inputs), loop and packed interleaved, after one warm-up
 round. D = 64, Hq = 8 with Hkv = 8 and 2 (GQA); float32 and bfloat16; 2 threads unless --threads says otherwise."""
 import statistics
-import sys
 import time
 import types
 
+from _script_args import parse  # before torch's import: --help answers at once
+_args = parse(__doc__, count=("reps", 7), flags=[("--causal", "causal attention")], threads=2)
+reps, causal, threads = _args.reps, _args.causal, _args.threads
 import torch
 
 import fused_attn
 from fused_attn.backends import get_backend
 from fused_attn.backends.base import Backend
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-reps = int(args[0]) if args else 7
-causal = "--causal" in sys.argv[1:]
-threads = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--threads=")), 2)
 torch.set_num_threads(threads)
 D, HQ = 64, 8
 

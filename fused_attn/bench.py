@@ -1366,8 +1366,9 @@ def format_table(rows: list[dict], op: str) -> str:
     unit = rows[0]["unit"]
     has_sdpa = any(r["impl"].startswith("sdpa") for r in rows)
     has_host = any(r.get("host_ms") is not None for r in rows)
+    has_compile = any(r["impl"] == "compile" for r in rows)  # --quick and --baselines may leave it out
     head = ["shape", "dtype", "pass", "impl", "ms"] + (["host ms"] if has_host else []) + [unit, "%ceil", "x eager"] + \
-        (["x sdpa"] if has_sdpa else []) + ["x compile", "err", "oracle", "MiB", "note"]
+        (["x sdpa"] if has_sdpa else []) + (["x compile"] if has_compile else []) + ["err", "oracle", "MiB", "note"]
     lines = []
     for r in rows:
         sp = r["speedup"]
@@ -1381,7 +1382,7 @@ def format_table(rows: list[dict], op: str) -> str:
                  _fmt(r["throughput"], ".3g"),
                  _fmt(None if r["ceiling_frac"] is None else 100 * r["ceiling_frac"], ".0f"),
                  _fmt(sp.get("eager"), ".2f")] + ([_fmt(min(sdpa) if sdpa else None, ".2f")] if has_sdpa else []) + \
-            [_fmt(sp.get("compile"), ".2f"), _fmt(err, ".1e"), r["oracle"],
+            ([_fmt(sp.get("compile"), ".2f")] if has_compile else []) + [_fmt(err, ".1e"), r["oracle"],
              _fmt(r["peak_mem_mib"], ".3g"), note]
         lines.append(cells)
     return _render(head, lines, title=f"== {op} ==")

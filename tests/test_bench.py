@@ -396,3 +396,20 @@ def test_implausible_timings_are_flagged():
     flagged = bench.implausible_timings([row("fwd", 125.0), row("bwd", 2.0), row("fwd+bwd", 10.7),
                                           row("fwd", 1.0, frac=2.3, impl="sdpa")])
     assert len(flagged) == 2 and "230 % of the ceiling" in flagged[0] and "below a single pass" in flagged[1]
+
+
+def test_standalone_scripts_answer_help_and_reject_unknown_arguments():
+    """``python benchmarks/bench_cpu_*.py --help`` prints what the script measures and its arguments
+    instead of starting a run of minutes; a misspelt flag stops it with argparse's message."""
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    scripts = sorted(f for f in os.listdir(os.path.join(root, "benchmarks")) if f.startswith("bench_cpu_"))
+    assert len(scripts) >= 6
+    for script in scripts:
+        path = os.path.join("benchmarks", script)
+        helped = subprocess.run([sys.executable, path, "--help"], cwd=root, capture_output=True, text=True,
+                                timeout=120, env=dict(os.environ, PYTHONPATH=root))
+        assert helped.returncode == 0 and "usage:" in helped.stdout and "--help" in helped.stdout, script
+        assert "fused_attn" in helped.stdout or "CPU" in helped.stdout, script  # the docstring is shown
+        wrong = subprocess.run([sys.executable, path, "--no-such-flag"], cwd=root, capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, PYTHONPATH=root))
+        assert wrong.returncode == 2 and "unrecognized arguments: --no-such-flag" in wrong.stderr, script

@@ -105,10 +105,49 @@ def _transform_needs_autograd(tensors) -> bool:
     return False
 
 
+_DIFFERENTIATING = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
+
+
 def _create_graph() -> bool:
-    """Whether this backward runs under ``create_graph=True`` (grad mode on in a backward), outside
-    torch.func's transforms (whose grad runs backward with grad mode on too, each level on its own)."""
-    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+    """Whether this backward's result will itself be differentiated, so that it must be computed
+    with a graph (``_grad_with_graph``) rather than by the kernels, whose gradients would be
+    constants (second derivatives silently zero):
+    - ``create_graph=True``: grad mode on in a backward, outside torch.func's transforms;
+    - forward-mode AD around the backward (``torch.autograd.forward_ad``);
+    - torch.func: a grad or jvp transform below the innermost one (``jacrev(jacrev(f))``,
+      ``hessian``, ``grad(grad(f))``, a gradient penalty under ``grad``). The backward runs
+      inside the transforms that enclose its call; the innermost is the one it serves (a
+      ``grad``, or ``jacrev``'s ``vmap`` over the cotangents), any grad or jvp level under it
+      differentiates the result. (``grad`` and ``vmap(grad)`` alone stay on the kernels.)"""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return torch.is_grad_enabled()
+    stack = _functorch.get_interpreter_stack() or ()
+    return any(level.key() in _DIFFERENTIATING for level in stack[:-1])
+
+
+def _jvp_through(fn, primals, tangents, layouts):
+    """The forward-mode derivative of a Function whose kernels have none: the tangents of
+    ``fn(*primals)`` (the reference math, plain PyTorch) by ``torch.func.jvp``. Inputs without a
+    tangent (None) are held constant. Costs a reference forward (attention: the (Lq, Lk)
+    probabilities), as forward-mode through ``scaled_dot_product_attention``'s math does.
+    ``layouts``: the Function's outputs' strides, which forward AD wants its tangents to have."""
+    moving = [i for i, (p, t) in enumerate(zip(primals, tangents)) if p is not None and t is not None]
+    of_moving = _of_moving(fn, primals, moving)
+    if not moving:
+        return [None] * len(fn(*primals))
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level < 0:
+        _, tangents_out = torch.func.jvp(of_moving, tuple(primals[i] for i in moving),
+                                         tuple(tangents[i] for i in moving))
+        return list(tangents_out)
+    # Inside torch.autograd.forward_ad's level, which does not nest: by reverse mode twice. The
+    # vjp u -> J^T u is linear in u, so its own vjp at the tangent t is J t.
+    outs, vjp = torch.func.vjp(of_moving, *(primals[i] for i in moving))
+    _, vjp_of_vjp = torch.func.vjp(vjp, tuple(torch.zeros_like(o) for o in outs))
+    (tangents_out,) = vjp_of_vjp(tuple(tangents[i] for i in moving))
+    return [torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+            for t, stride in zip(tangents_out, layouts)]
 
 
 def _grad_with_graph(fn, inputs, needs, grads_out):
@@ -118,13 +157,29 @@ def _grad_with_graph(fn, inputs, needs, grads_out):
     differentiated with a graph, so the gradient has its own. It costs what the reference costs
     (for attention the (Lq, Lk) probabilities). ``needs``: which inputs want a gradient;
     ``grads_out``: one per output of ``fn`` (None: that output's gradient is zero)."""
-    wanted = [t for t, need in zip(inputs, needs) if need]
+    moving = [i for i, (t, need) in enumerate(zip(inputs, needs)) if need and t is not None]
+    grads = [None] * len(needs)
+    if not moving or all(g is None for g in grads_out):
+        return grads
+    # torch.func.vjp rather than torch.autograd.grad: it also runs inside torch.func's transforms
+    # (jacrev(jacrev(f)), hessian), and its result keeps the graph the outer levels differentiate
     with torch.enable_grad():
-        outs = fn(*inputs)
-    pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
-    grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
-                                     allow_unused=True) if wanted and pairs else [None] * len(wanted))
-    return [next(grads) if need else None for need in needs]
+        outs, vjp = torch.func.vjp(_of_moving(fn, inputs, moving), *(inputs[i] for i in moving))
+    cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads_out))
+    for i, grad in zip(moving, vjp(cotangents)):
+        grads[i] = grad
+    return grads
+
+
+def _of_moving(fn, inputs, moving):
+    """fn as a function of ``inputs[i] for i in moving``, the others held at their values."""
+    def of_moving(*values):
+        args = list(inputs)
+        for i, value in zip(moving, values):
+            args[i] = value
+        return fn(*args)
+
+    return of_moving
 
 
 def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
@@ -214,13 +269,42 @@ class _Function(torch.autograd.Function):
     """An autograd Function in torch.func's form whose ``apply`` skips binding its arguments to
     ``forward``'s signature (``inspect.signature`` at every call: ~40 us of host time on the CI
     VM, as much as a small op's whole call): every caller passes every argument positionally.
-    Under torch.func's transforms and torch.compile, torch's own ``apply``."""
+    Under torch.func's transforms and torch.compile, torch's own ``apply``.
+
+    Forward-mode AD: a subclass's ``forward_tangents(ctx, *input_tangents)`` becomes the ``jvp``
+    of a twin class (``cls.forward_mode``), which ``apply`` runs only while forward-mode AD is on
+    (``torch.func.jvp``, ``jacfwd``, ``hessian``, ``torch.autograd.forward_ad``): torch.compile
+    refuses to trace a Function that defines ``jvp`` (a graph break at every call), and the
+    transforms' tangents are never traced."""
+
+    forward_mode = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward_tangents" in cls.__dict__:
+            cls.forward_mode = type(cls)(f"{cls.__name__}ForwardMode", (cls,), {
+                "jvp": cls.__dict__["forward_tangents"], "__module__": cls.__module__,
+                "__doc__": f"{cls.__name__} with its jvp, for calls under forward-mode AD."})
 
     @classmethod
     def apply(cls, *args):
-        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return super().apply(*args)
+        if cls.forward_mode is not None and cls.forward_mode is not cls and _forward_mode_on():
+            return cls.forward_mode.apply(*args)
+        if torch._C._are_functorch_transforms_active():
             return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)  # torch._C._FunctionBase.apply
+
+
+def _forward_mode_on() -> bool:
+    """Whether tangents may flow into this call: a ``torch.autograd.forward_ad`` level is open, or
+    torch.func's jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on the stack."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    return any(level.key() == _functorch.TransformType.Jvp for level in _functorch.get_interpreter_stack() or ())
 
 
 class AttentionFunction(_Function):
@@ -247,6 +331,9 @@ class AttentionFunction(_Function):
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng, alibi_slopes)
         ctx.options = (band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right)
         ctx.return_lse = return_lse
+        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+            ctx.save_for_forward(q, k, v, attn_mask, rng, alibi_slopes)
+            ctx.layouts = (out.stride(), lse.stride())
         if not return_lse:
             ctx.mark_non_differentiable(lse)
 
@@ -256,8 +343,10 @@ class AttentionFunction(_Function):
         dlse = dlse if ctx.return_lse else None
         q, k, v, out, lse, attn_mask, rng, alibi_slopes = ctx.saved_tensors
         band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
-        if _create_graph():  # create_graph=True
-            return tuple(_attention_grad_with_graph(ctx, q, k, v, attn_mask, rng, alibi_slopes, dout, dlse)) + (None,) * 10
+        if _create_graph():  # the gradient will be differentiated
+            outputs = _attention_reference(ctx.options, rng, alibi_slopes)
+            return tuple(_grad_with_graph(outputs, (q, k, v, attn_mask), ctx.needs_input_grad[:4],
+                                          (dout, dlse))) + (None,) * 10
         mask4 = None
         if attn_mask is not None:
             mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -269,17 +358,25 @@ class AttentionFunction(_Function):
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
         return (dq, dk, dv, dmask) + (None,) * 10
 
+    @staticmethod
+    def forward_tangents(ctx, tq, tk, tv, tmask, *_):
+        q, k, v, attn_mask, rng, alibi_slopes = ctx.saved_tensors
+        outputs = _attention_reference(ctx.options, rng, alibi_slopes)
+        tout, tlse = _jvp_through(outputs, (q, k, v, attn_mask), (tq, tk, tv, tmask), ctx.layouts)
+        return tout, tlse if ctx.return_lse else None
 
-def _attention_grad_with_graph(ctx, q, k, v, attn_mask, rng, alibi_slopes, dout, dlse):
-    """The reference backend's forward (plain PyTorch, differentiable) differentiated with a graph."""
-    band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
+
+def _attention_reference(options, rng, alibi_slopes):
+    """(out, lse) of q, k, v and the mask by the reference backend's forward (plain PyTorch,
+    differentiable in both modes), with the call's options and dropout mask."""
+    band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = options
     seed, offset = _seed_offset(rng)
 
     def outputs(q, k, v, mask):
         return get_backend("reference").attention_fwd(q, k, v, mask, band_lo, band_hi, dropout_p, scale, seed, offset,
                                                       softcap, alibi_slopes, bottom_right)
 
-    return _grad_with_graph(outputs, (q, k, v, attn_mask), ctx.needs_input_grad[:4], (dout, dlse))
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +484,9 @@ class AttentionVarlenFunction(_Function):
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
         ctx.return_lse = return_lse
+        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+            ctx.save_for_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
+            ctx.layouts = (out.stride(), lse.stride())
         if not return_lse:
             ctx.mark_non_differentiable(lse)
 
@@ -394,26 +494,33 @@ class AttentionVarlenFunction(_Function):
     def backward(ctx, dout, dlse=None):
         dlse = dlse if ctx.return_lse else None
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes = ctx.saved_tensors
-        if _create_graph():  # create_graph=True: through the reference, one sequence at a time
-            return tuple(_varlen_grad_with_graph(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k,
-                                                 alibi_slopes, dout, dlse)) + (None,) * 17
+        if _create_graph():  # the gradient will be differentiated: the reference, a sequence at a time
+            outputs = _varlen_reference(ctx.options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
+            return tuple(_grad_with_graph(outputs, (q, k, v), ctx.needs_input_grad[:3], (dout, dlse))) + (None,) * 17
         bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v, alibi_slopes, dlse)
                else torch.ops.fused_attn.attention_varlen_bwd)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
                          *ctx.options[7:], seqused_k, alibi_slopes, dlse)
         return (dq, dk, dv) + (None,) * 17
 
+    @staticmethod
+    def forward_tangents(ctx, tq, tk, tv, *_):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes = ctx.saved_tensors
+        outputs = _varlen_reference(ctx.options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
+        tout, tlse = _jvp_through(outputs, (q, k, v), (tq, tk, tv), ctx.layouts)
+        return tout, tlse if ctx.return_lse else None
 
-def _varlen_grad_with_graph(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes, dout, dlse):
-    """The reference backend's forward (one plain-PyTorch attention per sequence) with a graph."""
+
+def _varlen_reference(options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes):
+    """(out, lse) of q, k, v by the reference backend's forward (one plain-PyTorch attention per
+    sequence), with the call's options and dropout mask."""
     seed, offset = _seed_offset(rng)
-    softcap = ctx.options[8]
 
     def outputs(q, k, v):
-        return get_backend("reference").attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], seed,
-                                                             offset, softcap, seqused_k, alibi_slopes)
+        return get_backend("reference").attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *options[:7], seed,
+                                                             offset, options[8], seqused_k, alibi_slopes)
 
-    return _grad_with_graph(outputs, (q, k, v), ctx.needs_input_grad[:3], (dout, dlse))
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +638,9 @@ class LayerNormResidualFunction(_Function):
         ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, x.shape)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, rstd)
+        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+            ctx.save_for_forward(x, residual, weight, bias, rng)
+            ctx.jvp_options = (residual_in_fp32, inputs[10], (out.stride(), summed.stride()))
 
     @staticmethod
     def backward(ctx, dout, dsummed, _dmean=None, _drstd=None):
@@ -555,6 +665,22 @@ class LayerNormResidualFunction(_Function):
             dres = (dsum if dsum.dtype == residual_dtype else dsum.to(residual_dtype)).view(*shape)
         return (dx.view(*shape), dres, dweight if weight is not None else None, dbias if bias is not None else None,
                 None, None, None, None, None, None, None)
+
+    @staticmethod
+    def forward_tangents(ctx, tx, tresidual, tweight, tbias, *_):
+        x, residual, weight, bias, rng = ctx.saved_tensors
+        eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
+        residual_in_fp32, store_summed, layouts = ctx.jvp_options
+        seed, offset = _seed_offset(rng)
+
+        def outputs(x, residual, weight, bias):  # the Function's rows (out, summed)
+            d = shape[-1]
+            return get_backend("reference").layer_norm_residual_fwd(
+                _rows(x, d), None if residual is None else _rows(residual, d), weight, bias, eps, dropout_p, rms,
+                residual_in_fp32, seed, offset, store_summed)[:2]
+
+        tout, tsummed = _jvp_through(outputs, (x, residual, weight, bias), (tx, tresidual, tweight, tbias), layouts)
+        return tout, tsummed, None, None
 
 
 def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
@@ -632,9 +758,10 @@ def _feed_forward_forward(fwd, x, w1, b1, w2, b2, activation, dropout_p, rng, ba
     return out, x2, pre
 
 
-def _feed_forward_grad_with_graph(ctx, x, w1, b1, w2, b2, w1_up, b1_up, rng, dout):
-    """The reference backend's forward (plain PyTorch, differentiable) differentiated with a graph."""
-    activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
+def _feed_forward_reference(options, rng):
+    """The Function's output rows of (x, w1, b1, w2, b2, w1_up, b1_up) by the reference backend's
+    forward (plain PyTorch, differentiable in both modes), with the call's dropout mask."""
+    activation, dropout_p, backend, has_b1, has_b2, shape = options
     seed, offset = _seed_offset(rng)
 
     def outputs(x, w1, b1, w2, b2, w1_up, b1_up):
@@ -642,11 +769,7 @@ def _feed_forward_grad_with_graph(ctx, x, w1, b1, w2, b2, w1_up, b1_up, rng, dou
                                                          _stack(b1, b1_up), w2, b2, activation, dropout_p, seed,
                                                          offset)[:1]
 
-    n = ctx.needs_input_grad
-    needs = (n[0], n[1], n[2], n[3], n[4], n[9], n[10])
-    dx, dw1, db1, dw2, db2, dw1_up, db1_up = _grad_with_graph(outputs, (x, w1, b1, w2, b2, w1_up, b1_up), needs,
-                                                              (dout,))
-    return dx, dw1, db1, dw2, db2, None, None, None, None, dw1_up, db1_up
+    return outputs
 
 
 def _stack(first, second):
@@ -688,13 +811,27 @@ class FeedForwardFunction(_Function):
         ctx.save_for_backward(x, x2 if x2.numel() else None, w1, w1_up, w2, pre, rng, b1, b1_up, b2)
         ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
         ctx.mark_non_differentiable(pre, x2)
+        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+            ctx.save_for_forward(x, w1, b1, w2, b2, w1_up, b1_up, rng)
+            ctx.layouts = (out.stride(),)
+
+    @staticmethod
+    def forward_tangents(ctx, tx, tw1, tb1, tw2, tb2, _activation, _dropout_p, _rng, _backend, tw1_up, tb1_up):
+        x, w1, b1, w2, b2, w1_up, b1_up, rng = ctx.saved_tensors
+        (tout,) = _jvp_through(_feed_forward_reference(ctx.options, rng), (x, w1, b1, w2, b2, w1_up, b1_up),
+                               (tx, tw1, tb1, tw2, tb2, tw1_up, tb1_up), ctx.layouts)
+        return tout, None, None
 
     @staticmethod
     def backward(ctx, dout, _dpre=None, _dx2=None):
         x, x2, w1, w1_up, w2, pre, rng, b1, b1_up, b2 = ctx.saved_tensors
         activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
-        if _create_graph():  # create_graph=True
-            return _feed_forward_grad_with_graph(ctx, x, w1, b1, w2, b2, w1_up, b1_up, rng, dout)
+        if _create_graph():  # the gradient will be differentiated
+            n = ctx.needs_input_grad
+            dx, dw1, db1, dw2, db2, dw1_up, db1_up = _grad_with_graph(
+                _feed_forward_reference(ctx.options, rng), (x, w1, b1, w2, b2, w1_up, b1_up),
+                (n[0], n[1], n[2], n[3], n[4], n[9], n[10]), (dout,))
+            return dx, dw1, db1, dw2, db2, None, None, None, None, dw1_up, db1_up
         x2 = _rows(x, shape[-1]) if x2 is None else x2
         dout2 = dout.contiguous()  # the rows' gradient
         w1 = _stack(w1, w1_up)
@@ -771,14 +908,25 @@ class RotaryFunction(_Function):
         x, cos, sin, positions, interleaved, backend, inplace = inputs
         ctx.save_for_backward(cos, sin, positions)
         ctx.options = (interleaved, backend)
+        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+            ctx.save_for_forward(cos, sin, positions)
+            ctx.inplace = inplace
         if inplace:
             ctx.mark_dirty(x)
+
+    @staticmethod
+    def forward_tangents(ctx, tx, *_):
+        # linear in x: the tangent turns as x does (in place with x, as autograd wants of a dirty input)
+        cos, sin, positions = ctx.saved_tensors
+        interleaved, backend = ctx.options
+        turned = reference.rotary(tx, cos, sin, positions, interleaved)
+        return tx.copy_(turned) if ctx.inplace else turned
 
     @staticmethod
     def backward(ctx, dout):
         cos, sin, positions = ctx.saved_tensors
         interleaved, backend = ctx.options
-        if _create_graph():  # create_graph=True: the rotation is linear, so its backward is too
+        if _create_graph():  # the gradient will be differentiated: the rotation is linear, so is its backward
             dx = reference.rotary(dout, cos, sin, positions, interleaved, conjugate=True)
             return dx, None, None, None, None, None, None
         op = _rotary_impl if direct_call_ok(dout, cos, sin, positions) else torch.ops.fused_attn.rotary

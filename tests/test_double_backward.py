@@ -1,7 +1,8 @@
-"""Double backward (``create_graph=True``: gradient penalties, Hessian-vector products) through
-every op, and torch.func transforms that the ops cannot run: an answer checked by
-``torch.autograd.gradgradcheck`` in float64 on the CPU backends, or a clear error, never a
-gradient silently missing its graph."""
+"""Higher-order and forward-mode derivatives through every op: double backward (``create_graph=True``:
+gradient penalties, Hessian-vector products) checked by ``torch.autograd.gradgradcheck`` in float64
+on the CPU backends; torch.func's transforms (grad, jacrev, vmap(grad), nested ones: hessian,
+jacrev(jacrev)); forward-mode AD (jvp, jacfwd, torch.autograd.forward_ad). Never a gradient silently
+missing its graph, never a tangent silently zero."""
 import pytest
 import torch
 
@@ -151,16 +152,126 @@ def test_torch_func_grad_jacrev_and_per_sample_gradients(backend):
     torch.testing.assert_close(jac, torch.func.jacrev(lambda q: R.attention(q, k, v))(q))
 
 
-@pytest.mark.parametrize("transform", ["jvp", "forward_ad"])
-def test_forward_mode_raises_instead_of_dropping_the_tangent(transform):
-    x, w = torch.randn(3, 8), torch.ones(8)
-    if transform == "jvp":
-        with pytest.raises(NotImplementedError, match="jvp"):
-            torch.func.jvp(lambda x: F.layer_norm_residual(x, None, w, None, 1e-5), (x,), (torch.ones_like(x),))
-    else:
-        import torch.autograd.forward_ad as fwAD
-        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
-            F.layer_norm_residual(fwAD.make_dual(x, torch.ones_like(x)), None, w, None, 1e-5)
+def _forward_mode_cases(backend):
+    """op name -> (f of one float64 tensor, the tensor): each Function, the arguments whose tangents
+    matter (the mask, the residual and weight, the gated pair, an in-place rotation), dropout on."""
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q, k, v, x, res, w, b = r(1, 4, 5, 6), r(1, 2, 7, 6), r(1, 2, 7, 6), r(3, 8), r(3, 8), r(8), r(8)
+    w1, w2, w_up, w2g = r(12, 8), r(8, 12), r(6, 8), r(8, 6)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    qp, kp, vp = r(5, 2, 4), r(5, 2, 4), r(5, 2, 4)
+    angles = r(9, 2)
+    seeded = _seeded
+
+    return {
+        "attention": (lambda q: F.attention(q, k, v, causal=True, alignment="bottom_right", backend=backend), q),
+        "attention_lse": (lambda q: torch.cat([t.flatten().double() for t in F.attention(
+            q, k, v, window_size=(2, 1), softcap=3.0, return_lse=True, backend=backend)]), q),
+        "attention_mask": (lambda m: F.attention(q, k, v, attn_mask=m, backend=backend), r(5, 7)),
+        "attention_dropout": (seeded(lambda q: F.attention(q, k, v, dropout_p=0.3, backend=backend)), q),
+        "attention_varlen": (lambda q: F.attention_varlen(q, kp, vp, cu, cu, causal=True, backend=backend), qp),
+        "layer_norm": (lambda x: F.layer_norm_residual(x, res, w, b, 1e-5, backend=backend), x),
+        "layer_norm_weight_prenorm_rms": (lambda w: torch.cat([t.flatten() for t in F.layer_norm_residual(
+            x, res, w, None, 1e-5, prenorm=True, rms=True, backend=backend)]), w),
+        "layer_norm_residual_dropout": (seeded(lambda res: F.layer_norm_residual(
+            x, res, w, b, 1e-5, dropout_p=0.3, backend=backend)), res),
+        "feed_forward": (lambda x: F.feed_forward(x, w1, None, w2, b, activation="gelu", backend=backend), x),
+        "feed_forward_up_pair_dropout": (seeded(lambda w_up: F.feed_forward(
+            x, (r(6, 8).zero_() + 0.5, w_up), None, w2g, None, activation="swiglu", dropout_p=0.3, backend=backend)),
+            w_up),
+        "rotary": (lambda x: F.apply_rotary_emb(x, angles.cos(), angles.sin(), backend=backend), r(1, 9, 2, 4)),
+        "rotary_inplace": (lambda x: F.apply_rotary_emb(x.clone(), angles.cos(), angles.sin(), inplace=True,
+                                                        backend=backend), r(1, 9, 2, 4)),
+    }
+
+
+def _seeded(f):
+    """f with the same dropout masks at every call (the seed drawn from torch's generator)."""
+    def call(t):
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            return f(t)
+    return call
+
+
+def _directional(f, x, t, eps=1e-6):
+    """The central difference (f(x + eps t) - f(x - eps t)) / 2 eps: the oracle of J t in float64."""
+    return (f(x + eps * t) - f(x - eps * t)) / (2 * eps)
+
+
+FORWARD_MODE_CASES = list(_forward_mode_cases("reference"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+def test_forward_mode_ad(backend, case):
+    """torch.func.jvp, torch.autograd.forward_ad and jacfwd give the tangent (computed through the
+    reference math from the call's inputs, dropout mask included): against central differences
+    of the fused function itself."""
+    import torch.autograd.forward_ad as fwAD
+
+    f, x = _forward_mode_cases(backend)[case]
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype)
+    coarse = case == "attention_lse"  # the lse is float32: a wider step, a looser tolerance
+    expected = _directional(f, x, t, eps=1e-3 if coarse else 1e-6)
+    tol = dict(atol=2e-3, rtol=1e-3) if coarse else dict(atol=1e-7, rtol=1e-6)
+    out, tangent = torch.func.jvp(f, (x,), (t,))
+    torch.testing.assert_close(out, f(x), atol=0, rtol=0)  # the primal: the kernels' own
+    torch.testing.assert_close(tangent, expected, **tol)
+    with fwAD.dual_level():
+        dual = f(fwAD.make_dual(x, t))
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, expected, **tol)
+    jac = torch.func.jacfwd(f, randomness="same")(x)  # (a dropout seed is drawn under jacfwd's vmap)
+    torch.testing.assert_close((jac.reshape(-1, x.numel()) @ t.flatten()).reshape(expected.shape), expected, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+def test_nested_transforms_give_second_derivatives(backend, case):
+    """A backward that an outer transform differentiates (hessian = jacfwd(jacrev), jacrev(jacrev),
+    grad of grad, forward-over-reverse) runs the reference math with a graph: before, the kernels'
+    gradient came back as a constant and every second derivative was silently zero. Oracle: the
+    central difference of the fused op's own first-order gradient along t."""
+    f, x = _forward_mode_cases(backend)[case]
+    if case == "attention_lse":
+        pytest.skip("the lse is float32: too coarse for second differences")
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype)
+    weights = torch.randn(f(x).shape, generator=torch.Generator().manual_seed(11), dtype=x.dtype)
+
+    def loss(x):
+        return (f(x) * weights).sum() + f(x).square().sum()
+
+    grad = torch.func.grad(loss)
+    expected = _directional(grad, x, t)
+    assert expected.abs().max() > 1e-3  # the second derivative is not trivially zero
+    flat_t = t.flatten()
+    tol = dict(atol=1e-6, rtol=1e-5)
+    hessians = [("hessian", torch.func.jacfwd(torch.func.jacrev(loss), randomness="same")),  # = torch.func.hessian
+                ("jacrev(jacrev)", torch.func.jacrev(grad))]
+    for name, hessian in hessians:
+        got = (hessian(x).reshape(x.numel(), x.numel()) @ flat_t).reshape(x.shape)
+        torch.testing.assert_close(got, expected, **tol, msg=name)
+    torch.testing.assert_close(torch.func.jvp(grad, (x,), (t,))[1], expected, **tol)  # forward-over-reverse
+    torch.testing.assert_close(torch.func.grad(lambda x: (grad(x) * t).sum())(x), expected, **tol)  # grad of grad
+
+
+def test_forward_mode_leaves_compiled_calls_alone():
+    """The jvp lives on a twin Function used only under forward-mode AD: torch.compile refuses to
+    trace a Function that defines jvp, so the traced class must have none (fullgraph training)."""
+    from fused_attn import ops
+
+    for cls in (ops.AttentionFunction, ops.AttentionVarlenFunction, ops.LayerNormResidualFunction,
+                ops.FeedForwardFunction, ops.RotaryFunction):
+        assert cls.jvp is torch.autograd.Function.jvp, cls
+        assert cls.forward_mode.jvp is not torch.autograd.Function.jvp and issubclass(cls.forward_mode, cls)
+    q = torch.randn(1, 2, 5, 4, requires_grad=True)
+    compiled = torch.compile(lambda q: F.attention(q, q, q, causal=True), fullgraph=True, backend="eager")
+    compiled(q).sum().backward()
+    assert q.grad is not None
 
 
 def test_vmap_over_inputs_still_runs_the_kernels():

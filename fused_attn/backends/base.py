@@ -117,10 +117,19 @@ class Backend:
     def attention_varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                              bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
                              alibi_slopes=None):
-        cu_q, cu_k, k_end = _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k)
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()  # sequences with queries but no keys give zeros
         lse = torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=torch.float32)
+        for q0, q1, o, l in self._varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, band_lo, band_hi, bottom_right,
+                                                   dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes):
+            out[q0:q1] = o
+            lse[:, q0:q1] = l
+        return out, lse
+
+    def _varlen_sequences(self, q, k, v, cu_seqlens_q, cu_seqlens_k, band_lo, band_hi, bottom_right, dropout_p, scale,
+                          seed, offset, softcap, seqused_k, alibi_slopes):
+        """(q0, q1, out rows (q1 - q0, Hq, Dv), lse (Hq, q1 - q0)) of each sequence with queries and keys."""
+        cu_q, cu_k, k_end = _boundaries(cu_seqlens_q, cu_seqlens_k, seqused_k)
         for s in range(len(cu_q) - 1):
             q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], k_end[s]
             if q1 == q0 or k1 == k0:
@@ -129,9 +138,7 @@ class Backend:
             o, l = self.attention_fwd(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), None, lo, hi, dropout_p, scale,
                                       seed, varlen_rng_offset(offset, q.shape[1], q0), softcap,
                                       _row(alibi_slopes, s), bottom_right)
-            out[q0:q1] = o[0].transpose(0, 1)
-            lse[:, q0:q1] = l[0]
-        return out, lse
+            yield q0, q1, o[0].transpose(0, 1), l[0]
 
     def attention_varlen_bwd(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0,

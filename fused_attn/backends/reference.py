@@ -68,6 +68,43 @@ class ReferenceBackend(Backend):
             (dq, dk, dv), dmask = vjp(grads_out), empty(q)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
+    def attention_varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                             bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
+                             alibi_slopes=None):
+        # The base class's loop, its sequences joined rather than written into a buffer: the
+        # reference is differentiated by torch.func (jacfwd, hessian through the varlen Function),
+        # under whose vmap an in-place write into an unbatched tensor fails. Rows of no sequence,
+        # and sequences with queries but no keys, give zeros and an lse of +inf.
+        hq, dv = q.shape[1], v.shape[-1]
+        outs, lses, done = [], [], 0
+
+        def rows_without_keys(n):
+            outs.append(q.new_zeros(n, hq, dv))
+            lses.append(torch.full((hq, n), float("inf"), device=q.device, dtype=torch.float32))
+
+        for q0, q1, o, l in self._varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, band_lo, band_hi, bottom_right,
+                                                   dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes):
+            rows_without_keys(q0 - done)
+            outs.append(o)
+            lses.append(l)
+            done = q1
+        rows_without_keys(q.shape[0] - done)
+        return torch.cat(outs).contiguous(), torch.cat(lses, dim=1).contiguous()
+
+    def attention_varlen_bwd(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0,
+                             seqused_k=None, alibi_slopes=None, dlse=None):
+        # the forward above differentiated whole (no per-sequence writes, for vmap, as there)
+        def outputs(q_, k_, v_):
+            o, l = self.attention_varlen_fwd(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap,
+                                             seqused_k, alibi_slopes)
+            return (o,) if dlse is None else (o, l)
+
+        _, vjp = torch.func.vjp(outputs, q, k, v)
+        dq, dk, dv = vjp((dout,) if dlse is None else (dout, dlse.float()))
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
     # ---- residual-add + norm ----------------------------------------------------------------
     def layer_norm_residual_fwd(self, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset,
                                 store_summed=True):

@@ -1094,9 +1094,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     kernels, for code that calls SDPA (see also ``fused_attn.patch_sdpa``).
 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev): any number of leading
-    batch dims (none: one head). ``Hq != Hkv`` needs ``enable_gqa=True``, and ``attn_mask`` with
-    ``is_causal=True`` is refused, both as torch does. A row whose keys are all masked gives zeros
-    (torch gives NaN or zeros, depending on its version and kernel).
+    batch dims (none: one head), key's and value's broadcasting against query's; ``attn_mask``
+    broadcasts against (..., Hq, L, S) from the right, and a float mask of another dtype than
+    query's is cast to it. ``Hq != Hkv`` needs ``enable_gqa=True`` (also in the 3-D form, read as
+    (H, L, E)), and ``attn_mask`` with ``is_causal=True`` is refused, both as torch does. A row whose
+    keys are all masked gives zeros (torch gives NaN or zeros, depending on its version and kernel).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, min_ndim=2)
@@ -1107,28 +1109,37 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     _check_bool("enable_gqa", enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
-    lead = query.shape[:-2]
-    if query.dim() == 2:  # one head, no batch
-        q, k, v = query[None, None], key[None, None], value[None, None]
-    elif query.dim() == 3:  # (heads or batch, L, E): a batch of single-head problems, as torch treats it
-        q, k, v = query[:, None], key[:, None], value[:, None]
+    # to the 4-D (B, H, L, E) call: a 2-D query is one head, a 3-D one (H, L, E) heads of one
+    # batch (so enable_gqa works there as in torch); more dims are batch dims, flattened, those
+    # of key and value broadcast against the query's as torch broadcasts them
+    if query.dim() <= 3:
+        lift = (None,) * (4 - query.dim())
+        q, k, v, batch = query[lift], key[lift], value[lift], query.shape[:-3]
     else:
-        if key.shape[:-3] != query.shape[:-3] or value.shape[:-3] != query.shape[:-3]:
-            raise ValueError(f"query, key and value must share their batch dims, got {tuple(query.shape)}, "
-                             f"{tuple(key.shape)} and {tuple(value.shape)}")
-        q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
+        try:
+            batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        except RuntimeError:
+            raise ValueError(f"the batch dims of query, key and value must broadcast, got {tuple(query.shape)}, "
+                             f"{tuple(key.shape)} and {tuple(value.shape)}") from None
+        n = math.prod(batch)  # (explicit: a reshape(-1, ...) of an empty tensor is ambiguous)
+        q, k, v = (t.expand(*batch, *t.shape[-3:]).reshape(n, *t.shape[-3:]) for t in (query, key, value))
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"query has {q.shape[1]} heads and key {k.shape[1]}: pass enable_gqa=True for grouped-query "
                          f"attention (as torch's scaled_dot_product_attention requires)")
     mask = attn_mask
-    if isinstance(mask, Tensor) and mask.dim() == query.dim() != 4:
-        # the mask broadcasts against (..., L, S); bring it to the (B, H, L, S) of the 4-D call
-        if query.dim() == 3:
-            mask = mask[:, None]
-        elif query.dim() > 4:
-            mask = mask.expand(*query.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
+    if isinstance(mask, Tensor):
+        if mask.is_floating_point() and mask.dtype != query.dtype:
+            mask = mask.to(query.dtype)  # torch adds any float mask; the kernels read q's dtype
+        if 2 <= mask.dim() <= len(batch) + 3:
+            # broadcast from the right against (*batch, H, L, S), as torch does, then flattened as q
+            mask = mask[(None,) * (len(batch) + 3 - mask.dim())]
+            mask_batch = mask.shape[:-3]
+            if any(n != 1 for n in mask_batch) and len(batch) != 1:
+                mask = mask.expand(*batch, *mask.shape[-3:]).reshape(math.prod(batch), *mask.shape[-3:])
+            else:  # a view: size-1 batch dims merge, or the batch is one dim already
+                mask = mask.reshape(math.prod(mask_batch), *mask.shape[-3:])
     out = attention(q, k, v, attn_mask=mask, causal=is_causal, dropout_p=dropout_p, scale=scale, backend=backend)
-    return out.reshape(*lead, out.shape[-2], out.shape[-1])
+    return out.reshape(*query.shape[:-2], *out.shape[-2:]) if query.dim() < 4 else out.reshape(*batch, *out.shape[-3:])
 
 
 # ---------------------------------------------------------------------------------------------

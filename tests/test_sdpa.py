@@ -21,6 +21,12 @@ CASES = [
     ("additive (L, S) mask + scale", (1, 2, 9, 8), (1, 2, 5, 8), (1, 2, 5, 8), dict(scale=0.3), "additive"),
     ("3-D", (3, 9, 16), (3, 11, 16), (3, 11, 16), {}, "bool3"),
     ("5-D", (2, 3, 2, 7, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8), {}, "bool5"),
+    # torch reads a 3-D call as (H, L, E), so grouped-query works there too
+    ("3-D heads + gqa", (4, 9, 16), (2, 11, 16), (2, 11, 16), dict(enable_gqa=True), None),
+    # masks and key/value batch dims broadcast from the right, as torch broadcasts them
+    ("5-D + 4-D mask", (3, 2, 4, 7, 8), (3, 2, 4, 6, 8), (3, 2, 4, 6, 8), {}, "additive4"),
+    ("key/value batch broadcast", (2, 4, 9, 16), (1, 4, 11, 16), (1, 4, 11, 16), {}, None),
+    ("5-D key/value batch broadcast", (3, 2, 2, 7, 8), (1, 2, 2, 6, 8), (3, 1, 2, 6, 8), {}, "bool5"),
 ]
 
 
@@ -35,6 +41,8 @@ def _mask(kind, q, k):
         return torch.rand(q.shape[0], L, S, generator=gen) > 0.2
     if kind == "bool5":
         return torch.rand(1, q.shape[1], 1, L, S, generator=gen) > 0.2
+    if kind == "additive4":
+        return torch.randn(*q.shape[-4:-2], L, S, generator=gen)
     return None
 
 
@@ -54,6 +62,29 @@ def test_sdpa_matches_torch(backend, case):
 
     results = check_against_reference(fused, reference, inputs)
     assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_takes_empty_sequences_and_any_float_mask_dtype(backend):
+    """Zero queries or zero keys give torch's shapes (the flattening of the batch dims once failed
+    on empty tensors); an additive mask of another float dtype than the query is added as torch
+    adds it (cast to the query's dtype for the kernels)."""
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    for args in [(q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]), (q[:0], k[:0], v[:0])]:
+        expected = TORCH_SDPA(*args)
+        got = F.scaled_dot_product_attention(*args, backend=backend)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected)  # (zeros where there are no keys)
+    mask = torch.randn(5, 7)
+    dtypes = fused_attn.backends.get_backend(backend).dtypes["attention"]
+    if torch.float64 in dtypes:
+        q64, k64, v64 = q.double(), k.double(), v.double()
+        torch.testing.assert_close(F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, backend=backend),
+                                   TORCH_SDPA(q64, k64, v64, attn_mask=mask))
+    if torch.float16 in dtypes:
+        half = [t.half() for t in (q, k, v)]
+        torch.testing.assert_close(F.scaled_dot_product_attention(*half, attn_mask=mask, backend=backend),
+                                   TORCH_SDPA(*(t.float() for t in half), attn_mask=mask).half(), atol=2e-3, rtol=2e-3)
 
 
 def test_sdpa_refuses_what_torch_refuses_and_gives_zeros_on_dead_rows():

@@ -1185,6 +1185,8 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
     # The sum is written out only when returned (prenorm) or needed by a backward.
     needs_grad = _needs_grad(x, residual, weight, bias)
     store_summed = prenorm or needs_grad
+    if compiling:
+        x, residual, weight, bias = _distinct(x, residual, weight, bias)
     args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator),
             name, store_summed)
     if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference
@@ -1312,6 +1314,8 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     check_backend_name(backend)
     options = (("activation", activation), ("dropout", dropout_p > 0.0))  # sorted by name
     name = resolve_options("feed_forward", x.device, x.dtype, options, backend)
+    if torch.compiler.is_compiling():
+        x, w1, b1, w2, b2, w1_up, b1_up = _distinct(x, w1, b1, w2, b2, w1_up, b1_up)
     args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
     if w1_up is not None:
         if _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):

@@ -288,13 +288,18 @@ class _Function(torch.autograd.Function):
 
     @classmethod
     def apply(cls, *args):
+        # (torch's apply named, not reached by a zero-argument super(): when torch.compile cannot
+        # trace a call as a Function and falls back to tracing this method, it fails on super())
         if torch.compiler.is_compiling():
-            return super().apply(*args)
+            return _TORCH_APPLY(cls, *args)
         if cls.forward_mode is not None and cls.forward_mode is not cls and _forward_mode_on():
             return cls.forward_mode.apply(*args)
         if torch._C._are_functorch_transforms_active():
-            return super().apply(*args)
+            return _TORCH_APPLY(cls, *args)
         return super(torch.autograd.Function, cls).apply(*args)  # torch._C._FunctionBase.apply
+
+
+_TORCH_APPLY = torch.autograd.Function.apply.__func__
 
 
 def _forward_mode_on() -> bool:

@@ -355,3 +355,38 @@ def test_self_attention_with_one_tensor_compiles_fullgraph():
     eager.backward()
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(grad, x.grad)
+
+
+@pytest.mark.parametrize("call", ["norm(x, x)", "norm(x, None, b, b)", "ffn(x, w, None, w, None)"])
+def test_one_tensor_twice_compiles_fullgraph(call):
+    """The norm and the feed-forward given one tensor twice (a residual that is x, a weight shared
+    by both linears) compile as ``attention(x, x, x)`` does: Dynamo refuses an autograd Function
+    given one tensor twice, so the functional passes a view."""
+    x, b, w = torch.randn(5, 8, requires_grad=True), torch.randn(8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    fn = {"norm(x, x)": lambda x, b, w: F.layer_norm_residual(x, x),
+          "norm(x, None, b, b)": lambda x, b, w: F.layer_norm_residual(x, None, b, b),
+          "ffn(x, w, None, w, None)": lambda x, b, w: F.feed_forward(x, w, None, w, None)}[call]
+    compiled = torch.compile(lambda *a: fn(*a).square().sum(), fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, b, w), (x, b, w), allow_unused=True)
+    expected = torch.autograd.grad(fn(x, b, w).square().sum(), (x, b, w), allow_unused=True)
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e)
+
+
+def test_a_call_that_breaks_the_graph_runs_eagerly_under_default_compile():
+    """Without fullgraph, a fused call Dynamo cannot trace (here varlen attention without
+    max_seqlen, which must read cu_seqlens on the host) breaks the graph and runs eagerly. Before,
+    Dynamo then traced the Functions' ``apply`` and failed inside it with an internal error."""
+    q = torch.randn(9, 2, 8, requires_grad=True)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+
+    def fn(q):
+        return F.attention_varlen(q, q, q, cu, cu, causal=True).square().sum()
+
+    got = torch.autograd.grad(torch.compile(fn, backend="aot_eager")(q), q)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(fn(q), q)[0])
+    torch._dynamo.reset()  # (else the code compiled above, with its graph break, is reused)
+    with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(q)

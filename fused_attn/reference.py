@@ -221,7 +221,10 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
     else:
         summed = x_dropped + residual if residual is not None else x_dropped
     if rms:
-        normed = summed * torch.rsqrt(summed.pow(2).mean(dim=-1, keepdim=True) + eps)
+        # in float32 at least, as F.layer_norm computes internally and every kernel does: the
+        # squares of half-precision values overflow float16 above 256 (the row came out zeros)
+        wide = summed.to(torch.promote_types(summed.dtype, torch.float32))
+        normed = (wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)).to(summed.dtype)
         if weight is not None:
             normed = normed * weight
         if bias is not None:

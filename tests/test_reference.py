@@ -152,3 +152,49 @@ def test_rmsnorm_and_layernorm_reference():
     normed, summed = R.layer_norm_residual(x, r, w, None, prenorm=True)
     torch.testing.assert_close(summed, s)
     torch.testing.assert_close(normed, TF.layer_norm(s, (8,), w, None, 1e-5))
+
+
+def test_rms_norm_of_large_half_values_is_computed_in_float32():
+    """RMSNorm of float16 rows with |x| > 256: the mean square is taken in float32 (as F.layer_norm
+    and every kernel take it). In float16 the squares overflowed and the whole row came out zeros,
+    in the oracle's reference and on the reference backend, the automatic fallback."""
+    from fused_attn import functional as F
+    x = (torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * 300).half()
+    w = torch.ones(256, dtype=torch.float16)
+    expected = TF.rms_norm(x.double(), (256,), w.double(), 1e-6)
+    for out in (R.layer_norm_residual(x, None, w, None, 1e-6, rms=True),
+                F.layer_norm_residual(x, None, w, None, 1e-6, rms=True, backend="reference")):
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_reference_backend_bias_gradients_keep_float64():
+    """The reference backend's feed-forward bias gradients are summed in float64 for float64
+    inputs (they were summed in float32: errors of ~1e-6 where every other gradient is exact)."""
+    from fused_attn import functional as F
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64) * 100
+    w1, b1, w2, b2 = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+                      for s in ((32, 16), (32,), (8, 32), (8,)))
+    dout = torch.randn(64, 8, generator=g, dtype=torch.float64) * 100
+    got = torch.autograd.grad(F.feed_forward(x, w1, b1, w2, b2, activation="gelu", backend="reference"), (b1, b2), dout)
+    expected = torch.autograd.grad(TF.linear(TF.gelu(TF.linear(x, w1, b1)), w2, b2), (b1, b2), dout)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-9)
+
+
+def test_reference_backend_computes_half_precision_attention_in_float32():
+    """The reference backend (the automatic fallback) computes bfloat16 attention in float32, as
+    the kernels and SDPA's math backend do: its error against float64 is SDPA's, where the scores
+    and softmax in bfloat16 gave ~40x more. (``fused_attn.reference.attention`` stays in the input
+    dtype: the oracle's low-precision reference.)"""
+    from fused_attn import functional as F
+    q, k, v = (t.bfloat16().requires_grad_() for t in _qkv(Lq=64, Lk=64, D=32, dtype=torch.float32))
+    mask = torch.randn(64, 64, dtype=torch.bfloat16, requires_grad=True)
+    exact = TF.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    sdpa_err = (TF.scaled_dot_product_attention(q, k, v, attn_mask=mask).double() - exact).abs().max()
+    out = F.attention(q, k, v, attn_mask=mask, backend="reference")
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - exact).abs().max() <= 1.5 * sdpa_err
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, mask))
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)

@@ -19,7 +19,7 @@ from .backends import check_backend_name, get_backend, resolve_options
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _transform_needs_autograd)
-from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds,
+from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, elements_may_overlap,
                          first_page_out_of_range, gather_kv_pages, pages_out_of_range, paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
@@ -785,6 +785,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     if not compiling:
         lengths, pads = _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new, capacity, slots, rows,
                                               cache_leftpad)
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if new and elements_may_overlap(cache):  # one row written would change others
+                raise ValueError(f"{name} has overlapping elements (strides {tuple(cache.stride())}, e.g. an "
+                                 f"expanded tensor), but the new keys and values are written into it in place: "
+                                 f"pass a cache with memory of its own (.contiguous() or .clone())")
     if rotary_backend is not None:  # RoPE on the new keys (before they are written) and the queries
         q, k = _rotate_kvcache(q, k, cache_seqlens, lengths, rotary_cos, rotary_sin, rotary_interleaved,
                                causal or window_size is not None, rotary_backend, compiling)

@@ -217,3 +217,19 @@ def check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int,
             raise ValueError(f"block_table[{s}] names page {page}, outside the {num_pages} pages of k and v "
                              f"(sequence {s} uses its first {entries} entries)")
     return lengths
+
+
+def elements_may_overlap(t: torch.Tensor) -> bool:
+    """Whether t's elements could share memory (csrc/common/overlap.h's test, which the C++ ``out``
+    checks use): ordered by stride, each stepping dim must start past the offsets the smaller ones
+    reach. True for expanded (stride 0) and other self-overlapping views; False for every slice,
+    transpose or sub-view of a dense tensor (``torch._debug_has_internal_overlap`` gives up on
+    those: a packed qkv's ``qkv[:, :, 0]`` could not be turned in place)."""
+    if t.numel() == 0:
+        return False
+    reach = 0  # the largest offset the dims so far reach from the first element
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False

@@ -30,22 +30,7 @@ from torch import Tensor
 from .backends import check_backend_name, resolve_options
 from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad
 from .ops import RotaryFunction, inference_call_ok, rotary_inference
-
-
-def elements_may_overlap(t: Tensor) -> bool:
-    """Whether t's elements could share memory (csrc/common/overlap.h's test, which the C++ ``out``
-    checks use): ordered by stride, each stepping dim must start past the offsets the smaller ones
-    reach. True for expanded (stride 0) and other self-overlapping views; False for every slice,
-    transpose or sub-view of a dense tensor (``torch._debug_has_internal_overlap`` gives up on
-    those: a packed qkv's ``qkv[:, :, 0]`` could not be turned in place)."""
-    if t.numel() == 0:
-        return False
-    reach = 0  # the largest offset the dims so far reach from the first element
-    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride <= reach:
-            return True
-        reach += (size - 1) * stride
-    return False
+from .ops_common import elements_may_overlap
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,

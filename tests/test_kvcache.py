@@ -326,6 +326,23 @@ def test_triton_reads_the_cache_in_place(device, monkeypatch):
     assert seen == [False, True]
 
 
+def test_kvcache_refuses_a_cache_whose_rows_share_memory():
+    """A cache expanded over the batch (stride 0) would have sequence 0's new key land in every
+    sequence's row: the write is refused before anything is written, as rotary's in-place call
+    refuses such an x. Read-only calls (no new keys) still take it."""
+    q = torch.randn(2, 1, 2, 8)
+    base = torch.randn(1, 6, 2, 8)
+    kc, vc = base.expand(2, 6, 2, 8), base.clone().expand(2, 6, 2, 8)
+    k, v = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    before = base.clone()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="k_cache has overlapping elements .* pass a cache with memory of its own"):
+            F.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor([2, 3]))
+        assert torch.equal(base, before)
+        out = F.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([2, 3]))
+    assert out.shape == (2, 1, 2, 8)
+
+
 def test_kvcache_refuses_inputs_that_require_grad():
     """An inference call, as FlashAttention's: a tensor that requires grad raises, under grad mode
     only, before the cache is written; under no_grad the same call runs."""

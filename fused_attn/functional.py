@@ -173,14 +173,19 @@ def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optiona
 
 def _autocast(*tensors):
     """Under ``torch.autocast`` for the first tensor's device, the tensors as autocast's
-    lower-precision ops (matmul, linear, SDPA) take them: float32 ones in the autocast dtype, others
-    (float64, ints, None) as they are. Outside autocast, the tensors unchanged. (Differentiable:
-    the gradient of a cast parameter comes back in its own dtype.)"""
+    lower-precision ops (matmul, linear, SDPA) take them: every floating one on that device but
+    float64 in the autocast dtype (float16 ones too under a bfloat16 autocast), others (float64,
+    ints, None) as they are. Outside autocast, the tensors unchanged. (Differentiable: the
+    gradient of a cast parameter comes back in its own dtype.)"""
     first = tensors[0]
     if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
         return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors)
+    device, dtype = first.device.type, torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE and t.dtype != dtype
+                 and t.device.type == device else t for t in tensors)
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout_p, scale, softcap, return_lse,
@@ -1169,6 +1174,11 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
                                                                           residual_in_fp32)
+    elif isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):
+        # float32 parameters next to half-precision x, as torch's layer_norm and rms_norm take them
+        # (models that keep their norms in float32), used in x's dtype
+        weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and p.dtype == torch.float32 else p
+                        for p in (weight, bias))
     if not compiling and _norm_tensors_match(x, residual, weight, bias):
         d = x.shape[-1]
     else:

@@ -249,3 +249,39 @@ def test_autocast_follows_torch_policy():
     assert w1.grad.dtype == torch.float32 and q.grad.dtype == torch.float32 and w2.grad.isfinite().all()
     with pytest.raises(TypeError, match="w1 has dtype float32 but x has bfloat16"):
         F.feed_forward(x.detach().bfloat16(), w1, b1, w2, b2)
+
+
+def test_autocast_casts_every_eligible_dtype_as_torch_does():
+    """Under a bfloat16 autocast, float16 operands are cast too (autocast casts every floating
+    tensor but float64), as SDPA and nn.Linear do: the result is bfloat16, where it was float16
+    (or a mixed-dtype error for float16 q with float32 k and v)."""
+    q, k, v = (t.detach().half() for t in make_inputs((1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8), seed=7))
+    x, w1, w2 = make_inputs((3, 8), (16, 8), (8, 16), seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for args in [(q, k, v), (q, k.float(), v.float())]:
+            expected = torch.nn.functional.scaled_dot_product_attention(*args)
+            out = F.attention(*args)
+            assert out.dtype == expected.dtype == torch.bfloat16
+            torch.testing.assert_close(out, expected)
+        out = F.feed_forward(x.detach().half(), w1, None, w2, None)
+        expected = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x.detach().half(), w1)), w2)
+        assert out.dtype == expected.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_takes_float32_parameters_next_to_half_x_outside_autocast(rms):
+    """float32 weight and bias next to bfloat16 x, outside autocast, as torch's layer_norm and
+    rms_norm take them (models that keep their norms in float32): x's dtype out, float32
+    gradients for the parameters. (They raised a mixed-dtype TypeError.) A float16 x with
+    bfloat16 parameters still raises, as torch's does."""
+    x = torch.randn(4, 16).bfloat16()
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    out = F.layer_norm_residual(x, None, w, None if rms else b, 1e-5, rms=rms)
+    expected = (torch.nn.functional.rms_norm(x, (16,), w.bfloat16()) if rms
+                else torch.nn.functional.layer_norm(x, (16,), w, b))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and w.grad.isfinite().all()
+    with pytest.raises(TypeError, match="weight has dtype bfloat16 but x has float16"):
+        F.layer_norm_residual(x.half(), None, w.detach().bfloat16(), None, 1e-5, rms=rms)

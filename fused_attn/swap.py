@@ -393,12 +393,14 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         B, Lq, E = query.shape
         Lk = key.shape[1]
+        # with the is_causal hint and no padding mask torch drops attn_mask unread (but its dtype and dims)
+        causal = bool(is_causal) and key_padding_mask is None
+        check_torch_mha_masks(attn_mask, key_padding_mask, B, self.num_heads, Lq, Lk, attn_mask_used=not causal)
         q, k, v = self._in_projection(query, key, value, same_qkv, same_kv)
         H, D = self.num_heads, self.head_dim
         q = q.unflatten(-1, (H, D)).transpose(1, 2)
         k = k.unflatten(-1, (H, D)).transpose(1, 2)
         v = v.unflatten(-1, (H, D)).transpose(1, 2)
-        causal = bool(is_causal) and key_padding_mask is None
         mask = None if causal else torch_masks_to_keep_or_additive(attn_mask, key_padding_mask, B, H, Lq, Lk, q.dtype)
         p = self.dropout if self.training else 0.0
         out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, backend=self.fused_attn_backend)
@@ -429,6 +431,37 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             k, v = F.linear(key, w[E:], None if b is None else b[E:]).split(E, dim=-1)
             return F.linear(query, wq, bq), k, v
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+
+def check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
+    """torch's check of a mask's dtype (``F._canonical_mask``, with its AssertionError): bool or
+    floating. Another dtype (an old-style uint8 mask, int64) would be read as an additive mask."""
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        raise AssertionError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
+
+
+def check_torch_mha_masks(attn_mask, key_padding_mask, B, H, Lq, Lk, attn_mask_used=True) -> None:
+    """The checks torch.nn.MultiheadAttention makes of its masks (``F._canonical_mask``,
+    ``F._mha_shape_check``, ``F.multi_head_attention_forward``), raising the exception types torch
+    raises. Without them the swapped module read masks torch refuses some other way and gave a
+    wrong answer: a (S, B) key_padding_mask viewed as (B, S), a (1, S) or 4-D attn_mask broadcast.
+    ``attn_mask_used=False`` where torch drops attn_mask for the is_causal hint: its dtype and
+    dims are still checked, not its shape (as torch does)."""
+    check_mask_dtype(key_padding_mask, "key_padding_mask")
+    check_mask_dtype(attn_mask, "attn_mask")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, Lk):
+        raise AssertionError(f"key_padding_mask must be (batch, source length) = {(B, Lk)}, got "
+                             f"{tuple(key_padding_mask.shape)}")
+    if attn_mask is None:
+        return
+    if attn_mask.dim() not in (2, 3):
+        raise AssertionError(f"attn_mask must be 2-D (target length, source length) = {(Lq, Lk)} or 3-D "
+                             f"(batch * num_heads, target length, source length) = {(B * H, Lq, Lk)}, got "
+                             f"{attn_mask.dim()}-D {tuple(attn_mask.shape)}")
+    expected = (Lq, Lk) if attn_mask.dim() == 2 else (B * H, Lq, Lk)
+    if attn_mask_used and tuple(attn_mask.shape) != expected:
+        raise RuntimeError(f"the shape of the {attn_mask.dim()}-D attn_mask is {tuple(attn_mask.shape)}, but should "
+                           f"be {expected}")
 
 
 def torch_masks_to_keep_or_additive(attn_mask, key_padding_mask, B, H, Lq, Lk, dtype):
@@ -499,6 +532,10 @@ class FusedTransformerEncoderLayer(_FusedResidualLayer, nn.TransformerEncoderLay
     takes torch's inference fast path (which would bypass the fused modules)."""
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        # torch's layer checks these dtypes first, under these names (shapes: in self_attn)
+        check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
+        check_mask_dtype(src_mask, "src_mask")
+
         def self_attention(h):
             return self.self_attn(h, h, h, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
                                   need_weights=False, is_causal=is_causal)[0]
@@ -529,6 +566,7 @@ class FusedTransformerEncoder(nn.TransformerEncoder):
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
         from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
+        check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")  # torch's first check (before the layers)
         # torch detects a causal mask on the canonical (float) form of ``mask``.
         canonical = F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="",
                                       target_type=src.dtype, check_other=False)

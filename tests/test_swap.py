@@ -157,6 +157,64 @@ def test_unsupported_multihead_attention_is_left_with_reason():
     assert report.left == [("", "MultiheadAttention", "attention=False")]
 
 
+def _bad_masks(B, H, L, S):
+    """Masks torch.nn.MultiheadAttention refuses (seq-first, batch B, L queries, S keys), with the
+    exception torch raises: (name, kwargs, exception type, argument the message names)."""
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, -1] = True
+    return [("kpm_uint8", dict(key_padding_mask=kpm.to(torch.uint8)), AssertionError, "key_padding_mask"),
+            ("kpm_transposed", dict(key_padding_mask=kpm.T.contiguous()), AssertionError, "key_padding_mask"),
+            ("kpm_1d", dict(key_padding_mask=kpm[0]), AssertionError, "key_padding_mask"),
+            ("mask_int64", dict(attn_mask=torch.ones(L, S, dtype=torch.long).triu(1)), AssertionError, "attn_mask"),
+            ("mask_1xS", dict(attn_mask=torch.tensor([[False] * (S - 1) + [True]])), RuntimeError, "attn_mask"),
+            ("mask_4d", dict(attn_mask=torch.zeros(B, H, L, S, dtype=torch.bool)), AssertionError, "attn_mask"),
+            ("mask_3d_BxLxS", dict(attn_mask=torch.zeros(B, L, S, dtype=torch.bool)), RuntimeError, "attn_mask")]
+
+
+@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_masks(3, 2, 4, 2)])
+def test_torch_multihead_attention_refuses_the_masks_torch_refuses(case):
+    """A swapped nn.MultiheadAttention makes torch's checks of its masks (dtype bool or float;
+    key_padding_mask (B, S); attn_mask (L, S) or (B*H, L, S)) and raises what torch raises, with a
+    message naming the argument. Without them it read such masks some other way and returned a
+    wrong answer: a uint8 padding mask added as +1, a (S, B) one viewed as (B, S), a (1, S) or 4-D
+    attn_mask broadcast."""
+    B, H, L, S = 3, 2, 4, 2
+    name, kwargs, exc, arg = _bad_masks(B, H, L, S)[case]
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4 * H, H)
+    ref = copy.deepcopy(mha)
+    fused_attn.swap_modules(mha)
+    q, kv = torch.randn(L, B, 4 * H), torch.randn(S, B, 4 * H)
+    with pytest.raises(exc):
+        ref(q, kv, kv, need_weights=False, **kwargs)
+    with pytest.raises(exc, match=arg):
+        mha(q, kv, kv, need_weights=False, **kwargs)
+
+
+def test_swapped_encoder_layers_refuse_the_padding_masks_torch_refuses():
+    """The same checks through a swapped seq-first TransformerEncoderLayer and TransformerEncoder,
+    which hand their masks to the swapped self-attention: a padding mask given as (L, B) raises, as
+    torch's does, instead of being read as (B, L); a uint8 one raises naming src_key_padding_mask
+    before any layer runs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0)
+    enc = nn.TransformerEncoder(copy.deepcopy(layer), 2, enable_nested_tensor=False)
+    x = torch.randn(L, B, D)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, -2:] = True
+    for module in (layer, enc):
+        ref = copy.deepcopy(module)
+        fused_attn.swap_modules(module)
+        for bad, exc in ((kpm.T.contiguous(), AssertionError), (kpm.to(torch.uint8), AssertionError)):
+            with pytest.raises(exc):
+                ref(x, src_key_padding_mask=bad)
+            with pytest.raises(exc, match="key_padding_mask"):
+                module(x, src_key_padding_mask=bad)
+        with pytest.raises(AssertionError, match="src_key_padding_mask"):
+            module(x, src_key_padding_mask=kpm.to(torch.uint8))
+        torch.testing.assert_close(module(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm))
+
+
 ENCODER_CASES = [(False, "relu"), (True, "gelu"), (False, nn.GELU(approximate="tanh"))]
 
 

@@ -14,7 +14,8 @@ is and listed in the report with the reason; a fused forward that meets a call i
 exactly (``need_weights=True``, unbatched input) calls the original forward. So does one whose
 children it reads (rather than calls) were replaced or hooked since the swap (``reads_intact``):
 PEFT's LoRA layers wrap a Linear and add their product in their forward, which reading the
-Linear's weight would skip.
+Linear's weight would skip. A swapped ``nn.Sequential`` whose children are no longer those it
+was converted with (``append``, ``insert``, ``del``) runs ``nn.Sequential``'s forward too.
 
 Targets (one converter per family, tried in order):
 - ``fused_attn.reference``: MultiHeadAttention, LayerNormResidual, FeedForward -> ``fused_attn.modules``;
@@ -170,8 +171,10 @@ class FusedSequentialFFN(nn.Sequential):
     """Sequential(Linear, activation, [Dropout], Linear) as one fused feed_forward."""
 
     def forward(self, x):
-        if not reads_intact(self):
-            return super().forward(x)  # a child replaced (an adapter) or hooked since the swap
+        # The container as converted (the same children, in order; an append or insert since
+        # would otherwise be skipped), none replaced (an adapter) or hooked since the swap
+        if list(self._modules) != list(self.__dict__[READS_ATTR]) or not reads_intact(self):
+            return super().forward(x)
         first, last = self[0], self[len(self) - 1]
         p = dropout_p(self[2]) if len(self) == 4 else 0.0
         return feed_forward(x, first.weight, first.bias, last.weight, last.bias,

@@ -98,6 +98,23 @@ def test_sequential_ffn_with_dropout_and_gelu_and_unsupported_activation():
     assert not report.replaced and "Tanh" in report.left[0][2]
 
 
+def test_sequential_ffn_changed_after_the_swap_runs_as_it_now_reads():
+    """A swapped nn.Sequential FFN grown or shrunk afterwards (``append``, ``insert``, ``del``)
+    runs nn.Sequential's forward over its children as they now are. The fused forward read
+    ``self[len(self) - 1]`` as the second Linear and ``self[2]`` as the dropout: after an append
+    it skipped a Linear (a wrong answer) or read a Linear as a Dropout (AttributeError)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, D)
+    four = nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Dropout(0.0), nn.Linear(48, D))
+    three = nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, D))
+    for ffn, change in ((four, lambda s: s.append(nn.Linear(D, D))), (three, lambda s: s.append(nn.Dropout(0.0))),
+                        (three, lambda s: s.insert(2, nn.Linear(48, 48))), (four, lambda s: s.__delitem__(2))):
+        ffn = copy.deepcopy(ffn)
+        fused_attn.swap_modules(ffn)
+        change(ffn)
+        torch.testing.assert_close(ffn(x), nn.Sequential.forward(ffn, x))
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("packed", [True, False])
 def test_torch_multihead_attention(batch_first, packed):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -120,6 +121,9 @@ def norm_reason(norm) -> Optional[str]:
         return f"norm is {type(norm).__name__}, not LayerNorm/RMSNorm"
     if len(norm.normalized_shape) != 1:
         return f"normalized_shape {tuple(norm.normalized_shape)} spans several dims"
+    # torch takes eps=0 (or less); the fused norm refuses it, so a swapped one would raise at every call
+    if norm.eps is not None and not (norm.eps > 0 and math.isfinite(norm.eps)):
+        return f"eps={norm.eps}: the fused norm takes a positive finite eps"
     return None
 
 

@@ -321,6 +321,26 @@ def test_partial_swaps_and_unsupported_activation():
     assert not report.replaced and type(layer) is nn.TransformerEncoderLayer
 
 
+def test_norms_with_eps_the_fused_norm_refuses_are_left():
+    """The fused norm takes a positive finite eps; torch's norms also take eps=0 (finite while
+    the variance is positive). Such a norm, alone or in an encoder layer, is left to torch and
+    listed with the reason (the layer's attention and FFN are still fused): before, it was
+    swapped and every forward raised "eps must be a positive finite float"."""
+    torch.manual_seed(0)
+    x = torch.randn(B, L, D)
+    for norm in (nn.LayerNorm(D, eps=0.0), nn.RMSNorm(D, eps=0.0)):
+        ref = copy.deepcopy(norm)
+        report = fused_attn.swap_modules(norm)
+        assert not report.replaced and type(norm) is type(ref) and "eps=0.0" in report.left[0][2], report
+        torch.testing.assert_close(norm(x), ref(x))
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, layer_norm_eps=0.0, batch_first=True)
+    ref = copy.deepcopy(layer)
+    report = fused_attn.swap_modules(layer)
+    assert "norms torch (eps=0.0" in report.replaced[0][3] and "FFN fused relu" in report.replaced[0][3], report
+    assert {path for path, _, why in report.left if "eps=0.0" in why} == {"norm1", "norm2"}, report
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_swap_is_idempotent_restore_is_complete_and_swapped_models_pickle():
     torch.manual_seed(0)
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True), 2,

@@ -11,7 +11,7 @@ and every other attribute stay what they were, so a ``state_dict`` round-trips, 
 their state and tied weights stay tied. Restoring sets the class back. A module that is a target
 but cannot be fused exactly (an unsupported activation, norm shape, bias_k, ...) is left as it
 is and listed in the report with the reason; a fused forward that meets a call it cannot run
-exactly (``need_weights=True``, unbatched input) calls the original forward. So does one whose
+exactly (``need_weights=True``, unbatched or nested-tensor input) calls the original forward. So does one whose
 children it reads (rather than calls) were replaced or hooked since the swap (``reads_intact``):
 PEFT's LoRA layers wrap a Linear and add their product in their forward, which reading the
 Linear's weight would skip. A swapped ``nn.Sequential`` whose children are no longer those it
@@ -157,6 +157,8 @@ def _norm_repr(norm) -> str:
 
 class FusedLayerNorm(nn.LayerNorm):
     def forward(self, x):
+        if x.is_nested:  # torch's norm takes nested tensors, the fused op does not
+            return super().forward(x)
         return fused_norm(self, x, backend=self.fused_attn_backend)
 
     def extra_repr(self):
@@ -165,6 +167,8 @@ class FusedLayerNorm(nn.LayerNorm):
 
 class FusedRMSNorm(nn.RMSNorm):
     def forward(self, x):
+        if x.is_nested:  # torch's norm takes nested tensors, the fused op does not
+            return super().forward(x)
         return fused_norm(self, x, backend=self.fused_attn_backend)
 
     def extra_repr(self):
@@ -536,9 +540,12 @@ class _FusedResidualLayer:
 
 class FusedTransformerEncoderLayer(_FusedResidualLayer, nn.TransformerEncoderLayer):
     """TransformerEncoderLayer with fused norms/FFN; its self_attn is swapped on its own. It never
-    takes torch's inference fast path (which would bypass the fused modules)."""
+    takes torch's inference fast path (which would bypass the fused modules), but for nested-tensor
+    input, which only that path takes."""
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if src.is_nested:  # nested tensors go to torch's forward (its inference fast path takes them)
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         # torch's layer checks these dtypes first, under these names (shapes: in self_attn)
         check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
         check_mask_dtype(src_mask, "src_mask")
@@ -568,10 +575,15 @@ class FusedTransformerDecoderLayer(_FusedResidualLayer, nn.TransformerDecoderLay
 
 class FusedTransformerEncoder(nn.TransformerEncoder):
     """TransformerEncoder without the nested-tensor inference path (which would feed nested
-    tensors to the fused layers); otherwise torch's forward: causal-mask detection, layers, norm."""
+    tensors to the fused layers); otherwise torch's forward: causal-mask detection, layers, norm.
+    Input that is nested already runs torch's forward (the swapped layers and norms pass it on to
+    torch's)."""
 
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
         from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
+
+        if src.is_nested:  # already nested: torch's forward, whose layers (swapped) pass it to torch's
+            return super().forward(src, mask, src_key_padding_mask, is_causal)
 
         check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")  # torch's first check (before the layers)
         # torch detects a causal mask on the canonical (float) form of ``mask``.

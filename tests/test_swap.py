@@ -284,6 +284,24 @@ def test_encoder_inference_fast_path_is_replaced():
                                        atol=2e-5, rtol=1e-4)
 
 
+def test_nested_tensor_inputs_run_the_original_forward():
+    """torch's LayerNorm, and its encoder layer and encoder on their inference fast path, take
+    nested tensors (sequences of different lengths); the fused ops do not. Swapped, they run the
+    original forward for such input, as the swapped MultiheadAttention does, where they raised
+    "NestedTensorImpl doesn't support sizes"."""
+    torch.manual_seed(0)
+    nested = torch.nested.nested_tensor([torch.randn(3, D), torch.randn(5, D)])
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True)
+    for module in (nn.LayerNorm(D), layer, nn.TransformerEncoder(copy.deepcopy(layer), 2)):
+        module.eval()
+        ref = copy.deepcopy(module)
+        fused_attn.swap_modules(module)
+        with torch.no_grad():
+            out, expected = module(nested), ref(nested)
+        assert out.is_nested
+        torch.testing.assert_close(out.to_padded_tensor(0.0), expected.to_padded_tensor(0.0))
+
+
 @pytest.mark.parametrize("norm_first,activation,batch_first", [(False, "relu", False), (True, "gelu", True)])
 def test_torch_transformer_decoder_layer(norm_first, activation, batch_first):
     torch.manual_seed(0)

@@ -415,8 +415,11 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         mask = None if causal else torch_masks_to_keep_or_additive(attn_mask, key_padding_mask, B, H, Lq, Lk, q.dtype)
         p = self.dropout if self.training else 0.0
         out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, backend=self.fused_attn_backend)
-        out = F.linear(out.transpose(1, 2).reshape(B, Lq, E), self.out_proj.weight, self.out_proj.bias)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        out = out.transpose(1, 2)  # (B, H, Lq, D) stored as (B, Lq, H, D): a view
+        # seq-first: into torch's contiguous (Lq, B, E) layout before the projection (one copy of
+        # its input, where transposing its output would return a non-contiguous tensor)
+        out = out.reshape(B, Lq, E) if self.batch_first else out.transpose(0, 1).reshape(Lq, B, E)
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
 
     def extra_repr(self) -> str:
         opts = {"head_dim": self.head_dim, "head_dim_v": self.head_dim, "causal": False, "dropout": self.dropout > 0,

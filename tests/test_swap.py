@@ -146,6 +146,24 @@ def test_torch_multihead_attention(batch_first, packed):
                                                                              is_causal=True))
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_multihead_attention_output_layout(batch_first):
+    """The swapped module returns a contiguous output, as torch's seq-first module does ((L, B, E):
+    ``out.view(-1, E)`` works): the seq-first path returned a transposed (B, L, E) tensor. The
+    batch-first path keeps its contiguous (B, L, E) output (torch's own is a transposed view there)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, H, batch_first=batch_first)
+    ref = copy.deepcopy(mha)
+    fused_attn.swap_modules(mha)
+    q, kv = torch.randn(L, B, D), torch.randn(7, B, D)
+    if batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    for query, key in ((q, q), (q, kv)):  # self- and cross-attention
+        out = mha(query, key, key, need_weights=False)[0]
+        assert out.is_contiguous() and out.shape == query.shape
+        torch.testing.assert_close(out, ref(query, key, key, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_torch_multihead_attention_fused_path_and_fallbacks(monkeypatch):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(D, H, batch_first=True)

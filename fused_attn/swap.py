@@ -115,6 +115,17 @@ def activation_name(act) -> Optional[str]:
     return None
 
 
+def activation_now(act) -> Optional[str]:
+    """At each call of a swapped FFN: the fused form of its activation as it is now, or None (run
+    it unfused). The activation can change after the swap without the children's classes
+    changing: a function attribute (``layer.activation = F.gelu``), a module's setting
+    (``approximate``), a module put in place of a function, which may have hooks the fused op
+    would skip. Identity and type checks only: about a microsecond."""
+    if isinstance(act, nn.Module) and not reference.reads_as_called(act, type(act)):
+        return None
+    return activation_name(act)
+
+
 def norm_reason(norm) -> Optional[str]:
     """Why ``norm`` cannot run as the fused norm (None when it can)."""
     if type(norm) not in (nn.LayerNorm, nn.RMSNorm, FusedLayerNorm, FusedRMSNorm):
@@ -183,10 +194,13 @@ class FusedSequentialFFN(nn.Sequential):
         # would otherwise be skipped), none replaced (an adapter) or hooked since the swap
         if list(self._modules) != list(self.__dict__[READS_ATTR]) or not reads_intact(self):
             return super().forward(x)
+        act = activation_now(self[1])  # (its settings may have changed since the swap)
+        if act is None:
+            return super().forward(x)
         first, last = self[0], self[len(self) - 1]
         p = dropout_p(self[2]) if len(self) == 4 else 0.0
         return feed_forward(x, first.weight, first.bias, last.weight, last.bias,
-                            activation=self.fused_attn_activation, dropout_p=p, backend=self.fused_attn_backend)
+                            activation=act, dropout_p=p, backend=self.fused_attn_backend)
 
 
 class FusedPlainMLP:
@@ -508,8 +522,9 @@ class _FusedResidualLayer:
     post-LN:  x = norm_i(x + dropout_i(branch_i(x)))       -> layer_norm_residual(branch, x)
     pre-LN:   x = x + dropout_i(branch_i(norm_i(x)))       -> the add and the next norm in one
               layer_norm_residual(branch, x, prenorm=True); the last add is a plain add.
-    Set on the instance by the swap: fused_attn_norm (bool), fused_attn_activation (str or None:
-    the FFN stays torch's), fused_attn_backend.
+    Set on the instance by the swap: fused_attn_norm (bool), fused_attn_activation (str, the
+    activation's fused form at the swap, or None: the FFN stays torch's; the activation itself is
+    read again at each call), fused_attn_backend.
     """
 
     def _fused_blocks(self, x, blocks):
@@ -534,11 +549,12 @@ class _FusedResidualLayer:
         return x
 
     def _fused_ff(self, x):
-        if self.fused_attn_activation is None or not reads_intact(self, *self.fused_attn_ffn_reads):
+        # the activation is read now: it may have been set since the swap (often a function, F.relu)
+        act = activation_now(self.activation) if self.fused_attn_activation is not None else None
+        if act is None or not reads_intact(self, *self.fused_attn_ffn_reads):
             return self.linear2(self.dropout(self.activation(self.linear1(x))))
         return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                            activation=self.fused_attn_activation, dropout_p=dropout_p(self.dropout),
-                            backend=self.fused_attn_backend)
+                            activation=act, dropout_p=dropout_p(self.dropout), backend=self.fused_attn_backend)
 
 
 class FusedTransformerEncoderLayer(_FusedResidualLayer, nn.TransformerEncoderLayer):
@@ -667,7 +683,7 @@ def _convert_sequential_ffn(module, opts):
         return None if not isinstance(parts[1], nn.Module) else f"activation {type(parts[1]).__name__} has no fused form"
     if not opts.ffn:
         return "ffn=False"
-    return Conversion(FusedSequentialFFN, {"fused_attn_activation": act, "fused_attn_backend": opts.backend},
+    return Conversion(FusedSequentialFFN, {"fused_attn_backend": opts.backend},
                       consumed=tuple(str(i) for i in range(len(parts))), note=f"FFN {act}",
                       reads={str(i): nn.Linear if i in (0, len(parts) - 1) else None for i in range(len(parts))})
 

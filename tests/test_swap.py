@@ -377,6 +377,38 @@ def test_norms_with_eps_the_fused_norm_refuses_are_left():
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_activation_changed_after_the_swap_is_followed(monkeypatch):
+    """A swapped layer's FFN reads its activation at each call: a function set after the swap
+    (``layer.activation = F.gelu`` on a relu layer), a module put in its place (hooks included),
+    or a module's setting changed (``approximate``) gives what the unswapped layer gives, fused
+    where the new activation has a fused form. The swap used to cache the activation's fused
+    form, so a new function activation was silently ignored (relu still ran)."""
+    torch.manual_seed(0)
+    x = torch.randn(B, L, D)
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True)  # relu
+    ref = copy.deepcopy(layer)
+    fused_attn.swap_modules(layer)
+    calls = []
+    real = S.feed_forward
+    monkeypatch.setattr(S, "feed_forward", lambda *a, **k: calls.append(k["activation"]) or real(*a, **k))
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda mod, inp, out: out * 2)
+    for act, fused in ((F.gelu, "gelu"), (lambda t: F.leaky_relu(t, 0.1), None), (nn.GELU(), "gelu"),
+                       (hooked, None)):
+        layer.activation = ref.activation = act
+        calls.clear()
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert calls == ([fused] if fused else []), (act, calls)
+    layer.activation, ref.activation = nn.GELU(), nn.GELU()
+    layer.activation.approximate = ref.activation.approximate = "tanh"
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    ffn = nn.Sequential(nn.Linear(D, 48), nn.GELU(), nn.Linear(48, D))
+    ref = copy.deepcopy(ffn)
+    fused_attn.swap_modules(ffn)
+    ffn[1].approximate = ref[1].approximate = "tanh"
+    torch.testing.assert_close(ffn(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_swap_is_idempotent_restore_is_complete_and_swapped_models_pickle():
     torch.manual_seed(0)
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True), 2,

@@ -535,6 +535,7 @@ class MultiHeadAttention(nn.Module):
             out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size,
                                    alibi_slopes=self.alibi_slopes, sinks=self.sinks)
             return self.out_linear(out.flatten(-2))
+        check_batched_call(query, key, value, self.d_model)
         key = query if key is None else key
         value = key if value is None else value
         B, Lq, _ = query.shape
@@ -580,6 +581,15 @@ def _decode_reference(mha, query, kv_cache):
     kv_cache.seqlens += L
     out = torch.stack(outs) if outs else q.new_zeros(0, L, mha.num_heads, mha.head_dim)  # (an empty batch)
     return mha.out_linear(out.reshape(B, L, mha.d_model))
+
+
+def check_batched_call(query, key, value, d_model):
+    """A module call without cu_seqlens or kv_cache is on (B, L, d_model) tensors: a 2-D input
+    would otherwise fail unpacking its shape, without saying which argument or what it needs."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t is not None and (t.dim() != 3 or t.shape[-1] != d_model):
+            packed = " (or (total_tokens, d_model) with cu_seqlens: packed sequences)" if name == "query" else ""
+            raise ValueError(f"{name} must be (batch, length, d_model={d_model}){packed}, got {tuple(t.shape)}")
 
 
 def check_packed_call(query, key, value, attn_mask, key_padding_mask, d_model):

@@ -288,6 +288,22 @@ def test_packed_call_errors():
         M.MultiHeadAttention(D_MODEL, HEADS)(x, cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32))
 
 
+def test_unpacked_call_errors():
+    """Without cu_seqlens (or kv_cache) the modules take (B, L, d_model) tensors: a 2-D input, a
+    key of other rank or a wrong width raises a ValueError naming the argument and the shapes
+    expected, where a 2-D input raised "not enough values to unpack (expected 3, got 2)"."""
+    x = torch.randn(B, L, D_MODEL)
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        mha = cls(D_MODEL, HEADS)
+        with pytest.raises(ValueError, match=r"query must be \(batch, length, d_model=32\) \(or \(total_tokens, d_model\) "
+                                             r"with cu_seqlens.*got \(17, 32\)"):
+            mha(x[0])
+        with pytest.raises(ValueError, match=r"key must be \(batch, length, d_model=32\), got \(17, 32\)"):
+            mha(x, x[0])
+        with pytest.raises(ValueError, match=r"value must be \(batch, length, d_model=32\), got \(2, 17, 31\)"):
+            mha(x, x, x[..., :-1])
+
+
 def test_packed_training_example_runs(monkeypatch, capsys):
     """examples/packed_training.py: packed equals one document at a time, and it trains."""
     import os

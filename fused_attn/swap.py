@@ -58,15 +58,21 @@ RESTORE_ATTR = "_fused_attn_restore"
 @dataclass
 class SwapReport:
     """What ``swap_modules`` did: ``replaced`` rows (path, original class, fused class, note) and
-    ``left`` rows (path, class, reason). Paths are ``named_modules`` names ("" is the root)."""
+    ``left`` rows (path, class, reason). Paths are ``named_modules`` names ("" is the root).
+    ``restore_modules`` returns one with ``action="restore_modules"``, its ``replaced`` rows what
+    it restored (path, fused class, original class, note)."""
 
     replaced: list[tuple[str, str, str, str]] = field(default_factory=list)
     left: list[tuple[str, str, str]] = field(default_factory=list)
+    action: str = "swap_modules"
 
     def __str__(self) -> str:
-        lines = [f"fused_attn.swap_modules: {len(self.replaced)} replaced, {len(self.left)} left"]
+        restore = self.action == "restore_modules"
+        lines = [f"fused_attn.restore_modules: {len(self.replaced)} restored" if restore else
+                 f"fused_attn.swap_modules: {len(self.replaced)} replaced, {len(self.left)} left"]
         for path, old, new, note in self.replaced:
-            lines.append(f"  replaced {path or '<root>'}: {old} -> {new}" + (f" ({note})" if note else ""))
+            lines.append(f"  {'restored' if restore else 'replaced'} {path or '<root>'}: {old} -> {new}"
+                         + (f" ({note})" if note else ""))
         for path, cls, why in self.left:
             lines.append(f"  left     {path or '<root>'}: {cls}: {why}")
         return "\n".join(lines)
@@ -834,7 +840,7 @@ def _walk(module: nn.Module, path: str, opts: SwapOptions, report: SwapReport) -
 def restore_modules(model: nn.Module) -> SwapReport:
     """Undo ``swap_modules``: every swapped module gets its original class back (and loses the
     attributes the swap added). Returns a report of what was restored (in ``replaced``)."""
-    report = SwapReport()
+    report = SwapReport(action="restore_modules")
     for path, module in model.named_modules():
         info = module.__dict__.pop(RESTORE_ATTR, None)
         if info is None:
@@ -842,7 +848,7 @@ def restore_modules(model: nn.Module) -> SwapReport:
         cls, added, _ = info
         for name in added:
             module.__dict__.pop(name, None)
-        report.replaced.append((path, type(module).__name__, cls.__name__, "restored"))
+        report.replaced.append((path, type(module).__name__, cls.__name__, ""))
         module.__class__ = cls
     for path, hf_model in _transformers_models(model):
         from .integrations import huggingface

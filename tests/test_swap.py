@@ -439,6 +439,31 @@ def test_report_text_and_bad_backend():
         fused_attn.swap_modules(nn.Linear(2, 2), backend="fastest")
 
 
+def test_restore_report_says_restored():
+    """restore_modules' report is headed by restore_modules and counts what it restored (it was
+    headed "fused_attn.swap_modules: N replaced", as if the model had been swapped again)."""
+    mha = nn.MultiheadAttention(D, H)
+    fused_attn.swap_modules(mha)
+    text = str(fused_attn.restore_modules(mha))
+    assert text.splitlines() == ["fused_attn.restore_modules: 1 restored",
+                                 "  restored <root>: FusedMultiheadAttention -> MultiheadAttention"], text
+
+
+def test_swapping_a_swapped_model_again_says_so():
+    """A second swap_modules on a swapped model changes nothing (the modules keep the backend and
+    options of the first); its report lists them as already swapped, with their backend, and says
+    how to change it, where it said "0 replaced, 0 left" and the new backend silently did not apply."""
+    model = nn.Sequential(nn.MultiheadAttention(D, H), nn.Linear(D, D))
+    fused_attn.swap_modules(model)
+    report = fused_attn.swap_modules(model, backend="reference")
+    assert not report.replaced and not report.left
+    assert report.already == [("0", "FusedMultiheadAttention", "backend=None")]
+    text = str(report)
+    assert text.startswith("fused_attn.swap_modules: 0 replaced, 0 left, 1 already swapped\n"), text
+    assert "restore_modules(model), then swap_modules(model, ...)" in text
+    assert model[0].fused_attn_backend is None
+
+
 def test_swapped_modules_show_their_backend_and_train_with_dropout():
     torch.manual_seed(0)
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.3, batch_first=True), 1,

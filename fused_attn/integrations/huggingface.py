@@ -331,7 +331,7 @@ def restore_rotary(model, report, path: str = "") -> None:
         if original is not None:
             module.apply_rotary_pos_emb = original
             report.replaced.append((path, f"{name.rsplit('.', 1)[-1]}.apply_rotary_pos_emb",
-                                    "apply_rotary_pos_emb", "restored"))
+                                    "apply_rotary_pos_emb", "transformers' own"))
 
 
 def _same_body(fn, known) -> bool:

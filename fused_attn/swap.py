@@ -65,16 +65,24 @@ class SwapReport:
     replaced: list[tuple[str, str, str, str]] = field(default_factory=list)
     left: list[tuple[str, str, str]] = field(default_factory=list)
     action: str = "swap_modules"
+    #: (path, class, note) of the modules an earlier swap fused: kept as they are, backend and options
+    already: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         restore = self.action == "restore_modules"
         lines = [f"fused_attn.restore_modules: {len(self.replaced)} restored" if restore else
-                 f"fused_attn.swap_modules: {len(self.replaced)} replaced, {len(self.left)} left"]
+                 f"fused_attn.swap_modules: {len(self.replaced)} replaced, {len(self.left)} left"
+                 + (f", {len(self.already)} already swapped" if self.already else "")]
         for path, old, new, note in self.replaced:
             lines.append(f"  {'restored' if restore else 'replaced'} {path or '<root>'}: {old} -> {new}"
                          + (f" ({note})" if note else ""))
         for path, cls, why in self.left:
             lines.append(f"  left     {path or '<root>'}: {cls}: {why}")
+        for path, cls, note in self.already:
+            lines.append(f"  already  {path or '<root>'}: {cls} ({note})")
+        if self.already:
+            lines.append("  (modules swapped before keep their backend and options: restore_modules(model), then "
+                         "swap_modules(model, ...) to change them)")
         return "\n".join(lines)
 
 
@@ -781,7 +789,9 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
     Returns a ``SwapReport`` listing each module replaced (path, classes) and each target left
     as it is, with the reason. Parameters are not copied or moved to new objects: the modules
     keep them (and their names), so optimisers, tied weights and state_dicts are unaffected.
-    Swapping a swapped model changes nothing; ``restore_modules`` undoes it.
+    Swapping a swapped model changes nothing (its report lists those modules as ``already``
+    swapped, with their backend): to swap with another backend or options, ``restore_modules``
+    first. ``restore_modules`` undoes it.
     """
     check_backend_name(backend)
     opts = SwapOptions(bool(attention), bool(norm), bool(ffn), backend, bool(rotary))
@@ -815,7 +825,11 @@ def _transformers_models(model: nn.Module):
 
 def _walk(module: nn.Module, path: str, opts: SwapOptions, report: SwapReport) -> None:
     if RESTORE_ATTR in module.__dict__:  # swapped before: skip it and what it runs itself
-        consumed = module.__dict__[RESTORE_ATTR][2]
+        _, added, consumed = module.__dict__[RESTORE_ATTR]
+        # said in the report: a second swap with another backend or options would otherwise
+        # silently keep the first one's
+        backend = next((module.__dict__.get(name) for name in added if name in ("backend", "fused_attn_backend")), None)
+        report.already.append((path, type(module).__name__, f"backend={backend}"))
     else:
         consumed = ()
         for converter in CONVERTERS:

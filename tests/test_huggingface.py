@@ -604,6 +604,9 @@ def test_second_llama_family_model_gets_its_rope_fused_and_reswaps_report_nothin
     assert not report.left, report
     again = fused_attn.swap_modules(second)  # swapping a swapped model: nothing to do, nothing blamed
     assert not again.replaced and not again.left, again
+    # but said: the attention implementation and the rotary function are listed as swapped already
+    assert ("", "MistralForCausalLM", "attn_implementation 'fused_attn'") in again.already, again
+    assert ("", "modeling_mistral.apply_rotary_pos_emb", "fused rotary") in again.already, again
 
 
 def _t5(**kw):

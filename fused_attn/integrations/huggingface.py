@@ -176,6 +176,7 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
     previous = getattr(model.config, "_attn_implementation", None)
     if previous == NAME:
         register()  # (a model loaded whole, whose attention was the only thing swapped, needs it again)
+        report.already.append((path, type(model).__name__, f"attn_implementation {NAME!r}"))
         return
     if not _uses_attention_interface(type(model)):
         report.left.append((path, type(model).__name__, _no_interface_reason(type(model))))
@@ -304,7 +305,8 @@ def swap_rotary(model, opts, report, path: str = "") -> None:
             continue
         where = f"{module.__name__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb"
         if hasattr(fn, "fused_attn_original") and module.__name__ in patched:
-            continue  # this model's own earlier swap
+            report.already.append((path, where, "fused rotary"))  # this model's own earlier swap
+            continue
         if hasattr(fn, "fused_attn_original"):
             report.left.append((path, where, "already fused (by another model's swap_modules)"))
             continue

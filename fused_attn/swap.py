@@ -11,10 +11,10 @@ and every other attribute stay what they were, so a ``state_dict`` round-trips, 
 their state and tied weights stay tied. Restoring sets the class back. A module that is a target
 but cannot be fused exactly (an unsupported activation, norm shape, bias_k, ...) is left as it
 is and listed in the report with the reason; a fused forward that meets a call it cannot run
-exactly (``need_weights=True``, unbatched or nested-tensor input) calls the original forward. So does one whose
-children it reads (rather than calls) were replaced or hooked since the swap (``reads_intact``):
-PEFT's LoRA layers wrap a Linear and add their product in their forward, which reading the
-Linear's weight would skip. A swapped ``nn.Sequential`` whose children are no longer those it
+exactly (``need_weights=True``, unbatched or nested-tensor input) calls the original forward. So
+does one whose children it reads (rather than calls) were replaced or hooked since the swap
+(``reads_intact``): PEFT's LoRA layers wrap a Linear and add their product in their forward,
+which reading the Linear's weight would skip. A swapped ``nn.Sequential`` whose children are no longer those it
 was converted with (``append``, ``insert``, ``del``) runs ``nn.Sequential``'s forward too.
 
 Targets (one converter per family, tried in order):
@@ -416,7 +416,8 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
     Masks keep torch's meaning: a bool ``attn_mask``/``key_padding_mask`` marks with True the
     positions NOT to attend (the opposite of fused_attn's keep-masks, so they are inverted here);
     float masks are added to the scores. ``is_causal`` is the same hint as in torch: with no key
-    padding mask, the causal flag replaces ``attn_mask``.
+    padding mask, the causal flag replaces ``attn_mask``. Masks torch refuses (other dtypes or
+    shapes) raise as in torch (``check_torch_mha_masks``).
     """
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,

@@ -295,8 +295,8 @@ def test_unpacked_call_errors():
     x = torch.randn(B, L, D_MODEL)
     for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
         mha = cls(D_MODEL, HEADS)
-        with pytest.raises(ValueError, match=r"query must be \(batch, length, d_model=32\) \(or \(total_tokens, d_model\) "
-                                             r"with cu_seqlens.*got \(17, 32\)"):
+        with pytest.raises(ValueError, match=r"query must be \(batch, length, d_model=32\) "
+                                             r"\(or \(total_tokens, d_model\) with cu_seqlens.*got \(17, 32\)"):
             mha(x[0])
         with pytest.raises(ValueError, match=r"key must be \(batch, length, d_model=32\), got \(17, 32\)"):
             mha(x, x[0])

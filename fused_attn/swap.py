@@ -910,13 +910,23 @@ class patch_sdpa:
                                                 backend=backend)
 
         fused_sdpa.__wrapped__ = original
+        fused_sdpa.fused_attn_patch = self
         self.patched = fused_sdpa
+        self.undone = False
         F.scaled_dot_product_attention = fused_sdpa
 
     def undo(self) -> None:
-        """Put back the function that was there before this patch (if the patch is still in place)."""
-        if F.scaled_dot_product_attention is self.patched:
-            F.scaled_dot_product_attention = self.original
+        """Take this patch away. When it is the installed function, the one before it comes back,
+        skipping patches undone already (handles undone out of order: a patch undone while a later
+        one was on top must not come back when that one goes); otherwise the patch is only marked,
+        and leaves when the patches above it do."""
+        self.undone = True
+        if F.scaled_dot_product_attention is not self.patched:
+            return
+        previous = self.original
+        while getattr(previous, "fused_attn_patch", None) is not None and previous.fused_attn_patch.undone:
+            previous = previous.fused_attn_patch.original
+        F.scaled_dot_product_attention = previous
 
     def __enter__(self):
         return self

@@ -115,6 +115,24 @@ class CallsSdpa(nn.Module):
         return TF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
 
 
+@pytest.mark.parametrize("order", ["last first", "first first"])
+def test_patch_sdpa_handles_undone_in_any_order_restore_torch(order):
+    """Two patches undone in either order leave torch's own function. (Undoing the first while
+    the second was on top, then the second, put the first back: a patch its handle had undone.)"""
+    original = TF.scaled_dot_product_attention
+    first = fused_attn.patch_sdpa(backend="reference")
+    second = fused_attn.patch_sdpa(backend="reference")
+    try:
+        assert TF.scaled_dot_product_attention is second.patched
+        handles = [second, first] if order == "last first" else [first, second]
+        handles[0].undo()
+        assert TF.scaled_dot_product_attention is (first.patched if order == "last first" else second.patched)
+        handles[1].undo()
+        assert TF.scaled_dot_product_attention is original
+    finally:
+        TF.scaled_dot_product_attention = original
+
+
 def test_patch_sdpa_routes_torch_callers(monkeypatch):
     """Inside the patch, a model calling TF.scaled_dot_product_attention and nn.MultiheadAttention's
     Python path run fused_attn (seen by a spy), with torch's answer; undo restores torch's."""

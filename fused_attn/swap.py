@@ -165,6 +165,18 @@ def fused_norm(norm, x: Tensor, residual: Optional[Tensor] = None, *, dropout_p:
                                dropout_p=dropout_p, prenorm=prenorm, rms=isinstance(norm, nn.RMSNorm), backend=backend)
 
 
+def in_sum_dtype(branch: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    """A post-LN block's ``norm(residual + branch)`` operands in the dtype of their sum. Under
+    autocast the branch (a linear's output) is half precision and the residual stream float32:
+    torch adds them in float32 and its norm returns float32, so the stream stays float32 from
+    layer to layer. The fused norm returns x's dtype, which would round the stream to half
+    precision at every layer (about 60x the error of the original through a BERT)."""
+    if branch.dtype == residual.dtype:
+        return branch, residual
+    dtype = torch.promote_types(branch.dtype, residual.dtype)
+    return branch.to(dtype), residual.to(dtype)
+
+
 def dropout_p(drop: nn.Module) -> float:
     return drop.p if drop.training else 0.0
 
@@ -548,6 +560,8 @@ class _FusedResidualLayer:
         if not self.norm_first:
             for branch, norm, drop in blocks:
                 b = branch(x)
+                if fuse:
+                    b, x = in_sum_dtype(b, x)
                 x = fused_norm(norm, b, x, dropout_p=dropout_p(drop), backend=backend) if fuse else norm(x + drop(b))
             return x
         if not fuse:

@@ -606,6 +606,28 @@ def test_swapped_model_trains_under_autocast():
         torch.testing.assert_close(p.grad, r.grad, rtol=0.1, atol=0.1)
 
 
+@pytest.mark.parametrize("model", ["encoder layer", "transformer"])
+def test_post_ln_stream_stays_float32_under_autocast(model):
+    """Post-LN under autocast: torch adds the half-precision branch to the float32 residual stream
+    in float32 and its LayerNorm returns float32, so the stream stays float32 through the layers.
+    The swapped layers do the same: float32 out and the original's accuracy against float64. (The
+    fused norm returned the branch's bfloat16, rounding the stream at every layer.)"""
+    torch.manual_seed(0)
+    net = (nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True), 3,
+                                 enable_nested_tensor=False) if model == "transformer"
+           else nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True))
+    exact = copy.deepcopy(net).double()
+    swapped = copy.deepcopy(net)
+    fused_attn.swap_modules(swapped)
+    x = torch.randn(B, L, D) * 3
+    expected = exact(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        original, out = net(x), swapped(x)
+    assert original.dtype == out.dtype == torch.float32
+    original_err, err = ((t.double() - expected).abs().max().item() for t in (original, out))
+    assert err <= 2 * original_err + 1e-3, (err, original_err)
+
+
 class SiLUActivation(nn.Module):
     """A user's class that shares a transformers activation's name but is not it."""
 

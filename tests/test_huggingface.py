@@ -652,3 +652,26 @@ def test_output_attentions_runs_the_models_eager_attention():
     for a, b in zip(out.attentions, expected.attentions):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_output_attentions_with_an_empty_static_cache_matches_eager():
+    """output_attentions=True with a StaticCache: the prefill's keys are the cache's whole length,
+    of which only the first q_len are filled, and the mask function leaves the mask to the causal
+    flag (None). The eager call then needs the causal mask over those keys aligned top-left (query
+    i sees keys 0..i, not the empty slots after the prompt), as the fused path's causal flag is:
+    the same logits, attentions and greedy tokens as the eager model."""
+    model = _build("llama").eval()
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model, norm=False, ffn=False, rotary=False)
+    ids = _batch("llama")[0][:1, :6]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, expected = (m(input_ids=ids, past_key_values=transformers.StaticCache(config=m.config, max_cache_len=16),
+                           use_cache=True, output_attentions=True) for m in (model, ref))
+        torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+        for a, b in zip(out.attentions, expected.attentions, strict=True):
+            assert a.shape[-1] == 16 and float(a[..., 6:].abs().max()) == 0  # no weight on the empty slots
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static",
+                      output_attentions=True, return_dict_in_generate=True)
+        assert torch.equal(model.generate(ids, **greedy).sequences, ref.generate(ids, **greedy).sequences)

@@ -90,14 +90,17 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 
 def _additive_mask(attention_mask, query, key, is_causal):
     """The mask of this call as eager attention adds it to the scores: our mask function gives
-    bool keep-masks, and None where the causal flag suffices (then the causal mask, aligned
-    bottom-right: the queries are the last of the keys)."""
+    bool keep-masks, and None where the causal flag suffices. Then the causal mask is the one
+    the fused path applies, aligned top-left (sdpa's ``is_causal``): query i sees keys 0..i. The
+    mask function leaves it to the flag with more keys than queries only for the prefill of an
+    empty static cache (transformers' ``_ignore_causal_mask_sdpa``), whose keys after the prompt
+    are empty slots; bottom-right alignment would let the prompt attend them and its own future."""
     q_len, k_len = query.shape[2], key.shape[2]
     keep = attention_mask
     if keep is None:
         if not (is_causal and q_len > 1):
             return None
-        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        rows = torch.arange(q_len, device=query.device)[:, None]
         keep = (rows >= torch.arange(k_len, device=query.device)[None, :])[None, None]
     if keep.dtype != torch.bool:
         return keep

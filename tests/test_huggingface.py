@@ -511,13 +511,20 @@ PLAIN_MLP_MODELS = {
     "gptj": (lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                              rotary_dim=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
              transformers.AutoModelForCausalLM, "FusedGPTJMLP"),
+    # GPT-2's MLP forward over nn.Linear children (not Conv1D): read as a plain chain, weights untransposed
+    "gpt_bigcode": (lambda: transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                          n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                          attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
+                    transformers.AutoModelForCausalLM, "FusedGPTBigCodeMLP"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(PLAIN_MLP_MODELS))
 def test_plain_chain_mlps_of_hugging_face_models_are_fused(name):
-    """GPT-NeoX's, Phi's and GPT-J's MLPs are read from their forward (Linear -> activation ->
-    Linear [-> Dropout]) and fused; the swapped model gives the untouched model's logits."""
+    """GPT-NeoX's, Phi's, GPT-J's and GPTBigCode's MLPs are read from their forward (Linear ->
+    activation -> Linear [-> Dropout]) and fused; the swapped model gives the untouched model's
+    logits and gradients. GPTBigCode's has GPT-2's forward code over nn.Linear children: GPT-2's
+    own conversion (Conv1D weights, passed transposed) must not claim it."""
     make_config, auto, fused_name = PLAIN_MLP_MODELS[name]
     torch.manual_seed(0)
     with warnings.catch_warnings():

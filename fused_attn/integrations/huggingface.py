@@ -471,7 +471,7 @@ class FusedLlamaRMSNorm:
 
 def convert(module: nn.Module, opts):
     """swap_modules' converter for transformers modules (see ``fused_attn.swap``)."""
-    from ..swap import Conversion, fused_subclass
+    from ..swap import Conversion, fused_subclass, wrapped_linear
 
     cls = type(module)
     bert, gpt2, llama = _known()
@@ -507,7 +507,10 @@ def convert(module: nn.Module, opts):
                           consumed=("intermediate", "output"), reads=reads,
                           note=f"FFN {act}" + (" + residual-add + LayerNorm" if fuse_norm else ""))
 
-    if _same_code(cls, "forward", gpt2.GPT2MLP.forward):
+    # GPT-2's MLP over Conv1D children. The same forward over nn.Linear children (GPTBigCode's MLP)
+    # is a plain chain whose weights need no transposing: the plain-MLP converter takes it.
+    if _same_code(cls, "forward", gpt2.GPT2MLP.forward) and not any(
+            type(c) is nn.Linear or wrapped_linear(c) for c in (children.get("c_fc"), children.get("c_proj"))):
         if not opts.ffn:
             return "ffn=False"
         act = activation_name(module.act)

@@ -682,3 +682,26 @@ def test_output_attentions_with_an_empty_static_cache_matches_eager():
         greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static",
                       output_attentions=True, return_dict_in_generate=True)
         assert torch.equal(model.generate(ids, **greedy).sequences, ref.generate(ids, **greedy).sequences)
+
+
+def test_restore_gives_each_sub_model_its_own_attention_implementation():
+    """A composite model whose sub-models ran different implementations (CLIP: text "eager",
+    vision "sdpa") gets each one back from restore_modules, not the top-level one everywhere."""
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=48),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                           image_size=16, patch_size=8), projection_dim=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.CLIPModel._from_config(
+            cfg, attn_implementation={"": "eager", "text_config": "eager", "vision_config": "sdpa"})
+
+    def implementations():
+        return tuple(m.config._attn_implementation for m in (model, model.text_model, model.vision_model))
+
+    assert implementations() == ("eager", "eager", "sdpa")
+    fused_attn.swap_modules(model)
+    assert implementations() == ("fused_attn",) * 3
+    fused_attn.restore_modules(model)
+    assert implementations() == ("eager", "eager", "sdpa")

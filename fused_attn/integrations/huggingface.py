@@ -185,6 +185,7 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
         report.left.append((path, type(model).__name__, _no_interface_reason(type(model))))
         return
     register()
+    before = _implementations(model.config)
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, ImportError) as exc:
@@ -195,7 +196,8 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
         report.left.append((path, type(model).__name__, "attention implementation not switched: transformers kept "
                                                         f"{model.config._attn_implementation!r}"))
         return
-    model.__dict__["_fused_attn_previous_attn"] = _PreviousImplementation(previous)
+    # (each sub-config's own implementation, as ``before`` read them, to restore them one by one)
+    model.__dict__["_fused_attn_previous_attn"] = {**before, "": _PreviousImplementation(previous)}
     if opts.backend is not None:
         for module in model.modules():
             module.__dict__["fused_attn_backend"] = opts.backend
@@ -210,15 +212,29 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
                                 f"attention implementation stayed {config._attn_implementation!r}"))
 
 
+def _implementations(config) -> dict:
+    """The attention implementation of a config and of each of its sub-configs, nested as
+    ``set_attn_implementation`` takes them: {"": top, "text_config": {"": ..., ...}, ...}."""
+    found = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            found[key] = _implementations(sub)
+    return found
+
+
 def restore_attention_implementation(model, report, path: str = "") -> None:
+    """Put back the implementation of the model and of each sub-model (a composite model's
+    sub-models may have run different ones: CLIP's text tower "eager", its vision tower "sdpa")."""
     previous = model.__dict__.pop("_fused_attn_previous_attn", None)
     if previous is None:
         return
-    model.set_attn_implementation(previous)
+    model.set_attn_implementation(previous)  # (a str where an earlier version saved the top level only)
     for module in model.modules():
         module.__dict__.pop("fused_attn_backend", None)
+    top = previous[""] if isinstance(previous, dict) else previous
     report.replaced.append((path, type(model).__name__, type(model).__name__, f"attn_implementation {NAME!r} -> "
-                                                                              f"{previous!r}"))
+                                                                              f"{str(top)!r}"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -705,3 +705,41 @@ def test_restore_gives_each_sub_model_its_own_attention_implementation():
     assert implementations() == ("fused_attn",) * 3
     fused_attn.restore_modules(model)
     assert implementations() == ("eager", "eager", "sdpa")
+
+
+@pytest.mark.parametrize("kind", ["local", "transient-global"])
+def test_attention_classes_outside_the_interface_are_reported_left(kind, monkeypatch):
+    """LongT5's encoder attention (local or transient-global) computes attention itself, in a
+    modeling module whose decoder attention uses transformers' attention interface. transformers
+    switches such a model (its test reads the module, not each class): the report says the
+    decoder's attention is switched and lists the encoder's class as left, with the reason, and
+    a forward bears both out (no fused call from the encoder, some from the decoder). The
+    encoder-only model, none of whose attention uses the interface, is not switched at all."""
+    cfg = transformers.LongT5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                                    local_radius=3, global_block_size=4, encoder_attention_type=kind,
+                                    decoder_start_token_id=0)
+    own = {"local": "LongT5LocalAttention", "transient-global": "LongT5TransientGlobalAttention"}[kind]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation="eager").eval()
+        encoder_only = transformers.LongT5EncoderModel._from_config(copy.deepcopy(cfg),  # (a config of its own)
+                                                                    attn_implementation="eager").eval()
+    report = fused_attn.swap_modules(model)
+    assert model.config._attn_implementation == "fused_attn"
+    assert [cls for _, cls, why in report.left if "attention interface" in why] == [own], report
+    calls = []
+    real = hf.attention
+    monkeypatch.setattr(hf, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = _batch("bert")[0]
+    with torch.no_grad():
+        model.encoder(input_ids=ids)
+        assert not calls
+        model(input_ids=ids, decoder_input_ids=ids[:, :4])
+        assert calls  # the decoder's self- and cross-attention
+
+    report = fused_attn.swap_modules(encoder_only)
+    assert encoder_only.config._attn_implementation == "eager"
+    assert not any("attn_implementation" in note for *_, note in report.replaced), report
+    assert [(path, cls) for path, cls, why in report.left if "attention interface" in why] == [
+        ("", "LongT5EncoderModel")], report

@@ -30,6 +30,7 @@ family in the process uses it until ``restore_modules``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import warnings
@@ -168,12 +169,64 @@ def _no_interface_reason(cls) -> str:
             f"(they {how})")
 
 
+@functools.lru_cache(maxsize=None)
+def _code(cls) -> str:
+    """The source of a class and of its base classes from transformers' modeling modules."""
+    parts = []
+    for base in cls.__mro__:
+        if base.__module__.startswith("transformers.models."):
+            try:
+                parts.append(inspect.getsource(base))
+            except (OSError, TypeError):
+                pass
+    return "\n".join(parts)
+
+
+def _calls_interface(cls) -> bool:
+    """Whether the class's code looks its attention function up in transformers' attention
+    interface: transformers' own marker, read per class (transformers reads the whole modeling
+    module, where one such class suffices)."""
+    return "ALL_ATTENTION_FUNCTIONS" in _code(cls)
+
+
+def _own_attention(model, path: str = "") -> dict:
+    """{class: [paths]} of the model's attention modules that compute attention themselves, in
+    modeling modules that transformers switches (LongT5's and BigBirdPegasus's encoder attention, GIT's
+    text attention, SAM's vision attention, ...): classes of transformers' modeling code named
+    *Attention* whose code computes a softmax (or calls torch's SDPA) without the attention
+    interface, and that hold no other attention module (of a wrapper and the attention inside
+    it, the inner one counts; MLPs and bias tables named after attention have no softmax)."""
+    found = {}
+    for name, module in model.named_modules():
+        cls = type(module)
+        if (not cls.__module__.startswith("transformers.models.") or "Attention" not in cls.__name__
+                or _calls_interface(cls)):
+            continue
+        code = _code(cls)
+        if "softmax" not in code and "scaled_dot_product_attention" not in code:
+            continue
+        if any("Attention" in type(m).__name__ or _calls_interface(type(m)) for m in list(module.modules())[1:]):
+            continue
+        found.setdefault(cls, []).append(f"{path}.{name}" if path and name else path or name)
+    return found
+
+
+def _own_attention_how(cls) -> str:
+    if "scaled_dot_product_attention" in _code(cls):
+        return "calls torch's scaled_dot_product_attention itself, which fused_attn.patch_sdpa() routes to the fused kernels"
+    return "computes attention itself"
+
+
 def swap_attention_implementation(model, opts, report, path: str = "") -> None:
     """Switch a transformers model's attention implementation to ``"fused_attn"`` where its
     modeling code runs attention through transformers' interface. Models whose attention
     modules compute attention themselves (BLOOM, MPT, Falcon, ...: transformers refuses to
-    switch them, with a warning) are listed as left, with the reason; so are sub-models of a
-    composite model that stayed on another implementation."""
+    switch them, with a warning) are listed as left, with the reason; so are the attention
+    classes that compute attention themselves in a model that is switched (transformers switches
+    a model when one class of its modeling module uses the interface: LongT5's decoder does, its
+    encoder's local attention does not), one row per class, and sub-models of a composite model
+    that stayed on another implementation. A model none of whose attention modules use the
+    interface is not switched."""
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         return
     previous = getattr(model.config, "_attn_implementation", None)
@@ -183,6 +236,12 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
         return
     if not _uses_attention_interface(type(model)):
         report.left.append((path, type(model).__name__, _no_interface_reason(type(model))))
+        return
+    own = _own_attention(model, path)
+    if own and not any(_calls_interface(type(m)) for m in model.modules()):  # (LongT5's encoder-only model)
+        report.left.append((path, type(model).__name__, "attention not switched: none of the model's attention "
+                            "modules use transformers' attention interface (" + "; ".join(
+                                f"{cls.__name__} {_own_attention_how(cls)}" for cls in own) + ")"))
         return
     register()
     before = _implementations(model.config)
@@ -203,6 +262,10 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
             module.__dict__["fused_attn_backend"] = opts.backend
     report.replaced.append((path, type(model).__name__, type(model).__name__,
                             f"attn_implementation {previous!r} -> {NAME!r}"))
+    for cls, paths in own.items():  # the implementation does not reach them: they stay as they are
+        report.left.append((paths[0], cls.__name__, f"attention not switched: {cls.__name__} does not use "
+                            f"transformers' attention interface (it {_own_attention_how(cls)}); "
+                            f"{len(paths)} module{'s' if len(paths) > 1 else ''} of this class"))
     for name, sub in model.named_modules():  # sub-models of a composite model that transformers skipped
         config = getattr(sub, "config", None)
         if (sub is not model and hasattr(sub, "set_attn_implementation") and config is not None

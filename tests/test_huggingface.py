@@ -743,3 +743,57 @@ def test_attention_classes_outside_the_interface_are_reported_left(kind, monkeyp
     assert not any("attn_implementation" in note for *_, note in report.replaced), report
     assert [(path, cls) for path, cls, why in report.left if "attention interface" in why] == [
         ("", "LongT5EncoderModel")], report
+
+
+def _seq2seq(name):
+    C = transformers
+    common = dict(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, dropout=0.0,
+                  attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=64)
+    cfg = {"pegasus_x": lambda: C.PegasusXConfig(num_global_tokens=4, block_size=4, pad_token_id=0,
+                                                 decoder_start_token_id=0, **common),
+           "nllb_moe": lambda: C.NllbMoeConfig(num_experts=2, expert_capacity=16, pad_token_id=1,
+                                               decoder_start_token_id=2, **common)}[name]()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return C.AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("name", ["pegasus_x", "nllb_moe"])
+def test_models_not_marked_for_sdpa_get_eager_masks(name, monkeypatch):
+    """PegasusX and NLLB-MoE, which transformers does not mark _supports_sdpa, build their decoder
+    self-attention with is_causal=False and rely on eager's explicit causal mask, while the masks
+    the "fused_attn" implementation gets are sdpa's: None where the causal flag would do (no
+    padding). swap_modules gives such models eager's masks: the decoder stays causal (a later
+    decoder token does not change the first position's logits), with eager's logits and
+    gradients. Gemma 2, not marked either (sdpa has no soft-capping) but whose attention declares
+    is_causal=True, keeps the causal flag and no mask tensor."""
+    model = _seq2seq(name)
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model, norm=False, ffn=False)
+    assert model.config._attn_implementation == "fused_attn", report
+    ids = _batch("bert")[0]
+    dec = ids[:, :5].clone()
+    changed = dec.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % VOCAB
+    model.eval()  # (NLLB-MoE's experts' capacity in training depends on the eval calls before)
+    ref.eval()
+    with torch.no_grad():
+        first, second = (model(input_ids=ids, decoder_input_ids=d).logits[:, 0] for d in (dec, changed))
+    assert torch.equal(first, second)
+    check_module_against_reference(model, ref, [], run=lambda m: m(input_ids=ids, decoder_input_ids=dec).logits)
+
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=64,
+                                    sliding_window=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gemma = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    fused_attn.swap_modules(gemma)
+    masks = []
+    real = hf.attention
+    monkeypatch.setattr(hf, "attention", lambda *a, **k: masks.append((k["attn_mask"], k["causal"])) or real(*a, **k))
+    with torch.no_grad():
+        gemma(input_ids=ids)
+    assert masks and all(mask is None and causal for mask, causal in masks)

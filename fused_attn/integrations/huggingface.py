@@ -2,7 +2,7 @@
 
 Attention: ``register()`` adds ``"fused_attn"`` to transformers' ``AttentionInterface`` (and the
 matching mask function to ``AttentionMaskInterface``, so models build the same boolean keep-masks
-as for "sdpa"), after which
+as for "sdpa", or eager's for the models ``swap_modules`` marks: ``fused_attention_mask``), after which
 
     model = AutoModel.from_config(config, attn_implementation="fused_attn")
     model.set_attn_implementation("fused_attn")
@@ -127,13 +127,29 @@ def _packed_attention_forward(module, query, key, value, varlen, dropout, scalin
     return out.unsqueeze(0), None  # (1, T, H, Dv)
 
 
+#: config attribute: the configs of models that get eager's masks (``_explicit_masks``)
+EXPLICIT_MASKS = "_fused_attn_explicit_masks"
+
+
+def fused_attention_mask(*args, config=None, **kwargs):
+    """The mask function of ``"fused_attn"``: sdpa's boolean keep-masks, None where the causal
+    flag suffices (no padding) and the attention module's ``is_causal`` then says what the mask
+    is, as sdpa's attention reads it. For the configs of models whose modules do not declare
+    is_causal as that needs (``EXPLICIT_MASKS``), the masks eager gets, never None."""
+    from transformers.masking_utils import sdpa_mask
+
+    if getattr(config, EXPLICIT_MASKS, False):
+        kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return sdpa_mask(*args, config=config, **kwargs)
+
+
 def register() -> None:
     """Register ``"fused_attn"`` with transformers' attention and attention-mask interfaces."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, fused_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean keep-masks (None when causal suffices)
+    AttentionMaskInterface.register(NAME, fused_attention_mask)
 
 
 class _PreviousImplementation(str):
@@ -217,6 +233,40 @@ def _own_attention_how(cls) -> str:
     return "computes attention itself"
 
 
+def _explicit_masks(model) -> dict:
+    """{(sub-)model: why} of the (sub-)models that need eager's masks, never None
+    (``fused_attention_mask``). sdpa's mask function leaves a mask to the attention module's
+    ``is_causal`` where no padding needs one, a convention transformers holds to the models it
+    marks ``_supports_sdpa``. A model it does not mark whose attention modules do not all
+    declare is_causal=True may build them with the flag eager never reads: PegasusX's, NLLB-MoE's
+    and BigBirdPegasus's decoder self-attention say False and rely on eager's explicit causal
+    mask. (Gemma 2 and gpt-oss, unmarked as sdpa has no soft-capping or sinks, declare it and
+    keep the causal flag.)"""
+    found, paths = {}, []
+    for path, sub in model.named_modules():
+        if (not hasattr(type(sub), "_supports_sdpa") or type(sub)._supports_sdpa
+                or any(path.startswith(f"{outer}.") or not outer for outer in paths)):  # (one of its sub-models)
+            continue
+        names = sorted({type(m).__name__ for m in sub.modules()
+                        if _calls_interface(type(m)) and getattr(m, "is_causal", None) is not True})
+        if names:
+            paths.append(path)
+            found[sub] = (f"eager's masks: transformers does not mark {type(sub).__name__} _supports_sdpa, and "
+                          f"{', '.join(names)} do{'es' if len(names) == 1 else ''} not declare is_causal=True")
+    return found
+
+
+def _mark_explicit_masks(models, on: bool) -> None:
+    """Mark (or unmark) the configs of these models' modules: ``fused_attention_mask`` reads it."""
+    for model in models:
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if on and config is not None:
+                setattr(config, EXPLICIT_MASKS, True)
+            elif config is not None and EXPLICIT_MASKS in getattr(config, "__dict__", {}):
+                delattr(config, EXPLICIT_MASKS)
+
+
 def swap_attention_implementation(model, opts, report, path: str = "") -> None:
     """Switch a transformers model's attention implementation to ``"fused_attn"`` where its
     modeling code runs attention through transformers' interface. Models whose attention
@@ -230,9 +280,11 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         return
     previous = getattr(model.config, "_attn_implementation", None)
+    explicit = _explicit_masks(model)
     if previous == NAME:
         register()  # (a model loaded whole, whose attention was the only thing swapped, needs it again)
         report.already.append((path, type(model).__name__, f"attn_implementation {NAME!r}"))
+        _mark_explicit_masks(explicit, True)  # (a model built with "fused_attn")
         return
     if not _uses_attention_interface(type(model)):
         report.left.append((path, type(model).__name__, _no_interface_reason(type(model))))
@@ -255,13 +307,15 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
         report.left.append((path, type(model).__name__, "attention implementation not switched: transformers kept "
                                                         f"{model.config._attn_implementation!r}"))
         return
+    _mark_explicit_masks(explicit, True)
     # (each sub-config's own implementation, as ``before`` read them, to restore them one by one)
     model.__dict__["_fused_attn_previous_attn"] = {**before, "": _PreviousImplementation(previous)}
     if opts.backend is not None:
         for module in model.modules():
             module.__dict__["fused_attn_backend"] = opts.backend
     report.replaced.append((path, type(model).__name__, type(model).__name__,
-                            f"attn_implementation {previous!r} -> {NAME!r}"))
+                            f"attn_implementation {previous!r} -> {NAME!r}"
+                            + (f" ({'; '.join(explicit.values())})" if explicit else "")))
     for cls, paths in own.items():  # the implementation does not reach them: they stay as they are
         report.left.append((paths[0], cls.__name__, f"attention not switched: {cls.__name__} does not use "
                             f"transformers' attention interface (it {_own_attention_how(cls)}); "
@@ -293,6 +347,7 @@ def restore_attention_implementation(model, report, path: str = "") -> None:
     if previous is None:
         return
     model.set_attn_implementation(previous)  # (a str where an earlier version saved the top level only)
+    _mark_explicit_masks([model], False)
     for module in model.modules():
         module.__dict__.pop("fused_attn_backend", None)
     top = previous[""] if isinstance(previous, dict) else previous

@@ -207,8 +207,8 @@ def _calls_interface(cls) -> bool:
 
 def _own_attention(model, path: str = "") -> dict:
     """{class: [paths]} of the model's attention modules that compute attention themselves, in
-    modeling modules that transformers switches (LongT5's and BigBirdPegasus's encoder attention, GIT's
-    text attention, SAM's vision attention, ...): classes of transformers' modeling code named
+    modeling modules that transformers switches (LongT5's and BigBirdPegasus's encoder attention,
+    GIT's text attention, SAM's vision attention, ...): classes of transformers' modeling code named
     *Attention* whose code computes a softmax (or calls torch's SDPA) without the attention
     interface, and that hold no other attention module (of a wrapper and the attention inside
     it, the inner one counts; MLPs and bias tables named after attention have no softmax)."""
@@ -229,7 +229,8 @@ def _own_attention(model, path: str = "") -> dict:
 
 def _own_attention_how(cls) -> str:
     if "scaled_dot_product_attention" in _code(cls):
-        return "calls torch's scaled_dot_product_attention itself, which fused_attn.patch_sdpa() routes to the fused kernels"
+        return ("calls torch's scaled_dot_product_attention itself, which fused_attn.patch_sdpa() routes to the "
+                "fused kernels")
     return "computes attention itself"
 
 
@@ -672,4 +673,4 @@ def convert(module: nn.Module, opts):
     return None
 
 
-__all__ = ["register", "fused_attention_forward", "convert", "NAME"]
+__all__ = ["register", "fused_attention_forward", "fused_attention_mask", "convert", "NAME"]

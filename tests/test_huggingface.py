@@ -797,3 +797,51 @@ def test_models_not_marked_for_sdpa_get_eager_masks(name, monkeypatch):
     with torch.no_grad():
         gemma(input_ids=ids)
     assert masks and all(mask is None and causal for mask, causal in masks)
+
+
+def test_bert_residual_stream_stays_float32_under_autocast():
+    """A swapped BERT under bfloat16 autocast: its post-LN add + norm keeps the residual stream in
+    float32 as the original's LayerNorm(bf16 branch + float32 stream) does, so the output is
+    float32 with the original's accuracy against float64 (the fused norm returned bfloat16: about
+    60x the error)."""
+    config, _ = _bert()
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    swapped = copy.deepcopy(model)
+    fused_attn.swap_modules(swapped)
+    ids = torch.randint(0, VOCAB, (B, L))
+    exact = copy.deepcopy(model).double()(input_ids=ids).last_hidden_state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        original = model(input_ids=ids).last_hidden_state
+        out = swapped(input_ids=ids).last_hidden_state
+    assert original.dtype == out.dtype == torch.float32
+    assert (out.double() - exact).abs().max() <= 2 * (original.double() - exact).abs().max() + 1e-4
+
+
+def test_swapped_llama_exports_with_a_dynamic_length(monkeypatch):
+    """torch.export of a swapped Llama with a dynamic sequence length (min 4, max 60 around the
+    hidden size 32): the gated MLP chooses its path by whether a gradient is wanted, not by the
+    token count, which became a guard export refused ("Constraints violated"). The exported
+    program gives the eager swapped model's output on both sides of the old threshold."""
+    from torch.export import Dim
+
+    monkeypatch.setattr(hf, "GATED_MLP_MIN_TOKENS", None)  # (the eager threshold: the hidden size)
+    config, _ = _llama(use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(config).eval()
+    fused_attn.swap_modules(model)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).last_hidden_state
+
+    wrapped = Wrap(model)
+    exported = torch.export.export(wrapped, (torch.randint(0, VOCAB, (2, 8)),),
+                                   dynamic_shapes={"ids": {1: Dim("L", min=4, max=60)}})
+    for length in (5, 40):
+        ids = torch.randint(0, VOCAB, (2, length))
+        torch.testing.assert_close(exported.module()(ids), wrapped(ids), atol=1e-5, rtol=1e-5)

@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..functional import attention, attention_varlen, feed_forward, layer_norm_residual
-from ..swap import reads_intact
+from ..functional import _needs_grad, attention, attention_varlen, feed_forward, layer_norm_residual
+from ..swap import in_sum_dtype, reads_intact
 
 NAME = "fused_attn"
 
@@ -534,6 +534,7 @@ def _dropout_p(drop) -> float:
 
 
 def _layer_norm(norm, x, residual, p, backend):
+    x, residual = in_sum_dtype(x, residual)  # (post-LN: under autocast the stream stays float32)
     return layer_norm_residual(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=p, backend=backend)
 
 
@@ -584,14 +585,24 @@ class FusedLlamaMLP:
     Calls over fewer tokens than the hidden size (a decoding step, a short prompt) run the
     module's own forward: stacking the weights reads and writes 2·d_ff·d elements, more than the
     fusion saves on the activations (a few passes over tokens·d_ff elements) below tokens ≈ d.
-    (``GATED_MLP_MIN_TOKENS`` sets another bound; None: the hidden size.)
+    (``GATED_MLP_MIN_TOKENS`` sets another bound; None: the hidden size.) Under torch.compile and
+    torch.export the choice is by whether a gradient is wanted instead: a branch on the token
+    count would become a guard on the sequence length (export refused dynamic lengths across it,
+    compile recompiled there). Training takes the fused op (its saved memory is the point);
+    inference the module's own forward, whose activation the compiler fuses itself.
     """
 
     def forward(self, x):
-        d = x.shape[-1]
-        min_tokens = d if GATED_MLP_MIN_TOKENS is None else GATED_MLP_MIN_TOKENS
-        if not reads_intact(self) or x.numel() < d * min_tokens:
+        if not reads_intact(self):
             return super().forward(x)
+        if torch.compiler.is_compiling():
+            if not _needs_grad(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight):
+                return super().forward(x)
+        else:
+            d = x.shape[-1]
+            min_tokens = d if GATED_MLP_MIN_TOKENS is None else GATED_MLP_MIN_TOKENS
+            if x.numel() < d * min_tokens:
+                return super().forward(x)
         w1 = (self.gate_proj.weight, self.up_proj.weight)
         b1 = None if self.gate_proj.bias is None else (self.gate_proj.bias, self.up_proj.bias)
         return feed_forward(x, w1, b1, self.down_proj.weight, self.down_proj.bias,

@@ -845,3 +845,18 @@ def test_swapped_llama_exports_with_a_dynamic_length(monkeypatch):
     for length in (5, 40):
         ids = torch.randint(0, VOCAB, (2, length))
         torch.testing.assert_close(exported.module()(ids), wrapped(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_norms_with_an_eps_the_fused_norm_refuses_are_left(family):
+    """layer_norm_eps=0 / rms_norm_eps=0, which torch takes and the fused norm refuses: those norms
+    are left (with the reason in the report) and the model runs as before, where each forward
+    of the swapped model raised."""
+    config, auto = (_bert(layer_norm_eps=0.0) if family == "bert" else _llama(rms_norm_eps=0.0))
+    torch.manual_seed(0)
+    model = auto.from_config(config).eval()
+    swapped = copy.deepcopy(model)
+    report = fused_attn.swap_modules(swapped)
+    assert any("eps=0.0" in why for _, _, why in report.left), str(report)
+    ids = torch.randint(0, VOCAB, (B, L))
+    torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -617,7 +617,7 @@ class FusedLlamaRMSNorm:
 
 def convert(module: nn.Module, opts):
     """swap_modules' converter for transformers modules (see ``fused_attn.swap``)."""
-    from ..swap import Conversion, fused_subclass, wrapped_linear
+    from ..swap import Conversion, fused_subclass, norm_reason, wrapped_linear
 
     cls = type(module)
     bert, gpt2, llama = _known()
@@ -629,6 +629,8 @@ def convert(module: nn.Module, opts):
             and type(children.get("dropout")) is nn.Dropout):
         if not opts.norm:
             return "norm=False"
+        if norm_reason(children["LayerNorm"]):  # (an eps the fused norm refuses: layer_norm_eps=0)
+            return norm_reason(children["LayerNorm"])
         return Conversion(fused_subclass(cls, FusedDenseDropoutNorm), backend, consumed=("LayerNorm",),
                           note="residual-add + LayerNorm", reads={"LayerNorm": nn.LayerNorm, "dropout": nn.Dropout})
 
@@ -643,7 +645,8 @@ def convert(module: nn.Module, opts):
         act = activation_name(inter.intermediate_act_fn)
         if act is None:
             return f"activation {type(inter.intermediate_act_fn).__name__} has no fused form"
-        fuse_norm = opts.norm and type(out.LayerNorm) is nn.LayerNorm and type(out.dropout) is nn.Dropout
+        fuse_norm = (opts.norm and type(out.LayerNorm) is nn.LayerNorm and type(out.dropout) is nn.Dropout
+                     and norm_reason(out.LayerNorm) is None)
         reads = {"intermediate.dense": nn.Linear, "output.dense": nn.Linear,
                  "intermediate.intermediate_act_fn": None}
         if fuse_norm:
@@ -680,6 +683,9 @@ def convert(module: nn.Module, opts):
     if _same_code(cls, "forward", llama.LlamaRMSNorm.forward):
         if not opts.norm:
             return "norm=False"
+        eps = module.variance_epsilon  # torch takes 0; the fused norm would raise at every call
+        if not (isinstance(eps, (int, float)) and 0 < eps < float("inf")):
+            return f"eps={eps}: the fused norm takes a positive finite eps"
         return Conversion(fused_subclass(cls, FusedLlamaRMSNorm), backend, note="RMSNorm")
     return None
 

@@ -129,15 +129,16 @@ def activation_name(act) -> Optional[str]:
     return None
 
 
-def activation_now(act) -> Optional[str]:
+def activation_now(act, name_of: Callable = None) -> Optional[str]:
     """At each call of a swapped FFN: the fused form of its activation as it is now, or None (run
     it unfused). The activation can change after the swap without the children's classes
     changing: a function attribute (``layer.activation = F.gelu``), a module's setting
     (``approximate``), a module put in place of a function, which may have hooks the fused op
-    would skip. Identity and type checks only: about a microsecond."""
+    would skip. Identity and type checks only: about a microsecond. ``name_of``: the activation's
+    fused name (default ``activation_name``; transformers' integration knows its classes too)."""
     if isinstance(act, nn.Module) and not reference.reads_as_called(act, type(act)):
         return None
-    return activation_name(act)
+    return (name_of or activation_name)(act)
 
 
 def norm_reason(norm) -> Optional[str]:

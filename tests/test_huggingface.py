@@ -860,3 +860,26 @@ def test_norms_with_an_eps_the_fused_norm_refuses_are_left(family):
     assert any("eps=0.0" in why for _, _, why in report.left), str(report)
     ids = torch.randint(0, VOCAB, (B, L))
     torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_activation_changed_after_the_swap_is_followed(family):
+    """An MLP's activation set to torch's GELU before the swap, its ``approximate`` changed after:
+    the swapped MLP reads its activation at each call (as the swapped torch layers do), so it
+    computes what the unswapped model computes (it ran the activation fused at swap time)."""
+    config, auto = FAMILIES[family](**({"hidden_act": "gelu"} if family == "llama" else {}))
+    torch.manual_seed(0)
+    model = auto.from_config(config).eval()
+    attr = {"bert": "intermediate.intermediate_act_fn", "gpt2": "act", "llama": "act_fn"}[family]
+    for mlp in [m for m in model.modules() if type(m).__name__ in ("BertLayer", "GPT2MLP", "LlamaMLP")]:
+        owner, name = (mlp.intermediate, "intermediate_act_fn") if family == "bert" else (mlp, attr)
+        setattr(owner, name, torch.nn.GELU())
+    model.double()  # (float64: the two GELUs' difference, ~1e-5 at the logits here, stands far above rounding)
+    swapped = copy.deepcopy(model)
+    report = fused_attn.swap_modules(swapped, attention=False, norm=False)  # (Llama's own RMSNorm rounds to float32)
+    assert any("FFN" in note for *_, note in report.replaced), str(report)
+    for m in list(model.modules()) + list(swapped.modules()):
+        if isinstance(m, torch.nn.GELU):
+            m.approximate = "tanh"
+    ids = torch.randint(0, VOCAB, (B, L))
+    torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-11, rtol=1e-9)

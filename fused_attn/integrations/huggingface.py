@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..functional import _needs_grad, attention, attention_varlen, feed_forward, layer_norm_residual
-from ..swap import in_sum_dtype, reads_intact
+from ..swap import activation_now, in_sum_dtype, reads_intact
 
 NAME = "fused_attn"
 
@@ -552,11 +552,12 @@ class FusedBertFeedForward:
     """BERT's *Layer.feed_forward_chunk: the FFN as one fused op, then one fused add + norm."""
 
     def feed_forward_chunk(self, attention_output):
-        if not reads_intact(self):
-            return super().feed_forward_chunk(attention_output)
         inter, out = self.intermediate, self.output
+        act = activation_now(inter.intermediate_act_fn, activation_name)  # (as it is now: it may have changed)
+        if act is None or not reads_intact(self):
+            return super().feed_forward_chunk(attention_output)
         h = feed_forward(attention_output, inter.dense.weight, inter.dense.bias, out.dense.weight, out.dense.bias,
-                         activation=self.fused_attn_activation, backend=self.fused_attn_backend)
+                         activation=act, backend=self.fused_attn_backend)
         if self.fused_attn_norm:
             return _layer_norm(out.LayerNorm, h, attention_output, _dropout_p(out.dropout), self.fused_attn_backend)
         return out.LayerNorm(out.dropout(h) + attention_output)
@@ -566,12 +567,16 @@ class FusedGPT2MLP:
     """GPT-2's MLP; Conv1D stores weights as (in, out), nn.Linear's transpose."""
 
     def forward(self, hidden_states):
-        if not reads_intact(self):
+        act = activation_now(self.act, activation_name)
+        if act is None or not reads_intact(self):
             return super().forward(hidden_states)
         h = feed_forward(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
-                         activation=self.fused_attn_activation, backend=self.fused_attn_backend)
+                         activation=act, backend=self.fused_attn_backend)
         return self.dropout(h)
 
+
+#: the gated activation of a Llama-family MLP's act_fn (its fused form), as feed_forward names it
+GATED = {"silu": "swiglu", "gelu": "geglu"}
 
 #: FusedLlamaMLP runs its module's own forward below this many tokens (None: the hidden size)
 GATED_MLP_MIN_TOKENS: Optional[int] = None
@@ -593,7 +598,8 @@ class FusedLlamaMLP:
     """
 
     def forward(self, x):
-        if not reads_intact(self):
+        act = GATED.get(activation_now(self.act_fn, activation_name))
+        if act is None or not reads_intact(self):
             return super().forward(x)
         if torch.compiler.is_compiling():
             if not _needs_grad(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight):
@@ -605,8 +611,8 @@ class FusedLlamaMLP:
                 return super().forward(x)
         w1 = (self.gate_proj.weight, self.up_proj.weight)
         b1 = None if self.gate_proj.bias is None else (self.gate_proj.bias, self.up_proj.bias)
-        return feed_forward(x, w1, b1, self.down_proj.weight, self.down_proj.bias,
-                            activation=self.fused_attn_activation, backend=self.fused_attn_backend)
+        return feed_forward(x, w1, b1, self.down_proj.weight, self.down_proj.bias, activation=act,
+                            backend=self.fused_attn_backend)
 
 
 class FusedLlamaRMSNorm:
@@ -652,7 +658,7 @@ def convert(module: nn.Module, opts):
         if fuse_norm:
             reads.update({"output.LayerNorm": nn.LayerNorm, "output.dropout": nn.Dropout})
         return Conversion(fused_subclass(cls, FusedBertFeedForward),
-                          {**backend, "fused_attn_activation": act, "fused_attn_norm": fuse_norm},
+                          {**backend, "fused_attn_norm": fuse_norm},
                           consumed=("intermediate", "output"), reads=reads,
                           note=f"FFN {act}" + (" + residual-add + LayerNorm" if fuse_norm else ""))
 
@@ -665,17 +671,17 @@ def convert(module: nn.Module, opts):
         act = activation_name(module.act)
         if act is None:
             return f"activation {type(module.act).__name__} has no fused form"
-        return Conversion(fused_subclass(cls, FusedGPT2MLP), {**backend, "fused_attn_activation": act},
+        return Conversion(fused_subclass(cls, FusedGPT2MLP), backend,
                           consumed=("c_fc", "c_proj"), note=f"FFN {act}, Conv1D weights transposed",
                           reads={"c_fc": gpt2.Conv1D, "c_proj": gpt2.Conv1D, "act": None})
 
     if _same_code(cls, "forward", llama.LlamaMLP.forward):
         if not opts.ffn:
             return "ffn=False"
-        gated = {"silu": "swiglu", "gelu": "geglu"}.get(activation_name(module.act_fn))
+        gated = GATED.get(activation_name(module.act_fn))
         if gated is None:
             return f"gated activation {type(module.act_fn).__name__} has no fused form"
-        return Conversion(fused_subclass(cls, FusedLlamaMLP), {**backend, "fused_attn_activation": gated},
+        return Conversion(fused_subclass(cls, FusedLlamaMLP), backend,
                           consumed=("gate_proj", "up_proj", "down_proj"), note=f"FFN {gated}",
                           reads={"gate_proj": nn.Linear, "up_proj": nn.Linear, "down_proj": nn.Linear,
                                  "act_fn": None})

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .backends import check_backend_name, get_backend, resolve_options
+from . import reference
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
-                  feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _transform_needs_autograd)
+                  feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
+                  _stack, _transform_needs_autograd)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, elements_may_overlap,
                          first_page_out_of_range, gather_kv_pages, pages_out_of_range, paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
@@ -148,6 +151,24 @@ def _needs_grad(*tensors) -> bool:
 # the autograd Function either (~0.1 ms a call on CPU in all, as much as a whole small attention).
 # ``ops.inference_call_ok`` is ``not _needs_grad(*tensors) and direct_call_ok(*tensors)`` in one pass.
 _eager_inference = inference_call_ok
+
+
+def _distributed(*tensors) -> bool:
+    """Whether an input is a DTensor (tensor parallelism: a norm under SequenceParallel sees its
+    input sharded along the sequence). The registered ops have no sharding rules, so such a call
+    runs the reference math, plain PyTorch ops that DTensor shards one by one (unfused; dropout
+    from torch's generator, as DTensor's random ops draw it). Plain tensors return at the first
+    type check; DTensor exists only once torch.distributed.tensor is imported."""
+    dtensor = None
+    for t in tensors:
+        if t is None or type(t) is Tensor or type(t) is torch.nn.Parameter:
+            continue
+        if dtensor is None:
+            module = sys.modules.get("torch.distributed.tensor")
+            dtensor = getattr(module, "DTensor", ()) if module is not None else ()
+        if isinstance(t, dtensor):
+            return True
+    return False
 
 
 def _distinct(*tensors):
@@ -419,7 +440,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap,
             alibi_slopes, alignment == "bottom_right")
     want_lse = return_lse or sinks is not None
-    if _eager_inference(q, k, v, attn_mask):
+    if _distributed(q, k, v, attn_mask, alibi_slopes):
+        options = (band_lo, band_hi, dropout_p, scale, name, softcap, alignment == "bottom_right")
+        result = _attention_reference(options, None, alibi_slopes)(q, k, v, attn_mask)
+        result = result if want_lse else result[0]
+    elif _eager_inference(q, k, v, attn_mask):
         result = attention_inference(*args, want_lse)
     else:
         result = AttentionFunction.apply(*args, want_lse)  # (out, lse)
@@ -1204,6 +1229,9 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         x, residual, weight, bias = _distinct(x, residual, weight, bias)
     args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator),
             name, store_summed)
+    if _distributed(x, residual, weight, bias):
+        return reference.layer_norm_residual(x, residual, weight, bias, float(eps), dropout_p, prenorm, rms,
+                                             residual_in_fp32)
     if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference
         out, summed = layer_norm_residual_inference(*args)
     else:
@@ -1332,6 +1360,8 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     if torch.compiler.is_compiling():
         x, w1, b1, w2, b2, w1_up, b1_up = _distinct(x, w1, b1, w2, b2, w1_up, b1_up)
     args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
+    if _distributed(x, w1, b1, w2, b2, w1_up, b1_up):
+        return reference.feed_forward(x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation, dropout_p)
     if w1_up is not None:
         if _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):
             return as_shape_of(feed_forward_inference(*args, w1_up, b1_up), x)

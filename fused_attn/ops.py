@@ -13,8 +13,10 @@ backward needs, ``generate_vmap_rule``), so ``torch.func.grad``, ``vjp``, ``jacr
 ``vmap(grad(...))`` (per-sample gradients) run them: their forwards return the tensors the backward
 needs (the lse, mean and rstd, the pre-activation) as extra non-differentiable outputs, and they
 take every argument explicitly (torch.compile 2.13 mis-bound the omitted defaulted arguments of such
-a Function traced a second time). Under ``create_graph=True`` a backward recomputes the reference
-math under autograd, so that the gradient has a graph (``_grad_with_graph``).
+a Function traced a second time). A backward whose result will be differentiated (``create_graph=True``,
+nested torch.func transforms: ``_create_graph``) recomputes the reference math with a graph
+(``_grad_with_graph``); forward-mode AD gets its tangents from the same reference math through a
+twin of each Function that defines ``jvp`` (``_Function.forward_mode``).
 
 Attention takes the keys each query sees as a band, ``band_lo <= j - i <= band_hi``
 (``ops_common.attention_band`` derives it from causal / window_size / alignment; ``NO_BAND``,

@@ -1,5 +1,6 @@
 """Training steps under DistributedDataParallel and FSDP2 (fully_shard), gloo over 2 CPU processes,
-equal the single-process steps.
+equal the single-process steps; swapped norms under tensor parallelism's SequenceParallel (DTensor
+inputs) equal torch's norms there.
 
 The test runs this file as a script in a subprocess (bounded by a timeout); the script spawns the
 two ranks. Each rank trains on its half of the batch; rank 0 then compares the resulting
@@ -77,6 +78,8 @@ def _rank(rank, cases, port, result_path):
 def _case(rank, mode, kind):
     """Train the distributed model; on rank 0 also the single-process one, and return
     'max |difference| max |change| parameter-count'."""
+    if mode == "sp":
+        return _sequence_parallel(rank)
     model = _build(kind)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -103,13 +106,45 @@ def _case(rank, mode, kind):
     return f"{worst} {changed} {len(params)}"
 
 
+def _sequence_parallel(rank):
+    """Swapped norms under tensor parallelism's SequenceParallel (input, output and the gradients
+    DTensors sharded along the sequence; the fused ops have no sharding rules, so those calls run
+    the reference math): the outputs and parameter gradients of torch's norms there. Returns
+    'max |difference| max |value| tensor-count' (each rank checks)."""
+    import fused_attn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    x = torch.randn(BATCH, SEQ, D, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(BATCH, WORLD * SEQ, D, generator=torch.Generator().manual_seed(3))
+    worst = largest = 0.0
+    count = 0
+    for make in (lambda: torch.nn.LayerNorm(D), lambda: torch.nn.RMSNorm(D)):
+        results = []
+        for swap in (False, True):
+            torch.manual_seed(0)
+            norm = make()
+            with torch.no_grad():
+                norm.weight.uniform_(0.5, 1.5)
+            if swap:
+                assert len(fused_attn.swap_modules(norm).replaced) == 1
+            parallelize_module(norm, mesh, SequenceParallel())
+            out = norm(x).full_tensor()
+            (out * weights).sum().backward()
+            results.append([out] + [p.grad.full_tensor() for p in norm.parameters()])
+        for a, b in zip(*results):
+            worst, largest, count = max(worst, (a - b).abs().max().item()), max(largest, a.abs().max().item()), count + 1
+    return f"{worst} {largest} {count}"
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-CASES = ["ddp:fused", "fsdp2:fused", "ddp:swapped_torch", "fsdp2:swapped_torch"]
+CASES = ["ddp:fused", "fsdp2:fused", "ddp:swapped_torch", "fsdp2:swapped_torch", "sp:swapped_norms"]
 
 
 def test_distributed_steps_equal_single_process(tmp_path):
@@ -124,7 +159,7 @@ def test_distributed_steps_equal_single_process(tmp_path):
     assert sorted(results) == sorted(CASES)
     for case in CASES:
         worst, changed, count = results[case].split()
-        assert int(count) > 10, case
+        assert int(count) >= (5 if case.startswith("sp:") else 10), case
         assert float(changed) > 1e-3, f"{case}: training did not change the parameters"
         assert float(worst) < 2e-5, f"{case}: parameters differ from the single-process step by {worst}"
 

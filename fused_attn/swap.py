@@ -862,9 +862,29 @@ def _walk(module: nn.Module, path: str, opts: SwapOptions, report: SwapReport) -
                 report.replaced.append((path, old, result.cls.__name__, result.note))
                 consumed = result.consumed
             break
+        else:
+            subclassed = _subclassed_target(type(module))
+            if subclassed is not None:
+                report.left.append((path, type(module).__name__, f"a subclass of {subclassed.__name__} (parametrized, "
+                                    f"sharded or the user's own): only the exact class is swapped, whose forward "
+                                    f"the fused one reproduces"))
     for name, child in module.named_children():
         if name not in consumed:
             _walk(child, f"{path}.{name}" if path else name, opts, report)
+
+
+#: torch.nn classes swapped by exact type; a subclass of one is left and listed (``_subclassed_target``)
+_EXACT_TARGETS = (nn.MultiheadAttention, nn.LayerNorm, nn.RMSNorm, nn.TransformerEncoderLayer,
+                  nn.TransformerDecoderLayer, nn.TransformerEncoder)
+
+
+def _subclassed_target(cls: type) -> Optional[type]:
+    """The torch class ``cls`` strictly subclasses among those the converters swap by exact type
+    (a Parametrized..., FSDP... or user subclass, whose forward may differ), or None: such a
+    module is left as it is, and said so in the report rather than passed over in silence."""
+    if cls in _EXACT_TARGETS or cls.__module__ == __name__:
+        return None
+    return next((target for target in _EXACT_TARGETS if issubclass(cls, target)), None)
 
 
 def restore_modules(model: nn.Module) -> SwapReport:
@@ -879,12 +899,35 @@ def restore_modules(model: nn.Module) -> SwapReport:
         for name in added:
             module.__dict__.pop(name, None)
         report.replaced.append((path, type(module).__name__, cls.__name__, ""))
-        module.__class__ = cls
+        module.__class__ = _unfused_class(type(module), cls)
     for path, hf_model in _transformers_models(model):
         from .integrations import huggingface
         huggingface.restore_attention_implementation(hf_model, report, path)
         huggingface.restore_rotary(hf_model, report, path)
     return report
+
+
+def _unfused_class(current: type, original: type) -> type:
+    """The class a restored module gets: ``original`` in place of the swap's class. That is
+    ``original`` itself unless a class was made over the swap's since (torch.nn.utils.parametrize's
+    ``Parametrized...``, FSDP2's ``FSDP...``: setting ``original`` back would drop the
+    parametrization or the sharding); such a class is made again over ``original``, its own
+    attributes (a parametrization's properties) copied."""
+    fused = next((c for c in current.__mro__ if c.__module__ == __name__ and c is not original
+                  and issubclass(c, original)), None)
+    if fused is None or fused is current:
+        return original
+
+    def rebuilt(cls):
+        if cls is fused:
+            return original
+        if not issubclass(cls, fused):
+            return cls
+        own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        return type(cls)(cls.__name__.replace(fused.__name__, original.__name__),
+                         tuple(rebuilt(base) for base in cls.__bases__), own)
+
+    return rebuilt(current)
 
 
 __all__ = ["swap_modules", "restore_modules", "patch_sdpa", "SwapReport", "SwapOptions", "Conversion", "CONVERTERS",

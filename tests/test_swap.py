@@ -697,3 +697,63 @@ def test_forward_replaced_on_the_class_is_read_anew():
         assert not fused_attn.swap_modules(Rechained()).replaced
     finally:
         Rechained.forward = original
+
+
+def test_restore_keeps_a_class_made_over_the_swapped_one():
+    """A parametrization registered after the swap makes a class over the fused one
+    (ParametrizedFusedLayerNorm): restore_modules gives the module that class made over
+    LayerNorm, so the parametrization still works and can be removed. (It set LayerNorm back, and
+    the forward then failed: 'LayerNorm' object has no attribute 'weight'.) A mixin class made
+    over the fused one (as FSDP2's fully_shard makes) is kept the same way."""
+    import torch.nn.utils.parametrize as P
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    norm, plain = nn.LayerNorm(D), nn.LayerNorm(D)
+    fused_attn.swap_modules(norm)
+    P.register_parametrization(norm, "weight", Double())
+    P.register_parametrization(plain, "weight", Double())
+    fused_attn.restore_modules(norm)
+    assert type(norm).__name__ == "ParametrizedLayerNorm" and P.is_parametrized(norm, "weight")
+    assert not any(c.__module__ == "fused_attn.swap" for c in type(norm).__mro__)
+    x = torch.randn(B, L, D)
+    torch.testing.assert_close(norm(x), plain(x))
+    P.remove_parametrizations(norm, "weight")
+    assert type(norm) is nn.LayerNorm
+
+    class Sharded:  # a mixin made over the module's class, as fully_shard makes one
+        def shard_marker(self):
+            return True
+
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True)
+    fused_attn.swap_modules(layer)
+    layer.__class__ = type("Sharded" + type(layer).__name__, (Sharded, type(layer)), {})
+    fused_attn.restore_modules(layer)
+    assert layer.shard_marker() and isinstance(layer, nn.TransformerEncoderLayer)
+    assert type(layer).__name__ == "ShardedTransformerEncoderLayer"
+    assert not any(c.__module__ == "fused_attn.swap" for c in type(layer).__mro__)
+
+
+def test_subclasses_of_swapped_torch_classes_are_listed_left():
+    """A parametrized LayerNorm (class ParametrizedLayerNorm) or a user's subclass of a torch
+    layer is not swapped (only the exact classes are, whose forward the fused one reproduces),
+    and the report says so; it used to pass them over in silence ('0 replaced, 0 left')."""
+    import torch.nn.utils.parametrize as P
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    class MyLayer(nn.TransformerEncoderLayer):
+        pass
+
+    norm = nn.LayerNorm(D)
+    P.register_parametrization(norm, "weight", Double())
+    model = nn.Sequential(norm, MyLayer(D, H, 48, dropout=0.0, batch_first=True))
+    report = fused_attn.swap_modules(model)
+    left = {path: (cls, why) for path, cls, why in report.left}
+    assert left["0"][0] == "ParametrizedLayerNorm" and "a subclass of LayerNorm" in left["0"][1]
+    assert left["1"][0] == "MyLayer" and "a subclass of TransformerEncoderLayer" in left["1"][1]
+    assert type(model[0]).__name__ == "ParametrizedLayerNorm" and type(model[1]) is MyLayer

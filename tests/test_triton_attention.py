@@ -454,3 +454,33 @@ def test_host_integer_helpers_match_triton():
         for b in (1, 2, 16, 64, 128, 1000):
             assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
     assert next_pow2(0) == 1
+
+
+def test_torch_func_transforms_route_around_the_triton_launchers(monkeypatch):
+    """vmap and grad hand the ops wrapped tensors, which the Triton launchers cannot read (they
+    failed with "Cannot access storage of BatchedTensorImpl"): a forced triton call under them
+    refuses with the reason, and auto with triton first (as on a GPU) takes the next backend,
+    equal to the reference. jvp alone hands plain tensors: it still runs the Triton kernels."""
+    from fused_attn import backends
+
+    monkeypatch.setattr(backends, "AUTO_ORDER", {**backends.AUTO_ORDER, "cpu": ("triton", "reference")})
+    monkeypatch.setattr(backends, "_resolved", {})
+    q = torch.randn(3, 1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+
+    def loss(backend):
+        return lambda t: F.attention(t, t, t, causal=True, backend=backend).square().sum()
+
+    with pytest.raises(BackendUnavailableError, match="under a torch.func transform"):
+        torch.func.vmap(torch.func.grad(loss("triton")))(q)
+    with pytest.raises(BackendUnavailableError, match="under a torch.func transform"):
+        torch.func.grad(loss("triton"))(q[0])
+    expected = torch.func.vmap(torch.func.grad(loss("reference")))(q)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss(None)))(q), expected)
+    launched = []
+    original = triton_attention.attention_fwd
+    monkeypatch.setattr(triton_attention, "attention_fwd", lambda *a: launched.append(1) or original(*a))
+    tangent = torch.func.jvp(lambda t: F.attention(t, t, t, causal=True, backend="triton"), (q[0],),
+                             (torch.ones_like(q[0]),))[1]
+    assert launched
+    torch.testing.assert_close(tangent, torch.func.jvp(lambda t: R.attention(t, t, t, None, True), (q[0],),
+                                                       (torch.ones_like(q[0]),))[1])

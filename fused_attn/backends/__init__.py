@@ -90,6 +90,10 @@ def resolve_options(op: str, device: torch.device, dtype: torch.dtype, options: 
     ``use_backend`` and a changed ``FUSED_ATTN_BACKEND`` take effect at once (the variable is read,
     and checked, on every call). Those keys live in ``_resolved`` too: replacing it forgets them.
     """
+    if torch._C._are_functorch_transforms_active() and _wrapping_transform():
+        # (vmap, grad, jacrev, ...: backends whose launchers read tensors' memory directly refuse
+        # the wrapped tensors those pass; TritonBackend.call_reasons)
+        options = tuple(sorted(options + (("torch_func", True),)))
     if torch.compiler.is_compiling():
         return _resolve_constant(op, device.type, dtype, options, backend)
     key = (op, device, dtype, options, requested_backend(backend))
@@ -97,6 +101,15 @@ def resolve_options(op: str, device: torch.device, dtype: torch.dtype, options: 
     if name is None:
         name = _resolved[key] = _resolve_constant(op, device.type, dtype, options, backend)
     return name
+
+
+def _wrapping_transform() -> bool:
+    """Whether a torch.func transform on the stack hands the ops wrapped tensors: vmap's batched
+    ones, grad's (and vjp's, jacrev's) tracking ones. jvp alone hands the Functions plain tensors."""
+    from torch._C import _functorch
+
+    wrapping = (_functorch.TransformType.Vmap, _functorch.TransformType.Grad)
+    return any(level.key() in wrapping for level in _functorch.get_interpreter_stack() or ())
 
 
 def _assume_constant_result(fn):

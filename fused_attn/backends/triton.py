@@ -55,6 +55,9 @@ class TritonBackend(Backend):
         reasons = super().call_reasons(call)
         if call.device.type == "cpu" and call.dtype == torch.bfloat16:
             reasons.append("the Triton interpreter cannot do bfloat16 arithmetic (triton-lang/triton#11584)")
+        if call.options.get("torch_func"):
+            reasons.append("runs under a torch.func transform (vmap, grad, jacrev, ...), whose wrapped tensors the "
+                           "Triton launchers cannot read (the cpu, cuda and reference backends take them)")
         if not reasons:
             try:
                 module = _kernels(call.op)

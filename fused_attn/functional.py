@@ -208,6 +208,9 @@ def _autocast(*tensors):
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
+#: the smallest logit cap taken (the kernels divide by it in float32)
+MIN_SOFTCAP = 1e-30
+
 
 def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout_p, scale, softcap, return_lse,
                              compiling=False):
@@ -218,6 +221,8 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
     if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
         raise ValueError(f"the query heads (q.shape[1] = {Hq}) must be a multiple of the key/value heads "
                          f"(k.shape[1] = {Hkv})")
+    if D == 0:  # (every logit would be 0: the kernels' empty-input shortcut gave zeros, SDPA the mean of v)
+        raise ValueError("q and k must have a head dim (their last dimension) of at least 1, got 0")
     _check_bool("return_lse", return_lse)
     _check_bool("causal", causal)
     window_size = _check_window("window_size", window_size)
@@ -234,8 +239,9 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
         softcap = 0.0
     elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float or None, got {softcap!r}")
-    elif not (math.isfinite(softcap) and softcap >= 0.0):
-        raise ValueError(f"softcap must be a finite number >= 0 (0 or None: off), got {softcap!r}")
+    elif not (math.isfinite(softcap) and (softcap == 0.0 or softcap >= MIN_SOFTCAP)):
+        raise ValueError(f"softcap must be 0 or None (off), or a finite number >= {MIN_SOFTCAP:g}, got {softcap!r} "
+                         f"(a smaller cap flattens every logit to 0 and overflows 1 / softcap in float32)")
     return window_size, dropout_p, float(scale), float(softcap)
 
 

@@ -44,6 +44,8 @@ def attention_band(Lq, Lk, causal: bool = False, window_size=None, alignment: st
     """
     diag = Lk - Lq if alignment == "bottom_right" else 0
     left, right = window_size if window_size is not None else (-1, -1)
+    # a side wider than any length is unbounded (and Python ints past int64 overflowed the ops)
+    left, right = (-1 if side >= BAND_UNBOUNDED else side for side in (left, right))
     lo = diag - left if left >= 0 else -BAND_UNBOUNDED
     hi = diag + right if right >= 0 else BAND_UNBOUNDED
     if causal:

@@ -31,8 +31,13 @@ def qkv(B=1, Hq=2, Hkv=2, L=4, D=8, dtype=torch.float32):
     (dict(window_size=(1.5, 0)), TypeError, "window_size must be None or a pair"),
     (dict(window_size=(True, 0)), TypeError, "window_size must be None or a pair"),
     (dict(window_size=(-2, 0)), ValueError, r"window_size sides must be >= 0, or -1 for unbounded, got \(-2, 0\)"),
-    (dict(softcap=-1.0), ValueError, r"softcap must be a finite number >= 0 \(0 or None: off\), got -1.0"),
-    (dict(softcap=float("inf")), ValueError, "softcap must be a finite number"),
+    (dict(softcap=-1.0), ValueError, r"softcap must be 0 or None \(off\), or a finite number >= 1e-30, got -1.0"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be 0 or None"),
+    # a cap so small that 1 / softcap overflows float32: the cpu kernel refused it only after
+    # attention_with_kvcache had written the cache
+    (dict(softcap=1e-39), ValueError, r"or a finite number >= 1e-30, got 1e-39"),
+    # an empty head dim: every logit 0 (the empty-input shortcut gave zeros where SDPA gives v's mean)
+    (dict(q=torch.randn(1, 2, 4, 0), k=torch.randn(1, 2, 4, 0)), ValueError, "head dim .* at least 1, got 0"),
     (dict(softcap="30"), TypeError, "softcap must be a float or None, got '30'"),
     (dict(alignment="bottom-right"), ValueError, "alignment must be one of 'top_left', 'bottom_right', got 'bottom-right'"),
     (dict(scale=float("nan")), TypeError, "scale"),
@@ -88,3 +93,12 @@ def test_feed_forward_rejects(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         F.feed_forward(args["x"], args["w1"], args["b1"], args["w2"], args["b2"], activation=args["activation"])
+
+
+def test_window_sides_past_int64_are_unbounded():
+    """A window side wider than any length (even past int64, which the compiled ops' int
+    arguments overflowed) is the same as -1, unbounded."""
+    q, k, v = qkv(L=6)
+    for backend in ("reference", "cpu"):
+        torch.testing.assert_close(F.attention(q, k, v, window_size=(2**64, 0), backend=backend),
+                                   F.attention(q, k, v, window_size=(-1, 0), backend=backend))

@@ -80,7 +80,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         if cu_seqlens is not None:
             return self._packed_forward(query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens,
                                         max_seqlen)
-        reference.check_batched_call(query, key, value, self.d_model)
+        reference.check_batched_call(query, key, value, self.d_model, key_padding_mask, is_causal, attn_mask)
         key = query if key is None else key
         value = key if value is None else value
         q, k, v = self._project(query, key, value)
@@ -123,6 +123,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
 
     def _packed_forward(self, query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens, max_seqlen):
         reference.check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
+        reference.check_is_causal(is_causal)
         q, k, v = self._project(query, query, query)
         # (T, H*D) -> (T, H, D) views of the projections
         q = q.unflatten(-1, (self.num_heads, self.head_dim))

@@ -447,9 +447,12 @@ class MultiHeadAttention(nn.Module):
                  window_size=None, device=None, dtype=None, alibi=False, sinks=False, rotary=False,
                  rotary_base=10000.0):
         super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
@@ -471,6 +474,10 @@ class MultiHeadAttention(nn.Module):
             self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
                                  persistent=False)
         self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
+        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)) or not (
+                0 < rotary_base < math.inf):
+            raise ValueError(f"rotary_base must be a finite number > 0 (RoPE's angles are position / base ** "
+                             f"(2i / head_dim)), got {rotary_base!r}")
         self.rotary, self.rotary_base = bool(rotary), float(rotary_base)
         if self.rotary and self.head_dim % 2:
             raise ValueError(f"rotary=True turns pairs of features: the head dim (d_model / num_heads = "
@@ -535,7 +542,7 @@ class MultiHeadAttention(nn.Module):
             out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size,
                                    alibi_slopes=self.alibi_slopes, sinks=self.sinks)
             return self.out_linear(out.flatten(-2))
-        check_batched_call(query, key, value, self.d_model)
+        check_batched_call(query, key, value, self.d_model, key_padding_mask, is_causal, attn_mask)
         key = query if key is None else key
         value = key if value is None else value
         B, Lq, _ = query.shape
@@ -583,13 +590,35 @@ def _decode_reference(mha, query, kv_cache):
     return mha.out_linear(out.reshape(B, L, mha.d_model))
 
 
-def check_batched_call(query, key, value, d_model):
+def check_batched_call(query, key, value, d_model, key_padding_mask=None, is_causal=None, attn_mask=None):
     """A module call without cu_seqlens or kv_cache is on (B, L, d_model) tensors: a 2-D input
-    would otherwise fail unpacking its shape, without saying which argument or what it needs."""
+    would otherwise fail unpacking its shape, without saying which argument or what it needs; a
+    key_padding_mask is a bool (B, Lk) tensor (another shape failed indexing, or was blamed on
+    attn_mask), is_causal None or a bool (a string was read as True)."""
+    check_is_causal(is_causal)
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     for name, t in (("query", query), ("key", key), ("value", value)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t is not None and (t.dim() != 3 or t.shape[-1] != d_model):
             packed = " (or (total_tokens, d_model) with cu_seqlens: packed sequences)" if name == "query" else ""
             raise ValueError(f"{name} must be (batch, length, d_model={d_model}){packed}, got {tuple(t.shape)}")
+
+
+    if key_padding_mask is not None:
+        expected = (query.shape[0], (query if key is None else key).shape[1])
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (batch, key length) = {expected}, True = "
+                            f"padding, got {getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+        if tuple(key_padding_mask.shape) != expected:
+            raise ValueError(f"key_padding_mask must be (batch, key length) = {expected} (True = padding), got "
+                             f"{tuple(key_padding_mask.shape)}")
+
+
+def check_is_causal(is_causal) -> None:
+    if is_causal is not None and not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be None or a bool, got {is_causal!r}")
 
 
 def check_packed_call(query, key, value, attn_mask, key_padding_mask, d_model):

@@ -304,6 +304,44 @@ def test_unpacked_call_errors():
             mha(x, x, x[..., :-1])
 
 
+def test_call_arguments_are_checked():
+    """A key_padding_mask of another shape or type (it failed indexing, or was blamed on attn_mask),
+    an is_causal that is not a bool (a string was read as True), a query or attn_mask that is not
+    a tensor (AttributeError): each raises naming the argument and what was expected."""
+    x = torch.randn(B, L, D_MODEL)
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        mha = cls(D_MODEL, HEADS)
+        for mask in (torch.zeros(L, dtype=torch.bool), torch.zeros(B, L + 1, dtype=torch.bool)):
+            with pytest.raises(ValueError, match=rf"key_padding_mask must be \(batch, key length\) = \({B}, {L}\)"):
+                mha(x, key_padding_mask=mask)
+        with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor .* got list"):
+            mha(x, key_padding_mask=[[False] * L] * B)
+        with pytest.raises(TypeError, match="is_causal must be None or a bool, got 'no'"):
+            mha(x, is_causal="no")
+        with pytest.raises(TypeError, match="query must be a torch.Tensor, got list"):
+            mha(x.tolist())
+        with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor or None, got list"):
+            mha(x, attn_mask=[[True]])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_heads=0), "num_heads must be an int >= 1, got 0"),
+    (dict(num_heads=-2), "num_heads must be an int >= 1, got -2"),
+    (dict(num_kv_heads=0), "num_kv_heads must be an int >= 1, got 0"),
+    (dict(d_model=-16), "d_model must be an int >= 1, got -16"),
+    (dict(rotary=True, rotary_base=0.0), "rotary_base must be a finite number > 0"),
+    (dict(rotary=True, rotary_base=float("nan")), "rotary_base must be a finite number > 0"),
+])
+def test_constructor_arguments_are_checked(kwargs, match):
+    """Head counts below 1 (ZeroDivisionError, or a module whose forward failed in unflatten) and a
+    RoPE base that is not a positive finite number (a module whose every output was NaN)."""
+    args = dict(d_model=16, num_heads=2)
+    args.update(kwargs)
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        with pytest.raises(ValueError, match=match):
+            cls(**args)
+
+
 def test_packed_training_example_runs(monkeypatch, capsys):
     """examples/packed_training.py: packed equals one document at a time, and it trains."""
     import os

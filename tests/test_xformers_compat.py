@@ -181,6 +181,9 @@ def test_dropout_seed_and_output_dtype():
      r"a batch of one"),
     (lambda q: X.memory_efficient_attention(q[:1], q[:1], q[:1], attn_bias=X.BlockDiagonalMask.from_seqlens([2, 2])),
      ValueError, "query has 5 rows but BlockDiagonalMask describes 4"),
+    # (a value of another batch was read at value[0] alone, or failed with an IndexError)
+    (lambda q: X.memory_efficient_attention(q[:1], q[:1], q, attn_bias=X.BlockDiagonalMask.from_seqlens([2, 3])),
+     ValueError, r"query, key and value must be \(1, M, ...\).*\(2, 5, 2, 8\)"),
     (lambda q: X.LowerTriangularFromBottomRightLocalAttentionMask(0), ValueError, "window_size must be an int >= 1"),
     (lambda q: X.BlockDiagonalMask.from_seqlens([1, 2], [3]), ValueError, "as many sequences"),
     (lambda q: X.BlockDiagonalMask.from_seqlens([1, -2]), ValueError, "lengths >= 0"),

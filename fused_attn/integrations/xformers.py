@@ -482,9 +482,10 @@ def _attend(q, k, v, bias: Optional[AttentionBias], tensor_bias, p, scale, retur
     """q (B, M, Hq, K), k (B, N, Hkv, K), v (B, N, Hkv, Kv) through attention or attention_varlen:
     (out (B, M, Hq, Kv), lse (B, Hq, M) with ``return_lse``, else None)."""
     if isinstance(bias, _PackedBias):
-        if q.shape[0] != 1 or k.shape[0] != 1:
-            raise ValueError(f"a {type(bias).__name__} packs the sequences along M of a batch of one: query and key "
-                             f"must be (1, M, ...), got {tuple(q.shape)} and {tuple(k.shape)}")
+        if q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
+            raise ValueError(f"a {type(bias).__name__} packs the sequences along M of a batch of one: query, key "
+                             f"and value must be (1, M, ...), got {tuple(q.shape)}, {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
         q_info, k_info = bias.q_seqinfo, bias.k_seqinfo
         for name, t, info in (("query", q, q_info), ("key", k, k_info)):
             if t.shape[1] != info.cu_seqlen_py[-1]:

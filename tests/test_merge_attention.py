@@ -109,3 +109,20 @@ def test_float64_merge_is_float64():
     out, lse = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float32)
     merged, merged_lse = F.merge_attention([out], [lse])
     assert merged.dtype == torch.float64 and merged_lse.dtype == torch.float64 and torch.equal(merged, out)
+
+
+def test_xformers_partial_outputs_are_float32_and_lists_merge():
+    """xformers returns partial outputs in float32 (unless output_dtype says otherwise; float64 stays
+    float64), and newer xformers' merge_attentions takes lists of the parts: both as there (the
+    partials came back in the query's half dtype; lists raised TypeError)."""
+    q, k, v = (t.half() for t in make_inputs((1, 5, 2, 8), (1, 9, 2, 8), (1, 9, 2, 8), requires_grad=False, seed=3))
+    out, lse = X.memory_efficient_attention_partial(q, k, v)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert X.memory_efficient_attention_partial(q, k, v, output_dtype=torch.float16)[0].dtype == torch.float16
+    assert X.memory_efficient_attention_partial(q.double(), k.double(), v.double())[0].dtype == torch.float64
+    parts = [X.memory_efficient_attention_partial(q, k[:, a:b], v[:, a:b]) for a, b in ((0, 4), (4, 9))]
+    merged, merged_lse = X.merge_attentions([o for o, _ in parts], [lse for _, lse in parts])
+    stacked = X.merge_attentions(torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts]))
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, stacked[0], rtol=0, atol=0)
+    torch.testing.assert_close(merged, out, rtol=2e-3, atol=2e-3)

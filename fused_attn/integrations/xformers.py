@@ -432,7 +432,12 @@ def memory_efficient_attention_forward(query, key, value, attn_bias=None, p: flo
 def memory_efficient_attention_partial(query, key, value, attn_bias=None, p: float = 0.0,
                                        scale: Optional[float] = None, *, op=None, output_dtype=None) -> tuple:
     """``memory_efficient_attention`` that also returns the float32 log-sum-exp of each row, (B, H,
-    M) (or (B, G, H, M); -inf on rows that see no key), for ``merge_attentions``."""
+    M) (or (B, G, H, M); -inf on rows that see no key), for ``merge_attentions``. The output is
+    float32 unless ``output_dtype`` says otherwise (float64 for a float64 query), as xformers
+    returns partial outputs; the kernels compute it in the query's dtype, so its precision is that
+    dtype's (xformers' accumulate in float32: a merge of bfloat16 parts is ~bfloat16-accurate)."""
+    if output_dtype is None and isinstance(query, Tensor) and query.dtype != torch.float64:
+        output_dtype = torch.float32
     return memory_efficient_attention(query, key, value, attn_bias, p, scale, op=op, output_dtype=output_dtype,
                                       return_lse=True)
 
@@ -443,8 +448,13 @@ def merge_attentions(attn_split: Tensor, lse_split: Tensor, write_lse: bool = Tr
     on dim 0 (``attn_split`` (n, B, M, [G,] H, K), ``lse_split`` (n, B, [G,] H, M)), merged as
     attention over all the keys (``fused_attn.merge_attention``): ``(out (B, M, [G,] H, K), lse
     (B, [G,] H, M) or None without write_lse)``. Differentiable."""
+    if isinstance(attn_split, (list, tuple)) and isinstance(lse_split, (list, tuple)):
+        if not attn_split or len(attn_split) != len(lse_split):
+            raise ValueError(f"attn_split and lse_split must list the same number of parts (at least one), got "
+                             f"{len(attn_split)} and {len(lse_split)}")
+        attn_split, lse_split = torch.stack(list(attn_split)), torch.stack(list(lse_split))  # (newer xformers' form)
     if not isinstance(attn_split, Tensor) or not isinstance(lse_split, Tensor):
-        raise TypeError("attn_split and lse_split must be tensors, the parts stacked on dim 0")
+        raise TypeError("attn_split and lse_split must be tensors, the parts stacked on dim 0, or lists of the parts")
     if attn_split.dim() not in (5, 6) or lse_split.dim() != attn_split.dim() - 1:
         raise ValueError(f"attn_split must be (n, B, M, [G,] H, K) and lse_split (n, B, [G,] H, M), got "
                          f"{tuple(attn_split.shape)} and {tuple(lse_split.shape)}")

@@ -199,7 +199,7 @@ def _autocast(*tensors):
     ints, None) as they are. Outside autocast, the tensors unchanged. (Differentiable: the
     gradient of a cast parameter comes back in its own dtype.)"""
     first = tensors[0]
-    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+    if not isinstance(first, Tensor) or not _autocast_enabled(first.device.type):
         return tensors
     device, dtype = first.device.type, torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE and t.dtype != dtype
@@ -207,6 +207,14 @@ def _autocast(*tensors):
 
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for device types autocast does not know
+    (meta tensors: torch raises "unknown device type for autocast" there)."""
+    if device_type == "meta":
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 #: the smallest logit cap taken (the kernels divide by it in float32)
 MIN_SOFTCAP = 1e-30
@@ -729,7 +737,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     assert), and duplicate write targets are not detected.
     """
     if (isinstance(q, Tensor) and isinstance(k_cache, Tensor) and k_cache.is_floating_point()
-            and torch.is_autocast_enabled(q.device.type)):
+            and _autocast_enabled(q.device.type)):
         # Under autocast the cache is storage in its own dtype: the new keys, values and queries
         # are cast to it (not the cache to autocast's dtype, which would copy it every step), and
         # the call runs in that dtype.
@@ -1202,7 +1210,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
             half precision); the normalised output keeps x's dtype.
     """
     compiling = torch.compiler.is_compiling()
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
         x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
                                                                           residual_in_fp32)
     elif isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):

@@ -72,6 +72,18 @@ def test_use_backend_and_environment_variable(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with use_backend("nonsense"):
             pass
+    # checked when made, not only when entered: a plain statement selects nothing and raised nothing
+    with pytest.raises(ValueError, match="backend must be one of"):
+        use_backend("refrence")
+    with pytest.raises(ValueError, match="use_backend needs a backend name"):
+        use_backend(None)  # (every call in the block then failed with KeyError: None)
+
+    @use_backend("reference")
+    def decorated():
+        return resolve(CPU_F32)
+
+    monkeypatch.delenv("FUSED_ATTN_BACKEND")
+    assert decorated() == "reference" and resolve(CPU_F32) in ("cpu", "reference")
 
 
 def test_auto_fallback_to_reference_warns_once(monkeypatch):

@@ -274,3 +274,24 @@ def test_no_graph_outlives_its_outputs(device, backend):
             if alive:
                 leaks[f"{name}{' forward+backward' if backward else ' forward'}"] = alive
     assert not leaks, f"left alive after the outputs were dropped: {leaks}"
+
+
+def test_meta_tensors_give_shapes_forward_and_backward():
+    """Meta tensors (shapes without data: memory estimates, deferred init) run through the
+    reference math, which PyTorch runs on meta, forward and backward, as SDPA and layer_norm do
+    (they raised "unknown device type for autocast")."""
+    import fused_attn
+    from fused_attn import functional as F
+
+    q = torch.empty(1, 2, 4, 8, device="meta", requires_grad=True)
+    out = F.attention(q, q, q, causal=True)
+    assert out.device.type == "meta" and out.shape == (1, 2, 4, 8)
+    out.sum().backward()
+    assert q.grad.device.type == "meta" and q.grad.shape == q.shape
+    x = torch.empty(3, 8, device="meta", requires_grad=True)
+    w1, w2 = torch.empty(32, 8, device="meta"), torch.empty(8, 16, device="meta")
+    assert F.layer_norm_residual(x, x, torch.empty(8, device="meta")).shape == (3, 8)
+    assert F.feed_forward(x, w1, None, w2, None, activation="swiglu").shape == (3, 8)
+    model = fused_attn.Transformer(16, 2, 1, device="meta")
+    model(torch.empty(2, 5, 16, device="meta")).sum().backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())

@@ -159,15 +159,25 @@ def _warn_fallback(call: Call, refused: dict[str, list[str]]):
     warnings.warn(f"fused_attn: {call.describe()} falls back to the reference backend ({why})", stacklevel=5)
 
 
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Run the enclosed calls on backend ``name`` ('auto' restores automatic choice)."""
-    check_backend_name(name)
-    _selected.append(name)
-    try:
-        yield
-    finally:
+class use_backend(contextlib.ContextDecorator):
+    """Run the enclosed calls on backend ``name`` ('auto' restores automatic choice): ``with
+    use_backend("cpu"): ...``, or as a decorator. The name is checked here, so that a misspelt
+    one raises even where the object is never entered (``use_backend("refrence")`` as a plain
+    statement, which selects nothing)."""
+
+    def __init__(self, name: str):
+        if name is None:  # (check_backend_name takes None, "not given", which means nothing here)
+            raise ValueError(f"use_backend needs a backend name, one of {', '.join(BACKEND_NAMES)}; got None")
+        check_backend_name(name)
+        self.name = name
+
+    def __enter__(self):
+        _selected.append(self.name)
+        return self
+
+    def __exit__(self, *exc):
         _selected.pop()
+        return False
 
 
 def available_backends() -> dict[str, dict]:

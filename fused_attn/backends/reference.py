@@ -24,7 +24,7 @@ def _rng(dropout_p, seed, offset):
 
 class ReferenceBackend(Backend):
     name = "reference"
-    devices = ("cpu", "cuda")
+    devices = ("cpu", "cuda", "meta")  # (its plain PyTorch runs on meta tensors: shapes without data)
     _all = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     dtypes = {"attention": _all, "layer_norm_residual": _all, "feed_forward": _all, "rotary": _all}
 

@@ -119,8 +119,10 @@ def _check_prob(name: str, p, compiling: bool = False) -> float:
 
 
 def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if not isinstance(value, bool):  # (numpy's bool is named "bool" too: say whose)
+        kind = type(value).__name__ if type(value).__module__ == "builtins" else \
+            f"{type(value).__module__}.{type(value).__qualname__}"
+        raise TypeError(f"{name} must be a bool (True or False), got {kind} {value!r}")
     return value
 
 
@@ -1105,8 +1107,10 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     part saw a key for (their out is 0). Plain differentiable torch ops: with the
     differentiable lse of ``attention``, a merge trains (its gradients reach every part's q, k,
     v), and it traces under torch.compile."""
-    if isinstance(outs, Tensor) or isinstance(lses, Tensor):
-        raise TypeError("outs and lses must be sequences (lists or tuples) of tensors, one per key part")
+    if isinstance(outs, Tensor) or isinstance(lses, Tensor) or not (isinstance(outs, Sequence)
+                                                                    and isinstance(lses, Sequence)):
+        raise TypeError(f"outs and lses must be sequences (lists or tuples) of tensors, one per key part, got "
+                        f"{type(outs).__name__} and {type(lses).__name__}")
     outs, lses = list(outs), list(lses)
     if not outs or len(outs) != len(lses):
         raise ValueError(f"outs and lses must be non-empty and of one length, got {len(outs)} and {len(lses)}")
@@ -1335,6 +1339,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     if isinstance(w1, (tuple, list)):
         w1, w1_up, b1, b1_up = _split_gated_weights(w1, b1, activation)
         x, w1, b1, w2, b2, w1_up, b1_up = _autocast(x, w1, b1, w2, b2, w1_up, b1_up)
+        _check_tensor("x", x, min_ndim=1)  # (before comparing the halves' device and dtype with it)
         _check_same("x", x, {"w1[0]": w1, "w1[1]": w1_up, "b1[0]": b1, "b1[1]": b1_up})
     else:
         x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)

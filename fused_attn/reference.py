@@ -16,6 +16,7 @@ modules in ``fused_attn.modules`` take too.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -65,8 +66,9 @@ def get_alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     """The ALiBi paper's head slopes (Press et al. 2022; what BLOOM, MPT and FlashAttention's tests
     use): for a power of two n, ``2^(-8 (h + 1) / n)`` for head h; otherwise the n' = 2^floor(log2 n)
     slopes followed by every other slope of the 2n' sequence. float32 (num_heads,)."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or not 1 <= num_heads <= 1 << 20:
+        raise ValueError(f"num_heads must be an int from 1 to 2**20, got {num_heads!r}")
+    num_heads = int(num_heads)  # (numpy ints too)
 
     def powers(n):
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]

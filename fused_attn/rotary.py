@@ -80,6 +80,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     half = check_tables(cos, sin, x)
     _check_bool("interleaved", interleaved)
     _check_bool("inplace", inplace)
+    _check_max_seqlen(max_seqlen)  # (checked with or without cu_seqlens, though only packed calls use it)
     if inplace and not compiling and elements_may_overlap(x):
         raise ValueError(f"inplace=True writes into x, whose elements overlap (strides {x.stride()}, e.g. an "
                          f"expanded tensor): pass a tensor with its own storage per element, or inplace=False")
@@ -152,6 +153,7 @@ def rotate_packed(tensors, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seq
     against the tables' rows (on the device on a GPU and under torch.compile)."""
     x = tensors[0]
     compiling = torch.compiler.is_compiling()
+    _check_max_seqlen(max_seqlen)
     positions = _packed_positions(cu_seqlens, 0, max_seqlen, x.shape[0], x.device, compiling)
     check_positions(positions, cos.shape[0], "the positions", compiling)
     name = resolve_rotary(x, cos.shape[1], backend)
@@ -199,6 +201,15 @@ def _offset_positions(seqlen_offsets, B: int, L: int, device) -> Tensor:
     return (steps + int(seqlen_offsets)).expand(B, L)
 
 
+def _check_max_seqlen(max_seqlen) -> None:
+    if max_seqlen is None:
+        return
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        raise TypeError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
+
+
 def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device, compiling: bool) -> Tensor:
     """(1, total) positions of packed sequences: token t of the sequence s holding it is at
     t - cu_seqlens[s] + seqlen_offsets[s]. Found on the device (searchsorted), no host read."""
@@ -206,9 +217,6 @@ def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     batch = cu_seqlens.shape[0] - 1
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral)
-                                   or max_seqlen < 0):
-        raise TypeError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
     if not compiling:
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):

@@ -195,7 +195,7 @@ def _norm_repr(norm) -> str:
 
 class FusedLayerNorm(nn.LayerNorm):
     def forward(self, x):
-        if x.is_nested:  # torch's norm takes nested tensors, the fused op does not
+        if not isinstance(x, Tensor) or x.is_nested:  # torch's norm takes nested tensors (and says what it takes)
             return super().forward(x)
         return fused_norm(self, x, backend=self.fused_attn_backend)
 
@@ -205,7 +205,7 @@ class FusedLayerNorm(nn.LayerNorm):
 
 class FusedRMSNorm(nn.RMSNorm):
     def forward(self, x):
-        if x.is_nested:  # torch's norm takes nested tensors, the fused op does not
+        if not isinstance(x, Tensor) or x.is_nested:  # torch's norm takes nested tensors (and says what it takes)
             return super().forward(x)
         return fused_norm(self, x, backend=self.fused_attn_backend)
 
@@ -809,6 +809,8 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
     swapped, with their backend): to swap with another backend or options, ``restore_modules``
     first. ``restore_modules`` undoes it.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
     opts = SwapOptions(bool(attention), bool(norm), bool(ffn), backend, bool(rotary))
     report = SwapReport()
@@ -890,6 +892,8 @@ def _subclassed_target(cls: type) -> Optional[type]:
 def restore_modules(model: nn.Module) -> SwapReport:
     """Undo ``swap_modules``: every swapped module gets its original class back (and loses the
     attributes the swap added). Returns a report of what was restored (in ``replaced``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = SwapReport(action="restore_modules")
     for path, module in model.named_modules():
         info = module.__dict__.pop(RESTORE_ATTR, None)
@@ -961,7 +965,8 @@ class patch_sdpa:
         def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                        enable_gqa=False):
             tensors = (query, key, value) + ((attn_mask,) if isinstance(attn_mask, Tensor) else ())
-            if any(t.is_nested for t in tensors) or not all(t.is_floating_point() for t in (query, key, value)):
+            if (not all(isinstance(t, Tensor) for t in tensors) or any(t.is_nested for t in tensors)
+                    or not all(t.is_floating_point() for t in (query, key, value))):  # torch's (and its errors)
                 return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                 scale=scale, enable_gqa=enable_gqa)
             return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

@@ -586,7 +586,7 @@ def test_front_end_input_checks():
     q = torch.randn(1, 3, 2, 8)
     with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
         FA.flash_attn_func([1], q, q)
-    with pytest.raises(TypeError, match="out_dtype must be a torch.dtype"):
+    with pytest.raises(TypeError, match="out_dtype must be a floating torch.dtype"):
         FA.layer_norm_fn(torch.randn(2, 8), torch.ones(8), None, out_dtype="float16")
     with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
         FA.unpad_input(torch.randn(2, 3, 4), [[1, 1, 0], [1, 0, 0]])

@@ -102,3 +102,52 @@ def test_window_sides_past_int64_are_unbounded():
     for backend in ("reference", "cpu"):
         torch.testing.assert_close(F.attention(q, k, v, window_size=(2**64, 0), backend=backend),
                                    F.attention(q, k, v, window_size=(-1, 0), backend=backend))
+
+
+def _xformers():
+    from fused_attn.integrations import xformers
+    return xformers
+
+
+def _flash():
+    from fused_attn.integrations import flash_attn
+    return flash_attn
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: F.attention(*qkv(), causal=__import__("numpy").bool_(True)), TypeError,
+     "causal must be a bool .* got numpy.bool"),  # (said "must be a bool, got bool")
+    (lambda: F.apply_rotary_emb(torch.randn(1, 4, 2, 8), torch.ones(4, 4), torch.zeros(4, 4), max_seqlen="abc"),
+     TypeError, "max_seqlen must be None or an int >= 0, got 'abc'"),  # (accepted unchecked)
+    (lambda: F.apply_rotary_emb(torch.randn(1, 4, 2, 8), torch.ones(4, 4), torch.zeros(4, 4), max_seqlen=-7),
+     ValueError, "max_seqlen must be None or an int >= 0, got -7"),
+    (lambda: F.merge_attention(None, None), TypeError, "outs and lses must be sequences .* got NoneType"),
+    (lambda: __import__("fused_attn").swap_modules(None), TypeError, "model must be a torch.nn.Module, got NoneType"),
+    (lambda: __import__("fused_attn").restore_modules(None), TypeError, "model must be a torch.nn.Module"),
+    (lambda: F.get_alibi_slopes(10 ** 12), ValueError, r"num_heads must be an int from 1 to 2\*\*20"),  # (OOM)
+    (lambda: _xformers().memory_efficient_attention(*[torch.randn(1, 4, 2, 8)] * 3, output_dtype=torch.int32),
+     TypeError, "output_dtype must be a floating torch.dtype"),  # (cast the result to int)
+    (lambda: _flash().layer_norm_fn(torch.randn(3, 8), torch.ones(8), None, out_dtype=torch.int32), TypeError,
+     "out_dtype must be a floating torch.dtype"),
+    (lambda: _flash().unpad_input(torch.randn(2, 3, 4), None), TypeError,
+     "attention_mask must be a torch.Tensor, got NoneType"),  # (AttributeError)
+    (lambda: F.feed_forward([[0.0] * 4] * 3, (torch.randn(5, 4), torch.randn(5, 4)), None, torch.randn(4, 5), None,
+                            activation="swiglu"), TypeError, "x must be a torch.Tensor, got list"),  # (AttributeError)
+])
+def test_other_bad_inputs_say_what_was_expected(call, exc, match):
+    """Inputs that raised an AttributeError or IndexError from inside, a message naming the wrong
+    type, or were accepted unchecked: each raises naming the argument and what it takes."""
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_numpy_ints_and_patched_sdpa_non_tensors():
+    """get_alibi_slopes takes numpy ints as ints; torch's SDPA, patched, gives torch's own TypeError
+    for a non-tensor query (it raised AttributeError: 'list' object has no attribute 'is_nested')."""
+    import numpy as np
+
+    import fused_attn
+    torch.testing.assert_close(F.get_alibi_slopes(np.int64(8)), F.get_alibi_slopes(8))
+    with fused_attn.patch_sdpa():
+        with pytest.raises(TypeError, match="must be Tensor, not list"):
+            torch.nn.functional.scaled_dot_product_attention([[0.0]], torch.zeros(1, 1), torch.zeros(1, 1))

@@ -423,8 +423,8 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
                         ("zero_centered_weight", zero_centered_weight), ("is_rms_norm", is_rms_norm),
                         ("return_dropout_mask", return_dropout_mask)):
         _flag(name, value)
-    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
-        raise TypeError(f"out_dtype must be a torch.dtype or None, got {out_dtype!r}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
     if zero_centered_weight and weight is not None:
         weight = weight + 1.0
     # FlashAttention's dtypes: parameters of any float dtype (here used in x's), and the summed
@@ -518,7 +518,7 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Opti
     int32 (B,))``, as FlashAttention 2.8's. ``unused_mask`` (1 = allocated but unused rows, kept in
     the packing after each sequence's tokens): cu_seqlens counts them, seqused does not."""
     for name, t in (("hidden_states", hidden_states), ("attention_mask", attention_mask), ("unused_mask", unused_mask)):
-        if t is not None and not isinstance(t, Tensor):
+        if (t is not None or name != "unused_mask") and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if attention_mask.shape != hidden_states.shape[:2]:
         raise ValueError(f"attention_mask must have shape (B, L) = {tuple(hidden_states.shape[:2])}, got "

@@ -377,6 +377,8 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
     (``return_lse``, not xformers': also the float32 lse, as ``memory_efficient_attention_partial``.)"""
     if not isinstance(query, Tensor):
         raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
+        raise TypeError(f"output_dtype must be a floating torch.dtype or None, got {output_dtype!r}")
     ndim = query.dim()
     if ndim not in (3, 4, 5):
         raise ValueError(f"query must be (B, M, K), (B, M, H, K) or (B, M, G, H, K), got shape {tuple(query.shape)}")

@@ -446,6 +446,8 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         B, Lq, E = query.shape
         Lk = key.shape[1]
+        if E != self.embed_dim:  # torch's check and message (the projection failed: "mat1 and mat2 shapes ...")
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {E}")
         # with the is_causal hint and no padding mask torch drops attn_mask unread (but its dtype and dims)
         causal = bool(is_causal) and key_padding_mask is None
         check_torch_mha_masks(attn_mask, key_padding_mask, B, self.num_heads, Lq, Lk, attn_mask_used=not causal)

@@ -757,3 +757,16 @@ def test_subclasses_of_swapped_torch_classes_are_listed_left():
     assert left["0"][0] == "ParametrizedLayerNorm" and "a subclass of LayerNorm" in left["0"][1]
     assert left["1"][0] == "MyLayer" and "a subclass of TransformerEncoderLayer" in left["1"][1]
     assert type(model[0]).__name__ == "ParametrizedLayerNorm" and type(model[1]) is MyLayer
+
+
+def test_torch_multihead_attention_checks_the_embedding_dim_as_torch():
+    """A query of another width than embed_dim raises torch's AssertionError and message (the
+    swapped module failed inside its projection: 'mat1 and mat2 shapes cannot be multiplied')."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    swapped = copy.deepcopy(mha)
+    fused_attn.swap_modules(swapped)
+    x = torch.randn(2, 5, 6)
+    with pytest.raises(AssertionError, match="was expecting embedding dimension of 8, but got 6") as torch_error:
+        mha(x, x, x, need_weights=False)
+    with pytest.raises(AssertionError, match=str(torch_error.value)):
+        swapped(x, x, x, need_weights=False)

@@ -122,7 +122,7 @@ def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):  # (numpy's bool is named "bool" too: say whose)
         kind = type(value).__name__ if type(value).__module__ == "builtins" else \
             f"{type(value).__module__}.{type(value).__qualname__}"
-        raise TypeError(f"{name} must be a bool (True or False), got {kind} {value!r}")
+        raise TypeError(f"{name} must be a bool, got {kind} {value!r}")
     return value
 
 

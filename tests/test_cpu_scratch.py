@@ -241,11 +241,16 @@ def test_repeated_steps_fault_no_pages_in(make_step):
     step = make_step()
     for _ in range(3):
         step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        step()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
-    assert faults < 256, f"{faults:.0f} page faults per step"
+    # The fewest of three windows: glibc's heap under the step's other allocations (autograd's)
+    # depends on what ran before in the process, and a full run's worker once trimmed it in one
+    # window (819 faults a step); with nothing kept every window faults.
+    counts = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            step()
+        counts.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    assert min(counts) < 256, f"{counts} page faults per step"
 
 
 def test_the_profiler_sees_the_buffers_handed_out():

@@ -116,7 +116,7 @@ def _flash():
 
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: F.attention(*qkv(), causal=__import__("numpy").bool_(True)), TypeError,
-     "causal must be a bool .* got numpy.bool"),  # (said "must be a bool, got bool")
+     "causal must be a bool, got numpy.bool"),  # (said "must be a bool, got bool")
     (lambda: F.apply_rotary_emb(torch.randn(1, 4, 2, 8), torch.ones(4, 4), torch.zeros(4, 4), max_seqlen="abc"),
      TypeError, "max_seqlen must be None or an int >= 0, got 'abc'"),  # (accepted unchecked)
     (lambda: F.apply_rotary_emb(torch.randn(1, 4, 2, 8), torch.ones(4, 4), torch.zeros(4, 4), max_seqlen=-7),

@@ -136,9 +136,9 @@ def _jvp_through(fn, primals, tangents, layouts):
     probabilities), as forward-mode through ``scaled_dot_product_attention``'s math does.
     ``layouts``: the Function's outputs' strides, which forward AD wants its tangents to have."""
     moving = [i for i, (p, t) in enumerate(zip(primals, tangents)) if p is not None and t is not None]
+    if not moving:  # (one output per layout: no reference forward run just to count them)
+        return [None] * len(layouts)
     of_moving = _of_moving(fn, primals, moving)
-    if not moving:
-        return [None] * len(fn(*primals))
     if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level < 0:
         _, tangents_out = torch.func.jvp(of_moving, tuple(primals[i] for i in moving),
                                          tuple(tangents[i] for i in moving))

@@ -723,6 +723,23 @@ class TransformerLayer(nn.Module):
         return self.norm2(self.ffn(y), y)
 
 
+def _check_layer_caches(caches) -> None:
+    """The layers' caches must agree (as ``Transformer.new_kv_cache`` makes them): each layer checks
+    its own cache and writes into it, so a later layer refusing a cache of another shape or kind
+    would leave the earlier layers' caches holding the step and the later ones not."""
+    for i, cache in enumerate(caches):
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"kv_cache[{i}] must be a KVCache (Transformer.new_kv_cache), got {type(cache).__name__}")
+    first = caches[0]
+    for i, cache in enumerate(caches[1:], 1):
+        for name in ("k", "v", "seqlens"):
+            a, b = getattr(first, name), getattr(cache, name)
+            if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
+                raise ValueError(f"kv_cache[{i}].{name} is {b.dtype} {tuple(b.shape)} on {b.device} but kv_cache[0]."
+                                 f"{name} is {a.dtype} {tuple(a.shape)} on {a.device}: every layer's cache must have "
+                                 f"the same shape, dtype and device (Transformer.new_kv_cache)")
+
+
 class Transformer(nn.Module):
     """A stack of ``num_layers`` TransformerLayers (``layers``, a ModuleList)."""
 
@@ -740,6 +757,8 @@ class Transformer(nn.Module):
         if kv_cache is not None and (not isinstance(kv_cache, (list, tuple)) or len(kv_cache) != len(self.layers)):
             raise ValueError(f"kv_cache must be a list of {len(self.layers)} KVCaches, one per layer "
                              f"(Transformer.new_kv_cache), got {type(kv_cache).__name__}")
+        if kv_cache is not None:
+            _check_layer_caches(kv_cache)
         for i, layer in enumerate(self.layers):
             x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, kv_cache=None if kv_cache is None else kv_cache[i])

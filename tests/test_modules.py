@@ -516,6 +516,21 @@ def test_kv_cache_bad_calls_say_why():
         M.Transformer(D_MODEL, HEADS, 2, causal=True)(x, kv_cache=cache)
 
 
+@pytest.mark.parametrize("second", ["shorter", "other dtype", "not a cache"])
+def test_transformer_refuses_mismatched_layer_caches_before_writing(second):
+    """Per-layer caches that disagree are refused before the first layer writes into its own (a
+    later layer's refusal would otherwise leave layer 0's cache a step ahead)."""
+    model = M.Transformer(D_MODEL, HEADS, 2, causal=True).eval()
+    caches = model.new_kv_cache(2, 8)
+    caches[1] = {"shorter": model.new_kv_cache(2, 2)[1], "other dtype": model.new_kv_cache(2, 8, dtype=torch.float64)[1],
+                 "not a cache": (caches[1].k, caches[1].v)}[second]
+    error, match = (TypeError, r"kv_cache\[1\] must be a KVCache") if second == "not a cache" else (
+        ValueError, r"kv_cache\[1\]\.k is .* but kv_cache\[0\]\.k is")
+    with torch.no_grad(), pytest.raises(error, match=match):
+        model(torch.randn(2, 3, D_MODEL), kv_cache=caches)
+    assert caches[0].seqlens.tolist() == [0, 0] and not caches[0].k.any()
+
+
 def test_kv_cache_decoding_compiles_fullgraph():
     """A decoding step of the fused Transformer in one graph (the cache written in place, its counts
     advanced inside the graph): the compiled steps give the full forward's rows."""

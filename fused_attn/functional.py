@@ -292,7 +292,8 @@ def _learned_alibi_mask(slopes: Tensor, attn_mask: Optional[Tensor], Lq: int, Lk
 
 
 def _check_sinks(sinks, Hq: int, device):
-    """Attention-sink logits: None, or a floating (Hq,) tensor on q's device (any dtype; used in float32)."""
+    """Attention-sink logits: None, or a floating (Hq,) tensor on q's device (any dtype; used in the
+    lse's dtype, float32 or float64)."""
     if sinks is None:
         return None
     if not isinstance(sinks, Tensor):
@@ -317,7 +318,7 @@ def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor, head_dim: int):
     lse's rows plus one."""
     shape = [1] * lse.dim()
     shape[head_dim] = -1
-    sink = sinks.to(torch.float32).view(shape)
+    sink = sinks.to(lse.dtype).view(shape)
     factor = torch.sigmoid(lse - sink)  # (B, Hq, Lq) or (Hq, total_q)
     factor = factor.unsqueeze(-1) if head_dim == 1 else factor.t().unsqueeze(-1)
     out = (out * factor).to(out.dtype)
@@ -393,8 +394,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
             each joining its head's every softmax row as one more column that has no value: query i
             attends key j with weight e^{s_ij} / (sum_j' e^{s_ij'} + e^{sink_h}). Learnable: they get
             their gradient. A row that sees no key gives zeros.
-        return_lse: also return the float32 (B, Hq, Lq) log-sum-exp of each row's scaled, capped and
-            masked logits (natural log; before dropout), as FlashAttention's ``return_softmax_lse``:
+        return_lse: also return the (B, Hq, Lq) log-sum-exp (float32; float64 for float64 inputs)
+            of each row's scaled, capped and masked logits (natural log; before dropout), as
+            FlashAttention's ``return_softmax_lse``:
             what merging partial attentions (split keys, ring / context parallelism) needs. +inf on
             rows that see no key. It is differentiable (unlike FlashAttention's, as FlexAttention's):
             a merge of partial attentions trains under plain autograd. Its gradient costs one
@@ -511,8 +513,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             ``attention``, applied to each sequence with its own lengths (bottom_right aligns each
             sequence's last query with its last key, as FlashAttention's varlen causal does).
 
-    Returns (total_q, Hq, Dv), or (out, lse) with ``return_lse`` (lse float32 (Hq, total_q), as in
-    ``attention``). Sequence s gives exactly what ``attention`` gives on it alone
+    Returns (total_q, Hq, Dv), or (out, lse) with ``return_lse`` (lse (Hq, total_q), float32 or,
+    for float64 inputs, float64, as in ``attention``). Sequence s gives exactly what ``attention`` gives on it alone
     (dropout: that call's mask at offset + Hq * cu_seqlens_q[s] of the same seed). Outside
     torch.compile the boundaries are checked (one small device-to-host copy); the Triton backend
     runs every sequence in one launch, the others loop over the sequences.
@@ -719,8 +721,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             Queries that see no key (Lq > Lk_b with causal) return zeros.
         scale, softcap, alibi_slopes ((Hq,) or (B, Hq), placed bottom-right), sinks, backend: as in
             ``attention``.
-        return_lse: also return the float32 (B, Hq, Lq) log-sum-exp (FlashAttention's
-            ``return_softmax_lse``); +inf on rows that see no key.
+        return_lse: also return the (B, Hq, Lq) log-sum-exp, float32 (float64 for float64 inputs)
+            (FlashAttention's ``return_softmax_lse``); +inf on rows that see no key.
 
     Returns (B, Lq, Hq, Dv), or (out, lse) with ``return_lse``.
 

@@ -26,14 +26,15 @@ attention; ``softcap`` > 0 caps the logits (``softcap * tanh(logit / softcap)``,
 it adds the mask, d_i being query i's key position: i, or i + Lk - Lq when ``bottom_right`` (the
 band already carries the alignment; ALiBi needs it separately). Varlen: (num_sequences, Hq), each
 sequence aligned on its own lengths. No gradient flows to the slopes.
-The backward ops take ``dlse`` (None = zeros), the gradient of the returned lse (float32, lse's
+The backward ops take ``dlse`` (None = zeros), the gradient of the returned lse (lse's dtype and
 shape, any strides): since d lse_i / d s_ij = P_ij, it only shifts the softmax backward's row term,
 dS = P (dP - (delta - dlse)) with delta = rowsum(dO * O), so every backend subtracts it from delta.
 Dropout takes ``rng``, an int64 CPU tensor ``[seed, offset]`` (a tensor, not two ints, so that
 drawing it stays inside a compiled graph); see ``fused_attn._rng`` for the mask it defines.
 
 Output layouts (fake and real implementations agree on them):
-- attention_fwd: out (B, Hq, Lq, Dv) stored as contiguous (B, Lq, Hq, Dv); lse float32 (B, Hq, Lq).
+- attention_fwd: out (B, Hq, Lq, Dv) stored as contiguous (B, Lq, Hq, Dv); lse (B, Hq, Lq) float32, float64
+  for float64 inputs (``ops_common.lse_dtype``; so for every lse below).
 - attention_bwd: dq, dk, dv contiguous, shaped as q, k, v; dmask contiguous (B, Hq, Lq, Lk) or (0,).
 - layer_norm_residual_fwd: out, summed contiguous (N, d); mean, rstd float32 (N,) (mean (0,) for rms).
 - layer_norm_residual_bwd: dsum (N, d) in summed's dtype; dx (N, d) in x_dtype or (0,); dweight,
@@ -53,8 +54,8 @@ from torch._C import _functorch
 
 from . import reference
 from .backends import get_backend
-from .ops_common import (check_block_table, check_varlen_bounds, empty, new_attention_out, new_varlen_out,
-                         varlen_lse_shape)
+from .ops_common import (check_block_table, check_varlen_bounds, empty, lse_dtype, new_attention_out,
+                         new_varlen_out, varlen_lse_shape)
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
@@ -200,7 +201,7 @@ def _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute: every backend gives the same empties
         out = new_attention_out(q, v.shape[-1])
         out.zero_()
-        return out, torch.full(q.shape[:3], float("inf"), device=q.device, dtype=torch.float32)
+        return out, torch.full(q.shape[:3], float("inf"), device=q.device, dtype=lse_dtype(q))
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
                                               softcap, alibi_slopes, bottom_right)
@@ -218,7 +219,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap=0.0,
                         alibi_slopes=None, bottom_right=False):
-    return new_attention_out(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return new_attention_out(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=lse_dtype(q))
 
 
 def _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
@@ -403,7 +404,7 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if q.numel() == 0 or k.shape[0] == 0:
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()
-        return out, torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=torch.float32)
+        return out, torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=lse_dtype(q))
     seed, offset = _seed_offset(rng)
     paged = {} if block_table is None else {"block_table": block_table}
     return get_backend(backend).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -427,7 +428,7 @@ def attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, 
 def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                                bottom_right, dropout_p, scale, rng, backend, softcap=0.0, seqused_k=None,
                                checked=False, alibi_slopes=None, block_table=None):
-    return new_varlen_out(q, v.shape[-1]), q.new_empty(varlen_lse_shape(q), dtype=torch.float32)
+    return new_varlen_out(q, v.shape[-1]), q.new_empty(varlen_lse_shape(q), dtype=lse_dtype(q))
 
 
 def _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

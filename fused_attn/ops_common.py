@@ -23,6 +23,14 @@ def attention_lse_shape(q: torch.Tensor) -> tuple[int, int, int]:
     return tuple(q.shape[:3])
 
 
+def lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """The attention ops' log-sum-exp dtype: float32 (FlashAttention's, whatever the half input
+    type), float64 for float64 inputs, so that the returned lse, the sinks applied through it and
+    merges of float64 parts stay float64-accurate (``gradcheck``). Only the reference and cpu
+    backends take float64."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 # The visibility band of the attention ops: query i sees key j iff i + band_lo <= j <= i + band_hi
 # (then also the attn_mask). Unbounded ends are +-2^62, so a band needs no shapes to be written
 # down; every implementation clamps it to [-Lq, Lk] (clamp_band) before use, where i + band_lo and
@@ -86,7 +94,7 @@ def new_varlen_out(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None) -
 
 
 def varlen_lse_shape(q: torch.Tensor) -> tuple[int, int]:
-    """Varlen log-sum-exp: float32 (Hq, total_q), as FlashAttention's varlen kernels keep it."""
+    """Varlen log-sum-exp: (Hq, total_q), as FlashAttention's varlen kernels keep it (``lse_dtype``)."""
     return (q.shape[1], q.shape[0])
 
 

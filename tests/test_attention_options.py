@@ -279,6 +279,38 @@ def test_return_lse_matches_reference(device, backend):
     assert q.grad is not None and bool(torch.isfinite(q.grad).all())
 
 
+@pytest.mark.parametrize("device,backend", cases(torch.float64))
+def test_float64_lse_is_float64_accurate(device, backend):
+    """For float64 inputs the lse is float64 (float32 otherwise), dense, varlen and from the KV
+    cache alike: a merge of split keys, and sinks applied through it, are then exact to float64
+    rounding, not to float32's."""
+    with torch.device(device):
+        q, k, v = make_inputs((1, 2, 9, 16), (1, 2, 40, 16), (1, 2, 40, 16), requires_grad=False, seed=22,
+                              dtype=torch.float64)
+        sinks = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        parts = [F.attention(q, k[:, :, s], v[:, :, s], return_lse=True, backend=backend)
+                 for s in (slice(0, 23), slice(23, 40))]
+        whole, lse = F.attention(q, k, v, return_lse=True, backend=backend)
+        with_sinks, sinks_lse = F.attention(q, k, v, sinks=sinks, return_lse=True, backend=backend)
+        qp, kp, vp = (t[0].transpose(0, 1) for t in (q, k, v))
+        cu_q, cu_k = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 40], dtype=torch.int32)
+        _, varlen_lse = F.attention_varlen(qp, kp, vp, cu_q, cu_k, return_lse=True, backend=backend)
+        _, cache_lse = F.attention_with_kvcache(qp[None], kp[None], vp[None], cache_seqlens=40, return_lse=True,
+                                                backend=backend)
+    expected = R.attention_lse(q, k, None, False)
+    for got in (lse, parts[0][1], varlen_lse[None], cache_lse, sinks_lse):
+        assert got.dtype == torch.float64
+    torch.testing.assert_close(lse, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(varlen_lse[None], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cache_lse, expected, rtol=1e-12, atol=1e-12)
+    merged, merged_lse = F.merge_attention([o for o, _ in parts], [l for _, l in parts])
+    torch.testing.assert_close(merged_lse, lse, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged, whole, rtol=1e-12, atol=1e-12)
+    expected_sinks = R.attention(q, k, v, None, False, sinks=sinks)
+    torch.testing.assert_close(with_sinks, expected_sinks, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sinks_lse, torch.logaddexp(expected, sinks.view(1, 2, 1)), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("device,backend", cases(torch.float32))
 def test_lse_merges_split_keys(device, backend):
     """What the lse is for: attention over two halves of the keys, merged by their lse, is

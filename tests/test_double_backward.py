@@ -26,9 +26,7 @@ def _gradgradcheck(fn, inputs):
 def test_attention(backend, case):
     q, k, v = _t(1, 4, 5, 6, seed=1), _t(1, 2, 7, 6, seed=2), _t(1, 2, 7, 6, seed=3)
     kw, extra = {}, []
-    if case == "causal_gqa_lse":
-        kw = dict(causal=True, alignment="bottom_right")  # (return_lse: the lse is float32, too coarse here)
-    elif case == "mask_grad":
+    if case == "mask_grad":
         extra = [_t(1, 1, 5, 7, seed=4, scale=0.5)]
     elif case == "window_alibi_softcap":
         kw = dict(window_size=(2, 1), alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float32),
@@ -41,6 +39,19 @@ def test_attention(backend, case):
         return F.attention(q, k, v, attn_mask=mask[0] if mask else None, backend=backend, generator=gen, **kw)
 
     _gradgradcheck(fn, [q, k, v] + extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_lse_and_sinks(backend):
+    """The returned lse and learnable sinks (applied through the lse) in float64: the lse is
+    float64 for float64 inputs, so second differences see no float32 rounding."""
+    q, k, v, sinks = _t(1, 4, 5, 6, seed=1), _t(1, 2, 7, 6, seed=2), _t(1, 2, 7, 6, seed=3), _t(4, seed=4)
+
+    def fn(q, k, v, sinks):
+        return F.attention(q, k, v, causal=True, alignment="bottom_right", sinks=sinks, return_lse=True,
+                           backend=backend)
+
+    _gradgradcheck(fn, [q, k, v, sinks])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -216,9 +227,8 @@ def test_forward_mode_ad(backend, case):
 
     f, x = _forward_mode_cases(backend)[case]
     t = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype)
-    coarse = case == "attention_lse"  # the lse is float32: a wider step, a looser tolerance
-    expected = _directional(f, x, t, eps=1e-3 if coarse else 1e-6)
-    tol = dict(atol=2e-3, rtol=1e-3) if coarse else dict(atol=1e-7, rtol=1e-6)
+    expected = _directional(f, x, t, eps=1e-6)
+    tol = dict(atol=1e-7, rtol=1e-6)
     out, tangent = torch.func.jvp(f, (x,), (t,))
     torch.testing.assert_close(out, f(x), atol=0, rtol=0)  # the primal: the kernels' own
     torch.testing.assert_close(tangent, expected, **tol)
@@ -237,8 +247,6 @@ def test_nested_transforms_give_second_derivatives(backend, case):
     gradient came back as a constant and every second derivative was silently zero. Oracle: the
     central difference of the fused op's own first-order gradient along t."""
     f, x = _forward_mode_cases(backend)[case]
-    if case == "attention_lse":
-        pytest.skip("the lse is float32: too coarse for second differences")
     t = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype)
     weights = torch.randn(f(x).shape, generator=torch.Generator().manual_seed(11), dtype=x.dtype)
 

@@ -770,13 +770,13 @@ template <typename scalar_t>
 struct ForwardSources {
   PanelSource<scalar_t> k_keys, v_columns;
 };
-template <typename T, typename scalar_t, typename LseT>
+template <typename T, typename scalar_t>
 struct ForwardPart {
   const Problem<T>* pb;
   const TileOperands* ops;  // the register-blocked products' operands (else null)
-  scalar_t* out;            // null when lse_only
+  scalar_t* out;
   int64_t out_sb, out_sh, out_si;
-  LseT* lse;
+  T* lse;  // in the compute type: float32, float64 for float64 inputs (the op's lse dtype)
   int64_t lse_sb, lse_sh;
   const ForwardSources<scalar_t>* sources = nullptr;  // (register-blocked float32 panels only)
 };
@@ -831,13 +831,12 @@ void parallel_over_units(const std::vector<int64_t>& first, const std::vector<do
   });
 }
 
-// Writes the parts' out (unless lse_only) and lse (type LseT). lse_only computes the log-sum-exp
-// alone (used by the float64 backward to get it in full precision). tiles: the products run as
+// Writes the parts' out and lse. tiles: the products run as
 // register-blocked kernels (float32 only; they read pb's q rows and `ops`' panels, or, when
 // ops->bf16 is set, AVX512-BF16 dot products over its bf16 q rows and panels), else as BLAS calls.
 // The units (part, b, h, query block) of every part go to one at::parallel_for.
-template <typename T, typename scalar_t, typename LseT, bool lse_only, bool tiles>
-void forward_kernel(const std::vector<ForwardPart<T, scalar_t, LseT>>& parts) {
+template <typename T, typename scalar_t, bool tiles>
+void forward_kernel(const std::vector<ForwardPart<T, scalar_t>>& parts) {
   static_assert(!tiles || std::is_same_v<T, float>, "the register-blocked products are float32");
   if (parts.empty()) return;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -872,7 +871,7 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t, LseT>>& parts) {
     // Scratch sized to the problem (a decode step needs a few floats, not a full tile) and left
     // uninitialised: every score is written by the product before it is read, and acc/row_max_/
     // row_sum are reset per unit.
-    std::unique_ptr<T[]> scores(new T[tile_m * tile_n]), acc(new T[lse_only ? 0 : tile_m * acc_ld]);
+    std::unique_ptr<T[]> scores(new T[tile_m * tile_n]), acc(new T[tile_m * acc_ld]);
     std::vector<T> row_max_(tile_m), row_sum(tile_m);
     // the bf16 dot products: P rounded to bf16 rows (round16(bn) wide, zero past the tile's keys)
     std::unique_ptr<uint16_t[]> p_bf16(bf16_products ? new uint16_t[tile_m * tile_n] : nullptr);
@@ -882,7 +881,7 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t, LseT>>& parts) {
     std::array<int64_t, 3> head_laid_out{-1, -1, -1};
     for (int64_t u = begin, part_index = part_of(first_unit, begin); u < end; ++u) {
       while (u >= first_unit[part_index + 1]) ++part_index;
-      const ForwardPart<T, scalar_t, LseT>& part = parts[part_index];
+      const ForwardPart<T, scalar_t>& part = parts[part_index];
       const Problem<T>& pb = *part.pb;
       const Blocks blk = forward_blocks(pb.banded(), tiles);
       const int64_t BM = blk.m, BN = blk.n, n_qblocks = ceil_div(pb.Lq, BM);
@@ -907,7 +906,7 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t, LseT>>& parts) {
       const T slope = pb.alibi ? pb.alibi_slope(b, h) : T(0);
       std::fill(row_max_.begin(), row_max_.end(), ninf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
-      if constexpr (!lse_only) std::fill(acc.get(), acc.get() + bm * acc_ld, T(0));
+      std::fill(acc.get(), acc.get() + bm * acc_ld, T(0));
       // Only the keys the band shows some row of this block, from a multiple of 16 (where the
       // key panels start); a block that sees none keeps row_sum = 0: empty rows.
       const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
@@ -957,53 +956,47 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t, LseT>>& parts) {
           std::fill(sv + nv, s + bn, T(0));
           row_sum[r] = row_sum[r] * rescale + tile_sum;
           row_max_[r] = m_new;
-          if constexpr (!lse_only) {
-            if (rescale != T(1)) row_scale(acc.get() + r * acc_ld, acc_ld, rescale);
-            // dropout acts on the normalised probabilities; the normaliser l stays the full sum
-            if (dropout)
-              row_dropout(sv, sv, nv, pb.dropout_key(b, h, i), static_cast<uint32_t>(j0 + c0), threshold, inv_keep);
-          }
+          if (rescale != T(1)) row_scale(acc.get() + r * acc_ld, acc_ld, rescale);
+          // dropout acts on the normalised probabilities; the normaliser l stays the full sum
+          if (dropout)
+            row_dropout(sv, sv, nv, pb.dropout_key(b, h, i), static_cast<uint32_t>(j0 + c0), threshold, inv_keep);
         }
-        if constexpr (!lse_only) {
-          if constexpr (tiles) {
-            if (bf) {
-              // P (every row written on [0, bn) by the loop above: values on the visible columns,
-              // zero elsewhere) rounded to bf16, zero on [bn, lds): the pairs of the last keys
-              bf16_dot::convert_rows(S, lds, bm, bn, p_bf16.get(), lds);
-              bf16_dot::product<true>(bm, acc_ld / 16, bn, p_bf16.get(), lds, bf->v_columns.rows_from(b, hk, j0), acc.get(),
-                                      acc_ld, 1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
-                                      pb.lo + i0 - j0, pb.hi + i0 - j0);
-            } else {
-              tile_gemm::product<false, true>(bm, acc_ld, bn, S, lds, ops->v_columns.rows_from(b, hk, j0), acc.get(),
-                                              acc_ld, 1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
-                                              pb.lo + i0 - j0, pb.hi + i0 - j0);
-            }
+        if constexpr (tiles) {
+          if (bf) {
+            // P (every row written on [0, bn) by the loop above: values on the visible columns,
+            // zero elsewhere) rounded to bf16, zero on [bn, lds): the pairs of the last keys
+            bf16_dot::convert_rows(S, lds, bm, bn, p_bf16.get(), lds);
+            bf16_dot::product<true>(bm, acc_ld / 16, bn, p_bf16.get(), lds, bf->v_columns.rows_from(b, hk, j0), acc.get(),
+                                    acc_ld, 1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
+                                    pb.lo + i0 - j0, pb.hi + i0 - j0);
           } else {
-            const T* V = pb.v.at(b, hk) + j0 * pb.v.ld;
-            gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.Dv, bn, T(1), S, bn, V, pb.v.ld, T(1), acc.get(), pb.Dv);
+            tile_gemm::product<false, true>(bm, acc_ld, bn, S, lds, ops->v_columns.rows_from(b, hk, j0), acc.get(),
+                                            acc_ld, 1.f, cut ? tile_gemm::Band::key_inner : tile_gemm::Band::none,
+                                            pb.lo + i0 - j0, pb.hi + i0 - j0);
           }
+        } else {
+          const T* V = pb.v.at(b, hk) + j0 * pb.v.ld;
+          gemm_rm<T>(pb.fortran_blas, false, false, bm, pb.Dv, bn, T(1), S, bn, V, pb.v.ld, T(1), acc.get(), pb.Dv);
         }
       }
       for (int64_t r = 0; r < bm; ++r) {
         const int64_t i = i0 + r;
         const bool empty_row = row_sum[r] == T(0);  // no key left: zeros and lse = +inf
         part.lse[b * part.lse_sb + h * part.lse_sh + i] =
-            empty_row ? std::numeric_limits<LseT>::infinity() : static_cast<LseT>(row_max_[r] + std::log(row_sum[r]));
-        if constexpr (!lse_only) {
-          scalar_t* o = part.out + b * part.out_sb + h * part.out_sh + i * part.out_si;
-          const T inv = empty_row ? T(0) : T(1) / row_sum[r];
-          const T* a = acc.get() + r * acc_ld;
-          for (int64_t c = 0; c < pb.Dv; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
-        }
+            empty_row ? std::numeric_limits<T>::infinity() : row_max_[r] + std::log(row_sum[r]);
+        scalar_t* o = part.out + b * part.out_sb + h * part.out_sh + i * part.out_si;
+        const T inv = empty_row ? T(0) : T(1) / row_sum[r];
+        const T* a = acc.get() + r * acc_ld;
+        for (int64_t c = 0; c < pb.Dv; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
       }
     }
   });
 }
 
 // The one part of a dense call: out with the given (b, h, i) strides, lse contiguous (B, Hq, Lq).
-template <typename T, typename scalar_t, typename LseT>
-ForwardPart<T, scalar_t, LseT> dense_forward_part(const Problem<T>& pb, const TileOperands* ops, scalar_t* out,
-                                                  std::array<int64_t, 3> out_strides, LseT* lse) {
+template <typename T, typename scalar_t>
+ForwardPart<T, scalar_t> dense_forward_part(const Problem<T>& pb, const TileOperands* ops, scalar_t* out,
+                                            std::array<int64_t, 3> out_strides, T* lse) {
   return {&pb, ops, out, out_strides[0], out_strides[1], out_strides[2], lse, pb.Hq * pb.Lq, pb.Lq};
 }
 
@@ -1355,6 +1348,11 @@ bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// The lse's dtype (ops_common.lse_dtype): the compute type, float32, or float64 for float64 inputs
+// (so the returned lse, the sinks applied through it and merges of float64 parts keep float64's
+// precision, and the backward reads it as it was computed).
+at::ScalarType lse_dtype(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 // The scalar options every attention op takes; `what` names the op in the message.
 void check_options(const char* what, double dropout_p, double scale, double softcap) {
   FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, what, ": dropout_p must be in [0, 1), got ", dropout_p);
@@ -1472,7 +1470,7 @@ void forward_tiles(const Problem<acc_t>& pb, const Tensor& q, const Tensor& k, c
       ops.k_keys = make_panels<scalar_t>(k, true);
       ops.v_columns = make_panels<scalar_t>(v, false);
     }
-    forward_kernel<float, scalar_t, float, false, true>({dense_forward_part(pb, &ops, out, out_strides, lse)});
+    forward_kernel<float, scalar_t, true>({dense_forward_part(pb, &ops, out, out_strides, lse)});
   } else {
     FA_CHECK(false, "attention (cpu): the register-blocked products are float32");
   }
@@ -1532,7 +1530,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Dv = v.size(3);
   // (outputs from the scratch cache's allocator: csrc/cpu/scratch.h)
   Tensor out = scratch::empty({B, Lq, Hq, Dv}, q.scalar_type()).transpose(1, 2);
-  Tensor lse = scratch::empty({B, Hq, Lq}, at::kFloat);
+  Tensor lse = scratch::empty({B, Hq, Lq}, lse_dtype(q));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   const GemmMode mode = gemm_mode();
   FA_DISPATCH_FLOATING(q.scalar_type(), "attention_fwd_cpu", [&] {
@@ -1556,8 +1554,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     if (tiles)
       forward_tiles<scalar_t>(pb, q, k, v, bf16_products, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<float>());
     else
-      forward_kernel<acc_t, scalar_t, float, false, false>(
-          {dense_forward_part(pb, nullptr, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<float>())});
+      forward_kernel<acc_t, scalar_t, false>(
+          {dense_forward_part(pb, nullptr, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<acc_t>())});
   });
   return {out, lse};
 }
@@ -1579,14 +1577,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
                 "attention_bwd (cpu): ", name, " must have shape (B, Hq, Lq, Dv) = (", B, ", ", Hq, ", ", Lq, ", ",
                 Dv, "), got ", t->sizes());
   }
-  FA_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
+  FA_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == lse_dtype(q) && lse.dim() == 3 &&
                   lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == Lq,
-              "attention_bwd (cpu): lse must be a float32 CPU tensor of shape (B, Hq, Lq) = (", B, ", ", Hq, ", ", Lq,
-              "), got ", lse.scalar_type(), " ", lse.sizes());
+              "attention_bwd (cpu): lse must be a ", lse_dtype(q), " CPU tensor of shape (B, Hq, Lq) = (", B, ", ", Hq,
+              ", ", Lq, "), got ", lse.scalar_type(), " ", lse.sizes());
   const bool has_dlse = dlse.has_value() && dlse->defined();
-  FA_CHECK(!has_dlse || (dlse->device().is_cpu() && dlse->scalar_type() == at::kFloat && dlse->sizes() == lse.sizes()),
-              "attention_bwd (cpu): dlse must be None or a float32 CPU tensor of lse's shape (", B, ", ", Hq, ", ", Lq,
-              "), got ", has_dlse ? dlse->scalar_type() : at::kFloat, " ", has_dlse ? dlse->sizes() : lse.sizes());
+  FA_CHECK(!has_dlse || (dlse->device().is_cpu() && dlse->scalar_type() == lse_dtype(q) && dlse->sizes() == lse.sizes()),
+              "attention_bwd (cpu): dlse must be None or a ", lse_dtype(q), " CPU tensor of lse's shape (", B, ", ", Hq,
+              ", ", Lq, "), got ", has_dlse ? dlse->scalar_type() : lse_dtype(q), " ", has_dlse ? dlse->sizes() : lse.sizes());
   const bool has_mask = attn_mask.has_value() && attn_mask->defined();
   FA_CHECK(!mask_grad || (has_mask && attn_mask->scalar_type() != at::kBool),
               "attention_bwd (cpu): mask_grad needs an additive (floating) attn_mask");
@@ -1616,15 +1614,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     Tensor delta = at::sum(dout_a * out.to(acc), {-1});
     if (has_dlse) delta = delta - dlse->to(acc);
     delta = delta.contiguous();
-    // The float32 lse loses precision a float64 gradient would notice: recompute it for float64.
-    Tensor lse_acc;
-    if constexpr (std::is_same_v<acc_t, double>) {
-      lse_acc = at::empty({B, Hq, Lq}, q.options().dtype(at::kDouble));
-      forward_kernel<acc_t, scalar_t, double, true, false>(
-          {dense_forward_part<acc_t, scalar_t, double>(pb, nullptr, nullptr, {0, 0, 0}, lse_acc.data_ptr<double>())});
-    } else {
-      lse_acc = lse.contiguous();
-    }
+    const Tensor lse_acc = lse.contiguous();  // (in acc_t: the forward wrote it so)
     // accumulator rows: the register-blocked products write whole 16-column panels
     const int64_t dw = tiles ? round16(D) : D, dvw = tiles ? round16(Dv) : Dv;
     Tensor dq_acc = scratch::zeros({B, Hq, Lq, dw}, acc);
@@ -1977,9 +1967,9 @@ std::vector<HeadSources<scalar_t>> sequence_head_sources(const Tensor& q, const 
 // forward_kernel / backward_kernel on the register-blocked path, which exists for float32 compute
 // only (a float64 call never asks for it).
 template <typename acc_t, typename scalar_t>
-void register_blocked_forward(const std::vector<ForwardPart<acc_t, scalar_t, float>>& parts) {
+void register_blocked_forward(const std::vector<ForwardPart<acc_t, scalar_t>>& parts) {
   if constexpr (std::is_same_v<acc_t, float>)
-    forward_kernel<float, scalar_t, float, false, true>(parts);
+    forward_kernel<float, scalar_t, true>(parts);
   else
     FA_CHECK(false, "attention_varlen (cpu): the register-blocked products are float32");
 }
@@ -2006,7 +1996,7 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd_cpu(const Tensor& q, const Tenso
   const int64_t total_q = q.size(0), Hq = q.size(1), Dv = v.size(2);
   Tensor out = scratch::empty({total_q, Hq, Dv}, q.scalar_type());
   // (the rows of sequences that run nothing keep lse = +inf)
-  Tensor lse = scratch::empty({Hq, total_q}, at::kFloat).fill_(std::numeric_limits<float>::infinity());
+  Tensor lse = scratch::empty({Hq, total_q}, lse_dtype(q)).fill_(std::numeric_limits<double>::infinity());
   std::vector<Sequence> seqs;
   for (const Sequence& seq : all_seqs) {
     if (runs_kernel(seq))
@@ -2039,15 +2029,15 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd_cpu(const Tensor& q, const Tenso
     }
     // out (total_q, Hq, Dv) contiguous: row i of (0, h) at (q0 + i) * Hq * Dv + h * Dv; lse (Hq, total_q)
     scalar_t* out_data = out.data_ptr<scalar_t>();
-    float* lse_data = lse.data_ptr<float>();
-    std::vector<ForwardPart<acc_t, scalar_t, float>> parts(seqs.size());
+    acc_t* lse_data = lse.data_ptr<acc_t>();
+    std::vector<ForwardPart<acc_t, scalar_t>> parts(seqs.size());
     for (size_t s = 0; s < seqs.size(); ++s)
       parts[s] = {&problems[s], ops.tiles.empty() ? nullptr : &ops.tiles[s], out_data + seqs[s].q0 * Hq * Dv, 0, Dv,
                   Hq * Dv, lse_data + seqs[s].q0, 0, total_q, sources.empty() ? nullptr : &sources[s]};
     if (tiles)
       register_blocked_forward(parts);
     else
-      forward_kernel<acc_t, scalar_t, float, false, false>(parts);
+      forward_kernel<acc_t, scalar_t, false>(parts);
   });
   return {out, lse};
 }
@@ -2074,14 +2064,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_bwd_cpu(
     FA_CHECK(t->dim() == 3 && t->size(0) == total_q && t->size(1) == Hq && t->size(2) == Dv, what, ": ", name,
              " must have shape (total_q, Hq, Dv) = (", total_q, ", ", Hq, ", ", Dv, "), got ", t->sizes());
   }
-  FA_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 2 &&
+  FA_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == lse_dtype(q) && lse.dim() == 2 &&
                lse.size(0) == Hq && lse.size(1) == total_q,
-           what, ": lse must be a float32 CPU tensor of shape (Hq, total_q) = (", Hq, ", ", total_q, "), got ",
-           lse.scalar_type(), " ", lse.sizes());
+           what, ": lse must be a ", lse_dtype(q), " CPU tensor of shape (Hq, total_q) = (", Hq, ", ", total_q,
+           "), got ", lse.scalar_type(), " ", lse.sizes());
   const bool has_dlse = dlse.has_value() && dlse->defined();
-  FA_CHECK(!has_dlse || (dlse->device().is_cpu() && dlse->scalar_type() == at::kFloat && dlse->sizes() == lse.sizes()),
-           what, ": dlse must be None or a float32 CPU tensor of lse's shape (", Hq, ", ", total_q, "), got ",
-           has_dlse ? dlse->scalar_type() : at::kFloat, " ", has_dlse ? dlse->sizes() : lse.sizes());
+  FA_CHECK(!has_dlse || (dlse->device().is_cpu() && dlse->scalar_type() == lse_dtype(q) && dlse->sizes() == lse.sizes()),
+           what, ": dlse must be None or a ", lse_dtype(q), " CPU tensor of lse's shape (", Hq, ", ", total_q,
+           "), got ", has_dlse ? dlse->scalar_type() : lse_dtype(q), " ", has_dlse ? dlse->sizes() : lse.sizes());
   Tensor dq, dk, dv;
   if (seqs.empty())
     return {at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
@@ -2106,17 +2096,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_bwd_cpu(
     Tensor delta = at::sum(dout_a * out1.to(acc), {-1});
     if (has_dlse) delta = delta - dlse->to(acc);
     delta = delta.contiguous();
-    Tensor lse_acc;  // (Hq, total_q); float64: recomputed in full precision, as attention_bwd_cpu does
-    if constexpr (std::is_same_v<acc_t, double>) {
-      lse_acc = at::empty({Hq, total_q}, q.options().dtype(at::kDouble));
-      double* lse_data = lse_acc.data_ptr<double>();
-      std::vector<ForwardPart<acc_t, scalar_t, double>> lse_parts(seqs.size());
-      for (size_t s = 0; s < seqs.size(); ++s)
-        lse_parts[s] = {&problems[s], nullptr, nullptr, 0, 0, 0, lse_data + seqs[s].q0, 0, total_q};
-      forward_kernel<acc_t, scalar_t, double, true, false>(lse_parts);
-    } else {
-      lse_acc = lse.contiguous();
-    }
+    const Tensor lse_acc = lse.contiguous();  // (Hq, total_q), in acc_t
     // accumulators in the packed layouts (total, heads, width): the gradients need no transpose
     const int64_t dw = tiles ? round16(D) : D, dvw = tiles ? round16(Dv) : Dv;
     Tensor dq_acc = scratch::zeros({total_q, Hq, dw}, acc);

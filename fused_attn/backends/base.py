@@ -27,10 +27,10 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   when ``alibi_slopes`` (float32 (B, Hq), any strides) is given, ``-slope[b, h] * |j - i - shift|``
   are added, shift = Lk - Lq if ``bottom_right`` else 0. The slopes get no gradient.
   ``out`` is (B, Hq, Lq, Dv) with the memory layout of a contiguous (B, Lq, Hq, Dv) tensor
-  (``new_attention_out``); ``lse`` is float32 (B, Hq, Lq), +inf on rows with no key left (so
+  (``new_attention_out``); ``lse`` is (B, Hq, Lq) in ``lse_dtype`` (float32, float64 for float64), +inf on rows with no key left (so
   exp(s - lse) = 0 there and such rows give zeros). ``dmask`` is the (B, Hq, Lq, Lk) gradient
-  of the additive mask when ``mask_grad``, else an empty tensor. ``dlse`` (None, or float32 shaped
-  as lse with any strides) is the lse's gradient: it joins the backward as delta - dlse, delta
+  of the additive mask when ``mask_grad``, else an empty tensor. ``dlse`` (None, or lse's dtype and
+  shape with any strides) is the lse's gradient: it joins the backward as delta - dlse, delta
   being rowsum(dout * out) (d lse_i / d s_ij = P_ij).
 - layer_norm_residual: x (N, d), residual None or (N, d), weight/bias None or (d,). ``summed``
   is dropout(x) + residual in float32 if ``residual_in_fp32`` else x's dtype; ``mean`` (empty for
@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from ..ops_common import new_varlen_out, sequence_band, varlen_lse_shape, varlen_rng_offset
+from ..ops_common import lse_dtype, new_varlen_out, sequence_band, varlen_lse_shape, varlen_rng_offset
 
 OPS = ("attention", "layer_norm_residual", "feed_forward", "rotary")
 
@@ -119,7 +119,7 @@ class Backend:
                              alibi_slopes=None):
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()  # sequences with queries but no keys give zeros
-        lse = torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=torch.float32)
+        lse = torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=lse_dtype(q))
         for q0, q1, o, l in self._varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, band_lo, band_hi, bottom_right,
                                                    dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes):
             out[q0:q1] = o

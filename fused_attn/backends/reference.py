@@ -10,7 +10,7 @@ import torch
 
 from .. import reference as ref
 from .base import Backend, Call
-from ..ops_common import clamp_band, empty
+from ..ops_common import clamp_band, empty, lse_dtype
 
 
 def _alibi(alibi_slopes, bottom_right):
@@ -38,8 +38,9 @@ class ReferenceBackend(Backend):
         # the op's layout, (B, Hq, Lq, Dv) stored as (B, Lq, Hq, Dv), made without writing into a
         # new tensor (an in-place copy into an unbatched tensor fails under torch.func.vmap)
         out = o.transpose(1, 2).contiguous().transpose(1, 2)
-        lse = ref.attention_lse(q.float(), k.float(), attn_mask if attn_mask is None or attn_mask.dtype == torch.bool
-                                else attn_mask.float(), False, scale, band=band, softcap=softcap, **alibi)
+        wide = lse_dtype(q)
+        lse = ref.attention_lse(q.to(wide), k.to(wide), attn_mask if attn_mask is None or attn_mask.dtype == torch.bool
+                                else attn_mask.to(wide), False, scale, band=band, softcap=softcap, **alibi)
         return out, lse.contiguous()
 
     def attention_bwd(self, dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
@@ -48,7 +49,7 @@ class ReferenceBackend(Backend):
         rng = _rng(dropout_p, seed, offset)
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
         alibi = _alibi(alibi_slopes, bottom_right)
-        wide = torch.promote_types(q.dtype, torch.float32)  # the lse's dtype (float32, float64 for float64)
+        wide = lse_dtype(q)
 
         def outputs(q_, k_, v_, m_):
             out = _attention_in_float32(q_, k_, v_, m_, dropout_p, scale, rng, band, softcap, alibi)
@@ -80,7 +81,7 @@ class ReferenceBackend(Backend):
 
         def rows_without_keys(n):
             outs.append(q.new_zeros(n, hq, dv))
-            lses.append(torch.full((hq, n), float("inf"), device=q.device, dtype=torch.float32))
+            lses.append(torch.full((hq, n), float("inf"), device=q.device, dtype=lse_dtype(q)))
 
         for q0, q1, o, l in self._varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, band_lo, band_hi, bottom_right,
                                                    dropout_p, scale, seed, offset, softcap, seqused_k, alibi_slopes):
@@ -102,7 +103,7 @@ class ReferenceBackend(Backend):
             return (o,) if dlse is None else (o, l)
 
         _, vjp = torch.func.vjp(outputs, q, k, v)
-        dq, dk, dv = vjp((dout,) if dlse is None else (dout, dlse.float()))
+        dq, dk, dv = vjp((dout,) if dlse is None else (dout, dlse.to(lse_dtype(q))))
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
     # ---- residual-add + norm ----------------------------------------------------------------

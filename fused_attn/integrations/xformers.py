@@ -374,7 +374,7 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
     """xformers' ``memory_efficient_attention``: ``softmax(q k^T * scale + bias) v`` on (B, M, H, K)
     tensors (or (B, M, K), or (B, M, G, H, K) grouped-query, the keys and values expanded over H);
     returns query's layout with value's last dim. Differentiable in q, k, v and a tensor bias.
-    (``return_lse``, not xformers': also the float32 lse, as ``memory_efficient_attention_partial``.)"""
+    (``return_lse``, not xformers': also the lse, float32 (float64 for a float64 query), as ``memory_efficient_attention_partial``.)"""
     if not isinstance(query, Tensor):
         raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
     if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
@@ -433,8 +433,8 @@ def memory_efficient_attention_forward(query, key, value, attn_bias=None, p: flo
 
 def memory_efficient_attention_partial(query, key, value, attn_bias=None, p: float = 0.0,
                                        scale: Optional[float] = None, *, op=None, output_dtype=None) -> tuple:
-    """``memory_efficient_attention`` that also returns the float32 log-sum-exp of each row, (B, H,
-    M) (or (B, G, H, M); -inf on rows that see no key), for ``merge_attentions``. The output is
+    """``memory_efficient_attention`` that also returns the log-sum-exp of each row, (B, H,
+    M), float32 (float64 for a float64 query) (or (B, G, H, M); -inf on rows that see no key), for ``merge_attentions``. The output is
     float32 unless ``output_dtype`` says otherwise (float64 for a float64 query), as xformers
     returns partial outputs; the kernels compute it in the query's dtype, so its precision is that
     dtype's (xformers' accumulate in float32: a merge of bfloat16 parts is ~bfloat16-accurate)."""

@@ -220,6 +220,8 @@ def _autocast_enabled(device_type: str) -> bool:
 
 #: the smallest logit cap taken (the kernels divide by it in float32)
 MIN_SOFTCAP = 1e-30
+#: the largest softcap and |scale| taken: the kernels use them as float32 (a larger one is inf there)
+MAX_FLOAT32 = float(torch.finfo(torch.float32).max)
 
 
 def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout_p, scale, softcap, return_lse,
@@ -245,13 +247,17 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    elif abs(scale) > MAX_FLOAT32:
+        raise ValueError(f"scale must be within float32's range (|scale| <= {MAX_FLOAT32:g}): the kernels use it as "
+                         f"float32, got {scale!r}")
     if softcap is None:
         softcap = 0.0
     elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float or None, got {softcap!r}")
-    elif not (math.isfinite(softcap) and (softcap == 0.0 or softcap >= MIN_SOFTCAP)):
-        raise ValueError(f"softcap must be 0 or None (off), or a finite number >= {MIN_SOFTCAP:g}, got {softcap!r} "
-                         f"(a smaller cap flattens every logit to 0 and overflows 1 / softcap in float32)")
+    elif not (math.isfinite(softcap) and (softcap == 0.0 or MIN_SOFTCAP <= softcap <= MAX_FLOAT32)):
+        raise ValueError(f"softcap must be 0 or None (off), or a number in [{MIN_SOFTCAP:g}, {MAX_FLOAT32:g}], got "
+                         f"{softcap!r} (a smaller cap flattens every logit to 0 and overflows 1 / softcap in float32; "
+                         f"a larger one is inf in float32)")
     return window_size, dropout_p, float(scale), float(softcap)
 
 

@@ -1141,8 +1141,15 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     # logsumexp over the parts that saw keys; rows where none did are given zeros first, so that
     # neither the value nor the gradient becomes NaN (exp(-inf - -inf))
     safe = torch.where(empty, torch.where(none_seen, 0.0, float("-inf")), parts)
-    total = torch.logsumexp(safe, dim=0)
-    weights = torch.where(empty, 0.0, torch.exp(safe - total))
+    # The weights exp(lse_i - total) are formed as exp(lse_i - max) / sum: with lses so large that
+    # log(sum) is below their rounding step (rows every key of which a -1e30 mask hides), exp(lse_i
+    # - total) would be 1 for every part rather than 1/n. The max is a constant to autograd (the
+    # weights and the total do not depend on it).
+    top = safe.amax(dim=0).detach()
+    scaled = torch.exp(safe - top)  # (exp(-inf) = 0 for the empty parts)
+    norm = scaled.sum(dim=0)
+    total = top + torch.log(norm)
+    weights = torch.where(empty, 0.0, scaled / norm)
     out = sum(w[..., None] * o.to(wide) for w, o in zip(weights, outs))
     lse = torch.where(none_seen, float("inf"), total)
     return out.to(outs[0].dtype), lse

@@ -105,6 +105,22 @@ def test_xformers_partial_and_merge_attentions():
     torch.testing.assert_close(out5, X.memory_efficient_attention(q5, k5, v5), rtol=1e-5, atol=1e-6)
 
 
+def test_merge_of_huge_lses_weighs_the_parts():
+    """Rows every key of which a huge finite mask hides have lses near -1e30, far past the point
+    where log(sum) survives rounding: the parts still weigh exp(lse_i) / sum (the weights were
+    exp(lse_i - total) = 1 each, so two equal parts merged to twice the answer)."""
+    o1, o2 = torch.full((1, 4), 1.0), torch.full((1, 4), 3.0)
+    for big in (-1e30, 1e30, -3e38):
+        merged, lse = F.merge_attention([o1, o2], [torch.tensor([big]), torch.tensor([big])])
+        torch.testing.assert_close(merged, torch.full((1, 4), 2.0))
+        assert float(lse) == float(torch.tensor(big))  # (log 2 is below its rounding step)
+    lses = [torch.tensor([-1e30], requires_grad=True), torch.tensor([-1e30 + 2 ** 77], requires_grad=True)]
+    merged, lse = F.merge_attention([o1, o2], lses)  # (the second part's lse one rounding step higher)
+    assert bool(torch.isfinite(merged).all()) and 1.0 <= float(merged[0, 0]) <= 3.0
+    merged.sum().backward()
+    assert all(bool(torch.isfinite(l.grad).all()) for l in lses)
+
+
 def test_float64_merge_is_float64():
     out, lse = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float32)
     merged, merged_lse = F.merge_attention([out], [lse])

@@ -23,7 +23,8 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
                   _stack, _transform_needs_autograd)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, elements_may_overlap,
-                         first_page_out_of_range, gather_kv_pages, pages_out_of_range, paged_layout)
+                         first_page_out_of_range, gather_kv_pages, grad_recording, pages_out_of_range,
+                         paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -140,7 +141,7 @@ def _check_window(name: str, window):
 
 
 def _needs_grad(*tensors) -> bool:
-    if not torch.is_grad_enabled():
+    if not grad_recording():
         return False
     for t in tensors:
         if t is not None and t.requires_grad:
@@ -276,7 +277,7 @@ def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learn
     if alibi_slopes.shape not in ((Hq,), (rows, Hq)):
         raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or ({rows_name}, Hq) = ({rows}, {Hq}), got "
                          f"{tuple(alibi_slopes.shape)}")
-    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+    if alibi_slopes.requires_grad and grad_recording():
         raise ValueError(f"alibi_slopes requires grad, but this call's kernels give the slopes no gradient (as "
                          f"FlashAttention's); pass alibi_slopes.detach(){learnable}")
     return alibi_slopes.to(torch.float32).expand(rows, Hq)
@@ -435,7 +436,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
                                                                       dropout_p, scale, softcap, return_lse, compiling)
     device = q.device
-    learned_alibi = isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad and torch.is_grad_enabled()
+    learned_alibi = isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad and grad_recording()
     if learned_alibi:  # checked as fixed slopes, then added to the mask below
         _check_alibi(alibi_slopes.detach(), B, "B", Hq, device)
     else:
@@ -825,7 +826,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     rotary_backend = None
     if rotary_cos is not None or rotary_sin is not None:
         rotary_backend = _check_kvcache_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, backend)
-    if torch.is_grad_enabled():
+    if grad_recording():
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v), ("sinks", sinks)):
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but attention_with_kvcache is an inference call (as "

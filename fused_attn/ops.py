@@ -54,8 +54,8 @@ from torch._C import _functorch
 
 from . import reference
 from .backends import get_backend
-from .ops_common import (check_block_table, check_varlen_bounds, empty, lse_dtype, new_attention_out,
-                         new_varlen_out, varlen_lse_shape)
+from .ops_common import (check_block_table, check_varlen_bounds, empty, grad_recording, lse_dtype,
+                         new_attention_out, new_varlen_out, varlen_lse_shape)
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
@@ -80,7 +80,7 @@ def inference_call_ok(*tensors) -> bool:
     as the registered op (``functional._eager_inference``). One pass over the tensors."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    grad = torch.is_grad_enabled()
+    grad = grad_recording()
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)):
             return False

@@ -4,6 +4,12 @@ from __future__ import annotations
 import torch
 
 
+def grad_recording() -> bool:
+    """Whether autograd records the ops run now: grad mode on and not inference mode (which records
+    nothing even under ``torch.enable_grad()``, and whose tensors cannot be saved for backward)."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The placeholder for an absent output (an op cannot return None)."""
     return torch.empty(0, device=like.device, dtype=like.dtype if dtype is None else dtype)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _rng
+from .ops_common import grad_recording
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -378,7 +379,7 @@ def check_kv_cache_call(module, query, key, value, attn_mask, key_padding_mask, 
     if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[-1] != module.d_model:
         raise ValueError(f"with kv_cache, query must be (B, L, d_model={module.d_model}), got "
                          f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
-    if torch.is_grad_enabled() and (query.requires_grad or any(p.requires_grad for p in module.parameters())):
+    if grad_recording() and (query.requires_grad or any(p.requires_grad for p in module.parameters())):
         raise ValueError("kv_cache decoding is inference (as FlashAttention's flash_attn_with_kvcache): run it under "
                          "torch.no_grad() or torch.inference_mode()")
     want = (query.shape[0], module.num_kv_heads, module.head_dim)

@@ -30,7 +30,7 @@ from torch import Tensor
 from .backends import check_backend_name, resolve_options
 from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad
 from .ops import RotaryFunction, inference_call_ok, rotary_inference
-from .ops_common import elements_may_overlap
+from .ops_common import elements_may_overlap, grad_recording
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
@@ -174,7 +174,7 @@ def check_tables(cos, sin, x: Tensor, names=("cos", "sin", "x")) -> int:
     for name, t in ((cname, cos), (sname, sin)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but {xname} is on {x.device}")
-        if t.requires_grad and torch.is_grad_enabled():
+        if t.requires_grad and grad_recording():
             raise ValueError(f"{name} requires grad, but the rotary tables get no gradient (as FlashAttention's): "
                              f"pass {name}.detach(), or compute the embedding with torch ops to learn the angles")
     half, D = cos.shape[1], x.shape[-1]

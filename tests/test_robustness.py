@@ -295,3 +295,29 @@ def test_meta_tensors_give_shapes_forward_and_backward():
     model = fused_attn.Transformer(16, 2, 1, device="meta")
     model(torch.empty(2, 5, 16, device="meta")).sum().backward()
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("device,backend", ATTN)
+def test_inference_mode_with_grad_enabled_records_nothing(device, backend):
+    """``torch.enable_grad()`` inside ``torch.inference_mode()`` (validation loops that turn grad
+    back on): torch's ops record no graph there and return inference tensors, and so do ours
+    (they chose the autograd Function and raised 'Inference tensors cannot be saved for
+    backward'), as does a module's KV-cache decoding (refused as 'not inference')."""
+    import fused_attn
+    from fused_attn import TransformerLayer
+
+    if backend not in runnable_backends("layer_norm_residual") or backend not in runnable_backends("feed_forward"):
+        pytest.skip(f"{backend} does not run every op here")
+    q = make_inputs((1, 2, 5, 8), seed=1)[0]
+    w, w1, w2 = torch.ones(8, requires_grad=True), torch.randn(16, 8, requires_grad=True), torch.randn(8, 16,
+                                                                                                         requires_grad=True)
+    cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
+    layer = TransformerLayer(8, 2, causal=True).to(q.device)
+    calls = [lambda: F.attention(q, q, q), lambda: F.layer_norm_residual(q, None, w, None),
+             lambda: F.feed_forward(q, w1, None, w2, None), lambda: F.apply_rotary_emb(q.transpose(1, 2), cos, sin),
+             lambda: layer(q[0].transpose(0, 1).reshape(5, 1, 16)[..., :8].transpose(0, 1)),
+             lambda: layer(torch.randn(2, 3, 8), kv_cache=layer.new_kv_cache(2, 4))]
+    with fused_attn.use_backend(backend), torch.inference_mode(), torch.enable_grad():
+        for call in calls:
+            out = call()
+            assert out.is_inference() and not out.requires_grad

@@ -521,10 +521,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             sequence's last query with its last key, as FlashAttention's varlen causal does).
 
     Returns (total_q, Hq, Dv), or (out, lse) with ``return_lse`` (lse (Hq, total_q), float32 or,
-    for float64 inputs, float64, as in ``attention``). Sequence s gives exactly what ``attention`` gives on it alone
-    (dropout: that call's mask at offset + Hq * cu_seqlens_q[s] of the same seed). Outside
-    torch.compile the boundaries are checked (one small device-to-host copy); the Triton backend
-    runs every sequence in one launch, the others loop over the sequences.
+    for float64 inputs, float64, as in ``attention``). Sequence s gives exactly what
+    ``attention`` gives on it alone (dropout: that call's mask at offset + Hq * cu_seqlens_q[s] of
+    the same seed). Outside torch.compile the boundaries are checked (one small device-to-host
+    copy); the Triton and cpu backends run every sequence in one launch (the cpu one in one
+    parallel loop), the others loop over the sequences.
 
     (``_checked_used_k``, internal: ``attention_with_kvcache`` passes the keys each sequence uses,
     having checked them and the table itself, with boundaries it built; the values are then not

@@ -321,3 +321,19 @@ def test_inference_mode_with_grad_enabled_records_nothing(device, backend):
         for call in calls:
             out = call()
             assert out.is_inference() and not out.requires_grad
+
+
+@pytest.mark.parametrize("device,backend", ATTN)
+def test_attention_rows_hidden_by_finfo_min_average_their_values(device, backend):
+    """A row every key of which a huge finite additive mask hides (torch.finfo(float32).min, as
+    Hugging Face builds its masks) is not fully masked: its logits are all equal, so it averages
+    the values, as SDPA does, on every backend (the Triton kernels' base-2 scaling turned
+    finfo.min into -inf, and that row into zeros). -inf and NaN still pass as they are."""
+    q, k, v = make_inputs((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), requires_grad=False, seed=5)
+    mask = torch.zeros(1, 1, 4, 5)
+    mask[..., 2, :] = torch.finfo(torch.float32).min
+    mask[..., 1, 3] = float("-inf")
+    out = F.attention(q, k, v, attn_mask=mask, backend=backend)
+    torch.testing.assert_close(out[:, :, 2], v.mean(dim=2).expand_as(out[:, :, 2]), rtol=1e-5, atol=1e-6)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

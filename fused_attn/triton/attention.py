@@ -164,8 +164,13 @@ def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_l
         keep = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0)
         s = tl.where(keep != 0, s, float("-inf"))
     elif MASK_KIND == 2:
-        bias = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0.0)
-        s = s + bias.to(tl.float32) * 1.4426950408889634
+        bias = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0.0).to(tl.float32)
+        # finite biases below -2e38 (torch.finfo(float32).min, what Hugging Face masks hold) would
+        # overflow to -inf in base-2 units and hide the key entirely: held at -2e38, they stay
+        # finite, so a row they all hide averages its values as on every other backend and SDPA
+        # (-inf and NaN pass as they are)
+        bias = tl.where((bias < -2.0e38) & (bias != float("-inf")), -2.0e38, bias)
+        s = s + bias * 1.4426950408889634
     if HAS_ALIBI:
         # ALiBi: -slope * |j - d_i|, d_i = i + shift being query i's key position. The scores here
         # are in base-2 units (s * log2 e, for exp2), so the natural-log bias is scaled by log2 e

@@ -66,7 +66,7 @@ def _both(fwd_args, g, with_dlse):
     loop_out, loop_lse = Backend.attention_varlen_fwd(cpu, *fwd_args)
     q, k, v, cu_q, cu_k, max_q, max_k, lo, hi, bottom_right, p, scale, seed, offset, softcap, seqused, slopes = fwd_args
     dout = torch.randn(loop_out.shape, generator=g).to(q.dtype)
-    dlse = torch.randn(loop_lse.shape, generator=g) if with_dlse else None
+    dlse = torch.randn(loop_lse.shape, generator=g, dtype=loop_lse.dtype) if with_dlse else None
     bwd = (q, k, v, None, None, cu_q, cu_k, max_q, max_k, lo, hi, bottom_right, p, scale, seed, offset, softcap,
            seqused, slopes, dlse)
 

@@ -210,6 +210,13 @@ def backend_cases(op: str, dtype=torch.float32, *, reference_on_gpu: bool = Fals
             if reference_on_gpu or not (device == "cuda" and backend == "reference")]
 
 
+def union_cases(*case_lists) -> list:
+    """The ``backend_cases`` of several ops, each (device, backend) once, sorted by id. By id, not
+    through a set: the GPU cases' marks (pytest's MarkDecorator) are unhashable, so a set of them
+    fails to collect on a machine with a GPU, while the CPU cases (no marks) hash."""
+    return sorted({case.id: case for cases in case_lists for case in cases}.values(), key=lambda case: case.id)
+
+
 def runnable_backends(op: str, device="cpu", dtype=torch.float32, **options) -> list[str]:
     """The backends that can take ``op`` on this machine for ``device``/``dtype`` (tests parametrise on it)."""
     from .backends import BACKENDS, Call

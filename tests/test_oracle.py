@@ -71,3 +71,19 @@ def test_a_gradient_zero_by_cancellation_is_held_to_the_calls_gradient_scale():
     assert dk.err_lp == 0.0 and dk.err > 2e-6  # beyond the old own-scale floor, within the new one
     with pytest.raises(AssertionError, match="grad of k"):
         check_against_reference(with_k_grad_noise(3e-3), R.attention, [q, k, v], names="qkv")
+
+
+def test_union_cases_takes_gpu_marked_cases():
+    """backend_cases' GPU cases carry pytest's gpu mark, which does not hash: their union is by id
+    (a set of them made tests/test_robustness.py fail to collect on every GPU machine)."""
+    import pytest
+
+    from fused_attn.testing import union_cases
+
+    gpu = [pytest.param("cuda", "triton", id="cuda-triton", marks=(pytest.mark.gpu,))]
+    cpu = [pytest.param("cpu", "cpu", id="cpu-cpu"), pytest.param("cpu", "reference", id="cpu-reference")]
+    with pytest.raises(TypeError):
+        set(gpu)  # (why the union cannot be a set)
+    cases = union_cases(cpu + gpu, gpu, cpu)
+    assert [c.id for c in cases] == ["cpu-cpu", "cpu-reference", "cuda-triton"]
+    assert cases[2].marks == (pytest.mark.gpu,)

@@ -306,6 +306,14 @@ def test_error_messages_format_their_values():
         ops.attention_fwd(q, k, k, None, *NO_BAND, 1.5, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match=r"softcap must be finite and >= 0 .*got -2\.5"):
         ops.attention_fwd(q, k, k, None, *NO_BAND, 0.0, 1.0, 0, 0, -2.5)
+    # beyond float32's range: inf in a float32 computation (inf * tanh(s / inf) = NaN everywhere);
+    # float64 computes with it
+    with pytest.raises(RuntimeError, match=r"softcap 3\.5e\+38 is out of the computation's range \(float32\)"):
+        ops.attention_fwd(q, k, k, None, *NO_BAND, 0.0, 1.0, 0, 0, 3.5e38)
+    with pytest.raises(RuntimeError, match=r"scale 1e\+39 is out of the computation's range \(float32\)"):
+        ops.attention_fwd(q, k, k, None, *NO_BAND, 0.0, 1e39, 0, 0)
+    out, _ = ops.attention_fwd(q.double(), k.double(), k.double(), None, *NO_BAND, 0.0, 1.0, 0, 0, 3.5e38)
+    assert bool(torch.isfinite(out).all())
     with pytest.raises(RuntimeError, match=r"alibi_slopes must be a \(B, Hq\) = \(1, 2\) tensor .*got shape \[2\]"):
         ops.attention_fwd(q, k, k, None, *NO_BAND, 0.0, 1.0, 0, 0, 0.0, torch.ones(2))
     with pytest.raises(RuntimeError, match="alibi_slopes must be float32, got Double"):

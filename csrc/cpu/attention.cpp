@@ -1424,11 +1424,15 @@ Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const
   }
   pb.set_band(band_lo, band_hi);  // after Lq, Lk: clamped to [-Lq, Lk]
   pb.scale = static_cast<T>(scale);
+  FA_CHECK(std::isfinite(pb.scale), "attention (cpu): scale ", scale, " is out of the computation's range (",
+           sizeof(T) == 4 ? "float32" : "float64", ")");
   if (softcap > 0.0) {
     pb.softcap = static_cast<T>(softcap);
     pb.inv_softcap = static_cast<T>(1.0 / softcap);
-    FA_CHECK(pb.softcap > T(0) && std::isfinite(pb.inv_softcap),
-             "attention (cpu): softcap ", softcap, " is too small for the computation's precision");
+    // (a cap that rounds to inf gives inf * tanh(s / inf) = NaN; one whose inverse does, 0 * inf)
+    FA_CHECK(pb.softcap > T(0) && std::isfinite(pb.softcap) && std::isfinite(pb.inv_softcap),
+             "attention (cpu): softcap ", softcap, " is out of the computation's range (",
+             sizeof(T) == 4 ? "float32" : "float64", ")");
   }
   if (alibi_slopes.has_value() && alibi_slopes->defined()) {
     const Tensor& a = *alibi_slopes;

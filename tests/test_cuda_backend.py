@@ -368,7 +368,7 @@ def test_attention_raw_op_rejects_bad_input():
         op(q, k.cpu(), v, None, *NO_BAND, 0.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="dropout_p"):
         op(q, k, v, None, *NO_BAND, 1.5, 1.0, 0, 0)
-    for bad_softcap in (-1.0, float("inf"), float("nan")):
+    for bad_softcap in (-1.0, float("inf"), float("nan"), 3.5e38, 1e39):  # > float32's max: inf in the kernels
         with pytest.raises(RuntimeError, match="softcap"):
             op(q, k, v, None, *NO_BAND, 0.0, 1.0, 0, 0, bad_softcap)
     # ALiBi slopes: float32 (B, Hq) = (1, 2) on q's device, any strides

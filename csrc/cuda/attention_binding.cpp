@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -78,8 +79,11 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
   a.band_lo = clamp_band(band_lo);
   a.band_hi = clamp_band(band_hi);
   a.scale = static_cast<float>(scale);
-  FA_CHECK(softcap >= 0.0 && std::isfinite(softcap), "fused_attn_C::", op,
-           " (cuda): softcap must be finite and >= 0 (0 turns it off), got ", softcap);
+  // The kernels take softcap as a float: above float32's max it would become inf, and cap_logit's
+  // inf * tanh(s / inf) = inf * 0 = NaN everywhere (fused_attn.functional refuses it too).
+  FA_CHECK(softcap >= 0.0 && softcap <= static_cast<double>(std::numeric_limits<float>::max()),
+           "fused_attn_C::", op, " (cuda): softcap must be >= 0 (0 turns it off) and at most float32's max "
+           "3.4028234663852886e+38, got ", softcap);
   a.softcap = static_cast<float>(softcap);
   // ALiBi: a float32 (B, Hq) view with any strides (fused_attn.functional passes a stride-0 expand of
   // (Hq,) slopes); the kernels read one slope per (batch, head) through its two strides. The shift

@@ -1193,6 +1193,54 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
                f.scale);
 }
 
+// ---- tile plans ---------------------------------------------------------------------------------------
+// The shared-memory kernels' tiles on a device that gives a block at most `limit` bytes of (opt-in)
+// shared memory: the largest of kBlockChoices whose buffers fit. fused_attn/backends/cuda.py mirrors
+// these plans (_attention_shared_memory) to decline up front the calls a device cannot take, and
+// tests/test_cuda_emulated.py checks that the two agree: change them together.
+
+// The largest tile choice for which bytes_for(dims) <= limit (*bytes: that size); 0 bytes when none.
+template <typename Plan>
+Dims pick_dims(int64_t head_dim, int64_t head_dim_v, size_t limit, Plan&& bytes_for, size_t* bytes) {
+  Dims d{};
+  d.dp = static_cast<int>(round_up(head_dim, 16));
+  d.dvp = static_cast<int>(round_up(head_dim_v, 16));
+  for (const Blocks& choice : kBlockChoices) {
+    d.bm = choice.m;
+    d.bn = choice.n;
+    *bytes = bytes_for(d);
+    if (*bytes <= limit) return d;
+  }
+  *bytes = 0;
+  return d;
+}
+
+template <typename T>
+Dims fwd_plan(int64_t head_dim, int64_t head_dim_v, size_t limit, size_t* bytes) {
+  return pick_dims(head_dim, head_dim_v, limit, [](const Dims& dd) { FwdSmem<T> s; return s.carve(nullptr, dd); },
+                   bytes);
+}
+
+// One tile choice for both backward kernels, which must fit both: the dK/dV kernel keeps two
+// accumulators of BN rows, the dQ kernel one of BM rows (more, for BM > BN and Dv < D).
+// *smem_kv = *smem_q = 0 when no choice fits.
+template <typename T>
+Dims bwd_plan(int64_t head_dim, int64_t head_dim_v, size_t limit, size_t* smem_kv, size_t* smem_q) {
+  size_t both = 0;
+  const Dims d = pick_dims(head_dim, head_dim_v, limit, [](const Dims& dd) {
+    BwdSmem<T> s;
+    const size_t kv = s.carve(nullptr, dd, true), q = s.carve(nullptr, dd, false);
+    return kv > q ? kv : q;
+  }, &both);
+  *smem_kv = *smem_q = 0;
+  if (both != 0) {
+    BwdSmem<T> s;
+    *smem_kv = s.carve(nullptr, d, true);
+    *smem_q = s.carve(nullptr, d, false);
+  }
+  return d;
+}
+
 // ---- host side ------------------------------------------------------------------------------------------
 #ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels above on CPU threads
 const char* check_sizes(const AttentionFwdArgs& a) {
@@ -1204,23 +1252,6 @@ const char* check_sizes(const AttentionFwdArgs& a) {
     return "attention: the cuda backend supports head dims up to 256";
   if (a.batch * a.heads_q > 0x7fffffffLL) return "attention: batch * heads too large for the grid";
   return nullptr;
-}
-
-// The largest tile choice whose shared memory fits the device; 0 bytes when none does.
-template <typename Plan>
-Dims pick_dims(const AttentionFwdArgs& a, Plan&& bytes_for, size_t* bytes) {
-  const int limit = max_shared_memory_per_block();
-  Dims d{};
-  d.dp = static_cast<int>(round_up(a.head_dim, 16));
-  d.dvp = static_cast<int>(round_up(a.head_dim_v, 16));
-  for (const Blocks& choice : kBlockChoices) {
-    d.bm = choice.m;
-    d.bn = choice.n;
-    *bytes = bytes_for(d);
-    if (*bytes <= static_cast<size_t>(limit)) return d;
-  }
-  *bytes = 0;
-  return d;
 }
 
 // Opts `kernel` into `smem` bytes of dynamic shared memory (above 48 KB needs it) and launches it.
@@ -1268,7 +1299,7 @@ const char* attention_fwd_typed(const AttentionFwdArgs& a, cudaStream_t stream) 
     if (taken || err != nullptr) return err;
   }
   size_t smem = 0;
-  const Dims d = pick_dims(a, [](const Dims& dd) { FwdSmem<T> s; return s.carve(nullptr, dd); }, &smem);
+  const Dims d = fwd_plan<T>(a.head_dim, a.head_dim_v, static_cast<size_t>(max_shared_memory_per_block()), &smem);
   if (smem == 0) return "attention: head dims too large for this device's shared memory";
   const int64_t q_blocks = ceil_div(a.len_q, d.bm);
   if (q_blocks > 65535) return "attention: len_q too large for the grid";
@@ -1323,13 +1354,9 @@ const char* attention_bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) 
   }
 
   size_t smem_kv = 0, smem_q = 0;
-  // One tile choice for both kernels (the dK/dV one needs more memory).
-  const Dims d = pick_dims(f, [](const Dims& dd) { BwdSmem<T> s; return s.carve(nullptr, dd, true); }, &smem_kv);
+  const Dims d = bwd_plan<T>(f.head_dim, f.head_dim_v, static_cast<size_t>(max_shared_memory_per_block()), &smem_kv,
+                             &smem_q);
   if (smem_kv == 0) return "attention: head dims too large for this device's shared memory";
-  {
-    BwdSmem<T> s;
-    smem_q = s.carve(nullptr, d, false);
-  }
   const int64_t q_blocks = ceil_div(f.len_q, d.bm), k_blocks = ceil_div(f.len_k, d.bn);
   if (q_blocks > 65535 || k_blocks > 65535) return "attention: sequence too long for the grid";
   if (k_blocks > 0 && f.batch * f.heads_kv > 0) {

@@ -231,6 +231,12 @@ int threads_for(int64_t chunks) {
   return static_cast<int>(t > kMaxThreads ? kMaxThreads : t);
 }
 
+// Dynamic shared memory of the kernels: the forward keeps the row (hidden floats), the backward two
+// rows of weight/bias partials; both 32 floats of scratch. fused_attn/backends/cuda.py mirrors these
+// (_layer_norm_shared_memory) to decline up front a hidden size the device cannot take.
+constexpr size_t layer_norm_fwd_smem_bytes(int64_t hidden) { return size_t(hidden + 32) * sizeof(float); }
+constexpr size_t layer_norm_bwd_smem_bytes(int64_t hidden) { return size_t(2 * hidden + 32) * sizeof(float); }
+
 #ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels above on CPU threads
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -240,7 +246,7 @@ const char* fwd_typed(const LayerNormFwdArgs& a, cudaStream_t stream) {
   const bool vec = a.hidden % kVec == 0 && a.x_row_stride % kVec == 0 && a.residual_row_stride % kVec == 0 &&
                    aligned16(a.x) && aligned16(a.residual) && aligned16(a.weight) && aligned16(a.bias) &&
                    aligned16(a.out) && aligned16(a.summed);
-  const size_t smem = (a.hidden + 32) * sizeof(float);
+  const size_t smem = layer_norm_fwd_smem_bytes(a.hidden);
   if (smem > static_cast<size_t>(max_shared_memory_per_block()))
     return "layer_norm_residual: hidden size too large for this device's shared memory";
   auto kernel = vec ? layer_norm_fwd_kernel<T, R, S, kVec> : layer_norm_fwd_kernel<T, R, S, 1>;
@@ -259,7 +265,7 @@ const char* bwd_typed(const LayerNormBwdArgs& a, cudaStream_t stream) {
                    aligned16(a.dsum) && aligned16(a.dx);
   const int64_t parts = layer_norm_bwd_partial_rows(a.rows);
   if (parts > 0) {
-    const size_t smem = (2 * a.hidden + 32) * sizeof(float);
+    const size_t smem = layer_norm_bwd_smem_bytes(a.hidden);
     if (smem > static_cast<size_t>(max_shared_memory_per_block()))
       return "layer_norm_residual: hidden size too large for this device's shared memory";
     auto kernel = vec ? layer_norm_bwd_kernel<T, S, kVec> : layer_norm_bwd_kernel<T, S, 1>;

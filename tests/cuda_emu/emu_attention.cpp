@@ -209,7 +209,7 @@ extern "C" int emu_attention_bwd(const float* q, const int64_t* qs, const float*
   b.dq = dq; b.dk = dk; b.dv = dv; b.dmask = dmask; b.delta = delta; b.dlse = dlse;
   const Dims d = dims_for(f, bm, bn);
   BwdSmem<float> plan;
-  if (plan.carve(nullptr, d, true) > sizeof(smem_raw)) return 1;
+  if (std::max(plan.carve(nullptr, d, true), plan.carve(nullptr, d, false)) > sizeof(smem_raw)) return 1;
   if (f.batch * f.heads_q == 0 || f.len_q == 0) return 0;
   const int64_t rows = f.batch * f.heads_q * f.len_q;
   emu::launch(dim3(unsigned(ceil_div(rows, kWarps))), dim3(kThreads), attention_bwd_delta_kernel<float>, b);
@@ -219,4 +219,31 @@ extern "C" int emu_attention_bwd(const float* q, const int64_t* qs, const float*
   emu::launch(dim3(unsigned(f.batch * f.heads_q), unsigned(ceil_div(f.len_q, d.bm))), dim3(kThreads),
               attention_bwd_dq_kernel<float>, b, d);
   return 0;
+}
+
+// The host-side tile plans of attention.cu (fwd_plan, bwd_plan) for dtype 0 float16, 1 bfloat16,
+// 2 float32 on a device with `limit` bytes of opt-in shared memory per block: out = {bytes of the
+// forward kernel or of the dK/dV kernel, bytes of the dQ kernel (backward; else 0), BM, BN}, the
+// bytes 0 when no tile choice fits. tests/test_cuda_emulated.py holds fused_attn/backends/cuda.py's
+// mirror of the plans to these.
+template <typename T>
+void plan_typed(int backward, int64_t head_dim, int64_t head_dim_v, size_t limit, int64_t* out) {
+  size_t a = 0, b = 0;
+  const Dims d = backward ? bwd_plan<T>(head_dim, head_dim_v, limit, &a, &b)
+                          : fwd_plan<T>(head_dim, head_dim_v, limit, &a);
+  out[0] = static_cast<int64_t>(a);
+  out[1] = static_cast<int64_t>(b);
+  out[2] = d.bm;
+  out[3] = d.bn;
+}
+
+extern "C" void emu_attention_plan(int dtype, int backward, int64_t head_dim, int64_t head_dim_v, int64_t limit,
+                                   int64_t* out) {
+  if (dtype == 0) {
+    plan_typed<__half>(backward, head_dim, head_dim_v, static_cast<size_t>(limit), out);
+  } else if (dtype == 1) {
+    plan_typed<__nv_bfloat16>(backward, head_dim, head_dim_v, static_cast<size_t>(limit), out);
+  } else {
+    plan_typed<float>(backward, head_dim, head_dim_v, static_cast<size_t>(limit), out);
+  }
 }

@@ -102,3 +102,9 @@ extern "C" int emu_ffn_bwd(const float* pre, const float* dh, float* dpre, float
   });
   return 0;
 }
+
+// The layer-norm kernels' dynamic shared memory (layer_norm.cu), for the check of
+// fused_attn/backends/cuda.py's mirror of it: the forward's bytes, or the backward's.
+extern "C" int64_t emu_layer_norm_smem_bytes(int64_t hidden, int backward) {
+  return static_cast<int64_t>(backward ? layer_norm_bwd_smem_bytes(hidden) : layer_norm_fwd_smem_bytes(hidden));
+}

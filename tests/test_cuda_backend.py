@@ -638,3 +638,137 @@ def test_cuda_backend_declares_its_kernel_limits():
     assert any("hidden size 65536" in r for r in wide)
     assert not any("hidden" in r for r in cuda.call_reasons(Call("layer_norm_residual", dev, torch.bfloat16,
                                                                  {"hidden": 4096})))
+
+
+# ---------------------------------------------------------------------------------------------
+# shared memory per block: a call the device cannot take is declined up front (no GPU needed:
+# the device's properties are mocked)
+# ---------------------------------------------------------------------------------------------
+
+# cudaDevAttrMaxSharedMemoryPerBlockOptin
+SM86 = 101376  # sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40)
+SM80 = 166912  # A100
+SM90 = 232448  # H100 / H200
+
+
+@pytest.fixture
+def mocked_devices(monkeypatch):
+    """Makes the cuda backend available and its devices report the opt-in shared memory that the test
+    sets: ``mocked_devices(limit, ...)`` (one device per limit). Returns the get_device_properties calls."""
+    from types import SimpleNamespace
+
+    from fused_attn import _extension, backends
+    from fused_attn.backends import cuda as cuda_module
+
+    calls, limits = [], []
+
+    def props(index):
+        calls.append(index)
+        return SimpleNamespace(shared_memory_per_block_optin=limits[index])
+
+    monkeypatch.setattr(cuda_module.CudaBackend, "unavailable_reasons", lambda self: [])
+    monkeypatch.setattr(_extension, "has_kernel", lambda *args: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(limits))
+    monkeypatch.setattr(cuda_module, "_limits", {}, raising=False)
+    monkeypatch.setattr(backends, "_resolved", {})
+    monkeypatch.setattr(backends, "_warned", set())
+
+    def set_limits(*values):
+        limits[:] = values
+        cuda_module._limits.clear()
+        backends._resolved.clear()
+        return calls
+
+    return set_limits
+
+
+def _attention_call(dtype, D, Dv, device="cuda"):
+    from fused_attn.backends import Call
+    return Call("attention", torch.device(device), dtype, {"causal": False, "head_dim": D, "head_dim_v": Dv})
+
+
+def _layer_norm_call(hidden, device="cuda"):
+    from fused_attn.backends import Call
+    return Call("layer_norm_residual", torch.device(device), torch.float32, {"hidden": hidden})
+
+
+HEAD_DIMS = sorted({1, 16, 64, 128, 129, 192, 200, 224, 239, 240, 241, 248, 255, 256})
+
+
+def test_cuda_backend_declines_what_sm86_shared_memory_cannot_take(mocked_devices):
+    """sm_86/sm_89 (99 KB a block): float32 attention with both head dims above 240 (the smallest
+    dK/dV tiles at 256/256 need 103,872 B) and layer norm above hidden 12,656 (the backward's
+    (2 hidden + 32) floats) are declined; everything else stays."""
+    from fused_attn.backends import BACKENDS
+    cuda = BACKENDS["cuda"]
+    mocked_devices(SM86)
+    for dtype in DTYPES:
+        for D in HEAD_DIMS:
+            for Dv in HEAD_DIMS:
+                reasons = cuda.call_reasons(_attention_call(dtype, D, Dv))
+                expected = dtype == torch.float32 and D > 240 and Dv > 240
+                assert bool(reasons) == expected, (dtype, D, Dv, reasons)
+    reasons = cuda.call_reasons(_attention_call(torch.float32, 256, 256))
+    assert len(reasons) == 1 and "103872 bytes of shared memory" in reasons[0] and "101376" in reasons[0], reasons
+    for hidden in (1, 4096, 12656, 12657, 12672, 16384):
+        reasons = cuda.call_reasons(_layer_norm_call(hidden))
+        assert bool(reasons) == (hidden > 12656), (hidden, reasons)
+    reasons = cuda.call_reasons(_layer_norm_call(16384))
+    assert "131200 bytes of shared memory" in reasons[0] and "101376" in reasons[0], reasons
+    # the limits of the kernels themselves still come first
+    assert cuda.call_reasons(_attention_call(torch.float32, 320, 256)) == ["head_dim 320 > 256"]
+
+
+@pytest.mark.parametrize("limit", [SM80, SM90], ids=["sm80", "sm90"])
+def test_cuda_backend_declines_nothing_more_on_sm80_and_sm90(mocked_devices, limit):
+    """The A100 and the H200 take every call they took before the shared-memory check."""
+    from fused_attn.backends import BACKENDS
+    cuda = BACKENDS["cuda"]
+    mocked_devices(limit)
+    for dtype in DTYPES:
+        for D in range(1, 257):
+            for Dv in (D, 1, 256):
+                assert cuda.call_reasons(_attention_call(dtype, D, Dv)) == [], (dtype, D, Dv)
+    for hidden in (1, 12657, 16384):
+        assert cuda.call_reasons(_layer_norm_call(hidden)) == []
+
+
+def test_cuda_backend_shared_memory_limit_per_device(mocked_devices, monkeypatch):
+    """The limit is read once per device; a call on cuda:N gets that device's, a call on "cuda"
+    (dispatch decides per device type) the smallest of the visible devices'."""
+    from fused_attn.backends import BACKENDS
+    cuda = BACKENDS["cuda"]
+    calls = mocked_devices(SM90, SM86)
+    assert cuda.call_reasons(_attention_call(torch.float32, 256, 256, "cuda:0")) == []
+    declined = cuda.call_reasons(_attention_call(torch.float32, 256, 256, "cuda:1"))
+    assert declined and "cuda:1" in declined[0]
+    assert cuda.call_reasons(_attention_call(torch.float32, 256, 256))
+    for _ in range(3):
+        cuda.call_reasons(_layer_norm_call(16384))
+    assert sorted(calls) == [0, 1]
+    # torch without the property: nothing declined for shared memory (the kernels still raise)
+    from types import SimpleNamespace
+
+    import fused_attn.backends.cuda as cuda_module
+    mocked_devices(SM86)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace())
+    assert cuda_module.shared_memory_limit(torch.device("cuda")) is None
+    assert cuda.call_reasons(_attention_call(torch.float32, 256, 256)) == []
+
+
+def test_dispatch_moves_past_cuda_when_shared_memory_is_short(mocked_devices, monkeypatch):
+    """``auto`` goes on to the next backend (saying why), a forced ``cuda`` raises with the need and the limit."""
+    from fused_attn import backends
+    from fused_attn.backends.triton import TritonBackend
+    monkeypatch.setattr(TritonBackend, "unavailable_reasons", lambda self: ["not in this test"])
+    mocked_devices(SM86)
+    call = _attention_call(torch.float32, 256, 256)
+    with pytest.warns(UserWarning, match="103872 bytes of shared memory"):
+        assert backends.resolve(call, "auto") == "reference"
+    assert backends.resolve(_attention_call(torch.float32, 240, 256), "auto") == "cuda"
+    with pytest.raises(backends.BackendUnavailableError, match=r"cuda.*103872 bytes.*101376"):
+        backends.resolve(call, "cuda")
+    assert backends.resolve(_attention_call(torch.float32, 240, 256), "cuda") == "cuda"
+    with pytest.raises(backends.BackendUnavailableError, match=r"hidden size 16384 needs 131200 bytes"):
+        backends.resolve(_layer_norm_call(16384), "cuda")

@@ -13,7 +13,9 @@ bottom-right shift). The register-resident attention forward runs in float16 and
 bfloat16: its warp primitives (mma.sync, ldmatrix, cp.async) are emulated from the PTX ISA's
 fragment layouts (tests/cuda_emu/emu_mma_sm80.h), and those layouts are checked against plain
 matrix products. The WMMA products of the other 16-bit instantiations are not emulated; they run
-in tests/test_cuda_backend.py on a GPU.
+in tests/test_cuda_backend.py on a GPU. The host-side shared-memory plans (attention tiles, the
+norms' rows) are held to their Python mirror in fused_attn/backends/cuda.py, which declines up front
+the calls a device's shared memory cannot take.
 """
 from __future__ import annotations
 
@@ -614,3 +616,53 @@ def test_emulated_ffn_activation_matches_reference(emu_nf, activation, dropout_p
     compare("h", h, h64, h32)
     compare("h (backward's recomputation)", h2, h64, h32)
     compare("dpre", dpre, g64, g32, k=5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared memory: fused_attn/backends/cuda.py's mirror of the host-side plans
+# ---------------------------------------------------------------------------------------------
+
+PLAN_DTYPES = {0: torch.float16, 1: torch.bfloat16, 2: torch.float32}  # emu_attention_plan's dtype ids
+PLAN_HEAD_DIMS = (1, 8, 16, 17, 32, 64, 96, 100, 128, 129, 160, 176, 192, 193, 208, 224, 240, 241, 248, 256)
+# opt-in shared memory per block: sm_60/sm_70/sm_75/sm_86 (sm_89)/sm_80/sm_90
+PLAN_LIMITS = (48 * 1024, 96 * 1024, 64 * 1024, 101376, 166912, 232448)
+
+
+def _cpp_plan(emu, dtype_id, backward, D, Dv, limit):
+    """attention.cu's fwd_plan / bwd_plan: (bytes of each kernel launched) and (BM, BN), or None."""
+    out = (ctypes.c_int64 * 4)()
+    emu.emu_attention_plan(ctypes.c_int(dtype_id), ctypes.c_int(int(backward)), ctypes.c_int64(D), ctypes.c_int64(Dv),
+                           ctypes.c_int64(limit), out)
+    if out[0] == 0:
+        return None
+    return (tuple(out[:2]) if backward else (out[0],)), (out[2], out[3])
+
+
+def test_attention_shared_memory_plans_match_the_python_mirror(emu):
+    """CudaBackend declines a call up front when attention.cu's planner would find no tiles for it:
+    the Python mirror (backends/cuda.py) picks the same tiles and bytes as the C++ at every device
+    limit (and at each tile choice's exact size), every launched kernel fits the limit (dQ too:
+    with BM > BN and Dv < D it needs more than dK/dV), and the declared need is the exact threshold."""
+    from fused_attn.backends import cuda as C
+    emu.emu_attention_plan.restype = None
+    for dtype_id, dtype in PLAN_DTYPES.items():
+        for D in PLAN_HEAD_DIMS:
+            for Dv in PLAN_HEAD_DIMS:
+                needs = C.attention_shared_memory(dtype, D, Dv)
+                for backward, need in ((False, needs[0]), (True, needs[1])):
+                    kernels = ("dkdv", "dq") if backward else ("fwd",)
+                    exact = {max(C.attention_tile_bytes(dtype, D, Dv, bm, bn, k) for k in kernels)
+                             for bm, bn in C._BLOCK_CHOICES}
+                    for limit in sorted({*PLAN_LIMITS, *exact, *(e - 1 for e in exact)}):
+                        got = _cpp_plan(emu, dtype_id, backward, D, Dv, limit)
+                        assert got == C.attention_plan(dtype, D, Dv, limit, backward), (dtype, D, Dv, backward, limit)
+                        assert (got is not None) == (need <= limit), (dtype, D, Dv, backward, limit, need)
+                        assert got is None or max(got[0]) <= limit
+
+
+def test_layer_norm_shared_memory_matches_the_python_mirror(emu_nf):
+    from fused_attn.backends import cuda as C
+    emu_nf.emu_layer_norm_smem_bytes.restype = ctypes.c_int64
+    for hidden in (0, 1, 8, 1000, 4096, 12656, 12657, 16384, 65536):
+        got = tuple(emu_nf.emu_layer_norm_smem_bytes(ctypes.c_int64(hidden), ctypes.c_int(b)) for b in (0, 1))
+        assert got == C.layer_norm_shared_memory(hidden), hidden

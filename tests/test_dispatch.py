@@ -86,6 +86,250 @@ def test_use_backend_and_environment_variable(monkeypatch):
     assert decorated() == "reference" and resolve(CPU_F32) in ("cpu", "reference")
 
 
+# ---------------------------------------------------------------------------------------------
+# use_backend is scoped to the thread and the asyncio task that enter it (a ContextVar).
+
+
+def _requested():
+    return backends.requested_backend(None)
+
+
+def test_use_backend_is_per_thread():
+    """A block in one thread selects nothing in another, and interleaved exits restore each
+    thread's own selection (one process-wide stack made another thread run on 'reference', and
+    thread A's exit popped thread B's 'cpu')."""
+    import threading
+
+    seen = {}
+    a_in, b_checked, b_in, a_out = (threading.Event() for _ in range(4))
+
+    def thread_a():
+        with use_backend("reference"):
+            a_in.set()
+            b_checked.wait(10)
+            seen["A inside"] = _requested()
+            b_in.wait(10)
+        seen["A after"] = _requested()
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(10)
+        seen["B alone"] = _requested()
+        b_checked.set()
+        with use_backend("cpu"):
+            b_in.set()
+            a_out.wait(10)
+            seen["B inside"] = _requested()
+            seen["B resolves"] = resolve(CPU_F32) if not BACKENDS["cpu"].call_reasons(CPU_F32) else "cpu"
+        seen["B after"] = _requested()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"A inside": "reference", "A after": "auto", "B alone": "auto", "B inside": "cpu",
+                    "B resolves": "cpu", "B after": "auto"}
+    assert _requested() == "auto"
+
+
+def test_use_backend_is_per_asyncio_task():
+    """A task's block does not reach another task that runs while it awaits; a task created
+    inside a block starts with that selection."""
+    import asyncio
+
+    async def holds(name, delay):
+        with use_backend(name):
+            await asyncio.sleep(delay)
+            return _requested()
+
+    async def looks(delay):
+        await asyncio.sleep(delay)
+        return _requested()
+
+    async def main():
+        first = await asyncio.gather(holds("reference", 0.05), looks(0.01))
+        # task 1 enters 'reference', task 2 enters 'cpu', task 1 exits first: task 2 keeps 'cpu'
+        second = await asyncio.gather(holds("reference", 0.01), asyncio.sleep(0.005), holds("cpu", 0.03))
+        with use_backend("reference"):
+            inherited = await asyncio.create_task(looks(0))
+        return first, second, inherited, _requested()
+
+    first, second, inherited, after = asyncio.run(main())
+    assert first == ["reference", "auto"]
+    assert second[0] == "reference" and second[2] == "cpu"
+    assert inherited == "reference" and after == "auto"
+
+
+def test_use_backend_nests_and_one_object_can_be_reentered():
+    ref = use_backend("reference")
+    with ref:
+        with use_backend("cpu"):
+            with ref:  # the same object entered again inside itself
+                assert _requested() == "reference"
+            assert _requested() == "cpu"
+        assert _requested() == "reference"
+    assert _requested() == "auto"
+    with pytest.raises(KeyError):
+        with ref:
+            with use_backend("cpu"):
+                raise KeyError("an exception leaves every block")
+    assert _requested() == "auto"
+
+    # one object (a decorator's, or a module-level constant) entered by two threads at once
+    import threading
+
+    inside, release, seen = threading.Barrier(2, timeout=10), threading.Event(), []
+
+    def worker(wait):
+        with ref:
+            inside.wait()
+            if wait:
+                release.wait(10)
+            seen.append(_requested())
+        if not wait:
+            release.set()  # this thread exits first: the other must keep its selection
+        seen.append(_requested())
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert sorted(seen) == ["auto", "auto", "reference", "reference"]
+
+
+# ---------------------------------------------------------------------------------------------
+# use_backend and torch.compile: the selection is read in the traced code and guarded on.
+
+
+@pytest.fixture
+def ran_norm_on(monkeypatch):
+    """The backends the layer_norm_residual forwards ran on (patched launchers), in order."""
+    ran = []
+    for name in ("cpu", "reference"):
+        real = BACKENDS[name].layer_norm_residual_fwd
+
+        def spy(*args, _real=real, _name=name):
+            ran.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(BACKENDS[name], "layer_norm_residual_fwd", spy)
+    torch._dynamo.reset()
+    yield ran
+    torch._dynamo.reset()
+
+
+def _norm(x):
+    return F.layer_norm_residual(x, None, None, None)
+
+
+def _auto_cpu():
+    return resolve(Call("layer_norm_residual", torch.device("cpu"), torch.float32,
+                        {"dropout": False, "hidden": 16, "residual_in_fp32": False, "rms": False}))
+
+
+def test_use_backend_inside_a_compiled_function(ran_norm_on):
+    """A block written inside the compiled function applies to the calls traced in it (it was
+    ignored: the traced calls ran on auto's choice), with fullgraph=True and nested blocks."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def fn(x):
+        y = _norm(x)
+        with use_backend("reference"):
+            y = _norm(y)
+            with use_backend("auto"):
+                y = _norm(y)
+        return _norm(y)
+
+    x = torch.randn(4, 16)
+    auto = _auto_cpu()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    compiled(x)
+    assert ran_norm_on == [auto, "reference", auto, auto] and counter.frame_count == 1
+    ran_norm_on.clear()
+    with use_backend("reference"):  # the blocks outside and inside the compiled code together
+        compiled(x)
+    assert ran_norm_on == ["reference", "reference", auto, "reference"] and counter.frame_count == 2
+    assert backends._traced == [] and _requested() == "auto"
+
+    @use_backend("reference")
+    def decorated(x):
+        return _norm(x)
+
+    ran_norm_on.clear()
+    torch.compile(decorated, backend="eager", fullgraph=True)(x)
+    assert ran_norm_on == ["reference"]
+
+
+def test_compiled_function_follows_use_backend_and_the_environment(ran_norm_on, monkeypatch):
+    """A function compiled under one selection is compiled again when called under another
+    (use_backend, FUSED_ATTN_BACKEND), once per distinct selection, then reused (it kept the
+    backend it was first traced with)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(_norm, backend=counter, fullgraph=True)
+    x = torch.randn(4, 16)
+    auto = _auto_cpu()
+    for _ in range(3):
+        compiled(x)
+        with use_backend("reference"):
+            compiled(x)
+    assert ran_norm_on == [auto, "reference"] * 3
+    assert counter.frame_count == 2  # one per selection, none after
+    ran_norm_on.clear()
+    monkeypatch.setenv("FUSED_ATTN_BACKEND", "reference")
+    compiled(x)
+    with use_backend("auto"):
+        compiled(x)
+    # (the same two requests as before, whichever way they are made: nothing new to compile)
+    assert ran_norm_on == ["reference", auto] and counter.frame_count == 2
+    if fused_attn.extension_error() is None:
+        ran_norm_on.clear()
+        monkeypatch.setenv("FUSED_ATTN_BACKEND", "cpu")
+        compiled(x)
+        assert ran_norm_on == ["cpu"] and counter.frame_count == 3
+    monkeypatch.setenv("FUSED_ATTN_BACKEND", "nonsense")
+    with pytest.raises(Exception, match="FUSED_ATTN_BACKEND must be one of"):
+        compiled(x)
+
+
+def test_compiled_function_follows_each_threads_use_backend(ran_norm_on):
+    """The guard reads the selection of the calling thread: two threads calling one compiled
+    function at the same time, one inside use_backend, each run their own backend."""
+    import threading
+
+    compiled = torch.compile(_norm, backend="eager", fullgraph=True)
+    x = torch.randn(4, 16)
+    compiled(x)
+    with use_backend("reference"):
+        compiled(x)  # both compiled before the threads start
+    ran_norm_on.clear()
+    results, a_in, b_done = {}, threading.Event(), threading.Event()
+
+    def thread_a():
+        with use_backend("reference"):
+            a_in.set()
+            b_done.wait(10)
+            compiled(x)
+            results["A"] = ran_norm_on[-1]
+
+    def thread_b():
+        a_in.wait(10)
+        compiled(x)
+        results["B"] = ran_norm_on[-1]
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {"A": "reference", "B": _auto_cpu()}
+
+
 def test_auto_fallback_to_reference_warns_once(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
     call = Call("feed_forward", torch.device("cpu"), torch.float32, {"activation": "relu"})

@@ -3,9 +3,10 @@
 ``auto`` tries, in order, on CUDA tensors: triton -> cuda -> reference (for the feed-forward
 cuda -> triton -> reference, see ``AUTO_ORDER_BY_OP``); on CPU tensors: cpu -> reference. A
 call's ``backend=`` wins over ``use_backend(...)``, which wins over the
-``FUSED_ATTN_BACKEND`` environment variable. Forcing a backend that cannot take a call raises a
-``BackendUnavailableError`` listing its reasons; ``auto`` falling back to ``reference`` warns
-once per reason.
+``FUSED_ATTN_BACKEND`` environment variable. ``use_backend`` is scoped to the thread and asyncio
+task that enters it (a ``contextvars.ContextVar``, see ``_scope``). Forcing a backend that
+cannot take a call raises a ``BackendUnavailableError`` listing its reasons; ``auto`` falling
+back to ``reference`` warns once per reason.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import warnings
 
 import torch
 
+from . import _scope
 from .base import OPS, Backend, Call
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -35,7 +37,12 @@ def auto_order(op: str, device_type: str) -> tuple[str, ...]:
     """The backends ``auto`` tries for ``op`` on ``device_type`` tensors, in order."""
     return AUTO_ORDER_BY_OP.get((device_type, op)) or AUTO_ORDER.get(device_type, ("reference",))
 
-_selected: list[str] = []  # the use_backend() stack
+#: use_backend blocks entered inside code Dynamo traces (torch.compile): there a ContextVar cannot
+#: be set, so __enter__ pushes onto this list instead, a mutation Dynamo tracks (the traced calls
+#: in the block see it, and the list is left as it was once the block is exited). Always empty
+#: outside a trace. The selection made outside compiled code lives in ``_scope.selection``.
+_traced: list[str] = []
+_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _warned: set[str] = set()
 #: resolve()'s answers, (op, device type, dtype, options, requested backend) -> backend name (and
 #: resolve_options()'s eager ones, keyed on the torch.device instead of its type). A
@@ -58,13 +65,35 @@ def check_backend_name(name, argname="backend"):
 
 
 def requested_backend(explicit: str | None) -> str:
+    """The backend a call asks for: ``explicit`` (its ``backend=``), else the innermost
+    ``use_backend`` of this thread / asyncio task, else ``FUSED_ATTN_BACKEND``, else "auto"."""
     if explicit is not None:
         return explicit
-    if _selected:
-        return _selected[-1]
+    selected = _scope.selection.get()
+    if selected:
+        return selected[-1]
     env = os.environ.get("FUSED_ATTN_BACKEND", "") or "auto"
     check_backend_name(env, "FUSED_ATTN_BACKEND")
     return env
+
+
+def _traced_requested(explicit: str | None) -> str:
+    """``requested_backend`` as code that Dynamo traces reads it (under ``torch.compile``; eager
+    code may call it too). ``_resolve_constant`` is called at trace time and its answer baked in
+    without a guard, so what it depends on must be read here, in the traced code: a
+    ``use_backend`` block entered inside the compiled function is on ``_traced`` (Dynamo's pending
+    mutation of the list), and the selection outside it is the module attribute
+    ``_scope.requested``, which Dynamo guards on: a later call under another ``use_backend`` or
+    ``FUSED_ATTN_BACKEND`` value, in any thread or task, recompiles instead of reusing the graph
+    built for this one."""
+    if explicit is not None:
+        return explicit
+    if _traced:
+        return _traced[-1]
+    requested = _scope.requested
+    if requested not in BACKEND_NAMES:  # (only FUSED_ATTN_BACKEND comes here unchecked)
+        check_backend_name(requested, "FUSED_ATTN_BACKEND")
+    return requested
 
 
 def resolve(call: Call, backend: str | None = None) -> str:
@@ -76,7 +105,8 @@ def resolve(call: Call, backend: str | None = None) -> str:
     the sizes and floats they come from under ``dynamic=True``.
     """
     options = tuple(sorted(call.options.items()))
-    return _resolve_constant(call.op, call.device.type, call.dtype, options, backend)
+    requested = _traced_requested(backend) if torch.compiler.is_compiling() else requested_backend(backend)
+    return _resolve_constant(call.op, call.device.type, call.dtype, options, requested)
 
 
 def resolve_options(op: str, device: torch.device, dtype: torch.dtype, options: tuple, backend: str | None = None
@@ -95,11 +125,12 @@ def resolve_options(op: str, device: torch.device, dtype: torch.dtype, options: 
         # the wrapped tensors those pass; TritonBackend.call_reasons)
         options = tuple(sorted(options + (("torch_func", True),)))
     if torch.compiler.is_compiling():
-        return _resolve_constant(op, device.type, dtype, options, backend)
-    key = (op, device, dtype, options, requested_backend(backend))
+        return _resolve_constant(op, device.type, dtype, options, _traced_requested(backend))
+    requested = requested_backend(backend)
+    key = (op, device, dtype, options, requested)
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve_constant(op, device.type, dtype, options, backend)
+        name = _resolved[key] = _resolve_constant(op, device.type, dtype, options, requested)
     return name
 
 
@@ -121,8 +152,12 @@ def _assume_constant_result(fn):
 
 
 @_assume_constant_result
-def _resolve_constant(op, device_type, dtype, options, backend):
-    requested = requested_backend(backend)
+def _resolve_constant(op, device_type, dtype, options, requested):
+    """The backend for the call, ``requested`` being what ``requested_backend`` /
+    ``_traced_requested`` answered (never None). A constant to Dynamo: everything it depends on
+    is an argument, read by the traced code (see ``_traced_requested``)."""
+    if requested not in BACKEND_NAMES:  # (only FUSED_ATTN_BACKEND comes here unchecked)
+        check_backend_name(requested, "FUSED_ATTN_BACKEND")
     key = (op, device_type, dtype, options, requested)
     name = _resolved.get(key)
     if name is None:
@@ -163,7 +198,22 @@ class use_backend(contextlib.ContextDecorator):
     """Run the enclosed calls on backend ``name`` ('auto' restores automatic choice): ``with
     use_backend("cpu"): ...``, or as a decorator. The name is checked here, so that a misspelt
     one raises even where the object is never entered (``use_backend("refrence")`` as a plain
-    statement, which selects nothing)."""
+    statement, which selects nothing).
+
+    The selection is scoped to the thread and the asyncio task that enter the block (it lives in
+    a ``contextvars.ContextVar``; a new task starts with its creator's selection, a new thread
+    with none), like torch's own modes (``torch.no_grad``) are per thread: other threads and
+    tasks keep theirs. Blocks nest, and one object may be entered again inside itself or by
+    several threads at once. Autograd runs the backward of CUDA tensors in threads of its own,
+    which see no selection: the fused ops' backward uses the backend its forward ran on anyway,
+    but a recomputation there (activation checkpointing) resolves again (README, Activation
+    checkpointing).
+
+    Under ``torch.compile`` a block inside the compiled function applies to the calls traced
+    in it, and a compiled function called under another selection than the one it was traced
+    under is compiled again for it (once per distinct selection; Dynamo's recompile limit,
+    8 by default, applies).
+    """
 
     def __init__(self, name: str):
         if name is None:  # (check_backend_name takes None, "not given", which means nothing here)
@@ -172,12 +222,29 @@ class use_backend(contextlib.ContextDecorator):
         self.name = name
 
     def __enter__(self):
-        _selected.append(self.name)
+        if _dynamo_compiling():
+            _traced.append(self.name)
+        else:
+            token = _scope.selection.set(_scope.selection.get() + (self.name,))
+            _scope.tokens.set(_scope.tokens.get() + (token,))
         return self
 
     def __exit__(self, *exc):
-        _selected.pop()
+        if _dynamo_compiling():
+            _traced.pop()
+            return False
+        tokens = _scope.tokens.get()
+        if not tokens:
+            raise RuntimeError("use_backend exited in a thread or asyncio task that has not entered it")
+        _scope.tokens.set(tokens[:-1])
+        _scope.selection.reset(tokens[-1])
         return False
+
+    def _recreate_cm(self):
+        # (ContextDecorator's hook: a decorated function enters a new object, made inside
+        # it, which Dynamo can trace when the function is compiled; one made outside, as a
+        # decorator's, it refuses to enter)
+        return type(self)(self.name)
 
 
 def available_backends() -> dict[str, dict]:

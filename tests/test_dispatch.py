@@ -199,6 +199,70 @@ def test_use_backend_nests_and_one_object_can_be_reentered():
     assert sorted(seen) == ["auto", "auto", "reference", "reference"]
 
 
+def test_use_backend_decorates_generators_and_coroutines():
+    """As a decorator, the selection applies while the body runs: each step of a generator
+    (not between them, in the caller), a coroutine while it runs (it applied to neither: the
+    block was left when the generator / coroutine object was made, before the body ran)."""
+    import asyncio
+
+    @use_backend("reference")
+    def gen():
+        sent = yield _requested()
+        assert sent == "to the generator"
+        try:
+            yield _requested()
+        except ZeroDivisionError:
+            yield "thrown: " + _requested()
+        return "done"
+
+    g = gen()
+    assert _requested() == "auto"
+    assert next(g) == "reference" and _requested() == "auto"
+    assert g.send("to the generator") == "reference" and _requested() == "auto"
+    assert g.throw(ZeroDivisionError()) == "thrown: reference"
+    with pytest.raises(StopIteration) as stop:
+        next(g)
+    assert stop.value.value == "done" and _requested() == "auto"
+    closed = []
+
+    @use_backend("cpu")
+    def closing():
+        try:
+            yield 1
+        finally:
+            closed.append(_requested())
+
+    c = closing()
+    next(c)
+    c.close()
+    assert closed == ["cpu"] and _requested() == "auto"
+
+    @use_backend("reference")
+    async def coro():
+        await asyncio.sleep(0)
+        return _requested()
+
+    @use_backend("reference")
+    async def agen():
+        await asyncio.sleep(0)
+        yield _requested()
+        yield _requested()
+
+    async def main():
+        steps = []
+        async for value in agen():
+            steps.append((value, _requested()))
+        return await coro(), steps, _requested()
+
+    assert asyncio.run(main()) == ("reference", [("reference", "auto"), ("reference", "auto")], "auto")
+
+    @use_backend("reference")
+    def plain():
+        return _requested()
+
+    assert plain() == "reference" and plain.__name__ == "plain"
+
+
 # ---------------------------------------------------------------------------------------------
 # use_backend and torch.compile: the selection is read in the traced code and guarded on.
 

@@ -11,7 +11,10 @@ back to ``reference`` warns once per reason.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
+import sys
 import warnings
 
 import torch
@@ -209,6 +212,10 @@ class use_backend(contextlib.ContextDecorator):
     but a recomputation there (activation checkpointing) resolves again (README, Activation
     checkpointing).
 
+    As a decorator it applies while the function runs; for a generator function while each
+    step of the generator runs, for an ``async def`` function while its coroutine runs (and an
+    async generator's steps), not while the caller holds the generator between steps.
+
     Under ``torch.compile`` a block inside the compiled function applies to the calls traced
     in it, and a compiled function called under another selection than the one it was traced
     under is compiled again for it (once per distinct selection; Dynamo's recompile limit,
@@ -240,11 +247,81 @@ class use_backend(contextlib.ContextDecorator):
         _scope.selection.reset(tokens[-1])
         return False
 
+    def __call__(self, func):
+        """Decorate ``func``: plain functions as contextlib.ContextDecorator does; generator
+        functions, coroutine functions and async generator functions so that the selection is
+        active while their body runs (each step), and only then."""
+        if inspect.isgeneratorfunction(func):
+            return _wrap_generator(self, func)
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def coroutine_in_scope(*args, **kwargs):
+                with self:
+                    return await func(*args, **kwargs)
+            return coroutine_in_scope
+        if inspect.isasyncgenfunction(func):
+            return _wrap_async_generator(self, func)
+        return super().__call__(func)
+
     def _recreate_cm(self):
         # (ContextDecorator's hook: a decorated function enters a new object, made inside
         # it, which Dynamo can trace when the function is compiled; one made outside, as a
         # decorator's, it refuses to enter)
         return type(self)(self.name)
+
+
+def _wrap_generator(cm, func):
+    """``func``, a generator function, with ``cm`` entered around each step of its generators
+    (as torch.utils._contextlib._wrap_generator does for torch.no_grad)."""
+    @functools.wraps(func)
+    def generator_in_scope(*args, **kwargs):
+        gen = func(*args, **kwargs)  # (runs nothing of the body yet)
+        try:
+            with cm:
+                response = gen.send(None)
+            while True:
+                try:
+                    request = yield response
+                except GeneratorExit:
+                    with cm:
+                        gen.close()
+                    raise
+                except BaseException:
+                    with cm:
+                        response = gen.throw(*sys.exc_info()[1:2])
+                else:
+                    with cm:
+                        response = gen.send(request)
+        except StopIteration as e:
+            return e.value
+    return generator_in_scope
+
+
+def _wrap_async_generator(cm, func):
+    """``func``, an async generator function, with ``cm`` entered around each step (``asend``,
+    ``athrow``, ``aclose``) of its generators."""
+    @functools.wraps(func)
+    async def async_generator_in_scope(*args, **kwargs):
+        agen = func(*args, **kwargs)
+        try:
+            with cm:
+                response = await agen.asend(None)
+            while True:
+                try:
+                    request = yield response
+                except GeneratorExit:
+                    with cm:
+                        await agen.aclose()
+                    raise
+                except BaseException:
+                    with cm:
+                        response = await agen.athrow(*sys.exc_info()[1:2])
+                else:
+                    with cm:
+                        response = await agen.asend(request)
+        except StopAsyncIteration:
+            return
+    return async_generator_in_scope
 
 
 def available_backends() -> dict[str, dict]:

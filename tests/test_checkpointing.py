@@ -101,3 +101,71 @@ def test_huggingface_gradient_checkpointing_on_a_swapped_bert():
     assert grads.keys() == plain.keys()
     for name, g in plain.items():
         assert torch.equal(grads[name], g), name
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpointed segment does not recompute by itself, and the ways the README gives
+# (Dropout): an explicit generator=, and the backend use_backend selected.
+
+
+def _attention_step(fn, q, k, v):
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v)
+    out.square().sum().backward()
+    return [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+
+
+def test_a_generator_made_inside_the_checkpointed_function_recomputes_its_masks():
+    """checkpoint restores torch's default generators, not a generator= passed in; one made from
+    a seed inside the checkpointed function draws the same in the recomputation."""
+    from fused_attn import functional as F
+
+    q, k, v = make_inputs((1, 2, 16, 8), (1, 2, 16, 8), (1, 2, 16, 8), seed=0, requires_grad=True)
+
+    def seeded(q, k, v, seed=123):
+        return F.attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(seed))
+
+    plain = _attention_step(seeded, q, k, v)
+    for use_reentrant in (False, True):
+        got = _attention_step(lambda *t: checkpoint.checkpoint(seeded, *t, use_reentrant=use_reentrant), q, k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, plain)), use_reentrant
+
+
+def test_checkpointing_under_use_backend_recomputes_on_the_selected_backend(monkeypatch):
+    """use_backend is per thread and read when the recomputation runs: with the backward inside
+    the block on CPU tensors (the calling thread runs it), or with context_fn selecting the
+    backend for the recomputation, the segment recomputes on the forward's backend and the step
+    equals the plain one bit for bit."""
+    from fused_attn import functional as F
+    from fused_attn import use_backend
+    from fused_attn.backends import BACKENDS
+
+    ran = []
+    for name in ("cpu", "reference"):
+        real = BACKENDS[name].attention_fwd
+        monkeypatch.setattr(BACKENDS[name], "attention_fwd",
+                            lambda *a, _real=real, _name=name: (ran.append(_name), _real(*a))[1])
+    q, k, v = make_inputs((2, 4, 64, 32), (2, 4, 64, 32), (2, 4, 64, 32), seed=0, requires_grad=True)
+
+    def fn(q, k, v):
+        return F.attention(q, k, v, causal=True)
+
+    with use_backend("reference"):
+        plain = _attention_step(fn, q, k, v)
+    assert ran == ["reference"]
+    for use_reentrant in (False, True):
+        ran.clear()
+        with use_backend("reference"):
+            got = _attention_step(lambda *t: checkpoint.checkpoint(fn, *t, use_reentrant=use_reentrant), q, k, v)
+        assert ran == ["reference", "reference"], use_reentrant
+        assert all(torch.equal(a, b) for a, b in zip(got, plain)), use_reentrant
+    ran.clear()
+    with use_backend("reference"):
+        out = checkpoint.checkpoint(fn, q, k, v, use_reentrant=False,
+                                    context_fn=lambda: (use_backend("reference"), use_backend("reference")))
+    for t in (q, k, v):
+        t.grad = None
+    out.square().sum().backward()  # outside the block: context_fn selects the backend again
+    assert ran == ["reference", "reference"]
+    assert all(torch.equal(a, b) for a, b in zip([out.detach(), q.grad, k.grad, v.grad], plain))

@@ -209,8 +209,8 @@ class use_backend(contextlib.ContextDecorator):
     tasks keep theirs. Blocks nest, and one object may be entered again inside itself or by
     several threads at once. Autograd runs the backward of CUDA tensors in threads of its own,
     which see no selection: the fused ops' backward uses the backend its forward ran on anyway,
-    but a recomputation there (activation checkpointing) resolves again (README, Activation
-    checkpointing).
+    but a recomputation there (activation checkpointing) resolves again: see the README's
+    Dropout paragraph for checkpointing under use_backend.
 
     As a decorator it applies while the function runs; for a generator function while each
     step of the generator runs, for an ``async def`` function while its coroutine runs (and an

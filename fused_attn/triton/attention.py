@@ -164,13 +164,8 @@ def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_l
         keep = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0)
         s = tl.where(keep != 0, s, float("-inf"))
     elif MASK_KIND == 2:
-        bias = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0.0).to(tl.float32)
-        # finite biases below -2e38 (torch.finfo(float32).min, what Hugging Face masks hold) would
-        # overflow to -inf in base-2 units and hide the key entirely: held at -2e38, they stay
-        # finite, so a row they all hide averages its values as on every other backend and SDPA
-        # (-inf and NaN pass as they are)
-        bias = tl.where((bias < -2.0e38) & (bias != float("-inf")), -2.0e38, bias)
-        s = s + bias * 1.4426950408889634
+        bias = tl.load(mask_ptrs, mask=(qi < Lq) & (kj < Lk), other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
     if HAS_ALIBI:
         # ALiBi: -slope * |j - d_i|, d_i = i + shift being query i's key position. The scores here
         # are in base-2 units (s * log2 e, for exp2), so the natural-log bias is scaled by log2 e
@@ -604,11 +599,6 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
         sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2,
                      alibi_log2, alibi_shift, MASK_KIND, False, CHECK_BAND, SOFTCAP, HAS_ALIBI)
         pT = tl.math.exp2(sT - lse[None, :])
-        if SOFTCAP:
-            # the tile's rows past Lq are loaded as zeros: against a key holding an inf their score
-            # is 0 * inf = NaN (capped real rows stay finite), and exp2(NaN - inf) would carry the
-            # NaN into this key's dk and dv
-            pT = tl.where((offs_m < Lq)[None, :], pT, 0.0)
         if STREAM_TMA:
             do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_V)
         else:
@@ -636,11 +626,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
                          mask=(offs_m[None, :] < Lq) & (offs_n[:, None] < Lk))
             # through the cap: d(softcap * tanh(x)) / dx = softcap * (1 - tanh(x)^2), from the capped
             # score alone (the mask and ALiBi's bias are added after the cap: constants to it)
-            # (where P is 0 the gradient is 0: the tile's rows past Lq, loaded as zeros, give 0 * inf
-            # = NaN scores against an inf key, and so a NaN derivative there)
             if SOFTCAP:
                 tT = _softcap_tanh(qkT * qk_scale)
-                dsT = tl.where(pT == 0.0, 0.0, dsT * (1.0 - tT * tT))
+                dsT = dsT * (1.0 - tT * tT)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -783,9 +771,9 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
             keep = dropout_keep(drop_keys[:, None], offs_n[None, :], drop_threshold)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:  # from the capped score alone, 0 where P is, as in _dkdv_inner
+        if SOFTCAP:  # from the capped score alone, as in _dkdv_inner
             t = _softcap_tanh(qk * qk_scale)
-            ds = tl.where(p == 0.0, 0.0, ds * (1.0 - t * t))
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 

@@ -7,6 +7,8 @@
 - A failed build of the extension does not fail the install (import fused_attn works and
   fused_attn.available_backends() says why the compiled backends are missing), unless
   FUSED_ATTN_REQUIRE_EXTENSION=1, which CI and the Makefile set so that build errors are seen.
+- These variables take 1/true/yes/on or 0/false/no/off (any case; unset or empty is off); any
+  other value stops the build with a message naming the variable.
 
 Build without isolation so the extension compiles against the torch already installed:
     pip install --no-build-isolation -e .
@@ -18,12 +20,28 @@ import sys
 from setuptools import setup
 
 
-def env_flag(name):
-    return os.environ.get(name, "") not in ("", "0")
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
+
+def env_flag(name):
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case; unset or empty
+    is off). Anything else stops the build, naming the variable, rather than being read as on."""
+    value = os.environ.get(name, "")
+    if value.strip().lower() in _ON:
+        return True
+    if value.strip().lower() in _OFF:
+        return False
+    raise SystemExit(f"fused_attn: {name}={value!r} is not a yes/no value "
+                     f"(use 1, true, yes, on or 0, false, no, off)")
+
+
+# read up front, so that a value that is not yes/no stops the build before anything compiles
+NO_EXTENSION = env_flag("FUSED_ATTN_NO_EXTENSION")
+FORCE_CUDA = env_flag("FUSED_ATTN_FORCE_CUDA")
+REQUIRE_EXTENSION = env_flag("FUSED_ATTN_REQUIRE_EXTENSION")
 
 ext_modules, cmdclass = [], {}
-if not env_flag("FUSED_ATTN_NO_EXTENSION"):
+if not NO_EXTENSION:
     try:
         import torch
         from torch.utils import cpp_extension
@@ -33,7 +51,7 @@ if not env_flag("FUSED_ATTN_NO_EXTENSION"):
     else:
         sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        with_cuda = env_flag("FUSED_ATTN_FORCE_CUDA") or (
+        with_cuda = FORCE_CUDA or (
             torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cuda_sources))
         # -fno-trapping-math (torch itself is built with it) lets GCC turn the branch-free float
         # selects of the CPU kernels (clamps, relu, dropout keep) into vector blends; NaN
@@ -71,7 +89,7 @@ if not env_flag("FUSED_ATTN_NO_EXTENSION"):
                 try:
                     super().run()
                 except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
-                    if env_flag("FUSED_ATTN_REQUIRE_EXTENSION"):
+                    if REQUIRE_EXTENSION:
                         raise
                     print(f"\n*** fused_attn: building fused_attn._C failed ({exc}); installing without it. "
                           "The cpu/cuda backends will be unavailable. ***\n", file=sys.stderr)

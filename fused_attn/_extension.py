@@ -8,7 +8,20 @@ import torch
 _C = None
 ERROR: str | None = None
 
-if os.environ.get("FUSED_ATTN_DISABLE_EXTENSION", "") not in ("", "0"):
+
+def _env_flag(name: str) -> bool:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case; unset or empty
+    is off); anything else raises, naming the variable (``=false`` must not read as on)."""
+    value = os.environ.get(name, "")
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={value!r} is not a yes/no value (use 1, true, yes, on or 0, false, no, off)")
+
+
+if _env_flag("FUSED_ATTN_DISABLE_EXTENSION"):
     ERROR = "fused_attn._C is disabled by FUSED_ATTN_DISABLE_EXTENSION"
 else:
     import importlib.util

@@ -83,16 +83,41 @@ if not NO_EXTENSION:
         base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
         class OptionalBuildExtension(base):
-            """A failed extension build warns instead of failing the install (unless required)."""
+            """A failed extension build warns instead of failing the install (unless required), and
+            removes what an earlier build left, which would otherwise load in its place."""
 
             def run(self):
+                # setuptools' run() clears self.inplace while it builds and does not restore it
+                # when the build raises: remember it here
+                inplace = self.inplace
                 try:
                     super().run()
                 except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
+                    self.inplace = inplace
                     if REQUIRE_EXTENSION:
                         raise
+                    removed = self.remove_stale_outputs()
+                    note = (f" Removed the earlier build's {', '.join(removed)}, which would have loaded in its place."
+                            if removed else "")
                     print(f"\n*** fused_attn: building fused_attn._C failed ({exc}); installing without it. "
-                          "The cpu/cuda backends will be unavailable. ***\n", file=sys.stderr)
+                          f"The cpu/cuda backends will be unavailable.{note} ***\n", file=sys.stderr)
+
+            def remove_stale_outputs(self):
+                """Deletes the extension files of an earlier build: the copy in the build folder
+                (a wheel or a plain install would pick it up) and, for an in-place or editable
+                build, the one beside the Python sources. Returns the paths removed."""
+                inplace, removed = self.inplace, []
+                try:
+                    for where in ((False, True) if inplace else (False,)):
+                        self.inplace = where  # get_ext_fullpath answers for the build folder or the sources
+                        for ext in self.extensions:
+                            path = self.get_ext_fullpath(ext.name)
+                            if os.path.lexists(path):
+                                os.remove(path)
+                                removed.append(path)
+                finally:
+                    self.inplace = inplace
+                return removed
 
         cmdclass = {"build_ext": OptionalBuildExtension}
 

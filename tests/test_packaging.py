@@ -132,3 +132,64 @@ def test_sdist_carries_every_source_header_and_test(tmp_path):
     missing = [f for f in wanted if f not in in_sdist]
     assert not missing, f"missing from the sdist: {missing}"
     assert not [f for f in in_sdist if f.endswith((".so", ".pyc"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# a failed extension build
+# ---------------------------------------------------------------------------------------------
+
+def _failing_build_ext(monkeypatch, tmp_path, inplace, env=None):
+    """setup.py's build_ext command for a copy of the project in tmp_path whose earlier build left
+    fused_attn/_C*.so (in place) and build/lib.../fused_attn/_C*.so, with a compiler that fails at
+    once (build_extensions raises as a failed compile does; nothing is compiled)."""
+    import shutil
+
+    from setuptools.dist import Distribution
+
+    work = tmp_path / "src"
+    (work / "fused_attn").mkdir(parents=True)
+    shutil.copy2(SETUP_PY, work / "setup.py")
+    shutil.copytree(ROOT / "csrc", work / "csrc")
+    kw = run_setup_py(monkeypatch, env, cwd=work)
+    dist = Distribution({"name": "fused_attn", "ext_modules": kw["ext_modules"], "cmdclass": kw["cmdclass"]})
+    dist.script_name = "setup.py"
+    cmd = kw["cmdclass"]["build_ext"](dist)
+    cmd.inplace = inplace
+    cmd.ensure_finalized()
+    stale = []
+    for where in (False, True):
+        cmd.inplace = where
+        path = Path(cmd.get_ext_fullpath("fused_attn._C"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"an earlier build's extension")
+        stale.append(path)
+    cmd.inplace = inplace
+
+    def failing_compile(*args, **kwargs):
+        raise RuntimeError("error compiling objects for extension (planted)")
+
+    monkeypatch.setattr(cmd, "build_extensions", failing_compile)
+    return cmd, stale
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_failed_build_removes_the_earlier_extension(monkeypatch, tmp_path, capsys, inplace):
+    """An in-place (or editable) build that fails must not leave the previous fused_attn/_C*.so to
+    load silently with stale kernels; nor may any build leave the build folder's copy for a wheel
+    or an install to pick up."""
+    cmd, (in_build_dir, in_place) = _failing_build_ext(monkeypatch, tmp_path, inplace)
+    cmd.run()  # the failure is reported, not raised
+    err = capsys.readouterr().err
+    assert "building fused_attn._C failed (error compiling objects for extension (planted))" in err
+    assert "The cpu/cuda backends will be unavailable." in err
+    assert not in_build_dir.exists()
+    assert in_place.exists() is not inplace  # an ordinary build leaves the source tree alone
+    removed = [str(in_build_dir)] + ([str(in_place)] if inplace else [])
+    assert f"Removed the earlier build's {', '.join(removed)}" in err
+    assert cmd.inplace is inplace
+
+
+def test_failed_build_raises_when_the_extension_is_required(monkeypatch, tmp_path):
+    cmd, _ = _failing_build_ext(monkeypatch, tmp_path, True, {"FUSED_ATTN_REQUIRE_EXTENSION": "1"})
+    with pytest.raises(RuntimeError, match="planted"):
+        cmd.run()

@@ -1599,34 +1599,65 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _usage_error(message: str) -> SystemExit:
+    """A bad command-line value, as argparse treats its own: the one-line message on stderr and
+    exit status 2. The SystemExit also carries the message, for callers of main() that catch it."""
+    print(message, file=sys.stderr, flush=True)
+    exc = SystemExit(message)
+    exc.code = 2  # an int code: the interpreter exits with it and prints nothing more
+    return exc
+
+
+def _device_from_flag(value: str | None) -> torch.device:
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise _usage_error(f"--device {value}: unknown device (expected cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("torch is a CPU-only build" if torch.version.cuda is None and torch.version.hip is None
+                   else "torch.cuda.is_available() is False")
+            raise _usage_error(f"--device {value}: no CUDA device ({why})")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise _usage_error(f"--device {value}: no such device (expected an index below {count})")
+    return device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     global TMA_TWIN
     TMA_TWIN = args.tma_twin
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device_from_flag(args.device)
     if args.threads is not None:
+        if args.threads < 1:
+            raise _usage_error(f"--threads {args.threads}: expected a positive number of threads")
         torch.set_num_threads(args.threads)
     shapes = args.shapes or ("quick" if args.quick else "full")
     dtype_names = _split(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     bad = [d for d in dtype_names if d not in ("float16", "bfloat16", "float32", "float64")]
     if bad:
-        raise SystemExit(f"--dtype: unknown {', '.join(bad)} (choose from float16, bfloat16, float32, float64)")
+        raise _usage_error(f"--dtype: unknown {', '.join(bad)} (choose from float16, bfloat16, float32, float64)")
     dtypes = [getattr(torch, d) for d in dtype_names]
     ops = _split(args.ops)
     passes = _split(args.passes)
     for name, values, allowed in (("--ops", ops, OPS), ("--passes", passes, ALL_PASSES)):
         bad = [v for v in values if v not in allowed]
         if bad:
-            raise SystemExit(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
+            raise _usage_error(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
     backends = None if args.backend == "all" else ([] if args.backend == "none" else _split(args.backend))
     unknown = [b for b in backends or [] if b not in BACKENDS]
     if unknown:
-        raise SystemExit(f"--backend: unknown {', '.join(unknown)} (choose from {', '.join(BACKENDS)}, all, none)")
+        raise _usage_error(f"--backend: unknown {', '.join(unknown)} (choose from {', '.join(BACKENDS)}, all, none)")
     if backends:  # asked for fused backends only this machine cannot run: say so, rather than time baselines alone
         from .backends import available_backends
         status = available_backends()
         if not any(status[b]["available"] for b in backends):
-            raise SystemExit("--backend: " + "; ".join(f"{b} cannot run here: {', '.join(status[b]['reasons'])}"
+            raise _usage_error("--backend: " + "; ".join(f"{b} cannot run here: {', '.join(status[b]['reasons'])}"
                                                        for b in backends))
     if args.baselines is None:
         baselines = [b for b in BASELINES if not (b == "compile" and (args.quick or shapes == "tiny"))]
@@ -1634,7 +1665,7 @@ def main(argv=None) -> int:
         baselines = [] if args.baselines == "none" else _split(args.baselines)
         bad = [b for b in baselines if b not in BASELINES]
         if bad:
-            raise SystemExit(f"--baselines: unknown {', '.join(bad)} (choose from {', '.join(BASELINES)}, none)")
+            raise _usage_error(f"--baselines: unknown {', '.join(bad)} (choose from {', '.join(BASELINES)}, none)")
     quickish = args.quick or shapes in ("tiny", "quick")
     gpu = device.type == "cuda"
     budget = args.budget if args.budget is not None else (0.1 if gpu else 0.2 if quickish else 0.6)

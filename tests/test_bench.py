@@ -413,3 +413,50 @@ def test_standalone_scripts_answer_help_and_reject_unknown_arguments():
         wrong = subprocess.run([sys.executable, path, "--no-such-flag"], cwd=root, capture_output=True, text=True,
                                timeout=120, env=dict(os.environ, PYTHONPATH=root))
         assert wrong.returncode == 2 and "unrecognized arguments: --no-such-flag" in wrong.stderr, script
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "foo"], "--device foo: unknown device (expected cpu, cuda or cuda:N)"),
+    (["--device", "meta"], "--device meta: unknown device (expected cpu, cuda or cuda:N)"),
+    (["--device", "cuda"], "--device cuda: no CUDA device (torch is a CPU-only build)"),
+    (["--device", "cuda:0"], "--device cuda:0: no CUDA device (torch is a CPU-only build)"),
+    (["--threads", "0"], "--threads 0: expected a positive number of threads"),
+    (["--threads", "-2"], "--threads -2: expected a positive number of threads"),
+    (["--ops", "bogus"], "--ops: unknown bogus (choose from attention, layer_norm, feed_forward, layer)"),
+])
+def test_bad_flags_stop_with_one_line_and_status_2(tmp_path, monkeypatch, capsys, flags, message):
+    """A bad --device or --threads is named in one line with what is expected, and exits with
+    status 2 as argparse's own errors do (they were tracebacks), like the other checked flags."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    threads = torch.get_num_threads()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--shapes", "tiny", "--ops", "layer_norm", "--out", str(out), *flags])  # the last --ops counts
+    assert exit_info.value.code == 2 and str(exit_info.value) == message
+    assert capsys.readouterr().err == message + "\n"
+    assert torch.get_num_threads() == threads and not out.exists()  # stopped before doing anything
+
+
+@pytest.mark.parametrize("flag, cuda_build, count, message", [
+    ("cuda", "12.8", 0, "--device cuda: no CUDA device (torch.cuda.is_available() is False)"),
+    ("cuda:3", "12.8", 2, "--device cuda:3: no such device (expected an index below 2)"),
+])
+def test_bad_cuda_device_says_why(tmp_path, monkeypatch, capsys, flag, cuda_build, count, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", flag, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == message + "\n"
+
+
+def test_python_m_fused_attn_reports_a_bad_device_without_a_traceback(tmp_path):
+    """End to end through ``python -m fused_attn``: status 2 and the one line on stderr."""
+    proc = subprocess.run([sys.executable, "-m", "fused_attn", "--device", "foo", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "--device foo: unknown device (expected cpu, cuda or cuda:N)"

@@ -193,3 +193,72 @@ def test_failed_build_raises_when_the_extension_is_required(monkeypatch, tmp_pat
     cmd, _ = _failing_build_ext(monkeypatch, tmp_path, True, {"FUSED_ATTN_REQUIRE_EXTENSION": "1"})
     with pytest.raises(RuntimeError, match="planted"):
         cmd.run()
+
+
+# ---------------------------------------------------------------------------------------------
+# the wheel and the compile flags
+# ---------------------------------------------------------------------------------------------
+
+def test_wheel_is_tagged_for_the_limited_api(monkeypatch):
+    """fused_attn._C is built against the limited API (torch's -DPy_LIMITED_API, _C.abi3.so): the
+    wheel says so (cp310-abi3), not cp311-cp311, so that one wheel serves later Pythons too."""
+    from setuptools.dist import Distribution
+    from torch.utils import cpp_extension
+
+    kw = run_setup_py(monkeypatch)
+    dist = Distribution({"name": "fused_attn", "version": "0", **kw})
+    cmd = dist.get_command_obj("bdist_wheel")
+    cmd.ensure_finalized()
+    impl, abi, _plat = cmd.get_tag()
+    assert abi == "abi3"
+    minimum = int(cpp_extension.min_supported_cpython, 16)
+    assert impl == f"cp{minimum >> 24}{(minimum >> 16) & 0xFF}" == "cp310"
+
+
+def _compile_command(monkeypatch, tmp_path, env):
+    """The C++ compile command a build would run (from the build.ninja torch writes), with ninja
+    not run."""
+    from setuptools.dist import Distribution
+    from torch.utils import cpp_extension
+
+    if not SETUP_PY.is_file():
+        pytest.skip("no setup.py beside the tests (installed tests)")
+    import shutil
+
+    work = tmp_path / "src"
+    (work / "fused_attn").mkdir(parents=True)
+    shutil.copy2(SETUP_PY, work / "setup.py")
+    shutil.copytree(ROOT / "csrc", work / "csrc")
+    kw = run_setup_py(monkeypatch, {"FUSED_ATTN_REQUIRE_EXTENSION": "1", **env}, cwd=work)
+    if kw["ext_modules"][0].extra_compile_args.get("nvcc"):
+        pytest.skip("a CUDA build: torch checks nvcc's version before writing the ninja file")
+
+    class NotRun(Exception):
+        pass
+
+    def no_ninja(build_directory, verbose, error_prefix):
+        raise NotRun(build_directory)
+
+    monkeypatch.setattr(cpp_extension, "_run_ninja_build", no_ninja)
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    dist = Distribution({"name": "fused_attn", "ext_modules": kw["ext_modules"], "cmdclass": kw["cmdclass"]})
+    dist.script_name = "setup.py"
+    cmd = kw["cmdclass"]["build_ext"](dist)
+    cmd.ensure_finalized()
+    with pytest.raises(NotRun) as stopped:
+        cmd.run()
+    ninja = (Path(stopped.value.args[0]) / "build.ninja").read_text()
+    (line,) = [ln for ln in ninja.splitlines() if ln.startswith("cflags =")]
+    (post,) = [ln for ln in ninja.splitlines() if ln.startswith("post_cflags =")]
+    return (line.split("=", 1)[1] + " " + post.split("=", 1)[1]).split()
+
+
+def test_release_build_has_no_debug_info_unless_asked(monkeypatch, tmp_path):
+    """-g0 comes after Python's -g (the .so was 48 MB of mostly debug info); FUSED_ATTN_DEBUG=1
+    keeps -g; nothing else about the compile changes."""
+    release = _compile_command(monkeypatch, tmp_path / "release", {})
+    debug = _compile_command(monkeypatch, tmp_path / "debug", {"FUSED_ATTN_DEBUG": "1"})
+    debug_flags = [f for f in release if f.startswith("-g")]
+    assert debug_flags[-1] == "-g0", debug_flags
+    assert [f for f in debug if f.startswith("-g")][-1] != "-g0"
+    assert [f for f in release if f != "-g0"] == debug

@@ -25,10 +25,6 @@ def new_attention_out(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None
     return torch.empty(B, L, H, dv, device=q.device, dtype=q.dtype if dtype is None else dtype).transpose(1, 2)
 
 
-def attention_lse_shape(q: torch.Tensor) -> tuple[int, int, int]:
-    return tuple(q.shape[:3])
-
-
 def lse_dtype(q: torch.Tensor) -> torch.dtype:
     """The attention ops' log-sum-exp dtype: float32 (FlashAttention's, whatever the half input
     type), float64 for float64 inputs, so that the returned lse, the sinks applied through it and

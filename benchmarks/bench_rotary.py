@@ -1,20 +1,26 @@
 #!/usr/bin/env python
-# Usage: PYTHONPATH=. python benchmarks/bench_rotary.py [--out FILE.json] [--reps N]
+# Usage: PYTHONPATH=. python benchmarks/bench_rotary.py [--out FILE.json] [--budget SECONDS]
 """Rotary embedding (``fused_attn.apply_rotary_emb``) against the Hugging Face formula
 (``x * cos + rotate_half(x) * sin`` on per-token tables, eager torch) and, on a GPU, the same
 formula under ``torch.compile``; forward, and forward + backward, on this machine's device
-(CUDA if there is one, else the CPU). Median of event-timed calls after warm-up (perf_counter on
-the CPU). Memory-bound: the floor is one read and one write of x (and of the gradient), so the
-table gives GB/s of x moved, to compare with the device's copy bandwidth (about 4.3 TB/s read +
+(CUDA if there is one, else the CPU). Timed as ``python -m fused_attn.bench`` times (its
+``time_calls``): warm-up, then the median of many calls, each between two CUDA events with the
+calls queued behind a GPU sleep (device time alone; the host's time per call beside it),
+perf_counter on the CPU; the inputs rotate through enough sets to exceed twice the last-level
+cache (at most 8). The forward + backward is ``torch.autograd.grad`` of the output (nothing
+accumulates into a .grad). Memory-bound: the floor is one read and one write of x (and of the
+gradient), so the table gives GB/s of x moved, to compare with the device's copy bandwidth (about 4.3 TB/s read +
 written on the H200)."""
 import argparse
 import json
+import math
+import os
 import statistics
-import time
 
 import torch
 
 import fused_attn
+from fused_attn import bench
 
 
 def hf_rotary(x, cos, sin, positions):
@@ -26,45 +32,46 @@ def hf_rotary(x, cos, sin, positions):
     return x * c + rotated * s
 
 
-def timer(device):
-    if device.type == "cuda":
-        def run(fn, reps):
-            for _ in range(5):
-                fn()
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
-    else:
-        def run(fn, reps):
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-            return statistics.median(times)
-    return run
+def measure(call, n_sets, device, budget_s):
+    """(median ms, median host ms, prefilled) of ``call(i)``, i cycling through the input sets:
+    fused_attn.bench's timing (warm-up, then on CUDA every call between two events, the calls
+    queued behind a GPU sleep so that the events see the device's time alone; perf_counter on
+    the CPU)."""
+    t = bench.time_calls(call, n_sets, device, budget_s, min_reps=10, max_reps=1000)
+    return statistics.median(t.times) * 1e3, statistics.median(t.host) * 1e3, t.prefilled
+
+
+def input_sets(make, device):
+    """Input sets (x and its output gradient) enough to exceed twice the last-level cache together
+    (60 MB of L2 on the H200), at most 8, as fused_attn.bench.make_sets does: the timed calls then
+    read x from memory, not from a warm cache. (The decode row's 8 sets of 0.5 MB still fit the
+    L2, as a decoding step's q would.)"""
+    first = make(0)
+    set_bytes = max(1, sum(t.numel() * t.element_size() for t in first))
+    n_sets = max(1, min(8, math.ceil(2 * bench.cache_bytes(device) / set_bytes)))
+    return [first] + [make(i) for i in range(1, n_sets)]
+
+
+def write_atomically(path, payload):
+    """A reader (gpu_check.sh's summary, after every step) never sees a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per measurement (default 0.05 on CUDA, 0.1 on the CPU)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
-    reps = args.reps or (30 if gpu else 10)
+    budget = args.budget if args.budget is not None else (0.05 if gpu else 0.1)
     # (B, L, H, D): training-size q, a decoding step's q
     cases = [(8, 4096, 32, 128), (64, 1, 32, 128), (2, 4096, 8, 64)] if gpu else [(2, 1024, 8, 64), (16, 1, 32, 128)]
-    run = timer(device)
     rows = []
     for B, L, H, D in cases:
         S = L + 64
@@ -73,39 +80,53 @@ def main():
         cos, sin = angles.cos(), angles.sin()
         offset = S - L
         positions = (torch.arange(L, device=device) + offset).expand(B, L)
-        x = torch.randn(B, L, H, D, device=device, dtype=dtype)
-        ref = hf_rotary(x.float(), cos, sin, positions)
-        ours_out = fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=offset)
+        gen = torch.Generator(device=device)
+
+        def make(i):
+            gen.manual_seed(i)
+            x = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=gen)
+            return [x.requires_grad_(), torch.randn(B, L, H, D, device=device, dtype=dtype, generator=gen)]
+
+        sets = input_sets(make, device)
+        x = sets[0][0]
+        with torch.no_grad():
+            ref = hf_rotary(x.float(), cos, sin, positions)
+            ours_out = fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=offset)
         err = float((ours_out.float() - ref).abs().max())
         moved = 2 * x.numel() * x.element_size()  # x read, out written
         impls = {"fused_attn": lambda t: fused_attn.apply_rotary_emb(t, cos, sin, seqlen_offsets=offset),
                  "eager": lambda t: hf_rotary(t, cos, sin, positions)}
         if gpu:
             impls["compiled"] = torch.compile(lambda t: hf_rotary(t, cos, sin, positions))
-        grad = torch.randn_like(x)
         for name, fn in impls.items():
-            with torch.no_grad():
-                fwd = run(lambda: fn(x), reps)
-            xg = x.detach().requires_grad_()
+            def forward(i, fn=fn):
+                with torch.no_grad():
+                    return fn(sets[i][0])
 
-            def step():
-                fn(xg).backward(grad)
-            both = run(step, reps)
+            def forward_backward(i, fn=fn):
+                xi, gi = sets[i]
+                return torch.autograd.grad(fn(xi), xi, gi)
+
+            fwd, fwd_host, fwd_pre = measure(forward, len(sets), device, budget)
+            both, both_host, both_pre = measure(forward_backward, len(sets), device, budget)
             rows.append(dict(case=f"B{B} L{L} H{H} D{D}", impl=name, fwd_ms=fwd, fwd_bwd_ms=both,
-                             fwd_GBps=moved / fwd / 1e6, fwd_bwd_GBps=2 * moved / both / 1e6, max_err_vs_fp32=err))
+                             fwd_host_ms=fwd_host, fwd_bwd_host_ms=both_host, prefilled=fwd_pre and both_pre,
+                             fwd_GBps=moved / fwd / 1e6, fwd_bwd_GBps=2 * moved / both / 1e6, max_err_vs_fp32=err,
+                             input_sets=len(sets)))
         base = {r["impl"]: r for r in rows if r["case"] == rows[-1]["case"]}
         for r in base.values():
             r["fwd_speedup_vs_eager"] = base["eager"]["fwd_ms"] / r["fwd_ms"]
             r["fwd_bwd_speedup_vs_eager"] = base["eager"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        del sets, x, ref, ours_out
         if args.out:  # after every case: a run cut short by a time limit keeps what it measured
-            with open(args.out, "w") as f:
-                json.dump({"device": str(device), "dtype": str(dtype), "rows": rows}, f, indent=1)
+            write_atomically(args.out, {"device": str(device), "dtype": str(dtype), "budget_s": budget, "rows": rows})
     print(f"device: {torch.cuda.get_device_name(0) if gpu else 'cpu'}, dtype {dtype}, torch {torch.__version__}")
     print(f"{'case':22s} {'impl':11s} {'fwd ms':>9s} {'GB/s':>7s} {'x eager':>7s} {'f+b ms':>9s} {'GB/s':>7s} "
-          f"{'x eager':>7s}")
+          f"{'x eager':>7s} {'host ms':>8s}")
     for r in rows:
         print(f"{r['case']:22s} {r['impl']:11s} {r['fwd_ms']:9.4f} {r['fwd_GBps']:7.0f} {r['fwd_speedup_vs_eager']:7.2f} "
-              f"{r['fwd_bwd_ms']:9.4f} {r['fwd_bwd_GBps']:7.0f} {r['fwd_bwd_speedup_vs_eager']:7.2f}")
+              f"{r['fwd_bwd_ms']:9.4f} {r['fwd_bwd_GBps']:7.0f} {r['fwd_bwd_speedup_vs_eager']:7.2f} "
+              f"{r['fwd_bwd_host_ms']:8.4f}")
 
 
 if __name__ == "__main__":

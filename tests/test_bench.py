@@ -1,5 +1,6 @@
 """The benchmark job (python -m fused_attn.bench) on tiny shapes: it writes its table, JSON, CSV
 and plots, counts work as documented, and reports failing or inexact backends."""
+import contextlib
 import csv
 import os
 import json
@@ -227,6 +228,145 @@ def test_gpu_check_script_parses_and_names_its_outputs():
     text = open(script).read()
     for needed in ("setup.py build_ext --inplace", "-m gpu", "fused_attn.bench", "summary.json"):
         assert needed in text
+
+
+GPU_CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "gpu_check.sh")
+
+
+def _gpu_check_plan(minutes):
+    """GPU_CHECK_PLAN=1: the script's limits when every step runs to its limit, nothing run."""
+    proc = subprocess.run(["bash", GPU_CHECK, "/tmp/_gpu_check_plan"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, GPU_CHECK_PLAN="1", GPU_CHECK_MINUTES=str(minutes)))
+    assert proc.returncode == 0, proc.stderr
+    steps = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] in ("build", "tests_triton", "tests_gpu", "bench_rotary", "bench"):
+            steps[parts[0]] = int(parts[3])  # NAME RC SECONDS LIMIT NOTE
+    end = int(next(line for line in proc.stdout.splitlines() if "end of the plan" in line).split("[")[1].split()[0])
+    return steps, end
+
+
+def test_gpu_check_plan_fits_the_deadline():
+    """The planned call (GPU_CHECK_MINUTES=9, killed at ~560 s): every step within one deadline, the
+    GPU tests >= 200 s and the sweep >= 120 s even when the steps before them run to their limits;
+    with a short total the build still gets a share and the whole run its deadline."""
+    steps, end = _gpu_check_plan(9)
+    assert end <= 9 * 60 - 10
+    assert steps["tests_gpu"] >= 200 and steps["bench"] >= 120 and steps["build"] >= 150
+    assert steps["build"] == steps["tests_triton"]  # they run side by side, and end together
+    steps, end = _gpu_check_plan(4)
+    assert end <= 4 * 60 - 10
+    assert min(steps["build"], steps["tests_gpu"], steps["bench"]) >= 60
+
+
+def _fake_python(tmp_path):
+    """A python3 whose long steps (build, pytest, the benchmarks) hang; the rest runs for real."""
+    fake = tmp_path / "python3"
+    fake.write_text('#!/bin/bash\ncase " $* " in\n'
+                    '  *" setup.py "*|*" -m pytest "*|*"bench_rotary.py"*|*" -m fused_attn.bench "*) exec sleep 1000 ;;\n'
+                    f'  *) exec {sys.executable} "$@" ;;\nesac\n')
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def _session_members(sid):
+    members = []
+    for pid in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except (OSError, ValueError):
+            continue
+        if pid.isdigit() and int(stat.rsplit(")", 1)[1].split()[3]) == sid:
+            members.append(int(pid))
+    return members
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_gpu_check_on_sigterm_stops_the_step_and_writes_the_summary(tmp_path):
+    """Killed mid-step (as the device tool does at its time limit): summary.json records the running
+    step as interrupted, and nothing the script started is left running."""
+    import signal
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=_fake_python(tmp_path), GPU_CHECK_WITHOUT_DEVICE="1", GPU_CHECK_SKIP_INSTALL="1",
+               GPU_CHECK_MINUTES="9")
+    proc = subprocess.Popen(["bash", GPU_CHECK, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "tests_triton (limit" not in (
+                (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""):
+            time.sleep(0.5)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["ok"] is False and summary["complete"] is False
+        assert summary["steps"]["tests_triton"]["status"] == "interrupted"
+        assert "interrupted" in summary["why_not_ok"]
+        time.sleep(1)
+        assert _session_members(proc.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA device")
+def test_gpu_check_without_a_device_fails_at_once(tmp_path):
+    proc = subprocess.run(["bash", GPU_CHECK, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] is False and summary["cuda_available"] is False
+    assert all(s["status"] == "skipped" for s in summary["steps"].values())
+    assert "FAILED" in proc.stdout and "no CUDA device" in proc.stdout
+
+
+def _load_summary_module():
+    import importlib.util
+    path = os.path.join(os.path.dirname(GPU_CHECK), "gpu_check_summary.py")
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_summary_reads_what_a_kill_leaves_and_fails_empty_test_steps(tmp_path):
+    """The summary, rewritten after every step, survives half-written files (a kill can land at any
+    moment); a test step that collected nothing (pytest exit 5) does not pass; no device, no pass."""
+    gcs = _load_summary_module()
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    (work / "steps").write_text("cuda 1 NVIDIA H200\nrequired build tests_triton tests_gpu bench\n"
+                                "build 0 130 195\ntests_triton 0 150 195\ntests_gpu 1 200 205\nbench_rotary - 0 0 skipped\n"
+                                "bench 0 118 120\ntests_gp")  # the last line cut by a kill
+    (work / "junit_tests_triton.xml").write_text('<testsuites><testsuite tests="10" failures="0" errors="0" skip')
+    (work / "junit_tests_gpu.xml").write_text('<testsuites><testsuite tests="10" failures="2" errors="1" '
+                                              'skipped="3"></testsuite></testsuites>')
+    (out / "rotary.json").write_text('{"rows": [{"case": "B8')
+    (out / "bench.json").write_text(json.dumps({"rows": [{}], "not_run": ["x"], "summary": []}))
+    s = gcs.build_summary(str(out), str(work), 300)
+    assert s["ok"] is False and s["why_not_ok"] == ["steps not ok: tests_gpu (failed)"]
+    assert s["steps"]["tests_gpu"]["passed"] == 4 and s["steps"]["tests_gpu"]["failures"] == 2
+    assert "junit_error" in s["steps"]["tests_triton"] and s["steps"]["tests_triton"]["ok"]
+    assert s["rotary"] is None and any("rotary.json" in u for u in s["unreadable"])
+    assert s["skipped"] == ["bench_rotary"] and s["bench_rows"] == 1 and s["bench_not_run"] == 1
+    steps = (work / "steps").read_text().replace("tests_gpu 1 ", "tests_gpu 0 ")
+    (work / "steps").write_text(steps)
+    assert gcs.build_summary(str(out), str(work), 300)["ok"] is True  # an optional step skipped for time
+    (work / "steps").write_text(steps.replace("tests_gpu 0 ", "tests_gpu 5 "))
+    s = gcs.build_summary(str(out), str(work), 300)
+    assert not s["steps"]["tests_gpu"]["ok"] and s["steps"]["tests_gpu"]["note"] == "no tests collected"
+    (work / "steps").write_text(steps.replace("cuda 1 NVIDIA H200", "cuda 0"))
+    assert gcs.build_summary(str(out), str(work), 300)["why_not_ok"] == ["no CUDA device"]
+    (work / "steps").write_text(steps.replace("bench 0 118 120", "bench 124 120 120"))
+    assert gcs.build_summary(str(out), str(work), 300)["steps"]["bench"]["status"] == "time limit"
+    assert gcs.main([str(out), str(work), "300", "--interrupted"]) == 1
+    written = json.loads((out / "summary.json").read_text())
+    assert written["complete"] is False and "interrupted" in written["why_not_ok"]
+    assert sorted(os.listdir(out)) == ["bench.json", "rotary.json", "summary.json"]  # no temporary file left
 
 
 def test_infer_pass_times_and_checks_the_no_grad_forward(tmp_path, monkeypatch):

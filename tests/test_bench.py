@@ -233,9 +233,9 @@ def test_gpu_check_script_parses_and_names_its_outputs():
 GPU_CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "gpu_check.sh")
 
 
-def _gpu_check_plan(minutes):
+def _gpu_check_plan(minutes, out):
     """GPU_CHECK_PLAN=1: the script's limits when every step runs to its limit, nothing run."""
-    proc = subprocess.run(["bash", GPU_CHECK, "/tmp/_gpu_check_plan"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, GPU_CHECK_PLAN="1", GPU_CHECK_MINUTES=str(minutes)))
     assert proc.returncode == 0, proc.stderr
     steps = {}
@@ -247,15 +247,15 @@ def _gpu_check_plan(minutes):
     return steps, end
 
 
-def test_gpu_check_plan_fits_the_deadline():
+def test_gpu_check_plan_fits_the_deadline(tmp_path):
     """The planned call (GPU_CHECK_MINUTES=9, killed at ~560 s): every step within one deadline, the
     GPU tests >= 200 s and the sweep >= 120 s even when the steps before them run to their limits;
     with a short total the build still gets a share and the whole run its deadline."""
-    steps, end = _gpu_check_plan(9)
+    steps, end = _gpu_check_plan(9, tmp_path)
     assert end <= 9 * 60 - 10
     assert steps["tests_gpu"] >= 200 and steps["bench"] >= 120 and steps["build"] >= 150
     assert steps["build"] == steps["tests_triton"]  # they run side by side, and end together
-    steps, end = _gpu_check_plan(4)
+    steps, end = _gpu_check_plan(4, tmp_path)
     assert end <= 4 * 60 - 10
     assert min(steps["build"], steps["tests_gpu"], steps["bench"]) >= 60
 

@@ -870,6 +870,12 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             capacity = capacity if lengths is None else max(lengths, default=0) + new
             index = cache_batch_idx.long()
             keys, values = k_cache[:, :capacity].index_select(0, index), v_cache[:, :capacity].index_select(0, index)
+    elif block_table is None and lengths is not None and not (_flattens_to_rows(k_cache) and
+                                                              _flattens_to_rows(v_cache)):
+        # a cache whose (B, Lmax) rows are not one strided run (expanded over the batch, stored
+        # (Lmax, B, ...)): flattening it below copies, so copy only the rows some sequence reads
+        capacity = max(lengths, default=0) + new
+        keys, values = k_cache[:, :capacity], v_cache[:, :capacity]
     cu_seqlens_k = None if host_boundaries else _equal_boundaries(B, capacity, device, compiling)
     if block_table is None:
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)
@@ -934,6 +940,11 @@ def _check_kvcache_rotary(cos, sin, interleaved, q, k, backend) -> str:
     half = check_tables(cos, sin, q, names=("rotary_cos", "rotary_sin", "q"))
     _check_bool("rotary_interleaved", interleaved)
     return resolve_rotary(q, half, backend)
+
+
+def _flattens_to_rows(cache: Tensor) -> bool:
+    """Whether a dense cache's (B, Lmax) dims flatten into one dim as a view (no copy)."""
+    return cache.shape[0] <= 1 or cache.shape[1] <= 1 or cache.stride(0) == cache.shape[1] * cache.stride(1)
 
 
 def _rotate_kvcache(q, k, cache_seqlens, lengths, cos, sin, interleaved, query_steps: bool, backend, compiling):

@@ -716,6 +716,8 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
 def _rows(t: Tensor, d: int) -> Tensor:
     """(..., d) -> (N, d) with unit stride along d (a view whenever the layout allows)."""
     t2 = t if t.dim() == 2 else t.reshape(-1, d)
+    if t2.numel() == 0:  # (contiguous() keeps an empty tensor's strides, e.g. an expanded (0, 0))
+        return t2.new_empty(t2.shape)
     return t2 if t2.stride(-1) == 1 or d <= 1 else t2.contiguous()
 
 

@@ -1172,3 +1172,21 @@ def test_decoding_takes_blas_in_the_automatic_mode(monkeypatch):
         auto = fused_attn.attention(q, k, v, backend="cpu")
         monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "blas" if blas else "tiles")
         assert torch.equal(auto, fused_attn.attention(q, k, v, backend="cpu")), (Lq, Hkv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_farther_apart_than_int_max(dtype):
+    """Two query rows 2^31 + 64 elements apart (a view into an 8-16 GiB storage that stays virtual:
+    only the two rows are touched) compute as their contiguous copy: the float32/float64 BLAS path
+    copies such an operand (its leading dimension is 32-bit) instead of refusing it."""
+    try:
+        big = torch.empty(2 ** 31 + 2 ** 20, dtype=dtype)
+    except RuntimeError as e:  # (no room for the virtual storage)
+        pytest.skip(f"cannot reserve the storage: {e}")
+    rows = big.as_strided((1, 1, 2, 16), (0, 0, 2 ** 31 + 64, 1), 0)
+    rows.copy_(torch.randn(1, 1, 2, 16, dtype=dtype))
+    k, v = torch.randn(1, 1, 5, 16, dtype=dtype), torch.randn(1, 1, 5, 16, dtype=dtype)
+    out = F.attention(rows, k, v, backend="cpu")
+    torch.testing.assert_close(out, F.attention(rows.contiguous(), k, v, backend="cpu"), rtol=0, atol=0)
+    out = F.attention(k, rows, rows, backend="cpu")
+    torch.testing.assert_close(out, F.attention(k, rows.contiguous(), rows.contiguous(), backend="cpu"))

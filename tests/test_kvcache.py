@@ -308,6 +308,39 @@ def test_kvcache_reads_the_lengths_once(monkeypatch):
     assert calls == ["check_varlen_bounds"]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "expanded", "sequence-major"])
+def test_kvcache_copies_only_the_rows_read_of_a_cache_that_does_not_flatten(layout, monkeypatch):
+    """A dense cache whose (B, Lmax) rows do not flatten into one strided run (a shared prefix
+    expanded over the batch, a cache stored (Lmax, B, H, D)) is read as packed rows after a copy:
+    of the rows some sequence reads, not of the whole cache (B x Lmax rows on every decoding step).
+    A contiguous cache is read in place."""
+    import fused_attn.functional as functional
+    B, Lmax, used = 3, 64, [5, 9, 2]
+    g = torch.Generator().manual_seed(3)
+    base_k, base_v = torch.randn(B, Lmax, 2, 8, generator=g), torch.randn(B, Lmax, 2, 8, generator=g)
+    if layout == "expanded":
+        kc, vc = base_k[:1].expand(B, -1, -1, -1), base_v[:1].expand(B, -1, -1, -1)
+    elif layout == "sequence-major":
+        kc, vc = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (base_k, base_v))
+    else:
+        kc, vc = base_k, base_v
+    seen = []
+    varlen = functional.attention_varlen
+    monkeypatch.setattr(functional, "attention_varlen",
+                        lambda q, k, v, *a, **kw: (seen.append(k), varlen(q, k, v, *a, **kw))[1])
+    q = torch.randn(B, 1, 4, 8, generator=g)
+    out = F.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor(used), backend="cpu")
+    expected = torch.cat([R.attention(q[b:b + 1].transpose(1, 2), kc[b:b + 1, :n].transpose(1, 2),
+                                      vc[b:b + 1, :n].transpose(1, 2), None, False).transpose(1, 2)
+                          for b, n in enumerate(used)])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    keys = seen[0]
+    if layout == "contiguous":
+        assert keys.shape[0] == B * Lmax and keys.data_ptr() == kc.data_ptr()  # (a view)
+    else:
+        assert keys.shape[0] == B * max(used)
+
+
 @pytest.mark.parametrize("device", [pytest.param(c.values[0], marks=c.marks, id=c.values[0])
                                     for c in backend_cases("attention") if c.values[1] == "triton"])
 def test_triton_reads_the_cache_in_place(device, monkeypatch):

@@ -155,6 +155,12 @@ def test_layer_norm_edge_cases(device, backend):
     x = torch.randn(0, 5, 16, requires_grad=True)
     out = F.layer_norm_residual(x, torch.randn(0, 5, 16), backend=backend)
     assert out.shape == (0, 5, 16)
+    # zero rows whose strides are 0 (an empty expand; out.sum()'s gradient is one): the C++ ops
+    # refused them ("must have unit stride along its last dimension, got strides [0, 0]")
+    x = torch.randn(0, 8, requires_grad=True)
+    F.layer_norm_residual(x, backend=backend).sum().backward()
+    assert x.grad.shape == (0, 8)
+    assert F.layer_norm_residual(torch.zeros(1, 1).expand(0, 8), backend=backend).shape == (0, 8)
     x = torch.randn(4, 16)
     x[2, 3] = float("nan")
     out = F.layer_norm_residual(x, torch.randn(4, 16), backend=backend)
@@ -310,8 +316,7 @@ def test_inference_mode_with_grad_enabled_records_nothing(device, backend):
     if any(backend not in runnable_backends(op, device=device) for op in ("layer_norm_residual", "feed_forward")):
         pytest.skip(f"{backend} does not run every op here")
     q = make_inputs((1, 2, 5, 8), seed=1)[0]
-    w, w1, w2 = torch.ones(8, requires_grad=True), torch.randn(16, 8, requires_grad=True), torch.randn(8, 16,
-                                                                                                         requires_grad=True)
+    w, w1, w2 = (torch.randn(*shape).requires_grad_() for shape in ((8,), (16, 8), (8, 16)))
     cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
     layer = TransformerLayer(8, 2, causal=True).to(q.device)
     calls = [lambda: F.attention(q, q, q), lambda: F.layer_norm_residual(q, None, w, None),

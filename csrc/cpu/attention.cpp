@@ -301,9 +301,11 @@ struct Matrices {
   const T* at(int64_t b, int64_t h) const { return data + b * stride_b + h * stride_h; }
 };
 
+// (rows more than INT_MAX elements apart are copied: the BLAS takes 32-bit leading dimensions)
 bool blas_ready(const Tensor& t) {
   const int64_t L = t.size(2), D = t.size(3);
-  return (D <= 1 || t.stride(3) == 1) && (L <= 1 || t.stride(2) >= std::max<int64_t>(D, 1));
+  return (D <= 1 || t.stride(3) == 1) &&
+         (L <= 1 || (t.stride(2) >= std::max<int64_t>(D, 1) && t.stride(2) <= std::numeric_limits<int>::max()));
 }
 
 // t in the accumulation dtype, copied only when the dtype or the layout requires it.

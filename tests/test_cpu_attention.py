@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import fused_attn
+from fused_attn import functional as F
 from fused_attn import reference as ref
 from fused_attn.ops import AttentionFunction
 from fused_attn.ops_common import CAUSAL_BAND, NO_BAND

@@ -185,6 +185,40 @@ def test_feed_forward_edge_cases(device, backend):
                             [xt.requires_grad_(), w1.t().contiguous().t().requires_grad_(), w2.requires_grad_()])
 
 
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
+#: pre-activations from far below zero to far above, through exp's under/overflow points
+EXTREME_PRE = [-3e38, -1e38, -1e30, -1e20, -1e5, -104.0, -100.0, -88.5, -87.0, -20.0, -1.0, 0.0, 1.0, 20.0, 88.5,
+               1e5, 1e20, 1e30, 1e38, 3e38]
+
+
+def _one_unit_ffn(activation):
+    """(w1, b1, w2) of a feed-forward with one unit: pre = x (gated: gate = x, up = 1), out = h."""
+    if activation in ("swiglu", "geglu"):
+        return torch.tensor([[1.0], [0.0]]), torch.tensor([0.0, 1.0]), torch.ones(1, 1)
+    return torch.ones(1, 1), None, torch.ones(1, 1)
+
+
+@pytest.mark.parametrize("device,backend", FFN)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_feed_forward_extreme_pre_activations(device, backend, activation):
+    # Every backend gives torch's act(x) and act'(x) wherever torch's are finite. The cpu kernels'
+    # exp clamped its argument, so sigmoid(-3e38) was 6e-39 instead of 0: silu(-3e38) = -1.82,
+    # silu(-1e38) = -0.6, and gelu's pdf term x * phi(x) gave gelu'(3e38) = 2.46. Where torch
+    # overflows on the way (gelu(3e38) = inf, gelu_tanh'(x) NaN once x^2 overflows) it is skipped.
+    w1, b1, w2 = _one_unit_ffn(activation)
+    x = torch.tensor(EXTREME_PRE)[:, None].requires_grad_()
+    out = F.feed_forward(x, w1, b1, w2, None, activation=activation, backend=backend)
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = R.feed_forward(x_ref, w1, b1, w2, None, activation)
+    (dx_ref,) = torch.autograd.grad(ref.sum(), x_ref)
+    for name, got, want in (("out", out, ref), ("dx", dx, dx_ref)):
+        finite = torch.isfinite(want)
+        assert finite.sum() >= len(EXTREME_PRE) // 2, name
+        torch.testing.assert_close(got[finite], want[finite], atol=1e-6, rtol=1e-5,
+                                   msg=lambda m: f"{name} at x = {x.detach()[finite].flatten().tolist()}: {m}")
+
+
 def _check_in_place_on_output(call, rows, n_inputs):
     """call(*inputs) -> output; the output modified in place (``mul_``, ``add_``) must give the
     value and the gradients of the same arithmetic out of place."""

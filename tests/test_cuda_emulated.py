@@ -666,3 +666,39 @@ def test_layer_norm_shared_memory_matches_the_python_mirror(emu_nf):
     for hidden in (0, 1, 8, 1000, 4096, 12656, 12657, 16384, 65536):
         got = tuple(emu_nf.emu_layer_norm_smem_bytes(ctypes.c_int64(hidden), ctypes.c_int(b)) for b in (0, 1))
         assert got == C.layer_norm_shared_memory(hidden), hidden
+
+
+def _emulated_activation(emu_nf, activation, pre, dh):
+    """(h, dpre) of the CUDA epilogue kernels (forward and backward) on pre (tokens, F1)."""
+    tokens, d_ff = dh.shape
+    drop = _dropout_args(0.0, 0, 0)
+    act_id = ctypes.c_int(ACTIVATIONS.index(activation))
+    h, h2, dpre = torch.empty(tokens, d_ff), torch.empty(tokens, d_ff), torch.empty_like(pre)
+    assert emu_nf.emu_ffn_fwd(_ptr(pre), _ptr(h), ctypes.c_int64(tokens), ctypes.c_int64(d_ff), act_id, drop,
+                              ctypes.c_int(1)) == 0
+    assert emu_nf.emu_ffn_bwd(_ptr(pre), _ptr(dh), _ptr(dpre), _ptr(h2), ctypes.c_int64(tokens), ctypes.c_int64(d_ff),
+                              act_id, drop, ctypes.c_int(1)) == 0
+    assert torch.equal(h, h2) or torch.equal(torch.isnan(h), torch.isnan(h2))
+    return h, dpre
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_emulated_ffn_activation_extremes_and_nan(emu_nf, activation):
+    # act and act' far beyond the usual range and at NaN: torch's value wherever torch's is finite
+    # (tests/test_robustness.py has the same for the other backends); relu's gradient passes at a
+    # NaN pre-activation, as torch's (relu(x) <= 0 ? 0 : grad) does (it was x > 0 ? 1 : 0).
+    gated = activation in ("swiglu", "geglu")
+    vals = torch.tensor([-3e38, -1e38, -1e30, -1e20, -1e5, -104.0, -88.5, -20.0, 0.0, 20.0, 88.5, 1e5, 1e20, 1e30,
+                         3e38, float("nan")])[:, None]
+    pre = torch.cat([vals, torch.ones_like(vals)], 1) if gated else vals.clone()
+    dh = torch.ones(len(vals), 1)
+    h, dpre = _emulated_activation(emu_nf, activation, pre, dh)
+    p_ = pre.clone().requires_grad_(True)
+    ref = R.activation_fn(p_, activation)
+    (dref,) = torch.autograd.grad(ref, p_, dh)
+    for name, got, want in (("h", h, ref.detach()), ("dpre", dpre[:, :1], dref[:, :1])):
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert torch.isnan(got[-1]).item() == torch.isnan(want[-1]).item(), f"{name} at NaN"
+    if activation == "relu":
+        assert dpre[-1, 0].item() == 1.0

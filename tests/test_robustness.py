@@ -219,6 +219,27 @@ def test_feed_forward_extreme_pre_activations(device, backend, activation):
                                    msg=lambda m: f"{name} at x = {x.detach()[finite].flatten().tolist()}: {m}")
 
 
+@pytest.mark.parametrize("device,backend", FFN)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_feed_forward_nan_pre_activation_gradients_follow_torch(device, backend, activation):
+    # torch's relu backward is ``relu(x) <= 0 ? 0 : grad``: at a NaN pre-activation the gradient
+    # passes (NaN <= 0 is false); the cpu/triton/cuda kernels had ``x > 0 ? 1 : 0`` and zeroed it,
+    # which changed the finite entries of dx and dW1. The smooth activations give NaN there.
+    gated = activation in ("swiglu", "geglu")
+    x = torch.tensor([[float("nan"), 1.0], [0.5, -0.3], [2.0, -1.5]])
+    w1 = torch.cat([torch.eye(2), 0.5 * torch.eye(2)]) if gated else torch.eye(2)
+    w2 = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    grads, results = {}, []
+    for be in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+        out = F.feed_forward(leaves[0], leaves[1], None, leaves[2], None, activation=activation, backend=be)
+        results.append([out.detach()] + list(torch.autograd.grad(out.sum(), leaves)))
+    for name, got, want in zip(["out", "dx", "dw1", "dw2"], *results):
+        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    if activation == "relu":
+        assert torch.isfinite(results[0][1][0]).all()  # dx of the NaN row: finite, as torch's
+
+
 def _check_in_place_on_output(call, rows, n_inputs):
     """call(*inputs) -> output; the output modified in place (``mul_``, ``add_``) must give the
     value and the gradients of the same arithmetic out of place."""

@@ -26,7 +26,7 @@ template <Act act, typename A>
 inline void act_value_and_grad(A x, A& value, A& grad) {
   if constexpr (act == Act::Relu) {
     value = x < A(0) ? A(0) : x;
-    grad = x > A(0) ? A(1) : A(0);
+    grad = x <= A(0) ? A(0) : A(1);  // torch's rule (relu(x) <= 0 ? 0 : 1): a NaN x passes the gradient
   } else if constexpr (act == Act::Gelu || act == Act::GeGlu) {
     const A cdf = A(0.5) + A(0.5) * erf_f(x * A(0.7071067811865476));
     const A pdf = A(0.3989422804014327) * exp_f(A(-0.5) * x * x);

@@ -27,7 +27,7 @@ template <Activation A>
 __device__ __forceinline__ void activation(float x, float& value, float& slope) {
   if constexpr (A == Activation::kRelu) {
     value = x < 0.0f ? 0.0f : x;  // NaN propagates, as in torch.relu
-    slope = x > 0.0f ? 1.0f : 0.0f;
+    slope = x <= 0.0f ? 0.0f : 1.0f;  // torch's rule: a NaN x passes the gradient (relu(x) <= 0 is false)
   } else if constexpr (A == Activation::kGelu || A == Activation::kGeglu) {
     // x * Phi(x);  derivative Phi(x) + x * phi(x)
     const float cdf = 0.5f * (1.0f + erff(x * kSqrt1_2));

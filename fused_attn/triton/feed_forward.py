@@ -96,11 +96,11 @@ def _activation(z, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
                    act' = 0.5 (1 + tanh u) + 0.5 z (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 z^2)
                    tanh u = 2 sigmoid(2u) - 1 (exact at both tails; no tanh in core tl)
     silu:          z sigmoid(z);                        act' = s (1 + z (1 - s))
-    relu:          max(z, 0);                           act' = [z > 0]   (torch's convention at 0)
+    relu:          max(z, 0);                           act' = [not z <= 0] (torch's: 0 at 0, 1 at NaN)
     """
     if ACT == 0:
         a = tl.where(z < 0.0, 0.0, z)  # not tl.maximum: NaN must propagate, as torch.relu does
-        da = tl.where(z > 0.0, 1.0, 0.0)
+        da = tl.where(z <= 0.0, 0.0, 1.0)  # torch's rule: a NaN z passes the gradient, as relu(z) <= 0 is false
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         a = z * cdf

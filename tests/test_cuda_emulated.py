@@ -702,3 +702,39 @@ def test_emulated_ffn_activation_extremes_and_nan(emu_nf, activation):
         assert torch.isnan(got[-1]).item() == torch.isnan(want[-1]).item(), f"{name} at NaN"
     if activation == "relu":
         assert dpre[-1, 0].item() == 1.0
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("vec", [False, True])
+def test_emulated_layer_norm_overflowing_variance(emu_nf, rms, vec):
+    # A row whose variance overflows float: LayerNorm gives NaN (rstd NaN), as torch does (rsqrt(inf)
+    # = 0 gave out = bias and dx = 0 silently); RMSNorm keeps rstd 0 (out = bias), as torch's rms_norm.
+    rows, d, eps = 3, 64, 1e-5
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, d, generator=gen)
+    x[1] *= 1e30
+    w, b = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    drop = _dropout_args(0.0, 0, 0)
+    out, summed, mean, rstd = torch.empty(rows, d), torch.empty(rows, d), torch.empty(rows), torch.empty(rows)
+    assert emu_nf.emu_layer_norm_fwd(_ptr(x), ctypes.c_int64(d), _ptr(None), ctypes.c_int64(d), _ptr(w), _ptr(b),
+                                     ctypes.c_int64(rows), ctypes.c_int64(d), _f(eps), ctypes.c_int(int(rms)), drop,
+                                     _ptr(out), _ptr(summed), _ptr(None if rms else mean), _ptr(rstd),
+                                     ctypes.c_int(int(vec))) == 0
+    ref = R.layer_norm_residual(x, None, w, b, eps, rms=rms)
+    ok = torch.tensor([True, False, True])
+    torch.testing.assert_close(out[ok], ref[ok])
+    if rms:
+        assert rstd[1].item() == 0.0
+        torch.testing.assert_close(out[1], ref[1])
+    else:
+        assert torch.isnan(rstd[1]) and torch.isnan(out[1]).all() and torch.isnan(ref[1]).all()
+    dout = torch.randn(rows, d, generator=gen)
+    parts = 2
+    dsum, dw, db, partials = torch.empty(rows, d), torch.empty(d), torch.empty(d), torch.empty(parts, 2, d)
+    assert emu_nf.emu_layer_norm_bwd(_ptr(dout), ctypes.c_int64(d), _ptr(None), ctypes.c_int64(d), _ptr(summed),
+                                     _ptr(w), ctypes.c_int(1), _ptr(None if rms else mean), _ptr(rstd),
+                                     ctypes.c_int64(rows), ctypes.c_int64(d), ctypes.c_int(int(rms)), drop, _ptr(dsum),
+                                     _ptr(None), _ptr(dw), _ptr(db), _ptr(partials), ctypes.c_int64(parts),
+                                     ctypes.c_int(int(vec))) == 0
+    assert torch.isfinite(dsum[ok]).all() and torch.isfinite(db).all()
+    assert torch.isfinite(dsum[1]).all() if rms else torch.isnan(dsum[1]).all() and torch.isnan(dw).all()

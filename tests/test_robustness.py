@@ -240,6 +240,42 @@ def test_feed_forward_nan_pre_activation_gradients_follow_torch(device, backend,
         assert torch.isfinite(results[0][1][0]).all()  # dx of the NaN row: finite, as torch's
 
 
+@pytest.mark.parametrize("device,backend", NORM)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("d", [8, 64])
+def test_layer_norm_overflowing_variance(device, backend, rms, d):
+    # A row whose variance overflows float32 (|x| ~ 1e20 and up): torch's layer_norm gives NaN
+    # (rstd NaN) and so must every kernel; they gave rstd = 0, out = bias and dx = 0 silently.
+    # torch's rms_norm gives x * rsqrt(inf) = 0 there (out = bias, finite gradients): the kernels too
+    # (but for dx of the row of 3e38, where torch's autograd meets inf * 0: sum(g * x) overflows).
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(4, d, generator=gen)
+    x[1] *= 1e30
+    x[3] = x[3].clamp(-1, 1) * 3e38
+    w, b = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    dout = torch.randn(4, d, generator=gen)
+    results = []
+    for be in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = F.layer_norm_residual(leaves[0], None, leaves[1], leaves[2], rms=rms, backend=be)
+        results.append([out.detach()] + list(torch.autograd.grad(out, leaves, dout)))
+    (out, dx, dw, db), (ref, dx_ref, dw_ref, db_ref) = results
+    big = torch.tensor([False, True, False, True])
+    if rms:
+        rows = slice(0, 3)
+        for name, got, want in (("out", out, ref), ("dx", dx[rows], dx_ref[rows]), ("dw", dw, dw_ref), ("db", db, db_ref)):
+            assert torch.isfinite(want).all(), name
+            torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(out[big], b.expand(2, d))
+        assert backend == "reference" or torch.isfinite(dx).all()  # the kernels: 0 * finite
+        return
+    assert torch.isnan(ref[big]).all() and torch.isnan(dx_ref[big]).all()  # torch's answer
+    assert torch.isnan(out[big]).all() and torch.isnan(dx[big]).all() and torch.isnan(dw).all()
+    torch.testing.assert_close(out[~big], ref[~big])
+    torch.testing.assert_close(dx[~big], dx_ref[~big])
+    torch.testing.assert_close(db, db_ref)
+
+
 def _check_in_place_on_output(call, rows, n_inputs):
     """call(*inputs) -> output; the output modified in place (``mul_``, ``add_``) must give the
     value and the gradients of the same arithmetic out of place."""

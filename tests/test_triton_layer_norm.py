@@ -159,6 +159,29 @@ def test_chunked_statistics_of_offset_rows(small_chunks):
     check_against_reference(_fused(), _reference(), _check_inputs, names=["x", "residual", "weight", "bias"])
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_chunked_path_overflowing_variance(small_chunks, rms):
+    # Chan's merge of a row whose variance overflows float32: LayerNorm gives NaN (rstd NaN), as
+    # torch and the whole-row path do (rstd was 0: out = bias, dx = 0); RMSNorm keeps rstd 0
+    # (out = bias), as torch's rms_norm does. (test_robustness.py covers the whole-row path.)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1000, generator=gen, dtype=torch.float64).float()
+    x[1] *= 1e30
+    w, b = torch.randn(1000, generator=gen).to(DEV), torch.randn(1000, generator=gen).to(DEV)
+    x = x.to(DEV).requires_grad_()
+    out = fused_attn.layer_norm_residual(x, None, w, b, rms=rms, backend="triton")
+    (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    ref = R.layer_norm_residual(x.detach(), None, w, b, rms=rms)
+    ok = torch.tensor([True, False, True], device=DEV)
+    torch.testing.assert_close(out[ok], ref[ok])
+    if rms:
+        torch.testing.assert_close(out[1], b)
+        assert torch.isfinite(dx).all()
+    else:
+        assert torch.isnan(out[1]).all() and torch.isnan(ref[1]).all() and torch.isnan(dx[1]).all()
+        assert torch.isfinite(dx[ok]).all()
+
+
 def test_gpu_tile_sizes_under_the_interpreter(monkeypatch):
     # the interpreter normally uses bigger tiles; run the GPU's (rows of 1024: 4 per program
     # forward, 2 backward), which are what _tile_elems hands a CUDA launch

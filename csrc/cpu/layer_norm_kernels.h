@@ -138,7 +138,11 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
           mu = total * inv_d;
           var = row_sq_dev(sum, mu, d) * inv_d;  // two-pass variance, over the row in L1
         }
-        const A rs = A(1) / std::sqrt(var + eps);
+        A rs = A(1) / std::sqrt(var + eps);
+        // A LayerNorm variance beyond A's range (|s| ~ 1e19 and up in float32) gave rstd 0 and a
+        // row of zeros (out = bias, dx = 0); torch gives NaN there, and so does this. (RMSNorm
+        // keeps rstd 0, as torch's rms_norm does: out = s * 0.)
+        if constexpr (!kRms) rs = std::isinf(var) ? std::numeric_limits<A>::quiet_NaN() : rs;
         if (mean_ptr) mean_ptr[n] = static_cast<float>(mu);
         rstd_ptr[n] = static_cast<float>(rs);
 

@@ -113,7 +113,9 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
     }
     var = block_sum(centred, scratch) * inv_d;
   }
-  const float rstd = rsqrtf(var + a.eps);
+  // LayerNorm: a variance beyond float's range gives NaN, as torch does (rsqrt(inf) = 0 gave out =
+  // bias and dx = 0 silently); RMSNorm keeps 0, as torch's rms_norm does.
+  const float rstd = (!a.rms && var == INFINITY) ? NAN : rsqrtf(var + a.eps);
   if (threadIdx.x == 0) {
     a.rstd[row] = rstd;
     if (a.mean) a.mean[row] = mean;

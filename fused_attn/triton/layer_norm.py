@@ -140,6 +140,8 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
             tl.store(MEAN + rows, mean, mask=row_ok)
         var = tl.sum(centred * centred, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt_rn(var + eps)
+        if not RMS:  # an overflowed variance gives NaN, as torch does (it gave rstd 0: out = bias)
+            rstd = tl.where(var == float("inf"), float("nan"), rstd)
         tl.store(RSTD + rows, rstd, mask=row_ok)
         y = centred * rstd[:, None]
         if HAS_W:
@@ -171,6 +173,8 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                 m2 += m2_chunk + delta * delta * (count * n_chunk / total)
                 count = total
         rstd = 1.0 / tl.sqrt_rn(m2 / n_cols + eps)
+        if not RMS:
+            rstd = tl.where(m2 == float("inf"), float("nan"), rstd)
         tl.store(RSTD + rows, rstd, mask=row_ok)
         if not RMS:
             tl.store(MEAN + rows, mean, mask=row_ok)

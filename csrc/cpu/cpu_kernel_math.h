@@ -205,15 +205,15 @@ inline void dropout_row_scale(A* mult, int64_t n, uint64_t seed, uint64_t offset
 
 // exp(x) for float: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6
 // polynomial for e^r (Cephes expf coefficients, ~1 ulp), and 2^n put into the exponent bits.
-// The polynomial runs on x clamped to [-87.3, 88] (e^-87.3 ~ 1.2e-38, e^88 ~ 1.7e38: no denormal
-// or inf inside); outside, blends after it give 0 below -87.3 (the true value is a denormal, under
-// 1.2e-38) and +inf above ln(FLT_MAX) (between 88 and ln(FLT_MAX) it stays e^88). Without them
-// e^-inf was 1.2e-38 and e^inf 1.7e38: sigmoid(-3e38) came out 6e-39, so silu(-3e38) = -1.82 and
-// gelu'(3e38) = 1 + 3e38 * 1.2e-38 * 0.4. NaN stays NaN (every comparison with it is false).
+// x is clamped to [-88, 88.5], where n runs from -127 to 128, whose exponent fields are those of
+// 0 and of +inf: x <= -87.68 gives 0 (the true value is under 8e-39), -87.68..-87.3 a denormal,
+// x >= 88.38 gives +inf (the true value is over 2.4e38; FLT_MAX is e^88.72), NaN stays NaN (every
+// comparison with it is false), with no blend after the polynomial. (The clamp was [-87.3, 88]:
+// e^-inf came out 1.2e-38 and e^inf 1.7e38, so sigmoid(-3e38) was 6e-39, silu(-3e38) = -1.82,
+// and gelu'(3e38) = 1 + 3e38 * 0.4 * 1.2e-38.)
 inline float exp_f(float x) {
-  const float x_in = x;
-  x = x < -87.3f ? -87.3f : x;  // ternaries (not std::min/max) if-convert into vector blends
-  x = x > 88.0f ? 88.0f : x;
+  x = x < -88.0f ? -88.0f : x;  // ternaries (not std::min/max) if-convert into vector blends
+  x = x > 88.5f ? 88.5f : x;
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float t = x * kLog2e + kRound;
@@ -233,10 +233,7 @@ inline float exp_f(float x) {
   const int32_t bits = (ni + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  float e = er * two_n;
-  e = x_in > 88.72283935546875f ? std::numeric_limits<float>::infinity() : e;
-  e = x_in < -87.3f ? 0.0f : e;
-  return e;
+  return er * two_n;
 }
 inline double exp_f(double x) { return std::exp(x); }
 

@@ -6,8 +6,11 @@ import torch
 
 def grad_recording() -> bool:
     """Whether autograd records the ops run now: grad mode on and not inference mode (which records
-    nothing even under ``torch.enable_grad()``, and whose tensors cannot be saved for backward)."""
-    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    nothing even under ``torch.enable_grad()``, and whose tensors cannot be saved for backward).
+    (Dynamo cannot trace ``is_inference_mode_enabled``: a compiled call reads grad mode alone.)"""
+    if not torch.is_grad_enabled():
+        return False
+    return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
 
 
 def empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

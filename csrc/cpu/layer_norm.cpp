@@ -7,8 +7,10 @@
 //     RMSNorm:                     rstd = 1/sqrt(sum(s^2)/d + eps),         xhat = s*rstd
 //     out = xhat * weight + bias
 // The row is converted once into a float32 (float64 for float64 inputs) scratch row that stays
-// in cache; the statistics are two vectorised reductions over it (two-pass variance: exact
-// enough without Welford, and the row is in L1/L2 anyway).
+// in cache; the statistics are two vectorised reductions over it (the corrected two-pass
+// variance: the second pass also sums s - mean, which corrects the mean's rounding; exact enough
+// without Welford, and the row is in L1/L2 anyway). Both sums run in float32 lanes over blocks of
+// 512 elements whose partials add up in float64, so their error does not grow with d.
 //
 // Backward, per row, with g = dout * weight:
 //     LayerNorm: ds = rstd * (g - mean(g) - xhat * mean(g * xhat))

@@ -18,6 +18,90 @@ inline void with_flags(bool a, bool b, bool c, F&& f) {
   else b_(std::false_type{});
 }
 
+// ---- blocked row sums ------------------------------------------------------------------------
+//
+// The row statistics (forward: sum(s), sum((s - mean)^2) or sum(s^2); backward: sum(g),
+// sum(g * xhat)) are summed in vector lanes of A, but only over blocks of kSumBlock elements: each
+// block's lanes are then widened to float64 and added to float64 lanes (Wide<A>), summed across
+// lanes at the end of the row. One float32 accumulator per lane over a whole row (d = 1M: 128K
+// additions per lane) lost ~sqrt(d) ulps; a block's 64 float32 additions per lane and the
+// float64 sum of the blocks keep the error at a few ulps for any d, at one widening add per block.
+constexpr int64_t kSumBlock = 512;  // elements (a multiple of 16: two vectors of 8 floats / 4 doubles)
+
+#if defined(FUSED_ATTN_HAVE_LANES)
+template <typename A>
+struct Wide;  // float64 lanes, as many as Lanes<A>
+template <>
+struct Wide<float> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <>
+struct Wide<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename A>
+inline typename Wide<A>::type wide_zero() {
+  typename Wide<A>::type v = {};
+  return v;
+}
+
+template <typename A>
+inline typename Wide<A>::type widen(typename Lanes<A>::type v) {
+  if constexpr (std::is_same_v<A, double>) return v;
+  else return __builtin_convertvector(v, typename Wide<A>::type);
+}
+
+template <typename A>
+inline double wide_sum(typename Wide<A>::type v) {
+  double s = 0;
+  for (int64_t i = 0; i < Lanes<A>::size; ++i) s += v[i];
+  return s;
+}
+#endif
+
+// sum(v - mu) and sum((v - mu)^2), blocked as above: the second pass of the corrected two-pass
+// variance (mu is the first pass's mean; sum(v - mu) corrects both the mean and the variance).
+template <typename A>
+inline std::pair<double, double> row_dev_sums(const A* v, A mu, int64_t n) {
+  int64_t i = 0;
+  double s1 = 0, s2 = 0;
+#if defined(FUSED_ATTN_HAVE_LANES)
+  using L = Lanes<A>;
+  const auto vmu = lanes_splat<A>(mu);
+  const int64_t n_lanes = n - n % L::size;
+  auto w1 = wide_zero<A>(), w2 = wide_zero<A>();
+  while (i < n_lanes) {
+    const int64_t end = std::min(i + kSumBlock, n_lanes);
+    // two accumulators per sum: the loop-carried additions are the bound when the row is in L1
+    auto a1 = lanes_splat<A>(0), a2 = lanes_splat<A>(0), b1 = lanes_splat<A>(0), b2 = lanes_splat<A>(0);
+    for (; i + 2 * L::size <= end; i += 2 * L::size) {
+      const auto x0 = lanes_load(v + i) - vmu, x1 = lanes_load(v + i + L::size) - vmu;
+      a1 += x0;
+      a2 += x0 * x0;
+      b1 += x1;
+      b2 += x1 * x1;
+    }
+    if (i < end) {  // the row's last vector when n_lanes / L::size is odd
+      const auto x0 = lanes_load(v + i) - vmu;
+      a1 += x0;
+      a2 += x0 * x0;
+      i += L::size;
+    }
+    w1 += widen<A>(a1 + b1);
+    w2 += widen<A>(a2 + b2);
+  }
+  s1 = wide_sum<A>(w1);
+  s2 = wide_sum<A>(w2);
+#endif
+  for (; i < n; ++i) {
+    const A x = v[i] - mu;
+    s1 += x;
+    s2 += x * x;
+  }
+  return {s1, s2};
+}
+
 // out = (s - mu) * rstd [* w] [+ b], converted to out's dtype in registers.
 template <bool kW, bool kB, typename A, typename T>
 inline void ln_fwd_out_row(const A* s, const A* w, const A* b, A mu, A rs, T* out, int64_t d) {
@@ -69,7 +153,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
   const bool dropout = opt.dropout_p > 0.0;
   const uint32_t threshold = fused_attn::dropout_threshold(opt.dropout_p);
   const A keep_scale = static_cast<A>(1.0 / (1.0 - opt.dropout_p));
-  const A inv_d = A(1) / static_cast<A>(std::max<int64_t>(d, 1));
+  const double wd = static_cast<double>(std::max<int64_t>(d, 1));
   const A eps = static_cast<A>(opt.eps);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
 
@@ -91,21 +175,27 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
         auto sum_row = [&](const auto* xs) {
           using X = std::remove_cv_t<std::remove_pointer_t<decltype(xs)>>;
           int64_t c = 0;
-          A total = 0;
+          double total = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
           if constexpr (kLaneIO<A, X> && kLaneIO<A, res_t> && kLaneIO<A, sum_t>) {
             using L = Lanes<A>;
-            auto acc = lanes_splat<A>(0);
-            for (; c + L::size <= d; c += L::size) {
-              auto v = lanes_load_as<A>(xs + c);
-              if constexpr (kRes) v = v + lanes_load_as<A>(rr + c);
-              v = lanes_round_through<sum_t, A>(v);
-              lanes_store(sum + c, v);
-              if constexpr (kStore) lanes_store_as<A>(sr + c, v);
-              if constexpr (kRms) acc += v * v;
-              else acc += v;
+            const int64_t d_lanes = d - d % L::size;
+            auto wide = wide_zero<A>();
+            while (c < d_lanes) {  // blocks of kSumBlock (see row_dev_sums)
+              const int64_t end = std::min(c + kSumBlock, d_lanes);
+              auto acc = lanes_splat<A>(0);
+              for (; c < end; c += L::size) {
+                auto v = lanes_load_as<A>(xs + c);
+                if constexpr (kRes) v = v + lanes_load_as<A>(rr + c);
+                v = lanes_round_through<sum_t, A>(v);
+                lanes_store(sum + c, v);
+                if constexpr (kStore) lanes_store_as<A>(sr + c, v);
+                if constexpr (kRms) acc += v * v;
+                else acc += v;
+              }
+              wide += widen<A>(acc);
             }
-            total = lanes_sum<A>(acc);
+            total = wide_sum<A>(wide);
           }
 #endif
           for (; c < d; ++c) {
@@ -119,7 +209,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
           }
           return total;
         };
-        A total;
+        double total;
         if (dropout) {
           // x * keep/(1-p) in its own loop, so it is rounded before the residual is added, as the
           // reference does (GCC contracts a multiply and an add in one loop into an FMA, which
@@ -133,10 +223,18 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
 
         A mu = 0, var;
         if constexpr (kRms) {
-          var = total * inv_d;
+          var = static_cast<A>(total / wd);
         } else {
-          mu = total * inv_d;
-          var = row_sq_dev(sum, mu, d) * inv_d;  // two-pass variance, over the row in L1
+          // The corrected two-pass variance, over the row in L1/L2: with mu0 the first pass's
+          // mean and e = s - mu0, mean = mu0 + sum(e)/d and var = (sum(e^2) - sum(e)^2/d)/d. The
+          // correction matters for rows whose mean is large against their spread (mean 300, std
+          // 0.01: mu0's rounding is a visible shift of xhat); sum(e)^2/d <= sum(e^2) exactly, the
+          // max only guards rounding (and lets a NaN through).
+          const A mu0 = static_cast<A>(total / wd);
+          const auto [e1, e2] = row_dev_sums(sum, mu0, d);
+          const double corr = e1 / wd;
+          mu = static_cast<A>(static_cast<double>(mu0) + corr);
+          var = static_cast<A>(std::max(e2 - e1 * corr, 0.0) / wd);
         }
         A rs = A(1) / std::sqrt(var + eps);
         // A LayerNorm variance beyond A's range (|s| ~ 1e19 and up in float32) gave rstd 0 and a
@@ -160,34 +258,41 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
 // re-reads them from L1/L2 instead of keeping xhat in a scratch row):
 //   pass 1: xhat = (s - mu) * rstd, g = dy * w (kept in gbuf: recomputing it in pass 2 would
 //           let the compiler fuse dy * w - mean(g) into an FMA, whose unrounded product differs
-//           from the g summed here); dw += dy * xhat, db += dy; sums of g and g * xhat
+//           from the g summed here); dw += dy * xhat, db += dy; sums of g and g * xhat (blocked)
 //   pass 2: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsummed), rounded to summed's
 //           dtype and stored; with dropout dx = ds * keep/(1-p) (mult: the row's multipliers).
 template <bool kHasW, bool kDw, bool kDb, typename A, typename S, typename G>
 inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* dw, A* db, A mu, A rs, bool rms,
-                       A inv_d, S* ds_out, G* dx_out, const A* mult, A* gbuf, int64_t d) {
-  A sum_g = 0, sum_gx = 0;
+                       S* ds_out, G* dx_out, const A* mult, A* gbuf, int64_t d) {
+  double sum_g = 0, sum_gx = 0;
   int64_t c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
   constexpr bool kLanes = kLaneIO<A, S> && kLaneIO<A, G>;
   using L = Lanes<A>;
   const auto vmu = lanes_splat<A>(mu), vrs = lanes_splat<A>(rs);
   if constexpr (kLanes) {
-    auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0);
-    for (; c + L::size <= d; c += L::size) {
-      const auto xh = (lanes_load_as<A>(s + c) - vmu) * vrs;
-      auto g = lanes_load_as<A>(dy + c);
-      if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + g * xh);
-      if constexpr (kDb) lanes_store(db + c, lanes_load(db + c) + g);
-      if constexpr (kHasW) {
-        g = g * lanes_load(w + c);
-        lanes_store(gbuf + c, g);
+    const int64_t d_lanes = d - d % L::size;
+    auto wide_g = wide_zero<A>(), wide_gx = wide_zero<A>();
+    while (c < d_lanes) {  // blocks of kSumBlock, as the forward's sums
+      const int64_t end = std::min(c + kSumBlock, d_lanes);
+      auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0);
+      for (; c < end; c += L::size) {
+        const auto xh = (lanes_load_as<A>(s + c) - vmu) * vrs;
+        auto g = lanes_load_as<A>(dy + c);
+        if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + g * xh);
+        if constexpr (kDb) lanes_store(db + c, lanes_load(db + c) + g);
+        if constexpr (kHasW) {
+          g = g * lanes_load(w + c);
+          lanes_store(gbuf + c, g);
+        }
+        acc_g += g;
+        acc_gx += g * xh;
       }
-      acc_g += g;
-      acc_gx += g * xh;
+      wide_g += widen<A>(acc_g);
+      wide_gx += widen<A>(acc_gx);
     }
-    sum_g = lanes_sum<A>(acc_g);
-    sum_gx = lanes_sum<A>(acc_gx);
+    sum_g = wide_sum<A>(wide_g);
+    sum_gx = wide_sum<A>(wide_gx);
   }
 #endif
   for (; c < d; ++c) {
@@ -202,8 +307,9 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
     sum_g += g;
     sum_gx += g * xh;
   }
-  const A mean_gx = sum_gx * inv_d;
-  const A mean_g = rms ? A(0) : sum_g * inv_d;
+  const double wd = static_cast<double>(std::max<int64_t>(d, 1));
+  const A mean_gx = static_cast<A>(sum_gx / wd);
+  const A mean_g = rms ? A(0) : static_cast<A>(sum_g / wd);
 
   c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
@@ -255,7 +361,6 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
   scalar_t* dx_ptr = dx ? dx->mutable_data_ptr<scalar_t>() : nullptr;
   const uint32_t threshold = fused_attn::dropout_threshold(opt.dropout_p);
   const A keep_scale = static_cast<A>(1.0 / (1.0 - opt.dropout_p));
-  const A inv_d = A(1) / static_cast<A>(std::max<int64_t>(d, 1));
   const A eps = static_cast<A>(opt.eps);
 
   const RowChunks chunks = fixed_row_chunks(N);
@@ -273,6 +378,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
         A mu, rs;
         if constexpr (std::is_same_v<A, double>) {
           // float64 (gradcheck): the saved float32 statistics are not exact enough; recompute.
+          const A inv_d = A(1) / static_cast<A>(std::max<int64_t>(d, 1));
           A total = 0;
           for (int64_t c = 0; c < d; ++c) total += static_cast<A>(sr[c]);
           mu = opt.rms ? 0.0 : total * inv_d;
@@ -286,7 +392,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
         if (dx_ptr)
           dropout_row_scale(mult.data(), d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
         ln_bwd_row<kHasW, kDw, kDb>(sr, g_ptr + n * g_stride, ds_in_ptr ? ds_in_ptr + n * ds_in_stride : nullptr,
-                                    kHasW ? w_acc.data() : nullptr, dw, db, mu, rs, opt.rms, inv_d,
+                                    kHasW ? w_acc.data() : nullptr, dw, db, mu, rs, opt.rms,
                                     dsum_ptr + n * d, dx_ptr ? dx_ptr + n * d : nullptr, mult.data(), gbuf.data(), d);
       }
     }

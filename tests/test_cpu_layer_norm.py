@@ -71,6 +71,30 @@ def test_shapes_half(n, d, rms, dtype):
                             names=["x", "residual", "weight", "bias"])
 
 
+# The float32 row statistics at large hidden sizes: summed in one float32 accumulator per vector
+# lane over the whole row, their error grew with d (RMSNorm at d = 2^20: err 4.9e-5 against the
+# oracle's bound 1.1e-5; torch's float32 layer_norm 3.4e-7). Forward and backward (sum(g) and
+# sum(g * xhat) had the same single accumulators).
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_long_rows_float32(rms):
+    check_against_reference(_fused(rms, True), _reference(rms, True), _inputs(2, 1 << 20, torch.float32),
+                            names=["x", "residual", "weight", "bias"])
+
+
+# Rows whose mean is large against their spread: the float32 mean's rounding error shifted the
+# whole row of xhat (mean 300, std 0.01: err 1.1e-2 against the oracle's bound 4.7e-3). No
+# residual: the float32 sum x + residual would round each element by as much, for the kernel and
+# the float32 reference alike, and hide the mean's error.
+@pytest.mark.parametrize("mean", [30.0, 300.0, -3000.0])
+@pytest.mark.parametrize("d", [4096, 1000])
+def test_large_mean_rows_float32(mean, d):
+    gen = torch.Generator().manual_seed(int(abs(mean)) + d)
+    x = (torch.randn(4, d, generator=gen, dtype=torch.float64) * 0.01 + mean).float().requires_grad_()
+    _, _, w, b = _inputs(4, d, torch.float32)
+    check_against_reference(_fused(False, False), _reference(False, False), [x, None, w, b],
+                            names=["x", "residual", "weight", "bias"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("prenorm", [False, True], ids=["plain", "prenorm"])

@@ -22,42 +22,40 @@ inline void with_flags(bool a, bool b, bool c, F&& f) {
 //
 // The row statistics (forward: sum(s), sum((s - mean)^2) or sum(s^2); backward: sum(g),
 // sum(g * xhat)) are summed in vector lanes of A, but only over blocks of kSumBlock elements: each
-// block's lanes are then widened to float64 and added to float64 lanes (Wide<A>), summed across
+// block's lanes are then widened to float64 and added to float64 lanes (WideSum<A>), summed across
 // lanes at the end of the row. One float32 accumulator per lane over a whole row (d = 1M: 128K
 // additions per lane) lost ~sqrt(d) ulps; a block's 64 float32 additions per lane and the
 // float64 sum of the blocks keep the error at a few ulps for any d, at one widening add per block.
 constexpr int64_t kSumBlock = 512;  // elements (a multiple of 16: two vectors of 8 floats / 4 doubles)
 
 #if defined(FUSED_ATTN_HAVE_LANES)
+// float64 lanes, as many as Lanes<A> has, as 32-byte vectors (a 64-byte vector type is lowered
+// through the stack without AVX-512: a store and reloads per block, slower than the whole sum).
 template <typename A>
-struct Wide;  // float64 lanes, as many as Lanes<A>
+struct WideSum;
 template <>
-struct Wide<float> {
-  typedef double type __attribute__((vector_size(64)));
+struct WideSum<float> {
+  typedef float f32x4 __attribute__((vector_size(16)));
+  Lanes<double>::type lo = {}, hi = {};
+  void add(Lanes<float>::type v) {
+    f32x4 l, h;
+    std::memcpy(&l, &v, sizeof(l));
+    std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof(l), sizeof(h));
+    lo += __builtin_convertvector(l, Lanes<double>::type);
+    hi += __builtin_convertvector(h, Lanes<double>::type);
+  }
+  // A tree, not a chain: the row's next pass waits for this sum.
+  double sum() const {
+    const auto s = lo + hi;
+    return (s[0] + s[2]) + (s[1] + s[3]);
+  }
 };
 template <>
-struct Wide<double> {
-  typedef double type __attribute__((vector_size(32)));
+struct WideSum<double> {
+  Lanes<double>::type v = {};
+  void add(Lanes<double>::type x) { v += x; }
+  double sum() const { return (v[0] + v[2]) + (v[1] + v[3]); }
 };
-
-template <typename A>
-inline typename Wide<A>::type wide_zero() {
-  typename Wide<A>::type v = {};
-  return v;
-}
-
-template <typename A>
-inline typename Wide<A>::type widen(typename Lanes<A>::type v) {
-  if constexpr (std::is_same_v<A, double>) return v;
-  else return __builtin_convertvector(v, typename Wide<A>::type);
-}
-
-template <typename A>
-inline double wide_sum(typename Wide<A>::type v) {
-  double s = 0;
-  for (int64_t i = 0; i < Lanes<A>::size; ++i) s += v[i];
-  return s;
-}
 #endif
 
 // sum(v - mu) and sum((v - mu)^2), blocked as above: the second pass of the corrected two-pass
@@ -70,7 +68,7 @@ inline std::pair<double, double> row_dev_sums(const A* v, A mu, int64_t n) {
   using L = Lanes<A>;
   const auto vmu = lanes_splat<A>(mu);
   const int64_t n_lanes = n - n % L::size;
-  auto w1 = wide_zero<A>(), w2 = wide_zero<A>();
+  WideSum<A> w1, w2;
   while (i < n_lanes) {
     const int64_t end = std::min(i + kSumBlock, n_lanes);
     // two accumulators per sum: the loop-carried additions are the bound when the row is in L1
@@ -88,11 +86,11 @@ inline std::pair<double, double> row_dev_sums(const A* v, A mu, int64_t n) {
       a2 += x0 * x0;
       i += L::size;
     }
-    w1 += widen<A>(a1 + b1);
-    w2 += widen<A>(a2 + b2);
+    w1.add(a1 + b1);
+    w2.add(a2 + b2);
   }
-  s1 = wide_sum<A>(w1);
-  s2 = wide_sum<A>(w2);
+  s1 = w1.sum();
+  s2 = w2.sum();
 #endif
   for (; i < n; ++i) {
     const A x = v[i] - mu;
@@ -153,7 +151,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
   const bool dropout = opt.dropout_p > 0.0;
   const uint32_t threshold = fused_attn::dropout_threshold(opt.dropout_p);
   const A keep_scale = static_cast<A>(1.0 / (1.0 - opt.dropout_p));
-  const double wd = static_cast<double>(std::max<int64_t>(d, 1));
+  const double inv_d = 1.0 / static_cast<double>(std::max<int64_t>(d, 1));
   const A eps = static_cast<A>(opt.eps);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
 
@@ -180,7 +178,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
           if constexpr (kLaneIO<A, X> && kLaneIO<A, res_t> && kLaneIO<A, sum_t>) {
             using L = Lanes<A>;
             const int64_t d_lanes = d - d % L::size;
-            auto wide = wide_zero<A>();
+            WideSum<A> wide;
             while (c < d_lanes) {  // blocks of kSumBlock (see row_dev_sums)
               const int64_t end = std::min(c + kSumBlock, d_lanes);
               auto acc = lanes_splat<A>(0);
@@ -193,9 +191,9 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
                 if constexpr (kRms) acc += v * v;
                 else acc += v;
               }
-              wide += widen<A>(acc);
+              wide.add(acc);
             }
-            total = wide_sum<A>(wide);
+            total = wide.sum();
           }
 #endif
           for (; c < d; ++c) {
@@ -223,18 +221,18 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
 
         A mu = 0, var;
         if constexpr (kRms) {
-          var = static_cast<A>(total / wd);
+          var = static_cast<A>(total * inv_d);
         } else {
           // The corrected two-pass variance, over the row in L1/L2: with mu0 the first pass's
           // mean and e = s - mu0, mean = mu0 + sum(e)/d and var = (sum(e^2) - sum(e)^2/d)/d. The
           // correction matters for rows whose mean is large against their spread (mean 300, std
           // 0.01: mu0's rounding is a visible shift of xhat); sum(e)^2/d <= sum(e^2) exactly, the
           // max only guards rounding (and lets a NaN through).
-          const A mu0 = static_cast<A>(total / wd);
+          const A mu0 = static_cast<A>(total * inv_d);
           const auto [e1, e2] = row_dev_sums(sum, mu0, d);
-          const double corr = e1 / wd;
+          const double corr = e1 * inv_d;
           mu = static_cast<A>(static_cast<double>(mu0) + corr);
-          var = static_cast<A>(std::max(e2 - e1 * corr, 0.0) / wd);
+          var = static_cast<A>(std::max(e2 - e1 * corr, 0.0) * inv_d);
         }
         A rs = A(1) / std::sqrt(var + eps);
         // A LayerNorm variance beyond A's range (|s| ~ 1e19 and up in float32) gave rstd 0 and a
@@ -272,7 +270,7 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
   const auto vmu = lanes_splat<A>(mu), vrs = lanes_splat<A>(rs);
   if constexpr (kLanes) {
     const int64_t d_lanes = d - d % L::size;
-    auto wide_g = wide_zero<A>(), wide_gx = wide_zero<A>();
+    WideSum<A> wide_g, wide_gx;
     while (c < d_lanes) {  // blocks of kSumBlock, as the forward's sums
       const int64_t end = std::min(c + kSumBlock, d_lanes);
       auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0);
@@ -288,11 +286,11 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
         acc_g += g;
         acc_gx += g * xh;
       }
-      wide_g += widen<A>(acc_g);
-      wide_gx += widen<A>(acc_gx);
+      wide_g.add(acc_g);
+      wide_gx.add(acc_gx);
     }
-    sum_g = wide_sum<A>(wide_g);
-    sum_gx = wide_sum<A>(wide_gx);
+    sum_g = wide_g.sum();
+    sum_gx = wide_gx.sum();
   }
 #endif
   for (; c < d; ++c) {
@@ -307,9 +305,9 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
     sum_g += g;
     sum_gx += g * xh;
   }
-  const double wd = static_cast<double>(std::max<int64_t>(d, 1));
-  const A mean_gx = static_cast<A>(sum_gx / wd);
-  const A mean_g = rms ? A(0) : static_cast<A>(sum_g / wd);
+  const double inv_d = 1.0 / static_cast<double>(std::max<int64_t>(d, 1));
+  const A mean_gx = static_cast<A>(sum_gx * inv_d);
+  const A mean_g = rms ? A(0) : static_cast<A>(sum_g * inv_d);
 
   c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)

@@ -738,3 +738,25 @@ def test_emulated_layer_norm_overflowing_variance(emu_nf, rms, vec):
                                      ctypes.c_int(int(vec))) == 0
     assert torch.isfinite(dsum[ok]).all() and torch.isfinite(db).all()
     assert torch.isfinite(dsum[1]).all() if rms else torch.isnan(dsum[1]).all() and torch.isnan(dw).all()
+
+
+# Rows whose mean is large against their spread (std 0.01): the float mean of the whole row was a
+# few ulps off and shifted all of xhat (mean 30, d = 4096: err 7.6e-4 against the oracle's bound
+# 5.5e-4); the second pass's sum(s - mean) now corrects it, as the CPU kernel does.
+@pytest.mark.parametrize("vec", [False, True])
+@pytest.mark.parametrize("d,mean", [(4096, 30.0), (4096, 300.0), (16384, 300.0), (1000, -3000.0)])
+def test_emulated_layer_norm_large_mean(emu_nf, d, mean, vec):
+    rows, eps = 4, 1e-5
+    gen = torch.Generator().manual_seed(int(abs(mean)) + d)
+    x = (torch.randn(rows, d, generator=gen, dtype=torch.float64) * 0.01 + mean).float()
+    w, b = 1 + 0.25 * torch.randn(d, generator=gen), 0.1 * torch.randn(d, generator=gen)
+    out, summed, mu, rstd = torch.empty(rows, d), torch.empty(rows, d), torch.empty(rows), torch.empty(rows)
+    assert emu_nf.emu_layer_norm_fwd(_ptr(x), ctypes.c_int64(d), _ptr(None), ctypes.c_int64(d), _ptr(w), _ptr(b),
+                                     ctypes.c_int64(rows), ctypes.c_int64(d), _f(eps), ctypes.c_int(0),
+                                     _dropout_args(0.0, 0, 0), _ptr(out), _ptr(summed), _ptr(mu), _ptr(rstd),
+                                     ctypes.c_int(int(vec))) == 0
+    ref64 = R.layer_norm_residual(x.double(), None, w.double(), b.double(), eps)
+    compare("out", out, ref64, R.layer_norm_residual(x, None, w, b, eps))
+    x64 = x.double()
+    compare("mean", mu, x64.mean(-1), x.mean(-1))
+    compare("rstd", rstd, torch.rsqrt(x64.var(-1, unbiased=False) + eps), torch.rsqrt(x.var(-1, unbiased=False) + eps))

@@ -3,7 +3,8 @@
 // Forward, one block per row: read x (and the residual) once with 16-byte loads where the rows
 // allow, form summed = dropout(x) + residual, write it and keep its float value in shared
 // memory, then reduce: mean (LayerNorm) and the variance around it in a second pass over the
-// shared copy (two passes are exact where E[x^2] - E[x]^2 cancels), or the mean square (RMSNorm);
+// shared copy (two passes are exact where E[x^2] - E[x]^2 cancels; the second also sums s - mean,
+// which corrects the mean's rounding), or the mean square (RMSNorm);
 // finally write (summed - mean) * rstd * weight + bias.
 //
 // Backward, with xhat = (s - mean) * rstd (RMSNorm: s * rstd) and g = dout * weight:
@@ -103,15 +104,26 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
     var = block_sum(sum_sq, scratch) * inv_d;  // the mean square
   } else {
     mean = block_sum(sum, scratch) * inv_d;
-    float centred = 0.0f;
+    // The corrected two-pass variance: with e = s - mean, mean += sum(e)/d and var = (sum(e^2) -
+    // sum(e)^2/d)/d. The first mean is a few ulps off (a float sum of the whole row), a visible
+    // shift of xhat on rows whose mean is large against their spread (mean 30, std 0.01); sum(e)
+    // is small and exact enough to correct it. (e1^2/d <= e2 exactly; the guard only keeps rounding
+    // from going negative, and lets a NaN through, as fmaxf would not.)
+    float centred = 0.0f, centred_sum = 0.0f;
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
 #pragma unroll
       for (int t = 0; t < N; ++t) {
         const float dv = row_cache[ch * N + t] - mean;
+        centred_sum += dv;
         centred += dv * dv;
       }
     }
-    var = block_sum(centred, scratch) * inv_d;
+    const float e1 = block_sum(centred_sum, scratch);
+    const float e2 = block_sum(centred, scratch);
+    const float corr = e1 * inv_d;
+    const float m2 = e2 - e1 * corr;
+    mean += corr;
+    var = (m2 < 0.0f ? 0.0f : m2) * inv_d;
   }
   // LayerNorm: a variance beyond float's range gives NaN, as torch does (rsqrt(inf) = 0 gave out =
   // bias and dx = 0 silently); RMSNorm keeps 0, as torch's rms_norm does.

@@ -298,30 +298,6 @@ inline A row_dot(const A* a, const A* b, int64_t n) {
   return s;
 }
 
-// sum((v - mu)^2), the second pass of a two-pass variance.
-template <typename A>
-inline A row_sq_dev(const A* v, A mu, int64_t n) {
-  int64_t i = 0;
-  A s = 0;
-#if defined(FUSED_ATTN_HAVE_LANES)
-  using L = Lanes<A>;
-  const auto vmu = lanes_splat<A>(mu);
-  auto acc0 = lanes_splat<A>(0), acc1 = lanes_splat<A>(0);
-  for (; i + 2 * L::size <= n; i += 2 * L::size) {
-    const auto x0 = lanes_load(v + i) - vmu, x1 = lanes_load(v + i + L::size) - vmu;
-    acc0 += x0 * x0;
-    acc1 += x1 * x1;
-  }
-  for (; i + L::size <= n; i += L::size) {
-    const auto x0 = lanes_load(v + i) - vmu;
-    acc0 += x0 * x0;
-  }
-  s = lanes_sum<A>(acc0 + acc1);
-#endif
-  for (; i < n; ++i) s += (v[i] - mu) * (v[i] - mu);
-  return s;
-}
-
 // buf[c] += src[c], src converted to A (aux: scratch of n values, used when a conversion is needed).
 template <typename T, typename A>
 inline void add_row(const T* src, A* buf, A* aux, int64_t n) {

@@ -180,7 +180,7 @@ def test_layer_norm_rows_of_large_mean(device, backend, mean):
     gen = torch.Generator().manual_seed(int(abs(mean)) + 4096)
     x = (torch.randn(4, 4096, generator=gen, dtype=torch.float64) * 0.01 + mean).float().to(device)
     w, b = make_inputs((4096,), (4096,), seed=0, requires_grad=False)  # (weights around 1, biases small)
-    w, b = w * 0.25 + 1, b * 0.1
+    w, b = (w * 0.25 + 1).to(device), (b * 0.1).to(device)
     inputs = [t.requires_grad_() for t in (x, w, b)]
     results = check_against_reference(lambda x, w, b: F.layer_norm_residual(x, None, w, b, 1e-5, backend=backend),
                                       lambda x, w, b: R.layer_norm_residual(x, None, w, b, 1e-5), inputs,

@@ -186,13 +186,32 @@ def make_inputs(*shapes, dtype=torch.float32, device=None, seed=0, requires_grad
             .requires_grad_(requires_grad) for s in shapes]
 
 
+def index_view(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """t's values (a 1-D or 2-D index tensor: cu_seqlens, seqused_k, a block table, positions) in a
+    view that is neither contiguous nor at the start of its storage, every stride != 1: a 1-D t as
+    the middle column of a (n, 3) buffer, a 2-D t as every other column of its transpose stored
+    one row in. The rest of the buffer holds ``fill``, read only by a kernel that ignores a stride
+    or the offset. Tests pass it where a contiguous tensor would do and expect the same answer."""
+    if t.dim() == 1:
+        buf = torch.full((t.shape[0], 3), fill, dtype=t.dtype, device=t.device)
+        view = buf[:, 1]
+    elif t.dim() == 2:
+        buf = torch.full((t.shape[1] + 1, 2 * t.shape[0]), fill, dtype=t.dtype, device=t.device)
+        view = buf[1:, ::2].t()
+    else:
+        raise ValueError(f"index_view takes a 1-D or 2-D tensor, got shape {tuple(t.shape)}")
+    view.copy_(t)
+    return view
+
+
 def reconstruct_dropout_mask(seed: int, offset: int, p: float, n_rows: int, n_cols: int) -> torch.Tensor:
     """The keep-mask every backend uses for (seed, offset) (see fused_attn._rng)."""
     from . import _rng
     return _rng.keep_mask(seed, offset, p, n_rows, n_cols)
 
 
-__all__ = ["backend_cases", "compare", "check_against_reference", "check_module_against_reference", "make_inputs", "reconstruct_dropout_mask", "OracleResult", "runnable_backends",
+__all__ = ["backend_cases", "compare", "check_against_reference", "check_module_against_reference", "index_view",
+           "make_inputs", "reconstruct_dropout_mask", "OracleResult", "runnable_backends",
            "K_FORWARD", "K_GRAD", "FLOORS"]
 
 

@@ -15,7 +15,7 @@ import torch
 
 from fused_attn import functional as F
 from fused_attn import reference as R
-from fused_attn.testing import backend_cases, check_against_reference, make_inputs
+from fused_attn.testing import backend_cases, check_against_reference, index_view, make_inputs
 
 PAGE = 16
 NAN = float("nan")
@@ -63,6 +63,14 @@ CASES = [
          Hq=2, Hkv=2, D=16, causal=False, seqlens_dtype=torch.int64),
     dict(id="cache_leftpad among the new keys: a left-padded prefill", B=3, Lq=4, new=4, seqlens=[0, 0, 2],
          leftpad=[1, 3, 4], Hq=2, Hkv=1, D=24, causal=True, alibi="per head"),
+    # views: cache_seqlens, cache_batch_idx, cache_leftpad and block_table as strided views at an
+    # offset (fused_attn.testing.index_view), a transposed block table among them
+    dict(id="paged, index tensors as strided views", B=3, Lq=2, new=1, seqlens=[20, 0, 33], Hq=2, Hkv=1, D=16,
+         causal=True, paged=True, views=True),
+    dict(id="cache_batch_idx, index tensors as strided views", B=2, Lq=1, new=1, seqlens=[5, 9], batch_idx=[2, 0],
+         batch_idx_dtype=torch.int32, cache_rows=3, Hq=2, Hkv=2, D=16, causal=True, views=True),
+    dict(id="cache_leftpad, cache_batch_idx, index tensors as strided views", B=3, Lq=2, new=1, seqlens=[6, 12, 3],
+         leftpad=[2, 7, 0], batch_idx=[2, 0, 1], cache_rows=3, Hq=2, Hkv=1, D=16, causal=True, views=True),
 ]
 LMAX = 17
 PAGES_PER_SEQ = 4
@@ -89,7 +97,7 @@ def _setup(case, device="cpu", dtype=torch.float32, seed=0):
     else:
         slots, rows = c.get("cache_rows", B), LMAX
         if "batch_idx" in c:
-            batch_idx = torch.tensor(c["batch_idx"], dtype=torch.int64)
+            batch_idx = torch.tensor(c["batch_idx"], dtype=c.get("batch_idx_dtype", torch.int64))
     q, k, v, kc, vc = make_inputs((B, Lq, Hq, D), (B, new, Hkv, D), (B, new, Hkv, Dv), (slots, rows, Hkv, D),
                                   (slots, rows, Hkv, Dv), dtype=dtype, device=device, seed=seed + 1,
                                   requires_grad=False)
@@ -123,6 +131,10 @@ def _setup(case, device="cpu", dtype=torch.float32, seed=0):
                   cache_leftpad=torch.tensor(pads, device=device) if "leftpad" in c else None,
                   window_size=c.get("window"), scale=c.get("scale"), softcap=c.get("softcap"), alibi_slopes=alibi,
                   sinks=sinks)
+    if c.get("views"):  # the same values, neither contiguous nor at the start of their storage
+        for name in ("cache_seqlens", "cache_batch_idx", "cache_leftpad", "block_table"):
+            if isinstance(kwargs[name], torch.Tensor):
+                kwargs[name] = index_view(kwargs[name])
     return q, kc, vc, k, v, kwargs, lengths
 
 
@@ -200,7 +212,7 @@ def test_kvcache_matches_reference_bfloat16(device, backend):
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
-WRITE_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[13], CASES[16], CASES[18]]
+WRITE_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[13], CASES[16], CASES[18], CASES[19], CASES[21]]
 
 
 @pytest.mark.parametrize("case", WRITE_CASES, ids=[c["id"] for c in WRITE_CASES])
@@ -400,7 +412,7 @@ def test_kvcache_refuses_inputs_that_require_grad():
 
 
 ROTARY_CASES = [(CASES[0], False), (CASES[2], True), (CASES[4], False), (CASES[5], True), (CASES[8], False),
-                (CASES[10], True), (CASES[16], True)]
+                (CASES[10], True), (CASES[16], True), (CASES[19], False), (CASES[21], True)]
 
 
 def rope_tables(rows, half):

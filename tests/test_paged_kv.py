@@ -12,7 +12,7 @@ import torch
 
 from fused_attn import functional as F
 from fused_attn import reference as R
-from fused_attn.testing import backend_cases, check_against_reference, make_inputs
+from fused_attn.testing import backend_cases, check_against_reference, index_view, make_inputs
 
 PAGE = 16
 
@@ -63,7 +63,8 @@ CASES = [
 ]
 
 
-def _run_case(backend, case, device, dtype=torch.float32, grad=True):
+def _run_case(backend, case, device, dtype=torch.float32, grad=True, views=False):
+    """``views``: the block table, cu_seqlens and seqused_k as strided views at an offset (``index_view``)."""
     name, lengths, q_lengths, opts = case
     opts = dict(opts)
     q, k, v, table, cu_q, cu_k = _cache(lengths, q_lengths, device=device, dtype=dtype, seed=len(name),
@@ -71,6 +72,9 @@ def _run_case(backend, case, device, dtype=torch.float32, grad=True):
     p = opts.pop("dropout", 0.0)
     seqused = opts.pop("seqused", None)
     used = None if seqused is None else torch.tensor(seqused, dtype=torch.int32, device=device)
+    if views:
+        table, cu_q, cu_k = index_view(table), index_view(cu_q), index_view(cu_k)
+        used = None if used is None else index_view(used)
     slopes = torch.tensor([0.3, -0.2, 0.1, 0.5], device=device) if opts.pop("alibi", False) else None
     rng = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     causal, window, alignment, softcap = (opts.get("causal", False), opts.get("window_size"),
@@ -117,9 +121,66 @@ def test_paged_matches_reference_float16(device, backend, case):
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
+@pytest.mark.parametrize("device,backend", cases())
+def test_paged_index_views_match_reference(device, backend, case):
+    """A block table whose columns are not adjacent (a transposed or column-sliced table), and
+    cu_seqlens / seqused_k with a stride and an offset, give the answer of dense ones. (The Triton
+    kernel took only the table's row stride and stepped along a row by 1: it read wrong pages.)"""
+    results = _run_case(backend, case, device, grad=False, views=True)
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+TRITON_DEVICES = [pytest.param(c.values[0], marks=c.marks, id=c.values[0])
+                  for c in backend_cases("attention") if c.values[1] == "triton"]
+
+
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("device", [pytest.param(c.values[0], marks=c.marks, id=c.values[0])
-                                    for c in backend_cases("attention") if c.values[1] == "triton"])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_reads_a_strided_block_table_in_place(device, monkeypatch, splits):
+    """The Triton forward (unsplit and split-KV) on a transposed table and a column slice of a
+    wider one: bitwise the answer on the dense table, pages still read in place
+    (PAGED). A table whose columns are adjacent (a row slice of a wider one) reaches the kernel as
+    it is, not copied."""
+    from fused_attn.triton import attention as A
+
+    monkeypatch.setattr(A, "KV_SPLITS", splits)
+    tables_seen = []
+    launch = A._launch
+
+    def spy(kernel, rows, heads, args, constexprs):
+        assert constexprs["PAGED"] and constexprs["SPLIT_KV"] == (splits > 1)
+        tables_seen.append(args[-4])  # (..., BlockTable, stride_tb, stride_kpage, stride_vpage)
+        return launch(kernel, rows, heads, args, constexprs)
+
+    monkeypatch.setattr(A, "_launch", spy)
+    # (the longest sequence spans 3 split-KV chunks of 128 keys: 17 pages of the 20 per row)
+    q, k, v, table, cu_q, cu_k = _cache((37, 0, 260, 5), (2, 1, 3, 1), Hq=2, Hkv=1, D=16, Dv=16, pages_per_seq=20,
+                                        device=device, seed=5, requires_grad=False)
+    B, P = table.shape
+    wide = torch.zeros(B, 3 * P, dtype=torch.int32, device=device)
+    wide[:, ::3] = table
+    tables = {"dense": table, "transposed": table.t().contiguous().t(), "column slice": wide[:, ::3]}
+
+    def run(t):
+        return F.attention_varlen(q, k, v, cu_q, cu_k, causal=True, alignment="bottom_right", block_table=t,
+                                  return_lse=True, backend="triton")
+
+    expected = run(tables["dense"])
+    for name, t in tables.items():
+        got = run(t)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), name
+    # the columns in use (17 of 20) of a table with adjacent columns: a view of the table itself
+    padded = torch.zeros(B, P + 3, dtype=torch.int32, device=device)
+    padded[:, :P] = table
+    tables_seen.clear()
+    got = run(padded[:, :P])
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert tables_seen[0].data_ptr() == padded.data_ptr() and tables_seen[0].stride() == padded.stride()
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_reads_pages_in_place(device, monkeypatch, splits):
     """Without gradients the Triton forward reads the pages through the block table; it gives
     exactly what it gives on the gathered pages (same keys, same order of operations)."""

@@ -395,7 +395,8 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
     PAGED (with VARLEN: a paged KV cache, ``attention_varlen(..., block_table=)``): K and V are
     (num_pages, PAGE_SIZE, Hkv, dim) pages, passed with the strides of a page's rows (stride_kn),
     heads and columns and of the pages (stride_kpage); sequence b's key j is row j % PAGE_SIZE of
-    page BlockTable[b, j // PAGE_SIZE]. CuK / KEnd then give only the sequences' key counts."""
+    page BlockTable[b, j // PAGE_SIZE] (row b at b * stride_tb, its entries adjacent: ``Varlen``
+    copies a table whose columns are not). CuK / KEnd then give only the sequences' key counts."""
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     split = 0
@@ -1319,7 +1320,13 @@ class Varlen:
         # where each sequence's keys end: the next one's start, or its start + seqused_k
         self.k_end = self.cu_k[1:] if seqused_k is None else self.cu_k[:-1] + seqused_k.to(self.cu_k.dtype)
         self.max_q, self.max_k, self.bottom_right = max_q, max_k, bottom_right
-        # a paged KV cache: (B, pages per sequence) int32 page numbers; K and V are then pages
+        # a paged KV cache: (B, pages per sequence) int32 page numbers; K and V are then pages. The
+        # kernels step along a row by 1 (page_row + j // PAGE_SIZE) and take only the row stride, so
+        # a table whose columns are not adjacent (a transposed or column-strided view) is copied
+        # (B x pages int32, tiny); any row stride (a row slice of a wider table, one row expanded over
+        # the sequences) is read in place, as is a one-column table (cache_batch_idx's).
+        if block_table is not None and block_table.shape[1] > 1 and block_table.stride(1) != 1:
+            block_table = block_table.contiguous()
         self.block_table = block_table
 
     def kv_args(self, k, v):

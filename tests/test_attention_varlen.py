@@ -14,7 +14,7 @@ import torch
 
 from fused_attn import functional as F
 from fused_attn import reference as R
-from fused_attn.testing import backend_cases, check_against_reference, make_inputs
+from fused_attn.testing import backend_cases, check_against_reference, index_view, make_inputs
 
 
 def cases(dtype):
@@ -293,6 +293,30 @@ def test_varlen_seqused_k_padded_cache(device, backend):
     fused(q, k, v, cu_q, cu_k, seqused).sum().backward()
     assert torch.equal(k.grad[unused], torch.zeros_like(k.grad[unused]))
     assert torch.equal(v.grad[unused], torch.zeros_like(v.grad[unused]))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_varlen_index_views_equal_dense(device, backend):
+    """cu_seqlens_q, cu_seqlens_k and seqused_k as strided views at an offset (``index_view``) and
+    (B, Hq) ALiBi slopes stored transposed: output, lse and every gradient bitwise those of dense
+    ones (the kernels must read them through their strides and offsets, or copy them)."""
+    cu_q, cu_k = cu_seqlens([3, 1, 5], device=device), cu_seqlens([4, 6, 5], device=device)
+    seqused = torch.tensor([4, 2, 5], dtype=torch.int32, device=device)
+    slopes = torch.tensor([[0.5, 0.25], [0.1, 0.7], [0.3, 0.2]], device=device)
+    q, k, v = make_inputs((9, 2, 16), (15, 1, 16), (15, 1, 16), device=device, seed=5, requires_grad=False)
+    grad = torch.randn(9, 2, 16, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def run(cu_q, cu_k, seqused, slopes):
+        q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
+        out, lse = F.attention_varlen(q_, k_, v_, cu_q, cu_k, causal=True, alignment="bottom_right",
+                                      seqused_k=seqused, alibi_slopes=slopes, return_lse=True, backend=backend)
+        out.backward(grad)
+        return out, lse, q_.grad, k_.grad, v_.grad
+
+    dense = run(cu_q, cu_k, seqused, slopes)
+    views = run(index_view(cu_q), index_view(cu_k), index_view(seqused), slopes.t().contiguous().t())
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), dense, views):
+        assert torch.equal(a, b), name
 
 
 def test_varlen_seqused_k_validation():

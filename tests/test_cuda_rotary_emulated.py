@@ -8,8 +8,9 @@ converts them (the emulation's conversions are IEEE's, round to nearest even). H
 reference: both pair layouts (GPT-NeoX halves, GPT-J interleaved), the inverse rotation
 (conjugate), R == D and R < D (the pass-through features bit for bit), odd sizes, several tokens
 per block with a partial last group and a token wider than its block, positions with stride 0
-along the batch and any values (out-of-range ones clamped), non-contiguous x (a transposed view,
-feature stride != 1, stride 0, a misaligned start) and tables (transposed, sliced). The
+along the batch and any values (out-of-range ones clamped) or a strided view at an offset,
+non-contiguous x (a transposed view, feature stride != 1, stride 0, a misaligned start) and
+tables (transposed, sliced). The
 single-access path for interleaved pairs is checked to run where the layout allows it and not
 elsewhere.
 
@@ -23,7 +24,7 @@ import ctypes
 import pytest
 import torch
 
-from fused_attn.testing import compare
+from fused_attn.testing import compare, index_view
 from test_cuda_emulated import _build, _i64, _ptr
 
 gpu = pytest.mark.gpu
@@ -67,7 +68,8 @@ def ref_lowp(x, cos, sin, pos, interleaved, conjugate):
 
 
 # name: (B, L, H, D, R, S, options). Options: x / table / pos dtypes, "x" layout, "tables" layout,
-# "pos" ("stride0": one row expanded over the batch, values in any order, repeats, 0 and S - 1),
+# "pos" ("stride0": one row expanded over the batch, values in any order, repeats, 0 and S - 1; "view":
+# every stride != 1 and an offset, fused_attn.testing.index_view),
 # "threads" (the emulated block size; the launcher's is 256), "vec": whether the interleaved
 # pairs are single accesses in this layout.
 CASES = {
@@ -76,6 +78,8 @@ CASES = {
     "d40_r40_l1": (3, 1, 3, 40, 40, 5, {"vec": True}),
     "r2_groups_of_5_partial_last_256_threads": (2, 17, 3, 16, 2, 9, {"threads": 256, "vec": True}),
     "pos_stride0_any_values_groups_of_2": (3, 17, 2, 32, 32, 50, {"pos": "stride0", "vec": True}),
+    "pos_strided_view_at_an_offset_int32": (2, 9, 2, 32, 16, 20, {"pos": "view", "pos_dtype": torch.int32,
+                                                                 "vec": True}),
     "wide_token_over_block": (1, 3, 5, 128, 64, 7, {"vec": True}),  # 480 items > 64 threads
     "x_transposed_view": (2, 13, 3, 48, 32, 20, {"x": "transposed", "vec": True}),
     "x_feature_stride_h_dense": (2, 9, 3, 24, 16, 11, {"x": "feature_stride"}),
@@ -128,6 +132,8 @@ def make_case(name, device="cpu", x_dtype=None):
         row = torch.randint(0, S, (1, L), generator=gen)
         row[0, :3] = torch.tensor([S - 1, 0, S - 1])
         pos = row.to(device, pos_dtype).expand(B, L)
+    elif o.get("pos") == "view":  # every stride != 1 and an offset into the storage (index_view)
+        pos = index_view(torch.randint(0, S, (B, L), generator=gen).to(device, pos_dtype))
     else:
         pos = torch.randint(0, S, (B, L), generator=gen).to(device, pos_dtype)
     return x, cos, sin, pos

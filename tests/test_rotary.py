@@ -9,7 +9,7 @@ import torch
 
 import fused_attn
 from fused_attn import reference as R
-from fused_attn.testing import backend_cases, check_against_reference, runnable_backends
+from fused_attn.testing import backend_cases, check_against_reference, index_view, runnable_backends
 
 BACKENDS = runnable_backends("rotary")
 
@@ -138,6 +138,35 @@ def test_position_ids(backend):
                                atol=1e-6, rtol=0)
     flat = fused_attn.apply_rotary_emb(x[0], cos, sin, position_ids=left_padded[0], backend=backend)  # (L, H, D)
     assert torch.equal(flat, out[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_views_equal_dense(backend):
+    """seqlen_offsets, cu_seqlens and position_ids as strided views at an offset (``index_view``; the
+    ids (B, L) stored transposed) and a column of a 2-D tensor: the output and x's gradient bitwise
+    those of dense ones (the kernels read the positions through their strides and offset)."""
+    cos, sin = tables(32, 8)
+    x, packed = torch.randn(2, 5, 2, 16), torch.randn(7, 2, 16)
+    offsets = torch.tensor([3, 9], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+    ids = torch.tensor([[0, 4, 2, 7, 1], [5, 5, 0, 3, 9]])
+    column = torch.zeros(5, 3, dtype=torch.int64)
+    column[:, 1] = ids[1]
+    calls = {  # name: (x, dense keyword arguments, the same as views)
+        "seqlen_offsets": (x, dict(seqlen_offsets=offsets), dict(seqlen_offsets=index_view(offsets))),
+        "cu_seqlens": (packed, dict(cu_seqlens=cu, seqlen_offsets=offsets),
+                       dict(cu_seqlens=index_view(cu), seqlen_offsets=index_view(offsets))),
+        "position_ids": (x, dict(position_ids=ids), dict(position_ids=index_view(ids))),
+        "position_ids column": (x, dict(position_ids=ids[1:]), dict(position_ids=column[:, 1][None])),
+    }
+    for name, (x_, dense, views) in calls.items():
+        results = []
+        for kwargs in (dense, views):
+            leaf = x_.clone().requires_grad_()
+            out = fused_attn.apply_rotary_emb(leaf, cos, sin, backend=backend, **kwargs)
+            (out * x_).sum().backward()
+            results.append((out, leaf.grad))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -80,7 +80,8 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         if cu_seqlens is not None:
             return self._packed_forward(query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens,
                                         max_seqlen)
-        reference.check_batched_call(query, key, value, self.d_model, key_padding_mask, is_causal, attn_mask)
+        reference.check_batched_call(query, key, value, self.d_model, self.num_heads, key_padding_mask, is_causal,
+                                     attn_mask)
         key = query if key is None else key
         value = key if value is None else value
         q, k, v = self._project(query, key, value)

@@ -545,7 +545,7 @@ class MultiHeadAttention(nn.Module):
             out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size,
                                    alibi_slopes=self.alibi_slopes, sinks=self.sinks)
             return self.out_linear(out.flatten(-2))
-        check_batched_call(query, key, value, self.d_model, key_padding_mask, is_causal, attn_mask)
+        check_batched_call(query, key, value, self.d_model, self.num_heads, key_padding_mask, is_causal, attn_mask)
         key = query if key is None else key
         value = key if value is None else value
         B, Lq, _ = query.shape
@@ -593,11 +593,14 @@ def _decode_reference(mha, query, kv_cache):
     return mha.out_linear(out.reshape(B, L, mha.d_model))
 
 
-def check_batched_call(query, key, value, d_model, key_padding_mask=None, is_causal=None, attn_mask=None):
+def check_batched_call(query, key, value, d_model, num_heads, key_padding_mask=None, is_causal=None, attn_mask=None):
     """A module call without cu_seqlens or kv_cache is on (B, L, d_model) tensors: a 2-D input
     would otherwise fail unpacking its shape, without saying which argument or what it needs; a
-    key_padding_mask is a bool (B, Lk) tensor (another shape failed indexing, or was blamed on
-    attn_mask), is_causal None or a bool (a string was read as True)."""
+    key_padding_mask is a bool (B, Lk) tensor on the input's device (another shape failed
+    indexing, or was blamed on attn_mask), is_causal None or a bool (a string was read as True).
+    attn_mask is checked here too, before ``merge_masks`` combines it with key_padding_mask: that
+    merge failed inside torch on an int mask, a mask of another shape or device (or the error came
+    from ``attention`` quoting the merged (B, 1, Lq, Lk) shape, not the caller's)."""
     check_is_causal(is_causal)
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -617,6 +620,20 @@ def check_batched_call(query, key, value, d_model, key_padding_mask=None, is_cau
         if tuple(key_padding_mask.shape) != expected:
             raise ValueError(f"key_padding_mask must be (batch, key length) = {expected} (True = padding), got "
                              f"{tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != query.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}")
+    if attn_mask is not None:
+        # (a floating mask of another dtype than the projections' passes the merge, which keeps its
+        # dtype, and ``attention`` names it: under autocast the dtype it needs is not query's)
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = attend) or a floating-point additive mask, got "
+                            f"{str(attn_mask.dtype).replace('torch.', '')}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        target = (query.shape[0], num_heads, query.shape[1], (query if key is None else key).shape[1])
+        if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to (batch, num_heads, "
+                             f"query length, key length) = {target}")
 
 
 def check_is_causal(is_causal) -> None:

@@ -324,6 +324,39 @@ def test_call_arguments_are_checked():
             mha(x, attn_mask=[[True]])
 
 
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_attn_mask_is_checked_before_it_meets_key_padding_mask(with_padding):
+    """With a key_padding_mask the two masks are merged before ``attention`` sees them: an int
+    mask, a mask of another shape or on another device failed inside torch ("cannot be converted
+    to type int without overflow", "size of tensor a (2) must match", a device error), a padding
+    mask on another device was blamed on attn_mask, and a shape error quoted the merged
+    (B, 1, Lq, Lk) shape. Each now raises naming the caller's argument and shape, with or without
+    the padding mask alike."""
+    x = torch.randn(B, L, D_MODEL)
+    pad = torch.zeros(B, L, dtype=torch.bool) if with_padding else None
+    target = rf"\(batch, num_heads, query length, key length\) = \({B}, {HEADS}, {L}, {L}\)"
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        mha = cls(D_MODEL, HEADS)
+        with pytest.raises(TypeError, match="attn_mask must be bool .* or a floating-point additive mask, got int32"):
+            mha(x, attn_mask=torch.ones(L, L, dtype=torch.int32), key_padding_mask=pad)
+        for shape in ((L, 2), (L + 1, L), (3, 1, L, L), (1, 1, 1, L, L)):
+            with pytest.raises(ValueError, match=rf"attn_mask of shape \({', '.join(map(str, shape))}\) is not "
+                                                 rf"broadcastable to {target}"):
+                mha(x, attn_mask=torch.ones(shape, dtype=torch.bool), key_padding_mask=pad)
+        with pytest.raises(ValueError, match="attn_mask is on meta but query is on cpu"):
+            mha(x, attn_mask=torch.ones(L, L, dtype=torch.bool, device="meta"), key_padding_mask=pad)
+        if with_padding:
+            for mask in (None, torch.ones(L, L, dtype=torch.bool)):
+                with pytest.raises(ValueError, match="key_padding_mask is on meta but query is on cpu"):
+                    mha(x, attn_mask=mask, key_padding_mask=pad.to("meta"))
+        # cross-attention: the key's length is the mask's last dimension
+        kv = torch.randn(B, L + 3, D_MODEL)
+        cross_pad = None if pad is None else torch.zeros(B, L + 3, dtype=torch.bool)
+        assert mha(x, kv, attn_mask=torch.ones(L, L + 3, dtype=torch.bool), key_padding_mask=cross_pad).shape == x.shape
+        with pytest.raises(ValueError, match=rf"attn_mask of shape \({L}, {L}\) .* = \({B}, {HEADS}, {L}, {L + 3}\)"):
+            mha(x, kv, attn_mask=torch.ones(L, L, dtype=torch.bool), key_padding_mask=cross_pad)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_heads=0), "num_heads must be an int >= 1, got 0"),
     (dict(num_heads=-2), "num_heads must be an int >= 1, got -2"),

@@ -127,6 +127,16 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
+def _check_eps(eps) -> float:
+    """A norm's eps: a positive finite number (``layer_norm_residual``, and the norm modules at
+    construction)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    return float(eps)
+
+
 def _check_window(name: str, window):
     """None, or (left, right) ints >= -1 (-1: unbounded); (-1, -1) is the same as None."""
     if window is None:
@@ -1256,11 +1266,8 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         d = _check_norm_tensors(x, residual, weight, bias, residual_in_fp32)
     if compiling:
         eps = _concrete(eps)
-    if not (type(eps) is float and 0.0 < eps < math.inf):  # else the checks below pass (the common case)
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-            raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
-        if not (eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a positive finite float, got {eps}")
+    if not (type(eps) is float and 0.0 < eps < math.inf):  # else _check_eps passes it (the common case)
+        _check_eps(eps)
     dropout_p = _check_prob("dropout_p", dropout_p, compiling)
     if not (type(prenorm) is bool and type(rms) is bool and type(residual_in_fp32) is bool):
         for name, flag in (("prenorm", prenorm), ("rms", rms), ("residual_in_fp32", residual_in_fp32)):

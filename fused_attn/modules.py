@@ -21,8 +21,8 @@ from torch import Tensor
 from . import reference
 from .rotary import rotate_packed
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
-from .functional import (apply_rotary_emb, attention, attention_varlen, attention_with_kvcache, feed_forward,
-                         layer_norm_residual)
+from .functional import (_check_bool, apply_rotary_emb, attention, attention_varlen, attention_with_kvcache,
+                         feed_forward, layer_norm_residual)
 
 
 def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], options: dict) -> str:
@@ -219,7 +219,7 @@ class TransformerLayer(reference.TransformerLayer):
         nn.Module.__init__(self)  # the children are the fused ones, created in the reference's order
         check_backend_name(backend)
         factory = dict(device=device, dtype=dtype, backend=backend)
-        self.norm_first = norm_first
+        self.norm_first = _check_bool("norm_first", norm_first)
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
                                                        num_kv_heads=num_kv_heads, causal=causal,
                                                        window_size=window_size, alibi=alibi, sinks=sinks,
@@ -238,6 +238,7 @@ class Transformer(reference.Transformer):
     def __init__(self, d_model, num_heads, num_layers, backend=None, **layer_kwargs):
         nn.Module.__init__(self)
         check_backend_name(backend)
+        reference.check_count("num_layers", num_layers)
         self.layers = nn.ModuleList(TransformerLayer(d_model, num_heads, backend=backend, **layer_kwargs)
                                     for _ in range(num_layers))
 

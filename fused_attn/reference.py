@@ -311,6 +311,26 @@ def rotary(x, cos, sin, positions, interleaved=False, conjugate=False):
 # Modules (the oracle of fused_attn.modules)
 # --------------------------------------------------------------------------------------------
 
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """A size or count constructor argument: an int (not a bool) >= ``minimum``. (A float, or a
+    negative size, failed inside torch's tensor factories without naming the argument; a negative
+    count built an empty model.)"""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def functional_checks():
+    """``fused_attn.functional``, whose argument checks (``_check_bool``, ``_check_prob``, ...) the
+    module constructors reuse: a module refuses at construction what its forward's calls would
+    refuse (``dropout`` in [0, 1), as ``dropout_p``). Imported at call time: it imports this module."""
+    from . import functional
+
+    return functional
+
+
 def merge_masks(attn_mask, key_padding_mask, dtype):
     """One mask from ``attn_mask`` (bool keep-mask or additive) and ``key_padding_mask``
     ((B, Lk), True = padding, as in torch.nn.MultiheadAttention), broadcastable to (B, H, Lq, Lk)."""
@@ -450,17 +470,22 @@ class MultiHeadAttention(nn.Module):
                  window_size=None, device=None, dtype=None, alibi=False, sinks=False, rotary=False,
                  rotary_base=10000.0):
         super().__init__()
+        checks = functional_checks()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_count(name, value)
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
-        self.dropout, self.causal = dropout, causal
+        # (a string flag was read as True; a bad window or dropout failed only in forward, a dropout
+        # of 1.5 only in training)
+        for name, flag in (("bias", bias), ("causal", causal), ("sinks", sinks), ("rotary", rotary)):
+            checks._check_bool(name, flag)
+        self.dropout, self.causal = checks._check_prob("dropout", dropout), causal
+        checks._check_window("window_size", window_size)
         self.window_size = None if window_size is None else tuple(window_size)
         kv_dim = num_kv_heads * self.head_dim
         factory = dict(device=device, dtype=dtype)
@@ -468,7 +493,7 @@ class MultiHeadAttention(nn.Module):
         self.key_linear = nn.Linear(d_model, kv_dim, bias=bias, **factory)
         self.value_linear = nn.Linear(d_model, kv_dim, bias=bias, **factory)
         self.out_linear = nn.Linear(d_model, d_model, bias=bias, **factory)
-        if alibi not in (False, True, "learnable"):
+        if not (isinstance(alibi, bool) or isinstance(alibi, str) and alibi == "learnable"):  # (not 0 / 1)
             raise ValueError(f"alibi must be False, True or 'learnable', got {alibi!r}")
         self.alibi = bool(alibi)
         if alibi == "learnable":  # (float32 at first; the call uses any float dtype in float32)
@@ -658,9 +683,13 @@ class LayerNormResidual(nn.Module):
 
     def __init__(self, d_model, eps=1e-5, norm="layernorm", bias=True, dropout=0.0, device=None, dtype=None):
         super().__init__()
+        checks = functional_checks()
+        check_count("d_model", d_model)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.d_model, self.eps, self.norm, self.dropout = d_model, eps, norm, dropout
+        checks._check_bool("bias", bias)
+        self.d_model, self.eps, self.norm = d_model, checks._check_eps(eps), norm
+        self.dropout = checks._check_prob("dropout", dropout)
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype)) if bias else None
 
@@ -675,10 +704,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model, d_ff=None, activation="relu", dropout=0.0, bias=True, device=None, dtype=None):
         super().__init__()
+        checks = functional_checks()
+        check_count("d_model", d_model)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        d_ff = 4 * d_model if d_ff is None else d_ff
-        self.d_model, self.d_ff, self.activation, self.dropout = d_model, d_ff, activation, dropout
+        d_ff = 4 * d_model if d_ff is None else check_count("d_ff", d_ff)
+        checks._check_bool("bias", bias)
+        self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
+        self.dropout = checks._check_prob("dropout", dropout)
         factory = dict(device=device, dtype=dtype)
         width = 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
         self.linear1 = nn.Linear(d_model, width, bias=bias, **factory)
@@ -711,7 +744,7 @@ class TransformerLayer(nn.Module):
                  rotary_base=10000.0):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
-        self.norm_first = norm_first
+        self.norm_first = functional_checks()._check_bool("norm_first", norm_first)
         self.multi_head_attention = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias,
                                                        num_kv_heads=num_kv_heads, causal=causal,
                                                        window_size=window_size, alibi=alibi, sinks=sinks,
@@ -763,6 +796,7 @@ class Transformer(nn.Module):
 
     def __init__(self, d_model, num_heads, num_layers, **layer_kwargs):
         super().__init__()
+        check_count("num_layers", num_layers)
         self.layers = nn.ModuleList(TransformerLayer(d_model, num_heads, **layer_kwargs) for _ in range(num_layers))
 
     def new_kv_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> list:

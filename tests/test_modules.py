@@ -357,6 +357,71 @@ def test_attn_mask_is_checked_before_it_meets_key_padding_mask(with_padding):
             mha(x, kv, attn_mask=torch.ones(L, L, dtype=torch.bool), key_padding_mask=cross_pad)
 
 
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(sinks="no"), TypeError, "sinks must be a bool, got str 'no'"),  # (a truthy string turned them on)
+    (dict(rotary="no"), TypeError, "rotary must be a bool, got str 'no'"),
+    (dict(causal="no"), TypeError, "causal must be a bool, got str 'no'"),
+    (dict(bias=None), TypeError, "bias must be a bool, got NoneType None"),
+    (dict(alibi=1), ValueError, "alibi must be False, True or 'learnable', got 1"),
+    (dict(window_size=5), TypeError, r"window_size must be None or a pair of ints \(left, right\), got 5"),
+    (dict(window_size=(-3, 0)), ValueError, r"window_size sides must be >= 0, or -1 for unbounded, got \(-3, 0\)"),
+    (dict(dropout=1.5), ValueError, r"dropout must be in \[0, 1\), got 1.5"),  # (eval never said)
+    (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1.0"),  # (as attention's dropout_p)
+    (dict(dropout="a"), TypeError, r"dropout must be a float in \[0, 1\), got str"),  # (repr raised)
+    (dict(d_model=16.0), TypeError, "d_model must be an int >= 1, got float 16.0"),
+])
+def test_attention_flags_and_options_are_checked_at_construction(kwargs, error, match):
+    """Each argument as ``attention`` would take it, checked when the module is built (not at its
+    first forward, or in training only), naming the module's argument."""
+    args = dict(d_model=16, num_heads=2)
+    args.update(kwargs)
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention, M.TransformerLayer, R.TransformerLayer):
+        with pytest.raises(error, match=match):
+            cls(**args)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda m: m.LayerNormResidual(-1), ValueError, "d_model must be an int >= 1, got -1"),
+    (lambda m: m.LayerNormResidual(8.5), TypeError, "d_model must be an int >= 1, got float 8.5"),
+    (lambda m: m.LayerNormResidual(8, eps=-1), ValueError, "eps must be a positive finite float, got -1"),
+    (lambda m: m.LayerNormResidual(8, eps="1e-5"), TypeError, "eps must be a positive float, got str"),
+    (lambda m: m.LayerNormResidual(8, dropout=1.5), ValueError, r"dropout must be in \[0, 1\), got 1.5"),
+    (lambda m: m.LayerNormResidual(8, bias="no"), TypeError, "bias must be a bool, got str 'no'"),
+    (lambda m: m.FeedForward(8, d_ff=-1), ValueError, "d_ff must be an int >= 1, got -1"),
+    (lambda m: m.FeedForward(8, d_ff=0), ValueError, "d_ff must be an int >= 1, got 0"),
+    (lambda m: m.FeedForward(0), ValueError, "d_model must be an int >= 1, got 0"),
+    (lambda m: m.FeedForward(8, dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0.1"),
+    (lambda m: m.FeedForward(8, bias=1), TypeError, "bias must be a bool, got int 1"),
+    (lambda m: m.TransformerLayer(8, 2, norm_first="no"), TypeError, "norm_first must be a bool, got str 'no'"),
+    (lambda m: m.TransformerLayer(8, 2, d_ff=-1), ValueError, "d_ff must be an int >= 1, got -1"),
+    (lambda m: m.TransformerLayer(8, 2, eps=0.0), ValueError, "eps must be a positive finite float, got 0.0"),
+    (lambda m: m.Transformer(8, 2, num_layers=-1), ValueError, "num_layers must be an int >= 1, got -1"),
+    (lambda m: m.Transformer(8, 2, num_layers=0), ValueError, "num_layers must be an int >= 1, got 0"),
+    (lambda m: m.Transformer(8, 2, num_layers=2.0), TypeError, "num_layers must be an int >= 1, got float 2.0"),
+    (lambda m: m.Transformer(8, 2, 1, dropout=1.5), ValueError, r"dropout must be in \[0, 1\), got 1.5"),
+])
+def test_module_constructor_arguments_are_checked(make, error, match):
+    """A negative or float size failed inside torch's factories (negative dimension, ones() of a
+    float); a bad eps or dropout was accepted until forward (dropout: until training); a truthy
+    string flag was read as True; num_layers=-1 built an empty model that returned its input
+    (torch's TransformerEncoder builds 0 layers, but its forward then fails: 0 is refused too)."""
+    for m in (M, R):
+        with pytest.raises(error, match=match):
+            make(m)
+
+
+def test_valid_constructor_arguments_keep_their_meaning():
+    """The checks refuse nothing that worked: an int dropout of 0, a (-1, -1) window given as a
+    list, learnable ALiBi, sinks; the stored values are the ones given (dropout and eps as floats)."""
+    for m in (M, R):
+        mha = m.MultiHeadAttention(16, 2, dropout=0, window_size=[-1, -1], alibi="learnable", sinks=True)
+        assert mha.dropout == 0.0 and isinstance(mha.dropout, float) and mha.window_size == (-1, -1)
+        assert m.LayerNormResidual(8, eps=1).eps == 1.0
+        assert m.FeedForward(8, dropout=0.5).dropout == 0.5
+        assert len(m.Transformer(8, 2, 1).layers) == 1
+        repr(mha)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_heads=0), "num_heads must be an int >= 1, got 0"),
     (dict(num_heads=-2), "num_heads must be an int >= 1, got -2"),

@@ -21,8 +21,9 @@ from torch import Tensor
 from . import reference
 from .rotary import rotate_packed
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
-from .functional import (_check_bool, apply_rotary_emb, attention, attention_varlen, attention_with_kvcache,
-                         feed_forward, layer_norm_residual)
+from .functional import (_check_bool, _check_cu_seqlens, apply_rotary_emb, attention, attention_varlen,
+                         attention_with_kvcache, feed_forward, layer_norm_residual)
+from .ops_common import check_varlen_bounds, grad_recording
 
 
 def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], options: dict) -> str:
@@ -136,10 +137,41 @@ class MultiHeadAttention(reference.MultiHeadAttention):
             q, k = rotate_packed((q, k), cos, sin, cu_seqlens, max_seqlen, self.backend)
         causal = self.causal if is_causal is None else bool(is_causal)
         p = self.dropout if self.training else 0.0
-        out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-                               window_size=self.window_size, dropout_p=p, alibi_slopes=self.alibi_slopes,
-                               sinks=self.sinks, backend=self.backend)
+        slopes = self.alibi_slopes
+        if slopes is not None and slopes.requires_grad and grad_recording():
+            out = self._packed_learned_alibi(q, k, v, cu_seqlens, max_seqlen, causal, p)
+        else:
+            out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+                                   window_size=self.window_size, dropout_p=p, alibi_slopes=slopes,
+                                   sinks=self.sinks, backend=self.backend)
         return self.out_linear(out.flatten(-2))  # (T, H, D) contiguous: a view
+
+    def _packed_learned_alibi(self, q, k, v, cu_seqlens, max_seqlen, causal, p):
+        """The packed attention with learnable slopes that are being trained (alibi="learnable",
+        grad mode on): one ``attention`` call per sequence, which gives slopes requiring grad their
+        gradient (as a learnable (H, L_s, L_s) bias). ``attention_varlen``'s kernels compute ALiBi
+        inside and return no gradient for the slopes, so it refuses them, and a module user cannot
+        ``.detach()`` a parameter; per sequence is exactly what the reference module computes (and
+        what ``attention_varlen`` gives each sequence), at the cost of one call per sequence and
+        the bias's memory. The boundaries are checked as ``attention_varlen`` checks them (the same
+        errors); they are read on the host, which breaks a torch.compile graph here. Dropout:
+        each call draws its own mask."""
+        compiling = torch.compiler.is_compiling()
+        # (named as attention_varlen's errors name them on the other path)
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens, "max_seqlen_q", max_seqlen, q.device, compiling)
+        total = q.shape[0]
+        check_varlen_bounds(cu_seqlens, cu_seqlens, total, total, max_seqlen, max_seqlen)
+        bounds = cu_seqlens.tolist()
+        outs = []
+        for a, b in zip(bounds, bounds[1:]):
+            if a == b:  # (an empty sequence has no rows)
+                continue
+            # (L_s, H, D) -> (1, H, L_s, D): strided views; the output is laid out (1, L_s, H, D)
+            qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+            out = attention(qs, ks, vs, causal=causal, window_size=self.window_size, dropout_p=p,
+                            alibi_slopes=self.alibi_slopes, sinks=self.sinks, backend=self.backend)
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs) if outs else q.new_zeros(0, self.num_heads, self.head_dim)
 
     def extra_repr(self) -> str:
         opts = {"head_dim": self.head_dim, "head_dim_v": self.head_dim, "causal": self.causal,

@@ -457,10 +457,13 @@ class MultiHeadAttention(nn.Module):
     ``alibi=True`` ALiBi position biases with the paper's slopes (``get_alibi_slopes``, kept in the
     non-persistent buffer ``alibi_slopes``, which ``module.to(dtype)`` rounds like any buffer:
     exact in bfloat16 for power-of-two head counts), or ``alibi="learnable"``: the same slopes as
-    the (num_heads,) float32 parameter ``alibi_slopes``, trained with the rest (self-attention on
-    (B, L, d_model) inputs and decoding; the packed path takes fixed slopes); ``sinks=True`` learnable attention sinks
-    (gpt-oss: the (num_heads,) parameter ``sinks``, one logit per head joining every softmax row;
-    initialised to zeros, so a new layer starts with each row sharing its weight with the sink);
+    the (num_heads,) float32 parameter ``alibi_slopes``, trained with the rest on (B, L, d_model)
+    and packed inputs alike (while the slopes take a gradient, the fused module runs each packed
+    sequence through ``attention``, whose kernels return it, instead of one ``attention_varlen``
+    call, whose kernels do not), and used as they are in decoding; ``sinks=True`` learnable
+    attention sinks (gpt-oss: the (num_heads,) parameter ``sinks``, one logit per head joining
+    every softmax row; initialised to zeros, so a new layer starts with each row sharing its
+    weight with the sink);
     ``rotary=True`` rotary position embeddings (RoPE, Llama's / GPT-NeoX's halves, base
     ``rotary_base``) on the queries and keys, token l at position l (each packed sequence from 0):
     the angles are computed in float32 at each call, so ``module.to(dtype)`` does not round them.

@@ -751,6 +751,100 @@ def test_learnable_alibi_slopes_train_as_the_reference():
         M.MultiHeadAttention(D_MODEL, HEADS, alibi="yes")
 
 
+LEARNED_PACKED_LENS = [5, 0, 13, 1, 7]  # (an empty sequence and a single token too)
+
+
+def _float32_grads_agree(fused, ref, run, seed=0):
+    """The fused and reference modules' outputs and every parameter's gradient, float32 against
+    float32 (the same weights), to a tight tolerance."""
+    outs = []
+    for model in (fused, ref):
+        model.zero_grad(set_to_none=True)
+        out = run(model)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+        (out * g).sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    ref_params = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        assert p.grad is not None and ref_params[name].grad is not None, name
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kwargs", [dict(norm_first=False), dict(norm_first=True, num_kv_heads=2, sinks=True,
+                                                                  rotary=True, window_size=(4, 0))],
+                         ids=["post_ln", "pre_ln_gqa_sinks_rotary_window"])
+def test_packed_learnable_alibi_trains_as_the_reference(kwargs):
+    """alibi="learnable" on packed input (cu_seqlens) with grad mode on: the fused modules raised
+    ("alibi_slopes requires grad ... pass alibi_slopes.detach()", which a module user cannot do)
+    where the reference trains the slopes. Now each sequence goes through ``attention``, whose
+    learnable slopes get their gradient: output and every parameter's gradient (the slopes'
+    included) meet the float64 oracle and the float32 reference, in train and in eval mode."""
+    fused, ref = _pair("Transformer", D_MODEL, HEADS, 2, d_ff=48, causal=True, alibi="learnable", **kwargs)
+    _perturb_norms(fused, ref)
+    (x,) = make_inputs((sum(LEARNED_PACKED_LENS), D_MODEL), seed=28)
+    cu = _cu(LEARNED_PACKED_LENS)
+    results = check_module_against_reference(fused, ref, [x], run=lambda m, x: m(x, cu_seqlens=cu))
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    x = x.detach()
+    for train in (True, False):  # (eval with grad mode on: the slopes still require grad)
+        fused.train(train), ref.train(train)
+        _float32_grads_agree(fused, ref, lambda m: m(x, cu_seqlens=cu, max_seqlen=13))
+        assert fused.layers[0].multi_head_attention.alibi_slopes.grad.abs().sum() > 0
+
+
+def test_packed_learnable_alibi_without_grad_mode_runs_varlen(monkeypatch):
+    """Slopes that get no gradient (torch.no_grad(), inference_mode, or frozen) keep the fast
+    packed path (one ``attention_varlen`` call), with the reference's answer; the per-sequence
+    path (grad mode on) gives the same numbers."""
+    torch.manual_seed(0)
+    fused = M.Transformer(D_MODEL, HEADS, 1, causal=True, alibi="learnable")
+    ref = R.Transformer(D_MODEL, HEADS, 1, causal=True, alibi="learnable")
+    ref.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        fused.layers[0].multi_head_attention.alibi_slopes.mul_(1.5)
+        ref.layers[0].multi_head_attention.alibi_slopes.mul_(1.5)
+    (x,) = make_inputs((sum(LEARNED_PACKED_LENS), D_MODEL), seed=29, requires_grad=False)
+    cu = _cu(LEARNED_PACKED_LENS)
+    with torch.no_grad():
+        expected = ref(x, cu_seqlens=cu)
+    learned = fused(x, cu_seqlens=cu)  # grad mode: per sequence
+    torch.testing.assert_close(learned, expected, rtol=1e-5, atol=1e-5)
+    calls = []
+    varlen = M.attention_varlen
+    monkeypatch.setattr(M, "attention_varlen", lambda *a, **k: calls.append(1) or varlen(*a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, cu_seqlens=cu), expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x, cu_seqlens=cu), expected, rtol=1e-5, atol=1e-5)
+    fused.layers[0].multi_head_attention.alibi_slopes.requires_grad_(False)
+    frozen = fused(x, cu_seqlens=cu)
+    torch.testing.assert_close(frozen, expected, rtol=1e-5, atol=1e-5)
+    assert frozen.requires_grad and len(calls) == 3
+
+
+def test_packed_learnable_alibi_checks_the_boundaries_as_varlen():
+    """The per-sequence path refuses what ``attention_varlen`` refuses, with its errors."""
+    mha = M.MultiHeadAttention(D_MODEL, HEADS, alibi="learnable")
+    x = torch.randn(10, D_MODEL)
+    for cu, max_seqlen, error, match in (
+            (torch.tensor([1, 4, 10], dtype=torch.int32), None, ValueError, "cu_seqlens_q must start at 0"),
+            (torch.tensor([0, 4, 9], dtype=torch.int32), None, ValueError, "end at the total length 10"),
+            (torch.tensor([0, 4, 10]), 3, ValueError, "max_seqlen_q"),
+            (torch.tensor([0.0, 4.0, 10.0]), None, TypeError, "cu_seqlens_q must be int32 or int64")):
+        with pytest.raises(error, match=match):
+            mha(x, cu_seqlens=cu, max_seqlen=max_seqlen)
+        with torch.no_grad(), pytest.raises(error, match=match):
+            mha(x, cu_seqlens=cu, max_seqlen=max_seqlen)
+
+
+def test_packed_learnable_alibi_on_an_empty_batch():
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        mha = cls(D_MODEL, HEADS, alibi="learnable")
+        out = mha(torch.randn(0, D_MODEL), cu_seqlens=torch.zeros(1, dtype=torch.int32))
+        assert out.shape == (0, D_MODEL)
+
+
 def test_kv_cache_decoding_under_autocast():
     """Under torch.autocast the cache keeps its dtype (float32 here): the new keys, values and
     queries are cast to it, not the cache to bfloat16 each step, and decoding gives the full

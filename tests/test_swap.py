@@ -64,6 +64,23 @@ def test_reference_transformer_swap_is_exact_and_keeps_parameters():
     assert not hasattr(model.layers[0].multi_head_attention, "backend")
 
 
+def test_swapped_reference_transformer_trains_learnable_alibi_on_packed_input():
+    """A reference Transformer with alibi="learnable", swapped, trains on packed input (cu_seqlens)
+    as before the swap: the swapped attention raised ("alibi_slopes requires grad"), where the
+    original gave the slopes their gradient."""
+    torch.manual_seed(0)
+    model = R.Transformer(D, H, 2, causal=True, alibi="learnable")
+    _perturb_norms(model)
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model)
+    assert len(report.replaced) == 8 and type(model.layers[0].multi_head_attention) is M.MultiHeadAttention
+    (x,) = make_inputs((14, D), seed=2)
+    cu = torch.tensor([0, 3, 3, 14], dtype=torch.int32)
+    results = check_module_against_reference(model, ref, [x], run=lambda m, x: m(x, cu_seqlens=cu))
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+    assert model.layers[1].multi_head_attention.alibi_slopes.grad.abs().sum() > 0
+
+
 def test_seed_model_with_sequential_ffn_and_tied_weights():
     torch.manual_seed(0)
     model = SeedModel()

@@ -359,6 +359,11 @@ class KVCache:
     says whether any was given, and later calls append every sequence's next token alike."""
 
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, device=None, dtype=None):
+        # (a negative or float size failed inside torch.zeros without naming the argument; an empty
+        # batch is a valid call of the modules, a cache of no tokens holds no step)
+        check_count("batch", batch, minimum=0)
+        for name, value in (("max_len", max_len), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            check_count(name, value)
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)

@@ -845,6 +845,29 @@ def test_packed_learnable_alibi_on_an_empty_batch():
         assert out.shape == (0, D_MODEL)
 
 
+@pytest.mark.parametrize("args,error,match", [
+    ((-1, 4, 2, 8), ValueError, "batch must be an int >= 0, got -1"),
+    ((2.0, 4, 2, 8), TypeError, "batch must be an int >= 0, got float 2.0"),
+    ((2, -4, 2, 8), ValueError, "max_len must be an int >= 1, got -4"),
+    ((2, 0, 2, 8), ValueError, "max_len must be an int >= 1, got 0"),
+    ((2, True, 2, 8), TypeError, "max_len must be an int >= 1, got bool True"),
+    ((2, 4, 0, 8), ValueError, "num_kv_heads must be an int >= 1, got 0"),
+    ((2, 4, 2, -8), ValueError, "head_dim must be an int >= 1, got -8"),
+    ((2, 4, 2, "8"), TypeError, "head_dim must be an int >= 1, got str '8'"),
+])
+def test_kv_cache_sizes_are_checked(args, error, match):
+    """``fused_attn.KVCache`` (exported) and ``new_kv_cache`` name a bad size (a negative one
+    failed inside torch.zeros, "Trying to create tensor with negative dimension"); an empty
+    batch stays valid."""
+    with pytest.raises(error, match=match):
+        fused_attn.KVCache(*args)
+    if match.startswith(("batch", "max_len")):  # the arguments new_kv_cache passes on
+        for m in (M, R):
+            with pytest.raises(error, match=match):
+                m.Transformer(16, 2, 1).new_kv_cache(*args[:2])
+    assert repr(fused_attn.KVCache(0, 4, 2, 8)).startswith("KVCache(batch=0, max_len=4")
+
+
 def test_kv_cache_decoding_under_autocast():
     """Under torch.autocast the cache keeps its dtype (float32 here): the new keys, values and
     queries are cast to it, not the cache to bfloat16 each step, and decoding gives the full

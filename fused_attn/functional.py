@@ -28,6 +28,8 @@ from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_va
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +108,23 @@ def _concrete(value):
     return value
 
 
+def _shown(value) -> str:
+    """``repr(value)`` for an error message, an int of more than 256 bits (~77 digits) as its size
+    instead (the repr of a 10**400 fills lines, and one past 4300 digits raises ValueError itself)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        sign, digits = "-" if value < 0 else "", int(value.bit_length() * 0.30103)
+        return f"an int of {value.bit_length()} bits (about {sign}1e{digits})"
+    return repr(value)
+
+
+def _finite(value) -> bool:
+    """``math.isfinite``, False (not OverflowError) for an int too large to be a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_prob(name: str, p, compiling: bool = False) -> float:
     if compiling:
         p = _concrete(p)
@@ -113,10 +132,9 @@ def _check_prob(name: str, p, compiling: bool = False) -> float:
         return p
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
-    p = float(p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
-    return p
+    if not 0.0 <= p < 1.0:  # (compared before float(), which raises OverflowError on a huge int)
+        raise ValueError(f"{name} must be in [0, 1), got {_shown(p)}")
+    return float(p)
 
 
 def _check_bool(name: str, value) -> bool:
@@ -132,8 +150,8 @@ def _check_eps(eps) -> float:
     construction)."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    if not (eps > 0 and _finite(eps)):
+        raise ValueError(f"eps must be a positive finite float, got {_shown(eps)}")
     return float(eps)
 
 
@@ -256,18 +274,19 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
         scale, softcap = _concrete(scale), _concrete(softcap)
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    elif (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+          or not (isinstance(scale, numbers.Integral) or math.isfinite(scale))):  # (an int is finite)
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    elif abs(scale) > MAX_FLOAT32:
+    elif abs(scale) > MAX_FLOAT32:  # (exact for an int too large to be a float)
         raise ValueError(f"scale must be within float32's range (|scale| <= {MAX_FLOAT32:g}): the kernels use it as "
-                         f"float32, got {scale!r}")
+                         f"float32, got {_shown(scale)}")
     if softcap is None:
         softcap = 0.0
     elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float or None, got {softcap!r}")
-    elif not (math.isfinite(softcap) and (softcap == 0.0 or MIN_SOFTCAP <= softcap <= MAX_FLOAT32)):
+    elif not (_finite(softcap) and (softcap == 0.0 or MIN_SOFTCAP <= softcap <= MAX_FLOAT32)):
         raise ValueError(f"softcap must be 0 or None (off), or a number in [{MIN_SOFTCAP:g}, {MAX_FLOAT32:g}], got "
-                         f"{softcap!r} (a smaller cap flattens every logit to 0 and overflows 1 / softcap in float32; "
+                         f"{_shown(softcap)} (a smaller cap flattens every logit to 0 and overflows 1 / softcap in float32; "
                          f"a larger one is inf in float32)")
     return window_size, dropout_p, float(scale), float(softcap)
 
@@ -670,6 +689,9 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
             raise TypeError(f"{max_name} must be an int or None, got {max_seqlen!r}")
         if max_seqlen < 0:
             raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
+        if max_seqlen > _INT64_MAX:  # (the ops take an int64; a larger one failed inside them)
+            raise ValueError(f"{max_name} must be at most {_INT64_MAX} (an upper bound of the longest sequence, "
+                             f"passed to the kernels as int64), got {_shown(max_seqlen)}")
     if max_seqlen is None and compiling:
         raise ValueError(f"{max_name} must be given under torch.compile (reading it from {name} would "
                          f"break the graph)")
@@ -995,6 +1017,9 @@ def _check_cache_seqlens(cache_seqlens, batch: int, device) -> Tensor:
     if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
         if cache_seqlens < 0:
             raise ValueError(f"cache_seqlens must be >= 0 (the keys already in each cache), got {cache_seqlens}")
+        if cache_seqlens > _INT32_MAX:  # (no cache holds as many; torch.full raised a RuntimeError converting it)
+            raise ValueError(f"cache_seqlens must be at most {_INT32_MAX} (the lengths are int32, as "
+                             f"FlashAttention's), got {_shown(cache_seqlens)}")
         return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     if not isinstance(cache_seqlens, Tensor):
         raise TypeError(f"cache_seqlens must be an int or an int32/int64 tensor of shape ({batch},), got "

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .backends import check_backend_name, resolve_options
-from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad
+from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad, _shown
 from .ops import RotaryFunction, inference_call_ok, rotary_inference
 from .ops_common import elements_may_overlap, grad_recording
 
@@ -90,17 +90,25 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
                          "or cu_seqlens")
     x4 = x.unsqueeze(0) if x.dim() == 3 else x  # (B, L, H, D); packed or a flat (total, H, D): B = 1
     B, L = x4.shape[:2]
+    int_offset = (isinstance(seqlen_offsets, numbers.Integral) and not isinstance(seqlen_offsets, bool)
+                  and position_ids is None)
+    # An int offset is checked before the positions are formed from it (an int past int64 overflowed
+    # there): known without reading a tensor, in full for (B, L, H, D) x; packed, each sequence's
+    # first token must sit on a row (the rest: check_positions).
+    if int_offset and not packed and (seqlen_offsets < 0 or (L and seqlen_offsets + L > cos.shape[0])):
+        raise ValueError(f"seqlen_offsets = {_shown(seqlen_offsets)} puts the {L} tokens at positions "
+                         f"{_shown(seqlen_offsets)}..{_shown(seqlen_offsets + L - 1)}, outside the {cos.shape[0]} rows "
+                         f"of cos and sin")
+    if int_offset and packed and (seqlen_offsets < 0 or (x.shape[0] and seqlen_offsets >= cos.shape[0])):
+        raise ValueError(f"seqlen_offsets = {_shown(seqlen_offsets)} puts each sequence's first token at position "
+                         f"{_shown(seqlen_offsets)}, outside the {cos.shape[0]} rows of cos and sin")
     if position_ids is not None:
         positions = _positions_from_ids(position_ids, x.shape[:-2], x.device)
     elif packed:
         positions = _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, x.shape[0], x.device, compiling)
     else:
         positions = _offset_positions(seqlen_offsets, B, L, x.device)
-    if isinstance(seqlen_offsets, numbers.Integral) and position_ids is None and not packed:
-        if seqlen_offsets < 0 or (L and seqlen_offsets + L > cos.shape[0]):  # known without reading a tensor
-            raise ValueError(f"seqlen_offsets = {seqlen_offsets} puts the {L} tokens at positions {seqlen_offsets}.."
-                             f"{seqlen_offsets + L - 1}, outside the {cos.shape[0]} rows of cos and sin")
-    else:
+    if not (int_offset and not packed):
         check_positions(positions, cos.shape[0], "the positions", compiling)
     name = resolve_rotary(x, half, backend)
     if inplace:  # into x through x4 (x itself, or a view of it)

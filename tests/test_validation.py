@@ -154,3 +154,27 @@ def test_numpy_ints_and_patched_sdpa_non_tensors():
     with fused_attn.patch_sdpa():
         with pytest.raises(TypeError, match="must be Tensor, not list"):
             torch.nn.functional.scaled_dot_product_attention([[0.0]], torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: F.attention(*qkv(), scale=10**400), r"scale must be within float32's range .* got an int of 1329 bits"),
+    (lambda: F.attention(*qkv(), softcap=10**400), r"softcap must be 0 or None .* got an int of 1329 bits"),
+    (lambda: F.attention(*qkv(), dropout_p=10**400), r"dropout_p must be in \[0, 1\), got an int of 1329 bits"),
+    (lambda: F.layer_norm_residual(torch.randn(3, 5), eps=10**400), "eps must be a positive finite float, got an int"),
+    (lambda: F.layer_norm_residual(torch.randn(3, 5), dropout_p=10**400), r"dropout_p must be in \[0, 1\)"),
+    (lambda: F.apply_rotary_emb(torch.randn(1, 3, 2, 8), torch.ones(8, 4), torch.zeros(8, 4), seqlen_offsets=2**70),
+     "seqlen_offsets = 1180591620717411303424 puts the 3 tokens at positions 1180591620717411303424"),
+    (lambda: F.apply_rotary_emb(torch.randn(3, 2, 8), torch.ones(8, 4), torch.zeros(8, 4), seqlen_offsets=2**70,
+                                cu_seqlens=torch.tensor([0, 3])), "seqlen_offsets = 1180591620717411303424 puts"),
+    (lambda: F.attention_with_kvcache(torch.randn(1, 1, 2, 8), torch.zeros(1, 8, 2, 8), torch.zeros(1, 8, 2, 8),
+                                      cache_seqlens=2**40), "cache_seqlens must be at most 2147483647"),
+    (lambda: F.attention_varlen(*(torch.randn(3, 2, 8) for _ in range(3)), torch.tensor([0, 3]), torch.tensor([0, 3]),
+                                max_seqlen_q=2**70), "max_seqlen_q must be at most 9223372036854775807"),
+    (lambda: F.attention_varlen(*(torch.randn(3, 2, 8) for _ in range(3)), torch.tensor([0, 3]), torch.tensor([0, 3]),
+                                max_seqlen_k=2**70), "max_seqlen_k must be at most 9223372036854775807"),
+])
+def test_ints_too_large_for_a_float_or_an_int64_are_value_errors(call, match):
+    """Python ints past a float's or int64's range raised OverflowError (float(), math.isfinite,
+    torch.arange) or a RuntimeError from torch.full or the C++ op: a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -137,6 +137,21 @@ def _check_prob(name: str, p, compiling: bool = False) -> float:
     return float(p)
 
 
+def _check_generator(generator, device) -> None:
+    """None (torch's default CPU generator), a CPU ``torch.Generator``, or one on the inputs'
+    device (``torch.Generator(q.device)``: see ``_draw_rng``). Checked whether or not the call
+    drops anything, so that a wrong one is not noticed only once dropout is turned on."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                        f"{_shown(generator)}")
+    where = generator.device
+    if where.type != "cpu" and (where.type != device.type or where.index not in (None, device.index)):
+        raise ValueError(f"generator is on {where} but the inputs are on {device}: pass a CPU generator "
+                         f"(torch.Generator()) or one on the inputs' device")
+
+
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):  # (numpy's bool is named "bool" too: say whose)
         kind = type(value).__name__ if type(value).__module__ == "builtins" else \
@@ -217,10 +232,17 @@ def _distinct(*tensors):
 
 
 def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
-    """[seed, offset] for the counter-based dropout RNG, drawn from torch's (or the given) CPU generator."""
+    """[seed, offset] for the counter-based dropout RNG, an int64 CPU tensor (the ops read it on
+    the host and pass the two numbers to the kernels), drawn from torch's default CPU generator or
+    the given one (``_check_generator``). A generator of another device (CUDA's) is drawn from on
+    its own device, as torch's ops draw from one (torch.randint takes a generator only of the
+    device it draws on), and the pair copied to the host: that copy waits for the device, one
+    sync a call, which a CPU generator (or none) does not cost."""
     if dropout_p == 0.0:
         return None
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
+    if generator is None or generator.device.type == "cpu":
+        return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=generator.device).cpu()
 
 
 def _autocast(*tensors):
@@ -414,7 +436,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
             and what decoding with a KV cache wants (torch's ``causal_lower_right``). Query rows
             that then see no key (Lq > Lk) return zeros.
         dropout_p: dropout on the attention probabilities (counter-based, reproducible from the
-            seed drawn from ``generator`` or torch's default CPU generator).
+            seed drawn from ``generator`` or torch's default CPU generator). ``generator``: a
+            CPU ``torch.Generator``, or one on q's device (drawn from there: one device sync a call).
         scale: logits scale, default ``1/sqrt(D)``.
         softcap: logit soft-capping (Gemma 2, FlashAttention's ``softcap``): the scaled scores
             become ``softcap * tanh(scores / softcap)`` before the mask is added. None or 0: off.
@@ -447,6 +470,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     """
     q, k, v, attn_mask = _autocast(q, k, v, attn_mask)  # (as SDPA under autocast)
     _check_qkv(q, k, v, 4)
+    _check_generator(generator, q.device)
     compiling = torch.compiler.is_compiling()
     B, Hq, Lq, D = q.shape  # each .shape is a new torch.Size: read once
     k_batch, Hkv, Lk, k_dim = k.shape
@@ -569,6 +593,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         _check_same("q", q, {"k": k, "v": v})
     else:
         _check_qkv(q, k, v, 3)
+    _check_generator(generator, q.device)
     compiling = torch.compiler.is_compiling()
     total_q, Hq, D = q.shape
     k_shape, v_shape = k.shape, v.shape
@@ -1289,6 +1314,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         d = x.shape[-1]
     else:
         d = _check_norm_tensors(x, residual, weight, bias, residual_in_fp32)
+    _check_generator(generator, x.device)
     if compiling:
         eps = _concrete(eps)
     if not (type(eps) is float and 0.0 < eps < math.inf):  # else _check_eps passes it (the common case)
@@ -1416,6 +1442,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         _check_same("x", x, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    _check_generator(generator, x.device)
     d = x.shape[-1]
     F1, w1_in = w1.shape
     F1 = 2 * F1 if w1_up is not None else F1  # (the pair's halves were checked alike)

@@ -156,6 +156,57 @@ def test_numpy_ints_and_patched_sdpa_non_tensors():
             torch.nn.functional.scaled_dot_product_attention([[0.0]], torch.zeros(1, 1), torch.zeros(1, 1))
 
 
+def _generator_calls(generator, dropout_p):
+    """Each call taking ``generator=``, on small CPU inputs."""
+    q, k, v = qkv()
+    x, w = torch.randn(3, 8), torch.randn(8, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    return [
+        lambda: F.attention(q, k, v, dropout_p=dropout_p, generator=generator),
+        lambda: F.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
+                                   dropout_p=dropout_p, generator=generator),
+        lambda: F.layer_norm_residual(x, dropout_p=dropout_p, generator=generator),
+        lambda: F.feed_forward(x, w, None, w, None, dropout_p=dropout_p, generator=generator),
+    ]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_generator_must_be_a_torch_generator(dropout_p):
+    """generator=42 reached torch.randint, whose TypeError did not name generator, and with
+    dropout_p = 0 it was ignored unchecked: every call taking generator= now says what it takes."""
+    for call in _generator_calls(42, dropout_p):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int 42"):
+            call()
+
+
+class _DeviceGenerator(torch.Generator):
+    """A CPU generator that says it lives on cuda:0 (no other device exists on a CPU-only machine)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_generator_of_another_device_than_the_inputs_is_refused():
+    for call in _generator_calls(_DeviceGenerator(), 0.1):
+        with pytest.raises(ValueError, match=r"generator is on cuda:0 but the inputs are on cpu: pass a CPU "
+                                             r"generator \(torch.Generator\(\)\) or one on the inputs' device"):
+            call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_generator_of_the_inputs_device_draws_the_seed():
+    """README's torch.Generator(q.device): on CUDA tensors a CUDA generator (torch.randint on the
+    CPU refused it: "Expected a 'cpu' device type for generator but found 'cuda'"). The seed is
+    drawn on its device: the same seed gives the same masks, another seed others."""
+    q = torch.randn(1, 2, 16, 8, device="cuda")
+    x = torch.randn(4, 32, device="cuda")
+    for call in (lambda g: F.attention(q, q, q, dropout_p=0.5, generator=g),
+                 lambda g: F.layer_norm_residual(x, dropout_p=0.5, generator=g)):
+        a, b, c = (call(torch.Generator(q.device).manual_seed(s)) for s in (0, 0, 1))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: F.attention(*qkv(), scale=10**400), r"scale must be within float32's range .* got an int of 1329 bits"),
     (lambda: F.attention(*qkv(), softcap=10**400), r"softcap must be 0 or None .* got an int of 1329 bits"),

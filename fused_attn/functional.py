@@ -1250,6 +1250,38 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     _check_bool("enable_gqa", enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
+    if torch.compiler.is_compiling():
+        dropout_p = _concrete(dropout_p)
+    if not isinstance(dropout_p, bool) and isinstance(dropout_p, numbers.Real) and not 0 <= dropout_p <= 1:
+        raise ValueError(f"dropout_p must be in [0, 1], got {_shown(dropout_p)}")
+    if not isinstance(dropout_p, bool) and isinstance(dropout_p, numbers.Real) and dropout_p == 1:
+        # torch takes p = 1 (its dropout zeroes every weight: zeros, NaN where the attention is NaN,
+        # and zero gradients); the kernels' counter-based dropout takes p < 1 (it scales by 1 / (1 - p))
+        return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,
+                                            backend=backend) * 0.0
+    # The shapes are checked here, in SDPA's terms (the names query, key, value and the caller's
+    # shapes), before the call is reshaped to attention's 4-D one, whose errors say q, k, v.
+    _check_same("query", query, {"key": key, "value": value})
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"query and key must have the same embedding dim E (their last dim), got query "
+                         f"{tuple(query.shape)}, key {tuple(key.shape)}")
+    if query.shape[-1] == 0:
+        raise ValueError(f"query and key must have an embedding dim E (their last dim) of at least 1, got query "
+                         f"{tuple(query.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(f"key and value must have the same sequence length S (dim -2), got key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}")
+    if query.dim() >= 3:
+        Hq, Hkv = query.shape[-3], key.shape[-3]
+        if value.shape[-3] != Hkv:
+            raise ValueError(f"key and value must have the same number of heads (dim -3), got key "
+                             f"{tuple(key.shape)}, value {tuple(value.shape)}")
+        if Hq != Hkv and not enable_gqa:
+            raise ValueError(f"query has {Hq} heads and key {Hkv}: pass enable_gqa=True for grouped-query "
+                             f"attention (as torch's scaled_dot_product_attention requires)")
+        if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
+            raise ValueError(f"query's heads (dim -3, {Hq}) must be a multiple of key's and value's ({Hkv}), got "
+                             f"query {tuple(query.shape)}, key {tuple(key.shape)}")
     # to the 4-D (B, H, L, E) call: a 2-D query is one head, a 3-D one (H, L, E) heads of one
     # batch (so enable_gqa works there as in torch); more dims are batch dims, flattened, those
     # of key and value broadcast against the query's as torch broadcasts them
@@ -1264,11 +1296,22 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                              f"{tuple(key.shape)} and {tuple(value.shape)}") from None
         n = math.prod(batch)  # (explicit: a reshape(-1, ...) of an empty tensor is ambiguous)
         q, k, v = (t.expand(*batch, *t.shape[-3:]).reshape(n, *t.shape[-3:]) for t in (query, key, value))
-    if q.shape[1] != k.shape[1] and not enable_gqa:
-        raise ValueError(f"query has {q.shape[1]} heads and key {k.shape[1]}: pass enable_gqa=True for grouped-query "
-                         f"attention (as torch's scaled_dot_product_attention requires)")
     mask = attn_mask
-    if isinstance(mask, Tensor):
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to the logits), got "
+                            f"{_dtype_name(mask.dtype)}")
+        if mask.device != query.device:
+            raise ValueError(f"attn_mask is on {mask.device} but query is on {query.device}")
+        # the attention weights' shape, (*batch, Hq, L, S) (the caller's dims: (Hq, L, S) for a 3-D
+        # query, (L, S) for a 2-D one), to which the mask must broadcast
+        weights = (*batch, *q.shape[1:3], k.shape[2])[-max(query.dim(), 2):]
+        if mask.dim() > len(weights) or any(m not in (1, w) for m, w in zip(reversed(mask.shape), reversed(weights))):
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the attention weights' "
+                             f"shape (..., L, S) = {tuple(weights)} (query {tuple(query.shape)}, key "
+                             f"{tuple(key.shape)})")
         if mask.is_floating_point() and mask.dtype != query.dtype:
             mask = mask.to(query.dtype)  # torch adds any float mask; the kernels read q's dtype
         if 2 <= mask.dim() <= len(batch) + 3:

@@ -173,3 +173,45 @@ def test_patched_model_compiles_fullgraph():
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", [
+    # a mask whose batch dims do not broadcast: a RuntimeError from expand inside
+    ((torch.randn(2, 3, 2, 3, 4),) * 3, dict(attn_mask=torch.ones(4, 1, 1, 3, 3, dtype=torch.bool)), ValueError,
+     r"attn_mask of shape \(4, 1, 1, 3, 3\) does not broadcast to the attention weights' shape \(\.\.\., L, S\) = "
+     r"\(2, 3, 2, 3, 3\)"),
+    ((torch.randn(2, 3, 4),) * 3, dict(attn_mask=torch.ones(2, 2, 3, 3, dtype=torch.bool)), ValueError,
+     r"attn_mask of shape \(2, 2, 3, 3\) does not broadcast .* \(2, 3, 3\)"),
+    # the errors of attention's 4-D call named q, k, v and the reshaped shapes
+    ((torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 4)), {}, ValueError,
+     r"query and key must have the same embedding dim E \(their last dim\), got query \(1, 2, 3, 4\), key "
+     r"\(1, 2, 3, 5\)"),
+    ((torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 3, 4)), {}, ValueError,
+     r"key and value must have the same sequence length S \(dim -2\), got key \(1, 2, 4, 4\), value \(1, 2, 3, 4\)"),
+    ((torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), torch.randn(2, 1, 3, 4)), {}, ValueError,
+     r"key and value must have the same number of heads \(dim -3\)"),
+    ((torch.randn(3, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), dict(enable_gqa=True), ValueError,
+     r"query's heads \(dim -3, 3\) must be a multiple of key's and value's \(2\)"),
+    ((torch.randn(2, 3, 0), torch.randn(2, 3, 0), torch.randn(2, 3, 4)), {}, ValueError,
+     "query and key must have an embedding dim E .* at least 1"),
+    ((torch.randn(2, 3, 4), torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4)), {}, TypeError,
+     "key has dtype float64 but query has float32"),
+    ((torch.randn(2, 3, 4),) * 3, dict(attn_mask=torch.ones(3, 3, dtype=torch.int64)), TypeError,
+     "attn_mask must be bool .* or floating .* got int64"),
+    ((torch.randn(2, 3, 4),) * 3, dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\], got 1.5"),
+])
+def test_sdpa_errors_name_sdpa_arguments_and_shapes(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def test_sdpa_takes_dropout_p_one_as_torch_does():
+    """torch's SDPA takes dropout_p=1.0 (every weight dropped: zeros, zero gradients); the patched
+    SDPA refused it ("dropout_p must be in [0, 1)"), breaking models torch runs."""
+    q = torch.randn(1, 2, 3, 4, requires_grad=True)
+    expected = TORCH_SDPA(q, q, q, dropout_p=1.0)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), q)
+    with fused_attn.patch_sdpa(backend="reference"):
+        got = TF.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+    (grad,) = torch.autograd.grad(got.sum(), q)
+    assert torch.equal(got, expected) and torch.equal(grad, grad_expected)

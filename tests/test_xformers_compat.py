@@ -315,3 +315,38 @@ def test_five_dim_keys_must_have_the_query_groups_and_heads():
             X.memory_efficient_attention(q, k, v)
     with pytest.raises(TypeError, match="q_seqlen must hold ints"):
         X.BlockDiagonalMask.from_seqlens([3.5, 1])
+
+
+@pytest.mark.parametrize("q_shape,bias_shape,match", [
+    # (reported as "attn_mask of shape (1, 6, 3, 3)": attention's name and the reshaped 4-D shape)
+    ((1, 3, 2, 3, 4), (1, 2, 3, 3, 5), r"attn_bias of shape \(1, 2, 3, 3, 5\) must broadcast to \(B, G, H, M, N\) = "
+                                       r"\(1, 2, 3, 3, 3\) for query \(1, 3, 2, 3, 4\)"),
+    ((1, 3, 6, 4), (1, 6, 3, 5),
+     r"attn_bias of shape \(1, 6, 3, 5\) must broadcast to \(B, H, M, N\) = \(1, 6, 3, 3\)"),
+    ((2, 3, 4), (2, 3, 5), r"attn_bias of shape \(2, 3, 5\) must broadcast to \(B, M, N\) = \(2, 3, 3\)"),
+])
+def test_a_wrong_tensor_bias_is_reported_as_given(q_shape, bias_shape, match):
+    q = torch.randn(q_shape)
+    with pytest.raises(ValueError, match=match):
+        X.memory_efficient_attention(q, q, q, attn_bias=torch.randn(bias_shape))
+    with pytest.raises(ValueError, match=match.replace("attn_bias of", "attn_bias's tensor bias of")):
+        X.memory_efficient_attention(q, q, q, attn_bias=X.LowerTriangularMask().add_bias(torch.randn(bias_shape)))
+
+
+def test_merge_attentions_checks_its_parts_in_xformers_terms():
+    """Lists of unequal parts failed in torch.stack (RuntimeError); a wrong lse shape was reported
+    as fused_attn's ``lses[0]`` with advice about attention_varlen; write_lse="n" meant True."""
+    o, lse = X.memory_efficient_attention_partial(*(torch.randn(1, 3, 6, 4),) * 3)  # lse (1, 6, 3)
+    with pytest.raises(ValueError,
+                       match=r"the parts of attn_split must share one shape .* attn_split\[1\] \(1, 2, 6, 4\)"):
+        X.merge_attentions([o, o[:, :2]], [lse, lse])
+    with pytest.raises(ValueError, match=r"lse_split\[1\] must be \(B, \[G,\] H, M\) = \(1, 6, 3\) to match "
+                                         r"attn_split\[1\] of shape \(1, 3, 6, 4\) .* got \(1, 6, 2\)"):
+        X.merge_attentions([o, o], [lse, lse[..., :2]])
+    with pytest.raises(ValueError, match=r"lse_split must be \(n, B, \[G,\] H, M\) = \(2, 1, 6, 3\) .* got "
+                                         r"\(2, 1, 3, 6\)"):
+        X.merge_attentions(torch.stack([o, o]), torch.stack([lse, lse]).transpose(-1, -2))
+    with pytest.raises(TypeError, match=r"lse_split\[0\] must be a floating-point tensor"):
+        X.merge_attentions([o, o], [lse.long(), lse.long()])
+    with pytest.raises(TypeError, match="write_lse must be a bool, got str 'n'"):
+        X.merge_attentions([o, o], [lse, lse], write_lse="n")

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as R
-from ..functional import attention, attention_varlen, merge_attention
+from ..functional import _check_bool, attention, attention_varlen, merge_attention
 from ._stand_in import StandInModules
 
 __all__ = ["memory_efficient_attention", "memory_efficient_attention_forward", "AttentionBias",
@@ -369,6 +369,19 @@ def _to_bmhk(name: str, t, ndim: int) -> Tensor:
     return t
 
 
+def _check_tensor_bias(bias: Tensor, query: Tensor, key: Tensor, name: str) -> None:
+    """A tensor bias broadcasts to the logits, in xformers' layout: (B, M, N) for (B, M, K)
+    inputs, (B, H, M, N) for (B, M, H, K), (B, G, H, M, N) for (B, M, G, H, K); on query's device."""
+    B, M, N = query.shape[0], query.shape[1], key.shape[1]
+    layout, target = {3: ("(B, M, N)", (B, M, N)), 4: ("(B, H, M, N)", (B, query.shape[2], M, N)),
+                      5: ("(B, G, H, M, N)", (B, *query.shape[2:4], M, N))}[query.dim()]
+    if bias.dim() > len(target) or any(b not in (1, t) for b, t in zip(reversed(bias.shape), reversed(target))):
+        raise ValueError(f"{name} of shape {tuple(bias.shape)} must broadcast to {layout} = {target} for query "
+                         f"{tuple(query.shape)} and key {tuple(key.shape)}")
+    if bias.device != query.device:
+        raise ValueError(f"{name} is on {bias.device} but query is on {query.device}")
+
+
 def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_bias=None, p: float = 0.0,
                                scale: Optional[float] = None, *, op=None, output_dtype=None, return_lse: bool = False):
     """xformers' ``memory_efficient_attention``: ``softmax(q k^T * scale + bias) v`` on (B, M, H, K)
@@ -393,6 +406,8 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
                         f"integrations.xformers classes), got {type(attn_bias).__name__}")
     if tensor_bias is not None and tensor_bias.dtype != query.dtype:
         raise TypeError(f"attn_bias tensor must have query's dtype {query.dtype}, got {tensor_bias.dtype}")
+    if tensor_bias is not None:  # checked as given: the reshapes below would show attention's names and shapes
+        _check_tensor_bias(tensor_bias, query, key, "attn_bias" if attn_bias is None else "attn_bias's tensor bias")
     q, k, v = query, key, value
     if ndim == 3:  # no heads: one
         q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
@@ -450,16 +465,31 @@ def merge_attentions(attn_split: Tensor, lse_split: Tensor, write_lse: bool = Tr
     on dim 0 (``attn_split`` (n, B, M, [G,] H, K), ``lse_split`` (n, B, [G,] H, M)), merged as
     attention over all the keys (``fused_attn.merge_attention``): ``(out (B, M, [G,] H, K), lse
     (B, [G,] H, M) or None without write_lse)``. Differentiable."""
+    _check_bool("write_lse", write_lse)
     if isinstance(attn_split, (list, tuple)) and isinstance(lse_split, (list, tuple)):
         if not attn_split or len(attn_split) != len(lse_split):
             raise ValueError(f"attn_split and lse_split must list the same number of parts (at least one), got "
                              f"{len(attn_split)} and {len(lse_split)}")
+        # each part checked here, before torch.stack (whose error names no argument)
+        for i, (attn, lse) in enumerate(zip(attn_split, lse_split)):
+            if not isinstance(attn, Tensor) or not isinstance(lse, Tensor):
+                raise TypeError(f"attn_split[{i}] and lse_split[{i}] must be tensors, got {type(attn).__name__} and "
+                                f"{type(lse).__name__}")
+            first = attn_split[0]
+            if attn.shape != first.shape or attn.device != first.device:
+                raise ValueError(f"the parts of attn_split must share one shape (B, M, [G,] H, K) and device: "
+                                 f"attn_split[0] is {tuple(first.shape)} on {first.device}, attn_split[{i}] "
+                                 f"{tuple(attn.shape)} on {attn.device}")
+            _check_merge_lse(f"lse_split[{i}]", lse, f"attn_split[{i}]", attn, "")
         attn_split, lse_split = torch.stack(list(attn_split)), torch.stack(list(lse_split))  # (newer xformers' form)
-    if not isinstance(attn_split, Tensor) or not isinstance(lse_split, Tensor):
+    elif not isinstance(attn_split, Tensor) or not isinstance(lse_split, Tensor):
         raise TypeError("attn_split and lse_split must be tensors, the parts stacked on dim 0, or lists of the parts")
     if attn_split.dim() not in (5, 6) or lse_split.dim() != attn_split.dim() - 1:
         raise ValueError(f"attn_split must be (n, B, M, [G,] H, K) and lse_split (n, B, [G,] H, M), got "
                          f"{tuple(attn_split.shape)} and {tuple(lse_split.shape)}")
+    _check_merge_lse("lse_split", lse_split, "attn_split", attn_split, "n, ")
+    if not attn_split.is_floating_point():
+        raise TypeError(f"attn_split must be a floating-point tensor, got {attn_split.dtype}")
     lses = lse_split.movedim(-1, 2)  # (n, B, M, [G,] H): aligned with the outputs
     out, lse = merge_attention(list(attn_split.unbind(0)), list(lses.unbind(0)))
     out = out if output_dtype is None else out.to(output_dtype)
@@ -467,6 +497,23 @@ def merge_attentions(attn_split: Tensor, lse_split: Tensor, write_lse: bool = Tr
         return out, None
     lse = lse.masked_fill(lse == float("inf"), float("-inf"))
     return out, lse.movedim(1, -1)
+
+
+def _check_merge_lse(name: str, lse: Tensor, attn_name: str, attn: Tensor, lead: str) -> None:
+    """``merge_attentions``' lse of an output: attn ([n,] B, M, [G,] H, K) -> lse ([n,] B, [G,] H, M),
+    floating, on attn's device (``lead``: "n, " for the stacked form, "" for a part)."""
+    stacked = bool(lead)
+    core = attn.shape[1:] if stacked else attn.shape  # (B, M, [G,] H, K)
+    if len(core) not in (4, 5):
+        raise ValueError(f"{attn_name} must be ({lead}B, M, [G,] H, K), got {tuple(attn.shape)}")
+    expected = (*attn.shape[:1 + stacked], *core[2:-1], core[1])
+    if not lse.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (the log-sum-exp), got {lse.dtype}")
+    if tuple(lse.shape) != expected:
+        raise ValueError(f"{name} must be ({lead}B, [G,] H, M) = {expected} to match {attn_name} of shape "
+                         f"{tuple(attn.shape)} ({lead}B, M, [G,] H, K), got {tuple(lse.shape)}")
+    if lse.device != attn.device:
+        raise ValueError(f"{name} is on {lse.device} but {attn_name} is on {attn.device}")
 
 
 class _Op:

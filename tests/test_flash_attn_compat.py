@@ -245,6 +245,29 @@ def test_bad_input_names_the_argument(call, error, match):
         call(q, k, v)
 
 
+@pytest.mark.parametrize("call,error,match", [
+    # (-1.0, -1.0) was taken as "off"; upstream's C++ binding takes ints only
+    (lambda: FA.flash_attn_func(*[torch.randn(1, 3, 2, 8)] * 3, window_size=(-1.0, -1.0)), TypeError,
+     r"window_size must be a pair of ints \(left, right\), -1 for an unbounded side, got \(-1.0, -1.0\)"),
+    (lambda: FA.flash_attn_with_kvcache(torch.randn(1, 1, 2, 8), *[torch.zeros(1, 4, 2, 8)] * 2, cache_seqlens=2,
+                                        window_size=(-1.0, -1.0)), TypeError, "window_size must be a pair of ints"),
+    # base 0 or below gave NaN angles silently (as an int too large for a float: OverflowError)
+    (lambda: FA.RotaryEmbedding(8, base=0), ValueError, "base must be a finite number > 0 .* got 0"),
+    (lambda: FA.RotaryEmbedding(8, base=-1.0), ValueError, "base must be a finite number > 0 .* got -1.0"),
+    (lambda: FA.RotaryEmbedding(8, base=float("inf")), ValueError, "base must be a finite number > 0"),
+    (lambda: FA.RotaryEmbedding(8, base=10**400), ValueError, "base must be a finite number > 0 .* an int of"),
+    (lambda: FA.RotaryEmbedding(8, base="1e4"), TypeError, "base must be a finite number > 0, got str"),
+    # float indices were truncated by .long() (upstream's indexing refuses them)
+    (lambda: FA.pad_input(torch.randn(3, 4), torch.tensor([0.0, 2.5, 3.0]), 2, 2), TypeError,
+     r"indices must be an integer tensor \(int64, .* or int32\), got torch.float32"),
+    (lambda: FA.index_first_axis(torch.randn(3, 4), torch.tensor([True, False, True])), TypeError,
+     "indices must be an integer tensor"),
+])
+def test_options_upstream_refuses_are_refused(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
 def test_flash_attn_func_compiles_without_graph_breaks():
     q, k, v, opts = _case_inputs(FUNC_CASES[3])
     compiled = torch.compile(lambda q, k, v: FA.flash_attn_func(q, k, v, **opts), fullgraph=True,

@@ -53,8 +53,8 @@ from torch import Tensor
 
 from .. import _rng
 from .. import reference as R
-from ..functional import (_draw_rng, apply_rotary_emb, attention, attention_varlen, attention_with_kvcache,
-                          layer_norm_residual, mixed_norm_operands)
+from ..functional import (_draw_rng, _finite, _shown, apply_rotary_emb, attention, attention_varlen,
+                          attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
 from ._stand_in import StandInModules
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
@@ -77,6 +77,10 @@ def _window(window_size) -> Optional[tuple]:
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), -1 for an unbounded side, got {window_size!r}")
     left, right = window_size
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in (left, right)):
+        # (checked before the (-1, -1) test below, which (-1.0, -1.0) passed)
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 for an unbounded side, got "
+                        f"{window_size!r}")
     if left == -1 and right == -1:
         return None
     return (left, right)
@@ -362,6 +366,11 @@ class RotaryEmbedding(torch.nn.Module):
             raise ValueError("scale_base (xPos) is not supported by fused_attn's RotaryEmbedding: pass None")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
             raise ValueError(f"dim must be an even int >= 2 (the rotary features of a head), got {dim!r}")
+        if isinstance(base, bool) or not isinstance(base, numbers.Real):
+            raise TypeError(f"base must be a finite number > 0, got {type(base).__name__}")
+        if not (base > 0 and _finite(base)):  # (0 or less gave NaN angles)
+            raise ValueError(f"base must be a finite number > 0 (the angles are t * base ** (-2i / dim)), got "
+                             f"{_shown(base)}")
         self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, None
         self.pos_idx_in_fp32 = pos_idx_in_fp32
         inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
@@ -501,13 +510,25 @@ class RMSNorm(torch.nn.Module):
 # flash_attn.bert_padding
 # ---------------------------------------------------------------------------------------------
 
+def _check_indices(indices) -> None:
+    """Row indices: an int64 or int32 tensor (FlashAttention's indexing refuses floats; ``.long()``
+    would truncate them, and bool or uint8 ones would be masks to torch's indexing)."""
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be an integer tensor (int64, as unpad_input gives them, or int32), got "
+                        f"{indices.dtype}")
+
+
 def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
     """Rows ``indices`` of x's first axis (x (N, ...) -> (len(indices), ...)); differentiable."""
+    _check_indices(indices)
     return x.index_select(0, indices)
 
 
 def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
     """A zero (first_axis_dim, ...) tensor with ``values`` at rows ``indices``; differentiable."""
+    _check_indices(indices)
     out = values.new_zeros((first_axis_dim,) + tuple(values.shape[1:]))
     return out.index_copy(0, indices.long(), values)  # (int32 indices too, as FlashAttention's indexing takes)
 

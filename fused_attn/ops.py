@@ -1,5 +1,12 @@
 """The registered torch ops and the autograd Functions over them.
 
+Nothing here validates its inputs: the ops and Functions take their arguments as ``functional``
+hands them, checked and normalised once there (shapes, dtypes and devices agreeing, GQA head
+counts, a band rather than causal / window_size, an int64 CPU ``rng``, float32 (rows, Hq) ALiBi
+slopes, a resolved backend name). Called directly with anything else, they may broadcast or run
+silently; only a backend name that is not a resolved one ("auto", a typo) raises, a ValueError
+from ``backends.get_backend``.
+
 Each op half is a ``torch.library.custom_op`` in the ``fused_attn`` namespace whose last
 argument names the backend that runs it (resolved before the call, never "auto"); its fake
 implementation gives torch.compile the output shapes, dtypes and strides, so compiled graphs

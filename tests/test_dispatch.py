@@ -463,3 +463,21 @@ def test_functional_calls_resolve_with_sorted_options(monkeypatch):
                                                       r"head_dim=4, head_dim_v=4, mask=None, mask_grad=False, "
                                                       r"softcap=False, window=False\)"):
         F.attention(q, q, q, backend="cuda")
+
+
+def test_the_ops_and_functions_name_an_unresolved_backend():
+    """The autograd Functions and ops take a resolved backend name (the functional calls resolve
+    "auto"); "auto" or a typo raised a bare KeyError: 'auto' from inside them."""
+    from fused_attn.backends import get_backend
+    from fused_attn.ops import AttentionFunction
+    from fused_attn.ops_common import NO_BAND
+
+    q = torch.randn(1, 2, 3, 4)
+    for name, match in (("auto", r"got 'auto' \('auto' is resolved by the functional calls"), ("cpp", "got 'cpp'")):
+        with pytest.raises(ValueError, match="backend must be a resolved backend name, one of 'triton', 'cuda', "
+                                             "'cpu', 'reference', " + match):
+            AttentionFunction.apply(q, q, q, None, *NO_BAND, 0.0, 0.5, None, name, 0.0, None, False, False)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.fused_attn.attention_fwd(q, q, q, None, *NO_BAND, 0.0, 0.5, None, name, 0.0, None, False)
+    with pytest.raises(ValueError, match=r"got \['cpu'\]"):
+        get_backend(["cpu"])

@@ -334,7 +334,14 @@ def available_backends() -> dict[str, dict]:
 
 
 def get_backend(name: str) -> Backend:
-    return BACKENDS[name]
+    """The backend of a resolved name (what ``resolve`` returns and the ops and autograd Functions
+    take): "auto" and unknown names are a ValueError (they were a bare KeyError)."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):  # (TypeError: an unhashable name)
+        raise ValueError(f"backend must be a resolved backend name, one of {', '.join(map(repr, BACKENDS))}, got "
+                         f"{name!r}" + (" ('auto' is resolved by the functional calls: fused_attn.backends.resolve)"
+                                        if name == "auto" else "")) from None
 
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "Call", "OPS", "BackendUnavailableError", "resolve",

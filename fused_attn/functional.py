@@ -879,6 +879,12 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         D, Dv, gqa = _concrete(D), _concrete(Dv), _concrete(gqa)
     window_size, _, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, "bottom_right", 0.0,
                                                               scale, softcap, return_lse, compiling)
+    if window_size is not None:
+        # FlashAttention's rule (mha_fwd_kvcache): a side at least the cache's capacity bounds nothing and is
+        # unbounded (-1). It matters beyond the mask: only a call still local after this steps the queries'
+        # RoPE positions (query i at cache_seqlens + i), so (-1, 1000) must rotate as None does.
+        left, right = (-1 if side >= capacity else side for side in window_size)
+        window_size = None if (left, right) == (-1, -1) else (left, right)
     _check_alibi(alibi_slopes, B, "B", Hq, device)
     _check_sinks(sinks, Hq, device)
     rotary_backend = None

@@ -462,6 +462,28 @@ def test_kvcache_rotary_embeds_new_keys_and_queries(device, backend, case, inter
             assert torch.equal(row, turned[b, i])
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_kvcache_window_wider_than_the_cache_is_no_window(paged):
+    """FlashAttention's rule: a window side at least the cache's capacity (rows, or pages x page
+    size) is unbounded, so such a window is no window, RoPE included: the queries stay at
+    cache_seqlens (a local call steps them) and the answer is bitwise None's."""
+    q, kc, vc, k, v, kwargs, _ = _setup(dict(CASES[8], causal=False) if paged else CASES[4])
+    assert q.shape[1] > 1 and not kwargs.get("causal") and kwargs.get("window_size") is None
+    table = kwargs["block_table"]
+    capacity = table.shape[1] * kc.shape[1] if paged else kc.shape[1]
+    cos, sin = rope_tables(70, q.shape[-1] // 2)
+
+    def call(window):
+        with torch.no_grad():
+            return F.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, rotary_cos=cos, rotary_sin=sin,
+                                            **dict(kwargs, window_size=window))
+
+    none = call(None)
+    for window in ((-1, capacity), (capacity, capacity + 7), (capacity, -1)):
+        assert torch.equal(call(window), none), window
+    assert not torch.equal(call((capacity - 1, -1)), none)  # a side below capacity still steps the queries
+
+
 def test_kvcache_rotary_under_torch_compile():
     q, kc, vc, k, v, kwargs, lengths = _setup(CASES[2])
     cos, sin = rope_tables(70, 16)

@@ -32,20 +32,36 @@ def _maybe_transposed(t: torch.Tensor, transpose: bool) -> torch.Tensor:
     return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(t.requires_grad)
 
 
+#: how a small parameter tensor (bias, LayerNorm weight, ALiBi slopes) is laid out (``_laid_out``)
+PARAM_LAYOUTS = st.sampled_from(["contiguous", "strided", "expanded"])
+
+
 ATTENTION_CASES = dict(B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.integers(1, 3), Lq=st.integers(1, 40),
     Lk=st.integers(1, 40), D=st.sampled_from([4, 8, 13, 16]), Dv=st.sampled_from([4, 7, 16]),
     causal=st.booleans(), mask=st.sampled_from([None, "bool", "additive", "row"]), transpose=st.booleans(),
-    alibi=st.sampled_from([None, "head", "batch"]), seed=st.integers(0, 2**16))
+    alibi=st.sampled_from([None, "head", "batch"]), slopes_layout=PARAM_LAYOUTS, seed=st.integers(0, 2**16))
 
 
-def _slopes(kind, B, Hq, g):
-    """None, (Hq,) or (B, Hq) ALiBi slopes in [-0.2, 0.6)."""
+def _laid_out(t, layout):
+    """``t``'s values as a view of another layout, built from ``t`` so that gradients flow back to
+    it: "strided" (every other element of a larger storage, storage offset 1) or "expanded" (its
+    first value with stride 0 everywhere: the values change, for the fused and reference call
+    alike). Kernels that took such tensors as dense arrays read the wrong values, or past the end."""
+    if t is None or layout == "contiguous":
+        return t
+    if layout == "strided":
+        return torch.stack([torch.zeros_like(t), t], dim=-1)[..., 1]
+    return t.reshape(-1)[:1].reshape((1,) * t.dim()).expand(t.shape)
+
+
+def _slopes(kind, B, Hq, g, layout="contiguous"):
+    """None, (Hq,) or (B, Hq) ALiBi slopes in [-0.2, 0.6), laid out as ``layout`` (``_laid_out``)."""
     if kind is None:
         return None
-    return torch.rand(*((Hq,) if kind == "head" else (B, Hq)), generator=g) * 0.8 - 0.2
+    return _laid_out(torch.rand(*((Hq,) if kind == "head" else (B, Hq)), generator=g) * 0.8 - 0.2, layout)
 
 
-def attention_property(backend, B, Hkv, group, Lq, Lk, D, Dv, causal, mask, transpose, alibi, seed):
+def attention_property(backend, B, Hkv, group, Lq, Lk, D, Dv, causal, mask, transpose, alibi, slopes_layout, seed):
     Hq = Hkv * group
     q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv), seed=seed)
     q, k, v = (_maybe_transposed(t, transpose) for t in (q, k, v))
@@ -58,7 +74,7 @@ def attention_property(backend, B, Hkv, group, Lq, Lk, D, Dv, causal, mask, tran
         m = torch.rand(Lk, generator=g) > 0.2
     else:
         m = None
-    slopes = _slopes(alibi, B, Hq, g)
+    slopes = _slopes(alibi, B, Hq, g, slopes_layout)
     inputs = [q, k, v] + ([m] if m is not None else [])
     check_against_reference(
         lambda q, k, v, *mm: F.attention(q, k, v, attn_mask=mm[0] if mm else None, causal=causal, backend=backend,
@@ -96,29 +112,40 @@ test_varlen_random, test_varlen_random_interpreted = split_by_speed("attention",
 
 
 LAYER_NORM_CASES = dict(rows=st.integers(1, 40), d=st.integers(1, 300), rms=st.booleans(), affine=st.booleans(),
-    residual=st.booleans(), prenorm=st.booleans(), seed=st.integers(0, 2**16))
+    residual=st.booleans(), prenorm=st.booleans(), layout=PARAM_LAYOUTS, seed=st.integers(0, 2**16))
 
 
-def layer_norm_property(backend, rows, d, rms, affine, residual, prenorm, seed):
+def layer_norm_property(backend, rows, d, rms, affine, residual, prenorm, layout, seed):
+    """``layout``: weight and bias as strided or stride-0 views (``_laid_out``)."""
     x, r, w, b = make_inputs((rows, d), (rows, d), (d,), (d,), seed=seed)
     inputs = [x, r if residual else None, w if affine else None, b if affine else None]
-    check_against_reference(lambda *a: F.layer_norm_residual(*a, rms=rms, prenorm=prenorm, backend=backend),
-                            lambda *a: R.layer_norm_residual(*a, rms=rms, prenorm=prenorm), inputs)
+
+    def laid_out(fn):
+        return lambda x, r, w, b: fn(x, r, _laid_out(w, layout), _laid_out(b, layout), rms=rms, prenorm=prenorm)
+
+    check_against_reference(laid_out(lambda *a, **kw: F.layer_norm_residual(*a, **kw, backend=backend)),
+                            laid_out(R.layer_norm_residual), inputs)
 
 
 test_layer_norm_random, test_layer_norm_random_interpreted = split_by_speed("layer_norm_residual", LAYER_NORM_CASES, layer_norm_property)
 
 
 FEED_FORWARD_CASES = dict(T=st.integers(1, 24), d=st.integers(1, 24), d_ff=st.integers(1, 40), d_out=st.integers(1, 24),
-    activation=st.sampled_from(R.ACTIVATIONS), biases=st.booleans(), seed=st.integers(0, 2**16))
+    activation=st.sampled_from(R.ACTIVATIONS), biases=st.booleans(), layout=PARAM_LAYOUTS, seed=st.integers(0, 2**16))
 
 
-def feed_forward_property(backend, T, d, d_ff, d_out, activation, biases, seed):
+def feed_forward_property(backend, T, d, d_ff, d_out, activation, biases, layout, seed):
+    """``layout``: b1 and b2 as strided or stride-0 views (``_laid_out``)."""
     width = 2 * d_ff if activation in R.GATED_ACTIVATIONS else d_ff
     x, w1, b1, w2, b2 = make_inputs((T, d), (width, d), (width,), (d_out, d_ff), (d_out,), seed=seed)
     inputs = [x, w1, b1 if biases else None, w2, b2 if biases else None]
-    check_against_reference(lambda *a: F.feed_forward(*a, activation=activation, backend=backend),
-                            lambda *a: R.feed_forward(*a, activation=activation), inputs)
+
+    def laid_out(fn):
+        return lambda x, w1, b1, w2, b2: fn(x, w1, _laid_out(b1, layout), w2, _laid_out(b2, layout),
+                                            activation=activation)
+
+    check_against_reference(laid_out(lambda *a, **kw: F.feed_forward(*a, **kw, backend=backend)),
+                            laid_out(R.feed_forward), inputs)
 
 
 test_feed_forward_random, test_feed_forward_random_interpreted = split_by_speed("feed_forward", FEED_FORWARD_CASES, feed_forward_property)

@@ -80,6 +80,43 @@ def test_transposed_weight_views(device):
     check_against_reference(_fused("swiglu"), _reference("swiglu"), [x, w1t, b1, w2t, b2], names=NAMES)
 
 
+def _bias_view(b, layout):
+    """``b``'s values (for "expanded": its first value repeated) as a 1-D view of another layout,
+    built from ``b`` so that its gradient flows back to it: "strided" (stride 2, storage offset
+    1), "expanded" (stride 0 over one element) or "offset" (unit stride, storage offset 3)."""
+    n = b.shape[0]
+    if layout == "strided":
+        return torch.cat([b.new_zeros(1), b.repeat_interleave(2)])[1::2]
+    if layout == "expanded":
+        return b[:1].expand(n)
+    return torch.cat([b.new_zeros(3), b])[3:]
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded", "offset"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_bias_views(activation, layout, device):
+    """b1 and b2 as non-contiguous 1-D views: the epilogue used to read bias[n] at bias_ptr + n,
+    so a stride-2 slice gave the wrong biases and a stride-0 expand read past its one element
+    (garbage under the interpreter, an out-of-bounds read on a GPU). Forward and the gradients
+    of the biases' sources against the oracle."""
+    x, w1, b1, w2, b2 = _ffn_inputs(17, 40, 48, activation, torch.float32, device)
+
+    def run(fn):
+        return lambda x, w1, b1, w2, b2: fn(x, w1, _bias_view(b1, layout), w2, _bias_view(b2, layout))
+
+    check_against_reference(run(_fused(activation)), run(_reference(activation)), [x, w1, b1, w2, b2], names=NAMES)
+
+
+def test_bias_views_at_the_op(device):
+    """The registered op itself with a stride-0 b2 and a strided b1: pre and out as torch computes them."""
+    x, w1, _, w2, _ = (t.detach() for t in _ffn_inputs(9, 16, 20, "gelu", torch.float32, device))
+    b1 = torch.randn(41, device=device)[1::2]
+    b2 = torch.tensor([0.5], device=device).expand(16)
+    out, pre = torch.ops.fused_attn.feed_forward_fwd(x, w1, b1, w2, b2, "gelu", 0.0, None, "triton")
+    torch.testing.assert_close(pre, x @ w1.t() + b1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, torch.nn.functional.gelu(pre) @ w2.t() + 0.5, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["gelu_tanh", "geglu"])
 def test_dropout_matches_reference_backend(activation, dtype, device):

@@ -478,6 +478,11 @@ def feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
     F1 = w1.shape[0]
     d_ff = F1 // 2 if gated else F1
     d_out = w2.shape[0]
+    # The epilogue reads bias[n] at bias_ptr + n: the biases may be any 1-D view (a slice b[::2],
+    # an expanded scalar of stride 0, ...), so give the kernel unit-stride copies (a no-op for
+    # the usual contiguous bias; a d_ff-element copy otherwise).
+    b1 = b1.contiguous() if b1 is not None else None
+    b2 = b2.contiguous() if b2 is not None else None
     pre = torch.empty((T, F1), device=x.device, dtype=x.dtype)
     h = torch.empty((T, d_ff), device=x.device, dtype=x.dtype)
     # GEMM 1: A = x (T, d), B[k, n] = w1[n, k]; up rows start d_ff rows further down w1.

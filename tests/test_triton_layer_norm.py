@@ -137,12 +137,23 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(L, "_MAX_BWD_BLOCK", 256)
     monkeypatch.setattr(L, "_FWD_CHUNK", 256)
     monkeypatch.setattr(L, "_BWD_CHUNK", 128)
+    yield from _fresh_launch_configs()
+
+
+def _fresh_launch_configs():
+    """Forget the launchers' memoised configurations for the test and after it (a generator for
+    the fixtures to yield from): a hidden size launched earlier in the process (1000 by the shape
+    table) kept the configuration of the unpatched budgets, and the "chunked" test of it ran the
+    whole-row path."""
+    L._launch_config.cache_clear()
+    yield
+    L._launch_config.cache_clear()
 
 
 @pytest.mark.parametrize("rms,weight,bias,prenorm", [(False, True, True, True), (True, True, False, False),
                                                      (False, False, False, False), (True, False, True, True)])
 def test_chunked_path(small_chunks, rms, weight, bias, prenorm):
-    assert not L.kernel_config(1000)["SINGLE"]
+    assert not L._launch_config(1000, False, L._tile_elems(torch.device(DEV)))["SINGLE"]
     _check(6, 1000, F32, rms=rms, weight=weight, bias=bias, prenorm=prenorm)
 
 
@@ -151,7 +162,7 @@ def test_chunked_path_float16_dropout(small_chunks):
 
 
 def test_chunked_statistics_of_offset_rows(small_chunks):
-    # a large common offset makes a naive sum-of-squares variance cancel; Chan's merge does not
+    # a large common offset makes a naive sum-of-squares variance cancel; the corrected two-pass does not
     x, r, w, b = _inputs(4, 1000, F32)
     with torch.no_grad():
         x.add_(1000.0)
@@ -161,7 +172,7 @@ def test_chunked_statistics_of_offset_rows(small_chunks):
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 def test_chunked_path_overflowing_variance(small_chunks, rms):
-    # Chan's merge of a row whose variance overflows float32: LayerNorm gives NaN (rstd NaN), as
+    # the chunked statistics of a row whose variance overflows float32: LayerNorm gives NaN (rstd NaN), as
     # torch and the whole-row path do (rstd was 0: out = bias, dx = 0); RMSNorm keeps rstd 0
     # (out = bias), as torch's rms_norm does. (test_robustness.py covers the whole-row path.)
     gen = torch.Generator().manual_seed(0)
@@ -180,6 +191,61 @@ def test_chunked_path_overflowing_variance(small_chunks, rms):
     else:
         assert torch.isnan(out[1]).all() and torch.isnan(ref[1]).all() and torch.isnan(dx[1]).all()
         assert torch.isfinite(dx[ok]).all()
+
+
+# ---- the corrected two-pass statistics (_corrected_stats) ---------------------------------------
+
+@pytest.fixture(params=["whole", "chunked"])
+def stats_path(request, monkeypatch):
+    """The whole-row path, or the chunked one (small chunks, a ragged last chunk: the hidden sizes
+    used with it are not multiples of 64)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(L, "_MAX_FWD_BLOCK", 4)
+        monkeypatch.setattr(L, "_FWD_CHUNK", 64)
+    for _ in _fresh_launch_configs():
+        yield request.param
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+@pytest.mark.parametrize("d", [7, 100, 1000, 4097])
+def test_constant_rows_give_exactly_the_bias(stats_path, d, eps):
+    # A constant row c normalises to 0, so out is exactly the bias (torch, the reference and the
+    # cpu kernel give it). The float32 mean sum(c) / d is not always c: the kernels used
+    # (c - mean) / sqrt(eps) for xhat, up to 1e-4 and more; the corrected two-pass mean is c.
+    assert L._launch_config(d, False, L._tile_elems(torch.device(DEV)))["SINGLE"] == (stats_path == "whole")
+    values = torch.tensor([1.7, -3.3, 0.1, 300.1, 1e-3])[:, None]
+    x = values.expand(5, d).to(DEV)
+    gen = torch.Generator().manual_seed(d)
+    w, b = torch.randn(d, generator=gen).to(DEV), torch.randn(d, generator=gen).to(DEV)
+    for weight, bias in ((None, None), (w, b)):
+        out = fused_attn.layer_norm_residual(x, None, weight, bias, eps, backend="triton")
+        expected = torch.zeros_like(x) if bias is None else bias.expand_as(x)
+        assert torch.equal(out, expected), (out - expected).abs().max().item()
+    # the same rows as x + residual: the sum is constant too
+    out = fused_attn.layer_norm_residual(x - 0.5, torch.full_like(x, 0.5), w, b, eps, backend="triton")
+    assert torch.equal(out, b.expand_as(x))
+
+
+def test_constant_rows_at_the_real_chunk_size():
+    # 16385 columns: above the whole-row budget, chunks of 8192 and a last chunk of one column
+    assert not L.kernel_config(16385)["SINGLE"] and L.kernel_config(16385)["BLOCK_D"] == 8192
+    x = torch.tensor([1.7, -3.3])[:, None].expand(2, 16385).to(DEV)
+    b = torch.randn(16385, generator=torch.Generator().manual_seed(0)).to(DEV)
+    out = fused_attn.layer_norm_residual(x, None, None, b, 1e-6, backend="triton")
+    assert torch.equal(out, b.expand_as(x)), (out - b).abs().max().item()
+
+
+@pytest.mark.parametrize("mean", [300.0, -3000.0])
+@pytest.mark.parametrize("d", [1000, 4096])
+def test_large_mean_rows(stats_path, mean, d):
+    # A mean large against the spread (std 0.01): the float32 mean's rounding shifted every xhat
+    # of the row (tests/test_cpu_layer_norm.py has the same cases for the cpu kernel). No residual:
+    # the float32 x + residual would round each element by as much and hide the mean's error.
+    assert L._launch_config(d, False, L._tile_elems(torch.device(DEV)))["SINGLE"] == (stats_path == "whole")
+    gen = torch.Generator().manual_seed(int(abs(mean)) + d)
+    x = (torch.randn(4, d, generator=gen, dtype=torch.float64) * 0.01 + mean).float().to(DEV).requires_grad_()
+    _, _, w, b = _inputs(4, d, F32)
+    check_against_reference(_fused(), _reference(), [x, None, w, b], names=["x", "residual", "weight", "bias"])
 
 
 def test_gpu_tile_sizes_under_the_interpreter(monkeypatch):

@@ -30,9 +30,10 @@ partial sums; a second small kernel adds those rows in a fixed order.
 Row sizes: when a row fits the register budget (``_MAX_FWD_BLOCK`` / ``_MAX_BWD_BLOCK``
 elements) a program holds whole rows (several rows per program for small d, so each program
 still moves a few KB); longer rows (up to any d, tested to 65 536) are processed in chunks of
-``BLOCK_D`` with two passes inside the program: statistics first (Chan's parallel merge of chunk
-means and squared deviations, numerically safe), then normalisation, re-reading the ``summed``
-row that pass one just wrote (it is still in L2).
+``BLOCK_D`` with passes inside the program: the row's sum first (while writing ``summed``), for
+LayerNorm the sums of the deviations from that first mean (the corrected two-pass statistics,
+as the whole-row path computes them), then normalisation, the later passes re-reading the
+``summed`` row that pass one just wrote (it is still in L2).
 
 Dropout uses the shared counter hash (``fused_attn.triton._rng``): element (n, c) has logical
 row n and column c, so masks match every other backend bit for bit.
@@ -112,6 +113,42 @@ def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_r
     return s.to(tl.float32)
 
 
+# LayerNorm statistics: the corrected two-pass algorithm of the cpu kernel
+# (csrc/cpu/layer_norm_kernels.h). With mean0 = sum(s) / n and e = s - mean0,
+#
+#     mean = mean0 + sum(e) / n,   m2 = n * var = max(sum(e^2) - sum(e)^2 / n, 0).
+#
+# sum(e) corrects mean0's rounding (the sum's and the division's, which is approximate on the
+# GPU): without it a row whose mean is large against its spread (mean 300, std 0.01) had xhat
+# shifted by that rounding, and a constant row c gave out = bias + (c - mean0) / sqrt(eps) instead
+# of exactly bias (the mean rounds to c now). The clamp only guards rounding (sum(e)^2 / n <=
+# sum(e^2) exactly) and lets a NaN through (deviations that overflow: inf - inf), as the cpu
+# kernel's std::max does, so such a row keeps rstd NaN. The whole-row path takes both passes over
+# the row in registers; the chunked one sums in pass 1 and takes e's sums over the summed row it
+# re-reads. (It merged chunk statistics by Chan's method before, which rounds the mean once per
+# chunk: at mean -3000, std 0.01 and 64-column chunks its error was up to 2.8x the oracle's bound,
+# with each chunk's statistics corrected as above or not.)
+
+@triton.jit
+def _deviation_sums(s, mask, mean0):
+    """(e, sum(e), sum(e^2)) for each row of a [ROWS, BLOCK] tile, e = s - mean0 (0 outside
+    ``mask``). One reduction of the joined pairs (e, e^2): as two tl.sum the 16384-wide row
+    spilled (6-8 LDL/STL on sm_80 under Triton 3.9, AOT); joined, every configuration compiles
+    clean (3.9 and 3.6). (tl.reduce with a pair-adding combine compiles alike but runs a few
+    hundred times slower under the interpreter, which loops over its combine in Python.)"""
+    e = tl.where(mask, s - mean0[:, None], 0.0)
+    e1, e2 = tl.split(tl.sum(tl.join(e, e * e), axis=1))
+    return e, e1, e2
+
+
+@triton.jit
+def _corrected_moments(mean0, e1, e2, n):
+    """(mean, m2) from mean0 and the sums of e = s - mean0 over the row's n elements (see above)."""
+    corr = e1 / n
+    m2 = e2 - e1 * corr
+    return mean0 + corr, tl.where(m2 < 0.0, 0.0, m2)
+
+
 @triton.jit(do_not_specialize=_RNG_ARGS)
 def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                    n_rows, n_cols, stride_x, stride_res, stride_out, stride_s, eps,
@@ -134,11 +171,17 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                                   STORE_SUM)
         if RMS:
             centred = s
+            var = tl.sum(s * s, axis=1) / n_cols
         else:
-            mean = tl.sum(s, axis=1) / n_cols
-            centred = tl.where(mask, s - mean[:, None], 0.0)
+            mean0 = tl.sum(s, axis=1) / n_cols
+            e, e1, e2 = _deviation_sums(s, mask, mean0)
+            mean, m2 = _corrected_moments(mean0, e1, e2, n_cols)
+            var = m2 / n_cols
+            # s - mean, as e - (mean - mean0): exact wherever e is (s near mean0), since
+            # mean - mean0 is (Sterbenz); only e stays live, as only the centred row did before,
+            # and a constant row gives exactly 0
+            centred = e - (mean - mean0)[:, None]
             tl.store(MEAN + rows, mean, mask=row_ok)
-        var = tl.sum(centred * centred, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt_rn(var + eps)
         if not RMS:  # an overflowed variance gives NaN, as torch does (it gave rstd 0: out = bias)
             rstd = tl.where(var == float("inf"), float("nan"), rstd)
@@ -150,10 +193,8 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
             y += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rows64[:, None] * stride_out + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
     else:
-        # pass 1: write summed, merge per-chunk (count, mean, M2) into the row's (Chan et al.)
-        count = tl.zeros([ROWS], dtype=tl.float32)
-        mean = tl.zeros([ROWS], dtype=tl.float32)
-        m2 = tl.zeros([ROWS], dtype=tl.float32)
+        # pass 1: write summed; the row's sum (RMSNorm: its sum of squares)
+        total = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_D):
             c = start + cols
             mask = row_ok[:, None] & (c[None, :] < n_cols)
@@ -161,25 +202,32 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                                       drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT,
                                       True)
             if RMS:
-                m2 += tl.sum(s * s, axis=1)
+                total += tl.sum(s * s, axis=1)
             else:
-                n_chunk = tl.minimum(n_cols - start, BLOCK_D).to(tl.float32)
-                mean_chunk = tl.sum(s, axis=1) / n_chunk
-                d_chunk = tl.where(mask, s - mean_chunk[:, None], 0.0)
-                m2_chunk = tl.sum(d_chunk * d_chunk, axis=1)
-                total = count + n_chunk
-                delta = mean_chunk - mean
-                mean += delta * (n_chunk / total)
-                m2 += m2_chunk + delta * delta * (count * n_chunk / total)
-                count = total
+                total += tl.sum(s, axis=1)
+        # make this program's summed stores visible to all its threads before re-reading them
+        tl.debug_barrier()
+        if RMS:
+            m2 = total
+        else:
+            # LayerNorm, pass 1b: the sums of e = s - mean0 over the row re-read from summed (the
+            # corrected two-pass; L2-resident: this program wrote it just now)
+            mean0 = total / n_cols
+            e1 = tl.zeros([ROWS], dtype=tl.float32)
+            e2 = tl.zeros([ROWS], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_D):
+                c = start + cols
+                mask = row_ok[:, None] & (c[None, :] < n_cols)
+                s = tl.load(SUMMED + rows64[:, None] * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                _e, e1_chunk, e2_chunk = _deviation_sums(s, mask, mean0)
+                e1 += e1_chunk
+                e2 += e2_chunk
+            mean, m2 = _corrected_moments(mean0, e1, e2, n_cols)
+            tl.store(MEAN + rows, mean, mask=row_ok)
         rstd = 1.0 / tl.sqrt_rn(m2 / n_cols + eps)
         if not RMS:
             rstd = tl.where(m2 == float("inf"), float("nan"), rstd)
         tl.store(RSTD + rows, rstd, mask=row_ok)
-        if not RMS:
-            tl.store(MEAN + rows, mean, mask=row_ok)
-        # make this program's summed stores visible to all its threads before re-reading them
-        tl.debug_barrier()
         # pass 2: normalise from summed (L2-resident: this program wrote it just now)
         for start in range(0, n_cols, BLOCK_D):
             c = start + cols

@@ -21,6 +21,11 @@ and kept elements are scaled by ``1 / (1 - p)``. The logical rows of each op:
   ``row = (b * Hq + h) * Lq + i`` and ``col = j``;
 - layer_norm_residual: element ``(n, c)`` of the flattened ``(N, d)`` input;
 - feed_forward: element ``(t, c)`` of the flattened ``(T, d_ff)`` activation.
+
+Under ``torch.func.vmap(..., randomness="different")`` the ``[seed, offset]`` pair is drawn once
+per sample (a batched tensor): the kernels then run sample by sample, each with its own pair, and
+the mask's tensor math here takes the pair as 0-dim tensors (``seed_offset``), giving each sample
+the mask its own pair defines.
 """
 from __future__ import annotations
 
@@ -55,29 +60,57 @@ def mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def row_keys(seed: int, offset: int, rows: torch.Tensor) -> torch.Tensor:
-    """uint32 key of each logical row (``rows`` is an int64 tensor of row indices)."""
-    seed &= (1 << 64) - 1
-    seed_lo, seed_hi = seed & MASK32, (seed >> 32) & MASK32
+def vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by a ``torch.func.vmap`` level, under any ``grad`` levels wrapping
+    it (``vmap(grad(f), randomness="different")`` draws the pair batched, then grad-wrapped)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C import _functorch
+
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
+
+
+def seed_offset(rng) -> tuple:
+    """``(seed, offset)`` of an rng pair (an int64 tensor ``[seed, offset]`` or a tuple) as ints,
+    or, where a vmap batched it (one pair per sample, which no int can hold), as the 0-dim tensors
+    ``rng[0]``, ``rng[1]``: ``row_keys`` reads those per sample."""
+    seed, offset = rng[0], rng[1]
+    return tuple(v if isinstance(v, torch.Tensor) and vmapped(v) else int(v) for v in (seed, offset))
+
+
+def row_keys(seed, offset, rows: torch.Tensor) -> torch.Tensor:
+    """uint32 key of each logical row (``rows`` is an int64 tensor of row indices). ``seed`` and
+    ``offset``: ints, or 0-dim int64 tensors (``seed_offset``), which give the same bits: the
+    tensors' two's-complement bits are the ints' mod 2**64, and >> then & MASK32 takes the same
+    32 of them."""
+    if isinstance(seed, torch.Tensor):
+        seed_lo, seed_hi_key = seed & MASK32, _mix32((seed >> 32) & MASK32)
+    else:
+        seed &= (1 << 64) - 1
+        seed_lo, seed_hi_key = seed & MASK32, mix32_int((seed >> 32) & MASK32)
     r = rows.to(torch.int64) + offset
     r_lo, r_hi = r & MASK32, (r >> 32) & MASK32
-    return _mix32(_mix32(r_lo ^ seed_lo) ^ r_hi ^ mix32_int(seed_hi))
+    return _mix32(_mix32(r_lo ^ seed_lo) ^ r_hi ^ seed_hi_key)
 
 
-def random_bits(seed: int, offset: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def random_bits(seed, offset, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """uint32 random bits (as int64) for every (row, col) pair, broadcasting rows against cols."""
     key = row_keys(seed, offset, rows)
     return _mix32((_mix32(key ^ cols.to(torch.int64)) + key) & MASK32)
 
 
-def keep_mask(seed: int, offset: int, p: float, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
+def keep_mask(seed, offset, p: float, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
     """Boolean keep-mask of shape (n_rows, n_cols) for logical rows 0..n_rows-1."""
     rows = torch.arange(n_rows, device=device, dtype=torch.int64).unsqueeze(1)
     cols = torch.arange(n_cols, device=device, dtype=torch.int64).unsqueeze(0)
     return random_bits(seed, offset, rows, cols) >= dropout_threshold(p)
 
 
-def apply_dropout(t: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+def apply_dropout(t: torch.Tensor, p: float, seed, offset) -> torch.Tensor:
     """Dropout of a tensor whose last dim is ``col`` and whose flattened leading dims are ``row``."""
     if p == 0.0:
         return t

@@ -38,6 +38,8 @@ shape, any strides): since d lse_i / d s_ij = P_ij, it only shifts the softmax b
 dS = P (dP - (delta - dlse)) with delta = rowsum(dO * O), so every backend subtracts it from delta.
 Dropout takes ``rng``, an int64 CPU tensor ``[seed, offset]`` (a tensor, not two ints, so that
 drawing it stays inside a compiled graph); see ``fused_attn._rng`` for the mask it defines.
+Drawn under ``vmap(..., randomness="different")`` it is batched, a pair per sample: such calls go
+through the registered ops, whose vmap fallback runs the samples one by one (``_per_sample``).
 
 Output layouts (fake and real implementations agree on them):
 - attention_fwd: out (B, Hq, Lq, Dv) stored as contiguous (B, Lq, Hq, Dv); lse (B, Hq, Lq) float32, float64
@@ -59,7 +61,7 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 
-from . import reference
+from . import _rng, reference
 from .backends import get_backend
 from .ops_common import (check_block_table, check_varlen_bounds, empty, grad_recording, lse_dtype,
                          new_attention_out, new_varlen_out, varlen_lse_shape)
@@ -192,11 +194,35 @@ def _of_moving(fn, inputs, moving):
     return of_moving
 
 
-def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
+def _seed_offset(rng: Optional[Tensor]) -> tuple:
+    """The ints of ``rng`` (0, 0 for None), or, drawn per sample (``_per_sample``), its two
+    batched 0-dim tensors, which only the reference math takes (``_rng.row_keys``)."""
     if rng is None:
         return 0, 0
+    if _rng.vmapped(rng):
+        return rng[0], rng[1]
     seed, offset = rng.tolist()
     return int(seed), int(offset)
+
+
+def _per_sample(rng: Optional[Tensor]) -> bool:
+    """Whether ``rng`` was drawn under ``torch.func.vmap(..., randomness="different")`` (or
+    ``jacfwd``'s, ...): a batched ``[seed, offset]``, a pair per sample, which the kernels cannot
+    take as two ints. Such a call goes through the registered op rather than its implementation:
+    the op's vmap fallback runs each sample on its own, with its own pair, so every sample gets its
+    own mask, that of the pair it drew (reproducible under ``torch.manual_seed``)."""
+    return rng is not None and _rng.vmapped(rng)
+
+
+def _backward_op(impl, op, rng, *tensors):
+    """What a Function's first-order backward calls: the implementation ``impl`` when
+    ``direct_call_ok(*tensors)``, else the registered ``op``; for a per-sample ``rng``
+    (``_per_sample``) the op under no_grad: under ``vmap(grad(f))`` torch.func runs the backward
+    recording a graph, and the custom op's autograd layer refuses torch.func's transforms. Nothing
+    is lost: a gradient that will be differentiated never comes here (``_create_graph``)."""
+    if _per_sample(rng):
+        return torch.no_grad()(op)
+    return impl if direct_call_ok(*tensors) else op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +296,8 @@ def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
                         alibi_slopes=None, bottom_right=False, return_lse=False):
     """AttentionFunction's output for eager calls that build no autograd graph, without its Python
     layers (see ``functional._eager_inference``)."""
-    out, lse = _attention_forward(_attention_fwd_impl, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
+    fwd = torch.ops.fused_attn.attention_fwd if _per_sample(rng) else _attention_fwd_impl
+    out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
                                   backend, softcap, alibi_slopes, bottom_right)
     return (out, lse) if return_lse else out
 
@@ -333,7 +360,7 @@ class AttentionFunction(_Function):
     @staticmethod
     def forward(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap, alibi_slopes,
                 bottom_right, return_lse):
-        direct = direct_call_ok(q, k, v, attn_mask, alibi_slopes)
+        direct = direct_call_ok(q, k, v, attn_mask, alibi_slopes) and not _per_sample(rng)
         fwd = _attention_fwd_impl if direct else torch.ops.fused_attn.attention_fwd
         return _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap,
                                   alibi_slopes, bottom_right)
@@ -366,8 +393,8 @@ class AttentionFunction(_Function):
         if attn_mask is not None:
             mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask_grad = bool(ctx.needs_input_grad[3])
-        direct = direct_call_ok(dout, q, k, v, attn_mask, alibi_slopes, dlse)
-        bwd = _attention_bwd_impl if direct else torch.ops.fused_attn.attention_bwd
+        bwd = _backward_op(_attention_bwd_impl, torch.ops.fused_attn.attention_bwd, rng, dout, q, k, v, attn_mask,
+                           alibi_slopes, dlse)
         dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask4, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
                                 backend, softcap, alibi_slopes, bottom_right, dlse)
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
@@ -471,7 +498,8 @@ def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
 
 def attention_varlen_inference(*args, return_lse=False):
     """AttentionVarlenFunction's output for eager calls that build no autograd graph."""
-    out, lse = _attention_varlen_fwd_impl(*args)
+    fwd = torch.ops.fused_attn.attention_varlen_fwd if _per_sample(args[12]) else _attention_varlen_fwd_impl  # (rng)
+    out, lse = fwd(*args)
     return (out, lse) if return_lse else out
 
 
@@ -486,7 +514,8 @@ class AttentionVarlenFunction(_Function):
                 dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes, return_lse, block_table):
         # block_table (pages read in place) comes only with inputs that need no gradient: a call
         # that trains gathers the pages first (functional.attention_varlen)
-        direct = direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, block_table)
+        direct = (direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, block_table)
+                  and not _per_sample(rng))
         fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
         return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
                    dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes, block_table)
@@ -512,8 +541,8 @@ class AttentionVarlenFunction(_Function):
         if _create_graph():  # the gradient will be differentiated: the reference, a sequence at a time
             outputs = _varlen_reference(ctx.options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
             return tuple(_grad_with_graph(outputs, (q, k, v), ctx.needs_input_grad[:3], (dout, dlse))) + (None,) * 17
-        bwd = (_attention_varlen_bwd_impl if direct_call_ok(dout, q, k, v, alibi_slopes, dlse)
-               else torch.ops.fused_attn.attention_varlen_bwd)
+        bwd = _backward_op(_attention_varlen_bwd_impl, torch.ops.fused_attn.attention_varlen_bwd, rng, dout, q, k, v,
+                           alibi_slopes, dlse)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
                          *ctx.options[7:], seqused_k, alibi_slopes, dlse)
         return (dq, dk, dv) + (None,) * 17
@@ -614,8 +643,9 @@ def as_shape_of(t: Tensor, x: Tensor) -> Tensor:
 def layer_norm_residual_inference(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                                   store_summed=True):
     """LayerNormResidualFunction's outputs for eager calls that build no autograd graph, as rows."""
-    return _layer_norm_forward(_layer_norm_residual_fwd_impl, x, residual, weight, bias, eps, dropout_p, rms,
-                               residual_in_fp32, rng, backend, store_summed)[:2]
+    fwd = torch.ops.fused_attn.layer_norm_residual_fwd if _per_sample(rng) else _layer_norm_residual_fwd_impl
+    return _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                               store_summed)[:2]
 
 
 class LayerNormResidualFunction(_Function):
@@ -635,7 +665,7 @@ class LayerNormResidualFunction(_Function):
     @staticmethod
     def forward(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, store_summed):
         """(out, summed, mean, rstd): the last two (non-differentiable) for the backward only."""
-        fwd = (_layer_norm_residual_fwd_impl if direct_call_ok(x, residual, weight, bias)
+        fwd = (_layer_norm_residual_fwd_impl if direct_call_ok(x, residual, weight, bias) and not _per_sample(rng)
                else torch.ops.fused_attn.layer_norm_residual_fwd)
         return _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng,
                                    backend, store_summed)
@@ -667,8 +697,8 @@ class LayerNormResidualFunction(_Function):
         # (dout and dsummed are the rows' gradients; _rows only makes their last dim unit-stride)
         dout = torch.zeros(summed.shape, dtype=x_dtype, device=summed.device) if dout is None else _rows(dout, d)
         dsummed = None if dsummed is None else _rows(dsummed, d)
-        bwd = (_layer_norm_residual_bwd_impl if direct_call_ok(dout, dsummed, summed, weight, bias)
-               else torch.ops.fused_attn.layer_norm_residual_bwd)
+        bwd = _backward_op(_layer_norm_residual_bwd_impl, torch.ops.fused_attn.layer_norm_residual_bwd, rng, dout,
+                           dsummed, summed, weight, bias)
         dsum, dx, dweight, dbias = bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, rng,
                                        x_dtype, backend)
         if dropout_p == 0.0:
@@ -797,7 +827,8 @@ def _stack(first, second):
 
 def feed_forward_inference(x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up=None, b1_up=None):
     """FeedForwardFunction's output for eager calls that build no autograd graph, as rows."""
-    return _feed_forward_forward(_feed_forward_fwd_impl, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
+    fwd = torch.ops.fused_attn.feed_forward_fwd if _per_sample(rng) else _feed_forward_fwd_impl
+    return _feed_forward_forward(fwd, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
                                  dropout_p, rng, backend)[0]
 
 
@@ -813,7 +844,7 @@ class FeedForwardFunction(_Function):
     def forward(x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up, b1_up):
         """(out, pre, x's rows when the kernel read a copy of them, else an empty tensor): the last
         two (non-differentiable) for the backward only."""
-        fwd = (_feed_forward_fwd_impl if direct_call_ok(x, w1, b1, w2, b2, w1_up, b1_up)
+        fwd = (_feed_forward_fwd_impl if direct_call_ok(x, w1, b1, w2, b2, w1_up, b1_up) and not _per_sample(rng)
                else torch.ops.fused_attn.feed_forward_fwd)
         out, x2, pre = _feed_forward_forward(fwd, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
                                              dropout_p, rng, backend)
@@ -852,7 +883,7 @@ class FeedForwardFunction(_Function):
         x2 = _rows(x, shape[-1]) if x2 is None else x2
         dout2 = dout.contiguous()  # the rows' gradient
         w1 = _stack(w1, w1_up)
-        bwd = _feed_forward_bwd_impl if direct_call_ok(dout2, x2, w1, w2) else torch.ops.fused_attn.feed_forward_bwd
+        bwd = _backward_op(_feed_forward_bwd_impl, torch.ops.fused_attn.feed_forward_bwd, rng, dout2, x2, w1, w2)
         dx, dw1, db1, dw2, db2 = bwd(dout2, x2, w1, w2, pre, activation, dropout_p, rng, has_b1, has_b2, backend)
         dx = dx if len(shape) == 2 else dx.view(*shape)  # a 2-D x: dx has its shape already
         db1 = db1 if has_b1 else None

@@ -139,7 +139,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
         if rng is None:
             probs = F.dropout(probs, dropout_p)
         else:
-            probs = _rng.apply_dropout(probs, dropout_p, int(rng[0]), int(rng[1]))
+            probs = _rng.apply_dropout(probs, dropout_p, *_rng.seed_offset(rng))
     return torch.matmul(probs, v)
 
 
@@ -192,7 +192,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_
         qs = q[cu_q[s]:cu_q[s + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq_s, D)
         ks = k[cu_k[s]:k_end[s]].transpose(0, 1).unsqueeze(0)
         vs = v[cu_k[s]:k_end[s]].transpose(0, 1).unsqueeze(0)
-        seq_rng = None if rng is None else (int(rng[0]), int(rng[1]) + Hq * cu_q[s])
+        seq_rng = None if rng is None else _rng.seed_offset((rng[0], rng[1] + Hq * cu_q[s]))
         slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[s])
         outs.append(attention(qs, ks, vs, None, causal, dropout_p, scale, seq_rng, window_size=window_size,
                               alignment=alignment, softcap=softcap, alibi_slopes=slopes,
@@ -216,7 +216,7 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
     The sum is kept in float32 when ``residual_in_fp32``; the normalised output has x's dtype.
     """
     if dropout_p > 0.0:
-        x_dropped = F.dropout(x, dropout_p) if rng is None else _rng.apply_dropout(x, dropout_p, int(rng[0]), int(rng[1]))
+        x_dropped = F.dropout(x, dropout_p) if rng is None else _rng.apply_dropout(x, dropout_p, *_rng.seed_offset(rng))
     else:
         x_dropped = x
     if residual_in_fp32:
@@ -280,7 +280,7 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, activation="relu", dropout_p=
     """
     h = activation_fn(F.linear(x, w1, b1), activation)
     if dropout_p > 0.0:
-        h = F.dropout(h, dropout_p) if rng is None else _rng.apply_dropout(h, dropout_p, int(rng[0]), int(rng[1]))
+        h = F.dropout(h, dropout_p) if rng is None else _rng.apply_dropout(h, dropout_p, *_rng.seed_offset(rng))
     return F.linear(h, w2, b2)
 
 

@@ -287,3 +287,61 @@ def test_vmap_over_inputs_still_runs_the_kernels():
     out = torch.func.vmap(lambda q: F.attention(q, q, q, causal=True))(q)
     ref = torch.stack([F.attention(qi, qi, qi, causal=True, backend="reference") for qi in q])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _per_sample_cases(backend):
+    """op -> (fused f(x) dropping out, its reference g(x, rng) with a given [seed, offset], x)."""
+    from fused_attn import reference as R
+
+    def r(*shape, seed=0):
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    k, v, res, w, b = r(1, 2, 3, 4, seed=1), r(1, 2, 3, 4, seed=2), r(2, 4, seed=3), r(4, seed=4), r(4, seed=5)
+    kp, vp, cu = r(5, 2, 4, seed=6), r(5, 2, 4, seed=7), torch.tensor([0, 2, 5], dtype=torch.int32)
+    w1, w2 = r(6, 4, seed=8), r(4, 6, seed=9)
+    return {
+        "attention": (lambda q: F.attention(q, k, v, dropout_p=0.4, backend=backend),
+                      lambda q, rng: R.attention(q, k, v, None, False, 0.4, None, rng), r(1, 2, 2, 4)),
+        "attention_varlen": (lambda q: F.attention_varlen(q, kp, vp, cu, cu, dropout_p=0.4, backend=backend),
+                             lambda q, rng: R.attention_varlen(q, kp, vp, cu, cu, False, 0.4, None, rng), r(5, 2, 4)),
+        "layer_norm_residual": (lambda x: F.layer_norm_residual(x, res, w, b, dropout_p=0.4, backend=backend),
+                                lambda x, rng: R.layer_norm_residual(x, res, w, b, dropout_p=0.4, rng=rng), r(2, 4)),
+        "feed_forward": (lambda x: F.feed_forward(x, w1, None, w2, None, activation="gelu", dropout_p=0.4,
+                                                  backend=backend),
+                         lambda x, rng: R.feed_forward(x, w1, None, w2, None, "gelu", 0.4, rng), r(2, 4)),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["attention", "attention_varlen", "layer_norm_residual", "feed_forward"])
+def test_vmap_randomness_different_draws_a_mask_per_sample(backend, op):
+    """vmap(..., randomness="different") draws the [seed, offset] pair once per sample, a batched
+    tensor the kernels could not read (every dropout op raised "Cannot access data pointer"):
+    each sample now gets the mask of its own pair, the pair torch.randint draws for it (so the
+    result is reproducible under torch.manual_seed), in vmap, vmap(grad) and jacfwd alike."""
+    fused, ref, x = _per_sample_cases(backend)[op]
+    n = 3
+    xs = x.expand(n, *x.shape)  # the same input in every sample: only the masks tell them apart
+
+    def pairs(count):  # what vmap draws: torch.randint's (2,) once per sample, a (count, 2) draw
+        torch.manual_seed(0)
+        return torch.randint(0, 2**62, (count, 2), dtype=torch.int64)
+
+    torch.manual_seed(0)
+    out = torch.func.vmap(fused, randomness="different")(xs)
+    torch.testing.assert_close(out, torch.stack([ref(x, rng) for rng in pairs(n)]), atol=1e-12, rtol=1e-12)
+    assert not torch.equal(out[0], out[1])
+
+    def loss(f):
+        return lambda x, *rng: f(x, *rng).square().sum()
+
+    torch.manual_seed(0)
+    grads = torch.func.vmap(torch.func.grad(loss(fused)), randomness="different")(xs)
+    expected = torch.stack([torch.func.grad(loss(ref))(x, rng) for rng in pairs(n)])
+    torch.testing.assert_close(grads, expected, atol=1e-12, rtol=1e-12)
+
+    torch.manual_seed(0)
+    jac = torch.func.jacfwd(fused, randomness="different")(x)  # a pair per basis tangent
+    basis = torch.eye(x.numel(), dtype=x.dtype).reshape(x.numel(), *x.shape)
+    columns = [torch.func.jvp(lambda x: ref(x, rng), (x,), (e,))[1] for e, rng in zip(basis, pairs(x.numel()))]
+    torch.testing.assert_close(jac, torch.stack(columns, dim=-1).reshape(jac.shape), atol=1e-12, rtol=1e-12)

@@ -390,3 +390,26 @@ def test_a_call_that_breaks_the_graph_runs_eagerly_under_default_compile():
     torch._dynamo.reset()  # (else the code compiled above, with its graph break, is reused)
     with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
         torch.compile(fn, backend="aot_eager", fullgraph=True)(q)
+
+
+def test_dropout_under_fullgraph_seeds_from_torch_not_a_generator():
+    """README (Dropout): under fullgraph=True seed torch; Dynamo cannot trace torch.randint with a
+    generator (torch's own limit), so generator= fails there and breaks the graph without fullgraph."""
+    q = torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(1))
+
+    def seeded(q):
+        return F.attention(q, q, q, dropout_p=0.3)
+
+    def with_generator(q, gen):
+        return F.attention(q, q, q, dropout_p=0.3, generator=gen)
+
+    torch.manual_seed(5)
+    eager = seeded(q)
+    torch.manual_seed(5)
+    assert torch.equal(torch.compile(seeded, fullgraph=True, backend="aot_eager")(q), eager)
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(with_generator, fullgraph=True, backend="aot_eager")(q, torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    eager = with_generator(q, torch.Generator().manual_seed(3))
+    compiled = torch.compile(with_generator, backend="aot_eager")(q, torch.Generator().manual_seed(3))
+    assert torch.equal(compiled, eager)

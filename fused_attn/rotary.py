@@ -131,6 +131,12 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
            inplace: bool = False) -> Tensor:
     """The embedding of checked inputs: x4 (B, L, H, D), positions (B, L) in range, ``backend``
     resolved (also ``attention_with_kvcache``'s path, which checks its positions itself)."""
+    if inplace and torch._C._are_functorch_transforms_active():
+        # Under torch.func's transforms, out of place and then copied into x4: vmap's fallback
+        # runs no out= kernel (the cpu and cuda backends write x through fused_attn_C::rotary_out),
+        # and torch's generated vmap rule refuses an in-place autograd Function under vmap(grad)
+        # ("marked as dirty ... not returned"); copy_ is an in-place op every transform takes.
+        return x4.copy_(rotate(x4, cos, sin, positions, interleaved, backend))
     if inference_call_ok(x4, cos, sin):
         return rotary_inference(x4, cos, sin, positions, interleaved, backend, inplace)
     if inplace and not _needs_grad(x4, cos, sin):  # traced without a graph to record: the mutating op alone

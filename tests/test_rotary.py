@@ -409,6 +409,30 @@ def test_inplace_under_autograd(backend):
         fused_attn.apply_rotary_emb(h.detach(), cos, sin, inplace="yes", backend=backend)
 
 
+@pytest.mark.parametrize("backend", [None] + [b for b in BACKENDS if b in ("reference", "cpu")])
+def test_inplace_under_vmap_and_per_sample_grad(backend):
+    """inplace=True under torch.func.vmap (auto is cpu here) and vmap(grad) per-sample gradients:
+    vmap's fallback ran no out= kernel (cpu raised "Batching rule not implemented for
+    fused_attn_C::rotary_out") and torch's generated vmap rule refused the in-place Function under
+    vmap(grad) (every backend). Each sample as the out-of-place call on it, written into x."""
+    cos, sin = tables(16, 4)
+    xs = torch.randn(3, 2, 5, 2, 8, generator=torch.Generator().manual_seed(0))
+    expected = torch.stack([fused_attn.apply_rotary_emb(x, cos, sin, backend=backend) for x in xs])
+    x = xs.clone()
+    out = torch.func.vmap(lambda t: fused_attn.apply_rotary_emb(t, cos, sin, inplace=True, backend=backend))(x)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(x, out)  # written into the vmapped x, as out of vmap
+
+    weights = torch.randn(2, 5, 2, 8, generator=torch.Generator().manual_seed(1))
+
+    def loss(inplace):
+        return lambda t: (fused_attn.apply_rotary_emb(t * 2, cos, sin, inplace=inplace, backend=backend)
+                          * weights).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss(True)))(xs)
+    torch.testing.assert_close(grads, torch.func.vmap(torch.func.grad(loss(False)))(xs), atol=1e-6, rtol=1e-6)
+
+
 def test_inplace_compiles_fullgraph():
     backend = "cpu" if "cpu" in BACKENDS else "reference"
     cos, sin = tables(32, 8)

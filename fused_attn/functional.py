@@ -341,12 +341,15 @@ def _learned_alibi_mask(slopes: Tensor, attn_mask: Optional[Tensor], Lq: int, Lk
     and autograd carries it to the slopes. (Lq, Lk) per head: what a learnable bias costs."""
     from .reference import alibi_bias
 
-    bias = alibi_bias(slopes.to(torch.float32), Lq, Lk, alignment, torch.float32)  # (Hq | B, Hq, Lq, Lk)
+    # float32 at least, float64 for float64 q: rounding float64 slopes to float32 gave their
+    # gradient a float32 forward (float64 gradcheck w.r.t. the slopes failed)
+    wide = torch.promote_types(dtype, torch.float32)
+    bias = alibi_bias(slopes.to(wide), Lq, Lk, alignment, wide)  # (Hq | B, Hq, Lq, Lk)
     if attn_mask is None:
         return bias.to(dtype)
     if attn_mask.dtype == torch.bool:
         return torch.where(attn_mask, bias, float("-inf")).to(dtype)  # (broadcast both ways)
-    return (bias + attn_mask.to(torch.float32)).to(dtype)
+    return (bias + attn_mask.to(wide)).to(dtype)
 
 
 def _check_sinks(sinks, Hq: int, device):

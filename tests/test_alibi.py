@@ -281,6 +281,19 @@ def test_learnable_slopes_get_their_gradient(device, backend, case):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if fused_attn.extension_error() is None else []))
+@pytest.mark.parametrize("mask", [None, "additive"])
+def test_learnable_slopes_float64_gradcheck(backend, mask):
+    """float64 slopes (and an additive float64 mask) with float64 q: the learnable bias is built in
+    float64 (it was built in float32, so the slopes' gradient failed float64 gradcheck)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64, generator=gen) for _ in range(3))
+    attn_mask = None if mask is None else 0.3 * torch.randn(1, 2, 4, 4, dtype=torch.float64, generator=gen)
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: F.attention(q, k, v, attn_mask=attn_mask, alibi_slopes=s, causal=True,
+                                                          backend=backend), (slopes,))
+
+
 def test_learnable_slopes_compile_fullgraph():
     q, k, v = make_inputs((2, 4, 9, 16), (2, 4, 9, 16), (2, 4, 9, 16), seed=6)
     slopes = torch.linspace(0.1, 0.5, 4).requires_grad_()

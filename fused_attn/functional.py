@@ -1350,8 +1350,8 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         weight, bias: (d,) or None.  eps: > 0.
         prenorm: also return the sum ``dropout(x) + residual`` (the residual stream of a pre-LN
             stack), as ``(normed, summed)``.
-        residual_in_fp32: keep the sum in float32 (``residual`` may then be float32 while x is
-            half precision); the normalised output keeps x's dtype.
+        residual_in_fp32: keep the sum in float32, float64 for float64 x (``residual`` may then be
+            float32 while x is half precision or float64); the normalised output keeps x's dtype.
     """
     compiling = torch.compiler.is_compiling()
     if isinstance(x, Tensor) and _autocast_enabled(x.device.type):

@@ -213,14 +213,18 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
                         prenorm=False, rms=False, residual_in_fp32=False, rng=None):
     """norm(dropout(x) + residual) over the last dim; with prenorm, also returns the sum.
 
-    The sum is kept in float32 when ``residual_in_fp32``; the normalised output has x's dtype.
+    The sum is kept in float32 when ``residual_in_fp32`` (float64 for float64 x); the normalised
+    output has x's dtype.
     """
     if dropout_p > 0.0:
         x_dropped = F.dropout(x, dropout_p) if rng is None else _rng.apply_dropout(x, dropout_p, *_rng.seed_offset(rng))
     else:
         x_dropped = x
     if residual_in_fp32:
-        summed = x_dropped.float() + (residual.float() if residual is not None else 0.0)
+        # in the wider of float32 and x's dtype, as the kernels keep it: both operands exact in
+        # it, one rounding of the add (float64 x keeps a float64 sum)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        summed = x_dropped.to(wide) + (residual.to(wide) if residual is not None else 0.0)
     else:
         summed = x_dropped + residual if residual is not None else x_dropped
     if rms:

@@ -29,9 +29,9 @@ def _reference(rms, prenorm, dropout_p=0.0, residual_in_fp32=False, seed=None, e
         rng = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=torch.Generator().manual_seed(seed)).tolist())
 
     def fn(x, residual, weight, bias):
-        # In the float64 oracle run the sum stays float64 (the ideal), not float32.
-        fp32 = residual_in_fp32 and x.dtype != torch.float64
-        if fp32 and x.dtype != torch.float32:
+        # (In the float64 oracle run the sum stays float64: residual_in_fp32 keeps float64 x's sum in float64.)
+        fp32 = residual_in_fp32
+        if fp32 and x.dtype not in (torch.float32, torch.float64):
             # reference.layer_norm_residual hands a float32 sum with half-precision weights to
             # F.layer_norm, which refuses mixed dtypes; the kernels compute this affine in float32.
             weight = None if weight is None else weight.float()
@@ -120,6 +120,33 @@ def test_residual_in_fp32(dtype, residual_dtype, rms):
     out, summed = _fused(rms, True, residual_in_fp32=True)(x, r, w, b)
     (out.float().sum() + summed.sum()).backward()
     assert x.grad.dtype == dtype and r.grad.dtype == r.dtype
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("residual_dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_residual_in_fp32_keeps_float64_sums(backend, residual_dtype, dropout_p):
+    """residual_in_fp32 with float64 x keeps the sum in float64 (the wider of float32 and x's
+    dtype): it was rounded to float32 (float64 gradcheck failed), and the reference rounded x and
+    the residual to float32 before adding where the cpu kernel added in float64 and rounded once
+    (3e-7 apart). Now both add in float64: the same sums bit for bit, and float64 gradcheck."""
+    x, r, w, b = _inputs(5, 12, torch.float64)
+    r = r.detach().to(residual_dtype).requires_grad_()
+
+    def fn(backend):
+        return lambda x, r, w, b: fused_attn.layer_norm_residual(
+            x, r, w, b, prenorm=True, residual_in_fp32=True, dropout_p=dropout_p, backend=backend,
+            generator=torch.Generator().manual_seed(3))
+
+    out, summed = fn(backend)(x, r, w, b)
+    assert out.dtype == torch.float64 and summed.dtype == torch.float64
+    ref_out, ref_summed = fn("reference")(x, r, w, b)
+    assert torch.equal(summed, ref_summed)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-12)
+    (out.sum() + summed.sum()).backward()
+    assert r.grad.dtype == residual_dtype
+    if residual_dtype == torch.float64:
+        assert torch.autograd.gradcheck(fn(backend), (x, r, w, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

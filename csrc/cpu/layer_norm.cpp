@@ -116,7 +116,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   FA_CHECK(eps >= 0.0, "eps must be non-negative, got ", eps);
   check_dropout_p(dropout_p);
 
-  const auto sum_dtype = residual_in_fp32 ? at::kFloat : dtype;
+  // residual_in_fp32 keeps the sum in the wider of float32 and x's dtype: float64 x keeps it in
+  // float64 (rounding it to float32 lost float64's precision; the flag then only lets a float32
+  // residual in, read exactly).
+  const bool sum_fp32 = residual_in_fp32 && dtype != at::kDouble;
+  const auto sum_dtype = sum_fp32 ? at::kFloat : dtype;
   // (outputs from the scratch cache's allocator: csrc/cpu/scratch.h)
   auto out = scratch::empty({N, d}, dtype);
   // Without store_summed (inference, no prenorm) the sum stays in the row scratch: one output stream.
@@ -132,11 +136,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
 
   FA_DISPATCH_FLOATING(dtype, "layer_norm_residual_fwd", [&] {
     const bool res_fp32 = r && r->scalar_type() == at::kFloat && dtype != at::kFloat;
-    if (residual_in_fp32) {
+    if (sum_fp32) {
       if (res_fp32)
         layer_norm_fwd<scalar_t, float, float>(x, r, wp, bp, opt, out, sp, mean, rstd);
       else
         layer_norm_fwd<scalar_t, scalar_t, float>(x, r, wp, bp, opt, out, sp, mean, rstd);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      if (res_fp32)  // (float64 x, float32 residual, residual_in_fp32: a float64 sum)
+        layer_norm_fwd<double, float, double>(x, r, wp, bp, opt, out, sp, mean, rstd);
+      else
+        layer_norm_fwd<double, double, double>(x, r, wp, bp, opt, out, sp, mean, rstd);
     } else {
       layer_norm_fwd<scalar_t, scalar_t, scalar_t>(x, r, wp, bp, opt, out, sp, mean, rstd);
     }

@@ -33,7 +33,8 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   shape with any strides) is the lse's gradient: it joins the backward as delta - dlse, delta
   being rowsum(dout * out) (d lse_i / d s_ij = P_ij).
 - layer_norm_residual: x (N, d), residual None or (N, d), weight/bias None or (d,). ``summed``
-  is dropout(x) + residual in float32 if ``residual_in_fp32`` else x's dtype; ``mean`` (empty for
+  is dropout(x) + residual in x's dtype, with ``residual_in_fp32`` in the wider of float32 and x's
+  dtype (float64 x: float64); ``mean`` (empty for
   rms) and ``rstd`` are float32 (N,). With ``store_summed=False`` (inference without prenorm)
   ``summed`` is an empty (0,) tensor of that dtype and need not be computed to memory. Backward returns ``dsum`` (the gradient of the sum, in
   summed's dtype, which is also the residual's gradient) and ``dx`` (x's gradient in ``x_dtype``)

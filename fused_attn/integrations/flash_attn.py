@@ -438,11 +438,14 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
         weight = weight + 1.0
     # FlashAttention's dtypes: parameters of any float dtype (here used in x's), and the summed
     # stream in the residual's dtype when a residual is given (the flag then says nothing), else
-    # float32 with residual_in_fp32, else x's.
+    # float32 with residual_in_fp32 (also for float64 x, where fused_attn's flag keeps float64),
+    # else x's.
     stream_dtype = None  # the dtype residual_out must be given back in
     if isinstance(x, Tensor) and x.is_floating_point():
         if isinstance(residual, Tensor) and residual.is_floating_point():
             stream_dtype, residual_in_fp32 = residual.dtype, False
+        elif residual_in_fp32 is True:
+            stream_dtype = torch.float32
         if out_dtype is not None and out_dtype.is_floating_point and out_dtype.itemsize > x.dtype.itemsize:
             # FlashAttention's kernel computes in float32 and writes y in out_dtype: no rounding to
             # x's dtype on the way (the sum still comes back in its own dtype)

@@ -5,7 +5,7 @@ hands them, checked and normalised once there (shapes, dtypes and devices agreei
 counts, a band rather than causal / window_size, an int64 CPU ``rng``, float32 (rows, Hq) ALiBi
 slopes, a resolved backend name). Called directly with anything else, they may broadcast or run
 silently; only a backend name that is not a resolved one ("auto", a typo) raises, a ValueError
-from ``backends.get_backend``.
+from ``backends.get_backend``, and so does a ``block_table`` for a backend that reads no paged K/V.
 
 Each op half is a ``torch.library.custom_op`` in the ``fused_attn`` namespace whose last
 argument names the backend that runs it (resolved before the call, never "auto"); its fake
@@ -431,6 +431,12 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                                checked=False, alibi_slopes=None, block_table=None):
     """``block_table``: k and v are the pages of a paged cache (``ops_common.paged_layout``; only
     for a backend with ``paged_kv``), cu_seqlens_k / seqused_k their packed view's boundaries."""
+    if block_table is not None and not get_backend(backend).paged_kv:
+        # (functional.attention_varlen gathers the pages first for such a backend; a direct call
+        # reached the backend's method with an argument it does not take, a bare TypeError)
+        raise ValueError(f"block_table is given but the {backend!r} backend reads no paged K/V (it takes packed k "
+                         f"and v): gather the pages first (ops_common.gather_kv_pages, as "
+                         f"fused_attn.attention_varlen does), or run a backend with paged_kv (triton)")
     if not checked:  # a traced call: the boundaries were not readable when it was built
         used_k = None if block_table is None else check_block_table(block_table, k.shape[0], k.shape[1],
                                                                     cu_seqlens_k, seqused_k)

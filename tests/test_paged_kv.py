@@ -10,6 +10,7 @@ them gathered first. Runs on every backend of this machine.
 import pytest
 import torch
 
+import fused_attn
 from fused_attn import functional as F
 from fused_attn import reference as R
 from fused_attn.testing import backend_cases, check_against_reference, index_view, make_inputs
@@ -286,3 +287,17 @@ def test_only_the_table_columns_in_use_are_gathered(monkeypatch, grad):
     if grad:
         out.sum().backward()
         assert k.grad is not None and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if fused_attn.extension_error() is None else []))
+def test_raw_op_refuses_block_table_for_a_backend_without_paged_kv(backend):
+    """torch.ops.fused_attn.attention_varlen_fwd(..., block_table=) on a backend that reads no
+    pages raised a bare TypeError (an unexpected keyword of the backend's method); now a
+    ValueError saying to gather the pages first (the functional layer does so itself)."""
+    from fused_attn.ops_common import NO_BAND
+
+    q, k_pages, v_pages = torch.randn(4, 2, 8), torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8)
+    cu, table = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"block_table is given but the '{backend}' backend reads no paged K/V"):
+        torch.ops.fused_attn.attention_varlen_fwd(q, k_pages, v_pages, cu, cu, 4, 4, *NO_BAND, False, 0.0, 0.3, None,
+                                                  backend, block_table=table)

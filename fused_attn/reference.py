@@ -514,10 +514,11 @@ class MultiHeadAttention(nn.Module):
             self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
                                  persistent=False)
         self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
+        checks = functional_checks()  # (an int too large for a float is not finite: float() overflowed)
         if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)) or not (
-                0 < rotary_base < math.inf):
+                rotary_base > 0 and checks._finite(rotary_base)):
             raise ValueError(f"rotary_base must be a finite number > 0 (RoPE's angles are position / base ** "
-                             f"(2i / head_dim)), got {rotary_base!r}")
+                             f"(2i / head_dim)), got {checks._shown(rotary_base)}")
         self.rotary, self.rotary_base = bool(rotary), float(rotary_base)
         if self.rotary and self.head_dim % 2:
             raise ValueError(f"rotary=True turns pairs of features: the head dim (d_model / num_heads = "

@@ -32,7 +32,6 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import math
 import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -45,7 +44,7 @@ from torch import Tensor
 from . import modules as fused_modules
 from . import reference
 from .backends import check_backend_name
-from .functional import attention, feed_forward, layer_norm_residual, scaled_dot_product_attention
+from .functional import _finite, _shown, attention, feed_forward, layer_norm_residual, scaled_dot_product_attention
 
 #: instance attribute holding (original class, names of the attributes the swap added)
 RESTORE_ATTR = "_fused_attn_restore"
@@ -148,8 +147,9 @@ def norm_reason(norm) -> Optional[str]:
     if len(norm.normalized_shape) != 1:
         return f"normalized_shape {tuple(norm.normalized_shape)} spans several dims"
     # torch takes eps=0 (or less); the fused norm refuses it, so a swapped one would raise at every call
-    if norm.eps is not None and not (norm.eps > 0 and math.isfinite(norm.eps)):
-        return f"eps={norm.eps}: the fused norm takes a positive finite eps"
+    # (_finite: an int too large for a float is not finite there; math.isfinite raised OverflowError)
+    if norm.eps is not None and not (norm.eps > 0 and _finite(norm.eps)):
+        return f"eps={_shown(norm.eps)}: the fused norm takes a positive finite eps"
     return None
 
 

@@ -429,6 +429,8 @@ def test_valid_constructor_arguments_keep_their_meaning():
     (dict(d_model=-16), "d_model must be an int >= 1, got -16"),
     (dict(rotary=True, rotary_base=0.0), "rotary_base must be a finite number > 0"),
     (dict(rotary=True, rotary_base=float("nan")), "rotary_base must be a finite number > 0"),
+    # (too large for a float: float() raised OverflowError)
+    (dict(rotary=True, rotary_base=10**400), r"rotary_base must be a finite number > 0 .*got an int of 1329 bits"),
 ])
 def test_constructor_arguments_are_checked(kwargs, match):
     """Head counts below 1 (ZeroDivisionError, or a module whose forward failed in unflatten) and a

@@ -392,6 +392,10 @@ def test_norms_with_eps_the_fused_norm_refuses_are_left():
     assert "norms torch (eps=0.0" in report.replaced[0][3] and "FFN fused relu" in report.replaced[0][3], report
     assert {path for path, _, why in report.left if "eps=0.0" in why} == {"norm1", "norm2"}, report
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    huge = nn.LayerNorm(D)
+    huge.eps = 10**400  # an int too large for a float: math.isfinite raised OverflowError
+    report = fused_attn.swap_modules(huge)
+    assert not report.replaced and "eps=an int of 1329 bits" in report.left[0][2], report
 
 
 def test_activation_changed_after_the_swap_is_followed(monkeypatch):

@@ -32,8 +32,10 @@ torch.cuda.max_memory_allocated above what was allocated before the call; on CPU
 of the bytes torch's allocator handed out and not yet freed during the call, from torch.profiler
 (profile_memory=True; tracemalloc does not see torch).
 
-Exit status 1 when a fused backend raised or missed the oracle. SIGTERM (e.g. `timeout`) stops
-the sweep and still writes what was measured.
+Exit status 1 when a fused backend raised or missed the oracle, or could not be checked against it
+(it raised on the check's inputs, a gradient is missing on one side only, or the float64 reference
+or the eager yardstick failed: the row's oracle is then FAIL with the reason). SIGTERM (e.g.
+`timeout`) stops the sweep and still writes what was measured.
 """
 from __future__ import annotations
 
@@ -1202,10 +1204,12 @@ def _measure_errors(case, dtype, impls, rows, opts):
         dout = torch.randn(out64.shape, generator=gen).to(device=device, dtype=dtype)
         grads64 = _grads(out64, inputs64 + ref_params, dout.double())
     except Exception as exc:  # noqa: BLE001
-        for row in rows.values():
-            row["oracle_detail"] = f"error check failed: {_short(exc)}"
+        # without the float64 reference no fused row that ran can be judged: that is a failure of
+        # the run (exit status 1), not a silent pass
+        _no_verdict(rows, names, opts.passes, f"error check failed: float64 reference: {_short(exc)}")
         return
     results = {}
+    low_error = "not built"
     for name, impl in check_impls.items():
         try:
             with impl.context():
@@ -1218,9 +1222,15 @@ def _measure_errors(case, dtype, impls, rows, opts):
                         out_infer = impl.fn(*inputs)
             results[name] = (out.detach(), [g for g in grads], out_infer)
         except Exception as exc:  # noqa: BLE001
-            for pass_ in opts.passes:
-                rows[name, pass_]["oracle_detail"] = f"error check failed: {_short(exc)}"
+            # a fused backend that raises on the check's inputs fails the oracle (it ran the timed
+            # shape, so the error check is the only place this shows)
+            _no_verdict(rows, [name], opts.passes, f"error check failed: {_short(exc)}")
+            if name == "eager":
+                low_error = _short(exc)
     low = results.get("eager")
+    if low is None:  # the oracle's yardstick is missing: no fused row can be judged
+        _no_verdict(rows, [n for n in names if n != "eager"], opts.passes,
+                    f"error check failed: the eager reference in {_dt(dtype)}: {low_error}")
     for name, (out, grads, out_infer) in results.items():
         if (name, opts.passes[0]) not in rows:
             continue
@@ -1228,23 +1238,54 @@ def _measure_errors(case, dtype, impls, rows, opts):
         err_infer = None if out_infer is None else _max_abs(out_infer, out64)
         pairs = [(g, g64) for g, g64 in zip(grads, grads64) if g is not None and g64 is not None]
         err_grad = max((_max_abs(g, g64) for g, g64 in pairs), default=0.0)
+        fused = BACKENDS.get(name) is not None
         verdict, detail = "", ""
-        if low is not None and BACKENDS.get(name) is not None:
+        if low is not None and fused:
             try:
                 compare("output", out, out64, low[0], k=K_FORWARD)
                 if out_infer is not None:
                     compare("no-grad output", out_infer, out64, low[0], k=K_FORWARD)
                 for j, (g, g64, glow) in enumerate(zip(grads, grads64, low[1])):
-                    if g is not None and g64 is not None and glow is not None:
-                        compare(f"grad of input {j}", g, g64, glow, k=K_GRAD)
+                    # autograd.grad(allow_unused=True) gives None for an input the output does not
+                    # depend on: a gradient missing on one side only is a wrong backward
+                    if (g is None) != (g64 is None):
+                        raise AssertionError(f"grad of input {j}: {'none' if g is None else 'a gradient'} where "
+                                             f"the float64 reference gives {'none' if g64 is None else 'one'}")
+                    if g is None:
+                        continue
+                    if glow is None:
+                        raise AssertionError(f"grad of input {j}: the eager reference in {_dt(dtype)} gives none "
+                                             "(no yardstick)")
+                    compare(f"grad of input {j}", g, g64, glow, k=K_GRAD)
                 verdict = "ok"
             except AssertionError as exc:
                 verdict, detail = "FAIL", str(exc)
         for pass_ in opts.passes:
-            rows[name, pass_].update(err_out=err_infer if pass_ == "infer" else err_out, err_grad=err_grad,
-                                     oracle=verdict, oracle_detail=detail)
+            rows[name, pass_].update(err_out=err_infer if pass_ == "infer" else err_out, err_grad=err_grad)
+            if low is not None:  # else _no_verdict above said why
+                rows[name, pass_].update(oracle=verdict, oracle_detail=detail)
         if verdict == "FAIL":
             rows[name, opts.passes[0]]["status_note"] = detail
+    # a fused row that ran leaves with a verdict, whatever path above missed it
+    for name in names:
+        for pass_ in opts.passes:
+            row = rows.get((name, pass_))
+            if row is not None and row["kind"] == "fused" and not row["oracle"]:
+                row.update(oracle="FAIL", oracle_detail="error check failed: no verdict reached")
+
+
+def _no_verdict(rows, names, passes, detail):
+    """The error check could not judge ``names``: their fused rows FAIL the oracle with ``detail``
+    (the run's exit status is then 1); a baseline's rows only record the detail."""
+    for name in names:
+        for pass_ in passes:
+            row = rows.get((name, pass_))
+            if row is None:
+                continue
+            if row["kind"] == "fused":
+                row.update(oracle="FAIL", oracle_detail=detail)
+            else:
+                row["oracle_detail"] = detail
 
 
 def _free(device):
@@ -1456,8 +1497,18 @@ def summarize(rows: list[dict]) -> list[dict]:
                         "host_bound": sum(1 for r in ok if r.get("host_ms") and r["host_ms"] > r["median_ms"]),
                         "max_err": max(errs) if errs else None,
                         "oracle_fails": sum(r["oracle"] == "FAIL" for r in mine),
+                        "oracle_ok": sum(r["oracle"] == "ok" for r in ok),
                         "errors": sum(r["status"] in ("error", "oom") for r in mine)})
     return summary
+
+
+def _oracle_cell(s: dict) -> str:
+    """The summary's oracle column of a fused line: "ok" only when every shape that ran met the
+    oracle; "n/a" when some ran without a verdict (or none ran)."""
+    if s["oracle_fails"]:
+        return f"{s['oracle_fails']} FAIL"
+    ok = s.get("oracle_ok")  # summaries written before the count existed have none
+    return "ok" if s["ok"] and (ok is None or ok == s["ok"]) else "n/a"
 
 
 def format_summary(summary: list[dict], ceilings: dict, machine: dict) -> str:
@@ -1473,7 +1524,7 @@ def format_summary(summary: list[dict], ceilings: dict, machine: dict) -> str:
                       _fmt(None if s["ceiling_frac"] is None else 100 * s["ceiling_frac"], ".0f")] +
                      ([f"{s.get('host_bound', 0)}/{s['ok']}"] if gpu else []) +
                      [_fmt(s["max_err"], ".1e"),
-                      "" if s["kind"] != "fused" else ("ok" if not s["oracle_fails"] else f"{s['oracle_fails']} FAIL"),
+                      "" if s["kind"] != "fused" else _oracle_cell(s),
                       str(s["errors"] or "")])
     mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.get("matmul_tflops", {}).items())
     title = (f"== summary: {machine['device_name']} | torch {machine['torch']} | triton {machine.get('triton')} | "
@@ -1766,9 +1817,12 @@ def main(argv=None) -> int:
         print(f"\nwarning: {len(suspect)} timing(s) are implausible ({suspect[0]}{'; ...' if len(suspect) > 1 else ''}): "
               f"this machine's timings are noisy; compare ratios measured alternately, or rerun with --threads 1")
     if failures:
+        def why(r):
+            if r["status"] != "ok":
+                return f"{r['status']}: {r['reason']}"
+            return f"oracle FAIL: {' '.join(r['oracle_detail'].split())[:200]}"
         print(f"\n{len(failures)} fused row(s) failed (error or oracle FAIL): "
-              + "; ".join(f"{r['op']} {r['shape']} {r['pass']} {r['impl']}: {r['status']} {r['reason'] or r['oracle']}"
-                          for r in failures[:8]))
+              + "; ".join(f"{r['op']} {r['shape']} {r['pass']} {r['impl']}: {why(r)}" for r in failures[:8]))
         return 1
     return 0
 

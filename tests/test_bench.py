@@ -2,6 +2,7 @@
 and plots, counts work as documented, and reports failing or inexact backends."""
 import contextlib
 import csv
+import dataclasses
 import os
 import json
 import runpy
@@ -217,6 +218,88 @@ def test_a_failing_backend_fails_the_run(tmp_path, monkeypatch, capsys, fault):
     else:
         assert all(r["status"] == "ok" and r["oracle"] == "FAIL" for r in ref)
     assert "failed" in capsys.readouterr().out
+
+
+def _run_unjudgeable(tmp_path, capsys):
+    """The tiny attention sweep on the reference backend, forward + backward; its exit status, the
+    reference backend's rows outside the varlen case, and what was printed."""
+    code = bench.main(["--shapes", "tiny", "--ops", "attention", "--backend", "reference", "--passes", "fwd+bwd",
+                       "--baselines", "eager", "--budget", "0.005", "--no-plots", "--no-memory",
+                       "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    mine = [r for r in rows if r["impl"] == "reference" and "varlen" not in r["shape"]]
+    assert mine
+    return code, mine, capsys.readouterr().out
+
+
+def test_a_backend_missing_a_gradient_fails_the_run(tmp_path, monkeypatch, capsys):
+    # autograd.grad(allow_unused=True) gives None for dK: that was skipped, and the row said "ok"
+    backend = BACKENDS["reference"]
+    original = backend.attention_bwd
+    monkeypatch.setattr(backend, "attention_bwd", lambda *a, **kw: (lambda g: (g[0], None, g[2], g[3]))(
+        original(*a, **kw)))
+    code, mine, printed = _run_unjudgeable(tmp_path, capsys)
+    assert code == 1
+    assert all(r["status"] == "ok" and r["oracle"] == "FAIL" and "grad of input 1" in r["oracle_detail"]
+               for r in mine)
+    assert "reference: oracle FAIL: grad of input 1" in printed
+    summary = printed.split("== summary")[-1].split("fused row(s) failed")[0]
+    assert any(line.startswith("attention") and " reference " in line and "FAIL" in line
+               for line in summary.splitlines())
+
+
+def _check_on_odd_lengths(monkeypatch):
+    """The error check runs one more query/key than the timed case: what fails on odd lengths
+    fails in the check only."""
+    monkeypatch.setattr(bench.AttentionCase, "check_case", lambda self: dataclasses.replace(self, L=self.L + 1))
+
+
+def test_a_backend_raising_in_the_error_check_fails_the_run(tmp_path, monkeypatch, capsys):
+    backend = BACKENDS["reference"]
+    original = backend.attention_fwd
+
+    def raises_on_odd(q, *args, **kw):
+        if q.shape[2] % 2:
+            raise RuntimeError("planted failure in the check")
+        return original(q, *args, **kw)
+
+    monkeypatch.setattr(backend, "attention_fwd", raises_on_odd)
+    _check_on_odd_lengths(monkeypatch)
+    code, mine, printed = _run_unjudgeable(tmp_path, capsys)
+    assert code == 1
+    assert all(r["status"] == "ok" and r["oracle"] == "FAIL" and "planted failure in the check" in r["oracle_detail"]
+               for r in mine)
+    assert "oracle FAIL: error check failed: RuntimeError: planted failure in the check" in printed
+
+
+@pytest.mark.parametrize("which", ["float64", "low"])
+def test_a_failing_reference_fails_the_run(tmp_path, monkeypatch, capsys, which):
+    # without the float64 reference, or the eager yardstick in the run's dtype, no verdict can be
+    # reached: the fused rows fail with the reason, never pass silently
+    original = bench._ref_attention
+
+    def fails(q, *args, **kw):
+        if q.dtype == torch.float64 if which == "float64" else q.dtype != torch.float64 and q.shape[2] % 2:
+            raise RuntimeError(f"planted {which} reference failure")
+        return original(q, *args, **kw)
+
+    monkeypatch.setattr(bench, "_ref_attention", fails)
+    if which == "low":
+        _check_on_odd_lengths(monkeypatch)
+    code, mine, printed = _run_unjudgeable(tmp_path, capsys)
+    assert code == 1
+    assert all(r["status"] == "ok" and r["oracle"] == "FAIL" and f"planted {which} reference failure" in
+               r["oracle_detail"] for r in mine)
+    assert "oracle FAIL: error check failed" in printed
+
+
+def test_the_summary_says_n_a_without_a_verdict():
+    row = {"op": "attention", "pass": "fwd", "dtype": "float32", "kind": "fused", "status": "ok", "speedup": {},
+           "err_out": None, "err_grad": None, "ceiling_frac": None, "oracle": ""}
+    rows = [dict(row, impl="cpu"), dict(row, impl="cpu", oracle="ok"), dict(row, impl="triton", oracle="ok"),
+            dict(row, impl="cuda", status="skipped")]
+    cells = {s["impl"]: bench._oracle_cell(s) for s in bench.summarize(rows)}
+    assert cells == {"cpu": "n/a", "triton": "ok", "cuda": "n/a"}
 
 
 def test_gpu_check_script_parses_and_names_its_outputs():

@@ -56,3 +56,28 @@ def test_xformers_example_runs():
     exec(compile(blocks[0], str(README) + " (xformers)", "exec"), namespace)
     assert namespace["first"].shape == (1, 5, 4, 32) and namespace["second"].shape == (1, 9, 4, 32)
     assert "xformers" not in sys.modules
+
+
+def test_bert_example_matches_the_original():
+    """The BERT worked example's snippet gives the original model's logits, as its comment says
+    (with BERT's default dropout it did not: the model is in train mode)."""
+    import copy
+
+    import pytest
+    import torch
+
+    import fused_attn
+    transformers = pytest.importorskip("transformers")
+    blocks = _blocks_after("### Worked example: a text classifier from a BERT config")
+    assert len(blocks) == 1 and "== original(...)" in blocks[0]
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 30522, (2, 16))
+    attention_mask = torch.ones(2, 16, dtype=torch.long)
+    attention_mask[1, 10:] = 0
+    namespace = {"copy": copy, "torch": torch, "fused_attn": fused_attn, "BertConfig": transformers.BertConfig,
+                 "BertForSequenceClassification": transformers.BertForSequenceClassification,
+                 "input_ids": input_ids, "attention_mask": attention_mask}
+    exec(compile(blocks[0], str(README) + " (BERT)", "exec"), namespace)
+    assert namespace["model"].training
+    expected = namespace["original"](input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(namespace["logits"], expected, rtol=1e-4, atol=1e-5)

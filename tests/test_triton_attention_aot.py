@@ -1,8 +1,12 @@
 """Ahead-of-time compilation of the Triton attention kernels for sm_90 and sm_80 (no GPU needed).
 
 Every configuration the autotuner may try (``all_configs`` filtered by ``config_ok``) must compile,
-fit the chip's shared memory, spill nothing to local memory (no LDL/STL in the SASS) and, on
-sm_90 in half precision, run its main loop on ``HGMMA`` (wgmma). Compilation needs
+fit the chip's shared memory, spill nothing to local memory inside its loops (no LDL/STL in a loop
+body of the SASS; a spill around the loop, saved before and restored after, is allowed:
+``AotResult.problems(spills_around_loops_ok=True)``) and, on sm_90 in half precision, run its main
+loop on ``HGMMA`` (wgmma). The configurations found spilling in their loops for a feature set are
+left out of its candidates (HEAVY_SPILLS, ALIBI_SPILLS, PLAIN_ONLY) unless nothing else is left
+(README, Backend notes, lists those). Compilation needs
 TRITON_INTERPRET unset, so the work runs in a subprocess (``fused_attn.triton._aot.run_isolated``).
 
 The arguments compiled are exactly those the launchers pass (``fwd_launch_args`` /

@@ -454,6 +454,29 @@ def test_packed_training_example_runs(monkeypatch, capsys):
     diff = float(out.split("max |difference| = ")[1].split()[0])
     assert diff < 1e-5, out
     assert "step   1  loss" in out and "packed step:" in out and "padded step:" in out
+    assert "packed logits: err" in out
+
+
+def test_packed_training_example_fails_on_a_packing_bug(monkeypatch):
+    """The example's check is an assertion: attention leaking across the packed documents (the
+    batch taken as one sequence) stops the script, not just prints a difference."""
+    import os
+    import runpy
+    import sys
+
+    import fused_attn
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "packed_training.py")
+    forward = fused_attn.Transformer.forward
+
+    def one_sequence(self, x, *args, cu_seqlens=None, **kwargs):
+        if cu_seqlens is not None:
+            cu_seqlens = torch.tensor([0, x.shape[0]], dtype=cu_seqlens.dtype)
+        return forward(self, x, *args, cu_seqlens=cu_seqlens, **kwargs)
+
+    monkeypatch.setattr(fused_attn.Transformer, "forward", one_sequence)
+    monkeypatch.setattr(sys, "argv", [path, "--steps", "1", "--docs", "3"])
+    with pytest.raises(AssertionError, match="packed logits"):
+        runpy.run_path(path, run_name="__main__")
 
 
 def test_alibi_transformer_matches_reference_and_is_position_aware():

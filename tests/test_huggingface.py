@@ -883,3 +883,145 @@ def test_activation_changed_after_the_swap_is_followed(family):
             m.approximate = "tanh"
     ids = torch.randint(0, VOCAB, (B, L))
     torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-11, rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# models whose code does for "fused_attn" what it does for neither eager nor sdpa
+# ---------------------------------------------------------------------------------------------
+
+def _modeling(name):
+    """transformers' modeling module ``name`` (deepseek_v32, ...), or a skip where it is absent."""
+    return pytest.importorskip(f"transformers.models.{name}.modeling_{name}")
+
+
+def _left_reason(report, cls_name):
+    return next((reason for _, name, reason in report.left if name == cls_name), None)
+
+
+def _eager_rows_with_sinks(q, k, v, mask, sinks, scale):
+    """Inkling 2's eager attention in float64: each row's sink logit joins its softmax as one more
+    column without a value. q (B, H, L, D), k/v (B, Hkv, S, D), keep-mask (.., L, S), sinks (B, H, L, 1)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(torch.cat([logits, sinks.expand(*logits.shape[:-1], 1)], -1), -1)[..., :-1]
+    return (weights @ v).transpose(1, 2)
+
+
+def test_per_row_attention_sinks_match_eager_with_their_gradients():
+    """Inkling 2 passes data-dependent sinks, one logit per query row, as ``sinks`` (B, Hq, L, 1):
+    fused_attn read only gpt-oss's ``s_aux`` and dropped them (0.08-0.16 off, no gradient for the
+    projection that makes them). They now shrink each row through the lse, as ``attention`` applies
+    its per-head sinks, on padded and packed batches, with their gradients; other shapes raise."""
+    gen = torch.Generator().manual_seed(0)
+    Bq, H, Hkv, Lq, D = 2, 4, 2, 7, 8
+    q, k, v = (torch.randn(Bq, h, Lq, D, generator=gen, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    sinks = 2 * torch.randn(Bq, H, Lq, 1, generator=gen, dtype=torch.float64)
+    keep = torch.ones(Lq, Lq, dtype=torch.bool).tril().expand(Bq, 1, Lq, Lq).clone()
+    keep[1, :, :, :2] = False  # left padding: row 0 and 1 of sequence 1 see no key, the sink takes them whole
+    module = torch.nn.Module()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    got, _ = hf.fused_attention_forward(module, *inputs[:3], keep, scaling=0.3, sinks=inputs[3])
+    want = _eager_rows_with_sinks(q, k, v, keep, sinks, 0.3).nan_to_num()
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got, inputs, torch.ones_like(got))
+    ref = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    want_grads = torch.autograd.grad(_eager_rows_with_sinks(*ref[:3], keep, ref[3], 0.3).nan_to_num(), ref,
+                                     torch.ones_like(got))
+    for name, g, w in zip("q k v sinks".split(), grads, want_grads):
+        torch.testing.assert_close(g, w.nan_to_num(), msg=name)
+    assert float(grads[3].abs().max()) > 0
+    # packed (cu_seq_lens): sequences of 3 and 4 tokens in one row, each with its own causal rows
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    packed, _ = hf.fused_attention_forward(module, q[:1], k[:1], v[:1], None, scaling=0.3, sinks=sinks[:1],
+                                           cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, max_length_k=4)
+    for lo, hi in ((0, 3), (3, 7)):
+        n = hi - lo
+        alone = _eager_rows_with_sinks(q[:1, :, lo:hi], k[:1, :, lo:hi], v[:1, :, lo:hi],
+                                       torch.ones(n, n, dtype=torch.bool).tril(), sinks[:1, :, lo:hi], 0.3)
+        torch.testing.assert_close(packed[:, lo:hi], alone)
+    with pytest.raises(ValueError, match=r"sinks=a tensor of shape \(2, 4, 7, 2\)"):
+        hf.fused_attention_forward(module, q, k, v, keep, sinks=sinks.expand(-1, -1, -1, 2))
+
+
+def test_causal_flag_with_more_keys_cuts_them_only_for_the_prompts_own_positions():
+    """No mask, a causal flag, more keys than queries: sdpa's convention (transformers' mask
+    function gives None there only for the prefill of an empty static cache) is top-left, the keys
+    after the queries being empty slots; position ids for more tokens than the queries say the
+    queries were cut after the masks were built, and the call raises rather than misplace them."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 8, generator=gen), torch.randn(1, 2, 12, 8, generator=gen), \
+        torch.randn(1, 2, 12, 8, generator=gen)
+    module = torch.nn.Module()
+    got, _ = hf.fused_attention_forward(module, q, k, v, None, position_ids=torch.arange(3)[None])
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3], is_causal=True)
+    torch.testing.assert_close(got, want.transpose(1, 2))
+    with pytest.raises(ValueError, match=r"3 queries, 12 keys and no mask, with position_ids of shape \(1, 12\)"):
+        hf.fused_attention_forward(module, q, k, v, None, position_ids=torch.arange(12)[None])
+
+
+def _interface_keywords():
+    """{keyword: {(modeling module, class)}} of every call of an attention function looked up in
+    ``ALL_ATTENTION_FUNCTIONS`` in the installed transformers' modeling sources (read, not imported)."""
+    import ast
+    import pathlib
+
+    found = {}
+    root = pathlib.Path(transformers.__file__).parent / "models"
+    for path in sorted(root.glob("*/modeling_*.py")):
+        text = path.read_text()
+        if "ALL_ATTENTION_FUNCTIONS" not in text:
+            continue
+        module = f"transformers.models.{path.parent.name}.{path.stem}"
+        for cls in ast.parse(text).body:
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            for fn in ast.walk(cls):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                looked_up = {t.id for node in ast.walk(fn) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                             and node.value is not None and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.value)
+                             for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                             if isinstance(t, ast.Name)}
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call) and (
+                            (isinstance(node.func, ast.Name) and node.func.id in looked_up)
+                            or (isinstance(node.func, ast.Subscript)
+                                and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.func))):
+                        for kw in node.keywords:
+                            if kw.arg is not None:
+                                found.setdefault(kw.arg, set()).add((module, cls.name))
+    return found
+
+
+def test_every_keyword_transformers_models_pass_to_attention_is_handled_or_refused():
+    """Each keyword argument the installed transformers' models give their attention functions is
+    one fused_attention_forward computes with (its signature, ``HANDLED_KWARGS``), one that changes
+    nothing it computes (``IGNORED_KWARGS``), or one it refuses: listed (``REFUSED_KWARGS``) or
+    found in the passing class's own code (``_model_kwargs``), where a non-None value raises."""
+    import importlib
+    import inspect
+
+    found = _interface_keywords()
+    assert {"dropout", "scaling", "s_aux", "position_bias"} <= set(found)  # (the scan reads the calls)
+    signature = set(inspect.signature(hf.fused_attention_forward).parameters) - {"kwargs"}
+    unclassified = {}
+    for name, where in found.items():
+        if name in signature or name in hf.HANDLED_KWARGS or name in hf.IGNORED_KWARGS or name in hf.REFUSED_KWARGS:
+            continue
+        unclassified[name] = where
+    for name, where in unclassified.items():
+        for module_name, cls_name in sorted(where)[:3]:
+            try:
+                cls = getattr(importlib.import_module(module_name), cls_name)
+            except Exception:  # (a model whose optional dependencies are missing here)
+                continue
+            module = object.__new__(cls)  # (never initialised: only its class is read)
+            torch.nn.Module.__init__(module)
+            with pytest.raises(ValueError, match=f"passes {name}="):
+                hf._check_kwargs(module, {name: torch.zeros(1)})
+    # and a value that a caller's **kwargs carry through the model unread (sdpa and eager ignore it) passes
+    model = _build("llama", attn="fused_attn")
+    ids, mask = _batch("llama")
+    model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))

@@ -9,8 +9,9 @@ as for "sdpa", or eager's for the models ``swap_modules`` marks: ``fused_attenti
 
 route every attention layer of the model through ``fused_attn.functional.attention``: grouped-query
 heads without repeating K/V, the model's scaling, its logit soft-capping (Gemma 2's
-``attn_logit_softcapping``), its attention sinks (gpt-oss's ``s_aux``), its dropout in training, padding, causal and sliding-window masks as
-transformers passes them.
+``attn_logit_softcapping``), its attention sinks (gpt-oss's ``s_aux``, Inkling 2's per-token ``sinks``), its dropout in
+training, padding, causal and sliding-window masks as transformers passes them. What would change the answer and
+is not computed is refused (``_check_kwargs``).
 
 Norms and MLPs: ``fused_attn.swap_modules(model)`` also sets the attention implementation and fuses,
 where the module's code is exactly the known one (its source is compared with the BERT / GPT-2 /
@@ -50,13 +51,146 @@ NAME = "fused_attn"
 # attention
 # ---------------------------------------------------------------------------------------------
 
+#: keyword arguments of transformers' attention interface that ``fused_attention_forward`` computes
+#: with (the signature's dropout, scaling and is_causal besides). sliding_window: the masks carry the
+#: window, as for sdpa; packed sequences (no mask) apply it themselves.
+HANDLED_KWARGS = frozenset({"position_bias", "softcap", "s_aux", "sinks", "output_attentions", "sliding_window",
+                            "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+#: ...that change nothing it computes: the masks and tensors already hold what they say (the
+#: position ids of packing, seq_idx; position ids are read only to check a causal flag's alignment),
+#: or they are about outputs, caching or the loss, or pick FlashAttention's backward algorithm
+#: (``deterministic``), not the answer.
+IGNORED_KWARGS = frozenset({"position_ids", "seq_idx", "use_cache", "num_items_in_batch", "output_hidden_states",
+                            "output_router_logits", "deterministic"})
+
+#: ...known to change the answer and not computed here: sparse attention's selected keys, which
+#: DeepSeek-V3.2-style models pass to kernels other than eager's and sdpa's instead of a mask.
+#: Refused wherever they come from (the models' code need not be readable).
+REFUSED_KWARGS = frozenset({"indices", "block_indices", "topk_indices"})
+
+
+def _attention_code(cls) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _model_kwargs(cls) -> frozenset:
+    """The keyword arguments an attention class's own code gives its attention functions: the
+    keywords of its calls of the function looked up in ``ALL_ATTENTION_FUNCTIONS`` (in its class and
+    its transformers base classes), and the parameters of its modeling module's
+    ``eager_attention_forward`` (the answer the swap reproduces). What a model passes there on
+    purpose means something for its attention; what merely flows through the model's ``**kwargs``
+    from the caller (a tokenizer's token_type_ids) reaches sdpa and eager unread, as it does here."""
+    import ast
+    import textwrap
+
+    names = set()
+    for base in cls.__mro__:
+        if not base.__module__.startswith("transformers."):
+            continue
+        code = _attention_code(base)
+        if "ALL_ATTENTION_FUNCTIONS" not in code:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(code))
+        except SyntaxError:
+            continue
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            looked_up = {t.id for node in ast.walk(fn) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                         and node.value is not None and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.value)
+                         for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                         if isinstance(t, ast.Name)}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and (
+                        (isinstance(node.func, ast.Name) and node.func.id in looked_up)
+                        or (isinstance(node.func, ast.Subscript)
+                            and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.func))):
+                    names.update(k.arg for k in node.keywords if k.arg is not None)
+    eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+    try:
+        params = inspect.signature(eager).parameters.values() if eager is not None else ()
+    except (TypeError, ValueError):
+        params = ()
+    names.update(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return frozenset(names)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value) if len(repr(value)) <= 60 else type(value).__name__
+
+
+def _where(module) -> str:
+    layer = getattr(module, "layer_idx", None)
+    return type(module).__name__ + (f" (layer {layer})" if layer is not None else "")
+
+
+def _check_kwargs(module, kwargs) -> None:
+    """Refuse the keyword arguments that would change the answer and that this function does not
+    compute with: an answer computed without them would be silently another model's. None is
+    absent, as every implementation takes it."""
+    for name, value in kwargs.items():
+        if value is None or name in HANDLED_KWARGS or name in IGNORED_KWARGS:
+            continue
+        if name in REFUSED_KWARGS or name in _model_kwargs(type(module)):
+            raise ValueError(
+                f"fused_attn: {_where(module)} passes {name}={_describe(value)} to its attention function, which "
+                f"the 'fused_attn' implementation does not compute with: attention without it would be another "
+                f"model's. Run this model with attn_implementation 'eager' or 'sdpa' (fused_attn.restore_modules "
+                f"undoes a swap)")
+
+
+def _row_sinks(module, query, kwargs):
+    """(per-head sinks, per-row sinks) of the call: gpt-oss's ``s_aux`` (Hq,) logits are
+    ``attention``'s ``sinks``; Inkling 2's data-dependent ``sinks`` (B, Hq, Lq, 1), one logit per
+    query row (its eager attention appends them to each row's logits as one more column without
+    a value), are applied to the output through the lse as ``attention`` applies its own: each row
+    shrinks by sigmoid(lse - sink). Returned as a (B or 1, Hq or 1, Lq or 1) tensor."""
+    B, Hq, Lq = query.shape[:3]
+    per_head, per_row = None, None
+    for name in ("s_aux", "sinks"):
+        sinks = kwargs.get(name)
+        if sinks is None:
+            continue
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+            raise TypeError(f"fused_attn: {_where(module)} passes {name}={_describe(sinks)}; expected a floating-point "
+                            "tensor of attention-sink logits")
+        if sinks.shape == (Hq,) and per_head is None:
+            per_head = sinks
+        elif (sinks.dim() == 4 and sinks.shape[-1] == 1 and per_row is None
+              and all(n in (1, m) for n, m in zip(sinks.shape[:3], (B, Hq, Lq)))):
+            per_row = sinks[..., 0]
+        else:
+            raise ValueError(f"fused_attn: {_where(module)} passes {name}={_describe(sinks)}; the 'fused_attn' "
+                             f"implementation takes attention sinks of shape (Hq,) = ({Hq},) (one logit per head) or "
+                             f"broadcastable to (B, Hq, Lq, 1) = ({B}, {Hq}, {Lq}, 1) (one per query row), one of each")
+    return per_head, per_row
+
+
+def _shrink_by_sinks(out, lse, sinks):
+    """``attention``'s own sink step (``functional._apply_sinks``) with one sink logit per row:
+    out * sigmoid(lse - sink), lse and sinks shaped alike, out with one more (last) dimension."""
+    factor = torch.sigmoid(lse - sinks.to(lse.dtype))
+    return (out * factor.unsqueeze(-1)).to(out.dtype)
+
+
 def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers' attention-function signature: q (B, Hq, L, D), k/v (B, Hkv, S, D); returns
     (output (B, L, Hq, Dv), None). Mirrors ``sdpa_attention_forward``'s conventions: T5's
     ``position_bias`` (a learned additive bias, with its gradient) joins the mask as sdpa joins
-    them; ``output_attentions=True`` runs the model's own eager attention, which returns them."""
+    them; ``output_attentions=True`` runs the model's own eager attention, which returns them.
+    Keyword arguments that would change the answer and that it does not compute with (sparse
+    attention's ``indices``, ...) raise a ValueError (``HANDLED_KWARGS``, ``_check_kwargs``)."""
+    _check_kwargs(module, kwargs)
     # As sdpa: the module says whether it is a decoder attention; causal only without an explicit mask.
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kwargs.get("output_attentions"):
@@ -67,12 +201,29 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         warnings.warn(f"fused_attn: output_attentions=True, but {type(module).__module__} has no "
                       "eager_attention_forward to compute the weights; they are not returned", stacklevel=2)
     position_bias = kwargs.get("position_bias")
+    sinks, row_sinks = _row_sinks(module, query, kwargs)
     q_len = query.shape[2]
     varlen = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
     if query.shape[0] == 1 and all(x is not None for x in varlen):
-        return _packed_attention_forward(module, query, key, value, varlen, dropout, scaling, is_causal, kwargs)
+        if position_bias is not None:
+            raise ValueError(f"fused_attn: {_where(module)} passes position_bias={_describe(position_bias)} with "
+                             "packed sequences (cu_seq_lens_q/k), which run without a mask and a bias")
+        return _packed_attention_forward(module, query, key, value, varlen, dropout, scaling, is_causal, kwargs,
+                                         sinks, row_sinks)
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
-    if is_causal and key.shape[2] > q_len:  # prefill into an empty static cache: the rest is padding
+    if is_causal and key.shape[2] > q_len:
+        # sdpa's convention (its mask function's None): a causal flag with more keys than queries is
+        # top-left aligned, which only the prefill of an empty static cache asks for: the keys after
+        # the prompt are empty slots, cut here as sdpa cuts them. Position ids for other than these
+        # queries say the model dropped queries after its masks were built (Gemma 4's KV-shared
+        # layers do, where the implementation is not "sdpa"): their alignment is not top-left.
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.dim() > 0 and positions.shape[-1] != q_len:
+            raise ValueError(
+                f"fused_attn: {_where(module)} got {q_len} queries, {key.shape[2]} keys and no mask, with position_ids "
+                f"of shape {tuple(positions.shape)}: the model dropped queries after building its masks, so the "
+                "causal flag cannot place them among the keys; the 'fused_attn' implementation needs the masks "
+                "(fused_attn.swap_modules marks the models it knows to do this for them)")
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     mask = attention_mask
     if mask is not None:
@@ -85,8 +236,11 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         mask = bias if mask is None else (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                                           else bias + mask)
     out = attention(query, key, value, attn_mask=mask, causal=is_causal, dropout_p=float(dropout), scale=scaling,
-                    softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"),
+                    softcap=kwargs.get("softcap"), sinks=sinks, return_lse=row_sinks is not None,
                     backend=getattr(module, "fused_attn_backend", None))
+    if row_sinks is not None:
+        out, lse = out
+        out = _shrink_by_sinks(out, lse, row_sinks)
     return out.transpose(1, 2), None  # (B, L, H, D): contiguous, the op stores its output that way
 
 
@@ -110,7 +264,8 @@ def _additive_mask(attention_mask, query, key, is_causal):
         ~keep, torch.finfo(query.dtype).min)
 
 
-def _packed_attention_forward(module, query, key, value, varlen, dropout, scaling, is_causal, kwargs):
+def _packed_attention_forward(module, query, key, value, varlen, dropout, scaling, is_causal, kwargs, sinks,
+                              row_sinks):
     """Packed sequences (one batch row holding several sequences, as ``DataCollatorWithFlattening``
     makes them): with transformers' flash-attention kwargs (cu_seq_lens_q/k, max_length_q/k) the
     sequences run through ``attention_varlen`` as flash_attention_2 runs them, and the attention
@@ -124,7 +279,11 @@ def _packed_attention_forward(module, query, key, value, varlen, dropout, scalin
     out = attention_varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
                            causal=bool(is_causal), window_size=window, alignment="bottom_right",
                            dropout_p=float(dropout), scale=scaling, softcap=kwargs.get("softcap"),
-                           sinks=kwargs.get("s_aux"), backend=getattr(module, "fused_attn_backend", None))
+                           sinks=sinks, return_lse=row_sinks is not None,
+                           backend=getattr(module, "fused_attn_backend", None))
+    if row_sinks is not None:  # lse (Hq, T); the sinks (1 | Hq, T | 1) of the one batch row
+        out, lse = out
+        out = _shrink_by_sinks(out.transpose(0, 1), lse, row_sinks[0]).transpose(0, 1)
     return out.unsqueeze(0), None  # (1, T, H, Dv)
 
 

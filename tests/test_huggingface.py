@@ -898,6 +898,34 @@ def _left_reason(report, cls_name):
     return next((reason for _, name, reason in report.left if name == cls_name), None)
 
 
+def test_sparse_attention_models_are_left_and_their_indices_refused():
+    """DeepSeek-V3.2 turns its indexer's top-k keys into a mask only for "eager" and "sdpa" and
+    passes them as ``indices=`` to other implementations: fused_attn computed dense attention
+    from them (0.49 off). swap_modules now leaves such a model, saying why, and the attention
+    function refuses ``indices`` where a model is set to "fused_attn" directly."""
+    modeling = _modeling("deepseek_v32")
+    cfg = transformers.DeepseekV32Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_group=1, topk_group=1,
+        num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=16,
+        qk_nope_head_dim=8, head_dim=8, index_topk=4, index_head_dim=16, index_n_heads=2, first_k_dense_replace=1,
+        attn_implementation="eager")
+    torch.manual_seed(0)
+    model = modeling.DeepseekV32ForCausalLM(cfg).eval()
+    swapped = copy.deepcopy(model)
+    report = fused_attn.swap_modules(swapped, norm=False, ffn=False, rotary=False)
+    reason = _left_reason(report, "DeepseekV32ForCausalLM")
+    assert reason is not None and "DeepseekV32Attention.forward" in reason and "'sdpa'" in reason, str(report)
+    assert swapped.config._attn_implementation == "eager"
+    assert "indices" in hf._model_kwargs(modeling.DeepseekV32Attention)  # (refused by its code, not only listed)
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(ids).logits, model(ids).logits, atol=0, rtol=0)
+        swapped.set_attn_implementation("fused_attn")
+        with pytest.raises(ValueError, match=r"DeepseekV32Attention \(layer \d\) passes indices=a tensor"):
+            swapped(ids)
+
+
 def _eager_rows_with_sinks(q, k, v, mask, sinks, scale):
     """Inkling 2's eager attention in float64: each row's sink logit joins its softmax as one more
     column without a value. q (B, H, L, D), k/v (B, Hkv, S, D), keep-mask (.., L, S), sinks (B, H, L, 1)."""
@@ -943,6 +971,88 @@ def test_per_row_attention_sinks_match_eager_with_their_gradients():
         torch.testing.assert_close(packed[:, lo:hi], alone)
     with pytest.raises(ValueError, match=r"sinks=a tensor of shape \(2, 4, 7, 2\)"):
         hf.fused_attention_forward(module, q, k, v, keep, sinks=sinks.expand(-1, -1, -1, 2))
+
+
+def test_inkling2_is_left_by_its_opt_out_and_exact_when_set_directly():
+    """Inkling 2 (transformers sets ``_supports_attention_backend = False`` for its per-token
+    sinks): swap_modules leaves it, saying so; set to "fused_attn" directly, it now gives eager's
+    logits and its sink projections eager's gradients (it dropped the sinks before)."""
+    modeling = _modeling("inkling2")
+    config = pytest.importorskip("transformers.models.inkling2.configuration_inkling2")
+    cfg = config.Inkling2TextConfig(
+        vocab_size=97, unpadded_vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+        sliding_window_size=5, d_rel=4, rel_extent=16, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, n_layers_per_attn_res_block=1)
+    torch.manual_seed(0)
+    model = modeling.Inkling2ForCausalLM(cfg).eval()
+    assert model.config._attn_implementation == "eager"
+    swapped = copy.deepcopy(model)
+    report = fused_attn.swap_modules(swapped, norm=False, ffn=False, rotary=False)
+    reason = _left_reason(report, "Inkling2ForCausalLM")
+    assert reason is not None and "_supports_attention_backend = False" in reason, str(report)
+    assert swapped.config._attn_implementation == "eager"
+    swapped.set_attn_implementation("fused_attn")
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    got, want = swapped(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1, :9], want[1, :9], atol=1e-5, rtol=1e-4)
+    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    g[1, 9:] = 0
+    got.backward(g)
+    want.backward(g)
+    sink_grads = [(p.grad, q.grad) for (name, p), q in zip(swapped.named_parameters(), model.parameters())
+                  if "sink_proj" in name]
+    assert sink_grads
+    for mine, theirs in sink_grads:
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def _gemma4(kv_shared_layers):
+    modeling = _modeling("gemma4")
+    config = pytest.importorskip("transformers.models.gemma4.configuration_gemma4")
+    cfg = config.Gemma4TextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=kv_shared_layers, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return modeling.Gemma4ForCausalLM(cfg).eval()
+
+
+def test_gemma4_kv_shared_layers_get_eager_masks_and_keep_their_queries_placed():
+    """Gemma 4 cuts its KV-shared layers' queries to the last logits_to_keep after building the
+    masks, unless the implementation is "sdpa" and a mask is None: under "fused_attn" its 3 queries
+    met 12 keys with a None mask, whose causal flag placed them at the start (0.56-0.72 off). Now
+    such a model gets eager's masks (cut with the queries), and a call that still meets cut queries
+    without a mask (the model set to "fused_attn" directly) raises instead of guessing their place.
+    A Gemma 4 without KV-shared layers keeps sdpa's masks."""
+    model = _gemma4(kv_shared_layers=2)
+    swapped = copy.deepcopy(model)
+    report = fused_attn.swap_modules(swapped, norm=False, ffn=False, rotary=False)
+    row = next(note for *_, note in report.replaced if "attn_implementation" in note)
+    assert "eager's masks" in row and "_maybe_slice_kv_shared_inputs" in row, row
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones_like(ids)
+    padded[1, :3] = 0
+    with torch.no_grad():
+        for keep in (1, 3):
+            for mask in (None, padded):
+                got = swapped(ids, attention_mask=mask, logits_to_keep=keep).logits
+                want = model(ids, attention_mask=mask, logits_to_keep=keep).logits
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"logits_to_keep={keep}")
+        direct = copy.deepcopy(model)
+        direct.set_attn_implementation("fused_attn")
+        torch.testing.assert_close(direct(ids, logits_to_keep=1).logits, model(ids, logits_to_keep=1).logits,
+                                   atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="dropped queries after building its masks"):
+            direct(ids, logits_to_keep=3)
+    plain = _gemma4(kv_shared_layers=0)
+    report = fused_attn.swap_modules(plain, norm=False, ffn=False, rotary=False)
+    row = next(note for *_, note in report.replaced if "attn_implementation" in note)
+    assert "eager's masks" not in row, row
 
 
 def test_causal_flag_with_more_keys_cuts_them_only_for_the_prompts_own_positions():
@@ -1025,3 +1135,28 @@ def test_every_keyword_transformers_models_pass_to_attention_is_handled_or_refus
     model = _build("llama", attn="fused_attn")
     ids, mask = _batch("llama")
     model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+
+
+def test_name_checks_find_the_sparse_models_and_spare_the_common_ones():
+    """swap_modules reads each modeling module for comparisons of the implementation's name with
+    one naming "sdpa" (those branches do for "fused_attn" what they do for neither): found in the
+    sparse-attention models, none in the common families, which also declare no backend opt-out."""
+    import importlib
+
+    for name in ("deepseek_v32", "glm_moe_dsa", "mistral_large4"):
+        try:
+            module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        except ImportError:
+            continue
+        assert hf._name_checks(module.__name__), name
+    common = ["llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2", "bert", "t5", "gpt_oss", "modernbert",
+              "whisper", "bart", "phi", "gpt_neox"]
+    for name in common:
+        try:
+            module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        except ImportError:
+            continue
+        assert hf._name_checks(module.__name__) == (), name
+        for cls in vars(module).values():
+            if isinstance(cls, type) and hasattr(cls, "set_attn_implementation"):
+                assert hf._backend_opt_out(cls) is None, cls.__name__

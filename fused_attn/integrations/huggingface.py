@@ -11,7 +11,8 @@ route every attention layer of the model through ``fused_attn.functional.attenti
 heads without repeating K/V, the model's scaling, its logit soft-capping (Gemma 2's
 ``attn_logit_softcapping``), its attention sinks (gpt-oss's ``s_aux``, Inkling 2's per-token ``sinks``), its dropout in
 training, padding, causal and sliding-window masks as transformers passes them. What would change the answer and
-is not computed is refused (``_check_kwargs``).
+is not computed is refused (``_check_kwargs``), and ``swap_modules`` leaves the models whose code treats the name
+"fused_attn" otherwise than "sdpa" (``_inexact_reason``).
 
 Norms and MLPs: ``fused_attn.swap_modules(model)`` also sets the attention implementation and fuses,
 where the module's code is exactly the known one (its source is compared with the BERT / GPT-2 /
@@ -414,7 +415,114 @@ def _explicit_masks(model) -> dict:
             paths.append(path)
             found[sub] = (f"eager's masks: transformers does not mark {type(sub).__name__} _supports_sdpa, and "
                           f"{', '.join(names)} do{'es' if len(names) == 1 else ''} not declare is_causal=True")
+    why = _masks_for_name_checks(model)
+    if why is not None:
+        found[model] = why
     return found
+
+
+def _has_kv_shared_layers(model) -> bool:
+    return any(getattr(m, "is_kv_shared_layer", False) is True for m in model.modules())
+
+
+#: The branches on the implementation's name "sdpa" reviewed to be exact under "fused_attn", by
+#: (modeling module, function): for which models they need eager's masks (``EXPLICIT_MASKS``,
+#: never None) to be. Gemma 4 cuts its KV-shared layers' queries to the last logits_to_keep after
+#: the masks were built, except under "sdpa" with a None mask (a causal flag over cut queries is
+#: wrong); eager's masks are cut with the queries. Only models with KV-shared layers cut them.
+REVIEWED_NAME_CHECKS = {
+    ("transformers.models.gemma4.modeling_gemma4", "Gemma4TextModel._maybe_slice_kv_shared_inputs"):
+        _has_kv_shared_layers,
+    ("transformers.models.gemma4_unified.modeling_gemma4_unified",
+     "Gemma4UnifiedTextModel._maybe_slice_kv_shared_inputs"): _has_kv_shared_layers,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _name_checks(module_name: str) -> tuple:
+    """(function, line) of each place a modeling module compares its attention implementation's
+    name with one naming "sdpa" (``== "sdpa"``, ``in ("eager", "sdpa")``, ...). "fused_attn" gets
+    sdpa's masks and conventions everywhere else, so these are the branches where the model does
+    for "fused_attn" what it does for neither eager nor sdpa: DeepSeek-V3.2's sparse attention
+    passes its selected keys as indices= to other implementations instead of a mask; Gemma 4 cuts
+    queries after the masks were built. Comparisons with "eager" alone, "flash..." or
+    "flex_attention" leave "fused_attn" on sdpa's side. Read from the source, as parsed, so a new
+    model with such a branch is found without a list; a maintained list would miss it silently."""
+    import ast
+
+    module = sys.modules.get(module_name)
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return ()
+    found = []
+
+    def visit(node, scope, aliases):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            scope = scope + (node.name,)
+            aliases = set(aliases)
+        if isinstance(node, ast.Assign) and "_attn_implementation" in ast.unparse(node.value):
+            aliases |= {t.id for t in node.targets if isinstance(t, ast.Name)}  # impl = config._attn_implementation
+        if isinstance(node, ast.Compare):
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            if (("_attn_implementation" in ast.unparse(node) or names & aliases)
+                    and any(isinstance(c, ast.Constant) and isinstance(c.value, str) and "sdpa" in c.value
+                            for c in ast.walk(node))):
+                found.append((".".join(scope), node.lineno))
+        for child in ast.iter_child_nodes(node):
+            visit(child, scope, aliases)
+
+    visit(tree, (), set())
+    return tuple(found)
+
+
+def _modeling_module_names(model) -> list:
+    """The transformers modeling modules of the model's classes and of their base classes."""
+    return sorted({base.__module__ for m in model.modules() for base in type(m).__mro__
+                   if base.__module__.startswith("transformers.models.")})
+
+
+def _backend_opt_out(cls) -> Optional[type]:
+    """The class of a model's modeling code that sets ``_supports_attention_backend = False`` for it
+    (Inkling 2's per-token sinks, ...), or None: PreTrainedModel's own False is the default, not a
+    statement about the model."""
+    owner = next((base for base in cls.__mro__ if "_supports_attention_backend" in base.__dict__), None)
+    if owner is not None and owner.__module__.startswith("transformers.models.") and \
+            not owner.__dict__["_supports_attention_backend"]:
+        return owner
+    return None
+
+
+def _inexact_reason(model) -> Optional[str]:
+    """Why "fused_attn" would not compute what the model computes, or None: transformers marks a
+    (sub-)model whose attention runs through the interface ``_supports_attention_backend = False``
+    (set by the model's own class: PreTrainedModel's default False means "not declared", and T5,
+    BART or Whisper leave it so), or the model's code branches on the name "sdpa" in a way not
+    reviewed to be exact (``_name_checks``, ``REVIEWED_NAME_CHECKS``)."""
+    for sub in model.modules():
+        cls = type(sub)
+        owner = _backend_opt_out(cls) if hasattr(cls, "set_attn_implementation") else None
+        if owner is not None and any(_calls_interface(type(m)) for m in sub.modules()):
+            return (f"transformers marks {cls.__name__} _supports_attention_backend = False (in {owner.__name__}): "
+                    "its attention is exact only in the implementations it names")
+    for name in _modeling_module_names(model):
+        for function, line in _name_checks(name):
+            if (name, function) not in REVIEWED_NAME_CHECKS:
+                return (f"{name.rsplit('.', 1)[-1]}.{function} (line {line}) compares the attention implementation "
+                        "with 'sdpa' and takes another path for other names (for 'fused_attn' too), not reviewed "
+                        "to be exact")
+    return None
+
+
+def _masks_for_name_checks(model) -> Optional[str]:
+    """Why the model needs eager's masks for its branches on "sdpa" (``REVIEWED_NAME_CHECKS``), or None."""
+    for name in _modeling_module_names(model):
+        for function, line in _name_checks(name):
+            needs_masks = REVIEWED_NAME_CHECKS.get((name, function))
+            if needs_masks is not None and needs_masks(model):
+                return (f"eager's masks: {name.rsplit('.', 1)[-1]}.{function} cuts queries after the masks are "
+                        "built where the implementation is not 'sdpa'")
+    return None
 
 
 def _mark_explicit_masks(models, on: bool) -> None:
@@ -446,9 +554,17 @@ def swap_attention_implementation(model, opts, report, path: str = "") -> None:
         register()  # (a model loaded whole, whose attention was the only thing swapped, needs it again)
         report.already.append((path, type(model).__name__, f"attn_implementation {NAME!r}"))
         _mark_explicit_masks(explicit, True)  # (a model built with "fused_attn")
+        reason = _inexact_reason(model)
+        if reason is not None:  # (built so by its user: said, though not undone)
+            report.left.append((path, type(model).__name__, f"attn_implementation is {NAME!r} (set before this swap), "
+                                f"but {reason}: set 'eager' or 'sdpa'"))
         return
     if not _uses_attention_interface(type(model)):
         report.left.append((path, type(model).__name__, _no_interface_reason(type(model))))
+        return
+    reason = _inexact_reason(model)
+    if reason is not None:
+        report.left.append((path, type(model).__name__, f"attention not switched: {reason}"))
         return
     own = _own_attention(model, path)
     if own and not any(_calls_interface(type(m)) for m in model.modules()):  # (LongT5's encoder-only model)

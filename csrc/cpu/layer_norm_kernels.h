@@ -271,7 +271,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
 //           dtype and stored; with dropout dx = ds * keep/(1-p) (mult: the row's multipliers).
 template <bool kHasW, bool kDw, bool kDb, typename A, typename S, typename G>
 inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* dw, A* db, A mu, A rs, bool rms,
-                       double inv_d, S* ds_out, G* dx_out, const A* mult, A* gbuf, int64_t d) {
+                       S* ds_out, G* dx_out, const A* mult, A* gbuf, int64_t d) {
   double sum_g = 0, sum_gx = 0;
   int64_t c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
@@ -281,33 +281,23 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
   if constexpr (kLanes) {
     const int64_t d_lanes = d - d % L::size;
     WideSum<A> wide_g, wide_gx;
-    // One vector of the row: xhat, dw/db, g (kept in gbuf), added to the block's accumulators.
-    auto step = [&](int64_t at, auto& acc_g, auto& acc_gx) {
-      const auto xh = (lanes_load_as<A>(s + at) - vmu) * vrs;
-      auto g = lanes_load_as<A>(dy + at);
-      if constexpr (kDw) lanes_store(dw + at, lanes_load(dw + at) + g * xh);
-      if constexpr (kDb) lanes_store(db + at, lanes_load(db + at) + g);
-      if constexpr (kHasW) {
-        g = g * lanes_load(w + at);
-        lanes_store(gbuf + at, g);
-      }
-      acc_g += g;
-      acc_gx += g * xh;
-    };
     while (c < d_lanes) {  // blocks of kSumBlock, as the forward's sums
       const int64_t end = std::min(c + kSumBlock, d_lanes);
-      // two accumulators per sum, as row_dev_sums: one chain of dependent adds bound short rows
-      auto g1 = lanes_splat<A>(0), gx1 = lanes_splat<A>(0), g2 = lanes_splat<A>(0), gx2 = lanes_splat<A>(0);
-      for (; c + 2 * L::size <= end; c += 2 * L::size) {
-        step(c, g1, gx1);
-        step(c + L::size, g2, gx2);
+      auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0);
+      for (; c < end; c += L::size) {
+        const auto xh = (lanes_load_as<A>(s + c) - vmu) * vrs;
+        auto g = lanes_load_as<A>(dy + c);
+        if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + g * xh);
+        if constexpr (kDb) lanes_store(db + c, lanes_load(db + c) + g);
+        if constexpr (kHasW) {
+          g = g * lanes_load(w + c);
+          lanes_store(gbuf + c, g);
+        }
+        acc_g += g;
+        acc_gx += g * xh;
       }
-      if (c < end) {  // the row's last vector when d_lanes / L::size is odd
-        step(c, g1, gx1);
-        c += L::size;
-      }
-      wide_g.add(g1 + g2);
-      wide_gx.add(gx1 + gx2);
+      wide_g.add(acc_g);
+      wide_gx.add(acc_gx);
     }
     sum_g = wide_g.sum();
     sum_gx = wide_gx.sum();
@@ -325,6 +315,7 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
     sum_g += g;
     sum_gx += g * xh;
   }
+  const double inv_d = 1.0 / static_cast<double>(std::max<int64_t>(d, 1));
   const A mean_gx = static_cast<A>(sum_gx * inv_d);
   const A mean_g = rms ? A(0) : static_cast<A>(sum_g * inv_d);
 
@@ -379,7 +370,6 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
   const uint32_t threshold = fused_attn::dropout_threshold(opt.dropout_p);
   const A keep_scale = static_cast<A>(1.0 / (1.0 - opt.dropout_p));
   const A eps = static_cast<A>(opt.eps);
-  const double inv_d = 1.0 / static_cast<double>(std::max<int64_t>(d, 1));  // 1/d once, not a division per row
 
   const RowChunks chunks = fixed_row_chunks(N);
   std::vector<A> dw_part(kDw ? chunks.count * d : 0, A(0));
@@ -396,6 +386,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
         A mu, rs;
         if constexpr (std::is_same_v<A, double>) {
           // float64 (gradcheck): the saved float32 statistics are not exact enough; recompute.
+          const A inv_d = A(1) / static_cast<A>(std::max<int64_t>(d, 1));
           A total = 0;
           for (int64_t c = 0; c < d; ++c) total += static_cast<A>(sr[c]);
           mu = opt.rms ? 0.0 : total * inv_d;
@@ -409,7 +400,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
         if (dx_ptr)
           dropout_row_scale(mult.data(), d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
         ln_bwd_row<kHasW, kDw, kDb>(sr, g_ptr + n * g_stride, ds_in_ptr ? ds_in_ptr + n * ds_in_stride : nullptr,
-                                    kHasW ? w_acc.data() : nullptr, dw, db, mu, rs, opt.rms, inv_d,
+                                    kHasW ? w_acc.data() : nullptr, dw, db, mu, rs, opt.rms,
                                     dsum_ptr + n * d, dx_ptr ? dx_ptr + n * d : nullptr, mult.data(), gbuf.data(), d);
       }
     }

@@ -712,10 +712,18 @@ class LayerNormResidualFunction(_Function):
             dx = dsum if dsum.dtype == x_dtype else dsum.to(x_dtype)
         # view(*shape), not view(shape): given a torch.Size, view parses it ~1.5 us slower than the
         # same sizes as separate ints (torch 2.13, CPU)
+        dx = dx.view(*shape)
         dres = None
         if residual_dtype is not None:
-            dres = (dsum if dsum.dtype == residual_dtype else dsum.to(residual_dtype)).view(*shape)
-        return (dx.view(*shape), dres, dweight if weight is not None else None, dbias if bias is not None else None,
+            if dropout_p == 0.0 and residual_dtype == x_dtype:
+                # dx itself, not a second view of its buffer: autograd copies a gradient it hands
+                # to two leaves only when it sees the one tensor twice; two views of one storage
+                # became x.grad and residual.grad sharing memory (a second backward accumulated
+                # into both twice, clipping scaled both twice). Non-leaf inputs still get no copy.
+                dres = dx
+            else:
+                dres = (dsum if dsum.dtype == residual_dtype else dsum.to(residual_dtype)).view(*shape)
+        return (dx, dres, dweight if weight is not None else None, dbias if bias is not None else None,
                 None, None, None, None, None, None, None)
 
     @staticmethod
@@ -753,8 +761,11 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
     if dropout_p > 0.0:
         seed, offset = _seed_offset(rng)
         dx = reference._rng.apply_dropout(dx, dropout_p, seed, offset)
-    dres = None if residual_dtype is None else dsum.to(residual_dtype).reshape(shape)
-    return dx.reshape(shape), dres, dweight, dbias, None, None, None, None, None, None, None
+    dx = dx.reshape(shape)
+    dres = None
+    if residual_dtype is not None:  # dx itself when they are equal, as in LayerNormResidualFunction.backward
+        dres = dx if dropout_p == 0.0 and residual_dtype == x_dtype else dsum.to(residual_dtype).reshape(shape)
+    return dx, dres, dweight, dbias, None, None, None, None, None, None, None
 
 
 def _rows(t: Tensor, d: int) -> Tensor:

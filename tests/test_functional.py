@@ -66,6 +66,27 @@ def test_layer_norm_residual_meets_oracle(backend, rms, prenorm):
 
 
 @pytest.mark.parametrize("backend", runnable("layer_norm_residual"))
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_layer_norm_residual_leaf_grads_do_not_share_memory(backend, create_graph):
+    """x and residual get the one gradient (no dropout): as leaves their .grad must still be two
+    tensors, as torch gives for layer_norm(x + r). Two views of one buffer became both .grads, so a
+    second backward accumulated 3x instead of 2x and an in-place change of one changed the other."""
+    x = torch.randn(3, 8, requires_grad=True)
+    r = torch.randn(3, 8, requires_grad=True)
+    first = None
+    for _ in range(2):
+        out = F.layer_norm_residual(x, r, backend=backend)
+        out.pow(2).sum().backward(create_graph=create_graph)
+        if first is None:
+            first = x.grad.detach().clone()
+    torch.testing.assert_close(x.grad, 2 * first)
+    torch.testing.assert_close(r.grad, 2 * first)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    x.grad.mul_(0)  # (torch.autograd.grad may hand back one tensor for both, as torch's x + r does)
+    torch.testing.assert_close(r.grad, 2 * first)
+
+
+@pytest.mark.parametrize("backend", runnable("layer_norm_residual"))
 def test_layer_norm_residual_without_residual_or_affine(backend):
     (x,) = make_inputs((4, 7))
     check_against_reference(lambda x: F.layer_norm_residual(x, backend=backend), lambda x: R.layer_norm_residual(x), [x])

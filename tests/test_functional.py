@@ -272,6 +272,51 @@ def test_autocast_follows_torch_policy():
         F.feed_forward(x.detach().bfloat16(), w1, b1, w2, b2)
 
 
+@pytest.mark.parametrize("op", ["attention", "varlen", "layer_norm", "feed_forward"])
+def test_reference_backend_under_autocast_is_the_precast_call(op):
+    """The reference backend under autocast computes what it computes on autocast's casts made
+    beforehand, bitwise, forward and backward: its own matmuls are not cast a second time (they were:
+    the oracle's float32 scores and lse ran in bfloat16, the lse came back bfloat16)."""
+    g = torch.Generator().manual_seed(0)
+    if op in ("attention", "varlen"):
+        shape = (2, 4, 9, 16) if op == "attention" else (9, 4, 16)
+        inputs = [torch.randn(*shape, generator=g, requires_grad=True) for _ in range(3)]
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+
+        def call(q, k, v):
+            if op == "attention":
+                return F.attention(q, k, v, causal=True, return_lse=True, backend="reference")
+            return F.attention_varlen(q, k, v, cu, cu, causal=True, return_lse=True, backend="reference")
+    elif op == "layer_norm":
+        inputs = [torch.randn(5, 16, generator=g).bfloat16().requires_grad_(), torch.randn(5, 16, generator=g),
+                  torch.randn(16, generator=g, requires_grad=True)]
+
+        def call(x, r, w):
+            return (F.layer_norm_residual(x, r, w, None, prenorm=True, residual_in_fp32=True, backend="reference"),)
+    else:
+        inputs = [torch.randn(5, 16, generator=g, requires_grad=True), torch.randn(32, 16, generator=g,
+                  requires_grad=True), torch.randn(16, 32, generator=g, requires_grad=True)]
+
+        def call(x, w1, w2):
+            return (F.feed_forward(x, w1, None, w2, None, activation="gelu", backend="reference"),)
+
+    def run(autocast):
+        ins = [t.detach().clone().requires_grad_() for t in inputs]
+        used = ins if autocast else [t.bfloat16() if op != "layer_norm" or i == 0 else t for i, t in enumerate(ins)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs = call(*used)
+            outs = [o for out in outs for o in (out if isinstance(out, tuple) else (out,))]
+            sum(o.float().sum() for o in outs if o.is_floating_point()).backward()
+        return outs, [t.grad for t in ins]
+
+    outs, grads = run(True)
+    want_outs, want_grads = run(False)
+    if op in ("attention", "varlen"):
+        assert outs[1].dtype == torch.float32  # the lse
+    for got, want in zip(outs + grads, want_outs + want_grads):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_autocast_casts_every_eligible_dtype_as_torch_does():
     """Under a bfloat16 autocast, float16 operands are cast too (autocast casts every floating
     tensor but float64), as SDPA and nn.Linear do: the result is bfloat16, where it was float16

@@ -6,6 +6,8 @@ backend would not). It is the fallback of ``auto`` and the baseline of the bench
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import reference as ref
@@ -171,6 +173,27 @@ class ReferenceBackend(Backend):
         out = torch.empty_like(x) if out is None else out
         out.copy_(result)
         return out
+
+
+def _without_autocast(method):
+    """The op body with autocast off for its tensors' device. The functional layer has applied
+    autocast's casting to the inputs already; under it, the reference's own torch.matmul calls were
+    cast again, so the oracle computed its "float32" scores, lse and gradients in bfloat16/float16
+    (and `auto`'s fallback with them): lse returned in bfloat16, errors several times the cpu
+    backend's."""
+    @functools.wraps(method)
+    def run(self, first, *args, **kwargs):
+        device = first.device.type if isinstance(first, torch.Tensor) else "meta"
+        if device == "meta" or not torch.is_autocast_enabled(device):
+            return method(self, first, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return method(self, first, *args, **kwargs)
+    return run
+
+
+for _name in ("attention_fwd", "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd", "layer_norm_residual_fwd",
+              "layer_norm_residual_bwd", "feed_forward_fwd", "feed_forward_bwd", "rotary"):
+    setattr(ReferenceBackend, _name, _without_autocast(getattr(ReferenceBackend, _name)))
 
 
 def _attention_in_float32(q, k, v, attn_mask, dropout_p, scale, rng, band, softcap, alibi):

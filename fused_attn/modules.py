@@ -160,8 +160,9 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         # (named as attention_varlen's errors name them on the other path)
         _check_cu_seqlens("cu_seqlens_q", cu_seqlens, "max_seqlen_q", max_seqlen, q.device, compiling)
         total = q.shape[0]
-        check_varlen_bounds(cu_seqlens, cu_seqlens, total, total, max_seqlen, max_seqlen)
+        # one device-to-host read, checked and used as is (a tensor would be read once per side)
         bounds = cu_seqlens.tolist()
+        check_varlen_bounds(bounds, bounds, total, total, max_seqlen, max_seqlen)
         outs = []
         for a, b in zip(bounds, bounds[1:]):
             if a == b:  # (an empty sequence has no rows)

@@ -130,10 +130,13 @@ def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, 
     by the varlen op itself for traced calls (torch.compile), where nothing can be read on the host
     at trace time: bad boundaries then fail at run time instead of steering kernels out of bounds.
     ``used_k``: the keys each sequence uses, checked already (a paged cache: ``check_block_table``);
-    cu_seqlens_k, total_k and seqused_k are then not read again."""
-    cu = {"cu_seqlens_q": (cu_seqlens_q.tolist(), total_q)}
+    cu_seqlens_k, total_k and seqused_k are then not read again. cu_seqlens_q / cu_seqlens_k may
+    also be host lists already read (a caller that needs the boundaries itself reads them once)."""
+    def host(cu_seqlens):
+        return cu_seqlens if isinstance(cu_seqlens, list) else cu_seqlens.tolist()
+    cu = {"cu_seqlens_q": (host(cu_seqlens_q), total_q)}
     if used_k is None:
-        cu["cu_seqlens_k"] = (cu_seqlens_k.tolist(), total_k)
+        cu["cu_seqlens_k"] = (host(cu_seqlens_k), total_k)
     for name, (values, total) in cu.items():
         if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
             raise ValueError(f"{name} must start at 0, never decrease and end at the total length {total}, "

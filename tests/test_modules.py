@@ -863,6 +863,20 @@ def test_packed_learnable_alibi_checks_the_boundaries_as_varlen():
             mha(x, cu_seqlens=cu, max_seqlen=max_seqlen)
 
 
+def test_packed_learnable_alibi_reads_the_boundaries_once(monkeypatch):
+    """The per-sequence path read cu_seqlens to the host three times per forward (the bounds check
+    read it as cu_seqlens_q and as cu_seqlens_k, then the loop read it again): three device-to-host
+    syncs per layer per step on a GPU. Now it is read once, and the same list is checked and used."""
+    mha = M.MultiHeadAttention(D_MODEL, HEADS, alibi="learnable")
+    cu = _cu(LEARNED_PACKED_LENS)
+    x = torch.randn(sum(LEARNED_PACKED_LENS), D_MODEL)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t is cu) or tolist(t))
+    mha(x, cu_seqlens=cu)
+    assert reads.count(True) == 1
+
+
 def test_packed_learnable_alibi_on_an_empty_batch():
     for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
         mha = cls(D_MODEL, HEADS, alibi="learnable")

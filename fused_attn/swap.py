@@ -182,6 +182,15 @@ def dropout_p(drop: nn.Module) -> float:
     return drop.p if drop.training else 0.0
 
 
+def dropout_reason(name: str, p) -> Optional[str]:
+    """Why a dropout probability cannot run fused (None when it can). torch's dropout also takes
+    p = 1 (it zeroes everything); the fused ops take p in [0, 1) and would raise at every training
+    call of a swapped module, so such a module is left as it is."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        return f"{name}={_shown(p)}: the fused ops take a dropout probability in [0, 1)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # fused torch.nn classes (each a subclass of the class it replaces; forward only)
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +425,10 @@ def _convert_plain_mlp(module, opts):
         return f"activation {type(act_module).__name__} has no fused form"
     if not opts.ffn:
         return "ffn=False"
+    # (the last dropout is called as it is; the middle one runs inside the fused op)
+    why = dropout_reason(f"{layout['middle']} p", module._modules[layout["middle"]].p) if layout["middle"] else None
+    if why:
+        return why
     return Conversion(fused_subclass(type(module), FusedPlainMLP), {"fused_attn_backend": opts.backend},
                       consumed=tuple(n for n in layout.values() if n),
                       reads={layout["first"]: nn.Linear, layout["second"]: nn.Linear},
@@ -715,6 +728,9 @@ def _convert_sequential_ffn(module, opts):
         return None if not isinstance(parts[1], nn.Module) else f"activation {type(parts[1]).__name__} has no fused form"
     if not opts.ffn:
         return "ffn=False"
+    why = dropout_reason("dropout p", parts[2].p) if len(parts) == 4 else None
+    if why:
+        return why
     return Conversion(FusedSequentialFFN, {"fused_attn_backend": opts.backend},
                       consumed=tuple(str(i) for i in range(len(parts))), note=f"FFN {act}",
                       reads={str(i): nn.Linear if i in (0, len(parts) - 1) else None for i in range(len(parts))})
@@ -725,7 +741,7 @@ def _mha_reason(module) -> Optional[str]:
         return "add_bias_kv=True has no fused form"
     if module.add_zero_attn:
         return "add_zero_attn=True has no fused form"
-    return None
+    return dropout_reason("dropout", module.dropout)
 
 
 def _convert_mha(module, opts):
@@ -746,13 +762,15 @@ def _convert_torch_layer(module, opts):
     norms = [module.norm1, module.norm2] + ([module.norm3] if hasattr(module, "norm3") else [])
     norm_why = "norm=False" if not opts.norm else next((w for w in map(norm_reason, norms) if w), None)
     norm_reads = {f"{kind}{i + 1}": cls for i in range(len(norms)) for kind, cls in (("norm", None), ("dropout", nn.Dropout))}
-    norm_why = norm_why or _read_reason(module, norm_reads)
+    norm_why = norm_why or _read_reason(module, norm_reads) or next(
+        (w for i in range(len(norms)) if (w := dropout_reason(f"dropout{i + 1} p", module._modules[f"dropout{i + 1}"].p))),
+        None)
     act = activation_name(module.activation) if opts.ffn else None
     ffn_why = "ffn=False" if not opts.ffn else (None if act else f"activation {module.activation!r} has no fused form")
     ffn_reads = {"linear1": nn.Linear, "linear2": nn.Linear, "dropout": nn.Dropout}
     if isinstance(module.activation, nn.Module):
         ffn_reads["activation"] = None
-    ffn_why = ffn_why or _read_reason(module, ffn_reads)
+    ffn_why = ffn_why or _read_reason(module, ffn_reads) or dropout_reason("dropout p", module.dropout.p)
     act = None if ffn_why else act
     attns = [module.self_attn] + ([module.multihead_attn] if hasattr(module, "multihead_attn") else [])
     attn_fused = opts.attention and all(type(a) is nn.MultiheadAttention and _mha_reason(a) is None for a in attns)

@@ -791,3 +791,34 @@ def test_torch_multihead_attention_checks_the_embedding_dim_as_torch():
         mha(x, x, x, need_weights=False)
     with pytest.raises(AssertionError, match=str(torch_error.value)):
         swapped(x, x, x, need_weights=False)
+
+
+def test_modules_with_dropout_one_are_left():
+    """torch's dropout takes p = 1 (it zeroes everything); the fused ops take p in [0, 1). Such
+    modules were swapped ("2 replaced, 0 left" for an encoder layer) and then raised "dropout_p
+    must be in [0, 1), got 1.0" at every training call. Now the attention, layer, Sequential FFN
+    and plain MLP are left to torch, with the reason, and train as torch trains them."""
+    torch.manual_seed(0)
+    x = torch.randn(B, L, D)
+    mha = nn.MultiheadAttention(D, H, dropout=1.0, batch_first=True)
+    models = {"layer": nn.TransformerEncoderLayer(D, H, 48, dropout=1.0, batch_first=True),
+              "decoder": nn.TransformerDecoderLayer(D, H, 48, dropout=1.0, batch_first=True),
+              "mha": mha, "seq": nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Dropout(1.0), nn.Linear(48, D)),
+              "mlp": NestedMLP(p_mid=1.0)}
+    for name, model in models.items():
+        report = fused_attn.swap_modules(model)
+        assert S.RESTORE_ATTR not in model.__dict__, (name, report)
+        assert not [r for r in report.replaced if r[0] in ("self_attn", "multihead_attn")], (name, report)
+        assert any("p=1.0: the fused ops take a dropout probability in [0, 1)" in why or
+                   "dropout=1.0: the fused ops" in why for _, _, why in report.left), (name, report)
+        model.train()
+        if name == "mha":
+            out = model(x, x, x, need_weights=False)[0]
+        elif name == "decoder":
+            out = model(x, x)
+        else:
+            out = model(x)
+        assert torch.isfinite(out).all(), name
+    # a dropout below 1 in the same layer is still fused
+    report = fused_attn.swap_modules(nn.TransformerEncoderLayer(D, H, 48, dropout=0.5, batch_first=True))
+    assert not report.left and "FFN fused relu" in report.replaced[0][3], report

@@ -1087,21 +1087,8 @@ def _interface_keywords():
         for cls in ast.parse(text).body:
             if not isinstance(cls, ast.ClassDef):
                 continue
-            for fn in ast.walk(cls):
-                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    continue
-                looked_up = {t.id for node in ast.walk(fn) if isinstance(node, (ast.Assign, ast.AnnAssign))
-                             and node.value is not None and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.value)
-                             for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                             if isinstance(t, ast.Name)}
-                for node in ast.walk(fn):
-                    if isinstance(node, ast.Call) and (
-                            (isinstance(node.func, ast.Name) and node.func.id in looked_up)
-                            or (isinstance(node.func, ast.Subscript)
-                                and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.func))):
-                        for kw in node.keywords:
-                            if kw.arg is not None:
-                                found.setdefault(kw.arg, set()).add((module, cls.name))
+            for keyword in hf.attention_call_keywords(cls):  # (the scanner the swap uses)
+                found.setdefault(keyword, set()).add((module, cls.name))
     return found
 
 

@@ -78,6 +78,26 @@ def _attention_code(cls) -> str:
         return ""
 
 
+def attention_call_keywords(tree):
+    """The keyword names of each call, in a parsed module or class, of an attention function looked
+    up in ``ALL_ATTENTION_FUNCTIONS`` (called through a name assigned from it, or subscripted
+    directly), one name per keyword of each call."""
+    import ast
+
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        looked_up = {t.id for node in ast.walk(fn) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                     and node.value is not None and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.value)
+                     for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                     if isinstance(t, ast.Name)}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and (
+                    (isinstance(node.func, ast.Name) and node.func.id in looked_up)
+                    or (isinstance(node.func, ast.Subscript) and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.func))):
+                yield from (k.arg for k in node.keywords if k.arg is not None)
+
+
 @functools.lru_cache(maxsize=None)
 def _model_kwargs(cls) -> frozenset:
     """The keyword arguments an attention class's own code gives its attention functions: the
@@ -100,19 +120,7 @@ def _model_kwargs(cls) -> frozenset:
             tree = ast.parse(textwrap.dedent(code))
         except SyntaxError:
             continue
-        for fn in ast.walk(tree):
-            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            looked_up = {t.id for node in ast.walk(fn) if isinstance(node, (ast.Assign, ast.AnnAssign))
-                         and node.value is not None and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.value)
-                         for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                         if isinstance(t, ast.Name)}
-            for node in ast.walk(fn):
-                if isinstance(node, ast.Call) and (
-                        (isinstance(node.func, ast.Name) and node.func.id in looked_up)
-                        or (isinstance(node.func, ast.Subscript)
-                            and "ALL_ATTENTION_FUNCTIONS" in ast.unparse(node.func))):
-                    names.update(k.arg for k in node.keywords if k.arg is not None)
+        names.update(attention_call_keywords(tree))
     eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
     try:
         params = inspect.signature(eager).parameters.values() if eager is not None else ()

@@ -77,7 +77,11 @@ def vmapped(t: torch.Tensor) -> bool:
 def seed_offset(rng) -> tuple:
     """``(seed, offset)`` of an rng pair (an int64 tensor ``[seed, offset]`` or a tuple) as ints,
     or, where a vmap batched it (one pair per sample, which no int can hold), as the 0-dim tensors
-    ``rng[0]``, ``rng[1]``: ``row_keys`` reads those per sample."""
+    ``rng[0]``, ``rng[1]``: ``row_keys`` reads those per sample. (A plain tensor pair is read to
+    the host once, not once per number.)"""
+    if isinstance(rng, torch.Tensor) and not vmapped(rng):
+        seed, offset = rng.tolist()
+        return int(seed), int(offset)
     seed, offset = rng[0], rng[1]
     return tuple(v if isinstance(v, torch.Tensor) and vmapped(v) else int(v) for v in (seed, offset))
 

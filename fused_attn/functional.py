@@ -376,10 +376,14 @@ def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor, head_dim: int):
     elementwise pass over the output, no kernel change. Rows that see no key (lse = +inf) keep their
     zeros (sigmoid(+inf) = 1, gradient 0) and get the sink alone as their lse. ``head_dim``: lse's
     dimension of the heads (1 dense (B, Hq, Lq), 0 varlen (Hq, total_q)); the output's is that of
-    lse's rows plus one."""
-    shape = [1] * lse.dim()
-    shape[head_dim] = -1
-    sink = sinks.to(lse.dtype).view(shape)
+    lse's rows plus one. ``sinks`` (Hq,), one logit per head, or already broadcastable to lse's
+    shape, one per row (transformers' per-token sinks)."""
+    if sinks.dim() == lse.dim():
+        sink = sinks.to(lse.dtype)
+    else:
+        shape = [1] * lse.dim()
+        shape[head_dim] = -1
+        sink = sinks.to(lse.dtype).view(shape)
     factor = torch.sigmoid(lse - sink)  # (B, Hq, Lq) or (Hq, total_q)
     factor = factor.unsqueeze(-1) if head_dim == 1 else factor.t().unsqueeze(-1)
     out = (out * factor).to(out.dtype)
@@ -1261,9 +1265,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError("attn_mask must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
     if torch.compiler.is_compiling():
         dropout_p = _concrete(dropout_p)
-    if not isinstance(dropout_p, bool) and isinstance(dropout_p, numbers.Real) and not 0 <= dropout_p <= 1:
-        raise ValueError(f"dropout_p must be in [0, 1], got {_shown(dropout_p)}")
-    if not isinstance(dropout_p, bool) and isinstance(dropout_p, numbers.Real) and dropout_p == 1:
+    if not isinstance(dropout_p, bool) and isinstance(dropout_p, numbers.Real) and not 0 <= dropout_p < 1:
+        if dropout_p != 1:
+            raise ValueError(f"dropout_p must be in [0, 1], got {_shown(dropout_p)}")
         # torch takes p = 1 (its dropout zeroes every weight: zeros, NaN where the attention is NaN,
         # and zero gradients); the kernels' counter-based dropout takes p < 1 (it scales by 1 / (1 - p))
         return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,

@@ -196,14 +196,9 @@ def _of_moving(fn, inputs, moving):
 
 
 def _seed_offset(rng: Optional[Tensor]) -> tuple:
-    """The ints of ``rng`` (0, 0 for None), or, drawn per sample (``_per_sample``), its two
-    batched 0-dim tensors, which only the reference math takes (``_rng.row_keys``)."""
-    if rng is None:
-        return 0, 0
-    if _rng.vmapped(rng):
-        return rng[0], rng[1]
-    seed, offset = rng.tolist()
-    return int(seed), int(offset)
+    """``_rng.seed_offset`` of ``rng``, (0, 0) for None: ints, or, drawn per sample
+    (``_per_sample``), its two batched 0-dim tensors, which only the reference math takes."""
+    return (0, 0) if rng is None else _rng.seed_offset(rng)
 
 
 def _per_sample(rng: Optional[Tensor]) -> bool:

@@ -514,7 +514,7 @@ class MultiHeadAttention(nn.Module):
             self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
                                  persistent=False)
         self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
-        checks = functional_checks()  # (an int too large for a float is not finite: float() overflowed)
+        # (_finite: an int too large for a float is not finite; float() overflowed)
         if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)) or not (
                 rotary_base > 0 and checks._finite(rotary_base)):
             raise ValueError(f"rotary_base must be a finite number > 0 (RoPE's angles are position / base ** "
@@ -665,7 +665,7 @@ def check_batched_call(query, key, value, d_model, num_heads, key_padding_mask=N
         # dtype, and ``attention`` names it: under autocast the dtype it needs is not query's)
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask must be bool (True = attend) or a floating-point additive mask, got "
-                            f"{str(attn_mask.dtype).replace('torch.', '')}")
+                            f"{functional_checks()._dtype_name(attn_mask.dtype)}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
         target = (query.shape[0], num_heads, query.shape[1], (query if key is None else key).shape[1])

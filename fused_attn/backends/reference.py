@@ -24,6 +24,22 @@ def _rng(dropout_p, seed, offset):
     return (seed, offset) if dropout_p > 0.0 else None
 
 
+def _without_autocast(method):
+    """The op body with autocast off for its tensors' device. The functional layer has applied
+    autocast's casting to the inputs already; under it, the reference's own torch.matmul calls were
+    cast again, so the oracle computed its "float32" scores, lse and gradients in bfloat16/float16
+    (and `auto`'s fallback with them): lse returned in bfloat16, errors several times the cpu
+    backend's."""
+    @functools.wraps(method)
+    def run(self, first, *args, **kwargs):
+        device = first.device.type if isinstance(first, torch.Tensor) else "meta"
+        if device == "meta" or not torch.is_autocast_enabled(device):
+            return method(self, first, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return method(self, first, *args, **kwargs)
+    return run
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "meta")  # (its plain PyTorch runs on meta tensors: shapes without data)
@@ -31,6 +47,7 @@ class ReferenceBackend(Backend):
     dtypes = {"attention": _all, "layer_norm_residual": _all, "feed_forward": _all, "rotary": _all}
 
     # ---- attention -------------------------------------------------------------------------
+    @_without_autocast
     def attention_fwd(self, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0,
                       alibi_slopes=None, bottom_right=False):
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
@@ -45,6 +62,7 @@ class ReferenceBackend(Backend):
                                 else attn_mask.to(wide), False, scale, band=band, softcap=softcap, **alibi)
         return out, lse.contiguous()
 
+    @_without_autocast
     def attention_bwd(self, dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
                       mask_grad, softcap=0.0, alibi_slopes=None, bottom_right=False, dlse=None):
         # torch.func.vjp rather than torch.autograd: op implementations run below the autograd key.
@@ -71,6 +89,7 @@ class ReferenceBackend(Backend):
             (dq, dk, dv), dmask = vjp(grads_out), empty(q)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
+    @_without_autocast
     def attention_varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                              bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
                              alibi_slopes=None):
@@ -94,6 +113,7 @@ class ReferenceBackend(Backend):
         rows_without_keys(q.shape[0] - done)
         return torch.cat(outs).contiguous(), torch.cat(lses, dim=1).contiguous()
 
+    @_without_autocast
     def attention_varlen_bwd(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0,
                              seqused_k=None, alibi_slopes=None, dlse=None):
@@ -109,6 +129,7 @@ class ReferenceBackend(Backend):
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
     # ---- residual-add + norm ----------------------------------------------------------------
+    @_without_autocast
     def layer_norm_residual_fwd(self, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset,
                                 store_summed=True):
         out, summed = ref.layer_norm_residual(x, residual, weight, bias, eps, dropout_p, prenorm=True, rms=rms,
@@ -123,6 +144,7 @@ class ReferenceBackend(Backend):
             summed = summed.clone()
         return out, summed, mean, rstd
 
+    @_without_autocast
     def layer_norm_residual_bwd(self, dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, seed, offset, x_dtype):
         params = [p for p in (weight, bias) if p is not None]
 
@@ -144,6 +166,7 @@ class ReferenceBackend(Backend):
         return dsum, dx, dweight, dbias
 
     # ---- feed-forward -----------------------------------------------------------------------
+    @_without_autocast
     def feed_forward_fwd(self, x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
         pre = torch.nn.functional.linear(x, w1, b1)
         h = ref.activation_fn(pre, activation)
@@ -151,6 +174,7 @@ class ReferenceBackend(Backend):
             h = ref._rng.apply_dropout(h, dropout_p, seed, offset)
         return torch.nn.functional.linear(h, w2, b2), pre
 
+    @_without_autocast
     def feed_forward_bwd(self, dout, x, w1, w2, pre, activation, dropout_p, seed, offset, has_b1, has_b2):
         def act(p):
             h = ref.activation_fn(p, activation)
@@ -166,6 +190,7 @@ class ReferenceBackend(Backend):
         return dx.contiguous(), dw1.contiguous(), db1, dw2.contiguous(), db2
 
     # ---- rotary embedding -------------------------------------------------------------------
+    @_without_autocast
     def rotary(self, x, cos, sin, positions, interleaved, conjugate, out=None):
         result = ref.rotary(x, cos, sin, positions, interleaved, conjugate)
         if out is None and torch._C._are_functorch_transforms_active():
@@ -173,27 +198,6 @@ class ReferenceBackend(Backend):
         out = torch.empty_like(x) if out is None else out
         out.copy_(result)
         return out
-
-
-def _without_autocast(method):
-    """The op body with autocast off for its tensors' device. The functional layer has applied
-    autocast's casting to the inputs already; under it, the reference's own torch.matmul calls were
-    cast again, so the oracle computed its "float32" scores, lse and gradients in bfloat16/float16
-    (and `auto`'s fallback with them): lse returned in bfloat16, errors several times the cpu
-    backend's."""
-    @functools.wraps(method)
-    def run(self, first, *args, **kwargs):
-        device = first.device.type if isinstance(first, torch.Tensor) else "meta"
-        if device == "meta" or not torch.is_autocast_enabled(device):
-            return method(self, first, *args, **kwargs)
-        with torch.autocast(device, enabled=False):
-            return method(self, first, *args, **kwargs)
-    return run
-
-
-for _name in ("attention_fwd", "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd", "layer_norm_residual_fwd",
-              "layer_norm_residual_bwd", "feed_forward_fwd", "feed_forward_bwd", "rotary"):
-    setattr(ReferenceBackend, _name, _without_autocast(getattr(ReferenceBackend, _name)))
 
 
 def _attention_in_float32(q, k, v, attn_mask, dropout_p, scale, rng, band, softcap, alibi):

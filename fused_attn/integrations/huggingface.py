@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from ..ops_common import grad_recording
-from ..functional import _needs_grad, attention, attention_varlen, feed_forward, layer_norm_residual
+from ..functional import _apply_sinks, _needs_grad, attention, attention_varlen, feed_forward, layer_norm_residual
 from ..swap import activation_now, in_sum_dtype, reads_intact
 
 NAME = "fused_attn"
@@ -183,13 +183,6 @@ def _row_sinks(module, query, kwargs):
     return per_head, per_row
 
 
-def _shrink_by_sinks(out, lse, sinks):
-    """``attention``'s own sink step (``functional._apply_sinks``) with one sink logit per row:
-    out * sigmoid(lse - sink), lse and sinks shaped alike, out with one more (last) dimension."""
-    factor = torch.sigmoid(lse - sinks.to(lse.dtype))
-    return (out * factor.unsqueeze(-1)).to(out.dtype)
-
-
 def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
@@ -248,8 +241,7 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
                     softcap=kwargs.get("softcap"), sinks=sinks, return_lse=row_sinks is not None,
                     backend=getattr(module, "fused_attn_backend", None))
     if row_sinks is not None:
-        out, lse = out
-        out = _shrink_by_sinks(out, lse, row_sinks)
+        out, _ = _apply_sinks(*out, row_sinks, head_dim=1)  # attention's own sink step, a logit per row
     return out.transpose(1, 2), None  # (B, L, H, D): contiguous, the op stores its output that way
 
 
@@ -291,8 +283,7 @@ def _packed_attention_forward(module, query, key, value, varlen, dropout, scalin
                            sinks=sinks, return_lse=row_sinks is not None,
                            backend=getattr(module, "fused_attn_backend", None))
     if row_sinks is not None:  # lse (Hq, T); the sinks (1 | Hq, T | 1) of the one batch row
-        out, lse = out
-        out = _shrink_by_sinks(out.transpose(0, 1), lse, row_sinks[0]).transpose(0, 1)
+        out, _ = _apply_sinks(*out, row_sinks[0], head_dim=0)
     return out.unsqueeze(0), None  # (1, T, H, Dv)
 
 

@@ -471,11 +471,11 @@ def merge_attentions(attn_split: Tensor, lse_split: Tensor, write_lse: bool = Tr
             raise ValueError(f"attn_split and lse_split must list the same number of parts (at least one), got "
                              f"{len(attn_split)} and {len(lse_split)}")
         # each part checked here, before torch.stack (whose error names no argument)
+        first = attn_split[0]
         for i, (attn, lse) in enumerate(zip(attn_split, lse_split)):
             if not isinstance(attn, Tensor) or not isinstance(lse, Tensor):
                 raise TypeError(f"attn_split[{i}] and lse_split[{i}] must be tensors, got {type(attn).__name__} and "
                                 f"{type(lse).__name__}")
-            first = attn_split[0]
             if attn.shape != first.shape or attn.device != first.device:
                 raise ValueError(f"the parts of attn_split must share one shape (B, M, [G,] H, K) and device: "
                                  f"attn_split[0] is {tuple(first.shape)} on {first.device}, attn_split[{i}] "

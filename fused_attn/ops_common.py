@@ -151,7 +151,11 @@ def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, 
         longest = max(lengths, default=0)
         if max_seqlen is not None and max_seqlen < longest:
             raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest sequence in {name} ({longest})")
-        out.append(longest if max_seqlen is None else int(max_seqlen))
+        # The lengths are read anyway, so the kernels get the true longest, not the bound: a model's
+        # context length passed with every short batch would otherwise size the Triton grid (and
+        # the split-KV plan) for sequences that are not there. No result depends on it (the
+        # dropout offsets come from cu_seqlens_q), only the launch.
+        out.append(longest)
     return out[0], out[1]
 
 

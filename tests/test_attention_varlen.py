@@ -216,6 +216,32 @@ def test_varlen_validation():
     torch.testing.assert_close(F.attention_varlen(q, k, v, cu, cu, 64, 64), F.attention_varlen(q, k, v, cu, cu))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_varlen_loose_max_seqlen_reaches_kernels_as_longest(monkeypatch, grad):
+    """A loose max_seqlen (a model's context length passed with every batch) is only a bound: in
+    eager mode the lengths are read anyway, and the kernels get the longest sequence, which sizes
+    the Triton grid, instead of a million-row launch of empty programs."""
+    from fused_attn.backends import get_backend
+    backend = get_backend("reference")
+    seen = []
+    for name in ("attention_varlen_fwd", "attention_varlen_bwd"):
+        original = getattr(backend, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            at = 5 if _name == "attention_varlen_fwd" else 8  # max_seqlen_q's position
+            seen.append((_name, args[at], args[at + 1]))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(backend, name, spy)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 8], dtype=torch.int32)
+    q, k, v = (torch.randn(t, 2, 8, requires_grad=grad) for t in (10, 8, 8))
+    out = F.attention_varlen(q, k, v, cu, cu_k, 10**6, 4096, causal=True, backend=backend.name)
+    if grad:
+        out.sum().backward()
+    assert seen and all(entry[1:] == (7, 6) for entry in seen), seen
+    torch.testing.assert_close(out, F.attention_varlen(q, k, v, cu, cu_k, causal=True, backend=backend.name))
+
+
 def test_varlen_compiles_fullgraph():
     """Traced without graph breaks when max_seqlen is given (nothing is read from cu_seqlens on the
     host inside the graph); without it, a clear error."""

@@ -212,6 +212,30 @@ def test_torch_export_with_dynamic_lengths():
                 torch.testing.assert_close(program.module()(y, **{kwarg: pad}), model(y, **{kwarg: pad}))
 
 
+
+def test_torchscript_as_documented():
+    """README: torch.jit.script is not supported (it fails, with TorchScript's own error, not
+    silently); a torch.jit.trace taken and run under no_grad gives the eager outputs at another
+    length, also after a save/load round trip."""
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    model = M.Transformer(D, H, 1).eval()
+    with pytest.raises(Exception):
+        torch.jit.script(model)
+    (x,) = make_inputs((B, L, D), seed=1, requires_grad=False)
+    (y,) = make_inputs((B + 1, L + 5, D), seed=2, requires_grad=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, (x,))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        for program in (traced, loaded):
+            torch.testing.assert_close(program(y), model(y))
+
 @pytest.mark.slow
 def test_fused_layer_compiles_with_inductor():
     """The default backend (inductor) once, on a small module (compile time is the cost)."""

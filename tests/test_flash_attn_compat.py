@@ -670,3 +670,26 @@ def test_unpad_input_for_concatenated_sequences_skips_zeros_anywhere():
     assert cu.tolist() == [0, 2, 5] and max_len == 3 and indices.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="adding up to at most 6"):
         FA.unpad_input_for_concatenated_sequences(hidden, torch.tensor([[4, 0, 3, 0, 0, 0]]))
+
+
+def test_rotary_embedding_built_on_meta():
+    """inv_freq is a non-persistent buffer (in no state dict): built on meta, to_empty left it
+    uninitialised memory (the tables silently garbage) and a forward on CPU failed copying out of
+    meta. to_empty / any move now recomputes it, reset_parameters does, and a forward computes it
+    where it runs if nothing placed it."""
+    rope = FA.RotaryEmbedding(8, base=500.0)
+    qkv = torch.randn(1, 4, 3, 2, 8)
+    expected = rope(qkv.clone())
+    with torch.device("meta"):
+        lazy = FA.RotaryEmbedding(8, base=500.0)
+    lazy.to_empty(device="cpu")
+    assert torch.equal(lazy.inv_freq, rope.inv_freq)
+    torch.testing.assert_close(lazy(qkv.clone()), expected)
+    with torch.no_grad():
+        lazy.inv_freq.fill_(float("nan"))
+    lazy.reset_parameters()
+    torch.testing.assert_close(lazy(qkv.clone()), expected)
+    with torch.device("meta"):
+        lazy = FA.RotaryEmbedding(8, base=500.0)
+    torch.testing.assert_close(lazy(qkv.clone()), expected)
+    assert torch.equal(lazy.inv_freq, rope.inv_freq)

@@ -373,12 +373,33 @@ class RotaryEmbedding(torch.nn.Module):
                              f"{_shown(base)}")
         self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, None
         self.pos_idx_in_fp32 = pos_idx_in_fp32
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._frequencies(device), persistent=False)
         self._seq_len_cached = 0
         self._cos_cached = self._sin_cached = None
 
+    def _frequencies(self, device=None) -> Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
+
+    def reset_parameters(self) -> None:
+        """Recompute the (non-persistent) ``inv_freq`` buffer in its dtype and device, and drop the
+        cached tables: for a module built on meta (see ``_apply``)."""
+        with torch.no_grad():
+            self.inv_freq.copy_(self._frequencies(self.inv_freq.device))
+        self._seq_len_cached, self._cos_cached, self._sin_cached = 0, None, None
+
+    def _apply(self, fn, recurse=True):
+        # inv_freq is a function of dim and base and in no state dict: recomputed after a move, so
+        # that ``to_empty`` after construction on meta does not leave it uninitialised memory (the
+        # tables would have been garbage, silently)
+        module = super()._apply(fn, recurse)
+        if not self.inv_freq.is_meta:
+            self.reset_parameters()
+        return module
+
     def _update_cos_sin_cache(self, seqlen: int, device=None, dtype=None) -> None:
+        if self.inv_freq.is_meta and device is not None and torch.device(device).type != "meta":
+            # built on meta and never moved (it holds no state to load): computed where it is used
+            self.inv_freq = self._frequencies(device).to(self.inv_freq.dtype)
         cached = self._cos_cached
         if (seqlen > self._seq_len_cached or cached is None or cached.device != device or cached.dtype != dtype
                 or (self.training and cached.is_inference())):

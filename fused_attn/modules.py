@@ -74,6 +74,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         """As the reference's: (B, L, d_model) tensors, or packed self-attention on (total_tokens,
         d_model) with ``cu_seqlens`` (``attention_varlen``: no padding, no mask), or a decoding step
         with ``kv_cache`` (``attention_with_kvcache``)."""
+        self._place_meta_slopes()
         if kv_cache is not None:
             reference.check_kv_cache_call(self, query, key, value, attn_mask, key_padding_mask, cu_seqlens, is_causal,
                                           kv_cache)

@@ -508,12 +508,16 @@ class MultiHeadAttention(nn.Module):
         if not (isinstance(alibi, bool) or isinstance(alibi, str) and alibi == "learnable"):  # (not 0 / 1)
             raise ValueError(f"alibi must be False, True or 'learnable', got {alibi!r}")
         self.alibi = bool(alibi)
+        # (filled by reset_parameters below, the one place that says how they start)
         if alibi == "learnable":  # (float32 at first; the call uses any float dtype in float32)
-            self.alibi_slopes = nn.Parameter(get_alibi_slopes(num_heads, device))
+            self.alibi_slopes = nn.Parameter(torch.empty(num_heads, device=device, dtype=torch.float32))
         else:
-            self.register_buffer("alibi_slopes", get_alibi_slopes(num_heads, device) if self.alibi else None,
-                                 persistent=False)
-        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
+            self.register_buffer("alibi_slopes", torch.empty(num_heads, device=device, dtype=torch.float32)
+                                 if self.alibi else None, persistent=False)
+            # a state dict does not hold the fixed slopes: loaded with assign=True into a module built
+            # on meta, the weights arrive but the buffer would stay on meta (see the hook)
+            self.register_load_state_dict_post_hook(_materialize_alibi_slopes)
+        self.sinks = nn.Parameter(torch.empty(num_heads, **factory)) if sinks else None
         # (_finite: an int too large for a float is not finite; float() overflowed)
         if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)) or not (
                 rotary_base > 0 and checks._finite(rotary_base)):
@@ -523,6 +527,22 @@ class MultiHeadAttention(nn.Module):
         if self.rotary and self.head_dim % 2:
             raise ValueError(f"rotary=True turns pairs of features: the head dim (d_model / num_heads = "
                              f"{self.head_dim}) must be even")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise what this module holds itself, as the constructor does: ``sinks`` zeros,
+        ``alibi_slopes`` (learnable or fixed) the paper's slopes (``get_alibi_slopes``), in their
+        current dtype and device. The four projections are ``nn.Linear`` children with their own
+        ``reset_parameters``, which this does not call: torch's convention (FSDP's meta-device
+        init), each module initialising only its own tensors, so that calling ``reset_parameters``
+        on every module of a model built on meta and ``to_empty``-ed gives a fresh construction's
+        initialisation (the same random numbers, drawn in the same order, under the same seed)
+        rather than drawing the projections twice."""
+        with torch.no_grad():
+            if self.sinks is not None:
+                self.sinks.zero_()
+            if self.alibi_slopes is not None:
+                self.alibi_slopes.copy_(get_alibi_slopes(self.num_heads, self.alibi_slopes.device))
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
@@ -533,6 +553,17 @@ class MultiHeadAttention(nn.Module):
             slopes = self.alibi_slopes
             self.alibi_slopes = get_alibi_slopes(self.num_heads, slopes.device).to(slopes.dtype)
         return module
+
+    def _place_meta_slopes(self) -> None:
+        """The fixed ALiBi slopes rebuilt if they are still on meta while the weights are
+        not (a model built on meta whose weights were put in place some other way than
+        ``load_state_dict`` or ``to_empty``, as by assigning parameters): the slopes are a function
+        of the head count, so there is nothing to lose. Checked on each forward; ``is_meta`` is a
+        property of the tensor, fixed when torch.compile traces, so the usual case adds no guard
+        beyond the device's and no graph break."""
+        slopes = self.alibi_slopes
+        if slopes is not None and slopes.is_meta:
+            _materialize_alibi_slopes(self)
 
     def new_kv_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         """An empty cache of ``max_len`` tokens for this layer (the parameters' device and dtype)."""
@@ -563,6 +594,7 @@ class MultiHeadAttention(nn.Module):
         self-attention of the new tokens to the cached ones and themselves, token i of sequence b
         at position ``kv_cache.seqlens[b] + i``; the call appends them and advances the count. A
         ``key_padding_mask`` with ``kv_cache`` left-pads the prompts of the prefill (see ``KVCache``)."""
+        self._place_meta_slopes()
         if kv_cache is not None:
             check_kv_cache_call(self, query, key, value, attn_mask, key_padding_mask, cu_seqlens, is_causal, kv_cache)
             return decode_step(self, query, kv_cache, key_padding_mask)
@@ -600,6 +632,22 @@ class MultiHeadAttention(nn.Module):
         out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, window_size=self.window_size,
                         alibi_slopes=self.alibi_slopes, sinks=self.sinks)
         return self.out_linear(out.transpose(1, 2).reshape(B, Lq, self.d_model))
+
+
+def _materialize_alibi_slopes(mha, incompatible_keys=None) -> None:
+    """A ``load_state_dict`` post-hook of a ``MultiHeadAttention`` with fixed ALiBi slopes (also
+    called from forward): slopes left on meta while the module's parameters are on a device
+    (``load_state_dict(assign=True)`` into a module built on meta: the state dict holds the
+    weights but not the non-persistent slopes) are recomputed there, in the buffer's dtype (what
+    it would be had the module been built on that device and moved the same way). Otherwise the
+    first forward failed naming ``alibi_slopes``, which the user never passed, ``.to(device)``
+    failed copying out of meta, and ``to_empty`` would have discarded the loaded weights."""
+    slopes = mha.alibi_slopes
+    if slopes is None or isinstance(slopes, nn.Parameter) or not slopes.is_meta:
+        return
+    placed = next((p for p in mha.parameters() if not p.is_meta), None)
+    if placed is not None:
+        mha.alibi_slopes = get_alibi_slopes(mha.num_heads, placed.device).to(slopes.dtype)
 
 
 def _decode_reference(mha, query, kv_cache):
@@ -703,8 +751,16 @@ class LayerNormResidual(nn.Module):
         checks._check_bool("bias", bias)
         self.d_model, self.eps, self.norm = d_model, checks._check_eps(eps), norm
         self.dropout = checks._check_prob("dropout", dropout)
-        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype)) if bias else None
+        self.weight = nn.Parameter(torch.empty(d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(d_model, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise the norm, as the constructor does (and as ``nn.LayerNorm``'s): weight
+        ones, bias zeros (for a model built on meta, then ``to_empty``)."""
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x, residual=None, prenorm=False):
         p = self.dropout if self.training else 0.0

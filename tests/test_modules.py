@@ -942,3 +942,92 @@ def test_meta_device_construction_then_to_empty_and_load(cls):
     lazy.to(torch.bfloat16)  # rounded like any buffer in a dtype move
     assert torch.equal(lazy.layers[0].multi_head_attention.alibi_slopes,
                        fused_attn.get_alibi_slopes(4).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("cls", ["reference", "fused"])
+def test_meta_device_construction_then_load_with_assign(cls):
+    """Built on meta and loaded with load_state_dict(assign=True) (the weights become the state
+    dict's tensors, no copy): the fixed ALiBi slopes, in no state dict, were left on meta, so the
+    forward failed naming alibi_slopes and .to(device) could not copy out of meta. The load now
+    places them with the weights, in the buffer's dtype."""
+    make = fused_attn.Transformer if cls == "fused" else fused_attn.reference.Transformer
+    torch.manual_seed(0)
+    direct = make(16, 4, 2, alibi=True)
+    with torch.device("meta"):
+        lazy = make(16, 4, 2, alibi=True)
+    lazy.load_state_dict(direct.state_dict(), assign=True)
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(lazy(x), direct(x))
+    for layer in lazy.layers:
+        slopes = layer.multi_head_attention.alibi_slopes
+        assert slopes.device.type == "cpu" and torch.equal(slopes, fused_attn.get_alibi_slopes(4))
+    lazy.to("cpu")  # (raised: Cannot copy out of meta tensor)
+    # a buffer moved to bfloat16 while on meta comes back in bfloat16, as a built module's would
+    with torch.device("meta"):
+        lazy = make(16, 4, 1, alibi=True).to(torch.bfloat16)
+    lazy.load_state_dict(make(16, 4, 1, alibi=True).to(torch.bfloat16).state_dict(), assign=True)
+    assert torch.equal(lazy.layers[0].multi_head_attention.alibi_slopes,
+                       fused_attn.get_alibi_slopes(4).to(torch.bfloat16))
+    # weights put in place without load_state_dict: the forward places the slopes
+    with torch.device("meta"):
+        lazy = make(16, 4, 1, alibi=True)
+    for module in lazy.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(torch.zeros(p.shape)))
+    assert lazy(x).shape == x.shape
+    assert torch.equal(lazy.layers[0].multi_head_attention.alibi_slopes, fused_attn.get_alibi_slopes(4))
+
+
+@pytest.mark.parametrize("cls", ["reference", "fused"])
+@pytest.mark.parametrize("kwargs", [dict(sinks=True, alibi="learnable"), dict(alibi=True, norm="rmsnorm"),
+                                    dict(bias=False, activation="swiglu", num_kv_heads=2)])
+def test_meta_device_to_empty_then_reset_parameters_is_a_fresh_construction(cls, kwargs):
+    """The deferred-init recipe (build on meta, to_empty, reset_parameters on every module that
+    has one, as FSDP does): every module holding parameters of its own has reset_parameters (the
+    norms, sinks and learnable slopes were left as uninitialised memory), each resets only its
+    own (the linears are modules of their own), so under the same seed the model is exactly a
+    freshly built one, random projections included."""
+    make = fused_attn.Transformer if cls == "fused" else fused_attn.reference.Transformer
+    torch.manual_seed(3)
+    direct = make(16, 4, 2, **kwargs)
+    with torch.device("meta"):
+        lazy = make(16, 4, 2, **kwargs)
+    lazy = lazy.to_empty(device="cpu")
+    for module in lazy.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            assert hasattr(module, "reset_parameters"), type(module).__name__
+    with torch.no_grad():  # garbage in every tensor first: reset_parameters must write them all
+        for t in list(lazy.parameters()) + list(lazy.buffers()):
+            t.fill_(float("nan"))
+    torch.manual_seed(3)
+    for module in lazy.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    expected = dict(direct.named_parameters()) | dict(direct.named_buffers())
+    got = dict(lazy.named_parameters()) | dict(lazy.named_buffers())
+    assert got.keys() == expected.keys()
+    for name, t in expected.items():
+        assert torch.equal(got[name], t), name
+    # and reset_parameters on a trained module restores the constructor's deterministic values
+    for name in ("multi_head_attention", "norm1"):
+        module, fresh = getattr(lazy.layers[0], name), getattr(direct.layers[0], name)
+        with torch.no_grad():
+            for p in module.parameters(recurse=False):
+                p.add_(1.0)
+        module.reset_parameters()
+        for pname, p in module.named_parameters(recurse=False):
+            assert torch.equal(p, getattr(fresh, pname)), (name, pname)
+
+
+@pytest.mark.parametrize("cls", ["reference", "fused"])
+def test_alibi_module_compiles_fullgraph(cls):
+    """The forward's check for slopes still on meta is a property of the buffer, fixed when
+    torch.compile traces: no graph break in the usual case."""
+    make = M.MultiHeadAttention if cls == "fused" else R.MultiHeadAttention
+    mha = make(16, 4, alibi=True).eval()
+    x = torch.randn(2, 5, 16)
+    torch._dynamo.reset()
+    try:
+        torch.testing.assert_close(torch.compile(mha, fullgraph=True, backend="eager")(x), mha(x))
+    finally:
+        torch._dynamo.reset()

@@ -9,14 +9,18 @@ _C = None
 ERROR: str | None = None
 
 
-def _env_flag(name: str) -> bool:
+def _env_flag(name: str, default: bool = False) -> bool:
     """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case; unset or empty
-    is off); anything else raises, naming the variable (``=false`` must not read as on)."""
+    is ``default``); anything else raises, naming the variable (``=false`` must not read as on).
+    The one parser of the package's run-time switches, so that they all take the same words
+    (setup.py keeps a copy: it runs before the package can be imported)."""
     value = os.environ.get(name, "")
     word = value.strip().lower()
+    if not word:
+        return default
     if word in ("1", "true", "yes", "on"):
         return True
-    if word in ("", "0", "false", "no", "off"):
+    if word in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name}={value!r} is not a yes/no value (use 1, true, yes, on or 0, false, no, off)")
 

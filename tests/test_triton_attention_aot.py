@@ -557,8 +557,23 @@ def test_autotune_off_keeps_the_first_config(monkeypatch):
     assert key(A._make_prune("fwd")(A.all_configs("fwd"), args)) == key(timed[:1])
     assert ff._prune(ff._ffn_gemm_tuned.configs, ffn_args[0], **ffn_args[1]) == timed_ffn[:1]
     monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", "sometimes")
-    with pytest.raises(ValueError, match="FUSED_ATTN_TRITON_AUTOTUNE must be 1 or 0"):
+    with pytest.raises(ValueError, match="FUSED_ATTN_TRITON_AUTOTUNE='sometimes' is not a yes/no value"):
         _tuning.autotune_enabled()
+
+
+@pytest.mark.parametrize("value, expected", [(None, True), ("", True), ("1", True), ("true", True), ("Yes", True),
+                                             ("on", True), ("0", False), ("FALSE", False), ("no", False),
+                                             ("off", False)])
+def test_autotune_switch_takes_the_extension_switches_words(monkeypatch, value, expected):
+    """FUSED_ATTN_TRITON_AUTOTUNE reads 1/true/yes/on and 0/false/no/off like every other switch
+    (it refused yes/no, which the build and extension switches take); unset or empty is on."""
+    from fused_attn.triton import _tuning
+
+    if value is None:
+        monkeypatch.delenv("FUSED_ATTN_TRITON_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("FUSED_ATTN_TRITON_AUTOTUNE", value)
+    assert _tuning.autotune_enabled() is expected
 
 
 def test_loop_spills_are_told_from_spills_around_loops():

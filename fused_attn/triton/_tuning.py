@@ -1,23 +1,20 @@
 """How much the Triton autotuners time.
 
-``FUSED_ATTN_TRITON_AUTOTUNE``: "1" (default) times every configuration the prune keeps for a new
-key and uses the fastest; "0" takes the first one kept without timing anything. The second is for
-correctness runs on a GPU (``benchmarks/gpu_check.sh``'s test steps), where hundreds of distinct
-small problems would otherwise each compile and time a dozen configurations; benchmarks keep the
-default.
+``FUSED_ATTN_TRITON_AUTOTUNE``: on (the default; 1/true/yes/on) times every configuration the prune
+keeps for a new key and uses the fastest; off (0/false/no/off) takes the first one kept without
+timing anything. The second is for correctness runs on a GPU (``benchmarks/gpu_check.sh``'s test
+steps), where hundreds of distinct small problems would otherwise each compile and time a dozen
+configurations; benchmarks keep the default.
 """
 from __future__ import annotations
 
-import os
+from .._extension import _env_flag
 
 
 def autotune_enabled() -> bool:
-    value = os.environ.get("FUSED_ATTN_TRITON_AUTOTUNE", "1").strip().lower()
-    if value in ("", "1", "true", "on"):
-        return True
-    if value in ("0", "false", "off"):
-        return False
-    raise ValueError(f"FUSED_ATTN_TRITON_AUTOTUNE must be 1 or 0; got {os.environ['FUSED_ATTN_TRITON_AUTOTUNE']!r}")
+    # read with the extension switches' parser, so it takes the same words (1/true/yes/on,
+    # 0/false/no/off) and refuses the rest with the same message; unset or empty is on
+    return _env_flag("FUSED_ATTN_TRITON_AUTOTUNE", default=True)
 
 
 def pick(configs: list) -> list:

@@ -12,8 +12,8 @@ Each benchmark's group is ``op-pass-shape-dtype`` and its name the implementatio
 ``--benchmark-compare`` matches on) stay the same across runs and machines.
 
 Environment: FUSED_ATTN_BENCH_SHAPES = tiny | quick (default) | full (the shape sets of
-``python -m fused_attn.bench``); FUSED_ATTN_BENCH_DTYPES = comma list (default float32 on CPU,
-bfloat16 on CUDA); FUSED_ATTN_BENCH_DEVICE = cpu | cuda; FUSED_ATTN_BENCH_THREADS = torch CPU threads.
+``python -m fused_attn.bench``); FUSED_ATTN_BENCH_DTYPES = comma list of float16, bfloat16, float32,
+float64 (default float32 on CPU, bfloat16 on CUDA); an unknown shape set or dtype stops collection; FUSED_ATTN_BENCH_DEVICE = cpu | cuda; FUSED_ATTN_BENCH_THREADS = torch CPU threads.
 
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group --benchmark-save=base
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group --benchmark-compare=0001
@@ -28,10 +28,16 @@ from fused_attn import bench
 from fused_attn.backends import BACKENDS
 
 DEVICE = torch.device(os.environ.get("FUSED_ATTN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-SHAPES = os.environ.get("FUSED_ATTN_BENCH_SHAPES", "quick")
-DTYPES = [getattr(torch, d.strip()) for d in
-          os.environ.get("FUSED_ATTN_BENCH_DTYPES", "bfloat16" if DEVICE.type == "cuda" else "float32").split(",")
-          if d.strip()]
+SHAPES = os.environ.get("FUSED_ATTN_BENCH_SHAPES") or "quick"
+if SHAPES not in bench.SHAPE_SETS:  # refused here, naming the variable, before any suite collects
+    raise ValueError(f"FUSED_ATTN_BENCH_SHAPES={SHAPES!r} is not a shape set "
+                     f"(expected one of {', '.join(bench.SHAPE_SETS)})")
+_DTYPES_TEXT = os.environ.get("FUSED_ATTN_BENCH_DTYPES") or ("bfloat16" if DEVICE.type == "cuda" else "float32")
+_DTYPE_NAMES = [d.strip() for d in _DTYPES_TEXT.split(",") if d.strip()]
+if not _DTYPE_NAMES or any(d not in bench.DTYPE_NAMES for d in _DTYPE_NAMES):
+    raise ValueError(f"FUSED_ATTN_BENCH_DTYPES={_DTYPES_TEXT!r} is not a comma list of "
+                     f"dtypes (expected names among {', '.join(bench.DTYPE_NAMES)})")
+DTYPES = [getattr(torch, d) for d in _DTYPE_NAMES]
 SEED = 0
 if os.environ.get("FUSED_ATTN_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FUSED_ATTN_BENCH_THREADS"]))

@@ -75,6 +75,7 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 #: "infer": the forward under torch.no_grad (nothing saved for backward), on request with --passes
 ALL_PASSES = PASSES + ("infer",)
 SHAPE_SETS = ("tiny", "quick", "full")
+DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 BASELINES = ("eager", "sdpa", "compile")
 SDPA_GPU_BACKENDS = ("flash", "efficient", "cudnn", "math")
 #: share of a --max-minutes budget each op gets (unused time passes on to the next op)
@@ -680,6 +681,8 @@ VARLEN_GPU = (4096, 1000, 2048, 300, 3000, 512, 77, 1600, 2600, 1151)
 def shape_set(op: str, which: str, device_type: str) -> list[Case]:
     """The cases of ``op`` for a sweep size (tiny: a smoke test; quick: < 2 min on 2 CPU cores;
     full: the real sweep, sized per device type)."""
+    if which not in SHAPE_SETS:  # the branches below would read any other name as "full"
+        raise ValueError(f"shape_set: which={which!r} is not a shape set (expected one of {', '.join(SHAPE_SETS)})")
     gpu = device_type == "cuda"
     if which == "tiny":
         return {"attention": [AttentionCase(1, 2, 16, 16), AttentionCase(1, 2, 32, 16, causal=True),
@@ -1697,9 +1700,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     shapes = args.shapes or ("quick" if args.quick else "full")
     dtype_names = _split(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    bad = [d for d in dtype_names if d not in ("float16", "bfloat16", "float32", "float64")]
+    bad = [d for d in dtype_names if d not in DTYPE_NAMES]
     if bad:
-        raise _usage_error(f"--dtype: unknown {', '.join(bad)} (choose from float16, bfloat16, float32, float64)")
+        raise _usage_error(f"--dtype: unknown {', '.join(bad)} (choose from {', '.join(DTYPE_NAMES)})")
     dtypes = [getattr(torch, d) for d in dtype_names]
     ops = _split(args.ops)
     passes = _split(args.passes)

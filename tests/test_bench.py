@@ -582,6 +582,33 @@ def test_benchmark_suites_collect():
     assert collected == {f"benchmarks/bench_{op}.py" for op in ("attention", "feed_forward", "layer", "layer_norm")}
 
 
+def test_shape_set_refuses_an_unknown_set():
+    """An unknown set name was read as "full" (the last branch), so a misspelt
+    FUSED_ATTN_BENCH_SHAPES silently ran the longest sweep."""
+    assert bench.shape_set("attention", "full", "cpu")
+    with pytest.raises(ValueError, match=r"which='bogus' is not a shape set \(expected one of tiny, quick, full\)"):
+        bench.shape_set("attention", "bogus", "cpu")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("FUSED_ATTN_BENCH_SHAPES", "bogus", r"FUSED_ATTN_BENCH_SHAPES='bogus' is not a shape set \(expected one of "
+                                         r"tiny, quick, full\)"),
+    ("FUSED_ATTN_BENCH_DTYPES", "float32,float33", r"FUSED_ATTN_BENCH_DTYPES='float32,float33' is not a comma list of "
+                                                   r"dtypes \(expected names among float16, bfloat16, float32, float64\)"),
+    ("FUSED_ATTN_BENCH_DTYPES", "Size", r"FUSED_ATTN_BENCH_DTYPES='Size'"),  # a torch attribute, not a dtype
+])
+def test_benchmark_suite_refuses_unknown_environment_values(monkeypatch, name, value, message):
+    """The suites' conftest names the variable, its value and the allowed values (a bad dtype was an
+    AttributeError from getattr(torch, ...), a bad shape set ran the full sweep)."""
+    import importlib.util
+
+    monkeypatch.setenv(name, value)
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "conftest.py")
+    spec = importlib.util.spec_from_file_location("_bench_conftest_under_test", path)
+    with pytest.raises(ValueError, match=message):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def test_attention_plots_draw_the_plain_rows_only():
     """ALiBi and sink cases share the plain causal rows' (dtype, D, causal, L): they must not land
     on the plain curves (a 1k point with two values per implementation)."""

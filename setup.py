@@ -2,7 +2,9 @@
 
 - The C++ sources (csrc/ops.cpp, csrc/cpu/*.cpp) are always compiled.
 - The CUDA sources (csrc/cuda/*.cu, csrc/cuda/*.cpp) are added when a CUDA toolkit and a CUDA
-  build of torch are present, or when FUSED_ATTN_FORCE_CUDA=1.
+  build of torch are present, or when FUSED_ATTN_FORCE_CUDA=1, for the architectures in
+  fused_attn/_cuda_archs.py (sm_80 and sm_90 machine code, compute_90 PTX for newer GPUs);
+  TORCH_CUDA_ARCH_LIST is ignored.
 - FUSED_ATTN_NO_EXTENSION=1 skips the extension: fused_attn then runs on its Python backends.
 - A failed build of the extension does not fail the install (import fused_attn works and
   fused_attn.available_backends() says why the compiled backends are missing), unless
@@ -17,11 +19,13 @@ Build without isolation so the extension compiles against the torch already inst
 """
 import glob
 import os
+import runpy
 import sys
 
 from setuptools import setup
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
@@ -78,10 +82,18 @@ if not NO_EXTENSION:
         # hot row loops a second time for AVX2+FMA and pick that copy at run time.
         extra = {"cxx": cxx_flags}
         if with_cuda:
-            # --threads 2: the two architectures compile in parallel (attention.cu, with its
+            # The architectures come from fused_attn/_cuda_archs.py, which the cuda backend reads too
+            # (it declines the GPUs they cannot run on). Naming them here also makes torch add no
+            # arch flags of its own: TORCH_CUDA_ARCH_LIST is not used (the backend could not know
+            # what it built).
+            archs = runpy.run_path(os.path.join(HERE, "fused_attn", "_cuda_archs.py"))
+            if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+                print(f"fused_attn: TORCH_CUDA_ARCH_LIST is ignored; fused_attn._C's CUDA kernels are built "
+                      f"with {archs['describe']()} (fused_attn/_cuda_archs.py)", file=sys.stderr)
+            # --threads 2: the architectures compile in parallel (attention.cu, with its
             # register-resident kernels for five head dims, is the longest unit of the build).
             extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "--threads", "2",
-                             "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+                             *archs["nvcc_gencode_flags"]()]
             ext = cpp_extension.CUDAExtension("fused_attn._C", sources + cuda_sources, extra_compile_args=extra,
                                               extra_link_args=link_flags, define_macros=[("FUSED_ATTN_WITH_CUDA", "1")], py_limited_api=True)
         else:

@@ -1,8 +1,9 @@
-"""The CUDA sources compile for sm_80 and sm_90 without a GPU.
+"""The CUDA sources compile, without a GPU, for every architecture setup.py builds.
 
-- every csrc/cuda/*.cu is compiled with nvcc (``-c``, the flags torch's CUDAExtension adds, both
-  architectures, ``-Werror all-warnings`` plus host ``-Wall -Wextra``), and ptxas must report no
-  register spills;
+- every csrc/cuda/*.cu is compiled with nvcc (``-c``, the flags torch's CUDAExtension adds, the
+  -gencode flags of fused_attn/_cuda_archs.py, which setup.py uses too: machine code for each
+  of its SASS, PTX for each of its PTX; ``-Werror all-warnings`` plus host ``-Wall -Wextra``),
+  and ptxas must report no register spills;
 - the .cu files and launchers.h include no torch header (so this check needs no CUDA torch);
 - every csrc/cuda/*_binding.cpp passes a host-compiler syntax check against torch's headers and
   the CUDA toolkit's (the CPU wheel of torch ships ATen/c10's CUDA headers).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 KERNEL_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 BINDING_SOURCES = sorted(CUDA_DIR.glob("*_binding.cpp"))
-ARCHS = ("80", "90")
+# read as setup.py reads it (runpy, without importing fused_attn): the architectures the build compiles
+CUDA_ARCHS = runpy.run_path(str(ROOT / "fused_attn" / "_cuda_archs.py"))
 # What torch.utils.cpp_extension adds to every nvcc call (COMMON_NVCC_FLAGS), written out so that this
 # test does not depend on a private list; the kernels must build with the half/bfloat16 operators off.
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -72,8 +75,8 @@ def _ptxas_spills(log: str) -> list[str]:
 
 @needs_nvcc
 @pytest.mark.parametrize("source", KERNEL_SOURCES, ids=lambda p: p.name)
-def test_kernel_compiles_for_sm80_and_sm90(source, tmp_path):
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+def test_kernel_compiles_for_every_built_architecture(source, tmp_path):
+    gencode = CUDA_ARCHS["nvcc_gencode_flags"]()
     cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), "-std=c++20", "-O3",
            *TORCH_NVCC_FLAGS, *gencode, "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-fPIC",
            "-Xptxas", "-v", "--threads", "2"]
@@ -82,10 +85,39 @@ def test_kernel_compiles_for_sm80_and_sm90(source, tmp_path):
     assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{log[-6000:]}"
     warnings = [line for line in log.splitlines() if "warning" in line.lower()]
     assert not warnings, f"{source.name}: compiler warnings:\n" + "\n".join(warnings)
-    for arch in ARCHS:
+    for arch in CUDA_ARCHS["SASS"]:
         assert f"for 'sm_{arch}'" in log, f"{source.name}: no sm_{arch} code was generated"
     spills = _ptxas_spills(log)
     assert not spills, f"{source.name}: register spills:\n" + "\n".join(spills)
+
+
+def test_compile_check_covers_every_architecture_setup_py_builds(monkeypatch, capsys):
+    """setup.py (a CUDA build, nothing compiled) gives nvcc exactly the -gencode flags that
+    test_kernel_compiles_for_every_built_architecture compiles with, PTX among them (newer GPUs
+    JIT it), and no other arch flag; TORCH_CUDA_ARCH_LIST, which would disagree with the backend's
+    check, is ignored, saying so."""
+    import setuptools
+
+    cpp_extension = pytest.importorskip("torch.utils.cpp_extension")
+    if not (ROOT / "setup.py").is_file():
+        pytest.skip("no setup.py beside the tests (installed tests)")
+    for name in ("FUSED_ATTN_NO_EXTENSION", "FUSED_ATTN_REQUIRE_EXTENSION", "FUSED_ATTN_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FUSED_ATTN_FORCE_CUDA", "1")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    built = {}
+    # (the real CUDAExtension looks for the toolkit's libraries, which a CPU machine may lack)
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda name, sources, **kw: built.update(kw, sources=sources))
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["setup.py", "--version"])
+    runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    nvcc = built["extra_compile_args"]["nvcc"]
+    assert [flag for flag in nvcc if "arch" in flag] == CUDA_ARCHS["nvcc_gencode_flags"]()
+    assert set(map(str, KERNEL_SOURCES)) <= {str(ROOT / src) for src in built["sources"]}
+    ptx = CUDA_ARCHS["PTX"]
+    assert ptx and f"-gencode=arch=compute_{max(ptx)},code=compute_{max(ptx)}" in nvcc
+    assert "TORCH_CUDA_ARCH_LIST is ignored" in capsys.readouterr().err
 
 
 def _binding_include_dirs() -> tuple[list[str], str | None]:

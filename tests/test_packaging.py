@@ -150,6 +150,7 @@ def _failing_build_ext(monkeypatch, tmp_path, inplace, env=None):
     (work / "fused_attn").mkdir(parents=True)
     shutil.copy2(SETUP_PY, work / "setup.py")
     shutil.copytree(ROOT / "csrc", work / "csrc")
+    shutil.copy2(ROOT / "fused_attn" / "_cuda_archs.py", work / "fused_attn")  # (a CUDA build reads it)
     kw = run_setup_py(monkeypatch, env, cwd=work)
     dist = Distribution({"name": "fused_attn", "ext_modules": kw["ext_modules"], "cmdclass": kw["cmdclass"]})
     dist.script_name = "setup.py"
@@ -229,6 +230,7 @@ def _compile_command(monkeypatch, tmp_path, env):
     (work / "fused_attn").mkdir(parents=True)
     shutil.copy2(SETUP_PY, work / "setup.py")
     shutil.copytree(ROOT / "csrc", work / "csrc")
+    shutil.copy2(ROOT / "fused_attn" / "_cuda_archs.py", work / "fused_attn")  # (a CUDA build reads it)
     kw = run_setup_py(monkeypatch, {"FUSED_ATTN_REQUIRE_EXTENSION": "1", **env}, cwd=work)
     if kw["ext_modules"][0].extra_compile_args.get("nvcc"):
         pytest.skip("a CUDA build: torch checks nvcc's version before writing the ninja file")

@@ -654,32 +654,46 @@ SM90 = 232448  # H100 / H200
 @pytest.fixture
 def mocked_devices(monkeypatch):
     """Makes the cuda backend available and its devices report the opt-in shared memory that the test
-    sets: ``mocked_devices(limit, ...)`` (one device per limit). Returns the get_device_properties calls."""
+    sets: ``mocked_devices(limit, ..., capabilities=None)`` (one device per limit; compute capability
+    9.0 each unless ``capabilities`` lists them). Returns the get_device_properties calls (the
+    get_device_capability calls are ``capability_calls``)."""
     from types import SimpleNamespace
 
     from fused_attn import _extension, backends
     from fused_attn.backends import cuda as cuda_module
 
-    calls, limits = [], []
+    calls, limits, capabilities = [], [], []
 
     def props(index):
         calls.append(index)
         return SimpleNamespace(shared_memory_per_block_optin=limits[index])
 
+    def capability(index):
+        set_limits.capability_calls.append(index)
+        return capabilities[index]
+
     monkeypatch.setattr(cuda_module.CudaBackend, "unavailable_reasons", lambda self: [])
     monkeypatch.setattr(_extension, "has_kernel", lambda *args: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(limits))
     monkeypatch.setattr(cuda_module, "_limits", {}, raising=False)
+    monkeypatch.setattr(cuda_module, "_capabilities", {}, raising=False)
     monkeypatch.setattr(backends, "_resolved", {})
     monkeypatch.setattr(backends, "_warned", set())
 
-    def set_limits(*values):
+    def set_limits(*values, capabilities=None):
         limits[:] = values
+        set_capabilities(*(capabilities or [(9, 0)] * len(values)))
         cuda_module._limits.clear()
         backends._resolved.clear()
         return calls
 
+    def set_capabilities(*values):
+        capabilities[:] = values
+        cuda_module._capabilities.clear()
+
+    set_limits.capability_calls = []
     return set_limits
 
 
@@ -772,3 +786,95 @@ def test_dispatch_moves_past_cuda_when_shared_memory_is_short(mocked_devices, mo
     assert backends.resolve(_attention_call(torch.float32, 240, 256), "cuda") == "cuda"
     with pytest.raises(backends.BackendUnavailableError, match=r"hidden size 16384 needs 131200 bytes"):
         backends.resolve(_layer_norm_call(16384), "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# compute capability: the build holds machine code / PTX for fused_attn/_cuda_archs.py only; other
+# GPUs are declined up front (a launch there fails with cudaErrorNoKernelImageForDevice)
+# ---------------------------------------------------------------------------------------------
+
+def _every_op_call(device="cuda"):
+    from fused_attn.backends import Call
+    dev = torch.device(device)
+    return [_attention_call(torch.float16, 64, 64, device), _layer_norm_call(1024, device),
+            Call("feed_forward", dev, torch.bfloat16, {}), Call("rotary", dev, torch.float32, {})]
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)],
+                         ids=lambda c: f"sm{c[0]}{c[1]}")
+def test_cuda_backend_declines_devices_the_build_has_no_code_for(mocked_devices, capability):
+    """sm_80 machine code serves sm_80-sm_89, sm_90's sm_90, and newer GPUs (B200 sm_100, RTX 50xx
+    sm_120) JIT-compile the compute_90 PTX; older ones (T4 sm_75, V100 sm_70) have nothing to run."""
+    from fused_attn.backends import BACKENDS
+    cuda = BACKENDS["cuda"]
+    mocked_devices(SM90, capabilities=[capability])
+    runs = capability >= (8, 0)
+    for call in _every_op_call() + _every_op_call("cuda:0"):
+        reasons = cuda.call_reasons(call)
+        if runs:
+            assert reasons == [], (call, reasons)
+        else:
+            sm = f"sm_{capability[0]}{capability[1]}"
+            assert reasons == [f"cuda:0 ({sm}) cannot run fused_attn._C's CUDA kernels, built as sm_80, sm_90 "
+                               f"machine code and compute_90 PTX (fused_attn/_cuda_archs.py)"], (call, reasons)
+
+
+def test_cuda_backend_capability_per_device_read_once(mocked_devices):
+    """A call on cuda:N asks that device; a call on "cuda" (dispatch decides per device type) needs
+    every visible device to run the kernels. Each device's capability is read once."""
+    from fused_attn.backends import BACKENDS
+    cuda = BACKENDS["cuda"]
+    mocked_devices(SM90, SM90, capabilities=[(9, 0), (7, 5)])
+    call = _every_op_call
+    for _ in range(3):
+        assert cuda.call_reasons(call("cuda:0")[2]) == []
+        assert "cuda:1 (sm_75) cannot run" in cuda.call_reasons(call("cuda:1")[2])[0]
+        assert "cuda:1 (sm_75) cannot run" in cuda.call_reasons(call()[2])[0]
+    assert sorted(mocked_devices.capability_calls) == [0, 1]
+
+
+def test_dispatch_moves_past_cuda_on_a_device_without_code(mocked_devices, monkeypatch):
+    """``auto`` goes on to the next backend (the cuda backend comes first for feed_forward); a forced
+    ``cuda`` raises with the reason instead of failing at launch."""
+    from fused_attn import backends
+    from fused_attn.backends.triton import TritonBackend
+    monkeypatch.setattr(TritonBackend, "unavailable_reasons", lambda self: ["not in this test"])
+    call = _every_op_call()[2]
+    assert backends.auto_order("feed_forward", "cuda")[0] == "cuda"
+    mocked_devices(SM90, capabilities=[(7, 5)])
+    with pytest.warns(UserWarning, match=r"cuda: cuda:0 \(sm_75\) cannot run"):
+        assert backends.resolve(call, "auto") == "reference"
+    with pytest.raises(backends.BackendUnavailableError, match=r"cuda.*cuda:0 \(sm_75\) cannot run.*sm_80"):
+        backends.resolve(call, "cuda")
+    mocked_devices(SM90, capabilities=[(10, 0)])
+    assert backends.resolve(call, "auto") == backends.resolve(call, "cuda") == "cuda"
+
+
+def test_cuda_backend_is_unavailable_when_no_device_can_run_it(monkeypatch):
+    """available_backends() says so when no visible GPU can run the build (one that can is enough)."""
+    import fused_attn
+    from fused_attn.backends import cuda as cuda_module
+    capabilities = []
+    monkeypatch.setattr(cuda_module.CompiledBackend, "unavailable_reasons", lambda self: [])
+    monkeypatch.setattr(cuda_module, "_extension_has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    monkeypatch.setattr(cuda_module, "_capabilities", {}, raising=False)
+    capabilities[:] = [(7, 5), (7, 0)]
+    report = fused_attn.available_backends()["cuda"]
+    assert not report["available"]
+    assert report["reasons"] == ["cuda:0 (sm_75), cuda:1 (sm_70) cannot run fused_attn._C's CUDA kernels, built as "
+                                 "sm_80, sm_90 machine code and compute_90 PTX (fused_attn/_cuda_archs.py)"]
+    for usable in ([(7, 5), (8, 6)], [(12, 0)]):
+        capabilities[:] = usable
+        cuda_module._capabilities.clear()
+        assert fused_attn.available_backends()["cuda"] == {"available": True, "devices": ("cuda",), "reasons": []}
+
+
+def test_cuda_archs_can_run():
+    """The rule the backend applies: a cubin runs on its own major version at the same or a later minor;
+    PTX on any later capability."""
+    from fused_attn import _cuda_archs
+    runs = [(major, minor) for major in range(5, 14) for minor in range(10) if _cuda_archs.can_run(major, minor)]
+    assert runs == [(major, minor) for major in range(8, 14) for minor in range(10)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _cuda_archs
 from .cpu import CompiledBackend
 
 _GPU = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,6 +31,8 @@ class CudaBackend(CompiledBackend):
         elif call.op == "layer_norm_residual" and opts.get("hidden", 0) > self.max_hidden:
             reasons.append(f"hidden size {opts['hidden']} > {self.max_hidden}")
         if not reasons:  # (a device to ask, and a call inside the limits above)
+            reasons.extend(architecture_reasons(call.device))
+        if not reasons:
             reasons.extend(shared_memory_reasons(call, shared_memory_limit(call.device)))
         return reasons
 
@@ -40,7 +43,43 @@ class CudaBackend(CompiledBackend):
                            else "torch is a CPU-only build")
         elif not reasons and not _extension_has_cuda():
             reasons.append("fused_attn._C was built without CUDA sources (no CUDA toolkit at install time?)")
+        elif not reasons and not any(map(_runs_on, range(torch.cuda.device_count()))):
+            reasons.extend(architecture_reasons(torch.device("cuda")))
         return reasons
+
+
+# ---- compute capability: the kernels hold machine code / PTX for fused_attn/_cuda_archs.py only ----
+# On any other GPU every launch fails with cudaErrorNoKernelImageForDevice, so such a device is
+# declined up front (auto moves on; backend="cuda" raises saying why).
+
+#: the per-device answers of _runs_on (device index -> (capability, whether the build runs there))
+_capabilities: dict[int, tuple[tuple[int, int], bool]] = {}
+
+
+def _capability_of(index: int) -> tuple[tuple[int, int], bool]:
+    if index not in _capabilities:
+        major, minor = torch.cuda.get_device_capability(index)
+        _capabilities[index] = ((major, minor), _cuda_archs.can_run(major, minor))
+    return _capabilities[index]
+
+
+def _runs_on(index: int) -> bool:
+    return _capability_of(index)[1]
+
+
+def architecture_reasons(device: torch.device) -> list[str]:
+    """Why fused_attn._C's CUDA kernels cannot run on ``device`` ([]: they can), read once per
+    device. Without an index (dispatch decides once per device type) every visible device must run them."""
+    indices = [device.index] if device.index is not None else range(torch.cuda.device_count())
+    old = []
+    for index in indices:
+        (major, minor), runs = _capability_of(index)
+        if not runs:
+            old.append(f"cuda:{index} (sm_{major}{minor})")
+    if not old:
+        return []
+    return [f"{', '.join(old)} cannot run fused_attn._C's CUDA kernels, built as {_cuda_archs.describe()} "
+            f"(fused_attn/_cuda_archs.py)"]
 
 
 # ---- shared memory per block: what the kernels need, what the device gives ------------------------

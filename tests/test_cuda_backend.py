@@ -851,7 +851,8 @@ def test_dispatch_moves_past_cuda_on_a_device_without_code(mocked_devices, monke
 
 
 def test_cuda_backend_is_unavailable_when_no_device_can_run_it(monkeypatch):
-    """available_backends() says so when no visible GPU can run the build (one that can is enough)."""
+    """available_backends() says so when no visible GPU can run the build (one that can is enough),
+    once CUDA is initialised (it never initialises CUDA itself)."""
     import fused_attn
     from fused_attn.backends import cuda as cuda_module
     capabilities = []
@@ -862,6 +863,10 @@ def test_cuda_backend_is_unavailable_when_no_device_can_run_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
     monkeypatch.setattr(cuda_module, "_capabilities", {}, raising=False)
     capabilities[:] = [(7, 5), (7, 0)]
+    # before CUDA is initialised nothing is asked (asking would initialise it)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert fused_attn.available_backends()["cuda"]["available"] and not cuda_module._capabilities
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     report = fused_attn.available_backends()["cuda"]
     assert not report["available"]
     assert report["reasons"] == ["cuda:0 (sm_75), cuda:1 (sm_70) cannot run fused_attn._C's CUDA kernels, built as "

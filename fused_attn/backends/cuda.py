@@ -43,7 +43,11 @@ class CudaBackend(CompiledBackend):
                            else "torch is a CPU-only build")
         elif not reasons and not _extension_has_cuda():
             reasons.append("fused_attn._C was built without CUDA sources (no CUDA toolkit at install time?)")
-        elif not reasons and not any(map(_runs_on, range(torch.cuda.device_count()))):
+        elif (not reasons and torch.cuda.is_initialized()
+              and not any(map(_runs_on, range(torch.cuda.device_count())))):
+            # (only once CUDA is up: asking a capability initialises CUDA, which available_backends()
+            # must not do as a side effect, e.g. before a DataLoader forks its workers; every call on a
+            # CUDA tensor is checked by call_reasons anyway)
             reasons.extend(architecture_reasons(torch.device("cuda")))
         return reasons
 

@@ -262,19 +262,35 @@ def activation_fn(pre: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def hook_kind(module: nn.Module) -> Optional[str]:
+    """What calling ``module`` runs besides its class's forward, which reading its parameters
+    instead of calling it would skip: "forward hooks" (forward hooks or pre-hooks, weight_norm's
+    among them, or a forward replaced on the instance, as accelerate's offloading hooks do) or
+    "backward hooks" (``register_full_backward_hook``, ``register_full_backward_pre_hook``,
+    ``register_backward_hook``: the call attaches them to the tensors it takes and returns, so
+    without the call they never run and the gradients they would change come out unchanged).
+    None when it has none. The module's own hooks only: torch's global module hooks
+    (``register_module_forward_hook``, ...) are not looked at. (Its state_dict hooks change no
+    result.)"""
+    if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+        return "forward hooks"
+    if module._backward_hooks or module._backward_pre_hooks:
+        return "backward hooks"
+    return None
+
+
 def reads_as_called(module: Optional[nn.Module], cls: type = nn.Linear) -> bool:
     """Whether reading ``module``'s parameters computes what calling it computes, as the fused
     feed-forward does with its linears' weights (and the swapped modules with their children's):
     its class's forward is ``cls``'s (subclasses that keep it count, such as
-    MultiheadAttention's ``out_proj``) and it has no forward hooks or pre-hooks. A module that
-    wraps the layer (PEFT's LoRA layers: ``lora.Linear`` holds the Linear as ``base_layer`` and
-    adds the adapter's product in its forward, while its ``weight`` is the base layer's), a
-    quantized linear (its own forward), weight_norm's pre-hook, or a forward replaced on the
-    instance (accelerate's offloading hooks, which bring the weights in before the call) read
-    False: callers then call the module instead, unfused but right."""
+    MultiheadAttention's ``out_proj``) and it has no hooks (``hook_kind``: forward or backward).
+    A module that wraps the layer (PEFT's LoRA layers: ``lora.Linear`` holds the Linear as
+    ``base_layer`` and adds the adapter's product in its forward, while its ``weight`` is the base
+    layer's), a quantized linear (its own forward), weight_norm's pre-hook, a backward hook, or a
+    forward replaced on the instance (accelerate's offloading hooks, which bring the weights in
+    before the call) read False: callers then call the module instead, unfused but right."""
     return (module is not None and getattr(type(module), "forward", None) is cls.forward
-            and not module._forward_hooks and not module._forward_pre_hooks
-            and "forward" not in module.__dict__)  # (accelerate's hooks replace the instance's forward)
+            and hook_kind(module) is None)
 
 
 def feed_forward(x, w1, b1=None, w2=None, b2=None, activation="relu", dropout_p=0.0, rng=None):

@@ -366,14 +366,15 @@ def plain_mlp_activation(act_module) -> Optional[str]:
 
 def _hook_reason(module: nn.Module, names: tuple) -> Optional[str]:
     """Why the fused forward, which reads these children's parameters without calling them,
-    would skip something they do: forward hooks or pre-hooks (weight_norm's among them) or
-    parametrizations. None when they have none."""
+    would skip something they do: forward or backward hooks (weight_norm's pre-hook among them:
+    ``reference.hook_kind``) or parametrizations. None when they have none."""
     for name in names:
         child = module._modules.get(name)
         if child is None:
             continue
-        if child._forward_hooks or child._forward_pre_hooks or "forward" in child.__dict__:
-            return f"child {name!r} has forward hooks, which the fused forward would skip"
+        kind = reference.hook_kind(child)
+        if kind:
+            return f"child {name!r} has {kind}, which the fused forward would skip"
         if hasattr(child, "parametrizations"):
             return f"child {name!r} is parametrized, which the fused forward would skip"
     return None
@@ -392,19 +393,27 @@ def _child(module: nn.Module, path: str) -> Optional[nn.Module]:
 def _read_reason(module: nn.Module, reads: dict) -> Optional[str]:
     """Why the fused forward could not read these children's parameters in place of calling
     them (None when it can): a child whose forward is not the expected class's (an adapter
-    such as PEFT's LoRA, which wraps the layer and adds its product; a quantized layer)."""
+    such as PEFT's LoRA, which wraps the layer and adds its product; a quantized layer), or one
+    with hooks (``reference.hook_kind``), which ``reads_intact`` would send every call of the
+    fused forward to the unfused one for: the report says so rather than call it fused."""
     for path, cls in reads.items():
         child = _child(module, path)
-        if cls is not None and child is not None and getattr(type(child), "forward", None) is not cls.forward:
+        if child is None:
+            continue
+        if cls is not None and getattr(type(child), "forward", None) is not cls.forward:
             return (f"child {path!r} is {type(child).__module__}.{type(child).__qualname__}, whose forward is not "
                     f"{cls.__name__}'s (an adapter such as LoRA, or a quantized layer): the fused forward reads its "
                     f"parameters and would skip it")
+        kind = reference.hook_kind(child)
+        if kind:
+            return f"child {path!r} has {kind}, which the fused forward would skip"
     return None
 
 
 def reads_intact(module: nn.Module, *paths: str) -> bool:
     """At each call: whether the children a fused forward reads (``paths``, or all it reads)
-    are still of the classes the swap saw, without hooks. A child replaced since, as PEFT's
+    are still of the classes the swap saw, without hooks (forward or backward:
+    ``reference.hook_kind``). A child replaced since, as PEFT's
     ``get_peft_model`` replaces a targeted Linear by its LoRA layer after a swap, or given a hook,
     sends the call to the unfused forward, which calls it."""
     seen = module.__dict__.get(READS_ATTR, {})

@@ -822,3 +822,121 @@ def test_modules_with_dropout_one_are_left():
     # a dropout below 1 in the same layer is still fused
     report = fused_attn.swap_modules(nn.TransformerEncoderLayer(D, H, 48, dropout=0.5, batch_first=True))
     assert not report.left and "FFN fused relu" in report.replaced[0][3], report
+
+
+def _tripling_backward_hook(kind):
+    """Registers a backward hook of ``kind`` that triples the gradient it passes on: a hook the
+    swapped module skipped would leave the gradients unchanged."""
+    if kind == "full_backward_hook":
+        return lambda m: m.register_full_backward_hook(lambda mod, gin, gout: tuple(
+            None if g is None else 3 * g for g in gin))
+    if kind == "full_backward_pre_hook":
+        return lambda m: m.register_full_backward_pre_hook(lambda mod, gout: tuple(
+            None if g is None else 3 * g for g in gout))
+    return lambda m: m.register_backward_hook(lambda mod, gin, gout: tuple(  # the old-style hook
+        None if g is None else 3 * g for g in gin))
+
+
+def _encoder_layer(norm_first=False):
+    return nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True, norm_first=norm_first)
+
+
+#: (model, the module that gets the hook: a child a fused forward reads, or "" for the swapped module itself)
+BACKWARD_HOOK_CASES = {
+    "sequential_first": (lambda: nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, D)), "0"),
+    "sequential_act": (lambda: nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, D)), "1"),
+    "sequential_last": (lambda: nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, D)), "2"),
+    "encoder_norm1": (_encoder_layer, "norm1"),
+    "encoder_linear1": (_encoder_layer, "linear1"),
+    "encoder_dropout2": (_encoder_layer, "dropout2"),
+    "pre_ln_encoder_norm2": (lambda: _encoder_layer(norm_first=True), "norm2"),
+    "pre_ln_encoder_linear2": (lambda: _encoder_layer(norm_first=True), "linear2"),
+    "plain_mlp_down": (ChainedMLP, "down"),
+    "sequential_itself": (lambda: nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, D)), ""),
+    "encoder_itself": (_encoder_layer, ""),
+    "layer_norm_itself": (lambda: nn.LayerNorm(D), ""),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook")
+@pytest.mark.parametrize("order", ["hook_then_swap", "swap_then_hook"])
+@pytest.mark.parametrize("kind", ["full_backward_hook", "full_backward_pre_hook", "backward_hook"])
+@pytest.mark.parametrize("case", sorted(BACKWARD_HOOK_CASES))
+def test_backward_hooks_are_kept(case, kind, order):
+    """Backward hooks (full, pre, old-style) on a child a fused forward reads instead of calling
+    it run only when the child is called: the swap leaves such a module (or the part of it that
+    reads the child) with the reason, and a hook added after the swap sends the call to the
+    unfused forward. They were silently dropped, as forward hooks were before: gradients came out
+    unscaled. Hooks on the swapped module itself run as on any module."""
+    build, path = BACKWARD_HOOK_CASES[case]
+    if kind == "backward_hook" and not path:
+        pytest.skip("old-style backward hooks on a multi-op module are torch's own broken case")
+    torch.manual_seed(0)
+    ref = build()
+    model = copy.deepcopy(ref)
+    register = _tripling_backward_hook(kind)
+    if order == "hook_then_swap":
+        register(ref.get_submodule(path))
+        register(model.get_submodule(path))
+        report = fused_attn.swap_modules(model)
+        if path:  # the report says which child and why
+            assert f"child {path!r} has backward hooks, which the fused forward would skip" in str(report), report
+    else:
+        report = fused_attn.swap_modules(model)
+        register(ref.get_submodule(path))
+        register(model.get_submodule(path))
+    if not path:
+        assert report.replaced and not report.left, report
+    x = torch.randn(B, L, D)
+    weight = torch.linspace(-1.0, 2.0, B * L * D).view(B, L, D)  # (a LayerNorm's output has zero sum of squares' grad)
+    grads = []
+    for m in (model, ref):
+        xx = x.clone().requires_grad_(True)
+        out = m(xx)
+        (out * weight).sum().backward()
+        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+        grads.append([xx.grad] + [p.grad for p in m.parameters()])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated")
+def test_hooked_children_of_a_torch_layer_leave_that_part_with_the_reason():
+    """weight_norm's forward pre-hook (or a backward hook) on an encoder layer's linear before the
+    swap: the report said "FFN fused relu" while every call ran torch's FFN (``reads_intact``
+    refused the hooked child). Now the FFN is reported left, with the reason, and the norms stay
+    fused; a hooked norm leaves the norms. A parametrized linear (torch.nn.utils.parametrize, whose
+    ``weight`` the fused FFN reads) stays fused."""
+    import torch.nn.utils.parametrize as parametrize
+
+    torch.manual_seed(0)
+    x = torch.randn(B, L, D)
+    layer = _encoder_layer()
+    ref = copy.deepcopy(layer)
+    layer.linear1 = torch.nn.utils.weight_norm(layer.linear1)
+    ref.linear1 = torch.nn.utils.weight_norm(ref.linear1)
+    report = fused_attn.swap_modules(layer)
+    (note,) = [note for path, *_, note in report.replaced if path == ""]
+    assert note == ("norms fused, FFN torch (child 'linear1' has forward hooks, which the fused forward would "
+                    "skip)"), report
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    layer = _encoder_layer()
+    layer.norm2.register_full_backward_hook(lambda mod, gin, gout: None)
+    report = fused_attn.swap_modules(layer)
+    (note,) = [note for path, *_, note in report.replaced if path == ""]
+    assert note == ("norms torch (child 'norm2' has backward hooks, which the fused forward would skip), "
+                    "FFN fused relu"), report
+
+    layer = _encoder_layer()
+    ref = copy.deepcopy(layer)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+    for m in (layer, ref):
+        parametrize.register_parametrization(m.linear1, "weight", Double())
+    report = fused_attn.swap_modules(layer)
+    (note,) = [note for path, *_, note in report.replaced if path == ""]
+    assert note == "norms fused, FFN fused relu", report
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)

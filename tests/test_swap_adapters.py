@@ -118,6 +118,12 @@ def test_reads_as_called():
     assert not reference.reads_as_called(lin)
     handle.remove()
     assert reference.reads_as_called(lin)
+    # backward hooks too: the call attaches them to its tensors, so reading the weight skips them
+    for register in (lin.register_full_backward_hook, lin.register_full_backward_pre_hook):
+        handle = register(lambda *args: None)
+        assert not reference.reads_as_called(lin) and reference.hook_kind(lin) == "backward hooks"
+        handle.remove()
+    assert reference.reads_as_called(lin) and reference.hook_kind(lin) is None
 
 
 # ---------------------------------------------------------------------------------------------

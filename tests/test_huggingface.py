@@ -885,6 +885,81 @@ def test_activation_changed_after_the_swap_is_followed(family):
     torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-11, rtol=1e-9)
 
 
+def _zeroing_forward_hook(module):
+    module.register_forward_hook(lambda mod, inputs, out: out * 0)
+
+
+def _tripling_backward_hook(module):
+    module.register_full_backward_hook(lambda mod, gin, gout: tuple(None if g is None else 3 * g for g in gin))
+
+
+def _tripling_backward_pre_hook(module):
+    module.register_full_backward_pre_hook(lambda mod, gout: tuple(None if g is None else 3 * g for g in gout))
+
+
+def _doubled_intermediate(module):
+    """Another class over BERT's intermediate, with the same children (its forward doubles)."""
+    from transformers.models.bert import modeling_bert
+
+    class DoubledIntermediate(modeling_bert.BertIntermediate):
+        def forward(self, hidden_states):
+            return 2 * super().forward(hidden_states)
+    module.__class__ = DoubledIntermediate
+
+
+#: (family, the path under each layer of the module changed, the change)
+SKIPPED_CHILD_CASES = {
+    "bert_intermediate_forward_hook": ("bert", "intermediate", _zeroing_forward_hook),
+    "bert_output_forward_hook": ("bert", "output", _zeroing_forward_hook),
+    "bert_output_backward_hook": ("bert", "output", _tripling_backward_hook),
+    "bert_intermediate_replaced": ("bert", "intermediate", _doubled_intermediate),
+    "bert_intermediate_dense_backward_hook": ("bert", "intermediate.dense", _tripling_backward_hook),
+    "bert_self_output_layer_norm_backward_pre_hook": ("bert", "attention.output.LayerNorm", _tripling_backward_pre_hook),
+    "gpt2_c_fc_backward_hook": ("gpt2", "mlp.c_fc", _tripling_backward_hook),
+    "llama_up_proj_backward_pre_hook": ("llama", "mlp.up_proj", _tripling_backward_pre_hook),
+}
+
+
+@pytest.mark.parametrize("order", ["change_then_swap", "swap_then_change"])
+@pytest.mark.parametrize("case", sorted(SKIPPED_CHILD_CASES))
+def test_hooked_or_replaced_children_of_fused_blocks_are_not_skipped(case, order):
+    """A module whose forward a fused block does not run (BERT's intermediate and output under the
+    fused FFN chunk; the linears and norms the fused forwards read) given forward or backward
+    hooks, or replaced by another class, before or after the swap: the swapped model computes
+    what the unswapped one does, its gradients included. A forward hook on BERT's intermediate
+    added after the swap was skipped (the fused chunk checked only its children), and backward
+    hooks anywhere were dropped."""
+    family, path, change = SKIPPED_CHILD_CASES[case]
+    model = _build(family, **({"hidden_act": "silu"} if family == "llama" else {}))
+    _perturb_norms(model)
+    ref = copy.deepcopy(model)
+
+    def apply(m):
+        layers = [mod for name, mod in m.named_modules() if name.endswith(".h") or name.endswith(".layer")
+                  or name.endswith(".layers")]
+        assert len(layers) == 1, [name for name, _ in m.named_modules()]
+        for layer in layers[0]:
+            change(layer.get_submodule(path))
+    apply(ref)
+    if order == "change_then_swap":
+        apply(model)
+        fused_attn.swap_modules(model)
+    else:
+        fused_attn.swap_modules(model)
+        apply(model)
+    model.train()  # dropout probabilities are 0: train mode is deterministic too
+    ref.train()
+    ids, mask = _batch(family)
+    out, expected = (_logits(m, ids, mask) for m in (model, ref))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    weight = torch.linspace(-1.0, 2.0, out.numel()).view_as(out)
+    (out * weight).sum().backward()
+    (expected * weight).sum().backward()
+    grads = {name: p.grad for name, p in ref.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # models whose code does for "fused_attn" what it does for neither eager nor sdpa
 # ---------------------------------------------------------------------------------------------

@@ -928,7 +928,9 @@ def convert(module: nn.Module, opts):
             return f"activation {type(inter.intermediate_act_fn).__name__} has no fused form"
         fuse_norm = (opts.norm and type(out.LayerNorm) is nn.LayerNorm and type(out.dropout) is nn.Dropout
                      and norm_reason(out.LayerNorm) is None)
-        reads = {"intermediate.dense": nn.Linear, "output.dense": nn.Linear,
+        # (intermediate and output themselves too: the fused chunk runs neither one's forward, so
+        # one replaced or given hooks since the swap must send the call to the unfused chunk)
+        reads = {"intermediate": None, "output": None, "intermediate.dense": nn.Linear, "output.dense": nn.Linear,
                  "intermediate.intermediate_act_fn": None}
         if fuse_norm:
             reads.update({"output.LayerNorm": nn.LayerNorm, "output.dropout": nn.Dropout})

@@ -246,7 +246,10 @@ class FusedPlainMLP:
     child replaced since the swap, or given hooks, sends the call to the module's own forward."""
 
     def forward(self, x):
-        layout = _plain_mlp_layout(self)  # children may have been replaced since the swap
+        # children may have been replaced since the swap. (The layout is read from the original
+        # class's forward: the fused class's own __dict__ has none, so reading type(self) found
+        # no chain and every call ran the unfused forward.)
+        layout = _plain_mlp_layout(self, cls=self.__dict__[RESTORE_ATTR][0])
         act = None if layout is None else plain_mlp_activation(self._modules[layout["act"]])
         if act is None or _hook_reason(self, tuple(n for n in layout.values() if n)) is not None:
             return super().forward(x)  # the module's own forward, as it now reads
@@ -338,11 +341,12 @@ def wrapped_linear(module) -> bool:
     return type(getattr(module, "base_layer", None)) is nn.Linear
 
 
-def _plain_mlp_layout(module: nn.Module, wrapped_ok: bool = False) -> Optional[dict]:
+def _plain_mlp_layout(module: nn.Module, wrapped_ok: bool = False, cls: Optional[type] = None) -> Optional[dict]:
     """The names of the children a forward chains as Linear, activation, [Dropout], Linear,
     [Dropout] (keys first, act, middle, second, last; the dropouts None when absent), or None.
-    ``wrapped_ok``: Linears wrapped by an adapter count as Linears (to say why it is left)."""
-    names = forward_chain(type(module))
+    ``wrapped_ok``: Linears wrapped by an adapter count as Linears (to say why it is left).
+    ``cls``: the class whose forward is read (default: the module's)."""
+    names = forward_chain(cls or type(module))
     if names is None or len(set(names)) != len(names):
         return None
     children = [module._modules.get(n) for n in names]

@@ -520,11 +520,12 @@ PLAIN_MLP_MODELS = {
 
 
 @pytest.mark.parametrize("name", sorted(PLAIN_MLP_MODELS))
-def test_plain_chain_mlps_of_hugging_face_models_are_fused(name):
+def test_plain_chain_mlps_of_hugging_face_models_are_fused(name, monkeypatch):
     """GPT-NeoX's, Phi's, GPT-J's and GPTBigCode's MLPs are read from their forward (Linear ->
-    activation -> Linear [-> Dropout]) and fused; the swapped model gives the untouched model's
-    logits and gradients. GPTBigCode's has GPT-2's forward code over nn.Linear children: GPT-2's
-    own conversion (Conv1D weights, passed transposed) must not claim it."""
+    activation -> Linear [-> Dropout]) and fused (each call runs the fused op: the swapped MLP
+    read its layout from its fused class, found none and ran its own forward); the swapped model
+    gives the untouched model's logits and gradients. GPTBigCode's has GPT-2's forward code over
+    nn.Linear children: GPT-2's own conversion (Conv1D weights, passed transposed) must not claim it."""
     make_config, auto, fused_name = PLAIN_MLP_MODELS[name]
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -537,6 +538,14 @@ def test_plain_chain_mlps_of_hugging_face_models_are_fused(name):
     model.eval()
     ref.eval()
     ids, mask = _batch("llama")
+    from fused_attn import swap
+    calls = []
+    real = swap.feed_forward
+    monkeypatch.setattr(swap, "feed_forward", lambda *a, **k: calls.append(k["activation"]) or real(*a, **k))
+    with torch.no_grad():
+        _logits(model, ids, mask)
+    assert len(calls) == 2, calls  # one per layer
+    monkeypatch.setattr(swap, "feed_forward", real)
     check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
     fused_attn.restore_modules(model)
     assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]

@@ -556,13 +556,20 @@ class TwoInputs(nn.Module):
 
 
 @pytest.mark.parametrize("make", [lambda: ChainedMLP(), lambda: NestedMLP()], ids=["statements", "nested"])
-def test_plain_chain_mlps_are_fused_exactly(make):
+def test_plain_chain_mlps_are_fused_exactly(make, monkeypatch):
+    """...and run the fused op: the swapped MLP read its layout from its fused class, which has no
+    forward of its own, found no chain and ran the module's own forward at every call."""
     torch.manual_seed(0)
     model = nn.Sequential(make(), nn.LayerNorm(D))
     ref = copy.deepcopy(model)
     report = fused_attn.swap_modules(model)
     assert type(model[0]).__name__ == f"Fused{type(ref[0]).__name__}" and "read from its forward" in str(report)
     (x,) = make_inputs((B, L, D), seed=2)
+    calls = []
+    real = S.feed_forward
+    monkeypatch.setattr(S, "feed_forward", lambda *a, **k: calls.append(k["activation"]) or real(*a, **k))
+    model(x)
+    assert calls == [S.activation_name(ref[0].act)]
     check = check_module_against_reference(model, ref, [x])
     assert all(r.ok for r in check), "\n".join(map(str, check))
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

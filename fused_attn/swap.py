@@ -287,6 +287,8 @@ def _rebuild_fused(cls: type, mixin: type):
     return object.__new__(fused_subclass(cls, mixin))
 
 
+# (torch.compile runs it when tracing and keeps the answer: it reads source, which dynamo cannot trace)
+@torch.compiler.assume_constant_result
 def forward_chain(cls: type) -> Optional[tuple]:
     """The names of the children ``cls.forward(self, x)`` applies one after another to x, read
     from its source, when that is all it does (statements ``h = self.a(x)`` ... ``return

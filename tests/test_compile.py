@@ -182,6 +182,35 @@ def test_swapped_torch_encoder_compiles_fullgraph():
         torch.testing.assert_close(compiled(x), ref.eval()(x), atol=1e-5, rtol=1e-4)
 
 
+class ChainMLP(nn.Module):
+    """A plain chain, read from its forward by the swap (as GPT-NeoX's MLP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(D, 48), nn.GELU(), nn.Linear(48, D)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+def test_swapped_plain_mlp_compiles_fullgraph():
+    """The swapped plain MLP reads its layout from its class's source at each call: under
+    torch.compile that read runs when tracing (dynamo cannot trace inspect.getsource), and the
+    graph holds the fused op."""
+    torch.manual_seed(0)
+    model = ChainMLP()
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model)
+    (x,) = make_inputs((B, L, D), seed=3, requires_grad=False)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append("".join(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule)))
+        return gm
+    _assert_same(_run(torch.compile(model, fullgraph=True, backend=backend), x), _run(ref, x))
+    assert len(graphs) == 1 and "feed_forward" in graphs[0], graphs
+
+
 def test_torch_export_with_dynamic_lengths():
     """torch.export: the fused stack (padding mask, GQA, SwiGLU) and a swapped torch encoder export
     with a symbolic sequence length; the exported programs give the eager outputs at other lengths,

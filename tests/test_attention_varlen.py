@@ -321,6 +321,59 @@ def test_varlen_seqused_k_padded_cache(device, backend):
     assert torch.equal(v.grad[unused], torch.zeros_like(v.grad[unused]))
 
 
+# Decoding steps against a padded cache (seqused_k) on the cpu backend: one or two queries per
+# sequence, few query rows per kv head. The C++ op runs those without laying the used cache out as
+# panels (float32: BLAS where every query sees all of its keys, else the panels; bfloat16 on
+# AVX512-BF16 dot products: k and v read as rows, under any band); tests/test_cpu_attention_varlen.py
+# checks which path each takes. The cache rows past seqused_k hold NaN: never read.
+DECODE_CASES = [
+    # (name, q lengths, used keys, Hq, Hkv, D, causal, window, extra)
+    ("one query each, GQA", [1, 1, 1, 1], [50, 0, 64, 1], 8, 2, 64, True, None, None),
+    ("one query each, not causal, softcap, ALiBi", [1, 1, 1], [33, 2, 17], 4, 4, 59, False, None, "softcap"),
+    ("two queries, sliding window", [2, 1, 2], [60, 5, 64], 4, 2, 40, True, (16, 0), None),
+    ("two queries, dropout, D 128", [2, 2], [40, 7], 2, 1, 128, True, None, "dropout"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_varlen_decoding_steps_cpu(case, dtype):
+    if "cpu" not in [c.values[1] for c in cases(dtype)]:
+        pytest.skip("the cpu backend is not built")
+    name, lens_q, used, Hq, Hkv, D, causal, window, extra = case
+    slot = 64
+    n = len(lens_q)
+    cu_q, cu_k = cu_seqlens(lens_q), torch.arange(n + 1, dtype=torch.int32) * slot
+    seqused = torch.tensor(used, dtype=torch.int32)
+    q, k, v = make_inputs((sum(lens_q), Hq, D), (n * slot, Hkv, D), (n * slot, Hkv, D), dtype=dtype, seed=41,
+                          requires_grad=False)
+    unused = torch.ones(n * slot, dtype=torch.bool)
+    for s, m in enumerate(used):
+        unused[s * slot:s * slot + m] = False
+    k[unused] = float("nan")
+    v[unused] = float("nan")
+    softcap = 2.0 if extra == "softcap" else None
+    slopes = torch.linspace(0.05, 0.4, Hq) if extra == "softcap" else None
+    p = 0.25 if extra == "dropout" else 0.0
+
+    def rng():
+        return torch.Generator().manual_seed(11)
+
+    def fused(q, k, v):
+        return F.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, window_size=window, alignment="bottom_right",
+                                  softcap=softcap, alibi_slopes=slopes, dropout_p=p, seqused_k=seqused,
+                                  return_lse=True, backend="cpu", generator=rng())
+
+    def reference(q, k, v):
+        seed_offset = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=rng()).tolist()) if p else None
+        return R.attention_varlen(q, k, v, cu_q, cu_k, causal, p, None, seed_offset, window_size=window,
+                                  alignment="bottom_right", softcap=softcap, with_lse=True, seqused_k=seqused,
+                                  alibi_slopes=None if slopes is None else slopes.to(q.dtype))
+
+    results = check_against_reference(fused, reference, [q, k, v], names=["q", "k", "v"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
 @pytest.mark.parametrize("device,backend", cases(torch.float32))
 def test_varlen_index_views_equal_dense(device, backend):
     """cu_seqlens_q, cu_seqlens_k and seqused_k as strided views at an offset (``index_view``) and

@@ -923,8 +923,11 @@ def _threads(request):
 def test_bf16_dot_meets_the_oracle(monkeypatch, case, grad, _threads):
     """fused_attn.functional.attention(backend="cpu") in bfloat16 with the bf16 dot products forced:
     the output alone (fwd), and with the gradients from the bf16 backward (which recomputes P from
-    the forward's lse, so a wrong lse would show there too), on both of its schedules."""
+    the forward's lse, so a wrong lse would show there too), on both of its schedules. (The pair
+    panels pinned: in the automatic mode the shapes with few query rows would read k and v as rows,
+    test_bf16_decoding_meets_the_oracle.)"""
     monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "on")
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "tiles")
     B, Hq, Hkv, Lq, Lk, D, Dv, causal, mask, p = _BF16_DOT_CASES[case]
     Dv = D if Dv is None else Dv
     q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv), dtype=torch.bfloat16, seed=3,
@@ -964,8 +967,9 @@ def test_bf16_dot_band_options_meet_the_oracle(monkeypatch, shape, band, mask, d
     """Bands (causal, bottom-right, sliding windows, dead rows: the pruned register blocks), masks,
     dropout, the soft-cap and ALiBi through the compiled ops with the bf16 dot products forced: out,
     lse, dq, dk, dv (and dmask), the backward on 1 thread (per kv head) and 2 (two passes where
-    B * Hkv = 1: every shape but 97x61, 17x17 and 130x300)."""
+    B * Hkv = 1: every shape but 97x61, 17x17 and 130x300). (The pair panels pinned, as above.)"""
     monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "on")
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "tiles")
     B, Hq, Hkv, Lq, Lk, D = _BAND_SHAPES[shape]
     _check_band(torch.bfloat16, B, Hq, Hkv, Lq, Lk, D, _bands(Lq, Lk)[band], mask=mask, dropout_p=dropout_p,
                 softcap=softcap, q_scale=4.0 if softcap else 1.0, alibi=alibi, bottom_right=bottom_right)
@@ -1005,12 +1009,15 @@ def test_bf16_dot_on_and_off_agree(monkeypatch, band, layout):
 
 
 @_needs_bf16_dot
-def test_bf16_dot_reads_no_value_past_the_band(monkeypatch):
+@pytest.mark.parametrize("gemm", ["auto", "tiles"])
+def test_bf16_dot_reads_no_value_past_the_band(monkeypatch, gemm):
     """Query 0 sees keys 0..16 (17: an odd count, so the last pair step of P V is half a pair);
     keys 17.. hold inf in k and v (keys the band hides: their scores are inf or NaN). The float32
     path never reads them, and neither may the bf16 one: a P past the tile's last key must be
     zero, not the raw score, and v's half of the last pair must be masked, or 0 * inf turns the
-    whole row into NaN."""
+    whole row into NaN. tiles: the pair panels; auto: one query, k and v read as rows, whose P V
+    must run over the visible keys only."""
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", gemm)
     q, k, v = make_inputs((1, 1, 1, 32), (1, 1, 40, 32), (1, 1, 40, 32), dtype=torch.bfloat16, seed=2,
                           requires_grad=False)
     k[0, 0, 17:] = float("inf")
@@ -1173,6 +1180,88 @@ def test_decoding_takes_blas_in_the_automatic_mode(monkeypatch):
         auto = fused_attn.attention(q, k, v, backend="cpu")
         monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "blas" if blas else "tiles")
         assert torch.equal(auto, fused_attn.attention(q, k, v, backend="cpu")), (Lq, Hkv)
+
+
+# ---- decoding in bfloat16: K and V read as rows -------------------------------------------------
+# With the AVX512-BF16 dot products and few query rows per kv head (a decoding step), the automatic
+# mode reads K and V in place, row by row (bf16_dot::row_scores / row_accumulate, P in float32),
+# instead of laying the whole cache out as bf16 pair panels on every call (below 32 such rows).
+# Every case below has at most 4 query rows per kv head, which takes that path in the automatic
+# mode (the last test checks that the path taken is neither of the other two); any band, mask,
+# dropout, cap and ALiBi.
+
+_DECODE_ROWS_CASES = [
+    # (B, Hq, Hkv, Lq, Lk, D, band, mask, dropout_p, softcap, alibi, bottom_right)
+    (1, 2, 2, 1, 1, 40, "none", None, 0.0, 0.0, None, False),
+    (2, 2, 2, 1, 17, 59, "none", "bool", 0.0, 0.0, None, False),
+    (1, 2, 2, 1, 97, 128, "bottom_right", None, 0.0, 0.0, None, True),
+    (2, 2, 1, 2, 1, 59, "bottom_right", None, 0.0, 0.0, None, True),
+    (1, 4, 2, 2, 17, 128, "bottom_right", "additive", 0.0, 0.0, None, True),
+    (2, 2, 2, 2, 97, 40, "bottom_right_window", None, 0.0, 0.0, None, True),
+    (1, 4, 1, 1, 97, 59, "none", "additive", 0.3, 0.0, "head", True),     # dropout, ALiBi, GQA 4:1
+    (1, 2, 2, 2, 97, 128, "causal", "bool", 0.0, 5.0, "batch", False),    # top-left: keys 0-1; cap
+    (1, 2, 2, 2, 300, 40, "window_right", None, 0.2, 0.0, None, False),   # past the first key tile
+    (1, 2, 2, 2, 300, 59, "none", "additive", 0.0, 2.0, "batch", True),  # two key tiles, all seen
+    (1, 2, 1, 2, 17, 40, "dead_start", None, 0.0, 0.0, None, False),      # no key seen: empty rows
+]
+
+
+@_needs_bf16_dot
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,band,mask,dropout_p,softcap,alibi,bottom_right", _DECODE_ROWS_CASES,
+                         ids=[f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-{c[3]}x{c[4]}-d{c[5]}-{c[6]}-{c[7]}-p{c[8]}-cap{c[9]:g}-"
+                              f"{c[10]}" for c in _DECODE_ROWS_CASES])
+def test_bf16_decoding_meets_the_oracle(monkeypatch, B, Hq, Hkv, Lq, Lk, D, band, mask, dropout_p, softcap, alibi,
+                                        bottom_right):
+    """out and lse of the decoding forward (and the gradients, through the backward's products)."""
+    monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
+    monkeypatch.delenv("FUSED_ATTN_CPU_BF16_DOT", raising=False)
+    _check_band(torch.bfloat16, B, Hq, Hkv, Lq, Lk, D, _bands(Lq, Lk)[band], mask=mask, dropout_p=dropout_p,
+                softcap=softcap, q_scale=4.0 if softcap else 1.0, alibi=alibi, bottom_right=bottom_right)
+
+
+@_needs_bf16_dot
+@pytest.mark.parametrize("Lq,D,Dv", [(1, 59, 24), (2, 40, 136)])
+def test_bf16_decoding_value_dim_differs(monkeypatch, Lq, D, Dv):
+    """Dv != D: P V sweeps Dv's columns in blocks of 128 (136: a second, partial block)."""
+    monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
+    _check(torch.bfloat16, 2, 4, 2, Lq, 97, D, Dv=Dv, causal=True)
+
+
+@_needs_bf16_dot
+def test_bf16_decoding_reads_k_and_v_as_rows(monkeypatch):
+    """One query per head: the automatic mode's out is not the pair panels' (FUSED_ATTN_CPU_GEMM=
+    tiles, which rounds P to bf16), nor is its lse the float32 path's (FUSED_ATTN_CPU_BF16_DOT=off:
+    the same exact products summed in another order), and it is nearer the float64 result than the
+    panels' on average. k and v are read where they are: rows of a wider cache (row stride != D) give what their
+    contiguous copies give; a strided head dim (which the rows cannot read) takes the panels."""
+    B, Hq, Hkv, Lk, D = 2, 4, 2, 300, 59
+    q, k_wide, v_wide = make_inputs((B, Hq, 1, D), (B, Hkv, Lk, 64), (B, Hkv, Lk, 64), dtype=torch.bfloat16, seed=21,
+                                    requires_grad=False)
+    k, v = k_wide[..., :D], v_wide[..., :D]  # unit head-dim stride, rows 64 apart
+
+    def run(q, k, v, gemm=None, bf16_dot=None):
+        for name, value in (("FUSED_ATTN_CPU_GEMM", gemm), ("FUSED_ATTN_CPU_BF16_DOT", bf16_dot)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        return torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, D ** -0.5, 0, 0)
+
+    out, lse = run(q, k, v)
+    panels_out, panels_lse = run(q, k, v, gemm="tiles")
+    float32_out, float32_lse = run(q, k, v, bf16_dot="off")
+    assert not torch.equal(out, panels_out), "the automatic mode laid out the panels"
+    assert not torch.equal(lse, float32_lse), "the automatic mode took the float32 path"
+    exact = ref.attention(q.double(), k.double(), v.double(), None, False, 0.0, D ** -0.5)
+    # (on average: the output's own bf16 rounding dominates the largest errors of both)
+    assert (out.double() - exact).abs().mean() < (panels_out.double() - exact).abs().mean()
+    torch.testing.assert_close(lse, panels_lse, rtol=1e-6, atol=1e-6)  # the scores: exact products either way
+    contiguous = run(q, k.contiguous(), v.contiguous())
+    assert torch.equal(out, contiguous[0]) and torch.equal(lse, contiguous[1])
+    # a strided head dim: the panels, bit for bit
+    k_t, v_t = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (k, v))
+    assert k_t.stride(-1) != 1
+    assert torch.equal(run(q, k_t, v_t)[0], panels_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

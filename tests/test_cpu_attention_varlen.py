@@ -105,6 +105,59 @@ def test_native_varlen_is_bitwise_the_loop(monkeypatch, threads, case, dtype, bf
         assert torch.equal(a, b), f"{name}: max |diff| {(a.double() - b.double()).abs().max().item()}"
 
 
+# Decoding (every sequence has few query rows per kv head: a KV-cache step) in the automatic mode:
+# as the dense op does, no per-call layout of the used cache. float32 runs BLAS where every
+# sequence's queries see all of its keys, bitwise FUSED_ATTN_CPU_GEMM=blas, and keeps the panels
+# when a band (a sliding window) hides some; bfloat16 on the AVX512-BF16 dot products reads k and v
+# as rows whatever the band, bitwise the dense op on each sequence alone (which does the same),
+# and not the pair panels' result. Held to the oracle in tests/test_attention_varlen.py and
+# tests/test_kvcache.py. (name, q lengths, k lengths, seqused_k, Hq, Hkv, D, Dv, band, bottom_right,
+# dropout_p, softcap, alibi, dlse)
+DECODE_CASES = [
+    ("one query each, seqused_k, GQA", [1, 1, 1, 1], [300] * 4, [290, 0, 300, 1], 8, 2, 64, 64, CAUSAL_BAND, True,
+     0.0, 0.0, False, False),
+    ("two queries, odd D, ALiBi, softcap, dropout", [2, 2, 1], [97, 40, 17], [97, 33, 2], 4, 4, 59, 40, NO_BAND,
+     True, 0.2, 2.0, True, False),
+    ("sliding window", [1, 2, 1], [300] * 3, [280, 5, 300], 4, 2, 40, 40, (-16, 0), True, 0.0, 0.0, False, False),
+]
+
+
+def _has_avx512bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_varlen_decoding_path(monkeypatch, case, dtype):
+    monkeypatch.delenv("FUSED_ATTN_CPU_BF16_DOT", raising=False)
+    fwd_args, g, with_dlse = _inputs(case, dtype)
+    cpu = get_backend("cpu")
+
+    def forward(mode):
+        if mode is None:
+            monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+        return cpu.attention_varlen_fwd(*fwd_args)
+    auto, tiles = forward(None), forward("tiles")
+    banded = case[8] != CAUSAL_BAND and case[8] != NO_BAND
+    if dtype == torch.float32:
+        expected = tiles if banded else forward("blas")
+        assert all(torch.equal(a, b) for a, b in zip(auto, expected))
+        assert banded or not torch.equal(auto[0], tiles[0]), "the automatic mode laid out the panels"
+    elif _has_avx512bf16():
+        assert not torch.equal(auto[0], tiles[0]), "the automatic mode laid out the pair panels"
+    monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
+    native, loop = _both(fwd_args, g, with_dlse)  # (every dense call of the loop decodes too)
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], native, loop):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a.double() - b.double()).abs().max().item()}"
+
+
 @pytest.mark.parametrize("case", CASES[1:], ids=[c[0] for c in CASES[1:]])
 def test_native_varlen_float64_meets_the_loop(case):
     fwd_args, g, with_dlse = _inputs(case, torch.float64)

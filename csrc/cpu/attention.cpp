@@ -175,8 +175,9 @@ inline int64_t grain_for(double flops_per_unit) {
 
 // FUSED_ATTN_CPU_GEMM picks how the tile products run: unset (or "auto"), the register-blocked
 // kernels for float32 compute where the CPU has AVX2 + FMA (BLAS otherwise), except for a forward
-// with few query rows per kv head (``few_query_rows``: decoding); "tiles", the register-blocked
-// kernels always; "blas", BLAS through its Fortran entry points; "aten", BLAS through at::addmm.
+// with few query rows per kv head (decoding: BLAS, few_query_rows; bfloat16 on the AVX512-BF16 dot
+// products reads K and V as rows, decode_rows); "tiles", the register-blocked kernels always;
+// "blas", BLAS through its Fortran entry points; "aten", BLAS through at::addmm.
 // Read at every call (a getenv, against milliseconds of work), so a benchmark or a test can
 // compare the paths in one process; anything else is an error naming the variable.
 enum class GemmMode { automatic, tiles, blas, aten };
@@ -193,20 +194,35 @@ GemmMode gemm_mode() {
 // The register-blocked float32 products first lay out K and V as panels, a pass over the whole KV
 // cache per call; the products then reuse each panel for every query row of its kv head. With
 // few such rows (a decoding step: one query per head, times the group) the layout costs more
-// than it saves, and BLAS on the tiles as they are is faster, so the dense forward in the
-// automatic mode takes it for calls where every query sees every key (decoding against a cache;
-// the packed varlen op keeps the panels). Measured here (2 cores, Zen 4,
-// float32, one query per head, benchmarks/bench_cpu_decode.py): B4 Hq8 Hkv2 Lk4096 D64 8.1 ->
-// 0.83 ms (SDPA 0.87), B1 Hq32 Hkv8 Lk8192 D128 33 -> 12.2 ms (SDPA 12.3). bfloat16 on the
-// AVX512-BF16 dot products keeps them: there the BLAS path, which converts K and V to float32,
-// was 2-4x slower. The crossover sits near 64 rows per kv head (non-causal float32, median ms,
-// tiles against BLAS): Hq = Hkv, B2 H8 Lk2048 D64: 16 queries 2.18 / 1.19, 32 2.89 / 2.01, 64
-// 4.41 / 3.88, 96 5.97 / 5.61 (B4 Lk4096: 16 10.6 / 7.7, 64 20.1 / 17.1); grouped, where BLAS
-// multiplies each query head on its own, B4 Hq8 Hkv2 Lk4096: 8 queries (32 rows) 2.98 / 2.73, 16
-// (64 rows) 4.33 / 4.36; B1 Hq32 Hkv8 Lk8192 D128, 16 queries (64 rows) 22.1 / 23.6.
+// than it saves, and BLAS on the tiles as they are is faster, so the forward in the automatic
+// mode takes it for calls where every query sees every key (decoding against a cache; the packed
+// varlen op too, for float32 inputs, when every sequence's queries do). Measured here (2 cores,
+// Zen 4, float32, one query per head, benchmarks/bench_cpu_decode.py): B4 Hq8 Hkv2 Lk4096 D64
+// 8.1 -> 0.83 ms (SDPA 0.87), B1 Hq32 Hkv8 Lk8192 D128 33 -> 12.2 ms (SDPA 12.3). bfloat16 on
+// the AVX512-BF16 dot products does not take BLAS, which converts K and V to float32 (it was
+// 2-4x slower than their panels there), but reads K and V as rows (decode_rows, below). The
+// crossover sits near 64 rows per kv head (non-causal float32, median ms, tiles against BLAS): Hq
+// = Hkv, B2 H8 Lk2048 D64: 16 queries 2.18 / 1.19, 32 2.89 / 2.01, 64 4.41 / 3.88, 96 5.97 / 5.61
+// (B4 Lk4096: 16 10.6 / 7.7, 64 20.1 / 17.1); grouped, where BLAS multiplies each query head on
+// its own, B4 Hq8 Hkv2 Lk4096: 8 queries (32 rows) 2.98 / 2.73, 16 (64 rows) 4.33 / 4.36; B1 Hq32
+// Hkv8 Lk8192 D128, 16 queries (64 rows) 22.1 / 23.6.
 constexpr int64_t kMinPanelRows = 64;
 bool few_query_rows(int64_t query_rows, int64_t heads_q, int64_t heads_kv) {
   return query_rows * (heads_q / std::max<int64_t>(heads_kv, 1)) < kMinPanelRows;
+}
+
+// bfloat16 on the AVX512-BF16 dot products: laying out K and V as pair panels (Bf16PanelSource)
+// is a scalar shuffle of the whole cache on every call, which with few query rows per kv head
+// cost several times the products; with fewer than kMinBf16PanelRows such rows (a decoding step)
+// the automatic mode's forward reads K and V as rows instead (bf16_dot::row_scores /
+// row_accumulate: each row of the unit dots every key and sweeps every value row, from cache after
+// the first). Measured here (2 cores, Zen 4, one thread, median ms, rows against panels, Lk 2048
+// D128 Hq = Hkv): 1 row 0.41 / 4.9 (Lk 1024 H16), 4 rows 0.84 / 5.6, 16 rows 2.7 / 4.8, 24 rows
+// 4.1-4.6 / 5.3-5.9, 32 rows 0.8-1.15x the panels, 48 rows 1.0-1.8x; grouped (B1 Hq32 Lk4096
+// D128, one query): Hkv 2 (16 rows) 1.3-1.7 / 3.3-3.5, Hkv 1 (32 rows) 1.7-1.9 / 2.2-2.3.
+constexpr int64_t kMinBf16PanelRows = 32;
+bool decode_rows(int64_t query_rows, int64_t heads_q, int64_t heads_kv) {
+  return query_rows * (heads_q / std::max<int64_t>(heads_kv, 1)) < kMinBf16PanelRows;
 }
 
 // BLAS through its Fortran entry points, when torch exports them and the mode is not "aten".
@@ -587,21 +603,42 @@ Bf16Panels bf16_panels(const Tensor& t, bool keys) {
   return out;
 }
 
+// t's rows read in place (no copy: the head dim must have unit stride, can_read_rows).
+bool can_read_rows(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1; }
+Bf16Rows bf16_rows_in_place(const Tensor& t) {
+  Bf16Rows out;
+  out.data = bf16_bits(t);
+  out.sb = t.stride(0);
+  out.sh = t.stride(1);
+  out.ld = t.stride(2);
+  out.even = t.size(3);  // (unused: the decoding products read exactly D elements of a row)
+  return out;
+}
+
 // The bf16 operands of a call: the forward's (q rows, k key panels, v column panels), and the
-// backward's (q and dO rows, k and v key panels, dO, q and k column panels).
+// backward's (q and dO rows, k and v key panels, dO, q and k column panels). A decoding forward
+// (decode_rows) reads k and v as rows instead (bf16_dot::row_scores / row_accumulate).
 struct Bf16Operands {
   Bf16Rows q;
   Bf16Panels k_keys, v_columns;
+  bool rows = false;  // k_rows and v_rows, not the panels
+  Bf16Rows k_rows, v_rows;
   // backward
   Bf16Rows dout;
   Bf16Panels v_keys, dout_columns, q_columns, k_columns;
 };
 
-std::unique_ptr<Bf16Operands> make_bf16_operands(const Tensor& q, const Tensor& k, const Tensor& v) {
+std::unique_ptr<Bf16Operands> make_bf16_operands(const Tensor& q, const Tensor& k, const Tensor& v, bool rows) {
   auto ops = std::make_unique<Bf16Operands>();
   ops->q = bf16_rows(q);
-  ops->k_keys = bf16_panels(k, true);
-  ops->v_columns = bf16_panels(v, false);
+  ops->rows = rows;
+  if (rows) {
+    ops->k_rows = bf16_rows_in_place(k);
+    ops->v_rows = bf16_rows_in_place(v);
+  } else {
+    ops->k_keys = bf16_panels(k, true);
+    ops->v_columns = bf16_panels(v, false);
+  }
   return ops;
 }
 
@@ -835,7 +872,8 @@ void parallel_over_units(const std::vector<int64_t>& first, const std::vector<do
 
 // Writes the parts' out and lse. tiles: the products run as
 // register-blocked kernels (float32 only; they read pb's q rows and `ops`' panels, or, when
-// ops->bf16 is set, AVX512-BF16 dot products over its bf16 q rows and panels), else as BLAS calls.
+// ops->bf16 is set, AVX512-BF16 dot products over its bf16 q rows and panels, or its k and v
+// rows when ops->bf16->rows: decoding), else as BLAS calls.
 // The units (part, b, h, query block) of every part go to one at::parallel_for.
 template <typename T, typename scalar_t, bool tiles>
 void forward_kernel(const std::vector<ForwardPart<T, scalar_t>>& parts) {
@@ -866,7 +904,7 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t>>& parts) {
   const int64_t units = first_unit.back();
   if (units == 0) return;
   const double unit_flops = flops / static_cast<double>(units);
-  const bool bf16_products = tiles && parts[0].ops && parts[0].ops->bf16 != nullptr;
+  const bool bf16_products = tiles && parts[0].ops && parts[0].ops->bf16 != nullptr && !parts[0].ops->bf16->rows;
 
   parallel_over_units(first_unit, unit_cost, grain_for(unit_flops), [&](int64_t begin, int64_t end) {
     SequentialBlas sequential_blas;
@@ -921,7 +959,10 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t>>& parts) {
         T* S = scores.get();
         if constexpr (tiles) {
           // blocks outside the band are skipped (left unwritten: the row loop never reads them)
-          if (bf)  // over D rounded up to even: q's and k's padding are zero
+          if (bf && bf->rows)  // decoding: every column of the tile (the row loop reads the visible ones)
+            bf16_dot::row_scores(bm, bn, pb.D, bf->q.rows(b, h, i0), bf->q.ld, bf->k_rows.rows(b, hk, j0),
+                                 bf->k_rows.ld, S, lds, pb.scale);
+          else if (bf)  // over D rounded up to even: q's and k's padding are zero
             bf16_dot::product<false>(bm, lds / 16, bf->q.even, bf->q.rows(b, h, i0), bf->q.ld, bf->k_keys.keys_from(b, hk, j0),
                                      S, lds, pb.scale, cut ? tile_gemm::Band::key_columns : tile_gemm::Band::none,
                                      pb.lo + i0 - j0, pb.hi + i0 - j0);
@@ -964,7 +1005,15 @@ void forward_kernel(const std::vector<ForwardPart<T, scalar_t>>& parts) {
             row_dropout(sv, sv, nv, pb.dropout_key(b, h, i), static_cast<uint32_t>(j0 + c0), threshold, inv_keep);
         }
         if constexpr (tiles) {
-          if (bf) {
+          if (bf && bf->rows) {
+            // decoding: each row's visible keys (P is zero elsewhere; a key the band hides is not
+            // read, as the products over panels prune it), P in float32
+            for (int64_t r = 0; r < bm; ++r) {
+              const auto [c0, c1] = cut ? pb.visible(i0 + r, j0, bn) : std::pair<int64_t, int64_t>{0, bn};
+              bf16_dot::row_accumulate(c1 - c0, S + r * lds + c0, bf->v_rows.rows(b, hk, j0 + c0), bf->v_rows.ld,
+                                       pb.Dv, acc.get() + r * acc_ld);
+            }
+          } else if (bf) {
             // P (every row written on [0, bn) by the loop above: values on the visible columns,
             // zero elsewhere) rounded to bf16, zero on [bn, lds): the pairs of the last keys
             bf16_dot::convert_rows(S, lds, bm, bn, p_bf16.get(), lds);
@@ -1464,13 +1513,13 @@ Problem<T> with_rows(Problem<T> pb, const Tensor& q_rows, const Tensor& k_rows, 
 // rows unused).
 template <typename scalar_t, typename acc_t>
 void forward_tiles(const Problem<acc_t>& pb, const Tensor& q, const Tensor& k, const Tensor& v, bool bf16_products,
-                   scalar_t* out, std::array<int64_t, 3> out_strides, float* lse) {
+                   bool bf16_rows, scalar_t* out, std::array<int64_t, 3> out_strides, float* lse) {
   if constexpr (std::is_same_v<acc_t, float>) {
     TileOperands ops;
     std::unique_ptr<Bf16Operands> bf;
     if (bf16_products) {
       FA_CHECK(q.scalar_type() == at::kBFloat16, "attention (cpu): the bf16 dot products need bfloat16 inputs");
-      bf = make_bf16_operands(q, k, v);
+      bf = make_bf16_operands(q, k, v, bf16_rows);
       ops.bf16 = bf.get();
     } else {
       ops.k_keys = make_panels<scalar_t>(k, true);
@@ -1545,20 +1594,25 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
                                                      offset, softcap, alibi_slopes, bottom_right, mode);
     const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
-    // (only where every query sees every key: the register-blocked products skip the blocks a
-    // band hides, BLAS on whole tiles would read them, and an inf there would reach P V as NaN)
+    // Decoding (few_query_rows, automatic mode): float32 compute takes BLAS (only where every
+    // query sees every key: the register-blocked products skip the blocks a band hides, BLAS on
+    // whole tiles would read them, and an inf there would reach P V as NaN); bfloat16 with the
+    // AVX512-BF16 dot products reads k and v as rows (decode_rows, any band).
     const bool sees_all_keys = band_lo <= 1 - Lq && band_hi >= k.size(2) - 1;
+    const bool decoding = mode == GemmMode::automatic && few_query_rows(Lq, Hq, k.size(1));
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode) &&
-                       !(mode == GemmMode::automatic && sees_all_keys && few_query_rows(Lq, Hq, k.size(1)) &&
-                         !use_bf16_dot(q.scalar_type(), true));
+                       !(decoding && sees_all_keys && !use_bf16_dot(q.scalar_type(), true));
     const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles);
+    const bool bf16_rows = bf16_products && decoding && decode_rows(Lq, Hq, k.size(1)) && can_read_rows(k) &&
+                           can_read_rows(v);
     // named: pb points into them (the register-blocked products read k and v from their panels;
     // the bf16 dot products q too)
     const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q, acc);
     const Tensor ka = tiles ? Tensor() : as_blas_operand(k, acc), va = tiles ? Tensor() : as_blas_operand(v, acc);
     const Problem<acc_t> pb = with_rows(shape, qa, ka, va);
     if (tiles)
-      forward_tiles<scalar_t>(pb, q, k, v, bf16_products, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<float>());
+      forward_tiles<scalar_t>(pb, q, k, v, bf16_products, bf16_rows, out.data_ptr<scalar_t>(), out_strides,
+                              lse.data_ptr<float>());
     else
       forward_kernel<acc_t, scalar_t, false>(
           {dense_forward_part(pb, nullptr, out.data_ptr<scalar_t>(), out_strides, lse.data_ptr<acc_t>())});
@@ -1874,21 +1928,35 @@ struct SequenceOperands {
   std::vector<TileOperands> tiles;
 };
 
-// The forward's bf16 layouts of q, k and v for every sequence (bfloat16 inputs, bf16 dot products).
+// The forward's bf16 layouts of q, k and v for every sequence (bfloat16 inputs, bf16 dot products);
+// with `rows` (decoding), k and v read in place as rows.
 template <typename scalar_t>
 void forward_sequence_operands(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Sequence>& seqs,
-                               bool bf16_products, SequenceOperands& ops) {
+                               bool bf16_products, bool rows, SequenceOperands& ops) {
   FA_CHECK(bf16_products, "attention_varlen (cpu): the forward lays out float32 panels in its units");
   ops.tiles.resize(seqs.size());
   ops.bf16.resize(seqs.size());
   const auto q_rows = sequence_bf16_rows(q, seqs, ops.storage);
-  const auto k_keys = sequence_bf16_panels(k, seqs, Rows::keys, true, ops.storage);
-  const auto v_columns = sequence_bf16_panels(v, seqs, Rows::keys, false, ops.storage);
+  std::vector<Bf16Panels> k_keys, v_columns;
+  if (!rows) {
+    k_keys = sequence_bf16_panels(k, seqs, Rows::keys, true, ops.storage);
+    v_columns = sequence_bf16_panels(v, seqs, Rows::keys, false, ops.storage);
+  }
+  const Bf16Rows k_all = bf16_rows_in_place(as_batch_of_one(k)), v_all = bf16_rows_in_place(as_batch_of_one(v));
   for (size_t s = 0; s < seqs.size(); ++s) {
-    ops.bf16[s].q = q_rows[s];
-    ops.bf16[s].k_keys = k_keys[s];
-    ops.bf16[s].v_columns = v_columns[s];
-    ops.tiles[s].bf16 = &ops.bf16[s];
+    Bf16Operands& b = ops.bf16[s];
+    b.q = q_rows[s];
+    b.rows = rows;
+    if (rows) {  // the sequence's keys from its first row on (B = 1)
+      b.k_rows = k_all;
+      b.k_rows.data += seqs[s].k0 * k_all.ld;
+      b.v_rows = v_all;
+      b.v_rows.data += seqs[s].k0 * v_all.ld;
+    } else {
+      b.k_keys = k_keys[s];
+      b.v_columns = v_columns[s];
+    }
+    ops.tiles[s].bf16 = &b;
   }
 }
 
@@ -2019,8 +2087,25 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd_cpu(const Tensor& q, const Tenso
     const Tensor q1 = as_batch_of_one(q), k1 = as_batch_of_one(k), v1 = as_batch_of_one(v);
     const Problem<acc_t> shape = make_problem<acc_t>(q1, k1, v1, std::nullopt, band_lo, band_hi, dropout_p, scale,
                                                      seed, offset, softcap, std::nullopt, bottom_right, mode);
-    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
+    // Decoding (a KV cache: few query rows per kv head in every sequence), as in attention_fwd_cpu,
+    // so that a step does not lay out the whole used cache as panels: float32 takes BLAS where
+    // every sequence's queries see all of its keys and k and v need no copy (as_blas_operand would
+    // convert or copy every packed row, the cache's unused ones too: float16, and bfloat16
+    // without AVX512-BF16, keep the panels of the used keys); bfloat16 on the dot products reads
+    // k and v as rows (any band).
+    int64_t max_lq = 0;
+    bool sees_all_keys = true;
+    for (const Problem<acc_t>& pb :
+         sequence_problems(shape, seqs, band_lo, band_hi, bottom_right, alibi_slopes, offset)) {
+      max_lq = std::max(max_lq, pb.Lq);
+      sees_all_keys = sees_all_keys && !pb.banded();
+    }
+    const bool decoding = mode == GemmMode::automatic && few_query_rows(max_lq, Hq, k.size(1));
+    const bool blas_decode = decoding && sees_all_keys && q.scalar_type() == acc && blas_ready(k1) && blas_ready(v1);
+    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode) && !blas_decode;
     const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles);
+    const bool bf16_rows = bf16_products && decoding && decode_rows(max_lq, Hq, k.size(1)) &&
+                           can_read_rows(k1) && can_read_rows(v1);
     // as in attention_fwd_cpu: the rows the products read in place
     const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q1, acc);
     const Tensor ka = tiles ? Tensor() : as_blas_operand(k1, acc), va = tiles ? Tensor() : as_blas_operand(v1, acc);
@@ -2030,7 +2115,7 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd_cpu(const Tensor& q, const Tenso
     SequenceOperands ops;
     std::vector<ForwardSources<scalar_t>> sources;
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (tiles && bf16_products) forward_sequence_operands<scalar_t>(q, k, v, seqs, true, ops);
+      if (tiles && bf16_products) forward_sequence_operands<scalar_t>(q, k, v, seqs, true, bf16_rows, ops);
       if (tiles && !bf16_products) sources = sequence_forward_sources<scalar_t>(k, v, seqs);
     }
     // out (total_q, Hq, Dv) contiguous: row i of (0, h) at (q0 + i) * Hq * Dv + h * Dv; lse (Hq, total_q)

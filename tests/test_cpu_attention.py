@@ -1155,6 +1155,44 @@ def test_long_sequence_has_no_quadratic_buffer():
     assert grown < l_by_l / 4, f"peak RSS grew by {grown / 2**20:.1f} MB during L=8192 attention"
 
 
+def test_bad_tile_sizes_are_a_clear_error():
+    """FUSED_ATTN_CPU_{FWD,BWD}_{BM,BN} (tile sizes for tuning, read once, at the first call that
+    needs them): a value that is not a whole number in [1, 65536] raises, naming the variable and the
+    value, at every call (it used to run as a block of 1: right, and many times slower); a good
+    one is taken. In a fresh process: the sizes are read once."""
+    script = textwrap.dedent("""
+        import os, torch, fused_attn
+        q, k, v = (torch.randn(1, 2, 70, 16, requires_grad=True) for _ in range(3))
+        def run(backward=False):
+            out = fused_attn.functional.attention(q, k, v, causal=True, backend="cpu")
+            if backward:
+                out.sum().backward()
+            return out
+        def refused(name, value, backward):
+            os.environ[name] = value
+            try:
+                run(backward)
+            except RuntimeError as e:
+                assert f"{name} must be a whole number" in str(e) and f"'{value}'" in str(e), str(e)
+            else:
+                raise AssertionError(f"{name}={value!r} was accepted")
+        for value in ("abc", "0", "-5", "1.5", "64k", "100000"):
+            refused("FUSED_ATTN_CPU_FWD_BM", value, False)
+            refused("FUSED_ATTN_CPU_FWD_BM", value, False)  # again: not taken as a default after one error
+        os.environ["FUSED_ATTN_CPU_FWD_BM"] = "48"
+        expected = fused_attn.reference.attention(q.double(), k.double(), v.double(), None, True)
+        torch.testing.assert_close(run().double(), expected, rtol=1e-4, atol=1e-5)
+        for value in ("abc", "0", "-5"):
+            refused("FUSED_ATTN_CPU_BWD_BN", value, True)
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_ATTN_CPU_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
+
+
 def test_decoding_takes_blas_in_the_automatic_mode(monkeypatch):
     """float32, one query per head against a cache that it sees whole: the automatic mode runs the
     BLAS products (no per-call panel layout of the cache), bitwise what FUSED_ATTN_CPU_GEMM=blas

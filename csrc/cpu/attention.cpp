@@ -111,24 +111,47 @@ namespace scratch = fused_attn::cpu::scratch;
 //    128 x 256 tiles, 0.97-1.03x with 256 x 512). Banded (causal, windows): 128 x 256, so that
 //    fewer tiles straddle the diagonal (causal: 1.3x SDPA against 1.2x with the bigger tiles).
 //    Backward keeps three 64 x 128 tiles (S/P, dP, dropped P).
-// The FUSED_ATTN_CPU_{FWD,BWD}_{BM,BN} environment variables override them (read once at load;
-// for tuning on other CPUs; BN is rounded up to a multiple of 16).
-int64_t env_int(const char* name) {
+// The FUSED_ATTN_CPU_{FWD,BWD}_{BM,BN} environment variables override them (for tuning on other
+// CPUs; BN is rounded up to a multiple of 16). Read once, at the first call that needs them (not
+// at load, where an error could not be raised), each a whole number in [1, 65536]; anything else
+// is an error naming the variable (a value read as 1 would run, just many times slower).
+int64_t env_block(const char* name) {
   const char* s = std::getenv(name);
-  return s ? std::max<int64_t>(1, std::atoll(s)) : 0;
+  if (s == nullptr || *s == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(s, &end, 10);
+  FA_CHECK(end != s && *end == '\0' && n >= 1 && n <= 65536, name,
+           " must be a whole number in [1, 65536] (a tile size); got '", s, "'");
+  return n;
 }
 struct Blocks {
   int64_t m, n;
 };
 Blocks blocks(const char* env_m, const char* env_n, Blocks fallback) {
-  const int64_t m = env_int(env_m), n = env_int(env_n);
+  const int64_t m = env_block(env_m), n = env_block(env_n);
   return {m ? m : fallback.m, n ? n : fallback.n};
 }
-const Blocks kFwdTileBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {96, 256});
-const Blocks kBwdTileBlocks = blocks("FUSED_ATTN_CPU_BWD_BM", "FUSED_ATTN_CPU_BWD_BN", {64, 128});
-const Blocks kFwdBlasBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {256, 512});
-const Blocks kFwdBlasBandedBlocks = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {128, 256});
-const Blocks kBwdBlasBlocks = blocks("FUSED_ATTN_CPU_BWD_BM", "FUSED_ATTN_CPU_BWD_BN", {64, 128});
+// (function statics: a bad value raises at every call, as the initialiser never completes)
+const Blocks& fwd_tile_blocks() {
+  static const Blocks b = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {96, 256});
+  return b;
+}
+const Blocks& bwd_tile_blocks() {
+  static const Blocks b = blocks("FUSED_ATTN_CPU_BWD_BM", "FUSED_ATTN_CPU_BWD_BN", {64, 128});
+  return b;
+}
+const Blocks& fwd_blas_blocks() {
+  static const Blocks b = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {256, 512});
+  return b;
+}
+const Blocks& fwd_blas_banded_blocks() {
+  static const Blocks b = blocks("FUSED_ATTN_CPU_FWD_BM", "FUSED_ATTN_CPU_FWD_BN", {128, 256});
+  return b;
+}
+const Blocks& bwd_blas_blocks() {
+  static const Blocks b = blocks("FUSED_ATTN_CPU_BWD_BM", "FUSED_ATTN_CPU_BWD_BN", {64, 128});
+  return b;
+}
 
 // ---- BLAS -------------------------------------------------------------------------------------
 //
@@ -822,7 +845,7 @@ struct ForwardPart {
 
 // The forward's tile: query block x key block.
 inline Blocks forward_blocks(bool banded, bool tiles) {
-  const Blocks blk = tiles ? kFwdTileBlocks : banded ? kFwdBlasBandedBlocks : kFwdBlasBlocks;
+  const Blocks blk = tiles ? fwd_tile_blocks() : banded ? fwd_blas_banded_blocks() : fwd_blas_blocks();
   return {blk.m, tiles ? round16(blk.n) : blk.n};
 }
 
@@ -1106,7 +1129,9 @@ struct BackwardTile {
   int64_t ldt = 0;
   std::vector<uint16_t> rows16, cols16;
 
-  static Blocks tile_blocks() { return tiles ? Blocks{kBwdTileBlocks.m, round16(kBwdTileBlocks.n)} : kBwdBlasBlocks; }
+  static Blocks tile_blocks() {
+    return tiles ? Blocks{bwd_tile_blocks().m, round16(bwd_tile_blocks().n)} : bwd_blas_blocks();
+  }
 
   // (pb_'s dropout and softcap, and whether ops_ holds bf16 layouts, size the scratch: the same
   // for every part of a call)
@@ -1662,7 +1687,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
     // bf16 dot products: the query tiles' pairs of queries start at their first query, a multiple
     // of the query block, so they need an even block (FUSED_ATTN_CPU_BWD_BM odd: float32 panels)
-    const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles) && kBwdTileBlocks.m % 2 == 0;
+    const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles) && bwd_tile_blocks().m % 2 == 0;
     // (the bf16 dot products read q and dout from their bf16 layouts; dout_a is delta's)
     const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q, acc), dout_a = as_blas_operand(dout, acc);
     // (the register-blocked products read k and v from their panels)
@@ -2177,7 +2202,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_bwd_cpu(
                                                      seed, offset, softcap, std::nullopt, bottom_right, mode);
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
     // as in attention_bwd_cpu (the bf16 query tiles' pairs need an even query block)
-    const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles) && kBwdTileBlocks.m % 2 == 0;
+    const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles) && bwd_tile_blocks().m % 2 == 0;
     const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q1, acc), dout_a = as_blas_operand(dout1, acc);
     const Tensor ka = tiles ? Tensor() : as_blas_operand(k1, acc), va = tiles ? Tensor() : as_blas_operand(v1, acc);
     const Problem<acc_t> all = with_rows(shape, qa, ka, va);

@@ -203,10 +203,11 @@ def _norm_repr(norm) -> str:
 
 
 class FusedLayerNorm(nn.LayerNorm):
-    def forward(self, x):
-        if not isinstance(x, Tensor) or x.is_nested:  # torch's norm takes nested tensors (and says what it takes)
-            return super().forward(x)
-        return fused_norm(self, x, backend=self.fused_attn_backend)
+    # (``input``: nn.LayerNorm's parameter name, so that ``norm(input=x)`` works swapped too)
+    def forward(self, input):
+        if not isinstance(input, Tensor) or input.is_nested:  # torch's norm takes nested tensors (and says what it takes)
+            return super().forward(input)
+        return fused_norm(self, input, backend=self.fused_attn_backend)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, {_norm_repr(self)}"
@@ -225,17 +226,17 @@ class FusedRMSNorm(nn.RMSNorm):
 class FusedSequentialFFN(nn.Sequential):
     """Sequential(Linear, activation, [Dropout], Linear) as one fused feed_forward."""
 
-    def forward(self, x):
+    def forward(self, input):  # (nn.Sequential's parameter name: ``ffn(input=x)`` works swapped too)
         # The container as converted (the same children, in order; an append or insert since
         # would otherwise be skipped), none replaced (an adapter) or hooked since the swap
         if list(self._modules) != list(self.__dict__[READS_ATTR]) or not reads_intact(self):
-            return super().forward(x)
+            return super().forward(input)
         act = activation_now(self[1])  # (its settings may have changed since the swap)
         if act is None:
-            return super().forward(x)
+            return super().forward(input)
         first, last = self[0], self[len(self) - 1]
         p = dropout_p(self[2]) if len(self) == 4 else 0.0
-        return feed_forward(x, first.weight, first.bias, last.weight, last.bias,
+        return feed_forward(input, first.weight, first.bias, last.weight, last.bias,
                             activation=act, dropout_p=p, backend=self.fused_attn_backend)
 
 
@@ -243,21 +244,40 @@ class FusedPlainMLP:
     """A module whose forward chains Linear -> activation -> [Dropout] -> Linear -> [Dropout], as
     one fused feed_forward (the middle dropout inside it) and its own final dropout. The layout
     is read again at each call (a dict lookup for the source, cached per forward function): a
-    child replaced since the swap, or given hooks, sends the call to the module's own forward."""
+    child replaced since the swap, or given hooks, sends the call to the module's own forward.
 
-    def forward(self, x):
+    The forward takes what the original takes: its one input by position or under the original's
+    own parameter name (GPT-NeoX's ``hidden_states``, Falcon's ``x``); any other call runs the
+    original forward, which raises what it raises."""
+
+    def forward(self, *args, **kwargs):
         # children may have been replaced since the swap. (The layout is read from the original
         # class's forward: the fused class's own __dict__ has none, so reading type(self) found
         # no chain and every call ran the unfused forward.)
-        layout = _plain_mlp_layout(self, cls=self.__dict__[RESTORE_ATTR][0])
+        cls = self.__dict__[RESTORE_ATTR][0]
+        x = _sole_input(args, kwargs, forward_input(cls))
+        layout = None if x is None else _plain_mlp_layout(self, cls=cls)
         act = None if layout is None else plain_mlp_activation(self._modules[layout["act"]])
         if act is None or _hook_reason(self, tuple(n for n in layout.values() if n)) is not None:
-            return super().forward(x)  # the module's own forward, as it now reads
+            return super().forward(*args, **kwargs)  # the module's own forward, as it now reads
         l1, l2 = self._modules[layout["first"]], self._modules[layout["second"]]
         p = dropout_p(self._modules[layout["middle"]]) if layout["middle"] else 0.0
         h = feed_forward(x, l1.weight, l1.bias, l2.weight, l2.bias, activation=act, dropout_p=p,
                          backend=self.fused_attn_backend)
         return self._modules[layout["last"]](h) if layout["last"] else h
+
+
+def _sole_input(args: tuple, kwargs: dict, name: Optional[str]) -> Optional[Tensor]:
+    """The tensor a plain chain's ``forward(self, <name>)`` is called with: its one positional
+    argument, or the keyword ``name``; None for any other call (no input, more arguments, another
+    keyword, not a tensor: the original forward says what it says of it)."""
+    if len(args) == 1 and not kwargs:
+        x = args[0]
+    elif not args and len(kwargs) == 1 and name is not None and name in kwargs:
+        x = kwargs[name]
+    else:
+        return None
+    return x if isinstance(x, Tensor) else None
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -270,9 +290,27 @@ def fused_subclass(cls: type, mixin: type) -> type:
     key = (cls, mixin)
     if key not in _SUBCLASSES:
         name = f"Fused{cls.__name__}"
-        _SUBCLASSES[key] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name,
-                                                     "__reduce_ex__": _reduce_fused})
+        namespace = {"__module__": __name__, "__qualname__": name, "__reduce_ex__": _reduce_fused}
+        if mixin is FusedPlainMLP:
+            namespace["forward"] = _plain_mlp_forward(cls, name)
+        _SUBCLASSES[key] = type(name, (mixin, cls), namespace)
     return _SUBCLASSES[key]
+
+
+def _plain_mlp_forward(cls: type, name: str):
+    """FusedPlainMLP's forward (which takes any arguments: the input's name is the original's)
+    under the signature of ``cls.forward``, for what reads it: ``inspect.signature``, and
+    torch.export, whose ``dynamic_shapes`` name the forward's parameters (``{"x": {1: length}}``;
+    with ``(*args, **kwargs)`` it wanted ``{"args": ...}``)."""
+    def forward(self, *args, **kwargs):
+        return FusedPlainMLP.forward(self, *args, **kwargs)
+
+    forward.__qualname__ = f"{name}.forward"
+    try:
+        forward.__signature__ = inspect.signature(cls.forward)
+    except (TypeError, ValueError):  # (no signature to read: the forward's own arguments still apply)
+        pass
+    return forward
 
 
 def _reduce_fused(self, protocol):
@@ -294,12 +332,26 @@ def forward_chain(cls: type) -> Optional[tuple]:
     from its source, when that is all it does (statements ``h = self.a(x)`` ... ``return
     self.c(h)``, calls nested or not, a docstring allowed); None for anything else, and for a
     forward the class inherits (read per function object: a forward replaced later is read anew)."""
+    read = _read_forward(cls)
+    return None if read is None else read[1]
+
+
+@torch.compiler.assume_constant_result
+def forward_input(cls: type) -> Optional[str]:
+    """The name of the one parameter of ``cls.forward(self, x)`` when ``forward_chain`` reads a
+    chain from it (the swapped module takes its input by that name too), else None."""
+    read = _read_forward(cls)
+    return None if read is None else read[0]
+
+
+def _read_forward(cls: type) -> Optional[tuple]:
     fn = cls.__dict__.get("forward")
     return _chain_of(fn) if inspect.isfunction(fn) else None
 
 
 @functools.lru_cache(maxsize=None)
 def _chain_of(fn) -> Optional[tuple]:
+    """(the input's parameter name, the chain of children's names) of a forward, or None."""
     try:
         node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
     except Exception:  # no source (a REPL, a lambda in an expression), or source that is not the function
@@ -334,7 +386,8 @@ def _chain_of(fn) -> Optional[tuple]:
         if value is None:
             return None
         env[stmt.targets[0].id] = value
-    return chain(body[-1].value)
+    names = chain(body[-1].value)
+    return None if names is None else (x_name, names)
 
 
 def wrapped_linear(module) -> bool:

@@ -211,6 +211,27 @@ def test_swapped_plain_mlp_compiles_fullgraph():
     assert len(graphs) == 1 and "feed_forward" in graphs[0], graphs
 
 
+def test_swapped_plain_mlp_exports_with_dynamic_shapes_by_name():
+    """The swapped plain MLP's forward takes its input by the original's name (``*args,
+    **kwargs`` underneath) and shows the original's signature: torch.export's ``dynamic_shapes``
+    name its parameter, positional or keyword call, and the program holds the fused op."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = ChainMLP()
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model)
+    length = Dim("length", min=2, max=64)
+    (x,) = make_inputs((B, L, D), seed=5, requires_grad=False)
+    (y,) = make_inputs((B, 7, D), seed=6, requires_grad=False)
+    for args, kwargs in (((x,), {}), ((), {"x": x})):
+        program = torch.export.export(model, args, kwargs, dynamic_shapes={"x": {1: length}})
+        assert "fused_attn.feed_forward_fwd.default" in {str(n.target) for n in program.graph.nodes}
+        with torch.no_grad():
+            out = program.module()(y) if args else program.module()(x=y)
+            torch.testing.assert_close(out, ref(y), rtol=1e-5, atol=1e-5)
+
+
 def test_torch_export_with_dynamic_lengths():
     """torch.export: the fused stack (padding mask, GQA, SwiGLU) and a swapped torch encoder export
     with a symbolic sequence length; the exported programs give the eager outputs at other lengths,

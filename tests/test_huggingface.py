@@ -551,6 +551,39 @@ def test_plain_chain_mlps_of_hugging_face_models_are_fused(name, monkeypatch):
     assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
 
 
+def test_swapped_modules_take_the_original_arguments(monkeypatch):
+    """The swapped transformers modules take the original forward's arguments under its names:
+    GPT-NeoX's MLP its ``hidden_states`` (the plain MLP's fused forward took ``x``, and
+    ``mlp(hidden_states=h)`` raised TypeError), BERT's, GPT-2's and Llama's fused classes theirs."""
+    import inspect
+
+    from fused_attn import swap
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXMLP
+
+    mlp = GPTNeoXMLP(transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4))
+    ref = copy.deepcopy(mlp)
+    assert len(fused_attn.swap_modules(mlp, backend="cpu").replaced) == 1
+    calls = []
+    real = swap.feed_forward
+    monkeypatch.setattr(swap, "feed_forward", lambda *a, **k: calls.append(k["activation"]) or real(*a, **k))
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(mlp(hidden_states=x), ref(hidden_states=x), rtol=1e-5, atol=1e-5)
+    assert calls == ["gelu"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'x'"):
+        mlp(x=x)
+
+    def parameters(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    bert, gpt2, llama = hf._known()
+    for mixin, cls, method in ((hf.FusedDenseDropoutNorm, bert.BertSelfOutput, "forward"),
+                               (hf.FusedBertFeedForward, bert.BertLayer, "feed_forward_chunk"),
+                               (hf.FusedGPT2MLP, gpt2.GPT2MLP, "forward"), (hf.FusedLlamaMLP, llama.LlamaMLP, "forward"),
+                               (hf.FusedLlamaRMSNorm, llama.LlamaRMSNorm, "forward"),
+                               (swap.FusedPlainMLP, GPTNeoXMLP, "forward")):
+        fused = swap.fused_subclass(cls, mixin)
+        assert parameters(getattr(fused, method)) == parameters(getattr(cls, method)), (mixin, cls)
+
+
 def test_swapped_model_saved_whole_loads_in_a_fresh_process(tmp_path):
     """torch.save of a whole swapped model (BERT's fused blocks, GPT-NeoX's plain MLP: classes a
     swap makes at run time) loads in a process that never swapped anything, still fused, and

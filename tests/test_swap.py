@@ -577,6 +577,51 @@ def test_plain_chain_mlps_are_fused_exactly(make, monkeypatch):
     assert type(model[0]) is type(ref[0]) and len(restored.replaced) == 2
 
 
+def _parameters(fn):
+    """A forward's parameters as a caller sees them: names, kinds, defaults (not annotations)."""
+    import inspect
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_fused_classes_take_the_arguments_of_the_classes_they_replace():
+    """Each class the swap puts in place of another takes the same arguments, under the same
+    names, as the original's forward: the swapped LayerNorm and Sequential took ``x`` where torch's
+    take ``input`` (``norm(input=x)`` raised TypeError once swapped), the swapped plain MLP took
+    ``x`` whatever the original's name (GPT-NeoX's ``mlp(hidden_states=h)`` raised)."""
+    import inspect
+
+    fused = [getattr(S, n) for n in S.__all__ if n.startswith("Fused") and inspect.isclass(getattr(S, n))]
+    fused += [M.MultiHeadAttention, M.LayerNormResidual, M.FeedForward]
+    fused += [S.fused_subclass(cls, S.FusedPlainMLP) for cls in (ChainedMLP, NestedMLP)]
+    assert len(fused) >= 12
+    for cls in fused:
+        original = next(c for c in cls.__mro__[1:] if c.__module__ != "fused_attn.swap")
+        assert _parameters(cls.forward) == _parameters(original.forward), (cls, original)
+
+
+def test_swapped_modules_take_their_input_by_keyword(monkeypatch):
+    """A swapped module takes its input under the original's parameter name and runs fused; a
+    call the original refuses (another name, another argument) raises the original's TypeError."""
+    torch.manual_seed(0)
+    calls = []
+    real = S.feed_forward
+    monkeypatch.setattr(S, "feed_forward", lambda *a, **k: calls.append(k["activation"]) or real(*a, **k))
+    x = torch.randn(B, L, D)
+    norm, seq, mlp = nn.LayerNorm(D), nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, D)), ChainedMLP()
+    refs = [copy.deepcopy(m) for m in (norm, seq, mlp)]
+    for module, ref, name in zip((norm, seq, mlp), refs, ("input", "input", "hidden_states")):
+        assert len(fused_attn.swap_modules(module).replaced) == 1
+        torch.testing.assert_close(module(**{name: x}), ref(**{name: x}), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert calls == ["relu", "relu", "gelu_tanh", "gelu_tanh"]  # positional and keyword calls fused
+    for call in (lambda m: m(x=x), lambda m: m(x, x), lambda m: m(), lambda m: m(x, hidden_states=x)):
+        with pytest.raises(TypeError) as swapped_error:
+            call(mlp)
+        with pytest.raises(TypeError) as original_error:
+            call(refs[2])
+        assert str(swapped_error.value) == str(original_error.value)
+
+
 def test_plain_chain_mlp_dropouts_and_pickling():
     """The middle dropout runs inside the fused op (train mode drops, eval does not), the last one
     is the module's own; a swapped model pickles in the process that swapped it."""

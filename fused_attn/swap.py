@@ -396,17 +396,47 @@ def wrapped_linear(module) -> bool:
     return type(getattr(module, "base_layer", None)) is nn.Linear
 
 
+def linear_like(module) -> bool:
+    """Whether calling ``module`` computes nn.Linear's forward from its ``weight`` and ``bias``, so
+    that a fused op may read them instead: an nn.Linear, a subclass that keeps nn.Linear's forward
+    (torch's NonDynamicallyQuantizableLinear, a parametrized Linear: its hooks and
+    parametrizations are checked apart), or one whose forward is a known equivalent (transformers'
+    FalconLinear: ``x @ W.T``, then ``+ b``). Not a subclass with another forward (a quantized
+    linear, a router): reading its weight would skip that forward."""
+    if not isinstance(module, nn.Linear):
+        return False
+    return type(module).forward is nn.Linear.forward or _equivalent_linear_forward(type(module))
+
+
+# (torch.compile runs it when tracing and keeps the answer: it reads source)
+@torch.compiler.assume_constant_result
+def _equivalent_linear_forward(cls: type) -> bool:
+    if not cls.__module__.startswith("transformers."):
+        return False
+    from .integrations.huggingface import linear_forward_equivalent
+    return linear_forward_equivalent(cls)
+
+
+def _linear_reads(module: nn.Module, names) -> dict:
+    """``Conversion.reads`` of the linears a fused FFN reads: each one's own class where it is
+    ``linear_like`` (kept checked at each call), else nn.Linear, which ``_read_reason`` then
+    reports as a forward the fused op would skip (an adapter's, a quantized linear's)."""
+    return {n: type(module._modules[n]) if linear_like(module._modules[n]) else nn.Linear for n in names}
+
+
 def _plain_mlp_layout(module: nn.Module, wrapped_ok: bool = False, cls: Optional[type] = None) -> Optional[dict]:
     """The names of the children a forward chains as Linear, activation, [Dropout], Linear,
     [Dropout] (keys first, act, middle, second, last; the dropouts None when absent), or None.
-    ``wrapped_ok``: Linears wrapped by an adapter count as Linears (to say why it is left).
-    ``cls``: the class whose forward is read (default: the module's)."""
+    Linears: ``linear_like`` children. ``wrapped_ok``: Linears wrapped by an adapter and nn.Linear
+    subclasses with a forward of their own count too (to say why it is left, rather than pass
+    over a quantized or adapted MLP in silence). ``cls``: the class whose forward is read
+    (default: the module's)."""
     names = forward_chain(cls or type(module))
     if names is None or len(set(names)) != len(names):
         return None
     children = [module._modules.get(n) for n in names]
-    pattern = "".join("L" if type(c) is nn.Linear or (wrapped_ok and wrapped_linear(c)) else "D" if type(c) is nn.Dropout
-                      else "A" if c is not None else "?" for c in children)
+    pattern = "".join("L" if linear_like(c) or (wrapped_ok and (isinstance(c, nn.Linear) or wrapped_linear(c)))
+                      else "D" if type(c) is nn.Dropout else "A" if c is not None else "?" for c in children)
     if pattern not in ("LAL", "LADL", "LALD", "LADLD"):
         return None
     middle = names[2] if pattern.startswith("LAD") else None
@@ -499,7 +529,7 @@ def _convert_plain_mlp(module, opts):
         return why
     return Conversion(fused_subclass(type(module), FusedPlainMLP), {"fused_attn_backend": opts.backend},
                       consumed=tuple(n for n in layout.values() if n),
-                      reads={layout["first"]: nn.Linear, layout["second"]: nn.Linear},
+                      reads=_linear_reads(module, (layout["first"], layout["second"])),
                       note=f"FFN {act} ({layout['first']} -> {layout['second']}, read from its forward)")
 
 
@@ -787,7 +817,8 @@ def _convert_sequential_ffn(module, opts):
     if type(module) is not nn.Sequential or len(module) not in (3, 4):
         return None
     parts = list(module)
-    if not all(type(p) is nn.Linear or wrapped_linear(p) for p in (parts[0], parts[-1])):
+    # (any nn.Linear: a subclass with another forward is left with the reason, by _read_reason)
+    if not all(isinstance(p, nn.Linear) or wrapped_linear(p) for p in (parts[0], parts[-1])):
         return None
     if len(parts) == 4 and type(parts[2]) is not nn.Dropout:
         return None
@@ -801,7 +832,8 @@ def _convert_sequential_ffn(module, opts):
         return why
     return Conversion(FusedSequentialFFN, {"fused_attn_backend": opts.backend},
                       consumed=tuple(str(i) for i in range(len(parts))), note=f"FFN {act}",
-                      reads={str(i): nn.Linear if i in (0, len(parts) - 1) else None for i in range(len(parts))})
+                      reads={**{str(i): None for i in range(len(parts))},
+                             **_linear_reads(module, ("0", str(len(parts) - 1)))})
 
 
 def _mha_reason(module) -> Optional[str]:

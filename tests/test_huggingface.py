@@ -516,12 +516,18 @@ PLAIN_MLP_MODELS = {
                                                           n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
                                                           attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
                     transformers.AutoModelForCausalLM, "FusedGPTBigCodeMLP"),
+    # over FalconLinear, an nn.Linear subclass whose forward is nn.Linear's product and sum
+    # (``x @ W.T + b``): it was read as an activation, so the MLP was neither fused nor listed
+    "falcon": (lambda: transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, max_position_embeddings=64,
+                                                 hidden_dropout=0.0, attention_dropout=0.0),
+               transformers.AutoModelForCausalLM, "FusedFalconMLP"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(PLAIN_MLP_MODELS))
 def test_plain_chain_mlps_of_hugging_face_models_are_fused(name, monkeypatch):
-    """GPT-NeoX's, Phi's, GPT-J's and GPTBigCode's MLPs are read from their forward (Linear ->
+    """GPT-NeoX's, Phi's, GPT-J's, GPTBigCode's and Falcon's MLPs are read from their forward (Linear ->
     activation -> Linear [-> Dropout]) and fused (each call runs the fused op: the swapped MLP
     read its layout from its fused class, found none and ran its own forward); the swapped model
     gives the untouched model's logits and gradients. GPTBigCode's has GPT-2's forward code over
@@ -582,6 +588,24 @@ def test_swapped_modules_take_the_original_arguments(monkeypatch):
                                (swap.FusedPlainMLP, GPTNeoXMLP, "forward")):
         fused = swap.fused_subclass(cls, mixin)
         assert parameters(getattr(fused, method)) == parameters(getattr(cls, method)), (mixin, cls)
+
+
+def test_falcon_linear_is_read_as_a_linear_by_its_code():
+    """FalconLinear counts as nn.Linear because its forward's code is the known one (``input @
+    W.T``, then ``+ bias``): an nn.Linear subclass of transformers with other code is not."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    from fused_attn import swap
+
+    class OtherLinear(torch.nn.Linear):
+        def forward(self, input):
+            return (input @ self.weight.T) * 2
+
+    OtherLinear.__module__ = "transformers.models.other.modeling_other"
+    assert swap.linear_like(FalconLinear(4, 4)) and not swap.linear_like(OtherLinear(4, 4))
+    layer = FalconLinear(32, 48)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
 def test_swapped_model_saved_whole_loads_in_a_fresh_process(tmp_path):

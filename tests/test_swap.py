@@ -622,6 +622,51 @@ def test_swapped_modules_take_their_input_by_keyword(monkeypatch):
         assert str(swapped_error.value) == str(original_error.value)
 
 
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with a forward of its own (as a quantized linear has)."""
+
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+class KeptLinear(nn.Linear):
+    """An nn.Linear subclass that keeps nn.Linear's forward."""
+
+
+def test_plain_chain_over_linear_subclasses(monkeypatch):
+    """A Linear slot holding an nn.Linear subclass: one that keeps nn.Linear's forward is fused;
+    one with a forward of its own is left, with the reason, in a chain and in an nn.Sequential
+    (it was read as the activation: no chain was found, and the MLP was neither fused nor
+    listed). One put in after the swap sends the call to the module's own forward."""
+    torch.manual_seed(0)
+    x = torch.randn(B, L, D)
+    kept = ChainedMLP()
+    kept.up = KeptLinear(D, 3 * D + 1)
+    ref = copy.deepcopy(kept)
+    assert len(fused_attn.swap_modules(kept).replaced) == 1
+    calls = []
+    real = S.feed_forward
+    monkeypatch.setattr(S, "feed_forward", lambda *a, **k: calls.append(k["activation"]) or real(*a, **k))
+    torch.testing.assert_close(kept(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+    kept.down = ref.down = ScaledLinear(3 * D + 1, D)  # after the swap: the module's own forward
+    torch.testing.assert_close(kept(x), ref(x))
+    assert len(calls) == 1
+    scaled = ChainedMLP()
+    scaled.down = ScaledLinear(3 * D + 1, D)
+    report = fused_attn.swap_modules(scaled)
+    assert not report.replaced and len(report.left) == 1
+    assert "child 'down' is" in report.left[0][2] and "ScaledLinear, whose forward is not Linear's" in report.left[0][2]
+    seq = nn.Sequential(ScaledLinear(D, 8), nn.ReLU(), nn.Linear(8, D))
+    report = fused_attn.swap_modules(seq)
+    assert not report.replaced and "child '0' is" in report.left[0][2], str(report)
+    seq = nn.Sequential(KeptLinear(D, 8), nn.ReLU(), nn.Linear(8, D))
+    ref = copy.deepcopy(seq)
+    assert len(fused_attn.swap_modules(seq).replaced) == 1
+    torch.testing.assert_close(seq(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
+
+
 def test_plain_chain_mlp_dropouts_and_pickling():
     """The middle dropout runs inside the fused op (train mode drops, eval does not), the last one
     is the module's own; a swapped model pickles in the process that swapped it."""

@@ -789,6 +789,26 @@ def activation_name(act) -> Optional[str]:
     return torch_activation_name(act)
 
 
+class _FalconLinear:
+    """transformers' FalconLinear.forward (5.x), as read by ``linear_forward_equivalent``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        hidden_states = input @ self.weight.T
+        if self.bias is None:
+            return hidden_states
+        return hidden_states + self.bias
+
+
+@functools.lru_cache(maxsize=None)
+def linear_forward_equivalent(cls) -> bool:
+    """Whether transformers' nn.Linear subclass ``cls`` has a forward known to compute nn.Linear's:
+    FalconLinear's code (``input @ W.T``, then ``+ bias``: nn.Linear's product and sum, only
+    rounded differently, the product rounded to the input's dtype before the bias is added).
+    Read from the source, so that other code under that name (another transformers) is not
+    taken for it."""
+    return _same_body(getattr(cls, "forward", None), _FalconLinear.forward)
+
+
 def _same_code(cls, method: str, known) -> bool:
     """Whether ``cls.method`` is, line for line, the known transformers implementation."""
     try:

@@ -18,6 +18,15 @@ def empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.empty(0, device=like.device, dtype=like.dtype if dtype is None else dtype)
 
 
+def norm_stat_scale(d: int) -> float:
+    """The power of two c with 1/(4d) < c^2 <= 1/d (1 for d <= 1) by which the norms scale a row of
+    d elements before summing it or its squares: each (c * s_i)^2 <= sum(s^2) / d, the mean square,
+    and so is any partial sum of them (likewise the deviations' against the variance, and
+    |c^2 * s_i| against max |s|), so the float32 sums overflow only where the statistic itself
+    does. A power of two rounds nothing: the results are the unscaled ones, bit for bit, elsewhere."""
+    return 2.0 ** -(((max(d, 1) - 1).bit_length() + 1) // 2)
+
+
 def new_attention_out(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Attention output (B, Hq, Lq, Dv) laid out in memory as a contiguous (B, Lq, Hq, Dv).
 

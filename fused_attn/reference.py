@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _rng
-from .ops_common import grad_recording
+from .ops_common import grad_recording, norm_stat_scale
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -227,21 +227,54 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
         summed = x_dropped.to(wide) + (residual.to(wide) if residual is not None else 0.0)
     else:
         summed = x_dropped + residual if residual is not None else x_dropped
+    # In float32 at least, as F.layer_norm computes internally and every kernel does (the squares
+    # of half-precision values overflow float16 above 256: the row came out zeros); float64 sums
+    # stay float64 and are taken as they are.
+    acc = torch.promote_types(summed.dtype, torch.float32)
+    wide = summed.to(acc)
+    # The statistics are those of c * s, c a power of two with c^2 <= 1/d (norm_stat_scale): no term
+    # or partial sum of c * s or of its squares exceeds the mean, the mean square or the variance of
+    # s, so they overflow float32 only where those do (a plain float32 sum of squares overflowed at
+    # +-1e18 over 1024 columns, variance 1e36, and gave a silent row of bias). Scaling by a power of
+    # two rounds nothing, and both norms are invariant under it with eps * c^2: LayerNorm gives
+    # the unscaled F.layer_norm's results, bit for bit, wherever that did not overflow.
+    c = norm_stat_scale(summed.shape[-1]) if acc != torch.float64 else 1.0
     if rms:
-        # in float32 at least, as F.layer_norm computes internally and every kernel does: the
-        # squares of half-precision values overflow float16 above 256 (the row came out zeros)
-        wide = summed.to(torch.promote_types(summed.dtype, torch.float32))
-        normed = (wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)).to(summed.dtype)
+        scaled = wide * c
+        mean_sq = scaled.pow(2).mean(dim=-1, keepdim=True)
+        # s / sqrt(mean(s^2) + eps) as (c * s) / sqrt(c^2 * (mean(s^2) + eps)), which autograd
+        # differentiates without underflow (through rsqrt it took rstd^3: 1e-57 at s ~ 1e19, a
+        # wrong dx); a mean square beyond float32's range gives rstd 0 (out = bias), as
+        # torch's rms_norm and every kernel do.
+        root = torch.where((mean_sq / (c * c)).isinf(), math.inf, torch.sqrt(mean_sq + eps * c * c))
+        normed = (scaled / root).to(summed.dtype)
         if weight is not None:
             normed = normed * weight
         if bias is not None:
             normed = normed + bias
     else:
-        # weight/bias in the sum's dtype: with residual_in_fp32 the sum is float32 while the
-        # parameters may be half precision (CPU layer_norm refuses that mix)
-        w = weight.to(summed.dtype) if weight is not None else None
-        b = bias.to(summed.dtype) if bias is not None else None
-        normed = F.layer_norm(summed, summed.shape[-1:], w, b, eps)
+        # weight/bias in the computation's dtype: with residual_in_fp32 the sum is float32 while
+        # the parameters may be half precision (CPU layer_norm refuses that mix)
+        w = weight.to(acc) if weight is not None else None
+        b = bias.to(acc) if bias is not None else None
+        if acc != torch.float64:
+            wide = wide * c
+            # Each row shifted by a constant (LayerNorm is invariant under it; no gradient flows
+            # through it), computed from Welford's statistics (torch.var_mean: exact for a constant
+            # row, where torch's var gave 4.7e21 at 1e18):
+            # - NaN where the variance overflows float32, as on every backend (out, dx and dweight
+            #   NaN; dbias is sum(dout), finite). torch's layer_norm gave NaN for some such rows and
+            #   rstd 0, a silent row of bias, for others.
+            # - the row's mean where it is beyond 2^60: torch's layer_norm gives NaN from a mean of
+            #   ~2e19 on, whatever the variance (a constant row of 3e19), and those rows'
+            #   deviations, small against the mean where the variance is representable, keep it.
+            # - else 0: the row as it is, bit for bit.
+            with torch.no_grad():
+                var, mean = torch.var_mean(wide, dim=-1, correction=0, keepdim=True)
+                shift = torch.where((var / (c * c)).isinf(), math.nan,
+                                    torch.where(mean.abs() > 2.0 ** 60, mean, 0.0))
+            wide = wide - shift
+        normed = F.layer_norm(wide, wide.shape[-1:], w, b, eps * c * c)
     normed = normed.to(x.dtype)
     return (normed, summed) if prenorm else normed
 

@@ -100,6 +100,32 @@ inline std::pair<double, double> row_dev_sums(const A* v, A mu, int64_t n) {
   return {s1, s2};
 }
 
+// The row's sums again, in float64 element by element, for a row whose blocked sums above came
+// out inf or NaN. Their float32 terms and block sums overflow before the statistics do: the
+// square of 2e19 (4e38) in a row of +-1e19 whose variance, 1.2e38, is representable; 32 squares
+// of +-3.3e18 in one lane's block; the deviations of a constant row of 1e25 from its mean's
+// rounding. Those rows came out NaN. In float64 any float32 square and any sum of them is in
+// range, so the statistics, cast to A, overflow only where they do themselves (as in the
+// reference and the Triton kernel). Such rows are rare (or hold an inf or a NaN, which this
+// leaves as it was), so the vector loops above keep their float32 lanes.
+template <typename A>
+inline double row_total_wide(const A* v, int64_t n, bool squares) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += squares ? static_cast<double>(v[i]) * v[i] : static_cast<double>(v[i]);
+  return total;
+}
+
+template <typename A>
+inline std::pair<double, double> row_dev_sums_wide(const A* v, A mu, int64_t n) {
+  double s1 = 0, s2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(v[i]) - static_cast<double>(mu);
+    s1 += x;
+    s2 += x * x;
+  }
+  return {s1, s2};
+}
+
 // out = (s - mu) * rstd [* w] [+ b], converted to out's dtype in registers.
 template <bool kW, bool kB, typename A, typename T>
 inline void ln_fwd_out_row(const A* s, const A* w, const A* b, A mu, A rs, T* out, int64_t d) {
@@ -217,7 +243,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
           }
           return total;
         };
-        double total;
+        double total;  // the row's sum (RMSNorm: of squares)
         if (dropout) {
           // x * keep/(1-p) in its own loop, so it is rounded before the residual is added, as the
           // reference does (GCC contracts a multiply and an add in one loop into an FMA, which
@@ -228,6 +254,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
         } else {
           total = sum_row(xr);
         }
+        if (!std::isfinite(total)) total = row_total_wide(sum, d, kRms);  // (see row_total_wide)
 
         A mu = 0, var;
         if constexpr (kRms) {
@@ -239,7 +266,9 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
           // 0.01: mu0's rounding is a visible shift of xhat); sum(e)^2/d <= sum(e^2) exactly, the
           // max only guards rounding (and lets a NaN through).
           const A mu0 = static_cast<A>(total * inv_d);
-          const auto [e1, e2] = row_dev_sums(sum, mu0, d);
+          std::pair<double, double> dev = row_dev_sums(sum, mu0, d);
+          if (!(std::isfinite(dev.first) && std::isfinite(dev.second))) dev = row_dev_sums_wide(sum, mu0, d);
+          const auto [e1, e2] = dev;
           const double corr = e1 * inv_d;
           mu = static_cast<A>(static_cast<double>(mu0) + corr);
           var = static_cast<A>(std::max(e2 - e1 * corr, 0.0) * inv_d);

@@ -193,6 +193,44 @@ def test_chunked_path_overflowing_variance(small_chunks, rms):
         assert torch.isfinite(dx[ok]).all()
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_chunked_statistics_of_huge_rows(small_chunks, rms):
+    # Rows whose variance (mean square) is representable while a plain float32 sum of their squares
+    # overflows (+-1e18 over 1000 columns: 1e39, variance 1e36): the chunked sums are of scaled terms,
+    # as the whole-row ones (test_robustness.py); they gave NaN (LayerNorm) or out = bias (RMSNorm)
+    # and dx = 0. For LayerNorm also a mean of 1e21 (spread 3e18) and constant rows of 1e20, 1e36
+    # and -3e38 (_origin; the backward's xhat outside the row).
+    d = 1000
+    gen = torch.Generator().manual_seed(1)
+    alt = torch.full((d,), 1e18)
+    alt[::2] = -1e18
+    alt[0] = 2e18
+    rows = [alt, torch.randn(d, generator=gen) * 1e18]
+    if not rms:
+        rows += [(1e21 + 3e18 * torch.randn(d, generator=gen, dtype=torch.float64)).float()]
+        rows += [torch.full((d,), c) for c in (1e20, 1e36, -3e38)]
+    x = torch.stack(rows + [torch.randn(d, generator=gen)]).to(DEV)
+    w, b = (1 + 0.25 * torch.randn(d, generator=gen)).to(DEV), torch.randn(d, generator=gen).to(DEV)
+    dout = torch.randn(x.shape, generator=gen).to(DEV)
+    assert not L._launch_config(d, False, L._tile_elems(x.device))["SINGLE"]
+    assert not L._launch_config(d, True, L._tile_elems(x.device))["SINGLE"]
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = fused_attn.layer_norm_residual(leaves[0], None, leaves[1], leaves[2], rms=rms, backend="triton")
+    got = [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
+    # in float64, two-pass (torch's float64 layer_norm gives dx = 0 on a constant row of 1e25)
+    x64, w64, b64 = [t.double().requires_grad_() for t in (x, w, b)]
+    centred = x64 if rms else x64 - x64.mean(-1, keepdim=True)
+    ref = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * w64 + b64
+    want = [ref.detach()] + list(torch.autograd.grad(ref, (x64, w64, b64), dout.double()))
+    for name, g, e in zip(("out", "dx", "dweight", "dbias"), got, want):
+        assert torch.isfinite(g).all(), name
+        for r, (g_row, e_row) in enumerate(zip(g.double().reshape(-1, d), e.reshape(-1, d))):
+            err = (g_row - e_row).abs().max().item()
+            assert err <= 1e-4 * e_row.abs().max().item() + 1e-30, f"{name} row {r}: err {err:.3g}"
+    if not rms:
+        assert torch.equal(got[0][3:6], b.expand(3, d))
+
+
 # ---- the corrected two-pass statistics (_corrected_stats) ---------------------------------------
 
 @pytest.fixture(params=["whole", "chunked"])

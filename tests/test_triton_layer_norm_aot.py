@@ -26,7 +26,7 @@ def fwd(arch, cfg):
     xt, st, _ = DTYPES[arch]
     sig = dict(X="*" + xt, RES="*" + st, W="*" + xt, B="*" + xt, OUT="*" + xt, SUMMED="*" + st,
                MEAN="*fp32", RSTD="*fp32", n_rows="i32", n_cols="i32", stride_x="i32", stride_res="i32",
-               stride_out="i32", stride_s="i32", eps="fp32", drop_threshold="i64", drop_scale="fp32",
+               stride_out="i32", stride_s="i32", eps="fp32", stat_scale="fp32", drop_threshold="i64", drop_scale="fp32",
                seed_lo="i64", seed_hi_mix="i64", offset_lo="i64", offset_hi="i64")
     const = dict(ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"], HAS_RES=True, HAS_W=True,
                  HAS_B=True, RMS=False, DROPOUT=True, STORE_SUM=True)

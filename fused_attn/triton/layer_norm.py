@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops_common import empty
+from ..ops_common import empty, norm_stat_scale
 from ._host import cdiv, next_pow2
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tuning import LAUNCH_OPTIONS
@@ -128,30 +128,75 @@ def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_r
 # re-reads. (It merged chunk statistics by Chan's method before, which rounds the mean once per
 # chunk: at mean -3000, std 0.01 and 64-column chunks its error was up to 2.8x the oracle's bound,
 # with each chunk's statistics corrected as above or not.)
+#
+# Overflow: the sums are taken of scaled terms, so that they overflow float32 only where the
+# statistic itself does (a plain sum of squares overflowed at +-1e18 over 1024 columns, whose
+# variance is 1e36: LayerNorm gave NaN, RMSNorm a silent row of bias, and dx = 0). The launcher
+# passes q = ops_common.norm_stat_scale(n), a power of two with q^2 <= 1/n: the mean is
+# sum(s * q^2) / (n q^2) and the mean square sum((s q)^2) / (n q^2), no partial sum beyond
+# max |s| or the mean square. The deviations are scaled by t = q / max(1, |mean0| / 2^60): each
+# (e t)^2 is at most the variance plus mean0's rounding squared, which t keeps in range for means
+# up to float32's largest, and no (e t)^2 underflows there (e is 0 or a few ulps of mean0 at
+# least). t == q below 2^60, and scaling by a power of two rounds nothing: the results are the
+# unscaled arithmetic's, bit for bit, wherever it did not overflow (the constant-row and
+# offset-row exactness above included).
+#
+# Beyond 2^60 mean0's rounding, a few ulps of a huge number, swamps the variance of a (nearly)
+# constant row through the rounding of sum(e^2) - sum(e)^2 / n: a constant row of 1e20 got rstd
+# 2e-11 instead of 1/sqrt(eps) (its dx 1e13 times too small), one of 1e36 rstd NaN. There e is
+# taken from the row's first element s0 instead when s0 lies within 2^-14 |mean0| of mean0
+# (_origin): a constant row's e are then exactly 0, and any row's as exact as the spread allows.
+# The cpu kernel and the reference get these rows right by their own means (float64 sums, Welford's
+# mean); rows below 2^60 keep mean0, bit for bit.
 
 @triton.jit
-def _deviation_sums(s, mask, mean0):
-    """(e, sum(e), sum(e^2)) for each row of a [ROWS, BLOCK] tile, e = s - mean0 (0 outside
-    ``mask``). One reduction of the joined pairs (e, e^2): as two tl.sum the 16384-wide row
-    spilled (6-8 LDL/STL on sm_80 under Triton 3.9, AOT); joined, every configuration compiles
-    clean (3.9 and 3.6). (tl.reduce with a pair-adding combine compiles alike but runs a few
-    hundred times slower under the interpreter, which loops over its combine in Python.)"""
+def _origin(mean0, s0):
+    """The deviations' origin for each row: mean0, or the row's first element s0 where |mean0| >
+    2^60 and |s0 - mean0| <= 2^-14 |mean0| (see above)."""
+    near = tl.abs(s0 - mean0) <= tl.abs(mean0) * 6.103515625e-05
+    return tl.where((tl.abs(mean0) > 1.152921504606847e18) & near, s0, mean0)
+
+
+@triton.jit
+def _deviation_scale(mean0, q):
+    """t = q / max(1, |mean0| / 2^60) for each row (see above)."""
+    return q / tl.maximum(tl.abs(mean0) * 8.673617379884035e-19, 1.0)
+
+
+@triton.jit
+def _deviation_sums(s, mask, mean0, t):
+    """(e, sum(e t), sum((e t)^2)) for each row of a [ROWS, BLOCK] tile, e = s - mean0 (0 outside
+    ``mask``), t = _deviation_scale. One reduction of the joined pairs: as two tl.sum the
+    16384-wide row spilled (6-8 LDL/STL on sm_80 under Triton 3.9, AOT); joined, every
+    configuration compiles clean (3.9 and 3.6). (tl.reduce with a pair-adding combine compiles
+    alike but runs a few hundred times slower under the interpreter, which loops over its combine
+    in Python.)"""
     e = tl.where(mask, s - mean0[:, None], 0.0)
-    e1, e2 = tl.split(tl.sum(tl.join(e, e * e), axis=1))
+    et = e * t[:, None]
+    e1, e2 = tl.split(tl.sum(tl.join(et, et * et), axis=1))
     return e, e1, e2
 
 
 @triton.jit
-def _corrected_moments(mean0, e1, e2, n):
-    """(mean, m2) from mean0 and the sums of e = s - mean0 over the row's n elements (see above)."""
+def _corrected_moments(mean0, e1, e2, n, t):
+    """(mean, var) from mean0 and the sums e1 = sum(e t), e2 = sum((e t)^2) of e = s - mean0 over
+    the row's n elements (see above): var = m2 t^2 / (n t) / t, one rounding where t is a power of
+    two."""
     corr = e1 / n
     m2 = e2 - e1 * corr
-    return mean0 + corr, tl.where(m2 < 0.0, 0.0, m2)
+    return mean0 + corr / t, tl.where(m2 < 0.0, 0.0, m2) / (n * t) / t
+
+
+@triton.jit
+def _mean_of_scaled(total, n, q):
+    """sum(s) / n from total = sum(s * q^2) (LayerNorm's first mean), or mean(s^2) from
+    total = sum((s q)^2) (RMSNorm's mean square): total / (n q) / q (see above)."""
+    return total / (n * q) / q
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
 def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
-                   n_rows, n_cols, stride_x, stride_res, stride_out, stride_s, eps,
+                   n_rows, n_cols, stride_x, stride_res, stride_out, stride_s, eps, stat_scale,
                    drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
                    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -159,7 +204,8 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
     """One program normalises ROWS rows (SINGLE: whole rows in registers) or one long row in
     chunks of BLOCK_D (two passes: statistics while writing summed, then normalisation).
     STORE_SUM=False (whole rows only: the chunked pass re-reads the sum) skips the sum's store
-    for inference; SUMMED then only gives the sum's dtype."""
+    for inference; SUMMED then only gives the sum's dtype. stat_scale: the q that scales the
+    statistics' sums (see above)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -171,12 +217,17 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                                   STORE_SUM)
         if RMS:
             centred = s
-            var = tl.sum(s * s, axis=1) / n_cols
+            sq = s * stat_scale
+            var = _mean_of_scaled(tl.sum(sq * sq, axis=1), n_cols, stat_scale)
         else:
-            mean0 = tl.sum(s, axis=1) / n_cols
-            e, e1, e2 = _deviation_sums(s, mask, mean0)
-            mean, m2 = _corrected_moments(mean0, e1, e2, n_cols)
-            var = m2 / n_cols
+            # the row's sum (scaled) and its first element (for _origin), in one reduction of joined
+            # pairs (a reduction each cost registers on sm_80 and sm_90, AOT)
+            total, s0 = tl.split(tl.sum(tl.join(s * (stat_scale * stat_scale), tl.where(cols[None, :] == 0, s, 0.0)),
+                                        axis=1))
+            mean0 = _origin(_mean_of_scaled(total, n_cols, stat_scale), s0)
+            t = _deviation_scale(mean0, stat_scale)
+            e, e1, e2 = _deviation_sums(s, mask, mean0, t)
+            mean, var = _corrected_moments(mean0, e1, e2, n_cols, t)
             # s - mean, as e - (mean - mean0): exact wherever e is (s near mean0), since
             # mean - mean0 is (Sterbenz); only e stays live, as only the centred row did before,
             # and a constant row gives exactly 0
@@ -202,31 +253,35 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                                       drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi, HAS_RES, DROPOUT,
                                       True)
             if RMS:
-                total += tl.sum(s * s, axis=1)
+                sq = s * stat_scale
+                total += tl.sum(sq * sq, axis=1)
             else:
-                total += tl.sum(s, axis=1)
+                total += tl.sum(s * (stat_scale * stat_scale), axis=1)
         # make this program's summed stores visible to all its threads before re-reading them
         tl.debug_barrier()
         if RMS:
-            m2 = total
+            var = _mean_of_scaled(total, n_cols, stat_scale)
         else:
             # LayerNorm, pass 1b: the sums of e = s - mean0 over the row re-read from summed (the
             # corrected two-pass; L2-resident: this program wrote it just now)
-            mean0 = total / n_cols
+            mean0 = _mean_of_scaled(total, n_cols, stat_scale)
+            s0 = tl.load(SUMMED + rows64 * stride_s, mask=row_ok, other=0.0).to(tl.float32)
+            mean0 = _origin(mean0, s0)
+            t = _deviation_scale(mean0, stat_scale)
             e1 = tl.zeros([ROWS], dtype=tl.float32)
             e2 = tl.zeros([ROWS], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_D):
                 c = start + cols
                 mask = row_ok[:, None] & (c[None, :] < n_cols)
                 s = tl.load(SUMMED + rows64[:, None] * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                _e, e1_chunk, e2_chunk = _deviation_sums(s, mask, mean0)
+                _e, e1_chunk, e2_chunk = _deviation_sums(s, mask, mean0, t)
                 e1 += e1_chunk
                 e2 += e2_chunk
-            mean, m2 = _corrected_moments(mean0, e1, e2, n_cols)
+            mean, var = _corrected_moments(mean0, e1, e2, n_cols, t)
             tl.store(MEAN + rows, mean, mask=row_ok)
-        rstd = 1.0 / tl.sqrt_rn(m2 / n_cols + eps)
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
         if not RMS:
-            rstd = tl.where(m2 == float("inf"), float("nan"), rstd)
+            rstd = tl.where(var == float("inf"), float("nan"), rstd)
         tl.store(RSTD + rows, rstd, mask=row_ok)
         # pass 2: normalise from summed (L2-resident: this program wrote it just now)
         for start in range(0, n_cols, BLOCK_D):
@@ -292,11 +347,14 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
             s = tl.load(SUMMED + rows64[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DOUT + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            # outside the row dy == 0, so xhat's value there never matters (no tl.where needed)
+            # outside the row dy == 0, and so are g * xhat and dy * xhat for a finite xhat; LayerNorm's
+            # xhat there, (0 - mean) * rstd, overflows where |mean| > ~1e36 (a constant row: rstd is
+            # 1/sqrt(eps)), and 0 * inf = NaN made the row's dx NaN: 0 there
             if RMS:
                 xhat = s * rstd[:, None]
             else:
                 xhat = (s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
+                xhat = tl.where(mask, xhat, 0.0)
             # accumulate dw/db first so that dy dies early (register pressure at 8192-wide rows)
             if HAS_W:
                 dw_acc += dy * xhat
@@ -338,8 +396,8 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
                 dy = tl.load(DOUT + rows64[:, None] * stride_dout + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 if RMS:
                     xhat = s * rstd[:, None]
-                else:  # outside the row dy == 0: xhat's value there does not matter
-                    xhat = (s - mean[:, None]) * rstd[:, None]
+                else:  # 0 outside the row, where it may overflow (see the whole-row path)
+                    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
                 if HAS_W:
                     g = dy * tl.load(W + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 else:
@@ -550,7 +608,7 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
         x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
         out, summed, rstd if rms else mean, rstd,
         n, d, x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
-        summed.stride(0) if store else 0, float(eps),
+        summed.stride(0) if store else 0, float(eps), norm_stat_scale(d),
         *_dropout_launch_args(dropout_p, seed, offset),
         ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,

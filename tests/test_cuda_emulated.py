@@ -760,3 +760,59 @@ def test_emulated_layer_norm_large_mean(emu_nf, d, mean, vec):
     x64 = x.double()
     compare("mean", mu, x64.mean(-1), x.mean(-1))
     compare("rstd", rstd, torch.rsqrt(x64.var(-1, unbiased=False) + eps), torch.rsqrt(x.var(-1, unbiased=False) + eps))
+
+
+# Rows whose variance (mean square) is representable while a plain float sum of their squares is
+# not: the kernel's float sum_sq overflowed at +-1e18 over 1024 columns (variance 1e36), LayerNorm
+# gave NaN and RMSNorm out = bias, dx = 0. Its sums are of scaled terms now (norm_stat_scale), as
+# the Triton kernel's and the reference's; out, rstd and dx against float64. The constant rows of
+# 1e20 and 1e36 check the deviations' origin (their variance came out 1e20 and inf).
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("vec", [False, True])
+@pytest.mark.parametrize("d", [16, 1024])
+def test_emulated_layer_norm_representable_statistics_of_huge_rows(emu_nf, rms, vec, d):
+    eps = 1e-5
+    gen = torch.Generator().manual_seed(d)
+    scale = 1e18 if d >= 1024 else 1e19
+    alt = torch.full((d,), scale)
+    alt[::2] = -scale
+    alt[0] = 2 * scale  # at d = 16 its square, 4e38, overflows; the variance, 1.2e38, does not
+    rows = [alt, torch.randn(d, generator=gen) * scale]
+    if not rms:  # a mean of 1e21 (spread 3e18), and constant rows (giving exactly the bias)
+        rows += [(1e21 + 3e18 * torch.randn(d, generator=gen, dtype=torch.float64)).float()]
+        rows += [torch.full((d,), c) for c in (1e20, 1e36, -3e38)]
+    x = torch.stack(rows + [torch.randn(d, generator=gen)])
+    n = x.shape[0]
+    w, b = 1 + 0.25 * torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    out, summed, mu, rstd = torch.empty(n, d), torch.empty(n, d), torch.empty(n), torch.empty(n)
+    assert emu_nf.emu_layer_norm_fwd(_ptr(x), ctypes.c_int64(d), _ptr(None), ctypes.c_int64(d), _ptr(w), _ptr(b),
+                                     ctypes.c_int64(n), ctypes.c_int64(d), _f(eps), ctypes.c_int(int(rms)),
+                                     _dropout_args(0.0, 0, 0), _ptr(out), _ptr(summed), _ptr(None if rms else mu),
+                                     _ptr(rstd), ctypes.c_int(int(vec))) == 0
+    dout = torch.randn(n, d, generator=gen)
+    dsum, dw, db, partials = torch.empty(n, d), torch.empty(d), torch.empty(d), torch.empty(2, 2, d)
+    assert emu_nf.emu_layer_norm_bwd(_ptr(dout), ctypes.c_int64(d), _ptr(None), ctypes.c_int64(d), _ptr(summed),
+                                     _ptr(w), ctypes.c_int(1), _ptr(None if rms else mu), _ptr(rstd),
+                                     ctypes.c_int64(n), ctypes.c_int64(d), ctypes.c_int(int(rms)),
+                                     _dropout_args(0.0, 0, 0), _ptr(dsum), _ptr(None), _ptr(dw), _ptr(db),
+                                     _ptr(partials), ctypes.c_int64(2), ctypes.c_int(int(vec))) == 0
+    x64 = x.double().requires_grad_()
+    w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
+    if rms:
+        rstd64 = torch.rsqrt(x64.pow(2).mean(-1) + eps)
+        xhat = x64 * rstd64[:, None]
+    else:
+        rstd64 = torch.rsqrt(x64.var(-1, unbiased=False) + eps)
+        xhat = (x64 - x64.mean(-1, keepdim=True)) * rstd64[:, None]
+    want = xhat * w64 + b64
+    want_grads = torch.autograd.grad(want, (x64, w64, b64), dout.double())
+    # row by row (dx is ~1e-18 on the 1e18 rows, ~300 on the constant one)
+    for name, got, ref in (("out", out, want.detach()), ("rstd", rstd[:, None], rstd64.detach()[:, None]),
+                           ("dx", dsum, want_grads[0]), ("dweight", dw[None], want_grads[1][None]),
+                           ("dbias", db[None], want_grads[2][None])):
+        assert torch.isfinite(got).all(), name
+        for r, (g_row, e_row) in enumerate(zip(got.double(), ref)):
+            err = (g_row - e_row).abs().max().item()
+            assert err <= 1e-4 * e_row.abs().max().item() + 1e-30, f"{name} row {r}: err {err:.3g}"
+    if not rms:
+        assert torch.equal(out[3:6], b.expand(3, d))

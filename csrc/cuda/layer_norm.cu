@@ -60,6 +60,21 @@ __device__ __forceinline__ void store_n(U* p, const float (&v)[N]) {
   }
 }
 
+// The power of two q with q^2 <= 1/d < 4 q^2 (fused_attn.ops_common.norm_stat_scale). The row
+// statistics sum scaled terms, so that they overflow float only where the statistic itself does
+// (a plain sum of squares overflowed at +-1e18 over 1024 columns, whose variance is 1e36:
+// LayerNorm gave NaN, RMSNorm a silent row of bias): the mean is sum(s q^2) / d / q^2 and the
+// mean square sum((s q)^2) / d / q^2, no partial sum beyond max |s| or the mean square; the
+// deviations e = s - mean0 are scaled by t = q / max(1, |mean0| / 2^60), each (e t)^2 at most the
+// variance plus mean0's rounding squared, which t keeps in range up to float's largest means.
+// Powers of two round nothing: below 2^60 the results are the unscaled ones, bit for bit, wherever
+// those did not overflow. (The Triton kernel scales alike.)
+__device__ __forceinline__ float norm_stat_scale(int64_t d) {
+  int k = 0;  // 2^k >= d
+  while ((int64_t{1} << k) < d) ++k;
+  return ldexpf(1.0f, -((k + 1) / 2));
+}
+
 // T: x/weight/bias/out, R: residual, S: summed. N: elements per thread step (16 bytes of T when
 // the rows are aligned, else 1). Dynamic shared memory: hidden floats (the row) + 32 (scratch).
 template <typename T, typename R, typename S, int N>
@@ -75,7 +90,8 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
   S* summed = a.summed ? static_cast<S*>(a.summed) + row * a.hidden : nullptr;
   const uint32_t key = a.dropout.enabled ? dropout_row_key(a.dropout, row) : 0u;
 
-  float sum = 0.0f, sum_sq = 0.0f;
+  const float q = norm_stat_scale(a.hidden), q2 = q * q;
+  float sum = 0.0f, sum_sq = 0.0f;  // of s q^2 and (s q)^2 (see norm_stat_scale)
   for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
     const int c0 = ch * N;
     float v[N];
@@ -94,26 +110,36 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
 #pragma unroll
     for (int t = 0; t < N; ++t) {
       row_cache[c0 + t] = v[t];
-      sum += v[t];
-      sum_sq += v[t] * v[t];
+      sum += v[t] * q2;
+      const float vq = v[t] * q;
+      sum_sq += vq * vq;
     }
   }
   const float inv_d = 1.0f / static_cast<float>(a.hidden);
   float mean = 0.0f, var;
   if (a.rms) {
-    var = block_sum(sum_sq, scratch) * inv_d;  // the mean square
+    var = block_sum(sum_sq, scratch) * inv_d / q2;  // the mean square
   } else {
-    mean = block_sum(sum, scratch) * inv_d;
+    mean = block_sum(sum, scratch) * inv_d / q2;
+    // Beyond 2^60 the mean's rounding, a few ulps of a huge number, swamped the variance of a
+    // (nearly) constant row (a constant 1e20: rstd 2e-11, not 1/sqrt(eps); 1e36: NaN): there the
+    // deviations are taken from the row's first element when it lies within 2^-14 |mean| (the
+    // Triton kernel's _origin); a constant row's are then exactly 0. (block_sum synchronised the
+    // row cache.)
+    const float s0 = row_cache[0];
+    if (fabsf(mean) > 1.152921504606847e18f && fabsf(s0 - mean) <= fabsf(mean) * 6.103515625e-05f) mean = s0;
     // The corrected two-pass variance: with e = s - mean, mean += sum(e)/d and var = (sum(e^2) -
     // sum(e)^2/d)/d. The first mean is a few ulps off (a float sum of the whole row), a visible
     // shift of xhat on rows whose mean is large against their spread (mean 30, std 0.01); sum(e)
     // is small and exact enough to correct it. (e1^2/d <= e2 exactly; the guard only keeps rounding
     // from going negative, and lets a NaN through, as fmaxf would not.)
+    // The sums are of e t (see norm_stat_scale): e1 = t sum(e), e2 = t^2 sum(e^2).
+    const float ts = q / fmaxf(fabsf(mean) * 8.673617379884035e-19f, 1.0f);  // 2^-60
     float centred = 0.0f, centred_sum = 0.0f;
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
 #pragma unroll
       for (int t = 0; t < N; ++t) {
-        const float dv = row_cache[ch * N + t] - mean;
+        const float dv = (row_cache[ch * N + t] - mean) * ts;
         centred_sum += dv;
         centred += dv * dv;
       }
@@ -122,8 +148,8 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
     const float e2 = block_sum(centred, scratch);
     const float corr = e1 * inv_d;
     const float m2 = e2 - e1 * corr;
-    mean += corr;
-    var = (m2 < 0.0f ? 0.0f : m2) * inv_d;
+    mean += corr / ts;
+    var = (m2 < 0.0f ? 0.0f : m2) * inv_d / ts / ts;
   }
   // LayerNorm: a variance beyond float's range gives NaN, as torch does (rsqrt(inf) = 0 gave out =
   // bias and dx = 0 silently); RMSNorm keeps 0, as torch's rms_norm does.

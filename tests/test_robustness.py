@@ -293,6 +293,71 @@ def test_layer_norm_overflowing_variance(device, backend, rms, d):
     torch.testing.assert_close(db, db_ref)
 
 
+def _norm64(x, w, b, rms, eps=1e-5):
+    """The norm in float64, with the one float32 rule of every backend: a mean square (RMSNorm)
+    beyond float32's range gives rstd 0. (LayerNorm's variance of these rows never overflows.)"""
+    if rms:
+        ms = x.pow(2).mean(-1, keepdim=True)
+        xhat = x * torch.where(ms.float().isinf(), 0.0, torch.rsqrt(ms + eps))
+    else:
+        mean = x.mean(-1, keepdim=True)
+        xhat = (x - mean) * torch.rsqrt((x - mean).pow(2).mean(-1, keepdim=True) + eps)
+    return xhat * w + b
+
+
+def _large_rows(d, rms):
+    """Rows whose statistics are representable in float32 while plain float32 sums over them
+    overflow: the sum of squares of +-1e18 over 1024 columns (1e39; variance 1e36) or of 1e18 *
+    randn; at d = 16, +-1e19 with one 2e19 (variance 1.2e38, that element's square 4e38). For
+    LayerNorm also a row of mean 1e21 and spread 3e18, and constant rows of 1e20, 1e36 and -3e38
+    (variance 0; the sum of the last two overflows over 1024 columns): torch's layer_norm gives NaN
+    for all (from a mean of ~2e19 on, whatever the variance). (Their mean squares overflow: RMSNorm
+    gives out = bias there, test_layer_norm_overflowing_variance.) An ordinary row last."""
+    gen = torch.Generator().manual_seed(d)
+    scale = 1e18 if d >= 1024 else 1e19
+    alt = torch.full((d,), scale)
+    alt[::2] = -scale
+    alt[0] = 2 * scale
+    rows = [alt, alt.flip(0) * 0.75, torch.randn(d, generator=gen) * scale]
+    if not rms:
+        rows += [(1e21 + 3e18 * torch.randn(d, generator=gen, dtype=torch.float64)).float()]
+        rows += [torch.full((d,), c) for c in (1e20, 1e36, -3e38)]
+    return torch.stack(rows + [torch.randn(d, generator=gen)])
+
+
+@pytest.mark.parametrize("device,backend", NORM)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("d", [16, 1024])
+def test_layer_norm_representable_statistics_of_huge_rows(device, backend, rms, d):
+    # The statistics are right wherever the variance (RMSNorm: the mean square) is representable in
+    # float32, however far a plain float32 sum of the row's squares (or of the row) would overflow:
+    # the reference and the Triton kernel summed e^2 in float32 and gave a silent row of bias (RMSNorm,
+    # and the reference's LayerNorm) or NaN (Triton's LayerNorm) for +-1e18 over 1024 columns, with
+    # dx = 0; the cpu kernel's float32 squares and block sums overflowed at +-1e19 (NaN); the
+    # reference (torch's layer_norm) gave NaN at means beyond ~2e19; the Triton kernel's rounding
+    # of a huge mean swamped a constant row's variance (1e20: dx 1e13 times too small; 1e36: NaN)
+    # and its backward overflowed outside the row (-3e38: dx NaN). Compared, out and every
+    # gradient, with the float64 computation.
+    x = _large_rows(d, rms)
+    gen = torch.Generator().manual_seed(d + 1)
+    w, b = torch.randn(d, generator=gen) * 0.5 + 1, torch.randn(d, generator=gen)
+    dout = torch.randn(x.shape, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = F.layer_norm_residual(leaves[0], None, leaves[1], leaves[2], rms=rms, backend=backend)
+    got = [out] + list(torch.autograd.grad(out, leaves, dout))
+    leaves64 = [t.double().requires_grad_() for t in (x, w, b)]
+    want = _norm64(*leaves64, rms)
+    want = [want] + list(torch.autograd.grad(want, leaves64, dout.double()))
+    for name, g, e in zip(("out", "dx", "dweight", "dbias"), got, want):
+        assert torch.isfinite(e).all() and torch.isfinite(g).all(), name
+        # row by row for out and dx (dx is ~1e-18 on the 1e18 rows, ~300 on the constant ones)
+        for r, (g_row, e_row) in enumerate(zip(g.double().reshape(-1, d), e.reshape(-1, d))):
+            err = (g_row - e_row).abs().max().item()
+            assert err <= 1e-4 * e_row.abs().max().item() + 1e-30, f"{name} row {r}: err {err:.3g}"
+    if not rms:  # a constant row normalises to exactly 0: out is exactly the bias
+        assert torch.equal(out[4:7].detach(), b.detach().expand(3, d))
+
+
 def _check_in_place_on_output(call, rows, n_inputs):
     """call(*inputs) -> output; the output modified in place (``mul_``, ``add_``) must give the
     value and the gradients of the same arithmetic out of place."""

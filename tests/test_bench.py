@@ -710,3 +710,23 @@ def test_python_m_fused_attn_reports_a_bad_device_without_a_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "--device foo: unknown device (expected cpu, cuda or cuda:N)"
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_norm_eager_baseline_is_plain_torch(monkeypatch, rms):
+    """The "x eager" baseline of the norm rows is the PyTorch a user writes (x + residual, then
+    F.layer_norm or the RMSNorm formula), never the reference module, whose overflow-safe statistics
+    take extra passes and would inflate every ratio against it."""
+    import torch.nn.functional as TF
+    from fused_attn import bench, reference
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the eager baseline called the reference module")
+    monkeypatch.setattr(reference, "layer_norm_residual", no_reference)
+    case = bench.LayerNormCase(8, 48, rms=rms)
+    x, r, w, b = case.make_inputs("cpu", torch.float32, 0)
+    (eager,) = [i for i in case.impls("cpu", torch.float32, [], ["eager"], 0) if i.name == "eager"]
+    s = x + r
+    want = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w + b if rms
+            else TF.layer_norm(s, (48,), w, b, 1e-5))
+    assert torch.equal(eager.fn(x, r, w, b), want)

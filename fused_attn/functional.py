@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .backends import check_backend_name, get_backend, resolve_options
-from . import reference
+from . import _rng, reference
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
@@ -243,6 +243,29 @@ def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optiona
     if generator is None or generator.device.type == "cpu":
         return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=generator.device).cpu()
+
+
+def _counter_dropout(t: Tensor, p) -> Tensor:
+    """dropout(t) with the ops' counter-based RNG (``_rng.apply_dropout``: element (row, col) of t
+    flattened to (N, t.shape[-1]), the seed drawn as the ops draw theirs, ``_draw_rng``): for the
+    fused modules' dropouts outside an op (a pre-LN layer's last residual add, a feed-forward
+    unfused for an adapter). torch's ``F.dropout`` there would be the one op that inductor
+    replaces with its own RNG, so a compiled model dropped other elements than eager; here the
+    seed is a ``torch.randint`` the graph keeps and the mask is integer math of it, the same
+    elements compiled or not. DTensors take torch's dropout, as the ops' reference path does."""
+    compiling = torch.compiler.is_compiling()
+    p = _check_prob("dropout_p", p, compiling)  # (a module's float attribute: a symbol under Dynamo)
+    if p == 0.0:
+        return t
+    if _distributed(t):
+        return torch.nn.functional.dropout(t, p)
+    rng = _draw_rng(p, None)
+    if compiling:
+        # 0-dim int64 tensors give the ints' bits (_rng.row_keys); no host read in a graph, and on
+        # t's device (a CPU scalar next to device tensors is not every compiler's case)
+        rng = rng.to(t.device)
+        return _rng.apply_dropout(t, p, rng[0], rng[1])
+    return _rng.apply_dropout(t, p, *_rng.seed_offset(rng))  # (vmap: seed_offset reads a batched pair)
 
 
 def _autocast(*tensors):

@@ -21,8 +21,8 @@ from torch import Tensor
 from . import reference
 from .rotary import rotate_packed
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
-from .functional import (_check_bool, _check_cu_seqlens, apply_rotary_emb, attention, attention_varlen,
-                         attention_with_kvcache, feed_forward, layer_norm_residual)
+from .functional import (_check_bool, _check_cu_seqlens, _counter_dropout, apply_rotary_emb, attention,
+                         attention_varlen, attention_with_kvcache, feed_forward, layer_norm_residual)
 from .ops_common import check_varlen_bounds, grad_recording
 
 
@@ -214,6 +214,10 @@ class LayerNormResidual(reference.LayerNormResidual):
 class FeedForward(reference.FeedForward):
     """Linear -> activation -> dropout -> Linear as one fused op (gated activations included)."""
 
+    # The unfused path's dropout (an adapter's FFN) drops the elements the op would: the ops' RNG,
+    # which torch.compile keeps (inductor replaces torch's dropout with its own RNG).
+    _dropout = staticmethod(_counter_dropout)
+
     def __init__(self, d_model, d_ff=None, activation="relu", dropout=0.0, bias=True, device=None, dtype=None,
                  backend=None):
         super().__init__(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, device=device, dtype=dtype)
@@ -243,8 +247,12 @@ class TransformerLayer(reference.TransformerLayer):
     Each residual add goes into the fused norm that follows it (never ``norm(x + y)`` in Python):
     in pre-LN, norm2 takes the attention branch and the stream and returns both the normalised
     sum and the sum itself (``prenorm=True``). Only the last add of a pre-LN layer, which no norm
-    follows, is a plain add.
+    follows, is a plain add; its dropout uses the ops' counter-based RNG, as every other dropout of
+    the layer: torch's ``F.dropout`` is replaced by inductor's own RNG, so a compiled layer dropped
+    other elements there than eager.
     """
+
+    _dropout = staticmethod(_counter_dropout)
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,

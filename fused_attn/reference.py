@@ -842,11 +842,15 @@ class FeedForward(nn.Module):
         return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                             activation=self.activation, dropout_p=p)
 
+    # The dropouts applied outside the ops (the reference: torch's; the fused modules override
+    # it with the ops' counter-based RNG, ``functional._counter_dropout``).
+    _dropout = staticmethod(F.dropout)
+
     def unfused_forward(self, x):
         """The linears called as modules: for linears that are not plain (``reads_as_called``),
-        an adapter's (LoRA's) product included. Dropout from torch's generator."""
+        an adapter's (LoRA's) product included. Dropout from ``_dropout`` (here torch's)."""
         p = self.dropout if self.training else 0.0
-        return self.linear2(F.dropout(activation_fn(self.linear1(x), self.activation), p))
+        return self.linear2(self._dropout(activation_fn(self.linear1(x), self.activation), p))
 
 
 class TransformerLayer(nn.Module):
@@ -855,6 +859,9 @@ class TransformerLayer(nn.Module):
     post-LN:  y = norm1(dropout(mha(x)) + x);           z = norm2(dropout(ffn(y)) + y)
     pre-LN:   y = x + dropout(mha(norm1(x)));           z = y + dropout(ffn(norm2(y)))
     """
+
+    # pre-LN's last dropout, the one no op applies: torch's here (see FeedForward._dropout)
+    _dropout = staticmethod(F.dropout)
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
@@ -887,7 +894,7 @@ class TransformerLayer(nn.Module):
             h = self.norm1(x)
             normed, x = self.norm2(attend(h), x, prenorm=True)
             p = self.norm2.dropout if self.training else 0.0
-            return x + F.dropout(self.ffn(normed), p)
+            return x + self._dropout(self.ffn(normed), p)
         y = self.norm1(attend(x), x)
         return self.norm2(self.ffn(y), y)
 

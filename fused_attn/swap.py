@@ -44,7 +44,8 @@ from torch import Tensor
 from . import modules as fused_modules
 from . import reference
 from .backends import check_backend_name
-from .functional import _finite, _shown, attention, feed_forward, layer_norm_residual, scaled_dot_product_attention
+from .functional import (_counter_dropout, _finite, _shown, attention, feed_forward, layer_norm_residual,
+                         scaled_dot_product_attention)
 
 #: instance attribute holding (original class, names of the attributes the swap added)
 RESTORE_ATTR = "_fused_attn_restore"
@@ -688,7 +689,9 @@ class _FusedResidualLayer:
             if i + 1 < len(blocks):
                 h, x = fused_norm(blocks[i + 1][1], b, x, dropout_p=dropout_p(drop), prenorm=True, backend=backend)
             else:
-                x = x + drop(b)
+                # the ops' RNG, as the dropouts fused into the norms: torch's dropout module would
+                # be replaced by inductor's RNG, and the compiled layer drop other elements here
+                x = x + _counter_dropout(b, dropout_p(drop))
         return x
 
     def _fused_ff(self, x):

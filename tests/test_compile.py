@@ -487,3 +487,93 @@ def test_dropout_under_fullgraph_seeds_from_torch_not_a_generator():
     eager = with_generator(q, torch.Generator().manual_seed(3))
     compiled = torch.compile(with_generator, backend="aot_eager")(q, torch.Generator().manual_seed(3))
     assert torch.equal(compiled, eager)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout outside the ops: the fused modules' own dropouts drop what eager drops when compiled
+# ---------------------------------------------------------------------------------------------
+
+def _seeded_ops_backend(seen):
+    """aot_eager that records the random (nondeterministic_seeded) aten ops of the forward and
+    backward graphs: inductor replaces torch's dropout (native_dropout, bernoulli, rand) with its
+    own RNG, so a compiled model holding one drops other elements than eager. The ops' seed draw,
+    a torch.randint, it keeps (inductor has no replacement for randint.low_generator)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def record(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
+                    and torch.Tag.nondeterministic_seeded in n.target.tags)
+        return make_boxed_func(gm)
+
+    return lambda gm, example_inputs: aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
+
+
+def _train_step(model, x, seed=7, **kwargs):
+    torch.manual_seed(seed)
+    out = model(x.detach().clone().requires_grad_(True), **kwargs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (out, *torch.autograd.grad(out.square().sum(), params))
+
+
+def _hooked_ffn():
+    """A fused FeedForward whose linear1 has a forward hook (as an adapter's): called as a module,
+    the unfused path, with its dropout outside the op."""
+    ffn = M.FeedForward(D, 48, activation="gelu", dropout=0.3)
+    ffn.linear1.register_forward_hook(lambda module, args, out: out)
+    return ffn
+
+
+def _swapped_pre_ln_encoder_layer():
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.2, batch_first=True, norm_first=True)
+    fused_attn.swap_modules(layer)
+    return layer
+
+
+@pytest.mark.parametrize("make", [
+    lambda: M.Transformer(D, H, 2, norm_first=True, d_ff=48, dropout=0.2),
+    lambda: M.Transformer(D, H, 2, norm_first=False, d_ff=48, dropout=0.2),
+    _hooked_ffn,
+    _swapped_pre_ln_encoder_layer,
+], ids=["pre_ln", "post_ln", "unfused_ffn", "swapped_torch_pre_ln"])
+def test_module_dropout_compiled_drops_what_eager_drops(make):
+    """README (Dropout): the compiled call drops what eager drops, bit for bit. A pre-LN layer's
+    last residual add (no op follows it), the FFN an adapter unfuses and a swapped torch pre-LN
+    layer's last add dropped with torch's dropout: the graph held native_dropout, which inductor
+    draws from its own RNG (a compiled pre-LN Transformer differed from eager by ~1). Now every
+    dropout is the ops' counter RNG: the graphs hold only its seed draw, and forward and
+    gradients equal eager's exactly."""
+    torch.manual_seed(0)
+    model = make().train()
+    (x,) = make_inputs((B, L, D), seed=4, requires_grad=False)
+    eager = _train_step(model, x)
+    seen = set()
+    compiled = _train_step(torch.compile(model, fullgraph=True, backend=_seeded_ops_backend(seen)), x)
+    assert seen <= {"aten.randint.low_generator"}, seen
+    for c, e in zip(compiled, eager):
+        assert torch.equal(c, e)
+    assert not torch.equal(eager[0], _train_step(model, x, seed=8)[0])  # (dropout is on)
+
+
+def test_unfused_ffn_drops_the_elements_the_fused_op_drops():
+    """The unfused FFN's dropout (a hooked or adapted linear) is the op's own mask: for one seed
+    it matches the fused call to rounding (torch's dropout dropped other elements)."""
+    torch.manual_seed(0)
+    ffn = M.FeedForward(D, 48, activation="gelu", dropout=0.3)
+    (x,) = make_inputs((B, L, D), seed=5, requires_grad=False)
+    fused = _train_step(ffn, x)
+    ffn.linear1.register_forward_hook(lambda module, args, out: out)
+    for u, f in zip(_train_step(ffn, x), fused):
+        torch.testing.assert_close(u, f, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_transformer_dropout_under_inductor_equals_eager(norm_first):
+    """The issue's case under inductor itself: pre-LN differed from eager by ~1 (post-LN did not)."""
+    torch.manual_seed(0)
+    model = M.Transformer(D, H, 1, norm_first=norm_first, d_ff=48, dropout=0.2)
+    (x,) = make_inputs((B, 7, D), seed=4, requires_grad=False)
+    eager = _train_step(model, x)
+    for c, e in zip(_train_step(torch.compile(model, fullgraph=True), x), eager):
+        assert torch.equal(c, e)

@@ -23,7 +23,7 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
                   _stack, _transform_needs_autograd)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, elements_may_overlap,
-                         first_page_out_of_range, gather_kv_pages, grad_recording, pages_out_of_range,
+                         first_page_out_of_range, gather_kv_pages, grad_recording, known_true, pages_out_of_range,
                          paged_layout)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
@@ -1464,6 +1464,20 @@ def _norm_tensors_match(x, residual, weight, bias) -> bool:
     return True
 
 
+def _shapes_differ(a: Tensor, b: Tensor, message: str) -> bool:
+    """``a.shape != b.shape``. Under torch.compile two lengths Dynamo cannot guard on (each marked
+    unbacked: ``torch._dynamo.decorators.mark_unbacked``) cannot be compared when tracing, which
+    failed the trace; they count as equal and are asserted equal when the graph runs (``message``),
+    as torch's own elementwise ops treat them."""
+    if not torch.compiler.is_compiling():
+        return a.shape != b.shape
+    if a.dim() != b.dim() or any(known_true(m != n) for m, n in zip(a.shape, b.shape)):
+        return True
+    for m, n in zip(a.shape, b.shape):
+        torch._check(m == n, lambda: message)
+    return False
+
+
 def _check_norm_tensors(x, residual, weight, bias, residual_in_fp32) -> int:
     """``layer_norm_residual``'s tensor checks; returns the hidden size d (a constant under
     torch.compile, see ``_concrete``: it chooses the backend)."""
@@ -1471,7 +1485,7 @@ def _check_norm_tensors(x, residual, weight, bias, residual_in_fp32) -> int:
     d = _concrete(x.shape[-1])
     if residual is not None:
         _check_tensor("residual", residual)
-        if residual.shape != x.shape:
+        if _shapes_differ(residual, x, "layer_norm_residual: residual must have x's shape"):
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")

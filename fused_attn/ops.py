@@ -64,7 +64,7 @@ from torch._C import _functorch
 
 from . import _rng, reference
 from .backends import get_backend
-from .ops_common import (check_block_table, check_varlen_bounds, empty, grad_recording, lse_dtype,
+from .ops_common import (check_block_table, check_varlen_bounds, empty, grad_recording, known_true, lse_dtype,
                          new_attention_out, new_varlen_out, varlen_lse_shape)
 
 
@@ -637,7 +637,7 @@ def as_shape_of(t: Tensor, x: Tensor) -> Tensor:
     the callers view them, outside the Function, so that an output is never a view made inside a
     custom Function, which autograd would refuse to let the user modify in place (``h = ffn(x);
     h += x`` works as it does after ``nn.Linear``)."""
-    if t.dim() == x.dim() or t.numel() == 0 and t.dim() == 1:  # already shaped; or summed not stored
+    if t.dim() == x.dim() or t.dim() == 1 and t.numel() == 0:  # already shaped; or summed not stored
         return t
     return t.view(*x.shape[:-1], t.shape[-1])
 
@@ -766,7 +766,9 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
 def _rows(t: Tensor, d: int) -> Tensor:
     """(..., d) -> (N, d) with unit stride along d (a view whenever the layout allows)."""
     t2 = t if t.dim() == 2 else t.reshape(-1, d)
-    if t2.numel() == 0:  # (contiguous() keeps an empty tensor's strides, e.g. an expanded (0, 0))
+    # (contiguous() keeps an empty tensor's strides, e.g. an expanded (0, 0); an unbacked row count
+    # under torch.compile, not known to be 0, takes the general path)
+    if known_true(t2.numel() == 0):
         return t2.new_empty(t2.shape)
     return t2 if t2.stride(-1) == 1 or d <= 1 else t2.contiguous()
 
@@ -869,7 +871,8 @@ class FeedForwardFunction(_Function):
         x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up, b1_up = inputs
         out, pre, x2 = output
         # x itself (for a backward with a graph) and, when x was strided, the copy the kernel read
-        ctx.save_for_backward(x, x2 if x2.numel() else None, w1, w1_up, w2, pre, rng, b1, b1_up, b2)
+        # (x2 is 2-D rows or the 1-D placeholder: told by its dim, which an unbacked size leaves known)
+        ctx.save_for_backward(x, x2 if x2.dim() == 2 else None, w1, w1_up, w2, pre, rng, b1, b1_up, b2)
         ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
         ctx.mark_non_differentiable(pre, x2)
         if _forward_mode_on():  # the forward_mode twin runs: save for its jvp

@@ -13,6 +13,23 @@ def grad_recording() -> bool:
     return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
 
 
+def known_true(condition) -> bool:
+    """``bool(condition)``, except under torch.compile for a condition on a size Dynamo cannot
+    guard on, one marked unbacked (``torch._dynamo.decorators.mark_unbacked``, which Dynamo's
+    own message on 0/1 specialisation recommends): False there, where ``bool`` failed the trace
+    ("Could not guard on data-dependent expression"). For tests that only skip work or take a
+    special case that the general path also handles (``numel() == 0``); a bound that must hold
+    is asserted instead (``torch._check``). Sizes Dynamo can guard on are guarded on as before."""
+    if not torch.compiler.is_compiling():
+        return bool(condition)
+    # Imported here: it costs ~0.5 s (sympy) and a trace has it loaded already. guard_or_false is
+    # in torch >= 2.8; before it, unbacked sizes fail as they did.
+    from torch.fx.experimental import symbolic_shapes
+
+    guard_or_false = getattr(symbolic_shapes, "guard_or_false", bool)
+    return guard_or_false(condition)
+
+
 def empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The placeholder for an absent output (an op cannot return None)."""
     return torch.empty(0, device=like.device, dtype=like.dtype if dtype is None else dtype)

@@ -30,7 +30,7 @@ from torch import Tensor
 from .backends import check_backend_name, resolve_options
 from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad, _shown
 from .ops import RotaryFunction, inference_call_ok, rotary_inference
-from .ops_common import elements_may_overlap, grad_recording
+from .ops_common import elements_may_overlap, grad_recording, known_true
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
@@ -95,11 +95,21 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     # An int offset is checked before the positions are formed from it (an int past int64 overflowed
     # there): known without reading a tensor, in full for (B, L, H, D) x; packed, each sequence's
     # first token must sit on a row (the rest: check_positions).
-    if int_offset and not packed and (seqlen_offsets < 0 or (L and seqlen_offsets + L > cos.shape[0])):
+    # Under torch.compile L may be a size Dynamo cannot guard on (marked unbacked): known_true
+    # leaves undecided what it cannot decide, and the bound is then asserted when the graph runs.
+    if int_offset and not packed and (seqlen_offsets < 0 or (known_true(L != 0)
+                                                             and known_true(seqlen_offsets + L > cos.shape[0]))):
         raise ValueError(f"seqlen_offsets = {_shown(seqlen_offsets)} puts the {L} tokens at positions "
                          f"{_shown(seqlen_offsets)}..{_shown(seqlen_offsets + L - 1)}, outside the {cos.shape[0]} rows "
                          f"of cos and sin")
-    if int_offset and packed and (seqlen_offsets < 0 or (x.shape[0] and seqlen_offsets >= cos.shape[0])):
+    if int_offset and not packed and compiling:
+        # (| rather than or: no bool of the parts; a message of constants: Dynamo converts no
+        # closure over the sizes)
+        torch._check((L == 0) | (seqlen_offsets + L <= cos.shape[0]),
+                     lambda: "apply_rotary_emb: seqlen_offsets puts the tokens past the rows of cos and sin")
+    # (packed: the positions are checked after, each sequence's first token here where it is known)
+    if int_offset and packed and (seqlen_offsets < 0 or (known_true(x.shape[0] != 0)
+                                                         and known_true(seqlen_offsets >= cos.shape[0]))):
         raise ValueError(f"seqlen_offsets = {_shown(seqlen_offsets)} puts each sequence's first token at position "
                          f"{_shown(seqlen_offsets)}, outside the {cos.shape[0]} rows of cos and sin")
     if position_ids is not None:
@@ -267,8 +277,9 @@ def _positions_from_ids(position_ids, lead_shape, device) -> Tensor:
 
 def check_positions(positions: Tensor, rows: int, what: str, compiling: bool) -> None:
     """0 <= every position < rows: read on the host for CPU tensors outside torch.compile, else
-    asserted on the device (no sync)."""
-    if positions.numel() == 0:
+    asserted on the device (no sync). (An empty tensor passes the assert: under torch.compile its
+    size, perhaps unbacked, is not tested.)"""
+    if not compiling and positions.numel() == 0:
         return
     if compiling or positions.device.type != "cpu":
         torch._assert_async(((positions >= 0) & (positions < rows)).all(),

@@ -577,3 +577,71 @@ def test_transformer_dropout_under_inductor_equals_eager(norm_first):
     eager = _train_step(model, x)
     for c, e in zip(_train_step(torch.compile(model, fullgraph=True), x), eager):
         assert torch.equal(c, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unbacked token counts (torch._dynamo.decorators.mark_unbacked): no guard on the length
+# ---------------------------------------------------------------------------------------------
+
+_ROT_COS, _ROT_SIN = make_inputs((16, 4), (16, 4), seed=9, requires_grad=False)
+_UNBACKED_CALLS = {
+    "feed_forward": (lambda x, w1, b1, w2, b2: F.feed_forward(x, w1, b1, w2, b2, activation="swiglu"),
+                     lambda n: make_inputs((2, n, 24), (80, 24), (80,), (24, 40), (24,), seed=n)),
+    "feed_forward_strided": (lambda x, w1, w2: F.feed_forward(x.transpose(0, 1), w1, None, w2, None),
+                             lambda n: make_inputs((n, 2, 24), (40, 24), (24, 40), seed=n)),
+    "layer_norm_residual": (lambda x, r, w, b: F.layer_norm_residual(x, r, w, b, prenorm=True),
+                            lambda n: make_inputs((2, n, 24), (2, n, 24), (24,), (24,), seed=n)),
+    "rms_norm": (lambda x, w: F.layer_norm_residual(x, None, w, rms=True),
+                 lambda n: make_inputs((2, n, 24), (24,), seed=n)),
+    "rotary": (lambda x: F.apply_rotary_emb(x, _ROT_COS, _ROT_SIN, seqlen_offsets=3),
+               lambda n: make_inputs((2, n, 2, 8), seed=n)),
+    "rotary_inplace": (lambda x: F.apply_rotary_emb(x * 1, _ROT_COS, _ROT_SIN, interleaved=True, inplace=True),
+                       lambda n: make_inputs((2, n, 2, 8), seed=n)),
+    "transformer": (lambda x: _UNBACKED_MODEL(x), lambda n: make_inputs((2, n, D), seed=n)),
+}
+with torch.random.fork_rng():  # (at import: torch's generator left as it was)
+    torch.manual_seed(0)
+    _UNBACKED_MODEL = M.Transformer(D, H, 1, d_ff=48, norm_first=True, rotary=True, causal=True)
+
+
+def _outputs_and_grads(fn, inputs):
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * torch.arange(o.numel()).reshape(o.shape).sin()).sum() for o in outs)
+    return (*outs, *torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("name", list(_UNBACKED_CALLS))
+def test_unbacked_token_count_compiles_fullgraph(name):
+    """mark_unbacked on the token dim (what Dynamo's message on 0/1 specialisation recommends):
+    the row wrapper's ``numel() == 0`` test (and ``as_shape_of``'s, the FFN's saved-copy test),
+    rotary's offset bound and the norm's residual-shape check guarded on it and failed the trace
+    ("Could not guard on data-dependent expression Eq(64*u0, 0)"). Now they leave an unbacked
+    count alone: one graph for every length, forward and input gradients equal to eager's."""
+    fn, make = _UNBACKED_CALLS[name]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    token_dim = 0 if name == "feed_forward_strided" else 1
+    for n in (7, 1, 12):
+        inputs = make(n)
+        for t in inputs[:2] if name.startswith("layer_norm") else inputs[:1]:
+            torch._dynamo.decorators.mark_unbacked(t, token_dim)
+        eager = _outputs_and_grads(fn, [t.detach().clone().requires_grad_(True) for t in inputs])
+        for c, e in zip(_outputs_and_grads(compiled, inputs), eager, strict=True):
+            torch.testing.assert_close(c, e, atol=0, rtol=0)
+    assert counter.frame_count == 1
+
+
+def test_unbacked_rotary_offset_bound_is_asserted_when_the_graph_runs():
+    """With an unbacked length the offset + length <= rows bound cannot be checked when tracing:
+    it is asserted when the graph runs (an empty x fits anywhere, as in eager)."""
+    fn = torch.compile(lambda x, off: F.apply_rotary_emb(x, _ROT_COS, _ROT_SIN, seqlen_offsets=off),
+                       fullgraph=True, backend="aot_eager")
+    for n, off in ((7, 9), (0, 20), (17, 0), (8, 9)):
+        (x,) = make_inputs((2, n, 2, 8), seed=n, requires_grad=False)
+        torch._dynamo.decorators.mark_unbacked(x, 1)
+        if n and off + n > 16:
+            with pytest.raises(RuntimeError):
+                fn(x, off)
+        else:
+            assert torch.equal(fn(x, off), F.apply_rotary_emb(x, _ROT_COS, _ROT_SIN, seqlen_offsets=off))

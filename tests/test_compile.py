@@ -645,3 +645,24 @@ def test_unbacked_rotary_offset_bound_is_asserted_when_the_graph_runs():
                 fn(x, off)
         else:
             assert torch.equal(fn(x, off), F.apply_rotary_emb(x, _ROT_COS, _ROT_SIN, seqlen_offsets=off))
+
+
+def test_swapped_encoder_padded_positions_under_compile_are_torchs():
+    """README (swap table): torch's nested-tensor inference path (zeros at padded positions) is
+    off under torch.compile with mask_check=True, in torch's encoder and so in the swapped one:
+    compiled, the padded positions hold values, as torch's compiled encoder gives them."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True), 2).eval()
+    enc = copy.deepcopy(ref)
+    fused_attn.swap_modules(enc)
+    (x,) = make_inputs((B, 7, D), seed=6, requires_grad=False)
+    padding = torch.zeros(B, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    with torch.no_grad():
+        assert not enc(x, src_key_padding_mask=padding)[1, 4:].any()  # eager: the nested path's zeros
+        torch._dynamo.reset()
+        torch_compiled = torch.compile(ref, backend="aot_eager")(x, src_key_padding_mask=padding)
+        torch._dynamo.reset()
+        fused_compiled = torch.compile(enc, backend="aot_eager", fullgraph=True)(x, src_key_padding_mask=padding)
+    assert fused_compiled[1, 4:].abs().min() > 0
+    torch.testing.assert_close(fused_compiled, torch_compiled, atol=1e-5, rtol=1e-4)

@@ -874,7 +874,10 @@ class TransformerLayer(nn.Module):
                                                        num_kv_heads=num_kv_heads, causal=causal,
                                                        window_size=window_size, alibi=alibi, sinks=sinks,
                                                        rotary=rotary, rotary_base=rotary_base, **factory)
-        self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
+        # pre-LN's norm1 normalises the stream itself (norm1(x), no residual): no dropout there,
+        # or the layer would drop elements of x before attending (torch's layer does not)
+        self.norm1 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias,
+                                       dropout=0.0 if self.norm_first else dropout, **factory)
         self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, **factory)
         self.norm2 = LayerNormResidual(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, **factory)
 

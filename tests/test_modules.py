@@ -1031,3 +1031,26 @@ def test_alibi_module_compiles_fullgraph(cls):
         torch.testing.assert_close(torch.compile(mha, fullgraph=True, backend="eager")(x), mha(x))
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("module", [M, R], ids=["fused", "reference"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_pre_ln_layer_attends_to_the_undropped_normalised_stream(module, norm):
+    """pre-LN: y = x + dropout(mha(norm1(x))). norm1 normalises the stream itself, so in training
+    the attention's input is norm1(x) with no dropout on x (norm1 used to apply the layer's dropout
+    to x, as a LayerNormResidual without residual does: norm(dropout(x)), unlike torch's layer)."""
+    torch.manual_seed(0)
+    layer = module.TransformerLayer(D_MODEL, HEADS, norm_first=True, norm=norm, dropout=0.5).train()
+    with torch.no_grad():
+        layer.norm1.weight.uniform_(0.5, 1.5)
+    seen = []
+    layer.multi_head_attention.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    x = torch.randn(2, 5, D_MODEL)
+    layer(x)
+    n1 = layer.norm1
+    if norm == "layernorm":
+        want = torch.nn.functional.layer_norm(x, (D_MODEL,), n1.weight, n1.bias, n1.eps)
+    else:
+        want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + n1.eps) * n1.weight + n1.bias
+    torch.testing.assert_close(seen[0], want.detach())
+    assert layer.norm2.dropout == 0.5 and layer.ffn.dropout == 0.5  # the branches' dropouts stay

@@ -693,3 +693,10 @@ def test_rotary_embedding_built_on_meta():
         lazy = FA.RotaryEmbedding(8, base=500.0)
     torch.testing.assert_close(lazy(qkv.clone()), expected)
     assert torch.equal(lazy.inv_freq, rope.inv_freq)
+    # a user's edit of the buffer (position interpolation) survives ordinary moves, as in
+    # FlashAttention's module: only a move off meta recomputes it
+    scaled = FA.RotaryEmbedding(8, base=500.0)
+    with torch.no_grad():
+        scaled.inv_freq.div_(4)
+    scaled.to("cpu").double().float()
+    torch.testing.assert_close(scaled.inv_freq, rope.inv_freq / 4)

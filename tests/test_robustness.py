@@ -322,6 +322,9 @@ def _large_rows(d, rms):
     if not rms:
         rows += [(1e21 + 3e18 * torch.randn(d, generator=gen, dtype=torch.float64)).float()]
         rows += [torch.full((d,), c) for c in (1e20, 1e36, -3e38)]
+        # and constant rows of 1e6 and 1e12, where the reference's torch layer_norm backward lost the
+        # (zero) deviations to the mean's rounding: dx 0 and |dweight| 1.5e8 at 1e12, for 0
+        rows += [torch.full((d,), c) for c in (1e6, -1e12)]
     return torch.stack(rows + [torch.randn(d, generator=gen)])
 
 

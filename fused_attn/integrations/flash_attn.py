@@ -388,11 +388,14 @@ class RotaryEmbedding(torch.nn.Module):
         self._seq_len_cached, self._cos_cached, self._sin_cached = 0, None, None
 
     def _apply(self, fn, recurse=True):
-        # inv_freq is a function of dim and base and in no state dict: recomputed after a move, so
-        # that ``to_empty`` after construction on meta does not leave it uninitialised memory (the
-        # tables would have been garbage, silently)
+        # inv_freq is a function of dim and base and in no state dict: recomputed after a move off
+        # meta, so that ``to_empty`` after construction on meta does not leave it uninitialised
+        # memory (the tables would have been garbage, silently). Only then: a user's edit of the
+        # buffer (position interpolation's inv_freq /= factor) survives .to()/.half() as it does
+        # in FlashAttention's module.
+        was_meta = self.inv_freq.is_meta
         module = super()._apply(fn, recurse)
-        if not self.inv_freq.is_meta:
+        if was_meta and not self.inv_freq.is_meta:
             self.reset_parameters()
         return module
 

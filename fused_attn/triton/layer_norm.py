@@ -138,8 +138,9 @@ def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_r
 # (e t)^2 is at most the variance plus mean0's rounding squared, which t keeps in range for means
 # up to float32's largest, and no (e t)^2 underflows there (e is 0 or a few ulps of mean0 at
 # least). t == q below 2^60, and scaling by a power of two rounds nothing: the results are the
-# unscaled arithmetic's, bit for bit, wherever it did not overflow (the constant-row and
-# offset-row exactness above included).
+# unscaled arithmetic's wherever it did not overflow, up to the order of the joined reduction's
+# sums (LayerNorm's whole-row path moved by 1-3 ulp on ordinary rows under the interpreter; the
+# constant-row and offset-row exactness above is kept).
 #
 # Beyond 2^60 mean0's rounding, a few ulps of a huge number, swamps the variance of a (nearly)
 # constant row through the rounding of sum(e^2) - sum(e)^2 / n: a constant row of 1e20 got rstd

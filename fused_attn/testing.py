@@ -204,6 +204,17 @@ def index_view(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
     return view
 
 
+def cpu_has_avx512bf16() -> bool:
+    """Whether this CPU has the AVX512-BF16 dot products (with AVX512BW/VL) the cpu backend's
+    bfloat16 attention paths use (read from /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags
+
+
 def reconstruct_dropout_mask(seed: int, offset: int, p: float, n_rows: int, n_cols: int) -> torch.Tensor:
     """The keep-mask every backend uses for (seed, offset) (see fused_attn._rng)."""
     from . import _rng

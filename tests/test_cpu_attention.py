@@ -27,7 +27,7 @@ from fused_attn import functional as F
 from fused_attn import reference as ref
 from fused_attn.ops import AttentionFunction
 from fused_attn.ops_common import CAUSAL_BAND, NO_BAND
-from fused_attn.testing import check_against_reference, make_inputs
+from fused_attn.testing import check_against_reference, cpu_has_avx512bf16, make_inputs
 
 pytestmark = pytest.mark.skipif(
     fused_attn.extension_error() is not None
@@ -877,16 +877,7 @@ def test_inputs_not_modified():
 # 2 threads: per kv head when B * Hkv is even, else the two passes), to each other, and `off` to
 # the float32 computation it was.
 
-def _cpu_has_avx512bf16():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags
-
-
-_HAS_BF16_DOT = _cpu_has_avx512bf16()
+_HAS_BF16_DOT = cpu_has_avx512bf16()
 _needs_bf16_dot = pytest.mark.skipif(not _HAS_BF16_DOT, reason="the CPU has no AVX512-BF16 (avx512_bf16 in "
                                                                 "/proc/cpuinfo): the bf16 dot products cannot run")
 

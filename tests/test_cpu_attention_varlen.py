@@ -21,6 +21,7 @@ from fused_attn.backends import get_backend
 from fused_attn.backends.base import Backend
 from fused_attn.backends.cuda import CudaBackend
 from fused_attn.ops_common import CAUSAL_BAND, NO_BAND, attention_band
+from fused_attn.testing import cpu_has_avx512bf16
 
 pytestmark = pytest.mark.skipif(
     fused_attn.extension_error() is not None or not _extension.has_kernel("attention_varlen_fwd", "CPU"),
@@ -122,15 +123,6 @@ DECODE_CASES = [
 ]
 
 
-def _has_avx512bf16():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags
-
-
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_varlen_decoding_path(monkeypatch, case, dtype):
@@ -150,7 +142,7 @@ def test_native_varlen_decoding_path(monkeypatch, case, dtype):
         expected = tiles if banded else forward("blas")
         assert all(torch.equal(a, b) for a, b in zip(auto, expected))
         assert banded or not torch.equal(auto[0], tiles[0]), "the automatic mode laid out the panels"
-    elif _has_avx512bf16():
+    elif cpu_has_avx512bf16():
         assert not torch.equal(auto[0], tiles[0]), "the automatic mode laid out the pair panels"
     monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
     native, loop = _both(fwd_args, g, with_dlse)  # (every dense call of the loop decodes too)

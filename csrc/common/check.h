@@ -24,6 +24,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -76,6 +77,31 @@ std::string message(const Parts&... parts) {
       FA_FAIL(__VA_ARGS__);                  \
     }                                        \
   } while (false)
+
+// FA_CHECK_VALUE: as FA_CHECK, raising ValueError in Python (a bad value of a setting, as the
+// package's Python switches raise), not RuntimeError.
+#define FA_CHECK_VALUE(cond, ...)                                                   \
+  do {                                                                              \
+    if (C10_UNLIKELY(!(cond))) {                                                    \
+      C10_THROW_ERROR(ValueError, ::fused_attn::check::message(__VA_ARGS__));      \
+    }                                                                               \
+  } while (false)
+
+namespace fused_attn::check {
+// A whole-number setting from the environment: -1 when unset or empty; else the value, which
+// must be plain decimal digits (an optional minus sign; no spaces, no suffix) within [lo, hi],
+// or ValueError naming the variable, what it wants and the value.
+inline long long env_whole_number(const char* name, long long lo, long long hi, const char* wanted) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return -1;
+  char* end = nullptr;
+  const bool digits_first = (*s >= '0' && *s <= '9') || (*s == '-' && s[1] >= '0' && s[1] <= '9');
+  const long long n = digits_first ? std::strtoll(s, &end, 10) : 0;
+  FA_CHECK_VALUE(digits_first && *end == '\0' && n >= lo && n <= hi, name, " must be a whole number ", wanted,
+                 "; got '", s, "'");
+  return n;
+}
+}  // namespace fused_attn::check
 
 // FA_DISPATCH_FLOATING(dtype, "name", [&] { ... scalar_t ... }): the lambda instantiated for the
 // four dtypes the kernels take (float32, float64, bfloat16, float16), as AT_DISPATCH_* does, but

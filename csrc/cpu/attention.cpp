@@ -115,14 +115,9 @@ namespace scratch = fused_attn::cpu::scratch;
 // CPUs; BN is rounded up to a multiple of 16). Read once, at the first call that needs them (not
 // at load, where an error could not be raised), each a whole number in [1, 65536]; anything else
 // is an error naming the variable (a value read as 1 would run, just many times slower).
-int64_t env_block(const char* name) {
-  const char* s = std::getenv(name);
-  if (s == nullptr || *s == '\0') return 0;
-  char* end = nullptr;
-  const long long n = std::strtoll(s, &end, 10);
-  FA_CHECK(end != s && *end == '\0' && n >= 1 && n <= 65536, name,
-           " must be a whole number in [1, 65536] (a tile size); got '", s, "'");
-  return n;
+int64_t env_block(const char* name) {  // 0: unset
+  const long long n = check::env_whole_number(name, 1, 65536, "in [1, 65536] (a tile size)");
+  return n < 0 ? 0 : n;
 }
 struct Blocks {
   int64_t m, n;

@@ -34,13 +34,9 @@ constexpr int64_t kDefaultCapMiB = 256;
 
 // FUSED_ATTN_CPU_SCRATCH_MB: unset -> the default; else a whole number of MiB, >= 0.
 size_t cap_bytes() {
-  const char* s = std::getenv("FUSED_ATTN_CPU_SCRATCH_MB");
-  if (s == nullptr || *s == '\0') return size_t(kDefaultCapMiB) << 20;
-  char* end = nullptr;
-  const long long mib = std::strtoll(s, &end, 10);
-  FA_CHECK(end != s && *end == '\0' && mib >= 0 && mib < (1LL << 40),
-           "FUSED_ATTN_CPU_SCRATCH_MB must be a whole number of MiB >= 0 (0 keeps no buffers); got '", s, "'");
-  return size_t(mib) << 20;
+  const long long mib = check::env_whole_number("FUSED_ATTN_CPU_SCRATCH_MB", 0, (1LL << 40) - 1,
+                                                "of MiB >= 0 (0 keeps no buffers)");
+  return size_t(mib < 0 ? kDefaultCapMiB : mib) << 20;
 }
 
 // The size class of a request: rounded up to 1/8 of its power of two (and to kAlign).

@@ -1211,6 +1211,40 @@ def test_decoding_takes_blas_in_the_automatic_mode(monkeypatch):
         assert torch.equal(auto, fused_attn.attention(q, k, v, backend="cpu")), (Lq, Hkv)
 
 
+# float32 decoding against the oracle in the automatic mode, gradients included: the backward runs
+# the products the forward ran (BLAS where every query sees every key, decode_takes_blas), so it
+# recomputes P = exp(s - lse) from scores summed in the order of the forward's lse. (It used to run
+# the register-blocked ones against a BLAS forward's lse: a sharp softmax row of P then summed to
+# 1 +- 1e-6 and dQ, dK, dV were ~1e-5 off, up to 10x the oracle's bound, while either path alone
+# meets it with a wide margin.) scale=1.0, as T5 uses: sharp rows. (Hq, Hkv, Lq, Lk, D, Dv, seed)
+_F32_DECODE_GRAD_CASES = [(2, 2, 1, 97, 256, 8, 0), (4, 2, 1, 97, 256, 8, 5), (4, 1, 2, 300, 64, 8, 9),
+                          (8, 2, 1, 300, 64, 64, 9)]
+
+
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D,Dv,seed", _F32_DECODE_GRAD_CASES,
+                         ids=[f"Hq{c[0]}-Hkv{c[1]}-{c[2]}x{c[3]}-d{c[4]}-dv{c[5]}" for c in _F32_DECODE_GRAD_CASES])
+def test_float32_decoding_gradients_meet_the_oracle(monkeypatch, Hq, Hkv, Lq, Lk, D, Dv, seed):
+    monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
+    q, k, v = make_inputs((1, Hq, Lq, D), (1, Hkv, Lk, D), (1, Hkv, Lk, Dv), seed=seed)
+
+    def op(backend, **options):
+        return lambda q, k, v: fused_attn.attention(q, k, v, scale=1.0, backend=backend, **options)
+    check_against_reference(op("cpu"), op("reference"), [q, k, v], names="qkv")
+
+    def grads(mode, **options):
+        if mode is None:
+            monkeypatch.delenv("FUSED_ATTN_CPU_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        op("cpu", **options)(*leaves).backward(torch.ones(1, Hq, Lq, Dv))
+        return [t.grad for t in leaves]
+    # the path taken: the forward's, bit for bit (BLAS; the register-blocked products with a band)
+    assert all(torch.equal(a, b) for a, b in zip(grads(None), grads("blas")))
+    window = dict(causal=True, alignment="bottom_right", window_size=(Lk // 2, 0))
+    assert all(torch.equal(a, b) for a, b in zip(grads(None, **window), grads("tiles", **window)))
+
+
 # ---- decoding in bfloat16: K and V read as rows -------------------------------------------------
 # With the AVX512-BF16 dot products and few query rows per kv head (a decoding step), the automatic
 # mode reads K and V in place, row by row (bf16_dot::row_scores / row_accumulate, P in float32),

@@ -192,9 +192,10 @@ inline int64_t grain_for(double flops_per_unit) {
 }
 
 // FUSED_ATTN_CPU_GEMM picks how the tile products run: unset (or "auto"), the register-blocked
-// kernels for float32 compute where the CPU has AVX2 + FMA (BLAS otherwise), except for a forward
-// with few query rows per kv head (decoding: BLAS, few_query_rows; bfloat16 on the AVX512-BF16 dot
-// products reads K and V as rows, decode_rows); "tiles", the register-blocked kernels always;
+// kernels for float32 compute where the CPU has AVX2 + FMA (BLAS otherwise), except for a call
+// with few query rows per kv head (decoding: BLAS, forward and backward, few_query_rows and
+// decode_takes_blas; bfloat16 on the AVX512-BF16 dot products reads K and V as rows in the
+// forward, decode_rows); "tiles", the register-blocked kernels always;
 // "blas", BLAS through its Fortran entry points; "aten", BLAS through at::addmm.
 // Read at every call (a getenv, against milliseconds of work), so a benchmark or a test can
 // compare the paths in one process; anything else is an error naming the variable.
@@ -212,9 +213,10 @@ GemmMode gemm_mode() {
 // The register-blocked float32 products first lay out K and V as panels, a pass over the whole KV
 // cache per call; the products then reuse each panel for every query row of its kv head. With
 // few such rows (a decoding step: one query per head, times the group) the layout costs more
-// than it saves, and BLAS on the tiles as they are is faster, so the forward in the automatic
-// mode takes it for calls where every query sees every key (decoding against a cache; the packed
-// varlen op too, for float32 inputs, when every sequence's queries do). Measured here (2 cores,
+// than it saves, and BLAS on the tiles as they are is faster, so the automatic mode takes it for
+// calls where every query sees every key (decoding against a cache; the packed varlen op too, for
+// float32 inputs, when every sequence's queries do), in the forward and in the backward alike
+// (decode_takes_blas). Measured here (2 cores,
 // Zen 4, float32, one query per head, benchmarks/bench_cpu_decode.py): B4 Hq8 Hkv2 Lk4096 D64
 // 8.1 -> 0.83 ms (SDPA 0.87), B1 Hq32 Hkv8 Lk8192 D128 33 -> 12.2 ms (SDPA 12.3). bfloat16 on
 // the AVX512-BF16 dot products does not take BLAS, which converts K and V to float32 (it was
@@ -1596,6 +1598,33 @@ Tensor finish_grad(const Tensor& grad_acc, int64_t cols, at::ScalarType dtype) {
   return out;
 }
 
+// Whether a call in the automatic mode runs its products with BLAS instead of the register-blocked
+// kernels, as a decoding step does (few_query_rows: the panels' layout would cost more than it
+// saves) where every query sees every key (the register-blocked products skip the blocks a band
+// hides, BLAS on whole tiles would read them, and an inf there would reach P V as NaN). pbs: the
+// call's problems (the dense op's one; the packed op's one per sequence that runs). packed: the
+// varlen op, which takes BLAS only for float32 k and v that need no copy (as_blas_operand would
+// convert or copy every packed row, the cache's unused ones too); the dense op takes it for any
+// dtype but bfloat16 on the AVX512-BF16 dot products (which read K and V as rows: decode_rows).
+// The forward and the backward of a call both ask this, with the same inputs, so they run the
+// same products: the backward recomputes P = exp(s - lse) against the forward's lse, and the two
+// paths sum a score's products in different orders, so with the other path's scores a sharp
+// softmax row of P no longer sums to 1 (float32 decoding gradients were off by ~1e-5 relative,
+// several times the oracle's bound, while each path on its own passes with a wide margin).
+template <typename T>
+bool decode_takes_blas(GemmMode mode, c10::ArrayRef<Problem<T>> pbs, const Tensor& q, const Tensor& k,
+                       const Tensor& v, bool packed) {
+  if (mode != GemmMode::automatic || pbs.empty()) return false;
+  int64_t max_lq = 0;
+  for (const Problem<T>& pb : pbs) {
+    if (pb.banded()) return false;
+    max_lq = std::max(max_lq, pb.Lq);
+  }
+  if (!few_query_rows(max_lq, pbs[0].Hq, pbs[0].Hkv)) return false;
+  return packed ? q.scalar_type() == c10::CppTypeToScalarType<T>::value && blas_ready(k) && blas_ready(v)
+                : !use_bf16_dot(q.scalar_type(), true);
+}
+
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& attn_mask, int64_t band_lo, int64_t band_hi,
                                              double dropout_p, double scale, int64_t seed, int64_t offset,
@@ -1614,14 +1643,12 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
     const Problem<acc_t> shape = make_problem<acc_t>(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
                                                      offset, softcap, alibi_slopes, bottom_right, mode);
     const std::array<int64_t, 3> out_strides{out.stride(0), out.stride(1), out.stride(2)};
-    // Decoding (few_query_rows, automatic mode): float32 compute takes BLAS (only where every
-    // query sees every key: the register-blocked products skip the blocks a band hides, BLAS on
-    // whole tiles would read them, and an inf there would reach P V as NaN); bfloat16 with the
-    // AVX512-BF16 dot products reads k and v as rows (decode_rows, any band).
-    const bool sees_all_keys = band_lo <= 1 - Lq && band_hi >= k.size(2) - 1;
+    // Decoding (few_query_rows, automatic mode): float32 compute takes BLAS where every query sees
+    // every key (decode_takes_blas, which the backward asks too); bfloat16 with the AVX512-BF16
+    // dot products reads k and v as rows (decode_rows, any band).
     const bool decoding = mode == GemmMode::automatic && few_query_rows(Lq, Hq, k.size(1));
     const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode) &&
-                       !(decoding && sees_all_keys && !use_bf16_dot(q.scalar_type(), true));
+                       !decode_takes_blas<acc_t>(mode, shape, q, k, v, false);
     const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles);
     const bool bf16_rows = bf16_products && decoding && decode_rows(Lq, Hq, k.size(1)) && can_read_rows(k) &&
                            can_read_rows(v);
@@ -1679,7 +1706,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout,
                                                      offset, softcap, alibi_slopes, bottom_right, mode);
     scalar_t* dmask_data = mask_grad ? dmask.data_ptr<scalar_t>() : nullptr;
     const int64_t D = q.size(3), Hkv = k.size(1);
-    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
+    // the products the forward ran (decode_takes_blas): P is recomputed against its lse
+    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode) &&
+                       !decode_takes_blas<acc_t>(mode, shape, q, k, v, false);
     // bf16 dot products: the query tiles' pairs of queries start at their first query, a multiple
     // of the query block, so they need an even block (FUSED_ATTN_CPU_BWD_BM odd: float32 panels)
     const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles) && bwd_tile_blocks().m % 2 == 0;
@@ -2109,20 +2138,16 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd_cpu(const Tensor& q, const Tenso
                                                      seed, offset, softcap, std::nullopt, bottom_right, mode);
     // Decoding (a KV cache: few query rows per kv head in every sequence), as in attention_fwd_cpu,
     // so that a step does not lay out the whole used cache as panels: float32 takes BLAS where
-    // every sequence's queries see all of its keys and k and v need no copy (as_blas_operand would
-    // convert or copy every packed row, the cache's unused ones too: float16, and bfloat16
-    // without AVX512-BF16, keep the panels of the used keys); bfloat16 on the dot products reads
-    // k and v as rows (any band).
+    // every sequence's queries see all of its keys and k and v need no copy (decode_takes_blas,
+    // which the backward asks too: float16, and bfloat16 without AVX512-BF16, keep the panels of
+    // the used keys); bfloat16 on the dot products reads k and v as rows (any band).
+    const std::vector<Problem<acc_t>> bands =
+        sequence_problems(shape, seqs, band_lo, band_hi, bottom_right, std::nullopt, offset);
     int64_t max_lq = 0;
-    bool sees_all_keys = true;
-    for (const Problem<acc_t>& pb :
-         sequence_problems(shape, seqs, band_lo, band_hi, bottom_right, alibi_slopes, offset)) {
-      max_lq = std::max(max_lq, pb.Lq);
-      sees_all_keys = sees_all_keys && !pb.banded();
-    }
+    for (const Problem<acc_t>& pb : bands) max_lq = std::max(max_lq, pb.Lq);
     const bool decoding = mode == GemmMode::automatic && few_query_rows(max_lq, Hq, k.size(1));
-    const bool blas_decode = decoding && sees_all_keys && q.scalar_type() == acc && blas_ready(k1) && blas_ready(v1);
-    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode) && !blas_decode;
+    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode) &&
+                       !decode_takes_blas<acc_t>(mode, bands, q, k1, v1, true);
     const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles);
     const bool bf16_rows = bf16_products && decoding && decode_rows(max_lq, Hq, k.size(1)) &&
                            can_read_rows(k1) && can_read_rows(v1);
@@ -2195,7 +2220,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_bwd_cpu(
     const Tensor dout1 = as_batch_of_one(dout), out1 = as_batch_of_one(out);
     const Problem<acc_t> shape = make_problem<acc_t>(q1, k1, v1, std::nullopt, band_lo, band_hi, dropout_p, scale,
                                                      seed, offset, softcap, std::nullopt, bottom_right, mode);
-    const bool tiles = std::is_same_v<acc_t, float> && use_tile_kernels(mode);
+    // the products the forward ran (decode_takes_blas): P is recomputed against its lse
+    const bool tiles =
+        std::is_same_v<acc_t, float> && use_tile_kernels(mode) &&
+        !decode_takes_blas<acc_t>(mode, sequence_problems(shape, seqs, band_lo, band_hi, bottom_right, std::nullopt,
+                                                          offset),
+                                  q, k1, v1, true);
     // as in attention_bwd_cpu (the bf16 query tiles' pairs need an even query block)
     const bool bf16_products = use_bf16_dot(q.scalar_type(), tiles) && bwd_tile_blocks().m % 2 == 0;
     const Tensor qa = bf16_products ? Tensor() : as_blas_operand(q1, acc), dout_a = as_blas_operand(dout1, acc);

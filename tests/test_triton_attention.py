@@ -210,6 +210,119 @@ def test_strided_gradients_through_launcher(device):
         assert g.is_contiguous() and torch.equal(g, gc)
 
 
+# Row offsets past 2**31. The views below are (1, 1, FAR_LEN, 16) float16 rows FAR_ROW = 2**24 - 1
+# elements apart (the widest row stride read in place: a step of 128 rows still fits int32,
+# ``_int32_tiles``), from storage offset 2**31 of a 10 GiB buffer that torch.empty leaves untouched
+# (only the rows written become resident: ~2 MB). Rows from 129 on lie 2**31 elements or more into
+# the view, and blocks of 32 or 64 rows start at row 192: while a row's index times the stride was
+# an int32 offset, rows 129-192 were read (or written) 2**32 elements too low, inside the buffer.
+# Each case compares with the same call on compact copies, bitwise.
+FAR_ROW, FAR_BASE, FAR_LEN = 2**24 - 1, 2**31, 193
+
+
+@pytest.fixture
+def far_buffer(device):
+    try:
+        buf = torch.empty(FAR_BASE + (FAR_LEN - 1) * FAR_ROW + 128, dtype=f16, device=device)
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError included
+        pytest.skip(f"needs 10 GiB of (virtual) memory for views whose rows lie 2**24 elements apart: {exc}")
+    buf[:128] = 100.0  # where test_rows_too_far_apart...'s wrapped offsets land
+    return buf
+
+
+def _far(buf, col, shape=(1, 1, FAR_LEN, 16), strides=(0, 0, FAR_ROW, 1), seed=0):
+    """A view of ``buf`` at FAR_BASE + col (rows FAR_ROW apart), filled with normal values."""
+    view = buf.as_strided(shape, strides, FAR_BASE + col)
+    view.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+    return view
+
+
+def _far_inputs(buf, far, device):
+    """(q, k, v, dout) as far views where named in ``far``, else compact; and all four compact."""
+    tensors = []
+    for i, name in enumerate(("q", "k", "v", "dout")):
+        if name in far:
+            tensors.append(_far(buf, 16 * i, seed=i))
+        else:
+            tensors.append(torch.randn(1, 1, FAR_LEN, 16, generator=torch.Generator().manual_seed(i)).to(device, f16))
+    return tensors, [t.contiguous() for t in tensors]
+
+
+@pytest.mark.parametrize("far", [("q",), ("k", "v")], ids=["q", "kv"])
+def test_forward_reads_rows_past_int32_offsets(far_buffer, far, device):
+    """The forward reads q's query blocks (or K's and V's key blocks) 2**31 elements into a view."""
+    (q, k, v, _), (qc, kc, vc, _) = _far_inputs(far_buffer, far, device)
+    args = (None, *NO_BAND, 0.0, 0.25, 0, 0)
+    out, lse = triton_attention.attention_fwd(q, k, v, *args)
+    out_c, lse_c = triton_attention.attention_fwd(qc, kc, vc, *args)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+
+
+def test_forward_stores_rows_past_int32_offsets(far_buffer, device, monkeypatch):
+    """The output store of a query block 2**31 elements into the output (as at Hq = 32, Dv = 128 and
+    Lq > 2**19: out is (B, Lq, Hq, Dv) in memory): here the output itself is a far view."""
+    (q, k, v, _), _ = _far_inputs(far_buffer, (), device)
+    out_far = far_buffer.as_strided((1, 1, FAR_LEN, 16), (0, 0, FAR_ROW, 1), FAR_BASE + 64).fill_(float("nan"))
+    args = (None, *NO_BAND, 0.0, 0.25, 0, 0)
+    monkeypatch.setattr(triton_attention, "new_attention_out", lambda q, dv: out_far)
+    assert triton_attention.attention_fwd(q, k, v, *args)[0] is out_far
+    monkeypatch.undo()
+    assert torch.equal(out_far, triton_attention.attention_fwd(q, k, v, *args)[0])
+
+
+@pytest.mark.parametrize("far", [("q",), ("k", "v"), ("dout",), ("out",)], ids=["q", "kv", "dout", "out"])
+def test_backward_reads_rows_past_int32_offsets(far_buffer, far, device):
+    """dQ, dK, dV from q (its blocks in the dQ kernel and in dK/dV's query loop), K and V (dK/dV's
+    key blocks, dQ's key loop), dO (delta, dQ, dK/dV's query loop) or O (delta) read 2**31 elements
+    into a view."""
+    (q, k, v, dout), (qc, kc, vc, dout_c) = _far_inputs(far_buffer, far, device)
+    args = (None, *NO_BAND, 0.0, 0.25, 0, 0)
+    out, lse = triton_attention.attention_fwd(qc, kc, vc, *args)  # (the forward has its own test)
+    out_far = out
+    if "out" in far:
+        out_far = far_buffer.as_strided(out.shape, (0, 0, FAR_ROW, 1), FAR_BASE + 64).copy_(out)
+    grads = triton_attention.attention_bwd(dout, q, k, v, out_far, lse, *args, False)
+    grads_c = triton_attention.attention_bwd(dout_c, qc, kc, vc, out, lse, *args, False)
+    for name, g, gc in zip(("dq", "dk", "dv"), grads, grads_c):
+        assert torch.equal(g, gc), name
+
+
+def test_varlen_delta_over_packed_rows_past_int32_offsets(far_buffer, device):
+    """attention_varlen's backward computes delta over the (1, Hq, total_q, Dv) view of the packed
+    dO, in blocks over all the packed tokens: a block late in a long pack starts 2**31 elements in
+    (e.g. 65 sequences of 8192 tokens at Hq = 32, Dv = 128) however short its sequence. Here the
+    packed dO's tokens lie FAR_ROW apart and the sequences are 120 and 73 tokens long: only the
+    delta pass reaches 2**31 (each sequence's own rows are addressed from its first)."""
+    T = FAR_LEN
+    cu = torch.tensor([0, 120, T], dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(T, 1, 16, generator=gen).to(device, f16) for _ in range(3))
+    dout = _far(far_buffer, 48, (T, 1, 16), (FAR_ROW, 0, 1))
+    args = (cu, cu, 120, 120, *NO_BAND, False, 0.0, 0.25, 0, 0)
+    out, lse = triton_attention.attention_varlen_fwd(q, k, v, *args)
+    grads = triton_attention.attention_varlen_bwd(dout, q, k, v, out, lse, *args)
+    grads_c = triton_attention.attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, *args)
+    for name, g, gc in zip(("dq", "dk", "dv"), grads, grads_c):
+        assert torch.equal(g, gc), name
+
+
+def test_rows_too_far_apart_for_int32_tile_offsets_are_read_from_a_copy(far_buffer, device):
+    """q's rows 2**30 elements apart: the offsets within one tile (row 2 at 2**31) do not fit int32
+    either, so the launcher reads such a view from a compact copy (``_int32_tiles``), while usual
+    layouts (a (B, L, H, D) projection's transpose) are read in place."""
+    q = _far(far_buffer, 80, (1, 1, 3, 16), (0, 0, 2**30, 1))
+    k, v = (torch.randn(1, 1, 5, 16, generator=torch.Generator().manual_seed(i)).to(device, f16) for i in (1, 2))
+    out = F.attention(q, k, v, backend="triton")
+    torch.testing.assert_close(out.double(), R.attention(q.double(), k.double(), v.double()), rtol=2e-3, atol=2e-3)
+    assert (far_buffer[:128] == 100).all()
+    usual = torch.empty(1, 1024, 32, 128, dtype=f16, device=device).transpose(1, 2)
+    assert triton_attention._int32_tiles(usual) is usual
+    widest = far_buffer.as_strided((1, 1, 2, 16), (0, 0, FAR_ROW, 1))  # read in place, one more element is not
+    assert triton_attention._int32_tiles(widest) is widest
+    assert triton_attention._int32_tiles(far_buffer.as_strided((1, 1, 2, 16), (0, 0, FAR_ROW + 1, 1))).is_contiguous()
+    assert triton_attention._int32_tiles(q) is not q and triton_attention._int32_tiles(q).is_contiguous()
+
+
 @pytest.mark.parametrize("dtype", [f32, f16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_dropout_matches_reference(causal, dtype, device):

@@ -313,7 +313,7 @@ SUBSET = [
     ("dkdv", 90, "float16", 128, 128, 128, 16, 8, 2, "all", True),
     ("dq", 90, "bfloat16", 64, 64, 128, 64, 8, 3, "plain", True),
     # packed sequences: per-program sequence bounds and band, on the heaviest tiles kept
-    ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 3, "varlen_all"),
+    ("fwd", 90, "bfloat16", 128, 128, 128, 64, 8, 2, "varlen_all"),
     ("dkdv", 90, "bfloat16", 128, 128, 128, 16, 8, 3, "varlen_all"),
     ("dq", 80, "float16", 128, 128, 128, 32, 8, 3, "varlen"),
     # ALiBi: the distance and slope beside the largest tiles kept for it, alone, causal, with every

@@ -133,6 +133,26 @@ def _cols_ok(D: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _block_offset(start, stride):
+    """start * stride as int64, for a block's first row ``start`` and a row stride, both int32 and
+    non-negative (the launchers pass strides below 2**31: ``_int32_tiles``): the product passes
+    2**31 at long sequences, so the inner loops add it to their 64-bit base pointers rather than
+    to their int32 in-tile offsets. Zero-extended, the two factors make one unsigned widening
+    multiply whose high halves take no register; sign-extended ones (a signed int64 product) kept
+    the strides' high words live and pushed tight kernels into spilling (the AOT sweep)."""
+    return tl.cast(tl.cast(start, tl.uint32), tl.int64) * tl.cast(tl.cast(stride, tl.uint32), tl.int64)
+
+
+@triton.jit
+def _kv_tile(offs_n, stride_n, stride_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The int32 offsets of a (BLOCK_N, HEAD_DIM) tile from its first row: row offs_n mod BLOCK_N
+    (the inner loops' blocks start at multiples of BLOCK_N, ``_key_ranges``) times the row stride,
+    plus the columns. Taken from offs_n, not from an arange tile outside the loop, which the
+    compiler would keep live through it (the AOT sweep measured spills in the loops that way)."""
+    return (offs_n & (BLOCK_N - 1))[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+
+
+@triton.jit
 def _softcap_tanh(x):
     """tanh(x) from one exp2, exact at the ends (+-1 for |x| large, NaN for NaN): the interpreter has
     no tanh, and on the GPU this costs what libdevice's would."""
@@ -231,6 +251,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
     # attn_mask addresses: a 64-bit scalar base per block plus loop-invariant int32 tile offsets
     # (64-bit pointer tiles would cost two registers per element).
     mask_offs = tl.arange(0, BLOCK_M)[:, None] * stride_mm + tl.arange(0, BLOCK_N)[None, :] * stride_mn
+    if not STREAM_TMA and not PAGED:
+        # K and V through scalar pointers at the key block's first row, advanced a block per step
+        # (64-bit pointers: lo * stride passes 2**31 at long sequences; the step, BLOCK_N rows, fits
+        # int32, ``_int32_tiles``), and int32 offsets within the block (``_kv_tile``)
+        k_blk = k_base + _block_offset(lo, stride_kn)
+        v_blk = v_base + _block_offset(lo, stride_vn)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if CHECK_KEYS:
@@ -247,7 +273,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kd,
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k = tl.load(k_blk + _kv_tile(offs_n, stride_kn, stride_kd, HEAD_DIM, BLOCK_N),
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if (MASK_KIND == 0 and not CHECK_KEYS and not CHECK_BAND and not SOFTCAP and not HAS_ALIBI
@@ -278,10 +304,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, hk, mask_bas
             v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd,
                         mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v = tl.load(v_blk + _kv_tile(offs_n, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N),
                         mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
+        if not STREAM_TMA and not PAGED:
+            k_blk += BLOCK_N * stride_kn
+            v_blk += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -426,11 +455,14 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
             V += k_start * stride_vn
         lse_row0 = h * TQ + q_start
     alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, HAS_ALIBI, BOTTOM_RIGHT)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)  # in-tile rows: int32 offsets from the block's 64-bit base
+    offs_m = start_m + rows
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
+    row0 = start_m.to(tl.int64)  # (start_m * row stride passes 2**31 at long sequences)
 
-    q = _load_2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = _load_2d(Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+                 + (rows[:, None] * stride_qm + offs_d[None, :] * stride_qd),
                  offs_m < Lq, offs_d < D, True, D != HEAD_DIM)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -484,7 +516,8 @@ def _attn_fwd(Q, K, V, KDesc, VDesc, Mask, Out, Lse, CuQ, CuK, KEnd,
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
                    float("-inf") if SPLIT_KV else float("inf"))
     tl.store(Lse + lse_row0 + offs_m, lse, mask=offs_m < Lq)
-    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    out_ptrs = (Out + b * stride_ob + h * stride_oh + row0 * stride_om
+                + (rows[:, None] * stride_om + offs_dv[None, :] * stride_od))
     if DV == HEAD_DIM_V:
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
     else:
@@ -551,15 +584,21 @@ def _attn_bwd_delta(Out, dOut, Delta, dLse,
     bh = (pid // num_m).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = (pid % num_m) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows
+    row0 = start_m.to(tl.int64)  # the block's first row enters the 64-bit base (row0 * stride may pass 2**31)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    o = _load_2d(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    o = _load_2d(Out + b * stride_ob + h * stride_oh + row0 * stride_om
+                 + (rows[:, None] * stride_om + offs_dv[None, :] * stride_od),
                  offs_m < Lq, offs_dv < DV, True, DV != HEAD_DIM_V)
-    do = _load_2d(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+    do = _load_2d(dOut + b * stride_gb + h * stride_gh + row0 * stride_gm
+                  + (rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd),
                   offs_m < Lq, offs_dv < DV, True, DV != HEAD_DIM_V)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(dLse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=offs_m < Lq, other=0.0)
+        delta -= tl.load(dLse + b * stride_lb + h * stride_lh + row0 * stride_lm + rows * stride_lm, mask=offs_m < Lq,
+                         other=0.0)
     tl.store(Delta + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
@@ -592,7 +631,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
         if STREAM_TMA:
             q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         else:
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            # the query block's first row in the 64-bit base, its rows as int32 offsets (as in
+            # _fwd_inner; offs_m % BLOCK_M here, which the AOT sweep found clean where & was not)
+            q = tl.load(q_base + _block_offset(start_m, stride_qm)
+                        + ((offs_m % BLOCK_M)[:, None] * stride_qm + offs_d[None, :] * stride_qd),
                         mask=(offs_m < Lq)[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
@@ -603,7 +645,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
         if STREAM_TMA:
             do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_V)
         else:
-            do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+            do = tl.load(do_base + _block_offset(start_m, stride_gm)
+                         + ((offs_m % BLOCK_M)[:, None] * stride_gm + offs_dv[None, :] * stride_gd),
                          mask=(offs_m < Lq)[:, None] & dv_ok[None, :], other=0.0)
         # (the statement order of the combined pass 0 is the one the AOT sweep measured at D <= 128)
         if DKDV_PASS != 2:
@@ -681,14 +724,18 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
         dv_row0 = (k_start * Hkv + hk) * DV
         dk_step = Hkv * D
         dv_step = Hkv * DV
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_N)  # in-tile key rows: int32 offsets from the block's 64-bit base
+    offs_n = start_n + rows
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    k = _load_2d(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    row0 = start_n.to(tl.int64)  # (start_n * row stride passes 2**31 at long sequences)
+    k = _load_2d(K + b * stride_kb + hk * stride_kh + row0 * stride_kn
+                 + (rows[:, None] * stride_kn + offs_d[None, :] * stride_kd),
                  offs_n < Lk, offs_d < D, True, D != HEAD_DIM)
     v = k  # placeholder: the dV pass never reads V
     if DKDV_PASS != 2:
-        v = _load_2d(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = _load_2d(V + b * stride_vb + hk * stride_vh + row0 * stride_vn
+                     + (rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd),
                      offs_n < Lk, offs_dv < DV, True, DV != HEAD_DIM_V)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], tl.float32)
@@ -723,13 +770,15 @@ def _attn_bwd_dkdv(Q, K, V, QDesc, dODesc, Mask, dOut, Lse, Delta, dK, dV, dMask
                              D, DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, MASK_GRAD, DROPOUT, SOFTCAP,
                              BANDED, DOT_PRECISION, DKDV_PASS, STREAM_TMA, LOOP_STAGES, HAS_ALIBI)
 
-    # dK, dV are contiguous (B, Hkv, Lk, D / DV), or (total_k, Hkv, D / DV) with VARLEN.
+    # dK, dV are contiguous (B, Hkv, Lk, D / DV), or (total_k, Hkv, D / DV) with VARLEN; the row
+    # offsets in int64 (row * step passes 2**31 at long sequences; formed here, after the loops,
+    # they cost no register inside them)
     if DKDV_PASS != 2:
         dk = dk * scale
-        dk_ptrs = dK + dk_row0 + offs_n[:, None] * dk_step + offs_d[None, :]
+        dk_ptrs = dK + dk_row0 + offs_n.to(tl.int64)[:, None] * dk_step + offs_d[None, :]
         tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :])
     if DKDV_PASS != 1:
-        dv_ptrs = dV + dv_row0 + offs_n[:, None] * dv_step + offs_dv[None, :]
+        dv_ptrs = dV + dv_row0 + offs_n.to(tl.int64)[:, None] * dv_step + offs_dv[None, :]
         tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_dv < DV)[None, :])
 
 
@@ -758,9 +807,13 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
             k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
             v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_V)
         else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            # the key block's first row in a 64-bit base formed per block (the block pointers that
+            # _fwd_inner advances measured worse here, in the AOT sweep), int32 offsets within it
+            k = tl.load(k_base + _block_offset(start_n, stride_kn)
+                        + _kv_tile(offs_n, stride_kn, stride_kd, HEAD_DIM, BLOCK_N),
                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v = tl.load(v_base + _block_offset(start_n, stride_vn)
+                        + _kv_tile(offs_n, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N),
                         mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         mask_ptrs = mask_base + tl.cast(start_n, tl.int64) * stride_mn + mask_offs
@@ -817,15 +870,20 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK, KE
         dq_row0 = (q_start * Hq + h) * D
         dq_step = Hq * D
     alibi_log2, alibi_shift = _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, HAS_ALIBI, BOTTOM_RIGHT)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)  # in-tile rows: int32 offsets from the block's 64-bit base
+    offs_m = start_m + rows
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    q = _load_2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    row0 = start_m.to(tl.int64)  # (start_m * row stride passes 2**31 at long sequences)
+    q = _load_2d(Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+                 + (rows[:, None] * stride_qm + offs_d[None, :] * stride_qd),
                  offs_m < Lq, offs_d < D, True, D != HEAD_DIM)
-    do = _load_2d(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+    do = _load_2d(dOut + b * stride_gb + h * stride_gh + row0 * stride_gm
+                  + (rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd),
                   offs_m < Lq, offs_dv < DV, True, DV != HEAD_DIM_V)
     lse = tl.load(Lse + lse_row0 + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + lse_row0 + offs_m, mask=offs_m < Lq, other=0.0)
+    dQ += dq_row0 + row0 * dq_step  # this block's dQ rows
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh + start_m.to(tl.int64) * stride_mm
@@ -854,7 +912,7 @@ def _attn_bwd_dq(Q, K, V, KDesc, VDesc, Mask, dOut, Lse, Delta, dQ, CuQ, CuK, KE
                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, SOFTCAP, True, BANDED, DOT_PRECISION,
                    STREAM_TMA, LOOP_STAGES, HAS_ALIBI)
     dq = dq * scale
-    dq_ptrs = dQ + dq_row0 + offs_m[:, None] * dq_step + offs_d[None, :]
+    dq_ptrs = dQ + (rows[:, None] * dq_step + offs_d[None, :])
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
 
 
@@ -894,7 +952,8 @@ CONFIGS = {
         # the dQ accumulator of 64 x 256 is 128 registers per thread on 4 warps: (64, 32, 4, 2/3)
         # spilled 20-62 under Triton 3.6; on 8 warps these are clean in every feature set (3.6, 3.9)
         # inside the loop, except (64, 64, 8, 2) and (128, 32, 8, 2) with every feature on (12-22 and
-        # 5 under 3.6: HEAVY_SPILLS)
+        # 5 under 3.6: HEAVY_SPILLS), and (64, 64, 8, 2) once causal since the 64-bit row offsets
+        # (7 under 3.9: PLAIN_ONLY)
         256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 16, 8, 2)],
     },
     "dkdv": {
@@ -937,8 +996,9 @@ CONFIGS_SM80 = {
         # 32 x 32 on 4 warps is clean in all six feature sets under both versions.
         128: [(64, 32, 8, 2), (32, 32, 4, 2)],
         # two passes; clean for the plain and causal kernels and with a boolean mask (an earlier
-        # sweep: 17 LDL/STL under Triton 3.6); with every feature on 4 in the dK pass's loop under
-        # 3.9 (0 under 3.6): accepted, the only config. 128-key blocks do not fit 163 KB of
+        # sweep: 17 LDL/STL under Triton 3.6); with every feature on 8 reloads in the dK pass's
+        # loop over query heads, none in its query loop, under 3.9 (4 before the 64-bit row
+        # offsets; 0 under 3.6): accepted, the only config. 128-key blocks do not fit 163 KB of
         # shared memory at D = 256.
         256: [(64, 32, 8, 2)],
     },
@@ -963,6 +1023,9 @@ HEAVY_SPILLS = {
     ("fwd", 256, (64, 32, 4, 3)),
     ("dkdv", 64, (128, 64, 8, 3)),
     ("dkdv", 256, (64, 32, 8, 2)),   # dK pass: 18 (Triton 3.6) / 104 (3.9) with every feature on
+    # every feature on: 7 in the loop over the band's upper edge (3.9) since the K/V block
+    # pointers of the 64-bit row offsets (clean under 3.6)
+    ("fwd", 128, (128, 64, 8, 3)),
 }
 #: Configurations clean inside their loops only for the plain kernel (no causal mask or window, no
 #: attn_mask, no dropout, no soft cap, no ALiBi; sm_90 pointer path): the autotuner skips them
@@ -970,6 +1033,7 @@ HEAVY_SPILLS = {
 PLAIN_ONLY = {
     ("dkdv", 128, (128, 64, 8, 2)),  # causal: 7 (Triton 3.6) / 17 (3.9) LDL/STL in the loop; ALiBi: 3 (3.9)
     ("dq", 128, (128, 128, 8, 2)),   # causal: 58 (3.9); any mask or dropout: 17-183; ALiBi: 4 (3.9)
+    ("dq", 256, (64, 64, 8, 2)),     # causal: 7 (3.9) since the 64-bit row offsets (ALiBi: 8 before)
 }
 #: The sm_90 configurations added after the TMA sweep (not compiled with descriptors: kept off the
 #: TMA lists)
@@ -1013,8 +1077,8 @@ TMA_HEAVY_SPILLS = {
 STREAM_DESCRIPTORS = {"fwd": ("KDesc", "VDesc"), "dq": ("KDesc", "VDesc"), "dkdv": ("QDesc", "dODesc")}
 #: HEAVY_SPILLS of the sm_8x lists, from the sm_80 AOT sweep with every feature on, the mask
 #: gradient, dropout and a boolean mask under Triton 3.6 and 3.9 (LDL/STL counts, worst case).
-#: dK/dV at D = 256 keeps its one config, (64, 32, 8, 2): 4 in the dK pass's loop with every
-#: feature on under 3.9, clean under 3.6.
+#: dK/dV at D = 256 keeps its one config, (64, 32, 8, 2): 8 reloads in the dK pass's loop over query
+#: heads (none in its query loop) with every feature on under 3.9, clean under 3.6.
 HEAVY_SPILLS_SM80 = {
     ("dkdv", 64, (128, 32, 8, 3)),   # 12
     ("dkdv", 64, (128, 32, 8, 4)),   # 20
@@ -1376,6 +1440,32 @@ def _strides(t, varlen):
     return (0,) + tuple(st[1:]) if varlen is not None else tuple(st)
 
 
+#: The most rows of one tensor that a kernel's tile spans: the largest block of any configuration
+#: (the delta and combine kernels take at most 64 rows).
+TILE_ROWS = max(n for table in (CONFIGS, CONFIGS_SM80) for per_dim in table.values() for configs in per_dim.values()
+                for config in configs for n in config[:2])
+_INT32_MAX = 2**31 - 1
+
+
+def _int32_tiles(t, rows_dim=2, cols_dim=3):
+    """``t``, or a contiguous copy of it if the int32 offsets within one tile of it could pass 2**31.
+
+    The kernels address a tile as a 64-bit scalar base (batch, head, and the tile's first row times
+    the row stride: past 2**31 at long sequences) plus int32 offsets within the tile, row * row
+    stride + column * column stride, for at most TILE_ROWS rows (along ``rows_dim``) and every
+    column (along ``cols_dim``; None for a tensor of rows only, e.g. dlse), and the inner loops
+    step their bases by a block of rows in int32: 64-bit offset tiles would cost a second register
+    per element. These pass 2**31 only for a row stride of 2**24 elements or more (or a column
+    stride above ~2**23), e.g. a view whose rows lie gigabytes apart; such a tensor is read from a
+    compact copy instead (the copy's strides are the head dims')."""
+    if t.numel() == 0:
+        return t
+    span = (TILE_ROWS * t.stride(rows_dim)) if t.shape[rows_dim] > 1 else 0
+    if cols_dim is not None:
+        span += (t.shape[cols_dim] - 1) * t.stride(cols_dim)
+    return t if span <= _INT32_MAX else t.contiguous()
+
+
 def _scales(scale, softcap):
     """(qk_scale, softcap_log2) of the kernels: the logits in base-2 units are qk * qk_scale, or with
     a soft cap softcap_log2 * tanh(qk * qk_scale) (see _scores)."""
@@ -1643,6 +1733,7 @@ def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, 
             mask_view = _pack_query_groups(attn_mask, group)
         band_lo, band_hi = NO_BAND
         lo, hi = 0, Lk - 1
+    q_view, k, v = _int32_tiles(q_view), _int32_tiles(k), _int32_tiles(v)  # (out_view is ours: compact)
     rows = q_view.shape[2]
     split = KvSplit.plan(_programs(B * q_view.shape[1], rows), lo, min(Lk, rows - 1 + hi + 1), q.device)
     _launch_forward(q_view, k, v, mask_view, band_lo, band_hi, dropout_p, scale, seed, offset, out_view, lse_view,
@@ -1677,6 +1768,9 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
         for t in (dq, dk, dv, dmask):
             t.zero_()
         return dq, dk, dv, dmask
+    dout, q, k, v, out = (_int32_tiles(t) for t in (dout, q, k, v, out))
+    if dlse is not None:
+        dlse = _int32_tiles(dlse, cols_dim=None)
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     _launch_delta(out, dout, delta, dlse)
     launches = bwd_launch_args(dout, q, k, v, lse, delta, attn_mask, band_lo, band_hi, dropout_p, scale, seed,
@@ -1702,11 +1796,14 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k, block_table)
     view = Varlen.as_batch
     if block_table is None:
-        k, v = view(k), view(v)
+        k, v = _int32_tiles(view(k)), _int32_tiles(view(v))
+    else:  # pages (num_pages, page_size, Hkv, dim): a tile's rows lie within one page
+        k, v = _int32_tiles(k, rows_dim=1), _int32_tiles(v, rows_dim=1)
     split = KvSplit.plan(_programs((cu_seqlens_q.shape[0] - 1) * q.shape[1], max_seqlen_q), 0, max_seqlen_k,
                          q.device)
-    _launch_forward(view(q), k, v, None, band_lo, band_hi, dropout_p, scale, seed, offset, view(out), lse,
-                    split, varlen=varlen, softcap=softcap, alibi_slopes=alibi_slopes)
+    # (out is ours, compact: written in place)
+    _launch_forward(_int32_tiles(view(q)), k, v, None, band_lo, band_hi, dropout_p, scale, seed, offset, view(out),
+                    lse, split, varlen=varlen, softcap=softcap, alibi_slopes=alibi_slopes)
     return out, lse
 
 
@@ -1720,13 +1817,17 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     dv = new(v.shape, device=v.device, dtype=v.dtype)
     if max_seqlen_q == 0:
         return dq, dk, dv
-    view = Varlen.as_batch
+    # the (1, H, total, dim) views the kernels index (compact copies where a tile's int32 offsets
+    # would not fit: ``_int32_tiles``)
+    out_, dout_, q_, k_, v_ = (_int32_tiles(Varlen.as_batch(t)) for t in (out, dout, q, k, v))
+    if dlse is not None:
+        dlse = _int32_tiles(dlse.unsqueeze(0), cols_dim=None)
     # delta = rowsum(dO * O) - dlse over the packed rows: the plain kernel on one "batch" of total_q
     # rows gives the (Hq, total_q) layout of lse
     delta = torch.empty(varlen_lse_shape(q), device=q.device, dtype=torch.float32)
-    _launch_delta(view(out), view(dout), delta, None if dlse is None else dlse.unsqueeze(0))
+    _launch_delta(out_, dout_, delta, dlse)
     varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bottom_right, seqused_k)
-    launches = bwd_launch_args(view(dout), view(q), view(k), view(v), lse, delta, None, band_lo, band_hi, dropout_p,
+    launches = bwd_launch_args(dout_, q_, k_, v_, lse, delta, None, band_lo, band_hi, dropout_p,
                                scale, seed, offset, False, dq, dk, dv, empty(q), softcap=softcap, varlen=varlen,
                                alibi_slopes=alibi_slopes)
     rows, heads, args, constexprs = launches["dkdv"]

@@ -143,6 +143,22 @@ def test_nan_stays_in_its_rows(splits, device):
     assert bool(torch.isfinite(out[1]).all()) and bool(torch.isfinite(lse[1]).all())
 
 
+def test_split_scratch_past_int32_offsets_runs_unsplit(A, splits, monkeypatch, device):
+    """The merge reaches split s's partials at the int32 offset s * (rows * Dv): a split count whose
+    float32 scratch would pass 2**31 elements (only a forced one, on a long prefill) runs the forward
+    unsplit. The limit is shrunk here to what 3 splits of this call need (2 * 4 * 16 rows, Dv 8)."""
+    launches = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *rest: launches.append(rest[3].get("SPLIT_KV")) or
+                        launch(kernel, *rest))
+    q, k, v = make_inputs((2, 4, 16, 8), (2, 4, 300, 8), (2, 4, 300, 8), requires_grad=False, device=device)
+    splits(3)
+    expected = F.attention(q, k, v, backend="triton")
+    monkeypatch.setattr(A, "_INT32_MAX", 3 * 2 * 4 * 16 * 8 - 1)
+    torch.testing.assert_close(F.attention(q, k, v, backend="triton"), expected, rtol=1e-5, atol=1e-6)
+    assert launches == [True, False]
+
+
 def test_decoding_packs_query_groups(A, splits, monkeypatch, device):
     """With one query per head and GQA the forward runs (B * Hkv * splits) programs of `group` rows;
     with ALiBi (a slope per query head) or a band (it moves with the row) it does not pack."""

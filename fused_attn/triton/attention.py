@@ -1674,6 +1674,11 @@ def _launch_forward(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed
                     varlen=None, **options):
     """The forward launch, split or not. ``out`` is the (B, H, L, Dv) view of the output (the
     (1, H, total, Dv) one with ``varlen``), ``lse`` its lse."""
+    if split is not None and split.num * lse.numel() * out.shape[3] > _INT32_MAX:
+        # _attn_fwd_combine reaches split s's partials at the int32 offset s * (rows * Dv): past
+        # 2**31 float32 elements (8 GiB of scratch; only a forced FUSED_ATTN_TRITON_KV_SPLITS on a
+        # long prefill gets there, never kv_splits' choice) the forward runs unsplit
+        split = None
     if split is None:
         _launch("fwd", *fwd_launch_args(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, out,
                                         lse, varlen=varlen, **options))

@@ -1245,6 +1245,32 @@ def test_float32_decoding_gradients_meet_the_oracle(monkeypatch, Hq, Hkv, Lq, Lk
     assert all(torch.equal(a, b) for a, b in zip(grads(None, **window), grads("tiles", **window)))
 
 
+# Sharp float32 softmax rows (logits of magnitude 30-90) with one to three queries per head,
+# through the register-blocked products (forced here; the automatic mode takes them for banded
+# calls such as causal bottom-right with several queries). The float32 reference computes such
+# scores with BLAS kernels vectorised over the head dimension; the products used to sum each
+# score in one FMA chain over all of it, about twice the rounding at D = 64-128, and a sharp
+# softmax turns a logit's last bits into ~1e-5 of the output: these cases failed the forward's
+# bound by 1.1-2.3x. The chains now sum 16 steps each (attention_tile_gemm.h, block), and they
+# pass with a wide margin. (B, Hq, Hkv, Lq, Lk, D, logit scale * sqrt(D), causal, seed)
+_F32_SHARP_DECODE_CASES = [(1, 1, 1, 2, 249, 128, 24, False, 728), (2, 2, 1, 2, 45, 128, 16, False, 229),
+                           (2, 6, 2, 2, 101, 128, 20, False, 503), (2, 4, 1, 3, 136, 64, 30, False, 679),
+                           (2, 2, 1, 2, 185, 40, 24, False, 734), (2, 8, 2, 2, 140, 128, 20, True, 549)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,sharpness,causal,seed", _F32_SHARP_DECODE_CASES,
+                         ids=[f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-{c[3]}x{c[4]}-d{c[5]}-s{c[6]}{'-causal' if c[7] else ''}"
+                              for c in _F32_SHARP_DECODE_CASES])
+def test_register_blocked_sharp_decoding_meets_the_oracle(monkeypatch, B, Hq, Hkv, Lq, Lk, D, sharpness, causal, seed):
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "tiles")
+    q, k, v = make_inputs((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), seed=seed)
+    options = dict(scale=sharpness / math.sqrt(D), causal=causal, alignment="bottom_right")
+
+    def op(backend):
+        return lambda q, k, v: fused_attn.attention(q, k, v, backend=backend, **options)
+    check_against_reference(op("cpu"), op("reference"), [q, k, v], names="qkv")
+
+
 # ---- decoding in bfloat16: K and V read as rows -------------------------------------------------
 # With the AVX512-BF16 dot products and few query rows per kv head (a decoding step), the automatic
 # mode reads K and V in place, row by row (bf16_dot::row_scores / row_accumulate, P in float32),

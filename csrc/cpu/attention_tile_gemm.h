@@ -66,29 +66,15 @@ enum class Band {
 
 #if defined(FUSED_ATTN_AVX2_CLONES)
 
-// One R x 16 block: C = alpha * A B (ACCUMULATE: C += alpha * A B) over inner indices [k0, k1).
-// A(r, k) = a[r * lda + k], or a[k * lda + r] when A_TRANSPOSED (A is stored as its transpose).
-template <int R, bool A_TRANSPOSED, bool ACCUMULATE>
-__attribute__((target("avx2,fma"), always_inline)) inline void block(const float* a, int64_t lda, const float* b,
-                                                                      int64_t b_row_stride, int64_t k0, int64_t k1,
-                                                                      float* c, int64_t ldc, float alpha) {
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+// acc += A(rows, [k0, k1)) B([k0, k1), 16 columns), one FMA chain per accumulator; b points at
+// B's row k0. A(r, k) = a[r * lda + k], or a[k * lda + r] when A_TRANSPOSED (A is stored as its
+// transpose).
+template <int R, bool A_TRANSPOSED>
+__attribute__((target("avx2,fma"), always_inline)) inline void sweep(__m256 (&acc)[R][2], const float* a, int64_t lda,
+                                                                      const float* b, int64_t b_row_stride, int64_t k0,
+                                                                      int64_t k1) {
   const float* a_rows[R];  // untransposed A: one base per row, indexed by k (one index register)
   for (int r = 0; r < R; ++r) a_rows[r] = a + r * lda;
-  // An accumulating product reads its C block only after the K-step loop, and in the backward
-  // that block (dK/dV rows of the key block, dQ rows) was last touched a whole sweep of tiles ago:
-  // its loads missed cache and stalled the epilogue (perf: ~40 % of the dK/dV products' samples
-  // on the epilogue's FMAs at L = 2048, D = 128). Prefetching the block's lines here hides that
-  // behind the loop: the dK/dV products 18 % faster, forward + backward there 12-14 % (interleaved
-  // runs). Both halves of each row, as a 16-float row may straddle two lines.
-  if constexpr (ACCUMULATE) {
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 15), _MM_HINT_T0);
-    }
-  }
-  b += k0 * b_row_stride;
   for (int64_t k = k0; k < k1; ++k, b += b_row_stride) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     const float* a_col = a + k * lda;  // transposed A: the R values of step k are adjacent
@@ -98,15 +84,73 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block(const float
       acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
     }
   }
-  const __m256 s = _mm256_set1_ps(alpha);
-  for (int r = 0; r < R; ++r) {
-    float* cr = c + r * ldc;
-    if constexpr (ACCUMULATE) {
+}
+
+// The steps of the inner dimension that one FMA chain of a non-accumulating product sums (block).
+constexpr int64_t kChunk = 16;
+
+// One R x 16 block: C = alpha * A B (ACCUMULATE: C += alpha * A B) over inner indices [k0, k1).
+// A(r, k) = a[r * lda + k], or a[k * lda + r] when A_TRANSPOSED (A is stored as its transpose).
+template <int R, bool A_TRANSPOSED, bool ACCUMULATE>
+__attribute__((target("avx2,fma"), always_inline)) inline void block(const float* a, int64_t lda, const float* b,
+                                                                      int64_t b_row_stride, int64_t k0, int64_t k1,
+                                                                      float* c, int64_t ldc, float alpha) {
+  __m256 acc[R][2];
+  // (alpha's splat is made after the loops: held across them, it took the register the
+  // accumulators leave free, and B's second half spilled to the stack, a load per FMA)
+  if constexpr (!ACCUMULATE) {
+    // The products that write C (S = Q K^T and dP = dO V^T) sum over the head dimension, and a
+    // sharp softmax amplifies their rounding: a logit of 30-90 off by an ulp moves its exp by
+    // ~5e-6 relative, and the output with it. One FMA chain over all D steps rounds the partial
+    // sum at every step as it grows: 1.5x the mean error of the kernels BLAS runs for one to
+    // three rows (vectorised over D; the float32 reference takes them for decoding shapes), and
+    // ~2 % of sharp float32 decoding cases failed the oracle's forward bound (2x the reference's
+    // error) by up to 2.3x. Each chain now sums kChunk steps, from zero, and the chains' sums are
+    // added up in C: those cases' output errors are 3-15x smaller, and a fuzz of sharp decoding
+    // shapes puts the median error/bound at 0.18-0.20 (BLAS 0.22-0.26, one chain 0.35). The
+    // scores stay a function of the inputs alone (the chunks start at k = 0 whatever the tile),
+    // so the backward's recomputed P still matches the forward's lse bit for bit. Cost: a load,
+    // an add and a store of the C block (in L1) per kChunk steps, within the noise (one thread,
+    // prefill and decoding, forward and backward); 8-step chunks cost ~2 % on prefill.
+    int64_t kc = k0;
+    for (; kc + kChunk < k1; kc += kChunk) {  // every chunk but the last: C (+)= its sum
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      sweep<R, A_TRANSPOSED>(acc, a, lda, b + kc * b_row_stride, b_row_stride, kc, kc + kChunk);
+      for (int r = 0; r < R; ++r) {
+        float* cr = c + r * ldc;
+        _mm256_storeu_ps(cr, kc == k0 ? acc[r][0] : _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][0]));
+        _mm256_storeu_ps(cr + 8, kc == k0 ? acc[r][1] : _mm256_add_ps(_mm256_loadu_ps(cr + 8), acc[r][1]));
+      }
+    }
+    // the last chunk (the only one when K <= kChunk): C = alpha * (C + its sum)
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    sweep<R, A_TRANSPOSED>(acc, a, lda, b + kc * b_row_stride, b_row_stride, kc, k1);
+    const __m256 s = _mm256_set1_ps(alpha);
+    for (int r = 0; r < R; ++r) {
+      float* cr = c + r * ldc;
+      const __m256 c0 = kc == k0 ? acc[r][0] : _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][0]);
+      const __m256 c1 = kc == k0 ? acc[r][1] : _mm256_add_ps(_mm256_loadu_ps(cr + 8), acc[r][1]);
+      _mm256_storeu_ps(cr, _mm256_mul_ps(c0, s));
+      _mm256_storeu_ps(cr + 8, _mm256_mul_ps(c1, s));
+    }
+  } else {
+    // An accumulating product reads its C block only after the K-step loop, and in the backward
+    // that block (dK/dV rows of the key block, dQ rows) was last touched a whole sweep of tiles
+    // ago: its loads missed cache and stalled the epilogue (perf: ~40 % of the dK/dV products'
+    // samples on the epilogue's FMAs at L = 2048, D = 128). Prefetching the block's lines here
+    // hides that behind the loop: the dK/dV products 18 % faster, forward + backward there 12-14 %
+    // (interleaved runs). Both halves of each row, as a 16-float row may straddle two lines.
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 15), _MM_HINT_T0);
+    }
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    sweep<R, A_TRANSPOSED>(acc, a, lda, b + k0 * b_row_stride, b_row_stride, k0, k1);
+    const __m256 s = _mm256_set1_ps(alpha);
+    for (int r = 0; r < R; ++r) {
+      float* cr = c + r * ldc;
       _mm256_storeu_ps(cr, _mm256_fmadd_ps(acc[r][0], s, _mm256_loadu_ps(cr)));
       _mm256_storeu_ps(cr + 8, _mm256_fmadd_ps(acc[r][1], s, _mm256_loadu_ps(cr + 8)));
-    } else {
-      _mm256_storeu_ps(cr, _mm256_mul_ps(acc[r][0], s));
-      _mm256_storeu_ps(cr + 8, _mm256_mul_ps(acc[r][1], s));
     }
   }
 }

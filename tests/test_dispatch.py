@@ -481,3 +481,78 @@ def test_the_ops_and_functions_name_an_unresolved_backend():
             torch.ops.fused_attn.attention_fwd(q, q, q, None, *NO_BAND, 0.0, 0.5, None, name, 0.0, None, False)
     with pytest.raises(ValueError, match=r"got \['cpu'\]"):
         get_backend(["cpu"])
+
+
+def test_environment_variable_is_read_on_every_call_however_it_is_changed(monkeypatch):
+    """FUSED_ATTN_BACKEND is read on every call (README), now from os.environ's backing dict
+    (``_scope.env_backend``): every way of changing os.environ shows at the next call, and an
+    os.environ replaced by another mapping is read as a mapping."""
+    from fused_attn.backends import _scope
+
+    monkeypatch.delenv("FUSED_ATTN_BACKEND", raising=False)
+    x = torch.randn(3, 16)
+    ran = []
+    for name in ("cpu", "reference"):
+        real = BACKENDS[name].layer_norm_residual_fwd
+        monkeypatch.setattr(BACKENDS[name], "layer_norm_residual_fwd",
+                            lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
+
+    def requested():
+        ran.clear()
+        _norm(x)
+        assert backends.requested_backend(None) == _scope.requested
+        return backends.requested_backend(None), ran[0]
+
+    auto = requested()
+    assert auto[0] == "auto"
+    os.environ["FUSED_ATTN_BACKEND"] = "reference"
+    try:
+        assert requested() == ("reference", "reference")
+        os.environ.update(FUSED_ATTN_BACKEND="")  # empty: auto
+        assert requested() == auto
+        os.environ.setdefault("FUSED_ATTN_BACKEND", "cpu")  # (set already: unchanged)
+        assert requested() == auto
+        os.environ["FUSED_ATTN_BACKEND"] = "refrence"
+        with pytest.raises(ValueError, match="FUSED_ATTN_BACKEND must be one of"):
+            _norm(x)
+        os.environ["FUSED_ATTN_BACKEND"] = "reference"
+    finally:
+        os.environ.pop("FUSED_ATTN_BACKEND")
+    assert requested() == auto
+    # a mapping in os.environ's place (as some test harnesses install) is read as one
+    monkeypatch.setattr(os, "environ", {"FUSED_ATTN_BACKEND": "reference"})
+    assert requested() == ("reference", "reference")
+    os.environ["FUSED_ATTN_BACKEND"] = ""
+    assert requested() == auto
+
+
+def test_cpu_launchers_dispatch_the_extension_ops_as_torch_ops_do():
+    """The cpu backend's launchers call the fused_attn_C ops' C++ entry points (``cpu._C_OPS``,
+    looked up once) rather than through ``torch.ops``' Python ``__call__``: the same dispatch, so
+    a TorchDispatchMode still sees each launch as the op's default overload."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fused_attn.backends import cpu
+    from fused_attn.ops_common import NO_BAND
+
+    if not BACKENDS["cpu"].call_reasons(Call("attention", torch.device("cpu"), torch.float32)) == []:
+        pytest.skip("the cpu backend is not available")
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    assert cpu._C_OPS.attention_fwd is torch.ops.fused_attn_C.attention_fwd._op
+    q = torch.randn(1, 2, 3, 4)
+    with Seen() as seen:
+        out, lse = BACKENDS["cpu"].attention_fwd(q, q, q, None, *NO_BAND, 0.0, 0.5, 0, 0, 0.0, None, False)
+    assert seen.ops == [torch.ops.fused_attn_C.attention_fwd.default]
+    expected = torch.ops.fused_attn_C.attention_fwd(q, q, q, None, *NO_BAND, 0.0, 0.5, 0, 0, 0.0, None, False)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+    with pytest.raises(AttributeError):
+        cpu._C_OPS.__deepcopy__  # (not an op: copy's and pickle's probes are told so)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 import sys
 import warnings
 
@@ -75,8 +74,9 @@ def requested_backend(explicit: str | None) -> str:
     selected = _scope.selection.get()
     if selected:
         return selected[-1]
-    env = os.environ.get("FUSED_ATTN_BACKEND", "") or "auto"
-    check_backend_name(env, "FUSED_ATTN_BACKEND")
+    env = _scope.env_backend() or "auto"
+    if env not in BACKEND_NAMES:
+        check_backend_name(env, "FUSED_ATTN_BACKEND")
     return env
 
 

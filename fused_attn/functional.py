@@ -275,7 +275,7 @@ def _autocast(*tensors):
     ints, None) as they are. Outside autocast, the tensors unchanged. (Differentiable: the
     gradient of a cast parameter comes back in its own dtype.)"""
     first = tensors[0]
-    if not isinstance(first, Tensor) or not _autocast_enabled(first.device.type):
+    if not isinstance(first, Tensor) or not _autocast_on(first):
         return tensors
     device, dtype = first.device.type, torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE and t.dtype != dtype
@@ -283,6 +283,20 @@ def _autocast(*tensors):
 
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+#: whether autocast is on for CPU, CUDA or a few other device types (not MPS); a torch._C function
+#: (torch >= 2.4; without it, True: ``_autocast_on`` then asks about the tensor's device type)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocast_on(t: Tensor) -> bool:
+    """``_autocast_enabled(t.device.type)``, the calls' test of autocast for their inputs' device.
+    Autocast off on CPU and CUDA, the common case, is one C call: reading ``t.device.type`` cost
+    ~0.3 us, several times the rest of the test. ``_any_autocast`` does not cover every device type
+    (not MPS's), and under a trace the per-device test is the one Dynamo evaluates for the traced
+    region (an autocast block inside the compiled function)."""
+    if (t.is_cpu or t.is_cuda) and not _any_autocast() and not torch.compiler.is_compiling():
+        return False
+    return _autocast_enabled(t.device.type)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -309,9 +323,11 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
                          f"(k.shape[1] = {Hkv})")
     if D == 0:  # (every logit would be 0: the kernels' empty-input shortcut gave zeros, SDPA the mean of v)
         raise ValueError("q and k must have a head dim (their last dimension) of at least 1, got 0")
-    _check_bool("return_lse", return_lse)
-    _check_bool("causal", causal)
-    window_size = _check_window("window_size", window_size)
+    if not (type(return_lse) is bool and type(causal) is bool):  # else _check_bool passes them
+        _check_bool("return_lse", return_lse)
+        _check_bool("causal", causal)
+    if window_size is not None:
+        window_size = _check_window("window_size", window_size)
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")
     dropout_p = _check_prob("dropout_p", dropout_p, compiling)
@@ -500,7 +516,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     """
     q, k, v, attn_mask = _autocast(q, k, v, attn_mask)  # (as SDPA under autocast)
     _check_qkv(q, k, v, 4)
-    _check_generator(generator, q.device)
+    device = q.device
+    if generator is not None:
+        _check_generator(generator, device)
     compiling = torch.compiler.is_compiling()
     B, Hq, Lq, D = q.shape  # each .shape is a new torch.Size: read once
     k_batch, Hkv, Lk, k_dim = k.shape
@@ -518,13 +536,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         D, Dv, gqa = _concrete(D), _concrete(Dv), _concrete(gqa)
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
                                                                       dropout_p, scale, softcap, return_lse, compiling)
-    device = q.device
-    learned_alibi = isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad and grad_recording()
-    if learned_alibi:  # checked as fixed slopes, then added to the mask below
-        _check_alibi(alibi_slopes.detach(), B, "B", Hq, device)
-    else:
-        alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, device)
-    sinks = _check_sinks(sinks, Hq, device)
+    learned_alibi = False
+    if alibi_slopes is not None:
+        learned_alibi = isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad and grad_recording()
+        if learned_alibi:  # checked as fixed slopes, then added to the mask below
+            _check_alibi(alibi_slopes.detach(), B, "B", Hq, device)
+        else:
+            alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, device)
+    if sinks is not None:
+        sinks = _check_sinks(sinks, Hq, device)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -1387,7 +1407,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
             float32 while x is half precision or float64); the normalised output keeps x's dtype.
     """
     compiling = torch.compiler.is_compiling()
-    if isinstance(x, Tensor) and _autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and _autocast_on(x):
         x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
                                                                           residual_in_fp32)
     elif isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):
@@ -1399,7 +1419,8 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         d = x.shape[-1]
     else:
         d = _check_norm_tensors(x, residual, weight, bias, residual_in_fp32)
-    _check_generator(generator, x.device)
+    if generator is not None:
+        _check_generator(generator, x.device)
     if compiling:
         eps = _concrete(eps)
     if not (type(eps) is float and 0.0 < eps < math.inf):  # else _check_eps passes it (the common case)
@@ -1418,11 +1439,11 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         x, residual, weight, bias = _distinct(x, residual, weight, bias)
     args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator),
             name, store_summed)
-    if _distributed(x, residual, weight, bias):
+    if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference (plain tensors)
+        out, summed = layer_norm_residual_inference(*args)
+    elif _distributed(x, residual, weight, bias):
         return reference.layer_norm_residual(x, residual, weight, bias, float(eps), dropout_p, prenorm, rms,
                                              residual_in_fp32)
-    if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference
-        out, summed = layer_norm_residual_inference(*args)
     else:
         out, summed = LayerNormResidualFunction.apply(*args)[:2]
     return (as_shape_of(out, x), as_shape_of(summed, x)) if prenorm else as_shape_of(out, x)
@@ -1457,9 +1478,10 @@ def _norm_tensors_match(x, residual, weight, bias) -> bool:
     if residual is not None and not (isinstance(residual, Tensor) and residual.dtype == dtype
                                      and residual.device == device and residual.shape == shape):
         return False
+    hidden = shape[-1:]  # (d,): a parameter's shape, 1-D of x's last size (one compare)
     for p in (weight, bias):
-        if p is not None and not (isinstance(p, Tensor) and p.dtype == dtype and p.device == device and p.dim() == 1
-                                  and p.shape[0] == shape[-1]):
+        if p is not None and not (isinstance(p, Tensor) and p.dtype == dtype and p.device == device
+                                  and p.shape == hidden):
             return False
     return True
 
@@ -1541,7 +1563,8 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         _check_same("x", x, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    _check_generator(generator, x.device)
+    if generator is not None:
+        _check_generator(generator, x.device)
     d = x.shape[-1]
     F1, w1_in = w1.shape
     F1 = 2 * F1 if w1_up is not None else F1  # (the pair's halves were checked alike)
@@ -1565,15 +1588,15 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     if torch.compiler.is_compiling():
         x, w1, b1, w2, b2, w1_up, b1_up = _distinct(x, w1, b1, w2, b2, w1_up, b1_up)
     args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
-    if _distributed(x, w1, b1, w2, b2, w1_up, b1_up):
-        return reference.feed_forward(x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation, dropout_p)
+    # (plain tensors only pass _eager_inference: a DTensor goes on to the _distributed test)
     if w1_up is not None:
         if _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):
             return as_shape_of(feed_forward_inference(*args, w1_up, b1_up), x)
-        return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up)[0], x)
-    if _eager_inference(x, w1, b1, w2, b2):
+    elif _eager_inference(x, w1, b1, w2, b2):
         return as_shape_of(feed_forward_inference(*args), x)
-    return as_shape_of(FeedForwardFunction.apply(*args, None, None)[0], x)  # (every argument given: see ops)
+    if _distributed(x, w1, b1, w2, b2, w1_up, b1_up):
+        return reference.feed_forward(x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation, dropout_p)
+    return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up)[0], x)  # (every argument given: see ops)
 
 
 def _split_gated_weights(w1, b1, activation):

@@ -69,6 +69,8 @@ from .ops_common import (check_block_table, check_varlen_bounds, empty, grad_rec
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+#: (its ``_current_level`` is read on every call: one attribute rather than torch.autograd.forward_ad's chain)
+_forward_ad = torch.autograd.forward_ad
 
 
 def direct_call_ok(*tensors) -> bool:
@@ -90,7 +92,8 @@ def inference_call_ok(*tensors) -> bool:
     as the registered op (``functional._eager_inference``). One pass over the tensors."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    grad = grad_recording()
+    # (grad_recording() with is_compiling() known False, inline: this runs on every call)
+    grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)):
             return False
@@ -103,7 +106,7 @@ def _transform_needs_autograd(tensors) -> bool:
     ``vmap`` of tensors whose unwrapped selves require grad (an ensemble's stacked parameters).
     Such calls go through the autograd Function, which computes the gradient or says clearly
     that the transform is not supported, never a result without its gradient."""
-    if torch.autograd.forward_ad._current_level >= 0:
+    if _forward_ad._current_level >= 0:
         return True
     if not torch._C._are_functorch_transforms_active():
         return False
@@ -132,7 +135,7 @@ def _create_graph() -> bool:
       inside the transforms that enclose its call; the innermost is the one it serves (a
       ``grad``, or ``jacrev``'s ``vmap`` over the cotangents), any grad or jvp level under it
       differentiates the result. (``grad`` and ``vmap(grad)`` alone stay on the kernels.)"""
-    if torch.autograd.forward_ad._current_level >= 0:
+    if _forward_ad._current_level >= 0:
         return True
     if not torch._C._are_functorch_transforms_active():
         return torch.is_grad_enabled()
@@ -150,7 +153,7 @@ def _jvp_through(fn, primals, tangents, layouts):
     if not moving:  # (one output per layout: no reference forward run just to count them)
         return [None] * len(layouts)
     of_moving = _of_moving(fn, primals, moving)
-    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level < 0:
+    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level < 0:
         _, tangents_out = torch.func.jvp(of_moving, tuple(primals[i] for i in moving),
                                          tuple(tangents[i] for i in moving))
         return list(tangents_out)
@@ -212,13 +215,15 @@ def _per_sample(rng: Optional[Tensor]) -> bool:
 
 def _backward_op(impl, op, rng, *tensors):
     """What a Function's first-order backward calls: the implementation ``impl`` when
-    ``direct_call_ok(*tensors)``, else the registered ``op``; for a per-sample ``rng``
-    (``_per_sample``) the op under no_grad: under ``vmap(grad(f))`` torch.func runs the backward
-    recording a graph, and the custom op's autograd layer refuses torch.func's transforms. Nothing
-    is lost: a gradient that will be differentiated never comes here (``_create_graph``)."""
+    ``direct_call_ok(*tensors)``, else the registered op ``torch.ops.fused_attn.<op>``; for a
+    per-sample ``rng`` (``_per_sample``) the op under no_grad: under ``vmap(grad(f))`` torch.func
+    runs the backward recording a graph, and the custom op's autograd layer refuses torch.func's
+    transforms. Nothing is lost: a gradient that will be differentiated never comes here
+    (``_create_graph``). (The op is named, and looked up only when it is called: walking
+    ``torch.ops`` costs ~0.2 us, on every backward.)"""
     if _per_sample(rng):
-        return torch.no_grad()(op)
-    return impl if direct_call_ok(*tensors) else op
+        return torch.no_grad()(getattr(torch.ops.fused_attn, op))
+    return impl if direct_call_ok(*tensors) else getattr(torch.ops.fused_attn, op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,9 +297,13 @@ def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
                         alibi_slopes=None, bottom_right=False, return_lse=False):
     """AttentionFunction's output for eager calls that build no autograd graph, without its Python
     layers (see ``functional._eager_inference``)."""
-    fwd = torch.ops.fused_attn.attention_fwd if _per_sample(rng) else _attention_fwd_impl
-    out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
-                                  backend, softcap, alibi_slopes, bottom_right)
+    if attn_mask is None and rng is None:  # (the common case: _attention_forward adds nothing to it)
+        out, lse = _attention_fwd_impl(q, k, v, None, band_lo, band_hi, dropout_p, scale, None, backend, softcap,
+                                       alibi_slopes, bottom_right)
+    else:
+        fwd = torch.ops.fused_attn.attention_fwd if _per_sample(rng) else _attention_fwd_impl
+        out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
+                                      backend, softcap, alibi_slopes, bottom_right)
     return (out, lse) if return_lse else out
 
 
@@ -325,10 +334,14 @@ class _Function(torch.autograd.Function):
         # trace a call as a Function and falls back to tracing this method, it fails on super())
         if torch.compiler.is_compiling():
             return _TORCH_APPLY(cls, *args)
-        if cls.forward_mode is not None and cls.forward_mode is not cls and _forward_mode_on():
-            return cls.forward_mode.apply(*args)
+        twin = cls.forward_mode
         if torch._C._are_functorch_transforms_active():
+            if twin is not None and twin is not cls and _forward_mode_on():
+                return twin.apply(*args)
             return _TORCH_APPLY(cls, *args)
+        # (no transform: forward mode is on only through forward_ad, _forward_mode_on's first test)
+        if twin is not None and twin is not cls and _forward_ad._current_level >= 0:
+            return twin.apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)  # torch._C._FunctionBase.apply
 
 
@@ -338,7 +351,7 @@ _TORCH_APPLY = torch.autograd.Function.apply.__func__
 def _forward_mode_on() -> bool:
     """Whether tangents may flow into this call: a ``torch.autograd.forward_ad`` level is open, or
     torch.func's jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on the stack."""
-    if torch.autograd.forward_ad._current_level >= 0:
+    if _forward_ad._current_level >= 0:
         return True
     if not torch._C._are_functorch_transforms_active():
         return False
@@ -358,6 +371,9 @@ class AttentionFunction(_Function):
                 bottom_right, return_lse):
         direct = direct_call_ok(q, k, v, attn_mask, alibi_slopes) and not _per_sample(rng)
         fwd = _attention_fwd_impl if direct else torch.ops.fused_attn.attention_fwd
+        if attn_mask is None:  # (_attention_forward would hand it on as it is)
+            return fwd(q, k, v, None, band_lo, band_hi, dropout_p, scale, rng, backend, softcap, alibi_slopes,
+                       bottom_right)
         return _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap,
                                   alibi_slopes, bottom_right)
 
@@ -389,7 +405,7 @@ class AttentionFunction(_Function):
         if attn_mask is not None:
             mask4 = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         mask_grad = bool(ctx.needs_input_grad[3])
-        bwd = _backward_op(_attention_bwd_impl, torch.ops.fused_attn.attention_bwd, rng, dout, q, k, v, attn_mask,
+        bwd = _backward_op(_attention_bwd_impl, "attention_bwd", rng, dout, q, k, v, attn_mask,
                            alibi_slopes, dlse)
         dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask4, band_lo, band_hi, dropout_p, scale, rng, mask_grad,
                                 backend, softcap, alibi_slopes, bottom_right, dlse)
@@ -543,7 +559,7 @@ class AttentionVarlenFunction(_Function):
         if _create_graph():  # the gradient will be differentiated: the reference, a sequence at a time
             outputs = _varlen_reference(ctx.options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
             return tuple(_grad_with_graph(outputs, (q, k, v), ctx.needs_input_grad[:3], (dout, dlse))) + (None,) * 17
-        bwd = _backward_op(_attention_varlen_bwd_impl, torch.ops.fused_attn.attention_varlen_bwd, rng, dout, q, k, v,
+        bwd = _backward_op(_attention_varlen_bwd_impl, "attention_varlen_bwd", rng, dout, q, k, v,
                            alibi_slopes, dlse)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
                          *ctx.options[7:], seqused_k, alibi_slopes, dlse)
@@ -699,7 +715,7 @@ class LayerNormResidualFunction(_Function):
         # (dout and dsummed are the rows' gradients; _rows only makes their last dim unit-stride)
         dout = torch.zeros(summed.shape, dtype=x_dtype, device=summed.device) if dout is None else _rows(dout, d)
         dsummed = None if dsummed is None else _rows(dsummed, d)
-        bwd = _backward_op(_layer_norm_residual_bwd_impl, torch.ops.fused_attn.layer_norm_residual_bwd, rng, dout,
+        bwd = _backward_op(_layer_norm_residual_bwd_impl, "layer_norm_residual_bwd", rng, dout,
                            dsummed, summed, weight, bias)
         dsum, dx, dweight, dbias = bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, rng,
                                        x_dtype, backend)
@@ -899,7 +915,7 @@ class FeedForwardFunction(_Function):
         x2 = _rows(x, shape[-1]) if x2 is None else x2
         dout2 = dout.contiguous()  # the rows' gradient
         w1 = _stack(w1, w1_up)
-        bwd = _backward_op(_feed_forward_bwd_impl, torch.ops.fused_attn.feed_forward_bwd, rng, dout2, x2, w1, w2)
+        bwd = _backward_op(_feed_forward_bwd_impl, "feed_forward_bwd", rng, dout2, x2, w1, w2)
         dx, dw1, db1, dw2, db2 = bwd(dout2, x2, w1, w2, pre, activation, dropout_p, rng, has_b1, has_b2, backend)
         dx = dx if len(shape) == 2 else dx.view(*shape)  # a 2-D x: dx has its shape already
         db1 = db1 if has_b1 else None

@@ -20,6 +20,8 @@ def known_true(condition) -> bool:
     ("Could not guard on data-dependent expression"). For tests that only skip work or take a
     special case that the general path also handles (``numel() == 0``); a bound that must hold
     is asserted instead (``torch._check``). Sizes Dynamo can guard on are guarded on as before."""
+    if condition is True or condition is False:  # (eager mode, or sizes Dynamo knows: no call)
+        return condition
     if not torch.compiler.is_compiling():
         return bool(condition)
     # Imported here: it costs ~0.5 s (sympy) and a trace has it loaded already. guard_or_false is
@@ -81,6 +83,8 @@ def attention_band(Lq, Lk, causal: bool = False, window_size=None, alignment: st
     A window (left, right) keeps keys ``d - left <= j <= d + right``, -1 meaning no limit on that
     side; causal keeps ``j <= d``. Lq and Lk enter only through the bottom-right offset.
     """
+    if window_size is None and not causal:  # (the common case: every key, whatever the alignment)
+        return NO_BAND
     diag = Lk - Lq if alignment == "bottom_right" else 0
     left, right = window_size if window_size is not None else (-1, -1)
     # a side wider than any length is unbounded (and Python ints past int64 overflowed the ops)

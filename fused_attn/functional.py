@@ -1581,11 +1581,12 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         raise ValueError(f"b1 must have shape ({F1},), got {tuple(b1.shape)}")
     if b2 is not None and b2.shape[0] != d_out:
         raise ValueError(f"b2 must have shape ({d_out},), got {tuple(b2.shape)}")
-    dropout_p = _check_prob("dropout_p", dropout_p, torch.compiler.is_compiling())
+    compiling = torch.compiler.is_compiling()
+    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
     check_backend_name(backend)
     options = (("activation", activation), ("dropout", dropout_p > 0.0))  # sorted by name
     name = resolve_options("feed_forward", x.device, x.dtype, options, backend)
-    if torch.compiler.is_compiling():
+    if compiling:
         x, w1, b1, w2, b2, w1_up, b1_up = _distinct(x, w1, b1, w2, b2, w1_up, b1_up)
     args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
     # (plain tensors only pass _eager_inference: a DTensor goes on to the _distributed test)

@@ -97,7 +97,9 @@ def inference_call_ok(*tensors) -> bool:
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)):
             return False
-    return not (grad and _transform_needs_autograd(tensors))
+    # (_transform_needs_autograd's first two tests, which answer False on the common path, inline)
+    return not (grad and (_forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active())
+                and _transform_needs_autograd(tensors))
 
 
 def _transform_needs_autograd(tensors) -> bool:

@@ -88,6 +88,13 @@ def check_against_reference(fused: Callable, reference: Callable, inputs: Sequen
 
     ``inputs`` may mix tensors and other values; floating tensors are cast for the reference runs,
     bool/int tensors pass as they are. Outputs may be a tensor or a tuple of tensors.
+
+    ``reference`` should compute in the dtype it is given, as ``fused_attn.reference.attention``
+    does (torch's own arithmetic in that dtype sets the bound). Not ``fused_attn.attention(...,
+    backend="reference")``: that backend computes half-precision inputs in float32 and rounds once,
+    so its float16/bfloat16 error, and the bound with it, is float32-sized, and every fused kernel
+    (ours, FlashAttention's, SDPA's, which take delta = rowsum(dO * O) from the rounded output)
+    then fails ~5 % of sharp-softmax gradient cases.
     """
     results = []
     runs = {}

@@ -88,8 +88,9 @@ def direct_call_ok(*tensors) -> bool:
 
 def inference_call_ok(*tensors) -> bool:
     """``direct_call_ok(*tensors)`` and no tensor needs a gradient (grad mode off, or none
-    requires grad): the call builds no autograd graph and may skip the autograd Function as well
-    as the registered op (``functional._eager_inference``). One pass over the tensors."""
+    requires grad) nor a tangent (forward-mode AD off): the call builds no autograd graph and may
+    skip the autograd Function as well as the registered op (``functional._eager_inference``).
+    One pass over the tensors."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     # (grad_recording() with is_compiling() known False, inline: this runs on every call)
@@ -97,9 +98,15 @@ def inference_call_ok(*tensors) -> bool:
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)):
             return False
-    # (_transform_needs_autograd's first two tests, which answer False on the common path, inline)
-    return not (grad and (_forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active())
-                and _transform_needs_autograd(tensors))
+    # (the common path, no forward_ad level and no torch.func transform, in two tests inline)
+    if not (_forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()):
+        return True
+    if grad:
+        return not _transform_needs_autograd(tensors)
+    # Grad mode off (no_grad, inference_mode) stops reverse mode only: torch still computes jvp
+    # tangents there, so under forward-mode AD the call takes the Function, whose jvp gives them
+    # (the kernels would see dual or jvp-wrapped tensors: a tangent of zero, or a crash).
+    return not _forward_mode_on()
 
 
 def _transform_needs_autograd(tensors) -> bool:

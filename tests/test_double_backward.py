@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import fused_attn
+import fused_attn.modules
 from fused_attn import functional as F
+from fused_attn.testing import runnable_backends
 
 BACKENDS = ["reference"] + (["cpu"] if fused_attn.extension_error() is None else [])
 
@@ -163,13 +165,14 @@ def test_torch_func_grad_jacrev_and_per_sample_gradients(backend):
     torch.testing.assert_close(jac, torch.func.jacrev(lambda q: R.attention(q, k, v))(q))
 
 
-def _forward_mode_cases(backend):
-    """op name -> (f of one float64 tensor, the tensor): each Function, the arguments whose tangents
-    matter (the mask, the residual and weight, the gated pair, an in-place rotation), dropout on."""
+def _forward_mode_cases(backend, dtype=torch.float64):
+    """op name -> (f of one tensor of ``dtype``, the tensor): each Function, the arguments whose
+    tangents matter (the mask, the residual and weight, the gated pair, an in-place rotation),
+    dropout on. (``dtype``: float64, or float32 for the Triton backend, which takes no float64.)"""
     g = torch.Generator().manual_seed(5)
 
     def r(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
+        return torch.randn(*shape, generator=g, dtype=dtype)
 
     q, k, v, x, res, w, b = r(1, 4, 5, 6), r(1, 2, 7, 6), r(1, 2, 7, 6), r(3, 8), r(3, 8), r(8), r(8)
     w1, w2, w_up, w2g = r(12, 8), r(8, 12), r(6, 8), r(8, 6)
@@ -237,6 +240,58 @@ def test_forward_mode_ad(backend, case):
         torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, expected, **tol)
     jac = torch.func.jacfwd(f, randomness="same")(x)  # (a dropout seed is drawn under jacfwd's vmap)
     torch.testing.assert_close((jac.reshape(-1, x.numel()) @ t.flatten()).reshape(expected.shape), expected, **tol)
+
+
+# (the Triton interpreter, float32: under no_grad the fast path handed it jvp-wrapped tensors)
+NO_GRAD_BACKENDS = BACKENDS + (["triton"] if "triton" in runnable_backends("rotary") else [])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("backend", NO_GRAD_BACKENDS)
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+def test_forward_mode_ad_without_grad_mode(backend, case, mode):
+    """Grad mode off stops reverse mode only: torch computes jvp tangents under no_grad and
+    inference_mode too, and so must every op. Before, the inference fast path handed the dual /
+    jvp-wrapped tensors to the kernels: a tangent of exactly zero on cpu (feed_forward: a crash
+    in an out= matmul), a crash on Triton. Oracle: the same call's tangent with grad mode on
+    (itself checked against central differences by ``test_forward_mode_ad``)."""
+    import torch.autograd.forward_ad as fwAD
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    f, x = _forward_mode_cases(backend, dtype)[case]
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype)
+    expected_out, expected = torch.func.jvp(f, (x,), (t,))
+    assert expected.abs().max() > 1e-3
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    with getattr(torch, mode)():
+        out, tangent = torch.func.jvp(f, (x,), (t,))
+        torch.testing.assert_close(out, expected_out, **tol)
+        torch.testing.assert_close(tangent, expected, **tol)
+        if backend != "triton":  # (whose launchers refuse jacfwd's vmap)
+            jac = torch.func.jacfwd(f, randomness="same")(x)
+            torch.testing.assert_close((jac.reshape(-1, x.numel()) @ t.flatten()).reshape(expected.shape), expected,
+                                       **tol)
+        if mode == "no_grad":  # (torch's forward_ad makes no dual tensors under inference_mode)
+            with fwAD.dual_level():
+                dual = f(fwAD.make_dual(x, t))
+                torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, expected, **tol)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("backend", NO_GRAD_BACKENDS)
+def test_forward_mode_ad_of_a_module_without_grad_mode(backend, mode):
+    """A whole layer (attention, norms, feed-forward) under jvp in eval mode: the tangent with grad
+    mode off is the one with it on (before: exactly zero on cpu, a crash on Triton)."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    layer = fused_attn.modules.TransformerLayer(8, 2, d_ff=16, backend=backend, dtype=dtype).eval()
+    x, t = torch.randn(2, 2, 5, 8, dtype=dtype).unbind(0)
+    expected_out, expected = torch.func.jvp(layer, (x,), (t,))
+    assert expected.abs().max() > 1e-3
+    with getattr(torch, mode)():
+        out, tangent = torch.func.jvp(layer, (x,), (t,))
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(tangent, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

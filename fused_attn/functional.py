@@ -21,7 +21,7 @@ from . import _rng, reference
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
-                  _forward_mode_on, _stack, _transform_needs_autograd)
+                  _forward_mode_on, _stack, _transform_needs_autograd, differentiated)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, elements_may_overlap,
                          first_page_out_of_range, gather_kv_pages, grad_recording, known_true, pages_out_of_range,
                          paged_layout)
@@ -354,9 +354,11 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
     return window_size, dropout_p, float(scale), float(softcap)
 
 
-def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learnable: str = ""):
+def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learnable: str = "",
+                 learned: bool = False):
     """ALiBi slopes as the ops take them: float32 (rows, Hq), a stride-0 view of (Hq,) slopes.
-    ``learnable``: where slopes that require grad can go instead (named in the error)."""
+    ``learnable``: where slopes that require grad can go instead (named in the error).
+    ``learned``: slopes going into a mask (``_learned_alibi_mask``), whose derivative is allowed."""
     if alibi_slopes is None:
         return None
     if not isinstance(alibi_slopes, Tensor):
@@ -369,17 +371,21 @@ def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learn
     if alibi_slopes.shape not in ((Hq,), (rows, Hq)):
         raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or ({rows_name}, Hq) = ({rows}, {Hq}), got "
                          f"{tuple(alibi_slopes.shape)}")
-    if alibi_slopes.requires_grad and grad_recording():
-        raise ValueError(f"alibi_slopes requires grad, but this call's kernels give the slopes no gradient (as "
+    if not learned and differentiated(alibi_slopes):  # (forward mode too: its tangent would be silently zero)
+        why = "requires grad" if alibi_slopes.requires_grad and grad_recording() else \
+            "carries a forward-mode tangent (torch.func.jvp, jacfwd, torch.autograd.forward_ad)"
+        raise ValueError(f"alibi_slopes {why}, but this call's kernels give the slopes no gradient (as "
                          f"FlashAttention's); pass alibi_slopes.detach(){learnable}")
     return alibi_slopes.to(torch.float32).expand(rows, Hq)
 
 
 def _learned_alibi_mask(slopes: Tensor, attn_mask: Optional[Tensor], Lq: int, Lk: int, alignment: str,
                         dtype) -> Tensor:
-    """Slopes that require grad, as an additive mask in q's dtype (``reference.alibi_bias``, the
-    in-kernel bias written out, combined with attn_mask): the kernels return a mask's gradient,
-    and autograd carries it to the slopes. (Lq, Lk) per head: what a learnable bias costs."""
+    """Slopes that require grad (or carry a forward-mode tangent), as an additive mask in q's dtype
+    (``reference.alibi_bias``, the in-kernel bias written out, combined with attn_mask): the
+    kernels return a mask's gradient, and autograd carries it to the slopes (forward mode: the
+    slopes' tangent reaches the mask's, which the Function's jvp takes). (Lq, Lk) per head: what
+    a learnable bias costs."""
     from .reference import alibi_bias
 
     # float32 at least, float64 for float64 q: rounding float64 slopes to float32 gave their
@@ -540,9 +546,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
                                                                       dropout_p, scale, softcap, return_lse, compiling)
     learned_alibi = False
     if alibi_slopes is not None:
-        learned_alibi = isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad and grad_recording()
+        # Slopes that a derivative is taken of (reverse mode, or a forward-mode tangent) are added
+        # to the mask below, whose derivative the Function computes in both modes.
+        learned_alibi = isinstance(alibi_slopes, Tensor) and differentiated(alibi_slopes)
         if learned_alibi:  # checked as fixed slopes, then added to the mask below
-            _check_alibi(alibi_slopes.detach(), B, "B", Hq, device)
+            _check_alibi(alibi_slopes, B, "B", Hq, device, learned=True)
         else:
             alibi_slopes = _check_alibi(alibi_slopes, B, "B", Hq, device)
     if sinks is not None:

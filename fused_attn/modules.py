@@ -23,7 +23,8 @@ from .rotary import rotate_packed
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
 from .functional import (_check_bool, _check_cu_seqlens, _counter_dropout, apply_rotary_emb, attention,
                          attention_varlen, attention_with_kvcache, feed_forward, layer_norm_residual)
-from .ops_common import check_varlen_bounds, grad_recording
+from .ops import differentiated
+from .ops_common import check_varlen_bounds
 
 
 def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], options: dict) -> str:
@@ -139,7 +140,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         causal = self.causal if is_causal is None else bool(is_causal)
         p = self.dropout if self.training else 0.0
         slopes = self.alibi_slopes
-        if slopes is not None and slopes.requires_grad and grad_recording():
+        if slopes is not None and differentiated(slopes):  # (a gradient, or a forward-mode tangent)
             out = self._packed_learned_alibi(q, k, v, cu_seqlens, max_seqlen, causal, p)
         else:
             out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
@@ -149,8 +150,9 @@ class MultiHeadAttention(reference.MultiHeadAttention):
 
     def _packed_learned_alibi(self, q, k, v, cu_seqlens, max_seqlen, causal, p):
         """The packed attention with learnable slopes that are being trained (alibi="learnable",
-        grad mode on): one ``attention`` call per sequence, which gives slopes requiring grad their
-        gradient (as a learnable (H, L_s, L_s) bias). ``attention_varlen``'s kernels compute ALiBi
+        grad mode on; or carrying a forward-mode tangent, likewise): one ``attention`` call per
+        sequence, which gives slopes requiring grad their gradient (as a learnable (H, L_s, L_s)
+        bias), and their tangent. ``attention_varlen``'s kernels compute ALiBi
         inside and return no gradient for the slopes, so it refuses them, and a module user cannot
         ``.detach()`` a parameter; per sequence is exactly what the reference module computes (and
         what ``attention_varlen`` gives each sequence), at the cost of one call per sequence and

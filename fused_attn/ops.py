@@ -367,6 +367,47 @@ def _forward_mode_on() -> bool:
     return any(level.key() == _functorch.TransformType.Jvp for level in _functorch.get_interpreter_stack() or ())
 
 
+def carries_tangent(t) -> bool:
+    """Whether forward-mode AD carries a tangent on tensor t: a dual tensor of the open
+    ``torch.autograd.forward_ad`` level, or, under torch.func's jvp (``jvp``, ``jacfwd``,
+    ``hessian``), a tensor with a tangent at some jvp level (an outer one's too). False at once
+    when forward mode is off. (A detached tensor carries none: ``t.detach()`` opts out.)"""
+    if not torch._C._are_functorch_transforms_active():
+        fw_ad = torch.autograd.forward_ad
+        return fw_ad._current_level >= 0 and fw_ad.unpack_dual(t).tangent is not None
+    jvp_levels = [level.level() for level in _functorch.get_interpreter_stack() or ()
+                  if level.key() == _functorch.TransformType.Jvp]
+    # Each jvp level's tangent sits on t's wrapper of that level, which unpack_dual sees only with
+    # that level innermost (asked from a deeper one it misses it; under vmap it raises).
+    while jvp_levels and _functorch.is_functorch_wrapped_tensor(t):
+        level = _functorch.maybe_get_level(t)
+        if not _functorch.is_batchedtensor(t) and level in jvp_levels and _tangent_at(t, level):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
+
+
+def _tangent_at(wrapper, level: int) -> bool:
+    """Whether ``wrapper`` (a torch.func wrapper of jvp level ``level``) has a tangent there: asked
+    with the transforms inside that level set aside for the moment."""
+    popped = []
+    try:
+        while _functorch.peek_interpreter_stack() is not None and _functorch.peek_interpreter_stack().level() > level:
+            popped.append(_functorch.pop_dynamic_layer_stack())
+        return torch.autograd.forward_ad.unpack_dual(wrapper).tangent is not None
+    finally:
+        while popped:
+            _functorch.push_dynamic_layer_stack(popped.pop())
+
+
+def differentiated(t) -> bool:
+    """Whether a derivative is taken with respect to tensor t: it requires grad while autograd
+    records (reverse mode), or it carries a forward-mode tangent (``carries_tangent``), which
+    torch computes under no_grad and inference_mode too. For inputs the kernels give no
+    derivative (ALiBi slopes, rotary tables): such a call must take another path or refuse."""
+    return (t.requires_grad and grad_recording()) or carries_tangent(t)
+
+
 class AttentionFunction(_Function):
     """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp.
 

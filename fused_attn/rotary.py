@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .backends import check_backend_name, resolve_options
 from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad, _shown
-from .ops import RotaryFunction, inference_call_ok, rotary_inference
+from .ops import RotaryFunction, differentiated, inference_call_ok, rotary_inference
 from .ops_common import elements_may_overlap, grad_recording, known_true
 
 
@@ -198,8 +198,10 @@ def check_tables(cos, sin, x: Tensor, names=("cos", "sin", "x")) -> int:
     for name, t in ((cname, cos), (sname, sin)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but {xname} is on {x.device}")
-        if t.requires_grad and grad_recording():
-            raise ValueError(f"{name} requires grad, but the rotary tables get no gradient (as FlashAttention's): "
+        if differentiated(t):  # (forward mode too: the tables' tangent would be silently zero)
+            why = "requires grad" if t.requires_grad and grad_recording() else \
+                "carries a forward-mode tangent (torch.func.jvp, jacfwd, torch.autograd.forward_ad)"
+            raise ValueError(f"{name} {why}, but the rotary tables get no gradient (as FlashAttention's): "
                              f"pass {name}.detach(), or compute the embedding with torch ops to learn the angles")
     half, D = cos.shape[1], x.shape[-1]
     if half < 1 or 2 * half > D:

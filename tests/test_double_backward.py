@@ -294,6 +294,93 @@ def test_forward_mode_ad_of_a_module_without_grad_mode(backend, mode):
     torch.testing.assert_close(tangent, expected)
 
 
+@pytest.mark.parametrize("backend", NO_GRAD_BACKENDS)
+def test_forward_mode_tangent_of_alibi_slopes(backend):
+    """The tangent of attention's output along its ALiBi slopes is jacrev @ t, as reverse mode
+    differentiates learnable slopes (before: silently zero in every mode and backend). Slopes that
+    carry a tangent take the path of slopes that require grad (a bias mask, whose tangent the
+    Function takes), with grad mode on or off."""
+    import torch.autograd.forward_ad as fwAD
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 1, 2, 5, 4, generator=gen, dtype=torch.float64).unbind(0)
+    a, t = torch.rand(2, generator=gen, dtype=torch.float64), torch.randn(2, generator=gen, dtype=torch.float64)
+
+    def f(a, backend=backend):
+        qkv = (q, k, v) if backend == "reference" else (q.to(dtype), k.to(dtype), v.to(dtype))
+        return F.attention(*qkv, alibi_slopes=a, causal=True, backend=backend)
+
+    expected = torch.func.jacrev(lambda a: f(a, "reference"))(a) @ t
+    assert expected.abs().max() > 1e-2
+    a, t = a.to(dtype), t.to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-8)
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(torch.func.jvp(f, (a,), (t,))[1], expected.to(dtype), **tol)
+    with torch.no_grad(), fwAD.dual_level():
+        torch.testing.assert_close(fwAD.unpack_dual(f(fwAD.make_dual(a, t))).tangent, expected.to(dtype), **tol)
+    if backend != "triton":  # (whose launchers refuse jacfwd's vmap)
+        torch.testing.assert_close(torch.func.jacfwd(f)(a) @ t, expected, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_tangent_of_learnable_slopes_in_a_packed_module(backend):
+    """A module's learnable slopes on packed sequences carrying a tangent go per sequence through
+    ``attention`` (as while training them), not to attention_varlen, whose kernels give them none."""
+    torch.manual_seed(0)
+    mha = fused_attn.modules.MultiHeadAttention(8, 2, alibi="learnable", causal=True, backend=backend,
+                                                dtype=torch.float64)
+    x, cu = torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 2, 5], dtype=torch.int32)
+    slopes = mha.alibi_slopes.detach().double()
+
+    def f(a):
+        return torch.func.functional_call(mha, {"alibi_slopes": a}, (x,), {"cu_seqlens": cu, "max_seqlen": 3})
+
+    t = torch.ones_like(slopes)
+    expected = torch.func.jacrev(f)(slopes) @ t
+    assert expected.abs().max() > 1e-3
+    for mode in (torch.enable_grad, torch.no_grad):
+        with mode():
+            torch.testing.assert_close(torch.func.jvp(f, (slopes,), (t,))[1], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_refuses_slopes_and_tables_the_kernels_do_not_differentiate(backend):
+    """attention_varlen's and attention_with_kvcache's slopes and the rotary tables get no
+    derivative from the kernels: carrying a forward-mode tangent they raise the ValueError that
+    requiring grad raises (before: a tangent silently missing their part). Detached, they run."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(4)
+    a = torch.rand(2, generator=gen, dtype=torch.float64)
+    qp, kp, vp = torch.randn(3, 5, 2, 4, generator=gen, dtype=torch.float64).unbind(0)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    q1 = torch.randn(1, 2, 2, 4, dtype=torch.float64)
+    kc, vc = torch.randn(2, 1, 6, 2, 4, dtype=torch.float64).unbind(0)
+    cos, sin = torch.randn(2, 10, 2, generator=gen, dtype=torch.float64).unbind(0)
+    x = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64)
+    calls = {
+        "alibi_slopes": [lambda a: F.attention_varlen(qp, kp, vp, cu, cu, alibi_slopes=a, backend=backend),
+                         lambda a: F.attention_with_kvcache(q1, kc.clone(), vc.clone(), cache_seqlens=3,
+                                                            alibi_slopes=a, backend=backend)],
+        "cos": [lambda c: F.apply_rotary_emb(x, c.expand(10, 2), sin, backend=backend)],
+        "sin": [lambda s: F.apply_rotary_emb(x, cos, s.expand(10, 2), backend=backend)],
+    }
+    for name, fns in calls.items():
+        arg = a if name == "alibi_slopes" else torch.rand(2, dtype=torch.float64)
+        for fn in fns:
+            for mode in (torch.enable_grad, torch.no_grad):
+                with mode(), pytest.raises(ValueError, match=f"{name} carries a forward-mode tangent"):
+                    torch.func.jvp(fn, (arg,), (torch.ones_like(arg),))
+                with mode(), fwAD.dual_level(), pytest.raises(ValueError, match=f"{name} carries a forward-mode"):
+                    fn(fwAD.make_dual(arg, torch.ones_like(arg)))
+            with pytest.raises(ValueError, match=f"{name} requires grad"):  # (reverse mode's, as before)
+                fn(arg.clone().requires_grad_())
+            # detached (its tangent dropped), the call runs
+            torch.func.jvp(lambda a, fn=fn: fn(a.detach()), (arg,), (torch.ones_like(arg),))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", FORWARD_MODE_CASES)
 def test_nested_transforms_give_second_derivatives(backend, case):

@@ -483,7 +483,13 @@ def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
             continue
         for a, b in zip(fused(*args, **kwargs), expected):
             assert torch.equal(a, b)
-    assert calls == []  # all four ran transformers' own function
+    # tables carrying a forward-mode tangent (jvp over the angles) are left to transformers' formula
+    # too, which differentiates them (the fused op would refuse them)
+    tangent = torch.randn_like(sin)
+    got = torch.func.jvp(lambda s: fused(q, k, cos.detach(), s), (sin,), (tangent,))
+    expected = torch.func.jvp(lambda s: original(q, k, cos.detach(), s), (sin,), (tangent,))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert calls == []  # all five ran transformers' own function
     fused_attn.restore_modules(first)
     assert modeling_llama.apply_rotary_pos_emb is original
 

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..ops_common import grad_recording
+from ..ops import differentiated
 from ..functional import _apply_sinks, _needs_grad, attention, attention_varlen, feed_forward, layer_norm_residual
 from ..swap import activation_now, in_sum_dtype, reads_intact
 
@@ -651,7 +651,7 @@ def _rotary_reason(q, k, cos, sin, unsqueeze_dim, partial: bool) -> Optional[str
         return "shapes"
     if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
         return "devices or dtypes"  # (other dtypes: transformers' formula promotes, the fused op keeps q's)
-    if grad_recording() and (cos.requires_grad or sin.requires_grad):
+    if differentiated(cos) or differentiated(sin):  # (a gradient, or a forward-mode tangent)
         return "tables that require grad"
     return None
 

@@ -26,6 +26,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 from .backends import check_backend_name, resolve_options
 from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad, _shown
@@ -287,6 +288,11 @@ def check_positions(positions: Tensor, rows: int, what: str, compiling: bool) ->
         torch._assert_async(((positions >= 0) & (positions < rows)).all(),
                             f"apply_rotary_emb: {what} must index the rows of cos and sin")
         return
+    # Under torch.func's transforms (vmap over per-sample seqlen_offsets or position_ids) the
+    # positions are wrapped, and vmap refuses to read a batched value on the host: the values
+    # under the wrappers, every sample's positions at once, are read instead.
+    while _functorch.is_functorch_wrapped_tensor(positions):
+        positions = _functorch.get_unwrapped(positions)
     low, high = int(positions.min()), int(positions.max())
     if low < 0 or high >= rows:
         bad = low if low < 0 else high

@@ -433,6 +433,35 @@ def test_inplace_under_vmap_and_per_sample_grad(backend):
     torch.testing.assert_close(grads, torch.func.vmap(torch.func.grad(loss(False)))(xs), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", [None] + [b for b in BACKENDS if b in ("reference", "cpu")])
+def test_per_sample_positions_under_vmap(backend):
+    """vmap over per-sample seqlen_offsets / position_ids (dense and packed, and under vmap(grad)):
+    each sample as the call on it alone. Before, checking the positions read a batched tensor on
+    the host inside PyTorch (``.item()`` under vmap); now the values under vmap's wrapper, every
+    sample's at once, are checked, and one out of range is the usual ValueError."""
+    cos, sin = tables(10, 2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 5, 2, 4, generator=gen)
+    offsets = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    ids = offsets[:, :, None] + torch.arange(5)
+    cu = torch.tensor([0, 2, 5])
+    packed = x[:, 0]  # (3, total = 5, H, D): two sequences of 2 and 3 tokens per sample
+
+    def rope(**kw):
+        return lambda x, p: fused_attn.apply_rotary_emb(x, cos, sin, backend=backend, **{
+            name: p if value is None else value for name, value in kw.items()})
+
+    for f, xs, ps in ((rope(seqlen_offsets=None), x, offsets), (rope(position_ids=None), x, ids),
+                      (rope(seqlen_offsets=None, cu_seqlens=cu), packed, offsets)):
+        expected = torch.stack([f(xi, pi) for xi, pi in zip(xs, ps)])
+        torch.testing.assert_close(torch.func.vmap(f)(xs, ps), expected, atol=0, rtol=0)
+        grads = torch.func.vmap(torch.func.grad(lambda xi, pi: f(xi, pi).square().sum()))(xs, ps)
+        torch.testing.assert_close(grads, torch.stack([torch.func.grad(lambda xi: f(xi, pi).square().sum())(xi)
+                                                       for xi, pi in zip(xs, ps)]))
+        with pytest.raises(ValueError, match="the positions reach position 1[0-9], outside the 10 rows"):
+            torch.func.vmap(f)(xs, ps + 5)
+
+
 def test_inplace_compiles_fullgraph():
     backend = "cpu" if "cpu" in BACKENDS else "reference"
     cos, sin = tables(32, 8)

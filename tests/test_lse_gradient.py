@@ -183,3 +183,38 @@ def test_lse_gradient_gradcheck_float64(backend):
         return out, lse.masked_fill(torch.isinf(lse), 0.0)  # +inf rows have no finite difference
 
     assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+# Losses whose lse gradient is not a contiguous (B, H, L) tensor: every other test draws dlse as a
+# fresh tensor, but a sum's gradient is a stride-0 expand, a transposed product's has the rows
+# outermost, a slice's is a strided scatter. The kernels must read dlse through its strides.
+_STRIDED_LSE_LOSSES = {
+    "sum": lambda out, lse: out.sum() + lse.sum(),  # dlse: a stride-0 expand of one
+    "transposed": lambda out, lse: out.sum() + (lse.transpose(-1, -2)
+                                                * torch.arange(lse.shape[-1] * lse.shape[-2], device=lse.device)
+                                                .view(lse.shape[-1], lse.shape[-2]).to(lse.dtype) / 7).sum(),
+}
+
+
+@pytest.mark.parametrize("loss", list(_STRIDED_LSE_LOSSES))
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("device,backend", cases(torch.float32, varlen=True))
+def test_lse_gradient_of_any_layout(device, backend, varlen, loss):
+    """dq, dk, dv of a loss whose dlse is a stride-0 expand or a transposed view match the float64
+    reference, dense (B, H, L) lse and packed (H, total) lse alike."""
+    lossfn = _STRIDED_LSE_LOSSES[loss]
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=device)
+    q, k, v = make_inputs((1, 2, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16), device=device, seed=21)
+
+    def grads(q, k, v, backend):
+        if varlen:  # the (total, H, D) packing of the same rows: two sequences, 7 and 13 long
+            qq, kk, vv = (t[0].transpose(0, 1) for t in (q, k, v))
+            out, lse = F.attention_varlen(qq, kk, vv, cu, cu, causal=True, return_lse=True, backend=backend)
+        else:
+            out, lse = F.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+        return torch.autograd.grad(lossfn(out, lse), (q, k, v))
+
+    got = grads(q, k, v, backend)
+    want = grads(*(t.detach().double().requires_grad_() for t in (q, k, v)), "reference")
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name} ({loss}): {m}")

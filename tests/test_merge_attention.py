@@ -121,6 +121,25 @@ def test_merge_of_huge_lses_weighs_the_parts():
     assert all(bool(torch.isfinite(l.grad).all()) for l in lses)
 
 
+def test_rows_no_part_saw_ignore_the_parts_outputs():
+    """A row with an infinite lse in every part (+inf: this library's "saw no key", -inf: others'
+    convention) merges to out 0 and lse +inf whatever the parts hold there, and no gradient flows
+    into their outputs on it: another producer's empty rows need not be zeros (a part with 7s there
+    gave 3.5 when the empty parts were weighed 1/n)."""
+    inf = float("inf")
+    for empty_lses in ((inf, -inf), (-inf, -inf), (inf, inf)):
+        o1 = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+        o2 = torch.tensor([[3.0, 4.0], [7.0, 7.0]], requires_grad=True)
+        l1, l2 = torch.tensor([0.5, empty_lses[0]]), torch.tensor([0.1, empty_lses[1]])
+        out, lse = F.merge_attention([o1, o2], [l1, l2])
+        assert out[1].tolist() == [0.0, 0.0] and float(lse[1]) == inf, (empty_lses, out, lse)
+        w1 = 1 / (1 + torch.exp(torch.tensor(0.1 - 0.5)))  # the first row: both parts saw keys
+        torch.testing.assert_close(out[0], w1 * o1[0].detach() + (1 - w1) * o2[0].detach())
+        out.sum().backward()
+        assert o1.grad[1].tolist() == [0.0, 0.0] and o2.grad[1].tolist() == [0.0, 0.0], (empty_lses, o1.grad, o2.grad)
+        torch.testing.assert_close(o2.grad[0], (1 - w1).expand(2))
+
+
 def test_float64_merge_is_float64():
     out, lse = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float32)
     merged, merged_lse = F.merge_attention([out], [lse])

@@ -331,6 +331,21 @@ def test_band_gemm_modes_meet_the_oracle(monkeypatch, mode, case):
     _check_band(torch.float32, B, Hq, Hkv, Lq, Lk, D, band, mask=mask, dropout_p=p)
 
 
+@pytest.mark.parametrize("left", [1, 65])
+def test_two_pass_backward_reaches_the_last_query_of_a_key_block(left):
+    """The two-pass backward's dK/dV pass runs, for each key block, the query blocks holding the rows
+    that see it. With a causal window (left, 0) the last row to see key block [0, 128) is 127 + left:
+    128 or 192, the first row of a 64-row query block. Leaving that block out (an end one short)
+    lost its contribution to dK and dV at key 127 (an error of O(0.1-1)), which no other band hits.
+    B * Hkv = 1 on 2 threads: the two-pass schedule; blocks 64 x 128, the default."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_band(torch.float64, 1, 1, 1, 200, 200, 32, (-left, 0))
+    finally:
+        torch.set_num_threads(old)
+
+
 # ---- oracle: logit soft-capping ----------------------------------------------------------------
 # softcap > 0: the logits are softcap * tanh(scale q.k / softcap), then the mask and the band,
 # through the compiled ops against fused_attn.reference's (float64, _band_reference). q is scaled by

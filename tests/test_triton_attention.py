@@ -427,6 +427,40 @@ def test_other_block_shapes(blocks, device, monkeypatch):
     _check((1, 2, 1, lq, lk, 16, 16), f32, device, causal=True, mask=mask.requires_grad_(True))
 
 
+
+@pytest.mark.parametrize("dtype,mask", [(f32, "additive"), (f32, "bool"), (f32, None), (f16, "additive")],
+                         ids=["f32-additive", "f32-bool", "f32-none", "f16-additive"])
+def test_launch_precision_and_loop_stages(dtype, mask, device, monkeypatch):
+    """What the interpreter ignores, read off the launches of a forward and backward: float32 dots
+    are IEEE (DOT_PRECISION "ieee", README: "float32 uses IEEE dots"; tf32 would round the inputs
+    to 10-bit mantissas on a GPU), and the inner loops run unpipelined (LOOP_STAGES 1) exactly for
+    float32 with an additive mask, the case the H200's software pipeliner got wrong (the comment on
+    MASK_ADDITIVE); every other case keeps the configuration's stages (None)."""
+    launches = []
+    launch = triton_attention._launch
+
+    def spy(kernel, grid_rows, heads, args, constexprs):
+        launches.append((kernel, constexprs))
+        return launch(kernel, grid_rows, heads, args, constexprs)
+
+    monkeypatch.setattr(triton_attention, "_launch", spy)
+    q, k, v = make_inputs((1, 2, 9, 16), (1, 2, 11, 16), (1, 2, 11, 16), dtype=dtype, device=device, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    attn_mask = None
+    if mask == "additive":
+        attn_mask = torch.randn(1, 2, 9, 11, generator=gen).to(device=device, dtype=dtype)
+    elif mask == "bool":
+        attn_mask = (torch.rand(1, 1, 9, 11, generator=gen) > 0.3).to(device)
+    out = F.attention(q, k, v, attn_mask=attn_mask, causal=True, backend="triton")
+    out.sum().backward()
+    assert {kernel for kernel, _ in launches} == {"fwd", "dkdv", "dq"}
+    for kernel, constexprs in launches:
+        if dtype == f32:
+            assert constexprs["DOT_PRECISION"] == "ieee", (kernel, constexprs["DOT_PRECISION"])
+        expected = 1 if dtype == f32 and mask == "additive" else None
+        assert constexprs["LOOP_STAGES"] == expected, (kernel, constexprs["LOOP_STAGES"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the TMA-streamed path (STREAM_TMA): forced on with FUSED_ATTN_TRITON_TMA=on, which the
 # interpreter honours, so the descriptor loads (zero-filled past the sequence and head dim) are

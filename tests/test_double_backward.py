@@ -487,3 +487,60 @@ def test_vmap_randomness_different_draws_a_mask_per_sample(backend, op):
     basis = torch.eye(x.numel(), dtype=x.dtype).reshape(x.numel(), *x.shape)
     columns = [torch.func.jvp(lambda x: ref(x, rng), (x,), (e,))[1] for e, rng in zip(basis, pairs(x.numel()))]
     torch.testing.assert_close(jac, torch.stack(columns, dim=-1).reshape(jac.shape), atol=1e-12, rtol=1e-12)
+
+
+def _first_order_cases(backend):
+    """op -> (f(*inputs) -> tuple of outputs, float64 inputs): every output that carries a gradient
+    of its own (attention's lse, a prenorm norm's summed stream), dropout on, a learned mask,
+    sinks, a gated pair."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    def seeded(f):
+        return lambda *a: f(*a, generator=torch.Generator().manual_seed(4))
+
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    angles = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    return {
+        "attention": (seeded(lambda q, k, v, m, s, generator: F.attention(
+            q, k, v, attn_mask=m, sinks=s, dropout_p=0.3, return_lse=True, backend=backend, generator=generator)),
+            [r(1, 4, 5, 6), r(1, 2, 7, 6), r(1, 2, 7, 6), r(5, 7, scale=0.5), r(4)]),
+        "attention_varlen": (seeded(lambda q, k, v, generator: F.attention_varlen(
+            q, k, v, cu, cu, causal=True, dropout_p=0.3, return_lse=True, backend=backend, generator=generator)),
+            [r(5, 2, 4), r(5, 2, 4), r(5, 2, 4)]),
+        "layer_norm_residual_prenorm": (seeded(lambda x, res, w, b, generator: F.layer_norm_residual(
+            x, res, w, b, 1e-5, dropout_p=0.3, prenorm=True, backend=backend, generator=generator)),
+            [r(3, 8), r(3, 8), r(8), r(8)]),
+        "rms_norm_prenorm": (lambda x, res, w: F.layer_norm_residual(x, res, w, None, 1e-5, prenorm=True, rms=True,
+                                                                     backend=backend),
+                             [r(3, 8), r(3, 8), r(8)]),
+        "feed_forward": (seeded(lambda x, w1, b1, w2, b2, generator: F.feed_forward(
+            x, w1, b1, w2, b2, activation="gelu", dropout_p=0.3, backend=backend, generator=generator)),
+            [r(3, 8), r(12, 8, scale=0.5), r(12), r(8, 12, scale=0.5), r(8)]),
+        "feed_forward_swiglu_pair": (lambda x, wg, wu, w2: F.feed_forward(x, (wg, wu), None, w2, None,
+                                                                         activation="swiglu", backend=backend),
+                                     [r(3, 8), r(6, 8, scale=0.5), r(6, 8, scale=0.5), r(8, 6, scale=0.5)]),
+        "rotary": (lambda x: F.apply_rotary_emb(x, angles.cos(), angles.sin(), backend=backend), [r(1, 9, 2, 4)]),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_first_order_cases("reference")))
+def test_create_graph_gradient_equals_the_plain_gradient(backend, case):
+    """A backward under create_graph=True recomputes the gradient through the reference math (a
+    separate path from the kernels' backward). gradgradcheck only checks that path against its
+    own finite differences, never against the first-order gradient: it once dropped the prenorm
+    summed stream's gradient and every check still passed. Here the first-order gradient taken
+    with create_graph=True equals the plain one, every output weighted in the loss."""
+    f, inputs = _first_order_cases(backend)[case]
+    outs = f(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(5)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() + o.square().sum() for o in outs)
+    plain = torch.autograd.grad(loss, inputs, retain_graph=True)
+    with_graph = torch.autograd.grad(loss, inputs, create_graph=True)
+    for i, (a, b) in enumerate(zip(plain, with_graph)):
+        assert b.requires_grad, i  # the recomputed path ran
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9, msg=f"input {i}")

@@ -66,6 +66,27 @@ def _perturb_norms(model):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
+def _original_rope(fused, run):
+    """``run`` for check_module_against_reference whose reference copies (every module but ``fused``)
+    run the modeling module's own apply_rotary_pos_emb: swap_modules patches the module, so a copy
+    of the model made before the swap would otherwise run the fused RoPE too, and a wrong fused
+    rotation would meet itself."""
+    import sys
+
+    def call(module, *args):
+        code = sys.modules[type(module).__module__]
+        fn = getattr(code, "apply_rotary_pos_emb", None)
+        original = getattr(fn, "fused_attn_original", None)
+        if module is fused or original is None:
+            return run(module, *args)
+        code.apply_rotary_pos_emb = original
+        try:
+            return run(module, *args)
+        finally:
+            code.apply_rotary_pos_emb = fn
+    return call
+
+
 @pytest.fixture(autouse=True)
 def _registered(monkeypatch):
     hf.register()
@@ -164,7 +185,7 @@ def test_swap_modules_matches_unswapped_model(family):
     model.train()  # dropout probabilities are 0: train mode is deterministic too
     ref.train()
     ids, mask = _batch(family)
-    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    check_module_against_reference(model, ref, [], run=_original_rope(model, lambda m: _logits(m, ids, mask)))
     fused_attn.restore_modules(model)
     assert model.config._attn_implementation == "eager"
     assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
@@ -438,7 +459,7 @@ def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
         (f"modeling_{config}.apply_rotary_pos_emb", "fused_attn.apply_rotary_emb")]
     calls = _rotary_calls(monkeypatch)
     ids, mask = _batch("llama")
-    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    check_module_against_reference(model, ref, [], run=_original_rope(model, lambda m: _logits(m, ids, mask)))
     heads_k = 2 if config in ("llama", "mistral", "qwen2") else 4  # (Falcon repeats its K/V heads first)
     assert calls and calls[0] == (B, L, 4, 8) and calls[1] == (B, L, heads_k, 8)  # q, then k, as (B, L, H, D)
     calls.clear()
@@ -446,10 +467,32 @@ def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
         warnings.simplefilter("ignore")
         greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         out = model.generate(ids[:, :5], attention_mask=mask[:, :5], **greedy)
-        assert torch.equal(out, ref.generate(ids[:, :5], attention_mask=mask[:, :5], **greedy))
+        assert torch.equal(out, _original_rope(model, lambda m: m.generate(
+            ids[:, :5], attention_mask=mask[:, :5], **greedy))(ref))
     assert (B, 1, 4, 8) in calls  # the decoding steps ran fused
     fused_attn.restore_modules(model)
     assert module.apply_rotary_pos_emb is original
+
+
+def test_llama_rope_with_per_row_position_ids_matches_unswapped(monkeypatch):
+    """Per-row position_ids make Hugging Face's cos/sin (B, L, D) tables, one per batch row: the
+    fused RoPE turns each row by its own table rows, and the logits equal the unswapped model's.
+    Row 1 restarts its positions mid-row (two documents packed in one row): a row shifted as a
+    whole would not tell (RoPE sees only relative positions), so reading the first row's tables
+    for every row went unnoticed with (1, L, D) tables, rows that agree, or left padding."""
+    model = _build("llama")
+    ids, _ = _batch("llama")
+    position_ids = torch.stack([torch.arange(L), torch.cat([torch.arange(5), torch.arange(L - 5)])])
+    with torch.no_grad():  # before the swap: the swap patches the modeling module, every Llama's RoPE
+        expected = model(input_ids=ids, position_ids=position_ids).logits
+        shifted = model(input_ids=ids, position_ids=torch.arange(L).expand(B, L)).logits
+    assert (shifted[1] - expected[1]).abs().max() > 1e-4  # the positions matter at this size
+    fused_attn.swap_modules(model, attention=False, norm=False, ffn=False)
+    calls = _rotary_calls(monkeypatch)
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=position_ids).logits
+    assert calls  # the fused rotation ran
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):

@@ -120,6 +120,12 @@ def test_packed_sequences_restart_positions(backend):
     # an int offset is every sequence's; no offset restarts each at 0
     first = fused_attn.apply_rotary_emb(x, cos, sin, cu_seqlens=cu, backend=backend)
     assert torch.equal(first[1:18], fused_attn.apply_rotary_emb(x[1:18][None], cos, sin, backend=backend)[0])
+    shifted = fused_attn.apply_rotary_emb(x, cos, sin, seqlen_offsets=3, cu_seqlens=cu, backend=backend)
+    assert not torch.equal(shifted, first)
+    for s in range(len(lens)):
+        a, b = int(cu[s]), int(cu[s + 1])
+        alone = fused_attn.apply_rotary_emb(x[a:b][None], cos, sin, seqlen_offsets=3, backend=backend)
+        assert torch.equal(shifted[a:b], alone[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -138,6 +144,29 @@ def test_position_ids(backend):
                                atol=1e-6, rtol=0)
     flat = fused_attn.apply_rotary_emb(x[0], cos, sin, position_ids=left_padded[0], backend=backend)  # (L, H, D)
     assert torch.equal(flat, out[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Bc", [1, 2])
+def test_rotate_token_tables_per_batch_rows(backend, Bc):
+    """rotate_token_tables (Hugging Face's per-token cos/sin, (Bc, L, D/2)): with Bc == B each batch
+    row turns by its own table rows (left padding, per-row position_ids), with Bc == 1 every row
+    by the one table; against the closed-form rotate-half rotation, q and k (other head counts)."""
+    from fused_attn.rotary import rotate_token_tables
+
+    B, L, D = 2, 5, 8
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, L, 3, D, generator=g), torch.randn(B, L, 1, D, generator=g)
+    angles = torch.randn(Bc, L, D // 2, generator=g) * 3
+
+    def closed_form(t):
+        c, s = angles.cos()[:, :, None].double(), angles.sin()[:, :, None].double()
+        t1, t2 = t.double()[..., :D // 2], t.double()[..., D // 2:]
+        return torch.cat([t1 * c - t2 * s, t1 * s + t2 * c], -1).float()
+
+    outs = rotate_token_tables((q, k), angles.cos(), angles.sin(), backend)
+    for t, out in zip((q, k), outs):
+        torch.testing.assert_close(out, closed_form(t), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1037,3 +1037,79 @@ def test_hooked_children_of_a_torch_layer_leave_that_part_with_the_reason():
     (note,) = [note for path, *_, note in report.replaced if path == ""]
     assert note == "norms fused, FFN fused relu", report
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_ffn_dropout_is_the_fused_ops_dropout():
+    """A swapped Sequential(Linear, GELU, Dropout(p), Linear) in training is F.feed_forward with
+    dropout_p = p, the same elements dropped (the seed drawn from torch's generator as the op
+    draws it); in eval it drops nothing. Every other swapped-FFN test had p = 0."""
+    torch.manual_seed(0)
+    ffn = nn.Sequential(nn.Linear(D, 48), nn.GELU(), nn.Dropout(0.3), nn.Linear(48, D))
+    fused_attn.swap_modules(ffn)
+    x = torch.randn(B, L, D)
+    first, last = ffn[0], ffn[3]
+
+    def functional(p):
+        torch.manual_seed(5)
+        return fused_attn.functional.feed_forward(x, first.weight, first.bias, last.weight, last.bias,
+                                                  activation="gelu", dropout_p=p)
+
+    ffn.train()
+    torch.manual_seed(5)
+    assert torch.equal(ffn(x), functional(0.3))
+    ffn.eval()
+    assert torch.equal(ffn(x), functional(0.0))
+    assert not torch.equal(functional(0.3), functional(0.0))
+
+
+def _encoder_layer_by_hand(layer, x):
+    """A swapped TransformerEncoderLayer's forward from the functional ops, each dropout at its
+    module's p (p = 0 in eval): post-LN norm_i(x + dropout_i(branch_i(x))), pre-LN x + dropout_i(
+    branch_i(norm_i(x))) with the add and the next norm in one op; the self-attention's own
+    dropout must be 0 here (its call is the layer's own self_attn)."""
+    from fused_attn import functional as FA
+
+    def p(drop):
+        return drop.p if layer.training else 0.0
+
+    def sa(h):
+        return layer.self_attn(h, h, h, need_weights=False)[0]
+
+    def ff(h):
+        return FA.feed_forward(h, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight,
+                               layer.linear2.bias, activation="relu", dropout_p=p(layer.dropout))
+
+    n1, n2 = layer.norm1, layer.norm2
+    if not layer.norm_first:
+        h = FA.layer_norm_residual(sa(x), x, n1.weight, n1.bias, n1.eps, dropout_p=p(layer.dropout1))
+        return FA.layer_norm_residual(ff(h), h, n2.weight, n2.bias, n2.eps, dropout_p=p(layer.dropout2))
+    h = FA.layer_norm_residual(x, None, n1.weight, n1.bias, n1.eps)
+    h, x = FA.layer_norm_residual(sa(h), x, n2.weight, n2.bias, n2.eps, dropout_p=p(layer.dropout1), prenorm=True)
+    return x + FA._counter_dropout(ff(h), p(layer.dropout2))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_ln", "pre_ln"])
+@pytest.mark.parametrize("which", ["dropout1", "dropout2", "dropout"])
+def test_torch_encoder_layer_dropouts_run_fused(norm_first, which):
+    """Each residual dropout (dropout1 after attention, dropout2 after the FFN) and the FFN's inner
+    dropout of a swapped TransformerEncoderLayer drops in training, exactly the elements its fused
+    op draws (one dropout on at a time, so one seed is drawn), and nothing in eval. Every other
+    swapped-layer test ran dropout=0.0, so a dropout fused at p = 0 went unnoticed."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True, norm_first=norm_first)
+    _perturb_norms(layer)
+    getattr(layer, which).p = 0.4
+    fused_attn.swap_modules(layer)
+    x = torch.randn(B, L, D)
+    layer.eval()
+    with torch.no_grad():
+        plain = layer(x)
+        torch.testing.assert_close(plain, _encoder_layer_by_hand(layer, x), atol=1e-6, rtol=1e-6)
+        layer.train()
+        torch.manual_seed(3)
+        dropped = layer(x)
+        torch.manual_seed(3)
+        expected = _encoder_layer_by_hand(layer, x)
+    torch.testing.assert_close(dropped, expected, atol=1e-6, rtol=1e-6)
+    changed = ((dropped - plain).abs() > 1e-4).float().mean()
+    assert changed > 0.2, changed  # the dropout is on (p = 0.4; a norm after it spreads a drop over its row)

@@ -223,6 +223,29 @@ def test_dropout_in_training_is_active_and_off_in_eval():
     assert not torch.allclose(layer(x), layer(x))
 
 
+@pytest.mark.parametrize("module", [M, R], ids=["fused", "reference"])
+def test_pre_ln_layer_drops_the_ffn_branch_before_the_last_add(module):
+    """pre-LN: out = x1 + dropout(ffn(norm2(x1))), the last add's dropout at the layer's p. With the
+    attention branch zeroed (out_linear = 0: x1 = x) and the FFN's inner dropout off, out - x is
+    the FFN branch with each element dropped (0) or kept and scaled by 1/(1-p) (2 at p = 0.5):
+    about half of each. test_dropout_in_training_is_active_and_off_in_eval saw the layer's other
+    dropouts and not this one."""
+    torch.manual_seed(0)
+    layer = module.TransformerLayer(D_MODEL, HEADS, norm_first=True, dropout=0.5)
+    with torch.no_grad():
+        layer.multi_head_attention.out_linear.weight.zero_()
+        layer.multi_head_attention.out_linear.bias.zero_()
+    layer.ffn.dropout = 0.0
+    x = torch.randn(B, L, D_MODEL)
+    with torch.no_grad():
+        branch = layer.eval()(x) - x
+        dropped = layer.train()(x) - x
+    kept = dropped != 0
+    assert (branch != 0).all()
+    torch.testing.assert_close(dropped[kept], 2 * branch[kept], atol=1e-5, rtol=1e-5)
+    assert 0.4 < kept.float().mean() < 0.6, kept.float().mean()
+
+
 def test_extra_repr_shows_the_backend():
     mha = M.MultiHeadAttention(D_MODEL, HEADS)
     assert "backend=auto -> " in repr(mha)

@@ -5,7 +5,7 @@ import torch
 import fused_attn
 from fused_attn import _extension
 from fused_attn import reference as R
-from fused_attn.testing import check_against_reference, make_inputs
+from fused_attn.testing import check_against_reference, make_inputs, runnable_backends
 
 _REASON = fused_attn.extension_error() or (
     None if _extension.has_kernel("layer_norm_residual_fwd", "CPU") else "fused_attn._C has no CPU layer_norm kernel")
@@ -147,6 +147,32 @@ def test_residual_in_fp32_keeps_float64_sums(backend, residual_dtype, dropout_p)
     assert r.grad.dtype == residual_dtype
     if residual_dtype == torch.float64:
         assert torch.autograd.gradcheck(fn(backend), (x, r, w, b))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("residual_in_fp32", [False, True], ids=["sum-in-dtype", "sum-in-fp32"])
+@pytest.mark.parametrize("dtype,big", [(torch.bfloat16, 256.0), (torch.float16, 2048.0)], ids=["bf16", "fp16"])
+def test_statistics_read_the_sum_rounded_to_its_dtype(dtype, big, residual_in_fp32, backend):
+    """The summed stream is rounded to its dtype (x's, or float32 under residual_in_fp32) before
+    the mean and variance are taken: the statistics see exactly the stored sum that the next
+    layer and the backward read. big +- 0.5 rounds to big in bfloat16 (256) and float16 (2048),
+    so every row is constant and the output is exactly the bias; statistics of the unrounded
+    sums would give +-weight + bias. In float32 the sums stay big +- 0.5: xhat = +-1."""
+    if backend not in runnable_backends("layer_norm_residual", dtype=dtype):
+        pytest.skip(f"{backend} takes no {dtype} layer_norm_residual here")
+    n, d = 3, 64  # whole vectors of every lane width: the kernels' vector loop, not their scalar tail
+    x = torch.full((n, d), big, dtype=dtype)
+    r = (torch.arange(d) % 2 - 0.5).repeat(n, 1).to(dtype)
+    w, b = torch.linspace(0.5, 2, d).to(dtype), torch.linspace(-1, 1, d).to(dtype)
+    out, summed = fused_attn.layer_norm_residual(x, r, w, b, prenorm=True, residual_in_fp32=residual_in_fp32,
+                                                 backend=backend)
+    if not residual_in_fp32:
+        assert summed.dtype == dtype and torch.equal(summed, x)
+        assert torch.equal(out, b.expand(n, d))
+    else:
+        assert summed.dtype == torch.float32 and torch.equal(summed, x.float() + r.float())
+        xhat = r.double() / (0.25 + 1e-5) ** 0.5
+        torch.testing.assert_close(out.double(), xhat * w.double() + b.double(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -66,27 +66,6 @@ def _perturb_norms(model):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def _original_rope(fused, run):
-    """``run`` for check_module_against_reference whose reference copies (every module but ``fused``)
-    run the modeling module's own apply_rotary_pos_emb: swap_modules patches the module, so a copy
-    of the model made before the swap would otherwise run the fused RoPE too, and a wrong fused
-    rotation would meet itself."""
-    import sys
-
-    def call(module, *args):
-        code = sys.modules[type(module).__module__]
-        fn = getattr(code, "apply_rotary_pos_emb", None)
-        original = getattr(fn, "fused_attn_original", None)
-        if module is fused or original is None:
-            return run(module, *args)
-        code.apply_rotary_pos_emb = original
-        try:
-            return run(module, *args)
-        finally:
-            code.apply_rotary_pos_emb = fn
-    return call
-
-
 @pytest.fixture(autouse=True)
 def _registered(monkeypatch):
     hf.register()
@@ -171,7 +150,7 @@ SWAP_EXPECTED = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_swap_modules_matches_unswapped_model(family):
+def test_swap_modules_matches_unswapped_model(family, unswapped):
     kw = {"hidden_act": "silu"} if family == "llama" else {}
     model = _build(family, **kw)
     _perturb_norms(model)
@@ -185,7 +164,7 @@ def test_swap_modules_matches_unswapped_model(family):
     model.train()  # dropout probabilities are 0: train mode is deterministic too
     ref.train()
     ids, mask = _batch(family)
-    check_module_against_reference(model, ref, [], run=_original_rope(model, lambda m: _logits(m, ids, mask)))
+    check_module_against_reference(model, ref, [], run=unswapped.run(model, lambda m: _logits(m, ids, mask)))
     fused_attn.restore_modules(model)
     assert model.config._attn_implementation == "eager"
     assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
@@ -231,9 +210,10 @@ def test_unsupported_activation_and_edited_code_are_left():
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_swapped_model_compiles_fullgraph(family):
+def test_swapped_model_compiles_fullgraph(family, unswapped):
     """A swapped BERT, and a swapped Llama (attention, RMSNorm, SwiGLU and the fused RoPE), in one
-    graph, forward and backward, with the eager model's numbers."""
+    graph, forward and backward, with the eager model's numbers. (The unswapped copy runs with the
+    modeling module's own RoPE put back: it ran the fused one, patched module-level, too.)"""
     model = _build(family, num_hidden_layers=1)
     ref = copy.deepcopy(model)
     fused_attn.swap_modules(model)
@@ -242,9 +222,11 @@ def test_swapped_model_compiles_fullgraph(family):
     try:
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         out = _logits(compiled, ids, mask)
-        torch.testing.assert_close(out, _logits(ref, ids, mask), atol=1e-5, rtol=1e-4)
+        with unswapped.functions():
+            expected = _logits(ref, ids, mask)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
         out.sum().backward()
-        _logits(ref, ids, mask).sum().backward()
+        expected.sum().backward()
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
     finally:
@@ -431,7 +413,7 @@ def _rotary_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("config", ["llama", "mistral", "qwen2", "falcon", "gpt_neox"])
-def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
+def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch, unswapped):
     """swap_modules routes the modeling module's apply_rotary_pos_emb (Llama's code in Llama,
     Mistral, Qwen2 and Falcon, whose docstring differs; GPT-NeoX's partial rotary, a quarter of each
     head here) to the fused op: the same logits, gradients and greedy generation (the decoding
@@ -459,7 +441,7 @@ def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
         (f"modeling_{config}.apply_rotary_pos_emb", "fused_attn.apply_rotary_emb")]
     calls = _rotary_calls(monkeypatch)
     ids, mask = _batch("llama")
-    check_module_against_reference(model, ref, [], run=_original_rope(model, lambda m: _logits(m, ids, mask)))
+    check_module_against_reference(model, ref, [], run=unswapped.run(model, lambda m: _logits(m, ids, mask)))
     heads_k = 2 if config in ("llama", "mistral", "qwen2") else 4  # (Falcon repeats its K/V heads first)
     assert calls and calls[0] == (B, L, 4, 8) and calls[1] == (B, L, heads_k, 8)  # q, then k, as (B, L, H, D)
     calls.clear()
@@ -467,8 +449,8 @@ def test_llama_family_rope_runs_fused_and_is_restored(config, monkeypatch):
         warnings.simplefilter("ignore")
         greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         out = model.generate(ids[:, :5], attention_mask=mask[:, :5], **greedy)
-        assert torch.equal(out, _original_rope(model, lambda m: m.generate(
-            ids[:, :5], attention_mask=mask[:, :5], **greedy))(ref))
+        with unswapped.functions():
+            assert torch.equal(out, ref.generate(ids[:, :5], attention_mask=mask[:, :5], **greedy))
     assert (B, 1, 4, 8) in calls  # the decoding steps ran fused
     fused_attn.restore_modules(model)
     assert module.apply_rotary_pos_emb is original
@@ -575,7 +557,7 @@ PLAIN_MLP_MODELS = {
 
 
 @pytest.mark.parametrize("name", sorted(PLAIN_MLP_MODELS))
-def test_plain_chain_mlps_of_hugging_face_models_are_fused(name, monkeypatch):
+def test_plain_chain_mlps_of_hugging_face_models_are_fused(name, monkeypatch, unswapped):
     """GPT-NeoX's, Phi's, GPT-J's, GPTBigCode's and Falcon's MLPs are read from their forward (Linear ->
     activation -> Linear [-> Dropout]) and fused (each call runs the fused op: the swapped MLP
     read its layout from its fused class, found none and ran its own forward); the swapped model
@@ -601,7 +583,8 @@ def test_plain_chain_mlps_of_hugging_face_models_are_fused(name, monkeypatch):
         _logits(model, ids, mask)
     assert len(calls) == 2, calls  # one per layer
     monkeypatch.setattr(swap, "feed_forward", real)
-    check_module_against_reference(model, ref, [], run=lambda m: _logits(m, ids, mask))
+    # (GPT-NeoX's and Falcon's RoPE is fused module-level: the reference runs the original)
+    check_module_against_reference(model, ref, [], run=unswapped.run(model, lambda m: _logits(m, ids, mask)))
     fused_attn.restore_modules(model)
     assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
 
@@ -762,14 +745,15 @@ def test_t5_relative_position_bias_matches_eager_with_its_gradient():
     assert torch.equal(out, expected)
 
 
-def test_output_attentions_runs_the_models_eager_attention():
+def test_output_attentions_runs_the_models_eager_attention(unswapped):
     model = _build("llama").eval()
     ref = copy.deepcopy(model)
     fused_attn.swap_modules(model)
     ids, mask = _batch("llama")
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-        expected = ref(input_ids=ids, attention_mask=mask, output_attentions=True)
+        with unswapped.functions():  # (the RoPE the swap fused module-level: the copy runs the original)
+            expected = ref(input_ids=ids, attention_mask=mask, output_attentions=True)
     assert len(out.attentions) == len(expected.attentions) == 2
     for a, b in zip(out.attentions, expected.attentions):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -963,7 +947,7 @@ def test_swapped_llama_exports_with_a_dynamic_length(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_norms_with_an_eps_the_fused_norm_refuses_are_left(family):
+def test_norms_with_an_eps_the_fused_norm_refuses_are_left(family, unswapped):
     """layer_norm_eps=0 / rms_norm_eps=0, which torch takes and the fused norm refuses: those norms
     are left (with the reason in the report) and the model runs as before, where each forward
     of the swapped model raised."""
@@ -974,11 +958,13 @@ def test_norms_with_an_eps_the_fused_norm_refuses_are_left(family):
     report = fused_attn.swap_modules(swapped)
     assert any("eps=0.0" in why for _, _, why in report.left), str(report)
     ids = torch.randint(0, VOCAB, (B, L))
-    torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    with unswapped.functions():
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(swapped(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
-def test_activation_changed_after_the_swap_is_followed(family):
+def test_activation_changed_after_the_swap_is_followed(family, unswapped):
     """An MLP's activation set to torch's GELU before the swap, its ``approximate`` changed after:
     the swapped MLP reads its activation at each call (as the swapped torch layers do), so it
     computes what the unswapped model computes (it ran the activation fused at swap time)."""
@@ -997,7 +983,9 @@ def test_activation_changed_after_the_swap_is_followed(family):
         if isinstance(m, torch.nn.GELU):
             m.approximate = "tanh"
     ids = torch.randint(0, VOCAB, (B, L))
-    torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-11, rtol=1e-9)
+    with unswapped.functions():
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(swapped(input_ids=ids).logits, expected, atol=1e-11, rtol=1e-9)
 
 
 def _zeroing_forward_hook(module):
@@ -1037,7 +1025,7 @@ SKIPPED_CHILD_CASES = {
 
 @pytest.mark.parametrize("order", ["change_then_swap", "swap_then_change"])
 @pytest.mark.parametrize("case", sorted(SKIPPED_CHILD_CASES))
-def test_hooked_or_replaced_children_of_fused_blocks_are_not_skipped(case, order):
+def test_hooked_or_replaced_children_of_fused_blocks_are_not_skipped(case, order, unswapped):
     """A module whose forward a fused block does not run (BERT's intermediate and output under the
     fused FFN chunk; the linears and norms the fused forwards read) given forward or backward
     hooks, or replaced by another class, before or after the swap: the swapped model computes
@@ -1065,7 +1053,9 @@ def test_hooked_or_replaced_children_of_fused_blocks_are_not_skipped(case, order
     model.train()  # dropout probabilities are 0: train mode is deterministic too
     ref.train()
     ids, mask = _batch(family)
-    out, expected = (_logits(m, ids, mask) for m in (model, ref))
+    out = _logits(model, ids, mask)
+    with unswapped.functions():
+        expected = _logits(ref, ids, mask)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     weight = torch.linspace(-1.0, 2.0, out.numel()).view_as(out)
     (out * weight).sum().backward()

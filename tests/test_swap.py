@@ -1062,11 +1062,13 @@ def test_sequential_ffn_dropout_is_the_fused_ops_dropout():
     assert not torch.equal(functional(0.3), functional(0.0))
 
 
-def _encoder_layer_by_hand(layer, x):
-    """A swapped TransformerEncoderLayer's forward from the functional ops, each dropout at its
-    module's p (p = 0 in eval): post-LN norm_i(x + dropout_i(branch_i(x))), pre-LN x + dropout_i(
-    branch_i(norm_i(x))) with the add and the next norm in one op; the self-attention's own
-    dropout must be 0 here (its call is the layer's own self_attn)."""
+def _layer_by_hand(layer, x, memory=None):
+    """A swapped TransformerEncoderLayer's forward (``memory`` None) or TransformerDecoderLayer's
+    from the functional ops, each dropout at its module's p (p = 0 in eval): post-LN
+    norm_i(x + dropout_i(branch_i(x))), pre-LN x + dropout_i(branch_i(norm_i(x))) with the add and
+    the next norm in one op, the last add a plain add. Branches: self-attention, the decoder's
+    cross-attention over ``memory``, the FFN (its inner dropout in the op). The attentions' own
+    dropout must be 0 here (their calls are the layer's own modules)."""
     from fused_attn import functional as FA
 
     def p(drop):
@@ -1075,17 +1077,25 @@ def _encoder_layer_by_hand(layer, x):
     def sa(h):
         return layer.self_attn(h, h, h, need_weights=False)[0]
 
+    def ca(h):
+        return layer.multihead_attn(h, memory, memory, need_weights=False)[0]
+
     def ff(h):
         return FA.feed_forward(h, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight,
                                layer.linear2.bias, activation="relu", dropout_p=p(layer.dropout))
 
-    n1, n2 = layer.norm1, layer.norm2
+    decoder = memory is not None
+    branches = [sa, ca, ff] if decoder else [sa, ff]
+    norms = [layer.norm1, layer.norm2] + ([layer.norm3] if decoder else [])
+    drops = [layer.dropout1, layer.dropout2] + ([layer.dropout3] if decoder else [])
     if not layer.norm_first:
-        h = FA.layer_norm_residual(sa(x), x, n1.weight, n1.bias, n1.eps, dropout_p=p(layer.dropout1))
-        return FA.layer_norm_residual(ff(h), h, n2.weight, n2.bias, n2.eps, dropout_p=p(layer.dropout2))
-    h = FA.layer_norm_residual(x, None, n1.weight, n1.bias, n1.eps)
-    h, x = FA.layer_norm_residual(sa(h), x, n2.weight, n2.bias, n2.eps, dropout_p=p(layer.dropout1), prenorm=True)
-    return x + FA._counter_dropout(ff(h), p(layer.dropout2))
+        for branch, n, drop in zip(branches, norms, drops):
+            x = FA.layer_norm_residual(branch(x), x, n.weight, n.bias, n.eps, dropout_p=p(drop))
+        return x
+    h = FA.layer_norm_residual(x, None, norms[0].weight, norms[0].bias, norms[0].eps)
+    for branch, n, drop in zip(branches[:-1], norms[1:], drops[:-1]):
+        h, x = FA.layer_norm_residual(branch(h), x, n.weight, n.bias, n.eps, dropout_p=p(drop), prenorm=True)
+    return x + FA._counter_dropout(branches[-1](h), p(drops[-1]))
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_ln", "pre_ln"])
@@ -1104,12 +1114,40 @@ def test_torch_encoder_layer_dropouts_run_fused(norm_first, which):
     layer.eval()
     with torch.no_grad():
         plain = layer(x)
-        torch.testing.assert_close(plain, _encoder_layer_by_hand(layer, x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(plain, _layer_by_hand(layer, x), atol=1e-6, rtol=1e-6)
         layer.train()
         torch.manual_seed(3)
         dropped = layer(x)
         torch.manual_seed(3)
-        expected = _encoder_layer_by_hand(layer, x)
+        expected = _layer_by_hand(layer, x)
+    torch.testing.assert_close(dropped, expected, atol=1e-6, rtol=1e-6)
+    changed = ((dropped - plain).abs() > 1e-4).float().mean()
+    assert changed > 0.2, changed  # the dropout is on (p = 0.4; a norm after it spreads a drop over its row)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_ln", "pre_ln"])
+@pytest.mark.parametrize("which", ["dropout1", "dropout2", "dropout3", "dropout"])
+def test_torch_decoder_layer_dropouts_run_fused(norm_first, which):
+    """The same for a swapped TransformerDecoderLayer: dropout1 (after self-attention), dropout2
+    (after cross-attention), dropout3 (after the FFN; pre-LN: the last add's) and the FFN's inner
+    dropout each drop in training exactly the elements their fused op draws, and nothing in eval.
+    The decoder-layer tests ran dropout=0.0 only."""
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(D, H, 48, dropout=0.0, batch_first=True, norm_first=norm_first)
+    _perturb_norms(layer)
+    getattr(layer, which).p = 0.4
+    report = fused_attn.swap_modules(layer)
+    assert type(layer) is S.FusedTransformerDecoderLayer and "norms fused, FFN fused relu" in report.replaced[0][3]
+    x, memory = torch.randn(B, L, D), torch.randn(B, 6, D)
+    layer.eval()
+    with torch.no_grad():
+        plain = layer(x, memory)
+        torch.testing.assert_close(plain, _layer_by_hand(layer, x, memory), atol=1e-6, rtol=1e-6)
+        layer.train()
+        torch.manual_seed(3)
+        dropped = layer(x, memory)
+        torch.manual_seed(3)
+        expected = _layer_by_hand(layer, x, memory)
     torch.testing.assert_close(dropped, expected, atol=1e-6, rtol=1e-6)
     changed = ((dropped - plain).abs() > 1e-4).float().mean()
     assert changed > 0.2, changed  # the dropout is on (p = 0.4; a norm after it spreads a drop over its row)

@@ -346,6 +346,8 @@ class _Function(torch.autograd.Function):
         twin = cls.forward_mode
         if torch._C._are_functorch_transforms_active():
             if twin is not None and twin is not cls and _forward_mode_on():
+                if _nested_forward_mode():  # the twin's jvp would drop the outer levels' tangents
+                    return cls.reference(*args)
                 return twin.apply(*args)
             return _TORCH_APPLY(cls, *args)
         # (no transform: forward mode is on only through forward_ad, _forward_mode_on's first test)
@@ -365,6 +367,25 @@ def _forward_mode_on() -> bool:
     if not torch._C._are_functorch_transforms_active():
         return False
     return any(level.key() == _functorch.TransformType.Jvp for level in _functorch.get_interpreter_stack() or ())
+
+
+def _nested_forward_mode() -> bool:
+    """Whether forward mode is nested around this call in a way the twin's ``jvp`` cannot serve:
+    two torch.func jvp levels (``jvp(jvp(f))``, ``jacfwd(jacfwd(f))``) or a vmap level inside a jvp
+    level (``jvp(vmap(f))``). (torch.func.jvp itself opens a forward_ad dual level, and torch refuses
+    to nest its jvp with a user's ``forward_ad.dual_level``: no other combination reaches here.)
+    The twin's tangent is computed from the saved primals at the innermost level only: it carries
+    no tangent of the enclosing jvp level (second-order tangents came back exactly zero), and under
+    ``jvp(vmap(f))`` torch's custom-Function jvp rule hit an internal assert. Such calls run the
+    Function's reference math (``reference``) directly under the transforms instead, which torch
+    differentiates to any order, as ``_create_graph`` does for nested reverse mode."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    keys = [level.key() for level in _functorch.get_interpreter_stack() or ()]
+    if _functorch.TransformType.Jvp not in keys:
+        return False
+    inside = keys[keys.index(_functorch.TransformType.Jvp) + 1:]  # (the stack: outermost first)
+    return _functorch.TransformType.Jvp in inside or _functorch.TransformType.Vmap in inside
 
 
 def carries_tangent(t) -> bool:
@@ -461,6 +482,13 @@ class AttentionFunction(_Function):
                                 backend, softcap, alibi_slopes, bottom_right, dlse)
         dmask = dmask.sum_to_size(attn_mask.shape) if mask_grad else None
         return (dq, dk, dv, dmask) + (None,) * 10
+
+    @staticmethod
+    def reference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap, alibi_slopes,
+                  bottom_right, return_lse):
+        """(out, lse) by the reference math, differentiable to any order (``_nested_forward_mode``)."""
+        options = (band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right)
+        return _attention_reference(options, rng, alibi_slopes)(q, k, v, attn_mask)
 
     @staticmethod
     def forward_tangents(ctx, tq, tk, tv, tmask, *_):
@@ -614,6 +642,14 @@ class AttentionVarlenFunction(_Function):
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
                          *ctx.options[7:], seqused_k, alibi_slopes, dlse)
         return (dq, dk, dv) + (None,) * 17
+
+    @staticmethod
+    def reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
+                  dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes, return_lse, block_table):
+        """(out, lse) by the reference math, differentiable to any order (``_nested_forward_mode``).
+        (A block_table never comes with tangents: a differentiated call gathers its pages first.)"""
+        options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
+        return _varlen_reference(options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)(q, k, v)
 
     @staticmethod
     def forward_tangents(ctx, tq, tk, tv, *_):
@@ -788,6 +824,29 @@ class LayerNormResidualFunction(_Function):
                 None, None, None, None, None, None, None)
 
     @staticmethod
+    def reference(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, store_summed):
+        """(out, summed, mean, rstd) rows by the reference math, differentiable to any order
+        (``_nested_forward_mode``), with the call's dropout mask."""
+        seed, offset = _seed_offset(rng)
+        d = x.shape[-1]
+        out, summed, mean, rstd = get_backend("reference").layer_norm_residual_fwd(
+            _rows(x, d), None if residual is None else _rows(residual, d), weight, bias, eps, dropout_p, rms,
+            residual_in_fp32, seed, offset, True)
+        if not rms:
+            # The norm by its definition: torch's own layer_norm (which the reference calls) has a
+            # wrong second-order forward derivative (torch 2.13: jvp(jvp(F.layer_norm)) disagrees
+            # with central differences of its first-order jvp; the RMS norm's plain ops do not).
+            wide = summed.to(torch.promote_types(summed.dtype, torch.float32))
+            centered = wide - wide.mean(dim=-1, keepdim=True)
+            normed = centered * torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
+            if weight is not None:
+                normed = normed * weight.to(wide.dtype)
+            if bias is not None:
+                normed = normed + bias.to(wide.dtype)
+            out = normed.to(x.dtype)
+        return out, summed, mean, rstd
+
+    @staticmethod
     def forward_tangents(ctx, tx, tresidual, tweight, tbias, *_):
         x, residual, weight, bias, rng = ctx.saved_tensors
         eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
@@ -946,6 +1005,13 @@ class FeedForwardFunction(_Function):
             ctx.layouts = (out.stride(),)
 
     @staticmethod
+    def reference(x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up, b1_up):
+        """(out,) rows by the reference math, differentiable to any order (``_nested_forward_mode``),
+        with the call's dropout mask (callers read the first output only)."""
+        options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
+        return _feed_forward_reference(options, rng)(x, w1, b1, w2, b2, w1_up, b1_up)
+
+    @staticmethod
     def forward_tangents(ctx, tx, tw1, tb1, tw2, tb2, _activation, _dropout_p, _rng, _backend, tw1_up, tb1_up):
         x, w1, b1, w2, b2, w1_up, b1_up, rng = ctx.saved_tensors
         (tout,) = _jvp_through(_feed_forward_reference(ctx.options, rng), (x, w1, b1, w2, b2, w1_up, b1_up),
@@ -1043,6 +1109,12 @@ class RotaryFunction(_Function):
             ctx.inplace = inplace
         if inplace:
             ctx.mark_dirty(x)
+
+    @staticmethod
+    def reference(x, cos, sin, positions, interleaved, backend, inplace):
+        """The rotation by the reference math, differentiable to any order (``_nested_forward_mode``)."""
+        turned = reference.rotary(x, cos, sin, positions, interleaved)
+        return x.copy_(turned) if inplace else turned
 
     @staticmethod
     def forward_tangents(ctx, tx, *_):

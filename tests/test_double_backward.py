@@ -544,3 +544,48 @@ def test_create_graph_gradient_equals_the_plain_gradient(backend, case):
     for i, (a, b) in enumerate(zip(plain, with_graph)):
         assert b.requires_grad, i  # the recomputed path ran
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9, msg=f"input {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+def test_forward_mode_nested_gives_second_order_tangents(backend, case):
+    """jvp of jvp and jacfwd of jacfwd: with more than one forward-mode level around the call it runs the reference math under the transforms,
+    which differentiate it to any order. Before, the twin Function's jvp gave a tangent carrying
+    no tangent of the enclosing level: every second-order tangent was exactly zero. Oracle: the
+    central difference of the (first-order, correct) tangent; the inner tangent depends on the
+    point (t + x) so that linear ops (rotary) have a nonzero second-order term too. (torch itself
+    refuses a torch.func jvp inside a forward_ad dual level: "Nested forward mode AD".)"""
+    f, x = _forward_mode_cases(backend)[case]
+    gen = torch.Generator().manual_seed(9)
+    t, s = torch.randn(x.shape, generator=gen, dtype=x.dtype), torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+    def g(a):  # J(a) (t + a)
+        return torch.func.jvp(f, (a,), (t + a,))[1]
+
+    expected = _directional(g, x, s, eps=1e-5)
+    assert expected.abs().max() > 1e-3  # not trivially zero
+    tol = dict(atol=1e-6, rtol=1e-5)
+    out, got = torch.func.jvp(g, (x,), (s,))
+    torch.testing.assert_close(out, g(x), **tol)
+    torch.testing.assert_close(got, expected, **tol, msg="jvp(jvp)")
+    # jacfwd(jacfwd(f)) contracted with t and s: d/ds (J t), the same oracle with t alone
+    expected = _directional(lambda a: torch.func.jvp(f, (a,), (t,))[1], x, s, eps=1e-5)
+    hess = torch.func.jacfwd(torch.func.jacfwd(f, randomness="same"), randomness="same")(x)
+    got = (hess.reshape(-1, x.numel(), x.numel()) @ t.flatten()) @ s.flatten()
+    torch.testing.assert_close(got.reshape(expected.shape), expected, **tol, msg="jacfwd(jacfwd)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+def test_forward_mode_over_vmap(backend, case):
+    """jvp(vmap(f)): a jvp level enclosing a vmap level runs the reference math (before: torch's
+    internal assert "Expected both tensor and its forward grad to be floating point or complex"
+    for attention). Oracle: each sample's own jvp (vmap(jvp(f)) and a plain jvp agree)."""
+    f, x = _forward_mode_cases(backend)[case]
+    gen = torch.Generator().manual_seed(9)
+    xs, ts = (torch.randn(3, *x.shape, generator=gen, dtype=x.dtype) for _ in range(2))
+    out, got = torch.func.jvp(torch.func.vmap(f, randomness="same"), (xs,), (ts,))
+    expected = [torch.func.jvp(f, (xi,), (ti,)) for xi, ti in zip(xs, ts)]
+    tol = dict(atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(out, torch.stack([o for o, _ in expected]), **tol)
+    torch.testing.assert_close(got, torch.stack([t for _, t in expected]), **tol)

@@ -589,3 +589,21 @@ def test_forward_mode_over_vmap(backend, case):
     tol = dict(atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(out, torch.stack([o for o, _ in expected]), **tol)
     torch.testing.assert_close(got, torch.stack([t for _, t in expected]), **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_nested_alibi_slopes(backend):
+    """jvp of jvp along attention's ALiBi slopes (through the bias mask slopes with a tangent take):
+    the second-order tangent equals plain reference math with the ALiBi bias written out (before:
+    exactly zero)."""
+    R = fused_attn.reference
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 3, 4, dtype=torch.float64, generator=gen).unbind(0)
+    a, t = torch.rand(2, dtype=torch.float64, generator=gen), torch.randn(2, dtype=torch.float64, generator=gen)
+
+    def second(f):  # d/dt of J(s) (s + t) at s = a
+        return torch.func.jvp(lambda s: torch.func.jvp(f, (s,), (s + t,))[1], (a,), (t,))[1]
+
+    expected = second(lambda s: R.attention(q, k, v, R.alibi_bias(s, 3, 3, dtype=torch.float64)))
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(second(lambda s: F.attention(q, k, v, alibi_slopes=s, backend=backend)), expected)

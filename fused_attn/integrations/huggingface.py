@@ -759,6 +759,9 @@ def _same_body(fn, known) -> bool:
         f = inspect.unwrap(getattr(f, "fused_attn_original", f))  # (a module another swap already fused)
         tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
         node = tree.body[0]
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            # (getsource reads the file as it is now: one edited since its import gives other lines)
+            raise TypeError("the source found is not the function's")
         node.decorator_list = []
         if node.body and isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None),
                                                                          ast.Constant):

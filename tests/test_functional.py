@@ -339,6 +339,22 @@ def test_autocast_casts_every_eligible_dtype_as_torch_does():
         assert out.dtype == expected.dtype == torch.bfloat16
 
 
+@pytest.mark.gpu
+def test_autocast_on_cuda_casts_as_torch_does():
+    """Under a CUDA autocast the three ops cast float32 operands to the autocast dtype, as SDPA,
+    nn.Linear and layer_norm's policy do (the "autocast off" test is one C call that must still see
+    CUDA's autocast); outside it nothing is cast."""
+    q, k, v = (t.detach().cuda() for t in make_inputs((1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8), seed=7))
+    x, w1, w2 = (t.detach().cuda() for t in make_inputs((3, 8), (16, 8), (8, 16), seed=8))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert F.attention(q, k, v).dtype == torch.nn.functional.scaled_dot_product_attention(q, k, v).dtype
+        assert F.attention(q, k, v).dtype == torch.bfloat16
+        assert F.feed_forward(x, w1, None, w2, None).dtype == torch.bfloat16
+        assert F.layer_norm_residual(x.bfloat16(), x.bfloat16(), torch.ones(8, device="cuda")).dtype == torch.bfloat16
+    assert F.attention(q, k, v).dtype == torch.float32
+    assert F.feed_forward(x, w1, None, w2, None).dtype == torch.float32
+
+
 @pytest.mark.parametrize("rms", [False, True])
 def test_norm_takes_float32_parameters_next_to_half_x_outside_autocast(rms):
     """float32 weight and bias next to bfloat16 x, outside autocast, as torch's layer_norm and

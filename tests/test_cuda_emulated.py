@@ -180,6 +180,12 @@ def attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts):
         q = randn(B, Lq, Hq, D).transpose(1, 2)
         k = randn(1, Hkv, Lk, D).expand(B, -1, -1, -1)
         v = randn(1, Hkv, Lk, Dv).expand(B, -1, -1, -1)
+    elif opts.get("layout") == "padded_rows":  # the first D (Dv) features of wider rows: the row stride
+        # allows 16-byte loads, the row length does not (the loads past it would read the next features)
+        pad = lambda n: n + (-n) % 4 + 4
+        q = randn(B, Hq, Lq, pad(D))[..., :D]
+        k = randn(B, Hkv, Lk, pad(D))[..., :D]
+        v = randn(B, Hkv, Lk, pad(Dv))[..., :Dv]
     else:
         q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, Dv)
     if "q_scale" in opts:  # larger logits (so that a softcap bites)
@@ -222,6 +228,7 @@ CASES = {
     "basic_16x16": (1, 2, 2, 37, 29, 40, 24, {}, (16, 16)),
     "causal_gqa_lq_gt_lk_32x32": (2, 4, 2, 33, 20, 16, 16, {"causal": True}, (32, 32)),
     "causal_lq_lt_lk_64x32": (1, 1, 1, 19, 70, 8, 8, {"causal": True}, (64, 32)),
+    "padded_rows_d6_dv10_gqa_16x16": (1, 2, 1, 19, 23, 6, 10, {"layout": "padded_rows", "causal": True}, (16, 16)),
     "bool_mask_dead_row_dropout_32x32": (1, 2, 1, 21, 35, 24, 24, {"mask": "bool", "dropout_p": 0.25}, (32, 32)),
     "additive_mask_grad_causal_64x32": (1, 2, 2, 40, 40, 8, 12, {"mask": "additive", "causal": True}, (64, 32)),
     "strided_and_broadcast_kv_64x64": (2, 2, 2, 17, 70, 32, 32, {"layout": "strided"}, (64, 64)),
@@ -350,6 +357,9 @@ MMA_CASES = {
     "fp16_d40_band_lo1_hi100_odd": (torch.float16, 1, 1, 1, 67, 131, 40, 40, {"band": (1, 100)}, 64),
     "bf16_d32_band_lo_gt_hi_all_dead_mask_grad": (torch.bfloat16, 1, 2, 1, 33, 45, 32, 32,
                                                   {"band": (4, 1), "mask": "additive"}, 32),
+    # hi = 62 = a 64-key block's width - 2: the blocks at n0 = m0 are masked by their top-right corner
+    # alone (query m0 may not see key m0 + 63), so the unmasked-block test must count that corner
+    "fp16_d32_band_hi62_corner_masked_blocks": (torch.float16, 1, 1, 1, 70, 140, 32, 32, {"band": (-_U, 62)}, 32),
     # logit soft-capping: unmasked blocks (the plain path) with dropout, and a band with a mask gradient
     "fp16_d128_softcap_plain_blocks_dropout": (torch.float16, 1, 2, 1, 130, 140, 128, 128,
                                                {"softcap": 5.0, "q_scale": 4.0, "dropout_p": 0.2}, 128),

@@ -71,7 +71,8 @@ def ref_lowp(x, cos, sin, pos, interleaved, conjugate):
 # "pos" ("stride0": one row expanded over the batch, values in any order, repeats, 0 and S - 1; "view":
 # every stride != 1 and an offset, fused_attn.testing.index_view),
 # "threads" (the emulated block size; the launcher's is 256), "vec": whether the interleaved
-# pairs are single accesses in this layout.
+# pairs are single accesses in this layout (x86 takes a misaligned pair access silently, a GPU does
+# not: the decision itself is checked).
 CASES = {
     "d64_r32": (2, 17, 3, 64, 32, 40, {"vec": True}),
     "d59_r40_l97_h1_int32_pos": (1, 97, 1, 59, 40, 128, {"pos_dtype": torch.int32}),  # D odd: no pair accesses
@@ -86,6 +87,7 @@ CASES = {
     "x_sliced_non_dense_int32_pos": (2, 9, 2, 20, 12, 11, {"x": "sliced", "pos_dtype": torch.int32}),
     "x_stride0_batch": (3, 7, 2, 32, 20, 9, {"x": "batch_stride0", "vec": True}),
     "x_misaligned_start": (1, 11, 2, 32, 32, 16, {"x": "misaligned"}),
+    "x_odd_head_stride": (2, 5, 2, 32, 32, 16, {"x": "odd_head_stride"}),  # batch/token strides even: no pairs
     "tables_transposed_and_sliced": (2, 11, 2, 40, 24, 30, {"tables": "strided", "vec": True}),
     "tables_float64": (2, 11, 2, 64, 64, 30, {"table_dtype": torch.float64, "vec": True}),
     "tables_float16": (2, 11, 2, 64, 48, 30, {"table_dtype": torch.float16, "vec": True}),
@@ -115,6 +117,8 @@ def make_case(name, device="cpu", x_dtype=None):
         x = randn(B, L, H, 2 * D + 3).to(x_dtype)[..., 1::2][..., :D]
     elif layout == "batch_stride0":
         x = randn(1, L, H, D).to(x_dtype).expand(B, L, H, D)
+    elif layout == "odd_head_stride":  # rows of D + 1 features: every other head's row starts at an odd element
+        x = randn(B, L, H, D + 1).to(x_dtype)[..., :D]
     elif layout == "misaligned":  # one element in: strides even, the start not pair-aligned
         x = randn(B * L * H * D + 1).to(x_dtype)[1:].view(B, L, H, D)
     else:

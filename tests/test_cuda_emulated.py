@@ -194,6 +194,9 @@ def attention_inputs(name, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, opts):
     if opts.get("mask") == "bool":
         mask = torch.rand(B, Hq, Lq, Lk, generator=gen) > 0.3
         mask[:, :, 2, :] = False  # a row with nothing to attend
+    elif opts.get("mask") == "bool_key_major":  # stored (B, Hq, Lk, Lq): the key stride is Lq, not 1
+        mask = (torch.rand(B, Hq, Lk, Lq, generator=gen) > 0.3).transpose(2, 3)
+        mask[:, :, 2, :] = False
     elif opts.get("mask") == "additive":  # broadcast over the batch and heads: a stride-0 view
         m = randn(1, 1, Lq, Lk)
         m[..., :3] = float("-inf")
@@ -229,6 +232,7 @@ CASES = {
     "causal_gqa_lq_gt_lk_32x32": (2, 4, 2, 33, 20, 16, 16, {"causal": True}, (32, 32)),
     "causal_lq_lt_lk_64x32": (1, 1, 1, 19, 70, 8, 8, {"causal": True}, (64, 32)),
     "padded_rows_d6_dv10_gqa_16x16": (1, 2, 1, 19, 23, 6, 10, {"layout": "padded_rows", "causal": True}, (16, 16)),
+    "bool_mask_key_major_16x16": (2, 2, 1, 19, 27, 8, 8, {"mask": "bool_key_major"}, (16, 16)),
     "bool_mask_dead_row_dropout_32x32": (1, 2, 1, 21, 35, 24, 24, {"mask": "bool", "dropout_p": 0.25}, (32, 32)),
     "additive_mask_grad_causal_64x32": (1, 2, 2, 40, 40, 8, 12, {"mask": "additive", "causal": True}, (64, 32)),
     "strided_and_broadcast_kv_64x64": (2, 2, 2, 17, 70, 32, 32, {"layout": "strided"}, (64, 64)),
@@ -281,7 +285,7 @@ def test_emulated_attention_matches_reference(emu, name):
             assert ref64[i] is None
             continue
         compare(name, got[i], ref64[i], ref32[i], k=2.0 if i < 2 else 5.0)
-    if opts.get("mask") == "bool":  # the dead row: zeros and lse = +inf
+    if opts.get("mask") in ("bool", "bool_key_major"):  # the dead row: zeros and lse = +inf
         assert (got[0][:, :, 2] == 0).all() and torch.isinf(got[1][:, :, 2]).all()
     if check_dead_rows(band, Lq, Lk, got[0], got[1], got[2]) == Lq:  # the band leaves nothing: zeros throughout
         assert all((g == 0).all() for g in got[2:] if g is not None)

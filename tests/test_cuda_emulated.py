@@ -239,6 +239,8 @@ CASES = {
     "dropout_mask_grad_16x16": (1, 2, 2, 18, 33, 16, 16, {"mask": "additive", "dropout_p": 0.3}, (16, 16)),
     # bands: key blocks before / after a query block's band and query blocks outside a key block's are skipped
     "window_left20_mask_grad_32x32": (1, 1, 1, 97, 97, 16, 16, {"band": (-20, 0), "mask": "additive"}, (32, 32)),
+    # lo = -33: the last query seeing a key block [n0, n1) (n1 - 1 + 33) opens a query block (16, 32 or 64 rows)
+    "window_left33_gqa_16x16": (1, 2, 1, 70, 70, 8, 8, {"band": (-33, 0)}, (16, 16)),
     "bottom_right_causal_lq_lt_lk_16x16": (1, 2, 2, 37, 90, 8, 8, {"band": (-_U, 90 - 37)}, (16, 16)),
     "bottom_right_causal_gqa_lq_gt_lk_dead_rows_16x16": (1, 4, 2, 45, 20, 16, 16,
                                                          {"band": (-_U, 20 - 45), "dropout_p": 0.2}, (16, 16)),
@@ -363,6 +365,7 @@ MMA_CASES = {
                                                   {"band": (4, 1), "mask": "additive"}, 32),
     # hi = 62 = a 64-key block's width - 2: the blocks at n0 = m0 are masked by their top-right corner
     # alone (query m0 may not see key m0 + 63), so the unmasked-block test must count that corner
+    "fp16_d32_window_left33_dkdv_last_query_block": (torch.float16, 1, 1, 1, 130, 130, 32, 32, {"band": (-33, 0)}, 32),
     "fp16_d32_band_hi62_corner_masked_blocks": (torch.float16, 1, 1, 1, 70, 140, 32, 32, {"band": (-_U, 62)}, 32),
     # logit soft-capping: unmasked blocks (the plain path) with dropout, and a band with a mask gradient
     "fp16_d128_softcap_plain_blocks_dropout": (torch.float16, 1, 2, 1, 130, 140, 128, 128,

@@ -21,7 +21,7 @@ from . import _rng, reference
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
-                  _forward_mode_on, _stack, _transform_needs_autograd, differentiated)
+                  _forward_mode_on, _stack, _transform_needs_autograd, differentiated, why_differentiated)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, elements_may_overlap,
                          first_page_out_of_range, gather_kv_pages, grad_recording, known_true, pages_out_of_range,
                          paged_layout)
@@ -371,9 +371,8 @@ def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learn
     if alibi_slopes.shape not in ((Hq,), (rows, Hq)):
         raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or ({rows_name}, Hq) = ({rows}, {Hq}), got "
                          f"{tuple(alibi_slopes.shape)}")
-    if not learned and differentiated(alibi_slopes):  # (forward mode too: its tangent would be silently zero)
-        why = "requires grad" if alibi_slopes.requires_grad and grad_recording() else \
-            "carries a forward-mode tangent (torch.func.jvp, jacfwd, torch.autograd.forward_ad)"
+    why = None if learned else why_differentiated(alibi_slopes)  # (forward mode too: a tangent would be lost)
+    if why:
         raise ValueError(f"alibi_slopes {why}, but this call's kernels give the slopes no gradient (as "
                          f"FlashAttention's); pass alibi_slopes.detach(){learnable}")
     return alibi_slopes.to(torch.float32).expand(rows, Hq)

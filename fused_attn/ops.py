@@ -306,13 +306,9 @@ def attention_inference(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
                         alibi_slopes=None, bottom_right=False, return_lse=False):
     """AttentionFunction's output for eager calls that build no autograd graph, without its Python
     layers (see ``functional._eager_inference``)."""
-    if attn_mask is None and rng is None:  # (the common case: _attention_forward adds nothing to it)
-        out, lse = _attention_fwd_impl(q, k, v, None, band_lo, band_hi, dropout_p, scale, None, backend, softcap,
-                                       alibi_slopes, bottom_right)
-    else:
-        fwd = torch.ops.fused_attn.attention_fwd if _per_sample(rng) else _attention_fwd_impl
-        out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
-                                      backend, softcap, alibi_slopes, bottom_right)
+    fwd = torch.ops.fused_attn.attention_fwd if _per_sample(rng) else _attention_fwd_impl
+    out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng,
+                                  backend, softcap, alibi_slopes, bottom_right)
     return (out, lse) if return_lse else out
 
 
@@ -421,12 +417,22 @@ def _tangent_at(wrapper, level: int) -> bool:
             _functorch.push_dynamic_layer_stack(popped.pop())
 
 
+def why_differentiated(t) -> Optional[str]:
+    """Why a derivative is taken with respect to tensor t, for an error message, or None: it
+    requires grad while autograd records (reverse mode), or it carries a forward-mode tangent
+    (``carries_tangent``), which torch computes under no_grad and inference_mode too. For inputs
+    the kernels give no derivative (ALiBi slopes, rotary tables): such a call must take another
+    path or refuse."""
+    if t.requires_grad and grad_recording():
+        return "requires grad"
+    if carries_tangent(t):
+        return "carries a forward-mode tangent (torch.func.jvp, jacfwd, torch.autograd.forward_ad)"
+    return None
+
+
 def differentiated(t) -> bool:
-    """Whether a derivative is taken with respect to tensor t: it requires grad while autograd
-    records (reverse mode), or it carries a forward-mode tangent (``carries_tangent``), which
-    torch computes under no_grad and inference_mode too. For inputs the kernels give no
-    derivative (ALiBi slopes, rotary tables): such a call must take another path or refuse."""
-    return (t.requires_grad and grad_recording()) or carries_tangent(t)
+    """Whether a derivative is taken with respect to tensor t (``why_differentiated``)."""
+    return why_differentiated(t) is not None
 
 
 class AttentionFunction(_Function):
@@ -442,9 +448,6 @@ class AttentionFunction(_Function):
                 bottom_right, return_lse):
         direct = direct_call_ok(q, k, v, attn_mask, alibi_slopes) and not _per_sample(rng)
         fwd = _attention_fwd_impl if direct else torch.ops.fused_attn.attention_fwd
-        if attn_mask is None:  # (_attention_forward would hand it on as it is)
-            return fwd(q, k, v, None, band_lo, band_hi, dropout_p, scale, rng, backend, softcap, alibi_slopes,
-                       bottom_right)
         return _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap,
                                   alibi_slopes, bottom_right)
 

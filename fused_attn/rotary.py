@@ -30,8 +30,8 @@ from torch._C import _functorch
 
 from .backends import check_backend_name, resolve_options
 from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad, _shown
-from .ops import RotaryFunction, differentiated, inference_call_ok, rotary_inference
-from .ops_common import elements_may_overlap, grad_recording, known_true
+from .ops import RotaryFunction, inference_call_ok, rotary_inference, why_differentiated
+from .ops_common import elements_may_overlap, known_true
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
@@ -199,9 +199,8 @@ def check_tables(cos, sin, x: Tensor, names=("cos", "sin", "x")) -> int:
     for name, t in ((cname, cos), (sname, sin)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but {xname} is on {x.device}")
-        if differentiated(t):  # (forward mode too: the tables' tangent would be silently zero)
-            why = "requires grad" if t.requires_grad and grad_recording() else \
-                "carries a forward-mode tangent (torch.func.jvp, jacfwd, torch.autograd.forward_ad)"
+        why = why_differentiated(t)  # (forward mode too: the tables' tangent would be silently zero)
+        if why:
             raise ValueError(f"{name} {why}, but the rotary tables get no gradient (as FlashAttention's): "
                              f"pass {name}.detach(), or compute the embedding with torch ops to learn the angles")
     half, D = cos.shape[1], x.shape[-1]

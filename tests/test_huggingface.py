@@ -932,6 +932,74 @@ def test_bert_residual_stream_stays_float32_under_autocast():
     assert (out.double() - exact).abs().max() <= 2 * (original.double() - exact).abs().max() + 1e-4
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                              (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_llama_rms_norm_keeps_the_promoted_dtype_of_a_weight_of_another_dtype(name, x_dtype, w_dtype, autocast):
+    """Llama's RMSNorm returns ``weight * normed.to(x.dtype)``: promote(weight, x), float32 for a
+    float32 weight next to half-precision x (an fp32 model under autocast: Qwen3's q_norm/k_norm
+    over half projections). The swapped norm returned x's dtype; now the original's dtype, values
+    and gradients, with autocast or without."""
+    cls = getattr(_modeling(name), name.capitalize() + "RMSNorm")
+    torch.manual_seed(0)
+    norm = cls(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(32))
+    norm.to(w_dtype)
+    swapped = copy.deepcopy(norm)
+    fused_attn.swap_modules(swapped)
+    assert type(swapped).__name__ == "Fused" + cls.__name__
+    x = (3 * torch.randn(4, 5, 32)).to(x_dtype)
+    g = torch.randn(4, 5, 32)
+    results = []
+    for module in (norm, swapped):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16 if x_dtype == torch.float32 else x_dtype, enabled=autocast):
+            out = module(xi)
+        out.backward(g.to(out.dtype))
+        results.append((out, xi.grad, module.weight.grad))
+    (want, want_dx, want_dw), (out, dx, dw) = results
+    assert out.dtype == want.dtype == torch.promote_types(x_dtype, w_dtype)
+    assert dx.dtype == x_dtype and dw.dtype == w_dtype
+    tol = dict(atol=1e-3, rtol=1e-2)  # (a half-precision rounding of the normalised row may differ by an ulp)
+    torch.testing.assert_close(out, want, **tol)
+    torch.testing.assert_close(dx, want_dx, **tol)
+    torch.testing.assert_close(dw, want_dw, **tol)
+
+
+def test_qwen3_q_norm_under_autocast_returns_the_original_dtype():
+    """A tiny float32 Qwen3 under bfloat16 autocast: its q_norm normalises the bfloat16 q_proj
+    output with a float32 weight and returns float32; the swapped one returned bfloat16."""
+    modeling = _modeling("qwen3")
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = modeling.Qwen3ForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    _perturb_norms(model)
+    swapped = copy.deepcopy(model)
+    ids, mask = _batch("llama")
+    outputs = []
+    for m in (model, swapped):  # (the original first: the swap's RoPE patch is module-level)
+        if m is swapped:
+            fused_attn.swap_modules(m)
+            assert type(m.model.layers[0].self_attn.q_norm).__name__ == "FusedQwen3RMSNorm"
+        seen = []
+        hook = m.model.layers[0].self_attn.q_norm.register_forward_hook(lambda mod, args, out: seen.append(out))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = _logits(m, ids, mask)
+        hook.remove()
+        outputs.append((seen[0], logits))
+    (want, want_logits), (out, logits) = outputs
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+    assert logits.dtype == want_logits.dtype
+    torch.testing.assert_close(logits, want_logits, atol=5e-2, rtol=5e-2)
+
+
 def test_swapped_llama_exports_with_a_dynamic_length(monkeypatch):
     """torch.export of a swapped Llama with a dynamic sequence length (min 4, max 60 around the
     hidden size 32): the gated MLP chooses its path by whether a gradient is wanted, not by the

@@ -914,7 +914,18 @@ class FusedLlamaMLP:
 
 
 class FusedLlamaRMSNorm:
+    """Llama's RMSNorm, ``weight * normalise(x in float32).to(x.dtype)``, as the fused norm.
+
+    Its result has the dtype promote(weight, x), not x's: float32 for a float32 weight next to
+    half-precision x (an fp32 model under autocast, whose q_norm/k_norm see half projections).
+    The fused norm returns x's dtype, so where the dtypes differ it normalises without the weight
+    (in x's dtype: the original's own rounding of the normalised row) and the weight multiplies
+    that in PyTorch, as in the original, in the promoted dtype, with the original's gradients."""
+
     def forward(self, hidden_states):
+        if isinstance(hidden_states, torch.Tensor) and self.weight.dtype != hidden_states.dtype:
+            return self.weight * layer_norm_residual(hidden_states, None, None, None, self.variance_epsilon,
+                                                     rms=True, backend=self.fused_attn_backend)
         return layer_norm_residual(hidden_states, None, self.weight, None, self.variance_epsilon, rms=True,
                                    backend=self.fused_attn_backend)
 

@@ -24,7 +24,7 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   _forward_mode_on, _stack, _transform_needs_autograd, differentiated, why_differentiated)
 from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, elements_may_overlap,
                          first_page_out_of_range, gather_kv_pages, grad_recording, known_true, pages_out_of_range,
-                         paged_layout)
+                         paged_layout, tensors_may_share_memory)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -802,7 +802,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     ``cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1`` of sequence b's cache are overwritten with
     ``k[b]`` and ``v[b]``, and nothing else of the cache changes. ``cache_seqlens`` itself is not
     advanced (the caller adds Lnew, as with FlashAttention). Without ``k`` and ``v`` the cache is
-    only read.
+    only read. Aliasing changes no answer: ``k``, ``v`` or ``q`` sharing the cache's memory (a view
+    of its rows) are read as they were before the write (copied first, the new tokens only); a
+    ``k_cache`` and ``v_cache`` sharing memory (one tensor passed twice, overlapping views; not the
+    distinct halves of a packed buffer) raise ``ValueError`` with new ``k`` and ``v``, as the
+    values would land on the keys, and are taken by a read-only call. Checked in eager calls only.
 
     Args:
         q: (B, Lq, Hq, D) queries: Lq = 1 for plain decoding, Lq > 1 for a chunk (speculative
@@ -968,10 +972,26 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                 raise ValueError(f"{name} has overlapping elements (strides {tuple(cache.stride())}, e.g. an "
                                  f"expanded tensor), but the new keys and values are written into it in place: "
                                  f"pass a cache with memory of its own (.contiguous() or .clone())")
+        if new and tensors_may_share_memory(k_cache, v_cache):
+            # the values would be written over the keys (or the keys over the values): FlashAttention
+            # takes two caches too. A read-only call (no k and v) may pass one buffer twice.
+            raise ValueError(f"k_cache and v_cache share memory (k_cache shape {tuple(k_cache.shape)} strides "
+                             f"{tuple(k_cache.stride())}, v_cache shape {tuple(v_cache.shape)} strides "
+                             f"{tuple(v_cache.stride())}, {v_cache.data_ptr() - k_cache.data_ptr()} bytes apart), but "
+                             f"the new k and v are written into them in place: pass caches of distinct memory, or "
+                             f"write the cache yourself and call without k and v")
     if rotary_backend is not None:  # RoPE on the new keys (before they are written) and the queries
         q, k = _rotate_kvcache(q, k, cache_seqlens, lengths, rotary_cos, rotary_sin, rotary_interleaved,
                                causal or window_size is not None, rotary_backend, compiling)
     if new:
+        if not compiling:
+            # New keys, values or queries that are views of the cache's memory (rows copied ahead,
+            # a buffer reused) must be read as they were before the write: index_put_ reads its
+            # source while it writes (and sees the overlap only of contiguous views), and the
+            # attention reads q after it. A copy of the new tokens makes the call the one on
+            # distinct tensors; the test costs a few pointer comparisons.
+            q, k, v = (t.clone() if tensors_may_share_memory(t, k_cache) or tensors_may_share_memory(t, v_cache)
+                       else t for t in (q, k, v))
         _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity, slots, rows,
                        compiling)
     elif compiling:

@@ -277,11 +277,43 @@ def elements_may_overlap(t: torch.Tensor) -> bool:
     reach. True for expanded (stride 0) and other self-overlapping views; False for every slice,
     transpose or sub-view of a dense tensor (``torch._debug_has_internal_overlap`` gives up on
     those: a packed qkv's ``qkv[:, :, 0]`` could not be turned in place)."""
-    if t.numel() == 0:
-        return False
+    return t.numel() != 0 and _layout_may_overlap(t.shape, t.stride())
+
+
+def _layout_may_overlap(sizes, strides) -> bool:
+    """elements_may_overlap's test on sizes and strides (none of them 0 sizes)."""
     reach = 0  # the largest offset the dims so far reach from the first element
-    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(strides, sizes) if sz != 1):
         if stride <= reach:
             return True
         reach += (size - 1) * stride
     return False
+
+
+def tensors_may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors (on one device, not fake) could have an element in common, for any
+    layout (torch's own check, ``index_put_``'s, sees only contiguous ones). First their storages'
+    byte ranges: disjoint ones (separate allocations, the common case) give False for a few pointer
+    reads; compared as ranges, not storage identity, as two storages may wrap one buffer
+    (``from_numpy``, DLPack). Then the byte spans from each tensor's first to its last element.
+    Spans that interleave are two views of one buffer: when they step alike (equal strides and
+    element size, e.g. the ``kv[:, :, 0]`` / ``kv[:, :, 1]`` halves of a packed (B, L, 2, H, D)
+    cache) they are distinct if one layout holding both, their sizes plus a dim of 2 spaced by the
+    distance between their first elements, has distinct elements (elements_may_overlap's test).
+    Anything else is conservatively True."""
+    storage_a, storage_b = a.untyped_storage(), b.untyped_storage()
+    start_a, start_b = storage_a.data_ptr(), storage_b.data_ptr()
+    if start_a + storage_a.nbytes() <= start_b or start_b + storage_b.nbytes() <= start_a:
+        return False
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    size = a.element_size()
+    first_a, first_b = a.data_ptr(), b.data_ptr()
+    end_a = first_a + size * (1 + sum((n - 1) * st for n, st in zip(a.shape, a.stride())))
+    end_b = first_b + b.element_size() * (1 + sum((n - 1) * st for n, st in zip(b.shape, b.stride())))
+    if end_a <= first_b or end_b <= first_a:
+        return False
+    distance, rest = divmod(abs(first_b - first_a), size)
+    if distance == 0 or rest or b.element_size() != size or a.stride() != b.stride():
+        return True
+    return _layout_may_overlap([max(m, n) for m, n in zip(a.shape, b.shape)] + [2], list(a.stride()) + [distance])

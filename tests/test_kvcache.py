@@ -402,6 +402,66 @@ def test_kvcache_refuses_a_cache_whose_rows_share_memory():
     assert out.shape == (2, 1, 2, 8)
 
 
+ALIASES = ["k and v rows of their caches", "crossed: k from v_cache, v from k_cache", "q a row being written"]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("B", [2, 1])  # batch 1: the views are contiguous, where torch's own check raised
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.parametrize("device,backend", cases())
+def test_kvcache_new_keys_that_view_the_cache_are_read_before_the_write(device, backend, alias, B, paged):
+    """New k and v (or q) that are views of the cache's rows (rows copied ahead, a reused buffer)
+    give the output and the cache of the same call on copies of them: rows 2, 3 written to rows
+    3, 4 hold the old rows 2, 3, where a write reading its source as it wrote copied row 2 twice
+    (batch > 1) or raised torch's "single memory location" error (batch 1, contiguous views)."""
+    g = torch.Generator().manual_seed(0)
+    kc = torch.randn(B, 8, 1, 16, generator=g).to(device)
+    vc = torch.randn(B, 8, 1, 16, generator=g).to(device)
+    q = torch.randn(B, 1, 1, 16, generator=g).to(device)
+    kwargs = dict(cache_seqlens=3, causal=True, backend=backend)
+    if paged:  # the cache rows as pages of 8 rows, sequence b on page B - 1 - b
+        kwargs["block_table"] = torch.arange(B - 1, -1, -1, dtype=torch.int32, device=device).view(B, 1)
+    expected_k, expected_v = kc.clone(), vc.clone()
+    if alias == ALIASES[0]:
+        k, v = kc[:, 2:4], vc[:, 2:4]
+    elif alias == ALIASES[1]:
+        k, v = vc[:, 2:4], kc[:, 2:4]
+    else:
+        k, v, q = kc[:, 2:4], vc[:, 2:4], kc[:, 4:5]
+    with torch.no_grad():
+        expected = F.attention_with_kvcache(q.clone(), expected_k, expected_v, k.clone(), v.clone(), **kwargs)
+        out = F.attention_with_kvcache(q, kc, vc, k, v, **kwargs)
+    assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_kvcache_refuses_a_k_cache_sharing_memory_with_v_cache():
+    """A k_cache and v_cache that share memory (one tensor passed twice, overlapping views of one
+    buffer) would have the new values written over the new keys: with new k and v the call raises
+    before writing anything. A read-only call takes them (nothing is written), and the distinct
+    halves of a packed (B, L, 2, H, D) buffer are two caches."""
+    q, k, v = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    buf = torch.randn(2, 6, 2, 12)
+    seqlens = torch.tensor([2, 3])
+    for kc, vc in ((buf[..., :8], buf[..., :8]), (buf[..., :8], buf[..., 4:]), (buf[..., 4:], buf[..., :8])):
+        before = buf.clone()
+        with torch.no_grad():
+            with pytest.raises(ValueError, match=r"k_cache and v_cache share memory .* pass caches of distinct memory"):
+                F.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens)
+            assert torch.equal(buf, before)
+            out = F.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens)
+            expected = F.attention_with_kvcache(q, kc.clone(), vc.clone(), cache_seqlens=seqlens)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert torch.equal(buf, before)
+    packed = torch.randn(2, 6, 2, 2, 8)
+    expected_k, expected_v = packed[:, :, 0].clone(), packed[:, :, 1].clone()
+    with torch.no_grad():
+        expected = F.attention_with_kvcache(q, expected_k, expected_v, k, v, cache_seqlens=seqlens)
+        out = F.attention_with_kvcache(q, packed[:, :, 0], packed[:, :, 1], k, v, cache_seqlens=seqlens)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert torch.equal(packed[:, :, 0], expected_k) and torch.equal(packed[:, :, 1], expected_v)
+
+
 def test_kvcache_refuses_inputs_that_require_grad():
     """An inference call, as FlashAttention's: a tensor that requires grad raises, under grad mode
     only, before the cache is written; under no_grad the same call runs."""

@@ -142,11 +142,18 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
            inplace: bool = False) -> Tensor:
     """The embedding of checked inputs: x4 (B, L, H, D), positions (B, L) in range, ``backend``
     resolved (also ``attention_with_kvcache``'s path, which checks its positions itself)."""
-    if inplace and torch._C._are_functorch_transforms_active():
+    if inplace and (torch._C._are_functorch_transforms_active()
+                    or (not torch.compiler.is_compiling() and x4.is_neg())):
         # Under torch.func's transforms, out of place and then copied into x4: vmap's fallback
         # runs no out= kernel (the cpu and cuda backends write x through fused_attn_C::rotary_out),
         # and torch's generated vmap rule refuses an in-place autograd Function under vmap(grad)
         # ("marked as dirty ... not returned"); copy_ is an in-place op every transform takes.
+        # So for an x4 with the negative bit (``z.conj().imag``: its memory holds -x4): the
+        # dispatcher's Negative fallback cannot write such an argument of an op that does not
+        # return it (fused_attn_C::rotary_out and fused_attn::rotary_ return nothing: an internal
+        # assert, or "Expected Tensor but got None"), and copy_ writes the values through the bit.
+        # (Not asked under torch.compile: Dynamo cannot trace is_neg(), and Inductor reads such a
+        # graph input negated anyway: README, Semantics, Strides.)
         return x4.copy_(rotate(x4, cos, sin, positions, interleaved, backend))
     if inference_call_ok(x4, cos, sin):
         return rotary_inference(x4, cos, sin, positions, interleaved, backend, inplace)

@@ -14,6 +14,7 @@ import torch
 
 from fused_attn import functional as F
 from fused_attn import reference as R
+from fused_attn.rotary import apply_rotary_emb
 from fused_attn.testing import (backend_cases, check_against_reference, compare, make_inputs, runnable_backends,
                                 union_cases)
 
@@ -546,3 +547,113 @@ def test_attention_softcap_inf_input_gradients_stay_in_their_rows(device, backen
             mine[own_row[1]] = ref[own_row[1]] = True  # (its own row: NaN on Triton, documented)
         assert torch.equal(mine, ref)
     assert bool(grads["reference"][own_row[0]][own_row[1]].all())  # (the reference's own row is finite)
+
+
+# ---- views with the negative bit ---------------------------------------------------------------
+# ``z.conj().imag`` of a complex z (a sin table built as ``torch.polar(1, angle).conj().imag``) is
+# a real float view whose memory holds the negation of its values (``is_neg()``); torch's ops read
+# it through the bit. Every backend must read such an argument as its values, forward and backward,
+# inputs and incoming gradients alike (the Triton launchers hand the kernels raw pointers: they read
+# -t until the views are resolved; the cpu and cuda ops get them materialised by the dispatcher),
+# and an in-place call writes its values through the bit.
+
+def _neg_bit(t, layout):
+    """A view with t's values and the negative bit, differentiable in t: ``conj().imag`` (what
+    complex maths hands over, every other element of a complex tensor) or ``torch._neg_view``'s
+    contiguous one (which a ``.contiguous()`` on the way would leave as it is)."""
+    view = torch.complex(torch.zeros_like(t), -t).conj().imag if layout == "imag" else torch._neg_view(-t)
+    assert view.is_neg()
+    return view
+
+
+def _neg_attention(backend, q, k, v, mask, slopes, return_lse=True):
+    return F.attention(q, k, v, attn_mask=mask, alibi_slopes=slopes, causal=True, return_lse=return_lse,
+                       backend=backend)
+
+
+def _neg_varlen(backend, q, k, v, slopes):
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    return F.attention_varlen(q, k, v, cu, cu, 3, 3, alibi_slopes=slopes, causal=True, return_lse=True,
+                              backend=backend)
+
+
+def _neg_kvcache(backend, q, k_cache, v_cache, k, v, slopes, cos, sin):
+    out = F.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([1, 3], dtype=torch.int32),
+                                   rotary_cos=cos, rotary_sin=sin, alibi_slopes=slopes, causal=True, backend=backend)
+    return out, k_cache, v_cache  # (the caches as written: read through the views when they are ones)
+
+
+def _neg_rotary(backend, x, cos, sin, inplace=False):
+    if inplace and not x.is_neg():  # (a leaf that requires grad cannot be written in place)
+        x = x.clone()
+    return apply_rotary_emb(x, cos, sin, inplace=inplace, backend=backend)
+
+
+def _angles(rows, half):
+    angle = torch.rand(rows, half) * 6
+    return angle.cos(), angle.sin()
+
+
+# name: (the op whose backends run it, the call, its inputs (a fresh set per run: the caches are
+# written), which inputs get a gradient (none: an inference call))
+NEG_BIT_CASES = {
+    "attention": ("attention", _neg_attention,
+                  lambda: [torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 5),
+                           torch.randn(3, 3), torch.rand(1, 2)], (0, 1, 2, 3)),
+    "attention_varlen": ("attention", _neg_varlen,
+                         lambda: [torch.randn(5, 1, 4), torch.randn(5, 1, 4), torch.randn(5, 1, 4), torch.rand(2, 1)],
+                         (0, 1, 2)),
+    "attention_with_kvcache": ("attention", _neg_kvcache,
+                               lambda: [torch.randn(2, 1, 1, 4), torch.randn(2, 5, 1, 4), torch.randn(2, 5, 1, 4),
+                                        torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4), torch.rand(2, 1),
+                                        *_angles(8, 2)], ()),
+    "rotary": ("rotary", _neg_rotary, lambda: [torch.randn(2, 3, 2, 8), *_angles(6, 3)], (0,)),
+    "rotary in place": ("rotary", lambda backend, x, cos, sin: _neg_rotary(backend, x, cos, sin, inplace=True),
+                        lambda: [torch.randn(2, 3, 2, 8), *_angles(6, 3)], (0,)),
+    "feed_forward": ("feed_forward", lambda backend, *a: F.feed_forward(*a, activation="gelu", backend=backend),
+                     lambda: [torch.randn(4, 6), torch.randn(8, 6), torch.randn(8), torch.randn(6, 8), torch.randn(6)],
+                     (0, 1, 2, 3, 4)),
+    "layer_norm_residual": ("layer_norm_residual",
+                            lambda backend, *a: F.layer_norm_residual(*a, prenorm=True, backend=backend),
+                            lambda: [torch.randn(4, 6), torch.randn(4, 6), torch.randn(6), torch.randn(6)],
+                            (0, 1, 2, 3)),
+}
+
+
+def _neg_bit_run(backend, name, layout, where):
+    """(outputs, gradients) of case ``name`` with the input ``where`` (an index), or the incoming
+    gradient of output ``("grad", i)``, given as a view with the negative bit; None: all plain."""
+    _, call, make, grads = NEG_BIT_CASES[name]
+    torch.manual_seed(0)
+    inputs = [t.requires_grad_(i in grads) for i, t in enumerate(make())]
+    given = [_neg_bit(t, layout) if i == where else t for i, t in enumerate(inputs)]
+    outs = call(backend, *given)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    if not grads:
+        return [o.detach().clone() for o in outs], []
+    torch.manual_seed(1)
+    grad_outs = [torch.randn_like(o) for o in outs]
+    if isinstance(where, tuple):
+        grad_outs[where[1]] = _neg_bit(grad_outs[where[1]], layout)
+    wanted = [inputs[i] for i in grads]
+    return [o.detach() for o in outs], list(torch.autograd.grad(outs, wanted, grad_outs))
+
+
+def _neg_bit_params():
+    return [pytest.param(device, backend, name, id=f"{name}-{device}-{backend}")
+            for name, (op, *_) in NEG_BIT_CASES.items()
+            for device, backend in [case.values for case in cases(op)]
+            if backend != "reference"]  # (the oracle: plain torch ops, which read the bit)
+
+
+@pytest.mark.parametrize("layout", ["imag", "neg_view"])
+@pytest.mark.parametrize("device,backend,name", _neg_bit_params())
+def test_negative_bit_views_are_read_as_their_values(device, backend, name, layout):
+    _, _, make, grads = NEG_BIT_CASES[name]
+    expected = _neg_bit_run("reference", name, layout, None)
+    n_outs = len(expected[0]) if grads else 0
+    for where in [*range(len(make())), *(("grad", i) for i in range(n_outs))]:
+        outs, grad = _neg_bit_run(backend, name, layout, where)
+        for i, (actual, wanted) in enumerate(zip(outs + grad, expected[0] + expected[1])):
+            torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{where} given with the negative bit, result {i}: {m}")

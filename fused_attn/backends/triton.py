@@ -68,30 +68,63 @@ class TritonBackend(Backend):
                 reasons.extend(hook(call))
         return reasons
 
+    # Every launcher hands its tensors through _values first: the kernels read raw pointers and
+    # strides, so they need each tensor's memory to hold its values (see _values).
+
     def attention_fwd(self, *args):
-        return _kernels("attention").attention_fwd(*args)
+        return _kernels("attention").attention_fwd(*_values(args))
 
     def attention_bwd(self, *args):
-        return _kernels("attention").attention_bwd(*args)
+        return _kernels("attention").attention_bwd(*_values(args))
 
     def attention_varlen_fwd(self, *args, **kwargs):
-        return _kernels("attention").attention_varlen_fwd(*args, **kwargs)
+        if kwargs:  # (block_table=: the pages of a paged cache)
+            kwargs = dict(zip(kwargs, _values(tuple(kwargs.values()))))
+        return _kernels("attention").attention_varlen_fwd(*_values(args), **kwargs)
 
     def attention_varlen_bwd(self, *args):
-        return _kernels("attention").attention_varlen_bwd(*args)
+        return _kernels("attention").attention_varlen_bwd(*_values(args))
 
     def layer_norm_residual_fwd(self, *args):
-        return _kernels("layer_norm_residual").layer_norm_residual_fwd(*args)
+        return _kernels("layer_norm_residual").layer_norm_residual_fwd(*_values(args))
 
     def layer_norm_residual_bwd(self, *args):
-        return _kernels("layer_norm_residual").layer_norm_residual_bwd(*args)
+        return _kernels("layer_norm_residual").layer_norm_residual_bwd(*_values(args))
 
     def feed_forward_fwd(self, *args):
-        return _kernels("feed_forward").feed_forward_fwd(*args)
+        return _kernels("feed_forward").feed_forward_fwd(*_values(args))
 
     def feed_forward_bwd(self, *args):
-        return _kernels("feed_forward").feed_forward_bwd(*args)
+        return _kernels("feed_forward").feed_forward_bwd(*_values(args))
 
     def rotary(self, x, cos, sin, positions, interleaved, conjugate, out=None):
+        x, cos, sin, positions = _values((x, cos, sin, positions))
+        if out is not None and out.is_neg():
+            # The kernel would store the values as they are into memory read negated: turn into a
+            # tensor of our own and copy_ it in (copy_ writes through the bit). (rotary.rotate never
+            # passes such an out: it turns a negative-bit x out of place and copies it in itself.)
+            return out.copy_(self.rotary(x, cos, sin, positions, interleaved, conjugate))
         return _kernels("rotary").apply_rotary(x, cos, sin, positions, interleaved=interleaved, conjugate=conjugate,
                                                out=out)
+
+
+def _values(args: tuple) -> tuple:
+    """``args`` with every tensor carrying the negative bit replaced by ``t.resolve_neg()``, a
+    copy whose memory holds its values; ``args`` itself (no copy) when none does.
+
+    A view with the negative bit (``z.conj().imag`` of a complex z, ``torch._neg_view``) is a real
+    float tensor whose memory holds the negation of its values; torch's own ops read it through
+    the bit. The Triton launchers hand the kernels its pointer and strides, which read the memory
+    as it is: -t instead of t, a wrong answer with no error (gradients too: an incoming gradient
+    can be such a view). The cpu and cuda backends call their ops through torch's dispatcher, whose
+    Negative fallback materialises such arguments the same way; here it is done by hand, for
+    every tensor argument, inputs and incoming gradients alike. The launchers write only tensors
+    they allocate (rotary's ``out`` is handled by ``rotary``), so a copy loses no write: the KV
+    cache of ``attention_with_kvcache`` is written by torch's ``index_put_`` (through the bit)
+    before the attention reads a resolved copy of it. The check is one ``is_neg()`` per tensor,
+    ~0.1 us; the conjugate bit needs none, as only complex tensors, which no backend takes, can
+    carry it."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_neg():
+            return tuple(t.resolve_neg() if isinstance(t, torch.Tensor) else t for t in args)
+    return args

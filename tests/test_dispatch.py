@@ -1,5 +1,7 @@
 """Backend dispatch: auto order, forcing, use_backend, the environment variable, fallbacks, reasons."""
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -11,6 +13,7 @@ import fused_attn
 from fused_attn import backends
 from fused_attn import functional as F
 from fused_attn.backends import BACKENDS, BackendUnavailableError, Call, resolve, use_backend
+from fused_attn.backends.triton import interpreter_enabled
 
 CPU_F32 = Call("attention", torch.device("cpu"), torch.float32, {})
 
@@ -34,10 +37,31 @@ def test_triton_availability_follows_the_interpreter_flag():
     triton_backend = BACKENDS["triton"]
     if torch.cuda.is_available():
         return
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    assert (not triton_backend.unavailable_reasons()) == interpret
+    assert (not triton_backend.unavailable_reasons()) == interpreter_enabled()
     reasons = triton_backend.call_reasons(Call("attention", torch.device("cpu"), torch.bfloat16, {}))
     assert any("bfloat16" in r for r in reasons)
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("Yes", True), ("false", False), ("0", False),
+                                       ("off", False), ("no", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    # Triton reads TRITON_INTERPRET as a yes/no flag: "false" (or off, no, empty) is off, where
+    # fused_attn took every value but "" and "0" as on, reported triton available on CPU and
+    # then crashed in Triton ("0 active drivers").
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreter_enabled() is on
+    if importlib.util.find_spec("triton") is not None:
+        from triton._C.libtriton import getenv_bool  # what the installed Triton itself decides
+
+        assert getenv_bool("TRITON_INTERPRET", False) is on
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    assert (not BACKENDS["triton"].unavailable_reasons()) == on
+    if not on:
+        q = torch.randn(1, 1, 4, 8)
+        with pytest.raises(BackendUnavailableError,
+                           match=re.escape(f"TRITON_INTERPRET={value!r} leaves the Triton interpreter off")):
+            F.attention(q, q, q, backend="triton")
 
 
 def test_auto_on_cpu_picks_cpu_or_reference():

@@ -24,8 +24,18 @@ _MODULES = {"attention": "attention", "layer_norm_residual": "layer_norm", "feed
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
+#: TRITON_INTERPRET's values that switch the interpreter on, as Triton reads them (3.6 and 3.9:
+#: libtriton's getenv_bool, lowercased, not stripped); every other value, "false" / "off" / "no"
+#: and empty included, leaves it off. Reading anything but "" and "0" as on (as before) made
+#: TRITON_INTERPRET=false report the backend available on CPU, where Triton then failed with
+#: "0 active drivers". Not _extension._env_flag: its words differ ("y" would raise, " 1" read on)
+#: and this variable is Triton's, not ours to refuse.
+_INTERPRET_ON = ("1", "true", "on", "yes", "y")
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs its kernels under the interpreter (TRITON_INTERPRET read as Triton does)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,7 +58,11 @@ class TritonBackend(Backend):
         if importlib.util.find_spec("triton") is None:
             return ["triton is not installed (pip install triton)"]
         if not torch.cuda.is_available() and not interpreter_enabled():
-            return ["no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs the kernels on CPU)"]
+            value = os.environ.get("TRITON_INTERPRET")
+            if value is None:
+                return ["no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs the kernels on CPU)"]
+            return [f"no CUDA device, and TRITON_INTERPRET={value!r} leaves the Triton interpreter off (set "
+                    "TRITON_INTERPRET=1 to run the kernels on CPU)"]
         return []
 
     def call_reasons(self, call: Call):

@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from ..backends.triton import interpreter_enabled
+
 try:  # host-side descriptors (Triton >= 3.4); without them only the pointer paths exist
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - old Triton
@@ -36,7 +38,7 @@ DESCRIPTOR_TYPES = (TensorDescriptor,) if TensorDescriptor is not None else ()
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreter_enabled()
 
 
 _TMA_MODES: dict = {}  # raw setting -> mode: the variable is read on every launch, parsed once per value

@@ -79,6 +79,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import Call
+from ..backends.triton import interpreter_enabled
 from ..ops_common import NO_BAND, clamp_band, empty, new_attention_out, new_varlen_out, varlen_lse_shape
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
@@ -93,7 +94,7 @@ MAX_HEAD_DIM = 256
 
 #: Whether the kernels below run under the interpreter: Triton decides it when ``triton.jit``
 #: wraps them, at import, so it is read once (an environment read on every launch cost ~0.7 us).
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRETING = interpreter_enabled()
 
 
 def _interpreting() -> bool:

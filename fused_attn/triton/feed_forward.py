@@ -39,12 +39,12 @@ activation has ``row = t``, ``col = c``.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..backends.triton import interpreter_enabled
 from ..ops_common import empty
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES, descriptors, tma_wanted
@@ -67,7 +67,7 @@ ACTIVATION_CODES = {
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreter_enabled()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,10 +155,14 @@ def test_gemm_modes_agree(monkeypatch, dtype, band):
 
 
 def test_gemm_mode_is_checked(monkeypatch):
+    """A bad value is a ValueError naming the variable and its values, as the tile sizes' are
+    (it was a RuntimeError), through the op and the public function alike."""
     monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", "mkl")
     q, k, v = _good()
-    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_GEMM must be one of auto, tiles, blas, aten; got 'mkl'"):
+    with pytest.raises(ValueError, match="FUSED_ATTN_CPU_GEMM must be one of auto, tiles, blas, aten; got 'mkl'"):
         torch.ops.fused_attn_C.attention_fwd(q, k, v, None, *NO_BAND, 0.0, 0.5, 0, 0)
+    with pytest.raises(ValueError, match="FUSED_ATTN_CPU_GEMM must be one of auto, tiles, blas, aten; got 'mkl'"):
+        F.attention(q, k, v, backend="cpu")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -1119,7 +1123,7 @@ def test_bf16_dot_mode_is_checked(monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_CPU_BF16_DOT", "yes")
     q, k, v = _good()
     for dtype in (torch.float32, torch.bfloat16):
-        with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_BF16_DOT must be one of auto, on, off; got 'yes'"):
+        with pytest.raises(ValueError, match="FUSED_ATTN_CPU_BF16_DOT must be one of auto, on, off; got 'yes'"):
             torch.ops.fused_attn_C.attention_fwd(q.to(dtype), k.to(dtype), v.to(dtype), None, *NO_BAND, 0.0, 0.5, 0, 0)
 
 

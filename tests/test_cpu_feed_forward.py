@@ -69,7 +69,7 @@ def test_both_half_precision_gemm_paths(monkeypatch, half_gemm, activation, dtyp
 def test_half_gemm_env_is_checked(monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_CPU_HALF_GEMM", "fp8")
     x, w1, b1, w2, b2 = [t.detach() for t in _inputs((3,), 8, 16, "relu", torch.bfloat16)]
-    with pytest.raises(RuntimeError, match="FUSED_ATTN_CPU_HALF_GEMM must be one of auto, native, float32"):
+    with pytest.raises(ValueError, match="FUSED_ATTN_CPU_HALF_GEMM must be one of auto, native, float32; got 'fp8'"):
         fused_attn.feed_forward(x, w1, b1, w2, b2, backend="cpu")
 
 

@@ -198,7 +198,8 @@ inline int64_t grain_for(double flops_per_unit) {
 // forward, decode_rows); "tiles", the register-blocked kernels always;
 // "blas", BLAS through its Fortran entry points; "aten", BLAS through at::addmm.
 // Read at every call (a getenv, against milliseconds of work), so a benchmark or a test can
-// compare the paths in one process; anything else is an error naming the variable.
+// compare the paths in one process; anything else is a ValueError naming the variable (as the
+// tile sizes' and the other settings' bad values are).
 enum class GemmMode { automatic, tiles, blas, aten };
 GemmMode gemm_mode() {
   const char* s = std::getenv("FUSED_ATTN_CPU_GEMM");
@@ -207,7 +208,7 @@ GemmMode gemm_mode() {
   if (mode == "tiles") return GemmMode::tiles;
   if (mode == "blas") return GemmMode::blas;
   if (mode == "aten") return GemmMode::aten;
-  FA_CHECK(false, "FUSED_ATTN_CPU_GEMM must be one of auto, tiles, blas, aten; got '", mode, "'");
+  FA_CHECK_VALUE(false, "FUSED_ATTN_CPU_GEMM must be one of auto, tiles, blas, aten; got '", mode, "'");
 }
 
 // The register-blocked float32 products first lay out K and V as panels, a pass over the whole KV
@@ -259,7 +260,7 @@ bool use_tile_kernels(GemmMode mode) {
 // without AVX512-BF16); "off", the float32 panels. It only concerns bfloat16 inputs on the
 // register-blocked path (FUSED_ATTN_CPU_GEMM=blas|aten keep their BLAS products). Read at every
 // call, like FUSED_ATTN_CPU_GEMM, so that tests compare both paths in one process; any other value
-// is an error naming the variable, whatever the dtype.
+// is a ValueError naming the variable, whatever the dtype.
 enum class Bf16DotMode { automatic, on, off };
 Bf16DotMode bf16_dot_mode() {
   const char* s = std::getenv("FUSED_ATTN_CPU_BF16_DOT");
@@ -267,7 +268,7 @@ Bf16DotMode bf16_dot_mode() {
   if (mode == "auto" || mode.empty()) return Bf16DotMode::automatic;
   if (mode == "on") return Bf16DotMode::on;
   if (mode == "off") return Bf16DotMode::off;
-  FA_CHECK(false, "FUSED_ATTN_CPU_BF16_DOT must be one of auto, on, off; got '", mode, "'");
+  FA_CHECK_VALUE(false, "FUSED_ATTN_CPU_BF16_DOT must be one of auto, on, off; got '", mode, "'");
 }
 
 // Whether a call (forward or backward) in dtype t on the register-blocked path (tiles) runs its

@@ -105,14 +105,14 @@ void dispatch_activation(Act act, F&& f) {
 
 // The dtype the GEMMs run in (see the file comment). FUSED_ATTN_CPU_HALF_GEMM = native / float32
 // forces one of the two paths for half-precision inputs on any CPU (unset or "auto": by the CPU),
-// so that the tests run both wherever they run.
+// so that the tests run both wherever they run; any other value is a ValueError naming the variable.
 at::ScalarType gemm_dtype(at::ScalarType t) {
   if (t != at::kBFloat16 && t != at::kHalf) return t;
   const char* env = std::getenv("FUSED_ATTN_CPU_HALF_GEMM");
   const std::string mode = env ? env : "auto";
   if (mode == "native") return t;
   if (mode == "float32") return at::kFloat;
-  FA_CHECK(mode == "auto" || mode.empty(), "FUSED_ATTN_CPU_HALF_GEMM must be one of auto, native, float32; got '",
+  FA_CHECK_VALUE(mode == "auto" || mode.empty(), "FUSED_ATTN_CPU_HALF_GEMM must be one of auto, native, float32; got '",
            mode, "'");
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool native_bf16 = __builtin_cpu_supports("avx512bf16");

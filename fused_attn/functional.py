@@ -633,9 +633,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             sequence's last query with its last key, as FlashAttention's varlen causal does).
 
     Returns (total_q, Hq, Dv), or (out, lse) with ``return_lse`` (lse (Hq, total_q), float32 or,
-    for float64 inputs, float64, as in ``attention``). Sequence s gives exactly what
-    ``attention`` gives on it alone (dropout: that call's mask at offset + Hq * cu_seqlens_q[s] of
-    the same seed). Outside torch.compile the boundaries are checked (one small device-to-host
+    for float64 inputs, float64, as in ``attention``). Sequence s gives what ``attention`` gives
+    on it alone (dropout: that call's mask at offset + Hq * cu_seqlens_q[s] of the same seed):
+    bitwise on the reference and cuda backends, under the Triton interpreter and on the cpu
+    backend under FUSED_ATTN_CPU_GEMM=tiles (float32, float16, bfloat16); to rounding with Triton
+    on a GPU and in the cpu backend's default mode, where a sequence alone may take a decoding
+    path the packed call does not (README, backend notes). Outside torch.compile the boundaries are checked (one small device-to-host
     copy); the Triton and cpu backends run every sequence in one launch (the cpu one in one
     parallel loop), the others loop over the sequences.
 

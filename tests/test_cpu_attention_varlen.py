@@ -157,6 +157,45 @@ def test_native_varlen_decoding_path(monkeypatch, case, dtype):
             assert torch.equal(a, b), f"{name}: max |diff| {(a.double() - b.double()).abs().max().item()}"
 
 
+# What the README promises of attention_varlen on the cpu backend: each sequence's rows are bitwise
+# what `attention` gives on it alone under FUSED_ATTN_CPU_GEMM=tiles, and equal to rounding in the
+# automatic mode, where the packed op runs every sequence on the batch's path while a sequence
+# alone may take a decoding one: float32 BLAS for the one-query sequence packed after a 64-query
+# one (the reviewer's case: 6e-8 apart), float16 BLAS for 16 query rows per kv head, bfloat16 K and V read as rows on
+# AVX512-BF16 for 9 (the packed op's longest sequence, 33, takes the pair panels). (dtype, q and k
+# lengths, Hq, Hkv, D, tolerance)
+ALONE_CASES = [(torch.float32, [64, 1], [64, 64], 1, 1, 16, 1e-6), (torch.float16, [16, 16], [16, 16], 2, 2, 8, 2e-3),
+               (torch.bfloat16, [9, 33], [9, 33], 2, 2, 24, 2e-2)]
+
+
+@pytest.mark.parametrize("dtype,lens_q,lens_k,Hq,Hkv,D,tol", ALONE_CASES, ids=[str(c[0]) for c in ALONE_CASES])
+def test_varlen_is_each_sequence_alone_bitwise_on_tiles_to_rounding_in_auto(monkeypatch, dtype, lens_q, lens_k, Hq,
+                                                                            Hkv, D, tol):
+    monkeypatch.delenv("FUSED_ATTN_CPU_BF16_DOT", raising=False)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lens_q), Hq, D, generator=g).to(dtype)
+    k, v = (torch.randn(sum(lens_k), Hkv, D, generator=g).to(dtype) for _ in range(2))
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    bounds = list(zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()))
+
+    def run(mode):
+        """The packed rows of each sequence, and what `attention` gives on it alone."""
+        monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+        out = F.attention_varlen(q, k, v, cu_q, cu_k, backend="cpu")
+        dense = [(q[qa:qb], k[ka:kb], v[ka:kb]) for qa, qb, ka, kb in bounds]
+        alone = [F.attention(*(t.transpose(0, 1)[None] for t in qkv), backend="cpu")[0].transpose(0, 1)
+                 for qkv in dense]
+        return out, [out[qa:qb] for qa, qb, _, _ in bounds], alone
+
+    out, packed, alone = run("tiles")
+    for s, (a, b) in enumerate(zip(packed, alone)):
+        assert torch.equal(a, b), f"sequence {s}: max |diff| {(a.double() - b.double()).abs().max().item()}"
+    out_auto, packed, alone = run("auto")
+    assert torch.equal(out_auto, out), "the packed op left the register-blocked products"
+    for s, (a, b) in enumerate(zip(packed, alone)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"sequence {s}")
+
+
 # float32 decoding against the oracle in the automatic mode, gradients included: the backward runs
 # the products the forward ran (BLAS where every sequence's queries see all of its keys), so it
 # recomputes P = exp(s - lse) from scores summed in the order of the forward's lse. (It used to run

@@ -40,9 +40,63 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _check_tensor(name: str, t, ndim=None, min_ndim=None) -> None:
+# What to pass instead of a nested tensor, by what the op does with it (``_nested_error``). The
+# kernels take dense tensors with strides; a nested one got past the checks (its dtype and dim
+# are a dense one's) and failed deep inside torch, on every backend. The ops take variable-length
+# sequences packed: the tokens back to back, as a jagged tensor (B, j, ...) keeps them in
+# ``values()`` with the sequence boundaries in ``offsets()``.
+NESTED_ATTENTION = ("for sequences of different lengths call attention_varlen on the packed (total, H, D) tokens: "
+                    "{name}.values() of a (B, j, H, D) jagged tensor ({name}.transpose(1, 2).values() of a (B, H, j, "
+                    "D) one), with its offsets() as the cu_seqlens (torch's scaled_dot_product_attention and "
+                    "fused_attn.functional.scaled_dot_product_attention also take jagged tensors)")
+NESTED_TOKENS = ("the op is per token: pass the packed (total, ..., d) tokens {name}.values() and rewrap the result "
+                 "with torch.nested.nested_tensor_from_jagged(out, {name}.offsets())")
+NESTED_ROTARY = ("pass the packed (total, H, D) tokens {name}.values() of a (B, j, H, D) jagged tensor with "
+                 "cu_seqlens={name}.offsets() (each sequence's positions start at 0)")
+NESTED_MERGE = ("merge attention_varlen's packed outputs, (total, H, Dv) tensors, with their lse.t()")
+NESTED_KVCACHE = ("pass dense (B, L, H, D) tensors, the cache's lengths in cache_seqlens (sequences of different "
+                  "lengths packed go to attention_varlen, which reads a paged cache through block_table)")
+NESTED_MODULE = ("the module takes dense (B, L, d_model) tensors; for self-attention over sequences of different "
+                 "lengths pass the packed (total_tokens, d_model) tokens {name}.values() with "
+                 "cu_seqlens={name}.offsets()")
+NESTED_DENSE = "pass a dense tensor"
+
+
+def _nested_error(name: str, t: Tensor, use: str) -> TypeError:
+    """The TypeError for a nested tensor passed as ``name``: what it is and what to pass instead
+    (``use``, one of the NESTED_* hints)."""
+    how = use.format(name=name)
+    layout = "torch.jagged" if t.layout == torch.jagged else "torch.strided"
+    if layout == "torch.strided" and "values()" in use:
+        # (a strided nested tensor has no offsets(), and its values() is its flat buffer)
+        how += (f" (a strided nested tensor made jagged first: {name} = torch.nested.nested_tensor("
+                f"list({name}.unbind()), layout=torch.jagged))")
+    return TypeError(f"{name} is a nested tensor ({layout} layout), which fused_attn's ops do not take: {how}")
+
+
+def any_nested(*args) -> bool:
+    """Whether any of ``args`` is a nested tensor (other arguments are not): the calls of SDPA that
+    go to torch's own function (``scaled_dot_product_attention``, ``patch_sdpa``)."""
+    return any(isinstance(t, Tensor) and t.is_nested for t in args)
+
+
+# torch's SDPA as torch defines it, taken before fused_attn.patch_sdpa can replace it there.
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _refuse_nested(name: str, t: Tensor) -> None:
+    """A tensor argument other than the sequences (a mask, slopes, lengths) that is nested raises."""
+    if t.is_nested:
+        raise _nested_error(name, t, NESTED_DENSE)
+
+
+def _check_tensor(name: str, t, ndim=None, min_ndim=None, nested: str = NESTED_DENSE) -> None:
+    """A floating-point tensor (``ndim``-D, at least ``min_ndim``-D), not nested (``nested``: the
+    hint of ``_nested_error``)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise _nested_error(name, t, nested)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got {_dtype_name(t.dtype)}")
@@ -67,15 +121,16 @@ def _check_qkv(q, k, v, ndim: int) -> None:
     """``_check_tensor`` of q, k and v (``ndim``-D) and ``_check_same`` of k and v against q.
 
     Fast path: the one combined test below passes only when none of those checks could raise
-    (three tensors, q's dtype floating and shared by k and v, each ``ndim``-D, one device), and
-    costs a third of them; when it fails they run in their usual order and raise the precise
-    error."""
+    (three tensors, q's dtype floating and shared by k and v, each ``ndim``-D, one device, none
+    nested), and costs a third of them; when it fails they run in their usual order and raise
+    the precise error."""
     if (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.dtype in FLOAT_DTYPES
             and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == ndim and k.dim() == ndim
-            and v.dim() == ndim and k.device == q.device == v.device):
+            and v.dim() == ndim and k.device == q.device == v.device
+            and not (q.is_nested or k.is_nested or v.is_nested)):
         return
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, ndim=ndim)
+        _check_tensor(name, t, ndim=ndim, nested=NESTED_ATTENTION)
     _check_same("q", q, {"k": k, "v": v})
 
 
@@ -363,6 +418,7 @@ def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learn
         return None
     if not isinstance(alibi_slopes, Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    _refuse_nested("alibi_slopes", alibi_slopes)
     if not alibi_slopes.is_floating_point():
         raise TypeError(f"alibi_slopes must be a floating-point tensor (float32, as FlashAttention's), got "
                         f"{_dtype_name(alibi_slopes.dtype)}")
@@ -405,6 +461,7 @@ def _check_sinks(sinks, Hq: int, device):
         return None
     if not isinstance(sinks, Tensor):
         raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    _refuse_nested("sinks", sinks)
     if not sinks.is_floating_point():
         raise TypeError(f"sinks must be a floating-point tensor, got {_dtype_name(sinks.dtype)}")
     if sinks.device != device:
@@ -557,6 +614,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        _refuse_nested("attn_mask", attn_mask)
         if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
             raise TypeError(f"attn_mask must be bool (True = attend) or additive with q's dtype "
                             f"{_dtype_name(q.dtype)}, got {_dtype_name(attn_mask.dtype)}")
@@ -649,9 +707,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     paged = block_table is not None
     q, k, v = _autocast(q, k, v)
     if paged:  # pages: (num_pages, page_size, Hkv, dim)
-        _check_tensor("q", q, ndim=3)
+        _check_tensor("q", q, ndim=3, nested=NESTED_ATTENTION)
         for name, t in (("k", k), ("v", v)):
-            _check_tensor(name, t, ndim=4)
+            _check_tensor(name, t, ndim=4)  # (pages of a cache)
         _check_same("q", q, {"k": k, "v": v})
     else:
         _check_qkv(q, k, v, 3)
@@ -735,6 +793,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 def _check_block_table(block_table, batch, device) -> None:
     if not isinstance(block_table, Tensor):
         raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+    _refuse_nested("block_table", block_table)
     if block_table.dtype != torch.int32:
         raise TypeError(f"block_table must be int32 (page numbers, as FlashAttention's), got "
                         f"{_dtype_name(block_table.dtype)}")
@@ -751,6 +810,7 @@ def _check_block_table(block_table, batch, device) -> None:
 def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:
     if not isinstance(seqused_k, Tensor):
         raise TypeError(f"seqused_k must be a torch.Tensor or None, got {type(seqused_k).__name__}")
+    _refuse_nested("seqused_k", seqused_k)
     if seqused_k.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"seqused_k must be int32 or int64, got {_dtype_name(seqused_k.dtype)}")
     if seqused_k.shape != (cu_seqlens_k.shape[0] - 1,):
@@ -765,6 +825,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
     ``ops_common.check_varlen_bounds``)."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    _refuse_nested(name, cu)
     if cu.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {_dtype_name(cu.dtype)}")
     if cu.dim() != 1 or cu.shape[0] < 1:
@@ -884,16 +945,16 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                 rotary_interleaved=rotary_interleaved, causal=causal, window_size=window_size, scale=scale,
                 softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, backend=backend)
     paged = block_table is not None
-    _check_tensor("q", q, ndim=4)
-    _check_tensor("k_cache", k_cache, ndim=4)
-    _check_tensor("v_cache", v_cache, ndim=4)
+    _check_tensor("q", q, ndim=4, nested=NESTED_KVCACHE)
+    _check_tensor("k_cache", k_cache, ndim=4, nested=NESTED_KVCACHE)
+    _check_tensor("v_cache", v_cache, ndim=4, nested=NESTED_KVCACHE)
     _check_same("q", q, {"k_cache": k_cache, "v_cache": v_cache})
     if (k is None) != (v is None):
         given, missing = ("k", "v") if v is None else ("v", "k")
         raise ValueError(f"{given} was given without {missing}: pass the new keys and values together, or neither")
     if k is not None:
-        _check_tensor("k", k, ndim=4)
-        _check_tensor("v", v, ndim=4)
+        _check_tensor("k", k, ndim=4, nested=NESTED_KVCACHE)
+        _check_tensor("v", v, ndim=4, nested=NESTED_KVCACHE)
         _check_same("q", q, {"k": k, "v": v})
     compiling = torch.compiler.is_compiling()
     B, Lq, Hq, D = q.shape
@@ -1117,6 +1178,7 @@ def _check_index_tensor(name: str, t, batch: Optional[int], device, ref: str = "
     """An int32/int64 tensor on ``ref``'s device, of shape (batch,) unless batch is None."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    _refuse_nested(name, t)
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {_dtype_name(t.dtype)}")
     if batch is not None and t.shape != (batch,):
@@ -1284,10 +1346,12 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     if not outs or len(outs) != len(lses):
         raise ValueError(f"outs and lses must be non-empty and of one length, got {len(outs)} and {len(lses)}")
     for i, (out, lse) in enumerate(zip(outs, lses)):
-        _check_tensor(f"outs[{i}]", out, min_ndim=1)
+        _check_tensor(f"outs[{i}]", out, min_ndim=1, nested=NESTED_MERGE)
         if not isinstance(lse, Tensor) or not lse.is_floating_point():
             raise TypeError(f"lses[{i}] must be a floating-point tensor, got "
                             f"{lse.dtype if isinstance(lse, Tensor) else type(lse).__name__}")
+        if lse.is_nested:
+            raise _nested_error(f"lses[{i}]", lse, NESTED_MERGE)
         if out.shape != outs[0].shape or out.dtype != outs[0].dtype or out.device != outs[0].device:
             raise ValueError(f"outs[{i}] must match outs[0] (shape {tuple(outs[0].shape)}, {outs[0].dtype}, "
                              f"{outs[0].device}), got {tuple(out.shape)}, {out.dtype}, {out.device}")
@@ -1328,7 +1392,15 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     query's is cast to it. ``Hq != Hkv`` needs ``enable_gqa=True`` (also in the 3-D form, read as
     (H, L, E)), and ``attn_mask`` with ``is_causal=True`` is refused, both as torch does. A row whose
     keys are all masked gives zeros (torch gives NaN or zeros, depending on its version and kernel).
+
+    Nested tensors (torch's jagged (B, H, j, E) ones, which torch's SDPA takes) go to torch's
+    function, whatever ``backend``: the kernels take dense tensors (``attention_varlen`` takes the
+    packed tokens of such a batch).
     """
+    if any_nested(query, key, value, attn_mask):
+        check_backend_name(backend)
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, min_ndim=2)
     if not (query.dim() == key.dim() == value.dim()):
@@ -1502,18 +1574,20 @@ def mixed_norm_operands(x, residual, weight, bias, residual_in_fp32):
 def _norm_tensors_match(x, residual, weight, bias) -> bool:
     """The fast path of ``_check_norm_tensors`` in eager mode: True when x is a floating tensor
     of at least one dim and residual (x's shape), weight and bias ((d,)) are None or tensors of
-    x's dtype on x's device, which every check there passes. False: run those checks (a float32
-    residual with residual_in_fp32 lands there too, and passes)."""
-    if not (isinstance(x, Tensor) and x.dtype in FLOAT_DTYPES and x.dim() >= 1):
+    x's dtype on x's device, none nested, which every check there passes. False: run those checks
+    (a float32 residual with residual_in_fp32 lands there too, and passes). (is_nested is tested
+    before a shape is read: a strided nested tensor has none, and raises when asked.)"""
+    if not (isinstance(x, Tensor) and not x.is_nested and x.dtype in FLOAT_DTYPES and x.dim() >= 1):
         return False
     dtype, device, shape = x.dtype, x.device, x.shape
-    if residual is not None and not (isinstance(residual, Tensor) and residual.dtype == dtype
-                                     and residual.device == device and residual.shape == shape):
+    if residual is not None and not (isinstance(residual, Tensor) and not residual.is_nested
+                                     and residual.dtype == dtype and residual.device == device
+                                     and residual.shape == shape):
         return False
     hidden = shape[-1:]  # (d,): a parameter's shape, 1-D of x's last size (one compare)
     for p in (weight, bias):
-        if p is not None and not (isinstance(p, Tensor) and p.dtype == dtype and p.device == device
-                                  and p.shape == hidden):
+        if p is not None and not (isinstance(p, Tensor) and not p.is_nested and p.dtype == dtype
+                                  and p.device == device and p.shape == hidden):
             return False
     return True
 
@@ -1535,10 +1609,10 @@ def _shapes_differ(a: Tensor, b: Tensor, message: str) -> bool:
 def _check_norm_tensors(x, residual, weight, bias, residual_in_fp32) -> int:
     """``layer_norm_residual``'s tensor checks; returns the hidden size d (a constant under
     torch.compile, see ``_concrete``: it chooses the backend)."""
-    _check_tensor("x", x, min_ndim=1)
+    _check_tensor("x", x, min_ndim=1, nested=NESTED_TOKENS)
     d = _concrete(x.shape[-1])
     if residual is not None:
-        _check_tensor("residual", residual)
+        _check_tensor("residual", residual, nested=NESTED_TOKENS)
         if _shapes_differ(residual, x, "layer_norm_residual: residual must have x's shape"):
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if residual.device != x.device:
@@ -1578,14 +1652,15 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     if isinstance(w1, (tuple, list)):
         w1, w1_up, b1, b1_up = _split_gated_weights(w1, b1, activation)
         x, w1, b1, w2, b2, w1_up, b1_up = _autocast(x, w1, b1, w2, b2, w1_up, b1_up)
-        _check_tensor("x", x, min_ndim=1)  # (before comparing the halves' device and dtype with it)
+        # (before comparing the halves' device and dtype with it)
+        _check_tensor("x", x, min_ndim=1, nested=NESTED_TOKENS)
         _check_same("x", x, {"w1[0]": w1, "w1[1]": w1_up, "b1[0]": b1, "b1[1]": b1_up})
     else:
         x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)
         if isinstance(b1, (tuple, list)):
             raise TypeError("b1 as a (b_gate, b_up) pair goes with w1 as a (w_gate, w_up) pair; got a tensor w1")
     if not _ffn_tensors_match(x, w1, b1, w2, b2):
-        _check_tensor("x", x, min_ndim=1)
+        _check_tensor("x", x, min_ndim=1, nested=NESTED_TOKENS)
         _check_tensor("w1", w1, ndim=2)
         _check_tensor("w2", w2, ndim=2)
         if b1 is not None:
@@ -1661,16 +1736,18 @@ def _split_gated_weights(w1, b1, activation):
 
 def _ffn_tensors_match(x, w1, b1, w2, b2) -> bool:
     """The fast path of ``feed_forward``'s tensor checks: True when x (at least 1-D), w1, w2 (2-D)
-    and b1, b2 (None or 1-D) are tensors of x's floating dtype on x's device, which every one of
-    those checks passes (False: run them, they raise the precise error)."""
+    and b1, b2 (None or 1-D) are tensors of x's floating dtype on x's device, none nested, which
+    every one of those checks passes (False: run them, they raise the precise error)."""
     if not (isinstance(x, Tensor) and isinstance(w1, Tensor) and isinstance(w2, Tensor)):
         return False
     dtype, device = x.dtype, x.device
     if not (dtype in FLOAT_DTYPES and x.dim() >= 1 and w1.dtype == dtype and w2.dtype == dtype and w1.dim() == 2
-            and w2.dim() == 2 and w1.device == device and w2.device == device):
+            and w2.dim() == 2 and w1.device == device and w2.device == device
+            and not (x.is_nested or w1.is_nested or w2.is_nested)):
         return False
     for b in (b1, b2):
-        if b is not None and not (isinstance(b, Tensor) and b.dtype == dtype and b.dim() == 1 and b.device == device):
+        if b is not None and not (isinstance(b, Tensor) and not b.is_nested and b.dtype == dtype and b.dim() == 1
+                                  and b.device == device):
             return False
     return True
 

@@ -458,6 +458,7 @@ def check_kv_cache_call(module, query, key, value, attn_mask, key_padding_mask, 
     if attn_mask is not None or cu_seqlens is not None:
         raise ValueError("kv_cache takes no attn_mask or cu_seqlens: each sequence attends its cached tokens and the "
                          "new ones, causally (a key_padding_mask may left-pad the prompts of the first call)")
+    check_not_nested("query", query)
     if not (module.causal if is_causal is None else bool(is_causal)):
         raise ValueError("kv_cache decoding needs causal attention (causal=True, or is_causal=True): without it "
                          "earlier tokens would see later ones")
@@ -749,6 +750,7 @@ def check_batched_call(query, key, value, d_model, num_heads, key_padding_mask=N
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_not_nested(name, t)
         if t is not None and (t.dim() != 3 or t.shape[-1] != d_model):
             packed = " (or (total_tokens, d_model) with cu_seqlens: packed sequences)" if name == "query" else ""
             raise ValueError(f"{name} must be (batch, length, d_model={d_model}){packed}, got {tuple(t.shape)}")
@@ -783,6 +785,14 @@ def check_is_causal(is_causal) -> None:
         raise TypeError(f"is_causal must be None or a bool, got {is_causal!r}")
 
 
+def check_not_nested(name: str, t) -> None:
+    """A module's attention input that is a nested tensor raises TypeError saying what to pass (the
+    shapes are not read first: a strided nested tensor has none, and raised torch's internal error)."""
+    if isinstance(t, torch.Tensor) and t.is_nested:
+        checks = functional_checks()
+        raise checks._nested_error(name, t, checks.NESTED_MODULE)
+
+
 def check_packed_call(query, key, value, attn_mask, key_padding_mask, d_model):
     """A packed (cu_seqlens) module call is self-attention on a (total_tokens, d_model) input."""
     if key is not None and key is not query or value is not None and value is not query:
@@ -790,6 +800,7 @@ def check_packed_call(query, key, value, attn_mask, key_padding_mask, d_model):
     if attn_mask is not None or key_padding_mask is not None:
         raise ValueError("cu_seqlens (packed sequences) takes no attn_mask or key_padding_mask: the "
                          "sequence boundaries are the mask")
+    check_not_nested("query", query)
     if not isinstance(query, torch.Tensor) or query.dim() != 2 or query.shape[1] != d_model:
         raise ValueError(f"with cu_seqlens, the input must be (total_tokens, d_model={d_model}), got "
                          f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")

@@ -29,7 +29,8 @@ from torch import Tensor
 from torch._C import _functorch
 
 from .backends import check_backend_name, resolve_options
-from .functional import _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name, _needs_grad, _shown
+from .functional import (NESTED_ROTARY, _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name,
+                         _needs_grad, _shown)
 from .ops import RotaryFunction, inference_call_ok, rotary_inference, why_differentiated
 from .ops_common import elements_may_overlap, known_true
 
@@ -71,7 +72,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     on a GPU and under torch.compile, with ``torch._assert_async`` (a device-side assert).
     """
     compiling = torch.compiler.is_compiling()
-    _check_tensor("x", x)
+    _check_tensor("x", x, nested=NESTED_ROTARY)
     packed = cu_seqlens is not None
     if packed and x.dim() != 3:
         raise ValueError(f"x must be 3-D (total, H, D) with cu_seqlens, got shape {tuple(x.shape)}")

@@ -44,7 +44,7 @@ from torch import Tensor
 from . import modules as fused_modules
 from . import reference
 from .backends import check_backend_name
-from .functional import (_counter_dropout, _finite, _shown, attention, feed_forward, layer_norm_residual,
+from .functional import (_counter_dropout, _finite, _shown, any_nested, attention, feed_forward, layer_norm_residual,
                          scaled_dot_product_attention)
 
 #: instance attribute holding (original class, names of the attributes the swap added)
@@ -1088,7 +1088,7 @@ class patch_sdpa:
         def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                        enable_gqa=False):
             tensors = (query, key, value) + ((attn_mask,) if isinstance(attn_mask, Tensor) else ())
-            if (not all(isinstance(t, Tensor) for t in tensors) or any(t.is_nested for t in tensors)
+            if (not all(isinstance(t, Tensor) for t in tensors) or any_nested(*tensors)
                     or not all(t.is_floating_point() for t in (query, key, value))):  # torch's (and its errors)
                 return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                 scale=scale, enable_gqa=enable_gqa)

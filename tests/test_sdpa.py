@@ -215,3 +215,27 @@ def test_sdpa_takes_dropout_p_one_as_torch_does():
         got = TF.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
     (grad,) = torch.autograd.grad(got.sum(), q)
     assert torch.equal(got, expected) and torch.equal(grad, grad_expected)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_sdpa_takes_jagged_nested_tensors_as_torch_does(backend):
+    """torch's SDPA takes jagged (B, H, j, E) nested tensors; functional.scaled_dot_product_attention
+    (documented as torch's meaning) raised NotImplementedError from inside torch on them: they go
+    to torch's function, as the patched SDPA sends them (also under patch_sdpa), whatever the backend."""
+    offsets = torch.tensor([0, 3, 8])
+    q, k, v = (torch.nested.nested_tensor_from_jagged(torch.randn(8, 2, 4), offsets).transpose(1, 2)
+               for _ in range(3))
+    expected = TORCH_SDPA(q, k, v, scale=0.3)
+    got = F.scaled_dot_product_attention(q, k, v, scale=0.3, backend=backend)
+    assert got.is_nested and torch.equal(got.values(), expected.values())
+    with fused_attn.patch_sdpa(backend="reference"):
+        got = F.scaled_dot_product_attention(q, k, v, scale=0.3, backend=backend)
+        patched = TF.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert torch.equal(got.values(), expected.values()) and torch.equal(patched.values(), expected.values())
+    # each sequence alone, dense, on the kernels: the same attention
+    for b, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        dense = [t.transpose(1, 2).values()[lo:hi].transpose(0, 1)[None] for t in (q, k, v)]
+        torch.testing.assert_close(got.unbind()[b][None], F.attention(*dense, scale=0.3, backend="reference"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.scaled_dot_product_attention(q, k, v, backend="fast")

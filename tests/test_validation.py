@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the argument and what was expected."""
+import re
+
 import pytest
 import torch
 
@@ -229,3 +231,96 @@ def test_ints_too_large_for_a_float_or_an_int64_are_value_errors(call, match):
     torch.arange) or a RuntimeError from torch.full or the C++ op: a ValueError naming the argument."""
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- nested tensors ---------------------------------------------------------------------------
+# A nested tensor's dtype and dim are a dense one's, so it passed the checks and failed deep
+# inside torch on every backend (NotImplementedError fused_attn.attention_fwd.default, "view():
+# cannot view shape (2, j1, 8)", "NestedTensorImpl doesn't support sizes", a k/v length mismatch
+# between two jagged dims, an AttributeError of NestedIntNode, ...). Each entry now refuses one
+# with a TypeError naming the argument and saying what to pass.
+
+def _nested(layout, tail, ragged_dim=1):
+    """A nested batch of two sequences of 3 and 5 tokens, each (L, *tail); the ragged dim moved
+    to ``ragged_dim`` (2: attention's (B, H, j, D) from (B, j, H, D))."""
+    parts = [torch.randn(n, *tail) for n in (3, 5)]
+    if layout == "jagged":
+        nt = torch.nested.nested_tensor_from_jagged(torch.cat(parts), torch.tensor([0, 3, 8]))
+        return nt.transpose(1, 2) if ragged_dim == 2 else nt
+    return torch.nested.nested_tensor([p.transpose(0, 1) if ragged_dim == 2 else p for p in parts])
+
+
+def _nested_calls(nt):
+    """(call, argument name, a word of the hint) for each entry point, ``nt(tail, ragged_dim)``
+    making the nested argument."""
+    q, k, v = qkv(B=2, L=5, D=4)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    packed = torch.randn(8, 2, 4)
+    cache, seqlens = torch.randn(2, 8, 2, 4), torch.tensor([2, 3], dtype=torch.int32)
+    x, w1, w2 = torch.randn(2, 5, 8), torch.randn(16, 8), torch.randn(8, 16)
+    cos, sin = torch.ones(8, 2), torch.zeros(8, 2)
+    import fused_attn
+    return [
+        (lambda: F.attention(nt((2, 4), 2), k, v), "q", "attention_varlen"),
+        (lambda: F.attention(q, nt((2, 4), 2), v), "k", "attention_varlen"),
+        (lambda: F.attention(q, k, nt((2, 4), 2), backend="reference"), "v", "attention_varlen"),
+        (lambda: F.attention_varlen(nt((2, 4)), packed, packed, cu, cu), "q", "offsets()"),
+        (lambda: F.attention_varlen(packed, packed, nt((2, 4)), cu, cu), "v", "offsets()"),
+        (lambda: F.attention_with_kvcache(nt((2, 4)), cache, cache, cache_seqlens=seqlens), "q", "cache_seqlens"),
+        (lambda: F.attention_with_kvcache(q.transpose(1, 2), nt((2, 4)), cache, cache_seqlens=seqlens), "k_cache",
+         "cache_seqlens"),
+        (lambda: F.layer_norm_residual(nt((8,))), "x", "per token"),
+        (lambda: F.layer_norm_residual(x, nt((8,)), torch.ones(8)), "residual", "per token"),
+        (lambda: F.feed_forward(nt((8,)), w1, None, w2, None), "x", "per token"),
+        (lambda: F.feed_forward(nt((8,)), (w1, w1), None, w2, None, activation="swiglu"), "x", "per token"),
+        (lambda: F.apply_rotary_emb(nt((2, 4)), cos, sin), "x", "cu_seqlens="),
+        (lambda: F.apply_rotary_emb(nt((2, 4)), cos, sin, inplace=True), "x", "cu_seqlens="),
+        (lambda: F.merge_attention([nt((2, 4), 2)], [torch.zeros(2, 2, 8)]), r"outs\[0\]", "lse.t()"),
+        (lambda: F.merge_attention([torch.randn(2, 2, 8, 4)], [nt((2,), 2)]), r"lses\[0\]", "lse.t()"),
+        (lambda: fused_attn.MultiHeadAttention(8, 2)(nt((8,))), "query", "cu_seqlens="),
+        (lambda: fused_attn.MultiHeadAttention(8, 2)(x, nt((8,))), "key", "cu_seqlens="),
+        (lambda: fused_attn.MultiHeadAttention(8, 2)(nt((8,)), cu_seqlens=cu), "query", "cu_seqlens="),
+        (lambda: fused_attn.LayerNormResidual(8)(nt((8,))), "x", "per token"),
+        (lambda: fused_attn.FeedForward(8, 16)(nt((8,))), "x", "per token"),
+        (lambda: fused_attn.TransformerLayer(8, 2)(nt((8,))), "query", "cu_seqlens="),
+        # the other tensor arguments (which failed alike)
+        (lambda: F.attention(q, k, v, attn_mask=nt((5,))), "attn_mask", "pass a dense tensor"),
+        (lambda: F.attention(q, k, v, alibi_slopes=nt((2,))), "alibi_slopes", "pass a dense tensor"),
+        (lambda: F.attention(q, k, v, sinks=nt((2,))), "sinks", "pass a dense tensor"),
+        (lambda: F.attention_varlen(packed, packed, packed, nt((1,)).int(), cu), "cu_seqlens_q", "pass a dense tensor"),
+        (lambda: F.attention_with_kvcache(q.transpose(1, 2), cache, cache, cache_seqlens=nt((1,)).int()),
+         "cache_seqlens", "pass a dense tensor"),
+        (lambda: F.apply_rotary_emb(q.transpose(1, 2), nt((2,)), sin), "cos", "pass a dense tensor"),
+        (lambda: F.apply_rotary_emb(packed, cos, sin, position_ids=nt((1,)).long()), "position_ids",
+         "pass a dense tensor"),
+        (lambda: F.layer_norm_residual(x, weight=nt((8,))), "weight", "pass a dense tensor"),
+        (lambda: F.feed_forward(x, nt((8,)), None, w2, None), "w1", "pass a dense tensor"),
+        (lambda: F.feed_forward(x, w1, nt((1,)), w2, None), "b1", "pass a dense tensor"),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("layout", ["jagged", "strided"])
+@pytest.mark.parametrize("case", range(len(_nested_calls(None))))
+def test_nested_tensors_are_refused_naming_the_argument(layout, case):
+    call, name, hint = _nested_calls(lambda tail, ragged_dim=1: _nested(layout, tail, ragged_dim))[case]
+    with pytest.raises(TypeError, match=rf"^{name} is a nested tensor \(torch\.{layout} layout\), which fused_attn's "
+                                        rf"ops do not take: .*{re.escape(hint)}"):
+        call()
+
+
+def test_nested_tensor_hints_work():
+    """What the messages say to pass gives the nested call's result: attention_varlen on the
+    values() and offsets() of jagged (B, H, j, D) q, k, v (torch's SDPA on them as the oracle), a
+    norm on values() (per token), the rotary embedding with cu_seqlens=offsets()."""
+    q, k, v = (_nested("jagged", (2, 4), 2) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    cu = q.offsets()
+    out = F.attention_varlen(*(t.transpose(1, 2).values() for t in (q, k, v)), cu, cu, backend="reference")
+    torch.testing.assert_close(out, expected.transpose(1, 2).values())
+    x = _nested("jagged", (8,))
+    torch.testing.assert_close(F.layer_norm_residual(x.values()), torch.nn.functional.layer_norm(x, (8,)).values())
+    cos, sin = torch.randn(8, 2), torch.randn(8, 2)
+    x = _nested("jagged", (2, 4))
+    parts = [F.apply_rotary_emb(p[None], cos, sin)[0] for p in x.unbind()]
+    torch.testing.assert_close(F.apply_rotary_emb(x.values(), cos, sin, cu_seqlens=x.offsets()), torch.cat(parts))

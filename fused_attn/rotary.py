@@ -86,6 +86,12 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     if inplace and not compiling and elements_may_overlap(x):
         raise ValueError(f"inplace=True writes into x, whose elements overlap (strides {x.stride()}, e.g. an "
                          f"expanded tensor): pass a tensor with its own storage per element, or inplace=False")
+    if inplace and not compiling and x.is_inference() and not torch.is_inference_mode_enabled():
+        # torch refuses an in-place op on an inference tensor outside inference mode (x.mul_()
+        # raises this); the kernels write through x's data pointer, past that check, and only the
+        # reference backend's torch ops raised it. (Not under torch.compile: Dynamo traces no
+        # is_inference(), and a compiled x.mul_() does not refuse one either.)
+        raise RuntimeError(INFERENCE_INPLACE_ERROR)
     check_backend_name(backend)
     if position_ids is not None and (packed or not _is_zero(seqlen_offsets)):
         raise ValueError("position_ids gives every token's position: it cannot be combined with seqlen_offsets "
@@ -128,6 +134,13 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         return x
     out = rotate(x4, cos, sin, positions, interleaved, name)
     return out.view(x.shape) if x.dim() == 3 else out
+
+
+# torch's message for an in-place update of an inference tensor outside inference mode (its
+# check_inplace, VariableTypeUtils.h), word for word
+INFERENCE_INPLACE_ERROR = ("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a "
+                           "clone to get a normal tensor before doing inplace update.See "
+                           "https://github.com/pytorch/rfcs/pull/17 for more details.")
 
 
 def resolve_rotary(x: Tensor, half: int, backend: Optional[str]) -> str:

@@ -438,6 +438,26 @@ def test_inplace_under_autograd(backend):
         fused_attn.apply_rotary_emb(h.detach(), cos, sin, inplace="yes", backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_refuses_an_inference_tensor_outside_inference_mode(backend):
+    """In place on an inference tensor outside inference mode: torch's own error, as x.mul_()
+    gives (the cpu and triton kernels wrote into x past torch's check; only reference raised),
+    and x unchanged. Inside inference mode the call writes into it."""
+    cos, sin = tables(8, 2)
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 2, 4)
+    before = x.clone()
+    with pytest.raises(RuntimeError) as torch_error:
+        x.mul_(1)
+    with pytest.raises(RuntimeError) as error:
+        fused_attn.apply_rotary_emb(x, cos, sin, inplace=True, backend=backend)
+    assert str(error.value) == str(torch_error.value) and torch.equal(x, before)
+    expected = fused_attn.apply_rotary_emb(x, cos, sin, backend=backend)  # (out of place: allowed)
+    with torch.inference_mode():
+        assert fused_attn.apply_rotary_emb(x, cos, sin, inplace=True, backend=backend) is x
+    assert torch.equal(x, expected)
+
+
 @pytest.mark.parametrize("backend", [None] + [b for b in BACKENDS if b in ("reference", "cpu")])
 def test_inplace_under_vmap_and_per_sample_grad(backend):
     """inplace=True under torch.func.vmap (auto is cpu here) and vmap(grad) per-sample gradients:

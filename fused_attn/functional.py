@@ -523,7 +523,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
               window_size: Optional[tuple[int, int]] = None, alignment: str = "top_left",
               dropout_p: float = 0.0, scale: Optional[float] = None, softcap: Optional[float] = None,
               alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None, return_lse: bool = False,
-              backend: Optional[str] = None, generator: Optional[torch.Generator] = None):
+              backend: Optional[str] = None, generator: Optional[torch.Generator] = None,
+              _rng: Optional[Tensor] = None):
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
 
     Args:
@@ -577,6 +578,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     Returns (B, Hq, Lq, Dv), or (out, lse) with ``return_lse``. Same meaning as
     ``torch.nn.functional.scaled_dot_product_attention`` except that a row whose keys are all
     masked returns zeros (and zero gradients), never NaN.
+
+    (``_rng``, internal: the dropout's ``[seed, offset]`` pair, drawn by the caller instead of
+    from ``generator``: the fused module's packed path with learnable slopes runs each sequence
+    through this call with the pair ``attention_varlen`` would have used for it, so that both
+    paths drop the same elements and draw the same from torch's generator.)
     """
     q, k, v, attn_mask = _autocast(q, k, v, attn_mask)  # (as SDPA under autocast)
     _check_qkv(q, k, v, 4)
@@ -632,8 +638,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
     if compiling:
         q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
-    args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap,
-            alibi_slopes, alignment == "bottom_right")
+    rng = _draw_rng(dropout_p, generator) if _rng is None or dropout_p == 0.0 else _rng
+    args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, name, softcap, alibi_slopes,
+            alignment == "bottom_right")
     want_lse = return_lse or sinks is not None
     if _distributed(q, k, v, attn_mask, alibi_slopes):
         options = (band_lo, band_hi, dropout_p, scale, name, softcap, alignment == "bottom_right")

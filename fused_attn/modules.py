@@ -21,7 +21,7 @@ from torch import Tensor
 from . import reference
 from .rotary import rotate_packed
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
-from .functional import (_check_bool, _check_cu_seqlens, _counter_dropout, apply_rotary_emb, attention,
+from .functional import (_check_bool, _check_cu_seqlens, _counter_dropout, _draw_rng, apply_rotary_emb, attention,
                          attention_varlen, attention_with_kvcache, feed_forward, layer_norm_residual)
 from .ops import differentiated
 from .ops_common import check_varlen_bounds
@@ -157,8 +157,12 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         ``.detach()`` a parameter; per sequence is exactly what the reference module computes (and
         what ``attention_varlen`` gives each sequence), at the cost of one call per sequence and
         the bias's memory. The boundaries are checked as ``attention_varlen`` checks them (the same
-        errors); they are read on the host, which breaks a torch.compile graph here. Dropout:
-        each call draws its own mask."""
+        errors); they are read on the host, which breaks a torch.compile graph here. Dropout: one
+        ``[seed, offset]`` pair drawn as ``attention_varlen`` draws it, and sequence s dropped with
+        ``(seed, offset + H * cu_seqlens[s])``, the mask ``attention_varlen`` gives it: the two
+        paths drop the same elements and draw the same from torch's generator. (Each call drew its
+        own seed: an output that depended on grad mode, so reentrant checkpointing, whose first
+        forward runs under no_grad, recomputed other masks and returned wrong gradients.)"""
         compiling = torch.compiler.is_compiling()
         # (named as attention_varlen's errors name them on the other path)
         _check_cu_seqlens("cu_seqlens_q", cu_seqlens, "max_seqlen_q", max_seqlen, q.device, compiling)
@@ -166,14 +170,18 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         # one device-to-host read, checked and used as is (a tensor would be read once per side)
         bounds = cu_seqlens.tolist()
         check_varlen_bounds(bounds, bounds, total, total, max_seqlen, max_seqlen)
+        rng = _draw_rng(p, None)  # (None without dropout)
         outs = []
         for a, b in zip(bounds, bounds[1:]):
             if a == b:  # (an empty sequence has no rows)
                 continue
             # (L_s, H, D) -> (1, H, L_s, D): strided views; the output is laid out (1, L_s, H, D)
             qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+            seq_rng = None
+            if rng is not None:  # (added, not written in place: under vmap the pair is batched, one per sample)
+                seq_rng = rng + torch.tensor([0, self.num_heads * a], dtype=torch.int64, device=rng.device)
             out = attention(qs, ks, vs, causal=causal, window_size=self.window_size, dropout_p=p,
-                            alibi_slopes=self.alibi_slopes, sinks=self.sinks, backend=self.backend)
+                            alibi_slopes=self.alibi_slopes, sinks=self.sinks, backend=self.backend, _rng=seq_rng)
             outs.append(out[0].transpose(0, 1))
         return torch.cat(outs) if outs else q.new_zeros(0, self.num_heads, self.head_dim)
 

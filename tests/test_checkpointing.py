@@ -169,3 +169,57 @@ def test_checkpointing_under_use_backend_recomputes_on_the_selected_backend(monk
     out.square().sum().backward()  # outside the block: context_fn selects the backend again
     assert ran == ["reference", "reference"]
     assert all(torch.equal(a, b) for a, b in zip([out.detach(), q.grad, k.grad, v.grad], plain))
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed input with learnable ALiBi slopes: with grad mode on the fused module runs each sequence
+# through ``attention`` (whose kernels return the slopes' gradient), under no_grad one
+# ``attention_varlen`` call. Reentrant checkpointing runs the first forward under no_grad and the
+# recomputation with grad, so the two paths must drop the same elements.
+
+PACKED_CU = torch.tensor([0, 4, 4, 18, 19, 26], dtype=torch.int32)  # (an empty and a one-token sequence)
+
+
+def _packed_learnable_layer(**kw):
+    torch.manual_seed(0)
+    return M.TransformerLayer(32, 4, dropout=0.3, alibi="learnable", causal=True, **kw).train()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(norm_first=True, num_kv_heads=2, sinks=True, rotary=True)],
+                         ids=["post-LN", "pre-LN gqa sinks rotary"])
+def test_packed_learnable_alibi_checkpointed_reentrant_or_not_gives_the_same_step(kw):
+    """The reviewer's case: each per-sequence call drew its own seed while attention_varlen draws
+    one, so the reentrant step's output was off by 1.26 and x's gradient by 3.3, silently."""
+    layer = _packed_learnable_layer(**kw)
+    (x,) = make_inputs((26, 32), seed=1, requires_grad=True)
+
+    def step(use_reentrant):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(1)
+        out = checkpoint.checkpoint(lambda t: layer(t, cu_seqlens=PACKED_CU), x, use_reentrant=use_reentrant)
+        out.pow(2).sum().backward()
+        return [out.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+
+    plain, reentrant = step(False), step(True)
+    assert layer.multi_head_attention.alibi_slopes.grad.abs().sum() > 0
+    for a, b in zip(plain, reentrant):  # (the two paths' kernels round the bias differently: to rounding)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_learnable_alibi_drops_the_same_elements_with_and_without_grad_mode():
+    """Grad mode (per sequence) and no_grad (attention_varlen) give the same output and leave
+    torch's generator in the same state (one [seed, offset] pair drawn either way)."""
+    layer = _packed_learnable_layer()
+    (x,) = make_inputs((26, 32), seed=1, requires_grad=False)
+    runs = []
+    for grad in (True, False):
+        torch.manual_seed(1)
+        with torch.set_grad_enabled(grad):
+            out = layer.multi_head_attention(x, cu_seqlens=PACKED_CU)
+        runs.append((out.detach(), torch.randint(0, 2**62, (4,))))
+    (with_grad, next_with), (without, next_without) = runs
+    torch.testing.assert_close(with_grad, without, rtol=1e-5, atol=1e-5)
+    assert torch.equal(next_with, next_without)
+    torch.manual_seed(2)  # (and the dropout is live: another seed, another output)
+    assert not torch.allclose(layer.multi_head_attention(x, cu_seqlens=PACKED_CU), with_grad, atol=1e-2)

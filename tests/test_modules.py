@@ -871,6 +871,29 @@ def test_packed_learnable_alibi_without_grad_mode_runs_varlen(monkeypatch):
     assert frozen.requires_grad and len(calls) == 3
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_packed_learnable_alibi_per_sequence_dropout_is_varlens(backend):
+    """What the per-sequence path relies on: ``attention`` on sequence s alone with the pair
+    (seed, offset + Hq * cu_seqlens[s]) drops exactly the elements ``attention_varlen`` drops there
+    with (seed, offset): bit for bit with the same (fixed) slopes. The module draws one pair as
+    attention_varlen does and hands each sequence its shifted pair."""
+    from fused_attn import functional as F
+
+    cu, Hq = _cu(LEARNED_PACKED_LENS), HEADS
+    q, k, v = make_inputs((sum(LEARNED_PACKED_LENS), Hq, 8), (sum(LEARNED_PACKED_LENS), 2, 8),
+                          (sum(LEARNED_PACKED_LENS), 2, 8), seed=30, requires_grad=False)
+    slopes = fused_attn.get_alibi_slopes(Hq)
+    options = dict(causal=True, dropout_p=0.4, alibi_slopes=slopes, backend=backend)
+    torch.manual_seed(3)
+    expected = F.attention_varlen(q, k, v, cu, cu, **options)
+    torch.manual_seed(3)
+    rng = F._draw_rng(0.4, None)
+    bounds = cu.tolist()
+    outs = [F.attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), _rng=rng + torch.tensor([0, Hq * a]),
+                        **options)[0].transpose(0, 1) for a, b in zip(bounds, bounds[1:]) if a < b]
+    assert torch.equal(torch.cat(outs), expected)
+
+
 def test_packed_learnable_alibi_checks_the_boundaries_as_varlen():
     """The per-sequence path refuses what ``attention_varlen`` refuses, with its errors."""
     mha = M.MultiHeadAttention(D_MODEL, HEADS, alibi="learnable")

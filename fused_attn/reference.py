@@ -602,12 +602,17 @@ class MultiHeadAttention(nn.Module):
                 self.alibi_slopes.copy_(get_alibi_slopes(self.num_heads, self.alibi_slopes.device))
 
     def _apply(self, fn, recurse=True):
+        slopes = self.alibi_slopes
+        on_meta = self.alibi and not isinstance(slopes, nn.Parameter) and slopes.is_meta
         module = super()._apply(fn, recurse)
-        if self.alibi and not isinstance(self.alibi_slopes, nn.Parameter):
-            # the fixed slopes are a function of the head count: recompute them after a move, in the
-            # buffer's new dtype and device (``to_empty`` after meta-device construction would
-            # otherwise leave them uninitialised; the state dict does not hold them)
-            slopes = self.alibi_slopes
+        slopes = self.alibi_slopes
+        if on_meta and not slopes.is_meta:
+            # Fixed slopes that had no values (built on meta) and now have memory (``to_empty``,
+            # deferred initialisation): the state dict does not hold them, so they would stay
+            # uninitialised; they are a function of the head count, recomputed in the buffer's new
+            # dtype and device. Slopes that had values are converted by ``fn`` like any buffer
+            # (``.to(dtype)`` rounds them; ``.float()``, ``.to(device)`` keep edited values):
+            # recomputing them at every move reset slopes a user had set.
             self.alibi_slopes = get_alibi_slopes(self.num_heads, slopes.device).to(slopes.dtype)
         return module
 

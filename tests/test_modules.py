@@ -971,6 +971,36 @@ def test_kv_cache_decoding_under_autocast():
 
 
 @pytest.mark.parametrize("cls", ["reference", "fused"])
+def test_edited_fixed_alibi_slopes_survive_moves(cls):
+    """Fixed slopes set by the user are a buffer like any other: every move (``.float()``, even a
+    no-op, ``.to("cpu")``, ``.double()``, ``.half()``, a deepcopy, a parent's move) converts the
+    values it holds. ``_apply`` recomputed the paper's slopes at each move: a silent reset that
+    changed the output by 0.22 here. (Off meta they are recomputed: see the deferred-init tests.)"""
+    import copy
+
+    make = M.MultiHeadAttention if cls == "fused" else R.MultiHeadAttention
+    edited = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    m = make(D_MODEL, HEADS, alibi=True, causal=True)
+    with torch.no_grad():
+        m.alibi_slopes.copy_(edited)
+    x = torch.randn(1, 6, D_MODEL)
+    with torch.no_grad():
+        before = m(x)
+        for move in (lambda m: m.float(), lambda m: m.to("cpu"), lambda m: m.cpu(), copy.deepcopy):
+            m = move(m)
+            assert m.alibi_slopes.dtype == torch.float32 and torch.equal(m.alibi_slopes, edited)
+            assert torch.equal(m(x), before)
+        assert torch.equal(m.double().alibi_slopes, edited.double())
+        assert torch.equal(m.half().alibi_slopes, edited.half())
+    layer = (M if cls == "fused" else R).TransformerLayer(D_MODEL, HEADS, alibi=True)
+    with torch.no_grad():
+        layer.multi_head_attention.alibi_slopes.copy_(edited)
+    assert torch.equal(layer.to(torch.float64).multi_head_attention.alibi_slopes, edited.double())
+    layer.to("meta").to_empty(device="cpu")  # (the values gone on meta: back off it, the paper's slopes)
+    assert torch.equal(layer.multi_head_attention.alibi_slopes, fused_attn.get_alibi_slopes(HEADS).double())
+
+
+@pytest.mark.parametrize("cls", ["reference", "fused"])
 def test_meta_device_construction_then_to_empty_and_load(cls):
     """Built on the meta device (no memory), moved with to_empty and loaded: the same module as
     one built directly; the fixed ALiBi slopes, in no state dict, are recomputed by the move."""

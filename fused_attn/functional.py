@@ -709,7 +709,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
     (``_checked_used_k``, internal: ``attention_with_kvcache`` passes the keys each sequence uses,
     having checked them and the table itself, with boundaries it built; the values are then not
-    read again, which spares a decoding step two device-to-host copies.)
+    read again, which spares a decoding step two device-to-host copies. The fused modules' packed
+    self-attention passes the lengths of the cu_seqlens it checked under its own names, with
+    max_seqlen_q their longest.)
     """
     paged = block_table is not None
     q, k, v = _autocast(q, k, v)
@@ -827,9 +829,10 @@ def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:
         raise ValueError(f"seqused_k is on {seqused_k.device} but cu_seqlens_k is on {cu_seqlens_k.device}")
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, compiling: bool) -> None:
+def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, compiling: bool,
+                      ref: str = "q") -> None:
     """The checks of one cumulative-lengths tensor and its max_seqlen that need no data (the rest:
-    ``ops_common.check_varlen_bounds``)."""
+    ``ops_common.check_varlen_bounds``); ``ref`` names the tensor whose device it must share."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     _refuse_nested(name, cu)
@@ -838,7 +841,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
     if cu.dim() != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu.shape)}")
     if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+        raise ValueError(f"{name} is on {cu.device} but {ref} is on {device}")
     if max_seqlen is not None:
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
             raise TypeError(f"{max_name} must be an int or None, got {max_seqlen!r}")

@@ -21,10 +21,9 @@ from torch import Tensor
 from . import reference
 from .rotary import rotate_packed
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
-from .functional import (_check_bool, _check_cu_seqlens, _counter_dropout, _draw_rng, apply_rotary_emb, attention,
-                         attention_varlen, attention_with_kvcache, feed_forward, layer_norm_residual)
+from .functional import (_check_bool, _counter_dropout, _draw_rng, apply_rotary_emb, attention, attention_varlen,
+                         attention_with_kvcache, feed_forward, layer_norm_residual)
 from .ops import differentiated
-from .ops_common import check_varlen_bounds
 
 
 def backend_in_use(requested: Optional[str], op: str, param: Optional[Tensor], options: dict) -> str:
@@ -118,16 +117,32 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         rope = {}
         if self.rotary:
             rope["rotary_cos"], rope["rotary_sin"] = self.rotary_tables(kv_cache.k.shape[1], query.device)
-        out = attention_with_kvcache(q, kv_cache.k, kv_cache.v, k, v, cache_seqlens=kv_cache.seqlens, causal=True,
-                                     cache_leftpad=kv_cache.leftpad if kv_cache.padded else None,
-                                     window_size=self.window_size, alibi_slopes=self.alibi_slopes, sinks=self.sinks,
-                                     backend=self.backend, **rope)
+        try:
+            out = attention_with_kvcache(q, kv_cache.k, kv_cache.v, k, v, cache_seqlens=kv_cache.seqlens, causal=True,
+                                         cache_leftpad=kv_cache.leftpad if kv_cache.padded else None,
+                                         window_size=self.window_size, alibi_slopes=self.alibi_slopes,
+                                         sinks=self.sinks, backend=self.backend, **rope)
+        except ValueError as error:
+            # A full cache, said as the reference module says it: the call's message names
+            # cache_seqlens and k_cache, which the caller never passed. (Read here, on the error
+            # path only: a step that fits costs no second host read of the counts.)
+            reference.check_kv_cache_fits(kv_cache, kv_cache.seqlens.tolist(), L, error)
+            raise
         kv_cache.seqlens += L
         return self.out_linear(out.reshape(B, L, self.d_model))
 
     def _packed_forward(self, query, key, value, attn_mask, key_padding_mask, is_causal, cu_seqlens, max_seqlen):
         reference.check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
         reference.check_is_causal(is_causal)
+        slopes = self.alibi_slopes
+        learned = slopes is not None and differentiated(slopes)  # (a gradient, or a forward-mode tangent)
+        # Checked here under the module's names (attention_varlen's errors say cu_seqlens_q and
+        # max_seqlen_q), read once (None under torch.compile, unless the per-sequence path needs them)
+        bounds = reference.check_packed_bounds(query, cu_seqlens, max_seqlen, read=learned)
+        checked = None
+        if bounds is not None:  # the keys each sequence uses, for attention_varlen not to read them again
+            checked = [b - a for a, b in zip(bounds, bounds[1:])]
+            max_seqlen = max(checked, default=0)
         q, k, v = self._project(query, query, query)
         # (T, H*D) -> (T, H, D) views of the projections
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
@@ -139,16 +154,15 @@ class MultiHeadAttention(reference.MultiHeadAttention):
             q, k = rotate_packed((q, k), cos, sin, cu_seqlens, max_seqlen, self.backend)
         causal = self.causal if is_causal is None else bool(is_causal)
         p = self.dropout if self.training else 0.0
-        slopes = self.alibi_slopes
-        if slopes is not None and differentiated(slopes):  # (a gradient, or a forward-mode tangent)
-            out = self._packed_learned_alibi(q, k, v, cu_seqlens, max_seqlen, causal, p)
+        if learned:
+            out = self._packed_learned_alibi(q, k, v, bounds, causal, p)
         else:
             out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
                                    window_size=self.window_size, dropout_p=p, alibi_slopes=slopes,
-                                   sinks=self.sinks, backend=self.backend)
+                                   sinks=self.sinks, backend=self.backend, _checked_used_k=checked)
         return self.out_linear(out.flatten(-2))  # (T, H, D) contiguous: a view
 
-    def _packed_learned_alibi(self, q, k, v, cu_seqlens, max_seqlen, causal, p):
+    def _packed_learned_alibi(self, q, k, v, bounds, causal, p):
         """The packed attention with learnable slopes that are being trained (alibi="learnable",
         grad mode on; or carrying a forward-mode tangent, likewise): one ``attention`` call per
         sequence, which gives slopes requiring grad their gradient (as a learnable (H, L_s, L_s)
@@ -156,20 +170,13 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         inside and return no gradient for the slopes, so it refuses them, and a module user cannot
         ``.detach()`` a parameter; per sequence is exactly what the reference module computes (and
         what ``attention_varlen`` gives each sequence), at the cost of one call per sequence and
-        the bias's memory. The boundaries are checked as ``attention_varlen`` checks them (the same
-        errors); they are read on the host, which breaks a torch.compile graph here. Dropout: one
+        the bias's memory. ``bounds``: cu_seqlens read on the host and checked by the caller
+        (``reference.check_packed_bounds``), which breaks a torch.compile graph here. Dropout: one
         ``[seed, offset]`` pair drawn as ``attention_varlen`` draws it, and sequence s dropped with
         ``(seed, offset + H * cu_seqlens[s])``, the mask ``attention_varlen`` gives it: the two
         paths drop the same elements and draw the same from torch's generator. (Each call drew its
         own seed: an output that depended on grad mode, so reentrant checkpointing, whose first
         forward runs under no_grad, recomputed other masks and returned wrong gradients.)"""
-        compiling = torch.compiler.is_compiling()
-        # (named as attention_varlen's errors name them on the other path)
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens, "max_seqlen_q", max_seqlen, q.device, compiling)
-        total = q.shape[0]
-        # one device-to-host read, checked and used as is (a tensor would be read once per side)
-        bounds = cu_seqlens.tolist()
-        check_varlen_bounds(bounds, bounds, total, total, max_seqlen, max_seqlen)
         rng = _draw_rng(p, None)  # (None without dropout)
         outs = []
         for a, b in zip(bounds, bounds[1:]):

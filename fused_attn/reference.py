@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _rng
-from .ops_common import grad_recording, norm_stat_scale
+from .ops_common import _short, grad_recording, norm_stat_scale
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -662,11 +662,11 @@ class MultiHeadAttention(nn.Module):
             return decode_step(self, query, kv_cache, key_padding_mask)
         if cu_seqlens is not None:
             check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
+            bounds = check_packed_bounds(query, cu_seqlens, max_seqlen)
             q, k, v = (lin(query).unflatten(-1, (heads, self.head_dim)) for lin, heads in (
                 (self.query_linear, self.num_heads), (self.key_linear, self.num_kv_heads),
                 (self.value_linear, self.num_kv_heads)))
             if self.rotary:  # each sequence's tokens at positions 0, 1, ...
-                bounds = cu_seqlens.tolist()
                 positions = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])] +
                                       [torch.zeros(0, dtype=torch.int64)]).to(query.device)[None]
                 cos, sin = self.rotary_tables(max([b - a for a, b in zip(bounds, bounds[1:])], default=0) + 1,
@@ -721,8 +721,7 @@ def _decode_reference(mha, query, kv_cache):
     k = mha.key_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
     v = mha.value_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
     lengths = kv_cache.seqlens.tolist()
-    if max(lengths, default=0) + L > kv_cache.k.shape[1]:
-        raise ValueError(f"kv_cache holds {kv_cache.k.shape[1]} tokens a sequence; {max(lengths)} + {L} do not fit")
+    check_kv_cache_fits(kv_cache, lengths, L)
     if mha.rotary:
         cos, sin = mha.rotary_tables(kv_cache.k.shape[1], query.device)
         positions = torch.tensor(lengths, device=query.device)[:, None] + torch.arange(L, device=query.device)
@@ -809,6 +808,41 @@ def check_packed_call(query, key, value, attn_mask, key_padding_mask, d_model):
     if not isinstance(query, torch.Tensor) or query.dim() != 2 or query.shape[1] != d_model:
         raise ValueError(f"with cu_seqlens, the input must be (total_tokens, d_model={d_model}), got "
                          f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
+
+
+def check_packed_bounds(query, cu_seqlens, max_seqlen, read: bool = True) -> Optional[list]:
+    """A packed module call's ``cu_seqlens`` and ``max_seqlen``, checked under those names (the
+    calls they go to name them otherwise: ``cu_seqlens_q`` / ``max_seqlen_q`` in
+    ``attention_varlen``), the same in the fused and the reference modules: the checks that need no
+    data as ``attention_varlen``'s, then the boundaries read to the host once (one device-to-host
+    copy) and returned, for the caller to use without reading them again. Under torch.compile,
+    where the host cannot read them, nothing is read unless ``read`` (the call breaks the graph
+    there anyway): None, and the op checks them when it runs."""
+    compiling = torch.compiler.is_compiling()
+    functional_checks()._check_cu_seqlens("cu_seqlens", cu_seqlens, "max_seqlen", max_seqlen, query.device,
+                                          compiling, ref="query")
+    if compiling and not read:
+        return None
+    bounds = cu_seqlens.tolist()
+    total = query.shape[0]
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the total length {total} (the "
+                         f"input's tokens), got {_short(bounds)}")
+    longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest sequence in cu_seqlens ({longest})")
+    return bounds
+
+
+def check_kv_cache_fits(kv_cache, lengths: list, new: int, cause: Optional[BaseException] = None) -> None:
+    """A decoding step's ``new`` tokens fit after each sequence's ``lengths`` cached ones; raised
+    ``from cause`` (the fused module checks only when ``attention_with_kvcache`` refused the call,
+    whose message names its own arguments, cache_seqlens and k_cache: no extra host read per step)."""
+    capacity = kv_cache.k.shape[1]
+    longest = max(lengths, default=0)
+    if longest + new > capacity:
+        raise ValueError(f"kv_cache holds {capacity} tokens a sequence; {longest} + {new} do not fit (sequence "
+                         f"{lengths.index(longest)}): reset() it, or make a longer one with new_kv_cache") from cause
 
 
 class LayerNormResidual(nn.Module):

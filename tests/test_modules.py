@@ -307,8 +307,59 @@ def test_packed_call_errors():
             mha(x, torch.randn(10, D_MODEL), cu_seqlens=cu)
         with pytest.raises(ValueError, match=r"must be \(total_tokens, d_model=32\)"):
             mha(x[None], cu_seqlens=cu)
-    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
         M.MultiHeadAttention(D_MODEL, HEADS)(x, cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32))
+
+
+PACKED_MISTAKES = [  # (cu_seqlens, max_seqlen, error, the message) of a (10, d_model) input
+    ([1, 4, 10], None, ValueError, r"cu_seqlens must start at 0, never decrease and end at the total length 10 "
+                                   r"\(the input's tokens\), got \[1, 4, 10\]"),
+    ([0, 4, 9], None, ValueError, r"cu_seqlens must start at 0, .* got \[0, 4, 9\]"),
+    ([0, 6, 4, 10], None, ValueError, r"cu_seqlens must start at 0, .* got \[0, 6, 4, 10\]"),
+    ([0, 4, 10], 5, ValueError, r"^max_seqlen = 5 is shorter than the longest sequence in cu_seqlens \(6\)$"),
+    ([0, 4, 10], 6.0, TypeError, r"^max_seqlen must be an int or None, got 6.0$"),
+    ([0, 4, 10], -1, ValueError, r"^max_seqlen must be >= 0, got -1$"),
+    (torch.tensor([0.0, 4.0, 10.0]), None, TypeError, r"^cu_seqlens must be int32 or int64, got float32$"),
+    (torch.tensor([[0, 4, 10]], dtype=torch.int32), None, ValueError, r"^cu_seqlens must be 1-D"),
+    ([0, 4, 10], "list", TypeError, r"^cu_seqlens must be a torch.Tensor, got list$"),
+]
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(rotary=True), dict(alibi="learnable"),
+                                    dict(alibi="learnable", rotary=True)], ids=["plain", "rotary", "learnable",
+                                                                                 "learnable rotary"])
+@pytest.mark.parametrize("mistake", range(len(PACKED_MISTAKES)))
+def test_packed_call_errors_name_the_modules_arguments(kwargs, mistake):
+    """A packed call's mistakes are named as the caller passed them, cu_seqlens and max_seqlen, the
+    same message from the fused and the reference modules, with or without rotary, on either
+    learnable-slope path. The fused module said cu_seqlens_q / max_seqlen_q (attention_varlen's
+    names) without rotary and max_seqlen (rotary's) with it; the reference checked nothing
+    (a wrong answer, or an error from inside torch)."""
+    cu, max_seqlen, error, match = PACKED_MISTAKES[mistake]
+    if max_seqlen == "list":
+        max_seqlen = None
+    elif isinstance(cu, list):
+        cu = torch.tensor(cu, dtype=torch.int32)
+    x = torch.randn(10, D_MODEL)
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        mha = cls(D_MODEL, HEADS, **kwargs)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(error, match=match):
+                mha(x, cu_seqlens=cu, max_seqlen=max_seqlen)
+
+
+def test_packed_call_reads_the_boundaries_once(monkeypatch):
+    """Checking cu_seqlens in the module costs no second device-to-host read: attention_varlen is
+    handed the lengths checked. One read per forward, where attention_varlen read the one tensor
+    twice, as cu_seqlens_q and as cu_seqlens_k."""
+    mha = M.MultiHeadAttention(D_MODEL, HEADS, alibi=True)
+    cu = _cu([4, 6])
+    x = torch.randn(10, D_MODEL)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t is cu) or tolist(t))
+    mha(x, cu_seqlens=cu, max_seqlen=64)
+    assert reads.count(True) == 1
 
 
 def test_unpacked_call_errors():
@@ -652,14 +703,34 @@ def test_kv_cache_bad_calls_say_why():
         with pytest.raises(ValueError, match="leave key and value out"):
             fused(x, x.clone(), kv_cache=cache)
         fused(x, kv_cache=cache)
-        with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 3 plus the 3 new keys of k makes 6 keys, more "
-                                             r"than the 4"):
+        with pytest.raises(ValueError, match=r"kv_cache holds 4 tokens a sequence; 3 \+ 3 do not fit"):
             fused(x, kv_cache=cache)
         assert cache.seqlens.tolist() == [3, 3]  # the refused call wrote and advanced nothing
     with pytest.raises(ValueError, match="kv_cache decoding is inference"):
         fused(x, kv_cache=cache)
     with pytest.raises(ValueError, match="kv_cache must be a list of 2 KVCaches"):
         M.Transformer(D_MODEL, HEADS, 2, causal=True)(x, kv_cache=cache)
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_kv_cache_overflow_is_named_as_the_modules_argument(rotary):
+    """A step that would overflow the cache: the fused module said ``cache_seqlens[0] = 10 plus the
+    3 new keys of k ... (k_cache.shape[1])``, arguments of attention_with_kvcache the caller never
+    passed; now the reference module's message (the functional one kept as the cause), and the
+    cache unchanged."""
+    messages = []
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        mha = cls(D_MODEL, HEADS, causal=True, rotary=rotary).eval()
+        cache = mha.new_kv_cache(2, 12)
+        with torch.no_grad():
+            mha(torch.randn(2, 10, D_MODEL), kv_cache=cache)
+            with pytest.raises(ValueError, match=r"^kv_cache holds 12 tokens a sequence; 10 \+ 3 do not fit") as info:
+                mha(torch.randn(2, 3, D_MODEL), kv_cache=cache)
+        assert cache.seqlens.tolist() == [10, 10]
+        messages.append(str(info.value))
+        if cls is M.MultiHeadAttention:
+            assert "cache_seqlens[0] = 10" in str(info.value.__cause__)
+    assert messages[0] == messages[1]
 
 
 @pytest.mark.parametrize("second", ["shorter", "other dtype", "not a cache"])
@@ -743,7 +814,7 @@ def test_kv_cache_padding_bad_calls_say_why():
         with pytest.raises(ValueError, match="for the prefill of an empty cache"):
             fused(x, kv_cache=cache, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
         small = fused.new_kv_cache(2, 2)  # refused for its size: the cache stays empty, padding forgotten
-        with pytest.raises(ValueError, match="more than the 2"):
+        with pytest.raises(ValueError, match=r"kv_cache holds 2 tokens a sequence; 0 \+ 3 do not fit"):
             fused(x, kv_cache=small, key_padding_mask=torch.tensor([[True, False, False]] * 2))
         assert small.seqlens.tolist() == [0, 0] and small.leftpad.tolist() == [0, 0] and not small.padded
 
@@ -895,14 +966,15 @@ def test_packed_learnable_alibi_per_sequence_dropout_is_varlens(backend):
 
 
 def test_packed_learnable_alibi_checks_the_boundaries_as_varlen():
-    """The per-sequence path refuses what ``attention_varlen`` refuses, with its errors."""
+    """The per-sequence path refuses what the ``attention_varlen`` path refuses, with the same
+    errors, named as the module's arguments."""
     mha = M.MultiHeadAttention(D_MODEL, HEADS, alibi="learnable")
     x = torch.randn(10, D_MODEL)
     for cu, max_seqlen, error, match in (
-            (torch.tensor([1, 4, 10], dtype=torch.int32), None, ValueError, "cu_seqlens_q must start at 0"),
+            (torch.tensor([1, 4, 10], dtype=torch.int32), None, ValueError, "cu_seqlens must start at 0"),
             (torch.tensor([0, 4, 9], dtype=torch.int32), None, ValueError, "end at the total length 10"),
-            (torch.tensor([0, 4, 10]), 3, ValueError, "max_seqlen_q"),
-            (torch.tensor([0.0, 4.0, 10.0]), None, TypeError, "cu_seqlens_q must be int32 or int64")):
+            (torch.tensor([0, 4, 10]), 3, ValueError, r"max_seqlen = 3 is shorter"),
+            (torch.tensor([0.0, 4.0, 10.0]), None, TypeError, "cu_seqlens must be int32 or int64")):
         with pytest.raises(error, match=match):
             mha(x, cu_seqlens=cu, max_seqlen=max_seqlen)
         with torch.no_grad(), pytest.raises(error, match=match):

@@ -1042,6 +1042,12 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         lengths, pads = _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new, capacity, slots, rows,
                                               cache_leftpad)
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if new and cache.is_inference() and not torch.is_inference_mode_enabled():
+                # torch refuses the write (an in-place update of an inference tensor outside
+                # inference mode), but only at the v_cache's write, after k_cache's: refused here,
+                # with torch's message, before either is written
+                from .rotary import INFERENCE_INPLACE_ERROR
+                raise RuntimeError(f"{name}: {INFERENCE_INPLACE_ERROR}")
             if new and elements_may_overlap(cache):  # one row written would change others
                 raise ValueError(f"{name} has overlapping elements (strides {tuple(cache.stride())}, e.g. an "
                                  f"expanded tensor), but the new keys and values are written into it in place: "

@@ -435,6 +435,24 @@ def test_kvcache_new_keys_that_view_the_cache_are_read_before_the_write(device, 
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device, backend", backend_cases("attention", varlen=True))
+def test_kvcache_inference_cache_outside_inference_mode_is_refused_before_any_write(device, backend):
+    # torch refuses an in-place write into an inference tensor outside inference mode, but only at
+    # the second cache's write: k_cache was already changed when the error came
+    with torch.inference_mode():
+        k_cache, v_cache = torch.zeros(2, 8, 1, 4, device=device), torch.zeros(2, 8, 1, 4, device=device)
+    q, k, v = (torch.randn(2, 1, 1, 4, device=device), torch.ones(2, 1, 1, 4, device=device),
+               torch.ones(2, 1, 1, 4, device=device))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="k_cache: Inplace update to inference tensor"):
+        F.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3, backend=backend)
+    assert not k_cache.any() and not v_cache.any()
+    with torch.inference_mode():  # where torch allows the write, so does the call
+        F.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3, backend=backend)
+    assert k_cache[:, 3].eq(1).all() and v_cache[:, 3].eq(1).all()
+    with torch.no_grad():  # read-only calls write nothing and are allowed
+        F.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=4, backend=backend)
+
+
 def test_kvcache_refuses_a_k_cache_sharing_memory_with_v_cache():
     """A k_cache and v_cache that share memory (one tensor passed twice, overlapping views of one
     buffer) would have the new values written over the new keys: with new k and v the call raises

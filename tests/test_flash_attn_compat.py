@@ -694,9 +694,43 @@ def test_rotary_embedding_built_on_meta():
     torch.testing.assert_close(lazy(qkv.clone()), expected)
     assert torch.equal(lazy.inv_freq, rope.inv_freq)
     # a user's edit of the buffer (position interpolation) survives ordinary moves, as in
-    # FlashAttention's module: only a move off meta recomputes it
+    # FlashAttention's module: only a move off meta recomputes it (the tables use it only while
+    # it is float32: test_rotary_embedding_cast_to_half_precision)
     scaled = FA.RotaryEmbedding(8, base=500.0)
     with torch.no_grad():
         scaled.inv_freq.div_(4)
     scaled.to("cpu").double().float()
     torch.testing.assert_close(scaled.inv_freq, rope.inv_freq / 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_embedding_cast_to_half_precision(dtype):
+    """model.to(bfloat16) casts the inv_freq buffer too: the tables were computed from the rounded
+    frequencies (angles off by radians at position 2000: errors of 2.6 in q). As FlashAttention's
+    _update_cos_sin_cache, a buffer that is not float32 is recomputed in float32 from dim and base,
+    so the cast module gives the float32 tables rounded once; a float32 buffer (a user's edit of
+    it) is used as it is."""
+    L, dim = 2048, 64
+    inv = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.outer(torch.arange(L, dtype=torch.float32), inv)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    qkv = torch.randn(1, L, 3, 1, dim, dtype=dtype)
+    rope = FA.RotaryEmbedding(dim).to(dtype)
+    assert rope.inv_freq.dtype == dtype  # (the cast reaches the buffer: the case at hand)
+    out = rope(qkv.clone())
+    assert rope._cos_cached.dtype == dtype
+    assert torch.equal(rope._cos_cached, cos) and torch.equal(rope._sin_cached, sin)
+    for i in range(2):
+        assert torch.equal(out[:, :, i], FA.apply_rotary_emb(qkv[:, :, i], cos, sin))
+    assert torch.equal(out[:, :, 2], qkv[:, :, 2])
+    # the kv form reads the same tables
+    q_out, kv_out = FA.RotaryEmbedding(dim).to(dtype)(qkv[:, :, 0].clone(), qkv[:, :, 1:].clone())
+    assert torch.equal(q_out, out[:, :, 0]) and torch.equal(kv_out[:, :, 0], out[:, :, 1])
+    # an edit of a float32 buffer is used; cast, the buffer is ignored, as in FlashAttention's
+    edited = FA.RotaryEmbedding(dim)
+    with torch.no_grad():
+        edited.inv_freq.div_(4)
+    edited(qkv.float().clone())
+    torch.testing.assert_close(edited._cos_cached, torch.outer(torch.arange(L, dtype=torch.float32), inv / 4).cos())
+    edited.to(dtype)(qkv.clone())
+    assert torch.equal(edited._cos_cached, cos)

@@ -355,9 +355,10 @@ def apply_rotary_emb_torch(x: Tensor, cos: Tensor, sin: Tensor, interleaved: boo
 class RotaryEmbedding(torch.nn.Module):
     """FlashAttention's ``RotaryEmbedding`` module (without xPos): ``forward(qkv, kv=None,
     seqlen_offset=0, max_seqlen=None, num_heads_q=None)`` turns q and k **in place** with the
-    angles ``t * base^(-2i/dim)`` (``dim`` rotary features per head, positions in float32, the
-    tables cached in qkv's dtype and grown as needed) and returns qkv, or (q, kv) with ``kv``;
-    ``seqlen_offset`` an int or a (B,) tensor (then ``max_seqlen`` sizes the tables)."""
+    angles ``t * base^(-2i/dim)`` (``dim`` rotary features per head, computed in float32 whatever
+    the module's dtype, as FlashAttention's; the tables cached in qkv's dtype and grown as needed)
+    and returns qkv, or (q, kv) with ``kv``; ``seqlen_offset`` an int or a (B,) tensor (then
+    ``max_seqlen`` sizes the tables)."""
 
     def __init__(self, dim: int, base=10000.0, interleaved=False, scale_base=None, pos_idx_in_fp32=True,
                  device=None):
@@ -390,9 +391,10 @@ class RotaryEmbedding(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         # inv_freq is a function of dim and base and in no state dict: recomputed after a move off
         # meta, so that ``to_empty`` after construction on meta does not leave it uninitialised
-        # memory (the tables would have been garbage, silently). Only then: a user's edit of the
-        # buffer (position interpolation's inv_freq /= factor) survives .to()/.half() as it does
-        # in FlashAttention's module.
+        # memory (the tables would have been garbage, silently). Only then: other moves keep the
+        # buffer as it is, a user's edit included (position interpolation's inv_freq /= factor),
+        # as FlashAttention's module keeps it. Its tables use that edit only while the buffer is
+        # float32: a cast one is ignored (see _update_cos_sin_cache).
         was_meta = self.inv_freq.is_meta
         module = super()._apply(fn, recurse)
         if was_meta and not self.inv_freq.is_meta:
@@ -408,7 +410,17 @@ class RotaryEmbedding(torch.nn.Module):
                 or (self.training and cached.is_inference())):
             self._seq_len_cached = seqlen
             t = torch.arange(seqlen, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+            # As FlashAttention's _update_cos_sin_cache: a buffer cast by the module's
+            # .half()/.bfloat16()/.double() is not used but recomputed in float32 from dim and
+            # base (edit or not). Rounded to bfloat16, inv_freq is off by up to 2^-9 relative, so
+            # the angle t * inv_freq by several radians at t ~ 2000: wrong tables. A float32
+            # buffer is used as it is (a user's edit of it kept). (FlashAttention recomputes its
+            # xPos ``scale`` the same way; this module has no xPos.)
+            if self.inv_freq.dtype != torch.float32:
+                inv_freq = self._frequencies(device)
+            else:
+                inv_freq = self.inv_freq.to(device=device)
+            freqs = torch.outer(t, inv_freq)
             self._cos_cached, self._sin_cached = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
 
     def forward(self, qkv: Tensor, kv: Optional[Tensor] = None, seqlen_offset: Union[int, Tensor] = 0,

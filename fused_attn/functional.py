@@ -919,8 +919,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             and v; every position must be below S.
         causal, window_size: FlashAttention's, bottom-right aligned: query i sits at key position
             ``i + Lk_b - Lq`` (Lk_b = cache_seqlens[b] + Lnew), so the last query faces the last
-            key; a window (left, right) keeps keys within ``left`` before and ``right`` after it.
-            Queries that see no key (Lq > Lk_b with causal) return zeros.
+            key; a window (left, right) keeps keys within ``left`` before and ``right`` after it,
+            after FlashAttention's rules on the cache's capacity C (rows, or pages per table row
+            times page size): a side >= C is unbounded (-1), then an unbounded side is C when the
+            other is bounded (so (2, -1) is (2, C): with Lq > C + 1 it hides keys from the first
+            queries). Queries that see no key (Lq > Lk_b with causal) return zeros.
         scale, softcap, alibi_slopes ((Hq,) or (B, Hq), placed bottom-right), sinks, backend: as in
             ``attention``.
         return_lse: also return the (B, Hq, Lq) log-sum-exp, float32 (float64 for float64 inputs)
@@ -1017,10 +1020,17 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     window_size, _, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, "bottom_right", 0.0,
                                                               scale, softcap, return_lse, compiling)
     if window_size is not None:
-        # FlashAttention's rule (mha_fwd_kvcache): a side at least the cache's capacity bounds nothing and is
-        # unbounded (-1). It matters beyond the mask: only a call still local after this steps the queries'
-        # RoPE positions (query i at cache_seqlens + i), so (-1, 1000) must rotate as None does.
+        # FlashAttention's rules (mha_fwd_kvcache, then set_params_fprop), seqlen_k being the cache's capacity:
+        # a side at least the capacity bounds nothing and is unbounded (-1). It matters beyond the mask: only
+        # a call still local after this steps the queries' RoPE positions (query i at cache_seqlens + i), so
+        # (-1, 1000) must rotate as None does. Then an unbounded side facing a bounded one is bounded by the
+        # capacity: (2, -1) is (2, capacity), whose right side hides keys from the first Lq - capacity - 1
+        # queries (more queries than the cache holds; a left side of the capacity bounds nothing).
         left, right = (-1 if side >= capacity else side for side in window_size)
+        if left == -1 and right >= 0:
+            left = capacity
+        elif right == -1 and left >= 0:
+            right = capacity
         window_size = None if (left, right) == (-1, -1) else (left, right)
     _check_alibi(alibi_slopes, B, "B", Hq, device)
     _check_sinks(sinks, Hq, device)

@@ -734,3 +734,121 @@ def test_rotary_embedding_cast_to_half_precision(dtype):
     torch.testing.assert_close(edited._cos_cached, torch.outer(torch.arange(L, dtype=torch.float32), inv / 4).cos())
     edited.to(dtype)(qkv.clone())
     assert torch.equal(edited._cos_cached, cos)
+
+
+def fa2_window_oracle(q, k, v, causal, window_size, seqlen_k=None):
+    """Attention in float64 as FlashAttention 2 computes it for (B, L, H, D) q, k, v (one head
+    count): its window rules first (csrc/flash_attn/flash_api.cpp), with seqlen_k k's length
+    unless given (varlen's max_seqlen_k, a KV cache's capacity) -- mha_fwd / mha_varlen_fwd /
+    mha_fwd_kvcache make a side >= seqlen_k -1 and causal sets the right side to 0, then
+    set_params_fprop makes the call causal when left < 0 and right == 0, and turns a side < 0 into
+    seqlen_k when the other is >= 0 -- then its kernels' masks, bottom-right (query i faces key
+    i + Lk - Lq): causal keeps j <= that, local keeps it - left <= j <= it + right. A row that
+    sees no key is zeros (FlashAttention's output there)."""
+    Lq, Lk = q.shape[1], k.shape[1]
+    seqlen_k = Lk if seqlen_k is None else seqlen_k
+    left, right = window_size
+    if left >= seqlen_k:
+        left = -1
+    if right >= seqlen_k:
+        right = -1
+    if causal:
+        right = 0
+    is_causal = left < 0 and right == 0
+    if left < 0 and right >= 0:
+        left = seqlen_k
+    if left >= 0 and right < 0:
+        right = seqlen_k
+    facing = torch.arange(Lq)[:, None] + Lk - Lq
+    j = torch.arange(Lk)[None]
+    if is_causal:
+        keep = j <= facing
+    elif left >= 0 or right >= 0:
+        keep = (j >= facing - left) & (j <= facing + right)
+    else:
+        keep = torch.ones(Lq, Lk, dtype=torch.bool)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.double())
+
+
+FA2_WINDOWS = [(-1, 5), (2, -1), (5, 0), (-1, -1), (1, 1), (0, 7), (-1, 2), (9, -1)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window_size", FA2_WINDOWS)
+@pytest.mark.parametrize("Lq,Lk", [(10, 6), (10, 3), (7, 7)], ids=["Lq>Lk", "Lq>2Lk", "Lq=Lk"])
+def test_window_as_flashattention_rewrites_it(Lq, Lk, window_size, causal):
+    """FlashAttention turns a window side >= seqlen_k into -1 and then a -1 side facing a bounded
+    one into seqlen_k; fused_attn's -1 stays unbounded and its sides are taken as given, so with
+    Lq > Lk the front-ends gave other answers: (-1, 5) on 3 keys hid every key from the first
+    two queries (FlashAttention: full attention), (2, -1) saw keys that (2, Lk) hides. Each form
+    is held to a float64 oracle of FlashAttention's rules and masks."""
+    B, H, D = 2, 2, 8
+    q, k, v = make_inputs((B, Lq, H, D), (B, Lk, H, D), (B, Lk, H, D), dtype=torch.float64, requires_grad=False,
+                          seed=Lq * 31 + Lk)
+    tol = dict(rtol=1e-10, atol=1e-10)
+    opts = dict(causal=causal, window_size=window_size)
+    expected = fa2_window_oracle(q, k, v, causal, window_size)
+    torch.testing.assert_close(FA.flash_attn_func(q, k, v, **opts), expected, **tol)
+    torch.testing.assert_close(FA.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), **opts), expected, **tol)
+    if Lq == Lk:
+        qkv = torch.stack([q, k, v], dim=2)
+        torch.testing.assert_close(FA.flash_attn_qkvpacked_func(qkv, **opts), expected, **tol)
+    # varlen: the rules on max_seqlen_k (as given, a loose one included), each sequence on its lengths
+    lq, lk = [Lq, 4, 1], [Lk, 2, Lk]
+    cu_q, cu_k = (torch.tensor([0] + n).cumsum(0).int() for n in (lq, lk))
+    qp, kp, vp = make_inputs((sum(lq), H, D), (sum(lk), H, D), (sum(lk), H, D), dtype=torch.float64,
+                             requires_grad=False, seed=5)
+    for max_k in (max(lk), max(lk) + 4):
+        out = FA.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, max(lq), max_k, **opts)
+        packed = FA.flash_attn_varlen_kvpacked_func(qp, torch.stack([kp, vp], dim=1), cu_q, cu_k, max(lq), max_k,
+                                                    **opts)
+        for s in range(3):
+            rows, keys = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+            want = fa2_window_oracle(qp[None, rows], kp[None, keys], vp[None, keys], causal, window_size, max_k)[0]
+            torch.testing.assert_close(out[rows], want, **tol)
+            torch.testing.assert_close(packed[rows], want, **tol)
+    if Lq == Lk:
+        qkv = torch.stack([qp[:sum(lq)], qp.flip(0), qp * 0.5], dim=1)
+        out = FA.flash_attn_varlen_qkvpacked_func(qkv, cu_q, max(lq), **opts)
+        for s in range(3):
+            rows = slice(cu_q[s], cu_q[s + 1])
+            want = fa2_window_oracle(*(qkv[None, rows, i] for i in range(3)), causal, window_size, max(lq))[0]
+            torch.testing.assert_close(out[rows], want, **tol)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window_size", FA2_WINDOWS)
+def test_with_kvcache_window_as_flashattention_rewrites_it(window_size, causal, paged):
+    """flash_attn_with_kvcache: FlashAttention's window rules on the cache's capacity (rows, or
+    pages per table row times the page size), each sequence on its own key count: with more
+    queries than the cache holds, (2, -1) is (2, capacity), which hides keys from the first
+    queries (it saw them)."""
+    B, Lq, H, D, capacity = 2, 10, 2, 8, 4
+    q, kc, vc = make_inputs((B, Lq, H, D), (B, capacity, H, D), (B, capacity, H, D), dtype=torch.float64,
+                            requires_grad=False, seed=9)
+    seqlens = torch.tensor([4, 2], dtype=torch.int32)
+    block_table = None
+    k_cache, v_cache = kc, vc
+    if paged:  # pages of 2 rows, the batch rows' pages in reverse order
+        k_cache, v_cache = (t.reshape(B * 2, 2, H, D).flip(0).contiguous() for t in (kc, vc))
+        block_table = torch.tensor([[3, 2], [1, 0]], dtype=torch.int32)
+    out = FA.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table,
+                                     causal=causal, window_size=window_size)
+    for b in range(B):
+        n = int(seqlens[b])
+        want = fa2_window_oracle(q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], causal, window_size, capacity)
+        torch.testing.assert_close(out[b:b + 1], want, rtol=1e-10, atol=1e-10)
+
+
+def test_varlen_window_rules_without_max_seqlen_k():
+    """max_seqlen_k=None (FlashAttention requires it; fused_attn reads it from cu_seqlens_k): the
+    window rules use the longest sequence, as a call that passes it."""
+    lq, lk = [10, 4], [3, 2]
+    q, k, v, cu_q, cu_k = (t.detach() for t in _packed(lq, lk, 2, 2, 8))
+    for window in ((-1, 5), (2, -1)):
+        torch.testing.assert_close(FA.flash_attn_varlen_func(q, k, v, cu_q, cu_k, None, None, window_size=window),
+                                   FA.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk),
+                                                             window_size=window), rtol=0, atol=0)

@@ -20,7 +20,8 @@ What is here, with FlashAttention 2.8's signatures and meaning:
 
 FlashAttention's conventions, which differ from ``fused_attn.functional``'s: tensors are (batch,
 seqlen, heads, dim); ``causal`` and ``window_size`` are bottom-right aligned (the last query faces
-the last key) and so is ALiBi; ``window_size=(-1, -1)`` and ``softcap=0.0`` mean off. The output
+the last key) and so is ALiBi; ``window_size=(-1, -1)`` and ``softcap=0.0`` mean off, and a
+window is rewritten by FlashAttention's rules on the keys' length (see ``_window``). The output
 is contiguous (B, Lq, H, Dv), as FlashAttention's. Beyond FlashAttention: any float dtype and
 device fused_attn runs on, and ``softmax_lse`` is differentiable.
 
@@ -72,8 +73,21 @@ FLASH_ATTN_VERSION = "2.8.3+fused_attn"
 # Argument translation
 # ---------------------------------------------------------------------------------------------
 
-def _window(window_size) -> Optional[tuple]:
-    """FlashAttention's (left, right), -1 = unbounded, to fused_attn's (None when both are -1)."""
+def _window(window_size, seqlen_k=None) -> Optional[tuple]:
+    """FlashAttention's (left, right), -1 = unbounded, to the window fused_attn's functions apply
+    for it (None: no window). ``seqlen_k``: the keys' length FlashAttention's rules use (k's
+    seqlen; ``max_seqlen_k`` for varlen); None: no rule applied (the caller applies them).
+
+    FlashAttention 2 rewrites the window before its kernels see it (csrc/flash_attn/flash_api.cpp):
+    mha_fwd / mha_varlen_fwd / mha_fwd_kvcache make a side >= seqlen_k unbounded (-1), then
+    set_params_fprop bounds an unbounded side by seqlen_k when the other side is bounded (>= 0).
+    Neither is a no-op next to fused_attn's window, whose -1 is unbounded and whose sides are
+    taken as given: bottom-right, query i faces key i + Lk - Lq, so with Lq > Lk (-1, 5) hides
+    every key from the first Lq - Lk - 5 queries where FlashAttention gives full attention, and
+    (2, -1) becomes (2, Lk), whose right side hides keys from the first Lq - Lk - 1 queries (all
+    of them from the first Lq - 2 Lk). (A left side of seqlen_k bounds nothing: it is returned as
+    FlashAttention has it.) ``attention_with_kvcache`` applies both rules itself, on the cache's
+    capacity."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), -1 for an unbounded side, got {window_size!r}")
     left, right = window_size
@@ -81,9 +95,32 @@ def _window(window_size) -> Optional[tuple]:
         # (checked before the (-1, -1) test below, which (-1.0, -1.0) passed)
         raise TypeError(f"window_size must be a pair of ints (left, right), -1 for an unbounded side, got "
                         f"{window_size!r}")
+    if seqlen_k is not None:
+        # (only -1 is unbounded here: other negative sides are left to attention's check to refuse)
+        left, right = (-1 if side >= seqlen_k else side for side in (left, right))
+        if left == -1 and right >= 0:
+            left = seqlen_k
+        elif right == -1 and left >= 0:
+            right = seqlen_k
     if left == -1 and right == -1:
         return None
     return (left, right)
+
+
+def _max_seqlen(max_seqlen, cu_seqlens, window_size):
+    """varlen's ``max_seqlen_k`` for the window rules: as given, or when None (FlashAttention
+    requires it; fused_attn reads it from the boundaries) and a window is given, the longest
+    sequence of ``cu_seqlens`` (one read of the boundaries); None where no rule is needed or
+    attention_varlen raises (not an int; None under torch.compile)."""
+    if max_seqlen is None:
+        if (isinstance(window_size, (tuple, list)) and tuple(window_size) != (-1, -1)
+                and isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1
+                and not torch.compiler.is_compiling()):
+            return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return None
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        return None
+    return int(max_seqlen)
 
 
 def _softcap(softcap) -> Optional[float]:
@@ -98,12 +135,13 @@ def _flag(name: str, value) -> None:
 
 
 def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-             return_attn_probs) -> dict:
-    """The keyword arguments of fused_attn's attention for FlashAttention's options."""
+             return_attn_probs, seqlen_k) -> dict:
+    """The keyword arguments of fused_attn's attention for FlashAttention's options (``seqlen_k``:
+    see ``_window``)."""
     _flag("deterministic", deterministic)  # every fused_attn backward is deterministic already
     _flag("return_attn_probs", return_attn_probs)
-    return dict(causal=causal, window_size=_window(window_size), alignment="bottom_right", dropout_p=dropout_p,
-                scale=softmax_scale, softcap=_softcap(softcap), alibi_slopes=alibi_slopes,
+    return dict(causal=causal, window_size=_window(window_size, seqlen_k), alignment="bottom_right",
+                dropout_p=dropout_p, scale=softmax_scale, softcap=_softcap(softcap), alibi_slopes=alibi_slopes,
                 return_lse=return_attn_probs)
 
 
@@ -172,14 +210,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """FlashAttention's ``flash_attn_func``: q (B, Lq, Hq, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv),
     ``Hq % Hkv == 0``; returns (B, Lq, Hq, Dv), or ``(out, softmax_lse (B, Hq, Lq), S_dmask)`` with
-    ``return_attn_probs``. causal, window and ALiBi bottom-right aligned."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                    return_attn_probs)
+    ``return_attn_probs``. causal, window and ALiBi bottom-right aligned; the window as
+    FlashAttention applies it (``_window``)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D (batch, seqlen, heads, dim) tensor, got {tuple(t.shape)}")
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs, k.shape[1])
     qh, kh, vh = _bhld(q), _bhld(k), _bhld(v)
     probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
     state = _rng_state() if probs_wanted else None
@@ -212,9 +251,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None):
     """FlashAttention's ``flash_attn_varlen_func``: packed q (total_q, Hq, D), k, v (total_k, Hkv,
     D/Dv) (or a paged cache with ``block_table``) and int32 ``cu_seqlens``; returns (total_q, Hq,
-    Dv), or ``(out, softmax_lse (Hq, total_q), S_dmask (B, Hq, max_seqlen_q, max_seqlen_k))``."""
+    Dv), or ``(out, softmax_lse (Hq, total_q), S_dmask (B, Hq, max_seqlen_q, max_seqlen_k))``.
+    The window as FlashAttention applies it, its rules on ``max_seqlen_k`` (``_window``)."""
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                    return_attn_probs)
+                    return_attn_probs, _max_seqlen(max_seqlen_k, cu_seqlens_k, window_size))
     probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
     state = _rng_state() if probs_wanted else None
     result = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=block_table,
@@ -268,7 +308,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     it calls): k and v, when given, are written into the cache in place. ``rotary_interleaved``
     defaults to True, as FlashAttention's. ``cache_seqlens=None`` reads the whole cache (every
     row of a dense cache, every page of each block_table row), and needs no new k and v.
-    ``num_splits`` is accepted and ignored."""
+    ``num_splits`` is accepted and ignored. The window as FlashAttention applies it, its rules
+    on the cache's capacity (``attention_with_kvcache`` applies them)."""
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: the library's choice), got {num_splits!r}")
     if cache_seqlens is None:

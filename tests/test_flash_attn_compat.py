@@ -852,3 +852,61 @@ def test_varlen_window_rules_without_max_seqlen_k():
         torch.testing.assert_close(FA.flash_attn_varlen_func(q, k, v, cu_q, cu_k, None, None, window_size=window),
                                    FA.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk),
                                                              window_size=window), rtol=0, atol=0)
+
+
+_r = torch.randn
+_CU_Q, _CU_K = torch.tensor([0, 5, 10], dtype=torch.int32), torch.tensor([0, 7, 14], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("call,expected", [
+    (lambda: FA.flash_attn_func(_r(2, 5, 6, 8), _r(3, 7, 3, 8), _r(3, 7, 3, 8)),
+     "q, k and v must have the same batch size (dim 0), got q (2, 5, 6, 8), k (3, 7, 3, 8), v (3, 7, 3, 8)"),
+    (lambda: FA.flash_attn_func(_r(2, 5, 6, 8), _r(2, 7, 3, 8), _r(2, 6, 3, 8)),
+     "k and v must have the same sequence length (dim 1), got q (2, 5, 6, 8), k (2, 7, 3, 8), v (2, 6, 3, 8)"),
+    # (said "the query heads (q.shape[1] = 6)": dim 1 of the transposed view, the caller's seqlen is 5)
+    (lambda: FA.flash_attn_func(_r(2, 5, 6, 8), _r(2, 7, 4, 8), _r(2, 7, 4, 8)),
+     "q's number of heads (6) must be a multiple of k's and v's (4) (grouped-query attention), got q (2, 5, 6, 8), "
+     "k (2, 7, 4, 8), v (2, 7, 4, 8)"),
+    (lambda: FA.flash_attn_func(_r(2, 5, 6, 8), _r(2, 7, 3, 8), _r(2, 7, 2, 8)),
+     "k and v must have the same number of heads, got q (2, 5, 6, 8), k (2, 7, 3, 8), v (2, 7, 2, 8)"),
+    (lambda: FA.flash_attn_func(_r(2, 5, 6, 8), _r(2, 7, 3, 4), _r(2, 7, 3, 8)),
+     "q and k must have the same head dim (last dim), got q (2, 5, 6, 8), k (2, 7, 3, 4), v (2, 7, 3, 8)"),
+    (lambda: FA.flash_attn_kvpacked_func(_r(2, 5, 6, 8), _r(3, 7, 2, 3, 8)),
+     "q and kv must have the same batch size (dim 0), got q (2, 5, 6, 8), kv (3, 7, 2, 3, 8)"),
+    (lambda: FA.flash_attn_kvpacked_func(_r(2, 5, 6, 8), _r(2, 7, 2, 4, 8)),
+     "q's number of heads (6) must be a multiple of kv's (4) (grouped-query attention), got q (2, 5, 6, 8), "
+     "kv (2, 7, 2, 4, 8)"),
+    (lambda: FA.flash_attn_kvpacked_func(_r(2, 5, 6, 8), _r(2, 7, 2, 3, 4)),
+     "q and kv must have the same head dim (last dim), got q (2, 5, 6, 8), kv (2, 7, 2, 3, 4)"),
+    (lambda: FA.flash_attn_qkvpacked_func(_r(2, 5, 3, 6, 0)),
+     "qkv must have a head dim (last dim) of at least 1, got qkv (2, 5, 3, 6, 0)"),
+    (lambda: FA.flash_attn_varlen_func(_r(10, 6, 8), _r(14, 3, 8), _r(13, 3, 8), _CU_Q, _CU_K, 5, 7),
+     "k and v must have the same number of tokens (dim 0), got q (10, 6, 8), k (14, 3, 8), v (13, 3, 8)"),
+    (lambda: FA.flash_attn_varlen_func(_r(10, 6, 8), _r(14, 4, 8), _r(14, 4, 8), _CU_Q, _CU_K, 5, 7),
+     "q's number of heads (6) must be a multiple of k's and v's (4) (grouped-query attention), got q (10, 6, 8), "
+     "k (14, 4, 8), v (14, 4, 8)"),
+    (lambda: FA.flash_attn_varlen_func(_r(10, 6, 8), _r(14, 3, 4), _r(14, 3, 8), _CU_Q, _CU_K, 5, 7),
+     "q and k must have the same head dim (last dim), got q (10, 6, 8), k (14, 3, 4), v (14, 3, 8)"),
+    # (paged: attention_varlen calls a page's heads k.shape[1], its page size)
+    (lambda: FA.flash_attn_varlen_func(_r(10, 6, 8), _r(4, 16, 4, 8), _r(4, 16, 4, 8), _CU_Q, _CU_K, 5, 7,
+                                       block_table=torch.tensor([[0], [1]], dtype=torch.int32)),
+     "q's number of heads (6) must be a multiple of k's and v's (4) (grouped-query attention), got q (10, 6, 8), "
+     "k (4, 16, 4, 8), v (4, 16, 4, 8)"),
+    (lambda: FA.flash_attn_varlen_func(_r(10, 6, 8), _r(4, 16, 3, 8), _r(4, 8, 3, 8), _CU_Q, _CU_K, 5, 7,
+                                       block_table=torch.tensor([[0], [1]], dtype=torch.int32)),
+     "k and v must have the same page size (dim 1), got q (10, 6, 8), k (4, 16, 3, 8), v (4, 8, 3, 8)"),
+    (lambda: FA.flash_attn_varlen_kvpacked_func(_r(10, 6, 8), _r(14, 2, 4, 8), _CU_Q, _CU_K, 5, 7),
+     "q's number of heads (6) must be a multiple of kv's (4) (grouped-query attention), got q (10, 6, 8), "
+     "kv (14, 2, 4, 8)"),
+    (lambda: FA.flash_attn_varlen_kvpacked_func(_r(10, 6, 8), _r(14, 2, 3, 4), _CU_Q, _CU_K, 5, 7),
+     "q and kv must have the same head dim (last dim), got q (10, 6, 8), kv (14, 2, 3, 4)"),
+    (lambda: FA.flash_attn_varlen_qkvpacked_func(_r(10, 3, 6, 0), _CU_Q, 5),
+     "qkv must have a head dim (last dim) of at least 1, got qkv (10, 3, 6, 0)"),
+])
+def test_shape_errors_name_the_callers_arguments_in_its_layout(call, expected):
+    """Shape errors came from attention on the transposed (B, H, L, D) views (or a packed tensor's
+    views): "the query heads (q.shape[1] = 6)" for a q whose dim 1 is its seqlen. They are now the
+    caller's: its argument names and shapes, in FlashAttention's layout."""
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == expected

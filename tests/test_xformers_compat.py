@@ -181,9 +181,10 @@ def test_dropout_seed_and_output_dtype():
      r"a batch of one"),
     (lambda q: X.memory_efficient_attention(q[:1], q[:1], q[:1], attn_bias=X.BlockDiagonalMask.from_seqlens([2, 2])),
      ValueError, "query has 5 rows but BlockDiagonalMask describes 4"),
-    # (a value of another batch was read at value[0] alone, or failed with an IndexError)
+    # (a value of another batch was read at value[0] alone, or failed with an IndexError; now refused
+    # by the batch check of any call)
     (lambda q: X.memory_efficient_attention(q[:1], q[:1], q, attn_bias=X.BlockDiagonalMask.from_seqlens([2, 3])),
-     ValueError, r"query, key and value must be \(1, M, ...\).*\(2, 5, 2, 8\)"),
+     ValueError, r"query, key and value must have the same batch size \(dim 0\).*value \(2, 5, 2, 8\)"),
     (lambda q: X.LowerTriangularFromBottomRightLocalAttentionMask(0), ValueError, "window_size must be an int >= 1"),
     (lambda q: X.BlockDiagonalMask.from_seqlens([1, 2], [3]), ValueError, "as many sequences"),
     (lambda q: X.BlockDiagonalMask.from_seqlens([1, -2]), ValueError, "lengths >= 0"),
@@ -350,3 +351,43 @@ def test_merge_attentions_checks_its_parts_in_xformers_terms():
         X.merge_attentions([o, o], [lse.long(), lse.long()])
     with pytest.raises(TypeError, match="write_lse must be a bool, got str 'n'"):
         X.merge_attentions([o, o], [lse, lse], write_lse="n")
+
+
+@pytest.mark.parametrize("shapes,expected", [
+    (((2, 5, 6, 8), (3, 7, 6, 8), (3, 7, 6, 8)),
+     "query, key and value must have the same batch size (dim 0), got query (2, 5, 6, 8), key (3, 7, 6, 8), "
+     "value (3, 7, 6, 8)"),
+    (((2, 5, 6, 8), (2, 7, 6, 8), (2, 6, 6, 8)),
+     "key and value must have the same sequence length (dim 1), got query (2, 5, 6, 8), key (2, 7, 6, 8), "
+     "value (2, 6, 6, 8)"),
+    (((2, 5, 6, 8), (2, 7, 4, 8), (2, 7, 4, 8)),
+     "query's number of heads (6) must be a multiple of key's and value's (4) (grouped-query attention), got query "
+     "(2, 5, 6, 8), key (2, 7, 4, 8), value (2, 7, 4, 8)"),
+    (((2, 5, 6, 8), (2, 7, 6, 8), (2, 7, 3, 8)),
+     "key and value must have the same number of heads, got query (2, 5, 6, 8), key (2, 7, 6, 8), value (2, 7, 3, 8)"),
+    # (said "q and k must have the same head dim, got q (2, 6, 5, 8), k (2, 6, 7, 4)": the transposed views)
+    (((2, 5, 6, 8), (2, 7, 6, 4), (2, 7, 6, 8)),
+     "query and key must have the same head dim (last dim), got query (2, 5, 6, 8), key (2, 7, 6, 4), "
+     "value (2, 7, 6, 8)"),
+    (((2, 5, 8), (2, 7, 8), (2, 6, 8)),
+     "key and value must have the same sequence length (dim 1), got query (2, 5, 8), key (2, 7, 8), value (2, 6, 8)"),
+    (((2, 5, 8), (2, 7, 4), (2, 7, 8)),
+     "query and key must have the same head dim (last dim), got query (2, 5, 8), key (2, 7, 4), value (2, 7, 8)"),
+    # BMGHK: (said "value must be (B, N, G, H, K) with query's B, G and H" for a length that differed from key's)
+    (((2, 5, 2, 3, 8), (2, 7, 2, 3, 8), (2, 6, 2, 3, 8)),
+     "key and value must have the same sequence length (dim 1), got query (2, 5, 2, 3, 8), key (2, 7, 2, 3, 8), "
+     "value (2, 6, 2, 3, 8)"),
+    # (said "q and k must have the same head dim, got q (2, 6, 5, 8), ...": G and H flattened, transposed)
+    (((2, 5, 2, 3, 8), (2, 7, 2, 3, 4), (2, 7, 2, 3, 8)),
+     "query and key must have the same head dim (last dim), got query (2, 5, 2, 3, 8), key (2, 7, 2, 3, 4), "
+     "value (2, 7, 2, 3, 8)"),
+    (((2, 5, 2, 3, 8), (3, 7, 2, 3, 8), (3, 7, 2, 3, 8)),
+     "with a (B, M, G, H, K) query, key must be (B, N, G, H, K) with query's B, G and H (expand it over H for "
+     "grouped-query attention), got (3, 7, 2, 3, 8) for query (2, 5, 2, 3, 8)"),
+])
+def test_shape_errors_name_query_key_value_in_xformers_layout(shapes, expected):
+    """Shape errors came from attention on the transposed views and said q, k, v; they now name
+    query, key and value and quote the shapes as passed (BMK, BMHK and BMGHK)."""
+    with pytest.raises(ValueError) as info:
+        X.memory_efficient_attention(*(torch.randn(s) for s in shapes))
+    assert str(info.value) == expected

@@ -56,6 +56,7 @@ from .. import _rng
 from .. import reference as R
 from ..functional import (_draw_rng, _finite, _shown, apply_rotary_emb, attention, attention_varlen,
                           attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
+from ._shapes import check_shapes
 from ._stand_in import StandInModules
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
@@ -157,6 +158,14 @@ def _split(packed: Tensor, name: str, dim: int, count: int) -> tuple:
     return packed.unbind(dim)
 
 
+def _check_varlen_shapes(q, k, v, block_table, names=("q", "k", "v"), shown=None) -> None:
+    """``check_shapes`` in varlen's layout: q (total_q, Hq, D), k and v (total_k, Hkv, D/Dv), or
+    pages (num_pages, page_size, Hkv, D/Dv) with a block_table (attention_varlen's own errors name
+    a paged k's heads k.shape[1], and a packed form's views)."""
+    kv_lead = ("number of pages", "page size") if block_table is not None else ("number of tokens",)
+    check_shapes(q, k, v, names, shown, q_lead=1, kv_lead=kv_lead, batched=False)
+
+
 def _bhld(t: Tensor) -> Tensor:
     """(B, L, H, D) <-> (B, H, L, D), a view."""
     return t.transpose(1, 2)
@@ -217,6 +226,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D (batch, seqlen, heads, dim) tensor, got {tuple(t.shape)}")
+    check_shapes(q, k, v)  # here, in (B, L, H, D): attention's errors would quote the transposed views
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, k.shape[1])
     qh, kh, vh = _bhld(q), _bhld(k), _bhld(v)
@@ -234,6 +244,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """``flash_attn_func`` on qkv (B, L, 3, H, D); its gradient is one (B, L, 3, H, D) tensor."""
     q, k, v = _split(qkv, "qkv", 2, 3)
+    check_shapes(q, k, v, ("qkv",) * 3, (qkv,) * 3)  # (errors in qkv's name and shape, not its views')
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs)
 
@@ -242,6 +253,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """``flash_attn_func`` on q (B, Lq, Hq, D) and kv (B, Lk, 2, Hkv, D)."""
     k, v = _split(kv, "kv", 2, 2)
+    if isinstance(q, Tensor):  # (errors in kv's name and shape, not its views'; flash_attn_func checks q itself)
+        check_shapes(q, k, v, ("q", "kv", "kv"), (q, kv, kv))
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs)
 
@@ -253,6 +266,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     D/Dv) (or a paged cache with ``block_table``) and int32 ``cu_seqlens``; returns (total_q, Hq,
     Dv), or ``(out, softmax_lse (Hq, total_q), S_dmask (B, Hq, max_seqlen_q, max_seqlen_k))``.
     The window as FlashAttention applies it, its rules on ``max_seqlen_k`` (``_window``)."""
+    if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
+        _check_varlen_shapes(q, k, v, block_table)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, _max_seqlen(max_seqlen_k, cu_seqlens_k, window_size))
     probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
@@ -285,6 +300,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      return_attn_probs=False):
     """``flash_attn_varlen_func`` on qkv (total, 3, H, D), one ``cu_seqlens`` for queries and keys."""
     q, k, v = _split(qkv, "qkv", 1, 3)
+    _check_varlen_shapes(q, k, v, None, ("qkv",) * 3, (qkv,) * 3)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
                                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
@@ -294,6 +310,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """``flash_attn_varlen_func`` on q (total_q, Hq, D) and kv (total_k, 2, Hkv, D)."""
     k, v = _split(kv, "kv", 1, 2)
+    if isinstance(q, Tensor):
+        _check_varlen_shapes(q, k, v, None, ("q", "kv", "kv"), (q, kv, kv))
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs)

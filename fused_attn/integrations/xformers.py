@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .. import reference as R
 from ..functional import _check_bool, attention, attention_varlen, merge_attention
+from ._shapes import check_shapes
 from ._stand_in import StandInModules
 
 __all__ = ["memory_efficient_attention", "memory_efficient_attention_forward", "AttentionBias",
@@ -396,6 +397,16 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
     if ndim not in (3, 4, 5):
         raise ValueError(f"query must be (B, M, K), (B, M, H, K) or (B, M, G, H, K), got shape {tuple(query.shape)}")
     key, value = _to_bmhk("key", key, ndim), _to_bmhk("value", value, ndim)
+    # The shapes are checked here, in xformers' layout and names: attention's errors would say q,
+    # k, v and quote the (B, H, M, K) views (heads flattened from (G, H), a head added to BMK).
+    if ndim == 5:  # (B, M, G, H, K): G kv groups of H query heads each
+        G, H = query.shape[2], query.shape[3]
+        for name, t in (("key", key), ("value", value)):  # xformers' layout: k and v (B, N, G, H, K), expanded over H
+            if t.shape[0] != query.shape[0] or t.shape[2:4] != (G, H):
+                raise ValueError(f"with a (B, M, G, H, K) query, {name} must be (B, N, G, H, K) with query's B, G "
+                                 f"and H (expand it over H for grouped-query attention), got {tuple(t.shape)} "
+                                 f"for query {tuple(query.shape)}")
+    check_shapes(query, key, value, ("query", "key", "value"))
     tensor_bias = None
     if isinstance(attn_bias, Tensor):
         tensor_bias, attn_bias = attn_bias, None
@@ -412,13 +423,7 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
     if ndim == 3:  # no heads: one
         q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
         tensor_bias = None if tensor_bias is None else tensor_bias.unsqueeze(-3)
-    elif ndim == 5:  # (B, M, G, H, K): G kv groups of H query heads each
-        G, H = q.shape[2], q.shape[3]
-        for name, t in (("key", k), ("value", v)):  # xformers' layout: k and v (B, N, G, H, K), expanded over H
-            if t.shape[0] != q.shape[0] or t.shape[2:4] != (G, H) or t.shape[:2] != k.shape[:2]:
-                raise ValueError(f"with a (B, M, G, H, K) query, {name} must be (B, N, G, H, K) with query's B, G "
-                                 f"and H (expand it over H for grouped-query attention), got {tuple(t.shape)} "
-                                 f"for query {tuple(q.shape)}")
+    elif ndim == 5:  # (checked above)
         q = q.flatten(2, 3)
         if H == 1 or (k.stride(3) == 0 and v.stride(3) == 0):  # expanded over H: G kv heads, no copy
             k, v = k[:, :, :, 0], v[:, :, :, 0]

@@ -22,9 +22,9 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
                   _forward_mode_on, _stack, _transform_needs_autograd, differentiated, why_differentiated)
-from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_varlen_bounds, elements_may_overlap,
-                         first_page_out_of_range, gather_kv_pages, grad_recording, known_true, pages_out_of_range,
-                         paged_layout, tensors_may_share_memory)
+from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_traced, check_varlen_bounds,
+                         elements_may_overlap, first_page_out_of_range, gather_kv_pages, grad_recording, known_true,
+                         pages_out_of_range, paged_layout, tensors_may_share_memory)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -1628,7 +1628,7 @@ def _shapes_differ(a: Tensor, b: Tensor, message: str) -> bool:
     if a.dim() != b.dim() or any(known_true(m != n) for m, n in zip(a.shape, b.shape)):
         return True
     for m, n in zip(a.shape, b.shape):
-        torch._check(m == n, lambda: message)
+        check_traced(m == n, message)
     return False
 
 

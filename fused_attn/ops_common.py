@@ -32,6 +32,17 @@ def known_true(condition) -> bool:
     return guard_or_false(condition)
 
 
+def check_traced(condition, message: str) -> None:
+    """``torch._check(condition, lambda: message)`` for a traced condition on sizes, the message
+    left out under torch.export: strict export (Dynamo) crashes tracing a callable message of a
+    condition it cannot decide ("'function' object has no attribute 'is_quantized'", torch 2.13),
+    and torch._check takes no string. The exported program asserts the condition all the same."""
+    if torch.compiler.is_exporting():
+        torch._check(condition)
+    else:
+        torch._check(condition, lambda: message)
+
+
 def empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The placeholder for an absent output (an op cannot return None)."""
     return torch.empty(0, device=like.device, dtype=like.dtype if dtype is None else dtype)

@@ -32,7 +32,7 @@ from .backends import check_backend_name, resolve_options
 from .functional import (NESTED_ROTARY, _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name,
                          _needs_grad, _shown)
 from .ops import RotaryFunction, inference_call_ok, rotary_inference, why_differentiated
-from .ops_common import elements_may_overlap, known_true
+from .ops_common import check_traced, elements_may_overlap, known_true
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
@@ -113,8 +113,8 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     if int_offset and not packed and compiling:
         # (| rather than or: no bool of the parts; a message of constants: Dynamo converts no
         # closure over the sizes)
-        torch._check((L == 0) | (seqlen_offsets + L <= cos.shape[0]),
-                     lambda: "apply_rotary_emb: seqlen_offsets puts the tokens past the rows of cos and sin")
+        check_traced((L == 0) | (seqlen_offsets + L <= cos.shape[0]),
+                     "apply_rotary_emb: seqlen_offsets puts the tokens past the rows of cos and sin")
     # (packed: the positions are checked after, each sequence's first token here where it is known)
     if int_offset and packed and (seqlen_offsets < 0 or (known_true(x.shape[0] != 0)
                                                          and known_true(seqlen_offsets >= cos.shape[0]))):

@@ -666,3 +666,21 @@ def test_swapped_encoder_padded_positions_under_compile_are_torchs():
         fused_compiled = torch.compile(enc, backend="aot_eager", fullgraph=True)(x, src_key_padding_mask=padding)
     assert fused_compiled[1, 4:].abs().min() > 0
     torch.testing.assert_close(fused_compiled, torch_compiled, atol=1e-5, rtol=1e-4)
+
+
+def test_rotary_exports_strict_with_a_dynamic_length():
+    """Strict export (Dynamo) of apply_rotary_emb with a symbolic length crashed on the offset
+    bound's ``torch._check(..., lambda: message)`` (a callable message of an undecided condition:
+    "'function' object has no attribute 'is_quantized'"); the bound is now asserted without it
+    under export, and the program is right at another length."""
+    from torch.export import Dim
+
+    class Rotary(nn.Module):
+        def forward(self, x, cos, sin):
+            return F.apply_rotary_emb(x, cos, sin)
+
+    x = torch.randn(2, 9, 2, 8)
+    program = torch.export.export(Rotary(), (x, _ROT_COS, _ROT_SIN), dynamic_shapes=({1: Dim("length", max=16)},
+                                                                                         None, None), strict=True)
+    x = torch.randn(2, 13, 2, 8)
+    assert torch.equal(program.module()(x, _ROT_COS, _ROT_SIN), Rotary()(x, _ROT_COS, _ROT_SIN))

@@ -22,9 +22,9 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
                   _forward_mode_on, _stack, _transform_needs_autograd, differentiated, why_differentiated)
-from .ops_common import (ALIGNMENTS, attention_band, check_block_table, check_traced, check_varlen_bounds,
-                         elements_may_overlap, first_page_out_of_range, gather_kv_pages, grad_recording, known_true,
-                         pages_out_of_range, paged_layout, tensors_may_share_memory)
+from .ops_common import (ALIGNMENTS, as_int, attention_band, check_block_table, check_traced, check_varlen_bounds,
+                         elements_may_overlap, first_page_out_of_range, gather_kv_pages, grad_recording, is_int,
+                         known_true, pages_out_of_range, paged_layout, tensors_may_share_memory)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -772,8 +772,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     elif checked:
         max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
                                                          max_seqlen_k, seqused_k, used_k)
-    else:
-        max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    else:  # (a traced SymInt kept: int() would specialise the graph to its length)
+        max_seqlen_q, max_seqlen_k = as_int(max_seqlen_q), as_int(max_seqlen_k)
     check_backend_name(backend)
     name = resolve_options("attention", device, q.dtype, _attention_options(D, Dv, gqa, causal, window_size, dropout_p,
                                                                             softcap, alibi=alibi_slopes, varlen=True),
@@ -843,11 +843,13 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but {ref} is on {device}")
     if max_seqlen is not None:
-        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        if not is_int(max_seqlen):
             raise TypeError(f"{max_name} must be an int or None, got {max_seqlen!r}")
         if max_seqlen < 0:
             raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
-        if max_seqlen > _INT64_MAX:  # (the ops take an int64; a larger one failed inside them)
+        # (the ops take an int64; a larger one failed inside them. A traced SymInt, a size, fits,
+        # and comparing it would guard on it, which torch.export refuses for an unbounded Dim)
+        if not isinstance(max_seqlen, torch.SymInt) and max_seqlen > _INT64_MAX:
             raise ValueError(f"{max_name} must be at most {_INT64_MAX} (an upper bound of the longest sequence, "
                              f"passed to the kernels as int64), got {_shown(max_seqlen)}")
     if max_seqlen is None and compiling:
@@ -1215,10 +1217,12 @@ def _check_index_tensor(name: str, t, batch: Optional[int], device, ref: str = "
 
 def _check_cache_seqlens(cache_seqlens, batch: int, device) -> Tensor:
     """cache_seqlens as a (B,) int tensor on q's device (a Python int: the same for every sequence)."""
-    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+    if is_int(cache_seqlens):  # (a traced SymInt too: a past length, past.shape[1])
         if cache_seqlens < 0:
             raise ValueError(f"cache_seqlens must be >= 0 (the keys already in each cache), got {cache_seqlens}")
-        if cache_seqlens > _INT32_MAX:  # (no cache holds as many; torch.full raised a RuntimeError converting it)
+        # (no cache holds as many; torch.full raised a RuntimeError converting it. A traced SymInt is
+        # not compared: a guard on it, which torch.export refuses for an unbounded Dim)
+        if not isinstance(cache_seqlens, torch.SymInt) and cache_seqlens > _INT32_MAX:
             raise ValueError(f"cache_seqlens must be at most {_INT32_MAX} (the lengths are int32, as "
                              f"FlashAttention's), got {_shown(cache_seqlens)}")
         return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)

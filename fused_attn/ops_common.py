@@ -1,6 +1,8 @@
 """Small helpers every backend and the fake (meta) implementations share."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -30,6 +32,21 @@ def known_true(condition) -> bool:
 
     guard_or_false = getattr(symbolic_shapes, "guard_or_false", bool)
     return guard_or_false(condition)
+
+
+def is_int(value) -> bool:
+    """Whether a size, length or offset argument is an integer: a Python int (any
+    ``numbers.Integral``, numpy's too) but not a bool, or a ``torch.SymInt``, a size traced
+    symbolically (``x.shape[0]`` under non-strict ``torch.export``), which is no Integral. (Dynamo,
+    under torch.compile and strict export, passes its symbolic sizes off as ints already.)"""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
+
+
+def as_int(value):
+    """``int(value)`` for an ``is_int`` value, a ``torch.SymInt`` kept as it is: int() of one
+    specialises the trace to the value it was traced at (a guard ``s0 == 9``, which torch.export
+    refuses for a dynamic dim). (Dynamo's int() of a symbolic size stays symbolic.)"""
+    return value if isinstance(value, torch.SymInt) else int(value)
 
 
 def check_traced(condition, message: str) -> None:

@@ -21,7 +21,6 @@ textbook formula (``fused_attn.reference.rotary``).
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
@@ -32,7 +31,7 @@ from .backends import check_backend_name, resolve_options
 from .functional import (NESTED_ROTARY, _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name,
                          _needs_grad, _shown)
 from .ops import RotaryFunction, inference_call_ok, rotary_inference, why_differentiated
-from .ops_common import check_traced, elements_may_overlap, known_true
+from .ops_common import as_int, check_traced, elements_may_overlap, is_int, known_true
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
@@ -98,8 +97,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
                          "or cu_seqlens")
     x4 = x.unsqueeze(0) if x.dim() == 3 else x  # (B, L, H, D); packed or a flat (total, H, D): B = 1
     B, L = x4.shape[:2]
-    int_offset = (isinstance(seqlen_offsets, numbers.Integral) and not isinstance(seqlen_offsets, bool)
-                  and position_ids is None)
+    int_offset = is_int(seqlen_offsets) and position_ids is None
     # An int offset is checked before the positions are formed from it (an int past int64 overflowed
     # there): known without reading a tensor, in full for (B, L, H, D) x; packed, each sequence's
     # first token must sit on a row (the rest: check_positions).
@@ -233,7 +231,7 @@ def check_tables(cos, sin, x: Tensor, names=("cos", "sin", "x")) -> int:
 
 
 def _is_zero(offsets) -> bool:
-    return isinstance(offsets, numbers.Integral) and not isinstance(offsets, bool) and offsets == 0
+    return is_int(offsets) and known_true(offsets == 0)  # (a traced size it cannot decide: not 0)
 
 
 def _offset_positions(seqlen_offsets, B: int, L: int, device) -> Tensor:
@@ -242,16 +240,16 @@ def _offset_positions(seqlen_offsets, B: int, L: int, device) -> Tensor:
     if isinstance(seqlen_offsets, Tensor):
         _check_index_tensor("seqlen_offsets", seqlen_offsets, B, device, ref="x")
         return seqlen_offsets.long()[:, None] + steps
-    if isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral):
+    if not is_int(seqlen_offsets):
         raise TypeError(f"seqlen_offsets must be an int or an int32/int64 ({B},) tensor, got "
                         f"{type(seqlen_offsets).__name__}")
-    return (steps + int(seqlen_offsets)).expand(B, L)
+    return (steps + as_int(seqlen_offsets)).expand(B, L)
 
 
 def _check_max_seqlen(max_seqlen) -> None:
     if max_seqlen is None:
         return
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+    if not is_int(max_seqlen):
         raise TypeError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
@@ -279,11 +277,11 @@ def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device
     if isinstance(seqlen_offsets, Tensor):
         _check_index_tensor("seqlen_offsets", seqlen_offsets, batch, device, ref="x")
         positions = positions + seqlen_offsets.long()[seq]
-    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral):
+    elif not is_int(seqlen_offsets):
         raise TypeError(f"seqlen_offsets must be an int or an int32/int64 ({batch},) tensor, got "
                         f"{type(seqlen_offsets).__name__}")
-    elif seqlen_offsets:
-        positions = positions + int(seqlen_offsets)
+    elif isinstance(seqlen_offsets, torch.SymInt) or seqlen_offsets:  # (a traced one added: no guard on it)
+        positions = positions + as_int(seqlen_offsets)
     return positions[None]
 
 

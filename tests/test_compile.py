@@ -668,6 +668,69 @@ def test_swapped_encoder_padded_positions_under_compile_are_torchs():
     torch.testing.assert_close(fused_compiled, torch_compiled, atol=1e-5, rtol=1e-4)
 
 
+def test_packed_transformer_exports_non_strict_with_a_symbolic_max_seqlen():
+    """Default (non-strict) torch.export hands ``max_seqlen=x.shape[0]`` over as a torch.SymInt,
+    which is no numbers.Integral: the int checks refused it ("max_seqlen must be an int or None,
+    got s77") where strict export, whose sizes pass for ints, took it. The exported program gives
+    the eager output at a new total length."""
+    from torch.export import Dim
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = M.Transformer(D, H, 1, causal=True).eval()
+
+        def forward(self, x, cu):
+            return self.model(x, cu_seqlens=cu, max_seqlen=x.shape[0])
+
+    model = Packed()
+    (x,) = make_inputs((9, D), seed=1, requires_grad=False)
+    program = torch.export.export(model, (x, torch.tensor([0, 4, 9], dtype=torch.int32)),
+                                  dynamic_shapes=({0: Dim("total")}, None))
+    (y,) = make_inputs((13, D), seed=2, requires_grad=False)
+    cu = torch.tensor([0, 6, 13], dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(y, cu), model(y, cu))
+
+
+def test_symbolic_offsets_and_lengths_export_non_strict():
+    """Sizes of a non-strict export are torch.SymInts: ``apply_rotary_emb(seqlen_offsets=
+    past.shape[1])`` and ``attention_with_kvcache(cache_seqlens=past.shape[1])`` refused them
+    ("must be an int ... got SymInt"), and a decoding step with a symbolic query length failed
+    though the caller passed no max_seqlen (attention_with_kvcache handed its own Lq to
+    attention_varlen). Now they export, nothing specialised: right at other lengths."""
+    from torch.export import Dim
+
+    class Rotary(nn.Module):
+        def forward(self, x, past):
+            return F.apply_rotary_emb(x, _ROT_COS, _ROT_SIN, seqlen_offsets=past.shape[1])
+
+    class Decode(nn.Module):
+        def forward(self, q, k_cache, v_cache, k, v, past):
+            return F.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=past.shape[1], causal=True)
+
+    length, offset = Dim("length", max=6), Dim("offset", max=10)
+    x, past = torch.randn(2, 3, 2, 8), torch.zeros(1, 5)
+    program = torch.export.export(Rotary(), (x, past), dynamic_shapes=({1: length}, {1: offset}))
+    for n, p in ((6, 10), (2, 0)):  # (an offset of 0: the export saw 5, and specialised nothing)
+        x, past = torch.randn(2, n, 2, 8), torch.zeros(1, p)
+        assert torch.equal(program.module()(x, past), Rotary()(x, past))
+
+    def decode_inputs(n, seed):
+        return make_inputs((2, n, 4, 8), (2, 16, 2, 8), (2, 16, 2, 8), (2, n, 2, 8), (2, n, 2, 8), seed=seed,
+                           requires_grad=False)
+
+    with torch.no_grad():
+        program = torch.export.export(Decode(), (*decode_inputs(3, 0), torch.zeros(1, 5)),
+                                      dynamic_shapes=({1: length}, None, None, {1: length}, {1: length}, {1: offset}))
+        for n, p in ((1, 10), (4, 2)):
+            inputs, expected = decode_inputs(n, n), decode_inputs(n, n)
+            torch.testing.assert_close(program.module()(*inputs, torch.zeros(1, p)),
+                                       Decode()(*expected, torch.zeros(1, p)), atol=0, rtol=0)
+            assert torch.equal(inputs[1], expected[1]) and torch.equal(inputs[2], expected[2])  # the caches written
+
+
 def test_rotary_exports_strict_with_a_dynamic_length():
     """Strict export (Dynamo) of apply_rotary_emb with a symbolic length crashed on the offset
     bound's ``torch._check(..., lambda: message)`` (a callable message of an undecided condition:

@@ -56,6 +56,7 @@ from .. import _rng
 from .. import reference as R
 from ..functional import (_draw_rng, _finite, _shown, apply_rotary_emb, attention, attention_varlen,
                           attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
+from ..ops_common import as_int, is_int
 from ._shapes import check_shapes
 from ._stand_in import StandInModules
 
@@ -487,12 +488,12 @@ class RotaryEmbedding(torch.nn.Module):
         if kv is not None and (not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2):
             raise ValueError(f"kv must have shape (B, L, 2, Hkv, D), got "
                              f"{tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__}")
-        if isinstance(seqlen_offset, numbers.Integral) and not isinstance(seqlen_offset, bool):
-            seqlen_offset = int(seqlen_offset)
+        if is_int(seqlen_offset):  # (numpy ints too; a traced SymInt kept: int() would specialise it)
+            seqlen_offset = as_int(seqlen_offset)
         seqlen = qkv.shape[1]
         if max_seqlen is not None:
             self._update_cos_sin_cache(max_seqlen, device=qkv.device, dtype=qkv.dtype)
-        elif isinstance(seqlen_offset, int):
+        elif is_int(seqlen_offset):
             self._update_cos_sin_cache(seqlen + seqlen_offset, device=qkv.device, dtype=qkv.dtype)
         elif self._cos_cached is None:
             raise ValueError("seqlen_offset as a tensor needs max_seqlen (the tables' length) on the first call")

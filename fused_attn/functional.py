@@ -972,6 +972,15 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         _check_tensor("v", v, ndim=4, nested=NESTED_KVCACHE)
         _check_same("q", q, {"k": k, "v": v})
     compiling = torch.compiler.is_compiling()
+    if not compiling and torch._C._get_tracing_state() is not None:
+        # An eager call reads cache_seqlens on the host (to check them, and to size the attention):
+        # a torch.jit.trace would hold the lengths of the trace's inputs as constants and be wrong
+        # at every other cache length (and its own check_trace fails, the cache having grown).
+        raise RuntimeError("attention_with_kvcache (the modules' kv_cache decoding) cannot be traced with "
+                           "torch.jit.trace: the lengths in cache_seqlens are read on the host, and the trace "
+                           "would keep those of its example inputs, wrong at any other cache length. Use "
+                           "torch.export or torch.compile, whose graphs keep cache_seqlens a tensor (checked "
+                           "when the graph runs).")
     B, Lq, Hq, D = q.shape
     slots, rows, Hkv, k_dim = k_cache.shape  # slots: cache rows or pages; rows: Lmax or the page size
     Dv = v_cache.shape[-1]

@@ -747,3 +747,30 @@ def test_rotary_exports_strict_with_a_dynamic_length():
                                                                                          None, None), strict=True)
     x = torch.randn(2, 13, 2, 8)
     assert torch.equal(program.module()(x, _ROT_COS, _ROT_SIN), Rotary()(x, _ROT_COS, _ROT_SIN))
+
+
+def test_jit_trace_of_a_decoding_step_refuses_clearly():
+    """torch.jit.trace of a kv_cache decoding step failed with "max_seqlen_q must be an int or None,
+    got tensor(1)", an argument the caller never passed; past it, the trace would hold the cache
+    lengths read on the host at trace time (wrong at any other cache length, on the reference
+    backend for one). It now refuses, saying why and what to use (README, TorchScript)."""
+    import warnings
+
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.attention = M.MultiHeadAttention(D, H, causal=True).eval()
+
+        def forward(self, x, k, v, seqlens):
+            cache = fused_attn.KVCache.__new__(fused_attn.KVCache)
+            cache.k, cache.v, cache.seqlens = k, v, seqlens
+            cache.leftpad, cache.padded = torch.zeros_like(seqlens), False
+            return self.attention(x, kv_cache=cache)
+
+    inputs = (torch.randn(2, 1, D), torch.zeros(2, 16, H, D // H), torch.zeros(2, 16, H, D // H),
+              torch.tensor([3, 3], dtype=torch.int32))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="cannot be traced with torch.jit.trace.*torch.export"):
+            torch.jit.trace(Step(), inputs)

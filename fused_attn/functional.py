@@ -24,7 +24,7 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   _forward_mode_on, _stack, _transform_needs_autograd, differentiated, why_differentiated)
 from .ops_common import (ALIGNMENTS, as_int, attention_band, check_block_table, check_traced, check_varlen_bounds,
                          elements_may_overlap, first_page_out_of_range, gather_kv_pages, grad_recording, is_int,
-                         known_true, pages_out_of_range, paged_layout, tensors_may_share_memory)
+                         known_true, no_data, pages_out_of_range, paged_layout, tensors_may_share_memory)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -317,9 +317,10 @@ def _counter_dropout(t: Tensor, p) -> Tensor:
     if _distributed(t):
         return torch.nn.functional.dropout(t, p)
     rng = _draw_rng(p, None)
-    if compiling:
-        # 0-dim int64 tensors give the ints' bits (_rng.row_keys); no host read in a graph, and on
-        # t's device (a CPU scalar next to device tensors is not every compiler's case)
+    if compiling or no_data(t):
+        # 0-dim int64 tensors give the ints' bits (_rng.row_keys); no host read in a graph (nor of
+        # a fake pair, which has no values), and on t's device (a CPU scalar next to device
+        # tensors is not every compiler's case)
         rng = rng.to(t.device)
         return _rng.apply_dropout(t, p, rng[0], rng[1])
     return _rng.apply_dropout(t, p, *_rng.seed_offset(rng))  # (vmap: seed_offset reads a batched pair)
@@ -674,7 +675,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` of k and v; it attends only within itself.
             They must start at 0, never decrease, and end at total_q / total_k.
         max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine). None reads them
-            from cu_seqlens (a device sync); under torch.compile they must be given.
+            from cu_seqlens (a device sync); under torch.compile they must be given. (Meta and fake
+            tensors, shapes without data, take torch.compile's path, nothing read: None is then
+            bounded by the total length.)
         seqused_k: int32/int64 (B,) or None: sequence s uses only the first ``seqused_k[s]`` keys of
             its rows ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` (FlashAttention 3's ``seqused_k``): a
             padded KV cache of B slots with ragged lengths, ``cu_seqlens_k = arange(B + 1) * slot``.
@@ -749,8 +752,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                 " (attention, with an (Lq, Lk) bias per head, gives learnable slopes their gradient)")
     sinks = _check_sinks(sinks, Hq, device)
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
-    # it runs (``checked`` False), since nothing can be read on the host at trace time.
-    checked = not compiling
+    # it runs (``checked`` False), since nothing can be read on the host at trace time. Meta and
+    # fake tensors hold no values to read either (``no_data``): they take the traced path, shapes only.
+    checked = not (compiling or no_data(q))
     trusted = checked and _checked_used_k is not None
     used_k = _checked_used_k if trusted else None  # the keys each sequence uses, once read and checked
     if paged:  # from here on the cache is seen as packed sequences of the table's rows
@@ -772,8 +776,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     elif checked:
         max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
                                                          max_seqlen_k, seqused_k, used_k)
-    else:  # (a traced SymInt kept: int() would specialise the graph to its length)
-        max_seqlen_q, max_seqlen_k = as_int(max_seqlen_q), as_int(max_seqlen_k)
+    else:  # (no data and no max_seqlen: the longest sequence is at most all the rows, a bound is all shapes need;
+        # a traced SymInt kept: int() would specialise the graph to its length)
+        max_seqlen_q = total_q if max_seqlen_q is None else as_int(max_seqlen_q)
+        max_seqlen_k = (block_table.shape[1] * k.shape[1] if paged else total_k) if max_seqlen_k is None else \
+            as_int(max_seqlen_k)
     check_backend_name(backend)
     name = resolve_options("attention", device, q.dtype, _attention_options(D, Dv, gqa, causal, window_size, dropout_p,
                                                                             softcap, alibi=alibi_slopes, varlen=True),
@@ -943,7 +950,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     Every input is checked before the cache is written, so a refused call changes nothing. Outside
     torch.compile that includes the values of ``cache_seqlens``, ``cache_batch_idx`` and
     ``block_table`` (one small device-to-host copy, the only one of the call: ``attention_varlen``
-    is handed the checked lengths and reads nothing again). Under torch.compile nothing is read on the host: the cache bounds are asserted on
+    is handed the checked lengths and reads nothing again). Under torch.compile (and on meta or fake
+    tensors, which have no values) nothing is read on the host: the cache bounds are asserted on
     the device (``torch._assert_async``: a bad call raises when it runs, on a GPU as a device-side
     assert), and duplicate write targets are not detected.
     """
@@ -981,6 +989,10 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                            "would keep those of its example inputs, wrong at any other cache length. Use "
                            "torch.export or torch.compile, whose graphs keep cache_seqlens a tensor (checked "
                            "when the graph runs).")
+    # Nothing is read on the host under torch.compile, nor from meta or fake tensors (shapes without
+    # data: memory estimates, deferred init), which take the compiled path: the device asserts are
+    # no-ops on them, and so is the cache write.
+    no_read = compiling or no_data(q)
     B, Lq, Hq, D = q.shape
     slots, rows, Hkv, k_dim = k_cache.shape  # slots: cache rows or pages; rows: Lmax or the page size
     Dv = v_cache.shape[-1]
@@ -1059,7 +1071,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     backend = resolve_options("attention", device, q.dtype, _attention_options(
         D, Dv, gqa, causal, window_size, 0.0, softcap, alibi=alibi_slopes, varlen=True), backend)
     lengths = pads = None
-    if not compiling:
+    if not no_read:
         lengths, pads = _check_kvcache_values(cache_seqlens, cache_batch_idx, block_table, new, capacity, slots, rows,
                                               cache_leftpad)
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -1085,7 +1097,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         q, k = _rotate_kvcache(q, k, cache_seqlens, lengths, rotary_cos, rotary_sin, rotary_interleaved,
                                causal or window_size is not None, rotary_backend, compiling)
     if new:
-        if not compiling:
+        if not no_read:
             # New keys, values or queries that are views of the cache's memory (rows copied ahead,
             # a buffer reused) must be read as they were before the write: index_put_ reads its
             # source while it writes (and sees the overlap only of contiguous views), and the
@@ -1094,10 +1106,10 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             q, k, v = (t.clone() if tensors_may_share_memory(t, k_cache) or tensors_may_share_memory(t, v_cache)
                        else t for t in (q, k, v))
         _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity, slots, rows,
-                       compiling)
-    elif compiling:
+                       no_read)
+    elif no_read:
         _assert_kvcache_values(cache_seqlens, cache_batch_idx, 0, capacity, slots)
-    if compiling and cache_leftpad is not None:
+    if no_read and cache_leftpad is not None:
         torch._assert_async(((cache_leftpad >= 0) & (cache_leftpad <= cache_seqlens + new)).all(),
                             "attention_with_kvcache: cache_leftpad must be >= 0 and <= cache_seqlens + Lnew")
     # The attention: attention_varlen on q as B packed sequences of Lq rows, each using its first
@@ -1136,7 +1148,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
             boundaries = boundaries.to(device, non_blocking=True)
             cu_seqlens_k, cu_seqlens_q, used_k = boundaries[:B + 2], boundaries[B + 2:2 * B + 4], boundaries[2 * B + 4:]
     result = attention_varlen(q.reshape(B * Lq, Hq, q.shape[-1]), keys, values, cu_seqlens_q, cu_seqlens_k, Lq,
-                              capacity if compiling else None, causal=causal, window_size=window_size,
+                              capacity if no_read else None, causal=causal, window_size=window_size,
                               alignment="bottom_right", scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
                               sinks=sinks, return_lse=return_lse, seqused_k=used_k, block_table=block_table,
                               backend=backend, _checked_used_k=checked_used_k)
@@ -1339,16 +1351,18 @@ def _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity: int, s
 
 
 def _write_kvcache(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, capacity: int, slots: int,
-                   rows: int, compiling: bool) -> None:
+                   rows: int, no_read: bool) -> None:
     """Sequence b's new key i goes to its position cache_seqlens[b] + i: row that of cache row b
-    (or cache_batch_idx[b]), or row position % page_size of page block_table[b, position // page_size]."""
+    (or cache_batch_idx[b]), or row position % page_size of page block_table[b, position // page_size].
+    ``no_read``: the bounds were not read on the host (torch.compile, meta or fake tensors): they are
+    asserted on the device."""
     batch, new = k.shape[:2]
     position = cache_seqlens.long()[:, None] + torch.arange(new, device=k.device)  # (B, Lnew)
-    if compiling:
+    if no_read:
         _assert_kvcache_values(cache_seqlens, cache_batch_idx, new, capacity, slots)
     if block_table is not None:
         pages = block_table.long().gather(1, (position // rows).clamp(0, block_table.shape[1] - 1))
-        if compiling:
+        if no_read:
             torch._assert_async(((pages >= 0) & (pages < slots)).all(),
                                 "attention_with_kvcache: block_table names a page outside k_cache for the new keys")
         index = (pages, position % rows)

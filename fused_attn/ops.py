@@ -529,6 +529,12 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         raise ValueError(f"block_table is given but the {backend!r} backend reads no paged K/V (it takes packed k "
                          f"and v): gather the pages first (ops_common.gather_kv_pages, as "
                          f"fused_attn.attention_varlen does), or run a backend with paged_kv (triton)")
+    if q.is_meta:
+        # Shapes without data (functional.attention_varlen takes the traced path for them): the
+        # backends loop over the sequences, whose boundaries a meta tensor does not hold; the fake
+        # implementation gives the outputs' shapes, as the registered op does on meta.
+        return _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
+                                          band_hi, bottom_right, dropout_p, scale, rng, backend)
     if not checked:  # a traced call: the boundaries were not readable when it was built
         used_k = None if block_table is None else check_block_table(block_table, k.shape[0], k.shape[1],
                                                                     cu_seqlens_k, seqused_k)
@@ -567,7 +573,7 @@ def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 def _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
                                seqused_k=None, alibi_slopes=None, dlse=None):
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or q.is_meta:  # (meta: shapes only, as forward)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def grad_recording() -> bool:
@@ -58,6 +59,26 @@ def check_traced(condition, message: str) -> None:
         torch._check(condition)
     else:
         torch._check(condition, lambda: message)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
+
+
+def no_data(t: torch.Tensor) -> bool:
+    """Whether ``t`` has no values to read on the host: a meta tensor, or a fake one (a
+    ``FakeTensorMode`` active, or a fake tensor used outside it), as memory estimators and shape
+    probes run a model outside torch.compile. A call on such tensors takes the path a torch.compile
+    trace takes: nothing read on the host (``.tolist()`` raised "Cannot copy out of meta tensor" /
+    DataDependentOutputException), sizes from the shapes and the max_seqlen given, or a bound of
+    it. Never asked under torch.compile (callers test ``is_compiling()`` first: Dynamo would break
+    the graph on the dispatch-mode query). On a plain tensor with no mode active it costs an
+    attribute, a type test and the length of the dispatch-mode stack."""
+    if t.is_meta:
+        return True
+    if type(t) not in _PLAIN_TENSORS and is_fake(t):
+        return True
+    return torch._C._len_torch_dispatch_stack() > 0 and torch._C._get_dispatch_mode(_FAKE_MODE) is not None
 
 
 def empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

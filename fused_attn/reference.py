@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _rng
-from .ops_common import _short, grad_recording, norm_stat_scale
+from .ops_common import _short, grad_recording, no_data, norm_stat_scale
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -183,8 +183,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, dropout_
     (Hq, total_q) log-sum-exp (float32, float64 for float64 inputs). Dropout: sequence s uses
     (seed, offset + Hq * cu_seqlens_q[s]) (``ops_common.varlen_rng_offset``). ``seqused_k``: sequence
     s uses only its first seqused_k[s] keys. ``alibi_slopes``: (Hq,) or (B, Hq), row s for sequence s.
-    ``sinks``: (Hq,) attention-sink logits, in every sequence."""
-    cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
+    ``sinks``: (Hq,) attention-sink logits, in every sequence. (cu_seqlens_q and cu_seqlens_k may
+    also be lists, boundaries read already.)"""
+    cu_q, cu_k = ([int(x) for x in (cu if isinstance(cu, list) else cu.tolist())]
+                  for cu in (cu_seqlens_q, cu_seqlens_k))
     k_end = cu_k[1:] if seqused_k is None else [a + int(n) for a, n in zip(cu_k, seqused_k.tolist())]
     Hq = q.shape[1]
     outs, lses = [], []
@@ -501,7 +503,7 @@ def _check_left_padding(pad, query, kv_cache) -> None:
         raise ValueError(f"key_padding_mask is on {pad.device} but the input is on {query.device}")
     not_left = (pad[:, 1:] & ~pad[:, :-1]).any()  # a pad after a token
     not_empty = (kv_cache.seqlens != 0).any()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or no_data(pad):  # (meta, fake: nothing to read; a no-op there)
         torch._assert_async(~(not_left | not_empty), "kv_cache: key_padding_mask must pad on the left, on the prefill "
                                                      "of an empty cache")
         return
@@ -674,7 +676,7 @@ class MultiHeadAttention(nn.Module):
                 q, k = (rotary(t[None], cos, sin, positions)[0] for t in (q, k))
             causal = self.causal if is_causal is None else is_causal
             p = self.dropout if self.training else 0.0
-            out = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal, p, window_size=self.window_size,
+            out = attention_varlen(q, k, v, bounds, bounds, causal, p, window_size=self.window_size,
                                    alibi_slopes=self.alibi_slopes, sinks=self.sinks)
             return self.out_linear(out.flatten(-2))
         check_batched_call(query, key, value, self.d_model, self.num_heads, key_padding_mask, is_causal, attn_mask)
@@ -720,14 +722,16 @@ def _decode_reference(mha, query, kv_cache):
     q = mha.query_linear(query).unflatten(-1, (mha.num_heads, mha.head_dim))  # (B, L, H, D)
     k = mha.key_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
     v = mha.value_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
-    lengths = kv_cache.seqlens.tolist()
+    if torch.compiler.is_compiling() or not no_data(query):
+        lengths, pads = kv_cache.seqlens.tolist(), kv_cache.leftpad.tolist()
+    else:  # shapes without data (meta, fake): no counts to read; the step as on an empty cache has its shapes
+        lengths, pads = [0] * B, [0] * B
     check_kv_cache_fits(kv_cache, lengths, L)
     if mha.rotary:
         cos, sin = mha.rotary_tables(kv_cache.k.shape[1], query.device)
         positions = torch.tensor(lengths, device=query.device)[:, None] + torch.arange(L, device=query.device)
         q, k = rotary(q, cos, sin, positions), rotary(k, cos, sin, positions)
     outs = []
-    pads = kv_cache.leftpad.tolist()
     for b, n in enumerate(lengths):
         kv_cache.k[b, n:n + L] = k[b]
         kv_cache.v[b, n:n + L] = v[b]
@@ -817,12 +821,16 @@ def check_packed_bounds(query, cu_seqlens, max_seqlen, read: bool = True) -> Opt
     data as ``attention_varlen``'s, then the boundaries read to the host once (one device-to-host
     copy) and returned, for the caller to use without reading them again. Under torch.compile,
     where the host cannot read them, nothing is read unless ``read`` (the call breaks the graph
-    there anyway): None, and the op checks them when it runs."""
+    there anyway): None, and the op checks them when it runs. Meta and fake tensors (shapes without
+    data) have nothing to read: None, or with ``read`` the boundaries of one sequence of every
+    token, [0, total], which give the per-sequence paths the shapes of the real call."""
     compiling = torch.compiler.is_compiling()
     functional_checks()._check_cu_seqlens("cu_seqlens", cu_seqlens, "max_seqlen", max_seqlen, query.device,
                                           compiling, ref="query")
     if compiling and not read:
         return None
+    if not compiling and no_data(query):
+        return [0, query.shape[0]] if read else None
     bounds = cu_seqlens.tolist()
     total = query.shape[0]
     if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):

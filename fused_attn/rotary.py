@@ -31,7 +31,7 @@ from .backends import check_backend_name, resolve_options
 from .functional import (NESTED_ROTARY, _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name,
                          _needs_grad, _shown)
 from .ops import RotaryFunction, inference_call_ok, rotary_inference, why_differentiated
-from .ops_common import as_int, check_traced, elements_may_overlap, is_int, known_true
+from .ops_common import as_int, check_traced, elements_may_overlap, is_int, known_true, no_data
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
@@ -118,14 +118,17 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
                                                          and known_true(seqlen_offsets >= cos.shape[0]))):
         raise ValueError(f"seqlen_offsets = {_shown(seqlen_offsets)} puts each sequence's first token at position "
                          f"{_shown(seqlen_offsets)}, outside the {cos.shape[0]} rows of cos and sin")
+    # Nothing is read on the host under torch.compile, nor from meta or fake tensors (shapes
+    # without data), which take the compiled path: positions asserted on the device (a no-op there).
+    no_read = compiling or no_data(x)
     if position_ids is not None:
         positions = _positions_from_ids(position_ids, x.shape[:-2], x.device)
     elif packed:
-        positions = _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, x.shape[0], x.device, compiling)
+        positions = _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, x.shape[0], x.device, no_read)
     else:
         positions = _offset_positions(seqlen_offsets, B, L, x.device)
     if not (int_offset and not packed):
-        check_positions(positions, cos.shape[0], "the positions", compiling)
+        check_positions(positions, cos.shape[0], "the positions", no_read)
     name = resolve_rotary(x, half, backend)
     if inplace:  # into x through x4 (x itself, or a view of it)
         rotate(x4, cos, sin, positions, interleaved, name, inplace=True)
@@ -196,10 +199,10 @@ def rotate_packed(tensors, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seq
     the tensors (``cu_seqlens`` read and checked once, outside torch.compile), then checked
     against the tables' rows (on the device on a GPU and under torch.compile)."""
     x = tensors[0]
-    compiling = torch.compiler.is_compiling()
+    no_read = torch.compiler.is_compiling() or no_data(x)  # (as in apply_rotary_emb)
     _check_max_seqlen(max_seqlen)
-    positions = _packed_positions(cu_seqlens, 0, max_seqlen, x.shape[0], x.device, compiling)
-    check_positions(positions, cos.shape[0], "the positions", compiling)
+    positions = _packed_positions(cu_seqlens, 0, max_seqlen, x.shape[0], x.device, no_read)
+    check_positions(positions, cos.shape[0], "the positions", no_read)
     name = resolve_rotary(x, cos.shape[1], backend)
     return tuple(rotate(t[None], cos, sin, positions, False, name)[0] for t in tensors)
 
@@ -255,14 +258,16 @@ def _check_max_seqlen(max_seqlen) -> None:
         raise ValueError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
 
 
-def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device, compiling: bool) -> Tensor:
+def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device, no_read: bool) -> Tensor:
     """(1, total) positions of packed sequences: token t of the sequence s holding it is at
-    t - cu_seqlens[s] + seqlen_offsets[s]. Found on the device (searchsorted), no host read."""
+    t - cu_seqlens[s] + seqlen_offsets[s]. Found on the device (searchsorted), no host read; the
+    boundaries are read on the host to be checked unless ``no_read`` (torch.compile, meta or fake
+    tensors: ``apply_rotary_emb``)."""
     _check_index_tensor("cu_seqlens", cu_seqlens, None, device, ref="x")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     batch = cu_seqlens.shape[0] - 1
-    if not compiling:
+    if not no_read:
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
             raise ValueError(f"cu_seqlens must start at 0, never decrease and end at x.shape[0] = {total}, got "
@@ -296,13 +301,13 @@ def _positions_from_ids(position_ids, lead_shape, device) -> Tensor:
     return ids if ids.dim() == 2 else ids[None]
 
 
-def check_positions(positions: Tensor, rows: int, what: str, compiling: bool) -> None:
-    """0 <= every position < rows: read on the host for CPU tensors outside torch.compile, else
-    asserted on the device (no sync). (An empty tensor passes the assert: under torch.compile its
-    size, perhaps unbacked, is not tested.)"""
-    if not compiling and positions.numel() == 0:
+def check_positions(positions: Tensor, rows: int, what: str, no_read: bool) -> None:
+    """0 <= every position < rows: read on the host for CPU tensors, else (and with ``no_read``:
+    torch.compile, meta or fake tensors) asserted on the device (no sync). (An empty tensor passes
+    the assert: under torch.compile its size, perhaps unbacked, is not tested.)"""
+    if not no_read and positions.numel() == 0:
         return
-    if compiling or positions.device.type != "cpu":
+    if no_read or positions.device.type != "cpu":
         torch._assert_async(((positions >= 0) & (positions < rows)).all(),
                             f"apply_rotary_emb: {what} must index the rows of cos and sin")
         return

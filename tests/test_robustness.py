@@ -481,6 +481,99 @@ def test_meta_tensors_give_shapes_forward_and_backward():
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
 
 
+def _shapes_only(kind):
+    """Where tensors have shapes but no data: created on meta, or fake (FakeTensorMode, as memory
+    estimators run a model outside torch.compile)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return torch.device("meta") if kind == "meta" else FakeTensorMode()
+
+
+def _no_data(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.is_meta or is_fake(t)
+
+
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+def test_shapes_without_data_through_the_calls_that_read_lengths(kind):
+    """The calls whose lengths live in tensors (cu_seqlens, cache_seqlens, position_ids, tensor
+    seqlen_offsets) give their output shapes, and gradients of the inputs' shapes, on meta and
+    fake tensors: they take torch.compile's path, which reads nothing on the host (they raised
+    "Cannot copy out of meta tensor" / DataDependentOutputException reading the lengths)."""
+    def grads(out, *inputs):
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        return [tuple(t.grad.shape) for t in inputs]
+
+    with _shapes_only(kind):
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        q, k, v = (torch.empty(7, h, 8, requires_grad=True) for h in (4, 2, 2))
+        for max_seqlen in (4, None):  # (None: nothing to read it from; the total length bounds it)
+            out = F.attention_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True, dropout_p=0.1)
+            assert _no_data(out) and out.shape == (7, 4, 8)
+            assert grads(out, q, k, v) == [(7, 4, 8), (7, 2, 8), (7, 2, 8)]
+            q.grad = k.grad = v.grad = None
+        out, lse = F.attention_varlen(q, k, v, cu, cu, seqused_k=torch.tensor([2, 3], dtype=torch.int32),
+                                      return_lse=True)
+        assert out.shape == (7, 4, 8) and lse.shape == (4, 7)
+        with torch.no_grad():
+            pages = torch.empty(3, 4, 2, 8)
+            table = torch.zeros(2, 2, dtype=torch.int32)
+            assert F.attention_varlen(q, pages, pages, cu, cu, block_table=table).shape == (7, 4, 8)
+            qd, cache, new = torch.empty(2, 1, 4, 8), torch.empty(2, 16, 2, 8), torch.empty(2, 1, 2, 8)
+            lengths = torch.tensor([3, 4], dtype=torch.int32)
+            tables = torch.empty(32, 4)
+            for options in (dict(cache_seqlens=3), dict(cache_seqlens=lengths),
+                            dict(cache_seqlens=lengths, cache_leftpad=torch.tensor([1, 0], dtype=torch.int32)),
+                            dict(cache_seqlens=3, cache_batch_idx=torch.tensor([1, 0], dtype=torch.int32)),
+                            dict(cache_seqlens=lengths, rotary_cos=tables, rotary_sin=tables, causal=True)):
+                out = F.attention_with_kvcache(qd, cache, cache.clone(), new, new, **options)
+                assert _no_data(out) and out.shape == (2, 1, 4, 8), options
+            out = F.attention_with_kvcache(qd, pages, pages.clone(), new, new, cache_seqlens=lengths,
+                                           block_table=table.clone(), return_lse=True)
+            assert out[0].shape == (2, 1, 4, 8) and out[1].shape == (2, 4, 1)
+            assert F.attention_with_kvcache(qd, cache, cache, cache_seqlens=3).shape == (2, 1, 4, 8)
+        cos = torch.empty(16, 4)
+        x = torch.empty(7, 2, 8, requires_grad=True)
+        for options in (dict(cu_seqlens=cu), dict(cu_seqlens=cu, max_seqlen=4),
+                        dict(position_ids=torch.zeros(7, dtype=torch.long))):
+            out = F.apply_rotary_emb(x, cos, cos, **options)
+            assert _no_data(out) and out.shape == (7, 2, 8), options
+            assert grads(out, x) == [(7, 2, 8)]
+            x.grad = None
+        x4 = torch.empty(2, 5, 2, 8, requires_grad=True)
+        out = F.apply_rotary_emb(x4, cos, cos, seqlen_offsets=torch.tensor([1, 2]))
+        assert out.shape == (2, 5, 2, 8) and grads(out, x4) == [(2, 5, 2, 8)]
+
+
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+@pytest.mark.parametrize("module", ["fused", "reference"])
+def test_shapes_without_data_through_packed_and_decoding_modules(kind, module):
+    """A Transformer built on meta (or under FakeTensorMode) runs packed sequences, forward and
+    backward (learnable ALiBi's per-sequence path included), and decodes with a KV cache (a
+    left-padded prefill included), fused and reference modules alike; they raised reading
+    cu_seqlens and the cache's counts."""
+    import fused_attn
+
+    cls = fused_attn.Transformer if module == "fused" else R.Transformer
+    with _shapes_only(kind):
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+        for options in (dict(rotary=True, dropout=0.1), dict(alibi="learnable", sinks=True)):
+            model = cls(16, 2, 2, d_ff=32, num_kv_heads=1, causal=True, **options)
+            for max_seqlen in (3, None):
+                out = model(torch.empty(5, 16), cu_seqlens=cu, max_seqlen=max_seqlen)
+                assert _no_data(out) and out.shape == (5, 16), options
+                out.sum().backward()
+                assert all(p.grad.shape == p.shape for p in model.parameters()), options
+            model.eval()
+            with torch.no_grad():
+                cache = model.new_kv_cache(2, 8)
+                prompt_pad = torch.tensor([[True, False, False], [False, False, False]])
+                assert model(torch.empty(2, 3, 16), kv_cache=cache, key_padding_mask=prompt_pad).shape == (2, 3, 16)
+                out = model(torch.empty(2, 1, 16), kv_cache=cache)
+                assert _no_data(out) and out.shape == (2, 1, 16), options
+
+
 @pytest.mark.parametrize("device,backend", ATTN)
 def test_inference_mode_with_grad_enabled_records_nothing(device, backend):
     """``torch.enable_grad()`` inside ``torch.inference_mode()`` (validation loops that turn grad

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .backends import check_backend_name, get_backend, resolve_options
 from . import _rng, reference
@@ -288,15 +289,32 @@ def _distinct(*tensors):
     return out
 
 
-def _draw_rng(dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
+def _draw_rng(dropout_p: float, generator: Optional[torch.Generator], like: Tensor) -> Optional[Tensor]:
     """[seed, offset] for the counter-based dropout RNG, an int64 CPU tensor (the ops read it on
     the host and pass the two numbers to the kernels), drawn from torch's default CPU generator or
     the given one (``_check_generator``). A generator of another device (CUDA's) is drawn from on
     its own device, as torch's ops draw from one (torch.randint takes a generator only of the
     device it draws on), and the pair copied to the host: that copy waits for the device, one
-    sync a call, which a CPU generator (or none) does not cost."""
+    sync a call, which a CPU generator (or none) does not cost.
+
+    ``like``: the call's input. Shapes without data draw nothing, as torch's dropout and SDPA draw
+    nothing on them: on meta a placeholder pair (a shape probe advanced the generator, so a seeded
+    run after it dropped other elements); a fake tensor's pair is drawn in its FakeTensorMode,
+    which advances no generator (under an active mode torch.randint does that by itself; outside
+    it, a real pair next to fake tensors failed the op)."""
     if dropout_p == 0.0:
         return None
+    if like.is_meta:
+        return torch.zeros(2, dtype=torch.int64, device="cpu")  # (cpu: also under torch.device("meta"))
+    if (type(like) is not Tensor and type(like) is not torch.nn.Parameter and not torch.compiler.is_compiling()
+            and is_fake(like) and not torch._C._len_torch_dispatch_stack()):
+        with like.fake_mode:
+            return _draw_pair(generator)
+    return _draw_pair(generator)
+
+
+def _draw_pair(generator: Optional[torch.Generator]) -> Tensor:
+    """``_draw_rng``'s pair, drawn from the generator (torch's default CPU one for None)."""
     if generator is None or generator.device.type == "cpu":
         return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=generator.device).cpu()
@@ -316,7 +334,7 @@ def _counter_dropout(t: Tensor, p) -> Tensor:
         return t
     if _distributed(t):
         return torch.nn.functional.dropout(t, p)
-    rng = _draw_rng(p, None)
+    rng = _draw_rng(p, None, t)
     if compiling or no_data(t):
         # 0-dim int64 tensors give the ints' bits (_rng.row_keys); no host read in a graph (nor of
         # a fake pair, which has no values), and on t's device (a CPU scalar next to device
@@ -639,7 +657,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
     if compiling:
         q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
-    rng = _draw_rng(dropout_p, generator) if _rng is None or dropout_p == 0.0 else _rng
+    rng = _draw_rng(dropout_p, generator, q) if _rng is None or dropout_p == 0.0 else _rng
     args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, name, softcap, alibi_slopes,
             alignment == "bottom_right")
     want_lse = return_lse or sinks is not None
@@ -795,7 +813,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if compiling:
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator), name, softcap, seqused_k,
+            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator, q), name, softcap, seqused_k,
             checked, alibi_slopes)
     want_lse = return_lse or sinks is not None
     if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table):
@@ -1594,7 +1612,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
     store_summed = prenorm or needs_grad
     if compiling:
         x, residual, weight, bias = _distinct(x, residual, weight, bias)
-    args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator),
+    args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator, x),
             name, store_summed)
     if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference (plain tensors)
         out, summed = layer_norm_residual_inference(*args)
@@ -1748,7 +1766,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
     name = resolve_options("feed_forward", x.device, x.dtype, options, backend)
     if compiling:
         x, w1, b1, w2, b2, w1_up, b1_up = _distinct(x, w1, b1, w2, b2, w1_up, b1_up)
-    args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator), name)
+    args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator, x), name)
     # (plain tensors only pass _eager_inference: a DTensor goes on to the _distributed test)
     if w1_up is not None:
         if _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):

@@ -179,7 +179,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         paths drop the same elements and draw the same from torch's generator. (Each call drew its
         own seed: an output that depended on grad mode, so reentrant checkpointing, whose first
         forward runs under no_grad, recomputed other masks and returned wrong gradients.)"""
-        rng = _draw_rng(p, None)  # (None without dropout)
+        rng = _draw_rng(p, None, q)  # (None without dropout)
         outs = []
         for a, b in zip(bounds, bounds[1:]):
             if a == b:  # (an empty sequence has no rows)

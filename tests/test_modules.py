@@ -958,7 +958,7 @@ def test_packed_learnable_alibi_per_sequence_dropout_is_varlens(backend):
     torch.manual_seed(3)
     expected = F.attention_varlen(q, k, v, cu, cu, **options)
     torch.manual_seed(3)
-    rng = F._draw_rng(0.4, None)
+    rng = F._draw_rng(0.4, None, q)
     bounds = cu.tolist()
     outs = [F.attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), _rng=rng + torch.tensor([0, Hq * a]),
                         **options)[0].transpose(0, 1) for a, b in zip(bounds, bounds[1:]) if a < b]

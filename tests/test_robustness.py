@@ -574,6 +574,45 @@ def test_shapes_without_data_through_packed_and_decoding_modules(kind, module):
                 assert _no_data(out) and out.shape == (2, 1, 16), options
 
 
+def test_shapes_without_data_draw_no_dropout_seed():
+    """A dropout call on meta or fake tensors leaves torch's generator as it was, as torch's
+    dropout and SDPA do there (a shape probe before a seeded run changed the run's masks); a
+    functional call on fake tensors used outside their FakeTensorMode gets a fake seed (a real one
+    failed the op)."""
+    import fused_attn
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def calls():
+        q = torch.empty(2, 4, 5, 8)
+        x, w1, w2 = torch.empty(3, 8), torch.empty(32, 8), torch.empty(8, 32)
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        packed = torch.empty(7, 4, 8)
+        model = fused_attn.Transformer(16, 2, 1, d_ff=32, dropout=0.1, norm_first=True)
+        tokens, cu_tokens = torch.empty(2, 5, 16), torch.tensor([0, 2, 5], dtype=torch.int32)
+        return [lambda: F.attention(q, q, q, dropout_p=0.1),
+                lambda: F.attention(q, q, q, dropout_p=0.1, generator=torch.Generator()),
+                lambda: F.attention_varlen(packed, packed, packed, cu, cu, 4, 4, dropout_p=0.1),
+                lambda: F.layer_norm_residual(x, x, dropout_p=0.2),
+                lambda: F.feed_forward(x, w1, None, w2, None, dropout_p=0.1),
+                lambda: model(tokens),
+                lambda: model(tokens[0], cu_seqlens=cu_tokens)]
+
+    for kind in ("meta", "fake"):
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        with _shapes_only(kind):
+            for i, call in enumerate(calls()):
+                assert _no_data(call()), (kind, i)
+        assert torch.equal(state, torch.get_rng_state()), kind
+    with FakeTensorMode():
+        outside = calls()
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    for i, call in enumerate(outside[:5]):  # (the functional calls: a module makes tensors of its own, real there)
+        assert _no_data(call()), i
+    assert torch.equal(state, torch.get_rng_state())
+
+
 @pytest.mark.parametrize("device,backend", ATTN)
 def test_inference_mode_with_grad_enabled_records_nothing(device, backend):
     """``torch.enable_grad()`` inside ``torch.inference_mode()`` (validation loops that turn grad

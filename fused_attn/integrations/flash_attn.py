@@ -202,12 +202,13 @@ def _rng_state():
     return torch.random.get_rng_state()
 
 
-def _redraw(state, dropout_p) -> Tensor:
-    """The (seed, offset) the call drew from ``state``, redrawn; the generator is left as the call left it."""
+def _redraw(state, dropout_p, like: Tensor) -> Tensor:
+    """The (seed, offset) the call on ``like`` drew from ``state``, redrawn; the generator is left as
+    the call left it."""
     after = torch.random.get_rng_state()
     torch.random.set_rng_state(state)
     try:
-        return _draw_rng(dropout_p, None)
+        return _draw_rng(dropout_p, None, like)
     finally:
         torch.random.set_rng_state(after)
 
@@ -237,7 +238,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if not return_attn_probs:
         return _bhld(result)
     out, lse = result
-    s_dmask = _dropout_probs(qh, kh, opts, _redraw(state, dropout_p)) if probs_wanted else q.new_empty(0)
+    s_dmask = _dropout_probs(qh, kh, opts, _redraw(state, dropout_p, qh)) if probs_wanted else q.new_empty(0)
     return _bhld(out), lse, s_dmask
 
 
@@ -283,7 +284,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if block_table is not None:
             raise ValueError("return_attn_probs with dropout_p > 0 and a block_table: S_dmask is a test aid of "
                              "packed (unpaged) calls")
-        rng = _redraw(state, dropout_p)
+        rng = _redraw(state, dropout_p, q)
         cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         Hq = q.shape[1]
         s_dmask = q.new_zeros(len(cu_q) - 1, Hq, int(max_seqlen_q), int(max_seqlen_k), dtype=torch.float32)
@@ -563,7 +564,7 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     if return_dropout_mask:
         mask = None
         if mask_wanted:
-            rng = _redraw(state, dropout_p)
+            rng = _redraw(state, dropout_p, x)
             d = x.shape[-1]
             mask = _rng.keep_mask(int(rng[0]), int(rng[1]), dropout_p, x.numel() // max(d, 1), d,
                                   device=x.device).view(x.shape)

@@ -356,6 +356,23 @@ def tensors_may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.numel() == 0 or b.numel() == 0:
         return False
+    # The rest is a pure function of the two layouts (pointers, shapes, strides, element sizes) and
+    # costs ~5 us in Python: the packed cache's halves ask it on every decoding step, so the verdicts
+    # are memoised (cleared past 256 layouts, which a model's few caches never reach).
+    key = (a.data_ptr(), a.shape, a.stride(), a.element_size(), b.data_ptr(), b.shape, b.stride(), b.element_size())
+    verdict = _SHARE_MEMO.get(key)
+    if verdict is None:
+        if len(_SHARE_MEMO) >= 256:
+            _SHARE_MEMO.clear()
+        verdict = _SHARE_MEMO[key] = _layouts_may_share_memory(a, b)
+    return verdict
+
+
+_SHARE_MEMO: dict = {}
+
+
+def _layouts_may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """tensors_may_share_memory's test on the byte spans and layouts of two non-empty tensors."""
     size = a.element_size()
     first_a, first_b = a.data_ptr(), b.data_ptr()
     end_a = first_a + size * (1 + sum((n - 1) * st for n, st in zip(a.shape, a.stride())))

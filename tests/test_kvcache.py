@@ -806,3 +806,16 @@ def test_kvcache_leftpad_is_the_unpadded_cache():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for b, (p, n) in enumerate(zip(pads, lengths)):  # the new keys went after the padded keys
         assert torch.equal(kc[b, n], k[b, 0]) and torch.equal(packed_k[b, n - p], k[b, 0])
+
+
+def test_tensors_may_share_memory_memoised_verdicts():
+    """tensors_may_share_memory memoises its layout test (~5 us, every decoding step of a packed
+    cache): asked twice, overlapping and distinct views of one buffer get the same verdicts."""
+    from fused_attn.ops_common import tensors_may_share_memory
+
+    kv = torch.randn(2, 6, 2, 3, 4)
+    flat = kv.flatten()
+    pairs = [(kv[:, :, 0], kv[:, :, 1], False), (kv[:, :, 0], kv[:, :, 0], True), (flat[:40], flat[30:70], True),
+             (flat[:40], flat[40:80], False), (kv[:, :3, 0], kv[:, 2:, 0], True), (kv[:, :3, 0], kv[:, 3:, 0], False)]
+    for _ in range(2):
+        assert [tensors_may_share_memory(a, b) for a, b, _ in pairs] == [want for *_, want in pairs]

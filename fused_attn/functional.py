@@ -1066,12 +1066,20 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         # a call still local after this steps the queries' RoPE positions (query i at cache_seqlens + i), so
         # (-1, 1000) must rotate as None does. Then an unbounded side facing a bounded one is bounded by the
         # capacity: (2, -1) is (2, capacity), whose right side hides keys from the first Lq - capacity - 1
-        # queries (more queries than the cache holds; a left side of the capacity bounds nothing).
+        # queries (more queries than the cache holds). The same rule on the left is not applied: a left side
+        # of the capacity bounds nothing, as -1 does. With a symbolic capacity or Lq (torch.export), bounding
+        # by the capacity would make a symbolic window, which attention refuses: the rule changes nothing
+        # where Lq <= capacity + 1 (guarded on, as the example inputs have it) and is refused otherwise.
         left, right = (-1 if side >= capacity else side for side in window_size)
-        if left == -1 and right >= 0:
-            left = capacity
-        elif right == -1 and left >= 0:
-            right = capacity
+        if right == -1 and left >= 0:
+            if not isinstance(capacity, torch.SymInt) and not isinstance(Lq, torch.SymInt):
+                right = capacity
+            elif not known_true(Lq <= capacity + 1):
+                raise ValueError(f"window_size={tuple(window_size)!r} with a symbolic cache capacity ({capacity}) "
+                                 f"and {Lq} queries: FlashAttention bounds the right side by the capacity, which "
+                                 f"hides keys when there are more than capacity + 1 queries, as in the example "
+                                 f"inputs, and a traced program cannot follow it. Trace with at most capacity + 1 "
+                                 f"queries, a bounded right side, or no window")
         window_size = None if (left, right) == (-1, -1) else (left, right)
     _check_alibi(alibi_slopes, B, "B", Hq, device)
     _check_sinks(sinks, Hq, device)

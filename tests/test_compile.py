@@ -774,3 +774,40 @@ def test_jit_trace_of_a_decoding_step_refuses_clearly():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="cannot be traced with torch.jit.trace.*torch.export"):
             torch.jit.trace(Step(), inputs)
+
+
+def test_flash_attn_window_exports_with_a_symbolic_key_length():
+    """FlashAttention's window rules compare a side with the keys' length and bound a side by it:
+    with a symbolic length (non-strict export) flash_attn_func's (-1, 1) made a symbolic window
+    that attention refused ("window_size must be None or a pair of ints, got (s25, 1)") and (-1, 5)
+    guarded on the length ("Constraints violated"), and flash_attn_varlen_func, whose SymInt
+    max_seqlen_k failed an Integral test, skipped the rules and was wrong (2.1 off eager with
+    Lq > Lk). With q and k given one Dim no rule changes the mask and the window exports; where
+    the example inputs have Lq > Lk + 1 the rules would, and a symbolic Lk cannot follow them:
+    refused with a ValueError."""
+    from torch.export import Dim
+
+    from fused_attn.integrations import flash_attn as FA
+
+    class Windowed(nn.Module):
+        def __init__(self, window, varlen=False):
+            super().__init__()
+            self.window, self.varlen = window, varlen
+
+        def forward(self, q, k, v, cu_q=None, cu_k=None):
+            if self.varlen:
+                return FA.flash_attn_varlen_func(q, k, v, cu_q, cu_k, q.shape[0], k.shape[0], window_size=self.window)
+            return FA.flash_attn_func(q, k, v, window_size=self.window)
+
+    torch.manual_seed(0)
+    for window in ((-1, 1), (-1, 5)):
+        length = Dim("length", max=64)
+        qkv = [torch.randn(1, 5, 2, 8) for _ in range(3)]
+        program = torch.export.export(Windowed(window), tuple(qkv), dynamic_shapes=({1: length},) * 3)
+        other = [torch.randn(1, 9, 2, 8) for _ in range(3)]
+        torch.testing.assert_close(program.module()(*other), Windowed(window)(*other))
+    q, k = torch.randn(9, 1, 8), torch.randn(3, 1, 8)
+    cu_q, cu_k = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"window_size=\(-1, 5\) with a symbolic key length.*Lq <= Lk \+ 1"):
+        torch.export.export(Windowed((-1, 5), varlen=True), (q, k, k, cu_q, cu_k),
+                            dynamic_shapes=({0: Dim("tq")}, {0: Dim("tk")}, {0: Dim("tk")}, None, None))

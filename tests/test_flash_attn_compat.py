@@ -910,3 +910,15 @@ def test_shape_errors_name_the_callers_arguments_in_its_layout(call, expected):
     with pytest.raises(ValueError) as info:
         call()
     assert str(info.value) == expected
+
+
+def test_varlen_window_on_meta_without_max_seqlen_k():
+    """A windowed flash_attn_varlen_func with max_seqlen_k=None read the longest sequence from
+    cu_seqlens_k for FlashAttention's window rules, which on meta raised "Tensor.item() cannot be
+    called on meta tensors"; it bounds it by the keys' total there (the shapes are those of any
+    window), as attention_varlen does."""
+    q, k, v = (torch.empty(n, 2, 8, device="meta") for n in (9, 7, 7))
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32, device="meta")
+    cu_k = torch.tensor([0, 3, 7], dtype=torch.int32, device="meta")
+    out = FA.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, None, window_size=(2, -1))
+    assert out.shape == (9, 2, 8) and out.is_meta

@@ -56,7 +56,7 @@ from .. import _rng
 from .. import reference as R
 from ..functional import (_draw_rng, _finite, _shown, apply_rotary_emb, attention, attention_varlen,
                           attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
-from ..ops_common import as_int, is_int
+from ..ops_common import as_int, is_int, known_true, no_data
 from ._shapes import check_shapes
 from ._stand_in import StandInModules
 
@@ -75,7 +75,7 @@ FLASH_ATTN_VERSION = "2.8.3+fused_attn"
 # Argument translation
 # ---------------------------------------------------------------------------------------------
 
-def _window(window_size, seqlen_k=None) -> Optional[tuple]:
+def _window(window_size, seqlen_k=None, seqlen_q=None) -> Optional[tuple]:
     """FlashAttention's (left, right), -1 = unbounded, to the window fused_attn's functions apply
     for it (None: no window). ``seqlen_k``: the keys' length FlashAttention's rules use (k's
     seqlen; ``max_seqlen_k`` for varlen); None: no rule applied (the caller applies them).
@@ -89,7 +89,8 @@ def _window(window_size, seqlen_k=None) -> Optional[tuple]:
     (2, -1) becomes (2, Lk), whose right side hides keys from the first Lq - Lk - 1 queries (all
     of them from the first Lq - 2 Lk). (A left side of seqlen_k bounds nothing: it is returned as
     FlashAttention has it.) ``attention_with_kvcache`` applies both rules itself, on the cache's
-    capacity."""
+    capacity. ``seqlen_q``: the queries' length (varlen: ``max_seqlen_q``), used only when
+    ``seqlen_k`` is symbolic (``_symbolic_window``)."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), -1 for an unbounded side, got {window_size!r}")
     left, right = window_size
@@ -97,6 +98,8 @@ def _window(window_size, seqlen_k=None) -> Optional[tuple]:
         # (checked before the (-1, -1) test below, which (-1.0, -1.0) passed)
         raise TypeError(f"window_size must be a pair of ints (left, right), -1 for an unbounded side, got "
                         f"{window_size!r}")
+    if isinstance(seqlen_k, torch.SymInt) and (left, right) != (-1, -1):
+        return _symbolic_window(window_size, seqlen_k, seqlen_q)
     if seqlen_k is not None:
         # (only -1 is unbounded here: other negative sides are left to attention's check to refuse)
         left, right = (-1 if side >= seqlen_k else side for side in (left, right))
@@ -109,20 +112,50 @@ def _window(window_size, seqlen_k=None) -> Optional[tuple]:
     return (left, right)
 
 
-def _max_seqlen(max_seqlen, cu_seqlens, window_size):
+def _symbolic_window(window_size, seqlen_k, seqlen_q) -> tuple:
+    """``_window``'s rules where ``seqlen_k`` is a torch.SymInt (torch.export with a dynamic key
+    length): comparing a side with it would guard on the length (export refuses: "Constraints
+    violated") and bounding a side by it would make a symbolic window (attention refuses it). No
+    rule is needed where none changes the mask. Bottom-right, query i faces key i + Lk - Lq: a
+    left side >= Lk hides nothing, so neither left-side rule changes the mask; a right side r
+    hides keys from query 0 only when Lq > r + 1, so the right-side rules (a side >= Lk made -1,
+    a -1 made Lk) change it only when Lq > Lk + 1, and a right side of 0 only at Lk = 0, where
+    there is no key to hide. Otherwise the window as FlashAttention has it depends on whether
+    Lq > Lk + 1: where the example inputs have Lq <= Lk + 1 the trace guards on it
+    (``known_true``), a guard q and k given one Dim satisfy (a non-strict export does not see them
+    equal while tracing) and that independent Dims turn into a check of the exported program's
+    inputs (torch 2.13: "Guard failed: q.size()[1] <= 1 + k.size()[1]") or an export error. Where
+    they have Lq > Lk + 1: refused. (No shortcut on a right side below the traced Lk: the trace
+    takes a dynamic size to be >= 2, and the program then runs at 1.)"""
+    left, right = window_size
+    if right == 0 or (seqlen_q is not None and is_int(seqlen_q) and known_true(seqlen_q <= seqlen_k + 1)):
+        return (left, right)
+    raise ValueError(
+        f"window_size={tuple(window_size)!r} with a symbolic key length ({seqlen_k}) and query length "
+        f"({seqlen_q}): FlashAttention rewrites the window on the keys' length, which changes the mask only "
+        f"when there are more than Lk + 1 queries, as in the example inputs, and a traced program cannot follow "
+        f"that rewriting with Lk symbolic. Trace with Lq <= Lk + 1 (e.g. q and k given one Dim), a right side "
+        f"of 0, or no window")
+
+
+def _max_seqlen(max_seqlen, cu_seqlens, window_size, q=None, k=None, block_table=None):
     """varlen's ``max_seqlen_k`` for the window rules: as given, or when None (FlashAttention
     requires it; fused_attn reads it from the boundaries) and a window is given, the longest
-    sequence of ``cu_seqlens`` (one read of the boundaries); None where no rule is needed or
-    attention_varlen raises (not an int; None under torch.compile)."""
+    sequence of ``cu_seqlens`` (one read of the boundaries); on meta or fake tensors, which have
+    no boundaries to read, the keys' total (k's rows, or its pages times their rows), as
+    attention_varlen bounds it there (the shapes are those of any window); None where no rule is
+    needed or attention_varlen raises (not an int; None under torch.compile)."""
     if max_seqlen is None:
         if (isinstance(window_size, (tuple, list)) and tuple(window_size) != (-1, -1)
                 and isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1
                 and not torch.compiler.is_compiling()):
+            if isinstance(q, Tensor) and isinstance(k, Tensor) and k.dim() >= 2 and (no_data(q) or no_data(cu_seqlens)):
+                return k.shape[0] * k.shape[1] if block_table is not None else k.shape[0]
             return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return None
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+    if not is_int(max_seqlen):
         return None
-    return int(max_seqlen)
+    return as_int(max_seqlen)  # (a torch.SymInt under export: _window's rules then take _symbolic_window)
 
 
 def _softcap(softcap) -> Optional[float]:
@@ -137,12 +170,12 @@ def _flag(name: str, value) -> None:
 
 
 def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-             return_attn_probs, seqlen_k) -> dict:
+             return_attn_probs, seqlen_k, seqlen_q=None) -> dict:
     """The keyword arguments of fused_attn's attention for FlashAttention's options (``seqlen_k``:
     see ``_window``)."""
     _flag("deterministic", deterministic)  # every fused_attn backward is deterministic already
     _flag("return_attn_probs", return_attn_probs)
-    return dict(causal=causal, window_size=_window(window_size, seqlen_k), alignment="bottom_right",
+    return dict(causal=causal, window_size=_window(window_size, seqlen_k, seqlen_q), alignment="bottom_right",
                 dropout_p=dropout_p, scale=softmax_scale, softcap=_softcap(softcap), alibi_slopes=alibi_slopes,
                 return_lse=return_attn_probs)
 
@@ -230,7 +263,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             raise ValueError(f"{name} must be a 4-D (batch, seqlen, heads, dim) tensor, got {tuple(t.shape)}")
     check_shapes(q, k, v)  # here, in (B, L, H, D): attention's errors would quote the transposed views
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                    return_attn_probs, k.shape[1])
+                    return_attn_probs, k.shape[1], q.shape[1])
     qh, kh, vh = _bhld(q), _bhld(k), _bhld(v)
     probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
     state = _rng_state() if probs_wanted else None
@@ -271,7 +304,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
         _check_varlen_shapes(q, k, v, block_table)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                    return_attn_probs, _max_seqlen(max_seqlen_k, cu_seqlens_k, window_size))
+                    return_attn_probs, _max_seqlen(max_seqlen_k, cu_seqlens_k, window_size, q, k, block_table),
+                    max_seqlen_q)
     probs_wanted = return_attn_probs and isinstance(dropout_p, numbers.Real) and dropout_p > 0.0
     state = _rng_state() if probs_wanted else None
     result = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=block_table,

@@ -704,13 +704,13 @@ def _neg_attention(backend, q, k, v, mask, slopes, return_lse=True):
 
 
 def _neg_varlen(backend, q, k, v, slopes):
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=q.device)
     return F.attention_varlen(q, k, v, cu, cu, 3, 3, alibi_slopes=slopes, causal=True, return_lse=True,
                               backend=backend)
 
 
 def _neg_kvcache(backend, q, k_cache, v_cache, k, v, slopes, cos, sin):
-    out = F.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([1, 3], dtype=torch.int32),
+    out = F.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor([1, 3], dtype=torch.int32, device=q.device),
                                    rotary_cos=cos, rotary_sin=sin, alibi_slopes=slopes, causal=True, backend=backend)
     return out, k_cache, v_cache  # (the caches as written: read through the views when they are ones)
 
@@ -752,12 +752,13 @@ NEG_BIT_CASES = {
 }
 
 
-def _neg_bit_run(backend, name, layout, where):
-    """(outputs, gradients) of case ``name`` with the input ``where`` (an index), or the incoming
-    gradient of output ``("grad", i)``, given as a view with the negative bit; None: all plain."""
+def _neg_bit_run(backend, name, layout, where, device):
+    """(outputs, gradients) of case ``name`` on ``device`` with the input ``where`` (an index), or
+    the incoming gradient of output ``("grad", i)``, given as a view with the negative bit; None:
+    all plain."""
     _, call, make, grads = NEG_BIT_CASES[name]
     torch.manual_seed(0)
-    inputs = [t.requires_grad_(i in grads) for i, t in enumerate(make())]
+    inputs = [t.to(device).requires_grad_(i in grads) for i, t in enumerate(make())]
     given = [_neg_bit(t, layout) if i == where else t for i, t in enumerate(inputs)]
     outs = call(backend, *given)
     outs = list(outs) if isinstance(outs, tuple) else [outs]
@@ -782,10 +783,10 @@ def _neg_bit_params():
 @pytest.mark.parametrize("device,backend,name", _neg_bit_params())
 def test_negative_bit_views_are_read_as_their_values(device, backend, name, layout):
     _, _, make, grads = NEG_BIT_CASES[name]
-    expected = _neg_bit_run("reference", name, layout, None)
+    expected = _neg_bit_run("reference", name, layout, None, device)
     n_outs = len(expected[0]) if grads else 0
     for where in [*range(len(make())), *(("grad", i) for i in range(n_outs))]:
-        outs, grad = _neg_bit_run(backend, name, layout, where)
+        outs, grad = _neg_bit_run(backend, name, layout, where, device)
         for i, (actual, wanted) in enumerate(zip(outs + grad, expected[0] + expected[1])):
             torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{where} given with the negative bit, result {i}: {m}")

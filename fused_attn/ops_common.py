@@ -213,29 +213,35 @@ def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, 
     also be host lists already read (a caller that needs the boundaries itself reads them once)."""
     def host(cu_seqlens):
         return cu_seqlens if isinstance(cu_seqlens, list) else cu_seqlens.tolist()
-    cu = {"cu_seqlens_q": (host(cu_seqlens_q), total_q)}
+    lengths_q = check_cumulative("cu_seqlens_q", host(cu_seqlens_q), total_q)
     if used_k is None:
-        cu["cu_seqlens_k"] = (host(cu_seqlens_k), total_k)
-    for name, (values, total) in cu.items():
-        if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{name} must start at 0, never decrease and end at the total length {total}, "
-                             f"got {_short(values)}")
-    lengths_q = [b - a for a, b in zip(cu["cu_seqlens_q"][0], cu["cu_seqlens_q"][0][1:])]
-    if used_k is None:
-        used_k = _used_keys([b - a for a, b in zip(cu["cu_seqlens_k"][0], cu["cu_seqlens_k"][0][1:])], seqused_k)
-    lengths_k = used_k
-    out = []
-    for max_name, name, max_seqlen, lengths in (("max_seqlen_q", "cu_seqlens_q", max_seqlen_q, lengths_q),
-                                                ("max_seqlen_k", "cu_seqlens_k", max_seqlen_k, lengths_k)):
-        longest = max(lengths, default=0)
-        if max_seqlen is not None and max_seqlen < longest:
-            raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest sequence in {name} ({longest})")
-        # The lengths are read anyway, so the kernels get the true longest, not the bound: a model's
-        # context length passed with every short batch would otherwise size the Triton grid (and
-        # the split-KV plan) for sequences that are not there. No result depends on it (the
-        # dropout offsets come from cu_seqlens_q), only the launch.
-        out.append(longest)
-    return out[0], out[1]
+        used_k = _used_keys(check_cumulative("cu_seqlens_k", host(cu_seqlens_k), total_k), seqused_k)
+    # The lengths are read anyway, so the kernels get the true longest, not the bound: a model's
+    # context length passed with every short batch would otherwise size the Triton grid (and the
+    # split-KV plan) for sequences that are not there. No result depends on it (the dropout offsets
+    # come from cu_seqlens_q), only the launch.
+    return (check_longest("max_seqlen_q", max_seqlen_q, lengths_q, "cu_seqlens_q"),
+            check_longest("max_seqlen_k", max_seqlen_k, used_k, "cu_seqlens_k"))
+
+
+def check_cumulative(name: str, values: list, total: int, total_is: str = "") -> list:
+    """Cumulative lengths read on the host (a cu_seqlens, (B + 1) entries): they start at 0, never
+    decrease and end at ``total`` (``total_is``: what that total is, for the message); returns the
+    B lengths. The one check of every packed call (``check_varlen_bounds``, the modules' packed
+    calls, the packed rotary embedding), raising ValueError naming the argument."""
+    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must start at 0, never decrease and end at the total length {total}{total_is}, "
+                         f"got {_short(values)}")
+    return [b - a for a, b in zip(values, values[1:])]
+
+
+def check_longest(max_name: str, max_seqlen, lengths: list, name: str) -> int:
+    """The longest of ``lengths`` (those of cumulative lengths ``name``), which ``max_seqlen`` (None:
+    not given) must bound; ValueError naming ``max_name`` otherwise."""
+    longest = max(lengths, default=0)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest sequence in {name} ({longest})")
+    return longest
 
 
 # A paged KV cache (FlashAttention's / vLLM's ``block_table``): K and V are (num_pages, page_size,

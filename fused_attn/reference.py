@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _rng
-from .ops_common import _short, grad_recording, no_data, norm_stat_scale
+from .ops_common import check_cumulative, check_longest, grad_recording, no_data, norm_stat_scale
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -832,13 +832,8 @@ def check_packed_bounds(query, cu_seqlens, max_seqlen, read: bool = True) -> Opt
     if not compiling and no_data(query):
         return [0, query.shape[0]] if read else None
     bounds = cu_seqlens.tolist()
-    total = query.shape[0]
-    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the total length {total} (the "
-                         f"input's tokens), got {_short(bounds)}")
-    longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
-    if max_seqlen is not None and max_seqlen < longest:
-        raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest sequence in cu_seqlens ({longest})")
+    lengths = check_cumulative("cu_seqlens", bounds, query.shape[0], " (the input's tokens)")
+    check_longest("max_seqlen", max_seqlen, lengths, "cu_seqlens")
     return bounds
 
 

@@ -31,7 +31,8 @@ from .backends import check_backend_name, resolve_options
 from .functional import (NESTED_ROTARY, _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name,
                          _needs_grad, _shown)
 from .ops import RotaryFunction, inference_call_ok, rotary_inference, why_differentiated
-from .ops_common import as_int, check_traced, elements_may_overlap, is_int, known_true, no_data
+from .ops_common import (as_int, check_cumulative, check_longest, check_traced, elements_may_overlap, is_int,
+                         known_true, no_data)
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
@@ -268,13 +269,8 @@ def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device
         raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     batch = cu_seqlens.shape[0] - 1
     if not no_read:
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at x.shape[0] = {total}, got "
-                             f"{bounds}")
-        longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
-        if max_seqlen is not None and max_seqlen < longest:
-            raise ValueError(f"max_seqlen = {max_seqlen} is less than the longest sequence, {longest} tokens")
+        lengths = check_cumulative("cu_seqlens", cu_seqlens.tolist(), total, " (x.shape[0])")
+        check_longest("max_seqlen", max_seqlen, lengths, "cu_seqlens")
     token = torch.arange(total, device=device, dtype=torch.int64)
     cu = cu_seqlens.long()
     seq = torch.searchsorted(cu[1:], token, right=True).clamp_(max=max(batch - 1, 0))  # the sequence of each token

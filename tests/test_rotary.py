@@ -312,7 +312,7 @@ def _bad_calls():
             flat, cos, sin, cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32)), ValueError),
         ("cu_seqlens must start at 0", lambda: fused_attn.apply_rotary_emb(
             flat, cos, sin, cu_seqlens=torch.tensor([0, 3, 2, 5], dtype=torch.int32)), ValueError),
-        ("max_seqlen = 2 is less than", lambda: fused_attn.apply_rotary_emb(flat, cos, sin, cu_seqlens=cu,
+        ("max_seqlen = 2 is shorter than the longest sequence in cu_seqlens (3)", lambda: fused_attn.apply_rotary_emb(flat, cos, sin, cu_seqlens=cu,
                                                                             max_seqlen=2), ValueError),
         ("interleaved must be a bool", lambda: fused_attn.apply_rotary_emb(x, cos, sin, interleaved=1), TypeError),
         ("backend must be one of", lambda: fused_attn.apply_rotary_emb(x, cos, sin, backend="fast"), ValueError),

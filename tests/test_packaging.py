@@ -264,3 +264,16 @@ def test_release_build_has_no_debug_info_unless_asked(monkeypatch, tmp_path):
     assert debug_flags[-1] == "-g0", debug_flags
     assert [f for f in debug if f.startswith("-g")][-1] != "-g0"
     assert [f for f in release if f != "-g0"] == debug
+
+
+def test_build_requirements_admit_the_license_field():
+    """pyproject's `license = "Apache-2.0"` (an SPDX expression, PEP 639) is read only by setuptools 77
+    and newer; older ones stop with "invalid pyproject.toml config: `project.license`". Builds run
+    without isolation (`--no-build-isolation`) use the installed setuptools, so the declared
+    requirement has to say so (a fresh Python 3.11 venv ships setuptools 65)."""
+    tomllib = pytest.importorskip("tomllib")
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(meta["project"]["license"], str)
+    (requirement,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    minimum = requirement.split(">=")[1]
+    assert int(minimum.split(".")[0]) >= 77, requirement

@@ -59,12 +59,45 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
         assert getenv_bool("TRITON_INTERPRET", False) is on
     if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         return
-    assert (not BACKENDS["triton"].unavailable_reasons()) == on
+    from fused_attn.backends.triton import _interpreter_numpy_clash
+
+    assert (not BACKENDS["triton"].unavailable_reasons()) == (on and not _interpreter_numpy_clash())
     if not on:
         q = torch.randn(1, 1, 4, 8)
         with pytest.raises(BackendUnavailableError,
                            match=re.escape(f"TRITON_INTERPRET={value!r} leaves the Triton interpreter off")):
             F.attention(q, q, q, backend="triton")
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, clash", [
+    ("3.6.0", "2.4.6", True), ("3.5.1", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+    ("3.9.0", "2.4.6", False), ("3.10.0", "3.0.0", False)])
+def test_triton_interpreter_that_cannot_run_with_numpy_is_unavailable(monkeypatch, triton_version, numpy_version,
+                                                                         clash):
+    # Triton <= 3.6's interpreter does int(one-element array) for loop bounds, which numpy 2.4
+    # refuses: every banded or ALiBi attention call failed with an InterpreterError deep in
+    # Triton. The backend now says so up front, with the way out.
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from fused_attn.backends import triton as triton_backend_module
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setattr(triton_backend_module, "_interpreter_numpy_clash",
+                        triton_backend_module._interpreter_numpy_clash.__wrapped__)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_resolved", {})
+    reasons = BACKENDS["triton"].unavailable_reasons()
+    if not clash:
+        assert not reasons
+        return
+    assert reasons == [f"the interpreter of triton {triton_version} cannot run with numpy {numpy_version} (it "
+                       "converts one-element arrays to int, which numpy 2.4 refuses; fixed in triton 3.7): "
+                       "install numpy<2.4 or triton>=3.7"]
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(BackendUnavailableError, match=re.escape("install numpy<2.4 or triton>=3.7")):
+        F.attention(q, q, q, causal=True, backend="triton")
 
 
 def test_auto_on_cpu_picks_cpu_or_reference():

@@ -39,6 +39,26 @@ def interpreter_enabled() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _interpreter_numpy_clash() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels with this numpy, or None. Triton 3.6 and
+    older turn a one-element loop bound (``tl.program_id`` is a one-element array there) into a
+    Python int with ``int(array)``, which numpy 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars": every banded or ALiBi attention call failed); Triton 3.7 squeezes
+    the array first. Compiled kernels never meet this."""
+    import numpy
+    import triton
+
+    def major_minor(version):
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"the interpreter of triton {triton.__version__} cannot run with numpy {numpy.__version__} "
+                "(it converts one-element arrays to int, which numpy 2.4 refuses; fixed in triton 3.7): "
+                "install numpy<2.4 or triton>=3.7")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
 def _kernels(op: str):
     """The kernel module of ``op``, imported once (import_module on every launch cost ~5 us; a
     failed import is not cached, so it is retried and reported each time)."""
@@ -63,6 +83,8 @@ class TritonBackend(Backend):
                 return ["no CUDA device, and TRITON_INTERPRET=1 is not set (the interpreter runs the kernels on CPU)"]
             return [f"no CUDA device, and TRITON_INTERPRET={value!r} leaves the Triton interpreter off (set "
                     "TRITON_INTERPRET=1 to run the kernels on CPU)"]
+        if interpreter_enabled() and (clash := _interpreter_numpy_clash()):
+            return [clash]
         return []
 
     def call_reasons(self, call: Call):

@@ -33,6 +33,7 @@ import ast
 import functools
 import inspect
 import textwrap
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -281,21 +282,28 @@ def _sole_input(args: tuple, kwargs: dict, name: Optional[str]) -> Optional[Tens
     return x if isinstance(x, Tensor) else None
 
 
-_SUBCLASSES: dict[tuple[type, type], type] = {}
+#: cls -> {mixin: fused_subclass(cls, mixin)}, while that subclass lives. Weak both ways: a strong
+#: entry kept every class ever swapped alive (the user's classes, made per call, with whatever their
+#: methods' closures and globals hold) after its models were deleted. The subclass lives as long
+#: as its instances (or whoever holds it); once none is left, a later swap or unpickling makes the
+#: pair's subclass again. (Not a WeakValueDictionary keyed on (cls, mixin): its key held cls until
+#: the subclass's callback ran, so a model's classes outlived the gc.collect() that freed it.)
+_SUBCLASSES: "weakref.WeakKeyDictionary[type, weakref.WeakValueDictionary[type, type]]" = weakref.WeakKeyDictionary()
 
 
 def fused_subclass(cls: type, mixin: type) -> type:
-    """``Fused<cls>``: the mixin's methods over ``cls``, made once per pair. Such classes exist only
-    once a swap made them, so their instances pickle as "this pair's subclass, and this state"
-    (``_rebuild_fused``): a swapped model saved with torch.save loads in a fresh process."""
-    key = (cls, mixin)
-    if key not in _SUBCLASSES:
+    """``Fused<cls>``: the mixin's methods over ``cls``, one per pair while it is in use. Such classes
+    exist only once a swap made them, so their instances pickle as "this pair's subclass, and this
+    state" (``_rebuild_fused``): a swapped model saved with torch.save loads in a fresh process."""
+    made = _SUBCLASSES.setdefault(cls, weakref.WeakValueDictionary())
+    fused = made.get(mixin)
+    if fused is None:
         name = f"Fused{cls.__name__}"
         namespace = {"__module__": __name__, "__qualname__": name, "__reduce_ex__": _reduce_fused}
         if mixin is FusedPlainMLP:
             namespace["forward"] = _plain_mlp_forward(cls, name)
-        _SUBCLASSES[key] = type(name, (mixin, cls), namespace)
-    return _SUBCLASSES[key]
+        fused = made[mixin] = type(name, (mixin, cls), namespace)
+    return fused
 
 
 def _plain_mlp_forward(cls: type, name: str):
@@ -350,7 +358,29 @@ def _read_forward(cls: type) -> Optional[tuple]:
     return _chain_of(fn) if inspect.isfunction(fn) else None
 
 
-@functools.lru_cache(maxsize=None)
+def weak_cache(compute: Callable) -> Callable:
+    """``compute(key)`` (key: a function or a class) remembered while ``key`` lives. For the
+    answers read from a class's or a function's source: ``functools.lru_cache`` held each key
+    strongly, and with it the user's classes and functions the swap inspected, and everything they
+    reference (closures, globals, the tensors in them), after their models were deleted. Keyed on the
+    object, not its ``__code__``: the answer also reads its ``__name__`` and ``__wrapped__``."""
+    memo = weakref.WeakKeyDictionary()
+
+    @functools.wraps(compute)
+    def cached(key):
+        try:
+            return memo[key]
+        except KeyError:
+            value = memo[key] = compute(key)
+            return value
+        except TypeError:  # (not weakly referenceable: answered, not remembered)
+            return compute(key)
+
+    cached.cache_clear = memo.clear
+    return cached
+
+
+@weak_cache
 def _chain_of(fn) -> Optional[tuple]:
     """(the input's parameter name, the chain of children's names) of a forward, or None."""
     try:

@@ -1410,3 +1410,27 @@ def test_name_checks_find_the_sparse_models_and_spare_the_common_ones():
         for cls in vars(module).values():
             if isinstance(cls, type) and hasattr(cls, "set_attn_implementation"):
                 assert hf._backend_opt_out(cls) is None, cls.__name__
+
+
+def test_class_caches_keep_no_class_alive():
+    """The answers read from a class's code are remembered while the class lives, not after: the
+    keyword check runs on the class of any module calling the "fused_attn" implementation, the
+    user's own too (a class made per call stayed alive, with what it references, forever)."""
+    import gc
+    import weakref
+
+    def make():
+        class OwnAttention(torch.nn.Module):
+            held = torch.ones(4)
+
+        return OwnAttention
+
+    held = []
+    for _ in range(2):
+        cls = make()
+        hf._check_kwargs(cls(), {"some_flag": torch.zeros(1)})  # (not the class's own keyword: passes)
+        assert hf._code(cls) == "" and hf.linear_forward_equivalent(cls) is False
+        held += [weakref.ref(cls), weakref.ref(cls.held)]
+        del cls
+    gc.collect()
+    assert [r() for r in held] == [None] * len(held)

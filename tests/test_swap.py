@@ -1151,3 +1151,86 @@ def test_torch_decoder_layer_dropouts_run_fused(norm_first, which):
     torch.testing.assert_close(dropped, expected, atol=1e-6, rtol=1e-6)
     changed = ((dropped - plain).abs() > 1e-4).float().mean()
     assert changed > 0.2, changed  # the dropout is on (p = 0.4; a norm after it spreads a drop over its row)
+
+
+def _model_of_a_class_made_per_call(chain: bool):
+    """A model of a class defined in a function call (made anew at each one), whose forward's
+    closure holds a tensor; with ``chain`` its forward is a plain chain, which the swap fuses
+    (the tensor then held by the class), else one the swap inspects and leaves."""
+    table = torch.ones(4)
+
+    class PerCallMLP(nn.Module):
+        held = table
+
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(D, 8), nn.GELU(), nn.Linear(8, D)
+
+        if chain:
+            def forward(self, x):
+                return self.fc2(self.act(self.fc1(x)))
+        else:
+            def forward(self, x):
+                return self.fc2(self.act(self.fc1(x * table[0])))
+
+    return nn.Sequential(PerCallMLP()), table
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["inspected", "replaced"])
+def test_swap_keeps_nothing_of_a_deleted_model_alive(chain):
+    """Once a swapped model is deleted (and its copies, and a restored one), its classes, their
+    forward functions and what those reference are freed by one gc.collect(). The swap kept them
+    forever: the source reader's cache held every forward function it inspected (with its closure,
+    the user's tensors in it), fused or not, and the fused subclasses' table held each swapped
+    class."""
+    import gc
+    import weakref
+
+    held = []
+    for restore in (False, True):
+        model, table = _model_of_a_class_made_per_call(chain)
+        x = torch.randn(B, L, D)
+        ref = model(x)
+        report = fused_attn.swap_modules(model)
+        assert [r[1:3] for r in report.replaced] == ([("PerCallMLP", "FusedPerCallMLP")] if chain else [])
+        clone = copy.deepcopy(model)
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(clone(x), ref, rtol=1e-5, atol=1e-5)
+        if restore:
+            fused_attn.restore_modules(model)
+        held += [weakref.ref(table), weakref.ref(type(model[0])), weakref.ref(type(model[0]).forward)]
+        del model, clone, table, ref, report
+    gc.collect()
+    assert [r() for r in held] == [None] * len(held)
+
+
+def test_fused_subclass_is_made_again_once_freed():
+    """The fused subclass of a class lives while something holds it (a swapped module, a loaded
+    one); once freed, a swap or an unpickling makes it again, and a swapped model saved before still
+    loads and runs fused."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    x = torch.randn(B, L, D)
+    model = ChainedMLP()
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model)
+    fused = weakref.ref(type(model))
+    assert S.fused_subclass(ChainedMLP, S.FusedPlainMLP) is fused()  # one per pair while it lives
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    del model
+    gc.collect()
+    assert fused() is None
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    again = ChainedMLP()
+    again.load_state_dict(ref.state_dict())
+    fused_attn.swap_modules(again)
+    assert type(loaded) is type(again) is S.fused_subclass(ChainedMLP, S.FusedPlainMLP)
+    assert type(loaded).__bases__ == (S.FusedPlainMLP, ChainedMLP)
+    for module in (loaded, again):
+        torch.testing.assert_close(module(x), ref(x), rtol=1e-5, atol=1e-5)
+    fused_attn.restore_modules(loaded)
+    assert type(loaded) is ChainedMLP

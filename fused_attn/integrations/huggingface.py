@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from ..ops import differentiated
 from ..functional import _apply_sinks, _needs_grad, attention, attention_varlen, feed_forward, layer_norm_residual
-from ..swap import activation_now, in_sum_dtype, reads_intact
+from ..swap import activation_now, in_sum_dtype, reads_intact, weak_cache
 
 NAME = "fused_attn"
 
@@ -98,7 +98,7 @@ def attention_call_keywords(tree):
                 yield from (k.arg for k in node.keywords if k.arg is not None)
 
 
-@functools.lru_cache(maxsize=None)
+@weak_cache  # (type(module) of any module calling the "fused_attn" implementation: the user's classes too)
 def _model_kwargs(cls) -> frozenset:
     """The keyword arguments an attention class's own code gives its attention functions: the
     keywords of its calls of the function looked up in ``ALL_ATTENTION_FUNCTIONS`` (in its class and
@@ -345,7 +345,7 @@ def _no_interface_reason(cls) -> str:
             f"(they {how})")
 
 
-@functools.lru_cache(maxsize=None)
+@weak_cache
 def _code(cls) -> str:
     """The source of a class and of its base classes from transformers' modeling modules."""
     parts = []
@@ -802,7 +802,7 @@ class _FalconLinear:
         return hidden_states + self.bias
 
 
-@functools.lru_cache(maxsize=None)
+@weak_cache
 def linear_forward_equivalent(cls) -> bool:
     """Whether transformers' nn.Linear subclass ``cls`` has a forward known to compute nn.Linear's:
     FalconLinear's code (``input @ W.T``, then ``+ bias``: nn.Linear's product and sum, only

@@ -209,22 +209,30 @@ EXTREME_PRE = [-3e38, -1e38, -1e30, -1e20, -1e5, -104.0, -100.0, -88.5, -87.0, -
                1e5, 1e20, 1e30, 1e38, 3e38]
 
 
-def _one_unit_ffn(activation):
-    """(w1, b1, w2) of a feed-forward with one unit: pre = x (gated: gate = x, up = 1), out = h."""
+def _one_unit_ffn(activation, with_b1=False):
+    """(w1, b1, w2) of a feed-forward with one unit: pre = x (gated: gate = x, up = 1), out = h.
+    ``with_b1``: a zero b1 where there would be none (ReLU with b1 and no dropout takes its own
+    path on the cuda backend: bias and ReLU in the GEMM's epilogue, torch._addmm_activation)."""
     if activation in ("swiglu", "geglu"):
         return torch.tensor([[1.0], [0.0]]), torch.tensor([0.0, 1.0]), torch.ones(1, 1)
-    return torch.ones(1, 1), None, torch.ones(1, 1)
+    return torch.ones(1, 1), torch.zeros(1) if with_b1 else None, torch.ones(1, 1)
+
+
+#: (activation, with_b1): every activation without b1 (the gated ones have one), and ReLU with b1 too
+ACTIVATION_B1 = [pytest.param(a, False, id=a) for a in ACTIVATIONS] + [pytest.param("relu", True, id="relu-b1")]
 
 
 @pytest.mark.parametrize("device,backend", FFN)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_feed_forward_extreme_pre_activations(device, backend, activation):
+@pytest.mark.parametrize("activation,with_b1", ACTIVATION_B1)
+def test_feed_forward_extreme_pre_activations(device, backend, activation, with_b1):
     # Every backend gives torch's act(x) and act'(x) wherever torch's are finite. The cpu kernels'
     # exp clamped its argument, so sigmoid(-3e38) was 6e-39 instead of 0: silu(-3e38) = -1.82,
     # silu(-1e38) = -0.6, and gelu's pdf term x * phi(x) gave gelu'(3e38) = 2.46. Where torch
     # overflows on the way (gelu(3e38) = inf, gelu_tanh'(x) NaN once x^2 overflows) it is skipped.
-    w1, b1, w2 = _one_unit_ffn(activation)
-    x = torch.tensor(EXTREME_PRE)[:, None].requires_grad_()
+    # A NaN pre-activation gives NaN out (ReLU with b1 included: a fused bias+ReLU epilogue must
+    # not turn it into 0) and, for ReLU, a passing gradient (torch's relu(x) <= 0 ? 0 : grad).
+    w1, b1, w2 = _one_unit_ffn(activation, with_b1)
+    x = torch.tensor(EXTREME_PRE + [float("nan")])[:, None].requires_grad_()
     out = F.feed_forward(x, w1, b1, w2, None, activation=activation, backend=backend)
     (dx,) = torch.autograd.grad(out.sum(), x)
     x_ref = x.detach().clone().requires_grad_()
@@ -235,25 +243,35 @@ def test_feed_forward_extreme_pre_activations(device, backend, activation):
         assert finite.sum() >= len(EXTREME_PRE) // 2, name
         torch.testing.assert_close(got[finite], want[finite], atol=1e-6, rtol=1e-5,
                                    msg=lambda m: f"{name} at x = {x.detach()[finite].flatten().tolist()}: {m}")
+        assert torch.isnan(got[-1]).item() == torch.isnan(want[-1]).item(), f"{name} at x = NaN: {got[-1].item()}"
+    assert torch.isnan(out[-1]).all()
+    if activation == "relu":
+        assert dx[-1].item() == 1.0  # the gradient passes at NaN, as torch's
 
 
 @pytest.mark.parametrize("device,backend", FFN)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_feed_forward_nan_pre_activation_gradients_follow_torch(device, backend, activation):
+@pytest.mark.parametrize("activation,with_b1", ACTIVATION_B1)
+def test_feed_forward_nan_pre_activation_gradients_follow_torch(device, backend, activation, with_b1):
     # torch's relu backward is ``relu(x) <= 0 ? 0 : grad``: at a NaN pre-activation the gradient
     # passes (NaN <= 0 is false); the cpu/triton/cuda kernels had ``x > 0 ? 1 : 0`` and zeroed it,
     # which changed the finite entries of dx and dW1. The smooth activations give NaN there.
+    # ReLU with b1 (no dropout) is the cuda backend's fused bias+ReLU GEMM epilogue: the NaN must
+    # come out of it as NaN (out, and the h saved for the backward), not as 0.
     gated = activation in ("swiglu", "geglu")
     x = torch.tensor([[float("nan"), 1.0], [0.5, -0.3], [2.0, -1.5]])
     w1 = torch.cat([torch.eye(2), 0.5 * torch.eye(2)]) if gated else torch.eye(2)
     w2 = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    b1 = torch.tensor([0.25, -0.5]) if with_b1 else None
     grads, results = {}, []
     for be in (backend, "reference"):
-        leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
-        out = F.feed_forward(leaves[0], leaves[1], None, leaves[2], None, activation=activation, backend=be)
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2) + ((b1,) if with_b1 else ())]
+        b1_leaf = leaves[3] if with_b1 else None
+        out = F.feed_forward(leaves[0], leaves[1], b1_leaf, leaves[2], None, activation=activation, backend=be)
         results.append([out.detach()] + list(torch.autograd.grad(out.sum(), leaves)))
-    for name, got, want in zip(["out", "dx", "dw1", "dw2"], *results):
+    names = ["out", "dx", "dw1", "dw2"] + (["db1"] if with_b1 else [])
+    for name, got, want in zip(names, *results):
         torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert torch.isnan(results[0][0][0]).all()  # the NaN row's output
     if activation == "relu":
         assert torch.isfinite(results[0][1][0]).all()  # dx of the NaN row: finite, as torch's
 

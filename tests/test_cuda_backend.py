@@ -187,6 +187,76 @@ def test_attention_backward_is_deterministic(dtype):
         assert torch.equal(a, b)
 
 
+# (dtype, head dim): the register-resident kernels, the 16-bit shared-memory tiles of the backward at head
+# dim 256, float32's shared-memory tiles
+LONG_CASES = [(torch.float16, 64), (torch.float16, 256), (torch.float32, 64)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype,D", LONG_CASES, ids=["fp16_d64", "fp16_d256", "fp32_d64"])
+def test_attention_sequences_beyond_65535_blocks(dtype, D):
+    """The sequence blocks are on the grid's x (up to 2^31 - 1 blocks): a forward over 65537 blocks
+    of 64 queries and a backward over 65537 blocks of 64 keys run. On the grid's y (at most 65535)
+    they were refused ("attention: sequence too long for the grid"). The rows of the first and last
+    blocks against the reference (no mask: each query row on its own)."""
+    L = 65536 * 64 + 1
+    gen = torch.Generator(device=DEV).manual_seed(D)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, device=DEV).to(dtype)
+    rows = torch.cat([torch.arange(0, 100), torch.arange(L - 300, L)]).to(DEV)
+    # forward: L queries, 77 keys
+    q, k, v = randn(1, 1, L, D), randn(1, 1, 77, D), randn(1, 1, 77, D)
+    out = F.attention(q, k, v, backend="cuda")
+    q_rows = q[:, :, rows]
+    compare("out", out[:, :, rows], R.attention(q_rows.double(), k.double(), v.double()), R.attention(q_rows, k, v))
+    del q, k, v, out
+    # backward: 70 queries, L keys
+    q, k, v = randn(1, 1, 70, D), randn(1, 1, L, D), randn(1, 1, L, D)
+    dout = randn(1, 1, 70, D)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(F.attention(*leaves, backend="cuda"), leaves, dout)
+    refs = []
+    for ref_dtype in (torch.float64, dtype):
+        ref_leaves = [t.to(ref_dtype).requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(R.attention(*ref_leaves), ref_leaves, dout.to(ref_dtype))
+        refs.append([grads[0], grads[1][:, :, rows], grads[2][:, :, rows]])
+        del ref_leaves, grads
+    for name, g, ref64, ref_lp in zip(("dq", "dk", "dv"), (got[0], got[1][:, :, rows], got[2][:, :, rows]), *refs):
+        compare(name, g, ref64, ref_lp, k=5.0)
+
+
+@gpu
+def test_kernels_launched_from_several_threads():
+    """Threads launching the same kernels with more and less dynamic shared memory (float32 attention
+    at head dim 240: ~200 KB a block on sm_90, at 16: ~50 KB; the norm at two widths) never fail. The
+    launchers set each kernel's shared-memory ceiling to each call's size, so one thread could lower
+    it between another's setting and launch: that launch failed with "invalid argument". The ceiling
+    is now raised once per (kernel, device) and never lowered."""
+    import threading
+
+    errors = []
+
+    def work(index):
+        try:
+            gen = torch.Generator(device=DEV).manual_seed(index)
+            for i in range(40):
+                D, hidden = ((240, 12000), (16, 100))[(index + i) % 2]  # (within sm_86's 99 KB a block too)
+                q = torch.randn(1, 2, 150, D, device=DEV, generator=gen, requires_grad=True)
+                F.attention(q, q, q, causal=True, backend="cuda").sum().backward()
+                x = torch.randn(8, hidden, device=DEV, generator=gen, requires_grad=True)
+                w = torch.ones(hidden, device=DEV, requires_grad=True)
+                F.layer_norm_residual(x, None, w, None, backend="cuda").sum().backward()
+            torch.cuda.synchronize()
+        except Exception as error:  # (reported below, with the thread)
+            errors.append((index, repr(error)))
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
 # name: (Lq, Lk, (band_lo, band_hi)) -- query i sees key j iff band_lo <= j - i <= band_hi
 BAND_CASES = {
     "causal_top_left": (130, 130, CAUSAL_BAND),

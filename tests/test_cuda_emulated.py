@@ -15,7 +15,11 @@ fragment layouts (tests/cuda_emu/emu_mma_sm80.h), and those layouts are checked 
 matrix products. The WMMA products of the other 16-bit instantiations are not emulated; they run
 in tests/test_cuda_backend.py on a GPU. The host-side shared-memory plans (attention tiles, the
 norms' rows) are held to their Python mirror in fused_attn/backends/cuda.py, which declines up front
-the calls a device's shared memory cannot take.
+the calls a device's shared memory cannot take. The launchers themselves (attention_fwd/bwd,
+layer_norm_fwd/bwd) run against emulated devices (tests/cuda_emu/emu_device.h: compute capability,
+opt-in shared memory, grid limits; the checks a GPU makes at a launch), for real on small calls and
+as dry runs (checked and recorded, not run) on lengths far beyond what CPU threads could run: their
+grids, and the shared-memory ceilings they raise, from several threads too.
 """
 from __future__ import annotations
 
@@ -833,3 +837,272 @@ def test_emulated_layer_norm_representable_statistics_of_huge_rows(emu_nf, rms, 
             assert err <= 1e-4 * e_row.abs().max().item() + 1e-30, f"{name} row {r}: err {err:.3g}"
     if not rms:
         assert torch.equal(out[3:6], b.expand(3, d))
+
+
+# ---------------------------------------------------------------------------------------------
+# the launchers themselves (attention_fwd/bwd, layer_norm_fwd/bwd) on emulated devices: their grids
+# and their shared-memory opt-ins (tests/cuda_emu/emu_device.h)
+# ---------------------------------------------------------------------------------------------
+
+INT_MAX = 2**31 - 1
+# index: (compute capability major, opt-in shared memory per block, grid limits (x, y, z))
+EMU_DEVICES = {
+    0: (9, 232448, (INT_MAX, 65535, 65535)),  # sm_90 (H100/H200)
+    1: (8, 101376, (INT_MAX, 65535, 65535)),  # sm_86/sm_89
+    2: (8, 166912, (INT_MAX, 65535, 65535)),  # sm_80 (A100)
+    # tiny grids: spare blocks and the grid's errors on small calls; 4 has float32's smallest tiles (16 x 16)
+    3: (9, 232448, (32, 2, 2)),
+    4: (9, 24576, (32, 2, 2)),
+}
+_EMU_DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+def _with_devices(lib):
+    for index, (cc, optin, (gx, gy, gz)) in EMU_DEVICES.items():
+        lib.emu_set_device(index, cc, optin, 132, ctypes.c_int64(gx), ctypes.c_int64(gy), ctypes.c_int64(gz))
+    return lib
+
+
+@pytest.fixture(scope="module")
+def host(emu):
+    return _with_devices(emu)
+
+
+@pytest.fixture(scope="module")
+def host_nf(emu_nf):
+    return _with_devices(emu_nf)
+
+
+def _launches(lib):
+    """This thread's launches since the last call: (kernel, device, (gx, gy, gz), threads, smem) each."""
+    cap = 64
+    buf = (ctypes.c_int64 * (7 * cap))()
+    n = lib.emu_launches(buf, cap)
+    assert n <= cap
+    return [(buf[7 * i], buf[7 * i + 1], tuple(buf[7 * i + 2:7 * i + 5]), buf[7 * i + 5], buf[7 * i + 6])
+            for i in range(n)]
+
+
+def _attribute_calls(lib):
+    """Every cudaFuncSetAttribute so far: (kernel, device, attribute, value) each."""
+    cap = 4096
+    buf = (ctypes.c_int64 * (4 * cap))()
+    n = lib.emu_attribute_calls(buf, cap)
+    assert n <= cap
+    return [tuple(buf[4 * i:4 * i + 4]) for i in range(n)]
+
+
+def _on_device(lib, device, dry_run, call):
+    lib.emu_use_device(device)
+    lib.emu_set_dry_run(int(dry_run))
+    _launches(lib)  # (forget earlier ones)
+    try:
+        error = ctypes.c_char_p()
+        rc = call(ctypes.byref(error))
+        assert (rc != 0) == (error.value is not None)
+        return (error.value.decode() if rc else None), _launches(lib)
+    finally:
+        lib.emu_set_dry_run(0)
+        lib.emu_use_device(0)
+
+
+def _dry_attention(lib, dtype, B, Hq, Hkv, Lq, Lk, D, Dv, *, backward, device=0):
+    """What attention_fwd / attention_bwd do for these sizes on an emulated device, nothing run:
+    (error or None, launches). The inputs are stride-0 views of one element (any length costs nothing)."""
+    view = lambda *shape: torch.zeros(1, 1, 1, 1, dtype=dtype).expand(*shape)
+    common = _common_args(view(B, Hq, Lq, D), view(B, Hkv, Lk, D), view(B, Hkv, Lk, Dv), None, NO_BAND, 0.125, 0.0,
+                          0, 0)
+    o_strides = _i64(torch.empty(B, Hq, Lq, Dv, device="meta").stride())
+    null, dtype_id = ctypes.c_void_p(0), ctypes.c_int(_EMU_DTYPE[dtype])
+    if backward:
+        call = lambda err: lib.emu_attention_bwd_host(dtype_id, *common, null, o_strides, null, null, o_strides, null,
+                                                      null, null, null, null, null, err)
+    else:
+        call = lambda err: lib.emu_attention_fwd_host(dtype_id, *common, null, o_strides, null, err)
+    return _on_device(lib, device, True, call)
+
+
+def _check_seq_grid(grid, length, rows, pairs, limits):
+    """A grid of the attention kernels (seq_grid): the sequence blocks along x, the (batch, head) pairs
+    along y and z, all within the device's limits, no z slice wholly spare."""
+    gx, gy, gz = grid
+    assert gx == -(-length // rows), (grid, length, rows)
+    assert gy * gz >= pairs > gy * (gz - 1), (grid, pairs)
+    assert all(0 < g <= lim for g, lim in zip(grid, limits)), (grid, limits)
+
+
+def _rows(dtype, D, device, backward):
+    """(rows of a dK/dV block, rows of a query block) the launcher picks: 64 for the register-resident
+    kernels (16-bit, sm_80+, head dims <= 128 in the backward), else the tiles of the Python mirror of
+    the plans (held to the C++ above)."""
+    from fused_attn.backends import cuda as C
+    cc, optin, _ = EMU_DEVICES[device]
+    if dtype != torch.float32 and cc >= 8 and (D <= 128 or not backward):
+        return 64, 64
+    _, (bm, bn) = C.attention_plan(dtype, D, D, optin, backward)
+    return bn, bm
+
+
+# The lengths the kernels refused when the sequence blocks were on the grid's y (at most 65535
+# blocks: "attention: sequence too long for the grid"): one block more than that, for the tiles the
+# launcher takes. (id: dtype, backward, head dim, device)
+LONG_SEQUENCES = {
+    "fp16_forward_registers_4.2M": (torch.float16, False, 64, 0),
+    "bf16_backward_registers_4.2M": (torch.bfloat16, True, 64, 0),
+    "fp16_backward_d256_shared_tiles_2.1M": (torch.float16, True, 256, 0),
+    "fp32_forward_d256_2.1M": (torch.float32, False, 256, 0),
+    "fp32_backward_d128": (torch.float32, True, 128, 0),
+    "fp32_forward_d256_sm86_small_tiles_1.05M": (torch.float32, False, 256, 1),
+    "bf16_forward_d256_sm86_shared_tiles": (torch.bfloat16, False, 256, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_SEQUENCES))
+def test_launchers_take_sequences_beyond_65535_blocks(host, name):
+    dtype, backward, D, device = LONG_SEQUENCES[name]
+    rows_k, rows_q = _rows(dtype, D, device, backward)
+    B, Hq, Hkv = 1, 2, 1
+    Lq = 65536 * rows_q + 1
+    Lk = 65536 * rows_k + 1 if backward else 77
+    error, launches = _dry_attention(host, dtype, B, Hq, Hkv, Lq, Lk, D, D, backward=backward, device=device)
+    assert error is None, error
+    limits = EMU_DEVICES[device][2]
+    if not backward:
+        assert len(launches) == 1
+        _check_seq_grid(launches[0][2], Lq, rows_q, B * Hq, limits)
+        return
+    delta, dkdv, dq = launches
+    assert delta[2] == (-(-B * Hq * Lq // 8), 1, 1) and delta[4] == 0
+    _check_seq_grid(dkdv[2], Lk, rows_k, B * Hkv, limits)
+    _check_seq_grid(dq[2], Lq, rows_q, B * Hq, limits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_launchers_spread_many_heads_over_y_and_z(host, dtype, backward):
+    """More (batch, head) pairs than the grid's y takes (65535) go on to z."""
+    B, Hq, Hkv, L, D = 3, 30001, 30001, 100, 64
+    error, launches = _dry_attention(host, dtype, B, Hq, Hkv, L, L, D, D, backward=backward)
+    assert error is None, error
+    rows_k, rows_q = _rows(dtype, D, 0, backward)
+    limits = EMU_DEVICES[0][2]
+    _check_seq_grid(launches[-1][2], L, rows_q, B * Hq, limits)
+    assert launches[-1][2][2] == 2  # 90003 pairs: two z slices of 45002 (one spare block)
+    if backward:
+        _check_seq_grid(launches[1][2], L, rows_k, B * Hkv, limits)
+
+
+def _host_attention(lib, dtype, q, k, v, dout, band, device):
+    """out, lse, dq, dk, dv through the launchers (attention_fwd, attention_bwd) on an emulated device."""
+    scale = 1.0 / math.sqrt(q.shape[3])
+    common = _common_args(q, k, v, None, band, scale, 0.0, 0, 0)
+    out = new_attention_out(q, v.shape[3])
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    dtype_id = ctypes.c_int(_EMU_DTYPE[dtype])
+    error, fwd = _on_device(lib, device, False, lambda err: lib.emu_attention_fwd_host(
+        dtype_id, *common, _ptr(out), _i64(out.stride()), _ptr(lse), err))
+    assert error is None, error
+    dq, dk, dv = torch.empty(q.shape, dtype=dtype), torch.zeros(k.shape, dtype=dtype), torch.zeros(v.shape, dtype=dtype)
+    delta = torch.empty(q.shape[:3], dtype=torch.float32)
+    error, bwd = _on_device(lib, device, False, lambda err: lib.emu_attention_bwd_host(
+        dtype_id, *common, _ptr(out), _i64(out.stride()), _ptr(lse), _ptr(dout), _i64(dout.stride()), _ptr(dq),
+        _ptr(dk), _ptr(dv), ctypes.c_void_p(0), _ptr(delta), ctypes.c_void_p(0), err))
+    assert error is None, error
+    return (out, lse, dq, dk, dv), fwd + bwd
+
+
+# dtype: (device, Lq, grids of the forward, delta, dK/dV and dQ kernels)
+_GRID_RUNS = {torch.float32: (4, 20, [(2, 2, 2), (8, 1, 1), (1, 2, 2), (2, 2, 2)]),  # 16 x 16 tiles
+              torch.float16: (3, 70, [(2, 2, 2), (27, 1, 1), (1, 2, 2), (2, 2, 2)])}  # 64-row blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32_shared_tiles", "fp16_registers"])
+def test_launchers_grid_mapping_runs_with_spare_blocks(host, dtype):
+    """The launchers' grids run for real on a device whose grid takes 32 x 2 x 2 blocks: the sequence
+    blocks on x (two of them), the 3 (batch, head) pairs on y = 2 by z = 2 (a spare block in each
+    column); against the reference."""
+    device, Lq, grids = _GRID_RUNS[dtype]
+    B, Hq, Hkv, Lk, D = 3, 1, 1, 12, 32
+    q, k, v, _, randn = attention_inputs("grid_mapping", dtype, B, Hq, Hkv, Lq, Lk, D, D, {})
+    dout = randn(B, Hq, Lq, D)
+    got, launches = _host_attention(host, dtype, q, k, v, dout, CAUSAL_BAND, device=device)
+    assert [launch[2] for launch in launches] == grids  # forward; delta, dK/dV, dQ
+    ref64 = reference_attention(q, k, v, None, CAUSAL_BAND, 1.0 / math.sqrt(D), 0.0, 0, 0, dout, torch.float64)
+    ref_lp = reference_attention(q, k, v, None, CAUSAL_BAND, 1.0 / math.sqrt(D), 0.0, 0, 0, dout, dtype)
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        compare(name, got[i], ref64[i], ref_lp[i], k=2.0 if i < 2 else 5.0)
+
+
+def test_launchers_name_the_grid_limit_they_meet(host):
+    """Beyond the grid (here 32 x 2 x 2 blocks), the launcher says which length (or batch * heads, or
+    the delta kernel's rows) and which limit, and the backward launches neither dK/dV nor dQ when
+    either grid does not fit."""
+    error, launches = _dry_attention(host, torch.float32, 1, 1, 1, 2049, 40, 32, 32, backward=False, device=3)
+    assert error == "attention: len_q = 2049 needs 33 blocks of 64 rows, more than the 32 the grid takes"
+    assert launches == []
+    error, launches = _dry_attention(host, torch.float32, 5, 1, 1, 70, 40, 32, 32, backward=False, device=3)
+    assert error == "attention: batch * heads = 5 is more than the grid's 2 x 2 blocks"
+    error, launches = _dry_attention(host, torch.float16, 1, 1, 1, 70, 2049, 32, 32, backward=True, device=3)
+    assert error == "attention: len_k = 2049 needs 33 blocks of 64 rows, more than the 32 the grid takes"
+    assert len(launches) == 1  # the delta kernel only
+    error, launches = _dry_attention(host, torch.float16, 1, 4, 1, 70, 70, 32, 32, backward=True, device=3)
+    assert error == "attention: batch * heads * len_q = 280 rows need 35 blocks of 8, more than the 32 the grid takes"
+    assert launches == []
+
+
+# (dtype, head dim, backward): calls whose kernels take more and less dynamic shared memory, twice
+_SMEM_CALLS = [(torch.float32, 256, False), (torch.float32, 16, False), (torch.float32, 256, False),
+               (torch.float32, 128, True), (torch.float32, 16, True), (torch.float16, 256, False),
+               (torch.float16, 32, False), (torch.float16, 64, True), (torch.float16, 16, True)]
+
+
+def _check_ceilings(lib, devices):
+    """Each kernel's dynamic shared-memory ceiling was set once per device, to all the device lets a
+    block opt in to (the kernels have no static shared memory): never per call, never lowered."""
+    seen = {}
+    for kernel, device, attribute, value in _attribute_calls(lib):
+        assert attribute == 8  # cudaFuncAttributeMaxDynamicSharedMemorySize
+        assert (kernel, device) not in seen, f"kernel {kernel:#x} on device {device}: set again to {value}"
+        seen[kernel, device] = value
+        assert value == EMU_DEVICES[device][1], (device, value)
+    assert {device for _, device in seen} >= set(devices)
+    return seen
+
+
+def test_launchers_raise_each_kernels_shared_memory_ceiling_once(host):
+    """cudaFuncAttributeMaxDynamicSharedMemorySize is the kernel's on a device, not the call's or the
+    thread's: set to each call's size, a call with less lowered it under another thread's launch.
+    Every launch here checks its size against the kernel's ceiling, as a GPU does."""
+    for device in (0, 1, 2):
+        for dtype, D, backward in _SMEM_CALLS:
+            error, launches = _dry_attention(host, dtype, 1, 2, 1, 300, 300, D, D, backward=backward, device=device)
+            assert error is None, (device, dtype, D, backward, error)
+            assert launches and all(launch[1] == device for launch in launches)
+    seen = _check_ceilings(host, (0, 1, 2))
+    assert len({kernel for kernel, _ in seen}) >= 6  # fp32 fwd/dK-dV/dQ, the fp16 register kernels
+
+
+def test_layer_norm_launchers_raise_the_ceiling_once(host_nf):
+    f = ctypes.c_float
+    for device in (0, 1):
+        for hidden in (12000, 100, 12000):
+            error, launches = _on_device(host_nf, device, True, lambda err: host_nf.emu_layer_norm_fwd_host(
+                None, ctypes.c_int64(hidden), None, ctypes.c_int64(hidden), None, None, ctypes.c_int64(4),
+                ctypes.c_int64(hidden), f(1e-5), 0, _dropout_args(0.0, 0, 0), None, None, None, None, err))
+            assert error is None and len(launches) == 1 and launches[0][4] == (hidden + 32) * 4, (error, launches)
+            error, launches = _on_device(host_nf, device, True, lambda err: host_nf.emu_layer_norm_bwd_host(
+                None, ctypes.c_int64(hidden), None, None, 1, None, None, ctypes.c_int64(4), ctypes.c_int64(hidden), 0,
+                None, None, None, None, err))
+            assert error is None and len(launches) == 1 and launches[0][4] == (2 * hidden + 32) * 4, (error, launches)
+    _check_ceilings(host_nf, (0, 1))
+
+
+def test_launchers_from_several_threads(host):
+    """Threads launching the same kernels with different shared memory, on one device and on two,
+    never fail: no thread lowers a ceiling under another's launch (every launch is checked against
+    its kernel's ceiling, as a GPU does). Launchers that set the ceiling to each call's size failed
+    here (a launch above the ceiling another thread had just set: invalid argument)."""
+    first_error = ctypes.c_char_p()
+    failures = host.emu_attention_threads(4, 1000, (ctypes.c_int * 2)(0, 2), ctypes.byref(first_error))
+    assert failures == 0, f"{failures} calls failed, the first with {first_error.value}"
+    _check_ceilings(host, (0, 2))

@@ -342,16 +342,26 @@ struct BwdSmem {
   }
 };
 
+// ---- the grid ---------------------------------------------------------------------------------------
+// Every kernel but the delta one runs a block per (sequence block, (batch, head) pair): the sequence
+// blocks along the grid's x (up to 2^31 - 1 of them), the pairs along y and, past y's limit, z (both
+// 65535 on every GPU so far), so pair = blockIdx.y + gridDim.y * blockIdx.z. The last z slice may
+// end in spare blocks (pair >= the pair count), which return at once. (The sequence blocks were on
+// y, which refused every call from 65536 blocks on: a 16-bit forward from ~4.2M queries, float32 at
+// head dim 256 from ~2.1M, at sm_86's 16-row tiles from ~1M.) seq_grid below builds these grids.
+__device__ __forceinline__ int64_t grid_pair() { return int64_t(blockIdx.z) * gridDim.y + blockIdx.y; }
+
 // ---- forward ---------------------------------------------------------------------------------------
-// grid (B * Hq, ceil(Lq / BM)), kThreads threads.
+// grid (ceil(Lq / BM), B * Hq pairs: seq_grid), kThreads threads.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionFwdArgs a, const Dims d) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   FwdSmem<T> sm;
   sm.carve(smem_raw, d);
-  const int64_t bh = blockIdx.x, b = bh / a.heads_q, h = bh % a.heads_q;
+  const int64_t bh = grid_pair(), b = bh / a.heads_q, h = bh % a.heads_q;
+  if (bh >= a.batch * a.heads_q) return;  // a spare block of the grid's last z slice
   const int64_t hkv = h / (a.heads_q / a.heads_kv);
-  const int64_t m0 = int64_t(blockIdx.y) * d.bm;
+  const int64_t m0 = int64_t(blockIdx.x) * d.bm;
   const int rows_q = static_cast<int>(imin(d.bm, a.len_q - m0));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
@@ -618,7 +628,7 @@ __device__ __forceinline__ void store_acc_rows(T* dst, const float (&acc)[kTiles
   }
 }
 
-// grid (B * Hq, ceil(Lq / kMmaRows)), kMmaThreads threads.
+// grid (ceil(Lq / kMmaRows), B * Hq pairs: seq_grid), kMmaThreads threads.
 //   S = Q K^T; online softmax on the registers (the row sum stays a per-lane partial: every lane of
 //   a quad rescales by the same factor; it is reduced once at the end); O = O alpha + P V.
 template <typename T, int kD, bool kAlibi>
@@ -636,9 +646,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_fwd_mma_kernel(const
   T* k_tiles = q_tile + kMmaRows * kPitch;      // [2][kBN][kPitch]
   T* v_tiles = k_tiles + 2 * kBN * kPitch;      // [2][kBN][kPitch]
 
-  const int64_t bh = blockIdx.x, b = bh / a.heads_q, h = bh % a.heads_q;
+  const int64_t bh = grid_pair(), b = bh / a.heads_q, h = bh % a.heads_q;
+  if (bh >= a.batch * a.heads_q) return;  // a spare block of the grid's last z slice
   const int64_t hkv = h / (a.heads_q / a.heads_kv);
-  const int64_t m0 = int64_t(blockIdx.y) * kMmaRows;
+  const int64_t m0 = int64_t(blockIdx.x) * kMmaRows;
   const int warp = threadIdx.x >> 5, t = threadIdx.x & 3;
   const int D = static_cast<int>(a.head_dim), Dv = static_cast<int>(a.head_dim_v);
   const int rows_q = static_cast<int>(imin(kMmaRows, a.len_q - m0));
@@ -792,7 +803,8 @@ __device__ __forceinline__ void two_products(float (&x)[kTiles][4], const T* a1,
   }
 }
 
-// dQ (and dmask) for kMmaRows queries of one (batch, head): grid (B * Hq, ceil(Lq / kMmaRows)).
+// dQ (and dmask) for kMmaRows queries of one (batch, head): grid (ceil(Lq / kMmaRows), B * Hq pairs:
+// seq_grid).
 // Per key block: S = Q K^T and dP = dO V^T in accumulators; P = exp(s - lse) (0 where masked),
 // dS = P (dP Z - delta) in place of dP; dmask = dS; dQ += dS K with dS as A fragments.
 template <typename T, int kD, bool kAlibi>
@@ -806,9 +818,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
   T* k_tiles = do_tile + kMmaRows * kPitch;     // [2][kBN][kPitch]
   T* v_tiles = k_tiles + 2 * kBN * kPitch;      // [2][kBN][kPitch]
 
-  const int64_t bh = blockIdx.x, b = bh / f.heads_q, h = bh % f.heads_q;
+  const int64_t bh = grid_pair(), b = bh / f.heads_q, h = bh % f.heads_q;
+  if (bh >= f.batch * f.heads_q) return;  // a spare block of the grid's last z slice
   const int64_t hkv = h / (f.heads_q / f.heads_kv);
-  const int64_t m0 = int64_t(blockIdx.y) * kMmaRows;
+  const int64_t m0 = int64_t(blockIdx.x) * kMmaRows;
   const int warp = threadIdx.x >> 5;
   const int D = static_cast<int>(f.head_dim), Dv = static_cast<int>(f.head_dim_v);
   const int rows_q = static_cast<int>(imin(kMmaRows, f.len_q - m0));
@@ -895,8 +908,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dq_mma_kernel(co
   store_acc_rows<T>(static_cast<T*>(a.dq) + row_base * f.head_dim, dq, m0 + warp * 16, f.len_q, D, f.scale);
 }
 
-// dK, dV for kMmaRows keys of one (batch, kv head): grid (B * Hkv, ceil(Lk / kMmaRows)). The warp's
-// 16 keys are the rows of every product: per query block (of each query head sharing the kv head)
+// dK, dV for kMmaRows keys of one (batch, kv head): grid (ceil(Lk / kMmaRows), B * Hkv pairs:
+// seq_grid). The warp's 16 keys are the rows of every product: per query block (of each query head
+// sharing the kv head)
 //   S^T = K Q^T, dP^T = V dO^T; P^T = exp(s - lse) (lse per column), dS^T = P^T (dP^T Z - delta);
 //   dV += (P^T Z) dO, dK += dS^T Q (the two results as A fragments).
 template <typename T, int kD, bool kAlibi>
@@ -912,9 +926,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bwd_dkdv_mma_kernel(
   float* lse_rows = reinterpret_cast<float*>(do_tiles + 2 * kBM * kPitch);  // [2][kBM]
   float* delta_rows = lse_rows + 2 * kBM;                                   // [2][kBM]
 
-  const int64_t bhkv = blockIdx.x, b = bhkv / f.heads_kv, hkv = bhkv % f.heads_kv;
+  const int64_t bhkv = grid_pair(), b = bhkv / f.heads_kv, hkv = bhkv % f.heads_kv;
+  if (bhkv >= f.batch * f.heads_kv) return;  // a spare block of the grid's last z slice
   const int64_t group = f.heads_q / f.heads_kv;
-  const int64_t n0 = int64_t(blockIdx.y) * kMmaRows;
+  const int64_t n0 = int64_t(blockIdx.x) * kMmaRows;
   const int warp = threadIdx.x >> 5;
   const int D = static_cast<int>(f.head_dim), Dv = static_cast<int>(f.head_dim_v);
   const int rows_k = static_cast<int>(imin(kMmaRows, f.len_k - n0));
@@ -1131,16 +1146,17 @@ __device__ __forceinline__ void store_acc(T* dst, const float* acc, int ld, int 
   }
 }
 
-// dK, dV for one key block of one (batch, kv head): grid (B * Hkv, ceil(Lk / BN)).
+// dK, dV for one key block of one (batch, kv head): grid (ceil(Lk / BN), B * Hkv pairs: seq_grid).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionBwdArgs a, const Dims d) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const AttentionFwdArgs& f = a.fwd;
   BwdSmem<T> sm;
   sm.carve(smem_raw, d, true);
-  const int64_t bhkv = blockIdx.x, b = bhkv / f.heads_kv, hkv = bhkv % f.heads_kv;
+  const int64_t bhkv = grid_pair(), b = bhkv / f.heads_kv, hkv = bhkv % f.heads_kv;
+  if (bhkv >= f.batch * f.heads_kv) return;  // a spare block of the grid's last z slice
   const int64_t group = f.heads_q / f.heads_kv;
-  const int64_t n0 = int64_t(blockIdx.y) * d.bn;
+  const int64_t n0 = int64_t(blockIdx.x) * d.bn;
   load_key_side<T>(a, sm, d, b, hkv, n0);
   fill(sm.acc_a, d.bn * sm.lda_, 0.0f);
   fill(sm.acc_b, d.bn * sm.ldb_, 0.0f);
@@ -1166,16 +1182,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
                static_cast<int>(f.head_dim_v), 1.0f);
 }
 
-// dQ (and dmask) for one query block of one (batch, head): grid (B * Hq, ceil(Lq / BM)).
+// dQ (and dmask) for one query block of one (batch, head): grid (ceil(Lq / BM), B * Hq pairs: seq_grid).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionBwdArgs a, const Dims d) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const AttentionFwdArgs& f = a.fwd;
   BwdSmem<T> sm;
   sm.carve(smem_raw, d, false);
-  const int64_t bh = blockIdx.x, b = bh / f.heads_q, h = bh % f.heads_q;
+  const int64_t bh = grid_pair(), b = bh / f.heads_q, h = bh % f.heads_q;
+  if (bh >= f.batch * f.heads_q) return;  // a spare block of the grid's last z slice
   const int64_t hkv = h / (f.heads_q / f.heads_kv);
-  const int64_t m0 = int64_t(blockIdx.y) * d.bm;
+  const int64_t m0 = int64_t(blockIdx.x) * d.bm;
   load_query_side<T>(a, sm, d, b, h, m0);
   fill(sm.acc_a, d.bm * sm.lda_, 0.0f);
   const Range keys = block_aligned(band_keys(f, m0, imin(f.len_q, m0 + d.bm)), d.bn);
@@ -1242,7 +1259,8 @@ Dims bwd_plan(int64_t head_dim, int64_t head_dim_v, size_t limit, size_t* smem_k
 }
 
 // ---- host side ------------------------------------------------------------------------------------------
-#ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels above on CPU threads
+// (Compiled under the CPU emulation too: tests/cuda_emu runs these launchers, their grids and their
+// shared-memory opt-ins against an emulated device; `launch` runs the kernels there.)
 const char* check_sizes(const AttentionFwdArgs& a) {
   if (a.batch < 0 || a.heads_q < 0 || a.heads_kv <= 0 || a.len_q < 0 || a.len_k < 0 || a.head_dim < 0 ||
       a.head_dim_v < 0)
@@ -1254,14 +1272,22 @@ const char* check_sizes(const AttentionFwdArgs& a) {
   return nullptr;
 }
 
-// Opts `kernel` into `smem` bytes of dynamic shared memory (above 48 KB needs it) and launches it.
-template <typename Kernel, typename... Args>
-const char* launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, const Args&... args) {
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
-      cudaSuccess)
-    return last_launch_error();
-  kernel<<<grid, threads, smem, stream>>>(args...);
-  return last_launch_error();
+// The grid of a kernel over `len` rows (`what`: len_q or len_k) in blocks of `rows`, for `pairs`
+// (batch, head) pairs (both counts > 0): (ceil(len / rows), y, z) with y * z >= pairs (grid_pair), or
+// why the device's grid cannot hold it.
+const char* seq_grid(const char* what, int64_t len, int64_t rows, int64_t pairs, dim3* grid) {
+  const GridLimits lim = grid_limits();
+  const int64_t blocks = ceil_div(len, rows);
+  if (blocks > lim.x)
+    return format_message("attention: %s = %lld needs %lld blocks of %lld rows, more than the %lld the grid takes", what,
+                          static_cast<long long>(len), static_cast<long long>(blocks), static_cast<long long>(rows),
+                          static_cast<long long>(lim.x));
+  const int64_t z = ceil_div(pairs, lim.y);
+  if (z > lim.z)
+    return format_message("attention: batch * heads = %lld is more than the grid's %lld x %lld blocks",
+                          static_cast<long long>(pairs), static_cast<long long>(lim.y), static_cast<long long>(lim.z));
+  *grid = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(ceil_div(pairs, z)), static_cast<unsigned>(z));
+  return nullptr;
 }
 
 // The register-resident forward for kD; *taken false (nothing launched) when its shared memory does
@@ -1271,9 +1297,8 @@ const char* attention_fwd_mma_launch(const AttentionFwdArgs& a, cudaStream_t str
   constexpr size_t smem = mma_fwd_smem_bytes<T, kD>();
   *taken = smem <= static_cast<size_t>(max_shared_memory_per_block());
   if (!*taken) return nullptr;
-  const int64_t q_blocks = ceil_div(a.len_q, kMmaRows);
-  if (q_blocks > 65535) return "attention: len_q too large for the grid";
-  const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>(q_blocks));
+  dim3 grid;
+  if (const char* err = seq_grid("len_q", a.len_q, kMmaRows, a.batch * a.heads_q, &grid)) return err;
   return launch(fwd_mma_kernel_for<T, kD>(a), grid, kMmaThreads, smem, stream, a);
 }
 
@@ -1301,30 +1326,40 @@ const char* attention_fwd_typed(const AttentionFwdArgs& a, cudaStream_t stream) 
   size_t smem = 0;
   const Dims d = fwd_plan<T>(a.head_dim, a.head_dim_v, static_cast<size_t>(max_shared_memory_per_block()), &smem);
   if (smem == 0) return "attention: head dims too large for this device's shared memory";
-  const int64_t q_blocks = ceil_div(a.len_q, d.bm);
-  if (q_blocks > 65535) return "attention: len_q too large for the grid";
-  const dim3 grid(static_cast<unsigned>(a.batch * a.heads_q), static_cast<unsigned>(q_blocks));
+  dim3 grid;
+  if (const char* err = seq_grid("len_q", a.len_q, d.bm, a.batch * a.heads_q, &grid)) return err;
   return launch(attention_fwd_kernel<T>, grid, kThreads, smem, stream, a, d);
+}
+
+// The dK/dV kernel then the dQ kernel over `rows_k` / `rows_q` rows a block: both grids are built
+// before either launches, so a call the grid cannot hold launches nothing. No dK/dV launch without
+// keys or kv heads (the binding zeroes dk and dv).
+template <typename KernelKv, typename KernelQ, typename... Args>
+const char* launch_bwd_pair(const AttentionFwdArgs& f, KernelKv kernel_kv, KernelQ kernel_q, int threads,
+                            int64_t rows_k, int64_t rows_q, size_t smem_kv, size_t smem_q, cudaStream_t stream,
+                            const Args&... args) {
+  const bool keys = f.len_k > 0 && f.batch * f.heads_kv > 0;
+  dim3 grid_kv, grid_q;
+  if (keys) {
+    if (const char* err = seq_grid("len_k", f.len_k, rows_k, f.batch * f.heads_kv, &grid_kv)) return err;
+  }
+  if (const char* err = seq_grid("len_q", f.len_q, rows_q, f.batch * f.heads_q, &grid_q)) return err;
+  if (keys) {
+    if (const char* err = launch(kernel_kv, grid_kv, threads, smem_kv, stream, args...)) return err;
+  }
+  return launch(kernel_q, grid_q, threads, smem_q, stream, args...);
 }
 
 // The register-resident dK/dV and dQ kernels for kD (after the delta kernel); *taken false (nothing
 // launched) when their shared memory does not fit this device.
 template <typename T, int kD>
 const char* attention_bwd_mma_launch(const AttentionBwdArgs& a, cudaStream_t stream, bool* taken) {
-  const AttentionFwdArgs& f = a.fwd;
   constexpr size_t smem_dq = mma_dq_smem_bytes<T, kD>(), smem_kv = mma_dkdv_smem_bytes<T, kD>();
   const size_t limit = static_cast<size_t>(max_shared_memory_per_block());
   *taken = smem_dq <= limit && smem_kv <= limit;
   if (!*taken) return nullptr;
-  const int64_t q_blocks = ceil_div(f.len_q, kMmaRows), k_blocks = ceil_div(f.len_k, kMmaRows);
-  if (q_blocks > 65535 || k_blocks > 65535) return "attention: sequence too long for the grid";
-  if (k_blocks > 0 && f.batch * f.heads_kv > 0) {
-    const dim3 grid(static_cast<unsigned>(f.batch * f.heads_kv), static_cast<unsigned>(k_blocks));
-    if (const char* err = launch(bwd_dkdv_mma_kernel_for<T, kD>(a), grid, kMmaThreads, smem_kv, stream, a))
-      return err;
-  }
-  const dim3 grid(static_cast<unsigned>(f.batch * f.heads_q), static_cast<unsigned>(q_blocks));
-  return launch(bwd_dq_mma_kernel_for<T, kD>(a), grid, kMmaThreads, smem_dq, stream, a);
+  return launch_bwd_pair(a.fwd, bwd_dkdv_mma_kernel_for<T, kD>(a), bwd_dq_mma_kernel_for<T, kD>(a), kMmaThreads,
+                         kMmaRows, kMmaRows, smem_kv, smem_dq, stream, a);
 }
 
 // 16-bit inputs on sm_80+ with head dims up to kMmaBwdMaxHeadDim: the register-resident backward.
@@ -1344,9 +1379,17 @@ const char* attention_bwd_mma(const AttentionBwdArgs& a, cudaStream_t stream, bo
 template <typename T>
 const char* attention_bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) {
   const AttentionFwdArgs& f = a.fwd;
-  const int64_t rows = f.batch * f.heads_q * f.len_q;
-  attention_bwd_delta_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(a);
-  if (const char* err = last_launch_error()) return err;
+  // The delta kernel: a warp per row of all B * Hq * Lq, along the grid's x (beyond its 2^31 - 1 blocks
+  // of kWarps rows, 1.7e10 rows: their lse and delta alone would take 137 GB).
+  const int64_t rows = f.batch * f.heads_q * f.len_q, delta_blocks = ceil_div(rows, kWarps);
+  const int64_t max_x = grid_limits().x;
+  if (delta_blocks > max_x)
+    return format_message("attention: batch * heads * len_q = %lld rows need %lld blocks of %d, more than the %lld the "
+                          "grid takes", static_cast<long long>(rows), static_cast<long long>(delta_blocks), kWarps,
+                          static_cast<long long>(max_x));
+  if (const char* err = launch(attention_bwd_delta_kernel<T>, dim3(static_cast<unsigned>(delta_blocks)), kThreads, 0,
+                               stream, a))
+    return err;
   if constexpr (!kIsFloat<T>) {
     bool taken = false;
     const char* err = attention_bwd_mma<T>(a, stream, &taken);
@@ -1357,20 +1400,12 @@ const char* attention_bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) 
   const Dims d = bwd_plan<T>(f.head_dim, f.head_dim_v, static_cast<size_t>(max_shared_memory_per_block()), &smem_kv,
                              &smem_q);
   if (smem_kv == 0) return "attention: head dims too large for this device's shared memory";
-  const int64_t q_blocks = ceil_div(f.len_q, d.bm), k_blocks = ceil_div(f.len_k, d.bn);
-  if (q_blocks > 65535 || k_blocks > 65535) return "attention: sequence too long for the grid";
-  if (k_blocks > 0 && f.batch * f.heads_kv > 0) {
-    const dim3 grid(static_cast<unsigned>(f.batch * f.heads_kv), static_cast<unsigned>(k_blocks));
-    if (const char* err = launch(attention_bwd_dkdv_kernel<T>, grid, kThreads, smem_kv, stream, a, d)) return err;
-  }
-  const dim3 grid(static_cast<unsigned>(f.batch * f.heads_q), static_cast<unsigned>(q_blocks));
-  return launch(attention_bwd_dq_kernel<T>, grid, kThreads, smem_q, stream, a, d);
+  return launch_bwd_pair(f, attention_bwd_dkdv_kernel<T>, attention_bwd_dq_kernel<T>, kThreads, d.bn, d.bm, smem_kv,
+                         smem_q, stream, a, d);
 }
 
-#endif  // FUSED_ATTN_CPU_EMULATION
 }  // namespace
 
-#ifndef FUSED_ATTN_CPU_EMULATION
 const char* attention_fwd(const AttentionFwdArgs& args, cudaStream_t stream) {
   if (const char* err = check_sizes(args)) return err;
   if (args.batch * args.heads_q == 0 || args.len_q == 0) return nullptr;  // nothing to write
@@ -1389,7 +1424,5 @@ const char* attention_bwd(const AttentionBwdArgs& args, cudaStream_t stream) {
     return attention_bwd_typed<T>(args, stream);
   });
 }
-
-#endif  // FUSED_ATTN_CPU_EMULATION
 
 }  // namespace fused_attn_cuda

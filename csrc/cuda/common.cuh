@@ -2,8 +2,13 @@
 // dropout factors, dtype dispatch and the launch-error check. No torch headers.
 #pragma once
 
+#include <cstdarg>
 #include <cstdint>
+#include <cstdio>
+#include <mutex>
+#include <set>
 #include <type_traits>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -113,5 +118,71 @@ inline int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProc
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// A launcher's error message with numbers in it: formatted into a buffer of the calling thread, valid
+// until the thread's next such message (the bindings turn it into their error at once).
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2)))
+#endif
+inline const char* format_message(const char* format, ...) {
+  thread_local char buffer[256];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(buffer, sizeof(buffer), format, args);
+  va_end(args);
+  return buffer;
+}
+
+// The current device's largest grid, per dimension (x: 2^31 - 1, y and z: 65535 on every GPU so far).
+struct GridLimits { int64_t x, y, z; };
+inline GridLimits grid_limits() {
+  return {device_attribute(cudaDevAttrMaxGridDimX, 0x7fffffff), device_attribute(cudaDevAttrMaxGridDimY, 65535),
+          device_attribute(cudaDevAttrMaxGridDimZ, 65535)};
+}
+
+// ---- launches ------------------------------------------------------------------------------------
+// A block may take up to 48 KB of dynamic shared memory unless its kernel's
+// cudaFuncAttributeMaxDynamicSharedMemorySize allows more. That attribute belongs to the kernel on a
+// device, not to a launch or a thread: the launchers used to set it to each call's own size before
+// launching, so a thread could lower it between another thread's setting and that thread's launch
+// (A sets 65 664 bytes, B sets 4 224, A's launch fails with an invalid argument), and calls may come
+// from several threads. It is only a ceiling (occupancy follows each launch's own size), so it is
+// raised once per (kernel, device) to all the device lets a block opt in to, less the kernel's static
+// shared memory, and never lowered. The mutex makes a thread's launch wait until the ceiling is
+// raised, whichever thread raises it; after that a launch pays one uncontended lock and a lookup.
+// (A cudaDeviceReset would drop the attributes the set remembers; torch never resets a device.)
+inline const char* raise_dynamic_smem_ceiling(const void* kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> raised;  // (kernel, device)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return last_launch_error();
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (raised.count({kernel, device}) != 0) return nullptr;
+  int optin = 0;
+  cudaFuncAttributes attributes{};
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           optin - static_cast<int>(attributes.sharedSizeBytes)) != cudaSuccess)
+    return last_launch_error();
+  raised.insert({kernel, device});
+  return nullptr;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with its error check; a kernel launched with dynamic
+// shared memory first has its ceiling raised (above). Under the CPU emulation (tests/cuda_emu) the
+// kernel runs on CPU threads, with the checks a device makes at launch.
+template <typename Kernel, typename... Args>
+const char* launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const Args&... args) {
+  if (smem > 0) {
+    if (const char* err = raise_dynamic_smem_ceiling(reinterpret_cast<const void*>(kernel))) return err;
+  }
+#ifdef FUSED_ATTN_CPU_EMULATION
+  emu::launch_checked(grid, block, smem, stream, kernel, args...);
+#else
+  kernel<<<grid, block, smem, stream>>>(args...);
+#endif
+  return last_launch_error();
+}
 
 }  // namespace fused_attn_cuda

@@ -6,8 +6,10 @@
 // turn a non-null returned message into a TORCH_CHECK error. Nothing here includes torch, so
 // `nvcc -c` compile-checks the kernels on machines without torch's CUDA build.
 //
-// Every launcher returns nullptr on success, else a static message: an argument it refuses
-// (sizes over its limits) or the CUDA error of the launch (cudaGetErrorString).
+// Every launcher returns nullptr on success, else a message: an argument it refuses (sizes over its
+// limits; static, or formatted into a buffer of the calling thread that its next message reuses) or
+// the CUDA error of the launch (cudaGetErrorString). The bindings turn it into their error at once.
+// The launchers may be called from several threads at once.
 #pragma once
 
 #include <cstdint>

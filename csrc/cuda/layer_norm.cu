@@ -277,7 +277,7 @@ int threads_for(int64_t chunks) {
 constexpr size_t layer_norm_fwd_smem_bytes(int64_t hidden) { return size_t(hidden + 32) * sizeof(float); }
 constexpr size_t layer_norm_bwd_smem_bytes(int64_t hidden) { return size_t(2 * hidden + 32) * sizeof(float); }
 
-#ifndef FUSED_ATTN_CPU_EMULATION  // tests/cuda_emu runs the kernels above on CPU threads
+// ---- host side (compiled under the CPU emulation too: tests/cuda_emu runs these launchers) ----
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, typename R, typename S>
@@ -290,11 +290,8 @@ const char* fwd_typed(const LayerNormFwdArgs& a, cudaStream_t stream) {
   if (smem > static_cast<size_t>(max_shared_memory_per_block()))
     return "layer_norm_residual: hidden size too large for this device's shared memory";
   auto kernel = vec ? layer_norm_fwd_kernel<T, R, S, kVec> : layer_norm_fwd_kernel<T, R, S, 1>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
-      cudaSuccess)
-    return last_launch_error();
-  kernel<<<static_cast<unsigned>(a.rows), threads_for(a.hidden / (vec ? kVec : 1)), smem, stream>>>(a);
-  return last_launch_error();
+  return launch(kernel, dim3(static_cast<unsigned>(a.rows)), threads_for(a.hidden / (vec ? kVec : 1)), smem, stream,
+                a);
 }
 
 template <typename T, typename S>
@@ -309,23 +306,18 @@ const char* bwd_typed(const LayerNormBwdArgs& a, cudaStream_t stream) {
     if (smem > static_cast<size_t>(max_shared_memory_per_block()))
       return "layer_norm_residual: hidden size too large for this device's shared memory";
     auto kernel = vec ? layer_norm_bwd_kernel<T, S, kVec> : layer_norm_bwd_kernel<T, S, 1>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
-        cudaSuccess)
-      return last_launch_error();
-    kernel<<<static_cast<unsigned>(parts), threads_for(a.hidden / (vec ? kVec : 1)), smem, stream>>>(a);
-    if (const char* err = last_launch_error()) return err;
+    if (const char* err = launch(kernel, dim3(static_cast<unsigned>(parts)), threads_for(a.hidden / (vec ? kVec : 1)),
+                                 smem, stream, a))
+      return err;
   }
-  if (a.dweight || a.dbias) {
-    layer_norm_bwd_reduce_kernel<T><<<static_cast<unsigned>(ceil_div(a.hidden, 256)), 256, 0, stream>>>(a, parts);
-    return last_launch_error();
-  }
+  if (a.dweight || a.dbias)
+    return launch(layer_norm_bwd_reduce_kernel<T>, dim3(static_cast<unsigned>(ceil_div(a.hidden, 256))), 256, 0,
+                  stream, a, parts);
   return nullptr;
 }
 
-#endif  // FUSED_ATTN_CPU_EMULATION
 }  // namespace
 
-#ifndef FUSED_ATTN_CPU_EMULATION
 int64_t layer_norm_bwd_partial_rows(int64_t rows) {
   const int64_t blocks = 2 * static_cast<int64_t>(multiprocessor_count());
   return rows < blocks ? rows : blocks;
@@ -357,7 +349,5 @@ const char* layer_norm_bwd(const LayerNormBwdArgs& a, cudaStream_t stream) {
     return bwd_typed<T, float>(a, stream);
   });
 }
-
-#endif  // FUSED_ATTN_CPU_EMULATION
 
 }  // namespace fused_attn_cuda

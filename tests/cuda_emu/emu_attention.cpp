@@ -1,10 +1,16 @@
 // The attention kernels of csrc/cuda/attention.cu (float32 path) run on CPU threads, for
-// tests/test_cuda_emulated.py. The launch logic mirrors attention_fwd_typed/attention_bwd_typed,
-// with the tile sizes given by the caller (so every tile choice gets exercised).
+// tests/test_cuda_emulated.py. The emu_attention_fwd/bwd(_mma) entries launch the kernels as
+// attention_fwd_typed/attention_bwd_typed do (their grids from the launchers' seq_grid), with the
+// tile sizes / compiled head dim given by the caller (so every tile choice gets exercised); the
+// emu_attention_*_host entries run the launchers themselves (attention_fwd, attention_bwd) on an
+// emulated device (emu_device.h): their choices, grids and shared-memory opt-ins.
 #include "cuda_runtime.h"
+#include "emu_device.h"
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdio>
+#include <cstdlib>
 
 namespace fused_attn_cuda {
 namespace {
@@ -61,6 +67,16 @@ Dims dims_for(const AttentionFwdArgs& a, int bm, int bn) {
   return Dims{bm, bn, static_cast<int>(round_up(a.head_dim, 16)), static_cast<int>(round_up(a.head_dim_v, 16))};
 }
 
+// The launchers' grid (seq_grid) for the direct entries' small cases, which always fit it.
+dim3 grid_for(const char* what, int64_t len, int64_t rows, int64_t pairs) {
+  dim3 grid;
+  if (const char* err = seq_grid(what, len, rows, pairs, &grid)) {
+    std::fprintf(stderr, "tests/cuda_emu: %s\n", err);
+    std::abort();
+  }
+  return grid;
+}
+
 }  // namespace
 
 extern "C" int emu_attention_fwd(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
@@ -75,8 +91,8 @@ extern "C" int emu_attention_fwd(const float* q, const int64_t* qs, const float*
   FwdSmem<float> plan;
   if (plan.carve(nullptr, d) > sizeof(smem_raw)) return 1;
   if (a.batch * a.heads_q == 0 || a.len_q == 0) return 0;
-  emu::launch(dim3(unsigned(a.batch * a.heads_q), unsigned(ceil_div(a.len_q, d.bm))), dim3(kThreads),
-              attention_fwd_kernel<float>, a, d);
+  emu::launch(grid_for("len_q", a.len_q, d.bm, a.batch * a.heads_q), dim3(kThreads), attention_fwd_kernel<float>, a,
+              d);
   return 0;
 }
 
@@ -84,7 +100,7 @@ extern "C" int emu_attention_fwd(const float* q, const int64_t* qs, const float*
 // bfloat16 (1), compiled for head dim kD (a value attention_fwd_mma may pick).
 template <typename T>
 int fwd_mma_typed(const AttentionFwdArgs& a, int kd) {
-  const dim3 grid(unsigned(a.batch * a.heads_q), unsigned(ceil_div(a.len_q, kMmaRows)));
+  const dim3 grid = grid_for("len_q", a.len_q, kMmaRows, a.batch * a.heads_q);
   switch (kd) {
     case 32: emu::launch(grid, dim3(kMmaThreads), fwd_mma_kernel_for<T, 32>(a), a); return 0;
     case 64: emu::launch(grid, dim3(kMmaThreads), fwd_mma_kernel_for<T, 64>(a), a); return 0;
@@ -116,9 +132,9 @@ void bwd_mma_kernels(const AttentionBwdArgs& b) {
   const int64_t rows = f.batch * f.heads_q * f.len_q;
   emu::launch(dim3(unsigned(ceil_div(rows, kWarps))), dim3(kThreads), attention_bwd_delta_kernel<T>, b);
   if (f.len_k > 0)
-    emu::launch(dim3(unsigned(f.batch * f.heads_kv), unsigned(ceil_div(f.len_k, kMmaRows))), dim3(kMmaThreads),
+    emu::launch(grid_for("len_k", f.len_k, kMmaRows, f.batch * f.heads_kv), dim3(kMmaThreads),
                 bwd_dkdv_mma_kernel_for<T, kD>(b), b);
-  emu::launch(dim3(unsigned(f.batch * f.heads_q), unsigned(ceil_div(f.len_q, kMmaRows))), dim3(kMmaThreads),
+  emu::launch(grid_for("len_q", f.len_q, kMmaRows, f.batch * f.heads_q), dim3(kMmaThreads),
               bwd_dq_mma_kernel_for<T, kD>(b), b);
 }
 
@@ -214,10 +230,10 @@ extern "C" int emu_attention_bwd(const float* q, const int64_t* qs, const float*
   const int64_t rows = f.batch * f.heads_q * f.len_q;
   emu::launch(dim3(unsigned(ceil_div(rows, kWarps))), dim3(kThreads), attention_bwd_delta_kernel<float>, b);
   if (f.len_k > 0)
-    emu::launch(dim3(unsigned(f.batch * f.heads_kv), unsigned(ceil_div(f.len_k, d.bn))), dim3(kThreads),
-                attention_bwd_dkdv_kernel<float>, b, d);
-  emu::launch(dim3(unsigned(f.batch * f.heads_q), unsigned(ceil_div(f.len_q, d.bm))), dim3(kThreads),
-              attention_bwd_dq_kernel<float>, b, d);
+    emu::launch(grid_for("len_k", f.len_k, d.bn, f.batch * f.heads_kv), dim3(kThreads), attention_bwd_dkdv_kernel<float>,
+                b, d);
+  emu::launch(grid_for("len_q", f.len_q, d.bm, f.batch * f.heads_q), dim3(kThreads), attention_bwd_dq_kernel<float>, b,
+              d);
   return 0;
 }
 
@@ -246,4 +262,73 @@ extern "C" void emu_attention_plan(int dtype, int backward, int64_t head_dim, in
   } else {
     plan_typed<float>(backward, head_dim, head_dim_v, static_cast<size_t>(limit), out);
   }
+}
+
+// ---- the launchers themselves (attention_fwd, attention_bwd) on the emulated device ------------------
+// dtype: 0 float16, 1 bfloat16, 2 float32 (DType). Returns 0, or 1 with *error = the launcher's message.
+// Under emu_set_dry_run(1) nothing runs (null pointers are fine): emu_launches tells what was launched.
+extern "C" int emu_attention_fwd_host(int dtype, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
+                                      const void* v, const int64_t* vs, const int64_t* sizes, int mask_kind,
+                                      const void* mask, const int64_t* ms, int64_t band_lo, int64_t band_hi,
+                                      float scale, const uint64_t* dropout, float softcap, const float* alibi,
+                                      const int64_t* alibi_stride, int64_t alibi_shift, void* out, const int64_t* os,
+                                      float* lse, const char** error) {
+  const AttentionFwdArgs a = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale,
+                                       dropout, softcap, alibi, alibi_stride, alibi_shift, out, os, lse,
+                                       static_cast<DType>(dtype));
+  *error = attention_fwd(a, nullptr);
+  return *error != nullptr;
+}
+
+extern "C" int emu_attention_bwd_host(int dtype, const void* q, const int64_t* qs, const void* k, const int64_t* ks,
+                                      const void* v, const int64_t* vs, const int64_t* sizes, int mask_kind,
+                                      const void* mask, const int64_t* ms, int64_t band_lo, int64_t band_hi,
+                                      float scale, const uint64_t* dropout, float softcap, const float* alibi,
+                                      const int64_t* alibi_stride, int64_t alibi_shift, const void* out,
+                                      const int64_t* os, const float* lse, const void* dout, const int64_t* dos,
+                                      void* dq, void* dk, void* dv, void* dmask, float* delta, const float* dlse,
+                                      const char** error) {
+  AttentionBwdArgs b{};
+  b.fwd = make_args(q, qs, k, ks, v, vs, sizes, mask_kind, mask, ms, band_lo, band_hi, scale, dropout, softcap,
+                    alibi, alibi_stride, alibi_shift, const_cast<void*>(out), os, const_cast<float*>(lse),
+                    static_cast<DType>(dtype));
+  b.dout = dout;
+  for (int i = 0; i < 4; ++i) b.dout_stride[i] = dos[i];
+  b.dq = dq; b.dk = dk; b.dv = dv; b.dmask = dmask; b.delta = delta; b.dlse = dlse;
+  *error = attention_bwd(b, nullptr);
+  return *error != nullptr;
+}
+
+// `threads` std::threads, each on device `devices[t % 2]`, make `iterations` dry-run calls of the
+// launchers (forward and backward, float32 and float16, head dims 256, 16, 128, 32 in turn: kernels
+// shared between the threads with more and less shared memory). Returns the number of calls that
+// failed; the first failure's message in *first_error.
+extern "C" int emu_attention_threads(int threads, int iterations, const int* devices, const char** first_error) {
+  std::mutex mutex;
+  int failures = 0;
+  *first_error = nullptr;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      emu::current_device = devices[t % 2];
+      emu::dry_run = true;
+      for (int i = 0; i < iterations; ++i) {
+        static constexpr int64_t kDims[4] = {256, 16, 128, 32};
+        AttentionBwdArgs b{};
+        AttentionFwdArgs& a = b.fwd;
+        a.dtype = i % 3 != 0 ? DType::kFloat32 : DType::kFloat16;
+        a.batch = 1; a.heads_q = 2; a.heads_kv = 1; a.len_q = a.len_k = 200;
+        a.head_dim = a.head_dim_v = kDims[(t + i) % 4];
+        a.band_lo = -a.len_q; a.band_hi = a.len_k;
+        const char* err = i % 2 != 0 ? attention_bwd(b, nullptr) : attention_fwd(a, nullptr);
+        emu::launches.clear();
+        if (err != nullptr) {
+          const std::lock_guard<std::mutex> lock(mutex);
+          if (failures++ == 0) *first_error = err;
+        }
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  return failures;
 }

@@ -1,7 +1,9 @@
 // The layer-norm and feed-forward kernels of csrc/cuda (float32 path) run on CPU threads, for
-// tests/test_cuda_emulated.py. The launch logic mirrors fwd_typed/bwd_typed and ffn_act_*; the
-// caller picks the vector width and the number of partial-sum blocks.
+// tests/test_cuda_emulated.py. The emu_layer_norm_fwd/bwd and emu_ffn_* entries launch the kernels
+// as fwd_typed/bwd_typed and ffn_act_* do, with the vector width and the number of partial-sum blocks
+// the caller picks; the emu_layer_norm_*_host entries run the launchers themselves.
 #include "cuda_runtime.h"
+#include "emu_device.h"
 
 namespace fused_attn_cuda {
 namespace {
@@ -107,4 +109,35 @@ extern "C" int emu_ffn_bwd(const float* pre, const float* dh, float* dpre, float
 // fused_attn/backends/cuda.py's mirror of it: the forward's bytes, or the backward's.
 extern "C" int64_t emu_layer_norm_smem_bytes(int64_t hidden, int backward) {
   return static_cast<int64_t>(backward ? layer_norm_bwd_smem_bytes(hidden) : layer_norm_fwd_smem_bytes(hidden));
+}
+
+// The launchers themselves (layer_norm_fwd, layer_norm_bwd: float32) on the emulated device
+// (emu_device.h): their kernel choice, grid and shared-memory opt-in. Returns 0, or 1 with *error =
+// the launcher's message. Under emu_set_dry_run(1) nothing runs (null pointers are fine).
+extern "C" int emu_layer_norm_fwd_host(const float* x, int64_t x_stride, const float* residual, int64_t res_stride,
+                                       const float* weight, const float* bias, int64_t rows, int64_t hidden, float eps,
+                                       int rms, const uint64_t* dropout, float* out, float* summed, float* mean,
+                                       float* rstd, const char** error) {
+  LayerNormFwdArgs a{};
+  a.dtype = a.residual_dtype = a.summed_dtype = DType::kFloat32;
+  a.rows = rows; a.hidden = hidden;
+  a.x = x; a.x_row_stride = x_stride; a.residual = residual; a.residual_row_stride = res_stride;
+  a.weight = weight; a.bias = bias; a.eps = eps; a.rms = rms != 0; a.dropout = dropout_from(dropout);
+  a.out = out; a.summed = summed; a.mean = mean; a.rstd = rstd;
+  *error = layer_norm_fwd(a, nullptr);
+  return *error != nullptr;
+}
+
+extern "C" int emu_layer_norm_bwd_host(const float* dout, int64_t dout_stride, const float* summed,
+                                       const float* weight, int has_bias, const float* mean, const float* rstd,
+                                       int64_t rows, int64_t hidden, int rms, float* dsum, float* dweight,
+                                       float* dbias, float* partials, const char** error) {
+  LayerNormBwdArgs a{};
+  a.dtype = a.summed_dtype = a.x_dtype = DType::kFloat32;
+  a.rows = rows; a.hidden = hidden;
+  a.dout = dout; a.dout_row_stride = dout_stride;
+  a.summed = summed; a.weight = weight; a.has_bias = has_bias != 0; a.mean = mean; a.rstd = rstd; a.rms = rms != 0;
+  a.dsum = dsum; a.dweight = dweight; a.dbias = dbias; a.partials = partials;
+  *error = layer_norm_bwd(a, nullptr);
+  return *error != nullptr;
 }

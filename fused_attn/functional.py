@@ -22,7 +22,7 @@ from . import _rng, reference
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
-                  _forward_mode_on, _stack, _transform_needs_autograd, differentiated, why_differentiated)
+                  _forward_mode_in, _stack, _transform_needs_autograd, differentiated, why_differentiated)
 from .ops_common import (ALIGNMENTS, as_int, attention_band, check_block_table, check_traced, check_varlen_bounds,
                          elements_may_overlap, first_page_out_of_range, gather_kv_pages, grad_recording, is_int,
                          known_true, no_data, pages_out_of_range, paged_layout, tensors_may_share_memory)
@@ -243,7 +243,7 @@ def _needs_grad(*tensors) -> bool:
     """Whether the call must go through its autograd Function: a gradient may be wanted, or a
     forward-mode tangent (which torch computes under no_grad and inference_mode too)."""
     if not grad_recording():
-        return _forward_mode_on()
+        return _forward_mode_in(tensors)
     for t in tensors:
         if t is not None and t.requires_grad:
             return True

@@ -56,6 +56,7 @@ Output layouts (fake and real implementations agree on them):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -70,6 +71,9 @@ from .ops_common import (check_block_table, check_varlen_bounds, empty, grad_rec
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 #: (its ``_current_level`` is read on every call: one attribute rather than torch.autograd.forward_ad's chain)
+#: That level is process-wide: a ``forward_ad.dual_level()`` or ``torch.func.jvp`` open in any thread
+#: sets it for every thread, so ``_current_level >= 0`` only says that tangents may exist; whether
+#: this call carries any is asked of its tensors (``_tangents_in``, ``_forward_mode_in``).
 _forward_ad = torch.autograd.forward_ad
 
 
@@ -106,7 +110,7 @@ def inference_call_ok(*tensors) -> bool:
     # Grad mode off (no_grad, inference_mode) stops reverse mode only: torch still computes jvp
     # tangents there, so under forward-mode AD the call takes the Function, whose jvp gives them
     # (the kernels would see dual or jvp-wrapped tensors: a tangent of zero, or a crash).
-    return not _forward_mode_on()
+    return not _forward_mode_in(tensors)
 
 
 def _transform_needs_autograd(tensors) -> bool:
@@ -115,10 +119,8 @@ def _transform_needs_autograd(tensors) -> bool:
     ``vmap`` of tensors whose unwrapped selves require grad (an ensemble's stacked parameters).
     Such calls go through the autograd Function, which computes the gradient or says clearly
     that the transform is not supported, never a result without its gradient."""
-    if _forward_ad._current_level >= 0:
-        return True
     if not torch._C._are_functorch_transforms_active():
-        return False
+        return _tangents_in(tensors)
     for level in _functorch.get_interpreter_stack() or ():
         if level.key() != _functorch.TransformType.Vmap:  # Grad, Jvp (Functionalize: traced)
             return True
@@ -127,29 +129,35 @@ def _transform_needs_autograd(tensors) -> bool:
             t = _functorch.get_unwrapped(t)
         if t is not None and t.requires_grad:
             return True
-    return False
+    return _tangents_in(tensors)
 
 
 _DIFFERENTIATING = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
 
 
-def _create_graph() -> bool:
+def _create_graph(*tensors) -> bool:
     """Whether this backward's result will itself be differentiated, so that it must be computed
     with a graph (``_grad_with_graph``) rather than by the kernels, whose gradients would be
     constants (second derivatives silently zero):
     - ``create_graph=True``: grad mode on in a backward, outside torch.func's transforms;
-    - forward-mode AD around the backward (``torch.autograd.forward_ad``);
     - torch.func: a grad or jvp transform below the innermost one (``jacrev(jacrev(f))``,
       ``hessian``, ``grad(grad(f))``, a gradient penalty under ``grad``). The backward runs
       inside the transforms that enclose its call; the innermost is the one it serves (a
       ``grad``, or ``jacrev``'s ``vmap`` over the cotangents), any grad or jvp level under it
-      differentiates the result. (``grad`` and ``vmap(grad)`` alone stay on the kernels.)"""
-    if _forward_ad._current_level >= 0:
-        return True
+      differentiates the result. (``grad`` and ``vmap(grad)`` alone stay on the kernels.)
+    - forward-mode AD through the backward (``torch.autograd.forward_ad`` around a backward or a
+      ``torch.func.grad``): a tangent on one of ``tensors``, the backward's incoming gradients and
+      the saved inputs it reads. Asked of them, not of forward_ad's level alone, which is
+      process-wide: a ``dual_level`` open in another thread would send every backward of every
+      thread down the reference path (slower, its (Lq, Lk) matrix, gradients off by rounding)."""
     if not torch._C._are_functorch_transforms_active():
-        return torch.is_grad_enabled()
-    stack = _functorch.get_interpreter_stack() or ()
-    return any(level.key() in _DIFFERENTIATING for level in stack[:-1])
+        if torch.is_grad_enabled():
+            return True
+    else:
+        stack = _functorch.get_interpreter_stack() or ()
+        if any(level.key() in _DIFFERENTIATING for level in stack[:-1]):
+            return True
+    return _forward_ad._current_level >= 0 and _tangents_in(tensors)
 
 
 def _jvp_through(fn, primals, tangents, layouts):
@@ -319,10 +327,15 @@ class _Function(torch.autograd.Function):
     Under torch.func's transforms and torch.compile, torch's own ``apply``.
 
     Forward-mode AD: a subclass's ``forward_tangents(ctx, *input_tangents)`` becomes the ``jvp``
-    of a twin class (``cls.forward_mode``), which ``apply`` runs only while forward-mode AD is on
-    (``torch.func.jvp``, ``jacfwd``, ``hessian``, ``torch.autograd.forward_ad``): torch.compile
+    of a twin class (``cls.forward_mode``), which ``apply`` runs only for calls that forward-mode AD
+    reaches (``torch.func.jvp``, ``jacfwd``, ``hessian`` on the thread's transform stack, or an
+    argument carrying a ``torch.autograd.forward_ad`` tangent: ``_forward_mode_in``): torch.compile
     refuses to trace a Function that defines ``jvp`` (a graph break at every call), and the
-    transforms' tangents are never traced."""
+    transforms' tangents are never traced. The twin's ``setup_context`` is the subclass's with
+    ``forward_mode=True``: it saves what the jvp reads, which the subclass itself never needs.
+    (Decided by the class that runs, not by asking whether forward mode is on: torch.func calls
+    ``setup_context`` below the jvp level, on unwrapped inputs that show no tangent, and
+    forward_ad's level, open in any thread, says nothing of this call.)"""
 
     forward_mode = None
 
@@ -331,6 +344,7 @@ class _Function(torch.autograd.Function):
         if "forward_tangents" in cls.__dict__:
             cls.forward_mode = type(cls)(f"{cls.__name__}ForwardMode", (cls,), {
                 "jvp": cls.__dict__["forward_tangents"], "__module__": cls.__module__,
+                "setup_context": staticmethod(functools.partial(cls.setup_context, forward_mode=True)),
                 "__doc__": f"{cls.__name__} with its jvp, for calls under forward-mode AD."})
 
     @classmethod
@@ -341,13 +355,13 @@ class _Function(torch.autograd.Function):
             return _TORCH_APPLY(cls, *args)
         twin = cls.forward_mode
         if torch._C._are_functorch_transforms_active():
-            if twin is not None and twin is not cls and _forward_mode_on():
+            if twin is not None and twin is not cls and _forward_mode_in(args):
                 if _nested_forward_mode():  # the twin's jvp would drop the outer levels' tangents
                     return cls.reference(*args)
                 return twin.apply(*args)
             return _TORCH_APPLY(cls, *args)
-        # (no transform: forward mode is on only through forward_ad, _forward_mode_on's first test)
-        if twin is not None and twin is not cls and _forward_ad._current_level >= 0:
+        # (no transform: forward mode reaches the call only through forward_ad, as a tangent on an argument)
+        if twin is not None and twin is not cls and _forward_ad._current_level >= 0 and _tangents_in(args):
             return twin.apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)  # torch._C._FunctionBase.apply
 
@@ -355,14 +369,28 @@ class _Function(torch.autograd.Function):
 _TORCH_APPLY = torch.autograd.Function.apply.__func__
 
 
-def _forward_mode_on() -> bool:
-    """Whether tangents may flow into this call: a ``torch.autograd.forward_ad`` level is open, or
-    torch.func's jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on the stack."""
-    if _forward_ad._current_level >= 0:
-        return True
-    if not torch._C._are_functorch_transforms_active():
+def _forward_mode_in(tensors) -> bool:
+    """Whether tangents may flow into a call of ``tensors`` (other arguments are skipped): torch.func's
+    jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on this thread's stack (the call then takes
+    the Function even for inputs without a tangent, whose jvp-wrapped tensors the kernels cannot
+    take), or one of them carries a tangent (``_tangents_in``)."""
+    if _forward_ad._current_level < 0:  # (no level anywhere: torch.func.jvp opens one too)
         return False
-    return any(level.key() == _functorch.TransformType.Jvp for level in _functorch.get_interpreter_stack() or ())
+    if torch._C._are_functorch_transforms_active() and any(
+            level.key() == _functorch.TransformType.Jvp for level in _functorch.get_interpreter_stack() or ()):
+        return True
+    return _tangents_in(tensors)
+
+
+def _tangents_in(tensors) -> bool:
+    """Whether one of ``tensors`` (other values are skipped) carries a forward-mode tangent
+    (``carries_tangent``). Asked only while a forward_ad level is open somewhere in the process."""
+    if _forward_ad._current_level < 0:
+        return False
+    for t in tensors:
+        if isinstance(t, Tensor) and carries_tangent(t):
+            return True
+    return False
 
 
 def _nested_forward_mode() -> bool:
@@ -386,12 +414,14 @@ def _nested_forward_mode() -> bool:
 
 def carries_tangent(t) -> bool:
     """Whether forward-mode AD carries a tangent on tensor t: a dual tensor of the open
-    ``torch.autograd.forward_ad`` level, or, under torch.func's jvp (``jvp``, ``jacfwd``,
-    ``hessian``), a tensor with a tangent at some jvp level (an outer one's too). False at once
-    when forward mode is off. (A detached tensor carries none: ``t.detach()`` opts out.)"""
+    ``torch.autograd.forward_ad`` level (under torch.func's other transforms, beneath their
+    wrappers), or, under torch.func's jvp (``jvp``, ``jacfwd``, ``hessian``), a tensor with a
+    tangent at some jvp level (an outer one's too). False at once when no level is open. (A
+    detached tensor carries none: ``t.detach()`` opts out.)"""
+    if _forward_ad._current_level < 0:
+        return False
     if not torch._C._are_functorch_transforms_active():
-        fw_ad = torch.autograd.forward_ad
-        return fw_ad._current_level >= 0 and fw_ad.unpack_dual(t).tangent is not None
+        return _forward_ad.unpack_dual(t).tangent is not None
     jvp_levels = [level.level() for level in _functorch.get_interpreter_stack() or ()
                   if level.key() == _functorch.TransformType.Jvp]
     # Each jvp level's tangent sits on t's wrapper of that level, which unpack_dual sees only with
@@ -401,12 +431,19 @@ def carries_tangent(t) -> bool:
         if not _functorch.is_batchedtensor(t) and level in jvp_levels and _tangent_at(t, level):
             return True
         t = _functorch.get_unwrapped(t)
-    return False
+    if jvp_levels:  # the forward_ad level is torch.func.jvp's own (torch nests no other level with it)
+        return False
+    # No jvp transform: a tangent of a forward_ad.dual_level opened around the transforms
+    # (forward-over-reverse: a dual tensor handed to torch.func.grad) sits on t beneath every wrapper
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    return _tangent_at(t, 0)
 
 
 def _tangent_at(wrapper, level: int) -> bool:
-    """Whether ``wrapper`` (a torch.func wrapper of jvp level ``level``) has a tangent there: asked
-    with the transforms inside that level set aside for the moment."""
+    """Whether ``wrapper`` (a torch.func wrapper of jvp level ``level``; level 0: a tensor beneath
+    every wrapper) has a tangent there: asked with the transforms inside that level set aside for
+    the moment."""
     popped = []
     try:
         while _functorch.peek_interpreter_stack() is not None and _functorch.peek_interpreter_stack().level() > level:
@@ -452,14 +489,14 @@ class AttentionFunction(_Function):
                                   alibi_slopes, bottom_right)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, forward_mode=False):
         (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap, alibi_slopes, bottom_right,
          return_lse) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng, alibi_slopes)
         ctx.options = (band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right)
         ctx.return_lse = return_lse
-        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+        if forward_mode:  # the forward_mode twin runs: save for its jvp
             ctx.save_for_forward(q, k, v, attn_mask, rng, alibi_slopes)
             ctx.layouts = (out.stride(), lse.stride())
         if not return_lse:
@@ -471,7 +508,7 @@ class AttentionFunction(_Function):
         dlse = dlse if ctx.return_lse else None
         q, k, v, out, lse, attn_mask, rng, alibi_slopes = ctx.saved_tensors
         band_lo, band_hi, dropout_p, scale, backend, softcap, bottom_right = ctx.options
-        if _create_graph():  # the gradient will be differentiated
+        if _create_graph(dout, dlse, q, k, v, attn_mask, alibi_slopes):  # the gradient will be differentiated
             outputs = _attention_reference(ctx.options, rng, alibi_slopes)
             return tuple(_grad_with_graph(outputs, (q, k, v, attn_mask), ctx.needs_input_grad[:4],
                                           (dout, dlse))) + (None,) * 10
@@ -626,14 +663,14 @@ class AttentionVarlenFunction(_Function):
                    dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes, block_table)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, forward_mode=False):
         (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p,
          scale, rng, backend, softcap, seqused_k, _, alibi_slopes, return_lse, _) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
         ctx.return_lse = return_lse
-        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+        if forward_mode:  # the forward_mode twin runs: save for its jvp
             ctx.save_for_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
             ctx.layouts = (out.stride(), lse.stride())
         if not return_lse:
@@ -643,7 +680,7 @@ class AttentionVarlenFunction(_Function):
     def backward(ctx, dout, dlse=None):
         dlse = dlse if ctx.return_lse else None
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes = ctx.saved_tensors
-        if _create_graph():  # the gradient will be differentiated: the reference, a sequence at a time
+        if _create_graph(dout, dlse, q, k, v, alibi_slopes):  # differentiated: the reference, a sequence at a time
             outputs = _varlen_reference(ctx.options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
             return tuple(_grad_with_graph(outputs, (q, k, v), ctx.needs_input_grad[:3], (dout, dlse))) + (None,) * 17
         bwd = _backward_op(_attention_varlen_bwd_impl, "attention_varlen_bwd", rng, dout, q, k, v,
@@ -784,7 +821,7 @@ class LayerNormResidualFunction(_Function):
                                    backend, store_summed)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, forward_mode=False):
         x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, _ = inputs
         out, summed, mean, rstd = output
         # Save the output object itself, never a view made of it here: a saved view of an output
@@ -796,7 +833,7 @@ class LayerNormResidualFunction(_Function):
         ctx.options = (eps, dropout_p, rms, backend, x.dtype, None if residual is None else residual.dtype, x.shape)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, rstd)
-        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+        if forward_mode:  # the forward_mode twin runs: save for its jvp
             ctx.save_for_forward(x, residual, weight, bias, rng)
             ctx.jvp_options = (residual_in_fp32, inputs[10], (out.stride(), summed.stride()))
 
@@ -805,7 +842,7 @@ class LayerNormResidualFunction(_Function):
         summed, weight, bias, mean, rstd, rng = ctx.saved_tensors
         eps, dropout_p, rms, backend, x_dtype, residual_dtype, shape = ctx.options
         d = shape[-1]
-        if _create_graph():  # create_graph=True
+        if _create_graph(dout, dsummed, summed, weight, bias):  # the gradient will be differentiated
             return _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed)
         # (dout and dsummed are the rows' gradients; _rows only makes their last dim unit-stride)
         dout = torch.zeros(summed.shape, dtype=x_dtype, device=summed.device) if dout is None else _rows(dout, d)
@@ -1001,7 +1038,7 @@ class FeedForwardFunction(_Function):
         return out, pre, x2 if copied else x.new_empty(0)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, forward_mode=False):
         x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up, b1_up = inputs
         out, pre, x2 = output
         # x itself (for a backward with a graph) and, when x was strided, the copy the kernel read
@@ -1009,7 +1046,7 @@ class FeedForwardFunction(_Function):
         ctx.save_for_backward(x, x2 if x2.dim() == 2 else None, w1, w1_up, w2, pre, rng, b1, b1_up, b2)
         ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
         ctx.mark_non_differentiable(pre, x2)
-        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+        if forward_mode:  # the forward_mode twin runs: save for its jvp
             ctx.save_for_forward(x, w1, b1, w2, b2, w1_up, b1_up, rng)
             ctx.layouts = (out.stride(),)
 
@@ -1031,7 +1068,7 @@ class FeedForwardFunction(_Function):
     def backward(ctx, dout, _dpre=None, _dx2=None):
         x, x2, w1, w1_up, w2, pre, rng, b1, b1_up, b2 = ctx.saved_tensors
         activation, dropout_p, backend, has_b1, has_b2, shape = ctx.options
-        if _create_graph():  # the gradient will be differentiated
+        if _create_graph(dout, x, w1, b1, w2, b2, w1_up, b1_up):  # the gradient will be differentiated
             n = ctx.needs_input_grad
             dx, dw1, db1, dw2, db2, dw1_up, db1_up = _grad_with_graph(
                 _feed_forward_reference(ctx.options, rng), (x, w1, b1, w2, b2, w1_up, b1_up),
@@ -1109,11 +1146,11 @@ class RotaryFunction(_Function):
         return op(x, cos, sin, positions, interleaved, False, backend)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, forward_mode=False):
         x, cos, sin, positions, interleaved, backend, inplace = inputs
         ctx.save_for_backward(cos, sin, positions)
         ctx.options = (interleaved, backend)
-        if _forward_mode_on():  # the forward_mode twin runs: save for its jvp
+        if forward_mode:  # the forward_mode twin runs: save for its jvp
             ctx.save_for_forward(cos, sin, positions)
             ctx.inplace = inplace
         if inplace:
@@ -1137,7 +1174,7 @@ class RotaryFunction(_Function):
     def backward(ctx, dout):
         cos, sin, positions = ctx.saved_tensors
         interleaved, backend = ctx.options
-        if _create_graph():  # the gradient will be differentiated: the rotation is linear, so is its backward
+        if _create_graph(dout, cos, sin):  # differentiated: the rotation is linear, so is its backward
             dx = reference.rotary(dout, cos, sin, positions, interleaved, conjugate=True)
             return dx, None, None, None, None, None, None
         op = _rotary_impl if direct_call_ok(dout, cos, sin, positions) else torch.ops.fused_attn.rotary

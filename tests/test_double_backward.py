@@ -607,3 +607,74 @@ def test_forward_mode_nested_alibi_slopes(backend):
     expected = second(lambda s: R.attention(q, k, v, R.alibi_bias(s, 3, 3, dtype=torch.float64)))
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(second(lambda s: F.attention(q, k, v, alibi_slopes=s, backend=backend)), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("other", ["dual_level", "jvp"])
+def test_another_threads_forward_mode_leaves_this_threads_backward_alone(backend, other, monkeypatch):
+    """torch.autograd.forward_ad's level is process-wide: while another thread was inside a
+    ``dual_level()`` or a running ``torch.func.jvp``, every fused backward of every thread took the
+    reference path with a graph (``_create_graph``): slower, the (L, L) matrix materialised, and
+    gradients off by rounding (bitwise reproducibility broken). Forward mode is now asked of the
+    call's own tensors: the gradients are bitwise those without the other thread, from the kernels."""
+    import threading
+
+    import torch.autograd.forward_ad as fwAD
+
+    from fused_attn import ops
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 64, 16, generator=gen).requires_grad_()
+    x = torch.randn(2, 8, 16, generator=gen).requires_grad_()
+    w1, w2 = torch.randn(32, 16, generator=gen).requires_grad_(), torch.randn(16, 32, generator=gen)
+    wn = torch.randn(16, generator=gen).requires_grad_()
+    cos, sin = torch.randn(2, 64, 8, generator=gen).unbind(0)
+    cu = torch.tensor([0, 20, 64], dtype=torch.int32)
+    leaves = (q, x, w1, wn)
+
+    def grads():
+        for t in leaves:
+            t.grad = None
+        loss = (F.attention(q, q, q, causal=True, backend=backend).pow(2).sum()
+                + F.attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu,
+                                     causal=True, backend=backend).pow(2).sum()
+                + F.feed_forward(x, w1, None, w2, None, activation="gelu", backend=backend).pow(2).sum()
+                + F.layer_norm_residual(x, x, wn, None, backend=backend)[0].pow(3).sum()
+                + F.apply_rotary_emb(q.transpose(1, 2), cos, sin, backend=backend).pow(2).sum())
+        loss.backward()
+        return [t.grad.clone() for t in leaves]
+
+    expected = grads()
+    graph_paths = []
+
+    def create_graph(*tensors, _real=ops._create_graph):
+        graph_paths.append(_real(*tensors))
+        return graph_paths[-1]
+
+    monkeypatch.setattr(ops, "_create_graph", create_graph)
+    inside, stop = threading.Event(), threading.Event()
+
+    def hold(value):
+        inside.set()
+        stop.wait(30)
+        return value
+
+    def run_other():
+        if other == "dual_level":
+            with fwAD.dual_level():
+                hold(None)
+        else:
+            torch.func.jvp(hold, (torch.ones(2),), (torch.ones(2),))
+
+    thread = threading.Thread(target=run_other)
+    thread.start()
+    try:
+        assert inside.wait(30) and fwAD._current_level >= 0  # (the other thread's level, seen here)
+        got = grads()
+    finally:
+        stop.set()
+        thread.join()
+    assert graph_paths and not any(graph_paths)  # every backward on the kernels' path
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+

@@ -39,7 +39,7 @@ dS = P (dP - (delta - dlse)) with delta = rowsum(dO * O), so every backend subtr
 Dropout takes ``rng``, an int64 CPU tensor ``[seed, offset]`` (a tensor, not two ints, so that
 drawing it stays inside a compiled graph); see ``fused_attn._rng`` for the mask it defines.
 Drawn under ``vmap(..., randomness="different")`` it is batched, a pair per sample: such calls go
-through the registered ops, whose vmap fallback runs the samples one by one (``_per_sample``).
+through the registered ops, whose vmap rule runs the samples one by one (``_per_sample``).
 
 Output layouts (fake and real implementations agree on them):
 - attention_fwd: out (B, Hq, Lq, Dv) stored as contiguous (B, Lq, Hq, Dv); lse (B, Hq, Lq) float32, float64
@@ -66,7 +66,7 @@ from torch._C import _functorch
 from . import _rng, reference
 from .backends import get_backend
 from .ops_common import (check_block_table, check_varlen_bounds, empty, grad_recording, known_true, lse_dtype,
-                         new_attention_out, new_varlen_out, varlen_lse_shape)
+                         new_attention_out, new_varlen_out, register_vmap_slice_by_slice, varlen_lse_shape)
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
@@ -225,7 +225,7 @@ def _per_sample(rng: Optional[Tensor]) -> bool:
     """Whether ``rng`` was drawn under ``torch.func.vmap(..., randomness="different")`` (or
     ``jacfwd``'s, ...): a batched ``[seed, offset]``, a pair per sample, which the kernels cannot
     take as two ints. Such a call goes through the registered op rather than its implementation:
-    the op's vmap fallback runs each sample on its own, with its own pair, so every sample gets its
+    the op's vmap rule runs each sample on its own, with its own pair, so every sample gets its
     own mask, that of the pair it drew (reproducible under ``torch.manual_seed``)."""
     return rng is not None and _rng.vmapped(rng)
 
@@ -1124,6 +1124,17 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: 
 @rotary.register_fake
 def _rotary_fake(x, cos, sin, positions, interleaved, conjugate, backend):
     return torch.empty_like(x)
+
+
+# Under vmap each registered op runs sample by sample, as torch's fallback would, without its
+# warning on every call (``register_vmap_slice_by_slice``). Calls come here under vmap with a
+# per-sample rng (``_per_sample``: randomness="different"); others run the implementations, whose
+# fused_attn_C ops have the same rule (``backends.cpu``). (rotary_, which mutates x, never gets
+# vmapped tensors: ``rotary.rotate`` computes out of place under the transforms.)
+for _op in (attention_fwd, attention_bwd, attention_varlen_fwd, attention_varlen_bwd, layer_norm_residual_fwd,
+            layer_norm_residual_bwd, feed_forward_fwd, feed_forward_bwd, rotary):
+    register_vmap_slice_by_slice(_op, _op._qualname)
+del _op
 
 
 class RotaryFunction(_Function):

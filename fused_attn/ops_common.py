@@ -61,6 +61,30 @@ def check_traced(condition, message: str) -> None:
         torch._check(condition, lambda: message)
 
 
+def register_vmap_slice_by_slice(op, qualname: str) -> None:
+    """Give the op ``qualname`` (a ``torch.library.custom_op``'s, or one declared in C++: the
+    ``fused_attn_C`` ones), which ``op`` calls, a vmap rule that runs it on each sample alone and
+    stacks the results along dim 0: what torch's BatchedFallback does for an op without a batching
+    rule, bitwise, without the fallback's "There is a performance drop because we have not yet
+    implemented the batching rule for <op>. Please file us an issue on GitHub...", which it prints
+    from C++ on every call, past Python's warnings filters (inside an autograd Function, a
+    UserWarning). Flattening the vmapped dimension into the ops' batch dimension is no option in
+    general: dropout masks depend on the batch and row indices, and vmapped weights (ensembles)
+    have no batch dimension. Not for ops that mutate an argument (no call under a transform
+    mutates: ``rotary.rotate``)."""
+    def slice_by_slice(info, in_dims, *args, **kwargs):
+        if info.batch_size == 0:  # (as the fallback: no sample to run, so no output shape)
+            raise ValueError(f"{qualname} under torch.func.vmap needs a vmapped dimension of size >= 1, got 0")
+        results = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)), **kwargs)
+                   for i in range(info.batch_size)]
+        if isinstance(results[0], torch.Tensor):
+            return torch.stack(results), 0
+        outs = tuple(torch.stack(out) for out in zip(*results))
+        return outs, (0,) * len(outs)
+
+    torch.library.register_vmap(qualname, slice_by_slice)
+
+
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
 

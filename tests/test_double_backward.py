@@ -678,3 +678,52 @@ def test_another_threads_forward_mode_leaves_this_threads_backward_alone(backend
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
 
+
+_VMAP_SCRIPT = r"""
+import torch
+from torch.func import grad, vmap
+from fused_attn import functional as F
+
+gen = torch.Generator().manual_seed(0)
+q = torch.randn(3, 1, 2, 5, 8, generator=gen)
+x, res = torch.randn(2, 3, 4, 8, generator=gen).unbind(0)
+w, w1, w2 = torch.randn(8, generator=gen), torch.randn(3, 16, 8, generator=gen), torch.randn(3, 8, 16, generator=gen)
+cos, sin = torch.randn(2, 10, 4, generator=gen).unbind(0)
+cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+calls = {
+    "attention": (lambda q: F.attention(q, q, q, causal=True, backend=BACKEND), (q,)),
+    "attention_varlen": (lambda q: F.attention_varlen(q[0], q[0], q[0], cu, cu, backend=BACKEND), (q.transpose(2, 3),)),
+    "layer_norm_residual": (lambda x, r: F.layer_norm_residual(x, r, w, None, backend=BACKEND)[0], (x, res)),
+    "feed_forward": (lambda x, a, b: F.feed_forward(x, a, None, b, None, activation="gelu", backend=BACKEND),
+                     (x, w1, w2)),
+    "rotary": (lambda x: F.apply_rotary_emb(x, cos, sin, backend=BACKEND), (q.transpose(2, 3),)),
+}
+for name, (f, args) in calls.items():
+    for _ in range(2):
+        out = vmap(f)(*args)
+        expected = torch.stack([f(*(a[i] for a in args)) for i in range(3)])
+        assert torch.equal(out, expected), name
+        g = vmap(grad(lambda *a: f(*a).square().sum()))(*args)  # (the Function's path)
+        assert torch.equal(g, torch.stack([grad(lambda *a: f(*a).square().sum())(*(a[i] for a in args))
+                                           for i in range(3)])), name
+drop = vmap(lambda q: F.attention(q, q, q, dropout_p=0.5, backend=BACKEND), randomness="different")(q)
+print("ran", len(calls), drop.shape)
+"""
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled extension (the reference runs torch's ops)")
+def test_vmap_prints_no_fallback_warning():
+    """Under torch.func.vmap the fused_attn_C ops (and the registered fused_attn ops, which a
+    per-sample dropout seed reaches) have a rule that runs them sample by sample: before, torch's
+    BatchedFallback did so and printed "There is a performance drop because we have not yet
+    implemented the batching rule for fused_attn_C::attention_fwd..." from C++ on every no-grad
+    call (past Python's warnings filters; a UserWarning under vmap(grad)). Results bitwise as a loop
+    over the samples. (A subprocess: C++ writes the warning to the process's stderr.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "BACKEND = 'cpu'\n" + _VMAP_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ran 5" in proc.stdout
+    assert "batching rule" not in proc.stderr and "BatchedFallback" not in proc.stderr, proc.stderr

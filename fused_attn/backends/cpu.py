@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from ..ops_common import register_vmap_slice_by_slice
 from .base import Backend, Call
 
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -30,6 +31,18 @@ class _Entries:
 
 
 _C_OPS = _Entries()
+
+# The ops that calls under torch.func.vmap hand vmapped tensors to (rotary_out never gets them:
+# rotary.rotate computes out of place under the transforms), each given a rule that runs it sample
+# by sample as torch's fallback did, without the warning the fallback prints from C++ on every call
+# ("There is a performance drop because we have not yet implemented the batching rule for
+# fused_attn_C::attention_fwd"), which Python's warnings filters cannot silence.
+_VMAPPED_OPS = ("attention_fwd", "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd",
+                "layer_norm_residual_fwd", "layer_norm_residual_bwd", "feed_forward_fwd", "feed_forward_bwd", "rotary")
+if _extension._C is not None:
+    for _name in _VMAPPED_OPS:
+        if hasattr(torch.ops.fused_attn_C, _name):  # (an extension built before the varlen ops has none)
+            register_vmap_slice_by_slice(getattr(_C_OPS, _name), f"fused_attn_C::{_name}")
 
 
 class CompiledBackend(Backend):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Optional
 
 import torch
@@ -278,7 +279,7 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
             #   oracle's yardstick the kernels are held to.
             # - else 0: the row as it is, bit for bit (ordinary rows).
             with torch.no_grad():
-                var, mean = torch.var_mean(wide, dim=-1, correction=0, keepdim=True)
+                var, mean = _row_var_mean(wide)
                 nearly_constant = mean.abs() > 2.0 ** 22 * var.sqrt()
                 shift = torch.where((var / (c * c)).isinf(), math.nan,
                                     torch.where((mean.abs() > 2.0 ** 60) | nearly_constant, mean, 0.0))
@@ -286,6 +287,28 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
         normed = F.layer_norm(wide, wide.shape[-1:], w, b, eps * c * c)
     normed = normed.to(x.dtype)
     return (normed, summed) if prenorm else normed
+
+
+def _row_var_mean(x: torch.Tensor):
+    """``torch.var_mean(x, dim=-1, correction=0, keepdim=True)``, DTensors included (a norm under
+    sequence parallelism): torch 2.11's DTensor has no sharding rule for var_mean (a
+    NotImplementedError), and torch.var and torch.mean apart are not var_mean bit for bit (var gave
+    4.7e21 for a constant row of 1e18). So a DTensor's statistics are var_mean's on each local
+    shard, its rows first made whole where the mesh splits or sums them: the values torch 2.13's
+    DTensor gives, on every torch."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None or not isinstance(x, dtensor):
+        return torch.var_mean(x, dim=-1, correction=0, keepdim=True)
+    from torch.distributed.tensor import Replicate
+
+    placements = tuple(Replicate() if p.is_partial() or (p.is_shard() and p.dim % x.ndim == x.ndim - 1) else p
+                       for p in x.placements)
+    if placements != tuple(x.placements):
+        x = x.redistribute(x.device_mesh, placements)
+    var, mean = torch.var_mean(x.to_local(), dim=-1, correction=0, keepdim=True)
+    shape = x.shape[:-1] + (1,)
+    stride = torch.empty(shape, device="meta").stride()
+    return tuple(dtensor.from_local(t, x.device_mesh, placements, shape=shape, stride=stride) for t in (var, mean))
 
 
 def activation_fn(pre: torch.Tensor, activation: str) -> torch.Tensor:

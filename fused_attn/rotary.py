@@ -154,12 +154,21 @@ def resolve_rotary(x: Tensor, half: int, backend: Optional[str]) -> str:
     return resolve_options("rotary", x.device, x.dtype, (("head_dim", D), ("rotary_dim", 2 * half)), backend)
 
 
+# torch.compile before torch 2.13 (seen on 2.11) loses the backward of an autograd Function that
+# marks its input dirty when the code goes on with that input rather than the Function's output
+# (``RotaryFunction.apply(y, ...); return y``, as the in-place embedding does): a wrong input
+# gradient, the forward right. Such calls take out of place + copy_ there, which it differentiates.
+_COMPILE_DROPS_DIRTY_BACKWARD = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
+
 def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool, backend: str,
            inplace: bool = False) -> Tensor:
     """The embedding of checked inputs: x4 (B, L, H, D), positions (B, L) in range, ``backend``
     resolved (also ``attention_with_kvcache``'s path, which checks its positions itself)."""
+    compiling = torch.compiler.is_compiling()
     if inplace and (torch._C._are_functorch_transforms_active()
-                    or (not torch.compiler.is_compiling() and x4.is_neg())):
+                    or (not compiling and x4.is_neg())
+                    or (compiling and _COMPILE_DROPS_DIRTY_BACKWARD and _needs_grad(x4, cos, sin))):
         # Under torch.func's transforms, out of place and then copied into x4: vmap's fallback
         # runs no out= kernel (the cpu and cuda backends write x through fused_attn_C::rotary_out),
         # and torch's generated vmap rule refuses an in-place autograd Function under vmap(grad)
@@ -169,7 +178,8 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
         # return it (fused_attn_C::rotary_out and fused_attn::rotary_ return nothing: an internal
         # assert, or "Expected Tensor but got None"), and copy_ writes the values through the bit.
         # (Not asked under torch.compile: Dynamo cannot trace is_neg(), and Inductor reads such a
-        # graph input negated anyway: README, Semantics, Strides.)
+        # graph input negated anyway: README, Semantics, Strides.) And under torch.compile before
+        # torch 2.13, whose graphs dropped the Function's backward (_COMPILE_DROPS_DIRTY_BACKWARD).
         return x4.copy_(rotate(x4, cos, sin, positions, interleaved, backend))
     if inference_call_ok(x4, cos, sin):
         return rotary_inference(x4, cos, sin, positions, interleaved, backend, inplace)

@@ -811,3 +811,27 @@ def test_flash_attn_window_exports_with_a_symbolic_key_length():
     with pytest.raises(ValueError, match=r"window_size=\(-1, 5\) with a symbolic key length.*Lq <= Lk \+ 1"):
         torch.export.export(Windowed((-1, 5), varlen=True), (q, k, k, cu_q, cu_k),
                             dynamic_shapes=({0: Dim("tq")}, {0: Dim("tk")}, {0: Dim("tk")}, None, None))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_inplace_rotary_gradient_when_the_input_is_used_after(packed):
+    """The in-place embedding of an intermediate, compiled, the code going on with that tensor (as
+    FlashAttention's callers do): its input gradient is eager's. torch 2.11's graphs dropped the
+    rotation's backward (the autograd Function marks x dirty, and x rather than its output flowed
+    on): a wrong gradient, the forward right."""
+    gen = torch.Generator().manual_seed(0)
+    cos, sin = torch.randn(2, 16, 4, generator=gen).unbind(0)
+    x0 = torch.randn(7, 2, 8, generator=gen) if packed else torch.randn(2, 7, 2, 8, generator=gen)
+    kw = dict(cu_seqlens=torch.tensor([0, 3, 7]), max_seqlen=4) if packed else {}
+
+    def fn(x):
+        y = x * 2
+        F.apply_rotary_emb(y, cos, sin, interleaved=True, inplace=True, **kw)
+        return y * y.detach()
+
+    grads = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        x = x0.clone().requires_grad_()
+        f(x).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0])

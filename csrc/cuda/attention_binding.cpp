@@ -1,7 +1,6 @@
 // CUDA implementations of fused_attn_C::attention_fwd / attention_bwd: check the tensors, allocate
 // the outputs, and launch the kernels of attention.cu on the current stream.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -117,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   AttentionFwdArgs a =
       forward_args(op, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap, alibi_slopes,
                    bottom_right);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   // out is (B, Hq, Lq, Dv) stored as a contiguous (B, Lq, Hq, Dv) (fused_attn.ops_common.new_attention_out).
   at::Tensor out = at::empty({a.batch, a.len_q, a.heads_q, a.head_dim_v}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({a.batch, a.heads_q, a.len_q}, q.options().dtype(at::kFloat));
@@ -160,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     FA_CHECK(dlse->sizes() == lse.sizes(), "fused_attn_C::", op, " (cuda): dlse must have lse's shape ", lse.sizes(),
                 ", got ", dlse->sizes());
   }
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const at::Tensor dlse_c = has_dlse ? dlse->contiguous() : at::Tensor();
   const at::Tensor lse_c = lse.contiguous();
   a.fwd.out = const_cast<void*>(out.data_ptr());  // read only: the kernels take it through a const pointer

@@ -3,6 +3,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/Exception.h>
+
+#include <string>
 
 #include "../common/check.h"
 #include "../common/dropout_hash.h"
@@ -49,6 +53,34 @@ inline DropoutArgs dropout_args(double p, int64_t seed, int64_t offset, const ch
   }
   return d;
 }
+
+// Makes a CUDA device current for its scope and restores the previous one, as c10::cuda::CUDAGuard
+// does, through the same libc10_cuda calls (ExchangeDevice, MaybeSetDevice), but without formatting
+// through std::ostream (check.h: the device build crashed there): CUDAGuard's inline constructor
+// checks the device type with TORCH_CHECK(..., DeviceType), an ostringstream instantiated in every
+// function of ours that took one, and its destructor warns through another. Our checks have put
+// every tensor on a CUDA device before a guard is made (check_tensor).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const c10::Device& device) : previous_(c10::cuda::ExchangeDevice(device.index())) {}
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  ~DeviceGuard() {
+    const cudaError_t err = c10::cuda::MaybeSetDevice(previous_);
+    if (C10_UNLIKELY(err != cudaSuccess)) {  // (a destructor must not throw: CUDAGuard warns too)
+      (void)cudaGetLastError();
+      std::string message = "fused_attn_C: could not restore CUDA device ";
+      message += std::to_string(static_cast<int>(previous_));
+      message += ": ";
+      message += cudaGetErrorString(err);
+      c10::warn(c10::Warning(c10::UserWarning(), {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+                             std::move(message), false));
+    }
+  }
+
+ private:
+  c10::DeviceIndex previous_;
+};
 
 inline void check_status(const char* message, const char* op) {
   FA_CHECK(message == nullptr, "fused_attn_C::", op, " (cuda): ", message);

@@ -3,7 +3,6 @@
 // fused elementwise kernels of feed_forward.cu (one pass each).
 #include <ATen/ATen.h>
 #include <ATen/ops/_addmm_activation.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/string_view.h>
 #include <torch/library.h>
@@ -73,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cuda(const at::Tensor& x, co
                 ",), got ", b2_in->sizes());
     b2 = *b2_in;
   }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   FfnActFwdArgs a{};
   a.dtype = dtype_of(x, op, "x");
   a.activation = act;
@@ -114,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
               " (cuda): dout must have shape (", tokens, ", ", w2.size(0), "), got ", dout.sizes());
   FA_CHECK(pre_in.size(0) == tokens && pre_in.size(1) == w1.size(0), "fused_attn_C::", op,
               " (cuda): pre must have shape (", tokens, ", ", w1.size(0), "), got ", pre_in.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const at::Tensor pre = pre_in.contiguous();
   at::Tensor dh = at::mm(dout, w2).contiguous();  // (T, d_ff): the gradient of the dropped activation
   at::Tensor dpre = at::empty({tokens, w1.size(0)}, x.options());

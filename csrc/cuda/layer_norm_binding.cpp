@@ -1,7 +1,6 @@
 // CUDA implementations of fused_attn_C::layer_norm_residual_fwd / _bwd: check the tensors,
 // allocate the outputs and the workspace, and launch the kernels of layer_norm.cu.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -56,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
                 ",), got ", t->sizes());
     *dst = t->contiguous();
   }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const at::ScalarType summed_type = residual_in_fp32 ? at::kFloat : x.scalar_type();
   at::Tensor out = at::empty({a.rows, a.hidden}, x.options());
   at::Tensor summed = store_summed ? at::empty({a.rows, a.hidden}, x.options().dtype(summed_type))
@@ -141,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
     FA_CHECK(mean_in.size(0) == a.rows, "fused_attn_C::", op, " (cuda): mean must have shape (", a.rows,
                 ",), got ", mean_in.sizes());
   }
-  const c10::cuda::CUDAGuard guard(summed.device());
+  const DeviceGuard guard(summed.device());
   const at::Tensor rstd = rstd_in.contiguous();
   const at::Tensor mean = rms ? at::Tensor() : mean_in.contiguous();
 

@@ -3,7 +3,6 @@
 // tables and the positions are read through their own strides and dtypes.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -62,7 +61,7 @@ void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
            " tokens do not fit in 32 bits");
   FA_CHECK(a.heads * a.head_dim <= kInt32Max, "fused_attn_C::", op, " (cuda): H * D = ", a.heads * a.head_dim,
            " features per token do not fit in 32 bits");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   if (given_out) {
     const at::Tensor& o = *given_out;
     FA_CHECK(o.device() == x.device() && o.scalar_type() == x.scalar_type() && o.sizes() == x.sizes(), "fused_attn_C::",

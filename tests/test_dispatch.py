@@ -71,7 +71,8 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
 
 @pytest.mark.parametrize("triton_version, numpy_version, clash", [
     ("3.6.0", "2.4.6", True), ("3.5.1", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
-    ("3.9.0", "2.4.6", False), ("3.10.0", "3.0.0", False)])
+    ("3.9.0", "2.4.6", False), ("3.10.0", "3.0.0", False), ("3.6.0+git1a2b", "2.4rc1", True),
+    ("3.7.0+git1a2b", "2.5.0.dev0", False), ("unknown", "2.4.0", False)])
 def test_triton_interpreter_that_cannot_run_with_numpy_is_unavailable(monkeypatch, triton_version, numpy_version,
                                                                          clash):
     # Triton <= 3.6's interpreter does int(one-element array) for loop bounds, which numpy 2.4
@@ -98,6 +99,24 @@ def test_triton_interpreter_that_cannot_run_with_numpy_is_unavailable(monkeypatc
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(BackendUnavailableError, match=re.escape("install numpy<2.4 or triton>=3.7")):
         F.attention(q, q, q, causal=True, backend="triton")
+
+
+def test_triton_interpreter_without_numpy_is_unavailable_not_a_crash(monkeypatch):
+    # The interpreter runs on numpy, which neither torch nor triton requires: without it the
+    # backend is unavailable and says why; automatic selection goes on to the next backend (the
+    # version check's unguarded import raised from every call and from available_backends()).
+    pytest.importorskip("triton")
+    from fused_attn.backends import triton as triton_backend_module
+
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    monkeypatch.setattr(triton_backend_module, "_interpreter_numpy_clash",
+                        triton_backend_module._interpreter_numpy_clash.__wrapped__)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_resolved", {})
+    (reason,) = BACKENDS["triton"].unavailable_reasons()
+    assert reason.startswith("the Triton interpreter cannot run: ") and "numpy" in reason
+    assert fused_attn.available_backends()["triton"]["available"] is False
+    assert resolve(CPU_F32) in ("cpu", "reference")
 
 
 def test_auto_on_cpu_picks_cpu_or_reference():

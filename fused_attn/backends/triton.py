@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -45,13 +46,18 @@ def _interpreter_numpy_clash() -> str | None:
     Python int with ``int(array)``, which numpy 2.4 refuses ("only 0-dimensional arrays can be
     converted to Python scalars": every banded or ALiBi attention call failed); Triton 3.7 squeezes
     the array first. Compiled kernels never meet this."""
-    import numpy
-    import triton
+    try:
+        import numpy
+        import triton
+    except ImportError as error:  # (the interpreter runs on numpy; torch and triton do not require it)
+        return f"the Triton interpreter cannot run: {error}"
 
-    def major_minor(version):
-        return tuple(int(part) for part in version.split(".")[:2])
+    def major_minor(version):  # ("2.4.0rc1", "3.7.0+git1234", "2.4rc1": the leading digits)
+        found = re.match(r"(\d+)\.(\d+)", str(version))
+        return (int(found[1]), int(found[2])) if found else None
 
-    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+    triton_version, numpy_version = major_minor(triton.__version__), major_minor(numpy.__version__)
+    if triton_version and numpy_version and triton_version < (3, 7) and numpy_version >= (2, 4):
         return (f"the interpreter of triton {triton.__version__} cannot run with numpy {numpy.__version__} "
                 "(it converts one-element arrays to int, which numpy 2.4 refuses; fixed in triton 3.7): "
                 "install numpy<2.4 or triton>=3.7")

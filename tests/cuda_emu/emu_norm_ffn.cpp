@@ -27,18 +27,28 @@ DropoutArgs dropout_from(const uint64_t* d) {  // [enabled, seed, offset, thresh
   std::memcpy(&a.scale, &bits, sizeof(float));
   return a;
 }
-}  // namespace
 
-extern "C" int emu_layer_norm_fwd(const float* x, int64_t x_stride, const float* residual, int64_t res_stride,
-                                  const float* weight, const float* bias, int64_t rows, int64_t hidden, float eps,
-                                  int rms, const uint64_t* dropout, float* out, float* summed, float* mean,
-                                  float* rstd, int vec) {
+// The float32 forward's arguments, as the kernel tests (emu_layer_norm_fwd) and the launcher tests
+// (emu_layer_norm_fwd_host) pass them.
+LayerNormFwdArgs fwd_args(const float* x, int64_t x_stride, const float* residual, int64_t res_stride,
+                          const float* weight, const float* bias, int64_t rows, int64_t hidden, float eps, int rms,
+                          const uint64_t* dropout, float* out, float* summed, float* mean, float* rstd) {
   LayerNormFwdArgs a{};
   a.dtype = a.residual_dtype = a.summed_dtype = DType::kFloat32;
   a.rows = rows; a.hidden = hidden;
   a.x = x; a.x_row_stride = x_stride; a.residual = residual; a.residual_row_stride = res_stride;
   a.weight = weight; a.bias = bias; a.eps = eps; a.rms = rms != 0; a.dropout = dropout_from(dropout);
   a.out = out; a.summed = summed; a.mean = mean; a.rstd = rstd;
+  return a;
+}
+}  // namespace
+
+extern "C" int emu_layer_norm_fwd(const float* x, int64_t x_stride, const float* residual, int64_t res_stride,
+                                  const float* weight, const float* bias, int64_t rows, int64_t hidden, float eps,
+                                  int rms, const uint64_t* dropout, float* out, float* summed, float* mean,
+                                  float* rstd, int vec) {
+  LayerNormFwdArgs a =
+      fwd_args(x, x_stride, residual, res_stride, weight, bias, rows, hidden, eps, rms, dropout, out, summed, mean, rstd);
   if (hidden + 32 > int64_t(sizeof(smem_f) / sizeof(float))) return 1;
   if (vec) {
     if (hidden % 4) return 2;
@@ -118,12 +128,8 @@ extern "C" int emu_layer_norm_fwd_host(const float* x, int64_t x_stride, const f
                                        const float* weight, const float* bias, int64_t rows, int64_t hidden, float eps,
                                        int rms, const uint64_t* dropout, float* out, float* summed, float* mean,
                                        float* rstd, const char** error) {
-  LayerNormFwdArgs a{};
-  a.dtype = a.residual_dtype = a.summed_dtype = DType::kFloat32;
-  a.rows = rows; a.hidden = hidden;
-  a.x = x; a.x_row_stride = x_stride; a.residual = residual; a.residual_row_stride = res_stride;
-  a.weight = weight; a.bias = bias; a.eps = eps; a.rms = rms != 0; a.dropout = dropout_from(dropout);
-  a.out = out; a.summed = summed; a.mean = mean; a.rstd = rstd;
+  LayerNormFwdArgs a =
+      fwd_args(x, x_stride, residual, res_stride, weight, bias, rows, hidden, eps, rms, dropout, out, summed, mean, rstd);
   *error = layer_norm_fwd(a, nullptr);
   return *error != nullptr;
 }

@@ -170,11 +170,12 @@ def _jvp_through(fn, primals, tangents, layouts):
     if not moving:  # (one output per layout: no reference forward run just to count them)
         return [None] * len(layouts)
     of_moving = _of_moving(fn, primals, moving)
-    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level < 0:
+    if _forward_ad._current_level < 0 or _jvp_transform_active():
         _, tangents_out = torch.func.jvp(of_moving, tuple(primals[i] for i in moving),
                                          tuple(tangents[i] for i in moving))
         return list(tangents_out)
-    # Inside torch.autograd.forward_ad's level, which does not nest: by reverse mode twice. The
+    # Inside torch.autograd.forward_ad's level (opened around the call, or inside torch.func.grad),
+    # which does not nest: by reverse mode twice. The
     # vjp u -> J^T u is linear in u, so its own vjp at the tangent t is J t.
     outs, vjp = torch.func.vjp(of_moving, *(primals[i] for i in moving))
     _, vjp_of_vjp = torch.func.vjp(vjp, tuple(torch.zeros_like(o) for o in outs))
@@ -376,10 +377,15 @@ def _forward_mode_in(tensors) -> bool:
     take), or one of them carries a tangent (``_tangents_in``)."""
     if _forward_ad._current_level < 0:  # (no level anywhere: torch.func.jvp opens one too)
         return False
-    if torch._C._are_functorch_transforms_active() and any(
-            level.key() == _functorch.TransformType.Jvp for level in _functorch.get_interpreter_stack() or ()):
+    if _jvp_transform_active():
         return True
     return _tangents_in(tensors)
+
+
+def _jvp_transform_active() -> bool:
+    """Whether torch.func's jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on this thread's stack."""
+    return torch._C._are_functorch_transforms_active() and any(
+        level.key() == _functorch.TransformType.Jvp for level in _functorch.get_interpreter_stack() or ())
 
 
 def _tangents_in(tensors) -> bool:
@@ -433,9 +439,14 @@ def carries_tangent(t) -> bool:
         t = _functorch.get_unwrapped(t)
     if jvp_levels:  # the forward_ad level is torch.func.jvp's own (torch nests no other level with it)
         return False
-    # No jvp transform: a tangent of a forward_ad.dual_level opened around the transforms
-    # (forward-over-reverse: a dual tensor handed to torch.func.grad) sits on t beneath every wrapper
+    # No jvp transform: the tangent of a forward_ad.dual_level sits on the wrapper of the level
+    # the dual tensor was made at: opened inside torch.func.grad (make_dual of a grad-tracking
+    # tensor) on that level's wrapper, opened around the transforms (forward-over-reverse: a dual
+    # tensor handed to torch.func.grad) on t beneath every wrapper. (vmap's wrappers carry none:
+    # make_dual under vmap puts the tangent on the tensor beneath.)
     while _functorch.is_functorch_wrapped_tensor(t):
+        if not _functorch.is_batchedtensor(t) and _tangent_at(t, _functorch.maybe_get_level(t)):
+            return True
         t = _functorch.get_unwrapped(t)
     return _tangent_at(t, 0)
 
@@ -879,17 +890,7 @@ class LayerNormResidualFunction(_Function):
             _rows(x, d), None if residual is None else _rows(residual, d), weight, bias, eps, dropout_p, rms,
             residual_in_fp32, seed, offset, True)
         if not rms:
-            # The norm by its definition: torch's own layer_norm (which the reference calls) has a
-            # wrong second-order forward derivative (torch 2.13: jvp(jvp(F.layer_norm)) disagrees
-            # with central differences of its first-order jvp; the RMS norm's plain ops do not).
-            wide = summed.to(torch.promote_types(summed.dtype, torch.float32))
-            centered = wide - wide.mean(dim=-1, keepdim=True)
-            normed = centered * torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
-            if weight is not None:
-                normed = normed * weight.to(wide.dtype)
-            if bias is not None:
-                normed = normed + bias.to(wide.dtype)
-            out = normed.to(x.dtype)
+            out = _layer_norm_by_definition(summed, weight, bias, eps, x.dtype)
         return out, summed, mean, rstd
 
     @staticmethod
@@ -901,9 +902,12 @@ class LayerNormResidualFunction(_Function):
 
         def outputs(x, residual, weight, bias):  # the Function's rows (out, summed)
             d = shape[-1]
-            return get_backend("reference").layer_norm_residual_fwd(
+            out, summed = get_backend("reference").layer_norm_residual_fwd(
                 _rows(x, d), None if residual is None else _rows(residual, d), weight, bias, eps, dropout_p, rms,
-                residual_in_fp32, seed, offset, store_summed)[:2]
+                residual_in_fp32, seed, offset, True)[:2]
+            if not rms:  # (a tangent may be differentiated again: a dual_level inside torch.func.grad)
+                out = _layer_norm_by_definition(summed, weight, bias, eps, x_dtype)
+            return out, summed if store_summed else summed.new_empty((0,))
 
         tout, tsummed = _jvp_through(outputs, (x, residual, weight, bias), (tx, tresidual, tweight, tbias), layouts)
         return tout, tsummed, None, None
@@ -916,6 +920,8 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
     dout = None if dout is None else dout.reshape(summed.shape)
 
     def outputs(s, w, b):
+        if not rms:  # (the gradient has a graph: it may be differentiated again, a third order)
+            return (_layer_norm_by_definition(s, w, b, eps, x_dtype),)
         return (reference.layer_norm_residual(s, None, w, b, eps, rms=rms).to(x_dtype),)
 
     needs = (True, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
@@ -932,6 +938,26 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
     if residual_dtype is not None:  # dx itself when they are equal, as in LayerNormResidualFunction.backward
         dres = dx if dropout_p == 0.0 and residual_dtype == x_dtype else dsum.to(residual_dtype).reshape(shape)
     return dx, dres, dweight, dbias, None, None, None, None, None, None, None
+
+
+def _layer_norm_by_definition(summed, weight, bias, eps, out_dtype):
+    """LayerNorm of the rows ``summed`` by its definition in plain ops, for the reference math a
+    derivative is taken of (``reference``, the tangents of ``forward_tangents``, the gradients of
+    ``_layer_norm_grad_with_graph``): differentiable to any order in every mode. torch's own
+    layer_norm, which the reference calls, is right to first order and for reverse over reverse
+    only: its derivative formulas read the saved mean and rstd as constants, so a derivative
+    taken through one of them misses their dependence on the input. Against central differences
+    (torch 2.13, float64) it was wrong forward over forward (``jvp(jvp)``), reverse over forward
+    (a ``dual_level`` inside ``torch.func.grad``) and at the third order in reverse. (The RMS
+    norm's reference is plain ops already.)"""
+    wide = summed.to(torch.promote_types(summed.dtype, torch.float32))
+    centered = wide - wide.mean(dim=-1, keepdim=True)
+    normed = centered * torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        normed = normed * weight.to(wide.dtype)
+    if bias is not None:
+        normed = normed + bias.to(wide.dtype)
+    return normed.to(out_dtype)
 
 
 def _rows(t: Tensor, d: int) -> Tensor:

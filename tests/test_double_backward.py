@@ -242,6 +242,33 @@ def test_forward_mode_ad(backend, case):
     torch.testing.assert_close((jac.reshape(-1, x.numel()) @ t.flatten()).reshape(expected.shape), expected, **tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+def test_dual_level_opened_inside_grad(backend, case):
+    """A ``forward_ad.dual_level()`` opened inside ``torch.func.grad`` (the tangent sits on the
+    grad level's wrapper): the call takes its forward-mode path, and grad differentiates the
+    tangent. Before, the tangent was not seen beneath the wrapper (rotary: "must implement the
+    jvp"), and the tangent's computation opened a second, refused dual level. Oracle: the
+    gradient of g(x) = <J(x) t, w> along a direction s, against central differences of g."""
+    import torch.autograd.forward_ad as fwAD
+
+    f, x = _forward_mode_cases(backend)[case]
+    gen = torch.Generator().manual_seed(9)
+    t, s = (torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(2))
+    w = torch.randn(f(x).shape, generator=gen, dtype=x.dtype)
+
+    def g(x):
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+        return (tangent * w).sum()
+
+    expected_g = (_directional(f, x, t) * w).sum()
+    assert expected_g.abs() > 1e-3
+    grad = torch.func.grad(g)(x)
+    torch.testing.assert_close(g(x), expected_g, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close((grad * s).sum(), _directional(g, x, s, eps=1e-5), atol=1e-6, rtol=1e-5)
+
+
 def _torch_jvp_scale(mode):
     """1 where torch's own ops give the true jvp tangent in this grad mode, 0 where they give zero
     (torch 2.11 under inference_mode; 2.13 the true one): our ops must do what torch's do."""
@@ -424,6 +451,31 @@ def test_nested_transforms_give_second_derivatives(backend, case):
         torch.testing.assert_close(got, expected, **tol, msg=name)
     torch.testing.assert_close(torch.func.jvp(grad, (x,), (t,))[1], expected, **tol)  # forward-over-reverse
     torch.testing.assert_close(torch.func.grad(lambda x: (grad(x) * t).sum())(x), expected, **tol)  # grad of grad
+
+
+# (the others are linear in their argument: a third derivative of the loss of exactly zero)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [c for c in FORWARD_MODE_CASES if not c.startswith("rotary")
+                                  and c not in ("layer_norm_weight_prenorm_rms", "feed_forward_up_pair_dropout")])
+def test_third_order_reverse(backend, case):
+    """grad of grad of grad: the second-order gradient's graph (the reference math, recomputed with
+    a graph) is right to one more order. Before, LayerNorm's came from torch's layer_norm, whose
+    double-backward formula reads the saved statistics as constants: a third derivative 30% off.
+    Oracle: the central difference of the fused op's own second-order gradient along u."""
+    f, x = _forward_mode_cases(backend)[case]
+    gen = torch.Generator().manual_seed(9)
+    t, s, u = (torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(3))
+    weights = torch.randn(f(x).shape, generator=gen, dtype=x.dtype)
+
+    def loss(x):
+        return (f(x) * weights).sum() + f(x).square().sum()
+
+    def second(x):  # <H(x) t, s>
+        return (torch.func.grad(lambda x: (torch.func.grad(loss)(x) * t).sum())(x) * s).sum()
+
+    expected = _directional(second, x, u, eps=1e-5)
+    assert expected.abs() > 1e-3
+    torch.testing.assert_close((torch.func.grad(second)(x) * u).sum(), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_forward_mode_leaves_compiled_calls_alone():

@@ -33,6 +33,7 @@ import ast
 import functools
 import inspect
 import textwrap
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -288,6 +289,7 @@ def _sole_input(args: tuple, kwargs: dict, name: Optional[str]) -> Optional[Tens
 #: as its instances (or whoever holds it); once none is left, a later swap or unpickling makes the
 #: pair's subclass again. (Not a WeakValueDictionary keyed on (cls, mixin): its key held cls until
 #: the subclass's callback ran, so a model's classes outlived the gc.collect() that freed it.)
+_SUBCLASSES_LOCK = threading.Lock()
 _SUBCLASSES: "weakref.WeakKeyDictionary[type, weakref.WeakValueDictionary[type, type]]" = weakref.WeakKeyDictionary()
 
 
@@ -295,15 +297,16 @@ def fused_subclass(cls: type, mixin: type) -> type:
     """``Fused<cls>``: the mixin's methods over ``cls``, one per pair while it is in use. Such classes
     exist only once a swap made them, so their instances pickle as "this pair's subclass, and this
     state" (``_rebuild_fused``): a swapped model saved with torch.save loads in a fresh process."""
-    made = _SUBCLASSES.setdefault(cls, weakref.WeakValueDictionary())
-    fused = made.get(mixin)
-    if fused is None:
-        name = f"Fused{cls.__name__}"
-        namespace = {"__module__": __name__, "__qualname__": name, "__reduce_ex__": _reduce_fused}
-        if mixin is FusedPlainMLP:
-            namespace["forward"] = _plain_mlp_forward(cls, name)
-        fused = made[mixin] = type(name, (mixin, cls), namespace)
-    return fused
+    with _SUBCLASSES_LOCK:  # (threads swapping one class at once: each would make its own)
+        made = _SUBCLASSES.setdefault(cls, weakref.WeakValueDictionary())
+        fused = made.get(mixin)
+        if fused is None:
+            name = f"Fused{cls.__name__}"
+            namespace = {"__module__": __name__, "__qualname__": name, "__reduce_ex__": _reduce_fused}
+            if mixin is FusedPlainMLP:
+                namespace["forward"] = _plain_mlp_forward(cls, name)
+            fused = made[mixin] = type(name, (mixin, cls), namespace)
+        return fused
 
 
 def _plain_mlp_forward(cls: type, name: str):

@@ -1235,3 +1235,37 @@ def test_fused_subclass_is_made_again_once_freed():
         torch.testing.assert_close(module(x), ref(x), rtol=1e-5, atol=1e-5)
     fused_attn.restore_modules(loaded)
     assert type(loaded) is ChainedMLP
+
+
+def test_fused_subclass_is_one_class_when_threads_swap_at_once(monkeypatch):
+    """Threads that swap the same class at once get one fused subclass. Before, each could find none
+    made and make its own: two ``FusedChainedMLP`` classes, one of them dropped from the cache, so
+    ``type(a) is type(b)`` failed for two swapped copies. (The class's making is slowed down here
+    to open the window a thread switch falls into.)"""
+    import threading
+    import time
+
+    class Fresh(ChainedMLP):  # (a class no other test made a subclass of)
+        pass
+
+    made_forward = S._plain_mlp_forward
+
+    def slow(*args):
+        time.sleep(0.05)
+        return made_forward(*args)
+
+    monkeypatch.setattr(S, "_plain_mlp_forward", slow)
+    barrier = threading.Barrier(4)
+    got = []
+
+    def swap():
+        barrier.wait()
+        got.append(S.fused_subclass(Fresh, S.FusedPlainMLP))
+
+    threads = [threading.Thread(target=swap) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 4 and all(fused is got[0] for fused in got)
+    assert S.fused_subclass(Fresh, S.FusedPlainMLP) is got[0]

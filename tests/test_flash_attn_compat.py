@@ -772,7 +772,8 @@ def fa2_window_oracle(q, k, v, causal, window_size, seqlen_k=None):
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.double())
 
 
-FA2_WINDOWS = [(-1, 5), (2, -1), (5, 0), (-1, -1), (1, 1), (0, 7), (-1, 2), (9, -1)]
+# (any negative side is unbounded in FlashAttention, as -1: (-3, 0), (2, -5), (-2, -7))
+FA2_WINDOWS = [(-1, 5), (2, -1), (5, 0), (-1, -1), (1, 1), (0, 7), (-1, 2), (9, -1), (-3, 0), (2, -5), (-2, -7)]
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -98,10 +98,12 @@ def _window(window_size, seqlen_k=None, seqlen_q=None) -> Optional[tuple]:
         # (checked before the (-1, -1) test below, which (-1.0, -1.0) passed)
         raise TypeError(f"window_size must be a pair of ints (left, right), -1 for an unbounded side, got "
                         f"{window_size!r}")
+    # Any negative side is unbounded, as FlashAttention reads it (its kernels test side < 0; a
+    # (-2, 0) window is causal there), where fused_attn's functions take -1 only
+    left, right = (-1 if side < 0 else int(side) for side in (left, right))
     if isinstance(seqlen_k, torch.SymInt) and (left, right) != (-1, -1):
-        return _symbolic_window(window_size, seqlen_k, seqlen_q)
+        return _symbolic_window((left, right), seqlen_k, seqlen_q)
     if seqlen_k is not None:
-        # (only -1 is unbounded here: other negative sides are left to attention's check to refuse)
         left, right = (-1 if side >= seqlen_k else side for side in (left, right))
         if left == -1 and right >= 0:
             left = seqlen_k

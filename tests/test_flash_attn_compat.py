@@ -310,6 +310,32 @@ def test_rotary_qkv_and_kv_in_place(interleaved):
     assert torch.equal(kv[:, :, 1], before[:, :, 1])
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_ops_triton_rotary_apply_rotary(interleaved):
+    """flash_attn.ops.triton.rotary.apply_rotary: apply_rotary_emb's rotation (dense with per-sequence
+    offsets, packed with cu_seqlens, in place returning x); conjugate=True is the inverse rotation,
+    so it undoes the forward one; a non-bool conjugate is refused."""
+    angles = torch.outer(torch.arange(40.0, dtype=torch.float64), torch.rand(8, dtype=torch.float64))
+    cos, sin = angles.cos(), angles.sin()  # (float64: with float32 tables cos^2 + sin^2 = 1 to 1e-7 only)
+    x = torch.randn(2, 17, 3, 24, dtype=torch.float64)
+    offsets = torch.tensor([0, 5])
+    turned = FA.apply_rotary(x, cos, sin, offsets, interleaved=interleaved)
+    assert torch.equal(turned, FA.apply_rotary_emb(x, cos, sin, interleaved, False, offsets))
+    assert not torch.equal(turned, x)
+    back = FA.apply_rotary(turned, cos, sin, offsets, interleaved=interleaved, conjugate=True)
+    torch.testing.assert_close(back, x, rtol=1e-12, atol=1e-12)
+    packed, cu = x[0, :11], torch.tensor([0, 4, 11], dtype=torch.int32)
+    expected = torch.cat([FA.apply_rotary_emb(packed[None, :4], cos, sin, interleaved)[0],
+                          FA.apply_rotary_emb(packed[None, 4:], cos, sin, interleaved)[0]])
+    torch.testing.assert_close(FA.apply_rotary(packed, cos, sin, cu_seqlens=cu, max_seqlen=7,
+                                               interleaved=interleaved), expected, rtol=0, atol=0)
+    y = x.clone()
+    assert FA.apply_rotary(y, cos, sin, offsets, interleaved=interleaved, inplace=True, conjugate=True) is y
+    assert torch.equal(y, FA.apply_rotary_emb(x, cos, -sin, interleaved, False, offsets))
+    with pytest.raises(TypeError, match="conjugate must be a bool"):
+        FA.apply_rotary(x, cos, sin, conjugate=1)
+
+
 def test_rotary_qkv_bad_input():
     cos, sin = _tables()
     with pytest.raises(ValueError, match="needs num_heads_q"):
@@ -438,11 +464,12 @@ def test_patch_flash_attn_serves_the_imports_and_undoes():
         from flash_attn.flash_attn_interface import flash_attn_varlen_func
         from flash_attn.layers.rotary import apply_rotary_emb
         from flash_attn.ops.triton.layer_norm import RMSNorm, rms_norm_fn
+        from flash_attn.ops.triton.rotary import apply_rotary
         import flash_attn.ops.triton.layer_norm as ln
 
         assert flash_attn_func is FA.flash_attn_func and flash_attn_varlen_func is FA.flash_attn_varlen_func
         assert apply_rotary_emb is fused_attn.apply_rotary_emb and unpad_input is FA.unpad_input
-        assert ln.rms_norm_fn is rms_norm_fn and RMSNorm is FA.RMSNorm
+        assert ln.rms_norm_fn is rms_norm_fn and RMSNorm is FA.RMSNorm and apply_rotary is FA.apply_rotary
         assert flash_attn.__version__.startswith("2.8")
         with pytest.raises(AttributeError, match="fused_attn.s stand-in"):
             flash_attn.flash_attn_unpadded_func  # noqa: B018 (FlashAttention 1's name: not provided)

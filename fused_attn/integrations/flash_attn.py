@@ -15,6 +15,7 @@ What is here, with FlashAttention 2.8's signatures and meaning:
 - ``layers.rotary``: ``apply_rotary_emb`` (and ``apply_rotary_emb_func``), ``apply_rotary_emb_qkv_``,
   ``apply_rotary_emb_kv_``, ``apply_rotary_emb_torch``, ``rotate_half``, ``RotaryEmbedding`` (no xPos);
 - ``ops.triton.layer_norm``: ``layer_norm_fn``, ``rms_norm_fn``, ``RMSNorm``;
+- ``ops.triton.rotary``: ``apply_rotary`` (``conjugate`` included);
 - ``bert_padding``: ``unpad_input``, ``unpad_input_for_concatenated_sequences``, ``pad_input``,
   ``index_first_axis``, ``index_put_first_axis``.
 
@@ -433,6 +434,25 @@ def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
 apply_rotary_emb_func = apply_rotary_emb  # FlashAttention's other name for it
 
 
+# ---------------------------------------------------------------------------------------------
+# flash_attn.ops.triton.rotary
+# ---------------------------------------------------------------------------------------------
+
+def apply_rotary(x, cos, sin, seqlen_offsets=0, cu_seqlens=None, max_seqlen=None, interleaved=False, inplace=False,
+                 conjugate=False):
+    """FlashAttention's ``ops.triton.rotary.apply_rotary``, the function under ``apply_rotary_emb``
+    (its arguments in its order): x (B, L, H, D), or (total, H, D) with ``cu_seqlens``, turned by
+    the (S, R/2) tables; ``conjugate=True`` turns the other way (sin negated: the inverse rotation,
+    which FlashAttention's backward applies). Returns the result (x itself with ``inplace``).
+    Beyond FlashAttention's, which is not recorded by autograd: differentiable in x."""
+    if not isinstance(conjugate, bool):
+        raise TypeError(f"conjugate must be a bool (True: the inverse rotation), got {type(conjugate).__name__}")
+    if conjugate and isinstance(sin, Tensor):  # (other values: apply_rotary_emb names what sin must be)
+        sin = -sin
+    return apply_rotary_emb(x, cos, sin, interleaved=interleaved, inplace=inplace, seqlen_offsets=seqlen_offsets,
+                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+
 def rotate_half(x: Tensor, interleaved: bool = False) -> Tensor:
     """(x1, x2) -> (-x2, x1) over the halves of the last dim, or over each (2i, 2i+1) pair."""
     if not interleaved:
@@ -740,6 +760,7 @@ _MODULES = {
     "flash_attn.ops": [],
     "flash_attn.ops.triton": [],
     "flash_attn.ops.triton.layer_norm": ["layer_norm_fn", "rms_norm_fn", "RMSNorm"],
+    "flash_attn.ops.triton.rotary": ["apply_rotary"],
 }
 _PACKAGES = {"flash_attn", "flash_attn.layers", "flash_attn.ops", "flash_attn.ops.triton"}
 

@@ -169,14 +169,14 @@ def _jvp_through(fn, primals, tangents, layouts):
     moving = [i for i, (p, t) in enumerate(zip(primals, tangents)) if p is not None and t is not None]
     if not moving:  # (one output per layout: no reference forward run just to count them)
         return [None] * len(layouts)
-    of_moving = _of_moving(fn, primals, moving)
+    of_moving = _spelled_out(_of_moving(fn, primals, moving))
     if _forward_ad._current_level < 0 or _jvp_transform_active():
         _, tangents_out = torch.func.jvp(of_moving, tuple(primals[i] for i in moving),
                                          tuple(tangents[i] for i in moving))
         return list(tangents_out)
     # Inside torch.autograd.forward_ad's level (opened around the call, or inside torch.func.grad),
-    # which does not nest: by reverse mode twice. The
-    # vjp u -> J^T u is linear in u, so its own vjp at the tangent t is J t.
+    # which does not nest: by reverse mode twice. The vjp u -> J^T u is linear in u, so its own
+    # vjp at the tangent t is J t.
     outs, vjp = torch.func.vjp(of_moving, *(primals[i] for i in moving))
     _, vjp_of_vjp = torch.func.vjp(vjp, tuple(torch.zeros_like(o) for o in outs))
     (tangents_out,) = vjp_of_vjp(tuple(tangents[i] for i in moving))
@@ -198,11 +198,21 @@ def _grad_with_graph(fn, inputs, needs, grads_out):
     # torch.func.vjp rather than torch.autograd.grad: it also runs inside torch.func's transforms
     # (jacrev(jacrev(f)), hessian), and its result keeps the graph the outer levels differentiate
     with torch.enable_grad():
-        outs, vjp = torch.func.vjp(_of_moving(fn, inputs, moving), *(inputs[i] for i in moving))
+        outs, vjp = torch.func.vjp(_spelled_out(_of_moving(fn, inputs, moving)), *(inputs[i] for i in moving))
     cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads_out))
     for i, grad in zip(moving, vjp(cotangents)):
         grads[i] = grad
     return grads
+
+
+def _spelled_out(fn):
+    """fn run with the reference math in plain ops differentiable to any order in every mode
+    (``reference.spelled_out``): a derivative is taken of what it computes."""
+    def spelled_out(*args):
+        with reference.spelled_out():
+            return fn(*args)
+
+    return spelled_out
 
 
 def _of_moving(fn, inputs, moving):
@@ -358,7 +368,8 @@ class _Function(torch.autograd.Function):
         if torch._C._are_functorch_transforms_active():
             if twin is not None and twin is not cls and _forward_mode_in(args):
                 if _nested_forward_mode():  # the twin's jvp would drop the outer levels' tangents
-                    return cls.reference(*args)
+                    with reference.spelled_out():
+                        return cls.reference(*args)
                 return twin.apply(*args)
             return _TORCH_APPLY(cls, *args)
         # (no transform: forward mode reaches the call only through forward_ad, as a tangent on an argument)
@@ -883,15 +894,13 @@ class LayerNormResidualFunction(_Function):
     @staticmethod
     def reference(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, store_summed):
         """(out, summed, mean, rstd) rows by the reference math, differentiable to any order
-        (``_nested_forward_mode``), with the call's dropout mask."""
+        (``_nested_forward_mode``, which runs it under ``reference.spelled_out``), with the call's
+        dropout mask."""
         seed, offset = _seed_offset(rng)
         d = x.shape[-1]
-        out, summed, mean, rstd = get_backend("reference").layer_norm_residual_fwd(
+        return get_backend("reference").layer_norm_residual_fwd(
             _rows(x, d), None if residual is None else _rows(residual, d), weight, bias, eps, dropout_p, rms,
             residual_in_fp32, seed, offset, True)
-        if not rms:
-            out = _layer_norm_by_definition(summed, weight, bias, eps, x.dtype)
-        return out, summed, mean, rstd
 
     @staticmethod
     def forward_tangents(ctx, tx, tresidual, tweight, tbias, *_):
@@ -902,12 +911,9 @@ class LayerNormResidualFunction(_Function):
 
         def outputs(x, residual, weight, bias):  # the Function's rows (out, summed)
             d = shape[-1]
-            out, summed = get_backend("reference").layer_norm_residual_fwd(
+            return get_backend("reference").layer_norm_residual_fwd(
                 _rows(x, d), None if residual is None else _rows(residual, d), weight, bias, eps, dropout_p, rms,
-                residual_in_fp32, seed, offset, True)[:2]
-            if not rms:  # (a tangent may be differentiated again: a dual_level inside torch.func.grad)
-                out = _layer_norm_by_definition(summed, weight, bias, eps, x_dtype)
-            return out, summed if store_summed else summed.new_empty((0,))
+                residual_in_fp32, seed, offset, store_summed)[:2]
 
         tout, tsummed = _jvp_through(outputs, (x, residual, weight, bias), (tx, tresidual, tweight, tbias), layouts)
         return tout, tsummed, None, None
@@ -920,8 +926,6 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
     dout = None if dout is None else dout.reshape(summed.shape)
 
     def outputs(s, w, b):
-        if not rms:  # (the gradient has a graph: it may be differentiated again, a third order)
-            return (_layer_norm_by_definition(s, w, b, eps, x_dtype),)
         return (reference.layer_norm_residual(s, None, w, b, eps, rms=rms).to(x_dtype),)
 
     needs = (True, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
@@ -938,26 +942,6 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
     if residual_dtype is not None:  # dx itself when they are equal, as in LayerNormResidualFunction.backward
         dres = dx if dropout_p == 0.0 and residual_dtype == x_dtype else dsum.to(residual_dtype).reshape(shape)
     return dx, dres, dweight, dbias, None, None, None, None, None, None, None
-
-
-def _layer_norm_by_definition(summed, weight, bias, eps, out_dtype):
-    """LayerNorm of the rows ``summed`` by its definition in plain ops, for the reference math a
-    derivative is taken of (``reference``, the tangents of ``forward_tangents``, the gradients of
-    ``_layer_norm_grad_with_graph``): differentiable to any order in every mode. torch's own
-    layer_norm, which the reference calls, is right to first order and for reverse over reverse
-    only: its derivative formulas read the saved mean and rstd as constants, so a derivative
-    taken through one of them misses their dependence on the input. Against central differences
-    (torch 2.13, float64) it was wrong forward over forward (``jvp(jvp)``), reverse over forward
-    (a ``dual_level`` inside ``torch.func.grad``) and at the third order in reverse. (The RMS
-    norm's reference is plain ops already.)"""
-    wide = summed.to(torch.promote_types(summed.dtype, torch.float32))
-    centered = wide - wide.mean(dim=-1, keepdim=True)
-    normed = centered * torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        normed = normed * weight.to(wide.dtype)
-    if bias is not None:
-        normed = normed + bias.to(wide.dtype)
-    return normed.to(out_dtype)
 
 
 def _rows(t: Tensor, d: int) -> Tensor:

@@ -15,9 +15,11 @@ modules in ``fused_attn.modules`` take too.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -284,7 +286,15 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
                 shift = torch.where((var / (c * c)).isinf(), math.nan,
                                     torch.where((mean.abs() > 2.0 ** 60) | nearly_constant, mean, 0.0))
             wide = wide - shift
-        normed = F.layer_norm(wide, wide.shape[-1:], w, b, eps * c * c)
+        if _is_spelled_out():  # (by its definition: see spelled_out)
+            centered = wide - wide.mean(dim=-1, keepdim=True)
+            normed = centered * torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps * c * c)
+            if w is not None:
+                normed = normed * w
+            if b is not None:
+                normed = normed + b
+        else:
+            normed = F.layer_norm(wide, wide.shape[-1:], w, b, eps * c * c)
     normed = normed.to(x.dtype)
     return (normed, summed) if prenorm else normed
 
@@ -311,11 +321,43 @@ def _row_var_mean(x: torch.Tensor):
     return tuple(dtensor.from_local(t, x.device_mesh, placements, shape=shape, stride=stride) for t in (var, mean))
 
 
+_SPELLED_OUT = threading.local()
+
+
+@contextlib.contextmanager
+def spelled_out():
+    """Within it (this thread only), the reference math is written in plain ops that torch
+    differentiates to any order in every mode, where two of torch's own ops fall short:
+    - ``F.layer_norm``'s derivative formulas read its saved mean and rstd as constants, so a
+      derivative taken through one of them misses their dependence on the input: against central
+      differences (torch 2.13, float64) it was wrong forward over forward (``jvp(jvp)``), reverse
+      over forward (a ``dual_level`` inside ``torch.func.grad``) and at the third order in reverse;
+    - ``F.silu``'s backward (``silu_backward``) has no forward-mode formula: a backward under an
+      open ``forward_ad.dual_level`` raised NotImplementedError.
+    The fused ops' autograd Functions run their reference math inside it wherever a derivative will
+    be taken of it (``ops._jvp_through``, ``ops._grad_with_graph``, nested forward mode). Outside it
+    the reference keeps torch's ops: the values torch's modules give, bit for bit."""
+    before = getattr(_SPELLED_OUT, "on", False)
+    _SPELLED_OUT.on = True
+    try:
+        yield
+    finally:
+        _SPELLED_OUT.on = before
+
+
+def _is_spelled_out() -> bool:
+    return getattr(_SPELLED_OUT, "on", False)
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x) if _is_spelled_out() else F.silu(x)
+
+
 def activation_fn(pre: torch.Tensor, activation: str) -> torch.Tensor:
     """The FFN activation; gated ones split ``pre`` into (gate, up) halves: act(gate) * up."""
     if activation in GATED_ACTIVATIONS:
         gate, up = pre.chunk(2, dim=-1)
-        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+        return (_silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
     if activation == "relu":
         return F.relu(pre)
     if activation == "gelu":
@@ -323,7 +365,7 @@ def activation_fn(pre: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu_tanh":
         return F.gelu(pre, approximate="tanh")
     if activation == "silu":
-        return F.silu(pre)
+        return _silu(pre)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 

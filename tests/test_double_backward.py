@@ -478,6 +478,34 @@ def test_third_order_reverse(backend, case):
     torch.testing.assert_close((torch.func.grad(second)(x) * u).sum(), expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+def test_reverse_mode_inside_a_dual_level(backend, case):
+    """torch.autograd.grad inside a ``forward_ad.dual_level()``, the input a dual tensor: the
+    backward reads saved tensors that carry tangents, so the gradient's tangent is the Hessian
+    along t (forward over reverse by torch.autograd: ``_create_graph``'s tangent branch, the
+    backward through the reference math). Oracle: central differences of the fused op's own
+    gradient along t."""
+    import torch.autograd.forward_ad as fwAD
+
+    f, x = _forward_mode_cases(backend)[case]
+    gen = torch.Generator().manual_seed(9)
+    t = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    weights = torch.randn(f(x).shape, generator=gen, dtype=x.dtype)
+
+    def loss(x):
+        return (f(x) * weights).sum() + f(x).square().sum()
+
+    expected = _directional(torch.func.grad(loss), x, t)
+    assert expected.abs().max() > 1e-3
+    leaf = x.clone().requires_grad_()
+    with fwAD.dual_level():
+        (grad,) = torch.autograd.grad(loss(fwAD.make_dual(leaf, t)), leaf)
+        got = fwAD.unpack_dual(grad).tangent
+    torch.testing.assert_close(grad, torch.func.grad(loss)(x), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_forward_mode_leaves_compiled_calls_alone():
     """The jvp lives on a twin Function used only under forward-mode AD: torch.compile refuses to
     trace a Function that defines jvp, so the traced class must have none (fullgraph training)."""

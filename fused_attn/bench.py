@@ -240,6 +240,8 @@ def _tma_auto():
 
 #: set by ``--tma-twin``
 TMA_TWIN = False
+#: the twin's name -> the backend it runs (with FUSED_ATTN_TRITON_TMA=auto)
+TMA_TWIN_OF = {"triton-tma": "triton"}
 
 
 def _with_tma_twin(impls: list, device) -> list:
@@ -1204,8 +1206,10 @@ def _measure_errors(case, dtype, impls, rows, opts):
     # torch.compile would compile again for the check's shape: check it only where the shape is the
     # same. The eager reference in the low precision is always run: the oracle's yardstick.
     names = {i.name for i in runnable if not (i.name == "compile" and check != case)} | {"eager"}
+    # the impls are built by backend name; "triton-tma" (--tma-twin) is built with its base, "triton"
+    bases = {TMA_TWIN_OF.get(n, n) for n in names}
     try:
-        check_impls = {i.name: i for i in check.impls(device, dtype, [(n, None) for n in names if n in BACKENDS],
+        check_impls = {i.name: i for i in check.impls(device, dtype, [(n, None) for n in bases if n in BACKENDS],
                                                       sorted(set(opts.baselines) | {"eager"}), opts.seed)
                        if i.name in names}
         # the float64 reference runs on exactly the low-precision inputs (and weights), upcast, as
@@ -1222,6 +1226,7 @@ def _measure_errors(case, dtype, impls, rows, opts):
         _no_verdict(rows, names, opts.passes, f"error check failed: float64 reference: {_short(exc)}")
         return
     results = {}
+    impl_kinds = {name: impl.kind for name, impl in check_impls.items()}
     low_error = "not built"
     for name, impl in check_impls.items():
         try:
@@ -1251,7 +1256,7 @@ def _measure_errors(case, dtype, impls, rows, opts):
         err_infer = None if out_infer is None else _max_abs(out_infer, out64)
         pairs = [(g, g64) for g, g64 in zip(grads, grads64) if g is not None and g64 is not None]
         err_grad = max((_max_abs(g, g64) for g, g64 in pairs), default=0.0)
-        fused = BACKENDS.get(name) is not None
+        fused = impl_kinds.get(name) == "fused"  # by the impl's kind: the TMA twin is no BACKENDS key
         verdict, detail = "", ""
         if low is not None and fused:
             try:
@@ -1600,14 +1605,15 @@ def plot_attention(rows, out_dir) -> list[str]:
         cols = min(2, len(panels))
         nrows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.2 * nrows), squeeze=False)
-        impls = sorted({r["impl"] for r in mine}, key=lambda n: (n not in BACKENDS, n))
+        fused = {r["impl"] for r in mine if r["kind"] == "fused"}  # "triton-tma" too, which is no BACKENDS key
+        impls = sorted({r["impl"] for r in mine}, key=lambda n: (n not in fused, n))
         for ax, (dtype, D, causal) in zip(axes.flat, panels):
             for impl in impls:
                 pts = sorted((r["params"]["L"], r["throughput"]) for r in mine
                              if r["impl"] == impl and (r["dtype"], r["params"]["D"], r["params"]["causal"]) == (dtype, D, causal))
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                            linewidth=2.2 if impl in BACKENDS else 1.2, label=impl)
+                            linewidth=2.2 if impl in fused else 1.2, label=impl)
             ax.set_xscale("log", base=2)
             lengths = sorted({r["params"]["L"] for r in mine})
             ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths])

@@ -475,6 +475,36 @@ def test_infer_pass_times_and_checks_the_no_grad_forward(tmp_path, monkeypatch):
     assert "no-grad output" in ours[0]["oracle_detail"]
 
 
+@pytest.mark.parametrize("off_by", [0.0, 0.5])
+def test_the_tma_twin_goes_through_the_error_check(monkeypatch, off_by):
+    """The twin "triton-tma" (no BACKENDS key) is judged by the oracle like its base: an exact twin
+    passes and an inexact one fails on its error, not with "no verdict reached" (every --tma-twin
+    row failed so before). No GPU here: the twin stands on the cpu backend, as --tma-twin puts it
+    on triton's."""
+    if "cpu" not in dict(bench.backend_choices(bench.AttentionCase(1, 2, 16, 16), "cpu", torch.float32)):
+        pytest.skip("the cpu backend (fused_attn._C) is not built")
+
+    def twin_of_cpu(impls, device):
+        twins = []
+        for i in impls:
+            if i.name == "cpu" and i.skip is None:
+                fn = i.fn if not off_by else (lambda *a, fn=i.fn: fn(*a) + off_by)
+                twins.append(dataclasses.replace(i, name="triton-tma", fn=fn, context=bench._tma_auto))
+        return impls + twins
+
+    monkeypatch.setattr(bench, "_with_tma_twin", twin_of_cpu)
+    opts = bench.Options(torch.device("cpu"), [torch.float32], ["attention"], ["fwd", "bwd"], None, ["eager"], "tiny",
+                         0.005, 3, 5, False, 0)
+    rows = {(r["impl"], r["pass"]): r for r in bench.run_case(bench.AttentionCase(1, 2, 16, 16), torch.float32, opts, {})}
+    assert rows["cpu", "fwd"]["oracle"] == "ok"
+    for pass_ in ("fwd", "bwd"):
+        twin = rows["triton-tma", pass_]
+        assert twin["kind"] == "fused" and twin["status"] == "ok" and twin["err_out"] is not None
+        assert "no verdict" not in twin["oracle_detail"], twin["oracle_detail"]
+        assert twin["oracle"] == ("FAIL" if off_by else "ok"), twin["oracle_detail"]
+    assert rows["triton-tma", "fwd"]["err_out"] == pytest.approx(rows["cpu", "fwd"]["err_out"] + off_by, abs=1e-6)
+
+
 @pytest.mark.parametrize("capability,twin", [((9, 0), True), ((8, 0), False)])
 def test_triton_gets_a_tma_twin_on_hopper(monkeypatch, capability, twin):
     """With --tma-twin, on sm_90+ the sweep also times "triton-tma" (FUSED_ATTN_TRITON_TMA=auto), so

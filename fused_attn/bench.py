@@ -34,8 +34,11 @@ of the bytes torch's allocator handed out and not yet freed during the call, fro
 
 Exit status 1 when a fused backend raised or missed the oracle, or could not be checked against it
 (it raised on the check's inputs, a gradient is missing on one side only, or the float64 reference
-or the eager yardstick failed: the row's oracle is then FAIL with the reason). SIGTERM (e.g.
-`timeout`) stops the sweep and still writes what was measured.
+or the eager yardstick failed: the row's oracle is then FAIL with the reason). --max-minutes M: no
+case starts once its op's share of M is spent, and no implementation within a case once all of M
+is (the case's timed rows still get their error check). SIGTERM (e.g. `timeout`) stops the sweep
+and still writes what was measured, the case in progress included (rows join the results as
+they are timed; that case's fused rows then have no verdict: "n/a", not FAIL).
 """
 from __future__ import annotations
 
@@ -1064,8 +1067,15 @@ def _is_refusal(exc: BaseException) -> bool:
         or "not supported" in text.lower()
 
 
-def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
-    """Time every implementation of ``case`` in every pass; then its memory and its errors."""
+def run_case(case: Case, dtype, opts: Options, ceilings: dict, publish: Optional[Callable[[dict], Any]] = None,
+             deadline: Optional[float] = None) -> list[dict]:
+    """Time every implementation of ``case`` in every pass; then its memory and its errors.
+
+    ``publish(row)`` is called with each row as soon as it is timed (or skipped, or failed), so a
+    case cut short (SIGTERM) still leaves what it timed with the caller; the memory and error
+    columns are filled into the same row objects later. No implementation is started once
+    ``deadline`` (time.monotonic()) has passed: its rows are skipped, "time limit"; the memory and
+    error checks of what was timed still run (a timed fused row needs its verdict)."""
     opts = dataclasses.replace(opts, passes=case.passes(opts.passes))
     if not opts.passes:
         return []
@@ -1081,13 +1091,24 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
     n_sets = len(sets)
     douts: list = []
 
+    published: set = set()
+
+    def land(name, passes):
+        for pass_ in passes:
+            if publish is not None and (name, pass_) not in published:
+                published.add((name, pass_))
+                publish(rows[name, pass_])
+
     ceiling = ceilings.get("matmul_tflops", {}).get(_dt(dtype)) if case.unit == "TFLOP/s" else ceilings.get("copy_gbs")
     for impl in impls:
         for pass_ in opts.passes:
             rows[impl.name, pass_] = _row(case, dtype, impl, pass_, n_sets=n_sets, ceiling=ceiling)
+        if impl.skip is None and deadline is not None and time.monotonic() >= deadline:
+            impl.skip = "time limit (--max-minutes)"
         if impl.skip is not None:
             for pass_ in opts.passes:
                 rows[impl.name, pass_].update(status="skipped", reason=impl.skip)
+            land(impl.name, opts.passes)
             continue
         try:
             with impl.context():
@@ -1111,6 +1132,7 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
                                                   prefilled=timing.prefilled if cuda else None,
                                                   throughput=throughput,
                                                   ceiling_frac=throughput / ceiling if ceiling else None)
+                    land(impl.name, [pass_])
         except Exception as exc:  # noqa: BLE001 - a failing implementation must not stop the sweep
             status = "skipped" if impl.kind == "baseline" and _is_refusal(exc) else \
                 "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
@@ -1121,6 +1143,7 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict) -> list[dict]:
                 rows[impl.name, opts.passes[0]]["traceback"] = traceback.format_exc(limit=6)
             impl.skip = _short(exc)
             _free(device)
+        land(impl.name, opts.passes)
     if opts.memory:
         _measure_memory(impls, sets, douts, rows, opts)
     del sets
@@ -1665,7 +1688,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench_out", help="output folder (default bench_out)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop starting new cases after this long (each op gets a share); the outputs are still written")
+                   help="stop starting new cases after this long (each op gets a share), and new implementations "
+                        "within a case once it is all spent; the outputs are still written")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=None,
@@ -1770,40 +1794,56 @@ def main(argv=None) -> int:
         print(f"layer: fused rows run {payload['config']['fused_layer']}", flush=True)
     json_path, csv_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.csv")
     op_deadline = None
+    # --max-minutes: no case starts after its op's share of the time is spent (op_deadline), and
+    # no implementation within a case after the whole budget is (sweep_deadline)
+    sweep_deadline = None if args.max_minutes is None else started + args.max_minutes * 60
     progress = _progress(len(plan))
     current_op = None
+    case_rows: list[dict] = []
+
+    def publish(row):  # run_case's rows join the payload as they are timed: SIGTERM keeps them
+        row["device_name"] = machine["device_name"]
+        rows.append(row)
+        case_rows.append(row)
+
     with _stop_on_sigterm():
         index = 0
         try:
             for index, (op, case, dtype) in enumerate(plan):
+                case_rows = []
                 now = time.monotonic()
                 if op != current_op:
                     if current_op is not None:
                         progress.write(format_table(rows, current_op))
                     current_op = op
-                    if args.max_minutes is not None:
-                        left = args.max_minutes * 60 - (now - started)
+                    if sweep_deadline is not None:
+                        left = sweep_deadline - now
                         weights = [OP_TIME_WEIGHTS[o] for o in ops[ops.index(op):]]
                         op_deadline = now + max(0.0, left) * weights[0] / sum(weights)
-                if op_deadline is not None and now > op_deadline:
+                # >=: with the budget already spent the op's deadline is now itself
+                if op_deadline is not None and now >= op_deadline:
                     not_run.append(f"{op} {case.label()} {_dt(dtype)}: time limit (--max-minutes)")
                     progress.update(f"{op} {case.label()} (skipped: time limit)")
                     continue
                 progress.update(f"{op} {case.label()} {_dt(dtype)}")
                 try:
-                    new_rows = run_case(case, dtype, opts, ceilings)
+                    run_case(case, dtype, opts, ceilings, publish=publish, deadline=sweep_deadline)
                 except Exception as exc:  # noqa: BLE001 - building a case failed: record it, go on
-                    new_rows = [_row(case, dtype, Impl("(case)", "fused"), PASSES[0], status="error", reason=_short(exc),
-                                     traceback=traceback.format_exc(limit=8))]
+                    publish(_row(case, dtype, Impl("(case)", "fused"), PASSES[0], status="error", reason=_short(exc),
+                                 traceback=traceback.format_exc(limit=8)))
                     _free(device)
-                for r in new_rows:
-                    r["device_name"] = machine["device_name"]
-                rows.extend(new_rows)
                 add_speedups(rows)
                 write_json(json_path, payload)
                 write_csv(csv_path, rows, machine)
         except _Interrupted:
-            not_run.extend(f"{o} {c.label()} {_dt(d)}: interrupted (SIGTERM)" for o, c, d in plan[index:])
+            # the case in progress keeps the rows it timed; its fused rows never reached the error
+            # check: no verdict ("n/a" in the summary), and the reason says so
+            for r in case_rows:
+                if r["kind"] == "fused" and r["status"] == "ok" and not r["oracle"]:
+                    r["oracle_detail"] = "not checked: interrupted (SIGTERM) before the error check"
+            kept = f", {len(case_rows)} row(s) kept" if case_rows else ""
+            not_run.extend(f"{o} {c.label()} {_dt(d)}: interrupted (SIGTERM){'' if j else kept}"
+                           for j, (o, c, d) in enumerate(plan[index:]))
             print("fused_attn.bench: SIGTERM: stopping, writing what was measured", file=sys.stderr, flush=True)
     progress.close()
     if current_op is not None:

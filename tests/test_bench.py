@@ -220,6 +220,69 @@ def test_a_failing_backend_fails_the_run(tmp_path, monkeypatch, capsys, fault):
     assert "failed" in capsys.readouterr().out
 
 
+def test_max_minutes_spent_starts_no_case(tmp_path, capsys):
+    """With the budget spent before an op begins, none of its cases starts (the first case of every
+    op used to run: its deadline was "now" and only a later time counted as past it)."""
+    code = bench.main(["--shapes", "tiny", "--ops", "attention,layer_norm", "--backend", "reference", "--passes", "fwd",
+                       "--baselines", "eager", "--budget", "0.005", "--no-plots", "--no-memory",
+                       "--max-minutes", "0.00001", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert code == 0 and data["rows"] == []
+    cases = len(bench.shape_set("attention", "tiny", "cpu")) + len(bench.shape_set("layer_norm", "tiny", "cpu"))
+    assert len(data["not_run"]) == cases and all(n.endswith("time limit (--max-minutes)") for n in data["not_run"])
+
+
+def test_no_implementation_starts_after_the_deadline(monkeypatch):
+    """Within a case, once the deadline has passed no implementation starts (its rows are skipped,
+    "time limit"), and what was timed still gets its verdict."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=time.perf_counter,
+                                                             monotonic=lambda: clock["now"]))
+    published = []
+
+    def publish(row):  # the deadline passes once the first implementation is timed
+        published.append(row)
+        clock["now"] = 100.0
+
+    opts = bench.Options(torch.device("cpu"), [torch.float32], ["attention"], ["fwd", "bwd"], ["reference"],
+                         ["eager", "sdpa"], "tiny", 0.005, 3, 5, False, 0)
+    rows = bench.run_case(bench.AttentionCase(1, 2, 16, 16), torch.float32, opts, {}, publish=publish, deadline=50.0)
+    assert [r["impl"] for r in published] == [r["impl"] for r in rows]  # every row, each once, in order
+    assert all(p is r for p, r in zip(published, rows))
+    by = {(r["impl"], r["pass"]): r for r in rows}
+    assert by["reference", "fwd"]["status"] == "ok" and by["reference", "bwd"]["status"] == "ok"
+    assert by["reference", "fwd"]["oracle"] == "ok"
+    for name in ("eager", "sdpa"):
+        assert by[name, "fwd"]["status"] == "skipped" and "time limit" in by[name, "fwd"]["reason"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGTERM"), reason="needs SIGTERM")
+def test_sigterm_keeps_the_rows_the_case_in_progress_timed(tmp_path, monkeypatch):
+    """SIGTERM (gpu_check's time limit) lands in a case after its implementations were timed: the
+    rows stay in bench.json (they were kept inside run_case and lost), the fused ones without a
+    verdict and saying why, and the case is listed as interrupted."""
+    import signal
+
+    def interrupted(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the sweep")
+
+    monkeypatch.setattr(bench, "_measure_errors", interrupted)
+    code = bench.main(["--shapes", "tiny", "--ops", "attention", "--backend", "reference", "--passes", "fwd,bwd",
+                       "--baselines", "eager", "--budget", "0.005", "--no-plots", "--no-memory",
+                       "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["impl"], r["pass"]): r for r in data["rows"]}
+    assert set(rows) == {(i, p) for i in ("reference", "eager") for p in ("fwd", "bwd")}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows.values())
+    assert all(r["oracle"] == "" and "interrupted" in r["oracle_detail"] for (i, _), r in rows.items()
+               if i == "reference")
+    assert data["not_run"][0].endswith("interrupted (SIGTERM), 4 row(s) kept")
+    assert len(data["not_run"]) == len(bench.shape_set("attention", "tiny", "cpu"))
+    assert code == 0 and data["summary"] and "elapsed_s" in data
+
+
 def _run_unjudgeable(tmp_path, capsys):
     """The tiny attention sweep on the reference backend, forward + backward; its exit status, the
     reference backend's rows outside the varlen case, and what was printed."""
@@ -479,30 +542,27 @@ def test_infer_pass_times_and_checks_the_no_grad_forward(tmp_path, monkeypatch):
 def test_the_tma_twin_goes_through_the_error_check(monkeypatch, off_by):
     """The twin "triton-tma" (no BACKENDS key) is judged by the oracle like its base: an exact twin
     passes and an inexact one fails on its error, not with "no verdict reached" (every --tma-twin
-    row failed so before). No GPU here: the twin stands on the cpu backend, as --tma-twin puts it
-    on triton's."""
-    if "cpu" not in dict(bench.backend_choices(bench.AttentionCase(1, 2, 16, 16), "cpu", torch.float32)):
-        pytest.skip("the cpu backend (fused_attn._C) is not built")
-
-    def twin_of_cpu(impls, device):
+    row failed so before). No GPU here: the twin stands on the reference backend, as --tma-twin
+    puts it on triton's."""
+    def twin_of_reference(impls, device):
         twins = []
         for i in impls:
-            if i.name == "cpu" and i.skip is None:
+            if i.name == "reference" and i.skip is None:
                 fn = i.fn if not off_by else (lambda *a, fn=i.fn: fn(*a) + off_by)
                 twins.append(dataclasses.replace(i, name="triton-tma", fn=fn, context=bench._tma_auto))
         return impls + twins
 
-    monkeypatch.setattr(bench, "_with_tma_twin", twin_of_cpu)
-    opts = bench.Options(torch.device("cpu"), [torch.float32], ["attention"], ["fwd", "bwd"], None, ["eager"], "tiny",
-                         0.005, 3, 5, False, 0)
+    monkeypatch.setattr(bench, "_with_tma_twin", twin_of_reference)
+    opts = bench.Options(torch.device("cpu"), [torch.float32], ["attention"], ["fwd", "bwd"], ["reference"], ["eager"],
+                         "tiny", 0.005, 3, 5, False, 0)
     rows = {(r["impl"], r["pass"]): r for r in bench.run_case(bench.AttentionCase(1, 2, 16, 16), torch.float32, opts, {})}
-    assert rows["cpu", "fwd"]["oracle"] == "ok"
+    assert rows["reference", "fwd"]["oracle"] == "ok"
     for pass_ in ("fwd", "bwd"):
         twin = rows["triton-tma", pass_]
         assert twin["kind"] == "fused" and twin["status"] == "ok" and twin["err_out"] is not None
         assert "no verdict" not in twin["oracle_detail"], twin["oracle_detail"]
         assert twin["oracle"] == ("FAIL" if off_by else "ok"), twin["oracle_detail"]
-    assert rows["triton-tma", "fwd"]["err_out"] == pytest.approx(rows["cpu", "fwd"]["err_out"] + off_by, abs=1e-6)
+    assert rows["triton-tma", "fwd"]["err_out"] == pytest.approx(rows["reference", "fwd"]["err_out"] + off_by, abs=1e-6)
 
 
 @pytest.mark.parametrize("capability,twin", [((9, 0), True), ((8, 0), False)])

@@ -406,6 +406,35 @@ def test_gpu_check_plan_fits_the_deadline(tmp_path):
     assert min(steps["build"], steps["tests_gpu"], steps["bench"]) >= 60
 
 
+def test_gpu_check_takes_fractional_minutes_and_refuses_other_values(tmp_path):
+    """GPU_CHECK_MINUTES=8.5 ran into bash arithmetic ("8.5 * 60: syntax error") and died before any
+    summary; fractions are taken to the second, and a value that is no positive number stops the
+    script with one line, exit 2, and a summary.json that says why."""
+    steps, end = _gpu_check_plan(8.5, tmp_path)
+    assert end <= 8.5 * 60 - 10 and steps["bench"] >= 120
+    for bad in ("abc", "0", "-2"):
+        out = tmp_path / f"out{bad}"
+        proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHON=sys.executable, GPU_CHECK_MINUTES=bad))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"gpu_check: GPU_CHECK_MINUTES={bad}: expected a positive number of minutes (e.g. 8 or 8.5)"]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["ok"] is False and summary["why_not_ok"][0].startswith(f"GPU_CHECK_MINUTES={bad}:")
+
+
+def test_gpu_check_sweep_leaves_out_the_compile_baseline(tmp_path):
+    """The card's sweep spent its minutes on Inductor compiles (--shapes quick keeps torch.compile,
+    which only --quick and tiny leave out): gpu_check asks for eager and SDPA, and BENCH_ARGS, which
+    come after, can still ask for more (argparse: the last --baselines wins)."""
+    proc = subprocess.run(["bash", GPU_CHECK, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, GPU_CHECK_PLAN="1", BENCH_ARGS="--baselines eager,sdpa,compile"))
+    command = next(line for line in proc.stdout.splitlines() if "-m fused_attn.bench" in line)
+    assert command.index("--baselines eager,sdpa ") < command.index("--baselines eager,sdpa,compile")
+    assert bench.parse_args(command.split("-m fused_attn.bench", 1)[1].split()).baselines == "eager,sdpa,compile"
+    assert bench.parse_args(["--baselines", "eager,sdpa"]).baselines == "eager,sdpa"
+
+
 def _fake_python(tmp_path):
     """A python3 whose long steps (build, pytest, the benchmarks) hang; the rest runs for real."""
     fake = tmp_path / "python3"
@@ -513,6 +542,37 @@ def test_gpu_check_summary_reads_what_a_kill_leaves_and_fails_empty_test_steps(t
     written = json.loads((out / "summary.json").read_text())
     assert written["complete"] is False and "interrupted" in written["why_not_ok"]
     assert sorted(os.listdir(out)) == ["bench.json", "rotary.json", "summary.json"]  # no temporary file left
+
+
+def test_gpu_check_summary_takes_a_sweep_cut_after_a_complete_write_as_a_soft_limit(tmp_path):
+    """timeout's 124 replaces the sweep's exit status: a sweep cut at its limit whose bench.json is
+    complete (its last write made) with no fused failure does not fail the run, and says it was
+    cut ("soft limit"); with a fused failure in it, or without the last write, the step fails."""
+    gcs = _load_summary_module()
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    (work / "steps").write_text("cuda 1 NVIDIA H200\nrequired tests_gpu bench\ntests_gpu 0 200 205\n"
+                                "bench 124 120 120\n")
+    fused = {"kind": "fused", "status": "ok", "oracle": "ok"}
+    rows = [fused, dict(fused, oracle=""), {"kind": "baseline", "status": "ok", "oracle": ""}]
+    complete = {"rows": rows, "not_run": ["a: interrupted (SIGTERM), 2 row(s) kept", "b: interrupted (SIGTERM)"],
+                "summary": [], "elapsed_s": 118.0}
+    (out / "bench.json").write_text(json.dumps(complete))
+    s = gcs.build_summary(str(out), str(work), 300, final=True)
+    assert s["ok"] is True and s["soft_limits"] == ["bench"]
+    step = s["steps"]["bench"]
+    assert step["status"] == "soft limit" and step["ok"] and step["exit"] == 124
+    assert "2 case(s) not run" in step["note"] and "1 fused row(s) timed but not checked" in step["note"]
+    for bench_json, why in ((dict(complete, rows=rows + [dict(fused, oracle="FAIL")]), "1 fused row(s) failed"),
+                            (dict(complete, rows=rows + [dict(fused, status="error")]), "1 fused row(s) failed"),
+                            ({k: v for k, v in complete.items() if k != "elapsed_s"}, "incomplete")):
+        (out / "bench.json").write_text(json.dumps(bench_json))
+        s = gcs.build_summary(str(out), str(work), 300, final=True)
+        assert s["ok"] is False and s["steps"]["bench"]["status"] == "time limit" and why in s["steps"]["bench"]["note"]
+        assert s["why_not_ok"] == ["steps not ok: bench (time limit)"] and s["soft_limits"] == []
+    (out / "bench.json").unlink()
+    assert gcs.build_summary(str(out), str(work), 300)["steps"]["bench"]["note"] == "no bench.json"
 
 
 def test_infer_pass_times_and_checks_the_no_grad_forward(tmp_path, monkeypatch):

@@ -14,8 +14,9 @@ DIR/attention_fwd.png and DIR/attention_fwd_bwd.png.
 Work counted (explicitly, never measured): attention forward 4*B*H*Lq*Lk*D FLOPs (half when
 causal), backward 2.5x that; feed-forward 2*T*d_in*d_out per GEMM, backward twice the forward;
 the layer adds its four projections; residual-add + norm counts the bytes it must move (forward:
-read x and the residual, write the output; backward: read dout and the saved sum, write the
-gradient).
+read x and the residual, write the output and, in training, the sum saved for backward -- the
+no-grad forward, pass "infer", does not store it; backward: read dout and the saved sum, write
+the gradient; plus the weights and the float32 row statistics).
 
 Timing: on CUDA, events around each call after warm-up, median of many calls, the calls queued
 behind a GPU sleep that outlasts issuing them, so the events measure the device's time alone
@@ -195,7 +196,8 @@ class Case(abc.ABC):
 
     @abc.abstractmethod
     def work(self, pass_: str, dtype: torch.dtype) -> float:
-        """FLOPs (unit TFLOP/s) or bytes (unit GB/s) of one call of ``pass_``."""
+        """FLOPs (unit TFLOP/s) or bytes (unit GB/s) of one call of ``pass_`` (fwd, bwd, fwd+bwd, or
+        infer: the forward under torch.no_grad, which may move fewer bytes than the training one)."""
         ...
 
     def check_case(self) -> "Case":
@@ -290,7 +292,7 @@ class AttentionCase(Case):
         return flops / 2 if self.causal else flops
 
     def work(self, pass_, dtype):
-        return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * self.fwd_flops()
+        return {"fwd": 1.0, "infer": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * self.fwd_flops()
 
     def check_case(self):
         # one batch element and at most two heads (one at long sequences: the float64 reference
@@ -425,7 +427,7 @@ class VarlenAttentionCase(Case):
         return sum(4 * self.H * n * n * self.D / (2 if self.causal else 1) for n in self.lengths)
 
     def work(self, pass_, dtype):
-        return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * self.fwd_flops()
+        return {"fwd": 1.0, "infer": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * self.fwd_flops()
 
     def check_case(self):
         return dataclasses.replace(self, lengths=tuple(min(n, 1024) for n in self.lengths[:4]), H=min(self.H, 2))
@@ -485,12 +487,19 @@ class LayerNormCase(Case):
     def work(self, pass_, dtype):
         es = _itemsize(dtype)
         rows = self.N * self.d * es
-        # forward: read x and residual, write out; backward: read dout and the saved sum, write the
-        # gradient (x's and the residual's are the same tensor); both read the weights, the
-        # backward writes their gradients and reads mean/rstd (float32 per row).
-        fwd = 3 * rows + 2 * self.d * es
-        bwd = 3 * rows + 4 * self.d * es + 8 * self.N
-        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+        # The bytes the fused kernels must move (functional.layer_norm_residual stores the sum only
+        # for prenorm or a backward: store_summed of fused_attn.ops.layer_norm_residual_fwd):
+        # inference (no grad, no prenorm): read x and residual, write out -- the sum is not stored;
+        # training forward (the inputs require grad): also write the sum, saved for backward;
+        # backward: read dout and the saved sum, write the gradient (x's and the residual's are the
+        # same tensor). The forwards read the weights and write the row statistics, float32 mean and
+        # rstd (rstd only for RMSNorm; written in both modes), which the backward reads; it also
+        # writes the weights' gradients.
+        stats = (4 if self.rms else 8) * self.N
+        infer = 3 * rows + 2 * self.d * es + stats
+        fwd = infer + rows
+        bwd = 3 * rows + 4 * self.d * es + stats
+        return {"infer": infer, "fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 
     def check_case(self):
         return dataclasses.replace(self, N=min(self.N, 4096))
@@ -539,7 +548,7 @@ class FeedForwardCase(Case):
 
     def work(self, pass_, dtype):
         # backward: for each GEMM one product for the input gradient and one for the weight's
-        return {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[pass_] * self.fwd_flops()
+        return {"fwd": 1.0, "infer": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[pass_] * self.fwd_flops()
 
     def check_case(self):
         return dataclasses.replace(self, T=min(self.T, 1024))
@@ -617,7 +626,8 @@ class LayerCase(Case):
 
     def work(self, pass_, dtype):
         gemm, attn = self.flops()
-        return {"fwd": gemm + attn, "bwd": 2 * gemm + 2.5 * attn, "fwd+bwd": 3 * gemm + 3.5 * attn}[pass_]
+        return {"fwd": gemm + attn, "infer": gemm + attn, "bwd": 2 * gemm + 2.5 * attn,
+                "fwd+bwd": 3 * gemm + 3.5 * attn}[pass_]
 
     def check_case(self):
         return dataclasses.replace(self, B=1)
@@ -1043,7 +1053,7 @@ def baseline_names(op: str, device_type: str) -> list[str]:
 def _row(case, dtype, impl, pass_, **kw):
     row = {"op": case.op, "pass": pass_, "shape": case.label(), "params": case.params(), "dtype": _dt(dtype),
            "impl": impl.name, "kind": impl.kind, "status": "ok", "reason": "", "median_ms": None, "min_ms": None,
-           "reps": 0, "n_sets": 0, "host_ms": None, "prefilled": None, "work": case.work(_work_pass(pass_), dtype),
+           "reps": 0, "n_sets": 0, "host_ms": None, "prefilled": None, "work": case.work(pass_, dtype),
            "unit": case.unit, "throughput": None,
            "ceiling": None, "ceiling_frac": None, "speedup": {}, "err_out": None, "err_grad": None,
            "oracle": "", "oracle_detail": "", "peak_mem_mib": None}
@@ -1123,7 +1133,7 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict, publish: Optional
                     del call
                     times = timing.times
                     median = statistics.median(times)
-                    work = case.work(_work_pass(pass_), dtype)
+                    work = case.work(pass_, dtype)
                     scale = 1e12 if case.unit == "TFLOP/s" else 1e9
                     throughput = work / median / scale
                     cuda = device.type == "cuda"  # on CPU the host time is the time
@@ -1150,11 +1160,6 @@ def run_case(case: Case, dtype, opts: Options, ceilings: dict, publish: Optional
     _free(device)
     _measure_errors(case, dtype, impls, rows, opts)
     return list(rows.values())
-
-
-def _work_pass(pass_: str) -> str:
-    """The pass whose FLOPs/bytes a pass does: inference does the forward's work."""
-    return "fwd" if pass_ == "infer" else pass_
 
 
 def _make_call(impl: Impl, sets, douts, pass_) -> Callable[[int], Any]:

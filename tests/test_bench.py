@@ -30,14 +30,22 @@ def test_work_is_counted_as_documented():
     g = bench.FeedForwardCase(T=16, d=8, d_ff=32, activation="swiglu")
     assert g.work("fwd", torch.float32) == 2 * 16 * 8 * 64 + 2 * 16 * 32 * 8
     assert f.work("fwd+bwd", torch.float32) == 3 * f.work("fwd", torch.float32)
+    # the training forward also writes the sum (saved for backward), the no-grad one does not; both
+    # read the weights and write float32 mean and rstd per row (rstd alone for RMSNorm)
     n = bench.LayerNormCase(N=10, d=4)
-    assert n.work("fwd", torch.bfloat16) == 3 * 10 * 4 * 2 + 2 * 4 * 2
+    assert n.work("infer", torch.bfloat16) == 3 * 10 * 4 * 2 + 2 * 4 * 2 + 8 * 10
+    assert n.work("fwd", torch.bfloat16) == 4 * 10 * 4 * 2 + 2 * 4 * 2 + 8 * 10
+    assert n.work("bwd", torch.bfloat16) == 3 * 10 * 4 * 2 + 4 * 4 * 2 + 8 * 10
+    assert n.work("fwd+bwd", torch.bfloat16) == n.work("fwd", torch.bfloat16) + n.work("bwd", torch.bfloat16)
+    assert bench.LayerNormCase(N=10, d=4, rms=True).work("fwd", torch.bfloat16) == 4 * 10 * 4 * 2 + 2 * 4 * 2 + 4 * 10
     packed = bench.VarlenAttentionCase((3, 8), H=2, D=16)  # causal: half of each sequence's square
     assert packed.work("fwd", torch.float32) == 4 * 2 * 16 * (9 + 64) / 2
     assert packed.cu("cpu").tolist() == [0, 3, 11]
     layer = bench.LayerCase(B=2, L=8, d=16, H=2, d_ff=64)
     T = 16
     assert layer.work("fwd", torch.float32) == 8 * T * 16 * 16 + 4 * T * 16 * 64 + 4 * 2 * 8 * 8 * 16
+    for case in (a, f, packed, layer, bench.DecodeAttentionCase(2, 4, 2, 40, 16)):  # inference: the forward's work
+        assert case.work("infer", torch.float32) == case.work("fwd", torch.float32)
 
 
 def test_time_calls_measures_the_call():

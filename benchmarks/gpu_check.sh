@@ -23,10 +23,11 @@
 #
 # Time: one deadline for the whole run, GPU_CHECK_MINUTES (default 8; fractional minutes, e.g. 8.5,
 # are taken to the second; anything but a positive number stops the script with one line, and a
-# summary.json saying why) from the start less 10 s for the last summary. Each step's limit is what is left less a reserve kept for the steps after it
-# (limit_for below), at most its cap; a step left under 30 s is skipped, and says so. A step gets
-# its signal (TERM; INT for pytest, which then still prints the failures it saw and writes its
-# junit file) 10 s before its limit and SIGKILL at it. The reserves, for the planned
+# summary.json saying why) from the start less 10 s for the last summary. Each step's limit is
+# what is left less a reserve kept for the steps after it (limit_for below), at most its cap; a
+# step left under 30 s is skipped, and says so. A step gets its signal (TERM; INT for pytest,
+# which then still prints the failures it saw and writes its junit file) 10 s before its limit
+# and SIGKILL at it. The reserves, for the planned
 # GPU_CHECK_MINUTES=9 call (killed at ~560 s):
 #   build + tests_triton  everything but 330 s (the GPU tests' 200 + the sweep's 120 + 10 s for the
 #                         backends check): ~190 s; the build takes ~130 s on 8 of the 16 cores
@@ -69,7 +70,8 @@ PLAN=${GPU_CHECK_PLAN:-}
 MINUTES=${GPU_CHECK_MINUTES:-8}
 # whole seconds from here on; bash arithmetic takes no fractions (8.5 was a syntax error that
 # killed the script before any summary), so awk reads the minutes; empty when not a positive number
-TOTAL_S=$(awk -v m="$MINUTES" 'BEGIN { if (m ~ /^([0-9]+[.]?[0-9]*|[.][0-9]+)$/ && int(m * 60) >= 1) print int(m * 60) }')
+TOTAL_S=$(awk -v m="$MINUTES" \
+    'BEGIN { if (m ~ /^([0-9]+[.]?[0-9]*|[.][0-9]+)$/ && int(m * 60) >= 1) print int(m * 60) }')
 SUMMARY_S=10      # kept for the last summary (it imports torch to print the sweep's table)
 GRACE_S=10        # a step's signal comes this long before its limit, SIGKILL at the limit
 MIN_STEP_S=30     # a step left less than this is skipped

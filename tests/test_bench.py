@@ -623,7 +623,8 @@ def test_the_tma_twin_goes_through_the_error_check(monkeypatch, off_by):
     monkeypatch.setattr(bench, "_with_tma_twin", twin_of_reference)
     opts = bench.Options(torch.device("cpu"), [torch.float32], ["attention"], ["fwd", "bwd"], ["reference"], ["eager"],
                          "tiny", 0.005, 3, 5, False, 0)
-    rows = {(r["impl"], r["pass"]): r for r in bench.run_case(bench.AttentionCase(1, 2, 16, 16), torch.float32, opts, {})}
+    case = bench.AttentionCase(1, 2, 16, 16)
+    rows = {(r["impl"], r["pass"]): r for r in bench.run_case(case, torch.float32, opts, {})}
     assert rows["reference", "fwd"]["oracle"] == "ok"
     for pass_ in ("fwd", "bwd"):
         twin = rows["triton-tma", pass_]

@@ -787,7 +787,14 @@ class FusedTransformerEncoder(nn.TransformerEncoder):
         # torch detects a causal mask on the canonical (float) form of ``mask``.
         canonical = F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="",
                                       target_type=src.dtype, check_other=False)
-        is_causal = _detect_is_causal_mask(canonical, is_causal, _get_seq_len(src, self.layers[0].self_attn.batch_first))
+        if is_causal is None and canonical is not None and torch.compiler.is_compiling():
+            # torch's detection compares the mask with a causal one on the host: under torch.compile a
+            # data-dependent guard (fullgraph failed: "Could not guard on data-dependent expression").
+            # The hint only lets the layers skip reading the mask, which they apply either way.
+            is_causal = False
+        else:
+            is_causal = _detect_is_causal_mask(canonical, is_causal,
+                                               _get_seq_len(src, self.layers[0].self_attn.batch_first))
         out = src
         for layer in self.layers:
             out = layer(out, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)

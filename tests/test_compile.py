@@ -177,6 +177,12 @@ def test_swapped_torch_encoder_compiles_fullgraph():
     eager = _run(ref, x, src_key_padding_mask=padding)
     compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
     _assert_same(_run(compiled, x, src_key_padding_mask=padding), eager)
+    # an attention mask without is_causal: torch's causal-mask detection reads the mask on the host
+    # (fullgraph failed on a data-dependent guard); compiled, the mask is applied as given
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    for mask in (causal, causal.isinf(), torch.randn(L, L)):
+        for kwargs in (dict(mask=mask), dict(mask=mask, src_key_padding_mask=padding)):
+            _assert_same(_run(compiled, x, **kwargs), _run(ref, x, **kwargs))
     enc.eval()  # inference: the fused encoder has no nested-tensor path to break the graph
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref.eval()(x), atol=1e-5, rtol=1e-4)

@@ -402,7 +402,7 @@ def _check_fake_matches_real(op, args):
         assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride()), f"{op} output {i}"
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_opcheck_every_registered_op(backend):
     reasons = _backend_can_run_all(backend)
     if reasons:

@@ -326,6 +326,25 @@ def test_error_messages_format_their_values():
         ops.feed_forward_fwd(x, torch.randn(32, 16), None, torch.randn(16, 32), None, "tanh", 0.0, 0, 0)
 
 
+def test_rotary_out_takes_a_strided_x_with_out_in_other_memory():
+    """rotary_out's overlap check asks torch only of tensors sharing a storage: torch answers "too
+    hard" for any non-dense tensor, so a strided x (every other feature) with an out of its own
+    was refused ("out must be x itself or not overlap it"). A partly overlapping out is still."""
+    import torch
+    ops = torch.ops.fused_attn_C
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 16, generator=gen)[..., ::2]
+    angles = torch.randn(8, 4, generator=gen)
+    positions = torch.arange(5).expand(2, 5).contiguous()
+    out = torch.empty(2, 5, 3, 8)
+    ops.rotary_out(x, angles.cos(), angles.sin(), positions, False, False, out)
+    expected = fused_attn.reference.rotary(x, angles.cos(), angles.sin(), positions, False)
+    torch.testing.assert_close(out, expected)
+    base = torch.randn(2, 5, 3, 16, generator=gen)
+    with pytest.raises(RuntimeError, match="out must be x itself or not overlap it"):
+        ops.rotary_out(base[..., ::2], angles.cos(), angles.sin(), positions, False, False, base[..., 4:12])
+
+
 def _stream_users(disassembly: str) -> dict:
     """Functions of the disassembly (``objdump -d -C``) that call into std::ostream formatting:
     an ostringstream, c10::str's stream wrapper, or an ostream inserter; name -> callees."""

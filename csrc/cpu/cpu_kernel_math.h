@@ -150,7 +150,7 @@ inline typename Lanes<A>::type lanes_round_through(typename Lanes<A>::type v) {
 template <typename T, typename A>
 inline void load_row(const T* src, A* dst, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
-    std::memcpy(dst, src, n * sizeof(A));
+    if (n > 0) std::memcpy(dst, src, n * sizeof(A));  // (an empty row may come with a null pointer)
   } else {
     int64_t i = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
@@ -164,7 +164,7 @@ inline void load_row(const T* src, A* dst, int64_t n) {
 template <typename A, typename T>
 inline void store_row(const A* src, T* dst, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
-    std::memcpy(dst, src, n * sizeof(A));
+    if (n > 0) std::memcpy(dst, src, n * sizeof(A));  // (an empty row may come with a null pointer)
   } else {
     int64_t i = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)

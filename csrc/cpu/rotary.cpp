@@ -134,7 +134,10 @@ void rotary_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
            " ", out.scalar_type(), " on ", out.device());
   FA_CHECK(!elements_may_overlap(out.sizes().data(), out.strides().data(), out.dim()),
            "out must not have overlapping elements (stride 0 or overlapping strides), got strides ", out.strides());
-  FA_CHECK(out.is_same(x) || at::get_overlap_status(out, x) == at::MemOverlapStatus::No,
+  // (get_overlap_status answers "too hard" for any non-dense tensor, even one in other memory: asked
+  // only of tensors that share a storage, so a strided x with a separate out is taken)
+  FA_CHECK(out.is_same(x) || !out.storage().is_alias_of(x.storage()) ||
+               at::get_overlap_status(out, x) == at::MemOverlapStatus::No,
            "out must be x itself or not overlap it");
   rotary_into(x, cos, sin, pos, interleaved, conjugate, out);
 }

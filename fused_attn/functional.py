@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .backends import check_backend_name, get_backend, resolve_options
 from . import _rng, reference
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
-                  as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
+                  apply, as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
                   _forward_mode_in, _stack, _transform_needs_autograd, differentiated, why_differentiated)
 from .ops_common import (ALIGNMENTS, as_int, attention_band, check_block_table, check_traced, check_varlen_bounds,
@@ -668,7 +668,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     elif _eager_inference(q, k, v, attn_mask):
         result = attention_inference(*args, want_lse)
     else:
-        result = AttentionFunction.apply(*args, want_lse)  # (out, lse)
+        result = apply(AttentionFunction, *args, want_lse)  # (out, lse)
         result = result if want_lse else result[0]
     return _with_sinks(result, sinks, return_lse, head_dim=1)
 
@@ -819,7 +819,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table):
         result = attention_varlen_inference(*args, block_table, return_lse=want_lse)
     else:
-        result = AttentionVarlenFunction.apply(*args, want_lse, block_table)  # (out, lse)
+        result = apply(AttentionVarlenFunction, *args, want_lse, block_table)  # (out, lse)
         result = result if want_lse else result[0]
     return _with_sinks(result, sinks, return_lse, head_dim=0)
 
@@ -1628,7 +1628,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         return reference.layer_norm_residual(x, residual, weight, bias, float(eps), dropout_p, prenorm, rms,
                                              residual_in_fp32)
     else:
-        out, summed = LayerNormResidualFunction.apply(*args)[:2]
+        out, summed = apply(LayerNormResidualFunction, *args)[:2]
     return (as_shape_of(out, x), as_shape_of(summed, x)) if prenorm else as_shape_of(out, x)
 
 
@@ -1783,7 +1783,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         return as_shape_of(feed_forward_inference(*args), x)
     if _distributed(x, w1, b1, w2, b2, w1_up, b1_up):
         return reference.feed_forward(x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation, dropout_p)
-    return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up)[0], x)  # (every argument given: see ops)
+    return as_shape_of(apply(FeedForwardFunction, *args, w1_up, b1_up)[0], x)  # (every argument given: see ops)
 
 
 def _split_gated_weights(w1, b1, activation):

@@ -14,6 +14,10 @@ trace through without breaks. The autograd Functions never launch kernels themse
 calls the ``*_fwd`` op and saves the minimum, backward calls the ``*_bwd`` op. In eager mode on
 plain tensors (``direct_call_ok``) they call the ops' implementations directly, skipping the custom
 ops' Python dispatch; traced, subclassed or mode-intercepted calls always use the registered ops.
+Under torch.export the functional layer calls the Functions' forwards, not the Functions
+(``apply``): the exported graph holds the forward ops with grad mode on, and each forward op has
+its Function's setup_context and backward as its own autograd formula (``_register_autograd``),
+so exported programs train.
 
 The Functions have torch.func's form (``forward`` without ctx, ``setup_context`` saving what the
 backward needs, ``generate_vmap_rule``), so ``torch.func.grad``, ``vjp``, ``jacrev`` and
@@ -1208,3 +1212,112 @@ def rotary_inference(x, cos, sin, positions, interleaved, backend, inplace=False
         _rotary_inplace_impl(x, cos, sin, positions, interleaved, False, backend)
         return x
     return _rotary_impl(x, cos, sin, positions, interleaved, False, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export: the forward ops differentiable on their own
+# ---------------------------------------------------------------------------------------------
+
+def apply(function, *args):
+    """``function.apply(*args)``, the call of an autograd Function by ``functional`` and ``rotary``;
+    while torch.export traces (strict or not), the Function's ``forward`` itself, which calls the
+    registered forward op (``direct_call_ok`` is False there), so that the exported graph records
+    the op with grad mode on and the exported program is differentiated by the op's own autograd
+    formula (``_register_autograd``). Traced as a Function, the graph kept the forward alone: strict
+    export ran it under ``wrap_with_set_grad_enabled(False, ...)``, so the inputs got no gradient,
+    silently; non-strict export recorded an op without a formula, whose backward raised. (Not under
+    torch.compile and torch.func: their Functions keep the fast paths and the higher derivatives.)"""
+    if torch.compiler.is_exporting():
+        return function.forward(*args)
+    return function.apply(*args)
+
+
+def _register_autograd(op, function, to_function, from_function, outputs=lambda output: output, check=None):
+    """Give the forward custom op ``op`` the autograd formula of ``function``: its ``setup_context``
+    and ``backward``, on the op's inputs seen as the Function's. ``to_function`` maps the op's
+    inputs (and its ``needs_input_grad``) into the Function's arguments, ``from_function`` the
+    Function's input gradients back to the op's, ``outputs`` the op's outputs to the Function's;
+    ``check(inputs)`` says why a call traced without what a backward needs cannot be differentiated
+    (None: it can), raised at backward. The formula runs only where the op is called with grad
+    mode on and an input requiring grad, outside the Function (whose forward runs under no_grad):
+    in exported programs (``apply``). An input that requires grad but gets none (ALiBi slopes
+    traced as fixed, which the kernels do not differentiate) raises at backward, never a silently
+    missing gradient."""
+    names = [a.name for a in op._opoverload._schema.arguments]
+
+    def setup_context(ctx, inputs, output):
+        # (refused at backward, not here: a program traced without gradients still runs forward
+        # with grad mode on, for inference, as it did)
+        ctx.refusal = None if check is None else check(inputs)
+        function.setup_context(ctx, to_function(inputs), outputs(output))
+
+    def backward(ctx, *grads):
+        if ctx.refusal is not None:
+            raise RuntimeError(ctx.refusal)
+        given = ctx.needs_input_grad
+        # The dispatcher drops trailing arguments equal to their defaults: flags for the op's
+        # full argument list, gradients for the arguments given.
+        needs = (*given, *(False,) * (len(names) - len(given)))
+        ctx.needs_input_grad = to_function(needs)  # (the Function reads its own arguments' flags)
+        try:
+            result = from_function(function.backward(ctx, *grads))
+        finally:
+            ctx.needs_input_grad = given
+        for name, need, grad in zip(names, needs, result):
+            if need and grad is None:
+                raise RuntimeError(f"{op._qualname} has no gradient for its argument {name!r}, which requires grad "
+                                   f"now but did not when the call was traced (torch.export): the traced call took a "
+                                   f"path that does not differentiate {name}. Trace it with {name} requiring grad, or "
+                                   f"detach {name}")
+        return result[:len(given)]
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def _summed_not_stored(inputs):
+    if not inputs[10]:  # store_summed
+        return ("fused_attn.layer_norm_residual was traced (torch.export) with no gradient wanted, so the traced "
+                "call keeps no sum for a backward; trace it with the inputs or parameters requiring grad (outside "
+                "torch.no_grad) to differentiate the exported program")
+    return None
+
+
+def _paged(inputs):
+    if inputs[18] is not None:  # block_table
+        return ("fused_attn.attention_varlen was traced (torch.export) with no gradient wanted, so the traced call "
+                "reads the paged K/V cache in place, which has no backward; trace it with q, k or v requiring grad "
+                "(outside torch.no_grad) to differentiate the exported program")
+    return None
+
+
+# The Functions' arguments are the ops' with these differences: AttentionFunction and
+# AttentionVarlenFunction take return_lse (True here: the op's lse is differentiable, its gradient
+# zeros where it went unused), FeedForwardFunction the gated pair's up halves (None: the op takes w1
+# and b1 stacked) and returns x's rows as a third output (a placeholder: the op's x is its rows).
+_register_autograd(attention_fwd, AttentionFunction, lambda a: (*a, True), lambda g: g[:13])
+_register_autograd(attention_varlen_fwd, AttentionVarlenFunction, lambda a: (*a[:18], True, a[18]),
+                   lambda g: g[:18] + g[19:], check=_paged)
+_register_autograd(layer_norm_residual_fwd, LayerNormResidualFunction, lambda a: a, lambda g: g,
+                   check=_summed_not_stored)
+_register_autograd(feed_forward_fwd, FeedForwardFunction, lambda a: (*a, None, None), lambda g: g[:9],
+                   outputs=lambda out: (*out, out[0].new_empty(0)))
+
+
+def _rotary_setup_context(ctx, inputs, output):
+    x, cos, sin, positions, interleaved, conjugate, backend = inputs
+    ctx.save_for_backward(cos, sin, positions)
+    ctx.options = (interleaved, conjugate, backend)
+
+
+def _rotary_backward(ctx, dout):
+    """The rotation's transpose, its inverse: the op turning the other way (``RotaryFunction``'s
+    backward), which is differentiable in turn (a backward with ``create_graph=True``)."""
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise RuntimeError("fused_attn::rotary gives no gradient for cos and sin, which require grad: detach them")
+    cos, sin, positions = ctx.saved_tensors
+    interleaved, conjugate, backend = ctx.options
+    dx = torch.ops.fused_attn.rotary(dout, cos, sin, positions, interleaved, not conjugate, backend)
+    return dx, None, None, None, None, None, None
+
+
+rotary.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)

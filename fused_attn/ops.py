@@ -178,6 +178,14 @@ def _jvp_through(fn, primals, tangents, layouts):
         _, tangents_out = torch.func.jvp(of_moving, tuple(primals[i] for i in moving),
                                          tuple(tangents[i] for i in moving))
         return list(tangents_out)
+    if torch._C._are_functorch_transforms_active() and any(
+            level.key() == _functorch.TransformType.Vmap for level in _functorch.get_interpreter_stack() or ()):
+        # (torch's vmap takes no batched tangent into the result's layout here, nor forward_ad's
+        # tangents of the reverse-mode passes below: an internal error either way)
+        raise NotImplementedError(
+            "fused_attn: forward-mode AD by torch.autograd.forward_ad through torch.func.vmap (a dual tensor "
+            "handed to vmap) is not supported; use torch.func.jvp with vmap instead (vmap(jvp(f)) or "
+            "jvp(vmap(f))), or jacfwd")
     # Inside torch.autograd.forward_ad's level (opened around the call, or inside torch.func.grad),
     # which does not nest: by reverse mode twice. The vjp u -> J^T u is linear in u, so its own
     # vjp at the tangent t is J t.

@@ -506,6 +506,48 @@ def test_reverse_mode_inside_a_dual_level(backend, case):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["attention", "layer_norm", "feed_forward"])
+def test_forward_ad_dual_tensor_through_vmap_is_refused_clearly(backend, case):
+    """A forward_ad dual tensor handed to torch.func.vmap: the tangent's reverse-twice computation
+    cannot run under vmap (torch's internal errors: "vmap: inplace arithmetic ... please file a bug
+    report", before that "Nested forward mode AD is not supported"): a NotImplementedError naming
+    the combination and the alternatives."""
+    import torch.autograd.forward_ad as fwAD
+
+    f, x = _forward_mode_cases(backend)[case]
+    xs = torch.stack([x, x + 1])
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward_ad through torch.func.vmap"):
+        torch.func.vmap(f)(fwAD.make_dual(xs, torch.ones_like(xs)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_higher_order_paths_on_rows_of_large_magnitude(backend):
+    """The reference math a derivative is taken of (create_graph, jvp tangents) at rows of 1e17 in
+    float32: LayerNorm divides by the root, where a product with rsqrt differentiated through rstd^3,
+    which underflowed float32 (a gradient 5-25 % off). Oracle: float64."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=gen) * 1e17
+    w, b, dy, t = torch.randn(64, generator=gen), torch.randn(64, generator=gen), torch.randn(4, 64, generator=gen), \
+        torch.randn(4, 64, generator=gen) * 1e17
+
+    def f(x, w=w, b=b):
+        return F.layer_norm_residual(x, None, w, b, 1e-5, backend=backend)
+
+    def expected_f(x):
+        return torch.nn.functional.layer_norm(x, (64,), w.double(), b.double(), 1e-5)
+
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad((f(leaf) * dy).sum(), leaf, create_graph=True)
+    x64 = x.double().requires_grad_()
+    (expected,) = torch.autograd.grad((expected_f(x64) * dy.double()).sum(), x64)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    tangent = torch.func.jvp(f, (x,), (t,))[1]
+    expected_tangent = torch.func.jvp(expected_f, (x.double(),), (t.double(),))[1]
+    torch.testing.assert_close(tangent.double(), expected_tangent, rtol=1e-4,
+                               atol=1e-4 * expected_tangent.abs().max().item())
+
+
 def test_forward_mode_leaves_compiled_calls_alone():
     """The jvp lives on a twin Function used only under forward-mode AD: torch.compile refuses to
     trace a Function that defines jvp, so the traced class must have none (fullgraph training)."""

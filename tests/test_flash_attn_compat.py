@@ -332,7 +332,7 @@ def test_ops_triton_rotary_apply_rotary(interleaved):
     y = x.clone()
     assert FA.apply_rotary(y, cos, sin, offsets, interleaved=interleaved, inplace=True, conjugate=True) is y
     assert torch.equal(y, FA.apply_rotary_emb(x, cos, -sin, interleaved, False, offsets))
-    with pytest.raises(TypeError, match="conjugate must be a bool"):
+    with pytest.raises(TypeError, match=r"conjugate must be a bool \(True: the inverse rotation\), got 1 \(int\)"):
         FA.apply_rotary(x, cos, sin, conjugate=1)
 
 

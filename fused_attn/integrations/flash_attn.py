@@ -446,7 +446,8 @@ def apply_rotary(x, cos, sin, seqlen_offsets=0, cu_seqlens=None, max_seqlen=None
     which FlashAttention's backward applies). Returns the result (x itself with ``inplace``).
     Beyond FlashAttention's, which is not recorded by autograd: differentiable in x."""
     if not isinstance(conjugate, bool):
-        raise TypeError(f"conjugate must be a bool (True: the inverse rotation), got {type(conjugate).__name__}")
+        raise TypeError(f"conjugate must be a bool (True: the inverse rotation), got {conjugate!r} "
+                        f"({type(conjugate).__name__})")
     if conjugate and isinstance(sin, Tensor):  # (other values: apply_rotary_emb names what sin must be)
         sin = -sin
     return apply_rotary_emb(x, cos, sin, interleaved=interleaved, inplace=inplace, seqlen_offsets=seqlen_offsets,

@@ -66,7 +66,7 @@ def _gradients(module, x):
     x = x.detach().requires_grad_()
     outputs = module(x)
     g = torch.Generator().manual_seed(1)
-    loss = sum((out * torch.randn(out.shape, generator=g)).sum() for out in outputs)
+    loss = sum((out * torch.randn(out.shape, generator=g).to(out.device)).sum() for out in outputs)
     loss.backward()
     grads = {name: p.grad for name, p in module.named_parameters()}
     grads["input"] = x.grad
@@ -86,6 +86,28 @@ def test_exported_program_backward_matches_eager(make, backend, strict):
     assert got.keys() == want.keys()
     for name, grad in want.items():
         assert grad is not None, name
+        assert got[name] is not None, f"{name} got no gradient through the exported program"
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("make", [EveryOp, Layers], ids=["ops", "modules"])
+def test_exported_program_backward_matches_eager_on_the_gpu(make, backend, strict):
+    """The GPU backends' forward ops carry the same formulas: on a CUDA device (gpu_check.sh's
+    GPU tests), the exported program's outputs and gradients are the eager ones."""
+    from fused_attn.testing import runnable_backends
+
+    if backend not in runnable_backends("attention", device="cuda"):
+        pytest.skip(f"the {backend} backend cannot run here")
+    model = make(backend).cuda()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2)).cuda()
+    exported = torch.export.export(model, (x,), strict=strict).module()
+    want_out, want = _gradients(model, x)
+    got_out, got = _gradients(exported, x)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)
+    for name, grad in want.items():
         assert got[name] is not None, f"{name} got no gradient through the exported program"
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 

@@ -258,12 +258,17 @@ def _backward_op(impl, op, rng, *tensors):
     ``direct_call_ok(*tensors)``, else the registered op ``torch.ops.fused_attn.<op>``; for a
     per-sample ``rng`` (``_per_sample``) the op under no_grad: under ``vmap(grad(f))`` torch.func
     runs the backward recording a graph, and the custom op's autograd layer refuses torch.func's
-    transforms. Nothing is lost: a gradient that will be differentiated never comes here
-    (``_create_graph``). (The op is named, and looked up only when it is called: walking
+    transforms; under grad mode (``torch.func.grad``) under no_grad too. Nothing is lost: a gradient
+    that will be differentiated never comes here (``_create_graph``). (The op is named, and looked up only when it is called: walking
     ``torch.ops`` costs ~0.2 us, on every backward.)"""
     if _per_sample(rng):
         return torch.no_grad()(getattr(torch.ops.fused_attn, op))
-    return impl if direct_call_ok(*tensors) else getattr(torch.ops.fused_attn, op)
+    call = impl if direct_call_ok(*tensors) else getattr(torch.ops.fused_attn, op)
+    # Grad mode on in a first-order backward: torch.func.grad runs the backward so. No graph is
+    # wanted here (``_create_graph``), and the cpu backend's out= GEMMs refused saved weights that
+    # require grad of the enclosing autograd (``grad`` of a loss over nn.Parameters: "functions with
+    # out=... arguments don't support automatic differentiation")
+    return torch.no_grad()(call) if torch.is_grad_enabled() else call
 
 
 # ---------------------------------------------------------------------------------------------

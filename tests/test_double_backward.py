@@ -548,6 +548,29 @@ def test_layer_norm_higher_order_paths_on_rows_of_large_magnitude(backend):
                                atol=1e-4 * expected_tangent.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_grad_over_parameters_that_require_grad(backend):
+    """torch.func.grad of a loss over a fused layer's nn.Parameters (functional_call: weights that
+    require grad of the enclosing autograd): torch.func runs the backward in grad mode, where the cpu
+    backend's feed-forward backward (out= GEMMs) raised "functions with out=... arguments don't
+    support automatic differentiation". Oracle: the same gradients by loss.backward()."""
+    torch.manual_seed(0)
+    layer = fused_attn.modules.TransformerLayer(16, 4, 32, backend=backend, dtype=torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    got = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).pow(2).sum())(params)
+    layer(x).pow(2).sum().backward()
+    for name, p in params.items():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-12, rtol=1e-10, msg=name)
+    w1 = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(16, 32, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(10, 16, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.func.grad(lambda x: F.feed_forward(x, w1, None, w2, None, backend=backend).pow(2).sum())(xs),
+        torch.func.grad(lambda x: F.feed_forward(x, w1.detach(), None, w2.detach(), None,
+                                                 backend=backend).pow(2).sum())(xs))
+
+
 def test_forward_mode_leaves_compiled_calls_alone():
     """The jvp lives on a twin Function used only under forward-mode AD: torch.compile refuses to
     trace a Function that defines jvp, so the traced class must have none (fullgraph training)."""

@@ -878,8 +878,8 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
             raise ValueError(f"{max_name} must be at most {_INT64_MAX} (an upper bound of the longest sequence, "
                              f"passed to the kernels as int64), got {_shown(max_seqlen)}")
     if max_seqlen is None and compiling:
-        raise ValueError(f"{max_name} must be given under torch.compile (reading it from {name} would "
-                         f"break the graph)")
+        raise ValueError(f"{max_name} must be given under torch.compile and torch.export (reading it from {name} "
+                         f"would break the graph)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1279,9 +1279,9 @@ def _register_autograd(op, function, to_function, from_function, outputs=lambda 
         for name, need, grad in zip(names, needs, result):
             if need and grad is None:
                 raise RuntimeError(f"{op._qualname} has no gradient for its argument {name!r}, which requires grad "
-                                   f"now but did not when the call was traced (torch.export): the traced call took a "
-                                   f"path that does not differentiate {name}. Trace it with {name} requiring grad, or "
-                                   f"detach {name}")
+                                   f"now but did not when the call was recorded (a torch.export trace, or a direct call "
+                                   f"of the op): the recorded call took a path that does not differentiate {name}. "
+                                   f"Trace or call it with {name} requiring grad, or detach {name}")
         return result[:len(given)]
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -1289,17 +1289,19 @@ def _register_autograd(op, function, to_function, from_function, outputs=lambda 
 
 def _summed_not_stored(inputs):
     if not inputs[10]:  # store_summed
-        return ("fused_attn.layer_norm_residual was traced (torch.export) with no gradient wanted, so the traced "
-                "call keeps no sum for a backward; trace it with the inputs or parameters requiring grad (outside "
-                "torch.no_grad) to differentiate the exported program")
+        return ("fused_attn.layer_norm_residual was recorded (a torch.export trace, or a direct call of the op with "
+                "store_summed=False) with no gradient wanted, so the call keeps no sum for a backward; trace it with "
+                "the inputs or parameters requiring grad (outside torch.no_grad) to differentiate the exported "
+                "program")
     return None
 
 
 def _paged(inputs):
     if inputs[18] is not None:  # block_table
-        return ("fused_attn.attention_varlen was traced (torch.export) with no gradient wanted, so the traced call "
-                "reads the paged K/V cache in place, which has no backward; trace it with q, k or v requiring grad "
-                "(outside torch.no_grad) to differentiate the exported program")
+        return ("fused_attn.attention_varlen was recorded (a torch.export trace, or a direct call of the op with a "
+                "block_table) with no gradient wanted, so the call reads the paged K/V cache in place, which has no "
+                "backward; trace it with q, k or v requiring grad (outside torch.no_grad) to differentiate the "
+                "exported program")
     return None
 
 

@@ -20,12 +20,12 @@ from torch._subclasses.fake_tensor import is_fake
 from .backends import check_backend_name, get_backend, resolve_options
 from . import _rng, reference
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
-                  apply, as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
+                  as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
                   feed_forward_inference, inference_call_ok, layer_norm_residual_inference, _attention_reference,
                   _forward_mode_in, _stack, _transform_needs_autograd, differentiated, why_differentiated)
 from .ops_common import (ALIGNMENTS, as_int, attention_band, check_block_table, check_traced, check_varlen_bounds,
                          elements_may_overlap, first_page_out_of_range, gather_kv_pages, grad_recording, is_int,
-                         known_true, no_data, pages_out_of_range, paged_layout, tensors_may_share_memory)
+                         exporting, known_true, no_data, pages_out_of_range, paged_layout, tensors_may_share_memory)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -668,7 +668,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     elif _eager_inference(q, k, v, attn_mask):
         result = attention_inference(*args, want_lse)
     else:
-        result = apply(AttentionFunction, *args, want_lse)  # (out, lse)
+        if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
+            result = AttentionFunction.forward(*args, want_lse)  # (out, lse)
+        else:
+            result = AttentionFunction.apply(*args, want_lse)
         result = result if want_lse else result[0]
     return _with_sinks(result, sinks, return_lse, head_dim=1)
 
@@ -819,7 +822,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table):
         result = attention_varlen_inference(*args, block_table, return_lse=want_lse)
     else:
-        result = apply(AttentionVarlenFunction, *args, want_lse, block_table)  # (out, lse)
+        if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
+            result = AttentionVarlenFunction.forward(*args, want_lse, block_table)  # (out, lse)
+        else:
+            result = AttentionVarlenFunction.apply(*args, want_lse, block_table)
         result = result if want_lse else result[0]
     return _with_sinks(result, sinks, return_lse, head_dim=0)
 
@@ -1628,7 +1634,10 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         return reference.layer_norm_residual(x, residual, weight, bias, float(eps), dropout_p, prenorm, rms,
                                              residual_in_fp32)
     else:
-        out, summed = apply(LayerNormResidualFunction, *args)[:2]
+        if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
+            out, summed = LayerNormResidualFunction.forward(*args)[:2]
+        else:
+            out, summed = LayerNormResidualFunction.apply(*args)[:2]
     return (as_shape_of(out, x), as_shape_of(summed, x)) if prenorm else as_shape_of(out, x)
 
 
@@ -1783,7 +1792,9 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         return as_shape_of(feed_forward_inference(*args), x)
     if _distributed(x, w1, b1, w2, b2, w1_up, b1_up):
         return reference.feed_forward(x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation, dropout_p)
-    return as_shape_of(apply(FeedForwardFunction, *args, w1_up, b1_up)[0], x)  # (every argument given: see ops)
+    if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
+        return as_shape_of(FeedForwardFunction.forward(*args, w1_up, b1_up)[0], x)
+    return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up)[0], x)  # (every argument given: see ops)
 
 
 def _split_gated_weights(w1, b1, activation):

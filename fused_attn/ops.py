@@ -14,10 +14,10 @@ trace through without breaks. The autograd Functions never launch kernels themse
 calls the ``*_fwd`` op and saves the minimum, backward calls the ``*_bwd`` op. In eager mode on
 plain tensors (``direct_call_ok``) they call the ops' implementations directly, skipping the custom
 ops' Python dispatch; traced, subclassed or mode-intercepted calls always use the registered ops.
-Under torch.export the functional layer calls the Functions' forwards, not the Functions
-(``apply``): the exported graph holds the forward ops with grad mode on, and each forward op has
-its Function's setup_context and backward as its own autograd formula (``_register_autograd``),
-so exported programs train.
+Under torch.export the functional layer calls the Functions' forwards, not the Functions (the
+note at ``_register_autograd``): the exported graph holds the forward ops with grad mode on, and
+each forward op has its Function's setup_context and backward as its own autograd formula, so
+exported programs train.
 
 The Functions have torch.func's form (``forward`` without ctx, ``setup_context`` saving what the
 backward needs, ``generate_vmap_rule``), so ``torch.func.grad``, ``vjp``, ``jacrev`` and
@@ -69,8 +69,8 @@ from torch._C import _functorch
 
 from . import _rng, reference
 from .backends import get_backend
-from .ops_common import (check_block_table, check_varlen_bounds, empty, grad_recording, known_true, lse_dtype,
-                         new_attention_out, new_varlen_out, register_vmap_slice_by_slice, varlen_lse_shape)
+from .ops_common import (check_block_table, check_varlen_bounds, empty, exporting, grad_recording, known_true,
+                         lse_dtype, new_attention_out, new_varlen_out, register_vmap_slice_by_slice, varlen_lse_shape)
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
@@ -258,9 +258,9 @@ def _backward_op(impl, op, rng, *tensors):
     ``direct_call_ok(*tensors)``, else the registered op ``torch.ops.fused_attn.<op>``; for a
     per-sample ``rng`` (``_per_sample``) the op under no_grad: under ``vmap(grad(f))`` torch.func
     runs the backward recording a graph, and the custom op's autograd layer refuses torch.func's
-    transforms; under grad mode (``torch.func.grad``) under no_grad too. Nothing is lost: a gradient
-    that will be differentiated never comes here (``_create_graph``). (The op is named, and looked up only when it is called: walking
-    ``torch.ops`` costs ~0.2 us, on every backward.)"""
+    transforms; under grad mode (``torch.func.grad``) under no_grad too. Nothing is lost: a
+    gradient that will be differentiated never comes here (``_create_graph``). (The op is named,
+    and looked up only when it is called: walking ``torch.ops`` costs ~0.2 us, on every backward.)"""
     if _per_sample(rng):
         return torch.no_grad()(getattr(torch.ops.fused_attn, op))
     call = impl if direct_call_ok(*tensors) else getattr(torch.ops.fused_attn, op)
@@ -1231,18 +1231,17 @@ def rotary_inference(x, cos, sin, positions, interleaved, backend, inplace=False
 # torch.export: the forward ops differentiable on their own
 # ---------------------------------------------------------------------------------------------
 
-def apply(function, *args):
-    """``function.apply(*args)``, the call of an autograd Function by ``functional`` and ``rotary``;
-    while torch.export traces (strict or not), the Function's ``forward`` itself, which calls the
-    registered forward op (``direct_call_ok`` is False there), so that the exported graph records
-    the op with grad mode on and the exported program is differentiated by the op's own autograd
-    formula (``_register_autograd``). Traced as a Function, the graph kept the forward alone: strict
-    export ran it under ``wrap_with_set_grad_enabled(False, ...)``, so the inputs got no gradient,
-    silently; non-strict export recorded an op without a formula, whose backward raised. (Not under
-    torch.compile and torch.func: their Functions keep the fast paths and the higher derivatives.)"""
-    if torch.compiler.is_exporting():
-        return function.forward(*args)
-    return function.apply(*args)
+# Under torch.export the functional layer calls each Function's ``forward`` itself (``if
+# exporting(): X.forward(...) else: X.apply(...)`` at each call, ``ops_common.exporting``), which
+# calls the registered forward op (``direct_call_ok`` is False there), so that the exported graph
+# records the op with grad mode on and the exported program is differentiated by the op's own
+# autograd formula (``_register_autograd``). Traced as a Function, the graph kept the forward
+# alone: strict export ran it under ``wrap_with_set_grad_enabled(False, ...)``, so the inputs got no
+# gradient, silently; non-strict export recorded an op without a formula, whose backward raised.
+# (Not under torch.compile and torch.func: their Functions keep the fast paths and the higher
+# derivatives. The choice is written out at each call: torch 2.11's Dynamo, reaching X.apply
+# through a helper function after a graph break, traced the Function's forward as plain code and
+# gave a wrong gradient.)
 
 
 def _register_autograd(op, function, to_function, from_function, outputs=lambda output: output, check=None):
@@ -1253,7 +1252,7 @@ def _register_autograd(op, function, to_function, from_function, outputs=lambda 
     ``check(inputs)`` says why a call traced without what a backward needs cannot be differentiated
     (None: it can), raised at backward. The formula runs only where the op is called with grad
     mode on and an input requiring grad, outside the Function (whose forward runs under no_grad):
-    in exported programs (``apply``). An input that requires grad but gets none (ALiBi slopes
+    in exported programs (the note above). An input that requires grad but gets none (ALiBi slopes
     traced as fixed, which the kernels do not differentiate) raises at backward, never a silently
     missing gradient."""
     names = [a.name for a in op._opoverload._schema.arguments]

@@ -50,11 +50,21 @@ def as_int(value):
     return value if isinstance(value, torch.SymInt) else int(value)
 
 
+def exporting() -> bool:
+    """Whether torch.export traces this call (strict or not): torch's flag itself, not
+    ``torch.compiler.is_exporting()``, which torch 2.11's Dynamo folds to True under every
+    torch.compile (torch 2.13 reads the flag there too)."""
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False)) or (
+        not hasattr(torch.compiler, "_is_exporting_flag") and torch.compiler.is_exporting())
+
+
 def check_traced(condition, message: str) -> None:
     """``torch._check(condition, lambda: message)`` for a traced condition on sizes, the message
     left out under torch.export: strict export (Dynamo) crashes tracing a callable message of a
     condition it cannot decide ("'function' object has no attribute 'is_quantized'", torch 2.13),
-    and torch._check takes no string. The exported program asserts the condition all the same."""
+    and torch._check takes no string. The exported program asserts the condition all the same.
+    (``torch.compiler.is_exporting()`` here, not ``exporting()``: torch 2.11's Dynamo folds it to
+    True under every torch.compile, where that Dynamo cannot trace a closure message either.)"""
     if torch.compiler.is_exporting():
         torch._check(condition)
     else:

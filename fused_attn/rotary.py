@@ -30,8 +30,8 @@ from torch._C import _functorch
 from .backends import check_backend_name, resolve_options
 from .functional import (NESTED_ROTARY, _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name,
                          _needs_grad, _shown)
-from .ops import RotaryFunction, apply, inference_call_ok, rotary_inference, why_differentiated
-from .ops_common import (as_int, check_cumulative, check_longest, check_traced, elements_may_overlap, is_int,
+from .ops import RotaryFunction, inference_call_ok, rotary_inference, why_differentiated
+from .ops_common import (as_int, check_cumulative, check_longest, check_traced, elements_may_overlap, exporting, is_int,
                          known_true, no_data)
 
 
@@ -169,7 +169,7 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
     if inplace and (torch._C._are_functorch_transforms_active()
                     or (not compiling and x4.is_neg())
                     or (compiling and _COMPILE_DROPS_DIRTY_BACKWARD and _needs_grad(x4, cos, sin))
-                    or torch.compiler.is_exporting()):
+                    or exporting()):
         # Under torch.func's transforms, out of place and then copied into x4: vmap's fallback
         # runs no out= kernel (the cpu and cuda backends write x through fused_attn_C::rotary_out),
         # and torch's generated vmap rule refuses an in-place autograd Function under vmap(grad)
@@ -182,14 +182,16 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
         # graph input negated anyway: README, Semantics, Strides.) And under torch.compile before
         # torch 2.13, whose graphs dropped the Function's backward (_COMPILE_DROPS_DIRTY_BACKWARD).
         # And under torch.export, whose program is differentiated by the out-of-place op's own
-        # formula (``ops.apply``; the mutating op has none), with or without a gradient at export.
+        # formula (see ops, ``_register_autograd``; the mutating op has none), with or without a gradient at export.
         return x4.copy_(rotate(x4, cos, sin, positions, interleaved, backend))
     if inference_call_ok(x4, cos, sin):
         return rotary_inference(x4, cos, sin, positions, interleaved, backend, inplace)
     if inplace and not _needs_grad(x4, cos, sin):  # traced without a graph to record: the mutating op alone
         torch.ops.fused_attn.rotary_(x4, cos, sin, positions, interleaved, False, backend)
         return x4
-    return apply(RotaryFunction, x4, cos, sin, positions, interleaved, backend, inplace)
+    if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
+        return RotaryFunction.forward(x4, cos, sin, positions, interleaved, backend, inplace)
+    return RotaryFunction.apply(x4, cos, sin, positions, interleaved, backend, inplace)
 
 
 def rotate_token_tables(tensors, cos: Tensor, sin: Tensor, backend: Optional[str] = None) -> tuple:

@@ -1,8 +1,8 @@
 """torch.export of the fused ops for training: the exported program's backward gives the eager
-gradients. Each fused call is recorded as its forward op with grad mode on (``ops.apply``), and
-the op's autograd formula is its Function's (``ops._register_autograd``); before, strict export
-ran the calls under no_grad (the inputs got no gradient, silently) and non-strict export's
-backward raised."""
+gradients. Each fused call is recorded as its forward op with grad mode on (the functional layer
+calls the Functions' forwards while exporting), and the op's autograd formula is its Function's
+(``ops._register_autograd``); before, strict export ran the calls under no_grad (the inputs got
+no gradient, silently) and non-strict export's backward raised."""
 import pytest
 import torch
 from torch import nn

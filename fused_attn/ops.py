@@ -178,14 +178,6 @@ def _jvp_through(fn, primals, tangents, layouts):
         _, tangents_out = torch.func.jvp(of_moving, tuple(primals[i] for i in moving),
                                          tuple(tangents[i] for i in moving))
         return list(tangents_out)
-    if torch._C._are_functorch_transforms_active() and any(
-            level.key() == _functorch.TransformType.Vmap for level in _functorch.get_interpreter_stack() or ()):
-        # (torch's vmap takes no batched tangent into the result's layout here, nor forward_ad's
-        # tangents of the reverse-mode passes below: an internal error either way)
-        raise NotImplementedError(
-            "fused_attn: forward-mode AD by torch.autograd.forward_ad through torch.func.vmap (a dual tensor "
-            "handed to vmap) is not supported; use torch.func.jvp with vmap instead (vmap(jvp(f)) or "
-            "jvp(vmap(f))), or jacfwd")
     # Inside torch.autograd.forward_ad's level (opened around the call, or inside torch.func.grad),
     # which does not nest: by reverse mode twice. The vjp u -> J^T u is linear in u, so its own
     # vjp at the tangent t is J t.
@@ -429,19 +421,22 @@ def _tangents_in(tensors) -> bool:
 
 def _nested_forward_mode() -> bool:
     """Whether forward mode is nested around this call in a way the twin's ``jvp`` cannot serve:
-    two torch.func jvp levels (``jvp(jvp(f))``, ``jacfwd(jacfwd(f))``) or a vmap level inside a jvp
-    level (``jvp(vmap(f))``). (torch.func.jvp itself opens a forward_ad dual level, and torch refuses
+    two torch.func jvp levels (``jvp(jvp(f))``, ``jacfwd(jacfwd(f))``), a vmap level inside a jvp
+    level (``jvp(vmap(f))``), or a vmap level under a ``forward_ad`` dual tensor (one handed to
+    ``torch.func.vmap``). (torch.func.jvp itself opens a forward_ad dual level, and torch refuses
     to nest its jvp with a user's ``forward_ad.dual_level``: no other combination reaches here.)
     The twin's tangent is computed from the saved primals at the innermost level only: it carries
-    no tangent of the enclosing jvp level (second-order tangents came back exactly zero), and under
-    ``jvp(vmap(f))`` torch's custom-Function jvp rule hit an internal assert. Such calls run the
+    no tangent of the enclosing jvp level (second-order tangents came back exactly zero), under
+    ``jvp(vmap(f))`` torch's custom-Function jvp rule hit an internal assert, and under a dual
+    tensor's vmap the tangent's reverse-mode computation failed inside torch (a batched tangent
+    copied into the result's layout: "vmap: inplace arithmetic"). Such calls run the
     Function's reference math (``reference``) directly under the transforms instead, which torch
     differentiates to any order, as ``_create_graph`` does for nested reverse mode."""
     if not torch._C._are_functorch_transforms_active():
         return False
     keys = [level.key() for level in _functorch.get_interpreter_stack() or ()]
-    if _functorch.TransformType.Jvp not in keys:
-        return False
+    if _functorch.TransformType.Jvp not in keys:  # (the tangent is forward_ad's)
+        return _functorch.TransformType.Vmap in keys
     inside = keys[keys.index(_functorch.TransformType.Jvp) + 1:]  # (the stack: outermost first)
     return _functorch.TransformType.Jvp in inside or _functorch.TransformType.Vmap in inside
 
@@ -1278,9 +1273,9 @@ def _register_autograd(op, function, to_function, from_function, outputs=lambda 
         for name, need, grad in zip(names, needs, result):
             if need and grad is None:
                 raise RuntimeError(f"{op._qualname} has no gradient for its argument {name!r}, which requires grad "
-                                   f"now but did not when the call was recorded (a torch.export trace, or a direct call "
-                                   f"of the op): the recorded call took a path that does not differentiate {name}. "
-                                   f"Trace or call it with {name} requiring grad, or detach {name}")
+                                   f"now but did not when the call was recorded (a torch.export trace, or a direct "
+                                   f"call of the op): the recorded call took a path that does not differentiate "
+                                   f"{name}. Trace or call it with {name} requiring grad, or detach {name}")
         return result[:len(given)]
 
     op.register_autograd(backward, setup_context=setup_context)

@@ -54,8 +54,8 @@ def exporting() -> bool:
     """Whether torch.export traces this call (strict or not): torch's flag itself, not
     ``torch.compiler.is_exporting()``, which torch 2.11's Dynamo folds to True under every
     torch.compile (torch 2.13 reads the flag there too)."""
-    return bool(getattr(torch.compiler, "_is_exporting_flag", False)) or (
-        not hasattr(torch.compiler, "_is_exporting_flag") and torch.compiler.is_exporting())
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def check_traced(condition, message: str) -> None:

@@ -507,18 +507,24 @@ def test_reverse_mode_inside_a_dual_level(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["attention", "layer_norm", "feed_forward"])
-def test_forward_ad_dual_tensor_through_vmap_is_refused_clearly(backend, case):
-    """A forward_ad dual tensor handed to torch.func.vmap: the tangent's reverse-twice computation
-    cannot run under vmap (torch's internal errors: "vmap: inplace arithmetic ... please file a bug
-    report", before that "Nested forward mode AD is not supported"): a NotImplementedError naming
-    the combination and the alternatives."""
+@pytest.mark.parametrize("case", FORWARD_MODE_CASES)
+def test_forward_ad_dual_tensor_through_vmap(backend, case):
+    """A forward_ad dual tensor handed to torch.func.vmap: the call runs its reference math under
+    vmap (as nested forward mode does), which torch differentiates. Before, the tangent's
+    reverse-mode computation failed inside torch ("vmap: inplace arithmetic ... please file a bug
+    report"; before that "Nested forward mode AD is not supported"). Oracle: torch.func.jvp of
+    each sample alone; the primal, the reference math's, to rounding of the kernels'."""
     import torch.autograd.forward_ad as fwAD
 
     f, x = _forward_mode_cases(backend)[case]
-    xs = torch.stack([x, x + 1])
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward_ad through torch.func.vmap"):
-        torch.func.vmap(f)(fwAD.make_dual(xs, torch.ones_like(xs)))
+    xs = torch.stack([x, 2 * x])
+    ts = torch.randn(xs.shape, generator=torch.Generator().manual_seed(9), dtype=xs.dtype)
+    with fwAD.dual_level():
+        primal, tangent = fwAD.unpack_dual(torch.func.vmap(f, randomness="same")(fwAD.make_dual(xs, ts)))
+    expected = [torch.func.jvp(f, (xi,), (ti,)) for xi, ti in zip(xs, ts)]
+    tol = dict(atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(primal, torch.stack([o for o, _ in expected]), **tol)
+    torch.testing.assert_close(tangent, torch.stack([t for _, t in expected]), **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -443,7 +443,10 @@ def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learn
                         f"{_dtype_name(alibi_slopes.dtype)}")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
-    if alibi_slopes.shape not in ((Hq,), (rows, Hq)):
+    # (rank first: comparing a (rows, Hq) shape with (Hq,) would compare rows with Hq, a guard that
+    # a dynamic batch size fails under torch.export)
+    if not (alibi_slopes.dim() == 1 and alibi_slopes.shape[0] == Hq
+            or alibi_slopes.dim() == 2 and alibi_slopes.shape == (rows, Hq)):
         raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or ({rows_name}, Hq) = ({rows}, {Hq}), got "
                          f"{tuple(alibi_slopes.shape)}")
     why = None if learned else why_differentiated(alibi_slopes)  # (forward mode too: a tangent would be lost)

@@ -737,6 +737,50 @@ def test_symbolic_offsets_and_lengths_export_non_strict():
             assert torch.equal(inputs[1], expected[1]) and torch.equal(inputs[2], expected[2])  # the caches written
 
 
+def test_export_with_a_dynamic_number_of_sequences_or_batch_under_rotary_and_alibi():
+    """A Dim on the number of packed sequences (or the batch) failed to export: rotary's packed
+    positions sliced the (B+1,) boundaries to (B,), whose size-1 case (one sequence) export guards
+    on ("Guard failed: -1 + cu.size()[0] >= 2"), and ALiBi's shape check compared (B, Hq) slopes
+    with (Hq,) element by element, a guard B != Hq that a batch Dim covering Hq violates. Now both
+    export, and the program gives the eager output at one sequence, at B = Hq and at other counts."""
+    from torch.export import Dim
+
+    heads, dim = 4, 8
+    angles = torch.rand(32, dim // 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+
+    class Rotary(nn.Module):
+        def forward(self, x, cu):
+            return F.apply_rotary_emb(x, cos, sin, cu_seqlens=cu, max_seqlen=32)
+
+    class Varlen(nn.Module):
+        def forward(self, q, k, v, cu, slopes):
+            return F.attention_varlen(q, k, v, cu, cu, 32, 32, causal=True, alibi_slopes=slopes)
+
+    class Dense(nn.Module):
+        def forward(self, q, k, v, slopes):
+            return F.attention(q, k, v, causal=True, alibi_slopes=slopes)
+
+    torch.manual_seed(0)
+    count, total = Dim("count", min=1, max=64), Dim("total", min=1, max=4096)
+    packed = [torch.randn(20, heads, dim) for _ in range(3)]
+    cu = torch.tensor([0, 5, 12, 20], dtype=torch.int32)
+    rotary = torch.export.export(Rotary(), (packed[0], cu), dynamic_shapes=({0: total}, {0: count + 1}))
+    varlen = torch.export.export(Varlen(), (*packed, cu, torch.rand(3, heads)),
+                                 dynamic_shapes=({0: total},) * 3 + ({0: count + 1}, {0: count}))
+    for bounds in ([0, 20], [0, 1, 2, 3, 20], [0, 0, 4, 9, 11, 20]):  # 1 sequence, B = Hq, 5
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        slopes = torch.rand(len(bounds) - 1, heads)
+        assert torch.equal(rotary.module()(packed[0], cu), Rotary()(packed[0], cu))
+        assert torch.equal(varlen.module()(*packed, cu, slopes), Varlen()(*packed, cu, slopes))
+    batch = Dim("batch", min=1, max=64)
+    dense = torch.export.export(Dense(), (*[torch.randn(3, heads, 9, dim) for _ in range(3)], torch.rand(3, heads)),
+                                dynamic_shapes=({0: batch},) * 4)
+    for b in (1, heads, 5):
+        inputs = [torch.randn(b, heads, 9, dim) for _ in range(3)] + [torch.rand(b, heads)]
+        assert torch.equal(dense.module()(*inputs), Dense()(*inputs))
+
+
 def test_rotary_exports_strict_with_a_dynamic_length():
     """Strict export (Dynamo) of apply_rotary_emb with a symbolic length crashed on the offset
     bound's ``torch._check(..., lambda: message)`` (a callable message of an undecided condition:

@@ -291,7 +291,8 @@ def _packed_positions(cu_seqlens, seqlen_offsets, max_seqlen, total: int, device
     # The sequence of each token: searchsorted over all B + 1 boundaries counts cu_seqlens[0] = 0 too,
     # one more than over cu[1:]. The whole tensor, not the slice: torch.export guards on a (B,)
     # slice's size being 1 (one sequence), which a dynamic number of sequences cannot satisfy.
-    seq = (torch.searchsorted(cu, token, right=True) - 1).clamp_(0, torch.sym_max(batch - 1, 0))
+    # (Two clamps, not max(batch - 1, 0): a Python max of a symbolic size is a guard too.)
+    seq = (torch.searchsorted(cu, token, right=True) - 1).clamp_(max=batch - 1).clamp_(min=0)
     positions = token - cu[seq]
     if isinstance(seqlen_offsets, Tensor):
         _check_index_tensor("seqlen_offsets", seqlen_offsets, batch, device, ref="x")

@@ -129,6 +129,7 @@ def test_sdist_carries_every_source_header_and_test(tmp_path):
         in_sdist = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     wanted = [f for f in files if f.split("/", 1)[0] in ("csrc", "tests", "benchmarks", "examples", "fused_attn")]
     wanted += ["README.md", "Makefile", "pyproject.toml", "setup.py", "MANIFEST.in"]
+    wanted += [f for f in files if f.startswith("docs/") and f.count("/") == 1 and f.endswith(".md")]  # the README links them
     missing = [f for f in wanted if f not in in_sdist]
     assert not missing, f"missing from the sdist: {missing}"
     assert not [f for f in in_sdist if f.endswith((".so", ".pyc"))]

@@ -104,7 +104,7 @@ def test_huggingface_gradient_checkpointing_on_a_swapped_bert():
 
 
 # ---------------------------------------------------------------------------------------------
-# What a checkpointed segment does not recompute by itself, and the ways the README gives
+# What a checkpointed segment does not recompute by itself, and the ways docs/backends.md gives
 # (Dropout): an explicit generator=, and the backend use_backend selected.
 
 

@@ -473,7 +473,7 @@ def test_a_call_that_breaks_the_graph_runs_eagerly_under_default_compile():
 
 
 def test_dropout_under_fullgraph_seeds_from_torch_not_a_generator():
-    """README (Dropout): under fullgraph=True seed torch; Dynamo cannot trace torch.randint with a
+    """docs/backends.md (Dropout): under fullgraph=True seed torch; Dynamo cannot trace torch.randint with a
     generator (torch's own limit), so generator= fails there and breaks the graph without fullgraph."""
     q = torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(1))
 
@@ -543,7 +543,7 @@ def _swapped_pre_ln_encoder_layer():
     _swapped_pre_ln_encoder_layer,
 ], ids=["pre_ln", "post_ln", "unfused_ffn", "swapped_torch_pre_ln"])
 def test_module_dropout_compiled_drops_what_eager_drops(make):
-    """README (Dropout): the compiled call drops what eager drops, bit for bit. A pre-LN layer's
+    """docs/backends.md (Dropout): the compiled call drops what eager drops, bit for bit. A pre-LN layer's
     last residual add (no op follows it), the FFN an adapter unfuses and a swapped torch pre-LN
     layer's last add dropped with torch's dropout: the graph held native_dropout, which inductor
     draws from its own RNG (a compiled pre-LN Transformer differed from eager by ~1). Now every
@@ -654,7 +654,7 @@ def test_unbacked_rotary_offset_bound_is_asserted_when_the_graph_runs():
 
 
 def test_swapped_encoder_padded_positions_under_compile_are_torchs():
-    """README (swap table): torch's nested-tensor inference path (zeros at padded positions) is
+    """docs/modules.md (swap table): torch's nested-tensor inference path (zeros at padded positions) is
     off under torch.compile with mask_check=True, in torch's encoder and so in the swapped one:
     compiled, the padded positions hold values, as torch's compiled encoder gives them."""
     torch.manual_seed(0)
@@ -803,7 +803,7 @@ def test_jit_trace_of_a_decoding_step_refuses_clearly():
     """torch.jit.trace of a kv_cache decoding step failed with "max_seqlen_q must be an int or None,
     got tensor(1)", an argument the caller never passed; past it, the trace would hold the cache
     lengths read on the host at trace time (wrong at any other cache length, on the reference
-    backend for one). It now refuses, saying why and what to use (README, TorchScript)."""
+    backend for one). It now refuses, saying why and what to use (docs/modules.md, TorchScript)."""
     import warnings
 
     class Step(nn.Module):

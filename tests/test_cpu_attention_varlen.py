@@ -157,7 +157,7 @@ def test_native_varlen_decoding_path(monkeypatch, case, dtype):
             assert torch.equal(a, b), f"{name}: max |diff| {(a.double() - b.double()).abs().max().item()}"
 
 
-# What the README promises of attention_varlen on the cpu backend: each sequence's rows are bitwise
+# What docs/api.md promises of attention_varlen on the cpu backend: each sequence's rows are bitwise
 # what `attention` gives on it alone under FUSED_ATTN_CPU_GEMM=tiles, and equal to rounding in the
 # automatic mode, where the packed op runs every sequence on the batch's path while a sequence
 # alone may take a decoding one: float32 BLAS for the one-query sequence packed after a 64-query

@@ -432,7 +432,7 @@ def test_other_block_shapes(blocks, device, monkeypatch):
                          ids=["f32-additive", "f32-bool", "f32-none", "f16-additive"])
 def test_launch_precision_and_loop_stages(dtype, mask, device, monkeypatch):
     """What the interpreter ignores, read off the launches of a forward and backward: float32 dots
-    are IEEE (DOT_PRECISION "ieee", README: "float32 uses IEEE dots"; tf32 would round the inputs
+    are IEEE (DOT_PRECISION "ieee", docs/backends.md: "float32 uses IEEE dots"; tf32 would round the inputs
     to 10-bit mantissas on a GPU), and the inner loops run unpipelined (LOOP_STAGES 1) exactly for
     float32 with an additive mask, the case the H200's software pipeliner got wrong (the comment on
     MASK_ADDITIVE); every other case keeps the configuration's stages (None)."""

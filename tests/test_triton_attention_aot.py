@@ -6,7 +6,7 @@ body of the SASS; a spill around the loop, saved before and restored after, is a
 ``AotResult.problems(spills_around_loops_ok=True)``) and, on sm_90 in half precision, run its main
 loop on ``HGMMA`` (wgmma). The configurations found spilling in their loops for a feature set are
 left out of its candidates (HEAVY_SPILLS, ALIBI_SPILLS, PLAIN_ONLY) unless nothing else is left
-(README, Backend notes, lists those). Compilation needs
+(docs/backends.md, Backend notes, lists those). Compilation needs
 TRITON_INTERPRET unset, so the work runs in a subprocess (``fused_attn.triton._aot.run_isolated``).
 
 The arguments compiled are exactly those the launchers pass (``fwd_launch_args`` /

@@ -198,7 +198,7 @@ def test_generator_of_another_device_than_the_inputs_is_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_generator_of_the_inputs_device_draws_the_seed():
-    """README's torch.Generator(q.device): on CUDA tensors a CUDA generator (torch.randint on the
+    """docs/backends.md's torch.Generator(q.device) (Dropout): on CUDA tensors a CUDA generator (torch.randint on the
     CPU refused it: "Expected a 'cpu' device type for generator but found 'cuda'"). The seed is
     drawn on its device: the same seed gives the same masks, another seed others."""
     q = torch.randn(1, 2, 16, 8, device="cuda")

@@ -9,6 +9,27 @@ _C = None
 ERROR: str | None = None
 
 
+#: os.environ as imported, its backing dict (``os._Environ._data``: encoded keys and values, which
+#: every write through os.environ updates) and the encoded keys asked so far (see ``env_get``)
+_ENVIRON = os.environ
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS: dict[str, object] = {}
+
+
+def env_get(name: str, default: str = "") -> str:
+    """``os.environ.get(name, default)``, read afresh on every call, as one dict lookup: the
+    Mapping path of ``os.environ.get`` (encode the key, look it up, decode) costs ~1 us, which a
+    launcher reading a switch on every launch pays on every call. Where os.environ has been
+    replaced by something else (a test harness's mapping), the plain read."""
+    if os.environ is _ENVIRON and _ENV_DATA is not None:
+        key = _ENV_KEYS.get(name)
+        if key is None:  # (the package reads a handful of names: a few entries)
+            key = _ENV_KEYS[name] = _ENVIRON.encodekey(name)
+        value = _ENV_DATA.get(key)
+        return default if value is None else _ENVIRON.decodevalue(value)
+    return os.environ.get(name, default)
+
+
 def _env_flag(name: str, default: bool = False) -> bool:
     """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case; unset or empty
     is ``default``); anything else raises, naming the variable (``=false`` must not read as on).

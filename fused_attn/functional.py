@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .backends import check_backend_name, get_backend, resolve_options
+from .backends import check_backend_name, get_backend, resolve_options, resolve_values
 from . import _rng, reference
 from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunction, LayerNormResidualFunction,
                   as_shape_of, attention_inference, attention_varlen_inference, direct_call_ok,
@@ -364,13 +364,16 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
-def _autocast_on(t: Tensor) -> bool:
+def _autocast_on(t: Tensor, compiling: Optional[bool] = None) -> bool:
     """``_autocast_enabled(t.device.type)``, the calls' test of autocast for their inputs' device.
     Autocast off on CPU and CUDA, the common case, is one C call: reading ``t.device.type`` cost
     ~0.3 us, several times the rest of the test. ``_any_autocast`` does not cover every device type
     (not MPS's), and under a trace the per-device test is the one Dynamo evaluates for the traced
-    region (an autocast block inside the compiled function)."""
-    if (t.is_cpu or t.is_cuda) and not _any_autocast() and not torch.compiler.is_compiling():
+    region (an autocast block inside the compiled function). ``compiling``:
+    ``torch.compiler.is_compiling()`` where the caller has read it (None: read here)."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if not compiling and (t.is_cpu or t.is_cuda) and not _any_autocast():
         return False
     return _autocast_enabled(t.device.type)
 
@@ -406,7 +409,8 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
         window_size = _check_window("window_size", window_size)
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")
-    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    if compiling or not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0):  # else _check_prob passes it
+        dropout_p = _check_prob("dropout_p", dropout_p, compiling)
     if compiling:
         scale, softcap = _concrete(scale), _concrete(softcap)
     if scale is None:
@@ -525,16 +529,32 @@ def _with_sinks(result, sinks, return_lse: bool, head_dim: int):
     return (out, lse) if return_lse else out
 
 
+#: the options of an attention call that choose its backend, sorted by name (``_attention_values``)
+ATTENTION_OPTIONS = ("alibi", "causal", "dropout", "gqa", "head_dim", "head_dim_v", "mask", "mask_grad", "softcap",
+                     "window")
+#: those of a packed (varlen) call: one more, ``varlen`` (True)
+VARLEN_OPTIONS = ATTENTION_OPTIONS[:-1] + ("varlen",) + ATTENTION_OPTIONS[-1:]
+
+
+def _attention_values(D, Dv, gqa, causal, window_size, dropout_p, softcap, attn_mask=None, alibi=None,
+                      varlen=False) -> tuple:
+    """The facts of an attention call that choose its backend: the values of ``ATTENTION_OPTIONS``
+    (``VARLEN_OPTIONS`` with ``varlen``), in that order, as ``backends.resolve_values`` takes them."""
+    mask = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive")
+    if varlen:
+        return (alibi is not None, causal, dropout_p > 0.0, gqa, D, Dv, mask,
+                attn_mask is not None and attn_mask.requires_grad, softcap > 0.0, True, window_size is not None)
+    return (alibi is not None, causal, dropout_p > 0.0, gqa, D, Dv, mask,
+            attn_mask is not None and attn_mask.requires_grad, softcap > 0.0, window_size is not None)
+
+
 def _attention_options(D, Dv, gqa, causal, window_size, dropout_p, softcap, attn_mask=None, alibi=None,
                        varlen=False) -> tuple:
     """The facts of an attention call that choose its backend, as the (name, value) pairs of a
-    ``backends.Call``'s options sorted by name (what ``backends.resolve_options`` takes; written
-    out in that order rather than sorted on every call). ``varlen`` appears only when True."""
-    mask = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive")
-    options = (("alibi", alibi is not None), ("causal", causal), ("dropout", dropout_p > 0.0), ("gqa", gqa),
-               ("head_dim", D), ("head_dim_v", Dv), ("mask", mask),
-               ("mask_grad", attn_mask is not None and attn_mask.requires_grad), ("softcap", softcap > 0.0))
-    return options + ((("varlen", True),) if varlen else ()) + (("window", window_size is not None),)
+    ``backends.Call``'s options sorted by name (what ``backends.resolve_options`` takes).
+    ``varlen`` appears only when True."""
+    return tuple(zip(VARLEN_OPTIONS if varlen else ATTENTION_OPTIONS,
+                     _attention_values(D, Dv, gqa, causal, window_size, dropout_p, softcap, attn_mask, alibi, varlen)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,12 +626,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     through this call with the pair ``attention_varlen`` would have used for it, so that both
     paths drop the same elements and draw the same from torch's generator.)
     """
-    q, k, v, attn_mask = _autocast(q, k, v, attn_mask)  # (as SDPA under autocast)
+    compiling = torch.compiler.is_compiling()
+    if isinstance(q, Tensor) and _autocast_on(q, compiling):
+        q, k, v, attn_mask = _autocast(q, k, v, attn_mask)  # (as SDPA under autocast)
     _check_qkv(q, k, v, 4)
     device = q.device
     if generator is not None:
         _check_generator(generator, device)
-    compiling = torch.compiler.is_compiling()
     B, Hq, Lq, D = q.shape  # each .shape is a new torch.Size: read once
     k_batch, Hkv, Lk, k_dim = k.shape
     v_batch, v_heads, v_len, Dv = v.shape
@@ -654,9 +675,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
                              f"(B, Hq, Lq, Lk) = {target}")
     if learned_alibi:
         attn_mask, alibi_slopes = _learned_alibi_mask(alibi_slopes, attn_mask, Lq, Lk, alignment, q.dtype), None
-    check_backend_name(backend)
-    name = resolve_options("attention", device, q.dtype, _attention_options(D, Dv, gqa, causal, window_size, dropout_p,
-                                                                            softcap, attn_mask, alibi_slopes), backend)
+    if backend is not None:
+        check_backend_name(backend)
+    name = resolve_values("attention", ATTENTION_OPTIONS, device, q.dtype, _attention_values(
+        D, Dv, gqa, causal, window_size, dropout_p, softcap, attn_mask, alibi_slopes), backend, compiling)
     band_lo, band_hi = attention_band(Lq, Lk, causal, window_size, alignment)
     if compiling:
         q, k, v, attn_mask = _distinct(q, k, v, attn_mask)
@@ -664,19 +686,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, name, softcap, alibi_slopes,
             alignment == "bottom_right")
     want_lse = return_lse or sinks is not None
-    if _distributed(q, k, v, attn_mask, alibi_slopes):
+    # (asked before _distributed, which plain q, k, v and mask fail but for DTensor slopes)
+    if (not compiling and _eager_inference(q, k, v, attn_mask)
+            and (alibi_slopes is None or not _distributed(alibi_slopes))):
+        result = attention_inference(*args, want_lse)
+    elif _distributed(q, k, v, attn_mask, alibi_slopes):
         options = (band_lo, band_hi, dropout_p, scale, name, softcap, alignment == "bottom_right")
         result = _attention_reference(options, None, alibi_slopes)(q, k, v, attn_mask)
         result = result if want_lse else result[0]
-    elif _eager_inference(q, k, v, attn_mask):
-        result = attention_inference(*args, want_lse)
     else:
         if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
             result = AttentionFunction.forward(*args, want_lse)  # (out, lse)
         else:
             result = AttentionFunction.apply(*args, want_lse)
         result = result if want_lse else result[0]
-    return _with_sinks(result, sinks, return_lse, head_dim=1)
+    return result if sinks is None else _with_sinks(result, sinks, return_lse, head_dim=1)
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -740,8 +764,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     self-attention passes the lengths of the cu_seqlens it checked under its own names, with
     max_seqlen_q their longest.)
     """
+    compiling = torch.compiler.is_compiling()
     paged = block_table is not None
-    q, k, v = _autocast(q, k, v)
+    if isinstance(q, Tensor) and _autocast_on(q, compiling):
+        q, k, v = _autocast(q, k, v)
     if paged:  # pages: (num_pages, page_size, Hkv, dim)
         _check_tensor("q", q, ndim=3, nested=NESTED_ATTENTION)
         for name, t in (("k", k), ("v", v)):
@@ -749,8 +775,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         _check_same("q", q, {"k": k, "v": v})
     else:
         _check_qkv(q, k, v, 3)
-    _check_generator(generator, q.device)
-    compiling = torch.compiler.is_compiling()
+    if generator is not None:
+        _check_generator(generator, q.device)
     total_q, Hq, D = q.shape
     k_shape, v_shape = k.shape, v.shape
     total_k, Hkv, k_dim, Dv = k_shape[0], k_shape[-2], k_shape[-1], v_shape[-1]
@@ -772,9 +798,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} entries")
     if seqused_k is not None:
         _check_seqused_k(seqused_k, cu_seqlens_k)
-    alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, "B", Hq, device,
-                                " (attention, with an (Lq, Lk) bias per head, gives learnable slopes their gradient)")
-    sinks = _check_sinks(sinks, Hq, device)
+    if alibi_slopes is not None:
+        alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.shape[0] - 1, "B", Hq, device,
+                                    " (attention, with an (Lq, Lk) bias per head, gives learnable slopes their "
+                                    "gradient)")
+    if sinks is not None:
+        sinks = _check_sinks(sinks, Hq, device)
     # The boundaries' values: checked here in eager mode; in a traced call the op checks them when
     # it runs (``checked`` False), since nothing can be read on the host at trace time. Meta and
     # fake tensors hold no values to read either (``no_data``): they take the traced path, shapes only.
@@ -805,10 +834,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         max_seqlen_q = total_q if max_seqlen_q is None else as_int(max_seqlen_q)
         max_seqlen_k = (block_table.shape[1] * k.shape[1] if paged else total_k) if max_seqlen_k is None else \
             as_int(max_seqlen_k)
-    check_backend_name(backend)
-    name = resolve_options("attention", device, q.dtype, _attention_options(D, Dv, gqa, causal, window_size, dropout_p,
-                                                                            softcap, alibi=alibi_slopes, varlen=True),
-                           backend)
+    if backend is not None:
+        check_backend_name(backend)
+    name = resolve_values("attention", VARLEN_OPTIONS, device, q.dtype, _attention_values(
+        D, Dv, gqa, causal, window_size, dropout_p, softcap, alibi=alibi_slopes, varlen=True), backend, compiling)
     if paged and (_needs_grad(q, k, v) or not get_backend(name).paged_kv):
         # the backward (and a backend without a paged kernel) runs on the pages gathered in the
         # packed layout: the gradient of a shared page then sums over its sequences by itself
@@ -819,10 +848,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if compiling:
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator, q), name, softcap, seqused_k,
-            checked, alibi_slopes)
+            alignment == "bottom_right", dropout_p, scale,
+            None if dropout_p == 0.0 else _draw_rng(dropout_p, generator, q), name, softcap, seqused_k, checked,
+            alibi_slopes)
     want_lse = return_lse or sinks is not None
-    if _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table):
+    if not compiling and _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table):
         result = attention_varlen_inference(*args, block_table, return_lse=want_lse)
     else:
         if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
@@ -830,7 +860,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         else:
             result = AttentionVarlenFunction.apply(*args, want_lse, block_table)
         result = result if want_lse else result[0]
-    return _with_sinks(result, sinks, return_lse, head_dim=0)
+    return result if sinks is None else _with_sinks(result, sinks, return_lse, head_dim=0)
 
 
 def _check_block_table(block_table, batch, device) -> None:
@@ -877,7 +907,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but {ref} is on {device}")
     if max_seqlen is not None:
-        if not is_int(max_seqlen):
+        if type(max_seqlen) is not int and not is_int(max_seqlen):  # (a plain int first: the ABC test costs ~0.4 us)
             raise TypeError(f"{max_name} must be an int or None, got {max_seqlen!r}")
         if max_seqlen < 0:
             raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
@@ -1599,17 +1629,17 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
             float32 while x is half precision or float64); the normalised output keeps x's dtype.
     """
     compiling = torch.compiler.is_compiling()
-    if isinstance(x, Tensor) and _autocast_on(x):
-        x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
-                                                                          residual_in_fp32)
-    elif isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):
-        # float32 parameters next to half-precision x, as torch's layer_norm and rms_norm take them
-        # (models that keep their norms in float32), used in x's dtype
-        weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and p.dtype == torch.float32 else p
-                        for p in (weight, bias))
-    if not compiling and _norm_tensors_match(x, residual, weight, bias):
-        d = x.shape[-1]
-    else:
+    if isinstance(x, Tensor):
+        if _autocast_on(x, compiling):
+            x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
+                                                                              residual_in_fp32)
+        elif x.dtype in _HALF_DTYPES:
+            # float32 parameters next to half-precision x, as torch's layer_norm and rms_norm take
+            # them (models that keep their norms in float32), used in x's dtype
+            weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and p.dtype == torch.float32 else p
+                            for p in (weight, bias))
+    d = None if compiling else _norm_tensors_match(x, residual, weight, bias)
+    if d is None:
         d = _check_norm_tensors(x, residual, weight, bias, residual_in_fp32)
     if generator is not None:
         _check_generator(generator, x.device)
@@ -1617,31 +1647,40 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         eps = _concrete(eps)
     if not (type(eps) is float and 0.0 < eps < math.inf):  # else _check_eps passes it (the common case)
         _check_eps(eps)
-    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    if compiling or not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0):  # else _check_prob passes it
+        dropout_p = _check_prob("dropout_p", dropout_p, compiling)
     if not (type(prenorm) is bool and type(rms) is bool and type(residual_in_fp32) is bool):
         for name, flag in (("prenorm", prenorm), ("rms", rms), ("residual_in_fp32", residual_in_fp32)):
             _check_bool(name, flag)
-    check_backend_name(backend)
-    name = resolve_options("layer_norm_residual", x.device, x.dtype, (  # the options sorted by name
-        ("dropout", dropout_p > 0.0), ("hidden", d), ("residual_in_fp32", residual_in_fp32), ("rms", rms)), backend)
-    # The sum is written out only when returned (prenorm) or needed by a backward.
-    needs_grad = _needs_grad(x, residual, weight, bias)
-    store_summed = prenorm or needs_grad
-    if compiling:
-        x, residual, weight, bias = _distinct(x, residual, weight, bias)
-    args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, _draw_rng(dropout_p, generator, x),
-            name, store_summed)
-    if not needs_grad and direct_call_ok(x, residual, weight, bias):  # as _eager_inference (plain tensors)
-        out, summed = layer_norm_residual_inference(*args)
+    if backend is not None:
+        check_backend_name(backend)
+    name = resolve_values("layer_norm_residual", _NORM_OPTIONS, x.device, x.dtype,
+                          (dropout_p > 0.0, d, residual_in_fp32, rms), backend, compiling)
+    rng = None if dropout_p == 0.0 else _draw_rng(dropout_p, generator, x)
+    if not compiling and _eager_inference(x, residual, weight, bias):
+        # No graph is built (plain tensors, nothing needs a gradient): the sum is written out
+        # only when returned (prenorm)
+        out, summed = layer_norm_residual_inference(x, residual, weight, bias, float(eps), dropout_p, rms,
+                                                    residual_in_fp32, rng, name, prenorm)
     elif _distributed(x, residual, weight, bias):
         return reference.layer_norm_residual(x, residual, weight, bias, float(eps), dropout_p, prenorm, rms,
                                              residual_in_fp32)
     else:
+        # The sum is written out only when returned (prenorm) or needed by a backward.
+        store_summed = prenorm or _needs_grad(x, residual, weight, bias)
+        if compiling:
+            x, residual, weight, bias = _distinct(x, residual, weight, bias)
+        args = (x, residual, weight, bias, float(eps), dropout_p, rms, residual_in_fp32, rng, name, store_summed)
         if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
             out, summed = LayerNormResidualFunction.forward(*args)[:2]
         else:
             out, summed = LayerNormResidualFunction.apply(*args)[:2]
     return (as_shape_of(out, x), as_shape_of(summed, x)) if prenorm else as_shape_of(out, x)
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+#: the options of a norm call that choose its backend, sorted by name
+_NORM_OPTIONS = ("dropout", "hidden", "residual_in_fp32", "rms")
 
 
 def mixed_norm_operands(x, residual, weight, bias, residual_in_fp32):
@@ -1662,25 +1701,29 @@ def mixed_norm_operands(x, residual, weight, bias, residual_in_fp32):
     return x, residual, weight, bias, residual_in_fp32
 
 
-def _norm_tensors_match(x, residual, weight, bias) -> bool:
-    """The fast path of ``_check_norm_tensors`` in eager mode: True when x is a floating tensor
-    of at least one dim and residual (x's shape), weight and bias ((d,)) are None or tensors of
-    x's dtype on x's device, none nested, which every check there passes. False: run those checks
-    (a float32 residual with residual_in_fp32 lands there too, and passes). (is_nested is tested
-    before a shape is read: a strided nested tensor has none, and raises when asked.)"""
-    if not (isinstance(x, Tensor) and not x.is_nested and x.dtype in FLOAT_DTYPES and x.dim() >= 1):
-        return False
-    dtype, device, shape = x.dtype, x.device, x.shape
+def _norm_tensors_match(x, residual, weight, bias) -> Optional[int]:
+    """The fast path of ``_check_norm_tensors`` in eager mode: x's last size d when x is a
+    floating tensor of at least one dim and residual (x's shape), weight and bias ((d,)) are None
+    or tensors of x's dtype on x's device, none nested, which every check there passes. None: run
+    those checks (a float32 residual with residual_in_fp32 lands there too, and passes).
+    (is_nested is tested before a shape is read: a strided nested tensor has none, and raises
+    when asked.)"""
+    if not isinstance(x, Tensor) or x.is_nested:
+        return None
+    dtype = x.dtype
+    if dtype not in FLOAT_DTYPES or x.dim() == 0:
+        return None
+    device, shape = x.device, x.shape
     if residual is not None and not (isinstance(residual, Tensor) and not residual.is_nested
                                      and residual.dtype == dtype and residual.device == device
                                      and residual.shape == shape):
-        return False
+        return None
     hidden = shape[-1:]  # (d,): a parameter's shape, 1-D of x's last size (one compare)
     for p in (weight, bias):
         if p is not None and not (isinstance(p, Tensor) and not p.is_nested and p.dtype == dtype
                                   and p.device == device and p.shape == hidden):
-            return False
-    return True
+            return None
+    return hidden[0]
 
 
 def _shapes_differ(a: Tensor, b: Tensor, message: str) -> bool:
@@ -1739,6 +1782,7 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         activation: relu, gelu (exact), gelu_tanh, silu, swiglu (silu(gate) * up), geglu
             (gelu(gate) * up).
     """
+    compiling = torch.compiler.is_compiling()
     w1_up = b1_up = None
     if isinstance(w1, (tuple, list)):
         w1, w1_up, b1, b1_up = _split_gated_weights(w1, b1, activation)
@@ -1747,7 +1791,8 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         _check_tensor("x", x, min_ndim=1, nested=NESTED_TOKENS)
         _check_same("x", x, {"w1[0]": w1, "w1[1]": w1_up, "b1[0]": b1, "b1[1]": b1_up})
     else:
-        x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)
+        if isinstance(x, Tensor) and _autocast_on(x, compiling):
+            x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)
         if isinstance(b1, (tuple, list)):
             raise TypeError("b1 as a (b_gate, b_up) pair goes with w1 as a (w_gate, w_up) pair; got a tensor w1")
     if not _ffn_tensors_match(x, w1, b1, w2, b2):
@@ -1779,25 +1824,32 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         raise ValueError(f"b1 must have shape ({F1},), got {tuple(b1.shape)}")
     if b2 is not None and b2.shape[0] != d_out:
         raise ValueError(f"b2 must have shape ({d_out},), got {tuple(b2.shape)}")
-    compiling = torch.compiler.is_compiling()
-    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
-    check_backend_name(backend)
-    options = (("activation", activation), ("dropout", dropout_p > 0.0))  # sorted by name
-    name = resolve_options("feed_forward", x.device, x.dtype, options, backend)
+    if compiling or not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0):  # else _check_prob passes it
+        dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    if backend is not None:
+        check_backend_name(backend)
+    name = resolve_values("feed_forward", _FFN_OPTIONS, x.device, x.dtype, (activation, dropout_p > 0.0), backend,
+                          compiling)
     if compiling:
         x, w1, b1, w2, b2, w1_up, b1_up = _distinct(x, w1, b1, w2, b2, w1_up, b1_up)
-    args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator, x), name)
+    args = (x, w1, b1, w2, b2, activation, dropout_p, None if dropout_p == 0.0 else _draw_rng(dropout_p, generator, x),
+            name)
     # (plain tensors only pass _eager_inference: a DTensor goes on to the _distributed test)
-    if w1_up is not None:
-        if _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):
+    if not compiling:
+        if w1_up is None:
+            if _eager_inference(x, w1, b1, w2, b2):
+                return as_shape_of(feed_forward_inference(*args), x)
+        elif _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):
             return as_shape_of(feed_forward_inference(*args, w1_up, b1_up), x)
-    elif _eager_inference(x, w1, b1, w2, b2):
-        return as_shape_of(feed_forward_inference(*args), x)
     if _distributed(x, w1, b1, w2, b2, w1_up, b1_up):
         return reference.feed_forward(x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation, dropout_p)
     if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
         return as_shape_of(FeedForwardFunction.forward(*args, w1_up, b1_up)[0], x)
     return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up)[0], x)  # (every argument given: see ops)
+
+
+#: the options of a feed-forward call that choose its backend, sorted by name
+_FFN_OPTIONS = ("activation", "dropout")
 
 
 def _split_gated_weights(w1, b1, activation):

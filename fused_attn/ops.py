@@ -253,7 +253,7 @@ def _backward_op(impl, op, rng, *tensors):
     transforms; under grad mode (``torch.func.grad``) under no_grad too. Nothing is lost: a
     gradient that will be differentiated never comes here (``_create_graph``). (The op is named,
     and looked up only when it is called: walking ``torch.ops`` costs ~0.2 us, on every backward.)"""
-    if _per_sample(rng):
+    if rng is not None and _rng.vmapped(rng):  # (_per_sample inline: every backward)
         return torch.no_grad()(getattr(torch.ops.fused_attn, op))
     call = impl if direct_call_ok(*tensors) else getattr(torch.ops.fused_attn, op)
     # Grad mode on in a first-order backward: torch.func.grad runs the backward so. No graph is
@@ -273,7 +273,7 @@ def _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
         out = new_attention_out(q, v.shape[-1])
         out.zero_()
         return out, torch.full(q.shape[:3], float("inf"), device=q.device, dtype=lse_dtype(q))
-    seed, offset = _seed_offset(rng)
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
     return get_backend(backend).attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
                                               softcap, alibi_slopes, bottom_right)
 
@@ -299,7 +299,7 @@ def _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dr
         dmask = attn_mask.new_zeros(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
         return torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
             k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format), dmask
-    seed, offset = _seed_offset(rng)
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
     return get_backend(backend).attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale,
                                               seed, offset, mask_grad, softcap, alibi_slopes, bottom_right, dlse)
 
@@ -384,10 +384,13 @@ class _Function(torch.autograd.Function):
         # (no transform: forward mode reaches the call only through forward_ad, as a tangent on an argument)
         if twin is not None and twin is not cls and _forward_ad._current_level >= 0 and _tangents_in(args):
             return twin.apply(*args)
-        return super(torch.autograd.Function, cls).apply(*args)  # torch._C._FunctionBase.apply
+        return _C_APPLY(cls, *args)  # torch._C._FunctionBase.apply (super(torch.autograd.Function, cls).apply)
 
 
 _TORCH_APPLY = torch.autograd.Function.apply.__func__
+#: torch._C._FunctionBase's apply, a classmethod descriptor called with the class: what
+#: ``super(torch.autograd.Function, cls).apply`` binds, without building the super object every call
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
 
 
 def _forward_mode_in(tensors) -> bool:
@@ -615,11 +618,14 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()
         return out, torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=lse_dtype(q))
-    seed, offset = _seed_offset(rng)
-    paged = {} if block_table is None else {"block_table": block_table}
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
+    if block_table is None:
+        return get_backend(backend).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                         max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p,
+                                                         scale, seed, offset, softcap, seqused_k, alibi_slopes)
     return get_backend(backend).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                      band_lo, band_hi, bottom_right, dropout_p, scale, seed, offset,
-                                                     softcap, seqused_k, alibi_slopes, **paged)
+                                                     softcap, seqused_k, alibi_slopes, block_table=block_table)
 
 
 @torch.library.custom_op("fused_attn::attention_varlen_fwd", mutates_args=())
@@ -757,7 +763,7 @@ def _varlen_reference(options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi
 
 def _layer_norm_residual_fwd_impl(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                                   store_summed=True):
-    seed, offset = _seed_offset(rng)
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
     return get_backend(backend).layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms,
                                                         residual_in_fp32, seed, offset, store_summed)
 
@@ -783,7 +789,7 @@ def _layer_norm_residual_fwd_fake(x, residual, weight, bias, eps, dropout_p, rms
 
 def _layer_norm_residual_bwd_impl(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, rng, x_dtype,
                                   backend):
-    seed, offset = _seed_offset(rng)
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
     return get_backend(backend).layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps,
                                                         dropout_p, rms, seed, offset, x_dtype)
 
@@ -824,12 +830,27 @@ def as_shape_of(t: Tensor, x: Tensor) -> Tensor:
     return t.view(*x.shape[:-1], t.shape[-1])
 
 
+def _layer_norm_direct(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                       store_summed):
+    """``_layer_norm_forward(_layer_norm_residual_fwd_impl, ...)`` written out, for the calls that
+    may skip the registered op (``direct_call_ok``, an rng that is not per sample): one layer of
+    Python calls instead of four, host time on every step of a decode loop."""
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)
+    d = x.shape[-1]
+    return get_backend(backend).layer_norm_residual_fwd(
+        _rows_direct(x, d), None if residual is None else _rows_direct(residual, d), weight, bias, eps, dropout_p,
+        rms, residual_in_fp32, seed, offset, store_summed)
+
+
 def layer_norm_residual_inference(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                                   store_summed=True):
     """LayerNormResidualFunction's outputs for eager calls that build no autograd graph, as rows."""
-    fwd = torch.ops.fused_attn.layer_norm_residual_fwd if _per_sample(rng) else _layer_norm_residual_fwd_impl
-    return _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
-                               store_summed)[:2]
+    if rng is not None and _rng.vmapped(rng):  # (_per_sample)
+        return _layer_norm_forward(torch.ops.fused_attn.layer_norm_residual_fwd, x, residual, weight, bias, eps,
+                                   dropout_p, rms, residual_in_fp32, rng, backend, store_summed)[:2]
+    out, summed, _, _ = _layer_norm_direct(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng,
+                                           backend, store_summed)
+    return out, summed
 
 
 class LayerNormResidualFunction(_Function):
@@ -849,10 +870,11 @@ class LayerNormResidualFunction(_Function):
     @staticmethod
     def forward(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend, store_summed):
         """(out, summed, mean, rstd): the last two (non-differentiable) for the backward only."""
-        fwd = (_layer_norm_residual_fwd_impl if direct_call_ok(x, residual, weight, bias) and not _per_sample(rng)
-               else torch.ops.fused_attn.layer_norm_residual_fwd)
-        return _layer_norm_forward(fwd, x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng,
-                                   backend, store_summed)
+        if direct_call_ok(x, residual, weight, bias) and not _per_sample(rng):
+            return _layer_norm_direct(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
+                                      store_summed)
+        return _layer_norm_forward(torch.ops.fused_attn.layer_norm_residual_fwd, x, residual, weight, bias, eps,
+                                   dropout_p, rms, residual_in_fp32, rng, backend, store_summed)
 
     @staticmethod
     def setup_context(ctx, inputs, output, forward_mode=False):
@@ -966,12 +988,22 @@ def _rows(t: Tensor, d: int) -> Tensor:
     return t2 if t2.stride(-1) == 1 or d <= 1 else t2.contiguous()
 
 
+def _rows_direct(t: Tensor, d: int) -> Tensor:
+    """``_rows(t, d)`` for the direct (eager, plain tensor) paths, where sizes are ints: the same
+    tensor, tested by ``is_contiguous()`` first (``stride(-1)`` parses its argument: ~0.1 us more,
+    on every call). A contiguous tensor has a unit last stride, or a last size of at most 1."""
+    t2 = t if t.dim() == 2 else t.reshape(-1, d)
+    if t2.numel() == 0:
+        return t2.new_empty(t2.shape)
+    return t2 if t2.is_contiguous() or t2.stride(-1) == 1 or d <= 1 else t2.contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # feed-forward
 # ---------------------------------------------------------------------------------------------
 
 def _feed_forward_fwd_impl(x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
-    seed, offset = _seed_offset(rng)
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
     return get_backend(backend).feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset)
 
 
@@ -987,7 +1019,7 @@ def _feed_forward_fwd_fake(x, w1, b1, w2, b2, activation, dropout_p, rng, backen
 
 
 def _feed_forward_bwd_impl(dout, x, w1, w2, pre, activation, dropout_p, rng, has_b1, has_b2, backend):
-    seed, offset = _seed_offset(rng)
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
     return get_backend(backend).feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset,
                                                  has_b1, has_b2)
 
@@ -1033,11 +1065,24 @@ def _stack(first, second):
     return first if second is None else torch.cat([first, second])
 
 
+def _feed_forward_direct(x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
+    """``_feed_forward_forward(_feed_forward_fwd_impl, ...)`` written out, for the calls that may
+    skip the registered op (``direct_call_ok``, an rng that is not per sample; w1 and b1 stacked):
+    one layer of Python calls instead of three, host time on every step of a decode loop."""
+    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)
+    x2 = _rows_direct(x, x.shape[-1]).contiguous()
+    out, pre = get_backend(backend).feed_forward_fwd(x2, w1, b1, w2, b2, activation, dropout_p, seed, offset)
+    return out, x2, pre
+
+
 def feed_forward_inference(x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up=None, b1_up=None):
     """FeedForwardFunction's output for eager calls that build no autograd graph, as rows."""
-    fwd = torch.ops.fused_attn.feed_forward_fwd if _per_sample(rng) else _feed_forward_fwd_impl
-    return _feed_forward_forward(fwd, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
-                                 dropout_p, rng, backend)[0]
+    if w1_up is not None:
+        w1, b1 = _stack(w1, w1_up), _stack(b1, b1_up)
+    if rng is not None and _rng.vmapped(rng):  # (_per_sample)
+        return _feed_forward_forward(torch.ops.fused_attn.feed_forward_fwd, x, w1, b1, w2, b2, activation, dropout_p,
+                                     rng, backend)[0]
+    return _feed_forward_direct(x, w1, b1, w2, b2, activation, dropout_p, rng, backend)[0]
 
 
 class FeedForwardFunction(_Function):
@@ -1052,10 +1097,14 @@ class FeedForwardFunction(_Function):
     def forward(x, w1, b1, w2, b2, activation, dropout_p, rng, backend, w1_up, b1_up):
         """(out, pre, x's rows when the kernel read a copy of them, else an empty tensor): the last
         two (non-differentiable) for the backward only."""
-        fwd = (_feed_forward_fwd_impl if direct_call_ok(x, w1, b1, w2, b2, w1_up, b1_up) and not _per_sample(rng)
-               else torch.ops.fused_attn.feed_forward_fwd)
-        out, x2, pre = _feed_forward_forward(fwd, x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation,
-                                             dropout_p, rng, backend)
+        direct = direct_call_ok(x, w1, b1, w2, b2, w1_up, b1_up) and not _per_sample(rng)
+        if w1_up is not None:
+            w1, b1 = _stack(w1, w1_up), _stack(b1, b1_up)
+        if direct:
+            out, x2, pre = _feed_forward_direct(x, w1, b1, w2, b2, activation, dropout_p, rng, backend)
+        else:
+            out, x2, pre = _feed_forward_forward(torch.ops.fused_attn.feed_forward_fwd, x, w1, b1, w2, b2, activation,
+                                                 dropout_p, rng, backend)
         copied = x2 is not x and x2._base is not (x if x._base is None else x._base)
         return out, pre, x2 if copied else x.new_empty(0)
 

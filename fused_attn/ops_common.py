@@ -249,7 +249,11 @@ def check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, 
         return cu_seqlens if isinstance(cu_seqlens, list) else cu_seqlens.tolist()
     lengths_q = check_cumulative("cu_seqlens_q", host(cu_seqlens_q), total_q)
     if used_k is None:
-        used_k = _used_keys(check_cumulative("cu_seqlens_k", host(cu_seqlens_k), total_k), seqused_k)
+        if cu_seqlens_k is cu_seqlens_q and total_k == total_q:
+            lengths_k = lengths_q  # (self-attention's one boundaries tensor: read and checked once)
+        else:
+            lengths_k = check_cumulative("cu_seqlens_k", host(cu_seqlens_k), total_k)
+        used_k = _used_keys(lengths_k, seqused_k)
     # The lengths are read anyway, so the kernels get the true longest, not the bound: a model's
     # context length passed with every short batch would otherwise size the Triton grid (and the
     # split-KV plan) for sequences that are not there. No result depends on it (the dropout offsets
@@ -263,10 +267,12 @@ def check_cumulative(name: str, values: list, total: int, total_is: str = "") ->
     decrease and end at ``total`` (``total_is``: what that total is, for the message); returns the
     B lengths. The one check of every packed call (``check_varlen_bounds``, the modules' packed
     calls, the packed rotary embedding), raising ValueError naming the argument."""
-    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    # (a decrease is a negative length: min() in C rather than a generator's any(), every call)
+    if values[0] != 0 or values[-1] != total or (lengths and min(lengths) < 0):
         raise ValueError(f"{name} must start at 0, never decrease and end at the total length {total}{total_is}, "
                          f"got {_short(values)}")
-    return [b - a for a, b in zip(values, values[1:])]
+    return lengths
 
 
 def check_longest(max_name: str, max_seqlen, lengths: list, name: str) -> int:

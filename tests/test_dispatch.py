@@ -514,19 +514,20 @@ def test_auto_order_on_cuda_is_per_op(monkeypatch):
 
 
 def test_functional_calls_resolve_with_sorted_options(monkeypatch):
-    """The functional API hands backends.resolve_options its options written out in name order
-    (not sorted on every call); resolve() sorts a Call's. Both must give the same cache keys and
-    the same error messages (which list the options in that order)."""
+    """The functional API hands backends.resolve_values its option names written out in name
+    order (not sorted on every call), with a value for each; resolve() sorts a Call's. Both must
+    give the same cache keys and the same error messages (which list the options in that order)."""
     from fused_attn import functional
 
     seen = []
-    real = functional.resolve_options
+    real = functional.resolve_values
 
-    def spy(op, device, dtype, options, backend=None):
-        seen.append((op, options))
-        return real(op, device, dtype, options, backend)
+    def spy(op, names, device, dtype, values, backend=None, compiling=None):
+        assert len(names) == len(values), op
+        seen.append((op, tuple(zip(names, values))))
+        return real(op, names, device, dtype, values, backend, compiling)
 
-    monkeypatch.setattr(functional, "resolve_options", spy)
+    monkeypatch.setattr(functional, "resolve_values", spy)
     q = torch.randn(1, 2, 3, 4)
     F.attention(q, q, q, attn_mask=torch.ones(3, 3, dtype=torch.bool), alibi_slopes=torch.ones(2), causal=True)
     cu = torch.tensor([0, 3], dtype=torch.int32)

@@ -51,7 +51,7 @@ _warned: set[str] = set()
 #: backend's refusals depend only on these and on what this machine has, which is fixed once
 #: fused_attn is imported; caching them saves ~25 us of every call (half of the functional API's
 #: own overhead on a small input). Refusals are not cached: they raise every time. A test that
-#: patches a backend's ``call_reasons`` must also replace this dict.
+#: patches a backend's ``call_reasons`` must also replace this dict. Bounded (``_remember``).
 _resolved: dict = {}
 
 
@@ -112,28 +112,72 @@ def resolve(call: Call, backend: str | None = None) -> str:
     return _resolve_constant(call.op, call.device.type, call.dtype, options, requested)
 
 
-def resolve_options(op: str, device: torch.device, dtype: torch.dtype, options: tuple, backend: str | None = None
-                    ) -> str:
+def resolve_options(op: str, device: torch.device, dtype: torch.dtype, options: tuple, backend: str | None = None,
+                    compiling: bool | None = None) -> str:
     """``resolve(Call(op, device, dtype, dict(options)), backend)`` without building the Call:
     what the functional API calls. ``options`` must be the (name, value) pairs sorted by name, as
     ``resolve`` sorts them (the callers write them out in that order; error messages list them so).
+    ``compiling``: ``torch.compiler.is_compiling()`` when the caller has read it already (None:
+    read here).
 
     In eager mode a choice made before is one dict lookup, keyed on the device object (its
     ``.type`` costs ~0.3 us; a device hashes in C) and on the requested backend, so that
-    ``use_backend`` and a changed ``FUSED_ATTN_BACKEND`` take effect at once (the variable is read,
-    and checked, on every call). Those keys live in ``_resolved`` too: replacing it forgets them.
+    ``use_backend`` and a changed ``FUSED_ATTN_BACKEND`` take effect at once (the variable is read
+    on every call; an unknown value is refused by ``_resolve_constant`` on every call, as it is
+    never cached). Those keys live in ``_resolved`` too: replacing it forgets them.
     """
     if torch._C._are_functorch_transforms_active() and _wrapping_transform():
         # (vmap, grad, jacrev, ...: backends whose launchers read tensors' memory directly refuse
         # the wrapped tensors those pass; TritonBackend.call_reasons)
         options = tuple(sorted(options + (("torch_func", True),)))
-    if torch.compiler.is_compiling():
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if compiling:
         return _resolve_constant(op, device.type, dtype, options, _traced_requested(backend))
-    requested = requested_backend(backend)
-    key = (op, device, dtype, options, requested)
+    if backend is None:  # requested_backend(None) inline (this runs on every call); checked on a miss
+        selected = _scope.selection.get()
+        backend = selected[-1] if selected else (_scope.env_backend() or "auto")
+    key = (op, device, dtype, options, backend)
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve_constant(op, device.type, dtype, options, requested)
+        name = _remember(key, _resolve_constant(op, device.type, dtype, options, backend))
+    return name
+
+
+def resolve_values(op: str, names: tuple, device: torch.device, dtype: torch.dtype, values: tuple,
+                   backend: str | None = None, compiling: bool | None = None) -> str:
+    """``resolve_options(op, device, dtype, tuple(zip(names, values)), backend, compiling)``:
+    ``names`` are the option names sorted (a constant of the caller), ``values`` theirs, in that
+    order. In eager mode outside torch.func's transforms, the answer is cached on the values
+    themselves: a flat tuple, built and hashed in half the time of the (name, value) pairs, which
+    are made only on a miss. (Those keys share ``_resolved`` with ``resolve_options``'s: a values
+    tuple holds no pairs, so the two never collide.)"""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if compiling or torch._C._are_functorch_transforms_active():
+        return resolve_options(op, device, dtype, tuple(zip(names, values)), backend, compiling)
+    if backend is None:  # requested_backend(None) inline (this runs on every call); checked on a miss
+        selected = _scope.selection.get()
+        backend = selected[-1] if selected else (_scope.env_backend() or "auto")
+    key = (op, device, dtype, values, backend)
+    name = _resolved.get(key)
+    if name is None:
+        name = _remember(key, _resolve_constant(op, device.type, dtype, tuple(zip(names, values)), backend))
+    return name
+
+
+#: at most this many answers are kept in ``_resolved`` (a model has a few configurations; a sweep
+#: over many head dims or hidden sizes must not grow the dict without end): past it, it is cleared
+_RESOLVED_MAX = 1024
+
+
+def _remember(key, name: str) -> str:
+    """``_resolved[key] = name``, the dict cleared first when full. (Threads may race here: each
+    dict operation is atomic, and a lost or repeated entry only costs a later lookup a miss.)"""
+    cache = _resolved
+    if len(cache) >= _RESOLVED_MAX:
+        cache.clear()
+    cache[key] = name
     return name
 
 
@@ -164,7 +208,7 @@ def _resolve_constant(op, device_type, dtype, options, requested):
     key = (op, device_type, dtype, options, requested)
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve(Call(op, torch.device(device_type), dtype, dict(options)), requested)
+        name = _remember(key, _resolve(Call(op, torch.device(device_type), dtype, dict(options)), requested))
     return name
 
 
@@ -345,4 +389,4 @@ def get_backend(name: str) -> Backend:
 
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "Call", "OPS", "BackendUnavailableError", "resolve",
-           "resolve_options", "use_backend", "available_backends", "get_backend", "check_backend_name"]
+           "resolve_options", "resolve_values", "use_backend", "available_backends", "get_backend", "check_backend_name"]

@@ -18,6 +18,7 @@ import re
 
 import torch
 
+from .._extension import env_get
 from .base import Backend, Call
 
 _MODULES = {"attention": "attention", "layer_norm_residual": "layer_norm", "feed_forward": "feed_forward",
@@ -36,7 +37,7 @@ _INTERPRET_ON = ("1", "true", "on", "yes", "y")
 
 def interpreter_enabled() -> bool:
     """Whether Triton runs its kernels under the interpreter (TRITON_INTERPRET read as Triton does)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in _INTERPRET_ON
+    return env_get("TRITON_INTERPRET").lower() in _INTERPRET_ON  # (os.environ's, as one lookup: every launch asks)
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,10 +22,9 @@ that then ran slower, and every call pays for building the descriptors on the ho
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .._extension import env_get
 from ..backends.triton import interpreter_enabled
 
 try:  # host-side descriptors (Triton >= 3.4); without them only the pointer paths exist
@@ -47,7 +46,7 @@ _TMA_MODES: dict = {}  # raw setting -> mode: the variable is read on every laun
 def tma_mode() -> str:
     """"off" (default), "auto" or "on", from ``FUSED_ATTN_TRITON_TMA`` (also 1/0, true/false); a
     change takes effect on the next launch."""
-    raw = os.environ.get("FUSED_ATTN_TRITON_TMA", "off")
+    raw = env_get("FUSED_ATTN_TRITON_TMA", "off")  # (os.environ's, as one lookup: every launch asks)
     mode = _TMA_MODES.get(raw)
     if mode is None:
         value = raw.strip().lower()

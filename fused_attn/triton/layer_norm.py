@@ -84,6 +84,8 @@ MAX_HIDDEN = 1 << 20
 # opt these arguments out of specialisation; the hash reads the low 32 bits.
 _RNG_ARGS = ["drop_threshold", "seed_lo", "seed_hi_mix", "offset_lo", "offset_hi"]
 _RNG_TAG = 1 << 32
+#: ``_dropout_launch_args`` without dropout (the launchers use it without the call)
+_NO_DROPOUT = (_RNG_TAG, 1.0, _RNG_TAG, _RNG_TAG, _RNG_TAG, _RNG_TAG)
 
 
 @triton.jit
@@ -554,7 +556,7 @@ def _dropout_launch_args(dropout_p: float, seed: int, offset: int) -> tuple:
     """(drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi): the 32-bit words
     tagged with bit 32 so that Triton always types them int64 (see _RNG_ARGS)."""
     if dropout_p <= 0.0:
-        return _RNG_TAG, 1.0, _RNG_TAG, _RNG_TAG, _RNG_TAG, _RNG_TAG
+        return _NO_DROPOUT
     seed_lo, seed_hi_mix, threshold = dropout_args(dropout_p, seed)
     offset = int(offset) & ((1 << 63) - 1)
     words = (threshold, seed_lo, seed_hi_mix, offset & 0xFFFFFFFF, offset >> 32)
@@ -563,7 +565,10 @@ def _dropout_launch_args(dropout_p: float, seed: int, offset: int) -> tuple:
 
 
 def _unit_cols(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+    """t (2-D) with a unit stride along its rows: itself when it has one (or rows of at most one
+    element), else a contiguous copy. (is_contiguous() first: one call, where stride(1) and
+    shape[1] cost twice that, on every launch.)"""
+    return t if t.is_contiguous() or t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,25 +581,30 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
 
     ``store_summed=False`` returns an empty summed. Whole-row kernels then skip the sum's store;
     rows longer than one tile still write it to a scratch buffer, because their normalisation
-    pass re-reads it."""
+    pass re-reads it.
+
+    (Host time: sizes go to torch.empty as separate ints, which it parses ~0.3 us faster than a
+    tuple; strides are read as ``stride()`` tuples, ``stride(i)`` parsing its argument ~0.07 us
+    slower; a fresh (n, d) tensor's row stride is d. Every launch pays these.)"""
     n, d = x.shape
     device = x.device
     summed_dtype = torch.float32 if residual_in_fp32 else x.dtype
-    out = torch.empty((n, d), dtype=x.dtype, device=device)
-    mean = torch.empty((0,) if rms else (n,), dtype=torch.float32, device=device)
-    rstd = torch.empty((n,), dtype=torch.float32, device=device)
-    # the (0,) summed returned without store_summed (allocated only then: each torch.empty is
-    # host time on every call)
-    no_sum = None if store_summed else torch.empty((0,), dtype=summed_dtype, device=device)
+    out = torch.empty(n, d, dtype=x.dtype, device=device)
+    mean = torch.empty(0 if rms else n, dtype=torch.float32, device=device)
+    rstd = torch.empty(n, dtype=torch.float32, device=device)
     if n == 0 or d == 0:
         if d == 0:  # statistics of an empty row are undefined, as in the reference
             mean.fill_(math.nan)
             rstd.fill_(math.nan)
-        return out, torch.empty((n, d), dtype=summed_dtype, device=device) if store_summed else no_sum, mean, rstd
-    cfg = _launch_config(d, False, _tile_elems(device))
-    store = store_summed or not cfg["SINGLE"]
+        summed = torch.empty(n, d, dtype=summed_dtype, device=device) if store_summed else \
+            torch.empty(0, dtype=summed_dtype, device=device)
+        return out, summed, mean, rstd
+    # (the interpreter's tiles off the GPU: _tile_elems, asked of the tensor, ~0.15 us less than of its device)
+    cfg = _launch_config(d, False, None if x.is_cuda else _INTERPRETER_TILE_ELEMS)
+    single = cfg["SINGLE"]
+    store = store_summed or not single
     if store:
-        summed = torch.empty((n, d), dtype=summed_dtype, device=device)
+        summed = torch.empty(n, d, dtype=summed_dtype, device=device)
     else:
         # without a store the kernel takes only the sum's dtype from SUMMED and never reads or
         # writes it: a tensor of that dtype stands in (out is x's dtype; rstd float32, the sum's
@@ -604,17 +614,19 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
     residual = None if residual is None else _unit_cols(residual)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    grid = (cdiv(n, cfg["ROWS"]),)
-    _ln_fwd_kernel[grid](
+    _ln_fwd_kernel[(-(-n // cfg["ROWS"]),)](  # (cdiv)
         x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
         out, summed, rstd if rms else mean, rstd,
-        n, d, x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
-        summed.stride(0) if store else 0, float(eps), norm_stat_scale(d),
-        *_dropout_launch_args(dropout_p, seed, offset),
-        ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
+        n, d, x.stride()[0], 0 if residual is None else residual.stride()[0], d, d if store else 0, float(eps),
+        norm_stat_scale(d), *(_NO_DROPOUT if dropout_p <= 0.0 else _dropout_launch_args(dropout_p, seed, offset)),
+        ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=single,
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
         RMS=bool(rms), DROPOUT=dropout_p > 0.0, STORE_SUM=store, num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
-    return out, summed if store_summed else no_sum, mean, rstd
+    if store_summed:
+        return out, summed, mean, rstd
+    # the (0,) summed returned without store_summed: made only now, after the launch (a torch.empty
+    # is host time on every call)
+    return out, torch.empty(0, dtype=summed_dtype, device=device), mean, rstd
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -622,54 +634,62 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, seed, offset,
                             x_dtype):
-    """(dsum, dx, dweight, dbias); dx is empty without dropout (dsum is then dx and dresidual)."""
+    """(dsum, dx, dweight, dbias); dx is empty without dropout (dsum is then dx and dresidual).
+    (Host time as in the forward: sizes as ints, ``stride()`` tuples, fresh tensors' strides known.)"""
     n, d = summed.shape
     device = summed.device
-    dsum = torch.empty((n, d), dtype=summed.dtype, device=device)
-    dx = torch.empty((n, d) if dropout_p > 0.0 else (0,), dtype=x_dtype, device=device)
+    dropout = dropout_p > 0.0
+    dsum = torch.empty(n, d, dtype=summed.dtype, device=device)
+    dx = torch.empty(n, d, dtype=x_dtype, device=device) if dropout else torch.empty(0, dtype=x_dtype, device=device)
     has_w, has_b = weight is not None, bias is not None
     # with no rows the parameter gradients are zero; placeholders when absent (separate tensors:
     # outputs of an op may not alias each other)
     new_grad = torch.zeros if n == 0 or d == 0 else torch.empty
-    dweight = new_grad((d,), dtype=weight.dtype, device=device) if has_w else empty(summed)
-    dbias = new_grad((d,), dtype=bias.dtype, device=device) if has_b else empty(summed)
+    dweight = new_grad(d, dtype=weight.dtype, device=device) if has_w else empty(summed)
+    dbias = new_grad(d, dtype=bias.dtype, device=device) if has_b else empty(summed)
     if n == 0 or d == 0:
         return dsum, dx, dweight, dbias
     dout = _unit_cols(dout)
     dsummed = None if dsummed is None else _unit_cols(dsummed)
     summed = _unit_cols(summed)
     weight = None if weight is None else weight.contiguous()
-    cfg = _launch_config(d, True, _tile_elems(device))
+    # (the interpreter's tiles off the GPU: _tile_elems, asked of the tensor)
+    cfg = _launch_config(d, True, None if summed.is_cuda else _INTERPRETER_TILE_ELEMS)
+    single = cfg["SINGLE"]
     programs, rows_per_program = _bwd_programs(n, cfg["ROWS"], cfg["num_warps"], device)
-    f32 = dict(dtype=torch.float32, device=device)
-    # partial sums of dweight and/or dbias, one (programs, d) slab each, stacked
+    # partial sums of dweight and/or dbias, one (programs, d) slab each: both stacked in one
+    # buffer, split by one unbind (an index is a dispatcher call each); a single one is the slab
+    # itself (the sum kernel reads slab 0 at the buffer's start either way); the pointer of an
+    # absent one is a placeholder the kernel does not read
     n_sums = int(has_w) + int(has_b)
-    parts = torch.empty((n_sums, programs, d) if n_sums else (0,), **f32)
-    dw_part = parts[0] if has_w else parts
-    db_part = parts[int(has_w)] if has_b else parts
+    if n_sums == 2:
+        parts = torch.empty(2, programs, d, dtype=torch.float32, device=device)
+        dw_part, db_part = parts.unbind()
+    else:
+        parts = dw_part = db_part = torch.empty(programs if n_sums else 0, d if n_sums else 0, dtype=torch.float32,
+                                                device=device)
     # per-row sums for long rows (pass 1 -> pass 2 of the chunked path); whole rows never touch
     # them, so a float32 tensor at hand stands in for both (each torch.empty is host time on every
     # call): rstd, which the kernel only reads
-    if cfg["SINGLE"]:
+    if single:
         row_c1 = row_c2 = rstd
     else:
-        row_c1, row_c2 = torch.empty((2, n), **f32)
+        row_c1, row_c2 = torch.empty(2, n, dtype=torch.float32, device=device)
     _ln_bwd_kernel[(programs,)](
         dout, dout if dsummed is None else dsummed, summed, dout if weight is None else weight,
-        rstd if rms else mean, rstd, dsum, dsum if dx.numel() == 0 else dx,
+        rstd if rms else mean, rstd, dsum, dx if dropout else dsum,
         dw_part, db_part, row_c1, row_c2,
-        n, d, rows_per_program, dout.stride(0), 0 if dsummed is None else dsummed.stride(0), summed.stride(0),
-        dsum.stride(0), dx.stride(0) if dx.dim() == 2 else 0,
-        *_dropout_launch_args(dropout_p, seed, offset),
-        ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"],
-        HAS_W=has_w, HAS_B=has_b, HAS_DSUMMED=dsummed is not None, RMS=bool(rms), DROPOUT=dropout_p > 0.0,
+        n, d, rows_per_program, dout.stride()[0], 0 if dsummed is None else dsummed.stride()[0], summed.stride()[0],
+        d, d if dropout else 0,
+        *(_dropout_launch_args(dropout_p, seed, offset) if dropout else _NO_DROPOUT),
+        ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=single,
+        HAS_W=has_w, HAS_B=has_b, HAS_DSUMMED=dsummed is not None, RMS=bool(rms), DROPOUT=dropout,
         X_DTYPE=_TL_DTYPES[x_dtype], num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
     if n_sums:
         # one launch reduces both (program_id(1) picks dweight or dbias)
-        sums = [t for t, present in ((dweight, has_w), (dbias, has_b)) if present]
-        _sum_partials_kernel[(cdiv(d, _SUM_BLOCK_C), n_sums)](
-            parts, sums[0], sums[-1], programs, d, BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=4,
-            **LAUNCH_OPTIONS)
+        _sum_partials_kernel[(-(-d // _SUM_BLOCK_C), n_sums)](  # (cdiv)
+            parts, dweight if has_w else dbias, dbias if has_b else dweight, programs, d, BLOCK_P=_SUM_BLOCK_P,
+            BLOCK_C=_SUM_BLOCK_C, num_warps=4, **LAUNCH_OPTIONS)
     return dsum, dx, dweight, dbias
 
 

@@ -61,6 +61,7 @@ Output layouts (fake and real implementations agree on them):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -980,7 +981,8 @@ def _layer_norm_grad_with_graph(ctx, summed, weight, bias, rng, dout, dsummed):
 
 def _rows(t: Tensor, d: int) -> Tensor:
     """(..., d) -> (N, d) with unit stride along d (a view whenever the layout allows)."""
-    t2 = t if t.dim() == 2 else t.reshape(-1, d)
+    # (the row count written out: reshape(-1, 0) of an empty tensor is ambiguous, and raises)
+    t2 = t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), d)
     # (contiguous() keeps an empty tensor's strides, e.g. an expanded (0, 0); an unbacked row count
     # under torch.compile, not known to be 0, takes the general path)
     if known_true(t2.numel() == 0):
@@ -992,7 +994,7 @@ def _rows_direct(t: Tensor, d: int) -> Tensor:
     """``_rows(t, d)`` for the direct (eager, plain tensor) paths, where sizes are ints: the same
     tensor, tested by ``is_contiguous()`` first (``stride(-1)`` parses its argument: ~0.1 us more,
     on every call). A contiguous tensor has a unit last stride, or a last size of at most 1."""
-    t2 = t if t.dim() == 2 else t.reshape(-1, d)
+    t2 = t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), d)
     if t2.numel() == 0:
         return t2.new_empty(t2.shape)
     return t2 if t2.is_contiguous() or t2.stride(-1) == 1 or d <= 1 else t2.contiguous()
@@ -1052,7 +1054,7 @@ def _feed_forward_reference(options, rng):
     seed, offset = _seed_offset(rng)
 
     def outputs(x, w1, b1, w2, b2, w1_up, b1_up):
-        return get_backend("reference").feed_forward_fwd(x.reshape(-1, shape[-1]), _stack(w1, w1_up),
+        return get_backend("reference").feed_forward_fwd(x.reshape(math.prod(shape[:-1]), shape[-1]), _stack(w1, w1_up),
                                                          _stack(b1, b1_up), w2, b2, activation, dropout_p, seed,
                                                          offset)[:1]
 

@@ -267,29 +267,6 @@ def test_rows_direct_is_rows(make):
     assert torch.equal(got, expected)
 
 
-@needs_cpu
-def test_a_spy_set_on_the_cpu_backend_stays_in_place(monkeypatch):
-    """The cpu launchers bind the C++ entry point to the backend object on first use: a spy set
-    on the object (which calls the class's method) must keep receiving the calls."""
-    cpu = BACKENDS["cpu"]
-    calls = []
-    real = type(cpu).layer_norm_residual_fwd
-
-    def spy(*args):
-        calls.append(1)
-        return real(cpu, *args)
-
-    x, r, w, b = _norm_inputs()
-    expected = F.layer_norm_residual(x, r, w, b)
-    monkeypatch.setattr(cpu, "layer_norm_residual_fwd", spy)
-    for _ in range(3):
-        assert torch.equal(F.layer_norm_residual(x, r, w, b), expected)
-    assert len(calls) == 3 and cpu.layer_norm_residual_fwd is spy
-    monkeypatch.undo()
-    assert torch.equal(F.layer_norm_residual(x, r, w, b), expected) and len(calls) == 3
-    assert cpu.layer_norm_residual_fwd is torch.ops.fused_attn_C.layer_norm_residual_fwd._op
-
-
 def test_environment_reads_follow_os_environ(monkeypatch):
     from fused_attn._extension import env_get
 

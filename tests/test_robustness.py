@@ -172,6 +172,27 @@ def test_layer_norm_edge_cases(device, backend):
                                F.layer_norm_residual(base.contiguous(), residual.contiguous(), backend=backend))
 
 
+@pytest.mark.parametrize("device,backend", union_cases(NORM, FFN))
+def test_zero_hidden_size_with_leading_dims(device, backend):
+    """A last size of 0 under two or more leading dims gives empty outputs, as torch's layer_norm
+    and linear do (and as a 2-D input did): the rows were flattened by reshape(-1, 0), ambiguous
+    for an empty tensor ("cannot reshape tensor of 0 elements into shape [-1, 0]")."""
+    x, residual = torch.randn(2, 3, 0, requires_grad=True), torch.randn(2, 3, 0, requires_grad=True)
+    takes = {op: any(case.values == (device, backend) for case in cases) for op, cases in (("norm", NORM), ("ffn", FFN))}
+    assert any(takes.values())
+    if takes["norm"]:
+        out = F.layer_norm_residual(x, residual, backend=backend)
+        assert out.shape == (2, 3, 0)
+        out.sum().backward()
+        assert x.grad.shape == x.shape and residual.grad.shape == residual.shape
+    if takes["ffn"]:
+        w1, w2, b2 = torch.randn(4, 0, requires_grad=True), torch.randn(5, 4, requires_grad=True), torch.randn(5)
+        out = F.feed_forward(x, w1, None, w2, b2, backend=backend)
+        assert out.shape == (2, 3, 5) and torch.equal(out.detach(), b2.expand(2, 3, 5))  # h = relu(0) = 0
+        out.sum().backward()
+        assert x.grad.shape == x.shape and torch.all(w2.grad == 0)
+
+
 @pytest.mark.parametrize("device,backend", NORM)
 @pytest.mark.parametrize("mean", [300.0, -3000.0])
 def test_layer_norm_rows_of_large_mean(device, backend, mean):

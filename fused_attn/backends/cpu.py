@@ -60,35 +60,23 @@ class CompiledBackend(Backend):
             reasons.append(f"fused_attn._C was built without a {self.dispatch_key} kernel for {call.op}")
         return reasons
 
-    # The launchers that only forward their arguments to an op: the first call of each sets the
-    # op's C++ entry point on this object (``_bind``), where attribute lookup finds it before the
-    # class's method, so that later launches reach the op with no Python frame in between (~0.15
-    # us a launch). An attribute already set on the object (a test's spy, which may call the
-    # class's method) is left in place.
-
-    def _bind(self, name: str):
-        entry = getattr(_C_OPS, name)
-        if name not in self.__dict__:
-            setattr(self, name, entry)
-        return entry
-
     def attention_fwd(self, *args):
-        return self._bind("attention_fwd")(*args)
+        return _C_OPS.attention_fwd(*args)
 
     def attention_bwd(self, *args):
-        return self._bind("attention_bwd")(*args)
+        return _C_OPS.attention_bwd(*args)
 
     def layer_norm_residual_fwd(self, *args):
-        return self._bind("layer_norm_residual_fwd")(*args)
+        return _C_OPS.layer_norm_residual_fwd(*args)
 
     def layer_norm_residual_bwd(self, *args):
-        return self._bind("layer_norm_residual_bwd")(*args)
+        return _C_OPS.layer_norm_residual_bwd(*args)
 
     def feed_forward_fwd(self, *args):
-        return self._bind("feed_forward_fwd")(*args)
+        return _C_OPS.feed_forward_fwd(*args)
 
     def feed_forward_bwd(self, *args):
-        return self._bind("feed_forward_bwd")(*args)
+        return _C_OPS.feed_forward_bwd(*args)
 
     def rotary(self, x, cos, sin, positions, interleaved, conjugate, out=None):
         if out is None:

@@ -409,8 +409,7 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
         window_size = _check_window("window_size", window_size)
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")
-    if compiling or not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0):  # else _check_prob passes it
-        dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
     if compiling:
         scale, softcap = _concrete(scale), _concrete(softcap)
     if scale is None:
@@ -848,9 +847,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if compiling:
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
-            alignment == "bottom_right", dropout_p, scale,
-            None if dropout_p == 0.0 else _draw_rng(dropout_p, generator, q), name, softcap, seqused_k, checked,
-            alibi_slopes)
+            alignment == "bottom_right", dropout_p, scale, _draw_rng(dropout_p, generator, q), name, softcap, seqused_k,
+            checked, alibi_slopes)
     want_lse = return_lse or sinks is not None
     if not compiling and _eager_inference(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table):
         result = attention_varlen_inference(*args, block_table, return_lse=want_lse)
@@ -1647,8 +1645,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         eps = _concrete(eps)
     if not (type(eps) is float and 0.0 < eps < math.inf):  # else _check_eps passes it (the common case)
         _check_eps(eps)
-    if compiling or not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0):  # else _check_prob passes it
-        dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
     if not (type(prenorm) is bool and type(rms) is bool and type(residual_in_fp32) is bool):
         for name, flag in (("prenorm", prenorm), ("rms", rms), ("residual_in_fp32", residual_in_fp32)):
             _check_bool(name, flag)
@@ -1656,7 +1653,7 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         check_backend_name(backend)
     name = resolve_values("layer_norm_residual", _NORM_OPTIONS, x.device, x.dtype,
                           (dropout_p > 0.0, d, residual_in_fp32, rms), backend, compiling)
-    rng = None if dropout_p == 0.0 else _draw_rng(dropout_p, generator, x)
+    rng = _draw_rng(dropout_p, generator, x)
     if not compiling and _eager_inference(x, residual, weight, bias):
         # No graph is built (plain tensors, nothing needs a gradient): the sum is written out
         # only when returned (prenorm)
@@ -1824,16 +1821,14 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         raise ValueError(f"b1 must have shape ({F1},), got {tuple(b1.shape)}")
     if b2 is not None and b2.shape[0] != d_out:
         raise ValueError(f"b2 must have shape ({d_out},), got {tuple(b2.shape)}")
-    if compiling or not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0):  # else _check_prob passes it
-        dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
     if backend is not None:
         check_backend_name(backend)
     name = resolve_values("feed_forward", _FFN_OPTIONS, x.device, x.dtype, (activation, dropout_p > 0.0), backend,
                           compiling)
     if compiling:
         x, w1, b1, w2, b2, w1_up, b1_up = _distinct(x, w1, b1, w2, b2, w1_up, b1_up)
-    args = (x, w1, b1, w2, b2, activation, dropout_p, None if dropout_p == 0.0 else _draw_rng(dropout_p, generator, x),
-            name)
+    args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator, x), name)
     # (plain tensors only pass _eager_inference: a DTensor goes on to the _distributed test)
     if not compiling:
         if w1_up is None:

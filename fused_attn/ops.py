@@ -254,7 +254,7 @@ def _backward_op(impl, op, rng, *tensors):
     transforms; under grad mode (``torch.func.grad``) under no_grad too. Nothing is lost: a
     gradient that will be differentiated never comes here (``_create_graph``). (The op is named,
     and looked up only when it is called: walking ``torch.ops`` costs ~0.2 us, on every backward.)"""
-    if rng is not None and _rng.vmapped(rng):  # (_per_sample inline: every backward)
+    if _per_sample(rng):
         return torch.no_grad()(getattr(torch.ops.fused_attn, op))
     call = impl if direct_call_ok(*tensors) else getattr(torch.ops.fused_attn, op)
     # Grad mode on in a first-order backward: torch.func.grad runs the backward so. No graph is
@@ -274,7 +274,7 @@ def _attention_fwd_impl(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, 
         out = new_attention_out(q, v.shape[-1])
         out.zero_()
         return out, torch.full(q.shape[:3], float("inf"), device=q.device, dtype=lse_dtype(q))
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
+    seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
                                               softcap, alibi_slopes, bottom_right)
 
@@ -300,7 +300,7 @@ def _attention_bwd_impl(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dr
         dmask = attn_mask.new_zeros(q.shape[:3] + (k.shape[2],)) if mask_grad else empty(q)
         return torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
             k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format), dmask
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
+    seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale,
                                               seed, offset, mask_grad, softcap, alibi_slopes, bottom_right, dlse)
 
@@ -619,7 +619,7 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()
         return out, torch.full(varlen_lse_shape(q), float("inf"), device=q.device, dtype=lse_dtype(q))
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
+    seed, offset = _seed_offset(rng)
     if block_table is None:
         return get_backend(backend).attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                          max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p,
@@ -764,7 +764,7 @@ def _varlen_reference(options, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi
 
 def _layer_norm_residual_fwd_impl(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                                   store_summed=True):
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
+    seed, offset = _seed_offset(rng)
     return get_backend(backend).layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms,
                                                         residual_in_fp32, seed, offset, store_summed)
 
@@ -790,7 +790,7 @@ def _layer_norm_residual_fwd_fake(x, residual, weight, bias, eps, dropout_p, rms
 
 def _layer_norm_residual_bwd_impl(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, rng, x_dtype,
                                   backend):
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
+    seed, offset = _seed_offset(rng)
     return get_backend(backend).layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps,
                                                         dropout_p, rms, seed, offset, x_dtype)
 
@@ -836,7 +836,7 @@ def _layer_norm_direct(x, residual, weight, bias, eps, dropout_p, rms, residual_
     """``_layer_norm_forward(_layer_norm_residual_fwd_impl, ...)`` written out, for the calls that
     may skip the registered op (``direct_call_ok``, an rng that is not per sample): one layer of
     Python calls instead of four, host time on every step of a decode loop."""
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)
+    seed, offset = _seed_offset(rng)
     d = x.shape[-1]
     return get_backend(backend).layer_norm_residual_fwd(
         _rows_direct(x, d), None if residual is None else _rows_direct(residual, d), weight, bias, eps, dropout_p,
@@ -846,7 +846,7 @@ def _layer_norm_direct(x, residual, weight, bias, eps, dropout_p, rms, residual_
 def layer_norm_residual_inference(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                                   store_summed=True):
     """LayerNormResidualFunction's outputs for eager calls that build no autograd graph, as rows."""
-    if rng is not None and _rng.vmapped(rng):  # (_per_sample)
+    if _per_sample(rng):
         return _layer_norm_forward(torch.ops.fused_attn.layer_norm_residual_fwd, x, residual, weight, bias, eps,
                                    dropout_p, rms, residual_in_fp32, rng, backend, store_summed)[:2]
     out, summed, _, _ = _layer_norm_direct(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng,
@@ -1005,7 +1005,7 @@ def _rows_direct(t: Tensor, d: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _feed_forward_fwd_impl(x, w1, b1, w2, b2, activation, dropout_p, rng, backend):
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
+    seed, offset = _seed_offset(rng)
     return get_backend(backend).feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset)
 
 
@@ -1021,7 +1021,7 @@ def _feed_forward_fwd_fake(x, w1, b1, w2, b2, activation, dropout_p, rng, backen
 
 
 def _feed_forward_bwd_impl(dout, x, w1, w2, pre, activation, dropout_p, rng, has_b1, has_b2, backend):
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)  # (_seed_offset inline: every call)
+    seed, offset = _seed_offset(rng)
     return get_backend(backend).feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset,
                                                  has_b1, has_b2)
 
@@ -1071,7 +1071,7 @@ def _feed_forward_direct(x, w1, b1, w2, b2, activation, dropout_p, rng, backend)
     """``_feed_forward_forward(_feed_forward_fwd_impl, ...)`` written out, for the calls that may
     skip the registered op (``direct_call_ok``, an rng that is not per sample; w1 and b1 stacked):
     one layer of Python calls instead of three, host time on every step of a decode loop."""
-    seed, offset = (0, 0) if rng is None else _rng.seed_offset(rng)
+    seed, offset = _seed_offset(rng)
     x2 = _rows_direct(x, x.shape[-1]).contiguous()
     out, pre = get_backend(backend).feed_forward_fwd(x2, w1, b1, w2, b2, activation, dropout_p, seed, offset)
     return out, x2, pre
@@ -1081,7 +1081,7 @@ def feed_forward_inference(x, w1, b1, w2, b2, activation, dropout_p, rng, backen
     """FeedForwardFunction's output for eager calls that build no autograd graph, as rows."""
     if w1_up is not None:
         w1, b1 = _stack(w1, w1_up), _stack(b1, b1_up)
-    if rng is not None and _rng.vmapped(rng):  # (_per_sample)
+    if _per_sample(rng):
         return _feed_forward_forward(torch.ops.fused_attn.feed_forward_fwd, x, w1, b1, w2, b2, activation, dropout_p,
                                      rng, backend)[0]
     return _feed_forward_direct(x, w1, b1, w2, b2, activation, dropout_p, rng, backend)[0]

@@ -78,3 +78,21 @@ def unswapped():
     (``modeling_originals``): run a reference model with the functions a swap replaced module-level
     put back, so that it is the unfused original."""
     return types.SimpleNamespace(run=unfused_run, functions=modeling_originals)
+
+
+@pytest.fixture
+def norm_forward_backends(monkeypatch):
+    """The backends the layer_norm_residual forwards ran on, in order: spies set on the cpu and
+    reference backend objects, each calling the real launcher."""
+    from fused_attn.backends import BACKENDS
+
+    ran = []
+    for name in ("cpu", "reference"):
+        real = BACKENDS[name].layer_norm_residual_fwd
+
+        def spy(*args, _real=real, _name=name):
+            ran.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(BACKENDS[name], "layer_norm_residual_fwd", spy)
+    return ran

@@ -347,19 +347,11 @@ def test_use_backend_decorates_generators_and_coroutines():
 
 
 @pytest.fixture
-def ran_norm_on(monkeypatch):
-    """The backends the layer_norm_residual forwards ran on (patched launchers), in order."""
-    ran = []
-    for name in ("cpu", "reference"):
-        real = BACKENDS[name].layer_norm_residual_fwd
-
-        def spy(*args, _real=real, _name=name):
-            ran.append(_name)
-            return _real(*args)
-
-        monkeypatch.setattr(BACKENDS[name], "layer_norm_residual_fwd", spy)
+def ran_norm_on(norm_forward_backends):
+    """The backends the layer_norm_residual forwards ran on (conftest's spies), in order, with
+    Dynamo's caches reset around the test."""
     torch._dynamo.reset()
-    yield ran
+    yield norm_forward_backends
     torch._dynamo.reset()
 
 

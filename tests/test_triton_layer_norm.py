@@ -153,7 +153,7 @@ def _fresh_launch_configs():
 @pytest.mark.parametrize("rms,weight,bias,prenorm", [(False, True, True, True), (True, True, False, False),
                                                      (False, False, False, False), (True, False, True, True)])
 def test_chunked_path(small_chunks, rms, weight, bias, prenorm):
-    assert not L._launch_config(1000, False, L._tile_elems(torch.device(DEV)))["SINGLE"]
+    assert not L._launch_config(1000, False, L._tile_elems(torch.empty(0, device=DEV)))["SINGLE"]
     _check(6, 1000, F32, rms=rms, weight=weight, bias=bias, prenorm=prenorm)
 
 
@@ -212,8 +212,8 @@ def test_chunked_statistics_of_huge_rows(small_chunks, rms):
     x = torch.stack(rows + [torch.randn(d, generator=gen)]).to(DEV)
     w, b = (1 + 0.25 * torch.randn(d, generator=gen)).to(DEV), torch.randn(d, generator=gen).to(DEV)
     dout = torch.randn(x.shape, generator=gen).to(DEV)
-    assert not L._launch_config(d, False, L._tile_elems(x.device))["SINGLE"]
-    assert not L._launch_config(d, True, L._tile_elems(x.device))["SINGLE"]
+    assert not L._launch_config(d, False, L._tile_elems(x))["SINGLE"]
+    assert not L._launch_config(d, True, L._tile_elems(x))["SINGLE"]
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     out = fused_attn.layer_norm_residual(leaves[0], None, leaves[1], leaves[2], rms=rms, backend="triton")
     got = [out.detach()] + list(torch.autograd.grad(out, leaves, dout))
@@ -250,7 +250,7 @@ def test_constant_rows_give_exactly_the_bias(stats_path, d, eps):
     # A constant row c normalises to 0, so out is exactly the bias (torch, the reference and the
     # cpu kernel give it). The float32 mean sum(c) / d is not always c: the kernels used
     # (c - mean) / sqrt(eps) for xhat, up to 1e-4 and more; the corrected two-pass mean is c.
-    assert L._launch_config(d, False, L._tile_elems(torch.device(DEV)))["SINGLE"] == (stats_path == "whole")
+    assert L._launch_config(d, False, L._tile_elems(torch.empty(0, device=DEV)))["SINGLE"] == (stats_path == "whole")
     values = torch.tensor([1.7, -3.3, 0.1, 300.1, 1e-3])[:, None]
     x = values.expand(5, d).to(DEV)
     gen = torch.Generator().manual_seed(d)
@@ -279,7 +279,7 @@ def test_large_mean_rows(stats_path, mean, d):
     # A mean large against the spread (std 0.01): the float32 mean's rounding shifted every xhat
     # of the row (tests/test_cpu_layer_norm.py has the same cases for the cpu kernel). No residual:
     # the float32 x + residual would round each element by as much and hide the mean's error.
-    assert L._launch_config(d, False, L._tile_elems(torch.device(DEV)))["SINGLE"] == (stats_path == "whole")
+    assert L._launch_config(d, False, L._tile_elems(torch.empty(0, device=DEV)))["SINGLE"] == (stats_path == "whole")
     gen = torch.Generator().manual_seed(int(abs(mean)) + d)
     x = (torch.randn(4, d, generator=gen, dtype=torch.float64) * 0.01 + mean).float().to(DEV).requires_grad_()
     _, _, w, b = _inputs(4, d, F32)
@@ -289,8 +289,12 @@ def test_large_mean_rows(stats_path, mean, d):
 def test_gpu_tile_sizes_under_the_interpreter(monkeypatch):
     # the interpreter normally uses bigger tiles; run the GPU's (rows of 1024: 4 per program
     # forward, 2 backward), which are what _tile_elems hands a CUDA launch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # (a CUDA tensor's metadata without a GPU)
+        on_gpu = torch.empty(0, device="cuda")
+    assert L._tile_elems(on_gpu) is None and L._tile_elems(torch.empty(0)) == L._INTERPRETER_TILE_ELEMS
     monkeypatch.setattr(L, "_INTERPRETER_TILE_ELEMS", None)
-    assert L._tile_elems(torch.device("cuda")) is None
     assert L.kernel_config(1000)["ROWS"] == 4 and L.kernel_config(1000, backward=True)["ROWS"] == 2
     _check(11, 1000, F16, prenorm=True)
 
@@ -362,7 +366,7 @@ def test_weight_gradient_is_deterministic():
         out.backward(torch.ones_like(out) + x.detach())
         grads.append((w.grad.clone(), b.grad.clone(), x.grad.clone()))
     assert all(torch.equal(a, c) for a, c in zip(*grads))
-    tile_elems = L._tile_elems(torch.device(DEV))
+    tile_elems = L._tile_elems(torch.empty(0, device=DEV))
     programs, _ = L._bwd_programs(1025, L.kernel_config(64, True, tile_elems)["ROWS"], 8, torch.device(DEV))
     assert programs > 1  # the partial sums really were reduced across several programs
 

@@ -134,14 +134,7 @@ def resolve_options(op: str, device: torch.device, dtype: torch.dtype, options: 
         compiling = torch.compiler.is_compiling()
     if compiling:
         return _resolve_constant(op, device.type, dtype, options, _traced_requested(backend))
-    if backend is None:  # requested_backend(None) inline (this runs on every call); checked on a miss
-        selected = _scope.selection.get()
-        backend = selected[-1] if selected else (_scope.env_backend() or "auto")
-    key = (op, device, dtype, options, backend)
-    name = _resolved.get(key)
-    if name is None:
-        name = _remember(key, _resolve_constant(op, device.type, dtype, options, backend))
-    return name
+    return _eager_choice(op, device, dtype, options, None, backend)
 
 
 def resolve_values(op: str, names: tuple, device: torch.device, dtype: torch.dtype, values: tuple,
@@ -156,13 +149,23 @@ def resolve_values(op: str, names: tuple, device: torch.device, dtype: torch.dty
         compiling = torch.compiler.is_compiling()
     if compiling or torch._C._are_functorch_transforms_active():
         return resolve_options(op, device, dtype, tuple(zip(names, values)), backend, compiling)
-    if backend is None:  # requested_backend(None) inline (this runs on every call); checked on a miss
+    return _eager_choice(op, device, dtype, values, names, backend)
+
+
+def _eager_choice(op: str, device: torch.device, dtype: torch.dtype, options: tuple, names, backend) -> str:
+    """The eager choice of ``resolve_options`` (``names`` None: ``options`` are the (name, value)
+    pairs) and ``resolve_values`` (``options`` the values of ``names``), cached on ``options`` as
+    given and on the requested backend, read here on every call (``requested_backend(None)``
+    inline; an unknown one is refused by ``_resolve_constant`` on a miss, and a refusal is never
+    cached)."""
+    if backend is None:
         selected = _scope.selection.get()
         backend = selected[-1] if selected else (_scope.env_backend() or "auto")
-    key = (op, device, dtype, values, backend)
+    key = (op, device, dtype, options, backend)
     name = _resolved.get(key)
     if name is None:
-        name = _remember(key, _resolve_constant(op, device.type, dtype, tuple(zip(names, values)), backend))
+        pairs = options if names is None else tuple(zip(names, options))
+        name = _remember(key, _resolve_constant(op, device.type, dtype, pairs, backend))
     return name
 
 

@@ -721,10 +721,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             lengths: sequence s is rows ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` of q and
             ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` of k and v; it attends only within itself.
             They must start at 0, never decrease, and end at total_q / total_k.
-        max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine). None reads them
-            from cu_seqlens (a device sync); under torch.compile they must be given. (Meta and fake
-            tensors, shapes without data, take torch.compile's path, nothing read: None is then
-            bounded by the total length.)
+        max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine), or None. The
+            kernels are launched for the longest length read from cu_seqlens (one device sync, by the
+            call in eager mode and by the op when it runs under torch.compile / torch.export, whose
+            graph holds the bound given or, for None, the total length). (Meta and fake tensors,
+            shapes without data, take torch.compile's path, nothing read.)
         seqused_k: int32/int64 (B,) or None: sequence s uses only the first ``seqused_k[s]`` keys of
             its rows ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` (FlashAttention 3's ``seqused_k``): a
             padded KV cache of B slots with ragged lengths, ``cu_seqlens_k = arange(B + 1) * slot``.
@@ -790,8 +791,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     window_size, dropout_p, scale, softcap = _check_attention_options(Hq, Hkv, D, causal, window_size, alignment,
                                                                       dropout_p, scale, softcap, return_lse, compiling)
     device = q.device
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, device, compiling)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, device, compiling)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q, device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, device)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} entries")
@@ -828,8 +829,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     elif checked:
         max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q,
                                                          max_seqlen_k, seqused_k, used_k)
-    else:  # (no data and no max_seqlen: the longest sequence is at most all the rows, a bound is all shapes need;
-        # a traced SymInt kept: int() would specialise the graph to its length)
+    else:  # traced, or no data: a missing max_seqlen is bounded by all the rows, which is all shapes need
+        # (a traced SymInt kept: int() would specialise the graph to its length). A traced call's op
+        # reads the lengths when it runs, for its checks, and launches for the longest it finds.
         max_seqlen_q = total_q if max_seqlen_q is None else as_int(max_seqlen_q)
         max_seqlen_k = (block_table.shape[1] * k.shape[1] if paged else total_k) if max_seqlen_k is None else \
             as_int(max_seqlen_k)
@@ -891,8 +893,7 @@ def _check_seqused_k(seqused_k, cu_seqlens_k) -> None:
         raise ValueError(f"seqused_k is on {seqused_k.device} but cu_seqlens_k is on {cu_seqlens_k.device}")
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, compiling: bool,
-                      ref: str = "q") -> None:
+def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, ref: str = "q") -> None:
     """The checks of one cumulative-lengths tensor and its max_seqlen that need no data (the rest:
     ``ops_common.check_varlen_bounds``); ``ref`` names the tensor whose device it must share."""
     if not isinstance(cu, Tensor):
@@ -914,9 +915,6 @@ def _check_cu_seqlens(name: str, cu: Tensor, max_name: str, max_seqlen, device, 
         if not isinstance(max_seqlen, torch.SymInt) and max_seqlen > _INT64_MAX:
             raise ValueError(f"{max_name} must be at most {_INT64_MAX} (an upper bound of the longest sequence, "
                              f"passed to the kernels as int64), got {_shown(max_seqlen)}")
-    if max_seqlen is None and compiling:
-        raise ValueError(f"{max_name} must be given under torch.compile and torch.export (reading it from {name} "
-                         f"would break the graph)")
 
 
 # ---------------------------------------------------------------------------------------------

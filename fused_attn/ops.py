@@ -613,8 +613,10 @@ def _attention_varlen_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if not checked:  # a traced call: the boundaries were not readable when it was built
         used_k = None if block_table is None else check_block_table(block_table, k.shape[0], k.shape[1],
                                                                     cu_seqlens_k, seqused_k)
-        check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, seqused_k,
-                            used_k)
+        # (read for the checks, the lengths also give the longest sequences: the launch is sized by
+        # them, not by a loose bound such as the total that a call without max_seqlen traces with)
+        max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
+                                                         max_seqlen_q, max_seqlen_k, seqused_k, used_k)
     if q.numel() == 0 or k.shape[0] == 0:
         out = new_varlen_out(q, v.shape[-1])
         out.zero_()
@@ -650,9 +652,14 @@ def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
 def _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
-                               seqused_k=None, alibi_slopes=None, dlse=None):
+                               seqused_k=None, alibi_slopes=None, dlse=None, checked=True):
+    """``checked`` False: a traced call's backward, whose max_seqlens may be the loose bounds it was
+    traced with (its forward read the true ones inside the op): read again, to size the launch."""
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or q.is_meta:  # (meta: shapes only, as forward)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if not checked:
+        max_seqlen_q, max_seqlen_k = check_varlen_bounds(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
+                                                         max_seqlen_q, max_seqlen_k, seqused_k)
     seed, offset = _seed_offset(rng)
     return get_backend(backend).attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                      max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
@@ -666,16 +673,16 @@ def attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          band_lo: int, band_hi: int, bottom_right: bool, dropout_p: float, scale: float,
                          rng: Optional[Tensor], backend: str, softcap: float = 0.0,
                          seqused_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
-                         dlse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                         dlse: Optional[Tensor] = None, checked: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     return _attention_varlen_bwd_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap,
-                                      seqused_k, alibi_slopes, dlse)
+                                      seqused_k, alibi_slopes, dlse, checked)
 
 
 @attention_varlen_bwd.register_fake
 def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                band_lo, band_hi, bottom_right, dropout_p, scale, rng, backend, softcap=0.0,
-                               seqused_k=None, alibi_slopes=None, dlse=None):
+                               seqused_k=None, alibi_slopes=None, dlse=None, checked=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -706,11 +713,11 @@ class AttentionVarlenFunction(_Function):
     @staticmethod
     def setup_context(ctx, inputs, output, forward_mode=False):
         (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p,
-         scale, rng, backend, softcap, seqused_k, _, alibi_slopes, return_lse, _) = inputs
+         scale, rng, backend, softcap, seqused_k, checked, alibi_slopes, return_lse, _) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
         ctx.options = (max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right, dropout_p, scale, backend, softcap)
-        ctx.return_lse = return_lse
+        ctx.return_lse, ctx.checked = return_lse, checked
         if forward_mode:  # the forward_mode twin runs: save for its jvp
             ctx.save_for_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, rng, seqused_k, alibi_slopes)
             ctx.layouts = (out.stride(), lse.stride())
@@ -727,7 +734,7 @@ class AttentionVarlenFunction(_Function):
         bwd = _backward_op(_attention_varlen_bwd_impl, "attention_varlen_bwd", rng, dout, q, k, v,
                            alibi_slopes, dlse)
         dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.options[:7], rng,
-                         *ctx.options[7:], seqused_k, alibi_slopes, dlse)
+                         *ctx.options[7:], seqused_k, alibi_slopes, dlse, ctx.checked)
         return (dq, dk, dv) + (None,) * 17
 
     @staticmethod

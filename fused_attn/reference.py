@@ -893,7 +893,7 @@ def check_packed_bounds(query, cu_seqlens, max_seqlen, read: bool = True) -> Opt
     token, [0, total], which give the per-sequence paths the shapes of the real call."""
     compiling = torch.compiler.is_compiling()
     functional_checks()._check_cu_seqlens("cu_seqlens", cu_seqlens, "max_seqlen", max_seqlen, query.device,
-                                          compiling, ref="query")
+                                          ref="query")
     if compiling and not read:
         return None
     if not compiling and no_data(query):

@@ -217,10 +217,13 @@ def test_varlen_validation():
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_varlen_loose_max_seqlen_reaches_kernels_as_longest(monkeypatch, grad):
-    """A loose max_seqlen (a model's context length passed with every batch) is only a bound: in
-    eager mode the lengths are read anyway, and the kernels get the longest sequence, which sizes
-    the Triton grid, instead of a million-row launch of empty programs."""
+@pytest.mark.parametrize("how", ["eager", "compiled", "compiled_without_max_seqlen"])
+def test_varlen_loose_max_seqlen_reaches_kernels_as_longest(monkeypatch, grad, how):
+    """A loose max_seqlen (a model's context length passed with every batch) is only a bound: the
+    lengths are read anyway (in eager mode by the call, in a compiled one by the op when it runs,
+    forward and backward), and the kernels get the longest sequence, which sizes the Triton grid,
+    instead of a million-row launch of empty programs. Under torch.compile a missing max_seqlen is
+    traced as the total length, a bound like any other."""
     from fused_attn.backends import get_backend
     backend = get_backend("reference")
     seen = []
@@ -235,16 +238,23 @@ def test_varlen_loose_max_seqlen_reaches_kernels_as_longest(monkeypatch, grad):
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     cu_k = torch.tensor([0, 6, 8], dtype=torch.int32)
     q, k, v = (torch.randn(t, 2, 8, requires_grad=grad) for t in (10, 8, 8))
-    out = F.attention_varlen(q, k, v, cu, cu_k, 10**6, 4096, causal=True, backend=backend.name)
+    bounds = (None, None) if how == "compiled_without_max_seqlen" else (10**6, 4096)
+
+    def call(q, k, v, cu, cu_k):
+        return F.attention_varlen(q, k, v, cu, cu_k, *bounds, causal=True, backend=backend.name)
+
+    torch._dynamo.reset()
+    out = (call if how == "eager" else torch.compile(call, fullgraph=True, backend="aot_eager"))(q, k, v, cu, cu_k)
     if grad:
         out.sum().backward()
-    assert seen and all(entry[1:] == (7, 6) for entry in seen), seen
+    called = {"attention_varlen_fwd", "attention_varlen_bwd"} if grad else {"attention_varlen_fwd"}
+    assert {entry[0] for entry in seen} == called and all(entry[1:] == (7, 6) for entry in seen), seen
     torch.testing.assert_close(out, F.attention_varlen(q, k, v, cu, cu_k, causal=True, backend=backend.name))
 
 
 def test_varlen_compiles_fullgraph():
-    """Traced without graph breaks when max_seqlen is given (nothing is read from cu_seqlens on the
-    host inside the graph); without it, a clear error."""
+    """Traced without graph breaks (nothing is read from cu_seqlens on the host inside the graph),
+    with max_seqlen given or not; the same outputs and gradients as eager."""
     lens = [5, 11]
     cu = cu_seqlens(lens)
     q, k, v = make_inputs((16, 2, 8), (16, 2, 8), (16, 2, 8))
@@ -262,10 +272,16 @@ def test_varlen_compiles_fullgraph():
     torch.testing.assert_close(loss, fn(q, k, v, cu))
     for g, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(g, t.grad)
-    no_max = torch.compile(lambda q, k, v, cu: F.attention_varlen(q, k, v, cu, cu), fullgraph=True,
-                           backend="aot_eager")
-    with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
-        no_max(q, k, v, cu)
+    no_max = torch.compile(lambda q, k, v, cu: F.attention_varlen(q, k, v, cu, cu, causal=True).sum(),
+                           fullgraph=True, backend="aot_eager")
+    eager_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    loss = no_max(q, k, v, cu)
+    loss.backward()
+    torch.testing.assert_close(loss, fn(q, k, v, cu))
+    for g, t in zip(eager_grads, (q, k, v)):
+        torch.testing.assert_close(t.grad, g)
 
 
 @pytest.mark.parametrize("device,backend", cases(torch.float32))

@@ -456,20 +456,21 @@ def test_one_tensor_twice_compiles_fullgraph(call):
 
 
 def test_a_call_that_breaks_the_graph_runs_eagerly_under_default_compile():
-    """Without fullgraph, a fused call Dynamo cannot trace (here varlen attention without
-    max_seqlen, which must read cu_seqlens on the host) breaks the graph and runs eagerly. Before,
-    Dynamo then traced the Functions' ``apply`` and failed inside it with an internal error."""
+    """Without fullgraph, a fused call Dynamo cannot trace (here varlen attention drawing its
+    dropout seed from a torch.Generator, which Dynamo does not trace) breaks the graph inside the
+    call and runs the rest eagerly. Before, Dynamo then traced the Functions' ``apply`` and failed
+    inside it with an internal error."""
     q = torch.randn(9, 2, 8, requires_grad=True)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
 
-    def fn(q):
-        return F.attention_varlen(q, q, q, cu, cu, causal=True).square().sum()
+    def fn(q, gen):
+        return F.attention_varlen(q, q, q, cu, cu, causal=True, dropout_p=0.25, generator=gen).square().sum()
 
-    got = torch.autograd.grad(torch.compile(fn, backend="aot_eager")(q), q)[0]
-    torch.testing.assert_close(got, torch.autograd.grad(fn(q), q)[0])
+    got = torch.autograd.grad(torch.compile(fn, backend="aot_eager")(q, torch.Generator().manual_seed(2)), q)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(fn(q, torch.Generator().manual_seed(2)), q)[0])
     torch._dynamo.reset()  # (else the code compiled above, with its graph break, is reused)
-    with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
-        torch.compile(fn, backend="aot_eager", fullgraph=True)(q)
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(q, torch.Generator().manual_seed(2))
 
 
 def test_dropout_under_fullgraph_seeds_from_torch_not_a_generator():

@@ -262,7 +262,7 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
         # the parameters may be half precision (CPU layer_norm refuses that mix)
         w = weight.to(acc) if weight is not None else None
         b = bias.to(acc) if bias is not None else None
-        if acc != torch.float64:
+        if acc != torch.float64 and wide.shape[-1]:  # (no row to shift at hidden size 0: var_mean warned there)
             wide = wide * c
             # Each row shifted by a constant (LayerNorm is invariant under it; no gradient flows
             # through it), computed from Welford's statistics (torch.var_mean: exact for a constant

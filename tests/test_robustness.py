@@ -9,6 +9,7 @@ Semantics (also in the README):
 - non-contiguous, transposed, expanded (stride 0) and offset views work as their contiguous copies;
 - inputs are never modified; forward and backward are bitwise reproducible.
 """
+import warnings
 import pytest
 import torch
 
@@ -176,7 +177,9 @@ def test_layer_norm_edge_cases(device, backend):
 def test_zero_hidden_size_with_leading_dims(device, backend):
     """A last size of 0 under two or more leading dims gives empty outputs, as torch's layer_norm
     and linear do (and as a 2-D input did): the rows were flattened by reshape(-1, 0), ambiguous
-    for an empty tensor ("cannot reshape tensor of 0 elements into shape [-1, 0]")."""
+    for an empty tensor ("cannot reshape tensor of 0 elements into shape [-1, 0]"). No warning
+    either: the reference's row statistics warned of var_mean's degrees of freedom there."""
+    warnings.simplefilter("error")  # (pytest restores the filters after the test)
     x, residual = torch.randn(2, 3, 0, requires_grad=True), torch.randn(2, 3, 0, requires_grad=True)
     takes = {op: any(case.values == (device, backend) for case in cases) for op, cases in (("norm", NORM), ("ffn", FFN))}
     assert any(takes.values())

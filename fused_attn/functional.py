@@ -193,6 +193,19 @@ def _check_prob(name: str, p, compiling: bool = False) -> float:
     return float(p)
 
 
+def _check_scale(name: str, scale) -> float:
+    """A softmax scale that is given (not None): a finite real within float32's range, as a float.
+    (``name``: the caller's name for it, ``softmax_scale`` in the FlashAttention stand-in.)"""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a finite float or None, got {type(scale).__name__}")
+    if not (isinstance(scale, numbers.Integral) or math.isfinite(scale)):  # (an int is finite)
+        raise ValueError(f"{name} must be a finite float or None, got {scale!r}")
+    if abs(scale) > MAX_FLOAT32:  # (exact for an int too large to be a float)
+        raise ValueError(f"{name} must be within float32's range (|{name}| <= {MAX_FLOAT32:g}): the kernels use it "
+                         f"as float32, got {_shown(scale)}")
+    return float(scale)
+
+
 def _check_generator(generator, device) -> None:
     """None (torch's default CPU generator), a CPU ``torch.Generator``, or one on the inputs'
     device (``torch.Generator(q.device)``: see ``_draw_rng``). Checked whether or not the call
@@ -414,12 +427,8 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
         scale, softcap = _concrete(scale), _concrete(softcap)
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    elif (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-          or not (isinstance(scale, numbers.Integral) or math.isfinite(scale))):  # (an int is finite)
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    elif abs(scale) > MAX_FLOAT32:  # (exact for an int too large to be a float)
-        raise ValueError(f"scale must be within float32's range (|scale| <= {MAX_FLOAT32:g}): the kernels use it as "
-                         f"float32, got {_shown(scale)}")
+    else:
+        scale = _check_scale("scale", scale)
     if softcap is None:
         softcap = 0.0
     elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
@@ -1467,8 +1476,10 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
         if lse.is_nested:
             raise _nested_error(f"lses[{i}]", lse, NESTED_MERGE)
         if out.shape != outs[0].shape or out.dtype != outs[0].dtype or out.device != outs[0].device:
-            raise ValueError(f"outs[{i}] must match outs[0] (shape {tuple(outs[0].shape)}, {outs[0].dtype}, "
-                             f"{outs[0].device}), got {tuple(out.shape)}, {out.dtype}, {out.device}")
+            # (a dtype apart is a TypeError, as everywhere in the API; a shape or device a ValueError)
+            error = TypeError if out.shape == outs[0].shape and out.device == outs[0].device else ValueError
+            raise error(f"outs[{i}] must match outs[0] (shape {tuple(outs[0].shape)}, {outs[0].dtype}, "
+                        f"{outs[0].device}), got {tuple(out.shape)}, {out.dtype}, {out.device}")
         if lse.shape != out.shape[:-1] or lse.device != out.device:
             raise ValueError(f"lses[{i}] must have outs[{i}]'s shape without its last dim, {tuple(out.shape[:-1])}, "
                              f"on its device, got {tuple(lse.shape)} on {lse.device} (attention_varlen's lse: "

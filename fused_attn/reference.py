@@ -70,7 +70,9 @@ def get_alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     """The ALiBi paper's head slopes (Press et al. 2022; what BLOOM, MPT and FlashAttention's tests
     use): for a power of two n, ``2^(-8 (h + 1) / n)`` for head h; otherwise the n' = 2^floor(log2 n)
     slopes followed by every other slope of the 2n' sequence. float32 (num_heads,)."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or not 1 <= num_heads <= 1 << 20:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral):
+        raise TypeError(f"num_heads must be an int from 1 to 2**20, got {type(num_heads).__name__} {num_heads!r}")
+    if not 1 <= num_heads <= 1 << 20:
         raise ValueError(f"num_heads must be an int from 1 to 2**20, got {num_heads!r}")
     num_heads = int(num_heads)  # (numpy ints too)
 
@@ -504,7 +506,7 @@ class KVCache:
         self.leftpad.zero_()
         self.padded = False
 
-    def start_padded(self, key_padding_mask: torch.Tensor) -> None:
+    def _start_padded(self, key_padding_mask: torch.Tensor) -> None:
         """Record a left-padded prefill's padding (the call has checked the mask)."""
         self.leftpad.copy_(key_padding_mask.sum(dim=1))
         self.padded = True
@@ -550,7 +552,7 @@ def decode_step(module, query, kv_cache, key_padding_mask):
     first and, should the step be refused (it raises before writing), leaves the cache empty again."""
     if key_padding_mask is None:
         return module._decode(query, kv_cache)
-    kv_cache.start_padded(key_padding_mask)
+    kv_cache._start_padded(key_padding_mask)
     try:
         return module._decode(query, kv_cache)
     except Exception:

@@ -669,7 +669,7 @@ DENSE_ERRORS = [
     (lambda a: dict(window_size=(-2, 0)), ValueError, "window_size sides must be >= 0"),
     (lambda a: dict(softcap=-1.0), ValueError, "softcap must be 0 or None \\(off\\), or a number in \\[1e-30"),
     (lambda a: dict(softcap=1e-39), ValueError, "or a number in \\[1e-30"),
-    (lambda a: dict(scale=float("inf")), TypeError, "scale must be a finite float"),
+    (lambda a: dict(scale=float("inf")), ValueError, "scale must be a finite float"),  # (a bad value, not type)
     (lambda a: dict(causal=1), TypeError, "causal must be a bool"),
     (lambda a: dict(return_lse="yes"), TypeError, "return_lse must be a bool"),
     (lambda a: dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(Hq,\) = \(4,\)"),

@@ -108,6 +108,23 @@ def test_sinks_take_their_share(device, backend):
     torch.testing.assert_close(big[0, 1, 3:], plain[0, 1, 3:] * factor[:, None])
 
 
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
+def test_sinks_merge_over_split_keys_when_given_to_one_part(device, backend):
+    """docs/api.md (merge_attention): each part's lse includes the sinks it was given, so split keys
+    merge to the whole call's output when one part carries the sinks (and not when every part
+    does: they would count once per part)."""
+    with torch.device(device):
+        q, k, v = make_inputs((2, 2, 5, 8), (2, 2, 7, 8), (2, 2, 7, 8), requires_grad=False, seed=4)
+        sinks = torch.tensor([1.5, -0.5])
+        whole = F.attention(q, k, v, sinks=sinks, backend=backend)
+        first = F.attention(q, k[:, :, :3], v[:, :, :3], sinks=sinks, return_lse=True, backend=backend)
+        rest = F.attention(q, k[:, :, 3:], v[:, :, 3:], return_lse=True, backend=backend)
+        rest_too = F.attention(q, k[:, :, 3:], v[:, :, 3:], sinks=sinks, return_lse=True, backend=backend)
+    torch.testing.assert_close(F.merge_attention([first[0], rest[0]], [first[1], rest[1]])[0], whole)
+    twice = F.merge_attention([first[0], rest_too[0]], [first[1], rest_too[1]])[0]
+    assert not torch.allclose(twice, whole, atol=1e-3)
+
+
 @pytest.mark.parametrize("device,backend", cases(torch.float32, varlen=True))
 def test_varlen_sinks_match_reference(device, backend):
     """Packed sequences (one empty, one with rows that see no key, GQA): every sequence's rows get

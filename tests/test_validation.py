@@ -45,7 +45,7 @@ def qkv(B=1, Hq=2, Hkv=2, L=4, D=8, dtype=torch.float32):
     (dict(q=torch.randn(1, 2, 4, 0), k=torch.randn(1, 2, 4, 0)), ValueError, "head dim .* at least 1, got 0"),
     (dict(softcap="30"), TypeError, "softcap must be a float or None, got '30'"),
     (dict(alignment="bottom-right"), ValueError, "alignment must be one of 'top_left', 'bottom_right', got 'bottom-right'"),
-    (dict(scale=float("nan")), TypeError, "scale"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite float or None, got nan"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
     (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
 ])
@@ -130,6 +130,16 @@ def _flash():
     (lambda: __import__("fused_attn").swap_modules(None), TypeError, "model must be a torch.nn.Module, got NoneType"),
     (lambda: __import__("fused_attn").restore_modules(None), TypeError, "model must be a torch.nn.Module"),
     (lambda: F.get_alibi_slopes(10 ** 12), ValueError, r"num_heads must be an int from 1 to 2\*\*20"),  # (OOM)
+    (lambda: F.get_alibi_slopes(2.0), TypeError, r"num_heads must be an int from 1 to 2\*\*20, got float"),
+    (lambda: F.get_alibi_slopes(True), TypeError, r"num_heads must be an int from 1 to 2\*\*20, got bool"),
+    (lambda: F.attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
+                         scale=float("nan")), ValueError, "scale must be a finite float or None, got nan"),
+    (lambda: F.attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
+                         scale="0.5"), TypeError, "scale must be a finite float or None, got str"),
+    (lambda: F.merge_attention([torch.randn(2, 4).half(), torch.randn(2, 4).bfloat16()], [torch.randn(2)] * 2),
+     TypeError, r"outs\[1\] must match outs\[0\]"),
+    (lambda: F.merge_attention([torch.randn(2, 4), torch.randn(3, 4)], [torch.randn(2), torch.randn(3)]),
+     ValueError, r"outs\[1\] must match outs\[0\]"),
     (lambda: _xformers().memory_efficient_attention(*[torch.randn(1, 4, 2, 8)] * 3, output_dtype=torch.int32),
      TypeError, "output_dtype must be a floating torch.dtype"),  # (cast the result to int)
     (lambda: _flash().layer_norm_fn(torch.randn(3, 8), torch.ones(8), None, out_dtype=torch.int32), TypeError,

@@ -190,7 +190,9 @@ def test_dropout_seed_and_output_dtype():
     (lambda q: X.BlockDiagonalMask.from_seqlens([1, -2]), ValueError, "lengths >= 0"),
     (lambda q: X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1], 3, [4]), ValueError,
      "kv_padding must be an int >= every kv_seqlen"),
-    (lambda q: X.memory_efficient_attention(q, q, q, p=1.5), ValueError, "dropout_p"),
+    # (under xformers' name: the error said dropout_p, attention's name)
+    (lambda q: X.memory_efficient_attention(q, q, q, p=1.5), ValueError, r"^p must be in \[0, 1\), got 1.5"),
+    (lambda q: X.memory_efficient_attention_partial(q, q, q, p="0.1"), TypeError, r"^p must be a float"),
     (lambda q: X.BlockDiagonalMask.from_seqlens([1, 2], [2, 2]).split(q[:1, :3]), ValueError,
      "split needs queries and keys of the same lengths"),
     (lambda q: X.BlockDiagonalPaddedKeysMask.from_seqlens([1], 4, [2], causal_diagonal=torch.zeros(1)), ValueError,

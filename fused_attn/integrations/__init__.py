@@ -1,1 +1,2 @@
-"""Integrations with other libraries (Hugging Face transformers)."""
+"""Integrations with other libraries: Hugging Face transformers (``huggingface``) and stand-ins for
+code written for FlashAttention (``flash_attn``) and xformers (``xformers``)."""

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from .. import _rng
 from .. import reference as R
-from ..functional import (_draw_rng, _finite, _shown, apply_rotary_emb, attention, attention_varlen,
+from ..functional import (_check_scale, _draw_rng, _finite, _shown, apply_rotary_emb, attention, attention_varlen,
                           attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
 from ..ops_common import as_int, is_int, known_true, no_data
 from ._shapes import check_shapes
@@ -178,6 +178,8 @@ def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slope
     see ``_window``)."""
     _flag("deterministic", deterministic)  # every fused_attn backward is deterministic already
     _flag("return_attn_probs", return_attn_probs)
+    if softmax_scale is not None and not torch.compiler.is_compiling():  # (traced: attention checks it)
+        _check_scale("softmax_scale", softmax_scale)  # (under FlashAttention's name: attention says scale)
     return dict(causal=causal, window_size=_window(window_size, seqlen_k, seqlen_q), alignment="bottom_right",
                 dropout_p=dropout_p, scale=softmax_scale, softcap=_softcap(softcap), alibi_slopes=alibi_slopes,
                 return_lse=return_attn_probs)
@@ -367,8 +369,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     row of a dense cache, every page of each block_table row), and needs no new k and v.
     ``num_splits`` is accepted and ignored. The window as FlashAttention applies it, its rules
     on the cache's capacity (``attention_with_kvcache`` applies them)."""
-    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int >= 0 (0: the library's choice), got {type(num_splits).__name__}")
+    if num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: the library's choice), got {num_splits!r}")
+    if softmax_scale is not None and not torch.compiler.is_compiling():
+        _check_scale("softmax_scale", softmax_scale)
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is needed with new k and v (as FlashAttention): it says where each "

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as R
-from ..functional import _check_bool, attention, attention_varlen, merge_attention
+from ..functional import _check_bool, _check_prob, attention, attention_varlen, merge_attention
 from ._shapes import check_shapes
 from ._stand_in import StandInModules
 
@@ -407,6 +407,7 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
                                  f"and H (expand it over H for grouped-query attention), got {tuple(t.shape)} "
                                  f"for query {tuple(query.shape)}")
     check_shapes(query, key, value, ("query", "key", "value"))
+    p = _check_prob("p", p, torch.compiler.is_compiling())  # (checked under xformers' name: attention says dropout_p)
     tensor_bias = None
     if isinstance(attn_bias, Tensor):
         tensor_bias, attn_bias = attn_bias, None

@@ -975,7 +975,10 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
-    opts = SwapOptions(bool(attention), bool(norm), bool(ffn), backend, bool(rotary))
+    for name, value in (("attention", attention), ("norm", norm), ("ffn", ffn), ("rotary", rotary)):
+        if not isinstance(value, bool):  # ("false" was truthy and fused; None was falsy and left)
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    opts = SwapOptions(attention, norm, ffn, backend, rotary)
     report = SwapReport()
     for path, hf_model in _transformers_models(model):
         from .integrations import huggingface
@@ -987,7 +990,8 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
     # torch's TransformerEncoder feeds nested tensors to its layers on its inference fast path:
     # swap the encoders whose layers are fused.
     for path, module in model.named_modules():
-        if type(module) is nn.TransformerEncoder and RESTORE_ATTR in module.layers[0].__dict__:
+        # (an encoder of no layers, as nn.Transformer(num_encoder_layers=0) builds, has none to fuse)
+        if type(module) is nn.TransformerEncoder and len(module.layers) and RESTORE_ATTR in module.layers[0].__dict__:
             _apply(module, Conversion(FusedTransformerEncoder))
             report.replaced.append((path, "TransformerEncoder", "FusedTransformerEncoder", "no nested-tensor path"))
     return report

@@ -775,6 +775,32 @@ def test_output_attentions_runs_the_models_eager_attention(unswapped):
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family,how", [("gpt2", "argument"), ("llama", "config"), ("bert", "config")])
+def test_output_attentions_the_layers_are_not_told_of(unswapped, family, how):
+    """GPT-2 takes output_attentions out of its layers' kwargs, and a config's output_attentions is
+    never passed down: transformers' output recorder asks for the weights then, and the fused
+    attention gave None, an empty tuple of attentions with no warning. It now runs the model's
+    eager attention whenever the recorder wants them."""
+    model = _build(family).eval()
+    if how == "config":  # (set before the swap: transformers refuses it on a model that is not eager)
+        model.config.output_attentions = True
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model)
+    ids, mask = _batch(family)
+    flag = {"output_attentions": True} if how == "argument" else {}
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, **flag)
+        with unswapped.functions():
+            expected = ref(input_ids=ids, attention_mask=mask, **flag)
+    assert len(out.attentions) == len(expected.attentions) == 2
+    for a, b in zip(out.attentions, expected.attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if how == "config":  # and a call that does not ask runs the fused path
+        model.config.output_attentions = False
+        with torch.no_grad():
+            assert model(input_ids=ids, attention_mask=mask).attentions is None
+
+
 def test_output_attentions_with_an_empty_static_cache_matches_eager():
     """output_attentions=True with a StaticCache: the prefill's keys are the cache's whole length,
     of which only the first q_len are filled, and the mask function leaves the mask to the causal

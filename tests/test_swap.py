@@ -458,6 +458,37 @@ def test_report_text_and_bad_backend():
     assert "1 replaced, 0 left" in text and "MultiheadAttention -> FusedMultiheadAttention" in text
     with pytest.raises(ValueError, match="backend"):
         fused_attn.swap_modules(nn.Linear(2, 2), backend="fastest")
+    with pytest.raises(TypeError, match="backend must be one of .* got int 3"):
+        fused_attn.swap_modules(nn.Linear(2, 2), backend=3)
+
+
+@pytest.mark.parametrize("option", ["attention", "norm", "ffn", "rotary"])
+@pytest.mark.parametrize("value", ["false", None, 1])
+def test_swap_options_must_be_bools(option, value):
+    """The on/off options were taken by truthiness: attention="false" fused the attention, norm=None
+    left the norms, silently. Nothing is swapped when one is refused."""
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, dim_feedforward=16), 2, enable_nested_tensor=False)
+    with pytest.raises(TypeError, match=f"^{option} must be a bool, got "):
+        fused_attn.swap_modules(enc, **{option: value})
+    assert not any(type(m).__module__.startswith("fused_attn") for m in enc.modules())
+
+
+def test_a_model_holding_an_encoder_of_no_layers_swaps():
+    """nn.Transformer(num_encoder_layers=0) and the like: an encoder of no layers raised an
+    IndexError in swap_modules (it looked at its first layer); the rest is swapped and equal. (torch
+    cannot run such an encoder itself: a model holds it unused, as nn.Transformer's decoder-only use.)"""
+    model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, dim_feedforward=16,
+                                                                          batch_first=True), 0,
+                                                enable_nested_tensor=False),
+                          nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, dim_feedforward=16,
+                                                                          batch_first=True), 1,
+                                                enable_nested_tensor=False)).eval()
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model)
+    assert any(path == "1" for path, *_ in report.replaced), str(report)
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        torch.testing.assert_close(model[1](x), ref[1](x), atol=1e-5, rtol=1e-5)
 
 
 def test_restore_report_says_restored():

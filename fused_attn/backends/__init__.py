@@ -62,7 +62,10 @@ class BackendUnavailableError(RuntimeError):
 def check_backend_name(name, argname="backend"):
     if name is None:
         return
-    if not isinstance(name, str) or name not in BACKEND_NAMES:
+    if not isinstance(name, str):  # (a wrong type: a TypeError, as every argument's)
+        raise TypeError(f"{argname} must be one of {', '.join(BACKEND_NAMES)} (or None), got {type(name).__name__} "
+                        f"{name!r}")
+    if name not in BACKEND_NAMES:
         raise ValueError(f"{argname} must be one of {', '.join(BACKEND_NAMES)} (or None), got {name!r}")
 
 

@@ -195,7 +195,7 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     _check_kwargs(module, kwargs)
     # As sdpa: the module says whether it is a decoder attention; causal only without an explicit mask.
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if kwargs.get("output_attentions"):
+    if _weights_requested(kwargs):
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is not None:
             mask = _additive_mask(attention_mask, query, key, is_causal)
@@ -243,6 +243,23 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if row_sinks is not None:
         out, _ = _apply_sinks(*out, row_sinks, head_dim=1)  # attention's own sink step, a logit per row
     return out.transpose(1, 2), None  # (B, L, H, D): contiguous, the op stores its output that way
+
+
+def _weights_requested(kwargs) -> bool:
+    """Whether this call must return the attention weights: ``output_attentions`` passed down to
+    it, or transformers recording them (its ``capture_outputs`` hooks keep each attention module's
+    second output while a model call with ``output_attentions``, as an argument or in the config, is
+    running). Models that take the flag out of their layers' kwargs (GPT-2) or read it from the
+    config alone pass nothing down: asking the recorder is what the weights of those need (they
+    came back as an empty tuple, silently)."""
+    if kwargs.get("output_attentions"):
+        return True
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    # (a ContextVar outside torch.compile, a plain attribute under it: transformers makes it
+    # traceable, and records under compile too)
+    wanted = collector.get() if collector is not None else None
+    return bool(wanted) and any(key.endswith("attentions") for key in wanted)
 
 
 def _additive_mask(attention_mask, query, key, is_causal):

@@ -46,8 +46,8 @@ from torch import Tensor
 from . import modules as fused_modules
 from . import reference
 from .backends import check_backend_name
-from .functional import (_counter_dropout, _finite, _shown, any_nested, attention, feed_forward, layer_norm_residual,
-                         scaled_dot_product_attention)
+from .functional import (_check_bool, _counter_dropout, _finite, _shown, any_nested, attention, feed_forward,
+                         layer_norm_residual, scaled_dot_product_attention)
 
 #: instance attribute holding (original class, names of the attributes the swap added)
 RESTORE_ATTR = "_fused_attn_restore"
@@ -976,8 +976,7 @@ def swap_modules(model: nn.Module, *, attention: bool = True, norm: bool = True,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
     for name, value in (("attention", attention), ("norm", norm), ("ffn", ffn), ("rotary", rotary)):
-        if not isinstance(value, bool):  # ("false" was truthy and fused; None was falsy and left)
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        _check_bool(name, value)  # ("false" was truthy and fused; None was falsy and left)
     opts = SwapOptions(attention, norm, ffn, backend, rotary)
     report = SwapReport()
     for path, hf_model in _transformers_models(model):

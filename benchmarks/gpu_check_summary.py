@@ -76,7 +76,8 @@ def read_steps(path):
 
 def bench_soft_limit(step, bench):
     """A bench step cut by its time limit (``step``) passes as a soft limit when ``bench`` (its
-    bench.json) is complete and no fused row in it failed; the step's status and note say which."""
+    bench.json) is complete, no fused row in it failed and at least one passed the oracle; the
+    step's status and note say which."""
     if step.get("status") != "time limit":
         return
     rows = bench.get("rows") or []
@@ -88,6 +89,11 @@ def bench_soft_limit(step, bench):
         return
     if failed:
         why = f"bench.json: {len(failed)} fused row(s) failed"
+        step["note"] = f"{step['note']}; {why}" if "note" in step else why
+        return
+    judged = [r for r in rows if isinstance(r, dict) and r.get("kind") == "fused" and r.get("oracle") == "ok"]
+    if not judged:  # (a sweep cut before it timed anything: rows [] passed as a soft limit, OK)
+        why = "bench.json: no fused row timed and judged by the oracle"
         step["note"] = f"{step['note']}; {why}" if "note" in step else why
         return
     unchecked = sum(1 for r in rows if isinstance(r, dict) and r.get("kind") == "fused" and r.get("status") == "ok"

@@ -229,6 +229,7 @@ def test_registered_op_path_and_direct_path_agree(backend, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # (gpu: pytest -m gpu)
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 def test_feed_forward_backward_same_from_pre_or_relu_output(backend, device):
     """The op contract lets a forward save h = relu(pre) in place of pre for relu without dropout

@@ -229,6 +229,7 @@ def test_kvcache_matches_reference_bfloat16_cpu(case):
 WRITE_CASES = [CASES[0], CASES[2], CASES[5], CASES[8], CASES[13], CASES[16], CASES[18], CASES[19], CASES[21]]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # (gpu: pytest -m gpu)
 @pytest.mark.parametrize("case", WRITE_CASES, ids=[c["id"] for c in WRITE_CASES])
 def test_kvcache_write_changes_exactly_the_new_rows(case, device):
     """After the call the cache holds k and v at rows cache_seqlens[b] .. + Lnew - 1 of sequence b's

@@ -815,10 +815,11 @@ def _neg_bit_run(backend, name, layout, where, device):
 
 
 def _neg_bit_params():
-    return [pytest.param(device, backend, name, id=f"{name}-{device}-{backend}")
+    # (each case's marks kept: the GPU cases' gpu mark is what puts them in gpu_check.sh's pytest -m gpu)
+    return [pytest.param(*case.values, name, id=f"{name}-{case.values[0]}-{case.values[1]}", marks=case.marks)
             for name, (op, *_) in NEG_BIT_CASES.items()
-            for device, backend in [case.values for case in cases(op)]
-            if backend != "reference"]  # (the oracle: plain torch ops, which read the bit)
+            for case in cases(op)
+            if case.values[1] != "reference"]  # (the oracle: plain torch ops, which read the bit)
 
 
 @pytest.mark.parametrize("layout", ["imag", "neg_view"])

@@ -206,7 +206,7 @@ def test_generator_of_another_device_than_the_inputs_is_refused():
             call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # (skipped without CUDA by conftest; the mark puts it in gpu_check.sh's pytest -m gpu)
 def test_a_generator_of_the_inputs_device_draws_the_seed():
     """docs/backends.md's torch.Generator(q.device) (Dropout): on CUDA tensors a CUDA generator (torch.randint on the
     CPU refused it: "Expected a 'cpu' device type for generator but found 'cuda'"). The seed is

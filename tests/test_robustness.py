@@ -213,6 +213,38 @@ def test_layer_norm_rows_of_large_mean(device, backend, mean):
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
+def nearly_constant_rows(mean, std, rows, d, seed):
+    """(x, residual): float32 rows whose spread is only a few float32 ulps of their mean, split into
+    x (the ulps below 1/16) and a residual (the rest) whose float32 sum is the row exactly: no
+    rounding of the add hides the mean's error (the float64 reference would not round it)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = (mean + std * torch.randn(rows, d, generator=gen, dtype=torch.float64)).float()
+    residual = ((s.double() * 16).round() / 16).float()
+    x = s - residual  # exact (Sterbenz), and x + residual == s exactly
+    assert torch.equal(x + residual, s)
+    return x, residual
+
+
+@pytest.mark.parametrize("device,backend", NORM)
+@pytest.mark.parametrize("mean,std,d", [(1e4, 2e-3, 1024), (1e6, 0.1, 4096), (-3e5, 0.05, 97)])
+def test_layer_norm_nearly_constant_rows(device, backend, mean, std, d):
+    """Rows whose spread is only a few float32 ulps of their mean (|mean| / std beyond ~2^22): a
+    float32 mean's rounding, up to ulp(mean) / 2, shifts every xhat of the row by up to
+    ulp(mean) / (2 std). The cpu and Triton kernels normalised with a float32 mean (1e4 +- 2e-3:
+    output off by 0.05, dx by 0.25 %); they now normalise with the float32 mean and the residual
+    sum(s - mean) / d it cannot hold, forward and backward. Held to the reference (which shifts
+    such rows by their mean first) with the oracle: out, dx, dresidual, dweight and dbias."""
+    x, residual = nearly_constant_rows(mean, std, 3, d, seed=d)
+    w, b = make_inputs((d,), (d,), seed=1, requires_grad=False)
+    w, b = (w * 0.25 + 1).to(device), (b * 0.1).to(device)
+    inputs = [t.to(device).requires_grad_() for t in (x, residual, w, b)]
+    results = check_against_reference(
+        lambda x, r, w, b: F.layer_norm_residual(x, r, w, b, 1e-5, backend=backend),
+        lambda x, r, w, b: R.layer_norm_residual(x, r, w, b, 1e-5), inputs,
+        names=["x", "residual", "weight", "bias"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
 @pytest.mark.parametrize("device,backend", FFN)
 def test_feed_forward_edge_cases(device, backend):
     w1, w2 = torch.randn(12, 8), torch.randn(8, 12)

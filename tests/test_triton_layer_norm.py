@@ -14,6 +14,7 @@ import fused_attn
 from fused_attn import reference as R
 from fused_attn.testing import check_against_reference, make_inputs, reconstruct_dropout_mask
 from fused_attn.triton import layer_norm as L
+from test_robustness import nearly_constant_rows
 
 F32, F16 = torch.float32, torch.float16
 #: where the kernels run: the GPU when there is one (compiled), else the CPU (interpreter)
@@ -168,6 +169,20 @@ def test_chunked_statistics_of_offset_rows(small_chunks):
         x.add_(1000.0)
     _check_inputs = [x, r, w, b]
     check_against_reference(_fused(), _reference(), _check_inputs, names=["x", "residual", "weight", "bias"])
+
+
+@pytest.mark.parametrize("mean,std,d", [(1e4, 2e-3, 1000), (1e6, 0.1, 700), (-3e5, 0.05, 300)])
+def test_chunked_nearly_constant_rows(small_chunks, mean, std, d):
+    # Rows whose spread is a few float32 ulps of their mean, on the chunked paths forward and
+    # backward (test_robustness.py has the whole-row ones): the float32 mean's rounding shifted
+    # every xhat (1e4 +- 2e-3: out off by 0.05); the kernels now normalise with the pair (mean,
+    # corr), the backward recomputing corr in its first pass. x + residual is the row exactly.
+    assert not L._launch_config(d, False, L._tile_elems(torch.empty(0, device=DEV)))["SINGLE"]
+    assert not L._launch_config(d, True, L._tile_elems(torch.empty(0, device=DEV)))["SINGLE"]
+    x, residual = nearly_constant_rows(mean, std, 2, d, seed=d)
+    _, _, w, b = _inputs(2, d, F32)
+    inputs = [x.to(DEV).requires_grad_(), residual.to(DEV).requires_grad_(), w, b]
+    check_against_reference(_fused(), _reference(), inputs, names=["x", "residual", "weight", "bias"])
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])

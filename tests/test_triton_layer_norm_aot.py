@@ -39,13 +39,14 @@ def bwd(arch, cfg):
     xt, st, x_tl = DTYPES[arch]
     sig = dict(DOUT="*" + xt, DSUMMED="*" + st, SUMMED="*" + st, W="*" + xt, MEAN="*fp32", RSTD="*fp32",
                DSUM="*" + st, DX="*" + xt, DW_PART="*fp32", DB_PART="*fp32", ROW_C1="*fp32", ROW_C2="*fp32",
+               ROW_CORR="*fp32",
                n_rows="i32", n_cols="i32", rows_per_program="i32", stride_dout="i32", stride_dsummed="i32",
                stride_s="i32", stride_ds="i32", stride_dx="i32", drop_threshold="i64", drop_scale="fp32",
                seed_lo="i64", seed_hi_mix="i64", offset_lo="i64", offset_hi="i64")
     const = dict(ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], SINGLE=cfg["SINGLE"], HAS_W=True, HAS_B=True,
                  HAS_DSUMMED=True, RMS=False, DROPOUT=True, X_DTYPE=x_tl)
     div = ("DOUT", "DSUMMED", "SUMMED", "W", "MEAN", "RSTD", "DSUM", "DX", "DW_PART", "DB_PART", "ROW_C1",
-           "ROW_C2", "n_cols", "stride_dout", "stride_dsummed", "stride_s", "stride_ds", "stride_dx")
+           "ROW_C2", "ROW_CORR", "n_cols", "stride_dout", "stride_dsummed", "stride_s", "stride_ds", "stride_dx")
     return aot_compile(L._ln_bwd_kernel, sig, const, arch=arch, num_warps=cfg["num_warps"], num_stages=1,
                        divisible_by_16=div)
 

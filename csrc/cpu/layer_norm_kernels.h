@@ -126,22 +126,25 @@ inline std::pair<double, double> row_dev_sums_wide(const A* v, A mu, int64_t n) 
   return {s1, s2};
 }
 
-// out = (s - mu) * rstd [* w] [+ b], converted to out's dtype in registers.
+// out = ((s - mu) - corr) * rstd [* w] [+ b], converted to out's dtype in registers. The row's mean
+// is the pair mu + corr (see layer_norm_fwd_kernel): s - mu is exact on the rows where it matters,
+// and corr, the part of the mean a float32 mu cannot hold, is taken off the small difference.
+// (RMSNorm: mu = corr = 0.)
 template <bool kW, bool kB, typename A, typename T>
-inline void ln_fwd_out_row(const A* s, const A* w, const A* b, A mu, A rs, T* out, int64_t d) {
+inline void ln_fwd_out_row(const A* s, const A* w, const A* b, A mu, A corr, A rs, T* out, int64_t d) {
   int64_t c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
   using L = Lanes<A>;
-  const auto vmu = lanes_splat<A>(mu), vrs = lanes_splat<A>(rs);
+  const auto vmu = lanes_splat<A>(mu), vcorr = lanes_splat<A>(corr), vrs = lanes_splat<A>(rs);
   for (; c + L::size <= d; c += L::size) {
-    auto o = (lanes_load(s + c) - vmu) * vrs;
+    auto o = ((lanes_load(s + c) - vmu) - vcorr) * vrs;
     if constexpr (kW) o = o * lanes_load(w + c);
     if constexpr (kB) o = o + lanes_load(b + c);
     lanes_store_as<A>(out + c, o);
   }
 #endif
   for (; c < d; ++c) {
-    A o = (s[c] - mu) * rs;
+    A o = ((s[c] - mu) - corr) * rs;
     if constexpr (kW) o = o * w[c];
     if constexpr (kB) o = o + b[c];
     out[c] = static_cast<T>(o);
@@ -256,22 +259,33 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
         }
         if (!std::isfinite(total)) total = row_total_wide(sum, d, kRms);  // (see row_total_wide)
 
-        A mu = 0, var;
+        A mu = 0, corr = 0, var;
         if constexpr (kRms) {
           var = static_cast<A>(total * inv_d);
         } else {
-          // The corrected two-pass variance, over the row in L1/L2: with mu0 the first pass's
-          // mean and e = s - mu0, mean = mu0 + sum(e)/d and var = (sum(e^2) - sum(e)^2/d)/d. The
-          // correction matters for rows whose mean is large against their spread (mean 300, std
-          // 0.01: mu0's rounding is a visible shift of xhat); sum(e)^2/d <= sum(e^2) exactly, the
-          // max only guards rounding (and lets a NaN through).
+          // The corrected two-pass statistics, over the row in L1/L2: with mu0 the first pass's
+          // mean and e = s - mu0, mean = mu0 + sum(e)/d and var = (sum(e^2) - sum(e)^2/d)/d
+          // (sum(e)^2/d <= sum(e^2) exactly, the max only guards rounding and lets a NaN through).
+          // The mean is held as a pair: mu, the corrected mean rounded to A (what is saved), and
+          // corr = mean - mu = sum(s - mu)/d, the part of it mu cannot hold. A single float32 mean
+          // fails where the row's spread is only a few float32 ulps of its mean (|mean|/std beyond
+          // ~2^22, 1e4 +- 2e-3): its rounding, up to ulp(mean)/2, shifted every xhat by up to
+          // ulp(mean)/(2 std) (out off by 0.05, dx by 0.25 %). With the pair, s - mu is exact on
+          // such rows (Sterbenz: s and mu within a factor of 2 of each other) and
+          // xhat = ((s - mu) - corr) * rstd rounds only that small difference. corr = sum(e - hi)/d
+          // with hi = mu - mu0, formed in float64 as (sum(e) - d hi)/d: for a constant row d hi is
+          // sum(e) exactly and corr exactly 0 (out exactly the bias), where sum(e)/d - hi would keep
+          // the division's rounding. The backward recomputes corr from the row and the saved mu
+          // (ln_bwd_row).
           const A mu0 = static_cast<A>(total * inv_d);
           std::pair<double, double> dev = row_dev_sums(sum, mu0, d);
           if (!(std::isfinite(dev.first) && std::isfinite(dev.second))) dev = row_dev_sums_wide(sum, mu0, d);
           const auto [e1, e2] = dev;
-          const double corr = e1 * inv_d;
-          mu = static_cast<A>(static_cast<double>(mu0) + corr);
-          var = static_cast<A>(std::max(e2 - e1 * corr, 0.0) * inv_d);
+          const double shift = e1 * inv_d;  // mean - mu0
+          mu = static_cast<A>(static_cast<double>(mu0) + shift);
+          const double hi = static_cast<double>(mu) - static_cast<double>(mu0);
+          corr = static_cast<A>((e1 - static_cast<double>(d) * hi) * inv_d);
+          var = static_cast<A>(std::max(e2 - e1 * shift, 0.0) * inv_d);
         }
         A rs = A(1) / std::sqrt(var + eps);
         // A LayerNorm variance beyond A's range (|s| ~ 1e19 and up in float32) gave rstd 0 and a
@@ -281,10 +295,10 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
         if (mean_ptr) mean_ptr[n] = static_cast<float>(mu);
         rstd_ptr[n] = static_cast<float>(rs);
 
-        if (w && b) ln_fwd_out_row<true, true>(sum, w, b, mu, rs, out_ptr + n * d, d);
-        else if (w) ln_fwd_out_row<true, false>(sum, w, b, mu, rs, out_ptr + n * d, d);
-        else if (b) ln_fwd_out_row<false, true>(sum, w, b, mu, rs, out_ptr + n * d, d);
-        else ln_fwd_out_row<false, false>(sum, w, b, mu, rs, out_ptr + n * d, d);
+        if (w && b) ln_fwd_out_row<true, true>(sum, w, b, mu, corr, rs, out_ptr + n * d, d);
+        else if (w) ln_fwd_out_row<true, false>(sum, w, b, mu, corr, rs, out_ptr + n * d, d);
+        else if (b) ln_fwd_out_row<false, true>(sum, w, b, mu, corr, rs, out_ptr + n * d, d);
+        else ln_fwd_out_row<false, false>(sum, w, b, mu, corr, rs, out_ptr + n * d, d);
       }
     });
   });
@@ -292,16 +306,25 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
 
 // The backward of one row, in two vectorised passes over the row's inputs (s: the summed row,
 // dy: the dout row, both read in their own dtypes and converted in registers; the second pass
-// re-reads them from L1/L2 instead of keeping xhat in a scratch row):
-//   pass 1: xhat = (s - mu) * rstd, g = dy * w (kept in gbuf: recomputing it in pass 2 would
-//           let the compiler fuse dy * w - mean(g) into an FMA, whose unrounded product differs
-//           from the g summed here); dw += dy * xhat, db += dy; sums of g and g * xhat (blocked)
-//   pass 2: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsummed), rounded to summed's
+// re-reads them from L1/L2 instead of keeping xhat in a scratch row). The row's mean is the pair
+// (mu, corr) of the forward: mu the saved mean, corr = sum(s - mu)/d the part of the mean a
+// float32 mu cannot hold (see layer_norm_fwd_kernel), recomputed here in pass 1 with the other
+// row sums (RMSNorm: mu = corr = 0). With e = s - mu (exact on the rows where corr matters) and
+// xh0 = e * rstd, xhat = (e - corr) * rstd = xh0 - corr * rstd:
+//   pass 1: g = dy * w (kept in gbuf: recomputing it in pass 2 would let the compiler fuse
+//           dy * w - mean(g) into an FMA, whose unrounded product differs from the g summed
+//           here); db += dy; sums of e, g and g * xh0 (blocked), and from them corr = sum(e)/d
+//           and sum(g * xhat) = sum(g * xh0) - corr * rstd * sum(g). (xh0 rather than e in the
+//           product keeps its terms as small as g * xhat's: g * e overflows float32 first.)
+//   pass 2: xhat = (e - corr) * rstd; dw += dy * xhat (here: it needs corr);
+//           ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsummed), rounded to summed's
 //           dtype and stored; with dropout dx = ds * keep/(1-p) (mult: the row's multipliers).
+// A float32 sum of e overflows only where the row's variance does (an e beyond ~5e36), where
+// rstd is NaN anyway.
 template <bool kHasW, bool kDw, bool kDb, typename A, typename S, typename G>
 inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* dw, A* db, A mu, A rs, bool rms,
                        S* ds_out, G* dx_out, const A* mult, A* gbuf, int64_t d) {
-  double sum_g = 0, sum_gx = 0;
+  double sum_g = 0, sum_gx = 0, sum_e = 0;
   int64_t c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
   constexpr bool kLanes = kLaneIO<A, S> && kLaneIO<A, G>;
@@ -309,52 +332,60 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
   const auto vmu = lanes_splat<A>(mu), vrs = lanes_splat<A>(rs);
   if constexpr (kLanes) {
     const int64_t d_lanes = d - d % L::size;
-    WideSum<A> wide_g, wide_gx;
+    WideSum<A> wide_g, wide_gx, wide_e;
     while (c < d_lanes) {  // blocks of kSumBlock, as the forward's sums
       const int64_t end = std::min(c + kSumBlock, d_lanes);
-      auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0);
+      auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0), acc_e = lanes_splat<A>(0);
       for (; c < end; c += L::size) {
-        const auto xh = (lanes_load_as<A>(s + c) - vmu) * vrs;
+        const auto e = lanes_load_as<A>(s + c) - vmu;
+        const auto xh = e * vrs;
         auto g = lanes_load_as<A>(dy + c);
-        if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + g * xh);
         if constexpr (kDb) lanes_store(db + c, lanes_load(db + c) + g);
         if constexpr (kHasW) {
           g = g * lanes_load(w + c);
           lanes_store(gbuf + c, g);
         }
+        acc_e += e;
         acc_g += g;
         acc_gx += g * xh;
       }
+      wide_e.add(acc_e);
       wide_g.add(acc_g);
       wide_gx.add(acc_gx);
     }
+    sum_e = wide_e.sum();
     sum_g = wide_g.sum();
     sum_gx = wide_gx.sum();
   }
 #endif
   for (; c < d; ++c) {
-    const A xh = (static_cast<A>(s[c]) - mu) * rs;
+    const A e = static_cast<A>(s[c]) - mu;
+    const A xh = e * rs;
     A g = static_cast<A>(dy[c]);
-    if constexpr (kDw) dw[c] += g * xh;
     if constexpr (kDb) db[c] += g;
     if constexpr (kHasW) {
       g *= w[c];
       gbuf[c] = g;
     }
+    sum_e += e;
     sum_g += g;
     sum_gx += g * xh;
   }
   const double inv_d = 1.0 / static_cast<double>(std::max<int64_t>(d, 1));
+  const double corr_wide = rms ? 0.0 : sum_e * inv_d;
+  const A corr = static_cast<A>(corr_wide);
+  if (!rms) sum_gx -= corr_wide * static_cast<double>(rs) * sum_g;  // sum(g * xhat) (see above)
   const A mean_gx = static_cast<A>(sum_gx * inv_d);
   const A mean_g = rms ? A(0) : static_cast<A>(sum_g * inv_d);
 
   c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
   if constexpr (kLanes) {
-    const auto vmg = lanes_splat<A>(mean_g), vmgx = lanes_splat<A>(mean_gx);
+    const auto vmg = lanes_splat<A>(mean_g), vmgx = lanes_splat<A>(mean_gx), vcorr = lanes_splat<A>(corr);
     for (; c + L::size <= d; c += L::size) {
-      const auto xh = (lanes_load_as<A>(s + c) - vmu) * vrs;
+      const auto xh = ((lanes_load_as<A>(s + c) - vmu) - vcorr) * vrs;
       const auto g = kHasW ? lanes_load(gbuf + c) : lanes_load_as<A>(dy + c);
+      if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + (kHasW ? lanes_load_as<A>(dy + c) : g) * xh);
       auto ds = vrs * (g - vmg - xh * vmgx);
       if (ds_in) ds = ds + lanes_load_as<A>(ds_in + c);
       ds = lanes_round_through<S, A>(ds);
@@ -364,8 +395,9 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
   }
 #endif
   for (; c < d; ++c) {
-    const A xh = (static_cast<A>(s[c]) - mu) * rs;
+    const A xh = ((static_cast<A>(s[c]) - mu) - corr) * rs;
     const A g = kHasW ? gbuf[c] : static_cast<A>(dy[c]);
+    if constexpr (kDw) dw[c] += static_cast<A>(dy[c]) * xh;
     A ds = rs * (g - mean_g - xh * mean_gx);
     if (ds_in) ds += static_cast<A>(ds_in[c]);
     const S q = static_cast<S>(ds);

@@ -5,9 +5,12 @@
 // memory, then reduce: mean (LayerNorm) and the variance around it in a second pass over the
 // shared copy (two passes are exact where E[x^2] - E[x]^2 cancels; the second also sums s - mean,
 // which corrects the mean's rounding), or the mean square (RMSNorm);
-// finally write (summed - mean) * rstd * weight + bias.
+// finally write ((summed - mean) - corr) * rstd * weight + bias, the row's mean held as the pair
+// (mean, corr): mean the float32 mean that is saved, corr = sum(s - mean)/d the part of the row's
+// mean a float32 cannot hold (see the forward kernel). RMSNorm: mean = corr = 0.
 //
-// Backward, with xhat = (s - mean) * rstd (RMSNorm: s * rstd) and g = dout * weight:
+// Backward, with xhat = ((s - mean) - corr) * rstd (RMSNorm: s * rstd), corr recomputed from the
+// row and the saved mean in the first pass, and g = dout * weight:
 //   ds   = rstd * (g - mean(g) - xhat * mean(g * xhat))      (RMSNorm: without the mean(g) term)
 //   dsum = ds + dsummed,   dx = dropout(dsum) (only when dropout is on)
 //   dweight = sum over rows of dout * xhat,   dbias = sum over rows of dout.
@@ -116,7 +119,7 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
     }
   }
   const float inv_d = 1.0f / static_cast<float>(a.hidden);
-  float mean = 0.0f, var;
+  float mean = 0.0f, corr = 0.0f, var;
   if (a.rms) {
     var = block_sum(sum_sq, scratch) * inv_d / q2;  // the mean square
   } else {
@@ -146,9 +149,22 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
     }
     const float e1 = block_sum(centred_sum, scratch);
     const float e2 = block_sum(centred, scratch);
-    const float corr = e1 * inv_d;
-    const float m2 = e2 - e1 * corr;
-    mean += corr / ts;
+    const float c = e1 * inv_d;
+    const float m2 = e2 - e1 * c;
+    // The corrected mean, mean0 + sum(e)/d, is saved rounded to float, but the row is normalised
+    // with the pair (mean, corr), corr = sum(s - mean)/d the part of the mean the float cannot
+    // hold. A single float mean fails where the row's spread is only a few float ulps of its mean
+    // (|mean|/std beyond ~2^22, 1e4 +- 2e-3): its rounding, up to ulp(mean)/2, shifted every
+    // xhat by up to ulp(mean)/(2 std) (out off by 0.05, dx by 0.25 %). With the pair, s - mean is
+    // exact on such rows (Sterbenz: s and mean within a factor of 2 of each other), as is
+    // hi = mean - mean0, and xhat = ((s - mean) - corr) * rstd rounds only that small difference.
+    // corr = sum(e - hi)/d as (e1 - d hi t)/d/t: for a constant row d hi t is e1 exactly and corr
+    // exactly 0 (out exactly the bias), where sum(e)/d - hi kept inv_d's rounding. The backward
+    // recomputes corr from the row and the saved mean.
+    const float mean0 = mean;
+    mean = mean0 + c / ts;
+    const float hi = mean - mean0;
+    corr = (e1 - static_cast<float>(a.hidden) * (hi * ts)) * inv_d / ts;
     var = (m2 < 0.0f ? 0.0f : m2) * inv_d / ts / ts;
   }
   // LayerNorm: a variance beyond float's range gives NaN, as torch does (rsqrt(inf) = 0 gave out =
@@ -168,7 +184,7 @@ __global__ void layer_norm_fwd_kernel(const LayerNormFwdArgs a) {
     if (bias) load_n<T, N>(bias + c0, b);
 #pragma unroll
     for (int t = 0; t < N; ++t) {
-      y[t] = (row_cache[c0 + t] - mean) * rstd;
+      y[t] = ((row_cache[c0 + t] - mean) - corr) * rstd;
       if (weight) y[t] *= w[t];
       if (bias) y[t] += b[t];
     }
@@ -196,7 +212,11 @@ __global__ void layer_norm_bwd_kernel(const LayerNormBwdArgs a) {
     const float rstd = a.rstd[row];
     const S* summed = static_cast<const S*>(a.summed) + row * a.hidden;
     const T* dout = static_cast<const T*>(a.dout) + row * a.dout_row_stride;
-    float sum_g = 0.0f, sum_gx = 0.0f;
+    // First pass: with e = s - mean and xh0 = e * rstd, the sums of e, g and g * xh0; then
+    // corr = sum(e)/d (the forward's: the part of the row's mean the saved float mean cannot hold)
+    // and sum(g * xhat) = sum(g * xh0) - corr * rstd * sum(g). (xh0 rather than e in the product
+    // keeps its terms as small as g * xhat's.) dweight needs xhat, so it waits for the second pass.
+    float sum_g = 0.0f, sum_gx = 0.0f, sum_e = 0.0f;
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
       const int c0 = ch * N;
       float s[N], dy[N], w[N];
@@ -205,16 +225,20 @@ __global__ void layer_norm_bwd_kernel(const LayerNormBwdArgs a) {
       if (weight) load_n<T, N>(weight + c0, w);
 #pragma unroll
       for (int t = 0; t < N; ++t) {
-        const float xhat = (s[t] - mean) * rstd;
+        const float e = s[t] - mean;
         const float g = weight ? dy[t] * w[t] : dy[t];
+        sum_e += e;
         sum_g += g;
-        sum_gx += g * xhat;
-        dw_part[c0 + t] += dy[t] * xhat;
+        sum_gx += g * (e * rstd);
         db_part[c0 + t] += dy[t];
       }
     }
-    const float mean_g = a.rms ? 0.0f : block_sum(sum_g, scratch) * inv_d;
-    const float mean_gx = block_sum(sum_gx, scratch) * inv_d;
+    const float corr = a.rms ? 0.0f : block_sum(sum_e, scratch) * inv_d;
+    const float total_g = a.rms ? 0.0f : block_sum(sum_g, scratch);
+    float total_gx = block_sum(sum_gx, scratch);
+    if (!a.rms) total_gx -= corr * rstd * total_g;
+    const float mean_g = total_g * inv_d;
+    const float mean_gx = total_gx * inv_d;
     const S* dsummed = a.dsummed ? static_cast<const S*>(a.dsummed) + row * a.dsummed_row_stride : nullptr;
     S* dsum = static_cast<S*>(a.dsum) + row * a.hidden;
     T* dx = a.dx ? static_cast<T*>(a.dx) + row * a.hidden : nullptr;
@@ -228,10 +252,11 @@ __global__ void layer_norm_bwd_kernel(const LayerNormBwdArgs a) {
       if (dsummed) load_n<S, N>(dsummed + c0, ds);
 #pragma unroll
       for (int t = 0; t < N; ++t) {
-        const float xhat = (s[t] - mean) * rstd;
+        const float xhat = ((s[t] - mean) - corr) * rstd;
         const float g = weight ? dy[t] * w[t] : dy[t];
         const float grad = rstd * (g - mean_g - xhat * mean_gx);
         ds[t] = dsummed ? grad + ds[t] : grad;
+        dw_part[c0 + t] += dy[t] * xhat;
       }
       store_n<S, N>(dsum + c0, ds);
       if (dx) {  // dx = dropout(dsum) in x's dtype, as the reference: round(round(dsum) * factor)

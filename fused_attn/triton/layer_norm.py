@@ -9,7 +9,10 @@ Forward, per row of the flattened ``(N, d)`` input (``s`` is the residual stream
 
 Only ``summed``, ``mean`` and ``rstd`` are kept for backward; the normalised row
 ``xhat = (s - mu) * rstd`` is recomputed there from them (one read of ``summed`` instead of
-storing and re-reading a second (N, d) tensor).
+storing and re-reading a second (N, d) tensor). The mean is held as a pair, the float32 mean
+that is saved and ``corr = sum(s - mean) / d``, the part of it float32 cannot hold: ``xhat =
+((s - mean) - corr) * rstd``, forward and backward (which recomputes corr from the row; see
+_corrected_moments).
 
 Backward, with ``g = dout * w`` and sums over the row of length d:
 
@@ -131,6 +134,15 @@ def _dropout_residual_sum(X, RES, SUMMED, rows64, cols, mask, stride_x, stride_r
 # chunk: at mean -3000, std 0.01 and 64-column chunks its error was up to 2.8x the oracle's bound,
 # with each chunk's statistics corrected as above or not.)
 #
+# The corrected mean is saved rounded to float32, but the rows are normalised with the pair
+# (mean, corr), corr = mean0 + sum(e) / n - mean the part of the mean float32 cannot hold: a
+# single float32 mean fails where a row's spread is only a few float32 ulps of its mean
+# (|mean| / std beyond ~2^22, 1e4 +- 2e-3): its rounding, up to ulp(mean) / 2, shifted every
+# xhat by up to ulp(mean) / (2 std) (out off by 0.05, dx by 0.25 %). With the pair, s - mean is
+# exact on such rows (Sterbenz: s and mean within a factor of 2 of each other) and
+# xhat = ((s - mean) - corr) * rstd rounds only that small difference. The backward recomputes
+# corr = sum(s - mean) / n against the saved mean, with its other row sums.
+#
 # Overflow: the sums are taken of scaled terms, so that they overflow float32 only where the
 # statistic itself does (a plain sum of squares overflowed at +-1e18 over 1024 columns, whose
 # variance is 1e36: LayerNorm gave NaN, RMSNorm a silent row of bias, and dx = 0). The launcher
@@ -182,12 +194,21 @@ def _deviation_sums(s, mask, mean0, t):
 
 @triton.jit
 def _corrected_moments(mean0, e1, e2, n, t):
-    """(mean, var) from mean0 and the sums e1 = sum(e t), e2 = sum((e t)^2) of e = s - mean0 over
-    the row's n elements (see above): var = m2 t^2 / (n t) / t, one rounding where t is a power of
+    """(mean, hi, corr, var) from mean0 and the sums e1 = sum(e t), e2 = sum((e t)^2) of
+    e = s - mean0 over the row's n elements (see above): mean = mean0 + sum(e) / n in float32;
+    hi = mean - mean0 (exact: the two are within a factor of 2 wherever it matters, Sterbenz), so
+    that s - mean = e - hi; corr = sum(e - hi) / n = sum(s - mean) / n, the part of the row's
+    mean the float32 mean cannot hold, so that xhat = ((e - hi) - corr) * rstd. corr is taken as
+    (e1 - n hi t) / n / t rather than as sum(e) / n - hi: for a constant row n hi t is e1 exactly
+    and corr exactly 0 (out exactly the bias), where a division's rounding (approximate on the
+    GPU) would leave a few ulps of e. var = m2 t^2 / (n t) / t, one rounding where t is a power of
     two."""
-    corr = e1 / n
-    m2 = e2 - e1 * corr
-    return mean0 + corr / t, tl.where(m2 < 0.0, 0.0, m2) / (n * t) / t
+    c = e1 / n
+    m2 = e2 - e1 * c
+    mean = mean0 + c / t
+    hi = mean - mean0
+    corr = (e1 - n * (hi * t)) / n / t
+    return mean, hi, corr, tl.where(m2 < 0.0, 0.0, m2) / (n * t) / t
 
 
 @triton.jit
@@ -223,18 +244,21 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
             sq = s * stat_scale
             var = _mean_of_scaled(tl.sum(sq * sq, axis=1), n_cols, stat_scale)
         else:
-            # the row's sum (scaled) and its first element (for _origin), in one reduction of joined
-            # pairs (a reduction each cost registers on sm_80 and sm_90, AOT)
-            total, s0 = tl.split(tl.sum(tl.join(s * (stat_scale * stat_scale), tl.where(cols[None, :] == 0, s, 0.0)),
-                                        axis=1))
+            # the row's sum (scaled) and its first element (for _origin), a reduction each. (One
+            # reduction of joined pairs saves a few registers on sm_80 and sm_90, AOT, but the
+            # interpreter, numpy, sums a joined pair's axis sequentially where it sums a plain
+            # row pairwise: mean0 of 1e6 +- 0.1 over 4096 columns came out 31 (500 ulps) off, and
+            # the corrected variance, e2 - e1^2 / n, lost its digits to that: rstd 25 % off.)
+            total = tl.sum(s * (stat_scale * stat_scale), axis=1)
+            s0 = tl.sum(tl.where(cols[None, :] == 0, s, 0.0), axis=1)
             mean0 = _origin(_mean_of_scaled(total, n_cols, stat_scale), s0)
             t = _deviation_scale(mean0, stat_scale)
             e, e1, e2 = _deviation_sums(s, mask, mean0, t)
-            mean, var = _corrected_moments(mean0, e1, e2, n_cols, t)
-            # s - mean, as e - (mean - mean0): exact wherever e is (s near mean0), since
-            # mean - mean0 is (Sterbenz); only e stays live, as only the centred row did before,
-            # and a constant row gives exactly 0
-            centred = e - (mean - mean0)[:, None]
+            mean, hi, corr, var = _corrected_moments(mean0, e1, e2, n_cols, t)
+            # (s - mean) - corr, with s - mean as e - hi: exact wherever e is (s near mean0), since
+            # hi is (Sterbenz); only e stays live, as only the centred row did before, and a
+            # constant row gives exactly 0 (e == hi, corr == 0)
+            centred = (e - hi[:, None]) - corr[:, None]
             tl.store(MEAN + rows, mean, mask=row_ok)
         rstd = 1.0 / tl.sqrt_rn(var + eps)
         if not RMS:  # an overflowed variance gives NaN, as torch does (it gave rstd 0: out = bias)
@@ -280,7 +304,7 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
                 _e, e1_chunk, e2_chunk = _deviation_sums(s, mask, mean0, t)
                 e1 += e1_chunk
                 e2 += e2_chunk
-            mean, var = _corrected_moments(mean0, e1, e2, n_cols, t)
+            mean, _hi, corr, var = _corrected_moments(mean0, e1, e2, n_cols, t)
             tl.store(MEAN + rows, mean, mask=row_ok)
         rstd = 1.0 / tl.sqrt_rn(var + eps)
         if not RMS:
@@ -294,8 +318,8 @@ def _ln_fwd_kernel(X, RES, W, B, OUT, SUMMED, MEAN, RSTD,
             s = tl.load(SUMMED + rows64[:, None] * stride_s + c[None, :], mask=mask, other=0.0).to(tl.float32)
             if RMS:
                 y = s * rstd[:, None]
-            else:
-                y = (s - mean[:, None]) * rstd[:, None]
+            else:  # the mean as the pair (mean, corr): see _corrected_moments
+                y = ((s - mean[:, None]) - corr[:, None]) * rstd[:, None]
             if HAS_W:
                 y *= tl.load(W + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_B:
@@ -321,7 +345,7 @@ def _ln_bwd_store(DSUM, DX, DSUMMED, ds, rows64, c, mask, stride_dsummed, stride
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_PART, ROW_C1, ROW_C2,
+def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_PART, ROW_C1, ROW_C2, ROW_CORR,
                    n_rows, n_cols, rows_per_program, stride_dout, stride_dsummed, stride_s, stride_ds, stride_dx,
                    drop_threshold, drop_scale, seed_lo, seed_hi_mix, offset_lo, offset_hi,
                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
@@ -330,10 +354,16 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
     """Program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) (a multiple of
     ROWS) and writes row p of the dw/db partial-sum buffers.
 
-    SINGLE: whole rows in registers, ROWS at a time; the row sums sum(g * xhat), sum(g) come from
-    the tile itself. Otherwise (long rows, ROWS == 1): pass 1 computes the two row sums over
-    chunks and parks them in ROW_C1/ROW_C2; pass 2 walks chunk by chunk and, inside, row by row,
-    so each chunk's dw/db partial sums stay in registers."""
+    LayerNorm's xhat = ((s - mean) - corr) * rstd, with corr = sum(s - mean) / d recomputed from
+    the row and the saved mean (the part of the row's mean the float32 mean cannot hold; see
+    _corrected_moments).
+
+    SINGLE: whole rows in registers, ROWS at a time; corr, then the row sums sum(g * xhat), sum(g)
+    come from the tile itself. Otherwise (long rows, ROWS == 1): pass 1 computes the row sums over
+    chunks, with e = s - mean and xh0 = e * rstd: sum(e), sum(g), sum(g * xh0), from which
+    corr = sum(e) / d and sum(g * xhat) = sum(g * xh0) - corr * rstd * sum(g), and parks them in
+    ROW_C1/ROW_C2/ROW_CORR; pass 2 walks chunk by chunk and, inside, row by row, so each chunk's
+    dw/db partial sums stay in registers."""
     pid = tl.program_id(0)
     row_begin = pid * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, n_rows)
@@ -352,12 +382,13 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
             # outside the row dy == 0, and so are g * xhat and dy * xhat for a finite xhat; LayerNorm's
             # xhat there, (0 - mean) * rstd, overflows where |mean| > ~1e36 (a constant row: rstd is
-            # 1/sqrt(eps)), and 0 * inf = NaN made the row's dx NaN: 0 there
+            # 1/sqrt(eps)), and 0 * inf = NaN made the row's dx NaN: 0 there (e too, for corr's sum)
             if RMS:
                 xhat = s * rstd[:, None]
             else:
-                xhat = (s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
-                xhat = tl.where(mask, xhat, 0.0)
+                e = tl.where(mask, s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None], 0.0)
+                corr = tl.sum(e, axis=1) / n_cols
+                xhat = tl.where(mask, (e - corr[:, None]) * rstd[:, None], 0.0)
             # accumulate dw/db first so that dy dies early (register pressure at 8192-wide rows)
             if HAS_W:
                 dw_acc += dy * xhat
@@ -381,7 +412,8 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
         if HAS_B:
             tl.store(DB_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_ok)
     else:
-        # pass 1: per row, c1 = sum(g * xhat) / d and c2 = sum(g) / d over all chunks
+        # pass 1: per row, c1 = sum(g * xhat) / d and c2 = sum(g) / d over all chunks (and for
+        # LayerNorm corr, from sum(e): see the docstring)
         for row in range(row_begin, row_end):
             rows = row + tl.arange(0, ROWS)
             row_ok = rows < row_end
@@ -391,6 +423,7 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
                 mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
             c1 = tl.zeros([ROWS], dtype=tl.float32)
             c2 = tl.zeros([ROWS], dtype=tl.float32)
+            c3 = tl.zeros([ROWS], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_D):
                 c = start + cols
                 col_ok = c < n_cols
@@ -399,14 +432,20 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
                 dy = tl.load(DOUT + rows64[:, None] * stride_dout + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 if RMS:
                     xhat = s * rstd[:, None]
-                else:  # 0 outside the row, where it may overflow (see the whole-row path)
-                    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+                else:  # e and xh0 0 outside the row, where they may overflow (see the whole-row path)
+                    e = tl.where(mask, s - mean[:, None], 0.0)
+                    c3 += tl.sum(e, axis=1)
+                    xhat = e * rstd[:, None]  # xh0
                 if HAS_W:
                     g = dy * tl.load(W + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 else:
                     g = dy
                 c1 += tl.sum(g * xhat, axis=1)
                 c2 += tl.sum(g, axis=1)
+            if not RMS:
+                corr = c3 / n_cols
+                c1 -= corr * rstd * c2  # sum(g * xhat) from sum(g * xh0)
+                tl.store(ROW_CORR + rows, corr, mask=row_ok)
             tl.store(ROW_C1 + rows, c1 / n_cols, mask=row_ok)
             tl.store(ROW_C2 + rows, c2 / n_cols, mask=row_ok)
         tl.debug_barrier()
@@ -429,7 +468,8 @@ def _ln_bwd_kernel(DOUT, DSUMMED, SUMMED, W, MEAN, RSTD, DSUM, DX, DW_PART, DB_P
                 if RMS:
                     xhat = s * rstd[:, None]
                 else:
-                    xhat = (s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd[:, None]
+                    corr = tl.load(ROW_CORR + rows, mask=row_ok, other=0.0)
+                    xhat = ((s - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) - corr[:, None]) * rstd[:, None]
                 if HAS_W:
                     dw_acc += dy * xhat
                 if HAS_B:
@@ -497,8 +537,8 @@ def kernel_config(d: int, backward: bool = False, tile_elems: int = None) -> dic
     if backward:
         # whole rows: 8 warps up to 2048 columns (8 elements per thread, 74-100 registers: three
         # programs per SM), 32 warps for 4096 and 8192 (one program of 32 warps per SM); the
-        # chunked path stays on 8 warps (its two passes need ~190 registers, which 16 warps cap
-        # at 128 and spill)
+        # chunked path stays on 8 warps (its two passes need ~190-240 registers, which 16 warps
+        # cap at 128 and spill)
         warps = 8 if (block <= 2048 or not single) else 32
     else:
         warps = 8 if block <= 4096 else 16
@@ -667,17 +707,17 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
     else:
         parts = dw_part = db_part = torch.empty(programs if n_sums else 0, d if n_sums else 0, dtype=torch.float32,
                                                 device=device)
-    # per-row sums for long rows (pass 1 -> pass 2 of the chunked path); whole rows never touch
-    # them, so a float32 tensor at hand stands in for both (each torch.empty is host time on every
-    # call): rstd, which the kernel only reads
+    # per-row sums for long rows (pass 1 -> pass 2 of the chunked path: c1, c2 and the mean's
+    # correction); whole rows never touch them, so a float32 tensor at hand stands in for all three
+    # (each torch.empty is host time on every call): rstd, which the kernel only reads
     if single:
-        row_c1 = row_c2 = rstd
+        row_c1 = row_c2 = row_corr = rstd
     else:
-        row_c1, row_c2 = torch.empty(2, n, dtype=torch.float32, device=device)
+        row_c1, row_c2, row_corr = torch.empty(3, n, dtype=torch.float32, device=device)
     _ln_bwd_kernel[(programs,)](
         dout, dout if dsummed is None else dsummed, summed, dout if weight is None else weight,
         rstd if rms else mean, rstd, dsum, dx if dropout else dsum,
-        dw_part, db_part, row_c1, row_c2,
+        dw_part, db_part, row_c1, row_c2, row_corr,
         n, d, rows_per_program, dout.stride()[0], 0 if dsummed is None else dsummed.stride()[0], summed.stride()[0],
         d, d if dropout else 0,
         *(_dropout_launch_args(dropout_p, seed, offset) if dropout else _NO_DROPOUT),

@@ -178,6 +178,75 @@ def test_backward_schedules(threads, B, Hkv):
         torch.set_num_threads(old)
 
 
+# The backward's schedule follows the thread count (per kv head when the (batch row, kv head)
+# pairs spread evenly over the threads, else a dK/dV pass and a dQ pass). Both run the same tiles,
+# so the gradients are bitwise those of any other thread count (README's Determinism). The BLAS
+# path (float64, FUSED_ATTN_CPU_GEMM=blas) needs it of its tile shapes, whose summation order MKL
+# follows: tiles cut at the band's edges in one schedule and at the key blocks' in the other gave
+# float64 dk and dv differing in the last bit between 1 and 2 threads. B * Hkv (or sequences *
+# Hkv) of 1 or 2 and 3 sequences: 1, 2 and 3 threads take both schedules.
+_THREAD_CASES = {
+    "causal": dict(B=1, Hq=2, Hkv=1, Lq=40, Lk=50, D=40, causal=True),
+    "window_bottom_right": dict(B=1, Hq=2, Hkv=1, Lq=17, Lk=97, D=59, causal=True, window_size=(30, 0),
+                                alignment="bottom_right"),
+    "window_mask_softcap_alibi_dropout": dict(B=1, Hq=4, Hkv=2, Lq=130, Lk=300, D=40, window_size=(40, 70),
+                                              mask=True, softcap=5.0, alibi=True, dropout_p=0.2),
+    "bottom_right_causal_alibi": dict(B=2, Hq=2, Hkv=1, Lq=200, Lk=300, D=59, causal=True,
+                                      alignment="bottom_right", alibi=True),
+    "dense_mask": dict(B=1, Hq=2, Hkv=1, Lq=17, Lk=97, D=40, mask=True),
+    "varlen_causal": dict(lens_q=[40, 17, 130], lens_k=[50, 97, 130], Hq=2, Hkv=1, D=40, causal=True),
+    "varlen_window_bottom_right": dict(lens_q=[17, 200, 5], lens_k=[97, 260, 9], Hq=2, Hkv=1, D=59, causal=True,
+                                       window_size=(40, 0), alignment="bottom_right", alibi=True, softcap=5.0),
+}
+
+
+def _thread_case_grads(dtype, case):
+    """The gradients of every differentiable input of one _THREAD_CASES call."""
+    c = dict(_THREAD_CASES[case])
+    gen = torch.Generator().manual_seed(0)
+    varlen = "lens_q" in c
+    if varlen:
+        lens_q, lens_k = c.pop("lens_q"), c.pop("lens_k")
+        rows_q, rows_k, Hq, Hkv, D = sum(lens_q), sum(lens_k), c.pop("Hq"), c.pop("Hkv"), c.pop("D")
+        q_shape, k_shape, slopes = (rows_q, Hq, D), (rows_k, Hkv, D), (Hq,)
+    else:
+        B, Hq, Hkv, Lq, Lk, D = (c.pop(n) for n in ("B", "Hq", "Hkv", "Lq", "Lk", "D"))
+        q_shape, k_shape, slopes = (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hq)
+    inputs = [torch.randn(s, generator=gen, dtype=dtype, requires_grad=True) for s in (q_shape, k_shape, k_shape)]
+    if c.pop("mask", False):
+        inputs.append(torch.randn(B, 1, Lq, Lk, generator=gen, dtype=dtype, requires_grad=True))
+        c["attn_mask"] = inputs[-1]
+    if c.pop("alibi", False):
+        c["alibi_slopes"] = torch.rand(slopes, generator=gen)
+    if c.get("dropout_p"):
+        c["generator"] = torch.Generator().manual_seed(1)
+    if varlen:
+        cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0).to(torch.int32) for lens in (lens_q, lens_k))
+        out = F.attention_varlen(*inputs[:3], cu_q, cu_k, backend="cpu", **c)
+    else:
+        out = F.attention(*inputs[:3], backend="cpu", **c)
+    return torch.autograd.grad(out, inputs, torch.randn(out.shape, generator=gen, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float64, "blas"), (torch.float32, "blas"), (torch.float32, "tiles")],
+                         ids=["float64", "float32-blas", "float32-tiles"])
+@pytest.mark.parametrize("case", sorted(_THREAD_CASES))
+def test_gradients_do_not_depend_on_the_thread_count(monkeypatch, dtype, mode, case):
+    monkeypatch.setenv("FUSED_ATTN_CPU_GEMM", mode)
+    old = torch.get_num_threads()
+    try:
+        grads = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            grads[threads] = _thread_case_grads(dtype, case)
+    finally:
+        torch.set_num_threads(old)
+    names = ["dq", "dk", "dv", "dmask"]
+    for threads in (2, 3):
+        for name, a, b in zip(names, grads[1], grads[threads]):
+            assert torch.equal(a, b), f"{name}, 1 against {threads} threads: max |diff| {(a - b).abs().max().item()}"
+
+
 # ---- oracle: visibility bands ------------------------------------------------------------------
 # The ops' band (query i sees key j iff i + lo <= j <= i + hi, then the mask) straight through the
 # compiled ops, against a float64 softmax whose visible set is built here from the definition

@@ -1353,6 +1353,38 @@ void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool p
     });
   };
 
+  // The tiles' keys. Register-blocked: pass 1 runs key block kb whole, (kb * BN, min(BN, Lk -
+  // kb * BN)); the per-head schedule and pass 2 run a query block against the keys the band shows
+  // it, from a multiple of 16 (where the key panels start), BN at a time. These products give the
+  // same bits for any tile shape.
+  // BLAS: every schedule runs query block [i0, i0 + bm) against key block kb on the keys of that
+  // block some row of the query block sees (seen_keys; bn > 0 for every pair the schedules run),
+  // so that each product has the same (i0, bm, j0, bn) in every schedule: MKL's summation order
+  // follows the operands' shapes, and the schedule follows the thread count (backward_per_head),
+  // so differently cut tiles made float64 dK and dV differ in the last bit between
+  // torch.set_num_threads(1) and (2), against the bitwise reproducibility README.md promises.
+  // (Trimmed to the keys seen, not whole key blocks: pass 1 skips keys no row of the query block
+  // sees, and the per-head schedule runs no more keys than before.) The tile's row loop cuts the
+  // keys the band hides from each row (straddles, visible), as in any tile.
+  [[maybe_unused]] const auto seen_keys = [&](const Problem<T>& pb, int64_t i0, int64_t bm, int64_t kb) {
+    const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
+    const int64_t j0 = std::max(kb * BN, key_begin);
+    return std::pair<int64_t, int64_t>{j0, std::min((kb + 1) * BN, key_end) - j0};
+  };
+  // The per-head schedule's and pass 2's tiles of query block [i0, i0 + bm): tile_at(j0, bn) for
+  // each, ascending.
+  const auto for_key_tiles = [&](const Problem<T>& pb, int64_t i0, int64_t bm, auto tile_at) {
+    const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
+    if constexpr (tiles) {
+      for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN) tile_at(j0, std::min(BN, key_end - j0));
+    } else {
+      for (int64_t kb = key_begin / BN; key_begin < key_end && kb * BN < key_end; ++kb) {
+        const auto [j0, bn] = seen_keys(pb, i0, bm, kb);
+        tile_at(j0, bn);
+      }
+    }
+  };
+
   if (per_head) {
     const Units units = units_of([&](const Problem<T>& pb) {
       return std::pair<int64_t, double>{pb.B * pb.Hkv, double(G) * ceil_div(pb.Lq, BM) * ceil_div(pb.Lk, BN)};
@@ -1370,10 +1402,7 @@ void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool p
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
         for (int64_t qb = 0; qb < n_qblocks; ++qb) {
           const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
-          // the keys the band shows the block, from a multiple of 16 (key panels)
-          const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
-          for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN)
-            tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), true, true);
+          for_key_tiles(pb, i0, bm, [&](int64_t j0, int64_t bn) { tile.run(b, h, i0, bm, j0, bn, true, true); });
         }
       tile.ops = part.ops;  // (head_ops ends here)
     });
@@ -1395,8 +1424,13 @@ void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool p
     const int64_t qb_end = query_begin < query_end ? ceil_div(query_end, BM) : 0;
     for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
       for (int64_t qb = query_begin / BM; qb < qb_end; ++qb) {
-        const int64_t i0 = qb * BM;
-        tile.run(b, h, i0, std::min(BM, pb.Lq - i0), j0, bn, true, false);
+        const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
+        if constexpr (tiles) {
+          tile.run(b, h, i0, bm, j0, bn, true, false);
+        } else {  // (the keys of the block the query block sees: see seen_keys)
+          const auto [j0_seen, bn_seen] = seen_keys(pb, i0, bm, kb);
+          tile.run(b, h, i0, bm, j0_seen, bn_seen, true, false);
+        }
       }
   });
   // pass 2: dQ (and dmask) by query blocks
@@ -1410,9 +1444,7 @@ void backward_kernel(const std::vector<BackwardPart<T, scalar_t>>& parts, bool p
     const int64_t bh = unit / n_qblocks, qb = zigzag(unit % n_qblocks, n_qblocks);
     const int64_t b = bh / pb.Hq, h = bh % pb.Hq;
     const int64_t i0 = qb * BM, bm = std::min(BM, pb.Lq - i0);
-    const auto [key_begin, key_end] = pb.keys_seen(i0, i0 + bm);
-    for (int64_t j0 = key_begin / 16 * 16; j0 < key_end; j0 += BN)
-      tile.run(b, h, i0, bm, j0, std::min(BN, key_end - j0), false, true);
+    for_key_tiles(pb, i0, bm, [&](int64_t j0, int64_t bn) { tile.run(b, h, i0, bm, j0, bn, false, true); });
   });
 }
 

@@ -304,88 +304,106 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
   });
 }
 
-// The backward of one row, in two vectorised passes over the row's inputs (s: the summed row,
-// dy: the dout row, both read in their own dtypes and converted in registers; the second pass
-// re-reads them from L1/L2 instead of keeping xhat in a scratch row). The row's mean is the pair
-// (mu, corr) of the forward: mu the saved mean, corr = sum(s - mu)/d the part of the mean a
-// float32 mu cannot hold (see layer_norm_fwd_kernel), recomputed here in pass 1 with the other
-// row sums (RMSNorm: mu = corr = 0). With e = s - mu (exact on the rows where corr matters) and
-// xh0 = e * rstd, xhat = (e - corr) * rstd = xh0 - corr * rstd:
-//   pass 1: g = dy * w (kept in gbuf: recomputing it in pass 2 would let the compiler fuse
+// sum(s - mu) / d over a row (blocked, as the forward's sums): the LayerNorm backward's corr.
+template <typename A, typename S>
+inline A row_mean_deviation(const S* s, A mu, int64_t d) {
+  double sum_e = 0;
+  int64_t c = 0;
+#if defined(FUSED_ATTN_HAVE_LANES)
+  if constexpr (kLaneIO<A, S>) {
+    using L = Lanes<A>;
+    const auto vmu = lanes_splat<A>(mu);
+    const int64_t d_lanes = d - d % L::size;
+    WideSum<A> wide_e;
+    while (c < d_lanes) {
+      const int64_t end = std::min(c + kSumBlock, d_lanes);
+      auto acc_e = lanes_splat<A>(0);
+      for (; c < end; c += L::size) acc_e += lanes_load_as<A>(s + c) - vmu;
+      wide_e.add(acc_e);
+    }
+    sum_e = wide_e.sum();
+  }
+#endif
+  for (; c < d; ++c) sum_e += static_cast<A>(s[c]) - mu;
+  return static_cast<A>(sum_e / static_cast<double>(std::max<int64_t>(d, 1)));
+}
+
+// The backward of one row, in vectorised passes over the row's inputs (s: the summed row, dy: the
+// dout row, both read in their own dtypes and converted in registers; later passes re-read them
+// from L1/L2 instead of keeping xhat in a scratch row). The row's mean is the pair (mu, corr) of
+// the forward: mu the saved mean, corr = sum(s - mu)/d the part of the mean a float32 mu cannot
+// hold (see layer_norm_fwd_kernel), and xhat = ((s - mu) - corr) * rstd, s - mu exact on the rows
+// where corr matters (RMSNorm: mu = corr = 0).
+//   pass 0 (LayerNorm, rows whose mean is at least their std): corr, one read of s
+//           (row_mean_deviation). corr is within ~ulp(mu) of 0, so it moves xhat by at most
+//           ~|mu| * rstd * 2^-24: below xhat's own rounding where |mu| * rstd < 1, which is most
+//           rows (mean near 0 against the spread), and those skip the pass. (Taken apart rather
+//           than with pass 1's sums, which would move dw's sum to pass 2 and re-read dy there.)
+//   pass 1: xhat, g = dy * w (kept in gbuf: recomputing it in pass 2 would let the compiler fuse
 //           dy * w - mean(g) into an FMA, whose unrounded product differs from the g summed
-//           here); db += dy; sums of e, g and g * xh0 (blocked), and from them corr = sum(e)/d
-//           and sum(g * xhat) = sum(g * xh0) - corr * rstd * sum(g). (xh0 rather than e in the
-//           product keeps its terms as small as g * xhat's: g * e overflows float32 first.)
-//   pass 2: xhat = (e - corr) * rstd; dw += dy * xhat (here: it needs corr);
-//           ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsummed), rounded to summed's
+//           here); dw += dy * xhat, db += dy; sums of g and g * xhat (blocked)
+//   pass 2: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsummed), rounded to summed's
 //           dtype and stored; with dropout dx = ds * keep/(1-p) (mult: the row's multipliers).
-// A float32 sum of e overflows only where the row's variance does (an e beyond ~5e36), where
-// rstd is NaN anyway.
+// A float32 sum of s - mu overflows only where the row's variance does (a deviation beyond
+// ~5e36), where rstd is NaN anyway.
 template <bool kHasW, bool kDw, bool kDb, typename A, typename S, typename G>
 inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* dw, A* db, A mu, A rs, bool rms,
                        S* ds_out, G* dx_out, const A* mult, A* gbuf, int64_t d) {
-  double sum_g = 0, sum_gx = 0, sum_e = 0;
+  const A corr = !rms && std::abs(mu) * rs >= A(1) ? row_mean_deviation(s, mu, d) : A(0);
+  double sum_g = 0, sum_gx = 0;
   int64_t c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
   constexpr bool kLanes = kLaneIO<A, S> && kLaneIO<A, G>;
   using L = Lanes<A>;
-  const auto vmu = lanes_splat<A>(mu), vrs = lanes_splat<A>(rs);
+  const auto vmu = lanes_splat<A>(mu), vcorr = lanes_splat<A>(corr), vrs = lanes_splat<A>(rs);
   if constexpr (kLanes) {
     const int64_t d_lanes = d - d % L::size;
-    WideSum<A> wide_g, wide_gx, wide_e;
+    WideSum<A> wide_g, wide_gx;
     while (c < d_lanes) {  // blocks of kSumBlock, as the forward's sums
       const int64_t end = std::min(c + kSumBlock, d_lanes);
-      auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0), acc_e = lanes_splat<A>(0);
+      auto acc_g = lanes_splat<A>(0), acc_gx = lanes_splat<A>(0);
       for (; c < end; c += L::size) {
-        const auto e = lanes_load_as<A>(s + c) - vmu;
-        const auto xh = e * vrs;
+        const auto xh = ((lanes_load_as<A>(s + c) - vmu) - vcorr) * vrs;
         auto g = lanes_load_as<A>(dy + c);
+        if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + g * xh);
         if constexpr (kDb) lanes_store(db + c, lanes_load(db + c) + g);
         if constexpr (kHasW) {
           g = g * lanes_load(w + c);
           lanes_store(gbuf + c, g);
         }
-        acc_e += e;
         acc_g += g;
         acc_gx += g * xh;
       }
-      wide_e.add(acc_e);
       wide_g.add(acc_g);
       wide_gx.add(acc_gx);
     }
-    sum_e = wide_e.sum();
     sum_g = wide_g.sum();
     sum_gx = wide_gx.sum();
   }
 #endif
   for (; c < d; ++c) {
-    const A e = static_cast<A>(s[c]) - mu;
-    const A xh = e * rs;
+    const A xh = ((static_cast<A>(s[c]) - mu) - corr) * rs;
     A g = static_cast<A>(dy[c]);
+    if constexpr (kDw) dw[c] += g * xh;
     if constexpr (kDb) db[c] += g;
     if constexpr (kHasW) {
       g *= w[c];
       gbuf[c] = g;
     }
-    sum_e += e;
     sum_g += g;
     sum_gx += g * xh;
   }
   const double inv_d = 1.0 / static_cast<double>(std::max<int64_t>(d, 1));
-  const double corr_wide = rms ? 0.0 : sum_e * inv_d;
-  const A corr = static_cast<A>(corr_wide);
-  if (!rms) sum_gx -= corr_wide * static_cast<double>(rs) * sum_g;  // sum(g * xhat) (see above)
   const A mean_gx = static_cast<A>(sum_gx * inv_d);
   const A mean_g = rms ? A(0) : static_cast<A>(sum_g * inv_d);
 
   c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
   if constexpr (kLanes) {
-    const auto vmg = lanes_splat<A>(mean_g), vmgx = lanes_splat<A>(mean_gx), vcorr = lanes_splat<A>(corr);
+    const auto vmg = lanes_splat<A>(mean_g), vmgx = lanes_splat<A>(mean_gx);
     for (; c + L::size <= d; c += L::size) {
       const auto xh = ((lanes_load_as<A>(s + c) - vmu) - vcorr) * vrs;
       const auto g = kHasW ? lanes_load(gbuf + c) : lanes_load_as<A>(dy + c);
-      if constexpr (kDw) lanes_store(dw + c, lanes_load(dw + c) + (kHasW ? lanes_load_as<A>(dy + c) : g) * xh);
       auto ds = vrs * (g - vmg - xh * vmgx);
       if (ds_in) ds = ds + lanes_load_as<A>(ds_in + c);
       ds = lanes_round_through<S, A>(ds);
@@ -397,7 +415,6 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
   for (; c < d; ++c) {
     const A xh = ((static_cast<A>(s[c]) - mu) - corr) * rs;
     const A g = kHasW ? gbuf[c] : static_cast<A>(dy[c]);
-    if constexpr (kDw) dw[c] += static_cast<A>(dy[c]) * xh;
     A ds = rs * (g - mean_g - xh * mean_gx);
     if (ds_in) ds += static_cast<A>(ds_in[c]);
     const S q = static_cast<S>(ds);

@@ -184,8 +184,8 @@ def test_get_alibi_slopes_is_the_papers():
     assert twelve.dtype == torch.float32 and twelve.shape == (12,)
     assert twelve[:8].tolist() == [2.0 ** -i for i in range(1, 9)]
     torch.testing.assert_close(twelve[8:], torch.tensor([2.0 ** -(0.5 + i) for i in range(4)]))
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match="num_heads"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_heads"):
             fused_attn.get_alibi_slopes(bad)
 
 

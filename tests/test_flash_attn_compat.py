@@ -254,6 +254,16 @@ def test_bad_input_names_the_argument(call, error, match):
         call(q, k, v)
 
 
+def test_softmax_scale_is_named_so_under_torch_compile_too():
+    """The stand-in checked softmax_scale only in eager mode: traced, attention's own check named
+    it scale."""
+    q = torch.randn(1, 3, 2, 8)
+    compiled = torch.compile(lambda q: FA.flash_attn_func(q, q, q, softmax_scale=float("nan")), fullgraph=True,
+                             backend="eager")
+    with pytest.raises(Exception, match="softmax_scale must be a finite float or None, got nan"):
+        compiled(q)
+
+
 @pytest.mark.parametrize("call,error,match", [
     # (-1.0, -1.0) was taken as "off"; upstream's C++ binding takes ints only
     (lambda: FA.flash_attn_func(*[torch.randn(1, 3, 2, 8)] * 3, window_size=(-1.0, -1.0)), TypeError,

@@ -801,6 +801,33 @@ def test_output_attentions_the_layers_are_not_told_of(unswapped, family, how):
             assert model(input_ids=ids, attention_mask=mask).attentions is None
 
 
+def test_a_compiled_decoder_layer_traces_whole_and_a_compiled_model_still_records_weights():
+    """Asking transformers' output recorder whether weights are wanted (a ContextVar) broke the
+    graph of a layer compiled alone: fullgraph raised "ContextVar.get" (Unsupported). It is read
+    only where a compiled model call set it; under a whole compiled model output_attentions still
+    returns the eager attention's weights."""
+    model = _build("llama", attn="fused_attn").eval()
+    ids, mask = _batch("llama")
+    with torch.no_grad():
+        # (before any output_attentions call: that installs transformers' own capture hooks, which
+        # read the ContextVar themselves and so break a layer's graph whatever the attention)
+        plain = model(input_ids=ids, attention_mask=mask)
+        layer = model.model.layers[0]
+        torch._dynamo.reset()
+        layer.forward = torch.compile(layer.forward, fullgraph=True, backend="eager")
+        try:
+            out = model(input_ids=ids, attention_mask=mask)
+        finally:
+            del layer.forward  # (the instance attribute: the class's forward again)
+        torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=1e-5)
+        expected = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(compiled.attentions) == len(expected.attentions) == 2
+    for a, b in zip(compiled.attentions, expected.attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_output_attentions_with_an_empty_static_cache_matches_eager():
     """output_attentions=True with a StaticCache: the prefill's keys are the cache's whole length,
     of which only the first q_len are filled, and the mask function leaves the mask to the causal

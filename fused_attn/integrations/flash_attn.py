@@ -55,8 +55,8 @@ from torch import Tensor
 
 from .. import _rng
 from .. import reference as R
-from ..functional import (_check_scale, _draw_rng, _finite, _shown, apply_rotary_emb, attention, attention_varlen,
-                          attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
+from ..functional import (_check_scale, _concrete, _draw_rng, _finite, _shown, apply_rotary_emb, attention,
+                          attention_varlen, attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
 from ..ops_common import as_int, is_int, known_true, no_data
 from ._shapes import check_shapes
 from ._stand_in import StandInModules
@@ -178,8 +178,8 @@ def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slope
     see ``_window``)."""
     _flag("deterministic", deterministic)  # every fused_attn backward is deterministic already
     _flag("return_attn_probs", return_attn_probs)
-    if softmax_scale is not None and not torch.compiler.is_compiling():  # (traced: attention checks it)
-        _check_scale("softmax_scale", softmax_scale)  # (under FlashAttention's name: attention says scale)
+    if softmax_scale is not None:  # (under FlashAttention's name: attention says scale)
+        _check_scale("softmax_scale", _concrete(softmax_scale))
     return dict(causal=causal, window_size=_window(window_size, seqlen_k, seqlen_q), alignment="bottom_right",
                 dropout_p=dropout_p, scale=softmax_scale, softcap=_softcap(softcap), alibi_slopes=alibi_slopes,
                 return_lse=return_attn_probs)
@@ -373,8 +373,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise TypeError(f"num_splits must be an int >= 0 (0: the library's choice), got {type(num_splits).__name__}")
     if num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: the library's choice), got {num_splits!r}")
-    if softmax_scale is not None and not torch.compiler.is_compiling():
-        _check_scale("softmax_scale", softmax_scale)
+    if softmax_scale is not None:
+        _check_scale("softmax_scale", _concrete(softmax_scale))
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is needed with new k and v (as FlashAttention): it says where each "

@@ -256,9 +256,15 @@ def _weights_requested(kwargs) -> bool:
         return True
     capturing = sys.modules.get("transformers.utils.output_capturing")
     collector = getattr(capturing, "_active_collector", None)
-    # (a ContextVar outside torch.compile, a plain attribute under it: transformers makes it
-    # traceable, and records under compile too)
-    wanted = collector.get() if collector is not None else None
+    if collector is None:
+        return False
+    if torch.compiler.is_compiling():
+        # A ContextVar's get() breaks a Dynamo graph. transformers' CompileableContextVar keeps the
+        # collector in a plain attribute once a compiled model call has set it (compiling True);
+        # a compiled part of a model (one decoder layer) sees it unset: nothing is recorded there
+        wanted = getattr(collector, "global_var", None) if getattr(collector, "compiling", False) else None
+    else:
+        wanted = collector.get()
     return bool(wanted) and any(key.endswith("attentions") for key in wanted)
 
 

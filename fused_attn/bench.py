@@ -31,10 +31,10 @@ Errors: on a smaller case with the same inner sizes (one batch element, at most 
 most 4096 rows), the output and every gradient against the reference run in float64 on the same
 (upcast) inputs; "oracle ok" means error <= k * (error of the reference in the same dtype: the
 eager baseline, or for the norms the library's reference, since torch's CPU layer_norm sums
-half-precision weight gradients in that precision) + floor, k = 2 for outputs and 5 for gradients (fused_attn.testing.compare). Peak memory: on CUDA
-torch.cuda.max_memory_allocated above what was allocated before the call; on CPU the largest sum
-of the bytes torch's allocator handed out and not yet freed during the call, from torch.profiler
-(profile_memory=True; tracemalloc does not see torch).
+half-precision weight gradients in that precision) + floor, k = 2 for outputs and 5 for gradients
+(fused_attn.testing.compare). Peak memory: on CUDA torch.cuda.max_memory_allocated above what was
+allocated before the call; on CPU the largest sum of the bytes torch's allocator handed out and not
+yet freed during the call, from torch.profiler (profile_memory=True; tracemalloc does not see torch).
 
 Exit status 1 when a fused backend raised or missed the oracle, or could not be checked against it
 (it raised on the check's inputs, a gradient is missing on one side only, or the float64 reference

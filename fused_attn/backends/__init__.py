@@ -395,4 +395,5 @@ def get_backend(name: str) -> Backend:
 
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "Call", "OPS", "BackendUnavailableError", "resolve",
-           "resolve_options", "resolve_values", "use_backend", "available_backends", "get_backend", "check_backend_name"]
+           "resolve_options", "resolve_values", "use_backend", "available_backends", "get_backend",
+           "check_backend_name"]

@@ -831,8 +831,17 @@ def check_batched_call(query, key, value, d_model, num_heads, key_padding_mask=N
         if t is not None and (t.dim() != 3 or t.shape[-1] != d_model):
             packed = " (or (total_tokens, d_model) with cu_seqlens: packed sequences)" if name == "query" else ""
             raise ValueError(f"{name} must be (batch, length, d_model={d_model}){packed}, got {tuple(t.shape)}")
-
-
+    # Compared here, under the caller's names and shapes: past the projections the kernels' own
+    # checks quoted the head-split (B, H, L, D) shapes as q, k and v
+    key_ = query if key is None else key
+    value_ = key_ if value is None else value
+    for name, t in (("key", key_), ("value", value_)):
+        if t.shape[0] != query.shape[0]:
+            raise ValueError(f"{name} must have query's batch size {query.shape[0]}, got {name} {tuple(t.shape)} "
+                             f"and query {tuple(query.shape)}")
+    if value_.shape[1] != key_.shape[1]:
+        raise ValueError(f"key and value must have the same length, got key {tuple(key_.shape)} and value "
+                         f"{tuple(value_.shape)}")
     if key_padding_mask is not None:
         expected = (query.shape[0], (query if key is None else key).shape[1])
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:

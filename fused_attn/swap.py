@@ -158,7 +158,10 @@ def norm_reason(norm) -> Optional[str]:
 
 def norm_eps(norm, x: Tensor) -> float:
     if isinstance(norm, nn.RMSNorm) and norm.eps is None:
-        return torch.finfo(x.dtype).eps  # nn.RMSNorm's default
+        # nn.RMSNorm's default: its docs say finfo(x.dtype).eps, but its kernel takes the eps of
+        # the type it computes in (float32 for half precision: 1.2e-7 where bfloat16's is 7.8e-3,
+        # which moved small activations' outputs by whole units)
+        return torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
     return norm.eps
 
 
@@ -208,7 +211,10 @@ def _norm_repr(norm) -> str:
 class FusedLayerNorm(nn.LayerNorm):
     # (``input``: nn.LayerNorm's parameter name, so that ``norm(input=x)`` works swapped too)
     def forward(self, input):
-        if not isinstance(input, Tensor) or input.is_nested:  # torch's norm takes nested tensors (and says what it takes)
+        if not isinstance(input, Tensor) or input.is_nested or input.dim() == 0 or \
+                input.shape[-1] != self.normalized_shape[0]:
+            # torch's norm takes nested tensors, and says what it takes otherwise (without weights
+            # the fused norm had no size to hold x to, and normalised a wrong x over its last dim)
             return super().forward(input)
         return fused_norm(self, input, backend=self.fused_attn_backend)
 
@@ -218,7 +224,10 @@ class FusedLayerNorm(nn.LayerNorm):
 
 class FusedRMSNorm(nn.RMSNorm):
     def forward(self, x):
-        if not isinstance(x, Tensor) or x.is_nested:  # torch's norm takes nested tensors (and says what it takes)
+        if not isinstance(x, Tensor) or x.is_nested or x.dim() == 0 or \
+                x.shape[-1] != self.normalized_shape[0]:
+            # torch's norm takes nested tensors, and says what it takes otherwise (without weights
+            # the fused norm had no size to hold x to, and normalised a wrong x over its last dim)
             return super().forward(x)
         return fused_norm(self, x, backend=self.fused_attn_backend)
 
@@ -584,6 +593,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
+        check_torch_mha_inputs(query, key, value, self.batch_first, self._qkv_same_embed_dim)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)")
         same_qkv, same_kv = query is key and key is value, key is value
@@ -634,6 +644,27 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             k, v = F.linear(key, w[E:], None if b is None else b[E:]).split(E, dim=-1)
             return F.linear(query, wq, bq), k, v
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+
+def check_torch_mha_inputs(query: Tensor, key: Tensor, value: Tensor, batch_first: bool, same_embed_dim: bool) -> None:
+    """torch's checks of a batched call's key and value (``F._mha_shape_check`` and
+    ``F.multi_head_attention_forward``: their AssertionErrors and texts, on the (L, B, E) shapes
+    torch quotes), and one torch lacks: a key whose batch is not the query's failed in torch's
+    reshape of the projected key ("shape '[7, 8, 4]' is invalid"), past the head split here."""
+    if key.dim() != 3 or value.dim() != 3:
+        raise AssertionError(f"For batched (3-D) `query`, expected `key` and `value` to be 3-D but found "
+                             f"{key.dim()}-D and {value.dim()}-D tensors respectively")
+    passed = tuple(key.shape)
+    if batch_first:
+        key, value = key.transpose(0, 1), value.transpose(0, 1)
+    if same_embed_dim and key.shape != value.shape:
+        raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+    if key.shape[:2] != value.shape[:2]:
+        raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}")
+    batch = query.shape[0 if batch_first else 1]
+    if key.shape[1] != batch:
+        raise ValueError(f"key and value must have query's batch size {batch}, got {key.shape[1]} (key {passed}, "
+                         f"query {tuple(query.shape)}, batch_first={batch_first})")
 
 
 def check_mask_dtype(mask: Optional[Tensor], name: str) -> None:

@@ -922,6 +922,85 @@ def test_torch_multihead_attention_checks_the_embedding_dim_as_torch():
         swapped(x, x, x, need_weights=False)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kdim", [None, 12])
+def test_torch_multihead_attention_checks_key_and_value_as_torch(batch_first, kdim):
+    """A key and value of other lengths or batches, or not 3-D, raise torch's AssertionError and
+    message (the swapped module reported them from its kernels' check, with the head-split
+    (B, H, L, D) shapes and the names q, k, v). A key batch other than the query's, which torch
+    reports from a reshape inside ("shape '[7, 8, 4]' is invalid"), is a ValueError naming key."""
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim)
+    swapped = copy.deepcopy(mha)
+    fused_attn.swap_modules(swapped)
+    E = kdim or 16
+
+    def t(batch, length, width=E):
+        return torch.randn(batch, length, width) if batch_first else torch.randn(length, batch, width)
+
+    q = t(2, 5, 16)
+    for k, v in ((t(2, 7), t(2, 8)), (t(2, 7), t(3, 7)), (torch.randn(2, 7), t(2, 7))):
+        with pytest.raises(AssertionError) as torch_error:
+            mha(q, k, v, need_weights=False)
+        with pytest.raises(AssertionError) as error:
+            swapped(q, k, v, need_weights=False)
+        assert str(error.value) == str(torch_error.value)
+    with pytest.raises(ValueError, match=r"key and value must have query's batch size 2, got 3"):
+        swapped(q, t(3, 7), t(3, 7), need_weights=False)
+
+
+def test_fused_multi_head_attention_names_key_and_value_shapes():
+    """MultiHeadAttention (and the reference's) compares query, key and value before projecting:
+    the error quoted the kernels' head-split shapes under the names q, k, v."""
+    for cls in (M.MultiHeadAttention, R.MultiHeadAttention):
+        m = cls(16, 4)
+        q = torch.randn(2, 5, 16)
+        with pytest.raises(ValueError, match=r"key and value must have the same length, got key \(2, 7, 16\) "
+                                             r"and value \(2, 8, 16\)"):
+            m(q, torch.randn(2, 7, 16), torch.randn(2, 8, 16))
+        with pytest.raises(ValueError, match=r"key must have query's batch size 2, got key \(3, 7, 16\)"):
+            m(q, torch.randn(3, 7, 16))
+        with pytest.raises(ValueError, match=r"value must have query's batch size 2, got value \(1, 5, 16\)"):
+            m(q, None, torch.randn(1, 5, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_swapped_rms_norm_default_eps_in_half_precision(dtype):
+    """nn.RMSNorm's eps=None: torch's kernel adds the eps of its float32 compute type (its docs
+    say finfo(x.dtype).eps). The swapped norm added bfloat16's 7.8e-3, which moved outputs of
+    small activations by whole units (1.09 at rms 0.1); also under autocast."""
+    torch.manual_seed(0)
+    norm = nn.RMSNorm(64, dtype=dtype)
+    ref = copy.deepcopy(norm)
+    fused_attn.swap_modules(norm)
+    x = (torch.randn(256, 64) * 0.1).to(dtype)
+    torch.testing.assert_close(norm(x), ref(x))
+    model = nn.Sequential(nn.Linear(64, 64), nn.RMSNorm(64))
+    ref = copy.deepcopy(model)
+    fused_attn.swap_modules(model)
+    with torch.autocast("cpu", dtype=dtype):
+        out, expected = model(x.float() * 0.1), ref(x.float() * 0.1)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cls", [nn.LayerNorm, nn.RMSNorm])
+def test_swapped_norm_without_weights_checks_the_size(cls):
+    """A norm built with elementwise_affine=False has no weight for the fused op to hold x's last
+    dim to: the swapped norm normalised a (2, 16) x over 16 where the norm is of size 17. It
+    raises torch's own error now."""
+    norm = cls(17, elementwise_affine=False)
+    ref = copy.deepcopy(norm)
+    fused_attn.swap_modules(norm)
+    assert type(norm) is not cls
+    x = torch.randn(2, 16)
+    with pytest.raises(RuntimeError) as torch_error:
+        ref(x)
+    with pytest.raises(RuntimeError) as error:
+        norm(x)
+    assert str(error.value) == str(torch_error.value)
+    x = torch.randn(2, 17)
+    torch.testing.assert_close(norm(x), ref(x))
+
+
 def test_modules_with_dropout_one_are_left():
     """torch's dropout takes p = 1 (it zeroes everything); the fused ops take p in [0, 1). Such
     modules were swapped ("2 replaced, 0 left" for an encoder layer) and then raised "dropout_p

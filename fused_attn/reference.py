@@ -536,15 +536,22 @@ def check_kv_cache_call(module, query, key, value, attn_mask, key_padding_mask, 
     if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[-1] != module.d_model:
         raise ValueError(f"with kv_cache, query must be (B, L, d_model={module.d_model}), got "
                          f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
-    if grad_recording() and (query.requires_grad or any(p.requires_grad for p in module.parameters())):
-        raise ValueError("kv_cache decoding is inference (as FlashAttention's flash_attn_with_kvcache): run it under "
-                         "torch.no_grad() or torch.inference_mode()")
+    check_decoding_is_inference(module, query)
     want = (query.shape[0], module.num_kv_heads, module.head_dim)
     got = (kv_cache.k.shape[0], kv_cache.k.shape[2], kv_cache.k.shape[3])
     if got != want:
         raise ValueError(f"kv_cache holds (batch, kv heads, head dim) = {got}, but this call needs {want}")
     if key_padding_mask is not None:
         _check_left_padding(key_padding_mask, query, kv_cache)
+
+
+def check_decoding_is_inference(module, query) -> None:
+    """A decoding call records no gradient: asked of each attention module and, before its first
+    layer writes, of a whole Transformer (a stack whose lower layers are frozen passed layer 0's
+    check, which wrote into its cache, and was refused at the first trainable layer)."""
+    if grad_recording() and (query.requires_grad or any(p.requires_grad for p in module.parameters())):
+        raise ValueError("kv_cache decoding is inference (as FlashAttention's flash_attn_with_kvcache): run it under "
+                         "torch.no_grad() or torch.inference_mode()")
 
 
 def decode_step(module, query, kv_cache, key_padding_mask):
@@ -1043,18 +1050,48 @@ class TransformerLayer(nn.Module):
 def _check_layer_caches(caches) -> None:
     """The layers' caches must agree (as ``Transformer.new_kv_cache`` makes them): each layer checks
     its own cache and writes into it, so a later layer refusing a cache of another shape or kind
-    would leave the earlier layers' caches holding the step and the later ones not."""
+    would leave the earlier layers' caches holding the step and the later ones not. Their counts
+    too (``seqlens``, ``leftpad``, ``padded``): caches at other fill levels were accepted, the layers
+    decoding at other positions, and a step that fit layer 0's cache but not a fuller later one was
+    refused there, after layer 0 had written and advanced. With equal shapes and counts, layer 0's
+    own checks (the step fits, a padded prefill goes into an empty cache) refuse before its write
+    exactly the steps every later layer's would, so the whole step is refused or none of it.
+    The counts are read on the host once a step (one sync; ``attention_with_kvcache`` reads each
+    layer's anyway); under torch.compile, and on tensors without data, a device assert instead (as
+    ``_check_left_padding``): no graph break, and the compiled step fails before its writes."""
     for i, cache in enumerate(caches):
         if not isinstance(cache, KVCache):
             raise TypeError(f"kv_cache[{i}] must be a KVCache (Transformer.new_kv_cache), got {type(cache).__name__}")
     first = caches[0]
     for i, cache in enumerate(caches[1:], 1):
-        for name in ("k", "v", "seqlens"):
+        shared = next((j for j in range(i) if caches[j] is cache), None)
+        if shared is not None:  # (layer i would write after layer j's new tokens, or overflow after j wrote)
+            raise ValueError(f"kv_cache[{i}] is kv_cache[{shared}]: every layer needs a cache of its own "
+                             f"(Transformer.new_kv_cache)")
+        for name in ("k", "v", "seqlens", "leftpad"):
             a, b = getattr(first, name), getattr(cache, name)
             if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
                 raise ValueError(f"kv_cache[{i}].{name} is {b.dtype} {tuple(b.shape)} on {b.device} but kv_cache[0]."
                                  f"{name} is {a.dtype} {tuple(a.shape)} on {a.device}: every layer's cache must have "
                                  f"the same shape, dtype and device (Transformer.new_kv_cache)")
+        if cache.padded != first.padded:
+            raise ValueError(f"kv_cache[{i}].padded is {cache.padded} but kv_cache[0].padded is {first.padded}: every "
+                             f"layer's cache must hold the same left-padded prompts (reset() them all, or make new "
+                             f"ones with Transformer.new_kv_cache)")
+    if len(caches) == 1:
+        return
+    seqlens, leftpad = (torch.stack([getattr(c, name) for c in caches]) for name in ("seqlens", "leftpad"))
+    if torch.compiler.is_compiling() or no_data(seqlens):  # (meta, fake: nothing to read; a no-op there)
+        torch._assert_async((seqlens == seqlens[0]).all() & (leftpad == leftpad[0]).all(),
+                            "kv_cache: every layer's cache must hold the same tokens (seqlens and leftpad)")
+        return
+    counts = torch.stack([seqlens, leftpad.to(seqlens.dtype)], dim=1).tolist()  # (layers, 2, B): one read
+    for i, (seqlens, leftpad) in enumerate(counts[1:], 1):
+        for name, a, b in (("seqlens", counts[0][0], seqlens), ("leftpad", counts[0][1], leftpad)):
+            if a != b:
+                raise ValueError(f"kv_cache[{i}].{name} is {b} but kv_cache[0].{name} is {a}: every layer's cache "
+                                 f"must hold the same tokens, one Transformer call steps them all (reset() them all, "
+                                 f"or make new ones with Transformer.new_kv_cache)")
 
 
 class Transformer(nn.Module):
@@ -1077,6 +1114,8 @@ class Transformer(nn.Module):
                              f"(Transformer.new_kv_cache), got {type(kv_cache).__name__}")
         if kv_cache is not None:
             _check_layer_caches(kv_cache)
+            if isinstance(x, torch.Tensor):  # (else layer 0's own checks say what x must be)
+                check_decoding_is_inference(self, x)
         for i, layer in enumerate(self.layers):
             x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, kv_cache=None if kv_cache is None else kv_cache[i])

@@ -748,6 +748,57 @@ def test_transformer_refuses_mismatched_layer_caches_before_writing(second):
     assert caches[0].seqlens.tolist() == [0, 0] and not caches[0].k.any()
 
 
+def _decoder(module, cls_name, *args, **kwargs):
+    """A fused module on the cpu backend, or the reference one."""
+    return getattr(M, cls_name)(*args, backend="cpu", **kwargs) if module == "fused" else getattr(R, cls_name)(
+        *args, **kwargs)
+
+
+def _cache_state(caches):
+    return [(c.seqlens.clone(), c.leftpad.clone(), c.padded, c.k.clone(), c.v.clone()) for c in caches]
+
+
+def _same_cache_state(a, b):
+    return all(sa == sb if isinstance(sa, bool) else torch.equal(sa, sb) for x, y in zip(a, b) for sa, sb in zip(x, y))
+
+
+@pytest.mark.parametrize("case", ["layer 1 ahead", "layer 1 would overflow", "other leftpad", "other padded",
+                                  "one cache twice", "layer 0 frozen, grad mode"])
+@pytest.mark.parametrize("module", ["fused", "reference"])
+def test_transformer_refuses_a_step_whole_when_the_layer_caches_disagree(module, case):
+    """Per-layer caches of one shape but at other fill levels (seqlens, leftpad, padded) were
+    accepted, each layer decoding at its own positions, and a step that fit layer 0 but not a
+    fuller layer 1 (or one cache passed for two layers, or a frozen layer 0 under grad mode) was
+    refused by layer 1 after layer 0 had written and advanced. Now the step is refused before any
+    layer writes: every cache as it was."""
+    model = _decoder(module, "Transformer", D_MODEL, HEADS, 2, d_ff=48, causal=True).eval()
+    x = torch.randn(2, 3, D_MODEL)
+    caches = model.new_kv_cache(2, 4)
+    step, match, grad = x[:, :1], r"kv_cache\[1\]\.seqlens is \[2, 2\] but kv_cache\[0\]\.seqlens is \[1, 1\]", False
+    with torch.no_grad():
+        model(x[:, :1], kv_cache=caches, key_padding_mask=torch.tensor([[True], [False]])
+              if case == "other leftpad" else None)
+    if case in ("layer 1 ahead", "layer 1 would overflow"):
+        caches[1].seqlens.fill_(2)
+        step = x if case == "layer 1 would overflow" else step
+    elif case == "other leftpad":
+        caches[1].leftpad.zero_()
+        match = r"kv_cache\[1\]\.leftpad is \[0, 0\] but kv_cache\[0\]\.leftpad is \[1, 0\]"
+    elif case == "other padded":
+        caches[1].padded = True
+        match = r"kv_cache\[1\]\.padded is True but kv_cache\[0\]\.padded is False"
+    elif case == "one cache twice":
+        caches[1] = caches[0]
+        step, match = x, r"kv_cache\[1\] is kv_cache\[0\]: every layer needs a cache of its own"
+    else:
+        model.layers[0].requires_grad_(False)
+        step, match, grad = x, "kv_cache decoding is inference", True
+    before = _cache_state(caches)
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=match):
+        model(step, kv_cache=caches)
+    assert _same_cache_state(_cache_state(caches), before)
+
+
 def test_kv_cache_decoding_compiles_fullgraph():
     """A decoding step of the fused Transformer in one graph (the cache written in place, its counts
     advanced inside the graph): the compiled steps give the full forward's rows."""
@@ -761,6 +812,21 @@ def test_kv_cache_decoding_compiles_fullgraph():
         outs = [step(x[:, :4])] + [step(x[:, t:t + 1]) for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
     assert caches[1].seqlens.tolist() == [9, 9]
+
+
+def test_kv_cache_layers_out_of_step_refused_by_a_compiled_step():
+    """Under torch.compile the layers' counts are compared by a device assert (no graph break: the
+    step still compiles fullgraph), which fails the compiled step before any layer's write."""
+    model = M.Transformer(D_MODEL, HEADS, 2, d_ff=48, causal=True, backend="cpu").eval()
+    caches = model.new_kv_cache(2, 8)
+    step = torch.compile(lambda t: model(t, kv_cache=caches), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        step(torch.randn(2, 1, D_MODEL))
+        caches[1].seqlens.fill_(3)
+        before = _cache_state(caches)
+        with pytest.raises(RuntimeError, match="every layer's cache must hold the same tokens"):
+            step(torch.randn(2, 1, D_MODEL))
+    assert _same_cache_state(_cache_state(caches), before)
 
 
 @pytest.mark.parametrize("options", list(DECODE_OPTIONS))

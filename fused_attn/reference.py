@@ -530,7 +530,8 @@ def check_kv_cache_call(module, query, key, value, attn_mask, key_padding_mask, 
         raise ValueError("kv_cache takes no attn_mask or cu_seqlens: each sequence attends its cached tokens and the "
                          "new ones, causally (a key_padding_mask may left-pad the prompts of the first call)")
     check_not_nested("query", query)
-    if not (module.causal if is_causal is None else bool(is_causal)):
+    check_is_causal(is_causal)  # (bool() took "False", 1 or [0] for True: a non-causal module decoded)
+    if not (module.causal if is_causal is None else is_causal):
         raise ValueError("kv_cache decoding needs causal attention (causal=True, or is_causal=True): without it "
                          "earlier tokens would see later ones")
     if not isinstance(query, torch.Tensor) or query.dim() != 3 or query.shape[-1] != module.d_model:
@@ -740,6 +741,7 @@ class MultiHeadAttention(nn.Module):
             return decode_step(self, query, kv_cache, key_padding_mask)
         if cu_seqlens is not None:
             check_packed_call(query, key, value, attn_mask, key_padding_mask, self.d_model)
+            check_is_causal(is_causal)  # (as the fused module's: a string ran causal)
             bounds = check_packed_bounds(query, cu_seqlens, max_seqlen)
             q, k, v = (lin(query).unflatten(-1, (heads, self.head_dim)) for lin, heads in (
                 (self.query_linear, self.num_heads), (self.key_linear, self.num_kv_heads),

@@ -799,6 +799,28 @@ def test_transformer_refuses_a_step_whole_when_the_layer_caches_disagree(module,
     assert _same_cache_state(_cache_state(caches), before)
 
 
+@pytest.mark.parametrize("module", ["fused", "reference"])
+def test_is_causal_is_checked_on_the_decoding_and_packed_paths(module):
+    """is_causal must be None or a bool on every path: with kv_cache it went through bool() ("False",
+    1 and [0] decoded, a non-causal module's too, the cache advancing), and the reference module's
+    packed path ran is_causal="no" causal. Now TypeError, before anything is written."""
+    x = torch.randn(2, 3, D_MODEL)
+    for causal in (True, False):
+        mha = _decoder(module, "MultiHeadAttention", D_MODEL, HEADS, causal=causal).eval()
+        cache = mha.new_kv_cache(2, 8)
+        for bad in ("False", 1, [0]):
+            with torch.no_grad(), pytest.raises(TypeError, match=r"is_causal must be None or a bool, got"):
+                mha(x, kv_cache=cache, is_causal=bad)
+        assert cache.seqlens.tolist() == [0, 0] and not cache.k.any()
+        with pytest.raises(TypeError, match=r"is_causal must be None or a bool, got 'no'"):
+            mha(x.flatten(0, 1), cu_seqlens=torch.tensor([0, 2, 6], dtype=torch.int32), is_causal="no")
+    model = _decoder(module, "Transformer", D_MODEL, HEADS, 2, causal=True).eval()
+    caches = model.new_kv_cache(2, 8)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"is_causal must be None or a bool, got 'False'"):
+        model(x, kv_cache=caches, is_causal="False")
+    assert all(c.seqlens.tolist() == [0, 0] and not c.k.any() for c in caches)
+
+
 def test_kv_cache_decoding_compiles_fullgraph():
     """A decoding step of the fused Transformer in one graph (the cache written in place, its counts
     advanced inside the graph): the compiled steps give the full forward's rows."""

@@ -194,15 +194,15 @@ def _check_prob(name: str, p, compiling: bool = False) -> float:
 
 
 def _check_scale(name: str, scale) -> float:
-    """A softmax scale that is given (not None): a finite real within float32's range, as a float.
+    """A softmax scale that is given (not None): a finite real of magnitude at most MAX_SCALE, as a float.
     (``name``: the caller's name for it, ``softmax_scale`` in the FlashAttention stand-in.)"""
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name} must be a finite float or None, got {type(scale).__name__}")
     if not (isinstance(scale, numbers.Integral) or math.isfinite(scale)):  # (an int is finite)
         raise ValueError(f"{name} must be a finite float or None, got {scale!r}")
-    if abs(scale) > MAX_FLOAT32:  # (exact for an int too large to be a float)
-        raise ValueError(f"{name} must be within float32's range (|{name}| <= {MAX_FLOAT32:g}): the kernels use it "
-                         f"as float32, got {_shown(scale)}")
+    if abs(scale) > MAX_SCALE:  # (exact for an int too large to be a float)
+        raise ValueError(f"{name} must be at most {MAX_SCALE:g} in magnitude (float32's max / log2(e): the kernels "
+                         f"take {name} * log2(e) as float32), got {_shown(scale)}")
     return float(scale)
 
 
@@ -400,8 +400,11 @@ def _autocast_enabled(device_type: str) -> bool:
 
 #: the smallest logit cap taken (the kernels divide by it in float32)
 MIN_SOFTCAP = 1e-30
-#: the largest softcap and |scale| taken: the kernels use them as float32 (a larger one is inf there)
 MAX_FLOAT32 = float(torch.finfo(torch.float32).max)
+#: the largest softcap and |scale| taken, float32's max / log2(e) (~2.36e38): the Triton kernels
+#: work in base-2 units (exp2) and take scale * log2(e) and softcap * log2(e) as float32, which a
+#: larger one overflows to inf (NaN logits). Checked here, so that every backend refuses the same values.
+MAX_SCALE = MAX_FLOAT32 / math.log2(math.e)
 
 
 def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout_p, scale, softcap, return_lse,
@@ -433,10 +436,10 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
         softcap = 0.0
     elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float or None, got {softcap!r}")
-    elif not (_finite(softcap) and (softcap == 0.0 or MIN_SOFTCAP <= softcap <= MAX_FLOAT32)):
-        raise ValueError(f"softcap must be 0 or None (off), or a number in [{MIN_SOFTCAP:g}, {MAX_FLOAT32:g}], got "
+    elif not (_finite(softcap) and (softcap == 0.0 or MIN_SOFTCAP <= softcap <= MAX_SCALE)):
+        raise ValueError(f"softcap must be 0 or None (off), or a number in [{MIN_SOFTCAP:g}, {MAX_SCALE:g}], got "
                          f"{_shown(softcap)} (a smaller cap flattens every logit to 0 and overflows 1 / softcap in float32; "
-                         f"a larger one is inf in float32)")
+                         f"a larger one overflows softcap * log2(e), which the kernels take as float32)")
     return window_size, dropout_p, float(scale), float(softcap)
 
 

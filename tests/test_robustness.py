@@ -730,6 +730,30 @@ def test_attention_rows_hidden_by_finfo_min(device, backend):
     torch.testing.assert_close(out[:, :, rows], expected[:, :, rows], rtol=1e-5, atol=1e-6)
 
 
+#: the ends of the documented ranges (README: softcap in [1e-30, F.MAX_SCALE], |scale| at most
+#: F.MAX_SCALE) as (q's factor, the options). The Triton kernels take softcap * log2(e) and scale *
+#: log2(e) as float32 (NaN past ~2.36e38, now refused); and their scale / softcap, 1e40 for the
+#: last case, was inf in float32 (0 * inf = NaN logits on the zero queries).
+EXTREME_SCALES = {
+    "scale_max": (1e-38, dict(scale=F.MAX_SCALE)),  # (tiny queries: logits of a few units)
+    "scale_min": (1e-38, dict(scale=-F.MAX_SCALE)),
+    "scale_over_softcap_overflows": (0.0, dict(scale=1e10, softcap=1e-30)),
+}
+
+
+@pytest.mark.parametrize("device,backend", ATTN)
+@pytest.mark.parametrize("case", EXTREME_SCALES)
+def test_attention_extreme_scale_and_softcap(device, backend, case):
+    """The ends of the documented softcap and scale ranges give the reference's answer, output and
+    gradients, on every backend. (Not q's gradient at the largest |scale|: scale * dS K is beyond
+    float32's range there.)"""
+    factor, options = EXTREME_SCALES[case]
+    q, k, v = make_inputs((1, 2, 3, 4), (1, 2, 4, 4), (1, 2, 4, 4), seed=7)
+    q = (q.detach() * factor).requires_grad_(abs(options.get("scale", 1.0)) < 1e30)
+    check_against_reference(lambda q, k, v: F.attention(q, k, v, backend=backend, **options),
+                            lambda q, k, v: R.attention(q, k, v, **options), [q, k, v], names="qkv")
+
+
 @pytest.mark.parametrize("device,backend", ATTN)
 @pytest.mark.parametrize("where", ["k", "q"])
 def test_attention_softcap_inf_input_gradients_stay_in_their_rows(device, backend, where):

@@ -33,14 +33,21 @@ def qkv(B=1, Hq=2, Hkv=2, L=4, D=8, dtype=torch.float32):
     (dict(window_size=(1.5, 0)), TypeError, "window_size must be None or a pair"),
     (dict(window_size=(True, 0)), TypeError, "window_size must be None or a pair"),
     (dict(window_size=(-2, 0)), ValueError, r"window_size sides must be >= 0, or -1 for unbounded, got \(-2, 0\)"),
-    (dict(softcap=-1.0), ValueError, r"softcap must be 0 or None \(off\), or a number in \[1e-30, 3.40282e\+38\], got -1.0"),
+    (dict(softcap=-1.0), ValueError,
+     r"softcap must be 0 or None \(off\), or a number in \[1e-30, 2.35866e\+38\], got -1.0"),
     (dict(softcap=float("inf")), ValueError, "softcap must be 0 or None"),
     # a cap so small that 1 / softcap overflows float32: the cpu kernel refused it only after
     # attention_with_kvcache had written the cache
     (dict(softcap=1e-39), ValueError, r"or a number in \[1e-30, .*\], got 1e-39"),
     # a cap beyond float32's range: inf in the kernels, and inf * tanh(s / inf) = NaN everywhere
-    (dict(softcap=3.5e38), ValueError, r"or a number in \[1e-30, 3.40282e\+38\], got 3.5e\+38"),
-    (dict(scale=1e39), ValueError, r"scale must be within float32's range .* got 1e\+39"),
+    (dict(softcap=3.5e38), ValueError, r"or a number in \[1e-30, 2.35866e\+38\], got 3.5e\+38"),
+    (dict(scale=1e39), ValueError, r"scale must be at most 2.35866e\+38 in magnitude .* got 1e\+39"),
+    # within float32's range but past float32's max / log2(e): the Triton kernels take softcap *
+    # log2(e) and scale * log2(e) as float32 (their base-2 logits), inf there, and returned NaN
+    (dict(softcap=3e38), ValueError, r"or a number in \[1e-30, 2.35866e\+38\], got 3e\+38 .*softcap \* log2\(e\)"),
+    (dict(scale=3e38), ValueError,
+     r"scale must be at most 2.35866e\+38 in magnitude .*scale \* log2\(e\).* got 3e\+38"),
+    (dict(scale=-2.4e38), ValueError, r"scale must be at most 2.35866e\+38 in magnitude .* got -2.4e\+38"),
     # an empty head dim: every logit 0 (the empty-input shortcut gave zeros where SDPA gives v's mean)
     (dict(q=torch.randn(1, 2, 4, 0), k=torch.randn(1, 2, 4, 0)), ValueError, "head dim .* at least 1, got 0"),
     (dict(softcap="30"), TypeError, "softcap must be a float or None, got '30'"),
@@ -220,7 +227,8 @@ def test_a_generator_of_the_inputs_device_draws_the_seed():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: F.attention(*qkv(), scale=10**400), r"scale must be within float32's range .* got an int of 1329 bits"),
+    (lambda: F.attention(*qkv(), scale=10**400),
+     r"scale must be at most 2.35866e\+38 in magnitude .* got an int of 1329 bits"),
     (lambda: F.attention(*qkv(), softcap=10**400), r"softcap must be 0 or None .* got an int of 1329 bits"),
     (lambda: F.attention(*qkv(), dropout_p=10**400), r"dropout_p must be in \[0, 1\), got an int of 1329 bits"),
     (lambda: F.layer_norm_residual(torch.randn(3, 5), eps=10**400), "eps must be a positive finite float, got an int"),

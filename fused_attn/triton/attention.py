@@ -1467,11 +1467,22 @@ def _int32_tiles(t, rows_dim=2, cols_dim=3):
     return t if span <= _INT32_MAX else t.contiguous()
 
 
+#: float32's largest finite value
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _scales(scale, softcap):
     """(qk_scale, softcap_log2) of the kernels: the logits in base-2 units are qk * qk_scale, or with
-    a soft cap softcap_log2 * tanh(qk * qk_scale) (see _scores)."""
+    a soft cap softcap_log2 * tanh(qk * qk_scale) (see _scores).
+
+    The kernels take both as float32. scale * log2(e) and softcap * log2(e) stay finite there because
+    |scale| and softcap are at most float32's max / log2(e) (functional.MAX_SCALE). scale / softcap
+    need not (a cap of 1e-30 and a scale of 1e10 give 1e40: inf, and a zero q.k then makes
+    0 * inf = NaN logits), so it is clamped to float32's range: it only enters tanh(qk * qk_scale),
+    which is +-1 in float32 once |qk * qk_scale| passes ~9, so the clamp changes no logit for
+    |qk| above ~3e-38 (and a zero q.k stays a zero logit)."""
     if softcap > 0.0:
-        return scale / softcap, softcap * LOG2E
+        return min(max(scale / softcap, -_FLOAT32_MAX), _FLOAT32_MAX), softcap * LOG2E
     return scale * LOG2E, 0.0
 
 

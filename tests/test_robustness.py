@@ -732,9 +732,12 @@ def test_attention_rows_hidden_by_finfo_min(device, backend):
 
 #: the ends of the documented ranges (README: softcap in [1e-30, F.MAX_SCALE], |scale| at most
 #: F.MAX_SCALE) as (q's factor, the options). The Triton kernels take softcap * log2(e) and scale *
-#: log2(e) as float32 (NaN past ~2.36e38, now refused); and their scale / softcap, 1e40 for the
-#: last case, was inf in float32 (0 * inf = NaN logits on the zero queries).
+#: log2(e) as float32 (NaN past ~2.36e38, now refused); their tanh was 0 for |x| < ~3e-8 (every
+#: logit 0 under the largest cap, errors of ~1e-3 at a cap of 1e4); and their scale / softcap, 1e40
+#: for the last case, was inf in float32 (0 * inf = NaN logits on the zero queries).
 EXTREME_SCALES = {
+    "softcap_1e4": (1.0, dict(softcap=1e4)),
+    "softcap_max": (1.0, dict(softcap=F.MAX_SCALE)),
     "scale_max": (1e-38, dict(scale=F.MAX_SCALE)),  # (tiny queries: logits of a few units)
     "scale_min": (1e-38, dict(scale=-F.MAX_SCALE)),
     "scale_over_softcap_overflows": (0.0, dict(scale=1e10, softcap=1e-30)),

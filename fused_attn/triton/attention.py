@@ -155,10 +155,21 @@ def _kv_tile(offs_n, stride_n, stride_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def _softcap_tanh(x):
-    """tanh(x) from one exp2, exact at the ends (+-1 for |x| large, NaN for NaN): the interpreter has
-    no tanh, and on the GPU this costs what libdevice's would."""
-    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
-    t = (1.0 - e) / (1.0 + e)
+    """tanh(x) to ~2 ulp, exact at the ends (+-1 for |x| large, NaN for NaN): the interpreter has no
+    tanh, and on the GPU this costs what libdevice's would (which also takes a polynomial near 0).
+
+    (1 - e) / (1 + e) with e = exp(-2|x|) for |x| > 0.625, Cephes' tanhf polynomial (the cpu
+    backend's tanh8) below. The exp form alone lost tanh's small values to the cancellation in
+    1 - e (an absolute error of ~1e-7, so 0 for |x| < ~3e-8): the logit softcap * tanh(s / softcap)
+    was off by ~1e-7 * softcap, ~1e-3 at softcap 1e4 and everything at 1e8 (every logit 0)."""
+    a = tl.abs(x)
+    e = tl.math.exp2(-2.8853900817779268 * a)  # exp(-2|x|)
+    z = a * a
+    p = -5.70498872745e-3 * z + 2.06390887954e-2
+    p = p * z - 5.37397155531e-2
+    p = p * z + 1.33314422036e-1
+    p = p * z - 3.33332819422e-1
+    t = tl.where(a > 0.625, (1.0 - e) / (1.0 + e), p * z * a + a)  # (NaN: not > 0.625, the polynomial's NaN)
     return tl.where(x < 0, -t, t)
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
-from torch._C import _functorch
+from torch._C import _autograd, _functorch
 
 from .backends import check_backend_name, resolve_options
 from .functional import (NESTED_ROTARY, _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name,
@@ -92,6 +92,8 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         # reference backend's torch ops raised it. (Not under torch.compile: Dynamo traces no
         # is_inference(), and a compiled x.mul_() does not refuse one either.)
         raise RuntimeError(INFERENCE_INPLACE_ERROR)
+    if inplace:
+        check_inplace_allowed(x)
     check_backend_name(backend)
     if position_ids is not None and (packed or not _is_zero(seqlen_offsets)):
         raise ValueError("position_ids gives every token's position: it cannot be combined with seqlen_offsets "
@@ -143,6 +145,23 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
 INFERENCE_INPLACE_ERROR = ("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a "
                            "clone to get a normal tensor before doing inplace update.See "
                            "https://github.com/pytorch/rfcs/pull/17 for more details.")
+
+
+def check_inplace_allowed(x: Tensor) -> None:
+    """Raise torch's own error, before anything is written, for an in-place write into x that
+    autograd refuses: x a leaf that requires grad (grad mode on), a view of one, or a view autograd
+    cannot rebase (a multi-output view, ``unbind``'s; one created under no_grad). Autograd checks
+    an in-place op only when the op records itself: the kernels write through x's data pointer
+    first (and the Function's ``mark_dirty`` checks after its forward), so the refused call had
+    already turned x. Only where torch refuses: any other x passes untouched. (Not under
+    torch.compile: its trace, on fake tensors, raises torch's error before the graph runs.)"""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and x.requires_grad):
+        return
+    if x.is_leaf or (x._is_view() and (x._base.is_leaf or _autograd._get_creation_meta(x)
+                                       != _autograd.CreationMeta.DEFAULT)):
+        # An in-place op that writes nothing (an empty index) runs autograd's check on x itself,
+        # which raises the message torch gives for this x (x.mul_(2) would give the same one)
+        x.index_fill_(-1, torch.empty(0, dtype=torch.int64, device=x.device), 0)
 
 
 def resolve_rotary(x: Tensor, half: int, backend: Optional[str]) -> str:

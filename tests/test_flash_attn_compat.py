@@ -624,6 +624,23 @@ def test_refused_rotary_calls_change_nothing_and_bad_head_counts_raise():
     with pytest.raises(ValueError, match=r"kv must have shape \(B, L, 2, Hkv, D\)"):
         FA.RotaryEmbedding(16)(q, torch.randn(1, 5, 3, 2, 16))
     assert torch.equal(q, q_before)
+    # a leaf that requires grad: torch's in-place error before anything is written (k was turned, q not)
+    leaf = torch.randn(1, 5, 3, 2, 16, requires_grad=True)
+    leaf_before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad is being used in an in-place"):
+        FA.apply_rotary_emb_qkv_(leaf, cos, sin)
+    assert torch.equal(leaf.detach(), leaf_before)
+    # RotaryEmbedding with kv: q was turned in place before kv was refused (its positions, or a leaf)
+    for kv in (torch.randn(1, 7, 2, 2, 16), torch.randn(1, 5, 2, 2, 16, requires_grad=True)):
+        kv_before = kv.detach().clone()
+        with pytest.raises((ValueError, RuntimeError)):
+            FA.RotaryEmbedding(16)(q, kv)
+        assert torch.equal(q, q_before) and torch.equal(kv.detach(), kv_before)
+    kv = torch.randn(1, 5, 2, 2, 16)
+    kv_before = kv.clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad is being used in an in-place"):
+        FA.RotaryEmbedding(16)(q.clone().requires_grad_(), kv)  # (q's write refused before kv's)
+    assert torch.equal(kv, kv_before)
     gqa = torch.randn(1, 5, 6, 16)
     for bad in (-2, 0, 2.0, True):
         with pytest.raises(ValueError, match="num_heads_q must be an int >= 1"):

@@ -439,6 +439,30 @@ def test_inplace_under_autograd(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_refused_by_autograd_raises_before_writing(backend):
+    """In place on what autograd refuses to modify (grad mode on): a leaf that requires grad, a
+    view of one, a view of a multi-output op (split's) and one made under no_grad: torch's own
+    error, as x.mul_() gives, and x unchanged (the kernels had written x, and only then did the
+    Function's mark_dirty raise, "has been used"). Under no_grad the leaf is written."""
+    cos, sin = tables(8, 2)
+    leaf = torch.randn(1, 3, 2, 4, requires_grad=True)
+    doubled = leaf * 2
+    with torch.no_grad():
+        no_grad_view = doubled[:, :]
+    for x in (leaf, leaf[:, 1:], doubled.split(1, dim=1)[0], no_grad_view):
+        before = x.detach().clone()
+        with pytest.raises(RuntimeError) as torch_error:
+            x.mul_(1)
+        with pytest.raises(RuntimeError) as error:
+            fused_attn.apply_rotary_emb(x, cos, sin, inplace=True, backend=backend)
+        assert str(error.value) == str(torch_error.value) and torch.equal(x.detach(), before)
+    expected = fused_attn.apply_rotary_emb(leaf, cos, sin, backend=backend)
+    with torch.no_grad():
+        assert fused_attn.apply_rotary_emb(leaf, cos, sin, inplace=True, backend=backend) is leaf
+    assert torch.equal(leaf.detach(), expected.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_refuses_an_inference_tensor_outside_inference_mode(backend):
     """In place on an inference tensor outside inference mode: torch's own error, as x.mul_()
     gives (the cpu and triton kernels wrote into x past torch's check; only reference raised),

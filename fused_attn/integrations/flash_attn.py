@@ -58,6 +58,7 @@ from .. import reference as R
 from ..functional import (_check_scale, _concrete, _draw_rng, _finite, _shown, apply_rotary_emb, attention,
                           attention_varlen, attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
 from ..ops_common import as_int, is_int, known_true, no_data
+from ..rotary import check_inplace_allowed
 from ._shapes import check_shapes
 from ._stand_in import StandInModules
 
@@ -565,8 +566,13 @@ class RotaryEmbedding(torch.nn.Module):
         if kv is None:
             return apply_rotary_emb_qkv_(qkv, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset,
                                          num_heads_q=num_heads_q)
-        q = apply_rotary_emb(qkv, cos, sin, interleaved=self.interleaved, inplace=True, seqlen_offsets=seqlen_offset)
-        return q, apply_rotary_emb_kv_(kv, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset)
+        # As apply_rotary_emb_qkv_: q turned out of place first and written last, once kv is, so that
+        # a call refused for kv (its positions, an in-place write autograd refuses) changes nothing;
+        # q's own write checked before kv's
+        check_inplace_allowed(qkv)
+        q_turned = apply_rotary_emb(qkv, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset)
+        apply_rotary_emb_kv_(kv, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset)
+        return qkv.copy_(q_turned), kv
 
 
 # ---------------------------------------------------------------------------------------------

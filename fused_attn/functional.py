@@ -443,6 +443,14 @@ def _check_attention_options(Hq, Hkv, D, causal, window_size, alignment, dropout
     return window_size, dropout_p, float(scale), float(softcap)
 
 
+def _check_mask_dtype(attn_mask: Tensor, dtype: torch.dtype) -> None:
+    """``attention``'s mask dtype: bool (True = attend) or additive in q's ``dtype`` (also the
+    reference module's check, on its projections' dtype)."""
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != dtype:
+        raise TypeError(f"attn_mask must be bool (True = attend) or additive with q's dtype "
+                        f"{_dtype_name(dtype)}, got {_dtype_name(attn_mask.dtype)}")
+
+
 def _check_alibi(alibi_slopes, rows: int, rows_name: str, Hq: int, device, learnable: str = "",
                  learned: bool = False):
     """ALiBi slopes as the ops take them: float32 (rows, Hq), a stride-0 view of (Hq,) slopes.
@@ -675,9 +683,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         _refuse_nested("attn_mask", attn_mask)
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            raise TypeError(f"attn_mask must be bool (True = attend) or additive with q's dtype "
-                            f"{_dtype_name(q.dtype)}, got {_dtype_name(attn_mask.dtype)}")
+        _check_mask_dtype(attn_mask, q.dtype)
         if attn_mask.device != device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {device}")
         target = (B, Hq, Lq, Lk)
@@ -1639,28 +1645,10 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
             float32 while x is half precision or float64); the normalised output keeps x's dtype.
     """
     compiling = torch.compiler.is_compiling()
-    if isinstance(x, Tensor):
-        if _autocast_on(x, compiling):
-            x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
-                                                                              residual_in_fp32)
-        elif x.dtype in _HALF_DTYPES:
-            # float32 parameters next to half-precision x, as torch's layer_norm and rms_norm take
-            # them (models that keep their norms in float32), used in x's dtype
-            weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and p.dtype == torch.float32 else p
-                            for p in (weight, bias))
-    d = None if compiling else _norm_tensors_match(x, residual, weight, bias)
-    if d is None:
-        d = _check_norm_tensors(x, residual, weight, bias, residual_in_fp32)
+    x, residual, weight, bias, residual_in_fp32, d, eps, dropout_p = _check_norm_call(
+        x, residual, weight, bias, eps, dropout_p, prenorm, rms, residual_in_fp32, compiling)
     if generator is not None:
         _check_generator(generator, x.device)
-    if compiling:
-        eps = _concrete(eps)
-    if not (type(eps) is float and 0.0 < eps < math.inf):  # else _check_eps passes it (the common case)
-        _check_eps(eps)
-    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
-    if not (type(prenorm) is bool and type(rms) is bool and type(residual_in_fp32) is bool):
-        for name, flag in (("prenorm", prenorm), ("rms", rms), ("residual_in_fp32", residual_in_fp32)):
-            _check_bool(name, flag)
     if backend is not None:
         check_backend_name(backend)
     name = resolve_values("layer_norm_residual", _NORM_OPTIONS, x.device, x.dtype,
@@ -1690,6 +1678,34 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: the options of a norm call that choose its backend, sorted by name
 _NORM_OPTIONS = ("dropout", "hidden", "residual_in_fp32", "rms")
+
+
+def _check_norm_call(x, residual, weight, bias, eps, dropout_p, prenorm, rms, residual_in_fp32, compiling: bool):
+    """``layer_norm_residual``'s checks of its tensors and options (the reference module runs them
+    too: both modules refuse the same inputs). Returns the operands as the ops take them (under
+    autocast, ``mixed_norm_operands``; float32 parameters next to half-precision x used in x's
+    dtype), ``residual_in_fp32``, the hidden size d, eps and dropout_p."""
+    if isinstance(x, Tensor):
+        if _autocast_on(x, compiling):
+            x, residual, weight, bias, residual_in_fp32 = mixed_norm_operands(x, residual, weight, bias,
+                                                                              residual_in_fp32)
+        elif x.dtype in _HALF_DTYPES:
+            # float32 parameters next to half-precision x, as torch's layer_norm and rms_norm take
+            # them (models that keep their norms in float32), used in x's dtype
+            weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and p.dtype == torch.float32 else p
+                            for p in (weight, bias))
+    d = None if compiling else _norm_tensors_match(x, residual, weight, bias)
+    if d is None:
+        d = _check_norm_tensors(x, residual, weight, bias, residual_in_fp32)
+    if compiling:
+        eps = _concrete(eps)
+    if not (type(eps) is float and 0.0 < eps < math.inf):  # else _check_eps passes it (the common case)
+        _check_eps(eps)
+    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
+    if not (type(prenorm) is bool and type(rms) is bool and type(residual_in_fp32) is bool):
+        for name, flag in (("prenorm", prenorm), ("rms", rms), ("residual_in_fp32", residual_in_fp32)):
+            _check_bool(name, flag)
+    return x, residual, weight, bias, residual_in_fp32, d, eps, dropout_p
 
 
 def mixed_norm_operands(x, residual, weight, bias, residual_in_fp32):
@@ -1792,48 +1808,10 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
             (gelu(gate) * up).
     """
     compiling = torch.compiler.is_compiling()
-    w1_up = b1_up = None
-    if isinstance(w1, (tuple, list)):
-        w1, w1_up, b1, b1_up = _split_gated_weights(w1, b1, activation)
-        x, w1, b1, w2, b2, w1_up, b1_up = _autocast(x, w1, b1, w2, b2, w1_up, b1_up)
-        # (before comparing the halves' device and dtype with it)
-        _check_tensor("x", x, min_ndim=1, nested=NESTED_TOKENS)
-        _check_same("x", x, {"w1[0]": w1, "w1[1]": w1_up, "b1[0]": b1, "b1[1]": b1_up})
-    else:
-        if isinstance(x, Tensor) and _autocast_on(x, compiling):
-            x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)
-        if isinstance(b1, (tuple, list)):
-            raise TypeError("b1 as a (b_gate, b_up) pair goes with w1 as a (w_gate, w_up) pair; got a tensor w1")
-    if not _ffn_tensors_match(x, w1, b1, w2, b2):
-        _check_tensor("x", x, min_ndim=1, nested=NESTED_TOKENS)
-        _check_tensor("w1", w1, ndim=2)
-        _check_tensor("w2", w2, ndim=2)
-        if b1 is not None:
-            _check_tensor("b1", b1, ndim=1)
-        if b2 is not None:
-            _check_tensor("b2", b2, ndim=1)
-        _check_same("x", x, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    x, w1, b1, w2, b2, w1_up, b1_up, dropout_p = _check_ffn_call(x, w1, b1, w2, b2, activation, dropout_p,
+                                                                  compiling)
     if generator is not None:
         _check_generator(generator, x.device)
-    d = x.shape[-1]
-    F1, w1_in = w1.shape
-    F1 = 2 * F1 if w1_up is not None else F1  # (the pair's halves were checked alike)
-    d_out, w2_in = w2.shape
-    if w1_in != d:
-        raise ValueError(f"w1 must have shape (d_ff, {d}) to match x's last dimension, got {tuple(w1.shape)}")
-    gated = activation in GATED_ACTIVATIONS
-    if gated and F1 % 2 != 0:
-        raise ValueError(f"for {activation}, w1 must stack (gate; up) rows: an even first dimension, got {tuple(w1.shape)}")
-    d_ff = F1 // 2 if gated else F1
-    if w2_in != d_ff:
-        raise ValueError(f"w2 must have shape (d_out, {d_ff}) to take the activation of width {d_ff}, got {tuple(w2.shape)}")
-    if b1 is not None and w1_up is None and b1.shape[0] != F1:  # (a pair's biases: _split_gated_weights)
-        raise ValueError(f"b1 must have shape ({F1},), got {tuple(b1.shape)}")
-    if b2 is not None and b2.shape[0] != d_out:
-        raise ValueError(f"b2 must have shape ({d_out},), got {tuple(b2.shape)}")
-    dropout_p = _check_prob("dropout_p", dropout_p, compiling)
     if backend is not None:
         check_backend_name(backend)
     name = resolve_values("feed_forward", _FFN_OPTIONS, x.device, x.dtype, (activation, dropout_p > 0.0), backend,
@@ -1857,6 +1835,53 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
 
 #: the options of a feed-forward call that choose its backend, sorted by name
 _FFN_OPTIONS = ("activation", "dropout")
+
+
+def _check_ffn_call(x, w1, b1, w2, b2, activation, dropout_p, compiling: bool):
+    """``feed_forward``'s checks of its tensors and options (the reference module runs them too:
+    both modules refuse the same inputs). Returns the operands as the ops take them (under
+    autocast, cast as ``nn.Linear`` casts them; a ``(w_gate, w_up)`` pair split: ``w1_up`` and
+    ``b1_up`` None otherwise) and dropout_p: (x, w1, b1, w2, b2, w1_up, b1_up, dropout_p)."""
+    w1_up = b1_up = None
+    if isinstance(w1, (tuple, list)):
+        w1, w1_up, b1, b1_up = _split_gated_weights(w1, b1, activation)
+        x, w1, b1, w2, b2, w1_up, b1_up = _autocast(x, w1, b1, w2, b2, w1_up, b1_up)
+        # (before comparing the halves' device and dtype with it)
+        _check_tensor("x", x, min_ndim=1, nested=NESTED_TOKENS)
+        _check_same("x", x, {"w1[0]": w1, "w1[1]": w1_up, "b1[0]": b1, "b1[1]": b1_up})
+    else:
+        if isinstance(x, Tensor) and _autocast_on(x, compiling):
+            x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)  # (as nn.Linear under autocast)
+        if isinstance(b1, (tuple, list)):
+            raise TypeError("b1 as a (b_gate, b_up) pair goes with w1 as a (w_gate, w_up) pair; got a tensor w1")
+    if not _ffn_tensors_match(x, w1, b1, w2, b2):
+        _check_tensor("x", x, min_ndim=1, nested=NESTED_TOKENS)
+        _check_tensor("w1", w1, ndim=2)
+        _check_tensor("w2", w2, ndim=2)
+        if b1 is not None:
+            _check_tensor("b1", b1, ndim=1)
+        if b2 is not None:
+            _check_tensor("b2", b2, ndim=1)
+        _check_same("x", x, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    d = x.shape[-1]
+    F1, w1_in = w1.shape
+    F1 = 2 * F1 if w1_up is not None else F1  # (the pair's halves were checked alike)
+    d_out, w2_in = w2.shape
+    if w1_in != d:
+        raise ValueError(f"w1 must have shape (d_ff, {d}) to match x's last dimension, got {tuple(w1.shape)}")
+    gated = activation in GATED_ACTIVATIONS
+    if gated and F1 % 2 != 0:
+        raise ValueError(f"for {activation}, w1 must stack (gate; up) rows: an even first dimension, got {tuple(w1.shape)}")
+    d_ff = F1 // 2 if gated else F1
+    if w2_in != d_ff:
+        raise ValueError(f"w2 must have shape (d_out, {d_ff}) to take the activation of width {d_ff}, got {tuple(w2.shape)}")
+    if b1 is not None and w1_up is None and b1.shape[0] != F1:  # (a pair's biases: _split_gated_weights)
+        raise ValueError(f"b1 must have shape ({F1},), got {tuple(b1.shape)}")
+    if b2 is not None and b2.shape[0] != d_out:
+        raise ValueError(f"b2 must have shape ({d_out},), got {tuple(b2.shape)}")
+    return x, w1, b1, w2, b2, w1_up, b1_up, _check_prob("dropout_p", dropout_p, compiling)
 
 
 def _split_gated_weights(w1, b1, activation):

@@ -115,6 +115,7 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, H, D) views: the call's layout
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        reference.check_kv_cache_dtype(q, kv_cache)  # (as the reference module names it)
         rope = {}
         if self.rotary:
             rope["rotary_cos"], rope["rotary_sin"] = self.rotary_tables(kv_cache.k.shape[1], query.device)

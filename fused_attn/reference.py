@@ -768,6 +768,9 @@ class MultiHeadAttention(nn.Module):
             cos, sin = self.rotary_tables(max(q.shape[2], k.shape[2]), q.device)
             q, k = (rotary(t.transpose(1, 2), cos, sin, torch.arange(t.shape[2], device=t.device).expand(
                 t.shape[0], -1)).transpose(1, 2) for t in (q, k))
+        if attn_mask is not None:  # (the dtype as the fused module's call checks it, its autocast included)
+            checks = functional_checks()
+            checks._check_mask_dtype(checks._autocast(q, attn_mask)[1], q.dtype)
         mask = merge_masks(attn_mask, key_padding_mask, q.dtype)
         causal = self.causal if is_causal is None else is_causal
         p = self.dropout if self.training else 0.0
@@ -800,6 +803,7 @@ def _decode_reference(mha, query, kv_cache):
     q = mha.query_linear(query).unflatten(-1, (mha.num_heads, mha.head_dim))  # (B, L, H, D)
     k = mha.key_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
     v = mha.value_linear(query).unflatten(-1, (mha.num_kv_heads, mha.head_dim))
+    check_kv_cache_dtype(q, kv_cache)
     if torch.compiler.is_compiling() or not no_data(query):
         lengths, pads = kv_cache.seqlens.tolist(), kv_cache.leftpad.tolist()
     else:  # shapes without data (meta, fake): no counts to read; the step as on an empty cache has its shapes
@@ -820,6 +824,16 @@ def _decode_reference(mha, query, kv_cache):
     kv_cache.seqlens += L
     out = torch.stack(outs) if outs else q.new_zeros(0, L, mha.num_heads, mha.head_dim)  # (an empty batch)
     return mha.out_linear(out.reshape(B, L, mha.d_model))
+
+
+def check_kv_cache_dtype(q, kv_cache) -> None:
+    """A decoding step's cache against its query projections ``q``: one dtype and device, as
+    ``attention_with_kvcache`` requires of q and the cache (outside autocast, under which that
+    call casts the new tokens to the cache's dtype), checked under the names the modules' caller
+    knows (the reference's torch ops failed on a float64 cache with "expected scalar type")."""
+    checks = functional_checks()
+    if not checks._autocast_enabled(q.device.type):
+        checks._check_same("the query projection", q, {"kv_cache.k": kv_cache.k, "kv_cache.v": kv_cache.v})
 
 
 def check_batched_call(query, key, value, d_model, num_heads, key_padding_mask=None, is_causal=None, attn_mask=None):
@@ -960,6 +974,11 @@ class LayerNormResidual(nn.Module):
 
     def forward(self, x, residual=None, prenorm=False):
         p = self.dropout if self.training else 0.0
+        # The fused module's checks (its call's), so that both refuse the same inputs: torch's ops
+        # here took an int x, a float64 x next to float32 parameters and a string prenorm, and
+        # failed deep inside torch on a wrong size. The math below takes the operands as given.
+        functional_checks()._check_norm_call(x, residual, self.weight, self.bias, self.eps, p, prenorm,
+                                             self.norm == "rmsnorm", False, torch.compiler.is_compiling())
         return layer_norm_residual(x, residual, self.weight, self.bias, self.eps, dropout_p=p,
                                    prenorm=prenorm, rms=self.norm == "rmsnorm")
 
@@ -986,6 +1005,10 @@ class FeedForward(nn.Module):
         p = self.dropout if self.training else 0.0
         if not (reads_as_called(self.linear1) and reads_as_called(self.linear2)):
             return self.unfused_forward(x)
+        # The fused module's checks (its call's), so that both refuse the same inputs (here torch's
+        # linear raised its own errors, naming no argument, on a wrong size or dtype)
+        functional_checks()._check_ffn_call(x, self.linear1.weight, self.linear1.bias, self.linear2.weight,
+                                            self.linear2.bias, self.activation, p, torch.compiler.is_compiling())
         return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
                             activation=self.activation, dropout_p=p)
 

@@ -398,6 +398,62 @@ def test_call_arguments_are_checked():
             mha(x, attn_mask=[[True]])
 
 
+def _same_outcome(fused_call, ref_call):
+    """Both calls raise the same error (type and message), or both return."""
+    outcomes = []
+    for call in (fused_call, ref_call):
+        try:
+            call()
+            outcomes.append(None)
+        except Exception as error:  # noqa: BLE001 (compared below)
+            outcomes.append((type(error), str(error)))
+    assert outcomes[0] == outcomes[1], outcomes
+    return outcomes[0]
+
+
+def test_reference_modules_refuse_what_the_fused_ones_refuse():
+    """The reference modules ran none of the fused modules' checks: a string prenorm returned a
+    tuple, an int x and a float64 x next to float32 parameters were taken, a wrong size or a 0-d x
+    failed inside torch (layer_norm, linear), a float64 attn_mask or KV cache gave "expected scalar
+    type". Each raises the fused module's error now; what the fused module takes (float64 x with
+    float64 parameters, half x next to float32 norm parameters) the reference still takes."""
+    x = torch.randn(B, L, D_MODEL)
+    norm, norm_ref = _pair("LayerNormResidual", D_MODEL)
+    ffn, ffn_ref = _pair("FeedForward", D_MODEL)
+    refused = [((norm, norm_ref), (x,), dict(prenorm="no")),
+               ((norm, norm_ref), (x.long(),), {}),
+               ((norm, norm_ref), (x.double(),), {}),
+               ((norm, norm_ref), (x, x.double()), {}),
+               ((norm, norm_ref), (x[..., :-1],), {}),
+               ((norm, norm_ref), (torch.tensor(1.0),), {}),
+               ((ffn, ffn_ref), (x[..., :-1],), {}),
+               ((ffn, ffn_ref), (x.long(),), {}),
+               ((ffn, ffn_ref), (x.double(),), {}),
+               ((ffn, ffn_ref), (torch.tensor(1.0),), {})]
+    for (fused, ref), args, kwargs in refused:
+        assert _same_outcome(lambda: fused(*args, **kwargs), lambda: ref(*args, **kwargs)) is not None
+    mha, mha_ref = _pair("MultiHeadAttention", D_MODEL, HEADS)
+    for dtype in (torch.float64, torch.float16):
+        mask = torch.zeros(L, L, dtype=dtype)
+        error = _same_outcome(lambda: mha(x, attn_mask=mask), lambda: mha_ref(x, attn_mask=mask))
+        assert error[0] is TypeError and "attn_mask must be bool (True = attend) or additive" in error[1]
+    mha.eval(), mha_ref.eval()
+    with torch.no_grad():
+        for dtype in (torch.float64, torch.float16):
+            caches = [m.new_kv_cache(B, 32, dtype=dtype) for m in (mha, mha_ref)]
+            error = _same_outcome(lambda: mha(x, kv_cache=caches[0], is_causal=True),
+                                  lambda: mha_ref(x, kv_cache=caches[1], is_causal=True))
+            assert error[0] is TypeError and "kv_cache.k has dtype" in error[1]
+            assert not any(c.k.any() or c.seqlens.any() for c in caches)  # (refused before the write)
+    # taken by both: float64 everywhere, and half x next to float32 norm parameters
+    norm64, norm64_ref = _pair("LayerNormResidual", D_MODEL, dtype=torch.float64)
+    ffn64, ffn64_ref = _pair("FeedForward", D_MODEL, dtype=torch.float64)
+    for fused, ref, inputs in ((norm64, norm64_ref, (x.double(),)), (ffn64, ffn64_ref, (x.double(),)),
+                               (norm, norm_ref, (x.half(), x.half()))):
+        assert _same_outcome(lambda: fused(*inputs), lambda: ref(*inputs)) is None
+    assert norm_ref(x, prenorm=True)[1].shape == x.shape
+
+
 @pytest.mark.parametrize("with_padding", [False, True])
 def test_attn_mask_is_checked_before_it_meets_key_padding_mask(with_padding):
     """With a key_padding_mask the two masks are merged before ``attention`` sees them: an int

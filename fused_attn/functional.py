@@ -1136,9 +1136,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         window_size = None if (left, right) == (-1, -1) else (left, right)
     _check_alibi(alibi_slopes, B, "B", Hq, device)
     _check_sinks(sinks, Hq, device)
+    # (checked with or without the tables: a bad flag was noticed only once tables were passed)
+    _check_bool("rotary_interleaved", rotary_interleaved)
     rotary_backend = None
     if rotary_cos is not None or rotary_sin is not None:
-        rotary_backend = _check_kvcache_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, backend)
+        rotary_backend = _check_kvcache_rotary(rotary_cos, rotary_sin, q, k, backend)
     if grad_recording():
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v), ("sinks", sinks)):
             if t is not None and t.requires_grad:
@@ -1262,7 +1264,7 @@ def _equal_boundaries(batch: int, length: int, device, compiling: bool) -> Tenso
     return torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
 
 
-def _check_kvcache_rotary(cos, sin, interleaved, q, k, backend) -> str:
+def _check_kvcache_rotary(cos, sin, q, k, backend) -> str:
     """The checks of attention_with_kvcache's rotary tables; returns the backend that rotates."""
     if cos is None or sin is None:
         given, missing = ("rotary_cos", "rotary_sin") if sin is None else ("rotary_sin", "rotary_cos")
@@ -1272,7 +1274,6 @@ def _check_kvcache_rotary(cos, sin, interleaved, q, k, backend) -> str:
                          "new k and v too (as FlashAttention, which applies them only then), or rotate q with "
                          "apply_rotary_emb")
     half = check_tables(cos, sin, q, names=("rotary_cos", "rotary_sin", "q"))
-    _check_bool("rotary_interleaved", interleaved)
     return resolve_rotary(q, half, backend)
 
 

@@ -276,6 +276,11 @@ def test_softmax_scale_is_named_so_under_torch_compile_too():
     (lambda: FA.RotaryEmbedding(8, base=float("inf")), ValueError, "base must be a finite number > 0"),
     (lambda: FA.RotaryEmbedding(8, base=10**400), ValueError, "base must be a finite number > 0 .* an int of"),
     (lambda: FA.RotaryEmbedding(8, base="1e4"), TypeError, "base must be a finite number > 0, got str"),
+    (lambda: FA.RotaryEmbedding(8, interleaved="x"), TypeError, "interleaved must be a bool, got str 'x'"),
+    (lambda: FA.RotaryEmbedding(8, pos_idx_in_fp32="x"), TypeError, "pos_idx_in_fp32 must be a bool, got str"),
+    (lambda: FA.flash_attn_with_kvcache(torch.randn(1, 1, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8),
+                                        cache_seqlens=1, rotary_interleaved=1), TypeError,
+     "rotary_interleaved must be a bool, got int 1"),
     # float indices were truncated by .long() (upstream's indexing refuses them)
     (lambda: FA.pad_input(torch.randn(3, 4), torch.tensor([0.0, 2.5, 3.0]), 2, 2), TypeError,
      r"indices must be an integer tensor \(int64, .* or int32\), got torch.float32"),

@@ -621,6 +621,9 @@ DENSE_ERRORS = [
      "rotary_cos and rotary_sin must have the same shape"),
     (lambda a: dict(zip(("rotary_cos", "rotary_sin"), rope_tables(20, 8)), rotary_interleaved="yes"), TypeError,
      "rotary_interleaved must be a bool"),
+    # (without tables too: a bad flag was ignored until tables came with it)
+    (lambda a: dict(rotary_interleaved="yes"), TypeError, "rotary_interleaved must be a bool, got str 'yes'"),
+    (lambda a: dict(rotary_interleaved=1, k=None, v=None), TypeError, "rotary_interleaved must be a bool"),
     (lambda a: dict(v=None), ValueError, "k was given without v"),
     (lambda a: dict(k=None), ValueError, "v was given without k"),
     (lambda a: dict(q=a["q"][0]), ValueError, "q must be 4-D"),

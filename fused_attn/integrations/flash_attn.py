@@ -55,8 +55,9 @@ from torch import Tensor
 
 from .. import _rng
 from .. import reference as R
-from ..functional import (_check_scale, _concrete, _draw_rng, _finite, _shown, apply_rotary_emb, attention,
-                          attention_varlen, attention_with_kvcache, layer_norm_residual, mixed_norm_operands)
+from ..functional import (_check_bool, _check_scale, _concrete, _draw_rng, _finite, _shown, apply_rotary_emb,
+                          attention, attention_varlen, attention_with_kvcache, layer_norm_residual,
+                          mixed_norm_operands)
 from ..ops_common import as_int, is_int, known_true, no_data
 from ..rotary import check_inplace_allowed
 from ._shapes import check_shapes
@@ -497,6 +498,9 @@ class RotaryEmbedding(torch.nn.Module):
         if not (base > 0 and _finite(base)):  # (0 or less gave NaN angles)
             raise ValueError(f"base must be a finite number > 0 (the angles are t * base ** (-2i / dim)), got "
                              f"{_shown(base)}")
+        # (a non-bool flag was kept, read as its truth value: "x" turned interleaved pairs)
+        _check_bool("interleaved", interleaved)
+        _check_bool("pos_idx_in_fp32", pos_idx_in_fp32)
         self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, None
         self.pos_idx_in_fp32 = pos_idx_in_fp32
         self.register_buffer("inv_freq", self._frequencies(device), persistent=False)

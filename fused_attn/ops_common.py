@@ -43,6 +43,28 @@ def is_int(value) -> bool:
     return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
+def check_device(device, name: str = "device") -> None:
+    """A ``device=`` argument (``get_alibi_slopes``, ``KVCache``, the modules' constructors): None,
+    a torch.device, a device string or an index. A string torch cannot parse raises ValueError and
+    another type TypeError, naming the argument (torch's own errors named neither, "Expected one
+    of cpu, cuda, ..." or "argument 'device' must be torch.device"); a well-formed device this
+    machine lacks ("cuda" on a CPU-only build, an index without an accelerator) keeps torch's
+    error where the tensor is made."""
+    if device is None or isinstance(device, torch.device):
+        return
+    if isinstance(device, str):
+        try:
+            torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:0' (or a torch.device, an "
+                             f"index, None), got {device!r}: {error}") from None
+    elif not is_int(device):
+        raise TypeError(f"{name} must be None, a torch.device, a device string such as 'cuda:0' or an index, got "
+                        f"{type(device).__name__} {device!r}")
+    elif device < 0:
+        raise ValueError(f"{name} must be a device index >= 0, got {device!r}")
+
+
 def as_int(value):
     """``int(value)`` for an ``is_int`` value, a ``torch.SymInt`` kept as it is: int() of one
     specialises the trace to the value it was traced at (a guard ``s0 == 9``, which torch.export

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _rng
-from .ops_common import check_cumulative, check_longest, grad_recording, no_data, norm_stat_scale
+from .ops_common import check_cumulative, check_device, check_longest, grad_recording, no_data, norm_stat_scale
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -75,6 +75,7 @@ def get_alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     if not 1 <= num_heads <= 1 << 20:
         raise ValueError(f"num_heads must be an int from 1 to 2**20, got {num_heads!r}")
     num_heads = int(num_heads)  # (numpy ints too)
+    check_device(device)
 
     def powers(n):
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
@@ -495,6 +496,7 @@ class KVCache:
         check_count("batch", batch, minimum=0)
         for name, value in (("max_len", max_len), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             check_count(name, value)
+        check_device(device)
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -622,6 +624,7 @@ class MultiHeadAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
             check_count(name, value)
+        check_device(device)
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads != 0:
@@ -956,6 +959,7 @@ class LayerNormResidual(nn.Module):
         super().__init__()
         checks = functional_checks()
         check_count("d_model", d_model)
+        check_device(device)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         checks._check_bool("bias", bias)
@@ -993,6 +997,7 @@ class FeedForward(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         d_ff = 4 * d_model if d_ff is None else check_count("d_ff", d_ff)
+        check_device(device)
         checks._check_bool("bias", bias)
         self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
         self.dropout = checks._check_prob("dropout", dropout)

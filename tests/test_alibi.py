@@ -189,6 +189,27 @@ def test_get_alibi_slopes_is_the_papers():
             fused_attn.get_alibi_slopes(bad)
 
 
+def test_device_arguments_are_checked():
+    """A device string torch cannot parse, a negative index or another type, given as ``device=``
+    to get_alibi_slopes, KVCache, the modules or FlashAttention's RotaryEmbedding, raises naming
+    device (torch's RuntimeError "Expected one of cpu, cuda, ..." or TypeError "argument 'device'
+    must be torch.device" named neither); a well-formed one works as torch's factories take it."""
+    from fused_attn.integrations import flash_attn as FA
+    makers = (lambda d: fused_attn.get_alibi_slopes(4, device=d), lambda d: fused_attn.KVCache(1, 2, 1, 2, device=d),
+              lambda d: fused_attn.MultiHeadAttention(8, 2, device=d),
+              lambda d: fused_attn.reference.LayerNormResidual(8, device=d),
+              lambda d: fused_attn.FeedForward(8, device=d), lambda d: FA.RotaryEmbedding(8, device=d))
+    for make in makers:
+        for bad, error, match in (("nope", ValueError, "device must be a device such as 'cpu'.* got 'nope'"),
+                                  (-1, ValueError, "device must be a device index >= 0, got -1"),
+                                  (3.5, TypeError, "device must be None, a torch.device, .* got float 3.5")):
+            with pytest.raises(error, match=match):
+                make(bad)
+        for good in ("cpu", torch.device("cpu"), "meta", None):
+            make(good)
+    assert fused_attn.get_alibi_slopes(4, device="meta").device.type == "meta"
+
+
 def test_alibi_slopes_bad_input():
     q, k, v = make_inputs((2, 4, 5, 8), (2, 2, 7, 8), (2, 2, 7, 8), requires_grad=False)
     with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(Hq,\) = \(4,\) or \(B, Hq\)"):

@@ -58,7 +58,7 @@ from .. import reference as R
 from ..functional import (_check_bool, _check_scale, _concrete, _draw_rng, _finite, _shown, apply_rotary_emb,
                           attention, attention_varlen, attention_with_kvcache, layer_norm_residual,
                           mixed_norm_operands)
-from ..ops_common import as_int, is_int, known_true, no_data
+from ..ops_common import as_int, check_device, is_int, known_true, no_data
 from ..rotary import check_inplace_allowed
 from ._shapes import check_shapes
 from ._stand_in import StandInModules
@@ -498,6 +498,7 @@ class RotaryEmbedding(torch.nn.Module):
         if not (base > 0 and _finite(base)):  # (0 or less gave NaN angles)
             raise ValueError(f"base must be a finite number > 0 (the angles are t * base ** (-2i / dim)), got "
                              f"{_shown(base)}")
+        check_device(device)
         # (a non-bool flag was kept, read as its truth value: "x" turned interleaved pairs)
         _check_bool("interleaved", interleaved)
         _check_bool("pos_idx_in_fp32", pos_idx_in_fp32)

@@ -353,6 +353,13 @@ def test_merge_attentions_checks_its_parts_in_xformers_terms():
         X.merge_attentions([o, o], [lse.long(), lse.long()])
     with pytest.raises(TypeError, match="write_lse must be a bool, got str 'n'"):
         X.merge_attentions([o, o], [lse, lse], write_lse="n")
+    # output_dtype as memory_efficient_attention checks it (an int dtype was applied, "cpu" taken as a device)
+    for bad in (torch.int32, "cpu"):
+        for call in (lambda: X.merge_attentions([o, o], [lse, lse], True, bad),
+                     lambda: X.memory_efficient_attention(o, o, o, output_dtype=bad)):
+            with pytest.raises(TypeError, match=f"output_dtype must be a floating torch.dtype or None, got {bad!r}"):
+                call()
+    assert X.merge_attentions([o, o], [lse, lse], True, torch.float64)[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("shapes,expected", [

@@ -383,6 +383,13 @@ def _check_tensor_bias(bias: Tensor, query: Tensor, key: Tensor, name: str) -> N
         raise ValueError(f"{name} is on {bias.device} but query is on {query.device}")
 
 
+def _check_output_dtype(output_dtype) -> None:
+    """``output_dtype`` of ``memory_efficient_attention`` and ``merge_attentions``: None or a
+    floating torch.dtype (the output is cast to it)."""
+    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
+        raise TypeError(f"output_dtype must be a floating torch.dtype or None, got {output_dtype!r}")
+
+
 def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_bias=None, p: float = 0.0,
                                scale: Optional[float] = None, *, op=None, output_dtype=None, return_lse: bool = False):
     """xformers' ``memory_efficient_attention``: ``softmax(q k^T * scale + bias) v`` on (B, M, H, K)
@@ -391,8 +398,7 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
     (``return_lse``, not xformers': also the lse, float32 (float64 for a float64 query), as ``memory_efficient_attention_partial``.)"""
     if not isinstance(query, Tensor):
         raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
-    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
-        raise TypeError(f"output_dtype must be a floating torch.dtype or None, got {output_dtype!r}")
+    _check_output_dtype(output_dtype)
     ndim = query.dim()
     if ndim not in (3, 4, 5):
         raise ValueError(f"query must be (B, M, K), (B, M, H, K) or (B, M, G, H, K), got shape {tuple(query.shape)}")
@@ -472,6 +478,7 @@ def merge_attentions(attn_split: Tensor, lse_split: Tensor, write_lse: bool = Tr
     attention over all the keys (``fused_attn.merge_attention``): ``(out (B, M, [G,] H, K), lse
     (B, [G,] H, M) or None without write_lse)``. Differentiable."""
     _check_bool("write_lse", write_lse)
+    _check_output_dtype(output_dtype)  # (an int dtype was applied to the merge; "cpu" moved it)
     if isinstance(attn_split, (list, tuple)) and isinstance(lse_split, (list, tuple)):
         if not attn_split or len(attn_split) != len(lse_split):
             raise ValueError(f"attn_split and lse_split must list the same number of parts (at least one), got "

@@ -222,12 +222,13 @@ def test_with_kvcache_bad_input():
         FA.flash_attn_with_kvcache(q, kc, vc, k, v)
     with pytest.raises(ValueError, match="num_splits must be an int >= 0"):
         FA.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=2, num_splits=-1)
-    with pytest.raises(ValueError, match="window_size must be a pair"):
+    with pytest.raises(TypeError, match="window_size must be a pair"):  # (a TypeError, as attention's)
         FA.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=2, window_size=3)
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda q, k, v: FA.flash_attn_func(q, k, v, window_size=(1, 2, 3)), ValueError, "window_size must be a pair"),
+    (lambda q, k, v: FA.flash_attn_func(q, k, v, window_size=(1, 2, 3)), TypeError, "window_size must be a pair"),
+    (lambda q, k, v: FA.flash_attn_func(q, k, v, window_size=3), TypeError, "window_size must be a pair"),
     (lambda q, k, v: FA.flash_attn_func(q, k, v, softcap=None), TypeError, "softcap must be a float"),
     (lambda q, k, v: FA.flash_attn_func(q, k, v, deterministic=1), TypeError, "deterministic must be a bool"),
     (lambda q, k, v: FA.flash_attn_func(q, k, v, return_attn_probs="yes"), TypeError,
@@ -647,8 +648,8 @@ def test_refused_rotary_calls_change_nothing_and_bad_head_counts_raise():
         FA.RotaryEmbedding(16)(q.clone().requires_grad_(), kv)  # (q's write refused before kv's)
     assert torch.equal(kv, kv_before)
     gqa = torch.randn(1, 5, 6, 16)
-    for bad in (-2, 0, 2.0, True):
-        with pytest.raises(ValueError, match="num_heads_q must be an int >= 1"):
+    for bad, error in ((-2, ValueError), (0, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_heads_q must be an int >= 1"):
             FA.apply_rotary_emb_qkv_(gqa, cos, sin, num_heads_q=bad)
     rope = FA.RotaryEmbedding(16)
     import numpy as np

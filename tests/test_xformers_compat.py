@@ -198,11 +198,39 @@ def test_dropout_seed_and_output_dtype():
     (lambda q: X.BlockDiagonalPaddedKeysMask.from_seqlens([1], 4, [2], causal_diagonal=torch.zeros(1)), ValueError,
      "causal_diagonal is not supported"),
     (lambda q: X.LocalAttentionFromBottomRightMask(-1, 0), ValueError, "window_left must be an int >= 0"),
+    # a type that is not an int: TypeError (was ValueError), as the functional calls raise
+    (lambda q: X.LocalAttentionFromBottomRightMask(1, 2.0), TypeError, "window_right must be an int >= 0, got float"),
+    (lambda q: X.LowerTriangularFromBottomRightLocalAttentionMask(2.0), TypeError,
+     r"window_size must be an int >= 1 \(the keys each query sees\), got float 2.0"),
+    (lambda q: X.BlockDiagonalMask.from_seqlens([2, 3]).make_local_attention("2"), TypeError,
+     "window_size must be an int >= 1"),
+    (lambda q: X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1], 4.0, [4]), TypeError,
+     r"kv_padding must be an int >= every kv_seqlen \(4\), got float"),
 ])
 def test_bad_input_says_what_was_expected(call, error, match):
     q = torch.randn(2, 5, 2, 8)
     with pytest.raises(error, match=match):
         call(q)
+
+
+def test_numpy_ints_are_ints():
+    """numpy ints, which the functional calls take (``is_int``), were refused by the bias
+    constructors ("must be an int"); they are taken as the Python ints they hold."""
+    import numpy as np
+    q = torch.randn(1, 9, 2, 8)
+    pairs = [(X.LowerTriangularFromBottomRightLocalAttentionMask(np.int64(3)),
+              X.LowerTriangularFromBottomRightLocalAttentionMask(3)),
+             (X.LocalAttentionFromBottomRightMask(np.int64(2), np.int32(1)), X.LocalAttentionFromBottomRightMask(2, 1)),
+             (X.BlockDiagonalMask.from_seqlens([4, 5]).make_local_attention(np.int64(2)),
+              X.BlockDiagonalMask.from_seqlens([4, 5]).make_local_attention(2)),
+             (X.BlockDiagonalMask.from_seqlens([4, 5]).make_local_attention_from_bottomright(np.int64(2)),
+              X.BlockDiagonalMask.from_seqlens([4, 5]).make_local_attention_from_bottomright(2))]
+    for given, expected in pairs:
+        assert given.window == expected.window and all(type(w) is int for w in given.window)
+        torch.testing.assert_close(X.memory_efficient_attention(q, q, q, attn_bias=given),
+                                   X.memory_efficient_attention(q, q, q, attn_bias=expected))
+    padded = X.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1], np.int64(4), [4])
+    assert padded.k_seqinfo.padding == 4 and type(padded.k_seqinfo.padding) is int
 
 
 def test_compiles_without_graph_breaks():

@@ -94,8 +94,8 @@ def _window(window_size, seqlen_k=None, seqlen_q=None) -> Optional[tuple]:
     FlashAttention has it.) ``attention_with_kvcache`` applies both rules itself, on the cache's
     capacity. ``seqlen_q``: the queries' length (varlen: ``max_seqlen_q``), used only when
     ``seqlen_k`` is symbolic (``_symbolic_window``)."""
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), -1 for an unbounded side, got {window_size!r}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:  # (a TypeError, as attention's)
+        raise TypeError(f"window_size must be a pair (left, right), -1 for an unbounded side, got {window_size!r}")
     left, right = window_size
     if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in (left, right)):
         # (checked before the (-1, -1) test below, which (-1.0, -1.0) passed)
@@ -412,7 +412,9 @@ def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=Fal
     elif qkv.dim() == 4:
         if num_heads_q is None:
             raise ValueError(f"qkv of shape {tuple(qkv.shape)} (B, L, Hq + 2 Hkv, D) needs num_heads_q")
-        if isinstance(num_heads_q, bool) or not isinstance(num_heads_q, numbers.Integral) or num_heads_q < 1:
+        if not is_int(num_heads_q):
+            raise TypeError(f"num_heads_q must be an int >= 1, got {type(num_heads_q).__name__} {num_heads_q!r}")
+        if num_heads_q < 1:
             raise ValueError(f"num_heads_q must be an int >= 1, got {num_heads_q!r}")
         num_heads_q = int(num_heads_q)
         kv_heads = qkv.shape[2] - num_heads_q

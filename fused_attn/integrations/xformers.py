@@ -62,11 +62,21 @@ __all__ = ["memory_efficient_attention", "memory_efficient_attention_forward", "
 XFORMERS_VERSION = "0.0.28+fused_attn"
 
 
+def _count(name: str, value, minimum: int, bound: Optional[str] = None) -> int:
+    """A size argument as a Python int: any int (numpy's too, as the functional calls take them),
+    not a bool; another type raises TypeError, a value below ``minimum`` ValueError (``bound``:
+    how the messages say the minimum)."""
+    bound = bound or str(minimum)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {bound}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {bound}, got {value!r}")
+    return int(value)
+
+
 def _window_of(window_size: int) -> tuple:
     """xformers' local ``window_size`` w (query i sees keys i - w < j <= i) as (left, right)."""
-    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
-        raise ValueError(f"window_size must be an int >= 1 (the keys each query sees), got {window_size!r}")
-    return (window_size - 1, 0)
+    return (_count("window_size", window_size, 1, "1 (the keys each query sees)") - 1, 0)
 
 
 def _lengths(name: str, seqlens) -> list:
@@ -158,7 +168,7 @@ class LowerTriangularFromBottomRightLocalAttentionMask(LowerTriangularFromBottom
 
     def __init__(self, _window_size: int):
         self.window = _window_of(_window_size)
-        self._window_size = _window_size
+        self._window_size = self.window[0] + 1  # (a Python int)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(_window_size={self._window_size})"
@@ -171,9 +181,7 @@ class LocalAttentionFromBottomRightMask(AttentionBias):
     alignment = "bottom_right"
 
     def __init__(self, window_left: int, window_right: int):
-        for name, w in (("window_left", window_left), ("window_right", window_right)):
-            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {w!r}")
+        window_left, window_right = _count("window_left", window_left, 0), _count("window_right", window_right, 0)
         self.window_left, self.window_right = window_left, window_right
         self.window = (window_left, window_right)
 
@@ -320,7 +328,7 @@ class BlockDiagonalCausalLocalAttentionMask(BlockDiagonalCausalMask):
     def __init__(self, q_seqinfo, k_seqinfo, _batch_sizes=None, _window_size: int = 1):
         super().__init__(q_seqinfo, k_seqinfo, _batch_sizes)
         self.window = _window_of(_window_size)
-        self._window_size = _window_size
+        self._window_size = self.window[0] + 1  # (a Python int)
 
 
 class BlockDiagonalCausalLocalAttentionFromBottomRightMask(BlockDiagonalCausalFromBottomRightMask):
@@ -329,7 +337,7 @@ class BlockDiagonalCausalLocalAttentionFromBottomRightMask(BlockDiagonalCausalFr
     def __init__(self, q_seqinfo, k_seqinfo, _batch_sizes=None, _window_size: int = 1):
         super().__init__(q_seqinfo, k_seqinfo, _batch_sizes)
         self.window = _window_of(_window_size)
-        self._window_size = _window_size
+        self._window_size = self.window[0] + 1  # (a Python int)
 
 
 class BlockDiagonalPaddedKeysMask(_PackedBias):
@@ -343,9 +351,8 @@ class BlockDiagonalPaddedKeysMask(_PackedBias):
         if causal_diagonal is not None:
             raise ValueError("causal_diagonal is not supported by fused_attn's padded-keys masks: pass None")
         q_lens, k_lens = _lengths("q_seqlen", q_seqlen), _lengths("kv_seqlen", kv_seqlen)
-        if isinstance(kv_padding, bool) or not isinstance(kv_padding, int) or kv_padding < max(k_lens, default=0):
-            raise ValueError(f"kv_padding must be an int >= every kv_seqlen ({max(k_lens, default=0)}), got "
-                             f"{kv_padding!r}")
+        longest = max(k_lens, default=0)
+        kv_padding = _count("kv_padding", kv_padding, longest, f"every kv_seqlen ({longest})")
         return cls(_SeqLenInfo(q_lens), _SeqLenInfo(k_lens, padding=kv_padding))
 
 

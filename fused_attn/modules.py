@@ -303,7 +303,7 @@ class Transformer(reference.Transformer):
     def __init__(self, d_model, num_heads, num_layers, backend=None, **layer_kwargs):
         nn.Module.__init__(self)
         check_backend_name(backend)
-        reference.check_count("num_layers", num_layers)
+        num_layers = reference.check_count("num_layers", num_layers)
         self.layers = nn.ModuleList(TransformerLayer(d_model, num_heads, backend=backend, **layer_kwargs)
                                     for _ in range(num_layers))
 

@@ -444,14 +444,15 @@ def rotary(x, cos, sin, positions, interleaved=False, conjugate=False):
 # --------------------------------------------------------------------------------------------
 
 def check_count(name: str, value, minimum: int = 1) -> int:
-    """A size or count constructor argument: an int (not a bool) >= ``minimum``. (A float, or a
-    negative size, failed inside torch's tensor factories without naming the argument; a negative
-    count built an empty model.)"""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A size or count constructor argument: an int (not a bool) >= ``minimum``, returned as a
+    Python int (numpy's ints too, as the functional calls take them: they were refused here). (A
+    float, or a negative size, failed inside torch's tensor factories without naming the argument;
+    a negative count built an empty model.)"""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def functional_checks():
@@ -493,9 +494,9 @@ class KVCache:
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, device=None, dtype=None):
         # (a negative or float size failed inside torch.zeros without naming the argument; an empty
         # batch is a valid call of the modules, a cache of no tokens holds no step)
-        check_count("batch", batch, minimum=0)
-        for name, value in (("max_len", max_len), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            check_count(name, value)
+        batch = check_count("batch", batch, minimum=0)
+        max_len, num_kv_heads, head_dim = (check_count(name, value) for name, value in (
+            ("max_len", max_len), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
         check_device(device)
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(batch, max_len, num_kv_heads, head_dim, device=device, dtype=dtype)
@@ -622,8 +623,8 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         checks = functional_checks()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            check_count(name, value)
+        d_model, num_heads, num_kv_heads = (check_count(name, value) for name, value in (
+            ("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)))
         check_device(device)
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
@@ -657,9 +658,12 @@ class MultiHeadAttention(nn.Module):
             # on meta, the weights arrive but the buffer would stay on meta (see the hook)
             self.register_load_state_dict_post_hook(_materialize_alibi_slopes)
         self.sinks = nn.Parameter(torch.empty(num_heads, **factory)) if sinks else None
-        # (_finite: an int too large for a float is not finite; float() overflowed)
-        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)) or not (
-                rotary_base > 0 and checks._finite(rotary_base)):
+        # (_finite: an int too large for a float is not finite; float() overflowed. Any real: numpy's
+        # ints were refused, its floats taken)
+        if isinstance(rotary_base, bool) or not isinstance(rotary_base, numbers.Real):
+            raise TypeError(f"rotary_base must be a finite number > 0, got {type(rotary_base).__name__} "
+                            f"{rotary_base!r}")
+        if not (rotary_base > 0 and checks._finite(rotary_base)):
             raise ValueError(f"rotary_base must be a finite number > 0 (RoPE's angles are position / base ** "
                              f"(2i / head_dim)), got {checks._shown(rotary_base)}")
         self.rotary, self.rotary_base = bool(rotary), float(rotary_base)
@@ -958,7 +962,7 @@ class LayerNormResidual(nn.Module):
     def __init__(self, d_model, eps=1e-5, norm="layernorm", bias=True, dropout=0.0, device=None, dtype=None):
         super().__init__()
         checks = functional_checks()
-        check_count("d_model", d_model)
+        d_model = check_count("d_model", d_model)
         check_device(device)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -993,7 +997,7 @@ class FeedForward(nn.Module):
     def __init__(self, d_model, d_ff=None, activation="relu", dropout=0.0, bias=True, device=None, dtype=None):
         super().__init__()
         checks = functional_checks()
-        check_count("d_model", d_model)
+        d_model = check_count("d_model", d_model)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         d_ff = 4 * d_model if d_ff is None else check_count("d_ff", d_ff)
@@ -1129,7 +1133,7 @@ class Transformer(nn.Module):
 
     def __init__(self, d_model, num_heads, num_layers, **layer_kwargs):
         super().__init__()
-        check_count("num_layers", num_layers)
+        num_layers = check_count("num_layers", num_layers)
         self.layers = nn.ModuleList(TransformerLayer(d_model, num_heads, **layer_kwargs) for _ in range(num_layers))
 
     def new_kv_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> list:

@@ -552,6 +552,31 @@ def test_valid_constructor_arguments_keep_their_meaning():
         repr(mha)
 
 
+def test_numpy_ints_are_taken_as_ints():
+    """numpy ints, which the functional calls take (``is_int``), were refused by the module
+    constructors, KVCache and rotary_base ("d_model must be an int >= 1, got int64"): taken now, and
+    kept as the Python ints they hold. A rotary_base that is not a number is a TypeError."""
+    import numpy as np
+    for m in (M, R):
+        mha = m.MultiHeadAttention(np.int64(16), np.int64(2), num_kv_heads=np.int32(1), rotary=True,
+                                   rotary_base=np.int64(500))
+        assert (mha.d_model, mha.num_heads, mha.num_kv_heads, mha.head_dim, mha.rotary_base) == (16, 2, 1, 8, 500.0)
+        assert all(type(n) is int for n in (mha.d_model, mha.num_heads, mha.num_kv_heads, mha.head_dim))
+        norm, ffn = m.LayerNormResidual(np.int64(16)), m.FeedForward(np.int64(16), np.int64(24))
+        assert type(norm.d_model) is int and (type(ffn.d_model), type(ffn.d_ff)) == (int, int)
+        assert len(m.Transformer(np.int64(16), np.int64(2), np.int64(2)).layers) == 2
+        cache = mha.new_kv_cache(np.int64(2), np.int64(5))
+        assert cache.k.shape == (2, 5, 1, 8)
+        with pytest.raises(TypeError, match="rotary_base must be a finite number > 0, got str '1e4'"):
+            m.MultiHeadAttention(16, 2, rotary=True, rotary_base="1e4")
+    cache = fused_attn.KVCache(np.int64(2), np.int64(5), np.int64(1), np.int64(8))
+    assert cache.k.shape == (2, 5, 1, 8) and repr(cache).startswith("KVCache(batch=2, max_len=5")
+    from fused_attn.integrations import flash_attn as FA
+    assert FA.RotaryEmbedding(np.int64(8)).dim == 8 and type(FA.RotaryEmbedding(np.int64(8)).dim) is int
+    with pytest.raises(TypeError, match="dim must be an even int >= 2 .* got float 8.0"):
+        FA.RotaryEmbedding(8.0)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_heads=0), "num_heads must be an int >= 1, got 0"),
     (dict(num_heads=-2), "num_heads must be an int >= 1, got -2"),

@@ -493,8 +493,12 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         if scale_base is not None:
             raise ValueError("scale_base (xPos) is not supported by fused_attn's RotaryEmbedding: pass None")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+        if not is_int(dim):  # (numpy's ints too, as a Python int; a float is a TypeError)
+            raise TypeError(f"dim must be an even int >= 2 (the rotary features of a head), got {type(dim).__name__} "
+                            f"{dim!r}")
+        if dim < 2 or dim % 2:
             raise ValueError(f"dim must be an even int >= 2 (the rotary features of a head), got {dim!r}")
+        dim = int(dim)
         if isinstance(base, bool) or not isinstance(base, numbers.Real):
             raise TypeError(f"base must be a finite number > 0, got {type(base).__name__}")
         if not (base > 0 and _finite(base)):  # (0 or less gave NaN angles)

@@ -1515,18 +1515,38 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     return out.to(outs[0].dtype), lse
 
 
+def _broadcast_dims(a: Sequence[int], b: Sequence[int]) -> Optional[tuple]:
+    """``torch.broadcast_shapes(a, b)``, or None where they do not broadcast (torch's takes ~50 us
+    in eager mode, several times the SDPA wrapper's own cost)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention``'s signature and meaning on fused_attn's
     kernels, for code that calls SDPA (see also ``fused_attn.patch_sdpa``).
 
-    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev): any number of leading
-    batch dims (none: one head), key's and value's broadcasting against query's; ``attn_mask``
-    broadcasts against (..., Hq, L, S) from the right, and a float mask of another dtype than
-    query's is cast to it. ``Hq != Hkv`` needs ``enable_gqa=True`` (also in the 3-D form, read as
-    (H, L, E)), and ``attn_mask`` with ``is_causal=True`` is refused, both as torch does. A row whose
-    keys are all masked gives zeros (torch gives NaN or zeros, depending on its version and kernel).
+    query (..., L, E), key (..., S, E), value (..., S, Ev), each of at least 2 dims: as in torch,
+    every dim before the last two is a batch dim, and those of query, key and value broadcast
+    against each other, the fewer dims left-padded with 1s (a 2-D key with a 4-D query is one key
+    set for every batch and head; a broadcast one gets the gradient summed over the copies, as in
+    torch), read through expanded views. With ``enable_gqa=True`` dim -3 of each is its heads
+    (all three need one, as in torch), and key's and value's heads, where they differ from query's,
+    must divide query's: query head h reads their head ``h // (Hq // Hkv)`` (torch's
+    ``repeat_interleave``), the kernels' grouped-query attention; without it the heads are a batch
+    dim like the others (equal, or 1). ``attn_mask`` broadcasts against the attention weights
+    (..., L, S), query's and key's batch dims broadcast, from the right, without enlarging them (as
+    torch adds it to them in place), and a float mask of another dtype than query's is cast to it.
+    ``attn_mask`` with ``is_causal=True`` is refused, as torch's math kernel does. A row whose keys
+    are all masked gives zeros (torch gives NaN or zeros, depending on its version and kernel).
 
     Nested tensors (torch's jagged (B, H, j, E) ones, which torch's SDPA takes) go to torch's
     function, whatever ``backend``: the kernels take dense tensors (``attention_varlen`` takes the
@@ -1538,9 +1558,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                            scale=scale, enable_gqa=enable_gqa)
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, min_ndim=2)
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same number of dims, got {query.dim()}, {key.dim()} "
-                         f"and {value.dim()}")
     _check_bool("is_causal", is_causal)
     _check_bool("enable_gqa", enable_gqa)
     if is_causal and attn_mask is not None:
@@ -1566,35 +1583,62 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if value.shape[-2] != key.shape[-2]:
         raise ValueError(f"key and value must have the same sequence length S (dim -2), got key {tuple(key.shape)}, "
                          f"value {tuple(value.shape)}")
-    if query.dim() >= 3:
-        Hq, Hkv = query.shape[-3], key.shape[-3]
-        if value.shape[-3] != Hkv:
-            raise ValueError(f"key and value must have the same number of heads (dim -3), got key "
-                             f"{tuple(key.shape)}, value {tuple(value.shape)}")
-        if Hq != Hkv and not enable_gqa:
-            raise ValueError(f"query has {Hq} heads and key {Hkv}: pass enable_gqa=True for grouped-query "
-                             f"attention (as torch's scaled_dot_product_attention requires)")
-        if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
-            raise ValueError(f"query's heads (dim -3, {Hq}) must be a multiple of key's and value's ({Hkv}), got "
-                             f"query {tuple(query.shape)}, key {tuple(key.shape)}")
-    # to the 4-D (B, H, L, E) call: a 2-D query is one head, a 3-D one (H, L, E) heads of one
-    # batch (so enable_gqa works there as in torch); more dims are batch dims, flattened, those
-    # of key and value broadcast against the query's as torch broadcasts them
-    four_d = (query.dim() == 4 and key.dim() == 4 and value.dim() == 4
-              and query.shape[0] == key.shape[0] == value.shape[0])
-    if four_d:  # attention's own layout: nothing to lift or flatten (~10 us of views and shapes saved)
-        q, k, v, batch = query, key, value, query.shape[:1]
-    elif query.dim() <= 3:
-        lift = (None,) * (4 - query.dim())
-        q, k, v, batch = query[lift], key[lift], value[lift], query.shape[:-3]
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+    grouped = False  # key's or value's heads repeated to query's (enable_gqa, and they differ)
+    if enable_gqa:
+        if min(query.dim(), key.dim(), value.dim()) < 3:  # (torch: an IndexError reading dim -3)
+            raise ValueError(f"enable_gqa=True needs query, key and value of at least 3 dims (dim -3 is the heads), "
+                             f"got {shapes}")
+        Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        grouped = not Hq == Hk == Hv
+        if grouped and any((h == 0 and Hq != 0) or (h != 0 and Hq % h != 0) for h in (Hk, Hv)):
+            raise ValueError(f"query's heads (dim -3, {Hq}) must be a multiple of key's and value's "
+                             f"({Hk if Hk == Hv else f'{Hk} and {Hv}'}), got {shapes}")
+    # The batch dims as torch broadcasts them: key's and value's heads count as query's when they
+    # are repeated to them; the attention weights (..., L, S) broadcast query's and key's (the mask
+    # must fit them), the output those and value's.
+    q_dims = query.shape[:-2]
+    k_dims, v_dims = ((*t.shape[:-3], q_dims[-1]) if grouped else t.shape[:-2] for t in (key, value))
+    weights_dims = _broadcast_dims(q_dims, k_dims)
+    batch = None if weights_dims is None else _broadcast_dims(weights_dims, v_dims)
+    if batch is None:
+        hint = ""
+        if not enable_gqa and min(query.dim(), key.dim()) >= 3 and key.shape[-3] not in (0, 1, query.shape[-3]) \
+                and query.shape[-3] % key.shape[-3] == 0:
+            hint = (f" (query has {query.shape[-3]} heads and key {key.shape[-3]}: pass enable_gqa=True for "
+                    f"grouped-query attention, as torch's scaled_dot_product_attention requires)")
+        raise ValueError(f"the batch dims (all but the last two) of query, key and value must broadcast, got "
+                         f"{shapes}{hint}") from None
+    # To attention's 4-D (B, H, L, E) call: the last batch dim is the heads (a 1 put before the
+    # batch dims of a 2-D call), the others flattened into B. Key and value keep heads that divide
+    # H (the kernels' grouped-query attention reads them without a copy): their own count under
+    # grouping (both brought to the least common multiple when they differ), else 1 or H.
+    full = (1,) * max(0, 2 - len(batch)) + tuple(batch)
+    H, outer = full[-1], full[:-1]
+    if grouped:
+        Hk, Hv = key.shape[-3], value.shape[-3]
+        kv_heads = Hk if Hk == Hv else math.lcm(Hk, Hv)
     else:
-        try:
-            batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
-        except RuntimeError:
-            raise ValueError(f"the batch dims of query, key and value must broadcast, got {tuple(query.shape)}, "
-                             f"{tuple(key.shape)} and {tuple(value.shape)}") from None
-        n = math.prod(batch)  # (explicit: a reshape(-1, ...) of an empty tensor is ambiguous)
-        q, k, v = (t.expand(*batch, *t.shape[-3:]).reshape(n, *t.shape[-3:]) for t in (query, key, value))
+        kv_heads = 1 if all(t.dim() < 3 or t.shape[-3] == 1 for t in (key, value)) else H
+
+    def to_4d(t, heads):
+        t = t[(None,) * (len(full) + 2 - t.dim())]  # left-padded to (*outer, h, L, E)
+        if t.shape[-3] != heads:  # 1 -> heads (a stride-0 view), or h -> heads, each repeated
+            r = heads // t.shape[-3]
+            t = t.unsqueeze(-3).expand(*t.shape[:-2], r, *t.shape[-2:]).flatten(-4, -3)
+        if t.shape[:-3] != outer:
+            t = t.expand(*outer, *t.shape[-3:])
+        if len(outer) == 1:
+            return t
+        n = math.prod(outer)  # (explicit: a reshape(-1, ...) of an empty tensor is ambiguous)
+        return t.reshape(n, *t.shape[-3:])  # (a view unless broadcast dims must be merged)
+
+    four_d = (query.dim() == key.dim() == 4 and key.shape[:-1] == value.shape[:-1]
+              and query.shape[0] == key.shape[0] and query.shape[1] == H and key.shape[1] == kv_heads)
+    if four_d:  # attention's own layout: nothing to lift or flatten (~10 us of views and shapes saved)
+        q, k, v = query, key, value
+    else:
+        q, k, v = to_4d(query, H), to_4d(key, kv_heads), to_4d(value, kv_heads)
     mask = attn_mask
     if mask is not None:
         if not isinstance(mask, Tensor):
@@ -1604,27 +1648,22 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                             f"{_dtype_name(mask.dtype)}")
         if mask.device != query.device:
             raise ValueError(f"attn_mask is on {mask.device} but query is on {query.device}")
-        # the attention weights' shape, (*batch, Hq, L, S) (the caller's dims: (Hq, L, S) for a 3-D
-        # query, (L, S) for a 2-D one), to which the mask must broadcast
-        weights = (*batch, *q.shape[1:3], k.shape[2])[-max(query.dim(), 2):]
+        weights = (*weights_dims, query.shape[-2], key.shape[-2])
         if mask.dim() > len(weights) or any(m not in (1, w) for m, w in zip(reversed(mask.shape), reversed(weights))):
             raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the attention weights' "
                              f"shape (..., L, S) = {tuple(weights)} (query {tuple(query.shape)}, key "
                              f"{tuple(key.shape)})")
         if mask.is_floating_point() and mask.dtype != query.dtype:
             mask = mask.to(query.dtype)  # torch adds any float mask; the kernels read q's dtype
-        if 2 <= mask.dim() <= len(batch) + 3:
-            # broadcast from the right against (*batch, H, L, S), as torch does, then flattened as q
-            mask = mask[(None,) * (len(batch) + 3 - mask.dim())]
-            mask_batch = mask.shape[:-3]
-            if any(n != 1 for n in mask_batch) and len(batch) != 1:
-                mask = mask.expand(*batch, *mask.shape[-3:]).reshape(math.prod(batch), *mask.shape[-3:])
-            else:  # a view: size-1 batch dims merge, or the batch is one dim already
-                mask = mask.reshape(math.prod(mask_batch), *mask.shape[-3:])
+        if not four_d:  # (a 4-D call's mask has at most 4 dims, which attention broadcasts)
+            # broadcast from the right against (*outer, H, L, S), as torch does, then flattened as q
+            mask = mask[(None,) * (len(full) + 2 - mask.dim())]
+            if len(outer) != 1:
+                if any(n != 1 for n in mask.shape[:-3]):
+                    mask = mask.expand(*outer, *mask.shape[-3:])
+                mask = mask.reshape(math.prod(mask.shape[:-3]), *mask.shape[-3:])  # (size-1 dims: a view)
     out = attention(q, k, v, attn_mask=mask, causal=is_causal, dropout_p=dropout_p, scale=scale, backend=backend)
-    if four_d:
-        return out
-    return out.reshape(*query.shape[:-2], *out.shape[-2:]) if query.dim() < 4 else out.reshape(*batch, *out.shape[-3:])
+    return out if four_d else out.reshape(*batch, *out.shape[-2:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,20 @@ CASES = [
     ("5-D + 4-D mask", (3, 2, 4, 7, 8), (3, 2, 4, 6, 8), (3, 2, 4, 6, 8), {}, "additive4"),
     ("key/value batch broadcast", (2, 4, 9, 16), (1, 4, 11, 16), (1, 4, 11, 16), {}, None),
     ("5-D key/value batch broadcast", (3, 2, 2, 7, 8), (1, 2, 2, 6, 8), (3, 1, 2, 6, 8), {}, "bool5"),
+    # ranks that differ: the fewer dims left-padded with 1s and broadcast, as torch does (it
+    # refused them: "same number of dims"); a broadcast key gets the summed gradient
+    ("4-D query, 3-D key/value", (2, 2, 9, 16), (2, 11, 16), (2, 11, 16), {}, None),
+    ("2-D query, 3-D key/value", (9, 16), (3, 11, 16), (3, 11, 8), {}, "additive"),
+    ("3-D query, 2-D key/value + causal", (3, 9, 16), (11, 16), (11, 16), dict(is_causal=True), None),
+    ("4-D query, 2-D key, 3-D value", (2, 3, 9, 8), (11, 8), (3, 11, 8), {}, "bool"),
+    ("5-D query, 3-D key/value + gqa", (2, 2, 4, 7, 8), (2, 6, 8), (2, 6, 8), dict(enable_gqa=True), "bool5"),
+    ("value alone enlarges the batch", (9, 8), (11, 8), (2, 3, 11, 8), {}, "additive"),
+    # heads of one broadcast without enable_gqa, as torch broadcasts them; with it, key's and
+    # value's heads each repeated to query's
+    ("one key/value head broadcast", (2, 4, 9, 16), (2, 1, 11, 16), (1, 1, 11, 8), {}, "bool"),
+    ("one value head broadcast", (2, 2, 9, 8), (2, 2, 11, 8), (2, 1, 11, 8), {}, None),
+    ("one query head broadcast", (2, 1, 9, 8), (2, 2, 11, 8), (2, 2, 11, 8), {}, "bool"),
+    ("gqa, key and value heads differ", (1, 6, 9, 8), (1, 2, 11, 8), (1, 3, 11, 8), dict(enable_gqa=True), None),
 ]
 
 
@@ -89,12 +103,26 @@ def test_sdpa_takes_empty_sequences_and_any_float_mask_dtype(backend):
 
 def test_sdpa_refuses_what_torch_refuses_and_gives_zeros_on_dead_rows():
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="attn_mask must be None when is_causal=True"):
-        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True)
-    with pytest.raises(ValueError, match="pass enable_gqa=True"):
-        F.scaled_dot_product_attention(q, q[:, :1], q[:, :1])
-    with pytest.raises(ValueError, match="same number of dims"):
-        F.scaled_dot_product_attention(q, q[0], q[0])
+    refused = [  # (args, kwargs, match): each refused by torch too (its errors: RuntimeError, IndexError)
+        # (torch 2.13's CPU flash kernel takes both on 4-D inputs, its math kernel refuses them)
+        ((q[0], q[0], q[0]), dict(attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True),
+         "attn_mask must be None when is_causal=True"),
+        # 4 query heads over 2 key heads need enable_gqa (1 key head broadcasts, as torch's does)
+        ((torch.randn(1, 4, 4, 8), q, q), {}, "pass enable_gqa=True"),
+        # enable_gqa reads dim -3 of each as its heads: a 2-D one has none
+        ((q, q[0, 0], q[0, 0]), dict(enable_gqa=True),
+         r"enable_gqa=True needs query, key and value of at least 3 dims"),
+        # ranks may differ, batch dims must still broadcast
+        ((q, torch.randn(3, 4, 8), torch.randn(3, 4, 8)), {}, "batch dims .* must broadcast"),
+        # the mask must fit the weights (query's and key's dims), which torch adds it to in place
+        ((q[0, 0], q[0, 0], torch.randn(3, 4, 8)), dict(attn_mask=torch.ones(3, 4, 4, dtype=torch.bool)),
+         r"does not broadcast to the attention weights' shape \(\.\.\., L, S\) = \(4, 4\)"),
+    ]
+    for args, kwargs, match in refused:
+        with pytest.raises((RuntimeError, IndexError)):
+            TORCH_SDPA(*args, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            F.scaled_dot_product_attention(*args, **kwargs)
     dead = torch.ones(4, 4, dtype=torch.bool)
     dead[1] = False  # query 1 sees no key: zeros here (torch: NaN or zeros, by version and kernel)
     ours = F.scaled_dot_product_attention(q, q, q, attn_mask=dead)
@@ -188,10 +216,13 @@ def test_patched_model_compiles_fullgraph():
      r"\(1, 2, 3, 5\)"),
     ((torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 3, 4)), {}, ValueError,
      r"key and value must have the same sequence length S \(dim -2\), got key \(1, 2, 4, 4\), value \(1, 2, 3, 4\)"),
-    ((torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), torch.randn(2, 1, 3, 4)), {}, ValueError,
-     r"key and value must have the same number of heads \(dim -3\)"),
+    ((torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), torch.randn(2, 3, 3, 4)), {}, ValueError,
+     r"the batch dims \(all but the last two\) of query, key and value must broadcast, got query \(2, 2, 3, 4\), "
+     r"key \(2, 2, 3, 4\), value \(2, 3, 3, 4\)"),
     ((torch.randn(3, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), dict(enable_gqa=True), ValueError,
      r"query's heads \(dim -3, 3\) must be a multiple of key's and value's \(2\)"),
+    ((torch.randn(6, 3, 4), torch.randn(2, 3, 4), torch.randn(4, 3, 4)), dict(enable_gqa=True), ValueError,
+     r"query's heads \(dim -3, 6\) must be a multiple of key's and value's \(2 and 4\)"),
     ((torch.randn(2, 3, 0), torch.randn(2, 3, 0), torch.randn(2, 3, 4)), {}, ValueError,
      "query and key must have an embedding dim E .* at least 1"),
     ((torch.randn(2, 3, 4), torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4)), {}, TypeError,
@@ -203,6 +234,29 @@ def test_patched_model_compiles_fullgraph():
 def test_sdpa_errors_name_sdpa_arguments_and_shapes(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def test_patched_sdpa_broadcasts_ranks_without_copies(monkeypatch):
+    """torch broadcasts query, key and value of different ranks (a 3-D key set shared by every
+    head); the patched SDPA refused them ("same number of dims"), breaking code torch runs. The
+    kernels read the broadcast key and value through stride-0 views of the caller's tensors."""
+    q, k = torch.randn(2, 2, 3, 4), torch.randn(2, 5, 4)
+    mask = torch.rand(3, 5) > 0.3
+    expected = TORCH_SDPA(q, k, k, attn_mask=mask)
+    seen = []
+    real = F.attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((k, v))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "attention", spy)
+    with fused_attn.patch_sdpa(backend="reference"):
+        got = TF.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+    torch.testing.assert_close(got, expected)
+    assert all(t.data_ptr() == k.data_ptr() and t.stride(0) == 0 for t in seen[0])  # (2, 2, 5, 4) views of k
+    for dropout_p in (0.5, 1.0):  # (other rank mixes, through dropout: torch's shapes)
+        assert F.scaled_dot_product_attention(q[0, 0], k, k[:1], dropout_p=dropout_p).shape == (2, 3, 4)
 
 
 def test_sdpa_takes_dropout_p_one_as_torch_does():

@@ -75,6 +75,50 @@ def test_tensor_bias_and_causal_with_tensor_bias_get_their_gradient(device, back
     assert all(r.ok for r in results), "\n".join(map(str, results))
 
 
+# (query shape, bias shape): tensor biases that broadcast to the logits in xformers' layout,
+# (B, G, H, M, N) for a (B, M, G, H, K) query, (B, H, M, N) for (B, M, H, K), (B, M, N) for (B, M, K)
+BROADCAST_BIASES = [
+    ((2, 7, 2, 3, 8), (2, 2, 3, 7, 9)),  # full size
+    ((2, 7, 2, 3, 8), (2, 3, 7, 9)),  # (G, H, M, N)
+    # broadcast over G or H: "attn_mask of shape (3, 7, 9) is not broadcastable to (B, Hq, Lq, Lk)",
+    # the heads (G, H) were flattened without being broadcast first
+    ((2, 7, 2, 3, 8), (3, 7, 9)),  # (H, M, N): over B and G
+    ((2, 7, 2, 3, 8), (1, 2, 1, 7, 9)),  # over B and H
+    ((2, 7, 2, 3, 8), (2, 1, 3, 7, 9)),  # over G
+    ((2, 7, 2, 3, 8), (2, 1, 7, 1)),  # over H and N
+    ((2, 7, 2, 3, 8), (2, 1, 1, 7, 9)),  # over G and H
+    ((2, 7, 2, 3, 8), (1, 7, 9)),
+    ((2, 7, 2, 3, 8), (9,)),
+    ((2, 7, 3, 8), (3, 7, 9)),  # (B, M, H, K): (H, M, N), for comparison
+    ((2, 7, 3, 8), (2, 1, 7, 9)),
+    ((2, 7, 8), (2, 7, 9)),  # (B, M, K)
+    ((2, 7, 8), (9,)),  # (an IndexError: a head dim was added to the bias at dim -3)
+]
+
+
+@pytest.mark.parametrize("q_shape,bias_shape", BROADCAST_BIASES, ids=[f"{q}-{b}" for q, b in BROADCAST_BIASES])
+@pytest.mark.parametrize("device,backend", cases())
+def test_tensor_bias_broadcasts_as_xformers_layout_says(device, backend, q_shape, bias_shape):
+    """A tensor bias broadcasting to the logits in the query's layout gives the reference math,
+    its gradient summed over what it broadcast over."""
+    kv_shape = (q_shape[0], 9, *q_shape[2:])
+    q, k, v, bias = make_inputs(q_shape, kv_shape, kv_shape, bias_shape, device=device, seed=4)
+
+    def fused(q, k, v, bias):
+        with fused_attn.use_backend(backend):
+            return X.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+    def ref(q, k, v, bias):  # on (B, M, heads, K), the bias broadcast to (B, heads, M, N)
+        heads = q.shape[2:-1]
+        as4 = [t.reshape(*t.shape[:2], -1, t.shape[-1]) for t in (q, k, v)]
+        full = torch.broadcast_to(bias, (q.shape[0], *heads, q.shape[1], k.shape[1]))
+        out = oracle(*as4, full.reshape(q.shape[0], -1, q.shape[1], k.shape[1]))
+        return out.reshape(*q.shape[:-1], v.shape[-1])
+
+    results = check_against_reference(fused, ref, [q, k, v, bias], names=["query", "key", "value", "attn_bias"])
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
 def test_three_and_five_dim_layouts():
     """(B, M, K) is one head; (B, M, G, H, K) is grouped-query with k and v expanded over H (read
     without a copy) or given per head; both equal the four-dim call they stand for."""

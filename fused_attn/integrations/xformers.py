@@ -434,18 +434,24 @@ def memory_efficient_attention(query: Tensor, key: Tensor, value: Tensor, attn_b
     if tensor_bias is not None:  # checked as given: the reshapes below would show attention's names and shapes
         _check_tensor_bias(tensor_bias, query, key, "attn_bias" if attn_bias is None else "attn_bias's tensor bias")
     q, k, v = query, key, value
-    if ndim == 3:  # no heads: one
+    if ndim == 3:  # no heads: one (a bias of fewer than 3 dims broadcasts over it as it is)
         q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
-        tensor_bias = None if tensor_bias is None else tensor_bias.unsqueeze(-3)
+        if tensor_bias is not None and tensor_bias.dim() == 3:
+            tensor_bias = tensor_bias.unsqueeze(-3)
     elif ndim == 5:  # (checked above)
         q = q.flatten(2, 3)
         if H == 1 or (k.stride(3) == 0 and v.stride(3) == 0):  # expanded over H: G kv heads, no copy
             k, v = k[:, :, :, 0], v[:, :, :, 0]
         else:
             k, v = k.flatten(2, 3), v.flatten(2, 3)
-        if tensor_bias is not None:
-            tensor_bias = tensor_bias.reshape(tensor_bias.shape[:-4] + (-1,) + tensor_bias.shape[-2:]) \
-                if tensor_bias.dim() >= 4 else tensor_bias
+        if tensor_bias is not None and any(n != 1 for n in tensor_bias.shape[-4:-2]):
+            # (..., G, H, M, N) to the (..., G * H, M, N) of the flattened heads: a bias over H
+            # alone (G missing or 1) or over G alone (H 1) is first broadcast to both (a stride-0
+            # view; the merge then copies it, G * H biases); one over neither merges as it is, and
+            # its gradient is summed back through both either way
+            tensor_bias = tensor_bias.expand(*tensor_bias.shape[:-4], G, H, *tensor_bias.shape[-2:])
+        if tensor_bias is not None and tensor_bias.dim() >= 4:
+            tensor_bias = tensor_bias.flatten(-4, -3)
     out, lse = _attend(q, k, v, attn_bias, tensor_bias, p, scale, return_lse)
     if ndim == 3:
         out = out.squeeze(2)

@@ -29,6 +29,9 @@ the mask its own pair defines.
 """
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -120,5 +123,40 @@ def apply_dropout(t: torch.Tensor, p: float, seed, offset) -> torch.Tensor:
         return t
     n_cols = t.shape[-1]
     n_rows = t.numel() // max(n_cols, 1)
-    keep = keep_mask(seed, offset, p, n_rows, n_cols, device=t.device).reshape(t.shape)
+    if type(t) is not torch.Tensor and _is_dtensor(t):
+        keep = _keep_mask_of_shards(t, seed, offset, p)
+    else:
+        keep = keep_mask(seed, offset, p, n_rows, n_cols, device=t.device).reshape(t.shape)
     return t * keep.to(t.dtype) * (1.0 / (1.0 - p))
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """(DTensor exists only once torch.distributed.tensor is imported.)"""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _keep_mask_of_shards(t, seed, offset, p: float):
+    """``keep_mask`` for a DTensor ``t`` (tensor parallelism: the reference math run on DTensors), a
+    DTensor placed as t: each rank hashes the whole tensor's (row, col) indices of its own shard
+    only, so the elements dropped are those the call on plain tensors drops, at the cost of the
+    shard (the whole mask on every rank would cost the mesh's size times that). The indices' parts
+    come from redistributing replicated ones, which takes slices and sends nothing; the hash itself
+    runs on the local tensors (torch 2.13's DTensor returned ``x >> 16`` as x, unshifted)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh, last = t.device_mesh, t.ndim - 1
+    # a partial sum takes the whole mask on each rank (dropout is linear); shards their part
+    placements = [q if q.is_shard() else Replicate() for q in t.placements]
+    rows = torch.arange(math.prod(t.shape[:-1]), device=t.device, dtype=torch.int64).reshape(*t.shape[:-1], 1)
+    cols = torch.arange(t.shape[-1], device=t.device, dtype=torch.int64)
+
+    def part(index, index_placements):
+        whole = DTensor.from_local(index, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        return whole.redistribute(mesh, index_placements).to_local()
+
+    rows = part(rows, [Replicate() if q.is_shard(last) else q for q in placements])
+    cols = part(cols, [Shard(0) if q.is_shard(last) else Replicate() for q in placements])
+    keep = random_bits(seed, offset, rows, cols) >= dropout_threshold(p)
+    stride = torch.empty(t.shape, device="meta").stride()
+    return DTensor.from_local(keep, mesh, placements, shape=t.shape, stride=stride)

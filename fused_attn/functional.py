@@ -25,7 +25,8 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   _forward_mode_in, _stack, _transform_needs_autograd, differentiated, why_differentiated)
 from .ops_common import (ALIGNMENTS, as_int, attention_band, check_block_table, check_traced, check_varlen_bounds,
                          elements_may_overlap, first_page_out_of_range, gather_kv_pages, grad_recording, is_int,
-                         exporting, known_true, no_data, pages_out_of_range, paged_layout, tensors_may_share_memory)
+                         exporting, known_true, no_data, pages_out_of_range, paged_layout, replicated_like,
+                         tensors_may_share_memory)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -273,9 +274,10 @@ _eager_inference = inference_call_ok
 def _distributed(*tensors) -> bool:
     """Whether an input is a DTensor (tensor parallelism: a norm under SequenceParallel sees its
     input sharded along the sequence). The registered ops have no sharding rules, so such a call
-    runs the reference math, plain PyTorch ops that DTensor shards one by one (unfused; dropout
-    from torch's generator, as DTensor's random ops draw it). Plain tensors return at the first
-    type check; DTensor exists only once torch.distributed.tensor is imported."""
+    runs the reference math, plain PyTorch ops that DTensor shards one by one (unfused; attention's
+    dropout from the call's [seed, offset] pair, the norms' and feed-forward's from torch's
+    generator, as DTensor's random ops draw it). Plain tensors return at the first type check;
+    DTensor exists only once torch.distributed.tensor is imported."""
     dtensor = None
     for t in tensors:
         if t is None or type(t) is Tensor or type(t) is torch.nn.Parameter:
@@ -286,6 +288,13 @@ def _distributed(*tensors) -> bool:
         if isinstance(t, dtensor):
             return True
     return False
+
+
+def _replicated(*tensors):
+    """The tensors of a call with a DTensor among them, each plain one (a mask, slopes, sinks built
+    on every rank alike) a DTensor replicated on the mesh of the first DTensor (``replicated_like``)."""
+    mesh_of = next(t for t in tensors if _distributed(t))
+    return tuple(None if t is None else replicated_like(t, mesh_of) for t in tensors)
 
 
 def _distinct(*tensors):
@@ -690,6 +699,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
         if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                              f"(B, Hq, Lq, Lk) = {target}")
+    # DTensor operands (tensor parallelism) run the reference math, DTensor's ops one by one, which
+    # refuse a plain operand next to a DTensor: plain ones are taken as replicated on the mesh.
+    distributed = _distributed(q, k, v, attn_mask, alibi_slopes, sinks)
+    if distributed:
+        q, k, v, attn_mask, alibi_slopes, sinks = _replicated(q, k, v, attn_mask, alibi_slopes, sinks)
     if learned_alibi:
         attn_mask, alibi_slopes = _learned_alibi_mask(alibi_slopes, attn_mask, Lq, Lk, alignment, q.dtype), None
     if backend is not None:
@@ -703,14 +717,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     args = (q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, name, softcap, alibi_slopes,
             alignment == "bottom_right")
     want_lse = return_lse or sinks is not None
-    # (asked before _distributed, which plain q, k, v and mask fail but for DTensor slopes)
-    if (not compiling and _eager_inference(q, k, v, attn_mask)
-            and (alibi_slopes is None or not _distributed(alibi_slopes))):
-        result = attention_inference(*args, want_lse)
-    elif _distributed(q, k, v, attn_mask, alibi_slopes):
+    if distributed:
+        # The reference math with the call's [seed, offset] pair: the dropout mask is the one the
+        # plain call draws (ranks seeded alike, as DTensor's own random ops want, draw one pair).
         options = (band_lo, band_hi, dropout_p, scale, name, softcap, alignment == "bottom_right")
-        result = _attention_reference(options, None, alibi_slopes)(q, k, v, attn_mask)
+        result = _attention_reference(options, rng, alibi_slopes)(q, k, v, attn_mask)
         result = result if want_lse else result[0]
+    elif not compiling and _eager_inference(q, k, v, attn_mask):
+        result = attention_inference(*args, want_lse)
     else:
         if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
             result = AttentionFunction.forward(*args, want_lse)  # (out, lse)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -135,6 +136,25 @@ def no_data(t: torch.Tensor) -> bool:
     if type(t) not in _PLAIN_TENSORS and is_fake(t):
         return True
     return torch._C._len_torch_dispatch_stack() > 0 and torch._C._get_dispatch_mode(_FAKE_MODE) is not None
+
+
+def replicated_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` made fit to meet ``like`` in one op: ``t`` itself next to a plain tensor; next to a
+    DTensor (tensor parallelism), ``t`` as a DTensor replicated over like's mesh. DTensor's ops
+    refuse a plain operand ("got mixed torch.Tensor and DTensor"), so the reference math on
+    DTensors wraps the tensors it builds from shapes alone (the visibility mask, ALiBi's key
+    distances) and the caller's plain operands next to DTensor ones: every rank holds the same
+    whole tensor, which is what ``Replicate`` says, and DTensor's sharding rules then take the part
+    each rank's shard needs. A DTensor ``t`` is returned as it is."""
+    if type(like) in _PLAIN_TENSORS or type(t) not in _PLAIN_TENSORS:
+        return t
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None or not isinstance(like, dtensor):
+        return t
+    from torch.distributed.tensor import Replicate
+
+    mesh = like.device_mesh
+    return dtensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

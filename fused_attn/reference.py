@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _rng
-from .ops_common import check_cumulative, check_device, check_longest, grad_recording, no_data, norm_stat_scale
+from .ops_common import (check_cumulative, check_device, check_longest, grad_recording, no_data, norm_stat_scale,
+                         replicated_like)
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -91,7 +92,7 @@ def alibi_bias(slopes, Lq, Lk, alignment="top_left", dtype=None):
     (top_left) or i + Lk - Lq (bottom_right), as for the causal mask. slopes: (Hq,) or (B, Hq)."""
     i = torch.arange(Lq, device=slopes.device).unsqueeze(1) + (Lk - Lq if alignment == "bottom_right" else 0)
     j = torch.arange(Lk, device=slopes.device).unsqueeze(0)
-    dist = (j - i).abs().to(dtype or slopes.dtype)
+    dist = replicated_like((j - i).abs().to(dtype or slopes.dtype), slopes)  # (DTensor slopes: replicated)
     return -slopes.to(dist.dtype)[..., None, None] * dist
 
 
@@ -131,7 +132,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
             scores = scores + attn_mask
     keep = visible_keys(Lq, Lk, causal, window_size, alignment, band, q.device)
     if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
+        scores = scores.masked_fill(~replicated_like(keep, scores), float("-inf"))  # (DTensor scores: replicated)
     if sinks is not None:  # the sink column is finite: no row is empty, it takes a masked row whole
         sink_column = sinks.to(scores.dtype).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)
         probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :Lk]
@@ -168,7 +169,7 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     keep = visible_keys(Lq, Lk, causal, window_size, alignment, band, q.device)
     if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
+        scores = scores.masked_fill(~replicated_like(keep, scores), float("-inf"))  # (DTensor scores: replicated)
     # Rows with no key get +inf, and a zero gradient: logsumexp's own would be exp(-inf - -inf) = NaN,
     # so those rows are taken out of the graph before it.
     if sinks is not None:

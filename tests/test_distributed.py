@@ -1,6 +1,7 @@
 """Training steps under DistributedDataParallel and FSDP2 (fully_shard), gloo over 2 CPU processes,
 equal the single-process steps; swapped norms under tensor parallelism's SequenceParallel (DTensor
-inputs) equal torch's norms there.
+inputs) equal torch's norms there; attention on DTensors (sharded on heads, batch, sequence or head
+dim, every option) equals attention on the whole tensors, gradients included.
 
 The test runs this file as a script in a subprocess (bounded by a timeout); the script spawns the
 two ranks. Each rank trains on its half of the batch; rank 0 then compares the resulting
@@ -80,6 +81,8 @@ def _case(rank, mode, kind):
     'max |difference| max |change| parameter-count'."""
     if mode == "sp":
         return _sequence_parallel(rank)
+    if mode == "tp":
+        return _attention_on_dtensors() if kind == "attention" else _dropout_on_dtensors()
     model = _build(kind)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -138,13 +141,125 @@ def _sequence_parallel(rank):
     return f"{worst} {largest} {count}"
 
 
+def _attention_on_dtensors():
+    """``attention`` (and ``scaled_dot_product_attention`` through it) given DTensors (tensor
+    parallelism's heads, and the sequence, batch and head dims too), each option in turn: the
+    output (and lse), as a whole, and every gradient equal the plain call's, the output sharded as
+    q where the heads or the batch are. Plain masks, slopes and sinks next to DTensor q, k, v count
+    as replicated. Returns 'max |difference| max |value| tensor-count' (each rank checks)."""
+    import fused_attn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(4)
+    B, Hq, L, E = 2, 4, 6, 8
+    q, k, v = (torch.randn(B, Hq, L, E, generator=gen) for _ in range(3))
+    k2, v2 = k[:, :2].clone(), v[:, :2].clone()  # two kv heads: grouped-query
+    short_k, short_v = k[:, :, :4].clone(), v[:, :, :4].clone()  # Lk 4 < Lq 6
+    slopes = fused_attn.get_alibi_slopes(Hq)
+    sinks = torch.randn(Hq, generator=gen)
+    bool_mask = torch.rand(B, 1, L, L, generator=gen) > 0.3
+    float_mask = torch.randn(L, L, generator=gen)
+    heads, sequence = Shard(1), Shard(2)
+    # (name, q's placement, k's and v's, the call's k and v, options; a tensor option is a leaf
+    # that requires grad when its name is in `learned`, passed plain or as a DTensor of `extra`)
+    cases = [
+        ("plain", heads, heads, (k, v), {}, ()),
+        ("causal", heads, heads, (k, v), dict(causal=True), ()),
+        ("window", heads, heads, (short_k, short_v), dict(window_size=(2, 0), alignment="bottom_right"), ()),
+        ("softcap", heads, heads, (k, v), dict(softcap=3.0, scale=0.7), ()),
+        ("alibi", heads, heads, (k, v), dict(alibi_slopes=slopes, causal=True), ()),
+        ("learned_alibi", heads, heads, (k, v), dict(alibi_slopes=slopes), ("alibi_slopes",)),
+        ("sinks", heads, heads, (k, v), dict(sinks=sinks, causal=True), ("sinks",)),
+        ("sinks_sharded", heads, heads, (k, v), dict(sinks=sinks, extra=Shard(0)), ("sinks",)),
+        ("bool_mask", heads, heads, (k, v), dict(attn_mask=bool_mask), ()),
+        ("float_mask", heads, heads, (k, v), dict(attn_mask=float_mask), ("attn_mask",)),
+        ("return_lse", heads, heads, (k, v), dict(return_lse=True, causal=True), ()),
+        ("dropout", heads, heads, (k, v), dict(dropout_p=0.3, return_lse=True), ()),
+        ("gqa", heads, heads, (k2, v2), dict(causal=True), ()),
+        ("batch", Shard(0), Shard(0), (k, v), dict(attn_mask=bool_mask, causal=True), ()),
+        ("sequence", sequence, sequence, (k, v), dict(causal=True, return_lse=True, dropout_p=0.2), ()),
+        ("sequence_q", sequence, Replicate(), (short_k, short_v), dict(alibi_slopes=slopes, causal=True,
+                                                                       alignment="bottom_right"), ()),
+        ("head_dim", Shard(3), Shard(3), (k, v), dict(window_size=(1, 1), sinks=sinks, dropout_p=0.2), ()),
+        ("sdpa", heads, heads, (k2, v2), dict(call=fused_attn.functional.scaled_dot_product_attention,
+                                              is_causal=True, enable_gqa=True), ()),
+    ]
+    weights = torch.randn(B, Hq, L, E, generator=gen)
+    worst = largest = 0.0
+    count = 0
+    for name, q_place, kv_place, (k_, v_), options, learned in cases:
+        results = []
+        for distributed in (False, True):
+            opts = dict(options)
+            extra = opts.pop("extra", None)
+            args = [q, k_, v_]
+            if distributed:  # (distribute_tensor gives a leaf: the gradient is the DTensor's)
+                args = [distribute_tensor(t, mesh, [p]) for t, p in zip(args, (q_place, kv_place, kv_place))]
+                if extra is not None:
+                    opts.update((key, distribute_tensor(opts[key], mesh, [extra])) for key in learned)
+            leaves = [t.detach().clone().requires_grad_() for t in args]
+            args = leaves[:]
+            for key in learned:
+                opts[key] = opts[key].detach().clone().requires_grad_()
+                leaves.append(opts[key])
+            if "dropout_p" in opts:
+                opts["generator"] = torch.Generator().manual_seed(5)  # the same pair for both calls
+            result = opts.pop("call", fused_attn.attention)(*args, **opts)
+            out, lse = result if opts.get("return_lse") else (result, None)
+            if distributed:
+                assert isinstance(out, DTensor), name
+                if q_place.is_shard() and q_place.dim < 2 and kv_place == q_place:
+                    # batch or heads: every rank's output from its own shard, no exchange
+                    assert out.placements == (q_place,), (name, out.placements)
+                out, lse = out.full_tensor(), None if lse is None else lse.full_tensor()
+            loss = (out * weights).sum() + (0.0 if lse is None else lse.sum())
+            grads = torch.autograd.grad(loss, leaves)
+            grads = [g.full_tensor() if isinstance(g, DTensor) else g for g in grads]
+            results.append([out] + ([] if lse is None else [lse]) + grads)
+        for a, b in zip(*results):
+            assert a.shape == b.shape, (name, a.shape, b.shape)
+            worst, largest = max(worst, (a - b).abs().max().item()), max(largest, a.abs().max().item())
+            count += 1
+    return f"{worst} {largest} {count}"
+
+
+def _dropout_on_dtensors():
+    """The counter-based dropout of a DTensor (the reference math's on DTensors) drops the elements
+    it drops of the whole tensor, whatever the placement: sharded on any dim, replicated, a partial
+    sum. Returns 'max |difference| max |value| tensor-count' (each rank checks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from fused_attn import _rng
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    x = torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(6))
+    want = _rng.apply_dropout(x, 0.4, 2**40 + 17, 5)
+    worst = largest = 0.0
+    count = 0
+    for placement in (Shard(0), Shard(1), Shard(2), Shard(3), Replicate(), Partial()):
+        if placement.is_partial():  # (the ranks' halves sum to x)
+            d = DTensor.from_local(x / WORLD, mesh, [placement], run_check=False)
+        else:
+            d = distribute_tensor(x, mesh, [placement])
+        got = _rng.apply_dropout(d, 0.4, 2**40 + 17, 5)
+        assert isinstance(got, DTensor), placement
+        got = got.full_tensor()
+        worst, largest = max(worst, (got - want).abs().max().item()), max(largest, want.abs().max().item())
+        count += 1
+    return f"{worst} {largest} {count}"
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-CASES = ["ddp:fused", "fsdp2:fused", "ddp:swapped_torch", "fsdp2:swapped_torch", "sp:swapped_norms"]
+CASES = ["ddp:fused", "fsdp2:fused", "ddp:swapped_torch", "fsdp2:swapped_torch", "sp:swapped_norms", "tp:attention",
+         "tp:dropout"]
 
 
 def test_distributed_steps_equal_single_process(tmp_path):
@@ -159,7 +274,7 @@ def test_distributed_steps_equal_single_process(tmp_path):
     assert sorted(results) == sorted(CASES)
     for case in CASES:
         worst, changed, count = results[case].split()
-        assert int(count) >= (5 if case.startswith("sp:") else 10), case
+        assert int(count) >= {"sp:swapped_norms": 5, "tp:attention": 79, "tp:dropout": 6}.get(case, 10), case
         assert float(changed) > 1e-3, f"{case}: training did not change the parameters"
         assert float(worst) < 2e-5, f"{case}: parameters differ from the single-process step by {worst}"
 

@@ -274,10 +274,10 @@ _eager_inference = inference_call_ok
 def _distributed(*tensors) -> bool:
     """Whether an input is a DTensor (tensor parallelism: a norm under SequenceParallel sees its
     input sharded along the sequence). The registered ops have no sharding rules, so such a call
-    runs the reference math, plain PyTorch ops that DTensor shards one by one (unfused; attention's
-    dropout from the call's [seed, offset] pair, the norms' and feed-forward's from torch's
-    generator, as DTensor's random ops draw it). Plain tensors return at the first type check;
-    DTensor exists only once torch.distributed.tensor is imported."""
+    runs the reference math, plain PyTorch ops that DTensor shards one by one (unfused; dropout
+    from the call's [seed, offset] pair, the plain call's mask, ``_rng.apply_dropout``). Plain
+    tensors return at the first type check; DTensor exists only once torch.distributed.tensor is
+    imported."""
     dtensor = None
     for t in tensors:
         if t is None or type(t) is Tensor or type(t) is torch.nn.Parameter:
@@ -349,13 +349,12 @@ def _counter_dropout(t: Tensor, p) -> Tensor:
     unfused for an adapter). torch's ``F.dropout`` there would be the one op that inductor
     replaces with its own RNG, so a compiled model dropped other elements than eager; here the
     seed is a ``torch.randint`` the graph keeps and the mask is integer math of it, the same
-    elements compiled or not. DTensors take torch's dropout, as the ops' reference path does."""
+    elements compiled or not. A DTensor takes the same mask (each rank its shard's part), as the
+    ops' reference path on DTensors does."""
     compiling = torch.compiler.is_compiling()
     p = _check_prob("dropout_p", p, compiling)  # (a module's float attribute: a symbol under Dynamo)
     if p == 0.0:
         return t
-    if _distributed(t):
-        return torch.nn.functional.dropout(t, p)
     rng = _draw_rng(p, None, t)
     if compiling or no_data(t):
         # 0-dim int64 tensors give the ints' bits (_rng.row_keys); no host read in a graph (nor of
@@ -1714,8 +1713,9 @@ def layer_norm_residual(x: Tensor, residual: Optional[Tensor] = None, weight: Op
         out, summed = layer_norm_residual_inference(x, residual, weight, bias, float(eps), dropout_p, rms,
                                                     residual_in_fp32, rng, name, prenorm)
     elif _distributed(x, residual, weight, bias):
+        # (with the call's pair: the plain call's dropout mask, as attention's on DTensors)
         return reference.layer_norm_residual(x, residual, weight, bias, float(eps), dropout_p, prenorm, rms,
-                                             residual_in_fp32)
+                                             residual_in_fp32, rng)
     else:
         # The sum is written out only when returned (prenorm) or needed by a backward.
         store_summed = prenorm or _needs_grad(x, residual, weight, bias)
@@ -1872,7 +1872,8 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
                           compiling)
     if compiling:
         x, w1, b1, w2, b2, w1_up, b1_up = _distinct(x, w1, b1, w2, b2, w1_up, b1_up)
-    args = (x, w1, b1, w2, b2, activation, dropout_p, _draw_rng(dropout_p, generator, x), name)
+    rng = _draw_rng(dropout_p, generator, x)
+    args = (x, w1, b1, w2, b2, activation, dropout_p, rng, name)
     # (plain tensors only pass _eager_inference: a DTensor goes on to the _distributed test)
     if not compiling:
         if w1_up is None:
@@ -1881,7 +1882,8 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
         elif _eager_inference(x, w1, b1, w2, b2, w1_up, b1_up):
             return as_shape_of(feed_forward_inference(*args, w1_up, b1_up), x)
     if _distributed(x, w1, b1, w2, b2, w1_up, b1_up):
-        return reference.feed_forward(x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation, dropout_p)
+        # (with the call's pair: the plain call's dropout mask, as attention's on DTensors)
+        return reference.feed_forward(x, _stack(w1, w1_up), _stack(b1, b1_up), w2, b2, activation, dropout_p, rng)
     if exporting():  # (the Function's forward: an exported program differentiates its ops; see ops)
         return as_shape_of(FeedForwardFunction.forward(*args, w1_up, b1_up)[0], x)
     return as_shape_of(FeedForwardFunction.apply(*args, w1_up, b1_up)[0], x)  # (every argument given: see ops)

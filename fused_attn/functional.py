@@ -92,6 +92,17 @@ def _refuse_nested(name: str, t: Tensor) -> None:
         raise _nested_error(name, t, NESTED_DENSE)
 
 
+def _refuse_dtensor(function: str, **tensors) -> None:
+    """The calls that take no DTensor (``attention_varlen``, ``attention_with_kvcache``,
+    ``apply_rotary_emb``: their reference math reads lengths, positions and cache slots on the
+    host, and writes caches in place) name it, where one failed deep inside (kvcache: "invalid
+    python storage")."""
+    for name, t in tensors.items():
+        if t is not None and type(t) is not Tensor and _distributed(t):
+            raise TypeError(f"{function} takes no DTensor, got one as {name}: call it on the local shards "
+                            f"({name}.to_local()), or use attention, which takes DTensors")
+
+
 def _check_tensor(name: str, t, ndim=None, min_ndim=None, nested: str = NESTED_DENSE) -> None:
     """A floating-point tensor (``ndim``-D, at least ``min_ndim``-D), not nested (``nested``: the
     hint of ``_nested_error``)."""
@@ -806,6 +817,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         _check_same("q", q, {"k": k, "v": v})
     else:
         _check_qkv(q, k, v, 3)
+    _refuse_dtensor("attention_varlen", q=q, k=k, v=v)
     if generator is not None:
         _check_generator(generator, q.device)
     total_q, Hq, D = q.shape
@@ -1056,6 +1068,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     _check_tensor("k_cache", k_cache, ndim=4, nested=NESTED_KVCACHE)
     _check_tensor("v_cache", v_cache, ndim=4, nested=NESTED_KVCACHE)
     _check_same("q", q, {"k_cache": k_cache, "v_cache": v_cache})
+    _refuse_dtensor("attention_with_kvcache", q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     if (k is None) != (v is None):
         given, missing = ("k", "v") if v is None else ("v", "k")
         raise ValueError(f"{given} was given without {missing}: pass the new keys and values together, or neither")

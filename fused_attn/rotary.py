@@ -29,7 +29,7 @@ from torch._C import _autograd, _functorch
 
 from .backends import check_backend_name, resolve_options
 from .functional import (NESTED_ROTARY, _check_bool, _check_index_tensor, _check_tensor, _concrete, _dtype_name,
-                         _needs_grad, _shown)
+                         _needs_grad, _refuse_dtensor, _shown)
 from .ops import RotaryFunction, inference_call_ok, rotary_inference, why_differentiated
 from .ops_common import (as_int, check_cumulative, check_longest, check_traced, elements_may_overlap, exporting, is_int,
                          known_true, no_data)
@@ -73,6 +73,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     """
     compiling = torch.compiler.is_compiling()
     _check_tensor("x", x, nested=NESTED_ROTARY)
+    _refuse_dtensor("apply_rotary_emb", x=x, cos=cos, sin=sin)
     packed = cu_seqlens is not None
     if packed and x.dim() != 3:
         raise ValueError(f"x must be 3-D (total, H, D) with cu_seqlens, got shape {tuple(x.shape)}")

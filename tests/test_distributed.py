@@ -222,6 +222,23 @@ def _attention_on_dtensors():
             assert a.shape == b.shape, (name, a.shape, b.shape)
             worst, largest = max(worst, (a - b).abs().max().item()), max(largest, a.abs().max().item())
             count += 1
+    # The calls that take no DTensor name it (attention_with_kvcache failed with "invalid python
+    # storage", the others inside their reference math)
+    import pytest
+
+    tokens = distribute_tensor(q[0].transpose(0, 1).contiguous(), mesh, [Shard(1)])  # (L, Hq, E)
+    bounds = torch.tensor([0, 2, L], dtype=torch.int32)
+    steps = distribute_tensor(q.transpose(1, 2).contiguous(), mesh, [Shard(2)])  # (B, L, Hq, E)
+    cache = torch.zeros(B, 2 * L, Hq, E)
+    angles = torch.randn(2 * L, E // 2, generator=gen)
+    refused = [("attention_varlen", "q", lambda: fused_attn.attention_varlen(tokens, tokens, tokens, bounds, bounds)),
+               ("attention_with_kvcache", "q", lambda: fused_attn.attention_with_kvcache(
+                    steps, cache, cache.clone(), cache_seqlens=torch.zeros(B, dtype=torch.int32))),
+               ("apply_rotary_emb", "x", lambda: fused_attn.apply_rotary_emb(steps, angles.cos(), angles.sin()))]
+    for function, name, call in refused:
+        with pytest.raises(TypeError, match=f"{function} takes no DTensor, got one as {name}"):
+            call()
+    assert not cache.any()
     return f"{worst} {largest} {count}"
 
 

@@ -266,8 +266,8 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
         # the parameters may be half precision (CPU layer_norm refuses that mix)
         w = weight.to(acc) if weight is not None else None
         b = bias.to(acc) if bias is not None else None
-        if acc != torch.float64 and wide.shape[-1]:  # (no row to shift at hidden size 0: var_mean warned there)
-            wide = wide * c
+        if wide.shape[-1]:  # (no row to shift at hidden size 0: var_mean warned there)
+            wide = wide * c  # (c = 1 in float64)
             # Each row shifted by a constant (LayerNorm is invariant under it; no gradient flows
             # through it), computed from Welford's statistics (torch.var_mean: exact for a constant
             # row, where torch's var gave 4.7e21 at 1e18):
@@ -284,11 +284,18 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
             #   +- 0.01) are not shifted: there the reference keeps torch's float32 accuracy, the
             #   oracle's yardstick the kernels are held to.
             # - else 0: the row as it is, bit for bit (ordinary rows).
+            # In float64 (the oracle's truth) only the nearly constant rows are shifted: float64's
+            # mean rounds there too, relative to the spread (1e8 +- 1e-4: out 2.3e-5 and dweight
+            # 2.8e-4 off, where the kernels' pair (mean, corr) was within 1e-8), and its other
+            # rows are left as torch's float64 layer_norm computes them.
             with torch.no_grad():
                 var, mean = _row_var_mean(wide)
                 nearly_constant = mean.abs() > 2.0 ** 22 * var.sqrt()
-                shift = torch.where((var / (c * c)).isinf(), math.nan,
-                                    torch.where((mean.abs() > 2.0 ** 60) | nearly_constant, mean, 0.0))
+                if acc == torch.float64:
+                    shift = torch.where(nearly_constant, mean, 0.0)
+                else:
+                    shift = torch.where((var / (c * c)).isinf(), math.nan,
+                                        torch.where((mean.abs() > 2.0 ** 60) | nearly_constant, mean, 0.0))
             wide = wide - shift
         if _is_spelled_out():  # (by its definition: see spelled_out)
             centered = wide - wide.mean(dim=-1, keepdim=True)

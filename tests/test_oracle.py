@@ -51,6 +51,21 @@ def test_nan_where_reference_is_finite_is_caught():
         compare("x", bad, ref, ref.float())
 
 
+def test_an_overflowed_low_precision_reference_is_named():
+    """A float16 reference that overflowed (inf where the float64 one is finite) has no error to
+    scale there: the failure says so, where it read as a kernel infinitely worse than an exact
+    reference ("k*err_lowp with err_lowp 0")."""
+    ref = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    actual = torch.tensor([1.0, 2.01, 3.0], dtype=torch.float16)
+    lowp = torch.tensor([1.0, float("inf"), 3.0], dtype=torch.float16)
+    with pytest.raises(AssertionError, match=r"float16 reference is NaN/inf at 1 position\(s\) where the float64 "
+                                             r"one is finite"):
+        compare("x", actual, ref, lowp)
+    with pytest.raises(AssertionError) as plain:  # (an ordinary failure says nothing of it)
+        compare("x", actual, ref, ref.half())
+    assert "NaN/inf" not in str(plain.value)
+
+
 def test_shape_mismatch_is_caught():
     with pytest.raises(AssertionError, match="shape"):
         compare("x", torch.ones(3), torch.ones(4, dtype=torch.float64), torch.ones(4))

@@ -198,3 +198,27 @@ def test_reference_backend_computes_half_precision_attention_in_float32():
     assert (out.double() - exact).abs().max() <= 1.5 * sdpa_err
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, mask))
     assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("spread,mean", [(1e-4, 1e8), (1.0, 1e12)])
+def test_float64_layer_norm_of_nearly_constant_rows_is_exact(spread, mean):
+    """The float64 reference is the oracle's truth: on rows whose spread is ~1e-12 of their mean
+    it gave torch's float64 layer_norm, whose mean rounds away digits of the spread (1e8 +- 1e-4:
+    out 2e-5 and dx 1e-4 off; 1e12 +- 1: 6e-4), and the oracle failed a kernel more accurate than
+    it. It shifts such rows by their mean now, as in float32: held to the same rows shifted by
+    their first element (an exact subtraction), where torch's layer_norm is exact."""
+    gen = torch.Generator().manual_seed(0)
+    d = 1024
+    x = torch.randn(8, d, generator=gen, dtype=torch.float64) * spread + mean
+    w, b, dy = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((d,), (d,), (8, d)))
+
+    def run(fn, x):
+        x = x.clone().requires_grad_()
+        out = fn(x)
+        out.backward(dy)
+        return out.detach(), x.grad
+
+    truth = run(lambda x: TF.layer_norm(x, (d,), w, b), x - x[:, :1])
+    got = run(lambda x: R.layer_norm_residual(x, None, w, b), x)
+    for t, g in zip(truth, got):
+        torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10 * t.abs().max().item())

@@ -1105,9 +1105,10 @@ def _check_layer_caches(caches) -> None:
         if not isinstance(cache, KVCache):
             raise TypeError(f"kv_cache[{i}] must be a KVCache (Transformer.new_kv_cache), got {type(cache).__name__}")
     first = caches[0]
+    index_of = {id(first): 0}  # (one pass: a scan of the earlier layers was quadratic in the depth)
     for i, cache in enumerate(caches[1:], 1):
-        shared = next((j for j in range(i) if caches[j] is cache), None)
-        if shared is not None:  # (layer i would write after layer j's new tokens, or overflow after j wrote)
+        shared = index_of.setdefault(id(cache), i)
+        if shared != i:  # (layer i would write after layer j's new tokens, or overflow after j wrote)
             raise ValueError(f"kv_cache[{i}] is kv_cache[{shared}]: every layer needs a cache of its own "
                              f"(Transformer.new_kv_cache)")
         for name in ("k", "v", "seqlens", "leftpad"):

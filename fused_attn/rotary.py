@@ -84,17 +84,8 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     _check_bool("interleaved", interleaved)
     _check_bool("inplace", inplace)
     _check_max_seqlen(max_seqlen)  # (checked with or without cu_seqlens, though only packed calls use it)
-    if inplace and not compiling and elements_may_overlap(x):
-        raise ValueError(f"inplace=True writes into x, whose elements overlap (strides {x.stride()}, e.g. an "
-                         f"expanded tensor): pass a tensor with its own storage per element, or inplace=False")
-    if inplace and not compiling and x.is_inference() and not torch.is_inference_mode_enabled():
-        # torch refuses an in-place op on an inference tensor outside inference mode (x.mul_()
-        # raises this); the kernels write through x's data pointer, past that check, and only the
-        # reference backend's torch ops raised it. (Not under torch.compile: Dynamo traces no
-        # is_inference(), and a compiled x.mul_() does not refuse one either.)
-        raise RuntimeError(INFERENCE_INPLACE_ERROR)
     if inplace:
-        check_inplace_allowed(x)
+        check_inplace_write(x, compiling)
     check_backend_name(backend)
     if position_ids is not None and (packed or not _is_zero(seqlen_offsets)):
         raise ValueError("position_ids gives every token's position: it cannot be combined with seqlen_offsets "
@@ -146,6 +137,22 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
 INFERENCE_INPLACE_ERROR = ("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a "
                            "clone to get a normal tensor before doing inplace update.See "
                            "https://github.com/pytorch/rfcs/pull/17 for more details.")
+
+
+def check_inplace_write(x: Tensor, compiling: bool, name: str = "x") -> None:
+    """Every refusal of an in-place write into ``x`` (``apply_rotary_emb(inplace=True)``, and the
+    FlashAttention stand-in's ``RotaryEmbedding``, which writes kv first and q's packed qkv last:
+    checked before either write), raised before anything is written."""
+    if not compiling and elements_may_overlap(x):
+        raise ValueError(f"inplace=True writes into {name}, whose elements overlap (strides {x.stride()}, e.g. an "
+                         f"expanded tensor): pass a tensor with its own storage per element, or inplace=False")
+    if not compiling and x.is_inference() and not torch.is_inference_mode_enabled():
+        # torch refuses an in-place op on an inference tensor outside inference mode (x.mul_()
+        # raises this); the kernels write through x's data pointer, past that check, and only the
+        # reference backend's torch ops raised it. (Not under torch.compile: Dynamo traces no
+        # is_inference(), and a compiled x.mul_() does not refuse one either.)
+        raise RuntimeError(INFERENCE_INPLACE_ERROR)
+    check_inplace_allowed(x)
 
 
 def check_inplace_allowed(x: Tensor) -> None:

@@ -647,6 +647,15 @@ def test_refused_rotary_calls_change_nothing_and_bad_head_counts_raise():
     with pytest.raises(RuntimeError, match="leaf Variable that requires grad is being used in an in-place"):
         FA.RotaryEmbedding(16)(q.clone().requires_grad_(), kv)  # (q's write refused before kv's)
     assert torch.equal(kv, kv_before)
+    # so are q's other refusals (kv was turned, then q's write raised inside torch's copy_)
+    with torch.inference_mode():
+        inference_q = torch.randn(1, 5, 2, 16)
+    for bad_q, error, match in ((torch.randn(1, 5, 1, 16).expand(1, 5, 2, 16), ValueError,
+                                 "inplace=True writes into qkv, whose elements overlap"),
+                                (inference_q, RuntimeError, "Inplace update to inference tensor")):
+        with pytest.raises(error, match=match):
+            FA.RotaryEmbedding(16)(bad_q, kv)
+        assert torch.equal(kv, kv_before)
     gqa = torch.randn(1, 5, 6, 16)
     for bad, error in ((-2, ValueError), (0, ValueError), (2.0, TypeError), (True, TypeError)):
         with pytest.raises(error, match="num_heads_q must be an int >= 1"):

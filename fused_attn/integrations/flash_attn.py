@@ -59,7 +59,7 @@ from ..functional import (_check_bool, _check_scale, _concrete, _draw_rng, _fini
                           attention, attention_varlen, attention_with_kvcache, layer_norm_residual,
                           mixed_norm_operands)
 from ..ops_common import as_int, check_device, is_int, known_true, no_data
-from ..rotary import check_inplace_allowed
+from ..rotary import check_inplace_write
 from ._shapes import check_shapes
 from ._stand_in import StandInModules
 
@@ -579,8 +579,8 @@ class RotaryEmbedding(torch.nn.Module):
                                          num_heads_q=num_heads_q)
         # As apply_rotary_emb_qkv_: q turned out of place first and written last, once kv is, so that
         # a call refused for kv (its positions, an in-place write autograd refuses) changes nothing;
-        # q's own write checked before kv's
-        check_inplace_allowed(qkv)
+        # q's own write checked (overlap, inference tensor, autograd) before kv's
+        check_inplace_write(qkv, torch.compiler.is_compiling(), "qkv")
         q_turned = apply_rotary_emb(qkv, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset)
         apply_rotary_emb_kv_(kv, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset)
         return qkv.copy_(q_turned), kv

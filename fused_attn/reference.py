@@ -96,6 +96,20 @@ def alibi_bias(slopes, Lq, Lk, alignment="top_left", dtype=None):
     return -slopes.to(dist.dtype)[..., None, None] * dist
 
 
+def _batched_matmul(a, b):
+    """``torch.matmul`` of (B, H, ., .) tensors. DTensors (tensor parallelism) sharded on the heads
+    take the sharded dim to the front and back: torch 2.11's DTensor matmul refused to flatten
+    (B, H) with H sharded ("Attempted to flatten multiple dimensions, with dimension 1 being
+    sharded"), the most common placement; 2.13 takes it either way."""
+    if type(a) is torch.Tensor or not hasattr(a, "placements"):
+        return torch.matmul(a, b)
+    dims = {p.dim for t in (a, b) for p in getattr(t, "placements", ()) if p.is_shard() and 0 < p.dim < a.dim() - 2}
+    if len(dims) != 1:
+        return torch.matmul(a, b)
+    d = dims.pop()
+    return torch.matmul(a.movedim(d, 0), b.movedim(d, 0)).movedim(0, d)
+
+
 def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, rng=None, *, window_size=None,
               alignment="top_left", band=None, softcap=None, alibi_slopes=None, sinks=None):
     """softmax(q k^T * scale + mask) v, with the conventions of ``fused_attn.functional.attention``.
@@ -120,7 +134,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
     if Hq != Hkv:  # grouped-query: query head h reads kv head h // (Hq // Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scores = _batched_matmul(q, k.transpose(-2, -1)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     if alibi_slopes is not None:
@@ -147,7 +161,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
             probs = F.dropout(probs, dropout_p)
         else:
             probs = _rng.apply_dropout(probs, dropout_p, *_rng.seed_offset(rng))
-    return torch.matmul(probs, v)
+    return _batched_matmul(probs, v)
 
 
 def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size=None, alignment="top_left",
@@ -160,7 +174,7 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
         scale = 1.0 / math.sqrt(D)
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scores = _batched_matmul(q, k.transpose(-2, -1)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     if alibi_slopes is not None:

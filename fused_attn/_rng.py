@@ -30,9 +30,10 @@ the mask its own pair defines.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
+
+from .ops_common import is_dtensor
 
 MASK32 = 0xFFFFFFFF
 MIX_MUL1 = 0x7FEB352D
@@ -123,17 +124,11 @@ def apply_dropout(t: torch.Tensor, p: float, seed, offset) -> torch.Tensor:
         return t
     n_cols = t.shape[-1]
     n_rows = t.numel() // max(n_cols, 1)
-    if type(t) is not torch.Tensor and _is_dtensor(t):
+    if is_dtensor(t):
         keep = _keep_mask_of_shards(t, seed, offset, p)
     else:
         keep = keep_mask(seed, offset, p, n_rows, n_cols, device=t.device).reshape(t.shape)
     return t * keep.to(t.dtype) * (1.0 / (1.0 - p))
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    """(DTensor exists only once torch.distributed.tensor is imported.)"""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    return dtensor is not None and isinstance(t, dtensor)
 
 
 def _keep_mask_of_shards(t, seed, offset, p: float):

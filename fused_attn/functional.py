@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from typing import Optional, Sequence
 
 import torch
@@ -25,7 +24,7 @@ from .ops import (AttentionFunction, AttentionVarlenFunction, FeedForwardFunctio
                   _forward_mode_in, _stack, _transform_needs_autograd, differentiated, why_differentiated)
 from .ops_common import (ALIGNMENTS, as_int, attention_band, check_block_table, check_traced, check_varlen_bounds,
                          elements_may_overlap, first_page_out_of_range, gather_kv_pages, grad_recording, is_int,
-                         exporting, known_true, no_data, pages_out_of_range, paged_layout, replicated_like,
+                         exporting, is_dtensor, known_true, no_data, pages_out_of_range, paged_layout, replicated_like,
                          tensors_may_share_memory)
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, get_alibi_slopes  # noqa: F401 (public here too)
 
@@ -289,14 +288,10 @@ def _distributed(*tensors) -> bool:
     from the call's [seed, offset] pair, the plain call's mask, ``_rng.apply_dropout``). Plain
     tensors return at the first type check; DTensor exists only once torch.distributed.tensor is
     imported."""
-    dtensor = None
     for t in tensors:
         if t is None or type(t) is Tensor or type(t) is torch.nn.Parameter:
             continue
-        if dtensor is None:
-            module = sys.modules.get("torch.distributed.tensor")
-            dtensor = getattr(module, "DTensor", ()) if module is not None else ()
-        if isinstance(t, dtensor):
+        if is_dtensor(t):
             return True
     return False
 
@@ -1554,6 +1549,11 @@ def _broadcast_dims(a: Sequence[int], b: Sequence[int]) -> Optional[tuple]:
     return tuple(out)
 
 
+def _qkv_shapes(query: Tensor, key: Tensor, value: Tensor) -> str:
+    """The three shapes as SDPA's errors quote them (formed only when one is raised)."""
+    return f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
@@ -1609,17 +1609,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if value.shape[-2] != key.shape[-2]:
         raise ValueError(f"key and value must have the same sequence length S (dim -2), got key {tuple(key.shape)}, "
                          f"value {tuple(value.shape)}")
-    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
     grouped = False  # key's or value's heads repeated to query's (enable_gqa, and they differ)
     if enable_gqa:
         if min(query.dim(), key.dim(), value.dim()) < 3:  # (torch: an IndexError reading dim -3)
             raise ValueError(f"enable_gqa=True needs query, key and value of at least 3 dims (dim -3 is the heads), "
-                             f"got {shapes}")
+                             f"got {_qkv_shapes(query, key, value)}")
         Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
         grouped = not Hq == Hk == Hv
         if grouped and any((h == 0 and Hq != 0) or (h != 0 and Hq % h != 0) for h in (Hk, Hv)):
             raise ValueError(f"query's heads (dim -3, {Hq}) must be a multiple of key's and value's "
-                             f"({Hk if Hk == Hv else f'{Hk} and {Hv}'}), got {shapes}")
+                             f"({Hk if Hk == Hv else f'{Hk} and {Hv}'}), got {_qkv_shapes(query, key, value)}")
     # The batch dims as torch broadcasts them: key's and value's heads count as query's when they
     # are repeated to them; the attention weights (..., L, S) broadcast query's and key's (the mask
     # must fit them), the output those and value's.
@@ -1634,7 +1633,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             hint = (f" (query has {query.shape[-3]} heads and key {key.shape[-3]}: pass enable_gqa=True for "
                     f"grouped-query attention, as torch's scaled_dot_product_attention requires)")
         raise ValueError(f"the batch dims (all but the last two) of query, key and value must broadcast, got "
-                         f"{shapes}{hint}") from None
+                         f"{_qkv_shapes(query, key, value)}{hint}") from None
     # To attention's 4-D (B, H, L, E) call: the last batch dim is the heads (a 1 put before the
     # batch dims of a 2-D call), the others flattened into B. Key and value keep heads that divide
     # H (the kernels' grouped-query attention reads them without a copy): their own count under

@@ -138,6 +138,16 @@ def no_data(t: torch.Tensor) -> bool:
     return torch._C._len_torch_dispatch_stack() > 0 and torch._C._get_dispatch_mode(_FAKE_MODE) is not None
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (tensor parallelism). DTensor exists only once
+    torch.distributed.tensor is imported, which this does not do; plain tensors return at the
+    type check."""
+    if type(t) in _PLAIN_TENSORS:
+        return False
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def replicated_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` made fit to meet ``like`` in one op: ``t`` itself next to a plain tensor; next to a
     DTensor (tensor parallelism), ``t`` as a DTensor replicated over like's mesh. DTensor's ops
@@ -146,15 +156,12 @@ def replicated_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     distances) and the caller's plain operands next to DTensor ones: every rank holds the same
     whole tensor, which is what ``Replicate`` says, and DTensor's sharding rules then take the part
     each rank's shard needs. A DTensor ``t`` is returned as it is."""
-    if type(like) in _PLAIN_TENSORS or type(t) not in _PLAIN_TENSORS:
+    if type(t) not in _PLAIN_TENSORS or not is_dtensor(like):
         return t
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is None or not isinstance(like, dtensor):
-        return t
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import DTensor, Replicate
 
     mesh = like.device_mesh
-    return dtensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import sys
 import threading
 from typing import Optional
 
@@ -27,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _rng
-from .ops_common import (check_cumulative, check_device, check_longest, grad_recording, no_data, norm_stat_scale,
-                         replicated_like)
+from .ops_common import (check_cumulative, check_device, check_longest, grad_recording, is_dtensor, no_data,
+                         norm_stat_scale, replicated_like)
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -333,10 +332,9 @@ def _row_var_mean(x: torch.Tensor):
     4.7e21 for a constant row of 1e18). So a DTensor's statistics are var_mean's on each local
     shard, its rows first made whole where the mesh splits or sums them: the values torch 2.13's
     DTensor gives, on every torch."""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is None or not isinstance(x, dtensor):
+    if not is_dtensor(x):
         return torch.var_mean(x, dim=-1, correction=0, keepdim=True)
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import DTensor, Replicate
 
     placements = tuple(Replicate() if p.is_partial() or (p.is_shard() and p.dim % x.ndim == x.ndim - 1) else p
                        for p in x.placements)
@@ -345,7 +343,7 @@ def _row_var_mean(x: torch.Tensor):
     var, mean = torch.var_mean(x.to_local(), dim=-1, correction=0, keepdim=True)
     shape = x.shape[:-1] + (1,)
     stride = torch.empty(shape, device="meta").stride()
-    return tuple(dtensor.from_local(t, x.device_mesh, placements, shape=shape, stride=stride) for t in (var, mean))
+    return tuple(DTensor.from_local(t, x.device_mesh, placements, shape=shape, stride=stride) for t in (var, mean))
 
 
 _SPELLED_OUT = threading.local()
@@ -1143,8 +1141,8 @@ def _check_layer_caches(caches) -> None:
                             "kv_cache: every layer's cache must hold the same tokens (seqlens and leftpad)")
         return
     counts = torch.stack([seqlens, leftpad.to(seqlens.dtype)], dim=1).tolist()  # (layers, 2, B): one read
-    for i, (seqlens, leftpad) in enumerate(counts[1:], 1):
-        for name, a, b in (("seqlens", counts[0][0], seqlens), ("leftpad", counts[0][1], leftpad)):
+    for i, (lengths, pads) in enumerate(counts[1:], 1):
+        for name, a, b in (("seqlens", counts[0][0], lengths), ("leftpad", counts[0][1], pads)):
             if a != b:
                 raise ValueError(f"kv_cache[{i}].{name} is {b} but kv_cache[0].{name} is {a}: every layer's cache "
                                  f"must hold the same tokens, one Transformer call steps them all (reset() them all, "

@@ -152,18 +152,13 @@ def check_inplace_write(x: Tensor, compiling: bool, name: str = "x") -> None:
         # reference backend's torch ops raised it. (Not under torch.compile: Dynamo traces no
         # is_inference(), and a compiled x.mul_() does not refuse one either.)
         raise RuntimeError(INFERENCE_INPLACE_ERROR)
-    check_inplace_allowed(x)
-
-
-def check_inplace_allowed(x: Tensor) -> None:
-    """Raise torch's own error, before anything is written, for an in-place write into x that
-    autograd refuses: x a leaf that requires grad (grad mode on), a view of one, or a view autograd
-    cannot rebase (a multi-output view, ``unbind``'s; one created under no_grad). Autograd checks
-    an in-place op only when the op records itself: the kernels write through x's data pointer
-    first (and the Function's ``mark_dirty`` checks after its forward), so the refused call had
-    already turned x. Only where torch refuses: any other x passes untouched. (Not under
-    torch.compile: its trace, on fake tensors, raises torch's error before the graph runs.)"""
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and x.requires_grad):
+    # Autograd's refusals, with torch's own error: x a leaf that requires grad (grad mode on), a
+    # view of one, or a view autograd cannot rebase (a multi-output view, ``unbind``'s; one created
+    # under no_grad). Autograd checks an in-place op only when the op records itself: the kernels
+    # write through x's data pointer first (and the Function's ``mark_dirty`` checks after its
+    # forward), so the refused call had already turned x. Any other x passes untouched. (Not under
+    # torch.compile: its trace, on fake tensors, raises torch's error before the graph runs.)
+    if compiling or not (torch.is_grad_enabled() and x.requires_grad):
         return
     if x.is_leaf or (x._is_view() and (x._base.is_leaf or _autograd._get_creation_meta(x)
                                        != _autograd.CreationMeta.DEFAULT)):

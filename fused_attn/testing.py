@@ -20,6 +20,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .functional import _dtype_name
+
 K_FORWARD = 2.0
 K_GRAD = 5.0
 #: absolute floor per dtype, multiplied by max(1, max|ref64|)
@@ -73,15 +75,12 @@ def compare(name: str, actual: torch.Tensor, ref64: torch.Tensor, ref_lowp: torc
         # kernels take) has no error to scale where it is not finite: say so, where the bare
         # numbers read as a kernel k times worse than a reference that was exact
         broken = int((finite & ~torch.isfinite(lp)).sum())
-        why = (f" (the {_dtype_label(ref_lowp)} reference is NaN/inf at {broken} position(s) where the float64 one is "
-               f"finite: its error there is not counted, leaving the floor; judge such a call with floor= or "
-               f"against a reference that does not overflow)") if broken else ""
+        why = (f" (the {_dtype_name(ref_lowp.dtype)} reference is NaN/inf at {broken} position(s) where the "
+               f"float64 one is finite: its error there is not counted, leaving the floor; judge such a call "
+               f"with floor= or against a reference that does not overflow)") if broken else ""
         raise AssertionError(str(result) + why)
     return result
 
-
-def _dtype_label(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
 
 
 def _prepare(x, dtype=None):

@@ -279,7 +279,7 @@ def layer_norm_residual(x, residual=None, weight=None, bias=None, eps=1e-5, drop
         # the parameters may be half precision (CPU layer_norm refuses that mix)
         w = weight.to(acc) if weight is not None else None
         b = bias.to(acc) if bias is not None else None
-        if wide.shape[-1]:  # (no row to shift at hidden size 0: var_mean warned there)
+        if wide.numel():  # (no row to shift with no rows or hidden size 0: var_mean warned there)
             wide = wide * c  # (c = 1 in float64)
             # Each row shifted by a constant (LayerNorm is invariant under it; no gradient flows
             # through it), computed from Welford's statistics (torch.var_mean: exact for a constant

@@ -58,44 +58,54 @@ struct WideSum<double> {
 };
 #endif
 
-// sum(v - mu) and sum((v - mu)^2), blocked as above: the second pass of the corrected two-pass
-// variance (mu is the first pass's mean; sum(v - mu) corrects both the mean and the variance).
-template <typename A>
-inline std::pair<double, double> row_dev_sums(const A* v, A mu, int64_t n) {
+// sum(v - mu) and, with kSquares, sum((v - mu)^2) (else 0), blocked as above, v read in its own
+// dtype and converted to A in registers. The forward's second pass of the corrected two-pass
+// variance (mu is the first pass's mean; sum(v - mu) corrects both the mean and the variance), and
+// without the squares the backward's corr (ln_bwd_row).
+template <bool kSquares = true, typename A, typename V>
+inline std::pair<double, double> row_dev_sums(const V* v, A mu, int64_t n) {
   int64_t i = 0;
   double s1 = 0, s2 = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
-  using L = Lanes<A>;
-  const auto vmu = lanes_splat<A>(mu);
-  const int64_t n_lanes = n - n % L::size;
-  WideSum<A> w1, w2;
-  while (i < n_lanes) {
-    const int64_t end = std::min(i + kSumBlock, n_lanes);
-    // two accumulators per sum: the loop-carried additions are the bound when the row is in L1
-    auto a1 = lanes_splat<A>(0), a2 = lanes_splat<A>(0), b1 = lanes_splat<A>(0), b2 = lanes_splat<A>(0);
-    for (; i + 2 * L::size <= end; i += 2 * L::size) {
-      const auto x0 = lanes_load(v + i) - vmu, x1 = lanes_load(v + i + L::size) - vmu;
-      a1 += x0;
-      a2 += x0 * x0;
-      b1 += x1;
-      b2 += x1 * x1;
+  if constexpr (kLaneIO<A, V>) {
+    using L = Lanes<A>;
+    const auto vmu = lanes_splat<A>(mu);
+    const int64_t n_lanes = n - n % L::size;
+    WideSum<A> w1, w2;
+    while (i < n_lanes) {
+      const int64_t end = std::min(i + kSumBlock, n_lanes);
+      // two accumulators per sum: the loop-carried additions are the bound when the row is in L1.
+      // (Without the squares one chain, a1: the order the backward's corr was always summed in,
+      // so that its results stay the same bit for bit.)
+      auto a1 = lanes_splat<A>(0), a2 = lanes_splat<A>(0), b1 = lanes_splat<A>(0), b2 = lanes_splat<A>(0);
+      for (; i + 2 * L::size <= end; i += 2 * L::size) {
+        const auto x0 = lanes_load_as<A>(v + i) - vmu, x1 = lanes_load_as<A>(v + i + L::size) - vmu;
+        a1 += x0;
+        if constexpr (kSquares) {
+          b1 += x1;
+          a2 += x0 * x0;
+          b2 += x1 * x1;
+        } else {
+          a1 += x1;
+        }
+      }
+      if (i < end) {  // the row's last vector when n_lanes / L::size is odd
+        const auto x0 = lanes_load_as<A>(v + i) - vmu;
+        a1 += x0;
+        if constexpr (kSquares) a2 += x0 * x0;
+        i += L::size;
+      }
+      w1.add(a1 + b1);
+      if constexpr (kSquares) w2.add(a2 + b2);
     }
-    if (i < end) {  // the row's last vector when n_lanes / L::size is odd
-      const auto x0 = lanes_load(v + i) - vmu;
-      a1 += x0;
-      a2 += x0 * x0;
-      i += L::size;
-    }
-    w1.add(a1 + b1);
-    w2.add(a2 + b2);
+    s1 = w1.sum();
+    s2 = w2.sum();
   }
-  s1 = w1.sum();
-  s2 = w2.sum();
 #endif
   for (; i < n; ++i) {
-    const A x = v[i] - mu;
+    const A x = static_cast<A>(v[i]) - mu;
     s1 += x;
-    s2 += x * x;
+    if constexpr (kSquares) s2 += x * x;
   }
   return {s1, s2};
 }
@@ -304,38 +314,14 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
   });
 }
 
-// sum(s - mu) / d over a row (blocked, as the forward's sums): the LayerNorm backward's corr.
-template <typename A, typename S>
-inline A row_mean_deviation(const S* s, A mu, int64_t d) {
-  double sum_e = 0;
-  int64_t c = 0;
-#if defined(FUSED_ATTN_HAVE_LANES)
-  if constexpr (kLaneIO<A, S>) {
-    using L = Lanes<A>;
-    const auto vmu = lanes_splat<A>(mu);
-    const int64_t d_lanes = d - d % L::size;
-    WideSum<A> wide_e;
-    while (c < d_lanes) {
-      const int64_t end = std::min(c + kSumBlock, d_lanes);
-      auto acc_e = lanes_splat<A>(0);
-      for (; c < end; c += L::size) acc_e += lanes_load_as<A>(s + c) - vmu;
-      wide_e.add(acc_e);
-    }
-    sum_e = wide_e.sum();
-  }
-#endif
-  for (; c < d; ++c) sum_e += static_cast<A>(s[c]) - mu;
-  return static_cast<A>(sum_e / static_cast<double>(std::max<int64_t>(d, 1)));
-}
-
 // The backward of one row, in vectorised passes over the row's inputs (s: the summed row, dy: the
 // dout row, both read in their own dtypes and converted in registers; later passes re-read them
 // from L1/L2 instead of keeping xhat in a scratch row). The row's mean is the pair (mu, corr) of
 // the forward: mu the saved mean, corr = sum(s - mu)/d the part of the mean a float32 mu cannot
 // hold (see layer_norm_fwd_kernel), and xhat = ((s - mu) - corr) * rstd, s - mu exact on the rows
 // where corr matters (RMSNorm: mu = corr = 0).
-//   pass 0 (LayerNorm, rows whose mean is at least their std): corr, one read of s
-//           (row_mean_deviation). corr is within ~ulp(mu) of 0, so it moves xhat by at most
+//   pass 0 (LayerNorm, rows whose mean is at least their std): corr, one read of s (row_dev_sums
+//           without the squares). corr is within ~ulp(mu) of 0, so it moves xhat by at most
 //           ~|mu| * rstd * 2^-24: below xhat's own rounding where |mu| * rstd < 1, which is most
 //           rows (mean near 0 against the spread), and those skip the pass. (Taken apart rather
 //           than with pass 1's sums, which would move dw's sum to pass 2 and re-read dy there.)
@@ -349,7 +335,8 @@ inline A row_mean_deviation(const S* s, A mu, int64_t d) {
 template <bool kHasW, bool kDw, bool kDb, typename A, typename S, typename G>
 inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* dw, A* db, A mu, A rs, bool rms,
                        S* ds_out, G* dx_out, const A* mult, A* gbuf, int64_t d) {
-  const A corr = !rms && std::abs(mu) * rs >= A(1) ? row_mean_deviation(s, mu, d) : A(0);
+  const double d_f64 = static_cast<double>(std::max<int64_t>(d, 1));
+  const A corr = !rms && std::abs(mu) * rs >= A(1) ? static_cast<A>(row_dev_sums<false>(s, mu, d).first / d_f64) : A(0);
   double sum_g = 0, sum_gx = 0;
   int64_t c = 0;
 #if defined(FUSED_ATTN_HAVE_LANES)
@@ -393,7 +380,7 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
     sum_g += g;
     sum_gx += g * xh;
   }
-  const double inv_d = 1.0 / static_cast<double>(std::max<int64_t>(d, 1));
+  const double inv_d = 1.0 / d_f64;
   const A mean_gx = static_cast<A>(sum_gx * inv_d);
   const A mean_g = rms ? A(0) : static_cast<A>(sum_g * inv_d);
 

@@ -500,10 +500,10 @@ class LayerNormCase(Case):
         # inference (no grad, no prenorm): read x and residual, write out -- the sum is not stored;
         # training forward (the inputs require grad): also write the sum, saved for backward;
         # backward: read dout and the saved sum, write the gradient (x's and the residual's are the
-        # same tensor). The forwards read the weights and write the row statistics, float32 mean and
-        # rstd (rstd only for RMSNorm; written in both modes), which the backward reads; it also
-        # writes the weights' gradients.
-        stats = (4 if self.rms else 8) * self.N
+        # same tensor). The forwards read the weights and write the row statistics, mean and rstd
+        # (rstd only for RMSNorm; written in both modes; float32, float64 for float64), which the
+        # backward reads; it also writes the weights' gradients.
+        stats = (1 if self.rms else 2) * _itemsize(torch.promote_types(dtype, torch.float32)) * self.N
         infer = 3 * rows + 2 * self.d * es + stats
         fwd = infer + rows
         bwd = 3 * rows + 4 * self.d * es + stats

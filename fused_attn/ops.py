@@ -50,7 +50,8 @@ Output layouts (fake and real implementations agree on them):
   for float64 inputs (``ops_common.lse_dtype``; so for every lse below).
 - attention_bwd: dq, dk, dv contiguous, shaped as q, k, v; dmask contiguous (B, Hq, Lq, Lk) or (0,).
 - layer_norm_residual_fwd: out, summed contiguous (N, d) (summed in x's dtype, with residual_in_fp32 in the
-  wider of float32 and x's dtype); mean, rstd float32 (N,) (mean (0,) for rms).
+  wider of float32 and x's dtype); mean, rstd (N,) in the wider of float32 and x's dtype (float32, float64
+  for float64 inputs, as the lse) (mean (0,) for rms).
 - layer_norm_residual_bwd: dsum (N, d) in summed's dtype; dx (N, d) in x_dtype or (0,); dweight,
   dbias (d,) or (0,).
 - feed_forward_fwd: out (T, d_out), pre (T, F1) contiguous: what the backward needs of the first
@@ -789,10 +790,11 @@ def layer_norm_residual_fwd(x: Tensor, residual: Optional[Tensor], weight: Optio
 def _layer_norm_residual_fwd_fake(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, rng, backend,
                                   store_summed=True):
     n = x.shape[0]
-    summed_dtype = torch.promote_types(x.dtype, torch.float32) if residual_in_fp32 else x.dtype
-    mean = x.new_empty((0,) if rms else (n,), dtype=torch.float32)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    summed_dtype = wide if residual_in_fp32 else x.dtype
+    mean = x.new_empty((0,) if rms else (n,), dtype=wide)
     summed = x.new_empty(x.shape if store_summed else (0,), dtype=summed_dtype)
-    return x.new_empty(x.shape), summed, mean, x.new_empty((n,), dtype=torch.float32)
+    return x.new_empty(x.shape), summed, mean, x.new_empty((n,), dtype=wide)
 
 
 def _layer_norm_residual_bwd_impl(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, rng, x_dtype,

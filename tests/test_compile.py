@@ -341,12 +341,16 @@ def _op_samples(backend):
                                                 bottom_right, p, 0.35, rng if p else None, backend, cap, seqused,
                                                 alibi, rnd(*lse.shape) if p else None))
     x, r, w, b = rnd(6, 16), rnd(6, 16), rnd(16), rnd(16)
-    for residual, weight, bias, p, rms in ((r, w, b, 0.0, False), (None, w, None, 0.0, True), (r, None, b, 0.3, False)):
-        args = (x, residual, weight, bias, 1e-5, p, rms, False, rng if p else None, backend)
+    cases = [(x, r, w, b, 0.0, False), (x, None, w, None, 0.0, True), (x, r, None, b, 0.3, False)]
+    if backend in ("reference", "cpu"):  # the backends that take float64, whose mean and rstd are float64
+        cases.append((x.double(), r.double(), w.double(), b.double(), 0.0, False))
+    for x_, residual, weight, bias, p, rms in cases:
+        args = (x_, residual, weight, bias, 1e-5, p, rms, False, rng if p else None, backend)
         samples["layer_norm_residual_fwd"].append(args)
         out, summed, mean, rstd = torch.ops.fused_attn.layer_norm_residual_fwd(*args)
-        samples["layer_norm_residual_bwd"].append((rnd(6, 16), rnd(6, 16), summed, weight, bias, mean, rstd, 1e-5,
-                                                   p, rms, rng if p else None, torch.float32, backend))
+        samples["layer_norm_residual_bwd"].append((rnd(6, 16).to(x_.dtype), rnd(6, 16).to(x_.dtype), summed, weight,
+                                                   bias, mean, rstd, 1e-5, p, rms, rng if p else None, x_.dtype,
+                                                   backend))
     x = rnd(5, 16)
     for act, width, b1, p in (("relu", 24, True, 0.0), ("swiglu", 48, False, 0.0), ("gelu", 24, True, 0.25)):
         w1, w2 = rnd(width, 16), rnd(16, 24)

@@ -95,6 +95,61 @@ def test_large_mean_rows_float32(mean, d):
                             names=["x", "residual", "weight", "bias"])
 
 
+# float64 rows whose spread is ~1e-12 of their mean. The float64 backward could not use the saved
+# float32 statistics and recomputed them from the row without the forward's correction of the
+# variance (its sum(s - mean) term): rstd was off by ~(mean's rounding / std)^2, and dx, dresidual
+# and dweight only 3e-11 (1e8 +- 1e-4, d = 64) to 2e-6 (1e12 +- 1, d = 1024) relative accurate.
+# The statistics are saved in float64 for float64 inputs now, and the backward reads the
+# forward's: all within ~3e-16 of the float64 reference (which shifts such rows by their mean).
+@pytest.mark.parametrize("mean,std", [(1e8, 1e-4), (1e12, 1.0), (-3e9, 1e-3)])
+@pytest.mark.parametrize("d", [64, 97, 1024])
+def test_nearly_constant_rows_float64(mean, std, d):
+    gen = torch.Generator().manual_seed(d)
+    s = mean + std * torch.randn(3, d, generator=gen, dtype=torch.float64)
+    residual = s.round()
+    x = s - residual  # exact, and x + residual == s exactly: the sum rounds nothing
+    assert torch.equal(x + residual, s)
+    w = 1 + 0.25 * torch.randn(d, generator=gen, dtype=torch.float64)
+    b = 0.1 * torch.randn(d, generator=gen, dtype=torch.float64)
+    dout = torch.randn(3, d, generator=gen, dtype=torch.float64)
+
+    def run(fn):
+        inputs = [t.clone().requires_grad_() for t in (x, residual, w, b)]
+        out = fn(*inputs)
+        out.backward(dout)
+        return [out.detach()] + [t.grad for t in inputs]
+
+    got = run(_fused(False, False))
+    want = run(_reference(False, False))
+    for name, g, t in zip(["out", "dx", "dresidual", "dweight", "dbias"], got, want):
+        # (measured: at most 3.3e-16 of the largest element; the old backward's 3e-11 fails)
+        torch.testing.assert_close(g, t, rtol=0, atol=1e-12 * t.abs().max().item(), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_statistics_dtype(dtype, rms):
+    """The saved mean and rstd are float32, float64 for float64 inputs (as torch's
+    native_layer_norm's), on the cpu and reference backends and in the ops' fake implementation;
+    the cpu backward refuses statistics of another dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, r, w, b = [t.detach() for t in _inputs(4, 16, dtype)]
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    args = (x, r, w, b, 1e-5, 0.0, rms, False, None)
+    for backend in ("cpu", "reference"):
+        _, summed, mean, rstd = torch.ops.fused_attn.layer_norm_residual_fwd(*args, backend)
+        assert (mean.dtype, rstd.dtype, mean.shape, rstd.shape) == (want, want, (0 if rms else 4,), (4,)), backend
+    with FakeTensorMode() as mode:
+        _, _, fake_mean, fake_rstd = torch.ops.fused_attn.layer_norm_residual_fwd(
+            *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args], "cpu")
+    assert (fake_mean.dtype, fake_rstd.dtype) == (want, want)
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    with pytest.raises(RuntimeError, match="rstd must be a " + ("Double" if dtype == torch.float64 else "Float")):
+        torch.ops.fused_attn_C.layer_norm_residual_bwd(x, None, summed, w, b, mean, rstd.to(other), 1e-5, 0.0, rms, 0,
+                                                        0, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("prenorm", [False, True], ids=["plain", "prenorm"])

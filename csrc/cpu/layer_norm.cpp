@@ -74,6 +74,12 @@ void layer_norm_bwd(Args&&... args) {
   isa_default::layer_norm_bwd_kernel<scalar_t, sum_t, kHasW, kDw, kDb>(args...);
 }
 
+// The dtype of the saved mean and rstd: the computation's, float32 (float64 for float64 inputs,
+// as torch's native_layer_norm saves them), so that the float64 backward reads the forward's
+// corrected statistics. (It recomputed them instead, without the variance's correction: dx was
+// only ~1e-6 relative accurate on nearly constant rows such as 1e12 +- 1.)
+at::ScalarType stat_dtype(at::ScalarType x_dtype) { return x_dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
 void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t d) {
   check_cpu_float(t, name);
   FA_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == d, name, " must have shape (", N, ", ", d,
@@ -125,8 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   auto out = scratch::empty({N, d}, dtype);
   // Without store_summed (inference, no prenorm) the sum stays in the row scratch: one output stream.
   auto summed = store_summed ? scratch::empty({N, d}, sum_dtype) : at::empty({0}, x.options().dtype(sum_dtype));
-  auto mean = at::empty({rms ? 0 : N}, x.options().dtype(at::kFloat));
-  auto rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  auto mean = at::empty({rms ? 0 : N}, x.options().dtype(stat_dtype(dtype)));
+  auto rstd = at::empty({N}, x.options().dtype(stat_dtype(dtype)));
   if (N == 0) return {out, summed, mean, rstd};
   const LnOptions opt{eps, dropout_p, rms, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
   const at::Tensor* r = residual ? &*residual : nullptr;
@@ -179,12 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
     w = weight->contiguous();
   }
   if (bias) check_param(*bias, "bias", d, x_dtype);
-  FA_CHECK(rstd.device().is_cpu() && rstd.scalar_type() == at::kFloat && rstd.dim() == 1 && rstd.size(0) == N,
-              "rstd must be a float32 CPU tensor of shape (", N, "), got ", rstd.scalar_type(), " ", rstd.sizes());
+  const auto stats = stat_dtype(x_dtype);
+  FA_CHECK(rstd.device().is_cpu() && rstd.scalar_type() == stats && rstd.dim() == 1 && rstd.size(0) == N,
+              "rstd must be a ", stats, " CPU tensor of shape (", N, "), got ", rstd.scalar_type(), " ", rstd.sizes());
   const int64_t mean_n = rms ? 0 : N;
-  FA_CHECK(mean.device().is_cpu() && mean.scalar_type() == at::kFloat && mean.dim() == 1 &&
-                  mean.size(0) == mean_n,
-              "mean must be a float32 CPU tensor of shape (", mean_n, ") (empty for rms), got ", mean.scalar_type(),
+  FA_CHECK(mean.device().is_cpu() && mean.scalar_type() == stats && mean.dim() == 1 && mean.size(0) == mean_n,
+              "mean must be a ", stats, " CPU tensor of shape (", mean_n, ") (empty for rms), got ", mean.scalar_type(),
               " ", mean.sizes());
   FA_CHECK(eps >= 0.0, "eps must be non-negative, got ", eps);
   check_dropout_p(dropout_p);

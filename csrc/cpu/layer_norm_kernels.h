@@ -185,8 +185,9 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
   const A* b = b_acc.empty() ? nullptr : b_acc.data();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   sum_t* s_ptr = summed ? summed->mutable_data_ptr<sum_t>() : nullptr;  // null: the sum is not wanted
-  float* mean_ptr = opt.rms ? nullptr : mean.mutable_data_ptr<float>();
-  float* rstd_ptr = rstd.mutable_data_ptr<float>();
+  // the statistics are saved in A (float32, float64 for float64 inputs), as computed
+  A* mean_ptr = opt.rms ? nullptr : mean.mutable_data_ptr<A>();
+  A* rstd_ptr = rstd.mutable_data_ptr<A>();
   const bool dropout = opt.dropout_p > 0.0;
   const uint32_t threshold = fused_attn::dropout_threshold(opt.dropout_p);
   const A keep_scale = static_cast<A>(1.0 / (1.0 - opt.dropout_p));
@@ -302,8 +303,8 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
         // row of zeros (out = bias, dx = 0); torch gives NaN there, and so does this. (RMSNorm
         // keeps rstd 0, as torch's rms_norm does: out = s * 0.)
         if constexpr (!kRms) rs = std::isinf(var) ? std::numeric_limits<A>::quiet_NaN() : rs;
-        if (mean_ptr) mean_ptr[n] = static_cast<float>(mu);
-        rstd_ptr[n] = static_cast<float>(rs);
+        if (mean_ptr) mean_ptr[n] = mu;
+        rstd_ptr[n] = rs;
 
         if (w && b) ln_fwd_out_row<true, true>(sum, w, b, mu, corr, rs, out_ptr + n * d, d);
         else if (w) ln_fwd_out_row<true, false>(sum, w, b, mu, corr, rs, out_ptr + n * d, d);
@@ -317,12 +318,13 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
 // The backward of one row, in vectorised passes over the row's inputs (s: the summed row, dy: the
 // dout row, both read in their own dtypes and converted in registers; later passes re-read them
 // from L1/L2 instead of keeping xhat in a scratch row). The row's mean is the pair (mu, corr) of
-// the forward: mu the saved mean, corr = sum(s - mu)/d the part of the mean a float32 mu cannot
-// hold (see layer_norm_fwd_kernel), and xhat = ((s - mu) - corr) * rstd, s - mu exact on the rows
-// where corr matters (RMSNorm: mu = corr = 0).
+// the forward: mu the saved mean (in A: float32, float64 for float64 inputs), corr = sum(s - mu)/d
+// the part of the mean mu cannot hold (see layer_norm_fwd_kernel), and
+// xhat = ((s - mu) - corr) * rstd, s - mu exact on the rows where corr matters (RMSNorm:
+// mu = corr = 0).
 //   pass 0 (LayerNorm, rows whose mean is at least their std): corr, one read of s (row_dev_sums
 //           without the squares). corr is within ~ulp(mu) of 0, so it moves xhat by at most
-//           ~|mu| * rstd * 2^-24: below xhat's own rounding where |mu| * rstd < 1, which is most
+//           ~|mu| * rstd * eps(A): below xhat's own rounding where |mu| * rstd < 1, which is most
 //           rows (mean near 0 against the spread), and those skip the pass. (Taken apart rather
 //           than with pass 1's sums, which would move dw's sum to pass 2 and re-read dy there.)
 //   pass 1: xhat, g = dy * w (kept in gbuf: recomputing it in pass 2 would let the compiler fuse
@@ -423,8 +425,8 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
   const int64_t ds_in_stride = dsummed ? dsummed->stride(0) : 0;
   const sum_t* s_ptr = summed.const_data_ptr<sum_t>();
   const int64_t s_stride = summed.stride(0);
-  const float* mean_ptr = opt.rms ? nullptr : mean.const_data_ptr<float>();
-  const float* rstd_ptr = rstd.const_data_ptr<float>();
+  const A* mean_ptr = opt.rms ? nullptr : mean.const_data_ptr<A>();  // (the forward's, in A)
+  const A* rstd_ptr = rstd.const_data_ptr<A>();
   std::vector<A> w_acc;
   if (kHasW) {
     w_acc.resize(d);
@@ -434,7 +436,6 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
   scalar_t* dx_ptr = dx ? dx->mutable_data_ptr<scalar_t>() : nullptr;
   const uint32_t threshold = fused_attn::dropout_threshold(opt.dropout_p);
   const A keep_scale = static_cast<A>(1.0 / (1.0 - opt.dropout_p));
-  const A eps = static_cast<A>(opt.eps);
 
   const RowChunks chunks = fixed_row_chunks(N);
   std::vector<A> dw_part(kDw ? chunks.count * d : 0, A(0));
@@ -448,20 +449,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dout, const at::Tensor* dsummed, co
       A* db = kDb ? db_part.data() + k * d : nullptr;
       for (int64_t n = chunks.begin(k); n < chunks.end(k, N); ++n) {
         const sum_t* sr = s_ptr + n * s_stride;
-        A mu, rs;
-        if constexpr (std::is_same_v<A, double>) {
-          // float64 (gradcheck): the saved float32 statistics are not exact enough; recompute.
-          const A inv_d = A(1) / static_cast<A>(std::max<int64_t>(d, 1));
-          A total = 0;
-          for (int64_t c = 0; c < d; ++c) total += static_cast<A>(sr[c]);
-          mu = opt.rms ? 0.0 : total * inv_d;
-          A sq = 0;
-          for (int64_t c = 0; c < d; ++c) sq += (static_cast<A>(sr[c]) - mu) * (static_cast<A>(sr[c]) - mu);
-          rs = 1.0 / std::sqrt(sq * inv_d + eps);
-        } else {
-          mu = mean_ptr ? static_cast<A>(mean_ptr[n]) : A(0);
-          rs = static_cast<A>(rstd_ptr[n]);
-        }
+        const A mu = mean_ptr ? mean_ptr[n] : A(0), rs = rstd_ptr[n];
         if (dx_ptr)
           dropout_row_scale(mult.data(), d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
         ln_bwd_row<kHasW, kDw, kDb>(sr, g_ptr + n * g_stride, ds_in_ptr ? ds_in_ptr + n * ds_in_stride : nullptr,

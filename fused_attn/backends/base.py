@@ -34,8 +34,9 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   being rowsum(dout * out) (d lse_i / d s_ij = P_ij).
 - layer_norm_residual: x (N, d), residual None or (N, d), weight/bias None or (d,). ``summed``
   is dropout(x) + residual in x's dtype, with ``residual_in_fp32`` in the wider of float32 and x's
-  dtype (float64 x: float64); ``mean`` (empty for
-  rms) and ``rstd`` are float32 (N,). With ``store_summed=False`` (inference without prenorm)
+  dtype (float64 x: float64); ``mean`` (empty for rms) and ``rstd`` are (N,) in the wider of
+  float32 and x's dtype (float64 x: float64, as torch's native_layer_norm saves them; the cpu
+  backward reads them, and float32 ones would cost it float64's accuracy). With ``store_summed=False`` (inference without prenorm)
   ``summed`` is an empty (0,) tensor of that dtype and need not be computed to memory. Backward returns ``dsum`` (the gradient of the sum, in
   summed's dtype, which is also the residual's gradient) and ``dx`` (x's gradient in ``x_dtype``)
   only when dropout is on; without dropout ``dx`` is empty and the caller uses ``dsum`` for both.

@@ -134,10 +134,10 @@ class ReferenceBackend(Backend):
                                 store_summed=True):
         out, summed = ref.layer_norm_residual(x, residual, weight, bias, eps, dropout_p, prenorm=True, rms=rms,
                                               residual_in_fp32=residual_in_fp32, rng=_rng(dropout_p, seed, offset))
-        s = summed.float()
+        s = summed.to(torch.promote_types(x.dtype, torch.float32))  # the statistics' dtype (base.py)
         rstd_src = s.pow(2).mean(-1) if rms else (s - s.mean(-1, keepdim=True)).pow(2).mean(-1)
         rstd = torch.rsqrt(rstd_src + eps)
-        mean = empty(x, torch.float32) if rms else s.mean(-1)
+        mean = empty(x, s.dtype) if rms else s.mean(-1)
         if not store_summed:
             summed = summed.new_empty((0,))
         elif summed is x or summed is residual:  # no dropout and no residual: never alias an input

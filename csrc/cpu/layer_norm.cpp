@@ -10,7 +10,8 @@
 // in cache; the statistics are two vectorised reductions over it (the corrected two-pass
 // variance: the second pass also sums s - mean, which corrects the mean's rounding; exact enough
 // without Welford, and the row is in L1/L2 anyway). Both sums run in float32 lanes over blocks of
-// 512 elements whose partials add up in float64, so their error does not grow with d.
+// 512 elements (float64 lanes for float64) whose partials add up in float64, so their error does
+// not grow with d.
 //
 // Backward, per row, with g = dout * weight:
 //     LayerNorm: ds = rstd * (g - mean(g) - xhat * mean(g * xhat))
@@ -18,8 +19,9 @@
 //     dsum = ds + dsummed (the gradient reaching the prenorm output), in summed's dtype;
 //     dx   = dsum * keep/(1-p) only with dropout (else the caller reuses dsum).
 // dweight = sum_rows dout * xhat and dbias = sum_rows dout are reduced deterministically: fixed
-// row chunks (independent of the thread count) each sum into their own float32 partial row, and
-// the partials are added in chunk order.
+// row chunks (independent of the thread count) each sum into their own partial row (float32,
+// float64 for float64 inputs), and the partials are added in chunk order. mean and rstd are saved
+// in that dtype too (stat_dtype).
 #include <torch/library.h>
 
 #include "cpu_common.h"

@@ -1777,18 +1777,24 @@ def _check_norm_call(x, residual, weight, bias, eps, dropout_p, prenorm, rms, re
 def mixed_norm_operands(x, residual, weight, bias, residual_in_fp32):
     """A norm's operands of mixed dtypes (autocast's half activations with float32 parameters and
     a float32 residual stream; FlashAttention's layer_norm_fn allows the same) made ones the ops
-    take: the parameters are used in x's dtype, a float32 residual next to half x keeps the sum in
-    float32 (``residual_in_fp32``), any other residual is cast to x's dtype. The norm itself
-    computes in float32 and returns x's dtype, as CPU autocast's layer_norm does."""
+    take. The residual add follows torch's type promotion, as ``x + residual`` does: where the
+    promoted dtype is float32 next to half-precision x (a float32 residual, or one of the other
+    half dtype: bfloat16 + float16 is float32) the residual is used in float32 and the sum kept in
+    float32 (``residual_in_fp32``); otherwise x and the residual are used in the promoted dtype (a
+    narrower residual widened to x's, or x widened to a float64 residual's). Every cast widens:
+    nothing is rounded (a residual of the other half dtype was cast to x's, 1e5 in bfloat16 to
+    float16's inf). The parameters are then used in x's dtype. The norm itself computes in
+    float32 and returns x's dtype, as CPU autocast's layer_norm does."""
     if not x.is_floating_point():
         return x, residual, weight, bias, residual_in_fp32
+    if isinstance(residual, Tensor) and residual.is_floating_point() and residual.dtype != x.dtype:
+        promoted = torch.promote_types(x.dtype, residual.dtype)
+        if promoted == torch.float32 and x.dtype in _HALF_DTYPES:
+            residual, residual_in_fp32 = residual.to(torch.float32), True
+        elif not (residual_in_fp32 and residual.dtype == torch.float32):  # (float64 x: the sum in float64)
+            x, residual = x.to(promoted), residual.to(promoted)
     weight, bias = (p.to(x.dtype) if isinstance(p, Tensor) and p.is_floating_point() and p.dtype != x.dtype else p
                     for p in (weight, bias))
-    if isinstance(residual, Tensor) and residual.is_floating_point() and residual.dtype != x.dtype:
-        if residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
-            residual_in_fp32 = True
-        elif not (residual_in_fp32 and residual.dtype == torch.float32):
-            residual = residual.to(x.dtype)
     return x, residual, weight, bias, residual_in_fp32
 
 

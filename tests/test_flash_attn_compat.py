@@ -699,6 +699,23 @@ def test_front_end_input_checks():
             FA.unpad_input_for_concatenated_sequences(hidden, bad)
 
 
+def test_layer_norm_fn_sums_a_residual_of_another_dtype_unrounded():
+    """A residual neither x's dtype nor float32 (bfloat16 or float64 next to float16 x): the sum is
+    computed without rounding either operand to x's dtype and comes back in the residual's dtype,
+    y in x's, as FlashAttention's kernel (float32 sum, stored in the residual's dtype). (The
+    residual was cast to x's dtype first: 1e5 became float16's inf, y NaN.)"""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=g).half(), torch.randn(64, generator=g)
+    for res in ((torch.randn(3, 64, generator=g) * 3000).bfloat16(),
+                torch.randn(3, 64, generator=g, dtype=torch.float64) * 1e5):
+        y, summed = FA.layer_norm_fn(x, w, None, res, prenorm=True)
+        exact = x.double() + res.double()
+        assert y.dtype == torch.float16 and summed.dtype == res.dtype
+        assert torch.equal(summed, exact.to(res.dtype))
+        torch.testing.assert_close(y.double(), torch.nn.functional.layer_norm(exact, (64,), w.half().double()),
+                                   rtol=2e-3, atol=2e-3)
+
+
 def test_float64_layer_norm_fn_keeps_float64():
     x, res, w = torch.randn(4, 32, dtype=torch.float64), torch.randn(4, 32, dtype=torch.float64), torch.randn(
         32, dtype=torch.float64)

@@ -11,7 +11,7 @@ from fused_attn import functional as F
 from fused_attn import reference as R
 from fused_attn.backends import BACKENDS, Call
 from fused_attn.ops_common import NO_BAND
-from fused_attn.testing import check_against_reference, make_inputs
+from fused_attn.testing import check_against_reference, compare, make_inputs
 
 
 def runnable(op, dtype=torch.float32):
@@ -271,6 +271,33 @@ def test_autocast_follows_torch_policy():
     assert w1.grad.dtype == torch.float32 and q.grad.dtype == torch.float32 and w2.grad.isfinite().all()
     with pytest.raises(TypeError, match="w1 has dtype float32 but x has bfloat16"):
         F.feed_forward(x.detach().bfloat16(), w1, b1, w2, b2)
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable("layer_norm_residual", torch.float16) if b in ("cpu", "reference")])
+def test_norm_residual_of_another_dtype_under_autocast_follows_promotion(backend):
+    """Under autocast the residual add follows torch's type promotion, as ``x + residual`` does: a
+    bfloat16 residual next to float16 x is summed in float32 (returned float32, the normed output
+    in x's dtype, as with a float32 residual); a float64 one makes the sum and the output float64.
+    (Both were cast to x's dtype: 1e5 in bfloat16 became float16's inf, and float64 was rounded.)
+    Outside autocast they still raise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=g).half()
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    for res in (torch.full((3, 8), 1e5).bfloat16() + torch.randn(3, 8, generator=g).bfloat16() * 100,
+                torch.randn(3, 8, generator=g, dtype=torch.float64) * 1e5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, summed = F.layer_norm_residual(x, res, w, b, prenorm=True, backend=backend)
+            expected_sum = x + res  # torch's promotion under autocast
+        assert summed.dtype == expected_sum.dtype and torch.equal(summed, expected_sum)
+        assert out.dtype == (torch.float64 if res.dtype == torch.float64 else torch.float16)
+        # the parameters are used in x's dtype (float64 here when the residual widens x)
+        w_used, b_used = (p.to(out.dtype) for p in (w, b))
+        exact = torch.nn.functional.layer_norm(expected_sum.double(), (8,), w_used.double(), b_used.double())
+        rounded = torch.nn.functional.layer_norm(expected_sum, (8,), w_used.to(expected_sum.dtype),
+                                                 b_used.to(expected_sum.dtype)).to(out.dtype)
+        compare("out", out, exact, rounded)
+        with pytest.raises(TypeError, match=f"residual has dtype {str(res.dtype)[6:]} but x has float16"):
+            F.layer_norm_residual(x, res, w, b, backend=backend)
 
 
 @pytest.mark.parametrize("op", ["attention", "varlen", "layer_norm", "feed_forward"])

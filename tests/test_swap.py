@@ -11,7 +11,7 @@ import fused_attn
 from fused_attn import modules as M
 from fused_attn import reference as R
 from fused_attn import swap as S
-from fused_attn.testing import check_module_against_reference, make_inputs
+from fused_attn.testing import check_module_against_reference, compare, make_inputs, runnable_backends
 
 D, H, L, B = 32, 4, 11, 2
 
@@ -776,6 +776,29 @@ def test_post_ln_stream_stays_float32_under_autocast(model):
     assert original.dtype == out.dtype == torch.float32
     original_err, err = ((t.double() - expected).abs().max().item() for t in (original, out))
     assert err <= 2 * original_err + 1e-3, (err, original_err)
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable_backends("layer_norm_residual", dtype=torch.float16)
+                                     if b in ("cpu", "reference")])
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
+@pytest.mark.parametrize("stream, autocast", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)],
+                         ids=["bfloat16-under-float16", "float16-under-bfloat16"])
+def test_stream_of_the_other_half_dtype_under_autocast(backend, norm_first, stream, autocast):
+    """A residual stream in the half dtype autocast does not use (bfloat16 input under a float16
+    autocast): torch adds the branch to it in float32 (bfloat16 + float16 promote to float32) and
+    returns float32. The swapped layers do the same: torch's dtype, finite, and within the oracle
+    of torch's own error against float64. (The fused pre-LN norm cast the stream to the branch's
+    dtype: float16 out, off by units at 1e4, inf and NaN at 1e5.)"""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True, norm_first=norm_first)
+    swapped = copy.deepcopy(layer)
+    fused_attn.swap_modules(swapped, backend=backend)
+    x = (torch.randn(B, L, D) * 1e4).to(stream)
+    expected = copy.deepcopy(layer).double()(x.double())
+    with torch.autocast("cpu", dtype=autocast):
+        original, out = layer(x), swapped(x)
+    assert out.dtype == original.dtype == torch.float32
+    compare("out", out, expected, original)
 
 
 class SiLUActivation(nn.Module):

@@ -618,7 +618,9 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     # float32 with residual_in_fp32 (also for float64 x, where fused_attn's flag keeps float64),
     # else x's.
     stream_dtype = None  # the dtype residual_out must be given back in
+    y_dtype = out_dtype  # y's: out_dtype, else x's (a float64 residual widens x for the sum)
     if isinstance(x, Tensor) and x.is_floating_point():
+        y_dtype = out_dtype or x.dtype
         if isinstance(residual, Tensor) and residual.is_floating_point():
             stream_dtype, residual_in_fp32 = residual.dtype, False
         elif residual_in_fp32 is True:
@@ -636,8 +638,8 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     result = layer_norm_residual(x, residual, weight, bias, eps, dropout_p=dropout_p, prenorm=prenorm,
                                  rms=is_rms_norm, residual_in_fp32=residual_in_fp32)
     y, summed = result if prenorm else (result, None)
-    if out_dtype is not None:
-        y = y.to(out_dtype)  # (checked to be a dtype before the call)
+    if y_dtype is not None:
+        y = y.to(y_dtype)  # (out_dtype was checked to be a dtype before the call)
     if summed is not None and stream_dtype is not None:
         summed = summed.to(stream_dtype)  # (a no-op unless the residual's dtype was neither x's nor float32)
     outputs = (y, summed) if prenorm else (y,)

@@ -6,8 +6,9 @@ in the same order, hence the same random numbers drawn) are the reference's by c
 ``state_dict`` saved from one loads into the other with ``strict=True``. Only ``forward``
 differs: it calls ``fused_attn.functional`` (validation, backend choice, the registered ops)
 instead of the plain-PyTorch formulas. Every module takes one extra argument, ``backend``
-(None = ``use_backend`` / ``FUSED_ATTN_BACKEND`` / auto), and its ``extra_repr`` shows the
-backend a call with its parameters' device and dtype would run on.
+(None = ``use_backend`` / ``FUSED_ATTN_BACKEND`` / auto), keyword-only, so that positional
+arguments bind as the reference's do; its ``extra_repr`` shows the backend a call with its
+parameters' device and dtype would run on.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ class MultiHeadAttention(reference.MultiHeadAttention):
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, backend=None, alibi=False, sinks=False, rotary=False,
-                 rotary_base=10000.0):
+                 window_size=None, device=None, dtype=None, alibi=False, sinks=False, rotary=False,
+                 rotary_base=10000.0, *, backend=None):
         super().__init__(d_model, num_heads, dropout=dropout, bias=bias, num_kv_heads=num_kv_heads, causal=causal,
                          window_size=window_size, device=device, dtype=dtype, alibi=alibi, sinks=sinks,
                          rotary=rotary, rotary_base=rotary_base)
@@ -213,7 +214,7 @@ class LayerNormResidual(reference.LayerNormResidual):
     """norm(dropout(x) + residual) in one fused op (LayerNorm or RMSNorm); with ``prenorm=True``
     it also returns the sum, the residual stream of a pre-LN stack."""
 
-    def __init__(self, d_model, eps=1e-5, norm="layernorm", bias=True, dropout=0.0, device=None, dtype=None,
+    def __init__(self, d_model, eps=1e-5, norm="layernorm", bias=True, dropout=0.0, device=None, dtype=None, *,
                  backend=None):
         super().__init__(d_model, eps=eps, norm=norm, bias=bias, dropout=dropout, device=device, dtype=dtype)
         check_backend_name(backend)
@@ -238,7 +239,7 @@ class FeedForward(reference.FeedForward):
     # which torch.compile keeps (inductor replaces torch's dropout with its own RNG).
     _dropout = staticmethod(_counter_dropout)
 
-    def __init__(self, d_model, d_ff=None, activation="relu", dropout=0.0, bias=True, device=None, dtype=None,
+    def __init__(self, d_model, d_ff=None, activation="relu", dropout=0.0, bias=True, device=None, dtype=None, *,
                  backend=None):
         super().__init__(d_model, d_ff, activation=activation, dropout=dropout, bias=bias, device=device, dtype=dtype)
         check_backend_name(backend)
@@ -276,8 +277,8 @@ class TransformerLayer(reference.TransformerLayer):
 
     def __init__(self, d_model, num_heads, d_ff=None, dropout=0.0, activation="relu", bias=True,
                  norm_first=False, norm="layernorm", eps=1e-5, num_kv_heads=None, causal=False,
-                 window_size=None, device=None, dtype=None, backend=None, alibi=False, sinks=False, rotary=False,
-                 rotary_base=10000.0):
+                 window_size=None, device=None, dtype=None, alibi=False, sinks=False, rotary=False,
+                 rotary_base=10000.0, *, backend=None):
         nn.Module.__init__(self)  # the children are the fused ones, created in the reference's order
         check_backend_name(backend)
         factory = dict(device=device, dtype=dtype, backend=backend)
@@ -300,7 +301,7 @@ class TransformerLayer(reference.TransformerLayer):
 class Transformer(reference.Transformer):
     """A stack of ``num_layers`` fused TransformerLayers (``layers``, a ModuleList)."""
 
-    def __init__(self, d_model, num_heads, num_layers, backend=None, **layer_kwargs):
+    def __init__(self, d_model, num_heads, num_layers, *, backend=None, **layer_kwargs):
         nn.Module.__init__(self)
         check_backend_name(backend)
         num_layers = reference.check_count("num_layers", num_layers)

@@ -62,12 +62,22 @@ def test_same_forward_signature():
     for name in ("MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer"):
         f, r = inspect.signature(getattr(M, name).forward), inspect.signature(getattr(R, name).forward)
         assert f == r, name
-        fi, ri = inspect.signature(getattr(M, name).__init__), inspect.signature(getattr(R, name).__init__)
-        ri_params = list(ri.parameters.values())
-        fi_params = [p for p in fi.parameters.values() if p.name != "backend"]
-        if name != "Transformer":  # Transformer forwards **layer_kwargs; backend comes before it
-            assert fi_params == ri_params, name
-        assert fi.parameters["backend"].default is None
+
+
+def test_constructor_arguments_bind_as_the_reference_s():
+    """Every fused module's constructor has the reference's parameters, in the same positions with
+    the same kinds and defaults, and one more, ``backend``, keyword-only: a positional call binds
+    the same on both. (MultiHeadAttention and TransformerLayer had backend between dtype and
+    alibi, and Transformer after num_layers: the reference's alibi=True, passed positionally, was
+    taken as the fused module's backend and refused.)"""
+    import inspect
+    for name in ("MultiHeadAttention", "LayerNormResidual", "FeedForward", "TransformerLayer", "Transformer"):
+        fused, ref = (inspect.signature(getattr(mod, name).__init__).parameters for mod in (M, R))
+        assert [p for p in fused.values() if p.name != "backend"] == list(ref.values()), name
+        assert fused["backend"].kind is inspect.Parameter.KEYWORD_ONLY and fused["backend"].default is None, name
+    # the reporter's call: alibi=True as the 10th positional argument
+    args = (D_MODEL, HEADS, 0.0, True, None, False, None, None, None, True)
+    assert R.MultiHeadAttention(*args).alibi is True and M.MultiHeadAttention(*args).alibi is True
 
 
 MHA_CASES = {

@@ -15,7 +15,10 @@ exactly (``need_weights=True``, unbatched or nested-tensor input) calls the orig
 does one whose children it reads (rather than calls) were replaced or hooked since the swap
 (``reads_intact``): PEFT's LoRA layers wrap a Linear and add their product in their forward,
 which reading the Linear's weight would skip. A swapped ``nn.Sequential`` whose children are no longer those it
-was converted with (``append``, ``insert``, ``del``) runs ``nn.Sequential``'s forward too.
+was converted with (``append``, ``insert``, ``del``) runs ``nn.Sequential``'s forward too, and so
+does a call meeting a dropout p or a norm eps set since the swap to a value the fused ops refuse
+(p = 1, eps = 0: read at each call, as torch reads them). Under torch.fx's symbolic tracing the
+swapped torch.nn modules are leaves, as the modules they replace were (``fx_leaf``).
 
 Targets (one converter per family, tried in order):
 - ``fused_attn.reference``: MultiHeadAttention, LayerNormResidual, FeedForward -> ``fused_attn.modules``;
@@ -32,9 +35,11 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import math
 import textwrap
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -42,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx import Proxy
 
 from . import modules as fused_modules
 from . import reference
@@ -149,11 +155,22 @@ def norm_reason(norm) -> Optional[str]:
         return f"norm is {type(norm).__name__}, not LayerNorm/RMSNorm"
     if len(norm.normalized_shape) != 1:
         return f"normalized_shape {tuple(norm.normalized_shape)} spans several dims"
-    # torch takes eps=0 (or less); the fused norm refuses it, so a swapped one would raise at every call
-    # (_finite: an int too large for a float is not finite there; math.isfinite raised OverflowError)
-    if norm.eps is not None and not (norm.eps > 0 and _finite(norm.eps)):
+    if not fusable_eps(norm.eps, none_ok=True):
         return f"eps={_shown(norm.eps)}: the fused norm takes a positive finite eps"
     return None
+
+
+def fusable_eps(eps, none_ok: bool = False) -> bool:
+    """Whether the fused norm takes ``eps``: a positive finite number (nn.RMSNorm's None too, with
+    ``none_ok``). torch's norms also take eps=0 (or less), which the fused norm refuses: such a
+    norm is left at the swap, and a swapped one whose eps is set so since runs torch's forward
+    (``eps`` is read at each call, as torch reads it; _finite: an int too large for a float is
+    not finite there, where math.isfinite raised OverflowError)."""
+    if type(eps) is float:  # the common case, first: it is checked at each call
+        return 0.0 < eps < math.inf
+    if eps is None:
+        return none_ok
+    return not isinstance(eps, bool) and isinstance(eps, (int, float)) and eps > 0 and _finite(eps)
 
 
 def norm_eps(norm, x: Tensor) -> float:
@@ -192,9 +209,18 @@ def dropout_reason(name: str, p) -> Optional[str]:
     """Why a dropout probability cannot run fused (None when it can). torch's dropout also takes
     p = 1 (it zeroes everything); the fused ops take p in [0, 1) and would raise at every training
     call of a swapped module, so such a module is left as it is."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+    if not fusable_p(p):
         return f"{name}={_shown(p)}: the fused ops take a dropout probability in [0, 1)"
     return None
+
+
+def fusable_p(p) -> bool:
+    """Whether the fused ops take dropout probability ``p``: in [0, 1). At each call of a swapped
+    module its effective p (``dropout_p``: 0 in eval) is checked, a p set to 1 since the swap
+    sending the call to the original forward (which zeroes everything, as torch does)."""
+    if type(p) is float:  # the common case, first: it is checked at each call
+        return 0.0 <= p < 1.0
+    return not isinstance(p, bool) and isinstance(p, (int, float)) and 0 <= p < 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,13 +234,30 @@ def _norm_repr(norm) -> str:
     return f"backend={backend}"
 
 
+def fx_leaf(module: nn.Module, forward: Callable, *args, **kwargs):
+    """A swapped torch.nn module's call under torch.fx's symbolic tracing (``args[0]`` a Proxy):
+    one ``call_module`` node, as FX records the torch.nn module it replaced. FX makes leaves of
+    the modules whose class comes from torch.nn (but Sequential) and traces through the others,
+    the fused classes among them, whose ops take no Proxy, and where torch's own forward (a
+    MultiheadAttention's, a layer's) branches on its inputs, which tracing refuses. The graph
+    calls the module: fused, as the swapped model runs it. The root of the trace is traced
+    through its original ``forward``, as FX traces any root (a root's call cannot be a node)."""
+    tracer = args[0].tracer
+    if module is tracer.root:
+        return forward(*args, **kwargs)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+
+
 class FusedLayerNorm(nn.LayerNorm):
     # (``input``: nn.LayerNorm's parameter name, so that ``norm(input=x)`` works swapped too)
     def forward(self, input):
         if not isinstance(input, Tensor) or input.is_nested or input.dim() == 0 or \
-                input.shape[-1] != self.normalized_shape[0]:
-            # torch's norm takes nested tensors, and says what it takes otherwise (without weights
-            # the fused norm had no size to hold x to, and normalised a wrong x over its last dim)
+                input.shape[-1] != self.normalized_shape[0] or not fusable_eps(self.eps):
+            # torch's norm takes nested tensors and eps=0, and says what it takes otherwise
+            # (without weights the fused norm had no size to hold x to, and normalised a wrong x
+            # over its last dim)
+            if isinstance(input, Proxy):
+                return fx_leaf(self, super().forward, input)
             return super().forward(input)
         return fused_norm(self, input, backend=self.fused_attn_backend)
 
@@ -225,9 +268,10 @@ class FusedLayerNorm(nn.LayerNorm):
 class FusedRMSNorm(nn.RMSNorm):
     def forward(self, x):
         if not isinstance(x, Tensor) or x.is_nested or x.dim() == 0 or \
-                x.shape[-1] != self.normalized_shape[0]:
-            # torch's norm takes nested tensors, and says what it takes otherwise (without weights
-            # the fused norm had no size to hold x to, and normalised a wrong x over its last dim)
+                x.shape[-1] != self.normalized_shape[0] or not fusable_eps(self.eps, none_ok=True):
+            # (as FusedLayerNorm's)
+            if isinstance(x, Proxy):
+                return fx_leaf(self, super().forward, x)
             return super().forward(x)
         return fused_norm(self, x, backend=self.fused_attn_backend)
 
@@ -236,20 +280,32 @@ class FusedRMSNorm(nn.RMSNorm):
 
 
 class FusedSequentialFFN(nn.Sequential):
-    """Sequential(Linear, activation, [Dropout], Linear) as one fused feed_forward."""
+    """Sequential(Linear, activation, [Dropout], Linear) as one fused feed_forward. A slice of it
+    is an nn.Sequential of those children (``ffn[:-1]``: the hidden features), as torch's."""
 
     def forward(self, input):  # (nn.Sequential's parameter name: ``ffn(input=x)`` works swapped too)
         # The container as converted (the same children, in order; an append or insert since
-        # would otherwise be skipped), none replaced (an adapter) or hooked since the swap
-        if list(self._modules) != list(self.__dict__[READS_ATTR]) or not reads_intact(self):
+        # would otherwise be skipped), none replaced (an adapter) or hooked since the swap.
+        # Under torch.fx's tracing (a Proxy), nn.Sequential's forward: FX traces a Sequential
+        # through, its children the graph's nodes, as it did before the swap.
+        if (not isinstance(input, Tensor) or list(self._modules) != list(self.__dict__[READS_ATTR])
+                or not reads_intact(self)):
             return super().forward(input)
-        act = activation_now(self[1])  # (its settings may have changed since the swap)
-        if act is None:
+        children = list(self._modules.values())
+        act = activation_now(children[1])  # (its settings may have changed since the swap)
+        p = dropout_p(children[2]) if len(children) == 4 else 0.0
+        if act is None or not fusable_p(p):  # (a p set to 1 since the swap: torch's dropout zeroes all)
             return super().forward(input)
-        first, last = self[0], self[len(self) - 1]
-        p = dropout_p(self[2]) if len(self) == 4 else 0.0
+        first, last = children[0], children[-1]
         return feed_forward(input, first.weight, first.bias, last.weight, last.bias,
                             activation=act, dropout_p=p, backend=self.fused_attn_backend)
+
+    def __getitem__(self, idx):
+        # torch's slice is ``self.__class__(...)``: here a FusedSequentialFFN the swap never set
+        # up (its forward failed on the missing attributes, and restore_modules passed it over)
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
 
 
 class FusedPlainMLP:
@@ -272,8 +328,10 @@ class FusedPlainMLP:
         act = None if layout is None else plain_mlp_activation(self._modules[layout["act"]])
         if act is None or _hook_reason(self, tuple(n for n in layout.values() if n)) is not None:
             return super().forward(*args, **kwargs)  # the module's own forward, as it now reads
-        l1, l2 = self._modules[layout["first"]], self._modules[layout["second"]]
         p = dropout_p(self._modules[layout["middle"]]) if layout["middle"] else 0.0
+        if not fusable_p(p):  # (set to 1 since the swap)
+            return super().forward(*args, **kwargs)
+        l1, l2 = self._modules[layout["first"]], self._modules[layout["second"]]
         h = feed_forward(x, l1.weight, l1.bias, l2.weight, l2.bias, activation=act, dropout_p=p,
                          backend=self.fused_attn_backend)
         return self._modules[layout["last"]](h) if layout["last"] else h
@@ -589,7 +647,13 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if need_weights or query.dim() != 3 or query.is_nested or key.is_nested or value.is_nested:
+        if isinstance(query, Proxy):  # torch.fx's tracing
+            return fx_leaf(self, super().forward, query, key, value, key_padding_mask=key_padding_mask,
+                           need_weights=need_weights, attn_mask=attn_mask,
+                           average_attn_weights=average_attn_weights, is_causal=is_causal)
+        p = self.dropout if self.training else 0.0
+        if (need_weights or query.dim() != 3 or query.is_nested or key.is_nested or value.is_nested
+                or not fusable_p(p)):  # (a dropout set to 1 since the swap: torch's zeroes all)
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
@@ -612,7 +676,6 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         k = k.unflatten(-1, (H, D)).transpose(1, 2)
         v = v.unflatten(-1, (H, D)).transpose(1, 2)
         mask = None if causal else torch_masks_to_keep_or_additive(attn_mask, key_padding_mask, B, H, Lq, Lk, q.dtype)
-        p = self.dropout if self.training else 0.0
         out = attention(q, k, v, attn_mask=mask, causal=causal, dropout_p=p, backend=self.fused_attn_backend)
         out = out.transpose(1, 2)  # (B, H, Lq, D) stored as (B, Lq, H, D): a view
         # seq-first: into torch's contiguous (Lq, B, E) layout before the projection (one copy of
@@ -735,7 +798,10 @@ class _FusedResidualLayer:
 
     def _fused_blocks(self, x, blocks):
         backend = self.fused_attn_backend
-        fuse = self.fused_attn_norm and reads_intact(self, *self.fused_attn_norm_reads)
+        # (an eps set to 0 or a p to 1 since the swap: torch's norms and dropouts, as a swap then
+        # would have left them)
+        fuse = (self.fused_attn_norm and reads_intact(self, *self.fused_attn_norm_reads)
+                and all(fusable_eps(norm.eps) and fusable_p(dropout_p(drop)) for _, norm, drop in blocks))
         if not self.norm_first:
             for branch, norm, drop in blocks:
                 b = branch(x)
@@ -761,10 +827,11 @@ class _FusedResidualLayer:
     def _fused_ff(self, x):
         # the activation is read now: it may have been set since the swap (often a function, F.relu)
         act = activation_now(self.activation) if self.fused_attn_activation is not None else None
-        if act is None or not reads_intact(self, *self.fused_attn_ffn_reads):
+        p = dropout_p(self.dropout)
+        if act is None or not reads_intact(self, *self.fused_attn_ffn_reads) or not fusable_p(p):  # (p: set to 1 since)
             return self.linear2(self.dropout(self.activation(self.linear1(x))))
         return feed_forward(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                            activation=act, dropout_p=dropout_p(self.dropout), backend=self.fused_attn_backend)
+                            activation=act, dropout_p=p, backend=self.fused_attn_backend)
 
 
 class FusedTransformerEncoderLayer(_FusedResidualLayer, nn.TransformerEncoderLayer):
@@ -773,6 +840,9 @@ class FusedTransformerEncoderLayer(_FusedResidualLayer, nn.TransformerEncoderLay
     input, which only that path takes."""
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if isinstance(src, Proxy):  # torch.fx's tracing
+            return fx_leaf(self, super().forward, src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask,
+                           is_causal=is_causal)
         if src.is_nested:  # nested tensors go to torch's forward (its inference fast path takes them)
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         # torch's layer checks these dtypes first, under these names (shapes: in self_attn)
@@ -789,6 +859,12 @@ class FusedTransformerEncoderLayer(_FusedResidualLayer, nn.TransformerEncoderLay
 class FusedTransformerDecoderLayer(_FusedResidualLayer, nn.TransformerDecoderLayer):
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        if isinstance(tgt, Proxy):  # torch.fx's tracing
+            return fx_leaf(self, super().forward, tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                           tgt_key_padding_mask=tgt_key_padding_mask,
+                           memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
+                           memory_is_causal=memory_is_causal)
+
         def self_attention(h):
             return self.self_attn(h, h, h, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
                                   is_causal=tgt_is_causal, need_weights=False)[0]
@@ -811,6 +887,9 @@ class FusedTransformerEncoder(nn.TransformerEncoder):
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
         from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
+        if isinstance(src, Proxy):  # torch.fx's tracing
+            return fx_leaf(self, super().forward, src, mask=mask, src_key_padding_mask=src_key_padding_mask,
+                           is_causal=is_causal)
         if src.is_nested:  # already nested: torch's forward, whose layers (swapped) pass it to torch's
             return super().forward(src, mask, src_key_padding_mask, is_causal)
 

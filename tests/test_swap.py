@@ -1402,3 +1402,162 @@ def test_fused_subclass_is_one_class_when_threads_swap_at_once(monkeypatch):
         thread.join()
     assert len(got) == 4 and all(fused is got[0] for fused in got)
     assert S.fused_subclass(Fresh, S.FusedPlainMLP) is got[0]
+
+
+def test_slices_of_a_swapped_sequential_ffn_are_torch_sequentials():
+    """torch's Sequential slice is ``self.__class__(...)``: of a swapped FFN, a FusedSequentialFFN
+    the swap never set up, whose forward raised KeyError '_fused_attn_reads' (``ffn[:2]``, the
+    hidden features, and ``ffn[:]``) and which restore_modules passed over. A slice is now an
+    nn.Sequential of the same children, running as torch's; the FFN itself stays fused, and
+    copies and pickles as before."""
+    torch.manual_seed(0)
+    ffn = nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Dropout(0.0), nn.Linear(48, D))
+    ref = copy.deepcopy(ffn)
+    fused_attn.swap_modules(ffn)
+    x = torch.randn(B, L, D)
+    for idx, width in ((slice(None, 2), D), (slice(None), D), (slice(None, -1), D), (slice(2, None), 48)):
+        part = ffn[idx]
+        assert type(part) is nn.Sequential and list(part) == list(ffn)[idx], idx
+        xi = torch.randn(B, L, width)
+        assert torch.equal(part(xi), ref[idx](xi)), idx
+        report = fused_attn.restore_modules(part)
+        assert not report.replaced and type(part) is nn.Sequential
+    assert type(ffn[1]) is nn.ReLU and type(ffn[-1]) is nn.Linear
+    assert type(ffn) is S.FusedSequentialFFN
+    expected = fused_attn.functional.feed_forward(x, ffn[0].weight, ffn[0].bias, ffn[3].weight, ffn[3].bias,
+                                                  activation="relu")
+    assert torch.equal(ffn(x), expected)
+    buffer = io.BytesIO()
+    torch.save(ffn, buffer)
+    buffer.seek(0)
+    for again in (copy.deepcopy(ffn), torch.load(buffer, weights_only=False)):
+        assert type(again) is S.FusedSequentialFFN and torch.equal(again(x), expected)
+        assert type(again[:3]) is nn.Sequential
+
+
+class _AttentionAndNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True)
+        self.norm = nn.LayerNorm(D)
+        self.rms = nn.RMSNorm(D)
+
+    def forward(self, x):
+        return self.rms(self.norm(x + self.mha(x, x, x, need_weights=False)[0]))
+
+
+class _DecoderBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.TransformerDecoderLayer(D, H, 48, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.decoder(x, 2 * x)
+
+
+FX_MODELS = {
+    "sequential_ffn": lambda: nn.Sequential(nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Linear(48, D)),
+                                            nn.Linear(D, D)),
+    "encoder_layer": lambda: nn.Sequential(nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True)),
+    "encoder": lambda: nn.Sequential(nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(D, H, 48, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False)),
+    "decoder_layer": _DecoderBlock,
+    "attention_and_norms": _AttentionAndNorms,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FX_MODELS))
+def test_torch_fx_traces_swapped_models_as_it_traced_them(name):
+    """torch.fx.symbolic_trace of a model traced before the swap failed after it ("x must be a
+    torch.Tensor, got Proxy"; a swapped encoder layer: "symbolically traced variables cannot be
+    used as inputs to control flow"): FX makes leaves of torch.nn's modules only, and traced
+    through the fused classes. Now the graph has the nodes it had before the swap (the swapped
+    torch.nn modules leaves, a Sequential FFN traced through to its children), and the leaves
+    it calls are the swapped modules: the GraphModule computes what the swapped model does."""
+    import torch.fx as fx
+
+    torch.manual_seed(0)
+    model = FX_MODELS[name]().eval()
+    x = torch.randn(B, L, D)
+
+    def calls(graph_module):
+        return [(n.op, n.target) for n in graph_module.graph.nodes]
+
+    before = calls(fx.symbolic_trace(model))
+    report = fused_attn.swap_modules(model)
+    assert report.replaced and not report.left, report
+    traced = fx.symbolic_trace(model)
+    assert calls(traced) == before
+    with torch.no_grad():
+        if name == "sequential_ffn":  # (traced through: torch's Linear, ReLU, Linear, as before the swap)
+            torch.testing.assert_close(traced(x), model(x))
+        else:  # (the swapped modules themselves, called by the graph)
+            assert torch.equal(traced(x), model(x))
+    leaves = {target for op, target in before if op == "call_module"}
+    for path, module in model.named_modules():
+        if path in leaves:
+            assert traced.get_submodule(path) is module
+
+
+def test_torch_fx_traces_a_swapped_root_through_as_before():
+    """The root of a trace is traced through (never a leaf): a swapped LayerNorm's, as its torch
+    forward was before the swap."""
+    import torch.fx as fx
+
+    norm = nn.LayerNorm(D)
+    fused_attn.swap_modules(norm)
+    traced = fx.symbolic_trace(norm)
+    x = torch.randn(B, L, D)
+    torch.testing.assert_close(traced(x), norm(x))
+
+
+def _set_after_swap(setting):
+    """(model, the call) for a value set after the swap that the fused ops refuse and torch takes."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, H, batch_first=True)
+    models = {
+        "sequential_dropout": (nn.Sequential(nn.Linear(D, 48), nn.ReLU(), nn.Dropout(0.1), nn.Linear(48, D)), "2.p"),
+        "plain_mlp_dropout": (NestedMLP(p_mid=0.1), "mid.p"),
+        "layer_norm_eps": (nn.LayerNorm(D), "eps"),
+        "rms_norm_eps": (nn.RMSNorm(D), "eps"),
+        "mha_dropout": (mha, "dropout"),
+        "encoder_ffn_dropout": (_encoder_layer(), "dropout.p"),
+        "encoder_dropout1": (_encoder_layer(), "dropout1.p"),
+        "pre_ln_encoder_dropout2": (_encoder_layer(norm_first=True), "dropout2.p"),
+        "encoder_norm2_eps": (_encoder_layer(), "norm2.eps"),
+        "pre_ln_encoder_norm1_eps": (_encoder_layer(norm_first=True), "norm1.eps"),
+        "encoder_attention_dropout": (_encoder_layer(), "self_attn.dropout"),
+        "decoder_norm3_eps": (nn.TransformerDecoderLayer(D, H, 48, dropout=0.0, batch_first=True), "norm3.eps"),
+        "decoder_dropout2": (nn.TransformerDecoderLayer(D, H, 48, dropout=0.0, batch_first=True), "dropout2.p"),
+    }
+    return models[setting]
+
+
+@pytest.mark.parametrize("setting", ["sequential_dropout", "plain_mlp_dropout", "layer_norm_eps", "rms_norm_eps",
+                                     "mha_dropout", "encoder_ffn_dropout", "encoder_dropout1",
+                                     "pre_ln_encoder_dropout2", "encoder_norm2_eps", "pre_ln_encoder_norm1_eps",
+                                     "encoder_attention_dropout", "decoder_norm3_eps", "decoder_dropout2"])
+def test_values_the_fused_ops_refuse_set_after_the_swap_run_torch(setting):
+    """A dropout's p set to 1 or a norm's eps to 0 after the swap (values torch takes, and the
+    swap leaves to torch when it finds them): every call raised "dropout_p must be in [0, 1)" or
+    "eps must be a positive finite float". They are read at each call now, as the activation is:
+    such a call runs torch's forward for that part, the rest stays fused (p = 1 zeroes all, so
+    training is deterministic here)."""
+    model, where = _set_after_swap(setting)
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model)
+    assert report.replaced and not report.left, report
+    owner, attr = where.rsplit(".", 1) if "." in where else ("", where)
+    value = 0.0 if attr == "eps" else 1.0
+    for m in (model, ref):
+        setattr(m.get_submodule(owner), attr, value)
+    model.train()
+    ref.train()
+    x = torch.randn(B, L, D)
+    if isinstance(ref, nn.MultiheadAttention):
+        run = lambda m: m(x, x, x, need_weights=False)[0]  # noqa: E731
+    elif isinstance(ref, nn.TransformerDecoderLayer):
+        run = lambda m: m(x, 2 * x)  # noqa: E731
+    else:
+        run = lambda m: m(x)  # noqa: E731
+    torch.testing.assert_close(run(model), run(ref), atol=1e-5, rtol=1e-5)

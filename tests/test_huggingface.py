@@ -1487,3 +1487,57 @@ def test_class_caches_keep_no_class_alive():
         del cls
     gc.collect()
     assert [r() for r in held] == [None] * len(held)
+
+
+def test_swapped_llama_in_float64_gives_the_original_numbers(unswapped):
+    """transformers' LlamaRMSNorm normalises in float32 even for float64 x (``x.to(float32)``);
+    the fused norm normalised in float64, so a swapped tiny float64 Llama was 4e-7 away from the
+    original (0 with norm=False). float64 x now runs the original's forward: the same numbers."""
+    modeling = _modeling("llama")
+    torch.manual_seed(0)
+    norm = modeling.LlamaRMSNorm(32, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(32))
+    swapped = copy.deepcopy(norm)
+    fused_attn.swap_modules(swapped)
+    assert type(swapped).__name__ == "FusedLlamaRMSNorm"
+    x = 3 * torch.randn(4, 5, 32, dtype=torch.float64)
+    assert torch.equal(swapped(x), norm(x))
+    torch.testing.assert_close(swapped(x.float()), norm(x.float()))  # (float32 still runs the fused norm)
+
+    # (sdpa's attention, the fused attention's reference: eager's softmax rounds to float32 too)
+    model = _build("llama", attn="sdpa").double().eval()
+    _perturb_norms(model)
+    ref = copy.deepcopy(model)
+    report = fused_attn.swap_modules(model)
+    assert "FusedLlamaRMSNorm" in {new for _, _, new, _ in report.replaced}, report
+    ids, mask = _batch("llama")
+    with torch.no_grad():
+        out = _logits(model, ids, mask)
+        with unswapped.functions():
+            expected = _logits(ref, ids, mask)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    fused_attn.restore_modules(model)
+
+
+@pytest.mark.parametrize("family, setting", [("bert", "eps"), ("bert", "p"), ("llama", "eps")])
+def test_values_the_fused_ops_refuse_set_after_the_swap_run_the_original(family, setting, unswapped):
+    """A norm's eps set to 0 or an output dropout's p to 1 after the swap (values torch takes and
+    the swap leaves to torch when it finds them, ``test_norms_with_an_eps_the_fused_norm_refuses_
+    are_left``): every call of the swapped model raised. They are read at each call now: such a
+    call runs the original's norm (p = 1 zeroes the branch: training stays deterministic)."""
+    model = _build(family).train()
+    swapped = copy.deepcopy(model)
+    fused_attn.swap_modules(swapped)
+    for m in (model, swapped):
+        for name, module in m.named_modules():
+            if setting == "eps" and isinstance(module, torch.nn.LayerNorm):
+                module.eps = 0.0
+            elif setting == "eps" and type(module).__name__.endswith("RMSNorm"):
+                module.variance_epsilon = 0
+            elif setting == "p" and name.endswith("output.dropout"):  # (BERT's *SelfOutput's and *Output's)
+                module.p = 1.0
+    ids, mask = _batch(family)
+    with unswapped.functions():
+        expected = _logits(model, ids, mask)
+    torch.testing.assert_close(_logits(swapped, ids, mask), expected, atol=1e-4, rtol=1e-4)

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from ..ops import differentiated
 from ..functional import _apply_sinks, _needs_grad, attention, attention_varlen, feed_forward, layer_norm_residual
-from ..swap import activation_now, in_sum_dtype, reads_intact, weak_cache
+from ..swap import activation_now, fusable_eps, fusable_p, in_sum_dtype, reads_intact, weak_cache
 
 NAME = "fused_attn"
 
@@ -863,10 +863,12 @@ class FusedDenseDropoutNorm:
     """BERT's *SelfOutput / *Output: LayerNorm(dropout(dense(h)) + input) -> one fused add + norm."""
 
     def forward(self, hidden_states, input_tensor):
-        if not reads_intact(self):  # a child replaced (an adapter) or hooked since the swap
+        # a child replaced (an adapter) or hooked since the swap, or an eps set to 0 or a p to 1
+        # since (which torch takes and the fused norm refuses)
+        p = _dropout_p(self.dropout)
+        if not reads_intact(self) or not (fusable_eps(self.LayerNorm.eps) and fusable_p(p)):
             return super().forward(hidden_states, input_tensor)
-        return _layer_norm(self.LayerNorm, self.dense(hidden_states), input_tensor, _dropout_p(self.dropout),
-                           self.fused_attn_backend)
+        return _layer_norm(self.LayerNorm, self.dense(hidden_states), input_tensor, p, self.fused_attn_backend)
 
 
 class FusedBertFeedForward:
@@ -879,8 +881,9 @@ class FusedBertFeedForward:
             return super().feed_forward_chunk(attention_output)
         h = feed_forward(attention_output, inter.dense.weight, inter.dense.bias, out.dense.weight, out.dense.bias,
                          activation=act, backend=self.fused_attn_backend)
-        if self.fused_attn_norm:
-            return _layer_norm(out.LayerNorm, h, attention_output, _dropout_p(out.dropout), self.fused_attn_backend)
+        p = _dropout_p(out.dropout)
+        if self.fused_attn_norm and fusable_eps(out.LayerNorm.eps) and fusable_p(p):  # (either set so since the swap)
+            return _layer_norm(out.LayerNorm, h, attention_output, p, self.fused_attn_backend)
         return out.LayerNorm(out.dropout(h) + attention_output)
 
 
@@ -943,10 +946,19 @@ class FusedLlamaRMSNorm:
     half-precision x (an fp32 model under autocast, whose q_norm/k_norm see half projections).
     The fused norm returns x's dtype, so where the dtypes differ it normalises without the weight
     (in x's dtype: the original's own rounding of the normalised row) and the weight multiplies
-    that in PyTorch, as in the original, in the promoted dtype, with the original's gradients."""
+    that in PyTorch, as in the original, in the promoted dtype, with the original's gradients.
+
+    float64 x runs the original forward: it normalises in float32 (rounding a float64 model's
+    rows to float32 at every norm), where the fused norm computes in float64, 4e-7 away from the
+    original at a tiny float64 Llama's output. So does a call the fused norm cannot take: an eps
+    set to 0 since the swap, an input that is not a tensor (torch.fx's Proxy: traced through,
+    as before the swap)."""
 
     def forward(self, hidden_states):
-        if isinstance(hidden_states, torch.Tensor) and self.weight.dtype != hidden_states.dtype:
+        if (not isinstance(hidden_states, torch.Tensor) or hidden_states.dtype == torch.float64
+                or not fusable_eps(self.variance_epsilon)):
+            return super().forward(hidden_states)
+        if self.weight.dtype != hidden_states.dtype:
             return self.weight * layer_norm_residual(hidden_states, None, None, None, self.variance_epsilon,
                                                      rms=True, backend=self.fused_attn_backend)
         return layer_norm_residual(hidden_states, None, self.weight, None, self.variance_epsilon, rms=True,
@@ -1024,7 +1036,7 @@ def convert(module: nn.Module, opts):
         if not opts.norm:
             return "norm=False"
         eps = module.variance_epsilon  # torch takes 0; the fused norm would raise at every call
-        if not (isinstance(eps, (int, float)) and 0 < eps < float("inf")):
+        if not fusable_eps(eps):
             return f"eps={eps}: the fused norm takes a positive finite eps"
         return Conversion(fused_subclass(cls, FusedLlamaRMSNorm), backend, note="RMSNorm")
     return None

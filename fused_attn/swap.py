@@ -393,6 +393,12 @@ def _plain_mlp_forward(cls: type, name: str):
 
 
 def _reduce_fused(self, protocol):
+    if type(self).__dict__.get("__reduce_ex__") is not _reduce_fused:
+        # a class made over the fused one since (torch.nn.utils.parametrize's Parametrized...,
+        # whose __getstate__ raises torch's "only supported through state_dict()"; it was taken
+        # for the fused class, whose two bases it lacks: "not enough values to unpack"): pickled
+        # as any object, which gives what pickling that class gives
+        return object.__reduce_ex__(self, protocol)
     mixin, cls = type(self).__bases__
     return _rebuild_fused, (cls, mixin), self.__getstate__()
 

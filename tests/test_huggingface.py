@@ -1520,6 +1520,39 @@ def test_swapped_llama_in_float64_gives_the_original_numbers(unswapped):
     fused_attn.restore_modules(model)
 
 
+class _Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_a_parametrized_swapped_module_pickles_as_torch_says():
+    """torch refuses to pickle a parametrized module ("only supported through state_dict()");
+    a swapped transformers module parametrized after the swap raised "not enough values to
+    unpack (expected 2, got 1)" instead (the fused class's pickling took torch's Parametrized
+    class for the fused one). Now torch's error; deepcopy still works, and an unparametrized
+    swapped module still pickles."""
+    import pickle
+
+    import torch.nn.utils.parametrize as parametrize
+
+    modeling = _modeling("llama")
+    plain = modeling.LlamaRMSNorm(16)
+    parametrize.register_parametrization(plain, "weight", _Identity())
+    with pytest.raises(RuntimeError, match="only supported through state_dict"):  # (torch's, unswapped)
+        pickle.dumps(plain)
+    norm = modeling.LlamaRMSNorm(16)
+    fused_attn.swap_modules(norm)
+    again = pickle.loads(pickle.dumps(norm))
+    assert type(again) is type(norm)
+    parametrize.register_parametrization(norm, "weight", _Identity())
+    with pytest.raises(RuntimeError, match="only supported through state_dict"):
+        pickle.dumps(norm)
+    copied = copy.deepcopy(norm)
+    assert parametrize.is_parametrized(copied, "weight") and isinstance(copied, type(again))
+    x = torch.randn(3, 16)
+    assert torch.equal(copied(x), norm(x))
+
+
 @pytest.mark.parametrize("family, setting", [("bert", "eps"), ("bert", "p"), ("llama", "eps")])
 def test_values_the_fused_ops_refuse_set_after_the_swap_run_the_original(family, setting, unswapped):
     """A norm's eps set to 0 or an output dropout's p to 1 after the swap (values torch takes and

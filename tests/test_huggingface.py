@@ -1,4 +1,5 @@
 """The Hugging Face integration on tiny models built from configs (no downloads)."""
+import contextlib
 import copy
 import warnings
 
@@ -1574,3 +1575,43 @@ def test_values_the_fused_ops_refuse_set_after_the_swap_run_the_original(family,
     with unswapped.functions():
         expected = _logits(model, ids, mask)
     torch.testing.assert_close(_logits(swapped, ids, mask), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_restoring_a_copy_of_a_swapped_llama_leaves_the_original_its_rope():
+    """The fused RoPE is module-level; a copy of a swapped model (deepcopy) lists it too, and
+    restoring the copy put transformers' function back under the original, still swapped, which
+    silently ran unfused RoPE. Now the function is put back by the model whose swap installed it
+    (or by another once that one is gone)."""
+    import gc
+
+    modeling = _modeling("llama")
+    with unswapped_module(modeling):
+        original = modeling.apply_rotary_pos_emb
+        model = _build("llama")
+        report = fused_attn.swap_modules(model)
+        assert any(where == "modeling_llama.apply_rotary_pos_emb" for _, where, _, _ in report.replaced), report
+        fused = modeling.apply_rotary_pos_emb
+        twin = copy.deepcopy(model)
+        fused_attn.restore_modules(twin)
+        assert modeling.apply_rotary_pos_emb is fused
+        fused_attn.restore_modules(model)
+        assert modeling.apply_rotary_pos_emb is original
+        # the model that swapped it gone: a copy puts it back
+        fused_attn.swap_modules(model)
+        twin = copy.deepcopy(model)
+        del model
+        gc.collect()
+        report = fused_attn.restore_modules(twin)
+        assert modeling.apply_rotary_pos_emb is original, report
+
+
+@contextlib.contextmanager
+def unswapped_module(module):
+    """Within the block, the module's apply_rotary_pos_emb is transformers' own (an earlier test's
+    model may have left it fused); as it was after."""
+    before = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = getattr(before, "fused_attn_original", before)
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = before

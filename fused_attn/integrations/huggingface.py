@@ -36,6 +36,7 @@ import functools
 import inspect
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -733,7 +734,7 @@ def swap_rotary(model, opts, report, path: str = "") -> None:
     decorators (Llama, Mistral, Mixtral, Qwen2/3, Gemma/2/3, Granite, Falcon, StableLM, GPT-NeoX,
     ...), to ``fused_rotary_pos_emb``. The function belongs to the module, not to the model: every
     model of that family in the process uses it until ``restore_modules`` of this model puts it
-    back."""
+    back (``restore_rotary``)."""
     patched = model.__dict__.setdefault("_fused_attn_rotary", [])  # module names (the model pickles)
     for module in _modeling_modules(model):
         fn = getattr(module, "apply_rotary_pos_emb", None)
@@ -752,6 +753,7 @@ def swap_rotary(model, opts, report, path: str = "") -> None:
                                              "rounding)"))
             continue
         module.apply_rotary_pos_emb = fused_rotary_pos_emb(fn, opts.backend, partial)
+        module.apply_rotary_pos_emb.fused_attn_swapped_by = weakref.ref(model)  # (see restore_rotary)
         patched.append(module.__name__)
         report.replaced.append((path, where, "fused_attn.apply_rotary_emb",
                                 ("partial " if partial else "") + "RoPE; module-level: every model of this family "
@@ -762,11 +764,17 @@ def swap_rotary(model, opts, report, path: str = "") -> None:
 
 def restore_rotary(model, report, path: str = "") -> None:
     """Put back the functions this model's swap replaced (the wrappers hold them), where they are
-    still in place; a model loaded in another process finds nothing patched there."""
+    still in place; a model loaded in another process finds nothing patched there. A copy of a
+    swapped model (``copy.deepcopy``, or one loaded in the same process) lists them too, but
+    the model that swapped them still runs them: a function is put back by the model whose swap
+    installed it (``fused_attn_swapped_by``), or by another once that one is gone. (Restoring the
+    copy put it back under the swapped original, which ran unfused RoPE since, unsaid.)"""
     for name in model.__dict__.pop("_fused_attn_rotary", []):
         module = sys.modules.get(name)
-        original = getattr(getattr(module, "apply_rotary_pos_emb", None), "fused_attn_original", None)
-        if original is not None:
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        original = getattr(fn, "fused_attn_original", None)
+        swapped_by = getattr(fn, "fused_attn_swapped_by", lambda: None)()
+        if original is not None and (swapped_by is None or swapped_by is model):
             module.apply_rotary_pos_emb = original
             report.replaced.append((path, f"{name.rsplit('.', 1)[-1]}.apply_rotary_pos_emb",
                                     "apply_rotary_pos_emb", "transformers' own"))

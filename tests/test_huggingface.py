@@ -141,6 +141,15 @@ def test_attention_function_masks_scaling_and_dropout():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     dropped, _ = hf.fused_attention_forward(module, q, k, v, None, dropout=0.5)
     assert not torch.allclose(dropped, hf.fused_attention_forward(module, q, k, v, None)[0])
+    # a dropout of 1 (a config's, or a module's set after the swap) drops every weight, as sdpa's:
+    # zeros and zero gradients (the kernels take p < 1: it raised)
+    q.requires_grad_()
+    for mask in (additive, None):
+        out, _ = hf.fused_attention_forward(module, q, k, v, mask, dropout=1.0)
+        expected, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=1.0)
+        assert torch.equal(out, expected) and not out.any()
+        out.sum().backward()
+        assert q.grad is not None and not q.grad.any()
 
 
 SWAP_EXPECTED = {

@@ -203,6 +203,12 @@ def fused_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
             return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         warnings.warn(f"fused_attn: output_attentions=True, but {type(module).__module__} has no "
                       "eager_attention_forward to compute the weights; they are not returned", stacklevel=2)
+    if not isinstance(dropout, bool) and isinstance(dropout, (int, float)) and dropout == 1:
+        # an attention dropout of 1 (a config's, or set since the swap): transformers' eager and
+        # sdpa functions take it (every weight dropped: zeros, zero gradients); the kernels'
+        # counter-based dropout takes p < 1, as fused_attn's scaled_dot_product_attention does it
+        out, _ = fused_attention_forward(module, query, key, value, attention_mask, 0.0, scaling, is_causal, **kwargs)
+        return out * 0.0, None
     position_bias = kwargs.get("position_bias")
     sinks, row_sinks = _row_sinks(module, query, kwargs)
     q_len = query.shape[2]

@@ -395,6 +395,18 @@ _TORCH_APPLY = torch.autograd.Function.apply.__func__
 _C_APPLY = torch._C._FunctionBase.__dict__["apply"]
 
 
+def _no_zero_grads_for_non_differentiable(ctx) -> None:
+    """Have autograd hand the backward None, not zeros, for the outputs marked non-differentiable
+    (the tensors a Function returns only for its own backward: attention's lse without return_lse,
+    the feed-forward's pre-activation and rows): torch fills a zero tensor of each one's shape on
+    every backward otherwise (``materialize_grads``), which nothing reads (for the feed-forward a
+    (T, d_ff) fill). The differentiable outputs keep theirs. Eager only: Dynamo refuses the
+    attribute's mutation (a graph break), and a compiled graph's backward is AOTAutograd's, which
+    sets it itself."""
+    if not torch.compiler.is_compiling():
+        ctx._materialize_non_diff_grads = False
+
+
 def _forward_mode_in(tensors) -> bool:
     """Whether tangents may flow into a call of ``tensors`` (other arguments are skipped): torch.func's
     jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on this thread's stack (the call then takes
@@ -540,6 +552,7 @@ class AttentionFunction(_Function):
             ctx.layouts = (out.stride(), lse.stride())
         if not return_lse:
             ctx.mark_non_differentiable(lse)
+            _no_zero_grads_for_non_differentiable(ctx)
 
     @staticmethod
     def backward(ctx, dout, dlse=None):
@@ -724,6 +737,7 @@ class AttentionVarlenFunction(_Function):
             ctx.layouts = (out.stride(), lse.stride())
         if not return_lse:
             ctx.mark_non_differentiable(lse)
+            _no_zero_grads_for_non_differentiable(ctx)
 
     @staticmethod
     def backward(ctx, dout, dlse=None):
@@ -1128,6 +1142,7 @@ class FeedForwardFunction(_Function):
         ctx.save_for_backward(x, x2 if x2.dim() == 2 else None, w1, w1_up, w2, pre, rng, b1, b1_up, b2)
         ctx.options = (activation, dropout_p, backend, b1 is not None, b2 is not None, x.shape)
         ctx.mark_non_differentiable(pre, x2)
+        _no_zero_grads_for_non_differentiable(ctx)
         if forward_mode:  # the forward_mode twin runs: save for its jvp
             ctx.save_for_forward(x, w1, b1, w2, b2, w1_up, b1_up, rng)
             ctx.layouts = (out.stride(),)

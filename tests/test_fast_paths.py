@@ -272,3 +272,48 @@ def test_environment_reads_follow_os_environ(monkeypatch):
     monkeypatch.setattr(os, "environ", {"FUSED_ATTN_TEST_VARIABLE": "c"})  # (a harness's mapping)
     assert env_get("FUSED_ATTN_TEST_VARIABLE") == "c"
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the backward's inputs
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_varlen", "feed_forward"])
+def test_the_backward_gets_no_zero_filled_gradient_for_outputs_it_returned_for_itself(op):
+    """The tensors a Function returns only for its own backward (attention's lse without
+    return_lse, the feed-forward's pre-activation and copied rows) are non-differentiable: autograd
+    must hand the backward None for them, not a zero-filled tensor of their shape (for the
+    feed-forward a (T, d_ff) fill, on every backward, that nothing reads). Seen as the ``aten.zeros``
+    the engine dispatches before calling the backward; the gradients are unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(2)
+    if op == "attention":
+        inputs = [torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3)]
+        out = F.attention(*inputs, causal=True)
+        ref = R.attention(*inputs, causal=True)
+    elif op == "attention_varlen":
+        inputs = [torch.randn(7, 2, 8, requires_grad=True) for _ in range(3)]
+        cu = torch.tensor([0, 3, 7])
+        out = F.attention_varlen(*inputs, cu, cu, causal=True)
+        ref = torch.cat([R.attention(*(t[a:b].transpose(0, 1)[None] for t in inputs), causal=True)[0].transpose(0, 1)
+                         for a, b in ((0, 3), (3, 7))])
+    else:
+        inputs = [torch.randn(*shape, requires_grad=True) for shape in ((3, 8), (16, 8), (16,), (8, 16), (8,))]
+        out = F.feed_forward(*inputs, activation="gelu")
+        ref = R.feed_forward(*inputs, "gelu")
+    grad_out = torch.randn_like(out)
+    with Seen() as seen:
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    assert not [name for name in seen.ops if "zeros" in name], seen.ops
+    for grad, expected in zip(grads, torch.autograd.grad(ref, inputs, grad_out)):
+        torch.testing.assert_close(grad, expected)

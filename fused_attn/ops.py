@@ -1293,6 +1293,12 @@ def rotary_inference(x, cos, sin, positions, interleaved, backend, inplace=False
     """RotaryFunction's output for eager calls that build no autograd graph."""
     if inplace:
         _rotary_inplace_impl(x, cos, sin, positions, interleaved, False, backend)
+        # The kernels write through x's data pointer, past the dispatcher's ADInplaceOrView key
+        # that bumps an in-place op's version counter (as do the registered op rotary_ and the
+        # Function's mark_dirty, the other in-place paths). Without the bump, a graph that saved x
+        # before (``(x * w).sum()``: mul saves x for w's gradient) read the turned x at backward,
+        # a silently wrong gradient, where torch raises "modified by an inplace operation".
+        torch.autograd.graph.increment_version(x)
         return x
     return _rotary_impl(x, cos, sin, positions, interleaved, False, backend)
 

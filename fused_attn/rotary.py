@@ -53,7 +53,8 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         interleaved: pairs (2i, 2i + 1) (GPT-J) instead of (i, i + R/2) (GPT-NeoX, Llama).
         inplace: write the result into x and return x (FlashAttention's): no second tensor of x's
             size. x must have no overlapping elements; under autograd x is marked modified, as by
-            any in-place op (a leaf that requires grad cannot be).
+            any in-place op (a leaf that requires grad cannot be), and its version counter is
+            bumped with or without autograd (a graph that saved x raises at backward).
         seqlen_offsets: an int, or an int32/int64 (B,) tensor: token t of sequence b is at
             position ``seqlen_offsets[b] + t`` (decoding with a KV cache: the keys already there).
         cu_seqlens: int32/int64 (B + 1,) cumulative lengths of the packed sequences of a 3-D x

@@ -335,6 +335,25 @@ def test_rotary_qkv_and_kv_in_place(interleaved):
     assert torch.equal(kv[:, :, 1], before[:, :, 1])
 
 
+def test_rotary_in_place_writes_bump_the_version_counter():
+    """Every in-place rotary of the stand-in (apply_rotary_emb_qkv_, apply_rotary_emb_kv_,
+    RotaryEmbedding with qkv or with q and kv) on a tensor another op saved: torch's "modified by
+    an inplace operation" at backward, as x.mul_() gives. kv's write (through the kernel's data
+    pointer, grad mode off or no gradient wanted) left its version as it was: a wrong gradient."""
+    cos, sin = _tables()
+    rope = FA.RotaryEmbedding(8)
+    calls = [(torch.randn(2, 9, 3, 2, 16), lambda qkv: FA.apply_rotary_emb_qkv_(qkv, cos, sin)),
+             (torch.randn(2, 9, 2, 2, 16), lambda kv: FA.apply_rotary_emb_kv_(kv, cos, sin)),
+             (torch.randn(2, 9, 3, 2, 16), rope),
+             (torch.randn(2, 9, 2, 2, 16), lambda kv: rope(torch.randn(2, 9, 2, 16), kv))]
+    for saved, call in calls:
+        w = torch.randn(saved.shape, requires_grad=True)
+        loss = (saved * w).sum()  # mul saves the tensor for w's gradient
+        call(saved)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_ops_triton_rotary_apply_rotary(interleaved):
     """flash_attn.ops.triton.rotary.apply_rotary: apply_rotary_emb's rotation (dense with per-sequence

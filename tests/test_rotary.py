@@ -482,6 +482,25 @@ def test_inplace_refuses_an_inference_tensor_outside_inference_mode(backend):
     assert torch.equal(x, expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_bumps_the_version_counter(backend):
+    """In place on an x that needs no gradient (or under no_grad), saved by another op of a graph
+    (mul saves x for w's gradient): torch's "modified by an inplace operation" at backward, as
+    x.mul_() gives. The cpu and triton kernels wrote through x's data pointer without bumping its
+    version, and that backward read the turned x: a silently wrong gradient of w."""
+    cos, sin = tables(16, 4)
+    for no_grad in (False, True):
+        x = torch.randn(1, 5, 2, 8)
+        w = torch.randn(1, 5, 2, 8, requires_grad=True)
+        loss = (x * w).sum()
+        version = x._version
+        with torch.set_grad_enabled(not no_grad):
+            assert fused_attn.apply_rotary_emb(x, cos, sin, inplace=True, backend=backend) is x
+        assert x._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 @pytest.mark.parametrize("backend", [None] + [b for b in BACKENDS if b in ("reference", "cpu")])
 def test_inplace_under_vmap_and_per_sample_grad(backend):
     """inplace=True under torch.func.vmap (auto is cpu here) and vmap(grad) per-sample gradients:

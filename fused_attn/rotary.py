@@ -190,7 +190,7 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
     resolved (also ``attention_with_kvcache``'s path, which checks its positions itself)."""
     compiling = torch.compiler.is_compiling()
     if inplace and (torch._C._are_functorch_transforms_active()
-                    or (not compiling and x4.is_neg())
+                    or (not compiling and (x4.is_neg() or torch._C._len_torch_dispatch_stack()))
                     or (compiling and _COMPILE_DROPS_DIRTY_BACKWARD and _needs_grad(x4, cos, sin))
                     or exporting()):
         # Under torch.func's transforms, out of place and then copied into x4: vmap's fallback
@@ -202,7 +202,12 @@ def rotate(x4: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
         # return it (fused_attn_C::rotary_out and fused_attn::rotary_ return nothing: an internal
         # assert, or "Expected Tensor but got None"), and copy_ writes the values through the bit.
         # (Not asked under torch.compile: Dynamo cannot trace is_neg(), and Inductor reads such a
-        # graph input negated anyway: README, Semantics, Strides.) And under torch.compile before
+        # graph input negated anyway: README, Semantics, Strides.) So while a TorchDispatchMode is
+        # active (eager; a count, as cheap as is_neg()): a mode sees a registered op only after its
+        # ADInplaceOrView kernel has bumped x's version, and allow_mutation_on_saved_tensors()'s
+        # mode looks a mutated tensor up by its version to clone it for the graphs that saved it:
+        # it found nothing, and such a graph read the turned x (a silently wrong gradient). copy_
+        # reaches the mode first, as x.mul_() does. And under torch.compile before
         # torch 2.13, whose graphs dropped the Function's backward (_COMPILE_DROPS_DIRTY_BACKWARD).
         # And under torch.export, whose program is differentiated by the out-of-place op's own
         # formula (see ops, ``_register_autograd``; the mutating op has none), with or without a gradient at export.

@@ -501,6 +501,40 @@ def test_inplace_bumps_the_version_counter(backend):
             loss.backward()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_under_allow_mutation_on_saved_tensors(backend):
+    """Under torch.autograd.graph.allow_mutation_on_saved_tensors() an in-place embedding of a
+    tensor another op saved leaves that op the tensor as saved (the context clones it first), as
+    x.mul_() does: the same gradients as writing the out-of-place result with copy_. Before, the
+    mutating op's version counter was bumped before the context's dispatch mode saw it: no clone,
+    and w's gradient was taken against the turned x (with or without a gradient for x)."""
+    cos, sin = tables(16, 4)
+    gen = torch.Generator().manual_seed(0)
+    a, w = (torch.randn(1, 5, 2, 8, generator=gen, requires_grad=True) for _ in range(2))
+    u = torch.randn(1, 5, 2, 8, generator=gen)
+
+    def grads(turn, x_requires_grad):
+        a.grad = w.grad = None
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            x = a * 1 if x_requires_grad else a.detach().clone()
+            loss = (x * w).sum()  # mul saves x for w's gradient (and w for x's)
+            out = turn(x)
+            (loss + (out * u).sum()).backward()
+        return a.grad, w.grad
+
+    def in_place(x):
+        return fused_attn.apply_rotary_emb(x, cos, sin, inplace=True, backend=backend)
+
+    def copied(x):
+        return x.copy_(fused_attn.apply_rotary_emb(x, cos, sin, backend=backend))
+
+    for x_requires_grad in (False, True):
+        got, expected = grads(in_place, x_requires_grad), grads(copied, x_requires_grad)
+        torch.testing.assert_close(got[1], a.detach())  # w's gradient: x as mul saw it
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
 @pytest.mark.parametrize("backend", [None] + [b for b in BACKENDS if b in ("reference", "cpu")])
 def test_inplace_under_vmap_and_per_sample_grad(backend):
     """inplace=True under torch.func.vmap (auto is cpu here) and vmap(grad) per-sample gradients:

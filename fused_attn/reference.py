@@ -452,11 +452,16 @@ def rotary(x, cos, sin, positions, interleaved=False, conjugate=False):
     if conjugate:
         s = -s
     xw = x.to(wide)
-    turned, rest = xw[..., :2 * half], xw[..., 2 * half:]
+    # Sliced only for a partial rotary (R < D): the slice of a whole dimension is an aten::alias,
+    # which has no batching rule, and torch.autograd.functional.jacobian(vectorize=True) (forward
+    # mode, or with create_graph), autograd.grad(is_grads_batched=True) and gradcheck's batched
+    # gradients raised "Batching rule not implemented for aten::alias".
+    partial = 2 * half < x.shape[-1]
+    turned = xw[..., :2 * half] if partial else xw
     x1, x2 = (turned[..., 0::2], turned[..., 1::2]) if interleaved else (turned[..., :half], turned[..., half:])
     o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
     turned = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
-    return torch.cat((turned, rest), dim=-1).to(x.dtype)
+    return (torch.cat((turned, xw[..., 2 * half:]), dim=-1) if partial else turned).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------

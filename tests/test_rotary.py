@@ -535,6 +535,37 @@ def test_inplace_under_allow_mutation_on_saved_tensors(backend):
             torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [4, 3])  # R = D (the whole head turns) and R < D
+def test_batched_jacobians_and_gradients(backend, half):
+    """torch.autograd.functional.jacobian(vectorize=True) in forward mode and with create_graph,
+    autograd.grad(is_grads_batched=True) and gradcheck's batched gradients (all vmap over the
+    forward-mode or backward formulas): the unbatched answers. With R = D they raised "Batching
+    rule not implemented for aten::alias" (the reference math sliced the whole head)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64  # (triton: no float64 here)
+    cos, sin = tables(8, half, dtype=dtype)
+    x = torch.randn(1, 3, 1, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))
+
+    def f(t):
+        return fused_attn.apply_rotary_emb(t, cos, sin, backend=backend)
+
+    expected = torch.autograd.functional.jacobian(f, x)
+    jacobian = torch.autograd.functional.jacobian
+    for options in ({"strategy": "forward-mode"}, {"create_graph": True}):  # (both by the reference math)
+        torch.testing.assert_close(jacobian(f, x, vectorize=True, **options), expected)
+    if backend == "triton":
+        return  # (vmap over its kernels' backward: the triton launchers take no batched tensor, any op)
+    torch.testing.assert_close(jacobian(f, x, vectorize=True), expected)
+    x.requires_grad_(True)
+    y = f(x)
+    grads = torch.randn(3, *y.shape, dtype=dtype)
+    (batched,) = torch.autograd.grad(y, x, grads, is_grads_batched=True, retain_graph=True)
+    torch.testing.assert_close(batched, torch.stack([torch.autograd.grad(y, x, g, retain_graph=True)[0]
+                                                     for g in grads]))
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(f, (x,), check_batched_grad=True, check_forward_ad=True)
+
+
 @pytest.mark.parametrize("backend", [None] + [b for b in BACKENDS if b in ("reference", "cpu")])
 def test_inplace_under_vmap_and_per_sample_grad(backend):
     """inplace=True under torch.func.vmap (auto is cpu here) and vmap(grad) per-sample gradients:

@@ -549,8 +549,13 @@ def _apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor, head_dim: int):
     factor = torch.sigmoid(lse - sink)  # (B, Hq, Lq) or (Hq, total_q)
     factor = factor.unsqueeze(-1) if head_dim == 1 else factor.t().unsqueeze(-1)
     out = (out * factor).to(out.dtype)
-    keys_lse = torch.where(lse == float("inf"), float("-inf"), lse)
-    return out, torch.logaddexp(keys_lse, sink)
+    # A row without keys has the sink alone: its lse is the sink itself. Not logaddexp(-inf, s):
+    # its value is s, but its second derivative is inf/inf = NaN, and a where that discards a
+    # branch still carries that branch's NaN into the gradient (0 * NaN). So both sides: such rows
+    # give logaddexp a finite stand-in (0) and the outer where takes the sink for them.
+    no_keys = lse == float("inf")
+    keys_lse = torch.where(no_keys, 0.0, lse)
+    return out, torch.where(no_keys, sink, torch.logaddexp(keys_lse, sink))
 
 
 def _with_sinks(result, sinks, return_lse: bool, head_dim: int):

@@ -57,6 +57,29 @@ def test_attention_lse_and_sinks(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_sinks_on_rows_that_see_no_key(backend):
+    """A row that sees no key has the sink alone (lse = its sink): its second derivatives are
+    finite, those of plain torch's softmax with the sink as one more logit. logaddexp(-inf, sink)
+    gave the sinks a NaN second derivative (a gradient penalty through the lse)."""
+    q, k, v, sinks = _t(1, 1, 3, 2, seed=1), _t(1, 1, 3, 2, seed=2), _t(1, 1, 3, 2, seed=3), _t(1, seed=4)
+    mask = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])  # row 1 sees none
+
+    def fn(q, k, v, sinks):
+        return F.attention(q, k, v, attn_mask=mask, sinks=sinks, return_lse=True, backend=backend)
+
+    _gradgradcheck(fn, [q, k, v, sinks])
+    lse = fn(q, k, v, sinks)[1]
+    dq, = torch.autograd.grad(lse.sum(), q, create_graph=True)
+    dsinks, = torch.autograd.grad(dq.pow(2).sum(), sinks)
+    # plain torch: the sink one more logit of each row, masked keys at -inf
+    logits = torch.cat([(q @ k.transpose(-1, -2) / 2 ** 0.5).masked_fill(~mask, float("-inf")),
+                        sinks.view(1, 1, 1, 1).expand(1, 1, 3, 1)], dim=-1)
+    dq_ref, = torch.autograd.grad(logits.logsumexp(-1).sum(), q, create_graph=True)
+    expected, = torch.autograd.grad(dq_ref.pow(2).sum(), sinks)
+    torch.testing.assert_close(dsinks, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_varlen(backend):
     q, k, v = _t(9, 2, 4, seed=1), _t(9, 2, 4, seed=2), _t(9, 2, 4, seed=3)
     cu = torch.tensor([0, 3, 9], dtype=torch.int32)

@@ -72,7 +72,8 @@ from torch._C import _functorch
 from . import _rng, reference
 from .backends import get_backend
 from .ops_common import (check_block_table, check_varlen_bounds, empty, exporting, grad_recording, known_true,
-                         lse_dtype, new_attention_out, new_varlen_out, register_vmap_slice_by_slice, varlen_lse_shape)
+                         lse_dtype, new_attention_out, new_varlen_out, register_vmap_slice_by_slice, varlen_lse_shape,
+                         vjp)
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
@@ -183,9 +184,10 @@ def _jvp_through(fn, primals, tangents, layouts):
     # Inside torch.autograd.forward_ad's level (opened around the call, or inside torch.func.grad),
     # which does not nest: by reverse mode twice. The vjp u -> J^T u is linear in u, so its own
     # vjp at the tangent t is J t.
-    outs, vjp = torch.func.vjp(of_moving, *(primals[i] for i in moving))
-    _, vjp_of_vjp = torch.func.vjp(vjp, tuple(torch.zeros_like(o) for o in outs))
-    (tangents_out,) = vjp_of_vjp(tuple(tangents[i] for i in moving))
+    # (``ops_common.vjp``: plain autograd outside torch.func's transforms, as inside saved-tensor hooks)
+    outs, vjp_fn = vjp(of_moving, *(primals[i] for i in moving))
+    _, vjp_of_vjp = vjp(lambda *cotangents: vjp_fn(cotangents), *(torch.zeros_like(o) for o in outs))
+    tangents_out = vjp_of_vjp(tuple(tangents[i] for i in moving))
     return [torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
             for t, stride in zip(tangents_out, layouts)]
 
@@ -201,12 +203,13 @@ def _grad_with_graph(fn, inputs, needs, grads_out):
     grads = [None] * len(needs)
     if not moving or all(g is None for g in grads_out):
         return grads
-    # torch.func.vjp rather than torch.autograd.grad: it also runs inside torch.func's transforms
-    # (jacrev(jacrev(f)), hessian), and its result keeps the graph the outer levels differentiate
+    # ops_common.vjp: torch.func's inside its transforms (jacrev(jacrev(f)), hessian), whose result
+    # keeps the graph the outer levels differentiate; plain autograd elsewhere, which also runs
+    # inside saved-tensor hooks (save_on_cpu), where torch.func refuses to
     with torch.enable_grad():
-        outs, vjp = torch.func.vjp(_spelled_out(_of_moving(fn, inputs, moving)), *(inputs[i] for i in moving))
+        outs, vjp_fn = vjp(_spelled_out(_of_moving(fn, inputs, moving)), *(inputs[i] for i in moving))
     cotangents = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads_out))
-    for i, grad in zip(moving, vjp(cotangents)):
+    for i, grad in zip(moving, vjp_fn(cotangents)):
         grads[i] = grad
     return grads
 

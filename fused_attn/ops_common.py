@@ -1,6 +1,7 @@
 """Small helpers every backend and the fake (meta) implementations share."""
 from __future__ import annotations
 
+import contextlib
 import numbers
 import sys
 
@@ -15,6 +16,64 @@ def grad_recording() -> bool:
     if not torch.is_grad_enabled():
         return False
     return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
+
+
+def vjp(fn, *primals):
+    """``torch.func.vjp(fn, *primals)``: fn's outputs and a function of their cotangents (shaped as
+    the outputs) giving the primals' gradients, zeros for a primal they do not depend on; by plain
+    autograd (``torch.autograd.grad``) outside torch.func's transforms.
+
+    torch.func's grad transforms refuse to run inside any saved-tensor-hooks context
+    (``torch.autograd.graph.save_on_cpu()``, ``allow_mutation_on_saved_tensors``, a user's pack
+    hooks: "torch.func.{grad, vjp, ...} don't yet support saved tensor hooks"), where plain autograd
+    runs, as SDPA's math backward does. torch.func is kept under its own transforms (jacrev(jacrev(f)),
+    vmap(grad(f)): their wrapped tensors and levels), under inference mode, while torch.compile
+    traces, and inside a registered op's implementation (a traced, subclassed or mode-intercepted
+    call), which runs with autograd's dispatch keys excluded: there plain autograd records only with
+    them re-admitted for the moment, which is done only inside saved-tensor hooks (the torch.func
+    path otherwise, the one those calls always took).
+
+    As torch.func.vjp: the gradients carry a graph (to the primals that require grad, and to the
+    cotangents) when grad mode is on at the call of the returned function, and forward-mode
+    tangents of the primals flow through both calls. Each primal is differentiated through a
+    fresh view of itself, as torch.func takes its primals for independent variables: autograd.grad
+    with respect to the tensors themselves would also follow the paths between them (a saved
+    output, such as the norm's sum, leads back through the Function's own backward to its weight,
+    another primal: the backward called itself without end). A view still leads back to its
+    primal, so a graph through the gradient reaches the primal's history; a view, not a detached
+    copy, keeps a forward-mode tangent."""
+    if (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+            or torch.is_inference_mode_enabled()):
+        return torch.func.vjp(fn, *primals)
+    recording = contextlib.nullcontext
+    if torch._C._dispatch_tls_is_dispatch_key_excluded(_AUTOGRAD):  # a registered op's implementation
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            return torch.func.vjp(fn, *primals)
+
+        def recording():
+            return torch._C._SetExcludeDispatchKeyGuard(_AUTOGRAD, False)
+
+    with recording(), torch.enable_grad():
+        leaves = tuple(p.view_as(p) if p.requires_grad else p.view_as(p).requires_grad_() for p in primals)
+        outputs = fn(*leaves)
+    single = isinstance(outputs, torch.Tensor)
+
+    def vjp_fn(cotangents):
+        outs = (outputs,) if single else outputs
+        cots = (cotangents,) if single else cotangents
+        # (an output that depends on no primal, e.g. the lse of v alone, contributes nothing)
+        pairs = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
+        if not pairs:
+            return tuple(torch.zeros_like(p) for p in leaves)
+        with recording():
+            return torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], retain_graph=True,
+                                       create_graph=torch.is_grad_enabled(), allow_unused=True,
+                                       materialize_grads=True)
+
+    return outputs, vjp_fn
+
+
+_AUTOGRAD = torch._C.DispatchKey.AutogradFunctionality
 
 
 def known_true(condition) -> bool:

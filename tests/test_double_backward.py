@@ -918,3 +918,56 @@ def test_vmap_prints_no_fallback_warning():
     assert proc.returncode == 0, proc.stderr
     assert "ran 5" in proc.stdout
     assert "batching rule" not in proc.stderr and "BatchedFallback" not in proc.stderr, proc.stderr
+
+
+def _op_and_inputs(op, backend):
+    """A small call of ``op`` as a function of its differentiable inputs, and those inputs."""
+    if op == "attention":
+        return (lambda q, k, v: F.attention(q, k, v, causal=True, backend=backend),
+                [_t(1, 2, 3, 4, seed=1), _t(1, 2, 3, 4, seed=2), _t(1, 2, 3, 4, seed=3)])
+    if op == "layer_norm_residual":
+        return (lambda x, w: F.layer_norm_residual(x, None, w, None, 1e-5, backend=backend),
+                [_t(3, 4, seed=1), _t(4, seed=2)])
+    return (lambda x, w1, w2: F.feed_forward(x, w1, None, w2, None, activation="gelu", backend=backend),
+            [_t(3, 4, seed=1), _t(5, 4, seed=2, scale=0.5), _t(4, 5, seed=3, scale=0.5)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["attention", "layer_norm_residual", "feed_forward"])
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "pack_hooks", "allow_mutation"])
+def test_inside_saved_tensor_hooks(backend, op, hooks):
+    """First- and second-order backward and forward-mode AD inside a saved-tensor-hooks context
+    (``save_on_cpu``, a user's pack hooks, ``allow_mutation_on_saved_tensors``, whose dispatch mode
+    sends the calls through the registered ops) give what they give outside it, as torch's own ops
+    do. The backwards used torch.func, which refuses to run inside such a context ("torch.func.{grad,
+    vjp, ...} don't yet support saved tensor hooks"): a double backward on every backend, every
+    backward of the reference backend (``auto``'s fallback), forward mode inside a dual level."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.autograd.graph import allow_mutation_on_saved_tensors, save_on_cpu, saved_tensors_hooks
+
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    contexts = {"save_on_cpu": save_on_cpu, "pack_hooks": lambda: saved_tensors_hooks(pack, lambda t: t),
+                "allow_mutation": allow_mutation_on_saved_tensors}
+    fn, inputs = _op_and_inputs(op, backend)
+    tangents = [torch.randn_like(t) for t in inputs]
+
+    def derivatives():
+        first = torch.autograd.grad(fn(*inputs).pow(2).sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), inputs)
+        plain = torch.autograd.grad(fn(*inputs).pow(2).sum(), inputs)
+        with fwAD.dual_level():
+            out = fn(*(fwAD.make_dual(t.detach(), dt) for t, dt in zip(inputs, tangents)))
+            tangent = fwAD.unpack_dual(out).tangent
+        return first, second, plain, tangent
+
+    expected = derivatives()
+    with contexts[hooks]():
+        got = derivatives()
+    assert hooks != "pack_hooks" or packed
+    torch.testing.assert_close(got, expected)
+

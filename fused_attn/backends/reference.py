@@ -12,7 +12,7 @@ import torch
 
 from .. import reference as ref
 from .base import Backend, Call
-from ..ops_common import clamp_band, empty, lse_dtype
+from ..ops_common import clamp_band, empty, lse_dtype, vjp
 
 
 def _alibi(alibi_slopes, bottom_right):
@@ -65,7 +65,9 @@ class ReferenceBackend(Backend):
     @_without_autocast
     def attention_bwd(self, dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset,
                       mask_grad, softcap=0.0, alibi_slopes=None, bottom_right=False, dlse=None):
-        # torch.func.vjp rather than torch.autograd: op implementations run below the autograd key.
+        # ops_common.vjp: plain autograd (it runs inside saved-tensor hooks, torch.func does not),
+        # torch.func.vjp where autograd cannot record (below the autograd key: a registered op's
+        # implementation; under torch.func's transforms).
         rng = _rng(dropout_p, seed, offset)
         band = clamp_band(band_lo, band_hi, q.shape[2], k.shape[2])
         alibi = _alibi(alibi_slopes, bottom_right)
@@ -82,11 +84,11 @@ class ReferenceBackend(Backend):
 
         grads_out = (dout,) if dlse is None else (dout, dlse.to(wide))
         if mask_grad:
-            _, vjp = torch.func.vjp(outputs, q, k, v, attn_mask)
-            dq, dk, dv, dmask = vjp(grads_out)
+            _, vjp_fn = vjp(outputs, q, k, v, attn_mask)
+            dq, dk, dv, dmask = vjp_fn(grads_out)
         else:
-            _, vjp = torch.func.vjp(lambda q_, k_, v_: outputs(q_, k_, v_, attn_mask), q, k, v)
-            (dq, dk, dv), dmask = vjp(grads_out), empty(q)
+            _, vjp_fn = vjp(lambda q_, k_, v_: outputs(q_, k_, v_, attn_mask), q, k, v)
+            (dq, dk, dv), dmask = vjp_fn(grads_out), empty(q)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
     @_without_autocast
@@ -124,8 +126,8 @@ class ReferenceBackend(Backend):
                                              seqused_k, alibi_slopes)
             return (o,) if dlse is None else (o, l)
 
-        _, vjp = torch.func.vjp(outputs, q, k, v)
-        dq, dk, dv = vjp((dout,) if dlse is None else (dout, dlse.to(lse_dtype(q))))
+        _, vjp_fn = vjp(outputs, q, k, v)
+        dq, dk, dv = vjp_fn((dout,) if dlse is None else (dout, dlse.to(lse_dtype(q))))
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
     # ---- residual-add + norm ----------------------------------------------------------------
@@ -153,8 +155,8 @@ class ReferenceBackend(Backend):
             b = ps[-1] if bias is not None else None
             return ref.layer_norm_residual(s, None, w, b, eps, rms=rms).to(dout.dtype)
 
-        _, vjp = torch.func.vjp(norm, summed, *params)
-        dsum, *dparams = vjp(dout)
+        _, vjp_fn = vjp(norm, summed, *params)
+        dsum, *dparams = vjp_fn(dout)
         dweight = dparams[0] if weight is not None else empty(summed)
         dbias = dparams[-1] if bias is not None else empty(summed)
         if dsummed is not None:
@@ -179,8 +181,8 @@ class ReferenceBackend(Backend):
         def act(p):
             h = ref.activation_fn(p, activation)
             return ref._rng.apply_dropout(h, dropout_p, seed, offset) if dropout_p > 0.0 else h
-        h, vjp = torch.func.vjp(act, pre)
-        (dpre,) = vjp(dout @ w2)
+        h, vjp_fn = vjp(act, pre)
+        (dpre,) = vjp_fn(dout @ w2)
         dw2 = dout.t() @ h
         wide = torch.promote_types(dout.dtype, torch.float32)  # (float64 stays float64)
         db2 = dout.to(wide).sum(0).to(dout.dtype) if has_b2 else empty(x)

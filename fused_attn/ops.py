@@ -188,8 +188,25 @@ def _jvp_through(fn, primals, tangents, layouts):
     outs, vjp_fn = vjp(of_moving, *(primals[i] for i in moving))
     _, vjp_of_vjp = vjp(lambda *cotangents: vjp_fn(cotangents), *(torch.zeros_like(o) for o in outs))
     tangents_out = vjp_of_vjp(tuple(tangents[i] for i in moving))
-    return [torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
-            for t, stride in zip(tangents_out, layouts)]
+    return [_in_layout(t, stride) for t, stride in zip(tangents_out, layouts)]
+
+
+def _in_layout(t: Tensor, stride) -> Tensor:
+    """t with the strides ``stride`` of a dense layout (the Function's output's): t itself when it
+    has them, else its dims permuted into the layout's order, made contiguous and permuted back, out
+    of place. Not a copy into an ``empty_strided`` tensor: under ``torch.autograd.functional``'s
+    vectorized forward mode (``jacobian(..., strategy="forward-mode", vectorize=True)``, ``hessian``'s
+    forward-mode outer jacobian) t is batched by torch's legacy vmap, which no functorch test sees,
+    and an in-place copy of it into an unbatched tensor fails ("vmap: aten::copy_ ... not possible")."""
+    stride = tuple(stride)
+    if t.stride() == stride:
+        return t
+    order = sorted(range(t.dim()), key=lambda d: stride[d], reverse=True)  # outermost first
+    laid = t.permute(order).contiguous().permute(sorted(range(t.dim()), key=order.__getitem__))
+    if laid.stride() == stride:
+        return laid
+    # (a layout that is no permutation of a contiguous one, or differs in the strides of size-1 dims)
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _grad_with_graph(fn, inputs, needs, grads_out):

@@ -971,3 +971,26 @@ def test_inside_saved_tensor_hooks(backend, op, hooks):
     assert hooks != "pack_hooks" or packed
     torch.testing.assert_close(got, expected)
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["attention", "layer_norm_residual", "feed_forward"])
+def test_autograd_functional_vectorized_forward_mode(backend, op):
+    """``torch.autograd.functional.jacobian(..., strategy="forward-mode", vectorize=True)`` and
+    ``hessian(..., outer_jacobian_strategy="forward-mode", vectorize=True)`` match the jacobian and
+    hessian computed one row at a time. Their tangents are batched by torch's legacy vmap, which the
+    jvp's copy of its tangent into the output's layout (in place, into an unbatched tensor) failed
+    on ("vmap: aten::copy_ ... not possible")."""
+    from torch.autograd.functional import hessian, jacobian
+
+    fn, inputs = _op_and_inputs(op, backend)
+    x, rest = inputs[0].detach(), [t.detach() for t in inputs[1:]]
+
+    def f(x):
+        return fn(x, *rest)
+
+    torch.testing.assert_close(jacobian(f, x, vectorize=True, strategy="forward-mode"), jacobian(f, x))
+
+    def g(x):
+        return f(x).pow(3).sum()
+
+    torch.testing.assert_close(hessian(g, x, vectorize=True, outer_jacobian_strategy="forward-mode"), hessian(g, x))

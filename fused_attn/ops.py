@@ -543,6 +543,22 @@ def differentiated(t) -> bool:
     return why_differentiated(t) is not None
 
 
+def _not_a_view(t: Tensor) -> Tensor:
+    """An output of an attention Function as autograd should see it: t itself, or, where t is a view
+    (attention's output is a transposed view of the contiguous (B, Lq, Hq, Dv) buffer the kernels
+    write, ``new_attention_out``), t detached: the same memory, strides and version counter, no
+    copy, but no view. Autograd refuses any in-place change of a view made inside a custom Function
+    ("Output 0 of AttentionFunction is a view ... created inside a custom Function"), even after
+    the backward; of a plain output it refuses one only if the backward still needs it, as for
+    SDPA's: ``out.mul_(2)`` after ``backward()`` works, before it the backward raises torch's
+    version-counter error ("modified by an inplace operation"). Traced calls (torch.compile,
+    torch.export) keep t: Dynamo cannot ask ``_is_view``, and a traced graph's outputs are torch's
+    to lay out (an exported graph, which differentiates the forward itself, must not detach)."""
+    if torch.compiler.is_compiling() or exporting():
+        return t
+    return t.detach() if t._is_view() else t
+
+
 class AttentionFunction(_Function):
     """softmax(q k^T * scale + mask) v; backward recomputes probabilities from the log-sum-exp.
 
@@ -556,8 +572,9 @@ class AttentionFunction(_Function):
                 bottom_right, return_lse):
         direct = direct_call_ok(q, k, v, attn_mask, alibi_slopes) and not _per_sample(rng)
         fwd = _attention_fwd_impl if direct else torch.ops.fused_attn.attention_fwd
-        return _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend, softcap,
-                                  alibi_slopes, bottom_right)
+        out, lse = _attention_forward(fwd, q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, rng, backend,
+                                      softcap, alibi_slopes, bottom_right)
+        return _not_a_view(out), _not_a_view(lse)
 
     @staticmethod
     def setup_context(ctx, inputs, output, forward_mode=False):
@@ -741,8 +758,10 @@ class AttentionVarlenFunction(_Function):
         direct = (direct_call_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, block_table)
                   and not _per_sample(rng))
         fwd = _attention_varlen_fwd_impl if direct else torch.ops.fused_attn.attention_varlen_fwd
-        return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi, bottom_right,
-                   dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes, block_table)
+        out, lse = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
+                       bottom_right, dropout_p, scale, rng, backend, softcap, seqused_k, checked, alibi_slopes,
+                       block_table)
+        return _not_a_view(out), _not_a_view(lse)
 
     @staticmethod
     def setup_context(ctx, inputs, output, forward_mode=False):

@@ -459,8 +459,9 @@ def _check_in_place_on_output(call, rows, n_inputs):
 # The norm's and the feed-forward's outputs are ordinary tensors, as those of nn.LayerNorm and
 # nn.Linear: ``h = ffn(x); h += x`` (or a ReLU(inplace=True) after it) trains, with the gradients
 # of the out-of-place code. (They were views made inside the autograd Function, which autograd
-# refuses to modify in place.) Attention's output is saved for its backward, as SDPA's is: there
-# an in-place change meets autograd's usual error.
+# refuses to modify in place.) Attention's output is saved for its backward, as SDPA's is: an
+# in-place change after the backward works, one before it meets autograd's usual version-counter
+# error at the backward.
 ROWS = pytest.mark.parametrize("rows", [(6, 16), (2, 3, 16), (16,)], ids=["2-D", "3-D", "1-D"])
 
 
@@ -479,6 +480,46 @@ def test_layer_norm_output_can_be_modified_in_place(device, backend, rows, preno
 def test_feed_forward_output_can_be_modified_in_place(device, backend, rows):
     w1, w2 = torch.randn(24, 16, requires_grad=True), torch.randn(16, 24, requires_grad=True)
     _check_in_place_on_output(lambda x: F.feed_forward(x, w1, None, w2, None, backend=backend), rows, 1)
+
+
+def _attention_calls(backend):
+    """(name, call of q, k, v) for each attention entry point whose output is its Function's (the
+    SDPA wrapper's 3-D call views a 4-D one)."""
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    yield "attention", (1, 2, 5, 8), lambda q, k, v: F.attention(q, k, v, causal=True, backend=backend)
+    yield "attention_varlen", (5, 2, 8), lambda q, k, v: F.attention_varlen(q, k, v, cu, cu, 3, 3, causal=True,
+                                                                            backend=backend)
+    yield "scaled_dot_product_attention 3-D", (2, 5, 8), lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ATTN)
+def test_attention_output_can_be_modified_in_place_after_backward(device, backend):
+    """As SDPA's: after the backward the output is the caller's to change (it was a view made inside
+    the autograd Function, which autograd refuses to modify in place ever: "Output 0 of
+    AttentionFunction is a view ... created inside a custom Function"), and it keeps the layout
+    docs/api.md gives it, (B, Lq, Hq, Dv) in memory."""
+    for name, shape, call in _attention_calls(backend):
+        q, k, v = (torch.randn(*shape, device=device, requires_grad=True) for _ in range(3))
+        out = call(q, k, v)
+        if out.dim() == 4:
+            assert out.transpose(1, 2).is_contiguous(), name
+        out.sum().backward()
+        before = out.detach().clone()
+        out.mul_(2).add_(1)
+        torch.testing.assert_close(out.detach(), before * 2 + 1, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", ATTN)
+def test_attention_output_modified_before_backward_raises_at_backward(device, backend):
+    """An in-place change before the backward, which reads the output, is refused at the backward
+    with torch's version-counter error, as for SDPA (not at the change itself)."""
+    for name, shape, call in _attention_calls(backend):
+        q, k, v = (torch.randn(*shape, device=device, requires_grad=True) for _ in range(3))
+        out = call(q, k, v)
+        out.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 def _left_alive(fn, backward: bool) -> list:

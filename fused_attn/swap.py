@@ -1236,7 +1236,9 @@ class patch_sdpa:
     Calls keep torch's meaning (``functional.scaled_dot_product_attention``; a fully masked row
     gives zeros). Nested tensors and non-floating inputs go to torch's own
     function. Code that imported the function by name before the patch (``from
-    torch.nn.functional import scaled_dot_product_attention``) keeps torch's.
+    torch.nn.functional import scaled_dot_product_attention``) keeps torch's. The patch is
+    process-wide (every thread's SDPA calls take it, with its ``backend``, while it is
+    installed); for a backend per thread, patch with ``backend=None`` and use ``use_backend``.
     """
 
     def __init__(self, backend: Optional[str] = None):

@@ -212,6 +212,41 @@ def test_use_backend_is_per_thread():
     assert _requested() == "auto"
 
 
+@pytest.mark.skipif(BACKENDS["triton"].unavailable_reasons() != [] or not interpreter_enabled(),
+                    reason="needs the Triton interpreter")
+def test_interpreted_triton_launches_from_several_threads():
+    """Triton's interpreter patches triton.language process-wide during a launch: four threads
+    launching at once raised "Did you forget to add @triton.jit?" InterpreterErrors and returned
+    wrong outputs, silently. The backend serialises interpreted launches."""
+    import threading
+
+    results, errors = [], []
+    start = threading.Barrier(4, timeout=30)
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(1, 2, 33, 16, generator=g) for _ in range(3))
+        x, res, w = torch.randn(5, 24, generator=g), torch.randn(5, 24, generator=g), torch.randn(24, generator=g)
+        start.wait()
+        try:
+            for _ in range(2):
+                results.append((F.attention(q, k, v, backend="triton"), F.attention(q, k, v, backend="reference")))
+                results.append((F.layer_norm_residual(x, res, w, backend="triton"),
+                                F.layer_norm_residual(x, res, w, backend="reference")))
+        except Exception as error:  # (collected: an exception in a thread does not fail the test)
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == []
+    assert len(results) == 16
+    for got, expected in results:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_use_backend_is_per_asyncio_task():
     """A task's block does not reach another task that runs while it awaits; a task created
     inside a block starts with that selection."""

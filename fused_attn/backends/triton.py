@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import re
+import threading
 
 import torch
 
@@ -38,6 +39,26 @@ _INTERPRET_ON = ("1", "true", "on", "yes", "y")
 def interpreter_enabled() -> bool:
     """Whether Triton runs its kernels under the interpreter (TRITON_INTERPRET read as Triton does)."""
     return env_get("TRITON_INTERPRET").lower() in _INTERPRET_ON  # (os.environ's, as one lookup: every launch asks)
+
+
+#: Held around every launch while the interpreter is on. Triton's interpreter is not thread-safe:
+#: a launch patches triton.language's functions process-wide for the kernel's duration and
+#: restores them after, so two threads launching at once saw each other's patches undone (random
+#: "Did you forget to add @triton.jit?" InterpreterErrors, and outputs silently wrong: 4 threads
+#: calling attention gave both). Interpreted launches take seconds anyway; serialising them costs
+#: nothing that matters. Re-entrant: ``rotary`` calls itself. Compiled launches never take it.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _launcher(method):
+    """``method`` run under ``_INTERPRETER_LOCK`` when the interpreter is on."""
+    @functools.wraps(method)
+    def launch(*args, **kwargs):
+        if not interpreter_enabled():
+            return method(*args, **kwargs)
+        with _INTERPRETER_LOCK:
+            return method(*args, **kwargs)
+    return launch
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,32 +135,41 @@ class TritonBackend(Backend):
     # Every launcher hands its tensors through _values first: the kernels read raw pointers and
     # strides, so they need each tensor's memory to hold its values (see _values).
 
+    @_launcher
     def attention_fwd(self, *args):
         return _kernels("attention").attention_fwd(*_values(args))
 
+    @_launcher
     def attention_bwd(self, *args):
         return _kernels("attention").attention_bwd(*_values(args))
 
+    @_launcher
     def attention_varlen_fwd(self, *args, **kwargs):
         if kwargs:  # (block_table=: the pages of a paged cache)
             kwargs = dict(zip(kwargs, _values(tuple(kwargs.values()))))
         return _kernels("attention").attention_varlen_fwd(*_values(args), **kwargs)
 
+    @_launcher
     def attention_varlen_bwd(self, *args):
         return _kernels("attention").attention_varlen_bwd(*_values(args))
 
+    @_launcher
     def layer_norm_residual_fwd(self, *args):
         return _kernels("layer_norm_residual").layer_norm_residual_fwd(*_values(args))
 
+    @_launcher
     def layer_norm_residual_bwd(self, *args):
         return _kernels("layer_norm_residual").layer_norm_residual_bwd(*_values(args))
 
+    @_launcher
     def feed_forward_fwd(self, *args):
         return _kernels("feed_forward").feed_forward_fwd(*_values(args))
 
+    @_launcher
     def feed_forward_bwd(self, *args):
         return _kernels("feed_forward").feed_forward_bwd(*_values(args))
 
+    @_launcher
     def rotary(self, x, cos, sin, positions, interleaved, conjugate, out=None):
         x, cos, sin, positions = _values((x, cos, sin, positions))
         if out is not None and out.is_neg():

@@ -1,6 +1,7 @@
 """The Hugging Face integration on tiny models built from configs (no downloads)."""
 import contextlib
 import copy
+import gc
 import warnings
 
 import pytest
@@ -489,7 +490,7 @@ def test_llama_rope_with_per_row_position_ids_matches_unswapped(monkeypatch):
 
 def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
     """The fused function belongs to the modeling module: a second model of the family finds it
-    fused (and its restore leaves it to the first); rotary=False leaves it; calls outside the
+    fused (and its restore leaves it to the first, which holds it too); rotary=False leaves it; calls outside the
     covered shapes run the original; Cohere's form (interleaved pairs, computed in float32) is
     left."""
     from transformers.models.llama import modeling_llama
@@ -501,7 +502,8 @@ def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
     fused = modeling_llama.apply_rotary_pos_emb
     assert fused is not original and fused.fused_attn_original is original
     report = fused_attn.swap_modules(second)
-    assert ("", "modeling_llama.apply_rotary_pos_emb", "already fused (by another model's swap_modules)") in report.left
+    assert ("", "modeling_llama.apply_rotary_pos_emb", "fused rotary, by another model's swap_modules: "
+            "module-level, it runs on backend=None while that model holds it") in report.already
     fused_attn.restore_modules(second)
     assert modeling_llama.apply_rotary_pos_emb is fused
     calls = _rotary_calls(monkeypatch)
@@ -537,6 +539,91 @@ def test_rope_swap_is_module_level_and_other_layouts_are_left(monkeypatch):
     assert [row for row in report.left if "rotary" in row[1]] == [
         ("", "modeling_cohere.apply_rotary_pos_emb", "not Llama's or GPT-NeoX's apply_rotary_pos_emb (another layout "
                                                      "or rounding)")]
+
+
+def _rotary_backends(monkeypatch):
+    """The backends the fused RoPE ran on, call by call."""
+    import fused_attn.rotary as rotary
+    ran = []
+    original = rotary.rotate
+    monkeypatch.setattr(rotary, "rotate", lambda x4, cos, sin, pos, inter, backend, *a:
+                        (ran.append(backend), original(x4, cos, sin, pos, inter, backend, *a))[1])
+    return ran
+
+
+def test_rope_patch_is_held_by_each_model_that_swapped_it_and_goes_with_the_last(monkeypatch):
+    """The module-level RoPE function is held by every model whose swap installed it or found it
+    installed: it runs on the backend of the first one still alive, and it is put back when the last
+    one is restored or garbage-collected. Before, a second model's swap found it fused and did not
+    hold it: once the first was collected unrestored, the second kept running on the dead model's
+    backend, and its restore left the function in place for good (as did the first's death alone)."""
+    from transformers.models.llama import modeling_llama
+    original = modeling_llama.apply_rotary_pos_emb
+    ids, mask = _batch("llama")
+    ran = _rotary_backends(monkeypatch)
+
+    def run(model):
+        ran.clear()
+        with torch.no_grad():
+            _logits(model, ids, mask)
+        return set(ran)
+
+    def swap(model, backend=None):
+        return fused_attn.swap_modules(model, attention=False, norm=False, ffn=False, backend=backend)
+
+    first, second = _build("llama", num_hidden_layers=1), _build("llama", num_hidden_layers=1)
+    swap(first, "reference")
+    report = swap(second, "cpu")
+    rows = [row for row in report.already + report.left if "rotary" in row[1]]
+    assert len(rows) == 1 and rows[0] in report.already and "backend='reference'" in rows[0][2], report
+    assert run(second) == {"reference"}  # module-level: the first holder's backend, as said
+    del first
+    gc.collect()
+    assert modeling_llama.apply_rotary_pos_emb is not original  # the second still holds it
+    assert run(second) == {"cpu"}  # ...on its own backend now, not the dead model's
+    restored = fused_attn.restore_modules(second)
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert ("", "modeling_llama.apply_rotary_pos_emb", "apply_rotary_pos_emb", "transformers' own") in restored.replaced
+
+    # the last holder collected unrestored takes the patch with it
+    lone = _build("llama", num_hidden_layers=1)
+    swap(lone)
+    assert modeling_llama.apply_rotary_pos_emb is not original
+    del lone
+    gc.collect()
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+    # restoring one of two holders leaves it to the other; a restored model swapped again holds it again
+    a, b = _build("llama", num_hidden_layers=1), _build("llama", num_hidden_layers=1)
+    swap(a, "cpu")
+    swap(b, "reference")
+    kept = fused_attn.restore_modules(a)
+    assert modeling_llama.apply_rotary_pos_emb is not original and run(b) == {"reference"}
+    assert [row for row in kept.left if "rotary" in row[1]], kept  # said why it stays
+    swap(a, "cpu")
+    fused_attn.restore_modules(b)
+    assert modeling_llama.apply_rotary_pos_emb is not original and run(a) == {"cpu"}
+    # a copy lists the function but does not hold it: its restore leaves it to the model
+    clone = copy.deepcopy(a)
+    fused_attn.restore_modules(clone)
+    assert modeling_llama.apply_rotary_pos_emb is not original
+    fused_attn.restore_modules(a)
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_rope_holder_collected_during_a_swap_is_synced_after_it():
+    """A holder's collection may run its callback while a swap or restore holds the patches' lock
+    (on this thread, any allocation can collect): it is queued, not run there (taking the lock
+    again would deadlock), and the patch is synced once the lock is released."""
+    from transformers.models.llama import modeling_llama
+    original = modeling_llama.apply_rotary_pos_emb
+    lone = _build("llama", num_hidden_layers=1)
+    fused_attn.swap_modules(lone, attention=False, norm=False, ffn=False)
+    with hf._rotary_locked():
+        del lone
+        gc.collect()
+        assert modeling_llama.apply_rotary_pos_emb is not original  # queued
+    assert modeling_llama.apply_rotary_pos_emb is original
 
 
 PLAIN_MLP_MODELS = {

@@ -28,13 +28,16 @@ The residual adds inside GPT-2's and Llama's decoder-layer forwards are left in 
 Rotary embeddings: ``swap_modules(model)`` (``rotary=True``) also points the modeling module's
 ``apply_rotary_pos_emb``, where it is Llama's or GPT-NeoX's code, to the fused rotary op
 (``fused_rotary_pos_emb``), as Liger-Kernel does: a module-level function, so every model of that
-family in the process uses it until ``restore_modules``.
+family in the process uses it while a model whose swap installed it or found it installed is
+neither restored (``restore_modules``) nor collected (``_RotaryPatch``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
+import threading
 import warnings
 import weakref
 from typing import Optional
@@ -686,6 +689,70 @@ def _rotary_reason(q, k, cos, sin, unsqueeze_dim, partial: bool) -> Optional[str
     return None
 
 
+class _RotaryPatch:
+    """A fused ``apply_rotary_pos_emb`` (``fn``) and the state it reads at each call: the function
+    it replaced, its form, the backend it runs on. Installed by ``swap_rotary`` in ``module``, it is
+    held by every model whose swap installed it or found it installed (weak references, in swap
+    order, each with the backend its swap asked for): it runs on the first live holder's backend,
+    and is put back once no holder is left, each restored (``restore_rotary``) or garbage-collected
+    (the weak reference's callback). (Held by the installing model alone, as it was, one collected
+    unrestored left the function, on its backend, to every later model of the family, and none of
+    them could put it back.)"""
+
+    def __init__(self, original, backend, partial: bool, module=None):
+        self.original, self.backend, self.partial, self.module = original, backend, partial, module
+        self.fn = None
+        self.holders: list = []  # [(weakref.ref(model), backend)]
+
+    def holds(self, model) -> bool:
+        return any(ref() is model for ref, _ in self.holders)
+
+    def join(self, model, backend) -> None:
+        self.holders.append((weakref.ref(model, self._gone), backend))
+        self.sync()
+
+    def leave(self, model) -> None:
+        self.holders = [(ref, b) for ref, b in self.holders if ref() is not model]
+        self.sync()
+
+    def sync(self) -> None:
+        """Drop the dead holders; follow the first live one's backend, or put the original back."""
+        self.holders = [(ref, b) for ref, b in self.holders if ref() is not None]
+        if self.holders:
+            self.backend = self.holders[0][1]
+        elif self.module is not None and getattr(self.module, "apply_rotary_pos_emb", None) is self.fn:
+            self.module.apply_rotary_pos_emb = self.original  # (unless replaced since by something else)
+
+    def _gone(self, _ref) -> None:
+        _ROTARY_PENDING.append(self)
+        _sync_pending()
+
+
+# The holders change under this lock. A holder's collection can run its callback anywhere: in the
+# middle of a swap or restore on this thread (where taking the lock again would deadlock, and
+# syncing would act on half-made changes) or another (where waiting could deadlock on whatever
+# that thread holds); so the callback only queues the patch and syncs it if the lock is free, and
+# whoever holds the lock syncs the queue after releasing it.
+_ROTARY_LOCK = threading.Lock()
+_ROTARY_PENDING: list = []
+
+
+def _sync_pending() -> None:
+    while _ROTARY_PENDING and _ROTARY_LOCK.acquire(blocking=False):
+        try:
+            while _ROTARY_PENDING:
+                _ROTARY_PENDING.pop().sync()
+        finally:
+            _ROTARY_LOCK.release()
+
+
+@contextlib.contextmanager
+def _rotary_locked():
+    with _ROTARY_LOCK:
+        yield
+    _sync_pending()
+
+
 def fused_rotary_pos_emb(original, backend=None, partial: bool = False):
     """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` on the fused rotary
     op: ``q * cos + rotate_half(q) * sin`` with per-token (B, L, R) tables whose two halves are
@@ -694,8 +761,11 @@ def fused_rotary_pos_emb(original, backend=None, partial: bool = False):
     passes the rest, as the fused op does by itself. One read and one write of q and of k, in
     float32, rounded once (transformers' formula rounds three times in half precision). Calls it
     does not cover (other layouts or shapes, tables that require grad, mixed dtypes) run
-    ``original``."""
+    ``original``. Its state (``fused_attn_patch``, a ``_RotaryPatch``) is read at each call:
+    ``swap_rotary`` sets the backend its holders ask for."""
     from ..rotary import rotate_token_tables
+
+    patch = _RotaryPatch(original, backend, partial)
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if _rotary_reason(q, k, cos, sin, unsqueeze_dim, partial) is not None:
@@ -704,10 +774,12 @@ def fused_rotary_pos_emb(original, backend=None, partial: bool = False):
         c, s = cos[..., :half], sin[..., :half]
         if unsqueeze_dim == 1:  # (B, H, L, D): the (B, L, H, D) views and back
             return tuple(t.transpose(1, 2) for t in rotate_token_tables((q.transpose(1, 2), k.transpose(1, 2)), c, s,
-                                                                        backend))
-        return rotate_token_tables((q, k), c, s, backend)
+                                                                        patch.backend))
+        return rotate_token_tables((q, k), c, s, patch.backend)
 
+    patch.fn = apply_rotary_pos_emb
     apply_rotary_pos_emb.fused_attn_original = original
+    apply_rotary_pos_emb.fused_attn_patch = patch
     return apply_rotary_pos_emb
 
 
@@ -739,51 +811,73 @@ def swap_rotary(model, opts, report, path: str = "") -> None:
     ``rotate_half`` it calls) is Llama's or GPT-NeoX's, the same code but for docstrings and
     decorators (Llama, Mistral, Mixtral, Qwen2/3, Gemma/2/3, Granite, Falcon, StableLM, GPT-NeoX,
     ...), to ``fused_rotary_pos_emb``. The function belongs to the module, not to the model: every
-    model of that family in the process uses it until ``restore_modules`` of this model puts it
-    back (``restore_rotary``)."""
+    model of that family in the process uses it. The model holds it (``_RotaryPatch``), as does
+    each other model whose swap found it installed, until restored (``restore_rotary``) or
+    collected; the last one gone puts the original back."""
     patched = model.__dict__.setdefault("_fused_attn_rotary", [])  # module names (the model pickles)
-    for module in _modeling_modules(model):
-        fn = getattr(module, "apply_rotary_pos_emb", None)
-        if fn is None:
-            continue
-        where = f"{module.__name__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb"
-        if hasattr(fn, "fused_attn_original") and module.__name__ in patched:
-            report.already.append((path, where, "fused rotary"))  # this model's own earlier swap
-            continue
-        if hasattr(fn, "fused_attn_original"):
-            report.left.append((path, where, "already fused (by another model's swap_modules)"))
-            continue
-        partial = _rotary_form(module)
-        if partial is None:
-            report.left.append((path, where, "not Llama's or GPT-NeoX's apply_rotary_pos_emb (another layout or "
-                                             "rounding)"))
-            continue
-        module.apply_rotary_pos_emb = fused_rotary_pos_emb(fn, opts.backend, partial)
-        module.apply_rotary_pos_emb.fused_attn_swapped_by = weakref.ref(model)  # (see restore_rotary)
-        patched.append(module.__name__)
-        report.replaced.append((path, where, "fused_attn.apply_rotary_emb",
-                                ("partial " if partial else "") + "RoPE; module-level: every model of this family "
-                                "in the process"))
+    with _rotary_locked():
+        for module in _modeling_modules(model):
+            fn = getattr(module, "apply_rotary_pos_emb", None)
+            if fn is None:
+                continue
+            where = f"{module.__name__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb"
+            patch = getattr(fn, "fused_attn_patch", None)
+            if patch is not None and patch.module is module:
+                if patch.holds(model):
+                    report.already.append((path, where, "fused rotary"))  # this model's own earlier swap
+                else:
+                    # another model's swap installed it: this one holds it too, so that the function does
+                    # not outlive it, and runs on the first holder's backend (it is one function)
+                    runs_on = patch.backend
+                    patch.join(model, opts.backend)
+                    report.already.append((path, where, f"fused rotary, by another model's swap_modules: "
+                                           f"module-level, it runs on backend={runs_on!r} while that model "
+                                           f"holds it"))
+                if module.__name__ not in patched:
+                    patched.append(module.__name__)
+                continue
+            if hasattr(fn, "fused_attn_original"):
+                report.left.append((path, where, "already fused (not by swap_modules)"))
+                continue
+            partial = _rotary_form(module)
+            if partial is None:
+                report.left.append((path, where, "not Llama's or GPT-NeoX's apply_rotary_pos_emb (another layout or "
+                                                 "rounding)"))
+                continue
+            fused = fused_rotary_pos_emb(fn, opts.backend, partial)
+            fused.fused_attn_patch.module = module
+            fused.fused_attn_patch.join(model, opts.backend)
+            module.apply_rotary_pos_emb = fused
+            if module.__name__ not in patched:
+                patched.append(module.__name__)
+            report.replaced.append((path, where, "fused_attn.apply_rotary_emb",
+                                    ("partial " if partial else "") + "RoPE; module-level: every model of this family "
+                                    "in the process"))
     if not patched:
         model.__dict__.pop("_fused_attn_rotary")
 
 
 def restore_rotary(model, report, path: str = "") -> None:
-    """Put back the functions this model's swap replaced (the wrappers hold them), where they are
-    still in place; a model loaded in another process finds nothing patched there. A copy of a
-    swapped model (``copy.deepcopy``, or one loaded in the same process) lists them too, but
-    the model that swapped them still runs them: a function is put back by the model whose swap
-    installed it (``fused_attn_swapped_by``), or by another once that one is gone. (Restoring the
-    copy put it back under the swapped original, which ran unfused RoPE since, unsaid.)"""
-    for name in model.__dict__.pop("_fused_attn_rotary", []):
-        module = sys.modules.get(name)
-        fn = getattr(module, "apply_rotary_pos_emb", None)
-        original = getattr(fn, "fused_attn_original", None)
-        swapped_by = getattr(fn, "fused_attn_swapped_by", lambda: None)()
-        if original is not None and (swapped_by is None or swapped_by is model):
-            module.apply_rotary_pos_emb = original
-            report.replaced.append((path, f"{name.rsplit('.', 1)[-1]}.apply_rotary_pos_emb",
-                                    "apply_rotary_pos_emb", "transformers' own"))
+    """Let go of the functions this model's swap installed or found installed; those no other live
+    model holds are put back (the wrappers hold the originals). A copy of a swapped model
+    (``copy.deepcopy``, or one loaded in the same process) lists them too, but holds none: its
+    restore puts one back only where no model holds it any more. A model loaded in another process
+    finds nothing patched there."""
+    with _rotary_locked():
+        for name in model.__dict__.pop("_fused_attn_rotary", []):
+            module = sys.modules.get(name)
+            patch = getattr(getattr(module, "apply_rotary_pos_emb", None), "fused_attn_patch", None)
+            if patch is None or patch.module is not module:
+                continue  # put back already (or replaced since by something else)
+            patch.leave(model)
+            where = f"{name.rsplit('.', 1)[-1]}.apply_rotary_pos_emb"
+            if module.apply_rotary_pos_emb is patch.original:
+                report.replaced.append((path, where, "apply_rotary_pos_emb", "transformers' own"))
+            else:
+                n = len(patch.holders)
+                report.left.append((path, where, f"kept fused: {n} other model{'s' if n > 1 else ''} swapped it and "
+                                                 f"hold{'' if n > 1 else 's'} it (put back when the last is restored "
+                                                 f"or collected)"))
 
 
 def _same_body(fn, known) -> bool:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .rotary import rotate_packed
+from .rotary import rotate_packed, rotate_token_tables
 from .backends import BACKENDS, Call, auto_order, check_backend_name, requested_backend
 from .functional import (_check_bool, _counter_dropout, _draw_rng, apply_rotary_emb, attention, attention_varlen,
                          attention_with_kvcache, feed_forward, layer_norm_residual)
@@ -117,14 +117,21 @@ class MultiHeadAttention(reference.MultiHeadAttention):
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         reference.check_kv_cache_dtype(q, kv_cache)  # (as the reference module names it)
-        rope = {}
         if self.rotary:
-            rope["rotary_cos"], rope["rotary_sin"] = self.rotary_tables(kv_cache.k.shape[1], query.device)
+            # Turned here, token (b, i) at position seqlens[b] + i (as attention_with_kvcache's
+            # rotary_cos/rotary_sin would), with tables of the step's B x L positions: those indexed
+            # by cache row had to cover the cache's capacity, built at every step, so that the time
+            # per token grew with max_len. In the dtype the call runs in: under autocast it casts
+            # the new tokens to the cache's (checked equal above otherwise) before turning them.
+            positions = kv_cache.seqlens.long()[:, None] + torch.arange(L, device=kv_cache.seqlens.device)
+            cos, sin = self.rotary_tables_at(positions)
+            dtype = kv_cache.k.dtype if kv_cache.k.is_floating_point() else q.dtype
+            q, k = rotate_token_tables((q.to(dtype), k.to(dtype)), cos, sin, self.backend)
         try:
             out = attention_with_kvcache(q, kv_cache.k, kv_cache.v, k, v, cache_seqlens=kv_cache.seqlens, causal=True,
                                          cache_leftpad=kv_cache.leftpad if kv_cache.padded else None,
                                          window_size=self.window_size, alibi_slopes=self.alibi_slopes,
-                                         sinks=self.sinks, backend=self.backend, **rope)
+                                         sinks=self.sinks, backend=self.backend)
         except ValueError as error:
             # A full cache, said as the reference module says it: the call's message names
             # cache_seqlens and k_cache, which the caller never passed. (Read here, on the error

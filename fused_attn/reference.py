@@ -746,9 +746,17 @@ class MultiHeadAttention(nn.Module):
 
     def rotary_tables(self, length: int, device) -> tuple:
         """The (length, head_dim/2) float32 cos and sin of the angles l * base^(-2i/head_dim)."""
+        return self.rotary_tables_at(torch.arange(length, device=device))
+
+    def rotary_tables_at(self, positions: torch.Tensor) -> tuple:
+        """The float32 cos and sin of the angles p * base^(-2i/head_dim) of the integer
+        ``positions`` (any shape; positions.shape + (head_dim/2,)): ``rotary_tables``' rows at
+        those positions, the same float32 products, computed for them alone. A decoding step
+        turns its L new tokens with these: tables of the cache's capacity, built at every step,
+        made the time per token grow with max_len."""
         half = self.head_dim // 2
-        inv_freq = self.rotary_base ** -(torch.arange(half, device=device, dtype=torch.float32) / half)
-        angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+        inv_freq = self.rotary_base ** -(torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+        angles = positions.to(torch.float32)[..., None] * inv_freq
         return angles.cos(), angles.sin()
 
     def _decode(self, query, kv_cache):
@@ -841,10 +849,11 @@ def _decode_reference(mha, query, kv_cache):
     else:  # shapes without data (meta, fake): no counts to read; the step as on an empty cache has its shapes
         lengths, pads = [0] * B, [0] * B
     check_kv_cache_fits(kv_cache, lengths, L)
-    if mha.rotary:
-        cos, sin = mha.rotary_tables(kv_cache.k.shape[1], query.device)
+    if mha.rotary:  # token (b, i) at position lengths[b] + i: a table row for each, row b * L + i
         positions = torch.tensor(lengths, device=query.device)[:, None] + torch.arange(L, device=query.device)
-        q, k = rotary(q, cos, sin, positions), rotary(k, cos, sin, positions)
+        cos, sin = (t.flatten(0, 1) for t in mha.rotary_tables_at(positions))
+        rows = torch.arange(B * L, device=query.device).view(B, L)
+        q, k = rotary(q, cos, sin, rows), rotary(k, cos, sin, rows)
     outs = []
     for b, n in enumerate(lengths):
         kv_cache.k[b, n:n + L] = k[b]

@@ -776,6 +776,57 @@ def test_kv_cache_decoding_matches_the_full_forward(options):
             assert caches[0].seqlens.tolist() == [0, 0]
 
 
+class _TrigSizes(torch.overrides.TorchFunctionMode):
+    """The element counts of the cos and sin computed under it (the RoPE tables)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.cos, torch.sin, torch.Tensor.cos, torch.Tensor.sin):
+            self.sizes.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("lib", ["fused", "reference"])
+def test_kv_cache_rope_tables_cover_the_step_not_the_cache(lib):
+    """A decoding step with rotary=True built the cos and sin of every row of the cache (its
+    capacity, max_len) to turn its few new tokens, so the time per token grew with max_len. It
+    builds the step's rows alone now (B x L of them, whatever the capacity), and a step near the
+    end of a large cache, each batch row at its own position, still gives each sequence's full
+    forward rows."""
+    fused, ref = _pair("Transformer", D_MODEL, HEADS, 1, d_ff=48, num_kv_heads=2, causal=True, rotary=True,
+                       rotary_base=500.0)
+    _perturb_norms(fused, ref)
+    model = (fused if lib == "fused" else ref).eval()
+    max_len, lens, new = 2001, (1500, 1998), 3
+    (x,) = make_inputs((2, max_len, D_MODEL), seed=29, requires_grad=False)
+    caches = model.new_kv_cache(2, max_len)
+    with torch.no_grad():
+        for b, n in enumerate(lens):  # each prompt alone, then into its row of the batch's caches
+            alone = model.new_kv_cache(1, max_len)
+            model(x[b:b + 1, :n], kv_cache=alone)
+            for cache, one in zip(caches, alone):
+                cache.k[b], cache.v[b] = one.k[0], one.v[0]
+                cache.seqlens[b] = n
+        step = torch.stack([x[b, n:n + new] for b, n in enumerate(lens)])
+        with _TrigSizes() as trig:
+            out = model(step, kv_cache=caches)
+        half = D_MODEL // HEADS // 2
+        assert trig.sizes and max(trig.sizes) <= 2 * new * half, trig.sizes  # (B x L rows; was max_len rows)
+        assert [c.seqlens.tolist() for c in caches] == [[n + new for n in lens]]
+        # the step's tables are the whole cache's tables' rows at those positions, to the bit
+        layer = model.layers[0].multi_head_attention
+        positions = torch.tensor(lens)[:, None] + torch.arange(new)
+        for part, whole in zip(layer.rotary_tables_at(positions), layer.rotary_tables(max_len, "cpu")):
+            assert torch.equal(part, whole[positions])
+        for b, n in enumerate(lens):
+            full = ref(x[b:b + 1, :n + new])[0, n:]
+            torch.testing.assert_close(out[b], full, rtol=1e-5, atol=1e-5)
+
+
 def test_kv_cache_bad_calls_say_why():
     fused = M.MultiHeadAttention(D_MODEL, HEADS, causal=True)
     fused.eval()

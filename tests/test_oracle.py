@@ -102,3 +102,30 @@ def test_union_cases_takes_gpu_marked_cases():
     cases = union_cases(cpu + gpu, gpu, cpu)
     assert [c.id for c in cases] == ["cpu-cpu", "cpu-reference", "cuda-triton"]
     assert cases[2].marks == (pytest.mark.gpu,)
+
+
+def _rms_norm_with_eps_off_in_low_precision(x):
+    """The reference RMSNorm whose eps is 64x too large except in float64: the shape of a bug in the
+    reference's float32 path (an eps not scaled with the statistics, c^2 = 1/64 at d = 64), which the
+    float64 run, the oracle's truth, does not take."""
+    eps = 1e-5 if x.dtype == torch.float64 else 64e-5
+    return R.layer_norm_residual(x, None, None, None, eps, rms=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_the_reference_backend_is_held_to_a_fixed_bound(backend):
+    """Run as the reference backend, a result is its own low-precision reference (err == err_lowp),
+    so ``k * err_lowp + floor`` passes whatever it computes: the reference backend is held to the
+    fixed REFERENCE_RTOL against float64 instead. tests/conftest.py applies it to a test
+    parametrised with backend="reference" (this one), backend= to a single call."""
+    x = make_inputs((5, 64), dtype=torch.float32)[0]
+    wrong = _rms_norm_with_eps_off_in_low_precision
+    if backend == "reference":
+        with pytest.raises(AssertionError, match="output0: .*the reference backend's fixed bound"):
+            check_against_reference(wrong, wrong, [x])
+        check_against_reference(R.layer_norm_residual, R.layer_norm_residual, [x])  # (the real one passes)
+    else:
+        results = check_against_reference(wrong, wrong, [x])  # (a kernel: held to k * err_lowp, met here)
+        assert results[0].err == results[0].err_lp > 1e-4
+        with pytest.raises(AssertionError, match="fixed bound"):
+            check_against_reference(wrong, wrong, [x], backend="reference")

@@ -124,6 +124,58 @@ def test_multi_head_attention_cross_attention_and_is_causal_override():
     check_module_against_reference(fused, ref, [x], run=lambda m, x: m(x, is_causal=True))
 
 
+@pytest.mark.parametrize("module", [M, R], ids=["fused", "reference"])
+def test_additive_mask_and_key_padding_match_torch_multihead_attention(module):
+    """An additive float attn_mask per (batch, head) together with a bool key_padding_mask (True =
+    padding) gives torch.nn.MultiheadAttention's output and gradients (inputs, mask, weights), with
+    the same weights, in float64, cross-attention (Lq != Lk). The two masks are combined by
+    reference.merge_masks, which the fused and the reference module share: comparing the two
+    modules cannot catch a mistake there (the padding dropped from a float mask, a transposed
+    padding mask)."""
+    b, lq, lk, e, h = 3, 5, 7, 16, 2
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(e, h, batch_first=True, dtype=torch.float64)
+    ours = module.MultiHeadAttention(e, h, dtype=torch.float64)
+    projections = (ours.query_linear, ours.key_linear, ours.value_linear)
+    with torch.no_grad():
+        for lin, w, bias in zip(projections, theirs.in_proj_weight.chunk(3), theirs.in_proj_bias.chunk(3)):
+            lin.weight.copy_(w)
+            lin.bias.copy_(bias)
+        ours.out_linear.weight.copy_(theirs.out_proj.weight)
+        ours.out_linear.bias.copy_(theirs.out_proj.bias)
+    g = torch.Generator().manual_seed(1)
+    x, mem = (torch.randn(b, n, e, generator=g, dtype=torch.float64) for n in (lq, lk))
+    mask = torch.randn(b, h, lq, lk, generator=g, dtype=torch.float64) * 2
+    pad = torch.zeros(b, lk, dtype=torch.bool)
+    pad[0, -2:] = True
+    pad[2, :3] = True  # (every query keeps some key: torch gives NaN for a row with none)
+    dout = torch.randn(b, lq, e, generator=g, dtype=torch.float64)
+
+    def run(m, call):
+        inputs = [t.clone().requires_grad_() for t in (x, mem, mask)]
+        m.zero_grad(set_to_none=True)
+        out = call(m, *inputs)
+        out.backward(dout)
+        return out.detach(), [t.grad for t in inputs]
+
+    out, grads = run(ours, lambda m, x, mem, mask: m(x, mem, attn_mask=mask, key_padding_mask=pad))
+    pad_additive = torch.zeros(b, lk, dtype=torch.float64).masked_fill(pad, float("-inf"))  # (torch: one mask type)
+    want, want_grads = run(theirs, lambda m, x, mem, mask: m(x, mem, mem, attn_mask=mask.reshape(b * h, lq, lk),
+                                                             key_padding_mask=pad_additive, need_weights=False)[0])
+    assert bool(out.isfinite().all())
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for name, got, expected in zip(["x", "memory", "mask"], grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
+    assert bool((grads[2][pad[:, None, None, :].expand(b, h, lq, lk)] == 0).all())  # (no gradient where padded)
+    ours_w = torch.cat([lin.weight.grad for lin in projections])
+    ours_b = torch.cat([lin.bias.grad for lin in projections])
+    for name, got, expected in (("in_proj_weight", ours_w, theirs.in_proj_weight.grad),
+                                ("in_proj_bias", ours_b, theirs.in_proj_bias.grad),
+                                ("out_proj.weight", ours.out_linear.weight.grad, theirs.out_proj.weight.grad),
+                                ("out_proj.bias", ours.out_linear.bias.grad, theirs.out_proj.bias.grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
+
+
 def test_projections_copy_no_weights_and_pass_views(monkeypatch):
     """Q, K and V are projected with the modules' own weights (no concatenation of them at each
     call, which a decoding step would pay more for than for its matmuls), and the op gets strided
@@ -735,6 +787,7 @@ def test_rotary_transformer_matches_reference_and_encodes_positions():
         assert (rope(z)[:, perm] - rope(z[:, perm])).abs().max() > 1e-3
     with pytest.raises(ValueError, match="head dim .* must be even"):
         R.MultiHeadAttention(30, 2, rotary=True)
+
 
 
 DECODE_OPTIONS = {

@@ -789,6 +789,29 @@ def test_rotary_transformer_matches_reference_and_encodes_positions():
         R.MultiHeadAttention(30, 2, rotary=True)
 
 
+@pytest.mark.parametrize("module", [M, R], ids=["fused", "reference"])
+@pytest.mark.parametrize("base", [None, 500.0, 1e6], ids=["default", "500", "1e6"])
+def test_rotary_tables_are_the_rope_formula(module, base):
+    """The modules' RoPE tables are cos and sin of l * base^(-2i / head_dim), computed here in
+    float64 from the formula, for every position l (odd ones included) and frequency i < head_dim / 2,
+    with the default base (10000) and others. Both modules build their tables with this one method
+    (the reference's), so comparing the modules cannot catch a wrong frequency or position (a shift
+    of every position does not even change attention, which sees only their differences). The
+    float32 tables are within float32's rounding of each angle (power, product, cos and sin:
+    measured under 1e-7 (1 + angle), a tenth of the bound); frequencies rounded to float16 are
+    50-190 times the bound off, an exponent over head_dim instead of head_dim / 2 far more."""
+    head_dim, length = 12, 37
+    kwargs = {} if base is None else {"rotary_base": base}
+    mha = module.MultiHeadAttention(head_dim * 2, 2, rotary=True, **kwargs)
+    cos, sin = mha.rotary_tables(length, torch.device("cpu"))
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (length, head_dim // 2)
+    b = 10000.0 if base is None else base
+    angles = torch.tensor([[l * b ** (-2 * i / head_dim) for i in range(head_dim // 2)] for l in range(length)],
+                          dtype=torch.float64)
+    tol = 1e-6 * (1 + angles)
+    assert bool(((cos.double() - angles.cos()).abs() <= tol).all()), (cos.double() - angles.cos()).abs().max()
+    assert bool(((sin.double() - angles.sin()).abs() <= tol).all()), (sin.double() - angles.sin()).abs().max()
+
 
 DECODE_OPTIONS = {
     "rotary gqa": dict(num_kv_heads=2, rotary=True),

@@ -113,12 +113,22 @@ def test_layer_norm_residual_inference_skips_the_sum(backend, dtype):
 
 @pytest.mark.parametrize("backend", runnable("feed_forward"))
 @pytest.mark.parametrize("activation", R.ACTIVATIONS)
-def test_feed_forward_meets_oracle(backend, activation):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_feed_forward_meets_oracle(backend, activation, dropout_p):
+    """Every backend, every activation, with and without dropout. The dropout mask is the shared
+    counter hash of (seed, offset): the functional call draws the pair from its generator, and the
+    oracle's reference takes the pair drawn from a generator seeded alike (fused_attn._rng), so that
+    it drops the same elements of h (the mask then reaches dx, dw1 and db1 through dh, and dw2
+    through h itself, each backend's own backward)."""
     width = 2 * 10 if activation in R.GATED_ACTIVATIONS else 10
     x, w1, b1, w2, b2 = make_inputs((2, 3, 6), (width, 6), (width,), (5, 10), (5,))
-    check_against_reference(lambda *a: F.feed_forward(*a, activation=activation, backend=backend),
-                            lambda *a: R.feed_forward(*a, activation=activation), [x, w1, b1, w2, b2],
-                            names=["x", "w1", "b1", "w2", "b2"])
+    seed = 21
+    gen = torch.Generator().manual_seed(seed)
+    rng = tuple(torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=gen).tolist())
+    check_against_reference(lambda *a: F.feed_forward(*a, activation=activation, dropout_p=dropout_p, backend=backend,
+                                                      generator=torch.Generator().manual_seed(seed)),
+                            lambda *a: R.feed_forward(*a, activation=activation, dropout_p=dropout_p, rng=rng),
+                            [x, w1, b1, w2, b2], names=["x", "w1", "b1", "w2", "b2"])
 
 
 def test_inputs_are_not_modified():

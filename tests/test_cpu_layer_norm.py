@@ -323,25 +323,38 @@ def test_empty_rows():
 
 
 def _bad_fwd_calls():
+    """(what, call, the message it must raise: the argument and what was expected)."""
     x = torch.randn(4, 8)
     w = torch.ones(8)
     f = torch.ops.fused_attn_C.layer_norm_residual_fwd
-    yield "1-D x", lambda: f(torch.randn(8), None, None, None, 1e-5, 0.0, False, False, 0, 0)
-    yield "int x", lambda: f(torch.ones(4, 8, dtype=torch.int32), None, None, None, 1e-5, 0.0, False, False, 0, 0)
-    yield "residual shape", lambda: f(x, torch.randn(4, 9), None, None, 1e-5, 0.0, False, False, 0, 0)
-    yield "residual dtype", lambda: f(x, torch.randn(4, 8, dtype=torch.float64), None, None, 1e-5, 0.0, False, False, 0, 0)
-    yield "weight shape", lambda: f(x, None, torch.ones(7), None, 1e-5, 0.0, False, False, 0, 0)
-    yield "weight dtype", lambda: f(x, None, w.double(), None, 1e-5, 0.0, False, False, 0, 0)
-    yield "bias shape", lambda: f(x, None, w, torch.ones(2, 4), 1e-5, 0.0, False, False, 0, 0)
-    yield "column stride", lambda: f(torch.randn(8, 4).t(), None, None, None, 1e-5, 0.0, False, False, 0, 0)
-    yield "dropout_p", lambda: f(x, None, None, None, 1e-5, 1.0, False, False, 0, 0)
-    yield "negative eps", lambda: f(x, None, None, None, -1.0, 0.0, False, False, 0, 0)
-    yield "meta device", lambda: f(x.to("meta"), None, None, None, 1e-5, 0.0, False, False, 0, 0)
+    yield "1-D x", lambda: f(torch.randn(8), None, None, None, 1e-5, 0.0, False, False, 0, 0), \
+        r"x must be 2-D \(N, d\), got shape \[8\]"
+    yield "int x", lambda: f(torch.ones(4, 8, dtype=torch.int32), None, None, None, 1e-5, 0.0, False, False, 0, 0), \
+        "x must be float32, float64, bfloat16 or float16, got Int"
+    yield "residual shape", lambda: f(x, torch.randn(4, 9), None, None, 1e-5, 0.0, False, False, 0, 0), \
+        r"residual must have shape \(4, 8\), got \[4, 9\]"
+    x64 = torch.randn(4, 8, dtype=torch.float64)
+    yield "residual dtype", lambda: f(x, x64, None, None, 1e-5, 0.0, False, False, 0, 0), \
+        "residual must have x's dtype Float .*, got Double"
+    yield "weight shape", lambda: f(x, None, torch.ones(7), None, 1e-5, 0.0, False, False, 0, 0), \
+        r"weight must have shape \(8\), got \[7\]"
+    yield "weight dtype", lambda: f(x, None, w.double(), None, 1e-5, 0.0, False, False, 0, 0), \
+        "weight must have dtype Float, got Double"
+    yield "bias shape", lambda: f(x, None, w, torch.ones(2, 4), 1e-5, 0.0, False, False, 0, 0), \
+        r"bias must have shape \(8\), got \[2, 4\]"
+    yield "column stride", lambda: f(torch.randn(8, 4).t(), None, None, None, 1e-5, 0.0, False, False, 0, 0), \
+        r"x must have unit stride along its last dimension, got strides \[1, 4\]"
+    yield "dropout_p", lambda: f(x, None, None, None, 1e-5, 1.0, False, False, 0, 0), \
+        r"dropout_p must be in \[0, 1\), got 1"
+    yield "negative eps", lambda: f(x, None, None, None, -1.0, 0.0, False, False, 0, 0), \
+        "eps must be non-negative, got -1"
+    yield "meta device", lambda: f(x.to("meta"), None, None, None, 1e-5, 0.0, False, False, 0, 0), \
+        "layer_norm_residual_fwd: attempted to run this operator with Meta tensors"
 
 
-@pytest.mark.parametrize("what,call", list(_bad_fwd_calls()), ids=[w for w, _ in _bad_fwd_calls()])
-def test_bad_forward_input_raises(what, call):
-    with pytest.raises((RuntimeError, NotImplementedError)):
+@pytest.mark.parametrize("what,call,match", list(_bad_fwd_calls()), ids=[w for w, _, _ in _bad_fwd_calls()])
+def test_bad_forward_input_raises(what, call, match):
+    with pytest.raises((RuntimeError, NotImplementedError), match=match):
         call()
 
 
@@ -350,15 +363,23 @@ def test_bad_backward_input_raises():
     out, s, m, rs = torch.ops.fused_attn_C.layer_norm_residual_fwd(x, None, None, None, 1e-5, 0.0, False, False, 0, 0)
     b = torch.ops.fused_attn_C.layer_norm_residual_bwd
     bad = [
-        lambda: b(torch.randn(4, 9), None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
-        lambda: b(out.double(), None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
-        lambda: b(out, None, s, None, None, m[:2], rs, 1e-5, 0.0, False, 0, 0, torch.float32),
-        lambda: b(out, None, s, None, None, m, rs.double(), 1e-5, 0.0, False, 0, 0, torch.float32),
-        lambda: b(out, None, s, None, None, m, rs, 1e-5, 0.0, True, 0, 0, torch.float32),  # rms wants empty mean
-        lambda: b(out, s.double(), s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
-        lambda: b(out, None, s, torch.ones(3), None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
-        lambda: b(out, None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.int32),
+        (lambda: b(torch.randn(4, 9), None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+         r"dout must have shape \(4, 8\), got \[4, 9\]"),
+        (lambda: b(out.double(), None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+         "dout must have dtype Float, got Double"),
+        (lambda: b(out, None, s, None, None, m[:2], rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+         r"mean must be a Float CPU tensor of shape \(4\) .*, got Float \[2\]"),
+        (lambda: b(out, None, s, None, None, m, rs.double(), 1e-5, 0.0, False, 0, 0, torch.float32),
+         r"rstd must be a Float CPU tensor of shape \(4\), got Double \[4\]"),
+        (lambda: b(out, None, s, None, None, m, rs, 1e-5, 0.0, True, 0, 0, torch.float32),  # rms wants empty mean
+         r"mean must be a Float CPU tensor of shape \(0\) \(empty for rms\), got Float \[4\]"),
+        (lambda: b(out, s.double(), s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+         "dsummed must have summed's dtype Float, got Double"),
+        (lambda: b(out, None, s, torch.ones(3), None, m, rs, 1e-5, 0.0, False, 0, 0, torch.float32),
+         r"weight must have shape \(8\), got \[3\]"),
+        (lambda: b(out, None, s, None, None, m, rs, 1e-5, 0.0, False, 0, 0, torch.int32),
+         "x_dtype must be float32, float64, bfloat16 or float16, got Int"),
     ]
-    for call in bad:
-        with pytest.raises(RuntimeError):
+    for call, match in bad:
+        with pytest.raises(RuntimeError, match=match):
             call()

@@ -953,3 +953,80 @@ def test_negative_bit_views_are_read_as_their_values(device, backend, name, layo
         for i, (actual, wanted) in enumerate(zip(outs + grad, expected[0] + expected[1])):
             torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{where} given with the negative bit, result {i}: {m}")
+
+
+def _meta_calls_on_every_op(backend=None):
+    """Each op's calls on meta tensors with ``backend=backend``, forward and backward (no_grad
+    for the KV cache), and their output shapes."""
+    import fused_attn
+
+    def meta(*shape, grad=True):
+        return torch.empty(*shape, device="meta", requires_grad=grad)
+
+    def backward(out, *inputs):
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        assert [t.grad.shape for t in inputs] == [t.shape for t in inputs] and all(t.grad.is_meta for t in inputs)
+        for t in inputs:
+            t.grad = None
+        return out
+
+    on = dict(backend=backend)
+    q, k, v = meta(2, 4, 5, 8), meta(2, 2, 7, 8), meta(2, 2, 7, 6)
+    mask = meta(2, 1, 5, 7)
+    out = backward(F.attention(q, k, v, attn_mask=mask, causal=True, alignment="bottom_right", softcap=5.0, **on),
+                   q, k, v, mask)
+    assert out.shape == (2, 4, 5, 6)
+    out, lse = backward(F.attention(q, k, v, window_size=(2, 1), alibi_slopes=torch.ones(2, 4, device="meta"),
+                                    return_lse=True, dropout_p=0.1, **on), q, k, v)
+    assert out.shape == (2, 4, 5, 6) and lse.shape == (2, 4, 5)
+    assert backward(F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **on), q, k, v).shape == (2, 4, 5, 6)
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device="meta")
+    pq, pk, pv = meta(7, 4, 8), meta(7, 2, 8), meta(7, 2, 8)
+    assert backward(F.attention_varlen(pq, pk, pv, cu, cu, 4, 4, causal=True, **on), pq, pk, pv).shape == (7, 4, 8)
+    with torch.no_grad():
+        pages, table = meta(3, 4, 2, 8), torch.zeros(2, 2, dtype=torch.int32, device="meta")
+        assert F.attention_varlen(pq, pages, pages, cu, cu, block_table=table, **on).shape == (7, 4, 8)
+        qd, cache, new, tables = meta(2, 1, 4, 8), meta(2, 16, 2, 8), meta(2, 1, 2, 8), meta(32, 4)
+        lengths = torch.tensor([3, 4], dtype=torch.int32, device="meta")
+        assert F.attention_with_kvcache(qd, cache, cache.clone(), new, new, cache_seqlens=lengths, rotary_cos=tables,
+                                        rotary_sin=tables, causal=True, **on).shape == (2, 1, 4, 8)
+        assert F.attention_with_kvcache(qd, pages, pages.clone(), new, new, cache_seqlens=lengths,
+                                        block_table=table.clone(), **on).shape == (2, 1, 4, 8)
+
+    x, res, w, b = meta(3, 8), meta(3, 8), meta(8), meta(8)
+    for rms in (False, True):
+        out, summed = F.layer_norm_residual(x, res, w, b, prenorm=True, rms=rms, dropout_p=0.1, **on)
+        assert out.shape == summed.shape == (3, 8)
+        backward(out, x, res, w, b)
+    w1, b1, w2, b2 = meta(32, 8), meta(32), meta(8, 16), meta(8)
+    assert backward(F.feed_forward(x, w1, b1, w2, b2, activation="swiglu", **on), x, w1, b1, w2, b2).shape == (3, 8)
+    assert backward(F.feed_forward(x, w1, b1, meta(8, 32), b2, activation="gelu", **on), x, w1).shape == (3, 8)
+
+    xr, cos = meta(2, 5, 2, 8), meta(16, 4, grad=False)
+    assert backward(F.apply_rotary_emb(xr, cos, cos, **on), xr).shape == (2, 5, 2, 8)
+    assert backward(F.apply_rotary_emb(xr, cos, cos, interleaved=True, seqlen_offsets=3, **on), xr).shape == (2, 5, 2, 8)
+    assert backward(F.apply_rotary_emb(pq, cos, cos, cu_seqlens=cu, max_seqlen=4, **on), pq).shape == (7, 4, 8)
+
+    model = fused_attn.Transformer(16, 2, 1, d_ff=32, rotary=True, causal=True, device="meta", **on)
+    model(torch.empty(2, 5, 16, device="meta")).sum().backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", ["argument", "use_backend", "environment"])
+@pytest.mark.parametrize("name", ["triton", "cuda", "cpu", "reference"])
+def test_meta_tensors_run_under_any_forced_backend(name, how, monkeypatch):
+    """A forced backend (backend=, use_backend, FUSED_ATTN_BACKEND) on meta tensors gives the
+    shapes, as auto does: meta tensors hold no data for a kernel to read, so every request runs
+    the shape-only reference math there. They raised BackendUnavailableError ("runs on cpu
+    tensors, got meta"), which broke building and probing a model on meta under a selection."""
+    import contextlib
+
+    import fused_attn
+
+    context = fused_attn.use_backend(name) if how == "use_backend" else contextlib.nullcontext()
+    if how == "environment":
+        monkeypatch.setenv("FUSED_ATTN_BACKEND", name)
+    with context, warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no fallback warning either: nothing falls back)
+        _meta_calls_on_every_op(name if how == "argument" else None)

@@ -6,7 +6,8 @@ call's ``backend=`` wins over ``use_backend(...)``, which wins over the
 ``FUSED_ATTN_BACKEND`` environment variable. ``use_backend`` is scoped to the thread and asyncio
 task that enters it (a ``contextvars.ContextVar``, see ``_scope``). Forcing a backend that
 cannot take a call raises a ``BackendUnavailableError`` listing its reasons; ``auto`` falling
-back to ``reference`` warns once per reason.
+back to ``reference`` warns once per reason. On meta tensors every request, forced or not, gives
+``reference``, whose plain PyTorch gives the shapes there (``_resolve``).
 """
 from __future__ import annotations
 
@@ -220,6 +221,13 @@ def _resolve_constant(op, device_type, dtype, options, requested):
 
 def _resolve(call: Call, backend: str | None) -> str:
     name = requested_backend(backend)
+    if call.device.type == "meta":
+        # Meta tensors hold shapes, no data: no kernel has anything to read, and the reference
+        # math (plain PyTorch) runs on meta, forward and backward, giving every backend's output
+        # shapes. So any request, forced or auto, runs it there (a forced backend refused meta
+        # tensors, which broke building or probing a model on meta under use_backend). Reached
+        # only on a cache miss (the answer is cached per device type): no cost on the hot path.
+        return "reference"
     if name != "auto":
         reasons = BACKENDS[name].call_reasons(call)
         if reasons:

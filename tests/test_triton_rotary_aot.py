@@ -20,7 +20,7 @@ from fused_attn.triton._aot import aot_compile
 ARCH = {arch}
 XT = {{90: "bf16", 80: "fp32"}}[ARCH]  # cos/sin float32 on both
 sig = dict(X="*" + XT, COS="*fp32", SIN="*fp32", OUT="*" + XT, POS="*i64",
-           seqlen="i32", nheads="i32", half="i32", head_dim="i32", tiles="i32",
+           seqlen="i32", nheads="i32", half="i32", head_dim="i32", tiles="i32", table_rows="i32",
            stride_xb="i64", stride_xl="i64", stride_xh="i64", stride_ob="i64", stride_ol="i64", stride_oh="i64",
            stride_pb="i64", stride_pl="i64", stride_cl="i64", stride_sl="i64")
 # what a launch on the usual sizes sees: 16-byte aligned bases and strides divisible by 16

@@ -85,6 +85,7 @@ from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES as _DESCRIPTOR_TYPES
 from ._tuning import LAUNCH_OPTIONS, pick
 from ._tma import descriptors
+from . import _checks
 from ._host import cdiv, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -1734,8 +1735,66 @@ def _pack_query_groups(t, group):
                         t.storage_offset())
 
 
+def _dense_ok(q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes) -> bool:
+    """Whether a dense call's inputs pass every check of ``_check_dense``, in one expression: the
+    common case's host time (~1 us, where the checks one by one took several). False only says
+    that ``_check_dense`` must look (it finds and names what is wrong)."""
+    qs, ks, vs, dtype, device = q.shape, k.shape, v.shape, q.dtype, q.get_device()
+    return (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and dtype in _checks.FLOAT_SET and k.dtype is dtype
+            and v.dtype is dtype and k.get_device() == device and v.get_device() == device
+            and ks[0] == qs[0] and vs[0] == qs[0] and ks[1] == vs[1] and ks[2] == vs[2] and ks[3] == qs[3]
+            and ks[1] > 0 and qs[1] % ks[1] == 0 and qs[3] <= MAX_HEAD_DIM and vs[3] <= MAX_HEAD_DIM
+            and 0.0 <= dropout_p < 1.0 and -math.inf < scale < math.inf and 0.0 <= softcap < math.inf
+            and (attn_mask is None or (attn_mask.dtype is torch.bool or attn_mask.dtype is dtype)
+                 and attn_mask.shape == (qs[0], qs[1], qs[2], ks[2]) and attn_mask.get_device() == device)
+            and (alibi_slopes is None or alibi_slopes.dtype is torch.float32
+                 and alibi_slopes.shape == (qs[0], qs[1]) and alibi_slopes.get_device() == device))
+
+
+def _check_dense(what, q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes):
+    """The checks of a dense call's inputs (``_checks``: the cpu backend's check_inputs)."""
+    if _dense_ok(q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes):
+        return
+    _checks.qkv_tensors(what, q, k, v, 4, "(B, H, L, D)")
+    B, Hq, Lq, _ = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{what}: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"{what}: k and v must agree in heads and length, got k {tuple(k.shape)}, v "
+                         f"{tuple(v.shape)}")
+    _checks.attention_heads(what, q, k, v, Hq, k.shape[1], MAX_HEAD_DIM)
+    _checks.options(what, dropout_p, scale, softcap)
+    if attn_mask is not None:
+        _checks.same_device(what, "q", q, {"attn_mask": attn_mask})
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise TypeError(f"{what}: attn_mask must be bool or q's dtype {_checks.name_of(q.dtype)}, got "
+                            f"{_checks.name_of(attn_mask.dtype)}")
+        if attn_mask.shape != (B, Hq, Lq, k.shape[2]):
+            raise ValueError(f"{what}: attn_mask must be a (B, Hq, Lq, Lk) = {(B, Hq, Lq, k.shape[2])} view (expand "
+                             f"broadcast dims), got shape {tuple(attn_mask.shape)}")
+    _checks.alibi(what, alibi_slopes, (B, Hq), "(B, Hq)", q)
+
+
+def _check_gradient_inputs(what, q, v, dout, out, lse, dlse, shape, shape_name, lse_shape, lse_name):
+    """The backward's own inputs: dout and out of ``shape`` in q's dtype, lse (and dlse) float32
+    of ``lse_shape``, all on q's device."""
+    dtype, device = q.dtype, q.get_device()
+    if (dout.dtype is dtype and out.dtype is dtype and lse.dtype is torch.float32 and dout.shape == shape
+            and out.shape == shape and lse.shape == lse_shape and dout.get_device() == device
+            and out.get_device() == device and lse.get_device() == device
+            and (dlse is None or dlse.dtype is torch.float32 and dlse.shape == lse_shape
+                 and dlse.get_device() == device)):
+        return  # (the common case in one expression; else the checks below name what is wrong)
+    _checks.same_device(what, "q", q, {"dout": dout, "out": out, "lse": lse, "dlse": dlse})
+    for name, t in (("dout", dout), ("out", out)):
+        _checks.rows_like(what, name, t, shape, shape_name, q.dtype, "q's ")
+    _checks.float32_rows(what, "lse", lse, lse_shape, lse_name)
+    _checks.dlse(what, dlse, lse_shape)
+
+
 def attention_fwd(q, k, v, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, softcap=0.0,
                   alibi_slopes=None, bottom_right=False):
+    _check_dense("attention (triton)", q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     out = new_attention_out(q, v.shape[3])
@@ -1782,7 +1841,13 @@ def _launch_delta(out, dout, delta, dlse):
 
 def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_p, scale, seed, offset, mask_grad,
                   softcap=0.0, alibi_slopes=None, bottom_right=False, dlse=None):
+    what = "attention_bwd (triton)"
+    _check_dense(what, q, k, v, attn_mask, dropout_p, scale, softcap, alibi_slopes)
     B, Hq, Lq, D = q.shape
+    _check_gradient_inputs(what, q, v, dout, out, lse, dlse, (B, Hq, Lq, v.shape[3]), "(B, Hq, Lq, Dv)",
+                           (B, Hq, Lq), "(B, Hq, Lq)")
+    if mask_grad and (attn_mask is None or attn_mask.dtype == torch.bool):
+        raise ValueError(f"{what}: mask_grad needs an additive (floating) attn_mask")
     Lk = k.shape[2]
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
@@ -1811,12 +1876,87 @@ def attention_bwd(dout, q, k, v, out, lse, attn_mask, band_lo, band_hi, dropout_
     return dq, dk, dv, dmask
 
 
+_INDEX_SET = frozenset((torch.int32, torch.int64))
+
+
+def _varlen_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dropout_p, scale, softcap,
+               block_table) -> bool:
+    """Whether a varlen call's inputs pass every check of ``_check_varlen``, in one expression (see
+    ``_dense_ok``)."""
+    qs, ks, vs, cs, dtype, device = q.shape, k.shape, v.shape, cu_seqlens_q.shape, q.dtype, q.get_device()
+    if block_table is None:
+        if not (len(ks) == 3 and len(vs) == 3 and ks[0] == vs[0] and ks[1] == vs[1]):
+            return False
+    elif not (len(ks) == 4 and len(vs) == 4 and ks[0] == vs[0] and ks[1] == vs[1] and ks[2] == vs[2]
+              and block_table.dtype is torch.int32 and block_table.dim() == 2 and len(cs) == 1
+              and block_table.shape[0] == cs[0] - 1 and block_table.get_device() == device):
+        return False
+    hkv = ks[-2]
+    return (len(qs) == 3 and dtype in _checks.FLOAT_SET and k.dtype is dtype and v.dtype is dtype
+            and k.get_device() == device and v.get_device() == device and ks[-1] == qs[2] and hkv > 0
+            and qs[1] % hkv == 0 and qs[2] <= MAX_HEAD_DIM and vs[-1] <= MAX_HEAD_DIM
+            and 0.0 <= dropout_p < 1.0 and -math.inf < scale < math.inf and 0.0 <= softcap < math.inf
+            and len(cs) == 1 and cs[0] >= 1 and cu_seqlens_q.dtype in _INDEX_SET
+            and cu_seqlens_q.get_device() == device and cu_seqlens_k.shape == cs and cu_seqlens_k.dtype in _INDEX_SET
+            and cu_seqlens_k.get_device() == device
+            and (seqused_k is None or seqused_k.shape == (cs[0] - 1,) and seqused_k.dtype in _INDEX_SET
+                 and seqused_k.get_device() == device)
+            and (alibi_slopes is None or alibi_slopes.dtype is torch.float32
+                 and alibi_slopes.shape == (cs[0] - 1, qs[1]) and alibi_slopes.get_device() == device))
+
+
+def _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dropout_p, scale, softcap,
+                  block_table=None):
+    """The checks of a varlen call's inputs that need no data (the cpu backend's
+    check_varlen_inputs less the boundaries' values, which the op checks unless ``checked``):
+    packed q, k, v (total, heads, dim), or with ``block_table`` k and v as the (num_pages,
+    page_size, Hkv, dim) pages it indexes."""
+    if _varlen_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dropout_p, scale, softcap,
+                  block_table):
+        return
+    if block_table is None:
+        _checks.qkv_tensors(what, q, k, v, 3, "(total, heads, dim)")
+        if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1]:
+            raise ValueError(f"{what}: k and v must agree in total length and heads, got k {tuple(k.shape)}, v "
+                             f"{tuple(v.shape)}")
+        Hkv = k.shape[1]
+    else:
+        if q.dim() != 3:
+            raise ValueError(f"{what}: q must be 3-D (total, heads, dim), got shape {tuple(q.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise ValueError(f"{what}: {name} must be 4-D pages (num_pages, page_size, heads, dim) with a "
+                                 f"block_table, got shape {tuple(t.shape)}")
+        _checks.qkv_tensors(what, q, k, v, None)
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"{what}: k and v pages must agree in count, size and heads, got k {tuple(k.shape)}, v "
+                             f"{tuple(v.shape)}")
+        Hkv = k.shape[2]
+    _checks.attention_heads(what, q, k, v, q.shape[1], Hkv, MAX_HEAD_DIM)
+    _checks.options(what, dropout_p, scale, softcap)
+    _checks.index_tensor(what, "cu_seqlens_q", cu_seqlens_q, -1, "num_sequences + 1 >= 1", q)
+    n = cu_seqlens_q.shape[0] - 1
+    _checks.index_tensor(what, "cu_seqlens_k", cu_seqlens_k, n + 1, f"cu_seqlens_q's (num_sequences + 1) = {n + 1}",
+                         q)
+    if seqused_k is not None:
+        _checks.index_tensor(what, "seqused_k", seqused_k, n, f"num_sequences = {n}", q)
+    _checks.alibi(what, alibi_slopes, (n, q.shape[1]), "(num_sequences, Hq)", q)
+    if block_table is not None:
+        _checks.same_device(what, "q", q, {"block_table": block_table})
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != n:
+            error = TypeError if block_table.dtype != torch.int32 else ValueError
+            raise error(f"{what}: block_table must be a 2-D int32 (num_sequences, pages) = ({n}, ...) tensor of page "
+                        f"numbers, got {_checks.name_of(block_table.dtype)} {tuple(block_table.shape)}")
+
+
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo, band_hi,
                          bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
                          alibi_slopes=None, block_table=None):
     """Packed sequences in one launch: a program per (sequence, query head, query block of the
     longest sequence); blocks past their own sequence return at once. ``block_table``: K and V
     are the (num_pages, page_size, Hkv, dim) pages of a paged cache, read in place."""
+    _check_varlen("attention_varlen (triton)", q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dropout_p,
+                  scale, softcap, block_table)
     out = new_varlen_out(q, v.shape[-1])
     lse = torch.empty(varlen_lse_shape(q), device=q.device, dtype=torch.float32)
     if max_seqlen_q == 0:
@@ -1838,6 +1978,10 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, band_lo,
                          band_hi, bottom_right, dropout_p, scale, seed, offset, softcap=0.0, seqused_k=None,
                          alibi_slopes=None, dlse=None):
+    what = "attention_varlen_bwd (triton)"
+    _check_varlen(what, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dropout_p, scale, softcap)
+    _check_gradient_inputs(what, q, v, dout, out, lse, dlse, (q.shape[0], q.shape[1], v.shape[2]),
+                           "(total_q, Hq, Dv)", varlen_lse_shape(q), "(Hq, total_q)")
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     # every key block of a sequence is written, zeros included; the keys past seqused_k are not
     new = torch.empty if seqused_k is None else torch.zeros

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ..backends.triton import interpreter_enabled
+from . import _checks
 from ..ops_common import empty
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tma import DESCRIPTOR_TYPES, descriptors, tma_wanted
@@ -478,9 +479,48 @@ def _colsum_rows(M: int) -> int:
     return max(1, cdiv(M, block_m))
 
 
+def _check(what, x, w1, w2, activation, dropout_p, tensors):
+    """The inputs both halves share (the cpu backend's check_matrix / check_weights; ``_checks``):
+    x (T, d), w1 (F1, d), w2 (d_out, d_ff) of x's dtype, F1 even for a gated activation; every
+    tensor of ``tensors`` on x's device. Returns (act, gated)."""
+    codes = ACTIVATION_CODES.get(activation)
+    if codes is not None:  # the common case in one expression; else the checks below name what is wrong
+        xs, w1s, w2s, dtype, device, gated = x.shape, w1.shape, w2.shape, x.dtype, x.get_device(), codes[1]
+        if (len(xs) == 2 and len(w1s) == 2 and len(w2s) == 2 and dtype in _checks.FLOAT_SET and w1.dtype is dtype
+                and w2.dtype is dtype and w1s[1] == xs[1] and (not gated or w1s[0] % 2 == 0)
+                and w2s[1] == (w1s[0] // 2 if gated else w1s[0]) and 0.0 <= dropout_p < 1.0
+                and _checks.on_device(device, tensors)):
+            return codes
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"{what}: activation must be one of {', '.join(ACTIVATION_CODES)}, got {activation!r}")
+    act, gated = ACTIVATION_CODES[activation]
+    _checks.float_dtype(what, "x", x.dtype)
+    _checks.same_device(what, "x", x, tensors)
+    for name, t in (("x", x), ("w1", w1), ("w2", w2)):
+        if t.dim() != 2:
+            raise ValueError(f"{what}: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{what}: {name} must have dtype {_checks.name_of(x.dtype)}, got "
+                            f"{_checks.name_of(t.dtype)}")
+    d, F1 = x.shape[1], w1.shape[0]
+    if w1.shape[1] != d:
+        raise ValueError(f"{what}: w1 must have shape (F1, {d}), got {tuple(w1.shape)}")
+    if gated and F1 % 2:
+        raise ValueError(f"{what}: gated activations need an even w1.shape[0], got {tuple(w1.shape)}")
+    d_ff = F1 // 2 if gated else F1
+    if w2.shape[1] != d_ff:
+        raise ValueError(f"{what}: w2 must have shape (d_out, {d_ff}), got {tuple(w2.shape)}")
+    _checks.dropout(what, dropout_p)
+    return act, gated
+
+
 def feed_forward_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
     """(out, pre): pre = x @ w1^T + b1 (T, F1); out = dropout(act(pre)) @ w2^T + b2 (T, d_out)."""
-    act, gated = ACTIVATION_CODES[activation]
+    what = "feed_forward (triton)"
+    act, gated = _check(what, x, w1, w2, activation, dropout_p, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    for name, b, n in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
+        if b is not None:
+            _checks.rows_like(what, name, b, (n,), "", x.dtype)
     T, d = x.shape
     F1 = w1.shape[0]
     d_ff = F1 // 2 if gated else F1
@@ -541,7 +581,10 @@ def feed_forward_bwd(dout, x, w1, w2, pre, activation, dropout_p, seed, offset, 
     ``dw2[:, c] = dout^T h_c``, ``dw1[c rows] = dpre_c^T x`` and ``dx += dpre_c w1[c rows]``
     (addmm into dx; with 16-bit dtypes dx is thus rounded once per chunk, at most 4 times).
     """
-    act, gated = ACTIVATION_CODES[activation]
+    what = "feed_forward_bwd (triton)"
+    act, gated = _check(what, x, w1, w2, activation, dropout_p, {"dout": dout, "w1": w1, "w2": w2, "pre": pre})
+    _checks.rows_like(what, "dout", dout, (x.shape[0], w2.shape[0]), "", x.dtype)
+    _checks.rows_like(what, "pre", pre, (x.shape[0], w1.shape[0]), "", x.dtype)
     T, d = x.shape
     F1 = w1.shape[0]
     d_ff = F1 // 2 if gated else F1

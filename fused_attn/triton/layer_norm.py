@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from ..ops_common import empty, norm_stat_scale
+from . import _checks
 from ._host import cdiv, next_pow2
 from ._rng import dropout_args, dropout_keep, dropout_row_key
 from ._tuning import LAUNCH_OPTIONS
@@ -616,6 +617,71 @@ def _unit_cols(t: torch.Tensor) -> torch.Tensor:
 # launchers (the contract of fused_attn/backends/base.py)
 # ---------------------------------------------------------------------------------------------
 
+def _check_params(what, weight, bias, d, dtype):
+    """weight and bias None or (d,) of x's dtype (the cpu backend's check_param)."""
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _checks.rows_like(what, name, p, (d,), "", dtype)
+
+
+def _check_fwd(x, residual, weight, bias, eps, dropout_p, residual_in_fp32):
+    """The forward's inputs (the cpu backend's checks; ``_checks``)."""
+    xs, dtype, device = x.shape, x.dtype, x.get_device()
+    if (len(xs) == 2 and dtype in _checks.FLOAT_SET and eps >= 0.0 and 0.0 <= dropout_p < 1.0
+            and (residual is None or residual.shape == xs and residual.get_device() == device
+                 and (residual.dtype is dtype or residual_in_fp32 and residual.dtype is torch.float32))
+            and (weight is None or weight.shape == xs[1:] and weight.dtype is dtype and weight.get_device() == device)
+            and (bias is None or bias.shape == xs[1:] and bias.dtype is dtype and bias.get_device() == device)):
+        return  # (the common case in one expression, ~1 us less; else the checks below name what is wrong)
+    what = "layer_norm_residual (triton)"
+    if x.dim() != 2:
+        raise ValueError(f"{what}: x must be 2-D (N, d), got shape {tuple(x.shape)}")
+    _checks.float_dtype(what, "x", x.dtype)
+    _checks.same_device(what, "x", x, {"residual": residual, "weight": weight, "bias": bias})
+    if residual is not None:
+        if residual.dtype != x.dtype and not (residual_in_fp32 and residual.dtype is torch.float32):
+            raise TypeError(f"{what}: residual must have x's dtype {_checks.name_of(x.dtype)} (or float32 with "
+                            f"residual_in_fp32), got {_checks.name_of(residual.dtype)}")
+        _checks.rows_like(what, "residual", residual, x.shape, "")
+    _check_params(what, weight, bias, x.shape[1], x.dtype)
+    if not eps >= 0.0:
+        raise ValueError(f"{what}: eps must be non-negative, got {eps}")
+    _checks.dropout(what, dropout_p)
+
+
+def _check_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, x_dtype):
+    """The backward's inputs (the cpu backend's checks; ``_checks``)."""
+    ss, sdtype, device = summed.shape, summed.dtype, summed.get_device()
+    if (len(ss) == 2 and x_dtype in _checks.FLOAT_SET and (sdtype is x_dtype or sdtype is torch.float32)
+            and dout.shape == ss and dout.dtype is x_dtype and dout.get_device() == device
+            and (dsummed is None or dsummed.shape == ss and dsummed.dtype is sdtype and dsummed.get_device() == device)
+            and (weight is None or weight.shape == ss[1:] and weight.dtype is x_dtype and weight.get_device() == device)
+            and (bias is None or bias.shape == ss[1:] and bias.dtype is x_dtype and bias.get_device() == device)
+            and rstd.dtype is torch.float32 and rstd.shape == ss[:1] and rstd.get_device() == device
+            and mean.dtype is torch.float32 and mean.shape == ((0,) if rms else ss[:1]) and mean.get_device() == device
+            and eps >= 0.0 and 0.0 <= dropout_p < 1.0):
+        return  # (the common case in one expression; else the checks below name what is wrong)
+    what = "layer_norm_residual_bwd (triton)"
+    _checks.float_dtype(what, "x_dtype", x_dtype)
+    if summed.dim() != 2:
+        raise ValueError(f"{what}: summed must be 2-D (N, d), got shape {tuple(summed.shape)}")
+    if summed.dtype != x_dtype and summed.dtype != torch.float32:
+        raise TypeError(f"{what}: summed must have dtype {_checks.name_of(x_dtype)} or float32, got "
+                        f"{_checks.name_of(summed.dtype)}")
+    _checks.same_device(what, "summed", summed, {"dout": dout, "dsummed": dsummed, "weight": weight, "bias": bias,
+                                                 "mean": mean, "rstd": rstd})
+    n, d = summed.shape
+    _checks.rows_like(what, "dout", dout, summed.shape, "", x_dtype)
+    if dsummed is not None:
+        _checks.rows_like(what, "dsummed", dsummed, summed.shape, "", summed.dtype, "summed's ")
+    _check_params(what, weight, bias, d, x_dtype)
+    _checks.float32_rows(what, "rstd", rstd, (n,), "")
+    _checks.float32_rows(what, "mean", mean, (0 if rms else n,), "", " (empty for rms)")
+    if not eps >= 0.0:
+        raise ValueError(f"{what}: eps must be non-negative, got {eps}")
+    _checks.dropout(what, dropout_p)
+
+
 def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, residual_in_fp32, seed, offset,
                             store_summed=True):
     """(out, summed, mean, rstd) for x (N, d); see the module docstring.
@@ -627,6 +693,7 @@ def layer_norm_residual_fwd(x, residual, weight, bias, eps, dropout_p, rms, resi
     (Host time: sizes go to torch.empty as separate ints, which it parses ~0.3 us faster than a
     tuple; strides are read as ``stride()`` tuples, ``stride(i)`` parsing its argument ~0.07 us
     slower; a fresh (n, d) tensor's row stride is d. Every launch pays these.)"""
+    _check_fwd(x, residual, weight, bias, eps, dropout_p, residual_in_fp32)
     n, d = x.shape
     device = x.device
     summed_dtype = torch.float32 if residual_in_fp32 else x.dtype
@@ -676,6 +743,7 @@ def layer_norm_residual_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps
                             x_dtype):
     """(dsum, dx, dweight, dbias); dx is empty without dropout (dsum is then dx and dresidual).
     (Host time as in the forward: sizes as ints, ``stride()`` tuples, fresh tensors' strides known.)"""
+    _check_bwd(dout, dsummed, summed, weight, bias, mean, rstd, eps, dropout_p, rms, x_dtype)
     n, d = summed.shape
     device = summed.device
     dropout = dropout_p > 0.0

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _checks
 from ._host import cdiv, next_pow2
 from ._tuning import LAUNCH_OPTIONS
 
@@ -48,7 +49,7 @@ _MAX_BLOCK_K = _TILE_ELEMS // 4
 
 @triton.jit
 def _rotary_kernel(X, COS, SIN, OUT, POS,
-                   seqlen, nheads, half, head_dim, tiles,
+                   seqlen, nheads, half, head_dim, tiles, table_rows,
                    stride_xb, stride_xl, stride_xh, stride_xd,
                    stride_ob, stride_ol, stride_oh, stride_od,
                    stride_pb, stride_pl,
@@ -71,6 +72,10 @@ def _rotary_kernel(X, COS, SIN, OUT, POS,
     x_row = (X + b64 * stride_xb + tok64 * stride_xl + head64 * stride_xh)[:, None]
     o_row = (OUT + b64 * stride_ob + tok64 * stride_ol + head64 * stride_oh)[:, None]
     pos = tl.load(POS + b64 * stride_pb + tok64 * stride_pl, mask=row_ok, other=0).to(tl.int64)
+    # clamped into the tables (as the cuda backend's kernel does): a position outside them, which
+    # only a direct call of the op can pass (the functional API checks them), reads the first or
+    # last row, never memory past the tables (checking on the host would read the positions: a sync)
+    pos = tl.minimum(tl.maximum(pos, 0), table_rows - 1)
     cos_row = (COS + pos * stride_cl)[:, None]
     sin_row = (SIN + pos * stride_sl)[:, None]
     row_ok = row_ok[:, None]
@@ -138,15 +143,57 @@ def possible_configs() -> list[dict]:
     return configs
 
 
+def _check(x, cos, sin, positions, out):
+    """The cpu backend's checks of a rotary call (csrc/cpu/rotary.cpp's checked_positions and
+    rotary_out's), less the position values; ``_checks``."""
+    xs, cs, ps, device = x.shape, cos.shape, positions.shape, x.get_device()
+    if (len(xs) == 4 and x.dtype in _checks.FLOAT_SET and len(cs) == 2 and sin.shape == cs and cos.is_floating_point()
+            and sin.dtype is cos.dtype and 2 * cs[1] <= xs[3] and cs[0] >= 1
+            and (positions.dtype is torch.int64 or positions.dtype is torch.int32) and len(ps) == 2
+            and ps[0] == xs[0] and ps[1] == xs[1] and cos.get_device() == device and sin.get_device() == device
+            and positions.get_device() == device
+            and (out is None or out.shape == xs and out.dtype is x.dtype and out.get_device() == device
+                 and out.is_contiguous())):
+        return  # (the common case in one expression; else the checks below name what is wrong)
+    what = "rotary (triton)"
+    if x.dim() != 4:
+        raise ValueError(f"{what}: x must be 4-D (B, L, H, D), got shape {tuple(x.shape)}")
+    _checks.float_dtype(what, "x", x.dtype)
+    _checks.same_device(what, "x", x, {"cos": cos, "sin": sin, "positions": positions, "out": out})
+    if cos.dim() != 2 or sin.shape != cos.shape:
+        raise ValueError(f"{what}: cos and sin must be 2-D (S, R/2) of one shape, got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    if sin.dtype != cos.dtype or not cos.is_floating_point():
+        raise TypeError(f"{what}: cos and sin must share a floating-point dtype, got {_checks.name_of(cos.dtype)} "
+                        f"and {_checks.name_of(sin.dtype)}")
+    B, L, _, D = x.shape
+    half = cos.shape[1]
+    if 2 * half > D:  # (0 columns is a copy: the kernel takes it, tests/test_triton_rotary.py runs it)
+        raise ValueError(f"{what}: cos and sin must have at most D/2 = {D // 2} columns (the rotary dim R/2), got "
+                         f"{half}")
+    if cos.shape[0] < 1 and x.numel():
+        raise ValueError(f"{what}: cos and sin have no rows (S = 0), got shape {tuple(cos.shape)}")
+    if positions.dtype != torch.int32 and positions.dtype != torch.int64:
+        raise TypeError(f"{what}: positions must be int32 or int64, got {_checks.name_of(positions.dtype)}")
+    if positions.shape != (B, L):
+        raise ValueError(f"{what}: positions must have shape (B, L) = {(B, L)}, got {tuple(positions.shape)}")
+    if out is not None:
+        _checks.rows_like(what, "out", out, x.shape, "x's", x.dtype, "x's ")
+        _checks.no_overlap(what, "out", out)
+
+
 def apply_rotary(x, cos, sin, positions, *, interleaved=False, conjugate=False, out=None) -> torch.Tensor:
     """RoPE of ``x`` (see the module docstring): the ``rotary`` launcher of fused_attn.backends.base.
 
     x: (B, L, H, D); cos, sin: (S, R/2), any float dtype and strides; positions: int32/int64 (B, L),
-    any strides (stride 0 along B for a shared offset). Inputs are assumed valid (the caller checks
-    every position < S) and are never written, except ``out``. Returns ``out`` (x's shape and dtype,
-    no overlapping elements; x itself for the embedding in place: a program loads each tile before
-    it stores it, and no two programs touch one element) or, when None, ``torch.empty_like(x)``
-    filled."""
+    any strides (stride 0 along B for a shared offset). Shapes, dtypes and devices are checked here
+    (``_check``); the position values are not read (on a GPU that is a device sync): the caller
+    checks every position is in [0, S) (the functional API does), and the kernel clamps any other
+    into the tables. Inputs are never written, except ``out``. Returns ``out`` (x's shape and
+    dtype, no overlapping elements; x itself for the embedding in place: a program loads each tile
+    before it stores it, and no two programs touch one element) or, when None,
+    ``torch.empty_like(x)`` filled."""
+    _check(x, cos, sin, positions, out)
     out = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
         return out
@@ -155,7 +202,8 @@ def apply_rotary(x, cos, sin, positions, *, interleaved=False, conjugate=False, 
     cfg = _launch_config(2 * half)
     tiles = cdiv(L * H, cfg["ROWS"])
     _rotary_kernel[(B * tiles,)](
-        x, cos, sin, out, positions, L, H, half, D, tiles, *x.stride(), *out.stride(), *positions.stride(),
+        x, cos, sin, out, positions, L, H, half, D, tiles, cos.shape[0], *x.stride(), *out.stride(),
+        *positions.stride(),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         ROWS=cfg["ROWS"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=cfg["BLOCK_P"],
         INTERLEAVED=bool(interleaved), CONJUGATE=bool(conjugate),

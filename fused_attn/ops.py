@@ -1,11 +1,22 @@
 """The registered torch ops and the autograd Functions over them.
 
-Nothing here validates its inputs: the ops and Functions take their arguments as ``functional``
+The ops and Functions do not repeat ``functional``'s validation: they take their arguments as it
 hands them, checked and normalised once there (shapes, dtypes and devices agreeing, GQA head
 counts, a band rather than causal / window_size, an int64 CPU ``rng``, float32 (rows, Hq) ALiBi
-slopes, a resolved backend name). Called directly with anything else, they may broadcast or run
-silently; only a backend name that is not a resolved one ("auto", a typo) raises, a ValueError
-from ``backends.get_backend``, and so does a ``block_table`` for a backend that reads no paged K/V.
+slopes, a resolved backend name). Called directly (``torch.ops.fused_attn.*``), each op's backend
+still checks what its kernels need to stay within the memory they are given, and raises an error
+naming the argument and what was expected, never a segfault or an out-of-bounds read: the cpu and
+cuda backends in C++ (TORCH_CHECK: RuntimeError), the triton backend at its launchers' entries
+(``fused_attn/triton/_checks.py``, mirroring the cpu checks: ValueError for a shape, device or
+value, TypeError for a dtype). Those checks cover the tensors' shapes, dtypes and devices and the
+scalar options, host work only. Values in tensors are data: the varlen op reads and checks its
+boundaries (cu_seqlens, seqused_k, a block table's pages) unless its caller passes
+``checked=True``; rotary positions outside the tables raise on cpu and are clamped into them by the
+triton and cuda kernels (checking them on a GPU would be a device sync; ``functional`` checks
+them). The reference backend is plain PyTorch: a wrong shape there broadcasts where torch
+broadcasts, or raises torch's error. A backend name that is not a resolved one ("auto", a typo)
+raises a ValueError from ``backends.get_backend``, and so does a ``block_table`` for a backend
+that reads no paged K/V.
 
 Each op half is a ``torch.library.custom_op`` in the ``fused_attn`` namespace whose last
 argument names the backend that runs it (resolved before the call, never "auto"); its fake

@@ -45,7 +45,8 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   x @ w1^T + b1, saved for backward; the activation is recomputed from it there. db1/db2 are
   empty when absent.
 - rotary: x (B, L, H, D), cos/sin (S, R/2) floats of any dtype, positions (B, L) int32/int64, all
-  with any strides; every position in [0, S) (checked before the call). The result is
+  with any strides; every position in [0, S) (checked before the call; given others, the cpu
+  launcher raises and the triton and cuda kernels clamp them into the tables). The result is
   ``torch.empty_like(x)`` (x's layout when x is dense, else contiguous); x's dtype, computed in
   float32 (float64 for float64) and rounded once; features R.. copied. ``conjugate`` negates sin
   (the inverse rotation: the backward). With ``out`` (x's shape and dtype, no overlapping

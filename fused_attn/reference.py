@@ -109,6 +109,21 @@ def _batched_matmul(a, b):
     return torch.matmul(a.movedim(d, 0), b.movedim(d, 0)).movedim(0, d)
 
 
+def soft_cap(scores, softcap):
+    """The logit cap ``softcap * tanh(scores / softcap)``, computed in float64 (float32 scores and
+    below are widened for it and the result rounded back). Its derivatives are what the formula's:
+    autograd takes the product's and the quotient's in turn, ``g * softcap * (1 - t^2) / softcap``
+    (forward mode ``ds / softcap ... * softcap``), whose intermediates left float32's range at the
+    ends of the documented caps: ``g * 1e38`` overflowed for any |g| > 3.4 (inf and NaN gradients,
+    also in every backend's create_graph backward, which differentiates this formula), and
+    ``scores / 1e38`` went subnormal (logits under ~1e-7 became 0, tangents under ~1e-3 lost digits).
+    float64's range holds every such intermediate for float32 values and caps in [1e-30, 2.4e38]
+    (``g * softcap`` < 1e77, ``scores / softcap`` < 1e69) in plain ops, which torch differentiates to
+    any order in every mode (a custom derivative would need its own forward-mode and vmap rules)."""
+    wide = torch.promote_types(scores.dtype, torch.float64)
+    return (torch.tanh(scores.to(wide) / softcap) * softcap).to(scores.dtype)
+
+
 def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, rng=None, *, window_size=None,
               alignment="top_left", band=None, softcap=None, alibi_slopes=None, sinks=None):
     """softmax(q k^T * scale + mask) v, with the conventions of ``fused_attn.functional.attention``.
@@ -135,7 +150,7 @@ def attention(q, k, v, attn_mask=None, causal=False, dropout_p=0.0, scale=None, 
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     scores = _batched_matmul(q, k.transpose(-2, -1)) * scale
     if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = soft_cap(scores, softcap)
     if alibi_slopes is not None:
         scores = scores + alibi_bias(alibi_slopes, Lq, Lk, alignment, scores.dtype)
     if attn_mask is not None:
@@ -175,7 +190,7 @@ def attention_lse(q, k, attn_mask=None, causal=False, scale=None, *, window_size
         k = k.repeat_interleave(Hq // Hkv, dim=1)
     scores = _batched_matmul(q, k.transpose(-2, -1)) * scale
     if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = soft_cap(scores, softcap)
     if alibi_slopes is not None:
         scores = scores + alibi_bias(alibi_slopes, Lq, Lk, alignment, scores.dtype)
     if attn_mask is not None:

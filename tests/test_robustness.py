@@ -818,6 +818,54 @@ def test_attention_extreme_scale_and_softcap(device, backend, case):
                             lambda q, k, v: R.attention(q, k, v, **options), [q, k, v], names="qkv")
 
 
+#: the ends of the soft cap's range, as (softcap, scale, q's factor, the limit's q factor): a cap far
+#: above every logit leaves them as they are (the limit: no cap, q as it is), one far below
+#: flattens them to +-softcap ~ 0 (the limit: q times 0, every key weighted alike, no gradient
+#: reaching q or k). The reference's derivative g * softcap * (1 - t^2) / softcap overflowed
+#: float32 at the huge caps (inf and NaN gradients; and every backend's create_graph backward,
+#: which differentiates the reference).
+SOFTCAP_ENDS = {
+    "huge": (1e38, None, 1.0, 1.0),
+    "largest": (F.MAX_SCALE, None, 1.0, 1.0),
+    "tiny": (1e-30, None, 1.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("device,backend", ATTN)
+@pytest.mark.parametrize("case", SOFTCAP_ENDS)
+def test_attention_softcap_ends_reach_their_limits(device, backend, case):
+    """At either end of the cap's range the output, its gradients (upstream gradient 4: |g * cap|
+    beyond float32 at the huge caps), by the backend's backward and by a differentiable one
+    (create_graph), the gradients of a gradient penalty and the forward-mode tangents are finite
+    and the limit's: the uncapped attention under a huge cap, the flat one under a tiny cap."""
+    cap, scale, factor, limit_factor = SOFTCAP_ENDS[case]
+    q, k, v, tq, tk, tv = make_inputs((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4),
+                                      requires_grad=False, seed=3)
+    q = q * factor
+    tq = tq * factor
+
+    def derivatives(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs)
+        dout = torch.full_like(out, 4.0)
+        grads = torch.autograd.grad(out, inputs, dout, retain_graph=True)  # (the backend's backward)
+        graph_grads = torch.autograd.grad(out, inputs, dout, create_graph=True)  # (the reference's, differentiable)
+        penalty = sum(g.square().sum() for g in graph_grads)
+        second = torch.autograd.grad(penalty, inputs)
+        # (small tangents: their ds / softcap went subnormal in float32 under the huge caps, 1e-4 off)
+        _, tangent = torch.func.jvp(fn, tuple(t.detach() for t in inputs),
+                                    tuple(1e-3 * t.to(dtype) for t in (tq, tk, tv)))
+        return [out, *grads, *graph_grads, *second, tangent]
+
+    names = ["out", "dq", "dk", "dv", "graph dq", "graph dk", "graph dv", "penalty dq", "penalty dk", "penalty dv",
+             "tangent"]
+    got = derivatives(lambda q, k, v: F.attention(q, k, v, scale=scale, softcap=cap, backend=backend), torch.float32)
+    limit = derivatives(lambda q, k, v: R.attention(q * limit_factor, k, v, scale=scale), torch.float64)
+    for name, a, b in zip(names, got, limit):
+        assert bool(torch.isfinite(a).all()), name
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())), msg=name)
+
+
 @pytest.mark.parametrize("device,backend", ATTN)
 @pytest.mark.parametrize("where", ["k", "q"])
 def test_attention_softcap_inf_input_gradients_stay_in_their_rows(device, backend, where):

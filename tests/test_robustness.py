@@ -823,11 +823,16 @@ def test_attention_extreme_scale_and_softcap(device, backend, case):
 #: flattens them to +-softcap ~ 0 (the limit: q times 0, every key weighted alike, no gradient
 #: reaching q or k). The reference's derivative g * softcap * (1 - t^2) / softcap overflowed
 #: float32 at the huge caps (inf and NaN gradients; and every backend's create_graph backward,
-#: which differentiates the reference).
+#: which differentiates the reference); Triton's scale / softcap underflowed float32 at the third
+#: case (every logit 0), and was clamped to float32's max at the last (1e40), where its derivative
+#: 1 - t^2 came from s / softcap 30 times too small, unsaturated (|q.k| of 5e-39 to 2e-38 there:
+#: s / softcap of 50 to 200 truly, of 2 to 7 clamped; dq ~1e7 instead of ~0).
 SOFTCAP_ENDS = {
     "huge": (1e38, None, 1.0, 1.0),
     "largest": (F.MAX_SCALE, None, 1.0, 1.0),
+    "huge_small_scale": (1e38, 1e-10, 1e10, 1.0),
     "tiny": (1e-30, None, 1.0, 0.0),
+    "tiny_huge_scale": (1e-30, 1e10, 1e-38, 0.0),
 }
 
 
@@ -841,6 +846,9 @@ def test_attention_softcap_ends_reach_their_limits(device, backend, case):
     cap, scale, factor, limit_factor = SOFTCAP_ENDS[case]
     q, k, v, tq, tk, tv = make_inputs((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4),
                                       requires_grad=False, seed=3)
+    if case == "tiny_huge_scale":  # (one dim, |q.k| in [0.5, 2] * factor: every s / softcap saturates tanh)
+        q = (q.sign() * (1 + q.abs().clamp(max=1))) * torch.tensor([1.0, 0, 0, 0])
+        k = k.sign() * (0.5 + 0.5 * k.abs().clamp(max=1))
     q = q * factor
     tq = tq * factor
 
@@ -864,6 +872,23 @@ def test_attention_softcap_ends_reach_their_limits(device, backend, case):
     for name, a, b in zip(names, got, limit):
         assert bool(torch.isfinite(a).all()), name
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())), msg=name)
+
+
+@pytest.mark.parametrize("device,backend", ATTN)
+@pytest.mark.parametrize("softcap", [1e-30, 30.0, 1e38, F.MAX_SCALE])
+def test_attention_softcap_logits_over_the_range(device, backend, softcap):
+    """With one key a row's lse is its capped logit softcap * tanh(x / softcap): a few ulp of it
+    for logits x of 1e-30 to 1e38, either sign. Under a huge cap x / softcap is subnormal in
+    float32 (and 1 / softcap too, above ~8.5e37): the cpu backend's cap * tanh(x * (1 / cap)) was
+    ~2e-7 off at every logit and 0 below ~1e-7, Triton's likewise (and worse: qk * (scale / cap)),
+    the float32 reference's below ~1e-7; they now take the cap's linear part from x itself."""
+    mags = torch.logspace(-30, 38, 137, dtype=torch.float64)
+    x = torch.cat([mags, -mags, torch.zeros(1, dtype=torch.float64)])
+    q = x.float().view(1, 1, -1, 1)
+    one = torch.ones(1, 1, 1, 1)
+    _, lse = F.attention(q, one, one, scale=1.0, softcap=softcap, return_lse=True, backend=backend)
+    expected = softcap * torch.tanh(q.double().view(-1) / softcap)
+    torch.testing.assert_close(lse.view(-1).double(), expected, rtol=5e-7, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", ATTN)

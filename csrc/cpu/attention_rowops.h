@@ -78,8 +78,9 @@ FA_INLINE f8 exp8(f8 x) {
 // tanh(x) for 8 floats (the logit soft-cap), a few ulp: for |x| <= 0.625 the odd polynomial of
 // Cephes' tanhf, x + x^3 p(x^2); above, 1 - 2 / (exp(2|x|) + 1) with |x| clamped to 10 (tanh
 // rounds to 1 in float from ~9.01 on, as it does here from 10; exp8 has no upper clamp), then x's sign. NaN stays NaN (both
-// branches carry it, and the comparisons pick the polynomial's), +-inf gives +-1.
-FA_INLINE f8 tanh8(f8 x) {
+// branches carry it, and the comparisons pick the polynomial's), +-inf gives +-1. With `zp`, also
+// x^2 p(x^2): tanh(x) = x (1 + *zp) where |x| <= 0.625 (row_softcap's capped logits).
+FA_INLINE f8 tanh8(f8 x, f8* zp = nullptr) {
   u8 bits;
   std::memcpy(&bits, &x, sizeof(bits));
   const u8 sign = bits & 0x80000000u;
@@ -94,7 +95,9 @@ FA_INLINE f8 tanh8(f8 x) {
   p = p * z + splat(-5.37397155531e-2f);
   p = p * z + splat(1.33314422036e-1f);
   p = p * z + splat(-3.33332819422e-1f);
-  const f8 small = p * z * a + a;
+  const f8 pz = p * z;
+  if (zp) *zp = pz;
+  const f8 small = pz * a + a;
   f8 r = a > splat(0.625f) ? big : small;
   u8 rbits;
   std::memcpy(&rbits, &r, sizeof(rbits));
@@ -172,20 +175,34 @@ FA_ROWOP inline float row_exp_sum(float* s, int64_t n, float m) {
   return hsum8(acc);
 }
 
+// The capped logits of 8 scores x, cap * tanh(u) with u = x * inv_cap, and tanh(u) in *th. Where
+// |u| <= 0.625 they are formed as x (1 + u^2 p(u^2)) (tanh8's polynomial: tanh(u) = u (1 + ...),
+// and cap * u = x), not as cap * tanh(u): above a cap of ~8.5e37 inv_cap is subnormal in float32,
+// and u is wherever |x| < 1.2e-38 * cap, so cap * tanh(u) scaled every logit by 1/cap's rounding
+// (~2e-7 at the largest cap) and lost those under ~0.1 to u's (0 below ~1e-7). A cap far above
+// the logits leaves them exactly as they are. (NaN: not > 0.625, x's NaN.)
+FA_INLINE f8 softcap8(f8 x, f8 cap, f8 inv_cap, f8* th) {
+  const f8 u = x * inv_cap;
+  f8 zp;
+  *th = tanh8(u, &zp);
+  return abs8(u) > splat(0.625f) ? *th * cap : x + x * zp;
+}
+
 // The logit soft-cap on one row: s[c] = cap * tanh(s[c] * inv_cap); t (if not null) gets the
 // tanh values, for the backward's dS * (1 - t^2).
 FA_ROWOP inline void row_softcap(float* s, int64_t n, float cap, float inv_cap, float* t) {
   const f8 capv = splat(cap), inv = splat(inv_cap);
   int64_t c = 0;
+  f8 th;
   for (; c + 8 <= n; c += 8) {
-    const f8 th = tanh8(load8(s + c) * inv);
+    const f8 capped = softcap8(load8(s + c), capv, inv, &th);
     if (t) store8(t + c, th);
-    store8(s + c, th * capv);
+    store8(s + c, capped);
   }
   if (c < n) {
-    const f8 th = tanh8(load_partial(s + c, n - c, 0.f) * inv);
+    const f8 capped = softcap8(load_partial(s + c, n - c, 0.f), capv, inv, &th);
     if (t) store_partial(t + c, th, n - c);
-    store_partial(s + c, th * capv, n - c);
+    store_partial(s + c, capped, n - c);
   }
 }
 

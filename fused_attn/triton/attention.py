@@ -175,6 +175,37 @@ def _softcap_tanh(x):
 
 
 @triton.jit
+def _softcap_arg(x, softcap_log2):
+    """tanh's argument of the soft cap, s / softcap, from the uncapped base-2 logit x = s * log2(e):
+    x * (1 / (softcap * log2 e)), with no clamp needed (|x| beyond ~5e8 under the smallest cap gives
+    +-inf, where tanh is +-1). Forward and backward form it alike."""
+    return x * (1.0 / softcap_log2)
+
+
+@triton.jit
+def _softcap_logit(x, softcap_log2):
+    """The capped base-2 logit softcap_log2 * tanh(u), u = ``_softcap_arg(x, softcap_log2)``, of
+    the uncapped one x, to ~2 ulp (as ``_softcap_tanh``). Where |u| <= 0.625 it is taken as
+    x * (1 + u^2 p(u^2)) (Cephes' odd polynomial, tanh(u) = u (1 + u^2 p(u^2)), times softcap =
+    x / u), not as softcap_log2 * tanh(u): under a huge cap u is subnormal or 0 in float32 (s /
+    1e38), and tanh(u) * softcap lost the logit to it (the kernels took qk * (scale / softcap),
+    whose factor underflowed at a cap of 1e38 and a scale of 1e-10: every logit 0). So a cap far
+    above the logits leaves them exactly as without it. Above 0.625, +-softcap_log2 (1 - e) / (1 + e),
+    e = exp(-2|u|); NaN stays NaN."""
+    u = _softcap_arg(x, softcap_log2)
+    a = tl.abs(u)
+    e = tl.math.exp2(-2.8853900817779268 * a)  # exp(-2|u|)
+    z = a * a
+    p = -5.70498872745e-3 * z + 2.06390887954e-2
+    p = p * z - 5.37397155531e-2
+    p = p * z + 1.33314422036e-1
+    p = p * z - 3.33332819422e-1
+    big = (1.0 - e) / (1.0 + e) * softcap_log2
+    big = tl.where(u < 0, -big, big)
+    return tl.where(a > 0.625, big, x + x * (p * z))  # (NaN: not > 0.625, x's NaN)
+
+
+@triton.jit
 def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_log2, alibi_log2, alibi_shift,
             MASK_KIND: tl.constexpr, CHECK_KEYS: tl.constexpr, CHECK_BAND: tl.constexpr, SOFTCAP: tl.constexpr,
             HAS_ALIBI: tl.constexpr):
@@ -183,14 +214,15 @@ def _scores(qk, qi, kj, mask_ptrs, Lq, Lk, band_lo, band_hi, qk_scale, softcap_l
     ``qi``/``kj`` are the query/key indices broadcast to the tile's orientation ((M,1)/(1,N) in
     forward and dQ, (1,M)/(N,1) in dK/dV), ``mask_ptrs`` the attn_mask addresses of the tile.
     MASK_KIND: 0 none, 1 boolean (nonzero = attend), 2 additive. CHECK_BAND: query i sees key j
-    only if band_lo <= j - i <= band_hi; CHECK_KEYS: only keys j < Lk exist. SOFTCAP: the logit
-    is softcap * tanh(scale * qk / softcap), with qk_scale = scale / softcap and softcap_log2 =
-    softcap * log2(e) (the launcher's ``_scales``), before the mask is added. HAS_ALIBI: ALiBi's
+    only if band_lo <= j - i <= band_hi; CHECK_KEYS: only keys j < Lk exist. qk_scale = scale *
+    log2(e). SOFTCAP: the logit is softcap * tanh(scale * qk / softcap) (``_softcap_logit`` of
+    qk * qk_scale), softcap_log2 = softcap * log2(e) (the launcher's ``_scales``), before the mask
+    is added. HAS_ALIBI: ALiBi's
     bias -slope * |j - (i + alibi_shift)| is added with the mask, ``alibi_log2`` = slope * log2(e)
     (``_alibi``).
     """
     if SOFTCAP:
-        s = _softcap_tanh(qk * qk_scale) * softcap_log2
+        s = _softcap_logit(qk * qk_scale, softcap_log2)
     else:
         s = qk * qk_scale
     if MASK_KIND == 1:
@@ -684,7 +716,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, 
             # through the cap: d(softcap * tanh(x)) / dx = softcap * (1 - tanh(x)^2), from the capped
             # score alone (the mask and ALiBi's bias are added after the cap: constants to it)
             if SOFTCAP:
-                tT = _softcap_tanh(qkT * qk_scale)
+                tT = _softcap_tanh(_softcap_arg(qkT * qk_scale, softcap_log2))
                 dsT = dsT * (1.0 - tT * tT)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -839,7 +871,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, hk, mask
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # from the capped score alone, as in _dkdv_inner
-            t = _softcap_tanh(qk * qk_scale)
+            t = _softcap_tanh(_softcap_arg(qk * qk_scale, softcap_log2))
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
@@ -1479,23 +1511,16 @@ def _int32_tiles(t, rows_dim=2, cols_dim=3):
     return t if span <= _INT32_MAX else t.contiguous()
 
 
-#: float32's largest finite value
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
 def _scales(scale, softcap):
-    """(qk_scale, softcap_log2) of the kernels: the logits in base-2 units are qk * qk_scale, or with
-    a soft cap softcap_log2 * tanh(qk * qk_scale) (see _scores).
+    """(qk_scale, softcap_log2) of the kernels: the logits in base-2 units are x = qk * qk_scale, or
+    with a soft cap softcap_log2 * tanh(x / softcap_log2) (see _scores, _softcap_logit).
 
-    The kernels take both as float32. scale * log2(e) and softcap * log2(e) stay finite there because
-    |scale| and softcap are at most float32's max / log2(e) (functional.MAX_SCALE). scale / softcap
-    need not (a cap of 1e-30 and a scale of 1e10 give 1e40: inf, and a zero q.k then makes
-    0 * inf = NaN logits), so it is clamped to float32's range: it only enters tanh(qk * qk_scale),
-    which is +-1 in float32 once |qk * qk_scale| passes ~9, so the clamp changes no logit for
-    |qk| above ~3e-38 (and a zero q.k stays a zero logit)."""
-    if softcap > 0.0:
-        return min(max(scale / softcap, -_FLOAT32_MAX), _FLOAT32_MAX), softcap * LOG2E
-    return scale * LOG2E, 0.0
+    The kernels take both as float32, where scale * log2(e) and softcap * log2(e) stay finite:
+    |scale| and softcap are at most float32's max / log2(e) (functional.MAX_SCALE). (They took
+    scale / softcap as one factor of qk, which left float32's range at the ends: 1e-48 at a scale of
+    1e-10 and a cap of 1e38, 0 in float32, every logit 0; 1e40 at 1e10 and 1e-30, clamped to float32's
+    max, so tanh's derivative 1 - t^2 came from arguments 30 times too small.)"""
+    return scale * LOG2E, (softcap * LOG2E if softcap > 0.0 else 0.0)
 
 
 def _common_constexprs(q, v, banded, mask_kind, dropout_p, softcap, alibi_slopes):

@@ -120,6 +120,24 @@ def test_alibi_is_the_additive_bias_and_lse(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", cases(torch.float32))
+@pytest.mark.parametrize("alignment,causal", [("top_left", False), ("bottom_right", True)])
+def test_alibi_huge_slopes_match_reference(device, backend, alignment, causal):
+    """Any finite slope, up to float32's max, gives the reference's output, lse and gradients on
+    every backend: here each row keeps its own position's key alone (the bias of the others is
+    -1e38 or less). The Triton kernels work in base-2 units and took slope * log2(e), which
+    overflows float32 above ~2.36e38: inf * 0 = NaN at the row's own key, NaN rows."""
+    with torch.device(device):
+        q, k, v = make_inputs((2, 3, 3, 4), (2, 3, 5, 4), (2, 3, 5, 4), seed=2)
+        slopes = torch.tensor([[3e38, 2.4e38, torch.finfo(torch.float32).max], [1e38, 0.5, 2.5e38]])
+        options = dict(causal=causal, alignment=alignment, alibi_slopes=slopes)
+        results = check_against_reference(
+            lambda q, k, v: F.attention(q, k, v, return_lse=True, backend=backend, **options),
+            lambda q, k, v: (R.attention(q, k, v, **options), R.attention_lse(q, k, **options)),
+            [q, k, v], names="qkv")
+    assert all(r.ok for r in results), "\n".join(map(str, results))
+
+
+@pytest.mark.parametrize("device,backend", cases(torch.float32))
 def test_alibi_decode_matches_full_prefill(device, backend):
     """KV-cache decoding with ALiBi: each query alone against its prefix (bottom-right) gives the
     rows of one causal pass; a top-left decode step would not (its query would sit at key 0)."""

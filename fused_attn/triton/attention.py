@@ -420,11 +420,22 @@ def _alibi(Alibi, stride_ab, stride_ah, b, h, Lq, Lk, HAS_ALIBI: tl.constexpr, B
     the slope read through the (B, Hq) slopes' strides (often a stride-0 expand of (Hq,)), in the
     base-2 units of the scores; shift = Lk - Lq (this sequence's lengths) with BOTTOM_RIGHT, which
     places query i at key position i + Lk - Lq, else 0. Without HAS_ALIBI: (0, 0), placeholders
-    ``_scores`` does not read, and no load."""
+    ``_scores`` does not read, and no load.
+
+    A finite slope above float32's max / log2(e) (~2.36e38) overflows slope * log2(e) to +-inf,
+    whose product with the row's own key's distance 0 was NaN (NaN rows, where the other backends,
+    in natural units, give that key the bias 0 and the others -slope * |dist|, -inf from 2 on): it
+    is taken as +-float32's max instead, which keeps the bias 0 at distance 0 and, at distance 1,
+    a finite base-2 logit below -3.4e38 + s (as the others' -slope + s, a probability of 0 beside
+    any key of the usual range). Per program, not per score; an inf or NaN slope stays as it is
+    (NaN rows, as on the other backends)."""
     slope = 0.0
     shift = 0
     if HAS_ALIBI:
-        slope = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32) * 1.4426950408889634
+        slope = tl.load(Alibi + b * stride_ab + h * stride_ah).to(tl.float32)
+        scaled = slope * 1.4426950408889634
+        overflowed = (tl.abs(slope) <= 3.4028234663852886e38) & (tl.abs(scaled) > 3.4028234663852886e38)
+        slope = tl.where(overflowed, tl.where(slope > 0, 3.4028234663852886e38, -3.4028234663852886e38), scaled)
         if BOTTOM_RIGHT:
             shift = Lk - Lq
     return slope, shift

@@ -263,6 +263,40 @@ def test_dropout_mask_is_exact():
     torch.testing.assert_close(dx[keep], dsum[keep] * 2.0)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("residual_in_fp32", [False, True], ids=["sum-in-dtype", "sum-in-fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dropout_rounds_as_the_reference_in_half_precision(dtype, residual_in_fp32, backend):
+    """With a 16-bit x, dropout(x) is a tensor of x's dtype (the reference, the CUDA kernel):
+    x * keep/(1-p) is rounded to x's dtype before the residual is added, so summed is the
+    reference's bit for bit, as in float32 (test_dropout_mask_is_exact). The cpu kernel kept the
+    product in float32: about a fifth of the sums differed in their last bit. Backward, dx is
+    dropout(dsum in x's dtype): dsum rounded to x's dtype, then scaled and rounded again, which
+    differs from one rounding of dsum * keep/(1-p) where dsum is float32 (residual_in_fp32): the
+    cpu kernel rounded once. 75 columns: the kernels' vector loops and a scalar tail."""
+    if backend not in runnable_backends("layer_norm_residual", dtype=dtype):
+        pytest.skip(f"{backend} takes no {dtype} layer_norm_residual here")
+    n, d, p, eps = 5, 75, 0.3, 1e-5
+    x, r, w, b = [t.detach() for t in _inputs(n, d, dtype, seed=4)]
+    rng = torch.tensor([987654321, 4242], dtype=torch.int64)
+    args = (x, r, w, b, eps, p, False, residual_in_fp32, rng)
+    out, summed, mean, rstd = torch.ops.fused_attn.layer_norm_residual_fwd(*args, backend)
+    out_r, summed_r, mean_r, rstd_r = torch.ops.fused_attn.layer_norm_residual_fwd(*args, "reference")
+    assert summed.dtype == summed_r.dtype == (torch.float32 if residual_in_fp32 else dtype)
+    assert torch.equal(summed, summed_r), f"{int((summed != summed_r).sum())} of {summed.numel()} sums differ"
+    torch.testing.assert_close(out, out_r)
+    # Backward from the same saved tensors: dsum (dresidual) to the reference's accuracy, and
+    # dx exactly the reference's dropout of this dsum.
+    dout = make_inputs((n, d), dtype=dtype, seed=5)[0].detach()
+    bargs = (dout, None, summed_r, w, b, mean_r, rstd_r, eps, p, False, rng, dtype)
+    dsum, dx, _, _ = torch.ops.fused_attn.layer_norm_residual_bwd(*bargs, backend)
+    dsum_r, dx_r, _, _ = torch.ops.fused_attn.layer_norm_residual_bwd(*bargs, "reference")
+    torch.testing.assert_close(dsum, dsum_r)
+    expected = fused_attn._rng.apply_dropout(dsum.to(dtype), p, *rng.tolist())
+    assert dx.dtype == dtype and torch.equal(dx, expected), f"{int((dx != expected).sum())} of {dx.numel()} differ"
+    torch.testing.assert_close(dx, dx_r)
+
+
 def test_no_dropout_dx_is_empty_and_grads_shared():
     x, r, w, b = [t.detach() for t in _inputs(5, 16, torch.float32)]
     out, summed, mean, rstd = torch.ops.fused_attn_C.layer_norm_residual_fwd(x, r, w, b, 1e-5, 0.0, False, False, 0, 0)

@@ -261,9 +261,13 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
         if (dropout) {
           // x * keep/(1-p) in its own loop, so it is rounded before the residual is added, as the
           // reference does (GCC contracts a multiply and an add in one loop into an FMA, which
-          // would change the float32 sum's last bit).
+          // would change the float32 sum's last bit), and rounded to x's dtype: dropout(x) is a
+          // tensor of x's dtype in the reference and the CUDA kernel, and the contract's summed
+          // is dropout(x) + residual. (Kept in float32, a 16-bit x's product differed from theirs
+          // in its low bits, and so did about a fifth of the sums.)
           dropout_row_scale(aux, d, opt.seed, opt.offset, static_cast<uint64_t>(n), threshold, keep_scale);
           for (int64_t c = 0; c < d; ++c) aux[c] *= static_cast<A>(xr[c]);
+          round_row_through<scalar_t>(aux, d);
           total = sum_row(static_cast<const A*>(aux));
         } else {
           total = sum_row(xr);
@@ -331,7 +335,10 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* residual, cons
 //           dy * w - mean(g) into an FMA, whose unrounded product differs from the g summed
 //           here); dw += dy * xhat, db += dy; sums of g and g * xhat (blocked)
 //   pass 2: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsummed), rounded to summed's
-//           dtype and stored; with dropout dx = ds * keep/(1-p) (mult: the row's multipliers).
+//           dtype and stored; with dropout dx = ds * keep/(1-p) (mult: the row's multipliers),
+//           with ds rounded to x's dtype first: the reference and the CUDA kernel apply dropout
+//           to dsum in x's dtype, which differs from rounding once where summed is float32
+//           (residual_in_fp32 with a 16-bit x).
 // A float32 sum of s - mu overflows only where the row's variance does (a deviation beyond
 // ~5e36), where rstd is NaN anyway.
 template <bool kHasW, bool kDw, bool kDb, typename A, typename S, typename G>
@@ -397,7 +404,7 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
       if (ds_in) ds = ds + lanes_load_as<A>(ds_in + c);
       ds = lanes_round_through<S, A>(ds);
       lanes_store_as<A>(ds_out + c, ds);
-      if (dx_out) lanes_store_as<A>(dx_out + c, ds * lanes_load(mult + c));
+      if (dx_out) lanes_store_as<A>(dx_out + c, lanes_round_through<G, A>(ds) * lanes_load(mult + c));
     }
   }
 #endif
@@ -408,7 +415,7 @@ inline void ln_bwd_row(const S* s, const G* dy, const S* ds_in, const A* w, A* d
     if (ds_in) ds += static_cast<A>(ds_in[c]);
     const S q = static_cast<S>(ds);
     ds_out[c] = q;
-    if (dx_out) dx_out[c] = static_cast<G>(static_cast<A>(q) * mult[c]);
+    if (dx_out) dx_out[c] = static_cast<G>(static_cast<A>(static_cast<G>(q)) * mult[c]);
   }
 }
 

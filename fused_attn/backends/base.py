@@ -38,7 +38,8 @@ The contract each launcher keeps (see docs in fused_attn/ops.py for the full sta
   float32 and x's dtype (float64 x: float64, as torch's native_layer_norm saves them; the cpu
   backward reads them, and float32 ones would cost it float64's accuracy). With ``store_summed=False`` (inference without prenorm)
   ``summed`` is an empty (0,) tensor of that dtype and need not be computed to memory. Backward returns ``dsum`` (the gradient of the sum, in
-  summed's dtype, which is also the residual's gradient) and ``dx`` (x's gradient in ``x_dtype``)
+  summed's dtype, which is also the residual's gradient) and ``dx`` (x's gradient in ``x_dtype``:
+  dropout of dsum rounded to ``x_dtype``, as the forward's dropout(x) is in x's dtype)
   only when dropout is on; without dropout ``dx`` is empty and the caller uses ``dsum`` for both.
   dweight/dbias are empty when weight/bias are None.
 - feed_forward: x (T, d), w1 (F1, d) with F1 = d_ff or 2*d_ff (gated), w2 (d, d_ff). ``pre`` is

@@ -77,13 +77,22 @@ AttentionFwdArgs forward_args(const char* op, const at::Tensor& q, const at::Ten
   const auto clamp_band = [&](int64_t x) { return std::min(std::max(x, -a.len_q), a.len_k); };
   a.band_lo = clamp_band(band_lo);
   a.band_hi = clamp_band(band_hi);
+  // The kernels take scale as a float: a non-finite scale, or one that overflows float32, made
+  // every score inf or NaN (the cpu backend refuses both, with these messages).
+  FA_CHECK(std::isfinite(scale), "fused_attn_C::", op, " (cuda): scale must be finite, got ", scale);
   a.scale = static_cast<float>(scale);
+  FA_CHECK(std::isfinite(a.scale), "fused_attn_C::", op, " (cuda): scale ", scale,
+           " is out of the computation's range (float32)");
   // The kernels take softcap as a float: above float32's max it would become inf, and cap_logit's
   // inf * tanh(s / inf) = inf * 0 = NaN everywhere (fused_attn.functional refuses it too).
   FA_CHECK(softcap >= 0.0 && softcap <= static_cast<double>(std::numeric_limits<float>::max()),
            "fused_attn_C::", op, " (cuda): softcap must be >= 0 (0 turns it off) and at most float32's max "
            "3.4028234663852886e+38, got ", softcap);
   a.softcap = static_cast<float>(softcap);
+  // A positive cap that rounds to 0 in float32 (1e-50) would turn the cap off silently (cap_logit
+  // tests softcap > 0): refused, as the cpu backend refuses it.
+  FA_CHECK(softcap == 0.0 || a.softcap > 0.0f, "fused_attn_C::", op, " (cuda): softcap ", softcap,
+           " is out of the computation's range (float32)");
   // ALiBi: a float32 (B, Hq) view with any strides (fused_attn.functional passes a stride-0 expand of
   // (Hq,) slopes); the kernels read one slope per (batch, head) through its two strides. The shift
   // places query i at key position i + Lk - Lq under bottom-right alignment (the band already has it).

@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_f
   a.dtype = dtype_of(x_in, op, "x");
   a.rows = x_in.size(0);
   a.hidden = x_in.size(1);
-  FA_CHECK(eps > 0.0, "fused_attn_C::", op, " (cuda): eps must be positive, got ", eps);
+  // (as the cpu and Triton launchers check it: eps 0 is a valid norm, NaN is not)
+  FA_CHECK(eps >= 0.0, "fused_attn_C::", op, " (cuda): eps must be non-negative, got ", eps);
   const at::Tensor x = unit_stride_rows(x_in);
   at::Tensor residual;
   if (const at::Tensor* r = present(residual_in)) {
@@ -105,6 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   a.summed_dtype = dtype_of(summed_in, op, "summed");
   FA_CHECK(summed_in.scalar_type() == x_dtype || summed_in.scalar_type() == at::kFloat, "fused_attn_C::", op,
               " (cuda): summed must have x's dtype ", x_dtype, " or float32, got ", summed_in.scalar_type());
+  // eps is not used here (the forward's rstd holds it), but checked as the cpu and Triton backwards
+  // check it, so that a call one backend refuses is refused by all.
+  FA_CHECK(eps >= 0.0, "fused_attn_C::", op, " (cuda): eps must be non-negative, got ", eps);
   const at::Tensor summed = summed_in.contiguous();
   const at::Tensor dout = unit_stride_rows(dout_in);
   at::Tensor dsummed;
@@ -170,7 +174,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_b
   a.dbias = bias != nullptr ? dbias.data_ptr() : nullptr;
   a.partials = partials.data_ptr<float>();
   check_status(layer_norm_bwd(a, c10::cuda::getCurrentCUDAStream().stream()), op);
-  (void)eps;  // the forward's rstd already holds it
   return {dsum, dx, dweight, dbias};
 }
 

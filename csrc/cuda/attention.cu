@@ -1291,7 +1291,8 @@ const char* seq_grid(const char* what, int64_t len, int64_t rows, int64_t pairs,
 }
 
 // The register-resident forward for kD; *taken false (nothing launched) when its shared memory does
-// not fit this device (kD = 256 needs ~100 KB: more than sm_86/sm_89 give a block).
+// not fit this device (kD = 256 needs the most, 101,376 bytes for 16-bit inputs: exactly the 99 KB
+// that sm_86/sm_89 give a block at most (opt-in), so it fits there and on every sm_80+ device).
 template <typename T, int kD>
 const char* attention_fwd_mma_launch(const AttentionFwdArgs& a, cudaStream_t stream, bool* taken) {
   constexpr size_t smem = mma_fwd_smem_bytes<T, kD>();

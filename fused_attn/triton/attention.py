@@ -155,22 +155,28 @@ def _kv_tile(offs_n, stride_n, stride_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
-def _softcap_tanh(x):
-    """tanh(x) to ~2 ulp, exact at the ends (+-1 for |x| large, NaN for NaN): the interpreter has no
-    tanh, and on the GPU this costs what libdevice's would (which also takes a polynomial near 0).
-
-    (1 - e) / (1 + e) with e = exp(-2|x|) for |x| > 0.625, Cephes' tanhf polynomial (the cpu
-    backend's tanh8) below. The exp form alone lost tanh's small values to the cancellation in
-    1 - e (an absolute error of ~1e-7, so 0 for |x| < ~3e-8): the logit softcap * tanh(s / softcap)
-    was off by ~1e-7 * softcap, ~1e-3 at softcap 1e4 and everything at 1e8 (every logit 0)."""
-    a = tl.abs(x)
-    e = tl.math.exp2(-2.8853900817779268 * a)  # exp(-2|x|)
+def _tanh_parts(a):
+    """For a = |x|: ((1 - e) / (1 + e), e = exp(-2a), tanh(a) for a > 0.625; and z p(z), z = a^2,
+    Cephes' tanhf polynomial (the cpu backend's tanh8): tanh(a) = a + a z p(z) below). The exp form
+    alone lost tanh's small values to the cancellation in 1 - e (an absolute error of ~1e-7, so 0
+    for |x| < ~3e-8): the logit softcap * tanh(s / softcap) was off by ~1e-7 * softcap, ~1e-3 at
+    softcap 1e4 and everything at 1e8 (every logit 0)."""
+    e = tl.math.exp2(-2.8853900817779268 * a)  # exp(-2a)
     z = a * a
     p = -5.70498872745e-3 * z + 2.06390887954e-2
     p = p * z - 5.37397155531e-2
     p = p * z + 1.33314422036e-1
     p = p * z - 3.33332819422e-1
-    t = tl.where(a > 0.625, (1.0 - e) / (1.0 + e), p * z * a + a)  # (NaN: not > 0.625, the polynomial's NaN)
+    return (1.0 - e) / (1.0 + e), p * z
+
+
+@triton.jit
+def _softcap_tanh(x):
+    """tanh(x) to ~2 ulp, exact at the ends (+-1 for |x| large, NaN for NaN): the interpreter has no
+    tanh, and on the GPU this costs what libdevice's would (which also takes a polynomial near 0)."""
+    a = tl.abs(x)
+    large, small = _tanh_parts(a)
+    t = tl.where(a > 0.625, large, small * a + a)  # (NaN: not > 0.625, the polynomial's NaN)
     return tl.where(x < 0, -t, t)
 
 
@@ -194,15 +200,10 @@ def _softcap_logit(x, softcap_log2):
     e = exp(-2|u|); NaN stays NaN."""
     u = _softcap_arg(x, softcap_log2)
     a = tl.abs(u)
-    e = tl.math.exp2(-2.8853900817779268 * a)  # exp(-2|u|)
-    z = a * a
-    p = -5.70498872745e-3 * z + 2.06390887954e-2
-    p = p * z - 5.37397155531e-2
-    p = p * z + 1.33314422036e-1
-    p = p * z - 3.33332819422e-1
-    big = (1.0 - e) / (1.0 + e) * softcap_log2
+    large, small = _tanh_parts(a)
+    big = large * softcap_log2
     big = tl.where(u < 0, -big, big)
-    return tl.where(a > 0.625, big, x + x * (p * z))  # (NaN: not > 0.625, x's NaN)
+    return tl.where(a > 0.625, big, x + x * small)  # (NaN: not > 0.625, x's NaN)
 
 
 @triton.jit
